@@ -1,0 +1,11 @@
+"""torch_ufom: unbiased first-order hypergradients for PyTorch bi-level optimization.
+
+Public names are re-exported here; see the README for a quick start.
+"""
+from . import inner, truncation
+from .functional import hypergrad
+from .meta_optimizer import MetaOptimizer, MetaResult
+from .unroll import FunctionalModel
+
+__all__ = ["MetaOptimizer", "MetaResult", "hypergrad", "FunctionalModel", "inner", "truncation"]
+__version__ = "0.1.0"

@@ -1,0 +1,126 @@
+"""The randomized-telescope estimator in one reverse sweep with two adjoint streams.
+
+For a drawn truncation point ``K`` with survival ``P_m = P(K >= m)`` and
+weights ``c_m`` (:func:`~torch_ufom.truncation.telescope_weights`), the estimate
+``g = sum_{k<=K} c_k G_k`` is computed as in ``UFOM.md``:
+
+1. forward: the first ``r - K`` steps first-order (no graph, their inner
+   gradients summed for additive rules), then the last ``K`` steps through a
+   memory :mod:`~torch_ufom.schedules` schedule;
+2. ``e = dL_out/ds_r`` (exact stream), ``f = c_0 e`` (first-order stream),
+   meta-gradient ``= dL_out/dtheta`` (explicit; the weights sum to one);
+3. for depth ``m = 1..K``: ``f <- VJP(F~)(f)``, ``e <- VJP(F)(e)``, the
+   meta-parameter terms of the first added with weight 1 and of the second
+   with ``1 / P_m``, then ``f += c_m e``;
+4. the first ``r - K`` steps: first-order only; for an additive rule ``f``
+   passes unchanged and their meta-parameter terms are one VJP of the update
+   at the summed gradients;
+5. ``f`` at ``s_0`` is the hypergradient of the initial parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .schedules import Schedule
+from .truncation import telescope_weights
+from .unroll import InnerLoop
+
+__all__ = ["Estimate", "estimate"]
+
+
+@dataclass
+class Estimate:
+    """What one call of :func:`estimate` returns.
+
+    Attributes:
+        grads: one hypergradient per tensor of ``params`` (``None`` where the
+            tensor does not influence the outer loss).
+        outer_loss: the detached outer loss at ``s_r``.
+        inner_losses: the detached inner losses of steps ``1..r``, a 1-D tensor.
+        truncation: the truncation point ``K`` used.
+        weights: ``1 / P(K >= m)`` for ``m = 0..K``, the weights of the exact
+            corrections.
+        forward_steps: inner steps run without a graph (forward and replays).
+        reverse_steps: inner steps rebuilt with a graph for the exact sweep.
+    """
+
+    grads: Tuple[Optional[Tensor], ...]
+    outer_loss: Tensor
+    inner_losses: Tensor
+    truncation: int
+    weights: List[float] = field(default_factory=list)
+    forward_steps: int = 0
+    reverse_steps: int = 0
+
+
+def _add(acc: List[Optional[Tensor]], terms: Sequence[Optional[Tensor]], scale: float = 1.0):
+    for i, t in enumerate(terms):
+        if t is not None:
+            t = t if scale == 1.0 else t * scale
+            acc[i] = t if acc[i] is None else acc[i] + t
+
+
+def _check_finite(losses: Tensor, outer: Tensor) -> None:
+    finite = torch.isfinite(losses)
+    if not bool(finite.all()):
+        j = int((~finite).nonzero()[0]) + 1
+        raise FloatingPointError(f"inner_loss is not finite at inner step {j}: {float(losses[j - 1])}")
+    if not bool(torch.isfinite(outer)):
+        raise FloatingPointError(f"outer_loss is not finite: {float(outer)}")
+
+
+def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Schedule,
+             params: Sequence[Tensor]) -> Estimate:
+    """Run the inner loop once and return the estimate for truncation point ``K``.
+
+    Args:
+        loop: the task's :class:`~torch_ufom.unroll.InnerLoop`.
+        K: the truncation point, ``0 <= K <= loop.steps``.
+        survival: ``P(K >= m)`` for ``m = 0..steps+1``.
+        schedule: how the exact sweep gets its states.
+        params: the tensors to return hypergradients for; model parameters
+            among them receive the adjoint of the initial state.
+    """
+    r = loop.steps
+    inv_p, c = telescope_weights(survival, K)
+    losses: List[Tensor] = []
+    state = loop.initial_state()
+    s0 = state
+    grad_sum = None
+    if not loop.rule.first_order_additive and K < r:
+        raise NotImplementedError(f"{loop.rule!r} supports only the exact hypergradient (K = steps)")
+    for j in range(1, r - K + 1):
+        state, loss, g = loop.advance(state, j)
+        losses.append(loss)
+        grad_sum = g if grad_sum is None else tuple(a + b for a, b in zip(grad_sum, g))
+    state = schedule.forward(loop, state, r - K, r, losses)
+
+    e, theta, outer_loss = loop.outer_vjp(state)
+    inner_losses = torch.stack(losses) if losses else outer_loss.new_zeros(0)
+    _check_finite(inner_losses, outer_loss)
+    f = tuple(c[0] * t for t in e)
+    for m, rec in enumerate(schedule.reverse(), start=1):
+        f, d_first = rec.vjp_first_order(f)
+        e, d_exact = rec.vjp_exact(e)
+        _add(theta, d_first)
+        _add(theta, d_exact, inv_p[m])
+        f = tuple(a + c[m] * b for a, b in zip(f, e))
+    if grad_sum is not None:
+        _add(theta, loop.first_order_theta(f[:len(s0.params)], grad_sum, s0))
+
+    direct = {id(t): g for t, g in zip(loop.meta, theta)}
+    index = {id(p): i for i, p in enumerate(dict(loop.module.named_parameters())[n]
+                                            for n in loop.names)}
+    grads = []
+    for p in params:
+        g = direct.get(id(p))
+        if id(p) in index:
+            adj = f[index[id(p)]]
+            g = adj if g is None else g + adj
+        grads.append(g)
+    return Estimate(tuple(grads), outer_loss, inner_losses, K, inv_p,
+                    loop.forward_steps, loop.reverse_steps)

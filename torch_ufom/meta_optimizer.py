@@ -1,0 +1,179 @@
+"""``MetaOptimizer``: a ``torch.optim``-style shell around the estimators."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .estimators import Estimate
+from .functional import check_memory, hypergrad_estimate, make_rule, resolve_law
+from .inner import InnerRule
+from .truncation import TruncationLaw
+
+__all__ = ["MetaOptimizer", "MetaResult"]
+
+
+@dataclass
+class MetaResult:
+    """What :meth:`MetaOptimizer.backward` returns for one task.
+
+    Attributes:
+        outer_loss: the detached outer loss after the inner loop.
+        inner_losses: the detached inner losses of steps ``1..steps`` (1-D tensor).
+        truncation: the sampled truncation point ``K`` (``0``: first-order only,
+            ``steps``: the exact branch ran).
+        weights: ``1 / P(K >= m)`` for ``m = 0..K``.
+        q: the probability of the exact branch in effect (``ufom``), else ``None``.
+        forward_steps: inner steps run without a graph (forward pass and replays).
+        reverse_steps: inner steps rebuilt with a graph by the exact sweep.
+    """
+
+    outer_loss: Tensor
+    inner_losses: Tensor
+    truncation: int
+    weights: List[float]
+    q: Optional[float]
+    forward_steps: int
+    reverse_steps: int
+
+
+class MetaOptimizer:
+    """Drop-in outer optimizer for bi-level problems (MAML, learned inner rates, ...).
+
+    Wraps the user's outer optimizer. :meth:`backward` runs one task's inner
+    loop from the module's parameters and accumulates the hypergradient
+    estimate into the ``.grad`` of every tensor the outer optimizer holds;
+    :meth:`step` steps the outer optimizer.
+
+    Args:
+        model: any ``nn.Module``; its parameters with ``requires_grad`` are the
+            inner loop's starting point and must all be held by ``optimizer``.
+        optimizer: the outer ``torch.optim.Optimizer``. Every tensor it holds is
+            a meta-parameter (e.g. ``inner_lr`` as a tensor, a loss weight).
+        inner_lr: the inner SGD learning rate: a float, a scalar tensor or a
+            dict from parameter name to tensor (per-parameter rates).
+        steps: number of inner steps ``r >= 1``.
+        mode: ``"fom"``, ``"ufom"`` (unbiased, exact branch with probability
+            ``q``) or ``"exact"``.
+        q: exact-branch probability for ``"ufom"``, in ``(0, 1]``.
+        memory: ``"recompute"`` (constant memory in ``steps``) or ``"store"``
+            (``O(steps)`` memory, no replay).
+        generator: optional ``torch.Generator`` making the draws reproducible.
+        inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.
+        truncation: a law from :mod:`torch_ufom.truncation`, overriding ``mode``.
+
+    Example:
+        >>> meta = MetaOptimizer(model, torch.optim.Adam(model.parameters()),
+        ...                      inner_lr=0.01, steps=20, mode="ufom", q=0.1)
+        >>> meta.zero_grad()
+        >>> for support, query in tasks:
+        ...     meta.backward(inner_loss, outer_loss, support, query)
+        >>> meta.step()
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, inner_lr=None, *,
+                 steps: int = 1, mode: str = "ufom", q: float = 0.1, memory: str = "recompute",
+                 generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
+                 truncation: Optional[TruncationLaw] = None):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"Invalid optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"Invalid generator: expected a torch.Generator, got {generator!r}")
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.inner = make_rule(inner, inner_lr, names)
+        self.law = resolve_law(mode, q, steps, truncation)
+        self.memory = check_memory(memory)
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"Invalid optimizer: it does not hold the model parameters {missing}; pass all of "
+                "model.parameters() to it (or set requires_grad=False on frozen ones)")
+        self.model, self.optimizer, self.steps = model, optimizer, steps
+        self.mode, self.q, self.generator = mode, q, generator
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """The outer optimizer's parameter groups."""
+        return self.optimizer.param_groups
+
+    def meta_parameters(self) -> List[Tensor]:
+        """Every tensor the outer optimizer holds, in its order."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the meta-parameters' gradients (see ``Optimizer.zero_grad``)."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def backward(self, inner_loss: Callable, outer_loss: Callable, support: Any, query: Any,
+                 *, truncation: Optional[int] = None) -> MetaResult:
+        """Run one task and accumulate its hypergradient estimate into ``.grad``.
+
+        Args:
+            inner_loss, outer_loss: ``(fmodel, batch) -> scalar tensor``;
+                ``fmodel`` is called like the module but runs at the current
+                inner parameters.
+            support: one batch reused at every step, a ``list`` of ``steps``
+                batches, or a callable ``j -> batch`` (``j = 0..steps-1``).
+            query: the outer loss's batch.
+            truncation: force the truncation point ``K`` instead of drawing it
+                (for tests and diagnostics; the weights stay those of the law).
+
+        Returns:
+            A :class:`MetaResult`. Nothing is written if an error is raised.
+        """
+        if truncation is not None and (not isinstance(truncation, int) or
+                                       not 0 <= truncation <= self.steps):
+            raise ValueError(f"Invalid truncation: {truncation!r} (expected an int in 0..{self.steps})")
+        meta = self.meta_parameters()
+        est: Estimate = hypergrad_estimate(
+            self.model, inner_loss, outer_loss, support, query, steps=self.steps, rule=self.inner,
+            law=self.law, memory=self.memory, params=meta, generator=self.generator, K=truncation)
+        for p, g in zip(meta, est.grads):
+            if g is not None and not bool(torch.isfinite(g).all()):
+                raise FloatingPointError(
+                    f"non-finite hypergradient for meta-parameter {self._name(p)}; nothing was written")
+        for p, g in zip(meta, est.grads):
+            if g is None:
+                continue
+            g = g.detach().to(p.dtype)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+        q = self.law.q if hasattr(self.law, "q") and self.mode == "ufom" else None
+        return MetaResult(est.outer_loss, est.inner_losses, est.truncation, est.weights, q,
+                          est.forward_steps, est.reverse_steps)
+
+    def _name(self, p: Tensor) -> str:
+        for n, t in self.model.named_parameters():
+            if t is p:
+                return repr(n)
+        return f"of shape {tuple(p.shape)} (not a model parameter)"
+
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Step the outer optimizer; returns what ``optimizer.step(closure)`` returns."""
+        return self.optimizer.step(closure)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The outer optimizer's state and the generator's state."""
+        return {"optimizer": self.optimizer.state_dict(),
+                "generator": None if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        if state_dict.get("generator") is not None:
+            if self.generator is None:
+                raise ValueError("Invalid state_dict: it holds a generator state but this "
+                                 "MetaOptimizer has no generator")
+            self.generator.set_state(state_dict["generator"])
+
+    def __repr__(self) -> str:
+        return (f"MetaOptimizer(mode={self.mode!r}, steps={self.steps}, law={self.law!r}, "
+                f"memory={self.memory!r}, inner={self.inner!r}, optimizer={type(self.optimizer).__name__})")

@@ -1,0 +1,209 @@
+"""Truncation laws: the distribution of the truncation point ``K``.
+
+A law is a distribution over ``K`` in ``{0..r}``, drawn **before** the inner
+loop runs. The estimator back-propagates exactly through the last ``K`` inner
+steps and first-order through the rest, and reweights the exact corrections by
+the survival function ``P_k = P(K >= k)`` (``../shared/UFOM.md``):
+
+    g = G_0 + sum_{k=1..K} (G_k - G_{k-1}) / P_k,    so   E[g] = G_r
+
+whenever ``P_k > 0`` for every ``k >= 1``. Every law here implements one small
+contract: :meth:`TruncationLaw.probs` (``P(K = k)`` for ``k = 0..r``); the
+survival function, the telescope weights and sampling derive from it.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+__all__ = ["TruncationLaw", "Bernoulli", "Geometric", "Fixed", "Custom", "telescope_weights"]
+
+
+def _check_steps(steps: int) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"Invalid steps: {steps!r} (expected an int >= 1)")
+
+
+class TruncationLaw:
+    """Base class of a law over the truncation point ``K`` in ``{0..steps}``.
+
+    Subclasses implement :meth:`probs`; everything else derives from it.
+    ``biased`` is ``True`` for laws whose estimate is not unbiased for the
+    exact hypergradient (only :class:`Fixed` with ``k < steps``).
+    """
+
+    def probs(self, steps: int) -> List[float]:
+        """Return ``[P(K = 0), ..., P(K = steps)]``."""
+        raise NotImplementedError
+
+    def biased(self, steps: int) -> bool:
+        """Whether the estimate is biased for ``steps`` inner steps."""
+        return False
+
+    def survival(self, steps: int) -> List[float]:
+        """Return ``[P(K >= 0), ..., P(K >= steps), 0.0]`` (length ``steps + 2``)."""
+        p = self.probs(steps)
+        tail = [0.0] * (steps + 2)
+        for k in range(steps, -1, -1):
+            tail[k] = tail[k + 1] + p[k]
+        tail[0] = 1.0
+        return tail
+
+    def validate(self, steps: int) -> None:
+        """Raise ``ValueError`` if the law cannot be used for ``steps`` inner steps."""
+        _check_steps(steps)
+        p = self.probs(steps)
+        if any(not math.isfinite(x) or x < 0 for x in p):
+            raise ValueError(f"Invalid probs: {p} (expected non-negative finite values)")
+        if abs(sum(p) - 1.0) > 1e-6:
+            raise ValueError(f"Invalid probs: they sum to {sum(p)!r}, expected 1 within 1e-6")
+        if not self.biased(steps) and p[steps] <= 0.0:
+            raise ValueError(
+                f"{self!r} gives P(K >= {steps}) = 0 for steps={steps}: the estimate would be "
+                "silently biased; every P(K >= k) with k >= 1 must be positive (use Fixed(k) "
+                "for deliberate truncation)")
+
+    def sample(self, steps: int, generator: Optional[torch.Generator] = None) -> int:
+        """Draw ``K`` by inverting the CDF with one uniform from ``generator``."""
+        p = self.probs(steps)
+        device = generator.device if generator is not None else "cpu"
+        u = float(torch.rand((), generator=generator, dtype=torch.float64, device=device))
+        acc = 0.0
+        for k, pk in enumerate(p):
+            acc += pk
+            if u < acc and pk > 0:
+                return k
+        return max(k for k, pk in enumerate(p) if pk > 0)
+
+
+class Bernoulli(TruncationLaw):
+    """The paper's UFOM law: ``K = steps`` with probability ``q``, else ``K = 0``.
+
+    The estimate is ``G_0 + (xi / q) (G_r - G_0)`` with ``xi ~ Bernoulli(q)``.
+
+    Args:
+        q: probability of the exact branch, in ``(0, 1]``.
+    """
+
+    def __init__(self, q: float):
+        self.q = _check_q(q, "q")
+
+    def probs(self, steps: int) -> List[float]:
+        _check_steps(steps)
+        p = [0.0] * (steps + 1)
+        p[0] += 1.0 - self.q
+        p[steps] += self.q
+        return p
+
+    def __repr__(self) -> str:
+        return f"Bernoulli(q={self.q})"
+
+
+class Geometric(TruncationLaw):
+    """A random truncation point with a geometric tail: ``P(K >= k) = q rho^(k-1)``.
+
+    Args:
+        q: ``P(K >= 1)``, in ``(0, 1]``.
+        rho: ratio of successive survival probabilities, in ``(0, 1)``.
+    """
+
+    def __init__(self, q: float, rho: float):
+        self.q = _check_q(q, "q")
+        if not isinstance(rho, (int, float)) or not 0.0 < rho < 1.0:
+            raise ValueError(f"Invalid rho: {rho!r} (expected a float in (0, 1))")
+        self.rho = float(rho)
+
+    def probs(self, steps: int) -> List[float]:
+        _check_steps(steps)
+        surv = [1.0] + [self.q * self.rho ** (k - 1) for k in range(1, steps + 1)] + [0.0]
+        return [surv[k] - surv[k + 1] for k in range(steps + 1)]
+
+    def __repr__(self) -> str:
+        return f"Geometric(q={self.q}, rho={self.rho})"
+
+
+class Fixed(TruncationLaw):
+    """A fixed truncation point ``K = k``: truncated back-propagation.
+
+    ``Fixed(0)`` is FOM and ``Fixed(steps)`` the exact hypergradient; any
+    other ``k`` is biased (Shaban et al., 2019) and flagged by :meth:`biased`.
+
+    Args:
+        k: the truncation point, an int in ``0..steps``, or ``None`` for ``steps``
+            (the exact hypergradient whatever the number of steps).
+    """
+
+    def __init__(self, k: Optional[int] = None):
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+            raise ValueError(f"Invalid k: {k!r} (expected an int in 0..steps, or None for steps)")
+        self.k = k
+
+    def _k(self, steps: int) -> int:
+        k = steps if self.k is None else self.k
+        if k > steps:
+            raise ValueError(f"Invalid k: {k} (expected an int in 0..steps={steps})")
+        return k
+
+    def probs(self, steps: int) -> List[float]:
+        _check_steps(steps)
+        p = [0.0] * (steps + 1)
+        p[self._k(steps)] = 1.0
+        return p
+
+    def biased(self, steps: int) -> bool:
+        return self._k(steps) < steps
+
+    def __repr__(self) -> str:
+        return f"Fixed(k={self.k})"
+
+
+class Custom(TruncationLaw):
+    """An arbitrary law given by its probabilities ``[P(K = 0), ..., P(K = r)]``.
+
+    Args:
+        probs: a sequence of ``steps + 1`` non-negative numbers summing to 1,
+            with ``P(K = steps) > 0`` (so every survival probability is positive).
+    """
+
+    def __init__(self, probs: Sequence[float]):
+        self._probs = [float(x) for x in probs]
+        if any(not math.isfinite(x) or x < 0 for x in self._probs):
+            raise ValueError(f"Invalid probs: {self._probs} (expected non-negative finite values)")
+        if abs(sum(self._probs) - 1.0) > 1e-6:
+            raise ValueError(
+                f"Invalid probs: they sum to {sum(self._probs)!r}, expected 1 within 1e-6")
+
+    def probs(self, steps: int) -> List[float]:
+        _check_steps(steps)
+        if len(self._probs) != steps + 1:
+            raise ValueError(
+                f"Invalid probs: length {len(self._probs)}, expected steps + 1 = {steps + 1}")
+        return list(self._probs)
+
+    def __repr__(self) -> str:
+        return f"Custom(probs={self._probs})"
+
+
+def _check_q(q, name: str) -> float:
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
+        raise ValueError(f"Invalid {name}: {q!r} (expected a float in (0, 1])")
+    return float(q)
+
+
+def telescope_weights(survival: Sequence[float], K: int):
+    """Weights of the one-sweep estimator for a drawn ``K``.
+
+    With ``P_m = survival[m]``, the estimate ``G_0 + sum_{k<=K} (G_k - G_{k-1}) / P_k``
+    equals ``sum_{k=0..K} c_k G_k`` with ``c_k = 1/P_k - 1/P_{k+1}`` for
+    ``k < K`` and ``c_K = 1/P_K``.
+
+    Returns:
+        ``(inv_p, c)``: ``inv_p[m] = 1 / P_m`` for ``m = 0..K`` (the weight of
+        the exact stream's parameter terms at depth ``m``) and ``c[m]`` for
+        ``m = 0..K`` (the injection of the exact adjoint into the first-order one).
+    """
+    inv_p = [1.0 / survival[m] for m in range(K + 1)]
+    c = [inv_p[m] - inv_p[m + 1] for m in range(K)] + [inv_p[K]]
+    return inv_p, c

@@ -1,0 +1,270 @@
+"""The inner loop as a pure step function of an explicit state.
+
+:class:`InnerLoop` binds the user's module, losses, batches and inner rule.
+Its inner state is ``State(params, opt, buffers)``; the differentiable part is
+``params + opt``. Two step functions share one body:
+
+* :meth:`InnerLoop.advance` computes ``s_j`` from ``s_{j-1}`` without a graph
+  (the forward pass and its replays);
+* :meth:`InnerLoop.record` rebuilds step ``j`` with a graph and returns the
+  vector-Jacobian products of the exact rule ``F_j`` and of the first-order
+  rule ``F~_j`` (the inner gradient held constant).
+
+Every step ``j`` runs its losses under its own random stream, seeded from one
+base seed and ``j``, so that dropout replays bit-identically whenever a step is
+recomputed.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["FunctionalModel", "State", "InnerLoop", "batch_getter"]
+
+
+class FunctionalModel:
+    """The user's module evaluated at given parameters and buffers.
+
+    Call it exactly like the module: ``fmodel(x)`` runs
+    ``torch.func.functional_call(module, (params, buffers), (x,))``. Buffers
+    are cloned for each step, so in-place updates (BatchNorm's running
+    statistics) land on the inner state, never on the module.
+    """
+
+    def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor]):
+        self.module = module
+        self.params = params
+        self.buffers = buffers
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+
+    def named_parameters(self):
+        """Iterate over ``(name, tensor)`` pairs of the current inner parameters."""
+        return iter(self.params.items())
+
+    def parameters(self):
+        """Iterate over the current inner parameters."""
+        return iter(self.params.values())
+
+
+class State(NamedTuple):
+    """An inner state: adapted parameters, optimizer state, buffers (tuples of tensors)."""
+
+    params: Tuple[Tensor, ...]
+    opt: Tuple[Tensor, ...]
+    buffers: Tuple[Tensor, ...]
+
+    @property
+    def diff(self) -> Tuple[Tensor, ...]:
+        """The differentiable part: ``params + opt``."""
+        return self.params + self.opt
+
+    def detach(self) -> "State":
+        """A copy of the state cut from any graph."""
+        return State(*(tuple(t.detach() for t in part) for part in self))
+
+
+def batch_getter(support: Any, steps: int, arg: str = "support") -> Callable[[int], Any]:
+    """Return ``j -> batch`` (``j = 0..steps-1``) for the three kinds of support.
+
+    A callable is used as is, a ``list`` must hold exactly ``steps`` batches,
+    and anything else (a tensor, a tuple of tensors, a dict) is one batch reused
+    at every step.
+    """
+    if callable(support) and not isinstance(support, (Tensor, nn.Module)):
+        return support
+    if isinstance(support, list):
+        if len(support) != steps:
+            raise ValueError(
+                f"Invalid {arg}: a list of batches must have exactly steps={steps} entries, "
+                f"got {len(support)} (pass a tuple or tensor for one batch reused every step)")
+        return support.__getitem__
+    return lambda j: support
+
+
+def _check_loss(loss: Any, name: str) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"Invalid {name}: it must return a scalar tensor, got {shape}")
+    return loss
+
+
+class InnerLoop:
+    """The inner loop of one task as pure functions of an explicit state.
+
+    Args:
+        module: the user's ``nn.Module`` (never modified).
+        inner_loss, outer_loss: ``(fmodel, batch) -> scalar tensor``.
+        support: one batch, a list of ``steps`` batches, or ``j -> batch``.
+        query: the batch of the outer loss.
+        steps: number of inner steps ``r``.
+        rule: an :class:`~torch_ufom.inner.InnerRule`.
+        meta: meta-parameters (tensors that receive hypergradients).
+        seed: base seed of the per-step random streams.
+    """
+
+    def __init__(self, module, inner_loss, outer_loss, support, query, steps, rule, meta, seed):
+        self.module = module
+        self.inner_loss, self.outer_loss, self.query = inner_loss, outer_loss, query
+        self.batch = batch_getter(support, steps)
+        self.steps, self.rule, self.seed = steps, rule, seed
+        named = list(module.named_parameters())
+        self.names = [n for n, p in named if p.requires_grad]
+        self.frozen = {n: p for n, p in named if not p.requires_grad}
+        self.buffer_names = [n for n, _ in module.named_buffers()]
+        self.meta = [t for t in meta if t.requires_grad]
+        devices = {t.device for t in self.initial_params()}
+        self.cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+        self.forward_steps = 0  # inner steps run without a graph (forward pass and replays)
+        self.reverse_steps = 0  # inner steps rebuilt with a graph for a VJP
+
+    # -- state -----------------------------------------------------------------
+    def initial_params(self) -> Tuple[Tensor, ...]:
+        """The module's adapted parameters, detached."""
+        params = dict(self.module.named_parameters())
+        return tuple(params[n].detach() for n in self.names)
+
+    def initial_state(self) -> State:
+        """``s_0``: the module's parameters, the rule's initial state, the module's buffers."""
+        params = self.initial_params()
+        opt = tuple(self.rule.init(dict(zip(self.names, params))))
+        buffers = tuple(b.detach() for _, b in self.module.named_buffers())
+        return State(params, opt, buffers)
+
+    def fmodel(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> FunctionalModel:
+        """A :class:`FunctionalModel` at ``params``, with fresh copies of ``buffers``."""
+        p = dict(zip(self.names, params))
+        p.update(self.frozen)
+        b = {n: t.clone() for n, t in zip(self.buffer_names, buffers)}
+        return FunctionalModel(self.module, p, b)
+
+    # -- random streams ----------------------------------------------------------
+    @contextlib.contextmanager
+    def stream(self, j: int):
+        """Run the body under step ``j``'s own random stream, restoring the global one."""
+        seed = (self.seed + j * 0x9E3779B97F4A7C15) % (1 << 63)
+        cpu = torch.get_rng_state()
+        cuda = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
+        torch.default_generator.manual_seed(seed)
+        for d in self.cuda_devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
+        try:
+            yield
+        finally:
+            torch.set_rng_state(cpu)
+            for d, s in zip(self.cuda_devices, cuda):
+                torch.cuda.set_rng_state(s, d)
+
+    # -- one inner step ------------------------------------------------------------
+    def _grad_and_update(self, state: State, j: int, create_graph: bool):
+        params = state.params
+        fm = self.fmodel(params, state.buffers)
+        with self.stream(j):
+            loss = _check_loss(self.inner_loss(fm, self.batch(j - 1)), "inner_loss")
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+        grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+        new_buffers = tuple(fm.buffers[n] for n in self.buffer_names)
+        return loss, grads, new_buffers
+
+    def _update(self, grads, state: State):
+        new_p, new_opt = self.rule.update(
+            dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
+            self.rule.hyper)
+        return tuple(new_p[n] for n in self.names), tuple(new_opt)
+
+    def advance(self, state: State, j: int):
+        """Step ``j`` without a graph: returns ``(s_j, loss_j, g_j)``."""
+        self.forward_steps += 1
+        params = tuple(p.detach().requires_grad_() for p in state.params)
+        state = State(params, state.opt, state.buffers)
+        with torch.enable_grad():
+            loss, grads, buffers = self._grad_and_update(state, j, create_graph=False)
+        with torch.no_grad():
+            new_p, new_opt = self._update(grads, State(tuple(p.detach() for p in params),
+                                                       state.opt, state.buffers))
+        return State(new_p, new_opt, buffers), loss.detach(), grads
+
+    def record(self, state: State, j: int) -> "StepRecord":
+        """Step ``j`` with a graph, ready for the exact and first-order VJPs."""
+        self.reverse_steps += 1
+        leaves = State(*(tuple(t.detach().requires_grad_(t.is_floating_point()) for t in part)
+                         for part in state[:2]), state.buffers)
+        with torch.enable_grad():
+            loss, grads, buffers = self._grad_and_update(leaves, j, create_graph=True)
+            exact = self._update(grads, leaves)
+            first = self._update(tuple(g.detach() for g in grads), leaves)
+        return StepRecord(self, leaves, exact, first, buffers, loss.detach())
+
+    # -- outer loss ------------------------------------------------------------------
+    def outer_vjp(self, state: State):
+        """``dL_out/d(params + opt)`` at ``s_r``, the explicit ``dL_out/dtheta`` and the loss."""
+        params = tuple(p.detach().requires_grad_() for p in state.params)
+        with torch.enable_grad():
+            fm = self.fmodel(params, state.buffers)
+            with self.stream(self.steps + 1):
+                loss = _check_loss(self.outer_loss(fm, self.query), "outer_loss")
+            grads = torch.autograd.grad(loss, params + tuple(self.meta), allow_unused=True)
+        e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+        e = e + tuple(torch.zeros_like(t) for t in state.opt)
+        return e, list(grads[len(params):]), loss.detach()
+
+    def first_order_theta(self, f_params: Sequence[Tensor], grad_sum: Sequence[Tensor], state: State):
+        """The meta-parameter terms of the first-order steps of an additive rule.
+
+        For a rule with ``first_order_additive``, the first-order VJP leaves the
+        adjoint ``f`` unchanged, so the meta-parameter terms of all those steps
+        add up to one VJP of ``update`` at the summed gradients.
+        """
+        if not self.meta:
+            return [None] * len(self.meta)
+        with torch.enable_grad():
+            new_p, _ = self._update(tuple(grad_sum), state)
+        outs = [(o, f) for o, f in zip(new_p, f_params) if o.requires_grad]
+        if not outs:
+            return [None] * len(self.meta)
+        return list(torch.autograd.grad([o for o, _ in outs], self.meta,
+                                        [f for _, f in outs], allow_unused=True))
+
+
+def _vjp(outputs, inputs, cotangents, retain_graph=False):
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad and c is not None]
+    if not pairs:
+        return [None] * len(inputs)
+    live = [i for i, t in enumerate(inputs) if t.requires_grad]
+    got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in live],
+                              [c for _, c in pairs], allow_unused=True, retain_graph=retain_graph)
+    out: List[Optional[Tensor]] = [None] * len(inputs)
+    for i, g in zip(live, got):
+        out[i] = g
+    return out
+
+
+class StepRecord:
+    """One inner step rebuilt with a graph: its leaves, exact and first-order outputs."""
+
+    def __init__(self, loop: InnerLoop, leaves: State, exact, first, buffers, loss):
+        self.loop, self.leaves, self.loss = loop, leaves, loss
+        self.exact = exact[0] + exact[1]
+        self.first = first[0] + first[1]
+        self.next_state = State(tuple(t.detach() for t in exact[0]),
+                                tuple(t.detach() for t in exact[1]), buffers)
+
+    def _split(self, grads):
+        n = len(self.leaves.diff)
+        state_adj = tuple(torch.zeros_like(t) if g is None else g
+                          for t, g in zip(self.leaves.diff, grads[:n]))
+        return state_adj, list(grads[n:])
+
+    def vjp_first_order(self, f):
+        """``(f_{j-1}, dtheta)``: VJP of the first-order rule ``F~_j`` at ``f``."""
+        return self._split(_vjp(self.first, list(self.leaves.diff) + self.loop.meta, f))
+
+    def vjp_exact(self, e):
+        """``(e_{j-1}, dtheta)``: VJP of the exact rule ``F_j`` at ``e`` (a Hessian-vector product)."""
+        return self._split(_vjp(self.exact, list(self.leaves.diff) + self.loop.meta, e))
