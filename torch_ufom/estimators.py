@@ -102,13 +102,19 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     e, theta, outer_loss = loop.outer_vjp(state)
     inner_losses = torch.stack(losses) if losses else outer_loss.new_zeros(0)
     _check_finite(inner_losses, outer_loss)
-    f = tuple(c[0] * t for t in e)
+    # While every injection so far had weight 0 (the exact law), f is exactly
+    # zero and its VJPs are skipped.
+    f = None if c[0] == 0.0 else tuple(c[0] * t for t in e)
     for m, rec in enumerate(schedule.reverse(), start=1):
-        f, d_first = rec.vjp_first_order(f)
+        if f is not None:
+            f, d_first = rec.vjp_first_order(f)
+            _add(theta, d_first)
         e, d_exact = rec.vjp_exact(e)
-        _add(theta, d_first)
         _add(theta, d_exact, inv_p[m])
-        f = tuple(a + c[m] * b for a, b in zip(f, e))
+        if c[m] != 0.0:
+            f = tuple(c[m] * b for b in e) if f is None else tuple(a + c[m] * b for a, b in zip(f, e))
+    if f is None:  # only possible for K = 0 with P_0 = 0, which no law allows
+        f = tuple(torch.zeros_like(t) for t in e)
     if grad_sum is not None:
         _add(theta, loop.first_order_theta(f[:len(s0.params)], grad_sum, s0))
 

@@ -97,6 +97,8 @@ def hypergrad_estimate(model: nn.Module, inner_loss: Callable, outer_loss: Calla
     with restore_rng_on_error(generator):
         drawn, seed = draw(law, steps, generator)
         K = drawn if K is None else K
+        if law.survival(steps)[K] <= 0.0:
+            raise ValueError(f"Invalid force_truncation: K={K} has probability 0 under {law!r}")
         loop = InnerLoop(model, inner_loss, outer_loss, support, query, steps, rule, params, seed)
         return estimate(loop, K, law.survival(steps), make_schedule(memory), params)
 

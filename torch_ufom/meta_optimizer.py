@@ -111,7 +111,7 @@ class MetaOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def backward(self, inner_loss: Callable, outer_loss: Callable, support: Any, query: Any,
-                 *, truncation: Optional[int] = None) -> MetaResult:
+                 *, force_truncation: Optional[int] = None) -> MetaResult:
         """Run one task and accumulate its hypergradient estimate into ``.grad``.
 
         Args:
@@ -121,19 +121,20 @@ class MetaOptimizer:
             support: one batch reused at every step, a ``list`` of ``steps``
                 batches, or a callable ``j -> batch`` (``j = 0..steps-1``).
             query: the outer loss's batch.
-            truncation: force the truncation point ``K`` instead of drawing it
+            force_truncation: use this truncation point ``K`` instead of drawing it
                 (for tests and diagnostics; the weights stay those of the law).
 
         Returns:
             A :class:`MetaResult`. Nothing is written if an error is raised.
         """
-        if truncation is not None and (not isinstance(truncation, int) or
-                                       not 0 <= truncation <= self.steps):
-            raise ValueError(f"Invalid truncation: {truncation!r} (expected an int in 0..{self.steps})")
+        if force_truncation is not None and (not isinstance(force_truncation, int) or
+                                             not 0 <= force_truncation <= self.steps):
+            raise ValueError(f"Invalid force_truncation: {force_truncation!r} (expected an int in 0..{self.steps})")
         meta = self.meta_parameters()
         est: Estimate = hypergrad_estimate(
             self.model, inner_loss, outer_loss, support, query, steps=self.steps, rule=self.inner,
-            law=self.law, memory=self.memory, params=meta, generator=self.generator, K=truncation)
+            law=self.law, memory=self.memory, params=meta, generator=self.generator,
+            K=force_truncation)
         for p, g in zip(meta, est.grads):
             if g is not None and not bool(torch.isfinite(g).all()):
                 raise FloatingPointError(

@@ -198,8 +198,7 @@ class InnerLoop:
         with torch.enable_grad():
             loss, grads, buffers = self._grad_and_update(leaves, j, create_graph=True)
             exact = self._update(grads, leaves)
-            first = self._update(tuple(g.detach() for g in grads), leaves)
-        return StepRecord(self, leaves, exact, first, buffers, loss.detach())
+        return StepRecord(self, leaves, exact, grads, buffers, loss.detach())
 
     # -- outer loss ------------------------------------------------------------------
     def outer_vjp(self, state: State):
@@ -248,10 +247,10 @@ def _vjp(outputs, inputs, cotangents, retain_graph=False):
 class StepRecord:
     """One inner step rebuilt with a graph: its leaves, exact and first-order outputs."""
 
-    def __init__(self, loop: InnerLoop, leaves: State, exact, first, buffers, loss):
+    def __init__(self, loop: InnerLoop, leaves: State, exact, grads, buffers, loss):
         self.loop, self.leaves, self.loss = loop, leaves, loss
         self.exact = exact[0] + exact[1]
-        self.first = first[0] + first[1]
+        self.grads = tuple(g.detach() for g in grads)
         self.next_state = State(tuple(t.detach() for t in exact[0]),
                                 tuple(t.detach() for t in exact[1]), buffers)
 
@@ -263,7 +262,9 @@ class StepRecord:
 
     def vjp_first_order(self, f):
         """``(f_{j-1}, dtheta)``: VJP of the first-order rule ``F~_j`` at ``f``."""
-        return self._split(_vjp(self.first, list(self.leaves.diff) + self.loop.meta, f))
+        with torch.enable_grad():
+            first = self.loop._update(self.grads, self.leaves)
+        return self._split(_vjp(first[0] + first[1], list(self.leaves.diff) + self.loop.meta, f))
 
     def vjp_exact(self, e):
         """``(e_{j-1}, dtheta)``: VJP of the exact rule ``F_j`` at ``e`` (a Hessian-vector product)."""

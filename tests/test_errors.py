@@ -1,0 +1,101 @@
+"""Bad input: a clear error naming the argument, and nothing changed."""
+import math
+
+import pytest
+import torch
+
+import torch_ufom
+from conftest import mlp_problem
+
+
+def snapshot(model, opt, gen):
+    return ([p.detach().clone() for p in model.parameters()],
+            [p.grad for p in model.parameters()], opt.state_dict(), gen.get_state(),
+            torch.get_rng_state())
+
+
+def assert_unchanged(before, model, opt, gen):
+    params, grads, opt_state, gen_state, rng = before
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(g is None for g in grads) and all(p.grad is None for p in model.parameters())
+    assert opt.state_dict() == opt_state
+    assert torch.equal(gen.get_state(), gen_state)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def build(**kw):
+    model, loss, data = mlp_problem(6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = {"inner_lr": 0.1, "steps": 3, "mode": "exact", **kw}
+    return model, loss, data, opt, kw
+
+
+@pytest.mark.parametrize("kw, arg", [
+    ({"mode": "second"}, "mode"), ({"memory": "disk"}, "memory"),
+    ({"mode": "ufom", "q": 0.0}, "q"), ({"mode": "ufom", "q": 1.5}, "q"),
+    ({"mode": "ufom", "q": -0.1}, "q"), ({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"),
+    ({"inner_lr": -0.1}, "inner_lr|lr"), ({"inner_lr": {"nope": torch.tensor(0.1)}}, "lr"),
+])
+def test_constructor_rejects_bad_hyperparameters(kw, arg):
+    model, _, _, opt, kw = build(**kw)
+    with pytest.raises(ValueError, match=arg):
+        torch_ufom.MetaOptimizer(model, opt, **kw)
+    with pytest.raises(ValueError, match=arg):
+        torch_ufom.hypergrad(model, lambda f, b: f(b[0]).sum(), lambda f, b: f(b[0]).sum(),
+                             None, None, **kw)
+
+
+def test_error_message_lists_accepted_values():
+    model, _, _, opt, kw = build(mode="second")
+    with pytest.raises(ValueError, match="fom, ufom, exact"):
+        torch_ufom.MetaOptimizer(model, opt, **kw)
+
+
+def test_optimizer_must_hold_every_model_parameter():
+    model, _, _, _, kw = build()
+    opt = torch.optim.SGD(list(model.parameters())[:-1], lr=0.1)
+    with pytest.raises(ValueError, match=r"optimizer.*4\.bias"):
+        torch_ufom.MetaOptimizer(model, opt, **kw)
+
+
+def bad_calls(loss, data):
+    """(support, query, inner_loss, outer_loss, error, message) cases that must change nothing."""
+    nan_at_2 = lambda f, b: loss(f, b) * (math.nan if b is data[1] else 1.0)  # noqa: E731
+    return [
+        ([data[0], data[1]], data[3], loss, loss, ValueError, "support.*steps=3"),
+        (data[0], data[3], lambda f, b: (f(b[0]) - b[1]) ** 2, loss, ValueError, "inner_loss.*scalar"),
+        (data[0], data[3], loss, lambda f, b: (f(b[0]) - b[1]) ** 2, ValueError, "outer_loss.*scalar"),
+        (data.__getitem__, data[3], nan_at_2, loss, FloatingPointError, "inner step 2"),
+        (data[0], data[3], loss, lambda f, b: loss(f, b) * math.inf, FloatingPointError, "outer_loss"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("memory", ["recompute", "store"])
+def test_bad_call_changes_nothing(case, memory):
+    model, loss, data, opt, kw = build(mode="ufom", q=0.5, memory=memory)
+    gen = torch.Generator().manual_seed(0)
+    meta = torch_ufom.MetaOptimizer(model, opt, generator=gen, **kw)
+    support, query, inner, outer, error, message = bad_calls(loss, data)[case]
+    before = snapshot(model, opt, gen)
+    with pytest.raises(error, match=message):
+        meta.backward(inner, outer, support, query)
+    assert_unchanged(before, model, opt, gen)
+    with pytest.raises(error, match=message):
+        torch_ufom.hypergrad(model, inner, outer, support, query, generator=gen, **kw)
+    assert_unchanged(before, model, opt, gen)
+    # The global generator is restored too when no generator is given.
+    rng = torch.get_rng_state()
+    with pytest.raises(error, match=message):
+        torch_ufom.hypergrad(model, inner, outer, support, query, **kw)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_force_truncation_is_checked():
+    model, loss, data, opt, kw = build(mode="fom")
+    meta = torch_ufom.MetaOptimizer(model, opt, **kw)
+    with pytest.raises(ValueError, match="force_truncation"):
+        meta.backward(loss, loss, data[0], data[1], force_truncation=4)
+    with pytest.raises(ValueError, match="force_truncation"):
+        meta.backward(loss, loss, data[0], data[1], force_truncation=2)
+    assert all(p.grad is None for p in model.parameters())
