@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .estimators import Estimate, estimate
 from .inner import SGD, InnerRule
-from .schedules import MEMORY_CHOICES, make_schedule
+from .schedules import MEMORY_CHOICES, check_slots, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw
 from .unroll import InnerLoop
 
@@ -87,7 +87,7 @@ def draw(law: TruncationLaw, steps: int, generator: Optional[torch.Generator]) -
 def hypergrad_estimate(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
                        support: Any, query: Any, *, steps: int, rule: InnerRule,
                        law: TruncationLaw, memory: str, params: Sequence[Tensor],
-                       generator: Optional[torch.Generator] = None,
+                       slots: int = 8, generator: Optional[torch.Generator] = None,
                        K: Optional[int] = None) -> Estimate:
     """Draw ``K`` (unless given) and return the full :class:`~torch_ufom.estimators.Estimate`.
 
@@ -100,12 +100,13 @@ def hypergrad_estimate(model: nn.Module, inner_loss: Callable, outer_loss: Calla
         if law.survival(steps)[K] <= 0.0:
             raise ValueError(f"Invalid force_truncation: K={K} has probability 0 under {law!r}")
         loop = InnerLoop(model, inner_loss, outer_loss, support, query, steps, rule, params, seed)
-        return estimate(loop, K, law.survival(steps), make_schedule(memory), params)
+        return estimate(loop, K, law.survival(steps), make_schedule(memory, slots), params)
 
 
 def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, support: Any,
               query: Any, *, steps: int, inner_lr=None, mode: str = "ufom", q: float = 0.1,
-              memory: str = "recompute", params: Optional[Sequence[Tensor]] = None,
+              memory: str = "checkpoint", slots: int = 8,
+              params: Optional[Sequence[Tensor]] = None,
               generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
               truncation: Optional[TruncationLaw] = None) -> Tuple[Tensor, ...]:
     """Estimate the hypergradient of one task, like ``torch.autograd.grad``.
@@ -129,8 +130,13 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         mode: ``"fom"`` (first-order, ``G_0``), ``"ufom"`` (``G_0 + (xi/q)(G_r - G_0)``,
             ``xi ~ Bernoulli(q)``: unbiased) or ``"exact"`` (``G_r``).
         q: probability of the exact branch for ``"ufom"``, in ``(0, 1]``.
-        memory: ``"recompute"`` (constant memory, ``O(K^2)`` replayed inner steps)
-            or ``"store"`` (keeps every step's graph: ``O(K)`` memory, no replay).
+        memory: how the exact sweep over the last ``K`` steps gets its states:
+            ``"checkpoint"`` (default: binomial checkpointing with ``slots``
+            stored states, about ``K log K`` replayed steps, constant memory),
+            ``"recompute"`` (the paper's scheme: one stored state,
+            ``K (K - 1) / 2`` replayed steps) or ``"store"`` (every step's
+            graph: ``O(K)`` memory, no replay).
+        slots: the number of stored states for ``memory="checkpoint"``.
         params: tensors to differentiate with respect to (default: the model's
             parameters). Any tensor the losses or ``inner_lr`` use may be included.
         generator: a ``torch.Generator`` for the truncation draw and the
@@ -150,10 +156,12 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
     rule = make_rule(inner, inner_lr, names)
     law = resolve_law(mode, q, steps, truncation)
     check_memory(memory)
+    check_slots(slots)
     params = list(model.parameters()) if params is None else list(params)
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise ValueError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
     est = hypergrad_estimate(model, inner_loss, outer_loss, support, query, steps=steps,
-                             rule=rule, law=law, memory=memory, params=params, generator=generator)
+                             rule=rule, law=law, memory=memory, slots=slots, params=params,
+                             generator=generator)
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, est.grads))

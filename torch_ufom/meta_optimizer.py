@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .estimators import Estimate
 from .functional import check_memory, hypergrad_estimate, make_rule, resolve_law
+from .schedules import check_slots
 from .inner import InnerRule
 from .truncation import TruncationLaw
 
@@ -58,8 +59,11 @@ class MetaOptimizer:
         mode: ``"fom"``, ``"ufom"`` (unbiased, exact branch with probability
             ``q``) or ``"exact"``.
         q: exact-branch probability for ``"ufom"``, in ``(0, 1]``.
-        memory: ``"recompute"`` (constant memory in ``steps``) or ``"store"``
-            (``O(steps)`` memory, no replay).
+        memory: ``"checkpoint"`` (default: binomial checkpointing, ``slots``
+            stored states, about ``K log K`` replayed steps), ``"recompute"``
+            (one stored state, ``K (K - 1) / 2`` replayed steps) or ``"store"``
+            (every step's graph: ``O(steps)`` memory, no replay).
+        slots: stored states for ``memory="checkpoint"``.
         generator: optional ``torch.Generator`` making the draws reproducible.
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.
         truncation: a law from :mod:`torch_ufom.truncation`, overriding ``mode``.
@@ -74,7 +78,8 @@ class MetaOptimizer:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, inner_lr=None, *,
-                 steps: int = 1, mode: str = "ufom", q: float = 0.1, memory: str = "recompute",
+                 steps: int = 1, mode: str = "ufom", q: float = 0.1, memory: str = "checkpoint",
+                 slots: int = 8,
                  generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
                  truncation: Optional[TruncationLaw] = None):
         if not isinstance(model, nn.Module):
@@ -88,6 +93,7 @@ class MetaOptimizer:
         self.inner = make_rule(inner, inner_lr, names)
         self.law = resolve_law(mode, q, steps, truncation)
         self.memory = check_memory(memory)
+        self.slots = check_slots(slots)
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
         if missing:
@@ -133,7 +139,7 @@ class MetaOptimizer:
         meta = self.meta_parameters()
         est: Estimate = hypergrad_estimate(
             self.model, inner_loss, outer_loss, support, query, steps=self.steps, rule=self.inner,
-            law=self.law, memory=self.memory, params=meta, generator=self.generator,
+            law=self.law, memory=self.memory, slots=self.slots, params=meta, generator=self.generator,
             K=force_truncation)
         for p, g in zip(meta, est.grads):
             if g is not None and not bool(torch.isfinite(g).all()):

@@ -10,18 +10,25 @@ the forward pass over those steps and then yields one
 * :class:`Recompute` keeps only ``s_start`` and replays the inner loop from it
   for every reverse step: constant memory, ``K (K - 1) / 2`` extra inner
   steps (the paper's scheme).
+* :class:`Checkpoint` follows a binomial (Revolve) schedule from the
+  ``checkpoint_schedules`` package: at most ``slots`` stored states plus one
+  step's graph, about ``K log K`` replayed steps (``K = 1000, slots = 8``:
+  4,285 replays, against 499,500 for :class:`Recompute`).
 
 Both are driven by the same two calls, ``forward`` then ``reverse``.
 """
 from __future__ import annotations
 
-from typing import Iterator, List
+from typing import Dict, Iterator, List
+
+import checkpoint_schedules as cs
 
 from .unroll import InnerLoop, State, StepRecord
 
-__all__ = ["Schedule", "Store", "Recompute", "make_schedule", "MEMORY_CHOICES"]
+__all__ = ["Schedule", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
+           "MEMORY_CHOICES"]
 
-MEMORY_CHOICES = ("recompute", "store")
+MEMORY_CHOICES = ("checkpoint", "recompute", "store")
 
 
 class Schedule:
@@ -71,8 +78,81 @@ class Recompute(Schedule):
             yield self.loop.record(state, j)
 
 
-def make_schedule(memory: str) -> Schedule:
+class Checkpoint(Schedule):
+    """Binomial checkpointing (Revolve): ``slots`` stored states, ``O(K log K)`` replays.
+
+    The schedule's actions are interpreted as follows: ``Forward(n0, n1)``
+    advances the working state (storing it first as checkpoint ``n0`` when
+    ``write_ics``, and recording each step's graph when ``write_adj_deps``);
+    ``Reverse(n1, n0)`` hands the recorded steps to the sweep, newest first;
+    ``Copy`` / ``Move`` restore the working state from a checkpoint (``Move``
+    frees it).
+
+    Args:
+        slots: the number of stored inner states, ``>= 1``.
+    """
+
+    def __init__(self, slots: int = 8):
+        self.slots = check_slots(slots)
+
+    def forward(self, loop, state, start, stop, losses):
+        self.loop, self.start, self.state = loop, start, state
+        self.checkpoints: Dict[int, State] = {}
+        self.records: Dict[int, StepRecord] = {}
+        if stop == start:
+            self.actions = iter(())
+            return state
+        self.actions = iter(cs.Revolve(stop - start, self.slots))
+        self._run(until=cs.EndForward, losses=losses)
+        return self.state
+
+    def _run(self, until, losses=None):
+        """Carry out actions up to the next ``until`` (or ``Reverse``, which is returned)."""
+        for action in self.actions:
+            if isinstance(action, until):
+                return action
+            if isinstance(action, cs.Forward):
+                self._forward(action, losses)
+            elif isinstance(action, (cs.Copy, cs.Move)):
+                table = self.checkpoints
+                self.state = table.pop(action.n) if isinstance(action, cs.Move) else table[action.n]
+            elif not isinstance(action, cs.EndForward):
+                raise RuntimeError(f"unexpected checkpointing action {action!r}")
+        return None
+
+    def _forward(self, action, losses):
+        if action.write_ics:
+            self.checkpoints[action.n0] = self.state
+        for n in range(action.n0, action.n1):
+            j = self.start + n + 1
+            if action.write_adj_deps:
+                rec = self.loop.record(self.state, j)
+                self.records[n + 1], self.state, loss = rec, rec.next_state, rec.loss
+            else:
+                self.state, loss, _ = self.loop.advance(self.state, j)
+            if losses is not None:
+                losses.append(loss)
+
+    def reverse(self):
+        while True:
+            action = self._run(until=(cs.Reverse, cs.EndReverse))
+            if not isinstance(action, cs.Reverse):
+                return
+            for n in range(action.n1, action.n0, -1):
+                yield self.records.pop(n)
+
+
+def check_slots(slots) -> int:
+    """Validate the number of checkpoint slots (an int ``>= 1``)."""
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"Invalid slots: {slots!r} (expected an int >= 1)")
+    return slots
+
+
+def make_schedule(memory: str, slots: int = 8) -> Schedule:
     """The schedule for a ``memory`` setting (one of ``MEMORY_CHOICES``)."""
+    if memory == "checkpoint":
+        return Checkpoint(slots)
     if memory == "store":
         return Store()
     if memory == "recompute":
