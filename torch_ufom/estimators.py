@@ -46,6 +46,8 @@ class Estimate:
             corrections.
         forward_steps: inner steps run without a graph (forward and replays).
         reverse_steps: inner steps rebuilt with a graph for the exact sweep.
+        g0, gk: with ``diagnostics`` and ``K > 0``, the unweighted ``G_0`` (FOM)
+            and ``G_K``; else ``None``.
     """
 
     grads: Tuple[Optional[Tensor], ...]
@@ -55,6 +57,8 @@ class Estimate:
     weights: List[float] = field(default_factory=list)
     forward_steps: int = 0
     reverse_steps: int = 0
+    g0: Optional[Tuple[Optional[Tensor], ...]] = None
+    gk: Optional[Tuple[Optional[Tensor], ...]] = None
 
 
 def _add(acc: List[Optional[Tensor]], terms: Sequence[Optional[Tensor]], scale: float = 1.0):
@@ -74,7 +78,7 @@ def _check_finite(losses: Tensor, outer: Tensor) -> None:
 
 
 def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Schedule,
-             params: Sequence[Tensor]) -> Estimate:
+             params: Sequence[Tensor], diagnostics: bool = False) -> Estimate:
     """Run the inner loop once and return the estimate for truncation point ``K``.
 
     Args:
@@ -84,6 +88,9 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
         schedule: how the exact sweep gets its states.
         params: the tensors to return hypergradients for; model parameters
             among them receive the adjoint of the initial state.
+        diagnostics: also return ``G_0`` and ``G_K`` (unweighted), for the
+            adaptive choice of ``q``. ``G_K`` costs nothing extra; ``G_0`` one
+            more first-order stream (no second derivatives).
     """
     r = loop.steps
     inv_p, c = telescope_weights(survival, K)
@@ -99,9 +106,13 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
         grad_sum = g if grad_sum is None else tuple(a + b for a, b in zip(grad_sum, g))
     state = schedule.forward(loop, state, r - K, r, losses)
 
-    e, theta, outer_loss = loop.outer_vjp(state)
+    e, explicit, outer_loss = loop.outer_vjp(state)
     inner_losses = torch.stack(losses) if losses else outer_loss.new_zeros(0)
     _check_finite(inner_losses, outer_loss)
+    theta = list(explicit)
+    diagnostics = diagnostics and K > 0  # for K = 0 the estimate is G_0 = G_K itself
+    theta_k = list(explicit) if diagnostics else None  # G_K: the exact stream alone
+    f0, theta_0 = (e, list(explicit)) if diagnostics else (None, None)  # G_0: no injections
     # While every injection so far had weight 0 (the exact law), f is exactly
     # zero and its VJPs are skipped.
     f = None if c[0] == 0.0 else tuple(c[0] * t for t in e)
@@ -109,24 +120,40 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
         if f is not None:
             f, d_first = rec.vjp_first_order(f)
             _add(theta, d_first)
+        if f0 is not None:
+            f0, d_zero = rec.vjp_first_order(f0)
+            _add(theta_0, d_zero)
         e, d_exact = rec.vjp_exact(e)
         _add(theta, d_exact, inv_p[m])
-        if c[m] != 0.0:
-            f = tuple(c[m] * b for b in e) if f is None else tuple(a + c[m] * b for a, b in zip(f, e))
-    if f is None:  # only possible for K = 0 with P_0 = 0, which no law allows
-        f = tuple(torch.zeros_like(t) for t in e)
-    if grad_sum is not None:
-        _add(theta, loop.first_order_theta(f[:len(s0.params)], grad_sum, s0))
+        if theta_k is not None:
+            _add(theta_k, d_exact)
+        f = tuple(c[m] * b for b in e) if f is None else tuple(a + c[m] * b for a, b in zip(f, e))
+    # c_K = 1 / P_K > 0, so f is set here whatever K.
 
+    def finish(adjoint, acc):
+        # The first r - K steps (first-order, additive rule) and the initial parameters.
+        if grad_sum is not None:
+            _add(acc, loop.first_order_theta(adjoint[:len(s0.params)], grad_sum, s0))
+        return _assemble(loop, params, adjoint, acc)
+
+    grads = finish(f, theta)
+    g0 = finish(f0, theta_0) if diagnostics else None
+    gk = finish(e, theta_k) if diagnostics else None
+    return Estimate(grads, outer_loss, inner_losses, K, inv_p,
+                    loop.forward_steps, loop.reverse_steps, g0, gk)
+
+
+def _assemble(loop: InnerLoop, params: Sequence[Tensor], adjoint, theta) -> Tuple:
+    """One gradient per tensor of ``params``: its direct terms plus, for a model
+    parameter, the adjoint of its initial value."""
     direct = {id(t): g for t, g in zip(loop.meta, theta)}
-    index = {id(p): i for i, p in enumerate(dict(loop.module.named_parameters())[n]
-                                            for n in loop.names)}
+    module_params = dict(loop.module.named_parameters())
+    index = {id(module_params[n]): i for i, n in enumerate(loop.names)}
     grads = []
     for p in params:
         g = direct.get(id(p))
         if id(p) in index:
-            adj = f[index[id(p)]]
+            adj = adjoint[index[id(p)]]
             g = adj if g is None else g + adj
         grads.append(g)
-    return Estimate(tuple(grads), outer_loss, inner_losses, K, inv_p,
-                    loop.forward_steps, loop.reverse_steps)
+    return tuple(grads)

@@ -15,15 +15,16 @@ from .unroll import InnerLoop
 
 __all__ = ["hypergrad", "hypergrad_estimate", "resolve_law", "MODES"]
 
-MODES = ("fom", "ufom", "exact")
+MODES = ("fom", "ufom", "exact", "truncated")
 
 
-def resolve_law(mode: str, q: float, steps: int,
-                truncation: Optional[TruncationLaw] = None) -> TruncationLaw:
+def resolve_law(mode: str, q: float, steps: int, truncation: Optional[TruncationLaw] = None,
+                k: Optional[int] = None) -> TruncationLaw:
     """The truncation law for ``mode`` (or the explicit ``truncation``), validated for ``steps``.
 
-    ``fom`` is ``Fixed(0)``, ``exact`` is ``Fixed(steps)`` and ``ufom`` is
-    ``Bernoulli(q)``, the paper's estimator.
+    ``fom`` is ``Fixed(0)``, ``exact`` is ``Fixed(steps)``, ``ufom`` is
+    ``Bernoulli(q)`` (the paper's estimator) and ``truncated`` is ``Fixed(k)``
+    (truncated back-propagation through the last ``k`` steps: biased).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Invalid steps: {steps!r} (expected an int >= 1)")
@@ -37,6 +38,10 @@ def resolve_law(mode: str, q: float, steps: int,
         law = Fixed(steps)
     elif mode == "ufom":
         law = Bernoulli(q)
+    elif mode == "truncated":
+        if k is None:
+            raise ValueError("Invalid k: None (mode='truncated' needs k, an int in 0..steps)")
+        law = Fixed(k)
     else:
         raise ValueError(f"Invalid mode: {mode!r} (expected one of {', '.join(MODES)})")
     law.validate(steps)
@@ -88,7 +93,7 @@ def hypergrad_estimate(model: nn.Module, inner_loss: Callable, outer_loss: Calla
                        support: Any, query: Any, *, steps: int, rule: InnerRule,
                        law: TruncationLaw, memory: str, params: Sequence[Tensor],
                        slots: int = 8, generator: Optional[torch.Generator] = None,
-                       K: Optional[int] = None) -> Estimate:
+                       K: Optional[int] = None, diagnostics: bool = False) -> Estimate:
     """Draw ``K`` (unless given) and return the full :class:`~torch_ufom.estimators.Estimate`.
 
     Validated arguments only; :func:`hypergrad` and
@@ -100,7 +105,8 @@ def hypergrad_estimate(model: nn.Module, inner_loss: Callable, outer_loss: Calla
         if law.survival(steps)[K] <= 0.0:
             raise ValueError(f"Invalid force_truncation: K={K} has probability 0 under {law!r}")
         loop = InnerLoop(model, inner_loss, outer_loss, support, query, steps, rule, params, seed)
-        return estimate(loop, K, law.survival(steps), make_schedule(memory, slots), params)
+        return estimate(loop, K, law.survival(steps), make_schedule(memory, slots), params,
+                        diagnostics)
 
 
 def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, support: Any,
@@ -108,7 +114,8 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
               memory: str = "checkpoint", slots: int = 8,
               params: Optional[Sequence[Tensor]] = None,
               generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
-              truncation: Optional[TruncationLaw] = None) -> Tuple[Tensor, ...]:
+              truncation: Optional[TruncationLaw] = None, k: Optional[int] = None
+              ) -> Tuple[Tensor, ...]:
     """Estimate the hypergradient of one task, like ``torch.autograd.grad``.
 
     Runs ``steps`` inner steps from the module's parameters and returns the
@@ -128,7 +135,8 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         inner_lr: the inner SGD learning rate: a float, a scalar tensor, or a
             dict from parameter name to tensor. Tensors among ``params`` are learned.
         mode: ``"fom"`` (first-order, ``G_0``), ``"ufom"`` (``G_0 + (xi/q)(G_r - G_0)``,
-            ``xi ~ Bernoulli(q)``: unbiased) or ``"exact"`` (``G_r``).
+            ``xi ~ Bernoulli(q)``: unbiased), ``"exact"`` (``G_r``) or
+            ``"truncated"`` (``G_k``: exact through the last ``k`` steps; biased).
         q: probability of the exact branch for ``"ufom"``, in ``(0, 1]``.
         memory: how the exact sweep over the last ``K`` steps gets its states:
             ``"checkpoint"`` (default: binomial checkpointing with ``slots``
@@ -143,6 +151,7 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             per-step random streams (default: the global generator).
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.
         truncation: a law from :mod:`torch_ufom.truncation`, overriding ``mode``.
+        k: the truncation point of ``mode="truncated"``.
 
     Returns:
         A tuple with one tensor per entry of ``params`` (zeros where a tensor
@@ -154,7 +163,10 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
     """
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     rule = make_rule(inner, inner_lr, names)
-    law = resolve_law(mode, q, steps, truncation)
+    if q == "auto":
+        raise ValueError("Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; "
+                         "hypergrad takes a float in (0, 1]")
+    law = resolve_law(mode, q, steps, truncation, k)
     check_memory(memory)
     check_slots(slots)
     params = list(model.parameters()) if params is None else list(params)

@@ -1,17 +1,19 @@
 """``MetaOptimizer``: a ``torch.optim``-style shell around the estimators."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from . import adaptive
 from .estimators import Estimate
 from .functional import check_memory, hypergrad_estimate, make_rule, resolve_law
 from .schedules import check_slots
 from .inner import InnerRule
-from .truncation import TruncationLaw
+from .truncation import Bernoulli, TruncationLaw
 
 __all__ = ["MetaOptimizer", "MetaResult"]
 
@@ -26,7 +28,9 @@ class MetaResult:
         truncation: the sampled truncation point ``K`` (``0``: first-order only,
             ``steps``: the exact branch ran).
         weights: ``1 / P(K >= m)`` for ``m = 0..K``.
-        q: the probability of the exact branch in effect (``ufom``), else ``None``.
+        q: the probability of the exact branch used for this task (``ufom``),
+            else ``None``; with ``q="auto"`` the next task's is
+            ``MetaOptimizer.q_stats["q"]``.
         forward_steps: inner steps run without a graph (forward pass and replays).
         reverse_steps: inner steps rebuilt with a graph by the exact sweep.
     """
@@ -57,8 +61,14 @@ class MetaOptimizer:
             dict from parameter name to tensor (per-parameter rates).
         steps: number of inner steps ``r >= 1``.
         mode: ``"fom"``, ``"ufom"`` (unbiased, exact branch with probability
-            ``q``) or ``"exact"``.
-        q: exact-branch probability for ``"ufom"``, in ``(0, 1]``.
+            ``q``), ``"exact"`` or ``"truncated"`` (exact through the last
+            ``k`` steps only: biased).
+        q: exact-branch probability for ``"ufom"``, in ``(0, 1]``, or ``"auto"``
+            to adapt it to the measured bias, variance and costs
+            (:mod:`torch_ufom.adaptive`).
+        q_rule, q_min, q_beta: with ``q="auto"``: the rule (``"ufom"`` or the
+            authors' ``"authors"``), the smallest ``q`` and the averaging factor.
+        k: the truncation point of ``mode="truncated"``.
         memory: ``"checkpoint"`` (default: binomial checkpointing, ``slots``
             stored states, about ``K log K`` replayed steps), ``"recompute"``
             (one stored state, ``K (K - 1) / 2`` replayed steps) or ``"store"``
@@ -81,7 +91,9 @@ class MetaOptimizer:
                  steps: int = 1, mode: str = "ufom", q: float = 0.1, memory: str = "checkpoint",
                  slots: int = 8,
                  generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
-                 truncation: Optional[TruncationLaw] = None):
+                 truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
+                 q_rule: str = "ufom", q_min: Optional[float] = None,
+                 q_beta: Optional[float] = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -91,7 +103,14 @@ class MetaOptimizer:
             raise ValueError(f"Invalid generator: expected a torch.Generator, got {generator!r}")
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.inner = make_rule(inner, inner_lr, names)
-        self.law = resolve_law(mode, q, steps, truncation)
+        self.adaptive = None
+        if q == "auto":
+            if mode != "ufom" or truncation is not None:
+                raise ValueError("Invalid q: 'auto' applies to mode='ufom' without truncation=")
+            self.adaptive = adaptive.AdaptiveQ(q_rule, q_min, q_beta)
+            self.q_stats = adaptive.init_stats(self.adaptive)
+            q = self.q_stats["q"]
+        self.law = resolve_law(mode, q, steps, truncation, k)
         self.memory = check_memory(memory)
         self.slots = check_slots(slots)
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -137,10 +156,14 @@ class MetaOptimizer:
                                              not 0 <= force_truncation <= self.steps):
             raise ValueError(f"Invalid force_truncation: {force_truncation!r} (expected an int in 0..{self.steps})")
         meta = self.meta_parameters()
+        if self.adaptive is not None:
+            self.law = Bernoulli(self.q_stats["q"])
+        start = time.perf_counter()
         est: Estimate = hypergrad_estimate(
             self.model, inner_loss, outer_loss, support, query, steps=self.steps, rule=self.inner,
             law=self.law, memory=self.memory, slots=self.slots, params=meta, generator=self.generator,
-            K=force_truncation)
+            K=force_truncation, diagnostics=self.adaptive is not None)
+        seconds = time.perf_counter() - start
         for p, g in zip(meta, est.grads):
             if g is not None and not bool(torch.isfinite(g).all()):
                 raise FloatingPointError(
@@ -153,7 +176,12 @@ class MetaOptimizer:
                 p.grad = g.clone()
             else:
                 p.grad.add_(g)
-        q = self.law.q if hasattr(self.law, "q") and self.mode == "ufom" else None
+        q = self.law.q if isinstance(self.law, Bernoulli) else None
+        if self.adaptive is not None:
+            self.q_stats = adaptive.update(
+                self.adaptive, self.q_stats, exact=est.truncation == self.steps, seconds=seconds,
+                steps=self.steps, forward_steps=est.forward_steps,
+                reverse_steps=est.reverse_steps, g0=est.g0, gr=est.gk)
         return MetaResult(est.outer_loss, est.inner_losses, est.truncation, est.weights, q,
                           est.forward_steps, est.reverse_steps)
 
@@ -170,7 +198,8 @@ class MetaOptimizer:
     def state_dict(self) -> Dict[str, Any]:
         """The outer optimizer's state and the generator's state."""
         return {"optimizer": self.optimizer.state_dict(),
-                "generator": None if self.generator is None else self.generator.get_state()}
+                "generator": None if self.generator is None else self.generator.get_state(),
+                "q_stats": None if self.adaptive is None else dict(self.q_stats)}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -180,6 +209,11 @@ class MetaOptimizer:
                 raise ValueError("Invalid state_dict: it holds a generator state but this "
                                  "MetaOptimizer has no generator")
             self.generator.set_state(state_dict["generator"])
+        if state_dict.get("q_stats") is not None:
+            if self.adaptive is None:
+                raise ValueError("Invalid state_dict: it holds q='auto' statistics but this "
+                                 "MetaOptimizer has a fixed q")
+            self.q_stats = dict(state_dict["q_stats"])
 
     def __repr__(self) -> str:
         return (f"MetaOptimizer(mode={self.mode!r}, steps={self.steps}, law={self.law!r}, "

@@ -1,0 +1,95 @@
+"""``q="auto"``: the rule, its statistics, and their round trip through state_dict."""
+import copy
+import math
+
+import pytest
+import torch
+
+import torch_ufom
+from conftest import mlp_problem, rel_err
+from oracle import brute_force
+from torch_ufom.adaptive import AdaptiveQ, init_stats, optimal_q, update
+
+
+def test_optimal_q_minimises_the_time_bound():
+    A, D, c_f, c_x = 4.0, 1.0, 10.0, 200.0
+    q = optimal_q(A, D, c_f, c_x, 1e-6)
+    cost = lambda q: (c_f + q * c_x) * (A - D + D / q)  # noqa: E731
+    assert cost(q) <= min(cost(q * 1.01), cost(q / 1.01))
+    assert q == pytest.approx(math.sqrt(c_f * D / (c_x * (A - D))))
+    assert optimal_q(1.0, 1.0, c_f, c_x, 0.01) == 1.0  # A <= D: always exact
+    assert optimal_q(4.0, 1e-9, c_f, c_x, 0.05) == 0.05  # clipped at q_min
+
+
+def test_update_uses_debiased_averages_of_exact_draws():
+    cfg = AdaptiveQ("authors")
+    s = init_stats(cfg)
+    assert s["q"] == 0.05
+    g0, gr = [torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 2.0])]  # ||G_r||^2 = 5, ||G_r-G_0||^2 = 4
+    s = update(cfg, s, exact=True, seconds=1.0, steps=10, forward_steps=55, reverse_steps=10, g0=g0, gr=gr)
+    # c_f = r + 1 = 11, c_x = r(r-1)/2 + 2r = 65 (recomputation), D shrunk by 10.
+    assert s["q"] == pytest.approx(optimal_q(5.0, 0.4, 11, 65, 0.05))
+    s2 = update(cfg, s, exact=False, seconds=0.1, steps=10, forward_steps=10, reverse_steps=0)
+    assert s2["q"] == s["q"] and s2["n_f"] == 1 and s["n_f"] == 0  # pure: s unchanged
+
+
+@pytest.mark.parametrize("kw, arg", [({"q_rule": "best"}, "q_rule"), ({"q_min": 0.0}, "q_min"),
+                                     ({"q_min": 1.5}, "q_min"), ({"q_beta": 1.0}, "q_beta")])
+def test_bad_adaptive_arguments(kw, arg):
+    model, _, _ = mlp_problem()
+    with pytest.raises(ValueError, match=arg):
+        torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                 steps=2, q="auto", **kw)
+    with pytest.raises(ValueError, match="q"):
+        torch_ufom.hypergrad(model, None, None, None, None, steps=2, inner_lr=0.1, q="auto")
+
+
+def run(meta, model, loss, data, n):
+    for i in range(n):
+        meta.zero_grad()
+        meta.backward(loss, loss, data[i % 5], data[5 + i % 5])
+        meta.step()
+
+
+@pytest.mark.parametrize("rule", ["ufom", "authors"])
+def test_auto_q_adapts_and_survives_a_state_dict_round_trip(rule):
+    def fresh():
+        model, loss, data = mlp_problem(10)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=0.3, steps=4, q="auto", q_rule=rule,
+                                        q_min=0.05, generator=torch.Generator().manual_seed(1))
+        return model, loss, data, meta
+
+    model, loss, data, meta = fresh()
+    q0 = meta.q_stats["q"]
+    run(meta, model, loss, data, 40)
+    assert meta.q_stats["n_x"] > 0 and meta.q_stats["q"] != q0
+    assert 0.05 <= meta.q_stats["q"] <= 1.0
+    # Interrupt after 7 steps, resume from state_dict: identical parameters.
+    model_a, loss, data, meta_a = fresh()
+    run(meta_a, model_a, loss, data, 7)
+    saved = copy.deepcopy((model_a.state_dict(), meta_a.state_dict()))  # like torch.save
+    run(meta_a, model_a, loss, data, 6)
+    model_b, _, _, meta_b = fresh()
+    model_b.load_state_dict(saved[0])
+    meta_b.load_state_dict(saved[1])
+    # Timing-based costs differ between runs; the counts-based rule makes resumption exact.
+    if rule == "authors":
+        run(meta_b, model_b, loss, data, 6)
+        assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
+    assert meta_b.state_dict()["q_stats"] is not None
+
+
+def test_auto_draws_stay_unbiased_given_q():
+    # Whatever q the rule picks, a draw is G_0 or G_0 + (G_r - G_0) / q.
+    model, loss, data = mlp_problem(11)
+    params = list(model.parameters())
+    G0 = brute_force(model, loss, loss, lambda j: data[0], data[1], 3, 0.3, params, 0)
+    Gr = brute_force(model, loss, loss, lambda j: data[0], data[1], 3, 0.3, params, 3)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.0), inner_lr=0.3, steps=3,
+                                    q="auto", generator=torch.Generator().manual_seed(2))
+    for _ in range(30):
+        meta.zero_grad()
+        out = meta.backward(loss, loss, data[0], data[1])
+        want = G0 if out.truncation == 0 else [a + (b - a) / out.q for a, b in zip(G0, Gr)]
+        assert rel_err([p.grad for p in params], want) < 1e-10
