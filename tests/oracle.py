@@ -1,32 +1,77 @@
 """Independent reference: brute-force unrolled autograd (use it in float64).
 
 ``brute_force(..., k)`` returns ``G_k``: the hypergradient obtained by
-differentiating through the last ``k`` inner SGD steps exactly and through the
+differentiating through the last ``k`` inner steps exactly and through the
 first ``steps - k`` with the inner gradient held constant (``UFOM.md``). The
-whole unroll is one autograd graph; nothing of the library is used.
+whole unroll is one autograd graph; nothing of the library is used. The inner
+rule is plain SGD with ``lr``, or one of the reference rules below, written
+from ``torch.optim``'s documented formulas (``tests/test_inner.py`` checks
+them against ``torch.optim`` too).
 """
 import torch
 from torch.func import functional_call
 
 
-def brute_force(model, inner_loss, outer_loss, batch, query, steps, lr, params, k):
+def _pick(value, name):
+    return value[name] if isinstance(value, dict) else value
+
+
+def ref_sgd(lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+    """``torch.optim.SGD``'s step for one parameter: ``(name, t, p, g, buf) -> (p, buf)``."""
+    def step(name, t, p, g, buf):
+        d = g + _pick(weight_decay, name) * p
+        mom = _pick(momentum, name)
+        if nesterov or not (isinstance(mom, float) and mom == 0.0):
+            buf = d if t == 0 else mom * buf + (1 - _pick(dampening, name)) * d
+            d = d + mom * buf if nesterov else buf
+        return p - _pick(lr, name) * d, buf
+    return step
+
+
+def ref_adam(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """``torch.optim.Adam``'s step for one parameter; the state is ``(m, v)``."""
+    def step(name, t, p, g, mv):
+        b1, b2 = _pick(betas[0], name), _pick(betas[1], name)
+        d = g + _pick(weight_decay, name) * p
+        m, v = (torch.zeros_like(p), torch.zeros_like(p)) if mv is None else mv
+        m = b1 * m + (1 - b1) * d
+        v = b2 * v + (1 - b2) * d * d
+        c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+        denom = v.sqrt() / c2 ** 0.5 + _pick(eps, name)
+        return p - _pick(lr, name) / c1 * m / denom, (m, v)
+    return step
+
+
+def brute_force(model, inner_loss, outer_loss, batch, query, steps, lr, params, k, rule=None):
     """``G_k`` by one unrolled graph; ``batch(j)`` gives step ``j``'s batch (0-based).
 
-    ``lr`` is a float, a tensor or a dict name -> tensor.
+    ``lr`` is a float, a tensor or a dict name -> tensor (plain SGD), unless a
+    reference ``rule`` (``ref_sgd(...)``, ``ref_adam(...)``) is given.
     """
+    rule = ref_sgd(lr) if rule is None else rule
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     buffers = dict(model.named_buffers())
     phi = {n: p for n, p in named}
+    state = {n: None for n, _ in named}
 
-    def call(phi):
-        return lambda *a: functional_call(model, (phi, buffers), a)
+    class call:  # noqa: N801 - the functional model at phi, like the library's
+        def __init__(self, phi):
+            self.phi = phi
+
+        def __call__(self, *a):
+            return functional_call(model, (self.phi, buffers), a)
+
+        def named_parameters(self):
+            return iter(self.phi.items())
 
     for j in range(steps):
         loss = inner_loss(call(phi), batch(j))
         exact = j >= steps - k
         grads = torch.autograd.grad(loss, list(phi.values()), create_graph=exact)
-        phi = {n: p - (lr[n] if isinstance(lr, dict) else lr) * (g if exact else g.detach())
-               for (n, p), g in zip(phi.items(), grads)}
+        new = {}
+        for (n, p), g in zip(phi.items(), grads):
+            new[n], state[n] = rule(n, j, p, g if exact else g.detach(), state[n])
+        phi = new
     loss = outer_loss(call(phi), query)
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))

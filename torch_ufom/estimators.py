@@ -4,17 +4,18 @@ For a drawn truncation point ``K`` with survival ``P_m = P(K >= m)`` and
 weights ``c_m`` (:func:`~torch_ufom.truncation.telescope_weights`), the estimate
 ``g = sum_{k<=K} c_k G_k`` is computed as in ``UFOM.md``:
 
-1. forward: the first ``r - K`` steps first-order (no graph, their inner
-   gradients summed for additive rules), then the last ``K`` steps through a
-   memory :mod:`~torch_ufom.schedules` schedule;
+1. forward: the first ``r - K`` steps first-order (no graph; for additive
+   rules their inner gradients are summed, other rules keep them in the
+   schedule too), then the last ``K`` steps through a memory
+   :mod:`~torch_ufom.schedules` schedule;
 2. ``e = dL_out/ds_r`` (exact stream), ``f = c_0 e`` (first-order stream),
    meta-gradient ``= dL_out/dtheta`` (explicit; the weights sum to one);
 3. for depth ``m = 1..K``: ``f <- VJP(F~)(f)``, ``e <- VJP(F)(e)``, the
    meta-parameter terms of the first added with weight 1 and of the second
    with ``1 / P_m``, then ``f += c_m e``;
-4. the first ``r - K`` steps: first-order only; for an additive rule ``f``
-   passes unchanged and their meta-parameter terms are one VJP of the update
-   at the summed gradients;
+4. the first ``r - K`` steps: first-order only (``f <- VJP(F~)(f)``); for an
+   additive rule ``f`` passes unchanged and their meta-parameter terms are
+   one VJP of the update at the summed gradients;
 5. ``f`` at ``s_0`` is the hypergradient of the initial parameters.
 """
 from __future__ import annotations
@@ -48,6 +49,8 @@ class Estimate:
         reverse_steps: inner steps rebuilt with a graph for the exact sweep.
         g0, gk: with ``diagnostics`` and ``K > 0``, the unweighted ``G_0`` (FOM)
             and ``G_K``; else ``None``.
+        buffers: the module's buffers at the end of the inner loop, in
+            ``named_buffers()`` order.
     """
 
     grads: Tuple[Optional[Tensor], ...]
@@ -59,6 +62,7 @@ class Estimate:
     reverse_steps: int = 0
     g0: Optional[Tuple[Optional[Tensor], ...]] = None
     gk: Optional[Tuple[Optional[Tensor], ...]] = None
+    buffers: Tuple[Tensor, ...] = ()
 
 
 def _add(acc: List[Optional[Tensor]], terms: Sequence[Optional[Tensor]], scale: float = 1.0):
@@ -97,20 +101,23 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     losses: List[Tensor] = []
     state = loop.initial_state()
     s0 = state
+    loop.exact_after = r - K
+    # An additive rule needs nothing of the first r - K steps in reverse but
+    # their summed gradients; any other rule sweeps them first-order too.
+    swept = r - K if loop.rule.first_order_additive else 0
     grad_sum = None
-    if not loop.rule.first_order_additive and K < r:
-        raise NotImplementedError(f"{loop.rule!r} supports only the exact hypergradient (K = steps)")
-    for j in range(1, r - K + 1):
+    for j in range(1, swept + 1):
         state, loss, g = loop.advance(state, j)
         losses.append(loss)
         grad_sum = g if grad_sum is None else tuple(a + b for a, b in zip(grad_sum, g))
-    state = schedule.forward(loop, state, r - K, r, losses)
+    state = schedule.forward(loop, state, swept, r, losses)
+    final_buffers = state.buffers
 
     e, explicit, outer_loss = loop.outer_vjp(state)
     inner_losses = torch.stack(losses) if losses else outer_loss.new_zeros(0)
     _check_finite(inner_losses, outer_loss)
-    theta = list(explicit)
     diagnostics = diagnostics and K > 0  # for K = 0 the estimate is G_0 = G_K itself
+    theta = list(explicit)
     theta_k = list(explicit) if diagnostics else None  # G_K: the exact stream alone
     f0, theta_0 = (e, list(explicit)) if diagnostics else (None, None)  # G_0: no injections
     # While every injection so far had weight 0 (the exact law), f is exactly
@@ -123,6 +130,11 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
         if f0 is not None:
             f0, d_zero = rec.vjp_first_order(f0)
             _add(theta_0, d_zero)
+        if m > K:  # the first-order steps of a non-additive rule
+            if theta_k is not None:
+                e, d_k = rec.vjp_first_order(e)
+                _add(theta_k, d_k)
+            continue
         e, d_exact = rec.vjp_exact(e)
         _add(theta, d_exact, inv_p[m])
         if theta_k is not None:
@@ -140,7 +152,7 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     g0 = finish(f0, theta_0) if diagnostics else None
     gk = finish(e, theta_k) if diagnostics else None
     return Estimate(grads, outer_loss, inner_losses, K, inv_p,
-                    loop.forward_steps, loop.reverse_steps, g0, gk)
+                    loop.forward_steps, loop.reverse_steps, g0, gk, final_buffers)
 
 
 def _assemble(loop: InnerLoop, params: Sequence[Tensor], adjoint, theta) -> Tuple:

@@ -69,6 +69,12 @@ class MetaOptimizer:
         q_rule, q_min, q_beta: with ``q="auto"``: the rule (``"ufom"`` or the
             authors' ``"authors"``), the smallest ``q`` and the averaging factor.
         k: the truncation point of ``mode="truncated"``.
+        track_buffers: if ``True``, :meth:`step` writes the inner loop's final
+            buffers (BatchNorm running statistics) into the module: the mean
+            over the tasks since the last step for floating-point buffers, the
+            last task's for integer ones (``num_batches_tracked``). Default
+            ``False``: the module's buffers are never changed, and every task
+            starts from them. :meth:`backward` never writes buffers.
         memory: ``"checkpoint"`` (default: binomial checkpointing, ``slots``
             stored states, about ``K log K`` replayed steps), ``"recompute"``
             (one stored state, ``K (K - 1) / 2`` replayed steps) or ``"store"``
@@ -93,7 +99,7 @@ class MetaOptimizer:
                  generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
                  truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
                  q_rule: str = "ufom", q_min: Optional[float] = None,
-                 q_beta: Optional[float] = None):
+                 q_beta: Optional[float] = None, track_buffers: bool = False):
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -121,6 +127,8 @@ class MetaOptimizer:
                 "model.parameters() to it (or set requires_grad=False on frozen ones)")
         self.model, self.optimizer, self.steps = model, optimizer, steps
         self.mode, self.q, self.generator = mode, q, generator
+        self.track_buffers = bool(track_buffers)
+        self._buffers: List[List[Tensor]] = []  # final buffers of the tasks since the last step
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -177,6 +185,8 @@ class MetaOptimizer:
             else:
                 p.grad.add_(g)
         q = self.law.q if isinstance(self.law, Bernoulli) else None
+        if self.track_buffers:
+            self._buffers.append(list(est.buffers))
         if self.adaptive is not None:
             self.q_stats = adaptive.update(
                 self.adaptive, self.q_stats, exact=est.truncation == self.steps, seconds=seconds,
@@ -192,8 +202,21 @@ class MetaOptimizer:
         return f"of shape {tuple(p.shape)} (not a model parameter)"
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
-        """Step the outer optimizer; returns what ``optimizer.step(closure)`` returns."""
-        return self.optimizer.step(closure)
+        """Step the outer optimizer; returns what ``optimizer.step(closure)`` returns.
+
+        With ``track_buffers``, then writes the tasks' final buffers into the module.
+        """
+        result = self.optimizer.step(closure)
+        if self._buffers:
+            with torch.no_grad():
+                for i, (_, buf) in enumerate(self.model.named_buffers()):
+                    values = [task[i] for task in self._buffers]
+                    if buf.is_floating_point():
+                        buf.copy_(torch.stack(values).mean(0))
+                    else:
+                        buf.copy_(values[-1])
+            self._buffers = []
+        return result
 
     def state_dict(self) -> Dict[str, Any]:
         """The outer optimizer's state and the generator's state."""

@@ -35,7 +35,11 @@ class Schedule:
     """Base class: ``forward`` runs steps ``start+1..stop``, ``reverse`` yields their records."""
 
     def forward(self, loop: InnerLoop, state: State, start: int, stop: int, losses: List) -> State:
-        """Run steps ``start+1..stop`` from ``state``; append their losses; return ``s_stop``."""
+        """Run steps ``start+1..stop`` from ``state``; append their losses; return ``s_stop``.
+
+        Steps ``j > loop.exact_after`` are recorded with the exact rule's graph,
+        earlier ones for the first-order rule only.
+        """
         raise NotImplementedError
 
     def reverse(self) -> Iterator[StepRecord]:
@@ -49,7 +53,7 @@ class Store(Schedule):
     def forward(self, loop, state, start, stop, losses):
         self.records: List[StepRecord] = []
         for j in range(start + 1, stop + 1):
-            rec = loop.record(state, j)
+            rec = loop.record(state, j, j > loop.exact_after)
             losses.append(rec.loss)
             self.records.append(rec)
             state = rec.next_state
@@ -75,7 +79,7 @@ class Recompute(Schedule):
             state = self.base
             for i in range(self.start + 1, j):
                 state = self.loop.advance(state, i)[0]
-            yield self.loop.record(state, j)
+            yield self.loop.record(state, j, j > self.loop.exact_after)
 
 
 class Checkpoint(Schedule):
@@ -126,7 +130,7 @@ class Checkpoint(Schedule):
         for n in range(action.n0, action.n1):
             j = self.start + n + 1
             if action.write_adj_deps:
-                rec = self.loop.record(self.state, j)
+                rec = self.loop.record(self.state, j, j > self.loop.exact_after)
                 self.records[n + 1], self.state, loss = rec, rec.next_state, rec.loss
             else:
                 self.state, loss, _ = self.loop.advance(self.state, j)

@@ -121,6 +121,7 @@ class InnerLoop:
         self.meta = [t for t in meta if t.requires_grad]
         devices = {t.device for t in self.initial_params()}
         self.cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+        self.exact_after = 0  # steps j > exact_after are differentiated exactly (r - K)
         self.forward_steps = 0  # inner steps run without a graph (forward pass and replays)
         self.reverse_steps = 0  # inner steps rebuilt with a graph for a VJP
 
@@ -190,15 +191,23 @@ class InnerLoop:
                                                        state.opt, state.buffers))
         return State(new_p, new_opt, buffers), loss.detach(), grads
 
-    def record(self, state: State, j: int) -> "StepRecord":
-        """Step ``j`` with a graph, ready for the exact and first-order VJPs."""
-        self.reverse_steps += 1
+    def record(self, state: State, j: int, exact: bool = True) -> "StepRecord":
+        """Step ``j`` kept for the reverse sweep: with a graph of the exact rule
+        (``exact``), or only its gradient for the first-order rule."""
+        if exact:
+            self.reverse_steps += 1
+        else:
+            self.forward_steps += 1
         leaves = State(*(tuple(t.detach().requires_grad_(t.is_floating_point()) for t in part)
                          for part in state[:2]), state.buffers)
         with torch.enable_grad():
-            loss, grads, buffers = self._grad_and_update(leaves, j, create_graph=True)
-            exact = self._update(grads, leaves)
-        return StepRecord(self, leaves, exact, grads, buffers, loss.detach())
+            loss, grads, buffers = self._grad_and_update(leaves, j, create_graph=exact)
+            if exact:
+                out = self._update(grads, leaves)
+        if not exact:
+            with torch.no_grad():
+                out = self._update(grads, leaves)
+        return StepRecord(self, leaves, out, grads, buffers, loss.detach(), exact)
 
     # -- outer loss ------------------------------------------------------------------
     def outer_vjp(self, state: State):
@@ -245,14 +254,15 @@ def _vjp(outputs, inputs, cotangents, retain_graph=False):
 
 
 class StepRecord:
-    """One inner step rebuilt with a graph: its leaves, exact and first-order outputs."""
+    """One inner step kept for the reverse sweep: its leaf state, its inner
+    gradient and, for an exact step, the graph of the exact rule's output."""
 
-    def __init__(self, loop: InnerLoop, leaves: State, exact, grads, buffers, loss):
+    def __init__(self, loop: InnerLoop, leaves: State, out, grads, buffers, loss, exact: bool):
         self.loop, self.leaves, self.loss = loop, leaves, loss
-        self.exact = exact[0] + exact[1]
+        self.exact = out[0] + out[1] if exact else None
         self.grads = tuple(g.detach() for g in grads)
-        self.next_state = State(tuple(t.detach() for t in exact[0]),
-                                tuple(t.detach() for t in exact[1]), buffers)
+        self.next_state = State(tuple(t.detach() for t in out[0]),
+                                tuple(t.detach() for t in out[1]), buffers)
 
     def _split(self, grads):
         n = len(self.leaves.diff)

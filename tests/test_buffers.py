@@ -1,0 +1,103 @@
+"""BatchNorm buffers and dropout: exact replay, buffers left alone, track_buffers,
+and a run resumed from state_dict."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torch_ufom
+from conftest import rel_err, xent
+
+
+class BNCNN(nn.Module):
+    """A tiny CNN with BatchNorm (running statistics) and dropout."""
+
+    def __init__(self, p=0.3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(p)
+        self.fc = nn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.tanh(self.bn(self.conv(x)))).flatten(1))
+
+
+def problem(seed=0, p=0.3):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = BNCNN(p)
+    data = [(torch.randn(5, 1, 6, 6, generator=g), torch.randint(0, 4, (5,), generator=g))
+            for _ in range(8)]
+    return model, data
+
+
+@pytest.mark.parametrize("mode", ["exact", "ufom"])
+def test_recompute_checkpoint_and_store_agree_bit_for_bit(mode):
+    model, data = problem()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    grads = {}
+    for memory in ("store", "recompute", "checkpoint"):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                        inner_lr=0.2, steps=6, mode=mode, q=0.5, memory=memory,
+                                        slots=2, generator=torch.Generator().manual_seed(4))
+        meta.zero_grad()
+        meta.backward(xent, xent, data.__getitem__, data[-1], force_truncation=6)
+        grads[memory] = [p.grad.clone() for p in model.parameters()]
+        assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    for memory in ("recompute", "checkpoint"):
+        assert all(torch.equal(a, b) for a, b in zip(grads[memory], grads["store"]))
+    # Dropout is live: another seed gives another estimate.
+    other = torch_ufom.hypergrad(model, xent, xent, data.__getitem__, data[-1], steps=6,
+                                 inner_lr=0.2, mode=mode, q=0.5, memory="store",
+                                 generator=torch.Generator().manual_seed(5))
+    assert rel_err(other, grads["store"]) > 1e-6
+
+
+def test_track_buffers_writes_the_final_statistics_at_step():
+    model, data = problem(1, p=0.0)
+    expected = copy.deepcopy(model)
+    expected(data[0][0])  # one train-mode forward at the initial parameters: steps=1
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    for track in (False, True):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                        inner_lr=0.1, steps=1, mode="exact", track_buffers=track)
+        meta.zero_grad()
+        meta.backward(xent, xent, data[0], data[1])
+        assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())  # never in backward
+        meta.step()
+        if not track:
+            assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+    for (n, b), (_, e) in zip(model.named_buffers(), expected.named_buffers()):
+        assert torch.allclose(b.double(), e.double(), rtol=0, atol=1e-14), n
+    assert int(model.bn.num_batches_tracked) == 1
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run():
+    def fresh():
+        model, data = problem(2)
+        outer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        meta = torch_ufom.MetaOptimizer(model, outer, steps=3, mode="ufom", q=0.3,
+                                        inner=torch_ufom.inner.SGD(0.1, momentum=0.9),
+                                        generator=torch.Generator().manual_seed(9))
+        return model, data, meta
+
+    def train(model, data, meta, outer_steps, start):
+        for i in range(start, start + outer_steps):
+            meta.zero_grad()
+            for t in range(2):
+                a, b = (2 * i + t) % 7, (2 * i + t + 1) % 7
+                meta.backward(xent, xent, data[a], data[b])
+            meta.step()
+
+    model, data, meta = fresh()
+    train(model, data, meta, 12, 0)
+    model_a, data, meta_a = fresh()
+    train(model_a, data, meta_a, 7, 0)
+    saved = copy.deepcopy((model_a.state_dict(), meta_a.state_dict()))  # like torch.save
+    model_b, _, meta_b = fresh()
+    model_b.load_state_dict(saved[0])
+    meta_b.load_state_dict(saved[1])
+    train(model_b, data, meta_b, 5, 7)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model_b.parameters()))

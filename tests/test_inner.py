@@ -1,0 +1,144 @@
+"""Inner update rules: trajectories against torch.optim, hypergradients through
+every rule and hyperparameter against brute force, and higher's SGD."""
+import pytest
+import torch
+
+import torch_ufom
+from conftest import mlp_problem, rel_err
+from oracle import brute_force, ref_adam, ref_sgd
+from torch_ufom.inner import SGD, Adam
+
+SGD_KW = [dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.8, dampening=0.3),
+          dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), dict(lr=0.1, weight_decay=0.1)]
+ADAM_KW = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)]
+CASES = ([(SGD, torch.optim.SGD, ref_sgd, kw) for kw in SGD_KW]
+         + [(Adam, torch.optim.Adam, ref_adam, kw) for kw in ADAM_KW])
+
+
+@pytest.mark.parametrize("rule, optim, ref, kw", CASES, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_trajectory_equals_torch_optim(rule, optim, ref, kw):
+    g = torch.Generator().manual_seed(0)
+    p0 = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    grads = [{n: torch.randn(p.shape, generator=g) * (j % 3) for n, p in p0.items()} for j in range(20)]
+    torch_params = [p.clone().requires_grad_() for p in p0.values()]
+    opt = optim(torch_params, **kw)
+    r = rule(**kw)
+    params, state = dict(p0), r.init(p0)
+    step = ref(**{k: v for k, v in kw.items()})
+    mine, ref_state = dict(p0), dict.fromkeys(p0)
+    for j, gj in enumerate(grads):
+        for p, gp in zip(torch_params, gj.values()):
+            p.grad = gp.clone()
+        opt.step()
+        params, state = r.update(gj, state, params, r.hyper)
+        for n in p0:
+            mine[n], ref_state[n] = step(n, j, mine[n], gj[n], ref_state[n])
+        for tp, n in zip(torch_params, p0):
+            assert (params[n] - tp).abs().max() < 1e-12, (j, n)
+            assert (mine[n] - tp).abs().max() < 1e-12, (j, n)
+
+
+def learned(kw, names_shapes):
+    """Turn every float hyperparameter into a learned tensor (per-parameter for lr)."""
+    out = {}
+    for k, v in kw.items():
+        if k == "lr":
+            out[k] = {n: torch.full(s, v).requires_grad_() for n, s in names_shapes}
+        elif k == "betas":
+            out[k] = tuple(torch.tensor(b, requires_grad=True) for b in v)
+        elif isinstance(v, float):
+            out[k] = torch.tensor(v, requires_grad=True)
+        else:
+            out[k] = v
+    return out
+
+
+def hyper_tensors(kw):
+    found = []
+    for v in kw.values():
+        if isinstance(v, dict):
+            found += list(v.values())
+        elif isinstance(v, tuple):
+            found += [b for b in v if isinstance(b, torch.Tensor)]
+        elif isinstance(v, torch.Tensor):
+            found.append(v)
+    return found
+
+
+@pytest.mark.parametrize("rule, optim, ref, kw", CASES[1:], ids=lambda c: getattr(c, "__name__", str(c)))
+def test_hypergradients_through_each_rule_and_hyperparameter(rule, optim, ref, kw):
+    model, loss, data = mlp_problem(12)
+    steps = 4
+    kw = learned(kw, [(n, p.shape) for n, p in model.named_parameters()])
+    params = list(model.parameters()) + hyper_tensors(kw)
+    support, query = data.__getitem__, data[-1]
+    G = {k: brute_force(model, loss, loss, support, query, steps, None, params, k, rule=ref(**kw))
+         for k in (0, 2, steps)}
+    assert rel_err(G[2], G[steps]) > 1e-6 and rel_err(G[0], G[steps]) > 1e-6
+    for memory in ("checkpoint", "store", "recompute"):
+        for k in G:
+            meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), steps=steps,
+                                            inner=rule(**kw), mode="truncated", k=k,
+                                            memory=memory, slots=2)
+            meta.zero_grad()
+            meta.backward(loss, loss, support, query)
+            assert rel_err([p.grad for p in params], G[k]) < 1e-9, (memory, k)
+
+
+higher = pytest.importorskip("higher")
+
+
+def test_exact_matches_higher_sgd_with_momentum():
+    model, loss, data = mlp_problem(13)
+    steps, kw = 6, dict(lr=0.05, momentum=0.9, weight_decay=0.01)
+    lr, mom = torch.tensor(0.05, requires_grad=True), torch.tensor(0.9, requires_grad=True)
+    params = list(model.parameters()) + [lr, mom]
+    opt = torch.optim.SGD(model.parameters(), **kw)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False,
+                              override={"lr": [lr], "momentum": [mom]}) as (fm, dopt):
+        for j in range(steps):
+            dopt.step(loss(fm, data[j]))
+        ref = torch.autograd.grad(loss(fm, data[-1]), params)
+    got = torch_ufom.hypergrad(model, loss, loss, data.__getitem__, data[-1], steps=steps,
+                               inner=SGD(lr, momentum=mom, weight_decay=0.01), mode="exact",
+                               params=params)
+    assert rel_err(got, ref) < 1e-9
+
+
+def test_adam_with_exactly_zero_gradients_gives_finite_hypergradients():
+    model, loss, data = mlp_problem(14)
+    gate = torch.nn.Parameter(torch.tensor(0.5))  # its inner gradient is exactly 0
+    model.register_parameter("gate", gate)
+
+    def inner(f, batch):
+        return loss(f, batch) + 0.0 * dict(f.named_parameters())["gate"]
+
+    def outer(f, batch):
+        return loss(f, batch) * dict(f.named_parameters())["gate"]
+
+    lr = torch.tensor(0.01, requires_grad=True)
+    params = [gate, lr] + [p for p in model.parameters() if p is not gate]
+    for memory in ("store", "checkpoint"):
+        got = torch_ufom.hypergrad(model, inner, outer, data.__getitem__, data[-1], steps=3,
+                                   inner=Adam(lr), mode="exact", memory=memory, params=params)
+        assert all(bool(torch.isfinite(g).all()) for g in got)
+        assert float(got[0].abs()) > 0 and float(got[1].abs()) > 0
+    # The peers' formula without the guard gives NaN here.
+    ref = brute_force(model, inner, outer, data.__getitem__, data[-1], 3, None, params, 3,
+                      rule=ref_adam(lr))
+    assert not all(bool(torch.isfinite(g).all()) for g in ref)
+
+
+def test_bad_rule_hyperparameters():
+    model, _, _ = mlp_problem()
+    for make, arg in [(lambda: SGD(-0.1), "lr"), (lambda: SGD(0.1, momentum=-0.5), "momentum"),
+                      (lambda: SGD(0.1, weight_decay=-1.0), "weight_decay"),
+                      (lambda: SGD(0.1, nesterov=True), "nesterov"),
+                      (lambda: Adam(0.1, betas=(0.9, 1.0)), r"betas\[1\]"),
+                      (lambda: Adam(0.1, betas=(-0.1, 0.9)), r"betas\[0\]"),
+                      (lambda: Adam(0.1, eps=-1e-8), "eps")]:
+        with pytest.raises(ValueError, match=arg):
+            make()
+    with pytest.raises(ValueError, match="lr.*unknown.*nope"):
+        torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2,
+                                 inner=SGD({"nope": torch.tensor(0.1)}))
