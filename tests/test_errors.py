@@ -99,3 +99,13 @@ def test_force_truncation_is_checked():
     with pytest.raises(ValueError, match="force_truncation"):
         meta.backward(loss, loss, data[0], data[1], force_truncation=2)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_non_finite_hypergradient_names_the_meta_parameter_and_writes_nothing():
+    model, loss, data, _, kw = build()
+    w = torch.tensor(0.0, requires_grad=True)  # d sqrt(w) / dw = inf at 0, the loss stays finite
+    opt = torch.optim.SGD(list(model.parameters()) + [w], lr=0.1)
+    meta = torch_ufom.MetaOptimizer(model, opt, **kw)
+    with pytest.raises(FloatingPointError, match=r"param_groups\[0\]\['params'\]\[6\]"):
+        meta.backward(loss, lambda f, b: loss(f, b) + torch.sqrt(w), data[0], data[1])
+    assert w.grad is None and all(p.grad is None for p in model.parameters())

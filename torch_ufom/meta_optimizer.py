@@ -199,7 +199,11 @@ class MetaOptimizer:
         for n, t in self.model.named_parameters():
             if t is p:
                 return repr(n)
-        return f"of shape {tuple(p.shape)} (not a model parameter)"
+        for gi, group in enumerate(self.optimizer.param_groups):
+            for i, t in enumerate(group["params"]):
+                if t is p:
+                    return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
+        return f"of shape {tuple(p.shape)}"
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """Step the outer optimizer; returns what ``optimizer.step(closure)`` returns.
