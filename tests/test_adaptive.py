@@ -8,7 +8,7 @@ import torch
 import torch_ufom
 from conftest import mlp_problem, rel_err
 from oracle import brute_force
-from torch_ufom.adaptive import AdaptiveQ, init_stats, optimal_q, update
+from torch_ufom.adaptive import AdaptiveQ, init_stats, observe, optimal_q, update
 
 
 def test_optimal_q_minimises_the_time_bound():
@@ -26,10 +26,11 @@ def test_update_uses_debiased_averages_of_exact_draws():
     s = init_stats(cfg)
     assert s["q"] == 0.05
     g0, gr = [torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 2.0])]  # ||G_r||^2 = 5, ||G_r-G_0||^2 = 4
-    s = update(cfg, s, exact=True, seconds=1.0, steps=10, forward_steps=55, reverse_steps=10, g0=g0, gr=gr)
+    s = update(cfg, s, observe(exact=True, seconds=1.0, steps=10, forward_steps=55, reverse_steps=10,
+                               g0=g0, gr=gr))
     # c_f = r + 1 = 11, c_x = r(r-1)/2 + 2r = 65 (recomputation), D shrunk by 10.
     assert s["q"] == pytest.approx(optimal_q(5.0, 0.4, 11, 65, 0.05))
-    s2 = update(cfg, s, exact=False, seconds=0.1, steps=10, forward_steps=10, reverse_steps=0)
+    s2 = update(cfg, s, observe(exact=False, seconds=0.1, steps=10, forward_steps=10, reverse_steps=0))
     assert s2["q"] == s["q"] and s2["n_f"] == 1 and s["n_f"] == 0  # pure: s unchanged
 
 

@@ -25,8 +25,11 @@ cost). Two rules share this machinery:
   have; we apply ``q*`` above to their statistics instead.
 
 Everything here is pure: :func:`init_stats` makes the statistics, a plain dict
-that :class:`~torch_ufom.MetaOptimizer` keeps in its ``state_dict``, and
-:func:`update` returns new statistics with the new ``q``.
+that :class:`~torch_ufom.MetaOptimizer` keeps in its ``state_dict``;
+:func:`observe` turns one task into plain numbers and :func:`update` returns
+new statistics with the new ``q``. ``MetaOptimizer`` applies the observations
+of an outer step in :meth:`~torch_ufom.MetaOptimizer.step`, so ``q`` is fixed
+within an outer step and identical on every rank of a process group.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["AdaptiveQ", "optimal_q", "init_stats", "update"]
+__all__ = ["AdaptiveQ", "optimal_q", "init_stats", "observe", "update"]
 
 RULES = ("ufom", "authors")
 
@@ -98,31 +101,46 @@ def _sq_norm(grads: Sequence[Optional[Tensor]]) -> float:
     return float(sum((g.detach().double() ** 2).sum() for g in grads if g is not None))
 
 
-def update(cfg: AdaptiveQ, stats: Dict[str, float], *, exact: bool, seconds: float, steps: int,
-           forward_steps: int, reverse_steps: int, g0=None, gr=None) -> Dict[str, float]:
-    """New statistics after one task; ``stats["q"]`` is the ``q`` for the next task.
+def observe(*, exact: bool, seconds: float, steps: int, forward_steps: int, reverse_steps: int,
+            g0=None, gr=None) -> Dict[str, float]:
+    """One task's observation, as plain numbers (so ranks can exchange it).
 
     Args:
-        cfg: the rule's configuration.
-        stats: the current statistics (not modified).
         exact: whether the exact branch ran (then ``g0`` and ``gr`` are ``G_0``, ``G_r``).
         seconds: the wall-clock time of the task.
         steps: ``r``.
         forward_steps, reverse_steps: the task's inner-step counts.
     """
+    obs = {"exact": bool(exact), "seconds": float(seconds), "steps": int(steps),
+           "forward_steps": int(forward_steps), "reverse_steps": int(reverse_steps)}
+    if exact:
+        obs["A"] = _sq_norm(gr)
+        obs["D"] = _sq_norm([None if a is None else a - z for a, z in zip(gr, g0)])
+    return obs
+
+
+def update(cfg: AdaptiveQ, stats: Dict[str, float], obs: Dict[str, float]) -> Dict[str, float]:
+    """New statistics after one observation; ``stats["q"]`` is then the ``q`` to use.
+
+    Args:
+        cfg: the rule's configuration.
+        stats: the current statistics (not modified).
+        obs: what :func:`observe` returned for a task.
+    """
     s = dict(stats)
     b = cfg.beta
-    if exact:
+    steps = obs["steps"]
+    if obs["exact"]:
         s["n_x"] += 1
-        s["A"] = _ema(s["A"], _sq_norm(gr), b)
-        s["D"] = _ema(s["D"], _sq_norm([None if a is None else a - z for a, z in zip(gr, g0)]), b)
-        s["t_x"] = _ema(s["t_x"], seconds, b)
+        s["A"] = _ema(s["A"], obs["A"], b)
+        s["D"] = _ema(s["D"], obs["D"], b)
+        s["t_x"] = _ema(s["t_x"], obs["seconds"], b)
         # Inner-step units: steps run again (replays and each reverse step's
         # rebuild) plus one per reverse VJP; r(r-1)/2 + 2r under recomputation.
-        s["c_x_steps"] = forward_steps + 2 * reverse_steps - steps
+        s["c_x_steps"] = obs["forward_steps"] + 2 * obs["reverse_steps"] - steps
     else:
         s["n_f"] += 1
-        s["t_f"] = _ema(s["t_f"], seconds, b)
+        s["t_f"] = _ema(s["t_f"], obs["seconds"], b)
     s["c_f_steps"] = steps + 1
     if s["n_x"] == 0:
         return s

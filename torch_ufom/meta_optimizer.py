@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from . import adaptive
+from . import adaptive, distributed
 from .estimators import Estimate
 from .functional import check_memory, hypergrad_estimate, make_rule, resolve_law
 from .schedules import check_slots
@@ -29,8 +29,8 @@ class MetaResult:
             ``steps``: the exact branch ran).
         weights: ``1 / P(K >= m)`` for ``m = 0..K``.
         q: the probability of the exact branch used for this task (``ufom``),
-            else ``None``; with ``q="auto"`` the next task's is
-            ``MetaOptimizer.q_stats["q"]``.
+            else ``None``; with ``q="auto"``, :meth:`MetaOptimizer.step` sets the
+            next outer step's in ``MetaOptimizer.q_stats["q"]``.
         forward_steps: inner steps run without a graph (forward pass and replays).
         reverse_steps: inner steps rebuilt with a graph by the exact sweep.
     """
@@ -83,6 +83,14 @@ class MetaOptimizer:
         generator: optional ``torch.Generator`` making the draws reproducible.
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.
         truncation: a law from :mod:`torch_ufom.truncation`, overriding ``mode``.
+        process_group: data parallelism over ``torch.distributed`` (``None``:
+            off; ``torch.distributed.group.WORLD`` or any process group: on).
+            Each rank runs its own tasks; :meth:`step` first averages the
+            meta-gradients over the global number of tasks (without a group,
+            ``backward`` accumulates sums like ``loss.backward()``). Each rank
+            draws from its own generator, seeded from one seed (``generator``'s,
+            or rank 0's global seed) and its rank; ``q="auto"`` statistics stay
+            identical on every rank.
 
     Example:
         >>> meta = MetaOptimizer(model, torch.optim.Adam(model.parameters()),
@@ -99,7 +107,8 @@ class MetaOptimizer:
                  generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
                  truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
                  q_rule: str = "ufom", q_min: Optional[float] = None,
-                 q_beta: Optional[float] = None, track_buffers: bool = False):
+                 q_beta: Optional[float] = None, track_buffers: bool = False,
+                 process_group: Any = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -125,10 +134,18 @@ class MetaOptimizer:
             raise ValueError(
                 f"Invalid optimizer: it does not hold the model parameters {missing}; pass all of "
                 "model.parameters() to it (or set requires_grad=False on frozen ones)")
+        self.process_group, self.distributed = process_group, process_group is not None
+        if self.distributed:
+            distributed.check_group(None if process_group is True else process_group)
+            if process_group is True:
+                self.process_group = None  # the default group
+            generator = distributed.rank_generator(generator, self.process_group)
         self.model, self.optimizer, self.steps = model, optimizer, steps
         self.mode, self.q, self.generator = mode, q, generator
         self.track_buffers = bool(track_buffers)
         self._buffers: List[List[Tensor]] = []  # final buffers of the tasks since the last step
+        self._observations: List[Dict[str, float]] = []  # q="auto" observations since the last step
+        self._tasks = 0  # tasks since the last step
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -172,10 +189,11 @@ class MetaOptimizer:
             law=self.law, memory=self.memory, slots=self.slots, params=meta, generator=self.generator,
             K=force_truncation, diagnostics=self.adaptive is not None)
         seconds = time.perf_counter() - start
-        for p, g in zip(meta, est.grads):
-            if g is not None and not bool(torch.isfinite(g).all()):
-                raise FloatingPointError(
-                    f"non-finite hypergradient for meta-parameter {self._name(p)}; nothing was written")
+        present = [(p, g) for p, g in zip(meta, est.grads) if g is not None]
+        if present and not bool(torch.stack([torch.isfinite(g).all() for _, g in present]).all()):
+            p = next(p for p, g in present if not bool(torch.isfinite(g).all()))
+            raise FloatingPointError(
+                f"non-finite hypergradient for meta-parameter {self._name(p)}; nothing was written")
         for p, g in zip(meta, est.grads):
             if g is None:
                 continue
@@ -188,10 +206,11 @@ class MetaOptimizer:
         if self.track_buffers:
             self._buffers.append(list(est.buffers))
         if self.adaptive is not None:
-            self.q_stats = adaptive.update(
-                self.adaptive, self.q_stats, exact=est.truncation == self.steps, seconds=seconds,
-                steps=self.steps, forward_steps=est.forward_steps,
-                reverse_steps=est.reverse_steps, g0=est.g0, gr=est.gk)
+            self._observations.append(adaptive.observe(
+                exact=est.truncation == self.steps, seconds=seconds, steps=self.steps,
+                forward_steps=est.forward_steps, reverse_steps=est.reverse_steps,
+                g0=est.g0, gr=est.gk))
+        self._tasks += 1
         return MetaResult(est.outer_loss, est.inner_losses, est.truncation, est.weights, q,
                           est.forward_steps, est.reverse_steps)
 
@@ -208,9 +227,23 @@ class MetaOptimizer:
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """Step the outer optimizer; returns what ``optimizer.step(closure)`` returns.
 
-        With ``track_buffers``, then writes the tasks' final buffers into the module.
+        With a ``process_group``, first averages the meta-gradients over all
+        ranks' tasks (:meth:`synchronize`). Then, with ``q="auto"``, updates
+        ``q`` from the tasks since the last step, and with ``track_buffers``
+        writes the tasks' final buffers into the module.
         """
+        if self.distributed:
+            self.synchronize()
         result = self.optimizer.step(closure)
+        self._tasks = 0
+        if self.adaptive is not None:
+            observations = self._observations
+            if self.distributed:
+                observations = [o for rank in distributed.gather(observations, self.process_group)
+                                for o in rank]
+            for obs in observations:
+                self.q_stats = adaptive.update(self.adaptive, self.q_stats, obs)
+            self._observations = []
         if self._buffers:
             with torch.no_grad():
                 for i, (_, buf) in enumerate(self.model.named_buffers()):
@@ -222,11 +255,23 @@ class MetaOptimizer:
             self._buffers = []
         return result
 
+    def synchronize(self) -> int:
+        """All-reduce the meta-gradients over the process group and divide by the
+        global number of tasks since the last step; returns that number.
+
+        Called by :meth:`step`; call it yourself to inspect the averaged
+        gradients (then call it only once per outer step).
+        """
+        if not self.distributed:
+            raise ValueError("Invalid call: synchronize needs a process_group")
+        return distributed.average_gradients(self.meta_parameters(), self._tasks, self.process_group)
+
     def state_dict(self) -> Dict[str, Any]:
         """The outer optimizer's state and the generator's state."""
         return {"optimizer": self.optimizer.state_dict(),
                 "generator": None if self.generator is None else self.generator.get_state(),
-                "q_stats": None if self.adaptive is None else dict(self.q_stats)}
+                "q_stats": None if self.adaptive is None else dict(self.q_stats),
+                "q_observations": [dict(o) for o in self._observations]}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -241,6 +286,7 @@ class MetaOptimizer:
                 raise ValueError("Invalid state_dict: it holds q='auto' statistics but this "
                                  "MetaOptimizer has a fixed q")
             self.q_stats = dict(state_dict["q_stats"])
+            self._observations = [dict(o) for o in state_dict.get("q_observations", [])]
 
     def __repr__(self) -> str:
         return (f"MetaOptimizer(mode={self.mode!r}, steps={self.steps}, law={self.law!r}, "

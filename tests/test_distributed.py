@@ -1,0 +1,70 @@
+"""Data parallelism: 2 gloo processes on this machine against one process."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import torch_ufom
+from conftest import mlp_problem, rel_err
+
+TASKS = [(0, 1, 0), (2, 3, 3), (4, 5, 3), (6, 7, 0)]  # (support, query, forced K)
+
+
+def meta_for(model, **kw):
+    return torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                    inner_lr=0.1, steps=3, mode="ufom", q=0.5, **kw)
+
+
+def worker(rank, world, init_file, out_dir):
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, loss, data = mlp_problem(0)
+        meta = meta_for(model, process_group=dist.group.WORLD,
+                        generator=torch.Generator().manual_seed(5))
+        meta.zero_grad()
+        for s, q, K in TASKS[rank::world]:
+            meta.backward(loss, loss, data[s], data[q], force_truncation=K)
+        total = meta.synchronize()
+        grads = [p.grad.clone() for p in model.parameters()]
+        # A 5-step run with q="auto": each rank draws its own K, yet q and the
+        # parameters stay identical on both ranks.
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                        inner_lr=0.1, steps=3, q="auto", q_min=0.3,
+                                        process_group=dist.group.WORLD)
+        for step in range(5):
+            meta.zero_grad()
+            for t in range(2):
+                meta.backward(loss, loss, data[(4 * step + 2 * rank + t) % 8], data[8])
+            meta.step()
+        torch.save({"grads": grads, "total": total, "params": [p.detach() for p in model.parameters()],
+                    "q_stats": meta.q_stats,
+                    "seed": meta.generator.initial_seed()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_two_gloo_ranks_equal_one_process_over_the_union_of_tasks(tmp_path):
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model, loss, data = mlp_problem(0)
+    meta = meta_for(model)
+    meta.zero_grad()
+    for s, q, K in TASKS:
+        meta.backward(loss, loss, data[s], data[q], force_truncation=K)
+    mean = [p.grad / len(TASKS) for p in model.parameters()]
+    for r in ranks:
+        assert r["total"] == len(TASKS)
+        assert rel_err(r["grads"], mean) < 1e-10
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+    assert ranks[0]["q_stats"] == ranks[1]["q_stats"] and ranks[0]["q_stats"]["n_x"] > 0
+    assert ranks[0]["seed"] != ranks[1]["seed"]  # each rank has its own stream
+
+
+def test_uninitialised_process_group_is_rejected_before_any_work():
+    model, loss, data = mlp_problem(0)
+    with pytest.raises(ValueError, match="process_group.*not initialised"):
+        meta_for(model, process_group=True)

@@ -1,0 +1,82 @@
+"""Data-parallel meta-training on ``torch.distributed``: the few collectives it needs.
+
+Each rank runs its own tasks with :meth:`~torch_ufom.MetaOptimizer.backward`
+(second-order meta-gradients need no collective inside the inner loop, which
+is why this works where DDP's double backward does not). Before the outer
+step, :func:`average_gradients` all-reduces the accumulated meta-gradients and
+divides by the global number of tasks; :func:`gather` exchanges the adaptive-q
+observations, so that every rank applies the same ones in the same order.
+Works with ``gloo`` (CPU) and ``nccl`` (CUDA) process groups.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_group", "rank_generator", "average_gradients", "gather"]
+
+
+def check_group(group) -> None:
+    """Raise ``ValueError`` unless ``torch.distributed`` is initialised for ``group``."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("Invalid process_group: torch.distributed is not initialised; call "
+                         "torch.distributed.init_process_group first (e.g. under torchrun)")
+    if group is not None and group is not dist.group.WORLD and not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"Invalid process_group: {group!r} (expected a ProcessGroup or None "
+                         "for the default group)")
+
+
+def _device(group) -> torch.device:
+    import torch.distributed as dist
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank_generator(generator: Optional[torch.Generator], group) -> torch.Generator:
+    """A generator for this rank, seeded from one seed: ``generator``'s initial seed,
+    or rank 0's global seed, mixed with the rank so that streams differ."""
+    import torch.distributed as dist
+    if generator is not None:
+        seed = generator.initial_seed()
+        device = generator.device
+    else:
+        t = torch.tensor([torch.initial_seed() % (1 << 62)], dtype=torch.int64, device=_device(group))
+        dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        seed, device = int(t), torch.device("cpu")
+    rank = dist.get_rank(group)
+    return torch.Generator(device=device).manual_seed((seed + rank * 0x9E3779B97F4A7C15) % (1 << 63))
+
+
+def average_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:
+    """All-reduce the ``.grad`` of ``params`` and divide by the global task count.
+
+    A tensor without ``.grad`` on this rank takes part with zeros, and gets a
+    gradient if any rank has one. Returns the global number of tasks.
+    """
+    import torch.distributed as dist
+    device = _device(group)
+    count = torch.tensor([float(n_tasks)], dtype=torch.float64, device=device)
+    has = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    dist.all_reduce(count, group=group)
+    dist.all_reduce(has, group=group)
+    total = int(count.item())
+    for p, any_grad in zip(params, has.tolist()):
+        if not any_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=group)
+        p.grad.div_(max(total, 1))
+    return total
+
+
+def gather(obj: Any, group) -> List[Any]:
+    """Every rank's ``obj``, in rank order (``all_gather_object``)."""
+    import torch.distributed as dist
+    out: List[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
