@@ -72,6 +72,24 @@ def _add(acc: List[Optional[Tensor]], terms: Sequence[Optional[Tensor]], scale: 
             acc[i] = t if acc[i] is None else acc[i] + t
 
 
+class _LossLog:
+    """The inner losses, written into one tensor allocated at the first step.
+
+    Keeping each step's 0-d loss alive instead can pin a batch-sized buffer per
+    step (seen with ``F.mse_loss``) and fragments the heap, so memory would
+    grow with ``steps``.
+    """
+
+    def __init__(self, steps: int):
+        self.steps, self.count, self.values = steps, 0, None
+
+    def append(self, loss: Tensor) -> None:
+        if self.values is None:
+            self.values = torch.empty(self.steps, dtype=loss.dtype, device=loss.device)
+        self.values[self.count] = loss
+        self.count += 1
+
+
 def _check_finite(losses: Tensor, outer: Tensor) -> None:
     finite = torch.isfinite(losses)
     if not bool(finite.all()):
@@ -98,23 +116,29 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     """
     r = loop.steps
     inv_p, c = telescope_weights(survival, K)
-    losses: List[Tensor] = []
+    losses = _LossLog(r)
     state = loop.initial_state()
     s0 = state
     loop.exact_after = r - K
     # An additive rule needs nothing of the first r - K steps in reverse but
     # their summed gradients; any other rule sweeps them first-order too.
     swept = r - K if loop.rule.first_order_additive else 0
+    # The summed gradients matter only if a learned hyperparameter enters the update.
     grad_sum = None
     for j in range(1, swept + 1):
         state, loss, g = loop.advance(state, j)
         losses.append(loss)
-        grad_sum = g if grad_sum is None else tuple(a + b for a, b in zip(grad_sum, g))
+        if loop.learned_hyper:
+            grad_sum = g if grad_sum is None else tuple(a + b for a, b in zip(grad_sum, g))
+    # The first-order stream f starts at the first depth m with c_m != 0; the
+    # exact records above it (steps j > r - m) never see a first-order VJP.
+    start_f = 0 if diagnostics else next(m for m, cm in enumerate(c) if cm != 0.0)
+    loop.first_order_until = r - start_f
     state = schedule.forward(loop, state, swept, r, losses)
     final_buffers = state.buffers
 
     e, explicit, outer_loss = loop.outer_vjp(state)
-    inner_losses = torch.stack(losses) if losses else outer_loss.new_zeros(0)
+    inner_losses = losses.values
     _check_finite(inner_losses, outer_loss)
     diagnostics = diagnostics and K > 0  # for K = 0 the estimate is G_0 = G_K itself
     theta = list(explicit)
@@ -139,7 +163,8 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
         _add(theta, d_exact, inv_p[m])
         if theta_k is not None:
             _add(theta_k, d_exact)
-        f = tuple(c[m] * b for b in e) if f is None else tuple(a + c[m] * b for a, b in zip(f, e))
+        if c[m] != 0.0:
+            f = tuple(c[m] * b for b in e) if f is None else tuple(a + c[m] * b for a, b in zip(f, e))
     # c_K = 1 / P_K > 0, so f is set here whatever K.
 
     def finish(adjoint, acc):

@@ -34,8 +34,9 @@ MEMORY_CHOICES = ("checkpoint", "recompute", "store")
 class Schedule:
     """Base class: ``forward`` runs steps ``start+1..stop``, ``reverse`` yields their records."""
 
-    def forward(self, loop: InnerLoop, state: State, start: int, stop: int, losses: List) -> State:
-        """Run steps ``start+1..stop`` from ``state``; append their losses; return ``s_stop``.
+    def forward(self, loop: InnerLoop, state: State, start: int, stop: int, losses) -> State:
+        """Run steps ``start+1..stop`` from ``state``; ``losses.append`` each step's
+        loss; return ``s_stop``.
 
         Steps ``j > loop.exact_after`` are recorded with the exact rule's graph,
         earlier ones for the first-order rule only.

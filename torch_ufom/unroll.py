@@ -119,9 +119,12 @@ class InnerLoop:
         self.frozen = {n: p for n, p in named if not p.requires_grad}
         self.buffer_names = [n for n, _ in module.named_buffers()]
         self.meta = [t for t in meta if t.requires_grad]
+        meta_ids = {id(t) for t in self.meta}
+        self.learned_hyper = any(id(t) in meta_ids for t in _tensors(rule.hyper))
         devices = {t.device for t in self.initial_params()}
         self.cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
         self.exact_after = 0  # steps j > exact_after are differentiated exactly (r - K)
+        self.first_order_until = steps  # exact records of steps j <= this keep g for F~
         self.forward_steps = 0  # inner steps run without a graph (forward pass and replays)
         self.reverse_steps = 0  # inner steps rebuilt with a graph for a VJP
 
@@ -207,7 +210,8 @@ class InnerLoop:
         if not exact:
             with torch.no_grad():
                 out = self._update(grads, leaves)
-        return StepRecord(self, leaves, out, grads, buffers, loss.detach(), exact)
+        keep = not exact or j <= self.first_order_until
+        return StepRecord(self, leaves, out, grads if keep else None, buffers, loss.detach(), exact)
 
     # -- outer loss ------------------------------------------------------------------
     def outer_vjp(self, state: State):
@@ -240,6 +244,17 @@ class InnerLoop:
                                         [f for _, f in outs], allow_unused=True))
 
 
+def _tensors(tree) -> List[Tensor]:
+    """The tensors in a (nested) dict, tuple or list of hyperparameters."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, Mapping):
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    return []
+
+
 def _vjp(outputs, inputs, cotangents, retain_graph=False):
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad and c is not None]
     if not pairs:
@@ -260,7 +275,9 @@ class StepRecord:
     def __init__(self, loop: InnerLoop, leaves: State, out, grads, buffers, loss, exact: bool):
         self.loop, self.leaves, self.loss = loop, leaves, loss
         self.exact = out[0] + out[1] if exact else None
-        self.grads = tuple(g.detach() for g in grads)
+        # The inner gradient, held constant by the first-order rule; exact
+        # records that no first-order VJP will visit do not keep it.
+        self.grads = None if grads is None else tuple(g.detach() for g in grads)
         self.next_state = State(tuple(t.detach() for t in out[0]),
                                 tuple(t.detach() for t in out[1]), buffers)
 
