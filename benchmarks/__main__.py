@@ -46,8 +46,8 @@ def collect(out: str, names: List[str], status: dict) -> str:
                 body = f.read().strip()
             # Demote the benchmark's own headings below this section's.
             lines += [("#" + ln) if ln.startswith("#") else ln for ln in body.splitlines()] + [""]
-        for png in sorted(p for p in os.listdir(folder) if p.endswith(".png")) if os.path.isdir(folder) else []:
-            lines += [f"![{name}: {png}]({name}/{png})", ""]
+        pngs = sorted(p for p in os.listdir(folder) if p.endswith(".png")) if os.path.isdir(folder) else []
+        lines += [line for png in pngs for line in (f"![{name}: {png}]({name}/{png})", "")]
     return "\n".join(lines)
 
 

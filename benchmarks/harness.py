@@ -18,6 +18,7 @@ are used when installed.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -31,7 +32,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 import torch
 
-__all__ = ["MB", "PeakMemory", "Sample", "current_rss", "interleaved_times", "markdown_table",
+__all__ = ["MB", "positive_int", "PeakMemory", "Sample", "current_rss", "interleaved_times", "markdown_table",
            "mean", "median", "plot_panels", "progress", "run_fresh", "run_fresh_many",
            "seed_everything", "sync", "time_calls", "write_text"]
 
@@ -318,3 +319,14 @@ def plot_panels(path: str, panels: Sequence[Dict[str, Any]], ncols: int = 2,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= 1")
+    return value

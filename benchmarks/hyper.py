@@ -87,13 +87,13 @@ from torch.func import functional_call
 
 try:  # ``python benchmarks/hyper.py`` as well as ``python -m benchmarks.hyper``
     import torch_ufom
-    from benchmarks.harness import (MB, PeakMemory, markdown_table, progress, run_fresh,
-                                    seed_everything, sync)
+    from benchmarks.harness import (MB, PeakMemory, markdown_table, positive_int, progress,
+                                    run_fresh, seed_everything, sync)
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch_ufom
-    from benchmarks.harness import (MB, PeakMemory, markdown_table, progress, run_fresh,
-                                    seed_everything, sync)
+    from benchmarks.harness import (MB, PeakMemory, markdown_table, positive_int, progress,
+                                    run_fresh, seed_everything, sync)
 
 NAME = "hyper"
 METHODS = ("ufom", "exact", "fom", "higher", "torch_maml")
@@ -380,17 +380,6 @@ def run_inline(spec: Dict[str, Any]) -> Dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= 1")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -67,7 +67,7 @@ from torch.func import functional_call
 
 from torch_ufom import MetaOptimizer
 
-from .harness import (MB, PeakMemory, interleaved_times, markdown_table, mean, median, progress,
+from .harness import (MB, PeakMemory, interleaved_times, markdown_table, mean, median, positive_int, progress,
                       run_fresh, run_fresh_many, seed_everything, time_calls)
 
 SEED = 0
@@ -342,17 +342,6 @@ def report(results: Dict, args, notes: List[str]) -> str:
         lines.append(f"Target: {key[0]}/{key[1]} time <= {limit}x {label(ref)} at "
                      f"steps={TARGETS_AT}: {verdict}")
     return "\n".join(lines)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= 1")
-    return value
 
 
 def parse_args(argv=None):

@@ -75,14 +75,14 @@ from torch import Tensor, nn
 
 try:  # ``python benchmarks/speed.py`` as well as ``python -m benchmarks.speed``
     from torch_ufom import MetaOptimizer
-    from benchmarks.harness import (interleaved_times, markdown_table, mean, median, progress,
-                                    run_fresh, time_calls)
+    from benchmarks.harness import (interleaved_times, markdown_table, mean, median,
+                                    positive_int, progress, run_fresh, time_calls)
     from benchmarks.memory import BATCH as MLP_BATCH, INNER_LR, WIDTHS
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from torch_ufom import MetaOptimizer
-    from benchmarks.harness import (interleaved_times, markdown_table, mean, median, progress,
-                                    run_fresh, time_calls)
+    from benchmarks.harness import (interleaved_times, markdown_table, mean, median,
+                                    positive_int, progress, run_fresh, time_calls)
     from benchmarks.memory import BATCH as MLP_BATCH, INNER_LR, WIDTHS
 
 NAME = "speed"
@@ -462,17 +462,6 @@ def plot(results: Dict[str, Any], args, basis: str, path: str) -> None:
 
 
 # -- the driver ----------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= 1")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line (see ``--help``)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.speed",

@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 __all__ = ["AdaptiveQ", "optimal_q", "init_stats", "observe", "update"]

@@ -179,7 +179,8 @@ class MetaOptimizer:
         """
         if force_truncation is not None and (not isinstance(force_truncation, int) or
                                              not 0 <= force_truncation <= self.steps):
-            raise ValueError(f"Invalid force_truncation: {force_truncation!r} (expected an int in 0..{self.steps})")
+            raise ValueError(f"Invalid force_truncation: {force_truncation!r} "
+                             f"(expected an int in 0..{self.steps})")
         meta = self.meta_parameters()
         if self.adaptive is not None:
             self.law = Bernoulli(self.q_stats["q"])
