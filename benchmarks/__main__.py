@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import time
 import traceback
@@ -44,10 +45,13 @@ def collect(out: str, names: List[str], status: dict) -> str:
         if os.path.exists(md):
             with open(md) as f:
                 body = f.read().strip()
-            # Demote the benchmark's own headings below this section's.
+            # Demote the benchmark's own headings below this section's, and point
+            # its relative image links into its folder.
+            body = re.sub(r"!\[([^\]]*)\]\((?!https?:|/)([^)]+)\)", rf"![\1]({name}/\2)", body)
             lines += [("#" + ln) if ln.startswith("#") else ln for ln in body.splitlines()] + [""]
-        pngs = sorted(p for p in os.listdir(folder) if p.endswith(".png")) if os.path.isdir(folder) else []
-        lines += [line for png in pngs for line in (f"![{name}: {png}]({name}/{png})", "")]
+        else:
+            pngs = sorted(p for p in os.listdir(folder) if p.endswith(".png"))
+            lines += [line for png in pngs for line in (f"![{name}: {png}]({name}/{png})", "")]
     return "\n".join(lines)
 
 

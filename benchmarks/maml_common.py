@@ -1,0 +1,394 @@
+"""MAML training loops shared by ``benchmarks/sinusoid.py`` and ``benchmarks/digits.py``.
+
+Every method trains its own copy of one initial model on the same stream of
+meta-batches, with the same inner loop (``steps`` plain SGD steps at
+``inner_lr`` on the support set) and the same outer optimizer (Adam on the
+mean of the tasks' query losses):
+
+* ``fom``, ``ufom q=0.1``, ``ufom q=auto``, ``exact``: :class:`torch_ufom.MetaOptimizer`
+  (public API only: ``zero_grad`` / ``backward`` per task / ``step``);
+* ``higher``: ``higher.innerloop_ctx(model, SGD, copy_initial_weights=False)``,
+  ``diffopt.step`` ``steps`` times, the query loss's ``backward`` per task
+  (the recipe of higher's MAML example);
+* ``torchopt``: ``torchopt.MetaSGD`` on the module, with
+  ``torchopt.extract_state_dict`` / ``recover_state_dict`` around each task and
+  one ``backward`` of the mean query loss (the recipe of torchopt's MAML
+  example).
+
+:func:`train_round_robin` runs all methods *round-robin*, one outer step of
+each in turn, so that background load on a shared machine hits them alike;
+each method's clock counts only its own training steps (wall-clock and
+process CPU time), not the evaluations. :func:`adapt_and_score` adapts a
+model to a batch of held-out tasks with plain ``torch.func`` (independent of
+every library compared) and scores it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import os
+import sys
+
+import torch
+from torch import Tensor, nn
+
+try:  # ``python benchmarks/x.py`` as well as ``python -m benchmarks.x``
+    from torch_ufom import MetaOptimizer
+    from benchmarks.harness import positive_int, sync
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from torch_ufom import MetaOptimizer
+    from benchmarks.harness import positive_int, sync
+
+__all__ = ["positive_int", "positive_float", "probability", "METHODS", "PEERS", "Method",
+           "History", "make_trainer", "available", "parse_methods", "ufom_label",
+           "train_round_robin", "adapt_and_score", "relative_gap", "mean_ci", "clone_model"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One MAML implementation: ``kind`` is ``"torch_ufom"``, ``"higher"`` or ``"torchopt"``."""
+
+    label: str
+    kind: str
+    mode: Optional[str] = None
+    q: Any = None
+
+
+METHODS: Tuple[Method, ...] = (
+    Method("fom", "torch_ufom", "fom"),
+    Method("ufom q=0.1", "torch_ufom", "ufom", 0.1),
+    Method("ufom q=auto", "torch_ufom", "ufom", "auto"),
+    Method("exact", "torch_ufom", "exact"),
+    Method("higher", "higher"),
+    Method("torchopt", "torchopt"),
+)
+BY_LABEL = {m.label: m for m in METHODS}
+# Short names accepted on the command line besides the labels.
+ALIASES = {"ufom": "ufom q=0.1", "ufom-auto": "ufom q=auto", "auto": "ufom q=auto"}
+PEERS = ("higher", "torchopt")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number > 0")
+    return value
+
+
+def available(kind: str) -> bool:
+    """Whether the package behind ``kind`` can be imported (``torch_ufom`` always can)."""
+    return kind == "torch_ufom" or importlib.util.find_spec(kind) is not None
+
+
+def parse_methods(text: str, error: Callable[[str], None], q: float = 0.1) -> List[Method]:
+    """Methods from a comma-separated list of labels or aliases; ``error`` (argparse's) on a bad one.
+
+    The fixed-``q`` UFOM row (``"ufom q=0.1"`` or ``"ufom"``) uses ``q`` and is
+    labelled ``"ufom q=<q>"`` (:func:`ufom_label`).
+    """
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    accepted = list(BY_LABEL) + list(ALIASES) + [ufom_label(q)]
+    known = {ufom_label(q): "ufom q=0.1", **ALIASES}
+    bad = [s for s in names if known.get(s, s) not in BY_LABEL]
+    if bad or not names:
+        error(f"argument --methods: invalid choice(s) {bad or [text]} "
+              f"(choose from {', '.join(repr(a) for a in dict.fromkeys(accepted))})")
+    out = []
+    for s in names:
+        m = BY_LABEL[known.get(s, s)]
+        if m.label == "ufom q=0.1":
+            m = Method(ufom_label(q), "torch_ufom", "ufom", q)
+        out.append(m)
+    return list(dict.fromkeys(out))
+
+
+def ufom_label(q: float) -> str:
+    """The label of the fixed-``q`` UFOM row: ``"ufom q=0.1"``."""
+    return f"ufom q={q:g}"
+
+
+def probability(text: str) -> float:
+    """argparse type: a float in ``(0, 1]`` (UFOM's ``q``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number in (0, 1]")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Trainers: one outer step on a list of (support, query) tasks
+# ---------------------------------------------------------------------------
+
+Loss = Callable[[Any, Any], Tensor]  # (model or functional model, batch) -> scalar
+
+
+class _Trainer:
+    """Common state: the method's own copy of the model and its Adam outer optimizer."""
+
+    def __init__(self, method: Method, model: nn.Module, loss: Loss, inner_lr: float,
+                 steps: int, outer_lr: float):
+        self.method, self.model, self.loss = method, model, loss
+        self.inner_lr, self.steps = inner_lr, steps
+        self.outer = torch.optim.Adam(model.parameters(), lr=outer_lr)
+        self.exact_branches = 0  # tasks whose exact branch ran (torch_ufom ufom/exact)
+        self.tasks_seen = 0
+        self.q_last: Optional[float] = None
+
+    def step(self, tasks: Sequence[Tuple[Any, Any]]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _UfomTrainer(_Trainer):
+    def __init__(self, method, model, loss, inner_lr, steps, outer_lr, seed, memory):
+        super().__init__(method, model, loss, inner_lr, steps, outer_lr)
+        kw: Dict[str, Any] = {"mode": method.mode, "memory": memory}
+        if method.mode == "ufom":
+            kw["q"] = method.q
+        self.meta = MetaOptimizer(model, self.outer, inner_lr=inner_lr, steps=steps,
+                                  generator=torch.Generator().manual_seed(seed), **kw)
+
+    def step(self, tasks):
+        n = len(tasks)
+        loss = self.loss
+
+        def outer_loss(f, batch):  # the mean over the meta-batch, like the peers
+            return loss(f, batch) / n
+
+        self.meta.zero_grad()
+        for support, query in tasks:
+            res = self.meta.backward(loss, outer_loss, support, query)
+            self.exact_branches += int(res.truncation == self.steps)
+            self.q_last = res.q
+        self.tasks_seen += n
+        self.meta.step()
+
+
+class _HigherTrainer(_Trainer):
+    def __init__(self, method, model, loss, inner_lr, steps, outer_lr):
+        super().__init__(method, model, loss, inner_lr, steps, outer_lr)
+        import higher
+        self.higher = higher
+        self.inner = torch.optim.SGD(model.parameters(), lr=inner_lr)
+
+    def step(self, tasks):
+        n = len(tasks)
+        self.outer.zero_grad()
+        for support, query in tasks:
+            with self.higher.innerloop_ctx(self.model, self.inner,
+                                           copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(self.steps):
+                    diffopt.step(self.loss(fmodel, support))
+                (self.loss(fmodel, query) / n).backward()
+        self.exact_branches += n
+        self.tasks_seen += n
+        self.outer.step()
+
+
+class _TorchoptTrainer(_Trainer):
+    def __init__(self, method, model, loss, inner_lr, steps, outer_lr):
+        super().__init__(method, model, loss, inner_lr, steps, outer_lr)
+        import torchopt
+        self.torchopt = torchopt
+        self.inner = torchopt.MetaSGD(model, lr=inner_lr)
+
+    def step(self, tasks):
+        to = self.torchopt
+        self.outer.zero_grad()
+        net_state = to.extract_state_dict(self.model)
+        opt_state = to.extract_state_dict(self.inner)
+        losses = []
+        for support, query in tasks:
+            for _ in range(self.steps):
+                self.inner.step(self.loss(self.model, support))
+            losses.append(self.loss(self.model, query))
+            to.recover_state_dict(self.model, net_state)
+            to.recover_state_dict(self.inner, opt_state)
+        torch.stack(losses).mean().backward()
+        self.exact_branches += len(tasks)
+        self.tasks_seen += len(tasks)
+        self.outer.step()
+
+
+def make_trainer(method: Method, model: nn.Module, loss: Loss, *, inner_lr: float, steps: int,
+                 outer_lr: float, seed: int, memory: str = "checkpoint") -> _Trainer:
+    """A trainer for ``method`` that owns ``model`` (pass a fresh copy per method).
+
+    ``trainer.step(tasks)`` runs one outer step on ``tasks``, a list of
+    ``(support, query)`` batches: the meta-gradient of the mean query loss
+    after ``steps`` inner SGD steps at ``inner_lr``, then one Adam step at
+    ``outer_lr``. ``seed`` seeds torch_ufom's ``torch.Generator`` (the ufom
+    coin flips); ``memory`` is torch_ufom's memory schedule.
+    """
+    if method.kind == "torch_ufom":
+        return _UfomTrainer(method, model, loss, inner_lr, steps, outer_lr, seed, memory)
+    if method.kind == "higher":
+        return _HigherTrainer(method, model, loss, inner_lr, steps, outer_lr)
+    if method.kind == "torchopt":
+        return _TorchoptTrainer(method, model, loss, inner_lr, steps, outer_lr)
+    raise ValueError(f"Invalid method kind: {method.kind!r}")
+
+
+# ---------------------------------------------------------------------------
+# Round-robin training with periodic evaluation
+# ---------------------------------------------------------------------------
+
+@dataclass
+class History:
+    """One method's evaluations: after ``steps[i]`` outer steps, ``wall[i]`` / ``cpu[i]``
+    training seconds so far, ``score[i]`` (the evaluation's mean) and ``extra[i]``."""
+
+    label: str
+    steps: List[int] = field(default_factory=list)
+    wall: List[float] = field(default_factory=list)
+    cpu: List[float] = field(default_factory=list)
+    score: List[float] = field(default_factory=list)
+    extra: List[Any] = field(default_factory=list)
+    exact_branches: int = 0
+    tasks_seen: int = 0
+    q_last: Optional[float] = None
+    error: Optional[str] = None
+
+    @property
+    def final(self) -> float:
+        """The last evaluation's score."""
+        return self.score[-1]
+
+
+def eval_points(iters: int, every: int) -> List[int]:
+    """Outer steps after which to evaluate: ``0, every, 2 every, ..., iters``."""
+    every = max(1, every)
+    return sorted(set(list(range(0, iters + 1, every)) + [iters]))
+
+
+def train_round_robin(trainers: Sequence[_Trainer], batch: Callable[[int], Sequence],
+                      iters: int, evaluate: Callable[[nn.Module], Tuple[float, Any]],
+                      eval_every: int, device: str = "cpu", desc: str = "",
+                      show_progress: bool = True) -> List[History]:
+    """Train every trainer for ``iters`` outer steps, round-robin; evaluate every ``eval_every``.
+
+    ``batch(k)`` returns the meta-batch of outer step ``k`` (called once per
+    step and shared by all trainers). ``evaluate(model)`` returns ``(score,
+    extra)``; it runs outside the clocks. A trainer that raises is dropped
+    from the rest of the run and its :attr:`History.error` is set.
+    """
+    hist = [History(t.method.label) for t in trainers]
+    wall = [0.0] * len(trainers)
+    cpu = [0.0] * len(trainers)
+    alive = [True] * len(trainers)
+    points = set(eval_points(iters, eval_every))
+    bar = _bar(iters, desc, show_progress)
+
+    def record(k):
+        for i, t in enumerate(trainers):
+            if alive[i]:
+                score, extra = evaluate(t.model)
+                h = hist[i]
+                h.steps.append(k)
+                h.wall.append(wall[i])
+                h.cpu.append(cpu[i])
+                h.score.append(score)
+                h.extra.append(extra)
+
+    record(0)
+    for k in range(iters):
+        tasks = batch(k)
+        for i, t in enumerate(trainers):
+            if not alive[i]:
+                continue
+            sync(device)
+            w0, c0 = time.perf_counter(), time.process_time()
+            try:
+                t.step(tasks)
+            except Exception as exc:  # keep the other methods going; reported in the table
+                alive[i] = False
+                hist[i].error = f"{type(exc).__name__} at outer step {k}: {exc}"
+                continue
+            sync(device)
+            wall[i] += time.perf_counter() - w0
+            cpu[i] += time.process_time() - c0
+        if k + 1 in points:
+            record(k + 1)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    for h, t in zip(hist, trainers):
+        h.exact_branches, h.tasks_seen, h.q_last = t.exact_branches, t.tasks_seen, t.q_last
+    return hist
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, mininterval=0.5)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation on held-out tasks (plain torch.func, no library under test)
+# ---------------------------------------------------------------------------
+
+def adapt_and_score(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor],
+                    metric: Callable[[Tensor, Tensor], Tensor], xs: Tensor, ys: Tensor,
+                    xq: Tensor, yq: Tensor, steps: int, lr: float,
+                    chunk: Optional[int] = 64) -> Tensor:
+    """Adapt ``model`` to each task by ``steps`` SGD steps; return the per-task metric.
+
+    Tasks are stacked along dimension 0 of ``xs, ys`` (support) and ``xq, yq``
+    (query). Each task starts from the model's parameters, takes ``steps``
+    plain gradient steps ``p <- p - lr * grad pred_loss(model(xs), ys)`` and
+    is scored by ``metric(model(xq), yq)`` at the adapted parameters.
+    Vectorised over tasks with ``torch.func.vmap`` (``chunk`` tasks at a time).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def support_loss(p, x, y):
+        return pred_loss(functional_call(model, (p, buffers), (x,)), y)
+
+    def one(x, y, x_q, y_q):
+        p = params
+        for _ in range(steps):
+            g = grad(support_loss)(p, x, y)
+            p = {n: p[n] - lr * g[n] for n in p}
+        return metric(functional_call(model, (p, buffers), (x_q,)), y_q)
+
+    return vmap(one, chunk_size=chunk)(xs, ys, xq, yq)
+
+
+def relative_gap(value: float, reference: float) -> float:
+    """``(value - reference) / |reference|`` (``inf`` where the reference is 0 and they differ)."""
+    if reference == 0:
+        return 0.0 if value == 0 else float("inf")
+    return (value - reference) / abs(reference)
+
+
+def mean_ci(values: Tensor) -> Tuple[float, float]:
+    """Mean and half-width of a normal 95% confidence interval of ``values`` (1-D)."""
+    v = values.detach().double().flatten()
+    if v.numel() < 2:
+        return float(v.mean()), 0.0
+    return float(v.mean()), float(1.96 * v.std() / v.numel() ** 0.5)
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` (identical initial weights for every method)."""
+    return copy.deepcopy(model)
