@@ -350,8 +350,11 @@ def parse_args(argv=None):
                                 description=__doc__.split("\n")[0].replace("``", ""))
     p.add_argument("--steps", type=positive_int, nargs="+",
                    help="inner steps to run (default 10 100 1000; --quick: 10 100)")
-    p.add_argument("--quick", action="store_true",
-                   help="smaller defaults: steps 10 100, 3 repeats, --max-replay 1000")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="smaller defaults: steps 10 100, 3 repeats, --max-replay 1000")
+    size.add_argument("--tiny", action="store_true",
+                      help="steps 2, 1 repeat: a smoke test of the whole pipeline")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where to run (default cpu); peak memory is RSS on cpu, allocated on cuda")
     p.add_argument("--repeats", type=positive_int,
@@ -366,8 +369,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("argument --device: cuda is not available in this torch build / machine")
-    args.steps = list(dict.fromkeys(args.steps or ([10, 100] if args.quick else [10, 100, 1000])))
-    args.repeats = args.repeats or (3 if args.quick else 5)
+    default_steps = [2] if args.tiny else [10, 100] if args.quick else [10, 100, 1000]
+    args.steps = list(dict.fromkeys(args.steps or default_steps))
+    args.repeats = args.repeats or (1 if args.tiny else 3 if args.quick else 5)
     args.max_replay = args.max_replay or (1000 if args.quick else 50_000)
     return args
 
