@@ -23,8 +23,8 @@ def test_memory_tiny_measures_every_row(tmp_path):
 def test_runner_writes_one_report_with_working_image_links(tmp_path):
     from benchmarks.__main__ import main
 
-    assert main(["--tiny", "--only", "sinusoid", "--out", str(tmp_path)]) == 0
+    assert main(["--tiny", "--only", "sinusoid", "toy", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
-    assert "## sinusoid" in report and "tiny run" in report
+    assert "## sinusoid" in report and "## toy" in report and "tiny run" in report
     links = [ln.split("](", 1)[1].rstrip(")") for ln in report.splitlines() if ln.startswith("![")]
     assert links and all((tmp_path / link).is_file() for link in links)
