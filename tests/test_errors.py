@@ -35,6 +35,7 @@ def build(**kw):
     ({"mode": "ufom", "q": 0.0}, "q"), ({"mode": "ufom", "q": 1.5}, "q"),
     ({"mode": "ufom", "q": -0.1}, "q"), ({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"),
     ({"inner_lr": -0.1}, "inner_lr|lr"), ({"inner_lr": {"nope": torch.tensor(0.1)}}, "lr"),
+    ({"slots": 0}, "slots"), ({"mode": "truncated", "k": 4}, "k"), ({"mode": "truncated"}, "k"),
 ])
 def test_constructor_rejects_bad_hyperparameters(kw, arg):
     model, _, _, opt, kw = build(**kw)
