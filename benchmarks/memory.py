@@ -113,7 +113,8 @@ def xent(fmodel: Callable, batch) -> torch.Tensor:
 
 # -- one outer step per method ---------------------------------------------------
 def make_outer_step(method: str, memory: str, steps: int, problem,
-                    generator: Optional[torch.Generator] = None) -> Callable[[], object]:
+                    generator: Optional[torch.Generator] = None,
+                    loss: Callable = xent) -> Callable[[], object]:
     """Return a function running one outer step of ``method`` on ``problem``.
 
     For the torch_ufom modes it returns the :class:`~torch_ufom.MetaResult`
@@ -128,7 +129,7 @@ def make_outer_step(method: str, memory: str, steps: int, problem,
 
         def step():
             meta.zero_grad()
-            return meta.backward(xent, xent, support, query)
+            return meta.backward(loss, loss, support, query)
         return step
 
     params = list(model.parameters())
@@ -139,8 +140,8 @@ def make_outer_step(method: str, memory: str, steps: int, problem,
         def step():
             with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmod, dopt):
                 for _ in range(steps):
-                    dopt.step(xent(fmod, support))
-                return torch.autograd.grad(xent(fmod, query), params)
+                    dopt.step(loss(fmod, support))
+                return torch.autograd.grad(loss(fmod, query), params)
         return step
 
     if method == "plain":
@@ -151,11 +152,11 @@ def make_outer_step(method: str, memory: str, steps: int, problem,
             def fmodel(x):
                 return functional_call(model, dict(zip(names, phi)), (x,))
             for _ in range(steps):
-                grads = torch.autograd.grad(xent(fmodel, support), phi)
+                grads = torch.autograd.grad(loss(fmodel, support), phi)
                 with torch.no_grad():
                     phi = [p - INNER_LR * g for p, g in zip(phi, grads)]
                 phi = [p.requires_grad_() for p in phi]
-            return torch.autograd.grad(xent(fmodel, query), phi)
+            return torch.autograd.grad(loss(fmodel, query), phi)
         return step
 
     raise ValueError(f"Invalid method: {method!r}")

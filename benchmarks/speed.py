@@ -74,15 +74,17 @@ import torch
 from torch import Tensor, nn
 
 try:  # ``python benchmarks/speed.py`` as well as ``python -m benchmarks.speed``
-    from torch_ufom import MetaOptimizer
+    import torch_ufom  # noqa: F401 - the library under test (public API only)
     from benchmarks.harness import (interleaved_times, markdown_table, mean, median,
                                     positive_int, progress, run_fresh, time_calls)
+    from benchmarks import memory as memory_bench
     from benchmarks.memory import BATCH as MLP_BATCH, INNER_LR, WIDTHS
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from torch_ufom import MetaOptimizer
+    import torch_ufom  # noqa: F401 - the library under test (public API only)
     from benchmarks.harness import (interleaved_times, markdown_table, mean, median,
                                     positive_int, progress, run_fresh, time_calls)
+    from benchmarks import memory as memory_bench
     from benchmarks.memory import BATCH as MLP_BATCH, INNER_LR, WIDTHS
 
 NAME = "speed"
@@ -152,27 +154,8 @@ def make_outer_step(method: str, memory: str, steps: int, problem,
                     generator: Optional[torch.Generator] = None) -> Callable[[], Any]:
     """Return a function running one outer step (one task's meta-gradient) of a row."""
     model, loss, support, query = problem
-    if method in MODES:
-        outer = torch.optim.SGD(model.parameters(), lr=0.1)  # never stepped here
-        meta = MetaOptimizer(model, outer, inner_lr=INNER_LR, steps=steps, mode=method, q=Q,
-                             memory=memory, generator=generator)
-
-        def step():
-            meta.zero_grad()
-            return meta.backward(loss, loss, support, query)
-        return step
-    params = list(model.parameters())
-    if method == "higher":
-        import higher
-        inner = torch.optim.SGD(params, lr=INNER_LR)
-
-        def step():
-            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmod, dopt):
-                for _ in range(steps):
-                    dopt.step(loss(fmod, support))
-                return torch.autograd.grad(loss(fmod, query), params)
-        return step
-    raise ValueError(f"Invalid method: {method!r}")
+    return memory_bench.make_outer_step(method, memory, steps, (model, support, query),
+                                        generator, loss=loss)
 
 
 def make_micro(problem, seed: int) -> Dict[str, Callable[[], Any]]:
