@@ -85,6 +85,31 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_run_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The options every MAML benchmark shares: ``--q``, ``--memory``, ``--device``,
+    ``--threads``, ``--seed``, ``--out`` and ``--no-progress``."""
+    p.add_argument("--q", type=probability, default=0.1,
+                   help="exact-branch probability of the fixed-q ufom row (default 0.1)")
+    p.add_argument("--memory", choices=("checkpoint", "recompute", "store"),
+                   default="checkpoint", help="torch_ufom's memory schedule (default checkpoint)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (default 1: steadier timings on a shared machine)")
+    p.add_argument("--seed", type=int, default=0, help="initial weights, task stream, coin flips")
+    p.add_argument("--out", default=os.path.join("results", name),
+                   help=f"output folder (default results/{name})")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def parse_run_args(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse ``argv``, keep it in ``args.argv`` and reject an unavailable CUDA device."""
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: cuda is not available in this torch build / machine")
+    return args
+
+
 def available(kind: str) -> bool:
     """Whether the package behind ``kind`` can be imported (``torch_ufom`` always can)."""
     return kind == "torch_ufom" or importlib.util.find_spec(kind) is not None

@@ -251,22 +251,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(m.label for m in mc.METHODS),
                    help="comma-separated: " + ", ".join(m.label for m in mc.METHODS)
                         + " (aliases: ufom, ufom-auto)")
-    p.add_argument("--q", type=mc.probability, default=0.1,
-                   help="exact-branch probability of the fixed-q ufom row (default 0.1)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="default float64")
-    p.add_argument("--memory", choices=("checkpoint", "recompute", "store"),
-                   default="checkpoint", help="torch_ufom's memory schedule (default checkpoint)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
-    p.add_argument("--threads", type=mc.positive_int, default=1,
-                   help="torch CPU threads (default 1: steadier timings on a shared machine)")
-    p.add_argument("--seed", type=int, default=0, help="initial weights, task stream, coin flips")
-    p.add_argument("--out", default=os.path.join("results", NAME),
-                   help=f"output folder (default results/{NAME})")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("argument --device: cuda is not available in this torch build / machine")
+    mc.add_run_args(p, NAME)
+    args = mc.parse_run_args(p, argv)
     args.size = "tiny" if args.tiny else "quick" if args.quick else "full"
     iters, batch, tests, every = SIZES[args.size]
     args.iters = args.iters or iters
