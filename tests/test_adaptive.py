@@ -8,7 +8,7 @@ import torch
 import torch_ufom
 from conftest import mlp_problem, rel_err
 from oracle import brute_force
-from torch_ufom.adaptive import AdaptiveQ, init_stats, observe, optimal_q, update
+from torch_ufom.adaptive import AdaptiveQ, authors_q, init_stats, observe, optimal_q, update
 
 
 def test_optimal_q_minimises_the_time_bound():
@@ -21,17 +21,51 @@ def test_optimal_q_minimises_the_time_bound():
     assert optimal_q(4.0, 1e-9, c_f, c_x, 0.05) == 0.05  # clipped at q_min
 
 
+def test_authors_q_is_the_root_of_their_quadratic():
+    A, D, c_f, c_x = 5.0, 0.02, 11.0, 55.0
+    q = authors_q(A, D, c_f, c_x, 1e-6)
+    assert 0 < q < 1
+    assert (A - D) * c_x * q * q - D * c_x * q - 2 * D * c_f == pytest.approx(0.0, abs=1e-12)
+    assert authors_q(A, D, c_f, c_x, 0.5) == 0.5  # never below q_min
+    # At and above D = c_x A / (2 (c_f + c_x)) the exact branch always runs.
+    edge = 0.5 * c_x * A / (c_f + c_x)
+    assert authors_q(A, edge, c_f, c_x, 0.05) == 1.0
+    assert authors_q(A, edge * 0.999, c_f, c_x, 0.05) < 1.0
+
+
 def test_update_uses_debiased_averages_of_exact_draws():
+    cfg = AdaptiveQ("ufom")
+    s = init_stats(cfg)
+    assert s["q"] == 0.2
+    g0, gr = [torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 2.0])]  # ||G_r||^2 = 5, ||G_r-G_0||^2 = 4
+    s = update(cfg, s, observe(exact=True, seconds=1.0, steps=10, forward_steps=55, reverse_steps=10,
+                               g0=g0, gr=gr, q=0.2))
+    # No first-order draw timed yet: step counts, c_f = r + 1, c_x = 55 + 2 * 10 - 10.
+    assert s["q"] == pytest.approx(optimal_q(5.0, 4.0, 11, 65, 0.01))
+    s2 = update(cfg, s, observe(exact=False, seconds=0.1, steps=10, forward_steps=10, reverse_steps=0))
+    # Now timed: c_f = 0.1 s, c_x = 1.0 - 0.1 s.
+    assert s2["q"] == pytest.approx(optimal_q(5.0, 4.0, 0.1, 0.9, 0.01))
+    assert s2["n_f"] == 1 and s["n_f"] == 0  # pure: s unchanged
+
+
+def test_authors_rule_follows_their_statistics():
     cfg = AdaptiveQ("authors")
     s = init_stats(cfg)
     assert s["q"] == 0.05
-    g0, gr = [torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 2.0])]  # ||G_r||^2 = 5, ||G_r-G_0||^2 = 4
-    s = update(cfg, s, observe(exact=True, seconds=1.0, steps=10, forward_steps=55, reverse_steps=10,
-                               g0=g0, gr=gr))
-    # c_f = r + 1 = 11, c_x = r(r-1)/2 + 2r = 65 (recomputation), D shrunk by 10.
-    assert s["q"] == pytest.approx(optimal_q(5.0, 0.4, 11, 65, 0.05))
+    g0, gr = [torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 2.0])]
+    obs = observe(exact=True, seconds=1.0, steps=10, forward_steps=33, reverse_steps=10, g0=g0, gr=gr,
+                  q=0.5)
+    s = update(cfg, s, obs)
+    # D is ||reweighted - G_r||^2 = (1/q - 1)^2 * 4 = 4 at q = 0.5, shrunk by 10; costs as for
+    # recomputation whatever the sweep did: c_f = 11, c_x = 55.
+    assert s["q"] == pytest.approx(authors_q(5.0, 0.4, 11, 55, 0.05))
+    # A second draw at q = 0.25: D = 9 * 4 = 36; bias-corrected averages with beta = 0.99.
+    s = update(cfg, s, dict(obs, q=0.25))
+    b = 0.99
+    D = ((1 - b) * b * 4 + (1 - b) * 36) / (1 - b ** 2) / 10
+    assert s["q"] == pytest.approx(authors_q(5.0, D, 11, 55, 0.05))
     s2 = update(cfg, s, observe(exact=False, seconds=0.1, steps=10, forward_steps=10, reverse_steps=0))
-    assert s2["q"] == s["q"] and s2["n_f"] == 1 and s["n_f"] == 0  # pure: s unchanged
+    assert s2["q"] == s["q"]  # first-order draws carry no statistics for this rule
 
 
 @pytest.mark.parametrize("kw, arg", [({"q_rule": "best"}, "q_rule"), ({"q_min": 0.0}, "q_min"),

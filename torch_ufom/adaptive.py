@@ -16,13 +16,18 @@ cost). Two rules share this machinery:
 * ``"ufom"`` (ours): costs are measured wall-clock times (moving averages of
   the first-order and exact-branch calls; inner-step counts until both have
   been seen), averaging factor ``beta = 0.9``, ``q_min = 0.01``, start at 0.2.
-* ``"authors"``: the variant of the authors' reference implementation as
-  ``UFOM.md`` describes it: start at and never below 0.05, ``beta = 0.99``,
-  costs counted in inner steps (``c_f = r + 1``, ``c_x`` = replayed plus
-  reverse steps of the exact branch, ``r(r-1)/2 + r`` under recomputation), and
-  ``D`` shrunk by a factor 10 before choosing ``q``. Their final rule is the
-  root of a quadratic from a slightly different bound, whose form we do not
-  have; we apply ``q*`` above to their statistics instead.
+* ``"authors"``: the rule of the authors' reference implementation (the
+  ``UnbMAML`` class of their TensorFlow code), reproduced term by term: start
+  at and never below 0.05, ``beta = 0.99``, costs counted in inner steps as for
+  recomputation (``c_f = r + 1``, ``c_x = r(r-1)/2 + r``, whatever memory
+  setting runs), ``D`` divided by 10, and ``q`` the root in ``(0, 1)`` of
+
+      (A - D) c_x q^2 - D c_x q - 2 D c_f = 0,
+
+  or ``q = 1`` once ``D >= c_x A / (2 (c_f + c_x))``. As in their code, the
+  ``D`` it averages is the squared distance between the *reweighted* estimate
+  and ``G_r``, i.e. ``(1/q - 1)^2 ||G_r - G_0||^2`` at the ``q`` of the draw
+  (:func:`authors_q`).
 
 Everything here is pure: :func:`init_stats` makes the statistics, a plain dict
 that :class:`~torch_ufom.MetaOptimizer` keeps in its ``state_dict``;
@@ -38,7 +43,7 @@ from typing import Dict, Optional, Sequence
 
 from torch import Tensor
 
-__all__ = ["AdaptiveQ", "optimal_q", "init_stats", "observe", "update"]
+__all__ = ["AdaptiveQ", "optimal_q", "authors_q", "init_stats", "observe", "update"]
 
 RULES = ("ufom", "authors")
 
@@ -48,6 +53,24 @@ def optimal_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
     if A <= D or c_x <= 0:
         return 1.0
     return min(1.0, max(q_min, math.sqrt(c_f * D / (c_x * (A - D)))))
+
+
+def authors_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float:
+    """The authors' rule: the root in ``(0, 1)`` of ``(A - D) c_x q^2 - D c_x q - 2 D c_f``.
+
+    Returns 1 when ``D >= c_x A / (2 (c_f + c_x))`` (the quadratic then has no
+    root below 1), and never less than ``q_min``.
+    """
+    if D >= 0.5 * c_x * A / (c_f + c_x):
+        return 1.0
+    a, b, c = (A - D) * c_x, -D * c_x, -2.0 * D * c_f
+    if a == 0.0:  # A = D = 0: nothing observed to tell the branches apart
+        return q_min
+    root = math.sqrt(b * b - 4.0 * a * c)
+    q = (-b - root) / (2.0 * a)
+    if not 0.0 < q < 1.0:
+        q = (-b + root) / (2.0 * a)
+    return max(q, q_min)
 
 
 class AdaptiveQ:
@@ -101,7 +124,7 @@ def _sq_norm(grads: Sequence[Optional[Tensor]]) -> float:
 
 
 def observe(*, exact: bool, seconds: float, steps: int, forward_steps: int, reverse_steps: int,
-            g0=None, gr=None) -> Dict[str, float]:
+            g0=None, gr=None, q: float = 1.0) -> Dict[str, float]:
     """One task's observation, as plain numbers (so ranks can exchange it).
 
     Args:
@@ -109,9 +132,11 @@ def observe(*, exact: bool, seconds: float, steps: int, forward_steps: int, reve
         seconds: the wall-clock time of the task.
         steps: ``r``.
         forward_steps, reverse_steps: the task's inner-step counts.
+        g0, gr: ``G_0`` and ``G_r`` of an exact draw.
+        q: the probability of the exact branch the draw used.
     """
     obs = {"exact": bool(exact), "seconds": float(seconds), "steps": int(steps),
-           "forward_steps": int(forward_steps), "reverse_steps": int(reverse_steps)}
+           "forward_steps": int(forward_steps), "reverse_steps": int(reverse_steps), "q": float(q)}
     if exact:
         obs["A"] = _sq_norm(gr)
         obs["D"] = _sq_norm([None if a is None else a - z for a, z in zip(gr, g0)])
@@ -129,10 +154,14 @@ def update(cfg: AdaptiveQ, stats: Dict[str, float], obs: Dict[str, float]) -> Di
     s = dict(stats)
     b = cfg.beta
     steps = obs["steps"]
+    authors = cfg.rule == "authors"
     if obs["exact"]:
         s["n_x"] += 1
+        d = obs["D"]
+        if authors:  # their D: the reweighted estimate's distance to G_r
+            d *= (1.0 / obs.get("q", 1.0) - 1.0) ** 2
         s["A"] = _ema(s["A"], obs["A"], b)
-        s["D"] = _ema(s["D"], obs["D"], b)
+        s["D"] = _ema(s["D"], d, b)
         s["t_x"] = _ema(s["t_x"], obs["seconds"], b)
         # Inner-step units: steps run again (replays and each reverse step's
         # rebuild) plus one per reverse VJP; r(r-1)/2 + 2r under recomputation.
@@ -145,7 +174,10 @@ def update(cfg: AdaptiveQ, stats: Dict[str, float], obs: Dict[str, float]) -> Di
         return s
     A = _debiased(s["A"], s["n_x"], b)
     D = _debiased(s["D"], s["n_x"], b) / cfg.d_shrink
-    if cfg.rule == "ufom" and s["n_f"] > 0:
+    if authors:
+        s["q"] = authors_q(A, D, steps + 1, steps * (steps + 1) / 2, cfg.q_min)
+        return s
+    if s["n_f"] > 0:
         c_f = _debiased(s["t_f"], s["n_f"], b)
         c_x = _debiased(s["t_x"], s["n_x"], b) - c_f
     else:

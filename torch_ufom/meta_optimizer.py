@@ -210,7 +210,7 @@ class MetaOptimizer:
             self._observations.append(adaptive.observe(
                 exact=est.truncation == self.steps, seconds=seconds, steps=self.steps,
                 forward_steps=est.forward_steps, reverse_steps=est.reverse_steps,
-                g0=est.g0, gr=est.gk))
+                g0=est.g0, gr=est.gk, q=self.law.q))
         self._tasks += 1
         return MetaResult(est.outer_loss, est.inner_losses, est.truncation, est.weights, q,
                           est.forward_steps, est.reverse_steps)
