@@ -124,9 +124,31 @@ def current_rss() -> int:
 
 
 def _peak_rss() -> int:
-    """The high-water mark of this process's RSS in bytes (``ru_maxrss``)."""
+    """The high-water mark of this process's RSS in bytes (``ru_maxrss``).
+
+    On Linux this is not only this process's own peak: at ``exec`` the kernel
+    folds the peak of the address space being replaced into it, so a child
+    started by ``subprocess`` begins with its *parent's* peak RSS, and
+    ``/proc/self/clear_refs`` does not reset it. Prefer :func:`_vm_hwm`.
+    """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def _vm_hwm() -> Optional[int]:
+    """This address space's RSS high-water mark in bytes (``VmHWM``, Linux); ``None`` elsewhere.
+
+    Unlike ``ru_maxrss`` it holds nothing inherited from the parent process,
+    and writing ``5`` to ``/proc/self/clear_refs`` resets it to the current RSS.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
 
 
 def _trim_heap() -> None:
@@ -154,11 +176,14 @@ class PeakMemory:
     On CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` on
     entry (tensors only, not the caching allocator's reserve). On CPU: the
     process's peak RSS minus its RSS on entry (freed heap memory is first
-    returned to the OS, so reused pages count). ``ru_maxrss`` is a high-water
-    mark since process start, so on entry it is reset through
-    ``/proc/self/clear_refs`` where the kernel allows; where it does not and the
-    old mark lies above the entry RSS, :attr:`exact` is ``False`` and the
-    result is an upper bound. Measure in a fresh process (:func:`run_fresh`).
+    returned to the OS, so reused pages count). On Linux the peak is ``VmHWM``
+    of ``/proc/self/status``, reset on entry through ``/proc/self/clear_refs``.
+    Elsewhere, or where the kernel refuses the reset, it is ``ru_maxrss``, a
+    high-water mark since process start that on Linux also includes the peak
+    RSS of the parent process that started this one (the kernel carries it
+    over at ``exec``); if that mark lies above the entry RSS, :attr:`exact` is
+    ``False`` and the result is an upper bound. Measure in a fresh process
+    (:func:`run_fresh`).
 
     Attributes (set on exit):
         peak_bytes: the peak above the entry level, in bytes.
@@ -179,9 +204,9 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
         else:
             _trim_heap()
-            reset = _reset_peak_rss()
+            self._hwm = _reset_peak_rss() and _vm_hwm() is not None
             self._base = current_rss()
-            self.exact = reset or _peak_rss() <= self._base
+            self.exact = self._hwm or _peak_rss() <= self._base
         return self
 
     def __exit__(self, *exc) -> None:
@@ -189,7 +214,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            peak = _peak_rss()
+            peak = _vm_hwm() if self._hwm else _peak_rss()
         self.peak_bytes = max(0, peak - self._base)
 
 
