@@ -85,18 +85,21 @@ class _LossLog:
 
     def append(self, loss: Tensor) -> None:
         if self.values is None:
-            self.values = torch.empty(self.steps, dtype=loss.dtype, device=loss.device)
+            self.values = torch.empty((self.steps,) + tuple(loss.shape), dtype=loss.dtype,
+                                      device=loss.device)
         self.values[self.count] = loss
         self.count += 1
 
 
 def _check_finite(losses: Tensor, outer: Tensor) -> None:
-    finite = torch.isfinite(losses)
+    # One row per inner step (a meta-batch adds a column per task).
+    finite = torch.isfinite(losses.reshape(losses.shape[0], -1)).all(1)
     if not bool(finite.all()):
-        j = int((~finite).nonzero()[0]) + 1
-        raise FloatingPointError(f"inner_loss is not finite at inner step {j}: {float(losses[j - 1])}")
-    if not bool(torch.isfinite(outer)):
-        raise FloatingPointError(f"outer_loss is not finite: {float(outer)}")
+        j = int((~finite).nonzero()[0, 0]) + 1
+        raise FloatingPointError(
+            f"inner_loss is not finite at inner step {j}: {losses[j - 1].tolist()}")
+    if not bool(torch.isfinite(outer).all()):
+        raise FloatingPointError(f"outer_loss is not finite: {outer.tolist()}")
 
 
 def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Schedule,
@@ -190,7 +193,7 @@ def _assemble(loop: InnerLoop, params: Sequence[Tensor], adjoint, theta) -> Tupl
     for p in params:
         g = direct.get(id(p))
         if id(p) in index:
-            adj = adjoint[index[id(p)]]
+            adj = loop.reduce(adjoint[index[id(p)]])
             g = adj if g is None else g + adj
         grads.append(g)
     return tuple(grads)

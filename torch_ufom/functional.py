@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional, Sequence, Tuple
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -11,11 +15,53 @@ from .estimators import Estimate, estimate
 from .inner import SGD, InnerRule
 from .schedules import MEMORY_CHOICES, check_slots, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw
-from .unroll import InnerLoop
+from .unroll import InnerLoop, _tensors
+from .vectorised import BatchedInnerLoop, group_by_truncation, meta_batch_size, select_tasks
 
-__all__ = ["hypergrad", "hypergrad_estimate", "resolve_law", "MODES"]
+__all__ = ["hypergrad", "hypergrad_batch", "hypergrad_estimate", "batch_estimates", "BatchRun",
+           "resolve_law", "resolve_hvp", "MODES", "HVP_CHOICES"]
 
 MODES = ("fom", "ufom", "exact", "truncated")
+HVP_CHOICES = ("auto", "fwdrev", "revrev")
+# What hvp="auto" picks where forward-over-reverse applies (benchmarks/speed.py measures both).
+DEFAULT_HVP = "revrev"
+
+
+def check_hvp(hvp: str) -> str:
+    """Validate ``hvp`` (one of ``HVP_CHOICES``)."""
+    if hvp not in HVP_CHOICES:
+        raise ValueError(f"Invalid hvp: {hvp!r} (expected one of {', '.join(HVP_CHOICES)})")
+    return hvp
+
+
+def resolve_hvp(hvp: str, model: nn.Module, rule: InnerRule, meta: Sequence[Tensor]) -> str:
+    """The Hessian-vector product actually used: ``"fwdrev"`` or ``"revrev"``.
+
+    Forward-over-reverse differentiates the inner loss with ``torch.func`` as a
+    function of the adapted parameters alone, so it applies when the module has
+    no buffers (BatchNorm's running statistics are written in place) and every
+    meta-parameter is a module parameter or a tensor of the inner rule's
+    hyperparameters (a tensor the losses use directly needs the mixed second
+    derivative, which only reverse-over-reverse gives). ``"auto"`` picks the
+    faster of the two where both apply (``DEFAULT_HVP``), else ``"revrev"``;
+    ``"fwdrev"`` where it does not apply is a ``ValueError``.
+    """
+    check_hvp(hvp)
+    if hvp == "revrev":
+        return hvp
+    known = {id(p) for p in model.parameters()} | {id(t) for t in _tensors(rule.hyper)}
+    extra = [t for t in meta if t.requires_grad and id(t) not in known]
+    buffers = next(model.buffers(), None) is not None
+    if hvp == "auto":
+        return "revrev" if extra or buffers else DEFAULT_HVP
+    if buffers:
+        raise ValueError("Invalid hvp: 'fwdrev' needs a module without buffers (its running "
+                         "statistics would be written inside torch.func.jvp); use 'revrev' or 'auto'")
+    if extra:
+        raise ValueError(f"Invalid hvp: 'fwdrev' differentiates only through module parameters "
+                         f"and inner-rule hyperparameters, but {len(extra)} meta-parameter(s) are "
+                         "neither; use 'revrev' or 'auto'")
+    return hvp
 
 
 def resolve_law(mode: str, q: float, steps: int, truncation: Optional[TruncationLaw] = None,
@@ -93,7 +139,8 @@ def hypergrad_estimate(model: nn.Module, inner_loss: Callable, outer_loss: Calla
                        support: Any, query: Any, *, steps: int, rule: InnerRule,
                        law: TruncationLaw, memory: str, params: Sequence[Tensor],
                        slots: int = 8, generator: Optional[torch.Generator] = None,
-                       K: Optional[int] = None, diagnostics: bool = False) -> Estimate:
+                       K: Optional[int] = None, diagnostics: bool = False,
+                       hvp: str = "revrev") -> Estimate:
     """Draw ``K`` (unless given) and return the full :class:`~torch_ufom.estimators.Estimate`.
 
     Validated arguments only; :func:`hypergrad` and
@@ -104,9 +151,166 @@ def hypergrad_estimate(model: nn.Module, inner_loss: Callable, outer_loss: Calla
         K = drawn if K is None else K
         if law.survival(steps)[K] <= 0.0:
             raise ValueError(f"Invalid force_truncation: K={K} has probability 0 under {law!r}")
-        loop = InnerLoop(model, inner_loss, outer_loss, support, query, steps, rule, params, seed)
+        loop = InnerLoop(model, inner_loss, outer_loss, support, query, steps, rule, params, seed,
+                         hvp)
         return estimate(loop, K, law.survival(steps), make_schedule(memory, slots), params,
                         diagnostics)
+
+
+def check_force_truncation(force, size: int, steps: int) -> Optional[List[int]]:
+    """Validate ``force_truncation`` of a meta-batch: ``None``, one int for every
+    task, or a sequence of ``size`` ints, each in ``0..steps``."""
+    if force is None:
+        return None
+    values = [force] * size if isinstance(force, int) and not isinstance(force, bool) else force
+    if not isinstance(values, (list, tuple)) or len(values) != size:
+        raise ValueError(f"Invalid force_truncation: {force!r} (expected an int or a sequence of "
+                         f"{size} ints, one per task)")
+    for i, k in enumerate(values):
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= steps:
+            raise ValueError(f"Invalid force_truncation[{i}]: {k!r} (expected an int in 0..{steps})")
+    return list(values)
+
+
+@dataclass
+class BatchRun:
+    """What :func:`batch_estimates` returns.
+
+    Attributes:
+        groups: ``(task indices, Estimate, seconds)`` per group of tasks run
+            together: one group per drawn ``K`` when vectorised (its estimate's
+            losses carry a task dimension), one task per group otherwise.
+        vectorised: whether ``torch.func.vmap`` ran the meta-batch.
+        reason: why not, when it did not.
+        truncations: every task's ``K``.
+    """
+
+    groups: List[Tuple[List[int], Estimate, float]]
+    vectorised: bool
+    reason: str
+    truncations: List[int]
+
+
+def batch_estimates(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supports: Any,
+                    queries: Any, *, steps: int, rule: InnerRule, law: TruncationLaw, memory: str,
+                    params: Sequence[Tensor], slots: int = 8,
+                    generator: Optional[torch.Generator] = None, K=None, diagnostics: bool = False,
+                    hvp: str = "revrev") -> BatchRun:
+    """A meta-batch's estimates: vectorised with ``torch.func.vmap`` where possible.
+
+    Each task draws its ``K`` and its random-stream seed from ``generator`` in
+    task order, exactly as a loop of single-task calls would. Tasks are then
+    grouped by ``K`` and each group runs one vectorised sweep
+    (:class:`~torch_ufom.vectorised.BatchedInnerLoop`). The per-task loop runs
+    instead when the module has buffers, when ``diagnostics`` are needed
+    (``q="auto"`` keeps per-task statistics), or when ``vmap`` fails on the
+    model (a ``RuntimeError`` on the first attempt); ``BatchRun.reason`` says
+    which. Validated arguments only, except ``supports``, ``queries`` and ``K``.
+    """
+    size = meta_batch_size(supports, queries)
+    forced = check_force_truncation(K, size, steps)
+    survival = law.survival(steps)
+    with restore_rng_on_error(generator):
+        draws = [draw(law, steps, generator) for _ in range(size)]
+        truncations = [d[0] for d in draws] if forced is None else forced
+        for i, k in enumerate(truncations):
+            if survival[k] <= 0.0:
+                raise ValueError(f"Invalid force_truncation[{i}]: K={k} has probability 0 under {law!r}")
+        reason = ""
+        if next(model.buffers(), None) is not None:
+            reason = "the module has buffers (running statistics cannot be vectorised)"
+        elif diagnostics:
+            reason = "q='auto' keeps per-task statistics"
+        if not reason:
+            try:
+                groups = []
+                for k, index in group_by_truncation(truncations).items():
+                    start = time.perf_counter()
+                    loop = BatchedInnerLoop(model, inner_loss, outer_loss,
+                                            select_tasks(supports, index), select_tasks(queries, index),
+                                            steps, rule, params, draws[index[0]][1], len(index), hvp)
+                    est = estimate(loop, k, survival, make_schedule(memory, slots), params)
+                    groups.append((index, est, time.perf_counter() - start))
+                return BatchRun(groups, True, "", truncations)
+            except RuntimeError as err:
+                reason = f"torch.func.vmap failed on this model ({str(err).splitlines()[0]})"
+        groups = []
+        for i in range(size):
+            start = time.perf_counter()
+            loop = InnerLoop(model, inner_loss, outer_loss, task_of(supports, i), task_of(queries, i),
+                             steps, rule, params, draws[i][1], hvp)
+            est = estimate(loop, truncations[i], survival, make_schedule(memory, slots), params,
+                           diagnostics)
+            groups.append(([i], est, time.perf_counter() - start))
+        return BatchRun(groups, False, reason, truncations)
+
+
+def task_of(tree: Any, i: int) -> Any:
+    """Task ``i`` of a meta-batch (a tensor, tuple/list or dict of them)."""
+    if isinstance(tree, Mapping):
+        return type(tree)((k, task_of(v, i)) for k, v in tree.items())
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(task_of(v, i) for v in tree)
+    return tree[i]
+
+
+def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:
+    """The sum over a meta-batch's groups of their hypergradients (``count`` tensors)."""
+    total: List[Optional[Tensor]] = [None] * count
+    for _, est, _ in run.groups:
+        for i, g in enumerate(est.grads):
+            if g is not None:
+                total[i] = g if total[i] is None else total[i] + g
+    return total
+
+
+def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supports: Any,
+                    queries: Any, *, steps: int, inner_lr=None, mode: str = "ufom", q: float = 0.1,
+                    memory: str = "checkpoint", slots: int = 8,
+                    params: Optional[Sequence[Tensor]] = None,
+                    generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
+                    truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
+                    hvp: str = "auto", force_truncation=None) -> Tuple[Tensor, ...]:
+    """The summed hypergradient estimates of a meta-batch of tasks, vectorised.
+
+    The batched twin of :func:`hypergrad`: ``supports`` and ``queries`` are a
+    tensor, a tuple/list or a dict of tensors whose first dimension indexes the
+    tasks (one support batch per task, reused at every inner step). The result
+    equals the sum of :func:`hypergrad` over the tasks with the same draws;
+    it is computed by ``torch.func.vmap`` over the tasks, one group per drawn
+    truncation point, or by the per-task loop (with a warning) where the model
+    cannot be vectorised (see :func:`batch_estimates`). The losses see one
+    task's batch, as in :func:`hypergrad`.
+
+    Args:
+        supports, queries: the stacked tasks.
+        force_truncation: ``None`` (draw), an int for every task, or one int per task.
+        The others: as for :func:`hypergrad`.
+
+    Raises:
+        ValueError: an invalid argument, e.g. tensors whose leading sizes differ
+            (the message names the entry); nothing is changed.
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    rule = make_rule(inner, inner_lr, names)
+    if q == "auto":
+        raise ValueError("Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; "
+                         "hypergrad_batch takes a float in (0, 1]")
+    law = resolve_law(mode, q, steps, truncation, k)
+    check_memory(memory)
+    check_slots(slots)
+    params = list(model.parameters()) if params is None else list(params)
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise ValueError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
+    hvp = resolve_hvp(hvp, model, rule, params)
+    run = batch_estimates(model, inner_loss, outer_loss, supports, queries, steps=steps, rule=rule,
+                          law=law, memory=memory, slots=slots, params=params, generator=generator,
+                          K=force_truncation, hvp=hvp)
+    if not run.vectorised:
+        warnings.warn(f"hypergrad_batch ran the per-task loop: {run.reason}", stacklevel=2)
+    total = sum_grads(run, len(params))
+    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, total))
 
 
 def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, support: Any,
@@ -114,8 +318,8 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
               memory: str = "checkpoint", slots: int = 8,
               params: Optional[Sequence[Tensor]] = None,
               generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
-              truncation: Optional[TruncationLaw] = None, k: Optional[int] = None
-              ) -> Tuple[Tensor, ...]:
+              truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
+              hvp: str = "auto") -> Tuple[Tensor, ...]:
     """Estimate the hypergradient of one task, like ``torch.autograd.grad``.
 
     Runs ``steps`` inner steps from the module's parameters and returns the
@@ -152,6 +356,10 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.
         truncation: a law from :mod:`torch_ufom.truncation`, overriding ``mode``.
         k: the truncation point of ``mode="truncated"``.
+        hvp: Hessian-vector products of the exact sweep: ``"auto"`` (default),
+            ``"fwdrev"`` (forward-over-reverse, ``torch.func.jvp`` of the
+            gradient) or ``"revrev"`` (reverse-over-reverse, double backward);
+            see :func:`resolve_hvp`.
 
     Returns:
         A tuple with one tensor per entry of ``params`` (zeros where a tensor
@@ -173,7 +381,8 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise ValueError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
+    hvp = resolve_hvp(hvp, model, rule, params)
     est = hypergrad_estimate(model, inner_loss, outer_loss, support, query, steps=steps,
                              rule=rule, law=law, memory=memory, slots=slots, params=params,
-                             generator=generator)
+                             generator=generator, hvp=hvp)
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, est.grads))

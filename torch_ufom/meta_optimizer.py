@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -10,7 +11,8 @@ from torch import Tensor, nn
 
 from . import adaptive, distributed
 from .estimators import Estimate
-from .functional import check_memory, hypergrad_estimate, make_rule, resolve_law
+from .functional import (batch_estimates, check_hvp, check_memory, hypergrad_estimate, make_rule,
+                         resolve_hvp, resolve_law, sum_grads)
 from .schedules import check_slots
 from .inner import InnerRule
 from .truncation import Bernoulli, TruncationLaw
@@ -91,6 +93,10 @@ class MetaOptimizer:
             draws from its own generator, seeded from one seed (``generator``'s,
             or rank 0's global seed) and its rank; ``q="auto"`` statistics stay
             identical on every rank.
+        hvp: Hessian-vector products of the exact sweep: ``"auto"`` (default:
+            the faster where it applies), ``"fwdrev"`` (forward-over-reverse,
+            ``torch.func.jvp`` of the inner gradient) or ``"revrev"``
+            (reverse-over-reverse); see :func:`torch_ufom.functional.resolve_hvp`.
 
     Example:
         >>> meta = MetaOptimizer(model, torch.optim.Adam(model.parameters()),
@@ -108,7 +114,7 @@ class MetaOptimizer:
                  truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
                  q_rule: str = "ufom", q_min: Optional[float] = None,
                  q_beta: Optional[float] = None, track_buffers: bool = False,
-                 process_group: Any = None):
+                 process_group: Any = None, hvp: str = "auto"):
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -127,6 +133,7 @@ class MetaOptimizer:
             q = self.q_stats["q"]
         self.law = resolve_law(mode, q, steps, truncation, k)
         self.memory = check_memory(memory)
+        self.hvp = check_hvp(hvp)
         self.slots = check_slots(slots)
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
@@ -146,6 +153,7 @@ class MetaOptimizer:
         self._buffers: List[List[Tensor]] = []  # final buffers of the tasks since the last step
         self._observations: List[Dict[str, float]] = []  # q="auto" observations since the last step
         self._tasks = 0  # tasks since the last step
+        self._warned_per_task = False  # backward_batch fell back to the per-task loop
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -188,21 +196,10 @@ class MetaOptimizer:
         est: Estimate = hypergrad_estimate(
             self.model, inner_loss, outer_loss, support, query, steps=self.steps, rule=self.inner,
             law=self.law, memory=self.memory, slots=self.slots, params=meta, generator=self.generator,
-            K=force_truncation, diagnostics=self.adaptive is not None)
+            K=force_truncation, diagnostics=self.adaptive is not None,
+            hvp=resolve_hvp(self.hvp, self.model, self.inner, meta))
         seconds = time.perf_counter() - start
-        present = [(p, g) for p, g in zip(meta, est.grads) if g is not None]
-        if present and not bool(torch.stack([torch.isfinite(g).all() for _, g in present]).all()):
-            p = next(p for p, g in present if not bool(torch.isfinite(g).all()))
-            raise FloatingPointError(
-                f"non-finite hypergradient for meta-parameter {self._name(p)}; nothing was written")
-        for p, g in zip(meta, est.grads):
-            if g is None:
-                continue
-            g = g.detach().to(p.dtype)
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.add_(g)
+        self._write(meta, est.grads)
         q = self.law.q if isinstance(self.law, Bernoulli) else None
         if self.track_buffers:
             self._buffers.append(list(est.buffers))
@@ -214,6 +211,81 @@ class MetaOptimizer:
         self._tasks += 1
         return MetaResult(est.outer_loss, est.inner_losses, est.truncation, est.weights, q,
                           est.forward_steps, est.reverse_steps)
+
+    def backward_batch(self, inner_loss: Callable, outer_loss: Callable, supports: Any, queries: Any,
+                       *, force_truncation=None) -> List[MetaResult]:
+        """Run a meta-batch of tasks at once and accumulate the sum of their estimates.
+
+        The vectorised twin of calling :meth:`backward` once per task: the
+        result (and every draw) is the same, but the tasks run through
+        ``torch.func.vmap``, one vectorised sweep per drawn truncation point,
+        so tasks that drew ``K = 0`` skip the exact sweep of the others. A
+        model ``vmap`` cannot run (one with buffers, such as BatchNorm's
+        running statistics, or operations ``vmap`` rejects) and ``q="auto"``
+        (which keeps per-task statistics) use the per-task loop instead, with a
+        warning the first time.
+
+        Args:
+            inner_loss, outer_loss: as for :meth:`backward`; they see one task's batch.
+            supports, queries: a tensor, a tuple/list or a dict of tensors whose
+                first dimension indexes the tasks (one support batch per task,
+                reused at every inner step).
+            force_truncation: ``None`` (draw), one ``K`` for every task, or a
+                sequence with one ``K`` per task.
+
+        Returns:
+            One :class:`MetaResult` per task. In a vectorised run the step
+            counts are those of the task's group (one vectorised step counts once).
+
+        Raises:
+            ValueError: tensors whose leading sizes differ (the message names
+                the entry), or another invalid argument; nothing is written.
+        """
+        meta = self.meta_parameters()
+        if self.adaptive is not None:
+            self.law = Bernoulli(self.q_stats["q"])
+        run = batch_estimates(
+            self.model, inner_loss, outer_loss, supports, queries, steps=self.steps, rule=self.inner,
+            law=self.law, memory=self.memory, slots=self.slots, params=meta, generator=self.generator,
+            K=force_truncation, diagnostics=self.adaptive is not None,
+            hvp=resolve_hvp(self.hvp, self.model, self.inner, meta))
+        if not run.vectorised and not self._warned_per_task:
+            warnings.warn(f"MetaOptimizer.backward_batch runs the per-task loop: {run.reason}",
+                          stacklevel=2)
+            self._warned_per_task = True
+        self._write(meta, sum_grads(run, len(meta)))
+        q = self.law.q if isinstance(self.law, Bernoulli) else None
+        results: List[Optional[MetaResult]] = [None] * len(run.truncations)
+        for index, est, seconds in run.groups:
+            for col, i in enumerate(index):
+                batched = run.vectorised
+                results[i] = MetaResult(
+                    est.outer_loss[col] if batched else est.outer_loss,
+                    est.inner_losses[:, col] if batched else est.inner_losses,
+                    est.truncation, est.weights, q, est.forward_steps, est.reverse_steps)
+            if self.track_buffers and not run.vectorised:
+                self._buffers.append(list(est.buffers))
+            if self.adaptive is not None:
+                self._observations.append(adaptive.observe(
+                    exact=est.truncation == self.steps, seconds=seconds, steps=self.steps,
+                    forward_steps=est.forward_steps, reverse_steps=est.reverse_steps,
+                    g0=est.g0, gr=est.gk, q=self.law.q))
+        self._tasks += len(run.truncations)
+        return results
+
+    def _write(self, meta: List[Tensor], grads) -> None:
+        """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing."""
+        present = [(p, g) for p, g in zip(meta, grads) if g is not None]
+        if present and not bool(torch.stack([torch.isfinite(g).all() for _, g in present]).all()):
+            p = next(p for p, g in present if not bool(torch.isfinite(g).all()))
+            raise FloatingPointError(
+                f"non-finite hypergradient for meta-parameter {self._name(p)}; nothing was written")
+        for p, g in present:
+            g = g.detach().to(p.dtype)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
 
     def _name(self, p: Tensor) -> str:
         for n, t in self.model.named_parameters():

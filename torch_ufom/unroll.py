@@ -107,9 +107,16 @@ class InnerLoop:
         rule: an :class:`~torch_ufom.inner.InnerRule`.
         meta: meta-parameters (tensors that receive hypergradients).
         seed: base seed of the per-step random streams.
+        hvp: how an exact reverse step gets its Hessian-vector product:
+            ``"revrev"`` (reverse-over-reverse: the step is recorded with a
+            graph of its inner gradient, ``create_graph=True``, and
+            differentiated again) or ``"fwdrev"`` (forward-over-reverse:
+            ``torch.func.jvp`` of ``torch.func.grad`` of the inner loss; the
+            step keeps no graph). See :func:`resolve_hvp`.
     """
 
-    def __init__(self, module, inner_loss, outer_loss, support, query, steps, rule, meta, seed):
+    def __init__(self, module, inner_loss, outer_loss, support, query, steps, rule, meta, seed,
+                 hvp: str = "revrev"):
         self.module = module
         self.inner_loss, self.outer_loss, self.query = inner_loss, outer_loss, query
         self.batch = batch_getter(support, steps)
@@ -121,6 +128,7 @@ class InnerLoop:
         self.meta = [t for t in meta if t.requires_grad]
         meta_ids = {id(t) for t in self.meta}
         self.learned_hyper = any(id(t) in meta_ids for t in _tensors(rule.hyper))
+        self.hvp = hvp
         devices = {t.device for t in self.initial_params()}
         self.cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
         self.exact_after = 0  # steps j > exact_after are differentiated exactly (r - K)
@@ -203,15 +211,38 @@ class InnerLoop:
             self.forward_steps += 1
         leaves = State(*(tuple(t.detach().requires_grad_(t.is_floating_point()) for t in part)
                          for part in state[:2]), state.buffers)
+        graph = exact and self.hvp == "revrev"
         with torch.enable_grad():
-            loss, grads, buffers = self._grad_and_update(leaves, j, create_graph=exact)
-            if exact:
+            loss, grads, buffers = self._grad_and_update(leaves, j, create_graph=graph)
+            if graph:
                 out = self._update(grads, leaves)
-        if not exact:
+        if not graph:
             with torch.no_grad():
                 out = self._update(grads, leaves)
-        keep = not exact or j <= self.first_order_until
-        return StepRecord(self, leaves, out, grads if keep else None, buffers, loss.detach(), exact)
+        keep = not graph or j <= self.first_order_until
+        return StepRecord(self, leaves, out, grads if keep else None, buffers, loss.detach(), exact, j)
+
+    def hessian_vector(self, state: State, j: int, vec: Sequence[Optional[Tensor]]) -> Tuple[Tensor, ...]:
+        """``H v``: the Hessian of step ``j``'s inner loss at ``state.params`` times ``vec``,
+        by forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``), under
+        step ``j``'s random stream."""
+        params = tuple(p.detach() for p in state.params)
+        vec = tuple(torch.zeros_like(p) if v is None else v.detach() for p, v in zip(params, vec))
+        batch = self.batch(j - 1)
+
+        def loss_of(ps):
+            return self.inner_loss(self.fmodel(ps, state.buffers), batch)
+
+        with self.stream(j):
+            try:
+                return torch.func.jvp(torch.func.grad(loss_of), (params,), (vec,))[1]
+            except RuntimeError as err:
+                raise fwdrev_error(err, j) from err
+
+    def reduce(self, adjoint: Tensor) -> Tensor:
+        """The adjoint of a shared initial parameter from the state's adjoint (identity
+        here; a meta-batch sums over its tasks)."""
+        return adjoint
 
     # -- outer loss ------------------------------------------------------------------
     def outer_vjp(self, state: State):
@@ -244,6 +275,14 @@ class InnerLoop:
                                         [f for _, f in outs], allow_unused=True))
 
 
+def fwdrev_error(err: Exception, j: int) -> RuntimeError:
+    """The error raised when forward-over-reverse fails inside ``torch.func``."""
+    return RuntimeError(
+        f"hvp='fwdrev' failed inside torch.func.jvp(torch.func.grad(inner_loss)) at inner step "
+        f"{j}: {err}. Some operators have no forward-over-reverse formula in this torch "
+        "(F.mse_loss in torch 2.13, for one); use hvp='revrev' or hvp='auto'")
+
+
 def _tensors(tree) -> List[Tensor]:
     """The tensors in a (nested) dict, tuple or list of hyperparameters."""
     if isinstance(tree, Tensor):
@@ -272,9 +311,13 @@ class StepRecord:
     """One inner step kept for the reverse sweep: its leaf state, its inner
     gradient and, for an exact step, the graph of the exact rule's output."""
 
-    def __init__(self, loop: InnerLoop, leaves: State, out, grads, buffers, loss, exact: bool):
-        self.loop, self.leaves, self.loss = loop, leaves, loss
-        self.exact = out[0] + out[1] if exact else None
+    def __init__(self, loop: InnerLoop, leaves: State, out, grads, buffers, loss, exact: bool,
+                 j: int = 0):
+        self.loop, self.leaves, self.loss, self.j = loop, leaves, loss, j
+        # Reverse-over-reverse keeps the exact rule's graph; forward-over-reverse
+        # keeps only the inner gradient and differentiates the update alone.
+        self.forward_over_reverse = exact and loop.hvp == "fwdrev"
+        self.exact = out[0] + out[1] if exact and not self.forward_over_reverse else None
         # The inner gradient, held constant by the first-order rule; exact
         # records that no first-order VJP will visit do not keep it.
         self.grads = None if grads is None else tuple(g.detach() for g in grads)
@@ -295,4 +338,17 @@ class StepRecord:
 
     def vjp_exact(self, e):
         """``(e_{j-1}, dtheta)``: VJP of the exact rule ``F_j`` at ``e`` (a Hessian-vector product)."""
-        return self._split(_vjp(self.exact, list(self.leaves.diff) + self.loop.meta, e))
+        if not self.forward_over_reverse:
+            return self._split(_vjp(self.exact, list(self.leaves.diff) + self.loop.meta, e))
+        # F_j(s) = U(g(phi), s): the VJP of U at e gives the gradient's cotangent u,
+        # which reaches phi as H u (the Hessian is symmetric).
+        inputs = list(self.leaves.diff) + self.loop.meta
+        with torch.enable_grad():
+            g = tuple(t.detach().requires_grad_() for t in self.grads)
+            out = self.loop._update(g, self.leaves)
+        got = _vjp(out[0] + out[1], inputs + list(g), e)
+        u = got[len(inputs):]
+        hv = self.loop.hessian_vector(self.leaves, self.j, u)
+        n = len(self.leaves.params)
+        params = [h if a is None else a + h for a, h in zip(got[:n], hv)]
+        return self._split(params + got[n:len(inputs)])

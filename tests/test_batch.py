@@ -1,0 +1,246 @@
+"""Vectorised meta-batches (``backward_batch``, ``hypergrad_batch``) against per-task calls and
+brute force, and the two Hessian-vector products against each other."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torch_ufom
+from conftest import cnn_problem, mlp_problem, mse, rel_err
+from oracle import brute_force
+from torch_ufom.truncation import Geometric
+
+B, STEPS = 5, 4
+
+
+def stacked(data, lo, n=B):
+    """Tasks ``lo..lo+n-1`` of a problem's data, stacked along a leading task dimension."""
+    return tuple(torch.stack([data[lo + i][k] for i in range(n)]) for k in range(2))
+
+
+def meta_opt(model, lr, **kw):
+    params = list(model.parameters()) + ([lr] if isinstance(lr, torch.Tensor) else [])
+    return torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.0), inner_lr=lr, steps=STEPS,
+                                    **kw)
+
+
+class no_fallback(warnings.catch_warnings):  # noqa: N801
+    """Fail if the body falls back to the per-task loop (other warnings pass)."""
+
+    def __init__(self):
+        super().__init__(record=True)
+
+    def __enter__(self):
+        self.log = super().__enter__()
+        warnings.simplefilter("always")
+        return self.log
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        assert not [w for w in self.log if "per-task loop" in str(w.message)]
+
+
+def grads(meta):
+    return [p.grad.clone() for p in meta.meta_parameters()]
+
+
+CASES = [  # (mode / law, forced truncations: a mixed meta-batch where only some tasks run exactly)
+    (dict(mode="fom"), [0] * B),
+    (dict(mode="exact"), [STEPS] * B),
+    (dict(mode="ufom", q=0.3), [0, STEPS, 0, 0, STEPS]),
+    (dict(mode="truncated", k=2), [2] * B),
+    (dict(truncation=Geometric(0.5, 0.7)), [0, 3, 1, STEPS, 3]),
+]
+
+
+@pytest.mark.parametrize("memory", ["checkpoint", "store"])
+@pytest.mark.parametrize("hvp", ["revrev", "fwdrev"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_backward_batch_equals_the_sum_of_per_task_backward(case, hvp, memory):
+    kw, forced = CASES[case]
+    model, loss, data = mlp_problem(case)
+    lr = torch.tensor(0.2, requires_grad=True)  # a learned inner rate: a shared meta-parameter
+    supports, queries = stacked(data, 0), stacked(data, 10)
+    meta = meta_opt(model, lr, memory=memory, hvp=hvp, **kw)
+    with no_fallback():  # the vectorised path must run
+        out = meta.backward_batch(loss, loss, supports, queries, force_truncation=forced)
+    got = grads(meta)
+    meta.zero_grad()
+    for i in range(B):
+        meta.backward(loss, loss, data[i], data[10 + i], force_truncation=forced[i])
+    assert rel_err(got, grads(meta)) < 1e-10
+    assert [r.truncation for r in out] == forced
+    # Tasks that drew K = 0 ran no exact reverse step, whatever the others drew.
+    assert all(r.reverse_steps == 0 for r, k in zip(out, forced) if k == 0)
+    assert all(r.reverse_steps == k for r, k in zip(out, forced) if k > 0)
+
+
+def test_hypergrad_batch_matches_brute_force_for_the_exact_mode():
+    model, loss, data = mlp_problem(7)
+    supports, queries = stacked(data, 0), stacked(data, 10)
+    params = list(model.parameters())
+    got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=STEPS, inner_lr=0.3,
+                                     mode="exact")
+    want = [torch.zeros_like(p) for p in params]
+    for i in range(B):
+        g = brute_force(model, loss, loss, lambda j: data[i], data[10 + i], STEPS, 0.3, params, STEPS)
+        want = [a + b for a, b in zip(want, g)]
+    assert rel_err(got, want) < 1e-9
+
+
+def test_drawn_truncations_match_a_loop_of_single_task_calls():
+    # The same generator state gives the same draws, task by task.
+    model, loss, data = mlp_problem(3)
+    supports, queries = stacked(data, 0, 8), stacked(data, 10, 8)
+    meta = meta_opt(model, 0.3, mode="ufom", q=0.4, generator=torch.Generator().manual_seed(5))
+    out = meta.backward_batch(loss, loss, supports, queries)
+    got, ks = grads(meta), [r.truncation for r in out]
+    assert 0 < ks.count(STEPS) < 8  # a mixed meta-batch
+    meta.zero_grad()
+    meta.generator.manual_seed(5)
+    ks_loop = [meta.backward(loss, loss, data[i], data[10 + i]).truncation for i in range(8)]
+    assert ks == ks_loop
+    assert rel_err(got, grads(meta)) < 1e-10
+
+
+def test_results_per_task_and_dict_batches():
+    model, loss, data = mlp_problem(4)
+    sx, sy = stacked(data, 0)
+    qx, qy = stacked(data, 10)
+
+    def dict_loss(f, b):
+        return mse(f, (b["x"], b["y"]))
+
+    meta = meta_opt(model, 0.3, mode="exact")
+    out = meta.backward_batch(dict_loss, dict_loss, {"x": sx, "y": sy}, {"x": qx, "y": qy})
+    for i, r in enumerate(out):
+        single = meta_opt(model, 0.3, mode="exact").backward(loss, loss, data[i], data[10 + i])
+        assert torch.allclose(r.outer_loss, single.outer_loss, rtol=1e-12, atol=0)
+        assert torch.allclose(r.inner_losses, single.inner_losses, rtol=1e-12, atol=0)
+
+
+def test_a_model_with_buffers_falls_back_to_the_per_task_loop_and_says_so_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
+    _, loss, data = mlp_problem(0)
+    supports, queries = stacked(data, 0), stacked(data, 10)
+    meta = meta_opt(model, 0.3, mode="exact", memory="store")
+    with pytest.warns(UserWarning, match="per-task loop: the module has buffers"):
+        meta.backward_batch(loss, loss, supports, queries)
+    with no_fallback():
+        meta.backward_batch(loss, loss, supports, queries)  # said once
+    got = [p.grad / 2 for p in meta.meta_parameters()]
+    meta.zero_grad()
+    for i in range(B):
+        meta.backward(loss, loss, data[i], data[10 + i])
+    assert rel_err(got, grads(meta)) < 1e-10
+
+
+def test_a_cnn_meta_batch_is_vectorised():
+    model, loss, data = cnn_problem(2)
+    supports, queries = stacked(data, 0), stacked(data, 10)
+    meta = meta_opt(model, 0.2, mode="ufom", q=0.5)
+    with no_fallback():
+        meta.backward_batch(loss, loss, supports, queries, force_truncation=[STEPS, 0, STEPS, 0, 0])
+    got = grads(meta)
+    meta.zero_grad()
+    for i, k in enumerate([STEPS, 0, STEPS, 0, 0]):
+        meta.backward(loss, loss, data[i], data[10 + i], force_truncation=k)
+    assert rel_err(got, grads(meta)) < 1e-10
+
+
+def test_auto_q_runs_per_task_and_keeps_its_statistics():
+    model, loss, data = mlp_problem(5)
+    meta = meta_opt(model, 0.3, q="auto", generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="q='auto'"):
+        meta.backward_batch(loss, loss, stacked(data, 0), stacked(data, 10), force_truncation=STEPS)
+    assert len(meta._observations) == B
+    meta.step()
+    assert meta.q_stats["n_x"] == B
+
+
+@pytest.mark.parametrize("supports, queries, name", [
+    (lambda s, q: (s[0], s[1][:4]), lambda s, q: q, r"supports\[1\]"),
+    (lambda s, q: s, lambda s, q: {"x": q[0], "y": q[1][:3]}, r"queries\['y'\]"),
+    (lambda s, q: (s[0], 3.0), lambda s, q: q, r"supports\[1\]"),
+])
+def test_mismatched_meta_batches_are_rejected_and_change_nothing(supports, queries, name):
+    model, loss, data = mlp_problem(1)
+    s, q = stacked(data, 0), stacked(data, 10)
+    meta = meta_opt(model, 0.3, mode="ufom", generator=torch.Generator().manual_seed(0))
+    state = meta.generator.get_state()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=name):
+        meta.backward_batch(loss, loss, supports(s, q), queries(s, q))
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(meta.generator.get_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("force, arg", [([0, 1], "force_truncation"),
+                                        ([0, 1, 2, 3, 9], r"force_truncation\[4\]"),
+                                        (STEPS + 1, "force_truncation")])
+def test_bad_forced_truncations(force, arg):
+    model, loss, data = mlp_problem(1)
+    meta = meta_opt(model, 0.3, mode="exact")
+    with pytest.raises(ValueError, match=arg):
+        meta.backward_batch(loss, loss, stacked(data, 0), stacked(data, 10), force_truncation=force)
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- Hessian-vector products -------------------------------------------------------------------
+
+@pytest.mark.parametrize("inner", ["sgd", "momentum", "adam"])
+def test_forward_over_reverse_equals_reverse_over_reverse(inner):
+    model, loss, data = mlp_problem(6)
+    lr = torch.tensor(0.1, requires_grad=True)
+    rule = {"sgd": torch_ufom.inner.SGD(lr), "momentum": torch_ufom.inner.SGD(lr, momentum=0.9),
+            "adam": torch_ufom.inner.Adam(lr, weight_decay=0.01)}[inner]
+    params = list(model.parameters()) + [lr]
+    out = {h: torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=6, mode="exact",
+                                   inner=rule, params=params, hvp=h, memory="checkpoint", slots=2)
+           for h in ("fwdrev", "revrev")}
+    assert rel_err(out["fwdrev"], out["revrev"]) < 1e-10
+    want = brute_force(model, loss, loss, lambda j: data[0], data[1], 6, 0.1, params[:-1], 6) \
+        if inner == "sgd" else None
+    if want is not None:
+        assert rel_err(out["fwdrev"][:-1], want) < 1e-9
+
+
+def test_hvp_choices_and_their_limits():
+    model, loss, data = mlp_problem(0)
+    with pytest.raises(ValueError, match="hvp"):
+        torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner_lr=0.1, hvp="fast")
+    with pytest.raises(ValueError, match="hvp"):
+        meta_opt(model, 0.1, hvp="fast")
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="hvp.*buffers"):
+        torch_ufom.hypergrad(bn, loss, loss, data[0], data[1], steps=2, inner_lr=0.1, hvp="fwdrev")
+    # A meta-parameter the losses use directly needs the mixed second derivative.
+    w = torch.tensor(1.0, requires_grad=True)
+
+    def weighted(f, b):
+        return w * loss(f, b)
+
+    with pytest.raises(ValueError, match="hvp.*neither"):
+        torch_ufom.hypergrad(model, weighted, weighted, data[0], data[1], steps=2, inner_lr=0.1,
+                             params=list(model.parameters()) + [w], hvp="fwdrev")
+    # "auto" takes reverse-over-reverse there, and gets the same as brute force.
+    got = torch_ufom.hypergrad(model, weighted, weighted, data[0], data[1], steps=2, inner_lr=0.1,
+                               params=list(model.parameters()) + [w], mode="exact")
+    want = brute_force(model, weighted, weighted, lambda j: data[0], data[1], 2, 0.1,
+                       list(model.parameters()) + [w], 2)
+    assert rel_err(got, want) < 1e-9
+
+
+def test_fwdrev_names_the_fix_when_torch_func_cannot_differentiate_a_loss(monkeypatch):
+    model, loss, data = mlp_problem(0)
+
+    def refuse(*args, **kwargs):  # as torch.func.jvp does for an operator without a formula
+        raise RuntimeError("no forward AD formula")
+
+    monkeypatch.setattr(torch.func, "jvp", refuse)
+    with pytest.raises(RuntimeError, match="at inner step 2: no forward AD formula.*hvp='revrev'"):
+        torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner_lr=0.1,
+                             mode="exact", hvp="fwdrev")

@@ -1,0 +1,171 @@
+"""Meta-batches through ``torch.func.vmap``: one vectorised inner loop for many tasks.
+
+:class:`BatchedInnerLoop` is an :class:`~torch_ufom.unroll.InnerLoop` whose
+inner state carries a leading task dimension. Its inner gradients (and outer
+losses) are ``torch.func.vmap`` of ``torch.func.grad`` of the user's losses,
+so a meta-batch of ``B`` tasks runs one batched step where the per-task loop
+runs ``B`` small ones. Everything else is shared with the per-task engine:
+the inner rule acts elementwise on the stacked tensors (the built-in rules
+do), the memory schedules and the two-stream estimator
+(:func:`~torch_ufom.estimators.estimate`) run unchanged, and vector-Jacobian
+products go through ``torch.autograd`` on top of ``vmap``. Meta-parameters
+shared by the tasks therefore receive the sum of the tasks' hypergradients.
+
+Tasks are grouped by their truncation point ``K`` (:func:`group_by_truncation`):
+each group runs its own vectorised sweep, so tasks that drew ``K = 0`` never
+pay for the exact sweep of the others.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .unroll import InnerLoop, State, _check_loss, fwdrev_error
+
+__all__ = ["BatchedInnerLoop", "meta_batch_size", "select_tasks", "group_by_truncation"]
+
+
+def _leaves(tree: Any, name: str) -> List[Tuple[str, Any]]:
+    """``(path, leaf)`` pairs of a tensor, tuple/list or dict of them."""
+    if isinstance(tree, Mapping):
+        return [x for k, v in tree.items() for x in _leaves(v, f"{name}[{k!r}]")]
+    if isinstance(tree, (tuple, list)):
+        return [x for i, v in enumerate(tree) for x in _leaves(v, f"{name}[{i}]")]
+    return [(name, tree)]
+
+
+def meta_batch_size(supports: Any, queries: Any) -> int:
+    """The number of tasks of a meta-batch: the common leading size of every tensor.
+
+    Raises:
+        ValueError: naming the first entry that is not a tensor with a leading
+            task dimension, or whose leading size differs from the first one's.
+    """
+    entries = _leaves(supports, "supports") + _leaves(queries, "queries")
+    size, first = None, None
+    for path, leaf in entries:
+        if not isinstance(leaf, Tensor) or leaf.dim() == 0:
+            what = "a 0-d tensor" if isinstance(leaf, Tensor) else type(leaf).__name__
+            raise ValueError(f"Invalid {path}: expected a tensor whose first dimension indexes "
+                             f"the tasks, got {what}")
+        if size is None:
+            size, first = leaf.shape[0], path
+        elif leaf.shape[0] != size:
+            raise ValueError(f"Invalid {path}: its leading size is {leaf.shape[0]}, but {first} "
+                             f"has {size} tasks; every tensor of a meta-batch must stack the same "
+                             "tasks along dimension 0")
+    if size is None:
+        raise ValueError("Invalid supports: a meta-batch needs at least one tensor")
+    if size == 0:
+        raise ValueError(f"Invalid {first}: the meta-batch is empty (leading size 0)")
+    return int(size)
+
+
+def select_tasks(tree: Any, index: Sequence[int]) -> Any:
+    """The tasks ``index`` of a meta-batch (a tensor, tuple/list or dict of them)."""
+    if isinstance(tree, Mapping):
+        return type(tree)((k, select_tasks(v, index)) for k, v in tree.items())
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(select_tasks(v, index) for v in tree)
+    if len(index) == tree.shape[0] and list(index) == list(range(tree.shape[0])):
+        return tree
+    return tree[torch.as_tensor(list(index), device=tree.device)]
+
+
+def group_by_truncation(truncations: Sequence[int]) -> Dict[int, List[int]]:
+    """Task indices grouped by truncation point, in increasing ``K``."""
+    groups: Dict[int, List[int]] = {}
+    for i, K in enumerate(truncations):
+        groups.setdefault(int(K), []).append(i)
+    return dict(sorted(groups.items()))
+
+
+class BatchedInnerLoop(InnerLoop):
+    """The inner loops of ``size`` tasks, stacked along a leading task dimension.
+
+    Args:
+        module, inner_loss, outer_loss, steps, rule, meta, seed, hvp: as for
+            :class:`~torch_ufom.unroll.InnerLoop`; ``inner_loss`` and
+            ``outer_loss`` see one task's batch, as in the per-task loop.
+        supports, queries: the tasks' batches stacked along dimension 0 (one
+            support batch per task, reused at every inner step).
+        size: the number of tasks.
+
+    The module must have no buffers, and every random operation draws
+    independently per task (``vmap(randomness="different")``) from the step's
+    stream, so a model with dropout gets valid but different masks than the
+    per-task loop.
+    """
+
+    def __init__(self, module, inner_loss, outer_loss, supports, queries, steps, rule, meta, seed,
+                 size: int, hvp: str = "revrev"):
+        self.size = size
+        super().__init__(module, inner_loss, outer_loss, supports, queries, steps, rule, meta, seed,
+                         hvp)
+        if self.buffer_names:
+            raise ValueError("Invalid model: a vectorised meta-batch needs a module without buffers")
+
+    def initial_params(self) -> Tuple[Tensor, ...]:
+        """The module's adapted parameters, detached, copied to ``(size, *shape)``."""
+        # A copy, not an expanded view: forward-mode AD writes into its inputs' tangents.
+        return tuple(p.unsqueeze(0).expand(self.size, *p.shape).clone()
+                     for p in super().initial_params())
+
+    def _grad_and_update(self, state: State, j: int, create_graph: bool):
+        batch = self.batch(j - 1)
+
+        def one(params, b):
+            def loss_of(ps):
+                loss = _check_loss(self.inner_loss(self.fmodel(ps, ()), b), "inner_loss")
+                return loss, loss
+
+            grads, loss = torch.func.grad(loss_of, has_aux=True)(params)
+            return loss, grads
+
+        # With create_graph, torch.autograd records through vmap(grad) for the
+        # reverse sweep's second derivatives; without, nothing is recorded.
+        mode = torch.enable_grad() if create_graph else torch.no_grad()
+        with mode, self.stream(j):
+            loss, grads = torch.func.vmap(one, randomness="different")(tuple(state.params), batch)
+        return loss, tuple(grads), ()
+
+    def hessian_vector(self, state: State, j: int, vec) -> Tuple[Tensor, ...]:
+        """Per-task ``H_i v_i`` by ``vmap`` of forward-over-reverse."""
+        params = tuple(p.detach() for p in state.params)
+        vec = tuple(torch.zeros_like(p) if v is None else v.detach() for p, v in zip(params, vec))
+        batch = self.batch(j - 1)
+
+        def one(ps, vs, b):
+            def loss_of(pp):
+                return self.inner_loss(self.fmodel(pp, ()), b)
+
+            return torch.func.jvp(torch.func.grad(loss_of), (ps,), (vs,))[1]
+
+        with self.stream(j):
+            try:
+                return tuple(torch.func.vmap(one, randomness="different")(params, vec, batch))
+            except RuntimeError as err:
+                raise fwdrev_error(err, j) from err
+
+    def outer_vjp(self, state: State):
+        """Per-task ``dL_out/d(params + opt)``, the summed explicit ``dL_out/dtheta``
+        and the tasks' outer losses (a vector)."""
+        params = tuple(p.detach().requires_grad_() for p in state.params)
+
+        def one(ps, qb):
+            return _check_loss(self.outer_loss(self.fmodel(ps, ()), qb), "outer_loss")
+
+        with torch.enable_grad():
+            with self.stream(self.steps + 1):
+                losses = torch.func.vmap(one, randomness="different")(params, self.query)
+            grads = torch.autograd.grad(losses.sum(), params + tuple(self.meta), allow_unused=True)
+        e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+        e = e + tuple(torch.zeros_like(t) for t in state.opt)
+        return e, list(grads[len(params):]), losses.detach()
+
+    def reduce(self, adjoint: Tensor) -> Tensor:
+        """The tasks share the initial parameters: their adjoints add up."""
+        return adjoint.sum(0)
