@@ -53,6 +53,12 @@ by other processes does not count) and wall time on CUDA.
 The project's target: ``ufom`` (q = 0.1, default memory) takes at most 1.6x
 ``fom``'s time per outer step at ``steps = 100`` (model ``mlp``).
 
+After the table, the report adds the sections of :mod:`benchmarks.throughput`
+(measured in their own fresh process): a meta-batch of 25 sinusoid tasks by
+``backward_batch`` (``torch.func.vmap``) against our per-task loop and
+``higher``'s, and reverse-over-reverse against forward-over-reverse
+Hessian-vector products.
+
 Usage (from the repository root)::
 
     python -m benchmarks.speed                    # steps 10 30 100, both models
@@ -77,14 +83,14 @@ try:  # ``python benchmarks/speed.py`` as well as ``python -m benchmarks.speed``
     import torch_ufom  # noqa: F401 - the library under test (public API only)
     from benchmarks.harness import (interleaved_times, markdown_table, mean, median,
                                     positive_int, progress, run_fresh, time_calls)
-    from benchmarks import memory as memory_bench
+    from benchmarks import memory as memory_bench, throughput
     from benchmarks.memory import BATCH as MLP_BATCH, INNER_LR, WIDTHS
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch_ufom  # noqa: F401 - the library under test (public API only)
     from benchmarks.harness import (interleaved_times, markdown_table, mean, median,
                                     positive_int, progress, run_fresh, time_calls)
-    from benchmarks import memory as memory_bench
+    from benchmarks import memory as memory_bench, throughput
     from benchmarks.memory import BATCH as MLP_BATCH, INNER_LR, WIDTHS
 
 NAME = "speed"
@@ -527,6 +533,19 @@ def main(argv=None) -> Dict[str, Any]:
                     device=args.device, threads=args.threads)
         raw[model] = (_measure_inline(spec) if args.in_process else
                       run_fresh("benchmarks.speed", ["--worker", json.dumps(spec)]))
+    # The meta-batch and HVP sections (benchmarks/throughput.py), in a fresh process too.
+    tp_args = ["--json", "--seed", str(args.seed), "--device", args.device,
+               "--threads", str(args.threads)] + ([] if args.size == "full" else [f"--{args.size}"])
+    if args.in_process:
+        threads = torch.get_num_threads()
+        try:
+            raw_tp = throughput.measure(args.size, args.seed, args.device, args.threads)
+        except Exception as exc:
+            raw_tp = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        raw_tp = run_fresh("benchmarks.throughput", tp_args)
     basis = "cpu" if args.device == "cpu" else "wall"
     results, worker_notes = analyse(raw, basis)
     target = evaluate_target(results, basis)
@@ -536,14 +555,15 @@ def main(argv=None) -> Dict[str, Any]:
     plot_path = os.path.join(args.out, f"{NAME}.png")
     plot(results, args, basis, plot_path)
     text = report(results, args, notes + worker_notes, target, basis, seconds)
+    text += "\n" + throughput.report(raw_tp, basis)
     with open(report_path, "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, f"{NAME}.json"), "w") as f:  # every timed sample
         json.dump({"args": {k: v for k, v in vars(args).items() if k != "worker"}, "raw": raw,
-                   "results": results, "target": target}, f)
+                   "results": results, "target": target, "throughput": raw_tp}, f)
     print(text)
     return {"results": results, "target": target, "notes": notes + worker_notes,
-            "report": report_path, "plot": plot_path, "seconds": seconds}
+            "report": report_path, "plot": plot_path, "seconds": seconds, "throughput": raw_tp}
 
 
 if __name__ == "__main__":
