@@ -180,3 +180,66 @@ def test_short_run_fom_stalls_exact_does_not():
     assert float(fom_g[-WINDOW:].min()) > 0.2
     # Exact SGD gets below 0.1 and stays there.
     assert float(exact_g[-WINDOW:].max()) < 0.1
+
+
+def test_outer_loss_target_lies_between_the_minimum_and_foms_value():
+    f_star, f_fom, goal = toy.loss_target()
+    # f* is the minimum of the outer loss: no point of a wide grid is lower.
+    xs = torch.linspace(-100, 100, 20001, dtype=torch.float64)
+    f, g = toy.true_objective(xs)
+    assert float(f.min()) >= f_star - 1e-9
+    assert torch.equal(g, toy.true_gradient(xs))
+    assert f_star < goal < f_fom
+    assert goal - f_star == pytest.approx(toy.LOSS_TOL * (f_fom - f_star), rel=1e-12)
+    # On the quadratic pieces f - f* = g^2 / (2H): the target is |g| = sqrt(2D/10).
+    H = sum(a * toy.contraction(a) ** 2 for a, _ in toy.TASKS) / 2
+    assert goal - f_star == pytest.approx(2 * D / 10 / (2 * H), rel=1e-9)
+
+
+def test_stays_below():
+    v = torch.tensor([3.0, 0.5, 2.0, 0.5, 0.2])
+    assert toy.stays_below(v, 1.0) == 3
+    assert toy.stays_below(v, 5.0) == 0
+    assert toy.stays_below(torch.tensor([0.5, 2.0]), 1.0) is None
+
+
+def test_summary_columns_come_from_the_trajectory():
+    """The time-to-target-loss and q columns are computed from the run's own data."""
+    iters = 40
+    x0, task_ids = toy.draws(iters, SEED)
+    runs = []
+    for method in (toy.Method("fom", "fom"), toy.Method("auto", "ufom", "auto", "authors")):
+        run = toy.train(method, x0, task_ids, SEED, memory="store", show_progress=False)
+        toy.evaluate(run, check_every=20)
+        runs.append(run)
+    f_star, _, goal = toy.loss_target()
+    for run in runs:
+        s = toy.summary(run, 5)
+        f = toy.true_objective(torch.tensor(run.xs, dtype=torch.float64))[0]
+        assert torch.equal(run.loss, f) and len(run.cpu_clock) == iters
+        assert s["excess_end"] == pytest.approx(float(f[-1]) - f_star, abs=1e-12)
+        k = s["loss_target_iter"]
+        below = [float(v) < goal for v in f]
+        if k is None:
+            assert not below[-1]
+        else:
+            assert all(below[k:]) and (k == 0 or not below[k - 1])
+            assert s["loss_target_s"] == (run.clock[k - 1] if k else 0.0)
+    fom, auto = (toy.summary(r, 5) for r in runs)
+    assert fom["q_end"] is None and fom["q_min"] is None
+    assert auto["q_min"] == 0.05 and 0.05 <= auto["q_end"] <= 1
+    assert auto["q_mean_last"] == pytest.approx(sum(runs[1].qs[-5:]) / 5)
+    text = toy.loss_table(runs, 5)
+    assert "iters to stay < target" in text and "| auto " in text
+    checks = [t for t, _ in toy.checks(runs, 5)]
+    assert any(t.startswith("auto: q at end") for t in checks)
+
+
+def test_quick_runs_the_issues_modes():
+    args = toy.parse_args(["--quick"])
+    labels = [m.label for m in args.methods]
+    for label in ("fom", "ufom q=0.05", "ufom q=0.2", "ufom q=1", "ufom q=auto (ufom rule)",
+                  "ufom q=auto (authors rule)"):
+        assert label in labels
+    full = [m.label for m in toy.parse_args([]).methods]
+    assert set(full) == {m.label for m in toy.METHODS}
