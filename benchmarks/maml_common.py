@@ -47,7 +47,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["positive_int", "positive_float", "probability", "METHODS", "PEERS", "Method",
            "History", "make_trainer", "available", "parse_methods", "ufom_label",
-           "train_round_robin", "adapt_and_score", "relative_gap", "mean_ci", "clone_model"]
+           "train_round_robin", "adapt_and_score", "meta_gradient", "grad_norm", "relative_gap",
+           "mean_ci", "clone_model", "Q_STUDY"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Method:
     kind: str
     mode: Optional[str] = None
     q: Any = None
+    q_rule: Optional[str] = None  # with q="auto": "ufom" (default) or "authors"
 
 
 METHODS: Tuple[Method, ...] = (
@@ -68,9 +70,18 @@ METHODS: Tuple[Method, ...] = (
     Method("higher", "higher"),
     Method("torchopt", "torchopt"),
 )
-BY_LABEL = {m.label: m for m in METHODS}
+# The q study: more fixed q and the authors' adaptive rule (not in the default lists).
+Q_STUDY: Tuple[Method, ...] = (
+    Method("ufom q=0.05", "torch_ufom", "ufom", 0.05),
+    Method("ufom q=0.2", "torch_ufom", "ufom", 0.2),
+    Method("ufom q=1", "torch_ufom", "ufom", 1.0),
+    Method("ufom q=auto (authors)", "torch_ufom", "ufom", "auto", "authors"),
+)
+BY_LABEL = {m.label: m for m in METHODS + Q_STUDY}
 # Short names accepted on the command line besides the labels.
-ALIASES = {"ufom": "ufom q=0.1", "ufom-auto": "ufom q=auto", "auto": "ufom q=auto"}
+ALIASES = {"ufom": "ufom q=0.1", "ufom-auto": "ufom q=auto", "auto": "ufom q=auto",
+           "ufom-0.05": "ufom q=0.05", "ufom-0.2": "ufom q=0.2", "ufom-1": "ufom q=1",
+           "auto-authors": "ufom q=auto (authors)"}
 PEERS = ("higher", "torchopt")
 
 
@@ -171,6 +182,8 @@ class _Trainer:
         self.exact_branches = 0  # tasks whose exact branch ran (torch_ufom ufom/exact)
         self.tasks_seen = 0
         self.q_last: Optional[float] = None
+        self.q_trace: List[float] = []  # the q of each outer step (torch_ufom ufom)
+        self.q_min: Optional[float] = None  # the adaptive rule's floor (q="auto")
 
     def step(self, tasks: Sequence[Tuple[Any, Any]]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -182,8 +195,12 @@ class _UfomTrainer(_Trainer):
         kw: Dict[str, Any] = {"mode": method.mode, "memory": memory}
         if method.mode == "ufom":
             kw["q"] = method.q
+            if method.q == "auto" and method.q_rule is not None:
+                kw["q_rule"] = method.q_rule
         self.meta = MetaOptimizer(model, self.outer, inner_lr=inner_lr, steps=steps,
                                   generator=torch.Generator().manual_seed(seed), **kw)
+        if method.q == "auto":
+            self.q_min = float(getattr(self.meta.adaptive, "q_min", float("nan")))
 
     def step(self, tasks):
         n = len(tasks)
@@ -199,6 +216,8 @@ class _UfomTrainer(_Trainer):
             self.q_last = res.q
         self.tasks_seen += n
         self.meta.step()
+        if self.method.mode == "ufom":
+            self.q_trace.append(float(self.q_last))
 
 
 class _HigherTrainer(_Trainer):
@@ -284,6 +303,9 @@ class History:
     exact_branches: int = 0
     tasks_seen: int = 0
     q_last: Optional[float] = None
+    q_trace: List[float] = field(default_factory=list)  # q of each outer step (ufom)
+    q_min: Optional[float] = None
+    q_next: Optional[float] = None  # q="auto": the q the next outer step would use
     error: Optional[str] = None
 
     @property
@@ -352,6 +374,10 @@ def train_round_robin(trainers: Sequence[_Trainer], batch: Callable[[int], Seque
         bar.close()
     for h, t in zip(hist, trainers):
         h.exact_branches, h.tasks_seen, h.q_last = t.exact_branches, t.tasks_seen, t.q_last
+        h.q_trace, h.q_min = list(t.q_trace), t.q_min
+        meta = getattr(t, "meta", None)
+        if t.q_min is not None and meta is not None:
+            h.q_next = float(meta.q_stats["q"])
     return hist
 
 
@@ -397,6 +423,49 @@ def adapt_and_score(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tens
         return metric(functional_call(model, (p, buffers), (x_q,)), y_q)
 
     return vmap(one, chunk_size=chunk)(xs, ys, xq, yq)
+
+
+def meta_gradient(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor], xs: Tensor,
+                  ys: Tensor, xq: Tensor, yq: Tensor, steps: int, lr: float,
+                  chunk: int = 64) -> Dict[str, Tensor]:
+    """The exact meta-gradient of the mean query loss over a fixed set of tasks.
+
+    ``d/dtheta (1/n) sum_t pred_loss(model_{phi_t}(xq_t), yq_t)`` where ``phi_t``
+    is ``theta`` after ``steps`` plain SGD steps at ``lr`` on task ``t``'s
+    support loss (the MAML objective, second-order terms included), for the
+    model's parameters ``theta``. Plain ``torch.func`` (``grad`` through the
+    unrolled inner loop, ``vmap`` over ``chunk`` tasks at a time), independent
+    of every library compared. Returns ``{name: gradient}``.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def support_loss(p, x, y):
+        return pred_loss(functional_call(model, (p, buffers), (x,)), y)
+
+    def query_loss(p, x, y, x_q, y_q):
+        for _ in range(steps):
+            g = grad(support_loss)(p, x, y)
+            p = {n: p[n] - lr * g[n] for n in p}
+        return pred_loss(functional_call(model, (p, buffers), (x_q,)), y_q)
+
+    def chunk_sum(p, x, y, x_q, y_q):
+        return vmap(query_loss, in_dims=(None, 0, 0, 0, 0))(p, x, y, x_q, y_q).sum()
+
+    n = xs.shape[0]
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(0, n, chunk):
+        sl = slice(i, i + chunk)
+        g = grad(chunk_sum)(params, xs[sl], ys[sl], xq[sl], yq[sl])
+        total = {k: total[k] + g[k] for k in total}
+    return {k: v / n for k, v in total.items()}
+
+
+def grad_norm(grads: Dict[str, Tensor]) -> float:
+    """The Euclidean norm of a gradient given as ``{name: tensor}``."""
+    return float(sum((g.double() ** 2).sum() for g in grads.values()) ** 0.5)
 
 
 def relative_gap(value: float, reference: float) -> float:

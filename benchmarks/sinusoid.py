@@ -62,11 +62,16 @@ AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
 X_RANGE = (-5.0, 5.0)
 TEST_SEED = 20_170_703  # the held-out tasks: fixed, independent of --seed
+GRAD_SEED = 20_210_602  # the tasks of the true outer gradient: fixed, independent of --seed
+TARGET_VS_EXACT = 0.10  # default target MSE: 10% above exact's final meta-test MSE
+# The default rows; --q-study (and the full run) add the q study of maml_common.Q_STUDY.
+DEFAULT_METHODS = tuple(m.label for m in mc.METHODS)
 EXACT_VS_HIGHER = 0.05  # target: |exact - higher| / higher <= 5%
 UFOM_VS_EXACT = 0.10    # target: (ufom - exact) / exact <= 10%
 
-# (iters, meta-batch, test tasks, eval every) for each size
-SIZES = {"full": (10_000, 10, 500, 250), "quick": (160, 10, 200, 20), "tiny": (4, 2, 8, 2)}
+# (iters, meta-batch, test tasks, eval every, gradient tasks) for each size
+SIZES = {"full": (10_000, 10, 500, 250, 500), "quick": (160, 10, 200, 20, 100),
+         "tiny": (4, 2, 8, 2, 4)}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -131,25 +136,78 @@ def _fmt_gap(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:+.2f}%"
 
 
-def summarise(hist: Sequence[mc.History], device: str) -> Dict[str, Dict[str, Any]]:
-    """Per-method final numbers, time ratios against higher and MSE gaps."""
+def first_staying_below(values: Sequence[float], target: float) -> Optional[int]:
+    """The index of the first evaluation from which every value is ``<= target``
+    (``None`` if the last one is above)."""
+    idx = None
+    for i in range(len(values) - 1, -1, -1):
+        if values[i] > target:
+            break
+        idx = i
+    return idx
+
+
+def summarise(hist: Sequence[mc.History], device: str,
+              target: Optional[float] = None) -> Dict[str, Dict[str, Any]]:
+    """Per-method final numbers, time ratios against higher, MSE gaps, the q of the
+    ufom rows, the true outer-gradient norms and the time to ``target`` (default
+    ``(1 + TARGET_VS_EXACT)`` x exact's final meta-test MSE, else higher's)."""
     out: Dict[str, Dict[str, Any]] = {}
     for h in hist:
         if h.error is not None:
             out[h.label] = {"error": h.error}
             continue
-        _, ci = mc.mean_ci(h.extra[-1])
+        _, ci = mc.mean_ci(h.extra[-1][0])
+        norms = [e[1] for e in h.extra]
+        tail = h.q_trace[-max(1, len(h.q_trace) // 10):]
         out[h.label] = {"final_mse": h.final, "ci95": ci, "wall_s": h.wall[-1], "cpu_s": h.cpu[-1],
                         "ms_per_step": 1e3 * h.wall[-1] / max(1, h.steps[-1]),
                         "exact_share": h.exact_branches / max(1, h.tasks_seen),
-                        "q_last": h.q_last, "best_mse": min(h.score)}
+                        "q_last": h.q_last, "best_mse": min(h.score),
+                        "q_end": h.q_next if h.q_next is not None else h.q_last,
+                        "q_min": h.q_min, "q_mean_tail": sum(tail) / len(tail) if tail else None,
+                        "grad_start": norms[0], "grad_end": norms[-1], "grad_min": min(norms),
+                        "grad_ratio": norms[-1] / norms[0] if norms[0] > 0 else None}
     clock = "cpu_s" if device == "cpu" else "wall_s"
     ok = {k: v for k, v in out.items() if "error" not in v}
-    for r in ok.values():
+    if target is None:
+        ref = next((k for k in ("exact", "higher") if k in ok), None)
+        target = None if ref is None else (1 + TARGET_VS_EXACT) * ok[ref]["final_mse"]
+    by = {h.label: h for h in hist}
+    for label, r in ok.items():
         for ref, key in (("higher", "vs_higher"), ("exact", "vs_exact")):
             r[key] = mc.relative_gap(r["final_mse"], ok[ref]["final_mse"]) if ref in ok else None
         r["time_ratio"] = r[clock] / ok["higher"][clock] if "higher" in ok else None
+        h = by[label]
+        i = None if target is None else first_staying_below(h.score, target)
+        r["target_mse"] = target
+        r["target_step"] = None if i is None else h.steps[i]
+        r["target_cpu_s"] = None if i is None else h.cpu[i]
+        r["target_wall_s"] = None if i is None else h.wall[i]
     return out
+
+
+def check_gradient(trainers, grad_set, args, tasks: int = 4) -> Dict[str, Any]:
+    """Cross-check the true outer gradient (plain torch.func) against
+    ``torch_ufom.hypergrad(mode="exact")`` averaged over the first ``tasks`` tasks
+    of the gradient set, at the first trainer's final weights."""
+    import torch_ufom
+
+    if not trainers:
+        return {}
+    model = trainers[0].model
+    k = min(tasks, grad_set[0].shape[0])
+    xs, ys, xq, yq = (t[:k] for t in grad_set)
+    ref = mc.meta_gradient(model, _pred_mse, xs, ys, xq, yq, steps=args.steps, lr=args.inner_lr)
+    total = None
+    for i in range(k):
+        g = torch_ufom.hypergrad(model, mse, mse, (xs[i], ys[i]), (xq[i], yq[i]),
+                                 steps=args.steps, inner_lr=args.inner_lr, mode="exact")
+        total = list(g) if total is None else [a + b for a, b in zip(total, g)]
+    lib = {n: t / k for (n, _), t in zip(model.named_parameters(), total)}
+    diff = mc.grad_norm({n: lib[n] - ref[n] for n in ref})
+    return {"method": trainers[0].method.label, "tasks": k, "norm": mc.grad_norm(ref),
+            "rel_diff": diff / max(mc.grad_norm(ref), 1e-300)}
 
 
 def checks(summary: Dict[str, Dict[str, Any]], hist: Sequence[mc.History]) -> List[Tuple[str, bool]]:
@@ -164,13 +222,16 @@ def checks(summary: Dict[str, Dict[str, Any]], hist: Sequence[mc.History]) -> Li
                     f"{100 * EXACT_VS_HIGHER:.0f}% of higher's {ok['higher']['final_mse']:.4f} "
                     f"(gap {_fmt_gap(gap)}; largest gap over all evaluations {100 * worst:.2g}%)",
                     abs(gap) <= EXACT_VS_HIGHER))
-    ufom = next((label for label in ok if label.startswith("ufom q=") and label != "ufom q=auto"),
-                None)
-    if ufom is not None and "exact" in ok:
-        gap = ok[ufom]["vs_exact"]
-        out.append((f"{ufom}'s meta-test MSE {ok[ufom]['final_mse']:.4f} at most "
-                    f"{100 * UFOM_VS_EXACT:.0f}% above exact's {ok['exact']['final_mse']:.4f} "
-                    f"(gap {_fmt_gap(gap)})", gap <= UFOM_VS_EXACT))
+    for ufom in (label for label in ok if label.startswith("ufom q=")):
+        r = ok[ufom]
+        if "exact" in ok:
+            gap = r["vs_exact"]
+            out.append((f"{ufom}'s meta-test MSE {r['final_mse']:.4f} at most "
+                        f"{100 * UFOM_VS_EXACT:.0f}% above exact's {ok['exact']['final_mse']:.4f} "
+                        f"(gap {_fmt_gap(gap)})", gap <= UFOM_VS_EXACT))
+        if r["q_min"] is not None:
+            out.append((f"{ufom}: q at end {r['q_end']:.3f} in (q_min = {r['q_min']:g}, 1]",
+                        r["q_min"] < r["q_end"] <= 1))
     return out
 
 
@@ -196,8 +257,32 @@ def table(summary: Dict[str, Dict[str, Any]], iters: int, device: str) -> str:
     return markdown_table(headers, rows, "lrrrrrrrrr")
 
 
+def _fmt(x: Optional[float], spec: str, unit: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{unit}"
+
+
+def q_table(summary: Dict[str, Dict[str, Any]], device: str) -> str:
+    """q of the ufom rows, the true outer-gradient norm and the time to the target MSE."""
+    clock = "CPU" if device == "cpu" else "wall"
+    key = "target_cpu_s" if device == "cpu" else "target_wall_s"
+    ok = {k: v for k, v in summary.items() if "error" not in v}
+    target = next((r["target_mse"] for r in ok.values() if r["target_mse"] is not None), None)
+    headers = ["method", "q at end", "mean q (last 10%)", "|true grad| at start",
+               "|true grad| at end", "end / start", "lowest |true grad|",
+               f"steps to stay <= {_fmt(target, '.4f')}", f"{clock} time to target"]
+    rows = []
+    for label, r in ok.items():
+        rows.append([label, _fmt(r["q_end"], ".3f"), _fmt(r["q_mean_tail"], ".3f"),
+                     f"{r['grad_start']:.4f}", f"{r['grad_end']:.4f}", _fmt(r["grad_ratio"], ".3f"),
+                     f"{r['grad_min']:.4f}",
+                     "not reached" if r["target_step"] is None else str(r["target_step"]),
+                     _fmt(r[key], ".1f", " s")])
+    return markdown_table(headers, rows, "lrrrrrrrr")
+
+
 def plots(hist: Sequence[mc.History], out: str, title: str) -> List[str]:
-    """Meta-test MSE against outer steps and against training wall time (two PNGs)."""
+    """Meta-test MSE against outer steps and against training wall time (two PNGs), and
+    the true outer-gradient norm and q of the ufom rows against outer steps (one PNG)."""
     ok = [h for h in hist if h.error is None]
     paths = []
     for name, key, xlabel in (("steps", "steps", "outer steps"),
@@ -207,17 +292,29 @@ def plots(hist: Sequence[mc.History], out: str, title: str) -> List[str]:
             {"series": series, "title": title, "xlabel": xlabel,
              "ylabel": "meta-test MSE (after adaptation)", "logy": True}], ncols=1,
             panel_size=(7.5, 5.0)))
+    panels = [{"series": {h.label: (h.steps, [e[1] for e in h.extra]) for h in ok},
+               "title": "true outer-gradient norm (fixed tasks, exact)", "xlabel": "outer steps",
+               "ylabel": "|true outer gradient|", "logy": True}]
+    qs = {h.label: (list(range(1, len(h.q_trace) + 1)), h.q_trace) for h in ok if h.q_trace}
+    if qs:
+        panels.append({"series": qs, "title": "q of the ufom rows", "xlabel": "outer steps",
+                       "ylabel": "q used", "logy": True})
+    paths.append(plot_panels(os.path.join(out, f"{NAME}_grad.png"), panels, ncols=1,
+                             panel_size=(7.5, 4.0), title=title))
     return paths
 
 
 def write_csv(hist: Sequence[mc.History], path: str) -> str:
-    """Every evaluation: method, outer step, wall and CPU seconds, meta-test MSE."""
+    """Every evaluation: method, outer step, wall and CPU seconds, meta-test MSE, true
+    outer-gradient norm and the q of the step that led to it (ufom rows)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "outer_step", "wall_s", "cpu_s", "meta_test_mse"])
+        w.writerow(["method", "outer_step", "wall_s", "cpu_s", "meta_test_mse", "true_grad_norm",
+                    "q"])
         for h in hist:
-            for k, wall, cpu, s in zip(h.steps, h.wall, h.cpu, h.score):
-                w.writerow([h.label, k, f"{wall:.4f}", f"{cpu:.4f}", repr(s)])
+            for k, wall, cpu, s, e in zip(h.steps, h.wall, h.cpu, h.score, h.extra):
+                q = h.q_trace[k - 1] if 0 < k <= len(h.q_trace) else ""
+                w.writerow([h.label, k, f"{wall:.4f}", f"{cpu:.4f}", repr(s), repr(e[1]), q])
     return path
 
 
@@ -248,21 +345,34 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="query points per held-out task (default 100)")
     p.add_argument("--eval-every", type=mc.positive_int,
                    help="evaluate every N outer steps (default iters / 40 or so)")
-    p.add_argument("--methods", default=",".join(m.label for m in mc.METHODS),
-                   help="comma-separated: " + ", ".join(m.label for m in mc.METHODS)
-                        + " (aliases: ufom, ufom-auto)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated: " + ", ".join(mc.BY_LABEL)
+                        + " (aliases: " + ", ".join(mc.ALIASES) + "; default "
+                        + ",".join(DEFAULT_METHODS) + ", plus the q study in the full run)")
+    p.add_argument("--q-study", action="store_true",
+                   help="add " + ", ".join(m.label for m in mc.Q_STUDY) + " to the methods "
+                        "(the full run's default)")
+    p.add_argument("--grad-tasks", type=mc.positive_int,
+                   help="fixed tasks of the true outer-gradient norm (default 500; --quick 100)")
+    p.add_argument("--target-mse", type=mc.positive_float,
+                   help="target meta-test MSE for the time-to-target columns (default "
+                        f"{1 + TARGET_VS_EXACT:g} x exact's final MSE, else higher's)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="default float64")
     mc.add_run_args(p, NAME)
     args = mc.parse_run_args(p, argv)
     args.size = "tiny" if args.tiny else "quick" if args.quick else "full"
-    iters, batch, tests, every = SIZES[args.size]
+    iters, batch, tests, every, grad_tasks = SIZES[args.size]
+    args.grad_tasks = args.grad_tasks or grad_tasks
     args.iters = args.iters or iters
     args.meta_batch = args.meta_batch or batch
     args.test_tasks = args.test_tasks or tests
     if args.tiny:
         args.test_query = min(args.test_query, 20)
     args.eval_every = args.eval_every or (every if args.iters == iters else max(1, args.iters // 40))
-    args.method_list = mc.parse_methods(args.methods, p.error, args.q)
+    methods = args.methods or ",".join(DEFAULT_METHODS)
+    if args.q_study or (args.methods is None and args.size == "full"):
+        methods += "," + ",".join(m.label for m in mc.Q_STUDY)
+    args.method_list = mc.parse_methods(methods, p.error, args.q)
     return args
 
 
@@ -301,25 +411,30 @@ def _run(args, t0: float) -> Dict[str, Any]:
                                 memory=args.memory) for m in methods]
     test = sample_tasks(args.test_tasks, args.shots, args.test_query,
                         torch.Generator().manual_seed(TEST_SEED), dtype, args.device)
+    grad_set = sample_tasks(args.grad_tasks, args.shots, args.query,
+                            torch.Generator().manual_seed(GRAD_SEED), dtype, args.device)
 
     def evaluate(model):
         per_task = mc.adapt_and_score(model, _pred_mse, _pred_mse, *test, steps=args.steps,
                                       lr=args.inner_lr)
-        return float(per_task.mean()), per_task.cpu()
+        g = mc.meta_gradient(model, _pred_mse, *grad_set, steps=args.steps, lr=args.inner_lr)
+        return float(per_task.mean()), (per_task.cpu(), mc.grad_norm(g))
 
     batch = meta_batches(args.seed, args.meta_batch, args.shots, args.query, dtype, args.device)
     hist = mc.train_round_robin(trainers, batch, args.iters, evaluate, args.eval_every,
                                 args.device, desc=NAME, show_progress=not args.no_progress)
-    summary = summarise(hist, args.device)
+    cross_check = check_gradient(trainers, grad_set, args)
+    summary = summarise(hist, args.device, args.target_mse)
     results = checks(summary, hist)
     total = time.perf_counter() - t0
     title = (f"sinusoid MAML: {args.steps} inner steps, meta-batch {args.meta_batch}, "
              f"{args.dtype}, seed {args.seed}")
     files = plots(hist, args.out, title)
     files.append(write_csv(hist, os.path.join(args.out, f"{NAME}.csv")))
-    text = report(args, summary, results, skipped, total, files)
+    text = report(args, summary, results, skipped, total, files, cross_check)
     files.insert(0, write_text(os.path.join(args.out, f"{NAME}.md"), text))
     print(table(summary, args.iters, args.device))
+    print(q_table(summary, args.device))
     for line in skipped:
         print(f"note: {line}")
     for text_, holds in results:
@@ -327,11 +442,14 @@ def _run(args, t0: float) -> Dict[str, Any]:
     print(f"wrote {', '.join(files)} ({total:.1f} s)")
     return {"summary": summary, "checks": results, "skipped": skipped, "files": files,
             "histories": {h.label: {"steps": h.steps, "wall_s": h.wall, "cpu_s": h.cpu,
-                                    "mse": h.score, "error": h.error} for h in hist},
+                                    "mse": h.score, "grad_norm": [e[1] for e in h.extra],
+                                    "q": h.q_trace, "error": h.error} for h in hist},
+            "gradient_check": cross_check,
             "seconds": total, "args": {k: v for k, v in vars(args).items() if k != "method_list"}}
 
 
-def report(args, summary, results, skipped, total: float, files: Sequence[str]) -> str:
+def report(args, summary, results, skipped, total: float, files: Sequence[str],
+           cross_check: Optional[Dict[str, Any]] = None) -> str:
     """The Markdown report."""
     clock = "process CPU time" if args.device == "cpu" else "wall-clock time"
     lines = [
@@ -366,7 +484,27 @@ def report(args, summary, results, skipped, total: float, files: Sequence[str]) 
         "",
         table(summary, args.iters, args.device),
         "",
+        "**q, true outer gradient and time to a target.** *q at end*: the q the next outer "
+        "step would use (q=\"auto\": the adaptive rule's; fixed q: q); *mean q*: the mean q "
+        "over the last 10% of the outer steps. *|true grad|*: the norm of the exact "
+        "meta-gradient (second-order terms included) of the mean query MSE over "
+        f"{args.grad_tasks} fixed tasks ({args.shots} support, {args.query} query points; the "
+        "same for every method and seed), after the same inner loop, by plain torch.func "
+        "(vmap over tasks), at every evaluation; it is the outer objective's gradient on that "
+        "fixed set, so it has a floor of its own set by the tasks drawn. *steps / time to "
+        "target*: the first evaluation from which the meta-test MSE stays at or below the "
+        "target until the end"
+        + ("" if args.target_mse else f" (target: {1 + TARGET_VS_EXACT:g} x exact's final "
+           "meta-test MSE, higher's if exact did not run)")
+        + ", and the training time up to it.",
+        "",
+        q_table(summary, args.device),
+        "",
     ]
+    if cross_check:
+        lines += [f"True outer gradient cross-checked against `torch_ufom.hypergrad(mode=\"exact\")` "
+                  f"over {cross_check['tasks']} of its tasks at {cross_check['method']}'s final "
+                  f"weights: relative difference {cross_check['rel_diff']:.1e}.", ""]
     if skipped:
         lines += [f"Note: {s}" for s in skipped] + [""]
     lines += ["Targets:", ""]
