@@ -164,7 +164,9 @@ class SGD(InnerRule):
                 buf = torch.where(first, d, mom * state[1 + i] + (1 - damp) * d)
                 new_bufs.append(buf)
                 d = d + mom * buf if self.nesterov else buf
-            new_params[n] = p - per_param(hyper["lr"], n) * d
+            lr = per_param(hyper["lr"], n)
+            # A plain-number rate: one fused op (half the allocations of p - lr * d).
+            new_params[n] = p.add(d, alpha=-lr) if isinstance(lr, numbers.Real) else p - lr * d
         new_state = (state[0] + 1,) + tuple(new_bufs) if state else ()
         return new_params, new_state
 
