@@ -46,7 +46,7 @@ How it measures: every (method, steps) run is a fresh Python process
 (``--threads``). The process loads the data, builds the problem, makes one
 warm-up outer gradient at ``steps=1`` (not stepped), then trains
 ``--outer-steps`` outer steps under :class:`benchmarks.harness.PeakMemory`
-(CPU: peak RSS above the RSS before training; CUDA:
+(CPU: the process's own peak RSS, ``VmHWM`` on Linux, above the RSS before training; CUDA:
 ``torch.cuda.max_memory_allocated`` above the memory allocated before). Each
 outer step's wall-clock and process CPU time are recorded. ``ufom`` draws from
 a ``torch.Generator`` seeded ``--seed``; if no draw took the exact branch
@@ -567,8 +567,9 @@ def report(runs: Dict[str, Dict[str, Any]], args, notes: List[str], target: Dict
         "after the last outer update (the latter by a plain torch.func loop); *end vs exact*: "
         "difference from exact's end loss; wall / CPU time of the training loop (all outer "
         "steps, process CPU time); peak memory above the memory in use before training, in a "
-        "fresh process per run (CPU: peak RSS; CUDA: max_memory_allocated); *1st hypergrad vs "
-        "exact*: ||g - g_exact|| / ||g_exact|| of the first outer step's hypergradient (rates "
+        "fresh process per run (CPU: the process's own peak RSS, VmHWM on Linux, which does not "
+        "include the parent process's peak as ru_maxrss would; CUDA: max_memory_allocated); "
+        "*1st hypergrad vs exact*: ||g - g_exact|| / ||g_exact|| of the first outer step's hypergradient (rates "
         "and weight decay), where the hyperparameters are equal for all methods.", "",
     ]
     lines += [f"- {n}" for n in notes]
