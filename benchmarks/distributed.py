@@ -184,9 +184,15 @@ def train(args, device: torch.device) -> int:
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] += 1e-3
     flat = flat_parameters(model)
-    print(f"rank {rank}/{world}: {len(range(rank, args.meta_batch, world))} tasks per outer "
-          f"step, {exact_branches} exact branches, {seconds:.2f} s; final parameters: "
-          f"{checksum(flat)}", flush=True)
+    line = (f"rank {rank}/{world}: {len(range(rank, args.meta_batch, world))} tasks per outer "
+            f"step, {exact_branches} exact branches, {seconds:.2f} s; final parameters: "
+            f"{checksum(flat)}")
+    # Rank 0 prints every rank's line: lines written by several processes to one
+    # stream can interleave mid-line.
+    lines = [None] * world
+    dist.all_gather_object(lines, line)
+    if rank == 0:
+        print("\n".join(lines), flush=True)
     gathered = [torch.empty_like(flat, device=coll) for _ in range(world)]
     dist.all_gather(gathered, flat.to(coll))
     same = all(torch.equal(gathered[0], g) for g in gathered[1:])
