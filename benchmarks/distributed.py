@@ -29,8 +29,8 @@ Then, as in a one-process loop::
 
 Each rank draws its ufom coins from its own stream (derived from one seed and
 its rank), yet every rank applies the same averaged meta-gradient, so the
-parameters stay identical. At the end every rank prints a checksum of its
-parameters; the ranks all-gather their parameters and rank 0 prints whether
+parameters stay identical. At the end rank 0 prints every rank's checksum of
+its parameters; the ranks all-gather their parameters and rank 0 prints whether
 they are bit-identical, with the outer loss (mean over all ranks' tasks) of
 each outer step. The exit status is 1 if the parameters differ.
 
