@@ -9,7 +9,10 @@ from conftest import mlp_problem, mse, rel_err
 
 
 def schedule_forward_steps(n, slots):
-    """Inner steps the Revolve schedule itself advances (first forward plus replays)."""
+    """Inner steps the schedule advances (first forward plus replays): Revolve's count, or
+    ``n`` when the ``n <= slots`` steps keep their graphs without replay."""
+    if n <= slots:
+        return n
     total = 0
     for action in cs.Revolve(n, slots):
         if isinstance(action, cs.Forward):
@@ -37,6 +40,19 @@ def test_checkpoint_equals_store(steps, slots):
     assert rel_err(got, ref) < 1e-12
     assert out.reverse_steps == steps
     assert out.forward_steps + out.reverse_steps == schedule_forward_steps(steps, slots)
+    if steps <= slots:
+        assert out.forward_steps == 0  # no replay: every graph kept
+
+
+def test_revolve_would_replay_what_keeping_the_graphs_saves():
+    # Within the slots, Revolve stores every state, then rebuilds each step's graph.
+    revolve = 0
+    for action in cs.Revolve(5, 8):
+        if isinstance(action, cs.Forward):
+            revolve += action.n1 - action.n0
+        if isinstance(action, cs.EndReverse):
+            break
+    assert revolve > 5 == schedule_forward_steps(5, 8)
 
 
 def test_checkpoint_inside_a_truncated_sweep():

@@ -13,7 +13,8 @@ the forward pass over those steps and then yields one
 * :class:`Checkpoint` follows a binomial (Revolve) schedule from the
   ``checkpoint_schedules`` package: at most ``slots`` stored states plus one
   step's graph, about ``K log K`` replayed steps (``K = 1000, slots = 8``:
-  4,285 replays, against 499,500 for :class:`Recompute`).
+  4,285 replays, against 499,500 for :class:`Recompute`); a sweep of
+  ``K <= slots`` steps keeps its ``K`` graphs, like :class:`Store`.
 
 Both are driven by the same two calls, ``forward`` then ``reverse``.
 """
@@ -94,6 +95,11 @@ class Checkpoint(Schedule):
     ``Copy`` / ``Move`` restore the working state from a checkpoint (``Move``
     frees it).
 
+    A sweep over ``K <= slots`` steps keeps every step's graph instead, as
+    :class:`Store` does (no replay; Revolve would store every state and then
+    replay each step once to rebuild its graph): memory is then at most
+    ``slots`` step graphs, still independent of ``steps``.
+
     Args:
         slots: the number of stored inner states, ``>= 1``.
     """
@@ -105,6 +111,12 @@ class Checkpoint(Schedule):
         self.loop, self.start, self.state = loop, start, state
         self.checkpoints: Dict[int, State] = {}
         self.records: Dict[int, StepRecord] = {}
+        self.store = None
+        if stop - start <= self.slots:
+            # Every state fits: Revolve would store them all, then replay each step
+            # once for its graph; keeping the graphs at once skips those replays.
+            self.store = Store()
+            return self.store.forward(loop, state, start, stop, losses)
         if stop == start:
             self.actions = iter(())
             return state
@@ -140,6 +152,9 @@ class Checkpoint(Schedule):
                 losses.append(loss)
 
     def reverse(self):
+        if self.store is not None:
+            yield from self.store.reverse()
+            return
         while True:
             action = self._run(until=(cs.Reverse, cs.EndReverse))
             if not isinstance(action, cs.Reverse):
