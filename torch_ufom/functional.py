@@ -264,6 +264,25 @@ def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:
     return total
 
 
+def _check_call(fn: str, model: nn.Module, inner, inner_lr, mode: str, q, steps: int,
+                truncation, k, memory: str, slots: int, params, hvp: str):
+    """Validate the arguments shared by :func:`hypergrad` and :func:`hypergrad_batch`;
+    return ``(rule, law, params, hvp)``."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    rule = make_rule(inner, inner_lr, names)
+    if q == "auto":
+        raise ValueError("Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; "
+                         f"{fn} takes a float in (0, 1]")
+    law = resolve_law(mode, q, steps, truncation, k)
+    check_memory(memory)
+    check_slots(slots)
+    params = list(model.parameters()) if params is None else list(params)
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise ValueError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
+    return rule, law, params, resolve_hvp(hvp, model, rule, params)
+
+
 def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supports: Any,
                     queries: Any, *, steps: int, inner_lr=None, mode: str = "ufom", q: float = 0.1,
                     memory: str = "checkpoint", slots: int = 8,
@@ -291,19 +310,8 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
         ValueError: an invalid argument, e.g. tensors whose leading sizes differ
             (the message names the entry); nothing is changed.
     """
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    rule = make_rule(inner, inner_lr, names)
-    if q == "auto":
-        raise ValueError("Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; "
-                         "hypergrad_batch takes a float in (0, 1]")
-    law = resolve_law(mode, q, steps, truncation, k)
-    check_memory(memory)
-    check_slots(slots)
-    params = list(model.parameters()) if params is None else list(params)
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise ValueError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
-    hvp = resolve_hvp(hvp, model, rule, params)
+    rule, law, params, hvp = _check_call("hypergrad_batch", model, inner, inner_lr, mode, q, steps,
+                                         truncation, k, memory, slots, params, hvp)
     run = batch_estimates(model, inner_loss, outer_loss, supports, queries, steps=steps, rule=rule,
                           law=law, memory=memory, slots=slots, params=params, generator=generator,
                           K=force_truncation, hvp=hvp)
@@ -369,19 +377,8 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         ValueError: an invalid argument (nothing is changed).
         FloatingPointError: a non-finite inner or outer loss.
     """
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    rule = make_rule(inner, inner_lr, names)
-    if q == "auto":
-        raise ValueError("Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; "
-                         "hypergrad takes a float in (0, 1]")
-    law = resolve_law(mode, q, steps, truncation, k)
-    check_memory(memory)
-    check_slots(slots)
-    params = list(model.parameters()) if params is None else list(params)
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise ValueError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
-    hvp = resolve_hvp(hvp, model, rule, params)
+    rule, law, params, hvp = _check_call("hypergrad", model, inner, inner_lr, mode, q, steps,
+                                         truncation, k, memory, slots, params, hvp)
     est = hypergrad_estimate(model, inner_loss, outer_loss, support, query, steps=steps,
                              rule=rule, law=law, memory=memory, slots=slots, params=params,
                              generator=generator, hvp=hvp)

@@ -203,11 +203,7 @@ class MetaOptimizer:
         q = self.law.q if isinstance(self.law, Bernoulli) else None
         if self.track_buffers:
             self._buffers.append(list(est.buffers))
-        if self.adaptive is not None:
-            self._observations.append(adaptive.observe(
-                exact=est.truncation == self.steps, seconds=seconds, steps=self.steps,
-                forward_steps=est.forward_steps, reverse_steps=est.reverse_steps,
-                g0=est.g0, gr=est.gk, q=self.law.q))
+        self._observe(est, seconds)
         self._tasks += 1
         return MetaResult(est.outer_loss, est.inner_losses, est.truncation, est.weights, q,
                           est.forward_steps, est.reverse_steps)
@@ -265,13 +261,17 @@ class MetaOptimizer:
                     est.truncation, est.weights, q, est.forward_steps, est.reverse_steps)
             if self.track_buffers and not run.vectorised:
                 self._buffers.append(list(est.buffers))
-            if self.adaptive is not None:
-                self._observations.append(adaptive.observe(
-                    exact=est.truncation == self.steps, seconds=seconds, steps=self.steps,
-                    forward_steps=est.forward_steps, reverse_steps=est.reverse_steps,
-                    g0=est.g0, gr=est.gk, q=self.law.q))
+            self._observe(est, seconds)
         self._tasks += len(run.truncations)
         return results
+
+    def _observe(self, est: Estimate, seconds: float) -> None:
+        """With ``q="auto"``, keep a task's observation for :meth:`step`."""
+        if self.adaptive is not None:
+            self._observations.append(adaptive.observe(
+                exact=est.truncation == self.steps, seconds=seconds, steps=self.steps,
+                forward_steps=est.forward_steps, reverse_steps=est.reverse_steps,
+                g0=est.g0, gr=est.gk, q=self.law.q))
 
     def _write(self, meta: List[Tensor], grads) -> None:
         """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing."""
