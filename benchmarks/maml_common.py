@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -323,13 +324,16 @@ def eval_points(iters: int, every: int) -> List[int]:
 def train_round_robin(trainers: Sequence[_Trainer], batch: Callable[[int], Sequence],
                       iters: int, evaluate: Callable[[nn.Module], Tuple[float, Any]],
                       eval_every: int, device: str = "cpu", desc: str = "",
-                      show_progress: bool = True) -> List[History]:
+                      show_progress: bool = True,
+                      lr_factor: Optional[Callable[[int], float]] = None) -> List[History]:
     """Train every trainer for ``iters`` outer steps, round-robin; evaluate every ``eval_every``.
 
     ``batch(k)`` returns the meta-batch of outer step ``k`` (called once per
     step and shared by all trainers). ``evaluate(model)`` returns ``(score,
     extra)``; it runs outside the clocks. A trainer that raises is dropped
     from the rest of the run and its :attr:`History.error` is set.
+    ``lr_factor(k)``, if given, scales every trainer's outer learning rate (its
+    initial value) at outer step ``k``: one schedule for every method.
     """
     hist = [History(t.method.label) for t in trainers]
     wall = [0.0] * len(trainers)
@@ -350,8 +354,14 @@ def train_round_robin(trainers: Sequence[_Trainer], batch: Callable[[int], Seque
                 h.extra.append(extra)
 
     record(0)
+    base_lr = [[g["lr"] for g in t.outer.param_groups] for t in trainers]
     for k in range(iters):
         tasks = batch(k)
+        if lr_factor is not None:
+            factor = lr_factor(k)
+            for t, lrs in zip(trainers, base_lr):
+                for g, lr in zip(t.outer.param_groups, lrs):
+                    g["lr"] = lr * factor
         for i, t in enumerate(trainers):
             if not alive[i]:
                 continue
@@ -379,6 +389,11 @@ def train_round_robin(trainers: Sequence[_Trainer], batch: Callable[[int], Seque
         if t.q_min is not None and meta is not None:
             h.q_next = float(meta.q_stats["q"])
     return hist
+
+
+def cosine_decay(iters: int) -> Callable[[int], float]:
+    """``k -> (1 + cos(pi k / iters)) / 2``: the learning-rate factor of a cosine decay to 0."""
+    return lambda k: 0.5 * (1.0 + math.cos(math.pi * k / max(1, iters)))
 
 
 def _bar(total: int, desc: str, enabled: bool):

@@ -21,6 +21,19 @@ every method and every ``--seed``): from the meta-learned initialisation,
 MSE on 100 query points, averaged over the tasks. Adaptation is plain
 ``torch.func`` (``grad`` + ``vmap``), independent of every library compared.
 
+Also measured at every evaluation: the *true outer-gradient norm*, the norm
+of the exact meta-gradient (second-order terms included) of the mean query
+MSE over a fixed set of ``--grad-tasks`` tasks (plain ``torch.func``, checked
+against ``torch_ufom.hypergrad(mode="exact")`` once per run), and, for the ufom
+rows, the ``q`` of every outer step (``q="auto"``: the adaptive rule's). The
+report gives the time (outer steps, CPU and wall seconds) until the meta-test
+MSE reaches and stays at or below a target (``--target-mse``; default 1.1 x
+exact's final meta-test MSE).
+
+Methods: ``fom``, ``ufom q=0.1`` (``--q``), ``ufom q=auto`` (our rule),
+``exact``, ``higher``, ``torchopt``; ``--q-study`` (and the full run) adds
+``ufom q=0.05``, ``ufom q=0.2``, ``ufom q=1`` and ``ufom q=auto (authors)``.
+
 Precision: float64 by default (``--dtype``). ``exact`` and ``higher`` compute
 the same meta-gradient up to rounding, and Adam amplifies rounding over
 thousands of steps through the ReLU kinks; in float64 their trajectories stay
@@ -34,7 +47,8 @@ the fixed ``q``).
 Run from the repository root::
 
     python -m benchmarks.sinusoid --quick      # ~2 minutes on 2 quiet cores
-    python -m benchmarks.sinusoid              # 10,000 outer steps
+    python -m benchmarks.sinusoid --quick --q-study   # with q 0.05/0.2/1 and the authors' rule
+    python -m benchmarks.sinusoid              # 10,000 outer steps, every row
     python -m benchmarks.sinusoid --tiny       # seconds: smoke test
 """
 from __future__ import annotations
@@ -167,6 +181,7 @@ def summarise(hist: Sequence[mc.History], device: str,
                         "q_end": h.q_next if h.q_next is not None else h.q_last,
                         "q_min": h.q_min, "q_mean_tail": sum(tail) / len(tail) if tail else None,
                         "grad_start": norms[0], "grad_end": norms[-1], "grad_min": min(norms),
+                        "grad_tail": sum(norms[-max(1, len(norms) // 4):]) / max(1, len(norms) // 4),
                         "grad_ratio": norms[-1] / norms[0] if norms[0] > 0 else None}
     clock = "cpu_s" if device == "cpu" else "wall_s"
     ok = {k: v for k, v in out.items() if "error" not in v}
@@ -251,8 +266,8 @@ def table(summary: Dict[str, Dict[str, Any]], iters: int, device: str) -> str:
             f"{r['wall_s']:.1f} s", f"{r['cpu_s']:.1f} s", f"{r['ms_per_step']:.1f}",
             "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}",
             _fmt_gap(r["vs_higher"]), _fmt_gap(r["vs_exact"]),
-            f"{100 * r['exact_share']:.0f}%" + ("" if r["q_last"] is None or label != "ufom q=auto"
-                                                else f" (q at end {r['q_last']:.3f})"),
+            f"{100 * r['exact_share']:.0f}%" + ("" if r["q_min"] is None
+                                                else f" (q at end {r['q_end']:.3f})"),
         ])
     return markdown_table(headers, rows, "lrrrrrrrrr")
 
@@ -268,16 +283,17 @@ def q_table(summary: Dict[str, Dict[str, Any]], device: str) -> str:
     ok = {k: v for k, v in summary.items() if "error" not in v}
     target = next((r["target_mse"] for r in ok.values() if r["target_mse"] is not None), None)
     headers = ["method", "q at end", "mean q (last 10%)", "|true grad| at start",
-               "|true grad| at end", "end / start", "lowest |true grad|",
+               "|true grad| at end", "end / start", "mean |true grad| (last 25% of evals)",
+               "lowest |true grad|",
                f"steps to stay <= {_fmt(target, '.4f')}", f"{clock} time to target"]
     rows = []
     for label, r in ok.items():
         rows.append([label, _fmt(r["q_end"], ".3f"), _fmt(r["q_mean_tail"], ".3f"),
                      f"{r['grad_start']:.4f}", f"{r['grad_end']:.4f}", _fmt(r["grad_ratio"], ".3f"),
-                     f"{r['grad_min']:.4f}",
+                     f"{r['grad_tail']:.4f}", f"{r['grad_min']:.4f}",
                      "not reached" if r["target_step"] is None else str(r["target_step"]),
                      _fmt(r[key], ".1f", " s")])
-    return markdown_table(headers, rows, "lrrrrrrrr")
+    return markdown_table(headers, rows, "lrrrrrrrrr")
 
 
 def plots(hist: Sequence[mc.History], out: str, title: str) -> List[str]:
@@ -335,6 +351,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=mc.positive_int, default=5, help="inner SGD steps (default 5)")
     p.add_argument("--inner-lr", type=mc.positive_float, default=0.01, help="default 0.01")
     p.add_argument("--outer-lr", type=mc.positive_float, default=1e-3, help="Adam, default 1e-3")
+    p.add_argument("--lr-decay", choices=("none", "cosine"), default="none",
+                   help="outer learning-rate schedule, the same for every method: constant "
+                        "(default) or a cosine decay to 0 over the run")
     p.add_argument("--shots", type=mc.positive_int, default=10,
                    help="support points per task (default 10)")
     p.add_argument("--query", type=mc.positive_int, default=10,
@@ -422,7 +441,9 @@ def _run(args, t0: float) -> Dict[str, Any]:
 
     batch = meta_batches(args.seed, args.meta_batch, args.shots, args.query, dtype, args.device)
     hist = mc.train_round_robin(trainers, batch, args.iters, evaluate, args.eval_every,
-                                args.device, desc=NAME, show_progress=not args.no_progress)
+                                args.device, desc=NAME, show_progress=not args.no_progress,
+                                lr_factor=(mc.cosine_decay(args.iters) if args.lr_decay == "cosine"
+                                           else None))
     cross_check = check_gradient(trainers, grad_set, args)
     summary = summarise(hist, args.device, args.target_mse)
     results = checks(summary, hist)
@@ -461,7 +482,9 @@ def report(args, summary, results, skipped, total: float, files: Sequence[str],
         f"{args.shots} support and {args.query} query points per training task. MLP 1-40-40-1 "
         f"(ReLU), {args.dtype}, device {args.device}, {args.threads} thread(s). Inner loop: "
         f"{args.steps} SGD steps at lr {args.inner_lr} on the support MSE. Outer: Adam lr "
-        f"{args.outer_lr} on the mean query MSE of {args.meta_batch} tasks, {args.iters} outer "
+        f"{args.outer_lr}"
+        + (" (cosine decay to 0 over the run, every method)" if args.lr_decay == "cosine" else "")
+        + f" on the mean query MSE of {args.meta_batch} tasks, {args.iters} outer "
         f"steps. Seed {args.seed}: the same initial weights and the same meta-batch at every "
         "outer step for every method. torch_ufom's memory schedule: "
         f"`{args.memory}`.",

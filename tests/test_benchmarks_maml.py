@@ -35,6 +35,8 @@ def test_sinusoid_tiny_writes_its_report(tmp_path):
         assert len(h["grad_norm"]) == len(h["mse"]) and all(g > 0 for g in h["grad_norm"])
         assert r["grad_start"] == h["grad_norm"][0] and r["grad_end"] == h["grad_norm"][-1]
         assert r["grad_min"] == min(h["grad_norm"])
+        n = max(1, len(h["grad_norm"]) // 4)
+        assert r["grad_tail"] == pytest.approx(sum(h["grad_norm"][-n:]) / n)
         # Time to target: the first evaluation from which the MSE stays at or below the target.
         target = r["target_mse"]
         assert target == pytest.approx(1.1 * summary["exact"]["final_mse"], rel=1e-12)
@@ -127,3 +129,27 @@ def test_unknown_values_are_usage_errors(module, argv, accepted, capsys):
         module.main(argv)
     assert exc.value.code == 2
     assert accepted in capsys.readouterr().err
+
+
+def test_cosine_decay_scales_every_methods_outer_lr(tmp_path):
+    f = maml_common.cosine_decay(10)
+    assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
+    seen = []
+    real = maml_common.make_trainer
+
+    def spy(*a, **kw):
+        t = real(*a, **kw)
+        step = t.step
+        t.step = lambda tasks: (seen.append((t.method.label, t.outer.param_groups[0]["lr"])),
+                                step(tasks))
+        return t
+
+    import unittest.mock
+    with unittest.mock.patch.object(maml_common, "make_trainer", spy):
+        sinusoid.main(["--tiny", "--methods", "fom,exact", "--lr-decay", "cosine",
+                       "--outer-lr", "0.01", "--out", str(tmp_path), "--no-progress"])
+    iters = sinusoid.SIZES["tiny"][0]
+    for label in ("fom", "exact"):
+        lrs = [lr for m, lr in seen if m == label]
+        assert lrs == pytest.approx([0.01 * maml_common.cosine_decay(iters)(k) for k in range(iters)])
+    assert "cosine decay" in (tmp_path / "sinusoid.md").read_text()
