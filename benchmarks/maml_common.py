@@ -442,7 +442,7 @@ def adapt_and_score(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tens
 
 def meta_gradient(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor], xs: Tensor,
                   ys: Tensor, xq: Tensor, yq: Tensor, steps: int, lr: float,
-                  chunk: int = 64) -> Dict[str, Tensor]:
+                  chunk: int = 64, return_se: bool = False):
     """The exact meta-gradient of the mean query loss over a fixed set of tasks.
 
     ``d/dtheta (1/n) sum_t pred_loss(model_{phi_t}(xq_t), yq_t)`` where ``phi_t``
@@ -450,7 +450,10 @@ def meta_gradient(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor
     support loss (the MAML objective, second-order terms included), for the
     model's parameters ``theta``. Plain ``torch.func`` (``grad`` through the
     unrolled inner loop, ``vmap`` over ``chunk`` tasks at a time), independent
-    of every library compared. Returns ``{name: gradient}``.
+    of every library compared. Returns ``{name: gradient}``; with ``return_se``,
+    ``(gradient, se)`` where ``se = sqrt(tr Cov / n)`` is the standard error of
+    the mean over the tasks: the norm a set of ``n`` tasks shows even where the
+    expected meta-gradient is 0.
     """
     from torch.func import functional_call, grad, vmap
 
@@ -466,16 +469,21 @@ def meta_gradient(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor
             p = {n: p[n] - lr * g[n] for n in p}
         return pred_loss(functional_call(model, (p, buffers), (x_q,)), y_q)
 
-    def chunk_sum(p, x, y, x_q, y_q):
-        return vmap(query_loss, in_dims=(None, 0, 0, 0, 0))(p, x, y, x_q, y_q).sum()
-
+    per_task = vmap(grad(query_loss), in_dims=(None, 0, 0, 0, 0))
     n = xs.shape[0]
     total = {k: torch.zeros_like(v) for k, v in params.items()}
+    sq = torch.zeros((), dtype=torch.float64)
     for i in range(0, n, chunk):
         sl = slice(i, i + chunk)
-        g = grad(chunk_sum)(params, xs[sl], ys[sl], xq[sl], yq[sl])
-        total = {k: total[k] + g[k] for k in total}
-    return {k: v / n for k, v in total.items()}
+        g = per_task(params, xs[sl], ys[sl], xq[sl], yq[sl])
+        total = {k: total[k] + g[k].sum(0) for k in total}
+        sq = sq + sum((g[k].double() ** 2).sum() for k in g)
+    mean = {k: v / n for k, v in total.items()}
+    if return_se:
+        # Standard error of the mean over tasks: sqrt(tr Cov / n), with the unbiased variance.
+        var = (sq - n * sum((m.double() ** 2).sum() for m in mean.values())) / max(1, n - 1)
+        return mean, float(var.clamp_min(0) / n) ** 0.5
+    return mean
 
 
 def grad_norm(grads: Dict[str, Tensor]) -> float:

@@ -190,6 +190,7 @@ def summarise(hist: Sequence[mc.History], device: str,
                         "q_min": h.q_min, "q_mean_tail": sum(tail) / len(tail) if tail else None,
                         "grad_start": norms[0], "grad_end": norms[-1], "grad_min": min(norms),
                         "grad_tail": sum(norms[-max(1, len(norms) // 4):]) / max(1, len(norms) // 4),
+                        "grad_se_end": h.extra[-1][2],
                         "grad_ratio": norms[-1] / norms[0] if norms[0] > 0 else None}
     clock = "cpu_s" if device == "cpu" else "wall_s"
     ok = {k: v for k, v in out.items() if "error" not in v}
@@ -292,16 +293,16 @@ def q_table(summary: Dict[str, Dict[str, Any]], device: str) -> str:
     target = next((r["target_mse"] for r in ok.values() if r["target_mse"] is not None), None)
     headers = ["method", "q at end", "mean q (last 10%)", "|true grad| at start",
                "|true grad| at end", "end / start", "mean |true grad| (last 25% of evals)",
-               "lowest |true grad|",
+               "lowest |true grad|", "its floor at end",
                f"steps to stay <= {_fmt(target, '.4f')}", f"{clock} time to target"]
     rows = []
     for label, r in ok.items():
         rows.append([label, _fmt(r["q_end"], ".3f"), _fmt(r["q_mean_tail"], ".3f"),
                      f"{r['grad_start']:.4f}", f"{r['grad_end']:.4f}", _fmt(r["grad_ratio"], ".3f"),
-                     f"{r['grad_tail']:.4f}", f"{r['grad_min']:.4f}",
+                     f"{r['grad_tail']:.4f}", f"{r['grad_min']:.4f}", f"{r['grad_se_end']:.4f}",
                      "not reached" if r["target_step"] is None else str(r["target_step"]),
                      _fmt(r[key], ".1f", " s")])
-    return markdown_table(headers, rows, "lrrrrrrrrr")
+    return markdown_table(headers, rows, "lrrrrrrrrrr")
 
 
 def plots(hist: Sequence[mc.History], out: str, title: str) -> List[str]:
@@ -334,11 +335,12 @@ def write_csv(hist: Sequence[mc.History], path: str) -> str:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "outer_step", "wall_s", "cpu_s", "meta_test_mse", "true_grad_norm",
-                    "q"])
+                    "true_grad_se", "q"])
         for h in hist:
             for k, wall, cpu, s, e in zip(h.steps, h.wall, h.cpu, h.score, h.extra):
                 q = h.q_trace[k - 1] if 0 < k <= len(h.q_trace) else ""
-                w.writerow([h.label, k, f"{wall:.4f}", f"{cpu:.4f}", repr(s), repr(e[1]), q])
+                w.writerow([h.label, k, f"{wall:.4f}", f"{cpu:.4f}", repr(s), repr(e[1]), repr(e[2]),
+                            q])
     return path
 
 
@@ -444,8 +446,9 @@ def _run(args, t0: float) -> Dict[str, Any]:
     def evaluate(model):
         per_task = mc.adapt_and_score(model, _pred_mse, _pred_mse, *test, steps=args.steps,
                                       lr=args.inner_lr)
-        g = mc.meta_gradient(model, _pred_mse, *grad_set, steps=args.steps, lr=args.inner_lr)
-        return float(per_task.mean()), (per_task.cpu(), mc.grad_norm(g))
+        g, se = mc.meta_gradient(model, _pred_mse, *grad_set, steps=args.steps, lr=args.inner_lr,
+                                 return_se=True)
+        return float(per_task.mean()), (per_task.cpu(), mc.grad_norm(g), se)
 
     batch = meta_batches(args.seed, args.meta_batch, args.shots, args.query, dtype, args.device)
     hist = mc.train_round_robin(trainers, batch, args.iters, evaluate, args.eval_every,
@@ -472,6 +475,7 @@ def _run(args, t0: float) -> Dict[str, Any]:
     return {"summary": summary, "checks": results, "skipped": skipped, "files": files,
             "histories": {h.label: {"steps": h.steps, "wall_s": h.wall, "cpu_s": h.cpu,
                                     "mse": h.score, "grad_norm": [e[1] for e in h.extra],
+                                    "grad_se": [e[2] for e in h.extra],
                                     "q": h.q_trace, "error": h.error} for h in hist},
             "gradient_check": cross_check,
             "seconds": total, "args": {k: v for k, v in vars(args).items() if k != "method_list"}}
@@ -522,7 +526,9 @@ def report(args, summary, results, skipped, total: float, files: Sequence[str],
         f"{args.grad_tasks} fixed tasks ({args.shots} support, {args.query} query points; the "
         "same for every method and seed), after the same inner loop, by plain torch.func "
         "(vmap over tasks), at every evaluation; it is the outer objective's gradient on that "
-        "fixed set, so it has a floor of its own set by the tasks drawn. *steps / time to "
+        "fixed set, so it has a floor of its own set by the tasks drawn: *its floor* is the "
+        "standard error of that mean over the tasks, sqrt(tr Cov / n), at the last evaluation "
+        "(the norm the set shows where the expected gradient is 0). *steps / time to "
         "target*: the first evaluation from which the meta-test MSE stays at or below the "
         "target until the end"
         + ("" if args.target_mse else f" (target: {1 + TARGET_VS_EXACT:g} x exact's final "

@@ -35,6 +35,7 @@ def test_sinusoid_tiny_writes_its_report(tmp_path):
         assert len(h["grad_norm"]) == len(h["mse"]) and all(g > 0 for g in h["grad_norm"])
         assert r["grad_start"] == h["grad_norm"][0] and r["grad_end"] == h["grad_norm"][-1]
         assert r["grad_min"] == min(h["grad_norm"])
+        assert r["grad_se_end"] == h["grad_se"][-1] and all(se > 0 for se in h["grad_se"])
         n = max(1, len(h["grad_norm"]) // 4)
         assert r["grad_tail"] == pytest.approx(sum(h["grad_norm"][-n:]) / n)
         # Time to target: the first evaluation from which the MSE stays at or below the target.
@@ -89,6 +90,15 @@ def test_meta_gradient_is_torch_ufoms_exact_hypergradient():
         total = list(h) if total is None else [a + b for a, b in zip(total, h)]
     for (name, _), t in zip(model.named_parameters(), total):
         assert torch.allclose(ref[name], t / 3, rtol=1e-10, atol=1e-12), name
+    # The standard error over the tasks, from the per-task gradients.
+    per = [torch.cat([g.flatten() for g in torch_ufom.hypergrad(
+        model, sinusoid.mse, sinusoid.mse, (xs[i], ys[i]), (xq[i], yq[i]), steps=3, inner_lr=0.05,
+        mode="exact")]) for i in range(3)]
+    per = torch.stack(per)
+    mean, se = maml_common.meta_gradient(model, sinusoid._pred_mse, xs, ys, xq, yq, steps=3,
+                                         lr=0.05, chunk=2, return_se=True)
+    assert maml_common.grad_norm(mean) == pytest.approx(float(per.mean(0).norm()), rel=1e-10)
+    assert se == pytest.approx(float((per.var(0).sum() / 3) ** 0.5), rel=1e-8)
     # ... and it is not FOM's: the second-order terms matter at this inner lr.
     fom = [sum(torch_ufom.hypergrad(model, sinusoid.mse, sinusoid.mse, (xs[i], ys[i]),
                                     (xq[i], yq[i]), steps=3, inner_lr=0.05, mode="fom")[j]
