@@ -50,7 +50,10 @@ second-order correction is as large as the gradient (``E|G_r - G_0|^2 /
 E|G_r|^2`` = 0.6-0.9), so a small fixed q makes the meta-batch mean several
 times noisier than exact's and Adam slower; a meta-batch of 25 and a cosine
 decay of the outer rate (``--lr-decay cosine``), each for every method, did not
-close the gap (README, "MAML on sinusoid regression").
+close the gap (README, "MAML on sinusoid regression"). With that cosine decay
+over 2,400 steps (``--methods fom,auto,exact --grad-tasks 2000``) the true
+outer-gradient norm goes from 1.00 to 0.25 for ``exact`` and ``q="auto"`` and
+stays at 0.55 for ``fom`` (floor of the 2,000-task set: 0.14-0.16).
 
 Run from the repository root::
 
