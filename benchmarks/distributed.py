@@ -198,12 +198,12 @@ def train(args, device: torch.device) -> int:
     same = all(torch.equal(gathered[0], g) for g in gathered[1:])
     if rank == 0:
         every = max(1, args.outer_steps // 10)
-        shown = [(k, l) for k, l in enumerate(losses) if k % every == 0 or k == len(losses) - 1]
+        shown = [(k, v) for k, v in enumerate(losses) if k % every == 0 or k == len(losses) - 1]
         print(f"backend {args.backend}, device {args.device}, {world} ranks, "
               f"{args.meta_batch} tasks per outer step, {args.steps} inner steps, ufom q={args.q}, "
               f"{sum(p.numel() for p in model.parameters()):,} parameters")
         print("outer loss (mean over all ranks' tasks, before each update): "
-              + ", ".join(f"step {k}: {l:.4f}" for k, l in shown))
+              + ", ".join(f"step {k}: {v:.4f}" for k, v in shown))
         if same:
             print(f"identical parameters on all {world} ranks: yes")
         else:

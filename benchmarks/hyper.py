@@ -88,12 +88,12 @@ from torch.func import functional_call
 try:  # ``python benchmarks/hyper.py`` as well as ``python -m benchmarks.hyper``
     import torch_ufom
     from benchmarks.harness import (MB, PeakMemory, markdown_table, positive_int, progress,
-                                    run_fresh, seed_everything, sync)
+                                    run_fresh_many, seed_everything, sync)
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch_ufom
     from benchmarks.harness import (MB, PeakMemory, markdown_table, positive_int, progress,
-                                    run_fresh, seed_everything, sync)
+                                    run_fresh_many, seed_everything, sync)
 
 NAME = "hyper"
 METHODS = ("ufom", "exact", "fom", "higher", "torch_maml")
@@ -404,6 +404,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data and draws")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads per run (default 1: stable on a shared machine)")
+    p.add_argument("--workers", type=positive_int, default=2,
+                   help="runs (fresh processes) at a time (default 2: each peak memory is its own "
+                        "process's; times then share the cores, so use 1 for timings)")
     p.add_argument("--in-process", action="store_true",
                    help="run every method in this process instead of a fresh one each (faster "
                         "start; peak memory is then only indicative); implied by --tiny")
@@ -447,6 +450,10 @@ def main(argv=None) -> Dict[str, Any]:
             notes.append(f"{m} is not installed: its rows are skipped (pip install {PEERS[m]}).")
         else:
             methods.append(m)
+    if not args.in_process and args.workers > 1:
+        notes.append(f"Runs went {args.workers} processes at a time (--workers): peak memory is "
+                     "each process's own, but wall and CPU times were taken while sharing the "
+                     "cores (--workers 1 for timings).")
     if args.in_process:
         notes.append("All runs in this one process (--in-process, implied by --tiny): peak "
                      "memory is not isolated between runs and only indicative.")
@@ -457,12 +464,16 @@ def main(argv=None) -> Dict[str, Any]:
         data = os.path.join(tmp, "digits.pt")
         load_digits_split(args.seed, data)
         jobs = [(m, s) for s in args.steps for m in methods]
-        for m, s in progress(jobs, desc="hyper runs"):
-            spec = dict(method=m, steps=s, outer_steps=args.outer_steps, hidden=args.hidden,
-                        device=args.device, seed=args.seed, data=data,
-                        grad_path=os.path.join(tmp, f"{m}_{s}.pt"), threads=args.threads)
-            runs[f"{m}/{s}"] = (run_inline(spec) if args.in_process else
-                                run_fresh("benchmarks.hyper", ["--worker", json.dumps(spec)]))
+        specs = [dict(method=m, steps=s, outer_steps=args.outer_steps, hidden=args.hidden,
+                      device=args.device, seed=args.seed, data=data,
+                      grad_path=os.path.join(tmp, f"{m}_{s}.pt"), threads=args.threads)
+                 for m, s in jobs]
+        if args.in_process:
+            got = [run_inline(spec) for spec in progress(specs, desc="hyper runs")]
+        else:  # each run's peak memory is its own process's, so runs may share the machine
+            got = run_fresh_many("benchmarks.hyper", [["--worker", json.dumps(spec)] for spec in specs],
+                                 workers=args.workers, desc="hyper runs")
+        runs.update({f"{m}/{s}": r for (m, s), r in zip(jobs, got)})
         for s in args.steps:
             ref_path = os.path.join(tmp, f"exact_{s}.pt")
             ref = torch.load(ref_path) if os.path.exists(ref_path) else None
@@ -569,8 +580,9 @@ def report(runs: Dict[str, Dict[str, Any]], args, notes: List[str], target: Dict
         "steps, process CPU time); peak memory above the memory in use before training, in a "
         "fresh process per run (CPU: the process's own peak RSS, VmHWM on Linux, which does not "
         "include the parent process's peak as ru_maxrss would; CUDA: max_memory_allocated); "
-        "*1st hypergrad vs exact*: ||g - g_exact|| / ||g_exact|| of the first outer step's hypergradient (rates "
-        "and weight decay), where the hyperparameters are equal for all methods.", "",
+        "*1st hypergrad vs exact*: ||g - g_exact|| / ||g_exact|| of the first outer step's "
+        "hypergradient (rates and weight decay), where the hyperparameters are equal for all "
+        "methods.", "",
     ]
     lines += [f"- {n}" for n in notes]
     lines += [""] + compare_losses(runs, args.steps) + ["", target["text"], ""]

@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover
 
 TASKS, INNER_STEPS, SHOTS, INNER_LR, Q = 25, 5, 10, 0.01, 0.1
 BATCH_VS_HIGHER, BATCH_VS_LOOP = 3.0, 2.0  # targets: backward_batch's speed-up
-SIZES = {"full": dict(rounds=15, tasks=TASKS), "quick": dict(rounds=7, tasks=TASKS),
+SIZES = {"full": dict(rounds=15, tasks=TASKS), "quick": dict(rounds=5, tasks=TASKS),
          "tiny": dict(rounds=1, tasks=3)}
 
 
@@ -288,7 +288,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput",
                                 description=__doc__.split("\n")[0])
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="7 rounds")
+    size.add_argument("--quick", action="store_true", help="5 rounds")
     size.add_argument("--tiny", action="store_true", help="3 tasks, one round: a smoke test")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
