@@ -63,7 +63,7 @@ to round-off, ``fom``'s difference is its bias, ``ufom``'s depends on its draw.
 Usage (from the repository root)::
 
     python -m benchmarks.hyper                  # steps 100 and 1000, 10 outer steps
-    python -m benchmarks.hyper --quick          # about 2 minutes on 2 quiet cores
+    python -m benchmarks.hyper --quick          # about 1 minute on 2 quiet cores
     python -m benchmarks.hyper --steps 300 --outer-steps 5 --methods ufom exact
 """
 from __future__ import annotations
@@ -388,7 +388,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 description=__doc__.split("\n")[0])
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="steps 100 1000, 2 outer steps, no fom (about 2 minutes on 2 quiet "
+                      help="steps 100 1000, 2 outer steps, no fom (about 1 minute on 2 quiet "
                            "cores)")
     size.add_argument("--tiny", action="store_true",
                       help="steps 8, 2 outer steps, hidden 16 (seconds; a smoke test)")
