@@ -509,3 +509,13 @@ def mean_ci(values: Tensor) -> Tuple[float, float]:
 def clone_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` (identical initial weights for every method)."""
     return copy.deepcopy(model)
+
+
+def with_threads(threads: int, fn: Callable, *args):
+    """``fn(*args)`` with ``torch.set_num_threads(threads)``, restoring the count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)

@@ -417,13 +417,7 @@ def main(argv=None) -> Dict[str, Any]:
     evaluation), ``skipped`` (notes on missing peers) and ``files``.
     """
     args = parse_args(argv)
-    t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run(args, t0)
-    finally:
-        torch.set_num_threads(threads)
+    return mc.with_threads(args.threads, _run, args, time.perf_counter())
 
 
 def _run(args, t0: float) -> Dict[str, Any]:
