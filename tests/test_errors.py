@@ -63,7 +63,7 @@ def bad_calls(loss, data):
     """(support, query, inner_loss, outer_loss, error, message) cases that must change nothing."""
     nan_at_2 = lambda f, b: loss(f, b) * (math.nan if b is data[1] else 1.0)  # noqa: E731
     return [
-        ([data[0], data[1]], data[3], loss, loss, ValueError, "support.*steps=3"),
+        (torch_ufom.StepBatches([data[0], data[1]]), data[3], loss, loss, ValueError, "support.*steps=3"),
         (data[0], data[3], lambda f, b: (f(b[0]) - b[1]) ** 2, loss, ValueError, "inner_loss.*scalar"),
         (data[0], data[3], loss, lambda f, b: (f(b[0]) - b[1]) ** 2, ValueError, "outer_loss.*scalar"),
         (data.__getitem__, data[3], nan_at_2, loss, FloatingPointError, "inner step 2"),

@@ -10,11 +10,11 @@ PROBLEMS = {"mlp": mlp_problem, "cnn": cnn_problem}
 
 
 def support_of(kind, data, steps):
-    """The same per-step batches as one batch, a list, or a callable."""
+    """The same per-step batches as one batch, StepBatches, or a callable."""
     if kind == "one":
         return data[0], (lambda j: data[0])
     if kind == "list":
-        return list(data[:steps]), data.__getitem__
+        return torch_ufom.StepBatches(data[:steps]), data.__getitem__
     return data.__getitem__, data.__getitem__
 
 

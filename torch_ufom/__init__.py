@@ -5,8 +5,8 @@ Public names are re-exported here; see the README for a quick start.
 from . import inner, truncation
 from .functional import hypergrad, hypergrad_batch
 from .meta_optimizer import MetaOptimizer, MetaResult
-from .unroll import FunctionalModel
+from .unroll import FunctionalModel, StepBatches
 
-__all__ = ["MetaOptimizer", "MetaResult", "hypergrad", "hypergrad_batch", "FunctionalModel", "inner",
-           "truncation"]
+__all__ = ["MetaOptimizer", "MetaResult", "hypergrad", "hypergrad_batch", "FunctionalModel",
+           "StepBatches", "inner", "truncation"]
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ from .schedules import Schedule
 from .truncation import telescope_weights
 from .unroll import InnerLoop
 
-__all__ = ["Estimate", "estimate"]
+__all__ = ["Estimate", "estimate", "check_finite", "NonFiniteHypergradient"]
 
 
 @dataclass
@@ -91,15 +91,46 @@ class _LossLog:
         self.count += 1
 
 
-def _check_finite(losses: Tensor, outer: Tensor) -> None:
-    # One row per inner step (a meta-batch adds a column per task).
+def _all_finite(loop: InnerLoop, outer: Tensor, grads: Sequence[Optional[Tensor]]) -> Tensor:
+    """One 0-d bool tensor: every inner loss evaluated (forward, replays, rebuilds),
+    the outer loss and every hypergradient finite. Read once per task."""
+    with torch.no_grad():
+        flags = [torch.isfinite(outer).all()] + [torch.isfinite(g).all() for g in grads
+                                                 if g is not None]
+        if loop.finite is not None:
+            flags.append(loop.finite)
+        return torch.stack([f.to(flags[0].device) for f in flags]).all()
+
+
+def check_finite(loop: InnerLoop, est: "Estimate") -> None:
+    """Raise ``FloatingPointError`` naming what is not finite (one host synchronisation
+    when everything is finite)."""
+    if bool(_all_finite(loop, est.outer_loss, est.grads)):
+        return
+    losses = est.inner_losses
     finite = torch.isfinite(losses.reshape(losses.shape[0], -1)).all(1)
     if not bool(finite.all()):
         j = int((~finite).nonzero()[0, 0]) + 1
         raise FloatingPointError(
             f"inner_loss is not finite at inner step {j}: {losses[j - 1].tolist()}")
-    if not bool(torch.isfinite(outer).all()):
-        raise FloatingPointError(f"outer_loss is not finite: {outer.tolist()}")
+    if not bool(torch.isfinite(est.outer_loss).all()):
+        raise FloatingPointError(f"outer_loss is not finite: {est.outer_loss.tolist()}")
+    if loop.finite is not None and not bool(loop.finite):
+        raise FloatingPointError(
+            "inner_loss was finite on the forward pass but not when a step was evaluated again "
+            "(a replay or the exact sweep's rebuild): the loss must be a deterministic function of "
+            "the parameters, the batch and the step's random stream")
+    i = next(i for i, g in enumerate(est.grads) if g is not None and not bool(torch.isfinite(g).all()))
+    raise NonFiniteHypergradient(i, f"params[{i}] (shape {tuple(est.grads[i].shape)})")
+
+
+class NonFiniteHypergradient(FloatingPointError):
+    """A hypergradient is not finite though every loss was; ``index`` is its position in ``params``."""
+
+    def __init__(self, index: int, name: str):
+        super().__init__(f"non-finite hypergradient for {name} though every loss was finite; "
+                         "nothing was written")
+        self.index = index
 
 
 def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Schedule,
@@ -142,7 +173,6 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
 
     e, explicit, outer_loss = loop.outer_vjp(state)
     inner_losses = losses.values
-    _check_finite(inner_losses, outer_loss)
     diagnostics = diagnostics and K > 0  # for K = 0 the estimate is G_0 = G_K itself
     theta = list(explicit)
     theta_k = list(explicit) if diagnostics else None  # G_K: the exact stream alone
@@ -179,8 +209,10 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     grads = finish(f, theta)
     g0 = finish(f0, theta_0) if diagnostics else None
     gk = finish(e, theta_k) if diagnostics else None
-    return Estimate(grads, outer_loss, inner_losses, K, inv_p,
-                    loop.forward_steps, loop.reverse_steps, g0, gk, final_buffers)
+    est = Estimate(grads, outer_loss, inner_losses, K, inv_p,
+                   loop.forward_steps, loop.reverse_steps, g0, gk, final_buffers)
+    check_finite(loop, est)
+    return est
 
 
 def _assemble(loop: InnerLoop, params: Sequence[Tensor], adjoint, theta) -> Tuple:

@@ -2,36 +2,29 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import numbers
 import time
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate
-from .inner import SGD, InnerRule
-from .schedules import MEMORY_CHOICES, check_slots, make_schedule
-from .truncation import Bernoulli, Fixed, TruncationLaw
-from .unroll import InnerLoop, _tensors
-from .vectorised import BatchedInnerLoop, group_by_truncation, meta_batch_size, select_tasks
+from .inner import InnerRule
+from .truncation import TruncationLaw
+from .unroll import InnerLoop, _tensors, batch_getter
+from .vectorised import (BatchedInnerLoop, group_by_truncation, meta_batch_size, select_tasks,
+                         task_of, unsafe_norms, vmap_unsupported)
 
-__all__ = ["hypergrad", "hypergrad_batch", "hypergrad_estimate", "batch_estimates", "BatchRun",
-           "resolve_law", "resolve_hvp", "MODES", "HVP_CHOICES"]
+__all__ = ["hypergrad", "hypergrad_batch", "estimate_task", "estimate_batch", "BatchRun", "Problem",
+           "resolve_hvp"]
 
-MODES = ("fom", "ufom", "exact", "truncated")
-HVP_CHOICES = ("auto", "fwdrev", "revrev")
 # What hvp="auto" picks where forward-over-reverse applies (benchmarks/speed.py measures both).
 DEFAULT_HVP = "revrev"
-
-
-def check_hvp(hvp: str) -> str:
-    """Validate ``hvp`` (one of ``HVP_CHOICES``)."""
-    if hvp not in HVP_CHOICES:
-        raise ValueError(f"Invalid hvp: {hvp!r} (expected one of {', '.join(HVP_CHOICES)})")
-    return hvp
 
 
 def resolve_hvp(hvp: str, model: nn.Module, rule: InnerRule, meta: Sequence[Tensor]) -> str:
@@ -46,84 +39,41 @@ def resolve_hvp(hvp: str, model: nn.Module, rule: InnerRule, meta: Sequence[Tens
     faster of the two where both apply (``DEFAULT_HVP``), else ``"revrev"``;
     ``"fwdrev"`` where it does not apply is a ``ValueError``.
     """
-    check_hvp(hvp)
     if hvp == "revrev":
         return hvp
-    known = {id(p) for p in model.parameters()} | {id(t) for t in _tensors(rule.hyper)}
-    extra = [t for t in meta if t.requires_grad and id(t) not in known]
-    buffers = next(model.buffers(), None) is not None
+    why = fwdrev_obstacle(model, rule, meta)
     if hvp == "auto":
-        return "revrev" if extra or buffers else DEFAULT_HVP
-    if buffers:
-        raise ValueError("Invalid hvp: 'fwdrev' needs a module without buffers (its running "
-                         "statistics would be written inside torch.func.jvp); use 'revrev' or 'auto'")
-    if extra:
-        raise ValueError(f"Invalid hvp: 'fwdrev' differentiates only through module parameters "
-                         f"and inner-rule hyperparameters, but {len(extra)} meta-parameter(s) are "
-                         "neither; use 'revrev' or 'auto'")
+        return "revrev" if why else DEFAULT_HVP
+    if why:
+        raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
     return hvp
 
 
-def resolve_law(mode: str, q: float, steps: int, truncation: Optional[TruncationLaw] = None,
-                k: Optional[int] = None) -> TruncationLaw:
-    """The truncation law for ``mode`` (or the explicit ``truncation``), validated for ``steps``.
-
-    ``fom`` is ``Fixed(0)``, ``exact`` is ``Fixed(steps)``, ``ufom`` is
-    ``Bernoulli(q)`` (the paper's estimator) and ``truncated`` is ``Fixed(k)``
-    (truncated back-propagation through the last ``k`` steps: biased).
-    """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"Invalid steps: {steps!r} (expected an int >= 1)")
-    if truncation is not None:
-        if not isinstance(truncation, TruncationLaw):
-            raise ValueError(f"Invalid truncation: {truncation!r} (expected a TruncationLaw)")
-        law = truncation
-    elif mode == "fom":
-        law = Fixed(0)
-    elif mode == "exact":
-        law = Fixed(steps)
-    elif mode == "ufom":
-        law = Bernoulli(q)
-    elif mode == "truncated":
-        if k is None:
-            raise ValueError("Invalid k: None (mode='truncated' needs k, an int in 0..steps)")
-        law = Fixed(k)
-    else:
-        raise ValueError(f"Invalid mode: {mode!r} (expected one of {', '.join(MODES)})")
-    law.validate(steps)
-    return law
-
-
-def check_memory(memory: str) -> str:
-    """Validate ``memory`` (one of ``MEMORY_CHOICES``)."""
-    if memory not in MEMORY_CHOICES:
-        raise ValueError(f"Invalid memory: {memory!r} (expected one of {', '.join(MEMORY_CHOICES)})")
-    return memory
-
-
-def make_rule(inner: Optional[InnerRule], inner_lr, names: Sequence[str]) -> InnerRule:
-    """The inner rule: ``inner`` if given, else ``SGD(inner_lr)``; validated against ``names``."""
-    if inner is None:
-        if inner_lr is None:
-            raise ValueError("Invalid inner_lr: None (give inner_lr, or an inner rule as inner=)")
-        inner = SGD(inner_lr)
-    elif inner_lr is not None:
-        raise ValueError("Invalid inner_lr: give either inner_lr or inner=, not both")
-    if not isinstance(inner, InnerRule):
-        raise ValueError(f"Invalid inner: {inner!r} (expected a torch_ufom.inner rule)")
-    inner.validate(names)
-    return inner
+def fwdrev_obstacle(model: nn.Module, rule: InnerRule, meta: Sequence[Tensor]) -> str:
+    """Why forward-over-reverse cannot compute this problem's HVPs (``""`` if it can)."""
+    if next(model.buffers(), None) is not None:
+        return ("needs a module without buffers (its running statistics would be written inside "
+                "torch.func.jvp)")
+    known = {id(p) for p in model.parameters()} | {id(t) for t in _tensors(rule.hyper)}
+    extra = [t for t in meta if t.requires_grad and id(t) not in known]
+    if extra:
+        return (f"differentiates only through module parameters and inner-rule hyperparameters, "
+                f"but {len(extra)} meta-parameter(s) are neither")
+    return ""
 
 
 @contextlib.contextmanager
 def restore_rng_on_error(generator: Optional[torch.Generator]):
-    """Put the generator (or the global RNG) back as it was if the body raises."""
-    gen = generator if generator is not None else torch.default_generator
-    saved = gen.get_state()
+    """Put the generator and the global CPU random state back as they were if the body
+    raises, so that a retry draws the same numbers."""
+    saved = [(torch.default_generator, torch.default_generator.get_state())]
+    if generator is not None:
+        saved.append((generator, generator.get_state()))
     try:
         yield
     except BaseException:
-        gen.set_state(saved)
+        for gen, state in saved:
+            gen.set_state(state)
         raise
 
 
@@ -135,53 +85,96 @@ def draw(law: TruncationLaw, steps: int, generator: Optional[torch.Generator]) -
     return K, seed
 
 
-def hypergrad_estimate(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
-                       support: Any, query: Any, *, steps: int, rule: InnerRule,
-                       law: TruncationLaw, memory: str, params: Sequence[Tensor],
-                       slots: int = 8, generator: Optional[torch.Generator] = None,
-                       K: Optional[int] = None, diagnostics: bool = False,
-                       hvp: str = "revrev") -> Estimate:
-    """Draw ``K`` (unless given) and return the full :class:`~torch_ufom.estimators.Estimate`.
+@dataclass(frozen=True)
+class Problem:
+    """What every task of one call shares: the module, the losses, the resolved
+    configuration, the tensors that get hypergradients, the HVP and the generator.
 
-    Validated arguments only; :func:`hypergrad` and
-    :class:`~torch_ufom.MetaOptimizer` check user input before calling it.
+    ``law`` is the truncation law of this call (``config.law``, or the current
+    ``q``'s law under ``q="auto"``).
     """
-    with restore_rng_on_error(generator):
-        drawn, seed = draw(law, steps, generator)
-        K = drawn if K is None else K
-        if law.survival(steps)[K] <= 0.0:
-            raise ValueError(f"Invalid force_truncation: K={K} has probability 0 under {law!r}")
-        loop = InnerLoop(model, inner_loss, outer_loss, support, query, steps, rule, params, seed,
-                         hvp)
-        return estimate(loop, K, law.survival(steps), make_schedule(memory, slots), params,
-                        diagnostics)
+
+    model: nn.Module
+    inner_loss: Callable
+    outer_loss: Callable
+    config: Config
+    law: TruncationLaw
+    params: Tuple[Tensor, ...]
+    hvp: str
+    generator: Optional[torch.Generator]
+
+    def loop(self, support: Any, query: Any, seed: int, K: int) -> InnerLoop:
+        """One task's inner loop; steps rebuilt for the exact sweep (``K > 0``) run
+        attention under the math kernel throughout."""
+        c = self.config
+        return InnerLoop(self.model, self.inner_loss, self.outer_loss, support, query, c.steps,
+                         c.rule, self.params, seed, self.hvp, K > 0)
 
 
-def check_force_truncation(force, size: int, steps: int) -> Optional[List[int]]:
-    """Validate ``force_truncation`` of a meta-batch: ``None``, one int for every
-    task, or a sequence of ``size`` ints, each in ``0..steps``."""
+def check_force_truncation(force, size: Optional[int], steps: int) -> Optional[List[int]]:
+    """Validate ``force_truncation``: ``None``, an int in ``0..steps`` or, for a meta-batch
+    of ``size`` tasks, also a sequence of ``size`` such ints."""
     if force is None:
         return None
-    values = [force] * size if isinstance(force, int) and not isinstance(force, bool) else force
-    if not isinstance(values, (list, tuple)) or len(values) != size:
+    if _is_int(force):
+        if not 0 <= force <= steps:
+            raise ValueError(f"Invalid force_truncation: {force!r} (expected an int in 0..{steps})")
+        return [int(force)] * (size or 1)
+    if size is None:
+        raise TypeError(f"Invalid force_truncation: {force!r} (expected None or an int in 0..{steps})")
+    if not isinstance(force, (list, tuple)) or len(force) != size:
         raise ValueError(f"Invalid force_truncation: {force!r} (expected an int or a sequence of "
                          f"{size} ints, one per task)")
-    for i, k in enumerate(values):
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= steps:
+    for i, k in enumerate(force):
+        if not _is_int(k) or not 0 <= k <= steps:
             raise ValueError(f"Invalid force_truncation[{i}]: {k!r} (expected an int in 0..{steps})")
-    return list(values)
+    return [int(k) for k in force]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _draws(problem: Problem, size: int, forced: Optional[List[int]]) -> Tuple[List[int], List[int]]:
+    """Each task's ``(K, seed)``, drawn in task order; forced ``K`` must have positive probability."""
+    steps = problem.config.steps
+    draws = [draw(problem.law, steps, problem.generator) for _ in range(size)]
+    truncations = [d[0] for d in draws] if forced is None else forced
+    survival = problem.law.survival(steps)
+    for i, k in enumerate(truncations):
+        if survival[k] <= 0.0:
+            where = "" if size == 1 else f"[{i}]"
+            raise ValueError(f"Invalid force_truncation{where}: K={k} has probability 0 under "
+                             f"{problem.law!r}")
+    return truncations, [d[1] for d in draws]
+
+
+def estimate_task(problem: Problem, support: Any, query: Any, force=None,
+                  diagnostics: bool = False) -> Estimate:
+    """Draw ``K`` (unless forced) and return one task's :class:`~torch_ufom.estimators.Estimate`.
+
+    The generator and the global random state are restored if anything raises.
+    """
+    forced = check_force_truncation(force, None, problem.config.steps)
+    with restore_rng_on_error(problem.generator):
+        (K,), (seed,) = _draws(problem, 1, forced)
+        loop = problem.loop(support, query, seed, K)
+        c = problem.config
+        return estimate(loop, K, problem.law.survival(c.steps), c.schedule(), problem.params,
+                        diagnostics)
 
 
 @dataclass
 class BatchRun:
-    """What :func:`batch_estimates` returns.
+    """What :func:`estimate_batch` returns.
 
     Attributes:
         groups: ``(task indices, Estimate, seconds)`` per group of tasks run
             together: one group per drawn ``K`` when vectorised (its estimate's
             losses carry a task dimension), one task per group otherwise.
         vectorised: whether ``torch.func.vmap`` ran the meta-batch.
-        reason: why not, when it did not.
+        reason: why not, when it did not; or, when it did, how (e.g. which
+            Hessian-vector product the vectorised sweep used and why).
         truncations: every task's ``K``.
     """
 
@@ -191,67 +184,81 @@ class BatchRun:
     truncations: List[int]
 
 
-def batch_estimates(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supports: Any,
-                    queries: Any, *, steps: int, rule: InnerRule, law: TruncationLaw, memory: str,
-                    params: Sequence[Tensor], slots: int = 8,
-                    generator: Optional[torch.Generator] = None, K=None, diagnostics: bool = False,
-                    hvp: str = "revrev") -> BatchRun:
-    """A meta-batch's estimates: vectorised with ``torch.func.vmap`` where possible.
+def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
+                   diagnostics: bool = False) -> BatchRun:
+    """A meta-batch's estimates: vectorised with ``torch.func.vmap`` where that is exact.
 
-    Each task draws its ``K`` and its random-stream seed from ``generator`` in
+    Each task draws its ``K`` and its random-stream seed from the generator in
     task order, exactly as a loop of single-task calls would. Tasks are then
     grouped by ``K`` and each group runs one vectorised sweep
     (:class:`~torch_ufom.vectorised.BatchedInnerLoop`). The per-task loop runs
-    instead when the module has buffers, when ``diagnostics`` are needed
-    (``q="auto"`` keeps per-task statistics), or when ``vmap`` fails on the
-    model (a ``RuntimeError`` on the first attempt); ``BatchRun.reason`` says
-    which. Validated arguments only, except ``supports``, ``queries`` and ``K``.
+    instead (``BatchRun.reason`` says why) when the module has buffers, when
+    ``diagnostics`` are needed (``q="auto"`` keeps per-task statistics), when
+    the model uses a normalisation whose double backward is wrong under
+    ``vmap`` (pytorch/functorch#534) and forward-over-reverse HVPs cannot
+    replace it, or when ``vmap`` or forward-mode AD reports an operation it
+    does not support. Any other error of the user's losses is raised.
     """
     size = meta_batch_size(supports, queries)
-    forced = check_force_truncation(K, size, steps)
-    survival = law.survival(steps)
-    with restore_rng_on_error(generator):
-        draws = [draw(law, steps, generator) for _ in range(size)]
-        truncations = [d[0] for d in draws] if forced is None else forced
-        for i, k in enumerate(truncations):
-            if survival[k] <= 0.0:
-                raise ValueError(f"Invalid force_truncation[{i}]: K={k} has probability 0 under {law!r}")
-        reason = ""
-        if next(model.buffers(), None) is not None:
-            reason = "the module has buffers (running statistics cannot be vectorised)"
-        elif diagnostics:
-            reason = "q='auto' keeps per-task statistics"
-        if not reason:
+    forced = check_force_truncation(force, size, problem.config.steps)
+    with restore_rng_on_error(problem.generator):
+        truncations, seeds = _draws(problem, size, forced)
+        batched, reason = vectorised_plan(problem, supports, diagnostics)
+        if batched is not None:
             try:
-                groups = []
-                for k, index in group_by_truncation(truncations).items():
-                    start = time.perf_counter()
-                    loop = BatchedInnerLoop(model, inner_loss, outer_loss,
-                                            select_tasks(supports, index), select_tasks(queries, index),
-                                            steps, rule, params, draws[index[0]][1], len(index), hvp)
-                    est = estimate(loop, k, survival, make_schedule(memory, slots), params)
-                    groups.append((index, est, time.perf_counter() - start))
-                return BatchRun(groups, True, "", truncations)
+                return BatchRun(_run_groups(batched, supports, queries, truncations, seeds), True,
+                                reason, truncations)
             except RuntimeError as err:
-                reason = f"torch.func.vmap failed on this model ({str(err).splitlines()[0]})"
+                if not vmap_unsupported(err):
+                    raise
+                reason = f"torch.func could not vectorise this model ({str(err).splitlines()[0]})"
         groups = []
         for i in range(size):
             start = time.perf_counter()
-            loop = InnerLoop(model, inner_loss, outer_loss, task_of(supports, i), task_of(queries, i),
-                             steps, rule, params, draws[i][1], hvp)
-            est = estimate(loop, truncations[i], survival, make_schedule(memory, slots), params,
-                           diagnostics)
+            loop = problem.loop(task_of(supports, i), task_of(queries, i), seeds[i], truncations[i])
+            c = problem.config
+            est = estimate(loop, truncations[i], problem.law.survival(c.steps), c.schedule(),
+                           problem.params, diagnostics)
             groups.append(([i], est, time.perf_counter() - start))
         return BatchRun(groups, False, reason, truncations)
 
 
-def task_of(tree: Any, i: int) -> Any:
-    """Task ``i`` of a meta-batch (a tensor, tuple/list or dict of them)."""
-    if isinstance(tree, Mapping):
-        return type(tree)((k, task_of(v, i)) for k, v in tree.items())
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(task_of(v, i) for v in tree)
-    return tree[i]
+def _run_groups(problem: Problem, supports, queries, truncations, seeds):
+    """One vectorised sweep per drawn ``K``."""
+    c, groups = problem.config, []
+    for k, index in group_by_truncation(truncations).items():
+        start = time.perf_counter()
+        loop = BatchedInnerLoop(problem.model, problem.inner_loss, problem.outer_loss,
+                                select_tasks(supports, index), select_tasks(queries, index),
+                                c.steps, c.rule, problem.params, seeds[index[0]], len(index),
+                                problem.hvp, k > 0)
+        est = estimate(loop, k, problem.law.survival(c.steps), c.schedule(), problem.params)
+        groups.append((index, est, time.perf_counter() - start))
+    return groups
+
+
+def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool):
+    """``(problem to vectorise or None, reason)``: whether and how the meta-batch runs
+    under ``vmap``. A model whose normalisation layers ``vmap`` differentiates twice
+    wrongly gets forward-over-reverse HVPs instead, where they apply."""
+    if next(problem.model.buffers(), None) is not None:
+        return None, "the module has buffers (running statistics cannot be vectorised)"
+    if diagnostics:
+        return None, "q='auto' keeps per-task statistics"
+    if problem.hvp == "fwdrev" or problem.law.survival(problem.config.steps)[1] <= 0.0:
+        return problem, ""
+    first = batch_getter(task_of(supports, 0), problem.config.steps)(0)
+    unsafe = unsafe_norms(problem.model, problem.inner_loss, first)
+    if not unsafe:
+        return problem, ""
+    why = fwdrev_obstacle(problem.model, problem.config.rule, problem.params)
+    norms = ", ".join(sorted(unsafe))
+    if why:
+        return None, (f"torch.func.vmap differentiates {norms} twice wrongly (pytorch/functorch#534) "
+                      f"and forward-over-reverse, which would replace it, {why}")
+    return dataclasses.replace(problem, hvp="fwdrev"), (
+        f"forward-over-reverse HVPs: vmap differentiates {norms} twice wrongly "
+        "(pytorch/functorch#534)")
 
 
 def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:
@@ -264,28 +271,37 @@ def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:
     return total
 
 
-def _check_call(fn: str, model: nn.Module, inner, inner_lr, mode: str, q, steps: int,
-                truncation, k, memory: str, slots: int, params, hvp: str):
-    """Validate the arguments shared by :func:`hypergrad` and :func:`hypergrad_batch`;
-    return ``(rule, law, params, hvp)``."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    rule = make_rule(inner, inner_lr, names)
-    if q == "auto":
-        raise ValueError("Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; "
-                         f"{fn} takes a float in (0, 1]")
-    law = resolve_law(mode, q, steps, truncation, k)
-    check_memory(memory)
-    check_slots(slots)
-    params = list(model.parameters()) if params is None else list(params)
+def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
+    """Validate ``params`` (default: the model's parameters): distinct tensors."""
+    params = list(model.parameters()) if params is None else params
+    if isinstance(params, Tensor) or not isinstance(params, (list, tuple)) and \
+            not hasattr(params, "__iter__"):
+        raise TypeError(f"Invalid params: expected a sequence of tensors, got {type(params).__name__}")
+    params = list(params)
+    seen = set()
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
-            raise ValueError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
-    return rule, law, params, resolve_hvp(hvp, model, rule, params)
+            raise TypeError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
+        if id(p) in seen:
+            raise ValueError(f"Invalid params[{i}]: the same tensor appears twice in params")
+        seen.add(id(p))
+    return tuple(params)
+
+
+def functional_problem(caller: str, model, losses: Tuple[Callable, Callable], settings: Settings,
+                       params, generator) -> Problem:
+    """Check the arguments of :func:`hypergrad` or :func:`hypergrad_batch` and bind them."""
+    config = resolve(settings, model, caller)
+    check_losses(*losses)
+    check_generator(generator)
+    params = check_params(params, model)
+    hvp = resolve_hvp(config.hvp, model, config.rule, params)
+    return Problem(model, losses[0], losses[1], config, config.law, params, hvp, generator)
 
 
 def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supports: Any,
-                    queries: Any, *, steps: int, inner_lr=None, mode: str = "ufom", q: float = 0.1,
-                    memory: str = "checkpoint", slots: int = 8,
+                    queries: Any, *, steps: int, inner_lr=None, mode: Optional[str] = None,
+                    q: float = 0.1, memory: str = "checkpoint", slots: int = 8,
                     params: Optional[Sequence[Tensor]] = None,
                     generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
                     truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
@@ -294,12 +310,13 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
 
     The batched twin of :func:`hypergrad`: ``supports`` and ``queries`` are a
     tensor, a tuple/list or a dict of tensors whose first dimension indexes the
-    tasks (one support batch per task, reused at every inner step). The result
+    tasks (one support batch per task, reused at every inner step; wrap
+    per-step stacked batches in :class:`~torch_ufom.StepBatches`). The result
     equals the sum of :func:`hypergrad` over the tasks with the same draws;
     it is computed by ``torch.func.vmap`` over the tasks, one group per drawn
-    truncation point, or by the per-task loop (with a warning) where the model
-    cannot be vectorised (see :func:`batch_estimates`). The losses see one
-    task's batch, as in :func:`hypergrad`.
+    truncation point, or by the per-task loop (with a warning that says why)
+    where vectorising would not be exact (see :func:`estimate_batch`). The
+    losses see one task's batch, as in :func:`hypergrad`.
 
     Args:
         supports, queries: the stacked tasks.
@@ -309,25 +326,26 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
     Raises:
         ValueError: an invalid argument, e.g. tensors whose leading sizes differ
             (the message names the entry); nothing is changed.
+        FloatingPointError: a non-finite loss or hypergradient in any task.
     """
-    rule, law, params, hvp = _check_call("hypergrad_batch", model, inner, inner_lr, mode, q, steps,
-                                         truncation, k, memory, slots, params, hvp)
-    run = batch_estimates(model, inner_loss, outer_loss, supports, queries, steps=steps, rule=rule,
-                          law=law, memory=memory, slots=slots, params=params, generator=generator,
-                          K=force_truncation, hvp=hvp)
+    settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
+                        hvp=hvp)
+    problem = functional_problem("hypergrad_batch", model, (inner_loss, outer_loss), settings,
+                                 params, generator)
+    run = estimate_batch(problem, supports, queries, force_truncation)
     if not run.vectorised:
-        warnings.warn(f"hypergrad_batch ran the per-task loop: {run.reason}", stacklevel=2)
-    total = sum_grads(run, len(params))
-    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, total))
+        warnings.warn(f"hypergrad_batch runs the per-task loop: {run.reason}", stacklevel=2)
+    total = sum_grads(run, len(problem.params))
+    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(problem.params, total))
 
 
 def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, support: Any,
-              query: Any, *, steps: int, inner_lr=None, mode: str = "ufom", q: float = 0.1,
+              query: Any, *, steps: int, inner_lr=None, mode: Optional[str] = None, q: float = 0.1,
               memory: str = "checkpoint", slots: int = 8,
               params: Optional[Sequence[Tensor]] = None,
               generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
               truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
-              hvp: str = "auto") -> Tuple[Tensor, ...]:
+              hvp: str = "auto", force_truncation: Optional[int] = None) -> Tuple[Tensor, ...]:
     """Estimate the hypergradient of one task, like ``torch.autograd.grad``.
 
     Runs ``steps`` inner steps from the module's parameters and returns the
@@ -340,16 +358,20 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         inner_loss: ``(fmodel, batch) -> scalar tensor``; ``fmodel`` is called
             like ``model`` but runs at the current inner parameters.
         outer_loss: ``(fmodel, query) -> scalar tensor`` at the final parameters.
-        support: one batch reused at every step, a ``list`` of ``steps``
-            batches, or a callable ``j -> batch`` for ``j = 0..steps-1``.
+        support: one batch reused at every step (a tensor, a tuple or list such
+            as ``[x, y]``, a dict), per-step batches as
+            :class:`~torch_ufom.StepBatches`, or a callable ``j -> batch`` for
+            ``j = 0..steps-1``.
         query: the outer loss's batch.
-        steps: number of inner steps ``r >= 1``.
+        steps: number of inner steps ``r >= 1`` (required).
         inner_lr: the inner SGD learning rate: a float, a scalar tensor, or a
             dict from parameter name to tensor. Tensors among ``params`` are learned.
-        mode: ``"fom"`` (first-order, ``G_0``), ``"ufom"`` (``G_0 + (xi/q)(G_r - G_0)``,
-            ``xi ~ Bernoulli(q)``: unbiased), ``"exact"`` (``G_r``) or
-            ``"truncated"`` (``G_k``: exact through the last ``k`` steps; biased).
-        q: probability of the exact branch for ``"ufom"``, in ``(0, 1]``.
+        mode: ``"fom"`` (first-order, ``G_0``), ``"ufom"`` (the default:
+            ``G_0 + (xi/q)(G_r - G_0)``, ``xi ~ Bernoulli(q)``: unbiased),
+            ``"exact"`` (``G_r``) or ``"truncated"`` (``G_k``: exact through the
+            last ``k`` steps; biased). Not together with ``truncation``.
+        q: probability of the exact branch for ``"ufom"``, in ``(0, 1]``;
+            checked but unused by the other modes.
         memory: how the exact sweep over the last ``K`` steps gets its states:
             ``"checkpoint"`` (default: binomial checkpointing with ``slots``
             stored states, about ``K log K`` replayed steps, constant memory),
@@ -362,24 +384,28 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         generator: a ``torch.Generator`` for the truncation draw and the
             per-step random streams (default: the global generator).
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.
-        truncation: a law from :mod:`torch_ufom.truncation`, overriding ``mode``.
-        k: the truncation point of ``mode="truncated"``.
+        truncation: a law from :mod:`torch_ufom.truncation`, instead of ``mode``.
+        k: the truncation point of ``mode="truncated"`` (an error with other modes).
         hvp: Hessian-vector products of the exact sweep: ``"auto"`` (default),
             ``"fwdrev"`` (forward-over-reverse, ``torch.func.jvp`` of the
             gradient) or ``"revrev"`` (reverse-over-reverse, double backward);
             see :func:`resolve_hvp`.
+        force_truncation: use this ``K`` instead of drawing it (tests and
+            diagnostics; the weights stay those of the law).
 
     Returns:
         A tuple with one tensor per entry of ``params`` (zeros where a tensor
         does not influence the outer loss).
 
     Raises:
-        ValueError: an invalid argument (nothing is changed).
-        FloatingPointError: a non-finite inner or outer loss.
+        TypeError, ValueError: an invalid argument (nothing is changed).
+        FloatingPointError: a non-finite loss (forward pass, replay or rebuild)
+            or hypergradient; the generator and the global random state are
+            restored, so a retry reproduces.
     """
-    rule, law, params, hvp = _check_call("hypergrad", model, inner, inner_lr, mode, q, steps,
-                                         truncation, k, memory, slots, params, hvp)
-    est = hypergrad_estimate(model, inner_loss, outer_loss, support, query, steps=steps,
-                             rule=rule, law=law, memory=memory, slots=slots, params=params,
-                             generator=generator, hvp=hvp)
-    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, est.grads))
+    settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
+                        hvp=hvp)
+    problem = functional_problem("hypergrad", model, (inner_loss, outer_loss), settings, params,
+                                 generator)
+    est = estimate_task(problem, support, query, force_truncation)
+    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(problem.params, est.grads))

@@ -1,6 +1,7 @@
 """``MetaOptimizer``: a ``torch.optim``-style shell around the estimators."""
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -10,10 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from . import adaptive, distributed
-from .estimators import Estimate
-from .functional import (batch_estimates, check_hvp, check_memory, hypergrad_estimate, make_rule,
-                         resolve_hvp, resolve_law, sum_grads)
-from .schedules import check_slots
+from .config import Settings, check_generator, check_losses, resolve
+from .estimators import Estimate, NonFiniteHypergradient
+from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads
 from .inner import InnerRule
 from .truncation import Bernoulli, TruncationLaw
 
@@ -108,33 +108,22 @@ class MetaOptimizer:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, inner_lr=None, *,
-                 steps: int = 1, mode: str = "ufom", q: float = 0.1, memory: str = "checkpoint",
+                 steps: int, mode: Optional[str] = None, q: float = 0.1, memory: str = "checkpoint",
                  slots: int = 8,
                  generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
                  truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
                  q_rule: str = "ufom", q_min: Optional[float] = None,
                  q_beta: Optional[float] = None, track_buffers: bool = False,
                  process_group: Any = None, hvp: str = "auto"):
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
+        settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, q_rule, q_min, q_beta,
+                            memory, slots, hvp)
+        config = resolve(settings, model)
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(
+            raise TypeError(
                 f"Invalid optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"Invalid generator: expected a torch.Generator, got {generator!r}")
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.inner = make_rule(inner, inner_lr, names)
-        self.adaptive = None
-        if q == "auto":
-            if mode != "ufom" or truncation is not None:
-                raise ValueError("Invalid q: 'auto' applies to mode='ufom' without truncation=")
-            self.adaptive = adaptive.AdaptiveQ(q_rule, q_min, q_beta)
-            self.q_stats = adaptive.init_stats(self.adaptive)
-            q = self.q_stats["q"]
-        self.law = resolve_law(mode, q, steps, truncation, k)
-        self.memory = check_memory(memory)
-        self.hvp = check_hvp(hvp)
-        self.slots = check_slots(slots)
+        check_generator(generator)
+        if not isinstance(track_buffers, bool):
+            raise TypeError(f"Invalid track_buffers: {track_buffers!r} (expected True or False)")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
         if missing:
@@ -147,13 +136,90 @@ class MetaOptimizer:
             if process_group is True:
                 self.process_group = None  # the default group
             generator = distributed.rank_generator(generator, self.process_group)
-        self.model, self.optimizer, self.steps = model, optimizer, steps
-        self.mode, self.q, self.generator = mode, q, generator
-        self.track_buffers = bool(track_buffers)
+        self.model, self.optimizer, self.generator = model, optimizer, generator
+        self._config = config
+        self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
+        self.track_buffers = track_buffers
         self._buffers: List[List[Tensor]] = []  # final buffers of the tasks since the last step
         self._observations: List[Dict[str, float]] = []  # q="auto" observations since the last step
         self._tasks = 0  # tasks since the last step
         self._warned_per_task = False  # backward_batch fell back to the per-task loop
+
+    # -- the resolved configuration: read-only; reconfigure() changes it --------------------
+    config = property(lambda self: self._config,
+                      doc="The resolved :class:`~torch_ufom.config.Config` (read-only).")
+    steps = property(lambda self: self._config.steps, doc="The number of inner steps (read-only).")
+    mode = property(lambda self: self._config.mode,
+                    doc="The mode (``'law'`` for an explicit ``truncation=``; read-only).")
+    memory = property(lambda self: self._config.memory, doc="The memory setting (read-only).")
+    slots = property(lambda self: self._config.slots, doc="Checkpoint slots (read-only).")
+    hvp = property(lambda self: self._config.hvp, doc="The requested HVP (read-only).")
+    inner = property(lambda self: self._config.rule, doc="The inner rule (read-only).")
+    adaptive = property(lambda self: self._config.adaptive,
+                        doc="The adaptive rule of ``q='auto'``, else ``None`` (read-only).")
+
+    @property
+    def law(self) -> TruncationLaw:
+        """The truncation law of the next task (under ``q="auto"``, ``Bernoulli`` of the current ``q``)."""
+        if self.q_stats is not None:
+            return Bernoulli(self.q_stats["q"])
+        return self._config.law
+
+    @property
+    def q(self) -> Optional[float]:
+        """The exact-branch probability of the next task (``ufom``), else ``None``."""
+        law = self.law
+        return law.q if isinstance(law, Bernoulli) else None
+
+    def reconfigure(self, **changes) -> None:
+        """Change the configuration between outer steps, keeping every other state.
+
+        Takes the constructor's configuration keywords (``mode``, ``q``, ``k``,
+        ``truncation``, ``steps``, ``inner_lr``, ``inner``, ``memory``,
+        ``slots``, ``hvp``, ``q_rule``, ``q_min``, ``q_beta``) and resolves the
+        result exactly as the constructor would; the outer optimizer's state,
+        the generator, pending gradients and ``track_buffers`` are kept. A new
+        ``mode`` drops an earlier ``truncation=`` (and ``k`` unless
+        ``"truncated"``), a new ``truncation=`` drops ``mode``. The ``q="auto"``
+        statistics are kept while the adaptive rule stays the same. For
+        curricula such as MAML++'s derivative-order annealing
+        (``meta.reconfigure(mode="exact")`` after some outer steps) or a ``q``
+        schedule (``meta.reconfigure(q=0.2)``).
+
+        Raises:
+            TypeError, ValueError: as the constructor; nothing is changed.
+        """
+        config = resolve(self._config.settings.replace(**changes), self.model)
+        old = self._config.adaptive
+        keep = (config.adaptive is not None and old is not None and
+                vars(config.adaptive) == vars(old))
+        self._config = config
+        if not keep:
+            self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
+            self._observations = []
+
+    def __setattr__(self, name, value):
+        if isinstance(getattr(type(self), name, None), property):
+            raise AttributeError(f"MetaOptimizer.{name} is read-only: the configuration is resolved "
+                                 f"once; use meta.reconfigure({name}=...) between outer steps")
+        super().__setattr__(name, value)
+
+    @contextlib.contextmanager
+    def _named_errors(self, meta: List[Tensor]):
+        """Name a meta-parameter with a non-finite hypergradient as the optimizer holds it."""
+        try:
+            yield
+        except NonFiniteHypergradient as err:
+            raise NonFiniteHypergradient(err.index, f"meta-parameter {self._name(meta[err.index])}") \
+                from None
+
+    def _problem(self, inner_loss: Callable, outer_loss: Callable) -> Problem:
+        """This call's :class:`~torch_ufom.functional.Problem`."""
+        check_losses(inner_loss, outer_loss)
+        meta = tuple(self.meta_parameters())
+        c = self._config
+        hvp = resolve_hvp(c.hvp, self.model, c.rule, meta)
+        return Problem(self.model, inner_loss, outer_loss, c, self.law, meta, hvp, self.generator)
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -185,22 +251,15 @@ class MetaOptimizer:
         Returns:
             A :class:`MetaResult`. Nothing is written if an error is raised.
         """
-        if force_truncation is not None and (not isinstance(force_truncation, int) or
-                                             not 0 <= force_truncation <= self.steps):
-            raise ValueError(f"Invalid force_truncation: {force_truncation!r} "
-                             f"(expected an int in 0..{self.steps})")
-        meta = self.meta_parameters()
-        if self.adaptive is not None:
-            self.law = Bernoulli(self.q_stats["q"])
+        problem = self._problem(inner_loss, outer_loss)
+        meta = list(problem.params)
         start = time.perf_counter()
-        est: Estimate = hypergrad_estimate(
-            self.model, inner_loss, outer_loss, support, query, steps=self.steps, rule=self.inner,
-            law=self.law, memory=self.memory, slots=self.slots, params=meta, generator=self.generator,
-            K=force_truncation, diagnostics=self.adaptive is not None,
-            hvp=resolve_hvp(self.hvp, self.model, self.inner, meta))
+        with self._named_errors(meta):
+            est: Estimate = estimate_task(problem, support, query, force_truncation,
+                                          diagnostics=self.q_stats is not None)
         seconds = time.perf_counter() - start
         self._write(meta, est.grads)
-        q = self.law.q if isinstance(self.law, Bernoulli) else None
+        q = self.q
         if self.track_buffers:
             self._buffers.append(list(est.buffers))
         self._observe(est, seconds)
@@ -237,20 +296,17 @@ class MetaOptimizer:
             ValueError: tensors whose leading sizes differ (the message names
                 the entry), or another invalid argument; nothing is written.
         """
-        meta = self.meta_parameters()
-        if self.adaptive is not None:
-            self.law = Bernoulli(self.q_stats["q"])
-        run = batch_estimates(
-            self.model, inner_loss, outer_loss, supports, queries, steps=self.steps, rule=self.inner,
-            law=self.law, memory=self.memory, slots=self.slots, params=meta, generator=self.generator,
-            K=force_truncation, diagnostics=self.adaptive is not None,
-            hvp=resolve_hvp(self.hvp, self.model, self.inner, meta))
+        problem = self._problem(inner_loss, outer_loss)
+        meta = list(problem.params)
+        with self._named_errors(meta):
+            run = estimate_batch(problem, supports, queries, force_truncation,
+                                 diagnostics=self.q_stats is not None)
         if not run.vectorised and not self._warned_per_task:
             warnings.warn(f"MetaOptimizer.backward_batch runs the per-task loop: {run.reason}",
                           stacklevel=2)
             self._warned_per_task = True
         self._write(meta, sum_grads(run, len(meta)))
-        q = self.law.q if isinstance(self.law, Bernoulli) else None
+        q = self.q
         results: List[Optional[MetaResult]] = [None] * len(run.truncations)
         for index, est, seconds in run.groups:
             for col, i in enumerate(index):
@@ -267,11 +323,11 @@ class MetaOptimizer:
 
     def _observe(self, est: Estimate, seconds: float) -> None:
         """With ``q="auto"``, keep a task's observation for :meth:`step`."""
-        if self.adaptive is not None:
+        if self.q_stats is not None:
             self._observations.append(adaptive.observe(
                 exact=est.truncation == self.steps, seconds=seconds, steps=self.steps,
                 forward_steps=est.forward_steps, reverse_steps=est.reverse_steps,
-                g0=est.g0, gr=est.gk, q=self.law.q))
+                g0=est.g0, gr=est.gk, q=self.q))
 
     def _write(self, meta: List[Tensor], grads) -> None:
         """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing."""
@@ -309,13 +365,13 @@ class MetaOptimizer:
             self.synchronize()
         result = self.optimizer.step(closure)
         self._tasks = 0
-        if self.adaptive is not None:
+        if self.q_stats is not None:
             observations = self._observations
             if self.distributed:
                 observations = [o for rank in distributed.gather(observations, self.process_group)
                                 for o in rank]
             for obs in observations:
-                self.q_stats = adaptive.update(self.adaptive, self.q_stats, obs)
+                self.q_stats = adaptive.update(self._config.adaptive, self.q_stats, obs)
             self._observations = []
         if self._buffers:
             with torch.no_grad():

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["FunctionalModel", "State", "InnerLoop", "batch_getter"]
+__all__ = ["FunctionalModel", "State", "InnerLoop", "StepBatches", "batch_getter"]
 
 
 class FunctionalModel:
@@ -70,21 +70,51 @@ class State(NamedTuple):
         return State(*(tuple(t.detach() for t in part) for part in self))
 
 
+class StepBatches:
+    """One batch per inner step: ``StepBatches([b_0, ..., b_{steps-1}])``.
+
+    A plain list or tuple passed as ``support`` is one batch (``[x, y]``, as a
+    ``DataLoader`` yields it) reused at every step; wrap a sequence of
+    per-step batches in ``StepBatches`` (or pass a callable ``j -> batch``)
+    to give each step its own. In a meta-batch, each entry is a stacked batch
+    (tasks along dimension 0).
+
+    Args:
+        batches: a sequence of exactly ``steps`` batches.
+    """
+
+    def __init__(self, batches):
+        if isinstance(batches, (Tensor, Mapping, str)) or not hasattr(batches, "__len__") or \
+                not hasattr(batches, "__getitem__"):
+            raise TypeError(f"Invalid batches: expected a sequence of per-step batches, got "
+                            f"{type(batches).__name__}")
+        self.batches = list(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int):
+        return self.batches[j]
+
+    def __repr__(self) -> str:
+        return f"StepBatches({len(self.batches)} batches)"
+
+
 def batch_getter(support: Any, steps: int, arg: str = "support") -> Callable[[int], Any]:
     """Return ``j -> batch`` (``j = 0..steps-1``) for the three kinds of support.
 
-    A callable is used as is, a ``list`` must hold exactly ``steps`` batches,
-    and anything else (a tensor, a tuple of tensors, a dict) is one batch reused
-    at every step.
+    A callable is used as is, a :class:`StepBatches` must hold exactly
+    ``steps`` batches, and anything else (a tensor, a tuple or list of
+    tensors, a dict) is one batch reused at every step.
     """
-    if callable(support) and not isinstance(support, (Tensor, nn.Module)):
-        return support
-    if isinstance(support, list):
+    if isinstance(support, StepBatches):
         if len(support) != steps:
             raise ValueError(
-                f"Invalid {arg}: a list of batches must have exactly steps={steps} entries, "
-                f"got {len(support)} (pass a tuple or tensor for one batch reused every step)")
+                f"Invalid {arg}: StepBatches must hold exactly steps={steps} batches, got "
+                f"{len(support)}")
         return support.__getitem__
+    if callable(support) and not isinstance(support, (Tensor, nn.Module)):
+        return support
     return lambda j: support
 
 
@@ -116,7 +146,7 @@ class InnerLoop:
     """
 
     def __init__(self, module, inner_loss, outer_loss, support, query, steps, rule, meta, seed,
-                 hvp: str = "revrev"):
+                 hvp: str = "revrev", math_attention: bool = False):
         self.module = module
         self.inner_loss, self.outer_loss, self.query = inner_loss, outer_loss, query
         self.batch = batch_getter(support, steps)
@@ -135,6 +165,13 @@ class InnerLoop:
         self.first_order_until = steps  # exact records of steps j <= this keep g for F~
         self.forward_steps = 0  # inner steps run without a graph (forward pass and replays)
         self.reverse_steps = 0  # inner steps rebuilt with a graph for a VJP
+        # Steps that will be rebuilt with a graph run attention under the math kernel in
+        # every evaluation (forward, replays, rebuilds): the fused kernels have no double
+        # backward and draw their dropout masks differently.
+        self.math_attention = math_attention
+        # Whether every inner loss evaluated so far (forward pass, replays, rebuilds) was
+        # finite: a 0-d bool tensor on the losses' device, read once per task.
+        self.finite: Optional[Tensor] = None
 
     # -- state -----------------------------------------------------------------
     def initial_params(self) -> Tuple[Tensor, ...]:
@@ -167,7 +204,8 @@ class InnerLoop:
         for d in self.cuda_devices:
             torch.cuda.default_generators[d].manual_seed(seed)
         try:
-            yield
+            with (_math_attention() if self.math_attention else contextlib.nullcontext()):
+                yield
         finally:
             torch.set_rng_state(cpu)
             for d, s in zip(self.cuda_devices, cuda):
@@ -200,6 +238,7 @@ class InnerLoop:
         with torch.no_grad():
             new_p, new_opt = self._update(grads, State(tuple(p.detach() for p in params),
                                                        state.opt, state.buffers))
+        self._track(loss)
         return State(new_p, new_opt, buffers), loss.detach(), grads
 
     def record(self, state: State, j: int, exact: bool = True) -> "StepRecord":
@@ -219,8 +258,15 @@ class InnerLoop:
         if not graph:
             with torch.no_grad():
                 out = self._update(grads, leaves)
+        self._track(loss)
         keep = not graph or j <= self.first_order_until
         return StepRecord(self, leaves, out, grads if keep else None, buffers, loss.detach(), exact, j)
+
+    def _track(self, loss: Tensor) -> None:
+        """Fold ``loss``'s finiteness into :attr:`finite` (no host synchronisation)."""
+        with torch.no_grad():
+            ok = torch.isfinite(loss).all()
+            self.finite = ok if self.finite is None else self.finite & ok
 
     def hessian_vector(self, state: State, j: int, vec: Sequence[Optional[Tensor]]) -> Tuple[Tensor, ...]:
         """``H v``: the Hessian of step ``j``'s inner loss at ``state.params`` times ``vec``,
@@ -273,6 +319,12 @@ class InnerLoop:
             return [None] * len(self.meta)
         return list(torch.autograd.grad([o for o, _ in outs], self.meta,
                                         [f for _, f in outs], allow_unused=True))
+
+
+def _math_attention():
+    """Run ``scaled_dot_product_attention`` under its math kernel (differentiable twice)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def fwdrev_error(err: Exception, j: int) -> RuntimeError:

@@ -17,24 +17,37 @@ pay for the exact sweep of the others.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from .unroll import InnerLoop, State, _check_loss, fwdrev_error
+from .unroll import FunctionalModel, InnerLoop, State, StepBatches, _check_loss, fwdrev_error
 
-__all__ = ["BatchedInnerLoop", "meta_batch_size", "select_tasks", "group_by_truncation"]
+__all__ = ["BatchedInnerLoop", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
+           "unsafe_norms", "vmap_unsupported"]
 
 
-def _leaves(tree: Any, name: str) -> List[Tuple[str, Any]]:
-    """``(path, leaf)`` pairs of a tensor, tuple/list or dict of them."""
-    if isinstance(tree, Mapping):
-        return [x for k, v in tree.items() for x in _leaves(v, f"{name}[{k!r}]")]
-    if isinstance(tree, (tuple, list)):
-        return [x for i, v in enumerate(tree) for x in _leaves(v, f"{name}[{i}]")]
-    return [(name, tree)]
+def _register_step_batches() -> None:
+    """Let pytree functions see into :class:`~torch_ufom.StepBatches` (a list of batches)."""
+    def flatten(sb):
+        return list(sb.batches), None
+
+    def unflatten(children, _):
+        return StepBatches(list(children))
+
+    def flatten_with_keys(sb):
+        return [(pytree.SequenceKey(i), b) for i, b in enumerate(sb.batches)], None
+
+    pytree.register_pytree_node(StepBatches, flatten, unflatten,
+                                serialized_type_name="torch_ufom.StepBatches",
+                                flatten_with_keys_fn=flatten_with_keys)
+
+
+_register_step_batches()
 
 
 def meta_batch_size(supports: Any, queries: Any) -> int:
@@ -44,7 +57,8 @@ def meta_batch_size(supports: Any, queries: Any) -> int:
         ValueError: naming the first entry that is not a tensor with a leading
             task dimension, or whose leading size differs from the first one's.
     """
-    entries = _leaves(supports, "supports") + _leaves(queries, "queries")
+    entries = [(f"supports{pytree.keystr(k)}", v) for k, v in pytree.tree_leaves_with_path(supports)]
+    entries += [(f"queries{pytree.keystr(k)}", v) for k, v in pytree.tree_leaves_with_path(queries)]
     size, first = None, None
     for path, leaf in entries:
         if not isinstance(leaf, Tensor) or leaf.dim() == 0:
@@ -65,14 +79,74 @@ def meta_batch_size(supports: Any, queries: Any) -> int:
 
 
 def select_tasks(tree: Any, index: Sequence[int]) -> Any:
-    """The tasks ``index`` of a meta-batch (a tensor, tuple/list or dict of them)."""
-    if isinstance(tree, Mapping):
-        return type(tree)((k, select_tasks(v, index)) for k, v in tree.items())
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(select_tasks(v, index) for v in tree)
-    if len(index) == tree.shape[0] and list(index) == list(range(tree.shape[0])):
-        return tree
-    return tree[torch.as_tensor(list(index), device=tree.device)]
+    """The tasks ``index`` of a meta-batch (a pytree of stacked tensors)."""
+    def pick(t: Tensor) -> Tensor:
+        if len(index) == t.shape[0] and list(index) == list(range(t.shape[0])):
+            return t
+        return t[torch.as_tensor(list(index), device=t.device)]
+
+    return pytree.tree_map(pick, tree)
+
+
+def task_of(tree: Any, i: int) -> Any:
+    """Task ``i`` of a meta-batch (a pytree of stacked tensors)."""
+    return pytree.tree_map(lambda t: t[i], tree)
+
+
+# Normalisation functions whose vmap backward is wrong when differentiated again
+# (pytorch/functorch#534), with the test that the call is affected.
+def _arg(args, kwargs, i: int, name: str, default=None):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+_UNSAFE_NORMS = {
+    F.layer_norm: ("LayerNorm with weights", lambda a, k: _arg(a, k, 2, "weight") is not None),
+    F.batch_norm: ("BatchNorm with batch statistics",
+                   lambda a, k: bool(_arg(a, k, 5, "training", False))
+                   or _arg(a, k, 1, "running_mean") is None),
+    F.instance_norm: ("InstanceNorm", lambda a, k: True),
+}
+if hasattr(F, "rms_norm"):
+    _UNSAFE_NORMS[F.rms_norm] = ("RMSNorm with weights", lambda a, k: _arg(a, k, 2, "weight") is not None)
+
+
+class _NormProbe(TorchFunctionMode):
+    """Records the affected normalisation calls made while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: set = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        entry = _UNSAFE_NORMS.get(func)
+        if entry is not None and entry[1](args, kwargs):
+            self.found.add(entry[0])
+        return func(*args, **kwargs)
+
+
+def unsafe_norms(module: nn.Module, inner_loss, batch) -> set:
+    """The normalisations whose double backward ``vmap`` gets wrong that the inner
+    loss runs: one probe evaluation at the module's parameters, without a graph."""
+    probe = _NormProbe()
+    fm = FunctionalModel(module, dict(module.named_parameters()),
+                         {n: b.clone() for n, b in module.named_buffers()})
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), probe:
+        inner_loss(fm, batch)
+    return probe.found
+
+
+# Messages of torch.func's own refusals: an operation vmap or forward-mode AD does not support.
+_UNSUPPORTED = ("vmap", "batching rule", "functorch", "torch.func", "forward ad", "forward-mode",
+                "jvp", "not implemented for 'batched", "batched tensor")
+
+
+def vmap_unsupported(err: BaseException) -> bool:
+    """Whether ``err`` is ``torch.func`` saying it cannot vectorise or forward-differentiate
+    an operation (the per-task loop then runs), rather than an error of the user's code."""
+    text = str(err).lower()
+    return any(s in text for s in _UNSUPPORTED)
 
 
 def group_by_truncation(truncations: Sequence[int]) -> Dict[int, List[int]]:
@@ -101,10 +175,10 @@ class BatchedInnerLoop(InnerLoop):
     """
 
     def __init__(self, module, inner_loss, outer_loss, supports, queries, steps, rule, meta, seed,
-                 size: int, hvp: str = "revrev"):
+                 size: int, hvp: str = "revrev", math_attention: bool = False):
         self.size = size
         super().__init__(module, inner_loss, outer_loss, supports, queries, steps, rule, meta, seed,
-                         hvp)
+                         hvp, math_attention)
         if self.buffer_names:
             raise ValueError("Invalid model: a vectorised meta-batch needs a module without buffers")
 

@@ -1,0 +1,251 @@
+"""The configuration: the public keywords, checked and turned into objects once.
+
+:class:`Settings` holds the keywords exactly as the user wrote them;
+:func:`resolve` checks every one of them (also those the chosen ``mode`` does
+not use, so that flipping ``mode`` stays a one-word change) and every rule
+that spans several of them, and returns a frozen :class:`Config` of objects:
+the inner rule, the truncation law (or the adaptive rule that chooses it), the
+memory schedule's factory and the Hessian-vector product. Nothing else in the
+library turns a knob into an object.
+
+Rules that span arguments:
+
+* ``truncation=`` replaces ``mode``; giving both is an error.
+* ``k`` is the truncation point of ``mode="truncated"`` and an error elsewhere.
+* ``q="auto"`` is an adaptive ``ufom``: an error with any other mode, and in
+  the functional entry points (which keep no statistics).
+* ``q`` under ``fom``/``exact``/``truncated``, ``slots`` under ``store`` or
+  ``recompute`` and the ``q_rule``/``q_min``/``q_beta`` of a fixed ``q`` are
+  accepted (checked, unused).
+* ``inner_lr`` and ``inner=`` exclude each other; one of them is required.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import adaptive
+from .inner import SGD, InnerRule, check_hyper
+from .schedules import MEMORY_CHOICES, Schedule, check_slots, make_schedule
+from .truncation import Bernoulli, Fixed, TruncationLaw
+
+__all__ = ["Settings", "Config", "resolve", "check_model", "check_generator", "check_losses",
+           "check_steps", "MODES", "HVP_CHOICES"]
+
+MODES = ("fom", "ufom", "exact", "truncated")
+HVP_CHOICES = ("auto", "fwdrev", "revrev")
+# The keywords that choose the truncation law; reconfigure treats them as one group.
+LAW_KNOBS = ("mode", "q", "k", "truncation")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The configuration keywords as the user wrote them (see :class:`~torch_ufom.MetaOptimizer`).
+
+    ``mode=None`` means ``"ufom"`` unless ``truncation`` is given.
+    """
+
+    steps: Any = None
+    inner_lr: Any = None
+    inner: Any = None
+    mode: Any = None
+    q: Any = 0.1
+    k: Any = None
+    truncation: Any = None
+    q_rule: Any = "ufom"
+    q_min: Any = None
+    q_beta: Any = None
+    memory: Any = "checkpoint"
+    slots: Any = 8
+    hvp: Any = "auto"
+
+    def replace(self, **changes) -> "Settings":
+        """New settings with ``changes``; changing one law keyword drops the others it
+        conflicts with (a new ``mode`` drops ``truncation`` and, unless
+        ``"truncated"``, ``k``; a new ``truncation`` drops ``mode``)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"reconfigure() got unexpected keyword(s) {unknown}")
+        if "mode" in changes:
+            changes.setdefault("truncation", None)
+            if changes["mode"] != "truncated":
+                changes.setdefault("k", None)
+        if changes.get("truncation") is not None:
+            changes.setdefault("mode", None)
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved configuration (built by :func:`resolve`, never changed).
+
+    Attributes:
+        settings: the keywords it was resolved from.
+        steps: the number of inner steps ``r``.
+        rule: the inner rule.
+        mode: the resolved mode (``"law"`` for an explicit ``truncation=``).
+        law: the truncation law (for ``q="auto"``, the law of the initial ``q``).
+        adaptive: the adaptive rule for ``q="auto"``, else ``None``.
+        memory, slots: the memory setting of the exact sweep.
+        hvp: the requested Hessian-vector product (``"auto"``, ``"fwdrev"``, ``"revrev"``).
+    """
+
+    settings: Settings
+    steps: int
+    rule: InnerRule
+    mode: str
+    law: TruncationLaw
+    adaptive: Optional[adaptive.AdaptiveQ]
+    memory: str
+    slots: int
+    hvp: str
+
+    @property
+    def q(self):
+        """The fixed ``q`` of ``ufom`` (``"auto"`` when adaptive), else ``None``."""
+        if self.adaptive is not None:
+            return "auto"
+        return self.law.q if isinstance(self.law, Bernoulli) else None
+
+    def schedule(self) -> Schedule:
+        """A fresh memory schedule for one sweep."""
+        return make_schedule(self.memory, self.slots)
+
+
+def check_steps(steps) -> int:
+    """Validate ``steps`` (an int ``>= 1``; required)."""
+    if steps is None:
+        raise TypeError("Invalid steps: None (steps is required: the number of inner steps, an int >= 1)")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"Invalid steps: {steps!r} (expected an int >= 1)")
+    return int(steps)
+
+
+def check_model(model) -> nn.Module:
+    """Validate ``model``: an ``nn.Module`` with at least one parameter with ``requires_grad``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("Invalid model: it has no parameter with requires_grad=True, so the inner "
+                         "loop has nothing to adapt")
+    return model
+
+
+def check_generator(generator) -> Optional[torch.Generator]:
+    """Validate ``generator``: ``None`` or a ``torch.Generator``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"Invalid generator: expected a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    return generator
+
+
+def check_losses(inner_loss, outer_loss) -> None:
+    """Validate the two loss callables."""
+    for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
+        if not callable(fn):
+            raise TypeError(f"Invalid {name}: expected a callable (fmodel, batch) -> scalar tensor, "
+                            f"got {type(fn).__name__}")
+
+
+def _check_q(q) -> None:
+    if q == "auto" and isinstance(q, str):
+        return
+    if isinstance(q, bool) or not isinstance(q, numbers.Real) or not (
+            math.isfinite(float(q)) and 0.0 < float(q) <= 1.0):
+        raise ValueError(f"Invalid q: {q!r} (expected a float in (0, 1], or 'auto')")
+
+
+def _choice(value, arg: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Invalid {arg}: {value!r} (expected one of {', '.join(choices)})")
+    return value
+
+
+def _rule(settings: Settings, names: Sequence[str]) -> InnerRule:
+    inner, inner_lr = settings.inner, settings.inner_lr
+    if inner is not None and inner_lr is not None:
+        raise ValueError("Invalid inner_lr: give either inner_lr or inner=, not both")
+    if inner is None:
+        if inner_lr is None:
+            raise ValueError("Invalid inner_lr: None (give inner_lr, or an inner rule as inner=)")
+        check_hyper(inner_lr, "inner_lr", names)  # named as the user wrote it
+        inner = SGD(inner_lr)
+    if not isinstance(inner, InnerRule):
+        raise TypeError(f"Invalid inner: {inner!r} (expected a torch_ufom.inner rule)")
+    inner.validate(names)
+    return inner
+
+
+def _law(settings: Settings, steps: int) -> Tuple[str, TruncationLaw, Optional[adaptive.AdaptiveQ]]:
+    mode, q, k, truncation = settings.mode, settings.q, settings.k, settings.truncation
+    if mode is not None:
+        _choice(mode, "mode", MODES)
+    _check_q(q)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0):
+        raise ValueError(f"Invalid k: {k!r} (expected an int in 0..steps={steps})")
+    # The adaptive rule's knobs are checked whatever q is.
+    rule = adaptive.AdaptiveQ(settings.q_rule, settings.q_min, settings.q_beta)
+    if truncation is not None:
+        if mode is not None:
+            raise ValueError(f"Invalid truncation: it replaces mode, but mode={mode!r} was given too; "
+                             "pass one of them")
+        if not isinstance(truncation, TruncationLaw):
+            raise TypeError(f"Invalid truncation: {truncation!r} (expected a torch_ufom.truncation law)")
+        mode = "law"
+    mode = "ufom" if mode is None else mode
+    if k is not None and mode != "truncated":
+        raise ValueError(f"Invalid k: {k!r} is the truncation point of mode='truncated', but mode is "
+                         f"{mode!r}")
+    if q == "auto" and mode != "ufom":
+        raise ValueError(f"Invalid q: 'auto' adapts the exact-branch probability of mode='ufom', "
+                         f"but mode is {mode!r}")
+    if mode == "law":
+        law = truncation
+    elif mode == "fom":
+        law = Fixed(0)
+    elif mode == "exact":
+        law = Fixed(steps)
+    elif mode == "ufom":
+        law = Bernoulli(rule.q_init if q == "auto" else q)
+    else:
+        if k is None:
+            raise ValueError(f"Invalid k: None (mode='truncated' needs k, an int in 0..steps={steps})")
+        if k > steps:
+            raise ValueError(f"Invalid k: {k!r} (expected an int in 0..steps={steps})")
+        law = Fixed(int(k))
+    law.validate(steps)
+    return mode, law, rule if q == "auto" else None
+
+
+def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer") -> Config:
+    """Check ``settings`` against ``model`` and turn them into a :class:`Config`.
+
+    Args:
+        settings: the user's keywords.
+        model: the module whose parameters the inner loop adapts.
+        caller: the entry point's name, for messages (``q="auto"`` needs
+            ``MetaOptimizer``'s statistics).
+
+    Raises:
+        TypeError: a keyword of the wrong type.
+        ValueError: an invalid value or conflicting keywords; the message names
+            the keyword as the user wrote it.
+    """
+    steps = check_steps(settings.steps)
+    names = [n for n, p in check_model(model).named_parameters() if p.requires_grad]
+    mode, law, rule_q = _law(settings, steps)
+    if rule_q is not None and caller != "MetaOptimizer":
+        raise ValueError(f"Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; {caller} "
+                         "takes a float in (0, 1]")
+    memory = _choice(settings.memory, "memory", MEMORY_CHOICES)
+    slots = check_slots(settings.slots)
+    hvp = _choice(settings.hvp, "hvp", HVP_CHOICES)
+    rule = _rule(settings, names)
+    return Config(settings, steps, rule, mode, law, rule_q, memory, slots, hvp)
+
