@@ -1,7 +1,7 @@
 """The paper's one-dimensional counter-example: FOM stalls, UFOM and exact do not.
 
 From "Debiasing a First-order Heuristic for Approximate Bi-level Optimization"
-(Likhosherstov et al., ICML 2021); the problem is defined in ``UFOM.md``
+(Likhosherstov et al., ICML 2021); the problem is defined in ``docs/maths.md#the-papers-counter-example``
 ("The paper's counter-example"). Two tasks ``(a_i, b_i)`` share one
 piecewise loss (quadratic near the task's minimum ``b_i / a_i``, a cubic
 blend, then linear), used as both the inner and the outer loss; ``r = 10``
@@ -32,7 +32,7 @@ training loop.
 What to expect (seeds 0..9, final = mean |true gradient| over the last 5% of
 the iterates): FOM stays at 0.32-0.37 (sqrt(2D) = 0.346) from a few hundred
 steps on; exact SGD stays below 0.1 from step 10-132 on and ends near
-0.002 at 10,000 (seed 0; ``UFOM.md`` reports about 0.005). UFOM with
+0.002 at 10,000 (seed 0; an independent script gave about 0.005). UFOM with
 ``q = 0.1`` is unbiased but noisy (near the optimum its true gradient spreads
 about ``4.6 / sqrt(k)``, exact's ``0.5 / sqrt(k)``): its final value is below
 0.1 for 10/10 seeds at 10,000 steps (0.007-0.096), 9/10 at 5,000, 6/10 at
@@ -85,7 +85,7 @@ except ImportError:  # pragma: no cover
 from torch_ufom import MetaOptimizer
 
 # ---------------------------------------------------------------------------
-# The problem (UFOM.md, "The paper's counter-example")
+# The problem (docs/maths.md#the-papers-counter-example)
 # ---------------------------------------------------------------------------
 
 ALPHA = 0.1                 # inner SGD step size
@@ -104,7 +104,7 @@ def contraction(a: float, alpha: float = ALPHA, steps: int = STEPS) -> float:
 
 def problem_constants(a: Sequence[float] = CURVATURES, D: float = D_BIAS,
                       alpha: float = ALPHA, steps: int = STEPS) -> Tuple[Tuple[float, float], float]:
-    """``((b_1, b_2), A)`` from the formulas of ``UFOM.md``.
+    """``((b_1, b_2), A)`` from the formulas of ``docs/maths.md#the-papers-counter-example``.
 
     ``b_1 = 0``, ``b_2 = 2 sqrt(2D) / |(a_1 p_1^2 + a_2 p_2^2) p_2 / (a_1 p_1 + a_2 p_2) - p_2^2|``
     and ``A = |b_2 / a_2| + 1`` (the quadratic piece of each task covers both minima).

@@ -2,7 +2,7 @@
 
 ``brute_force(..., k)`` returns ``G_k``: the hypergradient obtained by
 differentiating through the last ``k`` inner steps exactly and through the
-first ``steps - k`` with the inner gradient held constant (``UFOM.md``). The
+first ``steps - k`` with the inner gradient held constant (``docs/maths.md#the-estimators-g_k``). The
 whole unroll is one autograd graph; nothing of the library is used. The inner
 rule is plain SGD with ``lr``, or one of the reference rules below, written
 from ``torch.optim``'s documented formulas (``tests/test_inner.py`` checks

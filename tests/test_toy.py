@@ -1,4 +1,4 @@
-"""The paper's 1-D counter-example (``benchmarks/toy.py``) against ``UFOM.md``.
+"""The paper's 1-D counter-example (``benchmarks/toy.py``) against docs/maths.md#the-papers-counter-example.
 
 (a) the constants ``b_2`` and ``A`` follow the formulas, and the piecewise loss
     and its first two derivatives are continuous at the joins (autograd);
@@ -36,7 +36,7 @@ def test_constants_follow_the_formulas():
 
 
 def _piecewise_reference(z, a, A):
-    """The loss of UFOM.md as a function of z = |x - b/a| >= 0 (plain floats)."""
+    """The loss (docs/maths.md#the-papers-counter-example) of z = |x - b/a| >= 0 (plain floats)."""
     if z <= A:
         return a * z ** 2 / 2
     if z <= A + 1:

@@ -8,7 +8,7 @@ scales with (cost per step) x (second moment),
     q* = sqrt(c_f D / (c_x (A - D)))   clipped to [q_min, 1]   (q* = 1 if A <= D)
 
 where ``c_f`` is the cost of a first-order step and ``c_x`` the extra cost of
-the exact branch (``UFOM.md``). ``A`` and ``D`` are estimated by
+the exact branch (``docs/maths.md#the-two-q-rules``). ``A`` and ``D`` are estimated by
 bias-corrected exponential moving averages over the tasks on which the exact
 branch ran (the sweep then yields ``G_0`` beside ``G_r`` at no second-order
 cost). Two rules share this machinery:

@@ -2,7 +2,7 @@
 
 For a drawn truncation point ``K`` with survival ``P_m = P(K >= m)`` and
 weights ``c_m`` (:func:`~torch_ufom.truncation.telescope_weights`), the estimate
-``g = sum_{k<=K} c_k G_k`` is computed as in ``UFOM.md``:
+``g = sum_{k<=K} c_k G_k`` is computed as in ``docs/maths.md#the-one-sweep-two-stream-algorithm``:
 
 1. forward: the first ``r - K`` steps first-order (no graph; for additive
    rules their inner gradients are summed, other rules keep them in the

@@ -14,7 +14,7 @@ outer optimizer are meta-parameters and receive hypergradients through
 must not modify its arguments in place.
 
 ``first_order_additive`` declares that, with the gradients held constant (the
-first-order rule ``F~`` of ``UFOM.md``), the update leaves the adjoint of the
+first-order rule ``F~`` of ``docs/maths.md#the-first-order-rule``), the update leaves the adjoint of the
 state unchanged and is linear in the gradients. The estimator then sums the
 first-order steps' gradients during the forward pass instead of sweeping them
 backwards.

@@ -3,7 +3,7 @@
 A law is a distribution over ``K`` in ``{0..r}``, drawn **before** the inner
 loop runs. The estimator back-propagates exactly through the last ``K`` inner
 steps and first-order through the rest, and reweights the exact corrections by
-the survival function ``P_k = P(K >= k)`` (``../shared/UFOM.md``):
+the survival function ``P_k = P(K >= k)`` (``docs/maths.md#truncation-laws-and-telescope-weights``):
 
     g = G_0 + sum_{k=1..K} (G_k - G_{k-1}) / P_k,    so   E[g] = G_r
 
