@@ -1,18 +1,35 @@
 """Inner update rules: trajectories against torch.optim, hypergradients through
-every rule and hyperparameter against brute force, and higher's SGD."""
+every rule and hyperparameter against brute force, higher's SGD, and the
+validation of hyperparameters against the adapted parameters."""
+import itertools
+
 import pytest
 import torch
 
 import torch_ufom
 from conftest import mlp_problem, rel_err
-from oracle import brute_force, ref_adam, ref_sgd
-from torch_ufom.inner import SGD, Adam
+from oracle import brute_force, ref_adam, ref_adamw, ref_rmsprop, ref_sgd
+from torch_ufom.inner import SGD, Adam, AdamW, RMSprop
+
+
+def ref_adam_amsgrad(weight_decay=0.0, **kw):
+    """torch.optim.Adam's step with its amsgrad option (the oracle's AdamW with L2 decay)."""
+    return ref_adamw(weight_decay=weight_decay, decoupled=False, **kw)
+
 
 SGD_KW = [dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.8, dampening=0.3),
           dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), dict(lr=0.1, weight_decay=0.1)]
 ADAM_KW = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)]
+ADAMW_KW = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05),
+            dict(lr=0.01, amsgrad=True), dict(lr=0.02, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True)]
+RMSPROP_KW = [dict(lr=0.01, alpha=0.9, momentum=m, centered=c, weight_decay=wd)
+              for m, c, wd in itertools.product((0.0, 0.9), (False, True), (0.0, 0.01))]
 CASES = ([(SGD, torch.optim.SGD, ref_sgd, kw) for kw in SGD_KW]
-         + [(Adam, torch.optim.Adam, ref_adam, kw) for kw in ADAM_KW])
+         + [(Adam, torch.optim.Adam, ref_adam, kw) for kw in ADAM_KW]
+         + [(Adam, torch.optim.Adam, ref_adam_amsgrad, dict(lr=0.02, weight_decay=0.05, amsgrad=True))]
+         + [(AdamW, torch.optim.AdamW, ref_adamw, kw) for kw in ADAMW_KW]
+         + [(RMSprop, torch.optim.RMSprop, ref_rmsprop, kw) for kw in RMSPROP_KW])
+NEW = [c for c in CASES if c[0] in (AdamW, RMSprop) or c[2] is ref_adam_amsgrad]
 
 
 @pytest.mark.parametrize("rule, optim, ref, kw", CASES, ids=lambda c: getattr(c, "__name__", str(c)))
@@ -160,3 +177,101 @@ def test_higher_adam_differs_by_its_older_eps_placement():
                       rule=ref_adam(0.01))
     assert rel_err(ours, ref) < 1e-9
     assert 1e-7 < rel_err(ours, theirs) < 1e-3
+
+
+@pytest.mark.parametrize("rule, optim, ref, kw", NEW, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_exact_hypergrad_through_new_rules_equals_brute_force(rule, optim, ref, kw):
+    # A learned scalar rate next to the model's parameters, through the functional entry point.
+    model, loss, data = mlp_problem(15)
+    kw = dict(kw, lr=torch.tensor(kw["lr"], requires_grad=True))
+    params = list(model.parameters()) + [kw["lr"]]
+    ref_g = brute_force(model, loss, loss, data.__getitem__, data[-1], 5, None, params, 5, rule=ref(**kw))
+    got = torch_ufom.hypergrad(model, loss, loss, data.__getitem__, data[-1], steps=5, inner=rule(**kw),
+                               mode="exact", params=params)
+    assert float(ref_g[-1].abs()) > 0
+    assert rel_err(got, ref_g) < 1e-9
+    assert rule(**kw).first_order_additive is False
+
+
+@pytest.mark.parametrize("make", [lambda lr: Adam(lr), lambda lr: AdamW(lr, amsgrad=True),
+                                  lambda lr: RMSprop(lr, momentum=0.9, centered=True)],
+                         ids=["Adam", "AdamW-amsgrad", "RMSprop-centered"])
+def test_exactly_zero_gradients_give_finite_hypergradients(make):
+    model, loss, data = mlp_problem(14)
+    gate = torch.nn.Parameter(torch.tensor(0.5))  # its inner gradient is exactly 0
+    model.register_parameter("gate", gate)
+
+    def inner(f, batch):
+        return loss(f, batch) + 0.0 * dict(f.named_parameters())["gate"]
+
+    def outer(f, batch):
+        return loss(f, batch) * dict(f.named_parameters())["gate"]
+
+    lr = torch.tensor(0.01, requires_grad=True)
+    params = [gate, lr] + [p for p in model.parameters() if p is not gate]
+    got = torch_ufom.hypergrad(model, inner, outer, data.__getitem__, data[-1], steps=3,
+                               inner=make(lr), mode="exact", params=params)
+    assert all(bool(torch.isfinite(g).all()) for g in got)
+    assert float(got[0].abs()) > 0 and float(got[1].abs()) > 0
+
+
+def test_bad_new_rule_hyperparameters():
+    for make, arg in [(lambda: RMSprop(0.1, alpha=1.5), "alpha"), (lambda: RMSprop(-0.1), "lr"),
+                      (lambda: RMSprop(0.1, momentum=-0.9), "momentum"),
+                      (lambda: RMSprop(0.1, eps=float("nan")), "eps"),
+                      (lambda: RMSprop(0.1, weight_decay=torch.tensor(-1.0)), "weight_decay"),
+                      (lambda: AdamW(0.1, betas=(1.0, 0.9)), r"betas\[0\]"),
+                      (lambda: AdamW(0.1, weight_decay=-0.01), "weight_decay"),
+                      (lambda: Adam(0.1, betas=(0.9,)), "betas")]:
+        with pytest.raises(ValueError, match=arg):
+            make()
+    RMSprop(0.1, alpha=1.0)  # torch.optim accepts alpha = 1
+
+
+def adapted(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_tensor_hyperparameters_are_checked_against_the_parameters():
+    model, _, _ = mlp_problem()
+    params = adapted(model)  # float64 (conftest), on the CPU
+    shapes = {n: p.shape for n, p in params.items()}
+    t = torch.tensor
+    bad = [
+        (SGD(t([0.1, 0.2])), r"Invalid lr: shape \(2,\) does not broadcast to parameter '0.weight'"),
+        (SGD({n: t([0.1, 0.2]) if n == "0.bias" else t(0.1) for n in shapes}),
+         r"Invalid lr\['0.bias'\]: shape \(2,\) does not broadcast to parameter '0.bias' of shape \(8,\)"),
+        (SGD({n: torch.full(shapes["0.weight"], 0.1) for n in shapes}), r"Invalid lr\['0.bias'\]: shape"),
+        (SGD(t(0.1, dtype=torch.float32)), "Invalid lr: a torch.float32 tensor for parameter '0.weight'"),
+        (SGD(0.1, momentum=t([[0.9]])), r"Invalid momentum: shape \(1, 1\) does not broadcast to parameter "
+                                        r"'0.bias' of shape \(8,\)"),
+        (Adam(0.1, betas=(t([0.9, 0.9]), 0.999)), r"Invalid betas\[0\]: shape"),
+        (AdamW(0.1, eps=t(1e-8, dtype=torch.float32)), "Invalid eps: a torch.float32"),
+        (RMSprop(0.1, alpha={n: t(0.9, dtype=torch.float32) for n in shapes}),
+         r"Invalid alpha\['0.weight'\]: a torch.float32"),
+        (SGD.from_inner_lr(t([0.1, 0.2])), r"Invalid inner_lr: shape \(2,\)"),
+        (SGD.from_inner_lr({n: t([0.1, 0.2]) for n in shapes}), r"Invalid inner_lr\['0.weight'\]"),
+    ]
+    for rule, message in bad:
+        with pytest.raises(ValueError, match=message):
+            rule.validate(params)
+        rule.validate(list(shapes))  # the names alone cannot tell
+    # What broadcasts without changing the parameter's shape is accepted.
+    for rule in [SGD(t(0.1)), SGD(t([0.1])), SGD({n: torch.full(s, 0.1) for n, s in shapes.items()}),
+                 SGD({n: t(0.1) if len(s) == 1 else torch.full((1, s[1]), 0.1) for n, s in shapes.items()}),
+                 Adam(t(0.01), betas=(t(0.9), 0.999)), SGD.from_inner_lr(0.1), RMSprop(0.01, alpha=0.9)]:
+        rule.validate(params)
+
+
+def test_meta_and_other_device_tensors_are_rejected():
+    with pytest.raises(ValueError, match="Invalid lr: a meta-device tensor"):
+        SGD(torch.tensor(0.1, device="meta"))
+    with pytest.raises(ValueError, match=r"Invalid inner_lr\['w'\]: a meta-device tensor"):
+        SGD.from_inner_lr({"w": torch.tensor(0.1, device="meta")})
+    params = {"w": torch.zeros(3, device="meta")}
+    with pytest.raises(ValueError, match="Invalid lr: a tensor on cpu for parameter 'w' on meta"):
+        SGD(torch.tensor(0.1)).validate(params)
+    with pytest.raises(ValueError, match=r"Invalid lr: -1.0 \(expected a finite number >= 0"):
+        SGD(-1.0)
+    with pytest.raises(ValueError, match=r"Invalid inner_lr: -1.0"):
+        SGD.from_inner_lr(-1.0)
