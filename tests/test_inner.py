@@ -275,3 +275,166 @@ def test_meta_and_other_device_tensors_are_rejected():
         SGD(-1.0)
     with pytest.raises(ValueError, match=r"Invalid inner_lr: -1.0"):
         SGD.from_inner_lr(-1.0)
+
+
+# -- PerStep: per-inner-step hyperparameters ------------------------------------------------------
+
+PerStep = torch_ufom.inner.PerStep
+STEPS = 20
+VALUES = [0.02 + 0.01 * ((3 * j) % 7) for j in range(STEPS)]  # a rate that changes at every step
+MOMS = [0.5 + 0.02 * j for j in range(STEPS)]
+PER_STEP_CASES = [  # (rule, optim, rule's kwargs, torch.optim's per-step group values)
+    (SGD, torch.optim.SGD, dict(lr=PerStep(VALUES), momentum=PerStep(MOMS), weight_decay=0.01),
+     dict(lr=VALUES, momentum=MOMS)),
+    (Adam, torch.optim.Adam, dict(lr=PerStep(VALUES), weight_decay=0.01), dict(lr=VALUES)),
+    (AdamW, torch.optim.AdamW, dict(lr=PerStep(VALUES), weight_decay=PerStep(VALUES), amsgrad=True),
+     dict(lr=VALUES, weight_decay=VALUES)),
+    (RMSprop, torch.optim.RMSprop, dict(lr=PerStep(VALUES), alpha=PerStep(MOMS), momentum=0.9,
+                                        centered=True), dict(lr=VALUES, alpha=MOMS)),
+]
+
+
+@pytest.mark.parametrize("rule, optim, kw, groups", PER_STEP_CASES, ids=lambda c: getattr(c, "__name__", ""))
+def test_per_step_trajectory_equals_torch_optim_with_a_schedule(rule, optim, kw, groups):
+    # torch.optim with its param group's values set before each step.
+    g = torch.Generator().manual_seed(1)
+    p0 = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    torch_params = [p.clone().requires_grad_() for p in p0.values()]
+    plain = {k: v for k, v in kw.items() if not isinstance(v, PerStep)}
+    opt = optim(torch_params, **{k: groups[k][0] if k in groups else v for k, v in kw.items()})
+    r = rule(**kw)
+    r.validate(p0, steps=STEPS)
+    assert not r.first_order_additive and plain != kw
+    params, state = dict(p0), r.init(p0)
+    for j in range(STEPS):
+        gj = {n: torch.randn(p.shape, generator=g) * (j % 3) for n, p in p0.items()}
+        for k, values in groups.items():
+            opt.param_groups[0][k] = values[j]
+        for p, gp in zip(torch_params, gj.values()):
+            p.grad = gp.clone()
+        opt.step()
+        params, state = r.update(gj, state, params, r.hyper)
+        for tp, n in zip(torch_params, p0):
+            assert (params[n] - tp).abs().max() < 1e-12, (j, n)
+
+
+def at_step(ref, kw):
+    """The oracle's rule with every PerStep value of ``kw`` read at the step (by plain indexing)."""
+    def pick(v, t):
+        if isinstance(v, PerStep):
+            return v.values[t]
+        if isinstance(v, dict):
+            return {n: pick(x, t) for n, x in v.items()}
+        return v
+
+    def step(name, t, p, g, state):
+        return ref(**{k: pick(v, t) for k, v in kw.items()})(name, t, p, g, state)
+    return step
+
+
+def lslr(model, steps, base=0.05):
+    """MAML++'s learned per-layer, per-step rates: one PerStep tensor per parameter."""
+    return {n: PerStep(torch.tensor([base * (1 + 0.3 * j + 0.1 * i) for j in range(steps)],
+                                    requires_grad=True))
+            for i, (n, _) in enumerate(model.named_parameters())}
+
+
+@pytest.mark.parametrize("rule, ref, extra", [(SGD, ref_sgd, {}), (SGD, ref_sgd, dict(momentum=0.9)),
+                                               (RMSprop, ref_rmsprop, dict(momentum=0.5, centered=True))],
+                         ids=["SGD", "SGD-momentum", "RMSprop"])
+def test_learned_per_step_rates_equal_brute_force(rule, ref, extra):
+    model, loss, data = mlp_problem(16)
+    steps = 4
+    kw = dict(extra, lr=lslr(model, steps, 0.05 if rule is SGD else 0.005))
+    rates = [v.values for v in kw["lr"].values()]
+    params = list(model.parameters()) + rates
+    support, query = data.__getitem__, data[-1]
+    G = {k: brute_force(model, loss, loss, support, query, steps, None, params, k, rule=at_step(ref, kw))
+         for k in (0, 2, steps)}
+    assert rel_err(G[2], G[steps]) > 1e-6 and rel_err(G[0], G[steps]) > 1e-6
+    assert all(float(g.abs().min()) > 0 for g in G[steps][-len(rates):])  # every step's rate is learned
+    got = torch_ufom.hypergrad(model, loss, loss, support, query, steps=steps, inner=rule(**kw),
+                               mode="exact", params=params)
+    assert rel_err(got, G[steps]) < 1e-9
+    for k in (0, 2):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), steps=steps,
+                                        inner=rule(**kw), mode="truncated", k=k, slots=2)
+        meta.zero_grad()
+        meta.backward(loss, loss, support, query)
+        assert rel_err([p.grad for p in params], G[k]) < 1e-9, k
+
+
+def test_per_step_rates_in_a_vectorised_meta_batch():
+    # Stacked tasks share the step count (vectorised.BatchedInnerLoop); the sum of the
+    # tasks' brute-force hypergradients is the reference.
+    model, loss, data = mlp_problem(17)
+    steps = 3
+    kw = dict(lr=lslr(model, steps), momentum=0.9)
+    params = list(model.parameters()) + [v.values for v in kw["lr"].values()]
+    tasks = data[:4]
+    supports = (torch.stack([x for x, _ in tasks]), torch.stack([y for _, y in tasks]))
+    queries = (torch.stack([x for x, _ in data[4:8]]), torch.stack([y for _, y in data[4:8]]))
+    ref = [brute_force(model, loss, loss, lambda j, t=t: t, q, steps, None, params, steps,
+                       rule=at_step(ref_sgd, kw)) for t, q in zip(tasks, data[4:8])]
+    ref = [sum(gs) for gs in zip(*ref)]
+    got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=steps, inner=SGD(**kw),
+                                     mode="exact", params=params)
+    assert rel_err(got, ref) < 1e-9
+
+
+@pytest.mark.parametrize("rule", [SGD(PerStep(VALUES), momentum=PerStep(MOMS)), Adam(PerStep(VALUES)),
+                                  RMSprop(PerStep(VALUES), alpha=PerStep(MOMS), momentum=0.9)],
+                         ids=["SGD", "Adam", "RMSprop"])
+def test_per_step_values_under_vmap_follow_each_task_count(rule):
+    # Per-task states under torch.func.vmap, the tasks at different steps: each
+    # task reads its own step's value.
+    g = torch.Generator().manual_seed(2)
+    p0 = {"w": torch.randn(2, 4, 3, generator=g), "b": torch.randn(2, 3, generator=g)}
+    grads = [{n: torch.randn(p.shape, generator=g) for n, p in p0.items()} for _ in range(6)]
+    one = {n: p[0] for n, p in p0.items()}
+    loop = []
+    for task, lag in enumerate((0, 3)):  # task 1 starts 3 steps later in its schedule
+        params = {n: p[task] for n, p in p0.items()}
+        state = rule.init(params)
+        for j in range(lag):
+            _, state = rule.update({n: g[task] for n, g in grads[j].items()}, state, params, rule.hyper)
+        loop.append(state)
+    state = tuple(torch.stack(parts) for parts in zip(*loop))
+    assert state[0].tolist() == [0, 3] and rule.init(one)[0].dim() == 0
+    per_task = [{n: p[task] for n, p in p0.items()} for task in range(2)]
+    states = list(loop)
+    params = dict(p0)
+    for j in range(3):
+        gj = grads[3 + j]
+        params, state = torch.func.vmap(lambda gr, s, p: rule.update(gr, s, p, rule.hyper))(gj, state, params)
+        for task in range(2):
+            per_task[task], states[task] = rule.update({n: x[task] for n, x in gj.items()}, states[task],
+                                                       per_task[task], rule.hyper)
+            for n in p0:
+                assert (params[n][task] - per_task[task][n]).abs().max() < 1e-12, (j, task, n)
+
+
+def test_bad_per_step_values():
+    model, _, _ = mlp_problem()
+    params = adapted(model)
+    with pytest.raises(ValueError, match=r"Invalid lr\['0.bias'\]: PerStep has 3 values but the inner "
+                                         r"loop runs steps=4"):
+        SGD({n: PerStep([0.1] * (3 if n == "0.bias" else 4)) for n in params}).validate(params, steps=4)
+    with pytest.raises(ValueError, match="Invalid inner_lr: PerStep has 2 values but the inner loop runs"):
+        SGD.from_inner_lr(PerStep([0.1, 0.2])).validate(params, steps=5)
+    SGD({n: PerStep([0.1] * 4) for n in params}).validate(params, steps=4)
+    for make, message in [
+            (lambda: SGD(PerStep([0.1, -0.1])), "Invalid lr: values must be finite and >= 0"),
+            (lambda: SGD(0.1, momentum={"w": PerStep(torch.tensor([0.9, float("nan")]))}),
+             r"Invalid momentum\['w'\]: values must be finite"),
+            (lambda: Adam(0.1, betas=(PerStep([0.9, 0.9]), 0.999)), r"Invalid betas\[0\]: PerStep"),
+            (lambda: RMSprop(0.1, alpha=PerStep([0.9, 1.5])), "Invalid alpha: values must be finite"),
+            (lambda: PerStep(torch.zeros(2, 3)), "Invalid PerStep values: expected a 1-D"),
+            (lambda: PerStep([]), "Invalid PerStep values: empty"),
+            (lambda: PerStep("abc"), "Invalid PerStep values"),
+            (lambda: PerStep(torch.tensor([1, 2])), "Invalid PerStep values: expected a 1-D floating")]:
+        with pytest.raises(ValueError, match=message):
+            make()
+    with pytest.raises(ValueError, match="Invalid lr: a torch.float32 tensor for parameter '0.weight'"):
+        SGD(PerStep(torch.zeros(4, dtype=torch.float32))).validate(params, steps=4)
+    assert SGD(PerStep([0.1, 0.1])).first_order_additive is False and SGD(0.1).first_order_additive
