@@ -2,6 +2,7 @@
 every rule and hyperparameter against brute force, higher's SGD, and the
 validation of hyperparameters against the adapted parameters."""
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -348,6 +349,7 @@ def test_learned_per_step_rates_equal_brute_force(rule, ref, extra):
     kw = dict(extra, lr=lslr(model, steps, 0.05 if rule is SGD else 0.005))
     rates = [v.values for v in kw["lr"].values()]
     params = list(model.parameters()) + rates
+    assert [id(x) for x in rule(**kw).tensors()] == [id(x) for x in rates]
     support, query = data.__getitem__, data[-1]
     G = {k: brute_force(model, loss, loss, support, query, steps, None, params, k, rule=at_step(ref, kw))
          for k in (0, 2, steps)}
@@ -364,22 +366,28 @@ def test_learned_per_step_rates_equal_brute_force(rule, ref, extra):
         assert rel_err([p.grad for p in params], G[k]) < 1e-9, k
 
 
-def test_per_step_rates_in_a_vectorised_meta_batch():
+@pytest.mark.parametrize("rule, ref, extra", [(SGD, ref_sgd, dict(momentum=0.9)),
+                                               (RMSprop, ref_rmsprop, dict(momentum=0.5, centered=True)),
+                                               (AdamW, ref_adamw, dict(amsgrad=True))],
+                         ids=["SGD-momentum", "RMSprop", "AdamW"])
+def test_rules_and_per_step_rates_in_a_vectorised_meta_batch(rule, ref, extra):
     # Stacked tasks share the step count (vectorised.BatchedInnerLoop); the sum of the
     # tasks' brute-force hypergradients is the reference.
     model, loss, data = mlp_problem(17)
     steps = 3
-    kw = dict(lr=lslr(model, steps), momentum=0.9)
+    kw = dict(extra, lr=lslr(model, steps, 0.05 if rule is SGD else 0.005))
     params = list(model.parameters()) + [v.values for v in kw["lr"].values()]
-    tasks = data[:4]
-    supports = (torch.stack([x for x, _ in tasks]), torch.stack([y for _, y in tasks]))
-    queries = (torch.stack([x for x, _ in data[4:8]]), torch.stack([y for _, y in data[4:8]]))
-    ref = [brute_force(model, loss, loss, lambda j, t=t: t, q, steps, None, params, steps,
-                       rule=at_step(ref_sgd, kw)) for t, q in zip(tasks, data[4:8])]
-    ref = [sum(gs) for gs in zip(*ref)]
-    got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=steps, inner=SGD(**kw),
-                                     mode="exact", params=params)
-    assert rel_err(got, ref) < 1e-9
+    tasks, qs = data[:4], data[4:8]
+    supports = tuple(torch.stack(parts) for parts in zip(*tasks))
+    queries = tuple(torch.stack(parts) for parts in zip(*qs))
+    ref_g = [brute_force(model, loss, loss, lambda j, t=t: t, q, steps, None, params, steps,
+                         rule=at_step(ref, kw)) for t, q in zip(tasks, qs)]
+    ref_g = [sum(gs) for gs in zip(*ref_g)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the per-task loop
+        got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=steps,
+                                         inner=rule(**kw), mode="exact", params=params)
+    assert rel_err(got, ref_g) < 1e-9
 
 
 @pytest.mark.parametrize("rule", [SGD(PerStep(VALUES), momentum=PerStep(MOMS)), Adam(PerStep(VALUES)),

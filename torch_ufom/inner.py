@@ -65,6 +65,10 @@ class PerStep:
     Args:
         values: one value per inner step.
 
+    Attributes:
+        values: the 1-D tensor as given (give it to the outer optimizer to
+            learn it), or the numbers as a tuple of floats.
+
     Raises:
         ValueError: ``values`` is empty, not 1-D, not floating point, or not
             numbers.
@@ -324,7 +328,8 @@ def _is_zero(value: Hyper) -> bool:
 def _count(params: Mapping[str, Tensor], dtype=None) -> Tensor:
     """A zero step count on the parameters' device (``dtype`` defaults to int64)."""
     if not params:
-        raise ValueError("Invalid params: the inner rule has no parameters to adapt")
+        raise ValueError("Invalid params: the inner rule got no parameters to adapt (expected at "
+                         "least one parameter with requires_grad)")
     first = next(iter(params.values()))
     return torch.zeros((), dtype=torch.int64 if dtype is None else dtype, device=first.device)
 
