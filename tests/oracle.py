@@ -75,3 +75,49 @@ def brute_force(model, inner_loss, outer_loss, batch, query, steps, lr, params, 
     loss = outer_loss(call(phi), query)
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+
+
+def ref_adamw(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, decoupled=True):
+    """``torch.optim.AdamW``'s step for one parameter; the state is ``(m, v, v_max)``.
+
+    With ``decoupled=False`` the decay is added to the gradient instead:
+    ``torch.optim.Adam``'s step, with its ``amsgrad`` option.
+    """
+    def step(name, t, p, g, state):
+        b1, b2, wd = _pick(betas[0], name), _pick(betas[1], name), _pick(weight_decay, name)
+        lr_ = _pick(lr, name)
+        m, v, v_max = (torch.zeros_like(p),) * 3 if state is None else state
+        if decoupled:
+            shrunk = p * (1 - lr_ * wd)
+        else:
+            shrunk, g = p, g + wd * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        if amsgrad:
+            v_max = torch.maximum(v_max, v)
+        c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+        denom = (v_max if amsgrad else v).sqrt() / c2 ** 0.5 + _pick(eps, name)
+        return shrunk - lr_ / c1 * m / denom, (m, v, v_max)
+    return step
+
+
+def ref_rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False):
+    """``torch.optim.RMSprop``'s step for one parameter; the state is ``(s, a, buf)``:
+    the mean square, the mean gradient (``centered``) and the momentum buffer."""
+    def step(name, t, p, g, state):
+        a_ = _pick(alpha, name)
+        s, a, buf = (torch.zeros_like(p),) * 3 if state is None else state
+        g = g + _pick(weight_decay, name) * p
+        s = a_ * s + (1 - a_) * g * g
+        if centered:
+            a = a_ * a + (1 - a_) * g
+            avg = (s - a * a).sqrt()
+        else:
+            avg = s.sqrt()
+        avg = avg + _pick(eps, name)
+        mom = _pick(momentum, name)
+        if isinstance(mom, float) and mom == 0.0:
+            return p - _pick(lr, name) * g / avg, (s, a, buf)
+        buf = mom * buf + g / avg
+        return p - _pick(lr, name) * buf, (s, a, buf)
+    return step

@@ -1,18 +1,36 @@
 """Inner update rules: trajectories against torch.optim, hypergradients through
-every rule and hyperparameter against brute force, and higher's SGD."""
+every rule and hyperparameter against brute force, higher's SGD, and the
+validation of hyperparameters against the adapted parameters."""
+import itertools
+import warnings
+
 import pytest
 import torch
 
 import torch_ufom
 from conftest import mlp_problem, rel_err
-from oracle import brute_force, ref_adam, ref_sgd
-from torch_ufom.inner import SGD, Adam
+from oracle import brute_force, ref_adam, ref_adamw, ref_rmsprop, ref_sgd
+from torch_ufom.inner import SGD, Adam, AdamW, RMSprop
+
+
+def ref_adam_amsgrad(weight_decay=0.0, **kw):
+    """torch.optim.Adam's step with its amsgrad option (the oracle's AdamW with L2 decay)."""
+    return ref_adamw(weight_decay=weight_decay, decoupled=False, **kw)
+
 
 SGD_KW = [dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.8, dampening=0.3),
           dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), dict(lr=0.1, weight_decay=0.1)]
 ADAM_KW = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)]
+ADAMW_KW = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05),
+            dict(lr=0.01, amsgrad=True), dict(lr=0.02, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True)]
+RMSPROP_KW = [dict(lr=0.01, alpha=0.9, momentum=m, centered=c, weight_decay=wd)
+              for m, c, wd in itertools.product((0.0, 0.9), (False, True), (0.0, 0.01))]
 CASES = ([(SGD, torch.optim.SGD, ref_sgd, kw) for kw in SGD_KW]
-         + [(Adam, torch.optim.Adam, ref_adam, kw) for kw in ADAM_KW])
+         + [(Adam, torch.optim.Adam, ref_adam, kw) for kw in ADAM_KW]
+         + [(Adam, torch.optim.Adam, ref_adam_amsgrad, dict(lr=0.02, weight_decay=0.05, amsgrad=True))]
+         + [(AdamW, torch.optim.AdamW, ref_adamw, kw) for kw in ADAMW_KW]
+         + [(RMSprop, torch.optim.RMSprop, ref_rmsprop, kw) for kw in RMSPROP_KW])
+NEW = [c for c in CASES if c[0] in (AdamW, RMSprop) or c[2] is ref_adam_amsgrad]
 
 
 @pytest.mark.parametrize("rule, optim, ref, kw", CASES, ids=lambda c: getattr(c, "__name__", str(c)))
@@ -160,3 +178,271 @@ def test_higher_adam_differs_by_its_older_eps_placement():
                       rule=ref_adam(0.01))
     assert rel_err(ours, ref) < 1e-9
     assert 1e-7 < rel_err(ours, theirs) < 1e-3
+
+
+@pytest.mark.parametrize("rule, optim, ref, kw", NEW, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_exact_hypergrad_through_new_rules_equals_brute_force(rule, optim, ref, kw):
+    # A learned scalar rate next to the model's parameters, through the functional entry point.
+    model, loss, data = mlp_problem(15)
+    kw = dict(kw, lr=torch.tensor(kw["lr"], requires_grad=True))
+    params = list(model.parameters()) + [kw["lr"]]
+    ref_g = brute_force(model, loss, loss, data.__getitem__, data[-1], 5, None, params, 5, rule=ref(**kw))
+    got = torch_ufom.hypergrad(model, loss, loss, data.__getitem__, data[-1], steps=5, inner=rule(**kw),
+                               mode="exact", params=params)
+    assert float(ref_g[-1].abs()) > 0
+    assert rel_err(got, ref_g) < 1e-9
+    assert rule(**kw).first_order_additive is False
+
+
+@pytest.mark.parametrize("make", [lambda lr: Adam(lr), lambda lr: AdamW(lr, amsgrad=True),
+                                  lambda lr: RMSprop(lr, momentum=0.9, centered=True)],
+                         ids=["Adam", "AdamW-amsgrad", "RMSprop-centered"])
+def test_exactly_zero_gradients_give_finite_hypergradients(make):
+    model, loss, data = mlp_problem(14)
+    gate = torch.nn.Parameter(torch.tensor(0.5))  # its inner gradient is exactly 0
+    model.register_parameter("gate", gate)
+
+    def inner(f, batch):
+        return loss(f, batch) + 0.0 * dict(f.named_parameters())["gate"]
+
+    def outer(f, batch):
+        return loss(f, batch) * dict(f.named_parameters())["gate"]
+
+    lr = torch.tensor(0.01, requires_grad=True)
+    params = [gate, lr] + [p for p in model.parameters() if p is not gate]
+    got = torch_ufom.hypergrad(model, inner, outer, data.__getitem__, data[-1], steps=3,
+                               inner=make(lr), mode="exact", params=params)
+    assert all(bool(torch.isfinite(g).all()) for g in got)
+    assert float(got[0].abs()) > 0 and float(got[1].abs()) > 0
+
+
+def test_bad_new_rule_hyperparameters():
+    for make, arg in [(lambda: RMSprop(0.1, alpha=1.5), "alpha"), (lambda: RMSprop(-0.1), "lr"),
+                      (lambda: RMSprop(0.1, momentum=-0.9), "momentum"),
+                      (lambda: RMSprop(0.1, eps=float("nan")), "eps"),
+                      (lambda: RMSprop(0.1, weight_decay=torch.tensor(-1.0)), "weight_decay"),
+                      (lambda: AdamW(0.1, betas=(1.0, 0.9)), r"betas\[0\]"),
+                      (lambda: AdamW(0.1, weight_decay=-0.01), "weight_decay"),
+                      (lambda: Adam(0.1, betas=(0.9,)), "betas")]:
+        with pytest.raises(ValueError, match=arg):
+            make()
+    RMSprop(0.1, alpha=1.0)  # torch.optim accepts alpha = 1
+
+
+def adapted(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_tensor_hyperparameters_are_checked_against_the_parameters():
+    model, _, _ = mlp_problem()
+    params = adapted(model)  # float64 (conftest), on the CPU
+    shapes = {n: p.shape for n, p in params.items()}
+    t = torch.tensor
+    bad = [
+        (SGD(t([0.1, 0.2])), r"Invalid lr: shape \(2,\) does not broadcast to parameter '0.weight'"),
+        (SGD({n: t([0.1, 0.2]) if n == "0.bias" else t(0.1) for n in shapes}),
+         r"Invalid lr\['0.bias'\]: shape \(2,\) does not broadcast to parameter '0.bias' of shape \(8,\)"),
+        (SGD({n: torch.full(shapes["0.weight"], 0.1) for n in shapes}), r"Invalid lr\['0.bias'\]: shape"),
+        (SGD(t(0.1, dtype=torch.float32)), "Invalid lr: a torch.float32 tensor for parameter '0.weight'"),
+        (SGD(0.1, momentum=t([[0.9]])), r"Invalid momentum: shape \(1, 1\) does not broadcast to parameter "
+                                        r"'0.bias' of shape \(8,\)"),
+        (Adam(0.1, betas=(t([0.9, 0.9]), 0.999)), r"Invalid betas\[0\]: shape"),
+        (AdamW(0.1, eps=t(1e-8, dtype=torch.float32)), "Invalid eps: a torch.float32"),
+        (RMSprop(0.1, alpha={n: t(0.9, dtype=torch.float32) for n in shapes}),
+         r"Invalid alpha\['0.weight'\]: a torch.float32"),
+        (SGD.from_inner_lr(t([0.1, 0.2])), r"Invalid inner_lr: shape \(2,\)"),
+        (SGD.from_inner_lr({n: t([0.1, 0.2]) for n in shapes}), r"Invalid inner_lr\['0.weight'\]"),
+    ]
+    for rule, message in bad:
+        with pytest.raises(ValueError, match=message):
+            rule.validate(params)
+        rule.validate(list(shapes))  # the names alone cannot tell
+    # What broadcasts without changing the parameter's shape is accepted.
+    for rule in [SGD(t(0.1)), SGD(t([0.1])), SGD({n: torch.full(s, 0.1) for n, s in shapes.items()}),
+                 SGD({n: t(0.1) if len(s) == 1 else torch.full((1, s[1]), 0.1) for n, s in shapes.items()}),
+                 Adam(t(0.01), betas=(t(0.9), 0.999)), SGD.from_inner_lr(0.1), RMSprop(0.01, alpha=0.9)]:
+        rule.validate(params)
+
+
+def test_meta_and_other_device_tensors_are_rejected():
+    with pytest.raises(ValueError, match="Invalid lr: a meta-device tensor"):
+        SGD(torch.tensor(0.1, device="meta"))
+    with pytest.raises(ValueError, match=r"Invalid inner_lr\['w'\]: a meta-device tensor"):
+        SGD.from_inner_lr({"w": torch.tensor(0.1, device="meta")})
+    params = {"w": torch.zeros(3, device="meta")}
+    with pytest.raises(ValueError, match="Invalid lr: a tensor on cpu for parameter 'w' on meta"):
+        SGD(torch.tensor(0.1)).validate(params)
+    with pytest.raises(ValueError, match=r"Invalid lr: -1.0 \(expected a finite number >= 0"):
+        SGD(-1.0)
+    with pytest.raises(ValueError, match=r"Invalid inner_lr: -1.0"):
+        SGD.from_inner_lr(-1.0)
+
+
+# -- PerStep: per-inner-step hyperparameters ------------------------------------------------------
+
+PerStep = torch_ufom.inner.PerStep
+STEPS = 20
+VALUES = [0.02 + 0.01 * ((3 * j) % 7) for j in range(STEPS)]  # a rate that changes at every step
+MOMS = [0.5 + 0.02 * j for j in range(STEPS)]
+PER_STEP_CASES = [  # (rule, optim, rule's kwargs, torch.optim's per-step group values)
+    (SGD, torch.optim.SGD, dict(lr=PerStep(VALUES), momentum=PerStep(MOMS), weight_decay=0.01),
+     dict(lr=VALUES, momentum=MOMS)),
+    (Adam, torch.optim.Adam, dict(lr=PerStep(VALUES), weight_decay=0.01), dict(lr=VALUES)),
+    (AdamW, torch.optim.AdamW, dict(lr=PerStep(VALUES), weight_decay=PerStep(VALUES), amsgrad=True),
+     dict(lr=VALUES, weight_decay=VALUES)),
+    (RMSprop, torch.optim.RMSprop, dict(lr=PerStep(VALUES), alpha=PerStep(MOMS), momentum=0.9,
+                                        centered=True), dict(lr=VALUES, alpha=MOMS)),
+]
+
+
+@pytest.mark.parametrize("rule, optim, kw, groups", PER_STEP_CASES, ids=lambda c: getattr(c, "__name__", ""))
+def test_per_step_trajectory_equals_torch_optim_with_a_schedule(rule, optim, kw, groups):
+    # torch.optim with its param group's values set before each step.
+    g = torch.Generator().manual_seed(1)
+    p0 = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    torch_params = [p.clone().requires_grad_() for p in p0.values()]
+    plain = {k: v for k, v in kw.items() if not isinstance(v, PerStep)}
+    opt = optim(torch_params, **{k: groups[k][0] if k in groups else v for k, v in kw.items()})
+    r = rule(**kw)
+    r.validate(p0, steps=STEPS)
+    assert not r.first_order_additive and plain != kw
+    params, state = dict(p0), r.init(p0)
+    for j in range(STEPS):
+        gj = {n: torch.randn(p.shape, generator=g) * (j % 3) for n, p in p0.items()}
+        for k, values in groups.items():
+            opt.param_groups[0][k] = values[j]
+        for p, gp in zip(torch_params, gj.values()):
+            p.grad = gp.clone()
+        opt.step()
+        params, state = r.update(gj, state, params, r.hyper)
+        for tp, n in zip(torch_params, p0):
+            assert (params[n] - tp).abs().max() < 1e-12, (j, n)
+
+
+def at_step(ref, kw):
+    """The oracle's rule with every PerStep value of ``kw`` read at the step (by plain indexing)."""
+    def pick(v, t):
+        if isinstance(v, PerStep):
+            return v.values[t]
+        if isinstance(v, dict):
+            return {n: pick(x, t) for n, x in v.items()}
+        return v
+
+    def step(name, t, p, g, state):
+        return ref(**{k: pick(v, t) for k, v in kw.items()})(name, t, p, g, state)
+    return step
+
+
+def lslr(model, steps, base=0.05):
+    """MAML++'s learned per-layer, per-step rates: one PerStep tensor per parameter."""
+    return {n: PerStep(torch.tensor([base * (1 + 0.3 * j + 0.1 * i) for j in range(steps)],
+                                    requires_grad=True))
+            for i, (n, _) in enumerate(model.named_parameters())}
+
+
+@pytest.mark.parametrize("rule, ref, extra", [(SGD, ref_sgd, {}), (SGD, ref_sgd, dict(momentum=0.9)),
+                                               (RMSprop, ref_rmsprop, dict(momentum=0.5, centered=True))],
+                         ids=["SGD", "SGD-momentum", "RMSprop"])
+def test_learned_per_step_rates_equal_brute_force(rule, ref, extra):
+    model, loss, data = mlp_problem(16)
+    steps = 4
+    kw = dict(extra, lr=lslr(model, steps, 0.05 if rule is SGD else 0.005))
+    rates = [v.values for v in kw["lr"].values()]
+    params = list(model.parameters()) + rates
+    assert [id(x) for x in rule(**kw).tensors()] == [id(x) for x in rates]
+    support, query = data.__getitem__, data[-1]
+    G = {k: brute_force(model, loss, loss, support, query, steps, None, params, k, rule=at_step(ref, kw))
+         for k in (0, 2, steps)}
+    assert rel_err(G[2], G[steps]) > 1e-6 and rel_err(G[0], G[steps]) > 1e-6
+    assert all(float(g.abs().min()) > 0 for g in G[steps][-len(rates):])  # every step's rate is learned
+    got = torch_ufom.hypergrad(model, loss, loss, support, query, steps=steps, inner=rule(**kw),
+                               mode="exact", params=params)
+    assert rel_err(got, G[steps]) < 1e-9
+    for k in (0, 2):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), steps=steps,
+                                        inner=rule(**kw), mode="truncated", k=k, slots=2)
+        meta.zero_grad()
+        meta.backward(loss, loss, support, query)
+        assert rel_err([p.grad for p in params], G[k]) < 1e-9, k
+
+
+@pytest.mark.parametrize("rule, ref, extra", [(SGD, ref_sgd, dict(momentum=0.9)),
+                                               (RMSprop, ref_rmsprop, dict(momentum=0.5, centered=True)),
+                                               (AdamW, ref_adamw, dict(amsgrad=True))],
+                         ids=["SGD-momentum", "RMSprop", "AdamW"])
+def test_rules_and_per_step_rates_in_a_vectorised_meta_batch(rule, ref, extra):
+    # Stacked tasks share the step count (vectorised.BatchedInnerLoop); the sum of the
+    # tasks' brute-force hypergradients is the reference.
+    model, loss, data = mlp_problem(17)
+    steps = 3
+    kw = dict(extra, lr=lslr(model, steps, 0.05 if rule is SGD else 0.005))
+    params = list(model.parameters()) + [v.values for v in kw["lr"].values()]
+    tasks, qs = data[:4], data[4:8]
+    supports = tuple(torch.stack(parts) for parts in zip(*tasks))
+    queries = tuple(torch.stack(parts) for parts in zip(*qs))
+    ref_g = [brute_force(model, loss, loss, lambda j, t=t: t, q, steps, None, params, steps,
+                         rule=at_step(ref, kw)) for t, q in zip(tasks, qs)]
+    ref_g = [sum(gs) for gs in zip(*ref_g)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the per-task loop
+        got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=steps,
+                                         inner=rule(**kw), mode="exact", params=params)
+    assert rel_err(got, ref_g) < 1e-9
+
+
+@pytest.mark.parametrize("rule", [SGD(PerStep(VALUES), momentum=PerStep(MOMS)), Adam(PerStep(VALUES)),
+                                  RMSprop(PerStep(VALUES), alpha=PerStep(MOMS), momentum=0.9)],
+                         ids=["SGD", "Adam", "RMSprop"])
+def test_per_step_values_under_vmap_follow_each_task_count(rule):
+    # Per-task states under torch.func.vmap, the tasks at different steps: each
+    # task reads its own step's value.
+    g = torch.Generator().manual_seed(2)
+    p0 = {"w": torch.randn(2, 4, 3, generator=g), "b": torch.randn(2, 3, generator=g)}
+    grads = [{n: torch.randn(p.shape, generator=g) for n, p in p0.items()} for _ in range(6)]
+    one = {n: p[0] for n, p in p0.items()}
+    loop = []
+    for task, lag in enumerate((0, 3)):  # task 1 starts 3 steps later in its schedule
+        params = {n: p[task] for n, p in p0.items()}
+        state = rule.init(params)
+        for j in range(lag):
+            _, state = rule.update({n: g[task] for n, g in grads[j].items()}, state, params, rule.hyper)
+        loop.append(state)
+    state = tuple(torch.stack(parts) for parts in zip(*loop))
+    assert state[0].tolist() == [0, 3] and rule.init(one)[0].dim() == 0
+    per_task = [{n: p[task] for n, p in p0.items()} for task in range(2)]
+    states = list(loop)
+    params = dict(p0)
+    for j in range(3):
+        gj = grads[3 + j]
+        params, state = torch.func.vmap(lambda gr, s, p: rule.update(gr, s, p, rule.hyper))(gj, state, params)
+        for task in range(2):
+            per_task[task], states[task] = rule.update({n: x[task] for n, x in gj.items()}, states[task],
+                                                       per_task[task], rule.hyper)
+            for n in p0:
+                assert (params[n][task] - per_task[task][n]).abs().max() < 1e-12, (j, task, n)
+
+
+def test_bad_per_step_values():
+    model, _, _ = mlp_problem()
+    params = adapted(model)
+    with pytest.raises(ValueError, match=r"Invalid lr\['0.bias'\]: PerStep has 3 values but the inner "
+                                         r"loop runs steps=4"):
+        SGD({n: PerStep([0.1] * (3 if n == "0.bias" else 4)) for n in params}).validate(params, steps=4)
+    with pytest.raises(ValueError, match="Invalid inner_lr: PerStep has 2 values but the inner loop runs"):
+        SGD.from_inner_lr(PerStep([0.1, 0.2])).validate(params, steps=5)
+    SGD({n: PerStep([0.1] * 4) for n in params}).validate(params, steps=4)
+    for make, message in [
+            (lambda: SGD(PerStep([0.1, -0.1])), "Invalid lr: values must be finite and >= 0"),
+            (lambda: SGD(0.1, momentum={"w": PerStep(torch.tensor([0.9, float("nan")]))}),
+             r"Invalid momentum\['w'\]: values must be finite"),
+            (lambda: Adam(0.1, betas=(PerStep([0.9, 0.9]), 0.999)), r"Invalid betas\[0\]: PerStep"),
+            (lambda: RMSprop(0.1, alpha=PerStep([0.9, 1.5])), "Invalid alpha: values must be finite"),
+            (lambda: PerStep(torch.zeros(2, 3)), "Invalid PerStep values: expected a 1-D"),
+            (lambda: PerStep([]), "Invalid PerStep values: empty"),
+            (lambda: PerStep("abc"), "Invalid PerStep values"),
+            (lambda: PerStep(torch.tensor([1, 2])), "Invalid PerStep values: expected a 1-D floating")]:
+        with pytest.raises(ValueError, match=message):
+            make()
+    with pytest.raises(ValueError, match="Invalid lr: a torch.float32 tensor for parameter '0.weight'"):
+        SGD(PerStep(torch.zeros(4, dtype=torch.float32))).validate(params, steps=4)
+    assert SGD(PerStep([0.1, 0.1])).first_order_additive is False and SGD(0.1).first_order_additive

@@ -25,13 +25,13 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import adaptive
-from .inner import SGD, InnerRule, check_hyper
+from .inner import SGD, InnerRule
 from .schedules import MEMORY_CHOICES, Schedule, check_slots, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw
 
@@ -167,18 +167,17 @@ def _choice(value, arg: str, choices: Sequence[str]) -> str:
     return value
 
 
-def _rule(settings: Settings, names: Sequence[str]) -> InnerRule:
+def _rule(settings: Settings, adapted: Mapping[str, Tensor], steps: int) -> InnerRule:
     inner, inner_lr = settings.inner, settings.inner_lr
     if inner is not None and inner_lr is not None:
         raise ValueError("Invalid inner_lr: give either inner_lr or inner=, not both")
     if inner is None:
         if inner_lr is None:
             raise ValueError("Invalid inner_lr: None (give inner_lr, or an inner rule as inner=)")
-        check_hyper(inner_lr, "inner_lr", names)  # named as the user wrote it
-        inner = SGD(inner_lr)
+        inner = SGD.from_inner_lr(inner_lr)  # its errors say inner_lr, as the user wrote it
     if not isinstance(inner, InnerRule):
         raise TypeError(f"Invalid inner: {inner!r} (expected a torch_ufom.inner rule)")
-    inner.validate(names)
+    inner.validate(adapted, steps=steps)
     return inner
 
 
@@ -238,7 +237,7 @@ def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer")
             the keyword as the user wrote it.
     """
     steps = check_steps(settings.steps)
-    names = [n for n, p in check_model(model).named_parameters() if p.requires_grad]
+    adapted = {n: p for n, p in check_model(model).named_parameters() if p.requires_grad}
     mode, law, rule_q = _law(settings, steps)
     if rule_q is not None and caller != "MetaOptimizer":
         raise ValueError(f"Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; {caller} "
@@ -246,6 +245,6 @@ def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer")
     memory = _choice(settings.memory, "memory", MEMORY_CHOICES)
     slots = check_slots(settings.slots)
     hvp = _choice(settings.hvp, "hvp", HVP_CHOICES)
-    rule = _rule(settings, names)
+    rule = _rule(settings, adapted, steps)
     return Config(settings, steps, rule, mode, law, rule_q, memory, slots, hvp)
 

@@ -16,7 +16,7 @@ from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate
 from .inner import InnerRule
 from .truncation import TruncationLaw
-from .unroll import InnerLoop, _tensors, batch_getter
+from .unroll import InnerLoop, batch_getter
 from .vectorised import (BatchedInnerLoop, group_by_truncation, meta_batch_size, select_tasks,
                          task_of, unsafe_norms, vmap_unsupported)
 
@@ -54,7 +54,7 @@ def fwdrev_obstacle(model: nn.Module, rule: InnerRule, meta: Sequence[Tensor]) -
     if next(model.buffers(), None) is not None:
         return ("needs a module without buffers (its running statistics would be written inside "
                 "torch.func.jvp)")
-    known = {id(p) for p in model.parameters()} | {id(t) for t in _tensors(rule.hyper)}
+    known = {id(p) for p in model.parameters()} | {id(t) for t in rule.tensors()}
     extra = [t for t in meta if t.requires_grad and id(t) not in known]
     if extra:
         return (f"differentiates only through module parameters and inner-rule hyperparameters, "

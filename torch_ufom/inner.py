@@ -7,29 +7,111 @@ An inner rule maps the inner gradient ``g_j`` to the next inner state::
 
 ``params`` and ``grads`` are dicts from parameter name to tensor, ``state`` is a
 tuple of tensors, ``hyper`` a dict of hyperparameters. A hyperparameter may be
-a float, a scalar tensor, or a dict from parameter name to tensor (one value
-per parameter, e.g. learned per-parameter learning rates). Tensors held by the
-outer optimizer are meta-parameters and receive hypergradients through
-``update``, which must therefore be written with differentiable tensor ops and
-must not modify its arguments in place.
+a float, a tensor, a dict from parameter name to value (one value per
+parameter, e.g. learned per-parameter learning rates), or a :class:`PerStep`
+value that changes with the inner step (alone or inside such a dict). Tensors
+held by the outer optimizer are meta-parameters and receive hypergradients
+through ``update``, which must therefore be written with differentiable tensor
+ops and must not modify its arguments in place.
+
+A hyperparameter tensor must have the dtype and device of the parameters it
+applies to and broadcast to their shapes without changing them: a tensor
+shared by every parameter is in practice a scalar, a per-parameter one may
+have the parameter's shape (Meta-SGD). ``validate`` checks this, with the
+values' ranges, against the adapted parameters before anything runs.
 
 ``first_order_additive`` declares that, with the gradients held constant (the
 first-order rule ``F~`` of ``docs/maths.md#the-first-order-rule``), the update leaves the adjoint of the
-state unchanged and is linear in the gradients. The estimator then sums the
-first-order steps' gradients during the forward pass instead of sweeping them
-backwards.
+state unchanged and is linear in the gradients with the same coefficients at
+every step. The estimator then sums the first-order steps' gradients during
+the forward pass instead of sweeping them backwards.
+
+The rules keep their step count in ``state[0]`` when they need it (momentum
+buffers, bias corrections, :class:`PerStep` values). ``update`` acts
+elementwise on the state, so it runs unchanged on a meta-batch's state
+stacked along a leading task dimension (the count then stays shared) and
+under ``torch.func.vmap`` over per-task states (each task's count is its own).
 """
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Dict, Mapping, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["InnerRule", "SGD", "Adam", "per_param", "check_hyper"]
+__all__ = ["InnerRule", "SGD", "Adam", "AdamW", "RMSprop", "PerStep", "per_param", "check_hyper"]
 
-Hyper = Union[float, Tensor, Mapping[str, Tensor]]
+
+class PerStep:
+    """A hyperparameter whose value changes with the inner step ``j``.
+
+    Step ``j`` (``j = 0 .. steps - 1``) of the inner loop uses ``values[j]``.
+    ``values`` is a sequence of numbers or a 1-D floating-point tensor of
+    length ``steps``; a tensor held by the outer optimizer is learned, one
+    hypergradient per step. A ``PerStep`` may stand for the whole
+    hyperparameter or for one parameter's entry of a per-parameter dict.
+    MAML++'s learned per-layer, per-step rates (LSLR) are::
+
+        SGD(lr={name: PerStep(torch.full((steps,), 0.01, requires_grad=True))
+                for name, _ in model.named_parameters()})
+
+    The rule looks the value up with its step count (``state[0]``), by a
+    mask rather than an index, so it works on a shared count and under
+    ``torch.func.vmap`` over per-task counts alike. Its length is checked
+    against the number of inner steps when the rule is validated (``steps``).
+
+    Args:
+        values: one value per inner step.
+
+    Attributes:
+        values: the 1-D tensor as given (give it to the outer optimizer to
+            learn it), or the numbers as a tuple of floats.
+
+    Raises:
+        ValueError: ``values`` is empty, not 1-D, not floating point, or not
+            numbers.
+    """
+
+    def __init__(self, values: Union[Sequence[float], Tensor]):
+        if isinstance(values, Tensor):
+            if values.dim() != 1 or not values.is_floating_point():
+                raise ValueError(f"Invalid PerStep values: expected a 1-D floating-point tensor (one "
+                                 f"value per inner step), got shape {tuple(values.shape)}, {values.dtype}")
+        elif (isinstance(values, (str, bytes)) or not isinstance(values, Sequence)
+              or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)):
+            raise ValueError(f"Invalid PerStep values: {values!r} (expected a sequence of numbers or a "
+                             "1-D tensor, one value per inner step)")
+        else:
+            values = tuple(float(v) for v in values)
+        if len(values) == 0:
+            raise ValueError("Invalid PerStep values: empty (expected one value per inner step)")
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def at(self, count: Tensor, like: Tensor) -> Tensor:
+        """The value at step ``count`` (a 0-d tensor), as a 0-d tensor like ``like``.
+
+        A count past the end gives 0; ``validate(params, steps)`` rules that out.
+        """
+        values = self.values
+        if not isinstance(values, Tensor):
+            values = torch.tensor(values, dtype=like.dtype, device=like.device)
+        # A mask, not values[count]: the count may be batched under vmap.
+        mask = torch.arange(len(values), dtype=count.dtype, device=values.device) == count
+        return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+
+    def __repr__(self) -> str:
+        if isinstance(self.values, Tensor):
+            return f"PerStep(tensor{tuple(self.values.shape)})"
+        return f"PerStep({list(self.values)!r})"
+
+
+Hyper = Union[float, Tensor, PerStep, Mapping[str, Union[float, Tensor, PerStep]]]
+Params = Union[Mapping[str, Tensor], Sequence[str]]
 
 
 def per_param(value: Hyper, name: str):
@@ -37,48 +119,134 @@ def per_param(value: Hyper, name: str):
     return value[name] if isinstance(value, Mapping) else value
 
 
-def check_hyper(value: Hyper, arg: str, names: Sequence[str], *, low: float = 0.0,
-                high: float = float("inf")) -> None:
-    """Validate one hyperparameter against the model's parameter ``names``.
+def check_hyper(value: Hyper, arg: str, params: Params, *, low: float = 0.0,
+                high: float = float("inf"), closed: bool = False, steps: Optional[int] = None,
+                per_step: bool = True) -> None:
+    """Validate one hyperparameter against the adapted parameters.
 
-    Raises ``ValueError`` naming ``arg`` for a value outside ``[low, high)``
-    (``[low, inf)`` by default), a non-float tensor, or a dict whose keys are
-    not ``names``.
+    Args:
+        value: the hyperparameter (a float, a tensor, a :class:`PerStep`, or a
+            dict from parameter name to one of those).
+        arg: its name as the user wrote it, used in the messages.
+        params: the adapted parameters, a mapping name -> tensor (then each
+            tensor's dtype, device and shape are checked too), or only their
+            names (then only the keys of a per-parameter dict are checked).
+        low, high: the accepted range ``[low, high)`` (``[low, high]`` when
+            ``closed``).
+        steps: the number of inner steps, which a :class:`PerStep` must match;
+            ``None`` leaves its length unchecked.
+        per_step: whether a :class:`PerStep` is accepted here.
+
+    Raises:
+        ValueError: naming ``arg`` (with the parameter's key for a dict entry)
+            for a value out of range or not finite, a non-float tensor, a
+            tensor whose dtype or device differs from its parameter's or
+            that does not broadcast to its shape unchanged, a meta tensor, a
+            ``PerStep`` of another length than ``steps``, or a dict whose
+            keys are not the adapted parameters' names.
     """
+    tensors = params if isinstance(params, Mapping) else {}
     if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(names))
-        missing = sorted(set(names) - set(value))
+        unknown = sorted(set(value) - set(params))
+        missing = sorted(set(params) - set(value))
         if unknown or missing:
             raise ValueError(
                 f"Invalid {arg}: a per-parameter dict must have exactly the model's adapted "
                 f"parameter names; unknown {unknown}, missing {missing}")
         for k, v in value.items():
-            _check_value(v, f"{arg}[{k!r}]", low, high)
+            target = {k: tensors[k]} if k in tensors else {}
+            _check_entry(v, f"{arg}[{k!r}]", target, low, high, closed, steps, per_step, shared=False)
     else:
-        _check_value(value, arg, low, high)
+        _check_entry(value, arg, tensors, low, high, closed, steps, per_step, shared=True)
 
 
-def _check_value(v, arg: str, low: float, high: float) -> None:
-    where = f">= {low}" if high == float("inf") else f"in [{low}, {high})"
+def _check_entry(v, arg: str, targets: Mapping[str, Tensor], low, high, closed, steps, per_step,
+                 shared: bool) -> None:
+    """One value (or one dict entry) against the parameters ``targets`` it applies to."""
+    if isinstance(v, PerStep):
+        if not per_step:
+            raise ValueError(f"Invalid {arg}: {v!r} (a PerStep value is not accepted here; expected "
+                             "a float or a tensor)")
+        if steps is not None and len(v) != steps:
+            raise ValueError(f"Invalid {arg}: PerStep has {len(v)} values but the inner loop runs "
+                             f"steps={steps} (expected one value per inner step)")
+        values = v.values
+        if isinstance(values, Tensor):
+            _check_tensor(values, arg, targets, shape=False, shared=shared)
+        else:
+            values = torch.tensor(values, dtype=torch.float64)
+        _check_value(values, arg, low, high, closed)
+        return
+    if isinstance(v, Tensor):
+        _check_tensor(v, arg, targets, shape=True, shared=shared)
+    _check_value(v, arg, low, high, closed)
+
+
+def _check_tensor(v: Tensor, arg: str, targets: Mapping[str, Tensor], shape: bool, shared: bool) -> None:
+    """``v`` is a float tensor with each target's dtype and device that broadcasts to its shape."""
+    if not v.is_floating_point():
+        raise ValueError(f"Invalid {arg}: expected a floating-point tensor, got {v.dtype}")
+    if v.is_meta:
+        raise ValueError(f"Invalid {arg}: a meta-device tensor has no values (expected a tensor on "
+                         "the parameters' device)")
+    for n, p in targets.items():
+        if v.dtype != p.dtype:
+            raise ValueError(f"Invalid {arg}: a {v.dtype} tensor for parameter {n!r} of dtype "
+                             f"{p.dtype} (expected the parameter's dtype, or a Python float)")
+        if v.device != p.device:
+            raise ValueError(f"Invalid {arg}: a tensor on {v.device} for parameter {n!r} on "
+                             f"{p.device} (expected the parameter's device)")
+        if shape and not _broadcasts(v.shape, p.shape):
+            hint = ("a scalar, or a dict from parameter name to a tensor that broadcasts to that "
+                    "parameter" if shared else "a scalar or a tensor that broadcasts to the parameter")
+            raise ValueError(f"Invalid {arg}: shape {tuple(v.shape)} does not broadcast to parameter "
+                             f"{n!r} of shape {tuple(p.shape)} without changing it (expected {hint})")
+
+
+def _broadcasts(shape, target) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` with the result's shape ``target``."""
+    return len(shape) <= len(target) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
+
+
+def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> None:
+    if high == float("inf"):
+        where = f">= {low}"
+    else:
+        where = f"in [{low}, {high}]" if closed else f"in [{low}, {high})"
     if isinstance(v, Tensor):
         if not v.is_floating_point():
             raise ValueError(f"Invalid {arg}: expected a floating-point tensor, got {v.dtype}")
+        if v.is_meta:
+            raise ValueError(f"Invalid {arg}: a meta-device tensor has no values (expected a tensor on "
+                             "the parameters' device)")
         with torch.no_grad():
-            bad = bool((v < low).any() | (v >= high).any()) or not bool(torch.isfinite(v).all())
+            above = (v > high) if closed else (v >= high)
+            bad = bool((v < low).any() | above.any()) or not bool(torch.isfinite(v).all())
         if bad:
             raise ValueError(f"Invalid {arg}: values must be finite and {where}")
     elif isinstance(v, numbers.Real) and not isinstance(v, bool):
-        if not (low <= float(v) < high and float(v) != float("inf")):
+        x = float(v)
+        if not (low <= x and (x <= high if closed else x < high) and math.isfinite(x)):
             raise ValueError(f"Invalid {arg}: {v!r} (expected a finite number {where})")
     else:
-        raise ValueError(f"Invalid {arg}: {v!r} (expected a float, a tensor or a dict of tensors)")
+        raise ValueError(f"Invalid {arg}: {v!r} (expected a float, a tensor, a PerStep or a dict of "
+                         "those)")
 
 
 class InnerRule:
-    """Base class of inner update rules (see the module docstring for the contract)."""
+    """Base class of inner update rules (see the module docstring for the contract).
+
+    Subclasses set ``hyper`` (name -> value) in their constructor, call
+    ``_check_values()``, and may declare per hyperparameter the accepted
+    range (``ranges``), the name used in messages (``labels``), and which
+    ones take no :class:`PerStep` (``fixed``).
+    """
 
     hyper: Dict[str, Hyper]
     first_order_additive: bool = False
+    ranges: Mapping[str, Tuple[float, float, bool]] = {}  # (low, high, closed); default [0, inf)
+    labels: Mapping[str, str] = {}  # hyper key -> the argument as the user wrote it
+    fixed: Tuple[str, ...] = ()  # hyperparameters that may not be PerStep
 
     def init(self, params: Mapping[str, Tensor]) -> Tuple[Tensor, ...]:
         """Return the initial optimizer state for ``params``."""
@@ -88,10 +256,57 @@ class InnerRule:
         """Return ``(new_params, new_state)``; see the module docstring."""
         raise NotImplementedError
 
-    def validate(self, names: Sequence[str]) -> None:
-        """Check the per-parameter hyperparameters against the model's ``names``."""
-        for arg, value in self.hyper.items():
-            check_hyper(value, arg, names)
+    def validate(self, params: Params, steps: Optional[int] = None) -> None:
+        """Check the hyperparameters against the adapted parameters.
+
+        Args:
+            params: the adapted parameters, a mapping name -> tensor: every
+                hyperparameter tensor must have its parameters' dtype and
+                device and broadcast to their shapes unchanged, and a
+                per-parameter dict must name exactly these parameters. A
+                sequence of names (the older form) checks only the names.
+            steps: the number of inner steps; every :class:`PerStep` must have
+                this length. ``None`` leaves the lengths unchecked.
+
+        Raises:
+            ValueError: naming the argument (see :func:`check_hyper`).
+        """
+        if isinstance(params, (str, bytes)) or not isinstance(params, (Mapping, Sequence)):
+            raise TypeError(f"params must be a mapping name -> tensor or a sequence of names, got "
+                            f"{type(params).__name__}")
+        for key, value in self.hyper.items():
+            self._check(key, value, params, steps)
+
+    def tensors(self) -> Tuple[Tensor, ...]:
+        """Every tensor among the hyperparameters (those inside :class:`PerStep` values too)."""
+        found = []
+        for value in self.hyper.values():
+            for v in (value.values() if isinstance(value, Mapping) else (value,)):
+                v = v.values if isinstance(v, PerStep) else v
+                if isinstance(v, Tensor):
+                    found.append(v)
+        return tuple(found)
+
+    @property
+    def per_step(self) -> bool:
+        """Whether some hyperparameter is a :class:`PerStep` (the rule then counts its steps)."""
+        return any(isinstance(v, PerStep) for value in self.hyper.values()
+                   for v in (value.values() if isinstance(value, Mapping) else (value,)))
+
+    def _check(self, key: str, value: Hyper, params: Params, steps: Optional[int]) -> None:
+        low, high, closed = self.ranges.get(key, (0.0, float("inf"), False))
+        check_hyper(value, self.labels.get(key, key), params, low=low, high=high, closed=closed,
+                    steps=steps, per_step=key not in self.fixed)
+
+    def _check_values(self) -> None:
+        """Validate the values alone (a dict's names are checked by ``validate``)."""
+        for key, value in self.hyper.items():
+            self._check(key, value, list(value) if isinstance(value, Mapping) else (), None)
+
+    def _get(self, hyper, key: str, name: str, count: Optional[Tensor], like: Tensor):
+        """Hyperparameter ``key`` for parameter ``name`` at step ``count``."""
+        v = per_param(hyper[key], name)
+        return v.at(count, like) if isinstance(v, PerStep) else v
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={_short(v)}" for k, v in self.hyper.items())
@@ -110,6 +325,15 @@ def _is_zero(value: Hyper) -> bool:
     return isinstance(value, numbers.Real) and float(value) == 0.0
 
 
+def _count(params: Mapping[str, Tensor], dtype=None) -> Tensor:
+    """A zero step count on the parameters' device (``dtype`` defaults to int64)."""
+    if not params:
+        raise ValueError("Invalid params: the inner rule got no parameters to adapt (expected at "
+                         "least one parameter with requires_grad)")
+    first = next(iter(params.values()))
+    return torch.zeros((), dtype=torch.int64 if dtype is None else dtype, device=first.device)
+
+
 class SGD(InnerRule):
     """Stochastic gradient descent with ``torch.optim.SGD``'s update formula.
 
@@ -118,11 +342,12 @@ class SGD(InnerRule):
     ``b <- momentum b + (1 - dampening) d`` after, and
     ``phi <- phi - lr (d + momentum b)`` (Nesterov) or ``phi <- phi - lr b``.
 
-    Every hyperparameter may be a float, a scalar tensor or a dict from
-    parameter name to tensor (broadcast against the parameter); tensors held
-    by the outer optimizer are learned (e.g. Meta-SGD's per-parameter rates).
-    The first-order rule (FOM) holds ``g`` constant; ``weight_decay * phi`` and
-    the momentum buffer are still differentiated.
+    Every hyperparameter may be a float, a tensor, a :class:`PerStep` or a
+    dict from parameter name to one of those (broadcast against the
+    parameter); tensors held by the outer optimizer are learned (e.g.
+    Meta-SGD's per-parameter rates, MAML++'s per-step rates). The first-order
+    rule (FOM) holds ``g`` constant; ``weight_decay * phi`` and the momentum
+    buffer are still differentiated.
 
     Args:
         lr: learning rate, ``>= 0``.
@@ -130,44 +355,63 @@ class SGD(InnerRule):
         dampening: dampening for momentum, ``>= 0``.
         nesterov: Nesterov momentum (needs ``momentum > 0`` and no dampening).
         weight_decay: L2 penalty added to the gradient, ``>= 0``.
+
+    Example:
+        >>> rule = SGD(0.1, momentum=0.9)
+        >>> rule.validate({"w": torch.zeros(3)}, steps=5)
     """
 
     def __init__(self, lr: Hyper, momentum: Hyper = 0.0, dampening: Hyper = 0.0,
                  nesterov: bool = False, weight_decay: Hyper = 0.0):
         self.hyper = {"lr": lr, "momentum": momentum, "dampening": dampening,
                       "weight_decay": weight_decay}
-        _check_names_free(self.hyper)
+        self._check_values()
         if nesterov and (_is_zero(momentum) or not _is_zero(dampening)):
             raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum and zero dampening")
         self.nesterov = bool(nesterov)
         self.has_momentum = not _is_zero(momentum)
-        self.first_order_additive = not self.has_momentum and _is_zero(weight_decay)
+        self.counts = self.has_momentum or self.per_step
+        self.first_order_additive = not self.counts and _is_zero(weight_decay)
+
+    @classmethod
+    def from_inner_lr(cls, inner_lr: Hyper) -> "SGD":
+        """``SGD(inner_lr)``, the rule that an ``inner_lr=`` argument stands for.
+
+        Its messages name the rate ``inner_lr`` (``Invalid inner_lr[...]``), as
+        the user wrote it, instead of ``lr``.
+        """
+        rule = cls.__new__(cls)
+        rule.labels = {"lr": "inner_lr"}
+        rule.__init__(inner_lr)
+        return rule
 
     def init(self, params):
-        if not self.has_momentum:
+        if not self.counts:
             return ()
-        first = next(iter(params.values()))
-        # The step count (for "b <- d at the first step") then one buffer per parameter.
-        return (torch.zeros((), dtype=torch.int64, device=first.device),) + tuple(
-            torch.zeros_like(p) for p in params.values())
+        # The step count (for "b <- d at the first step" and PerStep values) then
+        # one buffer per parameter.
+        bufs = tuple(torch.zeros_like(p) for p in params.values()) if self.has_momentum else ()
+        return (_count(params),) + bufs
 
     def update(self, grads, state, params, hyper):
         new_params, new_bufs = {}, []
-        first = state[0] == 0 if state else None
+        count = state[0] if self.counts else None
+        first = count == 0 if self.has_momentum else None
         for i, (n, p) in enumerate(params.items()):
             d = grads[n]
-            wd = per_param(hyper["weight_decay"], n)
+            wd = self._get(hyper, "weight_decay", n, count, p)
             if not _is_zero(wd):
                 d = d + wd * p
             if self.has_momentum:
-                mom, damp = per_param(hyper["momentum"], n), per_param(hyper["dampening"], n)
+                mom = self._get(hyper, "momentum", n, count, p)
+                damp = self._get(hyper, "dampening", n, count, p)
                 buf = torch.where(first, d, mom * state[1 + i] + (1 - damp) * d)
                 new_bufs.append(buf)
                 d = d + mom * buf if self.nesterov else buf
-            lr = per_param(hyper["lr"], n)
+            lr = self._get(hyper, "lr", n, count, p)
             # A plain-number rate: one fused op (half the allocations of p - lr * d).
             new_params[n] = p.add(d, alpha=-lr) if isinstance(lr, numbers.Real) else p - lr * d
-        new_state = (state[0] + 1,) + tuple(new_bufs) if state else ()
+        new_state = (count + 1,) + tuple(new_bufs) if self.counts else ()
         return new_params, new_state
 
     def __repr__(self) -> str:
@@ -175,13 +419,15 @@ class SGD(InnerRule):
 
 
 class Adam(InnerRule):
-    """Adam with ``torch.optim.Adam``'s update formula (L2 ``weight_decay``, no AMSGrad).
+    """Adam with ``torch.optim.Adam``'s update formula (L2 ``weight_decay``).
 
     With ``d = g + weight_decay * phi`` and ``t`` the step count:
     ``m <- beta1 m + (1 - beta1) d``, ``v <- beta2 v + (1 - beta2) d^2``,
     ``phi <- phi - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``.
     ``eps`` is added outside the square root, after the bias correction, as in
     ``torch.optim.Adam`` (``higher``'s Adam adds it before the correction).
+    With ``amsgrad``, ``v_max <- max(v_max, v)`` replaces ``v`` in the
+    denominator.
 
     Differentiating ``sqrt(v)`` at ``v = 0`` (a coordinate whose gradients were
     all exactly zero so far) would give ``inf * 0 = NaN``; its derivative is
@@ -190,52 +436,172 @@ class Adam(InnerRule):
     ``m`` and ``v`` are constants too unless ``weight_decay`` is set; the
     update direction is then not differentiated at all.
 
+    ``lr``, ``eps`` and ``weight_decay`` may be floats, tensors, :class:`PerStep`
+    values or per-parameter dicts; the betas floats, tensors or dicts (a
+    per-step beta would change the bias corrections' formula).
+
     Args:
         lr: learning rate, ``>= 0``.
         betas: ``(beta1, beta2)``, each in ``[0, 1)``.
         eps: term added to the denominator, ``>= 0``.
         weight_decay: L2 penalty added to the gradient, ``>= 0``.
+        amsgrad: use the running maximum of ``v`` (AMSGrad).
     """
 
+    ranges = {"beta1": (0.0, 1.0, False), "beta2": (0.0, 1.0, False)}
+    labels = {"beta1": "betas[0]", "beta2": "betas[1]"}
+    fixed = ("beta1", "beta2")
+    decoupled = False  # weight decay added to the gradient (Adam) or applied to phi (AdamW)
+
     def __init__(self, lr: Hyper = 1e-3, betas=(0.9, 0.999), eps: Hyper = 1e-8,
-                 weight_decay: Hyper = 0.0):
+                 weight_decay: Hyper = 0.0, amsgrad: bool = False):
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-        for i, b in enumerate(betas):
-            check_hyper(b, f"betas[{i}]", list(b) if isinstance(b, Mapping) else (), high=1.0)
         self.hyper = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps,
                       "weight_decay": weight_decay}
-        _check_names_free(self.hyper)
-
-    def validate(self, names):
-        super().validate(names)
-        for i, arg in enumerate(("beta1", "beta2")):
-            check_hyper(self.hyper[arg], f"betas[{i}]", names, high=1.0)
+        self._check_values()
+        self.amsgrad = bool(amsgrad)
 
     def init(self, params):
-        first = next(iter(params.values()))
+        count = _count(params, next(iter(params.values()), torch.zeros(())).dtype)
         zeros = tuple(torch.zeros_like(p) for p in params.values())
-        return (torch.zeros((), dtype=first.dtype, device=first.device),) + zeros + zeros
+        # The step count, then m, v (and v_max) per parameter.
+        return (count,) + zeros * (3 if self.amsgrad else 2)
 
     def update(self, grads, state, params, hyper):
         n_p = len(params)
-        t = state[0] + 1
-        new_params, ms, vs = {}, [], []
+        count = state[0]
+        t = count + 1
+        new_params, ms, vs, v_maxs = {}, [], [], []
         for i, (n, p) in enumerate(params.items()):
             d = grads[n]
-            wd = per_param(hyper["weight_decay"], n)
+            lr = self._get(hyper, "lr", n, count, p)
+            wd = self._get(hyper, "weight_decay", n, count, p)
+            decayed = p
             if not _is_zero(wd):
-                d = d + wd * p
+                if self.decoupled:
+                    decayed = p * (1 - lr * wd)
+                else:
+                    d = d + wd * p
             b1, b2 = per_param(hyper["beta1"], n), per_param(hyper["beta2"], n)
             m = b1 * state[1 + i] + (1 - b1) * d
             v = b2 * state[1 + n_p + i] + (1 - b2) * d * d
-            corr1 = 1 - _pow(b1, t)
-            corr2 = 1 - _pow(b2, t)
-            denom = _safe_sqrt(v) / _safe_sqrt(corr2) + per_param(hyper["eps"], n)
-            new_params[n] = p - per_param(hyper["lr"], n) / corr1 * m / denom
             ms.append(m)
             vs.append(v)
-        return new_params, (t,) + tuple(ms) + tuple(vs)
+            if self.amsgrad:
+                v = torch.maximum(state[1 + 2 * n_p + i], v)
+                v_maxs.append(v)
+            corr1 = 1 - _pow(b1, t)
+            corr2 = 1 - _pow(b2, t)
+            denom = _safe_sqrt(v) / _safe_sqrt(corr2) + self._get(hyper, "eps", n, count, p)
+            new_params[n] = decayed - lr / corr1 * m / denom
+        return new_params, (t,) + tuple(ms) + tuple(vs) + tuple(v_maxs)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", amsgrad={self.amsgrad})"
+
+
+class AdamW(Adam):
+    """AdamW with ``torch.optim.AdamW``'s update formula (decoupled weight decay).
+
+    As :class:`Adam` without the decay in the gradient (``d = g``), and with
+    the parameter shrunk before the step: ``phi <- phi (1 - lr weight_decay)
+    - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``. The same
+    safe square root, ``amsgrad`` option and hyperparameter forms as
+    :class:`Adam`. Under the first-order rule (FOM) ``m`` and ``v`` are
+    constants; the decay ``phi (1 - lr weight_decay)`` is still
+    differentiated.
+
+    Args:
+        lr: learning rate, ``>= 0``.
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``.
+        eps: term added to the denominator, ``>= 0``.
+        weight_decay: decoupled weight decay, ``>= 0`` (``torch.optim.AdamW``'s
+            default ``1e-2``).
+        amsgrad: use the running maximum of ``v`` (AMSGrad).
+
+    Example:
+        >>> rule = AdamW(1e-3, weight_decay=0.01, amsgrad=True)
+    """
+
+    decoupled = True
+
+    def __init__(self, lr: Hyper = 1e-3, betas=(0.9, 0.999), eps: Hyper = 1e-8,
+                 weight_decay: Hyper = 1e-2, amsgrad: bool = False):
+        super().__init__(lr, betas, eps, weight_decay, amsgrad)
+
+
+class RMSprop(InnerRule):
+    """RMSprop with ``torch.optim.RMSprop``'s update formula.
+
+    With ``d = g + weight_decay * phi``: ``s <- alpha s + (1 - alpha) d^2``;
+    centered, also ``a <- alpha a + (1 - alpha) d`` and ``s`` is replaced by
+    ``s - a^2`` below; the denominator is ``sqrt(s) + eps``. Without momentum
+    ``phi <- phi - lr d / (sqrt(s) + eps)``; with momentum the buffer (zero at
+    the start) is ``b <- momentum b + d / (sqrt(s) + eps)`` and
+    ``phi <- phi - lr b``.
+
+    The square root's derivative at 0 is taken as 0, as in :class:`Adam`, so
+    hypergradients stay finite where the gradients were exactly zero. Every
+    hyperparameter may be a float, a tensor, a :class:`PerStep` or a
+    per-parameter dict. The first-order rule (FOM) holds ``g`` constant; the
+    weight decay and momentum buffer are still differentiated.
+
+    Args:
+        lr: learning rate, ``>= 0``.
+        alpha: smoothing constant, in ``[0, 1]``.
+        eps: term added to the denominator, ``>= 0``.
+        weight_decay: L2 penalty added to the gradient, ``>= 0``.
+        momentum: momentum factor, ``>= 0``.
+        centered: normalise by the estimated variance of the gradient
+            instead of its second moment.
+
+    Example:
+        >>> rule = RMSprop(1e-2, momentum=0.9, centered=True)
+    """
+
+    ranges = {"alpha": (0.0, 1.0, True)}
+
+    def __init__(self, lr: Hyper = 1e-2, alpha: Hyper = 0.99, eps: Hyper = 1e-8,
+                 weight_decay: Hyper = 0.0, momentum: Hyper = 0.0, centered: bool = False):
+        self.hyper = {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay,
+                      "momentum": momentum}
+        self._check_values()
+        self.centered = bool(centered)
+        self.has_momentum = not _is_zero(momentum)
+
+    def init(self, params):
+        zeros = tuple(torch.zeros_like(p) for p in params.values())
+        # The step count, then s, (a), (b) per parameter.
+        return (_count(params),) + zeros * (1 + self.centered + self.has_momentum)
+
+    def update(self, grads, state, params, hyper):
+        n_p = len(params)
+        count = state[0]
+        new_params, ss, avgs, bufs = {}, [], [], []
+        for i, (n, p) in enumerate(params.items()):
+            d = grads[n]
+            wd = self._get(hyper, "weight_decay", n, count, p)
+            if not _is_zero(wd):
+                d = d + wd * p
+            alpha = self._get(hyper, "alpha", n, count, p)
+            s = alpha * state[1 + i] + (1 - alpha) * d * d
+            ss.append(s)
+            var = s
+            if self.centered:
+                a = alpha * state[1 + n_p + i] + (1 - alpha) * d
+                avgs.append(a)
+                var = s - a * a
+            step = d / (_safe_sqrt(var) + self._get(hyper, "eps", n, count, p))
+            if self.has_momentum:
+                mom = self._get(hyper, "momentum", n, count, p)
+                step = mom * state[1 + (1 + self.centered) * n_p + i] + step
+                bufs.append(step)
+            new_params[n] = p - self._get(hyper, "lr", n, count, p) * step
+        return new_params, (count + 1,) + tuple(ss) + tuple(avgs) + tuple(bufs)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", centered={self.centered})"
 
 
 def _pow(base, t: Tensor) -> Tensor:
@@ -246,14 +612,8 @@ def _pow(base, t: Tensor) -> Tensor:
 
 
 def _safe_sqrt(x):
-    """``sqrt(x)`` whose derivatives at ``x = 0`` are 0 instead of ``inf``."""
+    """``sqrt(x)`` whose derivatives at ``x <= 0`` are 0 instead of ``inf`` (and value 0)."""
     if not isinstance(x, Tensor):
-        return x ** 0.5
+        return max(x, 0.0) ** 0.5
     positive = x > 0
     return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
-
-
-def _check_names_free(hyper: Dict[str, Hyper]) -> None:
-    """Validate the values of hyperparameters; per-parameter names are checked by ``validate``."""
-    for arg, value in hyper.items():
-        check_hyper(value, arg, list(value) if isinstance(value, Mapping) else ())

@@ -157,7 +157,7 @@ class InnerLoop:
         self.buffer_names = [n for n, _ in module.named_buffers()]
         self.meta = [t for t in meta if t.requires_grad]
         meta_ids = {id(t) for t in self.meta}
-        self.learned_hyper = any(id(t) in meta_ids for t in _tensors(rule.hyper))
+        self.learned_hyper = any(id(t) in meta_ids for t in rule.tensors())
         self.hvp = hvp
         devices = {t.device for t in self.initial_params()}
         self.cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
@@ -333,17 +333,6 @@ def fwdrev_error(err: Exception, j: int) -> RuntimeError:
         f"hvp='fwdrev' failed inside torch.func.jvp(torch.func.grad(inner_loss)) at inner step "
         f"{j}: {err}. Some operators have no forward-over-reverse formula in this torch "
         "(F.mse_loss in torch 2.13, for one); use hvp='revrev' or hvp='auto'")
-
-
-def _tensors(tree) -> List[Tensor]:
-    """The tensors in a (nested) dict, tuple or list of hyperparameters."""
-    if isinstance(tree, Tensor):
-        return [tree]
-    if isinstance(tree, Mapping):
-        tree = list(tree.values())
-    if isinstance(tree, (list, tuple)):
-        return [t for item in tree for t in _tensors(item)]
-    return []
 
 
 def _vjp(outputs, inputs, cotangents, retain_graph=False):
