@@ -24,6 +24,7 @@ that file at the end, and ``tools/conformance_table.py`` renders
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -210,14 +211,16 @@ class Outcome:
 
     def __init__(self, kind, path):
         self.kind, self.path = kind, path
-        self.failures, self.refused, self.fallbacks, self.worst = [], [], [], 0.0
+        self.failures, self.refused, self.fallbacks = [], [], []
+        self.worst = None  # over the runs compared with the oracle (None: none was)
 
-    def run(self, label, prob, case, memory=None, seed=1):
-        """One library call; returns its result, or None if it raised (recorded)."""
+    def run(self, label, prob, case, memory=None, seed=1, path=None):
+        """One library call (on this cell's path unless ``path`` is given); returns its
+        result, or None if it raised (recorded)."""
         with warnings.catch_warnings(record=True) as log:
             warnings.simplefilter("always")
             try:
-                got = call(prob, self.path, case, memory, seed)
+                got = call(prob, path or self.path, case, memory, seed)
             except Exception as err:  # noqa: BLE001 - every error is judged below
                 self._judge_error(label, case, err)
                 return None
@@ -248,11 +251,11 @@ class Outcome:
         else:
             self.failures.append(f"{label}: {msg[:300]}")
 
-    def compare(self, label, got, want):
+    def compare(self, label, got, want, against="the oracle"):
         err = rel_err(got, want)
-        self.worst = max(self.worst, err)
+        self.worst = err if self.worst is None else max(self.worst, err)
         if not err <= TOL:
-            self.failures.append(f"{label}: relative error {err:.2e} against the oracle")
+            self.failures.append(f"{label}: relative error {err:.2e} against {against}")
 
     def finish(self, bitwise=False):
         """Record the cell and fail with every problem it saw."""
@@ -264,7 +267,7 @@ class Outcome:
             cell = dict(outcome="fallback", why=self.fallbacks[0].split("per-task loop: ", 1)[-1])
         else:
             cell = dict(outcome="bitwise" if bitwise else "exact", why="")
-        cell["worst"] = None if bitwise else self.worst
+        cell["worst"] = self.worst
         record(self.kind.name, self.path.name, **cell)
         assert not self.failures, "\n".join(self.failures)
 
@@ -302,6 +305,13 @@ def bitwise_cell(out: Outcome, prob, path: Path):
             if got is not None and not all(torch.equal(a, b) for a, b in zip(got, runs["store"])):
                 out.failures.append(f"{label}: memory={m!r} differs from 'store' "
                                     f"(relative {rel_err(got, runs['store']):.2e})")
+        if path.hvp == "fwdrev":
+            # Forward-over-reverse must differentiate the step that ran, with its masks: the
+            # same function as reverse-over-reverse's recorded graph, up to rounding.
+            ran = out.run(f"{label} revrev", prob, case, path=dataclasses.replace(path, hvp="revrev"),
+                          memory="store")
+            if ran is not None:
+                out.compare(label, runs["store"], ran, "revrev (the recorded step)")
         if n == 0:  # another seed draws other masks
             other = out.run(f"{label} seed 2", prob, case, memory="store", seed=2)
             if other is not None and all(torch.equal(a, b) for a, b in zip(other, runs["store"])):
@@ -329,3 +339,23 @@ def test_zoo_tasks_differ():
         if not kind.random:
             G = [oracle(kind.name, "sgd", i)[STEPS] for i in range(TASKS)]
             assert rel_err(G[0], G[1]) > 1e-4 and rel_err(G[1], G[2]) > 1e-4, kind.name
+
+
+def test_table_renders_every_cell_and_its_notes():
+    # tools/conformance_table.py turns this module's results into docs/conformance.md.
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "conformance_table", Path(__file__).resolve().parents[1] / "tools" / "conformance_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    data = {"torch": "x", "tolerance": TOL, "steps": STEPS, "tasks": TASKS, "seconds": 1.0,
+            "kinds": [{"name": "a", "about": "kind a"}, {"name": "b", "about": "kind b"}],
+            "paths": ["p", "q"],
+            "cells": {"a": {"p": dict(outcome="exact", why="", worst=2e-16),
+                            "q": dict(outcome="refused", why="no | reason", worst=None)},
+                      "b": {"p": dict(outcome="FAILED", why="boom", worst=3.0)}}}
+    text = table.render(data, "abc")
+    assert "| `a` | exact 2e-16 | refused [1] |" in text
+    assert "| `b` | **FAILED** 3e+00 [2] | not run |" in text
+    assert "1. no \\| reason" in text and "2. boom" in text
