@@ -180,7 +180,12 @@ def call(prob, path: Path, case, memory=None, seed=1):
     trainable = [p for p in model.parameters() if p.requires_grad]
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(trainable, lr=0.0), **common)
     meta.zero_grad()
-    getattr(meta, path.entry)(fi, fo, support, query, **force)
+    try:
+        getattr(meta, path.entry)(fi, fo, support, query, **force)
+    except Exception as err:
+        if any(p.grad is not None for p in trainable):  # a failed call changes nothing
+            raise AssertionError(f"the failed call wrote .grad: {err}") from err
+        raise
     return tuple(torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in trainable)
 
 
