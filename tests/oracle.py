@@ -46,35 +46,64 @@ def brute_force(model, inner_loss, outer_loss, batch, query, steps, lr, params, 
     """``G_k`` by one unrolled graph; ``batch(j)`` gives step ``j``'s batch (0-based).
 
     ``lr`` is a float, a tensor or a dict name -> tensor (plain SGD), unless a
-    reference ``rule`` (``ref_sgd(...)``, ``ref_adam(...)``) is given.
+    reference ``rule`` (``ref_sgd(...)``, ``ref_adam(...)``) is given. The
+    losses get a functional model called like the module (positional and
+    keyword arguments) whose ``parameters()`` / ``named_parameters()`` are the
+    current inner parameters followed by the frozen ones. Buffers are state:
+    each step works on a copy of the previous step's buffers (BatchNorm's
+    running statistics move with the inner loop; the module's own buffers are
+    never written). A tensor of ``params`` that does not require a gradient
+    gets zeros.
     """
     rule = ref_sgd(lr) if rule is None else rule
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    buffers = dict(model.named_buffers())
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
     phi = {n: p for n, p in named}
     state = {n: None for n, _ in named}
 
     class call:  # noqa: N801 - the functional model at phi, like the library's
-        def __init__(self, phi):
-            self.phi = phi
+        def __init__(self, phi, buffers):
+            self.phi, self.buffers = phi, {n: b.clone() for n, b in buffers.items()}
 
-        def __call__(self, *a):
-            return functional_call(model, (self.phi, buffers), a)
+        def __call__(self, *a, **kw):
+            return functional_call(model, ({**self.phi, **frozen}, self.buffers), a, kw)
 
         def named_parameters(self):
-            return iter(self.phi.items())
+            return iter({**self.phi, **frozen}.items())
+
+        def parameters(self):
+            return (p for _, p in self.named_parameters())
 
     for j in range(steps):
-        loss = inner_loss(call(phi), batch(j))
+        fm = call(phi, buffers)
+        loss = inner_loss(fm, batch(j))
+        buffers = fm.buffers
         exact = j >= steps - k
         grads = torch.autograd.grad(loss, list(phi.values()), create_graph=exact)
         new = {}
         for (n, p), g in zip(phi.items(), grads):
             new[n], state[n] = rule(n, j, p, g if exact else g.detach(), state[n])
         phi = new
-    loss = outer_loss(call(phi), query)
-    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+    loss = outer_loss(call(phi, buffers), query)
+    live = [p for p in params if p.requires_grad]
+    grads = iter(torch.autograd.grad(loss, live, allow_unused=True))
+    out = []
+    for p in params:
+        g = next(grads) if p.requires_grad else None
+        out.append(torch.zeros_like(p) if g is None else g)
+    return tuple(out)
+
+
+def telescope(G, survival, K):
+    """The randomized-telescope estimate for a truncation point ``K``:
+    ``G_0 + sum_{k=1..K} (G_k - G_{k-1}) / P_k`` with ``P_k = survival[k]``
+    (``docs/maths.md#truncation-laws-and-telescope-weights``); ``G`` is the list
+    ``[G_0, ..., G_r]`` of tuples of tensors."""
+    out = list(G[0])
+    for k in range(1, K + 1):
+        out = [o + (a - b) / survival[k] for o, a, b in zip(out, G[k], G[k - 1])]
+    return tuple(out)
 
 
 def ref_adamw(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, decoupled=True):
