@@ -200,6 +200,8 @@ def refusal_pattern(kind, path: Path):
     if path.hvp != "fwdrev":
         return None
     reasons = (["buffer"] if kind.buffers else []) + (["forward"] if kind.no_forward_ad else [])
+    if kind.attention and kind.random and path.entry in ("hypergrad", "backward"):
+        reasons.append("attention with dropout")
     return "|".join(reasons) or None
 
 

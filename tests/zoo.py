@@ -373,7 +373,8 @@ KINDS = [
     Kind("transformer_dropout", transformer(0.1),
          "TransformerEncoderLayer(dropout=0.1): store, recompute, checkpoint bit for bit",
          random=True, attention=True,
-         no_forward_ad="the CPU flash-attention kernel has no forward-mode formula"),
+         no_forward_ad="the CPU flash-attention kernel has no forward-mode formula; per task, "
+                       "attention dropout draws other masks under torch.func"),
 ]
 
 KIND = {k.name: k for k in KINDS}

@@ -18,7 +18,7 @@ from .inner import InnerRule
 from .truncation import TruncationLaw
 from .unroll import InnerLoop, batch_getter
 from .vectorised import (BatchedInnerLoop, group_by_truncation, meta_batch_size, select_tasks,
-                         task_of, unsafe_norms, vmap_unsupported)
+                         task_of, probe, vmap_unsupported)
 
 __all__ = ["hypergrad", "hypergrad_batch", "estimate_task", "estimate_batch", "BatchRun", "Problem",
            "resolve_hvp"]
@@ -158,6 +158,7 @@ def estimate_task(problem: Problem, support: Any, query: Any, force=None,
     forced = check_force_truncation(force, None, problem.config.steps)
     with restore_rng_on_error(problem.generator):
         (K,), (seed,) = _draws(problem, 1, forced)
+        check_fwdrev_task(problem, support, K)
         loop = problem.loop(support, query, seed, K)
         c = problem.config
         return estimate(loop, K, problem.law.survival(c.steps), c.schedule(), problem.params,
@@ -215,6 +216,7 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
         groups = []
         for i in range(size):
             start = time.perf_counter()
+            check_fwdrev_task(problem, task_of(supports, i), truncations[i])
             loop = problem.loop(task_of(supports, i), task_of(queries, i), seeds[i], truncations[i])
             c = problem.config
             est = estimate(loop, truncations[i], problem.law.survival(c.steps), c.schedule(),
@@ -241,24 +243,39 @@ def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool):
     """``(problem to vectorise or None, reason)``: whether and how the meta-batch runs
     under ``vmap``. A model whose normalisation layers ``vmap`` differentiates twice
     wrongly gets forward-over-reverse HVPs instead, where they apply."""
-    if next(problem.model.buffers(), None) is not None:
-        return None, "the module has buffers (running statistics cannot be vectorised)"
     if diagnostics:
         return None, "q='auto' keeps per-task statistics"
-    if problem.hvp == "fwdrev" or problem.law.survival(problem.config.steps)[1] <= 0.0:
-        return problem, ""
+    exact = problem.law.survival(problem.config.steps)[1] > 0.0
+    if not exact and next(problem.model.buffers(), None) is None:
+        return problem, ""  # nothing the probe could find matters
     first = batch_getter(task_of(supports, 0), problem.config.steps)(0)
-    unsafe = unsafe_norms(problem.model, problem.inner_loss, first)
-    if not unsafe:
+    found = probe(problem.model, problem.inner_loss, first)
+    if found.written:
+        return None, (f"the module has buffers that the losses write ({', '.join(found.written)}: "
+                      "running statistics cannot be vectorised)")
+    if not exact or problem.hvp == "fwdrev" or not found.norms:
         return problem, ""
+    norms = ", ".join(sorted(found.norms))
     why = fwdrev_obstacle(problem.model, problem.config.rule, problem.params)
-    norms = ", ".join(sorted(unsafe))
     if why:
         return None, (f"torch.func.vmap differentiates {norms} twice wrongly (pytorch/functorch#534) "
                       f"and forward-over-reverse, which would replace it, {why}")
     return dataclasses.replace(problem, hvp="fwdrev"), (
         f"forward-over-reverse HVPs: vmap differentiates {norms} twice wrongly "
         "(pytorch/functorch#534)")
+
+
+def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
+    """Refuse per-task forward-over-reverse on attention with dropout: the step runs
+    under autograd and its HVP under ``torch.func``, whose attention kernels draw
+    different masks, so the HVP would differentiate another function. (A
+    vectorised sweep runs both under ``torch.func`` and is consistent.)"""
+    if K > 0 and problem.hvp == "fwdrev":
+        first = batch_getter(support, problem.config.steps)(0)
+        if probe(problem.model, problem.inner_loss, first).attention_dropout:
+            raise ValueError("Invalid hvp: 'fwdrev' cannot run attention with dropout per task "
+                             "(torch.func draws other masks than the step that ran, so it would "
+                             "differentiate another function); use 'revrev' or 'auto'")
 
 
 def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:

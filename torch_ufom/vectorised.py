@@ -17,7 +17,7 @@ pay for the exact sweep of the others.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from .unroll import FunctionalModel, InnerLoop, State, StepBatches, _check_loss, fwdrev_error
 
 __all__ = ["BatchedInnerLoop", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
-           "unsafe_norms", "vmap_unsupported"]
+           "probe", "vmap_unsupported"]
 
 
 def _register_step_batches() -> None:
@@ -110,31 +110,57 @@ if hasattr(F, "rms_norm"):
     _UNSAFE_NORMS[F.rms_norm] = ("RMSNorm with weights", lambda a, k: _arg(a, k, 2, "weight") is not None)
 
 
-class _NormProbe(TorchFunctionMode):
-    """Records the affected normalisation calls made while it is active."""
+# Attention whose dropout draws its masks differently under torch.func than under
+# autograd (the kernels differ), so forward-over-reverse would differentiate another function.
+_ATTENTION_DROPOUT = {
+    F.scaled_dot_product_attention: lambda a, k: float(_arg(a, k, 4, "dropout_p", 0.0)) > 0.0,
+    F.multi_head_attention_forward: lambda a, k: float(_arg(a, k, 10, "dropout_p", 0.0)) > 0.0
+    and bool(_arg(a, k, 13, "training", True)),
+}
+
+
+class _Probe(TorchFunctionMode):
+    """Records the affected normalisation calls and attention dropout while active."""
 
     def __init__(self):
         super().__init__()
-        self.found: set = set()
+        self.norms: set = set()
+        self.attention_dropout = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         entry = _UNSAFE_NORMS.get(func)
         if entry is not None and entry[1](args, kwargs):
-            self.found.add(entry[0])
+            self.norms.add(entry[0])
+        test = _ATTENTION_DROPOUT.get(func)
+        if test is not None and test(args, kwargs):
+            self.attention_dropout = True
         return func(*args, **kwargs)
 
 
-def unsafe_norms(module: nn.Module, inner_loss, batch) -> set:
-    """The normalisations whose double backward ``vmap`` gets wrong that the inner
-    loss runs: one probe evaluation at the module's parameters, without a graph."""
-    probe = _NormProbe()
-    fm = FunctionalModel(module, dict(module.named_parameters()),
-                         {n: b.clone() for n, b in module.named_buffers()})
+class Probe(NamedTuple):
+    """What :func:`probe` found."""
+
+    norms: set  # normalisations whose double backward vmap gets wrong
+    written: List[str]  # buffers the inner loss writes in place
+    attention_dropout: bool  # attention with dropout (fwdrev would differentiate another function)
+
+
+def probe(module: nn.Module, inner_loss, batch) -> Probe:
+    """One evaluation of the inner loss at the module's parameters, without a graph
+    and with the random states restored: what decides how a sweep may run."""
+    mode = _Probe()
+    original = dict(module.named_buffers())
+    buffers = {n: b.clone() for n, b in original.items()}
+    versions = {n: b._version for n, b in buffers.items()}
+    fm = FunctionalModel(module, dict(module.named_parameters()), buffers)
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), probe:
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), mode:
         inner_loss(fm, batch)
-    return probe.found
+    # Kernels such as batch_norm write running statistics without bumping the version.
+    written = [n for n, b in fm.buffers.items()
+               if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
+    return Probe(mode.norms, written, mode.attention_dropout)
 
 
 # Messages of torch.func's own refusals: an operation vmap or forward-mode AD does not support.
@@ -168,7 +194,8 @@ class BatchedInnerLoop(InnerLoop):
             support batch per task, reused at every inner step).
         size: the number of tasks.
 
-    The module must have no buffers, and every random operation draws
+    The module's buffers are shared by the tasks and must not be written by
+    the losses (:func:`probe` tells), and every random operation draws
     independently per task (``vmap(randomness="different")``) from the step's
     stream, so a model with dropout gets valid but different masks than the
     per-task loop.
@@ -179,8 +206,6 @@ class BatchedInnerLoop(InnerLoop):
         self.size = size
         super().__init__(module, inner_loss, outer_loss, supports, queries, steps, rule, meta, seed,
                          hvp, math_attention)
-        if self.buffer_names:
-            raise ValueError("Invalid model: a vectorised meta-batch needs a module without buffers")
 
     def initial_params(self) -> Tuple[Tensor, ...]:
         """The module's adapted parameters, detached, copied to ``(size, *shape)``."""
@@ -193,7 +218,7 @@ class BatchedInnerLoop(InnerLoop):
 
         def one(params, b):
             def loss_of(ps):
-                loss = _check_loss(self.inner_loss(self.fmodel(ps, ()), b), "inner_loss")
+                loss = _check_loss(self.inner_loss(self.fmodel(ps, state.buffers), b), "inner_loss")
                 return loss, loss
 
             grads, loss = torch.func.grad(loss_of, has_aux=True)(params)
@@ -204,7 +229,7 @@ class BatchedInnerLoop(InnerLoop):
         mode = torch.enable_grad() if create_graph else torch.no_grad()
         with mode, self.stream(j):
             loss, grads = torch.func.vmap(one, randomness="different")(tuple(state.params), batch)
-        return loss, tuple(grads), ()
+        return loss, tuple(grads), state.buffers
 
     def hessian_vector(self, state: State, j: int, vec) -> Tuple[Tensor, ...]:
         """Per-task ``H_i v_i`` by ``vmap`` of forward-over-reverse."""
@@ -214,7 +239,7 @@ class BatchedInnerLoop(InnerLoop):
 
         def one(ps, vs, b):
             def loss_of(pp):
-                return self.inner_loss(self.fmodel(pp, ()), b)
+                return self.inner_loss(self.fmodel(pp, state.buffers), b)
 
             return torch.func.jvp(torch.func.grad(loss_of), (ps,), (vs,))[1]
 
@@ -230,7 +255,7 @@ class BatchedInnerLoop(InnerLoop):
         params = tuple(p.detach().requires_grad_() for p in state.params)
 
         def one(ps, qb):
-            return _check_loss(self.outer_loss(self.fmodel(ps, ()), qb), "outer_loss")
+            return _check_loss(self.outer_loss(self.fmodel(ps, state.buffers), qb), "outer_loss")
 
         with torch.enable_grad():
             with self.stream(self.steps + 1):
