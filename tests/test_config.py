@@ -1,0 +1,140 @@
+"""The configuration: resolved once, read-only, changed between outer steps by reconfigure;
+batches: a plain list is one batch; the vectorised path re-raises the user's errors."""
+import copy
+
+import pytest
+import torch
+
+import torch_ufom
+from conftest import mlp_problem, mse, rel_err
+from oracle import brute_force
+from torch_ufom.truncation import Bernoulli, Geometric
+
+
+def build(**kw):
+    model, loss, data = mlp_problem(3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    kw = {"inner_lr": 0.1, "steps": 3, **kw}
+    return model, loss, data, opt, torch_ufom.MetaOptimizer(model, opt, **kw)
+
+
+@pytest.mark.parametrize("name", ["steps", "mode", "q", "law", "memory", "slots", "hvp", "inner"])
+def test_the_resolved_configuration_is_read_only(name):
+    *_, meta = build(mode="exact")
+    with pytest.raises(AttributeError, match=f"{name}.*reconfigure"):
+        setattr(meta, name, 6 if name in ("steps", "slots") else "fom")
+
+
+def test_steps_is_required():
+    model, _, _ = mlp_problem(0)
+    with pytest.raises(TypeError, match="steps"):
+        torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1)
+
+
+def run_outer_steps(meta, loss, data, start, n=2):
+    """``n`` outer steps of two tasks each, from the data's ``start``; the losses seen."""
+    losses = []
+    for t in range(n):
+        meta.zero_grad()
+        for i in range(2):
+            res = meta.backward(loss, loss, data[start + 4 * t + i], data[start + 4 * t + 2 + i])
+            losses.append(float(res.outer_loss))
+        meta.step()
+    return losses
+
+
+@pytest.mark.parametrize("changes, fresh", [
+    (dict(mode="exact"), dict(mode="exact")),
+    (dict(mode="fom"), dict(mode="fom")),
+    (dict(q=0.7), dict(mode="ufom", q=0.7)),
+    (dict(truncation=Geometric(0.5, 0.5)), dict(truncation=Geometric(0.5, 0.5))),
+    (dict(mode="truncated", k=2), dict(mode="truncated", k=2)),
+])
+def test_reconfigure_equals_a_fresh_optimizer_with_the_same_state(changes, fresh):
+    model, loss, data, opt, meta = build(mode="ufom", q=0.3, generator=torch.Generator().manual_seed(1))
+    run_outer_steps(meta, loss, data, 0)
+    # A fresh optimizer on a copy of the model, with the same outer state and generator.
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=0.01)
+    fresh_meta = torch_ufom.MetaOptimizer(twin, twin_opt, inner_lr=0.1, steps=3,
+                                          generator=torch.Generator(), **fresh)
+    fresh_meta.load_state_dict(meta.state_dict())
+    meta.reconfigure(**changes)
+    assert meta.law.probs(3) == fresh_meta.law.probs(3)
+    got, want = run_outer_steps(meta, loss, data, 8), run_outer_steps(fresh_meta, loss, data, 8)
+    assert got == want
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_reconfigure_checks_like_the_constructor_and_changes_nothing_on_error():
+    model, loss, data, opt, meta = build(mode="ufom", q=0.3)
+    before = meta.config
+    for changes, arg in [(dict(mode="second"), "mode"), (dict(q=1.5), "q"), (dict(k=2), "k"),
+                         (dict(mode="fom", q="auto"), "q"), (dict(slots=0), "slots")]:
+        with pytest.raises(ValueError, match=arg):
+            meta.reconfigure(**changes)
+        assert meta.config is before
+    with pytest.raises(TypeError, match="lr"):
+        meta.reconfigure(lr=0.1)
+
+
+def test_reconfigure_keeps_auto_q_statistics_while_the_rule_stays():
+    model, loss, data, opt, meta = build(mode="ufom", q="auto", generator=torch.Generator().manual_seed(0))
+    meta.zero_grad()
+    meta.backward(loss, loss, data[0], data[1], force_truncation=3)
+    meta.step()
+    stats = dict(meta.q_stats)
+    meta.reconfigure(memory="store")
+    assert meta.q_stats == stats
+    meta.reconfigure(mode="exact", q=0.1)
+    assert meta.q_stats is None and meta.law.probs(3) == [0, 0, 0, 1]
+    meta.reconfigure(mode="ufom", q=0.25)
+    assert isinstance(meta.law, Bernoulli) and meta.q == 0.25
+
+
+def test_a_list_is_one_batch_in_every_entry_point():
+    model, loss, data = mlp_problem(4)
+    x, y = data[0]
+    kw = dict(steps=2, inner_lr=0.1, mode="exact")
+    want = torch_ufom.hypergrad(model, loss, loss, (x, y), data[1], **kw)
+    assert rel_err(torch_ufom.hypergrad(model, loss, loss, [x, y], list(data[1]), **kw), want) == 0
+    xs, ys = torch.stack([data[i][0] for i in range(3)]), torch.stack([data[i][1] for i in range(3)])
+    qx, qy = torch.stack([data[5 + i][0] for i in range(3)]), torch.stack([data[5 + i][1] for i in range(3)])
+    tup = torch_ufom.hypergrad_batch(model, loss, loss, (xs, ys), (qx, qy), **kw)
+    lst = torch_ufom.hypergrad_batch(model, loss, loss, [xs, ys], [qx, qy], **kw)
+    assert rel_err(lst, tup) == 0
+    oracle = [brute_force(model, loss, loss, lambda j, i=i: data[i], data[5 + i], 2, 0.1,
+                          list(model.parameters()), 2) for i in range(3)]
+    assert rel_err(tup, [sum(g) for g in zip(*oracle)]) < 1e-9
+
+
+def test_step_batches_give_each_step_its_batch_in_both_paths():
+    model, loss, data = mlp_problem(5)
+    steps = torch_ufom.StepBatches([data[0], data[1], data[2]])
+    kw = dict(steps=3, inner_lr=0.1, mode="exact")
+    got = torch_ufom.hypergrad(model, loss, loss, steps, data[3], **kw)
+    want = brute_force(model, loss, loss, data.__getitem__, data[3], 3, 0.1, list(model.parameters()), 3)
+    assert rel_err(got, want) < 1e-9
+    stacked = torch_ufom.StepBatches([tuple(torch.stack([data[j][k], data[j + 4][k]]) for k in range(2))
+                                      for j in range(3)])
+    query = tuple(torch.stack([data[3][k], data[7][k]]) for k in range(2))
+    got = torch_ufom.hypergrad_batch(model, loss, loss, stacked, query, **kw)
+    want2 = brute_force(model, loss, loss, lambda j: data[j + 4], data[7], 3, 0.1,
+                        list(model.parameters()), 3)
+    assert rel_err(got, [a + b for a, b in zip(want, want2)]) < 1e-9
+    with pytest.raises(ValueError, match="support.*steps=3"):
+        torch_ufom.hypergrad(model, loss, loss, torch_ufom.StepBatches(data[:2]), data[3], **kw)
+
+
+def test_the_vectorised_path_raises_the_users_errors_and_refuses_detached_losses():
+    model, loss, data = mlp_problem(6)
+    xs, ys = torch.stack([data[i][0] for i in range(3)]), torch.stack([data[i][1] for i in range(3)])
+
+    def broken(f, b):
+        raise RuntimeError("my loss is broken")
+
+    kw = dict(steps=2, inner_lr=0.1, mode="exact")
+    with pytest.raises(RuntimeError, match="my loss is broken"):
+        torch_ufom.hypergrad_batch(model, broken, loss, (xs, ys), (xs, ys), **kw)
+    with pytest.raises(ValueError, match="inner_loss"):
+        torch_ufom.hypergrad_batch(model, lambda f, b: mse(f, b).detach(), loss, (xs, ys), (xs, ys), **kw)
