@@ -126,6 +126,19 @@ def _show(v) -> str:
     return text if len(text) < 200 else text[:200] + "..."
 
 
+def _where(a, b) -> str:
+    """Where two tensors of one shape first differ."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape \
+            or a.dtype != b.dtype or a.device != b.device:
+        return ""
+    differ = (a != b) & ~(a.isnan() & b.isnan()) if a.is_floating_point() else a != b
+    index = differ.flatten().nonzero()
+    if not len(index):
+        return ""
+    i = int(index[0])
+    return f" (first difference at flat index {i}: {a.flatten()[i].item()!r} -> {b.flatten()[i].item()!r})"
+
+
 def changed_items(before: Snapshot, after: Snapshot) -> list:
     """The names of the items that differ between two snapshots, sorted."""
     return [k for k in sorted(set(before) | set(after))
@@ -143,5 +156,6 @@ def assert_unchanged(before: Snapshot, after: Snapshot = None) -> None:
         if key not in before or key not in after:
             changed.append(f"{key}: {'appeared' if key in after else 'disappeared'}")
         else:
-            changed.append(f"{key}: {_show(before[key])} -> {_show(after[key])}")
+            changed.append(f"{key}: {_show(before[key])} -> {_show(after[key])}" +
+                           _where(before[key], after[key]))
     assert not changed, "state changed: " + "; ".join(changed)
