@@ -344,6 +344,16 @@ def test_defect_09_an_expanded_grad_is_accumulated_with_the_others():
     assert_close([p.grad - 1 for p in params], ref)
 
 
+def test_defect_09_a_plain_grad_is_still_accumulated_in_place():
+    env = Env()
+    grad = env.model[0].weight.grad
+    expanded = torch.zeros(1).expand(1, 3)
+    env.model[3].weight.grad = expanded
+    env.meta.backward(mse, env.outer, env.support, env.query)
+    assert env.model[0].weight.grad is grad  # like autograd's accumulation
+    assert env.model[3].weight.grad is not expanded and torch.equal(expanded, torch.zeros(1, 3))
+
+
 def test_defect_09_nothing_is_written_when_one_gradient_is_not_finite():
     env = Env()
     for p in env.params():

@@ -408,7 +408,7 @@ class MetaOptimizer:
             TypeError: ``state_dict`` or one of its entries has the wrong type.
             ValueError: an entry does not fit this ``MetaOptimizer``; nothing is changed.
         """
-        _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive is not None)
+        _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive)
         opt, gen = self.optimizer, self.generator
         saved = (opt.state, opt.param_groups)
         opt.load_state_dict(state_dict["optimizer"])
@@ -430,13 +430,25 @@ class MetaOptimizer:
 # -- state_dict validation ------------------------------------------------------
 
 _STATE_KEYS = ("optimizer", "generator", "q_stats", "q_observations")
-# Each q="auto" statistic and observation entry: (kind, lowest value), kind "real" or "int".
-_Q_STATS = {"q": ("q", None), "A": ("real", 0.0), "D": ("real", 0.0), "n_x": ("int", 0),
-            "t_x": ("real", 0.0), "n_f": ("int", 0), "t_f": ("real", 0.0),
-            "c_f_steps": ("real", None), "c_x_steps": ("real", None)}
-_OBSERVATION = {"exact": ("bool", None), "seconds": ("real", 0.0), "steps": ("int", 1),
-                "forward_steps": ("int", 0), "reverse_steps": ("int", 0), "q": ("q", None)}
-_OBSERVATION_EXACT = {"A": ("real", 0.0), "D": ("real", 0.0)}
+# The kind and lowest value of the q="auto" entries whose range is known; the
+# keys themselves come from adaptive.init_stats and adaptive.observe, and an
+# entry not listed here must be a finite float.
+_KINDS = {"q": ("q", None), "A": ("real", 0.0), "D": ("real", 0.0), "n_x": ("int", 0),
+          "t_x": ("real", 0.0), "n_f": ("int", 0), "t_f": ("real", 0.0),
+          "exact": ("bool", None), "seconds": ("real", 0.0), "steps": ("int", 1),
+          "forward_steps": ("int", 0), "reverse_steps": ("int", 0)}
+
+
+def _spec(keys) -> Dict[str, tuple]:
+    return {k: _KINDS.get(k, ("real", None)) for k in keys}
+
+
+def _observation_specs():
+    """The entries of an observation of the first-order branch and of the exact one."""
+    common = {"seconds": 0.0, "steps": 1, "forward_steps": 0, "reverse_steps": 0}
+    first = adaptive.observe(exact=False, **common)
+    exact = adaptive.observe(exact=True, g0=[], gr=[], **common)
+    return _spec(first), _spec(exact)
 
 
 def _writable(t: Tensor) -> bool:
@@ -453,7 +465,8 @@ def _writable(t: Tensor) -> bool:
 
 
 def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
-                      generator: Optional[torch.Generator], auto_q: bool) -> None:
+                      generator: Optional[torch.Generator],
+                      rule: Optional[adaptive.AdaptiveQ]) -> None:
     """Raise unless ``sd`` is a :meth:`MetaOptimizer.state_dict` this optimizer can load."""
     expected = f"the dict MetaOptimizer.state_dict() returns, with keys {list(_STATE_KEYS)}"
     if not isinstance(sd, Mapping):
@@ -471,11 +484,12 @@ def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
     _check_optimizer_state(sd["optimizer"], optimizer)
     _check_generator_state(sd.get("generator"), generator)
     stats, observations = sd.get("q_stats"), sd.get("q_observations")
+    auto_q = rule is not None
     if stats is not None and not auto_q:
         raise ValueError("Invalid state_dict['q_stats']: it holds q='auto' statistics but this "
                          "MetaOptimizer has a fixed q (build it with q='auto' to resume them)")
     if stats is not None:
-        _check_entries(stats, _Q_STATS, "state_dict['q_stats']")
+        _check_entries(stats, _spec(adaptive.init_stats(rule)), "state_dict['q_stats']")
     if observations is None:
         return
     if not isinstance(observations, (list, tuple)):
@@ -485,11 +499,12 @@ def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
         raise ValueError("Invalid state_dict['q_observations']: q='auto' observations without "
                          "state_dict['q_stats']" + ("" if auto_q else ", and this MetaOptimizer "
                                                     "has a fixed q"))
+    first, exact = _observation_specs()
     for i, obs in enumerate(observations):
         name = f"state_dict['q_observations'][{i}]"
-        _check_entries(obs, _OBSERVATION, name, extra=_OBSERVATION_EXACT)
+        _check_entries(obs, first, name, extra=exact)
         if obs["exact"]:
-            _check_entries(obs, {**_OBSERVATION, **_OBSERVATION_EXACT}, name)
+            _check_entries(obs, exact, name)
 
 
 def _check_optimizer_state(sd: Any, optimizer: torch.optim.Optimizer) -> None:
