@@ -21,7 +21,7 @@ import math
 
 import torch
 
-__all__ = ["Snapshot", "capture", "changed_items", "assert_unchanged"]
+__all__ = ["Snapshot", "capture", "changed_items", "assert_unchanged", "same"]
 
 # The MetaOptimizer's pending per-step state, read through getattr so that a
 # rename makes the item None on both sides instead of breaking every test.
@@ -98,7 +98,7 @@ def capture(model=None, optimizer=None, meta=None, generators=()) -> Snapshot:
     return Snapshot(items, sources)
 
 
-def _same(a, b) -> bool:
+def same(a, b) -> bool:
     """Equality of nested tensors, dicts, lists and numbers; NaN equals NaN."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
@@ -111,9 +111,9 @@ def _same(a, b) -> bool:
         return bool(torch.equal(a, b))
     if isinstance(a, dict) or isinstance(b, dict):
         return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and
-                all(_same(a[k], b[k]) for k in a))
+                all(same(a[k], b[k]) for k in a))
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return (type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b)))
+        return (type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b)))
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return type(a) is type(b) and a == b
@@ -142,7 +142,7 @@ def _where(a, b) -> str:
 def changed_items(before: Snapshot, after: Snapshot) -> list:
     """The names of the items that differ between two snapshots, sorted."""
     return [k for k in sorted(set(before) | set(after))
-            if k not in before or k not in after or not _same(before[k], after[k])]
+            if k not in before or k not in after or not same(before[k], after[k])]
 
 
 def assert_unchanged(before: Snapshot, after: Snapshot = None) -> None:
