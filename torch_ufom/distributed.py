@@ -19,14 +19,22 @@ __all__ = ["check_group", "rank_generator", "average_gradients", "gather"]
 
 
 def check_group(group) -> None:
-    """Raise ``ValueError`` unless ``torch.distributed`` is initialised for ``group``."""
+    """Raise ``ValueError`` unless ``group`` is a process group (``None``: the default
+    one) and ``torch.distributed`` is initialised.
+
+    The type is checked first, so that ``process_group=False`` (or any other
+    value that is not a group) is reported as such, not as "not initialised".
+    """
     import torch.distributed as dist
+    is_group = dist.is_available() and (group is dist.group.WORLD or
+                                        isinstance(group, dist.ProcessGroup))
+    if group is not None and not is_group:
+        raise ValueError(f"Invalid process_group: {group!r} (expected None for no data "
+                         "parallelism, True or torch.distributed.group.WORLD for the default "
+                         "group, or a torch.distributed.ProcessGroup)")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("Invalid process_group: torch.distributed is not initialised; call "
                          "torch.distributed.init_process_group first (e.g. under torchrun)")
-    if group is not None and group is not dist.group.WORLD and not isinstance(group, dist.ProcessGroup):
-        raise ValueError(f"Invalid process_group: {group!r} (expected a ProcessGroup or None "
-                         "for the default group)")
 
 
 def _device(group) -> torch.device:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -227,8 +230,19 @@ class MetaOptimizer:
         return self.optimizer.param_groups
 
     def meta_parameters(self) -> List[Tensor]:
-        """Every tensor the outer optimizer holds, in its order."""
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
+        """Every tensor the outer optimizer holds, in its order, each once.
+
+        A tensor listed twice in a parameter group (``torch.optim`` warns but
+        allows it) is a meta-parameter once: it receives its hypergradient
+        once, as ``loss.backward()`` would give it.
+        """
+        seen, out = set(), []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the meta-parameters' gradients (see ``Optimizer.zero_grad``)."""
@@ -330,20 +344,44 @@ class MetaOptimizer:
                 g0=est.g0, gr=est.gk, q=self.q))
 
     def _write(self, meta: List[Tensor], grads) -> None:
-        """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing."""
+        """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing.
+
+        The engine has checked every hypergradient's finiteness (once per task).
+        Everything that can fail runs before the first write: the sums for
+        gradients that cannot be added to in place (an expanded view, an
+        inference tensor, a sparse gradient), which are computed out of place
+        and then assigned. The remaining ``.grad`` tensors are added to in place
+        last, as autograd does.
+        """
         present = [(p, g) for p, g in zip(meta, grads) if g is not None]
-        if present and not bool(torch.stack([torch.isfinite(g).all() for _, g in present]).all()):
-            p = next(p for p, g in present if not bool(torch.isfinite(g).all()))
-            raise FloatingPointError(
-                f"non-finite hypergradient for meta-parameter {self._name(p)}; nothing was written")
+        if not present:
+            return
+        replace, in_place = [], []
         for p, g in present:
             g = g.detach().to(p.dtype)
-            if p.grad is None:
-                p.grad = g.clone()
+            old = p.grad
+            if old is None:
+                replace.append((p, g.clone()))
+            elif _writable(old):
+                in_place.append((old, g))
             else:
-                p.grad.add_(g)
+                replace.append((p, old + g))
+        done = []
+        try:
+            for p, new in replace:
+                done.append((p, p.grad))
+                p.grad = new
+        except BaseException:
+            for p, old in reversed(done):
+                p.grad = old
+            raise
+        with torch.no_grad():
+            for old, g in in_place:
+                old.add_(g)
 
     def _name(self, p: Tensor) -> str:
+        """How the user knows meta-parameter ``p``: its module name, else its place
+        in the outer optimizer's parameter groups."""
         for n, t in self.model.named_parameters():
             if t is p:
                 return repr(n)
@@ -396,27 +434,197 @@ class MetaOptimizer:
         return distributed.average_gradients(self.meta_parameters(), self._tasks, self.process_group)
 
     def state_dict(self) -> Dict[str, Any]:
-        """The outer optimizer's state and the generator's state."""
+        """What a resumed run needs, as a dict (``torch.save`` it beside the model's).
+
+        Keys: ``"optimizer"`` (the outer optimizer's ``state_dict``),
+        ``"generator"`` (the generator's state, or ``None`` without one),
+        ``"q_stats"`` (the ``q="auto"`` statistics, else ``None``) and
+        ``"q_observations"`` (the ``q="auto"`` observations of the tasks since
+        the last :meth:`step`).
+        """
         return {"optimizer": self.optimizer.state_dict(),
                 "generator": None if self.generator is None else self.generator.get_state(),
                 "q_stats": None if self.adaptive is None else dict(self.q_stats),
                 "q_observations": [dict(o) for o in self._observations]}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        if state_dict.get("generator") is not None:
-            if self.generator is None:
-                raise ValueError("Invalid state_dict: it holds a generator state but this "
-                                 "MetaOptimizer has no generator")
-            self.generator.set_state(state_dict["generator"])
+        """Restore what :meth:`state_dict` returned.
+
+        The whole dict is validated before anything is changed: a dict that is
+        not one (``None``, ``{}``, the outer optimizer's own ``state_dict``), a
+        generator state without a generator or not a valid state, ``q="auto"``
+        statistics for a fixed ``q`` or with missing or invalid entries.
+
+        Raises:
+            TypeError: ``state_dict`` or one of its entries has the wrong type.
+            ValueError: an entry does not fit this ``MetaOptimizer``; nothing is changed.
+        """
+        _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive)
+        opt, gen = self.optimizer, self.generator
+        saved = (opt.state, opt.param_groups)
+        opt.load_state_dict(state_dict["optimizer"])
+        try:
+            if state_dict.get("generator") is not None:
+                gen.set_state(state_dict["generator"])
+        except BaseException:
+            opt.__setstate__({"state": saved[0], "param_groups": saved[1]})
+            raise
         if state_dict.get("q_stats") is not None:
-            if self.adaptive is None:
-                raise ValueError("Invalid state_dict: it holds q='auto' statistics but this "
-                                 "MetaOptimizer has a fixed q")
             self.q_stats = dict(state_dict["q_stats"])
-            self._observations = [dict(o) for o in state_dict.get("q_observations", [])]
+            self._observations = [dict(o) for o in state_dict.get("q_observations") or []]
 
     def __repr__(self) -> str:
         return (f"MetaOptimizer(mode={self.mode!r}, steps={self.steps}, law={self.law!r}, "
                 f"memory={self.memory!r}, inner={self.inner!r}, optimizer={type(self.optimizer).__name__})")
+
+
+# -- state_dict validation ------------------------------------------------------
+
+_STATE_KEYS = ("optimizer", "generator", "q_stats", "q_observations")
+# The kind and lowest value of the q="auto" entries whose range is known; the
+# keys themselves come from adaptive.init_stats and adaptive.observe, and an
+# entry not listed here must be a finite float.
+_KINDS = {"q": ("q", None), "A": ("real", 0.0), "D": ("real", 0.0), "n_x": ("int", 0),
+          "t_x": ("real", 0.0), "n_f": ("int", 0), "t_f": ("real", 0.0),
+          "exact": ("bool", None), "seconds": ("real", 0.0), "steps": ("int", 1),
+          "forward_steps": ("int", 0), "reverse_steps": ("int", 0)}
+
+
+def _spec(keys) -> Dict[str, tuple]:
+    return {k: _KINDS.get(k, ("real", None)) for k in keys}
+
+
+def _observation_specs():
+    """The entries of an observation of the first-order branch and of the exact one."""
+    common = {"seconds": 0.0, "steps": 1, "forward_steps": 0, "reverse_steps": 0}
+    first = adaptive.observe(exact=False, **common)
+    exact = adaptive.observe(exact=True, g0=[], gr=[], **common)
+    return _spec(first), _spec(exact)
+
+
+def _writable(t: Tensor) -> bool:
+    """Whether ``t.add_(...)`` can write into ``t``: a dense tensor outside
+    inference mode whose elements do not share memory (not an expanded view)."""
+    if t.layout != torch.strided or t.is_inference():
+        return False
+    span = 0  # the largest offset reached by the dimensions of smaller strides
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= span:
+            return False
+        span += stride * (size - 1)
+    return True
+
+
+def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
+                      generator: Optional[torch.Generator],
+                      rule: Optional[adaptive.AdaptiveQ]) -> None:
+    """Raise unless ``sd`` is a :meth:`MetaOptimizer.state_dict` this optimizer can load."""
+    expected = f"the dict MetaOptimizer.state_dict() returns, with keys {list(_STATE_KEYS)}"
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"Invalid state_dict: {type(sd).__name__} (expected {expected})")
+    if "optimizer" not in sd:
+        if "state" in sd and "param_groups" in sd:
+            raise ValueError(
+                "Invalid state_dict: it is an outer optimizer's own state_dict (keys 'state', "
+                "'param_groups'); pass what MetaOptimizer.state_dict() returned, or load this one "
+                "with meta.optimizer.load_state_dict")
+        raise ValueError(f"Invalid state_dict: missing key 'optimizer' (expected {expected})")
+    unknown = [k for k in sd if k not in _STATE_KEYS]
+    if unknown:
+        raise ValueError(f"Invalid state_dict: unknown keys {unknown} (expected {expected})")
+    _check_optimizer_state(sd["optimizer"], optimizer)
+    _check_generator_state(sd.get("generator"), generator)
+    stats, observations = sd.get("q_stats"), sd.get("q_observations")
+    auto_q = rule is not None
+    if stats is not None and not auto_q:
+        raise ValueError("Invalid state_dict['q_stats']: it holds q='auto' statistics but this "
+                         "MetaOptimizer has a fixed q (build it with q='auto' to resume them)")
+    if stats is not None:
+        _check_entries(stats, _spec(adaptive.init_stats(rule)), "state_dict['q_stats']")
+    if observations is None:
+        return
+    if not isinstance(observations, (list, tuple)):
+        raise TypeError(f"Invalid state_dict['q_observations']: {type(observations).__name__} "
+                        "(expected a list of observation dicts)")
+    if observations and stats is None:
+        raise ValueError("Invalid state_dict['q_observations']: q='auto' observations without "
+                         "state_dict['q_stats']" + ("" if auto_q else ", and this MetaOptimizer "
+                                                    "has a fixed q"))
+    first, exact = _observation_specs()
+    for i, obs in enumerate(observations):
+        name = f"state_dict['q_observations'][{i}]"
+        _check_entries(obs, first, name, extra=exact)
+        if obs["exact"]:
+            _check_entries(obs, exact, name)
+
+
+def _check_optimizer_state(sd: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Raise unless ``sd`` has the structure of ``optimizer``'s ``state_dict``."""
+    name = "state_dict['optimizer']"
+    if not isinstance(sd, Mapping) or not isinstance(sd.get("state"), Mapping) or \
+            not isinstance(sd.get("param_groups"), (list, tuple)):
+        raise TypeError(f"Invalid {name}: {type(sd).__name__} (expected the outer optimizer's "
+                        "state_dict, a dict with 'state' and 'param_groups')")
+    groups = sd["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"Invalid {name}: {len(groups)} parameter groups, expected "
+                         f"{len(optimizer.param_groups)} (the outer optimizer's)")
+    for i, (saved, group) in enumerate(zip(groups, optimizer.param_groups)):
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+            raise TypeError(f"Invalid {name}['param_groups'][{i}]: expected a dict with 'params'")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"Invalid {name}['param_groups'][{i}]: {len(saved['params'])} "
+                             f"parameters, expected {len(group['params'])} (the outer optimizer's)")
+
+
+def _check_generator_state(state: Any, generator: Optional[torch.Generator]) -> None:
+    """Raise unless ``state`` is ``None`` or a state ``generator`` can take."""
+    name = "state_dict['generator']"
+    if state is None:
+        return
+    if generator is None:
+        raise ValueError(f"Invalid {name}: it holds a generator state but this MetaOptimizer has "
+                         "no generator (pass generator= to the constructor)")
+    if not isinstance(state, Tensor) or state.dtype != torch.uint8:
+        what = state.dtype if isinstance(state, Tensor) else type(state).__name__
+        raise TypeError(f"Invalid {name}: {what} (expected the torch.uint8 tensor "
+                        "Generator.get_state() returns)")
+    try:  # a scratch generator of the same device, so that ours is untouched
+        torch.Generator(device=generator.device).set_state(state)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"Invalid {name}: not a valid state of a {generator.device} generator "
+                         f"({err})") from None
+
+
+def _check_entries(d: Any, spec: Dict[str, tuple], name: str,
+                   extra: Optional[Dict[str, tuple]] = None) -> None:
+    """Raise unless ``d`` is a dict with exactly the keys of ``spec`` (those of
+    ``extra`` are allowed too), each of the kind and range ``spec`` gives."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"Invalid {name}: {type(d).__name__} (expected a dict with keys "
+                        f"{list(spec)})")
+    missing = [k for k in spec if k not in d]
+    unknown = [k for k in d if k not in spec and k not in (extra or {})]
+    if missing or unknown:
+        raise ValueError(f"Invalid {name}: " + "; ".join(
+            part for part in (missing and f"missing keys {missing}",
+                              unknown and f"unknown keys {unknown}") if part) +
+            f" (expected keys {list(spec)})")
+    for key, (kind, low) in spec.items():
+        v = d[key]
+        if kind == "bool":
+            ok = isinstance(v, bool)
+            expected = "a bool"
+        elif kind == "int":
+            ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+            expected = f"an int >= {low}"
+        else:
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            if kind == "q":
+                ok = ok and 0.0 < v <= 1.0
+                expected = "a float in (0, 1]"
+            else:
+                ok = ok and (low is None or v >= low)
+                expected = "a finite float" + ("" if low is None else f" >= {low}")
+        if not ok:
+            raise ValueError(f"Invalid {name}[{key!r}]: {v!r} (expected {expected})")

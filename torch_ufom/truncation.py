@@ -14,6 +14,7 @@ survival function, the telescope weights and sampling derive from it.
 from __future__ import annotations
 
 import math
+import sys
 from typing import List, Optional, Sequence
 
 import torch
@@ -21,9 +22,55 @@ import torch
 __all__ = ["TruncationLaw", "Bernoulli", "Geometric", "Fixed", "Custom", "telescope_weights"]
 
 
+# The smallest survival probability a law may give: 1 / P(K >= k) must be a
+# finite float, and P itself a normal one (a denormal has lost its precision).
+_SMALLEST_SURVIVAL = sys.float_info.min
+
+
 def _check_steps(steps: int) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"Invalid steps: {steps!r} (expected an int >= 1)")
+
+
+def _as_probs(values, name: str) -> List[float]:
+    """``values`` as a list of floats; ``TypeError`` naming ``name`` if it is not a
+    sequence of real numbers, ``ValueError`` if one is negative or not finite."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or \
+            not hasattr(values, "__iter__"):
+        raise TypeError(f"Invalid {name}: {values!r} (expected a sequence of probabilities "
+                        "[P(K = 0), ..., P(K = steps)])")
+    out = []
+    for i, x in enumerate(values):
+        if isinstance(x, (bool, str, bytes)) or (isinstance(x, torch.Tensor) and
+                                                 (x.numel() != 1 or x.is_complex())):
+            raise TypeError(f"Invalid {name}[{i}]: {x!r} (expected a real number)")
+        try:
+            v = float(x)
+        except (TypeError, ValueError):
+            raise TypeError(f"Invalid {name}[{i}]: {x!r} (expected a real number)") from None
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"Invalid {name}[{i}]: {v!r} (expected a non-negative finite "
+                             f"probability; {name} = {values!r})")
+        out.append(v)
+    return out
+
+
+def _checked_probs(law: "TruncationLaw", steps: int) -> List[float]:
+    """``law.probs(steps)`` checked: ``steps + 1`` non-negative finite floats."""
+    name = f"truncation: {law!r}.probs({steps})"
+    try:
+        values = law.probs(steps)
+    except NotImplementedError:
+        raise TypeError(f"Invalid truncation: {law!r} does not implement probs(steps) (subclass "
+                        "TruncationLaw and return [P(K = 0), ..., P(K = steps)])") from None
+    try:
+        p = _as_probs(values, name)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+    if len(p) != steps + 1:
+        raise ValueError(f"Invalid {name}: it returned {len(p)} values, expected steps + 1 = "
+                         f"{steps + 1} ([P(K = 0), ..., P(K = {steps})])")
+    return p
 
 
 class TruncationLaw:
@@ -52,18 +99,31 @@ class TruncationLaw:
         return tail
 
     def validate(self, steps: int) -> None:
-        """Raise ``ValueError`` if the law cannot be used for ``steps`` inner steps."""
+        """Raise ``ValueError`` if the law cannot be used for ``steps`` inner steps.
+
+        Checks that :meth:`probs` returns ``steps + 1`` finite non-negative
+        numbers summing to 1, that an unbiased law gives ``P(K >= steps) > 0``,
+        and that every positive survival probability has a finite reciprocal
+        (the estimator's weight ``1 / P(K >= k)``: a survival that underflows
+        to a denormal number would make the estimate infinite or NaN).
+        """
         _check_steps(steps)
-        p = self.probs(steps)
-        if any(not math.isfinite(x) or x < 0 for x in p):
-            raise ValueError(f"Invalid probs: {p} (expected non-negative finite values)")
+        p = _checked_probs(self, steps)
         if abs(sum(p) - 1.0) > 1e-6:
-            raise ValueError(f"Invalid probs: they sum to {sum(p)!r}, expected 1 within 1e-6")
+            raise ValueError(f"Invalid truncation: {self!r}.probs({steps}) sums to {sum(p)!r}, "
+                             "expected 1 within 1e-6")
         if not self.biased(steps) and p[steps] <= 0.0:
             raise ValueError(
-                f"{self!r} gives P(K >= {steps}) = 0 for steps={steps}: the estimate would be "
-                "silently biased; every P(K >= k) with k >= 1 must be positive (use Fixed(k) "
-                "for deliberate truncation)")
+                f"Invalid truncation: {self!r} gives P(K >= {steps}) = 0 for steps={steps}: the "
+                "estimate would be silently biased; every P(K >= k) with k >= 1 must be positive "
+                "(use Fixed(k) for deliberate truncation)")
+        for k, s in enumerate(self.survival(steps)[:steps + 1]):
+            if 0.0 < s < _SMALLEST_SURVIVAL:
+                raise ValueError(
+                    f"Invalid truncation: {self!r} gives P(K >= {k}) = {s!r} for steps={steps}, "
+                    f"below {_SMALLEST_SURVIVAL!r}: its weight 1 / P(K >= {k}) is not a finite "
+                    "normal float (choose a law whose survival probabilities stay above it, "
+                    "e.g. a larger q or rho)")
 
     def sample(self, steps: int, generator: Optional[torch.Generator] = None) -> int:
         """Draw ``K`` by inverting the CDF with one uniform from ``generator``."""
@@ -111,7 +171,7 @@ class Geometric(TruncationLaw):
 
     def __init__(self, q: float, rho: float):
         self.q = _check_q(q, "q")
-        if not isinstance(rho, (int, float)) or not 0.0 < rho < 1.0:
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho < 1.0:
             raise ValueError(f"Invalid rho: {rho!r} (expected a float in (0, 1))")
         self.rho = float(rho)
 
@@ -168,9 +228,9 @@ class Custom(TruncationLaw):
     """
 
     def __init__(self, probs: Sequence[float]):
-        self._probs = [float(x) for x in probs]
-        if any(not math.isfinite(x) or x < 0 for x in self._probs):
-            raise ValueError(f"Invalid probs: {self._probs} (expected non-negative finite values)")
+        self._probs = _as_probs(probs, "probs")
+        if not self._probs:
+            raise ValueError("Invalid probs: [] (expected steps + 1 >= 2 probabilities)")
         if abs(sum(self._probs) - 1.0) > 1e-6:
             raise ValueError(
                 f"Invalid probs: they sum to {sum(self._probs)!r}, expected 1 within 1e-6")
@@ -179,7 +239,8 @@ class Custom(TruncationLaw):
         _check_steps(steps)
         if len(self._probs) != steps + 1:
             raise ValueError(
-                f"Invalid probs: length {len(self._probs)}, expected steps + 1 = {steps + 1}")
+                f"Invalid probs: length {len(self._probs)} in {self!r}, expected steps + 1 = "
+                f"{steps + 1} for steps={steps}")
         return list(self._probs)
 
     def __repr__(self) -> str:
@@ -189,6 +250,9 @@ class Custom(TruncationLaw):
 def _check_q(q, name: str) -> float:
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
         raise ValueError(f"Invalid {name}: {q!r} (expected a float in (0, 1])")
+    if q < _SMALLEST_SURVIVAL:
+        raise ValueError(f"Invalid {name}: {q!r} (expected a float in (0, 1] at least "
+                         f"{_SMALLEST_SURVIVAL!r}, so that the weight 1 / {name} is finite)")
     return float(q)
 
 

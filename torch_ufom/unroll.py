@@ -119,10 +119,45 @@ def batch_getter(support: Any, steps: int, arg: str = "support") -> Callable[[in
 
 
 def _check_loss(loss: Any, name: str) -> Tensor:
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"Invalid {name}: it must return a scalar tensor, got {shape}")
+    """``loss`` if it is a real floating-point scalar tensor that depends on the
+    parameters; else an error naming the loss function (``name``).
+
+    Only metadata is read (type, shape, dtype, device, ``requires_grad``): no
+    value, so no host synchronisation per step. Inside ``torch.func.vmap`` a
+    batched tensor does not carry ``requires_grad`` (a caller that vmaps a loss
+    under ``torch.autograd`` checks the result with :func:`_check_depends`).
+    """
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"Invalid {name}: it must return a scalar tensor, got "
+                        f"{type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(f"Invalid {name}: it must return a scalar tensor, got shape "
+                         f"{tuple(loss.shape)}")
+    if not loss.dtype.is_floating_point:
+        raise TypeError(f"Invalid {name}: it must return a real floating-point scalar tensor, "
+                        f"got dtype {loss.dtype}")
+    if loss.device.type == "meta":
+        raise ValueError(f"Invalid {name}: it returned a tensor on the meta device, which has no "
+                         "values (expected the device of the model's parameters)")
+    if not _batched(loss):
+        _check_depends(loss, name)
     return loss
+
+
+def _check_depends(loss: Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``loss`` does not require grad."""
+    if not loss.requires_grad:
+        raise ValueError(
+            f"Invalid {name}: its value does not depend on the parameters (requires_grad=False: "
+            "a constant, a detached tensor, or a loss computed under torch.no_grad()); it must "
+            "be computed from fmodel's output or its parameters")
+
+
+def _batched(t: Tensor) -> bool:
+    """Whether ``t`` is a tensor batched by ``torch.func.vmap``."""
+    probe = getattr(torch._C._functorch, "is_batchedtensor", None)
+    # Without the probe, assume batched: the check is then autograd's own.
+    return probe is None or bool(probe(t))
 
 
 class InnerLoop:

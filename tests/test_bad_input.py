@@ -1,0 +1,573 @@
+"""Every bad input of issue 10 (point 6, defects 1-16): a clear error that names
+the argument as the user wrote it, and nothing changed (``tests/snapshot.py``).
+
+Each test is named after its defect. The state checked after a failed call is
+the whole snapshot: parameters, buffers, ``.grad`` (``None`` included), the
+outer optimizer's state, the global RNG, every generator, the ``q``
+statistics and the pending observations. The MetaOptimizer of :class:`Env`
+has taken one outer step (Adam has state) and holds the ``.grad`` of a pending
+task, except one parameter whose ``.grad`` is ``None``, so a partial write of
+either kind would show.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torch_ufom
+from torch_ufom.inner import SGD, Adam
+from torch_ufom.truncation import Custom, Geometric, TruncationLaw
+from snapshot import assert_unchanged, capture, same
+
+ENTRIES = ["hypergrad", "hypergrad_batch", "backward", "backward_batch"]
+BATCH_ENTRIES = ["hypergrad_batch", "backward_batch"]
+CONFIG = {"inner_lr": 0.1, "steps": 3, "mode": "exact", "memory": "recompute"}
+
+
+def mse(f, batch):
+    x, y = batch
+    return ((f(x) - y) ** 2).mean()
+
+
+def make_model(dropout=0.0):
+    # With dropout, a result depends on the generator's draws: a retry after a
+    # failed call reproduces only if the call left the generator as it was.
+    return nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Dropout(dropout), nn.Linear(3, 1))
+
+
+class Env:
+    """A tiny regression problem, a warm MetaOptimizer and the four entry points.
+
+    ``w`` is a loss weight held by the outer optimizer (a meta-parameter that
+    is not a module parameter).
+    """
+
+    def __init__(self, generator=True, tasks=3, **config):
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        self.model = make_model(dropout=0.25)
+        self.w = torch.tensor(1.0, requires_grad=True)
+        self.support = (torch.randn(4, 2, generator=g), torch.randn(4, 1, generator=g))
+        self.query = (torch.randn(4, 2, generator=g), torch.randn(4, 1, generator=g))
+        self.supports = (torch.randn(tasks, 4, 2, generator=g), torch.randn(tasks, 4, 1, generator=g))
+        self.queries = (torch.randn(tasks, 4, 2, generator=g), torch.randn(tasks, 4, 1, generator=g))
+        self.config = {**CONFIG, **config}
+        self.gen = torch.Generator().manual_seed(7) if generator else None
+        self.opt = torch.optim.Adam(list(self.model.parameters()) + [self.w], lr=0.01)
+        self.meta = torch_ufom.MetaOptimizer(self.model, self.opt, generator=self.gen, **self.config)
+        self.meta.backward(mse, self.outer, self.support, self.query)
+        self.meta.step()
+        self.meta.backward(mse, self.outer, self.support, self.query)
+        self.model[3].bias.grad = None
+
+    def outer(self, f, batch):
+        return self.w * mse(f, batch)
+
+    def params(self):
+        return list(self.model.parameters()) + [self.w]
+
+    def snap(self):
+        return capture(meta=self.meta, generators=[] if self.gen is None else [self.gen])
+
+    def call(self, entry, inner=None, outer=None, support=None, query=None, **kw):
+        """Run ``entry`` on the env's task (or meta-batch) and return its gradients
+        (for the MetaOptimizer: the ``.grad`` the call added)."""
+        inner = mse if inner is None else inner
+        outer = self.outer if outer is None else outer
+        batch = entry.endswith("_batch")
+        support = (self.supports if batch else self.support) if support is None else support
+        query = (self.queries if batch else self.query) if query is None else query
+        if entry.startswith("hypergrad"):
+            fn = getattr(torch_ufom, entry)
+            return fn(self.model, inner, outer, support, query, params=self.params(),
+                      generator=self.gen, **{**self.config, **kw})
+        before = [None if p.grad is None else p.grad.clone() for p in self.params()]
+        getattr(self.meta, entry)(inner, outer, support, query, **kw)
+        return [None if p.grad is None else p.grad - (0 if b is None else b)
+                for p, b in zip(self.params(), before)]
+
+
+def assert_close(got, ref):
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), (a, b)
+
+
+def build_args(**kw):
+    """A model, an optimizer holding its parameters and the constructor's keywords."""
+    model = make_model()
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), {"inner_lr": 0.1, "steps": 3, **kw}
+
+
+# -- 1: a list or tuple is one batch; per-step batches are explicit --------------
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_defect_01_a_list_is_one_batch_like_a_tuple(entry):
+    env_tuple, env_list = Env(steps=2), Env(steps=2)
+    ref = env_tuple.call(entry)
+    batch = entry.endswith("_batch")
+    support = list(env_list.supports if batch else env_list.support)
+    query = list(env_list.queries if batch else env_list.query)
+    assert_close(env_list.call(entry, support=support, query=query), ref)
+
+
+def test_defect_01_step_batches_of_the_wrong_length_are_refused():
+    env = Env()
+    before = env.snap()
+    for entry in ("hypergrad", "backward"):
+        with pytest.raises(ValueError, match="support"):
+            env.call(entry, support=torch_ufom.StepBatches([env.support] * 2))
+        assert_unchanged(before)
+
+
+def test_defect_01_step_batches_equal_a_callable():
+    env_a, env_b = Env(), Env()
+    batches = [env_a.support, env_a.query, env_a.support]
+    ref = env_a.call("backward", support=lambda j: batches[j])
+    assert_close(env_b.call("backward", support=torch_ufom.StepBatches(batches)), ref)
+
+
+# -- 2: the vectorised path re-raises user errors and refuses detached losses ----
+
+class UserBug(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("entry", BATCH_ENTRIES)
+def test_defect_02_vectorised_path_reraises_the_users_error_without_falling_back(entry):
+    env = Env()
+    calls = []
+
+    def inner(f, b):
+        calls.append(1)
+        raise UserBug("a bug in the user's inner loss")
+
+    before = env.snap()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserBug, match="user's inner loss"):
+            env.call(entry, inner=inner)
+    assert len(calls) == 1, "the loss was run again by a per-task fallback"
+    assert not [w for w in caught if "per-task" in str(w.message)]
+    assert_unchanged(before)
+
+
+@pytest.mark.parametrize("entry", BATCH_ENTRIES)
+def test_defect_02_vectorised_path_refuses_a_detached_inner_loss(entry):
+    env = Env()
+    before = env.snap()
+    with pytest.raises(ValueError, match="inner_loss"):
+        env.call(entry, inner=lambda f, b: mse(f, b).detach())
+    assert_unchanged(before)
+
+
+# -- 3, 4: non-finite values anywhere: FloatingPointError, nothing changed -------
+
+def nan_after(n):
+    """The inner loss, NaN from its (n+1)-th call on: finite on the first pass of
+    ``n`` steps, NaN on the replays of ``memory="recompute"``."""
+    calls = []
+
+    def inner(f, b):
+        calls.append(1)
+        return mse(f, b) * (math.nan if len(calls) > n else 1.0)
+    return inner
+
+
+@pytest.mark.parametrize("generator", [True, False], ids=["generator", "global-rng"])
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("fault", ["nan-on-replay", "inf-hypergradient"])
+def test_defects_03_04_non_finite_raises_from_every_entry_and_a_retry_reproduces(fault, entry,
+                                                                                 generator):
+    env = Env(generator=generator)
+    before = env.snap()
+    if fault == "nan-on-replay":
+        bad = {"inner": nan_after(CONFIG["steps"])}
+    else:  # d sqrt(v) / dv is infinite at v = 0, the loss itself stays finite
+        v = torch.zeros((), requires_grad=True)
+        env.opt.add_param_group({"params": [v]})
+        env.params = lambda: list(env.model.parameters()) + [env.w, v]
+        before = env.snap()
+        bad = {"outer": lambda f, b: env.outer(f, b) + torch.sqrt(v)}
+    with pytest.raises(FloatingPointError, match="finite"):
+        env.call(entry, **bad)
+    assert_unchanged(before)
+    # The retry with a good loss gives what it gives on an untouched twin.
+    twin = Env(generator=generator)
+    torch.set_rng_state(before["CPU generator (global RNG)"])
+    ref = twin.call(entry)
+    torch.set_rng_state(before["CPU generator (global RNG)"])
+    got = env.call(entry)
+    assert_close(got[:len(ref)], ref)
+
+
+# -- 5, 13: load_state_dict validates the whole dict before touching anything ----
+
+def saved_state(**config):
+    """A MetaOptimizer state_dict whose optimizer state differs from Env's."""
+    env = Env(**config)
+    env.meta.backward(mse, env.outer, env.query, env.support)
+    env.meta.step()
+    env.meta.backward(mse, env.outer, env.query, env.support)
+    return env.meta.state_dict()
+
+
+def corrupt(sd, **changes):
+    sd = dict(sd)
+    for key, change in changes.items():
+        sd[key] = change(sd[key])
+    return sd
+
+
+def without(d, key):
+    d = dict(d)
+    del d[key]
+    return d
+
+
+AUTO = {"mode": "ufom", "q": "auto", "q_min": 0.5}
+STATE_CASES = {
+    "generator-without-generator": ({"generator": False}, {}, lambda sd: sd,
+                                    ValueError, r"state_dict\['generator'\]"),
+    "generator-wrong-size": ({}, {}, lambda sd: corrupt(
+        sd, generator=lambda g: torch.zeros(16, dtype=torch.uint8)), ValueError,
+        r"state_dict\['generator'\]"),
+    "generator-invalid-state": ({}, {}, lambda sd: corrupt(
+        sd, generator=lambda g: torch.full_like(g, 255)), ValueError, r"state_dict\['generator'\]"),
+    "generator-not-bytes": ({}, {}, lambda sd: corrupt(sd, generator=lambda g: g.double()),
+                            TypeError, r"state_dict\['generator'\]"),
+    "q-stats-to-fixed-q": ({}, AUTO, lambda sd: sd, ValueError, r"state_dict\['q_stats'\]"),
+    "q-stats-q-zero": (AUTO, AUTO, lambda sd: corrupt(sd, q_stats=lambda s: {**s, "q": 0.0}),
+                       ValueError, r"state_dict\['q_stats'\]\['q'\]"),
+    "q-stats-missing-key": (AUTO, AUTO, lambda sd: corrupt(sd, q_stats=lambda s: without(s, "A")),
+                            ValueError, r"state_dict\['q_stats'\].*missing.*'A'"),
+    "q-observation-missing-key": (AUTO, AUTO, lambda sd: corrupt(
+        sd, q_observations=lambda o: [without(o[0], "seconds")]), ValueError,
+        r"state_dict\['q_observations'\]\[0\].*missing.*'seconds'"),
+    "none": ({}, {}, lambda sd: None, TypeError, "state_dict"),
+    "empty": ({}, {}, lambda sd: {}, ValueError, r"state_dict.*'optimizer'"),
+    "outer-optimizers-own": ({}, {}, lambda sd: sd["optimizer"], ValueError,
+                             "state_dict.*outer optimizer"),
+    "optimizer-groups": ({}, {}, lambda sd: corrupt(
+        sd, optimizer=lambda o: {**o, "param_groups": o["param_groups"] * 2}), ValueError,
+        r"state_dict\['optimizer'\]"),
+    "unknown-key": ({}, {}, lambda sd: {**sd, "extra": 1}, ValueError, "state_dict.*'extra'"),
+}
+
+
+@pytest.mark.parametrize("case", list(STATE_CASES))
+def test_defects_05_13_bad_state_dict_is_refused_before_anything_changes(case):
+    target, source, change, error, message = STATE_CASES[case]
+    sd = change(saved_state(**source))
+    env = Env(**target)
+    before = env.snap()
+    with pytest.raises(error, match=message):
+        env.meta.load_state_dict(sd)
+    assert_unchanged(before)
+
+
+@pytest.mark.parametrize("config", [{}, AUTO], ids=["fixed-q", "auto-q"])
+def test_defect_05_a_good_state_dict_still_loads(config):
+    sd = saved_state(**config)
+    env = Env(**config)
+    env.meta.load_state_dict(sd)
+    got = env.meta.state_dict()
+    assert torch.equal(got["generator"], sd["generator"])
+    assert got["q_stats"] == sd["q_stats"] and got["q_observations"] == sd["q_observations"]
+    assert same(got["optimizer"], sd["optimizer"])
+
+
+# -- 6: a model with no trainable parameters -------------------------------------
+
+@pytest.mark.parametrize("rule", ["sgd", "momentum", "adam"])
+def test_defect_06_model_without_trainable_parameters_is_a_clear_error(rule):
+    model = make_model().requires_grad_(False)
+    w = torch.tensor(1.0, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    inner = {"sgd": {"inner_lr": 0.1}, "momentum": {"inner": SGD(0.1, momentum=0.9)},
+             "adam": {"inner": Adam(0.1)}}[rule]
+    x = (torch.randn(4, 2), torch.randn(4, 1))
+    xs = (torch.randn(2, 4, 2), torch.randn(2, 4, 1))
+    before = capture(model=model, optimizer=opt)
+    with pytest.raises(ValueError, match="model"):
+        torch_ufom.MetaOptimizer(model, opt, steps=2, **inner)
+    with pytest.raises(ValueError, match="model"):
+        torch_ufom.hypergrad(model, mse, mse, x, x, steps=2, params=[w], **inner)
+    with pytest.raises(ValueError, match="model"):
+        torch_ufom.hypergrad_batch(model, mse, mse, xs, xs, steps=2, params=[w], **inner)
+    assert_unchanged(before)
+
+
+# -- 7: the resolved configuration is read-only ----------------------------------
+
+@pytest.mark.parametrize("attr, value", [("steps", 6), ("mode", "fom"), ("q", 0.5), ("memory", "store"),
+                                         ("slots", 2), ("hvp", "revrev"), ("law", Geometric(0.5, 0.5))])
+def test_defect_07_configuration_cannot_be_changed_behind_the_optimizers_back(attr, value):
+    env = Env()
+    old = getattr(env.meta, attr)
+    before = env.snap()
+    with pytest.raises(AttributeError, match=attr):
+        setattr(env.meta, attr, value)
+    assert getattr(env.meta, attr) is old
+    assert_unchanged(before)
+
+
+# -- 8: a tensor held twice gets its gradient once -------------------------------
+
+@pytest.mark.parametrize("entry", ["backward", "backward_batch"])
+def test_defect_08_a_tensor_held_twice_gets_its_gradient_once(entry):
+    ref_env, env = Env(), Env()
+    ref = ref_env.call(entry)
+    params = env.params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.optim warns about the duplicates
+        opt = torch.optim.Adam(params + [params[0], env.w], lr=0.01)
+    meta = torch_ufom.MetaOptimizer(env.model, opt, generator=env.gen, **env.config)
+    for p in params:
+        p.grad = None
+    env.meta = meta
+    assert_close(env.call(entry), ref)
+
+
+# -- 9: .grad accumulation is all or nothing ------------------------------------
+
+def test_defect_09_an_expanded_grad_is_accumulated_with_the_others():
+    ref_env, env = Env(), Env()
+    ref = ref_env.call("backward")
+    params = env.params()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    last = env.model[3].weight  # a (1, 3) gradient that is an expanded view (stride 0)
+    last.grad = torch.ones(1).expand(1, 3)
+    env.meta.backward(mse, env.outer, env.support, env.query)
+    assert_close([p.grad - 1 for p in params], ref)
+
+
+def test_defect_09_a_plain_grad_is_still_accumulated_in_place():
+    env = Env()
+    grad = env.model[0].weight.grad
+    expanded = torch.zeros(1).expand(1, 3)
+    env.model[3].weight.grad = expanded
+    env.meta.backward(mse, env.outer, env.support, env.query)
+    assert env.model[0].weight.grad is grad  # like autograd's accumulation
+    assert env.model[3].weight.grad is not expanded and torch.equal(expanded, torch.zeros(1, 3))
+
+
+def test_defect_09_nothing_is_written_when_one_gradient_is_not_finite():
+    env = Env()
+    for p in env.params():
+        p.grad = torch.ones_like(p)
+    env.model[3].weight.grad = torch.ones(1).expand(1, 3)
+    v = torch.zeros((), requires_grad=True)
+    env.opt.add_param_group({"params": [v]})
+    before = env.snap()
+    with pytest.raises(FloatingPointError, match="finite"):
+        env.meta.backward(mse, lambda f, b: env.outer(f, b) + torch.sqrt(v), env.support, env.query)
+    assert_unchanged(before)
+
+
+# -- 10: losses that are not real scalars depending on the parameters ------------
+
+LOSSES = {
+    "python-float": (lambda f, b: 1.0, TypeError),
+    "constant": (lambda f, b: torch.tensor(1.0), ValueError),
+    "detached": (lambda f, b: mse(f, b).detach(), ValueError),
+    "no-grad": (lambda f, b: torch.no_grad()(mse)(f, b), ValueError),
+    "integer": (lambda f, b: torch.tensor(1), TypeError),
+    "complex": (lambda f, b: mse(f, b).to(torch.complex128), TypeError),
+    "meta-device": (lambda f, b: torch.zeros((), device="meta"), ValueError),
+    "vector": (lambda f, b: (f(b[0]) - b[1]).pow(2).flatten(), ValueError),
+}
+
+
+@pytest.mark.parametrize("which", ["inner_loss", "outer_loss"])
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("case", list(LOSSES))
+def test_defect_10_a_bad_loss_is_refused_with_its_name(case, entry, which):
+    loss, error = LOSSES[case]
+    env = Env()
+    before = env.snap()
+    with pytest.raises(error, match=which):
+        env.call(entry, **{"inner" if which == "inner_loss" else "outer": loss})
+    assert_unchanged(before)
+
+
+# -- 11: tensor hyperparameters of the wrong shape, dtype or device ---------------
+
+def per_parameter(model, make):
+    return {n: make(n, p) for n, p in model.named_parameters()}
+
+
+HYPER_CASES = {
+    "two-element": (lambda m: torch.tensor([0.1, 0.2], dtype=torch.float32), ValueError),
+    "not-broadcasting": (lambda m: per_parameter(m, lambda n, p: torch.full(
+        (5,) if n == "0.weight" else (), 0.1, dtype=torch.float32)), ValueError),
+    "float64-on-float32": (lambda m: per_parameter(
+        m, lambda n, p: torch.full(p.shape, 0.1, dtype=torch.float64)), (TypeError, ValueError)),
+    "meta-device": (lambda m: torch.empty((), device="meta", dtype=torch.float32), ValueError),
+}
+
+
+@pytest.mark.parametrize("case", list(HYPER_CASES))
+def test_defect_11_tensor_hyperparameter_of_wrong_shape_dtype_or_device(case):
+    make, error = HYPER_CASES[case]
+    model = make_model().float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lr = make(model)
+    x = (torch.randn(4, 2, dtype=torch.float32), torch.randn(4, 1, dtype=torch.float32))
+    before = capture(model=model, optimizer=opt)
+    with pytest.raises(error, match="inner_lr"):
+        torch_ufom.MetaOptimizer(model, opt, inner_lr=lr, steps=2)
+    with pytest.raises(error, match="inner_lr"):
+        torch_ufom.hypergrad(model, mse, mse, x, x, inner_lr=lr, steps=2)
+    assert_unchanged(before)
+
+
+# -- 12: hypergrad / hypergrad_batch check model, generator and the losses ------
+
+CALL_CASES = {
+    "model-not-a-module": ({"model": lambda x: x}, "model"),
+    "generator-int": ({"generator": 42}, "generator"),
+    "generator-str": ({"generator": "cpu"}, "generator"),
+    "inner-loss-str": ({"inner_loss": "mse"}, "inner_loss"),
+    "outer-loss-none": ({"outer_loss": None}, "outer_loss"),
+}
+
+
+@pytest.mark.parametrize("entry", ["hypergrad", "hypergrad_batch"])
+@pytest.mark.parametrize("case", list(CALL_CASES))
+def test_defect_12_hypergrad_checks_model_generator_and_losses(case, entry):
+    change, name = CALL_CASES[case]
+    env = Env()
+    batch = entry.endswith("_batch")
+    args = {"model": env.model, "inner_loss": mse, "outer_loss": mse,
+            "support": env.supports if batch else env.support,
+            "query": env.queries if batch else env.query, "generator": env.gen, **change}
+    before = env.snap()
+    with pytest.raises((TypeError, ValueError), match=name):
+        getattr(torch_ufom, entry)(args["model"], args["inner_loss"], args["outer_loss"],
+                                   args["support"], args["query"], generator=args["generator"],
+                                   **env.config)
+    assert_unchanged(before)
+
+
+# -- 14: force_truncation must be an int, not a bool -----------------------------
+
+@pytest.mark.parametrize("value", [True, False, 1.0])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_defect_14_force_truncation_must_be_an_int(entry, value):
+    env = Env()
+    before = env.snap()
+    with pytest.raises((TypeError, ValueError), match="force_truncation") as info:
+        env.call(entry, force_truncation=value)
+    assert "unexpected keyword" not in str(info.value)
+    assert_unchanged(before)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_defect_14_an_int_force_truncation_is_taken_by_every_entry(entry):
+    # hypergrad gets the force_truncation its batch twin has; under the exact
+    # law, K = steps is what a draw gives.
+    env, twin = Env(), Env()
+    assert_close(env.call(entry, force_truncation=CONFIG["steps"]), twin.call(entry))
+
+
+# -- 15: truncation laws ---------------------------------------------------------
+
+class Short(TruncationLaw):
+    """A law whose probs() is one entry short."""
+
+    def probs(self, steps):
+        return [1.0 / steps] * steps
+
+    def __repr__(self):
+        return "Short()"
+
+
+@pytest.mark.parametrize("probs", ["abc", None, 3, [0.5, "x", 0.5], [0.5, None, 0.5]])
+def test_defect_15_custom_probs_of_the_wrong_type(probs):
+    with pytest.raises(TypeError, match="probs"):
+        Custom(probs)
+
+
+@pytest.mark.parametrize("law", [Short(), Geometric(1.0, 1e-160), Custom([0.5, 0.5]),
+                                 Custom([0.5, 0.5 - 1e-320, 0.0, 1e-320])],
+                         ids=["short-probs", "geometric-underflow", "custom-short", "custom-denormal"])
+def test_defect_15_law_unusable_for_the_steps_is_refused_everywhere(law):
+    model, opt, kw = build_args(truncation=law)
+    x = (torch.randn(4, 2), torch.randn(4, 1))
+    xs = (torch.randn(2, 4, 2), torch.randn(2, 4, 1))
+    before = capture(model=model, optimizer=opt)
+    with pytest.raises(ValueError, match="truncation|probs"):
+        torch_ufom.MetaOptimizer(model, opt, **kw)
+    with pytest.raises(ValueError, match="truncation|probs"):
+        torch_ufom.hypergrad(model, mse, mse, x, x, **kw)
+    with pytest.raises(ValueError, match="truncation|probs"):
+        torch_ufom.hypergrad_batch(model, mse, mse, xs, xs, **kw)
+    assert_unchanged(before)
+
+
+def test_defect_15_geometric_underflow_would_have_given_nan():
+    # The reason for the refusal: the weight 1 / P(K >= 3) overflows.
+    surv = Geometric(1.0, 1e-160).survival(3)
+    assert 0.0 < surv[3] and not math.isfinite(1.0 / surv[3])
+
+
+# -- 16: every knob validated; conflicting knobs refused; unused ones accepted ----
+
+NAN = float("nan")
+KNOB_CASES = {  # keywords, error, message, entry points that take the knobs
+    "q-nan-exact": ({"mode": "exact", "q": NAN}, ValueError, "q", "all"),
+    "q-above-one-fom": ({"mode": "fom", "q": 1.5}, ValueError, "q", "all"),
+    "q-auto-exact": ({"mode": "exact", "q": "auto"}, ValueError, "q", "meta"),
+    "q-auto-truncation": ({"truncation": Geometric(0.5, 0.5), "q": "auto"}, ValueError, "q", "meta"),
+    "q-rule-fixed-q": ({"mode": "ufom", "q": 0.5, "q_rule": "garbage"}, ValueError, "q_rule", "meta"),
+    "q-min-fixed-q": ({"mode": "exact", "q_min": -1.0}, ValueError, "q_min", "meta"),
+    "q-beta-fixed-q": ({"mode": "exact", "q_beta": 2.0}, ValueError, "q_beta", "meta"),
+    "k-without-truncated": ({"mode": "exact", "k": 2}, ValueError, r"\bk\b", "all"),
+    "k-default-mode": ({"k": 2}, ValueError, r"\bk\b", "all"),
+    "truncation-beside-mode": ({"mode": "exact", "truncation": Geometric(0.5, 0.5)}, ValueError,
+                               "truncation", "all"),
+    "truncation-beside-ufom": ({"mode": "ufom", "truncation": Geometric(0.5, 0.5)}, ValueError,
+                               "truncation", "all"),
+    "track-buffers-str": ({"track_buffers": "no"}, (TypeError, ValueError), "track_buffers", "meta"),
+    "process-group-false": ({"process_group": False}, ValueError, "process_group", "meta"),
+    "inner-lr-negative": ({"inner_lr": -0.1}, ValueError, "inner_lr", "all"),
+    "inner-lr-nan": ({"inner_lr": NAN}, ValueError, "inner_lr", "all"),
+    "inner-lr-unknown-name": ({"inner_lr": {"nope": torch.tensor(0.1)}}, ValueError, "inner_lr", "all"),
+}
+
+
+@pytest.mark.parametrize("case", list(KNOB_CASES))
+def test_defect_16_knob_validated_even_where_unused_and_conflicts_refused(case):
+    kw, error, message, where = KNOB_CASES[case]
+    model, opt, kw = build_args(**kw)
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 2), torch.randn(4, 1))
+    xs = (torch.randn(2, 4, 2), torch.randn(2, 4, 1))
+    before = capture(model=model, optimizer=opt, generators=[gen])
+    with pytest.raises(error, match=message) as info:
+        torch_ufom.MetaOptimizer(model, opt, generator=gen, **kw)
+    assert "not initialised" not in str(info.value)
+    if where == "all":
+        with pytest.raises(error, match=message):
+            torch_ufom.hypergrad(model, mse, mse, x, x, generator=gen, **kw)
+        with pytest.raises(error, match=message):
+            torch_ufom.hypergrad_batch(model, mse, mse, xs, xs, generator=gen, **kw)
+    assert_unchanged(before)
+
+
+@pytest.mark.parametrize("mode, q", [("exact", 0.3), ("fom", 0.9), ("truncated", 0.5)])
+def test_defect_16_q_is_accepted_and_unused_where_the_mode_does_not_use_it(mode, q):
+    extra = {"k": 2} if mode == "truncated" else {}
+    results = []
+    for kw in ({}, {"q": q}):
+        env = Env(mode=mode, **extra, **kw)
+        results.append(env.call("backward") + list(env.call("hypergrad")))
+    assert_close(results[1], results[0])
+
+
+def test_defect_16_truncation_without_mode_is_accepted():
+    model, opt, kw = build_args(truncation=Geometric(0.5, 0.5))
+    torch_ufom.MetaOptimizer(model, opt, **kw)
