@@ -58,7 +58,7 @@ def test_reconfigure_equals_a_fresh_optimizer_with_the_same_state(changes, fresh
     twin_opt = torch.optim.Adam(twin.parameters(), lr=0.01)
     fresh_meta = torch_ufom.MetaOptimizer(twin, twin_opt, inner_lr=0.1, steps=3,
                                           generator=torch.Generator(), **fresh)
-    fresh_meta.load_state_dict(meta.state_dict())
+    fresh_meta.load_state_dict(copy.deepcopy(meta.state_dict()))  # torch.optim shares tensors
     meta.reconfigure(**changes)
     assert meta.law.probs(3) == fresh_meta.law.probs(3)
     got, want = run_outer_steps(meta, loss, data, 8), run_outer_steps(fresh_meta, loss, data, 8)

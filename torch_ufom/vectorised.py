@@ -25,7 +25,8 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .unroll import FunctionalModel, InnerLoop, State, StepBatches, _check_loss, fwdrev_error
+from .unroll import (FunctionalModel, InnerLoop, State, StepBatches, _check_depends, _check_loss,
+                     fwdrev_error)
 
 __all__ = ["BatchedInnerLoop", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "vmap_unsupported"]
@@ -260,6 +261,7 @@ class BatchedInnerLoop(InnerLoop):
         with torch.enable_grad():
             with self.stream(self.steps + 1):
                 losses = torch.func.vmap(one, randomness="different")(params, self.query)
+            _check_depends(losses, "outer_loss")  # vmap's batched tensors hide requires_grad
             grads = torch.autograd.grad(losses.sum(), params + tuple(self.meta), allow_unused=True)
         e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
         e = e + tuple(torch.zeros_like(t) for t in state.opt)
