@@ -28,9 +28,9 @@ from torch import Tensor
 
 from .schedules import Schedule
 from .truncation import telescope_weights
-from .unroll import InnerLoop
+from .unroll import InnerLoop, SweepPlan
 
-__all__ = ["Estimate", "estimate", "check_finite", "NonFiniteHypergradient"]
+__all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient"]
 
 
 @dataclass
@@ -72,8 +72,11 @@ def _add(acc: List[Optional[Tensor]], terms: Sequence[Optional[Tensor]], scale: 
             acc[i] = t if acc[i] is None else acc[i] + t
 
 
-class _LossLog:
-    """The inner losses, written into one tensor allocated at the first step.
+class SweepLog:
+    """What one estimate's inner loop reports: the forward pass's losses, written
+    into one tensor allocated at the first step, the step counts, and whether
+    every inner loss evaluated (forward pass, replays, rebuilds) was finite (a
+    0-d bool tensor on the losses' device, read once per task).
 
     Keeping each step's 0-d loss alive instead can pin a batch-sized buffer per
     step (seen with ``F.mse_loss``) and fragments the heap, so memory would
@@ -82,30 +85,45 @@ class _LossLog:
 
     def __init__(self, steps: int):
         self.steps, self.count, self.values = steps, 0, None
+        self.forward_steps = 0  # inner steps run without a graph (forward pass and replays)
+        self.reverse_steps = 0  # inner steps rebuilt with a graph for an exact VJP
+        self.finite: Optional[Tensor] = None
 
-    def append(self, loss: Tensor) -> None:
+    def first(self, loss: Tensor, exact: bool = False) -> None:
+        """A step of the forward pass."""
         if self.values is None:
             self.values = torch.empty((self.steps,) + tuple(loss.shape), dtype=loss.dtype,
                                       device=loss.device)
         self.values[self.count] = loss
         self.count += 1
+        self.again(loss, exact)
+
+    def again(self, loss: Tensor, exact: bool = False) -> None:
+        """A step evaluated (again, for a replay or a rebuild)."""
+        if exact:
+            self.reverse_steps += 1
+        else:
+            self.forward_steps += 1
+        with torch.no_grad():
+            ok = torch.isfinite(loss).all()
+            self.finite = ok if self.finite is None else self.finite & ok
 
 
-def _all_finite(loop: InnerLoop, outer: Tensor, grads: Sequence[Optional[Tensor]]) -> Tensor:
+def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]]) -> Tensor:
     """One 0-d bool tensor: every inner loss evaluated (forward, replays, rebuilds),
     the outer loss and every hypergradient finite. Read once per task."""
     with torch.no_grad():
         flags = [torch.isfinite(outer).all()] + [torch.isfinite(g).all() for g in grads
                                                  if g is not None]
-        if loop.finite is not None:
-            flags.append(loop.finite)
+        if log.finite is not None:
+            flags.append(log.finite)
         return torch.stack([f.to(flags[0].device) for f in flags]).all()
 
 
-def check_finite(loop: InnerLoop, est: "Estimate") -> None:
+def check_finite(log: SweepLog, est: "Estimate") -> None:
     """Raise ``FloatingPointError`` naming what is not finite (one host synchronisation
     when everything is finite)."""
-    if bool(_all_finite(loop, est.outer_loss, est.grads)):
+    if bool(_all_finite(log, est.outer_loss, est.grads)):
         return
     losses = est.inner_losses
     finite = torch.isfinite(losses.reshape(losses.shape[0], -1)).all(1)
@@ -115,7 +133,7 @@ def check_finite(loop: InnerLoop, est: "Estimate") -> None:
             f"inner_loss is not finite at inner step {j}: {losses[j - 1].tolist()}")
     if not bool(torch.isfinite(est.outer_loss).all()):
         raise FloatingPointError(f"outer_loss is not finite: {est.outer_loss.tolist()}")
-    if loop.finite is not None and not bool(loop.finite):
+    if log.finite is not None and not bool(log.finite):
         raise FloatingPointError(
             "inner_loss was finite on the forward pass but not when a step was evaluated again "
             "(a replay or the exact sweep's rebuild): the loss must be a deterministic function of "
@@ -150,10 +168,9 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     """
     r = loop.steps
     inv_p, c = telescope_weights(survival, K)
-    losses = _LossLog(r)
+    log = SweepLog(r)
     state = loop.initial_state()
     s0 = state
-    loop.exact_after = r - K
     # An additive rule needs nothing of the first r - K steps in reverse but
     # their summed gradients; any other rule sweeps them first-order too.
     swept = r - K if loop.rule.first_order_additive else 0
@@ -161,18 +178,18 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     grad_sum = None
     for j in range(1, swept + 1):
         state, loss, g = loop.advance(state, j)
-        losses.append(loss)
+        log.first(loss)
         if loop.learned_hyper:
             grad_sum = g if grad_sum is None else tuple(a + b for a, b in zip(grad_sum, g))
     # The first-order stream f starts at the first depth m with c_m != 0; the
     # exact records above it (steps j > r - m) never see a first-order VJP.
     start_f = 0 if diagnostics else next(m for m, cm in enumerate(c) if cm != 0.0)
-    loop.first_order_until = r - start_f
-    state = schedule.forward(loop, state, swept, r, losses)
+    plan = SweepPlan(exact_after=r - K, first_order_until=r - start_f)
+    state, records = schedule.sweep(loop, state, swept, r, log, plan)
     final_buffers = state.buffers
 
     e, explicit, outer_loss = loop.outer_vjp(state)
-    inner_losses = losses.values
+    inner_losses = log.values
     diagnostics = diagnostics and K > 0  # for K = 0 the estimate is G_0 = G_K itself
     theta = list(explicit)
     theta_k = list(explicit) if diagnostics else None  # G_K: the exact stream alone
@@ -180,7 +197,7 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     # While every injection so far had weight 0 (the exact law), f is exactly
     # zero and its VJPs are skipped.
     f = None if c[0] == 0.0 else tuple(c[0] * t for t in e)
-    for m, rec in enumerate(schedule.reverse(), start=1):
+    for m, rec in enumerate(records, start=1):
         if f is not None:
             f, d_first = rec.vjp_first_order(f)
             _add(theta, d_first)
@@ -210,8 +227,8 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     g0 = finish(f0, theta_0) if diagnostics else None
     gk = finish(e, theta_k) if diagnostics else None
     est = Estimate(grads, outer_loss, inner_losses, K, inv_p,
-                   loop.forward_steps, loop.reverse_steps, g0, gk, final_buffers)
-    check_finite(loop, est)
+                   log.forward_steps, log.reverse_steps, g0, gk, final_buffers)
+    check_finite(log, est)
     return est
 
 

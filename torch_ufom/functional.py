@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import numbers
 import time
 import warnings
@@ -12,16 +11,16 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .config import Config, Settings, check_generator, check_losses, resolve
+from .config import Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate
 from .inner import InnerRule
 from .truncation import TruncationLaw
-from .unroll import InnerLoop, batch_getter
-from .vectorised import (BatchedInnerLoop, group_by_truncation, meta_batch_size, select_tasks,
-                         task_of, probe, vmap_unsupported)
+from .unroll import Evaluator, InnerLoop, PerTask, Problem, batch_getter
+from .vectorised import (Vectorised, group_by_truncation, meta_batch_size, probe, select_tasks,
+                         task_of, vmap_unsupported)
 
-__all__ = ["hypergrad", "hypergrad_batch", "estimate_task", "estimate_batch", "BatchRun", "Problem",
-           "resolve_hvp"]
+__all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
+           "Problem", "resolve_hvp"]
 
 # What hvp="auto" picks where forward-over-reverse applies (benchmarks/speed.py measures both).
 DEFAULT_HVP = "revrev"
@@ -85,30 +84,16 @@ def draw(law: TruncationLaw, steps: int, generator: Optional[torch.Generator]) -
     return K, seed
 
 
-@dataclass(frozen=True)
-class Problem:
-    """What every task of one call shares: the module, the losses, the resolved
-    configuration, the tensors that get hypergradients, the HVP and the generator.
-
-    ``law`` is the truncation law of this call (``config.law``, or the current
-    ``q``'s law under ``q="auto"``).
-    """
-
-    model: nn.Module
-    inner_loss: Callable
-    outer_loss: Callable
-    config: Config
-    law: TruncationLaw
-    params: Tuple[Tensor, ...]
-    hvp: str
-    generator: Optional[torch.Generator]
-
-    def loop(self, support: Any, query: Any, seed: int, K: int) -> InnerLoop:
-        """One task's inner loop; steps rebuilt for the exact sweep (``K > 0``) run
-        attention under the math kernel throughout."""
-        c = self.config
-        return InnerLoop(self.model, self.inner_loss, self.outer_loss, support, query, c.steps,
-                         c.rule, self.params, seed, self.hvp, K > 0)
+def run_estimate(problem: Problem, evaluator: Evaluator, tasks: Tuple[Any, Any], K: int, seed: int,
+                 diagnostics: bool = False) -> Estimate:
+    """The engine: one sweep of one task (:class:`~torch_ufom.unroll.PerTask`) or of a
+    group of stacked tasks (:class:`~torch_ufom.vectorised.Vectorised`) at
+    truncation point ``K``; steps rebuilt for the exact sweep (``K > 0``) run
+    attention under the math kernel throughout."""
+    support, query = tasks
+    c = problem.config
+    loop = InnerLoop(problem, evaluator, support, query, seed, K > 0)
+    return estimate(loop, K, problem.law.survival(c.steps), c.schedule(), problem.params, diagnostics)
 
 
 def check_force_truncation(force, size: Optional[int], steps: int) -> Optional[List[int]]:
@@ -159,10 +144,7 @@ def estimate_task(problem: Problem, support: Any, query: Any, force=None,
     with restore_rng_on_error(problem.generator):
         (K,), (seed,) = _draws(problem, 1, forced)
         check_fwdrev_task(problem, support, K)
-        loop = problem.loop(support, query, seed, K)
-        c = problem.config
-        return estimate(loop, K, problem.law.survival(c.steps), c.schedule(), problem.params,
-                        diagnostics)
+        return run_estimate(problem, PerTask(), (support, query), K, seed, diagnostics)
 
 
 @dataclass
@@ -216,25 +198,20 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
         groups = []
         for i in range(size):
             start = time.perf_counter()
-            check_fwdrev_task(problem, task_of(supports, i), truncations[i])
-            loop = problem.loop(task_of(supports, i), task_of(queries, i), seeds[i], truncations[i])
-            c = problem.config
-            est = estimate(loop, truncations[i], problem.law.survival(c.steps), c.schedule(),
-                           problem.params, diagnostics)
+            task = (task_of(supports, i), task_of(queries, i))
+            check_fwdrev_task(problem, task[0], truncations[i])
+            est = run_estimate(problem, PerTask(), task, truncations[i], seeds[i], diagnostics)
             groups.append(([i], est, time.perf_counter() - start))
         return BatchRun(groups, False, reason, truncations)
 
 
 def _run_groups(problem: Problem, supports, queries, truncations, seeds):
     """One vectorised sweep per drawn ``K``."""
-    c, groups = problem.config, []
+    groups = []
     for k, index in group_by_truncation(truncations).items():
         start = time.perf_counter()
-        loop = BatchedInnerLoop(problem.model, problem.inner_loss, problem.outer_loss,
-                                select_tasks(supports, index), select_tasks(queries, index),
-                                c.steps, c.rule, problem.params, seeds[index[0]], len(index),
-                                problem.hvp, k > 0)
-        est = estimate(loop, k, problem.law.survival(c.steps), c.schedule(), problem.params)
+        tasks = (select_tasks(supports, index), select_tasks(queries, index))
+        est = run_estimate(problem, Vectorised(len(index)), tasks, k, seeds[index[0]])
         groups.append((index, est, time.perf_counter() - start))
     return groups
 
@@ -260,7 +237,7 @@ def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool):
     if why:
         return None, (f"torch.func.vmap differentiates {norms} twice wrongly (pytorch/functorch#534) "
                       f"and forward-over-reverse, which would replace it, {why}")
-    return dataclasses.replace(problem, hvp="fwdrev"), (
+    return problem._replace(hvp="fwdrev"), (
         f"forward-over-reverse HVPs: vmap differentiates {norms} twice wrongly "
         "(pytorch/functorch#534)")
 

@@ -61,19 +61,23 @@ class MetaOptimizer:
         model: any ``nn.Module``; its parameters with ``requires_grad`` are the
             inner loop's starting point and must all be held by ``optimizer``.
         optimizer: the outer ``torch.optim.Optimizer``. Every tensor it holds is
-            a meta-parameter (e.g. ``inner_lr`` as a tensor, a loss weight).
+            a meta-parameter (e.g. ``inner_lr`` as a tensor, a loss weight); a
+            tensor it holds twice counts once and gets its gradient once.
         inner_lr: the inner SGD learning rate: a float, a scalar tensor or a
             dict from parameter name to tensor (per-parameter rates).
-        steps: number of inner steps ``r >= 1``.
-        mode: ``"fom"``, ``"ufom"`` (unbiased, exact branch with probability
-            ``q``), ``"exact"`` or ``"truncated"`` (exact through the last
-            ``k`` steps only: biased).
+        steps: number of inner steps ``r >= 1`` (required).
+        mode: ``"fom"``, ``"ufom"`` (the default: unbiased, exact branch with
+            probability ``q``), ``"exact"`` or ``"truncated"`` (exact through
+            the last ``k`` steps only: biased). Not together with ``truncation``.
         q: exact-branch probability for ``"ufom"``, in ``(0, 1]``, or ``"auto"``
             to adapt it to the measured bias, variance and costs
-            (:mod:`torch_ufom.adaptive`).
+            (:mod:`torch_ufom.adaptive`; ``"auto"`` is an error with another
+            mode). Checked but unused by the other modes, so that flipping
+            ``mode`` stays a one-word change.
         q_rule, q_min, q_beta: with ``q="auto"``: the rule (``"ufom"`` or the
-            authors' ``"authors"``), the smallest ``q`` and the averaging factor.
-        k: the truncation point of ``mode="truncated"``.
+            authors' ``"authors"``), the smallest ``q`` and the averaging factor
+            (checked, unused with a fixed ``q``).
+        k: the truncation point of ``mode="truncated"`` (an error with other modes).
         track_buffers: if ``True``, :meth:`step` writes the inner loop's final
             buffers (BatchNorm running statistics) into the module: the mean
             over the tasks since the last step for floating-point buffers, the
@@ -87,7 +91,7 @@ class MetaOptimizer:
         slots: stored states for ``memory="checkpoint"``.
         generator: optional ``torch.Generator`` making the draws reproducible.
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.
-        truncation: a law from :mod:`torch_ufom.truncation`, overriding ``mode``.
+        truncation: a law from :mod:`torch_ufom.truncation`, instead of ``mode``.
         process_group: data parallelism over ``torch.distributed`` (``None``:
             off; ``torch.distributed.group.WORLD`` or any process group: on).
             Each rank runs its own tasks; :meth:`step` first averages the
@@ -100,6 +104,11 @@ class MetaOptimizer:
             the faster where it applies), ``"fwdrev"`` (forward-over-reverse,
             ``torch.func.jvp`` of the inner gradient) or ``"revrev"``
             (reverse-over-reverse); see :func:`torch_ufom.functional.resolve_hvp`.
+
+    The configuration is resolved once (:mod:`torch_ufom.config`); ``steps``,
+    ``mode``, ``q``, ``law``, ``memory``, ``slots``, ``hvp`` and ``inner`` are
+    read-only properties, and :meth:`reconfigure` changes them between outer
+    steps.
 
     Example:
         >>> meta = MetaOptimizer(model, torch.optim.Adam(model.parameters()),
@@ -256,8 +265,10 @@ class MetaOptimizer:
             inner_loss, outer_loss: ``(fmodel, batch) -> scalar tensor``;
                 ``fmodel`` is called like the module but runs at the current
                 inner parameters.
-            support: one batch reused at every step, a ``list`` of ``steps``
-                batches, or a callable ``j -> batch`` (``j = 0..steps-1``).
+            support: one batch reused at every step (a tensor, a tuple or
+                list such as ``[x, y]``, a dict), per-step batches as
+                :class:`~torch_ufom.StepBatches`, or a callable ``j -> batch``
+                (``j = 0..steps-1``).
             query: the outer loss's batch.
             force_truncation: use this truncation point ``K`` instead of drawing it
                 (for tests and diagnostics; the weights stay those of the law).

@@ -16,89 +16,102 @@ the forward pass over those steps and then yields one
   4,285 replays, against 499,500 for :class:`Recompute`); a sweep of
   ``K <= slots`` steps keeps its ``K`` graphs, like :class:`Store`.
 
-Both are driven by the same two calls, ``forward`` then ``reverse``.
+Each is one call, :meth:`Schedule.sweep`, which runs the forward pass and
+returns the final state with an iterator over the records in reverse order;
+everything a sweep keeps lives in that iterator, and every inner-loss
+evaluation is reported to the caller's :class:`SweepLog`.
 """
 from __future__ import annotations
 
 import functools
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Protocol, Tuple
 
 import checkpoint_schedules as cs
+from torch import Tensor
 
-from .unroll import InnerLoop, State, StepRecord
+from .unroll import InnerLoop, State, StepRecord, SweepPlan
 
-__all__ = ["Schedule", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
+__all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "MEMORY_CHOICES"]
 
 MEMORY_CHOICES = ("checkpoint", "recompute", "store")
 
 
+class SweepLog(Protocol):
+    """Where a sweep reports each inner-loss evaluation (see
+    :class:`~torch_ufom.estimators.SweepLog`): ``first`` for the forward pass,
+    ``again`` for replays and rebuilds; ``exact`` for a step rebuilt with a graph."""
+
+    def first(self, loss: Tensor, exact: bool) -> None:
+        """A step of the forward pass."""
+
+    def again(self, loss: Tensor, exact: bool) -> None:
+        """A step evaluated again (a replay or a rebuild)."""
+
+
 class Schedule:
-    """Base class: ``forward`` runs steps ``start+1..stop``, ``reverse`` yields their records."""
+    """Base class: :meth:`sweep` runs steps ``start+1..stop`` and returns ``s_stop``
+    with an iterator over their records in reverse order."""
 
-    def forward(self, loop: InnerLoop, state: State, start: int, stop: int, losses) -> State:
-        """Run steps ``start+1..stop`` from ``state``; ``losses.append`` each step's
-        loss; return ``s_stop``.
+    def sweep(self, loop: InnerLoop, state: State, start: int, stop: int, log: SweepLog,
+              plan: SweepPlan) -> Tuple[State, Iterator[StepRecord]]:
+        """Run steps ``start+1..stop`` from ``state``, reporting each loss to ``log``.
 
-        Steps ``j > loop.exact_after`` are recorded with the exact rule's graph,
-        earlier ones for the first-order rule only.
+        Steps ``j > plan.exact_after`` are recorded with the exact rule's graph,
+        earlier ones for the first-order rule only. Returns ``(s_stop, records)``:
+        ``records`` yields the records of steps ``stop, ..., start+1``.
         """
-        raise NotImplementedError
-
-    def reverse(self) -> Iterator[StepRecord]:
-        """Yield the records of steps ``stop, ..., start+1``."""
         raise NotImplementedError
 
 
 class Store(Schedule):
     """Keep every step's graph from the forward pass (``O(K)`` memory, no replay)."""
 
-    def forward(self, loop, state, start, stop, losses):
-        self.records: List[StepRecord] = []
+    def sweep(self, loop, state, start, stop, log, plan):
+        records: List[StepRecord] = []
         for j in range(start + 1, stop + 1):
-            rec = loop.record(state, j, j > loop.exact_after)
-            losses.append(rec.loss)
-            self.records.append(rec)
+            rec = loop.record(state, j, plan)
+            log.first(rec.loss, rec.is_exact)
+            records.append(rec)
             state = rec.next_state
-        return state
 
-    def reverse(self):
-        while self.records:
-            yield self.records.pop()
+        def reverse():
+            while records:
+                yield records.pop()
+
+        return state, reverse()
 
 
 class Recompute(Schedule):
     """Keep ``s_start`` only and replay from it for each reverse step (constant memory)."""
 
-    def forward(self, loop, state, start, stop, losses):
-        self.loop, self.base, self.start, self.stop = loop, state, start, stop
+    def sweep(self, loop, state, start, stop, log, plan):
+        base = state
         for j in range(start + 1, stop + 1):
             state, loss, _ = loop.advance(state, j)
-            losses.append(loss)
-        return state
+            log.first(loss, False)
 
-    def reverse(self):
-        for j in range(self.stop, self.start, -1):
-            state = self.base
-            for i in range(self.start + 1, j):
-                state = self.loop.advance(state, i)[0]
-            yield self.loop.record(state, j, j > self.loop.exact_after)
+        def reverse():
+            for j in range(stop, start, -1):
+                s = base
+                for i in range(start + 1, j):
+                    s, loss, _ = loop.advance(s, i)
+                    log.again(loss, False)
+                rec = loop.record(s, j, plan)
+                log.again(rec.loss, rec.is_exact)
+                yield rec
+
+        return state, reverse()
 
 
 class Checkpoint(Schedule):
     """Binomial checkpointing (Revolve): ``slots`` stored states, ``O(K log K)`` replays.
 
-    The schedule's actions are interpreted as follows: ``Forward(n0, n1)``
-    advances the working state (storing it first as checkpoint ``n0`` when
-    ``write_ics``, and recording each step's graph when ``write_adj_deps``);
-    ``Reverse(n1, n0)`` hands the recorded steps to the sweep, newest first;
-    ``Copy`` / ``Move`` restore the working state from a checkpoint (``Move``
-    frees it).
-
     A sweep over ``K <= slots`` steps keeps every step's graph instead, as
     :class:`Store` does (no replay; Revolve would store every state and then
     replay each step once to rebuild its graph): memory is then at most
-    ``slots`` step graphs, still independent of ``steps``.
+    ``slots`` step graphs, still independent of ``steps``. Longer sweeps run
+    :class:`_Revolve`.
 
     Args:
         slots: the number of stored inner states, ``>= 1``.
@@ -107,30 +120,39 @@ class Checkpoint(Schedule):
     def __init__(self, slots: int = 8):
         self.slots = check_slots(slots)
 
-    def forward(self, loop, state, start, stop, losses):
-        self.loop, self.start, self.state = loop, start, state
+    def sweep(self, loop, state, start, stop, log, plan):
+        if stop - start <= self.slots:
+            return Store().sweep(loop, state, start, stop, log, plan)
+        run = _Revolve(loop, state, (start, revolve_actions(stop - start, self.slots)), log, plan)
+        run.carry_out(until=cs.EndForward, first=True)
+        return run.state, run.reverse()
+
+
+class _Revolve:
+    """One checkpointed sweep: the working state, the stored states and the
+    recorded steps, driven by the Revolve schedule's actions.
+
+    ``Forward(n0, n1)`` advances the working state (storing it first as
+    checkpoint ``n0`` when ``write_ics``, and recording each step's graph when
+    ``write_adj_deps``); ``Reverse(n1, n0)`` hands the recorded steps to the
+    sweep, newest first; ``Copy`` / ``Move`` restore the working state from a
+    checkpoint (``Move`` frees it).
+    """
+
+    def __init__(self, loop, state, schedule: Tuple[int, Tuple], log, plan):
+        self.loop, self.state, self.log, self.plan = loop, state, log, plan
+        self.start, actions = schedule  # the sweep's first step - 1, and Revolve's actions
+        self.actions: Iterator = iter(actions)
         self.checkpoints: Dict[int, State] = {}
         self.records: Dict[int, StepRecord] = {}
-        self.store = None
-        if stop - start <= self.slots:
-            # Every state fits: Revolve would store them all, then replay each step
-            # once for its graph; keeping the graphs at once skips those replays.
-            self.store = Store()
-            return self.store.forward(loop, state, start, stop, losses)
-        if stop == start:
-            self.actions = iter(())
-            return state
-        self.actions = iter(revolve_actions(stop - start, self.slots))
-        self._run(until=cs.EndForward, losses=losses)
-        return self.state
 
-    def _run(self, until, losses=None):
-        """Carry out actions up to the next ``until`` (or ``Reverse``, which is returned)."""
+    def carry_out(self, until, first: bool = False):
+        """Carry out actions up to the next ``until`` (returned)."""
         for action in self.actions:
             if isinstance(action, until):
                 return action
             if isinstance(action, cs.Forward):
-                self._forward(action, losses)
+                self._forward(action, first)
             elif isinstance(action, (cs.Copy, cs.Move)):
                 table = self.checkpoints
                 self.state = table.pop(action.n) if isinstance(action, cs.Move) else table[action.n]
@@ -138,25 +160,24 @@ class Checkpoint(Schedule):
                 raise RuntimeError(f"unexpected checkpointing action {action!r}")
         return None
 
-    def _forward(self, action, losses):
+    def _forward(self, action, first: bool):
         if action.write_ics:
             self.checkpoints[action.n0] = self.state
+        report = self.log.first if first else self.log.again
         for n in range(action.n0, action.n1):
             j = self.start + n + 1
             if action.write_adj_deps:
-                rec = self.loop.record(self.state, j, j > self.loop.exact_after)
-                self.records[n + 1], self.state, loss = rec, rec.next_state, rec.loss
+                rec = self.loop.record(self.state, j, self.plan)
+                self.records[n + 1], self.state = rec, rec.next_state
+                report(rec.loss, rec.is_exact)
             else:
                 self.state, loss, _ = self.loop.advance(self.state, j)
-            if losses is not None:
-                losses.append(loss)
+                report(loss, False)
 
     def reverse(self):
-        if self.store is not None:
-            yield from self.store.reverse()
-            return
+        """Yield the recorded steps, newest first, replaying as the schedule says."""
         while True:
-            action = self._run(until=(cs.Reverse, cs.EndReverse))
+            action = self.carry_out(until=(cs.Reverse, cs.EndReverse))
             if not isinstance(action, cs.Reverse):
                 return
             for n in range(action.n1, action.n0, -1):

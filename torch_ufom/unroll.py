@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["FunctionalModel", "State", "InnerLoop", "StepBatches", "batch_getter"]
+__all__ = ["FunctionalModel", "State", "StepBatches", "Problem", "SweepPlan", "Evaluator", "PerTask",
+           "InnerLoop", "batch_getter"]
 
 
 class FunctionalModel:
@@ -160,63 +161,130 @@ def _batched(t: Tensor) -> bool:
     return probe is None or bool(probe(t))
 
 
-class InnerLoop:
-    """The inner loop of one task as pure functions of an explicit state.
+class Problem(NamedTuple):
+    """What every task of one call shares: the module, the losses, the resolved
+    configuration, the truncation law of this call (``config.law``, or the
+    current ``q``'s law under ``q="auto"``), the tensors that get
+    hypergradients, the Hessian-vector product and the generator."""
 
-    Args:
-        module: the user's ``nn.Module`` (never modified).
-        inner_loss, outer_loss: ``(fmodel, batch) -> scalar tensor``.
-        support: one batch, a list of ``steps`` batches, or ``j -> batch``.
-        query: the batch of the outer loss.
-        steps: number of inner steps ``r``.
-        rule: an :class:`~torch_ufom.inner.InnerRule`.
-        meta: meta-parameters (tensors that receive hypergradients).
-        seed: base seed of the per-step random streams.
-        hvp: how an exact reverse step gets its Hessian-vector product:
-            ``"revrev"`` (reverse-over-reverse: the step is recorded with a
-            graph of its inner gradient, ``create_graph=True``, and
-            differentiated again) or ``"fwdrev"`` (forward-over-reverse:
-            ``torch.func.jvp`` of ``torch.func.grad`` of the inner loss; the
-            step keeps no graph). See :func:`resolve_hvp`.
+    model: nn.Module
+    inner_loss: Callable
+    outer_loss: Callable
+    config: Any  # torch_ufom.config.Config
+    law: Any  # torch_ufom.truncation.TruncationLaw
+    params: Tuple[Tensor, ...]
+    hvp: str
+    generator: Optional[torch.Generator]
+
+
+class SweepPlan(NamedTuple):
+    """Which steps a sweep records how (computed by the estimator from ``K``).
+
+    Attributes:
+        exact_after: steps ``j > exact_after`` are differentiated exactly (``r - K``).
+        first_order_until: exact records of steps ``j <= first_order_until``
+            keep their gradient for the first-order stream.
     """
 
-    def __init__(self, module, inner_loss, outer_loss, support, query, steps, rule, meta, seed,
-                 hvp: str = "revrev", math_attention: bool = False):
-        self.module = module
-        self.inner_loss, self.outer_loss, self.query = inner_loss, outer_loss, query
-        self.batch = batch_getter(support, steps)
-        self.steps, self.rule, self.seed = steps, rule, seed
+    exact_after: int
+    first_order_until: int
+
+
+class Evaluator(Protocol):
+    """How a loop evaluates its losses: one task (:class:`PerTask`) or a stacked
+    meta-batch (:class:`~torch_ufom.vectorised.Vectorised`). Every method gets
+    the loop (module, losses, names), the state and the batch; the loop applies
+    the step's random stream around the call."""
+
+    def stack(self, params: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+        """The initial adapted parameters from the module's (detached) ones."""
+
+    def grad(self, loop: "InnerLoop", state: State, batch: Any, create_graph: bool):
+        """``(loss, grads, buffers)`` of the inner loss at ``state``; with
+        ``create_graph``, differentiable again by ``torch.autograd``."""
+
+    def hvp(self, loop: "InnerLoop", state: State, batch: Any, vec: Tuple[Tensor, ...]):
+        """``H v`` of the inner loss at ``state.params`` by forward-over-reverse."""
+
+    def outer(self, loop: "InnerLoop", params: Tuple[Tensor, ...], state: State):
+        """The outer loss (per task) at ``params`` (leaves that require grad) and its
+        gradient with respect to ``params + loop.meta`` (summed over tasks)."""
+
+    def reduce(self, adjoint: Tensor) -> Tensor:
+        """A shared initial parameter's adjoint from its state's adjoint."""
+
+
+class PerTask:
+    """The :class:`Evaluator` of one task: ``torch.autograd`` on the losses."""
+
+    def stack(self, params):
+        return params
+
+    def grad(self, loop, state, batch, create_graph):
+        fm = loop.fmodel(state.params, state.buffers)
+        loss = _check_loss(loop.inner_loss(fm, batch), "inner_loss")
+        grads = torch.autograd.grad(loss, state.params, create_graph=create_graph, allow_unused=True)
+        grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(state.params, grads))
+        return loss, grads, tuple(fm.buffers[n] for n in loop.buffer_names)
+
+    def hvp(self, loop, state, batch, vec):
+        def loss_of(ps):
+            return loop.inner_loss(loop.fmodel(ps, state.buffers), batch)
+
+        return torch.func.jvp(torch.func.grad(loss_of), (state.params,), (vec,))[1]
+
+    def outer(self, loop, params, state):
+        loss = _check_loss(loop.outer_loss(loop.fmodel(params, state.buffers), loop.query), "outer_loss")
+        return loss, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True)
+
+    def reduce(self, adjoint):
+        return adjoint
+
+
+class InnerLoop:
+    """The inner loop of one task (or of a stacked meta-batch) as pure functions of
+    an explicit state; immutable after construction.
+
+    Args:
+        problem: the call's :class:`Problem`.
+        evaluator: :class:`PerTask` or :class:`~torch_ufom.vectorised.Vectorised`.
+        support: one batch, :class:`StepBatches`, or ``j -> batch``.
+        query: the batch of the outer loss.
+        seed: base seed of the per-step random streams.
+        math_attention: run attention under the math kernel in every
+            evaluation (forward, replays, rebuilds): set for sweeps that rebuild
+            steps with a graph, since the fused kernels have no double backward
+            and draw their dropout masks differently.
+
+    ``problem.hvp`` says how an exact reverse step gets its Hessian-vector
+    product: ``"revrev"`` (the step is recorded with a graph of its inner
+    gradient, ``create_graph=True``, and differentiated again) or ``"fwdrev"``
+    (``torch.func.jvp`` of ``torch.func.grad`` of the inner loss; the step
+    keeps no graph).
+    """
+
+    def __init__(self, problem: Problem, evaluator: Evaluator, support, query, seed: int,
+                 math_attention: bool = False):
+        module, rule = problem.model, problem.config.rule
+        self.module, self.evaluator, self.rule = module, evaluator, rule
+        self.inner_loss, self.outer_loss, self.query = problem.inner_loss, problem.outer_loss, query
+        self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
+        self.batch = batch_getter(support, self.steps)
         named = list(module.named_parameters())
         self.names = [n for n, p in named if p.requires_grad]
         self.frozen = {n: p for n, p in named if not p.requires_grad}
         self.buffer_names = [n for n, _ in module.named_buffers()]
-        self.meta = [t for t in meta if t.requires_grad]
+        self.meta = [t for t in problem.params if t.requires_grad]
         meta_ids = {id(t) for t in self.meta}
         self.learned_hyper = any(id(t) in meta_ids for t in rule.tensors())
-        self.hvp = hvp
-        devices = {t.device for t in self.initial_params()}
-        self.cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
-        self.exact_after = 0  # steps j > exact_after are differentiated exactly (r - K)
-        self.first_order_until = steps  # exact records of steps j <= this keep g for F~
-        self.forward_steps = 0  # inner steps run without a graph (forward pass and replays)
-        self.reverse_steps = 0  # inner steps rebuilt with a graph for a VJP
-        # Steps that will be rebuilt with a graph run attention under the math kernel in
-        # every evaluation (forward, replays, rebuilds): the fused kernels have no double
-        # backward and draw their dropout masks differently.
+        self.cuda_devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
         self.math_attention = math_attention
-        # Whether every inner loss evaluated so far (forward pass, replays, rebuilds) was
-        # finite: a 0-d bool tensor on the losses' device, read once per task.
-        self.finite: Optional[Tensor] = None
 
     # -- state -----------------------------------------------------------------
-    def initial_params(self) -> Tuple[Tensor, ...]:
-        """The module's adapted parameters, detached."""
-        params = dict(self.module.named_parameters())
-        return tuple(params[n].detach() for n in self.names)
-
     def initial_state(self) -> State:
         """``s_0``: the module's parameters, the rule's initial state, the module's buffers."""
-        params = self.initial_params()
+        params = dict(self.module.named_parameters())
+        params = self.evaluator.stack(tuple(params[n].detach() for n in self.names))
         opt = tuple(self.rule.init(dict(zip(self.names, params))))
         buffers = tuple(b.detach() for _, b in self.module.named_buffers())
         return State(params, opt, buffers)
@@ -247,15 +315,9 @@ class InnerLoop:
                 torch.cuda.set_rng_state(s, d)
 
     # -- one inner step ------------------------------------------------------------
-    def _grad_and_update(self, state: State, j: int, create_graph: bool):
-        params = state.params
-        fm = self.fmodel(params, state.buffers)
+    def _grad(self, state: State, j: int, create_graph: bool):
         with self.stream(j):
-            loss = _check_loss(self.inner_loss(fm, self.batch(j - 1)), "inner_loss")
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
-        grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
-        new_buffers = tuple(fm.buffers[n] for n in self.buffer_names)
-        return loss, grads, new_buffers
+            return self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
 
     def _update(self, grads, state: State):
         new_p, new_opt = self.rule.update(
@@ -265,43 +327,30 @@ class InnerLoop:
 
     def advance(self, state: State, j: int):
         """Step ``j`` without a graph: returns ``(s_j, loss_j, g_j)``."""
-        self.forward_steps += 1
         params = tuple(p.detach().requires_grad_() for p in state.params)
-        state = State(params, state.opt, state.buffers)
         with torch.enable_grad():
-            loss, grads, buffers = self._grad_and_update(state, j, create_graph=False)
+            loss, grads, buffers = self._grad(State(params, state.opt, state.buffers), j, False)
         with torch.no_grad():
             new_p, new_opt = self._update(grads, State(tuple(p.detach() for p in params),
                                                        state.opt, state.buffers))
-        self._track(loss)
         return State(new_p, new_opt, buffers), loss.detach(), grads
 
-    def record(self, state: State, j: int, exact: bool = True) -> "StepRecord":
+    def record(self, state: State, j: int, plan: SweepPlan) -> "StepRecord":
         """Step ``j`` kept for the reverse sweep: with a graph of the exact rule
-        (``exact``), or only its gradient for the first-order rule."""
-        if exact:
-            self.reverse_steps += 1
-        else:
-            self.forward_steps += 1
+        (``j > plan.exact_after``), or only its gradient for the first-order rule."""
+        exact = j > plan.exact_after
         leaves = State(*(tuple(t.detach().requires_grad_(t.is_floating_point()) for t in part)
                          for part in state[:2]), state.buffers)
         graph = exact and self.hvp == "revrev"
         with torch.enable_grad():
-            loss, grads, buffers = self._grad_and_update(leaves, j, create_graph=graph)
+            loss, grads, buffers = self._grad(leaves, j, create_graph=graph)
             if graph:
                 out = self._update(grads, leaves)
         if not graph:
             with torch.no_grad():
                 out = self._update(grads, leaves)
-        self._track(loss)
-        keep = not graph or j <= self.first_order_until
+        keep = not graph or j <= plan.first_order_until
         return StepRecord(self, leaves, out, grads if keep else None, buffers, loss.detach(), exact, j)
-
-    def _track(self, loss: Tensor) -> None:
-        """Fold ``loss``'s finiteness into :attr:`finite` (no host synchronisation)."""
-        with torch.no_grad():
-            ok = torch.isfinite(loss).all()
-            self.finite = ok if self.finite is None else self.finite & ok
 
     def hessian_vector(self, state: State, j: int, vec: Sequence[Optional[Tensor]]) -> Tuple[Tensor, ...]:
         """``H v``: the Hessian of step ``j``'s inner loss at ``state.params`` times ``vec``,
@@ -309,31 +358,24 @@ class InnerLoop:
         step ``j``'s random stream."""
         params = tuple(p.detach() for p in state.params)
         vec = tuple(torch.zeros_like(p) if v is None else v.detach() for p, v in zip(params, vec))
-        batch = self.batch(j - 1)
-
-        def loss_of(ps):
-            return self.inner_loss(self.fmodel(ps, state.buffers), batch)
-
         with self.stream(j):
             try:
-                return torch.func.jvp(torch.func.grad(loss_of), (params,), (vec,))[1]
+                return tuple(self.evaluator.hvp(self, State(params, state.opt, state.buffers),
+                                                self.batch(j - 1), vec))
             except RuntimeError as err:
                 raise fwdrev_error(err, j) from err
 
     def reduce(self, adjoint: Tensor) -> Tensor:
-        """The adjoint of a shared initial parameter from the state's adjoint (identity
-        here; a meta-batch sums over its tasks)."""
-        return adjoint
+        """The adjoint of a shared initial parameter from the state's adjoint."""
+        return self.evaluator.reduce(adjoint)
 
     # -- outer loss ------------------------------------------------------------------
     def outer_vjp(self, state: State):
-        """``dL_out/d(params + opt)`` at ``s_r``, the explicit ``dL_out/dtheta`` and the loss."""
+        """``dL_out/d(params + opt)`` at ``s_r``, the explicit ``dL_out/dtheta`` and the
+        outer loss (one per task for a meta-batch)."""
         params = tuple(p.detach().requires_grad_() for p in state.params)
-        with torch.enable_grad():
-            fm = self.fmodel(params, state.buffers)
-            with self.stream(self.steps + 1):
-                loss = _check_loss(self.outer_loss(fm, self.query), "outer_loss")
-            grads = torch.autograd.grad(loss, params + tuple(self.meta), allow_unused=True)
+        with torch.enable_grad(), self.stream(self.steps + 1):
+            loss, grads = self.evaluator.outer(self, params, state)
         e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
         e = e + tuple(torch.zeros_like(t) for t in state.opt)
         return e, list(grads[len(params):]), loss.detach()
@@ -354,6 +396,7 @@ class InnerLoop:
             return [None] * len(self.meta)
         return list(torch.autograd.grad([o for o, _ in outs], self.meta,
                                         [f for _, f in outs], allow_unused=True))
+
 
 
 def _math_attention():
@@ -389,7 +432,7 @@ class StepRecord:
 
     def __init__(self, loop: InnerLoop, leaves: State, out, grads, buffers, loss, exact: bool,
                  j: int = 0):
-        self.loop, self.leaves, self.loss, self.j = loop, leaves, loss, j
+        self.loop, self.leaves, self.loss, self.j, self.is_exact = loop, leaves, loss, j, exact
         # Reverse-over-reverse keeps the exact rule's graph; forward-over-reverse
         # keeps only the inner gradient and differentiates the update alone.
         self.forward_over_reverse = exact and loop.hvp == "fwdrev"

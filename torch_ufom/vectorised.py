@@ -1,7 +1,7 @@
 """Meta-batches through ``torch.func.vmap``: one vectorised inner loop for many tasks.
 
-:class:`BatchedInnerLoop` is an :class:`~torch_ufom.unroll.InnerLoop` whose
-inner state carries a leading task dimension. Its inner gradients (and outer
+:class:`Vectorised` is the loop's evaluator for a meta-batch: the inner state
+carries a leading task dimension. Its inner gradients (and outer
 losses) are ``torch.func.vmap`` of ``torch.func.grad`` of the user's losses,
 so a meta-batch of ``B`` tasks runs one batched step where the per-task loop
 runs ``B`` small ones. Everything else is shared with the per-task engine:
@@ -17,7 +17,7 @@ pay for the exact sweep of the others.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,9 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .unroll import (FunctionalModel, InnerLoop, State, StepBatches, _check_depends, _check_loss,
-                     fwdrev_error)
+from .unroll import FunctionalModel, StepBatches, _check_depends, _check_loss
 
-__all__ = ["BatchedInnerLoop", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
+__all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "vmap_unsupported"]
 
 
@@ -184,42 +183,35 @@ def group_by_truncation(truncations: Sequence[int]) -> Dict[int, List[int]]:
     return dict(sorted(groups.items()))
 
 
-class BatchedInnerLoop(InnerLoop):
-    """The inner loops of ``size`` tasks, stacked along a leading task dimension.
+class Vectorised:
+    """The :class:`~torch_ufom.unroll.Evaluator` of ``size`` tasks stacked along a
+    leading task dimension: ``torch.func.vmap`` of ``torch.func.grad`` of the
+    user's losses, which see one task's batch as in the per-task loop.
 
-    Args:
-        module, inner_loss, outer_loss, steps, rule, meta, seed, hvp: as for
-            :class:`~torch_ufom.unroll.InnerLoop`; ``inner_loss`` and
-            ``outer_loss`` see one task's batch, as in the per-task loop.
-        supports, queries: the tasks' batches stacked along dimension 0 (one
-            support batch per task, reused at every inner step).
-        size: the number of tasks.
-
+    The inner rule acts elementwise on the stacked tensors (the built-in rules
+    do), the memory schedules and the two-stream estimator run unchanged, and
+    vector-Jacobian products go through ``torch.autograd`` on top of ``vmap``.
     The module's buffers are shared by the tasks and must not be written by
     the losses (:func:`probe` tells), and every random operation draws
     independently per task (``vmap(randomness="different")``) from the step's
     stream, so a model with dropout gets valid but different masks than the
     per-task loop.
+
+    Args:
+        size: the number of tasks.
     """
 
-    def __init__(self, module, inner_loss, outer_loss, supports, queries, steps, rule, meta, seed,
-                 size: int, hvp: str = "revrev", math_attention: bool = False):
+    def __init__(self, size: int):
         self.size = size
-        super().__init__(module, inner_loss, outer_loss, supports, queries, steps, rule, meta, seed,
-                         hvp, math_attention)
 
-    def initial_params(self) -> Tuple[Tensor, ...]:
-        """The module's adapted parameters, detached, copied to ``(size, *shape)``."""
+    def stack(self, params):
         # A copy, not an expanded view: forward-mode AD writes into its inputs' tangents.
-        return tuple(p.unsqueeze(0).expand(self.size, *p.shape).clone()
-                     for p in super().initial_params())
+        return tuple(p.unsqueeze(0).expand(self.size, *p.shape).clone() for p in params)
 
-    def _grad_and_update(self, state: State, j: int, create_graph: bool):
-        batch = self.batch(j - 1)
-
+    def grad(self, loop, state, batch, create_graph):
         def one(params, b):
             def loss_of(ps):
-                loss = _check_loss(self.inner_loss(self.fmodel(ps, state.buffers), b), "inner_loss")
+                loss = _check_loss(loop.inner_loss(loop.fmodel(ps, state.buffers), b), "inner_loss")
                 return loss, loss
 
             grads, loss = torch.func.grad(loss_of, has_aux=True)(params)
@@ -227,46 +219,27 @@ class BatchedInnerLoop(InnerLoop):
 
         # With create_graph, torch.autograd records through vmap(grad) for the
         # reverse sweep's second derivatives; without, nothing is recorded.
-        mode = torch.enable_grad() if create_graph else torch.no_grad()
-        with mode, self.stream(j):
+        with torch.enable_grad() if create_graph else torch.no_grad():
             loss, grads = torch.func.vmap(one, randomness="different")(tuple(state.params), batch)
         return loss, tuple(grads), state.buffers
 
-    def hessian_vector(self, state: State, j: int, vec) -> Tuple[Tensor, ...]:
-        """Per-task ``H_i v_i`` by ``vmap`` of forward-over-reverse."""
-        params = tuple(p.detach() for p in state.params)
-        vec = tuple(torch.zeros_like(p) if v is None else v.detach() for p, v in zip(params, vec))
-        batch = self.batch(j - 1)
-
+    def hvp(self, loop, state, batch, vec):
         def one(ps, vs, b):
             def loss_of(pp):
-                return self.inner_loss(self.fmodel(pp, state.buffers), b)
+                return loop.inner_loss(loop.fmodel(pp, state.buffers), b)
 
             return torch.func.jvp(torch.func.grad(loss_of), (ps,), (vs,))[1]
 
-        with self.stream(j):
-            try:
-                return tuple(torch.func.vmap(one, randomness="different")(params, vec, batch))
-            except RuntimeError as err:
-                raise fwdrev_error(err, j) from err
+        return torch.func.vmap(one, randomness="different")(tuple(state.params), vec, batch)
 
-    def outer_vjp(self, state: State):
-        """Per-task ``dL_out/d(params + opt)``, the summed explicit ``dL_out/dtheta``
-        and the tasks' outer losses (a vector)."""
-        params = tuple(p.detach().requires_grad_() for p in state.params)
-
+    def outer(self, loop, params, state):
         def one(ps, qb):
-            return _check_loss(self.outer_loss(self.fmodel(ps, state.buffers), qb), "outer_loss")
+            return _check_loss(loop.outer_loss(loop.fmodel(ps, state.buffers), qb), "outer_loss")
 
-        with torch.enable_grad():
-            with self.stream(self.steps + 1):
-                losses = torch.func.vmap(one, randomness="different")(params, self.query)
-            _check_depends(losses, "outer_loss")  # vmap's batched tensors hide requires_grad
-            grads = torch.autograd.grad(losses.sum(), params + tuple(self.meta), allow_unused=True)
-        e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
-        e = e + tuple(torch.zeros_like(t) for t in state.opt)
-        return e, list(grads[len(params):]), losses.detach()
+        losses = torch.func.vmap(one, randomness="different")(params, loop.query)
+        _check_depends(losses, "outer_loss")  # vmap's batched tensors hide requires_grad
+        return losses, torch.autograd.grad(losses.sum(), params + tuple(loop.meta), allow_unused=True)
 
-    def reduce(self, adjoint: Tensor) -> Tensor:
+    def reduce(self, adjoint):
         """The tasks share the initial parameters: their adjoints add up."""
         return adjoint.sum(0)
