@@ -113,6 +113,11 @@ class Config:
             return "auto"
         return self.law.q if isinstance(self.law, Bernoulli) else None
 
+    def law_at(self, q_stats) -> TruncationLaw:
+        """The law of the next task: ``Bernoulli`` of the adaptive statistics' current
+        ``q`` under ``q="auto"`` (``q_stats``), else :attr:`law`."""
+        return self.law if self.adaptive is None else Bernoulli(q_stats["q"])
+
     def schedule(self) -> Schedule:
         """A fresh memory schedule for one sweep."""
         return make_schedule(self.memory, self.slots)

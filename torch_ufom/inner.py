@@ -155,14 +155,18 @@ def check_hyper(value: Hyper, arg: str, params: Params, *, low: float = 0.0,
                 f"parameter names; unknown {unknown}, missing {missing}")
         for k, v in value.items():
             target = {k: tensors[k]} if k in tensors else {}
-            _check_entry(v, f"{arg}[{k!r}]", target, low, high, closed, steps, per_step, shared=False)
+            _check_entry(v, f"{arg}[{k!r}]", target, (low, high, closed), (steps, per_step), False)
     else:
-        _check_entry(value, arg, tensors, low, high, closed, steps, per_step, shared=True)
+        _check_entry(value, arg, tensors, (low, high, closed), (steps, per_step), True)
 
 
-def _check_entry(v, arg: str, targets: Mapping[str, Tensor], low, high, closed, steps, per_step,
+def _check_entry(v, arg: str, targets: Mapping[str, Tensor], bounds, per_step_rule,
                  shared: bool) -> None:
-    """One value (or one dict entry) against the parameters ``targets`` it applies to."""
+    """One value (or one dict entry) against the parameters ``targets`` it applies to;
+    ``bounds`` is ``(low, high, closed)``, ``per_step_rule`` is ``(steps, per_step)``:
+    the inner steps (or ``None``) and whether a :class:`PerStep` value is accepted."""
+    low, high, closed = bounds
+    steps, per_step = per_step_rule
     if isinstance(v, PerStep):
         if not per_step:
             raise ValueError(f"Invalid {arg}: {v!r} (a PerStep value is not accepted here; expected "

@@ -173,9 +173,7 @@ class MetaOptimizer:
     @property
     def law(self) -> TruncationLaw:
         """The truncation law of the next task (under ``q="auto"``, ``Bernoulli`` of the current ``q``)."""
-        if self.q_stats is not None:
-            return Bernoulli(self.q_stats["q"])
-        return self._config.law
+        return self._config.law_at(self.q_stats)
 
     @property
     def q(self) -> Optional[float]:
@@ -507,9 +505,9 @@ def _spec(keys) -> Dict[str, tuple]:
 
 def _observation_specs():
     """The entries of an observation of the first-order branch and of the exact one."""
-    common = {"seconds": 0.0, "steps": 1, "forward_steps": 0, "reverse_steps": 0}
-    first = adaptive.observe(exact=False, **common)
-    exact = adaptive.observe(exact=True, g0=[], gr=[], **common)
+    first = adaptive.observe(exact=False, seconds=0.0, steps=1, forward_steps=0, reverse_steps=0)
+    exact = adaptive.observe(exact=True, seconds=0.0, steps=1, forward_steps=0, reverse_steps=0,
+                             g0=[], gr=[])
     return _spec(first), _spec(exact)
 
 
