@@ -22,7 +22,7 @@ def worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, loss, data = mlp_problem(0)
-        meta = meta_for(model, process_group=dist.group.WORLD,
+        meta = meta_for(model, process_group=dist.group.WORLD, reduction="mean",
                         generator=torch.Generator().manual_seed(5))
         meta.zero_grad()
         for s, q, K in TASKS[rank::world]:

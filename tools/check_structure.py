@@ -64,6 +64,8 @@ ALLOW = {  # (module, qualname, rule) -> reason
     "hands the user's keywords to Settings.replace, which checks them",
     ("unroll.py", "FunctionalModel.__call__", "R2"): "forwards the user's call arguments to the user's "
     "module (the nn.Module call protocol), not configuration",
+    ("adapt.py", "StackedFunctionalModel.__call__", "R2"): "forwards the user's call arguments to "
+    "the user's module under vmap (the nn.Module call protocol), not configuration",
     ("vectorised.py", "_Probe.__torch_function__", "R2"): "signature fixed by torch's TorchFunctionMode"}
 
 

@@ -3,10 +3,11 @@
 Public names are re-exported here; see the README for a quick start.
 """
 from . import inner, truncation
+from .adapt import StackedFunctionalModel, adapt, adapt_batch
 from .functional import hypergrad, hypergrad_batch
 from .meta_optimizer import MetaOptimizer, MetaResult
 from .unroll import FunctionalModel, StepBatches
 
-__all__ = ["MetaOptimizer", "MetaResult", "hypergrad", "hypergrad_batch", "FunctionalModel",
-           "StepBatches", "inner", "truncation"]
+__all__ = ["MetaOptimizer", "MetaResult", "hypergrad", "hypergrad_batch", "adapt", "adapt_batch",
+           "FunctionalModel", "StackedFunctionalModel", "StepBatches", "inner", "truncation"]
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +35,8 @@ from .inner import SGD, InnerRule
 from .schedules import MEMORY_CHOICES, Schedule, check_slots, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw
 
-__all__ = ["Settings", "Config", "resolve", "check_model", "check_generator", "check_losses",
-           "check_steps", "MODES", "HVP_CHOICES"]
+__all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_generator",
+           "check_losses", "check_steps", "MODES", "HVP_CHOICES"]
 
 MODES = ("fom", "ufom", "exact", "truncated")
 HVP_CHOICES = ("auto", "fwdrev", "revrev")
@@ -64,6 +64,7 @@ class Settings:
     memory: Any = "checkpoint"
     slots: Any = 8
     hvp: Any = "auto"
+    inner_params: Any = None
 
     def replace(self, **changes) -> "Settings":
         """New settings with ``changes``; changing one law keyword drops the others it
@@ -94,6 +95,8 @@ class Config:
         adaptive: the adaptive rule for ``q="auto"``, else ``None``.
         memory, slots: the memory setting of the exact sweep.
         hvp: the requested Hessian-vector product (``"auto"``, ``"fwdrev"``, ``"revrev"``).
+        adapted: the names of the parameters the inner loop adapts, in
+            ``named_parameters()`` order.
     """
 
     settings: Settings
@@ -105,6 +108,7 @@ class Config:
     memory: str
     slots: int
     hvp: str
+    adapted: Tuple[str, ...]
 
     @property
     def q(self):
@@ -242,7 +246,7 @@ def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer")
             the keyword as the user wrote it.
     """
     steps = check_steps(settings.steps)
-    adapted = {n: p for n, p in check_model(model).named_parameters() if p.requires_grad}
+    adapted = adapted_parameters(check_model(model), settings.inner_params)
     mode, law, rule_q = _law(settings, steps)
     if rule_q is not None and caller != "MetaOptimizer":
         raise ValueError(f"Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; {caller} "
@@ -251,5 +255,54 @@ def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer")
     slots = check_slots(settings.slots)
     hvp = _choice(settings.hvp, "hvp", HVP_CHOICES)
     rule = _rule(settings, adapted, steps)
-    return Config(settings, steps, rule, mode, law, rule_q, memory, slots, hvp)
+    return Config(settings, steps, rule, mode, law, rule_q, memory, slots, hvp, tuple(adapted))
+
+
+def adapted_parameters(model: nn.Module, inner_params) -> Dict[str, Tensor]:
+    """The parameters the inner loop adapts, by name, in ``named_parameters()`` order.
+
+    ``inner_params`` is ``None`` (every parameter with ``requires_grad``), a
+    name or a sequence of names, a predicate ``name -> bool``, or a sequence of
+    the module's parameters.
+
+    Raises:
+        TypeError, ValueError: naming ``inner_params``: an unknown name, a
+            tensor that is not the module's parameter, a parameter without
+            ``requires_grad``, or a selection of nothing.
+    """
+    named = dict(model.named_parameters())
+    if inner_params is None:
+        return {n: p for n, p in named.items() if p.requires_grad}
+    if isinstance(inner_params, str):
+        inner_params = [inner_params]
+    if callable(inner_params) and not isinstance(inner_params, (Tensor, nn.Module)):
+        chosen = {n for n in named if inner_params(n)}
+    else:
+        if isinstance(inner_params, (Tensor, nn.Module)) or not hasattr(inner_params, "__iter__"):
+            raise TypeError(f"Invalid inner_params: {type(inner_params).__name__} (expected names, a "
+                            "predicate on the name, or the module's parameters)")
+        by_id = {id(p): n for n, p in named.items()}
+        chosen = set()
+        for i, item in enumerate(inner_params):
+            if isinstance(item, str):
+                if item not in named:
+                    raise ValueError(f"Invalid inner_params[{i}]: {item!r} is not a parameter of the "
+                                     f"model (its parameters: {sorted(named)})")
+                chosen.add(item)
+            elif isinstance(item, Tensor):
+                if id(item) not in by_id:
+                    raise ValueError(f"Invalid inner_params[{i}]: a tensor of shape "
+                                     f"{tuple(item.shape)} that is not a parameter of the model")
+                chosen.add(by_id[id(item)])
+            else:
+                raise TypeError(f"Invalid inner_params[{i}]: {type(item).__name__} (expected a "
+                                "parameter name or a parameter)")
+    frozen = sorted(n for n in chosen if not named[n].requires_grad)
+    if frozen:
+        raise ValueError(f"Invalid inner_params: {frozen} have requires_grad=False and cannot be "
+                         "adapted")
+    if not chosen:
+        raise ValueError("Invalid inner_params: it selects no parameter (the inner loop would "
+                         "adapt nothing)")
+    return {n: p for n, p in named.items() if n in chosen}
 

@@ -3,8 +3,8 @@
 Each rank runs its own tasks with :meth:`~torch_ufom.MetaOptimizer.backward`
 (second-order meta-gradients need no collective inside the inner loop, which
 is why this works where DDP's double backward does not). Before the outer
-step, :func:`average_gradients` all-reduces the accumulated meta-gradients and
-divides by the global number of tasks; :func:`gather` exchanges the adaptive-q
+step, :func:`sum_gradients` all-reduces the accumulated meta-gradients and the
+task counts (the optimizer then applies its ``reduction``); :func:`gather` exchanges the adaptive-q
 observations, so that every rank applies the same ones in the same order.
 Works with ``gloo`` (CPU) and ``nccl`` (CUDA) process groups.
 """
@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["check_group", "rank_generator", "average_gradients", "gather"]
+__all__ = ["check_group", "rank_generator", "sum_gradients", "gather"]
 
 
 def check_group(group) -> None:
@@ -59,8 +59,8 @@ def rank_generator(generator: Optional[torch.Generator], group) -> torch.Generat
     return torch.Generator(device=device).manual_seed((seed + rank * 0x9E3779B97F4A7C15) % (1 << 63))
 
 
-def average_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:
-    """All-reduce the ``.grad`` of ``params`` and divide by the global task count.
+def sum_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:
+    """All-reduce (sum) the ``.grad`` of ``params`` and the task counts over ``group``.
 
     A tensor without ``.grad`` on this rank takes part with zeros, and gets a
     gradient if any rank has one. Returns the global number of tasks.
@@ -78,7 +78,6 @@ def average_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, group=group)
-        p.grad.div_(max(total, 1))
     return total
 
 

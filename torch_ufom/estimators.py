@@ -21,7 +21,7 @@ weights ``c_m`` (:func:`~torch_ufom.truncation.telescope_weights`), the estimate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -51,6 +51,8 @@ class Estimate:
             and ``G_K``; else ``None``.
         buffers: the module's buffers at the end of the inner loop, in
             ``named_buffers()`` order.
+        aux: the outer loss's aux from the forward pass, detached (``None``
+            when it returns a plain loss); for a meta-batch, stacked over tasks.
     """
 
     grads: Tuple[Optional[Tensor], ...]
@@ -63,6 +65,7 @@ class Estimate:
     g0: Optional[Tuple[Optional[Tensor], ...]] = None
     gk: Optional[Tuple[Optional[Tensor], ...]] = None
     buffers: Tuple[Tensor, ...] = ()
+    aux: Any = None
 
 
 def _add(acc: List[Optional[Tensor]], terms: Sequence[Optional[Tensor]], scale: float = 1.0):
@@ -188,7 +191,7 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     state, records = schedule.sweep(loop, state, swept, r, log, plan)
     final_buffers = state.buffers
 
-    e, explicit, outer_loss = loop.outer_vjp(state)
+    e, explicit, outer_loss, aux = loop.outer_vjp(state)
     inner_losses = log.values
     diagnostics = diagnostics and K > 0  # for K = 0 the estimate is G_0 = G_K itself
     theta = list(explicit)
@@ -227,7 +230,7 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     g0 = finish(f0, theta_0) if diagnostics else None
     gk = finish(e, theta_k) if diagnostics else None
     est = Estimate(grads, outer_loss, inner_losses, K, inv_p,
-                   log.forward_steps, log.reverse_steps, g0, gk, final_buffers)
+                   log.forward_steps, log.reverse_steps, g0, gk, final_buffers, aux)
     check_finite(log, est)
     return est
 

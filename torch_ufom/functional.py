@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from .config import Settings, check_generator, check_losses, resolve
+from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate
 from .inner import InnerRule
 from .truncation import TruncationLaw
@@ -26,21 +27,22 @@ __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "est
 DEFAULT_HVP = "revrev"
 
 
-def resolve_hvp(hvp: str, model: nn.Module, rule: InnerRule, meta: Sequence[Tensor]) -> str:
+def resolve_hvp(config: Config, model: nn.Module, meta: Sequence[Tensor]) -> str:
     """The Hessian-vector product actually used: ``"fwdrev"`` or ``"revrev"``.
 
     Forward-over-reverse differentiates the inner loss with ``torch.func`` as a
     function of the adapted parameters alone, so it applies when the module has
     no buffers (BatchNorm's running statistics are written in place) and every
-    meta-parameter is a module parameter or a tensor of the inner rule's
+    meta-parameter is an adapted parameter or a tensor of the inner rule's
     hyperparameters (a tensor the losses use directly needs the mixed second
     derivative, which only reverse-over-reverse gives). ``"auto"`` picks the
     faster of the two where both apply (``DEFAULT_HVP``), else ``"revrev"``;
     ``"fwdrev"`` where it does not apply is a ``ValueError``.
     """
+    hvp = config.hvp
     if hvp == "revrev":
         return hvp
-    why = fwdrev_obstacle(model, rule, meta)
+    why = fwdrev_obstacle(model, config, meta)
     if hvp == "auto":
         return "revrev" if why else DEFAULT_HVP
     if why:
@@ -48,15 +50,16 @@ def resolve_hvp(hvp: str, model: nn.Module, rule: InnerRule, meta: Sequence[Tens
     return hvp
 
 
-def fwdrev_obstacle(model: nn.Module, rule: InnerRule, meta: Sequence[Tensor]) -> str:
+def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor]) -> str:
     """Why forward-over-reverse cannot compute this problem's HVPs (``""`` if it can)."""
     if next(model.buffers(), None) is not None:
         return ("needs a module without buffers (its running statistics would be written inside "
                 "torch.func.jvp)")
-    known = {id(p) for p in model.parameters()} | {id(t) for t in rule.tensors()}
+    named = dict(model.named_parameters())
+    known = {id(named[n]) for n in config.adapted} | {id(t) for t in config.rule.tensors()}
     extra = [t for t in meta if t.requires_grad and id(t) not in known]
     if extra:
-        return (f"differentiates only through module parameters and inner-rule hyperparameters, "
+        return (f"differentiates only through adapted parameters and inner-rule hyperparameters, "
                 f"but {len(extra)} meta-parameter(s) are neither")
     return ""
 
@@ -191,7 +194,7 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
             try:
                 return BatchRun(_run_groups(batched, supports, queries, truncations, seeds), True,
                                 reason, truncations)
-            except RuntimeError as err:
+            except (RuntimeError, ValueError) as err:
                 if not vmap_unsupported(err):
                     raise
                 reason = f"torch.func could not vectorise this model ({str(err).splitlines()[0]})"
@@ -233,7 +236,7 @@ def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool):
     if not exact or problem.hvp == "fwdrev" or not found.norms:
         return problem, ""
     norms = ", ".join(sorted(found.norms))
-    why = fwdrev_obstacle(problem.model, problem.config.rule, problem.params)
+    why = fwdrev_obstacle(problem.model, problem.config, problem.params)
     if why:
         return None, (f"torch.func.vmap differentiates {norms} twice wrongly (pytorch/functorch#534) "
                       f"and forward-over-reverse, which would replace it, {why}")
@@ -253,6 +256,12 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
             raise ValueError("Invalid hvp: 'fwdrev' cannot run attention with dropout per task "
                              "(torch.func draws other masks than the step that ran, so it would "
                              "differentiate another function); use 'revrev' or 'auto'")
+
+
+def task_aux(aux: Any, i: int) -> Any:
+    """Task ``i``'s entry of a vectorised group's stacked aux."""
+    return None if aux is None else pytree.tree_map(
+        lambda t: t[i] if isinstance(t, Tensor) else t, aux)
 
 
 def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:
@@ -289,7 +298,7 @@ def functional_problem(caller: str, model, losses: Tuple[Callable, Callable], se
     check_losses(*losses)
     check_generator(generator)
     params = check_params(params, model)
-    hvp = resolve_hvp(config.hvp, model, config.rule, params)
+    hvp = resolve_hvp(config, model, params)
     return Problem(model, losses[0], losses[1], config, config.law, params, hvp, generator)
 
 
@@ -299,7 +308,8 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
                     params: Optional[Sequence[Tensor]] = None,
                     generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
                     truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
-                    hvp: str = "auto", force_truncation=None) -> Tuple[Tensor, ...]:
+                    hvp: str = "auto", force_truncation=None,
+                    inner_params=None) -> Tuple[Tensor, ...]:
     """The summed hypergradient estimates of a meta-batch of tasks, vectorised.
 
     The batched twin of :func:`hypergrad`: ``supports`` and ``queries`` are a
@@ -323,7 +333,7 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
         FloatingPointError: a non-finite loss or hypergradient in any task.
     """
     settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
-                        hvp=hvp)
+                        hvp=hvp, inner_params=inner_params)
     problem = functional_problem("hypergrad_batch", model, (inner_loss, outer_loss), settings,
                                  params, generator)
     run = estimate_batch(problem, supports, queries, force_truncation)
@@ -339,7 +349,8 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
               params: Optional[Sequence[Tensor]] = None,
               generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
               truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
-              hvp: str = "auto", force_truncation: Optional[int] = None) -> Tuple[Tensor, ...]:
+              hvp: str = "auto", force_truncation: Optional[int] = None,
+              inner_params=None) -> Tuple[Tensor, ...]:
     """Estimate the hypergradient of one task, like ``torch.autograd.grad``.
 
     Runs ``steps`` inner steps from the module's parameters and returns the
@@ -386,6 +397,10 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             see :func:`resolve_hvp`.
         force_truncation: use this ``K`` instead of drawing it (tests and
             diagnostics; the weights stay those of the law).
+        inner_params: the parameters the inner loop adapts (names, a
+            predicate on the name, or the parameters; default every parameter
+            with ``requires_grad``); the others keep their module values.
+            ``params`` still chooses which tensors get a hypergradient.
 
     Returns:
         A tuple with one tensor per entry of ``params`` (zeros where a tensor
@@ -398,7 +413,7 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             restored, so a retry reproduces.
     """
     settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
-                        hvp=hvp)
+                        hvp=hvp, inner_params=inner_params)
     problem = functional_problem("hypergrad", model, (inner_loss, outer_loss), settings, params,
                                  generator)
     est = estimate_task(problem, support, query, force_truncation)

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from . import adaptive, distributed
+from .adapt import adapt
 from .config import Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, NonFiniteHypergradient
-from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads
+from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads, task_aux
 from .inner import InnerRule
 from .truncation import Bernoulli, TruncationLaw
 
@@ -38,6 +39,11 @@ class MetaResult:
             next outer step's in ``MetaOptimizer.q_stats["q"]``.
         forward_steps: inner steps run without a graph (forward pass and replays).
         reverse_steps: inner steps rebuilt with a graph by the exact sweep.
+        aux: what ``outer_loss`` returned beside the loss when it returns
+            ``(loss, aux)`` (accuracy, logits, ...), from the forward pass,
+            with every tensor detached; ``None`` for a plain loss. Replays and
+            rebuilds call the losses again but never change it. The inner
+            loss may return ``(loss, aux)`` too; its aux is not kept.
     """
 
     outer_loss: Tensor
@@ -47,6 +53,7 @@ class MetaResult:
     q: Optional[float]
     forward_steps: int
     reverse_steps: int
+    aux: Any = None
 
 
 class MetaOptimizer:
@@ -93,10 +100,10 @@ class MetaOptimizer:
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.
         truncation: a law from :mod:`torch_ufom.truncation`, instead of ``mode``.
         process_group: data parallelism over ``torch.distributed`` (``None``:
-            off; ``torch.distributed.group.WORLD`` or any process group: on).
-            Each rank runs its own tasks; :meth:`step` first averages the
-            meta-gradients over the global number of tasks (without a group,
-            ``backward`` accumulates sums like ``loss.backward()``). Each rank
+            off; ``True``, ``torch.distributed.group.WORLD`` or any process
+            group: on). Each rank runs its own tasks; :meth:`step` first sums
+            the meta-gradients over all ranks (then applies ``reduction``
+            over the global number of tasks). Each rank
             draws from its own generator, seeded from one seed (``generator``'s,
             or rank 0's global seed) and its rank; ``q="auto"`` statistics stay
             identical on every rank.
@@ -104,6 +111,22 @@ class MetaOptimizer:
             the faster where it applies), ``"fwdrev"`` (forward-over-reverse,
             ``torch.func.jvp`` of the inner gradient) or ``"revrev"``
             (reverse-over-reverse); see :func:`torch_ufom.functional.resolve_hvp`.
+        reduction: how an outer step combines its tasks' estimates:
+            ``"sum"`` (default: :meth:`backward` accumulates like
+            ``loss.backward()``, and with a ``process_group`` the sums of every
+            rank add up) or ``"mean"`` (:meth:`step` divides by the number of
+            tasks since the last step, over all ranks with a ``process_group``),
+            as most MAML programs average their meta-batch.
+        inner_params: the parameters the inner loop adapts: names, a predicate
+            on the name, or the parameters themselves (default: every parameter
+            with ``requires_grad``). The others keep their module values during
+            the inner loop; those the outer optimizer holds get their full
+            hypergradient, through every inner step and the outer loss (ANIL's
+            body, BatchNorm's affine parameters in pytorch-maml). Under
+            ``fom`` (and on the first-order part of any estimate) the inner
+            gradient is held constant, so they get the outer loss's direct
+            gradient at the adapted parameters only. Per-parameter
+            hyperparameter dicts name the adapted parameters only.
 
     The configuration is resolved once (:mod:`torch_ufom.config`); ``steps``,
     ``mode``, ``q``, ``law``, ``memory``, ``slots``, ``hvp`` and ``inner`` are
@@ -126,9 +149,10 @@ class MetaOptimizer:
                  truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
                  q_rule: str = "ufom", q_min: Optional[float] = None,
                  q_beta: Optional[float] = None, track_buffers: bool = False,
-                 process_group: Any = None, hvp: str = "auto"):
+                 process_group: Any = None, hvp: str = "auto", inner_params=None,
+                 reduction: str = "sum"):
         settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, q_rule, q_min, q_beta,
-                            memory, slots, hvp)
+                            memory, slots, hvp, inner_params)
         config = resolve(settings, model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -136,6 +160,8 @@ class MetaOptimizer:
         check_generator(generator)
         if not isinstance(track_buffers, bool):
             raise TypeError(f"Invalid track_buffers: {track_buffers!r} (expected True or False)")
+        if reduction not in ("sum", "mean") or not isinstance(reduction, str):
+            raise ValueError(f"Invalid reduction: {reduction!r} (expected one of sum, mean)")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
         if missing:
@@ -151,7 +177,7 @@ class MetaOptimizer:
         self.model, self.optimizer, self.generator = model, optimizer, generator
         self._config = config
         self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
-        self.track_buffers = track_buffers
+        self.track_buffers, self.reduction = track_buffers, reduction
         self._buffers: List[List[Tensor]] = []  # final buffers of the tasks since the last step
         self._observations: List[Dict[str, float]] = []  # q="auto" observations since the last step
         self._tasks = 0  # tasks since the last step
@@ -228,7 +254,7 @@ class MetaOptimizer:
         check_losses(inner_loss, outer_loss)
         meta = tuple(self.meta_parameters())
         c = self._config
-        hvp = resolve_hvp(c.hvp, self.model, c.rule, meta)
+        hvp = resolve_hvp(c, self.model, meta)
         return Problem(self.model, inner_loss, outer_loss, c, self.law, meta, hvp, self.generator)
 
     @property
@@ -288,7 +314,7 @@ class MetaOptimizer:
         self._observe(est, seconds)
         self._tasks += 1
         return MetaResult(est.outer_loss, est.inner_losses, est.truncation, est.weights, q,
-                          est.forward_steps, est.reverse_steps)
+                          est.forward_steps, est.reverse_steps, est.aux)
 
     def backward_batch(self, inner_loss: Callable, outer_loss: Callable, supports: Any, queries: Any,
                        *, force_truncation=None) -> List[MetaResult]:
@@ -337,12 +363,34 @@ class MetaOptimizer:
                 results[i] = MetaResult(
                     est.outer_loss[col] if batched else est.outer_loss,
                     est.inner_losses[:, col] if batched else est.inner_losses,
-                    est.truncation, est.weights, q, est.forward_steps, est.reverse_steps)
+                    est.truncation, est.weights, q, est.forward_steps, est.reverse_steps,
+                    task_aux(est.aux, col) if batched else est.aux)
             if self.track_buffers and not run.vectorised:
                 self._buffers.append(list(est.buffers))
             self._observe(est, seconds)
         self._tasks += len(run.truncations)
         return results
+
+    def adapt(self, inner_loss: Callable, support: Any, steps: Optional[int] = None,
+              generator: Optional[torch.Generator] = None):
+        """Test-time adaptation with this optimizer's inner rule and ``inner_params``:
+        :func:`torch_ufom.adapt` from the module's current parameters.
+
+        Args:
+            inner_loss: ``(fmodel, batch) -> scalar tensor``.
+            support: one batch, :class:`~torch_ufom.StepBatches` or ``j -> batch``.
+            steps: inner steps (default: the optimizer's ``steps``).
+            generator: the random streams' generator (default: the global one;
+                the optimizer's own generator is left alone, so meta-test does
+                not change training's draws).
+
+        Returns:
+            The adapted :class:`~torch_ufom.FunctionalModel`.
+        """
+        s = self._config.settings
+        return adapt(self.model, inner_loss, support, steps=self.steps if steps is None else steps,
+                     inner_lr=s.inner_lr, inner=s.inner, inner_params=s.inner_params,
+                     generator=generator)
 
     def _observe(self, est: Estimate, seconds: float) -> None:
         """With ``q="auto"``, keep a task's observation for :meth:`step`."""
@@ -403,13 +451,17 @@ class MetaOptimizer:
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """Step the outer optimizer; returns what ``optimizer.step(closure)`` returns.
 
-        With a ``process_group``, first averages the meta-gradients over all
-        ranks' tasks (:meth:`synchronize`). Then, with ``q="auto"``, updates
+        First applies ``reduction``: with a ``process_group``, sums the
+        meta-gradients over all ranks (:meth:`synchronize`); with ``"mean"``,
+        divides by the number of tasks since the last step (all ranks'). Then
+        steps the outer optimizer and, with ``q="auto"``, updates
         ``q`` from the tasks since the last step, and with ``track_buffers``
         writes the tasks' final buffers into the module.
         """
         if self.distributed:
             self.synchronize()
+        elif self.reduction == "mean":
+            self._divide(self._tasks)
         result = self.optimizer.step(closure)
         self._tasks = 0
         if self.q_stats is not None:
@@ -432,15 +484,26 @@ class MetaOptimizer:
         return result
 
     def synchronize(self) -> int:
-        """All-reduce the meta-gradients over the process group and divide by the
-        global number of tasks since the last step; returns that number.
+        """Sum the meta-gradients over the process group and apply ``reduction`` over
+        the global number of tasks since the last step; returns that number.
 
-        Called by :meth:`step`; call it yourself to inspect the averaged
+        Called by :meth:`step`; call it yourself to inspect the reduced
         gradients (then call it only once per outer step).
         """
         if not self.distributed:
             raise ValueError("Invalid call: synchronize needs a process_group")
-        return distributed.average_gradients(self.meta_parameters(), self._tasks, self.process_group)
+        total = distributed.sum_gradients(self.meta_parameters(), self._tasks, self.process_group)
+        if self.reduction == "mean":
+            self._divide(total)
+        return total
+
+    def _divide(self, tasks: int) -> None:
+        """Divide the accumulated meta-gradients by ``tasks`` (``"mean"``)."""
+        if tasks > 1:
+            with torch.no_grad():
+                for p in self.meta_parameters():
+                    if p.grad is not None:
+                        p.grad.div_(tasks)
 
     def state_dict(self) -> Dict[str, Any]:
         """What a resumed run needs, as a dict (``torch.save`` it beside the model's).

@@ -17,10 +17,12 @@ recomputed.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -52,6 +54,17 @@ class FunctionalModel:
     def parameters(self):
         """Iterate over the current inner parameters."""
         return iter(self.params.values())
+
+    def to_module(self) -> nn.Module:
+        """A plain ``nn.Module``: a deep copy of the module holding these parameters and
+        buffers (detached), e.g. to save or fine-tune an adapted model."""
+        module = copy.deepcopy(self.module)
+        with torch.no_grad():
+            for name, value in self.params.items():
+                module.get_parameter(name).copy_(value)
+            for name, value in self.buffers.items():
+                module.get_buffer(name).copy_(value)
+        return module
 
 
 class State(NamedTuple):
@@ -145,6 +158,27 @@ def _check_loss(loss: Any, name: str) -> Tensor:
     return loss
 
 
+def loss_and_aux(out: Any, name: str) -> Tuple[Tensor, Any]:
+    """Split what a loss returned: a scalar tensor, or ``(loss, aux)`` like
+    ``torch.func.grad(has_aux=True)``; ``aux`` is ``()`` when there is none."""
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[0], Tensor) or out[0].dim() != 0:
+            first = type(out[0]).__name__ if out else "nothing"
+            if out and isinstance(out[0], Tensor):
+                first = f"a tensor of shape {tuple(out[0].shape)}"
+            raise ValueError(f"Invalid {name}: it returned a tuple of {len(out)} items whose first "
+                             f"item is {first} (expected a scalar tensor, or (scalar tensor, aux))")
+        return _check_loss(out[0], name), out[1]
+    return _check_loss(out, name), ()
+
+
+def detached(aux: Any) -> Any:
+    """``aux`` with every tensor detached (``None`` for no aux)."""
+    if isinstance(aux, tuple) and aux == ():
+        return None
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)
+
+
 def _check_depends(loss: Tensor, name: str) -> None:
     """Raise ``ValueError`` naming ``name`` if ``loss`` does not require grad."""
     if not loss.requires_grad:
@@ -207,8 +241,9 @@ class Evaluator(Protocol):
         """``H v`` of the inner loss at ``state.params`` by forward-over-reverse."""
 
     def outer(self, loop: "InnerLoop", params: Tuple[Tensor, ...], state: State):
-        """The outer loss (per task) at ``params`` (leaves that require grad) and its
-        gradient with respect to ``params + loop.meta`` (summed over tasks)."""
+        """The outer loss (per task) at ``params`` (leaves that require grad), its aux
+        (``()`` for none) and its gradient with respect to ``params + loop.meta``
+        (summed over tasks)."""
 
     def reduce(self, adjoint: Tensor) -> Tensor:
         """A shared initial parameter's adjoint from its state's adjoint."""
@@ -222,20 +257,21 @@ class PerTask:
 
     def grad(self, loop, state, batch, create_graph):
         fm = loop.fmodel(state.params, state.buffers)
-        loss = _check_loss(loop.inner_loss(fm, batch), "inner_loss")
+        loss, _ = loss_and_aux(loop.inner_loss(fm, batch), "inner_loss")  # the inner aux is dropped
         grads = torch.autograd.grad(loss, state.params, create_graph=create_graph, allow_unused=True)
         grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(state.params, grads))
         return loss, grads, tuple(fm.buffers[n] for n in loop.buffer_names)
 
     def hvp(self, loop, state, batch, vec):
         def loss_of(ps):
-            return loop.inner_loss(loop.fmodel(ps, state.buffers), batch)
+            return loss_and_aux(loop.inner_loss(loop.fmodel(ps, state.buffers), batch), "inner_loss")[0]
 
         return torch.func.jvp(torch.func.grad(loss_of), (state.params,), (vec,))[1]
 
     def outer(self, loop, params, state):
-        loss = _check_loss(loop.outer_loss(loop.fmodel(params, state.buffers), loop.query), "outer_loss")
-        return loss, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True)
+        out = loop.outer_loss(loop.fmodel(params, state.buffers), loop.query)
+        loss, aux = loss_and_aux(out, "outer_loss")
+        return loss, aux, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True)
 
     def reduce(self, adjoint):
         return adjoint
@@ -271,8 +307,10 @@ class InnerLoop:
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
         self.batch = batch_getter(support, self.steps)
         named = list(module.named_parameters())
-        self.names = [n for n, p in named if p.requires_grad]
-        self.frozen = {n: p for n, p in named if not p.requires_grad}
+        self.names = list(problem.config.adapted)
+        # Parameters the inner loop does not adapt keep their module values (as
+        # leaves: a meta-parameter among them gets its gradient through every step).
+        self.frozen = {n: p for n, p in named if n not in set(self.names)}
         self.buffer_names = [n for n, _ in module.named_buffers()]
         self.meta = [t for t in problem.params if t.requires_grad]
         meta_ids = {id(t) for t in self.meta}
@@ -371,14 +409,14 @@ class InnerLoop:
 
     # -- outer loss ------------------------------------------------------------------
     def outer_vjp(self, state: State):
-        """``dL_out/d(params + opt)`` at ``s_r``, the explicit ``dL_out/dtheta`` and the
-        outer loss (one per task for a meta-batch)."""
+        """``dL_out/d(params + opt)`` at ``s_r``, the explicit ``dL_out/dtheta``, the
+        outer loss (one per task for a meta-batch) and its aux, detached."""
         params = tuple(p.detach().requires_grad_() for p in state.params)
         with torch.enable_grad(), self.stream(self.steps + 1):
-            loss, grads = self.evaluator.outer(self, params, state)
+            loss, aux, grads = self.evaluator.outer(self, params, state)
         e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
         e = e + tuple(torch.zeros_like(t) for t in state.opt)
-        return e, list(grads[len(params):]), loss.detach()
+        return e, list(grads[len(params):]), loss.detach(), detached(aux)
 
     def first_order_theta(self, f_params: Sequence[Tensor], grad_sum: Sequence[Tensor], state: State):
         """The meta-parameter terms of the first-order steps of an additive rule.

@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .unroll import FunctionalModel, StepBatches, _check_depends, _check_loss
+from .unroll import FunctionalModel, StepBatches, _check_depends, loss_and_aux
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "vmap_unsupported"]
@@ -211,7 +211,7 @@ class Vectorised:
     def grad(self, loop, state, batch, create_graph):
         def one(params, b):
             def loss_of(ps):
-                loss = _check_loss(loop.inner_loss(loop.fmodel(ps, state.buffers), b), "inner_loss")
+                loss, _ = loss_and_aux(loop.inner_loss(loop.fmodel(ps, state.buffers), b), "inner_loss")
                 return loss, loss
 
             grads, loss = torch.func.grad(loss_of, has_aux=True)(params)
@@ -226,7 +226,7 @@ class Vectorised:
     def hvp(self, loop, state, batch, vec):
         def one(ps, vs, b):
             def loss_of(pp):
-                return loop.inner_loss(loop.fmodel(pp, state.buffers), b)
+                return loss_and_aux(loop.inner_loss(loop.fmodel(pp, state.buffers), b), "inner_loss")[0]
 
             return torch.func.jvp(torch.func.grad(loss_of), (ps,), (vs,))[1]
 
@@ -234,11 +234,12 @@ class Vectorised:
 
     def outer(self, loop, params, state):
         def one(ps, qb):
-            return _check_loss(loop.outer_loss(loop.fmodel(ps, state.buffers), qb), "outer_loss")
+            return loss_and_aux(loop.outer_loss(loop.fmodel(ps, state.buffers), qb), "outer_loss")
 
-        losses = torch.func.vmap(one, randomness="different")(params, loop.query)
+        losses, aux = torch.func.vmap(one, randomness="different")(params, loop.query)
         _check_depends(losses, "outer_loss")  # vmap's batched tensors hide requires_grad
-        return losses, torch.autograd.grad(losses.sum(), params + tuple(loop.meta), allow_unused=True)
+        grads = torch.autograd.grad(losses.sum(), params + tuple(loop.meta), allow_unused=True)
+        return losses, aux, grads
 
     def reduce(self, adjoint):
         """The tasks share the initial parameters: their adjoints add up."""

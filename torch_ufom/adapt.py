@@ -1,0 +1,173 @@
+"""Test-time adaptation: the inner loop alone, without a graph.
+
+Meta-validation and meta-test fine-tune the meta-learned initialisation on a
+task's support set and evaluate the result, often with more inner steps than
+training used. :func:`adapt` runs the same inner loop as the hypergradient
+estimators (same rule, same adapted parameters, same per-step random streams)
+but keeps no graph between steps, so its memory does not grow with ``steps``,
+and returns a :class:`~torch_ufom.FunctionalModel` at the adapted parameters
+and buffers. :func:`adapt_batch` adapts a stacked meta-batch of tasks at once.
+The module itself is never changed; both work under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .config import Settings, check_generator, resolve
+from .estimators import SweepLog
+from .functional import restore_rng_on_error
+from .inner import InnerRule
+from .unroll import Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State
+from .vectorised import Vectorised, meta_batch_size, probe, task_of, vmap_unsupported
+
+__all__ = ["adapt", "adapt_batch", "StackedFunctionalModel"]
+
+
+class StackedFunctionalModel:
+    """The adapted models of a meta-batch: parameters and buffers with a leading task
+    dimension. Call it like the module on stacked inputs (``fmodel(xs)`` with
+    ``xs[i]`` task ``i``'s input): it runs ``torch.func.vmap`` over the tasks.
+
+    Attributes:
+        module: the user's module (not changed).
+        params, buffers: dicts from name to stacked tensors (non-adapted
+            parameters and shared buffers are expanded views).
+        size: the number of tasks.
+    """
+
+    def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
+                 size: int):
+        self.module, self.params, self.buffers, self.size = module, params, buffers, size
+
+    def __call__(self, *args, **kwargs):
+        def one(params, buffers, a, k):
+            return functional_call(self.module, (params, buffers), a, k)
+
+        return torch.func.vmap(one, randomness="different")(self.params, self.buffers, args, kwargs)
+
+    def task(self, i: int) -> FunctionalModel:
+        """Task ``i``'s adapted model."""
+        return FunctionalModel(self.module, {n: t[i] for n, t in self.params.items()},
+                               {n: t[i] for n, t in self.buffers.items()})
+
+
+def _problem(model, inner_loss, settings: Settings, generator) -> Problem:
+    config = resolve(settings, model, "adapt")
+    if not callable(inner_loss):
+        raise TypeError(f"Invalid inner_loss: expected a callable (fmodel, batch) -> scalar tensor, "
+                        f"got {type(inner_loss).__name__}")
+    check_generator(generator)
+    return Problem(model, inner_loss, None, config, config.law, (), "revrev", generator)
+
+
+def _run(problem: Problem, evaluator: Evaluator, support: Any) -> State:
+    """The inner loop from the module's parameters, without a graph; ``s_r``."""
+    device = problem.generator.device if problem.generator is not None else "cpu"
+    seed = int(torch.randint(0, 1 << 62, (), generator=problem.generator, device=device))
+    loop = InnerLoop(problem, evaluator, support, None, seed)
+    log = SweepLog(loop.steps)
+    state = loop.initial_state()
+    for j in range(1, loop.steps + 1):
+        state, loss, _ = loop.advance(state, j)
+        log.first(loss)
+    if not bool(log.finite):  # one host synchronisation per call
+        j = int((~torch.isfinite(log.values.reshape(loop.steps, -1)).all(1)).nonzero()[0, 0]) + 1
+        raise FloatingPointError(f"inner_loss is not finite at inner step {j}")
+    return state
+
+
+def _named(problem: Problem, state: State):
+    """The adapted model's parameters (non-adapted ones at their module values) and buffers."""
+    model, adapted = problem.model, problem.config.adapted
+    params = dict(zip(adapted, state.params))
+    for n, p in model.named_parameters():
+        params.setdefault(n, p.detach())
+    return params, {n: b for (n, _), b in zip(model.named_buffers(), state.buffers)}
+
+
+def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, inner_lr=None,
+          inner: Optional[InnerRule] = None, inner_params=None,
+          generator: Optional[torch.Generator] = None) -> FunctionalModel:
+    """Run the inner loop on one task without a meta-gradient and return the adapted model.
+
+    Args:
+        model: the module whose parameters the loop starts from (not changed).
+        inner_loss: ``(fmodel, batch) -> scalar tensor`` (or ``(loss, aux)``;
+            the aux is not kept).
+        support: one batch reused at every step, :class:`~torch_ufom.StepBatches`,
+            or a callable ``j -> batch``.
+        steps: the number of inner steps (any number; it need not be training's).
+        inner_lr, inner: the inner rule, as for :func:`~torch_ufom.hypergrad`.
+        inner_params: the parameters to adapt (default: every parameter with
+            ``requires_grad``); the others keep their values.
+        generator: the random streams' generator (default: the global one).
+
+    Returns:
+        A :class:`~torch_ufom.FunctionalModel` at the adapted parameters and
+        buffers (BatchNorm's running statistics as the inner loop left them):
+        call it like the module, read ``.params``, or get an ``nn.Module`` copy
+        with ``.to_module()``. No graph is kept.
+
+    Raises:
+        TypeError, ValueError: an invalid argument (nothing changes).
+        FloatingPointError: a non-finite inner loss.
+    """
+    problem = _problem(model, inner_loss, Settings(steps, inner_lr, inner, mode="fom",
+                                                   inner_params=inner_params), generator)
+    with restore_rng_on_error(generator), torch.no_grad():
+        state = _run(problem, PerTask(), support)
+    params, buffers = _named(problem, state)
+    return FunctionalModel(model, params, buffers)
+
+
+def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps: int,
+                inner_lr=None, inner: Optional[InnerRule] = None, inner_params=None,
+                generator: Optional[torch.Generator] = None) -> StackedFunctionalModel:
+    """:func:`adapt` for a meta-batch: ``supports`` stacks the tasks along dimension 0.
+
+    The tasks run at once through ``torch.func.vmap`` unless the inner loss
+    writes the module's buffers (BatchNorm's running statistics in train mode)
+    or ``vmap`` cannot run the model; they then run one by one, each with its
+    own random streams. Without random operations the result equals a loop of
+    :func:`adapt` over the tasks (with dropout, ``vmap`` draws other masks).
+
+    Returns:
+        A :class:`StackedFunctionalModel`; ``.task(i)`` is task ``i``'s
+        :class:`~torch_ufom.FunctionalModel`.
+    """
+    problem = _problem(model, inner_loss, Settings(steps, inner_lr, inner, mode="fom",
+                                                   inner_params=inner_params), generator)
+    size = meta_batch_size(supports, ())
+    with restore_rng_on_error(generator), torch.no_grad():
+        first = task_of(supports, 0)
+        found = probe(model, inner_loss, first if not callable(first) else first(0))
+        if not found.written:
+            try:
+                state = _run(problem, Vectorised(size), supports)
+                return _stacked(problem, [state], size)
+            except (RuntimeError, ValueError) as err:
+                if not vmap_unsupported(err):
+                    raise
+        states = [_run(problem, PerTask(), task_of(supports, i)) for i in range(size)]
+        return _stacked(problem, states, size)
+
+
+def _stacked(problem: Problem, states, size: int) -> StackedFunctionalModel:
+    """One stacked model from one vectorised state or ``size`` per-task states."""
+    model, adapted = problem.model, problem.config.adapted
+    if len(states) == 1:
+        params = dict(zip(adapted, states[0].params))
+        buffers = {n: b.unsqueeze(0).expand(size, *b.shape)
+                   for (n, _), b in zip(model.named_buffers(), states[0].buffers)}
+    else:
+        params = {n: torch.stack([s.params[i] for s in states]) for i, n in enumerate(adapted)}
+        buffers = {n: torch.stack([s.buffers[i] for s in states])
+                   for i, (n, _) in enumerate(model.named_buffers())}
+    for n, p in model.named_parameters():
+        if n not in params:
+            params[n] = p.detach().unsqueeze(0).expand(size, *p.shape)
+    return StackedFunctionalModel(model, params, buffers, size)
