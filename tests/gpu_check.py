@@ -401,7 +401,7 @@ def exactness(part: Part, probs: Problems) -> None:
         part.item(f"{name} backward_batch vs per-task loop",
                   lambda n=name: _batch_vs_loop(probs, n, steps), gated=True)
     part.item("transformer_dropout float32 store/recompute/checkpoint",
-              lambda: _memories_agree(probs, "transformer_dropout", steps), gated=True)
+              lambda: _replays(probs, "transformer_dropout", steps, "exact"), gated=True)
 
 
 def _vs_oracle(probs: Problems, name: str, mode: str, steps: int) -> Dict:
@@ -460,10 +460,6 @@ def _replays(probs: Problems, name: str, steps: int, mode: str) -> Dict:
     ok = all(same.values()) and live > 0
     return {"status": "pass" if ok else "fail", "bit_identical": same,
             "other_seed_rel_diff": live}
-
-
-def _memories_agree(probs: Problems, name: str, steps: int) -> Dict:
-    return _replays(probs, name, steps, "exact")
 
 
 # -- replay --------------------------------------------------------------------------------
