@@ -20,7 +20,7 @@ mkdir -p "$out"
 need() {  # need MODULE WHEEL...: pip-install the wheels unless MODULE imports
     local module="$1"; shift
     python -c "import $module" 2>/dev/null && return 0
-    pip install -q --no-index "$@" && return 0
+    python -m pip install -q --no-index "$@" && return 0
     echo "pip could not install $module: importing its wheels as zip files" >&2
     for w in "$@"; do PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/$w"; done
     export PYTHONPATH
