@@ -2,7 +2,7 @@
 
 Run from the repository root (``docs/gpu.md`` says how on the offline GPU machine)::
 
-    python tests/gpu_check.py --device cuda --out results/gpu --time-limit 330
+    python tests/gpu_check.py --device cuda --out results/gpu --time-limit 240
     python tests/gpu_check.py --device cpu --tiny --out /tmp/gpu-tiny     # the test suite's run
 
 Parts, in order, each with its budget at full size on one H200 (``BUDGETS``; an
@@ -928,6 +928,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_check: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the CUDA events and the sync debug mode use the current one
     report = Report(Path(args.out), describe(args, device))
     deadline = None if args.time_limit is None else time.perf_counter() + args.time_limit
     probs = Problems(args.size, device)
