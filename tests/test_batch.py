@@ -8,6 +8,7 @@ from torch import nn
 
 import torch_ufom
 from conftest import cnn_problem, mlp_problem, mse, rel_err
+from devices import DEVICES, to
 from oracle import brute_force
 from torch_ufom.truncation import Geometric
 
@@ -57,10 +58,12 @@ CASES = [  # (mode / law, forced truncations: a mixed meta-batch where only some
 @pytest.mark.parametrize("memory", ["checkpoint", "store"])
 @pytest.mark.parametrize("hvp", ["revrev", "fwdrev"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_backward_batch_equals_the_sum_of_per_task_backward(case, hvp, memory):
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_batch_equals_the_sum_of_per_task_backward(case, hvp, memory, device):
     kw, forced = CASES[case]
     model, loss, data = mlp_problem(case)
-    lr = torch.tensor(0.2, requires_grad=True)  # a learned inner rate: a shared meta-parameter
+    model, data = model.to(device), to(device, data)
+    lr = torch.tensor(0.2, requires_grad=True, device=device)  # a learned inner rate: a shared meta-parameter
     supports, queries = stacked(data, 0), stacked(data, 10)
     meta = meta_opt(model, lr, memory=memory, hvp=hvp, **kw)
     with no_fallback():  # the vectorised path must run
@@ -76,8 +79,10 @@ def test_backward_batch_equals_the_sum_of_per_task_backward(case, hvp, memory):
     assert all(r.reverse_steps == k for r, k in zip(out, forced) if k > 0)
 
 
-def test_hypergrad_batch_matches_brute_force_for_the_exact_mode():
+@pytest.mark.parametrize("device", DEVICES)
+def test_hypergrad_batch_matches_brute_force_for_the_exact_mode(device):
     model, loss, data = mlp_problem(7)
+    model, data = model.to(device), to(device, data)
     supports, queries = stacked(data, 0), stacked(data, 10)
     params = list(model.parameters())
     got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=STEPS, inner_lr=0.3,
@@ -89,9 +94,11 @@ def test_hypergrad_batch_matches_brute_force_for_the_exact_mode():
     assert rel_err(got, want) < 1e-9
 
 
-def test_drawn_truncations_match_a_loop_of_single_task_calls():
+@pytest.mark.parametrize("device", DEVICES)
+def test_drawn_truncations_match_a_loop_of_single_task_calls(device):
     # The same generator state gives the same draws, task by task.
     model, loss, data = mlp_problem(3)
+    model, data = model.to(device), to(device, data)
     supports, queries = stacked(data, 0, 8), stacked(data, 10, 8)
     meta = meta_opt(model, 0.3, mode="ufom", q=0.4, generator=torch.Generator().manual_seed(5))
     out = meta.backward_batch(loss, loss, supports, queries)
@@ -120,10 +127,12 @@ def test_results_per_task_and_dict_batches():
         assert torch.allclose(r.inner_losses, single.inner_losses, rtol=1e-12, atol=0)
 
 
-def test_a_model_with_buffers_falls_back_to_the_per_task_loop_and_says_so_once():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_model_with_buffers_falls_back_to_the_per_task_loop_and_says_so_once(device):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
     _, loss, data = mlp_problem(0)
+    model, data = model.to(device), to(device, data)
     supports, queries = stacked(data, 0), stacked(data, 10)
     meta = meta_opt(model, 0.3, mode="exact", memory="store")
     with pytest.warns(UserWarning, match="per-task loop: the module has buffers"):
@@ -137,8 +146,10 @@ def test_a_model_with_buffers_falls_back_to_the_per_task_loop_and_says_so_once()
     assert rel_err(got, grads(meta)) < 1e-10
 
 
-def test_a_cnn_meta_batch_is_vectorised():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cnn_meta_batch_is_vectorised(device):
     model, loss, data = cnn_problem(2)
+    model, data = model.to(device), to(device, data)
     supports, queries = stacked(data, 0), stacked(data, 10)
     meta = meta_opt(model, 0.2, mode="ufom", q=0.5)
     with no_fallback():
@@ -192,9 +203,11 @@ def test_bad_forced_truncations(force, arg):
 # -- Hessian-vector products -------------------------------------------------------------------
 
 @pytest.mark.parametrize("inner", ["sgd", "momentum", "adam"])
-def test_forward_over_reverse_equals_reverse_over_reverse(inner):
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_over_reverse_equals_reverse_over_reverse(inner, device):
     model, loss, data = mlp_problem(6)
-    lr = torch.tensor(0.1, requires_grad=True)
+    model, data = model.to(device), to(device, data)
+    lr = torch.tensor(0.1, requires_grad=True, device=device)
     rule = {"sgd": torch_ufom.inner.SGD(lr), "momentum": torch_ufom.inner.SGD(lr, momentum=0.9),
             "adam": torch_ufom.inner.Adam(lr, weight_decay=0.01)}[inner]
     params = list(model.parameters()) + [lr]

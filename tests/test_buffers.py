@@ -8,6 +8,7 @@ from torch import nn
 
 import torch_ufom
 from conftest import rel_err, xent
+from devices import DEVICES, deterministic, to
 
 
 class BNCNN(nn.Module):
@@ -34,8 +35,11 @@ def problem(seed=0, p=0.3):
 
 
 @pytest.mark.parametrize("mode", ["exact", "ufom"])
-def test_recompute_checkpoint_and_store_agree_bit_for_bit(mode):
+@pytest.mark.parametrize("device", DEVICES)
+@deterministic()
+def test_recompute_checkpoint_and_store_agree_bit_for_bit(mode, device):
     model, data = problem()
+    model, data = model.to(device), to(device, data)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     grads = {}
     for memory in ("store", "recompute", "checkpoint"):

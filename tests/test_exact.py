@@ -4,6 +4,7 @@ import torch
 
 import torch_ufom
 from conftest import cnn_problem, mlp_problem, rel_err
+from devices import DEVICES, to
 from oracle import brute_force
 
 PROBLEMS = {"mlp": mlp_problem, "cnn": cnn_problem}
@@ -18,11 +19,12 @@ def support_of(kind, data, steps):
     return data.__getitem__, data.__getitem__
 
 
-def meta_problem(problem):
+def meta_problem(problem, device="cpu"):
     """A problem whose meta-parameters are the model, a learned inner rate and an outer weight."""
     model, loss, data = PROBLEMS[problem]()
-    lr = torch.tensor(0.1, requires_grad=True)
-    w = torch.tensor(0.8, requires_grad=True)
+    model, data = model.to(device), to(device, data)
+    lr = torch.tensor(0.1, requires_grad=True, device=device)
+    w = torch.tensor(0.8, requires_grad=True, device=device)
 
     def outer(f, batch):
         return w * loss(f, batch)
@@ -34,8 +36,9 @@ def meta_problem(problem):
 @pytest.mark.parametrize("steps", [1, 5, 25])
 @pytest.mark.parametrize("kind", ["one", "list", "callable"])
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
-def test_meta_optimizer_matches_brute_force(problem, kind, steps):
-    model, loss, outer, data, lr, params = meta_problem(problem)
+@pytest.mark.parametrize("device", DEVICES)
+def test_meta_optimizer_matches_brute_force(problem, kind, steps, device):
+    model, loss, outer, data, lr, params = meta_problem(problem, device)
     support, batch = support_of(kind, data, steps)
     query = data[-1]
     before = [p.detach().clone() for p in model.parameters()]
@@ -60,8 +63,10 @@ def test_meta_optimizer_matches_brute_force(problem, kind, steps):
 
 
 @pytest.mark.parametrize("memory", ["recompute", "store"])
-def test_hypergrad_per_parameter_rates_and_float_rate(memory):
+@pytest.mark.parametrize("device", DEVICES)
+def test_hypergrad_per_parameter_rates_and_float_rate(memory, device):
     model, loss, data = mlp_problem(1)
+    model, data = model.to(device), to(device, data)
     steps = 5
     rates = {n: torch.full_like(p, 0.05).requires_grad_() for n, p in model.named_parameters()}
     params = list(model.parameters()) + list(rates.values())
@@ -76,8 +81,10 @@ def test_hypergrad_per_parameter_rates_and_float_rate(memory):
     assert rel_err(got, ref) < 1e-12
 
 
-def test_backward_accumulates_like_loss_backward():
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_accumulates_like_loss_backward(device):
     model, loss, data = mlp_problem(2)
+    model, data = model.to(device), to(device, data)
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                     inner_lr=0.1, steps=3, mode="exact")
     meta.zero_grad()
@@ -93,9 +100,11 @@ def test_backward_accumulates_like_loss_backward():
     assert all(torch.allclose(p, b - 0.1 * p.grad) for p, b in zip(model.parameters(), before))
 
 
-def test_unused_meta_parameter_keeps_grad_none():
+@pytest.mark.parametrize("device", DEVICES)
+def test_unused_meta_parameter_keeps_grad_none(device):
     model, loss, data = mlp_problem(3)
-    unused = torch.zeros(2, requires_grad=True)
+    model, data = model.to(device), to(device, data)
+    unused = torch.zeros(2, requires_grad=True, device=device)
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(list(model.parameters()) + [unused], lr=0.1),
                                     inner_lr=0.1, steps=2, mode="exact")
     meta.backward(loss, loss, data[0], data[1])
