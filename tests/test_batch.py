@@ -259,6 +259,7 @@ def test_fwdrev_names_the_fix_when_torch_func_cannot_differentiate_a_loss(monkey
                              mode="exact", hvp="fwdrev")
 
 
+@pytest.mark.slow
 def test_conv4_without_running_statistics_is_vectorised_and_exact():
     """Issue 10: the MAML conv4 with BatchNorm without running statistics, a meta-batch of
     16 with forced truncations, runs vectorised and equals the brute-force oracle."""

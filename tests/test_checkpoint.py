@@ -74,6 +74,7 @@ def test_checkpoint_inside_a_truncated_sweep():
     assert rel_err(grads["checkpoint"], grads["store"]) < 1e-12
 
 
+@pytest.mark.slow
 def test_replays_per_step_at_1000_steps_and_8_slots():
     torch.manual_seed(0)
     model = nn.Linear(2, 1)

@@ -9,6 +9,8 @@ import torch.multiprocessing as mp
 import torch_ufom
 from conftest import mlp_problem, rel_err
 
+pytestmark = pytest.mark.slow  # subprocesses / several processes
+
 TASKS = [(0, 1, 0), (2, 3, 3), (4, 5, 3), (6, 7, 0)]  # (support, query, forced K)
 
 

@@ -68,6 +68,7 @@ def test_fixed_truncation_is_G_k(problem, k):
         assert rel_err(G[k], G[STEPS]) > 1e-4  # truncation is biased here
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("law", [Bernoulli(0.2), Geometric(0.5, 0.8)], ids=repr)
 def test_mean_of_2000_seeded_draws_is_within_4_standard_errors(problem, law):
     model, loss, outer, lr, params, support, query, G = problem

@@ -79,6 +79,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses measuring peak memory
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WIDTH, DEPTH, BATCH = 354, 8, 16
