@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import torch_ufom
-from conftest import mlp_problem, rel_err
+from helpers import mlp_problem, rel_err
 from oracle import brute_force
 from torch_ufom.adaptive import AdaptiveQ, authors_q, init_stats, observe, optimal_q, update
 

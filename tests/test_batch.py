@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import torch_ufom
-from conftest import cnn_problem, mlp_problem, mse, rel_err
+from helpers import cnn_problem, mlp_problem, mse, rel_err
 from devices import DEVICES, to
 from oracle import brute_force
 from torch_ufom.truncation import Geometric

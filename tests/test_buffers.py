@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import torch_ufom
-from conftest import rel_err, xent
+from helpers import rel_err, xent
 from devices import DEVICES, deterministic, to
 
 

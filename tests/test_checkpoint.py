@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import torch_ufom
-from conftest import mlp_problem, mse, rel_err
+from helpers import mlp_problem, mse, rel_err
 
 
 def schedule_forward_steps(n, slots):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import torch_ufom
-from conftest import mlp_problem, mse, rel_err
+from helpers import mlp_problem, mse, rel_err
 from oracle import brute_force
 from torch_ufom.truncation import Bernoulli, Geometric
 

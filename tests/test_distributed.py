@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import torch_ufom
-from conftest import mlp_problem, rel_err
+from helpers import mlp_problem, rel_err
 
 pytestmark = pytest.mark.slow  # subprocesses / several processes
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import torch_ufom
-from conftest import mlp_problem
+from helpers import mlp_problem
 
 
 def snapshot(model, opt, gen):

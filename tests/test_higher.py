@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import torch_ufom
-from conftest import cnn_problem, mlp_problem, rel_err
+from helpers import cnn_problem, mlp_problem, rel_err
 
 higher = pytest.importorskip("higher")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torch_ufom
-from conftest import mlp_problem, rel_err
+from helpers import mlp_problem, rel_err
 from oracle import brute_force, ref_adam, ref_adamw, ref_rmsprop, ref_sgd
 from torch_ufom.inner import SGD, Adam, AdamW, RMSprop
 

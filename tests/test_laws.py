@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import torch_ufom
-from conftest import mlp_problem, rel_err
+from helpers import mlp_problem, rel_err
 from oracle import brute_force
 from torch_ufom.truncation import Bernoulli, Custom, Fixed, Geometric
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import torch_ufom
-from conftest import mlp_problem, rel_err
+from helpers import mlp_problem, rel_err
 from oracle import brute_force
 
 STEPS = 4
