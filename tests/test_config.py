@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_ufom
 from helpers import mlp_problem, mse, rel_err
@@ -138,3 +139,40 @@ def test_the_vectorised_path_raises_the_users_errors_and_refuses_detached_losses
         torch_ufom.hypergrad_batch(model, broken, loss, (xs, ys), (xs, ys), **kw)
     with pytest.raises(ValueError, match="inner_loss"):
         torch_ufom.hypergrad_batch(model, lambda f, b: mse(f, b).detach(), loss, (xs, ys), (xs, ys), **kw)
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Counts the operations that make the host wait for a device: reading a scalar
+    (``.item()``, ``bool()``), ``nonzero`` and copies to the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        if name.startswith(("aten._local_scalar_dense", "aten.nonzero")):
+            self.count += 1
+        elif name.startswith("aten._to_copy") and str(kwargs.get("device", "")) == "cpu":
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("memory", ["checkpoint", "store"])
+def test_backward_synchronises_with_the_host_at_most_once_per_task(memory):
+    """Issue 13: ufom with a fixed q, dropout and checkpointing: one read per task (the
+    finiteness flag), whichever branch the draws take."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=0.1, steps=12, mode="ufom", q=0.5,
+                                    memory=memory, slots=3, generator=torch.Generator().manual_seed(3))
+    _, loss, data = mlp_problem(0)
+    tasks, truncations = 6, set()
+    with _SyncCounter() as counter:
+        for i in range(tasks):
+            truncations.add(meta.backward(loss, loss, data[i], data[i + 6]).truncation)
+    assert truncations == {0, 12}  # both branches ran
+    assert 0 < counter.count <= tasks

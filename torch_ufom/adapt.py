@@ -67,7 +67,7 @@ def _problem(model, inner_loss, settings: Settings, generator) -> Problem:
 def _run(problem: Problem, evaluator: Evaluator, support: Any) -> State:
     """The inner loop from the module's parameters, without a graph; ``s_r``."""
     device = problem.generator.device if problem.generator is not None else "cpu"
-    seed = int(torch.randint(0, 1 << 62, (), generator=problem.generator, device=device))
+    seed = torch.randint(0, 1 << 62, (), generator=problem.generator, device=device).tolist()
     loop = InnerLoop(problem, evaluator, support, None, seed)
     log = SweepLog(loop.steps)
     state = loop.initial_state()

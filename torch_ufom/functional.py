@@ -83,7 +83,9 @@ def draw(law: TruncationLaw, steps: int, generator: Optional[torch.Generator]) -
     """Draw the truncation point and the base seed of the per-step random streams."""
     K = law.sample(steps, generator)
     device = generator.device if generator is not None else "cpu"
-    seed = int(torch.randint(0, 1 << 62, (), generator=generator, device=device))
+    # tolist(): the same numbers as int() / float(), read on the host without a dispatched
+    # aten._local_scalar_dense (no device synchronisation with a CPU generator).
+    seed = torch.randint(0, 1 << 62, (), generator=generator, device=device).tolist()
     return K, seed
 
 

@@ -129,7 +129,7 @@ class TruncationLaw:
         """Draw ``K`` by inverting the CDF with one uniform from ``generator``."""
         p = self.probs(steps)
         device = generator.device if generator is not None else "cpu"
-        u = float(torch.rand((), generator=generator, dtype=torch.float64, device=device))
+        u = torch.rand((), generator=generator, dtype=torch.float64, device=device).tolist()
         acc = 0.0
         for k, pk in enumerate(p):
             acc += pk
