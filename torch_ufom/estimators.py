@@ -187,7 +187,13 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     # The first-order stream f starts at the first depth m with c_m != 0; the
     # exact records above it (steps j > r - m) never see a first-order VJP.
     start_f = 0 if diagnostics else next(m for m, cm in enumerate(c) if cm != 0.0)
-    plan = SweepPlan(exact_after=r - K, first_order_until=r - start_f)
+    # For an additive rule with no learned hyperparameter the first-order VJP is the
+    # identity with no meta-parameter terms: the stream passes unchanged, so it is not
+    # swept and the exact records keep no gradient for it (ufom's exact branch then
+    # costs what exact costs).
+    identity = loop.rule.first_order_additive and not loop.learned_hyper
+    plan = SweepPlan(exact_after=r - K, first_order_until=0 if identity and not diagnostics
+                     else r - start_f)
     state, records = schedule.sweep(loop, state, swept, r, log, plan)
     final_buffers = state.buffers
 
@@ -201,10 +207,10 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     # zero and its VJPs are skipped.
     f = None if c[0] == 0.0 else tuple(c[0] * t for t in e)
     for m, rec in enumerate(records, start=1):
-        if f is not None:
+        if f is not None and not identity:
             f, d_first = rec.vjp_first_order(f)
             _add(theta, d_first)
-        if f0 is not None:
+        if f0 is not None and not identity:
             f0, d_zero = rec.vjp_first_order(f0)
             _add(theta_0, d_zero)
         if m > K:  # the first-order steps of a non-additive rule
