@@ -250,11 +250,12 @@ def test_adapt_inner_params_equals_torch_optim_on_the_head(rule):
     assert not torch.equal(fm.params["2.weight"], model[2].weight.detach())
 
 
+@pytest.mark.parametrize("rule", sorted(ADAPT_RULES))
 @pytest.mark.parametrize("kind", ["mlp", "bn_running_stats"])
-def test_adapt_batch_equals_a_loop_of_adapt(kind):
+def test_adapt_batch_equals_a_loop_of_adapt(kind, rule):
     model = _build(33, mlp) if kind == "mlp" else _build(33, NormMLP)
     supports, (qx, _) = _regression(33)
-    rule = inner.SGD(LR, momentum=0.9)
+    rule = ADAPT_RULES[rule][0]()
     before = snapshot(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the running statistics may take the per-task loop
@@ -279,16 +280,23 @@ def test_adapt_batch_equals_a_loop_of_adapt(kind):
 
 class _Saved:
     """What the pack hook stores instead of a saved tensor: it lives as long as the
-    autograd graph that saved it."""
+    autograd graph that saved it.
+
+    It holds the tensor detached (same values): a saved output that kept its ``grad_fn``
+    would close a cycle through the C++ graph (node -> holder -> tensor -> node) that
+    ``gc`` cannot collect, and the count would then include graphs that autograd frees
+    normally (those of the non-adapted parameters, which ``autograd.grad`` never visits).
+    """
 
     __slots__ = ("tensor", "__weakref__")
 
     def __init__(self, tensor):
-        self.tensor = tensor
+        self.tensor = tensor.detach()
 
 
+@pytest.mark.parametrize("inner_params", [None, ["out.weight", "out.bias"]], ids=["all", "head"])
 @pytest.mark.parametrize("steps", [2, 20])
-def test_adapt_keeps_no_graph(steps):
+def test_adapt_keeps_no_graph(steps, inner_params):
     model = _build(34, NormMLP)
     (xs, ys), _ = _regression(34)
     refs = []
@@ -300,7 +308,7 @@ def test_adapt_keeps_no_graph(steps):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.tensor):
         fm = torch_ufom.adapt(model, sq_loss, (xs[0], ys[0]), steps=steps,
-                              inner=inner.SGD(LR, momentum=0.9))
+                              inner=inner.SGD(LR, momentum=0.9), inner_params=inner_params)
     gc.collect()
     assert refs, "the hooks saw no saved tensor: the count below would prove nothing"
     alive = sum(r() is not None for r in refs)
@@ -572,6 +580,22 @@ def test_fwdrev_with_only_adapted_parameters_as_params():
         assert_close(got, want, TOL, f"K={K}")
         # A hypergradient is a plain tensor: no graph through the non-adapted body.
         assert not any(g.requires_grad for g in got), f"K={K}: the result carries a graph"
+
+
+def test_fwdrev_batch_with_only_adapted_parameters_as_params():
+    prob = PARTIAL["anil"]
+    model = prob.build()
+    supports, queries = prob.data()
+    head = [model[2].weight, model[2].bias]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no buffers, no non-adapted meta-parameter: vectorised
+        got = torch_ufom.hypergrad_batch(model, sq_loss, sq_loss, supports, queries, steps=STEPS,
+                                         inner_lr=LR, inner_params=prob.inner_params(model),
+                                         params=head, truncation=Geometric(Q, RHO),
+                                         force_truncation=FORCED, hvp="fwdrev", slots=SLOTS)
+    want = expected_partial("anil", FORCED, True)[2:]
+    assert_close(got, want, TOL, f"batch K={FORCED}")
+    assert not any(g.requires_grad for g in got), "hypergrad_batch: the result carries a graph"
 
 
 # -- 4. LSLR: learned per-layer, per-step rates --------------------------------------------
