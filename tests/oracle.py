@@ -150,3 +150,67 @@ def ref_rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, c
         buf = mom * buf + g / avg
         return p - _pick(lr, name) * buf, (s, a, buf)
     return step
+
+
+def ref_sgd_per_step(rates):
+    """Plain SGD with one rate per parameter and per inner step (MAML++'s LSLR):
+    step ``t`` of parameter ``name`` uses ``rates[name][t]``."""
+    def step(name, t, p, g, buf):
+        return p - rates[name][t] * g, buf
+    return step
+
+
+def brute_force_partial(model, inner_loss, outer_loss, batch, query, steps, params, k, rule,
+                        adapted):
+    """``G_k`` when the inner loop adapts only the parameters named in ``adapted``.
+
+    As :func:`brute_force`, but every other parameter (ANIL's body, BatchNorm's
+    affine parameters) keeps its module value at every inner step, as the very
+    leaf tensor: those that require a gradient are differentiated through the
+    last ``k`` steps' inner gradients (the first ``steps - k`` hold the inner
+    gradient constant, so their influence through it is dropped there) and
+    through the outer loss. ``rule`` is a reference step such as
+    ``ref_sgd(lr)`` or ``ref_sgd_per_step(rates)``.
+    """
+    adapted = set(adapted)
+    phi = {n: p for n, p in model.named_parameters() if n in adapted}
+    others = {n: p for n, p in model.named_parameters() if n not in adapted}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    state = {n: None for n in phi}
+
+    def call(phi, buffers):
+        """The losses' model at ``phi``; returns it and the buffers it writes into."""
+        fresh = {n: b.clone() for n, b in buffers.items()}
+
+        class FModel:
+            def __call__(self, *a, **kw):
+                return functional_call(model, ({**phi, **others}, fresh), a, kw)
+
+            def named_parameters(self):
+                return iter({**phi, **others}.items())
+
+            def parameters(self):
+                return (p for _, p in self.named_parameters())
+        return FModel(), fresh
+
+    def scalar(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    for j in range(steps):
+        fm, buffers = call(phi, buffers)
+        loss = scalar(inner_loss(fm, batch(j)))
+        exact = j >= steps - k
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=exact)
+        new = {}
+        for (n, p), g in zip(phi.items(), grads):
+            new[n], state[n] = rule(n, j, p, g if exact else g.detach(), state[n])
+        phi = new
+    fm, _ = call(phi, buffers)
+    loss = scalar(outer_loss(fm, query))
+    live = [p for p in params if p.requires_grad]
+    grads = iter(torch.autograd.grad(loss, live, allow_unused=True))
+    out = []
+    for p in params:
+        g = next(grads) if p.requires_grad else None
+        out.append(torch.zeros_like(p) if g is None else g)
+    return tuple(out)

@@ -1,0 +1,870 @@
+"""Issue 12: the meta-learning workflow, checked against independent references.
+
+1. Test-time adaptation (``adapt``, ``adapt_batch``, ``MetaOptimizer.adapt``)
+   equals a hand-written ``torch.optim`` loop on a deep copy, keeps no graph.
+2. ``MetaResult.aux`` equals the outer loss's aux computed by hand at the
+   adapted parameters.
+3. Partial adaptation (ANIL; BatchNorm affine parameters meta-learned but not
+   adapted): forced truncation points against the oracle's telescope of ``G_k``
+   on every path, the law's enumeration gives ``G_r``, and what ``fom`` gives
+   the non-adapted parameters.
+4. Learned per-layer, per-step rates (MAML++'s LSLR): the same, with the rates'
+   own hypergradients.
+5. Bad input and the reduction over tasks.
+
+Everything is float64 with tiny models and 3 inner steps; the oracle is
+``tests/oracle.py`` (brute-force unrolled autograd), never the library.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import gc
+import math
+import re
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import torch_ufom
+from oracle import brute_force_partial, ref_sgd, ref_sgd_per_step, telescope
+from torch_ufom import inner
+from torch_ufom.inner import PerStep
+from torch_ufom.truncation import Geometric
+
+DTYPE = torch.float64
+STEPS, MID, SLOTS = 3, 2, 1  # one checkpoint slot: K = 2 and K = 3 really replay
+TEST_STEPS = 5  # test-time adaptation runs another number of steps than training
+Q, RHO = 0.7, 0.6  # Geometric law: P(K >= k) = Q RHO^(k-1)
+SURVIVAL = [1.0] + [Q * RHO ** (k - 1) for k in range(1, STEPS + 1)]
+PROBS = [SURVIVAL[k] - (SURVIVAL[k + 1] if k < STEPS else 0.0) for k in range(STEPS + 1)]
+TASKS, N = 3, 4
+FORCED = [0, MID, STEPS]  # the batched paths: one truncation point per task
+LR = 0.1
+TOL = 1e-9  # hypergradients against the oracle (relative)
+ADAPT_TOL = 1e-12  # adapted parameters against torch.optim
+
+
+# -- problems -----------------------------------------------------------------------------
+
+def _build(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
+    """``make()`` in float64 under a seeded, forked global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make().to(DTYPE)
+
+
+def _regression(seed: int, features: int = 3, out: int = 2):
+    """Stacked supports and queries: ``TASKS`` tasks of ``N`` examples."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one():
+        return (torch.randn(TASKS, N, features, generator=g, dtype=DTYPE),
+                torch.randn(TASKS, N, out, generator=g, dtype=DTYPE))
+    return one(), one()
+
+
+def task_of(batch, i):
+    return tuple(t[i] for t in batch)
+
+
+def sq_loss(f, batch):
+    x, y = batch
+    return ((f(x) - y) ** 2).mean()
+
+
+def mlp(out: int = 2) -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, out))
+
+
+class NormMLP(nn.Module):
+    """linear (no bias: BatchNorm would cancel it, and Adam would follow the rounding noise
+    of its zero gradient) -> BatchNorm1d -> tanh -> linear."""
+
+    def __init__(self, stats: bool = True):
+        super().__init__()
+        self.inp = nn.Linear(3, 6, bias=False)
+        self.norm = nn.BatchNorm1d(6, track_running_stats=stats)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.inp(x))))
+
+
+def _perturb_affine(model: NormMLP) -> NormMLP:
+    """BatchNorm's affine parameters away from (1, 0), so that they matter non-trivially."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(99)
+        model.norm.weight.add_(0.3 * torch.randn_like(model.norm.weight))
+        model.norm.bias.add_(0.3 * torch.randn_like(model.norm.bias))
+    return model
+
+
+@dataclass
+class Partial:
+    """A problem whose inner loop adapts only some parameters."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    adapted: Tuple[str, ...]  # the names the inner loop adapts (for the oracle)
+    inner_params: Callable[[nn.Module], object]  # what the test passes as inner_params=
+    seed: int
+    fallback: str = ""  # why the batched paths may take the per-task loop ("": they may not)
+
+    def data(self):
+        return _regression(self.seed)
+
+
+PARTIALS = [
+    # ANIL: the body is meta-learned, only the head is adapted (given by name).
+    Partial("anil", lambda: _build(21, mlp), ("2.weight", "2.bias"),
+            lambda m: ["2.weight", "2.bias"], 21),
+    # pytorch-maml: BatchNorm's affine parameters meta-learned but not adapted (a predicate),
+    # running statistics carried through the inner loop (train mode).
+    Partial("bn_affine", lambda: _perturb_affine(_build(22, NormMLP)),
+            ("inp.weight", "out.weight", "out.bias"),
+            lambda m: (lambda n: not n.startswith("norm.")), 22, fallback="running stat|buffer"),
+    # The same without running statistics; given as parameters. vmap cannot differentiate
+    # BatchNorm's batch statistics twice, and forward-over-reverse (its replacement) does not
+    # reach non-adapted meta-parameters: the batched paths may take the per-task loop.
+    Partial("bn_affine_nostats", lambda: _perturb_affine(_build(23, lambda: NormMLP(False))),
+            ("inp.weight", "out.weight", "out.bias"),
+            lambda m: [m.inp.weight, m.out.weight, m.out.bias], 23, fallback="BatchNorm"),
+]
+PARTIAL = {p.name: p for p in PARTIALS}
+
+
+def rel_err(got, want) -> float:
+    """Worst relative error over the tensors (each against its own norm, floored at
+    1e-6 of the whole reference's norm)."""
+    got, want = tuple(got), tuple(want)
+    assert len(got) == len(want)
+    total = math.sqrt(sum(float(b.detach().norm()) ** 2 for b in want)) or 1.0
+    worst = 0.0
+    for a, b in zip(got, want):
+        assert a.shape == b.shape, (a.shape, b.shape)
+        err = float((a - b).detach().norm())
+        if not math.isfinite(err):
+            return math.inf
+        worst = max(worst, err / max(float(b.detach().norm()), 1e-6 * total))
+    return worst
+
+
+def assert_close(got, want, tol, what=""):
+    err = rel_err(got, want)
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+# -- 1. test-time adaptation ---------------------------------------------------------------
+
+ADAPT_RULES = {  # the library's rule and the torch.optim optimizer it must reproduce
+    "momentum": (lambda: inner.SGD(LR, momentum=0.9),
+                 lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9)),
+    "adam": (lambda: inner.Adam(0.05), lambda ps: torch.optim.Adam(ps, lr=0.05)),
+}
+
+
+def hand_adapt(model, make_opt, support, steps, names=None):
+    """The hand-written inner loop: ``torch.optim`` on a deep copy (buffers move with it)."""
+    m = copy.deepcopy(model)
+    opt = make_opt([p for n, p in m.named_parameters() if names is None or n in names])
+    for _ in range(steps):
+        opt.zero_grad()
+        sq_loss(m, support).backward()
+        opt.step()
+    return m
+
+
+def assert_model_equals(fm, module, tol=ADAPT_TOL):
+    """The adapted FunctionalModel's parameters and buffers equal ``module``'s."""
+    params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+    assert set(fm.params) == set(params) and set(fm.buffers) == set(buffers)
+    for n, p in params.items():
+        torch.testing.assert_close(fm.params[n], p.detach(), rtol=tol, atol=tol, msg=n)
+    for n, b in buffers.items():
+        torch.testing.assert_close(fm.buffers[n], b, rtol=tol, atol=tol, msg=n)
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"the module's {k} changed"
+
+
+@pytest.mark.parametrize("no_grad", [False, True], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("rule", sorted(ADAPT_RULES))
+def test_adapt_equals_torch_optim_loop(rule, no_grad):
+    make_rule, make_opt = ADAPT_RULES[rule]
+    model = _build(31, NormMLP)  # train mode: running statistics move with the inner loop
+    (xs, ys), (qx, _) = _regression(31)
+    support = (xs[0], ys[0])
+    before = snapshot(model)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                    inner=make_rule(), steps=STEPS)
+    ctx = torch.no_grad() if no_grad else torch.enable_grad()
+    with ctx:
+        fm = torch_ufom.adapt(model, sq_loss, support, steps=TEST_STEPS, inner=make_rule())
+        fm_meta = meta.adapt(sq_loss, support, steps=TEST_STEPS)
+        fm_train = meta.adapt(sq_loss, support)  # default: training's number of steps
+    assert_unchanged(model, before)
+    want = hand_adapt(model, make_opt, support, TEST_STEPS)
+    want_train = hand_adapt(model, make_opt, support, STEPS)
+    assert_model_equals(fm, want)
+    assert_model_equals(fm_meta, want)
+    assert_model_equals(fm_train, want_train)
+    # The running statistics did move (the comparison above is not vacuous).
+    assert not torch.equal(fm.buffers["norm.running_mean"], before["norm.running_mean"])
+    assert int(fm.buffers["norm.num_batches_tracked"]) == TEST_STEPS
+    # .to_module() is a plain copy at the adapted values; calling the adapted model is
+    # calling that copy (compared in eval mode: the running statistics are used).
+    module = fm.to_module()
+    assert isinstance(module, NormMLP) and module is not model
+    assert_model_equals(fm, module, tol=0.0)
+    module.eval()
+    want.eval()
+    torch.testing.assert_close(module(qx[0]), want(qx[0]), rtol=ADAPT_TOL, atol=ADAPT_TOL)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("rule", sorted(ADAPT_RULES))
+def test_adapt_inner_params_equals_torch_optim_on_the_head(rule):
+    make_rule, make_opt = ADAPT_RULES[rule]
+    model = _build(32, mlp)
+    (xs, ys), _ = _regression(32)
+    support = (xs[1], ys[1])
+    fm = torch_ufom.adapt(model, sq_loss, support, steps=TEST_STEPS, inner=make_rule(),
+                          inner_params=["2.weight", "2.bias"])
+    want = hand_adapt(model, make_opt, support, TEST_STEPS, names={"2.weight", "2.bias"})
+    assert_model_equals(fm, want)
+    assert torch.equal(fm.params["0.weight"], model[0].weight.detach())  # the body kept its value
+    assert not torch.equal(fm.params["2.weight"], model[2].weight.detach())
+
+
+@pytest.mark.parametrize("rule", sorted(ADAPT_RULES))
+@pytest.mark.parametrize("kind", ["mlp", "bn_running_stats"])
+def test_adapt_batch_equals_a_loop_of_adapt(kind, rule):
+    model = _build(33, mlp) if kind == "mlp" else _build(33, NormMLP)
+    supports, (qx, _) = _regression(33)
+    rule = ADAPT_RULES[rule][0]()
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the running statistics may take the per-task loop
+        stacked = torch_ufom.adapt_batch(model, sq_loss, supports, steps=TEST_STEPS, inner=rule)
+    assert_unchanged(model, before)
+    assert stacked.size == TASKS
+    for i in range(TASKS):
+        one = torch_ufom.adapt(model, sq_loss, task_of(supports, i), steps=TEST_STEPS, inner=rule)
+        got = stacked.task(i)
+        for n in one.params:
+            torch.testing.assert_close(got.params[n], one.params[n], rtol=ADAPT_TOL,
+                                       atol=ADAPT_TOL, msg=f"task {i} {n}")
+        for n in one.buffers:
+            torch.testing.assert_close(got.buffers[n], one.buffers[n], rtol=ADAPT_TOL,
+                                       atol=ADAPT_TOL, msg=f"task {i} {n}")
+        if kind == "mlp":  # the stacked model runs each task at its own parameters
+            torch.testing.assert_close(stacked(qx)[i], one(qx[i]), rtol=ADAPT_TOL, atol=ADAPT_TOL)
+    # The tasks differ (a task-indexing bug cannot hide behind equal tasks).
+    assert not torch.allclose(stacked.task(0).params["2.weight" if kind == "mlp" else "out.weight"],
+                              stacked.task(1).params["2.weight" if kind == "mlp" else "out.weight"])
+
+
+class _Saved:
+    """What the pack hook stores instead of a saved tensor: it lives as long as the
+    autograd graph that saved it.
+
+    It holds the tensor detached (same values): a saved output that kept its ``grad_fn``
+    would close a cycle through the C++ graph (node -> holder -> tensor -> node) that
+    ``gc`` cannot collect, and the count would then include graphs that autograd frees
+    normally (those of the non-adapted parameters, which ``autograd.grad`` never visits).
+    """
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor.detach()
+
+
+@pytest.mark.parametrize("inner_params", [None, ["out.weight", "out.bias"]], ids=["all", "head"])
+@pytest.mark.parametrize("steps", [2, 20])
+def test_adapt_keeps_no_graph(steps, inner_params):
+    model = _build(34, NormMLP)
+    (xs, ys), _ = _regression(34)
+    refs = []
+
+    def pack(t):
+        holder = _Saved(t)
+        refs.append(weakref.ref(holder))
+        return holder
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.tensor):
+        fm = torch_ufom.adapt(model, sq_loss, (xs[0], ys[0]), steps=steps,
+                              inner=inner.SGD(LR, momentum=0.9), inner_params=inner_params)
+    gc.collect()
+    assert refs, "the hooks saw no saved tensor: the count below would prove nothing"
+    alive = sum(r() is not None for r in refs)
+    assert alive == 0, f"{alive} tensors saved for backward outlive adapt (steps={steps})"
+    for n, t in {**fm.params, **fm.buffers}.items():
+        assert t.grad_fn is None, f"{n} has a grad_fn"
+
+
+# -- 2. auxiliary outputs ------------------------------------------------------------------
+
+def _classes(seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def one():
+        return (torch.randn(TASKS, N, 3, generator=g, dtype=DTYPE),
+                torch.randint(0, 3, (TASKS, N), generator=g))
+    return one(), one()
+
+
+def xent_aux(f, batch):
+    """Cross-entropy with aux: the accuracy and the logits."""
+    x, y = batch
+    logits = f(x)
+    return F.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).to(DTYPE).mean(),
+                                        "logits": logits}
+
+
+def inner_xent_aux(f, batch):
+    loss, aux = xent_aux(f, batch)
+    return loss, aux["logits"]  # an inner aux is accepted (and not kept)
+
+
+def hand_aux(model, support, query):
+    """The outer loss's aux at the parameters of ``STEPS`` plain SGD steps, by hand."""
+    phi = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    for _ in range(STEPS):
+        loss, _ = xent_aux(lambda x: functional_call(model, phi, (x,)), support)
+        grads = torch.autograd.grad(loss, list(phi.values()))
+        phi = {n: (p - LR * g).detach().requires_grad_() for (n, p), g in zip(phi.items(), grads)}
+    with torch.no_grad():
+        return xent_aux(lambda x: functional_call(model, phi, (x,)), query)[1]
+
+
+def assert_aux(got, want, what):
+    assert set(got) == {"acc", "logits"}, what
+    for key in ("acc", "logits"):
+        assert not got[key].requires_grad, f"{what}: aux[{key!r}] is not detached"
+        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12,
+                                   msg=f"{what}: aux[{key!r}]")
+
+
+def _aux_meta(model):
+    return torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                    inner_lr=LR, steps=STEPS, memory="checkpoint", slots=SLOTS,
+                                    truncation=Geometric(Q, RHO),
+                                    generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("K", [0, STEPS])  # K = r replays the forward pass (one slot)
+def test_aux_from_backward(K):
+    model = _build(41, lambda: mlp(3))
+    supports, queries = _classes(41)
+    meta = _aux_meta(model)
+    for i in range(TASKS):
+        support, query = task_of(supports, i), task_of(queries, i)
+        res = meta.backward(inner_xent_aux, xent_aux, support, query, force_truncation=K)
+        assert_aux(res.aux, hand_aux(model, support, query), f"task {i}, K={K}")
+    plain = meta.backward(sq_loss_classes, sq_loss_classes, task_of(supports, 0),
+                          task_of(queries, 0))
+    assert plain.aux is None
+
+
+def sq_loss_classes(f, batch):
+    x, y = batch
+    return ((f(x) - F.one_hot(y, 3).to(DTYPE)) ** 2).mean()
+
+
+def test_aux_from_backward_batch_per_task():
+    model = _build(42, lambda: mlp(3))
+    supports, queries = _classes(42)
+    meta = _aux_meta(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # this model must run vectorised
+        results = meta.backward_batch(inner_xent_aux, xent_aux, supports, queries,
+                                      force_truncation=FORCED)
+    assert len(results) == TASKS
+    wants = [hand_aux(model, task_of(supports, i), task_of(queries, i)) for i in range(TASKS)]
+    for i, res in enumerate(results):
+        assert_aux(res.aux, wants[i], f"task {i}")
+    assert not torch.allclose(wants[0]["logits"], wants[1]["logits"])
+
+
+# -- 3. partial adaptation: ANIL and non-adapted BatchNorm affine parameters ----------------
+
+@functools.lru_cache(maxsize=None)
+def partial_oracle(name: str, task: int):
+    """``[G_0, ..., G_r]`` of one task over ``model.parameters()``."""
+    prob = PARTIAL[name]
+    model = prob.build()
+    supports, queries = prob.data()
+    support, query = task_of(supports, task), task_of(queries, task)
+    return [brute_force_partial(model, sq_loss, sq_loss, lambda j: support, query, STEPS,
+                                list(model.parameters()), k, ref_sgd(LR), prob.adapted)
+            for k in range(STEPS + 1)]
+
+
+def expected_partial(name, case, batched):
+    if batched:
+        per_task = [telescope(partial_oracle(name, i), SURVIVAL, K) for i, K in enumerate(case)]
+        return tuple(sum(ts) for ts in zip(*per_task))
+    return telescope(partial_oracle(name, 0), SURVIVAL, case)
+
+
+@dataclass(frozen=True)
+class Path:
+    name: str
+    entry: str  # hypergrad, hypergrad_batch, backward, backward_batch
+    memory: str = "checkpoint"
+    hvp: str = "revrev"
+
+    @property
+    def batched(self):
+        return self.entry.endswith("_batch")
+
+
+PATHS = [
+    Path("hypergrad store", "hypergrad", memory="store"),
+    Path("hypergrad recompute", "hypergrad", memory="recompute"),
+    Path("hypergrad checkpoint", "hypergrad"),
+    Path("hypergrad fwdrev", "hypergrad", hvp="fwdrev"),
+    Path("hypergrad_batch", "hypergrad_batch"),
+    Path("backward", "backward"),
+    Path("backward_batch", "backward_batch"),
+]
+
+
+def run_path(path: Path, model, supports, queries, case, meta_params, **config):
+    """One library call; returns the hypergradients of ``meta_params`` and the warnings."""
+    common = dict(steps=STEPS, memory=path.memory, slots=SLOTS, hvp=path.hvp,
+                  truncation=Geometric(Q, RHO), generator=torch.Generator().manual_seed(1),
+                  **config)
+    support, query = (supports, queries) if path.batched else (task_of(supports, 0),
+                                                               task_of(queries, 0))
+    with warnings.catch_warnings(record=True) as log:
+        warnings.simplefilter("always")
+        if path.entry.startswith("hypergrad"):
+            fn = getattr(torch_ufom, path.entry)
+            got = fn(model, sq_loss, sq_loss, support, query, params=meta_params,
+                     force_truncation=case, **common)
+        else:
+            meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(meta_params, lr=0.0), **common)
+            meta.zero_grad()
+            getattr(meta, path.entry)(sq_loss, sq_loss, support, query, force_truncation=case)
+            got = tuple(torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                        for p in meta_params)
+    return got, [str(w.message) for w in log if "per-task loop" in str(w.message)]
+
+
+def check_fallback(fell, allowed: str, what: str):
+    """A fallback to the per-task loop must be allowed and say why (regex ``allowed``)."""
+    if allowed:
+        assert all(re.search(r"per-task loop: .*(" + allowed + ")", m) for m in fell), fell
+    else:
+        assert not fell, f"{what} fell back to the per-task loop: {fell}"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.name.replace(" ", "-") for p in PATHS])
+@pytest.mark.parametrize("name", [p.name for p in PARTIALS])
+def test_partial_adaptation_against_the_telescope(name, path):
+    prob = PARTIAL[name]
+    model = prob.build()
+    supports, queries = prob.data()
+    meta_params = list(model.parameters())
+    cases = [FORCED] if path.batched else FORCED
+    for case in cases:
+        what = f"{name} {path.name} K={case}"
+        try:
+            got, fell = run_path(path, model, supports, queries, case, meta_params,
+                                 inner_lr=LR, inner_params=prob.inner_params(model))
+        except ValueError as err:
+            # Forward-over-reverse may refuse: the losses use non-adapted meta-parameters
+            # (and BatchNorm writes running statistics); the message must say so.
+            assert path.hvp == "fwdrev" and "hvp" in str(err), f"{what}: {err}"
+            continue
+        check_fallback(fell, prob.fallback if path.batched else "", what)
+        assert_close(got, expected_partial(name, case, path.batched), TOL, what)
+        if path.entry.startswith("hypergrad"):
+            assert all(p.grad is None for p in meta_params), f"{what}: hypergrad wrote .grad"
+
+
+@pytest.mark.parametrize("name", [p.name for p in PARTIALS])
+def test_partial_oracle_is_not_trivial(name):
+    # The non-adapted parameters' exact corrections matter (G_r far from G_0, G_2 from G_1),
+    # and the tasks differ: otherwise the cells above could pass without differentiating
+    # through the inner steps or could mix up the tasks.
+    prob = PARTIAL[name]
+    names = [n for n, _ in prob.build().named_parameters()]
+    fixed = [i for i, n in enumerate(names) if n not in prob.adapted]
+    assert fixed
+    G = partial_oracle(name, 0)
+    sub = [tuple(g[i] for i in fixed) for g in G]
+    assert rel_err(sub[0], sub[STEPS]) > 1e-4
+    assert rel_err(sub[1], sub[2]) > 1e-6
+    assert rel_err(partial_oracle(name, 0)[STEPS], partial_oracle(name, 1)[STEPS]) > 1e-4
+
+
+@pytest.mark.parametrize("name", [p.name for p in PARTIALS])
+def test_partial_enumeration_gives_the_exact_hypergradient(name):
+    # Unbiasedness: sum over K of P(K) times the library's estimate at K is G_r.
+    prob = PARTIAL[name]
+    model = prob.build()
+    supports, queries = prob.data()
+    total = None
+    for K in range(STEPS + 1):
+        got = torch_ufom.hypergrad(model, sq_loss, sq_loss, task_of(supports, 0),
+                                   task_of(queries, 0), steps=STEPS, inner_lr=LR,
+                                   inner_params=prob.inner_params(model), slots=SLOTS,
+                                   truncation=Geometric(Q, RHO), force_truncation=K, hvp="revrev")
+        weighted = [PROBS[K] * g for g in got]
+        total = weighted if total is None else [a + b for a, b in zip(total, weighted)]
+    assert abs(sum(PROBS) - 1.0) < 1e-15
+    assert_close(total, partial_oracle(name, 0)[STEPS], TOL, name)
+
+
+@pytest.mark.parametrize("name", [p.name for p in PARTIALS])
+def test_fom_gives_non_adapted_parameters_the_direct_gradient(name):
+    # Under fom the inner gradient is held constant, so a non-adapted parameter gets the
+    # outer loss's direct gradient at the adapted parameters, and an adapted one the outer
+    # gradient at them (plain SGD): computed here with torch.optim on a copy.
+    prob = PARTIAL[name]
+    model = prob.build()
+    supports, queries = prob.data()
+    support, query = task_of(supports, 0), task_of(queries, 0)
+    got = torch_ufom.hypergrad(model, sq_loss, sq_loss, support, query, steps=STEPS, inner_lr=LR,
+                               inner_params=prob.inner_params(model), mode="fom")
+    adapted = hand_adapt(model, lambda ps: torch.optim.SGD(ps, lr=LR), support, STEPS,
+                         names=set(prob.adapted))
+    want = torch.autograd.grad(sq_loss(adapted, query), list(adapted.parameters()))
+    assert_close(got, want, 1e-12, name)
+    assert all(float(w.norm()) > 1e-6 for w in want)
+
+
+def test_inner_params_forms_agree():
+    # Names, a predicate and the parameters themselves select the same adapted set.
+    model = _build(21, mlp)
+    supports, queries = _regression(21)
+    forms = [["2.weight", "2.bias"], lambda n: n.startswith("2."),
+             [model[2].weight, model[2].bias]]
+    runs = [torch_ufom.hypergrad(model, sq_loss, sq_loss, task_of(supports, 0),
+                                 task_of(queries, 0), steps=STEPS, inner_lr=LR, mode="exact",
+                                 inner_params=f, hvp="revrev") for f in forms]
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_fwdrev_with_only_adapted_parameters_as_params():
+    # params= the head only: forward-over-reverse then applies and equals the oracle's entries.
+    prob = PARTIAL["anil"]
+    model = prob.build()
+    supports, queries = prob.data()
+    head = [model[2].weight, model[2].bias]
+    for K in FORCED:
+        got = torch_ufom.hypergrad(model, sq_loss, sq_loss, task_of(supports, 0),
+                                   task_of(queries, 0), steps=STEPS, inner_lr=LR,
+                                   inner_params=prob.inner_params(model), params=head,
+                                   truncation=Geometric(Q, RHO), force_truncation=K, hvp="fwdrev",
+                                   slots=SLOTS)
+        want = telescope(partial_oracle("anil", 0), SURVIVAL, K)[2:]
+        assert_close(got, want, TOL, f"K={K}")
+        # A hypergradient is a plain tensor: no graph through the non-adapted body.
+        assert not any(g.requires_grad for g in got), f"K={K}: the result carries a graph"
+
+
+def test_fwdrev_batch_with_only_adapted_parameters_as_params():
+    prob = PARTIAL["anil"]
+    model = prob.build()
+    supports, queries = prob.data()
+    head = [model[2].weight, model[2].bias]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no buffers, no non-adapted meta-parameter: vectorised
+        got = torch_ufom.hypergrad_batch(model, sq_loss, sq_loss, supports, queries, steps=STEPS,
+                                         inner_lr=LR, inner_params=prob.inner_params(model),
+                                         params=head, truncation=Geometric(Q, RHO),
+                                         force_truncation=FORCED, hvp="fwdrev", slots=SLOTS)
+    want = expected_partial("anil", FORCED, True)[2:]
+    assert_close(got, want, TOL, f"batch K={FORCED}")
+    assert not any(g.requires_grad for g in got), "hypergrad_batch: the result carries a graph"
+
+
+# -- 4. LSLR: learned per-layer, per-step rates --------------------------------------------
+
+def lslr_problem():
+    """An MLP with one learned rate per layer and per step (different per step and layer)."""
+    model = _build(51, mlp)
+    base = torch.tensor([0.10, 0.05, 0.15], dtype=DTYPE)
+    rates = {n: (base * (1 + 0.2 * i)).requires_grad_()
+             for i, (n, _) in enumerate(model.named_parameters())}
+    return model, rates, _regression(51)
+
+
+def lslr_rule(rates):
+    return inner.SGD(lr={n: PerStep(r) for n, r in rates.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def lslr_oracle(task: int):
+    """``[G_0, ..., G_r]`` over the model's parameters then the rates."""
+    model, rates, (supports, queries) = lslr_problem()
+    support, query = task_of(supports, task), task_of(queries, task)
+    params = list(model.parameters()) + list(rates.values())
+    names = [n for n, _ in model.named_parameters()]
+    return [brute_force_partial(model, sq_loss, sq_loss, lambda j: support, query, STEPS, params,
+                                k, ref_sgd_per_step(rates), names) for k in range(STEPS + 1)]
+
+
+LSLR_PATHS = PATHS + [Path("hypergrad_batch fwdrev", "hypergrad_batch", hvp="fwdrev"),
+                      Path("backward_batch fwdrev", "backward_batch", hvp="fwdrev")]
+
+
+@pytest.mark.parametrize("path", LSLR_PATHS, ids=[p.name.replace(" ", "-") for p in LSLR_PATHS])
+def test_lslr_against_the_telescope(path):
+    model, rates, (supports, queries) = lslr_problem()
+    meta_params = list(model.parameters()) + list(rates.values())
+    for case in ([FORCED] if path.batched else FORCED):
+        what = f"LSLR {path.name} K={case}"
+        got, fell = run_path(path, model, supports, queries, case, meta_params,
+                             inner=lslr_rule(rates))
+        check_fallback(fell, "", what)
+        if path.batched:
+            per_task = [telescope(lslr_oracle(i), SURVIVAL, K) for i, K in enumerate(case)]
+            want = tuple(sum(ts) for ts in zip(*per_task))
+        else:
+            want = telescope(lslr_oracle(0), SURVIVAL, case)
+        assert_close(got, want, TOL, what)
+        assert_close(got[-len(rates):], want[-len(rates):], TOL, what + " (the rates)")
+
+
+def test_lslr_oracle_is_not_trivial():
+    G = lslr_oracle(0)
+    rates_g = [g[-4:] for g in G]
+    assert all(float(t.norm()) > 1e-6 for t in rates_g[0])
+    assert all(float(t[-1].abs()) > 1e-8 for t in rates_g[STEPS])  # the last step's rate too
+    assert rel_err(rates_g[0], rates_g[STEPS]) > 1e-4
+    assert rel_err(G[1], G[2]) > 1e-6
+    assert rel_err(lslr_oracle(0)[STEPS], lslr_oracle(1)[STEPS]) > 1e-4
+
+
+def test_lslr_enumeration_gives_the_exact_hypergradient():
+    model, rates, (supports, queries) = lslr_problem()
+    params = list(model.parameters()) + list(rates.values())
+    total = None
+    for K in range(STEPS + 1):
+        got = torch_ufom.hypergrad(model, sq_loss, sq_loss, task_of(supports, 0),
+                                   task_of(queries, 0), steps=STEPS, inner=lslr_rule(rates),
+                                   params=params, slots=SLOTS, truncation=Geometric(Q, RHO),
+                                   force_truncation=K, hvp="revrev")
+        weighted = [PROBS[K] * g for g in got]
+        total = weighted if total is None else [a + b for a, b in zip(total, weighted)]
+    assert_close(total, lslr_oracle(0)[STEPS], TOL, "LSLR")
+
+
+# -- 5. bad input and the reduction over tasks ---------------------------------------------
+
+def _bad_setup():
+    model = _build(61, mlp)
+    model[0].bias.requires_grad_(False)  # a frozen parameter
+    supports, queries = _regression(61)
+    return model, supports, queries
+
+
+def _entry(entry, model, supports, queries, inner_loss=sq_loss, outer_loss=sq_loss, **config):
+    """Call one entry point with ``config``; returns the tensors whose ``.grad`` it may write."""
+    config.setdefault("steps", STEPS)
+    if "inner" not in config:
+        config.setdefault("inner_lr", LR)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if entry == "hypergrad":
+        torch_ufom.hypergrad(model, inner_loss, outer_loss, task_of(supports, 0),
+                             task_of(queries, 0), **config)
+    elif entry == "hypergrad_batch":
+        torch_ufom.hypergrad_batch(model, inner_loss, outer_loss, supports, queries, **config)
+    elif entry == "adapt":
+        torch_ufom.adapt(model, inner_loss, task_of(supports, 0), **config)
+    elif entry == "adapt_batch":
+        torch_ufom.adapt_batch(model, inner_loss, supports, **config)
+    elif entry == "MetaOptimizer":
+        torch_ufom.MetaOptimizer(model, torch.optim.SGD(trainable, lr=0.1), **config)
+    elif entry in ("backward", "backward_batch"):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(trainable, lr=0.1), **config)
+        if entry == "backward":
+            meta.backward(inner_loss, outer_loss, task_of(supports, 0), task_of(queries, 0))
+        else:
+            meta.backward_batch(inner_loss, outer_loss, supports, queries)
+    else:
+        raise AssertionError(entry)
+
+
+ENTRIES = ["hypergrad", "hypergrad_batch", "adapt", "adapt_batch", "MetaOptimizer"]
+BAD_INNER_PARAMS = {
+    "unknown name": (["2.weight", "nope"], r"inner_params\[1\].*'nope'"),
+    "unknown single name": ("nope", r"inner_params.*'nope'"),
+    "names nothing": ([], r"inner_params.*no parameter"),
+    "predicate selects nothing": (lambda n: False, r"inner_params.*no parameter"),
+    "no requires_grad": (["0.bias", "2.weight"], r"inner_params.*0\.bias.*requires_grad"),
+    "predicate with a frozen one": (lambda n: n.startswith("0."),
+                                    r"inner_params.*0\.bias.*requires_grad"),
+    "not a parameter": (lambda: [torch.zeros(5, 3, dtype=DTYPE)], r"inner_params\[0\]"),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("case", sorted(BAD_INNER_PARAMS))
+def test_bad_inner_params(case, entry):
+    model, supports, queries = _bad_setup()
+    value, pattern = BAD_INNER_PARAMS[case]
+    if case == "not a parameter":
+        value = value()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=pattern):
+        _entry(entry, model, supports, queries, inner_params=value)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_per_parameter_dict_naming_a_parameter_not_adapted(entry):
+    model, supports, queries = _bad_setup()
+    every = {n: 0.1 for n, p in model.named_parameters() if p.requires_grad}
+    head = ["2.weight", "2.bias"]
+    with pytest.raises(ValueError, match=r"inner_lr.*0\.weight"):
+        _entry(entry, model, supports, queries, inner_lr=every, inner_params=head)
+    with pytest.raises(ValueError, match=r"Invalid lr.*0\.weight"):
+        _entry(entry, model, supports, queries, inner=inner.SGD(every), inner_params=head)
+    # Naming exactly the adapted parameters is accepted.
+    _entry(entry, model, supports, queries, inner_lr={n: 0.1 for n in head}, inner_params=head)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_per_step_of_the_wrong_length(entry):
+    model, supports, queries = _bad_setup()
+    with pytest.raises(ValueError, match=r"inner_lr.*PerStep has 2 values.*steps=3"):
+        _entry(entry, model, supports, queries, inner_lr=PerStep([0.1, 0.1]))
+    rates = {n: PerStep([0.1] * (4 if n == "2.bias" else STEPS))
+             for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match=r"lr\['2\.bias'\].*PerStep has 4 values"):
+        _entry(entry, model, supports, queries, inner=inner.SGD(rates))
+
+
+def test_adapt_with_other_steps_while_a_per_step_rate_is_in_the_rule():
+    model, supports, _ = _bad_setup()
+    rule = inner.SGD({n: PerStep(torch.full((STEPS,), 0.1, dtype=DTYPE, requires_grad=True))
+                      for n, p in model.named_parameters() if p.requires_grad})
+    support = task_of(supports, 0)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad] + list(rule.tensors()), lr=0.1),
+        inner=rule, steps=STEPS)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"PerStep has 3 values.*steps=5"):
+        meta.adapt(sq_loss, support, steps=TEST_STEPS)
+    with pytest.raises(ValueError, match=r"PerStep has 3 values.*steps=5"):
+        torch_ufom.adapt(model, sq_loss, support, steps=TEST_STEPS, inner=rule)
+    with pytest.raises(ValueError, match=r"PerStep has 3 values.*steps=5"):
+        torch_ufom.adapt_batch(model, sq_loss, supports, steps=TEST_STEPS, inner=rule)
+    assert_unchanged(model, before)
+    meta.adapt(sq_loss, support)  # training's number of steps is fine
+    torch_ufom.adapt(model, sq_loss, support, steps=STEPS, inner=rule)
+
+
+BAD_PER_STEP = {
+    "nan": lambda: PerStep([0.1, float("nan"), 0.1]),
+    "inf": lambda: PerStep([0.1, 0.1, float("inf")]),
+    "negative": lambda: PerStep([0.1, -0.1, 0.1]),
+    "nan tensor": lambda: PerStep(torch.tensor([0.1, float("nan"), 0.1], dtype=DTYPE)),
+    "negative tensor": lambda: PerStep(torch.tensor([0.1, 0.1, -1e-3], dtype=DTYPE,
+                                                    requires_grad=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PER_STEP))
+def test_per_step_non_finite_or_negative(case):
+    model, supports, queries = _bad_setup()
+    with pytest.raises(ValueError, match=r"Invalid lr"):
+        inner.SGD(BAD_PER_STEP[case]())
+    with pytest.raises(ValueError, match=r"Invalid lr\['2\.bias'\]"):
+        inner.SGD({"2.bias": BAD_PER_STEP[case]()})
+    for entry in ENTRIES:
+        with pytest.raises(ValueError, match=r"Invalid inner_lr"):
+            _entry(entry, model, supports, queries, inner_lr=BAD_PER_STEP[case]())
+
+
+def _tuple_losses():
+    vector = lambda f, b: (((f(b[0]) - b[1]) ** 2).mean(0), None)  # noqa: E731
+    number = lambda f, b: (1.0, None)  # noqa: E731
+    three = lambda f, b: (sq_loss(f, b), None, None)  # noqa: E731
+    empty = lambda f, b: ()  # noqa: E731
+    return {"vector": vector, "float": number, "three items": three, "empty": empty}
+
+
+@pytest.mark.parametrize("entry", ["hypergrad", "hypergrad_batch", "adapt", "adapt_batch",
+                                   "backward", "backward_batch"])
+@pytest.mark.parametrize("case", sorted(_tuple_losses()))
+def test_loss_returning_a_tuple_without_a_scalar_first(case, entry):
+    model, supports, queries = _bad_setup()
+    bad = _tuple_losses()[case]
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"Invalid inner_loss"):
+        _entry(entry, model, supports, queries, inner_loss=bad)
+    if not entry.startswith("adapt"):
+        with pytest.raises(ValueError, match=r"Invalid outer_loss"):
+            _entry(entry, model, supports, queries, outer_loss=bad)
+    assert_unchanged(model, before)
+    assert all(p.grad is None for p in model.parameters()), "a failed call wrote .grad"
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["backward", "backward_batch"])
+def test_mean_reduction_is_the_sum_divided_by_the_task_count(batched):
+    grads = {}
+    for reduction in ("sum", "mean"):
+        model = _build(71, mlp)
+        supports, queries = _regression(71)
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                        inner_lr=LR, steps=STEPS, reduction=reduction,
+                                        generator=torch.Generator().manual_seed(3))
+        meta.zero_grad()
+        if batched:
+            meta.backward_batch(sq_loss, sq_loss, supports, queries, force_truncation=FORCED)
+        else:
+            for i, K in enumerate(FORCED):
+                meta.backward(sq_loss, sq_loss, task_of(supports, i), task_of(queries, i),
+                              force_truncation=K)
+        meta.step()  # the reduction is applied here
+        grads[reduction] = [p.grad.clone() for p in model.parameters()]
+    assert all(float(g.norm()) > 1e-6 for g in grads["sum"])
+    assert_close(grads["mean"], [g / TASKS for g in grads["sum"]], 1e-14, "mean")
+    # And "sum" is the sum of the tasks' own estimates (the oracle's telescopes).
+    want = [sum(ts) for ts in zip(*[telescope(_plain_oracle(i), SURVIVAL_UFOM, K)
+                                    for i, K in enumerate(FORCED)])]
+    assert_close(grads["sum"], want, TOL, "sum")
+
+
+SURVIVAL_UFOM = [1.0] + [0.1] * STEPS  # ufom's default law, q = 0.1: P(K >= k) = q for k >= 1
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_oracle(task):
+    model = _build(71, mlp)
+    supports, queries = _regression(71)
+    support, query = task_of(supports, task), task_of(queries, task)
+    names = [n for n, _ in model.named_parameters()]
+    return [brute_force_partial(model, sq_loss, sq_loss, lambda j: support, query, STEPS,
+                                list(model.parameters()), k, ref_sgd(LR), names)
+            for k in range(STEPS + 1)]
+
+
+@pytest.mark.parametrize("reduction", ["avg", "SUM", None, 1, "none"])
+def test_invalid_reduction(reduction):
+    model = _build(72, mlp)
+    with pytest.raises(ValueError, match=r"Invalid reduction"):
+        torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 inner_lr=LR, steps=STEPS, reduction=reduction)
