@@ -398,10 +398,13 @@ class InnerLoop:
         vec = tuple(torch.zeros_like(p) if v is None else v.detach() for p, v in zip(params, vec))
         with self.stream(j):
             try:
-                return tuple(self.evaluator.hvp(self, State(params, state.opt, state.buffers),
-                                                self.batch(j - 1), vec))
+                hv = self.evaluator.hvp(self, State(params, state.opt, state.buffers),
+                                        self.batch(j - 1), vec)
             except RuntimeError as err:
                 raise fwdrev_error(err, j) from err
+        # Non-adapted parameters the losses read are leaves of autograd's graph (fwdrev is
+        # refused when any of them is a meta-parameter): drop that graph.
+        return tuple(h.detach() for h in hv)
 
     def reduce(self, adjoint: Tensor) -> Tensor:
         """The adjoint of a shared initial parameter from the state's adjoint."""
