@@ -4,10 +4,12 @@ Public names are re-exported here; see the README for a quick start.
 """
 from . import inner, truncation
 from .adapt import StackedFunctionalModel, adapt, adapt_batch
+from .diagnostics import Diagnosis, diagnose
 from .functional import hypergrad, hypergrad_batch
 from .meta_optimizer import MetaOptimizer, MetaResult
 from .unroll import FunctionalModel, StepBatches
 
 __all__ = ["MetaOptimizer", "MetaResult", "hypergrad", "hypergrad_batch", "adapt", "adapt_batch",
+           "diagnose", "Diagnosis",
            "FunctionalModel", "StackedFunctionalModel", "StepBatches", "inner", "truncation"]
 __version__ = "0.1.0"

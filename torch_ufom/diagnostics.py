@@ -1,0 +1,109 @@
+"""Before training: measure what decides ``q`` on the user's own model and tasks.
+
+:func:`diagnose` runs a few tasks twice, once first-order (``K = 0``) and once
+with the exact branch (``K = r``, which also yields ``G_0``), and returns the
+statistics of ``docs/maths.md#the-two-q-rules``: ``A = E||G_r||^2``,
+``D = E||G_r - G_0||^2``, the two branches' costs (seconds and inner steps),
+and the ``q`` each rule would pick from them. A ``q`` near 1 says ``ufom``
+would spend nearly what ``exact`` spends; a small ``q`` says the bias of
+``fom`` is small next to the gradient and the exact branch is costly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import adaptive
+from .config import Settings, check_generator, check_losses, resolve
+from .functional import check_params, estimate_task, resolve_hvp
+from .inner import InnerRule
+from .unroll import Problem
+
+__all__ = ["Diagnosis", "diagnose"]
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What :func:`diagnose` measured.
+
+    Attributes:
+        A: mean squared norm of the exact hypergradient ``G_r`` over the tasks.
+        D: mean squared norm of ``G_r - G_0`` (the first-order bias).
+        seconds_fom: mean wall-clock time of a first-order task.
+        seconds_exact: mean wall-clock time of an exact-branch task.
+        steps_fom: inner-step units of a first-order task (``r + 1``).
+        steps_exact: inner-step units of an exact-branch task under the
+            configured memory setting (forward steps, replays and two per
+            reverse step, as :mod:`~torch_ufom.adaptive` counts them).
+        q_ufom: ``q*`` of the ufom rule at these statistics, measured times.
+        q_authors: the authors' rule at these statistics (``D / 10`` and their
+            recomputation step counts; their running rule reweights ``D`` by
+            ``(1/q - 1)^2`` at each draw's ``q``, which a one-off measurement
+            with forced exact branches does not have).
+        tasks: the number of tasks measured.
+    """
+
+    A: float
+    D: float
+    seconds_fom: float
+    seconds_exact: float
+    steps_fom: float
+    steps_exact: float
+    q_ufom: float
+    q_authors: float
+    tasks: int
+
+
+def _sq(grads: Sequence[Optional[Tensor]]) -> float:
+    return float(sum((g.detach().double() ** 2).sum() for g in grads if g is not None))
+
+
+def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
+             tasks: Sequence[Tuple[Any, Any]], *, steps: int, inner_lr=None,
+             inner: Optional[InnerRule] = None, memory: str = "checkpoint", slots: int = 8,
+             params: Optional[Sequence[Tensor]] = None,
+             generator: Optional[torch.Generator] = None) -> Diagnosis:
+    """Measure ``A``, ``D`` and the branch costs on ``tasks`` and the ``q`` each rule picks.
+
+    Args:
+        model, inner_loss, outer_loss, steps, inner_lr, inner, memory, slots,
+            params, generator: as for :func:`~torch_ufom.hypergrad`.
+        tasks: a sequence of ``(support, query)`` pairs (a few are enough; the
+            statistics are means over them). The first is also run once
+            beforehand to warm up, so the times are steady.
+
+    Returns:
+        A :class:`Diagnosis`. Nothing is written to ``.grad``; the module is
+        not changed.
+    """
+    tasks = list(tasks)
+    if not tasks or not all(isinstance(t, (tuple, list)) and len(t) == 2 for t in tasks):
+        raise ValueError("Invalid tasks: expected a non-empty sequence of (support, query) pairs")
+    config = resolve(Settings(steps, inner_lr, inner, "exact", memory=memory, slots=slots), model,
+                     "diagnose")
+    check_losses(inner_loss, outer_loss)
+    check_generator(generator)
+    params = check_params(params, model)
+    problem = Problem(model, inner_loss, outer_loss, config, config.law, params,
+                      resolve_hvp(config, model, params), generator)
+    estimate_task(problem, *tasks[0], force=steps)  # warm-up
+    A = D = t_f = t_x = c_x = 0.0
+    for support, query in tasks:
+        start = time.perf_counter()
+        estimate_task(problem, support, query, force=0)
+        t_f += time.perf_counter() - start
+        start = time.perf_counter()
+        est = estimate_task(problem, support, query, force=steps, diagnostics=True)
+        t_x += time.perf_counter() - start
+        A += _sq(est.gk)
+        D += _sq([None if a is None else a - b for a, b in zip(est.gk, est.g0)])
+        c_x += est.forward_steps + 2 * est.reverse_steps - steps
+    n = len(tasks)
+    A, D, t_f, t_x, c_x = A / n, D / n, t_f / n, t_x / n, c_x / n
+    q_ufom = adaptive.optimal_q(A, D, t_f, max(t_x - t_f, 1e-12 * t_f), 0.01)
+    q_authors = adaptive.authors_q(A, D / 10.0, steps + 1, steps * (steps + 1) / 2, 0.05)
+    return Diagnosis(A, D, t_f, t_x, float(steps + 1), c_x, q_ufom, q_authors, n)
