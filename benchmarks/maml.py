@@ -1,55 +1,38 @@
-"""MAML training loops shared by ``benchmarks/sinusoid.py`` and ``benchmarks/digits.py``.
+"""MAML training loops shared by :mod:`benchmarks.sinusoid` and :mod:`benchmarks.digits`.
 
 Every method trains its own copy of one initial model on the same stream of
 meta-batches, with the same inner loop (``steps`` plain SGD steps at
-``inner_lr`` on the support set) and the same outer optimizer (Adam on the
-mean of the tasks' query losses):
+``inner_lr`` on the support set) and outer optimizer (Adam on the mean of the
+tasks' query losses):
 
-* ``fom``, ``ufom q=0.1``, ``ufom q=auto``, ``exact``: :class:`torch_ufom.MetaOptimizer`
-  (public API only: ``zero_grad`` / ``backward`` per task / ``step``);
+* ``fom``, ``ufom q=...``, ``exact``: :class:`torch_ufom.MetaOptimizer`
+  (``zero_grad`` / ``backward`` per task / ``step``);
 * ``higher``: ``higher.innerloop_ctx(model, SGD, copy_initial_weights=False)``,
-  ``diffopt.step`` ``steps`` times, the query loss's ``backward`` per task
-  (the recipe of higher's MAML example);
+  ``diffopt.step`` ``steps`` times, the query loss's ``backward`` per task;
 * ``torchopt``: ``torchopt.MetaSGD`` on the module, with
-  ``torchopt.extract_state_dict`` / ``recover_state_dict`` around each task and
-  one ``backward`` of the mean query loss (the recipe of torchopt's MAML
-  example).
+  ``extract_state_dict`` / ``recover_state_dict`` around each task and one
+  ``backward`` of the mean query loss.
 
-:func:`train_round_robin` runs all methods *round-robin*, one outer step of
-each in turn, so that background load on a shared machine hits them alike;
-each method's clock counts only its own training steps (wall-clock and
-process CPU time), not the evaluations. :func:`adapt_and_score` adapts a
-model to a batch of held-out tasks with plain ``torch.func`` (independent of
-every library compared) and scores it.
+:func:`train_round_robin` runs the methods round-robin, one outer step of
+each in turn, so that background load hits them alike; each method's clocks
+count only its own training steps. :func:`adapt_and_score` and
+:func:`meta_gradient` evaluate with plain ``torch.func``, independent of every
+library compared.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import os
-import sys
-
 import torch
 from torch import Tensor, nn
 
-try:  # ``python benchmarks/x.py`` as well as ``python -m benchmarks.x``
-    from torch_ufom import MetaOptimizer
-    from benchmarks.harness import positive_int, sync
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from torch_ufom import MetaOptimizer
-    from benchmarks.harness import positive_int, sync
-
-__all__ = ["positive_int", "positive_float", "probability", "METHODS", "PEERS", "Method",
-           "History", "make_trainer", "available", "parse_methods", "ufom_label",
-           "train_round_robin", "adapt_and_score", "meta_gradient", "grad_norm", "relative_gap",
-           "mean_ci", "clone_model", "Q_STUDY"]
+from torch_ufom import MetaOptimizer
+from benchmarks.harness import probability, progress, sync
 
 
 @dataclass(frozen=True)
@@ -78,48 +61,19 @@ Q_STUDY: Tuple[Method, ...] = (
     Method("ufom q=1", "torch_ufom", "ufom", 1.0),
     Method("ufom q=auto (authors)", "torch_ufom", "ufom", "auto", "authors"),
 )
+Q_MIN = {"ufom": 0.01, "authors": 0.05}  # the floor of q="auto" per rule, passed explicitly
 BY_LABEL = {m.label: m for m in METHODS + Q_STUDY}
-# Short names accepted on the command line besides the labels.
 ALIASES = {"ufom": "ufom q=0.1", "ufom-auto": "ufom q=auto", "auto": "ufom q=auto",
            "ufom-0.05": "ufom q=0.05", "ufom-0.2": "ufom q=0.2", "ufom-1": "ufom q=1",
            "auto-authors": "ufom q=auto (authors)"}
-PEERS = ("higher", "torchopt")
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number > 0")
-    return value
-
-
-def add_run_args(p: argparse.ArgumentParser, name: str) -> None:
-    """The options every MAML benchmark shares: ``--q``, ``--memory``, ``--device``,
-    ``--threads``, ``--seed``, ``--out`` and ``--no-progress``."""
+def add_maml_args(p: argparse.ArgumentParser) -> None:
+    """``--q`` (the fixed-q ufom row) and ``--memory`` (torch_ufom's schedule)."""
     p.add_argument("--q", type=probability, default=0.1,
                    help="exact-branch probability of the fixed-q ufom row (default 0.1)")
-    p.add_argument("--memory", choices=("checkpoint", "recompute", "store"),
-                   default="checkpoint", help="torch_ufom's memory schedule (default checkpoint)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch CPU threads (default 1: steadier timings on a shared machine)")
-    p.add_argument("--seed", type=int, default=0, help="initial weights, task stream, coin flips")
-    p.add_argument("--out", default=os.path.join("results", name),
-                   help=f"output folder (default results/{name})")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-
-
-def parse_run_args(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """Parse ``argv``, keep it in ``args.argv`` and reject an unavailable CUDA device."""
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("argument --device: cuda is not available in this torch build / machine")
-    return args
+    p.add_argument("--memory", choices=("checkpoint", "recompute", "store"), default="checkpoint",
+                   help="torch_ufom's memory schedule (default checkpoint)")
 
 
 def available(kind: str) -> bool:
@@ -130,39 +84,25 @@ def available(kind: str) -> bool:
 def parse_methods(text: str, error: Callable[[str], None], q: float = 0.1) -> List[Method]:
     """Methods from a comma-separated list of labels or aliases; ``error`` (argparse's) on a bad one.
 
-    The fixed-``q`` UFOM row (``"ufom q=0.1"`` or ``"ufom"``) uses ``q`` and is
-    labelled ``"ufom q=<q>"`` (:func:`ufom_label`).
+    The fixed-``q`` row (``"ufom q=0.1"`` or ``"ufom"``) uses ``q`` and is labelled ``"ufom q=<q>"``.
     """
     names = [s.strip() for s in text.split(",") if s.strip()]
-    accepted = list(BY_LABEL) + list(ALIASES) + [ufom_label(q)]
-    known = {ufom_label(q): "ufom q=0.1", **ALIASES}
+    label = f"ufom q={q:g}"
+    known = {label: "ufom q=0.1", **ALIASES}
     bad = [s for s in names if known.get(s, s) not in BY_LABEL]
     if bad or not names:
+        accepted = dict.fromkeys(list(BY_LABEL) + list(ALIASES) + [label])
         error(f"argument --methods: invalid choice(s) {bad or [text]} "
-              f"(choose from {', '.join(repr(a) for a in dict.fromkeys(accepted))})")
-    out = []
-    for s in names:
-        m = BY_LABEL[known.get(s, s)]
-        if m.label == "ufom q=0.1":
-            m = Method(ufom_label(q), "torch_ufom", "ufom", q)
-        out.append(m)
+              f"(choose from {', '.join(repr(a) for a in accepted)})")
+    out = [BY_LABEL[known.get(s, s)] for s in names]
+    out = [Method(label, "torch_ufom", "ufom", q) if m.label == "ufom q=0.1" else m for m in out]
     return list(dict.fromkeys(out))
 
 
-def ufom_label(q: float) -> str:
-    """The label of the fixed-``q`` UFOM row: ``"ufom q=0.1"``."""
-    return f"ufom q={q:g}"
-
-
-def probability(text: str) -> float:
-    """argparse type: a float in ``(0, 1]`` (UFOM's ``q``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number in (0, 1]")
-    return value
+def split_available(methods: Sequence[Method]) -> Tuple[List[Method], List[str]]:
+    """``(methods whose package is installed, a note per skipped method)``."""
+    notes = [f"{m.label}: skipped ({m.kind} is not installed)" for m in methods if not available(m.kind)]
+    return [m for m in methods if available(m.kind)], notes
 
 
 # ---------------------------------------------------------------------------
@@ -196,12 +136,12 @@ class _UfomTrainer(_Trainer):
         kw: Dict[str, Any] = {"mode": method.mode, "memory": memory}
         if method.mode == "ufom":
             kw["q"] = method.q
-            if method.q == "auto" and method.q_rule is not None:
-                kw["q_rule"] = method.q_rule
+        if method.q == "auto":
+            rule = method.q_rule or "ufom"
+            self.q_min = kw["q_min"] = Q_MIN[rule]
+            kw["q_rule"] = rule
         self.meta = MetaOptimizer(model, self.outer, inner_lr=inner_lr, steps=steps,
                                   generator=torch.Generator().manual_seed(seed), **kw)
-        if method.q == "auto":
-            self.q_min = float(getattr(self.meta.adaptive, "q_min", float("nan")))
 
     def step(self, tasks):
         n = len(tasks)
@@ -307,103 +247,58 @@ class History:
     q_trace: List[float] = field(default_factory=list)  # q of each outer step (ufom)
     q_min: Optional[float] = None
     q_next: Optional[float] = None  # q="auto": the q the next outer step would use
-    error: Optional[str] = None
-
-    @property
-    def final(self) -> float:
-        """The last evaluation's score."""
-        return self.score[-1]
 
 
-def eval_points(iters: int, every: int) -> List[int]:
-    """Outer steps after which to evaluate: ``0, every, 2 every, ..., iters``."""
-    every = max(1, every)
-    return sorted(set(list(range(0, iters + 1, every)) + [iters]))
-
-
-def train_round_robin(trainers: Sequence[_Trainer], batch: Callable[[int], Sequence],
-                      iters: int, evaluate: Callable[[nn.Module], Tuple[float, Any]],
-                      eval_every: int, device: str = "cpu", desc: str = "",
-                      show_progress: bool = True,
+def train_round_robin(trainers: Sequence[_Trainer], batch: Callable[[int], Sequence], iters: int,
+                      evaluate: Callable[[nn.Module], Tuple[float, Any]], eval_every: int,
+                      device: str = "cpu", show_progress: bool = True,
                       lr_factor: Optional[Callable[[int], float]] = None) -> List[History]:
     """Train every trainer for ``iters`` outer steps, round-robin; evaluate every ``eval_every``.
 
-    ``batch(k)`` returns the meta-batch of outer step ``k`` (called once per
-    step and shared by all trainers). ``evaluate(model)`` returns ``(score,
-    extra)``; it runs outside the clocks. A trainer that raises is dropped
-    from the rest of the run and its :attr:`History.error` is set.
-    ``lr_factor(k)``, if given, scales every trainer's outer learning rate (its
-    initial value) at outer step ``k``: one schedule for every method.
+    ``batch(k)`` returns the meta-batch of outer step ``k`` (shared by all
+    trainers). ``evaluate(model)`` returns ``(score, extra)`` and runs outside
+    the clocks. ``lr_factor(k)``, if given, scales every trainer's initial
+    outer learning rate at outer step ``k``: one schedule for every method.
+    An exception in a trainer propagates.
     """
     hist = [History(t.method.label) for t in trainers]
-    wall = [0.0] * len(trainers)
-    cpu = [0.0] * len(trainers)
-    alive = [True] * len(trainers)
-    points = set(eval_points(iters, eval_every))
-    bar = _bar(iters, desc, show_progress)
+    wall, cpu = [0.0] * len(trainers), [0.0] * len(trainers)
+    points = set(range(0, iters + 1, max(1, eval_every))) | {iters}
+    base_lr = [[g["lr"] for g in t.outer.param_groups] for t in trainers]
 
     def record(k):
         for i, t in enumerate(trainers):
-            if alive[i]:
-                score, extra = evaluate(t.model)
-                h = hist[i]
-                h.steps.append(k)
-                h.wall.append(wall[i])
-                h.cpu.append(cpu[i])
-                h.score.append(score)
-                h.extra.append(extra)
+            score, extra = evaluate(t.model)
+            for xs, x in zip((hist[i].steps, hist[i].wall, hist[i].cpu, hist[i].score, hist[i].extra),
+                             (k, wall[i], cpu[i], score, extra)):
+                xs.append(x)
 
     record(0)
-    base_lr = [[g["lr"] for g in t.outer.param_groups] for t in trainers]
-    for k in range(iters):
+    for k in progress(range(iters), "outer steps", show_progress):
         tasks = batch(k)
-        if lr_factor is not None:
-            factor = lr_factor(k)
-            for t, lrs in zip(trainers, base_lr):
-                for g, lr in zip(t.outer.param_groups, lrs):
-                    g["lr"] = lr * factor
+        for t, lrs in zip(trainers, base_lr):
+            for g, lr in zip(t.outer.param_groups, lrs):
+                g["lr"] = lr * (1.0 if lr_factor is None else lr_factor(k))
         for i, t in enumerate(trainers):
-            if not alive[i]:
-                continue
             sync(device)
             w0, c0 = time.perf_counter(), time.process_time()
-            try:
-                t.step(tasks)
-            except Exception as exc:  # keep the other methods going; reported in the table
-                alive[i] = False
-                hist[i].error = f"{type(exc).__name__} at outer step {k}: {exc}"
-                continue
+            t.step(tasks)
             sync(device)
             wall[i] += time.perf_counter() - w0
             cpu[i] += time.process_time() - c0
         if k + 1 in points:
             record(k + 1)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     for h, t in zip(hist, trainers):
         h.exact_branches, h.tasks_seen, h.q_last = t.exact_branches, t.tasks_seen, t.q_last
         h.q_trace, h.q_min = list(t.q_trace), t.q_min
-        meta = getattr(t, "meta", None)
-        if t.q_min is not None and meta is not None:
-            h.q_next = float(meta.q_stats["q"])
+        if t.q_min is not None:
+            h.q_next = float(t.meta.q_stats["q"])
     return hist
 
 
 def cosine_decay(iters: int) -> Callable[[int], float]:
     """``k -> (1 + cos(pi k / iters)) / 2``: the learning-rate factor of a cosine decay to 0."""
     return lambda k: 0.5 * (1.0 + math.cos(math.pi * k / max(1, iters)))
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, mininterval=0.5)
 
 
 # ---------------------------------------------------------------------------
@@ -504,18 +399,3 @@ def mean_ci(values: Tensor) -> Tuple[float, float]:
     if v.numel() < 2:
         return float(v.mean()), 0.0
     return float(v.mean()), float(1.96 * v.std() / v.numel() ** 0.5)
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` (identical initial weights for every method)."""
-    return copy.deepcopy(model)
-
-
-def with_threads(threads: int, fn: Callable, *args):
-    """``fn(*args)`` with ``torch.set_num_threads(threads)``, restoring the count after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(before)
