@@ -37,7 +37,8 @@ def collect(out: str, names, status: dict) -> str:
         md = os.path.join(out, name, f"{name}.md")
         if os.path.exists(md):
             with open(md) as f:
-                body = re.sub(r"!\[([^\]]*)\]\((?!https?:|/)([^)]+)\)", rf"![\1]({name}/\2)", f.read().strip())
+                text = f.read().strip()
+            body = re.sub(r"!\[([^\]]*)\]\((?!https?:|/)([^)]+)\)", rf"![\1]({name}/\2)", text)
             lines += [("#" + ln) if ln.startswith("#") else ln for ln in body.splitlines()] + [""]
     return "\n".join(lines)
 
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
     status, failed = {}, 0
     for name in args.only:
         cmd = [sys.executable, "-m", f"benchmarks.{name}", "--device", args.device, "--no-progress",
-               "--out", os.path.abspath(os.path.join(args.out, name))] + ([] if size == "full" else [f"--{size}"])
+               "--out", os.path.abspath(os.path.join(args.out, name))]
+        cmd += [] if size == "full" else [f"--{size}"]
         print(f"== {name} ({size}) ==", flush=True)
         start = time.perf_counter()
         code = subprocess.run(cmd, cwd=ROOT, check=False).returncode

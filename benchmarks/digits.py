@@ -74,7 +74,7 @@ def main(argv=None) -> Dict[str, Any]:
     """
     p = parser(NAME, __doc__, {"quick": "120 outer steps per setting, 200 test tasks",
                                "tiny": "a few outer steps: a smoke test"})
-    p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5], help="K of the settings (default 1 5)")
+    p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5], help="K values (default 1 5)")
     p.add_argument("--ways", type=positive_int, default=3, help="N (default 3; at most 3)")
     p.add_argument("--query", type=positive_int, default=15, help="query images per class (default 15)")
     p.add_argument("--model", choices=MODELS, default="mlp", help="default mlp")
@@ -93,7 +93,8 @@ def main(argv=None) -> Dict[str, Any]:
         p.error(f"argument --ways: at most {len(TEST_CLASSES)} (the meta-test classes are {TEST_CLASSES})")
     iters, batch, tests, every = SIZES[args.size]
     args.eval_every = args.eval_every or (every if args.iters in (None, iters) else max(1, args.iters // 10))
-    args.iters, args.meta_batch, args.test_tasks = args.iters or iters, args.meta_batch or batch, args.test_tasks or tests
+    args.iters, args.meta_batch = args.iters or iters, args.meta_batch or batch
+    args.test_tasks = args.test_tasks or tests
     methods, skipped = maml.split_available(maml.parse_methods(args.methods, p.error, args.q))
     with torch_threads(args.threads):
         return run(args, methods, skipped)
@@ -108,8 +109,8 @@ def run(args, methods, skipped) -> Dict[str, Any]:
         base = problems.seeded(args.seed, lambda: (problems.mlp(64, 64, 64, args.ways) if args.model == "mlp"
                                                    else problems.SmallCNN(args.ways)), device=args.device)
         trainers = [maml.make_trainer(m, copy.deepcopy(base), problems.xent, inner_lr=args.inner_lr,
-                                      steps=args.steps, outer_lr=args.outer_lr, seed=args.seed, memory=args.memory)
-                    for m in methods]
+                                      steps=args.steps, outer_lr=args.outer_lr, seed=args.seed,
+                                      memory=args.memory) for m in methods]
         test = problems.digit_tasks(by_class, TEST_CLASSES, args.test_tasks, args.ways, shots, args.query,
                                     torch.Generator().manual_seed(TEST_SEED + shots), args.device)
 
@@ -135,20 +136,24 @@ def run(args, methods, skipped) -> Dict[str, Any]:
                            "title": f"{name}: accuracy vs {xlabel}", "xlabel": xlabel,
                            "ylabel": "meta-test accuracy (%)", "hlines": chance})
         tables += [f"## {name}", "", markdown_table(
-            ["method", f"meta-test accuracy after {args.iters} steps", "best accuracy", "wall time", "CPU time",
-             "ms / outer step", f"{args.basis} time / {summary[methods[0].label]['ratio_ref']}", "exact branches"],
+            ["method", f"meta-test accuracy after {args.iters} steps", "best accuracy", "wall time",
+             "CPU time", "ms / outer step", f"{args.basis} time / {summary[methods[0].label]['ratio_ref']}",
+             "exact branches"],
             [[label, f"{100 * r['final_acc']:.1f}% +- {100 * r['ci95']:.1f}", f"{100 * r['best_acc']:.1f}%",
-              f"{r['wall_s']:.1f} s", f"{r['cpu_s']:.1f} s", f"{r['ms_per_step']:.1f}", f"{r['time_ratio']:.2f}",
-              f"{100 * r['exact_share']:.0f}%"] for label, r in summary.items()], "lrrrrrrr"), ""]
-    figure = plot_panels(f"{args.out}/{NAME}.png", panels, ncols=2,
-                         title=f"digits few-shot MAML ({args.model}, {args.steps} inner steps, seed {args.seed})")
+              f"{r['wall_s']:.1f} s", f"{r['cpu_s']:.1f} s", f"{r['ms_per_step']:.1f}",
+              f"{r['time_ratio']:.2f}", f"{100 * r['exact_share']:.0f}%"] for label, r in summary.items()],
+            "lrrrrrrr"), ""]
+    figure = plot_panels(f"{args.out}/{NAME}.png", panels, ncols=2, title=f"digits few-shot MAML "
+                         f"({args.model}, {args.steps} inner steps, seed {args.seed})")
     model = ("MLP 64-64-64-N (ReLU)" if args.model == "mlp"
              else "CNN (2 x [conv 3x3, 16 channels, ReLU, max-pool 2x2], linear)")
-    fields = {k: getattr(args, k) for k in ("ways", "query", "steps", "inner_lr", "outer_lr", "meta_batch", "iters",
-                                            "seed", "memory", "test_tasks")}
-    fields.update(model=model, basis=args.basis, ref=next(iter(settings.values()))["summary"][methods[0].label][
-        "ratio_ref"], tables="\n".join(tables), skipped="".join(f"\nNote: {s}" for s in skipped))
-    return write_report(args, NAME, TEMPLATE, fields, {"settings": settings, "skipped": skipped}, (), [figure])
+    fields = {k: getattr(args, k) for k in ("ways", "query", "steps", "inner_lr", "outer_lr", "meta_batch",
+                                            "iters", "seed", "memory", "test_tasks")}
+    fields.update(model=model, basis=args.basis, tables="\n".join(tables),
+                  ref=next(iter(settings.values()))["summary"][methods[0].label]["ratio_ref"],
+                  skipped="".join(f"\nNote: {s}" for s in skipped))
+    return write_report(args, NAME, TEMPLATE, fields, {"settings": settings, "skipped": skipped}, (),
+                        [figure])
 
 
 if __name__ == "__main__":

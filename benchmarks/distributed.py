@@ -8,14 +8,11 @@ Launch from the repository root with ``torchrun`` (2 processes, gloo on CPU)::
 
 (``python -m torch.distributed.run`` is the same launcher as ``torchrun``.)
 
-The problem is MAML on sinusoid regression: ``y = A sin(x - phase)`` with
-``A ~ U[0.1, 5]``, ``phase ~ U[0, pi]``, inputs ``U[-5, 5]``, ``--shots``
-support and ``--shots`` query points per task, an MLP ``1-H-H-1`` (ReLU, ``H =
---hidden``), MSE for the inner and the outer loss, ``--steps`` inner SGD steps
-and an Adam outer optimizer. Every outer step has ``--meta-batch`` tasks
-drawn from a generator seeded by ``(--seed, outer step)``, so the global set
-of tasks does not depend on the number of processes; rank ``r`` of ``W``
-takes tasks ``r, r + W, r + 2W, ...``.
+The problem is MAML on the sinusoid tasks of :mod:`benchmarks.problems`
+(``--shots`` support and query points, the MLP ``1-H-H-1``, MSE, ``--steps``
+inner SGD steps, Adam outside). Each outer step's ``--meta-batch`` tasks are
+drawn from a generator seeded by ``(--seed, outer step)``, whatever the number
+of processes; rank ``r`` of ``W`` takes tasks ``r, r + W, r + 2W, ...``.
 
 Each rank builds the same seeded model and the same outer optimizer and wraps
 it in ``torch_ufom.MetaOptimizer(..., mode="ufom", process_group=True)``
@@ -34,9 +31,8 @@ its parameters; the ranks all-gather their parameters and rank 0 prints whether
 they are bit-identical, with the outer loss (mean over all ranks' tasks) of
 each outer step. The exit status is 1 if the parameters differ.
 
-Backends: ``gloo`` with ``--device cpu`` (default), ``nccl`` with ``--device
-cuda`` (one GPU per process: rank ``LOCAL_RANK`` uses ``cuda:LOCAL_RANK``);
-``--backend`` overrides the choice.
+Backends: ``gloo`` on the CPU, ``nccl`` with ``--device cuda`` (rank
+``LOCAL_RANK`` uses ``cuda:LOCAL_RANK``); ``--backend`` overrides the choice.
 """
 from __future__ import annotations
 
@@ -61,10 +57,12 @@ LAUNCH = "torchrun --standalone --nproc_per_node 2 -m benchmarks.distributed"
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line (see ``--help``); refuse to run outside torchrun."""
     p = argparse.ArgumentParser(prog=LAUNCH, description=__doc__.splitlines()[0])
-    for flag, default, text in (("--outer-steps", 20, "outer steps"), ("--meta-batch", 8, "tasks per outer step "
-                                "over all ranks"), ("--steps", 5, "inner SGD steps per task"),
+    for flag, default, text in (("--outer-steps", 20, "outer steps"),
+                                ("--meta-batch", 8, "tasks per outer step over all ranks"),
+                                ("--steps", 5, "inner SGD steps per task"),
                                 ("--shots", 10, "support and query points per task"),
-                                ("--hidden", 40, "hidden width of the MLP"), ("--threads", 1, "torch CPU threads")):
+                                ("--hidden", 40, "hidden width of the MLP"),
+                                ("--threads", 1, "torch CPU threads")):
         p.add_argument(flag, type=positive_int, default=default, help=f"{text} (default {default})")
     p.add_argument("--inner-lr", type=positive_float, default=0.01)
     p.add_argument("--outer-lr", type=positive_float, default=1e-3)

@@ -43,37 +43,22 @@ SIZES = ("full", "quick", "tiny")
 
 
 # -- command line --------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= 1")
-    return value
+def _number(cast: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse type: ``cast(text)``, refused unless ``ok``; the message says what was ``expected``."""
+    def parse_number(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {expected}")
+        return value
+    return parse_number
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number > 0")
-    return value
-
-
-def probability(text: str) -> float:
-    """argparse type: a float in ``(0, 1]`` (UFOM's ``q``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number in (0, 1]")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0")
+probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")  # UFOM's q
 
 
 def parser(name: str, doc: str, sizes: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -364,7 +349,8 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align:
     def line(cells):
         return "| " + " | ".join(c.rjust(w) if a == "r" else c.ljust(w)
                                  for c, w, a in zip(cells, widths, align)) + " |"
-    rule = "|" + "|".join("-" * (w + 1) + ":" if a == "r" else "-" * (w + 2) for w, a in zip(widths, align)) + "|"
+    rule = "|" + "|".join("-" * (w + 1) + ":" if a == "r" else "-" * (w + 2)
+                          for w, a in zip(widths, align)) + "|"
     return "\n".join([line(headers), rule] + [line(r) for r in rows])
 
 

@@ -83,7 +83,7 @@ fresh process per run; *1st hypergrad vs exact*: ||g - g_exact|| / ||g_exact|| a
 
 # -- the problem ---------------------------------------------------------------------------
 def digits_split(seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x_train, y_train, x_val, y_val)``: sklearn's digits / 16, ``VAL_SIZE`` images in a seeded validation split."""
+    """``(x_train, y_train, x_val, y_val)``: sklearn's digits / 16, ``VAL_SIZE`` images for validation."""
     from sklearn.datasets import load_digits
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
@@ -244,7 +244,8 @@ def run_method(method: str, steps: int, outer_steps: int, hidden: int, device: s
         outer = make_outer(model, rates, wd)
         step = make_trainer(method, model, rates, wd, outer, steps, batches, val,
                             torch.Generator(device=device).manual_seed(seed))
-        out = {"val": [], "wall": [0.0], "cpu": [0.0], "truncations": [], "fwd": [], "rev": [], "probe": False}
+        out = {"val": [], "wall": [0.0], "cpu": [0.0], "truncations": [], "fwd": [], "rev": [],
+               "probe": False}
         with PeakMemory(device) as mem:
             for k in range(outer_steps):
                 sync(device)
@@ -277,7 +278,8 @@ def run_method(method: str, steps: int, outer_steps: int, hidden: int, device: s
             out.update(probe=True, fwd_probe=info["fwd"], rev_probe=info["rev"])
         out["val"].append(plain_val_loss(model, rates, wd, batches, val))
     return {**out, "peak_mb": peak / MB, "peak_exact": exact, "checkpoint_steps": checkpoint_every(steps),
-            "rate_mean": float(torch.cat([r.detach().flatten() for r in rates.values()]).mean()), "wd": float(wd.detach())}
+            "rate_mean": float(torch.cat([r.detach().flatten() for r in rates.values()]).mean()),
+            "wd": float(wd.detach())}
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -297,22 +299,26 @@ def table(runs: Dict[str, Dict[str, Any]]) -> Tuple[str, List[str]]:
         ref = runs.get(f"exact/{steps}", {})
         end, ref_end = r["val"][-1], ref.get("val", [None])[-1]
         ks = r["truncations"]
-        branches = "-" if method != "ufom" else f"{ks.count(int(steps))}/{len(ks)}" + (" (+1 probe)" if r["probe"] else "")
+        branches = "-" if method != "ufom" else (f"{ks.count(int(steps))}/{len(ks)}"
+                                                 + (" (+1 probe)" if r["probe"] else ""))
         rows.append([LABELS[method], steps, f"{r['val'][0]:.4f} -> {end:.4f}",
-                     "n/a" if ref_end is None else f"{end - ref_end:+.4f} ({(end / ref_end - 1) * 100:+.1f}%)",
-                     f"{r['wall'][-1]:.1f}", f"{r['cpu'][-1]:.1f}", f"{r['cpu'][-1] / (len(r['wall']) - 1):.3f}",
+                     "n/a" if ref_end is None else f"{end - ref_end:+.4f} ({end / ref_end - 1:+.1%})",
+                     f"{r['wall'][-1]:.1f}", f"{r['cpu'][-1]:.1f}",
+                     f"{r['cpu'][-1] / (len(r['wall']) - 1):.3f}",
                      f"{r['peak_mb']:.1f}" + ("" if r["peak_exact"] else " (upper bound)"),
                      f"{r['peak_mb'] / ref['peak_mb']:.3f}" if ref.get("peak_mb") else "n/a", branches,
                      f"{sum(r['fwd']) / len(ks):.0f} / {sum(r['rev']) / len(ks):.0f}" if ks else "-",
                      fmt(r.get("hypergrad_vs_exact"), ".2e", none="n/a")])
         if r["probe"]:
-            notes.append(f"ufom at steps={steps}: no training draw took the exact branch; the peak includes one "
-                         f"forced exact-branch outer gradient ({r['fwd_probe']} / {r['rev_probe']} inner steps).")
+            notes.append(f"ufom at steps={steps}: no training draw took the exact branch; the peak includes "
+                         f"one forced exact-branch outer gradient ({r['fwd_probe']} / {r['rev_probe']} "
+                         "inner steps).")
         if method == "torch_maml":
-            notes.append(f"torch_maml at steps={steps}: checkpoint every {r['checkpoint_steps']} inner steps.")
-    return markdown_table(["method", "steps", "val loss start -> end", "end vs exact", "wall (s)", "CPU (s)",
-                           "CPU s / outer step", "peak memory (MB)", "peak / exact", "exact branches",
-                           "inner fwd / rev per outer step", "1st hypergrad vs exact"], rows, "lrlrrrrrrrrr"), notes
+            notes.append(f"torch_maml at steps={steps}: checkpoint every {r['checkpoint_steps']} steps.")
+    return markdown_table(["method", "steps", "val loss start -> end", "end vs exact", "wall (s)",
+                           "CPU (s)", "CPU s / outer step", "peak memory (MB)", "peak / exact",
+                           "exact branches", "inner fwd / rev per outer step", "1st hypergrad vs exact"],
+                          rows, "lrlrrrrrrrrr"), notes
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -327,7 +333,7 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--outer-steps", type=positive_int, help="outer steps per run (default 10)")
     p.add_argument("--hidden", type=positive_int, help="hidden width of the MLP (default 128)")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="default all; --quick: all but fom")
-    p.add_argument("--workers", type=positive_int, default=2, help="runs (fresh processes) at a time (default 2)")
+    p.add_argument("--workers", type=positive_int, default=2, help="fresh processes at a time (default 2)")
     p.add_argument("--in-process", action="store_true", help="every run in this process (implied by --tiny; "
                    "peak memory is then only indicative)")
     p.add_argument("--worker", help="internal: one run in this process, printed as JSON")
@@ -337,7 +343,8 @@ def main(argv=None) -> Dict[str, Any]:
         print(json.dumps(run_method(**json.loads(args.worker))))
         return {}
     steps_list, outer_steps, hidden, methods = SIZES[args.size]
-    args.steps, args.outer_steps = list(dict.fromkeys(args.steps or steps_list)), args.outer_steps or outer_steps
+    args.steps = list(dict.fromkeys(args.steps or steps_list))
+    args.outer_steps = args.outer_steps or outer_steps
     args.hidden, args.in_process = args.hidden or hidden, args.in_process or args.size == "tiny"
     import importlib.util
     notes = [f"{m} is not installed: its rows are skipped (pip install {PEERS[m]})."
@@ -346,7 +353,8 @@ def main(argv=None) -> Dict[str, Any]:
     notes += ([f"Runs went {args.workers} processes at a time: each peak is its own process's, but the times "
                "were taken while sharing the cores (--workers 1 for timings)."] if not args.in_process
               and args.workers > 1 else [])
-    notes += ["All runs in this one process (--in-process): peak memory only indicative."] if args.in_process else []
+    if args.in_process:
+        notes.append("All runs in this one process (--in-process): peak memory only indicative.")
     with tempfile.TemporaryDirectory(prefix="hyper_") as tmp:
         jobs = [(m, s) for s in args.steps for m in methods]
         specs = [dict(method=m, steps=s, outer_steps=args.outer_steps, hidden=args.hidden, device=args.device,
@@ -362,13 +370,15 @@ def main(argv=None) -> Dict[str, Any]:
                 g, e = torch.load(os.path.join(tmp, f"{m}_{s}.pt")), torch.load(ref)
                 runs[f"{m}/{s}"]["hypergrad_vs_exact"] = float((g - e).norm() / e.norm().clamp_min(1e-30))
     text, table_notes = table(runs)
-    panels = [{"series": {LABELS[m]: (runs[f"{m}/{s}"]["wall"], runs[f"{m}/{s}"]["val"]) for m in methods}, "title": f"steps = {s}",
-        "xlabel": "wall time of training (s)", "ylabel": "validation loss"} for s in args.steps]
-    panels.append({"series": {LABELS[m]: (args.steps, [max(runs[f"{m}/{s}"]["peak_mb"], 1e-2) for s in args.steps])
-                              for m in methods}, "title": "peak memory above baseline", "xlabel": "inner steps",
-                   "ylabel": "MB", "logx": True, "logy": True})
+    panels = [{"series": {LABELS[m]: (runs[f"{m}/{s}"]["wall"], runs[f"{m}/{s}"]["val"]) for m in methods},
+               "title": f"steps = {s}", "xlabel": "wall time of training (s)", "ylabel": "validation loss"}
+              for s in args.steps]
+    panels.append({"series": {LABELS[m]: (args.steps, [max(runs[f"{m}/{s}"]["peak_mb"], 1e-2)
+                                                       for s in args.steps]) for m in methods},
+                   "title": "peak memory above baseline", "xlabel": "inner steps", "ylabel": "MB",
+                   "logx": True, "logy": True})
     figure = plot_panels(os.path.join(args.out, f"{NAME}.png"), panels, ncols=len(panels),
-                         title=f"Learned per-parameter inner rates on digits, hidden {args.hidden}, {args.device}")
+                         title=f"Learned per-parameter inner rates on digits, hidden {args.hidden}")
     params = sum(a * b + b for a, b in zip((64, args.hidden, args.hidden), (args.hidden, args.hidden, 10)))
     return write_report(args, NAME, TEMPLATE, dict(
         hidden=args.hidden, params=params, batch=BATCH, rate0=RATE0, wd0=WD0, val=VAL_SIZE, outer_lr=OUTER_LR,

@@ -305,10 +305,25 @@ def cosine_decay(iters: int) -> Callable[[int], float]:
 # Evaluation on held-out tasks (plain torch.func, no library under test)
 # ---------------------------------------------------------------------------
 
+def _query_metric(model: nn.Module, pred_loss, metric, steps: int, lr: float):
+    """``(params, xs, ys, xq, yq) -> metric(model(xq), yq)`` after ``steps`` SGD steps on the support loss."""
+    from torch.func import functional_call, grad
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def support_loss(p, x, y):
+        return pred_loss(functional_call(model, (p, buffers), (x,)), y)
+
+    def run(p, x, y, x_q, y_q):
+        for _ in range(steps):
+            g = grad(support_loss)(p, x, y)
+            p = {n: p[n] - lr * g[n] for n in p}
+        return metric(functional_call(model, (p, buffers), (x_q,)), y_q)
+    return run
+
+
 def adapt_and_score(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor],
                     metric: Callable[[Tensor, Tensor], Tensor], xs: Tensor, ys: Tensor,
-                    xq: Tensor, yq: Tensor, steps: int, lr: float,
-                    chunk: Optional[int] = 64) -> Tensor:
+                    xq: Tensor, yq: Tensor, steps: int, lr: float, chunk: Optional[int] = 64) -> Tensor:
     """Adapt ``model`` to each task by ``steps`` SGD steps; return the per-task metric.
 
     Tasks are stacked along dimension 0 of ``xs, ys`` (support) and ``xq, yq``
@@ -317,22 +332,9 @@ def adapt_and_score(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tens
     is scored by ``metric(model(xq), yq)`` at the adapted parameters.
     Vectorised over tasks with ``torch.func.vmap`` (``chunk`` tasks at a time).
     """
-    from torch.func import functional_call, grad, vmap
-
     params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def support_loss(p, x, y):
-        return pred_loss(functional_call(model, (p, buffers), (x,)), y)
-
-    def one(x, y, x_q, y_q):
-        p = params
-        for _ in range(steps):
-            g = grad(support_loss)(p, x, y)
-            p = {n: p[n] - lr * g[n] for n in p}
-        return metric(functional_call(model, (p, buffers), (x_q,)), y_q)
-
-    return vmap(one, chunk_size=chunk)(xs, ys, xq, yq)
+    run = _query_metric(model, pred_loss, metric, steps, lr)
+    return torch.func.vmap(lambda *batch: run(params, *batch), chunk_size=chunk)(xs, ys, xq, yq)
 
 
 def meta_gradient(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor], xs: Tensor,
@@ -350,32 +352,18 @@ def meta_gradient(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor
     the mean over the tasks: the norm a set of ``n`` tasks shows even where the
     expected meta-gradient is 0.
     """
-    from torch.func import functional_call, grad, vmap
-
     params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def support_loss(p, x, y):
-        return pred_loss(functional_call(model, (p, buffers), (x,)), y)
-
-    def query_loss(p, x, y, x_q, y_q):
-        for _ in range(steps):
-            g = grad(support_loss)(p, x, y)
-            p = {n: p[n] - lr * g[n] for n in p}
-        return pred_loss(functional_call(model, (p, buffers), (x_q,)), y_q)
-
-    per_task = vmap(grad(query_loss), in_dims=(None, 0, 0, 0, 0))
+    per_task = torch.func.vmap(torch.func.grad(_query_metric(model, pred_loss, pred_loss, steps, lr)),
+                               in_dims=(None, 0, 0, 0, 0))
     n = xs.shape[0]
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     sq = torch.zeros((), dtype=torch.float64)
     for i in range(0, n, chunk):
-        sl = slice(i, i + chunk)
-        g = per_task(params, xs[sl], ys[sl], xq[sl], yq[sl])
+        g = per_task(params, xs[i:i + chunk], ys[i:i + chunk], xq[i:i + chunk], yq[i:i + chunk])
         total = {k: total[k] + g[k].sum(0) for k in total}
         sq = sq + sum((g[k].double() ** 2).sum() for k in g)
     mean = {k: v / n for k, v in total.items()}
-    if return_se:
-        # Standard error of the mean over tasks: sqrt(tr Cov / n), with the unbiased variance.
+    if return_se:  # sqrt(tr Cov / n), with the unbiased variance
         var = (sq - n * sum((m.double() ** 2).sum() for m in mean.values())) / max(1, n - 1)
         return mean, float(var.clamp_min(0) / n) ** 0.5
     return mean

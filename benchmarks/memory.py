@@ -170,7 +170,8 @@ def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: in
                 out[row] = {"times": [list(s) for s in ts]}
                 continue
             ks = out[row]["truncations"]
-            while row.startswith("ufom/") and len(ks) < MAX_DRAWS and (ks.count(steps) < min_exact or 0 not in ks):
+            while (row.startswith("ufom/") and len(ks) < MAX_DRAWS
+                   and (ks.count(steps) < min_exact or 0 not in ks)):
                 ts.append(clock(fns[row], device))
             out[row]["times"] = [list(s) for s in ts]
     return out
@@ -247,12 +248,14 @@ def measure_peak(row: str, steps: int, seed: int, device: str, threads: int) -> 
 
 
 def targets(results: Dict[str, Dict], basis: str) -> List[Target]:
-    """exact/store <= 1.2x higher; fom (each memory) <= 1.1x plain; ufom/checkpoint <= 1.6x fom; at steps 100."""
+    """At steps 100: exact/store <= 1.2x higher, fom <= 1.1x plain, ufom/checkpoint <= 1.6x fom."""
     def ratio(a, b):
         ra, rb = results.get(f"{a}@{TARGETS_AT}", {}), results.get(f"{b}@{TARGETS_AT}", {})
         return ra[basis] / rb[basis] if basis in ra and basis in rb else None
-    out = [Target(f"exact/store {basis} time / higher at steps={TARGETS_AT}", ratio("exact/store", "higher/-"), 1.2)]
-    out += [Target(f"fom/{m} {basis} time / plain FO loop at steps={TARGETS_AT}", ratio(f"fom/{m}", "plain/-"), 1.1)
+    out = [Target(f"exact/store {basis} time / higher at steps={TARGETS_AT}",
+                  ratio("exact/store", "higher/-"), 1.2)]
+    out += [Target(f"fom/{m} {basis} time / plain FO loop at steps={TARGETS_AT}",
+                   ratio(f"fom/{m}", "plain/-"), 1.1)
             for m in MEMORIES]
     out.append(Target(f"ufom/checkpoint {basis} time / fom at steps={TARGETS_AT}",
                       ratio("ufom/checkpoint", "fom/checkpoint"), 1.6))
@@ -261,7 +264,8 @@ def targets(results: Dict[str, Dict], basis: str) -> List[Target]:
 
 def main(argv=None) -> Dict[str, Any]:
     """Measure every row (times: a fresh process per steps value; peaks: one per row); write the report."""
-    p = parser(NAME, __doc__, {"quick": "steps 10 100, 5 rounds, --max-replay 1000", "tiny": "steps 2, 1 round"})
+    p = parser(NAME, __doc__, {"quick": "steps 10 100, 5 rounds, --max-replay 1000",
+                               "tiny": "steps 2, 1 round"})
     p.add_argument("--steps", type=positive_int, nargs="+", help="inner steps (default 10 100 1000)")
     p.add_argument("--rounds", type=positive_int, help="timing rounds, at least (default 7; --quick 5)")
     p.add_argument("--max-replay", type=positive_int, help="skip recompute rows replaying more inner steps")

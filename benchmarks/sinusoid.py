@@ -77,8 +77,9 @@ def summarise(hist: Sequence[maml.History], basis: str, target: Optional[float] 
     for h in hist:
         norms, tail = [e[1] for e in h.extra], h.q_trace[-max(1, len(h.q_trace) // 10):]
         n4 = max(1, len(norms) // 4)
-        out[h.label] = {"final_mse": h.score[-1], "ci95": maml.mean_ci(h.extra[-1][0])[1], "best_mse": min(h.score),
-                        "wall_s": h.wall[-1], "cpu_s": h.cpu[-1], "ms_per_step": 1e3 * h.wall[-1] / max(1, h.steps[-1]),
+        out[h.label] = {"final_mse": h.score[-1], "ci95": maml.mean_ci(h.extra[-1][0])[1],
+                        "best_mse": min(h.score), "wall_s": h.wall[-1], "cpu_s": h.cpu[-1],
+                        "ms_per_step": 1e3 * h.wall[-1] / max(1, h.steps[-1]),
                         "exact_share": h.exact_branches / max(1, h.tasks_seen), "q_min": h.q_min,
                         "q_end": h.q_next if h.q_next is not None else h.q_last,
                         "q_mean_tail": sum(tail) / len(tail) if tail else None,
@@ -103,11 +104,12 @@ def targets(summary: Dict[str, Dict]) -> List[Target]:
     """The project's targets for the rows that ran."""
     out = []
     if "exact" in summary and "higher" in summary:
-        out.append(Target("|exact - higher| / higher, final meta-test MSE", abs(summary["exact"]["vs_higher"]),
-                          EXACT_VS_HIGHER))
+        out.append(Target("|exact - higher| / higher, final meta-test MSE",
+                          abs(summary["exact"]["vs_higher"]), EXACT_VS_HIGHER))
     for label, r in summary.items():
         if label.startswith("ufom q=") and "exact" in summary:
-            out.append(Target(f"({label} - exact) / exact, final meta-test MSE", r["vs_exact"], UFOM_VS_EXACT))
+            out.append(Target(f"({label} - exact) / exact, final meta-test MSE", r["vs_exact"],
+                              UFOM_VS_EXACT))
         if r["q_min"] is not None:
             out.append(Target(f"{label}: q at end", r["q_end"], (r["q_min"], 1.0), "in"))
     return out
@@ -130,19 +132,22 @@ def tables(summary: Dict[str, Dict], iters: int, basis: str):
     """The results table and the q / true-gradient / time-to-target table."""
     rows, qrows = [], []
     for label, r in summary.items():
-        rows.append([label, f"{r['final_mse']:.4f} +- {r['ci95']:.4f}", f"{r['best_mse']:.4f}", f"{r['wall_s']:.1f} s",
-                     f"{r['cpu_s']:.1f} s", f"{r['ms_per_step']:.1f}", fmt(r["time_ratio"], ".2f"),
-                     fmt(r["vs_higher"], "+.2%"), fmt(r["vs_exact"], "+.2%"), f"{100 * r['exact_share']:.0f}%"])
+        rows.append([label, f"{r['final_mse']:.4f} +- {r['ci95']:.4f}", f"{r['best_mse']:.4f}",
+                     f"{r['wall_s']:.1f} s", f"{r['cpu_s']:.1f} s", f"{r['ms_per_step']:.1f}",
+                     fmt(r["time_ratio"], ".2f"), fmt(r["vs_higher"], "+.2%"), fmt(r["vs_exact"], "+.2%"),
+                     f"{100 * r['exact_share']:.0f}%"])
         qrows.append([label, fmt(r["q_end"], ".3f"), fmt(r["q_mean_tail"], ".3f"), f"{r['grad_start']:.4f}",
                       f"{r['grad_end']:.4f}", fmt(r["grad_ratio"], ".3f"), f"{r['grad_tail']:.4f}",
-                      f"{r['grad_min']:.4f}", f"{r['grad_se_end']:.4f}", fmt(r["target_step"], "d", "", "not reached"),
+                      f"{r['grad_min']:.4f}", f"{r['grad_se_end']:.4f}",
+                      fmt(r["target_step"], "d", "", "not reached"),
                       fmt(r[f"target_{basis}_s"], ".1f", " s")])
-    return (markdown_table(["method", f"meta-test MSE after {iters} steps", "best MSE", "wall time", "CPU time",
-                            "ms / outer step", f"{basis} time / higher", "gap vs higher", "gap vs exact",
-                            "exact branches"], rows, "lrrrrrrrrr"),
-            markdown_table(["method", "q at end", "mean q (last 10%)", "|true grad| at start", "|true grad| at end",
-                            "end / start", "mean |true grad| (last 25% of evals)", "lowest |true grad|",
-                            "its floor at end", "steps to target", f"{basis} time to target"], qrows, "lrrrrrrrrrr"))
+    return (markdown_table(["method", f"meta-test MSE after {iters} steps", "best MSE", "wall time",
+                            "CPU time", "ms / outer step", f"{basis} time / higher", "gap vs higher",
+                            "gap vs exact", "exact branches"], rows, "lrrrrrrrrr"),
+            markdown_table(["method", "q at end", "mean q (last 10%)", "|true grad| at start",
+                            "|true grad| at end", "end / start", "mean |true grad| (last 25% of evals)",
+                            "lowest |true grad|", "its floor at end", "steps to target",
+                            f"{basis} time to target"], qrows, "lrrrrrrrrrr"))
 
 
 def plots(hist: Sequence[maml.History], out: str, title: str) -> List[str]:
@@ -150,18 +155,22 @@ def plots(hist: Sequence[maml.History], out: str, title: str) -> List[str]:
     mse = {"ylabel": "meta-test MSE (after adaptation)", "logy": True}
     qs = {h.label: (list(range(1, len(h.q_trace) + 1)), h.q_trace) for h in hist if h.q_trace}
     return [plot_panels(f"{out}/{NAME}.png", [
-        {"series": {h.label: (h.steps, h.score) for h in hist}, "title": title, "xlabel": "outer steps", **mse},
+        {"series": {h.label: (h.steps, h.score) for h in hist}, "title": title, "xlabel": "outer steps",
+         **mse},
         {"series": {h.label: (h.wall, h.score) for h in hist}, "title": title,
          "xlabel": "training wall time (s)", **mse},
         {"series": {h.label: (h.steps, [e[1] for e in h.extra]) for h in hist}, "logy": True,
-         "title": "true outer-gradient norm (fixed tasks, exact)", "xlabel": "outer steps", "ylabel": "|true grad|"},
-        {"series": qs, "title": "q of the ufom rows", "xlabel": "outer steps", "ylabel": "q used", "logy": True},
+         "title": "true outer-gradient norm (fixed tasks, exact)", "xlabel": "outer steps",
+         "ylabel": "|true grad|"},
+        {"series": qs, "title": "q of the ufom rows", "xlabel": "outer steps", "ylabel": "q used",
+         "logy": True},
     ][:4 if qs else 3], ncols=2, panel_size=(7.0, 4.5))]
 
 
 def parse_args(argv=None):
     """Parse the command line (see ``--help``)."""
-    p = parser(NAME, __doc__, {"quick": "160 outer steps, 200 test tasks", "tiny": "4 outer steps: a smoke test"})
+    p = parser(NAME, __doc__, {"quick": "160 outer steps, 200 test tasks",
+                               "tiny": "4 outer steps: a smoke test"})
     p.add_argument("--iters", type=positive_int, help="outer steps (default 10000; --quick 160)")
     p.add_argument("--meta-batch", type=positive_int, help="tasks per outer step (default 10)")
     p.add_argument("--steps", type=positive_int, default=5, help="inner SGD steps (default 5)")
@@ -170,15 +179,15 @@ def parse_args(argv=None):
     p.add_argument("--lr-decay", choices=("none", "cosine"), default="none",
                    help="outer learning-rate schedule, the same for every method (default none)")
     p.add_argument("--shots", type=positive_int, default=10, help="support points per task (default 10)")
-    p.add_argument("--query", type=positive_int, default=10, help="query points per training task (default 10)")
+    p.add_argument("--query", type=positive_int, default=10, help="query points per training task")
     p.add_argument("--test-tasks", type=positive_int, help="held-out tasks (default 500; --quick 200)")
     p.add_argument("--test-query", type=positive_int, default=100, help="query points per held-out task")
-    p.add_argument("--eval-every", type=positive_int, help="evaluate every N outer steps (default iters / 40)")
+    p.add_argument("--eval-every", type=positive_int, help="evaluate every N outer steps")
     p.add_argument("--methods", help="comma-separated: " + ", ".join(maml.BY_LABEL) + " (aliases: "
                    + ", ".join(maml.ALIASES) + "; default the first six, plus the q study in the full run)")
     p.add_argument("--q-study", action="store_true", help="add " + ", ".join(m.label for m in maml.Q_STUDY))
     p.add_argument("--grad-tasks", type=positive_int, help="fixed tasks of the true outer-gradient norm")
-    p.add_argument("--target-mse", type=positive_float, help="target meta-test MSE (default 1.1 x exact's final)")
+    p.add_argument("--target-mse", type=positive_float, help="default 1.1 x exact's final MSE")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="default float64")
     maml.add_maml_args(p)
     args = parse(p, argv)
@@ -210,8 +219,9 @@ def run(args) -> Dict[str, Any]:
     dtype = DTYPES[args.dtype]
     methods, skipped = maml.split_available(args.method_list)
     base = problems.seeded(args.seed, problems.sinusoid_mlp, dtype, args.device)
-    trainers = [maml.make_trainer(m, copy.deepcopy(base), problems.mse, inner_lr=args.inner_lr, steps=args.steps,
-                                  outer_lr=args.outer_lr, seed=args.seed, memory=args.memory) for m in methods]
+    trainers = [maml.make_trainer(m, copy.deepcopy(base), problems.mse, inner_lr=args.inner_lr,
+                                  steps=args.steps, outer_lr=args.outer_lr, seed=args.seed,
+                                  memory=args.memory) for m in methods]
     test = problems.sinusoid_tasks(args.test_tasks, args.shots, args.test_query,
                                    torch.Generator().manual_seed(TEST_SEED), dtype, args.device)
     grad_set = problems.sinusoid_tasks(args.grad_tasks, args.shots, args.query,
@@ -235,17 +245,21 @@ def run(args) -> Dict[str, Any]:
                                   maml.cosine_decay(args.iters) if args.lr_decay == "cosine" else None)
     check = check_gradient(trainers[0].model, grad_set, args.steps, args.inner_lr)
     summary = summarise(hist, args.basis, args.target_mse)
-    title = f"sinusoid MAML: {args.steps} inner steps, meta-batch {args.meta_batch}, {args.dtype}, seed {args.seed}"
+    title = (f"sinusoid MAML: {args.steps} inner steps, meta-batch {args.meta_batch}, {args.dtype}, "
+             f"seed {args.seed}")
     table, q_table = tables(summary, args.iters, args.basis)
     target = next((r["target_mse"] for r in summary.values()), None)
-    fields = {k: getattr(args, k) for k in ("shots", "query", "dtype", "steps", "inner_lr", "outer_lr", "meta_batch",
-                                            "iters", "seed", "memory", "test_tasks", "test_query", "grad_tasks")}
-    fields.update(decay=" (cosine decay to 0, every method)" if args.lr_decay == "cosine" else "", basis=args.basis,
+    fields = {k: getattr(args, k) for k in ("shots", "query", "dtype", "steps", "inner_lr", "outer_lr",
+                                            "meta_batch", "iters", "seed", "memory", "test_tasks",
+                                            "test_query", "grad_tasks")}
+    fields.update(decay=" (cosine decay to 0, every method)" if args.lr_decay == "cosine" else "",
+                  basis=args.basis,
                   table=table, q_table=q_table, target=fmt(target, ".4f"), check_tasks=check["tasks"],
                   check_method=trainers[0].method.label, check_diff=check["rel_diff"],
                   skipped="".join(f"\nNote: {s}" for s in skipped))
     histories = {h.label: {"steps": h.steps, "wall_s": h.wall, "cpu_s": h.cpu, "mse": h.score,
-                           "grad_norm": [e[1] for e in h.extra], "grad_se": [e[2] for e in h.extra], "q": h.q_trace}
+                           "grad_norm": [e[1] for e in h.extra], "grad_se": [e[2] for e in h.extra],
+                           "q": h.q_trace}
                  for h in hist}
     return write_report(args, NAME, TEMPLATE, fields, {"summary": summary, "histories": histories,
                                                        "gradient_check": check, "skipped": skipped,

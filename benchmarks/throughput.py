@@ -76,7 +76,8 @@ def _meta(model, mode: str, steps: int, lr: float, seed: int, device: str) -> to
 
 def batch_rows(model, loss, supports, queries, modes, steps: int, lr: float, seed: int,
                device: str) -> Dict[str, Callable[[], Any]]:
-    """``"<mode>/loop"`` and ``"<mode>/batch"``: one meta-batch by ``backward`` per task or ``backward_batch``."""
+    """``"<mode>/loop"`` and ``"<mode>/batch"``: a meta-batch by ``backward`` per task or by
+    ``backward_batch``."""
     rows: Dict[str, Callable[[], Any]] = {}
     n = supports[0].shape[0]
     for mode in modes:
@@ -95,7 +96,7 @@ def batch_rows(model, loss, supports, queries, modes, steps: int, lr: float, see
 
 
 def warm_up(rows: Dict[str, Callable[[], Any]]) -> Dict[str, str]:
-    """Call every row once; return the path each ``batch`` row took (``vectorised`` or the fallback's reason)."""
+    """Call every row once; return the path each ``batch`` row took (``vectorised`` or the fallback)."""
     paths = {}
     for name, fn in rows.items():
         with warnings.catch_warnings(record=True) as caught:
@@ -198,40 +199,41 @@ def analyse(raw: Dict[str, Any], basis: str) -> Dict[str, Any]:
                       Target("backward_batch (exact, sinusoid) speed-up over our per-task loop",
                              out["meta_batch"]["batch_vs_loop"]["exact"], BATCH_VS_LOOP, ">=")]
     out["hvp"] = {name: {"rel_err_float64": r["rel_err_float64"],
-                         "stats": {k: stats(v) for k, v in r["times"].items()}} for name, r in raw["hvp"].items()}
+                         "stats": {k: stats(v) for k, v in r["times"].items()}}
+                  for name, r in raw["hvp"].items()}
     return out
 
 
 def report(raw: Dict[str, Any], basis: str, threads: int) -> str:
     """The three Markdown sections."""
     a = analyse(raw, basis)
-    mb, ms = a["meta_batch"], lambda s, k: f"{s[k][basis] * 1e3:.1f}"
-    higher = mb["stats"].get("exact/higher")
-    sinusoid = [[m, ms(mb["stats"], f"{m}/loop"), ms(mb["stats"], f"{m}/batch"), spread(mb["stats"][f"{m}/batch"], basis),
-                 f"{mb['batch_vs_loop'][m]:.2f}x", "n/a" if higher is None else f"{higher[basis] * 1e3:.1f}",
-                 "n/a" if higher is None else f"{higher[basis] / mb['stats'][f'{m}/batch'][basis]:.2f}x"]
-                for m in ("fom", "ufom", "exact")]
-    c4 = a["conv4"]
-    conv4 = [[m, ms(c4["stats"], f"{m}/loop"), ms(c4["stats"], f"{m}/batch"), spread(c4["stats"][f"{m}/batch"], basis),
-              f"{c4['batch_vs_loop'][m]:.2f}x", raw["conv4_path"][f"{m}/batch"]] for m in ("fom", "exact")]
+    mb, c4, higher = a["meta_batch"], a["conv4"], a["meta_batch"]["stats"].get("exact/higher")
+
+    def cells(section, m):
+        s = section["stats"]
+        return [m, f"{s[f'{m}/loop'][basis] * 1e3:.1f}", f"{s[f'{m}/batch'][basis] * 1e3:.1f}",
+                spread(s[f"{m}/batch"], basis), f"{section['batch_vs_loop'][m]:.2f}x"]
+    sinusoid = [cells(mb, m) + (["n/a", "n/a"] if higher is None else [
+        f"{higher[basis] * 1e3:.1f}", f"{higher[basis] / mb['stats'][f'{m}/batch'][basis]:.2f}x"])
+        for m in ("fom", "ufom", "exact")]
+    conv4 = [cells(c4, m) + [raw["conv4_path"][f"{m}/batch"]] for m in ("fom", "exact")]
     hvp = []
     for name, r in a["hvp"].items():
-        s = r["stats"]
-        hvp.append([name, f"{r['rel_err_float64']:.1e}"] + [
-            f"{s[k][basis] * 1e3:.3f}" if k.startswith("hvp") else f"{s[k][basis] * 1e3:.1f}"
-            for k in ("hvp/revrev", "hvp/fwdrev")] + [f"{s['hvp/fwdrev'][basis] / s['hvp/revrev'][basis]:.2f}"] + [
-            f"{s[k][basis] * 1e3:.1f}" for k in ("step/revrev", "step/fwdrev")] + [
-            f"{s['step/fwdrev'][basis] / s['step/revrev'][basis]:.2f}"])
-    text = TEMPLATE.format(
+        t = {k: v[basis] * 1e3 for k, v in r["stats"].items()}
+        hvp.append([name, f"{r['rel_err_float64']:.1e}", f"{t['hvp/revrev']:.3f}", f"{t['hvp/fwdrev']:.3f}",
+                    f"{t['hvp/fwdrev'] / t['hvp/revrev']:.2f}", f"{t['step/revrev']:.1f}",
+                    f"{t['step/fwdrev']:.1f}", f"{t['step/fwdrev'] / t['step/revrev']:.2f}"])
+    head = ["mode", "per-task backward (ms)", "backward_batch (ms)", "spread", "speed-up vs loop"]
+    return TEMPLATE.format(
         tasks=raw["tasks"], steps=STEPS, basis=basis, rounds=raw["rounds"], threads=threads, q=Q,
         conv4_tasks=raw["conv4_tasks"], conv4_steps=raw["conv4_steps"],
-        sinusoid=markdown_table(["mode", "per-task backward (ms)", "backward_batch (ms)", "spread", "speed-up vs loop",
-                                 "higher loop, exact (ms)", "speed-up vs higher"], sinusoid, "lrrrrrr"),
-        conv4=markdown_table(["mode", "per-task backward (ms)", "backward_batch (ms)", "spread", "speed-up vs loop",
-                              "path"], conv4, "lrrrrl"),
+        sinusoid=markdown_table(head + ["higher loop, exact (ms)", "speed-up vs higher"], sinusoid,
+                                "lrrrrrr"),
+        conv4=markdown_table(head + ["path"], conv4, "lrrrrl"),
         hvp=markdown_table(["model", "rel. error", "HVP revrev (ms)", "HVP fwdrev (ms)", "fwdrev / revrev",
-                            "exact step revrev (ms)", "exact step fwdrev (ms)", "fwdrev / revrev"], hvp, "lrrrrrrr"))
-    return text
+                            "exact step revrev (ms)", "exact step fwdrev (ms)", "fwdrev / revrev"], hvp,
+                           "lrrrrrrr"))
+
 
 
 def main(argv=None) -> Dict[str, Any]:

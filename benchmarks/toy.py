@@ -20,15 +20,13 @@ step size ``10 / (k + 1)``, one random task per outer step::
             group["lr"] = 10 / (k + 1)
         meta.step()
 
-Measured per mode: the *true ABLO gradient* ``d/dx (1/2) sum_i L_i(x_r^i(x))``
-at every outer iterate, by a vectorised float64 unroll
-(:func:`true_objective`, cross-checked against ``torch_ufom.hypergrad(mode="exact")``
-every ``--check-every`` iterates; not part of the timed loop), the outer loss
-(the same objective), the ``q`` of every step, and the time until the true
-gradient stays below 0.1 and until the outer loss stays below
-:func:`loss_target`, a tenth of the excess loss FOM settles at. ``ufom q=1``
-is exact's estimator. The ``"ufom"`` adaptive rule measures costs by wall
-clock, so its trajectory can differ between runs with the same seed.
+Measured per mode, outside the timed loop: the outer loss (the average ABLO
+objective ``(1/2) sum_i L_i(x_r^i(x))``) and its exact gradient, the *true
+gradient*, at every iterate by a float64 unroll (:func:`true_objective`,
+checked against ``torch_ufom.hypergrad(mode="exact")``), the ``q`` of every
+step, and the time until the true gradient stays below 0.1 and until the
+outer loss stays below :func:`loss_target`. The ``"ufom"`` adaptive rule
+measures costs by wall clock, so its trajectory varies between runs.
 
 Checks: FOM's final true gradient above 0.25 and never below the loss target;
 exact's, q = 0.1's and q = 1's below 0.1; each adaptive rule's q ends in
@@ -46,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 import torch_ufom
-from benchmarks.harness import (Target, first_below, markdown_table, parse, parser, plot_panels, positive_int,
-                                progress, torch_threads, write_report)
+from benchmarks.harness import (Target, first_below, fmt, markdown_table, parse, parser, plot_panels,
+                                positive_int, progress, torch_threads, write_report)
 from benchmarks.maml import Q_MIN
 
 # ---------------------------------------------------------------------------
@@ -279,7 +277,7 @@ def train(method: Method, x0: float, task_ids: Sequence[int], seed: int,
     model = Scalar(x0)
     opt = torch.optim.SGD(model.parameters(), lr=10.0)
     meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=ALPHA, steps=STEPS, memory=memory,
-                         generator=torch.Generator().manual_seed(seed), **method.kwargs())
+                                    generator=torch.Generator().manual_seed(seed), **method.kwargs())
     run = Run(method)
     run.xs.append(float(model.x.detach()))
     elapsed = cpu = 0.0
@@ -322,7 +320,7 @@ def evaluate(run: Run, check_every: int = 50, tol: float = 1e-9) -> None:
 
 
 def stays_below(values: Tensor, threshold: float) -> Optional[int]:
-    """The first iterate ``k`` from which ``values[k:]`` all lie below ``threshold``; ``None`` if the last does not."""
+    """The first iterate ``k`` from which ``values[k:]`` all lie below ``threshold`` (``None``: never)."""
     return first_below(values.tolist(), threshold)
 
 
@@ -392,12 +390,13 @@ def table(runs: Sequence[Run], last: int) -> str:
     rows = []
     for run in runs:
         s = summary(run, last)
-        rows.append([run.method.label, f"{s['final_mean']:.4f}", f"{s['final_end']:.4f}", _f(s["q_end"], ".3f"),
-                     f"{100 * s['exact_frac']:.1f}%", f"{s['seconds']:.1f} s", f"{s['cpu_seconds']:.1f} s",
-                     f"{s['per_step_ms']:.2f}", _f(s["target_iter"], "d", "not reached"), _f(s["target_s"], ".1f", unit=" s")])
-    return markdown_table(["mode", f"final |true grad| (mean, last {last})", "|true grad| at end", "q at end",
-                           "exact branches", "wall time", "CPU time", "ms / step", f"iters to stay < {TARGET}",
-                           f"time to stay < {TARGET}"], rows, "lrrrrrrrrr")
+        rows.append([run.method.label, f"{s['final_mean']:.4f}", f"{s['final_end']:.4f}",
+                     fmt(s["q_end"], ".3f"), f"{100 * s['exact_frac']:.1f}%", f"{s['seconds']:.1f} s",
+                     f"{s['cpu_seconds']:.1f} s", f"{s['per_step_ms']:.2f}",
+                     fmt(s["target_iter"], "d", none="not reached"), fmt(s["target_s"], ".1f", " s")])
+    return markdown_table(["mode", f"final |true grad| (mean, last {last})", "|true grad| at end",
+                           "q at end", "exact branches", "wall time", "CPU time", "ms / step",
+                           f"iters to stay < {TARGET}", f"time to stay < {TARGET}"], rows, "lrrrrrrrrr")
 
 
 def loss_table(runs: Sequence[Run], last: int) -> str:
@@ -405,16 +404,16 @@ def loss_table(runs: Sequence[Run], last: int) -> str:
     rows = []
     for run in runs:
         s = summary(run, last)
-        rows.append([run.method.label, f"{s['excess_mean']:.2e}", f"{s['excess_end']:.2e}", _f(s["q_end"], ".3f"),
-                     _f(s["q_mean_last"], ".3f"), _f(s["loss_target_iter"], "d", "not reached"),
-                     _f(s["loss_target_s"], ".1f", unit=" s"), _f(s["loss_target_cpu_s"], ".1f", unit=" s")])
+        rows.append([run.method.label, f"{s['excess_mean']:.2e}", f"{s['excess_end']:.2e}",
+                     fmt(s["q_end"], ".3f"), fmt(s["q_mean_last"], ".3f"),
+                     fmt(s["loss_target_iter"], "d", none="not reached"),
+                     fmt(s["loss_target_s"], ".1f", " s"),
+                     fmt(s["loss_target_cpu_s"], ".1f", " s")])
     return markdown_table(["mode", f"excess outer loss (mean, last {last})", "excess at end", "q at end",
                            f"mean q (last {last})", "iters to stay < target", "wall time to target",
                            "CPU time to target"], rows, "lrrrrrrr")
 
 
-def _f(x, spec: str, none: str = "-", unit: str = "") -> str:
-    return none if x is None else f"{x:{spec}}{unit}"
 
 
 def targets(runs: Sequence[Run], last: int) -> List[Target]:
@@ -445,7 +444,8 @@ def plot(runs: Sequence[Run], path: str, iters: int, seed: int) -> str:
     f_star, _, goal = loss_target()
     k = list(range(1, len(runs[0].xs)))
     panels = [{"series": {r.method.label: (k, r.grad[1:].clamp_min(1e-12).tolist()) for r in runs},
-               "title": f"1-D counter-example: r={STEPS}, alpha={ALPHA}, D={D_BIAS}, {iters} outer steps, seed {seed}",
+               "title": f"1-D counter-example: r={STEPS}, alpha={ALPHA}, D={D_BIAS}, {iters} outer steps, "
+                        f"seed {seed}",
                "logx": True, "logy": True, "ylabel": "|true ABLO gradient|", "xlabel": "outer iteration k",
                "hlines": {"sqrt(2D) (FOM's fixed point)": math.sqrt(2 * D_BIAS), f"target {TARGET}": TARGET}},
               {"series": {r.method.label: (k, (r.loss[1:] - f_star).clamp_min(1e-12).tolist()) for r in runs},
@@ -462,15 +462,18 @@ def parse_args(argv=None):
     p = parser("toy", __doc__, {"quick": f"2000 outer steps, modes {QUICK_MODES} (the main job)",
                                 "tiny": f"60 outer steps, modes {TINY_MODES}"})
     p.add_argument("--iters", type=positive_int, help="outer steps (default 10000; --quick 2000; --tiny 60)")
-    p.add_argument("--modes", help="comma-separated subset of " + ", ".join(f"{k} ({v})" for k, v in ALIASES.items()))
+    p.add_argument("--modes", help="comma-separated subset of "
+                   + ", ".join(f"{k} ({v})" for k, v in ALIASES.items()))
     p.add_argument("--memory", default="checkpoint", choices=["checkpoint", "recompute", "store"])
-    p.add_argument("--last", type=positive_int, help="final |true grad| averages the last N iterates (iters/20)")
+    p.add_argument("--last", type=positive_int, help="final |true grad| averages the last N iterates")
     p.add_argument("--check-every", type=positive_int,
-                   help="cross-check the true gradient against torch_ufom every N iterates (default 50; --quick 500)")
+                   help="cross-check the true gradient against torch_ufom every N iterates (default 50; "
+                        "--quick 500)")
     args = parse(p, argv)
     args.iters = args.iters or {"tiny": 60, "quick": 2000, "full": 10000}[args.size]
     args.check_every = args.check_every or (500 if args.size == "quick" else 50)
-    args.modes = args.modes or {"tiny": TINY_MODES, "quick": QUICK_MODES, "full": ",".join(ALIASES)}[args.size]
+    args.modes = args.modes or {"tiny": TINY_MODES, "quick": QUICK_MODES,
+                                "full": ",".join(ALIASES)}[args.size]
     known = {m.label: m for m in METHODS}
     known.update({alias: known[label] for alias, label in ALIASES.items()})
     labels = [s.strip() for s in args.modes.split(",") if s.strip()]
@@ -483,7 +486,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> Dict[str, object]:
-    """Train every mode; write ``toy.md``, ``toy.json`` and ``toy.png`` into ``--out``; return the JSON data."""
+    """Train every mode; write ``toy.md``, ``toy.json`` and ``toy.png`` into ``--out``; return the data."""
     args = parse_args(argv)
     with torch_threads(1):  # a scalar problem: threads only add overhead
         x0, task_ids = draws(args.iters, args.seed)
@@ -492,15 +495,17 @@ def main(argv=None) -> Dict[str, object]:
             runs.append(train(method, x0, task_ids, args.seed, args.memory, not args.no_progress))
             evaluate(runs[-1], args.check_every)
     x_f, (f_star, f_fom, goal) = fom_fixed_point(), loss_target()
-    fields = dict(tasks=[(a, round(b, 6)) for a, b in TASKS], A=A_QUAD, steps=STEPS, alpha=ALPHA, D=D_BIAS, x0=x0,
-                  iters=args.iters, seed=args.seed, memory=args.memory, x_f=x_f,
-                  g_f=float(true_gradient([x_f]).abs()), sqrt2d=math.sqrt(2 * D_BIAS), x_star=ablo_minimiser(),
+    fields = dict(tasks=[(a, round(b, 6)) for a, b in TASKS], A=A_QUAD, steps=STEPS, alpha=ALPHA, D=D_BIAS,
+                  x0=x0, iters=args.iters, seed=args.seed, memory=args.memory, x_f=x_f,
+                  g_f=float(true_gradient([x_f]).abs()), sqrt2d=math.sqrt(2 * D_BIAS),
+                  x_star=ablo_minimiser(),
                   last=args.last, check_every=args.check_every, target=TARGET, table=table(runs, args.last),
                   f_star=f_star, f_fom=f_fom, tol=LOSS_TOL, goal=goal, excess=goal - f_star,
                   g_goal=math.sqrt(2 * D_BIAS / 10), loss_table=loss_table(runs, args.last))
     data = {"summary": {r.method.label: summary(r, args.last) for r in runs},
-            "trajectories": {r.method.label: {"x": r.xs, "true_grad": r.grad.tolist(), "outer_loss": r.loss.tolist(),
-                                              "q": r.qs, "wall_s": r.clock, "cpu_s": r.cpu_clock} for r in runs}}
+            "trajectories": {r.method.label: {"x": r.xs, "true_grad": r.grad.tolist(),
+                                              "outer_loss": r.loss.tolist(), "q": r.qs, "wall_s": r.clock,
+                                              "cpu_s": r.cpu_clock} for r in runs}}
     return write_report(args, "toy", TEMPLATE, fields, data, targets(runs, args.last),
                         [plot(runs, f"{args.out}/toy.png", args.iters, args.seed)])
 

@@ -70,7 +70,8 @@ def test_meta_gradient_is_torch_ufoms_exact_hypergradient():
     xs, ys, xq, yq = problems.sinusoid_tasks(3, 5, 7, torch.Generator().manual_seed(3))
 
     def per_task(mode):
-        return [torch_ufom.hypergrad(model, problems.mse, problems.mse, (xs[i], ys[i]), (xq[i], yq[i]), steps=3,
+        return [torch_ufom.hypergrad(model, problems.mse, problems.mse, (xs[i], ys[i]), (xq[i], yq[i]),
+                                     steps=3,
                                      inner_lr=0.05, mode=mode) for i in range(3)]
     exact = per_task("exact")
     ref = maml.meta_gradient(model, problems.pred_mse, xs, ys, xq, yq, steps=3, lr=0.05, chunk=2)

@@ -39,7 +39,8 @@ def test_conv4_is_the_maml_omniglot_network():
         assert model(torch.rand(3, 1, 28, 28)).shape == (3, 5)
         convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
         norms = [m for m in model if isinstance(m, torch.nn.BatchNorm2d)]
-        assert len(convs) == len(norms) == 4 and all(c.out_channels == 64 and c.padding == (1, 1) for c in convs)
+        assert len(convs) == len(norms) == 4
+        assert all(c.out_channels == 64 and c.padding == (1, 1) for c in convs)
         assert all(n.track_running_stats == stats for n in norms)
         assert (len(list(model.buffers())) > 0) == stats
 
