@@ -89,6 +89,7 @@ def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse
         p.error("argument --device: cuda is not available in this torch build / machine")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.basis = "cpu" if args.device == "cpu" else "wall"
+    args.start = time.perf_counter()
     return args
 
 
@@ -135,7 +136,7 @@ def micro(fn: Callable[[], Any], number: int) -> Sample:
 
 
 def interleave(rows: Mapping[str, Callable[[], Any]], rounds: int, device: str = "cpu",
-               per_round: Optional[Mapping[str, int]] = None, micro_rows: Mapping[str, int] = {},
+               per_round: Optional[Mapping[str, int]] = None, micro_rows: Optional[Mapping[str, int]] = None,
                min_seconds: float = 0.0) -> Dict[str, List[Sample]]:
     """Time ``rows`` round-robin; return each row's samples.
 
@@ -143,7 +144,7 @@ def interleave(rows: Mapping[str, Callable[[], Any]], rounds: int, device: str =
     a row in ``micro_rows`` gives one :func:`micro` sample of that many calls
     per round. Runs ``rounds`` rounds, and more until ``min_seconds`` passed.
     """
-    per_round = per_round or {}
+    per_round, micro_rows = per_round or {}, micro_rows or {}
     times: Dict[str, List[Sample]] = {name: [] for name in rows}
     start, done = time.perf_counter(), 0
     while done < rounds or time.perf_counter() - start < min_seconds:
@@ -175,7 +176,10 @@ def spread(s: Mapping[str, Any], basis: str) -> str:
 
 # -- peak memory ---------------------------------------------------------------------------
 def current_rss() -> int:
-    """The resident set size of this process now, in bytes."""
+    """The resident set size of this process now, in bytes (``psutil`` where ``/proc`` is missing)."""
+    if not os.path.exists("/proc/self/statm"):
+        import psutil
+        return psutil.Process().memory_info().rss
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -284,7 +288,7 @@ def run_fresh_many(module: str, arg_lists: Sequence[Sequence[str]], workers: int
 
 
 def worker_args(spec: Mapping[str, Any]) -> List[str]:
-    """The command line of a worker process running ``spec`` (see :func:`worker_spec`)."""
+    """The command line of a worker process: ``--worker`` and ``spec`` as JSON (the benchmark parses it)."""
     return ["--worker", json.dumps(spec)]
 
 
@@ -364,8 +368,9 @@ def write_report(args, name: str, template: str, fields: Mapping[str, Any], data
     """Write ``<out>/<name>.md`` (``template`` filled from ``fields``, then the targets and
     figures) and ``<out>/<name>.json`` (``data``, the targets and the command); return the JSON data.
 
-    ``fields`` gets ``command`` (the command line) and ``device``/``threads``
-    of ``args`` added; the template uses ``str.format`` fields.
+    ``fields`` gets ``command`` (the command line), ``torch`` and ``device`` /
+    ``threads`` of ``args`` added; the template uses ``str.format`` fields.
+    The report ends with the time since :func:`parse` and the load average.
     """
     os.makedirs(args.out, exist_ok=True)
     command = " ".join([f"python -m benchmarks.{name}"] + args.argv)
@@ -373,8 +378,11 @@ def write_report(args, name: str, template: str, fields: Mapping[str, Any], data
                            torch=torch.__version__, **fields).rstrip() + "\n"
     if targets:
         text += "\n" + "\n".join(f"- Target: {t.text}" for t in targets) + "\n"
+    seconds, load = time.perf_counter() - args.start, os.getloadavg()
+    text += f"\nTotal {seconds:.0f} s; load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}.\n"
     text += "".join(f"\n![{os.path.basename(f)}]({os.path.basename(f)})\n" for f in figures)
-    out = {"command": command, "size": args.size, **data, "targets": [t.as_dict() for t in targets]}
+    out = {"command": command, "size": args.size, "seconds": seconds, "load_average": load, **data,
+           "targets": [t.as_dict() for t in targets]}
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:

@@ -144,8 +144,9 @@ def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: in
               threads: int, min_exact: int = 1, micro: bool = False, min_seconds: float = 0.0) -> Dict:
     """Time ``rows`` (``"method/memory"``) at ``steps`` round-robin in this process.
 
-    Each row gets a warm-up at ``steps=1``. ``fom`` and ``ufom`` rows run
-    ``ceil(UFOM_DRAWS / rounds)`` calls per round; ``ufom`` then draws alone until
+    Each row gets a warm-up at ``steps=1``. ``ufom`` rows and their reference
+    ``fom/checkpoint`` run ``ceil(UFOM_DRAWS / rounds)`` calls per round (so the
+    two sample the load over similar stretches); ``ufom`` then draws alone until
     ``min_exact`` draws took the exact branch and one did not (at most
     ``MAX_DRAWS``). With ``micro``, ``t_grad`` and ``t_hvp`` join the rounds.
     Returns ``{row: {"times": [[wall, cpu], ...], "truncations", "fwd", "rev"}}``.
@@ -163,7 +164,7 @@ def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: in
         for fn in tiny.values():
             fn()
         draws = -(-UFOM_DRAWS // rounds)
-        per_round = {r: draws for r in fns if r.split("/")[0] in ("fom", "ufom")}
+        per_round = {r: draws for r in fns if r.startswith("ufom/") or r == "fom/checkpoint"}
         times = interleave({**fns, **tiny}, rounds, device, per_round, {k: 5 for k in tiny}, min_seconds)
         for row, ts in times.items():
             if row in tiny:

@@ -123,9 +123,11 @@ def main(argv=None) -> Dict[str, Any]:
         series = {r: points(r, basis) for r in names}
         series["floor r (t_grad + t_hvp)"] = (xs, [x * sum(results[k]["micro"].values())
                                                    for x, k in zip(xs, keys)])
+        styles = {r: {"store": "--", "recompute": ":", "-": "-."}.get(r.split("/")[1], "-") for r in names}
         panels += [{"series": series, "title": model, "xlabel": "inner steps", "logx": True, "logy": True,
-                    "ylabel": f"{basis} time per outer step (s)"},
+                    "ylabel": f"{basis} time per outer step (s)", "styles": styles},
                    {"series": {r: points(r, "vs_fom") for r in names}, "title": f"{model}: time / fom",
+                    "styles": styles,
                     "xlabel": "inner steps", "ylabel": "time / fom", "logx": True, "logy": True,
                     "hlines": {f"target ufom <= {UFOM_VS_FOM}x fom": UFOM_VS_FOM}}]
     u = results.get(f"mlp/{TARGET_STEPS}", {}).get("rows", {}).get("ufom/checkpoint")

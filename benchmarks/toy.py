@@ -121,6 +121,7 @@ class Scalar(nn.Module):
         self.x = nn.Parameter(torch.tensor(float(x0), dtype=torch.float64))
 
     def forward(self) -> Tensor:
+        """The parameter ``x``."""
         return self.x
 
 
