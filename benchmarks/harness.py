@@ -39,7 +39,6 @@ import torch.utils.benchmark as tbench
 
 MB = 2 ** 20  # the reports' "MB" are MiB
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = ("full", "quick", "tiny")
 
 
 # -- command line --------------------------------------------------------------------------
