@@ -37,6 +37,7 @@ Backends: ``gloo`` on the CPU, ``nccl`` with ``--device cuda`` (rank
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import os
 import sys
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     try:
         return train(args, device)
     finally:
+        gc.collect()  # free what still refers to the group (reference cycles) before tearing it down
         dist.destroy_process_group()
 
 

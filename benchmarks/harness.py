@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
-import torch.utils.benchmark as tbench
 
 MB = 2 ** 20  # the reports' "MB" are MiB
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,6 +127,7 @@ def clock(fn: Callable[[], Any], device: str = "cpu") -> Sample:
 
 def micro(fn: Callable[[], Any], number: int) -> Sample:
     """Per-call time of ``number`` calls by ``torch.utils.benchmark.Timer`` (wall; CPU by process time)."""
+    import torch.utils.benchmark as tbench
     wall = tbench.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     cpu = tbench.Timer("fn()", globals={"fn": fn}, timer=time.process_time,
                        num_threads=torch.get_num_threads())
