@@ -1,22 +1,16 @@
 """The benchmarks' shared base: command line, timing, peak memory, fresh processes, reports, plots.
 
-* command line: :func:`parser` (``--quick`` / ``--tiny`` sizes, ``--device``
-  with the CUDA check, ``--threads``, ``--seed``, ``--out``, ``--no-progress``)
-  and :func:`parse`; :func:`torch_threads` sets the thread count for a block;
-* timing, one path: :func:`interleave` runs rows round-robin (each round calls
-  every row, so background load on a shared machine hits all alike) and
-  records wall-clock and process CPU time per call, CUDA synchronised; rows
-  of sub-millisecond calls are timed by ``torch.utils.benchmark.Timer`` inside
-  the same rounds (it amortises the call overhead); :func:`stats` gives the
-  median and the spread (inter-quartile range) of each clock;
-* peak memory: :class:`PeakMemory`; isolation: :func:`run_fresh` and
-  :func:`run_fresh_many` run measurements in fresh processes;
-* reports: :class:`Target`, :func:`markdown_table`, :func:`write_report`
-  (a Markdown report from a template, plus every figure as JSON) and
-  :func:`plot_panels` (line plots with matplotlib's Agg backend);
-  :func:`progress` wraps ``tqdm`` when it is installed.
+* command line: :func:`parser` (sizes, ``--device`` with the CUDA check,
+  ``--threads``, ``--seed``, ``--out``, ``--no-progress``) and :func:`parse`;
+* timing, one path: :func:`interleave` runs rows round-robin (background load
+  on a shared machine hits all alike), wall-clock and process CPU time per
+  call, CUDA synchronised; sub-millisecond rows are timed inside the same
+  rounds by ``torch.utils.benchmark.Timer``; :func:`stats`: medians and spreads;
+* :class:`PeakMemory`; :func:`run_fresh` runs a measurement in a fresh process;
+* reports: :class:`Target`, :func:`markdown_table`, :func:`write_report` (a
+  Markdown report from a template and every figure as JSON), :func:`plot_panels`.
 
-Each benchmark states its ``--quick`` time budget in :data:`benchmarks.__main__.BUDGETS`.
+The ``--quick`` time budgets are in :data:`benchmarks.__main__.BUDGETS`.
 """
 from __future__ import annotations
 

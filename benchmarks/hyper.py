@@ -19,15 +19,13 @@ Methods: ``ufom`` (q = 0.1, ``memory="checkpoint"``), ``exact``
 (``GradientCheckpointMAML``, checkpoints every ``ceil(sqrt(steps))`` steps,
 with an in-graph optimizer whose state carries the rates and the weight decay).
 
-How it measures: every (method, steps) run is a fresh process (two at a time,
-``--workers``: each peak is its own process's, but the times then share the
-cores), one CPU thread: one warm-up outer gradient at ``steps=1``, then
-``--outer-steps`` outer steps under :class:`benchmarks.harness.PeakMemory`,
-each one's wall and CPU time recorded. If no ``ufom`` draw took the exact
-branch, one forced exact-branch outer gradient (not timed) is added to the
-peak. The final validation loss comes from a plain ``torch.func`` loop. The
-first outer step's hypergradient of every method is compared with exact's.
-Target: ufom/checkpoint's peak at most 0.1x exact/store's at ``steps=1000``.
+Every (method, steps) run is a fresh process (two at a time, ``--workers``:
+the peaks are each process's own, the times share the cores): a warm-up at
+``steps=1``, then ``--outer-steps`` timed outer steps under
+:class:`benchmarks.harness.PeakMemory` (plus one forced exact-branch outer
+gradient if no ``ufom`` draw took it). The final validation loss comes from a
+plain ``torch.func`` loop; each method's first hypergradient is compared with
+exact's. Target: ufom/checkpoint's peak at most 0.1x exact/store's at 1000 steps.
 """
 from __future__ import annotations
 

@@ -112,118 +112,82 @@ def split_available(methods: Sequence[Method]) -> Tuple[List[Method], List[str]]
 Loss = Callable[[Any, Any], Tensor]  # (model or functional model, batch) -> scalar
 
 
-class _Trainer:
-    """Common state: the method's own copy of the model and its Adam outer optimizer."""
+class Trainer:
+    """One method's own copy of the model, its Adam outer optimizer and its counters.
 
-    def __init__(self, method: Method, model: nn.Module, loss: Loss, inner_lr: float,
-                 steps: int, outer_lr: float):
-        self.method, self.model, self.loss = method, model, loss
-        self.inner_lr, self.steps = inner_lr, steps
+    :meth:`step` runs one outer step on ``tasks``, a list of ``(support,
+    query)`` batches: the meta-gradient of the mean query loss after ``steps``
+    inner SGD steps at ``inner_lr``, then one Adam step at ``outer_lr``.
+    ``seed`` seeds torch_ufom's generator (the ufom draws); ``memory`` is
+    torch_ufom's memory schedule.
+    """
+
+    def __init__(self, method: Method, model: nn.Module, loss: Loss, inner_lr: float, steps: int,
+                 outer_lr: float, seed: int, memory: str):
+        self.method, self.model, self.loss, self.steps = method, model, loss, steps
         self.outer = torch.optim.Adam(model.parameters(), lr=outer_lr)
-        self.exact_branches = 0  # tasks whose exact branch ran (torch_ufom ufom/exact)
-        self.tasks_seen = 0
+        self.exact_branches = self.tasks_seen = 0  # tasks whose meta-gradient had second-order terms
         self.q_last: Optional[float] = None
-        self.q_trace: List[float] = []  # the q of each outer step (torch_ufom ufom)
+        self.q_trace: List[float] = []  # the q of each outer step (ufom)
         self.q_min: Optional[float] = None  # the adaptive rule's floor (q="auto")
+        if method.kind == "torch_ufom":
+            kw: Dict[str, Any] = {"mode": method.mode, "memory": memory}
+            if method.mode == "ufom":
+                kw["q"] = method.q
+            if method.q == "auto":
+                rule = method.q_rule or "ufom"
+                self.q_min = kw["q_min"] = Q_MIN[rule]
+                kw["q_rule"] = rule
+            self.meta = MetaOptimizer(model, self.outer, inner_lr=inner_lr, steps=steps,
+                                      generator=torch.Generator().manual_seed(seed), **kw)
+        elif method.kind == "higher":
+            import higher
+            self.higher, self.inner = higher, torch.optim.SGD(model.parameters(), lr=inner_lr)
+        elif method.kind == "torchopt":
+            import torchopt
+            self.torchopt, self.inner = torchopt, torchopt.MetaSGD(model, lr=inner_lr)
+        else:
+            raise ValueError(f"Invalid method kind: {method.kind!r}")
 
-    def step(self, tasks: Sequence[Tuple[Any, Any]]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
-class _UfomTrainer(_Trainer):
-    def __init__(self, method, model, loss, inner_lr, steps, outer_lr, seed, memory):
-        super().__init__(method, model, loss, inner_lr, steps, outer_lr)
-        kw: Dict[str, Any] = {"mode": method.mode, "memory": memory}
-        if method.mode == "ufom":
-            kw["q"] = method.q
-        if method.q == "auto":
-            rule = method.q_rule or "ufom"
-            self.q_min = kw["q_min"] = Q_MIN[rule]
-            kw["q_rule"] = rule
-        self.meta = MetaOptimizer(model, self.outer, inner_lr=inner_lr, steps=steps,
-                                  generator=torch.Generator().manual_seed(seed), **kw)
-
-    def step(self, tasks):
-        n = len(tasks)
-        loss = self.loss
-
-        def outer_loss(f, batch):  # the mean over the meta-batch, like the peers
-            return loss(f, batch) / n
-
-        self.meta.zero_grad()
-        for support, query in tasks:
-            res = self.meta.backward(loss, outer_loss, support, query)
-            self.exact_branches += int(res.truncation == self.steps)
-            self.q_last = res.q
-        self.tasks_seen += n
-        self.meta.step()
-        if self.method.mode == "ufom":
-            self.q_trace.append(float(self.q_last))
-
-
-class _HigherTrainer(_Trainer):
-    def __init__(self, method, model, loss, inner_lr, steps, outer_lr):
-        super().__init__(method, model, loss, inner_lr, steps, outer_lr)
-        import higher
-        self.higher = higher
-        self.inner = torch.optim.SGD(model.parameters(), lr=inner_lr)
-
-    def step(self, tasks):
-        n = len(tasks)
-        self.outer.zero_grad()
-        for support, query in tasks:
-            with self.higher.innerloop_ctx(self.model, self.inner,
-                                           copy_initial_weights=False) as (fmodel, diffopt):
+    def step(self, tasks: Sequence[Tuple[Any, Any]]) -> None:
+        """One outer step on ``tasks``."""
+        n, loss = len(tasks), self.loss
+        opt = self.meta if self.method.kind == "torch_ufom" else self.outer  # meta.step() also updates q
+        opt.zero_grad()
+        if self.method.kind == "torch_ufom":
+            for support, query in tasks:  # the outer loss is the mean over the meta-batch, like the peers'
+                res = self.meta.backward(loss, lambda f, batch: loss(f, batch) / n, support, query)
+                self.exact_branches += int(res.truncation == self.steps)
+                self.q_last = res.q
+            if self.method.mode == "ufom":
+                self.q_trace.append(float(self.q_last))
+        elif self.method.kind == "higher":
+            for support, query in tasks:
+                with self.higher.innerloop_ctx(self.model, self.inner,
+                                               copy_initial_weights=False) as (fmodel, diffopt):
+                    for _ in range(self.steps):
+                        diffopt.step(loss(fmodel, support))
+                    (loss(fmodel, query) / n).backward()
+            self.exact_branches += n
+        else:
+            to, losses = self.torchopt, []
+            net_state, opt_state = to.extract_state_dict(self.model), to.extract_state_dict(self.inner)
+            for support, query in tasks:
                 for _ in range(self.steps):
-                    diffopt.step(self.loss(fmodel, support))
-                (self.loss(fmodel, query) / n).backward()
-        self.exact_branches += n
+                    self.inner.step(loss(self.model, support))
+                losses.append(loss(self.model, query))
+                to.recover_state_dict(self.model, net_state)
+                to.recover_state_dict(self.inner, opt_state)
+            torch.stack(losses).mean().backward()
+            self.exact_branches += n
         self.tasks_seen += n
-        self.outer.step()
-
-
-class _TorchoptTrainer(_Trainer):
-    def __init__(self, method, model, loss, inner_lr, steps, outer_lr):
-        super().__init__(method, model, loss, inner_lr, steps, outer_lr)
-        import torchopt
-        self.torchopt = torchopt
-        self.inner = torchopt.MetaSGD(model, lr=inner_lr)
-
-    def step(self, tasks):
-        to = self.torchopt
-        self.outer.zero_grad()
-        net_state = to.extract_state_dict(self.model)
-        opt_state = to.extract_state_dict(self.inner)
-        losses = []
-        for support, query in tasks:
-            for _ in range(self.steps):
-                self.inner.step(self.loss(self.model, support))
-            losses.append(self.loss(self.model, query))
-            to.recover_state_dict(self.model, net_state)
-            to.recover_state_dict(self.inner, opt_state)
-        torch.stack(losses).mean().backward()
-        self.exact_branches += len(tasks)
-        self.tasks_seen += len(tasks)
-        self.outer.step()
+        opt.step()
 
 
 def make_trainer(method: Method, model: nn.Module, loss: Loss, *, inner_lr: float, steps: int,
-                 outer_lr: float, seed: int, memory: str = "checkpoint") -> _Trainer:
-    """A trainer for ``method`` that owns ``model`` (pass a fresh copy per method).
-
-    ``trainer.step(tasks)`` runs one outer step on ``tasks``, a list of
-    ``(support, query)`` batches: the meta-gradient of the mean query loss
-    after ``steps`` inner SGD steps at ``inner_lr``, then one Adam step at
-    ``outer_lr``. ``seed`` seeds torch_ufom's ``torch.Generator`` (the ufom
-    coin flips); ``memory`` is torch_ufom's memory schedule.
-    """
-    if method.kind == "torch_ufom":
-        return _UfomTrainer(method, model, loss, inner_lr, steps, outer_lr, seed, memory)
-    if method.kind == "higher":
-        return _HigherTrainer(method, model, loss, inner_lr, steps, outer_lr)
-    if method.kind == "torchopt":
-        return _TorchoptTrainer(method, model, loss, inner_lr, steps, outer_lr)
-    raise ValueError(f"Invalid method kind: {method.kind!r}")
+                 outer_lr: float, seed: int, memory: str = "checkpoint") -> Trainer:
+    """A :class:`Trainer` for ``method`` that owns ``model`` (pass a fresh copy per method)."""
+    return Trainer(method, model, loss, inner_lr, steps, outer_lr, seed, memory)
 
 
 # ---------------------------------------------------------------------------
@@ -249,7 +213,7 @@ class History:
     q_next: Optional[float] = None  # q="auto": the q the next outer step would use
 
 
-def train_round_robin(trainers: Sequence[_Trainer], batch: Callable[[int], Sequence], iters: int,
+def train_round_robin(trainers: Sequence[Trainer], batch: Callable[[int], Sequence], iters: int,
                       evaluate: Callable[[nn.Module], Tuple[float, Any]], eval_every: int,
                       device: str = "cpu", show_progress: bool = True,
                       lr_factor: Optional[Callable[[int], float]] = None) -> List[History]:
