@@ -8,14 +8,11 @@ Launch from the repository root with ``torchrun`` (2 processes, gloo on CPU)::
 
 (``python -m torch.distributed.run`` is the same launcher as ``torchrun``.)
 
-The problem is MAML on sinusoid regression: ``y = A sin(x - phase)`` with
-``A ~ U[0.1, 5]``, ``phase ~ U[0, pi]``, inputs ``U[-5, 5]``, ``--shots``
-support and ``--shots`` query points per task, an MLP ``1-H-H-1`` (ReLU, ``H =
---hidden``), MSE for the inner and the outer loss, ``--steps`` inner SGD steps
-and an Adam outer optimizer. Every outer step has ``--meta-batch`` tasks
-drawn from a generator seeded by ``(--seed, outer step)``, so the global set
-of tasks does not depend on the number of processes; rank ``r`` of ``W``
-takes tasks ``r, r + W, r + 2W, ...``.
+The problem is MAML on the sinusoid tasks of :mod:`benchmarks.problems`
+(``--shots`` support and query points, the MLP ``1-H-H-1``, MSE, ``--steps``
+inner SGD steps, Adam outside). Each outer step's ``--meta-batch`` tasks are
+drawn from a generator seeded by ``(--seed, outer step)``, whatever the number
+of processes; rank ``r`` of ``W`` takes tasks ``r, r + W, r + 2W, ...``.
 
 Each rank builds the same seeded model and the same outer optimizer and wraps
 it in ``torch_ufom.MetaOptimizer(..., mode="ufom", process_group=True)``
@@ -24,7 +21,7 @@ Then, as in a one-process loop::
 
     meta.zero_grad()
     for support, query in my_tasks:
-        meta.backward(mse, mse, support, query)   # local tasks, no communication
+        meta.backward(problems.mse, problems.mse, support, query)   # local tasks, no communication
     meta.step()   # all-reduce: average over every rank's tasks, then the Adam step
 
 Each rank draws its ufom coins from its own stream (derived from one seed and
@@ -34,15 +31,14 @@ its parameters; the ranks all-gather their parameters and rank 0 prints whether
 they are bit-identical, with the outer loss (mean over all ranks' tasks) of
 each outer step. The exit status is 1 if the parameters differ.
 
-Backends: ``gloo`` with ``--device cpu`` (default), ``nccl`` with ``--device
-cuda`` (one GPU per process: rank ``LOCAL_RANK`` uses ``cuda:LOCAL_RANK``);
-``--backend`` overrides the choice.
+Backends: ``gloo`` on the CPU, ``nccl`` with ``--device cuda`` (rank
+``LOCAL_RANK`` uses ``cuda:LOCAL_RANK``); ``--backend`` overrides the choice.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
-import math
 import os
 import sys
 import time
@@ -52,78 +48,50 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-try:  # ``python benchmarks/distributed.py`` under torchrun as well as ``-m benchmarks.distributed``
-    import torch_ufom
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import torch_ufom
+import torch_ufom
+from benchmarks import problems
+from benchmarks.harness import parse, positive_float, positive_int, probability
 
-AMPLITUDE = (0.1, 5.0)
-PHASE = (0.0, math.pi)
-X_RANGE = (-5.0, 5.0)
 LAUNCH = "torchrun --standalone --nproc_per_node 2 -m benchmarks.distributed"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line (see ``--help``); refuse to run outside torchrun."""
     p = argparse.ArgumentParser(prog=LAUNCH, description=__doc__.splitlines()[0])
-    p.add_argument("--outer-steps", type=int, default=20, help="outer steps (default 20)")
-    p.add_argument("--meta-batch", type=int, default=8,
-                   help="tasks per outer step over all ranks (default 8)")
-    p.add_argument("--steps", type=int, default=5, help="inner SGD steps per task (default 5)")
-    p.add_argument("--shots", type=int, default=10, help="support and query points per task")
-    p.add_argument("--hidden", type=int, default=40, help="hidden width of the MLP (default 40)")
-    p.add_argument("--inner-lr", type=float, default=0.01)
-    p.add_argument("--outer-lr", type=float, default=1e-3)
-    p.add_argument("--q", type=float, default=0.1, help="ufom's probability of the exact branch")
+    for flag, default, text in (("--outer-steps", 20, "outer steps"),
+                                ("--meta-batch", 8, "tasks per outer step over all ranks"),
+                                ("--steps", 5, "inner SGD steps per task"),
+                                ("--shots", 10, "support and query points per task"),
+                                ("--hidden", 40, "hidden width of the MLP"),
+                                ("--threads", 1, "torch CPU threads")):
+        p.add_argument(flag, type=positive_int, default=default, help=f"{text} (default {default})")
+    p.add_argument("--inner-lr", type=positive_float, default=0.01)
+    p.add_argument("--outer-lr", type=positive_float, default=1e-3)
+    p.add_argument("--q", type=probability, default=0.1, help="ufom's probability of the exact branch")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, the tasks and the draws")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--backend", choices=("gloo", "nccl"),
-                   help="default: gloo with --device cpu, nccl with --device cuda")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    p.add_argument("--backend", choices=("gloo", "nccl"), help="default: gloo on cpu, nccl on cuda")
     p.add_argument("--perturb-rank", type=int, default=None, metavar="R",
                    help="after training, nudge rank R's parameters: checks that the comparison "
                         "catches a difference (exit status 1)")
-    args = p.parse_args(argv)
-    for name in ("outer_steps", "meta_batch", "steps", "shots", "hidden", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"argument --{name.replace('_', '-')}: expected an integer >= 1")
+    args = parse(p, argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         p.error(f"not launched by torchrun (RANK / WORLD_SIZE unset); run: {LAUNCH}")
     args.backend = args.backend or ("nccl" if args.device == "cuda" else "gloo")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("argument --device: cuda is not available in this torch build / machine")
     return args
-
-
-def make_model(hidden: int, seed: int, device: torch.device) -> nn.Module:
-    """The seeded MLP ``1-hidden-hidden-1``: the same initial parameters on every rank."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, 1)).to(device)
 
 
 def meta_batch(seed: int, outer_step: int, size: int, shots: int,
                device: torch.device) -> List[Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]]:
     """The ``size`` tasks of ``outer_step`` (the same on every rank): ``[(support, query), ...]``."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + outer_step)
-
-    def uniform(shape, lo, hi):
-        return lo + (hi - lo) * torch.rand(shape, generator=gen)
-
-    amp, phase = uniform((size, 1, 1), *AMPLITUDE), uniform((size, 1, 1), *PHASE)
-    xs, xq = uniform((size, shots, 1), *X_RANGE), uniform((size, shots, 1), *X_RANGE)
-    ys, yq = amp * torch.sin(xs - phase), amp * torch.sin(xq - phase)
-    return [((xs[i].to(device), ys[i].to(device)), (xq[i].to(device), yq[i].to(device)))
-            for i in range(size)]
-
-
-def mse(fmodel, batch) -> Tensor:
-    """Mean squared error of ``fmodel`` on ``batch = (x, y)``: the inner and the outer loss."""
-    x, y = batch
-    return nn.functional.mse_loss(fmodel(x), y)
+    xs, ys, xq, yq = problems.sinusoid_tasks(size, shots, shots,
+                                             torch.Generator().manual_seed(seed * 1_000_003 + outer_step),
+                                             torch.float32, device)
+    return [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(size)]
 
 
 def flat_parameters(model: nn.Module) -> Tensor:
+    """Every parameter, flattened into one tensor."""
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -152,19 +120,21 @@ def main(argv=None) -> int:
     try:
         return train(args, device)
     finally:
+        gc.collect()  # free what still refers to the group (reference cycles) before tearing it down
         dist.destroy_process_group()
 
 
 def train(args, device: torch.device) -> int:
+    """Meta-train on this rank's share of the tasks; rank 0 reports; 0 if every rank ends identical."""
     rank, world = dist.get_rank(), dist.get_world_size()
     # Collectives of this script's own bookkeeping run where the backend wants them.
     coll = device if args.backend == "nccl" else torch.device("cpu")
-    model = make_model(args.hidden, args.seed, device)
+    model = problems.seeded(args.seed, lambda: problems.sinusoid_mlp(args.hidden), device=device)
     outer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
     meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=args.inner_lr, steps=args.steps,
                                     mode="ufom", q=args.q,
                                     generator=torch.Generator().manual_seed(args.seed),
-                                    process_group=True)
+                                    process_group=True, reduction="mean")
     losses, exact_branches = [], 0
     start = time.perf_counter()
     for k in range(args.outer_steps):
@@ -172,7 +142,7 @@ def train(args, device: torch.device) -> int:
         meta.zero_grad()
         total = torch.zeros(2, dtype=torch.float64, device=coll)  # [sum of outer losses, tasks]
         for support, query in tasks:
-            res = meta.backward(mse, mse, support, query)
+            res = meta.backward(problems.mse, problems.mse, support, query)
             total += torch.tensor([float(res.outer_loss), 1.0], dtype=torch.float64, device=coll)
             exact_branches += int(res.truncation == args.steps)
         meta.step()  # all-reduces the meta-gradients over every rank's tasks, then steps Adam

@@ -1,188 +1,217 @@
-"""Small helpers shared by the benchmark scripts.
+"""The benchmarks' shared base: command line, timing, peak memory, fresh processes, reports, plots.
 
-* seeding: :func:`seed_everything`;
-* timing: :func:`time_calls` (wall-clock and process CPU time of each call,
-  synchronising CUDA around it) and :func:`interleaved_times` (several
-  callables round-robin, for ratios that survive background load);
-* peak memory: :class:`PeakMemory`, a context manager measuring the peak above
-  the memory in use when it was entered: ``torch.cuda.max_memory_allocated``
-  on CUDA, the peak resident set size of the process on CPU;
-* isolation: :func:`run_fresh` runs one measurement in a fresh Python process
-  and returns the JSON it prints (CPU peak RSS is only meaningful per process);
-  :func:`run_fresh_many` runs several, a few at a time;
-* reporting: :func:`markdown_table`, :func:`progress`, :func:`plot_panels`
-  (line plots with matplotlib's Agg backend) and :func:`write_text`.
+* command line: :func:`parser` (sizes, ``--device`` with the CUDA check,
+  ``--threads``, ``--seed``, ``--out``, ``--no-progress``) and :func:`parse`;
+* timing, one path: :func:`interleave` runs rows round-robin (background load
+  on a shared machine hits all alike), wall-clock and process CPU time per
+  call, CUDA synchronised; sub-millisecond rows are timed inside the same
+  rounds by ``torch.utils.benchmark.Timer``; :func:`stats`: medians and spreads;
+* :class:`PeakMemory`; :func:`run_fresh` runs a measurement in a fresh process;
+* reports: :class:`Target`, :func:`markdown_table`, :func:`write_report` (a
+  Markdown report from a template and every figure as JSON), :func:`plot_panels`.
 
-Only the standard library and ``torch`` are required; ``psutil`` and ``tqdm``
-are used when installed.
+The ``--quick`` time budgets are in :data:`benchmarks.__main__.BUDGETS`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
-
-__all__ = ["MB", "positive_int", "PeakMemory", "Sample", "current_rss", "interleaved_times", "markdown_table",
-           "mean", "median", "plot_panels", "progress", "run_fresh", "run_fresh_many",
-           "seed_everything", "sync", "time_calls", "write_text"]
 
 MB = 2 ** 20  # the reports' "MB" are MiB
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def seed_everything(seed: int, device: str = "cpu") -> torch.Generator:
-    """Seed Python's and torch's global generators; return a fresh ``torch.Generator``.
+# -- command line --------------------------------------------------------------------------
+def _number(cast: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse type: ``cast(text)``, refused unless ``ok``; the message says what was ``expected``."""
+    def parse_number(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {expected}")
+        return value
+    return parse_number
 
-    The returned generator lives on ``device`` and is seeded with ``seed``, for
-    code that takes an explicit generator (e.g. random truncation draws).
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0")
+probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")  # UFOM's q
+
+
+def parser(name: str, doc: str, sizes: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The options every benchmark shares; ``sizes`` describes ``quick`` and ``tiny`` for ``--help``."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.splitlines()[0])
+    size = p.add_mutually_exclusive_group()
+    for s in ("quick", "tiny"):
+        size.add_argument(f"--{s}", dest="size", action="store_const", const=s, help=sizes[s])
+    p.set_defaults(size="full")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (default 1: steadier timings on a shared machine)")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--out", default=os.path.join("results", name),
+                   help=f"output folder (default results/{name})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse ``argv``; reject an unavailable CUDA device; add ``argv`` and ``basis``.
+
+    ``basis`` is the clock of ratios and targets: process CPU time on the CPU
+    (single-threaded rows: time spent descheduled does not count), wall time on CUDA.
     """
-    random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator(device=device).manual_seed(seed)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: cuda is not available in this torch build / machine")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.basis = "cpu" if args.device == "cpu" else "wall"
+    args.start = time.perf_counter()
+    return args
 
 
-def sync(device: str) -> None:
-    """Wait for queued CUDA work on ``device`` (no-op on CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``torch.set_num_threads(n)``, restoring the count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
+# -- timing --------------------------------------------------------------------------------
 class Sample(NamedTuple):
-    """One timed call: wall-clock seconds and this process's CPU seconds (all threads)."""
+    """One timed call: wall-clock seconds and this process's CPU seconds."""
 
     wall: float
     cpu: float
 
 
-def time_calls(fn: Callable[[], Any], repeats: int, device: str = "cpu",
-               min_seconds: float = 0.0) -> List[Sample]:
-    """Call ``fn`` at least ``repeats`` times, and until ``min_seconds`` of wall time have passed.
+def sync(device: str) -> None:
+    """Wait for queued CUDA work (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
-    Returns one :class:`Sample` per call; CUDA is synchronised around each
-    call. ``min_seconds`` buys more samples for fast calls. For single-threaded
-    CPU work, CPU time is less sensitive than wall time to other processes on a
-    shared machine (time spent descheduled does not count); for GPU work it
-    measures only the host side.
+
+def clock(fn: Callable[[], Any], device: str = "cpu") -> Sample:
+    """Time one call of ``fn``."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return Sample(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def micro(fn: Callable[[], Any], number: int) -> Sample:
+    """Per-call time of ``number`` calls by ``torch.utils.benchmark.Timer`` (wall; CPU by process time)."""
+    import torch.utils.benchmark as tbench
+    wall = tbench.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    cpu = tbench.Timer("fn()", globals={"fn": fn}, timer=time.process_time,
+                       num_threads=torch.get_num_threads())
+    return Sample(wall.timeit(number).median, cpu.timeit(number).median)
+
+
+def interleave(rows: Mapping[str, Callable[[], Any]], rounds: int, device: str = "cpu",
+               per_round: Optional[Mapping[str, int]] = None, micro_rows: Optional[Mapping[str, int]] = None,
+               min_seconds: float = 0.0) -> Dict[str, List[Sample]]:
+    """Time ``rows`` round-robin; return each row's samples.
+
+    Each round calls every row once (``per_round[name]`` times where given);
+    a row in ``micro_rows`` gives one :func:`micro` sample of that many calls
+    per round. Runs ``rounds`` rounds, and more until ``min_seconds`` passed.
     """
-    samples: List[Sample] = []
-    while len(samples) < repeats or sum(s.wall for s in samples) < min_seconds:
-        sync(device)
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn()
-        sync(device)
-        samples.append(Sample(time.perf_counter() - wall, time.process_time() - cpu))
-    return samples
-
-
-def interleaved_times(fns: Dict[str, Callable[[], Any]], rounds: int, device: str = "cpu",
-                      per_round: Optional[Dict[str, int]] = None,
-                      min_seconds: float = 0.0) -> Dict[str, List[Sample]]:
-    """Time several callables round-robin; return each one's list of :class:`Sample`.
-
-    Each round calls every function once (``per_round[name]`` times where
-    given), so background load on a shared machine hits all of them alike and
-    their ratios stay meaningful. Runs ``rounds`` rounds, and more until
-    ``min_seconds`` have passed in total.
-    """
-    times: Dict[str, List[Sample]] = {name: [] for name in fns}
+    per_round, micro_rows = per_round or {}, micro_rows or {}
+    times: Dict[str, List[Sample]] = {name: [] for name in rows}
     start, done = time.perf_counter(), 0
     while done < rounds or time.perf_counter() - start < min_seconds:
-        for name, fn in fns.items():
-            times[name] += time_calls(fn, (per_round or {}).get(name, 1), device)
+        for name, fn in rows.items():
+            if name in micro_rows:
+                times[name].append(micro(fn, micro_rows[name]))
+            else:
+                times[name] += [clock(fn, device) for _ in range(per_round.get(name, 1))]
         done += 1
     return times
 
 
-def median(xs: Sequence[float]) -> float:
-    """The median of ``xs``."""
-    return statistics.median(xs)
+def stats(samples: Sequence[Sequence[float]]) -> Dict[str, Any]:
+    """Median and inter-quartile range of each clock: ``{"wall", "cpu", "wall_iqr", "cpu_iqr", "n"}``."""
+    out: Dict[str, Any] = {"n": len(samples)}
+    for i, name in enumerate(("wall", "cpu")):
+        xs = [s[i] for s in samples]
+        out[name] = statistics.median(xs)
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0], xs[0], xs[0]]
+        out[f"{name}_iqr"] = [q[0], q[2]]
+    return out
 
 
-def mean(xs: Sequence[float]) -> float:
-    """The arithmetic mean of ``xs``."""
-    return statistics.fmean(xs)
+def spread(s: Mapping[str, Any], basis: str) -> str:
+    """``"+-12%"``: half the inter-quartile range of ``basis`` relative to its median."""
+    lo, hi = s[f"{basis}_iqr"]
+    return f"+-{50 * (hi - lo) / s[basis]:.0f}%" if s[basis] > 0 else "-"
 
 
+# -- peak memory ---------------------------------------------------------------------------
 def current_rss() -> int:
-    """The resident set size of this process now, in bytes."""
-    try:
+    """The resident set size of this process now, in bytes (``psutil`` where ``/proc`` is missing)."""
+    if not os.path.exists("/proc/self/statm"):
         import psutil
         return psutil.Process().memory_info().rss
-    except ImportError:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    """The high-water mark of this process's RSS in bytes (``ru_maxrss``).
-
-    On Linux this is not only this process's own peak: at ``exec`` the kernel
-    folds the peak of the address space being replaced into it, so a child
-    started by ``subprocess`` begins with its *parent's* peak RSS, and
-    ``/proc/self/clear_refs`` does not reset it. Prefer :func:`_vm_hwm`.
-    """
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _vm_hwm() -> Optional[int]:
-    """This address space's RSS high-water mark in bytes (``VmHWM``, Linux); ``None`` elsewhere.
+    """``VmHWM`` of ``/proc/self/status`` in bytes (Linux), ``None`` elsewhere.
 
-    Unlike ``ru_maxrss`` it holds nothing inherited from the parent process,
-    and writing ``5`` to ``/proc/self/clear_refs`` resets it to the current RSS.
+    Unlike ``ru_maxrss`` it holds nothing inherited from the parent process
+    (the kernel folds the parent's peak into ``ru_maxrss`` at ``exec``), and
+    writing ``5`` to ``/proc/self/clear_refs`` resets it.
     """
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
+            return next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:")), None)
     except OSError:
-        pass
-    return None
+        return None
 
 
-def _trim_heap() -> None:
-    """Return freed heap memory to the OS (glibc ``malloc_trim``; no-op elsewhere)."""
-    try:
+def _reset_peak() -> bool:
+    """Return freed heap to the OS and reset ``VmHWM``; ``False`` where the reset is unavailable."""
+    with contextlib.suppress(OSError, AttributeError):
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark (Linux >= 4.0); ``False`` where that is unavailable."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
+        return _vm_hwm() is not None
     except OSError:
         return False
 
 
 class PeakMemory:
-    """Measure the peak memory of the enclosed code above the memory in use on entry.
+    """The peak memory of the enclosed code above the memory in use on entry.
 
-    On CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` on
-    entry (tensors only, not the caching allocator's reserve). On CPU: the
-    process's peak RSS minus its RSS on entry (freed heap memory is first
-    returned to the OS, so reused pages count). On Linux the peak is ``VmHWM``
-    of ``/proc/self/status``, reset on entry through ``/proc/self/clear_refs``.
-    Elsewhere, or where the kernel refuses the reset, it is ``ru_maxrss``, a
-    high-water mark since process start that on Linux also includes the peak
-    RSS of the parent process that started this one (the kernel carries it
-    over at ``exec``); if that mark lies above the entry RSS, :attr:`exact` is
-    ``False`` and the result is an upper bound. Measure in a fresh process
+    CUDA: ``torch.cuda.max_memory_allocated`` above ``memory_allocated`` on
+    entry. CPU: the peak RSS (``VmHWM``, reset on entry) above the RSS on
+    entry; where the reset is unavailable, ``ru_maxrss``, a high-water mark
+    since process start, and :attr:`exact` is ``False`` if it lies above the
+    entry RSS (then the result is an upper bound). Measure in a fresh process
     (:func:`run_fresh`).
 
     Attributes (set on exit):
@@ -191,10 +220,8 @@ class PeakMemory:
     """
 
     def __init__(self, device: str = "cpu"):
-        self.cuda = torch.device(device).type == "cuda"
-        self.device = device
-        self.peak_bytes = 0
-        self.exact = True
+        self.device, self.cuda = device, torch.device(device).type == "cuda"
+        self.peak_bytes, self.exact = 0, True
 
     def __enter__(self) -> "PeakMemory":
         gc.collect()
@@ -203,61 +230,115 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            _trim_heap()
-            self._hwm = _reset_peak_rss() and _vm_hwm() is not None
+            self._hwm = _reset_peak()
             self._base = current_rss()
-            self.exact = self._hwm or _peak_rss() <= self._base
+            self.exact = self._hwm or self._maxrss() <= self._base
         return self
+
+    @staticmethod
+    def _maxrss() -> int:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
     def __exit__(self, *exc) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            peak = _vm_hwm() if self._hwm else _peak_rss()
+            peak = _vm_hwm() if self._hwm else self._maxrss()
         self.peak_bytes = max(0, peak - self._base)
 
 
-def run_fresh(module: str, args: Sequence[str], timeout: Optional[float] = None) -> dict:
-    """Run ``python -m module *args`` in a fresh process from the repository root.
+# -- fresh processes -----------------------------------------------------------------------
+class FreshProcessError(RuntimeError):
+    """A measurement in a fresh process failed; the message ends with its stderr."""
 
-    The child must print one JSON object as the last line of its stdout; it is
-    returned as a dict. A failing child gives ``{"error": <last stderr line>}``.
+
+def run_fresh(module: str, args: Sequence[str]) -> dict:
+    """Run ``python -m module *args`` from the repository root; return the JSON of its last stdout line.
+
+    Raises:
+        FreshProcessError: the process failed (its exceptions propagate as this).
     """
-    try:
-        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, text=True,
-                              capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, text=True,
+                          capture_output=True, check=False)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        err = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-        return {"error": err[-1]}
+        raise FreshProcessError(f"python -m {module} {' '.join(args)} exited with {proc.returncode}:\n"
+                                + proc.stderr[-4000:])
     return json.loads(lines[-1])
 
 
 def run_fresh_many(module: str, arg_lists: Sequence[Sequence[str]], workers: int = 1,
-                   desc: str = "") -> List[dict]:
-    """:func:`run_fresh` for each argument list, ``workers`` processes at a time, in order.
+                   desc: str = "", show: bool = True) -> List[dict]:
+    """:func:`run_fresh` for each argument list, ``workers`` processes at a time, results in order.
 
-    Only for measurements that concurrency does not disturb (per-process peak
-    memory); time with one process at a time. Shows progress if ``tqdm`` is installed.
+    Only for what concurrency does not disturb (per-process peak memory).
     """
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(run_fresh, module, args) for args in arg_lists]
-        for _ in progress(futures, desc):
-            pass
-        return [f.result() for f in futures]
+        futures = [pool.submit(run_fresh, module, a) for a in arg_lists]
+        return [f.result() for f in progress(futures, desc, show)]
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
-                   align: Optional[str] = None) -> str:
-    """Format ``rows`` as a GitHub Markdown table.
+def worker_args(spec: Mapping[str, Any]) -> List[str]:
+    """The command line of a worker process: ``--worker`` and ``spec`` as JSON (the benchmark parses it)."""
+    return ["--worker", json.dumps(spec)]
 
-    ``align`` has one character per column, ``l`` or ``r`` (default: all ``l``).
-    Cells are converted with ``str``; columns are padded to equal width.
+
+def progress(items: Sequence[Any], desc: str = "", show: bool = True) -> Iterable[Any]:
+    """``items`` with a ``tqdm`` bar on stderr when ``show`` and ``tqdm`` is installed.
+
+    Futures are waited for, in order, as they are yielded.
     """
+    def wait(xs):
+        for x in xs:
+            if hasattr(x, "result"):
+                x.result()
+            yield x
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        show = False
+    if not show:
+        return wait(items)
+    return tqdm(wait(items), desc=desc, total=len(items), file=sys.stderr, leave=False, mininterval=0.5)
+
+
+# -- reports -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """A target of the project: ``value op limit`` (``op``: ``"<="``, ``">="`` or ``"in"`` with
+    ``limit = (low, high)``, low excluded); ``value`` ``None``: not evaluated (rows not run)."""
+
+    name: str
+    value: Optional[float]
+    limit: Any
+    op: str = "<="
+
+    @property
+    def holds(self) -> Optional[bool]:
+        """Whether the target holds; ``None`` when not evaluated."""
+        if self.value is None:
+            return None
+        if self.op == "in":
+            return self.limit[0] < self.value <= self.limit[1]
+        return self.value <= self.limit if self.op == "<=" else self.value >= self.limit
+
+    @property
+    def text(self) -> str:
+        """``"<name> <value> <op> <limit>: holds|MISSED"`` (or ``not evaluated``)."""
+        if self.value is None:
+            return f"{self.name}: not evaluated (rows not run)"
+        limit = f"({self.limit[0]:g}, {self.limit[1]:g}]" if self.op == "in" else f"{self.limit:g}"
+        return f"{self.name} {self.value:.4g} {self.op} {limit}: {'holds' if self.holds else 'MISSED'}"
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The target as JSON-able data, with ``holds`` and ``text``."""
+        return {**asdict(self), "holds": self.holds, "text": self.text}
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
+    """A GitHub Markdown table; ``align`` has one ``l`` or ``r`` per column (default all ``l``)."""
     rows = [[str(c) for c in r] for r in rows]
     align = align or "l" * len(headers)
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
@@ -265,48 +346,52 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
     def line(cells):
         return "| " + " | ".join(c.rjust(w) if a == "r" else c.ljust(w)
                                  for c, w, a in zip(cells, widths, align)) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2))
+    rule = "|" + "|".join("-" * (w + 1) + ":" if a == "r" else "-" * (w + 2)
                           for w, a in zip(widths, align)) + "|"
     return "\n".join([line(headers), rule] + [line(r) for r in rows])
 
 
-def progress(items: Sequence[Any], desc: str = "") -> Iterable[Any]:
-    """Iterate over ``items`` with a ``tqdm`` progress bar on stderr if ``tqdm`` is installed.
+def fmt(x: Optional[float], spec: str = ".4g", unit: str = "", none: str = "-") -> str:
+    """``format(x, spec) + unit``, or ``none`` for ``None``."""
+    return none if x is None else f"{x:{spec}}{unit}"
 
-    ``concurrent.futures.Future`` items are waited for, in order, as they are yielded.
+
+def write_report(args, name: str, template: str, fields: Mapping[str, Any], data: Mapping[str, Any],
+                 targets: Sequence[Target] = (), figures: Sequence[str] = ()) -> Dict[str, Any]:
+    """Write ``<out>/<name>.md`` (``template`` filled from ``fields``, then the targets and
+    figures) and ``<out>/<name>.json`` (``data``, the targets and the command); return the JSON data.
+
+    ``fields`` gets ``command`` (the command line), ``torch`` and ``device`` /
+    ``threads`` of ``args`` added; the template uses ``str.format`` fields.
+    The report ends with the time since :func:`parse` and the load average.
     """
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(_wait(items), desc=desc, total=len(items), file=sys.stderr, leave=False)
+    os.makedirs(args.out, exist_ok=True)
+    command = " ".join([f"python -m benchmarks.{name}"] + args.argv)
+    text = template.format(command=command, device=args.device, threads=args.threads,
+                           torch=torch.__version__, **fields).rstrip() + "\n"
+    if targets:
+        text += "\n" + "\n".join(f"- Target: {t.text}" for t in targets) + "\n"
+    seconds, load = time.perf_counter() - args.start, os.getloadavg()
+    text += f"\nTotal {seconds:.0f} s; load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}.\n"
+    text += "".join(f"\n![{os.path.basename(f)}]({os.path.basename(f)})\n" for f in figures)
+    out = {"command": command, "size": args.size, "seconds": seconds, "load_average": load, **data,
+           "targets": [t.as_dict() for t in targets]}
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(out, f, default=float)
+    print(text)
+    return out
 
 
-def _wait(items):
-    for item in items:
-        if hasattr(item, "result"):
-            item.result()
-        yield item
+def plot_panels(path: str, panels: Sequence[Dict[str, Any]], ncols: int = 2, title: str = "",
+                panel_size=(5.5, 4.0)) -> str:
+    """Save a grid of line plots to ``path`` (PNG, matplotlib's Agg backend); return ``path``.
 
-
-def write_text(path: str, text: str) -> str:
-    """Write ``text`` (plus a final newline) to ``path``, creating its folder; return ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text if text.endswith("\n") else text + "\n")
-    return path
-
-
-def plot_panels(path: str, panels: Sequence[Dict[str, Any]], ncols: int = 2,
-                title: str = "", panel_size=(5.5, 4.0)) -> str:
-    """Save a grid of line plots to ``path`` (PNG) with matplotlib's Agg backend; return ``path``.
-
-    Each panel is a dict with ``series`` (``{label: (xs, ys)}``, drawn in
-    order, one colour per label shared across panels) and optionally
-    ``title``, ``xlabel``, ``ylabel``, ``logx``, ``logy`` (bools) and
-    ``hlines`` (``{label: y}``, dashed grey reference lines).
+    Each panel: ``series`` (``{label: (xs, ys)}``, one colour per label shared
+    across panels; ``styles``, optional, ``{label: line style}``) and optionally
+    ``title``, ``xlabel``, ``ylabel``, ``logx``, ``logy`` and ``hlines``
+    (``{label: y}``, grey reference lines).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -321,20 +406,21 @@ def plot_panels(path: str, panels: Sequence[Dict[str, Any]], ncols: int = 2,
     for ax, panel in zip(axes.flat, panels):
         for label, (xs, ys) in panel["series"].items():
             color = colors.setdefault(label, f"C{len(colors) % 10}")
-            ax.plot(list(xs), list(ys), lw=1.2, marker=".", ms=3, color=color, label=label)
+            ax.plot(list(xs), list(ys), lw=1.2, marker=".", ms=3, color=color, label=label,
+                    ls=panel.get("styles", {}).get(label, "-"))
         for i, (label, y) in enumerate((panel.get("hlines") or {}).items()):
             ax.axhline(y, color="gray", ls=("--", ":", "-.")[i % 3], lw=1, label=label)
         if panel.get("logx"):
             ax.set_xscale("log")
         if panel.get("logy"):
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # 3, not 3 x 10^0
+            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         ax.set_title(panel.get("title", ""), fontsize=10)
         ax.set_xlabel(panel.get("xlabel", ""))
         ax.set_ylabel(panel.get("ylabel", ""))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     if title:
@@ -346,12 +432,11 @@ def plot_panels(path: str, panels: Sequence[Dict[str, Any]], ncols: int = 2,
     return path
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= 1")
-    return value
+def first_below(values: Sequence[float], target: float) -> Optional[int]:
+    """The first index from which every value is below ``target`` (``None`` if the last one is not)."""
+    idx = None
+    for i in range(len(values) - 1, -1, -1):
+        if not values[i] < target:
+            break
+        idx = i
+    return idx

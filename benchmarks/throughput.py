@@ -1,316 +1,257 @@
-"""Throughput: vectorised meta-batches and the two Hessian-vector products.
+"""Throughput: vectorised meta-batches (sinusoid and conv4) and the two Hessian-vector products.
 
-Two measurements that :mod:`benchmarks.speed` runs after its per-step table and
-prints in the same report (they can also run alone, see below):
+Measured in one process by :func:`measure` (the second and third sections of
+:mod:`benchmarks.speed`'s report), all rows of a section round-robin:
 
-* **Meta-batch** (sinusoid MAML, ``--tasks`` tasks of 10 shots, ``--inner-steps``
-  inner SGD steps with lr 0.01, the 1-40-40-1 ReLU regressor, float32): the
-  time of one meta-batch's meta-gradient by
+* **Sinusoid meta-batch**: ``tasks`` sinusoid tasks of 10 shots, 5 inner SGD
+  steps at lr 0.01, the 1-40-40-1 regressor, float32: one meta-batch's
+  meta-gradient by ``MetaOptimizer.backward`` once per task (``loop``), by one
+  ``MetaOptimizer.backward_batch`` (``batch``, ``torch.func.vmap``), for
+  ``fom``, ``ufom`` (q = 0.1, the same seeded draws in both) and ``exact``, and
+  by ``higher``'s per-task unroll (exact). Targets: ``backward_batch`` (exact)
+  at least 3x faster than ``higher``'s loop and 2x faster than our loop.
+* **conv4 meta-batch**: the MAML Omniglot conv4 of :mod:`benchmarks.problems`
+  with BatchNorm *without* running statistics, a meta-batch of 16 tasks of
+  5-way 1-shot random 28x28 images (5 support, 5 query images), ``steps`` SGD
+  steps at lr 0.1, cross-entropy, ``fom`` and ``exact``: ``backward_batch``
+  against the per-task loop of ``backward``, with the path ``backward_batch``
+  took: ``vectorised``, or the per-task fallback and the reason from its
+  warning ("... runs the per-task loop: <reason>").
+* **Hessian-vector products**: one HVP of the inner loss by
+  reverse-over-reverse and by forward-over-reverse (``torch.func.jvp`` of
+  ``torch.func.grad``) on the 64-320-320-10 MLP and the sinusoid regressor,
+  their agreement in float64, and one exact ``hypergrad`` (``steps=10``) with
+  ``hvp="revrev"`` and ``hvp="fwdrev"``.
 
-  - ``higher``: a per-task loop of ``higher.innerloop_ctx`` unrolls (exact MAML),
-  - ``torch_ufom`` per-task: ``MetaOptimizer.backward`` once per task,
-  - ``torch_ufom`` batch: one ``MetaOptimizer.backward_batch`` (``torch.func.vmap``),
-
-  for ``fom``, ``ufom`` (q = 0.1; the same seeded draws for both loops) and
-  ``exact``, all round-robin in one process (medians of process CPU time on the
-  CPU, wall time on CUDA). The issue's targets: ``backward_batch`` at least 3x
-  faster than ``higher``'s loop and at least 2x faster than our own loop.
-* **Hessian-vector products**: one HVP of the inner loss by reverse-over-reverse
-  (double backward) and by forward-over-reverse (``torch.func.jvp`` of
-  ``torch.func.grad``), on the MLP and the sinusoid model of ``speed.py``;
-  their agreement in float64 (relative error), and one exact outer step
-  (``steps=10``) with ``hvp="revrev"`` and ``hvp="fwdrev"``.
-
-Usage (from the repository root)::
-
-    python -m benchmarks.throughput              # both, prints Markdown
-    python -m benchmarks.throughput --tiny       # seconds: a smoke test
+Usage: ``python -m benchmarks.throughput [--quick | --tiny]`` prints the sections.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import math
-import os
-import sys
-from typing import Any, Callable, Dict, List, Optional
+import warnings
+from typing import Any, Callable, Dict, List
 
 import torch
-from torch import nn
 
-try:  # ``python benchmarks/throughput.py`` as well as ``python -m benchmarks.throughput``
-    import torch_ufom
-    from benchmarks.harness import interleaved_times, markdown_table, median, positive_int
-    from benchmarks.memory import BATCH as MLP_BATCH, WIDTHS
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import torch_ufom
-    from benchmarks.harness import interleaved_times, markdown_table, median, positive_int
-    from benchmarks.memory import BATCH as MLP_BATCH, WIDTHS
+import torch_ufom
+from benchmarks import problems
+from benchmarks.harness import Target, interleave, markdown_table, parse, parser, spread, stats
 
-TASKS, INNER_STEPS, SHOTS, INNER_LR, Q = 25, 5, 10, 0.01, 0.1
-BATCH_VS_HIGHER, BATCH_VS_LOOP = 3.0, 2.0  # targets: backward_batch's speed-up
-SIZES = {"full": dict(rounds=15, tasks=TASKS), "quick": dict(rounds=5, tasks=TASKS),
-         "tiny": dict(rounds=1, tasks=3)}
+INNER_LR, Q, STEPS = 0.01, 0.1, 5
+BATCH_VS_HIGHER, BATCH_VS_LOOP = 3.0, 2.0
+# per size: rounds, sinusoid tasks, conv4 (tasks, inner steps)
+SIZES = {"full": (15, 25, (16, 5)), "quick": (5, 25, (16, 3)), "tiny": (1, 3, (2, 1))}
 
+TEMPLATE = """## Meta-batch: {tasks} sinusoid tasks, {steps} inner steps (benchmarks/throughput.py)
 
-def sinusoid_model() -> nn.Module:
-    """The MAML sinusoid regressor 1-40-40-1 with ReLU."""
-    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+Median {basis} time of one meta-batch's meta-gradient over {rounds} rounds, rows round-robin in one
+process ({threads} thread(s)); ufom q = {q} with the same seeded draws in both loops.
 
+{sinusoid}
 
-def mlp_model() -> nn.Module:
-    """The MLP of :mod:`benchmarks.memory` (ReLU between the layers)."""
-    layers: List[nn.Module] = []
-    for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(WIDTHS) - 2 else [])
-    return nn.Sequential(*layers)
+## Meta-batch: conv4 without BatchNorm running statistics
 
+conv4 (4 x [conv 64, BatchNorm2d(track_running_stats=False), ReLU, max-pool], linear to 5), a meta-batch
+of {conv4_tasks} tasks of 5-way 1-shot random 28x28 images (5 support, 5 query), {conv4_steps} inner SGD
+steps at lr 0.1, float32; median {basis} time over {rounds} rounds. *path*: what backward_batch ran.
 
-def mse(fmodel: Callable, batch) -> torch.Tensor:
-    """Mean squared error on ``batch = (x, y)`` (written out: ``F.mse_loss`` has no
-    forward-over-reverse formula in torch 2.13)."""
-    x, y = batch
-    return ((fmodel(x) - y) ** 2).mean()
+{conv4}
+
+## Hessian-vector products: reverse-over-reverse against forward-over-reverse
+
+Median {basis} time; agreement of the two in float64 (max relative error over the parameters);
+*exact step*: `hypergrad(mode="exact", steps=10, hvp=...)`. `hvp="auto"` uses reverse-over-reverse:
+forward-over-reverse fails on operators without a forward-mode formula (F.mse_loss in torch 2.13).
+
+{hvp}
+"""
 
 
-def xent(fmodel: Callable, batch) -> torch.Tensor:
-    """Cross-entropy on ``batch = (x, y)``."""
-    x, y = batch
-    return nn.functional.cross_entropy(fmodel(x), y)
+def _meta(model, mode: str, steps: int, lr: float, seed: int, device: str) -> torch_ufom.MetaOptimizer:
+    return torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), inner_lr=lr,
+                                    steps=steps, mode=mode, q=Q,
+                                    generator=torch.Generator(device=device).manual_seed(seed))
 
 
-def sinusoid_tasks(n: int, seed: int, dtype=torch.float32, device: str = "cpu"):
-    """``n`` tasks ``y = A sin(x - phi)`` stacked: ``((xs, ys), (xq, yq))``, each ``(n, SHOTS, 1)``."""
-    g = torch.Generator().manual_seed(seed)
-    amp = 0.1 + 4.9 * torch.rand(n, 1, 1, generator=g, dtype=dtype)
-    phase = math.pi * torch.rand(n, 1, 1, generator=g, dtype=dtype)
-    xs = -5 + 10 * torch.rand(n, SHOTS, 1, generator=g, dtype=dtype)
-    xq = -5 + 10 * torch.rand(n, SHOTS, 1, generator=g, dtype=dtype)
-    out = ((xs, amp * torch.sin(xs - phase)), (xq, amp * torch.sin(xq - phase)))
-    return tuple(tuple(t.to(device) for t in pair) for pair in out)
-
-
-# -- meta-batch ---------------------------------------------------------------------------
-def meta_batch_rows(tasks: int, seed: int, device: str) -> Dict[str, Callable[[], Any]]:
-    """One callable per row, each computing one meta-batch's meta-gradient."""
-    torch.manual_seed(seed)
-    model = sinusoid_model().to(device=device, dtype=torch.float32)
-    (xs, ys), (xq, yq) = sinusoid_tasks(tasks, seed, device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+def batch_rows(model, loss, supports, queries, modes, steps: int, lr: float, seed: int,
+               device: str) -> Dict[str, Callable[[], Any]]:
+    """``"<mode>/loop"`` and ``"<mode>/batch"``: a meta-batch by ``backward`` per task or by
+    ``backward_batch``."""
     rows: Dict[str, Callable[[], Any]] = {}
-    for mode in ("fom", "ufom", "exact"):
-        for how in ("loop", "batch"):
-            meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=INNER_LR, steps=INNER_STEPS,
-                                            mode=mode, q=Q,
-                                            generator=torch.Generator(device=device).manual_seed(seed))
+    n = supports[0].shape[0]
+    for mode in modes:
+        loop, batch = (_meta(model, mode, steps, lr, seed, device) for _ in range(2))
 
-            def run(meta=meta, how=how):
-                meta.zero_grad()
-                if how == "batch":
-                    meta.backward_batch(mse, mse, (xs, ys), (xq, yq))
-                else:
-                    for i in range(tasks):
-                        meta.backward(mse, mse, (xs[i], ys[i]), (xq[i], yq[i]))
-            rows[f"{mode}/{how}"] = run
-    if importlib.util.find_spec("higher") is not None:
-        import higher
-        inner = torch.optim.SGD(model.parameters(), lr=INNER_LR)
-        params = list(model.parameters())
+        def run_loop(meta=loop):
+            meta.zero_grad()
+            for i in range(n):
+                meta.backward(loss, loss, tuple(t[i] for t in supports), tuple(t[i] for t in queries))
 
-        def run_higher():
-            total = None
-            for i in range(tasks):
-                with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fm, diffopt):
-                    for _ in range(INNER_STEPS):
-                        diffopt.step(mse(fm, (xs[i], ys[i])))
-                    g = torch.autograd.grad(mse(fm, (xq[i], yq[i])), params)
-                total = g if total is None else [a + b for a, b in zip(total, g)]
-            return total
-        rows["exact/higher"] = run_higher
+        def run_batch(meta=batch):
+            meta.zero_grad()
+            meta.backward_batch(loss, loss, supports, queries)
+        rows[f"{mode}/loop"], rows[f"{mode}/batch"] = run_loop, run_batch
     return rows
 
 
-def measure_meta_batch(rounds: int, tasks: int, seed: int, device: str) -> Dict[str, Any]:
-    """Round-robin samples ``[[wall, cpu], ...]`` of every meta-batch row."""
-    rows = meta_batch_rows(tasks, seed, device)
-    for fn in rows.values():  # warm-up
-        fn()
-    times = interleaved_times(rows, rounds, device)
-    return {k: [list(s) for s in v] for k, v in times.items()}
+def warm_up(rows: Dict[str, Callable[[], Any]]) -> Dict[str, str]:
+    """Call every row once; return the path each ``batch`` row took (``vectorised`` or the fallback)."""
+    paths = {}
+    for name, fn in rows.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+        reasons = [str(w.message).split("runs the per-task loop: ", 1)[1] for w in caught
+                   if "runs the per-task loop: " in str(w.message)]
+        if name.endswith("/batch"):
+            paths[name] = f"per-task fallback: {reasons[0]}" if reasons else "vectorised"
+    return paths
 
 
-def analyse_meta_batch(raw: Dict[str, Any], basis: str) -> Dict[str, Any]:
-    """Medians and the speed-ups of ``backward_batch``."""
-    i = 1 if basis == "cpu" else 0
-    med = {k: median([s[i] for s in v]) for k, v in raw.items()}
-    out: Dict[str, Any] = {"median": med, "speedup": {}}
-    for mode in ("fom", "ufom", "exact"):
-        b = med.get(f"{mode}/batch")
-        out["speedup"][mode] = {"vs_loop": med[f"{mode}/loop"] / b,
-                                "vs_higher": med["exact/higher"] / b if "exact/higher" in med else None}
-    e = out["speedup"]["exact"]
-    out["holds"] = {"vs_loop": e["vs_loop"] >= BATCH_VS_LOOP,
-                    "vs_higher": None if e["vs_higher"] is None else e["vs_higher"] >= BATCH_VS_HIGHER}
-    return out
+def higher_row(model, xs, ys, xq, yq) -> Callable[[], Any]:
+    """``higher``'s per-task exact unroll of the sinusoid meta-batch."""
+    import higher
+    inner, params = torch.optim.SGD(model.parameters(), lr=INNER_LR), list(model.parameters())
+
+    def run():
+        for i in range(xs.shape[0]):
+            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fm, diffopt):
+                for _ in range(STEPS):
+                    diffopt.step(problems.mse(fm, (xs[i], ys[i])))
+                torch.autograd.grad(problems.mse(fm, (xq[i], yq[i])), params)
+    return run
 
 
-# -- Hessian-vector products ------------------------------------------------------------
-def hvp_problem(model_name: str, seed: int, dtype, device: str):
-    """``(model, loss, batch)`` for ``mlp`` or ``sinusoid``."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    if model_name == "mlp":
-        model = mlp_model()
-        batch = (torch.randn(MLP_BATCH, WIDTHS[0], generator=g, dtype=dtype),
-                 torch.randint(0, WIDTHS[-1], (MLP_BATCH,), generator=g))
-        loss = xent
-    else:
-        model = sinusoid_model()
-        (xs, ys), _ = sinusoid_tasks(1, seed, dtype)
-        batch, loss = (xs[0], ys[0]), mse
-    model = model.to(device=device, dtype=dtype)
-    return model, loss, tuple(t.to(device) for t in batch)
-
-
-def hvp_functions(model, loss, batch, seed: int) -> Dict[str, Callable[[], Any]]:
-    """``revrev`` and ``fwdrev``: one Hessian-vector product of ``loss`` at the model's parameters."""
-    names = [n for n, _ in model.named_parameters()]
-    params = tuple(p.detach() for p in model.parameters())
+def hvp_rows(name: str, seed: int, dtype, device: str) -> Dict[str, Callable[[], Any]]:
+    """``revrev`` and ``fwdrev`` HVPs and the exact ``hypergrad`` steps with each, on ``name``'s problem."""
+    from benchmarks.memory import problem
+    model, loss, batch, _ = problem(name, seed, device)
+    model = model.to(dtype)
+    batch = tuple(t.to(dtype) if t.is_floating_point() else t for t in batch)
+    names, params = [n for n, _ in model.named_parameters()], tuple(p.detach() for p in model.parameters())
     g = torch.Generator().manual_seed(seed + 1)
-    vec = tuple(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for p in params)
+    vec = tuple(torch.randn(p.shape, generator=g, dtype=dtype).to(device) for p in params)
 
     def loss_of(ps):
         return loss(lambda x: torch.func.functional_call(model, dict(zip(names, ps)), (x,)), batch)
 
     def revrev():
-        leaves = tuple(p.requires_grad_() for p in (q.clone() for q in params))
-        with torch.enable_grad():
-            gr = torch.autograd.grad(loss_of(leaves), leaves, create_graph=True)
-            return torch.autograd.grad(gr, leaves, vec)
+        leaves = tuple(p.clone().requires_grad_() for p in params)
+        gr = torch.autograd.grad(loss_of(leaves), leaves, create_graph=True)
+        return torch.autograd.grad(gr, leaves, vec)
 
     def fwdrev():
         return torch.func.jvp(torch.func.grad(loss_of), (params,), (vec,))[1]
-    return {"revrev": revrev, "fwdrev": fwdrev}
+    rows = {"hvp/revrev": revrev, "hvp/fwdrev": fwdrev}
+    for hvp in ("revrev", "fwdrev"):
+        rows[f"step/{hvp}"] = (lambda hvp=hvp: torch_ufom.hypergrad(
+            model, loss, loss, batch, batch, steps=10, inner_lr=INNER_LR, mode="exact", hvp=hvp))
+    return rows
 
 
-def outer_step(model, loss, batch, hvp: str) -> Callable[[], Any]:
-    """One exact outer step (``steps=10``) of ``torch_ufom.hypergrad`` with ``hvp``."""
-    def run():
-        return torch_ufom.hypergrad(model, loss, loss, batch, batch, steps=10, inner_lr=INNER_LR,
-                                    mode="exact", hvp=hvp)
-    return run
-
-
-def measure_hvp(rounds: int, seed: int, device: str) -> Dict[str, Any]:
-    """Per model: the float64 agreement and the timings of both HVPs (float32)."""
-    out: Dict[str, Any] = {}
+def measure(size: str, seed: int, device: str) -> Dict[str, Any]:
+    """Every section's samples (``[[wall, cpu], ...]`` per row), conv4's paths; JSON-able."""
+    rounds, tasks, (c_tasks, c_steps) = SIZES[size]
+    g = torch.Generator().manual_seed(seed)
+    model = problems.seeded(seed, problems.sinusoid_mlp, device=device)
+    xs, ys, xq, yq = problems.sinusoid_tasks(tasks, 10, 10, g, torch.float32, device)
+    rows = batch_rows(model, problems.mse, (xs, ys), (xq, yq), ("fom", "ufom", "exact"), STEPS, INNER_LR,
+                      seed, device)
+    if importlib.util.find_spec("higher") is not None:
+        rows["exact/higher"] = higher_row(model, xs, ys, xq, yq)
+    warm_up(rows)
+    out: Dict[str, Any] = {"tasks": tasks, "rounds": rounds, "conv4_tasks": c_tasks, "conv4_steps": c_steps}
+    out["meta_batch"] = _samples(interleave(rows, rounds, device))
+    conv = problems.seeded(seed, lambda: problems.conv4(5, track_running_stats=False), device=device)
+    sup, qry = (problems.image_tasks(c_tasks, 5, 1, g, device=device) for _ in range(2))
+    rows = batch_rows(conv, problems.xent, sup, qry, ("fom", "exact"), c_steps, 0.1, seed, device)
+    out["conv4_path"] = warm_up(rows)
+    out["conv4"] = _samples(interleave(rows, rounds, device))
+    out["hvp"] = {}
     for name in ("mlp", "sinusoid"):
-        model, loss, batch = hvp_problem(name, seed, torch.float64, device)
-        fns = hvp_functions(model, loss, batch, seed)
-        a, b = fns["revrev"](), fns["fwdrev"]()
-        err = max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
-        model, loss, batch = hvp_problem(name, seed, torch.float32, device)
-        fns = {f"hvp/{k}": f for k, f in hvp_functions(model, loss, batch, seed).items()}
-        fns.update({f"step/{h}": outer_step(model, loss, batch, h) for h in ("revrev", "fwdrev")})
-        for fn in fns.values():
-            fn()
-        times = interleaved_times(fns, rounds, device, {k: 5 for k in fns if k.startswith("hvp/")})
-        out[name] = {"rel_err_float64": err, "times": {k: [list(s) for s in v] for k, v in times.items()}}
+        a, b = (f() for f in list(hvp_rows(name, seed, torch.float64, device).values())[:2])
+        rows = hvp_rows(name, seed, torch.float32, device)
+        warm_up(rows)
+        out["hvp"][name] = {"rel_err_float64": max(float((x - y).norm() / y.norm()) for x, y in zip(a, b)),
+                            "times": _samples(interleave(rows, rounds, device, micro_rows={
+                                "hvp/revrev": 5, "hvp/fwdrev": 5}))}
     return out
 
 
-# -- report --------------------------------------------------------------------------------
-def measure(size: str, seed: int, device: str, threads: int) -> Dict[str, Any]:
-    """Both measurements in this process; JSON-able."""
-    torch.set_num_threads(threads)
-    spec = SIZES[size]
-    return {"meta_batch": measure_meta_batch(spec["rounds"], spec["tasks"], seed, device),
-            "hvp": measure_hvp(max(3, spec["rounds"] // 2), seed, device),
-            "tasks": spec["tasks"], "threads": threads}
+def _samples(times) -> Dict[str, List[List[float]]]:
+    return {k: [list(s) for s in v] for k, v in times.items()}
 
 
-def _x(v: Optional[float]) -> str:
-    return "n/a" if v is None else f"{v:.2f}x"
+def analyse(raw: Dict[str, Any], basis: str) -> Dict[str, Any]:
+    """Per-row statistics, speed-ups of ``backward_batch`` and the two targets."""
+    out: Dict[str, Any] = {}
+    for section in ("meta_batch", "conv4"):
+        s = {k: stats(v) for k, v in raw[section].items()}
+        modes = sorted({k.split("/")[0] for k in s if k.endswith("/batch")})
+        out[section] = {"stats": s, "batch_vs_loop": {m: s[f"{m}/loop"][basis] / s[f"{m}/batch"][basis]
+                                                      for m in modes}}
+    mb = out["meta_batch"]["stats"]
+    higher = mb["exact/higher"][basis] / mb["exact/batch"][basis] if "exact/higher" in mb else None
+    out["batch_vs_higher"] = higher
+    out["targets"] = [Target("backward_batch (exact, sinusoid) speed-up over higher's loop", higher,
+                             BATCH_VS_HIGHER, ">="),
+                      Target("backward_batch (exact, sinusoid) speed-up over our per-task loop",
+                             out["meta_batch"]["batch_vs_loop"]["exact"], BATCH_VS_LOOP, ">=")]
+    out["hvp"] = {name: {"rel_err_float64": r["rel_err_float64"],
+                         "stats": {k: stats(v) for k, v in r["times"].items()}}
+                  for name, r in raw["hvp"].items()}
+    return out
 
 
-def report(raw: Dict[str, Any], basis: str) -> str:
-    """The Markdown sections (meta-batch table and targets, HVP table)."""
-    if "error" in raw:
-        return f"## Meta-batch and HVP throughput\n\nThe measurement failed: {raw['error']}\n"
-    mb = analyse_meta_batch(raw["meta_batch"], basis)
-    B = basis.upper()
-    lines = [f"## Meta-batch: {raw['tasks']} sinusoid tasks, {INNER_STEPS} inner steps "
-             f"(benchmarks/throughput.py)", "",
-             f"Median {B} time of one meta-batch's meta-gradient, all rows round-robin in one process "
-             f"({raw['threads']} thread(s)); ufom q = {Q} with the same seeded draws in both loops.", ""]
-    rows = []
-    for mode in ("fom", "ufom", "exact"):
-        med, sp = mb["median"], mb["speedup"][mode]
-        rows.append([mode, f"{med[f'{mode}/loop'] * 1e3:.1f}", f"{med[f'{mode}/batch'] * 1e3:.1f}",
-                     _x(sp["vs_loop"]),
-                     f"{med['exact/higher'] * 1e3:.1f}" if "exact/higher" in med else "n/a",
-                     _x(sp["vs_higher"])])
-    lines += [markdown_table(["mode", "per-task backward (ms)", "backward_batch (ms)",
-                              "speed-up vs loop", "higher loop, exact (ms)", "speed-up vs higher"],
-                             rows, "lrrrrr"), ""]
-    e, holds = mb["speedup"]["exact"], mb["holds"]
+def report(raw: Dict[str, Any], basis: str, threads: int) -> str:
+    """The three Markdown sections."""
+    a = analyse(raw, basis)
+    mb, c4, higher = a["meta_batch"], a["conv4"], a["meta_batch"]["stats"].get("exact/higher")
 
-    def verdict(h):
-        return "not evaluated (higher missing)" if h is None else ("holds" if h else "MISSED")
-    lines += [f"Target: backward_batch (exact) >= {BATCH_VS_HIGHER:.0f}x faster than higher's per-task "
-              f"loop: {_x(e['vs_higher'])}, {verdict(holds['vs_higher'])}.",
-              f"Target: backward_batch (exact) >= {BATCH_VS_LOOP:.0f}x faster than our per-task loop: "
-              f"{_x(e['vs_loop'])}, {verdict(holds['vs_loop'])}.", ""]
-    lines += ["## Hessian-vector products: reverse-over-reverse against forward-over-reverse", "",
-              f"Median {B} time; agreement of the two in float64 (max relative error over the "
-              "parameters); `exact outer step`: `hypergrad(mode=\"exact\", steps=10, hvp=...)`.", ""]
-    i = 1 if basis == "cpu" else 0
-    rows = []
-    for name, r in raw["hvp"].items():
-        med = {k: median([s[i] for s in v]) for k, v in r["times"].items()}
-        rows.append([name, f"{r['rel_err_float64']:.1e}", f"{med['hvp/revrev'] * 1e3:.3f}",
-                     f"{med['hvp/fwdrev'] * 1e3:.3f}", f"{med['hvp/fwdrev'] / med['hvp/revrev']:.2f}",
-                     f"{med['step/revrev'] * 1e3:.1f}", f"{med['step/fwdrev'] * 1e3:.1f}",
-                     f"{med['step/fwdrev'] / med['step/revrev']:.2f}"])
-    lines += [markdown_table(["model", "rel. error", "HVP revrev (ms)", "HVP fwdrev (ms)", "fwdrev / revrev",
-                              "exact step revrev (ms)", "exact step fwdrev (ms)", "fwdrev / revrev"],
-                             rows, "lrrrrrrr"), "",
-              "`hvp=\"auto\"` (the default) uses reverse-over-reverse: it was the faster on this "
-              "machine's CPU in every measurement so far, and forward-over-reverse fails on "
-              "operators without a forward-mode formula (F.mse_loss in torch 2.13).", ""]
-    return "\n".join(lines)
+    def cells(section, m):
+        s = section["stats"]
+        return [m, f"{s[f'{m}/loop'][basis] * 1e3:.1f}", f"{s[f'{m}/batch'][basis] * 1e3:.1f}",
+                spread(s[f"{m}/batch"], basis), f"{section['batch_vs_loop'][m]:.2f}x"]
+    sinusoid = [cells(mb, m) + (["n/a", "n/a"] if higher is None else [
+        f"{higher[basis] * 1e3:.1f}", f"{higher[basis] / mb['stats'][f'{m}/batch'][basis]:.2f}x"])
+        for m in ("fom", "ufom", "exact")]
+    conv4 = [cells(c4, m) + [raw["conv4_path"][f"{m}/batch"]] for m in ("fom", "exact")]
+    hvp = []
+    for name, r in a["hvp"].items():
+        t = {k: v[basis] * 1e3 for k, v in r["stats"].items()}
+        hvp.append([name, f"{r['rel_err_float64']:.1e}", f"{t['hvp/revrev']:.3f}", f"{t['hvp/fwdrev']:.3f}",
+                    f"{t['hvp/fwdrev'] / t['hvp/revrev']:.2f}", f"{t['step/revrev']:.1f}",
+                    f"{t['step/fwdrev']:.1f}", f"{t['step/fwdrev'] / t['step/revrev']:.2f}"])
+    head = ["mode", "per-task backward (ms)", "backward_batch (ms)", "spread", "speed-up vs loop"]
+    return TEMPLATE.format(
+        tasks=raw["tasks"], steps=STEPS, basis=basis, rounds=raw["rounds"], threads=threads, q=Q,
+        conv4_tasks=raw["conv4_tasks"], conv4_steps=raw["conv4_steps"],
+        sinusoid=markdown_table(head + ["higher loop, exact (ms)", "speed-up vs higher"], sinusoid,
+                                "lrrrrrr"),
+        conv4=markdown_table(head + ["path"], conv4, "lrrrrl"),
+        hvp=markdown_table(["model", "rel. error", "HVP revrev (ms)", "HVP fwdrev (ms)", "fwdrev / revrev",
+                            "exact step revrev (ms)", "exact step fwdrev (ms)", "fwdrev / revrev"], hvp,
+                           "lrrrrrrr"))
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parse the command line (see ``--help``)."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput",
-                                description=__doc__.split("\n")[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="5 rounds")
-    size.add_argument("--tiny", action="store_true", help="3 tasks, one round: a smoke test")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--json", action="store_true", help="print the raw samples as one JSON line")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("argument --device: cuda is not available in this torch build / machine")
-    args.size = "tiny" if args.tiny else "quick" if args.quick else "full"
-    return args
 
 
 def main(argv=None) -> Dict[str, Any]:
-    """Measure and print; with ``--json`` print the raw samples (for :mod:`benchmarks.speed`)."""
-    args = parse_args(argv)
-    raw = measure(args.size, args.seed, args.device, args.threads)
+    """Measure and print the report; with ``--json`` print the raw samples (for :mod:`benchmarks.speed`)."""
+    p = parser("throughput", __doc__, {"quick": "5 rounds, conv4 with 3 inner steps",
+                                       "tiny": "3 sinusoid and 2 conv4 tasks, one round"})
+    p.add_argument("--json", action="store_true", help="print the raw samples as one JSON line")
+    args = parse(p, argv)
+    torch.set_num_threads(args.threads)
+    raw = measure(args.size, args.seed, args.device)
     if args.json:
         print(json.dumps(raw))
     else:
-        print(report(raw, "cpu" if args.device == "cpu" else "wall"))
+        print(report(raw, args.basis, args.threads))
+        print("\n".join(f"- Target: {t.text}" for t in analyse(raw, args.basis)["targets"]))
     return raw
 
 
 if __name__ == "__main__":
     main()
+

@@ -1,0 +1,353 @@
+"""MAML training loops shared by :mod:`benchmarks.sinusoid` and :mod:`benchmarks.digits`.
+
+Every method trains its own copy of one initial model on the same stream of
+meta-batches, with the same inner loop (``steps`` plain SGD steps at
+``inner_lr`` on the support set) and outer optimizer (Adam on the mean of the
+tasks' query losses):
+
+* ``fom``, ``ufom q=...``, ``exact``: :class:`torch_ufom.MetaOptimizer`
+  (``zero_grad`` / ``backward`` per task / ``step``);
+* ``higher``: ``higher.innerloop_ctx(model, SGD, copy_initial_weights=False)``,
+  ``diffopt.step`` ``steps`` times, the query loss's ``backward`` per task;
+* ``torchopt``: ``torchopt.MetaSGD`` on the module, with
+  ``extract_state_dict`` / ``recover_state_dict`` around each task and one
+  ``backward`` of the mean query loss.
+
+:func:`train_round_robin` runs the methods round-robin, one outer step of
+each in turn, so that background load hits them alike; each method's clocks
+count only its own training steps. :func:`adapt_and_score` and
+:func:`meta_gradient` evaluate with plain ``torch.func``, independent of every
+library compared.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from torch_ufom import MetaOptimizer
+from benchmarks.harness import probability, progress, sync
+
+
+@dataclass(frozen=True)
+class Method:
+    """One MAML implementation: ``kind`` is ``"torch_ufom"``, ``"higher"`` or ``"torchopt"``."""
+
+    label: str
+    kind: str
+    mode: Optional[str] = None
+    q: Any = None
+    q_rule: Optional[str] = None  # with q="auto": "ufom" (default) or "authors"
+
+
+METHODS: Tuple[Method, ...] = (
+    Method("fom", "torch_ufom", "fom"),
+    Method("ufom q=0.1", "torch_ufom", "ufom", 0.1),
+    Method("ufom q=auto", "torch_ufom", "ufom", "auto"),
+    Method("exact", "torch_ufom", "exact"),
+    Method("higher", "higher"),
+    Method("torchopt", "torchopt"),
+)
+# The q study: more fixed q and the authors' adaptive rule (not in the default lists).
+Q_STUDY: Tuple[Method, ...] = (
+    Method("ufom q=0.05", "torch_ufom", "ufom", 0.05),
+    Method("ufom q=0.2", "torch_ufom", "ufom", 0.2),
+    Method("ufom q=1", "torch_ufom", "ufom", 1.0),
+    Method("ufom q=auto (authors)", "torch_ufom", "ufom", "auto", "authors"),
+)
+Q_MIN = {"ufom": 0.01, "authors": 0.05}  # the floor of q="auto" per rule, passed explicitly
+BY_LABEL = {m.label: m for m in METHODS + Q_STUDY}
+ALIASES = {"ufom": "ufom q=0.1", "ufom-auto": "ufom q=auto", "auto": "ufom q=auto",
+           "ufom-0.05": "ufom q=0.05", "ufom-0.2": "ufom q=0.2", "ufom-1": "ufom q=1",
+           "auto-authors": "ufom q=auto (authors)"}
+
+
+def add_maml_args(p: argparse.ArgumentParser) -> None:
+    """``--q`` (the fixed-q ufom row) and ``--memory`` (torch_ufom's schedule)."""
+    p.add_argument("--q", type=probability, default=0.1,
+                   help="exact-branch probability of the fixed-q ufom row (default 0.1)")
+    p.add_argument("--memory", choices=("checkpoint", "recompute", "store"), default="checkpoint",
+                   help="torch_ufom's memory schedule (default checkpoint)")
+
+
+def available(kind: str) -> bool:
+    """Whether the package behind ``kind`` can be imported (``torch_ufom`` always can)."""
+    return kind == "torch_ufom" or importlib.util.find_spec(kind) is not None
+
+
+def parse_methods(text: str, error: Callable[[str], None], q: float = 0.1) -> List[Method]:
+    """Methods from a comma-separated list of labels or aliases; ``error`` (argparse's) on a bad one.
+
+    The fixed-``q`` row (``"ufom q=0.1"`` or ``"ufom"``) uses ``q`` and is labelled ``"ufom q=<q>"``.
+    """
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    label = f"ufom q={q:g}"
+    known = {label: "ufom q=0.1", **ALIASES}
+    bad = [s for s in names if known.get(s, s) not in BY_LABEL]
+    if bad or not names:
+        accepted = dict.fromkeys(list(BY_LABEL) + list(ALIASES) + [label])
+        error(f"argument --methods: invalid choice(s) {bad or [text]} "
+              f"(choose from {', '.join(repr(a) for a in accepted)})")
+    out = [BY_LABEL[known.get(s, s)] for s in names]
+    out = [Method(label, "torch_ufom", "ufom", q) if m.label == "ufom q=0.1" else m for m in out]
+    return list(dict.fromkeys(out))
+
+
+def split_available(methods: Sequence[Method]) -> Tuple[List[Method], List[str]]:
+    """``(methods whose package is installed, a note per skipped method)``."""
+    notes = [f"{m.label}: skipped ({m.kind} is not installed)" for m in methods if not available(m.kind)]
+    return [m for m in methods if available(m.kind)], notes
+
+
+# ---------------------------------------------------------------------------
+# Trainers: one outer step on a list of (support, query) tasks
+# ---------------------------------------------------------------------------
+
+Loss = Callable[[Any, Any], Tensor]  # (model or functional model, batch) -> scalar
+
+
+class Trainer:
+    """One method's own copy of the model, its Adam outer optimizer and its counters.
+
+    :meth:`step` runs one outer step on ``tasks``, a list of ``(support,
+    query)`` batches: the meta-gradient of the mean query loss after ``steps``
+    inner SGD steps at ``inner_lr``, then one Adam step at ``outer_lr``.
+    ``seed`` seeds torch_ufom's generator (the ufom draws); ``memory`` is
+    torch_ufom's memory schedule.
+    """
+
+    def __init__(self, method: Method, model: nn.Module, loss: Loss, inner_lr: float, steps: int,
+                 outer_lr: float, seed: int, memory: str):
+        self.method, self.model, self.loss, self.steps = method, model, loss, steps
+        self.outer = torch.optim.Adam(model.parameters(), lr=outer_lr)
+        self.exact_branches = self.tasks_seen = 0  # tasks whose meta-gradient had second-order terms
+        self.q_last: Optional[float] = None
+        self.q_trace: List[float] = []  # the q of each outer step (ufom)
+        self.q_min: Optional[float] = None  # the adaptive rule's floor (q="auto")
+        if method.kind == "torch_ufom":
+            kw: Dict[str, Any] = {"mode": method.mode, "memory": memory}
+            if method.mode == "ufom":
+                kw["q"] = method.q
+            if method.q == "auto":
+                rule = method.q_rule or "ufom"
+                self.q_min = kw["q_min"] = Q_MIN[rule]
+                kw["q_rule"] = rule
+            self.meta = MetaOptimizer(model, self.outer, inner_lr=inner_lr, steps=steps,
+                                      generator=torch.Generator().manual_seed(seed), **kw)
+        elif method.kind == "higher":
+            import higher
+            self.higher, self.inner = higher, torch.optim.SGD(model.parameters(), lr=inner_lr)
+        elif method.kind == "torchopt":
+            import torchopt
+            self.torchopt, self.inner = torchopt, torchopt.MetaSGD(model, lr=inner_lr)
+        else:
+            raise ValueError(f"Invalid method kind: {method.kind!r}")
+
+    def step(self, tasks: Sequence[Tuple[Any, Any]]) -> None:
+        """One outer step on ``tasks``."""
+        n, loss = len(tasks), self.loss
+        opt = self.meta if self.method.kind == "torch_ufom" else self.outer  # meta.step() also updates q
+        opt.zero_grad()
+        if self.method.kind == "torch_ufom":
+            for support, query in tasks:  # the outer loss is the mean over the meta-batch, like the peers'
+                res = self.meta.backward(loss, lambda f, batch: loss(f, batch) / n, support, query)
+                self.exact_branches += int(res.truncation == self.steps)
+                self.q_last = res.q
+            if self.method.mode == "ufom":
+                self.q_trace.append(float(self.q_last))
+        elif self.method.kind == "higher":
+            for support, query in tasks:
+                with self.higher.innerloop_ctx(self.model, self.inner,
+                                               copy_initial_weights=False) as (fmodel, diffopt):
+                    for _ in range(self.steps):
+                        diffopt.step(loss(fmodel, support))
+                    (loss(fmodel, query) / n).backward()
+            self.exact_branches += n
+        else:
+            to, losses = self.torchopt, []
+            net_state, opt_state = to.extract_state_dict(self.model), to.extract_state_dict(self.inner)
+            for support, query in tasks:
+                for _ in range(self.steps):
+                    self.inner.step(loss(self.model, support))
+                losses.append(loss(self.model, query))
+                to.recover_state_dict(self.model, net_state)
+                to.recover_state_dict(self.inner, opt_state)
+            torch.stack(losses).mean().backward()
+            self.exact_branches += n
+        self.tasks_seen += n
+        opt.step()
+
+
+def make_trainer(method: Method, model: nn.Module, loss: Loss, *, inner_lr: float, steps: int,
+                 outer_lr: float, seed: int, memory: str = "checkpoint") -> Trainer:
+    """A :class:`Trainer` for ``method`` that owns ``model`` (pass a fresh copy per method)."""
+    return Trainer(method, model, loss, inner_lr, steps, outer_lr, seed, memory)
+
+
+# ---------------------------------------------------------------------------
+# Round-robin training with periodic evaluation
+# ---------------------------------------------------------------------------
+
+@dataclass
+class History:
+    """One method's evaluations: after ``steps[i]`` outer steps, ``wall[i]`` / ``cpu[i]``
+    training seconds so far, ``score[i]`` (the evaluation's mean) and ``extra[i]``."""
+
+    label: str
+    steps: List[int] = field(default_factory=list)
+    wall: List[float] = field(default_factory=list)
+    cpu: List[float] = field(default_factory=list)
+    score: List[float] = field(default_factory=list)
+    extra: List[Any] = field(default_factory=list)
+    exact_branches: int = 0
+    tasks_seen: int = 0
+    q_last: Optional[float] = None
+    q_trace: List[float] = field(default_factory=list)  # q of each outer step (ufom)
+    q_min: Optional[float] = None
+    q_next: Optional[float] = None  # q="auto": the q the next outer step would use
+
+
+def train_round_robin(trainers: Sequence[Trainer], batch: Callable[[int], Sequence], iters: int,
+                      evaluate: Callable[[nn.Module], Tuple[float, Any]], eval_every: int,
+                      device: str = "cpu", show_progress: bool = True,
+                      lr_factor: Optional[Callable[[int], float]] = None) -> List[History]:
+    """Train every trainer for ``iters`` outer steps, round-robin; evaluate every ``eval_every``.
+
+    ``batch(k)`` returns the meta-batch of outer step ``k`` (shared by all
+    trainers). ``evaluate(model)`` returns ``(score, extra)`` and runs outside
+    the clocks. ``lr_factor(k)``, if given, scales every trainer's initial
+    outer learning rate at outer step ``k``: one schedule for every method.
+    An exception in a trainer propagates.
+    """
+    hist = [History(t.method.label) for t in trainers]
+    wall, cpu = [0.0] * len(trainers), [0.0] * len(trainers)
+    points = set(range(0, iters + 1, max(1, eval_every))) | {iters}
+    base_lr = [[g["lr"] for g in t.outer.param_groups] for t in trainers]
+
+    def record(k):
+        for i, t in enumerate(trainers):
+            score, extra = evaluate(t.model)
+            for xs, x in zip((hist[i].steps, hist[i].wall, hist[i].cpu, hist[i].score, hist[i].extra),
+                             (k, wall[i], cpu[i], score, extra)):
+                xs.append(x)
+
+    record(0)
+    for k in progress(range(iters), "outer steps", show_progress):
+        tasks = batch(k)
+        for t, lrs in zip(trainers, base_lr):
+            for g, lr in zip(t.outer.param_groups, lrs):
+                g["lr"] = lr * (1.0 if lr_factor is None else lr_factor(k))
+        for i, t in enumerate(trainers):
+            sync(device)
+            w0, c0 = time.perf_counter(), time.process_time()
+            t.step(tasks)
+            sync(device)
+            wall[i] += time.perf_counter() - w0
+            cpu[i] += time.process_time() - c0
+        if k + 1 in points:
+            record(k + 1)
+    for h, t in zip(hist, trainers):
+        h.exact_branches, h.tasks_seen, h.q_last = t.exact_branches, t.tasks_seen, t.q_last
+        h.q_trace, h.q_min = list(t.q_trace), t.q_min
+        if t.q_min is not None:
+            h.q_next = float(t.meta.q_stats["q"])
+    return hist
+
+
+def cosine_decay(iters: int) -> Callable[[int], float]:
+    """``k -> (1 + cos(pi k / iters)) / 2``: the learning-rate factor of a cosine decay to 0."""
+    return lambda k: 0.5 * (1.0 + math.cos(math.pi * k / max(1, iters)))
+
+
+# ---------------------------------------------------------------------------
+# Evaluation on held-out tasks (plain torch.func, no library under test)
+# ---------------------------------------------------------------------------
+
+def _query_metric(model: nn.Module, pred_loss, metric, steps: int, lr: float):
+    """``(params, xs, ys, xq, yq) -> metric(model(xq), yq)`` after ``steps`` SGD steps on the support loss."""
+    from torch.func import functional_call, grad
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def support_loss(p, x, y):
+        return pred_loss(functional_call(model, (p, buffers), (x,)), y)
+
+    def run(p, x, y, x_q, y_q):
+        for _ in range(steps):
+            g = grad(support_loss)(p, x, y)
+            p = {n: p[n] - lr * g[n] for n in p}
+        return metric(functional_call(model, (p, buffers), (x_q,)), y_q)
+    return run
+
+
+def adapt_and_score(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor],
+                    metric: Callable[[Tensor, Tensor], Tensor], xs: Tensor, ys: Tensor,
+                    xq: Tensor, yq: Tensor, steps: int, lr: float, chunk: Optional[int] = 64) -> Tensor:
+    """Adapt ``model`` to each task by ``steps`` SGD steps; return the per-task metric.
+
+    Tasks are stacked along dimension 0 of ``xs, ys`` (support) and ``xq, yq``
+    (query). Each task starts from the model's parameters, takes ``steps``
+    plain gradient steps ``p <- p - lr * grad pred_loss(model(xs), ys)`` and
+    is scored by ``metric(model(xq), yq)`` at the adapted parameters.
+    Vectorised over tasks with ``torch.func.vmap`` (``chunk`` tasks at a time).
+    """
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    run = _query_metric(model, pred_loss, metric, steps, lr)
+    return torch.func.vmap(lambda *batch: run(params, *batch), chunk_size=chunk)(xs, ys, xq, yq)
+
+
+def meta_gradient(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor], xs: Tensor,
+                  ys: Tensor, xq: Tensor, yq: Tensor, steps: int, lr: float,
+                  chunk: int = 64, return_se: bool = False):
+    """The exact meta-gradient of the mean query loss over a fixed set of tasks.
+
+    ``d/dtheta (1/n) sum_t pred_loss(model_{phi_t}(xq_t), yq_t)`` where ``phi_t``
+    is ``theta`` after ``steps`` plain SGD steps at ``lr`` on task ``t``'s
+    support loss (the MAML objective, second-order terms included), for the
+    model's parameters ``theta``. Plain ``torch.func`` (``grad`` through the
+    unrolled inner loop, ``vmap`` over ``chunk`` tasks at a time), independent
+    of every library compared. Returns ``{name: gradient}``; with ``return_se``,
+    ``(gradient, se)`` where ``se = sqrt(tr Cov / n)`` is the standard error of
+    the mean over the tasks: the norm a set of ``n`` tasks shows even where the
+    expected meta-gradient is 0.
+    """
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    per_task = torch.func.vmap(torch.func.grad(_query_metric(model, pred_loss, pred_loss, steps, lr)),
+                               in_dims=(None, 0, 0, 0, 0))
+    n = xs.shape[0]
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    sq = torch.zeros((), dtype=torch.float64)
+    for i in range(0, n, chunk):
+        g = per_task(params, xs[i:i + chunk], ys[i:i + chunk], xq[i:i + chunk], yq[i:i + chunk])
+        total = {k: total[k] + g[k].sum(0) for k in total}
+        sq = sq + sum((g[k].double() ** 2).sum() for k in g)
+    mean = {k: v / n for k, v in total.items()}
+    if return_se:  # sqrt(tr Cov / n), with the unbiased variance
+        var = (sq - n * sum((m.double() ** 2).sum() for m in mean.values())) / max(1, n - 1)
+        return mean, float(var.clamp_min(0) / n) ** 0.5
+    return mean
+
+
+def grad_norm(grads: Dict[str, Tensor]) -> float:
+    """The Euclidean norm of a gradient given as ``{name: tensor}``."""
+    return float(sum((g.double() ** 2).sum() for g in grads.values()) ** 0.5)
+
+
+def relative_gap(value: float, reference: float) -> float:
+    """``(value - reference) / |reference|`` (``inf`` where the reference is 0 and they differ)."""
+    if reference == 0:
+        return 0.0 if value == 0 else float("inf")
+    return (value - reference) / abs(reference)
+
+
+def mean_ci(values: Tensor) -> Tuple[float, float]:
+    """Mean and half-width of a normal 95% confidence interval of ``values`` (1-D)."""
+    v = values.detach().double().flatten()
+    if v.numel() < 2:
+        return float(v.mean()), 0.0
+    return float(v.mean()), float(1.96 * v.std() / v.numel() ** 0.5)
