@@ -105,7 +105,8 @@ def support_batches(x: Tensor, y: Tensor, steps: int, seed: int) -> List[Tuple[T
 def init_hyper(model: nn.Module) -> Tuple[Dict[str, Tensor], Tensor]:
     """Fresh meta-parameters: per-parameter rates (``RATE0``) and a scalar weight decay (``WD0``)."""
     rates = {n: torch.full_like(p, RATE0).requires_grad_() for n, p in model.named_parameters()}
-    return rates, torch.tensor(WD0, device=next(model.parameters()).device, requires_grad=True)
+    first = next(model.parameters())
+    return rates, torch.tensor(WD0, dtype=first.dtype, device=first.device, requires_grad=True)
 
 
 def make_outer(model: nn.Module, rates: Dict[str, Tensor], wd: Tensor) -> torch.optim.Adam:
