@@ -8,7 +8,7 @@ returns ``(loss, aux)`` so that query accuracy comes back in
 ``MetaResult.aux``; meta-test adapts with more inner steps than training
 (``meta.adapt``) and reads the accuracy from the same loss.
 
-    python examples/few_shot_digits.py           # about a minute on one CPU core
+    python examples/few_shot_digits.py           # about 40 s on one CPU core
     python examples/few_shot_digits.py --tiny    # a few seconds
 """
 import argparse
