@@ -2,8 +2,7 @@
 
 ``MetaOptimizer(..., process_group=True)`` all-reduces the meta-gradients in
 ``step()``; with ``reduction="mean"`` they are averaged over every rank's
-tasks, so the update is the one a single process would make on the whole
-meta-batch. Every rank builds the same seeded model and draws the same global
+tasks, as one process would average the whole meta-batch. Every rank builds the same seeded model and draws the same global
 meta-batch, takes its own slice of it and runs it vectorised
 (``backward_batch``); the ranks draw their ufom coins from their own streams,
 yet apply the same averaged meta-gradient, so their parameters stay

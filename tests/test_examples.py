@@ -3,9 +3,10 @@
 Each example runs in a subprocess with this interpreter (``--tiny``; the
 data-parallel one under ``python -m torch.distributed.run``, which is
 ``torchrun``), and the test reads the figures it prints: adaptation beats the
-unadapted model, ANIL leaves the body as it is, the learned rates moved and
-stay non-negative, the ranks end with identical parameters. A static check
-keeps the examples on the public API and within about 100 lines.
+unadapted model, ANIL leaves the body as it is, the learned rates moved, stay
+non-negative and lowered the validation loss, the ranks end with identical
+parameters. A static check keeps the examples on the public API and within
+about 100 lines.
 """
 import ast
 import os
@@ -91,6 +92,9 @@ def test_anil_adapts_the_head_only_and_meta_learns_the_body():
 def test_learned_rates_move_per_weight_and_per_step_with_checkpointing():
     out = run("examples/learned_rates.py", "--tiny")
     for name in ("meta-sgd", "lslr"):  # 20 inner steps > 8 slots: replays, every step rebuilt
+        mse = re.search(rf"^{name}: validation query MSE after 20 inner steps {FLOAT} before, {FLOAT} after",
+                        out, re.M)
+        assert mse and 0.0 < float(mse.group(2)) < float(mse.group(1)), out
         counts = re.search(rf"^{name}: 20 inner steps per task, (\d+) run forward .*, (\d+) rebuilt",
                            out, re.M)
         assert counts and int(counts.group(1)) > 20 and int(counts.group(2)) == 20, out
