@@ -116,6 +116,10 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    # The first torch.optim optimizer a process builds imports torch._dynamo; done after
+    # init_process_group, gloo's threads sometimes outlive destroy_process_group and the
+    # process aborts at exit. Build one first.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     dist.init_process_group(args.backend)
     try:
         return train(args, device)
