@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .schedules import Schedule
 from .truncation import telescope_weights
-from .unroll import InnerLoop, SweepPlan
+from .unroll import Loop, SweepPlan
 
 __all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient"]
 
@@ -154,12 +154,12 @@ class NonFiniteHypergradient(FloatingPointError):
         self.index = index
 
 
-def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Schedule,
+def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
              params: Sequence[Tensor], diagnostics: bool = False) -> Estimate:
     """Run the inner loop once and return the estimate for truncation point ``K``.
 
     Args:
-        loop: the task's :class:`~torch_ufom.unroll.InnerLoop`.
+        loop: the task's :class:`~torch_ufom.unroll.Loop`.
         K: the truncation point, ``0 <= K <= loop.steps``.
         survival: ``P(K >= m)`` for ``m = 0..steps+1``.
         schedule: how the exact sweep gets its states.
@@ -241,7 +241,7 @@ def estimate(loop: InnerLoop, K: int, survival: Sequence[float], schedule: Sched
     return est
 
 
-def _assemble(loop: InnerLoop, params: Sequence[Tensor], adjoint, theta) -> Tuple:
+def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta) -> Tuple:
     """One gradient per tensor of ``params``: its direct terms plus, for a model
     parameter, the adjoint of its initial value."""
     direct = {id(t): g for t, g in zip(loop.meta, theta)}

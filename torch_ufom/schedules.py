@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Protocol, Tuple
 import checkpoint_schedules as cs
 from torch import Tensor
 
-from .unroll import InnerLoop, State, StepRecord, SweepPlan
+from .unroll import Loop, State, StepRecord, SweepPlan
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "MEMORY_CHOICES"]
@@ -53,7 +53,7 @@ class Schedule:
     """Base class: :meth:`sweep` runs steps ``start+1..stop`` and returns ``s_stop``
     with an iterator over their records in reverse order."""
 
-    def sweep(self, loop: InnerLoop, state: State, start: int, stop: int, log: SweepLog,
+    def sweep(self, loop: Loop, state: State, start: int, stop: int, log: SweepLog,
               plan: SweepPlan) -> Tuple[State, Iterator[StepRecord]]:
         """Run steps ``start+1..stop`` from ``state``, reporting each loss to ``log``.
 

@@ -26,8 +26,8 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["FunctionalModel", "State", "StepBatches", "Problem", "SweepPlan", "Evaluator", "PerTask",
-           "InnerLoop", "batch_getter"]
+__all__ = ["FunctionalModel", "State", "StepBatches", "Problem", "SweepPlan", "Evaluator", "Loop",
+           "PerTask", "InnerLoop", "batch_getter"]
 
 
 class FunctionalModel:
@@ -249,6 +249,46 @@ class Evaluator(Protocol):
         """A shared initial parameter's adjoint from its state's adjoint."""
 
 
+class Loop(Protocol):
+    """The contract between the inner loop and its users: what the memory schedules
+    (:mod:`~torch_ufom.schedules`), the estimator
+    (:func:`~torch_ufom.estimators.estimate`) and the step records read of a loop.
+    :class:`InnerLoop` is the one implementation; a loop never changes after
+    construction, and everything a sweep produces is returned or reported to its log.
+    """
+
+    module: nn.Module  # the user's module (never modified)
+    names: List[str]  # the adapted parameters, in state order
+    meta: List[Tensor]  # the meta-parameters that require grad
+    rule: Any  # the inner rule
+    steps: int  # r
+    learned_hyper: bool  # whether a meta-parameter is one of the rule's hyperparameters
+
+    def initial_state(self) -> State:
+        """``s_0``."""
+
+    def advance(self, state: State, j: int) -> Tuple[State, Tensor, Tuple[Tensor, ...]]:
+        """Step ``j`` without a graph: ``(s_j, loss_j, g_j)``."""
+
+    def record(self, state: State, j: int, plan: SweepPlan) -> "StepRecord":
+        """Step ``j`` kept for the reverse sweep, as ``plan`` says."""
+
+    def outer_vjp(self, state: State):
+        """``(e_r, explicit meta terms, outer loss, aux)`` at ``s_r``."""
+
+    def first_order_theta(self, f_params, grad_sum, state: State):
+        """The meta terms of an additive rule's first-order steps."""
+
+    def reduce(self, adjoint: Tensor) -> Tensor:
+        """A shared initial parameter's adjoint from its state's adjoint."""
+
+    def hessian_vector(self, state: State, j: int, vec) -> Tuple[Tensor, ...]:
+        """``H v`` of step ``j``'s inner loss (forward-over-reverse)."""
+
+    def apply_rule(self, grads, state: State):
+        """The inner rule's update at ``state`` (differentiable)."""
+
+
 class PerTask:
     """The :class:`Evaluator` of one task: ``torch.autograd`` on the losses."""
 
@@ -357,7 +397,7 @@ class InnerLoop:
         with self.stream(j):
             return self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
 
-    def _update(self, grads, state: State):
+    def apply_rule(self, grads, state: State):
         new_p, new_opt = self.rule.update(
             dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
             self.rule.hyper)
@@ -369,7 +409,7 @@ class InnerLoop:
         with torch.enable_grad():
             loss, grads, buffers = self._grad(State(params, state.opt, state.buffers), j, False)
         with torch.no_grad():
-            new_p, new_opt = self._update(grads, State(tuple(p.detach() for p in params),
+            new_p, new_opt = self.apply_rule(grads, State(tuple(p.detach() for p in params),
                                                        state.opt, state.buffers))
         return State(new_p, new_opt, buffers), loss.detach(), grads
 
@@ -383,10 +423,10 @@ class InnerLoop:
         with torch.enable_grad():
             loss, grads, buffers = self._grad(leaves, j, create_graph=graph)
             if graph:
-                out = self._update(grads, leaves)
+                out = self.apply_rule(grads, leaves)
         if not graph:
             with torch.no_grad():
-                out = self._update(grads, leaves)
+                out = self.apply_rule(grads, leaves)
         keep = not graph or j <= plan.first_order_until
         return StepRecord(self, leaves, out, grads if keep else None, buffers, loss.detach(), exact, j)
 
@@ -431,7 +471,7 @@ class InnerLoop:
         if not self.meta:
             return [None] * len(self.meta)
         with torch.enable_grad():
-            new_p, _ = self._update(tuple(grad_sum), state)
+            new_p, _ = self.apply_rule(tuple(grad_sum), state)
         outs = [(o, f) for o, f in zip(new_p, f_params) if o.requires_grad]
         if not outs:
             return [None] * len(self.meta)
@@ -493,7 +533,7 @@ class StepRecord:
     def vjp_first_order(self, f):
         """``(f_{j-1}, dtheta)``: VJP of the first-order rule ``F~_j`` at ``f``."""
         with torch.enable_grad():
-            first = self.loop._update(self.grads, self.leaves)
+            first = self.loop.apply_rule(self.grads, self.leaves)
         return self._split(_vjp(first[0] + first[1], list(self.leaves.diff) + self.loop.meta, f))
 
     def vjp_exact(self, e):
@@ -505,7 +545,7 @@ class StepRecord:
         inputs = list(self.leaves.diff) + self.loop.meta
         with torch.enable_grad():
             g = tuple(t.detach().requires_grad_() for t in self.grads)
-            out = self.loop._update(g, self.leaves)
+            out = self.loop.apply_rule(g, self.leaves)
         got = _vjp(out[0] + out[1], inputs + list(g), e)
         u = got[len(inputs):]
         hv = self.loop.hessian_vector(self.leaves, self.j, u)
