@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmark runs
+
 pytest.importorskip("matplotlib")
 
 

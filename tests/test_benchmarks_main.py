@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmark runs (subprocesses, memory)
+
 pytest.importorskip("matplotlib")
 
 

@@ -14,6 +14,8 @@ import torch
 import torch_ufom
 from benchmarks import digits, harness, maml, problems, sinusoid
 
+pytestmark = pytest.mark.slow  # benchmark runs
+
 pytest.importorskip("matplotlib")
 
 

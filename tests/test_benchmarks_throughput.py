@@ -9,6 +9,8 @@ import statistics
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # benchmark runs
+
 
 def test_throughput_tiny_measures_every_row():
     from benchmarks import throughput

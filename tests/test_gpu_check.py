@@ -13,6 +13,8 @@ import gpu_check
 import torch_ufom
 from torch_ufom.unroll import InnerLoop
 
+pytestmark = pytest.mark.slow  # subprocess runs of the GPU check
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
