@@ -937,7 +937,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_default_dtype(torch.float32)
     try:
         for name in args.parts:
-            part = Part(report, name, BUDGETS[name], deadline)
+            # The budgets are for the full sizes on a GPU; the tiny CPU run of the test suite runs
+            # every item whatever the machine's load (--time-limit still applies).
+            part = Part(report, name, float("inf") if args.tiny else BUDGETS[name], deadline)
             try:
                 RUNNERS[name](part, probs)
             finally:
