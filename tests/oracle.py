@@ -86,6 +86,11 @@ def brute_force(model, inner_loss, outer_loss, batch, query, steps, lr, params, 
             new[n], state[n] = rule(n, j, p, g if exact else g.detach(), state[n])
         phi = new
     loss = outer_loss(call(phi, buffers), query)
+    return _grads(loss, params)
+
+
+def _grads(loss, params):
+    """``d loss / d params``, zeros for tensors it does not reach or that need no grad."""
     live = [p for p in params if p.requires_grad]
     grads = iter(torch.autograd.grad(loss, live, allow_unused=True))
     out = []
@@ -207,10 +212,4 @@ def brute_force_partial(model, inner_loss, outer_loss, batch, query, steps, para
         phi = new
     fm, _ = call(phi, buffers)
     loss = scalar(outer_loss(fm, query))
-    live = [p for p in params if p.requires_grad]
-    grads = iter(torch.autograd.grad(loss, live, allow_unused=True))
-    out = []
-    for p in params:
-        g = next(grads) if p.requires_grad else None
-        out.append(torch.zeros_like(p) if g is None else g)
-    return tuple(out)
+    return _grads(loss, params)
