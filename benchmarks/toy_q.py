@@ -189,7 +189,7 @@ def cross_check(alpha: float, q: float, iters: int, seed: int, sim_x: Sequence[f
     model = toy.Scalar(float(x0[seed_index]))
     opt = torch.optim.SGD(model.parameters(), lr=10.0)
     meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=alpha, steps=STEPS, mode="ufom", q=q)
-    worst = abs(float(model.x) - sim_x[0]) / max(1.0, abs(sim_x[0]))
+    worst = abs(float(model.x.detach()) - sim_x[0]) / max(1.0, abs(sim_x[0]))
     for k in range(iters):
         t = TASKS[int(task[k, seed_index])]
         meta.zero_grad()
@@ -197,7 +197,7 @@ def cross_check(alpha: float, q: float, iters: int, seed: int, sim_x: Sequence[f
         for group in meta.param_groups:
             group["lr"] = 10.0 / (k + 1)
         meta.step()
-        worst = max(worst, abs(float(model.x) - sim_x[k + 1]) / max(1.0, abs(sim_x[k + 1])))
+        worst = max(worst, abs(float(model.x.detach()) - sim_x[k + 1]) / max(1.0, abs(sim_x[k + 1])))
     return worst
 
 
