@@ -77,7 +77,7 @@ TEST_SEED = 20_210_615          # the held-out tasks: fixed, independent of --se
 CURVE_TASKS = 100               # the intermediate checkpoints use the first this many test tasks
 MEASURES = ("evals", "time")
 # (seeds, fom outer steps, test tasks, budget fractions) per size
-SIZES = {"full": (5, 100, 500, (0.5, 1.0)), "quick": (1, 20, 50, (1.0,)),
+SIZES = {"full": (5, 100, 500, (0.5, 1.0)), "quick": (1, 10, 40, (1.0,)),
          "tiny": (2, 2, 6, (1.0,))}
 
 
@@ -376,11 +376,11 @@ def curves(results, fractions, budgets) -> List[Dict[str, Any]]:
 
 def main(argv=None) -> Dict[str, Any]:
     """Run the study; write ``fewshot.md``, ``fewshot.json`` and ``fewshot.png`` into ``--out``."""
-    p = parser(NAME, __doc__, {"quick": "1 seed, 20 fom outer steps of budget, 50 test tasks, no curve",
+    p = parser(NAME, __doc__, {"quick": "1 seed, 10 fom outer steps of budget, 40 test tasks, no curve",
                                "tiny": "a smoke test"})
     p.add_argument("--seeds", type=positive_int, help="training seeds (default 5; --quick 1)")
     p.add_argument("--fom-steps", type=positive_int, help="the budget: fom's outer steps (default 100)")
-    p.add_argument("--test-tasks", type=positive_int, help="held-out tasks (default 500; --quick 50)")
+    p.add_argument("--test-tasks", type=positive_int, help="held-out tasks (default 500; --quick 40)")
     p.add_argument("--meta-batch", type=positive_int, default=2, help="tasks per outer step (default 2)")
     p.add_argument("--query", type=positive_int, default=5, help="query images per class (default 5)")
     p.add_argument("--channels", type=positive_int, default=8, help="conv4 width (default 8)")
@@ -424,11 +424,11 @@ def run(args, rows: Sequence[Row]) -> Dict[str, Any]:
         return accs
 
     base0 = problems.seeded(args.seed, build)
-    sample = pairs(tasks(by_class, train_classes, {"full": 8, "quick": 4, "tiny": 2}[args.size], args.query,
+    sample = pairs(tasks(by_class, train_classes, {"full": 8, "quick": 3, "tiny": 2}[args.size], args.query,
                          torch.Generator().manual_seed(args.seed + 1)))
     diag = diagnoses(base0, sample, args.inner_lr, args.seed)
     costs = calibrate(copy.deepcopy(base0), sample, args.inner_lr,
-                      args.calibration if args.size == "full" else min(args.calibration, 2))
+                      args.calibration if args.size == "full" else 1)
     c_f, c_x = authors_costs()
     budgets = {"evals": args.fom_steps * args.meta_batch * c_f,
                "time": args.fom_steps * args.meta_batch * costs["fom"][0]}
