@@ -118,6 +118,7 @@ def simulate(alphas: Sequence[float], qs: Sequence[float], seeds: int, iters: in
     x0, task, u = draws(iters, seeds, seed)
     alpha = torch.tensor(alphas, dtype=torch.float64).reshape(-1, 1, 1)
     q = torch.tensor(qs, dtype=torch.float64).reshape(1, -1, 1)
+    q_safe = torch.where(q > 0, q, torch.ones_like(q))   # q = 0 is FOM: xi = (u < 0) is always 0
     x = x0.reshape(1, 1, -1).expand(len(alphas), len(qs), seeds).clone()
     kept_x, kept_xi, sq, steps = [], [], [], []
     for k in range(iters + 1):
@@ -130,7 +131,7 @@ def simulate(alphas: Sequence[float], qs: Sequence[float], seeds: int, iters: in
         xi = (u[k].reshape(1, 1, -1) < q).to(torch.float64)
         pick = task[k].reshape(1, 1, -1).expand_as(x).unsqueeze(0)
         G0, Gr = g0.gather(0, pick)[0], (g0 * jac).gather(0, pick)[0]
-        est = G0 + xi / q * (Gr - G0)     # UFOM: G_0 + (xi / q) (G_r - G_0)
+        est = G0 + xi / q_safe * (Gr - G0)     # UFOM: G_0 + (xi / q) (G_r - G_0)
         if keep is not None:
             kept_x.append(float(x[keep]))
             kept_xi.append(int(xi[0, keep[1], keep[2]]))
@@ -165,6 +166,13 @@ def exact_stats(alpha: float) -> Tuple[float, float]:
     gr = [a * pi ** 2 * (x_star - b / a) for (a, b), pi in zip(TASKS, p)]
     g0 = [a * pi * (x_star - b / a) for (a, b), pi in zip(TASKS, p)]
     return sum(g * g for g in gr) / 2, sum((g - h) ** 2 for g, h in zip(gr, g0)) / 2
+
+
+def fom_stall(alpha: float) -> float:
+    """``|f'(x_F)|``: the true gradient at FOM's fixed point (both tasks on their quadratic pieces)."""
+    p = [(1 - alpha * a) ** STEPS for a in CURVATURES]
+    x_f = sum(a * pi * (b / a) for (a, b), pi in zip(TASKS, p)) / sum(a * pi for a, pi in zip(CURVATURES, p))
+    return abs(sum(a * pi ** 2 * (x_f - b / a) for (a, b), pi in zip(TASKS, p)) / 2)
 
 
 def predictions(alpha: float) -> Dict[str, float]:
@@ -236,6 +244,11 @@ def best_q(sq_grad: Tensor, steps: Sequence[int], qs: Sequence[float], threshold
     return {"per_rate": out, "rms_final": sq_grad[-1].mean(-1).sqrt().tolist()}
 
 
+def _count(x: float) -> str:
+    """An evaluation count, or ``never`` for ``inf`` (not reached)."""
+    return f"{x:.0f}" if math.isfinite(x) else "never"
+
+
 def _quartiles(xs: Sequence[float]) -> List[float]:
     if not xs:
         return [math.nan, math.nan]
@@ -260,7 +273,8 @@ expected evaluations per step, {c_f} + q ({c_x} - {c_f}). *best q*: the grid val
 (`-`: none reached); the spread: quartiles over {resamples} bootstrap resamples of the seeds (*bootstrap
 reached*: the share of resamples in which some q reached). *q-star* and *authors*: the formulas fed with the
 toy's exact A and D at the ABLO minimiser (authors: D / 10, as `q_rule="authors"` and `diagnose` apply
-it; *unshrunk*: D).
+it; *unshrunk*: D). *evaluations fom*: the same runs with q = 0 (G_0 only,
+{c_f} per step); *fom's floor*: the true gradient at FOM's fixed point x_F, which FOM cannot go below.
 
 {table}
 
@@ -293,25 +307,30 @@ def main(argv=None) -> Dict[str, Any]:
 def run(args) -> Dict[str, Any]:
     """The study for parsed ``args``."""
     alphas = rates(args.rates)
-    keep = (len(alphas) // 2, Q_GRID.index(0.2), 0)
+    keep = (len(alphas) // 2, 1 + Q_GRID.index(0.2), 0)   # index 0 of the simulated q is FOM (q = 0)
     stride = max(1, args.iters // 500)
-    sim = simulate(alphas, Q_GRID, args.seeds, args.iters, args.seed, stride, keep)
+    sim = simulate(alphas, (0.0,) + Q_GRID, args.seeds, args.iters, args.seed, stride, keep)
     check_iters = min(args.check_iters, args.iters)
-    diff = cross_check(alphas[keep[0]], Q_GRID[keep[1]], check_iters, args.seed, sim["x"], sim["xi"], 0,
+    diff = cross_check(alphas[keep[0]], Q_GRID[keep[1] - 1], check_iters, args.seed, sim["x"], sim["xi"], 0,
                        args.seeds)
-    found = best_q(sim["sq_grad"], sim["steps"], Q_GRID, args.threshold, args.resamples, args.seed)
+    found = best_q(sim["sq_grad"][:, :, 1:], sim["steps"], Q_GRID, args.threshold, args.resamples, args.seed)
+    fom_rms = sim["sq_grad"][:, :, 0].mean(-1).sqrt()                     # [t, rate]
+    fom_cost = (steps_to_stay_below(fom_rms, sim["steps"], args.threshold) * C_F).tolist()
     per_rate, rows = [], []
-    for alpha, best, rms in zip(alphas, found["per_rate"], found["rms_final"]):
+    for i, (alpha, best, rms) in enumerate(zip(alphas, found["per_rate"], found["rms_final"])):
         pred = predictions(alpha)
-        per_rate.append({"alpha": alpha, **best, **pred, "rms_final_per_q": rms})
+        per_rate.append({"alpha": alpha, **best, **pred, "rms_final_per_q": rms, "fom_cost": fom_cost[i],
+                         "fom_rms_final": float(fom_rms[-1, i]), "fom_stall": fom_stall(alpha)})
         rows.append([f"{alpha:.4f}", f"{pred['A']:.3f}", f"{pred['D']:.4f}", fmt(best["q_best"], ".2f"),
                      "{:.2f}-{:.2f}".format(*best["boot_q_quartiles"]),
                      f"{pred['q_ufom']:.3f}", f"{pred['q_authors']:.3f}", f"{pred['q_authors_unshrunk']:.3f}",
-                     fmt(best["cost_best"], ".0f") + " ({:.0f}-{:.0f})".format(*best["boot_cost_quartiles"]),
-                     fmt(best["cost_per_q"][-1], ".0f"), f"{100 * best['boot_reached']:.0f}%"])
+                     _count(best["cost_best"]) + " ({}-{})".format(*map(_count, best["boot_cost_quartiles"])),
+                     _count(best["cost_per_q"][-1]), _count(fom_cost[i]),
+                     f"{per_rate[-1]['fom_stall']:.3f}", f"{100 * best['boot_reached']:.0f}%"])
     table = markdown_table(["inner lr", "A", "D", "best q", "bootstrap best q (quartiles)", "q* (ufom rule)",
                             "authors", "authors, D unshrunk", "evaluations at best q (bootstrap quartiles)",
-                            "evaluations at q=1", "bootstrap reached"], rows, "rrrrrrrrrrr")
+                            "evaluations at q=1", "evaluations fom", "fom's floor |f'(x_F)|",
+                            "bootstrap reached"], rows, "rrrrrrrrrrrrr")
     series = {"empirical best q": (alphas, [r["q_best"] for r in per_rate]),
               "q* (ufom rule)": (alphas, [r["q_ufom"] for r in per_rate]),
               "authors (D/10)": (alphas, [r["q_authors"] for r in per_rate]),
@@ -319,13 +338,14 @@ def run(args) -> Dict[str, Any]:
               "best q, bootstrap lower quartile": (alphas, [r["boot_q_quartiles"][0] for r in per_rate]),
               "best q, bootstrap upper quartile": (alphas, [r["boot_q_quartiles"][1] for r in per_rate])}
     styles = {"best q, bootstrap lower quartile": ":", "best q, bootstrap upper quartile": ":"}
-    cost_series = {f"lr {r['alpha']:.4f}": (list(Q_GRID), [min(c, 1e7) for c in r["cost_per_q"]])
+    cost_series = {f"lr {r['alpha']:.4f}": ([0.0] + list(Q_GRID), [min(c, 1e7) for c in
+                                                                  [r["fom_cost"]] + r["cost_per_q"]])
                    for r in per_rate}
     figure = plot_panels(f"{args.out}/{NAME}.png", [
         {"series": series, "styles": styles, "logx": True, "logy": True, "xlabel": "inner learning rate",
          "ylabel": "q", "title": f"best q vs the formulas (RMS |f'| < {args.threshold}, {args.seeds} seeds)"},
         {"series": cost_series, "logy": True, "xlabel": "q", "ylabel": "evaluations to the threshold",
-         "title": "cost against q per inner rate (1e7: not reached)"}], ncols=2)
+         "title": "cost against q per inner rate (q = 0: fom; 1e7: not reached)"}], ncols=2)
     fields = dict(tasks=TASKS, A=A_QUAD, steps=STEPS, iters=args.iters, seeds=args.seeds, c_f=C_F, c_x=C_X,
                   threshold=args.threshold, qmin=Q_GRID[0], qmax=Q_GRID[-1], nq=len(Q_GRID), table=table,
                   cc_rate=alphas[keep[0]], cc_q=Q_GRID[keep[1]], cc_iters=check_iters, cc_diff=diff,

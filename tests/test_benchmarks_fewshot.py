@@ -201,3 +201,5 @@ def test_toy_q_tiny_reports_best_q_and_a_replayed_trajectory(tmp_path):
             assert r["q_best"] == min(finite)[1] and r["cost_best"] == min(finite)[0]
         else:
             assert r["q_best"] is None
+        if r["fom_stall"] > data["threshold"]:  # fom cannot get below its fixed point's true gradient
+            assert math.isinf(r["fom_cost"])
