@@ -324,7 +324,9 @@ branch {t_ur:.1f} ms; every K in the JSON). Geometric laws P(K >= k) = q rho^(k-
 expected cost: evals {geo_evals}; time {geo_time}.
 
 **Accuracy at equal compute** (meta-test accuracy on {test_tasks} tasks, mean over seeds; 95 %
-interval: {ci_method}; *steps*: outer steps the budget bought, mean over seeds; *exact*: share of
+interval: {ci_method}; *- fom*, *- exact*: the difference to that row, seed by seed, with a t interval
+over the seeds (the rows share each seed's weights and tasks); *steps*: outer steps the budget bought,
+mean over seeds; *exact*: share of
 tasks with K = r; *CPU*: the measured training CPU time at the time budget).
 
 {table}
@@ -336,8 +338,19 @@ D = E||G_r - G_0||^2, seconds per task (wall), inner-step units, and the q each 
 """
 
 
+def paired(per_seed: Sequence[float], reference: Sequence[float]) -> Tuple[float, float]:
+    """Mean and 95 % half-width (Student's t over seeds) of ``per_seed - reference``, seed by seed
+    (the rows share each seed's initial weights and task stream); half-width 0 with one seed."""
+    diff = [a - b for a, b in zip(per_seed, reference)]
+    if len(diff) < 2:
+        return statistics.fmean(diff), 0.0
+    t = T95.get(len(diff) - 1, 1.96)
+    return statistics.fmean(diff), t * statistics.stdev(diff) / math.sqrt(len(diff))
+
+
 def summarise(results: Dict[str, List[Dict[str, Any]]], test_tasks: int) -> Dict[str, Dict[str, Any]]:
-    """Per row and measure: the final accuracy's mean and interval, outer steps and CPU time."""
+    """Per row and measure: the final accuracy's mean and interval, outer steps and CPU time, and
+    the paired difference to ``fom`` and to ``exact`` where those rows ran."""
     out: Dict[str, Dict[str, Any]] = {}
     for label, runs in results.items():
         out[label] = {}
@@ -352,6 +365,11 @@ def summarise(results: Dict[str, List[Dict[str, Any]]], test_tasks: int) -> Dict
                              "charge": statistics.fmean(c["charge"] for c in finals)}
         out[label]["exact_share"] = statistics.fmean(r["exact_share"] for r in runs)
         out[label]["q_end"] = [r["q_end"] for r in runs]
+    for label, s in out.items():
+        for m in MEASURES:
+            for ref in ("fom", "exact"):
+                if ref in out:
+                    s[m][f"vs_{ref}"] = paired(s[m]["per_seed"], out[ref][m]["per_seed"])
     return out
 
 
@@ -369,8 +387,7 @@ def curves(results, fractions, budgets) -> List[Dict[str, Any]]:
                 ys.append(100 * statistics.fmean(statistics.fmean(c["accuracy"][:CURVE_TASKS]) for c in cs))
             series[label] = (xs, ys)
         panels.append({"series": series, "title": f"accuracy vs {unit}", "xlabel": unit,
-                       "ylabel": f"meta-test accuracy (%), first {CURVE_TASKS} tasks",
-                       "hlines": {"chance (20%)": 20.0}})
+                       "ylabel": f"meta-test accuracy (%), first {CURVE_TASKS} tasks"})
     return panels
 
 
@@ -452,15 +469,22 @@ def run(args, rows: Sequence[Row]) -> Dict[str, Any]:
     figure = plot_panels(f"{args.out}/{NAME}.png", curves(results, args.fractions, budgets), ncols=2,
                          title=f"1-shot 5-way rotated digits, conv4 ({args.channels} ch), r={STEPS}, "
                                f"{args.seeds} seed(s): equal compute")
+    def vs(s, m, ref):
+        pair = s[m].get(f"vs_{ref}")
+        return "-" if pair is None else "{:+.1f} +- {:.1f}".format(*(100 * v for v in pair))
+
     table = markdown_table(
-        ["row", "accuracy @ evals budget", "steps", "exact", "accuracy @ time budget", "steps",
-         "CPU at time budget", "q at end"],
+        ["row", "accuracy @ evals budget", "- fom (paired)", "- exact (paired)", "steps", "exact",
+         "accuracy @ time budget", "- fom (paired)", "- exact (paired)", "steps", "CPU at time budget",
+         "q at end"],
         [[label, f"{100 * s['evals']['accuracy']:.1f}% +- {100 * s['evals']['ci95']:.1f}",
+          vs(s, "evals", "fom"), vs(s, "evals", "exact"),
           f"{s['evals']['outer_steps']:.0f}", f"{100 * s['exact_share']:.0f}%",
           f"{100 * s['time']['accuracy']:.1f}% +- {100 * s['time']['ci95']:.1f}",
+          vs(s, "time", "fom"), vs(s, "time", "exact"),
           f"{s['time']['outer_steps']:.0f}", f"{s['time']['cpu_s']:.1f} s",
           ", ".join("-" if q is None else f"{q:.2f}" for q in s["q_end"])] for label, s in summary.items()],
-        "lrrrrrrl")
+        "lrrrrrrrrrrl")
     diag_table = markdown_table(
         ["tasks", "r", "A", "D", "D / A", "s / fom task", "s / exact task", "steps fom", "steps exact",
          "q (ufom rule)", "q (authors rule)"],

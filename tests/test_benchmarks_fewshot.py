@@ -70,6 +70,14 @@ def test_interval_is_student_t_over_seeds_and_normal_over_tasks_with_one_seed():
     assert mean == 0.5 and half == pytest.approx(1.96 * math.sqrt(1 / 3) / 2)
 
 
+def test_paired_difference_is_seed_by_seed():
+    from benchmarks import fewshot
+
+    mean, half = fewshot.paired([0.80, 0.70, 0.90], [0.75, 0.66, 0.84])
+    assert mean == pytest.approx(0.05) and half == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+    assert fewshot.paired([0.5], [0.25]) == (0.25, 0.0)
+
+
 def test_fewshot_tiny_spends_equal_budgets(tmp_path):
     from benchmarks import fewshot
 
@@ -106,6 +114,10 @@ def test_fewshot_tiny_spends_equal_budgets(tmp_path):
     u = costs["ufom"]
     law = fewshot.Geometric(geo["time"]["q"], geo["time"]["rho"])
     assert _expected(law, u) == pytest.approx(u[0] + 0.2 * (u[r] - u[0]), rel=1e-6)
+    for label, s in data["summary"].items():  # paired differences, recomputed from the per-seed accuracies
+        for m in ("evals", "time"):
+            diff = [a - b for a, b in zip(s[m]["per_seed"], data["summary"]["fom"][m]["per_seed"])]
+            assert s[m]["vs_fom"][0] == pytest.approx(sum(diff) / len(diff))
     for name, d in data["diagnose"].items():
         assert d["A"] > 0 and d["D"] >= 0 and 0.01 <= d["q_ufom"] <= 1 and 0.05 <= d["q_authors"] <= 1, name
 
