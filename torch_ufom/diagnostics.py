@@ -36,9 +36,11 @@ class Diagnosis:
         seconds_fom: mean wall-clock time of a first-order task.
         seconds_exact: mean wall-clock time of an exact-branch task.
         steps_fom: inner-step units of a first-order task (``r + 1``).
-        steps_exact: inner-step units of an exact-branch task under the
-            configured memory setting (forward steps, replays and two per
-            reverse step, as :mod:`~torch_ufom.adaptive` counts them).
+        steps_exact: the exact branch's extra inner-step units over a
+            first-order task under the configured memory setting (steps run
+            again plus one per reverse VJP: ``forward + 2 reverse - r``, as
+            :mod:`~torch_ufom.adaptive` counts ``c_x``); with every step kept
+            (``K <= slots`` or ``memory="store"``) it is ``r``.
         q_ufom: ``q*`` of the ufom rule at these statistics, measured times.
         q_authors: the authors' rule at these statistics (``D / 10`` and their
             recomputation step counts; their running rule reweights ``D`` by
