@@ -1,4 +1,13 @@
-"""Functional entry point: one task's hypergradient estimate, as a tuple of tensors."""
+"""The engine and the functional entry points.
+
+:func:`run_estimate` is the one engine: one sweep of one task or of a group of
+stacked tasks (the evaluator says which). :func:`estimate_task` and
+:func:`estimate_batch` draw every task's truncation point and random-stream
+seed (restoring the random state on error), decide whether and how a meta-batch
+is vectorised (:func:`vectorised_plan`) and group its tasks by ``K``; every
+public entry point (:func:`hypergrad`, :func:`hypergrad_batch`,
+``MetaOptimizer.backward`` and ``backward_batch``) calls them.
+"""
 from __future__ import annotations
 
 import contextlib
