@@ -123,7 +123,9 @@ def test_exact_matches_higher_sgd_with_momentum():
     assert rel_err(got, ref) < 1e-9
 
 
-def test_adam_with_exactly_zero_gradients_gives_finite_hypergradients():
+def zero_gradient_problem():
+    """An MLP with a ``gate`` parameter whose inner gradient is exactly 0 (Adam's and
+    RMSprop's ``v`` stays 0 there) and a learned rate: ``(model, inner, outer, data, lr, params)``."""
     model, loss, data = mlp_problem(14)
     gate = torch.nn.Parameter(torch.tensor(0.5))  # its inner gradient is exactly 0
     model.register_parameter("gate", gate)
@@ -136,6 +138,11 @@ def test_adam_with_exactly_zero_gradients_gives_finite_hypergradients():
 
     lr = torch.tensor(0.01, requires_grad=True)
     params = [gate, lr] + [p for p in model.parameters() if p is not gate]
+    return model, inner, outer, data, lr, params
+
+
+def test_adam_with_exactly_zero_gradients_gives_finite_hypergradients():
+    model, inner, outer, data, lr, params = zero_gradient_problem()
     for memory in ("store", "checkpoint"):
         got = torch_ufom.hypergrad(model, inner, outer, data.__getitem__, data[-1], steps=3,
                                    inner=Adam(lr), mode="exact", memory=memory, params=params)
@@ -198,18 +205,7 @@ def test_exact_hypergrad_through_new_rules_equals_brute_force(rule, optim, ref, 
                                   lambda lr: RMSprop(lr, momentum=0.9, centered=True)],
                          ids=["Adam", "AdamW-amsgrad", "RMSprop-centered"])
 def test_exactly_zero_gradients_give_finite_hypergradients(make):
-    model, loss, data = mlp_problem(14)
-    gate = torch.nn.Parameter(torch.tensor(0.5))  # its inner gradient is exactly 0
-    model.register_parameter("gate", gate)
-
-    def inner(f, batch):
-        return loss(f, batch) + 0.0 * dict(f.named_parameters())["gate"]
-
-    def outer(f, batch):
-        return loss(f, batch) * dict(f.named_parameters())["gate"]
-
-    lr = torch.tensor(0.01, requires_grad=True)
-    params = [gate, lr] + [p for p in model.parameters() if p is not gate]
+    model, inner, outer, data, lr, params = zero_gradient_problem()
     got = torch_ufom.hypergrad(model, inner, outer, data.__getitem__, data[-1], steps=3,
                                inner=make(lr), mode="exact", params=params)
     assert all(bool(torch.isfinite(g).all()) for g in got)
