@@ -215,3 +215,15 @@ def test_toy_q_tiny_reports_best_q_and_a_replayed_trajectory(tmp_path):
             assert r["q_best"] is None
         if r["fom_stall"] > data["threshold"]:  # fom cannot get below its fixed point's true gradient
             assert math.isinf(r["fom_cost"])
+
+
+def test_a_geometric_law_matches_any_target_between_the_costs_of_k_0_and_k_r():
+    # Both of match_geometric's branches: the target below K = 1's cost (q solved at
+    # rho = 0.5) and above it (rho by bisection); costs non-decreasing in K, as calibrate
+    # makes them.
+    from benchmarks import fewshot
+
+    cost = [1.0, 3.0, 3.0, 3.5, 4.0, 4.0, 5.0, 5.0, 5.5, 6.0, 7.0]
+    for target in (1.2, 2.9, 3.2, 4.5, 6.9):
+        law = fewshot.match_geometric(cost, target)
+        assert _expected(law, cost) == pytest.approx(target, rel=1e-6), target
