@@ -71,10 +71,11 @@ def _run(problem: Problem, evaluator: Evaluator, support: Any) -> State:
     loop = InnerLoop(problem, evaluator, support, None, seed)
     log = SweepLog(loop.steps)
     state = loop.initial_state()
-    for j in range(1, loop.steps + 1):
-        state, loss, _ = loop.advance(state, j)
-        log.first(loss)
-    if not bool(log.finite):  # one host synchronisation per call
+    with loop.streams():
+        for j in range(1, loop.steps + 1):
+            state, loss, _ = loop.advance(state, j)
+            log.first(loss)
+    if not bool(log.all_finite()):  # one host synchronisation per call
         j = int((~torch.isfinite(log.values.reshape(loop.steps, -1)).all(1)).nonzero()[0, 0]) + 1
         raise FloatingPointError(f"inner_loss is not finite at inner step {j}")
     return state

@@ -93,23 +93,32 @@ class SweepLog:
         self.finite: Optional[Tensor] = None
 
     def first(self, loss: Tensor, exact: bool = False) -> None:
-        """A step of the forward pass."""
+        """A step of the forward pass (its finiteness is read from ``values`` at the end)."""
         if self.values is None:
             self.values = torch.empty((self.steps,) + tuple(loss.shape), dtype=loss.dtype,
                                       device=loss.device)
         self.values[self.count] = loss
         self.count += 1
-        self.again(loss, exact)
+        self._count(exact)
 
     def again(self, loss: Tensor, exact: bool = False) -> None:
-        """A step evaluated (again, for a replay or a rebuild)."""
+        """A step evaluated again (a replay or a rebuild)."""
+        self._count(exact)
+        with torch.no_grad():
+            ok = torch.isfinite(loss).all()
+            self.finite = ok if self.finite is None else self.finite & ok
+
+    def _count(self, exact: bool) -> None:
         if exact:
             self.reverse_steps += 1
         else:
             self.forward_steps += 1
+
+    def all_finite(self) -> Tensor:
+        """A 0-d bool tensor: every inner loss reported so far was finite."""
         with torch.no_grad():
-            ok = torch.isfinite(loss).all()
-            self.finite = ok if self.finite is None else self.finite & ok
+            ok = torch.isfinite(self.values[:self.count]).all()
+            return ok if self.finite is None else ok & self.finite.to(ok.device)
 
 
 def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]]) -> Tensor:
@@ -118,8 +127,8 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
     with torch.no_grad():
         flags = [torch.isfinite(outer).all()] + [torch.isfinite(g).all() for g in grads
                                                  if g is not None]
-        if log.finite is not None:
-            flags.append(log.finite)
+        if log.values is not None:
+            flags.append(log.all_finite())
         return torch.stack([f.to(flags[0].device) for f in flags]).all()
 
 

@@ -107,7 +107,9 @@ def run_estimate(problem: Problem, evaluator: Evaluator, tasks: Tuple[Any, Any],
     support, query = tasks
     c = problem.config
     loop = InnerLoop(problem, evaluator, support, query, seed, K > 0)
-    return estimate(loop, K, problem.law.survival(c.steps), c.schedule(), problem.params, diagnostics)
+    with loop.streams():
+        return estimate(loop, K, problem.law.survival(c.steps), c.schedule(), problem.params,
+                        diagnostics)
 
 
 def check_force_truncation(force, size: Optional[int], steps: int) -> Optional[List[int]]:

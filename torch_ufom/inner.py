@@ -256,6 +256,13 @@ class InnerRule:
         """Return the initial optimizer state for ``params``."""
         raise NotImplementedError
 
+    @property
+    def plain_rate(self) -> Optional[float]:
+        """``lr`` when ``update`` is exactly ``phi - lr * g`` for one plain-number ``lr``
+        and no state (the inner loop may then apply it with one foreach kernel
+        where nothing is differentiated); ``None`` otherwise."""
+        return None
+
     def update(self, grads, state, params, hyper):
         """Return ``(new_params, new_state)``; see the module docstring."""
         raise NotImplementedError
@@ -376,6 +383,13 @@ class SGD(InnerRule):
         self.has_momentum = not _is_zero(momentum)
         self.counts = self.has_momentum or self.per_step
         self.first_order_additive = not self.counts and _is_zero(weight_decay)
+
+    @property
+    def plain_rate(self) -> Optional[float]:
+        """``lr`` for plain SGD at one plain-number rate (see :attr:`InnerRule.plain_rate`)."""
+        lr = self.hyper["lr"]
+        plain = self.first_order_additive and isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+        return float(lr) if plain else None
 
     @classmethod
     def from_inner_lr(cls, inner_lr: Hyper) -> "SGD":

@@ -26,26 +26,39 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["FunctionalModel", "State", "StepBatches", "Problem", "SweepPlan", "Evaluator", "Loop",
-           "PerTask", "InnerLoop", "batch_getter"]
+__all__ = ["FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
+           "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter"]
 
 
 class FunctionalModel:
     """The user's module evaluated at given parameters and buffers.
 
-    Call it exactly like the module: ``fmodel(x)`` runs
-    ``torch.func.functional_call(module, (params, buffers), (x,))``. Buffers
-    are cloned for each step, so in-place updates (BatchNorm's running
-    statistics) land on the inner state, never on the module.
+    Call it exactly like the module: ``fmodel(x)`` runs the module with its
+    parameter and buffer entries swapped for ``params`` and ``buffers`` for
+    the duration of the call, as ``torch.func.functional_call(module,
+    (params, buffers), (x,))`` does (tied entries included), and restored
+    afterwards, error or not. The swap follows a :class:`Reparametrization`
+    computed once per inner loop; without one (``swap=None``) the call is
+    ``functional_call`` itself. Buffers are cloned for each step, so in-place
+    updates (BatchNorm's running statistics) land on the inner state, never
+    on the module.
     """
 
-    def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor]):
+    def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
+                 swap: Optional["Reparametrization"] = None):
         self.module = module
         self.params = params
         self.buffers = buffers
+        self.swap = swap
 
     def __call__(self, *args, **kwargs):
-        return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+        if self.swap is None:
+            return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+        saved = self.swap.put(self.params, self.buffers)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            self.swap.restore(saved)
 
     def named_parameters(self):
         """Iterate over ``(name, tensor)`` pairs of the current inner parameters."""
@@ -65,6 +78,67 @@ class FunctionalModel:
             for name, value in self.buffers.items():
                 module.get_buffer(name).copy_(value)
         return module
+
+
+class Reparametrization:
+    """A cached swap of a module's parameter and buffer entries.
+
+    ``torch.func.functional_call`` finds the module's entries (and untangles
+    tied ones) at every call; this finds them once: for each name of
+    ``named_parameters()`` / ``named_buffers()``, every ``(owner table, key)``
+    where the tensor lives, aliases of tied weights included. :meth:`put`
+    puts given tensors in place and returns what it replaced, which
+    :meth:`restore` puts back, as ``functional_call`` does around the call.
+    :meth:`of` returns ``None`` for modules where a plain swap is not what
+    ``functional_call`` does (``torch.nn.utils.parametrize``), which then run
+    through it.
+    """
+
+    def __init__(self, slots: List[Tuple[dict, str, str]]):
+        self.slots = slots
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Optional["Reparametrization"]:
+        """The swap for ``module``, or ``None`` where ``functional_call`` must run instead."""
+        from torch.nn.utils import parametrize
+        slots: List[Tuple[dict, str, str]] = []
+        seen = set()  # a submodule reached by two paths has one table
+        for kind in ("_parameters", "_buffers"):
+            primary: Dict[int, str] = {}
+            for prefix, sub in module.named_modules(remove_duplicate=False):
+                if parametrize.is_parametrized(sub):
+                    return None
+                table = getattr(sub, kind)
+                for key, t in table.items():
+                    if t is None or (id(table), key) in seen:
+                        continue
+                    seen.add((id(table), key))
+                    name = primary.setdefault(id(t), f"{prefix}.{key}" if prefix else key)
+                    slots.append((table, key, name))
+        return cls(slots)
+
+    def put(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> List:
+        """Put ``params`` and ``buffers`` (by name) in place; returns what to restore."""
+        saved = []
+        try:
+            for table, key, name in self.slots:
+                value = params.get(name)
+                if value is None:
+                    value = buffers.get(name)
+                    if value is None:
+                        continue
+                saved.append((table, key, table[key]))
+                table[key] = value
+        except BaseException:
+            self.restore(saved)
+            raise
+        return saved
+
+    @staticmethod
+    def restore(saved: List) -> None:
+        """Put back what :meth:`put` replaced."""
+        for table, key, value in reversed(saved):
+            table[key] = value
 
 
 class State(NamedTuple):
@@ -357,6 +431,8 @@ class InnerLoop:
         self.learned_hyper = any(id(t) in meta_ids for t in rule.tensors())
         self.cuda_devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
         self.math_attention = math_attention
+        self.swap = Reparametrization.of(module)
+        self.plain_rate = rule.plain_rate
 
     # -- state -----------------------------------------------------------------
     def initial_state(self) -> State:
@@ -372,32 +448,48 @@ class InnerLoop:
         p = dict(zip(self.names, params))
         p.update(self.frozen)
         b = {n: t.clone() for n, t in zip(self.buffer_names, buffers)}
-        return FunctionalModel(self.module, p, b)
+        return FunctionalModel(self.module, p, b, self.swap)
 
     # -- random streams ----------------------------------------------------------
     @contextlib.contextmanager
-    def stream(self, j: int):
-        """Run the body under step ``j``'s own random stream, restoring the global one."""
-        seed = (self.seed + j * 0x9E3779B97F4A7C15) % (1 << 63)
+    def streams(self):
+        """Save the global random state, run the body, restore it: whoever runs the
+        loop's steps wraps them in this once (each step seeds its own stream)."""
         cpu = torch.get_rng_state()
         cuda = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
-        torch.default_generator.manual_seed(seed)
-        for d in self.cuda_devices:
-            torch.cuda.default_generators[d].manual_seed(seed)
         try:
-            with (_math_attention() if self.math_attention else contextlib.nullcontext()):
-                yield
+            yield
         finally:
             torch.set_rng_state(cpu)
             for d, s in zip(self.cuda_devices, cuda):
                 torch.cuda.set_rng_state(s, d)
 
+    def _seed(self, j: int) -> None:
+        """Seed the global generators with step ``j``'s stream (inside :meth:`streams`)."""
+        seed = (self.seed + j * 0x9E3779B97F4A7C15) % (1 << 63)
+        torch.default_generator.manual_seed(seed)
+        for d in self.cuda_devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
+
+    @contextlib.contextmanager
+    def stream(self, j: int):
+        """Run the body under step ``j``'s own random stream (inside :meth:`streams`)."""
+        self._seed(j)
+        with (_math_attention() if self.math_attention else contextlib.nullcontext()):
+            yield
+
     # -- one inner step ------------------------------------------------------------
     def _grad(self, state: State, j: int, create_graph: bool):
-        with self.stream(j):
+        self._seed(j)
+        if not self.math_attention:
+            return self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
+        with _math_attention():
             return self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
 
     def apply_rule(self, grads, state: State):
+        if self.plain_rate is not None and not torch.is_grad_enabled():
+            # phi - lr g, nothing differentiated: one foreach kernel, no containers.
+            return tuple(torch._foreach_add(state.params, grads, alpha=-self.plain_rate)), ()
         new_p, new_opt = self.rule.update(
             dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
             self.rule.hyper)
@@ -409,8 +501,7 @@ class InnerLoop:
         with torch.enable_grad():
             loss, grads, buffers = self._grad(State(params, state.opt, state.buffers), j, False)
         with torch.no_grad():
-            new_p, new_opt = self.apply_rule(grads, State(tuple(p.detach() for p in params),
-                                                       state.opt, state.buffers))
+            new_p, new_opt = self.apply_rule(grads, State(params, state.opt, state.buffers))
         return State(new_p, new_opt, buffers), loss.detach(), grads
 
     def record(self, state: State, j: int, plan: SweepPlan) -> "StepRecord":

@@ -1,0 +1,97 @@
+"""The first-order fast path is the general path run faster: bit for bit.
+
+``InnerLoop`` swaps the module's entries through a cached
+:class:`~torch_ufom.unroll.Reparametrization` instead of calling
+``torch.func.functional_call``, and applies plain SGD at a plain-number rate
+with one foreach kernel instead of ``rule.update``. Each test runs the same
+call twice, once as shipped and once with both shortcuts switched off (the
+general path: ``functional_call`` and ``rule.update``), and requires equal
+tensors, on every kind of the conformance zoo.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+import torch_ufom
+from torch_ufom import inner, unroll
+from zoo import KINDS
+
+STEPS = 3
+
+
+@contextlib.contextmanager
+def general_path(monkeypatch):
+    """Switch the fast path off: ``functional_call`` and ``rule.update`` every step."""
+    with monkeypatch.context() as m:
+        m.setattr(unroll.Reparametrization, "of", classmethod(lambda cls, module: None))
+        m.setattr(inner.SGD, "plain_rate", property(lambda self: None))
+        yield
+
+
+def run(kind, mode, memory, monkeypatch=None, **kw):
+    prob = kind.build()
+    support, query = prob.task(0)
+    params = [p for p in prob.model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(3)
+    ctx = general_path(monkeypatch) if monkeypatch is not None else contextlib.nullcontext()
+    with ctx:
+        return torch_ufom.hypergrad(prob.model, prob.inner_loss, prob.outer_loss, support, query,
+                                    steps=STEPS, inner_lr=0.1, mode=mode, memory=memory, slots=1,
+                                    params=params, generator=gen, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
+@pytest.mark.parametrize("mode, memory", [("fom", "checkpoint"), ("exact", "store"),
+                                          ("exact", "checkpoint"), ("exact", "recompute")])
+def test_fast_path_is_bit_identical(kind, mode, memory, monkeypatch):
+    hvp = "revrev" if kind.buffers or kind.no_forward_ad or kind.random else "auto"
+    fast = run(kind, mode, memory, hvp=hvp)
+    slow = run(kind, mode, memory, monkeypatch, hvp=hvp)
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_the_general_path_is_what_the_fast_path_replaces(monkeypatch):
+    """The switch really changes the path taken (else the test above proves nothing)."""
+    calls = []
+    real = torch.func.functional_call
+    monkeypatch.setattr(unroll, "functional_call", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kind = next(k for k in KINDS if k.name == "mlp")
+    run(kind, "fom", "checkpoint")
+    assert calls == []
+    run(kind, "fom", "checkpoint", monkeypatch)
+    assert len(calls) == STEPS + 1
+
+
+def test_the_module_is_restored_after_a_failing_loss():
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).double()
+    before = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+
+    def inner_loss(f, batch):
+        out = f(batch).sum()
+        if torch.is_grad_enabled():
+            raise KeyError("boom")
+        return out
+
+    with pytest.raises(KeyError, match="boom"):
+        torch_ufom.hypergrad(model, inner_loss, inner_loss, torch.randn(4, 2, dtype=torch.float64),
+                             torch.randn(4, 2, dtype=torch.float64), steps=2, inner_lr=0.1)
+    after = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    assert after.keys() == before.keys()
+    assert all(after[n] is before[n] for n in before)
+
+
+def test_tied_weights_are_swapped_at_every_alias():
+    lin = nn.Linear(3, 3, bias=False).double()
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    swap = unroll.Reparametrization.of(model)
+    new = torch.zeros(3, 3, dtype=torch.float64)
+    saved = swap.put({"0.weight": new}, {})
+    assert model[0].weight is new and model[2].weight is new
+    swap.restore(saved)
+    assert model[0].weight is lin.weight and isinstance(model[2].weight, nn.Parameter)
