@@ -95,3 +95,42 @@ def test_tied_weights_are_swapped_at_every_alias():
     assert model[0].weight is new and model[2].weight is new
     swap.restore(saved)
     assert model[0].weight is lin.weight and isinstance(model[2].weight, nn.Parameter)
+
+
+def close(a, b, tol=1e-12):
+    scale = max(float(b.abs().max()), 1e-300)
+    return float((a - b).abs().max()) <= tol * scale
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
+@pytest.mark.parametrize("mode, memory", [("exact", "store"), ("exact", "checkpoint"),
+                                          ("ufom", "store"), ("truncated", "store")])
+def test_connected_sweep_equals_the_per_step_sweep(kind, mode, memory, monkeypatch):
+    """One backward through the chained exact steps equals one VJP per step (float64)."""
+    from torch_ufom import estimators, schedules
+    chained = []
+    real = estimators.chain_vjp
+    monkeypatch.setattr(estimators, "chain_vjp", lambda r, e: chained.append(len(r)) or real(r, e))
+    kw = dict(hvp="revrev", slots=STEPS)
+    if mode == "ufom":
+        kw["force_truncation"] = STEPS
+    if mode == "truncated":
+        kw["k"] = 2
+
+    def call():
+        prob = kind.build()
+        support, query = prob.task(0)
+        params = [p for p in prob.model.parameters() if p.requires_grad]
+        return torch_ufom.hypergrad(prob.model, prob.inner_loss, prob.outer_loss, support, query,
+                                    steps=STEPS, inner_lr=0.1, mode=mode, memory=memory, params=params,
+                                    generator=torch.Generator().manual_seed(3), **kw)
+
+    connected = call()
+    assert chained == [STEPS if mode != "truncated" else 2]
+    with monkeypatch.context() as m:
+        m.setattr(schedules.Store, "keeps_every_graph", lambda self, steps: False)
+        m.setattr(schedules.Checkpoint, "keeps_every_graph", lambda self, steps: False)
+        per_step = call()
+    assert chained == [STEPS if mode != "truncated" else 2]
+    for a, b in zip(connected, per_step):
+        assert close(a, b)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .schedules import Schedule
 from .truncation import telescope_weights
-from .unroll import Loop, SweepPlan
+from .unroll import Loop, SweepPlan, chain_vjp
 
 __all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient"]
 
@@ -201,8 +201,14 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     # swept and the exact records keep no gradient for it (ufom's exact branch then
     # costs what exact costs).
     identity = loop.rule.first_order_additive and not loop.learned_hyper
+    # When, besides, every exact depth has the same weight and injects nothing before
+    # the last, the exact stream is needed only at s_{r-K}: the exact steps then form
+    # one graph differentiated by one backward (schedules that keep every graph).
+    connected = (identity and not diagnostics and K > 0 and loop.hvp == "revrev"
+                 and schedule.keeps_every_graph(K) and all(w == inv_p[1] for w in inv_p[1:])
+                 and not any(c[1:K]))
     plan = SweepPlan(exact_after=r - K, first_order_until=0 if identity and not diagnostics
-                     else r - start_f)
+                     else r - start_f, connected=connected)
     state, records = schedule.sweep(loop, state, swept, r, log, plan)
     final_buffers = state.buffers
 
@@ -215,6 +221,11 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     # While every injection so far had weight 0 (the exact law), f is exactly
     # zero and its VJPs are skipped.
     f = None if c[0] == 0.0 else tuple(c[0] * t for t in e)
+    if connected:
+        e, d_exact = chain_vjp(list(records), e)
+        _add(theta, d_exact, inv_p[1])
+        f = tuple(c[K] * b for b in e) if f is None else tuple(a + c[K] * b for a, b in zip(f, e))
+        records = iter(())
     for m, rec in enumerate(records, start=1):
         if f is not None and not identity:
             f, d_first = rec.vjp_first_order(f)

@@ -63,9 +63,17 @@ class Schedule:
         """
         raise NotImplementedError
 
+    def keeps_every_graph(self, steps: int) -> bool:
+        """Whether a sweep over ``steps`` steps records each of them once, in order,
+        from the forward pass (so that ``SweepPlan.connected`` can chain them)."""
+        return False
+
 
 class Store(Schedule):
     """Keep every step's graph from the forward pass (``O(K)`` memory, no replay)."""
+
+    def keeps_every_graph(self, steps):
+        return True
 
     def sweep(self, loop, state, start, stop, log, plan):
         records: List[StepRecord] = []
@@ -119,6 +127,9 @@ class Checkpoint(Schedule):
 
     def __init__(self, slots: int = 8):
         self.slots = check_slots(slots)
+
+    def keeps_every_graph(self, steps):
+        return steps <= self.slots
 
     def sweep(self, loop, state, start, stop, log, plan):
         if stop - start <= self.slots:

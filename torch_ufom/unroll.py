@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 __all__ = ["FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
-           "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter"]
+           "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp"]
 
 
 class FunctionalModel:
@@ -292,10 +292,16 @@ class SweepPlan(NamedTuple):
         exact_after: steps ``j > exact_after`` are differentiated exactly (``r - K``).
         first_order_until: exact records of steps ``j <= first_order_until``
             keep their gradient for the first-order stream.
+        connected: each exact step after the first takes the previous step's
+            output as its input, so that the exact steps form one graph that
+            one backward differentiates (:func:`chain_vjp`); only for schedules
+            that keep every step's graph, reverse-over-reverse HVPs and an
+            estimator that needs no per-step adjoint.
     """
 
     exact_after: int
     first_order_until: int
+    connected: bool = False
 
 
 class Evaluator(Protocol):
@@ -454,11 +460,13 @@ class InnerLoop:
     @contextlib.contextmanager
     def streams(self):
         """Save the global random state, run the body, restore it: whoever runs the
-        loop's steps wraps them in this once (each step seeds its own stream)."""
+        loop's steps wraps them in this once (each step seeds its own stream). With
+        ``math_attention`` the body runs under the math attention kernel."""
         cpu = torch.get_rng_state()
         cuda = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
         try:
-            yield
+            with (_math_attention() if self.math_attention else contextlib.nullcontext()):
+                yield
         finally:
             torch.set_rng_state(cpu)
             for d, s in zip(self.cuda_devices, cuda):
@@ -475,21 +483,20 @@ class InnerLoop:
     def stream(self, j: int):
         """Run the body under step ``j``'s own random stream (inside :meth:`streams`)."""
         self._seed(j)
-        with (_math_attention() if self.math_attention else contextlib.nullcontext()):
-            yield
+        yield
 
     # -- one inner step ------------------------------------------------------------
     def _grad(self, state: State, j: int, create_graph: bool):
         self._seed(j)
-        if not self.math_attention:
-            return self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
-        with _math_attention():
-            return self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
+        return self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
 
     def apply_rule(self, grads, state: State):
-        if self.plain_rate is not None and not torch.is_grad_enabled():
-            # phi - lr g, nothing differentiated: one foreach kernel, no containers.
-            return tuple(torch._foreach_add(state.params, grads, alpha=-self.plain_rate)), ()
+        if self.plain_rate is not None:
+            # phi - lr g: the rule's own ops without its containers; one foreach kernel
+            # where nothing is differentiated.
+            if not torch.is_grad_enabled():
+                return tuple(torch._foreach_add(state.params, grads, alpha=-self.plain_rate)), ()
+            return tuple(p.add(g, alpha=-self.plain_rate) for p, g in zip(state.params, grads)), ()
         new_p, new_opt = self.rule.update(
             dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
             self.rule.hyper)
@@ -506,11 +513,17 @@ class InnerLoop:
 
     def record(self, state: State, j: int, plan: SweepPlan) -> "StepRecord":
         """Step ``j`` kept for the reverse sweep: with a graph of the exact rule
-        (``j > plan.exact_after``), or only its gradient for the first-order rule."""
+        (``j > plan.exact_after``), or only its gradient for the first-order rule.
+        Under ``plan.connected`` an exact step after the first continues the
+        previous record's graph instead of starting from detached leaves."""
         exact = j > plan.exact_after
-        leaves = State(*(tuple(t.detach().requires_grad_(t.is_floating_point()) for t in part)
-                         for part in state[:2]), state.buffers)
         graph = exact and self.hvp == "revrev"
+        linked = graph and plan.connected
+        if linked and j > plan.exact_after + 1:
+            leaves = state  # the previous record's outputs, with their graph
+        else:
+            leaves = State(*(tuple(t.detach().requires_grad_(t.is_floating_point()) for t in part)
+                             for part in state[:2]), state.buffers)
         with torch.enable_grad():
             loss, grads, buffers = self._grad(leaves, j, create_graph=graph)
             if graph:
@@ -519,7 +532,13 @@ class InnerLoop:
             with torch.no_grad():
                 out = self.apply_rule(grads, leaves)
         keep = not graph or j <= plan.first_order_until
-        return StepRecord(self, leaves, out, grads if keep else None, buffers, loss.detach(), exact, j)
+        if linked:
+            next_state = State(out[0], out[1], buffers)
+        else:
+            next_state = State(tuple(t.detach() for t in out[0]), tuple(t.detach() for t in out[1]),
+                               buffers)
+        return StepRecord(self, leaves, out, grads if keep else None, next_state, loss.detach(), exact,
+                          j)
 
     def hessian_vector(self, state: State, j: int, vec: Sequence[Optional[Tensor]]) -> Tuple[Tensor, ...]:
         """``H v``: the Hessian of step ``j``'s inner loss at ``state.params`` times ``vec``,
@@ -598,12 +617,20 @@ def _vjp(outputs, inputs, cotangents, retain_graph=False):
     return out
 
 
+def chain_vjp(records: Sequence["StepRecord"], e):
+    """``(e_start, dtheta)``: the VJP at ``e`` of the exact steps of a connected sweep
+    (``SweepPlan.connected``), newest record first, in one backward through their
+    graph; ``dtheta`` sums the meta-parameter terms of every step."""
+    first, last = records[-1], records[0]
+    return first._split(_vjp(last.exact, list(first.leaves.diff) + first.loop.meta, e))
+
+
 class StepRecord:
     """One inner step kept for the reverse sweep: its leaf state, its inner
     gradient and, for an exact step, the graph of the exact rule's output."""
 
-    def __init__(self, loop: InnerLoop, leaves: State, out, grads, buffers, loss, exact: bool,
-                 j: int = 0):
+    def __init__(self, loop: InnerLoop, leaves: State, out, grads, next_state: State, loss,
+                 exact: bool, j: int = 0):
         self.loop, self.leaves, self.loss, self.j, self.is_exact = loop, leaves, loss, j, exact
         # Reverse-over-reverse keeps the exact rule's graph; forward-over-reverse
         # keeps only the inner gradient and differentiates the update alone.
@@ -612,8 +639,7 @@ class StepRecord:
         # The inner gradient, held constant by the first-order rule; exact
         # records that no first-order VJP will visit do not keep it.
         self.grads = None if grads is None else tuple(g.detach() for g in grads)
-        self.next_state = State(tuple(t.detach() for t in out[0]),
-                                tuple(t.detach() for t in out[1]), buffers)
+        self.next_state = next_state
 
     def _split(self, grads):
         n = len(self.leaves.diff)
