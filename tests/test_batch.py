@@ -9,7 +9,7 @@ from torch import nn
 import torch_ufom
 from helpers import cnn_problem, mlp_problem, mse, rel_err, xent
 from devices import DEVICES, to
-from oracle import brute_force, telescope
+from oracle import brute_force, brute_force_partial, ref_sgd, telescope
 from torch_ufom.truncation import Geometric
 from torch_ufom.vectorised import SLOW_ON_CPU_ELEMENTS, probe
 
@@ -262,15 +262,47 @@ def test_auto_runs_maml_conv4_per_task_on_cpu():
         with no_fallback():
             out = meta.backward_batch(xent, xent, sup, qry)
         got[v] = (out[0].batch_path, grads(meta))
-    assert got["auto"][0] == ("per-task loop: vectorising batch_norm (250,880 elements per task), "
-                              "conv2d (250,880 elements per task) does not pay on CPU "
-                              "(vectorise='auto'; vectorise=True forces vmap)")
+    size = sum(p.numel() for p in model.parameters())
+    assert size >= SLOW_ON_CPU_ELEMENTS
+    assert got["auto"][0] == (f"per-task loop: vectorising {size:,} adapted parameters does not pay "
+                              "on CPU (vectorise='auto'; vectorise=True forces vmap)")
     assert got[True][0] == "vectorised"
     # The conv biases before BatchNorm have an exact gradient of 0: measure every tensor
     # against at least 1e-6 of the whole gradient's norm.
     want, have = got[True][1], got["auto"][1]
     floor = 1e-6 * float(torch.sqrt(sum((w ** 2).sum() for w in want)))
     assert max(float((a - b).norm()) / max(float(b.norm()), floor) for a, b in zip(have, want)) < 1e-10
+
+
+def wide_mlp_problem(seed=0):
+    """An MLP 3-256-256-2: 67,330 parameters, above ``SLOW_ON_CPU_ELEMENTS``; its last layer
+    alone (514) is below."""
+    model, loss, data = mlp_problem(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 2))
+    return model, loss, data
+
+
+@pytest.mark.parametrize("inner_params, vectorised", [(None, False), ("4.weight", True)])
+def test_auto_counts_the_adapted_parameters(inner_params, vectorised):
+    model, loss, data = wide_mlp_problem(1)
+    adapted = [p for n, p in model.named_parameters() if inner_params in (None, n)]
+    assert (sum(p.numel() for p in adapted) >= SLOW_ON_CPU_ELEMENTS) is not vectorised
+    forced = [STEPS, 0, 2, STEPS, 1]
+    meta = meta_opt(model, 0.3, vectorise="auto", truncation=LAW, inner_params=inner_params)
+    with no_fallback():
+        out = meta.backward_batch(loss, loss, stacked(data, 0), stacked(data, 10), force_truncation=forced)
+    assert out[0].batch_path.startswith("vectorised" if vectorised else
+                                        "per-task loop: vectorising 67,330 adapted parameters"), \
+        out[0].batch_path
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters() if inner_params in (None, n)]
+    want = [torch.zeros_like(p) for p in params]
+    for i, K in enumerate(forced):
+        G = [brute_force_partial(model, loss, loss, lambda j, i=i: data[i], data[10 + i], STEPS, params, k,
+                                 ref_sgd(0.3), names) for k in range(K + 1)]
+        want = [a + b for a, b in zip(want, telescope(G, LAW.survival(STEPS), K))]
+    assert rel_err(grads(meta), want) < 1e-9
 
 
 def test_auto_probes_an_inner_loss_once_per_optimizer():

@@ -26,8 +26,8 @@ from .estimators import Estimate, estimate
 from .inner import InnerRule
 from .truncation import TruncationLaw
 from .unroll import Evaluator, InnerLoop, PerTask, Problem, batch_getter
-from .vectorised import (Vectorised, group_by_truncation, meta_batch_size, probe, select_tasks,
-                         task_of, vmap_unsupported)
+from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
+                         probe, select_tasks, task_of, vmap_unsupported)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
            "Problem", "SlowOps", "resolve_hvp"]
@@ -220,13 +220,15 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
 
     ``config.vectorise`` chooses: ``False`` always runs the per-task loop.
     ``"auto"`` (the default) also runs it, by choice, when the module is on
-    a CPU and task 0's inner loss runs a convolution or ``batch_norm`` whose
-    output has at least ``SLOW_ON_CPU_ELEMENTS`` (65,536) elements: there
-    the vectorised forms (a grouped convolution, ``batch_norm`` decomposed
-    into elementwise operations) cost more than the per-task loop
-    (:mod:`torch_ufom.vectorised` gives the measurements). It looks once,
-    in the probe below; ``known`` (a previous call's ``BatchRun.slow_ops``)
-    spares that look for the same inner loss and device. ``True`` vectorises
+    a CPU and one task is large: at least ``SLOW_ON_CPU_ELEMENTS`` (65,536)
+    adapted parameters, or a convolution or ``batch_norm`` in task 0's inner
+    loss whose output has that many elements. There the vectorised forms
+    (B stacked parameter copies out of the cache, a grouped convolution,
+    ``batch_norm`` decomposed into elementwise operations) cost more than the
+    per-task loop (:mod:`torch_ufom.vectorised` gives the measurements). It
+    counts the parameters every call and looks at the operations once, in the
+    probe below; ``known`` (a previous call's ``BatchRun.slow_ops``) spares
+    that look for the same inner loss and device. ``True`` vectorises
     wherever it is exact. Whatever it asks, the per-task loop runs instead
     (a fallback: ``BatchRun.fallback``) when the module has buffers that the
     losses write, when ``diagnostics`` are needed (``q="auto"`` keeps
@@ -272,8 +274,8 @@ def _run_groups(problem: Problem, supports, queries, truncations, seeds):
     return groups
 
 
-def _slow(ops: Sequence[str]) -> str:
-    return (f"vectorising {', '.join(ops)} does not pay on CPU (vectorise='auto'; "
+def _slow(what: Sequence[str]) -> str:
+    return (f"vectorising {', '.join(what)} does not pay on CPU (vectorise='auto'; "
             "vectorise=True forces vmap)")
 
 
@@ -289,6 +291,11 @@ def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool,
         return Plan(None, "q='auto' keeps per-task statistics", True, known)
     device = next(problem.model.parameters()).device
     auto = choice == "auto" and device.type == "cpu"  # vmap pays on accelerators
+    if auto:
+        named = dict(problem.model.named_parameters())
+        size = sum(named[n].numel() for n in problem.config.adapted)
+        if size >= SLOW_ON_CPU_ELEMENTS:
+            return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
     if auto and known is not None and (known.inner_loss is not problem.inner_loss
                                        or known.device != device):
         known = None
@@ -400,9 +407,10 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
     Args:
         supports, queries: the stacked tasks.
         force_truncation: ``None`` (draw), an int for every task, or one int per task.
-        vectorise: ``"auto"`` (default: ``vmap``, except for inner losses that
-            run large convolutions or ``batch_norm`` on a CPU, 65,536 output
-            elements per task or more, where the per-task loop is faster),
+        vectorise: ``"auto"`` (default: ``vmap``, except on a CPU for tasks
+            with 65,536 adapted parameters or more, or whose inner loss runs a
+            convolution or ``batch_norm`` with that many output elements,
+            where the per-task loop is faster),
             ``True`` (``vmap`` wherever it is exact) or ``False`` (the
             per-task loop, without a warning).
         The others: as for :func:`hypergrad`.

@@ -132,9 +132,10 @@ class MetaOptimizer:
             gradient at the adapted parameters only. Per-parameter
             hyperparameter dicts name the adapted parameters only.
         vectorise: how :meth:`backward_batch` runs a meta-batch: ``"auto"``
-            (default: ``torch.func.vmap``, except for inner losses that run
-            large convolutions or ``batch_norm`` on a CPU, 65,536 output
-            elements per task or more, where the per-task loop is faster),
+            (default: ``torch.func.vmap``, except on a CPU for tasks with
+            65,536 adapted parameters or more, or whose inner loss runs a
+            convolution or ``batch_norm`` with that many output elements,
+            where the per-task loop is faster),
             ``True`` (``vmap`` wherever it is exact) or ``False`` (always the
             per-task loop).
 
@@ -338,8 +339,7 @@ class MetaOptimizer:
         ``torch.func.vmap``, one vectorised sweep per drawn truncation point,
         so tasks that drew ``K = 0`` skip the exact sweep of the others. The
         per-task loop runs instead where ``vectorise`` chooses it (``False``;
-        under ``"auto"``, inner losses that run large convolutions or
-        ``batch_norm`` on a CPU), and, with a warning the first time, where ``vmap`` cannot
+        under ``"auto"``, large tasks on a CPU), and, with a warning the first time, where ``vmap`` cannot
         run the model exactly (buffers the losses write, such as BatchNorm's
         running statistics, or operations ``vmap`` rejects) and under
         ``q="auto"`` (which keeps per-task statistics). Each result's

@@ -119,15 +119,18 @@ _ATTENTION_DROPOUT = {
 }
 
 
-# Operations whose vectorised form is slower than the per-task loop on a CPU once they are
-# large: vmap runs a convolution over the tasks as one grouped convolution and decomposes
-# batch_norm into elementwise operations, which costs more than the per-op overhead that
-# batching saves when one task's activations are big. Measured (one thread, meta-batch 16, 3
-# steps, vmap speed / loop speed, fom and exact): MAML's conv4 with BatchNorm at 4, 8, 16, 32,
-# 64 channels (5 images of 28x28, largest activation 15,680 ... 250,880 elements per task):
-# 3.2/2.4, 2.6/1.9, 1.8/1.2, 1.4/0.80, 1.1/0.69; conv4 without BatchNorm (250,880): 1.2/1.4;
-# four 32-channel convolutions on 5 images of 3x84x84 (1,128,960): 0.46/0.61; MLPs with or
-# without BatchNorm on 400 elements: 5-11. Hence the per-task loop from 2**16 elements.
+# On a CPU, vmap pays while the per-op overhead it saves dominates; once one task's tensors
+# are large it costs more than the per-task loop: elementwise updates of B stacked copies of
+# the parameters leave the cache, vmap runs a convolution over the tasks as one grouped
+# convolution and decomposes batch_norm into elementwise operations. Measured (one thread,
+# meta-batch 16, vmap speed / loop speed, fom / exact): MLPs 64-h-h-10 with 17,610, 37,770,
+# 65,130 and 126,730 parameters: 3.3/2.7, 2.2/1.8, 1.4/1.2, 1.1/0.85-0.94; MAML's conv4 with
+# BatchNorm at 4, 8, 16, 32 and 64 channels (5 images of 28x28, largest activation 15,680 ...
+# 250,880 elements per task; 64 channels: 112,005 parameters): 3.2/2.4, 2.6/1.9, 1.8/1.2,
+# 1.4/0.80, 1.1/0.69; four 32-channel convolutions on 5 images of 3x84x84 (1,128,960
+# elements, 28,000 parameters): 0.46/0.61; the sinusoid MLP at meta-batch 32: 6-8/11.
+# vectorise="auto" therefore runs the loop on a CPU from this many adapted parameters, or
+# from a convolution or batch_norm output of this many elements, per task.
 SLOW_ON_CPU_ELEMENTS = 1 << 16
 _SLOW_ON_CPU = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
                 F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
