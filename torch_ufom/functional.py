@@ -410,9 +410,8 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
         vectorise: ``"auto"`` (default: ``vmap``, except on a CPU for tasks
             with 65,536 adapted parameters or more, or whose inner loss runs a
             convolution or ``batch_norm`` with that many output elements,
-            where the per-task loop is faster),
-            ``True`` (``vmap`` wherever it is exact) or ``False`` (the
-            per-task loop, without a warning).
+            where the per-task loop is faster), ``True`` (``vmap`` wherever
+            it is exact) or ``False`` (the per-task loop, without a warning).
         The others: as for :func:`hypergrad`.
 
     Raises:

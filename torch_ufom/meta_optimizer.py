@@ -135,14 +135,13 @@ class MetaOptimizer:
             (default: ``torch.func.vmap``, except on a CPU for tasks with
             65,536 adapted parameters or more, or whose inner loss runs a
             convolution or ``batch_norm`` with that many output elements,
-            where the per-task loop is faster),
-            ``True`` (``vmap`` wherever it is exact) or ``False`` (always the
-            per-task loop).
+            where the per-task loop is faster), ``True`` (``vmap`` wherever
+            it is exact) or ``False`` (always the per-task loop).
 
     The configuration is resolved once (:mod:`torch_ufom.config`); ``steps``,
-    ``mode``, ``q``, ``law``, ``memory``, ``slots``, ``hvp``, ``vectorise`` and
-    ``inner`` are read-only properties, and :meth:`reconfigure` changes them between outer
-    steps.
+    ``mode``, ``q``, ``law``, ``memory``, ``slots``, ``hvp``, ``vectorise``
+    and ``inner`` are read-only properties, and :meth:`reconfigure` changes
+    them between outer steps.
 
     Example:
         >>> meta = MetaOptimizer(model, torch.optim.Adam(model.parameters()),
@@ -366,12 +365,12 @@ class MetaOptimizer:
         with self._named_errors(meta):
             run = estimate_batch(problem, supports, queries, force_truncation,
                                  diagnostics=self.q_stats is not None, known=self._slow_ops)
-        self._slow_ops = run.slow_ops
         if run.fallback and not self._warned_per_task:
             warnings.warn(f"MetaOptimizer.backward_batch runs the per-task loop: {run.reason}",
                           stacklevel=2)
             self._warned_per_task = True
         self._write(meta, sum_grads(run, len(meta)))
+        self._slow_ops = run.slow_ops
         q = self.q
         results: List[Optional[MetaResult]] = [None] * len(run.truncations)
         path = ("vectorised" + (f": {run.reason}" if run.reason else "") if run.vectorised
