@@ -424,7 +424,8 @@ def _batch_vs_loop(probs: Problems, name: str, steps: int) -> Dict:
     n = probs.size.batch_tasks
     t = probs.make(name, torch.float64, n=n)
     forced = [steps if i % 2 == 0 else 0 for i in range(n)]  # a mixed meta-batch
-    meta = meta_opt(t.model, steps, mode="ufom", q=0.5, memory="store")
+    # vectorise=True: the vectorised path is under test (on a CPU "auto" may choose the loop).
+    meta = meta_opt(t.model, steps, mode="ufom", q=0.5, memory="store", vectorise=True)
     meta.zero_grad()
     with warnings.catch_warnings(record=True) as log:
         warnings.simplefilter("always")
@@ -699,7 +700,7 @@ def _batch_speed(probs: Problems, clock: Clock) -> Dict:
     t = probs.make("conv4_nostats", torch.float32, n=n)
     rows, paths = {}, {}
     for mode in ("fom", "exact"):
-        meta = meta_opt(t.model, steps, mode=mode, memory="store")
+        meta = meta_opt(t.model, steps, mode=mode, memory="store", vectorise=True)
 
         def batched(meta=meta):
             return meta.backward_batch(t.loss, t.loss, t.supports, t.queries)

@@ -302,7 +302,8 @@ def test_defect_06_model_without_trainable_parameters_is_a_clear_error(rule):
 # -- 7: the resolved configuration is read-only ----------------------------------
 
 @pytest.mark.parametrize("attr, value", [("steps", 6), ("mode", "fom"), ("q", 0.5), ("memory", "store"),
-                                         ("slots", 2), ("hvp", "revrev"), ("law", Geometric(0.5, 0.5))])
+                                         ("slots", 2), ("hvp", "revrev"), ("law", Geometric(0.5, 0.5)),
+                                         ("vectorise", False)])
 def test_defect_07_configuration_cannot_be_changed_behind_the_optimizers_back(attr, value):
     env = Env()
     old = getattr(env.meta, attr)
@@ -536,6 +537,9 @@ KNOB_CASES = {  # keywords, error, message, entry points that take the knobs
     "inner-lr-negative": ({"inner_lr": -0.1}, ValueError, "inner_lr", "all"),
     "inner-lr-nan": ({"inner_lr": NAN}, ValueError, "inner_lr", "all"),
     "inner-lr-unknown-name": ({"inner_lr": {"nope": torch.tensor(0.1)}}, ValueError, "inner_lr", "all"),
+    "vectorise-str": ({"vectorise": "yes"}, ValueError, "vectorise.*'auto', True or False", "batch"),
+    "vectorise-int": ({"vectorise": 1}, ValueError, "vectorise", "batch"),
+    "vectorise-none-exact": ({"mode": "exact", "vectorise": None}, ValueError, "vectorise", "batch"),
 }
 
 
@@ -553,6 +557,7 @@ def test_defect_16_knob_validated_even_where_unused_and_conflicts_refused(case):
     if where == "all":
         with pytest.raises(error, match=message):
             torch_ufom.hypergrad(model, mse, mse, x, x, generator=gen, **kw)
+    if where in ("all", "batch"):  # "batch": the knobs of the meta-batch entry points
         with pytest.raises(error, match=message):
             torch_ufom.hypergrad_batch(model, mse, mse, xs, xs, generator=gen, **kw)
     assert_unchanged(before)

@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 import torch_ufom
-from helpers import cnn_problem, mlp_problem, mse, rel_err
+from helpers import cnn_problem, mlp_problem, mse, rel_err, xent
 from devices import DEVICES, to
-from oracle import brute_force
+from oracle import brute_force, brute_force_partial, ref_sgd, telescope
 from torch_ufom.truncation import Geometric
+from torch_ufom.vectorised import SLOW_ON_CPU_ELEMENTS, probe
 
 B, STEPS = 5, 4
 
@@ -21,9 +22,17 @@ def stacked(data, lo, n=B):
 
 
 def meta_opt(model, lr, **kw):
+    """A MetaOptimizer that vectorises wherever that is exact (``vectorise=True``: these tests
+    are about the vectorised path, which ``"auto"`` skips for convolutions on a CPU)."""
     params = list(model.parameters()) + ([lr] if isinstance(lr, torch.Tensor) else [])
+    kw = {"vectorise": True, **kw}
     return torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.0), inner_lr=lr, steps=STEPS,
                                     **kw)
+
+
+def assert_vectorised(results):
+    """Every task of a backward_batch ran under vmap."""
+    assert all(r.batch_path.startswith("vectorised") for r in results), results[0].batch_path
 
 
 class no_fallback(warnings.catch_warnings):  # noqa: N801
@@ -68,6 +77,7 @@ def test_backward_batch_equals_the_sum_of_per_task_backward(case, hvp, memory, d
     meta = meta_opt(model, lr, memory=memory, hvp=hvp, **kw)
     with no_fallback():  # the vectorised path must run
         out = meta.backward_batch(loss, loss, supports, queries, force_truncation=forced)
+    assert_vectorised(out)
     got = grads(meta)
     meta.zero_grad()
     for i in range(B):
@@ -85,8 +95,9 @@ def test_hypergrad_batch_matches_brute_force_for_the_exact_mode(device):
     model, data = model.to(device), to(device, data)
     supports, queries = stacked(data, 0), stacked(data, 10)
     params = list(model.parameters())
-    got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=STEPS, inner_lr=0.3,
-                                     mode="exact")
+    with no_fallback():
+        got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=STEPS,
+                                         inner_lr=0.3, mode="exact", vectorise=True)
     want = [torch.zeros_like(p) for p in params]
     for i in range(B):
         g = brute_force(model, loss, loss, lambda j: data[i], data[10 + i], STEPS, 0.3, params, STEPS)
@@ -153,12 +164,207 @@ def test_a_cnn_meta_batch_is_vectorised(device):
     supports, queries = stacked(data, 0), stacked(data, 10)
     meta = meta_opt(model, 0.2, mode="ufom", q=0.5)
     with no_fallback():
-        meta.backward_batch(loss, loss, supports, queries, force_truncation=[STEPS, 0, STEPS, 0, 0])
+        out = meta.backward_batch(loss, loss, supports, queries, force_truncation=[STEPS, 0, STEPS, 0, 0])
+    assert_vectorised(out)
     got = grads(meta)
     meta.zero_grad()
     for i, k in enumerate([STEPS, 0, STEPS, 0, 0]):
         meta.backward(loss, loss, data[i], data[10 + i], force_truncation=k)
     assert rel_err(got, grads(meta)) < 1e-10
+
+
+# -- vectorise: "auto" picks the loop where vmap does not pay; True and False force a path ---------
+
+LAW = Geometric(0.5, 0.7)
+
+
+def oracle_sum(model, loss, data, forced, lr=0.3):
+    """The sum over tasks ``0..B-1`` of the oracle's telescope under ``LAW`` at the forced
+    ``K`` (brute-force float64 ``G_k``)."""
+    params = list(model.parameters())
+    want = [torch.zeros_like(p) for p in params]
+    for i, K in enumerate(forced):
+        G = [brute_force(model, loss, loss, lambda j, i=i: data[i], data[10 + i], STEPS, lr, params, k)
+             for k in range(K + 1)]
+        want = [a + b for a, b in zip(want, telescope(G, LAW.survival(STEPS), K))]
+    return want
+
+
+def wide_cnn_problem(seed=0, channels=16):
+    """A one-convolution classifier on 5 images of 32x32: its convolution outputs
+    ``5 * channels * 1024`` elements per task (16 channels: 81,920, above
+    ``SLOW_ON_CPU_ELEMENTS``; 8 channels: 40,960, below)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(channels, 4))
+    data = [(torch.randn(5, 1, 32, 32, generator=g), torch.randint(0, 4, (5,), generator=g))
+            for _ in range(26)]
+    return model, xent, data
+
+
+AUTO_LOOP = "per-task loop: vectorising conv2d (81,920 elements per task) does not pay on CPU"
+
+
+def test_the_threshold_lies_between_the_two_wide_cnns():
+    for channels, above in ((16, True), (8, False)):
+        model, loss, data = wide_cnn_problem(0, channels)
+        found = probe(model, loss, data[0])
+        assert bool(found.slow_on_cpu) is above, found.slow_on_cpu
+        assert (5 * channels * 32 * 32 >= SLOW_ON_CPU_ELEMENTS) is above
+
+
+@pytest.mark.parametrize("vectorise, problem, path", [
+    ("auto", wide_cnn_problem, AUTO_LOOP),
+    ("auto", lambda seed: wide_cnn_problem(seed, 8), "vectorised"),
+    ("auto", cnn_problem, "vectorised"),
+    ("auto", mlp_problem, "vectorised"),
+    (True, wide_cnn_problem, "vectorised"),
+    (False, mlp_problem, "per-task loop: vectorise=False"),
+    (False, cnn_problem, "per-task loop: vectorise=False"),
+], ids=["auto-wide-cnn", "auto-narrow-cnn", "auto-cnn", "auto-mlp", "true-wide-cnn", "false-mlp",
+        "false-cnn"])
+@pytest.mark.parametrize("entry", ["backward_batch", "hypergrad_batch"])
+def test_vectorise_chooses_the_path_without_a_warning_and_the_result_is_exact(vectorise, problem,
+                                                                              path, entry):
+    model, loss, data = problem(3)
+    supports, queries = stacked(data, 0), stacked(data, 10)
+    forced = [STEPS, 0, 2, STEPS, 1]
+    kw = dict(truncation=LAW, force_truncation=forced)
+    with no_fallback():  # a chosen path is not a fallback
+        if entry == "hypergrad_batch":
+            got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=STEPS,
+                                             inner_lr=0.3, vectorise=vectorise, **kw)
+        else:
+            meta = meta_opt(model, 0.3, vectorise=vectorise, truncation=LAW)
+            assert meta.vectorise is vectorise
+            out = meta.backward_batch(loss, loss, supports, queries, force_truncation=forced)
+            want = path + (" (vectorise='auto'; vectorise=True forces vmap)" if path == AUTO_LOOP else "")
+            assert {r.batch_path for r in out} == {want} or path == "vectorised" and \
+                all(r.batch_path.startswith("vectorised") for r in out), out[0].batch_path
+            got = grads(meta)
+    assert rel_err(got, oracle_sum(model, loss, data, forced)) < 1e-9
+
+
+def test_auto_runs_maml_conv4_per_task_on_cpu():
+    """The MAML conv4 (64 channels, BatchNorm without running statistics): the per-task loop,
+    by choice, with the reason; equal to the forced vectorised path."""
+    from benchmarks.problems import conv4, image_tasks
+    torch.manual_seed(0)
+    model = conv4(ways=5, track_running_stats=False).double()
+    g = torch.Generator().manual_seed(1)
+    sup, qry = (image_tasks(2, 5, 1, g, dtype=torch.float64) for _ in range(2))
+    got = {}
+    for v in ("auto", True):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                        inner_lr=0.1, steps=1, mode="fom", vectorise=v)
+        meta.zero_grad()  # both share the model's .grad
+        with no_fallback():
+            out = meta.backward_batch(xent, xent, sup, qry)
+        got[v] = (out[0].batch_path, grads(meta))
+    size = sum(p.numel() for p in model.parameters())
+    assert size >= SLOW_ON_CPU_ELEMENTS
+    assert got["auto"][0] == (f"per-task loop: vectorising {size:,} adapted parameters does not pay "
+                              "on CPU (vectorise='auto'; vectorise=True forces vmap)")
+    assert got[True][0] == "vectorised"
+    # The conv biases before BatchNorm have an exact gradient of 0: measure every tensor
+    # against at least 1e-6 of the whole gradient's norm.
+    want, have = got[True][1], got["auto"][1]
+    floor = 1e-6 * float(torch.sqrt(sum((w ** 2).sum() for w in want)))
+    assert max(float((a - b).norm()) / max(float(b.norm()), floor) for a, b in zip(have, want)) < 1e-10
+
+
+def wide_mlp_problem(seed=0):
+    """An MLP 3-256-256-2: 67,330 parameters, above ``SLOW_ON_CPU_ELEMENTS``; its last layer
+    alone (514) is below."""
+    model, loss, data = mlp_problem(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 2))
+    return model, loss, data
+
+
+@pytest.mark.parametrize("inner_params, vectorised", [(None, False), ("4.weight", True)])
+def test_auto_counts_the_adapted_parameters(inner_params, vectorised):
+    model, loss, data = wide_mlp_problem(1)
+    adapted = [p for n, p in model.named_parameters() if inner_params in (None, n)]
+    assert (sum(p.numel() for p in adapted) >= SLOW_ON_CPU_ELEMENTS) is not vectorised
+    forced = [STEPS, 0, 2, STEPS, 1]
+    meta = meta_opt(model, 0.3, vectorise="auto", truncation=LAW, inner_params=inner_params)
+    with no_fallback():
+        out = meta.backward_batch(loss, loss, stacked(data, 0), stacked(data, 10), force_truncation=forced)
+    assert out[0].batch_path.startswith("vectorised" if vectorised else
+                                        "per-task loop: vectorising 67,330 adapted parameters"), \
+        out[0].batch_path
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters() if inner_params in (None, n)]
+    want = [torch.zeros_like(p) for p in params]
+    for i, K in enumerate(forced):
+        G = [brute_force_partial(model, loss, loss, lambda j, i=i: data[i], data[10 + i], STEPS, params, k,
+                                 ref_sgd(0.3), names) for k in range(K + 1)]
+        want = [a + b for a, b in zip(want, telescope(G, LAW.survival(STEPS), K))]
+    assert rel_err(grads(meta), want) < 1e-9
+
+
+def test_auto_probes_an_inner_loss_once_per_optimizer():
+    """The choice is remembered for the last inner loss: the second call runs the loss as
+    often as a forced vmap does (no probe), a new loss is probed again."""
+    model, loss, data = mlp_problem(2)
+    supports, queries = stacked(data, 0), stacked(data, 10)
+    calls = []
+
+    def counted(f, b):
+        calls.append(1)
+        return loss(f, b)
+
+    def count(meta, inner):
+        calls.clear()
+        meta.backward_batch(inner, loss, supports, queries)
+        return len(calls)
+
+    forced, auto = meta_opt(model, 0.3, mode="fom"), meta_opt(model, 0.3, mode="fom", vectorise="auto")
+    runs = count(forced, counted)  # vmap without a probe
+    assert count(auto, counted) == runs + 1  # the probe: one more call
+    assert count(auto, counted) == runs
+    assert count(auto, lambda f, b: counted(f, b)) == runs + 1  # another loss: probed again
+
+
+def test_auto_still_falls_back_with_a_warning_where_vmap_is_not_exact():
+    """A model whose losses write buffers (an MLP with running statistics) is no choice of
+    "auto": it falls back to the loop with the warning, as under vectorise=True."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
+    _, loss, data = mlp_problem(0)
+    meta = meta_opt(model, 0.3, mode="exact", vectorise="auto")
+    with pytest.warns(UserWarning, match="per-task loop: the module has buffers"):
+        out = meta.backward_batch(loss, loss, stacked(data, 0), stacked(data, 10))
+    assert out[0].batch_path.startswith("per-task loop: the module has buffers")
+
+
+def test_vectorise_is_read_only_and_reconfigured_between_steps():
+    model, loss, data = mlp_problem(1)
+    meta = meta_opt(model, 0.3, mode="fom", vectorise="auto")
+    with pytest.raises(AttributeError, match="vectorise.*reconfigure"):
+        meta.vectorise = False
+    meta.reconfigure(vectorise=False)
+    assert meta.vectorise is False and meta.config.vectorise is False
+    out = meta.backward_batch(loss, loss, stacked(data, 0), stacked(data, 10))
+    assert out[0].batch_path == "per-task loop: vectorise=False"
+
+
+@pytest.mark.parametrize("value", ["yes", "Auto", 1, 0, None, 1.0])
+def test_an_invalid_vectorise_is_refused_naming_it_and_changes_nothing(value):
+    model, loss, data = mlp_problem(1)
+    meta = meta_opt(model, 0.3, mode="fom", generator=torch.Generator().manual_seed(0))
+    before, state = meta.config, meta.generator.get_state()
+    with pytest.raises(ValueError, match="Invalid vectorise.*'auto', True or False"):
+        meta_opt(model, 0.3, vectorise=value)
+    with pytest.raises(ValueError, match="Invalid vectorise"):
+        meta.reconfigure(vectorise=value)
+    with pytest.raises(ValueError, match="Invalid vectorise"):
+        torch_ufom.hypergrad_batch(model, loss, loss, stacked(data, 0), stacked(data, 10), steps=STEPS,
+                                   inner_lr=0.3, vectorise=value, generator=meta.generator)
+    assert meta.config is before and torch.equal(meta.generator.get_state(), state)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_auto_q_runs_per_task_and_keeps_its_statistics():
@@ -276,10 +482,12 @@ def test_conv4_without_running_statistics_is_vectorised_and_exact():
     lr = 0.1
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.0)
-    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=lr, steps=steps, truncation=law)
+    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=lr, steps=steps, truncation=law,
+                                    vectorise=True)
     loss = lambda f, b: nn.functional.cross_entropy(f(b[0]), b[1])  # noqa: E731
     with no_fallback():
-        meta.backward_batch(loss, loss, (xs, ys), (qs, ys), force_truncation=force)
+        out = meta.backward_batch(loss, loss, (xs, ys), (qs, ys), force_truncation=force)
+    assert_vectorised(out)
     survival = law.survival(steps)
     want = [torch.zeros_like(p) for p in params]
     for i, K in enumerate(force):

@@ -175,6 +175,8 @@ def call(prob, path: Path, case, memory=None, seed=1):
     model, fi, fo = prob.model, prob.inner_loss, prob.outer_loss
     if path.entry == "hypergrad":
         return torch_ufom.hypergrad(model, fi, fo, support, query, **common, **force)
+    if path.batched:  # the vectorised path is under test: a per-task loop is a fallback that warns
+        common["vectorise"] = True
     if path.entry == "hypergrad_batch":
         return torch_ufom.hypergrad_batch(model, fi, fo, support, query, **common, **force)
     trainable = [p for p in model.parameters() if p.requires_grad]

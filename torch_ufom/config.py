@@ -36,10 +36,12 @@ from .schedules import MEMORY_CHOICES, Schedule, check_slots, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw
 
 __all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_generator",
-           "check_losses", "check_steps", "MODES", "HVP_CHOICES"]
+           "check_losses", "check_steps", "MODES", "HVP_CHOICES", "VECTORISE_CHOICES"]
 
 MODES = ("fom", "ufom", "exact", "truncated")
 HVP_CHOICES = ("auto", "fwdrev", "revrev")
+# How a meta-batch runs: "auto" (vmap where it pays), True (vmap where it is exact), False (the loop).
+VECTORISE_CHOICES = ("auto", True, False)
 # The keywords that choose the truncation law; reconfigure treats them as one group.
 LAW_KNOBS = ("mode", "q", "k", "truncation")
 
@@ -65,6 +67,7 @@ class Settings:
     slots: Any = 8
     hvp: Any = "auto"
     inner_params: Any = None
+    vectorise: Any = "auto"
 
     def replace(self, **changes) -> "Settings":
         """New settings with ``changes``; changing one law keyword drops the others it
@@ -97,6 +100,8 @@ class Config:
         hvp: the requested Hessian-vector product (``"auto"``, ``"fwdrev"``, ``"revrev"``).
         adapted: the names of the parameters the inner loop adapts, in
             ``named_parameters()`` order.
+        vectorise: how a meta-batch runs: ``"auto"``, ``True`` or ``False``
+            (see :func:`~torch_ufom.functional.estimate_batch`).
     """
 
     settings: Settings
@@ -109,6 +114,7 @@ class Config:
     slots: int
     hvp: str
     adapted: Tuple[str, ...]
+    vectorise: Any = "auto"
 
     @property
     def q(self):
@@ -168,6 +174,14 @@ def _check_q(q) -> None:
     if isinstance(q, bool) or not isinstance(q, numbers.Real) or not (
             math.isfinite(float(q)) and 0.0 < float(q) <= 1.0):
         raise ValueError(f"Invalid q: {q!r} (expected a float in (0, 1], or 'auto')")
+
+
+def _check_vectorise(value) -> Any:
+    # `is`, not `==`: 1, 0 and numpy booleans are not the flags.
+    if not any(value is c for c in VECTORISE_CHOICES[1:]) and not (
+            isinstance(value, str) and value == "auto"):
+        raise ValueError(f"Invalid vectorise: {value!r} (expected 'auto', True or False)")
+    return value
 
 
 def _choice(value, arg: str, choices: Sequence[str]) -> str:
@@ -254,8 +268,10 @@ def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer")
     memory = _choice(settings.memory, "memory", MEMORY_CHOICES)
     slots = check_slots(settings.slots)
     hvp = _choice(settings.hvp, "hvp", HVP_CHOICES)
+    vectorise = _check_vectorise(settings.vectorise)
     rule = _rule(settings, adapted, steps)
-    return Config(settings, steps, rule, mode, law, rule_q, memory, slots, hvp, tuple(adapted))
+    return Config(settings, steps, rule, mode, law, rule_q, memory, slots, hvp, tuple(adapted),
+                  vectorise=vectorise)
 
 
 def adapted_parameters(model: nn.Module, inner_params) -> Dict[str, Tensor]:

@@ -15,7 +15,7 @@ import numbers
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -26,11 +26,11 @@ from .estimators import Estimate, estimate
 from .inner import InnerRule
 from .truncation import TruncationLaw
 from .unroll import Evaluator, InnerLoop, PerTask, Problem, batch_getter
-from .vectorised import (Vectorised, group_by_truncation, meta_batch_size, probe, select_tasks,
-                         task_of, vmap_unsupported)
+from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
+                         probe, select_tasks, task_of, vmap_unsupported)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
-           "Problem", "resolve_hvp"]
+           "Problem", "SlowOps", "resolve_hvp"]
 
 # What hvp="auto" picks where forward-over-reverse applies (benchmarks/speed.py measures both).
 DEFAULT_HVP = "revrev"
@@ -175,42 +175,86 @@ class BatchRun:
         reason: why not, when it did not; or, when it did, how (e.g. which
             Hessian-vector product the vectorised sweep used and why).
         truncations: every task's ``K``.
+        fallback: the per-task loop ran although vectorising was asked for
+            (it would not be exact, or ``torch.func`` refused): the entry points
+            warn. ``False`` when the loop was chosen: ``vectorise=False``, or
+            ``"auto"`` judging that vectorising does not pay.
+        slow_ops: what ``vectorise="auto"`` found for this inner loss and
+            device (``None`` if it looked at nothing); pass it back as
+            ``known`` so that the next call need not probe again.
     """
 
     groups: List[Tuple[List[int], Estimate, float]]
     vectorised: bool
     reason: str
     truncations: List[int]
+    fallback: bool = False
+    slow_ops: Optional["SlowOps"] = None
+
+
+class SlowOps(NamedTuple):
+    """What ``vectorise="auto"`` found for one inner loss on one device: the operations
+    too large to pay vectorised there, with their sizes (empty: vmap pays)."""
+
+    inner_loss: Callable
+    device: torch.device
+    ops: Tuple[str, ...]
+
+
+class Plan(NamedTuple):
+    """How :func:`estimate_batch` runs a meta-batch (:func:`vectorised_plan`)."""
+
+    problem: Optional[Problem]  # the problem to vectorise (its hvp may differ), None: the loop
+    reason: str  # why the loop, or how vmap runs
+    fallback: bool  # the loop runs although vmap was asked for (the entry points warn)
+    slow_ops: Optional[SlowOps]  # what vectorise="auto" knows about this loss and device
 
 
 def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
-                   diagnostics: bool = False) -> BatchRun:
-    """A meta-batch's estimates: vectorised with ``torch.func.vmap`` where that is exact.
+                   diagnostics: bool = False, known: Optional[SlowOps] = None) -> BatchRun:
+    """A meta-batch's estimates: vectorised with ``torch.func.vmap`` where that is exact
+    and, under ``vectorise="auto"``, where it pays.
 
     Each task draws its ``K`` and its random-stream seed from the generator in
     task order, exactly as a loop of single-task calls would. Tasks are then
     grouped by ``K`` and each group runs one vectorised sweep
-    (:class:`~torch_ufom.vectorised.BatchedInnerLoop`). The per-task loop runs
-    instead (``BatchRun.reason`` says why) when the module has buffers, when
-    ``diagnostics`` are needed (``q="auto"`` keeps per-task statistics), when
-    the model uses a normalisation whose double backward is wrong under
-    ``vmap`` (pytorch/functorch#534) and forward-over-reverse HVPs cannot
-    replace it, or when ``vmap`` or forward-mode AD reports an operation it
-    does not support. Any other error of the user's losses is raised.
+    (:class:`~torch_ufom.vectorised.Vectorised`), or each task runs alone.
+
+    ``config.vectorise`` chooses: ``False`` always runs the per-task loop.
+    ``"auto"`` (the default) also runs it, by choice, when the module is on
+    a CPU and one task is large: at least ``SLOW_ON_CPU_ELEMENTS`` (65,536)
+    adapted parameters, or a convolution or ``batch_norm`` in task 0's inner
+    loss whose output has that many elements. There the vectorised forms
+    (B stacked parameter copies out of the cache, a grouped convolution,
+    ``batch_norm`` decomposed into elementwise operations) cost more than the
+    per-task loop (:mod:`torch_ufom.vectorised` gives the measurements). It
+    counts the parameters every call and looks at the operations once, in the
+    probe below; ``known`` (a previous call's ``BatchRun.slow_ops``) spares
+    that look for the same inner loss and device. ``True`` vectorises
+    wherever it is exact. Whatever it asks, the per-task loop runs instead
+    (a fallback: ``BatchRun.fallback``) when the module has buffers that the
+    losses write, when ``diagnostics`` are needed (``q="auto"`` keeps
+    per-task statistics), when the model uses a normalisation whose double
+    backward is wrong under ``vmap`` (pytorch/functorch#534) and
+    forward-over-reverse HVPs cannot replace it, or when ``vmap`` or
+    forward-mode AD reports an operation it does not support. Any other error
+    of the user's losses is raised. ``BatchRun.reason`` says why.
     """
     size = meta_batch_size(supports, queries)
     forced = check_force_truncation(force, size, problem.config.steps)
     with restore_rng_on_error(problem.generator):
         truncations, seeds = _draws(problem, size, forced)
-        batched, reason = vectorised_plan(problem, supports, diagnostics)
-        if batched is not None:
+        plan = vectorised_plan(problem, supports, diagnostics, known)
+        reason, fallback = plan.reason, plan.fallback
+        if plan.problem is not None:
             try:
-                return BatchRun(_run_groups(batched, supports, queries, truncations, seeds), True,
-                                reason, truncations)
+                return BatchRun(_run_groups(plan.problem, supports, queries, truncations, seeds),
+                                True, reason, truncations, False, plan.slow_ops)
             except (RuntimeError, ValueError) as err:
                 if not vmap_unsupported(err):
                     raise
                 reason = f"torch.func could not vectorise this model ({str(err).splitlines()[0]})"
+                fallback = True
         groups = []
         for i in range(size):
             start = time.perf_counter()
@@ -218,7 +262,7 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
             check_fwdrev_task(problem, task[0], truncations[i])
             est = run_estimate(problem, PerTask(), task, truncations[i], seeds[i], diagnostics)
             groups.append(([i], est, time.perf_counter() - start))
-        return BatchRun(groups, False, reason, truncations)
+        return BatchRun(groups, False, reason, truncations, fallback, plan.slow_ops)
 
 
 def _run_groups(problem: Problem, supports, queries, truncations, seeds):
@@ -232,30 +276,56 @@ def _run_groups(problem: Problem, supports, queries, truncations, seeds):
     return groups
 
 
-def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool):
-    """``(problem to vectorise or None, reason)``: whether and how the meta-batch runs
-    under ``vmap``. A model whose normalisation layers ``vmap`` differentiates twice
-    wrongly gets forward-over-reverse HVPs instead, where they apply."""
+def _slow(what: Sequence[str]) -> str:
+    return (f"vectorising {', '.join(what)} does not pay on CPU (vectorise='auto'; "
+            "vectorise=True forces vmap)")
+
+
+def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool,
+                    known: Optional[SlowOps] = None) -> Plan:
+    """Whether and how the meta-batch runs under ``vmap`` (see :func:`estimate_batch`).
+    A model whose normalisation layers ``vmap`` differentiates twice wrongly gets
+    forward-over-reverse HVPs instead, where they apply."""
+    choice = problem.config.vectorise
+    if choice is False:
+        return Plan(None, "vectorise=False", False, known)
     if diagnostics:
-        return None, "q='auto' keeps per-task statistics"
+        return Plan(None, "q='auto' keeps per-task statistics", True, known)
+    device = next(problem.model.parameters()).device
+    auto = choice == "auto" and device.type == "cpu"  # vmap pays on accelerators
+    if auto:
+        named = dict(problem.model.named_parameters())
+        size = sum(named[n].numel() for n in problem.config.adapted)
+        if size >= SLOW_ON_CPU_ELEMENTS:
+            return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
+    if auto and known is not None and (known.inner_loss is not problem.inner_loss
+                                       or known.device != device):
+        known = None
     exact = problem.law.survival(problem.config.steps)[1] > 0.0
-    if not exact and next(problem.model.buffers(), None) is None:
-        return problem, ""  # nothing the probe could find matters
+    if not exact and next(problem.model.buffers(), None) is None and (not auto or known is not None):
+        if auto and known.ops:  # nothing else the probe could find matters
+            return Plan(None, _slow(known.ops), False, known)
+        return Plan(problem, "", False, known)
     first = batch_getter(task_of(supports, 0), problem.config.steps)(0)
     found = probe(problem.model, problem.inner_loss, first)
+    if auto:
+        known = SlowOps(problem.inner_loss, device, tuple(
+            f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())))
+        if known.ops:
+            return Plan(None, _slow(known.ops), False, known)
     if found.written:
-        return None, (f"the module has buffers that the losses write ({', '.join(found.written)}: "
-                      "running statistics cannot be vectorised)")
+        return Plan(None, f"the module has buffers that the losses write ({', '.join(found.written)}: "
+                    "running statistics cannot be vectorised)", True, known)
     if not exact or problem.hvp == "fwdrev" or not found.norms:
-        return problem, ""
+        return Plan(problem, "", False, known)
     norms = ", ".join(sorted(found.norms))
     why = fwdrev_obstacle(problem.model, problem.config, problem.params)
     if why:
-        return None, (f"torch.func.vmap differentiates {norms} twice wrongly (pytorch/functorch#534) "
-                      f"and forward-over-reverse, which would replace it, {why}")
-    return problem._replace(hvp="fwdrev"), (
-        f"forward-over-reverse HVPs: vmap differentiates {norms} twice wrongly "
-        "(pytorch/functorch#534)")
+        return Plan(None, f"torch.func.vmap differentiates {norms} twice wrongly "
+                    f"(pytorch/functorch#534) and forward-over-reverse, which would replace it, {why}",
+                    True, known)
+    return Plan(problem._replace(hvp="fwdrev"), "forward-over-reverse HVPs: vmap differentiates "
+                f"{norms} twice wrongly (pytorch/functorch#534)", False, known)
 
 
 def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
@@ -322,7 +392,7 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
                     generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
                     truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
                     hvp: str = "auto", force_truncation=None,
-                    inner_params=None) -> Tuple[Tensor, ...]:
+                    inner_params=None, vectorise="auto") -> Tuple[Tensor, ...]:
     """The summed hypergradient estimates of a meta-batch of tasks, vectorised.
 
     The batched twin of :func:`hypergrad`: ``supports`` and ``queries`` are a
@@ -331,13 +401,19 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
     per-step stacked batches in :class:`~torch_ufom.StepBatches`). The result
     equals the sum of :func:`hypergrad` over the tasks with the same draws;
     it is computed by ``torch.func.vmap`` over the tasks, one group per drawn
-    truncation point, or by the per-task loop (with a warning that says why)
-    where vectorising would not be exact (see :func:`estimate_batch`). The
-    losses see one task's batch, as in :func:`hypergrad`.
+    truncation point, or by the per-task loop: by choice (``vectorise``), or
+    with a warning that says why where vectorising would not be exact (see
+    :func:`estimate_batch`). The losses see one task's batch, as in
+    :func:`hypergrad`.
 
     Args:
         supports, queries: the stacked tasks.
         force_truncation: ``None`` (draw), an int for every task, or one int per task.
+        vectorise: ``"auto"`` (default: ``vmap``, except on a CPU for tasks
+            with 65,536 adapted parameters or more, or whose inner loss runs a
+            convolution or ``batch_norm`` with that many output elements,
+            where the per-task loop is faster), ``True`` (``vmap`` wherever
+            it is exact) or ``False`` (the per-task loop, without a warning).
         The others: as for :func:`hypergrad`.
 
     Raises:
@@ -346,11 +422,11 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
         FloatingPointError: a non-finite loss or hypergradient in any task.
     """
     settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
-                        hvp=hvp, inner_params=inner_params)
+                        hvp=hvp, inner_params=inner_params, vectorise=vectorise)
     problem = functional_problem("hypergrad_batch", model, (inner_loss, outer_loss), settings,
                                  params, generator)
     run = estimate_batch(problem, supports, queries, force_truncation)
-    if not run.vectorised:
+    if run.fallback:
         warnings.warn(f"hypergrad_batch runs the per-task loop: {run.reason}", stacklevel=2)
     total = sum_grads(run, len(problem.params))
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(problem.params, total))

@@ -44,6 +44,9 @@ class MetaResult:
             with every tensor detached; ``None`` for a plain loss. Replays and
             rebuilds call the losses again but never change it. The inner
             loss may return ``(loss, aux)`` too; its aux is not kept.
+        batch_path: how :meth:`MetaOptimizer.backward_batch` ran the task:
+            ``"vectorised"`` (``"vectorised: <how>"`` when it says how) or
+            ``"per-task loop: <why>"``; ``None`` from :meth:`MetaOptimizer.backward`.
     """
 
     outer_loss: Tensor
@@ -54,6 +57,7 @@ class MetaResult:
     forward_steps: int
     reverse_steps: int
     aux: Any = None
+    batch_path: Optional[str] = None
 
 
 class MetaOptimizer:
@@ -127,11 +131,17 @@ class MetaOptimizer:
             gradient is held constant, so they get the outer loss's direct
             gradient at the adapted parameters only. Per-parameter
             hyperparameter dicts name the adapted parameters only.
+        vectorise: how :meth:`backward_batch` runs a meta-batch: ``"auto"``
+            (default: ``torch.func.vmap``, except on a CPU for tasks with
+            65,536 adapted parameters or more, or whose inner loss runs a
+            convolution or ``batch_norm`` with that many output elements,
+            where the per-task loop is faster), ``True`` (``vmap`` wherever
+            it is exact) or ``False`` (always the per-task loop).
 
     The configuration is resolved once (:mod:`torch_ufom.config`); ``steps``,
-    ``mode``, ``q``, ``law``, ``memory``, ``slots``, ``hvp`` and ``inner`` are
-    read-only properties, and :meth:`reconfigure` changes them between outer
-    steps.
+    ``mode``, ``q``, ``law``, ``memory``, ``slots``, ``hvp``, ``vectorise``
+    and ``inner`` are read-only properties, and :meth:`reconfigure` changes
+    them between outer steps.
 
     Example:
         >>> meta = MetaOptimizer(model, torch.optim.Adam(model.parameters()),
@@ -150,9 +160,9 @@ class MetaOptimizer:
                  q_rule: str = "ufom", q_min: Optional[float] = None,
                  q_beta: Optional[float] = None, track_buffers: bool = False,
                  process_group: Any = None, hvp: str = "auto", inner_params=None,
-                 reduction: str = "sum"):
+                 reduction: str = "sum", vectorise="auto"):
         settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, q_rule, q_min, q_beta,
-                            memory, slots, hvp, inner_params)
+                            memory, slots, hvp, inner_params, vectorise=vectorise)
         config = resolve(settings, model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -182,6 +192,7 @@ class MetaOptimizer:
         self._observations: List[Dict[str, float]] = []  # q="auto" observations since the last step
         self._tasks = 0  # tasks since the last step
         self._warned_per_task = False  # backward_batch fell back to the per-task loop
+        self._slow_ops = None  # what vectorise="auto" found for the last inner loss (SlowOps)
 
     # -- the resolved configuration: read-only; reconfigure() changes it --------------------
     config = property(lambda self: self._config,
@@ -192,6 +203,8 @@ class MetaOptimizer:
     memory = property(lambda self: self._config.memory, doc="The memory setting (read-only).")
     slots = property(lambda self: self._config.slots, doc="Checkpoint slots (read-only).")
     hvp = property(lambda self: self._config.hvp, doc="The requested HVP (read-only).")
+    vectorise = property(lambda self: self._config.vectorise,
+                         doc="How backward_batch runs: ``'auto'``, ``True`` or ``False`` (read-only).")
     inner = property(lambda self: self._config.rule, doc="The inner rule (read-only).")
     adaptive = property(lambda self: self._config.adaptive,
                         doc="The adaptive rule of ``q='auto'``, else ``None`` (read-only).")
@@ -212,7 +225,7 @@ class MetaOptimizer:
 
         Takes the constructor's configuration keywords (``mode``, ``q``, ``k``,
         ``truncation``, ``steps``, ``inner_lr``, ``inner``, ``memory``,
-        ``slots``, ``hvp``, ``q_rule``, ``q_min``, ``q_beta``) and resolves the
+        ``slots``, ``hvp``, ``vectorise``, ``q_rule``, ``q_min``, ``q_beta``) and resolves the
         result exactly as the constructor would; the outer optimizer's state,
         the generator, pending gradients and ``track_buffers`` are kept. A new
         ``mode`` drops an earlier ``truncation=`` (and ``k`` unless
@@ -323,11 +336,13 @@ class MetaOptimizer:
         The vectorised twin of calling :meth:`backward` once per task: the
         result (and every draw) is the same, but the tasks run through
         ``torch.func.vmap``, one vectorised sweep per drawn truncation point,
-        so tasks that drew ``K = 0`` skip the exact sweep of the others. A
-        model ``vmap`` cannot run (one with buffers, such as BatchNorm's
-        running statistics, or operations ``vmap`` rejects) and ``q="auto"``
-        (which keeps per-task statistics) use the per-task loop instead, with a
-        warning the first time.
+        so tasks that drew ``K = 0`` skip the exact sweep of the others. The
+        per-task loop runs instead where ``vectorise`` chooses it (``False``;
+        under ``"auto"``, large tasks on a CPU), and, with a warning the first time, where ``vmap`` cannot
+        run the model exactly (buffers the losses write, such as BatchNorm's
+        running statistics, or operations ``vmap`` rejects) and under
+        ``q="auto"`` (which keeps per-task statistics). Each result's
+        ``batch_path`` says which ran and why.
 
         Args:
             inner_loss, outer_loss: as for :meth:`backward`; they see one task's batch.
@@ -349,14 +364,17 @@ class MetaOptimizer:
         meta = list(problem.params)
         with self._named_errors(meta):
             run = estimate_batch(problem, supports, queries, force_truncation,
-                                 diagnostics=self.q_stats is not None)
-        if not run.vectorised and not self._warned_per_task:
+                                 diagnostics=self.q_stats is not None, known=self._slow_ops)
+        if run.fallback and not self._warned_per_task:
             warnings.warn(f"MetaOptimizer.backward_batch runs the per-task loop: {run.reason}",
                           stacklevel=2)
             self._warned_per_task = True
         self._write(meta, sum_grads(run, len(meta)))
+        self._slow_ops = run.slow_ops
         q = self.q
         results: List[Optional[MetaResult]] = [None] * len(run.truncations)
+        path = ("vectorised" + (f": {run.reason}" if run.reason else "") if run.vectorised
+                else f"per-task loop: {run.reason}")
         for index, est, seconds in run.groups:
             for col, i in enumerate(index):
                 batched = run.vectorised
@@ -364,7 +382,7 @@ class MetaOptimizer:
                     est.outer_loss[col] if batched else est.outer_loss,
                     est.inner_losses[:, col] if batched else est.inner_losses,
                     est.truncation, est.weights, q, est.forward_steps, est.reverse_steps,
-                    task_aux(est.aux, col) if batched else est.aux)
+                    task_aux(est.aux, col) if batched else est.aux, path)
             if self.track_buffers and not run.vectorised:
                 self._buffers.append(list(est.buffers))
             self._observe(est, seconds)
