@@ -189,7 +189,8 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     # The summed gradients matter only if a learned hyperparameter enters the update.
     grad_sum = None
     for j in range(1, swept + 1):
-        state, loss, g = loop.advance(state, j)
+        # s_0 is kept (and shares the module's storage); later states are the loop's own.
+        state, loss, g = loop.advance(state, j, owned=j > 1)
         log.first(loss)
         if loop.learned_hyper:
             grad_sum = g if grad_sum is None else tuple(a + b for a, b in zip(grad_sum, g))

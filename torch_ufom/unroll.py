@@ -347,8 +347,9 @@ class Loop(Protocol):
     def initial_state(self) -> State:
         """``s_0``."""
 
-    def advance(self, state: State, j: int) -> Tuple[State, Tensor, Tuple[Tensor, ...]]:
-        """Step ``j`` without a graph: ``(s_j, loss_j, g_j)``."""
+    def advance(self, state: State, j: int, owned: bool = False) -> Tuple[State, Tensor, Tuple[Tensor, ...]]:
+        """Step ``j`` without a graph: ``(s_j, loss_j, g_j)``; with ``owned`` it may
+        update ``state``'s tensors in place (the caller keeps nothing of it)."""
 
     def record(self, state: State, j: int, plan: SweepPlan) -> "StepRecord":
         """Step ``j`` kept for the reverse sweep, as ``plan`` says."""
@@ -502,8 +503,19 @@ class InnerLoop:
             self.rule.hyper)
         return tuple(new_p[n] for n in self.names), tuple(new_opt)
 
-    def advance(self, state: State, j: int):
-        """Step ``j`` without a graph: returns ``(s_j, loss_j, g_j)``."""
+    def advance(self, state: State, j: int, owned: bool = False):
+        """Step ``j`` without a graph: returns ``(s_j, loss_j, g_j)``.
+
+        ``owned``: the caller made ``state`` (an earlier ``advance``'s result) and
+        keeps nothing of it, so plain SGD updates its parameters in place.
+        """
+        if owned and self.plain_rate is not None:
+            params = tuple(p.requires_grad_() for p in state.params)
+            with torch.enable_grad():
+                loss, grads, buffers = self._grad(State(params, state.opt, state.buffers), j, False)
+            with torch.no_grad():
+                torch._foreach_add_(params, grads, alpha=-self.plain_rate)
+            return State(params, state.opt, buffers), loss.detach(), grads
         params = tuple(p.detach().requires_grad_() for p in state.params)
         with torch.enable_grad():
             loss, grads, buffers = self._grad(State(params, state.opt, state.buffers), j, False)
