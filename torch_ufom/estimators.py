@@ -125,11 +125,14 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
     """One 0-d bool tensor: every inner loss evaluated (forward, replays, rebuilds),
     the outer loss and every hypergradient finite. Read once per task."""
     with torch.no_grad():
-        flags = [torch.isfinite(outer).all()] + [torch.isfinite(g).all() for g in grads
-                                                 if g is not None]
+        device = outer.device
+        # max |g| per tensor in one foreach kernel: NaN and inf carry through the maximum.
+        tensors = [g for g in grads if g is not None and g.numel() > 0]
+        peaks = torch._foreach_norm(tensors, float("inf")) if tensors else []
+        flags = [torch.isfinite(outer).all()] + [torch.isfinite(p).to(device) for p in peaks]
         if log.values is not None:
-            flags.append(log.all_finite())
-        return torch.stack([f.to(flags[0].device) for f in flags]).all()
+            flags.append(log.all_finite().to(device))
+        return torch.stack(flags).all()
 
 
 def check_finite(log: SweepLog, est: "Estimate") -> None:
@@ -266,8 +269,7 @@ def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta) -> Tuple:
     """One gradient per tensor of ``params``: its direct terms plus, for a model
     parameter, the adjoint of its initial value."""
     direct = {id(t): g for t, g in zip(loop.meta, theta)}
-    module_params = dict(loop.module.named_parameters())
-    index = {id(module_params[n]): i for i, n in enumerate(loop.names)}
+    index = {id(loop.named[n]): i for i, n in enumerate(loop.names)}
     grads = []
     for p in params:
         g = direct.get(id(p))

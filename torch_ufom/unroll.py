@@ -338,6 +338,7 @@ class Loop(Protocol):
     """
 
     module: nn.Module  # the user's module (never modified)
+    named: Dict[str, Tensor]  # its parameters by name
     names: List[str]  # the adapted parameters, in state order
     meta: List[Tensor]  # the meta-parameters that require grad
     rule: Any  # the inner rule
@@ -428,11 +429,13 @@ class InnerLoop:
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
         self.batch = batch_getter(support, self.steps)
         named = list(module.named_parameters())
+        self.named = dict(named)  # the module's parameters by name, read once per loop
+        self.module_buffers = list(module.named_buffers())
         self.names = list(problem.config.adapted)
         # Parameters the inner loop does not adapt keep their module values (as
         # leaves: a meta-parameter among them gets its gradient through every step).
         self.frozen = {n: p for n, p in named if n not in set(self.names)}
-        self.buffer_names = [n for n, _ in module.named_buffers()]
+        self.buffer_names = [n for n, _ in self.module_buffers]
         self.meta = [t for t in problem.params if t.requires_grad]
         meta_ids = {id(t) for t in self.meta}
         self.learned_hyper = any(id(t) in meta_ids for t in rule.tensors())
@@ -444,10 +447,9 @@ class InnerLoop:
     # -- state -----------------------------------------------------------------
     def initial_state(self) -> State:
         """``s_0``: the module's parameters, the rule's initial state, the module's buffers."""
-        params = dict(self.module.named_parameters())
-        params = self.evaluator.stack(tuple(params[n].detach() for n in self.names))
+        params = self.evaluator.stack(tuple(self.named[n].detach() for n in self.names))
         opt = tuple(self.rule.init(dict(zip(self.names, params))))
-        buffers = tuple(b.detach() for _, b in self.module.named_buffers())
+        buffers = tuple(b.detach() for _, b in self.module_buffers)
         return State(params, opt, buffers)
 
     def fmodel(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> FunctionalModel:
