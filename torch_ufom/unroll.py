@@ -381,8 +381,9 @@ class PerTask:
         fm = loop.fmodel(state.params, state.buffers)
         loss, _ = loss_and_aux(loop.inner_loss(fm, batch), "inner_loss")  # the inner aux is dropped
         grads = torch.autograd.grad(loss, state.params, create_graph=create_graph, allow_unused=True)
-        grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(state.params, grads))
-        return loss, grads, tuple(fm.buffers[n] for n in loop.buffer_names)
+        if any(g is None for g in grads):
+            grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(state.params, grads))
+        return loss, grads, tuple(fm.buffers[n] for n in loop.buffer_names) if fm.buffers else ()
 
     def hvp(self, loop, state, batch, vec):
         def loss_of(ps):
@@ -455,8 +456,9 @@ class InnerLoop:
     def fmodel(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> FunctionalModel:
         """A :class:`FunctionalModel` at ``params``, with fresh copies of ``buffers``."""
         p = dict(zip(self.names, params))
-        p.update(self.frozen)
-        b = {n: t.clone() for n, t in zip(self.buffer_names, buffers)}
+        if self.frozen:
+            p.update(self.frozen)
+        b = {n: t.clone() for n, t in zip(self.buffer_names, buffers)} if buffers else {}
         return FunctionalModel(self.module, p, b, self.swap)
 
     # -- random streams ----------------------------------------------------------
