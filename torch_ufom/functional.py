@@ -400,9 +400,9 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             ``slots`` steps then keeps every graph). Not with ``max_memory``.
         max_memory: the byte budget of ``memory="checkpoint"`` with
             ``slots=None``: an int, or ``None`` (default) for
-            ``128 (G + |s|) + c``, where the sweep's first step measures ``G``
+            ``128 (G + |s|) + W``, where the sweep's first step measures ``G``
             (the bytes its graph keeps) and ``|s|`` (one inner state) and
-            ``c = 2.6 G + 3.75 |s|``: every graph is kept up to 128 steps,
+            ``W = 2.6 G + 3.75 |s|``: every graph is kept up to 128 steps,
             longer sweeps checkpoint with ``128 (G + |s|) / |s|`` slots (see
             ``docs/maths.md#costs-and-memory-of-each-schedule``).
         params: tensors to differentiate with respect to (default: the model's

@@ -102,9 +102,9 @@ class MetaOptimizer:
             ``slots`` steps then keeps every graph). Not with ``max_memory``.
         max_memory: the byte budget of ``memory="checkpoint"`` with
             ``slots=None``: an int, or ``None`` (default) for
-            ``128 (G + |s|) + c``, where each sweep's first step measures
+            ``128 (G + |s|) + W``, where each sweep's first step measures
             ``G`` (the bytes its graph keeps) and ``|s|`` (one inner state)
-            and ``c = 2.6 G + 3.75 |s|``: every graph is kept up to 128
+            and ``W = 2.6 G + 3.75 |s|``: every graph is kept up to 128
             steps, longer sweeps checkpoint with ``128 (G + |s|) / |s|``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         generator: optional ``torch.Generator`` making the draws reproducible.

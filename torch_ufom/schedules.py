@@ -10,11 +10,14 @@ the forward pass over those steps and then yields one
 * :class:`Recompute` keeps only ``s_start`` and replays the inner loop from it
   for every reverse step: constant memory, ``K (K - 1) / 2`` extra inner
   steps (the paper's scheme).
-* :class:`Checkpoint` follows a binomial (Revolve) schedule from the
-  ``checkpoint_schedules`` package: at most ``slots`` stored states plus one
-  step's graph, about ``K log K`` replayed steps (``K = 1000, slots = 8``:
-  4,285 replays, against 499,500 for :class:`Recompute`); a sweep of
-  ``K <= slots`` steps keeps its ``K`` graphs, like :class:`Store`.
+* :class:`Checkpoint` follows a binomial (Revolve) schedule, the one
+  ``checkpoint_schedules.Revolve`` gives (:func:`revolve_actions` builds the
+  same actions faster): at most ``slots`` stored states plus one step's
+  graph, about ``K log K`` replayed steps (``K = 1000, slots = 8``: 4,285
+  replays, against 499,500 for :class:`Recompute`). By default it is sized
+  by a byte budget measured on the sweep's first step: every graph when they
+  fit (like :class:`Store`), else as many slots as fit; with a fixed
+  ``slots``, a sweep of ``K <= slots`` steps keeps its ``K`` graphs.
 
 Each is one call, :meth:`Schedule.sweep`, which runs the forward pass and
 returns the final state with an iterator over the records in reverse order;
@@ -129,7 +132,7 @@ class Checkpoint(Schedule):
         slots: ``None`` (sized by ``max_memory``) or the number of stored inner
             states, an int ``>= 1``.
         max_memory: the byte budget of a sized sweep: ``None`` for the default
-            ``DEFAULT_BUDGET_STEPS * (G + |s|) + c`` (what keeping every graph
+            ``DEFAULT_BUDGET_STEPS * (G + |s|) + W`` (what keeping every graph
             costs for that many steps), or an int ``>= 1``. Only with
             ``slots=None``.
     """
@@ -325,7 +328,7 @@ def revolve_actions(steps: int, slots: int) -> Tuple:
 
 # -- sizing a sweep by a byte budget -----------------------------------------------------------
 DEFAULT_BUDGET_STEPS = 128
-# c, the memory of a checkpointed sweep besides its stored states, in records and states:
+# W, the memory of a checkpointed sweep besides its stored states, in records and states:
 # the working state, the record being consumed, the adjoints and the VJP's temporaries.
 OVERHEAD_RECORDS, OVERHEAD_STATES = 2.6, 3.75
 
@@ -336,13 +339,13 @@ def budget_slots(steps: int, state_bytes: int, record_bytes: int,
 
     Keeping every step's record costs ``steps (G + |s|) + c`` bytes, Revolve
     with ``n`` slots about ``n |s| + c``, where ``G = record_bytes``,
-    ``|s| = state_bytes`` and ``c = 2.6 G + 3.75 |s|``. ``max_memory=None``
+    ``|s| = state_bytes`` and ``W = 2.6 G + 3.75 |s|``. ``max_memory=None``
     is ``DEFAULT_BUDGET_STEPS (G + |s|) + c``: every record is kept up to 128
     steps, and longer sweeps get ``128 (G + |s|) / |s|`` slots.
 
     Returns:
         ``None`` to keep every record (also for ``steps <= 1``), else the slots
-        for Revolve: the most that fit, at least 1 (a budget below ``|s| + c``
+        for Revolve: the most that fit, at least 1 (a budget below ``|s| + W``
         cannot be met: one slot is the least memory) and at most ``steps - 1``
         (more would change nothing).
     """
