@@ -150,37 +150,46 @@ def test_the_estimator_reports_revolve_counts_with_the_actions_built_here(steps,
 
 # -- sizing by a byte budget: the decision -----------------------------------------------------
 
+def work(S, G):
+    """``W``, the working memory docs/maths.md states, for ``|s| = S`` and ``G`` bytes."""
+    return 3.5 * G + 12 * S
+
+
+SLOT = 1.25  # one checkpoint costs 1.25 |s| (docs/maths.md)
+
+
 def test_budget_keeps_every_graph_exactly_when_they_fit_by_bytes():
     S, G = 1000, 3000  # |s| and G in bytes
-    c = 2.6 * G + 3.75 * S
     for steps in (2, 10, 100):
-        fits = steps * (G + S) + c
+        fits = steps * (G + S) + work(S, G)
         assert budget_slots(steps, S, G, math.ceil(fits)) is None
-        assert budget_slots(steps, S, G, math.floor(fits) - 1) == min(steps - 1, int((fits - 1 - c) // S))
-    # The decision is by bytes, not by K <= slots: a graph of 1000 states' bytes does not fit
-    # twice in 100 states, though 100 states would be 100 slots.
-    assert budget_slots(2, 1, 1000, 100) == 1
+        below = budget_slots(steps, S, G, math.floor(fits) - 1)
+        assert below == min(steps - 1, int((math.floor(fits) - 1 - work(S, G)) // (SLOT * S)))
+    # By bytes, not by K <= slots: room for 200 checkpoints, but 5 graphs of 100 |s| do not fit.
+    S, G = 1000, 100_000
+    assert budget_slots(5, S, G, math.ceil(work(S, G) + 200 * SLOT * S)) == 4
     assert budget_slots(1000, 1000, 0, 10 ** 7) is None  # graphs of no bytes: every one fits
 
 
 def test_budget_gives_the_most_slots_that_fit_and_at_least_one():
     S, G = 1000, 500
-    c = 2.6 * G + 3.75 * S
-    assert budget_slots(1000, S, G, int(c + 37 * S)) == 37
-    assert budget_slots(1000, S, G, int(c + 37 * S) - 1) == 36
-    assert budget_slots(1000, S, G, 1) == 1  # below |s| + c: the least memory is one slot
-    assert budget_slots(30, S, G, int(c + 37 * S)) == 29  # more than steps - 1 changes nothing
+    room = math.ceil(work(S, G) + 37 * SLOT * S)
+    assert budget_slots(1000, S, G, room) == 37
+    assert budget_slots(1000, S, G, room - 1) == 36
+    assert budget_slots(1000, S, G, 1) == 1  # below 1.25 |s| + W: the least memory is one slot
+    assert budget_slots(35, S, G, room) == 34  # more than steps - 1 changes nothing
     assert budget_slots(1, S, G, 1) is None  # one step: its record is all there is
 
 
 def test_default_budget_keeps_128_steps_of_graphs_then_checkpoints_constant_memory():
     for S, G in [(1000, 1500), (450, 15 * 450), (8, 0)]:
         assert budget_slots(128, S, G) is None
-        assert budget_slots(129, S, G) == min(128, 128 * (G + S) // S)
+        default_slots = int(128 * (G + S) // (SLOT * S))
+        assert budget_slots(129, S, G) == min(128, default_slots)
         slots = {budget_slots(n, S, G) for n in (10 ** 6, 10 ** 7, 10 ** 8)}
-        assert slots == {128 * (G + S) // S}  # the same slots whatever the steps
+        assert slots == {default_slots}  # the same slots whatever the steps
         explicit = {budget_slots(n, S, G, 10 ** 6) for n in (10 ** 6, 10 ** 7, 10 ** 8)}
-        assert explicit == {(10 ** 6 - math.ceil(2.6 * G + 3.75 * S)) // S}
+        assert explicit == {int((10 ** 6 - work(S, G)) // (SLOT * S))}
 
 
 # -- sizing by a byte budget: the sweep ------------------------------------------------------
@@ -262,7 +271,7 @@ def sweep(schedule, loop, n):
 def test_sized_sweep_keeps_the_states_the_budget_allows_and_runs_revolves_counts(steps, budget_states):
     d, g = 100, 300
     S, G = 8 * d, 8 * g + 8  # G: the saved tensor and the record's 0-d loss
-    budget = int(2.6 * G + 3.75 * S) + budget_states * S
+    budget = math.ceil(work(S, G) + budget_states * SLOT * S)
     loop = ToyLoop(d, g)
     last, order, log = sweep(Checkpoint(max_memory=budget), loop, steps)
     slots = budget_slots(steps, S, G, budget)
@@ -275,7 +284,7 @@ def test_sized_sweep_keeps_the_states_the_budget_allows_and_runs_revolves_counts
     assert torch.equal(last.params[0], ref)
     if slots is None:  # every graph kept, the measured step's included: no replay
         assert (loop.advanced, loop.recorded, log.again_calls) == (0, steps, 0)
-        assert steps * (G + S) + 2.6 * G + 3.75 * S <= budget or steps == 1
+        assert steps * (G + S) + work(S, G) <= budget or steps == 1
     else:  # Revolve's own counts: the measured step replaces its first advance
         forward = sum(len(a) for a in reference_actions(steps, slots) if isinstance(a, cs.Forward))
         assert (loop.advanced + 1, loop.recorded - 1) == (forward - steps, steps)

@@ -402,9 +402,9 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             ``slots=None``: an int, or ``None`` (default) for
             ``128 (G + |s|) + W``, where the sweep's first step measures ``G``
             (the bytes its graph keeps) and ``|s|`` (one inner state) and
-            ``W = 2.6 G + 3.75 |s|``: every graph is kept up to 128 steps,
-            longer sweeps checkpoint with ``128 (G + |s|) / |s|`` slots (see
-            ``docs/maths.md#costs-and-memory-of-each-schedule``).
+            ``W = 3.5 G + 12 |s|``: every graph is kept up to 128 steps,
+            longer sweeps checkpoint with ``128 (G + |s|) / (1.25 |s|)``
+            slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         params: tensors to differentiate with respect to (default: the model's
             parameters). Any tensor the losses or ``inner_lr`` use may be included.
         generator: a ``torch.Generator`` for the truncation draw and the

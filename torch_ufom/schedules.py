@@ -328,33 +328,42 @@ def revolve_actions(steps: int, slots: int) -> Tuple:
 
 # -- sizing a sweep by a byte budget -----------------------------------------------------------
 DEFAULT_BUDGET_STEPS = 128
-# W, the memory of a checkpointed sweep besides its stored states, in records and states:
-# the working state, the record being consumed, the adjoints and the VJP's temporaries.
-OVERHEAD_RECORDS, OVERHEAD_STATES = 2.6, 3.75
+# Fitted to peaks measured on a CPU (resident set, glibc's allocator) for the MLP
+# 64-320-320-10 (G = 0.5 |s|) and conv4 on 5 images (G = 14 |s|), with some margin.
+# W, the memory of a sweep besides what it stores, in records and states: the working
+# state, the record being consumed, the adjoints, the VJP's temporaries, the allocator's
+# slack around them (6.5 |s| + 0.8 G of live tensors on the MLP, 14 |s| resident).
+WORK_RECORDS, WORK_STATES = 3.5, 12.0
+# One checkpoint: its state, and the fragmentation of the heap around long-lived states
+# (1.2 |s| resident per slot on the MLP, |s| of live tensors).
+SLOT_STATES = 1.25
 
 
 def budget_slots(steps: int, state_bytes: int, record_bytes: int,
                  max_memory: Optional[int] = None) -> Optional[int]:
     """How a sweep of ``steps`` steps fits in ``max_memory`` bytes.
 
-    Keeping every step's record costs ``steps (G + |s|) + c`` bytes, Revolve
-    with ``n`` slots about ``n |s| + c``, where ``G = record_bytes``,
-    ``|s| = state_bytes`` and ``W = 2.6 G + 3.75 |s|``. ``max_memory=None``
-    is ``DEFAULT_BUDGET_STEPS (G + |s|) + c``: every record is kept up to 128
-    steps, and longer sweeps get ``128 (G + |s|) / |s|`` slots.
+    Keeping every step's record costs ``steps (G + |s|) + W`` bytes, Revolve
+    with ``n`` slots ``1.25 n |s| + W``, where ``G = record_bytes``,
+    ``|s| = state_bytes`` and ``W = 3.5 G + 12 |s|`` (the working memory
+    besides what the sweep stores; the factor 1.25 is the allocator's slack
+    around long-lived states). ``max_memory=None`` is
+    ``DEFAULT_BUDGET_STEPS (G + |s|) + W``: every record is kept up to 128
+    steps, and longer sweeps get ``128 (G + |s|) / (1.25 |s|)`` slots,
+    whatever the steps (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
 
     Returns:
         ``None`` to keep every record (also for ``steps <= 1``), else the slots
-        for Revolve: the most that fit, at least 1 (a budget below ``|s| + W``
-        cannot be met: one slot is the least memory) and at most ``steps - 1``
-        (more would change nothing).
+        for Revolve: the most that fit, at least 1 (a budget below
+        ``1.25 |s| + W`` cannot be met: one slot is the least memory) and at
+        most ``steps - 1`` (more would change nothing).
     """
     per_step = record_bytes + state_bytes
-    overhead = OVERHEAD_RECORDS * record_bytes + OVERHEAD_STATES * state_bytes
-    budget = DEFAULT_BUDGET_STEPS * per_step + overhead if max_memory is None else max_memory
-    if steps <= 1 or steps * per_step + overhead <= budget:
+    work = WORK_RECORDS * record_bytes + WORK_STATES * state_bytes
+    budget = DEFAULT_BUDGET_STEPS * per_step + work if max_memory is None else max_memory
+    if steps <= 1 or steps * per_step + work <= budget:
         return None
-    fit = int((budget - overhead) // max(state_bytes, 1))
+    fit = int((budget - work) // (SLOT_STATES * max(state_bytes, 1)))
     return max(1, min(steps - 1, fit))
 
 
