@@ -155,7 +155,7 @@ def work(S, G):
     return 3.5 * G + 12 * S
 
 
-SLOT = 1.25  # one checkpoint costs 1.25 |s| (docs/maths.md)
+SLOT = 1.35  # one checkpoint costs 1.35 |s| (docs/maths.md)
 
 
 def test_budget_keeps_every_graph_exactly_when_they_fit_by_bytes():
@@ -176,7 +176,7 @@ def test_budget_gives_the_most_slots_that_fit_and_at_least_one():
     room = math.ceil(work(S, G) + 37 * SLOT * S)
     assert budget_slots(1000, S, G, room) == 37
     assert budget_slots(1000, S, G, room - 1) == 36
-    assert budget_slots(1000, S, G, 1) == 1  # below 1.25 |s| + W: the least memory is one slot
+    assert budget_slots(1000, S, G, 1) == 1  # below 1.35 |s| + W: the least memory is one slot
     assert budget_slots(35, S, G, room) == 34  # more than steps - 1 changes nothing
     assert budget_slots(1, S, G, 1) is None  # one step: its record is all there is
 

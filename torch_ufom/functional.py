@@ -403,7 +403,7 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             ``128 (G + |s|) + W``, where the sweep's first step measures ``G``
             (the bytes its graph keeps) and ``|s|`` (one inner state) and
             ``W = 3.5 G + 12 |s|``: every graph is kept up to 128 steps,
-            longer sweeps checkpoint with ``128 (G + |s|) / (1.25 |s|)``
+            longer sweeps checkpoint with ``128 (G + |s|) / (1.35 |s|)``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         params: tensors to differentiate with respect to (default: the model's
             parameters). Any tensor the losses or ``inner_lr`` use may be included.

@@ -105,7 +105,7 @@ class MetaOptimizer:
             ``128 (G + |s|) + W``, where each sweep's first step measures
             ``G`` (the bytes its graph keeps) and ``|s|`` (one inner state)
             and ``W = 3.5 G + 12 |s|``: every graph is kept up to 128
-            steps, longer sweeps checkpoint with ``128 (G + |s|) / (1.25 |s|)``
+            steps, longer sweeps checkpoint with ``128 (G + |s|) / (1.35 |s|)``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         generator: optional ``torch.Generator`` making the draws reproducible.
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.

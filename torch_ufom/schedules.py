@@ -335,8 +335,8 @@ DEFAULT_BUDGET_STEPS = 128
 # slack around them (6.5 |s| + 0.8 G of live tensors on the MLP, 14 |s| resident).
 WORK_RECORDS, WORK_STATES = 3.5, 12.0
 # One checkpoint: its state, and the fragmentation of the heap around long-lived states
-# (1.2 |s| resident per slot on the MLP, |s| of live tensors).
-SLOT_STATES = 1.25
+# (1.15 to 1.26 |s| resident per slot on the MLP, |s| of live tensors).
+SLOT_STATES = 1.35
 
 
 def budget_slots(steps: int, state_bytes: int, record_bytes: int,
@@ -344,18 +344,18 @@ def budget_slots(steps: int, state_bytes: int, record_bytes: int,
     """How a sweep of ``steps`` steps fits in ``max_memory`` bytes.
 
     Keeping every step's record costs ``steps (G + |s|) + W`` bytes, Revolve
-    with ``n`` slots ``1.25 n |s| + W``, where ``G = record_bytes``,
+    with ``n`` slots ``1.35 n |s| + W``, where ``G = record_bytes``,
     ``|s| = state_bytes`` and ``W = 3.5 G + 12 |s|`` (the working memory
-    besides what the sweep stores; the factor 1.25 is the allocator's slack
+    besides what the sweep stores; the factor 1.35 is the allocator's slack
     around long-lived states). ``max_memory=None`` is
     ``DEFAULT_BUDGET_STEPS (G + |s|) + W``: every record is kept up to 128
-    steps, and longer sweeps get ``128 (G + |s|) / (1.25 |s|)`` slots,
+    steps, and longer sweeps get ``128 (G + |s|) / (1.35 |s|)`` slots,
     whatever the steps (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
 
     Returns:
         ``None`` to keep every record (also for ``steps <= 1``), else the slots
         for Revolve: the most that fit, at least 1 (a budget below
-        ``1.25 |s| + W`` cannot be met: one slot is the least memory) and at
+        ``1.35 |s| + W`` cannot be met: one slot is the least memory) and at
         most ``steps - 1`` (more would change nothing).
     """
     per_step = record_bytes + state_bytes
