@@ -152,7 +152,7 @@ def test_the_estimator_reports_revolve_counts_with_the_actions_built_here(steps,
 
 def work(S, G):
     """``W``, the working memory docs/maths.md states, for ``|s| = S`` and ``G`` bytes."""
-    return 3.5 * G + 12 * S
+    return 3.5 * G + 16 * S
 
 
 SLOT = 1.35  # one checkpoint costs 1.35 |s| (docs/maths.md)

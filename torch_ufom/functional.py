@@ -402,7 +402,7 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             ``slots=None``: an int, or ``None`` (default) for
             ``128 (G + |s|) + W``, where the sweep's first step measures ``G``
             (the bytes its graph keeps) and ``|s|`` (one inner state) and
-            ``W = 3.5 G + 12 |s|``: every graph is kept up to 128 steps,
+            ``W = 3.5 G + 16 |s|``: every graph is kept up to 128 steps,
             longer sweeps checkpoint with ``128 (G + |s|) / (1.35 |s|)``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         params: tensors to differentiate with respect to (default: the model's

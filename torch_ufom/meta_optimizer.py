@@ -104,7 +104,7 @@ class MetaOptimizer:
             ``slots=None``: an int, or ``None`` (default) for
             ``128 (G + |s|) + W``, where each sweep's first step measures
             ``G`` (the bytes its graph keeps) and ``|s|`` (one inner state)
-            and ``W = 3.5 G + 12 |s|``: every graph is kept up to 128
+            and ``W = 3.5 G + 16 |s|``: every graph is kept up to 128
             steps, longer sweeps checkpoint with ``128 (G + |s|) / (1.35 |s|)``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         generator: optional ``torch.Generator`` making the draws reproducible.

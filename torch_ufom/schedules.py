@@ -332,8 +332,8 @@ DEFAULT_BUDGET_STEPS = 128
 # 64-320-320-10 (G = 0.5 |s|) and conv4 on 5 images (G = 14 |s|), with some margin.
 # W, the memory of a sweep besides what it stores, in records and states: the working
 # state, the record being consumed, the adjoints, the VJP's temporaries, the allocator's
-# slack around them (6.5 |s| + 0.8 G of live tensors on the MLP, 14 |s| resident).
-WORK_RECORDS, WORK_STATES = 3.5, 12.0
+# slack around them (6.5 |s| + 0.8 G of live tensors on the MLP, 14 to 17 |s| resident).
+WORK_RECORDS, WORK_STATES = 3.5, 16.0
 # One checkpoint: its state, and the fragmentation of the heap around long-lived states
 # (1.15 to 1.26 |s| resident per slot on the MLP, |s| of live tensors).
 SLOT_STATES = 1.35
@@ -345,7 +345,7 @@ def budget_slots(steps: int, state_bytes: int, record_bytes: int,
 
     Keeping every step's record costs ``steps (G + |s|) + W`` bytes, Revolve
     with ``n`` slots ``1.35 n |s| + W``, where ``G = record_bytes``,
-    ``|s| = state_bytes`` and ``W = 3.5 G + 12 |s|`` (the working memory
+    ``|s| = state_bytes`` and ``W = 3.5 G + 16 |s|`` (the working memory
     besides what the sweep stores; the factor 1.35 is the allocator's slack
     around long-lived states). ``max_memory=None`` is
     ``DEFAULT_BUDGET_STEPS (G + |s|) + W``: every record is kept up to 128
