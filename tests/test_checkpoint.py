@@ -1,4 +1,8 @@
-"""``memory="checkpoint"`` (Revolve) against ``"store"``, and its replay count."""
+"""``memory="checkpoint"`` (Revolve) against ``"store"``, its replay count, the Revolve
+actions built here against ``checkpoint_schedules``', and the sizing by a byte budget."""
+import math
+import weakref
+
 import checkpoint_schedules as cs
 import pytest
 import torch
@@ -6,6 +10,11 @@ from torch import nn
 
 import torch_ufom
 from helpers import mlp_problem, mse, rel_err
+from oracle import brute_force, ref_sgd
+from snapshot import assert_unchanged, capture
+from torch_ufom.inner import SGD
+from torch_ufom.schedules import Checkpoint, budget_slots, revolve_actions
+from torch_ufom.unroll import State, SweepPlan
 
 
 def schedule_forward_steps(n, slots):
@@ -21,14 +30,27 @@ def schedule_forward_steps(n, slots):
             return total
 
 
-def run(model, loss, data, steps, memory, slots=8, K=None, mode="exact", q=0.5):
+def reference_actions(n, slots):
+    """``checkpoint_schedules.Revolve(n, slots)``'s actions, up to ``EndReverse``."""
+    actions = []
+    for action in cs.Revolve(n, slots):
+        actions.append(action)
+        if isinstance(action, cs.EndReverse):
+            return actions
+
+
+def run(model, loss, data, steps, memory, slots=8, K=None, mode="exact", q=0.5, **kw):
+    """One ``backward``: the gradients it wrote (copies, from ``.grad`` cleared first, so
+    that two runs on one model are compared, not one accumulated tensor with itself)."""
     lr = torch.tensor(0.05, requires_grad=True)
     params = list(model.parameters()) + [lr]
+    for p in params:
+        p.grad = None
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=lr,
-                                    steps=steps, mode=mode, q=q, memory=memory, slots=slots)
+                                    steps=steps, mode=mode, q=q, memory=memory, slots=slots, **kw)
     support = lambda j: data[j % len(data)]  # noqa: E731
     out = meta.backward(loss, loss, support, data[-1], force_truncation=K)
-    return [p.grad for p in params], out
+    return [p.grad.clone() for p in params], out
 
 
 @pytest.mark.parametrize("slots", [1, 2, 5])
@@ -84,3 +106,306 @@ def test_replays_per_step_at_1000_steps_and_8_slots():
     assert out.forward_steps + out.reverse_steps == schedule_forward_steps(1000, 8)
     assert replays / 1000 < 7
     assert replays < 999 * 1000 // 2 / 50  # the paper's recomputation replays 499,500
+
+
+# -- the Revolve actions built here ----------------------------------------------------------
+
+def assert_same_actions(n, slots):
+    ours, theirs = revolve_actions(n, slots), reference_actions(n, slots)
+    assert [type(a) for a in ours] == [type(a) for a in theirs], (n, slots)
+    assert [a.args for a in ours] == [a.args for a in theirs], (n, slots)
+
+
+def test_revolve_actions_are_checkpoint_schedules_actions_on_a_grid():
+    for n in range(1, 41):
+        for slots in range(1, 11):
+            assert_same_actions(n, slots)
+
+
+@pytest.mark.parametrize("n, slots", [(64, 2), (100, 3), (100, 20), (129, 7), (130, 40), (200, 8),
+                                      (256, 4)])
+def test_revolve_actions_are_checkpoint_schedules_actions(n, slots):
+    assert_same_actions(n, slots)
+
+
+@pytest.mark.parametrize("n", [129, 1000])
+def test_revolve_forward_steps_follow_the_binomial_formula(n):
+    # t n - C(c + t, c + 1) graph-free steps (docs/maths.md), t the smallest with C(c + t, t) >= n.
+    for slots in (2, 8, 64, 200):
+        t = next(t for t in range(n + 1) if math.comb(slots + t, t) >= n)
+        forward = sum(len(a) for a in revolve_actions(n, slots) if isinstance(a, cs.Forward))
+        assert forward - n == t * n - math.comb(slots + t, slots + 1)
+
+
+@pytest.mark.parametrize("steps, slots", [(9, 2), (23, 4), (40, 7)])
+def test_the_estimator_reports_revolve_counts_with_the_actions_built_here(steps, slots):
+    model, loss, data = mlp_problem(3)
+    ref, _ = run(model, loss, data, steps, "store")
+    got, out = run(model, loss, data, steps, "checkpoint", slots)
+    assert rel_err(got, ref) < 1e-12
+    assert out.reverse_steps == steps
+    assert out.forward_steps == sum(len(a) for a in reference_actions(steps, slots)
+                                    if isinstance(a, cs.Forward)) - steps
+
+
+# -- sizing by a byte budget: the decision -----------------------------------------------------
+
+def work(S, G):
+    """``W``, the working memory docs/maths.md states, for ``|s| = S`` and ``G`` bytes."""
+    return 3.5 * G + 16 * S
+
+
+SLOT = 1.35  # one checkpoint costs 1.35 |s| (docs/maths.md)
+
+
+def test_budget_keeps_every_graph_exactly_when_they_fit_by_bytes():
+    S, G = 1000, 3000  # |s| and G in bytes
+    for steps in (2, 10, 100):
+        fits = steps * (G + S) + work(S, G)
+        assert budget_slots(steps, S, G, math.ceil(fits)) is None
+        below = budget_slots(steps, S, G, math.floor(fits) - 1)
+        assert below == min(steps - 1, int((math.floor(fits) - 1 - work(S, G)) // (SLOT * S)))
+    # By bytes, not by K <= slots: room for 200 checkpoints, but 5 graphs of 100 |s| do not fit.
+    S, G = 1000, 100_000
+    assert budget_slots(5, S, G, math.ceil(work(S, G) + 200 * SLOT * S)) == 4
+    assert budget_slots(1000, 1000, 0, 10 ** 7) is None  # graphs of no bytes: every one fits
+
+
+def test_budget_gives_the_most_slots_that_fit_and_at_least_one():
+    S, G = 1000, 500
+    room = math.ceil(work(S, G) + 37 * SLOT * S)
+    assert budget_slots(1000, S, G, room) == 37
+    assert budget_slots(1000, S, G, room - 1) == 36
+    assert budget_slots(1000, S, G, 1) == 1  # below 1.35 |s| + W: the least memory is one slot
+    assert budget_slots(35, S, G, room) == 34  # more than steps - 1 changes nothing
+    assert budget_slots(1, S, G, 1) is None  # one step: its record is all there is
+
+
+def test_default_budget_keeps_128_steps_of_graphs_then_checkpoints_constant_memory():
+    for S, G in [(1000, 1500), (450, 15 * 450), (8, 0)]:
+        assert budget_slots(128, S, G) is None
+        default_slots = int(128 * (G + S) // (SLOT * S))
+        assert budget_slots(129, S, G) == min(128, default_slots)
+        slots = {budget_slots(n, S, G) for n in (10 ** 6, 10 ** 7, 10 ** 8)}
+        assert slots == {default_slots}  # the same slots whatever the steps
+        explicit = {budget_slots(n, S, G, 10 ** 6) for n in (10 ** 6, 10 ** 7, 10 ** 8)}
+        assert explicit == {int((10 ** 6 - work(S, G)) // (SLOT * S))}
+
+
+# -- sizing by a byte budget: the sweep ------------------------------------------------------
+
+class _Saves(torch.autograd.Function):
+    """``p -> 0.5 p + j`` whose node saves ``extra`` (the step's graph, of known bytes)."""
+
+    @staticmethod
+    def forward(ctx, p, extra, j):
+        ctx.save_for_backward(extra)
+        return 0.5 * p + j
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 0.5 * grad, None, None
+
+
+class _Record:
+    def __init__(self, leaves, out, loss, exact, j):
+        self.leaves, self.exact, self.loss, self.is_exact, self.j = leaves, (out,), loss, exact, j
+        self.next_state = State((out.detach(),), (), ())
+
+
+class ToyLoop:
+    """The schedules' side of :class:`~torch_ufom.unroll.Loop`: a state of ``d`` float64
+    values, ``s_j = 0.5 s_{j-1} + j``, and records whose graph saves ``g`` float64
+    values; it counts the states alive at once and the steps run."""
+
+    def __init__(self, d, g):
+        self.d, self.g = d, g
+        self.alive = self.peak = self.advanced = self.recorded = 0
+
+    def _new(self, t):
+        self.alive += 1
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(t, self._gone)
+        return t
+
+    def _gone(self):
+        self.alive -= 1
+
+    def initial_state(self):
+        return State((self._new(torch.zeros(self.d)),), (), ())
+
+    def advance(self, state, j):
+        self.advanced += 1
+        p = self._new(0.5 * state.params[0] + j)
+        return State((p,), (), ()), p.sum(), ()
+
+    def record(self, state, j, plan):
+        self.recorded += 1
+        leaves = state.params[0].detach().requires_grad_()
+        out = _Saves.apply(leaves, torch.ones(self.g), float(j))
+        self._new(out)
+        return _Record(leaves, out, out.detach().sum(), j > plan.exact_after, j)
+
+
+class CountLog:
+    def __init__(self):
+        self.first_calls, self.again_calls = [], 0
+
+    def first(self, loss, exact):
+        self.first_calls.append(float(loss))
+
+    def again(self, loss, exact):
+        self.again_calls += 1
+
+
+def sweep(schedule, loop, n):
+    """Run a whole sweep of ``n`` steps; return the record indices in the order handed back."""
+    log = CountLog()
+    last, records = schedule.sweep(loop, loop.initial_state(), 0, n, log, SweepPlan(0, 0))
+    order = [rec.j for rec in records]
+    return last, order, log
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 30, 200])
+@pytest.mark.parametrize("budget_states", [1, 4, 11, 40, 10 ** 6])
+def test_sized_sweep_keeps_the_states_the_budget_allows_and_runs_revolves_counts(steps, budget_states):
+    d, g = 100, 300
+    S, G = 8 * d, 8 * g + 8  # G: the saved tensor and the record's 0-d loss
+    budget = math.ceil(work(S, G) + budget_states * SLOT * S)
+    loop = ToyLoop(d, g)
+    last, order, log = sweep(Checkpoint(max_memory=budget), loop, steps)
+    slots = budget_slots(steps, S, G, budget)
+    assert order == list(range(steps, 0, -1))
+    assert len(log.first_calls) == steps  # every step of the forward pass reported once, in order
+    ref = ToyLoop(d, g).initial_state().params[0]
+    for j in range(1, steps + 1):
+        assert log.first_calls[j - 1] == float((0.5 * ref + j).sum())
+        ref = 0.5 * ref + j
+    assert torch.equal(last.params[0], ref)
+    if slots is None:  # every graph kept, the measured step's included: no replay
+        assert (loop.advanced, loop.recorded, log.again_calls) == (0, steps, 0)
+        assert steps * (G + S) + work(S, G) <= budget or steps == 1
+    else:  # Revolve's own counts: the measured step replaces its first advance
+        forward = sum(len(a) for a in reference_actions(steps, slots) if isinstance(a, cs.Forward))
+        assert (loop.advanced + 1, loop.recorded - 1) == (forward - steps, steps)
+        assert log.again_calls == forward - steps
+        assert slots <= max(1, budget_states)
+        # States alive at once: the checkpoints, the working state, the record being handed
+        # back and the sweep's final state.
+        assert loop.peak <= slots + 3
+
+
+def test_sized_sweep_without_steps_and_the_explicit_slots_meaning():
+    loop = ToyLoop(10, 10)
+    last, order, log = sweep(Checkpoint(max_memory=1), loop, 0)
+    assert order == [] and loop.recorded == loop.advanced == 0
+    # slots=N: K <= N keeps every graph, whatever it weighs (today's behaviour).
+    loop = ToyLoop(10, 10 ** 5)
+    _, order, _ = sweep(Checkpoint(slots=8), loop, 8)
+    assert order == list(range(8, 0, -1)) and (loop.advanced, loop.recorded) == (0, 8)
+    loop = ToyLoop(10, 10)
+    sweep(Checkpoint(slots=3), loop, 9)
+    forward = sum(len(a) for a in reference_actions(9, 3) if isinstance(a, cs.Forward))
+    assert (loop.advanced, loop.recorded) == (forward - 9, 9)
+
+
+# -- sizing by a byte budget: exactness ----------------------------------------------------
+
+@pytest.mark.parametrize("max_memory", [None, 1, 20_000, 10 ** 9])
+@pytest.mark.parametrize("steps", [1, 2, 7, 40])
+def test_budget_sized_checkpoint_equals_store_and_the_oracle(steps, max_memory):
+    model, loss, data = mlp_problem(11)
+    ref, _ = run(model, loss, data, steps, "store")
+    got, out = run(model, loss, data, steps, "checkpoint", slots=None, max_memory=max_memory)
+    assert rel_err(got, ref) < 1e-12
+    assert out.reverse_steps == steps
+    if max_memory == 1 and steps > 1:  # one slot: the paper's recomputation
+        assert out.forward_steps == steps * (steps - 1) // 2
+    if max_memory in (None, 10 ** 9):  # every graph fits
+        assert out.forward_steps == 0
+    if steps == 7:
+        params = list(model.parameters())
+        lr = torch.tensor(0.05, requires_grad=True)
+        want = brute_force(model, loss, loss, lambda j: data[j % len(data)], data[-1], steps, lr,
+                           params + [lr], steps)
+        assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("max_memory", [None, 1, 30_000])
+def test_budget_sized_sweep_whose_first_steps_are_first_order(max_memory):
+    # Momentum is not first-order additive: the sweep covers every step, the first
+    # steps - K first-order and the last K exact; the measured first step is recorded
+    # exact (keeping its gradient) so that G is an exact step's.
+    model, loss, data = mlp_problem(12)
+    params = list(model.parameters())
+    got = {}
+    for memory, kw in (("store", {}), ("checkpoint", {"max_memory": max_memory})):
+        got[memory] = torch_ufom.hypergrad(model, loss, loss, lambda j: data[j], data[-1], steps=9,
+                                           inner=SGD(0.05, momentum=0.9), mode="truncated", k=4,
+                                           memory=memory, **kw)
+    assert rel_err(got["checkpoint"], got["store"]) < 1e-12
+    want = brute_force(model, loss, loss, lambda j: data[j], data[-1], 9, None, params, 4,
+                       rule=ref_sgd(0.05, momentum=0.9))
+    assert rel_err(got["checkpoint"], want) < 1e-10
+
+
+@pytest.mark.parametrize("hvp", ["fwdrev", "revrev"])
+def test_budget_sized_meta_batch_and_forward_over_reverse(hvp):
+    # The vectorised evaluator runs torch.func, which refuses saved-tensor hooks: the
+    # measurement walks autograd's graph instead.
+    model, loss, data = mlp_problem(13)
+    xs = torch.stack([x for x, _ in data[:4]]), torch.stack([y for _, y in data[:4]])
+    qs = torch.stack([x for x, _ in data[4:8]]), torch.stack([y for _, y in data[4:8]])
+    got = {}
+    for memory, kw in (("store", {}), ("checkpoint", {"max_memory": 1}), ("checkpoint", {})):
+        got[memory, str(kw)] = torch_ufom.hypergrad_batch(model, loss, loss, xs, qs, steps=6,
+                                                          inner_lr=0.05, mode="exact", hvp=hvp,
+                                                          memory=memory, **kw)
+    ref = got["store", "{}"]
+    assert all(rel_err(g, ref) < 1e-12 for g in got.values())
+
+
+# -- the max_memory knob ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, error", [(True, TypeError), (-1, ValueError), (0, ValueError),
+                                          (1.5e9, TypeError), (math.nan, TypeError),
+                                          ("1GB", TypeError)])
+def test_invalid_max_memory_is_refused_everywhere_and_changes_nothing(value, error):
+    model, loss, data = mlp_problem(14)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=0.1, steps=3, generator=gen)
+    meta.backward(loss, loss, data[0], data[1])
+    xs = torch.stack([x for x, _ in data[:2]]), torch.stack([y for _, y in data[:2]])
+    before = capture(model=model, optimizer=opt, meta=meta, generators=[gen])
+    config = meta.config
+    calls = [lambda: torch_ufom.MetaOptimizer(model, opt, inner_lr=0.1, steps=3, max_memory=value),
+             lambda: torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner_lr=0.1,
+                                          generator=gen, max_memory=value),
+             lambda: torch_ufom.hypergrad_batch(model, loss, loss, xs, xs, steps=3, inner_lr=0.1,
+                                                generator=gen, max_memory=value),
+             lambda: meta.reconfigure(max_memory=value)]
+    for call in calls:
+        with pytest.raises(error, match="max_memory") as info:
+            call()
+        assert "expected None" in str(info.value)
+    assert meta.config is config
+    assert_unchanged(before)
+
+
+def test_slots_and_max_memory_exclude_each_other_and_reconfigure_swaps_them():
+    model, loss, data = mlp_problem(15)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="max_memory.*slots"):
+        torch_ufom.MetaOptimizer(model, opt, inner_lr=0.1, steps=3, slots=4, max_memory=10 ** 6)
+    with pytest.raises(ValueError, match="max_memory.*slots"):
+        torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner_lr=0.1, slots=4,
+                             max_memory=10 ** 6)
+    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=0.1, steps=3)
+    assert (meta.slots, meta.max_memory) == (None, None)
+    meta.reconfigure(slots=4)
+    assert (meta.slots, meta.max_memory) == (4, None)
+    meta.reconfigure(max_memory=10 ** 6)
+    assert (meta.slots, meta.max_memory) == (None, 10 ** 6)
+    meta.reconfigure(memory="store")  # unused under store, kept
+    assert (meta.memory, meta.max_memory) == ("store", 10 ** 6)

@@ -14,9 +14,11 @@ Rules that span arguments:
 * ``k`` is the truncation point of ``mode="truncated"`` and an error elsewhere.
 * ``q="auto"`` is an adaptive ``ufom``: an error with any other mode, and in
   the functional entry points (which keep no statistics).
-* ``q`` under ``fom``/``exact``/``truncated``, ``slots`` under ``store`` or
-  ``recompute`` and the ``q_rule``/``q_min``/``q_beta`` of a fixed ``q`` are
-  accepted (checked, unused).
+* ``q`` under ``fom``/``exact``/``truncated``, ``slots`` and ``max_memory``
+  under ``store`` or ``recompute`` and the ``q_rule``/``q_min``/``q_beta`` of
+  a fixed ``q`` are accepted (checked, unused).
+* ``slots`` (a fixed number of checkpoints) and ``max_memory`` (a byte budget
+  that sizes them) exclude each other.
 * ``inner_lr`` and ``inner=`` exclude each other; one of them is required.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 from . import adaptive
 from .inner import SGD, InnerRule
-from .schedules import MEMORY_CHOICES, Schedule, check_slots, make_schedule
+from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw
 
 __all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_generator",
@@ -64,15 +66,17 @@ class Settings:
     q_min: Any = None
     q_beta: Any = None
     memory: Any = "checkpoint"
-    slots: Any = 8
+    slots: Any = None
     hvp: Any = "auto"
     inner_params: Any = None
     vectorise: Any = "auto"
+    max_memory: Any = None
 
     def replace(self, **changes) -> "Settings":
         """New settings with ``changes``; changing one law keyword drops the others it
         conflicts with (a new ``mode`` drops ``truncation`` and, unless
-        ``"truncated"``, ``k``; a new ``truncation`` drops ``mode``)."""
+        ``"truncated"``, ``k``; a new ``truncation`` drops ``mode``); likewise a
+        new ``slots`` drops ``max_memory`` and a new ``max_memory`` drops ``slots``."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise TypeError(f"reconfigure() got unexpected keyword(s) {unknown}")
@@ -82,6 +86,10 @@ class Settings:
                 changes.setdefault("k", None)
         if changes.get("truncation") is not None:
             changes.setdefault("mode", None)
+        if changes.get("slots") is not None:
+            changes.setdefault("max_memory", None)
+        if changes.get("max_memory") is not None:
+            changes.setdefault("slots", None)
         return dataclasses.replace(self, **changes)
 
 
@@ -96,7 +104,9 @@ class Config:
         mode: the resolved mode (``"law"`` for an explicit ``truncation=``).
         law: the truncation law (for ``q="auto"``, the law of the initial ``q``).
         adaptive: the adaptive rule for ``q="auto"``, else ``None``.
-        memory, slots: the memory setting of the exact sweep.
+        memory, slots, max_memory: the memory setting of the exact sweep
+            (``slots=None``: sized by the byte budget ``max_memory``, ``None``
+            for the default; see :class:`~torch_ufom.schedules.Checkpoint`).
         hvp: the requested Hessian-vector product (``"auto"``, ``"fwdrev"``, ``"revrev"``).
         adapted: the names of the parameters the inner loop adapts, in
             ``named_parameters()`` order.
@@ -111,10 +121,11 @@ class Config:
     law: TruncationLaw
     adaptive: Optional[adaptive.AdaptiveQ]
     memory: str
-    slots: int
+    slots: Optional[int]
     hvp: str
     adapted: Tuple[str, ...]
     vectorise: Any = "auto"
+    max_memory: Optional[int] = None
 
     @property
     def q(self):
@@ -130,7 +141,7 @@ class Config:
 
     def schedule(self) -> Schedule:
         """A fresh memory schedule for one sweep."""
-        return make_schedule(self.memory, self.slots)
+        return make_schedule(self.memory, self.slots, self.max_memory)
 
 
 def check_steps(steps) -> int:
@@ -266,12 +277,12 @@ def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer")
         raise ValueError(f"Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; {caller} "
                          "takes a float in (0, 1]")
     memory = _choice(settings.memory, "memory", MEMORY_CHOICES)
-    slots = check_slots(settings.slots)
+    slots, max_memory = check_checkpoint(settings.slots, settings.max_memory)
     hvp = _choice(settings.hvp, "hvp", HVP_CHOICES)
     vectorise = _check_vectorise(settings.vectorise)
     rule = _rule(settings, adapted, steps)
     return Config(settings, steps, rule, mode, law, rule_q, memory, slots, hvp, tuple(adapted),
-                  vectorise=vectorise)
+                  vectorise=vectorise, max_memory=max_memory)
 
 
 def adapted_parameters(model: nn.Module, inner_params) -> Dict[str, Tensor]:

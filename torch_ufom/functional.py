@@ -387,8 +387,8 @@ def functional_problem(caller: str, model, losses: Tuple[Callable, Callable], se
 
 def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supports: Any,
                     queries: Any, *, steps: int, inner_lr=None, mode: Optional[str] = None,
-                    q: float = 0.1, memory: str = "checkpoint", slots: int = 8,
-                    params: Optional[Sequence[Tensor]] = None,
+                    q: float = 0.1, memory: str = "checkpoint", slots: Optional[int] = None,
+                    max_memory: Optional[int] = None, params: Optional[Sequence[Tensor]] = None,
                     generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
                     truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
                     hvp: str = "auto", force_truncation=None,
@@ -422,7 +422,8 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
         FloatingPointError: a non-finite loss or hypergradient in any task.
     """
     settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
-                        hvp=hvp, inner_params=inner_params, vectorise=vectorise)
+                        max_memory=max_memory, hvp=hvp, inner_params=inner_params,
+                        vectorise=vectorise)
     problem = functional_problem("hypergrad_batch", model, (inner_loss, outer_loss), settings,
                                  params, generator)
     run = estimate_batch(problem, supports, queries, force_truncation)
@@ -434,8 +435,8 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
 
 def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, support: Any,
               query: Any, *, steps: int, inner_lr=None, mode: Optional[str] = None, q: float = 0.1,
-              memory: str = "checkpoint", slots: int = 8,
-              params: Optional[Sequence[Tensor]] = None,
+              memory: str = "checkpoint", slots: Optional[int] = None,
+              max_memory: Optional[int] = None, params: Optional[Sequence[Tensor]] = None,
               generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
               truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
               hvp: str = "auto", force_truncation: Optional[int] = None,
@@ -467,12 +468,22 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         q: probability of the exact branch for ``"ufom"``, in ``(0, 1]``;
             checked but unused by the other modes.
         memory: how the exact sweep over the last ``K`` steps gets its states:
-            ``"checkpoint"`` (default: binomial checkpointing with ``slots``
-            stored states, about ``K log K`` replayed steps, constant memory),
-            ``"recompute"`` (the paper's scheme: one stored state,
-            ``K (K - 1) / 2`` replayed steps) or ``"store"`` (every step's
-            graph: ``O(K)`` memory, no replay).
-        slots: the number of stored states for ``memory="checkpoint"``.
+            ``"checkpoint"`` (default: within the byte budget ``max_memory``,
+            every step's graph when they fit, else binomial checkpointing with
+            as many stored states as fit, about ``K log K`` replayed steps;
+            memory constant in ``steps``), ``"recompute"`` (the paper's
+            scheme: one stored state, ``K (K - 1) / 2`` replayed steps) or
+            ``"store"`` (every step's graph: ``O(K)`` memory, no replay).
+        slots: ``None`` (default: sized by ``max_memory``) or a fixed number of
+            stored states for ``memory="checkpoint"`` (a sweep of at most
+            ``slots`` steps then keeps every graph). Not with ``max_memory``.
+        max_memory: the byte budget of ``memory="checkpoint"`` with
+            ``slots=None``: an int, or ``None`` (default) for
+            ``128 (G + |s|) + W``, where the sweep's first step measures ``G``
+            (the bytes its graph keeps) and ``|s|`` (one inner state) and
+            ``W = 3.5 G + 16 |s|``: every graph is kept up to 128 steps,
+            longer sweeps checkpoint with ``128 (G + |s|) / (1.35 |s|)``
+            slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         params: tensors to differentiate with respect to (default: the model's
             parameters). Any tensor the losses or ``inner_lr`` use may be included.
         generator: a ``torch.Generator`` for the truncation draw and the
@@ -502,7 +513,7 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             restored, so a retry reproduces.
     """
     settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
-                        hvp=hvp, inner_params=inner_params)
+                        max_memory=max_memory, hvp=hvp, inner_params=inner_params)
     problem = functional_problem("hypergrad", model, (inner_loss, outer_loss), settings, params,
                                  generator)
     est = estimate_task(problem, support, query, force_truncation)

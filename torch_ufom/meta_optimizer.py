@@ -95,11 +95,22 @@ class MetaOptimizer:
             last task's for integer ones (``num_batches_tracked``). Default
             ``False``: the module's buffers are never changed, and every task
             starts from them. :meth:`backward` never writes buffers.
-        memory: ``"checkpoint"`` (default: binomial checkpointing, ``slots``
-            stored states, about ``K log K`` replayed steps), ``"recompute"``
+        memory: ``"checkpoint"`` (default: within the byte budget
+            ``max_memory``, every step's graph when they fit, else binomial
+            checkpointing with as many stored states as fit, about ``K log K``
+            replayed steps; memory constant in ``steps``), ``"recompute"``
             (one stored state, ``K (K - 1) / 2`` replayed steps) or ``"store"``
             (every step's graph: ``O(steps)`` memory, no replay).
-        slots: stored states for ``memory="checkpoint"``.
+        slots: ``None`` (default: sized by ``max_memory``) or a fixed number of
+            stored states for ``memory="checkpoint"`` (a sweep of at most
+            ``slots`` steps then keeps every graph). Not with ``max_memory``.
+        max_memory: the byte budget of ``memory="checkpoint"`` with
+            ``slots=None``: an int, or ``None`` (default) for
+            ``128 (G + |s|) + W``, where each sweep's first step measures
+            ``G`` (the bytes its graph keeps) and ``|s|`` (one inner state)
+            and ``W = 3.5 G + 16 |s|``: every graph is kept up to 128
+            steps, longer sweeps checkpoint with ``128 (G + |s|) / (1.35 |s|)``
+            slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         generator: optional ``torch.Generator`` making the draws reproducible.
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.
         truncation: a law from :mod:`torch_ufom.truncation`, instead of ``mode``.
@@ -139,9 +150,9 @@ class MetaOptimizer:
             it is exact) or ``False`` (always the per-task loop).
 
     The configuration is resolved once (:mod:`torch_ufom.config`); ``steps``,
-    ``mode``, ``q``, ``law``, ``memory``, ``slots``, ``hvp``, ``vectorise``
-    and ``inner`` are read-only properties, and :meth:`reconfigure` changes
-    them between outer steps.
+    ``mode``, ``q``, ``law``, ``memory``, ``slots``, ``max_memory``, ``hvp``,
+    ``vectorise`` and ``inner`` are read-only properties, and :meth:`reconfigure`
+    changes them between outer steps.
 
     Example:
         >>> meta = MetaOptimizer(model, torch.optim.Adam(model.parameters()),
@@ -154,7 +165,7 @@ class MetaOptimizer:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, inner_lr=None, *,
                  steps: int, mode: Optional[str] = None, q: float = 0.1, memory: str = "checkpoint",
-                 slots: int = 8,
+                 slots: Optional[int] = None, max_memory: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
                  truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
                  q_rule: str = "ufom", q_min: Optional[float] = None,
@@ -162,7 +173,8 @@ class MetaOptimizer:
                  process_group: Any = None, hvp: str = "auto", inner_params=None,
                  reduction: str = "sum", vectorise="auto"):
         settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, q_rule, q_min, q_beta,
-                            memory, slots, hvp, inner_params, vectorise=vectorise)
+                            memory, slots, hvp, inner_params, vectorise=vectorise,
+                            max_memory=max_memory)
         config = resolve(settings, model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -201,7 +213,10 @@ class MetaOptimizer:
     mode = property(lambda self: self._config.mode,
                     doc="The mode (``'law'`` for an explicit ``truncation=``; read-only).")
     memory = property(lambda self: self._config.memory, doc="The memory setting (read-only).")
-    slots = property(lambda self: self._config.slots, doc="Checkpoint slots (read-only).")
+    slots = property(lambda self: self._config.slots,
+                     doc="Checkpoint slots (``None``: sized by ``max_memory``; read-only).")
+    max_memory = property(lambda self: self._config.max_memory,
+                          doc="The checkpoint byte budget (``None``: the default formula; read-only).")
     hvp = property(lambda self: self._config.hvp, doc="The requested HVP (read-only).")
     vectorise = property(lambda self: self._config.vectorise,
                          doc="How backward_batch runs: ``'auto'``, ``True`` or ``False`` (read-only).")
@@ -225,11 +240,13 @@ class MetaOptimizer:
 
         Takes the constructor's configuration keywords (``mode``, ``q``, ``k``,
         ``truncation``, ``steps``, ``inner_lr``, ``inner``, ``memory``,
-        ``slots``, ``hvp``, ``vectorise``, ``q_rule``, ``q_min``, ``q_beta``) and resolves the
-        result exactly as the constructor would; the outer optimizer's state,
-        the generator, pending gradients and ``track_buffers`` are kept. A new
-        ``mode`` drops an earlier ``truncation=`` (and ``k`` unless
-        ``"truncated"``), a new ``truncation=`` drops ``mode``. The ``q="auto"``
+        ``slots``, ``max_memory``, ``hvp``, ``vectorise``, ``q_rule``, ``q_min``, ``q_beta``)
+        and resolves the result exactly as the constructor would; the outer
+        optimizer's state, the generator, pending gradients and
+        ``track_buffers`` are kept. A new ``mode`` drops an earlier
+        ``truncation=`` (and ``k`` unless ``"truncated"``), a new
+        ``truncation=`` drops ``mode``; a new ``slots`` drops ``max_memory``
+        and a new ``max_memory`` drops ``slots``. The ``q="auto"``
         statistics are kept while the adaptive rule stays the same. For
         curricula such as MAML++'s derivative-order annealing
         (``meta.reconfigure(mode="exact")`` after some outer steps) or a ``q``

@@ -10,11 +10,14 @@ the forward pass over those steps and then yields one
 * :class:`Recompute` keeps only ``s_start`` and replays the inner loop from it
   for every reverse step: constant memory, ``K (K - 1) / 2`` extra inner
   steps (the paper's scheme).
-* :class:`Checkpoint` follows a binomial (Revolve) schedule from the
-  ``checkpoint_schedules`` package: at most ``slots`` stored states plus one
-  step's graph, about ``K log K`` replayed steps (``K = 1000, slots = 8``:
-  4,285 replays, against 499,500 for :class:`Recompute`); a sweep of
-  ``K <= slots`` steps keeps its ``K`` graphs, like :class:`Store`.
+* :class:`Checkpoint` follows a binomial (Revolve) schedule, the one
+  ``checkpoint_schedules.Revolve`` gives (:func:`revolve_actions` builds the
+  same actions faster): at most ``slots`` stored states plus one step's
+  graph, about ``K log K`` replayed steps (``K = 1000, slots = 8``: 4,285
+  replays, against 499,500 for :class:`Recompute`). By default it is sized
+  by a byte budget measured on the sweep's first step: every graph when they
+  fit (like :class:`Store`), else as many slots as fit; with a fixed
+  ``slots``, a sweep of ``K <= slots`` steps keeps its ``K`` graphs.
 
 Each is one call, :meth:`Schedule.sweep`, which runs the forward pass and
 returns the final state with an iterator over the records in reverse order;
@@ -24,7 +27,9 @@ evaluation is reported to the caller's :class:`SweepLog`.
 from __future__ import annotations
 
 import functools
-from typing import Dict, Iterator, List, Protocol, Tuple
+import itertools
+import numbers
+from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
 import checkpoint_schedules as cs
 from torch import Tensor
@@ -32,7 +37,8 @@ from torch import Tensor
 from .unroll import Loop, State, StepRecord, SweepPlan
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
-           "MEMORY_CHOICES"]
+           "check_max_memory", "check_checkpoint", "budget_slots", "revolve_actions", "MEMORY_CHOICES",
+           "DEFAULT_BUDGET_STEPS"]
 
 MEMORY_CHOICES = ("checkpoint", "recompute", "store")
 
@@ -113,30 +119,54 @@ class Recompute(Schedule):
 
 
 class Checkpoint(Schedule):
-    """Binomial checkpointing (Revolve): ``slots`` stored states, ``O(K log K)`` replays.
+    """Binomial checkpointing (Revolve): stored states, ``O(K log K)`` replays.
 
-    A sweep over ``K <= slots`` steps keeps every step's graph instead, as
-    :class:`Store` does (no replay; Revolve would store every state and then
-    replay each step once to rebuild its graph): memory is then at most
-    ``slots`` step graphs, still independent of ``steps``. Longer sweeps run
-    :class:`_Revolve`.
+    With ``slots=N`` (an int), a sweep over ``K <= N`` steps keeps every
+    step's graph, as :class:`Store` does (no replay; Revolve would store every
+    state and then replay each step once to rebuild its graph), and a longer
+    one runs Revolve with ``N`` stored states: memory at most ``N`` step
+    graphs or ``N`` states, independent of ``steps``.
+
+    With ``slots=None`` (the default) the sweep is sized by the byte budget
+    ``max_memory``: its first step is recorded and measured (``G``, the bytes
+    its record keeps besides the state: the tensors saved in its graph and its
+    gradient when kept; ``|s|``, the bytes of one inner state), and
+    :func:`budget_slots` decides between keeping every step's graph (when
+    ``K`` of them fit, by bytes) and Revolve with the most slots that fit. The
+    first step's record is reused either way, so the step counts are those of
+    the chosen schedule.
 
     Args:
-        slots: the number of stored inner states, ``>= 1``.
+        slots: ``None`` (sized by ``max_memory``) or the number of stored inner
+            states, an int ``>= 1``.
+        max_memory: the byte budget of a sized sweep: ``None`` for the default
+            ``DEFAULT_BUDGET_STEPS * (G + |s|) + W`` (what keeping every graph
+            costs for that many steps), or an int ``>= 1``. Only with
+            ``slots=None``.
     """
 
-    def __init__(self, slots: int = 8):
-        self.slots = check_slots(slots)
+    def __init__(self, slots: Optional[int] = None, max_memory: Optional[int] = None):
+        self.slots, self.max_memory = check_checkpoint(slots, max_memory)
 
     def keeps_every_graph(self, steps):
-        return steps <= self.slots
+        # Under a byte budget the choice is made after measuring the first step.
+        return self.slots is not None and steps <= self.slots
 
     def sweep(self, loop, state, start, stop, log, plan):
-        if stop - start <= self.slots:
+        n = stop - start
+        if n == 0 or (self.slots is not None and n <= self.slots):
             return Store().sweep(loop, state, start, stop, log, plan)
-        run = _Revolve(loop, state, (start, revolve_actions(stop - start, self.slots)), log, plan)
-        run.carry_out(until=cs.EndForward, first=True)
-        return run.state, run.reverse()
+        if self.slots is not None:
+            return _Revolve.run(loop, state, (start, revolve_actions(n, self.slots)), log, plan)
+        first, state_bytes, record_bytes = _probe(loop, state, start + 1, stop, plan)
+        slots = budget_slots(n, state_bytes, record_bytes, self.max_memory)
+        if slots is None:  # every graph fits: keep them, the measured step's included
+            log.first(first.loss, first.j > plan.exact_after)
+            last, records = Store().sweep(loop, first.next_state, start + 1, stop, log, plan)
+            return last, itertools.chain(records, (first,))
+        ahead = (first.next_state, first.loss)  # the first step's result; its graph is dropped
+        del first
+        return _Revolve.run(loop, state, (start, revolve_actions(n, slots)), log, plan, ahead)
 
 
 class _Revolve:
@@ -147,15 +177,26 @@ class _Revolve:
     checkpoint ``n0`` when ``write_ics``, and recording each step's graph when
     ``write_adj_deps``); ``Reverse(n1, n0)`` hands the recorded steps to the
     sweep, newest first; ``Copy`` / ``Move`` restore the working state from a
-    checkpoint (``Move`` frees it).
+    checkpoint (``Move`` frees it). ``ahead``, when given, is the first step's
+    result ``(s_{start+1}, loss)`` already computed (by the measured step of a
+    budget-sized sweep): the first advance of step ``start+1`` takes it
+    instead of running the step again.
     """
 
-    def __init__(self, loop, state, schedule: Tuple[int, Tuple], log, plan):
+    def __init__(self, loop, state, schedule: Tuple[int, Tuple], log, plan, ahead=None):
         self.loop, self.state, self.log, self.plan = loop, state, log, plan
         self.start, actions = schedule  # the sweep's first step - 1, and Revolve's actions
         self.actions: Iterator = iter(actions)
         self.checkpoints: Dict[int, State] = {}
         self.records: Dict[int, StepRecord] = {}
+        self.ahead = ahead
+
+    @classmethod
+    def run(cls, loop, state, schedule: Tuple[int, Tuple], log, plan, ahead=None):
+        """The forward pass: ``(s_stop, records in reverse order)``, as :meth:`Schedule.sweep`."""
+        run = cls(loop, state, schedule, log, plan, ahead)
+        run.carry_out(until=cs.EndForward, first=True)
+        return run.state, run.reverse()
 
     def carry_out(self, until, first: bool = False):
         """Carry out actions up to the next ``until`` (returned)."""
@@ -181,6 +222,9 @@ class _Revolve:
                 rec = self.loop.record(self.state, j, self.plan)
                 self.records[n + 1], self.state = rec, rec.next_state
                 report(rec.loss, rec.is_exact)
+            elif n == 0 and self.ahead is not None:
+                (self.state, loss), self.ahead = self.ahead, None
+                report(loss, False)
             else:
                 self.state, loss, _ = self.loop.advance(self.state, j)
                 report(loss, False)
@@ -195,33 +239,244 @@ class _Revolve:
                 yield self.records.pop(n)
 
 
+# -- the Revolve schedule ------------------------------------------------------------------
+# checkpoint_schedules.Revolve(n, c) fills a dynamic-programming table of the
+# optimal cost of every (length, slots) pair: O(n^2 c) Python operations, 27 s
+# for n = 1000, c = 64. The table has a closed form (Griewank and Walther [4]),
+# used below to emit the same actions in O(n log n).
+#
+# With l = n - 1 and every forward or reverse step of unit cost, Revolve's
+# graph-free steps for n steps and c slots number
+#     f(c, l) = t (l + 1) - C(c + t, c + 1),  t = reps(c, l),
+# the smallest t with C(c + t, t) >= l + 1 (the repetition number). f grows by
+# reps(c, l) from l - 1 to l, so it is convex in l. Revolve stores the working
+# state, advances it j steps, reverses the last l - j + 1 steps with c - 1
+# slots, restores the stored state and reverses the first j steps with c
+# slots: j minimises g(j) = j + f(c - 1, l - j) + f(c, j - 1), a convex
+# function of j whose increments are
+#     g(j) - g(j - 1) = 1 - reps(c - 1, l - j + 1) + reps(c, j - 1);
+# checkpoint_schedules takes the largest minimiser, found here by bisection.
+
+
+@functools.lru_cache(maxsize=4096)
+def _reps(slots: int, length: int) -> int:
+    """The repetition number: the smallest ``t`` with ``C(slots + t, t) >= length + 1``."""
+    if slots == 1:
+        return length
+    t, reach = 0, 1
+    while reach < length + 1:
+        t += 1
+        reach = reach * (slots + t) // t
+    return t
+
+
+def _split(length: int, slots: int) -> int:
+    """The largest ``j`` in ``1..length-1`` minimising ``g(j)`` (see above)."""
+    best, lo, hi = 1, 2, length - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if 1 - _reps(slots - 1, length - mid + 1) + _reps(slots, mid - 1) <= 0:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _revolve_ops(length: int, slots: int, base: int, out: List[Tuple], store: bool = True) -> None:
+    """Append the operations reversing steps ``base .. base + length + 1`` with ``slots``
+    stored states, the working state at ``base``: ``("store", n)``, ``("advance", n0, n1)``,
+    ``("record", n0, n1)``, ``("reverse", n1, n0)``, ``("restore", n)``. ``store=False``:
+    the state at ``base`` is stored already."""
+    if length == 0:
+        out += [("record", base, base + 1), ("reverse", base + 1, base)]
+        return
+    if store:
+        out.append(("store", base))
+    if length == 1 or slots == 1:  # advance to each step from the stored state, last step first
+        for i in range(length, 0, -1):
+            if i != length:
+                out.append(("restore", base))
+            out += [("advance", base, base + i), ("record", base + i, base + i + 1),
+                    ("reverse", base + i + 1, base + i)]
+        out += [("restore", base), ("record", base, base + 1), ("reverse", base + 1, base)]
+        return
+    j = _split(length, slots)
+    out.append(("advance", base, base + j))
+    _revolve_ops(length - j, slots - 1, base + j, out)
+    out.append(("restore", base))
+    _revolve_ops(j - 1, slots, base, out, store=False)
+
+
 @functools.lru_cache(maxsize=64)
 def revolve_actions(steps: int, slots: int) -> Tuple:
     """The Revolve schedule's actions for ``steps`` and ``slots``, computed once.
 
-    Building the schedule is pure Python and costs about 3 s at 1,000 steps,
-    so every later ``backward`` with the same sizes reuses the list. The
-    actions are immutable records.
+    The same actions, one for one, as ``checkpoint_schedules.Revolve(steps,
+    slots)`` (``tests/test_checkpoint.py`` compares them), built from the
+    closed form of its cost table in ``O(steps log steps)``: 60 ms at 1,000
+    steps and 64 slots, against 27 s. The cache lives in this process (each
+    rank builds its own) and holds immutable records.
     """
-    actions = []
-    for action in cs.Revolve(steps, slots):
-        actions.append(action)
-        if isinstance(action, cs.EndReverse):
-            break
+    ops: List[Tuple] = []
+    _revolve_ops(steps - 1, slots, 0, ops)
+    actions, done, previous = [], 0, ("",)
+    for op in ops:
+        if op[0] in ("advance", "record"):
+            stored = op[0] == "advance" and previous[0] == "store"
+            actions.append(cs.Forward(op[1], op[2], stored, op[0] == "record",
+                                      cs.StorageType.RAM if stored else cs.StorageType.WORK))
+            if op[2] == steps:
+                actions.append(cs.EndForward())
+        elif op[0] == "reverse":
+            actions.append(cs.Reverse(op[1], op[2], True))
+            done += 1
+        elif op[0] == "restore":  # the last use of a stored state frees it
+            last = op[1] == steps - done - 1
+            actions.append((cs.Move if last else cs.Copy)(op[1], cs.StorageType.RAM, cs.StorageType.WORK))
+        previous = op
+    actions.append(cs.EndReverse())
     return tuple(actions)
 
 
-def check_slots(slots) -> int:
-    """Validate the number of checkpoint slots (an int ``>= 1``)."""
+# -- sizing a sweep by a byte budget -----------------------------------------------------------
+DEFAULT_BUDGET_STEPS = 128
+# Fitted to peaks measured on a CPU (resident set, glibc's allocator) for the MLP
+# 64-320-320-10 (G = 0.5 |s|) and conv4 on 5 images (G = 14 |s|), with some margin.
+# W, the memory of a sweep besides what it stores, in records and states: the working
+# state, the record being consumed, the adjoints, the VJP's temporaries, the allocator's
+# slack around them (6.5 |s| + 0.8 G of live tensors on the MLP, 14 to 17 |s| resident).
+WORK_RECORDS, WORK_STATES = 3.5, 16.0
+# One checkpoint: its state, and the fragmentation of the heap around long-lived states
+# (1.15 to 1.26 |s| resident per slot on the MLP, |s| of live tensors).
+SLOT_STATES = 1.35
+
+
+def budget_slots(steps: int, state_bytes: int, record_bytes: int,
+                 max_memory: Optional[int] = None) -> Optional[int]:
+    """How a sweep of ``steps`` steps fits in ``max_memory`` bytes.
+
+    Keeping every step's record costs ``steps (G + |s|) + W`` bytes, Revolve
+    with ``n`` slots ``1.35 n |s| + W``, where ``G = record_bytes``,
+    ``|s| = state_bytes`` and ``W = 3.5 G + 16 |s|`` (the working memory
+    besides what the sweep stores; the factor 1.35 is the allocator's slack
+    around long-lived states). ``max_memory=None`` is
+    ``DEFAULT_BUDGET_STEPS (G + |s|) + W``: every record is kept up to 128
+    steps, and longer sweeps get ``128 (G + |s|) / (1.35 |s|)`` slots,
+    whatever the steps (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
+
+    Returns:
+        ``None`` to keep every record (also for ``steps <= 1``), else the slots
+        for Revolve: the most that fit, at least 1 (a budget below
+        ``1.35 |s| + W`` cannot be met: one slot is the least memory) and at
+        most ``steps - 1`` (more would change nothing).
+    """
+    per_step = record_bytes + state_bytes
+    work = WORK_RECORDS * record_bytes + WORK_STATES * state_bytes
+    budget = DEFAULT_BUDGET_STEPS * per_step + work if max_memory is None else max_memory
+    if steps <= 1 or steps * per_step + work <= budget:
+        return None
+    fit = int((budget - work) // (SLOT_STATES * max(state_bytes, 1)))
+    return max(1, min(steps - 1, fit))
+
+
+def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
+    """Record step ``j`` (the sweep's first) and measure it: ``(record, |s|, G)``.
+
+    ``|s|`` is the bytes of ``state``; ``G`` those the record keeps besides its
+    input and output states (the tensors saved in its graph, found by walking
+    autograd's graph, which works under ``torch.func.vmap`` where saved-tensor
+    hooks do not, and its gradient when kept), each storage counted once. In a
+    sweep whose first steps are first-order and last ones exact, the probe is
+    recorded as an exact step keeping its gradient too (a record the
+    first-order VJP can use), so that ``G`` is the exact records'.
+    """
+    if plan.exact_after >= j and plan.exact_after < stop:
+        plan = SweepPlan(j - 1, max(plan.first_order_until, j))
+    record = loop.record(state, j, plan)
+    state_bytes = _bytes(_tensors(state), set())
+    own = {_storage(t)[0] for t in _tensors((record.next_state, state))}
+    inside = [t for t in _tensors(tuple(getattr(record, "__dict__", {}).values()))]
+    return record, state_bytes, _bytes(inside + _saved(inside), own)
+
+
+def _tensors(tree) -> List[Tensor]:
+    """The tensors in nested tuples and lists."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)):
+        return [t for item in tree for t in _tensors(item)]
+    return []
+
+
+def _saved(roots: List[Tensor]) -> List[Tensor]:
+    """The tensors saved by every node of autograd's graph reachable from ``roots``."""
+    seen, found = set(), []
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_") or name == "saved_tensors":
+                try:
+                    found += _tensors(getattr(node, name))
+                except RuntimeError:  # freed, or not readable here: nothing to count
+                    continue
+        stack += [nxt for nxt, _ in node.next_functions if nxt is not None]
+    return found
+
+
+def _storage(t: Tensor) -> Tuple[int, int]:
+    """``(key, bytes)`` of the memory under ``t``: its storage, or the tensor itself."""
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):  # no plain storage (a wrapper subclass)
+        return id(t), t.numel() * t.element_size()
+
+
+def _bytes(tensors: List[Tensor], skip: set) -> int:
+    """The bytes under ``tensors``, each storage once, leaving out the keys in ``skip``."""
+    sizes = dict(_storage(t) for t in tensors)
+    return sum(size for key, size in sizes.items() if key not in skip)
+
+
+def check_slots(slots) -> Optional[int]:
+    """Validate the number of checkpoint slots (``None``, or an int ``>= 1``)."""
+    if slots is None:
+        return None
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-        raise ValueError(f"Invalid slots: {slots!r} (expected an int >= 1)")
+        raise ValueError(f"Invalid slots: {slots!r} (expected None, sized by max_memory, or an int >= 1)")
     return slots
 
 
-def make_schedule(memory: str, slots: int = 8) -> Schedule:
+def check_max_memory(max_memory) -> Optional[int]:
+    """Validate the byte budget (``None`` for the default, or an int ``>= 1``)."""
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Integral):
+        raise TypeError(f"Invalid max_memory: {max_memory!r} (expected None, the default budget, or "
+                        "an int number of bytes >= 1)")
+    if max_memory < 1:
+        raise ValueError(f"Invalid max_memory: {max_memory!r} (expected None, the default budget, or "
+                         "an int number of bytes >= 1)")
+    return int(max_memory)
+
+
+def check_checkpoint(slots, max_memory) -> Tuple[Optional[int], Optional[int]]:
+    """Validate ``slots`` and ``max_memory`` together: at most one of them is given."""
+    slots, max_memory = check_slots(slots), check_max_memory(max_memory)
+    if slots is not None and max_memory is not None:
+        raise ValueError(f"Invalid max_memory: {max_memory!r} sizes the checkpoints, but "
+                         f"slots={slots!r} fixes their number; give one of them")
+    return slots, max_memory
+
+
+def make_schedule(memory: str, slots: Optional[int] = None, max_memory: Optional[int] = None) -> Schedule:
     """The schedule for a ``memory`` setting (one of ``MEMORY_CHOICES``)."""
     if memory == "checkpoint":
-        return Checkpoint(slots)
+        return Checkpoint(slots, max_memory)
     if memory == "store":
         return Store()
     if memory == "recompute":
