@@ -66,7 +66,7 @@ def _sq(grads: Sequence[Optional[Tensor]]) -> float:
 
 def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
              tasks: Sequence[Tuple[Any, Any]], *, steps: int, inner_lr=None,
-             inner: Optional[InnerRule] = None, memory: str = "checkpoint", slots: int = 8,
+             inner: Optional[InnerRule] = None, memory: str = "checkpoint", slots: Optional[int] = None,
              params: Optional[Sequence[Tensor]] = None,
              generator: Optional[torch.Generator] = None) -> Diagnosis:
     """Measure ``A``, ``D`` and the branch costs on ``tasks`` and the ``q`` each rule picks.
