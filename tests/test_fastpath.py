@@ -104,6 +104,7 @@ def close(a, b, tol=1e-12):
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
 @pytest.mark.parametrize("mode, memory", [("exact", "store"), ("exact", "checkpoint"),
+                                          ("exact", "budget"), ("exact", "tight budget"),
                                           ("ufom", "store"), ("truncated", "store")])
 def test_connected_sweep_equals_the_per_step_sweep(kind, mode, memory, monkeypatch):
     """One backward through the chained exact steps equals one VJP per step (float64)."""
@@ -111,7 +112,14 @@ def test_connected_sweep_equals_the_per_step_sweep(kind, mode, memory, monkeypat
     chained = []
     real = estimators.chain_vjp
     monkeypatch.setattr(estimators, "chain_vjp", lambda r, e: chained.append(len(r)) or real(r, e))
-    kw = dict(hvp="revrev", slots=STEPS)
+    # "budget": the default byte budget keeps every graph; "tight budget": one byte,
+    # so the sweep runs Revolve and its records are not linked.
+    kw = dict(hvp="revrev")
+    if memory == "checkpoint":
+        kw["slots"] = STEPS
+    if memory.endswith("budget"):
+        kw["max_memory"] = 1 if memory == "tight budget" else None
+        memory = "checkpoint"
     if mode == "ufom":
         kw["force_truncation"] = STEPS
     if mode == "truncated":

@@ -70,8 +70,9 @@ class Schedule:
         raise NotImplementedError
 
     def keeps_every_graph(self, steps: int) -> bool:
-        """Whether a sweep over ``steps`` steps records each of them once, in order,
-        from the forward pass (so that ``SweepPlan.connected`` can chain them)."""
+        """Whether a sweep over ``steps`` steps may record each of them once, in order,
+        from the forward pass, so that ``SweepPlan.connected`` can chain them (a
+        schedule that then decides otherwise makes records that are not linked)."""
         return False
 
 
@@ -149,8 +150,9 @@ class Checkpoint(Schedule):
         self.slots, self.max_memory = check_checkpoint(slots, max_memory)
 
     def keeps_every_graph(self, steps):
-        # Under a byte budget the choice is made after measuring the first step.
-        return self.slots is not None and steps <= self.slots
+        # Under a byte budget the choice is made after measuring the first step: a
+        # sweep that then runs Revolve records step by step (its records are not linked).
+        return self.slots is None or steps <= self.slots
 
     def sweep(self, loop, state, start, stop, log, plan):
         n = stop - start
@@ -164,9 +166,10 @@ class Checkpoint(Schedule):
             log.first(first.loss, first.j > plan.exact_after)
             last, records = Store().sweep(loop, first.next_state, start + 1, stop, log, plan)
             return last, itertools.chain(records, (first,))
-        ahead = (first.next_state, first.loss)  # the first step's result; its graph is dropped
+        ahead = (first.next_state.detach(), first.loss)  # the first step's result, no graph
         del first
-        return _Revolve.run(loop, state, (start, revolve_actions(n, slots)), log, plan, ahead)
+        return _Revolve.run(loop, state, (start, revolve_actions(n, slots)), log,
+                            plan._replace(connected=False), ahead)
 
 
 class _Revolve:

@@ -553,8 +553,9 @@ class InnerLoop:
         else:
             next_state = State(tuple(t.detach() for t in out[0]), tuple(t.detach() for t in out[1]),
                                buffers)
-        return StepRecord(self, leaves, out, grads if keep else None, next_state, loss.detach(), exact,
-                          j)
+        rec = StepRecord(self, leaves, out, grads if keep else None, next_state, loss.detach(), exact, j)
+        rec.linked = linked
+        return rec
 
     def hessian_vector(self, state: State, j: int, vec: Sequence[Optional[Tensor]]) -> Tuple[Tensor, ...]:
         """``H v``: the Hessian of step ``j``'s inner loss at ``state.params`` times ``vec``,
@@ -634,11 +635,19 @@ def _vjp(outputs, inputs, cotangents, retain_graph=False):
 
 
 def chain_vjp(records: Sequence["StepRecord"], e):
-    """``(e_start, dtheta)``: the VJP at ``e`` of the exact steps of a connected sweep
-    (``SweepPlan.connected``), newest record first, in one backward through their
-    graph; ``dtheta`` sums the meta-parameter terms of every step."""
-    first, last = records[-1], records[0]
-    return first._split(_vjp(last.exact, list(first.leaves.diff) + first.loop.meta, e))
+    """``(e_start, dtheta)``: the VJP at ``e`` of the exact steps of a sweep, newest
+    record first; ``dtheta`` sums the meta-parameter terms of every step. Linked
+    records (``SweepPlan.connected``) take one backward through their graph,
+    others one VJP each."""
+    if all(r.linked for r in records):
+        first, last = records[-1], records[0]
+        return first._split(_vjp(last.exact, list(first.leaves.diff) + first.loop.meta, e))
+    total: List[Optional[Tensor]] = []
+    for rec in records:
+        e, d = rec.vjp_exact(e)
+        total = d if not total else [a if b is None else b if a is None else a + b
+                                     for a, b in zip(total, d)]
+    return e, total
 
 
 class StepRecord:
@@ -656,6 +665,7 @@ class StepRecord:
         # records that no first-order VJP will visit do not keep it.
         self.grads = None if grads is None else tuple(g.detach() for g in grads)
         self.next_state = next_state
+        self.linked = False  # whether it continues the previous record's graph (SweepPlan.connected)
 
     def _split(self, grads):
         n = len(self.leaves.diff)
