@@ -1,58 +1,37 @@
 """Equal-compute study of UFOM's q on 1-shot 5-way digits (issue 15; the authors' few-shot sweep).
 
-Data: scikit-learn's bundled digits, resized from 8x8 to 28x28
-(``torch.nn.functional.interpolate``, bilinear), with extra classes made by
+Data: scikit-learn's digits resized to 28x28, with extra classes made by
 rotating each digit by 90, 180 and 270 degrees before resizing, as the
-authors' Omniglot loader does: 40 classes (base digit x rotation). The
-meta-train / meta-test split is by *base digit*, so every rotation of a digit
-sits on one side; 6 and 9 (a 6 turned by 180 degrees is a 9) are both on the
-meta-train side. The meta-test digits 3, 4 and 7 have no 180-degree symmetry,
-so none of their 12 classes is a copy of another (0, 1 and 8 turned by 180
-degrees are nearly themselves: those ambiguous classes stay in meta-train).
+authors' Omniglot loader does; the meta-train / meta-test split is by *base
+digit*. The meta-test digits 3, 4 and 7 have no 180-degree symmetry, so none
+of their 12 classes is a copy of another (0, 1 and 8 turned by 180 degrees
+are nearly themselves, and a turned 6 is a 9: those stay in meta-train).
+Model: :func:`benchmarks.problems.conv4` on batch statistics, ``--channels``
+wide (default 8 to fit the 2-core machine). The report states the sizes.
 
-Model: :func:`benchmarks.problems.conv4` (BatchNorm on batch statistics, no
-running statistics, as the authors' code), ``--channels`` wide (default 8 to
-fit the 2-core machine; the layout is the standard one). Inner loop: ``r =
-10`` SGD steps at ``--inner-lr`` on the 5 support images; outer: Adam on the
-mean query cross-entropy of ``--meta-batch`` tasks (``reduction="mean"``).
+Equal compute, two ways (the rows' meta-iterations scale to one budget, what
+``fom`` spends in ``--fom-steps`` outer steps):
 
-Equal compute, two ways (the rows' meta-iterations scale to one budget):
+* *evals*: inner-gradient evaluations as the authors count them (``c_f =
+  r + 1`` per first-order task, ``c_x = r(r-1)/2 + r`` per exact one); a
+  truncation at ``K`` is charged ``c_f + (c_x - c_f) K(K+1) / (r(r+1))``, in
+  proportion to the reverse work ``K(K+1)/2`` that recomputation does;
+* *time*: process CPU seconds per task, measured once before training for
+  every truncation point (:func:`calibrate`) and charged per task by the
+  ``K`` it drew, which keeps the budget deterministic on a shared machine.
 
-* *evals*: inner-gradient evaluations as the authors count them, ``c_f = r + 1``
-  per first-order task and ``c_x = r(r-1)/2 + r`` per exact one; a truncation
-  at ``K`` (the Geometric rows) is charged
-  ``c_f + (c_x - c_f) K(K+1) / (r(r+1))``: the exact branch's extra cost in
-  proportion to the reverse work ``K(K+1)/2`` that recomputation does for the
-  last ``K`` steps (exact at ``K = 0`` and ``K = r``);
-* *time*: process CPU seconds per task with the default memory setting
-  (``checkpoint``), measured once before training for every truncation point
-  (:func:`calibrate`: fom mode, exact mode, and ufom forced to each ``K``), then
-  charged per task by the ``K`` it drew. Charging calibrated times keeps the
-  budget deterministic on a shared machine; the actual CPU time of each run is
-  reported beside it.
-
-Each row trains until both budgets are spent; the model is evaluated when a
-measure's cumulative charge first reaches a fraction of its budget (the
-curves) and at the whole budget (the table). The budget is what ``fom``
-spends in ``--fom-steps`` outer steps under either measure.
-
-Rows: ``fom``; ``ufom`` with q in {0.2, 0.4, 0.6, 0.8}; ``exact``; ``q="auto"``
-with the ``ufom`` and the ``authors`` rule; and a
-:class:`torch_ufom.truncation.Geometric` law ``P(K >= k) = rho^(k-1)`` whose
-expected cost equals q = 0.2's, one per cost measure (``rho`` solved for each).
-
-Metric: meta-test accuracy on ``--test-tasks`` fixed held-out tasks (the same
-for every seed and row), adapted by ``torch_ufom.adapt_batch`` with the
-training inner loop; 95 % interval: Student's t over the seeds' accuracies
-(normal over the tasks with one seed). Before training,
-``torch_ufom.diagnose`` measures ``A``, ``D`` and the branch costs on the
-few-shot tasks and on the sinusoid tasks of :mod:`benchmarks.problems`.
+Each row trains until both budgets are spent, evaluated when a measure's
+charge first reaches a fraction of its budget. Rows: ``fom``; ``ufom`` with q
+in {0.2, 0.4, 0.6, 0.8}; ``exact``; ``q="auto"`` with both rules; and a
+:class:`torch_ufom.truncation.Geometric` law per cost measure whose expected
+cost equals q = 0.2's. Metric: meta-test accuracy on fixed held-out tasks,
+adapted by ``torch_ufom.adapt_batch``; ``torch_ufom.diagnose`` runs before
+training on the few-shot tasks and on the sinusoid tasks.
 """
 from __future__ import annotations
 
 import copy
 import itertools
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -64,9 +43,10 @@ from torch import Tensor, nn
 import torch_ufom
 from torch_ufom.truncation import Geometric
 from benchmarks import problems
-from benchmarks.harness import (markdown_table, parse, parser, plot_panels, positive_float, positive_int,
-                                progress, torch_threads, write_report)
-from benchmarks.maml import Q_MIN
+from benchmarks.problems import xent
+from benchmarks.harness import (choose, markdown_table, mean_ci, parse, parser, plot_panels, positive_float,
+                                positive_int, progress, torch_threads, write_report)
+from benchmarks.maml import meta_kwargs
 
 NAME = "fewshot"
 STEPS = 10                      # r
@@ -156,12 +136,7 @@ class Row:
         """The keywords of :class:`torch_ufom.MetaOptimizer` for this row."""
         if self.geometric:
             return {"truncation": laws[self.geometric]}
-        kw: Dict[str, Any] = {"mode": self.mode}
-        if self.mode == "ufom":
-            kw["q"] = self.q
-            if self.q == "auto":
-                kw.update(q_rule=self.q_rule, q_min=Q_MIN[self.q_rule])
-        return kw
+        return meta_kwargs(self.mode, self.q, self.q_rule)
 
     def calibration_key(self) -> str:
         """Which calibrated cost curve a task of this row is charged from."""
@@ -174,21 +149,10 @@ ROWS = (Row("fom", "fom"),) + tuple(Row(f"ufom q={q:g}", "ufom", q) for q in (0.
     Row("geometric (evals)", geometric="evals"), Row("geometric (time)", geometric="time"))
 
 
-# -- one task's losses ---------------------------------------------------------------------
-def loss(f, batch) -> Tensor:
-    """Cross-entropy of ``f`` on ``batch = (x, y)``."""
-    return problems.xent(f, batch)
-
-
+# -- tasks ---------------------------------------------------------------------------------
 def tasks(by_class, classes, n: int, query: int, generator: torch.Generator):
     """``n`` 1-shot 5-way tasks, stacked: ``(xs, ys, xq, yq)``."""
     return problems.digit_tasks(by_class, classes, n, WAYS, SHOTS, query, generator)
-
-
-def pairs(stacked) -> List[Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]]:
-    """Stacked tasks as ``[(support, query), ...]``."""
-    xs, ys, xq, yq = stacked
-    return [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(xs.shape[0])]
 
 
 # -- calibration of the time measure -------------------------------------------------------
@@ -210,7 +174,7 @@ def calibrate(model: nn.Module, sample: Sequence, inner_lr: float, repeats: int)
         for key, (_, K) in configs.items():
             metas[key].zero_grad()
             start = time.process_time()
-            metas[key].backward(loss, loss, support, query, force_truncation=K)
+            metas[key].backward(xent, xent, support, query, force_truncation=K)
             if i:  # the first round warms up
                 times[key].append(time.process_time() - start)
     med = {key: statistics.median(v) for key, v in times.items()}
@@ -252,7 +216,7 @@ def train_row(row: Row, model: nn.Module, laws: Dict[str, Geometric], costs: Dic
         start = time.process_time()
         meta.zero_grad()
         for support, query in batch(k):
-            res = meta.backward(loss, loss, support, query)
+            res = meta.backward(xent, xent, support, query)
             K = res.truncation
             draws.append(K)
             charge["evals"] += evals_cost(K)
@@ -277,30 +241,22 @@ def train_row(row: Row, model: nn.Module, laws: Dict[str, Geometric], costs: Dic
 
 
 # -- statistics ----------------------------------------------------------------------------
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
 def interval(per_seed: Sequence[float], per_task: Sequence[float]) -> Tuple[float, float, str]:
     """``(mean, half-width, method)`` of a 95 % interval: Student's t over seeds, or normal over tasks."""
     if len(per_seed) >= 2:
-        n = len(per_seed)
-        return (statistics.fmean(per_seed), T95.get(n - 1, 1.96) * statistics.stdev(per_seed) / math.sqrt(n),
-                f"t over {n} seeds")
-    n = len(per_task)
-    sd = statistics.stdev(per_task) if n > 1 else 0.0
-    return statistics.fmean(per_task), 1.96 * sd / math.sqrt(n), f"normal over {n} tasks"
+        return (*mean_ci(per_seed, student=True), f"t over {len(per_seed)} seeds")
+    return (*mean_ci(per_task), f"normal over {len(per_task)} tasks")
 
 
 # -- diagnostics ---------------------------------------------------------------------------
 def diagnoses(model: nn.Module, sample: Sequence, inner_lr: float, seed: int) -> Dict[str, Dict[str, float]]:
     """``torch_ufom.diagnose`` on the few-shot tasks (at ``model``) and on MAML's sinusoid tasks."""
     out = {}
-    d = torch_ufom.diagnose(model, loss, loss, sample, steps=STEPS, inner_lr=inner_lr)
+    d = torch_ufom.diagnose(model, xent, xent, sample, steps=STEPS, inner_lr=inner_lr)
     out["fewshot (conv4, init)"] = dict(d.__dict__, steps=STEPS, inner_lr=inner_lr)
     g = torch.Generator().manual_seed(seed)
-    xs, ys, xq, yq = problems.sinusoid_tasks(len(sample), 10, 10, g)
+    sin = problems.task_pairs(problems.sinusoid_tasks(len(sample), 10, 10, g))
     net = problems.seeded(seed, problems.sinusoid_mlp, dtype=torch.float64)
-    sin = [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(xs.shape[0])]
     for steps, lr in ((5, 0.01), (10, 0.01)):
         d = torch_ufom.diagnose(net, problems.mse, problems.mse, sin, steps=steps, inner_lr=lr)
         out[f"sinusoid (1-40-40-1, init, r={steps})"] = dict(d.__dict__, steps=steps, inner_lr=lr)
@@ -345,11 +301,7 @@ D = E||G_r - G_0||^2, seconds per task (wall), inner-step units, and the q each 
 def paired(per_seed: Sequence[float], reference: Sequence[float]) -> Tuple[float, float]:
     """Mean and 95 % half-width (Student's t over seeds) of ``per_seed - reference``, seed by seed
     (the rows share each seed's initial weights and task stream); half-width 0 with one seed."""
-    diff = [a - b for a, b in zip(per_seed, reference)]
-    if len(diff) < 2:
-        return statistics.fmean(diff), 0.0
-    t = T95.get(len(diff) - 1, 1.96)
-    return statistics.fmean(diff), t * statistics.stdev(diff) / math.sqrt(len(diff))
+    return mean_ci([a - b for a, b in zip(per_seed, reference)], student=True)
 
 
 def summarise(results: Dict[str, List[Dict[str, Any]]], test_tasks: int) -> Dict[str, Dict[str, Any]]:
@@ -413,14 +365,7 @@ def main(argv=None) -> Dict[str, Any]:
     seeds, fom_steps, tests, fractions = SIZES[args.size]
     args.seeds, args.fom_steps = args.seeds or seeds, args.fom_steps or fom_steps
     args.test_tasks, args.fractions = args.test_tasks or tests, fractions
-    rows = ROWS
-    if args.rows:
-        names = [s.strip() for s in args.rows.split(",") if s.strip()]
-        known = {r.label: r for r in ROWS}
-        if not names or any(n not in known for n in names):
-            p.error(f"argument --rows: invalid choice(s) {[n for n in names if n not in known] or names} "
-                    f"(choose from {', '.join(known)})")
-        rows = tuple(known[n] for n in names)
+    rows = choose(p, "--rows", args.rows, {r.label: r for r in ROWS}) if args.rows else ROWS
     with torch_threads(args.threads):
         return run(args, rows)
 
@@ -440,13 +385,13 @@ def run(args, rows: Sequence[Row]) -> Dict[str, Any]:
         for i in range(0, n, 100):
             xs, ys, xq, yq = (t[i:min(n, i + 100)] for t in test)
             with torch.no_grad():
-                fmodel = torch_ufom.adapt_batch(model, loss, (xs, ys), steps=STEPS, inner_lr=args.inner_lr)
+                fmodel = torch_ufom.adapt_batch(model, xent, (xs, ys), steps=STEPS, inner_lr=args.inner_lr)
                 accs += (fmodel(xq).argmax(-1) == yq).double().mean(1).tolist()
         return accs
 
     base0 = problems.seeded(args.seed, build)
-    sample = pairs(tasks(by_class, train_classes, {"full": 8, "quick": 3, "tiny": 2}[args.size], args.query,
-                         torch.Generator().manual_seed(args.seed + 1)))
+    sample = problems.task_pairs(tasks(by_class, train_classes, {"full": 8, "quick": 3, "tiny": 2}[args.size],
+                                       args.query, torch.Generator().manual_seed(args.seed + 1)))
     diag = diagnoses(base0, sample, args.inner_lr, args.seed)
     costs = calibrate(copy.deepcopy(base0), sample, args.inner_lr,
                       args.calibration if args.size == "full" else 1)
@@ -464,7 +409,7 @@ def run(args, rows: Sequence[Row]) -> Dict[str, Any]:
 
         def batch(k, seed=seed):
             g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-            return pairs(tasks(by_class, train_classes, args.meta_batch, args.query, g))
+            return problems.task_pairs(tasks(by_class, train_classes, args.meta_batch, args.query, g))
 
         args.row_seed = seed
         results[row.label].append(train_row(row, model, laws, costs, budgets, args.fractions, batch,
