@@ -1,39 +1,25 @@
 """The toy's optimal-q experiment (the authors' T3): which q reaches a gradient threshold cheapest?
 
-The problem is :mod:`benchmarks.toy`'s one-dimensional pair of tasks with
-the authors' T2/T3 constants ``a = (0.5, 1.5)``, ``b = (0, 10)`` (so ``A =
-|b_2 / a_2| + 1``), the same piecewise loss inside and outside, ``r = 10``
-inner SGD steps at the inner rate ``alpha``; outer SGD with step size
-``10 / (k + 1)`` from ``x_0 ~ U(-10, 30)``, one random task per step, as in
-:mod:`benchmarks.toy`. For inner rates log-spaced in ``[0.001, 0.05]`` and
-``q`` on the grid 0.05, 0.10, ..., 1.0, every seed runs ``--iters`` outer
-steps of UFOM (``K = r`` with probability ``q``, estimate
-``G_0 + (xi / q)(G_r - G_0)``), counting inner-gradient evaluations as the
-authors do (``r + 1`` per first-order step, ``r(r-1)/2 + r`` per exact one).
-*Reached*: the RMS over the seeds of the true gradient ``|f'(x_k)|`` of the
-average ABLO objective stays below the threshold (default 0.1) from step ``k``
-to the end of the run; its cost is ``k`` times the expected evaluations per
-step. The RMS over seeds estimates the second moment the q formulas reason
-about (a single seed's iterate is too noisy to stop on). Per rate, the
-empirical best ``q`` is the grid value with the fewest evaluations; its spread
-is the quartiles over bootstrap resamples of the seeds.
+The problem is :mod:`benchmarks.toy`'s pair of tasks with the authors' T2/T3
+constants ``a = (0.5, 1.5)``, ``b = (0, 10)``, ``r = 10`` inner SGD steps at
+the inner rate ``alpha``, outer SGD as in :mod:`benchmarks.toy`. For inner
+rates log-spaced in ``[0.001, 0.05]`` and ``q`` on the grid 0.05, 0.10, ...,
+1.0, every seed runs ``--iters`` outer steps of UFOM, counting inner-gradient
+evaluations as the authors do. A ``q`` *reaches* the threshold at the step
+from which the RMS over the seeds of the true gradient stays below it (the
+RMS estimates the second moment the q formulas reason about); per rate, the
+empirical best ``q`` is the cheapest, with bootstrap quartiles over the seeds.
 
-Predictions, fed with the toy's exact ``A = E|G_r|^2`` and
-``D = E|G_r - G_0|^2`` (the mean over the two tasks at the ABLO minimiser
-``x*``, where both tasks sit on their quadratic pieces: ``G_r = a p^2 (x -
-b/a)``, ``G_0 = a p (x - b/a)``, ``p = (1 - alpha a)^r``):
-``adaptive.optimal_q(A, D, c_f=r+1, c_x=r(r-1)/2 - 1, q_min=0.01)`` (``c_x``:
-the exact branch's *extra* count) and the authors' rule as
-``torch_ufom.diagnose`` and ``q_rule="authors"`` apply it,
-``adaptive.authors_q(A, D / 10, r + 1, r(r+1)/2, 0.05)``; the column
-"authors, D unshrunk" drops their factor 10.
+Predictions, fed with the toy's exact ``A = E|G_r|^2`` and ``D = E|G_r -
+G_0|^2`` at the ABLO minimiser: ``adaptive.optimal_q`` (``c_x``: the exact
+branch's *extra* count) and the authors' rule as ``torch_ufom.diagnose`` and
+``q_rule="authors"`` apply it (``D / 10``), and without their factor 10.
 
 The simulation (:func:`simulate`) runs every (rate, q, seed) at once in
 float64 torch with the piecewise loss's first and second derivatives written
-out: it implements the same estimator as ``torch_ufom.MetaOptimizer(mode=
-"ufom")`` with plain SGD inside and outside; :func:`cross_check` replays one
-(rate, q, seed) trajectory through ``MetaOptimizer`` (forcing the simulation's
-draws) and the report states the largest difference of the iterates.
+out, the same estimator as ``MetaOptimizer(mode="ufom")`` with plain SGD
+inside and outside; :func:`cross_check` replays one trajectory through
+``MetaOptimizer`` (forcing the simulation's draws).
 """
 from __future__ import annotations
 
@@ -160,9 +146,7 @@ def expected_cost(q: Tensor) -> Tensor:
 def exact_stats(alpha: float) -> Tuple[float, float]:
     """``(A, D)`` of the toy at the ABLO minimiser: the means over the two tasks of ``G_r^2``
     and ``(G_r - G_0)^2``."""
-    p = [(1 - alpha * a) ** STEPS for a in CURVATURES]
-    x_star = (sum(a * pi ** 2 * (b / a) for (a, b), pi in zip(TASKS, p))
-              / sum(a * pi ** 2 for a, pi in zip(CURVATURES, p)))
+    p, x_star = [(1 - alpha * a) ** STEPS for a in CURVATURES], toy.ablo_minimiser(TASKS, alpha)
     gr = [a * pi ** 2 * (x_star - b / a) for (a, b), pi in zip(TASKS, p)]
     g0 = [a * pi * (x_star - b / a) for (a, b), pi in zip(TASKS, p)]
     return sum(g * g for g in gr) / 2, sum((g - h) ** 2 for g, h in zip(gr, g0)) / 2
@@ -170,8 +154,7 @@ def exact_stats(alpha: float) -> Tuple[float, float]:
 
 def fom_stall(alpha: float) -> float:
     """``|f'(x_F)|``: the true gradient at FOM's fixed point (both tasks on their quadratic pieces)."""
-    p = [(1 - alpha * a) ** STEPS for a in CURVATURES]
-    x_f = sum(a * pi * (b / a) for (a, b), pi in zip(TASKS, p)) / sum(a * pi for a, pi in zip(CURVATURES, p))
+    p, x_f = [(1 - alpha * a) ** STEPS for a in CURVATURES], toy.fom_fixed_point(TASKS, alpha)
     return abs(sum(a * pi ** 2 * (x_f - b / a) for (a, b), pi in zip(TASKS, p)) / 2)
 
 
@@ -348,11 +331,11 @@ def run(args) -> Dict[str, Any]:
          "title": "cost against q per inner rate (q = 0: fom; 1e7: not reached)"}], ncols=2)
     fields = dict(tasks=TASKS, A=A_QUAD, steps=STEPS, iters=args.iters, seeds=args.seeds, c_f=C_F, c_x=C_X,
                   threshold=args.threshold, qmin=Q_GRID[0], qmax=Q_GRID[-1], nq=len(Q_GRID), table=table,
-                  cc_rate=alphas[keep[0]], cc_q=Q_GRID[keep[1]], cc_iters=check_iters, cc_diff=diff,
+                  cc_rate=alphas[keep[0]], cc_q=Q_GRID[keep[1] - 1], cc_iters=check_iters, cc_diff=diff,
                   stride=stride, resamples=args.resamples)
     data = {"rates": per_rate, "q_grid": list(Q_GRID), "threshold": args.threshold, "iters": args.iters,
             "seeds": args.seeds, "stride": stride, "resamples": args.resamples,
-            "cross_check": {"alpha": alphas[keep[0]], "q": Q_GRID[keep[1]], "iters": check_iters,
+            "cross_check": {"alpha": alphas[keep[0]], "q": Q_GRID[keep[1] - 1], "iters": check_iters,
                             "max_rel_diff": diff}}
     return write_report(args, NAME, TEMPLATE, fields, data, (), [figure])
 
