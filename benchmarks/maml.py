@@ -202,20 +202,21 @@ def make_trainer(method: Method, model: nn.Module, loss: Loss, *, inner_lr: floa
 @dataclass
 class History:
     """One method's evaluations: after ``steps[i]`` outer steps, ``wall[i]`` / ``cpu[i]``
-    training seconds so far, ``score[i]`` (the evaluation's mean) and ``extra[i]``."""
+    training seconds so far, ``score[i]`` (the evaluation's mean) and ``extra[i]``; its ``trainer``."""
 
     label: str
+    trainer: Trainer
     steps: List[int] = field(default_factory=list)
     wall: List[float] = field(default_factory=list)
     cpu: List[float] = field(default_factory=list)
     score: List[float] = field(default_factory=list)
     extra: List[Any] = field(default_factory=list)
-    exact_branches: int = 0
-    tasks_seen: int = 0
-    q_last: Optional[float] = None
-    q_trace: List[float] = field(default_factory=list)  # q of each outer step (ufom)
-    q_min: Optional[float] = None
-    q_next: Optional[float] = None  # q="auto": the q the next outer step would use
+
+    @property
+    def q_end(self) -> Optional[float]:
+        """The q of the last outer step, or with ``q="auto"`` the q the next one would use."""
+        t = self.trainer
+        return t.q_last if t.q_min is None else float(t.meta.q_stats["q"])
 
 
 def train_round_robin(trainers: Sequence[Trainer], batch: Callable[[int], Sequence], iters: int,
@@ -230,7 +231,7 @@ def train_round_robin(trainers: Sequence[Trainer], batch: Callable[[int], Sequen
     outer learning rate at outer step ``k``: one schedule for every method.
     An exception in a trainer propagates.
     """
-    hist = [History(t.method.label) for t in trainers]
+    hist = [History(t.method.label, t) for t in trainers]
     wall, cpu = [0.0] * len(trainers), [0.0] * len(trainers)
     points = set(range(0, iters + 1, max(1, eval_every))) | {iters}
     base_lr = [[g["lr"] for g in t.outer.param_groups] for t in trainers]
@@ -254,11 +255,6 @@ def train_round_robin(trainers: Sequence[Trainer], batch: Callable[[int], Sequen
             cpu[i] += took.cpu
         if k + 1 in points:
             record(k + 1)
-    for h, t in zip(hist, trainers):
-        h.exact_branches, h.tasks_seen, h.q_last = t.exact_branches, t.tasks_seen, t.q_last
-        h.q_trace, h.q_min = list(t.q_trace), t.q_min
-        if t.q_min is not None:
-            h.q_next = float(t.meta.q_stats["q"])
     return hist
 
 
@@ -276,7 +272,7 @@ def train(args: argparse.Namespace, methods: Sequence[Method], base: nn.Module, 
 def timing(h: History) -> Dict[str, float]:
     """Training wall and CPU seconds, milliseconds per outer step and the share of exact branches."""
     return {"wall_s": h.wall[-1], "cpu_s": h.cpu[-1], "ms_per_step": 1e3 * h.wall[-1] / max(1, h.steps[-1]),
-            "exact_share": h.exact_branches / max(1, h.tasks_seen)}
+            "exact_share": h.trainer.exact_branches / max(1, h.trainer.tasks_seen)}
 
 
 def cosine_decay(iters: int) -> Callable[[int], float]:

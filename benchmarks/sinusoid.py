@@ -63,11 +63,12 @@ def summarise(hist: Sequence[maml.History], basis: str, target: Optional[float] 
     """Per method: final numbers, ratios and gaps, q, the true-gradient norms and the time to ``target``."""
     out = {}
     for h in hist:
-        norms, tail = [e[1] for e in h.extra], h.q_trace[-max(1, len(h.q_trace) // 10):]
+        norms, qs = [e[1] for e in h.extra], h.trainer.q_trace
+        tail = qs[-max(1, len(qs) // 10):]
         n4 = max(1, len(norms) // 4)
         out[h.label] = {"final_mse": h.score[-1], "ci95": mean_ci(h.extra[-1][0].tolist())[1],
-                        "best_mse": min(h.score), **maml.timing(h), "q_min": h.q_min,
-                        "q_end": h.q_next if h.q_next is not None else h.q_last,
+                        "best_mse": min(h.score), **maml.timing(h), "q_min": h.trainer.q_min,
+                        "q_end": h.q_end,
                         "q_mean_tail": sum(tail) / len(tail) if tail else None,
                         "grad_start": norms[0], "grad_end": norms[-1], "grad_min": min(norms),
                         "grad_tail": sum(norms[-n4:]) / n4, "grad_se_end": h.extra[-1][2],
@@ -139,7 +140,8 @@ def tables(summary: Dict[str, Dict], iters: int, basis: str):
 def plots(hist: Sequence[maml.History], out: str, title: str) -> List[str]:
     """Meta-test MSE against outer steps and training time; true-gradient norm and q against outer steps."""
     mse = {"ylabel": "meta-test MSE (after adaptation)", "logy": True}
-    qs = {h.label: (list(range(1, len(h.q_trace) + 1)), h.q_trace) for h in hist if h.q_trace}
+    traces = {h.label: h.trainer.q_trace for h in hist if h.trainer.q_trace}
+    qs = {label: (list(range(1, len(q) + 1)), q) for label, q in traces.items()}
     return [plot_panels(f"{out}/{NAME}.png", [
         {"series": {h.label: (h.steps, h.score) for h in hist}, "title": title, "xlabel": "outer steps",
          **mse},
@@ -229,7 +231,7 @@ def run(args) -> Dict[str, Any]:
                   check_diff=check["rel_diff"], skipped="".join(f"\nNote: {s}" for s in skipped))
     histories = {h.label: {"steps": h.steps, "wall_s": h.wall, "cpu_s": h.cpu, "mse": h.score,
                            "grad_norm": [e[1] for e in h.extra], "grad_se": [e[2] for e in h.extra],
-                           "q": h.q_trace} for h in hist}
+                           "q": h.trainer.q_trace} for h in hist}
     return write_report(args, NAME, TEMPLATE, fields, {"summary": summary, "histories": histories,
                                                        "gradient_check": check, "skipped": skipped,
                                                        "iters": args.iters},
