@@ -128,9 +128,7 @@ def run(args, methods, skipped) -> Dict[str, Any]:
                          f"({args.model}, {args.steps} inner steps, seed {args.seed})")
     model = ("MLP 64-64-64-N (ReLU)" if args.model == "mlp"
              else "CNN (2 x [conv 3x3, 16 channels, ReLU, max-pool 2x2], linear)")
-    fields = {k: getattr(args, k) for k in ("ways", "query", "steps", "inner_lr", "outer_lr", "meta_batch",
-                                            "iters", "seed", "memory", "test_tasks")}
-    fields.update(model=model, basis=args.basis, tables="\n".join(tables),
+    fields = dict(vars(args), model=model, tables="\n".join(tables),
                   ref=next(iter(settings.values()))["summary"][methods[0].label]["ratio_ref"],
                   skipped="".join(f"\nNote: {s}" for s in skipped))
     return write_report(args, NAME, TEMPLATE, fields, {"settings": settings, "skipped": skipped}, (),

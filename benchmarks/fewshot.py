@@ -138,10 +138,6 @@ class Row:
             return {"truncation": laws[self.geometric]}
         return meta_kwargs(self.mode, self.q, self.q_rule)
 
-    def calibration_key(self) -> str:
-        """Which calibrated cost curve a task of this row is charged from."""
-        return self.mode if self.mode in ("fom", "exact") and not self.geometric else "ufom"
-
 
 ROWS = (Row("fom", "fom"),) + tuple(Row(f"ufom q={q:g}", "ufom", q) for q in (0.2, 0.4, 0.6, 0.8)) + (
     Row("exact", "exact"), Row("ufom q=auto (ufom rule)", "ufom", "auto", "ufom"),
@@ -206,7 +202,7 @@ def train_row(row: Row, model: nn.Module, laws: Dict[str, Geometric], costs: Dic
     meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=args.inner_lr, steps=STEPS, reduction="mean",
                                     generator=torch.Generator().manual_seed(args.row_seed),
                                     **row.kwargs(laws))
-    curve = costs[row.calibration_key()]
+    curve = costs[row.mode if row.mode in ("fom", "exact") and not row.geometric else "ufom"]
     charge = {m: 0.0 for m in MEASURES}
     pending = sorted((f * budgets[m], m, f) for m in MEASURES for f in fractions)
     points: List[Checkpoint] = []
@@ -443,10 +439,8 @@ def run(args, rows: Sequence[Row]) -> Dict[str, Any]:
         "lrrrrrrrrrr")
     fmt_law = lambda g: f"q = {g.q:.3f}, rho = {g.rho:.4f}"  # noqa: E731
     first = next(iter(summary.values()))
-    fields = dict(train=TRAIN_DIGITS, test=TEST_DIGITS, query=args.query, channels=args.channels, steps=STEPS,
-                  inner_lr=args.inner_lr, outer_lr=args.outer_lr, meta_batch=args.meta_batch,
-                  seeds=list(range(args.seed, args.seed + args.seeds)), test_tasks=args.test_tasks,
-                  fom_steps=args.fom_steps, budget_evals=budgets["evals"], budget_time=budgets["time"],
+    fields = dict(vars(args), train=TRAIN_DIGITS, test=TEST_DIGITS, steps=STEPS, budget_time=budgets["time"],
+                  seeds=list(range(args.seed, args.seed + args.seeds)), budget_evals=budgets["evals"],
                   c_f=c_f, c_x=c_x, t_fom=1e3 * costs["fom"][0], t_exact=1e3 * costs["exact"][0],
                   t_u0=1e3 * u0, t_ur=1e3 * ur, geo_evals=fmt_law(laws["evals"]),
                   geo_time=fmt_law(laws["time"]), ci_method=first["evals"]["ci_method"], table=table,

@@ -383,14 +383,15 @@ def write_report(args, name: str, template: str, fields: Mapping[str, Any], data
     """Write ``<out>/<name>.md`` (``template`` filled from ``fields``, then the targets and
     figures) and ``<out>/<name>.json`` (``data``, the targets and the command); return the JSON data.
 
-    ``fields`` gets ``command`` (the command line), ``torch`` and ``device`` /
-    ``threads`` of ``args`` added; the template uses ``str.format`` fields.
-    The report ends with the time since :func:`parse` and the load average.
+    The template's ``str.format`` fields are ``fields`` (for instance ``vars(args)``
+    and computed values), ``command`` (the command line), ``torch`` and ``device``
+    / ``threads`` of ``args``. The report ends with the time since :func:`parse`
+    and the load average.
     """
     os.makedirs(args.out, exist_ok=True)
     command = " ".join([f"python -m benchmarks.{name}"] + args.argv)
-    text = template.format(command=command, device=args.device, threads=args.threads,
-                           torch=torch.__version__, **fields).rstrip() + "\n"
+    text = template.format(**{**fields, "command": command, "device": args.device, "threads": args.threads,
+                              "torch": torch.__version__}).rstrip() + "\n"
     if targets:
         text += "\n" + "\n".join(f"- Target: {t.text}" for t in targets) + "\n"
     seconds, load = time.perf_counter() - args.start, os.getloadavg()

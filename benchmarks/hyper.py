@@ -212,12 +212,6 @@ def make_trainer(method: str, model: nn.Module, rates, wd, outer, steps: int, ba
     raise ValueError(f"Invalid method: {method!r} (expected one of {', '.join(METHODS)})")
 
 
-def flat_hypergrad(rates: Dict[str, Tensor], wd: Tensor) -> Tensor:
-    """The current ``.grad`` of the rates and the weight decay, flattened (zeros where unset)."""
-    parts = [torch.zeros_like(t) if t.grad is None else t.grad for t in list(rates.values()) + [wd]]
-    return torch.cat([p.detach().flatten() for p in parts]).cpu()
-
-
 def run_method(method: str, steps: int, outer_steps: int, hidden: int, device: str, seed: int,
                grad_path: str, threads: int = 1) -> Dict[str, Any]:
     """Train one method in this process; return a JSON-able dict (see the module docstring)."""
@@ -244,8 +238,9 @@ def run_method(method: str, steps: int, outer_steps: int, hidden: int, device: s
                 info = step()
                 sync(device)
                 w1, c1 = time.perf_counter(), time.process_time()
-                if k == 0:  # a small copy, kept out of the clock
-                    torch.save(flat_hypergrad(rates, wd), grad_path)
+                if k == 0:  # the hypergradient of the rates and weight decay, saved out of the clock
+                    grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in [*rates.values(), wd]]
+                    torch.save(torch.cat([g.detach().flatten() for g in grads]).cpu(), grad_path)
                 w2, c2 = time.perf_counter(), time.process_time()
                 outer.step()
                 with torch.no_grad():
@@ -369,9 +364,9 @@ def main(argv=None) -> Dict[str, Any]:
                          title=f"Learned per-parameter inner rates on digits, hidden {args.hidden}")
     params = sum(a * b + b for a, b in zip((64, args.hidden, args.hidden), (args.hidden, args.hidden, 10)))
     return write_report(args, NAME, TEMPLATE, dict(
-        hidden=args.hidden, params=params, batch=BATCH, rate0=RATE0, wd0=WD0, val=VAL_SIZE, outer_lr=OUTER_LR,
-        wd_lr=WD_LR, outer_steps=args.outer_steps, seed=args.seed, table=text,
-        notes="".join(f"\n- {n}" for n in notes + table_notes)), {"runs": runs, "notes": notes + table_notes},
+        vars(args), params=params, batch=BATCH, rate0=RATE0, wd0=WD0, val=VAL_SIZE, outer_lr=OUTER_LR,
+        wd_lr=WD_LR, table=text, notes="".join(f"\n- {n}" for n in notes + table_notes)),
+        {"runs": runs, "notes": notes + table_notes},
         [target(runs)], [figure])
 
 

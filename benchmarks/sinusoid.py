@@ -222,11 +222,8 @@ def run(args) -> Dict[str, Any]:
              f"seed {args.seed}")
     table, q_table = tables(summary, args.iters, args.basis)
     target = next((r["target_mse"] for r in summary.values()), None)
-    fields = {k: getattr(args, k) for k in ("shots", "query", "dtype", "steps", "inner_lr", "outer_lr",
-                                            "meta_batch", "iters", "seed", "memory", "test_tasks",
-                                            "test_query", "grad_tasks")}
-    fields.update(decay=" (cosine decay to 0, every method)" if args.lr_decay == "cosine" else "",
-                  basis=args.basis, table=table, q_table=q_table, target=fmt(target, ".4f"),
+    fields = dict(vars(args), decay=" (cosine decay to 0, every method)" if args.lr_decay == "cosine" else "",
+                  table=table, q_table=q_table, target=fmt(target, ".4f"),
                   check_tasks=check["tasks"], check_method=trainers[0].method.label,
                   check_diff=check["rel_diff"], skipped="".join(f"\nNote: {s}" for s in skipped))
     histories = {h.label: {"steps": h.steps, "wall_s": h.wall, "cpu_s": h.cpu, "mse": h.score,

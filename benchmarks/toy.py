@@ -458,11 +458,9 @@ def main(argv=None) -> Dict[str, object]:
             runs.append(train(method, x0, task_ids, args.seed, args.memory, not args.no_progress))
             evaluate(runs[-1], args.check_every)
     x_f, (f_star, f_fom, goal) = fom_fixed_point(), loss_target()
-    fields = dict(tasks=[(a, round(b, 6)) for a, b in TASKS], A=A_QUAD, steps=STEPS, alpha=ALPHA, D=D_BIAS,
-                  x0=x0, iters=args.iters, seed=args.seed, memory=args.memory, x_f=x_f,
-                  g_f=float(true_gradient([x_f]).abs()), sqrt2d=math.sqrt(2 * D_BIAS),
-                  x_star=ablo_minimiser(),
-                  last=args.last, check_every=args.check_every, target=TARGET, table=table(runs, args.last),
+    fields = dict(vars(args), tasks=[(a, round(b, 6)) for a, b in TASKS], A=A_QUAD, steps=STEPS, alpha=ALPHA,
+                  D=D_BIAS, x0=x0, x_f=x_f, g_f=float(true_gradient([x_f]).abs()), x_star=ablo_minimiser(),
+                  sqrt2d=math.sqrt(2 * D_BIAS), target=TARGET, table=table(runs, args.last),
                   f_star=f_star, f_fom=f_fom, tol=LOSS_TOL, goal=goal, excess=goal - f_star,
                   g_goal=math.sqrt(2 * D_BIAS / 10), loss_table=loss_table(runs, args.last))
     data = {"summary": {r.method.label: summary(r, args.last) for r in runs},

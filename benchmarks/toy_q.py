@@ -138,11 +138,6 @@ def steps_to_stay_below(rms: Tensor, steps: Sequence[int], threshold: float) -> 
     return torch.where(last_bad == len(steps) - 1, torch.full_like(at, math.inf), at)
 
 
-def expected_cost(q: Tensor) -> Tensor:
-    """Expected evaluations per outer step: ``c_f + q (c_x - c_f)``."""
-    return C_F + q * (C_X - C_F)
-
-
 def exact_stats(alpha: float) -> Tuple[float, float]:
     """``(A, D)`` of the toy at the ABLO minimiser: the means over the two tasks of ``G_r^2``
     and ``(G_r - G_0)^2``."""
@@ -202,8 +197,8 @@ def best_q(sq_grad: Tensor, steps: Sequence[int], qs: Sequence[float], threshold
     """
     q = torch.tensor(qs, dtype=torch.float64)
 
-    def costs(sq):
-        return steps_to_stay_below(sq.mean(-1).sqrt(), steps, threshold) * expected_cost(q)
+    def costs(sq):  # evaluations to the threshold: steps times the expected c_f + q (c_x - c_f) per step
+        return steps_to_stay_below(sq.mean(-1).sqrt(), steps, threshold) * (C_F + q * (C_X - C_F))
 
     cost = costs(sq_grad)                                    # [rate, q]
     g = torch.Generator().manual_seed(seed)
@@ -329,10 +324,9 @@ def run(args) -> Dict[str, Any]:
          "ylabel": "q", "title": f"best q vs the formulas (RMS |f'| < {args.threshold}, {args.seeds} seeds)"},
         {"series": cost_series, "logy": True, "xlabel": "q", "ylabel": "evaluations to the threshold",
          "title": "cost against q per inner rate (q = 0: fom; 1e7: not reached)"}], ncols=2)
-    fields = dict(tasks=TASKS, A=A_QUAD, steps=STEPS, iters=args.iters, seeds=args.seeds, c_f=C_F, c_x=C_X,
-                  threshold=args.threshold, qmin=Q_GRID[0], qmax=Q_GRID[-1], nq=len(Q_GRID), table=table,
-                  cc_rate=alphas[keep[0]], cc_q=Q_GRID[keep[1] - 1], cc_iters=check_iters, cc_diff=diff,
-                  stride=stride, resamples=args.resamples)
+    fields = dict(vars(args), tasks=TASKS, A=A_QUAD, steps=STEPS, c_f=C_F, c_x=C_X, qmin=Q_GRID[0],
+                  qmax=Q_GRID[-1], nq=len(Q_GRID), table=table, cc_rate=alphas[keep[0]],
+                  cc_q=Q_GRID[keep[1] - 1], cc_iters=check_iters, cc_diff=diff, stride=stride)
     data = {"rates": per_rate, "q_grid": list(Q_GRID), "threshold": args.threshold, "iters": args.iters,
             "seeds": args.seeds, "stride": stride, "resamples": args.resamples,
             "cross_check": {"alpha": alphas[keep[0]], "q": Q_GRID[keep[1] - 1], "iters": check_iters,
