@@ -1,18 +1,10 @@
 """Few-shot classification on scikit-learn's digits: MAML with torch_ufom fom / ufom / exact.
 
-Data: ``sklearn.datasets.load_digits`` (bundled, nothing downloaded), pixels
-scaled to ``[0, 1]``; meta-training tasks use classes 0-6, meta-test tasks
-classes 7-9. A task is N-way K-shot (default 3-way, 1-shot and 5-shot) with
-``--query`` query images per class (:func:`benchmarks.problems.digit_tasks`).
-Model: an MLP 64-64-64-N with ReLU (``--model mlp``) or
-:class:`benchmarks.problems.SmallCNN` (``--model cnn``). Inner loop:
-``--steps`` SGD steps at ``--inner-lr`` on the support cross-entropy; outer:
-Adam (lr 1e-3) on the mean query cross-entropy of ``--meta-batch`` tasks; float32.
-
-Methods: ``fom``, ``ufom q=0.1``, ``exact`` and ``higher`` (``--methods`` adds
-``ufom q=auto`` or ``torchopt``), trained round-robin from the same weights on
-the same meta-batches (:mod:`benchmarks.maml`). Metric: *meta-test accuracy* on
-fixed held-out 7-9 tasks after the same inner loop, adapted with plain ``torch.func``.
+N-way K-shot tasks (:func:`benchmarks.problems.digit_tasks`), meta-train
+classes 0-6 and meta-test classes 7-9, an MLP or
+:class:`benchmarks.problems.SmallCNN` (``--model``); ``fom``, ``ufom q=0.1``,
+``exact`` and ``higher`` (``--methods`` adds ``ufom q=auto`` or ``torchopt``)
+trained round-robin (:mod:`benchmarks.maml`). The report states the sizes.
 """
 from __future__ import annotations
 

@@ -1,32 +1,23 @@
 """Equal-compute study of UFOM's q on 1-shot 5-way digits (issue 15; the authors' few-shot sweep).
 
-Data: scikit-learn's digits resized to 28x28, with extra classes made by
-rotating each digit by 90, 180 and 270 degrees before resizing, as the
-authors' Omniglot loader does; the meta-train / meta-test split is by *base
-digit*. The meta-test digits 3, 4 and 7 have no 180-degree symmetry, so none
-of their 12 classes is a copy of another (0, 1 and 8 turned by 180 degrees
-are nearly themselves, and a turned 6 is a 9: those stay in meta-train).
-Model: :func:`benchmarks.problems.conv4` on batch statistics, ``--channels``
-wide (default 8 to fit the 2-core machine). The report states the sizes.
+The report states the data, model, sizes and cost formulas. Digits are turned
+by 90, 180 and 270 degrees for extra classes, as the authors' Omniglot loader
+does, and split by *base digit*: the meta-test digits 3, 4 and 7 have no
+180-degree symmetry (0, 1 and 8 turned are nearly themselves, a turned 6 is a
+9: those stay in meta-train). conv4 is 8 channels wide by default, to fit the
+2-core machine.
 
-Equal compute, two ways (the rows' meta-iterations scale to one budget, what
-``fom`` spends in ``--fom-steps`` outer steps):
-
-* *evals*: inner-gradient evaluations as the authors count them (``c_f =
-  r + 1`` per first-order task, ``c_x = r(r-1)/2 + r`` per exact one); a
-  truncation at ``K`` is charged ``c_f + (c_x - c_f) K(K+1) / (r(r+1))``, in
-  proportion to the reverse work ``K(K+1)/2`` that recomputation does;
-* *time*: process CPU seconds per task, measured once before training for
-  every truncation point (:func:`calibrate`) and charged per task by the
-  ``K`` it drew, which keeps the budget deterministic on a shared machine.
-
-Each row trains until both budgets are spent, evaluated when a measure's
-charge first reaches a fraction of its budget. Rows: ``fom``; ``ufom`` with q
-in {0.2, 0.4, 0.6, 0.8}; ``exact``; ``q="auto"`` with both rules; and a
-:class:`torch_ufom.truncation.Geometric` law per cost measure whose expected
-cost equals q = 0.2's. Metric: meta-test accuracy on fixed held-out tasks,
-adapted by ``torch_ufom.adapt_batch``; ``torch_ufom.diagnose`` runs before
-training on the few-shot tasks and on the sinusoid tasks.
+Equal compute, two ways: *evals* counts inner-gradient evaluations as the
+authors do, a truncation at ``K`` charged in proportion to the reverse work
+``K(K+1)/2`` that recomputation does; *time* charges each task the process CPU
+time of its ``K``, measured once before training (:func:`calibrate`), which
+keeps the budget deterministic on a shared machine. Each row trains until both
+budgets (what ``fom`` spends in ``--fom-steps`` outer steps) are spent,
+evaluated when a measure's charge first reaches a fraction of its budget.
+Rows (:data:`ROWS`): ``fom``, ``ufom`` with q in {0.2, 0.4, 0.6, 0.8},
+``exact``, both ``q="auto"`` rules, and a
+:class:`torch_ufom.truncation.Geometric` law per measure matched to q = 0.2's
+expected cost.
 """
 from __future__ import annotations
 

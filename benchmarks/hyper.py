@@ -1,23 +1,15 @@
 """Learned per-parameter inner learning rates on digits: a long inner loop where memory matters.
 
-Hyperparameter learning, not MAML: an MLP 64-H-H-10 is trained from one fixed
-initialisation by ``steps`` inner SGD steps on seeded minibatches of digits'
-train split (``j -> batch`` given to ``MetaOptimizer.backward``), with a
-learned rate per parameter entry and one learned weight decay
-(``inner=torch_ufom.inner.SGD(lr=rates, weight_decay=wd)``); the outer loss is
-the cross-entropy on a validation split, the outer optimizer Adam (lr 0 on the
-fixed initialisation), rates and weight decay clipped at 0. The report states
-the sizes.
-
-Methods: ``ufom`` (q = 0.1, checkpoint), ``exact`` (store), ``fom``
-(checkpoint; the biased reference), ``higher`` (``innerloop_ctx`` with
-per-parameter ``override``) and ``torch_maml`` (``GradientCheckpointMAML``,
-checkpoints every ``ceil(sqrt(steps))`` steps, the rates and weight decay in
-its in-graph optimizer's state). Every (method, steps) run is a fresh process
-(``--workers`` at a time): a warm-up at ``steps=1``, then ``--outer-steps``
-timed outer steps under :class:`benchmarks.harness.PeakMemory` (plus one
-forced exact-branch outer gradient if no ``ufom`` draw took it).
-Target: ufom/checkpoint's peak at most 0.1x exact/store's at 1000 steps.
+Hyperparameter learning, not MAML (the report states the problem and sizes): a
+learned rate per parameter entry and one learned weight decay, passed as
+``inner=torch_ufom.inner.SGD(lr=rates, weight_decay=wd)``, the per-step batches
+as a callable ``j -> batch``. Methods (:data:`LABELS`): torch_ufom's ufom, exact
+and fom, ``higher`` (``innerloop_ctx`` with per-parameter ``override``) and
+``torch_maml`` (``GradientCheckpointMAML``, the rates and weight decay in its
+in-graph optimizer's state). Every (method, steps) run is a fresh process
+(``--workers`` at a time): a warm-up at ``steps=1``, then ``--outer-steps`` timed
+outer steps under :class:`benchmarks.harness.PeakMemory`, plus one forced
+exact-branch outer gradient if no ``ufom`` draw took it.
 """
 from __future__ import annotations
 

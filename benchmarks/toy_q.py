@@ -1,19 +1,10 @@
 """The toy's optimal-q experiment (the authors' T3): which q reaches a gradient threshold cheapest?
 
-The problem is :mod:`benchmarks.toy`'s pair of tasks with the authors' T2/T3
-constants ``a = (0.5, 1.5)``, ``b = (0, 10)``, ``r = 10`` inner SGD steps at
-the inner rate ``alpha``, outer SGD as in :mod:`benchmarks.toy`. For inner
-rates log-spaced in ``[0.001, 0.05]`` and ``q`` on the grid 0.05, 0.10, ...,
-1.0, every seed runs ``--iters`` outer steps of UFOM, counting inner-gradient
-evaluations as the authors do. A ``q`` *reaches* the threshold at the step
-from which the RMS over the seeds of the true gradient stays below it (the
-RMS estimates the second moment the q formulas reason about); per rate, the
-empirical best ``q`` is the cheapest, with bootstrap quartiles over the seeds.
-
-Predictions, fed with the toy's exact ``A = E|G_r|^2`` and ``D = E|G_r -
-G_0|^2`` at the ABLO minimiser: ``adaptive.optimal_q`` (``c_x``: the exact
-branch's *extra* count) and the authors' rule as ``torch_ufom.diagnose`` and
-``q_rule="authors"`` apply it (``D / 10``), and without their factor 10.
+:mod:`benchmarks.toy`'s pair of tasks with the authors' T2/T3 constants, for
+inner rates log-spaced in ``[0.001, 0.05]`` and ``q`` on a grid; the report
+defines *reached*, the costs and the predictions. The RMS over the seeds of the
+true gradient estimates the second moment the q formulas reason about (a
+single seed's iterate is too noisy to stop on).
 
 The simulation (:func:`simulate`) runs every (rate, q, seed) at once in
 float64 torch with the piecewise loss's first and second derivatives written
