@@ -291,6 +291,11 @@ def paired(per_seed: Sequence[float], reference: Sequence[float]) -> Tuple[float
     return mean_ci([a - b for a, b in zip(per_seed, reference)], student=True)
 
 
+def checkpoint(run: Dict[str, Any], measure: str, fraction: float) -> Dict[str, Any]:
+    """The evaluation of ``run`` at ``fraction`` of ``measure``'s budget."""
+    return next(c for c in run["checkpoints"] if c["measure"] == measure and c["fraction"] == fraction)
+
+
 def summarise(results: Dict[str, List[Dict[str, Any]]], test_tasks: int) -> Dict[str, Dict[str, Any]]:
     """Per row and measure: the final accuracy's mean and interval, outer steps and CPU time, and
     the paired difference to ``fom`` and to ``exact`` where those rows ran."""
@@ -298,8 +303,7 @@ def summarise(results: Dict[str, List[Dict[str, Any]]], test_tasks: int) -> Dict
     for label, runs in results.items():
         out[label] = {}
         for m in MEASURES:
-            finals = [next(c for c in run["checkpoints"] if c["measure"] == m and c["fraction"] == 1.0)
-                      for run in runs]
+            finals = [checkpoint(run, m, 1.0) for run in runs]
             per_seed = [statistics.fmean(c["accuracy"]) for c in finals]
             mean, half, method = interval(per_seed, finals[0]["accuracy"])
             out[label][m] = {"accuracy": mean, "ci95": half, "ci_method": method, "per_seed": per_seed,
@@ -324,8 +328,7 @@ def curves(results, fractions, budgets) -> List[Dict[str, Any]]:
         for label, runs in results.items():
             xs, ys = [], []
             for f in fractions:
-                cs = [next(c for c in run["checkpoints"] if c["measure"] == m and c["fraction"] == f)
-                      for run in runs]
+                cs = [checkpoint(run, m, f) for run in runs]
                 xs.append(f * budgets[m])
                 ys.append(100 * statistics.fmean(statistics.fmean(c["accuracy"][:CURVE_TASKS]) for c in cs))
             series[label] = (xs, ys)
@@ -349,9 +352,8 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--calibration", type=positive_int, default=5, help="timed repeats per truncation point")
     p.add_argument("--rows", help="comma-separated subset of: " + ", ".join(r.label for r in ROWS))
     args = parse(p, argv)
-    seeds, fom_steps, tests, fractions = SIZES[args.size]
-    args.seeds, args.fom_steps = args.seeds or seeds, args.fom_steps or fom_steps
-    args.test_tasks, args.fractions = args.test_tasks or tests, fractions
+    for name, default in zip(("seeds", "fom_steps", "test_tasks", "fractions"), SIZES[args.size]):
+        setattr(args, name, getattr(args, name, None) or default)
     rows = choose(p, "--rows", args.rows, {r.label: r for r in ROWS}) if args.rows else ROWS
     with torch_threads(args.threads):
         return run(args, rows)
@@ -405,22 +407,20 @@ def run(args, rows: Sequence[Row]) -> Dict[str, Any]:
     figure = plot_panels(f"{args.out}/{NAME}.png", curves(results, args.fractions, budgets), ncols=2,
                          title=f"1-shot 5-way rotated digits, conv4 ({args.channels} ch), r={STEPS}, "
                                f"{args.seeds} seed(s): equal compute")
-    def vs(s, m, ref):
-        pair = s[m].get(f"vs_{ref}")
-        return "-" if pair is None else "{:+.1f} +- {:.1f}".format(*(100 * v for v in pair))
+
+    def cells(s, m):  # accuracy, paired differences to fom and exact, outer steps
+        pairs = [s[m].get(f"vs_{ref}") for ref in ("fom", "exact")]
+        return [f"{100 * s[m]['accuracy']:.1f}% +- {100 * s[m]['ci95']:.1f}",
+                *("-" if p is None else "{:+.1f} +- {:.1f}".format(*(100 * v for v in p)) for p in pairs),
+                f"{s[m]['outer_steps']:.0f}"]
 
     table = markdown_table(
         ["row", "accuracy @ evals budget", "- fom (paired)", "- exact (paired)", "steps", "exact",
          "accuracy @ time budget", "- fom (paired)", "- exact (paired)", "steps", "CPU at time budget",
          "q at end"],
-        [[label, f"{100 * s['evals']['accuracy']:.1f}% +- {100 * s['evals']['ci95']:.1f}",
-          vs(s, "evals", "fom"), vs(s, "evals", "exact"),
-          f"{s['evals']['outer_steps']:.0f}", f"{100 * s['exact_share']:.0f}%",
-          f"{100 * s['time']['accuracy']:.1f}% +- {100 * s['time']['ci95']:.1f}",
-          vs(s, "time", "fom"), vs(s, "time", "exact"),
-          f"{s['time']['outer_steps']:.0f}", f"{s['time']['cpu_s']:.1f} s",
-          ", ".join("-" if q is None else f"{q:.2f}" for q in s["q_end"])] for label, s in summary.items()],
-        "lrrrrrrrrrrl")
+        [[label, *cells(s, "evals"), f"{100 * s['exact_share']:.0f}%", *cells(s, "time"),
+          f"{s['time']['cpu_s']:.1f} s", ", ".join("-" if q is None else f"{q:.2f}" for q in s["q_end"])]
+         for label, s in summary.items()], "lrrrrrrrrrrl")
     diag_table = markdown_table(
         ["tasks", "r", "A", "D", "D / A", "s / fom task", "s / exact task", "steps fom", "steps exact",
          "q (ufom rule)", "q (authors rule)"],

@@ -219,11 +219,8 @@ def _count(x: float) -> str:
 
 
 def _quartiles(xs: Sequence[float]) -> List[float]:
-    if not xs:
-        return [math.nan, math.nan]
-    if len(xs) == 1:
-        return [xs[0], xs[0]]
-    q = statistics.quantiles(xs, n=4)
+    """The lower and upper quartiles of ``xs`` (``nan`` for no values)."""
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else (list(xs) or [math.nan]) * 3
     return [q[0], q[2]]
 
 
@@ -267,8 +264,8 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--check-iters", type=positive_int, default=300,
                    help="outer steps of the MetaOptimizer cross-check (default 300)")
     args = parse(p, argv)
-    n_rates, seeds, iters = SIZES[args.size]
-    args.rates, args.seeds, args.iters = args.rates or n_rates, args.seeds or seeds, args.iters or iters
+    for name, default in zip(("rates", "seeds", "iters"), SIZES[args.size]):
+        setattr(args, name, getattr(args, name) or default)
     with torch_threads(1):
         return run(args)
 
