@@ -251,19 +251,26 @@ def draws(iters: int, seed: int) -> Tuple[float, List[int]]:
     return x0, [rng.randrange(len(TASKS)) for _ in range(iters)]
 
 
-def train(method: Method, x0: float, task_ids: Sequence[int], seed: int,
-          memory: str = "checkpoint", show_progress: bool = True) -> Run:
-    """Outer SGD with step size ``10 / (k + 1)`` from ``x0``, one task per step."""
+def train(method: Method, x0: float, task_ids: Sequence[int], seed: int, memory: str = "checkpoint",
+          show_progress: bool = True, problem: Tuple = (TASKS, ALPHA, task_loss),
+          forced: Optional[Sequence[int]] = None) -> Run:
+    """Outer SGD with step size ``10 / (k + 1)`` from ``x0``, one task per step.
+
+    ``problem``: ``(tasks, inner rate, task loss)``; ``forced``: each step's truncation
+    (``force_truncation``) instead of draws.
+    """
+    tasks, alpha, loss = problem
     model = Scalar(x0)
     opt = torch.optim.SGD(model.parameters(), lr=10.0)
-    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=ALPHA, steps=STEPS, memory=memory,
+    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=alpha, steps=STEPS, memory=memory,
                                     generator=torch.Generator().manual_seed(seed), **method.kwargs())
     run = Run(method, xs=[float(model.x.detach())], q_min=method.kwargs().get("q_min"))
     elapsed = cpu = 0.0
     for k, i in progress(list(enumerate(task_ids)), method.label, show_progress):
         start, cpu_start = time.perf_counter(), time.process_time()
         meta.zero_grad()
-        res = meta.backward(task_loss, task_loss, TASKS[i], TASKS[i])
+        K = None if forced is None else forced[k]
+        res = meta.backward(loss, loss, tasks[i], tasks[i], force_truncation=K)
         for group in meta.param_groups:
             group["lr"] = 10.0 / (k + 1)
         meta.step()

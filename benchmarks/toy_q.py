@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-import torch_ufom
 from torch_ufom import adaptive
 from benchmarks import toy
 from benchmarks.harness import (fmt, markdown_table, parse, parser, plot_panels, positive_float,
@@ -163,19 +162,10 @@ def cross_check(alpha: float, q: float, iters: int, seed: int, sim_x: Sequence[f
     """Replay one simulated run through ``torch_ufom.MetaOptimizer``; return the largest
     ``|x_lib - x_sim| / max(1, |x_sim|)`` over its iterates."""
     x0, task, _ = draws(iters, seeds, seed)
-    model = toy.Scalar(float(x0[seed_index]))
-    opt = torch.optim.SGD(model.parameters(), lr=10.0)
-    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=alpha, steps=STEPS, mode="ufom", q=q)
-    worst = abs(float(model.x.detach()) - sim_x[0]) / max(1.0, abs(sim_x[0]))
-    for k in range(iters):
-        t = TASKS[int(task[k, seed_index])]
-        meta.zero_grad()
-        meta.backward(t3_loss, t3_loss, t, t, force_truncation=STEPS * sim_xi[k])
-        for group in meta.param_groups:
-            group["lr"] = 10.0 / (k + 1)
-        meta.step()
-        worst = max(worst, abs(float(model.x.detach()) - sim_x[k + 1]) / max(1.0, abs(sim_x[k + 1])))
-    return worst
+    replay = toy.Method("replay", "ufom", q)
+    run = toy.train(replay, float(x0[seed_index]), task[:, seed_index].tolist(), seed, show_progress=False,
+                    problem=(TASKS, alpha, t3_loss), forced=[STEPS * k for k in sim_xi])
+    return max(abs(x - s) / max(1.0, abs(s)) for x, s in zip(run.xs, sim_x, strict=True))
 
 
 def best_q(sq_grad: Tensor, steps: Sequence[int], qs: Sequence[float], threshold: float,
