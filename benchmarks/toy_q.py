@@ -159,13 +159,13 @@ def t3_loss(fmodel, task) -> Tensor:
 
 def cross_check(alpha: float, q: float, iters: int, seed: int, sim_x: Sequence[float],
                 sim_xi: Sequence[int], seed_index: int, seeds: int) -> float:
-    """Replay one simulated run through ``torch_ufom.MetaOptimizer``; return the largest
-    ``|x_lib - x_sim| / max(1, |x_sim|)`` over its iterates."""
+    """Replay the first ``iters`` steps of one simulated run through ``torch_ufom.MetaOptimizer``;
+    return the largest ``|x_lib - x_sim| / max(1, |x_sim|)`` over its iterates."""
     x0, task, _ = draws(iters, seeds, seed)
     replay = toy.Method("replay", "ufom", q)
     run = toy.train(replay, float(x0[seed_index]), task[:, seed_index].tolist(), seed, show_progress=False,
                     problem=(TASKS, alpha, t3_loss), forced=[STEPS * k for k in sim_xi])
-    return max(abs(x - s) / max(1.0, abs(s)) for x, s in zip(run.xs, sim_x, strict=True))
+    return max(abs(x - s) / max(1.0, abs(s)) for x, s in zip(run.xs, sim_x[:iters + 1], strict=True))
 
 
 def best_q(sq_grad: Tensor, steps: Sequence[int], qs: Sequence[float], threshold: float,
