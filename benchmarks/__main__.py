@@ -22,15 +22,11 @@ import subprocess
 import sys
 import time
 
-from benchmarks.harness import ROOT
+from benchmarks.harness import ROOT, add_sizes
 
 # Each benchmark's --quick budget in seconds on 2 CPU cores (one torch thread each), at most 480 s in
-# all: the times of one main-job run on a shared machine (load average 2-3), rounded up. fewshot and
-# toy_q (issue 15) were timed through this runner: 22 s and 9 s on an idle machine, 59-65 s and
-# 10-30 s at load average 3-4. To make room the main job runs sinusoid and digits with fewer outer
-# steps than their own --quick (QUICK_ARGS: 100 of 160 and 50 of 120 steps; budgets 75 -> 45 s and
-# 60 -> 30 s; through this runner on an idle machine 31 s and 19 s, sinusoid's targets holding), so
-# that `python -m benchmarks.<name> --quick` still reproduces the figures docs/benchmarks.md quotes.
+# all: one main-job run on a shared machine, rounded up. The main job runs sinusoid and digits with
+# fewer outer steps (QUICK_ARGS), so that their own --quick keeps the figures docs/benchmarks.md quotes.
 BUDGETS = {"memory": 105, "speed": 105, "toy": 60, "sinusoid": 45, "digits": 30, "hyper": 75,
            "fewshot": 40, "toy_q": 15}
 QUICK_ARGS = {"sinusoid": ["--iters", "100", "--eval-every", "20"],
@@ -55,18 +51,13 @@ def collect(out: str, names, status: dict) -> str:
 def main(argv=None) -> int:
     """Run the selected benchmarks; return the number that failed."""
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="size", action="store_const", const="quick",
-                      help=f"the main job: budgets {BUDGETS} s on 2 CPU cores")
-    size.add_argument("--tiny", dest="size", action="store_const", const="tiny", help="a smoke test")
+    add_sizes(p, {"quick": f"the main job: budgets {BUDGETS} s on 2 CPU cores", "tiny": "a smoke test"})
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), metavar="NAME",
                    help=f"benchmarks to run, from: {', '.join(BENCHMARKS)}")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
-    size = args.size or "full"
+    size, status, failed = args.size, {}, 0
     os.makedirs(args.out, exist_ok=True)
-    status, failed = {}, 0
     for name in args.only:
         cmd = [sys.executable, "-m", f"benchmarks.{name}", "--device", args.device, "--no-progress",
                "--out", os.path.abspath(os.path.join(args.out, name))]
@@ -76,11 +67,10 @@ def main(argv=None) -> int:
         code = subprocess.run(cmd, cwd=ROOT, check=False).returncode
         seconds = time.perf_counter() - start
         failed += code != 0
-        over = size == "quick" and seconds > BUDGETS[name]
         text = (f"{size} run, {seconds:.0f} s" + (f" (budget {BUDGETS[name]} s)" if size == "quick" else "")
                 if code == 0 else f"FAILED (exit status {code}) after {seconds:.0f} s")
         status[name] = {"exit_status": code, "seconds": seconds, "budget_s": BUDGETS[name],
-                        "over_budget": over, "text": text}
+                        "over_budget": size == "quick" and seconds > BUDGETS[name], "text": text}
         print(f"-- {name}: {text}", flush=True)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(collect(args.out, args.only, status))

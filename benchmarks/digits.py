@@ -1,29 +1,20 @@
 """Few-shot classification on scikit-learn's digits: MAML with torch_ufom fom / ufom / exact.
 
-Data: ``sklearn.datasets.load_digits`` (bundled, nothing downloaded), pixels
-scaled to ``[0, 1]``; meta-training tasks use classes 0-6, meta-test tasks
-classes 7-9. A task is N-way K-shot (default 3-way, 1-shot and 5-shot) with
-``--query`` query images per class (:func:`benchmarks.problems.digit_tasks`).
-Model: an MLP 64-64-64-N with ReLU (``--model mlp``) or
-:class:`benchmarks.problems.SmallCNN` (``--model cnn``). Inner loop:
-``--steps`` SGD steps at ``--inner-lr`` on the support cross-entropy; outer:
-Adam (lr 1e-3) on the mean query cross-entropy of ``--meta-batch`` tasks; float32.
-
-Methods: ``fom``, ``ufom q=0.1``, ``exact`` and ``higher`` (``--methods`` adds
-``ufom q=auto`` or ``torchopt``), trained round-robin from the same weights on
-the same meta-batches (:mod:`benchmarks.maml`). Metric: *meta-test accuracy* on
-fixed held-out 7-9 tasks after the same inner loop, adapted with plain ``torch.func``.
+N-way K-shot tasks (:func:`benchmarks.problems.digit_tasks`), meta-train
+classes 0-6 and meta-test classes 7-9, an MLP or
+:class:`benchmarks.problems.SmallCNN` (``--model``); ``fom``, ``ufom q=0.1``,
+``exact`` and ``higher`` (``--methods`` adds ``ufom q=auto`` or ``torchopt``)
+trained round-robin (:mod:`benchmarks.maml`). The report states the sizes.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict
 
 import torch
 from torch import nn
 
 from benchmarks import maml, problems
-from benchmarks.harness import (markdown_table, parse, parser, plot_panels, positive_float, positive_int,
+from benchmarks.harness import (markdown_table, mean_ci, parse, parser, plot_panels, positive_int,
                                 torch_threads, write_report)
 
 NAME = "digits"
@@ -56,10 +47,8 @@ def summarise(hist, basis: str) -> Dict[str, Dict[str, Any]]:
     """Per method: final accuracy with its 95% interval, best accuracy, times and the time ratio."""
     out = {}
     for h in hist:
-        mean, ci = maml.mean_ci(h.extra[-1])
-        out[h.label] = {"final_acc": mean, "ci95": ci, "best_acc": max(h.score), "wall_s": h.wall[-1],
-                        "cpu_s": h.cpu[-1], "ms_per_step": 1e3 * h.wall[-1] / max(1, h.steps[-1]),
-                        "exact_share": h.exact_branches / max(1, h.tasks_seen)}
+        mean, ci = mean_ci(h.extra[-1].tolist())
+        out[h.label] = {"final_acc": mean, "ci95": ci, "best_acc": max(h.score), **maml.timing(h)}
     ref = next((k for k in ("higher", "exact") if k in out), next(iter(out)))
     for r in out.values():
         r.update(time_ratio=r[f"{basis}_s"] / out[ref][f"{basis}_s"], ratio_ref=ref)
@@ -76,26 +65,15 @@ def main(argv=None) -> Dict[str, Any]:
                                "tiny": "a few outer steps: a smoke test"})
     p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5], help="K values (default 1 5)")
     p.add_argument("--ways", type=positive_int, default=3, help="N (default 3; at most 3)")
-    p.add_argument("--query", type=positive_int, default=15, help="query images per class (default 15)")
     p.add_argument("--model", choices=MODELS, default="mlp", help="default mlp")
-    p.add_argument("--iters", type=positive_int, help="outer steps per setting (default 2000; --quick 120)")
-    p.add_argument("--meta-batch", type=positive_int, help="tasks per outer step (default 8)")
-    p.add_argument("--steps", type=positive_int, default=5, help="inner SGD steps (default 5)")
-    p.add_argument("--inner-lr", type=positive_float, default=0.4, help="default 0.4")
-    p.add_argument("--outer-lr", type=positive_float, default=1e-3, help="Adam, default 1e-3")
-    p.add_argument("--test-tasks", type=positive_int, help="held-out tasks (default 500; --quick 200)")
-    p.add_argument("--eval-every", type=positive_int, help="evaluate every N outer steps")
+    maml.add_args(p, SIZES, inner_lr=0.4, query=15)
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: " + ", ".join(m.label for m in maml.METHODS))
-    maml.add_maml_args(p)
     args = parse(p, argv)
     if args.ways > len(TEST_CLASSES):
         p.error(f"argument --ways: at most {len(TEST_CLASSES)} (the meta-test classes are {TEST_CLASSES})")
-    iters, batch, tests, every = SIZES[args.size]
-    args.eval_every = args.eval_every or (every if args.iters in (None, iters) else max(1, args.iters // 10))
-    args.iters, args.meta_batch = args.iters or iters, args.meta_batch or batch
-    args.test_tasks = args.test_tasks or tests
-    methods, skipped = maml.split_available(maml.parse_methods(args.methods, p.error, args.q))
+    maml.sized(args, SIZES, evals=10)
+    methods, skipped = maml.split_available(maml.parse_methods(args.methods, p, args.q))
     with torch_threads(args.threads):
         return run(args, methods, skipped)
 
@@ -106,11 +84,6 @@ def run(args, methods, skipped) -> Dict[str, Any]:
     settings, panels, tables = {}, [], []
     for shots in dict.fromkeys(args.shots):
         name = f"{args.ways}-way {shots}-shot"
-        base = problems.seeded(args.seed, lambda: (problems.mlp(64, 64, 64, args.ways) if args.model == "mlp"
-                                                   else problems.SmallCNN(args.ways)), device=args.device)
-        trainers = [maml.make_trainer(m, copy.deepcopy(base), problems.xent, inner_lr=args.inner_lr,
-                                      steps=args.steps, outer_lr=args.outer_lr, seed=args.seed,
-                                      memory=args.memory) for m in methods]
         test = problems.digit_tasks(by_class, TEST_CLASSES, args.test_tasks, args.ways, shots, args.query,
                                     torch.Generator().manual_seed(TEST_SEED + shots), args.device)
 
@@ -121,12 +94,12 @@ def run(args, methods, skipped) -> Dict[str, Any]:
 
         def batch(k, shots=shots):
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7919 * shots + k)
-            xs, ys, xq, yq = problems.digit_tasks(by_class, TRAIN_CLASSES, args.meta_batch, args.ways, shots,
-                                                  args.query, g, args.device)
-            return [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(args.meta_batch)]
+            return problems.task_pairs(problems.digit_tasks(
+                by_class, TRAIN_CLASSES, args.meta_batch, args.ways, shots, args.query, g, args.device))
 
-        hist = maml.train_round_robin(trainers, batch, args.iters, evaluate, args.eval_every, args.device,
-                                      not args.no_progress)
+        base = problems.seeded(args.seed, lambda: (problems.mlp(64, 64, 64, args.ways) if args.model == "mlp"
+                                                   else problems.SmallCNN(args.ways)), device=args.device)
+        _, hist = maml.train(args, methods, base, problems.xent, batch, evaluate)
         summary = summarise(hist, args.basis)
         settings[name] = {"summary": summary, "histories": {h.label: {
             "steps": h.steps, "wall_s": h.wall, "cpu_s": h.cpu, "accuracy": h.score} for h in hist}}
@@ -147,9 +120,7 @@ def run(args, methods, skipped) -> Dict[str, Any]:
                          f"({args.model}, {args.steps} inner steps, seed {args.seed})")
     model = ("MLP 64-64-64-N (ReLU)" if args.model == "mlp"
              else "CNN (2 x [conv 3x3, 16 channels, ReLU, max-pool 2x2], linear)")
-    fields = {k: getattr(args, k) for k in ("ways", "query", "steps", "inner_lr", "outer_lr", "meta_batch",
-                                            "iters", "seed", "memory", "test_tasks")}
-    fields.update(model=model, basis=args.basis, tables="\n".join(tables),
+    fields = dict(vars(args), model=model, tables="\n".join(tables),
                   ref=next(iter(settings.values()))["summary"][methods[0].label]["ratio_ref"],
                   skipped="".join(f"\nNote: {s}" for s in skipped))
     return write_report(args, NAME, TEMPLATE, fields, {"settings": settings, "skipped": skipped}, (),

@@ -1,38 +1,30 @@
 """Data-parallel meta-training with ``MetaOptimizer(..., process_group=...)``: a usage example.
 
-Launch from the repository root with ``torchrun`` (2 processes, gloo on CPU)::
+Launch from the repository root with ``torchrun`` (or ``python -m torch.distributed.run``)::
 
     torchrun --standalone --nproc_per_node 2 -m benchmarks.distributed
     torchrun --standalone --nproc_per_node 2 -m benchmarks.distributed --outer-steps 50 --meta-batch 16
     torchrun --standalone --nproc_per_node 2 -m benchmarks.distributed --device cuda   # nccl
 
-(``python -m torch.distributed.run`` is the same launcher as ``torchrun``.)
-
-The problem is MAML on the sinusoid tasks of :mod:`benchmarks.problems`
-(``--shots`` support and query points, the MLP ``1-H-H-1``, MSE, ``--steps``
-inner SGD steps, Adam outside). Each outer step's ``--meta-batch`` tasks are
-drawn from a generator seeded by ``(--seed, outer step)``, whatever the number
-of processes; rank ``r`` of ``W`` takes tasks ``r, r + W, r + 2W, ...``.
-
-Each rank builds the same seeded model and the same outer optimizer and wraps
-it in ``torch_ufom.MetaOptimizer(..., mode="ufom", process_group=True)``
-(``True``: the default group; any ``torch.distributed`` process group works).
-Then, as in a one-process loop::
+MAML on the sinusoid tasks of :mod:`benchmarks.problems`; each outer step's
+``--meta-batch`` tasks come from a generator seeded by ``(--seed, outer
+step)`` whatever the number of processes, and rank ``r`` of ``W`` takes tasks
+``r, r + W, ...``. Every rank builds the same seeded model and outer optimizer
+and wraps them in ``MetaOptimizer(..., mode="ufom", process_group=True)`` (the
+default group; any ``torch.distributed`` process group works); then, as in a
+one-process loop::
 
     meta.zero_grad()
     for support, query in my_tasks:
         meta.backward(problems.mse, problems.mse, support, query)   # local tasks, no communication
     meta.step()   # all-reduce: average over every rank's tasks, then the Adam step
 
-Each rank draws its ufom coins from its own stream (derived from one seed and
-its rank), yet every rank applies the same averaged meta-gradient, so the
-parameters stay identical. At the end rank 0 prints every rank's checksum of
-its parameters; the ranks all-gather their parameters and rank 0 prints whether
-they are bit-identical, with the outer loss (mean over all ranks' tasks) of
-each outer step. The exit status is 1 if the parameters differ.
-
-Backends: ``gloo`` on the CPU, ``nccl`` with ``--device cuda`` (rank
-``LOCAL_RANK`` uses ``cuda:LOCAL_RANK``); ``--backend`` overrides the choice.
+Each rank draws its ufom coins from its own stream, yet applies the same
+averaged meta-gradient, so the parameters stay identical: rank 0 prints every
+rank's checksum, whether the all-gathered parameters are bit-identical (exit
+status 1 if not) and the outer loss of each step. Backends: ``gloo`` on the
+CPU, ``nccl`` with ``--device cuda`` (rank ``LOCAL_RANK`` on
+``cuda:LOCAL_RANK``); ``--backend`` overrides the choice.
 """
 from __future__ import annotations
 
@@ -46,7 +38,7 @@ from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 import torch_ufom
 from benchmarks import problems
@@ -84,15 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def meta_batch(seed: int, outer_step: int, size: int, shots: int,
                device: torch.device) -> List[Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]]:
     """The ``size`` tasks of ``outer_step`` (the same on every rank): ``[(support, query), ...]``."""
-    xs, ys, xq, yq = problems.sinusoid_tasks(size, shots, shots,
-                                             torch.Generator().manual_seed(seed * 1_000_003 + outer_step),
-                                             torch.float32, device)
-    return [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(size)]
-
-
-def flat_parameters(model: nn.Module) -> Tensor:
-    """Every parameter, flattened into one tensor."""
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    g = torch.Generator().manual_seed(seed * 1_000_003 + outer_step)
+    return problems.task_pairs(problems.sinusoid_tasks(size, shots, shots, g, torch.float32, device))
 
 
 def checksum(flat: Tensor) -> str:
@@ -157,7 +142,7 @@ def train(args, device: torch.device) -> int:
     if args.perturb_rank == rank:
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] += 1e-3
-    flat = flat_parameters(model)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     line = (f"rank {rank}/{world}: {len(range(rank, args.meta_batch, world))} tasks per outer "
             f"step, {exact_branches} exact branches, {seconds:.2f} s; final parameters: "
             f"{checksum(flat)}")

@@ -1,58 +1,28 @@
 """Equal-compute study of UFOM's q on 1-shot 5-way digits (issue 15; the authors' few-shot sweep).
 
-Data: scikit-learn's bundled digits, resized from 8x8 to 28x28
-(``torch.nn.functional.interpolate``, bilinear), with extra classes made by
-rotating each digit by 90, 180 and 270 degrees before resizing, as the
-authors' Omniglot loader does: 40 classes (base digit x rotation). The
-meta-train / meta-test split is by *base digit*, so every rotation of a digit
-sits on one side; 6 and 9 (a 6 turned by 180 degrees is a 9) are both on the
-meta-train side. The meta-test digits 3, 4 and 7 have no 180-degree symmetry,
-so none of their 12 classes is a copy of another (0, 1 and 8 turned by 180
-degrees are nearly themselves: those ambiguous classes stay in meta-train).
+The report states the data, model, sizes and cost formulas. Digits are turned
+by 90, 180 and 270 degrees for extra classes, as the authors' Omniglot loader
+does, and split by *base digit*: the meta-test digits 3, 4 and 7 have no
+180-degree symmetry (0, 1 and 8 turned are nearly themselves, a turned 6 is a
+9: those stay in meta-train). conv4 is 8 channels wide by default, to fit the
+2-core machine.
 
-Model: :func:`benchmarks.problems.conv4` (BatchNorm on batch statistics, no
-running statistics, as the authors' code), ``--channels`` wide (default 8 to
-fit the 2-core machine; the layout is the standard one). Inner loop: ``r =
-10`` SGD steps at ``--inner-lr`` on the 5 support images; outer: Adam on the
-mean query cross-entropy of ``--meta-batch`` tasks (``reduction="mean"``).
-
-Equal compute, two ways (the rows' meta-iterations scale to one budget):
-
-* *evals*: inner-gradient evaluations as the authors count them, ``c_f = r + 1``
-  per first-order task and ``c_x = r(r-1)/2 + r`` per exact one; a truncation
-  at ``K`` (the Geometric rows) is charged
-  ``c_f + (c_x - c_f) K(K+1) / (r(r+1))``: the exact branch's extra cost in
-  proportion to the reverse work ``K(K+1)/2`` that recomputation does for the
-  last ``K`` steps (exact at ``K = 0`` and ``K = r``);
-* *time*: process CPU seconds per task with the default memory setting
-  (``checkpoint``), measured once before training for every truncation point
-  (:func:`calibrate`: fom mode, exact mode, and ufom forced to each ``K``), then
-  charged per task by the ``K`` it drew. Charging calibrated times keeps the
-  budget deterministic on a shared machine; the actual CPU time of each run is
-  reported beside it.
-
-Each row trains until both budgets are spent; the model is evaluated when a
-measure's cumulative charge first reaches a fraction of its budget (the
-curves) and at the whole budget (the table). The budget is what ``fom``
-spends in ``--fom-steps`` outer steps under either measure.
-
-Rows: ``fom``; ``ufom`` with q in {0.2, 0.4, 0.6, 0.8}; ``exact``; ``q="auto"``
-with the ``ufom`` and the ``authors`` rule; and a
-:class:`torch_ufom.truncation.Geometric` law ``P(K >= k) = rho^(k-1)`` whose
-expected cost equals q = 0.2's, one per cost measure (``rho`` solved for each).
-
-Metric: meta-test accuracy on ``--test-tasks`` fixed held-out tasks (the same
-for every seed and row), adapted by ``torch_ufom.adapt_batch`` with the
-training inner loop; 95 % interval: Student's t over the seeds' accuracies
-(normal over the tasks with one seed). Before training,
-``torch_ufom.diagnose`` measures ``A``, ``D`` and the branch costs on the
-few-shot tasks and on the sinusoid tasks of :mod:`benchmarks.problems`.
+Equal compute, two ways: *evals* counts inner-gradient evaluations as the
+authors do, a truncation at ``K`` charged in proportion to the reverse work
+``K(K+1)/2`` that recomputation does; *time* charges each task the process CPU
+time of its ``K``, measured once before training (:func:`calibrate`), which
+keeps the budget deterministic on a shared machine. Each row trains until both
+budgets (what ``fom`` spends in ``--fom-steps`` outer steps) are spent,
+evaluated when a measure's charge first reaches a fraction of its budget.
+Rows (:data:`ROWS`): ``fom``, ``ufom`` with q in {0.2, 0.4, 0.6, 0.8},
+``exact``, both ``q="auto"`` rules, and a
+:class:`torch_ufom.truncation.Geometric` law per measure matched to q = 0.2's
+expected cost.
 """
 from __future__ import annotations
 
 import copy
 import itertools
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -64,9 +34,10 @@ from torch import Tensor, nn
 import torch_ufom
 from torch_ufom.truncation import Geometric
 from benchmarks import problems
-from benchmarks.harness import (markdown_table, parse, parser, plot_panels, positive_float, positive_int,
-                                progress, torch_threads, write_report)
-from benchmarks.maml import Q_MIN
+from benchmarks.problems import xent
+from benchmarks.harness import (choose, markdown_table, mean_ci, parse, parser, plot_panels, positive_float,
+                                positive_int, progress, torch_threads, write_report)
+from benchmarks.maml import meta_kwargs
 
 NAME = "fewshot"
 STEPS = 10                      # r
@@ -156,16 +127,7 @@ class Row:
         """The keywords of :class:`torch_ufom.MetaOptimizer` for this row."""
         if self.geometric:
             return {"truncation": laws[self.geometric]}
-        kw: Dict[str, Any] = {"mode": self.mode}
-        if self.mode == "ufom":
-            kw["q"] = self.q
-            if self.q == "auto":
-                kw.update(q_rule=self.q_rule, q_min=Q_MIN[self.q_rule])
-        return kw
-
-    def calibration_key(self) -> str:
-        """Which calibrated cost curve a task of this row is charged from."""
-        return self.mode if self.mode in ("fom", "exact") and not self.geometric else "ufom"
+        return meta_kwargs(self.mode, self.q, self.q_rule)
 
 
 ROWS = (Row("fom", "fom"),) + tuple(Row(f"ufom q={q:g}", "ufom", q) for q in (0.2, 0.4, 0.6, 0.8)) + (
@@ -174,21 +136,10 @@ ROWS = (Row("fom", "fom"),) + tuple(Row(f"ufom q={q:g}", "ufom", q) for q in (0.
     Row("geometric (evals)", geometric="evals"), Row("geometric (time)", geometric="time"))
 
 
-# -- one task's losses ---------------------------------------------------------------------
-def loss(f, batch) -> Tensor:
-    """Cross-entropy of ``f`` on ``batch = (x, y)``."""
-    return problems.xent(f, batch)
-
-
+# -- tasks ---------------------------------------------------------------------------------
 def tasks(by_class, classes, n: int, query: int, generator: torch.Generator):
     """``n`` 1-shot 5-way tasks, stacked: ``(xs, ys, xq, yq)``."""
     return problems.digit_tasks(by_class, classes, n, WAYS, SHOTS, query, generator)
-
-
-def pairs(stacked) -> List[Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]]:
-    """Stacked tasks as ``[(support, query), ...]``."""
-    xs, ys, xq, yq = stacked
-    return [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(xs.shape[0])]
 
 
 # -- calibration of the time measure -------------------------------------------------------
@@ -210,7 +161,7 @@ def calibrate(model: nn.Module, sample: Sequence, inner_lr: float, repeats: int)
         for key, (_, K) in configs.items():
             metas[key].zero_grad()
             start = time.process_time()
-            metas[key].backward(loss, loss, support, query, force_truncation=K)
+            metas[key].backward(xent, xent, support, query, force_truncation=K)
             if i:  # the first round warms up
                 times[key].append(time.process_time() - start)
     med = {key: statistics.median(v) for key, v in times.items()}
@@ -242,7 +193,7 @@ def train_row(row: Row, model: nn.Module, laws: Dict[str, Geometric], costs: Dic
     meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=args.inner_lr, steps=STEPS, reduction="mean",
                                     generator=torch.Generator().manual_seed(args.row_seed),
                                     **row.kwargs(laws))
-    curve = costs[row.calibration_key()]
+    curve = costs[row.mode if row.mode in ("fom", "exact") and not row.geometric else "ufom"]
     charge = {m: 0.0 for m in MEASURES}
     pending = sorted((f * budgets[m], m, f) for m in MEASURES for f in fractions)
     points: List[Checkpoint] = []
@@ -252,7 +203,7 @@ def train_row(row: Row, model: nn.Module, laws: Dict[str, Geometric], costs: Dic
         start = time.process_time()
         meta.zero_grad()
         for support, query in batch(k):
-            res = meta.backward(loss, loss, support, query)
+            res = meta.backward(xent, xent, support, query)
             K = res.truncation
             draws.append(K)
             charge["evals"] += evals_cost(K)
@@ -277,30 +228,22 @@ def train_row(row: Row, model: nn.Module, laws: Dict[str, Geometric], costs: Dic
 
 
 # -- statistics ----------------------------------------------------------------------------
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
 def interval(per_seed: Sequence[float], per_task: Sequence[float]) -> Tuple[float, float, str]:
     """``(mean, half-width, method)`` of a 95 % interval: Student's t over seeds, or normal over tasks."""
     if len(per_seed) >= 2:
-        n = len(per_seed)
-        return (statistics.fmean(per_seed), T95.get(n - 1, 1.96) * statistics.stdev(per_seed) / math.sqrt(n),
-                f"t over {n} seeds")
-    n = len(per_task)
-    sd = statistics.stdev(per_task) if n > 1 else 0.0
-    return statistics.fmean(per_task), 1.96 * sd / math.sqrt(n), f"normal over {n} tasks"
+        return (*mean_ci(per_seed, student=True), f"t over {len(per_seed)} seeds")
+    return (*mean_ci(per_task), f"normal over {len(per_task)} tasks")
 
 
 # -- diagnostics ---------------------------------------------------------------------------
 def diagnoses(model: nn.Module, sample: Sequence, inner_lr: float, seed: int) -> Dict[str, Dict[str, float]]:
     """``torch_ufom.diagnose`` on the few-shot tasks (at ``model``) and on MAML's sinusoid tasks."""
     out = {}
-    d = torch_ufom.diagnose(model, loss, loss, sample, steps=STEPS, inner_lr=inner_lr)
+    d = torch_ufom.diagnose(model, xent, xent, sample, steps=STEPS, inner_lr=inner_lr)
     out["fewshot (conv4, init)"] = dict(d.__dict__, steps=STEPS, inner_lr=inner_lr)
     g = torch.Generator().manual_seed(seed)
-    xs, ys, xq, yq = problems.sinusoid_tasks(len(sample), 10, 10, g)
+    sin = problems.task_pairs(problems.sinusoid_tasks(len(sample), 10, 10, g))
     net = problems.seeded(seed, problems.sinusoid_mlp, dtype=torch.float64)
-    sin = [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(xs.shape[0])]
     for steps, lr in ((5, 0.01), (10, 0.01)):
         d = torch_ufom.diagnose(net, problems.mse, problems.mse, sin, steps=steps, inner_lr=lr)
         out[f"sinusoid (1-40-40-1, init, r={steps})"] = dict(d.__dict__, steps=steps, inner_lr=lr)
@@ -345,11 +288,12 @@ D = E||G_r - G_0||^2, seconds per task (wall), inner-step units, and the q each 
 def paired(per_seed: Sequence[float], reference: Sequence[float]) -> Tuple[float, float]:
     """Mean and 95 % half-width (Student's t over seeds) of ``per_seed - reference``, seed by seed
     (the rows share each seed's initial weights and task stream); half-width 0 with one seed."""
-    diff = [a - b for a, b in zip(per_seed, reference)]
-    if len(diff) < 2:
-        return statistics.fmean(diff), 0.0
-    t = T95.get(len(diff) - 1, 1.96)
-    return statistics.fmean(diff), t * statistics.stdev(diff) / math.sqrt(len(diff))
+    return mean_ci([a - b for a, b in zip(per_seed, reference)], student=True)
+
+
+def checkpoint(run: Dict[str, Any], measure: str, fraction: float) -> Dict[str, Any]:
+    """The evaluation of ``run`` at ``fraction`` of ``measure``'s budget."""
+    return next(c for c in run["checkpoints"] if c["measure"] == measure and c["fraction"] == fraction)
 
 
 def summarise(results: Dict[str, List[Dict[str, Any]]], test_tasks: int) -> Dict[str, Dict[str, Any]]:
@@ -359,8 +303,7 @@ def summarise(results: Dict[str, List[Dict[str, Any]]], test_tasks: int) -> Dict
     for label, runs in results.items():
         out[label] = {}
         for m in MEASURES:
-            finals = [next(c for c in run["checkpoints"] if c["measure"] == m and c["fraction"] == 1.0)
-                      for run in runs]
+            finals = [checkpoint(run, m, 1.0) for run in runs]
             per_seed = [statistics.fmean(c["accuracy"]) for c in finals]
             mean, half, method = interval(per_seed, finals[0]["accuracy"])
             out[label][m] = {"accuracy": mean, "ci95": half, "ci_method": method, "per_seed": per_seed,
@@ -385,8 +328,7 @@ def curves(results, fractions, budgets) -> List[Dict[str, Any]]:
         for label, runs in results.items():
             xs, ys = [], []
             for f in fractions:
-                cs = [next(c for c in run["checkpoints"] if c["measure"] == m and c["fraction"] == f)
-                      for run in runs]
+                cs = [checkpoint(run, m, f) for run in runs]
                 xs.append(f * budgets[m])
                 ys.append(100 * statistics.fmean(statistics.fmean(c["accuracy"][:CURVE_TASKS]) for c in cs))
             series[label] = (xs, ys)
@@ -410,17 +352,9 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--calibration", type=positive_int, default=5, help="timed repeats per truncation point")
     p.add_argument("--rows", help="comma-separated subset of: " + ", ".join(r.label for r in ROWS))
     args = parse(p, argv)
-    seeds, fom_steps, tests, fractions = SIZES[args.size]
-    args.seeds, args.fom_steps = args.seeds or seeds, args.fom_steps or fom_steps
-    args.test_tasks, args.fractions = args.test_tasks or tests, fractions
-    rows = ROWS
-    if args.rows:
-        names = [s.strip() for s in args.rows.split(",") if s.strip()]
-        known = {r.label: r for r in ROWS}
-        if not names or any(n not in known for n in names):
-            p.error(f"argument --rows: invalid choice(s) {[n for n in names if n not in known] or names} "
-                    f"(choose from {', '.join(known)})")
-        rows = tuple(known[n] for n in names)
+    for name, default in zip(("seeds", "fom_steps", "test_tasks", "fractions"), SIZES[args.size]):
+        setattr(args, name, getattr(args, name, None) or default)
+    rows = choose(p, "--rows", args.rows, {r.label: r for r in ROWS}) if args.rows else ROWS
     with torch_threads(args.threads):
         return run(args, rows)
 
@@ -440,13 +374,13 @@ def run(args, rows: Sequence[Row]) -> Dict[str, Any]:
         for i in range(0, n, 100):
             xs, ys, xq, yq = (t[i:min(n, i + 100)] for t in test)
             with torch.no_grad():
-                fmodel = torch_ufom.adapt_batch(model, loss, (xs, ys), steps=STEPS, inner_lr=args.inner_lr)
+                fmodel = torch_ufom.adapt_batch(model, xent, (xs, ys), steps=STEPS, inner_lr=args.inner_lr)
                 accs += (fmodel(xq).argmax(-1) == yq).double().mean(1).tolist()
         return accs
 
     base0 = problems.seeded(args.seed, build)
-    sample = pairs(tasks(by_class, train_classes, {"full": 8, "quick": 3, "tiny": 2}[args.size], args.query,
-                         torch.Generator().manual_seed(args.seed + 1)))
+    sample = problems.task_pairs(tasks(by_class, train_classes, {"full": 8, "quick": 3, "tiny": 2}[args.size],
+                                       args.query, torch.Generator().manual_seed(args.seed + 1)))
     diag = diagnoses(base0, sample, args.inner_lr, args.seed)
     costs = calibrate(copy.deepcopy(base0), sample, args.inner_lr,
                       args.calibration if args.size == "full" else 1)
@@ -464,7 +398,7 @@ def run(args, rows: Sequence[Row]) -> Dict[str, Any]:
 
         def batch(k, seed=seed):
             g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-            return pairs(tasks(by_class, train_classes, args.meta_batch, args.query, g))
+            return problems.task_pairs(tasks(by_class, train_classes, args.meta_batch, args.query, g))
 
         args.row_seed = seed
         results[row.label].append(train_row(row, model, laws, costs, budgets, args.fractions, batch,
@@ -473,22 +407,20 @@ def run(args, rows: Sequence[Row]) -> Dict[str, Any]:
     figure = plot_panels(f"{args.out}/{NAME}.png", curves(results, args.fractions, budgets), ncols=2,
                          title=f"1-shot 5-way rotated digits, conv4 ({args.channels} ch), r={STEPS}, "
                                f"{args.seeds} seed(s): equal compute")
-    def vs(s, m, ref):
-        pair = s[m].get(f"vs_{ref}")
-        return "-" if pair is None else "{:+.1f} +- {:.1f}".format(*(100 * v for v in pair))
+
+    def cells(s, m):  # accuracy, paired differences to fom and exact, outer steps
+        pairs = [s[m].get(f"vs_{ref}") for ref in ("fom", "exact")]
+        return [f"{100 * s[m]['accuracy']:.1f}% +- {100 * s[m]['ci95']:.1f}",
+                *("-" if p is None else "{:+.1f} +- {:.1f}".format(*(100 * v for v in p)) for p in pairs),
+                f"{s[m]['outer_steps']:.0f}"]
 
     table = markdown_table(
         ["row", "accuracy @ evals budget", "- fom (paired)", "- exact (paired)", "steps", "exact",
          "accuracy @ time budget", "- fom (paired)", "- exact (paired)", "steps", "CPU at time budget",
          "q at end"],
-        [[label, f"{100 * s['evals']['accuracy']:.1f}% +- {100 * s['evals']['ci95']:.1f}",
-          vs(s, "evals", "fom"), vs(s, "evals", "exact"),
-          f"{s['evals']['outer_steps']:.0f}", f"{100 * s['exact_share']:.0f}%",
-          f"{100 * s['time']['accuracy']:.1f}% +- {100 * s['time']['ci95']:.1f}",
-          vs(s, "time", "fom"), vs(s, "time", "exact"),
-          f"{s['time']['outer_steps']:.0f}", f"{s['time']['cpu_s']:.1f} s",
-          ", ".join("-" if q is None else f"{q:.2f}" for q in s["q_end"])] for label, s in summary.items()],
-        "lrrrrrrrrrrl")
+        [[label, *cells(s, "evals"), f"{100 * s['exact_share']:.0f}%", *cells(s, "time"),
+          f"{s['time']['cpu_s']:.1f} s", ", ".join("-" if q is None else f"{q:.2f}" for q in s["q_end"])]
+         for label, s in summary.items()], "lrrrrrrrrrrl")
     diag_table = markdown_table(
         ["tasks", "r", "A", "D", "D / A", "s / fom task", "s / exact task", "steps fom", "steps exact",
          "q (ufom rule)", "q (authors rule)"],
@@ -498,10 +430,8 @@ def run(args, rows: Sequence[Row]) -> Dict[str, Any]:
         "lrrrrrrrrrr")
     fmt_law = lambda g: f"q = {g.q:.3f}, rho = {g.rho:.4f}"  # noqa: E731
     first = next(iter(summary.values()))
-    fields = dict(train=TRAIN_DIGITS, test=TEST_DIGITS, query=args.query, channels=args.channels, steps=STEPS,
-                  inner_lr=args.inner_lr, outer_lr=args.outer_lr, meta_batch=args.meta_batch,
-                  seeds=list(range(args.seed, args.seed + args.seeds)), test_tasks=args.test_tasks,
-                  fom_steps=args.fom_steps, budget_evals=budgets["evals"], budget_time=budgets["time"],
+    fields = dict(vars(args), train=TRAIN_DIGITS, test=TEST_DIGITS, steps=STEPS, budget_time=budgets["time"],
+                  seeds=list(range(args.seed, args.seed + args.seeds)), budget_evals=budgets["evals"],
                   c_f=c_f, c_x=c_x, t_fom=1e3 * costs["fom"][0], t_exact=1e3 * costs["exact"][0],
                   t_u0=1e3 * u0, t_ur=1e3 * ur, geo_evals=fmt_law(laws["evals"]),
                   geo_time=fmt_law(laws["time"]), ci_method=first["evals"]["ci_method"], table=table,

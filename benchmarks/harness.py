@@ -1,16 +1,10 @@
 """The benchmarks' shared base: command line, timing, peak memory, fresh processes, reports, plots.
 
-* command line: :func:`parser` (sizes, ``--device`` with the CUDA check,
-  ``--threads``, ``--seed``, ``--out``, ``--no-progress``) and :func:`parse`;
-* timing, one path: :func:`interleave` runs rows round-robin (background load
-  on a shared machine hits all alike), wall-clock and process CPU time per
-  call, CUDA synchronised; sub-millisecond rows are timed inside the same
-  rounds by ``torch.utils.benchmark.Timer``; :func:`stats`: medians and spreads;
-* :class:`PeakMemory`; :func:`run_fresh` runs a measurement in a fresh process;
-* reports: :class:`Target`, :func:`markdown_table`, :func:`write_report` (a
-  Markdown report from a template and every figure as JSON), :func:`plot_panels`.
-
-The ``--quick`` time budgets are in :data:`benchmarks.__main__.BUDGETS`.
+One timing path: :func:`interleave` runs rows round-robin (background load on
+a shared machine hits all alike), wall-clock and process CPU time per call,
+CUDA synchronised; sub-millisecond rows are timed inside the same rounds by
+``torch.utils.benchmark.Timer``. The ``--quick`` time budgets are in
+:data:`benchmarks.__main__.BUDGETS`.
 """
 from __future__ import annotations
 
@@ -26,7 +20,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,14 +47,19 @@ positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0")
 probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")  # UFOM's q
 
 
-def parser(name: str, doc: str, sizes: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The options every benchmark shares; ``sizes`` describes ``quick`` and ``tiny`` for ``--help``."""
-    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.splitlines()[0])
+def add_sizes(p: argparse.ArgumentParser, sizes: Mapping[str, str]) -> None:
+    """``--quick`` / ``--tiny`` (``args.size``, default ``"full"``; help from ``sizes``) and ``--device``."""
     size = p.add_mutually_exclusive_group()
     for s in ("quick", "tiny"):
         size.add_argument(f"--{s}", dest="size", action="store_const", const=s, help=sizes[s])
     p.set_defaults(size="full")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+
+
+def parser(name: str, doc: str, sizes: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The options every benchmark shares; ``sizes`` describes ``quick`` and ``tiny`` for ``--help``."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.splitlines()[0])
+    add_sizes(p, sizes)
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1: steadier timings on a shared machine)")
     p.add_argument("--seed", type=int, default=0, help="default 0")
@@ -83,6 +82,17 @@ def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse
     args.basis = "cpu" if args.device == "cpu" else "wall"
     args.start = time.perf_counter()
     return args
+
+
+def choose(p: argparse.ArgumentParser, flag: str, text: str, known: Mapping[str, Any]) -> List[Any]:
+    """The values of ``known`` named in the comma-separated ``text``, in order and without repeats;
+    otherwise a usage error of ``flag`` that lists the names ``known`` accepts."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in known]
+    if bad or not names:
+        p.error(f"argument {flag}: invalid choice(s) {bad or [text]} "
+                f"(choose from {', '.join(map(repr, known))})")
+    return list(dict.fromkeys(known[s] for s in names))
 
 
 @contextlib.contextmanager
@@ -159,6 +169,18 @@ def stats(samples: Sequence[Sequence[float]]) -> Dict[str, Any]:
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0], xs[0], xs[0]]
         out[f"{name}_iqr"] = [q[0], q[2]]
     return out
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_ci(values: Iterable[float], student: bool = False) -> Tuple[float, float]:
+    """Mean and half-width of a 95 % interval, normal or Student's t (``student``); 0 for one value."""
+    xs = [float(v) for v in values]
+    if len(xs) < 2:
+        return statistics.fmean(xs), 0.0
+    z = T95.get(len(xs) - 1, 1.96) if student else 1.96
+    return statistics.fmean(xs), z * statistics.stdev(xs) / len(xs) ** 0.5
 
 
 def spread(s: Mapping[str, Any], basis: str) -> str:
@@ -361,14 +383,15 @@ def write_report(args, name: str, template: str, fields: Mapping[str, Any], data
     """Write ``<out>/<name>.md`` (``template`` filled from ``fields``, then the targets and
     figures) and ``<out>/<name>.json`` (``data``, the targets and the command); return the JSON data.
 
-    ``fields`` gets ``command`` (the command line), ``torch`` and ``device`` /
-    ``threads`` of ``args`` added; the template uses ``str.format`` fields.
-    The report ends with the time since :func:`parse` and the load average.
+    The template's ``str.format`` fields are ``fields`` (for instance ``vars(args)``
+    and computed values), ``command`` (the command line), ``torch`` and ``device``
+    / ``threads`` of ``args``. The report ends with the time since :func:`parse`
+    and the load average.
     """
     os.makedirs(args.out, exist_ok=True)
     command = " ".join([f"python -m benchmarks.{name}"] + args.argv)
-    text = template.format(command=command, device=args.device, threads=args.threads,
-                           torch=torch.__version__, **fields).rstrip() + "\n"
+    text = template.format(**{**fields, "command": command, "device": args.device, "threads": args.threads,
+                              "torch": torch.__version__}).rstrip() + "\n"
     if targets:
         text += "\n" + "\n".join(f"- Target: {t.text}" for t in targets) + "\n"
     seconds, load = time.perf_counter() - args.start, os.getloadavg()
@@ -434,9 +457,7 @@ def plot_panels(path: str, panels: Sequence[Dict[str, Any]], ncols: int = 2, tit
 
 def first_below(values: Sequence[float], target: float) -> Optional[int]:
     """The first index from which every value is below ``target`` (``None`` if the last one is not)."""
-    idx = None
-    for i in range(len(values) - 1, -1, -1):
-        if not values[i] < target:
-            break
-        idx = i
-    return idx
+    i = len(values)
+    while i and values[i - 1] < target:
+        i -= 1
+    return i if i < len(values) else None

@@ -1,34 +1,19 @@
 """Learned per-parameter inner learning rates on digits: a long inner loop where memory matters.
 
-The problem (hyperparameter learning, not MAML): an MLP 64-H-H-10
-(``H = --hidden``, default 128, float32) is trained from one fixed, seeded
-initialisation by ``steps`` inner SGD steps on minibatches of 64 from the
-train split of scikit-learn's bundled digits (pixels / 16; the batch sequence
-is fixed by the seed). The meta-parameters are a learning rate per parameter
-entry (started at ``RATE0``) and one scalar weight decay (``WD0``), passed as
-``inner=torch_ufom.inner.SGD(lr=rates, weight_decay=wd)``: ``phi <- phi - rate
-(g + wd phi)``. The outer loss is the cross-entropy on the validation split
-(500 images) after the inner loop; the per-step batches are given to
-``MetaOptimizer.backward`` as a callable ``j -> batch``. Outer optimizer:
-Adam over the model's parameters (lr 0: the initialisation stays fixed), the
-rates (``OUTER_LR``) and the weight decay (``WD_LR``), both clipped at 0.
-
-Methods: ``ufom`` (q = 0.1, ``memory="checkpoint"``), ``exact``
-(``memory="store"``), ``fom`` (checkpoint; the biased reference), ``higher``
-(``innerloop_ctx`` with per-parameter ``override``) and ``torch_maml``
-(``GradientCheckpointMAML``, checkpoints every ``ceil(sqrt(steps))`` steps,
-with an in-graph optimizer whose state carries the rates and the weight decay).
-
-Every (method, steps) run is a fresh process (two at a time, ``--workers``:
-the peaks are each process's own, the times share the cores): a warm-up at
-``steps=1``, then ``--outer-steps`` timed outer steps under
-:class:`benchmarks.harness.PeakMemory` (plus one forced exact-branch outer
-gradient if no ``ufom`` draw took it). The final validation loss comes from a
-plain ``torch.func`` loop; each method's first hypergradient is compared with
-exact's. Target: ufom/checkpoint's peak at most 0.1x exact/store's at 1000 steps.
+Hyperparameter learning, not MAML (the report states the problem and sizes): a
+learned rate per parameter entry and one learned weight decay, passed as
+``inner=torch_ufom.inner.SGD(lr=rates, weight_decay=wd)``, the per-step batches
+as a callable ``j -> batch``. Methods (:data:`LABELS`): torch_ufom's ufom, exact
+and fom, ``higher`` (``innerloop_ctx`` with per-parameter ``override``) and
+``torch_maml`` (``GradientCheckpointMAML``, the rates and weight decay in its
+in-graph optimizer's state). Every (method, steps) run is a fresh process
+(``--workers`` at a time): a warm-up at ``steps=1``, then ``--outer-steps`` timed
+outer steps under :class:`benchmarks.harness.PeakMemory`, plus one forced
+exact-branch outer gradient if no ``ufom`` draw took it.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -46,10 +31,11 @@ from benchmarks import problems
 from benchmarks.harness import (MB, PeakMemory, Target, fmt, markdown_table, parse, parser, plot_panels,
                                 positive_int, progress, run_fresh_many, sync, torch_threads, worker_args,
                                 write_report)
+from benchmarks.maml import available
 
 NAME = "hyper"
 METHODS = ("ufom", "exact", "fom", "higher", "torch_maml")
-PEERS = {"higher": "higher", "torch_maml": "torch_maml"}  # method -> module it needs
+PEERS = ("higher", "torch_maml")  # methods of the module of that name
 LABELS = {"ufom": "ufom (q=0.1, checkpoint)", "exact": "exact (store)", "fom": "fom (checkpoint)",
           "higher": "higher (exact unroll)", "torch_maml": "torch_maml (checkpointed)"}
 Q, BATCH, VAL_SIZE = 0.1, 64, 500
@@ -82,10 +68,7 @@ fresh process per run; *1st hypergrad vs exact*: ||g - g_exact|| / ||g_exact|| a
 # -- the problem ---------------------------------------------------------------------------
 def digits_split(seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_val, y_val)``: sklearn's digits / 16, ``VAL_SIZE`` images for validation."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.int64)
+    x, y = problems.load_digits()
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     val, train = perm[:VAL_SIZE], perm[VAL_SIZE:]
     return x[train], y[train], x[val], y[val]
@@ -221,12 +204,6 @@ def make_trainer(method: str, model: nn.Module, rates, wd, outer, steps: int, ba
     raise ValueError(f"Invalid method: {method!r} (expected one of {', '.join(METHODS)})")
 
 
-def flat_hypergrad(rates: Dict[str, Tensor], wd: Tensor) -> Tensor:
-    """The current ``.grad`` of the rates and the weight decay, flattened (zeros where unset)."""
-    parts = [torch.zeros_like(t) if t.grad is None else t.grad for t in list(rates.values()) + [wd]]
-    return torch.cat([p.detach().flatten() for p in parts]).cpu()
-
-
 def run_method(method: str, steps: int, outer_steps: int, hidden: int, device: str, seed: int,
                grad_path: str, threads: int = 1) -> Dict[str, Any]:
     """Train one method in this process; return a JSON-able dict (see the module docstring)."""
@@ -253,12 +230,13 @@ def run_method(method: str, steps: int, outer_steps: int, hidden: int, device: s
                 info = step()
                 sync(device)
                 w1, c1 = time.perf_counter(), time.process_time()
-                if k == 0:  # a small copy, kept out of the clock
-                    torch.save(flat_hypergrad(rates, wd), grad_path)
+                if k == 0:  # the hypergradient of the rates and weight decay, saved out of the clock
+                    grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in [*rates.values(), wd]]
+                    torch.save(torch.cat([g.detach().flatten() for g in grads]).cpu(), grad_path)
                 w2, c2 = time.perf_counter(), time.process_time()
                 outer.step()
                 with torch.no_grad():
-                    for t in list(rates.values()) + [wd]:
+                    for t in [*rates.values(), wd]:
                         t.clamp_(min=0.0)
                 sync(device)
                 out["wall"].append(out["wall"][-1] + (w1 - w0) + time.perf_counter() - w2)
@@ -338,17 +316,15 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--worker", help="internal: one run in this process, printed as JSON")
     args = parse(p, argv)
     if args.worker:
-        import json
         print(json.dumps(run_method(**json.loads(args.worker))))
         return {}
     steps_list, outer_steps, hidden, methods = SIZES[args.size]
     args.steps = list(dict.fromkeys(args.steps or steps_list))
     args.outer_steps = args.outer_steps or outer_steps
     args.hidden, args.in_process = args.hidden or hidden, args.in_process or args.size == "tiny"
-    import importlib.util
-    notes = [f"{m} is not installed: its rows are skipped (pip install {PEERS[m]})."
-             for m in args.methods or methods if m in PEERS and importlib.util.find_spec(PEERS[m]) is None]
-    methods = [m for m in args.methods or methods if m not in PEERS or importlib.util.find_spec(PEERS[m])]
+    notes = [f"{m} is not installed: its rows are skipped (pip install {m})."
+             for m in args.methods or methods if m in PEERS and not available(m)]
+    methods = [m for m in args.methods or methods if m not in PEERS or available(m)]
     notes += ([f"Runs went {args.workers} processes at a time: each peak is its own process's, but the times "
                "were taken while sharing the cores (--workers 1 for timings)."] if not args.in_process
               and args.workers > 1 else [])
@@ -380,9 +356,9 @@ def main(argv=None) -> Dict[str, Any]:
                          title=f"Learned per-parameter inner rates on digits, hidden {args.hidden}")
     params = sum(a * b + b for a, b in zip((64, args.hidden, args.hidden), (args.hidden, args.hidden, 10)))
     return write_report(args, NAME, TEMPLATE, dict(
-        hidden=args.hidden, params=params, batch=BATCH, rate0=RATE0, wd0=WD0, val=VAL_SIZE, outer_lr=OUTER_LR,
-        wd_lr=WD_LR, outer_steps=args.outer_steps, seed=args.seed, table=text,
-        notes="".join(f"\n- {n}" for n in notes + table_notes)), {"runs": runs, "notes": notes + table_notes},
+        vars(args), params=params, batch=BATCH, rate0=RATE0, wd0=WD0, val=VAL_SIZE, outer_lr=OUTER_LR,
+        wd_lr=WD_LR, table=text, notes="".join(f"\n- {n}" for n in notes + table_notes)),
+        {"runs": runs, "notes": notes + table_notes},
         [target(runs)], [figure])
 
 

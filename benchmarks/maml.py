@@ -3,28 +3,19 @@
 Every method trains its own copy of one initial model on the same stream of
 meta-batches, with the same inner loop (``steps`` plain SGD steps at
 ``inner_lr`` on the support set) and outer optimizer (Adam on the mean of the
-tasks' query losses):
-
-* ``fom``, ``ufom q=...``, ``exact``: :class:`torch_ufom.MetaOptimizer`
-  (``zero_grad`` / ``backward`` per task / ``step``);
-* ``higher``: ``higher.innerloop_ctx(model, SGD, copy_initial_weights=False)``,
-  ``diffopt.step`` ``steps`` times, the query loss's ``backward`` per task;
-* ``torchopt``: ``torchopt.MetaSGD`` on the module, with
-  ``extract_state_dict`` / ``recover_state_dict`` around each task and one
-  ``backward`` of the mean query loss.
-
-:func:`train_round_robin` runs the methods round-robin, one outer step of
-each in turn, so that background load hits them alike; each method's clocks
-count only its own training steps. :func:`adapt_and_score` and
-:func:`meta_gradient` evaluate with plain ``torch.func``, independent of every
-library compared.
+tasks' query losses): :class:`torch_ufom.MetaOptimizer` (``fom``, ``ufom
+q=...``, ``exact``), ``higher.innerloop_ctx`` and ``torchopt.MetaSGD``
+(:class:`Trainer`). :func:`train_round_robin` runs the methods round-robin,
+one outer step of each in turn, so that background load hits them alike.
+:func:`adapt_and_score` and :func:`meta_gradient` evaluate with plain
+``torch.func``, independent of every library compared.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -32,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_ufom import MetaOptimizer
-from benchmarks.harness import probability, progress, sync
+from benchmarks.harness import choose, clock, positive_float, positive_int, probability, progress
 
 
 @dataclass(frozen=True)
@@ -68,12 +59,41 @@ ALIASES = {"ufom": "ufom q=0.1", "ufom-auto": "ufom q=auto", "auto": "ufom q=aut
            "auto-authors": "ufom q=auto (authors)"}
 
 
-def add_maml_args(p: argparse.ArgumentParser) -> None:
-    """``--q`` (the fixed-q ufom row) and ``--memory`` (torch_ufom's schedule)."""
+def meta_kwargs(mode: str, q: Any = None, q_rule: Optional[str] = None) -> Dict[str, Any]:
+    """The keywords of :class:`torch_ufom.MetaOptimizer` for ``mode`` (with ``q`` for ufom, and
+    ``q_rule`` with its floor :data:`Q_MIN` for ``q="auto"``)."""
+    if mode != "ufom":
+        return {"mode": mode}
+    return {"mode": mode, "q": q, **({"q_rule": q_rule, "q_min": Q_MIN[q_rule]} if q == "auto" else {})}
+
+
+def add_args(p: argparse.ArgumentParser, sizes: Dict[str, Tuple], inner_lr: float, query: int) -> None:
+    """A MAML benchmark's options; ``sizes[size]`` starts ``(iters, meta-batch, test tasks, eval every)``."""
+    full, quick = sizes["full"], sizes["quick"]
+    p.add_argument("--iters", type=positive_int, help=f"outer steps (default {full[0]}; --quick {quick[0]})")
+    p.add_argument("--meta-batch", type=positive_int, help=f"tasks per outer step (default {full[1]})")
+    p.add_argument("--steps", type=positive_int, default=5, help="inner SGD steps (default 5)")
+    p.add_argument("--inner-lr", type=positive_float, default=inner_lr, help=f"default {inner_lr}")
+    p.add_argument("--outer-lr", type=positive_float, default=1e-3, help="Adam, default 1e-3")
+    p.add_argument("--query", type=positive_int, default=query,
+                   help=f"query examples per training task or class (default {query})")
+    p.add_argument("--test-tasks", type=positive_int,
+                   help=f"held-out tasks (default {full[2]}; --quick {quick[2]})")
+    p.add_argument("--eval-every", type=positive_int, help="evaluate every N outer steps")
     p.add_argument("--q", type=probability, default=0.1,
                    help="exact-branch probability of the fixed-q ufom row (default 0.1)")
     p.add_argument("--memory", choices=("checkpoint", "recompute", "store"), default="checkpoint",
                    help="torch_ufom's memory schedule (default checkpoint)")
+
+
+def sized(args: argparse.Namespace, sizes: Dict[str, Tuple], evals: int) -> None:
+    """Fill the options :func:`add_args` left unset from ``sizes[args.size]``; a non-default
+    ``--iters`` is evaluated ``evals`` times unless ``--eval-every`` says otherwise."""
+    iters, batch, tests, every = sizes[args.size][:4]
+    default = every if args.iters in (None, iters) else max(1, args.iters // evals)
+    args.eval_every = args.eval_every or default
+    args.iters, args.meta_batch = args.iters or iters, args.meta_batch or batch
+    args.test_tasks = args.test_tasks or tests
 
 
 def available(kind: str) -> bool:
@@ -81,22 +101,16 @@ def available(kind: str) -> bool:
     return kind == "torch_ufom" or importlib.util.find_spec(kind) is not None
 
 
-def parse_methods(text: str, error: Callable[[str], None], q: float = 0.1) -> List[Method]:
-    """Methods from a comma-separated list of labels or aliases; ``error`` (argparse's) on a bad one.
+def parse_methods(text: str, p: argparse.ArgumentParser, q: float = 0.1) -> List[Method]:
+    """Methods from a comma-separated list of labels or aliases; a usage error of ``p`` on a bad one.
 
     The fixed-``q`` row (``"ufom q=0.1"`` or ``"ufom"``) uses ``q`` and is labelled ``"ufom q=<q>"``.
     """
-    names = [s.strip() for s in text.split(",") if s.strip()]
     label = f"ufom q={q:g}"
-    known = {label: "ufom q=0.1", **ALIASES}
-    bad = [s for s in names if known.get(s, s) not in BY_LABEL]
-    if bad or not names:
-        accepted = dict.fromkeys(list(BY_LABEL) + list(ALIASES) + [label])
-        error(f"argument --methods: invalid choice(s) {bad or [text]} "
-              f"(choose from {', '.join(repr(a) for a in accepted)})")
-    out = [BY_LABEL[known.get(s, s)] for s in names]
-    out = [Method(label, "torch_ufom", "ufom", q) if m.label == "ufom q=0.1" else m for m in out]
-    return list(dict.fromkeys(out))
+    known = {**BY_LABEL, **{k: BY_LABEL[v] for k, v in ALIASES.items()}, label: BY_LABEL["ufom q=0.1"]}
+    fixed = Method(label, "torch_ufom", "ufom", q)
+    chosen = choose(p, "--methods", text, known)
+    return list(dict.fromkeys(fixed if m.label == "ufom q=0.1" else m for m in chosen))
 
 
 def split_available(methods: Sequence[Method]) -> Tuple[List[Method], List[str]]:
@@ -105,9 +119,7 @@ def split_available(methods: Sequence[Method]) -> Tuple[List[Method], List[str]]
     return [m for m in methods if available(m.kind)], notes
 
 
-# ---------------------------------------------------------------------------
-# Trainers: one outer step on a list of (support, query) tasks
-# ---------------------------------------------------------------------------
+# -- trainers: one outer step on a list of (support, query) tasks --------------------------
 
 Loss = Callable[[Any, Any], Tensor]  # (model or functional model, batch) -> scalar
 
@@ -131,14 +143,9 @@ class Trainer:
         self.q_trace: List[float] = []  # the q of each outer step (ufom)
         self.q_min: Optional[float] = None  # the adaptive rule's floor (q="auto")
         if method.kind == "torch_ufom":
-            kw: Dict[str, Any] = {"mode": method.mode, "memory": memory}
-            if method.mode == "ufom":
-                kw["q"] = method.q
-            if method.q == "auto":
-                rule = method.q_rule or "ufom"
-                self.q_min = kw["q_min"] = Q_MIN[rule]
-                kw["q_rule"] = rule
-            self.meta = MetaOptimizer(model, self.outer, inner_lr=inner_lr, steps=steps,
+            kw = meta_kwargs(method.mode, method.q, method.q_rule or "ufom")
+            self.q_min = kw.get("q_min")
+            self.meta = MetaOptimizer(model, self.outer, inner_lr=inner_lr, steps=steps, memory=memory,
                                       generator=torch.Generator().manual_seed(seed), **kw)
         elif method.kind == "higher":
             import higher
@@ -190,27 +197,26 @@ def make_trainer(method: Method, model: nn.Module, loss: Loss, *, inner_lr: floa
     return Trainer(method, model, loss, inner_lr, steps, outer_lr, seed, memory)
 
 
-# ---------------------------------------------------------------------------
-# Round-robin training with periodic evaluation
-# ---------------------------------------------------------------------------
+# -- round-robin training with periodic evaluation -----------------------------------------
 
 @dataclass
 class History:
     """One method's evaluations: after ``steps[i]`` outer steps, ``wall[i]`` / ``cpu[i]``
-    training seconds so far, ``score[i]`` (the evaluation's mean) and ``extra[i]``."""
+    training seconds so far, ``score[i]`` (the evaluation's mean) and ``extra[i]``; its ``trainer``."""
 
     label: str
+    trainer: Trainer
     steps: List[int] = field(default_factory=list)
     wall: List[float] = field(default_factory=list)
     cpu: List[float] = field(default_factory=list)
     score: List[float] = field(default_factory=list)
     extra: List[Any] = field(default_factory=list)
-    exact_branches: int = 0
-    tasks_seen: int = 0
-    q_last: Optional[float] = None
-    q_trace: List[float] = field(default_factory=list)  # q of each outer step (ufom)
-    q_min: Optional[float] = None
-    q_next: Optional[float] = None  # q="auto": the q the next outer step would use
+
+    @property
+    def q_end(self) -> Optional[float]:
+        """The q of the last outer step, or with ``q="auto"`` the q the next one would use."""
+        t = self.trainer
+        return t.q_last if t.q_min is None else float(t.meta.q_stats["q"])
 
 
 def train_round_robin(trainers: Sequence[Trainer], batch: Callable[[int], Sequence], iters: int,
@@ -225,7 +231,7 @@ def train_round_robin(trainers: Sequence[Trainer], batch: Callable[[int], Sequen
     outer learning rate at outer step ``k``: one schedule for every method.
     An exception in a trainer propagates.
     """
-    hist = [History(t.method.label) for t in trainers]
+    hist = [History(t.method.label, t) for t in trainers]
     wall, cpu = [0.0] * len(trainers), [0.0] * len(trainers)
     points = set(range(0, iters + 1, max(1, eval_every))) | {iters}
     base_lr = [[g["lr"] for g in t.outer.param_groups] for t in trainers]
@@ -244,20 +250,29 @@ def train_round_robin(trainers: Sequence[Trainer], batch: Callable[[int], Sequen
             for g, lr in zip(t.outer.param_groups, lrs):
                 g["lr"] = lr * (1.0 if lr_factor is None else lr_factor(k))
         for i, t in enumerate(trainers):
-            sync(device)
-            w0, c0 = time.perf_counter(), time.process_time()
-            t.step(tasks)
-            sync(device)
-            wall[i] += time.perf_counter() - w0
-            cpu[i] += time.process_time() - c0
+            took = clock(lambda: t.step(tasks), device)
+            wall[i] += took.wall
+            cpu[i] += took.cpu
         if k + 1 in points:
             record(k + 1)
-    for h, t in zip(hist, trainers):
-        h.exact_branches, h.tasks_seen, h.q_last = t.exact_branches, t.tasks_seen, t.q_last
-        h.q_trace, h.q_min = list(t.q_trace), t.q_min
-        if t.q_min is not None:
-            h.q_next = float(t.meta.q_stats["q"])
     return hist
+
+
+def train(args: argparse.Namespace, methods: Sequence[Method], base: nn.Module, loss: Loss,
+          batch: Callable[[int], Sequence], evaluate: Callable[[nn.Module], Tuple[float, Any]],
+          lr_factor: Optional[Callable[[int], float]] = None) -> Tuple[List[Trainer], List[History]]:
+    """A trainer per method on its own copy of ``base``, trained by :func:`train_round_robin` with
+    the options of :func:`add_args`; returns the trainers and their histories."""
+    trainers = [make_trainer(m, copy.deepcopy(base), loss, inner_lr=args.inner_lr, steps=args.steps,
+                             outer_lr=args.outer_lr, seed=args.seed, memory=args.memory) for m in methods]
+    return trainers, train_round_robin(trainers, batch, args.iters, evaluate, args.eval_every, args.device,
+                                       not args.no_progress, lr_factor)
+
+
+def timing(h: History) -> Dict[str, float]:
+    """Training wall and CPU seconds, milliseconds per outer step and the share of exact branches."""
+    return {"wall_s": h.wall[-1], "cpu_s": h.cpu[-1], "ms_per_step": 1e3 * h.wall[-1] / max(1, h.steps[-1]),
+            "exact_share": h.trainer.exact_branches / max(1, h.trainer.tasks_seen)}
 
 
 def cosine_decay(iters: int) -> Callable[[int], float]:
@@ -265,9 +280,7 @@ def cosine_decay(iters: int) -> Callable[[int], float]:
     return lambda k: 0.5 * (1.0 + math.cos(math.pi * k / max(1, iters)))
 
 
-# ---------------------------------------------------------------------------
-# Evaluation on held-out tasks (plain torch.func, no library under test)
-# ---------------------------------------------------------------------------
+# -- evaluation on held-out tasks (plain torch.func, no library under test) ----------------
 
 def _query_metric(model: nn.Module, pred_loss, metric, steps: int, lr: float):
     """``(params, xs, ys, xq, yq) -> metric(model(xq), yq)`` after ``steps`` SGD steps on the support loss."""
@@ -344,10 +357,3 @@ def relative_gap(value: float, reference: float) -> float:
         return 0.0 if value == 0 else float("inf")
     return (value - reference) / abs(reference)
 
-
-def mean_ci(values: Tensor) -> Tuple[float, float]:
-    """Mean and half-width of a normal 95% confidence interval of ``values`` (1-D)."""
-    v = values.detach().double().flatten()
-    if v.numel() < 2:
-        return float(v.mean()), 0.0
-    return float(v.mean()), float(1.96 * v.std() / v.numel() ** 0.5)

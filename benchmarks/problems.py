@@ -1,27 +1,17 @@
 """The benchmarks' problems, each defined once: models, task generators and losses.
 
-* :func:`mlp`: a ReLU MLP of given widths; :data:`MLP_WIDTHS` is the
-  64-320-320-10 network of the memory and speed benchmarks, with
-  :func:`random_batch` (random inputs and labels);
-* the sinusoid regression tasks of MAML (Finn et al., 2017):
-  :func:`sinusoid_tasks` and :func:`sinusoid_mlp` (1-40-40-1);
-* :func:`conv4`: the standard MAML Omniglot network, 4 x [Conv2d(64, 3x3,
-  padding 1), BatchNorm2d, ReLU, MaxPool2d(2)] then Linear to the ways, on
-  1x28x28 inputs, with or without BatchNorm running statistics; with
-  :func:`image_tasks` (random images, labelled per task);
-* scikit-learn's bundled digits: :func:`load_digits_by_class`,
-  :func:`digit_tasks` (N-way K-shot) and :class:`SmallCNN`;
-* the losses, ``(model or functional model, (x, y)) -> scalar``: :func:`mse`
-  (written out: ``F.mse_loss`` has no forward-over-reverse formula in torch
-  2.13) and :func:`xent`; :func:`pred_mse` and :func:`accuracy` on predictions.
-
-Every generator draws on the CPU from an explicit ``torch.Generator``, so a
-problem is the same on every device.
+The ReLU :func:`mlp` (:data:`MLP_WIDTHS`: the memory and speed benchmarks'
+network, with :func:`random_batch`); MAML's sinusoid regression (Finn et al.,
+2017: :func:`sinusoid_tasks`, :func:`sinusoid_mlp`); MAML's Omniglot
+:func:`conv4` (with :func:`image_tasks`); scikit-learn's bundled digits
+(:func:`digit_tasks`, :class:`SmallCNN`); the losses ``(model or functional
+model, (x, y)) -> scalar`` and metrics. Every generator draws on the CPU from
+an explicit ``torch.Generator``, so a problem is the same on every device.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +67,7 @@ def sinusoid_tasks(n: int, support: int, query: int, generator: torch.Generator,
 
 
 def conv4(ways: int = 5, track_running_stats: bool = True, channels: int = 64) -> nn.Module:
-    """The standard MAML Omniglot network on ``(batch, 1, 28, 28)`` images.
+    """MAML's Omniglot network on ``(batch, 1, 28, 28)`` images.
 
     Four blocks of ``Conv2d(channels, 3x3, padding=1)``, ``BatchNorm2d``,
     ``ReLU``, ``MaxPool2d(2)`` (28 -> 14 -> 7 -> 3 -> 1), then ``Linear`` to
@@ -103,12 +93,16 @@ def image_tasks(n: int, ways: int, shots: int, generator: torch.Generator, dtype
     return x.to(device), y.to(device)
 
 
+def load_digits(dtype=torch.float32) -> Tuple[Tensor, Tensor]:
+    """scikit-learn's digits (bundled, nothing downloaded): ``(n, 64)`` images (pixels / 16) and labels."""
+    from sklearn.datasets import load_digits as load
+    data = load()
+    return torch.as_tensor(data.data, dtype=dtype) / 16.0, torch.as_tensor(data.target, dtype=torch.int64)
+
+
 def load_digits_by_class(dtype=torch.float32) -> Dict[int, Tensor]:
-    """scikit-learn's digits (bundled, nothing downloaded) as ``{class: (n, 64) images}``, pixels / 16."""
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    x = torch.as_tensor(data.data, dtype=dtype) / 16.0
-    y = torch.as_tensor(data.target)
+    """:func:`load_digits` as ``{class: (n, 64) images}``."""
+    x, y = load_digits(dtype)
     return {c: x[y == c] for c in range(10)}
 
 
@@ -122,21 +116,25 @@ def digit_tasks(by_class: Dict[int, Tensor], classes: Sequence[int], n: int, way
     """
     if ways > len(classes):
         raise ValueError(f"Invalid ways: {ways} (the split has {len(classes)} classes)")
-    out = ([], [], [], [])
+    out = []
     for _ in range(n):
-        parts = ([], [], [], [])
-        chosen = torch.randperm(len(classes), generator=generator)[:ways]
-        for label, c in enumerate(classes[int(i)] for i in chosen):
-            pool = by_class[c]
+        parts = []
+        for label, i in enumerate(torch.randperm(len(classes), generator=generator)[:ways].tolist()):
+            pool = by_class[classes[i]]
             if shots + query > len(pool):
-                raise ValueError(f"Invalid shots + query: {shots + query} > {len(pool)} images of class {c}")
+                raise ValueError(f"Invalid shots + query: {shots + query} > {len(pool)} images of class "
+                                 f"{classes[i]}")
             idx = torch.randperm(len(pool), generator=generator)[:shots + query]
-            for acc, t in zip(parts, (pool[idx[:shots]], torch.full((shots,), label),
-                                      pool[idx[shots:]], torch.full((query,), label))):
-                acc.append(t)
-        for acc, part in zip(out, parts):
-            acc.append(torch.cat(part))
-    return tuple(torch.stack(t).to(device) for t in out)
+            parts.append((pool[idx[:shots]], torch.full((shots,), label), pool[idx[shots:]],
+                          torch.full((query,), label)))
+        out.append([torch.cat(p) for p in zip(*parts)])
+    return tuple(torch.stack(t).to(device) for t in zip(*out))
+
+
+def task_pairs(stacked: Sequence[Tensor]) -> List[Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]]:
+    """Stacked tasks ``(xs, ys, xq, yq)`` as ``[(support, query), ...]``."""
+    xs, ys, xq, yq = stacked
+    return [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(xs.shape[0])]
 
 
 class SmallCNN(nn.Module):
@@ -155,7 +153,8 @@ class SmallCNN(nn.Module):
 
 
 def mse(f, batch) -> Tensor:
-    """Mean squared error of ``f`` (a model or functional model) on ``batch = (x, y)``."""
+    """Mean squared error of ``f`` on ``batch = (x, y)``, written out: ``F.mse_loss`` has no
+    forward-over-reverse formula in torch 2.13."""
     x, y = batch
     return ((f(x) - y) ** 2).mean()
 

@@ -1,40 +1,21 @@
 """MAML on sinusoid regression: torch_ufom (fom, ufom, exact) against higher and torchopt.
 
-The few-shot regression benchmark of Finn et al. (2017), tasks from
-:func:`benchmarks.problems.sinusoid_tasks`, the 1-40-40-1 ReLU regressor; inner
-loop ``--steps`` SGD steps at lr 0.01 on the support MSE, outer Adam (lr 1e-3)
-on the mean query MSE of ``--meta-batch`` tasks. Every method starts from the
-same weights and sees the same meta-batch at every outer step; methods train
-round-robin (:mod:`benchmarks.maml`).
-
-Measured at every evaluation: the *meta-test MSE* on fixed held-out tasks
-(adapted with plain ``torch.func``), the *true outer-gradient norm* (the exact
-meta-gradient of the mean query MSE over ``--grad-tasks`` fixed tasks, with its
-standard error over the tasks; cross-checked against
-``torch_ufom.hypergrad(mode="exact")`` once per run) and, for the ufom rows, the
-``q`` of every outer step. Also the time (outer steps, CPU and wall seconds)
-until the meta-test MSE reaches and stays below a target (``--target-mse``,
-default 1.1 x exact's final MSE).
-
-Methods: ``fom``, ``ufom q=0.1`` (``--q``), ``ufom q=auto``, ``exact``,
-``higher``, ``torchopt``; ``--q-study`` (and the full run) adds q = 0.05, 0.2, 1
-and the authors' adaptive rule. float64 by default: exact and higher then
-follow the same trajectory to many digits, so the 5% target tests the library
-rather than float32 rounding amplified by Adam (``--dtype float32`` shows that).
-
-Targets: exact's final meta-test MSE within 5% of higher's; each ufom row's at
-most 10% above exact's; q="auto" ends in ``(q_min, 1]``.
+The few-shot regression of Finn et al. (2017) (:func:`benchmarks.problems.sinusoid_tasks`,
+1-40-40-1 ReLU regressor), methods trained round-robin (:mod:`benchmarks.maml`);
+the report states the sizes and defines its columns. ``--q-study`` (and the full
+run) adds q = 0.05, 0.2, 1 and the authors' adaptive rule. float64 by default,
+so that exact and higher follow the same trajectory to many digits and the 5%
+target tests the library, not float32 rounding amplified by Adam.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 import torch_ufom
 from benchmarks import maml, problems
-from benchmarks.harness import (Target, first_below, fmt, markdown_table, parse, parser, plot_panels,
+from benchmarks.harness import (Target, first_below, fmt, markdown_table, mean_ci, parse, parser, plot_panels,
                                 positive_float, positive_int, torch_threads, write_report)
 
 NAME = "sinusoid"
@@ -75,13 +56,12 @@ def summarise(hist: Sequence[maml.History], basis: str, target: Optional[float] 
     """Per method: final numbers, ratios and gaps, q, the true-gradient norms and the time to ``target``."""
     out = {}
     for h in hist:
-        norms, tail = [e[1] for e in h.extra], h.q_trace[-max(1, len(h.q_trace) // 10):]
+        norms, qs = [e[1] for e in h.extra], h.trainer.q_trace
+        tail = qs[-max(1, len(qs) // 10):]
         n4 = max(1, len(norms) // 4)
-        out[h.label] = {"final_mse": h.score[-1], "ci95": maml.mean_ci(h.extra[-1][0])[1],
-                        "best_mse": min(h.score), "wall_s": h.wall[-1], "cpu_s": h.cpu[-1],
-                        "ms_per_step": 1e3 * h.wall[-1] / max(1, h.steps[-1]),
-                        "exact_share": h.exact_branches / max(1, h.tasks_seen), "q_min": h.q_min,
-                        "q_end": h.q_next if h.q_next is not None else h.q_last,
+        out[h.label] = {"final_mse": h.score[-1], "ci95": mean_ci(h.extra[-1][0].tolist())[1],
+                        "best_mse": min(h.score), **maml.timing(h), "q_min": h.trainer.q_min,
+                        "q_end": h.q_end,
                         "q_mean_tail": sum(tail) / len(tail) if tail else None,
                         "grad_start": norms[0], "grad_end": norms[-1], "grad_min": min(norms),
                         "grad_tail": sum(norms[-n4:]) / n4, "grad_se_end": h.extra[-1][2],
@@ -153,7 +133,8 @@ def tables(summary: Dict[str, Dict], iters: int, basis: str):
 def plots(hist: Sequence[maml.History], out: str, title: str) -> List[str]:
     """Meta-test MSE against outer steps and training time; true-gradient norm and q against outer steps."""
     mse = {"ylabel": "meta-test MSE (after adaptation)", "logy": True}
-    qs = {h.label: (list(range(1, len(h.q_trace) + 1)), h.q_trace) for h in hist if h.q_trace}
+    traces = {h.label: h.trainer.q_trace for h in hist if h.trainer.q_trace}
+    qs = {label: (list(range(1, len(q) + 1)), q) for label, q in traces.items()}
     return [plot_panels(f"{out}/{NAME}.png", [
         {"series": {h.label: (h.steps, h.score) for h in hist}, "title": title, "xlabel": "outer steps",
          **mse},
@@ -171,35 +152,25 @@ def parse_args(argv=None):
     """Parse the command line (see ``--help``)."""
     p = parser(NAME, __doc__, {"quick": "160 outer steps, 200 test tasks",
                                "tiny": "4 outer steps: a smoke test"})
-    p.add_argument("--iters", type=positive_int, help="outer steps (default 10000; --quick 160)")
-    p.add_argument("--meta-batch", type=positive_int, help="tasks per outer step (default 10)")
-    p.add_argument("--steps", type=positive_int, default=5, help="inner SGD steps (default 5)")
-    p.add_argument("--inner-lr", type=positive_float, default=0.01, help="default 0.01")
-    p.add_argument("--outer-lr", type=positive_float, default=1e-3, help="Adam, default 1e-3")
+    maml.add_args(p, SIZES, inner_lr=0.01, query=10)
     p.add_argument("--lr-decay", choices=("none", "cosine"), default="none",
                    help="outer learning-rate schedule, the same for every method (default none)")
     p.add_argument("--shots", type=positive_int, default=10, help="support points per task (default 10)")
-    p.add_argument("--query", type=positive_int, default=10, help="query points per training task")
-    p.add_argument("--test-tasks", type=positive_int, help="held-out tasks (default 500; --quick 200)")
     p.add_argument("--test-query", type=positive_int, default=100, help="query points per held-out task")
-    p.add_argument("--eval-every", type=positive_int, help="evaluate every N outer steps")
     p.add_argument("--methods", help="comma-separated: " + ", ".join(maml.BY_LABEL) + " (aliases: "
                    + ", ".join(maml.ALIASES) + "; default the first six, plus the q study in the full run)")
     p.add_argument("--q-study", action="store_true", help="add " + ", ".join(m.label for m in maml.Q_STUDY))
     p.add_argument("--grad-tasks", type=positive_int, help="fixed tasks of the true outer-gradient norm")
     p.add_argument("--target-mse", type=positive_float, help="default 1.1 x exact's final MSE")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="default float64")
-    maml.add_maml_args(p)
     args = parse(p, argv)
-    iters, batch, tests, every, grad_tasks = SIZES[args.size]
-    args.eval_every = args.eval_every or (every if args.iters in (None, iters) else max(1, args.iters // 40))
-    args.iters, args.meta_batch = args.iters or iters, args.meta_batch or batch
-    args.test_tasks, args.grad_tasks = args.test_tasks or tests, args.grad_tasks or grad_tasks
+    maml.sized(args, SIZES, evals=40)
+    args.grad_tasks = args.grad_tasks or SIZES[args.size][4]
     args.test_query = min(args.test_query, 20) if args.size == "tiny" else args.test_query
     methods = args.methods or ",".join(m.label for m in maml.METHODS)
     if args.q_study or (args.methods is None and args.size == "full"):
         methods += "," + ",".join(m.label for m in maml.Q_STUDY)
-    args.method_list = maml.parse_methods(methods, p.error, args.q)
+    args.method_list = maml.parse_methods(methods, p, args.q)
     return args
 
 
@@ -218,10 +189,6 @@ def run(args) -> Dict[str, Any]:
     """The benchmark for parsed ``args``."""
     dtype = DTYPES[args.dtype]
     methods, skipped = maml.split_available(args.method_list)
-    base = problems.seeded(args.seed, problems.sinusoid_mlp, dtype, args.device)
-    trainers = [maml.make_trainer(m, copy.deepcopy(base), problems.mse, inner_lr=args.inner_lr,
-                                  steps=args.steps, outer_lr=args.outer_lr, seed=args.seed,
-                                  memory=args.memory) for m in methods]
     test = problems.sinusoid_tasks(args.test_tasks, args.shots, args.test_query,
                                    torch.Generator().manual_seed(TEST_SEED), dtype, args.device)
     grad_set = problems.sinusoid_tasks(args.grad_tasks, args.shots, args.query,
@@ -235,32 +202,26 @@ def run(args) -> Dict[str, Any]:
         return float(per_task.mean()), (per_task.cpu(), maml.grad_norm(g), se)
 
     def batch(k):
-        xs, ys, xq, yq = problems.sinusoid_tasks(args.meta_batch, args.shots, args.query,
-                                                 torch.Generator().manual_seed(args.seed * 1_000_003 + k),
-                                                 dtype, args.device)
-        return [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(args.meta_batch)]
+        return problems.task_pairs(problems.sinusoid_tasks(
+            args.meta_batch, args.shots, args.query, torch.Generator().manual_seed(args.seed * 1_000_003 + k),
+            dtype, args.device))
 
-    hist = maml.train_round_robin(trainers, batch, args.iters, evaluate, args.eval_every, args.device,
-                                  not args.no_progress,
-                                  maml.cosine_decay(args.iters) if args.lr_decay == "cosine" else None)
+    base = problems.seeded(args.seed, problems.sinusoid_mlp, dtype, args.device)
+    trainers, hist = maml.train(args, methods, base, problems.mse, batch, evaluate,
+                                maml.cosine_decay(args.iters) if args.lr_decay == "cosine" else None)
     check = check_gradient(trainers[0].model, grad_set, args.steps, args.inner_lr)
     summary = summarise(hist, args.basis, args.target_mse)
     title = (f"sinusoid MAML: {args.steps} inner steps, meta-batch {args.meta_batch}, {args.dtype}, "
              f"seed {args.seed}")
     table, q_table = tables(summary, args.iters, args.basis)
     target = next((r["target_mse"] for r in summary.values()), None)
-    fields = {k: getattr(args, k) for k in ("shots", "query", "dtype", "steps", "inner_lr", "outer_lr",
-                                            "meta_batch", "iters", "seed", "memory", "test_tasks",
-                                            "test_query", "grad_tasks")}
-    fields.update(decay=" (cosine decay to 0, every method)" if args.lr_decay == "cosine" else "",
-                  basis=args.basis,
-                  table=table, q_table=q_table, target=fmt(target, ".4f"), check_tasks=check["tasks"],
-                  check_method=trainers[0].method.label, check_diff=check["rel_diff"],
-                  skipped="".join(f"\nNote: {s}" for s in skipped))
+    fields = dict(vars(args), decay=" (cosine decay to 0, every method)" if args.lr_decay == "cosine" else "",
+                  table=table, q_table=q_table, target=fmt(target, ".4f"),
+                  check_tasks=check["tasks"], check_method=trainers[0].method.label,
+                  check_diff=check["rel_diff"], skipped="".join(f"\nNote: {s}" for s in skipped))
     histories = {h.label: {"steps": h.steps, "wall_s": h.wall, "cpu_s": h.cpu, "mse": h.score,
                            "grad_norm": [e[1] for e in h.extra], "grad_se": [e[2] for e in h.extra],
-                           "q": h.q_trace}
-                 for h in hist}
+                           "q": h.trainer.q_trace} for h in hist}
     return write_report(args, NAME, TEMPLATE, fields, {"summary": summary, "histories": histories,
                                                        "gradient_check": check, "skipped": skipped,
                                                        "iters": args.iters},

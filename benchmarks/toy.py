@@ -3,14 +3,12 @@
 From "Debiasing a First-order Heuristic for Approximate Bi-level Optimization"
 (Likhosherstov et al., ICML 2021); the problem is defined in
 ``docs/maths.md#the-papers-counter-example``. Two tasks ``(a_i, b_i)`` share one
-piecewise loss (quadratic near the task's minimum ``b_i / a_i``, a cubic
-blend, then linear), used as the inner and the outer loss; ``r = 10`` inner
-SGD steps with ``alpha = 0.1``. ``b_2`` is chosen so that at FOM's fixed point
-the true ABLO gradient is ``sqrt(2 D)`` (``D = 0.06``).
+piecewise loss, used as the inner and the outer loss; ``r = 10`` inner SGD
+steps with ``alpha = 0.1``. ``b_2`` is chosen so that at FOM's fixed point the
+true ABLO gradient is ``sqrt(2 D)`` (``D = 0.06``).
 
-It is also a usage example of :class:`torch_ufom.MetaOptimizer`: a
-one-parameter ``nn.Module``, ``torch.optim.SGD`` as the outer optimizer with
-step size ``10 / (k + 1)``, one random task per outer step::
+It is also a usage example of :class:`torch_ufom.MetaOptimizer` (one random
+task per outer step, ``torch.optim.SGD`` with step size ``10 / (k + 1)``)::
 
     meta = MetaOptimizer(model, opt, inner_lr=0.1, steps=10, mode="ufom", q=0.1,
                          generator=torch.Generator().manual_seed(1))
@@ -21,17 +19,10 @@ step size ``10 / (k + 1)``, one random task per outer step::
             group["lr"] = 10 / (k + 1)
         meta.step()
 
-Measured per mode, outside the timed loop: the outer loss (the average ABLO
-objective ``(1/2) sum_i L_i(x_r^i(x))``) and its exact gradient, the *true
-gradient*, at every iterate by a float64 unroll (:func:`true_objective`,
-checked against ``torch_ufom.hypergrad(mode="exact")``), the ``q`` of every
-step, and the time until the true gradient stays below 0.1 and until the
-outer loss stays below :func:`loss_target`. The ``"ufom"`` adaptive rule
-measures costs by wall clock, so its trajectory varies between runs.
-
-Checks: FOM's final true gradient above 0.25 and never below the loss target;
-exact's, q = 0.1's and q = 1's below 0.1; each adaptive rule's q ends in
-``(q_min, 1]``, its true gradient below 0.1 and it reaches the loss target.
+The outer loss and the true gradient at every iterate come from a float64
+unroll (:func:`true_objective`) checked against ``torch_ufom.hypergrad(mode=
+"exact")``; the report defines its columns and targets. The ``"ufom"``
+adaptive rule measures costs by wall clock, so its trajectory varies between runs.
 """
 from __future__ import annotations
 
@@ -45,14 +36,11 @@ import torch
 from torch import Tensor, nn
 
 import torch_ufom
-from benchmarks.harness import (Target, first_below, fmt, markdown_table, parse, parser, plot_panels,
+from benchmarks.harness import (Target, choose, first_below, fmt, markdown_table, parse, parser, plot_panels,
                                 positive_int, progress, torch_threads, write_report)
-from benchmarks.maml import Q_MIN
+from benchmarks.maml import meta_kwargs
 
-# ---------------------------------------------------------------------------
-# The problem (docs/maths.md#the-papers-counter-example)
-# ---------------------------------------------------------------------------
-
+# -- the problem (docs/maths.md#the-papers-counter-example) --------------------------------
 ALPHA = 0.1                 # inner SGD step size
 STEPS = 10                  # inner steps r
 CURVATURES = (0.5, 1.5)     # a_1, a_2
@@ -176,18 +164,18 @@ def library_true_gradient(x: float, tasks: Sequence[Tuple[float, float]] = TASKS
     return total / len(tasks)
 
 
-def fom_fixed_point(tasks: Sequence[Tuple[float, float]] = TASKS) -> float:
+def fom_fixed_point(tasks: Sequence[Tuple[float, float]] = TASKS, alpha: float = ALPHA,
+                    power: int = 1) -> float:
     """Where FOM's expected update vanishes (inside the quadratic pieces):
-    ``x_F = sum a_i p_i (b_i/a_i) / sum a_i p_i``."""
-    num = sum(a * contraction(a) * (b / a) for a, b in tasks)
-    return num / sum(a * contraction(a) for a, _ in tasks)
+    ``x_F = sum a_i p_i (b_i/a_i) / sum a_i p_i``; with ``power=2``, :func:`ablo_minimiser`."""
+    w = [a * contraction(a, alpha) ** power for a, _ in tasks]
+    return sum(wi * (b / a) for wi, (a, b) in zip(w, tasks)) / sum(w)
 
 
-def ablo_minimiser(tasks: Sequence[Tuple[float, float]] = TASKS) -> float:
+def ablo_minimiser(tasks: Sequence[Tuple[float, float]] = TASKS, alpha: float = ALPHA) -> float:
     """The stationary point of the average ABLO objective:
     ``x* = sum a_i p_i^2 (b_i/a_i) / sum a_i p_i^2``."""
-    num = sum(a * contraction(a) ** 2 * (b / a) for a, b in tasks)
-    return num / sum(a * contraction(a) ** 2 for a, _ in tasks)
+    return fom_fixed_point(tasks, alpha, power=2)
 
 
 def loss_target(fraction: float = LOSS_TOL) -> Tuple[float, float, float]:
@@ -204,11 +192,8 @@ def loss_target(fraction: float = LOSS_TOL) -> Tuple[float, float, float]:
     return f_star, f_fom, f_star + fraction * (f_fom - f_star)
 
 
-# ---------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------
-
-@dataclass
+# -- training ------------------------------------------------------------------------------
+@dataclass(frozen=True)
 class Method:
     """One configuration of ``MetaOptimizer``: ``label``, ``mode``, ``q`` and the adaptive ``q_rule``."""
 
@@ -219,12 +204,7 @@ class Method:
 
     def kwargs(self) -> Dict[str, object]:
         """The keywords of ``MetaOptimizer`` for this configuration."""
-        kw: Dict[str, object] = {"mode": self.mode}
-        if self.mode == "ufom":
-            kw["q"] = self.q
-            if self.q == "auto":
-                kw.update(q_rule=self.q_rule, q_min=Q_MIN[self.q_rule])
-        return kw
+        return meta_kwargs(self.mode, self.q, self.q_rule)
 
 
 METHODS = (
@@ -260,8 +240,6 @@ class Run:
     exact_branches: int = 0
     q_end: Optional[float] = None
     q_min: Optional[float] = None                        # the adaptive rule's floor (auto)
-    seconds: float = 0.0                                 # wall-clock time of the training loop
-    cpu_seconds: float = 0.0                             # CPU time of this process over it
     grad: Optional[Tensor] = None                        # |true gradient| at xs
     loss: Optional[Tensor] = None                        # outer loss (ABLO objective) at xs
 
@@ -273,20 +251,26 @@ def draws(iters: int, seed: int) -> Tuple[float, List[int]]:
     return x0, [rng.randrange(len(TASKS)) for _ in range(iters)]
 
 
-def train(method: Method, x0: float, task_ids: Sequence[int], seed: int,
-          memory: str = "checkpoint", show_progress: bool = True) -> Run:
-    """Outer SGD with step size ``10 / (k + 1)`` from ``x0``, one task per step."""
+def train(method: Method, x0: float, task_ids: Sequence[int], seed: int, memory: str = "checkpoint",
+          show_progress: bool = True, problem: Tuple = (TASKS, ALPHA, task_loss),
+          forced: Optional[Sequence[int]] = None) -> Run:
+    """Outer SGD with step size ``10 / (k + 1)`` from ``x0``, one task per step.
+
+    ``problem``: ``(tasks, inner rate, task loss)``; ``forced``: each step's truncation
+    (``force_truncation``) instead of draws.
+    """
+    tasks, alpha, loss = problem
     model = Scalar(x0)
     opt = torch.optim.SGD(model.parameters(), lr=10.0)
-    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=ALPHA, steps=STEPS, memory=memory,
+    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=alpha, steps=STEPS, memory=memory,
                                     generator=torch.Generator().manual_seed(seed), **method.kwargs())
-    run = Run(method)
-    run.xs.append(float(model.x.detach()))
+    run = Run(method, xs=[float(model.x.detach())], q_min=method.kwargs().get("q_min"))
     elapsed = cpu = 0.0
     for k, i in progress(list(enumerate(task_ids)), method.label, show_progress):
         start, cpu_start = time.perf_counter(), time.process_time()
         meta.zero_grad()
-        res = meta.backward(task_loss, task_loss, TASKS[i], TASKS[i])
+        K = None if forced is None else forced[k]
+        res = meta.backward(loss, loss, tasks[i], tasks[i], force_truncation=K)
         for group in meta.param_groups:
             group["lr"] = 10.0 / (k + 1)
         meta.step()
@@ -297,13 +281,8 @@ def train(method: Method, x0: float, task_ids: Sequence[int], seed: int,
         run.qs.append(res.q)
         run.exact_branches += int(res.truncation == STEPS)
         run.xs.append(float(model.x.detach()))
-    run.seconds = elapsed
-    run.cpu_seconds = cpu
-    if method.q == "auto":
-        run.q_end = float(meta.q_stats["q"])  # the q the next task would use
-        run.q_min = Q_MIN[method.q_rule]
-    elif method.mode == "ufom":
-        run.q_end = float(method.q)
+    if method.mode == "ufom":  # q="auto": the q the next task would use
+        run.q_end = float(meta.q_stats["q"] if method.q == "auto" else method.q)
     return run
 
 
@@ -344,9 +323,8 @@ def summary(run: Run, last: int, loss_goal: Optional[float] = None) -> Dict[str,
     return {
         "final_mean": float(g[-last:].mean()), "final_end": float(g[-1]), "q_end": run.q_end,
         "q_min": run.q_min, "q_mean_last": sum(qs) / len(qs) if qs else None,
-        "exact_frac": run.exact_branches / max(1, iters), "seconds": run.seconds,
-        "cpu_seconds": run.cpu_seconds,
-        "per_step_ms": 1e3 * run.seconds / max(1, iters),
+        "exact_frac": run.exact_branches / max(1, iters), "seconds": _at(run.clock, iters),
+        "cpu_seconds": _at(run.cpu_clock, iters), "per_step_ms": 1e3 * _at(run.clock, iters) / max(1, iters),
         "target_iter": first, "target_s": _at(run.clock, first),
         "excess_mean": float((run.loss[-last:] - f_star).mean()),
         "excess_end": float(run.loss[-1] - f_star),
@@ -355,10 +333,7 @@ def summary(run: Run, last: int, loss_goal: Optional[float] = None) -> Dict[str,
     }
 
 
-# ---------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------
-
+# -- report --------------------------------------------------------------------------------
 TEMPLATE = """# The paper's 1-D counter-example (benchmarks/toy.py)
 
 Command: `{command}`
@@ -414,8 +389,6 @@ def loss_table(runs: Sequence[Run], last: int) -> str:
     return markdown_table(["mode", f"excess outer loss (mean, last {last})", "excess at end", "q at end",
                            f"mean q (last {last})", "iters to stay < target", "wall time to target",
                            "CPU time to target"], rows, "lrrrrrrr")
-
-
 
 
 def targets(runs: Sequence[Run], last: int) -> List[Target]:
@@ -477,12 +450,7 @@ def parse_args(argv=None):
     args.modes = args.modes or {"tiny": TINY_MODES, "quick": QUICK_MODES,
                                 "full": ",".join(ALIASES)}[args.size]
     known = {m.label: m for m in METHODS}
-    known.update({alias: known[label] for alias, label in ALIASES.items()})
-    labels = [s.strip() for s in args.modes.split(",") if s.strip()]
-    if any(s not in known for s in labels):
-        p.error(f"argument --modes: invalid choice(s) {[s for s in labels if s not in known]} "
-                f"(choose from {', '.join(ALIASES)})")
-    args.methods = [known[s] for s in labels]
+    args.methods = choose(p, "--modes", args.modes, {**known, **{k: known[v] for k, v in ALIASES.items()}})
     args.last = min(args.last or max(1, args.iters // 20), args.iters + 1)
     return args
 
@@ -497,11 +465,9 @@ def main(argv=None) -> Dict[str, object]:
             runs.append(train(method, x0, task_ids, args.seed, args.memory, not args.no_progress))
             evaluate(runs[-1], args.check_every)
     x_f, (f_star, f_fom, goal) = fom_fixed_point(), loss_target()
-    fields = dict(tasks=[(a, round(b, 6)) for a, b in TASKS], A=A_QUAD, steps=STEPS, alpha=ALPHA, D=D_BIAS,
-                  x0=x0, iters=args.iters, seed=args.seed, memory=args.memory, x_f=x_f,
-                  g_f=float(true_gradient([x_f]).abs()), sqrt2d=math.sqrt(2 * D_BIAS),
-                  x_star=ablo_minimiser(),
-                  last=args.last, check_every=args.check_every, target=TARGET, table=table(runs, args.last),
+    fields = dict(vars(args), tasks=[(a, round(b, 6)) for a, b in TASKS], A=A_QUAD, steps=STEPS, alpha=ALPHA,
+                  D=D_BIAS, x0=x0, x_f=x_f, g_f=float(true_gradient([x_f]).abs()), x_star=ablo_minimiser(),
+                  sqrt2d=math.sqrt(2 * D_BIAS), target=TARGET, table=table(runs, args.last),
                   f_star=f_star, f_fom=f_fom, tol=LOSS_TOL, goal=goal, excess=goal - f_star,
                   g_goal=math.sqrt(2 * D_BIAS / 10), loss_table=loss_table(runs, args.last))
     data = {"summary": {r.method.label: summary(r, args.last) for r in runs},

@@ -1,39 +1,16 @@
 """The toy's optimal-q experiment (the authors' T3): which q reaches a gradient threshold cheapest?
 
-The problem is :mod:`benchmarks.toy`'s one-dimensional pair of tasks with
-the authors' T2/T3 constants ``a = (0.5, 1.5)``, ``b = (0, 10)`` (so ``A =
-|b_2 / a_2| + 1``), the same piecewise loss inside and outside, ``r = 10``
-inner SGD steps at the inner rate ``alpha``; outer SGD with step size
-``10 / (k + 1)`` from ``x_0 ~ U(-10, 30)``, one random task per step, as in
-:mod:`benchmarks.toy`. For inner rates log-spaced in ``[0.001, 0.05]`` and
-``q`` on the grid 0.05, 0.10, ..., 1.0, every seed runs ``--iters`` outer
-steps of UFOM (``K = r`` with probability ``q``, estimate
-``G_0 + (xi / q)(G_r - G_0)``), counting inner-gradient evaluations as the
-authors do (``r + 1`` per first-order step, ``r(r-1)/2 + r`` per exact one).
-*Reached*: the RMS over the seeds of the true gradient ``|f'(x_k)|`` of the
-average ABLO objective stays below the threshold (default 0.1) from step ``k``
-to the end of the run; its cost is ``k`` times the expected evaluations per
-step. The RMS over seeds estimates the second moment the q formulas reason
-about (a single seed's iterate is too noisy to stop on). Per rate, the
-empirical best ``q`` is the grid value with the fewest evaluations; its spread
-is the quartiles over bootstrap resamples of the seeds.
-
-Predictions, fed with the toy's exact ``A = E|G_r|^2`` and
-``D = E|G_r - G_0|^2`` (the mean over the two tasks at the ABLO minimiser
-``x*``, where both tasks sit on their quadratic pieces: ``G_r = a p^2 (x -
-b/a)``, ``G_0 = a p (x - b/a)``, ``p = (1 - alpha a)^r``):
-``adaptive.optimal_q(A, D, c_f=r+1, c_x=r(r-1)/2 - 1, q_min=0.01)`` (``c_x``:
-the exact branch's *extra* count) and the authors' rule as
-``torch_ufom.diagnose`` and ``q_rule="authors"`` apply it,
-``adaptive.authors_q(A, D / 10, r + 1, r(r+1)/2, 0.05)``; the column
-"authors, D unshrunk" drops their factor 10.
+:mod:`benchmarks.toy`'s pair of tasks with the authors' T2/T3 constants, for
+inner rates log-spaced in ``[0.001, 0.05]`` and ``q`` on a grid; the report
+defines *reached*, the costs and the predictions. The RMS over the seeds of the
+true gradient estimates the second moment the q formulas reason about (a
+single seed's iterate is too noisy to stop on).
 
 The simulation (:func:`simulate`) runs every (rate, q, seed) at once in
 float64 torch with the piecewise loss's first and second derivatives written
-out: it implements the same estimator as ``torch_ufom.MetaOptimizer(mode=
-"ufom")`` with plain SGD inside and outside; :func:`cross_check` replays one
-(rate, q, seed) trajectory through ``MetaOptimizer`` (forcing the simulation's
-draws) and the report states the largest difference of the iterates.
+out, the same estimator as ``MetaOptimizer(mode="ufom")`` with plain SGD
+inside and outside; :func:`cross_check` replays one trajectory through
+``MetaOptimizer`` (forcing the simulation's draws).
 """
 from __future__ import annotations
 
@@ -44,7 +21,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-import torch_ufom
 from torch_ufom import adaptive
 from benchmarks import toy
 from benchmarks.harness import (fmt, markdown_table, parse, parser, plot_panels, positive_float,
@@ -152,17 +128,10 @@ def steps_to_stay_below(rms: Tensor, steps: Sequence[int], threshold: float) -> 
     return torch.where(last_bad == len(steps) - 1, torch.full_like(at, math.inf), at)
 
 
-def expected_cost(q: Tensor) -> Tensor:
-    """Expected evaluations per outer step: ``c_f + q (c_x - c_f)``."""
-    return C_F + q * (C_X - C_F)
-
-
 def exact_stats(alpha: float) -> Tuple[float, float]:
     """``(A, D)`` of the toy at the ABLO minimiser: the means over the two tasks of ``G_r^2``
     and ``(G_r - G_0)^2``."""
-    p = [(1 - alpha * a) ** STEPS for a in CURVATURES]
-    x_star = (sum(a * pi ** 2 * (b / a) for (a, b), pi in zip(TASKS, p))
-              / sum(a * pi ** 2 for a, pi in zip(CURVATURES, p)))
+    p, x_star = [(1 - alpha * a) ** STEPS for a in CURVATURES], toy.ablo_minimiser(TASKS, alpha)
     gr = [a * pi ** 2 * (x_star - b / a) for (a, b), pi in zip(TASKS, p)]
     g0 = [a * pi * (x_star - b / a) for (a, b), pi in zip(TASKS, p)]
     return sum(g * g for g in gr) / 2, sum((g - h) ** 2 for g, h in zip(gr, g0)) / 2
@@ -170,8 +139,7 @@ def exact_stats(alpha: float) -> Tuple[float, float]:
 
 def fom_stall(alpha: float) -> float:
     """``|f'(x_F)|``: the true gradient at FOM's fixed point (both tasks on their quadratic pieces)."""
-    p = [(1 - alpha * a) ** STEPS for a in CURVATURES]
-    x_f = sum(a * pi * (b / a) for (a, b), pi in zip(TASKS, p)) / sum(a * pi for a, pi in zip(CURVATURES, p))
+    p, x_f = [(1 - alpha * a) ** STEPS for a in CURVATURES], toy.fom_fixed_point(TASKS, alpha)
     return abs(sum(a * pi ** 2 * (x_f - b / a) for (a, b), pi in zip(TASKS, p)) / 2)
 
 
@@ -191,22 +159,13 @@ def t3_loss(fmodel, task) -> Tensor:
 
 def cross_check(alpha: float, q: float, iters: int, seed: int, sim_x: Sequence[float],
                 sim_xi: Sequence[int], seed_index: int, seeds: int) -> float:
-    """Replay one simulated run through ``torch_ufom.MetaOptimizer``; return the largest
-    ``|x_lib - x_sim| / max(1, |x_sim|)`` over its iterates."""
+    """Replay the first ``iters`` steps of one simulated run through ``torch_ufom.MetaOptimizer``;
+    return the largest ``|x_lib - x_sim| / max(1, |x_sim|)`` over its iterates."""
     x0, task, _ = draws(iters, seeds, seed)
-    model = toy.Scalar(float(x0[seed_index]))
-    opt = torch.optim.SGD(model.parameters(), lr=10.0)
-    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=alpha, steps=STEPS, mode="ufom", q=q)
-    worst = abs(float(model.x.detach()) - sim_x[0]) / max(1.0, abs(sim_x[0]))
-    for k in range(iters):
-        t = TASKS[int(task[k, seed_index])]
-        meta.zero_grad()
-        meta.backward(t3_loss, t3_loss, t, t, force_truncation=STEPS * sim_xi[k])
-        for group in meta.param_groups:
-            group["lr"] = 10.0 / (k + 1)
-        meta.step()
-        worst = max(worst, abs(float(model.x.detach()) - sim_x[k + 1]) / max(1.0, abs(sim_x[k + 1])))
-    return worst
+    replay = toy.Method("replay", "ufom", q)
+    run = toy.train(replay, float(x0[seed_index]), task[:, seed_index].tolist(), seed, show_progress=False,
+                    problem=(TASKS, alpha, t3_loss), forced=[STEPS * k for k in sim_xi])
+    return max(abs(x - s) / max(1.0, abs(s)) for x, s in zip(run.xs, sim_x[:iters + 1], strict=True))
 
 
 def best_q(sq_grad: Tensor, steps: Sequence[int], qs: Sequence[float], threshold: float,
@@ -219,8 +178,8 @@ def best_q(sq_grad: Tensor, steps: Sequence[int], qs: Sequence[float], threshold
     """
     q = torch.tensor(qs, dtype=torch.float64)
 
-    def costs(sq):
-        return steps_to_stay_below(sq.mean(-1).sqrt(), steps, threshold) * expected_cost(q)
+    def costs(sq):  # evaluations to the threshold: steps times the expected c_f + q (c_x - c_f) per step
+        return steps_to_stay_below(sq.mean(-1).sqrt(), steps, threshold) * (C_F + q * (C_X - C_F))
 
     cost = costs(sq_grad)                                    # [rate, q]
     g = torch.Generator().manual_seed(seed)
@@ -250,11 +209,8 @@ def _count(x: float) -> str:
 
 
 def _quartiles(xs: Sequence[float]) -> List[float]:
-    if not xs:
-        return [math.nan, math.nan]
-    if len(xs) == 1:
-        return [xs[0], xs[0]]
-    q = statistics.quantiles(xs, n=4)
+    """The lower and upper quartiles of ``xs`` (``nan`` for no values)."""
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else (list(xs) or [math.nan]) * 3
     return [q[0], q[2]]
 
 
@@ -298,8 +254,8 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--check-iters", type=positive_int, default=300,
                    help="outer steps of the MetaOptimizer cross-check (default 300)")
     args = parse(p, argv)
-    n_rates, seeds, iters = SIZES[args.size]
-    args.rates, args.seeds, args.iters = args.rates or n_rates, args.seeds or seeds, args.iters or iters
+    for name, default in zip(("rates", "seeds", "iters"), SIZES[args.size]):
+        setattr(args, name, getattr(args, name) or default)
     with torch_threads(1):
         return run(args)
 
@@ -346,13 +302,12 @@ def run(args) -> Dict[str, Any]:
          "ylabel": "q", "title": f"best q vs the formulas (RMS |f'| < {args.threshold}, {args.seeds} seeds)"},
         {"series": cost_series, "logy": True, "xlabel": "q", "ylabel": "evaluations to the threshold",
          "title": "cost against q per inner rate (q = 0: fom; 1e7: not reached)"}], ncols=2)
-    fields = dict(tasks=TASKS, A=A_QUAD, steps=STEPS, iters=args.iters, seeds=args.seeds, c_f=C_F, c_x=C_X,
-                  threshold=args.threshold, qmin=Q_GRID[0], qmax=Q_GRID[-1], nq=len(Q_GRID), table=table,
-                  cc_rate=alphas[keep[0]], cc_q=Q_GRID[keep[1]], cc_iters=check_iters, cc_diff=diff,
-                  stride=stride, resamples=args.resamples)
+    fields = dict(vars(args), tasks=TASKS, A=A_QUAD, steps=STEPS, c_f=C_F, c_x=C_X, qmin=Q_GRID[0],
+                  qmax=Q_GRID[-1], nq=len(Q_GRID), table=table, cc_rate=alphas[keep[0]],
+                  cc_q=Q_GRID[keep[1] - 1], cc_iters=check_iters, cc_diff=diff, stride=stride)
     data = {"rates": per_rate, "q_grid": list(Q_GRID), "threshold": args.threshold, "iters": args.iters,
             "seeds": args.seeds, "stride": stride, "resamples": args.resamples,
-            "cross_check": {"alpha": alphas[keep[0]], "q": Q_GRID[keep[1]], "iters": check_iters,
+            "cross_check": {"alpha": alphas[keep[0]], "q": Q_GRID[keep[1] - 1], "iters": check_iters,
                             "max_rel_diff": diff}}
     return write_report(args, NAME, TEMPLATE, fields, data, (), [figure])
 
