@@ -30,20 +30,24 @@ budgets at ``steps = 1000`` (item 4: exact under the default setting against
 store, and two other budgets). ``recompute`` rows whose exact sweep replays
 more than ``--max-replay`` inner steps (``steps (steps - 1) / 2``) are skipped.
 
-How it measures: the times of all rows with the same ``steps`` come from one
-fresh process, round-robin (:func:`benchmarks.harness.interleave`), medians
-over the rounds. ``ufom`` draws its truncation point from a generator seeded
-``--seed``, several draws per round and more until ``MIN_EXACT`` took the exact
-branch; its time is the expectation ``(1 - q) median(first-order draws) + q
-median(exact draws)``. The peak memory of every row comes from its own fresh
-process (two at a time: each peak is its own process's), one outer step under
-:class:`benchmarks.harness.PeakMemory` after a warm-up at ``steps=1``; ``ufom``
-draws until the exact branch, so its peak is that branch's. ``--quick`` times
-only store and the default setting at ``steps = 1000`` in the rounds; the
-other budgets' time there is that one peak-measuring call (the first at that
-``steps``, so it includes building a checkpoint schedule).
+How it measures: every measurement runs in a child forked from one worker
+process (:func:`run_jobs`: its own allocator and peak memory, without the
+seconds of importing torch again). The times of all rows with the same
+``steps`` come from one child, round-robin
+(:func:`benchmarks.harness.interleave`), medians over the rounds. ``ufom``
+draws its truncation point from a generator seeded ``--seed``, several draws
+per round and more until one took the exact branch; its time is the
+expectation ``(1 - q) median(first-order draws) + q median(exact draws)``.
+The peak memory of every row comes from its own child (two at a time: each
+peak is its own process's), one outer step under
+:class:`benchmarks.harness.PeakMemory` after a warm-up at ``steps=1``;
+``ufom`` draws until the exact branch, so its peak is that branch's.
+``--quick`` times only store and the default setting at ``steps = 1000`` in
+the rounds; the other budgets' time there is that one peak-measuring call
+(the first at that ``steps``, so it includes building a checkpoint schedule).
 
-The module's :func:`outer_step` and :func:`time_rows` also serve :mod:`benchmarks.speed`.
+The module's :func:`outer_step`, :func:`time_rows` and :func:`run_jobs` also serve
+:mod:`benchmarks.speed`.
 """
 from __future__ import annotations
 
@@ -51,8 +55,11 @@ import copy
 import importlib.util
 import inspect
 import json
+import os
 import statistics
+import tempfile
 import time
+import traceback
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
@@ -60,7 +67,7 @@ import torch
 import torch_ufom
 from benchmarks import problems
 from benchmarks.harness import (MB, PeakMemory, Target, fmt, interleave, markdown_table, parse, parser,
-                                positive_int, run_fresh, run_fresh_many, spread, stats, torch_threads,
+                                positive_int, run_fresh, spread, stats, torch_threads,
                                 worker_args, write_report, clock)
 
 NAME = "memory"
@@ -91,9 +98,9 @@ per parameter tensor), float32, seed {seed}. Times: medians over {rounds} round-
 with the same steps in one process (spread: half the inter-quartile range); `ufom`: the expectation
 (1-q) x median first-order draw + q x median exact draw (E); `ufomK`: ufom with its exact branch forced
 (K = steps); (1 call): the time of the peak-measuring call, not of the rounds. Ratios use {basis} time.
-Peak memory: one outer step per row in a fresh process, above the memory in use just before it. *inner
-fwd / rev*: inner steps run without / with a graph in that outer step. Default memory setting:
-`{default}`; other budgets: {budgets}.
+Peak memory: one outer step per row in a fresh (forked) process, above the memory in use just before
+it. *inner fwd / rev*: inner steps run without / with a graph in that outer step. Default memory
+setting: `{default}`; other budgets: {budgets}.
 
 ## Every row at steps {short}
 
@@ -345,6 +352,53 @@ def _peak(row: str, steps: int, prob, seed: int, device: str) -> Dict[str, Any]:
     return out
 
 
+# -- fresh children: one import, a forked process per measurement --------------------------
+JOBS = {"times": time_rows, "peaks": measure_peaks}
+
+
+def run_jobs(jobs: Sequence[Dict[str, Any]], parallel: int = 1) -> List[Any]:
+    """Run each job (``{"task": "times" | "peaks", **keywords}``) in a child forked from this process,
+    at most ``parallel`` at a time; return their results in order.
+
+    A forked child starts with this process's imports but its own allocator,
+    peak memory (``VmHWM``) and torch state, like a fresh process without the
+    seconds of importing torch again. Without ``os.fork`` or on CUDA (no fork
+    after CUDA starts) the jobs run here, one after the other.
+    """
+    if not hasattr(os, "fork") or any(j.get("device", "cpu") != "cpu" for j in jobs):
+        return [_run_job(j) for j in jobs]
+    results: List[Any] = [None] * len(jobs)
+    pending, running = list(enumerate(jobs)), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        while pending or running:
+            while pending and len(running) < parallel:
+                i, job = pending.pop(0)
+                path = os.path.join(tmp, f"{i}.json")
+                pid = os.fork()
+                if pid == 0:  # the child: write the result (or the traceback) and leave at once
+                    code = 0
+                    try:
+                        text = json.dumps(_run_job(job))
+                    except BaseException:  # noqa: BLE001 -- reported by the parent
+                        text, code = json.dumps({"error": traceback.format_exc()}), 1
+                    with open(path, "w") as f:
+                        f.write(text)
+                    os._exit(code)
+                running[pid] = (i, path)
+            pid, status = os.wait()
+            i, path = running.pop(pid)
+            with open(path) as f:
+                results[i] = json.load(f)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"measurement {jobs[i]} failed:\n{results[i].get('error', status)}")
+    return results
+
+
+def _run_job(job: Dict[str, Any]) -> Any:
+    spec = dict(job)
+    return JOBS[spec.pop("task")](**spec)
+
+
 def targets(results: Dict[str, Dict], basis: str) -> List[Target]:
     """Issue 13's items 3 and 4 (see the module docstring)."""
     def ratio(a, b, steps, key=basis):
@@ -411,16 +465,15 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--max-replay", type=positive_int, help="skip recompute rows replaying more inner steps")
     p.add_argument("--worker", help="internal: one measurement in this process, printed as JSON")
     args = parse(p, argv)
-    if args.worker:
+    if args.worker:  # {"jobs": [...], "parallel": n}: see run_jobs
         spec = json.loads(args.worker)
-        task = spec.pop("task")
-        print(json.dumps((measure_peaks if task == "peaks" else time_rows)(**spec)))
+        print(json.dumps(run_jobs(spec["jobs"], spec.get("parallel", 1))))
         return {}
     steps_list, rounds, max_replay, time_budgets = SIZES[args.size]
     steps_list, rounds = list(dict.fromkeys(args.steps or steps_list)), args.rounds or rounds
     max_replay = args.max_replay or max_replay
     common = dict(seed=args.seed, device=args.device, threads=args.threads)
-    results, notes, rows_all = {}, [], []
+    results, notes, timed, rows_all = {}, [], [], []
     long_steps = steps_list[-1] if len(steps_list) > 1 else None
     for steps in steps_list:
         if steps == long_steps:
@@ -430,17 +483,20 @@ def main(argv=None) -> Dict[str, Any]:
             rows, skipped = short_rows(steps, max_replay)
             notes += skipped
             peak_rows = rows
-        got = run_fresh(f"benchmarks.{NAME}", worker_args(dict(task="times", model="mlp", rows=rows,
-                                                                steps=steps, rounds=rounds, **common)))
-        results.update({f"{r}@{steps}": summarise(r, steps, got[r]) for r in rows})
+        timed.append((steps, rows))
         rows_all += [(r, steps) for r in peak_rows]
-    groups = [rows_all] if args.size == "tiny" else [[x] for x in rows_all]
-    peaks = run_fresh_many(f"benchmarks.{NAME}", [worker_args(dict(
-        task="peaks", rows=[r for r, _ in g], steps=[s for _, s in g], **common)) for g in groups],
-        workers=2, desc="peaks", show=not args.no_progress)
-    for (r, s), peak in zip(rows_all, [x for got in peaks for x in got]):
+    got = run_fresh(f"benchmarks.{NAME}", worker_args({"jobs": [
+        dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds, **common)
+        for steps, rows in timed]}))
+    for (steps, rows), times in zip(timed, got):
+        results.update({f"{r}@{steps}": summarise(r, steps, times[r]) for r in rows})
+    # peaks: a child per row (--tiny: one for all), two at a time, the longest unrolls first
+    groups = [rows_all] if args.size == "tiny" else sorted(([x] for x in rows_all), key=lambda g: -g[0][1])
+    peaks = run_fresh(f"benchmarks.{NAME}", worker_args({"parallel": 2, "jobs": [
+        dict(task="peaks", rows=[r for r, _ in g], steps=[n for _, n in g], **common) for g in groups]}))
+    for (r, n), peak in zip([x for g in groups for x in g], [x for got in peaks for x in got]):
         one_call = {"one_call": True, "wall": peak["call"][0], "cpu": peak["call"][1]}
-        results.setdefault(f"{r}@{s}", one_call).update(peak)
+        results.setdefault(f"{r}@{n}", one_call).update(peak)
     basis = args.basis
     short, long = tables(results, basis, long_steps)
     widths = "-".join(map(str, problems.MLP_WIDTHS))

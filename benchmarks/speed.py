@@ -18,7 +18,7 @@ double-backward HVP). Ratios against ``fom``, ``higher``, ``inplace`` and the
 floor ``steps t_grad + K t_hvp`` (``K = steps`` for exact and higher,
 ``q steps`` for ufom, 0 for fom).
 
-Every (model, steps) is timed in a fresh process, all rows round-robin;
+Every (model, steps) is timed in a fresh (forked) process, all rows round-robin;
 ``fom``, ``inplace`` and ``ufom`` run several calls per round and ``ufom``
 draws until three draws took the exact branch (its time is the expectation,
 see :mod:`benchmarks.memory`). Targets (issue 13): item 1, ``fom`` / ``inplace``
@@ -34,7 +34,7 @@ from typing import Any, Dict
 
 from benchmarks import memory, throughput
 from benchmarks.harness import (Target, fmt, markdown_table, parse, parser, plot_panels, positive_int,
-                                progress, run_fresh, spread, stats, worker_args, write_report)
+                                run_fresh, spread, stats, worker_args, write_report)
 
 NAME = "speed"
 MODELS = ("mlp", "sinusoid")
@@ -42,10 +42,11 @@ MODELS = ("mlp", "sinusoid")
 # item 2, exact/store / higher at these steps on both models.
 FOM_VS_INPLACE = {("sinusoid", 100): 1.15, ("sinusoid", 5): 1.6, ("mlp", 100): 1.10, ("conv4", None): 1.05}
 EXACT_VS_HIGHER, EXACT_STEPS = 0.90, (20, 100)
-# (steps, rounds, min seconds per steps value, max replay, models, conv4 steps) per size
-SIZES = {"full": ([5, 20, 100], 7, 5.0, 50_000, list(MODELS), 100),
-         "quick": ([5, 20, 100], 5, 1.0, 1_000, list(MODELS), 20),
-         "tiny": ([2, 4], 1, 0.0, 1_000, ["sinusoid"], 1)}
+# (steps per model, rounds, min seconds per steps value, max replay, conv4 steps) per size; the mlp
+# skips steps 5, which no target needs
+STEPS = {"mlp": [20, 100], "sinusoid": [5, 20, 100]}
+SIZES = {"full": (STEPS, 7, 5.0, 50_000, 100), "quick": (STEPS, 5, 1.0, 1_000, 20),
+         "tiny": ({"sinusoid": [2, 4]}, 1, 0.0, 1_000, 1)}
 
 TEMPLATE = """# Time per outer step against inner steps (benchmarks/speed.py)
 
@@ -135,28 +136,31 @@ def main(argv=None) -> Dict[str, Any]:
     """Time every (model, steps) in a fresh process, then the throughput sections; write the report."""
     p = parser(NAME, __doc__, {"quick": "5 rounds, --max-replay 1000, conv4 at 20 steps",
                                "tiny": "sinusoid, steps 2 4, conv4 at 1 step, one round (a smoke test)"})
-    p.add_argument("--steps", type=positive_int, nargs="+", help="inner steps (default 5 20 100)")
-    p.add_argument("--models", nargs="+", choices=MODELS, help="default both")
+    p.add_argument("--steps", type=positive_int, nargs="+",
+                   help="inner steps for every model (default: mlp 20 100, sinusoid 5 20 100)")
+    p.add_argument("--models", nargs="+", choices=MODELS, help="default both; --tiny: sinusoid")
     p.add_argument("--rounds", type=positive_int, help="timing rounds, at least (default 7; --quick 5)")
     p.add_argument("--max-replay", type=positive_int, help="skip recompute rows replaying more inner steps")
     p.add_argument("--conv4-steps", type=positive_int, help="conv4's inner steps (default 100; --quick 20)")
     args = parse(p, argv)
-    steps_list, rounds, min_seconds, max_replay, models, conv4_steps = SIZES[args.size]
-    steps_list = sorted(set(args.steps or steps_list))
-    rounds, models = args.rounds or rounds, list(dict.fromkeys(args.models or models))
+    steps, rounds, min_seconds, max_replay, conv4_steps = SIZES[args.size]
+    models = list(dict.fromkeys(args.models or steps))
+    steps = {m: sorted(set(args.steps or steps.get(m, STEPS[m]))) for m in models}
+    rounds = args.rounds or rounds
     conv4_steps = args.conv4_steps or conv4_steps
     common = dict(rounds=rounds, seed=args.seed, device=args.device, threads=args.threads, min_exact=3,
                   min_seconds=min_seconds)
-    raw, notes = {}, []
-    jobs = [(m, s) for m in models for s in steps_list] + [("conv4", conv4_steps)]
-    for model, steps in progress(jobs, NAME, not args.no_progress):
+    notes, jobs = [], []
+    for model, n in [(m, n) for m in models for n in steps[m]] + [("conv4", conv4_steps)]:
         rows, micro = ["inplace/-", "fom/-"], model != "conv4"
         if micro:
-            more, skipped = memory.rows_for(steps, args.max_replay or max_replay, ("ufom", "exact", "higher"))
+            more, skipped = memory.rows_for(n, args.max_replay or max_replay, ("ufom", "exact", "higher"))
             rows += more
-            notes += [f"{model}: {n}" for n in skipped]
-        raw[f"{model}/{steps}"] = run_fresh("benchmarks.memory", worker_args(dict(
-            task="times", model=model, rows=rows, steps=steps, micro=micro, **common)))
+            notes += [f"{model}: {x}" for x in skipped]
+        jobs.append(dict(task="times", model=model, rows=rows, steps=n, micro=micro, **common))
+    # each (model, steps) in its own child of one worker process (memory.run_jobs), one after the other
+    got = run_fresh("benchmarks.memory", worker_args({"jobs": jobs}))
+    raw = {f"{j['model']}/{j['steps']}": g for j, g in zip(jobs, got)}
     tp = run_fresh("benchmarks.throughput", ["--json", "--seed", str(args.seed), "--device", args.device,
                                              "--threads", str(args.threads)]
                    + ([] if args.size == "full" else [f"--{args.size}"]))
