@@ -38,8 +38,8 @@ seconds of importing torch again). The times of all rows with the same
 draws its truncation point from a generator seeded ``--seed``, several draws
 per round and more until one took the exact branch; its time is the
 expectation ``(1 - q) median(first-order draws) + q median(exact draws)``.
-The peak memory of every row comes from its own child (two at a time: each
-peak is its own process's), one outer step under
+The peak memory of every row comes from its own child (one at a time, beside
+the timing child: each peak is its own process's), one outer step under
 :class:`benchmarks.harness.PeakMemory` after a warm-up at ``steps=1``;
 ``ufom`` draws until the exact branch, so its peak is that branch's.
 ``--quick`` times only store and the default setting at ``steps = 1000`` in
@@ -60,6 +60,7 @@ import statistics
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
@@ -485,16 +486,19 @@ def main(argv=None) -> Dict[str, Any]:
             peak_rows = rows
         timed.append((steps, rows))
         rows_all += [(r, steps) for r in peak_rows]
-    got = run_fresh(f"benchmarks.{NAME}", worker_args({"jobs": [
-        dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds, **common)
-        for steps, rows in timed]}))
+    # The timing child and the peak children run side by side on the two cores (the peaks take half
+    # as long); the rounds interleave the rows, so a neighbour's load falls on all of them alike.
+    groups = [rows_all] if args.size == "tiny" else sorted(([x] for x in rows_all), key=lambda g: -g[0][1])
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        timing = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
+            dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds, **common)
+            for steps, rows in timed]}))
+        peaking = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
+            dict(task="peaks", rows=[r for r, _ in g], steps=[n for _, n in g], **common) for g in groups]}))
+        got, peaks = timing.result(), peaking.result()
     for (steps, rows), times in zip(timed, got):
         results.update({f"{r}@{steps}": summarise(r, steps, times[r]) for r in rows})
-    # peaks: a child per row (--tiny: one for all), two at a time, the longest unrolls first
-    groups = [rows_all] if args.size == "tiny" else sorted(([x] for x in rows_all), key=lambda g: -g[0][1])
-    peaks = run_fresh(f"benchmarks.{NAME}", worker_args({"parallel": 2, "jobs": [
-        dict(task="peaks", rows=[r for r, _ in g], steps=[n for _, n in g], **common) for g in groups]}))
-    for (r, n), peak in zip([x for g in groups for x in g], [x for got in peaks for x in got]):
+    for (r, n), peak in zip([x for g in groups for x in g], [x for part in peaks for x in part]):
         one_call = {"one_call": True, "wall": peak["call"][0], "cpu": peak["call"][1]}
         results.setdefault(f"{r}@{n}", one_call).update(peak)
     basis = args.basis
