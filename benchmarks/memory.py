@@ -1,74 +1,127 @@
-"""Peak memory and time per outer step of torch_ufom against ``higher`` and a plain loop.
+"""Peak memory and time per outer step of torch_ufom against ``higher`` and a hand-written loop.
 
-One *outer step* is one task's meta-gradient: ``steps`` inner SGD steps (lr
-0.01) from the model's parameters on a support batch, then the gradient of the
-outer loss at the adapted parameters w.r.t. the initial parameters; no outer
-update is timed. The model is the MLP 64-320-320-10 of
-:mod:`benchmarks.problems` (float32), with one support and one query batch of
-64 random inputs and labels, cross-entropy for both losses.
+One *outer step* is one task's meta-gradient: ``steps`` inner steps (SGD, lr
+0.01, unless a row names another rule) from the model's parameters on a
+support batch, then the gradient of the outer loss at the adapted parameters
+w.r.t. the initial parameters; no outer update is timed. The model is the MLP
+64-320-320-10 of :mod:`benchmarks.problems` (float32), with one support and one
+query batch of 64 random inputs and labels, cross-entropy for both losses.
 
-Rows: ``fom``, ``ufom`` (q = 0.1) and ``exact`` through
-:class:`torch_ufom.MetaOptimizer` with ``memory="checkpoint"`` (the default),
-``"recompute"`` and ``"store"``; ``higher``'s exact unroll
-(``innerloop_ctx``); ``plain``, a hand-written first-order loop, the floor of
-``fom``. ``recompute`` rows whose exact sweep replays more than
-``--max-replay`` inner steps (``steps (steps - 1) / 2``) are skipped.
+Rows are named ``method[+rule]/memory``:
 
-How it measures: the times of all rows with the same ``steps`` come from one
-fresh process, round-robin (:func:`benchmarks.harness.interleave`), medians
-over the rounds. ``ufom`` draws its truncation point from a generator seeded
-``--seed``, several draws per round and more until ``MIN_EXACT`` took the exact
-branch; its time is the expectation ``(1 - q) median(first-order draws) + q
-median(exact draws)``. The peak memory of every row comes from its own fresh
-process (two at a time: each peak is its own process's), one outer step under
-:class:`benchmarks.harness.PeakMemory` after a warm-up at ``steps=1``; ``ufom``
-draws until the exact branch, so its peak is that branch's.
+* methods: ``fom``, ``ufom`` (q = 0.1, drawn) and ``exact`` through
+  :class:`torch_ufom.MetaOptimizer`; ``ufomK``: ufom with its exact branch
+  forced (``backward(..., force_truncation=steps)``); ``higher``'s exact unroll
+  (``innerloop_ctx``); ``inplace``: the hand-written first-order loop of issue
+  13 (a deep copy of the module, ``autograd.grad``, ``p.add_`` under
+  ``no_grad``), the floor of ``fom``;
+* rules (``ufomK`` and ``exact`` only): ``+momentum`` (SGD, momentum 0.9),
+  ``+adam`` (Adam, lr 1e-3), ``+lr`` (SGD with a learned rate per parameter
+  tensor, held by the outer optimizer);
+* memory: ``checkpoint`` (the default setting), ``store``, ``recompute``,
+  another budget (``slotsN``: checkpoint with ``N`` slots; ``maxNMiB``:
+  ``max_memory=N MiB``, used where :class:`~torch_ufom.MetaOptimizer` takes
+  that argument), or ``-`` (``fom`` bypasses the memory schedule).
 
-The module's :func:`outer_step` and :func:`time_rows` also serve :mod:`benchmarks.speed`.
+Two tables: every row at ``steps = 100`` (issue 13's item 3: ufom's exact
+branch against exact under the same memory setting, other rules without a
+target; item 4: ufom against fom under the default setting), and the memory
+budgets at ``steps = 1000`` (item 4: exact under the default setting against
+store, and two other budgets). ``recompute`` rows whose exact sweep replays
+more than ``--max-replay`` inner steps (``steps (steps - 1) / 2``) are skipped.
+
+How it measures: every measurement runs in a child forked from one worker
+process (:func:`run_jobs`: its own allocator and peak memory, without the
+seconds of importing torch again). The times of all rows with the same
+``steps`` come from one child, round-robin
+(:func:`benchmarks.harness.interleave`), medians over the rounds. ``ufom``
+draws its truncation point from a generator seeded ``--seed``, several draws
+per round and more until one took the exact branch; its time is the
+expectation ``(1 - q) median(first-order draws) + q median(exact draws)``.
+The peak memory of every row comes from its own child (one at a time, beside
+the timing child: each peak is its own process's, with blocks of 256 KiB and
+more mapped one by one so that RSS follows live memory), one outer step under
+:class:`benchmarks.harness.PeakMemory` after a warm-up at ``steps=1``;
+``ufom`` draws until the exact branch, so its peak is that branch's.
+``--quick`` times only store and the default setting at ``steps = 1000`` in
+the rounds; the other budgets' time there is that one peak-measuring call
+(the first at that ``steps``, so it includes building a checkpoint schedule).
+
+The module's :func:`outer_step`, :func:`time_rows` and :func:`run_jobs` also serve
+:mod:`benchmarks.speed`.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import ctypes
 import importlib.util
+import inspect
 import json
+import os
 import statistics
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
-from torch.func import functional_call
 
 import torch_ufom
 from benchmarks import problems
 from benchmarks.harness import (MB, PeakMemory, Target, fmt, interleave, markdown_table, parse, parser,
-                                positive_int, run_fresh, run_fresh_many, spread, stats, torch_threads,
+                                positive_int, run_fresh, spread, stats, torch_threads,
                                 worker_args, write_report, clock)
 
 NAME = "memory"
 INNER_LR, Q = 0.01, 0.1
 MODES, MEMORIES = ("fom", "ufom", "exact"), ("checkpoint", "recompute", "store")
+RULES = ("momentum", "adam", "lr")
+_META_ARGS = inspect.signature(torch_ufom.MetaOptimizer).parameters
+DEFAULT_MEMORY = _META_ARGS["memory"].default
+# The two other budgets of the steps=1000 table: byte budgets where MetaOptimizer takes max_memory=,
+# else checkpoint slots (8, the default, is the default row).
+OTHER_BUDGETS = ("max16MiB", "max128MiB") if "max_memory" in _META_ARGS else ("slots16", "slots64")
 UFOM_DRAWS, MAX_DRAWS = 20, 200  # ufom draws per row in the rounds, at least; in all, at most
-TARGETS_AT = 100
-# (steps, rounds, max replay) per size
-SIZES = {"full": ([10, 100, 1000], 7, 50_000), "quick": ([10, 100], 5, 1_000), "tiny": ([2], 1, 1_000)}
+AT, LONG = 100, 1000  # the steps of issue 13's rows
+UFOM_K_VS_EXACT, UFOM_K_PEAK, UFOM_VS_FOM = 1.03, 1.05, 1.30
+LONG_PEAK_VS_STORE, LONG_TIME_VS_STORE = 0.25, 2.0
+# (steps, rounds, max replay, the other budgets timed in the rounds) per size; the last steps value
+# gets the budget table. --quick leaves out steps=10 (speed.py times short unrolls) to fit its budget.
+SIZES = {"full": ([10, AT, LONG], 7, 50_000, True), "quick": ([AT, LONG], 5, 1_000, False),
+         "tiny": ([2, 3], 1, 1_000, False)}
 
 TEMPLATE = """# Peak memory and time per outer step (benchmarks/memory.py)
 
 Command: `{command}`
 
 Device {device}, torch {torch}, {threads} thread(s). MLP {widths} ({params:,} parameters), batch 64,
-inner SGD lr {lr}, float32, seed {seed}. Times: medians over {rounds} round-robin rounds of all rows
+inner SGD lr {lr} (rows `+momentum`: SGD momentum 0.9; `+adam`: Adam lr 1e-3; `+lr`: a learned rate
+per parameter tensor), float32, seed {seed}. Times: medians over {rounds} round-robin rounds of all rows
 with the same steps in one process (spread: half the inter-quartile range); `ufom`: the expectation
-(1-q) x median first-order draw + q x median exact draw (E). Ratios use {basis} time. Peak memory: one
-outer step per row in a fresh process, above the memory in use just before it. *inner steps fwd /
-rev*: inner steps run without / with a graph in that outer step.
+(1-q) x median first-order draw + q x median exact draw (E); `ufomK`: ufom with its exact branch forced
+(K = steps); (1 call): the time of the peak-measuring call, not of the rounds. Ratios use {basis} time.
+Peak memory: one outer step per row in a fresh (forked) process, above the memory in use just before
+it (blocks of 256 KiB and more mapped one by one: RSS follows live memory). *inner fwd / rev*: inner
+steps run without / with a graph in that outer step. Default memory setting: `{default}`; other
+budgets: {budgets}.
+
+## Every row at steps {short}
 
 {table}
+
+## Memory budgets at steps {long}
+
+{long_table}
 {notes}"""
 
 
 # -- one outer step per row ----------------------------------------------------------------
 def problem(name: str, seed: int, device: str):
-    """``(model, loss, support, query)``: ``"mlp"`` (64-320-320-10, random batches of 64, cross-entropy)
-    or ``"sinusoid"`` (1-40-40-1, one task of 10 + 10 points, MSE); float32, seeded."""
+    """``(model, loss, support, query)``: ``"mlp"`` (64-320-320-10, random batches of 64, cross-entropy),
+    ``"sinusoid"`` (1-40-40-1, one task of 10 + 10 points, MSE) or ``"conv4"`` (BatchNorm without
+    running statistics, 5 random 28x28 images per batch, cross-entropy); float32, seeded."""
     gen = torch.Generator().manual_seed(seed)
     if name == "mlp":
         model = problems.seeded(seed, lambda: problems.mlp(*problems.MLP_WIDTHS), device=device)
@@ -78,23 +131,57 @@ def problem(name: str, seed: int, device: str):
         model = problems.seeded(seed, problems.sinusoid_mlp, device=device)
         xs, ys, xq, yq = problems.sinusoid_tasks(1, 10, 10, gen, torch.float32, device)
         return model, problems.mse, (xs[0], ys[0]), (xq[0], yq[0])
-    raise ValueError(f"Invalid model: {name!r} (expected 'mlp' or 'sinusoid')")
+    if name == "conv4":
+        model = problems.seeded(seed, lambda: problems.conv4(5, track_running_stats=False), device=device)
+        (xs, ys), (xq, yq) = (problems.image_tasks(1, 5, 1, gen, device=device) for _ in range(2))
+        return model, problems.xent, (xs[0], ys[0]), (xq[0], yq[0])
+    raise ValueError(f"Invalid model: {name!r} (expected 'mlp', 'sinusoid' or 'conv4')")
 
 
-def outer_step(method: str, memory: str, steps: int, prob, generator=None) -> Callable[[], Any]:
-    """A function running one outer step of ``method`` (a mode, ``"higher"`` or ``"plain"``) on ``prob``.
+def inner_rule(rule: str, model) -> tuple:
+    """``(rule, learned tensors)`` of a ``+rule`` row (see the module docstring)."""
+    if rule == "momentum":
+        return torch_ufom.inner.SGD(INNER_LR, momentum=0.9), []
+    if rule == "adam":
+        return torch_ufom.inner.Adam(1e-3), []
+    if rule == "lr":
+        rates = {n: torch.tensor(INNER_LR, dtype=p.dtype, device=p.device, requires_grad=True)
+                 for n, p in model.named_parameters()}
+        return torch_ufom.inner.SGD(rates), list(rates.values())
+    raise ValueError(f"Invalid rule: {rule!r} (expected one of {', '.join(RULES)})")
+
+
+def memory_args(memory: str) -> Dict[str, Any]:
+    """MetaOptimizer's keywords for a row's memory part (see the module docstring)."""
+    if memory == "-":
+        return {}
+    if memory.startswith("slots"):
+        return {"memory": "checkpoint", "slots": int(memory[5:])}
+    if memory.startswith("max") and memory.endswith("MiB"):
+        return {"max_memory": int(memory[3:-3]) * MB}
+    return {"memory": memory}
+
+
+def outer_step(row_method: str, memory: str, steps: int, prob, generator=None) -> Callable[[], Any]:
+    """A function running one outer step of ``row_method`` (``method[+rule]``, see the module
+    docstring) under ``memory`` on ``prob``.
 
     torch_ufom modes return the :class:`~torch_ufom.MetaResult` of ``MetaOptimizer.backward``.
     """
     model, loss, support, query = prob
     params = list(model.parameters())
-    if method in MODES:
-        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=INNER_LR,
-                                        steps=steps, mode=method, q=Q, memory=memory, generator=generator)
+    method, _, rule = row_method.partition("+")
+    if method in MODES or method == "ufomK":
+        inner, learned = inner_rule(rule, model) if rule else (None, [])
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params + learned, lr=0.1),
+                                        inner_lr=None if inner else INNER_LR, inner=inner, steps=steps,
+                                        mode="ufom" if method == "ufomK" else method, q=Q,
+                                        generator=generator, **memory_args(memory))
+        force = steps if method == "ufomK" else None
 
         def step():
             meta.zero_grad()
-            return meta.backward(loss, loss, support, query)
+            return meta.backward(loss, loss, support, query, force_truncation=force)
         return step
     if method == "higher":
         import higher
@@ -106,22 +193,18 @@ def outer_step(method: str, memory: str, steps: int, prob, generator=None) -> Ca
                     diffopt.step(loss(fmodel, support))
                 return torch.autograd.grad(loss(fmodel, query), params)
         return step
-    if method == "plain":
-        names = [n for n, _ in model.named_parameters()]
-
-        def step():
-            phi = [p.detach().requires_grad_() for p in params]
-
-            def fmodel(x):
-                return functional_call(model, dict(zip(names, phi)), (x,))
+    if method == "inplace":
+        def step():  # issue 13's floor, as users write it
+            m = copy.deepcopy(model)
+            ps = list(m.parameters())
             for _ in range(steps):
-                grads = torch.autograd.grad(loss(fmodel, support), phi)
+                gs = torch.autograd.grad(loss(m, support), ps)
                 with torch.no_grad():
-                    phi = [p - INNER_LR * g for p, g in zip(phi, grads)]
-                phi = [p.requires_grad_() for p in phi]
-            return torch.autograd.grad(loss(fmodel, query), phi)
+                    for p, g in zip(ps, gs):
+                        p.add_(g, alpha=-INNER_LR)
+            return torch.autograd.grad(loss(m, query), ps)
         return step
-    raise ValueError(f"Invalid method: {method!r}")
+    raise ValueError(f"Invalid method: {row_method!r}")
 
 
 def micro_rows(prob, seed: int) -> Dict[str, Callable[[], Any]]:
@@ -144,11 +227,12 @@ def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: in
               threads: int, min_exact: int = 1, micro: bool = False, min_seconds: float = 0.0) -> Dict:
     """Time ``rows`` (``"method/memory"``) at ``steps`` round-robin in this process.
 
-    Each row gets a warm-up at ``steps=1``. ``ufom`` rows and their reference
-    ``fom/checkpoint`` run ``ceil(UFOM_DRAWS / rounds)`` calls per round (so the
-    two sample the load over similar stretches); ``ufom`` then draws alone until
-    ``min_exact`` draws took the exact branch and one did not (at most
-    ``MAX_DRAWS``). With ``micro``, ``t_grad`` and ``t_hvp`` join the rounds.
+    Each row gets a warm-up at ``steps=1``. ``ufom`` rows and the cheap rows
+    they are compared with (``fom``, ``inplace``) run ``ceil(UFOM_DRAWS /
+    rounds)`` calls per round (so they sample the load over similar
+    stretches); ``ufom`` then draws alone until ``min_exact`` draws took the
+    exact branch and one did not (at most ``MAX_DRAWS``). With ``micro``,
+    ``t_grad`` and ``t_hvp`` join the rounds.
     Returns ``{row: {"times": [[wall, cpu], ...], "truncations", "fwd", "rev"}}``.
     """
     with torch_threads(threads):
@@ -164,7 +248,7 @@ def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: in
         for fn in tiny.values():
             fn()
         draws = -(-UFOM_DRAWS // rounds)
-        per_round = {r: draws for r in fns if r.startswith("ufom/") or r == "fom/checkpoint"}
+        per_round = {r: draws for r in fns if r.split("/")[0] in ("ufom", "fom", "inplace")}
         times = interleave({**fns, **tiny}, rounds, device, per_round, {k: 5 for k in tiny}, min_seconds)
         for row, ts in times.items():
             if row in tiny:
@@ -208,17 +292,20 @@ def summarise(row: str, steps: int, r: Dict) -> Dict[str, Any]:
 
 
 def rows_for(steps: int, max_replay: int, methods: Sequence[str], memories=MEMORIES) -> tuple:
-    """``(rows, notes)``: the ``"method/memory"`` rows at ``steps``, and why any were skipped."""
+    """``(rows, notes)``: the ``"method/memory"`` rows at ``steps``, and why any were skipped.
+
+    ``fom``, ``higher`` and ``inplace`` get one row each (memory ``-``).
+    """
     rows, notes = [], []
     have_higher = importlib.util.find_spec("higher") is not None
     for m in methods:
-        if m in ("plain", "higher"):
-            if m == "plain" or have_higher:
+        if m in ("inplace", "higher", "fom"):
+            if m != "higher" or have_higher:
                 rows.append(f"{m}/-")
             continue
         for memory in memories:
             replay = steps * (steps - 1) // 2
-            if m != "fom" and memory == "recompute" and replay > max_replay:
+            if memory == "recompute" and replay > max_replay:
                 notes.append(f"{m}/recompute skipped at steps={steps}: its exact sweep replays "
                              f"{replay:,} inner steps (over --max-replay {max_replay:,}).")
             else:
@@ -228,89 +315,221 @@ def rows_for(steps: int, max_replay: int, methods: Sequence[str], memories=MEMOR
     return rows, notes
 
 
-def measure_peak(row: str, steps: int, seed: int, device: str, threads: int) -> Dict[str, Any]:
-    """The peak memory of one row's outer step, in this (fresh) process (see the module docstring)."""
+def short_rows(steps: int, max_replay: int) -> tuple:
+    """``(rows, notes)`` of the first table: the methods under every memory setting, ufom's forced
+    exact branch under store and checkpoint, and exact and ufomK with the other rules under store."""
+    rows, notes = rows_for(steps, max_replay, ("inplace", "higher", "fom", "ufom", "exact"))
+    rows += [f"ufomK/{m}" for m in ("store", "checkpoint")]
+    rows += [f"{m}+{rule}/store" for rule in RULES for m in ("exact", "ufomK")]
+    return rows, notes
+
+
+def long_rows() -> List[str]:
+    """The rows of the budget table: exact under store, the default setting and the other budgets."""
+    return ["exact/store", f"exact/{DEFAULT_MEMORY}"] + [f"exact/{b}" for b in OTHER_BUDGETS]
+
+
+def measure_peaks(rows: Sequence[str], steps: Sequence[int], seed: int, device: str, threads: int,
+                  model: str = "mlp") -> List[Dict[str, Any]]:
+    """The peak memory of each row's outer step at its ``steps``, in this (fresh) process (see the module
+    docstring; ``--tiny`` measures every row in one process), with that call's ``[wall, cpu]`` seconds."""
+    _map_large_blocks()
     with torch_threads(threads):
-        method, memory = row.split("/")
-        prob = problem("mlp", seed, device)
-        outer_step(method, memory, 1, prob)()
-        gen = torch.Generator(device=device).manual_seed(seed) if method == "ufom" else None
-        step = outer_step(method, memory, steps, prob, gen)
-        draws = 0
-        with PeakMemory(device) as mem:
-            while True:
-                res, draws = step(), draws + 1
-                if method != "ufom" or res.truncation == steps or draws == MAX_DRAWS:
-                    break
-    out = {"peak_mb": mem.peak_bytes / MB, "peak_exact": mem.exact, "draws": draws}
-    if method in MODES:
+        prob = problem(model, seed, device)
+        return [_peak(row, n, prob, seed, device) for row, n in zip(rows, steps)]
+
+
+def _map_large_blocks() -> None:
+    """Map every block of 256 KiB or more on its own (glibc's ``M_MMAP_THRESHOLD``, as
+    ``tests/test_memory.py`` does), so that the peak RSS follows live memory: with glibc's adaptive
+    threshold the C heap keeps freed tensors resident, and identical calls peaked 99-116 MB apart
+    (exact/store, steps 100) against 81-82 MB mapped. A no-op without glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+
+
+def _peak(row: str, steps: int, prob, seed: int, device: str) -> Dict[str, Any]:
+    method, memory = row.split("/")
+    outer_step(method, memory, 1, prob)()
+    gen = torch.Generator(device=device).manual_seed(seed) if method == "ufom" else None
+    step = outer_step(method, memory, steps, prob, gen)
+    draws = 0
+    with PeakMemory(device) as mem:
+        while True:
+            wall, cpu = time.perf_counter(), time.process_time()
+            res, draws = step(), draws + 1
+            call = [time.perf_counter() - wall, time.process_time() - cpu]
+            if method != "ufom" or res.truncation == steps or draws == MAX_DRAWS:
+                break
+    out = {"peak_mb": mem.peak_bytes / MB, "peak_exact": mem.exact, "draws": draws, "call": call}
+    if isinstance(res, torch_ufom.MetaResult):
         out.update(fwd=res.forward_steps, rev=res.reverse_steps)
     return out
 
 
+# -- fresh children: one import, a forked process per measurement --------------------------
+JOBS = {"times": time_rows, "peaks": measure_peaks}
+
+
+def run_jobs(jobs: Sequence[Dict[str, Any]], parallel: int = 1) -> List[Any]:
+    """Run each job (``{"task": "times" | "peaks", **keywords}``) in a child forked from this process,
+    at most ``parallel`` at a time; return their results in order.
+
+    A forked child starts with this process's imports but its own allocator,
+    peak memory (``VmHWM``) and torch state, like a fresh process without the
+    seconds of importing torch again. Without ``os.fork`` or on CUDA (no fork
+    after CUDA starts) the jobs run here, one after the other.
+    """
+    if not hasattr(os, "fork") or any(j.get("device", "cpu") != "cpu" for j in jobs):
+        return [_run_job(j) for j in jobs]
+    results: List[Any] = [None] * len(jobs)
+    pending, running = list(enumerate(jobs)), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        while pending or running:
+            while pending and len(running) < parallel:
+                i, job = pending.pop(0)
+                path = os.path.join(tmp, f"{i}.json")
+                pid = os.fork()
+                if pid == 0:  # the child: write the result (or the traceback) and leave at once
+                    code = 0
+                    try:
+                        text = json.dumps(_run_job(job))
+                    except BaseException:  # noqa: BLE001 -- reported by the parent
+                        text, code = json.dumps({"error": traceback.format_exc()}), 1
+                    with open(path, "w") as f:
+                        f.write(text)
+                    os._exit(code)
+                running[pid] = (i, path)
+            pid, status = os.wait()
+            i, path = running.pop(pid)
+            with open(path) as f:
+                results[i] = json.load(f)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"measurement {jobs[i]} failed:\n{results[i].get('error', status)}")
+    return results
+
+
+def _run_job(job: Dict[str, Any]) -> Any:
+    spec = dict(job)
+    return JOBS[spec.pop("task")](**spec)
+
+
 def targets(results: Dict[str, Dict], basis: str) -> List[Target]:
-    """At steps 100: exact/store <= 1.2x higher, fom <= 1.1x plain, ufom/checkpoint <= 1.6x fom."""
-    def ratio(a, b):
-        ra, rb = results.get(f"{a}@{TARGETS_AT}", {}), results.get(f"{b}@{TARGETS_AT}", {})
-        return ra[basis] / rb[basis] if basis in ra and basis in rb else None
-    out = [Target(f"exact/store {basis} time / higher at steps={TARGETS_AT}",
-                  ratio("exact/store", "higher/-"), 1.2)]
-    out += [Target(f"fom/{m} {basis} time / plain FO loop at steps={TARGETS_AT}",
-                   ratio(f"fom/{m}", "plain/-"), 1.1)
-            for m in MEMORIES]
-    out.append(Target(f"ufom/checkpoint {basis} time / fom at steps={TARGETS_AT}",
-                      ratio("ufom/checkpoint", "fom/checkpoint"), 1.6))
+    """Issue 13's items 3 and 4 (see the module docstring)."""
+    def ratio(a, b, steps, key=basis):
+        ra, rb = results.get(f"{a}@{steps}", {}), results.get(f"{b}@{steps}", {})
+        return ra[key] / rb[key] if key in ra and key in rb and rb[key] > 0 else None
+    out = []
+    for m in ("store", "checkpoint"):
+        out += [Target(f"item 3: ufomK/{m} {basis} time / exact/{m} at steps={AT}",
+                       ratio(f"ufomK/{m}", f"exact/{m}", AT), UFOM_K_VS_EXACT),
+                Target(f"item 3: ufomK/{m} peak memory / exact/{m} at steps={AT}",
+                       ratio(f"ufomK/{m}", f"exact/{m}", AT, "peak_mb"), UFOM_K_PEAK)]
+    d = DEFAULT_MEMORY
+    out += [Target(f"item 4: ufom/{d} (default) {basis} time / fom at steps={AT}",
+                   ratio(f"ufom/{d}", "fom/-", AT), UFOM_VS_FOM),
+            Target(f"item 4: exact/{d} (default) peak memory / exact/store at steps={LONG}",
+                   ratio(f"exact/{d}", "exact/store", LONG, "peak_mb"), LONG_PEAK_VS_STORE),
+            Target(f"item 4: exact/{d} (default) {basis} time / exact/store at steps={LONG}",
+                   ratio(f"exact/{d}", "exact/store", LONG), LONG_TIME_VS_STORE)]
     return out
+
+
+def _cells(r: Dict[str, Any]) -> List[str]:
+    e = " (E)" if r.get("expected") else " (1 call)" if r.get("one_call") else ""
+    return [f"{r['wall']:.4g}{e}", f"{r['cpu']:.4g}{e}", spread(r, "cpu") if not r.get("one_call") else "-",
+            f"{r['peak_mb']:.1f}" + ("" if r["peak_exact"] else " (upper bound)")]
+
+
+def _inner(r: Dict[str, Any]) -> str:
+    return r.get("inner") or (f"{r['fwd']} / {r['rev']}" if "fwd" in r else "-")
+
+
+def tables(results: Dict[str, Dict], basis: str, long_steps) -> tuple:
+    """The two Markdown tables (every row at the short steps; the budgets at ``long_steps``)."""
+    short, long = [], []
+    for key, r in results.items():
+        row, steps = key.split("@")
+        method = row.split("/")[0]
+        if int(steps) == long_steps:
+            st = results.get(f"exact/store@{steps}", {})
+            long.append([row, steps, *_cells(r), fmt(st.get(basis) and r[basis] / st[basis], ".2f", "x"),
+                         fmt(st.get("peak_mb") and r["peak_mb"] / st["peak_mb"], ".3f", "x"), _inner(r)])
+            continue
+        ref = {m: results.get(f"{m}/-@{steps}", {}).get(basis) for m in ("higher", "inplace")}
+        twin = f"{row.replace('ufomK', 'exact', 1)}@{steps}"
+        exact = results.get(twin) if method.startswith("ufomK") else None
+        vs_exact = (f"{r[basis] / exact[basis]:.3f}x / {r['peak_mb'] / exact['peak_mb']:.3f}x"
+                    if exact and exact["peak_mb"] > 0 else "-")
+        short.append([row, steps, *_cells(r),
+                      *(fmt(ref[m] and r[basis] / ref[m], ".2f", "x", "n/a") for m in ("higher", "inplace")),
+                      vs_exact, _inner(r)])
+    head = ["row", "steps", "wall / outer step (s)", "CPU / outer step (s)", "spread", "peak memory (MB)"]
+    return (markdown_table(head + [f"{basis} / higher", f"{basis} / inplace", "ufomK / exact: time / peak",
+                                   "inner fwd / rev"], short, "lrrrrrrrrr"),
+            markdown_table(head + [f"{basis} / store", "peak / store", "inner fwd / rev"], long, "lrrrrrrrr"))
 
 
 def main(argv=None) -> Dict[str, Any]:
     """Measure every row (times: a fresh process per steps value; peaks: one per row); write the report."""
-    p = parser(NAME, __doc__, {"quick": "steps 10 100, 5 rounds, --max-replay 1000",
-                               "tiny": "steps 2, 1 round"})
-    p.add_argument("--steps", type=positive_int, nargs="+", help="inner steps (default 10 100 1000)")
+    p = parser(NAME, __doc__, {"quick": f"steps {AT} {LONG}, 5 rounds, --max-replay 1000",
+                               "tiny": "steps 2 3 (3 for the budget table), 1 round"})
+    p.add_argument("--steps", type=positive_int, nargs="+",
+                   help=f"inner steps (default 10 {AT} {LONG}); the last one gets the budget table")
     p.add_argument("--rounds", type=positive_int, help="timing rounds, at least (default 7; --quick 5)")
     p.add_argument("--max-replay", type=positive_int, help="skip recompute rows replaying more inner steps")
     p.add_argument("--worker", help="internal: one measurement in this process, printed as JSON")
     args = parse(p, argv)
-    if args.worker:
+    if args.worker:  # {"jobs": [...], "parallel": n}: see run_jobs
         spec = json.loads(args.worker)
-        task = spec.pop("task")
-        print(json.dumps((measure_peak if task == "peak" else time_rows)(**spec)))
+        print(json.dumps(run_jobs(spec["jobs"], spec.get("parallel", 1))))
         return {}
-    steps_list, rounds, max_replay = SIZES[args.size]
+    steps_list, rounds, max_replay, time_budgets = SIZES[args.size]
     steps_list, rounds = list(dict.fromkeys(args.steps or steps_list)), args.rounds or rounds
+    max_replay = args.max_replay or max_replay
     common = dict(seed=args.seed, device=args.device, threads=args.threads)
-    results, notes, rows_all = {}, [], []
+    results, notes, timed, rows_all = {}, [], [], []
+    long_steps = steps_list[-1] if len(steps_list) > 1 else None
     for steps in steps_list:
-        rows, skipped = rows_for(steps, args.max_replay or max_replay, ("plain", "higher") + MODES)
-        notes += skipped
-        got = run_fresh(f"benchmarks.{NAME}", worker_args(dict(task="times", model="mlp", rows=rows,
-                                                                steps=steps, rounds=rounds, **common)))
-        results.update({f"{r}@{steps}": summarise(r, steps, got[r]) for r in rows})
-        rows_all += [(r, steps) for r in rows]
-    peaks = run_fresh_many(f"benchmarks.{NAME}", [worker_args(dict(task="peak", row=r, steps=s, **common))
-                                                  for r, s in rows_all], workers=2, desc="peaks",
-                           show=not args.no_progress)
-    for (r, s), peak in zip(rows_all, peaks):
-        results[f"{r}@{s}"].update(peak)
-    basis, table = args.basis, []
-    for key, r in results.items():
-        row, steps = key.split("@")
-        ref = {m: results.get(f"{m}/-@{steps}", {}).get(basis) for m in ("higher", "plain")}
-        e = " (E)" if r.get("expected") else ""
-        table.append([row, steps, f"{r['wall']:.4g}{e}", f"{r['cpu']:.4g}{e}", spread(r, basis),
-                      f"{r['peak_mb']:.1f}" + ("" if r["peak_exact"] else " (upper bound)"),
-                      *(fmt(ref[m] and r[basis] / ref[m], ".2f", "x", "n/a") for m in ("higher", "plain")),
-                      f"{r['fwd']} / {r['rev']}" if "fwd" in r else "-"])
-    text = markdown_table(["row", "steps", "wall / outer step (s)", "CPU / outer step (s)", "spread",
-                           "peak memory (MB)", f"{basis} / higher", f"{basis} / plain FO", "inner fwd / rev"],
-                          table, "lrrrrrrrr")
+        if steps == long_steps:
+            rows = long_rows() if time_budgets else long_rows()[:2]
+            peak_rows = long_rows()
+        else:
+            rows, skipped = short_rows(steps, max_replay)
+            notes += skipped
+            peak_rows = rows
+        timed.append((steps, rows))
+        rows_all += [(r, steps) for r in peak_rows]
+    # The timing child and the peak children run side by side on the two cores (the peaks take half
+    # as long); the rounds interleave the rows, so a neighbour's load falls on all of them alike.
+    groups = [rows_all] if args.size == "tiny" else sorted(([x] for x in rows_all), key=lambda g: -g[0][1])
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        timing = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
+            dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds, **common)
+            for steps, rows in timed]}))
+        peaking = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
+            dict(task="peaks", rows=[r for r, _ in g], steps=[n for _, n in g], **common) for g in groups]}))
+        got, peaks = timing.result(), peaking.result()
+    for (steps, rows), times in zip(timed, got):
+        results.update({f"{r}@{steps}": summarise(r, steps, times[r]) for r in rows})
+    for (r, n), peak in zip([x for g in groups for x in g], [x for part in peaks for x in part]):
+        one_call = {"one_call": True, "wall": peak["call"][0], "cpu": peak["call"][1]}
+        results.setdefault(f"{r}@{n}", one_call).update(peak)
+    basis = args.basis
+    short, long = tables(results, basis, long_steps)
     widths = "-".join(map(str, problems.MLP_WIDTHS))
     params = sum(a * b + b for a, b in zip(problems.MLP_WIDTHS[:-1], problems.MLP_WIDTHS[1:]))
-    return write_report(args, NAME, TEMPLATE, dict(widths=widths, params=params, lr=INNER_LR, seed=args.seed,
-                                                   rounds=rounds, basis=basis, table=text,
-                                                   notes="".join(f"\n- {n}" for n in notes)),
-                        {"rows": results, "notes": notes}, targets(results, basis))
+    budgets = ", ".join(f"`{b}`" for b in OTHER_BUDGETS) + (
+        " (`max_memory=` in bytes)" if OTHER_BUDGETS[0].startswith("max") else
+        " (MetaOptimizer has no `max_memory=`: checkpoint slots; the default is 8)")
+    fields = dict(widths=widths, params=params, lr=INNER_LR, seed=args.seed, rounds=rounds, basis=basis,
+                  table=short, long_table=long, short=", ".join(map(str, steps_list[:-1] or steps_list)),
+                  long=long_steps or "-", default=DEFAULT_MEMORY, budgets=budgets,
+                  notes="".join(f"\n- {n}" for n in notes))
+    return write_report(args, NAME, TEMPLATE, fields, {"rows": results, "notes": notes,
+                                                       "default_memory": DEFAULT_MEMORY,
+                                                       "other_budgets": list(OTHER_BUDGETS)},
+                        targets(results, basis))
 
 
 if __name__ == "__main__":

@@ -38,23 +38,35 @@ def test_hyper_tiny(tmp_path):
 
 
 def test_speed_tiny(tmp_path):
+    import statistics
+
     from benchmarks import speed
 
     data = speed.main(["--tiny", "--out", str(tmp_path), "--no-progress"])
     assert (tmp_path / "speed.png").stat().st_size > 1000
     results = data["results"]
-    assert set(results) == {"sinusoid/2", "sinusoid/4"}
-    for r in results.values():
+    assert set(results) == {"sinusoid/2", "sinusoid/4", "conv4/1"}
+    for key in ("sinusoid/2", "sinusoid/4"):
+        r = results[key]
         assert r["micro"]["t_grad"] > 0 and r["micro"]["t_hvp"] > 0
         rows = r["rows"]
-        for key in ("fom/checkpoint", "ufom/checkpoint", "ufom/store", "ufom/recompute",
+        for row in ("inplace/-", "fom/-", "ufom/checkpoint", "ufom/store", "ufom/recompute",
                     "exact/checkpoint", "exact/store", "exact/recompute"):
-            assert rows[key]["cpu"] > 0 and rows[key]["vs_floor"] > 0
-        assert rows["fom/checkpoint"]["vs_fom"] == pytest.approx(1.0)
+            assert rows[row]["cpu"] > 0 and rows[row]["vs_floor"] > 0
+        assert rows["fom/-"]["vs_fom"] == pytest.approx(1.0)
+        assert rows["inplace/-"]["vs_inplace"] == pytest.approx(1.0)
+    assert set(results["conv4/1"]["rows"]) == {"inplace/-", "fom/-"} and data["conv4_steps"] == 1
     paths = data["throughput_raw"]["conv4_path"]
     assert set(paths) == {"fom/batch", "exact/batch"}
-    assert data["targets"][0]["holds"] is None  # mlp at steps=100 is not run by --tiny
-    assert len(data["targets"]) == 3  # and the two meta-batch targets of throughput.py
+    # item 1 on conv4 is evaluated at the steps run (1 here): fom's median CPU time over the loop's
+    raw = data["raw"]["conv4/1"]
+    ratio = (statistics.median(t[1] for t in raw["fom/-"]["times"])
+             / statistics.median(t[1] for t in raw["inplace/-"]["times"]))
+    targets = {t["name"]: t for t in data["targets"]}
+    assert targets["item 1: fom cpu time / inplace (conv4/1)"]["value"] == pytest.approx(ratio)
+    # the others need steps 5, 20, 100 on the mlp and meta-batches of 32 and 16 tasks: not run by --tiny
+    held = [t["holds"] for t in data["targets"] if t["name"].startswith("item")]
+    assert len(held) == 12 and held.count(None) == 11
 
 
 def test_bad_arguments_are_usage_errors(capsys):

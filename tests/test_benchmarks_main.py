@@ -17,15 +17,39 @@ def test_memory_tiny_measures_every_row(tmp_path):
     data = memory.main(["--tiny", "--out", str(tmp_path), "--no-progress"])
     assert json.loads((tmp_path / "memory.json").read_text())["rows"] == data["rows"]
     rows = data["rows"]
-    expected = {"plain/-@2", "higher/-@2"} | {f"{m}/{s}@2" for m in memory.MODES for s in memory.MEMORIES}
-    assert set(rows) == expected
+    short = {"inplace/-@2", "higher/-@2", "fom/-@2", "ufomK/store@2", "ufomK/checkpoint@2"}
+    short |= {f"{m}/{s}@2" for m in ("ufom", "exact") for s in memory.MEMORIES}
+    short |= {f"{m}+{rule}/store@2" for rule in memory.RULES for m in ("exact", "ufomK")}
+    budgets = {f"exact/{b}@3" for b in ("store", memory.DEFAULT_MEMORY, *memory.OTHER_BUDGETS)}
+    assert set(rows) == short | budgets
     for key, r in rows.items():
         assert r["wall"] > 0 and r["cpu"] > 0 and r["peak_mb"] >= 0, key
-        lo, hi = r["cpu_iqr"]
-        assert lo <= hi
+        if not r.get("one_call"):  # --tiny times the other budgets by their peak-measuring call only
+            lo, hi = r["cpu_iqr"]
+            assert lo <= hi
+    assert {k for k, r in rows.items() if r.get("one_call")} == {f"exact/{b}@3" for b in memory.OTHER_BUDGETS}
     for s in memory.MEMORIES:  # ufom: the expectation over both branches, from draws that took both
         assert rows[f"ufom/{s}@2"]["expected"] and rows[f"ufom/{s}@2"]["n_exact"] >= 1
-    assert [t["holds"] for t in data["targets"]] == [None] * 5  # steps=100 is not run by --tiny
+    for key, r in rows.items():  # ufomK and exact run every inner step with a graph
+        if key.startswith(("ufomK", "exact")):
+            assert r["rev"] == int(key.split("@")[1]), key
+    assert [t["holds"] for t in data["targets"]] == [None] * 7  # steps 100 and 1000 are not run by --tiny
+
+
+def test_memory_targets_follow_from_the_rows():
+    from benchmarks import memory
+
+    d = memory.DEFAULT_MEMORY
+    row = {"cpu": 1.0, "peak_mb": 10.0}
+    short = ("fom/-", f"ufom/{d}", "exact/store", "exact/checkpoint", "ufomK/store", "ufomK/checkpoint")
+    results = {f"{r}@{memory.AT}": dict(row) for r in short}
+    results |= {f"exact/{m}@{memory.LONG}": dict(row) for m in ("store", d)}
+    results[f"ufomK/store@{memory.AT}"].update(cpu=1.02, peak_mb=10.6)  # time holds, peak does not
+    results[f"ufom/{d}@{memory.AT}"]["cpu"] = 1.4
+    results[f"exact/{d}@{memory.LONG}"].update(cpu=1.9, peak_mb=2.0)
+    got = [(t.value, t.holds) for t in memory.targets(results, "cpu")]
+    assert got == [(pytest.approx(1.02), True), (pytest.approx(1.06), False), (1.0, True), (1.0, True),
+                   (pytest.approx(1.4), False), (pytest.approx(0.2), True), (pytest.approx(1.9), True)]
 
 
 def test_runner_writes_one_report_with_working_image_links(tmp_path):
