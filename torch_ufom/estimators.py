@@ -226,7 +226,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     # zero and its VJPs are skipped.
     f = None if c[0] == 0.0 else tuple(c[0] * t for t in e)
     if connected:
-        e, d_exact = chain_vjp(list(records), e)
+        e, d_exact = chain_vjp(records, e)
         _add(theta, d_exact, inv_p[1])
         f = tuple(c[K] * b for b in e) if f is None else tuple(a + c[K] * b for a, b in zip(f, e))
         records = iter(())
