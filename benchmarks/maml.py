@@ -1,14 +1,8 @@
 """MAML training loops shared by :mod:`benchmarks.sinusoid` and :mod:`benchmarks.digits`.
 
-Every method trains its own copy of one initial model on the same stream of
-meta-batches, with the same inner loop (``steps`` plain SGD steps at
-``inner_lr`` on the support set) and outer optimizer (Adam on the mean of the
-tasks' query losses): :class:`torch_ufom.MetaOptimizer` (``fom``, ``ufom
-q=...``, ``exact``), ``higher.innerloop_ctx`` and ``torchopt.MetaSGD``
-(:class:`Trainer`). :func:`train_round_robin` runs the methods round-robin,
-one outer step of each in turn, so that background load hits them alike.
-:func:`adapt_and_score` and :func:`meta_gradient` evaluate with plain
-``torch.func``, independent of every library compared.
+Every method (:class:`Trainer`: ``MetaOptimizer``, ``higher``, ``torchopt``) trains its own copy of one
+model on the same meta-batches, round-robin (:func:`train_round_robin`); :func:`adapt_and_score` and
+:func:`meta_gradient` evaluate with plain ``torch.func``, independent of every library compared.
 """
 from __future__ import annotations
 
