@@ -295,10 +295,8 @@ def measure_peaks(rows: Sequence[str], steps: Sequence[int], seed: int, device: 
 
 
 def _map_large_blocks() -> None:
-    """Map every block of 256 KiB or more on its own (glibc's ``M_MMAP_THRESHOLD``, as
-    ``tests/test_memory.py`` does), so that the peak RSS follows live memory: with glibc's adaptive
-    threshold the C heap keeps freed tensors resident, and identical calls peaked 99-116 MB apart
-    (exact/store, steps 100) against 81-82 MB mapped. A no-op without glibc."""
+    """Map every block of 256 KiB or more on its own (glibc's ``M_MMAP_THRESHOLD``; a no-op elsewhere),
+    so that the peak RSS follows live memory (else identical calls peaked 99-116 MB against 81-82 MB)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
 
