@@ -179,14 +179,10 @@ def micro_rows(prob, seed: int) -> Dict[str, Callable[[], Any]]:
 
 def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: int, device: str,
               threads: int, min_exact: int = 1, micro: bool = False, min_seconds: float = 0.0) -> Dict:
-    """Time ``rows`` (``"method/memory"``) at ``steps`` round-robin in this process.
-
-    Each row gets a warm-up at ``steps=1``. ``ufom`` rows and the cheap rows
-    they are compared with (``fom``, ``inplace``) run ``ceil(UFOM_DRAWS /
-    rounds)`` calls per round (so they sample the load over similar
-    stretches); ``ufom`` then draws alone until ``min_exact`` draws took the
-    exact branch and one did not (at most ``MAX_DRAWS``). With ``micro``,
-    ``t_grad`` and ``t_hvp`` join the rounds.
+    """Time ``rows`` (``"method/memory"``) at ``steps`` round-robin in this process, after a warm-up
+    at ``steps=1``. ``ufom``, ``fom`` and ``inplace`` run ``ceil(UFOM_DRAWS / rounds)`` calls per round;
+    ``ufom`` then draws until ``min_exact`` draws took the exact branch and one did not (at most
+    ``MAX_DRAWS``). ``micro`` adds ``t_grad`` and ``t_hvp`` to the rounds.
     Returns ``{row: {"times": [[wall, cpu], ...], "truncations", "fwd", "rev"}}``.
     """
     with torch_threads(threads):
@@ -326,12 +322,8 @@ JOBS = {"times": time_rows, "peaks": measure_peaks}
 
 def run_jobs(jobs: Sequence[Dict[str, Any]], parallel: int = 1) -> List[Any]:
     """Run each job (``{"task": "times" | "peaks", **keywords}``) in a child forked from this process,
-    at most ``parallel`` at a time; return their results in order.
-
-    A forked child starts with this process's imports but its own allocator,
-    peak memory (``VmHWM``) and torch state, like a fresh process without the
-    seconds of importing torch again. Without ``os.fork`` or on CUDA (no fork
-    after CUDA starts) the jobs run here, one after the other.
+    at most ``parallel`` at a time (its own allocator and peak memory, without importing torch again);
+    return their results in order. Without ``os.fork`` or on CUDA the jobs run here, one by one.
     """
     if not hasattr(os, "fork") or any(j.get("device", "cpu") != "cpu" for j in jobs):
         return [_run_job(j) for j in jobs]
