@@ -1,16 +1,10 @@
 """The main job: run every benchmark, each in its own process, and write one report.
 
-    python -m benchmarks --quick              # the main job: budgets below, 8 minutes in all on 2 cores
-    python -m benchmarks                      # full sizes
-    python -m benchmarks --only memory toy    # a subset
-    python -m benchmarks --tiny               # seconds each: a smoke test of every benchmark
+    python -m benchmarks [--quick | --tiny] [--only memory toy]   # --quick: the main job
 
-Each benchmark writes its Markdown report, its figures as JSON and its plots
-into ``<out>/<name>/``; this runner then writes ``<out>/report.md`` (every
-report and plot in one place) and ``<out>/report.json`` (each benchmark's exit
-status, seconds and ``--quick`` budget). An exception in a benchmark ends that
-benchmark with a non-zero exit status; the others still run, and the main
-job's exit status is the number that failed.
+Each benchmark writes its report, JSON and plots into ``<out>/<name>/``; then ``<out>/report.md``
+collects them and ``<out>/report.json`` holds each one's exit status, seconds and ``--quick`` budget.
+The exit status is the number of benchmarks that failed.
 """
 from __future__ import annotations
 

@@ -1,30 +1,13 @@
 """Data-parallel meta-training with ``MetaOptimizer(..., process_group=...)``: a usage example.
 
-Launch from the repository root with ``torchrun`` (or ``python -m torch.distributed.run``)::
+Launch from the repository root with ``torchrun`` (``--device cuda`` uses nccl, else gloo)::
 
-    torchrun --standalone --nproc_per_node 2 -m benchmarks.distributed
-    torchrun --standalone --nproc_per_node 2 -m benchmarks.distributed --outer-steps 50 --meta-batch 16
-    torchrun --standalone --nproc_per_node 2 -m benchmarks.distributed --device cuda   # nccl
+    torchrun --standalone --nproc_per_node 2 -m benchmarks.distributed [--outer-steps 50 --meta-batch 16]
 
-MAML on the sinusoid tasks of :mod:`benchmarks.problems`; each outer step's
-``--meta-batch`` tasks come from a generator seeded by ``(--seed, outer
-step)`` whatever the number of processes, and rank ``r`` of ``W`` takes tasks
-``r, r + W, ...``. Every rank builds the same seeded model and outer optimizer
-and wraps them in ``MetaOptimizer(..., mode="ufom", process_group=True)`` (the
-default group; any ``torch.distributed`` process group works); then, as in a
-one-process loop::
-
-    meta.zero_grad()
-    for support, query in my_tasks:
-        meta.backward(problems.mse, problems.mse, support, query)   # local tasks, no communication
-    meta.step()   # all-reduce: average over every rank's tasks, then the Adam step
-
-Each rank draws its ufom coins from its own stream, yet applies the same
-averaged meta-gradient, so the parameters stay identical: rank 0 prints every
-rank's checksum, whether the all-gathered parameters are bit-identical (exit
-status 1 if not) and the outer loss of each step. Backends: ``gloo`` on the
-CPU, ``nccl`` with ``--device cuda`` (rank ``LOCAL_RANK`` on
-``cuda:LOCAL_RANK``); ``--backend`` overrides the choice.
+MAML (ufom) on the sinusoid tasks; each outer step's tasks are seeded by ``(--seed, outer step)`` and
+rank ``r`` of ``W`` takes tasks ``r, r + W, ...``: ``meta.backward`` per local task without
+communication, then ``meta.step()`` all-reduces. Rank 0 prints every rank's checksum, whether the
+all-gathered parameters are bit-identical (exit status 1 if not) and each step's outer loss.
 """
 from __future__ import annotations
 

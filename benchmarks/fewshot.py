@@ -1,23 +1,9 @@
 """Equal-compute study of UFOM's q on 1-shot 5-way digits (issue 15; the authors' few-shot sweep).
 
-The report states the data, model, sizes and cost formulas. Digits are turned
-by 90, 180 and 270 degrees for extra classes, as the authors' Omniglot loader
-does, and split by *base digit*: the meta-test digits 3, 4 and 7 have no
-180-degree symmetry (0, 1 and 8 turned are nearly themselves, a turned 6 is a
-9: those stay in meta-train). conv4 is 8 channels wide by default, to fit the
-2-core machine.
-
-Equal compute, two ways: *evals* counts inner-gradient evaluations as the
-authors do, a truncation at ``K`` charged in proportion to the reverse work
-``K(K+1)/2`` that recomputation does; *time* charges each task the process CPU
-time of its ``K``, measured once before training (:func:`calibrate`), which
-keeps the budget deterministic on a shared machine. Each row trains until both
-budgets (what ``fom`` spends in ``--fom-steps`` outer steps) are spent,
-evaluated when a measure's charge first reaches a fraction of its budget.
-Rows (:data:`ROWS`): ``fom``, ``ufom`` with q in {0.2, 0.4, 0.6, 0.8},
-``exact``, both ``q="auto"`` rules, and a
-:class:`torch_ufom.truncation.Geometric` law per measure matched to q = 0.2's
-expected cost.
+``python -m benchmarks.fewshot [--quick | --tiny]``; the report states the data, model, sizes, cost
+formulas and rows (:data:`ROWS`). Equal compute two ways: *evals* (inner-gradient evaluations, a
+truncation at ``K`` charged ``K(K+1)/2`` reverse work) and *time* (process CPU time per ``K``, measured
+once by :func:`calibrate`); each row trains until both of ``fom``'s budgets are spent.
 """
 from __future__ import annotations
 
@@ -82,7 +68,7 @@ def authors_costs(r: int = STEPS) -> Tuple[int, int]:
 
 
 def evals_cost(K: int, r: int = STEPS) -> float:
-    """The authors' count for a task truncated at ``K`` (see the module docstring)."""
+    """The authors' count for a task truncated at ``K``: ``K(K+1)/2`` of the exact reverse work."""
     c_f, c_x = authors_costs(r)
     return c_f + (c_x - c_f) * K * (K + 1) / (r * (r + 1))
 

@@ -1,10 +1,6 @@
 """The benchmarks' shared base: command line, timing, peak memory, fresh processes, reports, plots.
 
-One timing path: :func:`interleave` runs rows round-robin (background load on
-a shared machine hits all alike), wall-clock and process CPU time per call,
-CUDA synchronised; sub-millisecond rows are timed inside the same rounds by
-``torch.utils.benchmark.Timer``. The ``--quick`` time budgets are in
-:data:`benchmarks.__main__.BUDGETS`.
+One timing path: :func:`interleave` runs rows round-robin, so that background load hits all alike.
 """
 from __future__ import annotations
 
@@ -70,11 +66,8 @@ def parser(name: str, doc: str, sizes: Mapping[str, str]) -> argparse.ArgumentPa
 
 
 def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """Parse ``argv``; reject an unavailable CUDA device; add ``argv`` and ``basis``.
-
-    ``basis`` is the clock of ratios and targets: process CPU time on the CPU
-    (single-threaded rows: time spent descheduled does not count), wall time on CUDA.
-    """
+    """Parse ``argv``; reject an unavailable CUDA device; add ``argv``, ``start`` and ``basis``, the clock
+    of ratios and targets: process CPU time on the CPU (descheduled time does not count), wall on CUDA."""
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("argument --device: cuda is not available in this torch build / machine")
@@ -141,12 +134,9 @@ def micro(fn: Callable[[], Any], number: int) -> Sample:
 def interleave(rows: Mapping[str, Callable[[], Any]], rounds: int, device: str = "cpu",
                per_round: Optional[Mapping[str, int]] = None, micro_rows: Optional[Mapping[str, int]] = None,
                min_seconds: float = 0.0) -> Dict[str, List[Sample]]:
-    """Time ``rows`` round-robin; return each row's samples.
-
-    Each round calls every row once (``per_round[name]`` times where given);
-    a row in ``micro_rows`` gives one :func:`micro` sample of that many calls
-    per round. Runs ``rounds`` rounds, and more until ``min_seconds`` passed.
-    """
+    """Time ``rows`` round-robin, ``rounds`` rounds and more until ``min_seconds`` passed; return each
+    row's samples. A round calls every row once (``per_round[name]`` times where given); a row in
+    ``micro_rows`` gives one :func:`micro` sample of that many calls (sub-millisecond rows)."""
     per_round, micro_rows = per_round or {}, micro_rows or {}
     times: Dict[str, List[Sample]] = {name: [] for name in rows}
     start, done = time.perf_counter(), 0
@@ -200,12 +190,7 @@ def current_rss() -> int:
 
 
 def _vm_hwm() -> Optional[int]:
-    """``VmHWM`` of ``/proc/self/status`` in bytes (Linux), ``None`` elsewhere.
-
-    Unlike ``ru_maxrss`` it holds nothing inherited from the parent process
-    (the kernel folds the parent's peak into ``ru_maxrss`` at ``exec``), and
-    writing ``5`` to ``/proc/self/clear_refs`` resets it.
-    """
+    """``VmHWM`` in bytes (Linux, else ``None``): unlike ``ru_maxrss``, nothing inherited, and resettable."""
     try:
         with open("/proc/self/status") as f:
             return next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:")), None)
@@ -227,18 +212,12 @@ def _reset_peak() -> bool:
 
 
 class PeakMemory:
-    """The peak memory of the enclosed code above the memory in use on entry.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` above ``memory_allocated`` on
-    entry. CPU: the peak RSS (``VmHWM``, reset on entry) above the RSS on
-    entry; where the reset is unavailable, ``ru_maxrss``, a high-water mark
-    since process start, and :attr:`exact` is ``False`` if it lies above the
-    entry RSS (then the result is an upper bound). Measure in a fresh process
-    (:func:`run_fresh`).
+    """The peak memory of the enclosed code above the memory in use on entry (CUDA: allocated; CPU:
+    RSS, ``VmHWM`` reset on entry, else ``ru_maxrss``). Measure in a fresh process.
 
     Attributes (set on exit):
         peak_bytes: the peak above the entry level, in bytes.
-        exact: ``False`` when the result is only an upper bound.
+        exact: ``False`` when the result is only an upper bound (``ru_maxrss`` above the entry RSS).
     """
 
     def __init__(self, device: str = "cpu"):
@@ -280,7 +259,7 @@ def run_fresh(module: str, args: Sequence[str]) -> dict:
     """Run ``python -m module *args`` from the repository root; return the JSON of its last stdout line.
 
     Raises:
-        FreshProcessError: the process failed (its exceptions propagate as this).
+        FreshProcessError: the process failed.
     """
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, text=True,
                           capture_output=True, check=False)
@@ -293,10 +272,7 @@ def run_fresh(module: str, args: Sequence[str]) -> dict:
 
 def run_fresh_many(module: str, arg_lists: Sequence[Sequence[str]], workers: int = 1,
                    desc: str = "", show: bool = True) -> List[dict]:
-    """:func:`run_fresh` for each argument list, ``workers`` processes at a time, results in order.
-
-    Only for what concurrency does not disturb (per-process peak memory).
-    """
+    """:func:`run_fresh` per argument list, ``workers`` at a time (not for timings), results in order."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(run_fresh, module, a) for a in arg_lists]
         return [f.result() for f in progress(futures, desc, show)]
@@ -308,10 +284,7 @@ def worker_args(spec: Mapping[str, Any]) -> List[str]:
 
 
 def progress(items: Sequence[Any], desc: str = "", show: bool = True) -> Iterable[Any]:
-    """``items`` with a ``tqdm`` bar on stderr when ``show`` and ``tqdm`` is installed.
-
-    Futures are waited for, in order, as they are yielded.
-    """
+    """``items`` (futures waited for, in order) with a ``tqdm`` bar on stderr when ``show`` and installed."""
     def wait(xs):
         for x in xs:
             if hasattr(x, "result"):
@@ -380,14 +353,9 @@ def fmt(x: Optional[float], spec: str = ".4g", unit: str = "", none: str = "-") 
 
 def write_report(args, name: str, template: str, fields: Mapping[str, Any], data: Mapping[str, Any],
                  targets: Sequence[Target] = (), figures: Sequence[str] = ()) -> Dict[str, Any]:
-    """Write ``<out>/<name>.md`` (``template`` filled from ``fields``, then the targets and
-    figures) and ``<out>/<name>.json`` (``data``, the targets and the command); return the JSON data.
-
-    The template's ``str.format`` fields are ``fields`` (for instance ``vars(args)``
-    and computed values), ``command`` (the command line), ``torch`` and ``device``
-    / ``threads`` of ``args``. The report ends with the time since :func:`parse`
-    and the load average.
-    """
+    """Write ``<out>/<name>.md`` (``template`` filled from ``fields``, ``command``, ``torch``, ``device``
+    and ``threads``, then the targets, time, load and figures) and ``<out>/<name>.json`` (``data``, the
+    targets and the command); return the JSON data."""
     os.makedirs(args.out, exist_ok=True)
     command = " ".join([f"python -m benchmarks.{name}"] + args.argv)
     text = template.format(**{**fields, "command": command, "device": args.device, "threads": args.threads,
@@ -409,13 +377,9 @@ def write_report(args, name: str, template: str, fields: Mapping[str, Any], data
 
 def plot_panels(path: str, panels: Sequence[Dict[str, Any]], ncols: int = 2, title: str = "",
                 panel_size=(5.5, 4.0)) -> str:
-    """Save a grid of line plots to ``path`` (PNG, matplotlib's Agg backend); return ``path``.
-
-    Each panel: ``series`` (``{label: (xs, ys)}``, one colour per label shared
-    across panels; ``styles``, optional, ``{label: line style}``) and optionally
-    ``title``, ``xlabel``, ``ylabel``, ``logx``, ``logy`` and ``hlines``
-    (``{label: y}``, grey reference lines).
-    """
+    """Save a grid of line plots to ``path`` (PNG); return ``path``. Each panel: ``series`` (``{label:
+    (xs, ys)}``, one colour per label across panels) and optional ``styles`` (``{label: line style}``),
+    ``title``, ``xlabel``, ``ylabel``, ``logx``, ``logy`` and ``hlines`` (``{label: y}``, grey lines)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

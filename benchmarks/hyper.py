@@ -1,15 +1,9 @@
 """Learned per-parameter inner learning rates on digits: a long inner loop where memory matters.
 
-Hyperparameter learning, not MAML (the report states the problem and sizes): a
-learned rate per parameter entry and one learned weight decay, passed as
-``inner=torch_ufom.inner.SGD(lr=rates, weight_decay=wd)``, the per-step batches
-as a callable ``j -> batch``. Methods (:data:`LABELS`): torch_ufom's ufom, exact
-and fom, ``higher`` (``innerloop_ctx`` with per-parameter ``override``) and
-``torch_maml`` (``GradientCheckpointMAML``, the rates and weight decay in its
-in-graph optimizer's state). Every (method, steps) run is a fresh process
-(``--workers`` at a time): a warm-up at ``steps=1``, then ``--outer-steps`` timed
-outer steps under :class:`benchmarks.harness.PeakMemory`, plus one forced
-exact-branch outer gradient if no ``ufom`` draw took it.
+``python -m benchmarks.hyper [--quick | --tiny]``; the report states the problem, sizes and methods
+(:data:`LABELS`: torch_ufom's modes, ``higher`` and ``torch_maml``). Every (method, steps) run is a
+fresh process: a warm-up at ``steps=1``, then timed outer steps under
+:class:`benchmarks.harness.PeakMemory`.
 """
 from __future__ import annotations
 
@@ -206,7 +200,7 @@ def make_trainer(method: str, model: nn.Module, rates, wd, outer, steps: int, ba
 
 def run_method(method: str, steps: int, outer_steps: int, hidden: int, device: str, seed: int,
                grad_path: str, threads: int = 1) -> Dict[str, Any]:
-    """Train one method in this process; return a JSON-able dict (see the module docstring)."""
+    """Train one method in this process; return a JSON-able dict (warm-up, timed outer steps, peak memory)."""
     with torch_threads(threads), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*use_reentrant.*")  # torch.utils.checkpoint in torch_maml
         x_tr, y_tr, x_val, y_val = (t.to(device) for t in digits_split(seed))

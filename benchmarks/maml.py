@@ -1,14 +1,8 @@
 """MAML training loops shared by :mod:`benchmarks.sinusoid` and :mod:`benchmarks.digits`.
 
-Every method trains its own copy of one initial model on the same stream of
-meta-batches, with the same inner loop (``steps`` plain SGD steps at
-``inner_lr`` on the support set) and outer optimizer (Adam on the mean of the
-tasks' query losses): :class:`torch_ufom.MetaOptimizer` (``fom``, ``ufom
-q=...``, ``exact``), ``higher.innerloop_ctx`` and ``torchopt.MetaSGD``
-(:class:`Trainer`). :func:`train_round_robin` runs the methods round-robin,
-one outer step of each in turn, so that background load hits them alike.
-:func:`adapt_and_score` and :func:`meta_gradient` evaluate with plain
-``torch.func``, independent of every library compared.
+Every method (:class:`Trainer`: ``MetaOptimizer``, ``higher``, ``torchopt``) trains its own copy of one
+model on the same meta-batches, round-robin (:func:`train_round_robin`); :func:`adapt_and_score` and
+:func:`meta_gradient` evaluate with plain ``torch.func``, independent of every library compared.
 """
 from __future__ import annotations
 
@@ -127,11 +121,8 @@ Loss = Callable[[Any, Any], Tensor]  # (model or functional model, batch) -> sca
 class Trainer:
     """One method's own copy of the model, its Adam outer optimizer and its counters.
 
-    :meth:`step` runs one outer step on ``tasks``, a list of ``(support,
-    query)`` batches: the meta-gradient of the mean query loss after ``steps``
-    inner SGD steps at ``inner_lr``, then one Adam step at ``outer_lr``.
-    ``seed`` seeds torch_ufom's generator (the ufom draws); ``memory`` is
-    torch_ufom's memory schedule.
+    :meth:`step`: the meta-gradient of the mean query loss of ``tasks`` (``(support, query)`` pairs)
+    after ``steps`` inner SGD steps at ``inner_lr``, then one Adam step; ``seed`` seeds the ufom draws.
     """
 
     def __init__(self, method: Method, model: nn.Module, loss: Loss, inner_lr: float, steps: int,
@@ -225,11 +216,8 @@ def train_round_robin(trainers: Sequence[Trainer], batch: Callable[[int], Sequen
                       lr_factor: Optional[Callable[[int], float]] = None) -> List[History]:
     """Train every trainer for ``iters`` outer steps, round-robin; evaluate every ``eval_every``.
 
-    ``batch(k)`` returns the meta-batch of outer step ``k`` (shared by all
-    trainers). ``evaluate(model)`` returns ``(score, extra)`` and runs outside
-    the clocks. ``lr_factor(k)``, if given, scales every trainer's initial
-    outer learning rate at outer step ``k``: one schedule for every method.
-    An exception in a trainer propagates.
+    ``batch(k)``: outer step ``k``'s meta-batch, shared by all; ``evaluate(model)``: ``(score, extra)``,
+    outside the clocks; ``lr_factor(k)``, if given, scales every initial outer learning rate at step ``k``.
     """
     hist = [History(t.method.label, t) for t in trainers]
     wall, cpu = [0.0] * len(trainers), [0.0] * len(trainers)
@@ -301,14 +289,8 @@ def _query_metric(model: nn.Module, pred_loss, metric, steps: int, lr: float):
 def adapt_and_score(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor],
                     metric: Callable[[Tensor, Tensor], Tensor], xs: Tensor, ys: Tensor,
                     xq: Tensor, yq: Tensor, steps: int, lr: float, chunk: Optional[int] = 64) -> Tensor:
-    """Adapt ``model`` to each task by ``steps`` SGD steps; return the per-task metric.
-
-    Tasks are stacked along dimension 0 of ``xs, ys`` (support) and ``xq, yq``
-    (query). Each task starts from the model's parameters, takes ``steps``
-    plain gradient steps ``p <- p - lr * grad pred_loss(model(xs), ys)`` and
-    is scored by ``metric(model(xq), yq)`` at the adapted parameters.
-    Vectorised over tasks with ``torch.func.vmap`` (``chunk`` tasks at a time).
-    """
+    """Adapt ``model`` to each task (stacked along dimension 0) by ``steps`` plain SGD steps on
+    ``pred_loss(model(xs), ys)``; return ``metric(model(xq), yq)`` per task (vmap, ``chunk`` at a time)."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     run = _query_metric(model, pred_loss, metric, steps, lr)
     return torch.func.vmap(lambda *batch: run(params, *batch), chunk_size=chunk)(xs, ys, xq, yq)
@@ -317,17 +299,11 @@ def adapt_and_score(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tens
 def meta_gradient(model: nn.Module, pred_loss: Callable[[Tensor, Tensor], Tensor], xs: Tensor,
                   ys: Tensor, xq: Tensor, yq: Tensor, steps: int, lr: float,
                   chunk: int = 64, return_se: bool = False):
-    """The exact meta-gradient of the mean query loss over a fixed set of tasks.
+    """The exact MAML meta-gradient of the mean query loss over fixed tasks, by plain ``torch.func``
+    (``grad`` through the unrolled inner SGD loop, ``vmap`` over ``chunk`` tasks at a time).
 
-    ``d/dtheta (1/n) sum_t pred_loss(model_{phi_t}(xq_t), yq_t)`` where ``phi_t``
-    is ``theta`` after ``steps`` plain SGD steps at ``lr`` on task ``t``'s
-    support loss (the MAML objective, second-order terms included), for the
-    model's parameters ``theta``. Plain ``torch.func`` (``grad`` through the
-    unrolled inner loop, ``vmap`` over ``chunk`` tasks at a time), independent
-    of every library compared. Returns ``{name: gradient}``; with ``return_se``,
-    ``(gradient, se)`` where ``se = sqrt(tr Cov / n)`` is the standard error of
-    the mean over the tasks: the norm a set of ``n`` tasks shows even where the
-    expected meta-gradient is 0.
+    Returns ``{name: gradient}``; with ``return_se``, ``(gradient, se)``, ``se = sqrt(tr Cov / n)`` the
+    standard error of the mean over the tasks (the norm ``n`` tasks show where the expectation is 0).
     """
     params = {n: p.detach() for n, p in model.named_parameters()}
     per_task = torch.func.vmap(torch.func.grad(_query_metric(model, pred_loss, pred_loss, steps, lr)),

@@ -1,54 +1,13 @@
 """Peak memory and time per outer step of torch_ufom against ``higher`` and a hand-written loop.
 
-One *outer step* is one task's meta-gradient: ``steps`` inner steps (SGD, lr
-0.01, unless a row names another rule) from the model's parameters on a
-support batch, then the gradient of the outer loss at the adapted parameters
-w.r.t. the initial parameters; no outer update is timed. The model is the MLP
-64-320-320-10 of :mod:`benchmarks.problems` (float32), with one support and one
-query batch of 64 random inputs and labels, cross-entropy for both losses.
-
-Rows are named ``method[+rule]/memory``:
-
-* methods: ``fom``, ``ufom`` (q = 0.1, drawn) and ``exact`` through
-  :class:`torch_ufom.MetaOptimizer`; ``ufomK``: ufom with its exact branch
-  forced (``backward(..., force_truncation=steps)``); ``higher``'s exact unroll
-  (``innerloop_ctx``); ``inplace``: the hand-written first-order loop of issue
-  13 (a deep copy of the module, ``autograd.grad``, ``p.add_`` under
-  ``no_grad``), the floor of ``fom``;
-* rules (``ufomK`` and ``exact`` only): ``+momentum`` (SGD, momentum 0.9),
-  ``+adam`` (Adam, lr 1e-3), ``+lr`` (SGD with a learned rate per parameter
-  tensor, held by the outer optimizer);
-* memory: ``checkpoint`` (the default setting), ``store``, ``recompute``,
-  another budget (``slotsN``: checkpoint with ``N`` slots; ``maxNMiB``:
-  ``max_memory=N MiB``, used where :class:`~torch_ufom.MetaOptimizer` takes
-  that argument), or ``-`` (``fom`` bypasses the memory schedule).
-
-Two tables: every row at ``steps = 100`` (issue 13's item 3: ufom's exact
-branch against exact under the same memory setting, other rules without a
-target; item 4: ufom against fom under the default setting), and the memory
-budgets at ``steps = 1000`` (item 4: exact under the default setting against
-store, and two other budgets). ``recompute`` rows whose exact sweep replays
-more than ``--max-replay`` inner steps (``steps (steps - 1) / 2``) are skipped.
-
-How it measures: every measurement runs in a child forked from one worker
-process (:func:`run_jobs`: its own allocator and peak memory, without the
-seconds of importing torch again). The times of all rows with the same
-``steps`` come from one child, round-robin
-(:func:`benchmarks.harness.interleave`), medians over the rounds. ``ufom``
-draws its truncation point from a generator seeded ``--seed``, several draws
-per round and more until one took the exact branch; its time is the
-expectation ``(1 - q) median(first-order draws) + q median(exact draws)``.
-The peak memory of every row comes from its own child (one at a time, beside
-the timing child: each peak is its own process's, with blocks of 256 KiB and
-more mapped one by one so that RSS follows live memory), one outer step under
-:class:`benchmarks.harness.PeakMemory` after a warm-up at ``steps=1``;
-``ufom`` draws until the exact branch, so its peak is that branch's.
-``--quick`` times only store and the default setting at ``steps = 1000`` in
-the rounds; the other budgets' time there is that one peak-measuring call
-(the first at that ``steps``, so it includes building a checkpoint schedule).
-
-The module's :func:`outer_step`, :func:`time_rows` and :func:`run_jobs` also serve
-:mod:`benchmarks.speed`.
+``python -m benchmarks.memory [--quick | --tiny]``; the report defines the rows and columns. One outer
+step: ``steps`` inner SGD steps of the MLP 64-320-320-10 on a random support batch, then the gradient
+of the query loss w.r.t. the initial parameters. Rows ``method[+rule]/memory``: ``fom``, ``ufom``,
+``exact``, ``ufomK`` (ufom, ``force_truncation=steps``), ``higher``, ``inplace`` (issue 13's
+hand-written first-order loop); rules ``+momentum``, ``+adam``, ``+lr`` (a learned rate per tensor);
+memory ``checkpoint``, ``store``, ``recompute``, ``maxNMiB`` (``max_memory=N MiB``) or ``-``.
+Every measurement runs in a child forked from one worker (:func:`run_jobs`); :func:`outer_step`,
+:func:`time_rows` and :func:`run_jobs` also serve :mod:`benchmarks.speed`.
 """
 from __future__ import annotations
 
@@ -78,11 +37,8 @@ NAME = "memory"
 INNER_LR, Q = 0.01, 0.1
 MODES, MEMORIES = ("fom", "ufom", "exact"), ("checkpoint", "recompute", "store")
 RULES = ("momentum", "adam", "lr")
-_META_ARGS = inspect.signature(torch_ufom.MetaOptimizer).parameters
-DEFAULT_MEMORY = _META_ARGS["memory"].default
-# The two other budgets of the steps=1000 table: byte budgets where MetaOptimizer takes max_memory=,
-# else checkpoint slots (8, the default, is the default row).
-OTHER_BUDGETS = ("max16MiB", "max128MiB") if "max_memory" in _META_ARGS else ("slots16", "slots64")
+DEFAULT_MEMORY = inspect.signature(torch_ufom.MetaOptimizer).parameters["memory"].default
+OTHER_BUDGETS = ("max16MiB", "max128MiB")  # the steps=1000 table's byte budgets beside the default
 UFOM_DRAWS, MAX_DRAWS = 20, 200  # ufom draws per row in the rounds, at least; in all, at most
 AT, LONG = 100, 1000  # the steps of issue 13's rows
 UFOM_K_VS_EXACT, UFOM_K_PEAK, UFOM_VS_FOM = 1.03, 1.05, 1.30
@@ -139,7 +95,7 @@ def problem(name: str, seed: int, device: str):
 
 
 def inner_rule(rule: str, model) -> tuple:
-    """``(rule, learned tensors)`` of a ``+rule`` row (see the module docstring)."""
+    """``(rule, learned tensors)`` of a ``+rule`` row."""
     if rule == "momentum":
         return torch_ufom.inner.SGD(INNER_LR, momentum=0.9), []
     if rule == "adam":
@@ -152,11 +108,9 @@ def inner_rule(rule: str, model) -> tuple:
 
 
 def memory_args(memory: str) -> Dict[str, Any]:
-    """MetaOptimizer's keywords for a row's memory part (see the module docstring)."""
+    """MetaOptimizer's keywords for a row's memory part (``-``, a memory setting or ``maxNMiB``)."""
     if memory == "-":
         return {}
-    if memory.startswith("slots"):
-        return {"memory": "checkpoint", "slots": int(memory[5:])}
     if memory.startswith("max") and memory.endswith("MiB"):
         return {"max_memory": int(memory[3:-3]) * MB}
     return {"memory": memory}
@@ -225,14 +179,10 @@ def micro_rows(prob, seed: int) -> Dict[str, Callable[[], Any]]:
 
 def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: int, device: str,
               threads: int, min_exact: int = 1, micro: bool = False, min_seconds: float = 0.0) -> Dict:
-    """Time ``rows`` (``"method/memory"``) at ``steps`` round-robin in this process.
-
-    Each row gets a warm-up at ``steps=1``. ``ufom`` rows and the cheap rows
-    they are compared with (``fom``, ``inplace``) run ``ceil(UFOM_DRAWS /
-    rounds)`` calls per round (so they sample the load over similar
-    stretches); ``ufom`` then draws alone until ``min_exact`` draws took the
-    exact branch and one did not (at most ``MAX_DRAWS``). With ``micro``,
-    ``t_grad`` and ``t_hvp`` join the rounds.
+    """Time ``rows`` (``"method/memory"``) at ``steps`` round-robin in this process, after a warm-up
+    at ``steps=1``. ``ufom``, ``fom`` and ``inplace`` run ``ceil(UFOM_DRAWS / rounds)`` calls per round;
+    ``ufom`` then draws until ``min_exact`` draws took the exact branch and one did not (at most
+    ``MAX_DRAWS``). ``micro`` adds ``t_grad`` and ``t_hvp`` to the rounds.
     Returns ``{row: {"times": [[wall, cpu], ...], "truncations", "fwd", "rev"}}``.
     """
     with torch_threads(threads):
@@ -273,8 +223,9 @@ def _logged(step, log):
 
 
 def summarise(row: str, steps: int, r: Dict) -> Dict[str, Any]:
-    """A row's time per outer step from its samples: medians (``ufom``: the expectation, see the
-    module docstring, with ``raw_wall``/``raw_cpu`` the plain means) and the inner step counts."""
+    """A row's time per outer step from its samples: medians (``ufom``: the expectation ``(1 - q)
+    median(first-order draws) + q median(exact draws)``, ``raw_wall``/``raw_cpu`` the plain means) and
+    the inner step counts."""
     s = stats(r["times"])
     ks = r.get("truncations", [])
     if row.startswith("ufom/"):
@@ -340,10 +291,8 @@ def measure_peaks(rows: Sequence[str], steps: Sequence[int], seed: int, device: 
 
 
 def _map_large_blocks() -> None:
-    """Map every block of 256 KiB or more on its own (glibc's ``M_MMAP_THRESHOLD``, as
-    ``tests/test_memory.py`` does), so that the peak RSS follows live memory: with glibc's adaptive
-    threshold the C heap keeps freed tensors resident, and identical calls peaked 99-116 MB apart
-    (exact/store, steps 100) against 81-82 MB mapped. A no-op without glibc."""
+    """Map every block of 256 KiB or more on its own (glibc's ``M_MMAP_THRESHOLD``; a no-op elsewhere),
+    so that the peak RSS follows live memory (else identical calls peaked 99-116 MB against 81-82 MB)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
 
@@ -373,12 +322,8 @@ JOBS = {"times": time_rows, "peaks": measure_peaks}
 
 def run_jobs(jobs: Sequence[Dict[str, Any]], parallel: int = 1) -> List[Any]:
     """Run each job (``{"task": "times" | "peaks", **keywords}``) in a child forked from this process,
-    at most ``parallel`` at a time; return their results in order.
-
-    A forked child starts with this process's imports but its own allocator,
-    peak memory (``VmHWM``) and torch state, like a fresh process without the
-    seconds of importing torch again. Without ``os.fork`` or on CUDA (no fork
-    after CUDA starts) the jobs run here, one after the other.
+    at most ``parallel`` at a time (its own allocator and peak memory, without importing torch again);
+    return their results in order. Without ``os.fork`` or on CUDA the jobs run here, one by one.
     """
     if not hasattr(os, "fork") or any(j.get("device", "cpu") != "cpu" for j in jobs):
         return [_run_job(j) for j in jobs]
@@ -415,7 +360,7 @@ def _run_job(job: Dict[str, Any]) -> Any:
 
 
 def targets(results: Dict[str, Dict], basis: str) -> List[Target]:
-    """Issue 13's items 3 and 4 (see the module docstring)."""
+    """Issue 13's items 3 and 4."""
     def ratio(a, b, steps, key=basis):
         ra, rb = results.get(f"{a}@{steps}", {}), results.get(f"{b}@{steps}", {})
         return ra[key] / rb[key] if key in ra and key in rb and rb[key] > 0 else None
@@ -519,9 +464,7 @@ def main(argv=None) -> Dict[str, Any]:
     short, long = tables(results, basis, long_steps)
     widths = "-".join(map(str, problems.MLP_WIDTHS))
     params = sum(a * b + b for a, b in zip(problems.MLP_WIDTHS[:-1], problems.MLP_WIDTHS[1:]))
-    budgets = ", ".join(f"`{b}`" for b in OTHER_BUDGETS) + (
-        " (`max_memory=` in bytes)" if OTHER_BUDGETS[0].startswith("max") else
-        " (MetaOptimizer has no `max_memory=`: checkpoint slots; the default is 8)")
+    budgets = ", ".join(f"`{b}`" for b in OTHER_BUDGETS) + " (`max_memory=` in bytes)"
     fields = dict(widths=widths, params=params, lr=INNER_LR, seed=args.seed, rounds=rounds, basis=basis,
                   table=short, long_table=long, short=", ".join(map(str, steps_list[:-1] or steps_list)),
                   long=long_steps or "-", default=DEFAULT_MEMORY, budgets=budgets,

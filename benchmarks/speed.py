@@ -1,32 +1,10 @@
 """Time per outer step against the number of inner steps, for every mode and memory setting.
 
-One *outer step* is one task's meta-gradient, as in :mod:`benchmarks.memory`
-(whose rows and timing worker this benchmark reuses), on three models: ``mlp``
-(64-320-320-10, random batches of 64, cross-entropy), ``sinusoid`` (1-40-40-1,
-one task of 10 + 10 points, MSE) and ``conv4`` (BatchNorm without running
-statistics, 5 random images; ``fom`` and the in-place loop only); inner lr
-0.01, float32.
-
-Rows, for each model and ``steps``: ``inplace`` (issue 13's floor: the
-hand-written first-order loop on a deep copy of the module, ``autograd.grad``
-and ``p.add_`` under ``no_grad``), ``fom`` (its first-order steps bypass the
-memory schedule, so one row), ``ufom`` (q = 0.1) and ``exact`` with
-``memory="checkpoint"``, ``"store"`` and ``"recompute"`` (skipped beyond
-``--max-replay`` replayed steps), ``higher``'s exact unroll, and two
-micro-benchmarks: ``t_grad`` (one inner gradient) and ``t_hvp`` (one
-double-backward HVP). Ratios against ``fom``, ``higher``, ``inplace`` and the
-floor ``steps t_grad + K t_hvp`` (``K = steps`` for exact and higher,
-``q steps`` for ufom, 0 for fom).
-
-Every (model, steps) is timed in a fresh (forked) process, all rows round-robin;
-``fom``, ``inplace`` and ``ufom`` run several calls per round and ``ufom``
-draws until three draws took the exact branch (its time is the expectation,
-see :mod:`benchmarks.memory`). Targets (issue 13): item 1, ``fom`` / ``inplace``
-at most 1.15 (sinusoid, steps 100), 1.6 (sinusoid, steps 5), 1.10 (mlp, steps
-100) and 1.05 (conv4, steps 100; ``--quick``: 20); item 2, ``exact`` with
-store / ``higher`` at most 0.90 on the sinusoid and the mlp at steps 20 and
-100. The report then adds the sections of :mod:`benchmarks.throughput`
-(meta-batches, item 5, and HVPs), measured in a fresh process of their own.
+``python -m benchmarks.speed [--quick | --tiny]``; the report defines the rows, columns and targets
+(issue 13's items 1 and 2). The rows of :mod:`benchmarks.memory` (whose timing worker this reuses) on
+the ``mlp``, ``sinusoid`` and ``conv4`` models, each (model, steps) in a fresh (forked) process, plus
+the micro-benchmarks ``t_grad`` and ``t_hvp``; the report then adds :mod:`benchmarks.throughput`'s
+sections, measured in a process of their own.
 """
 from __future__ import annotations
 
@@ -83,7 +61,7 @@ def analyse(raw: Dict[str, Dict], basis: str) -> Dict[str, Any]:
 
 
 def targets(results: Dict[str, Any], basis: str, conv4_steps: int) -> list:
-    """Issue 13's items 1 and 2 (see the module docstring)."""
+    """Issue 13's items 1 and 2."""
     def ratio(key, row, vs):
         return results.get(key, {}).get("rows", {}).get(row, {}).get(vs)
     out = []

@@ -1,46 +1,26 @@
 """Throughput: vectorised meta-batches (sinusoid and conv4) and the two Hessian-vector products.
 
-Measured in one process by :func:`measure` (the second and third sections of
-:mod:`benchmarks.speed`'s report), all rows of a section round-robin:
-
-* **Sinusoid meta-batch**: ``tasks`` (32) sinusoid tasks of 10 shots, 5 inner
-  SGD steps at lr 0.01, the 1-40-40-1 regressor, float32: one meta-batch's
-  meta-gradient by ``MetaOptimizer.backward`` once per task (``loop``), by one
-  ``MetaOptimizer.backward_batch`` (``batch``), for ``fom``, ``ufom`` (q = 0.1,
-  the same seeded draws in both) and ``exact``, and by ``higher``'s per-task
-  unroll (exact). Targets: ``backward_batch`` (exact) at least 3x faster than
-  ``higher``'s loop; issue 13's item 5: ``backward_batch`` (``fom`` and
-  ``exact``) at least 5x the per-task loop's speed.
-* **conv4 meta-batch**: the MAML Omniglot conv4 of :mod:`benchmarks.problems`
-  with BatchNorm *without* running statistics, a meta-batch of 16 tasks of
-  5-way 1-shot random 28x28 images (5 support, 5 query images), ``steps`` SGD
-  steps at lr 0.1, cross-entropy, ``fom`` and ``exact``: ``backward_batch``
-  against the per-task loop of ``backward``, with the path ``backward_batch``
-  took (``MetaResult.batch_path``: vectorised, or the per-task loop and why). Target (issue 13's item
-  5): ``backward_batch`` (``fom`` and ``exact``) at least 0.95x the per-task
-  loop's speed.
-* **Hessian-vector products**: one HVP of the inner loss by
-  reverse-over-reverse and by forward-over-reverse (``torch.func.jvp`` of
-  ``torch.func.grad``) on the 64-320-320-10 MLP and the sinusoid regressor,
-  their agreement in float64, and one exact ``hypergrad`` (``steps=10``) with
-  ``hvp="revrev"`` and ``hvp="fwdrev"``.
-
-Usage: ``python -m benchmarks.throughput [--quick | --tiny]`` prints the sections.
+``python -m benchmarks.throughput [--quick | --tiny]`` prints the sections (the report defines them);
+:mod:`benchmarks.speed` adds them to its report. :func:`measure` times, in one process, one meta-batch's
+meta-gradient by ``backward`` per task against one ``backward_batch`` (and ``higher``'s loop) for 32
+sinusoid tasks and 16 conv4 tasks (issue 13's item 5), and HVPs by reverse-over-reverse against
+forward-over-reverse.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import warnings
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict
 
 import torch
 
 import torch_ufom
 from benchmarks import problems
 from benchmarks.harness import Target, interleave, markdown_table, parse, parser, spread, stats
+from benchmarks.memory import INNER_LR, Q, problem
 
-INNER_LR, Q, STEPS = 0.01, 0.1, 5
+STEPS = 5
 BATCH_VS_HIGHER = 3.0
 # issue 13's item 5: backward_batch's speed / the per-task loop's, at least (fom and exact)
 SINUSOID_BATCH_VS_LOOP, CONV4_BATCH_VS_LOOP = 5.0, 0.95
@@ -50,9 +30,9 @@ SIZES = {"full": (15, 32, (16, 5)), "quick": (5, 32, (16, 3)), "tiny": (1, 3, (2
 
 TEMPLATE = """## Meta-batch: {tasks} sinusoid tasks, {steps} inner steps (benchmarks/throughput.py)
 
-Median {basis} time of one meta-batch's meta-gradient over {rounds} rounds, rows round-robin in one
-process ({threads} thread(s)); ufom q = {q} with the same seeded draws in both loops. *path*: what
-backward_batch ran.
+10-shot tasks, the 1-40-40-1 regressor, inner SGD lr {lr}, float32. Median {basis} time of one
+meta-batch's meta-gradient over {rounds} rounds, rows round-robin in one process ({threads} thread(s));
+ufom q = {q} with the same seeded draws in both loops. *path*: what backward_batch ran.
 
 {sinusoid}
 
@@ -130,7 +110,6 @@ def higher_row(model, xs, ys, xq, yq) -> Callable[[], Any]:
 
 def hvp_rows(name: str, seed: int, dtype, device: str) -> Dict[str, Callable[[], Any]]:
     """``revrev`` and ``fwdrev`` HVPs and the exact ``hypergrad`` steps with each, on ``name``'s problem."""
-    from benchmarks.memory import problem
     model, loss, batch, _ = problem(name, seed, device)
     model = model.to(dtype)
     batch = tuple(t.to(dtype) if t.is_floating_point() else t for t in batch)
@@ -167,25 +146,21 @@ def measure(size: str, seed: int, device: str) -> Dict[str, Any]:
         rows["exact/higher"] = higher_row(model, xs, ys, xq, yq)
     out: Dict[str, Any] = {"tasks": tasks, "rounds": rounds, "conv4_tasks": c_tasks, "conv4_steps": c_steps,
                            "meta_batch_path": warm_up(rows)}
-    out["meta_batch"] = _samples(interleave(rows, rounds, device))
+    out["meta_batch"] = interleave(rows, rounds, device)
     conv = problems.seeded(seed, lambda: problems.conv4(5, track_running_stats=False), device=device)
     sup, qry = (problems.image_tasks(c_tasks, 5, 1, g, device=device) for _ in range(2))
     rows = batch_rows(conv, problems.xent, sup, qry, ("fom", "exact"), c_steps, 0.1, seed, device)
     out["conv4_path"] = warm_up(rows)
-    out["conv4"] = _samples(interleave(rows, rounds, device))
+    out["conv4"] = interleave(rows, rounds, device)
     out["hvp"] = {}
     for name in ("mlp", "sinusoid"):
         a, b = (f() for f in list(hvp_rows(name, seed, torch.float64, device).values())[:2])
         rows = hvp_rows(name, seed, torch.float32, device)
         warm_up(rows)
         out["hvp"][name] = {"rel_err_float64": max(float((x - y).norm() / y.norm()) for x, y in zip(a, b)),
-                            "times": _samples(interleave(rows, rounds, device, micro_rows={
-                                "hvp/revrev": 5, "hvp/fwdrev": 5}))}
+                            "times": interleave(rows, rounds, device, micro_rows={
+                                "hvp/revrev": 5, "hvp/fwdrev": 5})}
     return out
-
-
-def _samples(times) -> Dict[str, List[List[float]]]:
-    return {k: [list(s) for s in v] for k, v in times.items()}
 
 
 def analyse(raw: Dict[str, Any], basis: str) -> Dict[str, Any]:
@@ -236,7 +211,7 @@ def report(raw: Dict[str, Any], basis: str, threads: int) -> str:
                     f"{t['step/fwdrev']:.1f}", f"{t['step/fwdrev'] / t['step/revrev']:.2f}"])
     head = ["mode", "per-task backward (ms)", "backward_batch (ms)", "spread", "speed-up vs loop"]
     return TEMPLATE.format(
-        tasks=raw["tasks"], steps=STEPS, basis=basis, rounds=raw["rounds"], threads=threads, q=Q,
+        tasks=raw["tasks"], steps=STEPS, lr=INNER_LR, basis=basis, rounds=raw["rounds"], threads=threads, q=Q,
         conv4_tasks=raw["conv4_tasks"], conv4_steps=raw["conv4_steps"],
         sinusoid=markdown_table(head + ["higher loop, exact (ms)", "speed-up vs higher", "path"], sinusoid,
                                 "lrrrrrrl"),
@@ -244,7 +219,6 @@ def report(raw: Dict[str, Any], basis: str, threads: int) -> str:
         hvp=markdown_table(["model", "rel. error", "HVP revrev (ms)", "HVP fwdrev (ms)", "fwdrev / revrev",
                             "exact step revrev (ms)", "exact step fwdrev (ms)", "fwdrev / revrev"], hvp,
                            "lrrrrrrr"))
-
 
 
 def main(argv=None) -> Dict[str, Any]:

@@ -1,28 +1,11 @@
 """The paper's one-dimensional counter-example: FOM stalls, UFOM and exact do not.
 
-From "Debiasing a First-order Heuristic for Approximate Bi-level Optimization"
-(Likhosherstov et al., ICML 2021); the problem is defined in
-``docs/maths.md#the-papers-counter-example``. Two tasks ``(a_i, b_i)`` share one
-piecewise loss, used as the inner and the outer loss; ``r = 10`` inner SGD
-steps with ``alpha = 0.1``. ``b_2`` is chosen so that at FOM's fixed point the
-true ABLO gradient is ``sqrt(2 D)`` (``D = 0.06``).
-
-It is also a usage example of :class:`torch_ufom.MetaOptimizer` (one random
-task per outer step, ``torch.optim.SGD`` with step size ``10 / (k + 1)``)::
-
-    meta = MetaOptimizer(model, opt, inner_lr=0.1, steps=10, mode="ufom", q=0.1,
-                         generator=torch.Generator().manual_seed(1))
-    for k in range(iters):
-        meta.zero_grad()
-        meta.backward(task_loss, task_loss, task, task)   # support = query = (a_i, b_i)
-        for group in meta.param_groups:
-            group["lr"] = 10 / (k + 1)
-        meta.step()
-
-The outer loss and the true gradient at every iterate come from a float64
-unroll (:func:`true_objective`) checked against ``torch_ufom.hypergrad(mode=
-"exact")``; the report defines its columns and targets. The ``"ufom"``
-adaptive rule measures costs by wall clock, so its trajectory varies between runs.
+``python -m benchmarks.toy [--quick | --tiny]``; the problem is defined in
+``docs/maths.md#the-papers-counter-example`` and the report defines its columns and targets. A usage
+example of :class:`torch_ufom.MetaOptimizer` (one random task per outer step, SGD with step size
+``10 / (k + 1)``); the outer loss and true gradient at every iterate come from a float64 unroll
+(:func:`true_objective`) checked against ``hypergrad(mode="exact")``. The adaptive ``"ufom"`` rule
+measures costs by wall clock, so its trajectory varies between runs.
 """
 from __future__ import annotations
 

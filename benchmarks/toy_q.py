@@ -1,16 +1,9 @@
 """The toy's optimal-q experiment (the authors' T3): which q reaches a gradient threshold cheapest?
 
-:mod:`benchmarks.toy`'s pair of tasks with the authors' T2/T3 constants, for
-inner rates log-spaced in ``[0.001, 0.05]`` and ``q`` on a grid; the report
-defines *reached*, the costs and the predictions. The RMS over the seeds of the
-true gradient estimates the second moment the q formulas reason about (a
-single seed's iterate is too noisy to stop on).
-
-The simulation (:func:`simulate`) runs every (rate, q, seed) at once in
-float64 torch with the piecewise loss's first and second derivatives written
-out, the same estimator as ``MetaOptimizer(mode="ufom")`` with plain SGD
-inside and outside; :func:`cross_check` replays one trajectory through
-``MetaOptimizer`` (forcing the simulation's draws).
+``python -m benchmarks.toy_q [--quick | --tiny]``; the report defines *reached*, the costs and the
+predictions. :func:`simulate` runs every (rate, q, seed) of :mod:`benchmarks.toy`'s tasks at once in
+float64 torch, the ufom estimator with plain SGD; :func:`cross_check` replays one trajectory through
+``MetaOptimizer``.
 """
 from __future__ import annotations
 
