@@ -97,7 +97,8 @@ class SweepLog:
         if self.values is None:
             self.values = torch.empty((self.steps,) + tuple(loss.shape), dtype=loss.dtype,
                                       device=loss.device)
-        self.values[self.count] = loss
+            self._rows = self.values.unbind(0)  # one view per step: a copy_ is cheaper than indexing
+        self._rows[self.count].copy_(loss)
         self.count += 1
         self._count(exact)
 

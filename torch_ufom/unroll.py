@@ -123,13 +123,10 @@ class Reparametrization:
         saved = []
         try:
             for table, key, name in self.slots:
-                value = params.get(name)
-                if value is None:
-                    value = buffers.get(name)
-                    if value is None:
-                        continue
-                saved.append((table, key, table[key]))
-                table[key] = value
+                value = params[name] if name in params else buffers.get(name)
+                if value is not None:
+                    saved.append((table, key, table[key]))
+                    table[key] = value
         except BaseException:
             self.restore(saved)
             raise
