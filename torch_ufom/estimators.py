@@ -78,8 +78,9 @@ def _add(acc: List[Optional[Tensor]], terms: Sequence[Optional[Tensor]], scale: 
 class SweepLog:
     """What one estimate's inner loop reports: the forward pass's losses, written
     into one tensor allocated at the first step, the step counts, and whether
-    every inner loss evaluated (forward pass, replays, rebuilds) was finite (a
-    0-d bool tensor on the losses' device, read once per task).
+    every inner loss evaluated again (replays, rebuilds) was finite (a 0-d bool
+    tensor on the losses' device); :meth:`all_finite` adds the forward pass's
+    losses, and is read once per task.
 
     Keeping each step's 0-d loss alive instead can pin a batch-sized buffer per
     step (seen with ``F.mse_loss``) and fragments the heap, so memory would

@@ -12,7 +12,14 @@ Its inner state is ``State(params, opt, buffers)``; the differentiable part is
 
 Every step ``j`` runs its losses under its own random stream, seeded from one
 base seed and ``j``, so that dropout replays bit-identically whenever a step is
-recomputed.
+recomputed; the global random state is saved once around a whole run
+(:meth:`InnerLoop.streams`) and restored after it.
+
+The module is evaluated at the inner parameters by swapping its parameter and
+buffer entries (:class:`Reparametrization`, found once per loop) rather than by
+``torch.func.functional_call`` at every step, and plain SGD at a plain-number
+rate is applied with foreach kernels (:attr:`~torch_ufom.inner.InnerRule.plain_rate`):
+the same operations as the general path, bit for bit (``tests/test_fastpath.py``).
 """
 from __future__ import annotations
 
