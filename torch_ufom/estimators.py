@@ -20,6 +20,7 @@ weights ``c_m`` (:func:`~torch_ufom.truncation.telescope_weights`), the estimate
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -228,10 +229,18 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     # zero and its VJPs are skipped.
     f = None if c[0] == 0.0 else tuple(c[0] * t for t in e)
     if connected:
-        e, d_exact = chain_vjp(records, e)
-        _add(theta, d_exact, inv_p[1])
-        f = tuple(c[K] * b for b in e) if f is None else tuple(a + c[K] * b for a, b in zip(f, e))
-        records = iter(())
+        # A schedule that decided to replay (a byte budget running Revolve) made unlinked
+        # records: they take the per-depth loop below, one at a time.
+        newest = next(records)
+        records = itertools.chain([newest], records)
+        if newest.linked:
+            del newest
+            e, d_exact = chain_vjp(list(records), e)
+            _add(theta, d_exact, inv_p[1])
+            f = tuple(c[K] * b for b in e) if f is None else tuple(a + c[K] * b for a, b in zip(f, e))
+            records = iter(())
+        else:
+            del newest
     for m, rec in enumerate(records, start=1):
         if f is not None and not identity:
             f, d_first = rec.vjp_first_order(f)

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -639,25 +638,12 @@ def _vjp(outputs, inputs, cotangents, retain_graph=False):
     return out
 
 
-def chain_vjp(records: Iterator["StepRecord"], e):
-    """``(e_start, dtheta)``: the VJP at ``e`` of the exact steps of a sweep (its
-    records, newest first); ``dtheta`` sums the meta-parameter terms of every step.
-    Linked records (``SweepPlan.connected``: a sweep that kept every graph) take one
-    backward through their graph; others one VJP each, consumed one at a time so
-    that a checkpointed sweep keeps one record alive."""
-    records = iter(records)
-    newest = next(records)
-    if newest.linked:
-        first = ([newest] + list(records))[-1]
-        return first._split(_vjp(newest.exact, list(first.leaves.diff) + first.loop.meta, e))
-    total: List[Optional[Tensor]] = []
-    pending = itertools.chain([newest], records)
-    del newest
-    for rec in pending:
-        e, d = rec.vjp_exact(e)
-        total = d if not total else [a if b is None else b if a is None else a + b
-                                     for a, b in zip(total, d)]
-    return e, total
+def chain_vjp(records: Sequence["StepRecord"], e):
+    """``(e_start, dtheta)``: the VJP at ``e`` of the linked exact steps of a connected
+    sweep (``SweepPlan.connected``), newest record first, in one backward through
+    their graph; ``dtheta`` sums the meta-parameter terms of every step."""
+    first, last = records[-1], records[0]
+    return first._split(_vjp(last.exact, list(first.leaves.diff) + first.loop.meta, e))
 
 
 class StepRecord:
