@@ -172,3 +172,54 @@ def test_a_checkpointed_sweep_keeps_few_records_alive(monkeypatch):
     torch_ufom.hypergrad(model, loss, loss, x, x, steps=30, inner_lr=0.1, mode="exact",
                          max_memory=1, hvp="revrev")
     assert len(most) == 30 and max(most) <= 3
+
+
+def test_the_connected_backward_holds_no_record(monkeypatch):
+    """``chain_vjp`` consumes its records before the backward, which then frees each
+    step's tensors as it passes them (no StepRecord is alive during it)."""
+    import weakref
+
+    alive, seen = weakref.WeakSet(), []
+    init, vjp = unroll.StepRecord.__init__, unroll._vjp
+
+    def counted_init(self, *args):
+        init(self, *args)
+        alive.add(self)
+
+    def counted_vjp(*args, **kw):
+        seen.append(len(alive))
+        return vjp(*args, **kw)
+
+    monkeypatch.setattr(unroll.StepRecord, "__init__", counted_init)
+    monkeypatch.setattr(unroll, "_vjp", counted_vjp)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def loss(f, b):
+        return (f(b) ** 2).mean()
+
+    torch_ufom.hypergrad(model, loss, loss, x, x, steps=6, inner_lr=0.1, mode="exact",
+                         memory="store", hvp="revrev")
+    assert seen == [0]
+
+
+@pytest.mark.parametrize("bad, error", [(lambda out: out.detach(), ValueError),
+                                        (lambda out: out.reshape(1), ValueError),
+                                        (lambda out: out.to(torch.complex128), TypeError)])
+def test_a_loss_that_goes_bad_after_the_first_step_is_caught_there(bad, error):
+    """Every step's loss is checked (the cheap check on the first-order fast path defers
+    to the full one), so a loss that changes what it returns gets the named error."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    calls = []
+
+    def loss(f, b):
+        calls.append(1)
+        out = (f(b) ** 2).mean()
+        return bad(out) if len(calls) == 3 else out
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match="inner_loss"):
+        torch_ufom.hypergrad(model, loss, loss, x, x, steps=5, inner_lr=0.1, mode="fom")
+    assert len(calls) == 3
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

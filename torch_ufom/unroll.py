@@ -383,7 +383,12 @@ class PerTask:
 
     def grad(self, loop, state, batch, create_graph):
         fm = loop.fmodel(state.params, state.buffers)
-        loss, _ = loss_and_aux(loop.inner_loss(fm, batch), "inner_loss")  # the inner aux is dropped
+        loss = loop.inner_loss(fm, batch)
+        # A plain tensor that is a real 0-d loss with a graph passes at the cost of four attribute
+        # reads; anything else (an aux, a subclass, an error to raise) takes the full check.
+        if not (type(loss) is Tensor and loss.requires_grad and loss.dim() == 0
+                and loss.dtype.is_floating_point and not loss.is_meta):
+            loss, _ = loss_and_aux(loss, "inner_loss")  # the inner aux is dropped
         grads = torch.autograd.grad(loss, state.params, create_graph=create_graph, allow_unused=True)
         if any(g is None for g in grads):
             grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(state.params, grads))
@@ -518,9 +523,12 @@ class InnerLoop:
         keeps nothing of it, so plain SGD updates its parameters in place.
         """
         if owned and self.plain_rate is not None:
-            params = tuple(p.requires_grad_() for p in state.params)
-            with torch.enable_grad():
-                loss, grads, buffers = self._grad(State(params, state.opt, state.buffers), j, False)
+            params = state.params
+            if params and not params[0].requires_grad:  # made by a step without a graph
+                for p in params:
+                    p.requires_grad_()
+            with _grad_mode(True):
+                loss, grads, buffers = self._grad(state, j, False)
             with torch.no_grad():
                 torch._foreach_add_(params, grads, alpha=-self.plain_rate)
             return State(params, state.opt, buffers), loss.detach(), grads
@@ -611,6 +619,15 @@ class InnerLoop:
 
 
 
+_SAME_MODE = contextlib.nullcontext()
+
+
+def _grad_mode(enabled: bool):
+    """``torch.set_grad_enabled(enabled)``, or a shared no-op where the mode already is
+    ``enabled`` (per step, the context object costs more than the check)."""
+    return _SAME_MODE if torch.is_grad_enabled() == enabled else torch.set_grad_enabled(enabled)
+
+
 def _math_attention():
     """Run ``scaled_dot_product_attention`` under its math kernel (differentiable twice)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -638,12 +655,26 @@ def _vjp(outputs, inputs, cotangents, retain_graph=False):
     return out
 
 
-def chain_vjp(records: Sequence["StepRecord"], e):
+def chain_vjp(records: List["StepRecord"], e):
     """``(e_start, dtheta)``: the VJP at ``e`` of the linked exact steps of a connected
     sweep (``SweepPlan.connected``), newest record first, in one backward through
-    their graph; ``dtheta`` sums the meta-parameter terms of every step."""
-    first, last = records[-1], records[0]
-    return first._split(_vjp(last.exact, list(first.leaves.diff) + first.loop.meta, e))
+    their graph; ``dtheta`` sums the meta-parameter terms of every step.
+
+    Consumes ``records`` (the list is emptied): the backward then frees each
+    step's tensors as it passes them instead of holding every state to the end
+    (about 5 % of the backward's time on the 64-320-320-10 MLP).
+    """
+    outputs, leaves = records[0].exact, records[-1].leaves.diff
+    inputs = list(leaves) + records[-1].loop.meta
+    records.clear()
+    return _split(leaves, _vjp(outputs, inputs, e))
+
+
+def _split(leaves: Sequence[Tensor], grads):
+    """``(state adjoint, meta terms)`` from the VJP on ``leaves + meta`` (zeros for ``None``)."""
+    n = len(leaves)
+    state_adj = tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads[:n]))
+    return state_adj, list(grads[n:])
 
 
 class StepRecord:
@@ -664,10 +695,7 @@ class StepRecord:
         self.linked = False  # whether it continues the previous record's graph (SweepPlan.connected)
 
     def _split(self, grads):
-        n = len(self.leaves.diff)
-        state_adj = tuple(torch.zeros_like(t) if g is None else g
-                          for t, g in zip(self.leaves.diff, grads[:n]))
-        return state_adj, list(grads[n:])
+        return _split(self.leaves.diff, grads)
 
     def vjp_first_order(self, f):
         """``(f_{j-1}, dtheta)``: VJP of the first-order rule ``F~_j`` at ``f``."""
