@@ -132,7 +132,9 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
         # max |g| per tensor in one foreach kernel: NaN and inf carry through the maximum.
         tensors = [g for g in grads if g is not None and g.numel() > 0]
         peaks = torch._foreach_norm(tensors, float("inf")) if tensors else []
-        flags = [torch.isfinite(outer).all()] + [torch.isfinite(p).to(device) for p in peaks]
+        flags = [torch.isfinite(outer).all()]
+        if peaks:
+            flags.append(torch.isfinite(torch.stack([p.to(device) for p in peaks])).all())
         if log.values is not None:
             flags.append(log.all_finite().to(device))
         return torch.stack(flags).all()
@@ -193,13 +195,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     # their summed gradients; any other rule sweeps them first-order too.
     swept = r - K if loop.rule.first_order_additive else 0
     # The summed gradients matter only if a learned hyperparameter enters the update.
-    grad_sum = None
-    for j in range(1, swept + 1):
-        # s_0 is kept (and shares the module's storage); later states are the loop's own.
-        state, loss, g = loop.advance(state, j, owned=j > 1)
-        log.first(loss)
-        if loop.learned_hyper:
-            grad_sum = g if grad_sum is None else tuple(a + b for a, b in zip(grad_sum, g))
+    state, grad_sum = loop.forward(state, swept, log)
     # The first-order stream f starts at the first depth m with c_m != 0; the
     # exact records above it (steps j > r - m) never see a first-order VJP.
     start_f = 0 if diagnostics else next(m for m, cm in enumerate(c) if cm != 0.0)
@@ -227,7 +223,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     f0, theta_0 = (e, list(explicit)) if diagnostics else (None, None)  # G_0: no injections
     # While every injection so far had weight 0 (the exact law), f is exactly
     # zero and its VJPs are skipped.
-    f = None if c[0] == 0.0 else tuple(c[0] * t for t in e)
+    f = None if c[0] == 0.0 else _scaled(c[0], e)
     if connected:
         # A schedule that decided to replay (a byte budget running Revolve) made unlinked
         # records: they take the per-depth loop below, one at a time.
@@ -237,7 +233,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
             del newest
             e, d_exact = chain_vjp(list(records), e)
             _add(theta, d_exact, inv_p[1])
-            f = tuple(c[K] * b for b in e) if f is None else tuple(a + c[K] * b for a, b in zip(f, e))
+            f = _scaled(c[K], e) if f is None else tuple(a + c[K] * b for a, b in zip(f, e))
             records = iter(())
         else:
             del newest
@@ -258,7 +254,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
         if theta_k is not None:
             _add(theta_k, d_exact)
         if c[m] != 0.0:
-            f = tuple(c[m] * b for b in e) if f is None else tuple(a + c[m] * b for a, b in zip(f, e))
+            f = _scaled(c[m], e) if f is None else tuple(a + c[m] * b for a, b in zip(f, e))
     # c_K = 1 / P_K > 0, so f is set here whatever K.
 
     def finish(adjoint, acc):
@@ -274,6 +270,12 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
                    log.forward_steps, log.reverse_steps, g0, gk, final_buffers, aux)
     check_finite(log, est)
     return est
+
+
+def _scaled(weight: float, tensors: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+    """``weight * t`` for each tensor; the tensors themselves for weight 1 (the same values:
+    no tensor is written in place afterwards)."""
+    return tuple(tensors) if weight == 1.0 else tuple(weight * t for t in tensors)
 
 
 def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta) -> Tuple:

@@ -317,9 +317,12 @@ class Evaluator(Protocol):
     def stack(self, params: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
         """The initial adapted parameters from the module's (detached) ones."""
 
-    def grad(self, loop: "InnerLoop", state: State, batch: Any, create_graph: bool):
+    def grad(self, loop: "InnerLoop", state: State, batch: Any, create_graph: bool,
+             fmodel: Optional[FunctionalModel] = None):
         """``(loss, grads, buffers)`` of the inner loss at ``state``; with
-        ``create_graph``, differentiable again by ``torch.autograd``."""
+        ``create_graph``, differentiable again by ``torch.autograd``. ``fmodel``:
+        ``loop.fmodel(state.params, ())`` made once by the caller for a module
+        without buffers (an evaluator may ignore it)."""
 
     def hvp(self, loop: "InnerLoop", state: State, batch: Any, vec: Tuple[Tensor, ...]):
         """``H v`` of the inner loss at ``state.params`` by forward-over-reverse."""
@@ -352,9 +355,12 @@ class Loop(Protocol):
     def initial_state(self) -> State:
         """``s_0``."""
 
-    def advance(self, state: State, j: int, owned: bool = False) -> Tuple[State, Tensor, Tuple[Tensor, ...]]:
-        """Step ``j`` without a graph: ``(s_j, loss_j, g_j)``; with ``owned`` it may
-        update ``state``'s tensors in place (the caller keeps nothing of it)."""
+    def advance(self, state: State, j: int) -> Tuple[State, Tensor, Tuple[Tensor, ...]]:
+        """Step ``j`` without a graph: ``(s_j, loss_j, g_j)``."""
+
+    def forward(self, state: State, stop: int, log) -> Tuple[State, Optional[Tuple[Tensor, ...]]]:
+        """Steps ``1..stop`` from ``s_0`` without a graph, each loss to ``log.first``:
+        ``(s_stop, summed gradients or None)``."""
 
     def record(self, state: State, j: int, plan: SweepPlan) -> "StepRecord":
         """Step ``j`` kept for the reverse sweep, as ``plan`` says."""
@@ -381,8 +387,8 @@ class PerTask:
     def stack(self, params):
         return params
 
-    def grad(self, loop, state, batch, create_graph):
-        fm = loop.fmodel(state.params, state.buffers)
+    def grad(self, loop, state, batch, create_graph, fmodel=None):
+        fm = loop.fmodel(state.params, state.buffers) if fmodel is None else fmodel
         loss = loop.inner_loss(fm, batch)
         # A plain tensor that is a real 0-d loss with a graph passes at the cost of four attribute
         # reads; anything else (an aux, a subclass, an error to raise) takes the full check.
@@ -516,28 +522,54 @@ class InnerLoop:
             self.rule.hyper)
         return tuple(new_p[n] for n in self.names), tuple(new_opt)
 
-    def advance(self, state: State, j: int, owned: bool = False):
-        """Step ``j`` without a graph: returns ``(s_j, loss_j, g_j)``.
-
-        ``owned``: the caller made ``state`` (an earlier ``advance``'s result) and
-        keeps nothing of it, so plain SGD updates its parameters in place.
-        """
-        if owned and self.plain_rate is not None:
-            params = state.params
-            if params and not params[0].requires_grad:  # made by a step without a graph
-                for p in params:
-                    p.requires_grad_()
-            with _grad_mode(True):
-                loss, grads, buffers = self._grad(state, j, False)
-            with torch.no_grad():
-                torch._foreach_add_(params, grads, alpha=-self.plain_rate)
-            return State(params, state.opt, buffers), loss.detach(), grads
+    def advance(self, state: State, j: int):
+        """Step ``j`` without a graph: returns ``(s_j, loss_j, g_j)``."""
         params = tuple(p.detach().requires_grad_() for p in state.params)
         with torch.enable_grad():
             loss, grads, buffers = self._grad(State(params, state.opt, state.buffers), j, False)
         with torch.no_grad():
             new_p, new_opt = self.apply_rule(grads, State(params, state.opt, state.buffers))
         return State(new_p, new_opt, buffers), loss.detach(), grads
+
+    def forward(self, state: State, stop: int, log) -> Tuple[State, Optional[Tuple[Tensor, ...]]]:
+        """Steps ``1..stop`` from ``state`` (``s_0``) without a graph, each loss
+        reported to ``log.first``: the steps that no reverse sweep revisits.
+
+        Returns ``(s_stop, grad_sum)``: ``grad_sum`` is the sum of the steps' inner
+        gradients when a learned hyperparameter enters the update
+        (:meth:`first_order_theta` needs it), else ``None``. ``s_0`` shares the
+        module's storage and is never written. With plain SGD at a plain-number
+        rate, steps ``2..stop`` update the parameters step 1 made in place (one
+        foreach kernel each), and a module without buffers is evaluated through
+        one :class:`FunctionalModel` for all of them: the same operations as
+        :meth:`advance`, without its per-step objects.
+        """
+        if stop == 0:
+            return state, None
+        state, loss, g = self.advance(state, 1)
+        log.first(loss)
+        if self.plain_rate is None or stop == 1:
+            grad_sum = g if self.learned_hyper else None
+            for j in range(2, stop + 1):
+                state, loss, g = self.advance(state, j)
+                log.first(loss)
+                if grad_sum is not None:
+                    grad_sum = tuple(a + b for a, b in zip(grad_sum, g))
+            return state, grad_sum
+        params, rate, batch, grad = state.params, -self.plain_rate, self.batch, self.evaluator.grad
+        for p in params:
+            p.requires_grad_()
+        fm = None if state.buffers else self.fmodel(params, ())
+        with _grad_mode(True):
+            for j in range(2, stop + 1):
+                self._seed(j)
+                loss, grads, buffers = grad(self, state, batch(j - 1), False, fm)
+                with torch.no_grad():
+                    torch._foreach_add_(params, grads, alpha=rate)
+                if buffers:
+                    state = State(params, state.opt, buffers)
+                log.first(loss.detach())
+        return state, None
 
     def record(self, state: State, j: int, plan: SweepPlan) -> "StepRecord":
         """Step ``j`` kept for the reverse sweep: with a graph of the exact rule

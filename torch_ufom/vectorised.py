@@ -234,8 +234,8 @@ class Vectorised:
         # A copy, not an expanded view: forward-mode AD writes into its inputs' tangents.
         return tuple(p.unsqueeze(0).expand(self.size, *p.shape).clone() for p in params)
 
-    def grad(self, loop, state, batch, create_graph):
-        def one(params, b):
+    def grad(self, loop, state, batch, create_graph, fmodel=None):
+        def one(params, b):  # each task's module comes from loop.fmodel inside vmap (fmodel unused)
             def loss_of(ps):
                 loss, _ = loss_and_aux(loop.inner_loss(loop.fmodel(ps, state.buffers), b), "inner_loss")
                 return loss, loss
