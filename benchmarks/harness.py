@@ -173,6 +173,22 @@ def mean_ci(values: Iterable[float], student: bool = False) -> Tuple[float, floa
     return statistics.fmean(xs), z * statistics.stdev(xs) / len(xs) ** 0.5
 
 
+def paired_ratio(a: Mapping[str, Any], b: Mapping[str, Any], basis: str) -> Tuple[float, float, float]:
+    """``(median, q1, q3)`` over rounds of ``a``'s time over ``b``'s in the same round (each row's
+    median within the round): rows timed side by side share whatever load the round had, so the
+    ratio does not move when the machine slows down between rounds. ``a`` and ``b``: a row's
+    ``{"times", "per_round"}`` from :func:`benchmarks.memory.time_rows`."""
+    i = ("wall", "cpu").index(basis)
+
+    def rounds(r):
+        n, xs = r.get("per_round", 1), [t[i] for t in r["times"]]
+        return [statistics.median(xs[k:k + n]) for k in range(0, len(xs) - n + 1, n)]
+
+    ratios = [x / y for x, y in zip(rounds(a), rounds(b))]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return statistics.median(ratios), q[0], q[2]
+
+
 def spread(s: Mapping[str, Any], basis: str) -> str:
     """``"+-12%"``: half the inter-quartile range of ``basis`` relative to its median."""
     lo, hi = s[f"{basis}_iqr"]

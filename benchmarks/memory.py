@@ -4,7 +4,8 @@
 step: ``steps`` inner SGD steps of the MLP 64-320-320-10 on a random support batch, then the gradient
 of the query loss w.r.t. the initial parameters. Rows ``method[+rule]/memory``: ``fom``, ``ufom``,
 ``exact``, ``ufomK`` (ufom, ``force_truncation=steps``), ``higher``, ``inplace`` (issue 13's
-hand-written first-order loop); rules ``+momentum``, ``+adam``, ``+lr`` (a learned rate per tensor);
+hand-written first-order loop), ``unroll`` (a hand-written exact unroll: ``functional_call``, one
+graph, one backward); rules ``+momentum``, ``+adam``, ``+lr`` (a learned rate per tensor);
 memory ``checkpoint``, ``store``, ``recompute``, ``maxNMiB`` (``max_memory=N MiB``) or ``-``.
 Every measurement runs in a child forked from one worker (:func:`run_jobs`); :func:`outer_step`,
 :func:`time_rows` and :func:`run_jobs` also serve :mod:`benchmarks.speed`.
@@ -147,6 +148,20 @@ def outer_step(row_method: str, memory: str, steps: int, prob, generator=None) -
                     diffopt.step(loss(fmodel, support))
                 return torch.autograd.grad(loss(fmodel, query), params)
         return step
+    if method == "unroll":
+        names = [n for n, _ in model.named_parameters()]
+
+        def at(phi):
+            values = dict(zip(names, phi))
+            return lambda *args: torch.func.functional_call(model, values, args)
+
+        def step():  # the exact unroll as users write it: one graph of every step, one backward
+            phi = params
+            for _ in range(steps):
+                grads = torch.autograd.grad(loss(at(phi), support), phi, create_graph=True)
+                phi = [p.add(g, alpha=-INNER_LR) for p, g in zip(phi, grads)]
+            return torch.autograd.grad(loss(at(phi), query), params)
+        return step
     if method == "inplace":
         def step():  # issue 13's floor, as users write it
             m = copy.deepcopy(model)
@@ -183,8 +198,10 @@ def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: in
     at ``steps=1``. ``ufom``, ``fom`` and ``inplace`` run ``ceil(UFOM_DRAWS / rounds)`` calls per round;
     ``ufom`` then draws until ``min_exact`` draws took the exact branch and one did not (at most
     ``MAX_DRAWS``). ``micro`` adds ``t_grad`` and ``t_hvp`` to the rounds.
-    Returns ``{row: {"times": [[wall, cpu], ...], "truncations", "fwd", "rev"}}``.
+    Returns ``{row: {"times": [[wall, cpu], ...], "per_round", "truncations", "fwd", "rev"}}``
+    (``ufom`` rows: extra draws after the rounds).
     """
+    _keep_freed_memory()
     with torch_threads(threads):
         prob = problem(model, seed, device)
         fns, out = {}, {}
@@ -209,6 +226,7 @@ def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: in
                    and (ks.count(steps) < min_exact or 0 not in ks)):
                 ts.append(clock(fns[row], device))
             out[row]["times"] = [list(s) for s in ts]
+            out[row]["per_round"] = per_round.get(row, 1)  # samples per round, in round order
     return out
 
 
@@ -245,12 +263,12 @@ def summarise(row: str, steps: int, r: Dict) -> Dict[str, Any]:
 def rows_for(steps: int, max_replay: int, methods: Sequence[str], memories=MEMORIES) -> tuple:
     """``(rows, notes)``: the ``"method/memory"`` rows at ``steps``, and why any were skipped.
 
-    ``fom``, ``higher`` and ``inplace`` get one row each (memory ``-``).
+    ``fom``, ``higher``, ``inplace`` and ``unroll`` get one row each (memory ``-``).
     """
     rows, notes = [], []
     have_higher = importlib.util.find_spec("higher") is not None
     for m in methods:
-        if m in ("inplace", "higher", "fom"):
+        if m in ("inplace", "higher", "fom", "unroll"):
             if m != "higher" or have_higher:
                 rows.append(f"{m}/-")
             continue
@@ -295,6 +313,17 @@ def _map_large_blocks() -> None:
     so that the peak RSS follows live memory (else identical calls peaked 99-116 MB against 81-82 MB)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+
+
+def _keep_freed_memory() -> None:
+    """Keep freed memory in the process (glibc: no heap trimming, blocks up to 32 MiB from the heap; a
+    no-op elsewhere), so that no timed row pays page faults for memory the previous call gave back: they
+    varied 3-fold between identical runs (400-1,700 per call on the mlp at 20 steps, in a VM where each
+    costs microseconds). PyTorch's CPU tuning guide recommends a caching allocator for the same reason."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its largest value)
 
 
 def _peak(row: str, steps: int, prob, seed: int, device: str) -> Dict[str, Any]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from benchmarks import memory, throughput
-from benchmarks.harness import (Target, fmt, markdown_table, parse, parser, plot_panels, positive_int,
-                                run_fresh, spread, stats, worker_args, write_report)
+from benchmarks.harness import (Target, fmt, markdown_table, paired_ratio, parse, parser, plot_panels,
+                                positive_int, run_fresh, spread, stats, worker_args, write_report)
 
 NAME = "speed"
 MODELS = ("mlp", "sinusoid")
@@ -31,10 +31,15 @@ TEMPLATE = """# Time per outer step against inner steps (benchmarks/speed.py)
 Command: `{command}`
 
 Device {device}, torch {torch}, {threads} thread(s); seed {seed}; inner SGD lr {lr}; float32. Medians over
-{rounds} round-robin rounds (spread: half the inter-quartile range); ratios use {basis} time. (E): ufom's
-expectation (1-q) x median first-order draw + q x median exact draw. *inplace*: issue 13's hand-written
-first-order loop (deep copy, autograd.grad, p.add_ under no_grad); *floor* = steps x t_grad + K x t_hvp
-with K = steps (exact, higher), q x steps (ufom), 0 (fom); *inner fwd / rev*: inner steps run without /
+{rounds} round-robin rounds (spread: half the inter-quartile range); ratios use {basis} time: the median
+over rounds of the two rows' ratio within the round (rows timed side by side share that round's load),
+except for (E): ufom's expectation (1-q) x median first-order draw + q x median exact draw, a ratio of
+medians. The timing processes keep freed memory (glibc: no heap trimming), so that no row pays page
+faults for memory an earlier call gave back. *inplace*: issue 13's hand-written
+first-order loop (deep copy, autograd.grad, p.add_ under no_grad); *unroll*: a hand-written exact unroll
+(functional_call, autograd.grad with create_graph, p.add(g, alpha=-lr), one backward at the end: the
+exact rows' floor); *floor* = steps x t_grad + K x t_hvp with K = steps (exact, higher, unroll), q x steps
+(ufom), 0 (fom); *inner fwd / rev*: inner steps run without /
 with a graph in one outer step (ufom: first-order draw or exact draw).
 
 {tables}
@@ -48,31 +53,39 @@ def analyse(raw: Dict[str, Dict], basis: str) -> Dict[str, Any]:
         steps = int(key.split("/")[1])
         micro = {k: stats(got[k]["times"])[basis] for k in ("t_grad", "t_hvp") if k in got}
         rows = {r: memory.summarise(r, steps, v) for r, v in got.items() if r not in micro}
-        fom, inplace = rows["fom/-"][basis], rows["inplace/-"][basis]
-        hig = rows.get("higher/-", {}).get(basis)
+        bases = {"vs_fom": "fom/-", "vs_inplace": "inplace/-", "vs_higher": "higher/-",
+                 "vs_unroll": "unroll/-"}
         for r, s in rows.items():
             if micro:
                 k = {"fom": 0.0, "ufom": memory.Q * steps, "inplace": 0.0}.get(r.split("/")[0], float(steps))
                 s["floor"] = steps * micro["t_grad"] + k * micro["t_hvp"]
                 s["vs_floor"] = s[basis] / s["floor"]
-            s.update(vs_fom=s[basis] / fom, vs_inplace=s[basis] / inplace, vs_higher=hig and s[basis] / hig)
+            for name, base in bases.items():
+                if base not in rows:
+                    s[name] = None
+                elif r.startswith("ufom/"):  # an expectation over draws: the ratio of medians
+                    s[name] = s[basis] / rows[base][basis]
+                else:  # rows timed in the same rounds: the median of the per-round ratios
+                    s[name], *s[f"{name}_iqr"] = paired_ratio(got[r], got[base], basis)
         out[key] = {"micro": micro, "rows": rows}
     return out
 
 
 def targets(results: Dict[str, Any], basis: str, conv4_steps: int) -> list:
     """Issue 13's items 1 and 2."""
-    def ratio(key, row, vs):
-        return results.get(key, {}).get("rows", {}).get(row, {}).get(vs)
+    def target(name, key, row, vs, limit):
+        s = results.get(key, {}).get("rows", {}).get(row, {})
+        iqr = s.get(f"{vs}_iqr")
+        rounds = f", rounds' quartiles {iqr[0]:.3f}-{iqr[1]:.3f}" if iqr else ""
+        return Target(f"{name} ({key}{rounds})", s.get(vs), limit)
     out = []
     for (model, steps), limit in FOM_VS_INPLACE.items():
-        key = f"{model}/{steps or conv4_steps}"
-        out.append(Target(f"item 1: fom {basis} time / inplace ({key})", ratio(key, "fom/-", "vs_inplace"),
-                          limit))
+        out.append(target(f"item 1: fom {basis} time / inplace", f"{model}/{steps or conv4_steps}", "fom/-",
+                          "vs_inplace", limit))
     for model in ("sinusoid", "mlp"):
         for steps in EXACT_STEPS:
-            out.append(Target(f"item 2: exact/store {basis} time / higher ({model}/{steps})",
-                              ratio(f"{model}/{steps}", "exact/store", "vs_higher"), EXACT_VS_HIGHER))
+            out.append(target(f"item 2: exact/store {basis} time / higher", f"{model}/{steps}", "exact/store",
+                              "vs_higher", EXACT_VS_HIGHER))
     return out
 
 
@@ -85,10 +98,10 @@ def table(results: Dict[str, Any], keys, basis: str) -> str:
             e = " (E)" if s.get("expected") else ""
             out.append([r, steps, f"{s['wall']:.4g}{e}", f"{s['cpu']:.4g}{e}", spread(s, basis),
                         fmt(s["vs_fom"], ".2f", "x"), fmt(s["vs_inplace"], ".2f", "x"),
-                        fmt(s["vs_higher"], ".2f", "x", "n/a"), fmt(s.get("floor"), ".4g"),
-                        fmt(s.get("vs_floor"), ".2f", "x"), s.get("inner", "-")])
+                        fmt(s["vs_higher"], ".2f", "x", "n/a"), fmt(s.get("vs_unroll"), ".2f", "x", "n/a"),
+                        fmt(s.get("floor"), ".4g"), fmt(s.get("vs_floor"), ".2f", "x"), s.get("inner", "-")])
     return markdown_table(["row", "steps", "wall (s)", "CPU (s)", "spread", "/ fom", "/ inplace", "/ higher",
-                           "floor (s)", "/ floor", "inner fwd / rev"], out, "lrrrrrrrrrl")
+                           "/ unroll", "floor (s)", "/ floor", "inner fwd / rev"], out, "lrrrrrrrrrrl")
 
 
 def panels_for(model: str, results: Dict[str, Any], keys, basis: str) -> list:
@@ -132,7 +145,8 @@ def main(argv=None) -> Dict[str, Any]:
     for model, n in [(m, n) for m in models for n in steps[m]] + [("conv4", conv4_steps)]:
         rows, micro = ["inplace/-", "fom/-"], model != "conv4"
         if micro:
-            more, skipped = memory.rows_for(n, args.max_replay or max_replay, ("ufom", "exact", "higher"))
+            more, skipped = memory.rows_for(n, args.max_replay or max_replay, ("ufom", "exact", "higher",
+                                                                                "unroll"))
             rows += more
             notes += [f"{model}: {x}" for x in skipped]
         jobs.append(dict(task="times", model=model, rows=rows, steps=n, micro=micro, **common))

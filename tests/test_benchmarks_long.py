@@ -9,6 +9,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # benchmark runs
 
@@ -58,12 +59,18 @@ def test_speed_tiny(tmp_path):
     assert set(results["conv4/1"]["rows"]) == {"inplace/-", "fom/-"} and data["conv4_steps"] == 1
     paths = data["throughput_raw"]["conv4_path"]
     assert set(paths) == {"fom/batch", "exact/batch"}
-    # item 1 on conv4 is evaluated at the steps run (1 here): fom's median CPU time over the loop's
+    # item 1 on conv4 is evaluated at the steps run (1 here): the median over rounds of fom's median
+    # CPU time in the round over the loop's
     raw = data["raw"]["conv4/1"]
-    ratio = (statistics.median(t[1] for t in raw["fom/-"]["times"])
-             / statistics.median(t[1] for t in raw["inplace/-"]["times"]))
-    targets = {t["name"]: t for t in data["targets"]}
-    assert targets["item 1: fom cpu time / inplace (conv4/1)"]["value"] == pytest.approx(ratio)
+
+    def per_round(row):
+        n, xs = raw[row]["per_round"], [t[1] for t in raw[row]["times"]]
+        return [statistics.median(xs[k:k + n]) for k in range(0, len(xs), n)]
+
+    ratio = statistics.median(a / b for a, b in zip(per_round("fom/-"), per_round("inplace/-")))
+    targets = {t["name"].split(" (")[0] + " " + t["name"].split(" (")[1].split(",")[0].rstrip(")"): t
+               for t in data["targets"]}
+    assert targets["item 1: fom cpu time / inplace conv4/1"]["value"] == pytest.approx(ratio)
     # the others need steps 5, 20, 100 on the mlp and meta-batches of 32 and 16 tasks: not run by --tiny
     held = [t["holds"] for t in data["targets"] if t["name"].startswith("item")]
     assert len(held) == 12 and held.count(None) == 11
@@ -80,3 +87,35 @@ def test_bad_arguments_are_usage_errors(capsys):
     err = capsys.readouterr().err
     assert "ufom" in err and "torch_maml" in err  # the accepted methods are listed
     assert "sinusoid" in err and "cuda" in err
+
+
+def test_paired_ratio_follows_the_rounds_not_the_drift():
+    """The median of per-round ratios: a machine that slows down between rounds moves
+    both rows alike and leaves the ratio; several samples per round give their median."""
+    from benchmarks.harness import paired_ratio
+
+    slow = [1.0, 1.0, 3.0, 3.0, 3.0]  # the machine slows down 3x after two rounds
+    a = {"times": [[0.0, 1.2 * x] for x in slow], "per_round": 1}
+    b = {"times": [[0.0, x] for x in slow for _ in range(3)], "per_round": 3}
+    b["times"][1][1] = 100.0  # one outlier call in the first round
+    median, q1, q3 = paired_ratio(a, b, "cpu")
+    assert median == pytest.approx(1.2) and q1 == pytest.approx(1.2) and q3 == pytest.approx(1.2)
+    # one round where a neighbour's load fell on one row only moves a quartile, not the median
+    a["times"][2][1] = 1.2
+    median, q1, q3 = paired_ratio(a, b, "cpu")
+    assert median == pytest.approx(1.2) and q1 == pytest.approx(0.8)
+
+
+def test_the_unroll_row_computes_what_higher_and_exact_do():
+    """speed.py's hand-written exact unroll is an exact hypergradient (float32 round-off)."""
+    from benchmarks import memory
+
+    prob = memory.problem("sinusoid", 0, "cpu")
+    unroll = memory.outer_step("unroll", "-", 4, prob)()
+    higher = memory.outer_step("higher", "-", 4, prob)()
+    model = prob[0]
+    model.zero_grad(set_to_none=True)
+    memory.outer_step("exact", "store", 4, prob)()
+    exact = [p.grad for p in model.parameters()]
+    for a, b, c in zip(unroll, higher, exact):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6) and torch.allclose(a, c, rtol=1e-4, atol=1e-6)
