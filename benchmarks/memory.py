@@ -30,9 +30,9 @@ import torch
 
 import torch_ufom
 from benchmarks import problems
-from benchmarks.harness import (MB, PeakMemory, Target, fmt, interleave, markdown_table, parse, parser,
-                                positive_int, run_fresh, spread, stats, torch_threads,
-                                worker_args, write_report, clock)
+from benchmarks.harness import (MB, PeakMemory, Target, clock, fmt, interleave, keep_freed_memory,
+                                markdown_table, parse, parser, positive_int, run_fresh, spread, stats,
+                                torch_threads, worker_args, write_report)
 
 NAME = "memory"
 INNER_LR, Q = 0.01, 0.1
@@ -201,7 +201,7 @@ def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: in
     Returns ``{row: {"times": [[wall, cpu], ...], "per_round", "truncations", "fwd", "rev"}}``
     (``ufom`` rows: extra draws after the rounds).
     """
-    _keep_freed_memory()
+    keep_freed_memory()
     with torch_threads(threads):
         prob = problem(model, seed, device)
         fns, out = {}, {}
@@ -313,17 +313,6 @@ def _map_large_blocks() -> None:
     so that the peak RSS follows live memory (else identical calls peaked 99-116 MB against 81-82 MB)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
-
-
-def _keep_freed_memory() -> None:
-    """Keep freed memory in the process (glibc: no heap trimming, blocks up to 32 MiB from the heap; a
-    no-op elsewhere), so that no timed row pays page faults for memory the previous call gave back: they
-    varied 3-fold between identical runs (400-1,700 per call on the mlp at 20 steps, in a VM where each
-    costs microseconds). PyTorch's CPU tuning guide recommends a caching allocator for the same reason."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its largest value)
 
 
 def _peak(row: str, steps: int, prob, seed: int, device: str) -> Dict[str, Any]:
