@@ -26,8 +26,10 @@ STEPS = 3
 @contextlib.contextmanager
 def general_path(monkeypatch):
     """Switch the fast path off: ``functional_call`` and ``rule.update`` every step."""
+    layout = unroll.Reparametrization.layout
     with monkeypatch.context() as m:
-        m.setattr(unroll.Reparametrization, "of", classmethod(lambda cls, module: None))
+        m.setattr(unroll.Reparametrization, "layout",
+                  classmethod(lambda cls, module: layout(module)[:2] + (None,)))  # no swap
         m.setattr(inner.SGD, "plain_rate", property(lambda self: None))
         yield
 
@@ -223,3 +225,28 @@ def test_a_loss_that_goes_bad_after_the_first_step_is_caught_there(bad, error):
         torch_ufom.hypergrad(model, loss, loss, x, x, steps=5, inner_lr=0.1, mode="fom")
     assert len(calls) == 3
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_one_walk_gives_the_module_s_own_names():
+    """``Reparametrization.layout`` (one walk per inner loop) lists the parameters and
+    buffers as ``named_parameters()`` / ``named_buffers()`` do, tied and parametrized
+    modules included, and has no swap for a parametrized module."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, x):
+            return x.triu() + x.triu(1).T
+
+    lin = nn.Linear(3, 3)
+    parametrize.register_parametrization(lin, "weight", Symmetric())
+    shared = nn.Linear(2, 2)
+    emb, dec = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
+    dec.weight = emb.weight
+    modules = [k.build().model for k in KINDS] + [
+        lin, nn.Sequential(shared, nn.ReLU(), shared, nn.BatchNorm1d(2)), nn.Sequential(emb, dec),
+        parametrizations.weight_norm(nn.Linear(3, 2))]
+    for m in modules:
+        params, buffers, swap = unroll.Reparametrization.layout(m)
+        assert [(n, id(t)) for n, t in params] == [(n, id(t)) for n, t in m.named_parameters()]
+        assert [(n, id(t)) for n, t in buffers] == [(n, id(t)) for n, t in m.named_buffers()]
+    assert unroll.Reparametrization.of(lin) is None and unroll.Reparametrization.of(shared) is not None

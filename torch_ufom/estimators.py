@@ -129,15 +129,14 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
     the outer loss and every hypergradient finite. Read once per task."""
     with torch.no_grad():
         device = outer.device
-        # max |g| per tensor in one foreach kernel: NaN and inf carry through the maximum.
-        tensors = [g for g in grads if g is not None and g.numel() > 0]
-        peaks = torch._foreach_norm(tensors, float("inf")) if tensors else []
-        flags = [torch.isfinite(outer).all()]
-        if peaks:
-            flags.append(torch.isfinite(torch.stack([p.to(device) for p in peaks])).all())
+        # max |t| per tensor in one foreach kernel (NaN and inf carry through the maximum), for the
+        # hypergradients, the outer loss and the forward pass's inner losses at once.
+        tensors = [g for g in grads if g is not None and g.numel() > 0] + [outer]
         if log.values is not None:
-            flags.append(log.all_finite().to(device))
-        return torch.stack(flags).all()
+            tensors.append(log.values[:log.count])
+        peaks = torch._foreach_norm(tensors, float("inf"))
+        ok = torch.isfinite(torch.stack([p.to(device) for p in peaks])).all()  # stack promotes dtypes
+        return ok if log.finite is None else ok & log.finite.to(device)
 
 
 def check_finite(log: SweepLog, est: "Estimate") -> None:

@@ -49,8 +49,8 @@ def resolve_hvp(config: Config, model: nn.Module, meta: Sequence[Tensor]) -> str
     ``"fwdrev"`` where it does not apply is a ``ValueError``.
     """
     hvp = config.hvp
-    if hvp == "revrev":
-        return hvp
+    if hvp == "revrev" or (hvp == "auto" and DEFAULT_HVP == "revrev"):
+        return "revrev"  # without looking at the module (a walk per call)
     why = fwdrev_obstacle(model, config, meta)
     if hvp == "auto":
         return "revrev" if why else DEFAULT_HVP

@@ -107,22 +107,29 @@ class Reparametrization:
     @classmethod
     def of(cls, module: nn.Module) -> Optional["Reparametrization"]:
         """The swap for ``module``, or ``None`` where ``functional_call`` must run instead."""
+        return cls.layout(module)[2]
+
+    @classmethod
+    def layout(cls, module: nn.Module) -> Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]],
+                                                 Optional["Reparametrization"]]:
+        """``(named_parameters, named_buffers, swap)`` of ``module`` from one walk of its
+        submodules: the two lists as ``list(module.named_parameters())`` and
+        ``list(module.named_buffers())`` give them, and :meth:`of`'s swap."""
         from torch.nn.utils import parametrize
         slots: List[Tuple[dict, str, str]] = []
         seen = set()  # a submodule reached by two paths has one table
-        for kind in ("_parameters", "_buffers"):
-            primary: Dict[int, str] = {}
-            for prefix, sub in module.named_modules(remove_duplicate=False):
-                if parametrize.is_parametrized(sub):
-                    return None
-                table = getattr(sub, kind)
+        named: Tuple[Dict[int, Tuple[str, Tensor]], Dict[int, Tuple[str, Tensor]]] = ({}, {})
+        parametrized = False
+        for prefix, sub in module.named_modules(remove_duplicate=False):
+            parametrized = parametrized or parametrize.is_parametrized(sub)
+            for table, primary in ((sub._parameters, named[0]), (sub._buffers, named[1])):
                 for key, t in table.items():
                     if t is None or (id(table), key) in seen:
                         continue
                     seen.add((id(table), key))
-                    name = primary.setdefault(id(t), f"{prefix}.{key}" if prefix else key)
+                    name = primary.setdefault(id(t), (f"{prefix}.{key}" if prefix else key, t))[0]
                     slots.append((table, key, name))
-        return cls(slots)
+        return list(named[0].values()), list(named[1].values()), None if parametrized else cls(slots)
 
     def put(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> List:
         """Put ``params`` and ``buffers`` (by name) in place; returns what to restore."""
@@ -444,9 +451,8 @@ class InnerLoop:
         self.inner_loss, self.outer_loss, self.query = problem.inner_loss, problem.outer_loss, query
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
         self.batch = batch_getter(support, self.steps)
-        named = list(module.named_parameters())
-        self.named = dict(named)  # the module's parameters by name, read once per loop
-        self.module_buffers = list(module.named_buffers())
+        named, self.module_buffers, self.swap = Reparametrization.layout(module)  # one walk per loop
+        self.named = dict(named)  # the module's parameters by name
         self.names = list(problem.config.adapted)
         # Parameters the inner loop does not adapt keep their module values (as
         # leaves: a meta-parameter among them gets its gradient through every step).
@@ -457,7 +463,6 @@ class InnerLoop:
         self.learned_hyper = any(id(t) in meta_ids for t in rule.tensors())
         self.cuda_devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
         self.math_attention = math_attention
-        self.swap = Reparametrization.of(module)
         self.plain_rate = rule.plain_rate
 
     # -- state -----------------------------------------------------------------
