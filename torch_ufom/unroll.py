@@ -5,7 +5,9 @@ Its inner state is ``State(params, opt, buffers)``; the differentiable part is
 ``params + opt``. Two step functions share one body:
 
 * :meth:`InnerLoop.advance` computes ``s_j`` from ``s_{j-1}`` without a graph
-  (the forward pass and its replays);
+  (replays, and the forward pass of the steps a sweep records);
+  :meth:`InnerLoop.forward` runs the first steps, those no reverse sweep
+  revisits, as one loop (in place for plain SGD);
 * :meth:`InnerLoop.record` rebuilds step ``j`` with a graph and returns the
   vector-Jacobian products of the exact rule ``F_j`` and of the first-order
   rule ``F~_j`` (the inner gradient held constant).
@@ -16,9 +18,9 @@ recomputed; the global random state is saved once around a whole run
 (:meth:`InnerLoop.streams`) and restored after it.
 
 The module is evaluated at the inner parameters by swapping its parameter and
-buffer entries (:class:`Reparametrization`, found once per loop) rather than by
-``torch.func.functional_call`` at every step, and plain SGD at a plain-number
-rate is applied with foreach kernels (:attr:`~torch_ufom.inner.InnerRule.plain_rate`):
+buffer entries (:class:`Reparametrization`, found in the loop's one walk of the
+module) rather than by ``torch.func.functional_call`` at every step, and plain
+SGD at a plain-number rate is applied with foreach kernels (:attr:`~torch_ufom.inner.InnerRule.plain_rate`):
 the same operations as the general path, bit for bit (``tests/test_fastpath.py``).
 """
 from __future__ import annotations
