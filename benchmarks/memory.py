@@ -24,15 +24,15 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 import torch_ufom
 from benchmarks import problems
 from benchmarks.harness import (MB, PeakMemory, Target, clock, fmt, interleave, keep_freed_memory,
-                                markdown_table, parse, parser, positive_int, run_fresh, spread, stats,
-                                torch_threads, worker_args, write_report)
+                                markdown_table, paired_ratio, parse, parser, positive_int, run_fresh, spread,
+                                stats, torch_threads, worker_args, write_report)
 
 NAME = "memory"
 INNER_LR, Q = 0.01, 0.1
@@ -58,7 +58,10 @@ inner SGD lr {lr} (rows `+momentum`: SGD momentum 0.9; `+adam`: Adam lr 1e-3; `+
 per parameter tensor), float32, seed {seed}. Times: medians over {rounds} round-robin rounds of all rows
 with the same steps in one process (spread: half the inter-quartile range); `ufom`: the expectation
 (1-q) x median first-order draw + q x median exact draw (E); `ufomK`: ufom with its exact branch forced
-(K = steps); (1 call): the time of the peak-measuring call, not of the rounds. Ratios use {basis} time.
+(K = steps); (1 call): the time of the peak-measuring call, not of the rounds. Ratios use {basis} time;
+the targets' time ratios pair the rows round by round (the median over rounds of the two rows' ratio
+within the round; for `ufom`, (1-q) x that ratio for its first-order draws + q x median exact draw /
+median fom), the tables' are ratios of medians. The timing process keeps freed memory (no heap trimming).
 Peak memory: one outer step per row in a fresh (forked) process, above the memory in use just before
 it (blocks of 256 KiB and more mapped one by one: RSS follows live memory). *inner fwd / rev*: inner
 steps run without / with a graph in that outer step. Default memory setting: `{default}`; other
@@ -377,9 +380,36 @@ def _run_job(job: Dict[str, Any]) -> Any:
     return JOBS[spec.pop("task")](**spec)
 
 
-def targets(results: Dict[str, Dict], basis: str) -> List[Target]:
-    """Issue 13's items 3 and 4."""
+def expected_ratio(ufom: Dict, fom: Dict, steps: int, basis: str) -> Optional[float]:
+    """ufom's expected time over fom's from rows timed in the same rounds (:func:`time_rows`):
+    ``(1 - Q)`` x the median over rounds of (ufom's first-order draws / fom's calls, each the round's
+    median) ``+ Q`` x median exact draw / median fom call; ``None`` without both kinds of draws."""
+    i = ("wall", "cpu").index(basis)
+    n, m = ufom["per_round"], fom["per_round"]
+    calls = [t[i] for t in fom["times"]]
+    first = []
+    for k in range(len(calls) // m):
+        xs = [t[i] for t, K in zip(ufom["times"][k * n:(k + 1) * n], ufom["truncations"][k * n:(k + 1) * n])
+              if K == 0]
+        if xs:
+            first.append(statistics.median(xs) / statistics.median(calls[k * m:(k + 1) * m]))
+    exact = [t[i] for t, K in zip(ufom["times"], ufom["truncations"]) if K == steps]
+    if not first or not exact:
+        return None
+    return (1 - Q) * statistics.median(first) + Q * statistics.median(exact) / statistics.median(calls)
+
+
+def targets(results: Dict[str, Dict], basis: str, samples: Optional[Dict[str, Dict]] = None) -> List[Target]:
+    """Issue 13's items 3 and 4; with the rows' ``samples`` (:func:`time_rows`, by ``"row@steps"``)
+    the time ratios pair the rows round by round, else they are ratios of medians."""
+    samples = samples or {}
+
     def ratio(a, b, steps, key=basis):
+        sa, sb = samples.get(f"{a}@{steps}"), samples.get(f"{b}@{steps}")
+        if key == basis and sa and sb:
+            if a.startswith("ufom/"):
+                return expected_ratio(sa, sb, steps, basis)
+            return paired_ratio(sa, sb, basis)[0]
         ra, rb = results.get(f"{a}@{steps}", {}), results.get(f"{b}@{steps}", {})
         return ra[key] / rb[key] if key in ra and key in rb and rb[key] > 0 else None
     out = []
@@ -473,8 +503,10 @@ def main(argv=None) -> Dict[str, Any]:
         peaking = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
             dict(task="peaks", rows=[r for r, _ in g], steps=[n for _, n in g], **common) for g in groups]}))
         got, peaks = timing.result(), peaking.result()
+    samples = {}
     for (steps, rows), times in zip(timed, got):
         results.update({f"{r}@{steps}": summarise(r, steps, times[r]) for r in rows})
+        samples.update({f"{r}@{steps}": times[r] for r in rows})
     for (r, n), peak in zip([x for g in groups for x in g], [x for part in peaks for x in part]):
         one_call = {"one_call": True, "wall": peak["call"][0], "cpu": peak["call"][1]}
         results.setdefault(f"{r}@{n}", one_call).update(peak)
@@ -490,7 +522,7 @@ def main(argv=None) -> Dict[str, Any]:
     return write_report(args, NAME, TEMPLATE, fields, {"rows": results, "notes": notes,
                                                        "default_memory": DEFAULT_MEMORY,
                                                        "other_budgets": list(OTHER_BUDGETS)},
-                        targets(results, basis))
+                        targets(results, basis, samples))
 
 
 if __name__ == "__main__":

@@ -76,3 +76,29 @@ def test_a_failing_benchmark_fails_the_main_job(tmp_path):
     assert main(["--tiny", "--only", "toy", "--device", "cuda", "--out", str(tmp_path)]) == 1
     status = json.loads((tmp_path / "report.json").read_text())["benchmarks"]
     assert status["toy"]["exit_status"] == 2
+
+
+def test_memory_time_targets_pair_the_rounds():
+    """With the rows' samples, item 3's and 4's time ratios pair the rows round by round,
+    and ufom's expectation takes its first-order draws against fom in the same round."""
+    from benchmarks import memory
+
+    d, at, q = memory.DEFAULT_MEMORY, memory.AT, memory.Q
+    load = [1.0, 1.0, 3.0, 3.0, 3.0]  # the machine slows down 3x after two rounds
+
+    def row(factor, per_round=1, ks=None):
+        times = [[0.0, factor * x] for x in load for _ in range(per_round)]
+        return {"times": times, "per_round": per_round, "truncations": ks or [0] * len(times)}
+
+    ks = [0, 0, 0, 0, at, 0, 0, 0, 0, 0]  # ufom: 2 draws per round, one exact draw in round 2
+    ufom = row(1.1, 2, ks)
+    ufom["times"][4][1] = 5.0  # the exact draw (in round 2)
+    samples = {f"fom/-@{at}": row(1.0, 2), f"ufom/{d}@{at}": ufom,
+               f"exact/store@{at}": row(1.0), f"ufomK/store@{at}": row(1.02),
+               f"exact/checkpoint@{at}": row(1.0), f"ufomK/checkpoint@{at}": row(1.2)}
+    results = {k: {"cpu": 1.0, "peak_mb": 10.0} for k in samples}
+    got = {t.name.split(" at ")[0]: t.value for t in memory.targets(results, "cpu", samples)}
+    assert got["item 3: ufomK/store cpu time / exact/store"] == pytest.approx(1.02)
+    assert got["item 3: ufomK/checkpoint cpu time / exact/checkpoint"] == pytest.approx(1.2)
+    # first-order draws 1.1x fom in every round; the exact draw 5.0 over fom's median call (3.0)
+    assert got[f"item 4: ufom/{d} (default) cpu time / fom"] == pytest.approx((1 - q) * 1.1 + q * 5.0 / 3.0)
