@@ -41,7 +41,9 @@ RULES = ("momentum", "adam", "lr")
 DEFAULT_MEMORY = inspect.signature(torch_ufom.MetaOptimizer).parameters["memory"].default
 OTHER_BUDGETS = ("max16MiB", "max128MiB")  # the steps=1000 table's byte budgets beside the default
 UFOM_DRAWS, MAX_DRAWS = 20, 200  # ufom draws per row in the rounds, at least; in all, at most
+REPEAT = 3  # calls per round of a target's two rows (the round's median: one noisy call moves nothing)
 AT, LONG = 100, 1000  # the steps of issue 13's rows
+ITEM_3_ROWS = ("exact/store", "ufomK/store", "exact/checkpoint", "ufomK/checkpoint")
 UFOM_K_VS_EXACT, UFOM_K_PEAK, UFOM_VS_FOM = 1.03, 1.05, 1.30
 LONG_PEAK_VS_STORE, LONG_TIME_VS_STORE = 0.25, 2.0
 # (steps, rounds, max replay, the other budgets timed in the rounds) per size; the last steps value
@@ -58,7 +60,8 @@ inner SGD lr {lr} (rows `+momentum`: SGD momentum 0.9; `+adam`: Adam lr 1e-3; `+
 per parameter tensor), float32, seed {seed}. Times: medians over {rounds} round-robin rounds of all rows
 with the same steps in one process (spread: half the inter-quartile range); `ufom`: the expectation
 (1-q) x median first-order draw + q x median exact draw (E); `ufomK`: ufom with its exact branch forced
-(K = steps); (1 call): the time of the peak-measuring call, not of the rounds. Ratios use {basis} time;
+(K = steps); (1 call): the time of the peak-measuring call, not of the rounds; item 3's four rows run 3
+calls per round (the round's median). Ratios use {basis} time;
 the targets' time ratios pair the rows round by round (the median over rounds of the two rows' ratio
 within the round; for `ufom`, (1-q) x that ratio for its first-order draws + q x median exact draw /
 median fom), the tables' are ratios of medians. The timing process keeps freed memory (no heap trimming).
@@ -196,11 +199,13 @@ def micro_rows(prob, seed: int) -> Dict[str, Callable[[], Any]]:
 
 
 def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: int, device: str,
-              threads: int, min_exact: int = 1, micro: bool = False, min_seconds: float = 0.0) -> Dict:
+              threads: int, min_exact: int = 1, micro: bool = False, min_seconds: float = 0.0,
+              repeat: Sequence[str] = ()) -> Dict:
     """Time ``rows`` (``"method/memory"``) at ``steps`` round-robin in this process, after a warm-up
     at ``steps=1``. ``ufom``, ``fom`` and ``inplace`` run ``ceil(UFOM_DRAWS / rounds)`` calls per round;
     ``ufom`` then draws until ``min_exact`` draws took the exact branch and one did not (at most
-    ``MAX_DRAWS``). ``micro`` adds ``t_grad`` and ``t_hvp`` to the rounds.
+    ``MAX_DRAWS``); the rows in ``repeat`` (a target's pair) run ``REPEAT`` calls per round. ``micro``
+    adds ``t_grad`` and ``t_hvp`` to the rounds.
     Returns ``{row: {"times": [[wall, cpu], ...], "per_round", "truncations", "fwd", "rev"}}``
     (``ufom`` rows: extra draws after the rounds).
     """
@@ -219,6 +224,7 @@ def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: in
             fn()
         draws = -(-UFOM_DRAWS // rounds)
         per_round = {r: draws for r in fns if r.split("/")[0] in ("ufom", "fom", "inplace")}
+        per_round.update({r: REPEAT for r in repeat if r in fns and r not in per_round})
         times = interleave({**fns, **tiny}, rounds, device, per_round, {k: 5 for k in tiny}, min_seconds)
         for row, ts in times.items():
             if row in tiny:
@@ -498,7 +504,8 @@ def main(argv=None) -> Dict[str, Any]:
     groups = [rows_all] if args.size == "tiny" else sorted(([x] for x in rows_all), key=lambda g: -g[0][1])
     with ThreadPoolExecutor(max_workers=2) as pool:
         timing = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
-            dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds, **common)
+            dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds, repeat=ITEM_3_ROWS,
+                 **common)
             for steps, rows in timed]}))
         peaking = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
             dict(task="peaks", rows=[r for r, _ in g], steps=[n for _, n in g], **common) for g in groups]}))

@@ -34,7 +34,8 @@ Device {device}, torch {torch}, {threads} thread(s); seed {seed}; inner SGD lr {
 {rounds} round-robin rounds (spread: half the inter-quartile range); ratios use {basis} time: the median
 over rounds of the two rows' ratio within the round (rows timed side by side share that round's load),
 except for (E): ufom's expectation (1-q) x median first-order draw + q x median exact draw, a ratio of
-medians. The timing processes keep freed memory (glibc: no heap trimming), so that no row pays page
+medians. `exact/store` and `higher` run 3 calls per round (the round's median). The timing processes keep
+freed memory (glibc: no heap trimming), so that no row pays page
 faults for memory an earlier call gave back. *inplace*: issue 13's hand-written
 first-order loop (deep copy, autograd.grad, p.add_ under no_grad); *unroll*: a hand-written exact unroll
 (functional_call, autograd.grad with create_graph, p.add(g, alpha=-lr), one backward at the end: the
@@ -149,7 +150,8 @@ def main(argv=None) -> Dict[str, Any]:
                                                                                 "unroll"))
             rows += more
             notes += [f"{model}: {x}" for x in skipped]
-        jobs.append(dict(task="times", model=model, rows=rows, steps=n, micro=micro, **common))
+        jobs.append(dict(task="times", model=model, rows=rows, steps=n, micro=micro,
+                         repeat=("exact/store", "higher/-"), **common))
     # each (model, steps) in its own child of one worker process (memory.run_jobs), one after the other
     got = run_fresh("benchmarks.memory", worker_args({"jobs": jobs}))
     raw = {f"{j['model']}/{j['steps']}": g for j, g in zip(jobs, got)}
