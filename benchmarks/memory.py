@@ -504,8 +504,8 @@ def main(argv=None) -> Dict[str, Any]:
     groups = [rows_all] if args.size == "tiny" else sorted(([x] for x in rows_all), key=lambda g: -g[0][1])
     with ThreadPoolExecutor(max_workers=2) as pool:
         timing = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
-            dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds, repeat=ITEM_3_ROWS,
-                 **common)
+            dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds,
+                 repeat=ITEM_3_ROWS if steps == AT else (), **common)
             for steps, rows in timed]}))
         peaking = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
             dict(task="peaks", rows=[r for r, _ in g], steps=[n for _, n in g], **common) for g in groups]}))
