@@ -15,6 +15,7 @@ import contextlib
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import torch_ufom
 from torch_ufom import inner, unroll
@@ -250,3 +251,53 @@ def test_one_walk_gives_the_module_s_own_names():
         assert [(n, id(t)) for n, t in params] == [(n, id(t)) for n, t in m.named_parameters()]
         assert [(n, id(t)) for n, t in buffers] == [(n, id(t)) for n, t in m.named_buffers()]
     assert unroll.Reparametrization.of(lin) is None and unroll.Reparametrization.of(shared) is not None
+
+
+def _seeded_steps(monkeypatch, loss, support, steps=6, **kw):
+    """Run ``fom`` and return the result and the steps whose stream was seeded."""
+    seeded = []
+    real = unroll.InnerLoop._seed
+    monkeypatch.setattr(unroll.InnerLoop, "_seed", lambda self, j: seeded.append(j) or real(self, j))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    out = torch_ufom.hypergrad(model, loss, loss, support, support[0] if isinstance(
+        support, unroll.StepBatches) else support, steps=steps, inner_lr=0.1, mode="fom",
+        generator=torch.Generator().manual_seed(3), **kw)
+    return out, sorted(set(seeded))
+
+
+def _flagged(f, b):
+    """A loss that draws a random number only in the batches flagged ``True``."""
+    x, draw = b
+    return (F.dropout(f(x), 0.5) ** 2).mean() if draw else (f(x) ** 2).mean()
+
+
+def test_a_loss_that_draws_nothing_seeds_only_the_first_step(monkeypatch):
+    x = torch.randn(5, 3, dtype=torch.float64)
+    _, seeded = _seeded_steps(monkeypatch, lambda f, b: (f(b) ** 2).mean(), x)
+    assert seeded == [1, 7]  # step 1 (checked for draws) and the outer loss's stream
+
+
+def test_a_loss_that_draws_from_the_first_step_seeds_every_step(monkeypatch):
+    x = torch.randn(5, 3, dtype=torch.float64)
+    _, seeded = _seeded_steps(monkeypatch, lambda f, b: (F.dropout(f(b), 0.5) ** 2).mean(), x)
+    assert seeded == list(range(1, 8))
+
+
+def test_a_loss_that_draws_only_after_the_first_step_gets_each_step_s_stream(monkeypatch):
+    """Step 1 draws nothing, so steps 2.. run unseeded until the check at the end sees
+    that step 3 drew: the steps run again, each under its own stream, and the result
+    is the general path's bit for bit."""
+    x = torch.randn(5, 3, dtype=torch.float64)
+    support = unroll.StepBatches([(x, j >= 2) for j in range(6)])
+    fast, seeded = _seeded_steps(monkeypatch, _flagged, support)
+    assert seeded == list(range(1, 8))
+    with general_path(monkeypatch):
+        slow, _ = _seeded_steps(monkeypatch, _flagged, support)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    # Without the check, steps 3.. would draw from step 1's stream: a different result.
+    with monkeypatch.context() as m:
+        m.setattr(unroll.InnerLoop, "_rng_moved", lambda self, saved: False)
+        unchecked, seeded = _seeded_steps(m, _flagged, support)
+    assert seeded == [1, 7]
+    assert not all(torch.equal(a, b) for a, b in zip(unchecked, slow))

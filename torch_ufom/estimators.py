@@ -104,6 +104,12 @@ class SweepLog:
         self.count += 1
         self._count(exact)
 
+    def rewind(self, count: int) -> None:
+        """Forget the forward pass's steps after the first ``count`` (a sweep about to
+        run them again)."""
+        self.forward_steps -= self.count - count
+        self.count = count
+
     def again(self, loss: Tensor, exact: bool = False) -> None:
         """A step evaluated again (a replay or a rebuild)."""
         self._count(exact)

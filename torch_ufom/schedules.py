@@ -46,13 +46,19 @@ MEMORY_CHOICES = ("checkpoint", "recompute", "store")
 class SweepLog(Protocol):
     """Where a sweep reports each inner-loss evaluation (see
     :class:`~torch_ufom.estimators.SweepLog`): ``first`` for the forward pass,
-    ``again`` for replays and rebuilds; ``exact`` for a step rebuilt with a graph."""
+    ``again`` for replays and rebuilds; ``exact`` for a step rebuilt with a graph.
+    ``count`` is the number of forward-pass steps reported."""
+
+    count: int
 
     def first(self, loss: Tensor, exact: bool) -> None:
         """A step of the forward pass."""
 
     def again(self, loss: Tensor, exact: bool) -> None:
         """A step evaluated again (a replay or a rebuild)."""
+
+    def rewind(self, count: int) -> None:
+        """Forget the forward pass's steps after the first ``count``."""
 
 
 class Schedule:

@@ -506,6 +506,16 @@ class InnerLoop:
         for d in self.cuda_devices:
             torch.cuda.default_generators[d].manual_seed(seed)
 
+    def _rng_state(self) -> Tuple[bytes, ...]:
+        """The global generators' states (the ones :meth:`_seed` seeds), as bytes."""
+        states = [torch.default_generator.get_state()]
+        states += [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
+        return tuple(t.numpy().tobytes() for t in states)
+
+    def _rng_moved(self, saved: Tuple[bytes, ...]) -> bool:
+        """Whether a random number was drawn since :meth:`_rng_state` returned ``saved``."""
+        return self._rng_state() != saved
+
     @contextlib.contextmanager
     def stream(self, j: int):
         """Run the body under step ``j``'s own random stream (inside :meth:`streams`)."""
@@ -546,36 +556,65 @@ class InnerLoop:
         gradients when a learned hyperparameter enters the update
         (:meth:`first_order_theta` needs it), else ``None``. ``s_0`` shares the
         module's storage and is never written. With plain SGD at a plain-number
-        rate, steps ``2..stop`` update the parameters step 1 made in place (one
-        foreach kernel each), and a module without buffers is evaluated through
-        one :class:`FunctionalModel` for all of them: the same operations as
-        :meth:`advance`, without its per-step objects.
+        rate, :meth:`_sgd_forward` runs the same operations as :meth:`advance`
+        without its per-step objects.
         """
         if stop == 0:
             return state, None
+        if self.plain_rate is not None and stop > 1:
+            # From 3 steps on, the check of whether the losses draw random numbers costs less
+            # than the reseeding it saves.
+            out = self._sgd_forward(state, stop, log, seeded=stop < 3)
+            # None: a step after the first drew random numbers; run again, seeding every step.
+            return out if out is not None else self._sgd_forward(state, stop, log, seeded=True)
         state, loss, g = self.advance(state, 1)
         log.first(loss)
-        if self.plain_rate is None or stop == 1:
-            grad_sum = g if self.learned_hyper else None
-            for j in range(2, stop + 1):
-                state, loss, g = self.advance(state, j)
-                log.first(loss)
-                if grad_sum is not None:
-                    grad_sum = tuple(a + b for a, b in zip(grad_sum, g))
-            return state, grad_sum
+        grad_sum = g if self.learned_hyper else None
+        for j in range(2, stop + 1):
+            state, loss, g = self.advance(state, j)
+            log.first(loss)
+            if grad_sum is not None:
+                grad_sum = tuple(a + b for a, b in zip(grad_sum, g))
+        return state, grad_sum
+
+    def _sgd_forward(self, state: State, stop: int, log, seeded: bool) -> Optional[Tuple[State, None]]:
+        """:meth:`forward` for plain SGD at a plain-number rate, ``stop >= 2``.
+
+        Steps ``2..stop`` update the parameters step 1 made in place (one foreach
+        kernel each, through detached aliases: the gradients carry no graph), and a
+        module without buffers is evaluated through one :class:`FunctionalModel`
+        for all of them. Unless ``seeded``, a step after the first is seeded only if
+        step 1 drew random numbers: a step that draws none computes the same
+        whatever its stream. Returns ``None``, with ``log`` rewound, when a later
+        step drew random numbers although step 1 did not (they came from step 1's
+        stream, not their own): the caller runs again, seeded.
+        """
+        start = log.count
+        rng = None
+        if not seeded:
+            self._seed(1)
+            rng = self._rng_state()
+        state, loss, _ = self.advance(state, 1)  # advance seeds step 1 again: the same stream
+        if rng is not None and self._rng_moved(rng):
+            rng, seeded = None, True  # the losses draw random numbers: every step its own stream
+        log.first(loss)
         params, rate, batch, grad = state.params, -self.plain_rate, self.batch, self.evaluator.grad
         for p in params:
             p.requires_grad_()
+        targets = [p.detach() for p in params]  # same storage and version counter
         fm = None if state.buffers else self.fmodel(params, ())
         with _grad_mode(True):
             for j in range(2, stop + 1):
-                self._seed(j)
+                if seeded:
+                    self._seed(j)
                 loss, grads, buffers = grad(self, state, batch(j - 1), False, fm)
-                with torch.no_grad():
-                    torch._foreach_add_(params, grads, alpha=rate)
+                torch._foreach_add_(targets, grads, alpha=rate)
                 if buffers:
                     state = State(params, state.opt, buffers)
                 log.first(loss.detach())
+        if rng is not None and self._rng_moved(rng):
+            log.rewind(start)
+            return None
         return state, None
 
     def record(self, state: State, j: int, plan: SweepPlan) -> "StepRecord":
