@@ -136,17 +136,24 @@ def interleave(rows: Mapping[str, Callable[[], Any]], rounds: int, device: str =
                per_round: Optional[Mapping[str, int]] = None, micro_rows: Optional[Mapping[str, int]] = None,
                min_seconds: float = 0.0) -> Dict[str, List[Sample]]:
     """Time ``rows`` round-robin, ``rounds`` rounds and more until ``min_seconds`` passed; return each
-    row's samples. A round calls every row once (``per_round[name]`` times where given); a row in
-    ``micro_rows`` gives one :func:`micro` sample of that many calls (sub-millisecond rows)."""
+    row's samples. A round calls every row once (``per_round[name]`` times where given), call by call:
+    its ``i``-th pass calls each row that has an ``i``-th call, in the rows' order on even passes and
+    in reverse on odd ones, so that rows with the same count alternate (A B, B A, ...) and the ``k``-th
+    calls of two such rows ran next to each other. A row in ``micro_rows`` gives one :func:`micro`
+    sample of that many calls (sub-millisecond rows), in the first pass."""
     per_round, micro_rows = per_round or {}, micro_rows or {}
     times: Dict[str, List[Sample]] = {name: [] for name in rows}
+    order = list(rows)
+    passes = max([per_round.get(name, 1) for name in order] + [1])
     start, done = time.perf_counter(), 0
     while done < rounds or time.perf_counter() - start < min_seconds:
-        for name, fn in rows.items():
-            if name in micro_rows:
-                times[name].append(micro(fn, micro_rows[name]))
-            else:
-                times[name] += [clock(fn, device) for _ in range(per_round.get(name, 1))]
+        for i in range(passes):
+            for name in (order if i % 2 == 0 else order[::-1]):
+                if name in micro_rows:
+                    if i == 0:
+                        times[name].append(micro(rows[name], micro_rows[name]))
+                elif i < per_round.get(name, 1):
+                    times[name].append(clock(rows[name], device))
         done += 1
     return times
 
@@ -175,17 +182,23 @@ def mean_ci(values: Iterable[float], student: bool = False) -> Tuple[float, floa
 
 
 def paired_ratio(a: Mapping[str, Any], b: Mapping[str, Any], basis: str) -> Tuple[float, float, float]:
-    """``(median, q1, q3)`` over rounds of ``a``'s time over ``b``'s in the same round (each row's
-    median within the round): rows timed side by side share whatever load the round had, so the
-    ratio does not move when the machine slows down between rounds. ``a`` and ``b``: a row's
-    ``{"times", "per_round"}`` from :func:`benchmarks.memory.time_rows`."""
+    """``(median, q1, q3)`` of ``a``'s time over ``b``'s, paired where they ran side by side: rows
+    with the same number of calls per round (:func:`interleave` alternates them call by call) pair
+    their ``k``-th calls of each round; otherwise each row's median within the round pairs with the
+    other's. Paired rows share whatever load their moment had, so the ratio does not move when the
+    machine slows down. ``a`` and ``b``: a row's ``{"times", "per_round"}`` from
+    :func:`benchmarks.memory.time_rows`."""
     i = ("wall", "cpu").index(basis)
+    n, m = a.get("per_round", 1), b.get("per_round", 1)
 
-    def rounds(r):
-        n, xs = r.get("per_round", 1), [t[i] for t in r["times"]]
-        return [statistics.median(xs[k:k + n]) for k in range(0, len(xs) - n + 1, n)]
+    def rounds(r, k):
+        xs = [t[i] for t in r["times"]]
+        return [statistics.median(xs[j:j + k]) for j in range(0, len(xs) - k + 1, k)]
 
-    ratios = [x / y for x, y in zip(rounds(a), rounds(b))]
+    if n == m:  # call by call
+        ratios = [x[i] / y[i] for x, y in zip(a["times"], b["times"])]
+    else:
+        ratios = [x / y for x, y in zip(rounds(a, n), rounds(b, m))]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return statistics.median(ratios), q[0], q[2]
 

@@ -41,7 +41,7 @@ RULES = ("momentum", "adam", "lr")
 DEFAULT_MEMORY = inspect.signature(torch_ufom.MetaOptimizer).parameters["memory"].default
 OTHER_BUDGETS = ("max16MiB", "max128MiB")  # the steps=1000 table's byte budgets beside the default
 UFOM_DRAWS, MAX_DRAWS = 20, 200  # ufom draws per row in the rounds, at least; in all, at most
-REPEAT = 3  # calls per round of a target's two rows (the round's median: one noisy call moves nothing)
+REPEAT = 3  # calls per round of a target's two rows (alternated call by call and paired)
 AT, LONG = 100, 1000  # the steps of issue 13's rows
 ITEM_3_ROWS = ("exact/store", "ufomK/store", "exact/checkpoint", "ufomK/checkpoint")
 UFOM_K_VS_EXACT, UFOM_K_PEAK, UFOM_VS_FOM = 1.03, 1.05, 1.30
@@ -61,10 +61,11 @@ per parameter tensor), float32, seed {seed}. Times: medians over {rounds} round-
 with the same steps in one process (spread: half the inter-quartile range); `ufom`: the expectation
 (1-q) x median first-order draw + q x median exact draw (E); `ufomK`: ufom with its exact branch forced
 (K = steps); (1 call): the time of the peak-measuring call, not of the rounds; item 3's four rows run 3
-calls per round (the round's median). Ratios use {basis} time;
-the targets' time ratios pair the rows round by round (the median over rounds of the two rows' ratio
-within the round; for `ufom`, (1-q) x that ratio for its first-order draws + q x median exact draw /
-median fom), the tables' are ratios of medians. The timing process keeps freed memory (no heap trimming).
+calls per round. A round calls the rows call by call, alternating their order (A B, B A, ...). Ratios
+use {basis} time; the targets' time ratios pair calls that ran next to each other (the median of the
+two rows' per-call ratios; for `ufom`, (1-q) x that median for its first-order draws against `fom` +
+q x median exact draw / median fom), the tables' are ratios of medians. The timing process keeps freed
+memory (no heap trimming).
 Peak memory: one outer step per row in a fresh (forked) process, above the memory in use just before
 it (blocks of 256 KiB and more mapped one by one: RSS follows live memory). *inner fwd / rev*: inner
 steps run without / with a graph in that outer step. Default memory setting: `{default}`; other
@@ -388,17 +389,22 @@ def _run_job(job: Dict[str, Any]) -> Any:
 
 def expected_ratio(ufom: Dict, fom: Dict, steps: int, basis: str) -> Optional[float]:
     """ufom's expected time over fom's from rows timed in the same rounds (:func:`time_rows`):
-    ``(1 - Q)`` x the median over rounds of (ufom's first-order draws / fom's calls, each the round's
-    median) ``+ Q`` x median exact draw / median fom call; ``None`` without both kinds of draws."""
+    ``(1 - Q)`` x the median of ufom's first-order draws over fom's calls (call by call where both
+    ran as many calls per round, :func:`~benchmarks.harness.interleave` alternating them; else each
+    the round's median) ``+ Q`` x median exact draw / median fom call; ``None`` without both kinds
+    of draws."""
     i = ("wall", "cpu").index(basis)
     n, m = ufom["per_round"], fom["per_round"]
     calls = [t[i] for t in fom["times"]]
     first = []
-    for k in range(len(calls) // m):
-        xs = [t[i] for t, K in zip(ufom["times"][k * n:(k + 1) * n], ufom["truncations"][k * n:(k + 1) * n])
-              if K == 0]
-        if xs:
-            first.append(statistics.median(xs) / statistics.median(calls[k * m:(k + 1) * m]))
+    if n == m:
+        first = [t[i] / c for t, K, c in zip(ufom["times"], ufom["truncations"], calls) if K == 0]
+    else:
+        for k in range(len(calls) // m):
+            xs = [t[i] for t, K in zip(ufom["times"][k * n:(k + 1) * n],
+                                       ufom["truncations"][k * n:(k + 1) * n]) if K == 0]
+            if xs:
+                first.append(statistics.median(xs) / statistics.median(calls[k * m:(k + 1) * m]))
     exact = [t[i] for t, K in zip(ufom["times"], ufom["truncations"]) if K == steps]
     if not first or not exact:
         return None

@@ -31,10 +31,12 @@ TEMPLATE = """# Time per outer step against inner steps (benchmarks/speed.py)
 Command: `{command}`
 
 Device {device}, torch {torch}, {threads} thread(s); seed {seed}; inner SGD lr {lr}; float32. Medians over
-{rounds} round-robin rounds (spread: half the inter-quartile range); ratios use {basis} time: the median
-over rounds of the two rows' ratio within the round (rows timed side by side share that round's load),
-except for (E): ufom's expectation (1-q) x median first-order draw + q x median exact draw, a ratio of
-medians. `exact/store` and `higher` run 3 calls per round (the round's median). The timing processes keep
+{rounds} round-robin rounds, each calling the rows call by call in alternating order (A B, B A, ...;
+spread: half the inter-quartile range); ratios use {basis} time: the median of the two rows' ratios
+call by call (calls that ran next to each other share their moment's load; rows with different
+calls per round: the rounds' medians), except for (E): ufom's expectation (1-q) x median
+first-order draw + q x median exact draw, a ratio of medians. `exact/store` and `higher` run 3
+calls per round; `inplace`, `fom` and `ufom` {draws}. The timing processes keep
 freed memory (glibc: no heap trimming), so that no row pays page
 faults for memory an earlier call gave back. *inplace*: issue 13's hand-written
 first-order loop (deep copy, autograd.grad, p.add_ under no_grad); *unroll*: a hand-written exact unroll
@@ -77,7 +79,7 @@ def targets(results: Dict[str, Any], basis: str, conv4_steps: int) -> list:
     def target(name, key, row, vs, limit):
         s = results.get(key, {}).get("rows", {}).get(row, {})
         iqr = s.get(f"{vs}_iqr")
-        rounds = f", rounds' quartiles {iqr[0]:.3f}-{iqr[1]:.3f}" if iqr else ""
+        rounds = f", pairs' quartiles {iqr[0]:.3f}-{iqr[1]:.3f}" if iqr else ""
         return Target(f"{name} ({key}{rounds})", s.get(vs), limit)
     out = []
     for (model, steps), limit in FOM_VS_INPLACE.items():
@@ -176,6 +178,7 @@ def main(argv=None) -> Dict[str, Any]:
             "throughput": {k: v for k, v in tp_data.items() if k != "targets"}}
     return write_report(args, NAME, TEMPLATE + "\n" + tp_text.replace("{", "{{").replace("}", "}}"),
                         dict(seed=args.seed, lr=memory.INNER_LR, rounds=rounds, basis=basis,
+                             draws=-(-memory.UFOM_DRAWS // rounds),
                              tables="\n".join(tables), notes="".join(f"\n- {n}" for n in notes)),
                         data, targets(results, basis, conv4_steps) + tp_data["targets"], [figure])
 
