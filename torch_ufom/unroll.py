@@ -510,7 +510,7 @@ class InnerLoop:
         """The global generators' states (the ones :meth:`_seed` seeds), as bytes."""
         states = [torch.default_generator.get_state()]
         states += [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
-        return tuple(t.numpy().tobytes() for t in states)
+        return tuple(t.numpy().tobytes() for t in states)  # numpy comes with checkpoint_schedules
 
     def _rng_moved(self, saved: Tuple[bytes, ...]) -> bool:
         """Whether a random number was drawn since :meth:`_rng_state` returned ``saved``."""
