@@ -60,14 +60,15 @@ inner SGD lr {lr} (rows `+momentum`: SGD momentum 0.9; `+adam`: Adam lr 1e-3; `+
 per parameter tensor), float32, seed {seed}. Times: medians over {rounds} round-robin rounds of all rows
 with the same steps in one process (spread: half the inter-quartile range); `ufom`: the expectation
 (1-q) x median first-order draw + q x median exact draw (E); `ufomK`: ufom with its exact branch forced
-(K = steps); (1 call): the time of the peak-measuring call, not of the rounds; item 3's four rows run 3
+(K = steps); (1 call): one call timed after the peak-measuring one, in its process, not in the rounds;
+item 3's four rows run 3
 calls per round. A round calls the rows call by call, alternating their order (A B, B A, ...). Ratios
 use {basis} time; the targets' time ratios pair calls that ran next to each other (the median of the
 two rows' per-call ratios; for `ufom`, (1-q) x that median for its first-order draws against `fom` +
 q x median exact draw / median fom), the tables' are ratios of medians. The timing process keeps freed
 memory (no heap trimming).
 Peak memory: one outer step per row in a fresh (forked) process, above the memory in use just before
-it (blocks of 256 KiB and more mapped one by one: RSS follows live memory). *inner fwd / rev*: inner
+it (blocks of 32 KiB and more mapped one by one: RSS follows live memory). *inner fwd / rev*: inner
 steps run without / with a graph in that outer step. Default memory setting: `{default}`; other
 budgets: {budgets}.
 
@@ -309,23 +310,28 @@ def long_rows() -> List[str]:
 
 
 def measure_peaks(rows: Sequence[str], steps: Sequence[int], seed: int, device: str, threads: int,
-                  model: str = "mlp") -> List[Dict[str, Any]]:
+                  model: str = "mlp", time_call: Sequence[bool] = ()) -> List[Dict[str, Any]]:
     """The peak memory of each row's outer step at its ``steps``, in this (fresh) process (see the module
-    docstring; ``--tiny`` measures every row in one process), with that call's ``[wall, cpu]`` seconds."""
-    _map_large_blocks()
+    docstring; ``--tiny`` measures every row in one process), with a call's ``[wall, cpu]`` seconds:
+    for the rows flagged in ``time_call``, one more call under the timing processes' allocator
+    settings (:func:`~benchmarks.harness.keep_freed_memory`), else the peak-measuring call's."""
+    time_call = list(time_call) or [False] * len(rows)
     with torch_threads(threads):
         prob = problem(model, seed, device)
-        return [_peak(row, n, prob, seed, device) for row, n in zip(rows, steps)]
+        return [_peak(row, n, prob, seed, device, t) for row, n, t in zip(rows, steps, time_call)]
 
 
 def _map_large_blocks() -> None:
-    """Map every block of 256 KiB or more on its own (glibc's ``M_MMAP_THRESHOLD``; a no-op elsewhere),
-    so that the peak RSS follows live memory (else identical calls peaked 99-116 MB against 81-82 MB)."""
+    """Map every block of 32 KiB or more on its own (glibc's ``M_MMAP_THRESHOLD``; a no-op elsewhere),
+    so that the peak RSS follows live memory: at 256 KiB the 80 KB activations and gradients of the
+    MLP came from a fragmented heap, and five identical calls peaked 81-86 MB (exact/store at 100
+    steps); at 32 KiB 77.7-77.9 MB. (With glibc's defaults identical calls peaked 99-116 MB.)"""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, 32 * 1024)  # M_MMAP_THRESHOLD
 
 
-def _peak(row: str, steps: int, prob, seed: int, device: str) -> Dict[str, Any]:
+def _peak(row: str, steps: int, prob, seed: int, device: str, time_call: bool = False) -> Dict[str, Any]:
+    _map_large_blocks()
     method, memory = row.split("/")
     outer_step(method, memory, 1, prob)()
     gen = torch.Generator(device=device).manual_seed(seed) if method == "ufom" else None
@@ -338,6 +344,9 @@ def _peak(row: str, steps: int, prob, seed: int, device: str) -> Dict[str, Any]:
             call = [time.perf_counter() - wall, time.process_time() - cpu]
             if method != "ufom" or res.truncation == steps or draws == MAX_DRAWS:
                 break
+    if time_call:  # mapping every block costs page faults: time a call as the timing processes would
+        keep_freed_memory()
+        call = list(clock(step, device))
     out = {"peak_mb": mem.peak_bytes / MB, "peak_exact": mem.exact, "draws": draws, "call": call}
     if isinstance(res, torch_ufom.MetaResult):
         out.update(fwd=res.forward_steps, rev=res.reverse_steps)
@@ -513,8 +522,10 @@ def main(argv=None) -> Dict[str, Any]:
             dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds,
                  repeat=ITEM_3_ROWS if steps == AT else (), **common)
             for steps, rows in timed]}))
+        timed_rows = {(r, n) for n, rs in timed for r in rs}
         peaking = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
-            dict(task="peaks", rows=[r for r, _ in g], steps=[n for _, n in g], **common) for g in groups]}))
+            dict(task="peaks", rows=[r for r, _ in g], steps=[n for _, n in g],
+                 time_call=[x not in timed_rows for x in g], **common) for g in groups]}))
         got, peaks = timing.result(), peaking.result()
     samples = {}
     for (steps, rows), times in zip(timed, got):

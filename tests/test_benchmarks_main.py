@@ -24,7 +24,7 @@ def test_memory_tiny_measures_every_row(tmp_path):
     assert set(rows) == short | budgets
     for key, r in rows.items():
         assert r["wall"] > 0 and r["cpu"] > 0 and r["peak_mb"] >= 0, key
-        if not r.get("one_call"):  # --tiny times the other budgets by their peak-measuring call only
+        if not r.get("one_call"):  # --tiny times the other budgets by one call in their peak process
             lo, hi = r["cpu_iqr"]
             assert lo <= hi
     assert {k for k, r in rows.items() if r.get("one_call")} == {f"exact/{b}@3" for b in memory.OTHER_BUDGETS}
