@@ -61,8 +61,8 @@ per parameter tensor), float32, seed {seed}. Times: medians over {rounds} round-
 with the same steps in one process (spread: half the inter-quartile range); `ufom`: the expectation
 (1-q) x median first-order draw + q x median exact draw (E); `ufomK`: ufom with its exact branch forced
 (K = steps); (1 call): one call timed after the peak-measuring one, in its process, not in the rounds;
-item 3's four rows run 3
-calls per round. A round calls the rows call by call, alternating their order (A B, B A, ...). Ratios
+item 3's four rows run 3 calls per round. A round calls the rows call by call, alternating their order
+(A B, B A, ...). Ratios
 use {basis} time; the targets' time ratios pair calls that ran next to each other (the median of the
 two rows' per-call ratios; for `ufom`, (1-q) x that median for its first-order draws against `fom` +
 q x median exact draw / median fom), the tables' are ratios of medians. The timing process keeps freed
