@@ -179,7 +179,7 @@ def make_trainer(method: str, model: nn.Module, rates, wd, outer, steps: int, ba
                     diffopt.step(xent(fmodel, batch))
                 loss = xent(fmodel, val)
                 loss.backward()
-            return {"val": float(loss)}
+            return {"val": float(loss.detach())}
         return step
 
     if method == "torch_maml":
@@ -192,7 +192,7 @@ def make_trainer(method: str, model: nn.Module, rates, wd, outer, steps: int, ba
             result = maml(batches)
             loss = xent(result.model, val)
             loss.backward()
-            return {"val": float(loss)}
+            return {"val": float(loss.detach())}
         return step
 
     raise ValueError(f"Invalid method: {method!r} (expected one of {', '.join(METHODS)})")
