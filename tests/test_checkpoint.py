@@ -333,19 +333,21 @@ def test_budget_sized_checkpoint_equals_store_and_the_oracle(steps, max_memory):
 
 @pytest.mark.parametrize("max_memory", [None, 1, 30_000])
 def test_budget_sized_sweep_whose_first_steps_are_first_order(max_memory):
-    # Momentum is not first-order additive: the sweep covers every step, the first
-    # steps - K first-order and the last K exact; the measured first step is recorded
-    # exact (keeping its gradient) so that G is an exact step's.
+    # Momentum with weight decay is neither first-order additive nor first-order identity:
+    # the sweep covers every step, the first steps - K first-order and the last K exact;
+    # the measured first step is recorded exact (keeping its gradient) so that G is an
+    # exact step's.
     model, loss, data = mlp_problem(12)
     params = list(model.parameters())
     got = {}
+    rule = SGD(0.05, momentum=0.9, weight_decay=0.01)
+    assert not rule.first_order_identity
     for memory, kw in (("store", {}), ("checkpoint", {"max_memory": max_memory})):
         got[memory] = torch_ufom.hypergrad(model, loss, loss, lambda j: data[j], data[-1], steps=9,
-                                           inner=SGD(0.05, momentum=0.9), mode="truncated", k=4,
-                                           memory=memory, **kw)
+                                           inner=rule, mode="truncated", k=4, memory=memory, **kw)
     assert rel_err(got["checkpoint"], got["store"]) < 1e-12
     want = brute_force(model, loss, loss, lambda j: data[j], data[-1], 9, None, params, 4,
-                       rule=ref_sgd(0.05, momentum=0.9))
+                       rule=ref_sgd(0.05, momentum=0.9, weight_decay=0.01))
     assert rel_err(got["checkpoint"], want) < 1e-10
 
 

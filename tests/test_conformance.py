@@ -56,6 +56,10 @@ RULES = {  # the library's inner rule and the oracle's reference step
     "sgd": (lambda: inner.SGD(LR), ref_sgd(LR)),
     "momentum": (lambda: inner.SGD(LR, momentum=0.9), ref_sgd(LR, momentum=0.9)),
     "adam": (lambda: inner.Adam(ADAM_LR), ref_adam(ADAM_LR)),
+    # Weight decay makes the momentum buffer read phi: not first_order_identity, so the
+    # first-order steps are swept backwards (momentum and Adam alone pass them unchanged).
+    "momentum_wd": (lambda: inner.SGD(LR, momentum=0.9, weight_decay=0.01),
+                    ref_sgd(LR, momentum=0.9, weight_decay=0.01)),
 }
 
 
@@ -81,6 +85,7 @@ PATHS = [
     Path("hypergrad fwdrev", "hypergrad", hvp="fwdrev"),
     Path("hypergrad momentum", "hypergrad", rule="momentum"),
     Path("hypergrad adam", "hypergrad", rule="adam"),
+    Path("hypergrad momentum+wd", "hypergrad", rule="momentum_wd"),
     Path("backward", "backward"),
     Path("backward momentum", "backward", rule="momentum"),
     Path("backward adam", "backward", rule="adam"),

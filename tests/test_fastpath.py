@@ -105,11 +105,17 @@ def close(a, b, tol=1e-12):
     return float((a - b).abs().max()) <= tol * scale
 
 
+RULES = {"sgd": lambda: {"inner_lr": 0.1},  # momentum and Adam: first_order_identity, stateful
+         "momentum": lambda: {"inner": torch_ufom.inner.SGD(0.1, momentum=0.9)},
+         "adam": lambda: {"inner": torch_ufom.inner.Adam(0.05)}}
+
+
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
 @pytest.mark.parametrize("mode, memory", [("exact", "store"), ("exact", "checkpoint"),
                                           ("exact", "budget"), ("exact", "tight budget"),
                                           ("ufom", "store"), ("truncated", "store")])
-def test_connected_sweep_equals_the_per_step_sweep(kind, mode, memory, monkeypatch):
+def test_connected_sweep_equals_the_per_step_sweep(kind, mode, memory, rule, monkeypatch):
     """One backward through the chained exact steps equals one VJP per step (float64)."""
     from torch_ufom import estimators, schedules
     chained = []
@@ -134,8 +140,8 @@ def test_connected_sweep_equals_the_per_step_sweep(kind, mode, memory, monkeypat
         support, query = prob.task(0)
         params = [p for p in prob.model.parameters() if p.requires_grad]
         return torch_ufom.hypergrad(prob.model, prob.inner_loss, prob.outer_loss, support, query,
-                                    steps=STEPS, inner_lr=0.1, mode=mode, memory=memory, params=params,
-                                    generator=torch.Generator().manual_seed(3), **kw)
+                                    steps=STEPS, mode=mode, memory=memory, params=params,
+                                    generator=torch.Generator().manual_seed(3), **RULES[rule](), **kw)
 
     connected = call()
     assert chained == linked

@@ -442,3 +442,67 @@ def test_bad_per_step_values():
     with pytest.raises(ValueError, match="Invalid lr: a torch.float32 tensor for parameter '0.weight'"):
         SGD(PerStep(torch.zeros(4, dtype=torch.float32))).validate(params, steps=4)
     assert SGD(PerStep([0.1, 0.1])).first_order_additive is False and SGD(0.1).first_order_additive
+
+
+# -- first_order_identity ----------------------------------------------------------------------
+
+IDENTITY_CASES = CASES + [(SGD, None, None, dict(lr=PerStep([0.1, 0.2, 0.3]), momentum=0.9))]
+
+
+@pytest.mark.parametrize("rule, optim, ref, kw", IDENTITY_CASES,
+                         ids=lambda c: getattr(c, "__name__", str(c)))
+def test_first_order_identity_is_declared_where_it_holds(rule, optim, ref, kw):
+    # With the gradient held constant, the VJP of the update gives the parameters exactly their
+    # own cotangent (the optimizer state's cotangent reaches them not at all) where the rule
+    # declares first_order_identity, and something else where it does not (weight decay).
+    r = rule(**kw)
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 2, generator=gen, dtype=torch.float64),
+              "b": torch.randn(2, generator=gen, dtype=torch.float64)}
+
+    def grads():
+        return {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
+
+    state = r.init(params)
+    for _ in range(2):  # a state away from its zeros
+        params, state = r.update(grads(), state, params, r.hyper)
+    g = grads()
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    opt = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in state)
+    new_p, new_o = r.update(g, opt, leaves, r.hyper)
+    outs = list(new_p.values()) + [t for t in new_o if t.requires_grad]
+    cots = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in outs]
+    got = torch.autograd.grad(outs, list(leaves.values()), cots, allow_unused=True)
+    passes = all(a is not None and torch.equal(a, c) for a, c in zip(got, cots))
+    assert r.first_order_identity is passes
+    assert r.first_order_identity or not r.first_order_additive
+
+
+@pytest.mark.parametrize("make", [lambda: SGD(0.1, momentum=0.9, nesterov=True), lambda: Adam(0.05),
+                                  lambda: RMSprop(0.01, momentum=0.9, centered=True)],
+                         ids=["momentum", "adam", "rmsprop"])
+@pytest.mark.parametrize("mode, kw", [("fom", {}), ("truncated", {"k": 2}), ("ufom", {"q": 0.5})])
+def test_identity_rules_sweep_no_first_order_step(make, mode, kw, monkeypatch):
+    # Without a learned hyperparameter such a rule runs its first-order steps forward only:
+    # no first-order VJP at all, and the result of the first-order sweep (which it skips).
+    model, loss, data = mlp_problem(3)
+    model.double()
+    data = [(x.double(), y.double()) for x, y in data]
+    calls = []
+    vjp = torch_ufom.unroll.StepRecord.vjp_first_order
+    monkeypatch.setattr(torch_ufom.unroll.StepRecord, "vjp_first_order",
+                        lambda self, f: calls.append(1) or vjp(self, f))
+
+    def run(identity):
+        rule = make()
+        assert rule.first_order_identity
+        rule.first_order_identity = identity
+        calls.clear()
+        got = torch_ufom.hypergrad(model, loss, loss, lambda j: data[j], data[-1], steps=6, inner=rule,
+                                   mode=mode, generator=torch.Generator().manual_seed(1),
+                                   force_truncation=2 if mode == "ufom" else None, **kw)
+        return got, len(calls)
+
+    (fast, n_fast), (swept, n_swept) = run(True), run(False)
+    assert n_fast == 0 and n_swept > 0
+    assert rel_err(fast, swept) < 1e-12

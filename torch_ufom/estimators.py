@@ -196,27 +196,33 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     log = SweepLog(r)
     state = loop.initial_state()
     s0 = state
-    # An additive rule needs nothing of the first r - K steps in reverse but
-    # their summed gradients; any other rule sweeps them first-order too.
-    swept = r - K if loop.rule.first_order_additive else 0
+    # For an additive rule with no learned hyperparameter the first-order VJP is the
+    # identity with no meta-parameter terms; for a rule with first_order_identity and no
+    # learned hyperparameter it is the identity on the parameters' adjoint, and what it
+    # gives the optimizer state never reaches them. Either way the stream passes
+    # unchanged, so it is not swept and the exact records keep no gradient for it
+    # (ufom's exact branch then costs what exact costs).
+    rule = loop.rule
+    identity = (rule.first_order_additive or rule.first_order_identity) and not loop.learned_hyper
+    # An additive rule needs nothing of the first r - K steps in reverse but their
+    # summed gradients, and an identity one nothing at all; any other rule sweeps
+    # them first-order too.
+    swept = r - K if rule.first_order_additive or identity else 0
     # The summed gradients matter only if a learned hyperparameter enters the update.
     state, grad_sum = loop.forward(state, swept, log)
     # The first-order stream f starts at the first depth m with c_m != 0; the
     # exact records above it (steps j > r - m) never see a first-order VJP.
     start_f = 0 if diagnostics else next(m for m, cm in enumerate(c) if cm != 0.0)
-    # For an additive rule with no learned hyperparameter the first-order VJP is the
-    # identity with no meta-parameter terms: the stream passes unchanged, so it is not
-    # swept and the exact records keep no gradient for it (ufom's exact branch then
-    # costs what exact costs).
-    identity = loop.rule.first_order_additive and not loop.learned_hyper
     # When, besides, every exact depth has the same weight and injects nothing before
     # the last, the exact stream is needed only at s_{r-K}: the exact steps then form
     # one graph differentiated by one backward (schedules that keep every graph).
     connected = (identity and not diagnostics and K > 0 and loop.hvp == "revrev"
                  and schedule.keeps_every_graph(K) and all(w == inv_p[1] for w in inv_p[1:])
                  and not any(c[1:K]))
-    plan = SweepPlan(exact_after=r - K, first_order_until=0 if identity and not diagnostics
-                     else r - start_f, connected=connected)
+    # Under identity no first-order VJP runs, G_0's and G_K's streams included: the exact
+    # records keep no gradient (forward-over-reverse records keep theirs for H u).
+    plan = SweepPlan(exact_after=r - K, first_order_until=0 if identity else r - start_f,
+                     connected=connected)
     state, records = schedule.sweep(loop, state, swept, r, log, plan)
     final_buffers = state.buffers
 

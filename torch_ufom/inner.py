@@ -26,6 +26,16 @@ state unchanged and is linear in the gradients with the same coefficients at
 every step. The estimator then sums the first-order steps' gradients during
 the forward pass instead of sweeping them backwards.
 
+``first_order_identity`` declares less: with the gradients held constant, the
+new parameters are the old ones plus a term that does not read them, and no
+entry of the new optimizer state reads the parameters (momentum and Adam
+without weight decay). The first-order VJP then passes the parameters'
+adjoint unchanged, and what it gives the optimizer state never reaches the
+parameters. With no learned hyperparameter the estimator then sweeps no
+first-order step, as for an additive rule. Every additive rule has the
+property whether it declares it or not; weight decay (``phi`` read by the
+update) breaks both.
+
 The rules keep their step count in ``state[0]`` when they need it (momentum
 buffers, bias corrections, :class:`PerStep` values). ``update`` acts
 elementwise on the state, so it runs unchanged on a meta-batch's state
@@ -248,6 +258,7 @@ class InnerRule:
 
     hyper: Dict[str, Hyper]
     first_order_additive: bool = False
+    first_order_identity: bool = False
     ranges: Mapping[str, Tuple[float, float, bool]] = {}  # (low, high, closed); default [0, inf)
     labels: Mapping[str, str] = {}  # hyper key -> the argument as the user wrote it
     fixed: Tuple[str, ...] = ()  # hyperparameters that may not be PerStep
@@ -383,6 +394,7 @@ class SGD(InnerRule):
         self.has_momentum = not _is_zero(momentum)
         self.counts = self.has_momentum or self.per_step
         self.first_order_additive = not self.counts and _is_zero(weight_decay)
+        self.first_order_identity = _is_zero(weight_decay)  # the momentum buffer never reads phi
 
     @property
     def plain_rate(self) -> Optional[float]:
@@ -479,6 +491,7 @@ class Adam(InnerRule):
                       "weight_decay": weight_decay}
         self._check_values()
         self.amsgrad = bool(amsgrad)
+        self.first_order_identity = _is_zero(weight_decay)  # m and v never read phi
 
     def init(self, params):
         count = _count(params, next(iter(params.values()), torch.zeros(())).dtype)
@@ -587,6 +600,7 @@ class RMSprop(InnerRule):
         self._check_values()
         self.centered = bool(centered)
         self.has_momentum = not _is_zero(momentum)
+        self.first_order_identity = _is_zero(weight_decay)  # s, a and b never read phi
 
     def init(self, params):
         zeros = tuple(torch.zeros_like(p) for p in params.values())
