@@ -504,6 +504,7 @@ class Adam(InnerRule):
         count = state[0]
         t = count + 1
         new_params, ms, vs, v_maxs = {}, [], [], []
+        betas, corrections = None, None
         for i, (n, p) in enumerate(params.items()):
             d = grads[n]
             lr = self._get(hyper, "lr", n, count, p)
@@ -522,9 +523,11 @@ class Adam(InnerRule):
             if self.amsgrad:
                 v = torch.maximum(state[1 + 2 * n_p + i], v)
                 v_maxs.append(v)
-            corr1 = 1 - _pow(b1, t)
-            corr2 = 1 - _pow(b2, t)
-            denom = _safe_sqrt(v) / _safe_sqrt(corr2) + self._get(hyper, "eps", n, count, p)
+            if betas is None or b1 is not betas[0] or b2 is not betas[1]:
+                # The bias corrections, once for the parameters that share their betas.
+                betas, corrections = (b1, b2), (1 - _pow(b1, t), _safe_sqrt(1 - _pow(b2, t)))
+            corr1, root2 = corrections
+            denom = _safe_sqrt(v) / root2 + self._get(hyper, "eps", n, count, p)
             new_params[n] = decayed - lr / corr1 * m / denom
         return new_params, (t,) + tuple(ms) + tuple(vs) + tuple(v_maxs)
 
@@ -648,4 +651,6 @@ def _safe_sqrt(x):
     if not isinstance(x, Tensor):
         return max(x, 0.0) ** 0.5
     positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    # The inner where keeps sqrt (and its derivatives of every order) away from 0; scalars
+    # instead of ones_like / zeros_like tensors: the same values, two kernels fewer.
+    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
