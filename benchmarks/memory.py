@@ -38,6 +38,7 @@ NAME = "memory"
 INNER_LR, Q = 0.01, 0.1
 MODES, MEMORIES = ("fom", "ufom", "exact"), ("checkpoint", "recompute", "store")
 RULES = ("momentum", "adam", "lr")
+FOM_RULES = ("momentum", "adam")  # fom+rule against inplace+rule (torch.optim's rule)
 DEFAULT_MEMORY = inspect.signature(torch_ufom.MetaOptimizer).parameters["memory"].default
 OTHER_BUDGETS = ("max16MiB", "max128MiB")  # the steps=1000 table's byte budgets beside the default
 UFOM_DRAWS, MAX_DRAWS = 20, 200  # ufom draws per row in the rounds, at least; in all, at most
@@ -57,7 +58,9 @@ Command: `{command}`
 
 Device {device}, torch {torch}, {threads} thread(s). MLP {widths} ({params:,} parameters), batch 64,
 inner SGD lr {lr} (rows `+momentum`: SGD momentum 0.9; `+adam`: Adam lr 1e-3; `+lr`: a learned rate
-per parameter tensor), float32, seed {seed}. Times: medians over {rounds} round-robin rounds of all rows
+per parameter tensor; `inplace+momentum`, `inplace+adam`: the hand-written loop stepping
+`torch.optim.SGD(momentum=0.9)` or `torch.optim.Adam(lr=1e-3)`, the `/ inplace` basis of the rows
+with that rule), float32, seed {seed}. Times: medians over {rounds} round-robin rounds of all rows
 with the same steps in one process (spread: half the inter-quartile range); `ufom`: the expectation
 (1-q) x median first-order draw + q x median exact draw (E); `ufomK`: ufom with its exact branch forced
 (K = steps); (1 call): one call timed after the peak-measuring one, in its process, not in the rounds;
@@ -116,6 +119,15 @@ def inner_rule(rule: str, model) -> tuple:
     raise ValueError(f"Invalid rule: {rule!r} (expected one of {', '.join(RULES)})")
 
 
+def optim_rule(rule: str, params) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer of an ``inplace+rule`` row: :func:`inner_rule`'s rule."""
+    if rule == "momentum":
+        return torch.optim.SGD(params, lr=INNER_LR, momentum=0.9)
+    if rule == "adam":
+        return torch.optim.Adam(params, lr=1e-3)
+    raise ValueError(f"Invalid rule for inplace: {rule!r} (expected momentum or adam)")
+
+
 def memory_args(memory: str) -> Dict[str, Any]:
     """MetaOptimizer's keywords for a row's memory part (``-``, a memory setting or ``maxNMiB``)."""
     if memory == "-":
@@ -169,6 +181,18 @@ def outer_step(row_method: str, memory: str, steps: int, prob, generator=None) -
                 grads = torch.autograd.grad(loss(at(phi), support), phi, create_graph=True)
                 phi = [p.add(g, alpha=-INNER_LR) for p, g in zip(phi, grads)]
             return torch.autograd.grad(loss(at(phi), query), params)
+        return step
+    if method == "inplace" and rule:
+        def step():  # the floor of fom+rule: the same loop stepping torch.optim's rule
+            m = copy.deepcopy(model)
+            ps = list(m.parameters())
+            opt = optim_rule(rule, ps)
+            for _ in range(steps):
+                gs = torch.autograd.grad(loss(m, support), ps)
+                for p, g in zip(ps, gs):
+                    p.grad = g
+                opt.step()
+            return torch.autograd.grad(loss(m, query), ps)
         return step
     if method == "inplace":
         def step():  # issue 13's floor, as users write it
@@ -301,6 +325,7 @@ def short_rows(steps: int, max_replay: int) -> tuple:
     rows, notes = rows_for(steps, max_replay, ("inplace", "higher", "fom", "ufom", "exact"))
     rows += [f"ufomK/{m}" for m in ("store", "checkpoint")]
     rows += [f"{m}+{rule}/store" for rule in RULES for m in ("exact", "ufomK")]
+    rows += [f"{m}+{rule}/-" for rule in FOM_RULES for m in ("inplace", "fom")]
     return rows, notes
 
 
@@ -470,7 +495,10 @@ def tables(results: Dict[str, Dict], basis: str, long_steps) -> tuple:
             long.append([row, steps, *_cells(r), fmt(st.get(basis) and r[basis] / st[basis], ".2f", "x"),
                          fmt(st.get("peak_mb") and r["peak_mb"] / st["peak_mb"], ".3f", "x"), _inner(r)])
             continue
+        rule = row.split("/")[0].partition("+")[2]
         ref = {m: results.get(f"{m}/-@{steps}", {}).get(basis) for m in ("higher", "inplace")}
+        if rule in FOM_RULES:  # the hand-written loop with the same rule
+            ref["inplace"] = results.get(f"inplace+{rule}/-@{steps}", {}).get(basis)
         twin = f"{row.replace('ufomK', 'exact', 1)}@{steps}"
         exact = results.get(twin) if method.startswith("ufomK") else None
         vs_exact = (f"{r[basis] / exact[basis]:.3f}x / {r['peak_mb'] / exact['peak_mb']:.3f}x"

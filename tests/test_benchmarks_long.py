@@ -142,3 +142,17 @@ def test_the_unroll_row_computes_what_higher_and_exact_do():
     exact = [p.grad for p in model.parameters()]
     for a, b, c in zip(unroll, higher, exact):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6) and torch.allclose(a, c, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["momentum", "adam"])
+def test_the_inplace_rule_rows_compute_what_fom_does(rule):
+    """memory.py's inplace+rule rows (torch.optim's rule) compute fom+rule's hypergradient."""
+    from benchmarks import memory
+
+    prob = memory.problem("sinusoid", 0, "cpu")
+    inplace = memory.outer_step(f"inplace+{rule}", "-", 4, prob)()
+    model = prob[0]
+    model.zero_grad(set_to_none=True)
+    memory.outer_step(f"fom+{rule}", "-", 4, prob)()
+    for a, p in zip(inplace, model.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-6)

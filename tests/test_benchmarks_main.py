@@ -20,6 +20,7 @@ def test_memory_tiny_measures_every_row(tmp_path):
     short = {"inplace/-@2", "higher/-@2", "fom/-@2", "ufomK/store@2", "ufomK/checkpoint@2"}
     short |= {f"{m}/{s}@2" for m in ("ufom", "exact") for s in memory.MEMORIES}
     short |= {f"{m}+{rule}/store@2" for rule in memory.RULES for m in ("exact", "ufomK")}
+    short |= {f"{m}+{rule}/-@2" for rule in memory.FOM_RULES for m in ("inplace", "fom")}
     budgets = {f"exact/{b}@3" for b in ("store", memory.DEFAULT_MEMORY, *memory.OTHER_BUDGETS)}
     assert set(rows) == short | budgets
     for key, r in rows.items():
@@ -33,6 +34,8 @@ def test_memory_tiny_measures_every_row(tmp_path):
     for key, r in rows.items():  # ufomK and exact run every inner step with a graph
         if key.startswith(("ufomK", "exact")):
             assert r["rev"] == int(key.split("@")[1]), key
+    for rule in memory.FOM_RULES:  # fom with momentum or Adam: a forward pass, no step in reverse
+        assert rows[f"fom+{rule}/-@2"]["rev"] == 0 and rows[f"fom+{rule}/-@2"]["fwd"] == 2
     assert [t["holds"] for t in data["targets"]] == [None] * 7  # steps 100 and 1000 are not run by --tiny
 
 
