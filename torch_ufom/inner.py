@@ -435,7 +435,9 @@ class SGD(InnerRule):
             if self.has_momentum:
                 mom = self._get(hyper, "momentum", n, count, p)
                 damp = self._get(hyper, "dampening", n, count, p)
-                buf = torch.where(first, d, mom * state[1 + i] + (1 - damp) * d)
+                # (1 - 0) * d is d, bit for bit: no product without dampening.
+                kept = d if _is_zero(damp) else (1 - damp) * d
+                buf = torch.where(first, d, mom * state[1 + i] + kept)
                 new_bufs.append(buf)
                 d = d + mom * buf if self.nesterov else buf
             lr = self._get(hyper, "lr", n, count, p)
