@@ -506,3 +506,20 @@ def test_identity_rules_sweep_no_first_order_step(make, mode, kw, monkeypatch):
     (fast, n_fast), (swept, n_swept) = run(True), run(False)
     assert n_fast == 0 and n_swept > 0
     assert rel_err(fast, swept) < 1e-12
+
+
+def test_identity_rules_give_the_diagnostics_of_the_first_order_sweep():
+    # G_0 and G_K beside an exact draw (q="auto", diagnose) skip their first-order sweeps too.
+    model, loss, data = mlp_problem(4)
+    model.double()
+    data = [(x.double(), y.double()) for x, y in data]
+    tasks = [(data[0], data[1]), (data[2], data[3])]
+
+    def run(identity):
+        rule = Adam(0.05)
+        rule.first_order_identity = identity
+        return torch_ufom.diagnose(model, loss, loss, tasks, steps=4, inner=rule)
+
+    fast, swept = run(True), run(False)
+    assert fast.D > 1e-8 * fast.A > 0
+    assert fast.A == pytest.approx(swept.A, rel=1e-12) and fast.D == pytest.approx(swept.D, rel=1e-12)
