@@ -5,8 +5,9 @@ weights ``c_m`` (:func:`~torch_ufom.truncation.telescope_weights`), the estimate
 ``g = sum_{k<=K} c_k G_k`` is computed as in ``docs/maths.md#the-one-sweep-two-stream-algorithm``:
 
 1. forward: the first ``r - K`` steps first-order (no graph; for additive
-   rules their inner gradients are summed, other rules keep them in the
-   schedule too), then the last ``K`` steps through a memory
+   rules their inner gradients are summed, ``first_order_identity`` rules
+   without a learned hyperparameter need nothing of them, other rules keep
+   them in the schedule too), then the last ``K`` steps through a memory
    :mod:`~torch_ufom.schedules` schedule;
 2. ``e = dL_out/ds_r`` (exact stream), ``f = c_0 e`` (first-order stream),
    meta-gradient ``= dL_out/dtheta`` (explicit; the weights sum to one);
@@ -15,7 +16,10 @@ weights ``c_m`` (:func:`~torch_ufom.truncation.telescope_weights`), the estimate
    with ``1 / P_m``, then ``f += c_m e``;
 4. the first ``r - K`` steps: first-order only (``f <- VJP(F~)(f)``); for an
    additive rule ``f`` passes unchanged and their meta-parameter terms are
-   one VJP of the update at the summed gradients;
+   one VJP of the update at the summed gradients; for an identity rule
+   without a learned hyperparameter the parameters' part of ``f`` passes
+   unchanged and nothing else of it is read, so no first-order VJP runs at
+   any depth;
 5. ``f`` at ``s_0`` is the hypergradient of the initial parameters.
 """
 from __future__ import annotations
@@ -255,7 +259,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
         if f0 is not None and not identity:
             f0, d_zero = rec.vjp_first_order(f0)
             _add(theta_0, d_zero)
-        if m > K:  # the first-order steps of a non-additive rule
+        if m > K:  # the first-order steps of a rule that is neither additive nor identity
             if theta_k is not None:
                 e, d_k = rec.vjp_first_order(e)
                 _add(theta_k, d_k)
