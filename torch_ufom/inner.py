@@ -503,7 +503,9 @@ class Adam(InnerRule):
 
     def update(self, grads, state, params, hyper):
         n_p = len(params)
-        count = state[0]
+        # The step count is a floating-point tensor (for the powers below) but a counter: nothing
+        # is differentiated through it, so the bias corrections carry no graph.
+        count = state[0].detach()
         t = count + 1
         new_params, ms, vs, v_maxs = {}, [], [], []
         betas, corrections = None, None
