@@ -307,3 +307,38 @@ def test_a_loss_that_draws_only_after_the_first_step_gets_each_step_s_stream(mon
         unchecked, seeded = _seeded_steps(m, _flagged, support)
     assert seeded == [1, 7]
     assert not all(torch.equal(a, b) for a, b in zip(unchecked, slow))
+
+
+def test_a_connected_sweep_frees_the_states_its_graph_does_not_save(monkeypatch):
+    """Linked records keep only the newest record's outputs and the oldest one's inputs: a
+    momentum buffer, which no backward formula saves, is freed step by step instead of kept
+    for every step of a stored sweep."""
+    import gc
+    import weakref
+
+    from torch_ufom import estimators
+
+    bufs, alive = [], []
+    update, chain = torch_ufom.inner.SGD.update, estimators.chain_vjp
+
+    def counted_update(self, grads, state, params, hyper):
+        new_p, new_s = update(self, grads, state, params, hyper)
+        bufs.extend(weakref.ref(t) for t in new_s[1:])
+        return new_p, new_s
+
+    def counted_chain(records, e):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in bufs))
+        return chain(records, e)
+
+    monkeypatch.setattr(torch_ufom.inner.SGD, "update", counted_update)
+    monkeypatch.setattr(estimators, "chain_vjp", counted_chain)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def loss(f, b):
+        return (f(b) ** 2).mean()
+
+    torch_ufom.hypergrad(model, loss, loss, x, x, steps=20, mode="exact", memory="store",
+                         inner=torch_ufom.inner.SGD(0.1, momentum=0.9))
+    assert len(bufs) == 20 * 4 and alive == [4]  # the last step's buffers, the sweep's output

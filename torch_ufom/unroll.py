@@ -772,6 +772,19 @@ class StepRecord:
         self.next_state = next_state
         self.linked = False  # whether it continues the previous record's graph (SweepPlan.connected)
 
+    def release(self, keep_inputs: bool) -> None:
+        """Drop this linked record's outputs (and its inputs unless ``keep_inputs``): a
+        newer linked record continues its graph, and :func:`chain_vjp` reads only the
+        newest record's outputs and the oldest record's inputs. The graph keeps what
+        its backward needs."""
+        self.exact = self.next_state = None
+        if not keep_inputs:
+            self.leaves = None
+
+    def release_inputs(self) -> None:
+        """Drop this linked record's inputs (the previous record's outputs)."""
+        self.leaves = None
+
     def _split(self, grads):
         return _split(self.leaves.diff, grads)
 
