@@ -59,9 +59,11 @@ Command: `{command}`
 Device {device}, torch {torch}, {threads} thread(s). MLP {widths} ({params:,} parameters), batch 64,
 inner SGD lr {lr} (rows `+momentum`: SGD momentum 0.9; `+adam`: Adam lr 1e-3; `+lr`: a learned rate
 per parameter tensor; `inplace+momentum`, `inplace+adam`: the hand-written loop stepping
-`torch.optim.SGD(momentum=0.9)` or `torch.optim.Adam(lr=1e-3)`, the `/ inplace` basis of the rows
-with that rule), float32, seed {seed}. Times: medians over {rounds} round-robin rounds of all rows
-with the same steps in one process (spread: half the inter-quartile range); `ufom`: the expectation
+`torch.optim.SGD(momentum=0.9)` or `torch.optim.Adam(lr=1e-3)`, and `higher+momentum`,
+`higher+adam`: higher's exact unroll of those optimizers (higher's Adam adds eps before the bias
+correction), the `/ inplace` and `/ higher` bases of the rows with that rule), float32, seed {seed}.
+Times: medians over {rounds} round-robin rounds of all rows with the same steps in one process
+(spread: half the inter-quartile range); `ufom`: the expectation
 (1-q) x median first-order draw + q x median exact draw (E); `ufomK`: ufom with its exact branch forced
 (K = steps); (1 call): one call timed after the peak-measuring one, in its process, not in the rounds;
 item 3's four rows run 3 calls per round. A round calls the rows call by call, alternating their order
@@ -160,7 +162,7 @@ def outer_step(row_method: str, memory: str, steps: int, prob, generator=None) -
         return step
     if method == "higher":
         import higher
-        inner = torch.optim.SGD(params, lr=INNER_LR)
+        inner = optim_rule(rule, params) if rule else torch.optim.SGD(params, lr=INNER_LR)
 
         def step():
             with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
@@ -326,6 +328,8 @@ def short_rows(steps: int, max_replay: int) -> tuple:
     rows += [f"ufomK/{m}" for m in ("store", "checkpoint")]
     rows += [f"{m}+{rule}/store" for rule in RULES for m in ("exact", "ufomK")]
     rows += [f"{m}+{rule}/-" for rule in FOM_RULES for m in ("inplace", "fom")]
+    if any(r == "higher/-" for r in rows):  # the peer's exact unroll with the same rules
+        rows += [f"higher+{rule}/-" for rule in FOM_RULES]
     return rows, notes
 
 
@@ -497,8 +501,8 @@ def tables(results: Dict[str, Dict], basis: str, long_steps) -> tuple:
             continue
         rule = row.split("/")[0].partition("+")[2]
         ref = {m: results.get(f"{m}/-@{steps}", {}).get(basis) for m in ("higher", "inplace")}
-        if rule in FOM_RULES:  # the hand-written loop with the same rule
-            ref["inplace"] = results.get(f"inplace+{rule}/-@{steps}", {}).get(basis)
+        if rule in FOM_RULES:  # the hand-written loop and higher with the same rule
+            ref = {m: results.get(f"{m}+{rule}/-@{steps}", {}).get(basis) for m in ("higher", "inplace")}
         twin = f"{row.replace('ufomK', 'exact', 1)}@{steps}"
         exact = results.get(twin) if method.startswith("ufomK") else None
         vs_exact = (f"{r[basis] / exact[basis]:.3f}x / {r['peak_mb'] / exact['peak_mb']:.3f}x"

@@ -156,3 +156,17 @@ def test_the_inplace_rule_rows_compute_what_fom_does(rule):
     memory.outer_step(f"fom+{rule}", "-", 4, prob)()
     for a, p in zip(inplace, model.parameters()):
         assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_higher_momentum_row_computes_what_exact_does():
+    """memory.py's higher+momentum row is exact+momentum's hypergradient (higher's Adam places eps
+    differently, so only its time is compared)."""
+    from benchmarks import memory
+
+    prob = memory.problem("sinusoid", 0, "cpu")
+    peer = memory.outer_step("higher+momentum", "-", 4, prob)()
+    model = prob[0]
+    model.zero_grad(set_to_none=True)
+    memory.outer_step("exact+momentum", "store", 4, prob)()
+    for a, p in zip(peer, model.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-6)

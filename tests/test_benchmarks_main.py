@@ -20,7 +20,7 @@ def test_memory_tiny_measures_every_row(tmp_path):
     short = {"inplace/-@2", "higher/-@2", "fom/-@2", "ufomK/store@2", "ufomK/checkpoint@2"}
     short |= {f"{m}/{s}@2" for m in ("ufom", "exact") for s in memory.MEMORIES}
     short |= {f"{m}+{rule}/store@2" for rule in memory.RULES for m in ("exact", "ufomK")}
-    short |= {f"{m}+{rule}/-@2" for rule in memory.FOM_RULES for m in ("inplace", "fom")}
+    short |= {f"{m}+{rule}/-@2" for rule in memory.FOM_RULES for m in ("inplace", "fom", "higher")}
     budgets = {f"exact/{b}@3" for b in ("store", memory.DEFAULT_MEMORY, *memory.OTHER_BUDGETS)}
     assert set(rows) == short | budgets
     for key, r in rows.items():
