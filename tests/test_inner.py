@@ -523,3 +523,24 @@ def test_identity_rules_give_the_diagnostics_of_the_first_order_sweep():
     fast, swept = run(True), run(False)
     assert fast.D > 1e-8 * fast.A > 0
     assert fast.A == pytest.approx(swept.A, rel=1e-12) and fast.D == pytest.approx(swept.D, rel=1e-12)
+
+
+@pytest.mark.parametrize("make, ref", [(lambda: SGD(0.05, momentum=0.9), ref_sgd(0.05, momentum=0.9)),
+                                       (lambda: Adam(0.01), ref_adam(0.01))], ids=["momentum", "adam"])
+@pytest.mark.parametrize("mode, k", [("fom", 0), ("truncated", 2), ("exact", 3)])
+def test_identity_rules_in_a_vectorised_meta_batch_equal_brute_force(make, ref, mode, k):
+    # The vectorised sweep skips the first-order steps of a first_order_identity rule too.
+    model, loss, data = mlp_problem(18)
+    steps = 3
+    params = list(model.parameters())
+    tasks, qs = data[:4], data[4:8]
+    supports = tuple(torch.stack(parts) for parts in zip(*tasks))
+    queries = tuple(torch.stack(parts) for parts in zip(*qs))
+    ref_g = [brute_force(model, loss, loss, lambda j, t=t: t, q, steps, None, params, k, rule=ref)
+             for t, q in zip(tasks, qs)]
+    ref_g = [sum(gs) for gs in zip(*ref_g)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the per-task loop
+        got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=steps, inner=make(),
+                                         mode=mode, params=params, **({"k": k} if mode == "truncated" else {}))
+    assert rel_err(got, ref_g) < 1e-9
