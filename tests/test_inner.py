@@ -541,6 +541,7 @@ def test_identity_rules_in_a_vectorised_meta_batch_equal_brute_force(make, ref, 
     ref_g = [sum(gs) for gs in zip(*ref_g)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback to the per-task loop
+        extra = {"k": k} if mode == "truncated" else {}
         got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=steps, inner=make(),
-                                         mode=mode, params=params, **({"k": k} if mode == "truncated" else {}))
+                                         mode=mode, params=params, **extra)
     assert rel_err(got, ref_g) < 1e-9
