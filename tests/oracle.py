@@ -28,6 +28,14 @@ def ref_sgd(lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
     return step
 
 
+def _sqrt0(v):
+    """``sqrt(v)`` with derivative 0 where ``v <= 0``: the convention the library documents for
+    Adam's and RMSprop's denominators (the subgradient of ``|g|`` at 0), written here on its own.
+    Plain ``sqrt`` gives ``inf * 0 = NaN`` there, as soon as some gradient entry is exactly 0."""
+    positive = v > 0
+    return torch.where(positive, v, torch.ones_like(v)).sqrt() * positive
+
+
 def ref_adam(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
     """``torch.optim.Adam``'s step for one parameter; the state is ``(m, v)``."""
     def step(name, t, p, g, mv):
@@ -37,7 +45,7 @@ def ref_adam(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         m = b1 * m + (1 - b1) * d
         v = b2 * v + (1 - b2) * d * d
         c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-        denom = v.sqrt() / c2 ** 0.5 + _pick(eps, name)
+        denom = _sqrt0(v) / c2 ** 0.5 + _pick(eps, name)
         return p - _pick(lr, name) / c1 * m / denom, (m, v)
     return step
 
@@ -130,7 +138,7 @@ def ref_adamw(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False
         if amsgrad:
             v_max = torch.maximum(v_max, v)
         c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-        denom = (v_max if amsgrad else v).sqrt() / c2 ** 0.5 + _pick(eps, name)
+        denom = _sqrt0(v_max if amsgrad else v) / c2 ** 0.5 + _pick(eps, name)
         return shrunk - lr_ / c1 * m / denom, (m, v, v_max)
     return step
 
@@ -145,9 +153,9 @@ def ref_rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, c
         s = a_ * s + (1 - a_) * g * g
         if centered:
             a = a_ * a + (1 - a_) * g
-            avg = (s - a * a).sqrt()
+            avg = _sqrt0(s - a * a)
         else:
-            avg = s.sqrt()
+            avg = _sqrt0(s)
         avg = avg + _pick(eps, name)
         mom = _pick(momentum, name)
         if isinstance(mom, float) and mom == 0.0:
