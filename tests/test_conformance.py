@@ -92,6 +92,8 @@ PATHS = [
     Path("hypergrad_batch revrev", "hypergrad_batch"),
     Path("hypergrad_batch fwdrev", "hypergrad_batch", hvp="fwdrev"),
     Path("backward_batch revrev", "backward_batch"),
+    Path("backward_batch momentum", "backward_batch", rule="momentum"),
+    Path("hypergrad_batch adam", "hypergrad_batch", rule="adam"),
     Path("backward_batch fwdrev", "backward_batch", hvp="fwdrev"),
 ]
 
