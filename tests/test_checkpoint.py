@@ -211,6 +211,7 @@ class _Record:
     def __init__(self, leaves, out, loss, exact, j):
         self.leaves, self.exact, self.loss, self.is_exact, self.j = leaves, (out,), loss, exact, j
         self.next_state = State((out.detach(),), (), ())
+        self.linked = False  # the toy's records are never chained
 
 
 class ToyLoop:

@@ -93,7 +93,7 @@ class Store(Schedule):
         for j in range(start + 1, stop + 1):
             rec = loop.record(state, j, plan)
             log.first(rec.loss, rec.is_exact)
-            if getattr(rec, "linked", False) and records and records[-1].linked:
+            if rec.linked and records and records[-1].linked:
                 # Linked records are differentiated together (chain_vjp), which reads only the
                 # newest record's outputs and the oldest one's inputs: the others let go of
                 # their states, so that what the graph does not save (a momentum buffer, Adam's
