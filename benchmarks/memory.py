@@ -39,6 +39,7 @@ INNER_LR, Q = 0.01, 0.1
 MODES, MEMORIES = ("fom", "ufom", "exact"), ("checkpoint", "recompute", "store")
 RULES = ("momentum", "adam", "lr")
 FOM_RULES = ("momentum", "adam")  # fom+rule against inplace+rule (torch.optim's rule)
+MOMENTUM, ADAM_LR = 0.9, 1e-3  # the +momentum and +adam rows' rules, torch_ufom's and torch.optim's
 DEFAULT_MEMORY = inspect.signature(torch_ufom.MetaOptimizer).parameters["memory"].default
 OTHER_BUDGETS = ("max16MiB", "max128MiB")  # the steps=1000 table's byte budgets beside the default
 UFOM_DRAWS, MAX_DRAWS = 20, 200  # ufom draws per row in the rounds, at least; in all, at most
@@ -111,9 +112,9 @@ def problem(name: str, seed: int, device: str):
 def inner_rule(rule: str, model) -> tuple:
     """``(rule, learned tensors)`` of a ``+rule`` row."""
     if rule == "momentum":
-        return torch_ufom.inner.SGD(INNER_LR, momentum=0.9), []
+        return torch_ufom.inner.SGD(INNER_LR, momentum=MOMENTUM), []
     if rule == "adam":
-        return torch_ufom.inner.Adam(1e-3), []
+        return torch_ufom.inner.Adam(ADAM_LR), []
     if rule == "lr":
         rates = {n: torch.tensor(INNER_LR, dtype=p.dtype, device=p.device, requires_grad=True)
                  for n, p in model.named_parameters()}
@@ -124,9 +125,9 @@ def inner_rule(rule: str, model) -> tuple:
 def optim_rule(rule: str, params) -> torch.optim.Optimizer:
     """The ``torch.optim`` optimizer of an ``inplace+rule`` row: :func:`inner_rule`'s rule."""
     if rule == "momentum":
-        return torch.optim.SGD(params, lr=INNER_LR, momentum=0.9)
+        return torch.optim.SGD(params, lr=INNER_LR, momentum=MOMENTUM)
     if rule == "adam":
-        return torch.optim.Adam(params, lr=1e-3)
+        return torch.optim.Adam(params, lr=ADAM_LR)
     raise ValueError(f"Invalid rule for inplace: {rule!r} (expected momentum or adam)")
 
 
@@ -500,9 +501,8 @@ def tables(results: Dict[str, Dict], basis: str, long_steps) -> tuple:
                          fmt(st.get("peak_mb") and r["peak_mb"] / st["peak_mb"], ".3f", "x"), _inner(r)])
             continue
         rule = row.split("/")[0].partition("+")[2]
-        ref = {m: results.get(f"{m}/-@{steps}", {}).get(basis) for m in ("higher", "inplace")}
-        if rule in FOM_RULES:  # the hand-written loop and higher with the same rule
-            ref = {m: results.get(f"{m}+{rule}/-@{steps}", {}).get(basis) for m in ("higher", "inplace")}
+        same = f"+{rule}" if rule in FOM_RULES else ""  # the hand-written loop and higher with that rule
+        ref = {m: results.get(f"{m}{same}/-@{steps}", {}).get(basis) for m in ("higher", "inplace")}
         twin = f"{row.replace('ufomK', 'exact', 1)}@{steps}"
         exact = results.get(twin) if method.startswith("ufomK") else None
         vs_exact = (f"{r[basis] / exact[basis]:.3f}x / {r['peak_mb'] / exact['peak_mb']:.3f}x"
