@@ -110,3 +110,20 @@ def test_non_finite_hypergradient_names_the_meta_parameter_and_writes_nothing():
     with pytest.raises(FloatingPointError, match=r"param_groups\[0\]\['params'\]\[6\]"):
         meta.backward(loss, lambda f, b: loss(f, b) + torch.sqrt(w), data[0], data[1])
     assert w.grad is None and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["fom", "exact"])
+def test_a_finite_hypergradient_whose_norm_overflows_is_written(mode):
+    # The finiteness check reads one 2-norm per tensor; huge finite entries overflow it, and the
+    # element-wise look that follows must clear them instead of raising. A power of two scales every
+    # cotangent exactly, so the scaled call's gradients are the plain call's times the scale.
+    scale = 2.0 ** 600  # float64: entries ~2**600 are finite, their squares are not
+    grads = []
+    for s in (1.0, scale):
+        model, loss, data, opt, kw = build(mode=mode)
+        assert next(model.parameters()).dtype == torch.float64
+        meta = torch_ufom.MetaOptimizer(model, opt, **kw)
+        meta.backward(loss, lambda f, b: loss(f, b) * s, data[0], data[1])
+        grads.append([p.grad for p in model.parameters()])
+    assert not math.isfinite(sum(float(g.double().square().sum()) for g in grads[1]))
+    assert all(torch.equal(a * scale, b) for a, b in zip(*grads))

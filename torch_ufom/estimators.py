@@ -139,19 +139,22 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
     the outer loss and every hypergradient finite. Read once per task."""
     with torch.no_grad():
         device = outer.device
-        # max |t| per tensor in one foreach kernel (NaN and inf carry through the maximum), for the
-        # hypergradients, the outer loss and the forward pass's inner losses at once.
+        # The 2-norm per tensor in one foreach kernel, for the hypergradients, the outer loss and the
+        # forward pass's inner losses at once: NaN and inf carry through it, so a finite norm means a
+        # finite tensor. A finite tensor whose norm overflows is a false alarm, which check_finite
+        # clears element by element. (The max-norm would raise none, but on CPU foreach_norm runs
+        # one kernel per tensor and only the 2-norm's is vectorised.)
         tensors = [g for g in grads if g is not None and g.numel() > 0] + [outer]
         if log.values is not None:
             tensors.append(log.values[:log.count])
-        peaks = torch._foreach_norm(tensors, float("inf"))
-        ok = torch.isfinite(torch.stack([p.to(device) for p in peaks])).all()  # stack promotes dtypes
+        norms = torch._foreach_norm(tensors)
+        ok = torch.isfinite(torch.stack([n.to(device) for n in norms])).all()  # stack promotes dtypes
         return ok if log.finite is None else ok & log.finite.to(device)
 
 
 def check_finite(log: SweepLog, est: "Estimate") -> None:
     """Raise ``FloatingPointError`` naming what is not finite (one host synchronisation
-    when everything is finite)."""
+    when everything is finite and no norm overflows)."""
     if bool(_all_finite(log, est.outer_loss, est.grads)):
         return
     losses = est.inner_losses
@@ -167,8 +170,11 @@ def check_finite(log: SweepLog, est: "Estimate") -> None:
             "inner_loss was finite on the forward pass but not when a step was evaluated again "
             "(a replay or the exact sweep's rebuild): the loss must be a deterministic function of "
             "the parameters, the batch and the step's random stream")
-    i = next(i for i, g in enumerate(est.grads) if g is not None and not bool(torch.isfinite(g).all()))
-    raise NonFiniteHypergradient(i, f"params[{i}] (shape {tuple(est.grads[i].shape)})")
+    i = next((i for i, g in enumerate(est.grads) if g is not None and not bool(torch.isfinite(g).all())),
+             None)
+    if i is not None:
+        raise NonFiniteHypergradient(i, f"params[{i}] (shape {tuple(est.grads[i].shape)})")
+    # every tensor is finite: a norm overflowed (values near the dtype's largest)
 
 
 class NonFiniteHypergradient(FloatingPointError):
