@@ -160,6 +160,48 @@ def test_adam_with_exactly_zero_gradients_gives_finite_hypergradients(monkeypatc
     assert not all(bool(torch.isfinite(g).all()) for g in plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_safe_sqrt_is_sqrt_above_zero_and_flat_at_and_below_it(dtype):
+    from torch_ufom.inner import _safe_sqrt
+
+    info = torch.finfo(dtype)
+    # Above 0 (the smallest subnormal included): torch.sqrt bit for bit, to the second derivative.
+    x = torch.tensor([info.smallest_normal * info.eps, 1e-30, 0.25, 3.0], dtype=dtype, requires_grad=True)
+    got, want = _safe_sqrt(x), torch.sqrt(x)
+    d_got, = torch.autograd.grad(got.sum(), x, create_graph=True)
+    d_want, = torch.autograd.grad(want.sum(), x, create_graph=True)
+    assert torch.equal(got, want) and torch.equal(d_got, d_want)
+    assert torch.equal(torch.autograd.grad(d_got.sum(), x)[0], torch.autograd.grad(d_want.sum(), x)[0])
+    # At and below 0: derivatives 0, and a value that eps = 1e-8 absorbs (Adam divides it by
+    # sqrt(1 - beta2^t) >= 0.03 first): the denominator has the bits of sqrt(0) = 0.
+    z = torch.tensor([0.0, -1.0], dtype=dtype, requires_grad=True)
+    s = _safe_sqrt(z)
+    d1, = torch.autograd.grad(s.sum(), z, create_graph=True)
+    assert not d1.any()
+    d2, = torch.autograd.grad(d1.sum(), z, allow_unused=True) if d1.requires_grad else (None,)
+    assert d2 is None or not d2.any()
+    for root2 in (1.0, 0.03):
+        assert torch.equal(s.detach() / root2 + 1e-8, torch.zeros_like(s) / root2 + 1e-8)
+    # Without a graph to record (another form of the same function): the same values.
+    both = torch.cat([x, z]).detach()
+    assert torch.equal(_safe_sqrt(both), torch.cat([got, s]).detach())
+    with torch.no_grad():
+        assert torch.equal(_safe_sqrt(torch.cat([x, z])), torch.cat([got, s]).detach())
+
+
+def test_adam_without_eps_leaves_an_all_zero_coordinate_where_it_is():
+    # eps = 0 does not absorb _safe_sqrt's value at 0: the coordinate moves by 0 / tiny = 0
+    # (torch.optim.Adam's formula gives 0 / 0 = NaN there).
+    rule = Adam(0.1, eps=0.0)
+    params = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    state = rule.init(params)
+    for _ in range(3):
+        params, state = rule.update({"w": torch.tensor([0.5, 0.0], dtype=torch.float64)}, state,
+                                    params, rule.hyper)
+    assert bool(torch.isfinite(params["w"]).all()) and float(params["w"][1]) == 2.0
+    assert float(params["w"][0]) < 1.0
+
+
 def test_bad_rule_hyperparameters():
     model, _, _ = mlp_problem()
     for make, arg in [(lambda: SGD(-0.1), "lr"), (lambda: SGD(0.1, momentum=-0.5), "momentum"),

@@ -651,10 +651,28 @@ def _pow(base, t: Tensor) -> Tensor:
 
 
 def _safe_sqrt(x):
-    """``sqrt(x)`` whose derivatives at ``x <= 0`` are 0 instead of ``inf`` (and value 0)."""
+    """``sqrt(max(x, tiny))``, ``tiny`` the dtype's smallest subnormal number:
+    ``sqrt(x)`` whose derivatives at ``x <= 0`` are 0 instead of ``inf``.
+
+    A positive ``x`` passes unchanged, with its derivatives of every order;
+    ``x <= 0`` gives ``sqrt(tiny)`` (about ``4e-23`` in float32, ``2e-162`` in
+    float64, ``2e-4`` in float16), with derivative 0. The rules add ``eps`` to
+    it, which absorbs it in float32 and float64 for any ``eps`` above about
+    ``1e-13``: the denominator has the bits it would have with ``sqrt(0) = 0``.
+    Where it is not absorbed (``eps = 0``; float16, where ``1e-8`` rounds to
+    0), a coordinate whose gradients were all zero moves by ``0 / tiny = 0``
+    instead of ``0 / 0 = NaN``.
+
+    Two forms of the same function, with the same derivatives: without a graph
+    to record, ``clamp_min`` then ``sqrt`` (two kernels); with one, masks
+    (four kernels, but the graph keeps two boolean masks where ``clamp_min``
+    would keep ``x`` itself).
+    """
     if not isinstance(x, Tensor):
         return max(x, 0.0) ** 0.5
+    info = torch.finfo(x.dtype)
+    tiny = info.smallest_normal * info.eps
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x.clamp_min(tiny).sqrt()
     positive = x > 0
-    # The inner where keeps sqrt (and its derivatives of every order) away from 0; scalars
-    # instead of ones_like / zeros_like tensors: the same values, two kernels fewer.
-    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
+    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), tiny ** 0.5)
