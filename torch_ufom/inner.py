@@ -666,7 +666,8 @@ def _safe_sqrt(x):
     Two forms of the same function, with the same derivatives: without a graph
     to record, ``clamp_min`` then ``sqrt`` (two kernels); with one, masks
     (four kernels, but the graph keeps two boolean masks where ``clamp_min``
-    would keep ``x`` itself).
+    would keep ``x`` itself). A Python number (a bias correction) gives
+    ``max(x, 0) ** 0.5``.
     """
     if not isinstance(x, Tensor):
         return max(x, 0.0) ** 0.5
