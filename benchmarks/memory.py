@@ -71,7 +71,8 @@ item 3's four rows run 3 calls per round. A round calls the rows call by call, a
 (A B, B A, ...). Ratios
 use {basis} time; the targets' time ratios pair calls that ran next to each other (the median of the
 two rows' per-call ratios; for `ufom`, (1-q) x that median for its first-order draws against `fom` +
-q x median exact draw / median fom), the tables' are ratios of medians. The timing process keeps freed
+q x median exact call / median fom, the exact calls being ufom's exact draws and the calls of `ufomK`
+under the same memory setting, the same work forced), the tables' are ratios of medians. The timing process keeps freed
 memory (no heap trimming).
 Peak memory: one outer step per row in a fresh (forked) process, above the memory in use just before
 it (blocks of 32 KiB and more mapped one by one: RSS follows live memory). *inner fwd / rev*: inner
@@ -426,12 +427,17 @@ def _run_job(job: Dict[str, Any]) -> Any:
     return JOBS[spec.pop("task")](**spec)
 
 
-def expected_ratio(ufom: Dict, fom: Dict, steps: int, basis: str) -> Optional[float]:
+def expected_ratio(ufom: Dict, fom: Dict, steps: int, basis: str,
+                   forced: Optional[Dict] = None) -> Optional[float]:
     """ufom's expected time over fom's from rows timed in the same rounds (:func:`time_rows`):
     ``(1 - Q)`` x the median of ufom's first-order draws over fom's calls (call by call where both
     ran as many calls per round, :func:`~benchmarks.harness.interleave` alternating them; else each
-    the round's median) ``+ Q`` x median exact draw / median fom call; ``None`` without both kinds
-    of draws."""
+    the round's median) ``+ Q`` x median exact call / median fom call; ``None`` without both kinds
+    of draws. The exact calls are ufom's draws that took ``K = steps`` and, given ``forced`` (the
+    ``ufomK`` row under the same memory setting, timed in the same rounds), its calls too: the same
+    work, forced instead of drawn. At ``q = 0.1`` ufom draws one to three exact branches, and
+    neighbouring calls can differ by 40 % on a loaded machine; ``forced`` adds its calls from every
+    round."""
     i = ("wall", "cpu").index(basis)
     n, m = ufom["per_round"], fom["per_round"]
     calls = [t[i] for t in fom["times"]]
@@ -447,6 +453,7 @@ def expected_ratio(ufom: Dict, fom: Dict, steps: int, basis: str) -> Optional[fl
     exact = [t[i] for t, K in zip(ufom["times"], ufom["truncations"]) if K == steps]
     if not first or not exact:
         return None
+    exact += [t[i] for t in forced["times"]] if forced else []
     return (1 - Q) * statistics.median(first) + Q * statistics.median(exact) / statistics.median(calls)
 
 
@@ -459,7 +466,7 @@ def targets(results: Dict[str, Dict], basis: str, samples: Optional[Dict[str, Di
         sa, sb = samples.get(f"{a}@{steps}"), samples.get(f"{b}@{steps}")
         if key == basis and sa and sb:
             if a.startswith("ufom/"):
-                return expected_ratio(sa, sb, steps, basis)
+                return expected_ratio(sa, sb, steps, basis, samples.get(f"ufomK/{a[5:]}@{steps}"))
             return paired_ratio(sa, sb, basis)[0]
         ra, rb = results.get(f"{a}@{steps}", {}), results.get(f"{b}@{steps}", {})
         return ra[key] / rb[key] if key in ra and key in rb and rb[key] > 0 else None
@@ -551,7 +558,7 @@ def main(argv=None) -> Dict[str, Any]:
     groups = [rows_all] if args.size == "tiny" else sorted(([x] for x in rows_all), key=lambda g: -g[0][1])
     with ThreadPoolExecutor(max_workers=2) as pool:
         timing = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
-            dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds,
+            dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds, min_exact=3,
                  repeat=ITEM_3_ROWS if steps == AT else (), **common)
             for steps, rows in timed]}))
         timed_rows = {(r, n) for n, rs in timed for r in rs}

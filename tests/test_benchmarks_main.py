@@ -83,7 +83,8 @@ def test_a_failing_benchmark_fails_the_main_job(tmp_path):
 
 def test_memory_time_targets_pair_the_rounds():
     """With the rows' samples, item 3's and 4's time ratios pair the rows round by round,
-    and ufom's expectation takes its first-order draws against fom in the same round."""
+    and ufom's expectation takes its first-order draws against fom in the same round and its
+    exact part from its exact draws and the forced row under the same memory setting."""
     from benchmarks import memory
 
     d, at, q = memory.DEFAULT_MEMORY, memory.AT, memory.Q
@@ -103,5 +104,12 @@ def test_memory_time_targets_pair_the_rounds():
     got = {t.name.split(" at ")[0]: t.value for t in memory.targets(results, "cpu", samples)}
     assert got["item 3: ufomK/store cpu time / exact/store"] == pytest.approx(1.02)
     assert got["item 3: ufomK/checkpoint cpu time / exact/checkpoint"] == pytest.approx(1.2)
-    # first-order draws 1.1x fom in every round; the exact draw 5.0 over fom's median call (3.0)
+    # first-order draws 1.1x fom in every round; the exact calls over fom's median call (3.0): ufom's
+    # exact draw (5.0) pooled with the forced row under the same memory (ufomK/checkpoint: 1.2, 1.2,
+    # 3.6, 3.6, 3.6), median 3.6
+    assert d == "checkpoint"
+    assert got[f"item 4: ufom/{d} (default) cpu time / fom"] == pytest.approx((1 - q) * 1.1 + q * 3.6 / 3.0)
+    # without the forced row, the exact draw alone
+    del samples[f"ufomK/{d}@{at}"]
+    got = {t.name.split(" at ")[0]: t.value for t in memory.targets(results, "cpu", samples)}
     assert got[f"item 4: ufom/{d} (default) cpu time / fom"] == pytest.approx((1 - q) * 1.1 + q * 5.0 / 3.0)
