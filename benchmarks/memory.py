@@ -72,8 +72,8 @@ item 3's four rows run 3 calls per round. A round calls the rows call by call, a
 use {basis} time; the targets' time ratios pair calls that ran next to each other (the median of the
 two rows' per-call ratios; for `ufom`, (1-q) x that median for its first-order draws against `fom` +
 q x median exact call / median fom, the exact calls being ufom's exact draws and the calls of `ufomK`
-under the same memory setting, the same work forced), the tables' are ratios of medians. The timing process keeps freed
-memory (no heap trimming).
+under the same memory setting, the same work forced), the tables' are ratios of medians. The timing
+process keeps freed memory (no heap trimming).
 Peak memory: one outer step per row in a fresh (forked) process, above the memory in use just before
 it (blocks of 32 KiB and more mapped one by one: RSS follows live memory). *inner fwd / rev*: inner
 steps run without / with a graph in that outer step. Default memory setting: `{default}`; other
