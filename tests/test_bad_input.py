@@ -253,6 +253,18 @@ STATE_CASES = {
         sd, optimizer=lambda o: {**o, "param_groups": o["param_groups"] * 2}), ValueError,
         r"state_dict\['optimizer'\]"),
     "unknown-key": ({}, {}, lambda sd: {**sd, "extra": 1}, ValueError, "state_dict.*'extra'"),
+    # Entries only the outer optimizer checks, while it loads (Adam's __setstate__ after it
+    # has replaced its state): put back, and the error names the argument.
+    "optimizer-state-entry-not-a-dict": ({}, {}, lambda sd: corrupt(
+        sd, optimizer=lambda o: {**o, "state": {**o["state"], 0: 5}}), TypeError,
+        r"state_dict\['optimizer'\]"),
+    "optimizer-state-entry-without-step": ({}, {}, lambda sd: corrupt(
+        sd, optimizer=lambda o: {**o, "state": {**o["state"], 0: without(o["state"][0], "step")}}),
+        ValueError, r"state_dict\['optimizer'\]"),
+    "q-stats-q-below-q-min": (AUTO, AUTO, lambda sd: corrupt(sd, q_stats=lambda s: {**s, "q": 0.01}),
+                              ValueError, r"state_dict\['q_stats'\]\['q'\].*q_min"),
+    "tasks-negative": ({}, {}, lambda sd: {**sd, "tasks": -1}, ValueError, r"state_dict\['tasks'\]"),
+    "tasks-bool": ({}, {}, lambda sd: {**sd, "tasks": True}, ValueError, r"state_dict\['tasks'\]"),
 }
 
 
@@ -265,6 +277,13 @@ def test_defects_05_13_bad_state_dict_is_refused_before_anything_changes(case):
     with pytest.raises(error, match=message):
         env.meta.load_state_dict(sd)
     assert_unchanged(before)
+
+
+def test_a_state_dict_from_before_the_tasks_key_still_loads():
+    sd = saved_state()
+    env = Env()
+    env.meta.load_state_dict(without(sd, "tasks"))
+    assert env.meta.state_dict()["tasks"] == 1  # Env's pending task, kept
 
 
 @pytest.mark.parametrize("config", [{}, AUTO], ids=["fixed-q", "auto-q"])

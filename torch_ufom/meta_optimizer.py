@@ -8,7 +8,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -308,8 +308,10 @@ class MetaOptimizer:
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the meta-parameters' gradients (see ``Optimizer.zero_grad``)."""
+        """Reset the meta-parameters' gradients (see ``Optimizer.zero_grad``) and the
+        count of tasks they hold, which ``reduction="mean"`` divides by."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._tasks = 0
 
     def backward(self, inner_loss: Callable, outer_loss: Callable, support: Any, query: Any,
                  *, force_truncation: Optional[int] = None) -> MetaResult:
@@ -488,16 +490,34 @@ class MetaOptimizer:
 
         First applies ``reduction``: with a ``process_group``, sums the
         meta-gradients over all ranks (:meth:`synchronize`); with ``"mean"``,
-        divides by the number of tasks since the last step (all ranks'). Then
-        steps the outer optimizer and, with ``q="auto"``, updates
-        ``q`` from the tasks since the last step, and with ``track_buffers``
-        writes the tasks' final buffers into the module.
+        divides by the number of tasks whose estimates ``.grad`` holds (all
+        ranks'). A ``closure`` follows ``torch.optim``'s convention: it zeroes
+        the gradients, runs the tasks (:meth:`backward`) and returns the loss;
+        the reduction then applies after each call of the closure, to the
+        tasks that call ran. Then steps the outer optimizer and, with
+        ``q="auto"``, updates ``q`` from the tasks since the last step, and
+        with ``track_buffers`` writes the tasks' final buffers into the module.
+
+        Without a closure, if the outer optimizer raises, ``.grad`` is put back
+        as it was before the reduction and the tasks stay pending.
         """
-        if self.distributed:
-            self.synchronize()
-        elif self.reduction == "mean":
-            self._divide(self._tasks)
-        result = self.optimizer.step(closure)
+        if closure is None:
+            tasks = self._tasks
+            saved = self._reduce(save=True)
+            try:
+                result = self.optimizer.step()
+            except BaseException:
+                with torch.no_grad():
+                    for p, g in saved:
+                        p.grad.copy_(g)
+                self._tasks = tasks
+                raise
+        else:
+            def reduced():
+                out = closure()
+                self._reduce(save=False)
+                return out
+            result = self.optimizer.step(reduced)
         self._tasks = 0
         if self.q_stats is not None:
             observations = self._observations
@@ -532,6 +552,19 @@ class MetaOptimizer:
             self._divide(total)
         return total
 
+    def _reduce(self, save: bool) -> List[Tuple[Tensor, Tensor]]:
+        """Apply ``reduction`` to ``.grad`` and mark its tasks as reduced; with ``save``,
+        return ``(parameter, gradient before)`` for each gradient it changed."""
+        changes = self.distributed or (self.reduction == "mean" and self._tasks > 1)
+        saved = [(p, p.grad.clone()) for p in self.meta_parameters()
+                 if p.grad is not None] if save and changes else []
+        if self.distributed:
+            self.synchronize()
+        elif self.reduction == "mean":
+            self._divide(self._tasks)
+        self._tasks = 0
+        return saved
+
     def _divide(self, tasks: int) -> None:
         """Divide the accumulated meta-gradients by ``tasks`` (``"mean"``)."""
         if tasks > 1:
@@ -545,14 +578,19 @@ class MetaOptimizer:
 
         Keys: ``"optimizer"`` (the outer optimizer's ``state_dict``),
         ``"generator"`` (the generator's state, or ``None`` without one),
-        ``"q_stats"`` (the ``q="auto"`` statistics, else ``None``) and
+        ``"q_stats"`` (the ``q="auto"`` statistics, else ``None``),
         ``"q_observations"`` (the ``q="auto"`` observations of the tasks since
-        the last :meth:`step`).
+        the last :meth:`step`) and ``"tasks"`` (the number of tasks ``.grad``
+        holds, which ``reduction="mean"`` divides by). The gradients themselves
+        live on the parameters, and the buffers ``track_buffers`` keeps for the
+        next :meth:`step` are not saved: save right after :meth:`step` to resume
+        a run exactly.
         """
         return {"optimizer": self.optimizer.state_dict(),
                 "generator": None if self.generator is None else self.generator.get_state(),
                 "q_stats": None if self.adaptive is None else dict(self.q_stats),
-                "q_observations": [dict(o) for o in self._observations]}
+                "q_observations": [dict(o) for o in self._observations],
+                "tasks": self._tasks}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned.
@@ -569,8 +607,15 @@ class MetaOptimizer:
         _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive)
         opt, gen = self.optimizer, self.generator
         saved = (opt.state, opt.param_groups)
-        opt.load_state_dict(state_dict["optimizer"])
         try:
+            # The outer optimizer checks its own entries (torch.optim checks some while it
+            # loads, e.g. Adam's state entries in __setstate__, after it replaced its state).
+            try:
+                opt.load_state_dict(state_dict["optimizer"])
+            except Exception as err:
+                kind = TypeError if isinstance(err, TypeError) else ValueError
+                raise kind(f"Invalid state_dict['optimizer']: {type(opt).__name__}.load_state_dict "
+                           f"refused it ({type(err).__name__}: {err}); nothing was changed") from err
             if state_dict.get("generator") is not None:
                 gen.set_state(state_dict["generator"])
         except BaseException:
@@ -579,6 +624,8 @@ class MetaOptimizer:
         if state_dict.get("q_stats") is not None:
             self.q_stats = dict(state_dict["q_stats"])
             self._observations = [dict(o) for o in state_dict.get("q_observations") or []]
+        if state_dict.get("tasks") is not None:  # absent from dicts saved before it existed
+            self._tasks = int(state_dict["tasks"])
 
     def __repr__(self) -> str:
         return (f"MetaOptimizer(mode={self.mode!r}, steps={self.steps}, law={self.law!r}, "
@@ -587,7 +634,7 @@ class MetaOptimizer:
 
 # -- state_dict validation ------------------------------------------------------
 
-_STATE_KEYS = ("optimizer", "generator", "q_stats", "q_observations")
+_STATE_KEYS = ("optimizer", "generator", "q_stats", "q_observations", "tasks")
 # The kind and lowest value of the q="auto" entries whose range is known; the
 # keys themselves come from adaptive.init_stats and adaptive.observe, and an
 # entry not listed here must be a finite float.
@@ -648,6 +695,14 @@ def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
                          "MetaOptimizer has a fixed q (build it with q='auto' to resume them)")
     if stats is not None:
         _check_entries(stats, _spec(adaptive.init_stats(rule)), "state_dict['q_stats']")
+        if stats["q"] < rule.q_min:
+            raise ValueError(f"Invalid state_dict['q_stats']['q']: {stats['q']!r} is below this "
+                             f"MetaOptimizer's q_min={rule.q_min!r}")
+    tasks = sd.get("tasks")
+    if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, numbers.Integral)
+                              or tasks < 0):
+        raise ValueError(f"Invalid state_dict['tasks']: {tasks!r} (expected an int >= 0, the number "
+                         "of tasks .grad holds)")
     if observations is None:
         return
     if not isinstance(observations, (list, tuple)):
