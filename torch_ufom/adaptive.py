@@ -39,11 +39,12 @@ within an outer step and identical on every rank of a process group.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+import numbers
+from typing import Dict, List, Optional, Sequence
 
 from torch import Tensor
 
-__all__ = ["AdaptiveQ", "optimal_q", "authors_q", "init_stats", "observe", "update"]
+__all__ = ["AdaptiveQ", "optimal_q", "authors_q", "init_stats", "observe", "update", "difference"]
 
 RULES = ("ufom", "authors")
 
@@ -123,6 +124,14 @@ def _sq_norm(grads: Sequence[Optional[Tensor]]) -> float:
     return float(sum((g.detach().double() ** 2).sum() for g in grads if g is not None))
 
 
+def difference(a: Sequence[Optional[Tensor]], b: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """``a - b`` tensor by tensor, ``None`` standing for zero (a tensor that one
+    estimate does not reach, e.g. a hyperparameter read only by the inner loss,
+    which ``G_0`` leaves out)."""
+    return [None if x is None and y is None else -y if x is None else x if y is None else x - y
+            for x, y in zip(a, b)]
+
+
 def observe(*, exact: bool, seconds: float, steps: int, forward_steps: int, reverse_steps: int,
             g0=None, gr=None, q: float = 1.0) -> Dict[str, float]:
     """One task's observation, as plain numbers (so ranks can exchange it).
@@ -139,7 +148,7 @@ def observe(*, exact: bool, seconds: float, steps: int, forward_steps: int, reve
            "forward_steps": int(forward_steps), "reverse_steps": int(reverse_steps), "q": float(q)}
     if exact:
         obs["A"] = _sq_norm(gr)
-        obs["D"] = _sq_norm([None if a is None else a - z for a, z in zip(gr, g0)])
+        obs["D"] = _sq_norm(difference(gr, g0))
     return obs
 
 

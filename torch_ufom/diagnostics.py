@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import adaptive
 from .config import Settings, check_generator, check_losses, resolve
-from .functional import check_params, estimate_task, resolve_hvp
+from .functional import check_params, estimate_task, resolve_hvp, restore_rng_on_error
 from .inner import InnerRule
 from .unroll import Problem
 
@@ -92,18 +92,19 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
     params = check_params(params, model)
     problem = Problem(model, inner_loss, outer_loss, config, config.law, params,
                       resolve_hvp(config, model, params), generator)
-    estimate_task(problem, *tasks[0], force=steps)  # warm-up
     A = D = t_f = t_x = c_x = 0.0
-    for support, query in tasks:
-        start = time.perf_counter()
-        estimate_task(problem, support, query, force=0)
-        t_f += time.perf_counter() - start
-        start = time.perf_counter()
-        est = estimate_task(problem, support, query, force=steps, diagnostics=True)
-        t_x += time.perf_counter() - start
-        A += _sq(est.gk)
-        D += _sq([None if a is None else a - b for a, b in zip(est.gk, est.g0)])
-        c_x += est.forward_steps + 2 * est.reverse_steps - steps
+    with restore_rng_on_error(generator):  # a task that fails leaves the random state as it was
+        estimate_task(problem, *tasks[0], force=steps)  # warm-up
+        for support, query in tasks:
+            start = time.perf_counter()
+            estimate_task(problem, support, query, force=0)
+            t_f += time.perf_counter() - start
+            start = time.perf_counter()
+            est = estimate_task(problem, support, query, force=steps, diagnostics=True)
+            t_x += time.perf_counter() - start
+            A += _sq(est.gk)
+            D += _sq(adaptive.difference(est.gk, est.g0))
+            c_x += est.forward_steps + 2 * est.reverse_steps - steps
     n = len(tasks)
     A, D, t_f, t_x, c_x = A / n, D / n, t_f / n, t_x / n, c_x / n
     q_ufom = adaptive.optimal_q(A, D, t_f, max(t_x - t_f, 1e-12 * t_f), 0.01)

@@ -339,11 +339,12 @@ class MetaOptimizer:
             est: Estimate = estimate_task(problem, support, query, force_truncation,
                                           diagnostics=self.q_stats is not None)
         seconds = time.perf_counter() - start
+        observations = self._observations_of([(est, seconds)])  # before the write: it can fail
         self._write(meta, est.grads)
         q = self.q
         if self.track_buffers:
             self._buffers.append(list(est.buffers))
-        self._observe(est, seconds)
+        self._observations += observations
         self._tasks += 1
         return MetaResult(est.outer_loss, est.inner_losses, est.truncation, est.weights, q,
                           est.forward_steps, est.reverse_steps, est.aux)
@@ -388,6 +389,7 @@ class MetaOptimizer:
             warnings.warn(f"MetaOptimizer.backward_batch runs the per-task loop: {run.reason}",
                           stacklevel=2)
             self._warned_per_task = True
+        observations = self._observations_of([(est, seconds) for _, est, seconds in run.groups])
         self._write(meta, sum_grads(run, len(meta)))
         self._slow_ops = run.slow_ops
         q = self.q
@@ -404,7 +406,7 @@ class MetaOptimizer:
                     task_aux(est.aux, col) if batched else est.aux, path)
             if self.track_buffers and not run.vectorised:
                 self._buffers.append(list(est.buffers))
-            self._observe(est, seconds)
+        self._observations += observations
         self._tasks += len(run.truncations)
         return results
 
@@ -429,13 +431,14 @@ class MetaOptimizer:
                      inner_lr=s.inner_lr, inner=s.inner, inner_params=s.inner_params,
                      generator=generator)
 
-    def _observe(self, est: Estimate, seconds: float) -> None:
-        """With ``q="auto"``, keep a task's observation for :meth:`step`."""
-        if self.q_stats is not None:
-            self._observations.append(adaptive.observe(
-                exact=est.truncation == self.steps, seconds=seconds, steps=self.steps,
-                forward_steps=est.forward_steps, reverse_steps=est.reverse_steps,
-                g0=est.g0, gr=est.gk, q=self.q))
+    def _observations_of(self, runs) -> List[Dict[str, float]]:
+        """With ``q="auto"``, the observations :meth:`step` will need of ``(estimate,
+        seconds)`` pairs; else none."""
+        if self.q_stats is None:
+            return []
+        return [adaptive.observe(exact=est.truncation == self.steps, seconds=seconds, steps=self.steps,
+                                 forward_steps=est.forward_steps, reverse_steps=est.reverse_steps,
+                                 g0=est.g0, gr=est.gk, q=self.q) for est, seconds in runs]
 
     def _write(self, meta: List[Tensor], grads) -> None:
         """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing.
