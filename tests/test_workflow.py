@@ -868,3 +868,195 @@ def test_invalid_reduction(reduction):
     with pytest.raises(ValueError, match=r"Invalid reduction"):
         torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                  inner_lr=LR, steps=STEPS, reduction=reduction)
+
+
+# -- found by a review (session 9): step(closure), the task count, RNN and aux in batches --
+
+class _GRUHead(nn.Module):
+    """A GRU over a (batch, time, features) sequence, its last output through a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _two_task_run(seed=73, reduction="mean"):
+    model = _build(seed, mlp)
+    supports, queries = _regression(seed)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.5),
+                                    inner_lr=LR, steps=STEPS, mode="exact", reduction=reduction)
+    return model, meta, [(task_of(supports, i), task_of(queries, i)) for i in range(2)]
+
+
+def _updated(model, before):
+    return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+
+def test_step_with_a_closure_averages_the_tasks_the_closure_ran():
+    # torch.optim's convention: the closure zeroes the gradients and recomputes them.
+    got = {}
+    for how in ("plain", "closure"):
+        model, meta, tasks = _two_task_run()
+        before = [p.detach().clone() for p in model.parameters()]
+
+        def closure():
+            meta.zero_grad()
+            for support, query in tasks:
+                meta.backward(sq_loss, sq_loss, support, query)
+        if how == "plain":
+            closure()
+            meta.step()
+        else:
+            meta.backward(sq_loss, sq_loss, *tasks[0])  # discarded by the closure's zero_grad
+            meta.step(closure)
+        got[how] = _updated(model, before)
+    assert all(float(d.norm()) > 1e-6 for d in got["plain"])
+    assert_close(got["closure"], got["plain"], 0.0, "step(closure)")
+
+
+def test_zero_grad_resets_the_task_count_of_the_mean():
+    got = {}
+    for how in ("plain", "discarded first"):
+        model, meta, tasks = _two_task_run()
+        before = [p.detach().clone() for p in model.parameters()]
+        if how != "plain":
+            meta.backward(sq_loss, sq_loss, *tasks[1])
+            meta.zero_grad()
+        for support, query in tasks:
+            meta.backward(sq_loss, sq_loss, support, query)
+        meta.step()
+        got[how] = _updated(model, before)
+    assert_close(got["discarded first"], got["plain"], 0.0, "zero_grad then mean")
+
+
+def test_a_failed_step_leaves_the_pending_gradients_and_a_retry_steps_once():
+    model, meta, tasks = _two_task_run()
+    for support, query in tasks:
+        meta.backward(sq_loss, sq_loss, support, query)
+    summed = [p.grad.clone() for p in model.parameters()]
+
+    class Refused(Exception):
+        pass
+
+    def fail(*args, **kwargs):
+        raise Refused
+    with pytest.raises(Refused):
+        meta.step(fail)  # the closure raises before the reduction
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), summed))
+    step, meta.optimizer.step = meta.optimizer.step, fail
+    with pytest.raises(Refused):
+        meta.step()  # the outer optimizer raises after the reduction: .grad is put back
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), summed))
+    meta.optimizer.step = step
+    before = [p.detach().clone() for p in model.parameters()]
+    meta.step()
+    want = [-0.5 * g / 2 for g in summed]
+    assert_close(_updated(model, before), want, 1e-14, "retried step")
+
+
+def test_a_state_dict_saved_between_tasks_resumes_the_mean_exactly():
+    model, meta, tasks = _two_task_run()
+    before = [p.detach().clone() for p in model.parameters()]
+    meta.backward(sq_loss, sq_loss, *tasks[0])
+    saved, grads = meta.state_dict(), [p.grad.clone() for p in model.parameters()]
+    meta.backward(sq_loss, sq_loss, *tasks[1])
+    meta.step()
+    want = _updated(model, before)
+    model2, meta2, _ = _two_task_run()
+    for p, g in zip(model2.parameters(), grads):  # the gradients live on the parameters
+        p.grad = g.clone()
+    meta2.load_state_dict(saved)
+    meta2.backward(sq_loss, sq_loss, *tasks[1])
+    meta2.step()
+    assert saved["tasks"] == 1
+    assert_close(_updated(model2, before), want, 0.0, "resumed")
+
+
+def test_adapt_batch_of_a_gru_is_called_task_by_task():
+    # Without autograd, vmap has no batching rule for aten::gru.input: the calls of the
+    # result then run task by task.
+    model = _build(74, _GRUHead)
+    g = torch.Generator().manual_seed(74)
+    supports = (torch.randn(TASKS, N, 5, 3, generator=g, dtype=DTYPE),
+                torch.randn(TASKS, N, 2, generator=g, dtype=DTYPE))
+    stacked = torch_ufom.adapt_batch(model, sq_loss, supports, steps=2, inner_lr=LR)
+    xs = torch.randn(TASKS, 7, 5, 3, generator=g, dtype=DTYPE)
+    got = stacked(xs)
+    want = torch.stack([stacked.task(i)(xs[i]) for i in range(TASKS)])
+    assert got.shape == (TASKS, 7, 2) and torch.equal(got, want)
+    one = torch_ufom.adapt(model, sq_loss, task_of(supports, 1), steps=2, inner_lr=LR)
+    assert_close([got[1]], [one(xs[1])], 1e-14, "task 1")
+
+
+def test_python_values_in_the_outer_aux_keep_the_meta_batch_vectorised():
+    model = _build(75, mlp)
+    supports, queries = _regression(75)
+
+    def outer(f, batch):
+        loss = sq_loss(f, batch)
+        return loss, {"loss": loss.detach(), "shots": N, "tag": "query"}
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                    inner_lr=LR, steps=STEPS, mode="exact", vectorise=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the per-task loop
+        results = meta.backward_batch(sq_loss, outer, supports, queries)
+    for i, res in enumerate(results):
+        assert res.batch_path == "vectorised"
+        assert res.aux["shots"] == N and res.aux["tag"] == "query"
+        assert torch.equal(res.aux["loss"], res.outer_loss)
+        assert float(res.aux["loss"]) == pytest.approx(
+            float(meta.backward(sq_loss, sq_loss, task_of(supports, i), task_of(queries, i)).outer_loss),
+            rel=1e-12)
+
+
+def _l2_problem(seed=76):
+    model = _build(seed, mlp)
+    supports, queries = _regression(seed)
+    log_l2 = torch.tensor(-2.0, dtype=DTYPE, requires_grad=True)  # read only by the inner loss
+
+    def inner_loss(f, batch):
+        return sq_loss(f, batch) + log_l2.exp() * sum((p ** 2).sum() for p in f.parameters())
+    tasks = [(task_of(supports, i), task_of(queries, i)) for i in range(2)]
+    return model, log_l2, inner_loss, tasks
+
+
+def test_q_auto_and_diagnose_take_a_hyperparameter_only_the_inner_loss_reads():
+    # G_0 has no term for it (None): the bias D counts it as zero.
+    model, log_l2, inner_loss, tasks = _l2_problem()
+    params = [*model.parameters(), log_l2]
+    d = torch_ufom.diagnose(model, inner_loss, sq_loss, tasks, steps=STEPS, inner_lr=LR, params=params)
+    D = 0.0
+    for support, query in tasks:
+        exact, fom = (torch_ufom.hypergrad(model, inner_loss, sq_loss, support, query, steps=STEPS,
+                                           inner_lr=LR, mode=m, params=params) for m in ("exact", "fom"))
+        assert float(fom[-1]) == 0.0 and float(exact[-1]) != 0.0
+        D += float(sum(((a - b) ** 2).sum() for a, b in zip(exact, fom))) / len(tasks)
+    assert d.D == pytest.approx(D, rel=1e-9)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
+                                    q="auto", generator=torch.Generator().manual_seed(0))
+    meta.backward(inner_loss, sq_loss, *tasks[0], force_truncation=STEPS)
+    meta.step()
+    assert meta.q_stats["n_x"] == 1 and log_l2.grad is not None
+
+
+def test_diagnose_leaves_the_random_state_as_it_was_when_a_task_fails():
+    model, log_l2, inner_loss, tasks = _l2_problem()
+
+    class Refused(Exception):
+        pass
+    calls = []
+
+    def outer(f, batch):
+        calls.append(1)
+        if len(calls) == 4:  # the warm-up and task 1 ran
+            raise Refused
+        return sq_loss(f, batch)
+    gen = torch.Generator().manual_seed(5)
+    states = (gen.get_state(), torch.get_rng_state())
+    with pytest.raises(Refused):
+        torch_ufom.diagnose(model, inner_loss, outer, tasks, steps=STEPS, inner_lr=LR, generator=gen)
+    assert torch.equal(gen.get_state(), states[0]) and torch.equal(torch.get_rng_state(), states[1])

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -30,29 +31,48 @@ __all__ = ["adapt", "adapt_batch", "StackedFunctionalModel"]
 class StackedFunctionalModel:
     """The adapted models of a meta-batch: parameters and buffers with a leading task
     dimension. Call it like the module on stacked inputs (``fmodel(xs)`` with
-    ``xs[i]`` task ``i``'s input): it runs ``torch.func.vmap`` over the tasks.
+    ``xs[i]`` task ``i``'s input; tensor outputs come stacked the same way): it
+    runs ``torch.func.vmap`` over the tasks, or calls each task's model in turn
+    where ``vmap`` cannot run the module (e.g. ``nn.GRU``, ``nn.LSTM``).
 
     Attributes:
         module: the user's module (not changed).
         params, buffers: dicts from name to stacked tensors (non-adapted
             parameters and shared buffers are expanded views).
         size: the number of tasks.
+        vectorised: whether calls try ``vmap`` first (``False`` where the
+            adaptation itself could not vectorise the module).
     """
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
-                 size: int):
+                 size: int, vectorised: bool = True):
         self.module, self.params, self.buffers, self.size = module, params, buffers, size
+        self.vectorised = vectorised
 
     def __call__(self, *args, **kwargs):
-        def one(params, buffers, a, k):
-            return functional_call(self.module, (params, buffers), a, k)
+        if self.vectorised:
+            def one(params, buffers, a, k):
+                return functional_call(self.module, (params, buffers), a, k)
 
-        return torch.func.vmap(one, randomness="different")(self.params, self.buffers, args, kwargs)
+            try:
+                return torch.func.vmap(one, randomness="different")(self.params, self.buffers, args,
+                                                                     kwargs)
+            except (RuntimeError, ValueError) as err:
+                if not vmap_unsupported(err):
+                    raise
+        outs = [self.task(i)(*_task_inputs(args, i), **_task_inputs(kwargs, i)) for i in range(self.size)]
+        return pytree.tree_map(lambda *xs: torch.stack(xs) if isinstance(xs[0], Tensor) else xs[0], *outs)
 
     def task(self, i: int) -> FunctionalModel:
         """Task ``i``'s adapted model."""
         return FunctionalModel(self.module, {n: t[i] for n, t in self.params.items()},
                                {n: t[i] for n, t in self.buffers.items()})
+
+
+def _task_inputs(tree: Any, i: int) -> Any:
+    """Task ``i``'s entries of stacked inputs (tensors indexed along dimension 0; other
+    values shared)."""
+    return pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
 
 
 def _problem(model, inner_loss, settings: Settings, generator) -> Problem:
@@ -101,7 +121,8 @@ def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, i
             the aux is not kept).
         support: one batch reused at every step, :class:`~torch_ufom.StepBatches`,
             or a callable ``j -> batch``.
-        steps: the number of inner steps (any number; it need not be training's).
+        steps: the number of inner steps, an int >= 1 (it need not be
+            training's; the unadapted baseline is the module itself).
         inner_lr, inner: the inner rule, as for :func:`~torch_ufom.hypergrad`.
         inner_params: the parameters to adapt (default: every parameter with
             ``requires_grad``); the others keep their values.
@@ -142,10 +163,11 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     """
     problem = _problem(model, inner_loss, Settings(steps, inner_lr, inner, mode="fom",
                                                    inner_params=inner_params), generator)
-    size = meta_batch_size(supports, ())
+    size = meta_batch_size(supports=supports)
     with restore_rng_on_error(generator), torch.no_grad():
         first = task_of(supports, 0)
         found = probe(model, inner_loss, first if not callable(first) else first(0))
+        vectorised = True
         if not found.written:
             try:
                 state = _run(problem, Vectorised(size), supports)
@@ -153,11 +175,12 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
             except (RuntimeError, ValueError) as err:
                 if not vmap_unsupported(err):
                     raise
+                vectorised = False  # calls of the result then loop over the tasks at once
         states = [_run(problem, PerTask(), task_of(supports, i)) for i in range(size)]
-        return _stacked(problem, states, size)
+        return _stacked(problem, states, size, vectorised)
 
 
-def _stacked(problem: Problem, states, size: int) -> StackedFunctionalModel:
+def _stacked(problem: Problem, states, size: int, vectorised: bool = True) -> StackedFunctionalModel:
     """One stacked model from one vectorised state or ``size`` per-task states."""
     model, adapted = problem.model, problem.config.adapted
     if len(states) == 1:
@@ -171,4 +194,4 @@ def _stacked(problem: Problem, states, size: int) -> StackedFunctionalModel:
     for n, p in model.named_parameters():
         if n not in params:
             params[n] = p.detach().unsqueeze(0).expand(size, *p.shape)
-    return StackedFunctionalModel(model, params, buffers, size)
+    return StackedFunctionalModel(model, params, buffers, size, vectorised)

@@ -240,7 +240,7 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     forward-mode AD reports an operation it does not support. Any other error
     of the user's losses is raised. ``BatchRun.reason`` says why.
     """
-    size = meta_batch_size(supports, queries)
+    size = meta_batch_size(supports=supports, queries=queries)
     forced = check_force_truncation(force, size, problem.config.steps)
     with restore_rng_on_error(problem.generator):
         truncations, seeds = _draws(problem, size, forced)
@@ -399,8 +399,9 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
     tensor, a tuple/list or a dict of tensors whose first dimension indexes the
     tasks (one support batch per task, reused at every inner step; wrap
     per-step stacked batches in :class:`~torch_ufom.StepBatches`). The result
-    equals the sum of :func:`hypergrad` over the tasks with the same draws;
-    it is computed by ``torch.func.vmap`` over the tasks, one group per drawn
+    equals the sum of :func:`hypergrad` over the tasks with the same draws
+    (random operations inside the losses, such as dropout, draw other numbers
+    under ``vmap`` than in the loop); it is computed by ``torch.func.vmap`` over the tasks, one group per drawn
     truncation point, or by the per-task loop: by choice (``vectorise``), or
     with a warning that says why where vectorising would not be exact (see
     :func:`estimate_batch`). The losses see one task's batch, as in

@@ -354,9 +354,11 @@ class MetaOptimizer:
         """Run a meta-batch of tasks at once and accumulate the sum of their estimates.
 
         The vectorised twin of calling :meth:`backward` once per task: the
-        result (and every draw) is the same, but the tasks run through
+        result (and every draw of ``K``) is the same, but the tasks run through
         ``torch.func.vmap``, one vectorised sweep per drawn truncation point,
-        so tasks that drew ``K = 0`` skip the exact sweep of the others. The
+        so tasks that drew ``K = 0`` skip the exact sweep of the others. Random
+        operations inside the losses (dropout) draw other numbers under
+        ``vmap`` than in the loop (``vectorise=False`` reproduces it). The
         per-task loop runs instead where ``vectorise`` chooses it (``False``;
         under ``"auto"``, large tasks on a CPU), and, with a warning the first time, where ``vmap`` cannot
         run the model exactly (buffers the losses write, such as BatchNorm's

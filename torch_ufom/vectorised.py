@@ -50,15 +50,22 @@ def _register_step_batches() -> None:
 _register_step_batches()
 
 
-def meta_batch_size(supports: Any, queries: Any) -> int:
-    """The number of tasks of a meta-batch: the common leading size of every tensor.
+def meta_batch_size(**trees: Any) -> int:
+    """The number of tasks of a meta-batch: the common leading size of every tensor
+    of ``trees`` (by argument name: ``supports=..., queries=...``).
 
     Raises:
-        ValueError: naming the first entry that is not a tensor with a leading
-            task dimension, or whose leading size differs from the first one's.
+        ValueError: a tree holds no tensor, or naming the first entry that is
+            not a tensor with a leading task dimension, or whose leading size
+            differs from the first one's.
     """
-    entries = [(f"supports{pytree.keystr(k)}", v) for k, v in pytree.tree_leaves_with_path(supports)]
-    entries += [(f"queries{pytree.keystr(k)}", v) for k, v in pytree.tree_leaves_with_path(queries)]
+    entries = []
+    for name, tree in trees.items():
+        leaves = [(f"{name}{pytree.keystr(k)}", v) for k, v in pytree.tree_leaves_with_path(tree)]
+        if not leaves:  # [], {}, (), None: no task's batch to index
+            raise ValueError(f"Invalid {name}: {tree!r} holds no tensor (expected a tensor, or a "
+                             "tuple/list/dict of tensors, whose first dimension indexes the tasks)")
+        entries += leaves
     size, first = None, None
     for path, leaf in entries:
         if not isinstance(leaf, Tensor) or leaf.dim() == 0:
@@ -71,8 +78,6 @@ def meta_batch_size(supports: Any, queries: Any) -> int:
             raise ValueError(f"Invalid {path}: its leading size is {leaf.shape[0]}, but {first} "
                              f"has {size} tasks; every tensor of a meta-batch must stack the same "
                              "tasks along dimension 0")
-    if size is None:
-        raise ValueError("Invalid supports: a meta-batch needs at least one tensor")
     if size == 0:
         raise ValueError(f"Invalid {first}: the meta-batch is empty (leading size 0)")
     return int(size)
@@ -194,6 +199,9 @@ _UNSUPPORTED = ("vmap", "batching rule", "functorch", "torch.func", "forward ad"
                 "jvp", "not implemented for 'batched", "batched tensor")
 
 
+_TENSOR = object()  # where a tensor stood among an aux's leaves
+
+
 def vmap_unsupported(err: BaseException) -> bool:
     """Whether ``err`` is ``torch.func`` saying it cannot vectorise or forward-differentiate
     an operation (the per-task loop then runs), rather than an error of the user's code."""
@@ -259,10 +267,20 @@ class Vectorised:
         return torch.func.vmap(one, randomness="different")(tuple(state.params), vec, batch)
 
     def outer(self, loop, params, state):
-        def one(ps, qb):
-            return loss_and_aux(loop.outer_loss(loop.fmodel(ps, state.buffers), qb), "outer_loss")
+        # vmap returns tensors only: the aux's other values (Python numbers, strings) go
+        # around it, the same for every task since vmap runs the loss once.
+        held = {}
 
-        losses, aux = torch.func.vmap(one, randomness="different")(params, loop.query)
+        def one(ps, qb):
+            loss, aux = loss_and_aux(loop.outer_loss(loop.fmodel(ps, state.buffers), qb), "outer_loss")
+            leaves, held["spec"] = pytree.tree_flatten(aux)
+            held["values"] = [_TENSOR if isinstance(v, Tensor) else v for v in leaves]
+            return loss, [v for v in leaves if isinstance(v, Tensor)]
+
+        losses, tensors = torch.func.vmap(one, randomness="different")(params, loop.query)
+        stacked = iter(tensors)
+        aux = pytree.tree_unflatten([next(stacked) if v is _TENSOR else v for v in held["values"]],
+                                    held["spec"])
         _check_depends(losses, "outer_loss")  # vmap's batched tensors hide requires_grad
         grads = torch.autograd.grad(losses.sum(), params + tuple(loop.meta), allow_unused=True)
         return losses, aux, grads
