@@ -595,3 +595,46 @@ def test_defect_16_q_is_accepted_and_unused_where_the_mode_does_not_use_it(mode,
 def test_defect_16_truncation_without_mode_is_accepted():
     model, opt, kw = build_args(truncation=Geometric(0.5, 0.5))
     torch_ufom.MetaOptimizer(model, opt, **kw)
+
+
+# -- found by a review (session 9): the meta-batch, reconfigure, NumPy scalars ----
+
+@pytest.mark.parametrize("entry", BATCH_ENTRIES)
+@pytest.mark.parametrize("empty", [[], {}, ()], ids=["list", "dict", "tuple"])
+def test_a_meta_batch_without_support_tensors_is_refused_by_name(entry, empty):
+    # The queries hold the tasks; an empty supports used to reach the user's loss.
+    env = Env()
+    before = env.snap()
+    with pytest.raises(ValueError, match=r"Invalid supports: .* holds no tensor"):
+        env.call(entry, support=empty)
+    with pytest.raises(ValueError, match=r"Invalid queries: .* holds no tensor"):
+        env.call(entry, query=empty)
+    assert_unchanged(before)
+
+
+@pytest.mark.parametrize("start, change", [({"inner": SGD(0.2)}, {"inner_lr": 0.05}),
+                                           ({}, {"inner": SGD(0.05)})], ids=["to-inner_lr", "to-inner"])
+def test_reconfigure_switches_between_inner_lr_and_inner(start, change):
+    model = make_model()
+    kw = {"steps": 3, "mode": "exact", **({"inner_lr": 0.1} if not start else start)}
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+    meta.reconfigure(**change)
+    assert meta.inner.hyper["lr"] == 0.05
+    with pytest.raises(ValueError, match="give either inner_lr or inner=, not both"):
+        meta.reconfigure(inner_lr=0.1, inner=SGD(0.1))  # both in one call: still a conflict
+    assert meta.inner.hyper["lr"] == 0.05
+
+
+def test_numpy_scalars_are_taken_wherever_python_numbers_are():
+    np = pytest.importorskip("numpy")
+    model, opt, kw = build_args(q=np.float32(0.5), slots=np.int64(2), memory="checkpoint")
+    meta = torch_ufom.MetaOptimizer(model, opt, **kw)
+    assert meta.q == 0.5 and type(meta.law.q) is float
+    model, opt, kw = build_args(q="auto", q_min=np.float32(0.25), q_beta=np.float64(0.5))
+    torch_ufom.MetaOptimizer(model, opt, **kw)
+    assert Geometric(np.float32(0.5), np.float32(0.5)).probs(3) == Geometric(0.5, 0.5).probs(3)
+    from torch_ufom.truncation import Fixed
+    assert Fixed(np.int64(2)).probs(3) == Fixed(2).probs(3)
+    with pytest.raises(ValueError, match=r"Invalid slots: .*expected None"):
+        torch_ufom.MetaOptimizer(*build_args(slots=np.float32(2.0), memory="checkpoint")[:2],
+                                 inner_lr=0.1, steps=3, slots=np.float32(2.0))

@@ -92,12 +92,12 @@ class AdaptiveQ:
         authors = rule == "authors"
         q_min = (0.05 if authors else 0.01) if q_min is None else q_min
         beta = (0.99 if authors else 0.9) if beta is None else beta
-        if isinstance(q_min, bool) or not isinstance(q_min, (int, float)) or not 0 < q_min <= 1:
+        if isinstance(q_min, bool) or not isinstance(q_min, numbers.Real) or not 0 < q_min <= 1:
             raise ValueError(f"Invalid q_min: {q_min!r} (expected a float in (0, 1])")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
             raise ValueError(f"Invalid q_beta: {beta!r} (expected a float in [0, 1))")
         q_init = max(q_min, 0.05 if authors else 0.2) if q_init is None else q_init
-        if not q_min <= q_init <= 1:
+        if isinstance(q_init, bool) or not isinstance(q_init, numbers.Real) or not q_min <= q_init <= 1:
             raise ValueError(f"Invalid q_init: {q_init!r} (expected a float in [q_min, 1])")
         self.rule, self.q_min, self.beta, self.q_init = rule, float(q_min), float(beta), float(q_init)
         self.d_shrink = 10.0 if authors else 1.0

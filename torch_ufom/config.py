@@ -76,7 +76,8 @@ class Settings:
         """New settings with ``changes``; changing one law keyword drops the others it
         conflicts with (a new ``mode`` drops ``truncation`` and, unless
         ``"truncated"``, ``k``; a new ``truncation`` drops ``mode``); likewise a
-        new ``slots`` drops ``max_memory`` and a new ``max_memory`` drops ``slots``."""
+        new ``slots`` drops ``max_memory`` and a new ``max_memory`` drops ``slots``,
+        and a new ``inner_lr`` drops ``inner`` and a new ``inner`` drops ``inner_lr``."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise TypeError(f"reconfigure() got unexpected keyword(s) {unknown}")
@@ -90,6 +91,10 @@ class Settings:
             changes.setdefault("max_memory", None)
         if changes.get("max_memory") is not None:
             changes.setdefault("slots", None)
+        if changes.get("inner_lr") is not None:
+            changes.setdefault("inner", None)
+        if changes.get("inner") is not None:
+            changes.setdefault("inner_lr", None)
         return dataclasses.replace(self, **changes)
 
 

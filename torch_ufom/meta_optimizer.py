@@ -246,7 +246,8 @@ class MetaOptimizer:
         ``track_buffers`` are kept. A new ``mode`` drops an earlier
         ``truncation=`` (and ``k`` unless ``"truncated"``), a new
         ``truncation=`` drops ``mode``; a new ``slots`` drops ``max_memory``
-        and a new ``max_memory`` drops ``slots``. The ``q="auto"``
+        and a new ``max_memory`` drops ``slots``; a new ``inner_lr`` drops
+        ``inner`` and a new ``inner`` drops ``inner_lr``. The ``q="auto"``
         statistics are kept while the adaptive rule stays the same. For
         curricula such as MAML++'s derivative-order annealing
         (``meta.reconfigure(mode="exact")`` after some outer steps) or a ``q``

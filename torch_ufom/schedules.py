@@ -462,9 +462,9 @@ def check_slots(slots) -> Optional[int]:
     """Validate the number of checkpoint slots (``None``, or an int ``>= 1``)."""
     if slots is None:
         return None
-    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+    if isinstance(slots, bool) or not isinstance(slots, numbers.Integral) or slots < 1:
         raise ValueError(f"Invalid slots: {slots!r} (expected None, sized by max_memory, or an int >= 1)")
-    return slots
+    return int(slots)
 
 
 def check_max_memory(max_memory) -> Optional[int]:

@@ -14,6 +14,7 @@ survival function, the telescope weights and sampling derive from it.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from typing import List, Optional, Sequence
 
@@ -28,7 +29,7 @@ _SMALLEST_SURVIVAL = sys.float_info.min
 
 
 def _check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"Invalid steps: {steps!r} (expected an int >= 1)")
 
 
@@ -171,7 +172,7 @@ class Geometric(TruncationLaw):
 
     def __init__(self, q: float, rho: float):
         self.q = _check_q(q, "q")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho < 1.0:
+        if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0.0 < rho < 1.0:
             raise ValueError(f"Invalid rho: {rho!r} (expected a float in (0, 1))")
         self.rho = float(rho)
 
@@ -196,9 +197,9 @@ class Fixed(TruncationLaw):
     """
 
     def __init__(self, k: Optional[int] = None):
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+        if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0):
             raise ValueError(f"Invalid k: {k!r} (expected an int in 0..steps, or None for steps)")
-        self.k = k
+        self.k = None if k is None else int(k)
 
     def _k(self, steps: int) -> int:
         k = steps if self.k is None else self.k
@@ -248,7 +249,7 @@ class Custom(TruncationLaw):
 
 
 def _check_q(q, name: str) -> float:
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
+    if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 < q <= 1.0:
         raise ValueError(f"Invalid {name}: {q!r} (expected a float in (0, 1])")
     if q < _SMALLEST_SURVIVAL:
         raise ValueError(f"Invalid {name}: {q!r} (expected a float in (0, 1] at least "
