@@ -638,3 +638,16 @@ def test_numpy_scalars_are_taken_wherever_python_numbers_are():
     with pytest.raises(ValueError, match=r"Invalid slots: .*expected None"):
         torch_ufom.MetaOptimizer(*build_args(slots=np.float32(2.0), memory="checkpoint")[:2],
                                  inner_lr=0.1, steps=3, slots=np.float32(2.0))
+
+
+@pytest.mark.parametrize("entry", ["hypergrad", "hypergrad_batch"])
+def test_an_integer_tensor_in_params_is_refused(entry):
+    # It used to get a silent zero "hypergradient".
+    env = Env()
+    before = env.snap()
+    count = torch.zeros((), dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"Invalid params\[5\]: a torch.int64 tensor has no gradient"):
+        getattr(torch_ufom, entry)(env.model, mse, env.outer, *(
+            (env.supports, env.queries) if entry.endswith("batch") else (env.support, env.query)),
+            params=env.params() + [count], generator=env.gen, **env.config)
+    assert_unchanged(before)
