@@ -404,9 +404,9 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
     per-step stacked batches in :class:`~torch_ufom.StepBatches`). The result
     equals the sum of :func:`hypergrad` over the tasks with the same draws
     (random operations inside the losses, such as dropout, draw other numbers
-    under ``vmap`` than in the loop); it is computed by ``torch.func.vmap`` over the tasks, one group per drawn
-    truncation point, or by the per-task loop: by choice (``vectorise``), or
-    with a warning that says why where vectorising would not be exact (see
+    under ``vmap`` than in the loop); it is computed by ``torch.func.vmap``
+    over the tasks, one group per drawn truncation point, or by the per-task
+    loop: by choice (``vectorise``), or with a warning that says why where vectorising would not be exact (see
     :func:`estimate_batch`). The losses see one task's batch, as in
     :func:`hypergrad`.
 
