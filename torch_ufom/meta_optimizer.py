@@ -515,7 +515,10 @@ class MetaOptimizer:
             except BaseException:
                 with torch.no_grad():
                     for p, g in saved:
-                        p.grad.copy_(g)
+                        if p.grad is None:
+                            p.grad = g
+                        else:
+                            p.grad.copy_(g)
                 self._tasks = tasks
                 raise
         else:
