@@ -651,3 +651,15 @@ def test_an_integer_tensor_in_params_is_refused(entry):
             (env.supports, env.queries) if entry.endswith("batch") else (env.support, env.query)),
             params=env.params() + [count], generator=env.gen, **env.config)
     assert_unchanged(before)
+
+
+@pytest.mark.parametrize("rule, flag", [("SGD", "nesterov"), ("Adam", "amsgrad"), ("AdamW", "amsgrad"),
+                                        ("RMSprop", "centered")])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_a_rules_flag_must_be_a_bool(rule, flag, value):
+    # A truthy string such as "no" used to switch the option on.
+    from torch_ufom import inner as rules
+    extra = {"momentum": 0.9} if rule == "SGD" else {}
+    with pytest.raises(ValueError, match=rf"Invalid {flag}: .*expected True or False"):
+        getattr(rules, rule)(0.1, **extra, **{flag: value})
+    getattr(rules, rule)(0.1, **extra, **{flag: True})

@@ -343,6 +343,14 @@ def _short(v):
     return repr(v)
 
 
+def _check_flag(value, name: str) -> bool:
+    """``value`` if it is a bool, else a ``ValueError`` naming ``name`` (a truthy
+    string such as ``"no"`` must not switch the option on)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
+    return value
+
+
 def _is_zero(value: Hyper) -> bool:
     return isinstance(value, numbers.Real) and float(value) == 0.0
 
@@ -388,6 +396,7 @@ class SGD(InnerRule):
         self.hyper = {"lr": lr, "momentum": momentum, "dampening": dampening,
                       "weight_decay": weight_decay}
         self._check_values()
+        _check_flag(nesterov, "nesterov")
         if nesterov and (_is_zero(momentum) or not _is_zero(dampening)):
             raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum and zero dampening")
         self.nesterov = bool(nesterov)
@@ -492,7 +501,7 @@ class Adam(InnerRule):
         self.hyper = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps,
                       "weight_decay": weight_decay}
         self._check_values()
-        self.amsgrad = bool(amsgrad)
+        self.amsgrad = _check_flag(amsgrad, "amsgrad")
         self.first_order_identity = _is_zero(weight_decay)  # m and v never read phi
 
     def init(self, params):
@@ -605,7 +614,7 @@ class RMSprop(InnerRule):
         self.hyper = {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay,
                       "momentum": momentum}
         self._check_values()
-        self.centered = bool(centered)
+        self.centered = _check_flag(centered, "centered")
         self.has_momentum = not _is_zero(momentum)
         self.first_order_identity = _is_zero(weight_decay)  # s, a and b never read phi
 
