@@ -1060,3 +1060,63 @@ def test_diagnose_leaves_the_random_state_as_it_was_when_a_task_fails():
     with pytest.raises(Refused):
         torch_ufom.diagnose(model, inner_loss, outer, tasks, steps=STEPS, inner_lr=LR, generator=gen)
     assert torch.equal(gen.get_state(), states[0]) and torch.equal(torch.get_rng_state(), states[1])
+
+
+def test_synchronize_applies_the_mean_once_so_that_clipping_sees_it():
+    # A learn2learn port: average the tasks, clip, step. With reduction="mean" the
+    # average is synchronize(); step() then does not divide again.
+    got = {}
+    for how in ("by hand", "synchronize"):
+        model, meta, tasks = _two_task_run(reduction="sum" if how == "by hand" else "mean")
+        before = [p.detach().clone() for p in model.parameters()]
+        for support, query in tasks:
+            meta.backward(sq_loss, sq_loss, support, query)
+        if how == "by hand":
+            for p in model.parameters():
+                p.grad /= len(tasks)
+        else:
+            assert meta.synchronize() == len(tasks)
+            with pytest.raises(ValueError, match=r"a task after synchronize\(\)"):
+                meta.backward(sq_loss, sq_loss, *tasks[0])
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05))
+        meta.step()
+        got[how] = (norm, _updated(model, before))
+    assert got["synchronize"][0] == pytest.approx(got["by hand"][0], rel=1e-14) and got["by hand"][0] > 0.05
+    assert_close(got["synchronize"][1], got["by hand"][1], 1e-14, "clipped mean")
+
+
+@pytest.mark.parametrize("change", ["freeze", "unfreeze"])
+def test_requires_grad_changed_after_the_optimizer_was_built_is_followed(change):
+    # The adapted parameters are every parameter with requires_grad: a change after
+    # construction resolves the configuration again, as a fresh build would.
+    def build(frozen_at_build):
+        model = _build(77, mlp)
+        model[0].requires_grad_(not frozen_at_build)
+        params = [p for p in model.parameters() if p.requires_grad] if frozen_at_build else \
+            list(model.parameters())
+        opt = torch.optim.SGD(params, lr=0.1)
+        return model, opt, torch_ufom.MetaOptimizer(model, opt, inner_lr=LR, steps=STEPS, mode="exact")
+    supports, queries = _regression(77)
+    task = (task_of(supports, 0), task_of(queries, 0))
+    model, opt, meta = build(frozen_at_build=change == "unfreeze")
+    if change == "freeze":
+        model[0].requires_grad_(False)
+    else:
+        model[0].requires_grad_(True)
+        opt.add_param_group({"params": list(model[0].parameters())})
+    got = meta.backward(sq_loss, sq_loss, *task)
+    fresh_model, _, fresh = build(frozen_at_build=change == "freeze")
+    want = fresh.backward(sq_loss, sq_loss, *task)
+    assert float(got.outer_loss) == float(want.outer_loss)
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad)
+
+
+def test_a_parameter_dropped_from_the_optimizer_after_construction_is_refused():
+    model, meta, tasks = _two_task_run()
+    meta.optimizer.param_groups[0]["params"].pop()
+    with pytest.raises(ValueError, match=r"Invalid optimizer: it does not hold the model parameters"):
+        meta.backward(sq_loss, sq_loss, *tasks[0])
+    assert all(p.grad is None for p in model.parameters())

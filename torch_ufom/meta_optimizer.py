@@ -184,12 +184,7 @@ class MetaOptimizer:
             raise TypeError(f"Invalid track_buffers: {track_buffers!r} (expected True or False)")
         if reduction not in ("sum", "mean") or not isinstance(reduction, str):
             raise ValueError(f"Invalid reduction: {reduction!r} (expected one of sum, mean)")
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
-        if missing:
-            raise ValueError(
-                f"Invalid optimizer: it does not hold the model parameters {missing}; pass all of "
-                "model.parameters() to it (or set requires_grad=False on frozen ones)")
+        _check_holds(optimizer, model)
         self.process_group, self.distributed = process_group, process_group is not None
         if self.distributed:
             distributed.check_group(None if process_group is True else process_group)
@@ -198,11 +193,13 @@ class MetaOptimizer:
             generator = distributed.rank_generator(generator, self.process_group)
         self.model, self.optimizer, self.generator = model, optimizer, generator
         self._config = config
+        self._signature = self._current_signature()  # what the configuration was resolved for
         self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
         self.track_buffers, self.reduction = track_buffers, reduction
         self._buffers: List[List[Tensor]] = []  # final buffers of the tasks since the last step
         self._observations: List[Dict[str, float]] = []  # q="auto" observations since the last step
-        self._tasks = 0  # tasks since the last step
+        self._tasks = 0  # tasks whose estimates .grad holds, not yet reduced
+        self._reduced = False  # synchronize() ran since the last step or zero_grad
         self._warned_per_task = False  # backward_batch fell back to the per-task loop
         self._slow_ops = None  # what vectorise="auto" found for the last inner loss (SlowOps)
 
@@ -257,10 +254,11 @@ class MetaOptimizer:
             TypeError, ValueError: as the constructor; nothing is changed.
         """
         config = resolve(self._config.settings.replace(**changes), self.model)
+        _check_holds(self.optimizer, self.model)
         old = self._config.adaptive
         keep = (config.adaptive is not None and old is not None and
                 vars(config.adaptive) == vars(old))
-        self._config = config
+        self._config, self._signature = config, self._current_signature()
         if not keep:
             self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
             self._observations = []
@@ -280,9 +278,30 @@ class MetaOptimizer:
             raise NonFiniteHypergradient(err.index, f"meta-parameter {self._name(meta[err.index])}") \
                 from None
 
+    def _current_signature(self) -> tuple:
+        """What the configuration depends on: each module parameter's name, identity,
+        ``requires_grad``, dtype and device, and the tensors the outer optimizer holds."""
+        params = tuple((n, id(p), p.requires_grad, p.dtype, p.device)
+                       for n, p in self.model.named_parameters())
+        return params, tuple(id(p) for g in self.optimizer.param_groups for p in g["params"])
+
     def _problem(self, inner_loss: Callable, outer_loss: Callable) -> Problem:
-        """This call's :class:`~torch_ufom.functional.Problem`."""
+        """This call's :class:`~torch_ufom.functional.Problem`.
+
+        If the module's parameters (which there are, ``requires_grad``, dtype,
+        device) or the tensors the outer optimizer holds changed since the
+        configuration was resolved, it is resolved again from the same settings,
+        as the constructor would (an error then changes nothing).
+        """
+        if self._reduced:
+            raise ValueError("Invalid call: a task after synchronize(): .grad already holds the "
+                             "reduced gradients; call step() or zero_grad() first")
         check_losses(inner_loss, outer_loss)
+        signature = self._current_signature()
+        if signature != self._signature:
+            config = resolve(self._config.settings, self.model)
+            _check_holds(self.optimizer, self.model)
+            self._config, self._signature = config, signature
         meta = tuple(self.meta_parameters())
         c = self._config
         hvp = resolve_hvp(c, self.model, meta)
@@ -312,7 +331,7 @@ class MetaOptimizer:
         """Reset the meta-parameters' gradients (see ``Optimizer.zero_grad``) and the
         count of tasks they hold, which ``reduction="mean"`` divides by."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._tasks = 0
+        self._tasks, self._reduced = 0, False
 
     def backward(self, inner_loss: Callable, outer_loss: Callable, support: Any, query: Any,
                  *, force_truncation: Optional[int] = None) -> MetaResult:
@@ -508,7 +527,7 @@ class MetaOptimizer:
         as it was before the reduction and the tasks stay pending.
         """
         if closure is None:
-            tasks = self._tasks
+            tasks, reduced = self._tasks, self._reduced
             saved = self._reduce(save=True)
             try:
                 result = self.optimizer.step()
@@ -519,15 +538,16 @@ class MetaOptimizer:
                             p.grad = g
                         else:
                             p.grad.copy_(g)
-                self._tasks = tasks
+                self._tasks, self._reduced = tasks, reduced
                 raise
         else:
             def reduced():
+                self._reduced = False  # the closure computes the gradients again
                 out = closure()
-                self._reduce(save=False)
+                self.synchronize()
                 return out
             result = self.optimizer.step(reduced)
-        self._tasks = 0
+        self._tasks, self._reduced = 0, False
         if self.q_stats is not None:
             observations = self._observations
             if self.distributed:
@@ -548,30 +568,34 @@ class MetaOptimizer:
         return result
 
     def synchronize(self) -> int:
-        """Sum the meta-gradients over the process group and apply ``reduction`` over
-        the global number of tasks since the last step; returns that number.
+        """Apply ``reduction`` to ``.grad`` now: with a ``process_group``, sum the
+        meta-gradients over the ranks; with ``"mean"``, divide by the number of
+        tasks they hold (all ranks'). Returns that number.
 
-        Called by :meth:`step`; call it yourself to inspect the reduced
-        gradients (then call it only once per outer step).
+        :meth:`step` calls it unless it was called since the last
+        :meth:`backward`; call it yourself after the outer step's last task to
+        read, clip (``torch.nn.utils.clip_grad_norm_``) or log the gradients
+        the outer optimizer will apply. A :meth:`backward` after it and before
+        :meth:`step` or :meth:`zero_grad` is refused: it would mix reduced and
+        unreduced gradients.
         """
-        if not self.distributed:
-            raise ValueError("Invalid call: synchronize needs a process_group")
-        total = distributed.sum_gradients(self.meta_parameters(), self._tasks, self.process_group)
+        total = self._tasks
+        if self.distributed:
+            total = distributed.sum_gradients(self.meta_parameters(), self._tasks, self.process_group)
         if self.reduction == "mean":
             self._divide(total)
+        self._tasks, self._reduced = 0, True
         return total
 
     def _reduce(self, save: bool) -> List[Tuple[Tensor, Tensor]]:
-        """Apply ``reduction`` to ``.grad`` and mark its tasks as reduced; with ``save``,
-        return ``(parameter, gradient before)`` for each gradient it changed."""
+        """:meth:`synchronize` unless already done; with ``save``, return ``(parameter,
+        gradient before)`` for each gradient it changed."""
+        if self._reduced:
+            return []
         changes = self.distributed or (self.reduction == "mean" and self._tasks > 1)
         saved = [(p, p.grad.clone()) for p in self.meta_parameters()
                  if p.grad is not None] if save and changes else []
-        if self.distributed:
-            self.synchronize()
-        elif self.reduction == "mean":
-            self._divide(self._tasks)
-        self._tasks = 0
+        self.synchronize()
         return saved
 
     def _divide(self, tasks: int) -> None:
@@ -639,6 +663,16 @@ class MetaOptimizer:
     def __repr__(self) -> str:
         return (f"MetaOptimizer(mode={self.mode!r}, steps={self.steps}, law={self.law!r}, "
                 f"memory={self.memory!r}, inner={self.inner!r}, optimizer={type(self.optimizer).__name__})")
+
+
+def _check_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Raise unless ``optimizer`` holds every parameter of ``model`` with ``requires_grad``."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        raise ValueError(
+            f"Invalid optimizer: it does not hold the model parameters {missing}; pass all of "
+            "model.parameters() to it (or set requires_grad=False on frozen ones)")
 
 
 # -- state_dict validation ------------------------------------------------------
