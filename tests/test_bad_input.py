@@ -663,3 +663,13 @@ def test_a_rules_flag_must_be_a_bool(rule, flag, value):
     with pytest.raises(ValueError, match=rf"Invalid {flag}: .*expected True or False"):
         getattr(rules, rule)(0.1, **extra, **{flag: value})
     getattr(rules, rule)(0.1, **extra, **{flag: True})
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_inference_mode_is_named_as_the_cause(entry):
+    # It used to be blamed on the loss ("its value does not depend on the parameters").
+    env = Env()
+    before = env.snap()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch.inference_mode\(\)"):
+        env.call(entry)
+    assert_unchanged(before)

@@ -177,7 +177,11 @@ def check_generator(generator) -> Optional[torch.Generator]:
 
 
 def check_losses(inner_loss, outer_loss) -> None:
-    """Validate the two loss callables."""
+    """Validate the two loss callables, and that the call can differentiate them: not
+    under ``torch.inference_mode()``, whose tensors autograd cannot record."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("Invalid call under torch.inference_mode(): hypergradients need autograd "
+                           "(torch.no_grad() is fine: the library enables gradients where it needs them)")
     for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
         if not callable(fn):
             raise TypeError(f"Invalid {name}: expected a callable (fmodel, batch) -> scalar tensor, "
