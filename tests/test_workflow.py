@@ -1120,3 +1120,59 @@ def test_a_parameter_dropped_from_the_optimizer_after_construction_is_refused():
     with pytest.raises(ValueError, match=r"Invalid optimizer: it does not hold the model parameters"):
         meta.backward(sq_loss, sq_loss, *tasks[0])
     assert all(p.grad is None for p in model.parameters())
+
+
+class _Shared(nn.Module):
+    """One linear layer and one BatchNorm reached by two paths each (torch.func.functional_call
+    does not put such entries back after the call, torch 2.13)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.norm = nn.BatchNorm1d(3)
+        self.body = nn.Sequential(self.lin, self.norm, nn.Tanh(), self.lin, self.norm)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _module_state(model):
+    return [(n, t, t.clone()) for n, t in list(model.named_parameters()) + list(model.named_buffers())]
+
+
+def _assert_module_unchanged(model, state):
+    now = dict(list(model.named_parameters()) + list(model.named_buffers()))
+    for n, t, value in state:
+        assert now[n] is t and torch.equal(t, value), n
+
+
+def test_adapted_models_of_a_module_with_shared_submodules_leave_it_unchanged():
+    model = _build(78, _Shared)
+    supports, queries = _regression(78)
+    state = _module_state(model)
+    fm = torch_ufom.adapt(model, sq_loss, task_of(supports, 0), steps=2, inner_lr=LR)
+    fm(queries[0][0])
+    stacked = torch_ufom.adapt_batch(model, sq_loss, supports, steps=2, inner_lr=LR)
+    stacked(queries[0])
+    stacked.task(1)(queries[0][1])
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=LR,
+                                    steps=STEPS, mode="exact", vectorise=True)
+    meta.adapt(sq_loss, task_of(supports, 0))(queries[0][0])
+    with pytest.warns(UserWarning, match="per-task loop: the module has buffers that the losses write"):
+        meta.backward_batch(sq_loss, sq_loss, supports, queries)
+    meta.backward(sq_loss, sq_loss, task_of(supports, 0), task_of(queries, 0))
+    _assert_module_unchanged(model, state)
+
+
+def test_adapt_batch_takes_per_step_batches():
+    # The probe of whether the loss writes buffers used to get the whole StepBatches.
+    model = _build(79, mlp)
+    g = torch.Generator().manual_seed(79)
+    steps = [(torch.randn(TASKS, N, 3, generator=g, dtype=DTYPE),
+              torch.randn(TASKS, N, 2, generator=g, dtype=DTYPE)) for _ in range(3)]
+    stacked = torch_ufom.adapt_batch(model, sq_loss, torch_ufom.StepBatches(steps), steps=3, inner_lr=LR)
+    for i in range(TASKS):
+        one = torch_ufom.adapt(model, sq_loss, torch_ufom.StepBatches([task_of(b, i) for b in steps]),
+                               steps=3, inner_lr=LR)
+        assert_close(list(stacked.task(i).params.values()), list(one.params.values()), 1e-14, f"task {i}")

@@ -16,13 +16,13 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .config import Settings, check_generator, resolve
 from .estimators import SweepLog
 from .functional import restore_rng_on_error
 from .inner import InnerRule
-from .unroll import Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State
+from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, Reparametrization, State,
+                     batch_getter)
 from .vectorised import Vectorised, meta_batch_size, probe, task_of, vmap_unsupported
 
 __all__ = ["adapt", "adapt_batch", "StackedFunctionalModel"]
@@ -40,19 +40,21 @@ class StackedFunctionalModel:
         params, buffers: dicts from name to stacked tensors (non-adapted
             parameters and shared buffers are expanded views).
         size: the number of tasks.
-        vectorised: whether calls try ``vmap`` first (``False`` where the
-            adaptation itself could not vectorise the module).
+        vectorised: whether calls try ``vmap`` first (``False`` where ``vmap``
+            refused the module during the adaptation; a call that ``vmap``
+            refuses runs task by task either way).
     """
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
                  size: int, vectorised: bool = True):
         self.module, self.params, self.buffers, self.size = module, params, buffers, size
         self.vectorised = vectorised
+        self._swap = Reparametrization.of(module)
 
     def __call__(self, *args, **kwargs):
         if self.vectorised:
             def one(params, buffers, a, k):
-                return functional_call(self.module, (params, buffers), a, k)
+                return FunctionalModel(self.module, params, buffers, self._swap)(*a, **k)
 
             try:
                 return torch.func.vmap(one, randomness="different")(self.params, self.buffers, args,
@@ -66,7 +68,7 @@ class StackedFunctionalModel:
     def task(self, i: int) -> FunctionalModel:
         """Task ``i``'s adapted model."""
         return FunctionalModel(self.module, {n: t[i] for n, t in self.params.items()},
-                               {n: t[i] for n, t in self.buffers.items()})
+                               {n: t[i] for n, t in self.buffers.items()}, self._swap)
 
 
 def _task_inputs(tree: Any, i: int) -> Any:
@@ -165,8 +167,8 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
                                                    inner_params=inner_params), generator)
     size = meta_batch_size(supports=supports)
     with restore_rng_on_error(generator), torch.no_grad():
-        first = task_of(supports, 0)
-        found = probe(model, inner_loss, first if not callable(first) else first(0))
+        first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
+        found = probe(model, inner_loss, first)
         vectorised = True
         if not found.written:
             try:

@@ -47,18 +47,21 @@ class FunctionalModel:
     the duration of the call, as ``torch.func.functional_call(module,
     (params, buffers), (x,))`` does (tied entries included), and restored
     afterwards, error or not. The swap follows a :class:`Reparametrization`
-    computed once per inner loop; without one (``swap=None``) the call is
-    ``functional_call`` itself. Buffers are cloned for each step, so in-place
-    updates (BatchNorm's running statistics) land on the inner state, never
-    on the module.
+    (by default, ``...``: :meth:`Reparametrization.of` the module; an inner loop
+    computes it once and passes it); where there is none (``swap=None``: parametrized
+    modules) the call is ``functional_call`` itself. Buffers are cloned for
+    each step, so in-place updates (BatchNorm's running statistics) land on
+    the inner state, never on the module.
     """
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
-                 swap: Optional["Reparametrization"] = None):
+                 swap: Any = ...):
         self.module = module
         self.params = params
         self.buffers = buffers
-        self.swap = swap
+        # functional_call does not put back the entries of a submodule reached by two
+        # paths (torch 2.13): the cached swap does, so it is the default.
+        self.swap = Reparametrization.of(module) if swap is ... else swap
 
     def __call__(self, *args, **kwargs):
         if self.swap is None:
