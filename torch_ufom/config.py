@@ -281,6 +281,11 @@ def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer")
     """
     steps = check_steps(settings.steps)
     adapted = adapted_parameters(check_model(model), settings.inner_params)
+    unreal = sorted(n for n, p in adapted.items() if not p.is_floating_point())
+    if unreal:
+        raise ValueError(f"Invalid model: the adapted parameters {unreal} are not real floating-point "
+                         "tensors (complex parameters are not supported; freeze them with "
+                         "requires_grad=False or leave them out of inner_params)")
     mode, law, rule_q = _law(settings, steps)
     if rule_q is not None and caller != "MetaOptimizer":
         raise ValueError(f"Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; {caller} "

@@ -369,8 +369,8 @@ def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
         if not isinstance(p, Tensor):
             raise TypeError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
         if not p.is_floating_point():
-            raise ValueError(f"Invalid params[{i}]: a {p.dtype} tensor has no gradient (expected "
-                             "floating-point tensors)")
+            raise ValueError(f"Invalid params[{i}]: a {p.dtype} tensor (expected real floating-point "
+                             "tensors; integer tensors have no gradient, complex ones are not supported)")
         if id(p) in seen:
             raise ValueError(f"Invalid params[{i}]: the same tensor appears twice in params")
         seen.add(id(p))
