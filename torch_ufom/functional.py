@@ -306,7 +306,7 @@ def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool,
         if auto and known.ops:  # nothing else the probe could find matters
             return Plan(None, _slow(known.ops), False, known)
         return Plan(problem, "", False, known)
-    first = batch_getter(task_of(supports, 0), problem.config.steps)(0)
+    first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
     found = probe(problem.model, problem.inner_loss, first)
     if auto:
         known = SlowOps(problem.inner_loss, device, tuple(

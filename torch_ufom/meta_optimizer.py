@@ -159,7 +159,7 @@ class MetaOptimizer:
         ...                      inner_lr=0.01, steps=20, mode="ufom", q=0.1)
         >>> meta.zero_grad()
         >>> for support, query in tasks:
-        ...     meta.backward(inner_loss, outer_loss, support, query)
+        ...     result = meta.backward(inner_loss, outer_loss, support, query)
         >>> meta.step()
     """
 
