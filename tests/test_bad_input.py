@@ -687,3 +687,14 @@ def test_complex_adapted_parameters_are_refused_at_construction():
         with pytest.raises(ValueError, match=r"Invalid model: the adapted parameters .*complex"):
             build()
     assert_unchanged(before)
+
+
+@pytest.mark.parametrize("entry", ["hypergrad", "backward"])
+def test_an_iterator_support_is_refused(entry):
+    # A generator of per-step batches used to be taken as one batch and used up at step 1.
+    env = Env()
+    before = env.snap()
+    batches = (env.support for _ in range(3))
+    with pytest.raises(TypeError, match=r"Invalid support: an iterator \(generator\) would be used up"):
+        env.call(entry, support=batches)
+    assert_unchanged(before)

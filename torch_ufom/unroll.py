@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
@@ -219,6 +219,10 @@ def batch_getter(support: Any, steps: int, arg: str = "support") -> Callable[[in
         return support.__getitem__
     if callable(support) and not isinstance(support, (Tensor, nn.Module)):
         return support
+    if isinstance(support, Iterator):  # a generator: used up at the first step
+        raise TypeError(f"Invalid {arg}: an iterator ({type(support).__name__}) would be used up by the "
+                        "first step (expected one batch, StepBatches([...]) of every step's batch, or "
+                        "a callable j -> batch)")
     return lambda j: support
 
 
