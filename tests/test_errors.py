@@ -127,3 +127,21 @@ def test_a_finite_hypergradient_whose_norm_overflows_is_written(mode):
         grads.append([p.grad for p in model.parameters()])
     assert not math.isfinite(sum(float(g.double().square().sum()) for g in grads[1]))
     assert all(torch.equal(a * scale, b) for a, b in zip(*grads))
+
+
+def test_a_non_finite_hypergradient_raises_the_exported_class_and_writes_nothing():
+    # docs/porting.md's GradScaler recipe catches torch_ufom.NonFiniteHypergradient (a scale
+    # too large overflows the sweep; here sqrt at 0 has an infinite derivative).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    v = torch.zeros((), requires_grad=True)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), v], lr=0.1),
+                                    inner_lr=0.1, steps=3, mode="exact")
+    batch = (torch.randn(5, 3), torch.randn(5, 1))
+
+    def loss(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+    with pytest.raises(torch_ufom.NonFiniteHypergradient, match="nothing was written"):
+        meta.backward(loss, lambda f, b: loss(f, b) + torch.sqrt(v), batch, batch)
+    assert all(p.grad is None for p in [*model.parameters(), v])
+    assert issubclass(torch_ufom.NonFiniteHypergradient, FloatingPointError)

@@ -5,11 +5,12 @@ Public names are re-exported here; see the README for a quick start.
 from . import inner, truncation
 from .adapt import StackedFunctionalModel, adapt, adapt_batch
 from .diagnostics import Diagnosis, diagnose
+from .estimators import NonFiniteHypergradient
 from .functional import hypergrad, hypergrad_batch
 from .meta_optimizer import MetaOptimizer, MetaResult
 from .unroll import FunctionalModel, StepBatches
 
 __all__ = ["MetaOptimizer", "MetaResult", "hypergrad", "hypergrad_batch", "adapt", "adapt_batch",
-           "diagnose", "Diagnosis",
+           "diagnose", "Diagnosis", "NonFiniteHypergradient",
            "FunctionalModel", "StackedFunctionalModel", "StepBatches", "inner", "truncation"]
 __version__ = "0.1.0"
