@@ -246,7 +246,8 @@ def _law(settings: Settings, steps: int) -> Tuple[str, TruncationLaw, Optional[a
                          f"{mode!r}")
     if q == "auto" and mode != "ufom":
         raise ValueError(f"Invalid q: 'auto' adapts the exact-branch probability of mode='ufom', "
-                         f"but mode is {mode!r}")
+                         f"but mode is {mode!r} (reconfigure: give a float q with the new mode, "
+                         f"e.g. reconfigure(mode={mode!r}, q=0.1))")
     if mode == "law":
         law = truncation
     elif mode == "fom":

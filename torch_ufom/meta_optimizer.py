@@ -111,7 +111,10 @@ class MetaOptimizer:
             and ``W = 3.5 G + 16 |s|``: every graph is kept up to 128
             steps, longer sweeps checkpoint with ``128 (G + |s|) / (1.35 |s|)``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
-        generator: optional ``torch.Generator`` making the draws reproducible.
+        generator: optional ``torch.Generator`` making the draws reproducible
+            (under ``q="auto"`` with ``q_rule="ufom"``, ``q`` itself follows
+            measured times, so the draws are reproducible only with
+            ``q_rule="authors"`` or a fixed ``q``).
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.
         truncation: a law from :mod:`torch_ufom.truncation`, instead of ``mode``.
         process_group: data parallelism over ``torch.distributed`` (``None``:
