@@ -499,3 +499,42 @@ def test_conv4_without_running_statistics_is_vectorised_and_exact():
     floor = 1e-6 * float(torch.sqrt(sum((w ** 2).sum() for w in want)))
     errs = [float((a - b).norm()) / max(float(b.norm()), floor) for a, b in zip(grads(meta), want)]
     assert max(errs) < 1e-9
+
+
+class _EvalAttention(nn.Module):
+    """Attention in eval() mode, where nn.MultiheadAttention and nn.TransformerEncoderLayer take
+    an inference fast path without a derivative if the parameters seem not to need one (under
+    vmap they hide requires_grad)."""
+
+    def __init__(self, layer: str):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True) if layer == "mha" else None
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True) \
+            if layer == "encoder" else None
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = self.mha(h, h, h)[0] if self.mha is not None else self.enc(h)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("layer", ["mha", "encoder"])
+def test_eval_mode_attention_runs_vectorised_and_equals_the_loop(layer):
+    torch.manual_seed(0)
+    model = _EvalAttention(layer).eval()
+    g = torch.Generator().manual_seed(1)
+    supports = (torch.randn(2, 5, 3, 4, generator=g), torch.randint(0, 3, (2, 5), generator=g))
+    queries = (torch.randn(2, 5, 3, 4, generator=g), torch.randint(0, 3, (2, 5), generator=g))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    for K in (0, 2):
+        got = {}
+        for vectorise in (True, False):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", ".*per-task loop")  # no fallback to the loop
+                got[vectorise] = torch_ufom.hypergrad_batch(
+                    model, xent, xent, supports, queries, steps=2, inner_lr=0.1, mode="exact",
+                    force_truncation=K, vectorise=vectorise)
+        assert rel_err(got[True], got[False]) < 1e-12
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath  # put back

@@ -495,11 +495,15 @@ class InnerLoop:
     def streams(self):
         """Save the global random state, run the body, restore it: whoever runs the
         loop's steps wraps them in this once (each step seeds its own stream). With
-        ``math_attention`` the body runs under the math attention kernel."""
+        ``math_attention`` the body runs under the math attention kernel. The body
+        runs without ``nn.MultiheadAttention``'s inference fast path: under ``vmap``
+        the parameters hide ``requires_grad``, and in ``eval()`` mode the layer
+        would take that path, which has no derivative."""
         cpu = torch.get_rng_state()
         cuda = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
         try:
-            with (_math_attention() if self.math_attention else contextlib.nullcontext()):
+            with (_math_attention() if self.math_attention else contextlib.nullcontext()), \
+                    _no_attention_fastpath():
                 yield
         finally:
             torch.set_rng_state(cpu)
@@ -711,6 +715,19 @@ def _grad_mode(enabled: bool):
     """``torch.set_grad_enabled(enabled)``, or a shared no-op where the mode already is
     ``enabled`` (per step, the context object costs more than the check)."""
     return _SAME_MODE if torch.is_grad_enabled() == enabled else torch.set_grad_enabled(enabled)
+
+
+@contextlib.contextmanager
+def _no_attention_fastpath():
+    """Turn off ``nn.MultiheadAttention``'s (and ``nn.TransformerEncoderLayer``'s) inference
+    fast path for the body, whatever it was before."""
+    mha = torch.backends.mha
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def _math_attention():
