@@ -21,8 +21,7 @@ from .config import Settings, check_generator, resolve
 from .estimators import SweepLog
 from .functional import restore_rng_on_error
 from .inner import InnerRule
-from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, Reparametrization, State,
-                     batch_getter)
+from .unroll import Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, batch_getter
 from .vectorised import Vectorised, meta_batch_size, probe, task_of, vmap_unsupported
 
 __all__ = ["adapt", "adapt_batch", "StackedFunctionalModel"]
@@ -49,12 +48,11 @@ class StackedFunctionalModel:
                  size: int, vectorised: bool = True):
         self.module, self.params, self.buffers, self.size = module, params, buffers, size
         self.vectorised = vectorised
-        self._swap = Reparametrization.of(module)
 
     def __call__(self, *args, **kwargs):
         if self.vectorised:
             def one(params, buffers, a, k):
-                return FunctionalModel(self.module, params, buffers, self._swap)(*a, **k)
+                return FunctionalModel(self.module, params, buffers)(*a, **k)
 
             try:
                 return torch.func.vmap(one, randomness="different")(self.params, self.buffers, args,
@@ -68,7 +66,7 @@ class StackedFunctionalModel:
     def task(self, i: int) -> FunctionalModel:
         """Task ``i``'s adapted model."""
         return FunctionalModel(self.module, {n: t[i] for n, t in self.params.items()},
-                               {n: t[i] for n, t in self.buffers.items()}, self._swap)
+                               {n: t[i] for n, t in self.buffers.items()})
 
 
 def _task_inputs(tree: Any, i: int) -> Any:

@@ -46,12 +46,15 @@ class FunctionalModel:
     parameter and buffer entries swapped for ``params`` and ``buffers`` for
     the duration of the call, as ``torch.func.functional_call(module,
     (params, buffers), (x,))`` does (tied entries included), and restored
-    afterwards, error or not. The swap follows a :class:`Reparametrization`
-    (by default, ``...``: :meth:`Reparametrization.of` the module; an inner loop
-    computes it once and passes it); where there is none (``swap=None``: parametrized
-    modules) the call is ``functional_call`` itself. Buffers are cloned for
-    each step, so in-place updates (BatchNorm's running statistics) land on
-    the inner state, never on the module.
+    afterwards, error or not. The swap follows a :class:`Reparametrization`:
+    by default (``swap=...``) :meth:`Reparametrization.of` the module as it is
+    at each call, used where it knows every name given (an inner loop
+    computes it once and passes it). Where there is none (``swap=None``,
+    parametrized modules) or a name is not one of its own (a tied weight's
+    second name, a name the module lacks), the call is ``functional_call``
+    itself. Buffers are cloned for each step, so in-place updates
+    (BatchNorm's running statistics) land on the inner state, never on the
+    module.
     """
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
@@ -59,18 +62,25 @@ class FunctionalModel:
         self.module = module
         self.params = params
         self.buffers = buffers
-        # functional_call does not put back the entries of a submodule reached by two
-        # paths (torch 2.13): the cached swap does, so it is the default.
-        self.swap = Reparametrization.of(module) if swap is ... else swap
+        self.swap = swap
 
     def __call__(self, *args, **kwargs):
-        if self.swap is None:
+        swap = self._module_swap() if self.swap is ... else self.swap
+        if swap is None:
             return functional_call(self.module, (self.params, self.buffers), args, kwargs)
-        saved = self.swap.put(self.params, self.buffers)
+        saved = swap.put(self.params, self.buffers)
         try:
             return self.module(*args, **kwargs)
         finally:
-            self.swap.restore(saved)
+            swap.restore(saved)
+
+    def _module_swap(self) -> Optional["Reparametrization"]:
+        """The module's swap now, if it knows every name given. functional_call does not
+        put back the entries of a submodule reached by two paths (torch 2.13); the swap does."""
+        swap = Reparametrization.of(self.module)
+        if swap is None or not (self.params.keys() <= swap.names and self.buffers.keys() <= swap.names):
+            return None
+        return swap
 
     def named_parameters(self):
         """Iterate over ``(name, tensor)`` pairs of the current inner parameters."""
@@ -108,6 +118,7 @@ class Reparametrization:
 
     def __init__(self, slots: List[Tuple[dict, str, str]]):
         self.slots = slots
+        self.names = frozenset(name for _, _, name in slots)  # the names it swaps
 
     @classmethod
     def of(cls, module: nn.Module) -> Optional["Reparametrization"]:
