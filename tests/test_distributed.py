@@ -70,3 +70,43 @@ def test_uninitialised_process_group_is_rejected_before_any_work():
     model, loss, data = mlp_problem(0)
     with pytest.raises(ValueError, match="process_group.*not initialised"):
         meta_for(model, process_group=True)
+
+
+def retry_worker(rank, world, init_file, out_dir):
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, loss, data = mlp_problem(0)
+        extra = torch.zeros(1, requires_grad=True)  # a meta-parameter only rank 0's task reaches
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), extra], lr=0.1),
+                                        inner_lr=0.1, steps=3, mode="exact", process_group=True)
+        meta.zero_grad()
+        meta.backward(loss, (lambda f, b: loss(f, b) + extra.sum()) if rank == 0 else loss,
+                      data[rank], data[2 + rank])
+        before = None if extra.grad is None else extra.grad.clone()
+        step = meta.optimizer.step
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("transient")
+        meta.optimizer.step = fail
+        with pytest.raises(RuntimeError, match="transient"):
+            meta.step()  # the reduction summed the ranks, then the optimizer failed: put back
+        restored = (extra.grad is None) == (before is None) and (
+            before is None or torch.equal(extra.grad, before))
+        meta.optimizer.step = step
+        meta.step()
+        torch.save({"restored": restored, "extra": extra.detach().clone()},
+                   os.path.join(out_dir, f"retry{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_a_retried_step_sums_the_ranks_once(tmp_path):
+    # A gradient that was None on one rank used to keep the summed value after a failed
+    # step, and the retry summed it again.
+    mp.spawn(retry_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"retry{r}.pt") for r in range(2)]
+    assert all(r["restored"] for r in ranks)
+    for r in ranks:  # one task reached extra with gradient 1: SGD at lr 0.1 moves it by -0.1
+        assert torch.equal(r["extra"], torch.tensor([-0.1]))

@@ -1176,3 +1176,86 @@ def test_adapt_batch_takes_per_step_batches():
         one = torch_ufom.adapt(model, sq_loss, torch_ufom.StepBatches([task_of(b, i) for b in steps]),
                                steps=3, inner_lr=LR)
         assert_close(list(stacked.task(i).params.values()), list(one.params.values()), 1e-14, f"task {i}")
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3, bias=False)
+        self.b = nn.Linear(3, 3, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_functional_model_calls_like_functional_call_for_any_names_and_module_changes():
+    model = _build(80, _Tied)
+    x = torch.randn(4, 3, dtype=DTYPE)
+    w = torch.randn(3, 3, dtype=DTYPE)
+    for params in ({"a.weight": w}, {"b.weight": w}):  # the tied weight's first and second name
+        want = functional_call(model, params, (x,))
+        assert torch.equal(torch_ufom.FunctionalModel(model, params, {})(x), want)
+    with pytest.raises(AttributeError):  # a name the module lacks, as functional_call says
+        torch_ufom.FunctionalModel(model, {"c.weight": w}, {})(x)
+    seq = _build(80, mlp)
+    adapted = torch_ufom.adapt(seq, sq_loss, (torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)),
+                               steps=1, inner_lr=LR)
+    seq[2] = _build(81, lambda: nn.Linear(5, 2))  # the module changes after adapt
+    assert torch.equal(adapted(x), functional_call(seq, adapted.params, (x,)))
+
+
+def test_a_closure_zeroing_through_the_outer_optimizer_averages_its_own_tasks():
+    got = {}
+    for how in ("plain", "closure"):
+        model, meta, tasks = _two_task_run()
+        before = [p.detach().clone() for p in model.parameters()]
+        if how == "plain":
+            for support, query in tasks:
+                meta.backward(sq_loss, sq_loss, support, query)
+            meta.step()
+        else:
+            meta.backward(sq_loss, sq_loss, *tasks[0])  # pending, then discarded by the closure
+
+            def closure():
+                meta.optimizer.zero_grad()
+                for support, query in tasks:
+                    meta.backward(sq_loss, sq_loss, support, query)
+            meta.step(closure)
+        got[how] = _updated(model, before)
+    assert_close(got["closure"], got["plain"], 0.0, "closure through the optimizer")
+
+
+def test_a_parameter_resized_after_construction_is_checked_again():
+    model = _build(82, mlp)
+    rates = {n: torch.full_like(p, LR) for n, p in model.named_parameters()}
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=rates,
+                                    steps=STEPS)
+    with torch.no_grad():
+        model[2].weight.data = torch.zeros(2, 1, dtype=DTYPE)
+    supports, queries = _regression(82)
+    with pytest.raises(ValueError, match=r"Invalid inner_lr\['2.weight'\]"):
+        meta.backward(sq_loss, sq_loss, task_of(supports, 0), task_of(queries, 0))
+
+
+def test_step_refuses_kept_buffers_that_no_longer_fit_the_module_before_stepping():
+    model = _build(83, NormMLP)
+    supports, queries = _regression(83)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=LR,
+                                    steps=STEPS, track_buffers=True)
+    meta.backward(sq_loss, sq_loss, task_of(supports, 0), task_of(queries, 0))
+    model.register_buffer("extra", torch.zeros(2, dtype=DTYPE))
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="buffers changed since this step's tasks ran"):
+        meta.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    meta.zero_grad()  # discards the tasks, their buffers included
+    meta.backward(sq_loss, sq_loss, task_of(supports, 0), task_of(queries, 0))
+    meta.step()
+
+
+def test_adapt_under_inference_mode_names_the_cause():
+    model = _build(84, mlp)
+    supports, _ = _regression(84)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch.inference_mode\(\)"):
+        torch_ufom.adapt(model, sq_loss, task_of(supports, 0), steps=2, inner_lr=LR)

@@ -138,6 +138,10 @@ def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, i
         TypeError, ValueError: an invalid argument (nothing changes).
         FloatingPointError: a non-finite inner loss.
     """
+    if torch.is_inference_mode_enabled():  # autograd.grad cannot differentiate inference tensors
+        raise RuntimeError("Invalid call under torch.inference_mode(): adapt differentiates the inner "
+                           "loss (torch.no_grad() is fine: the library enables gradients where it "
+                           "needs them)")
     problem = _problem(model, inner_loss, Settings(steps, inner_lr, inner, mode="fom",
                                                    inner_params=inner_params), generator)
     with restore_rng_on_error(generator), torch.no_grad():

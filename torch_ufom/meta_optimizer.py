@@ -283,8 +283,8 @@ class MetaOptimizer:
 
     def _current_signature(self) -> tuple:
         """What the configuration depends on: each module parameter's name, identity,
-        ``requires_grad``, dtype and device, and the tensors the outer optimizer holds."""
-        params = tuple((n, id(p), p.requires_grad, p.dtype, p.device)
+        ``requires_grad``, dtype, device and shape, and the tensors the outer optimizer holds."""
+        params = tuple((n, id(p), p.requires_grad, p.dtype, p.device, p.shape)
                        for n, p in self.model.named_parameters())
         return params, tuple(id(p) for g in self.optimizer.param_groups for p in g["params"])
 
@@ -292,7 +292,7 @@ class MetaOptimizer:
         """This call's :class:`~torch_ufom.functional.Problem`.
 
         If the module's parameters (which there are, ``requires_grad``, dtype,
-        device) or the tensors the outer optimizer holds changed since the
+        device, shape) or the tensors the outer optimizer holds changed since the
         configuration was resolved, it is resolved again from the same settings,
         as the constructor would (an error then changes nothing).
         """
@@ -331,10 +331,11 @@ class MetaOptimizer:
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the meta-parameters' gradients (see ``Optimizer.zero_grad``) and the
-        count of tasks they hold, which ``reduction="mean"`` divides by."""
+        """Reset the meta-parameters' gradients (see ``Optimizer.zero_grad``), the
+        count of tasks they hold, which ``reduction="mean"`` divides by, and the
+        final buffers ``track_buffers`` kept of those tasks."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._tasks, self._reduced = 0, False
+        self._tasks, self._reduced, self._buffers = 0, False, []
 
     def backward(self, inner_loss: Callable, outer_loss: Callable, support: Any, query: Any,
                  *, force_truncation: Optional[int] = None) -> MetaResult:
@@ -529,6 +530,7 @@ class MetaOptimizer:
         Without a closure, if the outer optimizer raises, ``.grad`` is put back
         as it was before the reduction and the tasks stay pending.
         """
+        self._check_pending_buffers()
         if closure is None:
             tasks, reduced = self._tasks, self._reduced
             saved = self._reduce(save=True)
@@ -536,8 +538,8 @@ class MetaOptimizer:
                 result = self.optimizer.step()
             except BaseException:
                 with torch.no_grad():
-                    for p, g in saved:
-                        if p.grad is None:
+                    for p, g in saved:  # a None the reduction filled in goes back to None
+                        if p.grad is None or g is None:
                             p.grad = g
                         else:
                             p.grad.copy_(g)
@@ -545,7 +547,9 @@ class MetaOptimizer:
                 raise
         else:
             def reduced():
-                self._reduced = False  # the closure computes the gradients again
+                # The closure computes the gradients again (it zeroes them first, through
+                # meta.zero_grad() or the outer optimizer's): the mean is over its tasks.
+                self._tasks, self._reduced = 0, False
                 out = closure()
                 self.synchronize()
                 return out
@@ -569,6 +573,18 @@ class MetaOptimizer:
                         buf.copy_(values[-1])
             self._buffers = []
         return result
+
+    def _check_pending_buffers(self) -> None:
+        """Raise, before anything is stepped, if the buffers ``track_buffers`` kept no longer
+        fit the module's (a buffer added or resized since the tasks ran)."""
+        if not self._buffers:
+            return
+        shapes = [b.shape for _, b in self.model.named_buffers()]
+        if any(len(task) != len(shapes) or any(t.shape != s for t, s in zip(task, shapes))
+               for task in self._buffers):
+            raise ValueError("Invalid call: the module's buffers changed since this step's tasks ran "
+                             "(track_buffers keeps each task's final buffers for step()); nothing was "
+                             "changed: run the tasks again after zero_grad()")
 
     def synchronize(self) -> int:
         """Apply ``reduction`` to ``.grad`` now: with a ``process_group``, sum the
@@ -596,8 +612,8 @@ class MetaOptimizer:
         if self._reduced:
             return []
         changes = self.distributed or (self.reduction == "mean" and self._tasks > 1)
-        saved = [(p, p.grad.clone()) for p in self.meta_parameters()
-                 if p.grad is not None] if save and changes else []
+        saved = [(p, None if p.grad is None else p.grad.clone())
+                 for p in self.meta_parameters()] if save and changes else []
         self.synchronize()
         return saved
 
