@@ -520,6 +520,7 @@ class _EvalAttention(nn.Module):
         return self.head(h.mean(1))
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's, for vmapped attention
 @pytest.mark.parametrize("layer", ["mha", "encoder"])
 def test_eval_mode_attention_runs_vectorised_and_equals_the_loop(layer):
     torch.manual_seed(0)

@@ -549,8 +549,13 @@ class MetaOptimizer:
             def reduced():
                 # The closure computes the gradients again (it zeroes them first, through
                 # meta.zero_grad() or the outer optimizer's): the mean is over its tasks.
+                pending = self._tasks, self._reduced
                 self._tasks, self._reduced = 0, False
-                out = closure()
+                try:
+                    out = closure()
+                except BaseException:
+                    self._tasks, self._reduced = pending  # a closure that failed at once changed nothing
+                    raise
                 self.synchronize()
                 return out
             result = self.optimizer.step(reduced)
