@@ -1,4 +1,5 @@
 """Data parallelism: 2 gloo processes on this machine against one process."""
+import contextlib
 import os
 
 import pytest
@@ -19,10 +20,19 @@ def meta_for(model, **kw):
                                     inner_lr=0.1, steps=3, mode="ufom", q=0.5, **kw)
 
 
-def worker(rank, world, init_file, out_dir):
+@contextlib.contextmanager
+def gloo(rank, world, init_file):
+    """This process as ``rank`` of a gloo group of ``world`` processes, in float64."""
     torch.set_default_dtype(torch.float64)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def worker(rank, world, init_file, out_dir):
+    with gloo(rank, world, init_file):
         model, loss, data = mlp_problem(0)
         meta = meta_for(model, process_group=dist.group.WORLD, reduction="mean",
                         generator=torch.Generator().manual_seed(5))
@@ -44,8 +54,6 @@ def worker(rank, world, init_file, out_dir):
         torch.save({"grads": grads, "total": total, "params": [p.detach() for p in model.parameters()],
                     "q_stats": meta.q_stats,
                     "seed": meta.generator.initial_seed()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
@@ -73,9 +81,7 @@ def test_uninitialised_process_group_is_rejected_before_any_work():
 
 
 def retry_worker(rank, world, init_file, out_dir):
-    torch.set_default_dtype(torch.float64)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo(rank, world, init_file):
         model, loss, data = mlp_problem(0)
         extra = torch.zeros(1, requires_grad=True)  # a meta-parameter only rank 0's task reaches
         meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), extra], lr=0.1),
@@ -97,8 +103,6 @@ def retry_worker(rank, world, init_file, out_dir):
         meta.step()
         torch.save({"restored": restored, "extra": extra.detach().clone()},
                    os.path.join(out_dir, f"retry{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
