@@ -60,19 +60,13 @@ class StackedFunctionalModel:
             except (RuntimeError, ValueError) as err:
                 if not vmap_unsupported(err):
                     raise
-        outs = [self.task(i)(*_task_inputs(args, i), **_task_inputs(kwargs, i)) for i in range(self.size)]
+        outs = [self.task(i)(*task_of(args, i), **task_of(kwargs, i)) for i in range(self.size)]
         return pytree.tree_map(lambda *xs: torch.stack(xs) if isinstance(xs[0], Tensor) else xs[0], *outs)
 
     def task(self, i: int) -> FunctionalModel:
         """Task ``i``'s adapted model."""
         return FunctionalModel(self.module, {n: t[i] for n, t in self.params.items()},
                                {n: t[i] for n, t in self.buffers.items()})
-
-
-def _task_inputs(tree: Any, i: int) -> Any:
-    """Task ``i``'s entries of stacked inputs (tensors indexed along dimension 0; other
-    values shared)."""
-    return pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
 
 
 def _problem(model, inner_loss, settings: Settings, generator) -> Problem:

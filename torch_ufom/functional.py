@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .config import Config, Settings, check_generator, check_losses, resolve
@@ -343,8 +342,7 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
 
 def task_aux(aux: Any, i: int) -> Any:
     """Task ``i``'s entry of a vectorised group's stacked aux."""
-    return None if aux is None else pytree.tree_map(
-        lambda t: t[i] if isinstance(t, Tensor) else t, aux)
+    return None if aux is None else task_of(aux, i)
 
 
 def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:

@@ -94,8 +94,9 @@ def select_tasks(tree: Any, index: Sequence[int]) -> Any:
 
 
 def task_of(tree: Any, i: int) -> Any:
-    """Task ``i`` of a meta-batch (a pytree of stacked tensors)."""
-    return pytree.tree_map(lambda t: t[i], tree)
+    """Task ``i`` of a meta-batch (a pytree of stacked tensors; any other value is shared
+    by every task and returned as is)."""
+    return pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
 
 
 # Normalisation functions whose vmap backward is wrong when differentiated again
