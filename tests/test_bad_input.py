@@ -698,3 +698,39 @@ def test_an_iterator_support_is_refused(entry):
     with pytest.raises(TypeError, match=r"Invalid support: an iterator \(generator\) would be used up"):
         env.call(entry, support=batches)
     assert_unchanged(before)
+
+
+@pytest.mark.parametrize("entry", ENTRIES + ["adapt", "adapt_batch", "diagnose", "adapted model"])
+def test_parametrize_cached_is_refused_on_a_parametrized_model(entry):
+    # Inside parametrize.cached() the weight-normed weight was computed once from the
+    # module's own parameters: every mode returned a wrong hypergradient, silently.
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    model = make_model()
+    weight_norm(model[0])
+    gen = torch.Generator().manual_seed(7)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), generator=gen,
+                                    mode="ufom", q=0.5, inner_lr=0.1, steps=3)
+    batch = (torch.randn(4, 2), torch.randn(4, 1))
+    batches = (torch.randn(2, 4, 2), torch.randn(2, 4, 1))
+    config = {"inner_lr": 0.1, "steps": 3, "generator": gen}
+    adapted = torch_ufom.adapt(model, mse, batch, **config)
+    calls = {
+        "hypergrad": lambda: torch_ufom.hypergrad(model, mse, mse, batch, batch, **config),
+        "hypergrad_batch": lambda: torch_ufom.hypergrad_batch(model, mse, mse, batches, batches, **config),
+        "backward": lambda: meta.backward(mse, mse, batch, batch),
+        "backward_batch": lambda: meta.backward_batch(mse, mse, batches, batches),
+        "adapt": lambda: torch_ufom.adapt(model, mse, batch, **config),
+        "adapt_batch": lambda: torch_ufom.adapt_batch(model, mse, batches, **config),
+        "diagnose": lambda: torch_ufom.diagnose(model, mse, mse, [(batch, batch)] * 2, **config),
+        "adapted model": lambda: adapted(batch[0]),
+    }
+    calls[entry]()  # fine outside cached()
+    before = capture(meta=meta, generators=[gen])
+    with parametrize.cached(), pytest.raises(RuntimeError, match=r"parametrize.cached\(\).*call outside"):
+        calls[entry]()
+    assert_unchanged(before)
+    with parametrize.cached():  # a model without parametrizations is not concerned
+        plain = make_model()
+        torch_ufom.hypergrad(plain, mse, mse, batch, batch, **config)

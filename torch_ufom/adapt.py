@@ -21,7 +21,8 @@ from .config import Settings, check_generator, resolve
 from .estimators import SweepLog
 from .functional import restore_rng_on_error
 from .inner import InnerRule
-from .unroll import Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, batch_getter
+from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, batch_getter,
+                     check_parametrize_cache)
 from .vectorised import Vectorised, meta_batch_size, probe, task_of, vmap_unsupported
 
 __all__ = ["adapt", "adapt_batch", "StackedFunctionalModel"]
@@ -70,7 +71,12 @@ class StackedFunctionalModel:
 
 
 def _problem(model, inner_loss, settings: Settings, generator) -> Problem:
+    if torch.is_inference_mode_enabled():  # autograd.grad cannot differentiate inference tensors
+        raise RuntimeError("Invalid call under torch.inference_mode(): adapt differentiates the inner "
+                           "loss (torch.no_grad() is fine: the library enables gradients where it "
+                           "needs them)")
     config = resolve(settings, model, "adapt")
+    check_parametrize_cache(model)
     if not callable(inner_loss):
         raise TypeError(f"Invalid inner_loss: expected a callable (fmodel, batch) -> scalar tensor, "
                         f"got {type(inner_loss).__name__}")
@@ -132,10 +138,6 @@ def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, i
         TypeError, ValueError: an invalid argument (nothing changes).
         FloatingPointError: a non-finite inner loss.
     """
-    if torch.is_inference_mode_enabled():  # autograd.grad cannot differentiate inference tensors
-        raise RuntimeError("Invalid call under torch.inference_mode(): adapt differentiates the inner "
-                           "loss (torch.no_grad() is fine: the library enables gradients where it "
-                           "needs them)")
     problem = _problem(model, inner_loss, Settings(steps, inner_lr, inner, mode="fom",
                                                    inner_params=inner_params), generator)
     with restore_rng_on_error(generator), torch.no_grad():

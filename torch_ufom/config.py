@@ -36,6 +36,7 @@ from . import adaptive
 from .inner import SGD, InnerRule
 from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw
+from .unroll import check_parametrize_cache
 
 __all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_generator",
            "check_losses", "check_steps", "MODES", "HVP_CHOICES", "VECTORISE_CHOICES"]
@@ -176,12 +177,15 @@ def check_generator(generator) -> Optional[torch.Generator]:
     return generator
 
 
-def check_losses(inner_loss, outer_loss) -> None:
+def check_losses(inner_loss, outer_loss, model: Optional[nn.Module] = None) -> None:
     """Validate the two loss callables, and that the call can differentiate them: not
-    under ``torch.inference_mode()``, whose tensors autograd cannot record."""
+    under ``torch.inference_mode()``, whose tensors autograd cannot record, and (see
+    :func:`check_parametrize_cache`) not with ``model``'s parametrized weights cached."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("Invalid call under torch.inference_mode(): hypergradients need autograd "
                            "(torch.no_grad() is fine: the library enables gradients where it needs them)")
+    if model is not None:
+        check_parametrize_cache(model)
     for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
         if not callable(fn):
             raise TypeError(f"Invalid {name}: expected a callable (fmodel, batch) -> scalar tensor, "

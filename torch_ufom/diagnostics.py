@@ -87,7 +87,7 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
         raise ValueError("Invalid tasks: expected a non-empty sequence of (support, query) pairs")
     config = resolve(Settings(steps, inner_lr, inner, "exact", memory=memory, slots=slots), model,
                      "diagnose")
-    check_losses(inner_loss, outer_loss)
+    check_losses(inner_loss, outer_loss, model)
     check_generator(generator)
     params = check_params(params, model)
     problem = Problem(model, inner_loss, outer_loss, config, config.law, params,

@@ -379,7 +379,7 @@ def functional_problem(caller: str, model, losses: Tuple[Callable, Callable], se
                        params, generator) -> Problem:
     """Check the arguments of :func:`hypergrad` or :func:`hypergrad_batch` and bind them."""
     config = resolve(settings, model, caller)
-    check_losses(*losses)
+    check_losses(*losses, model)
     check_generator(generator)
     params = check_params(params, model)
     hvp = resolve_hvp(config, model, params)

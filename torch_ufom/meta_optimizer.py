@@ -299,7 +299,7 @@ class MetaOptimizer:
         if self._reduced:
             raise ValueError("Invalid call: a task after synchronize(): .grad already holds the "
                              "reduced gradients; call step() or zero_grad() first")
-        check_losses(inner_loss, outer_loss)
+        check_losses(inner_loss, outer_loss, self.model)
         signature = self._current_signature()
         if signature != self._signature:
             config = resolve(self._config.settings, self.model)

@@ -34,9 +34,22 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
-__all__ = ["FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
+__all__ = ["check_parametrize_cache", "FunctionalModel", "Reparametrization", "State", "StepBatches",
+           "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp"]
+
+
+def check_parametrize_cache(model: nn.Module) -> None:
+    """Refuse a call inside ``torch.nn.utils.parametrize.cached()`` when ``model`` has
+    parametrized weights: the cache would serve them as computed from the module's own
+    parameters, so the inner loop's parameters would be silently ignored."""
+    if parametrize._cache_enabled and any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise RuntimeError("Invalid call under torch.nn.utils.parametrize.cached(): the model has "
+                           "parametrized weights, which the cache would compute once from the "
+                           "module's own parameters instead of the inner loop's; call outside "
+                           "cached()")
 
 
 class FunctionalModel:
@@ -67,6 +80,7 @@ class FunctionalModel:
     def __call__(self, *args, **kwargs):
         swap = self._module_swap() if self.swap is ... else self.swap
         if swap is None:
+            check_parametrize_cache(self.module)
             return functional_call(self.module, (self.params, self.buffers), args, kwargs)
         saved = swap.put(self.params, self.buffers)
         try:
@@ -131,7 +145,6 @@ class Reparametrization:
         """``(named_parameters, named_buffers, swap)`` of ``module`` from one walk of its
         submodules: the two lists as ``list(module.named_parameters())`` and
         ``list(module.named_buffers())`` give them, and :meth:`of`'s swap."""
-        from torch.nn.utils import parametrize
         slots: List[Tuple[dict, str, str]] = []
         seen = set()  # a submodule reached by two paths has one table
         named: Tuple[Dict[int, Tuple[str, Tensor]], Dict[int, Tuple[str, Tensor]]] = ({}, {})
