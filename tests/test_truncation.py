@@ -1,8 +1,11 @@
 """Truncation laws: the contract, validation and the telescope weights."""
+import math
+
 import pytest
 import torch
 
-from torch_ufom.truncation import Bernoulli, Custom, Fixed, Geometric, telescope_weights
+from torch_ufom import truncation
+from torch_ufom.truncation import Bernoulli, Custom, Fixed, Geometric, draw_truncation, telescope_weights
 
 LAWS = [Bernoulli(0.3), Bernoulli(1.0), Geometric(0.5, 0.8), Fixed(0), Fixed(2), Fixed(),
         Custom([0.1, 0.2, 0.3, 0.25, 0.15])]
@@ -67,3 +70,60 @@ def test_validation_for_steps():
     with pytest.raises(ValueError, match="biased"):
         Custom([0.5, 0.5, 0.0]).validate(2)
     Custom([0.5, 0.0, 0.5]).validate(2)
+
+
+@pytest.mark.parametrize("probs", [[0.5, 0.5, 9e-7], [0.5, 0.4999991, 1e-7]])
+def test_draws_invert_the_survival_function_the_weights_use(probs, monkeypatch):
+    # probs summing to 1 only within the tolerance used to be sampled from their
+    # cumulative sums while the weights used the survival function: the first law
+    # never drew K = 2 (its mean estimate was 38% off), the second drew it 9x too often.
+    # Here each threshold is 1 - P(K >= k | what was drawn), from the weights' survival;
+    # P(K >= 2) < 2**-20 is drawn in a second round given K >= 1, and the second law's
+    # P(K >= 2 | K >= 1) = 2e-7 < 2**-20 passes a gate of 2**-20 first.
+    law = Custom(probs)
+    law.validate(2)
+    surv = law.survival(2)
+    below = lambda u: math.nextafter(u, 0.0)  # noqa: E731
+    first, ratio = 1.0 - surv[1], surv[2] / surv[1]
+    if ratio >= 2.0 ** -20:
+        second = [1.0 - ratio]
+    else:
+        second = [1.0 - 2.0 ** -20, 1.0 - ratio / 2.0 ** -20]
+    draws = iter([first, *second, first, *second[:-1], below(second[-1]), below(first)])
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(next(draws), dtype=torch.float64))
+    assert [law.sample(2) for _ in range(3)] == [2, 1, 0]
+    assert next(draws, None) is None
+
+
+def test_a_tail_below_the_uniforms_resolution_is_drawn():
+    # P(K >= 8) = 5e-29 is below 2**-53: one uniform could never draw it. Rounds draw
+    # the tail given what was drawn: the first decides K >= 1 and K >= 2, each next one
+    # one step of ratio 1e-4 (two, 1e-8, would be below 2**-20).
+    surv = Geometric(0.5, 1e-4).survival(8)
+    top = math.nextafter(1.0, 0.0)
+    for rounds in range(1, 8):  # the largest u until the last round, then the smallest
+        assert draw_truncation(surv, iter([top] * (rounds - 1) + [0.0]).__next__) == \
+            (0 if rounds == 1 else rounds)
+    assert draw_truncation(surv, iter([top] * 7).__next__) == 8
+    # A first step below 2**-20 (q = 1e-12) passes a gate of probability 2**-20 first.
+    surv, gate = Bernoulli(1e-12).survival(3), 1.0 - 2.0 ** -20
+    assert draw_truncation(surv, iter([math.nextafter(gate, 0.0)]).__next__) == 0
+    assert draw_truncation(surv, iter([gate, 1.0 - 1e-12 / 2.0 ** -20]).__next__) == 3
+    assert draw_truncation(surv, iter([gate, math.nextafter(1.0 - 1e-12 / 2.0 ** -20, 0.0)]).__next__) == 0
+
+
+@pytest.mark.parametrize("law", [Custom([0.9, 0.05, 0.03, 0.02, 0.0]), Geometric(0.2, 0.15),
+                                 Bernoulli(0.1), Custom([0.5, 0.0, 0.3, 0.0, 0.2])], ids=repr)
+def test_multi_round_draws_follow_the_law(law, monkeypatch):
+    # With rounds resolving only ratios >= 1/4, every path of draw_truncation runs
+    # (gates, tail rounds); the frequencies must still be the law's.
+    monkeypatch.setattr(truncation, "_RESOLVED", 0.25)
+    steps, n = 4, 6000
+    p = law.probs(steps)
+    gen = torch.Generator().manual_seed(1)
+    counts = [0] * (steps + 1)
+    for _ in range(n):
+        counts[law.sample(steps, gen)] += 1
+    for k in range(steps + 1):
+        se = (p[k] * (1 - p[k]) / n) ** 0.5
+        assert abs(counts[k] / n - p[k]) <= 4 * se + 1e-12, (k, counts)

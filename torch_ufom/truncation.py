@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
-__all__ = ["TruncationLaw", "Bernoulli", "Geometric", "Fixed", "Custom", "telescope_weights"]
+__all__ = ["TruncationLaw", "Bernoulli", "Geometric", "Fixed", "Custom", "draw_truncation",
+           "telescope_weights"]
 
 
 # The smallest survival probability a law may give: 1 / P(K >= k) must be a
@@ -127,16 +128,57 @@ class TruncationLaw:
                     "e.g. a larger q or rho)")
 
     def sample(self, steps: int, generator: Optional[torch.Generator] = None) -> int:
-        """Draw ``K`` by inverting the CDF with one uniform from ``generator``."""
-        p = self.probs(steps)
+        """Draw ``K`` from :meth:`survival`, the function the estimator's weights use.
+
+        Drawing from the survival function keeps draws and weights consistent
+        even where :meth:`probs` sums to 1 only within the checked tolerance.
+        One uniform from ``generator`` usually decides (:func:`draw_truncation`).
+        """
         device = generator.device if generator is not None else "cpu"
-        u = torch.rand((), generator=generator, dtype=torch.float64, device=device).tolist()
-        acc = 0.0
-        for k, pk in enumerate(p):
-            acc += pk
-            if u < acc and pk > 0:
+        return draw_truncation(self.survival(steps), lambda: torch.rand(
+            (), generator=generator, dtype=torch.float64, device=device).tolist())
+
+
+# A round of draw_truncation decides P(K >= k + 1 | state) by one uniform only
+# while it is at least this. It is a power of two, so "u >= 1 - _RESOLVED" has
+# probability exactly _RESOLVED on float64's uniform grid.
+_RESOLVED = 2.0 ** -20
+
+
+def draw_truncation(survival: Sequence[float], uniform: Callable[[], float]) -> int:
+    """Draw ``K`` with ``P(K >= k) = survival[k]`` from uniforms on ``[0, 1)``.
+
+    ``survival`` is :meth:`TruncationLaw.survival`'s list: ``survival[0] = 1``,
+    non-increasing, with a trailing 0. Each round draws one uniform ``u`` and
+    inverts the conditional survival function: given ``K >= lo`` and a scale
+    ``base``, ``K >= k`` when ``u >= 1 - survival[k] / base``. A float64
+    uniform resolves such an event only to about ``2**-53``, which a tail of
+    ``survival[k] / base < 2**-20`` would distort (a ``P(K >= k)`` below
+    ``2**-53`` would never be drawn). The round then stops and the next one
+    draws the tail given what was drawn; a first step that small passes first
+    a gate of probability exactly ``2**-20``. Each event is then decided to a
+    relative precision of ``2**-33``. Laws without such a tail (Bernoulli with
+    ``q >= 2**-20``, Fixed) take exactly one uniform.
+    """
+    steps = len(survival) - 2
+    lo, base = 0, 1.0  # given K >= lo: P(K >= k) = survival[k] / base for k > lo
+    while True:
+        u, k = uniform(), lo
+        while k < steps and survival[k + 1] > 0.0:
+            ratio = survival[k + 1] / base
+            if ratio < _RESOLVED:
+                if k > lo:  # K >= k drawn: draw the tail in the next round
+                    lo, base = k, survival[k]
+                elif 1.0 - _RESOLVED > u:
+                    return k
+                else:  # the gate passed: P(K >= k + 1 | it) = ratio / _RESOLVED
+                    base *= _RESOLVED
+                break
+            if 1.0 - ratio > u:
                 return k
-        return max(k for k, pk in enumerate(p) if pk > 0)
+            k += 1
+        else:
+            return k
 
 
 class Bernoulli(TruncationLaw):
