@@ -108,6 +108,18 @@ def test_replays_per_step_at_1000_steps_and_8_slots():
     assert replays < 999 * 1000 // 2 / 50  # the paper's recomputation replays 499,500
 
 
+@pytest.mark.slow
+def test_1000_steps_with_999_slots_equal_store():
+    # The default budget gives steps - 1 slots to a model small next to one step's graph;
+    # building that schedule used to raise RecursionError at about 990 slots.
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    data = [(torch.randn(3, 2), torch.randn(3, 1))]
+    ref, _ = run(model, mse, data, 1000, "store")
+    got, out = run(model, mse, data, 1000, "checkpoint", slots=999)
+    assert rel_err(got, ref) < 1e-12 and out.forward_steps + out.reverse_steps == 1000 + 999
+
+
 # -- the Revolve actions built here ----------------------------------------------------------
 
 def assert_same_actions(n, slots):
@@ -131,7 +143,7 @@ def test_revolve_actions_are_checkpoint_schedules_actions(n, slots):
 @pytest.mark.parametrize("n", [129, 1000])
 def test_revolve_forward_steps_follow_the_binomial_formula(n):
     # t n - C(c + t, c + 1) graph-free steps (docs/maths.md), t the smallest with C(c + t, t) >= n.
-    for slots in (2, 8, 64, 200):
+    for slots in (2, 8, 64, 200, n - 1):  # n - 1: Revolve's recursion 1000 deep
         t = next(t for t in range(n + 1) if math.comb(slots + t, t) >= n)
         forward = sum(len(a) for a in revolve_actions(n, slots) if isinstance(a, cs.Forward))
         assert forward - n == t * n - math.comb(slots + t, slots + 1)

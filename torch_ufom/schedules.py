@@ -302,25 +302,35 @@ def _revolve_ops(length: int, slots: int, base: int, out: List[Tuple], store: bo
     """Append the operations reversing steps ``base .. base + length + 1`` with ``slots``
     stored states, the working state at ``base``: ``("store", n)``, ``("advance", n0, n1)``,
     ``("record", n0, n1)``, ``("reverse", n1, n0)``, ``("restore", n)``. ``store=False``:
-    the state at ``base`` is stored already."""
-    if length == 0:
-        out += [("record", base, base + 1), ("reverse", base + 1, base)]
-        return
-    if store:
-        out.append(("store", base))
-    if length == 1 or slots == 1:  # advance to each step from the stored state, last step first
-        for i in range(length, 0, -1):
-            if i != length:
-                out.append(("restore", base))
-            out += [("advance", base, base + i), ("record", base + i, base + i + 1),
-                    ("reverse", base + i + 1, base + i)]
-        out += [("restore", base), ("record", base, base + 1), ("reverse", base + 1, base)]
-        return
-    j = _split(length, slots)
-    out.append(("advance", base, base + j))
-    _revolve_ops(length - j, slots - 1, base + j, out)
-    out.append(("restore", base))
-    _revolve_ops(j - 1, slots, base, out, store=False)
+    the state at ``base`` is stored already.
+
+    Revolve's recursion (split at ``j``: reverse the part after ``j`` with one slot
+    fewer, then the part before it) runs on an explicit stack: its depth grows with
+    ``slots``, which may be close to ``steps``, beyond Python's recursion limit."""
+    todo: List[Tuple] = [("reverse part", length, slots, base, store)]  # last item runs first
+    while todo:
+        item = todo.pop()
+        if item[0] != "reverse part":
+            out.append(item)
+            continue
+        _, length, slots, base, store = item
+        if length == 0:
+            out += [("record", base, base + 1), ("reverse", base + 1, base)]
+            continue
+        if store:
+            out.append(("store", base))
+        if length == 1 or slots == 1:  # advance to each step from the stored state, last step first
+            for i in range(length, 0, -1):
+                if i != length:
+                    out.append(("restore", base))
+                out += [("advance", base, base + i), ("record", base + i, base + i + 1),
+                        ("reverse", base + i + 1, base + i)]
+            out += [("restore", base), ("record", base, base + 1), ("reverse", base + 1, base)]
+            continue
+        j = _split(length, slots)
+        out.append(("advance", base, base + j))
+        todo += [("reverse part", j - 1, slots, base, False), ("restore", base),
+                 ("reverse part", length - j, slots - 1, base + j, True)]
 
 
 @functools.lru_cache(maxsize=64)
