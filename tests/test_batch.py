@@ -306,8 +306,8 @@ def test_auto_counts_the_adapted_parameters(inner_params, vectorised):
 
 
 def test_auto_probes_an_inner_loss_once_per_optimizer():
-    """The choice is remembered for the last inner loss: the second call runs the loss as
-    often as a forced vmap does (no probe), a new loss is probed again."""
+    """The probe's findings are remembered for the last inner loss: the second call runs
+    the loss as often as a forced vmap's second call (no probe), a new loss is probed again."""
     model, loss, data = mlp_problem(2)
     supports, queries = stacked(data, 0), stacked(data, 10)
     calls = []
@@ -322,7 +322,9 @@ def test_auto_probes_an_inner_loss_once_per_optimizer():
         return len(calls)
 
     forced, auto = meta_opt(model, 0.3, mode="fom"), meta_opt(model, 0.3, mode="fom", vectorise="auto")
+    first = count(forced, counted)  # forced too probes once (operations vmap gets wrong)
     runs = count(forced, counted)  # vmap without a probe
+    assert first == runs + 1
     assert count(auto, counted) == runs + 1  # the probe: one more call
     assert count(auto, counted) == runs
     assert count(auto, lambda f, b: counted(f, b)) == runs + 1  # another loss: probed again

@@ -57,6 +57,8 @@ class Kind:
         random: dropout is active: the oracle cannot replay the library's
             random streams; store, recompute and checkpoint must agree bit for bit.
         attention: the oracle runs under the math attention kernel.
+        wrong_under_vmap: vmap differentiates an operation wrongly: the
+            vectorised path must fall back (the text says which).
     """
 
     name: str
@@ -69,6 +71,7 @@ class Kind:
     must_refuse_fwdrev: Callable[[], bool] = lambda: False
     random: bool = False
     attention: bool = False
+    wrong_under_vmap: str = ""
 
 
 def task_of(tree: Any, i: int) -> Any:
@@ -340,6 +343,26 @@ def dropout(seed=13):
     return Problem(model, sq_loss, sq_loss, _regression(g, 3), _regression(g, 3))
 
 
+class Tokens(nn.Module):
+    """Token ids through ``nn.Embedding(padding_idx=0)``, mean-pooled, then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(5, 4, padding_idx=0), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).mean(-2))
+
+
+def padding_embedding(seed=15):
+    model = _build(seed, Tokens)
+    g = _gen(seed)
+
+    def batch():  # ids with padding (0) in every task
+        return torch.randint(0, 5, (TASKS, N, 3), generator=g), _randn(g, TASKS, N, 2)
+    return Problem(model, sq_loss, sq_loss, batch(), batch())
+
+
 KINDS = [
     Kind("mlp", mlp, "Linear-Tanh-Linear"),
     Kind("bn_train", conv(lambda: nn.BatchNorm2d(3)), "conv + BatchNorm2d, running stats, train mode",
@@ -359,6 +382,8 @@ KINDS = [
     Kind("transformer", transformer(0.0),
          "TransformerEncoderLayer(dropout=0, batch_first), default attention kernel",
          attention=True, no_forward_ad="the CPU flash-attention kernel has no forward-mode formula"),
+    Kind("padding_embedding", padding_embedding, "nn.Embedding(padding_idx=0) on token ids",
+         wrong_under_vmap="vmap gives the padding row a gradient"),
     Kind("tied", tied, "two layers sharing one weight"),
     Kind("parametrized", parametrized, "torch.nn.utils.parametrize (W = X + X^T)"),
     Kind("frozen", frozen, "a parameter with requires_grad=False"),

@@ -152,8 +152,9 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     """:func:`adapt` for a meta-batch: ``supports`` stacks the tasks along dimension 0.
 
     The tasks run at once through ``torch.func.vmap`` unless the inner loss
-    writes the module's buffers (BatchNorm's running statistics in train mode)
-    or ``vmap`` cannot run the model; they then run one by one, each with its
+    writes the module's buffers (BatchNorm's running statistics in train mode),
+    calls an operation whose gradient ``vmap`` gets wrong (an embedding with
+    ``padding_idx``) or ``vmap`` cannot run the model; they then run one by one, each with its
     own random streams. Without random operations the result equals a loop of
     :func:`adapt` over the tasks (with dropout, ``vmap`` draws other masks).
 
@@ -168,7 +169,7 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
         first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
         found = probe(model, inner_loss, first)
         vectorised = True
-        if not found.written:
+        if not found.written and not found.wrong:
             try:
                 state = _run(problem, Vectorised(size), supports)
                 return _stacked(problem, [state], size)

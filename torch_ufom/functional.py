@@ -178,9 +178,9 @@ class BatchRun:
             (it would not be exact, or ``torch.func`` refused): the entry points
             warn. ``False`` when the loop was chosen: ``vectorise=False``, or
             ``"auto"`` judging that vectorising does not pay.
-        slow_ops: what ``vectorise="auto"`` found for this inner loss and
-            device (``None`` if it looked at nothing); pass it back as
-            ``known`` so that the next call need not probe again.
+        slow_ops: what the probe found for this inner loss and device
+            (``None`` if it looked at nothing); pass it back as ``known`` so
+            that the next call need not probe again.
     """
 
     groups: List[Tuple[List[int], Estimate, float]]
@@ -192,12 +192,14 @@ class BatchRun:
 
 
 class SlowOps(NamedTuple):
-    """What ``vectorise="auto"`` found for one inner loss on one device: the operations
-    too large to pay vectorised there, with their sizes (empty: vmap pays)."""
+    """What the probe found for one inner loss on one device: the operations too large
+    to pay vectorised there under ``vectorise="auto"``, with their sizes (empty: vmap
+    pays), and those whose gradient ``vmap`` gets wrong (non-empty: the loop runs)."""
 
     inner_loss: Callable
     device: torch.device
     ops: Tuple[str, ...]
+    wrong: Tuple[str, ...] = ()
 
 
 class Plan(NamedTuple):
@@ -206,7 +208,7 @@ class Plan(NamedTuple):
     problem: Optional[Problem]  # the problem to vectorise (its hvp may differ), None: the loop
     reason: str  # why the loop, or how vmap runs
     fallback: bool  # the loop runs although vmap was asked for (the entry points warn)
-    slow_ops: Optional[SlowOps]  # what vectorise="auto" knows about this loss and device
+    slow_ops: Optional[SlowOps]  # what the probe found for this loss and device
 
 
 def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
@@ -233,7 +235,9 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     wherever it is exact. Whatever it asks, the per-task loop runs instead
     (a fallback: ``BatchRun.fallback``) when the module has buffers that the
     losses write, when ``diagnostics`` are needed (``q="auto"`` keeps
-    per-task statistics), when the model uses a normalisation whose double
+    per-task statistics), when the inner loss calls an operation whose
+    gradient ``vmap`` gets wrong (an embedding with ``padding_idx``: its
+    padding row gets a gradient), when the model uses a normalisation whose double
     backward is wrong under ``vmap`` (pytorch/functorch#534) and
     forward-over-reverse HVPs cannot replace it, or when ``vmap`` or
     forward-mode AD reports an operation it does not support. Any other error
@@ -280,6 +284,10 @@ def _slow(what: Sequence[str]) -> str:
             "vectorise=True forces vmap)")
 
 
+def _wrong(what: Sequence[str]) -> str:
+    return f"torch.func.vmap differentiates {', '.join(what)} wrongly"
+
+
 def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool,
                     known: Optional[SlowOps] = None) -> Plan:
     """Whether and how the meta-batch runs under ``vmap`` (see :func:`estimate_batch`).
@@ -297,21 +305,24 @@ def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool,
         size = sum(named[n].numel() for n in problem.config.adapted)
         if size >= SLOW_ON_CPU_ELEMENTS:
             return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
-    if auto and known is not None and (known.inner_loss is not problem.inner_loss
-                                       or known.device != device):
+    if known is not None and (known.inner_loss is not problem.inner_loss or known.device != device):
         known = None
     exact = problem.law.survival(problem.config.steps)[1] > 0.0
-    if not exact and next(problem.model.buffers(), None) is None and (not auto or known is not None):
+    if not exact and next(problem.model.buffers(), None) is None and known is not None:
         if auto and known.ops:  # nothing else the probe could find matters
             return Plan(None, _slow(known.ops), False, known)
+        if known.wrong:
+            return Plan(None, _wrong(known.wrong), True, known)
         return Plan(problem, "", False, known)
     first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
     found = probe(problem.model, problem.inner_loss, first)
-    if auto:
-        known = SlowOps(problem.inner_loss, device, tuple(
-            f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())))
-        if known.ops:
-            return Plan(None, _slow(known.ops), False, known)
+    known = SlowOps(problem.inner_loss, device, tuple(
+        f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
+        tuple(sorted(found.wrong)))
+    if auto and known.ops:
+        return Plan(None, _slow(known.ops), False, known)
+    if known.wrong:
+        return Plan(None, _wrong(known.wrong), True, known)
     if found.written:
         return Plan(None, f"the module has buffers that the losses write ({', '.join(found.written)}: "
                     "running statistics cannot be vectorised)", True, known)

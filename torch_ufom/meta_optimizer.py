@@ -204,7 +204,7 @@ class MetaOptimizer:
         self._tasks = 0  # tasks whose estimates .grad holds, not yet reduced
         self._reduced = False  # synchronize() ran since the last step or zero_grad
         self._warned_per_task = False  # backward_batch fell back to the per-task loop
-        self._slow_ops = None  # what vectorise="auto" found for the last inner loss (SlowOps)
+        self._slow_ops = None  # what the probe found for the last inner loss (SlowOps)
 
     # -- the resolved configuration: read-only; reconfigure() changes it --------------------
     config = property(lambda self: self._config,

@@ -116,6 +116,14 @@ if hasattr(F, "rms_norm"):
     _UNSAFE_NORMS[F.rms_norm] = ("RMSNorm with weights", lambda a, k: _arg(a, k, 2, "weight") is not None)
 
 
+# Functions whose gradient vmap gets wrong even once differentiated, with the test that
+# the call is affected: torch 2.13's embedding backward under vmap gives the padding row
+# a gradient in every task but the first.
+_WRONG_UNDER_VMAP = {
+    F.embedding: ("Embedding with padding_idx", lambda a, k: _arg(a, k, 2, "padding_idx") is not None),
+}
+
+
 # Attention whose dropout draws its masks differently under torch.func than under
 # autograd (the kernels differ), so forward-over-reverse would differentiate another function.
 _ATTENTION_DROPOUT = {
@@ -144,12 +152,14 @@ _SLOW_ON_CPU = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
 
 
 class _Probe(TorchFunctionMode):
-    """Records the affected normalisation calls, attention dropout and the CPU operations
-    too large to pay vectorised (``SLOW_ON_CPU_ELEMENTS``), while active."""
+    """Records the affected normalisation calls, the operations vmap differentiates wrongly,
+    attention dropout and the CPU operations too large to pay vectorised
+    (``SLOW_ON_CPU_ELEMENTS``), while active."""
 
     def __init__(self):
         super().__init__()
         self.norms: set = set()
+        self.wrong: set = set()
         self.attention_dropout = False
         self.slow_on_cpu: Dict[str, int] = {}
 
@@ -158,6 +168,9 @@ class _Probe(TorchFunctionMode):
         entry = _UNSAFE_NORMS.get(func)
         if entry is not None and entry[1](args, kwargs):
             self.norms.add(entry[0])
+        entry = _WRONG_UNDER_VMAP.get(func)
+        if entry is not None and entry[1](args, kwargs):
+            self.wrong.add(entry[0])
         test = _ATTENTION_DROPOUT.get(func)
         if test is not None and test(args, kwargs):
             self.attention_dropout = True
@@ -173,6 +186,7 @@ class Probe(NamedTuple):
     """What :func:`probe` found."""
 
     norms: set  # normalisations whose double backward vmap gets wrong
+    wrong: set  # operations whose gradient vmap gets wrong
     written: List[str]  # buffers the inner loss writes in place
     attention_dropout: bool  # attention with dropout (fwdrev would differentiate another function)
     slow_on_cpu: Dict[str, int]  # CPU operations too large to pay vectorised: largest output size
@@ -192,7 +206,7 @@ def probe(module: nn.Module, inner_loss, batch) -> Probe:
     # Kernels such as batch_norm write running statistics without bumping the version.
     written = [n for n, b in fm.buffers.items()
                if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
-    return Probe(mode.norms, written, mode.attention_dropout, mode.slow_on_cpu)
+    return Probe(mode.norms, mode.wrong, written, mode.attention_dropout, mode.slow_on_cpu)
 
 
 # Messages of torch.func's own refusals: an operation vmap or forward-mode AD does not support.
