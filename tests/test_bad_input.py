@@ -626,7 +626,7 @@ def test_reconfigure_switches_between_inner_lr_and_inner(start, change):
 
 
 def test_numpy_scalars_are_taken_wherever_python_numbers_are():
-    np = pytest.importorskip("numpy")
+    import numpy as np
     model, opt, kw = build_args(q=np.float32(0.5), slots=np.int64(2), memory="checkpoint")
     meta = torch_ufom.MetaOptimizer(model, opt, **kw)
     assert meta.q == 0.5 and type(meta.law.q) is float

@@ -13,11 +13,11 @@ import torch
 
 pytestmark = pytest.mark.slow  # benchmark runs
 
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: E402,F401  (the test extra: a missing one fails, not skips)
+import sklearn  # noqa: E402,F401
 
 
 def test_hyper_tiny(tmp_path):
-    pytest.importorskip("sklearn")
     from benchmarks import hyper
 
     data = hyper.main(["--tiny", "--out", str(tmp_path), "--no-progress"])

@@ -8,7 +8,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # benchmark runs (subprocesses, memory)
 
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: E402,F401  (the test extra: a missing one fails, not skips)
 
 
 def test_memory_tiny_measures_every_row(tmp_path):
