@@ -1259,3 +1259,51 @@ def test_adapt_under_inference_mode_names_the_cause():
     supports, _ = _regression(84)
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch.inference_mode\(\)"):
         torch_ufom.adapt(model, sq_loss, task_of(supports, 0), steps=2, inner_lr=LR)
+
+
+class _MaxNormTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(7, 4, max_norm=0.5), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)).mean(1))
+
+
+def test_embedding_max_norm_leaves_the_module_unchanged():
+    # nn.Embedding(max_norm=...) renormalises the rows it looks up in place: the first inner
+    # step ran on an alias of the module's weight and rewrote it (review K). Every entry
+    # point must leave the module as it was, and the hypergradient match brute force, which
+    # renormalises its own copy.
+    model = _build(85, _MaxNormTokens)
+    g = torch.Generator().manual_seed(3)
+
+    def batch(*lead):
+        return torch.randint(0, 7, (*lead, 5, 3), generator=g), torch.randint(0, 3, (*lead, 5), generator=g)
+
+    def loss(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+    support, query, supports, queries = batch(), batch(), batch(2), batch(2)
+    twin = copy.deepcopy(model)
+    leaves = {n: p.detach().clone().requires_grad_() for n, p in twin.named_parameters()}
+    params = dict(leaves)
+    for _ in range(3):
+        grads = torch.autograd.grad(loss(lambda x: functional_call(twin, params, (x,)), support),
+                                    list(params.values()), create_graph=True)
+        params = {n: p - 0.1 * gp for (n, p), gp in zip(params.items(), grads)}
+    oracle = torch.autograd.grad(loss(lambda x: functional_call(twin, params, (x,)), query),
+                                 list(leaves.values()))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = dict(steps=3, inner_lr=0.1)
+    got = torch_ufom.hypergrad(model, loss, loss, support, query, mode="exact", **config)
+    assert rel_err(got, oracle) < 1e-12
+    assert_unchanged(model, before)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="ufom", q=1.0,
+                                    **config)
+    for call in (lambda: torch_ufom.hypergrad(model, loss, loss, support, query, mode="fom", **config),
+                 lambda: meta.backward(loss, loss, support, query),
+                 lambda: torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, **config),
+                 lambda: torch_ufom.adapt(model, loss, support, **config)(query[0]),
+                 lambda: torch_ufom.adapt_batch(model, loss, supports, **config)(queries[0])):
+        call()
+        assert_unchanged(model, before)

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-__all__ = ["check_parametrize_cache", "FunctionalModel", "Reparametrization", "State", "StepBatches",
-           "Problem", "SweepPlan",
-           "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp"]
+__all__ = ["check_parametrize_cache", "renormalises_weights", "FunctionalModel", "Reparametrization",
+           "State", "StepBatches", "Problem", "SweepPlan", "Evaluator", "Loop", "PerTask", "InnerLoop",
+           "batch_getter", "chain_vjp"]
 
 
 def check_parametrize_cache(model: nn.Module) -> None:
@@ -50,6 +50,14 @@ def check_parametrize_cache(model: nn.Module) -> None:
                            "parametrized weights, which the cache would compute once from the "
                            "module's own parameters instead of the inner loop's; call outside "
                            "cached()")
+
+
+def renormalises_weights(module: nn.Module) -> bool:
+    """Whether ``module``'s forward writes its parameters in place: ``nn.Embedding`` and
+    ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they look up. The inner
+    loop then starts from copies, so that the module's parameters stay as they were."""
+    return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+               for m in module.modules())
 
 
 class FunctionalModel:
@@ -490,6 +498,9 @@ class InnerLoop:
         # Parameters the inner loop does not adapt keep their module values (as
         # leaves: a meta-parameter among them gets its gradient through every step).
         self.frozen = {n: p for n, p in named if n not in set(self.names)}
+        self.copy_start = renormalises_weights(module)  # the forward writes parameters in place
+        if self.copy_start:
+            self.frozen = {n: p.clone() for n, p in self.frozen.items()}
         self.buffer_names = [n for n, _ in self.module_buffers]
         self.meta = [t for t in problem.params if t.requires_grad]
         meta_ids = {id(t) for t in self.meta}
@@ -501,7 +512,8 @@ class InnerLoop:
     # -- state -----------------------------------------------------------------
     def initial_state(self) -> State:
         """``s_0``: the module's parameters, the rule's initial state, the module's buffers."""
-        params = self.evaluator.stack(tuple(self.named[n].detach() for n in self.names))
+        params = self.evaluator.stack(tuple(self.named[n].detach().clone() if self.copy_start
+                                            else self.named[n].detach() for n in self.names))
         opt = tuple(self.rule.init(dict(zip(self.names, params))))
         buffers = tuple(b.detach() for _, b in self.module_buffers)
         return State(params, opt, buffers)

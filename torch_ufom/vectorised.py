@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .unroll import FunctionalModel, StepBatches, _check_depends, loss_and_aux
+from .unroll import FunctionalModel, StepBatches, _check_depends, loss_and_aux, renormalises_weights
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "vmap_unsupported", "SLOW_ON_CPU_ELEMENTS"]
@@ -199,7 +199,9 @@ def probe(module: nn.Module, inner_loss, batch) -> Probe:
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
     versions = {n: b._version for n, b in buffers.items()}
-    fm = FunctionalModel(module, dict(module.named_parameters()), buffers)
+    params = {n: p.detach().clone() if renormalises_weights(module) else p
+              for n, p in module.named_parameters()}
+    fm = FunctionalModel(module, params, buffers)
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), torch.no_grad(), mode:
         inner_loss(fm, batch)
