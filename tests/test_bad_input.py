@@ -734,3 +734,31 @@ def test_parametrize_cached_is_refused_on_a_parametrized_model(entry):
     with parametrize.cached():  # a model without parametrizations is not concerned
         plain = make_model()
         torch_ufom.hypergrad(plain, mse, mse, batch, batch, **config)
+
+
+@pytest.mark.parametrize("form", ["scalar", "dict", "per-step", "momentum"])
+def test_a_computed_rate_tensor_is_refused(form):
+    # inner_lr=log_lr.exp() was accepted, used once, then kept its construction-time value,
+    # and the second backward failed with autograd's "backward through the graph a second time".
+    from torch_ufom.inner import SGD, PerStep
+    model = make_model()
+    log_lr = torch.tensor(-1.0, requires_grad=True)
+    opt = torch.optim.SGD(list(model.parameters()) + [log_lr], lr=0.1)
+    rate = {"scalar": log_lr.exp(),
+            "dict": {n: log_lr.exp() for n, _ in model.named_parameters()},
+            "per-step": PerStep(log_lr.exp() * torch.ones(3)),
+            "momentum": 0.1}[form]
+    arg = "momentum" if form == "momentum" else "inner_lr"
+    with pytest.raises(ValueError, match=rf"Invalid {arg}.*computed from others \(grad_fn=\w+\).*leaf"):
+        kw = {"inner": SGD(0.1, momentum=log_lr.sigmoid())} if form == "momentum" else {"inner_lr": rate}
+        torch_ufom.MetaOptimizer(model, opt, steps=3, **kw)
+
+
+def test_an_uninitialised_lazy_module_is_named():
+    # It used to fail with torch's message about load_state_dict, which the user never called.
+    model = nn.Sequential(nn.LazyLinear(3), nn.Tanh(), nn.Linear(3, 1))
+    with pytest.raises(ValueError, match=r"Invalid model: parameters \['0.weight', '0.bias'\] are not "
+                                         r"initialised yet .*nn.LazyLinear.*forward pass"):
+        torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2)
+    model(torch.randn(4, 2))
+    torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2)
