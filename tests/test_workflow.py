@@ -1307,3 +1307,29 @@ def test_embedding_max_norm_leaves_the_module_unchanged():
                  lambda: torch_ufom.adapt_batch(model, loss, supports, **config)(queries[0])):
         call()
         assert_unchanged(model, before)
+
+
+def test_tensor_hooks_on_meta_parameters_apply_to_their_hypergradient():
+    # A gradient-masking hook (p.register_hook) was ignored: .grad got the unmasked
+    # hypergradient where loss.backward() and higher give the masked one (review K).
+    model = _build(86, mlp)
+    supports, queries = _regression(86)
+    support, query = task_of(supports, 0), task_of(queries, 0)
+    weight = model[0].weight
+    mask = (torch.arange(weight.numel()) % 2).reshape(weight.shape).to(weight.dtype)
+    want = torch_ufom.hypergrad(model, sq_loss, sq_loss, support, query, steps=3, inner_lr=LR, mode="exact")
+    handle = weight.register_hook(lambda g: g * mask)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3,
+                                    inner_lr=LR, mode="exact")
+    meta.backward(sq_loss, sq_loss, support, query)
+    assert torch.equal(weight.grad, want[0] * mask)
+    assert all(torch.equal(p.grad, g) for p, g in zip(list(model.parameters())[1:], want[1:]))
+    handle.remove()
+
+    def fail(g):
+        raise RuntimeError("hook failed")
+    weight.register_hook(fail)
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="hook failed"):
+        meta.backward(sq_loss, sq_loss, support, query)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # nothing written

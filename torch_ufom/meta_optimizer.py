@@ -470,7 +470,10 @@ class MetaOptimizer:
         """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing.
 
         The engine has checked every hypergradient's finiteness (once per task).
-        Everything that can fail runs before the first write: the sums for
+        Hooks registered on a meta-parameter with ``Tensor.register_hook`` apply
+        to its hypergradient first, as ``loss.backward()`` applies them
+        (post-accumulate-grad hooks do not run).
+        Everything that can fail runs before the first write: the hooks, the sums for
         gradients that cannot be added to in place (an expanded view, an
         inference tensor, a sparse gradient), which are computed out of place
         and then assigned. The remaining ``.grad`` tensors are added to in place
@@ -479,6 +482,15 @@ class MetaOptimizer:
         present = [(p, g) for p, g in zip(meta, grads) if g is not None]
         if not present:
             return
+        hooked = [i for i, (p, _) in enumerate(present) if getattr(p, "_backward_hooks", None)]
+        if hooked:  # autograd runs a leaf's hooks on the gradient it computes for it
+            ps = [present[i][0] for i in hooked]
+            with torch.enable_grad():
+                gs = torch.autograd.grad([p.view_as(p) for p in ps], ps,
+                                         grad_outputs=[present[i][1].detach().to(p.dtype)
+                                                       for i, p in zip(hooked, ps)])
+            for i, g in zip(hooked, gs):
+                present[i] = (present[i][0], g)
         replace, in_place = [], []
         for p, g in present:
             g = g.detach().to(p.dtype)
