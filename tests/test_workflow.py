@@ -1333,3 +1333,38 @@ def test_tensor_hooks_on_meta_parameters_apply_to_their_hypergradient():
     with pytest.raises(RuntimeError, match="hook failed"):
         meta.backward(sq_loss, sq_loss, support, query)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # nothing written
+
+
+def test_a_hyperparameter_read_only_by_the_inner_loss_gets_zeros_on_first_order_draws():
+    # An L2 weight in the inner loss has no first-order term. Under ufom a K=0 task left its
+    # .grad None, so Adam skipped it on those outer steps; under fom it was never learned,
+    # silently (review M). Now: zeros under ufom, a warning naming it under fom.
+    model = _build(87, mlp)
+    supports, queries = _regression(87)
+    support, query = task_of(supports, 0), task_of(queries, 0)
+    l2 = torch.tensor(0.1, requires_grad=True)
+
+    def inner(f, b):
+        return sq_loss(f, b) + l2 * sum((p ** 2).sum() for p in f.parameters())
+
+    def build(mode):
+        opt = torch.optim.Adam(list(model.parameters()) + [l2], lr=0.01)
+        return torch_ufom.MetaOptimizer(model, opt, steps=3, inner_lr=LR, mode=mode, q=0.5)
+    meta = build("ufom")
+    meta.backward(inner, sq_loss, support, query, force_truncation=0)
+    assert l2.grad is not None and torch.equal(l2.grad, torch.zeros(()))
+    meta.backward(inner, sq_loss, support, query, force_truncation=3)
+    want = torch_ufom.hypergrad(model, inner, sq_loss, support, query, steps=3, inner_lr=LR,
+                                mode="exact", params=[l2])[0]
+    assert torch.allclose(l2.grad, want / 0.5, rtol=1e-12, atol=0)
+    l2.grad = None
+    fom = build("fom")
+    with pytest.warns(UserWarning, match=r"mode='fom' gives no hypergradient to param_groups\[0\]"
+                                         r"\['params'\]\[4\] .*ufom"):
+        fom.backward(inner, sq_loss, support, query)
+    assert l2.grad is None
+    exact = build("exact")  # every task exact: None means a tensor the losses do not read
+    unused = torch.tensor(1.0, requires_grad=True)
+    exact.optimizer.add_param_group({"params": [unused]})
+    exact.backward(inner, sq_loss, support, query)
+    assert unused.grad is None and l2.grad is not None

@@ -204,6 +204,7 @@ class MetaOptimizer:
         self._tasks = 0  # tasks whose estimates .grad holds, not yet reduced
         self._reduced = False  # synchronize() ran since the last step or zero_grad
         self._warned_per_task = False  # backward_batch fell back to the per-task loop
+        self._warned_fom_gaps = False  # fom left a meta-parameter without a hypergradient
         self._slow_ops = None  # what the probe found for the last inner loss (SlowOps)
 
     # -- the resolved configuration: read-only; reconfigure() changes it --------------------
@@ -364,7 +365,7 @@ class MetaOptimizer:
                                           diagnostics=self.q_stats is not None)
         seconds = time.perf_counter() - start
         observations = self._observations_of([(est, seconds)])  # before the write: it can fail
-        self._write(meta, est.grads)
+        self._write(meta, self._first_order_gaps(problem, meta, est.grads))
         q = self.q
         if self.track_buffers:
             self._buffers.append(list(est.buffers))
@@ -416,7 +417,7 @@ class MetaOptimizer:
                           stacklevel=2)
             self._warned_per_task = True
         observations = self._observations_of([(est, seconds) for _, est, seconds in run.groups])
-        self._write(meta, sum_grads(run, len(meta)))
+        self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta))))
         self._slow_ops = run.slow_ops
         q = self.q
         results: List[Optional[MetaResult]] = [None] * len(run.truncations)
@@ -465,6 +466,39 @@ class MetaOptimizer:
         return [adaptive.observe(exact=est.truncation == self.steps, seconds=seconds, steps=self.steps,
                                  forward_steps=est.forward_steps, reverse_steps=est.reverse_steps,
                                  g0=est.g0, gr=est.gk, q=self.q) for est, seconds in runs]
+
+    def _first_order_gaps(self, problem: Problem, meta: List[Tensor], grads) -> List[Optional[Tensor]]:
+        """``grads`` with the first-order branch's gaps filled.
+
+        A meta-parameter that is not a module parameter and is read only through
+        the inner loop (a learned rate, an L2 weight in the inner loss) has no
+        first-order term: a task that draws ``K = 0`` leaves it ``None``. Under a
+        law that also draws exact branches, that ``None`` is the estimate's zero,
+        written as zeros so that a stateful outer optimizer (momentum, Adam) steps
+        on it as on every other draw. Under ``fom``, whose estimate never reaches
+        such a tensor, it stays ``None`` and a warning (once) names it.
+        """
+        if all(g is not None for g in grads):
+            return grads
+        module = {id(p) for p in self.model.parameters()}
+        gaps = [i for i, (p, g) in enumerate(zip(meta, grads)) if g is None and id(p) not in module]
+        if not gaps:
+            return grads
+        survival = problem.law.survival(problem.config.steps)[1]
+        if survival == 0.0:
+            if not self._warned_fom_gaps:
+                self._warned_fom_gaps = True
+                names = ", ".join(self._name(meta[i]) for i in gaps)
+                warnings.warn(f"mode='fom' gives no hypergradient to {names}: the first-order estimate "
+                              "ignores how the inner loop depends on it, so its .grad stays None "
+                              "(use mode='ufom' or 'exact' to learn it)", stacklevel=3)
+            return grads
+        if survival == 1.0:
+            return grads  # every task exact: None means the losses do not read it
+        grads = list(grads)
+        for i in gaps:
+            grads[i] = torch.zeros_like(meta[i])
+        return grads
 
     def _write(self, meta: List[Tensor], grads) -> None:
         """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing.
