@@ -424,3 +424,25 @@ def test_slots_and_max_memory_exclude_each_other_and_reconfigure_swaps_them():
     assert (meta.slots, meta.max_memory) == (None, 10 ** 6)
     meta.reconfigure(memory="store")  # unused under store, kept
     assert (meta.memory, meta.max_memory) == ("store", 10 ** 6)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_the_budget_counts_each_adam_moment_of_the_states_the_slots_hold(amsgrad, monkeypatch):
+    # Adam's initial m and v (and v_max) are one shared zero tensor: measured at step 0, a
+    # state looked 2 parameter copies big instead of 3 (4), and amsgrad under max_memory=64 MiB
+    # peaked at 84 MiB (review I). Every later state, the ones the slots hold, keeps them apart.
+    from torch_ufom import inner, schedules
+    seen = {}
+    budget_slots = schedules.budget_slots
+
+    def spy(steps, state_bytes, record_bytes, max_memory=None):
+        seen["state"] = state_bytes
+        return budget_slots(steps, state_bytes, record_bytes, max_memory)
+    monkeypatch.setattr(schedules, "budget_slots", spy)
+    model, loss, data = mlp_problem(5)
+    rule = inner.Adam(1e-3, amsgrad=amsgrad)
+    torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=6, mode="exact", inner=rule,
+                         max_memory=1 << 20)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # the parameters, m, v (and v_max), and the 8-byte step count
+    assert seen["state"] == (3 + amsgrad) * param_bytes + 8

@@ -408,7 +408,8 @@ def budget_slots(steps: int, state_bytes: int, record_bytes: int,
 def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
     """Record step ``j`` (the sweep's first) and measure it: ``(record, |s|, G)``.
 
-    ``|s|`` is the bytes of ``state``; ``G`` those the record keeps besides its
+    ``|s|`` is the bytes of ``state`` or of the state after it, whichever is
+    larger; ``G`` those the record keeps besides its
     input and output states (the tensors saved in its graph, found by walking
     autograd's graph, which works under ``torch.func.vmap`` where saved-tensor
     hooks do not, and its gradient when kept), each storage counted once. In a
@@ -419,7 +420,9 @@ def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
     if plan.exact_after >= j and plan.exact_after < stop:
         plan = SweepPlan(j - 1, max(plan.first_order_until, j))
     record = loop.record(state, j, plan)
-    state_bytes = _bytes(_tensors(state), set())
+    # The next state too: an initial state may share tensors (Adam's m and v start as one
+    # zero tensor), which every later state, the ones the slots hold, keeps apart.
+    state_bytes = max(_bytes(_tensors(state), set()), _bytes(_tensors(record.next_state), set()))
     own = {_storage(t)[0] for t in _tensors((record.next_state, state))}
     inside = [t for t in _tensors(tuple(getattr(record, "__dict__", {}).values()))]
     return record, state_bytes, _bytes(inside + _saved(inside), own)
