@@ -762,3 +762,14 @@ def test_an_uninitialised_lazy_module_is_named():
         torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2)
     model(torch.randn(4, 2))
     torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2)
+
+
+def test_a_forced_truncation_the_law_never_reaches_is_refused():
+    model, opt, kw = build_args(mode="fom")
+    meta = torch_ufom.MetaOptimizer(model, opt, **kw)
+    x, y = torch.randn(4, 2), torch.randn(4, 1)
+    before = capture(meta=meta)
+    with pytest.raises(ValueError, match=r"Invalid force_truncation: K=1 is never drawn under "
+                                         r"Fixed\(k=0\) \(P\(K >= 1\) = 0\)"):
+        meta.backward(mse, mse, (x, y), (x, y), force_truncation=1)
+    assert_unchanged(before)

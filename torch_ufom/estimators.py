@@ -51,7 +51,8 @@ class Estimate:
         weights: ``1 / P(K >= m)`` for ``m = 0..K``, the weights of the exact
             corrections.
         forward_steps: inner steps run without a graph (forward and replays).
-        reverse_steps: inner steps rebuilt with a graph for the exact sweep.
+        reverse_steps: inner steps run with a graph for the exact sweep (recorded in the
+            forward pass under ``memory="store"``, rebuilt otherwise).
         g0, gk: with ``diagnostics`` and ``K > 0``, the unweighted ``G_0`` (FOM)
             and ``G_K``; else ``None``.
         buffers: the module's buffers at the end of the inner loop, in
@@ -95,7 +96,7 @@ class SweepLog:
     def __init__(self, steps: int):
         self.steps, self.count, self.values = steps, 0, None
         self.forward_steps = 0  # inner steps run without a graph (forward pass and replays)
-        self.reverse_steps = 0  # inner steps rebuilt with a graph for an exact VJP
+        self.reverse_steps = 0  # inner steps run with a graph for an exact VJP
         self.finite: Optional[Tensor] = None
 
     def first(self, loss: Tensor, exact: bool = False) -> None:

@@ -144,8 +144,8 @@ def _draws(problem: Problem, size: int, forced: Optional[List[int]]) -> Tuple[Li
     for i, k in enumerate(truncations):
         if survival[k] <= 0.0:
             where = "" if size == 1 else f"[{i}]"
-            raise ValueError(f"Invalid force_truncation{where}: K={k} has probability 0 under "
-                             f"{problem.law!r}")
+            raise ValueError(f"Invalid force_truncation{where}: K={k} is never drawn under "
+                             f"{problem.law!r} (P(K >= {k}) = 0)")
     return truncations, [d[1] for d in draws]
 
 

@@ -38,7 +38,8 @@ class MetaResult:
             else ``None``; with ``q="auto"``, :meth:`MetaOptimizer.step` sets the
             next outer step's in ``MetaOptimizer.q_stats["q"]``.
         forward_steps: inner steps run without a graph (forward pass and replays).
-        reverse_steps: inner steps rebuilt with a graph by the exact sweep.
+        reverse_steps: inner steps run with a graph for the exact sweep (recorded in the
+            forward pass under ``memory="store"``, rebuilt otherwise).
         aux: what ``outer_loss`` returned beside the loss when it returns
             ``(loss, aux)`` (accuracy, logits, ...), from the forward pass,
             with every tensor detached; ``None`` for a plain loss. Replays and
