@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import itertools
 import numbers
+import warnings
 from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
 import checkpoint_schedules as cs
@@ -37,8 +38,8 @@ from torch import Tensor
 from .unroll import Loop, State, StepRecord, SweepPlan
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
-           "check_max_memory", "check_checkpoint", "budget_slots", "revolve_actions", "MEMORY_CHOICES",
-           "DEFAULT_BUDGET_STEPS"]
+           "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
+           "MEMORY_CHOICES", "DEFAULT_BUDGET_STEPS"]
 
 MEMORY_CHOICES = ("checkpoint", "recompute", "store")
 
@@ -175,6 +176,11 @@ class Checkpoint(Schedule):
             return _Revolve.run(loop, state, (start, revolve_actions(n, self.slots)), log, plan)
         first, state_bytes, record_bytes = _probe(loop, state, start + 1, stop, plan)
         slots = budget_slots(n, state_bytes, record_bytes, self.max_memory)
+        least = least_memory(state_bytes, record_bytes)
+        if self.max_memory is not None and self.max_memory < least:
+            warnings.warn(f"max_memory={self.max_memory} is below the least a sweep of this model "
+                          f"needs, about {least} bytes (one checkpoint and the working memory): it "
+                          "runs with one slot, whose replays grow as steps**2 / 2", stacklevel=2)
         if slots is None:  # every graph fits: keep them, the measured step's included
             log.first(first.loss, first.j > plan.exact_after)
             last, records = Store().sweep(loop, first.next_state, start + 1, stop, log, plan)
@@ -375,6 +381,12 @@ WORK_RECORDS, WORK_STATES = 3.5, 16.0
 # One checkpoint: its state, and the fragmentation of the heap around long-lived states
 # (1.15 to 1.26 |s| resident per slot on the MLP, |s| of live tensors).
 SLOT_STATES = 1.35
+
+
+def least_memory(state_bytes: int, record_bytes: int) -> int:
+    """The least memory of a checkpointed sweep, ``1.35 |s| + W`` bytes: one slot and the
+    working memory (:func:`budget_slots`)."""
+    return int(SLOT_STATES * state_bytes + WORK_RECORDS * record_bytes + WORK_STATES * state_bytes)
 
 
 def budget_slots(steps: int, state_bytes: int, record_bytes: int,
