@@ -176,3 +176,28 @@ def test_backward_synchronises_with_the_host_at_most_once_per_task(memory):
             truncations.add(meta.backward(loss, loss, data[i], data[i + 6]).truncation)
     assert truncations == {0, 12}  # both branches ran
     assert 0 < counter.count <= tasks
+
+
+@pytest.mark.parametrize("rule", ["adam", "amsgrad", "per-step"])
+def test_inner_steps_build_no_tensors_from_host_data(rule, monkeypatch):
+    # On CUDA, torch.tensor / torch.as_tensor of Python data is a blocking copy to the
+    # device, which the dispatch counter above cannot see: Adam's float betas made two per
+    # inner step, PerStep's float values one per parameter per step (review P).
+    from torch_ufom.inner import SGD, Adam, PerStep
+    model, loss, data = mlp_problem(1)
+    inner = {"adam": Adam(0.01), "amsgrad": Adam(0.01, amsgrad=True),
+             "per-step": SGD(PerStep([0.1, 0.05, 0.02, 0.01]))}[rule]
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner=inner,
+                                    steps=4, mode="exact", memory="recompute")
+    meta.backward(loss, loss, data[0], data[1])  # the first call may build its constants
+    built = []
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+
+        def counted(data, *args, _original=original, **kwargs):
+            if not isinstance(data, torch.Tensor):
+                built.append(data)
+            return _original(data, *args, **kwargs)
+        monkeypatch.setattr(torch, name, counted)
+    meta.backward(loss, loss, data[2], data[3])
+    assert built == []

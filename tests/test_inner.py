@@ -1,6 +1,7 @@
 """Inner update rules: trajectories against torch.optim, hypergradients through
 every rule and hyperparameter against brute force, higher's SGD, and the
 validation of hyperparameters against the adapted parameters."""
+import copy
 import itertools
 import warnings
 
@@ -593,3 +594,29 @@ def test_identity_rules_in_a_vectorised_meta_batch_equal_brute_force(make, ref, 
         got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=steps, inner=make(),
                                          mode=mode, params=params, **extra)
     assert rel_err(got, ref_g) < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adam_moves_half_precision_parameters_as_torch_optim_does(dtype):
+    # The step count and the bias corrections were in the parameters' dtype: in bfloat16
+    # 0.999 ** t rounded to 1, so Adam never moved the parameters, and the count stopped at 256.
+    from torch_ufom.inner import Adam
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(dtype)
+    x, y = torch.randn(16, 4).to(dtype), torch.randn(16, 1).to(dtype)
+
+    def loss(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+    adapted = torch_ufom.adapt(model, loss, (x, y), steps=5, inner=Adam(0.01))
+    reference = copy.deepcopy(model)
+    opt = torch.optim.Adam(reference.parameters(), lr=0.01)
+    for _ in range(5):
+        opt.zero_grad()
+        loss(reference, (x, y)).backward()
+        opt.step()
+    for (n, p), q, start in zip(adapted.params.items(), reference.parameters(), model.parameters()):
+        moved, want = (p - start).float(), (q - start).detach().float()
+        assert float(want.abs().max()) > 0.02
+        assert float((moved - want).abs().max()) <= 0.1 * float(want.abs().max()), n
+    count = Adam(0.01).init({"w": torch.zeros(2, dtype=dtype)})[0]
+    assert count.dtype == torch.float32

@@ -10,6 +10,7 @@ Works with ``gloo`` (CPU) and ``nccl`` (CUDA) process groups.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -44,16 +45,28 @@ def _device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def rank_generator(generator: Optional[torch.Generator], group) -> torch.Generator:
+def _on(device: Optional[torch.device]):
+    """Make ``device`` the current CUDA device for the body (nccl's collectives and
+    ``all_gather_object`` use the current one): a rank whose model is on ``cuda:k``
+    talks from ``cuda:k`` even where ``torch.cuda.set_device`` was not called."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def rank_generator(generator: Optional[torch.Generator], group,
+                   device: Optional[torch.device] = None) -> torch.Generator:
     """A generator for this rank, seeded from one seed: ``generator``'s initial seed,
-    or rank 0's global seed, mixed with the rank so that streams differ."""
+    or rank 0's global seed, mixed with the rank so that streams differ. ``device``:
+    the model's, where the collective runs under nccl."""
     import torch.distributed as dist
     if generator is not None:
         seed = generator.initial_seed()
         device = generator.device
     else:
-        t = torch.tensor([torch.initial_seed() % (1 << 62)], dtype=torch.int64, device=_device(group))
-        dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        with _on(device):
+            t = torch.tensor([torch.initial_seed() % (1 << 62)], dtype=torch.int64, device=_device(group))
+            dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         seed, device = int(t), torch.device("cpu")
     rank = dist.get_rank(group)
     return torch.Generator(device=device).manual_seed((seed + rank * 0x9E3779B97F4A7C15) % (1 << 63))
@@ -66,24 +79,27 @@ def sum_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:
     gradient if any rank has one. Returns the global number of tasks.
     """
     import torch.distributed as dist
-    device = _device(group)
-    count = torch.tensor([float(n_tasks)], dtype=torch.float64, device=device)
-    has = torch.tensor([float(p.grad is not None) for p in params], device=device)
-    dist.all_reduce(count, group=group)
-    dist.all_reduce(has, group=group)
-    total = int(count.item())
-    for p, any_grad in zip(params, has.tolist()):
-        if not any_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, group=group)
+    with _on(params[0].device if params else None):
+        device = _device(group)
+        count = torch.tensor([float(n_tasks)], dtype=torch.float64, device=device)
+        has = torch.tensor([float(p.grad is not None) for p in params], device=device)
+        dist.all_reduce(count, group=group)
+        dist.all_reduce(has, group=group)
+        total = int(count.item())
+        for p, any_grad in zip(params, has.tolist()):
+            if not any_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=group)
     return total
 
 
-def gather(obj: Any, group) -> List[Any]:
-    """Every rank's ``obj``, in rank order (``all_gather_object``)."""
+def gather(obj: Any, group, device: Optional[torch.device] = None) -> List[Any]:
+    """Every rank's ``obj``, in rank order (``all_gather_object``); ``device``: the
+    model's, where the collective runs under nccl."""
     import torch.distributed as dist
     out: List[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    with _on(device):
+        dist.all_gather_object(out, obj, group=group)
     return out

@@ -108,8 +108,12 @@ class PerStep:
         A count past the end gives 0; ``validate(params, steps)`` rules that out.
         """
         values = self.values
-        if not isinstance(values, Tensor):
-            values = torch.tensor(values, dtype=like.dtype, device=like.device)
+        if not isinstance(values, Tensor):  # one copy to the device per dtype and device, not per step
+            key = (like.dtype, like.device)
+            cache = self.__dict__.setdefault("_tensors", {})
+            if key not in cache:
+                cache[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+            values = cache[key]
         # A mask, not values[count]: the count may be batched under vmap.
         mask = torch.arange(len(values), dtype=count.dtype, device=values.device) == count
         return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
@@ -510,7 +514,10 @@ class Adam(InnerRule):
         self.first_order_identity = _is_zero(weight_decay)  # m and v never read phi
 
     def init(self, params):
-        count = _count(params, next(iter(params.values()), torch.zeros(())).dtype)
+        # The count is a float for the bias corrections' powers, at least float32: in
+        # bfloat16 0.999 ** t rounds to 1 (no update at all) and the count stops at 256.
+        dtype = torch.promote_types(next(iter(params.values()), torch.zeros(())).dtype, torch.float32)
+        count = _count(params, dtype)
         zeros = tuple(torch.zeros_like(p) for p in params.values())
         # The step count, then m, v (and v_max) per parameter.
         return (count,) + zeros * (3 if self.amsgrad else 2)
@@ -659,8 +666,8 @@ class RMSprop(InnerRule):
 
 def _pow(base, t: Tensor) -> Tensor:
     """``base ** t`` for a float or tensor ``base`` and a tensor step count ``t``."""
-    if not isinstance(base, Tensor):
-        base = torch.as_tensor(base, dtype=t.dtype, device=t.device)
+    # A Python base stays a scalar argument: as a new tensor it would be a copy to the
+    # device (a host synchronisation on CUDA) at every step.
     return torch.pow(base, t)
 
 

@@ -194,7 +194,8 @@ class MetaOptimizer:
             distributed.check_group(None if process_group is True else process_group)
             if process_group is True:
                 self.process_group = None  # the default group
-            generator = distributed.rank_generator(generator, self.process_group)
+            generator = distributed.rank_generator(generator, self.process_group,
+                                                   next(model.parameters()).device)
         self.model, self.optimizer, self.generator = model, optimizer, generator
         self._config = config
         self._signature = self._current_signature()  # what the configuration was resolved for
@@ -610,7 +611,8 @@ class MetaOptimizer:
         if self.q_stats is not None:
             observations = self._observations
             if self.distributed:
-                observations = [o for rank in distributed.gather(observations, self.process_group)
+                device = next(self.model.parameters()).device
+                observations = [o for rank in distributed.gather(observations, self.process_group, device)
                                 for o in rank]
             for obs in observations:
                 self.q_stats = adaptive.update(self._config.adaptive, self.q_stats, obs)

@@ -85,10 +85,14 @@ def meta_batch_size(**trees: Any) -> int:
 
 def select_tasks(tree: Any, index: Sequence[int]) -> Any:
     """The tasks ``index`` of a meta-batch (a pytree of stacked tensors)."""
+    on_device: Dict[torch.device, Tensor] = {}  # one copy of the index per device (a sync on CUDA)
+
     def pick(t: Tensor) -> Tensor:
         if len(index) == t.shape[0] and list(index) == list(range(t.shape[0])):
             return t
-        return t[torch.as_tensor(list(index), device=t.device)]
+        if t.device not in on_device:
+            on_device[t.device] = torch.as_tensor(list(index), device=t.device)
+        return t[on_device[t.device]]
 
     return pytree.tree_map(pick, tree)
 
