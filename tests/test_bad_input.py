@@ -744,6 +744,10 @@ def test_a_computed_rate_tensor_is_refused(form):
     model = make_model()
     log_lr = torch.tensor(-1.0, requires_grad=True)
     opt = torch.optim.SGD(list(model.parameters()) + [log_lr], lr=0.1)
+    lrs = torch.full((4,), 0.1, requires_grad=True)  # Meta-SGD's layout: views of one leaf are fine
+    views = {n: lrs[i] for i, (n, _) in enumerate(model.named_parameters())}
+    torch_ufom.MetaOptimizer(model, torch.optim.SGD(list(model.parameters()) + [lrs], lr=0.1), steps=3,
+                             inner_lr=views)
     rate = {"scalar": log_lr.exp(),
             "dict": {n: log_lr.exp() for n, _ in model.named_parameters()},
             "per-step": PerStep(log_lr.exp() * torch.ones(3)),
@@ -757,11 +761,17 @@ def test_a_computed_rate_tensor_is_refused(form):
 def test_an_uninitialised_lazy_module_is_named():
     # It used to fail with torch's message about load_state_dict, which the user never called.
     model = nn.Sequential(nn.LazyLinear(3), nn.Tanh(), nn.Linear(3, 1))
-    with pytest.raises(ValueError, match=r"Invalid model: parameters \['0.weight', '0.bias'\] are not "
+    with pytest.raises(ValueError, match=r"Invalid model: \['0.weight', '0.bias'\] are not "
                                          r"initialised yet .*nn.LazyLinear.*forward pass"):
         torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2)
     model(torch.randn(4, 2))
     torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2)
+    # A lazy buffer too (LazyBatchNorm1d without affine parameters).
+    model = nn.Sequential(nn.Linear(2, 3), nn.LazyBatchNorm1d(affine=False), nn.Linear(3, 1))
+    with pytest.raises(ValueError, match=r"Invalid model: \['1.running_mean', '1.running_var'\] are not "
+                                         r"initialised yet"):
+        torch_ufom.hypergrad(model, mse, mse, (torch.randn(4, 2), torch.randn(4, 1)),
+                             (torch.randn(4, 2), torch.randn(4, 1)), inner_lr=0.1, steps=2)
 
 
 def test_a_forced_truncation_the_law_never_reaches_is_refused():

@@ -541,3 +541,34 @@ def test_eval_mode_attention_runs_vectorised_and_equals_the_loop(layer):
                     force_truncation=K, vectorise=vectorise)
         assert rel_err(got[True], got[False]) < 1e-12
     assert torch.backends.mha.get_fastpath_enabled() == fastpath  # put back
+
+
+def test_an_embedding_with_padding_idx_read_only_by_the_outer_loss_falls_back():
+    # The probe ran only the inner loss: an embedding the outer loss alone reads (through a
+    # separate head) went vectorised, 10% off the per-task loop, without a warning.
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.emb = nn.Linear(3, 2), nn.Embedding(5, 2, padding_idx=0)
+
+        def forward(self, x, ids=None):
+            return self.lin(x) if ids is None else self.lin(x) + torch.tanh(self.emb(ids)).mean(1)
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(3, 6, 3, generator=g, dtype=torch.float64), torch.randn(3, 6, 2, generator=g,
+                                                                                 dtype=torch.float64)
+    ids = torch.randint(0, 5, (3, 6, 4), generator=g)
+
+    def inner(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+
+    def outer(f, b):
+        return ((f(b[0], b[2]) - b[1]) ** 2).mean()
+    kw = dict(steps=2, inner_lr=0.1, mode="exact")
+    with pytest.warns(UserWarning, match="per-task loop: torch.func.vmap differentiates Embedding with "
+                                         "padding_idx wrongly"):
+        got = torch_ufom.hypergrad_batch(model, inner, outer, (xs, ys), (xs, ys, ids), vectorise=True, **kw)
+    loop = [torch_ufom.hypergrad(model, inner, outer, (xs[i], ys[i]), (xs[i], ys[i], ids[i]), **kw)
+            for i in range(3)]
+    assert rel_err(got, [sum(t) for t in zip(*loop)]) < 1e-12

@@ -459,3 +459,9 @@ def test_a_budget_below_the_least_a_sweep_needs_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(model, loss, data, 6, "checkpoint", slots=None, max_memory=1 << 30)
+        for steps in (1, 2):  # a sweep that keeps every graph, or one slot whatever the budget
+            run(model, loss, data, steps, "checkpoint", slots=None, max_memory=1)
+    with pytest.warns(UserWarning, match="max_memory=1 is below") as log:  # pointing at the caller
+        torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=6, inner_lr=0.1, mode="exact",
+                             max_memory=1)
+    assert log[0].filename == __file__

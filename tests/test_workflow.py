@@ -1298,6 +1298,12 @@ def test_embedding_max_norm_leaves_the_module_unchanged():
     got = torch_ufom.hypergrad(model, loss, loss, support, query, mode="exact", **config)
     assert rel_err(got, oracle) < 1e-12
     assert_unchanged(model, before)
+    # The embedding left out of the inner loop: its copy must stay linked to it, under no_grad too.
+    with torch.no_grad():
+        frozen = torch_ufom.hypergrad(model, loss, loss, support, query, mode="exact",
+                                      inner_params=["out.weight", "out.bias"], **config)
+    assert float(frozen[0].abs().max()) > 0
+    assert_unchanged(model, before)
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="ufom", q=1.0,
                                     **config)
     for call in (lambda: torch_ufom.hypergrad(model, loss, loss, support, query, mode="fom", **config),
@@ -1368,3 +1374,52 @@ def test_a_hyperparameter_read_only_by_the_inner_loss_gets_zeros_on_first_order_
     exact.optimizer.add_param_group({"params": [unused]})
     exact.backward(inner, sq_loss, support, query)
     assert unused.grad is None and l2.grad is not None
+
+
+def test_hooks_apply_once_whether_the_inner_loop_adapts_the_tensor_or_not():
+    # The sweep already runs the hooks of tensors it reads directly (a parameter left out of
+    # inner_params, a learned rate); applying them again at the write doubled a g -> 2 g hook.
+    model = _build(88, mlp)
+    supports, queries = _regression(88)
+    support, query = task_of(supports, 0), task_of(queries, 0)
+    lr = torch.tensor(LR, requires_grad=True)
+    watched = [model[0].weight, model[2].weight, lr]  # left out, adapted, a learned rate
+
+    def grads(hooked):
+        handles = [t.register_hook(lambda g: 2 * g) for t in watched] if hooked else []
+        for t in list(model.parameters()) + [lr]:
+            t.grad = None
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(list(model.parameters()) + [lr], lr=0.1),
+                                        steps=3, inner_lr=lr, mode="exact", memory="store",
+                                        inner_params=["2.weight", "2.bias"])
+        meta.backward(sq_loss, sq_loss, support, query)
+        for h in handles:
+            h.remove()
+        return [t.grad.clone() for t in watched]
+    for plain, hooked in zip(grads(False), grads(True)):
+        assert torch.equal(hooked, 2 * plain)
+
+
+def test_a_parameter_left_out_of_the_inner_loop_gets_zeros_on_first_order_draws():
+    # A module parameter outside inner_params, read only by the inner loss, had the same gap
+    # as a plain tensor: .grad None on ufom's K=0 draws.
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(3, 2)
+            self.l2 = nn.Parameter(torch.tensor(0.1))
+
+        def forward(self, x):
+            return self.body(x)
+    model = _build(89, Scaled)
+    supports, queries = _regression(89)
+    support, query = task_of(supports, 0), task_of(queries, 0)
+
+    def inner(f, b):
+        weights = (p for n, p in f.named_parameters() if n != "l2")
+        return sq_loss(f, b) + model.l2 * sum((p ** 2).sum() for p in weights)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.Adam(model.parameters(), lr=0.01), steps=3,
+                                    inner_lr=LR, mode="ufom", q=0.5,
+                                    inner_params=["body.weight", "body.bias"])
+    meta.backward(inner, sq_loss, support, query, force_truncation=0)
+    assert model.l2.grad is not None and torch.equal(model.l2.grad, torch.zeros(()))

@@ -24,6 +24,7 @@ Rules that span arguments:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 from dataclasses import dataclass
@@ -163,10 +164,11 @@ def check_model(model) -> nn.Module:
     """Validate ``model``: an ``nn.Module`` with at least one parameter with ``requires_grad``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
-    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    lazy = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if isinstance(t, nn.parameter.UninitializedTensorMixin)]
     if lazy:
-        raise ValueError(f"Invalid model: parameters {lazy} are not initialised yet (a lazy module "
-                         "such as nn.LazyLinear); run one forward pass of the model first")
+        raise ValueError(f"Invalid model: {lazy} are not initialised yet (a lazy module such as "
+                         "nn.LazyLinear); run one forward pass of the model first")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("Invalid model: it has no parameter with requires_grad=True, so the inner "
                          "loop has nothing to adapt")

@@ -207,11 +207,12 @@ def _check_tensor(v: Tensor, arg: str, targets: Mapping[str, Tensor], shape: boo
     if v.is_meta:
         raise ValueError(f"Invalid {arg}: a meta-device tensor has no values (expected a tensor on "
                          "the parameters' device)")
-    if v.requires_grad and v.grad_fn is not None:
+    if v.requires_grad and v.grad_fn is not None and not (v._is_view() and v._base.is_leaf):
         raise ValueError(f"Invalid {arg}: a tensor computed from others (grad_fn="
                          f"{type(v.grad_fn).__name__}): the rule would keep its value at construction "
                          "and its graph would be used up by the first backward (expected a leaf tensor, "
-                         "which the outer optimizer holds to learn it, or a tensor without grad)")
+                         "which the outer optimizer holds to learn it, a view of one such as lrs[i], "
+                         "or a tensor without grad)")
     for n, p in targets.items():
         if v.dtype != p.dtype:
             raise ValueError(f"Invalid {arg}: a {v.dtype} tensor for parameter {n!r} of dtype "

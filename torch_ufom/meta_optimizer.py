@@ -472,8 +472,9 @@ class MetaOptimizer:
     def _first_order_gaps(self, problem: Problem, meta: List[Tensor], grads) -> List[Optional[Tensor]]:
         """``grads`` with the first-order branch's gaps filled.
 
-        A meta-parameter that is not a module parameter and is read only through
-        the inner loop (a learned rate, an L2 weight in the inner loss) has no
+        A meta-parameter that the inner loop does not adapt and that is read only
+        through it (a learned rate, an L2 weight in the inner loss, a module
+        parameter left out of ``inner_params`` that only the inner loss reads) has no
         first-order term: a task that draws ``K = 0`` leaves it ``None``. Under a
         law that also draws exact branches, that ``None`` is the estimate's zero,
         written as zeros so that a stateful outer optimizer (momentum, Adam) steps
@@ -482,8 +483,8 @@ class MetaOptimizer:
         """
         if all(g is not None for g in grads):
             return grads
-        module = {id(p) for p in self.model.parameters()}
-        gaps = [i for i, (p, g) in enumerate(zip(meta, grads)) if g is None and id(p) not in module]
+        adapted = {id(p) for n, p in self.model.named_parameters() if n in self._config.adapted}
+        gaps = [i for i, (p, g) in enumerate(zip(meta, grads)) if g is None and id(p) not in adapted]
         if not gaps:
             return grads
         survival = problem.law.survival(problem.config.steps)[1]
@@ -506,9 +507,13 @@ class MetaOptimizer:
         """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing.
 
         The engine has checked every hypergradient's finiteness (once per task).
-        Hooks registered on a meta-parameter with ``Tensor.register_hook`` apply
-        to its hypergradient first, as ``loss.backward()`` applies them
-        (post-accumulate-grad hooks do not run).
+        Hooks registered on an adapted parameter with ``Tensor.register_hook``
+        apply to its hypergradient here, as ``loss.backward()`` applies them (the
+        sweep differentiates detached copies of those); a tensor the losses or
+        the inner rule read directly (a parameter left out of ``inner_params``, a
+        learned rate, a loss weight) runs its hooks inside the sweep's own
+        autograd calls, on each partial gradient they compute for it.
+        Post-accumulate-grad hooks do not run.
         Everything that can fail runs before the first write: the hooks, the sums for
         gradients that cannot be added to in place (an expanded view, an
         inference tensor, a sparse gradient), which are computed out of place
@@ -519,6 +524,9 @@ class MetaOptimizer:
         if not present:
             return
         hooked = [i for i, (p, _) in enumerate(present) if getattr(p, "_backward_hooks", None)]
+        if hooked:  # adapted parameters reach the sweep as detached copies, which run no hooks
+            adapted = {id(t) for n, t in self.model.named_parameters() if n in self._config.adapted}
+            hooked = [i for i in hooked if id(present[i][0]) in adapted]
         if hooked:  # autograd runs a leaf's hooks on the gradient it computes for it
             ps = [present[i][0] for i in hooked]
             with torch.enable_grad():

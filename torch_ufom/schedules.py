@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import itertools
 import numbers
+import os
+import sys
 import warnings
 from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
@@ -177,10 +179,11 @@ class Checkpoint(Schedule):
         first, state_bytes, record_bytes = _probe(loop, state, start + 1, stop, plan)
         slots = budget_slots(n, state_bytes, record_bytes, self.max_memory)
         least = least_memory(state_bytes, record_bytes)
-        if self.max_memory is not None and self.max_memory < least:
+        if slots is not None and n > 2 and self.max_memory is not None and self.max_memory < least:
             warnings.warn(f"max_memory={self.max_memory} is below the least a sweep of this model "
                           f"needs, about {least} bytes (one checkpoint and the working memory): it "
-                          "runs with one slot, whose replays grow as steps**2 / 2", stacklevel=2)
+                          "runs with one slot, whose replays grow as steps**2 / 2",
+                          stacklevel=_caller_level())
         if slots is None:  # every graph fits: keep them, the measured step's included
             log.first(first.loss, first.j > plan.exact_after)
             last, records = Store().sweep(loop, first.next_state, start + 1, stop, log, plan)
@@ -381,6 +384,16 @@ WORK_RECORDS, WORK_STATES = 3.5, 16.0
 # One checkpoint: its state, and the fragmentation of the heap around long-lived states
 # (1.15 to 1.26 |s| resident per slot on the MLP, |s| of live tensors).
 SLOT_STATES = 1.35
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function
+    point at the first frame outside this package: the user's call."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def least_memory(state_bytes: int, record_bytes: int) -> int:

@@ -500,7 +500,8 @@ class InnerLoop:
         self.frozen = {n: p for n, p in named if n not in set(self.names)}
         self.copy_start = renormalises_weights(module)  # the forward writes parameters in place
         if self.copy_start:
-            self.frozen = {n: p.clone() for n, p in self.frozen.items()}
+            with torch.enable_grad():  # a copy linked to the parameter, even under no_grad
+                self.frozen = {n: p.clone() for n, p in self.frozen.items()}
         self.buffer_names = [n for n, _ in self.module_buffers]
         self.meta = [t for t in problem.params if t.requires_grad]
         meta_ids = {id(t) for t in self.meta}

@@ -196,9 +196,12 @@ class Probe(NamedTuple):
     slow_on_cpu: Dict[str, int]  # CPU operations too large to pay vectorised: largest output size
 
 
-def probe(module: nn.Module, inner_loss, batch) -> Probe:
+def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None) -> Probe:
     """One evaluation of the inner loss at the module's parameters, without a graph
-    and with the random states restored: what decides how a sweep may run."""
+    and with the random states restored: what decides how a sweep may run. With
+    ``outer_loss``, one of it on ``query`` too, for the operations ``vmap``
+    differentiates wrongly (``Probe.wrong``): the outer loss is differentiated
+    once, so its normalisations and buffers do not matter."""
     mode = _Probe()
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
@@ -212,7 +215,14 @@ def probe(module: nn.Module, inner_loss, batch) -> Probe:
     # Kernels such as batch_norm write running statistics without bumping the version.
     written = [n for n, b in fm.buffers.items()
                if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
-    return Probe(mode.norms, mode.wrong, written, mode.attention_dropout, mode.slow_on_cpu)
+    wrong = set(mode.wrong)
+    if outer_loss is not None:
+        outer = _Probe()
+        fm = FunctionalModel(module, params, {n: b.clone() for n, b in original.items()})
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), outer:
+            outer_loss(fm, query)
+        wrong |= outer.wrong
+    return Probe(mode.norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu)
 
 
 # Messages of torch.func's own refusals: an operation vmap or forward-mode AD does not support.
