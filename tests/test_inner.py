@@ -620,3 +620,24 @@ def test_adam_moves_half_precision_parameters_as_torch_optim_does(dtype):
         assert float((moved - want).abs().max()) <= 0.1 * float(want.abs().max()), n
     count = Adam(0.01).init({"w": torch.zeros(2, dtype=dtype)})[0]
     assert count.dtype == torch.float32
+    # A 0-d parameter keeps its dtype (float32 bias corrections would promote it).
+    rule, params = Adam(0.01), {"a": torch.tensor(1.0, dtype=dtype), "w": torch.ones(3, dtype=dtype)}
+    new, state = rule.update({n: torch.ones_like(p) for n, p in params.items()}, rule.init(params), params,
+                             rule.hyper)
+    assert all(t.dtype == dtype for t in new.values()) and all(t.dtype == dtype for t in state[1:])
+
+
+def test_per_step_float_values_reassigned_after_use_are_used():
+    # PerStep keeps a device copy of float values; values reassigned after a call kept running
+    # with the old copy, silently. Deep copies carry no device copies.
+    from torch_ufom.inner import SGD, PerStep
+    model, loss, data = mlp_problem(9)
+    rates = PerStep([0.1, 0.1, 0.1])
+
+    def run(values):
+        return torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, mode="exact",
+                                    inner=SGD(values))
+    run(rates)
+    rates.values = (0.3, 0.2, 0.1)
+    assert rel_err(run(rates), run(PerStep([0.3, 0.2, 0.1]))) == 0
+    assert "_tensors" in rates.__dict__ and "_tensors" not in copy.deepcopy(rates).__dict__

@@ -1385,6 +1385,9 @@ def test_hooks_apply_once_whether_the_inner_loop_adapts_the_tensor_or_not():
     lr = torch.tensor(LR, requires_grad=True)
     watched = [model[0].weight, model[2].weight, lr]  # left out, adapted, a learned rate
 
+    def proximal(f, b):  # iMAML's term reads the module's own (adapted) weight directly as well
+        return sq_loss(f, b) + 0.1 * ((f.params["2.weight"] - model[2].weight) ** 2).sum()
+
     def grads(hooked):
         handles = [t.register_hook(lambda g: 2 * g) for t in watched] if hooked else []
         for t in list(model.parameters()) + [lr]:
@@ -1392,7 +1395,7 @@ def test_hooks_apply_once_whether_the_inner_loop_adapts_the_tensor_or_not():
         meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(list(model.parameters()) + [lr], lr=0.1),
                                         steps=3, inner_lr=lr, mode="exact", memory="store",
                                         inner_params=["2.weight", "2.bias"])
-        meta.backward(sq_loss, sq_loss, support, query)
+        meta.backward(proximal, sq_loss, support, query)
         for h in handles:
             h.remove()
         return [t.grad.clone() for t in watched]
@@ -1423,3 +1426,13 @@ def test_a_parameter_left_out_of_the_inner_loop_gets_zeros_on_first_order_draws(
                                     inner_params=["body.weight", "body.bias"])
     meta.backward(inner, sq_loss, support, query, force_truncation=0)
     assert model.l2.grad is not None and torch.equal(model.l2.grad, torch.zeros(()))
+    # A frozen parameter (requires_grad=False) the optimizer holds keeps None: AdamW would
+    # otherwise decay it, as loss.backward() never makes it do.
+    model.l2.grad = None
+    model.l2.requires_grad_(False)
+    frozen = torch_ufom.MetaOptimizer(model, torch.optim.AdamW(model.parameters(), lr=0.01), steps=3,
+                                      inner_lr=LR, mode="ufom", q=0.5,
+                                      inner_params=["body.weight", "body.bias"])
+    frozen.backward(inner, sq_loss, support, query, force_truncation=0)
+    frozen.step()
+    assert model.l2.grad is None and float(model.l2) == pytest.approx(0.1, abs=0)

@@ -309,7 +309,18 @@ def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta) -> Tuple:
     for p in params:
         g = direct.get(id(p))
         if id(p) in index:
-            adj = loop.reduce(adjoint[index[id(p)]])
+            adj = _hooked(p, loop.reduce(adjoint[index[id(p)]]))
             g = adj if g is None else g + adj
         grads.append(g)
     return tuple(grads)
+
+
+def _hooked(p: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` through the hooks registered on ``p`` with ``Tensor.register_hook``, as
+    autograd runs them on a gradient it computes for ``p``. The sweep differentiates a
+    detached copy of an adapted parameter, so the adjoint of its initial value has not
+    been through them (its direct terms, where a loss reads ``p`` itself, have)."""
+    if not getattr(p, "_backward_hooks", None):
+        return grad
+    with torch.enable_grad():
+        return torch.autograd.grad(p.view_as(p), p, grad_outputs=grad.to(p.dtype))[0].detach()

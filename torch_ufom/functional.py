@@ -192,7 +192,7 @@ class BatchRun:
 
 
 class SlowOps(NamedTuple):
-    """What the probe found for one pair of losses on one device: the operations too large
+    """What the probe found for one inner loss on one device: the operations too large
     to pay vectorised there under ``vectorise="auto"``, with their sizes (empty: vmap
     pays), and those whose gradient ``vmap`` gets wrong (non-empty: the loop runs)."""
 
@@ -200,7 +200,6 @@ class SlowOps(NamedTuple):
     device: torch.device
     ops: Tuple[str, ...]
     wrong: Tuple[str, ...] = ()
-    outer_loss: Optional[Callable] = None
 
 
 class Plan(NamedTuple):
@@ -248,7 +247,7 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     forced = check_force_truncation(force, size, problem.config.steps)
     with restore_rng_on_error(problem.generator):
         truncations, seeds = _draws(problem, size, forced)
-        plan = vectorised_plan(problem, supports, queries, diagnostics, known)
+        plan = vectorised_plan(problem, supports, diagnostics, known)
         reason, fallback = plan.reason, plan.fallback
         if plan.problem is not None:
             try:
@@ -289,7 +288,7 @@ def _wrong(what: Sequence[str]) -> str:
     return f"torch.func.vmap differentiates {', '.join(what)} wrongly"
 
 
-def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: bool,
+def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool,
                     known: Optional[SlowOps] = None) -> Plan:
     """Whether and how the meta-batch runs under ``vmap`` (see :func:`estimate_batch`).
     A model whose normalisation layers ``vmap`` differentiates twice wrongly gets
@@ -306,8 +305,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         size = sum(named[n].numel() for n in problem.config.adapted)
         if size >= SLOW_ON_CPU_ELEMENTS:
             return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
-    if known is not None and (known.inner_loss is not problem.inner_loss or known.device != device
-                              or known.outer_loss is not problem.outer_loss):
+    if known is not None and (known.inner_loss is not problem.inner_loss or known.device != device):
         known = None
     exact = problem.law.survival(problem.config.steps)[1] > 0.0
     if not exact and next(problem.model.buffers(), None) is None and known is not None:
@@ -317,10 +315,10 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
             return Plan(None, _wrong(known.wrong), True, known)
         return Plan(problem, "", False, known)
     first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
-    found = probe(problem.model, problem.inner_loss, first, problem.outer_loss, task_of(queries, 0))
+    found = probe(problem.model, problem.inner_loss, first)
     known = SlowOps(problem.inner_loss, device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
-        tuple(sorted(found.wrong)), problem.outer_loss)
+        tuple(sorted(found.wrong)))
     if auto and known.ops:
         return Plan(None, _slow(known.ops), False, known)
     if known.wrong:

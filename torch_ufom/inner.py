@@ -102,6 +102,11 @@ class PerStep:
     def __len__(self) -> int:
         return len(self.values)
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_tensors", None)  # device copies of float values: made again on use
+        return state
+
     def at(self, count: Tensor, like: Tensor) -> Tensor:
         """The value at step ``count`` (a 0-d tensor), as a 0-d tensor like ``like``.
 
@@ -111,9 +116,10 @@ class PerStep:
         if not isinstance(values, Tensor):  # one copy to the device per dtype and device, not per step
             key = (like.dtype, like.device)
             cache = self.__dict__.setdefault("_tensors", {})
-            if key not in cache:
-                cache[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
-            values = cache[key]
+            hit = cache.get(key)
+            if hit is None or hit[0] is not values:  # values reassigned since: copy them again
+                hit = cache[key] = (values, torch.tensor(values, dtype=like.dtype, device=like.device))
+            values = hit[1]
         # A mask, not values[count]: the count may be batched under vmap.
         mask = torch.arange(len(values), dtype=count.dtype, device=values.device) == count
         return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
@@ -553,6 +559,9 @@ class Adam(InnerRule):
                 # The bias corrections, once for the parameters that share their betas.
                 betas, corrections = (b1, b2), (1 - _pow(b1, t), _safe_sqrt(1 - _pow(b2, t)))
             corr1, root2 = corrections
+            if isinstance(corr1, Tensor) and corr1.dtype != p.dtype:
+                # Computed in the count's float32; a 0-d parameter would be promoted to it.
+                corr1, root2 = corr1.to(p.dtype), root2.to(p.dtype)
             denom = _safe_sqrt(v) / root2 + self._get(hyper, "eps", n, count, p)
             new_params[n] = decayed - lr / corr1 * m / denom
         return new_params, (t,) + tuple(ms) + tuple(vs) + tuple(v_maxs)

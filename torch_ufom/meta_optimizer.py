@@ -484,7 +484,8 @@ class MetaOptimizer:
         if all(g is not None for g in grads):
             return grads
         adapted = {id(p) for n, p in self.model.named_parameters() if n in self._config.adapted}
-        gaps = [i for i, (p, g) in enumerate(zip(meta, grads)) if g is None and id(p) not in adapted]
+        gaps = [i for i, (p, g) in enumerate(zip(meta, grads))
+                if g is None and p.requires_grad and id(p) not in adapted]
         if not gaps:
             return grads
         survival = problem.law.survival(problem.config.steps)[1]
@@ -507,14 +508,7 @@ class MetaOptimizer:
         """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing.
 
         The engine has checked every hypergradient's finiteness (once per task).
-        Hooks registered on an adapted parameter with ``Tensor.register_hook``
-        apply to its hypergradient here, as ``loss.backward()`` applies them (the
-        sweep differentiates detached copies of those); a tensor the losses or
-        the inner rule read directly (a parameter left out of ``inner_params``, a
-        learned rate, a loss weight) runs its hooks inside the sweep's own
-        autograd calls, on each partial gradient they compute for it.
-        Post-accumulate-grad hooks do not run.
-        Everything that can fail runs before the first write: the hooks, the sums for
+        Everything that can fail runs before the first write: the sums for
         gradients that cannot be added to in place (an expanded view, an
         inference tensor, a sparse gradient), which are computed out of place
         and then assigned. The remaining ``.grad`` tensors are added to in place
@@ -523,18 +517,6 @@ class MetaOptimizer:
         present = [(p, g) for p, g in zip(meta, grads) if g is not None]
         if not present:
             return
-        hooked = [i for i, (p, _) in enumerate(present) if getattr(p, "_backward_hooks", None)]
-        if hooked:  # adapted parameters reach the sweep as detached copies, which run no hooks
-            adapted = {id(t) for n, t in self.model.named_parameters() if n in self._config.adapted}
-            hooked = [i for i in hooked if id(present[i][0]) in adapted]
-        if hooked:  # autograd runs a leaf's hooks on the gradient it computes for it
-            ps = [present[i][0] for i in hooked]
-            with torch.enable_grad():
-                gs = torch.autograd.grad([p.view_as(p) for p in ps], ps,
-                                         grad_outputs=[present[i][1].detach().to(p.dtype)
-                                                       for i, p in zip(hooked, ps)])
-            for i, g in zip(hooked, gs):
-                present[i] = (present[i][0], g)
         replace, in_place = [], []
         for p, g in present:
             g = g.detach().to(p.dtype)

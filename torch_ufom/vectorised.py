@@ -196,12 +196,11 @@ class Probe(NamedTuple):
     slow_on_cpu: Dict[str, int]  # CPU operations too large to pay vectorised: largest output size
 
 
-def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None) -> Probe:
+def probe(module: nn.Module, inner_loss, batch) -> Probe:
     """One evaluation of the inner loss at the module's parameters, without a graph
-    and with the random states restored: what decides how a sweep may run. With
-    ``outer_loss``, one of it on ``query`` too, for the operations ``vmap``
-    differentiates wrongly (``Probe.wrong``): the outer loss is differentiated
-    once, so its normalisations and buffers do not matter."""
+    and with the random states restored: what decides how a sweep may run.
+    ``Probe.wrong`` also names the submodules whose gradient ``vmap`` gets wrong
+    (:func:`wrong_under_vmap`), which the outer loss alone may call."""
     mode = _Probe()
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
@@ -215,14 +214,15 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None) -> 
     # Kernels such as batch_norm write running statistics without bumping the version.
     written = [n for n, b in fm.buffers.items()
                if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
-    wrong = set(mode.wrong)
-    if outer_loss is not None:
-        outer = _Probe()
-        fm = FunctionalModel(module, params, {n: b.clone() for n, b in original.items()})
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), outer:
-            outer_loss(fm, query)
-        wrong |= outer.wrong
-    return Probe(mode.norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu)
+    return Probe(mode.norms, mode.wrong | wrong_under_vmap(module), written, mode.attention_dropout,
+                 mode.slow_on_cpu)
+
+
+def wrong_under_vmap(module: nn.Module) -> set:
+    """The submodules of ``module`` whose gradient ``vmap`` gets wrong, by kind
+    (``_WRONG_UNDER_VMAP``'s names): found whichever loss calls them, without running one."""
+    return {"Embedding with padding_idx" for m in module.modules()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None}
 
 
 # Messages of torch.func's own refusals: an operation vmap or forward-mode AD does not support.
