@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import torch_ufom
@@ -591,3 +592,40 @@ def test_an_outer_loss_that_differentiates_runs_vectorised():
     loop = [torch_ufom.hypergrad(model, loss, outer, tuple(t[i] for t in supports),
                                  tuple(t[i] for t in queries), **kw) for i in range(3)]
     assert rel_err(got, [sum(t) for t in zip(*loop)]) < 1e-10
+
+
+def test_a_functional_embedding_with_padding_idx_in_the_outer_loss_falls_back():
+    # F.embedding(..., padding_idx=0) on a tied weight, called by the outer loss only: no
+    # nn.Embedding for a module scan to find; the probe runs the outer loss to see it.
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table, self.lin = nn.Parameter(torch.randn(5, 2)), nn.Linear(3, 2)
+
+        def forward(self, x, ids=None):
+            out = self.lin(x)
+            return out if ids is None else out + F.embedding(ids, self.table, padding_idx=0).mean(1)
+    torch.manual_seed(1)
+    model = Tied().double()
+    g = torch.Generator().manual_seed(2)
+    xs, ys = (torch.randn(3, 6, 3, generator=g, dtype=torch.float64),
+              torch.randn(3, 6, 2, generator=g, dtype=torch.float64))
+    ids = torch.randint(0, 5, (3, 6, 4), generator=g)
+
+    def inner(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+
+    def outer(f, b):
+        return ((f(b[0], b[2]) - b[1]) ** 2).mean()
+    kw = dict(steps=2, inner_lr=0.1, mode="fom")
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), vectorise=True, **kw)
+    for _ in range(2):  # the second call uses the probe's cached findings
+        for p in model.parameters():
+            p.grad = None
+        with pytest.warns(UserWarning, match="per-task loop: torch.func.vmap differentiates Embedding"):
+            meta.backward_batch(inner, outer, (xs, ys), (xs, ys, ids))
+        meta._warned_per_task = False
+    got = [p.grad.clone() for p in model.parameters()]
+    loop = [torch_ufom.hypergrad(model, inner, outer, (xs[i], ys[i]), (xs[i], ys[i], ids[i]), **kw)
+            for i in range(3)]
+    assert rel_err(got, [sum(t) for t in zip(*loop)]) < 1e-12

@@ -641,3 +641,13 @@ def test_per_step_float_values_reassigned_after_use_are_used():
     rates.values = (0.3, 0.2, 0.1)
     assert rel_err(run(rates), run(PerStep([0.3, 0.2, 0.1]))) == 0
     assert "_tensors" in rates.__dict__ and "_tensors" not in copy.deepcopy(rates).__dict__
+    given = [0.3, 0.2, 0.1]
+    rates.values = given
+    given[0] = 9.0  # a list is copied: editing it afterwards changes nothing
+    assert rates.values == (0.3, 0.2, 0.1)
+
+    class Tagged(PerStep):  # a subclass with __slots__ keeps them through copies
+        __slots__ = ("tag",)
+    tagged = Tagged([0.1])
+    tagged.tag = "x"
+    assert copy.deepcopy(tagged).tag == "x"

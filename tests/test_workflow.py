@@ -1436,3 +1436,44 @@ def test_a_parameter_left_out_of_the_inner_loop_gets_zeros_on_first_order_draws(
     frozen.backward(inner, sq_loss, support, query, force_truncation=0)
     frozen.step()
     assert model.l2.grad is None and float(model.l2) == pytest.approx(0.1, abs=0)
+
+
+def test_a_nonlinear_hook_runs_once_per_task_on_every_path():
+    # backward_batch is a loop of backward, vectorised: a clamp hook must give the same
+    # .grad on the per-task loop, under vmap and through backward, called once per task.
+    model = _build(90, mlp)
+    supports, queries = _regression(90)
+    weight = model[0].weight
+    calls = []
+
+    def clamp(g):
+        calls.append(1)
+        return g.clamp(-0.05, 0.05)
+    handle = weight.register_hook(clamp)
+
+    def grad(run):
+        weight.grad = None
+        run(torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3,
+                                     inner_lr=LR, mode="exact", memory="store",
+                                     vectorise=run.__name__ != "loop"))
+        return weight.grad.clone()
+
+    def loop(meta):
+        meta.backward_batch(sq_loss, sq_loss, supports, queries)
+
+    def vectorised(meta):
+        meta.backward_batch(sq_loss, sq_loss, supports, queries)
+
+    def one_by_one(meta):
+        for i in range(supports[0].shape[0]):
+            meta.backward(sq_loss, sq_loss, task_of(supports, i), task_of(queries, i))
+    tasks = supports[0].shape[0]
+    results = []
+    for run in (loop, vectorised, one_by_one):
+        calls.clear()
+        results.append(grad(run))
+        assert len(calls) == tasks, run.__name__
+    handle.remove()
+    assert torch.allclose(results[0], results[2], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(results[1], results[2], rtol=1e-12, atol=1e-15)
+    assert float(results[2].abs().max()) > 0.05  # the clamp acted per task: sums exceed it

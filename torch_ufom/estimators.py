@@ -279,13 +279,13 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
             f = _scaled(c[m], e) if f is None else tuple(a + c[m] * b for a, b in zip(f, e))
     # c_K = 1 / P_K > 0, so f is set here whatever K.
 
-    def finish(adjoint, acc):
+    def finish(adjoint, acc, hooks=False):
         # The first r - K steps (first-order, additive rule) and the initial parameters.
         if grad_sum is not None:
             _add(acc, loop.first_order_theta(adjoint[:len(s0.params)], grad_sum, s0))
-        return _assemble(loop, params, adjoint, acc)
+        return _assemble(loop, params, adjoint, acc, hooks)
 
-    grads = finish(f, theta)
+    grads = finish(f, theta, hooks=True)  # the statistics below are not the user's gradients
     g0 = finish(f0, theta_0) if diagnostics else None
     gk = finish(e, theta_k) if diagnostics else None
     est = Estimate(grads, outer_loss, inner_losses, K, inv_p,
@@ -300,17 +300,24 @@ def _scaled(weight: float, tensors: Sequence[Tensor]) -> Tuple[Tensor, ...]:
     return tuple(tensors) if weight == 1.0 else tuple(weight * t for t in tensors)
 
 
-def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta) -> Tuple:
+def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta, hooks: bool = False) -> Tuple:
     """One gradient per tensor of ``params``: its direct terms plus, for a model
-    parameter, the adjoint of its initial value."""
+    parameter, the adjoint of its initial value (through the parameter's hooks
+    with ``hooks``, once per task: :func:`_hooked`)."""
     direct = {id(t): g for t, g in zip(loop.meta, theta)}
     index = {id(loop.named[n]): i for i, n in enumerate(loop.names)}
     grads = []
     for p in params:
         g = direct.get(id(p))
         if id(p) in index:
-            adj = _hooked(p, loop.reduce(adjoint[index[id(p)]]))
-            g = adj if g is None else g + adj
+            adj = adjoint[index[id(p)]]
+            reduced = loop.reduce(adj)
+            if hooks and getattr(p, "_backward_hooks", None):
+                # A vectorised sweep's adjoint has one slice per task: each its own hooks,
+                # as a loop of single-task calls gives them.
+                reduced = _hooked(p, reduced) if reduced.shape == adj.shape else \
+                    sum(_hooked(p, a) for a in adj.unbind(0))
+            g = reduced if g is None else g + reduced
         grads.append(g)
     return tuple(grads)
 
@@ -320,7 +327,5 @@ def _hooked(p: Tensor, grad: Tensor) -> Tensor:
     autograd runs them on a gradient it computes for ``p``. The sweep differentiates a
     detached copy of an adapted parameter, so the adjoint of its initial value has not
     been through them (its direct terms, where a loss reads ``p`` itself, have)."""
-    if not getattr(p, "_backward_hooks", None):
-        return grad
     with torch.enable_grad():
         return torch.autograd.grad(p.view_as(p), p, grad_outputs=grad.to(p.dtype))[0].detach()

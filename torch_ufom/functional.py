@@ -26,7 +26,7 @@ from .inner import InnerRule
 from .truncation import TruncationLaw
 from .unroll import Evaluator, InnerLoop, PerTask, Problem, batch_getter
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
-                         probe, select_tasks, task_of, vmap_unsupported)
+                         probe, select_tasks, task_of, vmap_unsupported, wrong_under_vmap)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
            "Problem", "SlowOps", "resolve_hvp"]
@@ -192,7 +192,7 @@ class BatchRun:
 
 
 class SlowOps(NamedTuple):
-    """What the probe found for one inner loss on one device: the operations too large
+    """What the probe found for one pair of losses on one device: the operations too large
     to pay vectorised there under ``vectorise="auto"``, with their sizes (empty: vmap
     pays), and those whose gradient ``vmap`` gets wrong (non-empty: the loop runs)."""
 
@@ -200,6 +200,7 @@ class SlowOps(NamedTuple):
     device: torch.device
     ops: Tuple[str, ...]
     wrong: Tuple[str, ...] = ()
+    outer_loss: Optional[Callable] = None
 
 
 class Plan(NamedTuple):
@@ -247,7 +248,7 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     forced = check_force_truncation(force, size, problem.config.steps)
     with restore_rng_on_error(problem.generator):
         truncations, seeds = _draws(problem, size, forced)
-        plan = vectorised_plan(problem, supports, diagnostics, known)
+        plan = vectorised_plan(problem, supports, queries, diagnostics, known)
         reason, fallback = plan.reason, plan.fallback
         if plan.problem is not None:
             try:
@@ -288,7 +289,7 @@ def _wrong(what: Sequence[str]) -> str:
     return f"torch.func.vmap differentiates {', '.join(what)} wrongly"
 
 
-def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool,
+def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: bool,
                     known: Optional[SlowOps] = None) -> Plan:
     """Whether and how the meta-batch runs under ``vmap`` (see :func:`estimate_batch`).
     A model whose normalisation layers ``vmap`` differentiates twice wrongly gets
@@ -305,20 +306,22 @@ def vectorised_plan(problem: Problem, supports: Any, diagnostics: bool,
         size = sum(named[n].numel() for n in problem.config.adapted)
         if size >= SLOW_ON_CPU_ELEMENTS:
             return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
-    if known is not None and (known.inner_loss is not problem.inner_loss or known.device != device):
+    if known is not None and (known.inner_loss is not problem.inner_loss or known.device != device
+                              or known.outer_loss is not problem.outer_loss):
         known = None
     exact = problem.law.survival(problem.config.steps)[1] > 0.0
     if not exact and next(problem.model.buffers(), None) is None and known is not None:
         if auto and known.ops:  # nothing else the probe could find matters
             return Plan(None, _slow(known.ops), False, known)
-        if known.wrong:
-            return Plan(None, _wrong(known.wrong), True, known)
+        wrong = sorted(set(known.wrong) | wrong_under_vmap(problem.model))  # modules may change
+        if wrong:
+            return Plan(None, _wrong(wrong), True, known)
         return Plan(problem, "", False, known)
     first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
-    found = probe(problem.model, problem.inner_loss, first)
+    found = probe(problem.model, problem.inner_loss, first, problem.outer_loss, task_of(queries, 0))
     known = SlowOps(problem.inner_loss, device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
-        tuple(sorted(found.wrong)))
+        tuple(sorted(found.wrong)), problem.outer_loss)
     if auto and known.ops:
         return Plan(None, _slow(known.ops), False, known)
     if known.wrong:

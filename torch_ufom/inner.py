@@ -85,6 +85,16 @@ class PerStep:
     """
 
     def __init__(self, values: Union[Sequence[float], Tensor]):
+        self.values = values
+
+    @property
+    def values(self) -> Union[Tuple[float, ...], Tensor]:
+        """The 1-D tensor as given, or the numbers as a tuple of floats (a list given, or
+        assigned later, is copied: editing it afterwards changes nothing here)."""
+        return self._values
+
+    @values.setter
+    def values(self, values: Union[Sequence[float], Tensor]) -> None:
         if isinstance(values, Tensor):
             if values.dim() != 1 or not values.is_floating_point():
                 raise ValueError(f"Invalid PerStep values: expected a 1-D floating-point tensor (one "
@@ -97,14 +107,17 @@ class PerStep:
             values = tuple(float(v) for v in values)
         if len(values) == 0:
             raise ValueError("Invalid PerStep values: empty (expected one value per inner step)")
-        self.values = values
+        self._values = values
 
     def __len__(self) -> int:
         return len(self.values)
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_tensors", None)  # device copies of float values: made again on use
+        state = super().__getstate__()  # (dict, slots) for a subclass with __slots__
+        table = state[0] if isinstance(state, tuple) else state
+        if isinstance(table, dict) and "_tensors" in table:  # device copies, made again on use
+            table = {k: v for k, v in table.items() if k != "_tensors"}
+            state = (table,) + state[1:] if isinstance(state, tuple) else table
         return state
 
     def at(self, count: Tensor, like: Tensor) -> Tensor:

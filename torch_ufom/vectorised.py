@@ -196,11 +196,13 @@ class Probe(NamedTuple):
     slow_on_cpu: Dict[str, int]  # CPU operations too large to pay vectorised: largest output size
 
 
-def probe(module: nn.Module, inner_loss, batch) -> Probe:
+def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None) -> Probe:
     """One evaluation of the inner loss at the module's parameters, without a graph
     and with the random states restored: what decides how a sweep may run.
     ``Probe.wrong`` also names the submodules whose gradient ``vmap`` gets wrong
-    (:func:`wrong_under_vmap`), which the outer loss alone may call."""
+    (:func:`wrong_under_vmap`), and, with ``outer_loss``, the operations one
+    evaluation of it on ``query`` calls (with gradients enabled, as the sweep runs
+    it; an error there is left to the sweep)."""
     mode = _Probe()
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
@@ -214,8 +216,17 @@ def probe(module: nn.Module, inner_loss, batch) -> Probe:
     # Kernels such as batch_norm write running statistics without bumping the version.
     written = [n for n, b in fm.buffers.items()
                if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
-    return Probe(mode.norms, mode.wrong | wrong_under_vmap(module), written, mode.attention_dropout,
-                 mode.slow_on_cpu)
+    wrong = mode.wrong | wrong_under_vmap(module)
+    if outer_loss is not None:
+        outer = _Probe()
+        fm = FunctionalModel(module, params, {n: b.clone() for n, b in original.items()})
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer:
+                outer_loss(fm, query)
+        except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
+            pass
+        wrong |= outer.wrong
+    return Probe(mode.norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu)
 
 
 def wrong_under_vmap(module: nn.Module) -> set:
