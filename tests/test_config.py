@@ -201,3 +201,25 @@ def test_inner_steps_build_no_tensors_from_host_data(rule, monkeypatch):
         monkeypatch.setattr(torch, name, counted)
     meta.backward(loss, loss, data[2], data[3])
     assert built == []
+
+
+def test_a_float16_gradient_whose_norm_exceeds_65504_costs_no_extra_synchronisation():
+    # The finiteness check's norms were float16: a finite gradient of norm above 65,504
+    # overflowed, and the element-by-element recheck cost 7 host reads instead of 1 (review P).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 1)).to(torch.float16)
+    x, y = (30 * torch.randn(32, 256)).to(torch.float16), torch.zeros(32, 1, dtype=torch.float16)
+
+    def inner(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+
+    def outer(f, b):
+        return 120.0 * inner(f, b)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=1e-6,
+                                    steps=1, mode="fom")
+    with _SyncCounter() as counter:
+        meta.backward(inner, outer, (x, y), (x, y))
+    grads = [p.grad for p in model.parameters()]
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert max(float(g.float().norm()) for g in grads) > 65504
+    assert counter.count == 1

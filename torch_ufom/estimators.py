@@ -148,7 +148,11 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
         tensors = [g for g in grads if g is not None and g.numel() > 0] + [outer]
         if log.values is not None:
             tensors.append(log.values[:log.count])
-        norms = torch._foreach_norm(tensors)
+        # Half-precision norms in float32: a float16 gradient's norm overflows at 65,504.
+        half = [t for t in tensors if t.dtype in (torch.float16, torch.bfloat16)]
+        rest = [t for t in tensors if t.dtype not in (torch.float16, torch.bfloat16)]
+        norms = (torch._foreach_norm(rest) if rest else ()) + \
+            (torch._foreach_norm(half, dtype=torch.float32) if half else ())
         ok = torch.isfinite(torch.stack([n.to(device) for n in norms])).all()  # stack promotes dtypes
         return ok if log.finite is None else ok & log.finite.to(device)
 
