@@ -1477,3 +1477,33 @@ def test_a_nonlinear_hook_runs_once_per_task_on_every_path():
     assert torch.allclose(results[0], results[2], rtol=1e-12, atol=1e-15)
     assert torch.allclose(results[1], results[2], rtol=1e-12, atol=1e-15)
     assert float(results[2].abs().max()) > 0.05  # the clamp acted per task: sums exceed it
+
+
+def test_neither_diagnose_nor_the_probe_runs_the_parameters_hooks():
+    # diagnose writes no gradient, and the vectorised plan's look at the outer loss is not a
+    # task: a counting hook ran 2n + 1 times in diagnose, and once more per backward_batch
+    # when the outer loss differentiates with respect to the parameters.
+    model = _build(91, mlp)
+    supports, queries = _regression(91)
+    calls = []
+    handle = model[0].weight.register_hook(lambda g: calls.append(1))
+
+    def outer(f, b):  # a gradient-norm penalty on the parameters
+        value = sq_loss(f, b)
+        grads = torch.autograd.grad(value, list(f.parameters()), create_graph=True)
+        return value + 0.01 * sum((g ** 2).sum() for g in grads)
+    tasks = [(task_of(supports, i), task_of(queries, i)) for i in range(3)]
+    torch_ufom.diagnose(model, sq_loss, outer, tasks, steps=2, inner_lr=LR)
+    assert calls == []
+    handle.remove()
+    # BatchNorm's running statistics make the meta-batch fall back to the per-task loop after
+    # the probe: one hook call per task, none from the probe.
+    width, out = supports[0].shape[-1], supports[1].shape[-1]
+    model = _build(92, lambda: nn.Sequential(nn.Linear(width, 6), nn.BatchNorm1d(6), nn.Tanh(),
+                                             nn.Linear(6, out)))
+    model[0].weight.register_hook(lambda g: calls.append(1))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2,
+                                    inner_lr=LR, mode="exact", vectorise=True)
+    with pytest.warns(UserWarning, match="per-task loop: the module has buffers"):
+        meta.backward_batch(sq_loss, outer, supports, queries)
+    assert len(calls) == supports[0].shape[0]

@@ -94,13 +94,13 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
                       resolve_hvp(config, model, params), generator)
     A = D = t_f = t_x = c_x = 0.0
     with restore_rng_on_error(generator):  # a task that fails leaves the random state as it was
-        estimate_task(problem, *tasks[0], force=steps)  # warm-up
+        estimate_task(problem, *tasks[0], force=steps, hooks=False)  # warm-up
         for support, query in tasks:
             start = time.perf_counter()
-            estimate_task(problem, support, query, force=0)
+            estimate_task(problem, support, query, force=0, hooks=False)
             t_f += time.perf_counter() - start
             start = time.perf_counter()
-            est = estimate_task(problem, support, query, force=steps, diagnostics=True)
+            est = estimate_task(problem, support, query, force=steps, diagnostics=True, hooks=False)
             t_x += time.perf_counter() - start
             A += _sq(est.gk)
             D += _sq(adaptive.difference(est.gk, est.g0))

@@ -192,7 +192,7 @@ class NonFiniteHypergradient(FloatingPointError):
 
 
 def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
-             params: Sequence[Tensor], diagnostics: bool = False) -> Estimate:
+             params: Sequence[Tensor], diagnostics: bool = False, hooks: bool = True) -> Estimate:
     """Run the inner loop once and return the estimate for truncation point ``K``.
 
     Args:
@@ -205,6 +205,8 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
         diagnostics: also return ``G_0`` and ``G_K`` (unweighted), for the
             adaptive choice of ``q``. ``G_K`` costs nothing extra; ``G_0`` one
             more first-order stream (no second derivatives).
+        hooks: run the hooks registered on adapted parameters on their share of
+            the estimate (``False`` for statistics nobody writes, ``diagnose``).
     """
     r = loop.steps
     inv_p, c = telescope_weights(survival, K)
@@ -289,7 +291,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
             _add(acc, loop.first_order_theta(adjoint[:len(s0.params)], grad_sum, s0))
         return _assemble(loop, params, adjoint, acc, hooks)
 
-    grads = finish(f, theta, hooks=True)  # the statistics below are not the user's gradients
+    grads = finish(f, theta, hooks)  # the statistics below are not the user's gradients
     g0 = finish(f0, theta_0) if diagnostics else None
     gk = finish(e, theta_k) if diagnostics else None
     est = Estimate(grads, outer_loss, inner_losses, K, inv_p,

@@ -98,7 +98,7 @@ def draw(law: TruncationLaw, steps: int, generator: Optional[torch.Generator]) -
 
 
 def run_estimate(problem: Problem, evaluator: Evaluator, tasks: Tuple[Any, Any], K: int, seed: int,
-                 diagnostics: bool = False) -> Estimate:
+                 diagnostics: bool = False, hooks: bool = True) -> Estimate:
     """The engine: one sweep of one task (:class:`~torch_ufom.unroll.PerTask`) or of a
     group of stacked tasks (:class:`~torch_ufom.vectorised.Vectorised`) at
     truncation point ``K``; steps rebuilt for the exact sweep (``K > 0``) run
@@ -108,7 +108,7 @@ def run_estimate(problem: Problem, evaluator: Evaluator, tasks: Tuple[Any, Any],
     loop = InnerLoop(problem, evaluator, support, query, seed, K > 0)
     with loop.streams():
         return estimate(loop, K, problem.law.survival(c.steps), c.schedule(), problem.params,
-                        diagnostics)
+                        diagnostics, hooks)
 
 
 def check_force_truncation(force, size: Optional[int], steps: int) -> Optional[List[int]]:
@@ -150,7 +150,7 @@ def _draws(problem: Problem, size: int, forced: Optional[List[int]]) -> Tuple[Li
 
 
 def estimate_task(problem: Problem, support: Any, query: Any, force=None,
-                  diagnostics: bool = False) -> Estimate:
+                  diagnostics: bool = False, hooks: bool = True) -> Estimate:
     """Draw ``K`` (unless forced) and return one task's :class:`~torch_ufom.estimators.Estimate`.
 
     The generator and the global random state are restored if anything raises.
@@ -159,7 +159,7 @@ def estimate_task(problem: Problem, support: Any, query: Any, force=None,
     with restore_rng_on_error(problem.generator):
         (K,), (seed,) = _draws(problem, 1, forced)
         check_fwdrev_task(problem, support, K)
-        return run_estimate(problem, PerTask(), (support, query), K, seed, diagnostics)
+        return run_estimate(problem, PerTask(), (support, query), K, seed, diagnostics, hooks)
 
 
 @dataclass

@@ -112,6 +112,15 @@ class PerStep:
     def __len__(self) -> int:
         return len(self.values)
 
+    def __setstate__(self, state):
+        table, slots = state if isinstance(state, tuple) else (state, None)
+        table = dict(table or {})
+        if "values" in table:  # pickled before values became a property
+            table["_values"] = table.pop("values")
+        self.__dict__.update(table)
+        for name, value in (slots or {}).items():
+            setattr(self, name, value)
+
     def __getstate__(self):
         state = super().__getstate__()  # (dict, slots) for a subclass with __slots__
         table = state[0] if isinstance(state, tuple) else state

@@ -219,7 +219,9 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None) -> 
     wrong = mode.wrong | wrong_under_vmap(module)
     if outer_loss is not None:
         outer = _Probe()
-        fm = FunctionalModel(module, params, {n: b.clone() for n, b in original.items()})
+        # Detached copies: an outer loss that differentiates must not reach the parameters' hooks.
+        copies = {n: p.detach().requires_grad_(p.requires_grad) for n, p in params.items()}
+        fm = FunctionalModel(module, copies, {n: b.clone() for n, b in original.items()})
         try:
             with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer:
                 outer_loss(fm, query)
