@@ -652,5 +652,5 @@ def test_per_step_float_values_reassigned_after_use_are_used():
     tagged.tag = "x"
     assert copy.deepcopy(tagged).tag == "x"
     old = PerStep.__new__(PerStep)  # pickled when values was a plain attribute
-    old.__setstate__({"values": (0.1, 0.2)})
+    old.__setstate__({"values": [0.1, 0.2]})
     assert old.values == (0.1, 0.2)

@@ -115,9 +115,10 @@ class PerStep:
     def __setstate__(self, state):
         table, slots = state if isinstance(state, tuple) else (state, None)
         table = dict(table or {})
-        if "values" in table:  # pickled before values became a property
-            table["_values"] = table.pop("values")
+        legacy = table.pop("values", None)  # pickled before values became a property
         self.__dict__.update(table)
+        if legacy is not None:
+            self.values = legacy  # through the setter: checked, a list copied into a tuple
         for name, value in (slots or {}).items():
             setattr(self, name, value)
 
