@@ -544,21 +544,36 @@ def test_eval_mode_attention_runs_vectorised_and_equals_the_loop(layer):
     assert torch.backends.mha.get_fastpath_enabled() == fastpath  # put back
 
 
-def test_an_embedding_with_padding_idx_read_only_by_the_outer_loss_falls_back():
-    # The probe ran only the inner loss: an embedding the outer loss alone reads (through a
-    # separate head) went vectorised, 10% off the per-task loop, without a warning.
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.emb = nn.Linear(3, 2), nn.Embedding(5, 2, padding_idx=0)
+class _OuterLookup(nn.Module):
+    """A linear head for both losses, plus token ids through a padding row that only the outer
+    loss reads: an nn.Embedding, or F.embedding on a plain parameter (no module to scan)."""
 
-        def forward(self, x, ids=None):
-            return self.lin(x) if ids is None else self.lin(x) + torch.tanh(self.emb(ids)).mean(1)
-    torch.manual_seed(0)
-    model = TwoHeads().double()
-    g = torch.Generator().manual_seed(1)
-    xs, ys = torch.randn(3, 6, 3, generator=g, dtype=torch.float64), torch.randn(3, 6, 2, generator=g,
-                                                                                 dtype=torch.float64)
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional, self.lin = functional, nn.Linear(3, 2)
+        if functional:
+            self.table = nn.Parameter(torch.randn(5, 2))
+        else:
+            self.emb = nn.Embedding(5, 2, padding_idx=0)
+
+    def forward(self, x, ids=None):
+        if ids is None:
+            return self.lin(x)
+        rows = F.embedding(ids, self.table, padding_idx=0) if self.functional else self.emb(ids)
+        return self.lin(x) + torch.tanh(rows).mean(1)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+@pytest.mark.parametrize("entry", ["hypergrad_batch", "backward_batch"])
+def test_an_embedding_with_padding_idx_read_only_by_the_outer_loss_falls_back(functional, entry):
+    # The probe ran only the inner loss: an embedding the outer loss alone reads went
+    # vectorised, 10% off the per-task loop, without a warning. backward_batch runs twice:
+    # the second call uses the probe's cached findings.
+    torch.manual_seed(1)
+    model = _OuterLookup(functional).double()
+    g = torch.Generator().manual_seed(2)
+    xs, ys = (torch.randn(3, 6, 3, generator=g, dtype=torch.float64),
+              torch.randn(3, 6, 2, generator=g, dtype=torch.float64))
     ids = torch.randint(0, 5, (3, 6, 4), generator=g)
 
     def inner(f, b):
@@ -566,10 +581,22 @@ def test_an_embedding_with_padding_idx_read_only_by_the_outer_loss_falls_back():
 
     def outer(f, b):
         return ((f(b[0], b[2]) - b[1]) ** 2).mean()
-    kw = dict(steps=2, inner_lr=0.1, mode="exact")
-    with pytest.warns(UserWarning, match="per-task loop: torch.func.vmap differentiates Embedding with "
-                                         "padding_idx wrongly"):
-        got = torch_ufom.hypergrad_batch(model, inner, outer, (xs, ys), (xs, ys, ids), vectorise=True, **kw)
+    kw = dict(steps=2, inner_lr=0.1, mode="exact" if entry == "hypergrad_batch" else "fom")
+    warning = "per-task loop: torch.func.vmap differentiates Embedding with padding_idx wrongly"
+    if entry == "hypergrad_batch":
+        with pytest.warns(UserWarning, match=warning):
+            got = torch_ufom.hypergrad_batch(model, inner, outer, (xs, ys), (xs, ys, ids), vectorise=True,
+                                             **kw)
+    else:
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), vectorise=True,
+                                        **kw)
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = None
+            with pytest.warns(UserWarning, match=warning):
+                meta.backward_batch(inner, outer, (xs, ys), (xs, ys, ids))
+            meta._warned_per_task = False
+        got = [p.grad.clone() for p in model.parameters()]
     loop = [torch_ufom.hypergrad(model, inner, outer, (xs[i], ys[i]), (xs[i], ys[i], ids[i]), **kw)
             for i in range(3)]
     assert rel_err(got, [sum(t) for t in zip(*loop)]) < 1e-12
@@ -592,40 +619,3 @@ def test_an_outer_loss_that_differentiates_runs_vectorised():
     loop = [torch_ufom.hypergrad(model, loss, outer, tuple(t[i] for t in supports),
                                  tuple(t[i] for t in queries), **kw) for i in range(3)]
     assert rel_err(got, [sum(t) for t in zip(*loop)]) < 1e-10
-
-
-def test_a_functional_embedding_with_padding_idx_in_the_outer_loss_falls_back():
-    # F.embedding(..., padding_idx=0) on a tied weight, called by the outer loss only: no
-    # nn.Embedding for a module scan to find; the probe runs the outer loss to see it.
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table, self.lin = nn.Parameter(torch.randn(5, 2)), nn.Linear(3, 2)
-
-        def forward(self, x, ids=None):
-            out = self.lin(x)
-            return out if ids is None else out + F.embedding(ids, self.table, padding_idx=0).mean(1)
-    torch.manual_seed(1)
-    model = Tied().double()
-    g = torch.Generator().manual_seed(2)
-    xs, ys = (torch.randn(3, 6, 3, generator=g, dtype=torch.float64),
-              torch.randn(3, 6, 2, generator=g, dtype=torch.float64))
-    ids = torch.randint(0, 5, (3, 6, 4), generator=g)
-
-    def inner(f, b):
-        return ((f(b[0]) - b[1]) ** 2).mean()
-
-    def outer(f, b):
-        return ((f(b[0], b[2]) - b[1]) ** 2).mean()
-    kw = dict(steps=2, inner_lr=0.1, mode="fom")
-    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), vectorise=True, **kw)
-    for _ in range(2):  # the second call uses the probe's cached findings
-        for p in model.parameters():
-            p.grad = None
-        with pytest.warns(UserWarning, match="per-task loop: torch.func.vmap differentiates Embedding"):
-            meta.backward_batch(inner, outer, (xs, ys), (xs, ys, ids))
-        meta._warned_per_task = False
-    got = [p.grad.clone() for p in model.parameters()]
-    loop = [torch_ufom.hypergrad(model, inner, outer, (xs[i], ys[i]), (xs[i], ys[i], ids[i]), **kw)
-            for i in range(3)]
-    assert rel_err(got, [sum(t) for t in zip(*loop)]) < 1e-12
