@@ -178,7 +178,7 @@ class BatchRun:
             (it would not be exact, or ``torch.func`` refused): the entry points
             warn. ``False`` when the loop was chosen: ``vectorise=False``, or
             ``"auto"`` judging that vectorising does not pay.
-        slow_ops: what the probe found for this inner loss and device
+        slow_ops: what the probe found for these losses and device
             (``None`` if it looked at nothing); pass it back as ``known`` so
             that the next call need not probe again.
     """
@@ -209,7 +209,7 @@ class Plan(NamedTuple):
     problem: Optional[Problem]  # the problem to vectorise (its hvp may differ), None: the loop
     reason: str  # why the loop, or how vmap runs
     fallback: bool  # the loop runs although vmap was asked for (the entry points warn)
-    slow_ops: Optional[SlowOps]  # what the probe found for this loss and device
+    slow_ops: Optional[SlowOps]  # what the probe found for these losses and device
 
 
 def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
@@ -236,9 +236,9 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     wherever it is exact. Whatever it asks, the per-task loop runs instead
     (a fallback: ``BatchRun.fallback``) when the module has buffers that the
     losses write, when ``diagnostics`` are needed (``q="auto"`` keeps
-    per-task statistics), when the inner loss calls an operation whose
-    gradient ``vmap`` gets wrong (an embedding with ``padding_idx``: its
-    padding row gets a gradient), when the model uses a normalisation whose double
+    per-task statistics), when a loss calls an operation whose gradient
+    ``vmap`` gets wrong (an embedding with ``padding_idx``: its padding row
+    gets a gradient), when the model uses a normalisation whose double
     backward is wrong under ``vmap`` (pytorch/functorch#534) and
     forward-over-reverse HVPs cannot replace it, or when ``vmap`` or
     forward-mode AD reports an operation it does not support. Any other error

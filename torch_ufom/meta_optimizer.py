@@ -207,7 +207,7 @@ class MetaOptimizer:
         self._reduced = False  # synchronize() ran since the last step or zero_grad
         self._warned_per_task = False  # backward_batch fell back to the per-task loop
         self._warned_fom_gaps = False  # fom left a meta-parameter without a hypergradient
-        self._slow_ops = None  # what the probe found for the last inner loss (SlowOps)
+        self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
 
     # -- the resolved configuration: read-only; reconfigure() changes it --------------------
     config = property(lambda self: self._config,
