@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-import matplotlib  # noqa: E402,F401  (the test extra: a missing one fails, not skips)
-import sklearn  # noqa: E402,F401
+import matplotlib  # noqa: F401  (the test extra: a missing one fails, not skips)
+import sklearn  # noqa: F401
 
 
 # -- fewshot --------------------------------------------------------------------------------
@@ -78,6 +78,7 @@ def test_paired_difference_is_seed_by_seed():
     assert fewshot.paired([0.5], [0.25]) == (0.25, 0.0)
 
 
+@pytest.mark.slow  # a benchmark run: 14 s of the quick loop's 110
 def test_fewshot_tiny_spends_equal_budgets(tmp_path):
     from benchmarks import fewshot
 
