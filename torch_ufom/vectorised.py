@@ -207,8 +207,8 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None) -> 
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
     versions = {n: b._version for n, b in buffers.items()}
-    params = {n: p.detach().clone() if renormalises_weights(module) else p
-              for n, p in module.named_parameters()}
+    copy = renormalises_weights(module)  # one walk of the submodules, not one per parameter
+    params = {n: p.detach().clone() if copy else p for n, p in module.named_parameters()}
     fm = FunctionalModel(module, params, buffers)
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), torch.no_grad(), mode:
