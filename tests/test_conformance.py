@@ -293,8 +293,17 @@ class Outcome:
 
 # -- the matrix ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", PATHS, ids=[p.name.replace(" ", "-") for p in PATHS])
-@pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
+def _cells():
+    """Every (kind, path) pair; the vectorised dropout-transformer cells (about 2.5 s each, three
+    memory schedules under ``vmap``) run in the full suite, outside the quick loop."""
+    for kind in KINDS:
+        for path in PATHS:
+            slow = kind.random and kind.attention and path.batched
+            yield pytest.param(kind, path, id=f"{kind.name}-{path.name.replace(' ', '-')}",
+                               marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize(("kind", "path"), list(_cells()))
 def test_cell(kind, path):
     prob = kind.build()
     trainable = [p.requires_grad for p in prob.model.parameters()]
