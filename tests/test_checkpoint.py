@@ -386,10 +386,9 @@ def test_budget_sized_meta_batch_and_forward_over_reverse(hvp):
 
 # -- the max_memory knob ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, error", [(True, TypeError), (-1, ValueError), (0, ValueError),
-                                          (1.5e9, TypeError), (math.nan, TypeError),
-                                          ("1GB", TypeError)])
-def test_invalid_max_memory_is_refused_everywhere_and_changes_nothing(value, error):
+@pytest.mark.parametrize("value", [True, -1, 0, 1.5e9, math.nan, "1GB"])
+def test_invalid_max_memory_is_refused_everywhere_and_changes_nothing(value):
+    error = ValueError  # like every other keyword's (slots=, steps=, q=): a wrong type too
     model, loss, data = mlp_problem(14)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(3)

@@ -509,10 +509,7 @@ def check_max_memory(max_memory) -> Optional[int]:
     """Validate the byte budget (``None`` for the default, or an int ``>= 1``)."""
     if max_memory is None:
         return None
-    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Integral):
-        raise TypeError(f"Invalid max_memory: {max_memory!r} (expected None, the default budget, or "
-                        "an int number of bytes >= 1)")
-    if max_memory < 1:
+    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Integral) or max_memory < 1:
         raise ValueError(f"Invalid max_memory: {max_memory!r} (expected None, the default budget, or "
                          "an int number of bytes >= 1)")
     return int(max_memory)
