@@ -342,3 +342,35 @@ def test_a_connected_sweep_frees_the_states_its_graph_does_not_save(monkeypatch)
     torch_ufom.hypergrad(model, loss, loss, x, x, steps=20, mode="exact", memory="store",
                          inner=torch_ufom.inner.SGD(0.1, momentum=0.9))
     assert len(bufs) == 20 * 4 and alive == [4]  # the last step's buffers, the sweep's output
+
+
+@pytest.mark.parametrize("mode", ["fom", "ufom"])
+def test_under_autocast_every_step_sees_its_own_parameters(mode):
+    # torch.autocast caches one bfloat16 copy of each leaf for its whole region: leaves
+    # updated in place kept serving step 2's copy, so steps 3.. repeated step 2.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).float()  # autocast casts float32
+    x, y, xq, yq = (torch.randn(6, n, dtype=torch.float32) for n in (3, 1, 3, 1))
+    loss = lambda f, b: F.mse_loss(f(b[0]).float(), b[1])  # noqa: E731
+    steps, lr = 4, 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        phi, losses = [p.detach() for p in model.parameters()], []  # first-order loop by hand
+        for _ in range(steps):
+            leaves = [p.requires_grad_() for p in phi]
+            value = loss(lambda a: torch.func.functional_call(
+                model, dict(zip([n for n, _ in model.named_parameters()], leaves)), (a,)), (x, y))
+            losses.append(value.detach())
+            phi = [p.detach().add(g, alpha=-lr) for p, g in
+                   zip(leaves, torch.autograd.grad(value, leaves))]
+        leaves = [p.requires_grad_() for p in phi]
+        want = torch.autograd.grad(loss(lambda a: torch.func.functional_call(
+            model, dict(zip([n for n, _ in model.named_parameters()], leaves)), (a,)), (xq, yq)), leaves)
+        got = torch_ufom.hypergrad(model, loss, loss, (x, y), (xq, yq), steps=steps, inner_lr=lr,
+                                   mode=mode, q=0.5, force_truncation=0)
+        result = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                          inner_lr=lr, steps=steps, mode=mode, q=0.5).backward(
+            loss, loss, (x, y), (xq, yq), force_truncation=0)
+    assert torch.equal(result.inner_losses, torch.stack(losses))
+    assert len(set(torch.stack(losses).tolist())) == steps  # the loop moved at every step
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -463,6 +463,16 @@ class PerTask:
         return adjoint
 
 
+def _autocasting(params: Sequence[Tensor]) -> bool:
+    """Whether ``torch.autocast`` is on for the parameters' device: it caches one low-precision
+    copy of each leaf for the whole region, so the loop's leaves must not be updated in place."""
+    kinds = {p.device.type for p in params}
+    try:
+        return any(torch.is_autocast_enabled(kind) for kind in kinds)
+    except RuntimeError:  # a device type autocast does not know
+        return False
+
+
 class InnerLoop:
     """The inner loop of one task (or of a stacked meta-batch) as pure functions of
     an explicit state; immutable after construction.
@@ -604,12 +614,13 @@ class InnerLoop:
         gradients when a learned hyperparameter enters the update
         (:meth:`first_order_theta` needs it), else ``None``. ``s_0`` shares the
         module's storage and is never written. With plain SGD at a plain-number
-        rate, :meth:`_sgd_forward` runs the same operations as :meth:`advance`
-        without its per-step objects.
+        rate, outside ``torch.autocast`` (whose cache of low-precision copies would
+        keep serving a leaf updated in place), :meth:`_sgd_forward` runs the same
+        operations as :meth:`advance` without its per-step objects.
         """
         if stop == 0:
             return state, None
-        if self.plain_rate is not None and stop > 1:
+        if self.plain_rate is not None and stop > 1 and not _autocasting(state.params):
             # From 3 steps on, the check of whether the losses draw random numbers costs less
             # than the reseeding it saves.
             out = self._sgd_forward(state, stop, log, seeded=stop < 3)
