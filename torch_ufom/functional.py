@@ -26,7 +26,8 @@ from .inner import InnerRule
 from .truncation import TruncationLaw
 from .unroll import Evaluator, InnerLoop, PerTask, Problem, batch_getter
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
-                         probe, select_tasks, task_of, vmap_unsupported, wrong_under_vmap)
+                         probe, reads_meta_directly, select_tasks, task_of, vmap_unsupported,
+                         wrong_under_vmap)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
            "Problem", "SlowOps", "resolve_hvp"]
@@ -329,10 +330,14 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     if found.written:
         return Plan(None, f"the module has buffers that the losses write ({', '.join(found.written)}: "
                     "running statistics cannot be vectorised)", True, known)
+    if exact and problem.hvp == "fwdrev":
+        check_fwdrev_reads(problem, first)
     if not exact or problem.hvp == "fwdrev" or not found.norms:
         return Plan(problem, "", False, known)
     norms = ", ".join(sorted(found.norms))
     why = fwdrev_obstacle(problem.model, problem.config, problem.params)
+    if not why and reads_meta_directly(problem.model, problem.inner_loss, first, problem.params):
+        why = READS_META
     if why:
         return Plan(None, f"torch.func.vmap differentiates {norms} twice wrongly "
                     f"(pytorch/functorch#534) and forward-over-reverse, which would replace it, {why}",
@@ -352,6 +357,20 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
             raise ValueError("Invalid hvp: 'fwdrev' cannot run attention with dropout per task "
                              "(torch.func draws other masks than the step that ran, so it would "
                              "differentiate another function); use 'revrev' or 'auto'")
+        check_fwdrev_reads(problem, first)
+
+
+def check_fwdrev_reads(problem: Problem, first: Any) -> None:
+    """Refuse forward-over-reverse when the inner loss reads a meta-parameter directly:
+    its HVP differentiates the inner gradient with respect to the adapted parameters
+    only, and would drop that mixed second derivative."""
+    if reads_meta_directly(problem.model, problem.inner_loss, first, problem.params):
+        raise ValueError(f"Invalid hvp: 'fwdrev' {READS_META}; use 'revrev' or 'auto'")
+
+
+READS_META = ("cannot differentiate an inner loss that reads a meta-parameter directly "
+              "(model.parameters(), model(x) or a captured tensor rather than fmodel): it drops "
+              "that mixed second derivative")
 
 
 def task_aux(aux: Any, i: int) -> Any:

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .unroll import FunctionalModel, StepBatches, _check_depends, loss_and_aux, renormalises_weights
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
-           "probe", "vmap_unsupported", "SLOW_ON_CPU_ELEMENTS"]
+           "probe", "reads_meta_directly", "vmap_unsupported", "SLOW_ON_CPU_ELEMENTS"]
 
 
 def _register_step_batches() -> None:
@@ -128,6 +129,52 @@ _WRONG_UNDER_VMAP = {
 }
 
 
+def _schema_args(func, args, kwargs) -> Dict[str, Any]:
+    """An ATen call's arguments by their schema names."""
+    named = {a.name: a.default_value for a in func._schema.arguments if a.has_default_value()}
+    named.update(zip((a.name for a in func._schema.arguments), args))
+    named.update(kwargs)
+    return named
+
+
+def _batch_statistics(a: Dict[str, Any]) -> bool:
+    return bool(a.get("training", True)) or a.get("running_mean") is None
+
+
+# The same calls seen at the ATen level, whatever name reached them (``torch.layer_norm``,
+# ``torch.batch_norm``, ``torch.instance_norm``, ``torch.embedding``, ``torch.ops.aten.*``):
+# the backstop of the tables above, which see only the ``F.*`` functions.
+_ATEN_UNSAFE_NORMS = {
+    "native_layer_norm": ("LayerNorm with weights", lambda a: a.get("weight") is not None),
+    "native_batch_norm": ("batch_norm with batch statistics", _batch_statistics),
+    "_native_batch_norm_legit": ("batch_norm with batch statistics", _batch_statistics),
+    "_native_batch_norm_legit_functional": ("batch_norm with batch statistics", _batch_statistics),
+    "cudnn_batch_norm": ("batch_norm with batch statistics", _batch_statistics),
+    "miopen_batch_norm": ("batch_norm with batch statistics", _batch_statistics),
+}
+_ATEN_WRONG_UNDER_VMAP = {
+    "embedding": ("Embedding with padding_idx", lambda a: a.get("padding_idx", -1) not in (-1, None)),
+}
+
+
+class _AtenProbe(TorchDispatchMode):
+    """The ATen-level twin of :class:`_Probe`'s normalisation and ``vmap`` tables."""
+
+    def __init__(self):
+        super().__init__()
+        self.norms: set = set()
+        self.wrong: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        for table, found in ((_ATEN_UNSAFE_NORMS, self.norms), (_ATEN_WRONG_UNDER_VMAP, self.wrong)):
+            entry = table.get(name)
+            if entry is not None and entry[1](_schema_args(func, args, kwargs)):
+                found.add(entry[0])
+        return func(*args, **kwargs)
+
+
 # Attention whose dropout draws its masks differently under torch.func than under
 # autograd (the kernels differ), so forward-over-reverse would differentiate another function.
 _ATTENTION_DROPOUT = {
@@ -211,24 +258,58 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None) -> 
     params = {n: p.detach().clone() if copy else p for n, p in module.named_parameters()}
     fm = FunctionalModel(module, params, buffers)
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), mode:
+    aten = _AtenProbe()
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), mode, aten:
         inner_loss(fm, batch)
     # Kernels such as batch_norm write running statistics without bumping the version.
     written = [n for n, b in fm.buffers.items()
                if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
-    wrong = mode.wrong | wrong_under_vmap(module)
+    norms = mode.norms or aten.norms  # the F.* names where they apply, else the ATen ones
+    wrong = mode.wrong | aten.wrong | wrong_under_vmap(module)
     if outer_loss is not None:
-        outer = _Probe()
+        outer, outer_aten = _Probe(), _AtenProbe()
         # Detached copies: an outer loss that differentiates must not reach the parameters' hooks.
         copies = {n: p.detach().requires_grad_(p.requires_grad) for n, p in params.items()}
         fm = FunctionalModel(module, copies, {n: b.clone() for n, b in original.items()})
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer, outer_aten:
                 outer_loss(fm, query)
         except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
             pass
-        wrong |= outer.wrong
-    return Probe(mode.norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu)
+        wrong |= outer.wrong | outer_aten.wrong
+    return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu)
+
+
+def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor]) -> bool:
+    """Whether the inner loss reads a meta-parameter other than through the
+    ``fmodel`` it is given (``model.parameters()``, ``model(x)``, a captured
+    tensor): one evaluation at detached copies of the module's parameters, under
+    ``enable_grad`` with the random states restored, whose graph is searched for
+    the meta-parameters (no gradient is computed, so no hook runs). An error is
+    left to the sweep, which raises it."""
+    targets = {id(t) for t in meta if t.requires_grad}
+    targets |= {id(t._base) for t in meta if t.requires_grad and t._base is not None}
+    if not targets:
+        return False
+    copy = renormalises_weights(module)
+    params = {n: p.detach().clone() if copy else p.detach() for n, p in module.named_parameters()}
+    fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            loss, _ = loss_and_aux(inner_loss(fm, batch), "inner_loss")
+    except Exception:  # noqa: BLE001
+        return False
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if id(getattr(node, "variable", None)) in targets:
+            return True
+        stack.extend(f for f, _ in node.next_functions)
+    return False
 
 
 def wrong_under_vmap(module: nn.Module) -> set:
