@@ -699,3 +699,40 @@ def test_a_normalisation_called_through_an_alias_is_found(norm):
     # One relative error over all of them: batch_norm leaves the first bias a rounding-level gradient.
     assert rel_err([torch.cat([p.grad.flatten() for p in model.parameters()])],
                    [torch.cat([g.flatten() for g in want])]) < 1e-10
+
+
+class HeadOnLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.LSTM(1, 4, batch_first=True), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x.unsqueeze(-1))[0][:, -1]).squeeze(-1)
+
+
+def test_any_error_under_vmap_runs_the_tasks_again_per_task():
+    # An LSTM body with only the head adapted failed inside vmap with a shape error that named
+    # neither vmap nor torch.func, and was raised instead of falling back to the loop.
+    torch.manual_seed(0)
+    model = HeadOnLSTM()
+    g = torch.Generator().manual_seed(1)
+    supports = (torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, generator=g))
+    queries = (torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, generator=g))
+    head = ["head.weight", "head.bias"]
+    params = list(model.parameters())
+    want = [sum(g) for g in zip(*[brute_force_partial(
+        model, mse, mse, lambda j, i=i: (supports[0][i], supports[1][i]), (queries[0][i], queries[1][i]),
+        3, params, 3, ref_sgd(0.3), head) for i in range(3)])]
+    with pytest.warns(UserWarning, match="per-task loop: torch.func could not vectorise"):
+        got = torch_ufom.hypergrad_batch(model, mse, mse, supports, queries, steps=3, inner_lr=0.3,
+                                         mode="exact", inner_params=head)
+    assert rel_err(got, want) < 1e-10
+    adapted = torch_ufom.adapt_batch(model, mse, supports, steps=3, inner_lr=0.3, inner_params=head)
+    assert adapted(queries[0]).shape == (3, 5)
+    # An error of the losses themselves is raised, from the per-task run.
+    def broken(f, b):
+        raise KeyError("the user's bug")
+
+    with pytest.raises(KeyError, match="the user's bug"):
+        torch_ufom.hypergrad_batch(model, mse, broken, supports, queries, steps=3, inner_lr=0.3,
+                                   mode="exact", inner_params=head)

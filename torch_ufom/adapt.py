@@ -23,7 +23,7 @@ from .functional import restore_rng_on_error
 from .inner import InnerRule
 from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, batch_getter,
                      check_parametrize_cache)
-from .vectorised import Vectorised, meta_batch_size, probe, task_of, vmap_unsupported
+from .vectorised import Vectorised, meta_batch_size, probe, task_of
 
 __all__ = ["adapt", "adapt_batch", "StackedFunctionalModel"]
 
@@ -58,9 +58,8 @@ class StackedFunctionalModel:
             try:
                 return torch.func.vmap(one, randomness="different")(self.params, self.buffers, args,
                                                                      kwargs)
-            except (RuntimeError, ValueError) as err:
-                if not vmap_unsupported(err):
-                    raise
+            except Exception:  # noqa: BLE001 (run per task, where an error of the module is raised)
+                pass
         outs = [self.task(i)(*task_of(args, i), **task_of(kwargs, i)) for i in range(self.size)]
         return pytree.tree_map(lambda *xs: torch.stack(xs) if isinstance(xs[0], Tensor) else xs[0], *outs)
 
@@ -173,9 +172,7 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
             try:
                 state = _run(problem, Vectorised(size), supports)
                 return _stacked(problem, [state], size)
-            except (RuntimeError, ValueError) as err:
-                if not vmap_unsupported(err):
-                    raise
+            except Exception:  # noqa: BLE001 (run per task, where an error of the loss is raised)
                 vectorised = False  # calls of the result then loop over the tasks at once
         states = [_run(problem, PerTask(), task_of(supports, i)) for i in range(size)]
         return _stacked(problem, states, size, vectorised)

@@ -21,13 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, Settings, check_generator, check_losses, resolve
-from .estimators import Estimate, estimate
+from .estimators import Estimate, NonFiniteHypergradient, estimate
 from .inner import InnerRule
 from .truncation import TruncationLaw
 from .unroll import Evaluator, InnerLoop, PerTask, Problem, batch_getter
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
-                         probe, reads_meta_directly, select_tasks, task_of, vmap_unsupported,
-                         wrong_under_vmap)
+                         probe, reads_meta_directly, select_tasks, task_of, wrong_under_vmap)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
            "Problem", "SlowOps", "resolve_hvp"]
@@ -241,9 +240,11 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     ``vmap`` gets wrong (an embedding with ``padding_idx``: its padding row
     gets a gradient), when the model uses a normalisation whose double
     backward is wrong under ``vmap`` (pytorch/functorch#534) and
-    forward-over-reverse HVPs cannot replace it, or when ``vmap`` or
-    forward-mode AD reports an operation it does not support. Any other error
-    of the user's losses is raised. ``BatchRun.reason`` says why.
+    forward-over-reverse HVPs cannot replace it, or when anything raises under
+    ``vmap`` (an operation ``vmap`` or forward-mode AD does not support, a
+    batching rule that fails on the tasks' shapes): the loop then runs the tasks
+    again, and an error of the user's losses is raised from there.
+    ``BatchRun.reason`` says why.
     """
     size = meta_batch_size(supports=supports, queries=queries)
     forced = check_force_truncation(force, size, problem.config.steps)
@@ -255,10 +256,14 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
             try:
                 return BatchRun(_run_groups(plan.problem, supports, queries, truncations, seeds),
                                 True, reason, truncations, False, plan.slow_ops)
-            except (RuntimeError, ValueError) as err:
-                if not vmap_unsupported(err):
-                    raise
-                reason = f"torch.func could not vectorise this model ({str(err).splitlines()[0]})"
+            except NonFiniteHypergradient:
+                raise
+            except Exception as err:  # noqa: BLE001
+                # torch.func's own refusals name it; any other error raised under vmap (a
+                # batching rule that fails on the user's shapes, a packed sequence of another
+                # length per task) is run again per task, where an error of the losses is raised.
+                first_line = (str(err).splitlines() or [type(err).__name__])[0]
+                reason = f"torch.func could not vectorise this model ({first_line})"
                 fallback = True
         groups = []
         for i in range(size):

@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .unroll import FunctionalModel, StepBatches, _check_depends, loss_and_aux, renormalises_weights
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
-           "probe", "reads_meta_directly", "vmap_unsupported", "SLOW_ON_CPU_ELEMENTS"]
+           "probe", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
 
 
 def _register_step_batches() -> None:
@@ -319,19 +319,7 @@ def wrong_under_vmap(module: nn.Module) -> set:
             if isinstance(m, nn.Embedding) and m.padding_idx is not None}
 
 
-# Messages of torch.func's own refusals: an operation vmap or forward-mode AD does not support.
-_UNSUPPORTED = ("vmap", "batching rule", "functorch", "torch.func", "forward ad", "forward-mode",
-                "jvp", "not implemented for 'batched", "batched tensor")
-
-
 _TENSOR = object()  # where a tensor stood among an aux's leaves
-
-
-def vmap_unsupported(err: BaseException) -> bool:
-    """Whether ``err`` is ``torch.func`` saying it cannot vectorise or forward-differentiate
-    an operation (the per-task loop then runs), rather than an error of the user's code."""
-    text = str(err).lower()
-    return any(s in text for s in _UNSUPPORTED)
 
 
 def group_by_truncation(truncations: Sequence[int]) -> Dict[int, List[int]]:
