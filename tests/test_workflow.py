@@ -1507,3 +1507,40 @@ def test_neither_diagnose_nor_the_probe_runs_the_parameters_hooks():
     with pytest.warns(UserWarning, match="per-task loop: the module has buffers"):
         meta.backward_batch(sq_loss, outer, supports, queries)
     assert len(calls) == supports[0].shape[0]
+
+
+class SparseBag(nn.Module):
+    def __init__(self, sparse):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(7, 3, sparse=sparse), nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x))).sum(1)
+
+
+@pytest.mark.parametrize("mode", ["fom", "exact"])
+def test_a_sparse_embedding_gradient_is_checked_and_accumulated(mode):
+    # The finiteness check took the norm of the sparse hypergradient, which torch cannot:
+    # nn.Embedding(sparse=True) raised NotImplementedError on every path.
+    torch.manual_seed(0)
+    model, dense = SparseBag(True), SparseBag(False)
+    dense.load_state_dict(model.state_dict())
+    x, y = torch.randint(0, 7, (4, 2)), torch.randn(4, 1)
+    loss = lambda f, b: ((f(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    want = brute_force_partial(dense, loss, loss, lambda j: (x, y), (x, y), 3, list(dense.parameters()),
+                               0 if mode == "fom" else 3, ref_sgd(0.3), ["emb.weight", "head.weight",
+                                                                        "head.bias"])
+    got = torch_ufom.hypergrad(model, loss, loss, (x, y), (x, y), steps=3, inner_lr=0.3, mode=mode)
+    assert got[0].layout == torch.sparse_coo
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.to_dense(), b, rtol=1e-12, atol=1e-14)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.3,
+                                    steps=3, mode=mode)
+    for _ in range(2):
+        meta.backward(loss, loss, (x, y), (x, y))
+    torch.testing.assert_close(model.emb.weight.grad.to_dense(), 2 * want[0], rtol=1e-12, atol=1e-14)
+    # A non-finite sparse hypergradient is still caught.
+    with torch.no_grad():
+        model.emb.weight[x[0, 0]] = math.nan
+    with pytest.raises(FloatingPointError):
+        torch_ufom.hypergrad(model, loss, loss, (x, y), (x, y), steps=3, inner_lr=0.3, mode=mode)

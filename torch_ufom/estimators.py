@@ -135,6 +135,15 @@ class SweepLog:
             return ok if self.finite is None else ok & self.finite.to(ok.device)
 
 
+def _values(t: Tensor) -> Tensor:
+    """The stored values of a sparse tensor (``nn.Embedding(sparse=True)``'s gradient), else ``t``."""
+    if t.layout == torch.sparse_coo:
+        return t._values()
+    if t.layout != torch.strided:
+        return t.values()  # compressed layouts
+    return t
+
+
 def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]]) -> Tensor:
     """One 0-d bool tensor: every inner loss evaluated (forward, replays, rebuilds),
     the outer loss and every hypergradient finite. Read once per task."""
@@ -145,7 +154,7 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
         # finite tensor. A finite tensor whose norm overflows is a false alarm, which check_finite
         # clears element by element. (The max-norm would raise none, but on CPU foreach_norm runs
         # one kernel per tensor and only the 2-norm's is vectorised.)
-        tensors = [g for g in grads if g is not None and g.numel() > 0] + [outer]
+        tensors = [_values(g) for g in grads if g is not None and g.numel() > 0] + [outer]
         if log.values is not None:
             tensors.append(log.values[:log.count])
         # Half-precision norms in float32: a float16 gradient's norm overflows at 65,504.
@@ -175,8 +184,8 @@ def check_finite(log: SweepLog, est: "Estimate") -> None:
             "inner_loss was finite on the forward pass but not when a step was evaluated again "
             "(a replay or the exact sweep's rebuild): the loss must be a deterministic function of "
             "the parameters, the batch and the step's random stream")
-    i = next((i for i, g in enumerate(est.grads) if g is not None and not bool(torch.isfinite(g).all())),
-             None)
+    i = next((i for i, g in enumerate(est.grads)
+              if g is not None and not bool(torch.isfinite(_values(g)).all())), None)
     if i is not None:
         raise NonFiniteHypergradient(i, f"params[{i}] (shape {tuple(est.grads[i].shape)})")
     # every tensor is finite: a norm overflowed (values near the dtype's largest)
