@@ -1315,6 +1315,39 @@ def test_embedding_max_norm_leaves_the_module_unchanged():
         assert_unchanged(model, before)
 
 
+class _SelfClipping(nn.Linear):
+    """A layer whose forward clips its own weight in place (a WGAN-style constraint)."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.weight.clamp_(-0.2, 0.2)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("inner_params", [None, ["2.weight", "2.bias"]], ids=["adapted", "frozen"])
+def test_a_forward_that_writes_its_own_weight_leaves_the_module_unchanged(inner_params):
+    # Only nn.Embedding(max_norm) started from copies: any other in-place write by a forward
+    # landed on the module's parameters, through every entry point (review W).
+    model = _build(87, lambda: nn.Sequential(_SelfClipping(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    supports, queries = _regression(87)
+    support, query = task_of(supports, 0), task_of(queries, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = dict(steps=3, inner_lr=0.1, inner_params=inner_params)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="ufom", q=1.0,
+                                    **config)
+    for call in (lambda: torch_ufom.hypergrad(model, sq_loss, sq_loss, support, query, mode="fom", **config),
+                 lambda: torch_ufom.hypergrad(model, sq_loss, sq_loss, support, query, mode="exact",
+                                              **config),
+                 lambda: meta.backward(sq_loss, sq_loss, support, query),
+                 lambda: meta.backward_batch(sq_loss, sq_loss, supports, queries),
+                 # (Calling the adapted model runs the module's forward on the parameters it
+                 # does not adapt, which are the module's own, as calling the module would.)
+                 lambda: torch_ufom.adapt(model, sq_loss, support, **config),
+                 lambda: torch_ufom.adapt_batch(model, sq_loss, supports, **config)):
+        call()
+        assert_unchanged(model, before)
+
+
 def test_tensor_hooks_on_meta_parameters_apply_to_their_hypergradient():
     # A gradient-masking hook (p.register_hook) was ignored: .grad got the unmasked
     # hypergradient where loss.backward() and higher give the masked one (review K).

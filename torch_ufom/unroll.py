@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-__all__ = ["check_parametrize_cache", "renormalises_weights", "FunctionalModel", "Reparametrization",
+__all__ = ["check_parametrize_cache", "FunctionalModel", "Reparametrization",
            "State", "StepBatches", "Problem", "SweepPlan", "Evaluator", "Loop", "PerTask", "InnerLoop",
            "batch_getter", "chain_vjp"]
 
@@ -50,14 +50,6 @@ def check_parametrize_cache(model: nn.Module) -> None:
                            "parametrized weights, which the cache would compute once from the "
                            "module's own parameters instead of the inner loop's; call outside "
                            "cached()")
-
-
-def renormalises_weights(module: nn.Module) -> bool:
-    """Whether ``module``'s forward writes its parameters in place: ``nn.Embedding`` and
-    ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they look up. The inner
-    loop then starts from copies, so that the module's parameters stay as they were."""
-    return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
-               for m in module.modules())
 
 
 class FunctionalModel:
@@ -507,11 +499,11 @@ class InnerLoop:
         self.names = list(problem.config.adapted)
         # Parameters the inner loop does not adapt keep their module values (as
         # leaves: a meta-parameter among them gets its gradient through every step).
-        self.frozen = {n: p for n, p in named if n not in set(self.names)}
-        self.copy_start = renormalises_weights(module)  # the forward writes parameters in place
-        if self.copy_start:
-            with torch.enable_grad():  # a copy linked to the parameter, even under no_grad
-                self.frozen = {n: p.clone() for n, p in self.frozen.items()}
+        # The loop starts from copies: a forward may write its parameters in place
+        # (nn.Embedding(max_norm) renormalises the rows it looks up, a layer may clip its own
+        # weight), and the module's parameters must stay as they were.
+        with torch.enable_grad():  # a copy linked to the parameter, even under no_grad
+            self.frozen = {n: p.clone() for n, p in named if n not in set(self.names)}
         self.buffer_names = [n for n, _ in self.module_buffers]
         self.meta = [t for t in problem.params if t.requires_grad]
         meta_ids = {id(t) for t in self.meta}
@@ -523,8 +515,7 @@ class InnerLoop:
     # -- state -----------------------------------------------------------------
     def initial_state(self) -> State:
         """``s_0``: the module's parameters, the rule's initial state, the module's buffers."""
-        params = self.evaluator.stack(tuple(self.named[n].detach().clone() if self.copy_start
-                                            else self.named[n].detach() for n in self.names))
+        params = self.evaluator.stack(tuple(self.named[n].detach().clone() for n in self.names))
         opt = tuple(self.rule.init(dict(zip(self.names, params))))
         buffers = tuple(b.detach() for _, b in self.module_buffers)
         return State(params, opt, buffers)
@@ -612,8 +603,8 @@ class InnerLoop:
 
         Returns ``(s_stop, grad_sum)``: ``grad_sum`` is the sum of the steps' inner
         gradients when a learned hyperparameter enters the update
-        (:meth:`first_order_theta` needs it), else ``None``. ``s_0`` shares the
-        module's storage and is never written. With plain SGD at a plain-number
+        (:meth:`first_order_theta` needs it), else ``None``. ``s_0`` (a copy of the
+        module's parameters) is never written. With plain SGD at a plain-number
         rate, outside ``torch.autocast`` (whose cache of low-precision copies would
         keep serving a leaf updated in place), :meth:`_sgd_forward` runs the same
         operations as :meth:`advance` without its per-step objects.

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .unroll import FunctionalModel, StepBatches, _check_depends, loss_and_aux, renormalises_weights
+from .unroll import FunctionalModel, StepBatches, _check_depends, loss_and_aux
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
@@ -254,8 +254,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None) -> 
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
     versions = {n: b._version for n, b in buffers.items()}
-    copy = renormalises_weights(module)  # one walk of the submodules, not one per parameter
-    params = {n: p.detach().clone() if copy else p for n, p in module.named_parameters()}
+    params = {n: p.detach().clone() for n, p in module.named_parameters()}  # a forward may write them
     fm = FunctionalModel(module, params, buffers)
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     aten = _AtenProbe()
@@ -291,8 +290,7 @@ def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Ten
     targets |= {id(t._base) for t in meta if t.requires_grad and t._base is not None}
     if not targets:
         return False
-    copy = renormalises_weights(module)
-    params = {n: p.detach().clone() if copy else p.detach() for n, p in module.named_parameters()}
+    params = {n: p.detach().clone() for n, p in module.named_parameters()}
     fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
