@@ -18,6 +18,7 @@ Everything is float64 with tiny models and 3 inner steps; the oracle is
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import math
@@ -36,6 +37,7 @@ from torch.func import functional_call
 import torch_ufom
 from oracle import brute_force_partial, ref_sgd, ref_sgd_per_step, telescope
 from torch_ufom import inner
+from torch_ufom.config import Settings
 from torch_ufom.inner import PerStep
 from torch_ufom.truncation import Geometric
 
@@ -974,6 +976,129 @@ def test_a_state_dict_saved_between_tasks_resumes_the_mean_exactly():
     meta2.step()
     assert saved["tasks"] == 1
     assert_close(_updated(model2, before), want, 0.0, "resumed")
+
+
+def test_a_task_discarded_through_the_outer_optimizer_is_not_counted():
+    # torch.optim users (and the higher loop the README replaces) clear gradients with the
+    # outer optimizer's zero_grad(): "mean" still counted the discarded task and halved the step.
+    got = {}
+    for how in ("one task", "discarded first", "discarded after synchronize"):
+        model, meta, tasks = _two_task_run()
+        before = [p.detach().clone() for p in model.parameters()]
+        if how != "one task":
+            meta.backward(sq_loss, sq_loss, *tasks[0])
+            if how.endswith("synchronize"):
+                meta.synchronize()
+            meta.optimizer.zero_grad()  # set_to_none, torch's default
+        meta.backward(sq_loss, sq_loss, *tasks[1])
+        meta.step()
+        got[how] = _updated(model, before)
+    for how in ("discarded first", "discarded after synchronize"):
+        assert_close(got[how], got["one task"], 0.0, how)
+
+
+def test_zero_grad_and_a_closure_forget_the_q_observations_of_the_tasks_they_discard():
+    model = _build(76, mlp)
+    supports, queries = _regression(76)
+    tasks = [(task_of(supports, i), task_of(queries, i)) for i in range(2)]
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=LR,
+                                    steps=STEPS, q="auto", q_min=0.5)
+    for task in tasks:
+        meta.backward(sq_loss, sq_loss, *task)
+    meta.zero_grad()
+    assert meta.state_dict()["q_observations"] == []
+    evaluations = []
+
+    def closure():
+        evaluations.append(len(meta.state_dict()["q_observations"]))
+        for task in tasks:
+            meta.backward(sq_loss, sq_loss, *task)
+    class TwoEvaluations(torch.optim.SGD):  # as LBFGS evaluates the closure several times
+        def step(self, closure):
+            for _ in range(2):
+                closure()
+            return super().step()
+    meta = torch_ufom.MetaOptimizer(model, TwoEvaluations(model.parameters(), lr=0.1), inner_lr=LR,
+                                    steps=STEPS, q="auto", q_min=0.5)
+    meta.backward(sq_loss, sq_loss, *tasks[0])  # the closure runs it again
+    n_before = meta.q_stats["n_x"] + meta.q_stats["n_f"]
+    meta.step(closure)
+    assert evaluations == [0, 0]  # each evaluation starts from no observations
+    assert meta.q_stats["n_x"] + meta.q_stats["n_f"] == n_before + len(tasks)
+
+
+def test_settings_are_read_only_and_the_hint_names_a_real_keyword():
+    model, meta, _ = _two_task_run()
+    for name, keyword in (("law", "truncation"), ("steps", "steps"), ("inner", "inner")):
+        with pytest.raises(AttributeError, match=rf"reconfigure\({keyword}=\.\.\.\)"):
+            setattr(meta, name, None)
+        assert keyword in {f.name for f in dataclasses.fields(Settings)}
+    for name in ("reduction", "track_buffers", "param_groups", "config", "adaptive"):
+        with pytest.raises(AttributeError, match=f"{name} is read-only: it is set when"):
+            setattr(meta, name, "mean")
+    assert meta.reduction == "mean" and meta.track_buffers is False
+
+
+def _learned_rate_run(seed=77):
+    model = _build(seed, mlp)
+    rate = torch.tensor(0.1, dtype=DTYPE, requires_grad=True)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.Adam(list(model.parameters()) + [rate], lr=0.01),
+                                    inner_lr=rate, steps=STEPS, mode="exact")
+    return model, rate, meta
+
+
+def test_a_resumed_run_restores_its_learned_rate_and_warns_of_other_settings():
+    supports, queries = _regression(77)
+    tasks = [(task_of(supports, i), task_of(queries, i)) for i in range(TASKS)]
+
+    def outer_step(meta, task):
+        meta.zero_grad()
+        meta.backward(sq_loss, sq_loss, *task)
+        meta.step()
+    model, rate, meta = _learned_rate_run()
+    outer_step(meta, tasks[0])
+    # (deep copies, as torch.save makes: the outer optimizer's state_dict holds its live tensors)
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(meta.state_dict())
+    for task in tasks[1:]:
+        outer_step(meta, task)
+    assert float(rate) != 0.1  # the rate is learned
+    model2, rate2, meta2 = _learned_rate_run()
+    model2.load_state_dict(saved_model)
+    meta2.load_state_dict(saved)  # the rate lives in no module's state_dict: meta's holds it
+    for task in tasks[1:]:
+        outer_step(meta2, task)
+    assert torch.equal(rate2, rate)
+    assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), model.parameters()))
+    # Settings are not state: another configuration loads, with a warning naming what differs.
+    meta2.reconfigure(mode="fom", steps=2)
+    with pytest.warns(UserWarning, match=r"the saved run had steps=3, mode='exact' where this "
+                                         r"MetaOptimizer has steps=2, mode='fom'"):
+        meta2.load_state_dict(saved)
+    bad = dict(saved, meta_tensors=[torch.zeros(2)])
+    with pytest.raises(ValueError, match=r"meta_tensors.*shapes \[\(2,\)\]"):
+        meta2.load_state_dict(bad)
+
+
+def test_q_statistics_load_only_into_the_rule_that_kept_them():
+    model = _build(78, mlp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fixed = torch_ufom.MetaOptimizer(model, opt, inner_lr=LR, steps=STEPS, q=0.5)
+    ufom = torch_ufom.MetaOptimizer(model, opt, inner_lr=LR, steps=STEPS, q="auto")
+    authors = torch_ufom.MetaOptimizer(model, opt, inner_lr=LR, steps=STEPS, q="auto", q_rule="authors")
+    before = dict(ufom.q_stats)
+    with pytest.raises(ValueError, match=r"q_stats'\]: None, saved with a fixed q"):
+        ufom.load_state_dict(fixed.state_dict())
+    with pytest.raises(ValueError, match=r"q_rule'\]: 'authors'"):
+        ufom.load_state_dict(authors.state_dict())
+    assert ufom.q_stats == before
+    # A dict saved after synchronize() refuses another task when resumed, as the original does.
+    supports, queries = _regression(78)
+    fixed.backward(sq_loss, sq_loss, task_of(supports, 0), task_of(queries, 0))
+    fixed.synchronize()
+    resumed = torch_ufom.MetaOptimizer(model, opt, inner_lr=LR, steps=STEPS, q=0.5)
+    resumed.load_state_dict(fixed.state_dict())
+    with pytest.raises(ValueError, match="a task after synchronize"):
+        resumed.backward(sq_loss, sq_loss, task_of(supports, 1), task_of(queries, 1))
 
 
 def test_adapt_batch_of_a_gru_is_called_task_by_task():

@@ -7,6 +7,7 @@ import numbers
 import time
 import warnings
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -200,11 +201,12 @@ class MetaOptimizer:
         self._config = config
         self._signature = self._current_signature()  # what the configuration was resolved for
         self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
-        self.track_buffers, self.reduction = track_buffers, reduction
+        self._track_buffers, self._reduction = track_buffers, reduction
         self._buffers: List[List[Tensor]] = []  # final buffers of the tasks since the last step
         self._observations: List[Dict[str, float]] = []  # q="auto" observations since the last step
         self._tasks = 0  # tasks whose estimates .grad holds, not yet reduced
         self._reduced = False  # synchronize() ran since the last step or zero_grad
+        self._holding = False  # the tasks since then wrote some .grad
         self._warned_per_task = False  # backward_batch fell back to the per-task loop
         self._warned_fom_gaps = False  # fom left a meta-parameter without a hypergradient
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
@@ -226,6 +228,10 @@ class MetaOptimizer:
     inner = property(lambda self: self._config.rule, doc="The inner rule (read-only).")
     adaptive = property(lambda self: self._config.adaptive,
                         doc="The adaptive rule of ``q='auto'``, else ``None`` (read-only).")
+    reduction = property(lambda self: self._reduction,
+                         doc="How a step combines its tasks: ``'sum'`` or ``'mean'`` (read-only).")
+    track_buffers = property(lambda self: self._track_buffers,
+                             doc="Whether :meth:`step` writes the tasks' buffers back (read-only).")
 
     @property
     def law(self) -> TruncationLaw:
@@ -271,8 +277,13 @@ class MetaOptimizer:
 
     def __setattr__(self, name, value):
         if isinstance(getattr(type(self), name, None), property):
-            raise AttributeError(f"MetaOptimizer.{name} is read-only: the configuration is resolved "
-                                 f"once; use meta.reconfigure({name}=...) between outer steps")
+            keyword = {"law": "truncation", "inner": "inner"}.get(name, name)
+            if keyword in {f.name for f in dataclasses.fields(Settings)}:
+                hint = (f"the configuration is resolved once; use meta.reconfigure({keyword}=...) "
+                        "between outer steps")
+            else:
+                hint = "it is set when the MetaOptimizer is built"
+            raise AttributeError(f"MetaOptimizer.{name} is read-only: {hint}")
         super().__setattr__(name, value)
 
     @contextlib.contextmanager
@@ -299,6 +310,8 @@ class MetaOptimizer:
         configuration was resolved, it is resolved again from the same settings,
         as the constructor would (an error then changes nothing).
         """
+        meta = tuple(self.meta_parameters())
+        self._check_cleared(meta)
         if self._reduced:
             raise ValueError("Invalid call: a task after synchronize(): .grad already holds the "
                              "reduced gradients; call step() or zero_grad() first")
@@ -308,7 +321,7 @@ class MetaOptimizer:
             config = resolve(self._config.settings, self.model)
             _check_holds(self.optimizer, self.model)
             self._config, self._signature = config, signature
-        meta = tuple(self.meta_parameters())
+            meta = tuple(self.meta_parameters())
         c = self._config
         hvp = resolve_hvp(c, self.model, meta)
         return Problem(self.model, inner_loss, outer_loss, c, self.law, meta, hvp, self.generator)
@@ -334,11 +347,31 @@ class MetaOptimizer:
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the meta-parameters' gradients (see ``Optimizer.zero_grad``), the
-        count of tasks they hold, which ``reduction="mean"`` divides by, and the
-        final buffers ``track_buffers`` kept of those tasks."""
+        """Reset the meta-parameters' gradients, and forget the tasks they held: their
+        count, which ``reduction="mean"`` divides by, their ``q="auto"`` observations
+        and the final buffers ``track_buffers`` kept of them.
+
+        Args:
+            set_to_none: as ``torch.optim.Optimizer.zero_grad``: set ``.grad`` to
+                ``None`` (default) instead of zeroing it. The outer optimizer's own
+                ``zero_grad()`` with ``set_to_none=True`` is noticed at the next task
+                too; one with ``set_to_none=False`` is not: use this one.
+        """
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._tasks, self._reduced, self._buffers = 0, False, []
+        self._forget_tasks()
+
+    def _forget_tasks(self) -> None:
+        """Forget the tasks since the last step: their count, their ``q="auto"``
+        observations and the buffers ``track_buffers`` kept of them."""
+        self._tasks, self._reduced, self._buffers, self._observations = 0, False, [], []
+        self._holding = False
+
+    def _check_cleared(self, meta: List[Tensor]) -> None:
+        """Forget the earlier tasks if their gradients were cleared other than by
+        :meth:`zero_grad` (``optimizer.zero_grad()``, which sets them to ``None``):
+        ``reduction="mean"`` then divides by the tasks ``.grad`` holds."""
+        if (self._tasks or self._reduced) and self._holding and all(p.grad is None for p in meta):
+            self._forget_tasks()
 
     def backward(self, inner_loss: Callable, outer_loss: Callable, support: Any, query: Any,
                  *, force_truncation: Optional[int] = None) -> MetaResult:
@@ -369,7 +402,7 @@ class MetaOptimizer:
         observations = self._observations_of([(est, seconds)])  # before the write: it can fail
         self._write(meta, self._first_order_gaps(problem, meta, est.grads))
         q = self.q
-        if self.track_buffers:
+        if self._track_buffers:
             self._buffers.append(list(est.buffers))
         self._observations += observations
         self._tasks += 1
@@ -433,7 +466,7 @@ class MetaOptimizer:
                     est.inner_losses[:, col] if batched else est.inner_losses,
                     est.truncation, est.weights, q, est.forward_steps, est.reverse_steps,
                     task_aux(est.aux, col) if batched else est.aux, path)
-            if self.track_buffers and not run.vectorised:
+            if self._track_buffers and not run.vectorised:
                 self._buffers.append(list(est.buffers))
         self._observations += observations
         self._tasks += len(run.truncations)
@@ -473,10 +506,10 @@ class MetaOptimizer:
         """``grads`` with the first-order branch's gaps filled.
 
         A meta-parameter that the inner loop does not adapt and that is read only
-        through it (a learned rate, an L2 weight in the inner loss, a module
-        parameter left out of ``inner_params`` that only the inner loss reads) has no
-        first-order term: a task that draws ``K = 0`` leaves it ``None``. Under a
-        law that also draws exact branches, that ``None`` is the estimate's zero,
+        through the inner loss's gradient (an L2 weight in the inner loss, a module
+        parameter left out of ``inner_params`` that only the inner loss reads; not a
+        learned rate, which scales the step itself) has no first-order term: a task
+        that draws ``K = 0`` leaves it ``None``. Under a law that also draws exact branches, that ``None`` is the estimate's zero,
         written as zeros so that a stateful outer optimizer (momentum, Adam) steps
         on it as on every other draw. Under ``fom``, whose estimate never reaches
         such a tensor, it stays ``None`` and a warning (once) names it.
@@ -539,6 +572,7 @@ class MetaOptimizer:
         with torch.no_grad():
             for old, g in in_place:
                 old.add_(g)
+        self._holding = True
 
     def _name(self, p: Tensor) -> str:
         """How the user knows meta-parameter ``p``: its module name, else its place
@@ -587,12 +621,14 @@ class MetaOptimizer:
             def reduced():
                 # The closure computes the gradients again (it zeroes them first, through
                 # meta.zero_grad() or the outer optimizer's): the mean is over its tasks.
-                pending = self._tasks, self._reduced
-                self._tasks, self._reduced = 0, False
+                pending = (self._tasks, self._reduced, self._observations, self._buffers,
+                           self._holding)
+                self._forget_tasks()  # an earlier evaluation's tasks are run again
                 try:
                     out = closure()
-                except BaseException:
-                    self._tasks, self._reduced = pending  # a closure that failed at once changed nothing
+                except BaseException:  # a closure that failed at once changed nothing
+                    (self._tasks, self._reduced, self._observations, self._buffers,
+                     self._holding) = pending
                     raise
                 self.synchronize()
                 return out
@@ -645,7 +681,7 @@ class MetaOptimizer:
         total = self._tasks
         if self.distributed:
             total = distributed.sum_gradients(self.meta_parameters(), self._tasks, self.process_group)
-        if self.reduction == "mean":
+        if self._reduction == "mean":
             self._divide(total)
         self._tasks, self._reduced = 0, True
         return total
@@ -655,7 +691,7 @@ class MetaOptimizer:
         gradient before)`` for each gradient it changed."""
         if self._reduced:
             return []
-        changes = self.distributed or (self.reduction == "mean" and self._tasks > 1)
+        changes = self.distributed or (self._reduction == "mean" and self._tasks > 1)
         saved = [(p, None if p.grad is None else p.grad.clone())
                  for p in self.meta_parameters()] if save and changes else []
         self.synchronize()
@@ -673,34 +709,71 @@ class MetaOptimizer:
         """What a resumed run needs, as a dict (``torch.save`` it beside the model's).
 
         Keys: ``"optimizer"`` (the outer optimizer's ``state_dict``),
+        ``"meta_tensors"`` (copies of the meta-parameters that are not the
+        module's, such as a learned ``inner_lr``, in :meth:`meta_parameters`
+        order: the model's ``state_dict`` does not hold them),
         ``"generator"`` (the generator's state, or ``None`` without one),
-        ``"q_stats"`` (the ``q="auto"`` statistics, else ``None``),
-        ``"q_observations"`` (the ``q="auto"`` observations of the tasks since
-        the last :meth:`step`) and ``"tasks"`` (the number of tasks ``.grad``
-        holds, which ``reduction="mean"`` divides by). The gradients themselves
-        live on the parameters, and the buffers ``track_buffers`` keeps for the
-        next :meth:`step` are not saved: save right after :meth:`step` to resume
-        a run exactly.
+        ``"q_stats"`` (the ``q="auto"`` statistics, else ``None``) with
+        ``"q_rule"`` (the rule they belong to), ``"q_observations"`` (the
+        ``q="auto"`` observations of the tasks since the last :meth:`step`),
+        ``"tasks"`` (the number of tasks ``.grad`` holds, which
+        ``reduction="mean"`` divides by), ``"reduced"`` (whether
+        :meth:`synchronize` ran since) and ``"settings"`` (the configuration
+        keywords that are plain values, and the types of ``inner`` and
+        ``truncation``: :meth:`load_state_dict` warns where they differ). The
+        gradients themselves live on the parameters, and the buffers
+        ``track_buffers`` keeps for the next :meth:`step` are not saved: save
+        right after :meth:`step` to resume a run exactly.
         """
         return {"optimizer": self.optimizer.state_dict(),
+                "meta_tensors": [t.detach().clone() for t in self._extra_meta()],
                 "generator": None if self.generator is None else self.generator.get_state(),
                 "q_stats": None if self.adaptive is None else dict(self.q_stats),
+                "q_rule": None if self.adaptive is None else self.adaptive.rule,
                 "q_observations": [dict(o) for o in self._observations],
-                "tasks": self._tasks}
+                "tasks": self._tasks,
+                "reduced": self._reduced,
+                "settings": self._settings_summary()}
+
+    def _extra_meta(self) -> List[Tensor]:
+        """The meta-parameters that are not the module's parameters."""
+        own = {id(p) for p in self.model.parameters()}
+        return [t for t in self.meta_parameters() if id(t) not in own]
+
+    def _settings_summary(self) -> Dict[str, Any]:
+        """The configuration keywords as written, where they are plain values; ``inner``
+        and ``truncation`` by their type."""
+        out = {}
+        for field in dataclasses.fields(Settings):
+            value = getattr(self._config.settings, field.name)
+            if field.name in ("inner", "truncation"):
+                value = None if value is None else type(value).__name__
+            if value is None or isinstance(value, (bool, int, float, str)):
+                out[field.name] = value
+        out["reduction"] = self._reduction
+        return out
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned.
 
-        The whole dict is validated before anything is changed: a dict that is
-        not one (``None``, ``{}``, the outer optimizer's own ``state_dict``), a
-        generator state without a generator or not a valid state, ``q="auto"``
-        statistics for a fixed ``q`` or with missing or invalid entries.
+        The whole dict is checked before anything is changed: a dict that is
+        not one (``None``, ``{}``, the outer optimizer's own ``state_dict``),
+        an outer optimizer state with other parameter groups or counts (the
+        outer optimizer then checks its own entries, and what it refuses
+        changes nothing either), ``meta_tensors`` of another number or shape,
+        a generator state without a generator or not a valid state,
+        ``q="auto"`` statistics for a fixed ``q``, none for ``q="auto"``, of
+        another ``q_rule``, or with missing or invalid entries. Settings that
+        differ from the saved run's (another ``mode``, ``steps``, inner rule
+        ...) are not restored: a warning names them (:meth:`reconfigure`
+        changes them). Dicts saved before a key existed load without it.
 
         Raises:
             TypeError: ``state_dict`` or one of its entries has the wrong type.
             ValueError: an entry does not fit this ``MetaOptimizer``; nothing is changed.
         """
-        _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive)
+        extra = self._extra_meta()
+        _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive, extra)
         opt, gen = self.optimizer, self.generator
         saved = (opt.state, opt.param_groups)
         try:
@@ -717,11 +790,26 @@ class MetaOptimizer:
         except BaseException:
             opt.__setstate__({"state": saved[0], "param_groups": saved[1]})
             raise
+        with torch.no_grad():
+            for t, value in zip(extra, state_dict.get("meta_tensors") or []):
+                t.copy_(value)
         if state_dict.get("q_stats") is not None:
             self.q_stats = dict(state_dict["q_stats"])
             self._observations = [dict(o) for o in state_dict.get("q_observations") or []]
         if state_dict.get("tasks") is not None:  # absent from dicts saved before it existed
             self._tasks = int(state_dict["tasks"])
+        if state_dict.get("reduced") is not None:
+            self._reduced = bool(state_dict["reduced"])
+        self._holding = self._holding or self._tasks > 0 or self._reduced
+        saved_settings, now = state_dict.get("settings"), self._settings_summary()
+        if saved_settings:
+            differ = [k for k in now if k in saved_settings and saved_settings[k] != now[k]]
+            if differ:
+                was = ", ".join(f"{k}={saved_settings[k]!r}" for k in differ)
+                has = ", ".join(f"{k}={now[k]!r}" for k in differ)
+                warnings.warn(f"load_state_dict: the saved run had {was} where this MetaOptimizer has "
+                              f"{has}; its state was loaded, but settings are not restored (use "
+                              "meta.reconfigure(...) to resume the run as it was)", stacklevel=2)
 
     def __repr__(self) -> str:
         return (f"MetaOptimizer(mode={self.mode!r}, steps={self.steps}, law={self.law!r}, "
@@ -740,7 +828,8 @@ def _check_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
 
 # -- state_dict validation ------------------------------------------------------
 
-_STATE_KEYS = ("optimizer", "generator", "q_stats", "q_observations", "tasks")
+_STATE_KEYS = ("optimizer", "meta_tensors", "generator", "q_stats", "q_rule", "q_observations", "tasks",
+               "reduced", "settings")
 # The kind and lowest value of the q="auto" entries whose range is known; the
 # keys themselves come from adaptive.init_stats and adaptive.observe, and an
 # entry not listed here must be a finite float.
@@ -777,7 +866,7 @@ def _writable(t: Tensor) -> bool:
 
 def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
                       generator: Optional[torch.Generator],
-                      rule: Optional[adaptive.AdaptiveQ]) -> None:
+                      rule: Optional[adaptive.AdaptiveQ], extra: List[Tensor]) -> None:
     """Raise unless ``sd`` is a :meth:`MetaOptimizer.state_dict` this optimizer can load."""
     expected = f"the dict MetaOptimizer.state_dict() returns, with keys {list(_STATE_KEYS)}"
     if not isinstance(sd, Mapping):
@@ -793,12 +882,28 @@ def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
     if unknown:
         raise ValueError(f"Invalid state_dict: unknown keys {unknown} (expected {expected})")
     _check_optimizer_state(sd["optimizer"], optimizer)
+    _check_meta_tensors(sd.get("meta_tensors"), extra)
     _check_generator_state(sd.get("generator"), generator)
     stats, observations = sd.get("q_stats"), sd.get("q_observations")
     auto_q = rule is not None
     if stats is not None and not auto_q:
         raise ValueError("Invalid state_dict['q_stats']: it holds q='auto' statistics but this "
                          "MetaOptimizer has a fixed q (build it with q='auto' to resume them)")
+    if stats is None and auto_q and "q_stats" in sd:
+        raise ValueError("Invalid state_dict['q_stats']: None, saved with a fixed q, but this "
+                         "MetaOptimizer has q='auto' (build it with the saved q, load, then "
+                         "reconfigure(q='auto') to adapt q from there)")
+    saved_rule = sd.get("q_rule")
+    if stats is not None and saved_rule is not None and saved_rule != rule.rule:
+        raise ValueError(f"Invalid state_dict['q_rule']: {saved_rule!r}, but this MetaOptimizer has "
+                         f"q_rule={rule.rule!r} (the statistics of one rule mean other things to the "
+                         "other)")
+    reduced = sd.get("reduced")
+    if reduced is not None and not isinstance(reduced, bool):
+        raise TypeError(f"Invalid state_dict['reduced']: {reduced!r} (expected True or False)")
+    settings = sd.get("settings")
+    if settings is not None and not isinstance(settings, Mapping):
+        raise TypeError(f"Invalid state_dict['settings']: {type(settings).__name__} (expected a dict)")
     if stats is not None:
         _check_entries(stats, _spec(adaptive.init_stats(rule)), "state_dict['q_stats']")
         if stats["q"] < rule.q_min:
@@ -824,6 +929,19 @@ def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
         _check_entries(obs, first, name, extra=exact)
         if obs["exact"]:
             _check_entries(obs, exact, name)
+
+
+def _check_meta_tensors(values: Any, extra: List[Tensor]) -> None:
+    """Raise unless ``values`` (``None`` in older dicts) fits the meta-parameters that
+    are not the module's, one tensor of the same shape each."""
+    if values is None:
+        return
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, Tensor) for v in values):
+        raise TypeError("Invalid state_dict['meta_tensors']: expected a list of tensors")
+    if len(values) != len(extra) or any(v.shape != t.shape for v, t in zip(values, extra)):
+        raise ValueError(
+            f"Invalid state_dict['meta_tensors']: shapes {[tuple(v.shape) for v in values]}, but the "
+            f"meta-parameters that are not the module's have shapes {[tuple(t.shape) for t in extra]}")
 
 
 def _check_optimizer_state(sd: Any, optimizer: torch.optim.Optimizer) -> None:
