@@ -509,8 +509,8 @@ class MetaOptimizer:
         through the inner loss's gradient (an L2 weight in the inner loss, a module
         parameter left out of ``inner_params`` that only the inner loss reads; not a
         learned rate, which scales the step itself) has no first-order term: a task
-        that draws ``K = 0`` leaves it ``None``. Under a law that also draws exact branches, that ``None`` is the estimate's zero,
-        written as zeros so that a stateful outer optimizer (momentum, Adam) steps
+        that draws ``K = 0`` leaves it ``None``. Under a law that also draws exact
+        branches, that ``None`` is the estimate's zero, written as zeros so that a stateful outer optimizer (momentum, Adam) steps
         on it as on every other draw. Under ``fom``, whose estimate never reaches
         such a tensor, it stays ``None`` and a warning (once) names it.
         """
