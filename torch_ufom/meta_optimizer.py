@@ -510,9 +510,10 @@ class MetaOptimizer:
         parameter left out of ``inner_params`` that only the inner loss reads; not a
         learned rate, which scales the step itself) has no first-order term: a task
         that draws ``K = 0`` leaves it ``None``. Under a law that also draws exact
-        branches, that ``None`` is the estimate's zero, written as zeros so that a stateful outer optimizer (momentum, Adam) steps
-        on it as on every other draw. Under ``fom``, whose estimate never reaches
-        such a tensor, it stays ``None`` and a warning (once) names it.
+        branches, that ``None`` is the estimate's zero, written as zeros so that a
+        stateful outer optimizer (momentum, Adam) steps on it as on every other
+        draw. Under ``fom``, whose estimate never reaches such a tensor, it stays
+        ``None`` and a warning (once) names it.
         """
         if all(g is not None for g in grads):
             return grads
