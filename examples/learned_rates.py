@@ -6,9 +6,10 @@ rate per layer and per inner step: ``inner.SGD(lr={name: PerStep(tensor of
 length steps)})``. In both, the rate tensors are handed to the outer optimizer,
 which makes them meta-parameters: they get their hypergradient like the
 weights. The problem is MAML on sinusoid regression with a long inner loop
-(100 SGD steps); ``mode="exact"`` with the default ``memory="checkpoint"``
-keeps ``slots=8`` inner states whatever the number of steps, and replays the
-others during the reverse sweep (the replay counts are printed).
+(100 SGD steps); ``mode="exact"`` with ``memory="checkpoint", slots=8``
+keeps 8 inner states whatever the number of steps, and replays the others
+during the reverse sweep (the replay counts are printed; the default, a byte
+budget, would keep every step of this small model instead).
 
     python examples/learned_rates.py           # about a minute on one CPU core
     python examples/learned_rates.py --tiny    # a few seconds

@@ -157,9 +157,22 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     own random streams. Without random operations the result equals a loop of
     :func:`adapt` over the tasks (with dropout, ``vmap`` draws other masks).
 
+    Args:
+        model: the module whose parameters every task starts from (not changed).
+        inner_loss: ``(fmodel, batch) -> scalar tensor`` (or ``(loss, aux)``); it
+            sees one task's batch.
+        supports: a tensor, a tuple/list or a dict of tensors whose first
+            dimension indexes the tasks (one support batch per task, reused at
+            every step), or :class:`~torch_ufom.StepBatches` of such stacks.
+        steps, inner_lr, inner, inner_params, generator: as for :func:`adapt`.
+
     Returns:
         A :class:`StackedFunctionalModel`; ``.task(i)`` is task ``i``'s
         :class:`~torch_ufom.FunctionalModel`.
+
+    Raises:
+        TypeError, ValueError: an invalid argument (nothing changes).
+        FloatingPointError: a non-finite inner loss.
     """
     problem = _problem(model, inner_loss, Settings(steps, inner_lr, inner, mode="fom",
                                                    inner_params=inner_params), generator)

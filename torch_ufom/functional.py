@@ -454,7 +454,9 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
             convolution or ``batch_norm`` with that many output elements,
             where the per-task loop is faster), ``True`` (``vmap`` wherever
             it is exact) or ``False`` (the per-task loop, without a warning).
-        The others: as for :func:`hypergrad`.
+        model, inner_loss, outer_loss, steps, inner_lr, inner, mode, q, k,
+        truncation, memory, slots, max_memory, hvp, params, generator, inner_params:
+            as for :func:`hypergrad`.
 
     Raises:
         ValueError: an invalid argument, e.g. tensors whose leading sizes differ

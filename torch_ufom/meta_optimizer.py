@@ -82,7 +82,7 @@ class MetaOptimizer:
         mode: ``"fom"``, ``"ufom"`` (the default: unbiased, exact branch with
             probability ``q``), ``"exact"`` or ``"truncated"`` (exact through
             the last ``k`` steps only: biased). Not together with ``truncation``.
-        q: exact-branch probability for ``"ufom"``, in ``(0, 1]``, or ``"auto"``
+        q: exact-branch probability for ``"ufom"``, in ``(0, 1]`` (default 0.1), or ``"auto"``
             to adapt it to the measured bias, variance and costs
             (:mod:`torch_ufom.adaptive`; ``"auto"`` is an error with another
             mode). Checked but unused by the other modes, so that flipping
@@ -248,7 +248,7 @@ class MetaOptimizer:
         """Change the configuration between outer steps, keeping every other state.
 
         Takes the constructor's configuration keywords (``mode``, ``q``, ``k``,
-        ``truncation``, ``steps``, ``inner_lr``, ``inner``, ``memory``,
+        ``truncation``, ``steps``, ``inner_lr``, ``inner``, ``inner_params``, ``memory``,
         ``slots``, ``max_memory``, ``hvp``, ``vectorise``, ``q_rule``, ``q_min``, ``q_beta``)
         and resolves the result exactly as the constructor would; the outer
         optimizer's state, the generator, pending gradients and
@@ -430,7 +430,8 @@ class MetaOptimizer:
             inner_loss, outer_loss: as for :meth:`backward`; they see one task's batch.
             supports, queries: a tensor, a tuple/list or a dict of tensors whose
                 first dimension indexes the tasks (one support batch per task,
-                reused at every inner step).
+                reused at every inner step; wrap per-step stacked batches in
+                :class:`~torch_ufom.StepBatches`).
             force_truncation: ``None`` (draw), one ``K`` for every task, or a
                 sequence with one ``K`` per task.
 

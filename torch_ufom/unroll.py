@@ -68,6 +68,14 @@ class FunctionalModel:
     itself. Buffers are cloned for each step, so in-place updates
     (BatchNorm's running statistics) land on the inner state, never on the
     module.
+
+    Args:
+        module: the user's module.
+        params: parameter name (as ``named_parameters()`` gives it) to tensor;
+            names left out keep the module's own parameters.
+        buffers: buffer name to tensor, likewise.
+        swap: the :class:`Reparametrization` to use, ``None`` for
+            ``functional_call``, or ``...`` (default) to compute it at each call.
     """
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
