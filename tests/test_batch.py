@@ -439,6 +439,13 @@ def test_hvp_choices_and_their_limits():
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="hvp.*buffers"):
         torch_ufom.hypergrad(bn, loss, loss, data[0], data[1], steps=2, inner_lr=0.1, hvp="fwdrev")
+    # fom computes no HVP: an hvp it could not use is accepted there, as q is under exact.
+    meta = torch_ufom.MetaOptimizer(bn, torch.optim.SGD(bn.parameters(), lr=0.1), inner_lr=0.1, steps=2,
+                                    mode="fom", hvp="fwdrev")
+    meta.backward(loss, loss, data[0], data[1])
+    meta.reconfigure(mode="exact")
+    with pytest.raises(ValueError, match="hvp.*buffers"):
+        meta.backward(loss, loss, data[0], data[1])
     # A meta-parameter the losses use directly needs the mixed second derivative.
     w = torch.tensor(1.0, requires_grad=True)
 

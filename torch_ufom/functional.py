@@ -45,10 +45,12 @@ def resolve_hvp(config: Config, model: nn.Module, meta: Sequence[Tensor]) -> str
     hyperparameters (a tensor the losses use directly needs the mixed second
     derivative, which only reverse-over-reverse gives). ``"auto"`` picks the
     faster of the two where both apply (``DEFAULT_HVP``), else ``"revrev"``;
-    ``"fwdrev"`` where it does not apply is a ``ValueError``.
+    ``"fwdrev"`` where it does not apply is a ``ValueError``, except under
+    ``fom``, which computes no HVP (so that flipping ``mode`` stays a one-word
+    change, as for ``q``).
     """
     hvp = config.hvp
-    if hvp == "revrev" or (hvp == "auto" and DEFAULT_HVP == "revrev"):
+    if hvp == "revrev" or (hvp == "auto" and DEFAULT_HVP == "revrev") or config.mode == "fom":
         return "revrev"  # without looking at the module (a walk per call)
     why = fwdrev_obstacle(model, config, meta)
     if hvp == "auto":
