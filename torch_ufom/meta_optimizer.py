@@ -128,7 +128,8 @@ class MetaOptimizer:
             or rank 0's global seed) and its rank; ``q="auto"`` statistics stay
             identical on every rank.
         hvp: Hessian-vector products of the exact sweep: ``"auto"`` (default:
-            the faster where it applies), ``"fwdrev"`` (forward-over-reverse,
+            reverse-over-reverse, the faster on every model measured, except where
+            a meta-batch needs forward-over-reverse to stay exact), ``"fwdrev"`` (forward-over-reverse,
             ``torch.func.jvp`` of the inner gradient) or ``"revrev"``
             (reverse-over-reverse); see :func:`torch_ufom.functional.resolve_hvp`.
         reduction: how an outer step combines its tasks' estimates:
