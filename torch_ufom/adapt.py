@@ -179,7 +179,7 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     size = meta_batch_size(supports=supports)
     with restore_rng_on_error(generator), torch.no_grad():
         first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
-        found = probe(model, inner_loss, first)
+        found = probe(model, inner_loss, first, adapted=problem.config.adapted)
         vectorised = True
         if not found.written and not found.wrong:
             try:

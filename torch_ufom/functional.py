@@ -326,7 +326,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
             return Plan(None, _wrong(wrong), True, known)
         return Plan(problem, "", False, known)
     first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
-    found = probe(problem.model, problem.inner_loss, first, problem.outer_loss, task_of(queries, 0))
+    found = probe(problem.model, problem.inner_loss, first, problem.outer_loss, task_of(queries, 0),
+                  problem.config.adapted)
     known = SlowOps(problem.inner_loss, device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
         tuple(sorted(found.wrong)), problem.outer_loss)
@@ -343,7 +344,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         return Plan(problem, "", False, known)
     norms = ", ".join(sorted(found.norms))
     why = fwdrev_obstacle(problem.model, problem.config, problem.params)
-    if not why and reads_meta_directly(problem.model, problem.inner_loss, first, problem.params):
+    if not why and reads_meta_directly(problem.model, problem.inner_loss, first, problem.params,
+                                       problem.config.adapted):
         why = READS_META
     if why:
         return Plan(None, f"torch.func.vmap differentiates {norms} twice wrongly "
@@ -360,7 +362,7 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
     vectorised sweep runs both under ``torch.func`` and is consistent.)"""
     if K > 0 and problem.hvp == "fwdrev":
         first = batch_getter(support, problem.config.steps)(0)
-        if probe(problem.model, problem.inner_loss, first).attention_dropout:
+        if probe(problem.model, problem.inner_loss, first, adapted=problem.config.adapted).attention_dropout:
             raise ValueError("Invalid hvp: 'fwdrev' cannot run attention with dropout per task "
                              "(torch.func draws other masks than the step that ran, so it would "
                              "differentiate another function); use 'revrev' or 'auto'")
@@ -371,7 +373,7 @@ def check_fwdrev_reads(problem: Problem, first: Any) -> None:
     """Refuse forward-over-reverse when the inner loss reads a meta-parameter directly:
     its HVP differentiates the inner gradient with respect to the adapted parameters
     only, and would drop that mixed second derivative."""
-    if reads_meta_directly(problem.model, problem.inner_loss, first, problem.params):
+    if reads_meta_directly(problem.model, problem.inner_loss, first, problem.params, problem.config.adapted):
         raise ValueError(f"Invalid hvp: 'fwdrev' {READS_META}; use 'revrev' or 'auto'")
 
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-__all__ = ["check_parametrize_cache", "FunctionalModel", "Reparametrization",
+__all__ = ["check_parametrize_cache", "renormalises_weights", "FunctionalModel", "Reparametrization",
            "State", "StepBatches", "Problem", "SweepPlan", "Evaluator", "Loop", "PerTask", "InnerLoop",
            "batch_getter", "chain_vjp"]
 
@@ -50,6 +50,14 @@ def check_parametrize_cache(model: nn.Module) -> None:
                            "parametrized weights, which the cache would compute once from the "
                            "module's own parameters instead of the inner loop's; call outside "
                            "cached()")
+
+
+def renormalises_weights(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is known to write its parameters in place:
+    ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they
+    look up. Parameters the inner loop does not adapt are then copied too."""
+    return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+               for m in module.modules())
 
 
 class FunctionalModel:
@@ -507,11 +515,14 @@ class InnerLoop:
         self.names = list(problem.config.adapted)
         # Parameters the inner loop does not adapt keep their module values (as
         # leaves: a meta-parameter among them gets its gradient through every step).
-        # The loop starts from copies: a forward may write its parameters in place
-        # (nn.Embedding(max_norm) renormalises the rows it looks up, a layer may clip its own
-        # weight), and the module's parameters must stay as they were.
-        with torch.enable_grad():  # a copy linked to the parameter, even under no_grad
-            self.frozen = {n: p.clone() for n, p in named if n not in set(self.names)}
+        # The adapted ones start from copies (initial_state): a forward may write its
+        # parameters in place (a layer that clips its own weight). The others are the
+        # module's own tensors, as when the module is called (a frozen backbone is not
+        # copied per task), except where the forward is known to write them.
+        self.frozen = {n: p for n, p in named if n not in set(self.names)}
+        if renormalises_weights(module):
+            with torch.enable_grad():  # a copy linked to the parameter, even under no_grad
+                self.frozen = {n: p.clone() for n, p in self.frozen.items()}
         self.buffer_names = [n for n, _ in self.module_buffers]
         self.meta = [t for t in problem.params if t.requires_grad]
         meta_ids = {id(t) for t in self.meta}

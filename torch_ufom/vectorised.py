@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .unroll import FunctionalModel, StepBatches, _check_depends, loss_and_aux
+from .unroll import FunctionalModel, StepBatches, _check_depends, loss_and_aux, renormalises_weights
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
@@ -243,18 +243,30 @@ class Probe(NamedTuple):
     slow_on_cpu: Dict[str, int]  # CPU operations too large to pay vectorised: largest output size
 
 
-def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None) -> Probe:
+def _probe_params(module: nn.Module, adapted) -> Dict[str, Tensor]:
+    """The parameters a probe evaluates the module at, detached: copies of the adapted
+    ones (a forward may write them in place, and the inner loop copies them too), and
+    of all of them where the module is known to write them; the module's own tensors
+    otherwise (a frozen backbone is not copied)."""
+    copy_all = renormalises_weights(module)
+    adapted = set(adapted)
+    return {n: p.detach().clone() if copy_all or n in adapted else p.detach()
+            for n, p in module.named_parameters()}
+
+
+def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, adapted=()) -> Probe:
     """One evaluation of the inner loss at the module's parameters, without a graph
     and with the random states restored: what decides how a sweep may run.
     ``Probe.wrong`` also names the submodules whose gradient ``vmap`` gets wrong
     (:func:`wrong_under_vmap`), and, with ``outer_loss``, the operations one
     evaluation of it on ``query`` calls (with gradients enabled, as the sweep runs
-    it; an error there is left to the sweep)."""
+    it; an error there is left to the sweep). ``adapted``: the names of the
+    parameters the inner loop adapts (:func:`_probe_params`)."""
     mode = _Probe()
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
     versions = {n: b._version for n, b in buffers.items()}
-    params = {n: p.detach().clone() for n, p in module.named_parameters()}  # a forward may write them
+    params = _probe_params(module, adapted)
     fm = FunctionalModel(module, params, buffers)
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     aten = _AtenProbe()
@@ -268,7 +280,8 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None) -> 
     if outer_loss is not None:
         outer, outer_aten = _Probe(), _AtenProbe()
         # Detached copies: an outer loss that differentiates must not reach the parameters' hooks.
-        copies = {n: p.detach().requires_grad_(p.requires_grad) for n, p in params.items()}
+        copies = {n: params[n].detach().requires_grad_(p.requires_grad)
+                  for n, p in module.named_parameters()}
         fm = FunctionalModel(module, copies, {n: b.clone() for n, b in original.items()})
         try:
             with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer, outer_aten:
@@ -279,7 +292,8 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None) -> 
     return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu)
 
 
-def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor]) -> bool:
+def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
+                        adapted=()) -> bool:
     """Whether the inner loss reads a meta-parameter other than through the
     ``fmodel`` it is given (``model.parameters()``, ``model(x)``, a captured
     tensor): one evaluation at detached copies of the module's parameters, under
@@ -290,8 +304,8 @@ def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Ten
     targets |= {id(t._base) for t in meta if t.requires_grad and t._base is not None}
     if not targets:
         return False
-    params = {n: p.detach().clone() for n, p in module.named_parameters()}
-    fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
+    fm = FunctionalModel(module, _probe_params(module, adapted),
+                         {n: b.clone() for n, b in module.named_buffers()})
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
