@@ -345,15 +345,21 @@ def test_a_connected_sweep_frees_the_states_its_graph_does_not_save(monkeypatch)
 
 
 @pytest.mark.parametrize("mode", ["fom", "ufom"])
-def test_under_autocast_every_step_sees_its_own_parameters(mode):
-    # torch.autocast caches one bfloat16 copy of each leaf for its whole region: leaves
-    # updated in place kept serving step 2's copy, so steps 3.. repeated step 2.
+@pytest.mark.parametrize("where", ["around the call", "in the loss, inside a disabled region"])
+def test_under_autocast_every_step_sees_its_own_parameters(mode, where):
+    # torch.autocast caches one bfloat16 copy of each leaf until the outermost region exits:
+    # leaves updated in place kept serving step 2's copy, so steps 3.. repeated step 2. A region
+    # the loss opens inside a disabled outer one (a trainer's autocast(enabled=use_amp)) too.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).float()  # autocast casts float32
     x, y, xq, yq = (torch.randn(6, n, dtype=torch.float32) for n in (3, 1, 3, 1))
-    loss = lambda f, b: F.mse_loss(f(b[0]).float(), b[1])  # noqa: E731
+    inside = where.startswith("in the loss")
+
+    def loss(f, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            return F.mse_loss(f(b[0]).float(), b[1])
     steps, lr = 4, 0.3
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not inside):
         phi, losses = [p.detach() for p in model.parameters()], []  # first-order loop by hand
         for _ in range(steps):
             leaves = [p.requires_grad_() for p in phi]

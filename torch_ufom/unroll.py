@@ -472,11 +472,16 @@ class PerTask:
 
 
 def _autocasting(params: Sequence[Tensor]) -> bool:
-    """Whether ``torch.autocast`` is on for the parameters' device: it caches one low-precision
-    copy of each leaf for the whole region, so the loop's leaves must not be updated in place."""
-    kinds = {p.device.type for p in params}
+    """Whether an autocast region is open (enabled or not, at any depth) or autocast is on
+    for the parameters' device. Autocast caches one low-precision copy of each leaf until
+    the outermost region exits, so the loop's leaves must not be updated in place: a region
+    the losses open themselves inside a disabled outer one keeps serving step 2's copies."""
+    depth = torch.autocast_increment_nesting()
+    torch.autocast_decrement_nesting()
+    if depth > 1:
+        return True
     try:
-        return any(torch.is_autocast_enabled(kind) for kind in kinds)
+        return any(torch.is_autocast_enabled(kind) for kind in {p.device.type for p in params})
     except RuntimeError:  # a device type autocast does not know
         return False
 
