@@ -277,11 +277,16 @@ class MetaOptimizer:
             self._observations = []
 
     def __setattr__(self, name, value):
-        if isinstance(getattr(type(self), name, None), property):
-            keyword = {"law": "truncation", "inner": "inner"}.get(name, name)
-            if keyword in {f.name for f in dataclasses.fields(Settings)}:
+        keywords = {f.name for f in dataclasses.fields(Settings)}
+        if name in keywords or isinstance(getattr(type(self), name, None), property):
+            keyword = "truncation" if name == "law" else name
+            if keyword in keywords:
                 hint = (f"the configuration is resolved once; use meta.reconfigure({keyword}=...) "
                         "between outer steps")
+            elif name in ("config", "adaptive"):
+                hint = "it follows the configuration, which meta.reconfigure(...) changes"
+            elif name == "param_groups":
+                hint = "they are the outer optimizer's (meta.optimizer.param_groups, add_param_group)"
             else:
                 hint = "it is set when the MetaOptimizer is built"
             raise AttributeError(f"MetaOptimizer.{name} is read-only: {hint}")
@@ -605,6 +610,7 @@ class MetaOptimizer:
         Without a closure, if the outer optimizer raises, ``.grad`` is put back
         as it was before the reduction and the tasks stay pending.
         """
+        self._check_cleared(self.meta_parameters())  # tasks discarded through the outer optimizer
         self._check_pending_buffers()
         if closure is None:
             tasks, reduced = self._tasks, self._reduced
@@ -681,6 +687,7 @@ class MetaOptimizer:
         :meth:`step` or :meth:`zero_grad` is refused: it would mix reduced and
         unreduced gradients.
         """
+        self._check_cleared(self.meta_parameters())
         total = self._tasks
         if self.distributed:
             total = distributed.sum_gradients(self.meta_parameters(), self._tasks, self.process_group)
@@ -721,9 +728,8 @@ class MetaOptimizer:
         ``q="auto"`` observations of the tasks since the last :meth:`step`),
         ``"tasks"`` (the number of tasks ``.grad`` holds, which
         ``reduction="mean"`` divides by), ``"reduced"`` (whether
-        :meth:`synchronize` ran since) and ``"settings"`` (the configuration
-        keywords that are plain values, and the types of ``inner`` and
-        ``truncation``: :meth:`load_state_dict` warns where they differ). The
+        :meth:`synchronize` ran since) and ``"settings"`` (the resolved configuration
+        as plain values and strings: :meth:`load_state_dict` warns where it differs). The
         gradients themselves live on the parameters, and the buffers
         ``track_buffers`` keeps for the next :meth:`step` are not saved: save
         right after :meth:`step` to resume a run exactly.
@@ -744,17 +750,18 @@ class MetaOptimizer:
         return [t for t in self.meta_parameters() if id(t) not in own]
 
     def _settings_summary(self) -> Dict[str, Any]:
-        """The configuration keywords as written, where they are plain values; ``inner``
-        and ``truncation`` by their type."""
-        out = {}
-        for field in dataclasses.fields(Settings):
-            value = getattr(self._config.settings, field.name)
-            if field.name in ("inner", "truncation"):
-                value = None if value is None else type(value).__name__
-            if value is None or isinstance(value, (bool, int, float, str)):
-                out[field.name] = value
-        out["reduction"] = self._reduction
-        return out
+        """The resolved configuration as plain values and strings (what ``torch.load``
+        with ``weights_only=True`` reads back), for :meth:`load_state_dict` to compare:
+        equivalent keywords (``inner_lr=0.1`` or ``inner=SGD(0.1)``, a ``q`` that
+        ``exact`` ignores) give the same summary."""
+        c = self._config
+        rule = ", ".join(f"{k}={_plain(v)!r}" for k, v in c.rule.hyper.items())
+        return {"steps": int(c.steps),
+                "law": repr(c.law) if c.adaptive is None else f"q='auto', q_rule={c.adaptive.rule!r}",
+                "inner": f"{type(c.rule).__name__}({rule})",
+                "inner_params": list(c.adapted),
+                "memory": c.memory, "slots": _plain(c.slots), "max_memory": _plain(c.max_memory),
+                "hvp": c.hvp, "reduction": self._reduction}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned.
@@ -765,11 +772,12 @@ class MetaOptimizer:
         outer optimizer then checks its own entries, and what it refuses
         changes nothing either), ``meta_tensors`` of another number or shape,
         a generator state without a generator or not a valid state,
-        ``q="auto"`` statistics for a fixed ``q``, none for ``q="auto"``, of
-        another ``q_rule``, or with missing or invalid entries. Settings that
-        differ from the saved run's (another ``mode``, ``steps``, inner rule
-        ...) are not restored: a warning names them (:meth:`reconfigure`
-        changes them). Dicts saved before a key existed load without it.
+        ``q="auto"`` statistics for a fixed ``q``, of another ``q_rule``, or
+        with missing or invalid entries (a dict saved with a fixed ``q`` starts
+        a ``q="auto"`` run's statistics afresh). Settings that differ from the
+        saved run's (another estimator, ``steps``, inner rule ...) are not
+        restored: a warning names them (:meth:`reconfigure` changes them).
+        Dicts saved before a key existed load without it.
 
         Raises:
             TypeError: ``state_dict`` or one of its entries has the wrong type.
@@ -799,6 +807,10 @@ class MetaOptimizer:
         if state_dict.get("q_stats") is not None:
             self.q_stats = dict(state_dict["q_stats"])
             self._observations = [dict(o) for o in state_dict.get("q_observations") or []]
+        elif self.adaptive is not None and "q_stats" in state_dict:
+            # Saved with a fixed q: this q="auto" run starts its statistics afresh (and the
+            # settings warning below says that q differed).
+            self.q_stats, self._observations = adaptive.init_stats(self.adaptive), []
         if state_dict.get("tasks") is not None:  # absent from dicts saved before it existed
             self._tasks = int(state_dict["tasks"])
         if state_dict.get("reduced") is not None:
@@ -817,6 +829,22 @@ class MetaOptimizer:
     def __repr__(self) -> str:
         return (f"MetaOptimizer(mode={self.mode!r}, steps={self.steps}, law={self.law!r}, "
                 f"memory={self.memory!r}, inner={self.inner!r}, optimizer={type(self.optimizer).__name__})")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a plain Python number (a numpy scalar is not one), a tuple of them, or,
+    for anything else that is not ``None`` or a string, its type's name (a learned tensor)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return type(value).__name__
 
 
 def _check_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
@@ -892,10 +920,6 @@ def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
     if stats is not None and not auto_q:
         raise ValueError("Invalid state_dict['q_stats']: it holds q='auto' statistics but this "
                          "MetaOptimizer has a fixed q (build it with q='auto' to resume them)")
-    if stats is None and auto_q and "q_stats" in sd:
-        raise ValueError("Invalid state_dict['q_stats']: None, saved with a fixed q, but this "
-                         "MetaOptimizer has q='auto' (build it with the saved q, load, then "
-                         "reconfigure(q='auto') to adapt q from there)")
     saved_rule = sd.get("q_rule")
     if stats is not None and saved_rule is not None and saved_rule != rule.rule:
         raise ValueError(f"Invalid state_dict['q_rule']: {saved_rule!r}, but this MetaOptimizer has "
