@@ -730,7 +730,7 @@ def test_any_error_under_vmap_runs_the_tasks_again_per_task():
     want = [sum(g) for g in zip(*[brute_force_partial(
         model, mse, mse, lambda j, i=i: (supports[0][i], supports[1][i]), (queries[0][i], queries[1][i]),
         3, params, 3, ref_sgd(0.3), head) for i in range(3)])]
-    with pytest.warns(UserWarning, match="per-task loop: torch.func could not vectorise"):
+    with pytest.warns(UserWarning, match="per-task loop: an error under torch.func.vmap"):
         got = torch_ufom.hypergrad_batch(model, mse, mse, supports, queries, steps=3, inner_lr=0.3,
                                          mode="exact", inner_params=head)
     assert rel_err(got, want) < 1e-10
@@ -743,3 +743,71 @@ def test_any_error_under_vmap_runs_the_tasks_again_per_task():
     with pytest.raises(KeyError, match="the user's bug"):
         torch_ufom.hypergrad_batch(model, mse, broken, supports, queries, steps=3, inner_lr=0.3,
                                    mode="exact", inner_params=head)
+
+
+def test_after_an_error_under_vmap_only_the_unfinished_tasks_run_again():
+    # The retry ran every task again: a hook on a meta-parameter saw the finished group's tasks
+    # twice (review Z). The finished group's results are kept and only the others loop.
+    from torch._C._functorch import is_batchedtensor
+    model, supports, queries = _layernorm_tasks(2)
+    supports, queries = (torch.cat([t, t[:1]]) for t in supports), (torch.cat([t, t[:1]]) for t in queries)
+    supports, queries = tuple(supports), tuple(queries)
+    batched_calls = []
+
+    def outer(f, b):
+        out = f(b[0])
+        if is_batchedtensor(out):
+            batched_calls.append(1)
+            if len(batched_calls) == 2:  # the exact group, as an out-of-memory error would
+                raise RuntimeError("out of memory (simulated)")
+        return mse(lambda x: out, b)
+    seen = []
+    handle = model[0].weight.register_hook(lambda g: seen.append(g.clone()))
+    forced = [0, 0, 2, 2]
+    meta = meta_opt(model, 0.3, mode="ufom", q=0.5)
+    with pytest.warns(UserWarning, match=r"per-task loop: an error under torch.func.vmap \(out of memory"):
+        results = meta.backward_batch(mse, outer, supports, queries, force_truncation=forced)
+    got = grads(meta)
+    assert len(seen) == 4
+    assert [r.batch_path.split(":")[0] for r in results] == [
+        "vectorised, before per-task loop", "vectorised, before per-task loop",
+        "per-task loop", "per-task loop"]
+    handle.remove()
+    loop = meta_opt(model, 0.3, mode="ufom", q=0.5, vectorise=False)
+    loop.zero_grad()
+    for i, K in enumerate(forced):
+        loop.backward(mse, mse, (supports[0][i], supports[1][i]), (queries[0][i], queries[1][i]),
+                      force_truncation=K)
+    assert rel_err(got, grads(loop)) < 1e-10
+    # A non-finite loss is raised at once, not run again task by task.
+    calls = []
+
+    def counted(f, b):
+        calls.append(1)
+        return mse(f, b)
+    bad = (supports[0].clone(), supports[1])
+    bad[0][-1, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="inner_loss is not finite"):
+        torch_ufom.hypergrad_batch(model, counted, mse, bad, queries, steps=2, inner_lr=0.3,
+                                   mode="fom", vectorise=True)
+    assert len(calls) <= 3  # the probe and two vectorised steps
+
+
+def test_forward_over_reverse_refuses_by_the_draws_on_every_path():
+    # A proximal inner loss under hvp="fwdrev": the vectorised path refused a meta-batch whose
+    # tasks all drew K = 0, which the loop (and hypergrad) run (review Z).
+    model, supports, queries = _layernorm_tasks(3)
+    theta = list(model.parameters())
+
+    def proximal(f, b):
+        return mse(f, b) + 0.5 * sum(((p - t) ** 2).sum() for p, t in zip(f.parameters(), theta))
+    got = {v: torch_ufom.hypergrad_batch(model, proximal, mse, supports, queries, steps=2, inner_lr=0.3,
+                                         mode="ufom", q=0.5, hvp="fwdrev", vectorise=v,
+                                         force_truncation=0)
+           for v in (True, False)}
+    assert rel_err(got[True], got[False]) < 1e-12
+    for v in (True, False):
+        with pytest.raises(ValueError, match="reads a meta-parameter directly"):
+            torch_ufom.hypergrad_batch(model, proximal, mse, supports, queries, steps=2, inner_lr=0.3,
+                                       mode="ufom", q=0.5, hvp="fwdrev", vectorise=v,
+                                       force_truncation=[0, 2, 0])

@@ -1742,3 +1742,18 @@ def test_a_sparse_embedding_gradient_is_checked_and_accumulated(mode):
         model.emb.weight[x[0, 0]] = math.nan
     with pytest.raises(FloatingPointError):
         torch_ufom.hypergrad(model, loss, loss, (x, y), (x, y), steps=3, inner_lr=0.3, mode=mode)
+
+
+def test_the_finiteness_check_reads_a_sparse_hypergradient_s_values():
+    # Every loss finite, a sparse hypergradient holding inf: the check's sparse branch.
+    from torch_ufom.estimators import Estimate, NonFiniteHypergradient, SweepLog, check_finite
+    log = SweepLog(2)
+    for value in (1.0, 0.5):
+        log.first(torch.tensor(value, dtype=DTYPE))
+    sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, math.inf], (4,), dtype=DTYPE)
+    est = Estimate((torch.ones(2, dtype=DTYPE), sparse), torch.tensor(0.1, dtype=DTYPE), log.values, 2)
+    with pytest.raises(NonFiniteHypergradient, match=r"params\[1\]"):
+        check_finite(log, est)
+    est.grads = (torch.ones(2, dtype=DTYPE), torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,),
+                                                                      dtype=DTYPE))
+    check_finite(log, est)  # finite: passes

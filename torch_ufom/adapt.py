@@ -185,6 +185,8 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
             try:
                 state = _run(problem, Vectorised(size), supports)
                 return _stacked(problem, [state], size)
+            except FloatingPointError:
+                raise  # a non-finite inner loss: the loop would find it again
             except Exception:  # noqa: BLE001 (run per task, where an error of the loss is raised)
                 vectorised = False  # calls of the result then loop over the tasks at once
         states = [_run(problem, PerTask(), task_of(supports, i)) for i in range(size)]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, Settings, check_generator, check_losses, resolve
-from .estimators import Estimate, NonFiniteHypergradient, estimate
+from .estimators import Estimate, estimate
 from .inner import InnerRule
 from .truncation import TruncationLaw
 from .unroll import Evaluator, InnerLoop, PerTask, Problem, batch_getter
@@ -183,6 +183,10 @@ class BatchRun:
         slow_ops: what the probe found for these losses and device
             (``None`` if it looked at nothing); pass it back as ``known`` so
             that the next call need not probe again.
+        batched_groups: how many of ``groups``, from the first, ran under
+            ``vmap`` (their losses carry a task dimension): all when
+            ``vectorised``; after an error under ``vmap``, those that had
+            finished, the other tasks then running one by one.
     """
 
     groups: List[Tuple[List[int], Estimate, float]]
@@ -191,6 +195,7 @@ class BatchRun:
     truncations: List[int]
     fallback: bool = False
     slow_ops: Optional["SlowOps"] = None
+    batched_groups: int = 0
 
 
 class SlowOps(NamedTuple):
@@ -252,40 +257,44 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     forced = check_force_truncation(force, size, problem.config.steps)
     with restore_rng_on_error(problem.generator):
         truncations, seeds = _draws(problem, size, forced)
-        plan = vectorised_plan(problem, supports, queries, diagnostics, known)
+        plan = vectorised_plan(problem, supports, queries, diagnostics, known,
+                               exact=any(K > 0 for K in truncations))
         reason, fallback = plan.reason, plan.fallback
+        done: List[Tuple[List[int], Estimate, float]] = []  # the groups that ran vectorised
         if plan.problem is not None:
             try:
-                return BatchRun(_run_groups(plan.problem, supports, queries, truncations, seeds),
-                                True, reason, truncations, False, plan.slow_ops)
-            except NonFiniteHypergradient:
-                raise
+                _run_groups(plan.problem, supports, queries, truncations, seeds, done)
+                return BatchRun(done, True, reason, truncations, False, plan.slow_ops, len(done))
+            except FloatingPointError:
+                raise  # a non-finite loss or hypergradient: the loop would find it again
             except Exception as err:  # noqa: BLE001
-                # torch.func's own refusals name it; any other error raised under vmap (a
-                # batching rule that fails on the user's shapes, a packed sequence of another
-                # length per task) is run again per task, where an error of the losses is raised.
+                # torch.func's own refusals, and any other error raised under vmap (a batching
+                # rule that fails on the user's shapes, a packed sequence of another length per
+                # task): the tasks of the groups that did not finish run again per task, where
+                # an error of the losses is raised. Finished groups are kept (their hooks ran).
                 first_line = (str(err).splitlines() or [type(err).__name__])[0]
-                reason = f"torch.func could not vectorise this model ({first_line})"
+                reason = f"an error under torch.func.vmap ({first_line})"
                 fallback = True
-        groups = []
+        groups = list(done)
+        finished = {i for index, _, _ in done for i in index}
         for i in range(size):
+            if i in finished:
+                continue
             start = time.perf_counter()
             task = (task_of(supports, i), task_of(queries, i))
             check_fwdrev_task(problem, task[0], truncations[i])
             est = run_estimate(problem, PerTask(), task, truncations[i], seeds[i], diagnostics)
             groups.append(([i], est, time.perf_counter() - start))
-        return BatchRun(groups, False, reason, truncations, fallback, plan.slow_ops)
+        return BatchRun(groups, False, reason, truncations, fallback, plan.slow_ops, len(done))
 
 
-def _run_groups(problem: Problem, supports, queries, truncations, seeds):
-    """One vectorised sweep per drawn ``K``."""
-    groups = []
+def _run_groups(problem: Problem, supports, queries, truncations, seeds, done: list) -> None:
+    """One vectorised sweep per drawn ``K``, each appended to ``done`` as it finishes."""
     for k, index in group_by_truncation(truncations).items():
         start = time.perf_counter()
         tasks = (select_tasks(supports, index), select_tasks(queries, index))
         est = run_estimate(problem, Vectorised(len(index)), tasks, k, seeds[index[0]])
-        groups.append((index, est, time.perf_counter() - start))
-    return groups
+        done.append((index, est, time.perf_counter() - start))
 
 
 def _slow(what: Sequence[str]) -> str:
@@ -298,10 +307,11 @@ def _wrong(what: Sequence[str]) -> str:
 
 
 def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: bool,
-                    known: Optional[SlowOps] = None) -> Plan:
+                    known: Optional[SlowOps] = None, exact: Optional[bool] = None) -> Plan:
     """Whether and how the meta-batch runs under ``vmap`` (see :func:`estimate_batch`).
     A model whose normalisation layers ``vmap`` differentiates twice wrongly gets
-    forward-over-reverse HVPs instead, where they apply."""
+    forward-over-reverse HVPs instead, where they apply. ``exact``: whether some
+    task drew an exact sweep (``K > 0``); by default, whether the law can draw one."""
     choice = problem.config.vectorise
     if choice is False:
         return Plan(None, "vectorise=False", False, known)
@@ -317,7 +327,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     if known is not None and (known.inner_loss is not problem.inner_loss or known.device != device
                               or known.outer_loss is not problem.outer_loss):
         known = None
-    exact = problem.law.survival(problem.config.steps)[1] > 0.0
+    if exact is None:  # whether some task runs an exact sweep: from the draws where known
+        exact = problem.law.survival(problem.config.steps)[1] > 0.0
     if not exact and next(problem.model.buffers(), None) is None and known is not None:
         if auto and known.ops:  # nothing else the probe could find matters
             return Plan(None, _slow(known.ops), False, known)

@@ -465,15 +465,16 @@ class MetaOptimizer:
         results: List[Optional[MetaResult]] = [None] * len(run.truncations)
         path = ("vectorised" + (f": {run.reason}" if run.reason else "") if run.vectorised
                 else f"per-task loop: {run.reason}")
-        for index, est, seconds in run.groups:
+        for g, (index, est, seconds) in enumerate(run.groups):
+            batched = g < run.batched_groups
             for col, i in enumerate(index):
-                batched = run.vectorised
                 results[i] = MetaResult(
                     est.outer_loss[col] if batched else est.outer_loss,
                     est.inner_losses[:, col] if batched else est.inner_losses,
                     est.truncation, est.weights, q, est.forward_steps, est.reverse_steps,
-                    task_aux(est.aux, col) if batched else est.aux, path)
-            if self._track_buffers and not run.vectorised:
+                    task_aux(est.aux, col) if batched else est.aux,
+                    path if batched == run.vectorised else "vectorised, before " + path)
+            if self._track_buffers and not batched:
                 self._buffers.append(list(est.buffers))
         self._observations += observations
         self._tasks += len(run.truncations)
