@@ -1084,8 +1084,8 @@ def test_a_resumed_run_restores_its_learned_rate_and_warns_of_other_settings():
         warnings.simplefilter("error")
         meta2.load_state_dict(saved)
     meta2.reconfigure(mode="fom", steps=2)
-    with pytest.warns(UserWarning, match=r"the saved run had steps=3, law='Fixed\(k=3\)' where this "
-                                         r"MetaOptimizer has steps=2, law="):
+    with pytest.warns(UserWarning, match=r"the saved run had steps=3, law='P\(K = 0..3\) = \(0.0, 0.0, "
+                                         r"0.0, 1.0\)' where this MetaOptimizer has steps=2, law="):
         meta2.load_state_dict(saved)
     # Numbers given as numpy scalars are saved as plain ones: torch.load's default (weights
     # only) reads the dict back.
@@ -1113,8 +1113,8 @@ def test_q_statistics_load_only_into_the_rule_that_kept_them():
     assert ufom.q_stats == before
     # Saved with a fixed q: the q="auto" run starts its statistics afresh, and is told.
     ufom.q_stats["q"] = 0.9
-    with pytest.warns(UserWarning, match=r"had law='Bernoulli\(q=0.5\)' where this MetaOptimizer has "
-                                         r"law=\"q='auto'"):
+    with pytest.warns(UserWarning, match=r"had law='P\(K = 0..3\) = \(0.5, 0.0, 0.0, 0.5\)' where this "
+                                         r"MetaOptimizer has law=\"q='auto', rule='ufom'"):
         ufom.load_state_dict(fixed.state_dict())
     assert ufom.q_stats == before
     # A dict saved after synchronize() refuses another task when resumed, as the original does.
@@ -1757,3 +1757,40 @@ def test_the_finiteness_check_reads_a_sparse_hypergradient_s_values():
     est.grads = (torch.ones(2, dtype=DTYPE), torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,),
                                                                       dtype=DTYPE))
     check_finite(log, est)  # finite: passes
+
+
+class _HalfHalf(torch_ufom.truncation.TruncationLaw):
+    """A user's law with only ``probs``, as the TruncationLaw contract asks."""
+
+    def probs(self, steps):
+        return [0.5] + [0.0] * (steps - 1) + [0.5]
+
+
+@pytest.mark.parametrize("saved, resumed, differ", [
+    (dict(inner_lr=1), dict(inner_lr=1.0), None),
+    (dict(inner_lr=0.1, mode="exact"), dict(inner=inner.SGD(0.1), truncation=torch_ufom.truncation.Fixed()),
+     None),
+    (dict(inner_lr=0.1, mode="fom"), dict(inner_lr=0.1, mode="fom", memory="store"), None),
+    (dict(inner_lr=0.1, truncation=_HalfHalf()), dict(inner_lr=0.1, truncation=_HalfHalf()), None),
+    (dict(inner_lr=0.1, q="auto", q_min=0.05), dict(inner_lr=0.1, q="auto", q_min=0.15), "law"),
+    (dict(inner=inner.SGD(0.1, momentum=0.9, nesterov=True)), dict(inner=inner.SGD(0.1, momentum=0.9)),
+     "inner"),
+    (dict(inner_lr=0.1), dict(inner_lr=0.1, vectorise=False), "vectorise"),
+])
+def test_load_warns_of_settings_that_resolve_differently_only(saved, resumed, differ):
+    # The settings were compared as written (a default mode=None against "ufom") or by repr (a
+    # user's law by its address, 1 against 1.0): warnings on every resume (review Z2).
+    model = _build(79, mlp)
+
+    def build(kw):
+        return torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=STEPS,
+                                        **kw)
+    state = build(saved).state_dict()
+    with warnings.catch_warnings(record=True) as log:
+        warnings.simplefilter("always")
+        build(resumed).load_state_dict(state)
+    messages = [str(w.message) for w in log if "load_state_dict" in str(w.message)]
+    if differ is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and f"had {differ}=" in messages[0], messages

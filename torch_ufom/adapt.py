@@ -7,7 +7,9 @@ estimators (same rule, same adapted parameters, same per-step random streams)
 but keeps no graph between steps, so its memory does not grow with ``steps``,
 and returns a :class:`~torch_ufom.FunctionalModel` at the adapted parameters
 and buffers. :func:`adapt_batch` adapts a stacked meta-batch of tasks at once.
-The module itself is never changed; both work under ``torch.no_grad()``.
+The module itself is not changed (a forward that writes a parameter in place
+writes the loop's copy of an adapted one; the parameters the loop does not adapt
+are the module's own, as when it is called); both work under ``torch.no_grad()``.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class StackedFunctionalModel:
     where ``vmap`` cannot run the module (e.g. ``nn.GRU``, ``nn.LSTM``).
 
     Attributes:
-        module: the user's module (not changed).
+        module: the user's module (its parameters that are not adapted are its own).
         params, buffers: dicts from name to stacked tensors (non-adapted
             parameters and shared buffers are expanded views).
         size: the number of tasks.
@@ -115,7 +117,7 @@ def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, i
     """Run the inner loop on one task without a meta-gradient and return the adapted model.
 
     Args:
-        model: the module whose parameters the loop starts from (not changed).
+        model: the module whose parameters the loop starts from (see the module docstring).
         inner_loss: ``(fmodel, batch) -> scalar tensor`` (or ``(loss, aux)``;
             the aux is not kept).
         support: one batch reused at every step, :class:`~torch_ufom.StepBatches`,
@@ -158,7 +160,7 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     :func:`adapt` over the tasks (with dropout, ``vmap`` draws other masks).
 
     Args:
-        model: the module whose parameters every task starts from (not changed).
+        model: the module whose parameters every task starts from (see :func:`adapt`).
         inner_loss: ``(fmodel, batch) -> scalar tensor`` (or ``(loss, aux)``); it
             sees one task's batch.
         supports: a tensor, a tuple/list or a dict of tensors whose first

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import time
@@ -19,7 +20,7 @@ from .adapt import adapt
 from .config import Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, NonFiniteHypergradient
 from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads, task_aux
-from .inner import InnerRule
+from .inner import InnerRule, PerStep
 from .truncation import Bernoulli, TruncationLaw
 
 __all__ = ["MetaOptimizer", "MetaResult"]
@@ -751,18 +752,26 @@ class MetaOptimizer:
         return [t for t in self.meta_parameters() if id(t) not in own]
 
     def _settings_summary(self) -> Dict[str, Any]:
-        """The resolved configuration as plain values and strings (what ``torch.load``
-        with ``weights_only=True`` reads back), for :meth:`load_state_dict` to compare:
-        equivalent keywords (``inner_lr=0.1`` or ``inner=SGD(0.1)``, a ``q`` that
-        ``exact`` ignores) give the same summary."""
+        """The resolved configuration as plain values (what ``torch.load`` with
+        ``weights_only=True`` reads back), for :meth:`load_state_dict` to compare.
+        Equivalent keywords give the same summary: the law by its probabilities
+        (``mode="exact"`` or ``truncation=Fixed()``; a ``q`` that ``exact`` ignores),
+        the inner rule by its hyperparameters as numbers (``inner_lr=1`` or
+        ``inner=SGD(1.0)``; a learned tensor as ``"tensor"``), and no memory or HVP
+        setting under a law that never runs an exact sweep."""
         c = self._config
-        rule = ", ".join(f"{k}={_plain(v)!r}" for k, v in c.rule.hyper.items())
-        return {"steps": int(c.steps),
-                "law": repr(c.law) if c.adaptive is None else f"q='auto', q_rule={c.adaptive.rule!r}",
-                "inner": f"{type(c.rule).__name__}({rule})",
-                "inner_params": list(c.adapted),
-                "memory": c.memory, "slots": _plain(c.slots), "max_memory": _plain(c.max_memory),
-                "hvp": c.hvp, "reduction": self._reduction}
+        if c.adaptive is not None:
+            law = "q='auto', " + ", ".join(f"{k}={_plain(v)!r}" for k, v in vars(c.adaptive).items())
+        else:
+            law = f"P(K = 0..{c.steps}) = {tuple(round(float(p), 15) for p in c.law.probs(c.steps))}"
+        flags = inspect.signature(type(c.rule)).parameters  # nesterov=, amsgrad=, centered=
+        rule = {"type": type(c.rule).__name__, **{k: _plain(v) for k, v in c.rule.hyper.items()},
+                **{k: v for k, v in vars(c.rule).items() if k in flags and isinstance(v, bool)}}
+        out = {"steps": int(c.steps), "law": law, "inner": rule, "inner_params": list(c.adapted),
+               "vectorise": _plain(c.vectorise), "reduction": self._reduction}
+        if c.adaptive is not None or c.law.survival(c.steps)[1] > 0.0:
+            out.update(memory=c.memory, slots=_plain(c.slots), max_memory=_plain(c.max_memory), hvp=c.hvp)
+        return out
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned.
@@ -833,18 +842,22 @@ class MetaOptimizer:
 
 
 def _plain(value: Any) -> Any:
-    """``value`` as a plain Python number (a numpy scalar is not one), a tuple of them, or,
-    for anything else that is not ``None`` or a string, its type's name (a learned tensor)."""
-    if value is None or isinstance(value, str):
+    """``value`` as plain Python values that compare as the settings do: a number as a
+    ``float`` (``1`` and ``1.0``, a numpy scalar), a bool as a bool, a tensor as
+    ``"tensor"`` (learned: its value is state, not a setting), a ``PerStep`` by its values,
+    tuples and per-parameter dicts entry by entry, and anything else by its type's name."""
+    if value is None or isinstance(value, (str, bool)):
         return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, numbers.Integral):
-        return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
-    if isinstance(value, tuple):
+    if isinstance(value, Tensor):
+        return "tensor"
+    if isinstance(value, PerStep):
+        return ("PerStep", _plain(value.values))
+    if isinstance(value, (tuple, list)):
         return tuple(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
     return type(value).__name__
 
 

@@ -246,22 +246,23 @@ class Probe(NamedTuple):
 def _probe_params(module: nn.Module, adapted) -> Dict[str, Tensor]:
     """The parameters a probe evaluates the module at, detached: copies of the adapted
     ones (a forward may write them in place, and the inner loop copies them too), and
-    of all of them where the module is known to write them; the module's own tensors
-    otherwise (a frozen backbone is not copied)."""
-    copy_all = renormalises_weights(module)
-    adapted = set(adapted)
+    of all of them where the module is known to write them or ``adapted`` is ``None``;
+    the module's own tensors otherwise (a frozen backbone is not copied)."""
+    copy_all = adapted is None or renormalises_weights(module)
+    adapted = set(adapted or ())
     return {n: p.detach().clone() if copy_all or n in adapted else p.detach()
             for n, p in module.named_parameters()}
 
 
-def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, adapted=()) -> Probe:
+def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, adapted=None) -> Probe:
     """One evaluation of the inner loss at the module's parameters, without a graph
     and with the random states restored: what decides how a sweep may run.
     ``Probe.wrong`` also names the submodules whose gradient ``vmap`` gets wrong
     (:func:`wrong_under_vmap`), and, with ``outer_loss``, the operations one
     evaluation of it on ``query`` calls (with gradients enabled, as the sweep runs
     it; an error there is left to the sweep). ``adapted``: the names of the
-    parameters the inner loop adapts (:func:`_probe_params`)."""
+    parameters the inner loop adapts, which it copies (default ``None``: copy all;
+    :func:`_probe_params`)."""
     mode = _Probe()
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
@@ -293,7 +294,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
 
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
-                        adapted=()) -> bool:
+                        adapted=None) -> bool:
     """Whether the inner loss reads a meta-parameter other than through the
     ``fmodel`` it is given (``model.parameters()``, ``model(x)``, a captured
     tensor): one evaluation at detached copies of the module's parameters, under
