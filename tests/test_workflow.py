@@ -1759,6 +1759,13 @@ def test_the_finiteness_check_reads_a_sparse_hypergradient_s_values():
     check_finite(log, est)  # finite: passes
 
 
+class _ForwardingSGD(inner.SGD):
+    """A user's rule whose constructor forwards its arguments (its flags are SGD's)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
 class _HalfHalf(torch_ufom.truncation.TruncationLaw):
     """A user's law with only ``probs``, as the TruncationLaw contract asks."""
 
@@ -1776,6 +1783,11 @@ class _HalfHalf(torch_ufom.truncation.TruncationLaw):
     (dict(inner=inner.SGD(0.1, momentum=0.9, nesterov=True)), dict(inner=inner.SGD(0.1, momentum=0.9)),
      "inner"),
     (dict(inner_lr=0.1), dict(inner_lr=0.1, vectorise=False), "vectorise"),
+    # A constant tensor is a setting, compared by value (review Z3); a learned one is state.
+    (dict(inner_lr=torch.tensor(0.01, dtype=DTYPE)), dict(inner_lr=torch.tensor(0.5, dtype=DTYPE)), "inner"),
+    (dict(inner_lr=torch.tensor(0.01, dtype=DTYPE)), dict(inner_lr=0.01), None),
+    (dict(inner=_ForwardingSGD(0.1, momentum=0.9, nesterov=True)),
+     dict(inner=_ForwardingSGD(0.1, momentum=0.9)), "inner"),
 ])
 def test_load_warns_of_settings_that_resolve_differently_only(saved, resumed, differ):
     # The settings were compared as written (a default mode=None against "ufom") or by repr (a
@@ -1794,3 +1806,8 @@ def test_load_warns_of_settings_that_resolve_differently_only(saved, resumed, di
         assert messages == []
     else:
         assert len(messages) == 1 and f"had {differ}=" in messages[0], messages
+    # A summary of another format (an older version's) is not compared.
+    state["settings"] = dict(state["settings"], format=1, steps=STEPS + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(resumed).load_state_dict(state)

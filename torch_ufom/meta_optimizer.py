@@ -760,15 +760,20 @@ class MetaOptimizer:
         ``inner=SGD(1.0)``; a learned tensor as ``"tensor"``), and no memory or HVP
         setting under a law that never runs an exact sweep."""
         c = self._config
+        learned = frozenset(id(t) for t in self.meta_parameters())
         if c.adaptive is not None:
             law = "q='auto', " + ", ".join(f"{k}={_plain(v)!r}" for k, v in vars(c.adaptive).items())
         else:
             law = f"P(K = 0..{c.steps}) = {tuple(round(float(p), 15) for p in c.law.probs(c.steps))}"
-        flags = inspect.signature(type(c.rule)).parameters  # nesterov=, amsgrad=, centered=
-        rule = {"type": type(c.rule).__name__, **{k: _plain(v) for k, v in c.rule.hyper.items()},
+        flags = set()  # the options of the rule's constructors (nesterov=, amsgrad=, centered=)
+        for cls in type(c.rule).__mro__:
+            if "__init__" in vars(cls) and cls is not object:
+                flags |= set(inspect.signature(vars(cls)["__init__"]).parameters)
+        rule = {"type": type(c.rule).__name__, **{k: _plain(v, learned) for k, v in c.rule.hyper.items()},
                 **{k: v for k, v in vars(c.rule).items() if k in flags and isinstance(v, bool)}}
-        out = {"steps": int(c.steps), "law": law, "inner": rule, "inner_params": list(c.adapted),
-               "vectorise": _plain(c.vectorise), "reduction": self._reduction}
+        out = {"format": _SETTINGS_FORMAT, "steps": int(c.steps), "law": law, "inner": rule,
+               "inner_params": list(c.adapted), "vectorise": _plain(c.vectorise),
+               "reduction": self._reduction}
         if c.adaptive is not None or c.law.survival(c.steps)[1] > 0.0:
             out.update(memory=c.memory, slots=_plain(c.slots), max_memory=_plain(c.max_memory), hvp=c.hvp)
         return out
@@ -827,7 +832,7 @@ class MetaOptimizer:
             self._reduced = bool(state_dict["reduced"])
         self._holding = self._holding or self._tasks > 0 or self._reduced
         saved_settings, now = state_dict.get("settings"), self._settings_summary()
-        if saved_settings:
+        if saved_settings and saved_settings.get("format") == _SETTINGS_FORMAT:  # else not comparable
             differ = [k for k in now if k in saved_settings and saved_settings[k] != now[k]]
             if differ:
                 was = ", ".join(f"{k}={saved_settings[k]!r}" for k in differ)
@@ -841,23 +846,34 @@ class MetaOptimizer:
                 f"memory={self.memory!r}, inner={self.inner!r}, optimizer={type(self.optimizer).__name__})")
 
 
-def _plain(value: Any) -> Any:
+_SETTINGS_FORMAT = 2  # of MetaOptimizer._settings_summary; other formats are not compared
+
+
+def _plain(value: Any, learned: frozenset = frozenset()) -> Any:
     """``value`` as plain Python values that compare as the settings do: a number as a
-    ``float`` (``1`` and ``1.0``, a numpy scalar), a bool as a bool, a tensor as
-    ``"tensor"`` (learned: its value is state, not a setting), a ``PerStep`` by its values,
+    ``float`` (``1`` and ``1.0``, a numpy scalar), a bool as a bool, a tensor whose ``id``
+    is in ``learned`` as ``"tensor"`` (its value is state, not a setting), another tensor
+    by its values (a large one by its shape, sum and norm), a ``PerStep`` by its values,
     tuples and per-parameter dicts entry by entry, and anything else by its type's name."""
     if value is None or isinstance(value, (str, bool)):
         return value
     if isinstance(value, numbers.Real):
         return float(value)
     if isinstance(value, Tensor):
-        return "tensor"
+        if id(value) in learned or (value._base is not None and id(value._base) in learned):
+            return "tensor"
+        v = value.detach().to("cpu", torch.float64)
+        if v.dim() == 0:
+            return float(v)
+        if v.numel() <= 16:
+            return _plain(v.reshape(-1).tolist())
+        return ("tensor", tuple(v.shape), float(v.sum()), float(v.norm()))
     if isinstance(value, PerStep):
-        return ("PerStep", _plain(value.values))
+        return ("PerStep", _plain(value.values, learned))
     if isinstance(value, (tuple, list)):
-        return tuple(_plain(v) for v in value)
+        return tuple(_plain(v, learned) for v in value)
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, learned) for k, v in value.items()}
     return type(value).__name__
 
 
