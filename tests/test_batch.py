@@ -779,6 +779,13 @@ def test_after_an_error_under_vmap_only_the_unfinished_tasks_run_again():
         loop.backward(mse, mse, (supports[0][i], supports[1][i]), (queries[0][i], queries[1][i]),
                       force_truncation=K)
     assert rel_err(got, grads(loop)) < 1e-10
+    # Remembered for exact sweeps only: first-order meta-batches still vectorise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert all(r.batch_path.startswith("vectorised") for r in
+                   meta.backward_batch(mse, outer, supports, queries, force_truncation=[0] * 4))
+        assert all(r.batch_path.startswith("per-task loop: an error under") for r in
+                   meta.backward_batch(mse, outer, supports, queries, force_truncation=forced))
     # A non-finite loss is raised at once, not run again task by task.
     calls = []
 
@@ -811,3 +818,34 @@ def test_forward_over_reverse_refuses_by_the_draws_on_every_path():
             torch_ufom.hypergrad_batch(model, proximal, mse, supports, queries, steps=2, inner_lr=0.3,
                                        mode="ufom", q=0.5, hvp="fwdrev", vectorise=v,
                                        force_truncation=[0, 2, 0])
+
+
+def test_a_meta_optimizer_remembers_where_vmap_failed():
+    # Every call tried vmap again before the loop (about 15% per call on an LSTM, review Z).
+    from torch._C._functorch import is_batchedtensor
+    torch.manual_seed(0)
+    model = HeadOnLSTM()
+    g = torch.Generator().manual_seed(1)
+    supports = (torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, generator=g))
+    queries = (torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, generator=g))
+    batched = []
+
+    def loss(f, b):
+        batched.append(is_batchedtensor(b[0]))
+        return ((f(b[0]) - b[1]) ** 2).mean()
+    meta = meta_opt(model, 0.3, mode="ufom", q=0.5, inner_params=["head.weight", "head.bias"])
+    with pytest.warns(UserWarning, match="per-task loop: an error under torch.func.vmap"):
+        first = meta.backward_batch(loss, loss, supports, queries, force_truncation=[1, 0, 1])
+    assert any(batched)
+    batched.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per optimizer
+        again = meta.backward_batch(loss, loss, supports, queries, force_truncation=[0, 0, 0])
+        again = meta.backward_batch(loss, loss, supports, queries, force_truncation=[1, 0, 1])
+    assert not any(batched)  # the loop at once: vmap failed for every K
+    assert again[0].batch_path == first[0].batch_path
+    meta.reconfigure(steps=STEPS)  # forgets it: vmap is tried again
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta.backward_batch(loss, loss, supports, queries, force_truncation=[1, 0, 1])
+    assert any(batched)

@@ -201,13 +201,17 @@ class BatchRun:
 class SlowOps(NamedTuple):
     """What the probe found for one pair of losses on one device: the operations too large
     to pay vectorised there under ``vectorise="auto"``, with their sizes (empty: vmap
-    pays), and those whose gradient ``vmap`` gets wrong (non-empty: the loop runs)."""
+    pays), and those whose gradient ``vmap`` gets wrong (non-empty: the loop runs); and
+    why ``vmap`` failed on an earlier call, for exact sweeps (``failed_exact``) or for any
+    (``failed``): the loop then runs at once instead of failing again."""
 
     inner_loss: Callable
     device: torch.device
     ops: Tuple[str, ...]
     wrong: Tuple[str, ...] = ()
     outer_loss: Optional[Callable] = None
+    failed: str = ""
+    failed_exact: str = ""
 
 
 class Plan(NamedTuple):
@@ -259,12 +263,12 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
         truncations, seeds = _draws(problem, size, forced)
         plan = vectorised_plan(problem, supports, queries, diagnostics, known,
                                exact=any(K > 0 for K in truncations))
-        reason, fallback = plan.reason, plan.fallback
+        reason, fallback, slow_ops = plan.reason, plan.fallback, plan.slow_ops
         done: List[Tuple[List[int], Estimate, float]] = []  # the groups that ran vectorised
         if plan.problem is not None:
             try:
                 _run_groups(plan.problem, supports, queries, truncations, seeds, done)
-                return BatchRun(done, True, reason, truncations, False, plan.slow_ops, len(done))
+                return BatchRun(done, True, reason, truncations, False, slow_ops, len(done))
             except FloatingPointError:
                 raise  # a non-finite loss or hypergradient: the loop would find it again
             except Exception as err:  # noqa: BLE001
@@ -275,6 +279,11 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
                 first_line = (str(err).splitlines() or [type(err).__name__])[0]
                 reason = f"an error under torch.func.vmap ({first_line})"
                 fallback = True
+                if slow_ops is not None:  # remembered: the next call runs the loop at once
+                    failed_k = next(k for k in sorted(set(truncations)) if k not in
+                                    {truncations[index[0]] for index, _, _ in done})
+                    slow_ops = slow_ops._replace(**{"failed_exact" if failed_k > 0 else "failed":
+                                                    reason})
         groups = list(done)
         finished = {i for index, _, _ in done for i in index}
         for i in range(size):
@@ -285,7 +294,7 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
             check_fwdrev_task(problem, task[0], truncations[i])
             est = run_estimate(problem, PerTask(), task, truncations[i], seeds[i], diagnostics)
             groups.append(([i], est, time.perf_counter() - start))
-        return BatchRun(groups, False, reason, truncations, fallback, plan.slow_ops, len(done))
+        return BatchRun(groups, False, reason, truncations, fallback, slow_ops, len(done))
 
 
 def _run_groups(problem: Problem, supports, queries, truncations, seeds, done: list) -> None:
@@ -329,6 +338,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         known = None
     if exact is None:  # whether some task runs an exact sweep: from the draws where known
         exact = problem.law.survival(problem.config.steps)[1] > 0.0
+    if known is not None and (known.failed or (exact and known.failed_exact)):
+        return Plan(None, known.failed or known.failed_exact, True, known)
     if not exact and next(problem.model.buffers(), None) is None and known is not None:
         if auto and known.ops:  # nothing else the probe could find matters
             return Plan(None, _slow(known.ops), False, known)
@@ -341,7 +352,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
                   problem.config.adapted)
     known = SlowOps(problem.inner_loss, device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
-        tuple(sorted(found.wrong)), problem.outer_loss)
+        tuple(sorted(found.wrong)), problem.outer_loss,
+        *((known.failed, known.failed_exact) if known is not None else ()))
     if auto and known.ops:
         return Plan(None, _slow(known.ops), False, known)
     if known.wrong:

@@ -273,6 +273,7 @@ class MetaOptimizer:
         keep = (config.adaptive is not None and old is not None and
                 vars(config.adaptive) == vars(old))
         self._config, self._signature = config, self._current_signature()
+        self._slow_ops = None  # what the probe found and where vmap failed: look again
         if not keep:
             self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
             self._observations = []
