@@ -1227,6 +1227,9 @@ def test_synchronize_applies_the_mean_once_so_that_clipping_sees_it():
                 p.grad /= len(tasks)
         else:
             assert meta.synchronize() == len(tasks)
+            reduced = [p.grad.clone() for p in model.parameters()]
+            assert meta.synchronize() == len(tasks)  # a second call changes nothing
+            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), reduced))
             with pytest.raises(ValueError, match=r"a task after synchronize\(\)"):
                 meta.backward(sq_loss, sq_loss, *tasks[0])
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05))
@@ -1811,3 +1814,25 @@ def test_load_warns_of_settings_that_resolve_differently_only(saved, resumed, di
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build(resumed).load_state_dict(state)
+
+
+def test_diagnose_takes_inner_params_and_leaves_the_random_state_alone():
+    # diagnose() refused inner_params= (an ANIL set-up could not be measured) and advanced the
+    # caller's generator, so calling it mid-training moved every later ufom draw (review AA).
+    model = _build(80, mlp)
+    supports, queries = _regression(80)
+    tasks = [(task_of(supports, i), task_of(queries, i)) for i in range(2)]
+    gen = torch.Generator().manual_seed(4)
+    state, global_state = gen.get_state(), torch.get_rng_state()
+    head = ["2.weight", "2.bias"]
+    got = torch_ufom.diagnose(model, sq_loss, sq_loss, tasks, steps=STEPS, inner_lr=LR, inner_params=head,
+                              generator=gen)
+    assert torch.equal(gen.get_state(), state) and torch.equal(torch.get_rng_state(), global_state)
+    params = list(model.parameters())
+    G = [[brute_force_partial(model, sq_loss, sq_loss, lambda j, t=t: t[0], t[1], STEPS, params, k,
+                              ref_sgd(LR), head) for t in tasks] for k in (0, STEPS)]
+    A = sum(sum(float((g ** 2).sum()) for g in Gr) for Gr in G[1]) / 2
+    D = sum(sum(float(((a - b) ** 2).sum()) for a, b in zip(Gr, G0)) for Gr, G0 in zip(G[1], G[0])) / 2
+    assert got.A == pytest.approx(A, rel=1e-10) and got.D == pytest.approx(D, rel=1e-10)
+    torch_ufom.diagnose(model, sq_loss, sq_loss, tasks, steps=STEPS, inner_lr=LR)  # global generator
+    assert torch.equal(torch.get_rng_state(), global_state)

@@ -67,25 +67,29 @@ def _sq(grads: Sequence[Optional[Tensor]]) -> float:
 def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
              tasks: Sequence[Tuple[Any, Any]], *, steps: int, inner_lr=None,
              inner: Optional[InnerRule] = None, memory: str = "checkpoint", slots: Optional[int] = None,
+             max_memory: Optional[int] = None, hvp: str = "auto", inner_params=None,
              params: Optional[Sequence[Tensor]] = None,
              generator: Optional[torch.Generator] = None) -> Diagnosis:
     """Measure ``A``, ``D`` and the branch costs on ``tasks`` and the ``q`` each rule picks.
 
     Args:
         model, inner_loss, outer_loss, steps, inner_lr, inner, memory, slots,
-            params, generator: as for :func:`~torch_ufom.hypergrad`.
+            max_memory, hvp, inner_params, params, generator: as for
+            :func:`~torch_ufom.hypergrad`.
         tasks: a sequence of ``(support, query)`` pairs (a few are enough; the
             statistics are means over them). The first is also run once
             beforehand to warm up, so the times are steady.
 
     Returns:
-        A :class:`Diagnosis`. Nothing is written to ``.grad``; the module is
-        not changed.
+        A :class:`Diagnosis`. Nothing is written to ``.grad``; the module, the
+        generator and the global random state are left as they were (the
+        draws of a training run that calls it in between do not move).
     """
     tasks = list(tasks)
     if not tasks or not all(isinstance(t, (tuple, list)) and len(t) == 2 for t in tasks):
         raise ValueError("Invalid tasks: expected a non-empty sequence of (support, query) pairs")
-    config = resolve(Settings(steps, inner_lr, inner, "exact", memory=memory, slots=slots), model,
+    config = resolve(Settings(steps, inner_lr, inner, "exact", memory=memory, slots=slots,
+                              max_memory=max_memory, hvp=hvp, inner_params=inner_params), model,
                      "diagnose")
     check_losses(inner_loss, outer_loss, model)
     check_generator(generator)
@@ -93,7 +97,7 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
     problem = Problem(model, inner_loss, outer_loss, config, config.law, params,
                       resolve_hvp(config, model, params), generator)
     A = D = t_f = t_x = c_x = 0.0
-    with restore_rng_on_error(generator):  # a task that fails leaves the random state as it was
+    with restore_rng_on_error(generator, always=True):
         estimate_task(problem, *tasks[0], force=steps, hooks=False)  # warm-up
         for support, query in tasks:
             start = time.perf_counter()

@@ -75,9 +75,9 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor]) ->
 
 
 @contextlib.contextmanager
-def restore_rng_on_error(generator: Optional[torch.Generator]):
+def restore_rng_on_error(generator: Optional[torch.Generator], always: bool = False):
     """Put the generator and the global CPU random state back as they were if the body
-    raises, so that a retry draws the same numbers."""
+    raises, so that a retry draws the same numbers (``always``: whatever happens)."""
     saved = [(torch.default_generator, torch.default_generator.get_state())]
     if generator is not None:
         saved.append((generator, generator.get_state()))
@@ -87,6 +87,9 @@ def restore_rng_on_error(generator: Optional[torch.Generator]):
         for gen, state in saved:
             gen.set_state(state)
         raise
+    if always:
+        for gen, state in saved:
+            gen.set_state(state)
 
 
 def draw(law: TruncationLaw, steps: int, generator: Optional[torch.Generator]) -> Tuple[int, int]:

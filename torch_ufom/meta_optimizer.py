@@ -208,6 +208,7 @@ class MetaOptimizer:
         self._observations: List[Dict[str, float]] = []  # q="auto" observations since the last step
         self._tasks = 0  # tasks whose estimates .grad holds, not yet reduced
         self._reduced = False  # synchronize() ran since the last step or zero_grad
+        self._reduced_total = 0  # the number of tasks it reduced
         self._holding = False  # the tasks since then wrote some .grad
         self._warned_per_task = False  # backward_batch fell back to the per-task loop
         self._warned_fom_gaps = False  # fom left a meta-parameter without a hypergradient
@@ -688,15 +689,18 @@ class MetaOptimizer:
         read, clip (``torch.nn.utils.clip_grad_norm_``) or log the gradients
         the outer optimizer will apply. A :meth:`backward` after it and before
         :meth:`step` or :meth:`zero_grad` is refused: it would mix reduced and
-        unreduced gradients.
+        unreduced gradients. A second call before then changes nothing (no
+        collective runs) and returns the same number.
         """
         self._check_cleared(self.meta_parameters())
+        if self._reduced:
+            return self._reduced_total  # summing or dividing again would scale .grad
         total = self._tasks
         if self.distributed:
             total = distributed.sum_gradients(self.meta_parameters(), self._tasks, self.process_group)
         if self._reduction == "mean":
             self._divide(total)
-        self._tasks, self._reduced = 0, True
+        self._tasks, self._reduced, self._reduced_total = 0, True, total
         return total
 
     def _reduce(self, save: bool) -> List[Tuple[Tensor, Tensor]]:
