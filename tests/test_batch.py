@@ -717,14 +717,19 @@ class HeadOnLSTM(nn.Module):
         return self.head(self.body(x.unsqueeze(-1))[0][:, -1]).squeeze(-1)
 
 
-def test_any_error_under_vmap_runs_the_tasks_again_per_task():
-    # An LSTM body with only the head adapted failed inside vmap with a shape error that named
-    # neither vmap nor torch.func, and was raised instead of falling back to the loop.
+def _lstm_tasks():
     torch.manual_seed(0)
     model = HeadOnLSTM()
     g = torch.Generator().manual_seed(1)
     supports = (torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, generator=g))
     queries = (torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, generator=g))
+    return model, supports, queries
+
+
+def test_any_error_under_vmap_runs_the_tasks_again_per_task():
+    # An LSTM body with only the head adapted failed inside vmap with a shape error that named
+    # neither vmap nor torch.func, and was raised instead of falling back to the loop.
+    model, supports, queries = _lstm_tasks()
     head = ["head.weight", "head.bias"]
     params = list(model.parameters())
     want = [sum(g) for g in zip(*[brute_force_partial(
@@ -823,11 +828,7 @@ def test_forward_over_reverse_refuses_by_the_draws_on_every_path():
 def test_a_meta_optimizer_remembers_where_vmap_failed():
     # Every call tried vmap again before the loop (about 15% per call on an LSTM, review Z).
     from torch._C._functorch import is_batchedtensor
-    torch.manual_seed(0)
-    model = HeadOnLSTM()
-    g = torch.Generator().manual_seed(1)
-    supports = (torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, generator=g))
-    queries = (torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, generator=g))
+    model, supports, queries = _lstm_tasks()
     batched = []
 
     def loss(f, b):
