@@ -1836,3 +1836,44 @@ def test_diagnose_takes_inner_params_and_leaves_the_random_state_alone():
     assert got.A == pytest.approx(A, rel=1e-10) and got.D == pytest.approx(D, rel=1e-10)
     torch_ufom.diagnose(model, sq_loss, sq_loss, tasks, steps=STEPS, inner_lr=LR)  # global generator
     assert torch.equal(torch.get_rng_state(), global_state)
+
+
+def test_a_closure_failing_after_some_tasks_counts_the_tasks_its_gradients_hold():
+    # The closure zeroes .grad and runs one task before it fails: the mean of a retried
+    # step must count that task, not the tasks pending before the closure.
+    got = {}
+    for how in ("one task", "failed closure"):
+        model, meta, tasks = _two_task_run()
+        before = [p.detach().clone() for p in model.parameters()]
+        if how == "one task":
+            meta.backward(sq_loss, sq_loss, *tasks[0])
+        else:
+            for task in tasks:
+                meta.backward(sq_loss, sq_loss, *task)
+
+            def closure():
+                meta.zero_grad()
+                meta.backward(sq_loss, sq_loss, *tasks[0])
+                raise KeyboardInterrupt
+            with pytest.raises(KeyboardInterrupt):
+                meta.step(closure)
+        meta.step()
+        got[how] = _updated(model, before)
+    assert all(float(d.norm()) > 1e-6 for d in got["one task"])
+    assert_close(got["failed closure"], got["one task"], 0.0, "after a failed closure")
+
+
+def test_a_state_dict_saved_after_synchronize_returns_the_same_total():
+    model, meta, tasks = _two_task_run()
+    for task in tasks:
+        meta.backward(sq_loss, sq_loss, *task)
+    assert meta.synchronize() == 2
+    saved = meta.state_dict()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model2, meta2, _ = _two_task_run()
+    for p, g in zip(model2.parameters(), grads):
+        p.grad = g.clone()
+    meta2.load_state_dict(saved)
+    assert saved["tasks"] == 2 and saved["reduced"] is True
+    assert meta2.synchronize() == 2  # reduced already: the total, nothing divided again
+    assert all(torch.equal(p.grad, g) for p, g in zip(model2.parameters(), grads))

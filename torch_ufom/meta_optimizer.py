@@ -639,9 +639,11 @@ class MetaOptimizer:
                 self._forget_tasks()  # an earlier evaluation's tasks are run again
                 try:
                     out = closure()
-                except BaseException:  # a closure that failed at once changed nothing
-                    (self._tasks, self._reduced, self._observations, self._buffers,
-                     self._holding) = pending
+                except BaseException:
+                    if not (self._tasks or self._reduced):  # no task ran: the tasks stay pending
+                        (self._tasks, self._reduced, self._observations, self._buffers,
+                         self._holding) = pending
+                    # else .grad holds the tasks this evaluation ran, and so does the count
                     raise
                 self.synchronize()
                 return out
@@ -735,8 +737,9 @@ class MetaOptimizer:
         ``q="auto"`` observations of the tasks since the last :meth:`step`),
         ``"tasks"`` (the number of tasks ``.grad`` holds, which
         ``reduction="mean"`` divides by), ``"reduced"`` (whether
-        :meth:`synchronize` ran since) and ``"settings"`` (the resolved configuration
-        as plain values and strings: :meth:`load_state_dict` warns where it differs). The
+        :meth:`synchronize` ran since, which then returns ``"tasks"``) and
+        ``"settings"`` (the resolved configuration as plain values and strings:
+        :meth:`load_state_dict` warns where it differs). The
         gradients themselves live on the parameters, and the buffers
         ``track_buffers`` keeps for the next :meth:`step` are not saved: save
         right after :meth:`step` to resume a run exactly.
@@ -747,7 +750,7 @@ class MetaOptimizer:
                 "q_stats": None if self.adaptive is None else dict(self.q_stats),
                 "q_rule": None if self.adaptive is None else self.adaptive.rule,
                 "q_observations": [dict(o) for o in self._observations],
-                "tasks": self._tasks,
+                "tasks": self._reduced_total if self._reduced else self._tasks,
                 "reduced": self._reduced,
                 "settings": self._settings_summary()}
 
@@ -835,6 +838,8 @@ class MetaOptimizer:
             self._tasks = int(state_dict["tasks"])
         if state_dict.get("reduced") is not None:
             self._reduced = bool(state_dict["reduced"])
+        if self._reduced:  # .grad holds the reduction over "tasks"; synchronize() returns it
+            self._tasks, self._reduced_total = 0, self._tasks
         self._holding = self._holding or self._tasks > 0 or self._reduced
         saved_settings, now = state_dict.get("settings"), self._settings_summary()
         if saved_settings and saved_settings.get("format") == _SETTINGS_FORMAT:  # else not comparable
