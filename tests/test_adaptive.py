@@ -19,6 +19,9 @@ def test_optimal_q_minimises_the_time_bound():
     assert q == pytest.approx(math.sqrt(c_f * D / (c_x * (A - D))))
     assert optimal_q(1.0, 1.0, c_f, c_x, 0.01) == 1.0  # A <= D: always exact
     assert optimal_q(4.0, 1e-9, c_f, c_x, 0.05) == 0.05  # clipped at q_min
+    assert optimal_q(0.0, 0.0, c_f, c_x, 0.05) == 0.05  # a zero hypergradient: the cheapest q
+    assert optimal_q(0.0, 1.0, c_f, c_x, 0.05) == 1.0  # G_r = 0 but G_0 is not: exact
+    assert authors_q(0.0, 0.0, c_f, c_x, 0.05) == 0.05
 
 
 def test_authors_q_is_the_root_of_their_quadratic():

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import torch_ufom
 from helpers import mlp_problem, mse, rel_err
 from oracle import brute_force
+from torch_ufom.adaptive import authors_q
 from torch_ufom.truncation import Bernoulli, Geometric
 
 
@@ -91,6 +92,26 @@ def test_reconfigure_keeps_auto_q_statistics_while_the_rule_stays():
     assert meta.q_stats is None and meta.law.probs(3) == [0, 0, 0, 1]
     meta.reconfigure(mode="ufom", q=0.25)
     assert isinstance(meta.law, Bernoulli) and meta.q == 0.25
+
+
+def test_reconfigure_of_q_min_chooses_q_again_from_the_kept_statistics():
+    # The authors' rule counts costs in inner steps, so q is a function of A and D alone.
+    model, loss, data, opt, meta = build(mode="ufom", q="auto", q_rule="authors", q_min=0.6, inner_lr=0.01,
+                                         generator=torch.Generator().manual_seed(0))
+    meta.zero_grad()
+    meta.backward(loss, loss, data[0], data[1], force_truncation=3)
+    meta.backward(loss, loss, data[2], data[3], force_truncation=0)
+    meta.step()
+    stats = dict(meta.q_stats)
+    beta, n = 0.99, stats["n_x"]
+    A, D = stats["A"] / (1 - beta ** n), stats["D"] / (1 - beta ** n) / 10
+    unclipped = authors_q(A, D, 4, 6, 1e-9)
+    assert n == 1 and stats["n_f"] == 1 and unclipped < 0.6 and stats["q"] == 0.6
+    meta.reconfigure(q_min=0.05)
+    assert {k: v for k, v in meta.q_stats.items() if k != "q"} == {k: v for k, v in stats.items() if k != "q"}
+    assert meta.q_stats["q"] == max(unclipped, 0.05)
+    meta.reconfigure(q_beta=0.5)  # other moving averages: they start afresh
+    assert meta.q_stats["n_x"] == 0 and meta.q_stats["q"] == 0.05  # the authors' q_init
 
 
 def test_a_list_is_one_batch_in_every_entry_point():

@@ -45,13 +45,16 @@ from typing import Dict, List, Optional, Sequence
 
 from torch import Tensor
 
-__all__ = ["AdaptiveQ", "optimal_q", "authors_q", "init_stats", "observe", "update", "difference"]
+__all__ = ["AdaptiveQ", "optimal_q", "authors_q", "init_stats", "observe", "update", "rebound", "difference"]
 
 RULES = ("ufom", "authors")
 
 
 def optimal_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float:
-    """``q* = sqrt(c_f D / (c_x (A - D)))`` clipped to ``[q_min, 1]``; 1 if ``A <= D``."""
+    """``q* = sqrt(c_f D / (c_x (A - D)))`` clipped to ``[q_min, 1]``; 1 if ``A <= D``,
+    except ``q_min`` if ``A = D = 0`` (every ``q`` then has the same zero variance)."""
+    if A == 0.0 and D == 0.0:
+        return q_min
     if A <= D or c_x <= 0:
         return 1.0
     return min(1.0, max(q_min, math.sqrt(c_f * D / (c_x * (A - D)))))
@@ -61,13 +64,14 @@ def authors_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
     """The authors' rule: the root in ``(0, 1)`` of ``(A - D) c_x q^2 - D c_x q - 2 D c_f``.
 
     Returns 1 when ``D >= c_x A / (2 (c_f + c_x))`` (the quadratic then has no
-    root below 1), and never less than ``q_min``.
+    root below 1), and never less than ``q_min``; ``q_min`` if ``A = D = 0``
+    (every ``q`` then has the same zero variance).
     """
+    if A == 0.0 and D == 0.0:
+        return q_min
     if D >= 0.5 * c_x * A / (c_f + c_x):
         return 1.0
     a, b, c = (A - D) * c_x, -D * c_x, -2.0 * D * c_f
-    if a == 0.0:  # A = D = 0: nothing observed to tell the branches apart
-        return q_min
     root = math.sqrt(b * b - 4.0 * a * c)
     q = (-b - root) / (2.0 * a)
     if not 0.0 < q < 1.0:
@@ -180,8 +184,22 @@ def update(cfg: AdaptiveQ, stats: Dict[str, float], obs: Dict[str, float]) -> Di
         s["n_f"] += 1
         s["t_f"] = _ema(s["t_f"], obs["seconds"], b)
     s["c_f_steps"] = steps + 1
+    return _choose(cfg, s)
+
+
+def rebound(cfg: AdaptiveQ, stats: Dict[str, float]) -> Dict[str, float]:
+    """The statistics under ``cfg``, another ``q_min`` or ``q_init`` of the same rule
+    and ``beta``: the same moving averages, with ``q`` chosen again from them (the
+    new ``q_init`` until an exact branch has been observed)."""
+    return _choose(cfg, dict(stats, q=cfg.q_init))
+
+
+def _choose(cfg: AdaptiveQ, s: Dict[str, float]) -> Dict[str, float]:
+    """``s`` with ``q`` chosen from its moving averages (unchanged before the first
+    exact observation)."""
     if s["n_x"] == 0:
         return s
+    b, steps, authors = cfg.beta, int(s["c_f_steps"]) - 1, cfg.rule == "authors"
     A = _debiased(s["A"], s["n_x"], b)
     D = _debiased(s["D"], s["n_x"], b) / cfg.d_shrink
     if authors:

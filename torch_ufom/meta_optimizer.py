@@ -260,7 +260,8 @@ class MetaOptimizer:
         ``truncation=`` drops ``mode``; a new ``slots`` drops ``max_memory``
         and a new ``max_memory`` drops ``slots``; a new ``inner_lr`` drops
         ``inner`` and a new ``inner`` drops ``inner_lr``. The ``q="auto"``
-        statistics are kept while the adaptive rule stays the same. For
+        statistics are kept while ``q_rule`` and ``q_beta`` stay the same (a new
+        ``q_min`` chooses ``q`` again from them) and start afresh otherwise. For
         curricula such as MAML++'s derivative-order annealing
         (``meta.reconfigure(mode="exact")`` after some outer steps) or a ``q``
         schedule (``meta.reconfigure(q=0.2)``).
@@ -272,12 +273,14 @@ class MetaOptimizer:
         _check_holds(self.optimizer, self.model)
         old = self._config.adaptive
         keep = (config.adaptive is not None and old is not None and
-                vars(config.adaptive) == vars(old))
+                (config.adaptive.rule, config.adaptive.beta) == (old.rule, old.beta))
         self._config, self._signature = config, self._current_signature()
         self._slow_ops = None  # what the probe found and where vmap failed: look again
         if not keep:
             self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
             self._observations = []
+        elif vars(config.adaptive) != vars(old):  # another q_min or q_init: q chosen again
+            self.q_stats = adaptive.rebound(config.adaptive, self.q_stats)
 
     def __setattr__(self, name, value):
         keywords = {f.name for f in dataclasses.fields(Settings)}
