@@ -265,6 +265,8 @@ STATE_CASES = {
                               ValueError, r"state_dict\['q_stats'\]\['q'\].*q_min"),
     "tasks-negative": ({}, {}, lambda sd: {**sd, "tasks": -1}, ValueError, r"state_dict\['tasks'\]"),
     "tasks-bool": ({}, {}, lambda sd: {**sd, "tasks": True}, ValueError, r"state_dict\['tasks'\]"),
+    "rank-negative": ({}, {}, lambda sd: {**sd, "rank": -1}, ValueError, r"state_dict\['rank'\]"),
+    "rank-string": ({}, {}, lambda sd: {**sd, "rank": "0"}, ValueError, r"state_dict\['rank'\]"),
 }
 
 

@@ -52,9 +52,18 @@ def worker(rank, world, init_file, out_dir):
             for t in range(2):
                 meta.backward(loss, loss, data[(4 * step + 2 * rank + t) % 8], data[8])
             meta.step()
+        # Resuming: each rank's own dict restores its stream; rank 0's dict loaded on every
+        # rank (the usual "save on rank 0") must not give every rank rank 0's stream.
+        own = meta.state_dict()
+        shared = [own]
+        dist.broadcast_object_list(shared, src=0)
+        meta.load_state_dict(own)
+        resumed_own = torch.equal(meta.generator.get_state(), own["generator"])
+        meta.load_state_dict(shared[0])
         torch.save({"grads": grads, "total": total, "again": again,
                     "params": [p.detach() for p in model.parameters()],
-                    "q_stats": meta.q_stats,
+                    "q_stats": meta.q_stats, "saved_rank": own["rank"], "resumed_own": resumed_own,
+                    "saved_state": own["generator"], "shared_state": meta.generator.get_state(),
                     "seed": meta.generator.initial_seed()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -74,6 +83,9 @@ def test_two_gloo_ranks_equal_one_process_over_the_union_of_tasks(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
     assert ranks[0]["q_stats"] == ranks[1]["q_stats"] and ranks[0]["q_stats"]["n_x"] > 0
     assert ranks[0]["seed"] != ranks[1]["seed"]  # each rank has its own stream
+    assert [r["saved_rank"] for r in ranks] == [0, 1] and all(r["resumed_own"] for r in ranks)
+    assert torch.equal(ranks[0]["shared_state"], ranks[0]["saved_state"])  # the saving rank resumes
+    assert not torch.equal(ranks[1]["shared_state"], ranks[0]["shared_state"])  # a stream of its own
 
 
 def test_uninitialised_process_group_is_rejected_before_any_work():

@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["check_group", "rank_generator", "sum_gradients", "gather"]
+__all__ = ["check_group", "rank_generator", "rank", "resume_generator", "sum_gradients", "gather"]
 
 
 def check_group(group) -> None:
@@ -68,8 +68,29 @@ def rank_generator(generator: Optional[torch.Generator], group,
             t = torch.tensor([torch.initial_seed() % (1 << 62)], dtype=torch.int64, device=_device(group))
             dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         seed, device = int(t), torch.device("cpu")
-    rank = dist.get_rank(group)
-    return torch.Generator(device=device).manual_seed((seed + rank * 0x9E3779B97F4A7C15) % (1 << 63))
+    return torch.Generator(device=device).manual_seed(_mixed(seed, rank(group)))
+
+
+def _mixed(seed: int, rank: int) -> int:
+    return (seed + rank * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+def rank(group) -> int:
+    """This process's rank in ``group`` (``None``: the default group)."""
+    import torch.distributed as dist
+    return dist.get_rank(group)
+
+
+def resume_generator(generator: torch.Generator, state: Tensor, saved_rank: Optional[int], group) -> None:
+    """Set ``generator`` to ``state``, which rank ``saved_rank`` saved (``None``: a process
+    without a group, taken as rank 0's). A state saved by another rank (a dict saved on
+    rank 0 and loaded on every rank) seeds a stream of this rank's own from it instead:
+    every rank would otherwise draw the same truncation points and dropout masks."""
+    generator.set_state(state)
+    here = rank(group)
+    if (saved_rank or 0) != here:
+        seed = int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device))
+        generator.manual_seed(_mixed(seed, here))
 
 
 def sum_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:

@@ -126,7 +126,8 @@ class MetaOptimizer:
             the meta-gradients over all ranks (then applies ``reduction``
             over the global number of tasks). Each rank
             draws from its own generator, seeded from one seed (``generator``'s,
-            or rank 0's global seed) and its rank; ``q="auto"`` statistics stay
+            or rank 0's global seed) and its rank, also after loading a
+            ``state_dict`` another rank saved; ``q="auto"`` statistics stay
             identical on every rank.
         hvp: Hessian-vector products of the exact sweep: ``"auto"`` (default:
             reverse-over-reverse, the faster on every model measured, except where
@@ -735,6 +736,9 @@ class MetaOptimizer:
         module's, such as a learned ``inner_lr``, in :meth:`meta_parameters`
         order: the model's ``state_dict`` does not hold them),
         ``"generator"`` (the generator's state, or ``None`` without one),
+        ``"rank"`` (the rank that saved it with a ``process_group``, else
+        ``None``: a dict loaded on another rank, e.g. saved on rank 0 and loaded
+        on every rank, seeds that rank a stream of its own from the saved state),
         ``"q_stats"`` (the ``q="auto"`` statistics, else ``None``) with
         ``"q_rule"`` (the rule they belong to), ``"q_observations"`` (the
         ``q="auto"`` observations of the tasks since the last :meth:`step`),
@@ -750,6 +754,7 @@ class MetaOptimizer:
         return {"optimizer": self.optimizer.state_dict(),
                 "meta_tensors": [t.detach().clone() for t in self._extra_meta()],
                 "generator": None if self.generator is None else self.generator.get_state(),
+                "rank": distributed.rank(self.process_group) if self.distributed else None,
                 "q_stats": None if self.adaptive is None else dict(self.q_stats),
                 "q_rule": None if self.adaptive is None else self.adaptive.rule,
                 "q_observations": [dict(o) for o in self._observations],
@@ -823,7 +828,11 @@ class MetaOptimizer:
                 raise kind(f"Invalid state_dict['optimizer']: {type(opt).__name__}.load_state_dict "
                            f"refused it ({type(err).__name__}: {err}); nothing was changed") from err
             if state_dict.get("generator") is not None:
-                gen.set_state(state_dict["generator"])
+                if self.distributed:
+                    distributed.resume_generator(gen, state_dict["generator"], state_dict.get("rank"),
+                                                 self.process_group)
+                else:
+                    gen.set_state(state_dict["generator"])
         except BaseException:
             opt.__setstate__({"state": saved[0], "param_groups": saved[1]})
             raise
@@ -902,8 +911,8 @@ def _check_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
 
 # -- state_dict validation ------------------------------------------------------
 
-_STATE_KEYS = ("optimizer", "meta_tensors", "generator", "q_stats", "q_rule", "q_observations", "tasks",
-               "reduced", "settings")
+_STATE_KEYS = ("optimizer", "meta_tensors", "generator", "rank", "q_stats", "q_rule", "q_observations",
+               "tasks", "reduced", "settings")
 # The kind and lowest value of the q="auto" entries whose range is known; the
 # keys themselves come from adaptive.init_stats and adaptive.observe, and an
 # entry not listed here must be a finite float.
@@ -968,6 +977,10 @@ def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
         raise ValueError(f"Invalid state_dict['q_rule']: {saved_rule!r}, but this MetaOptimizer has "
                          f"q_rule={rule.rule!r} (the statistics of one rule mean other things to the "
                          "other)")
+    rank = sd.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0):
+        raise ValueError(f"Invalid state_dict['rank']: {rank!r} (expected None or an int >= 0, the "
+                         "rank that saved it)")
     reduced = sd.get("reduced")
     if reduced is not None and not isinstance(reduced, bool):
         raise TypeError(f"Invalid state_dict['reduced']: {reduced!r} (expected True or False)")
