@@ -331,6 +331,44 @@ def test_auto_probes_an_inner_loss_once_per_optimizer():
     assert count(auto, lambda f, b: counted(f, b)) == runs + 1  # another loss: probed again
 
 
+class _Lookup(nn.Module):
+    """A hand-written embedding: its ``padding_idx`` chooses what ``F.embedding`` runs."""
+
+    def __init__(self, padding_idx=None):
+        super().__init__()
+        self.weight, self.padding_idx = nn.Parameter(torch.randn(5, 3)), padding_idx
+
+    def forward(self, idx):
+        return torch.tanh(F.embedding(idx, self.weight, padding_idx=self.padding_idx).mean(-2)).sum(-1)
+
+
+@pytest.mark.parametrize("change", ["attribute", "submodule"])
+def test_the_probe_looks_again_after_the_module_changes(change):
+    # fom calls reuse the probe's findings: a padding_idx switched on (or a lookup swapped in)
+    # between outer steps was vectorised, and vmap gave the padding row a gradient.
+    torch.manual_seed(0)
+    model = nn.Sequential(_Lookup())
+    idx = torch.randint(0, 5, (3, 6, 4))
+    idx[..., 0] = 0  # the padding index in every example
+    data = ((idx, torch.randn(3, 6)), (idx.flip(-1), torch.randn(3, 6)))
+    loss = lambda f, b: ((f(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    meta = meta_opt(model, 0.3, mode="fom", vectorise="auto")
+    meta.backward_batch(loss, loss, *data)
+    if change == "attribute":
+        model[0].padding_idx = 0
+    else:
+        model[0] = _Lookup(padding_idx=0)
+        meta.optimizer.param_groups[0]["params"] = [model[0].weight]
+    meta.zero_grad()
+    out = meta.backward_batch(loss, loss, *data)
+    assert out[0].batch_path.endswith("Embedding with padding_idx wrongly")
+    got = model[0].weight.grad.clone()
+    meta.zero_grad()
+    for i in range(3):
+        meta.backward(loss, loss, (idx[i], data[0][1][i]), (idx.flip(-1)[i], data[1][1][i]))
+    assert torch.equal(got[0], torch.zeros(3)) and rel_err(got, model[0].weight.grad) < 1e-12
+
+
 def test_auto_still_falls_back_with_a_warning_where_vmap_is_not_exact():
     """A model whose losses write buffers (an MLP with running statistics) is no choice of
     "auto": it falls back to the loop with the warning, as under vectorise=True."""

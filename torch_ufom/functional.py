@@ -26,7 +26,7 @@ from .inner import InnerRule
 from .truncation import TruncationLaw
 from .unroll import Evaluator, InnerLoop, PerTask, Problem, batch_getter
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
-                         probe, reads_meta_directly, select_tasks, task_of, wrong_under_vmap)
+                         module_fingerprint, probe, reads_meta_directly, select_tasks, task_of)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
            "Problem", "SlowOps", "resolve_hvp"]
@@ -202,11 +202,12 @@ class BatchRun:
 
 
 class SlowOps(NamedTuple):
-    """What the probe found for one pair of losses on one device: the operations too large
-    to pay vectorised there under ``vectorise="auto"``, with their sizes (empty: vmap
-    pays), and those whose gradient ``vmap`` gets wrong (non-empty: the loop runs); and
-    why ``vmap`` failed on an earlier call, for exact sweeps (``failed_exact``) or for any
-    (``failed``): the loop then runs at once instead of failing again."""
+    """What the probe found for one pair of losses on one device and module tree
+    (``modules``, :func:`~torch_ufom.vectorised.module_fingerprint`): the operations too
+    large to pay vectorised there under ``vectorise="auto"``, with their sizes (empty:
+    vmap pays), and those whose gradient ``vmap`` gets wrong (non-empty: the loop runs);
+    and why ``vmap`` failed on an earlier call, for exact sweeps (``failed_exact``) or for
+    any (``failed``): the loop then runs at once instead of failing again."""
 
     inner_loss: Callable
     device: torch.device
@@ -215,6 +216,7 @@ class SlowOps(NamedTuple):
     outer_loss: Optional[Callable] = None
     failed: str = ""
     failed_exact: str = ""
+    modules: tuple = ()
 
 
 class Plan(NamedTuple):
@@ -336,9 +338,10 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         size = sum(named[n].numel() for n in problem.config.adapted)
         if size >= SLOW_ON_CPU_ELEMENTS:
             return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
+    modules = module_fingerprint(problem.model)
     if known is not None and (known.inner_loss is not problem.inner_loss or known.device != device
-                              or known.outer_loss is not problem.outer_loss):
-        known = None
+                              or known.outer_loss is not problem.outer_loss or known.modules != modules):
+        known = None  # other losses, device or modules: the probe looks again
     if exact is None:  # whether some task runs an exact sweep: from the draws where known
         exact = problem.law.survival(problem.config.steps)[1] > 0.0
     if known is not None and (known.failed or (exact and known.failed_exact)):
@@ -346,9 +349,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     if not exact and next(problem.model.buffers(), None) is None and known is not None:
         if auto and known.ops:  # nothing else the probe could find matters
             return Plan(None, _slow(known.ops), False, known)
-        wrong = sorted(set(known.wrong) | wrong_under_vmap(problem.model))  # modules may change
-        if wrong:
-            return Plan(None, _wrong(wrong), True, known)
+        if known.wrong:
+            return Plan(None, _wrong(known.wrong), True, known)
         return Plan(problem, "", False, known)
     first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
     found = probe(problem.model, problem.inner_loss, first, problem.outer_loss, task_of(queries, 0),
@@ -356,7 +358,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     known = SlowOps(problem.inner_loss, device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
         tuple(sorted(found.wrong)), problem.outer_loss,
-        *((known.failed, known.failed_exact) if known is not None else ()))
+        *((known.failed, known.failed_exact) if known is not None else ("", "")), modules)
     if auto and known.ops:
         return Plan(None, _slow(known.ops), False, known)
     if known.wrong:
