@@ -1,7 +1,7 @@
 """Learned inner learning rates over a long inner loop: Meta-SGD and MAML++'s per-step rates.
 
-Meta-SGD learns one inner rate per weight: ``inner_lr`` is a dict from
-parameter name to a tensor of that parameter's shape. MAML++'s LSLR learns one
+Meta-SGD learns one inner rate per weight: ``inner.SGD(lr={name: tensor of
+that parameter's shape})``. MAML++'s LSLR learns one
 rate per layer and per inner step: ``inner.SGD(lr={name: PerStep(tensor of
 length steps)})``. In both, the rate tensors are handed to the outer optimizer,
 which makes them meta-parameters: they get their hypergradient like the
@@ -81,7 +81,7 @@ def train(name, make_rates):
 
 
 def meta_sgd_rates(model):
-    """Meta-SGD: a learned rate per weight, as a plain per-parameter ``inner_lr`` dict."""
+    """Meta-SGD: a learned rate per weight, as a per-parameter dict of ``SGD``'s ``lr``."""
     rates = {n: torch.full_like(p, INIT_RATE, requires_grad=True) for n, p in model.named_parameters()}
     return rates, SGD(lr=rates)
 

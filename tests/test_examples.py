@@ -6,7 +6,7 @@ data-parallel one under ``python -m torch.distributed.run``, which is
 unadapted model, ANIL leaves the body as it is, the learned rates moved, stay
 non-negative and lowered the validation loss, the ranks end with identical
 parameters. A static check keeps the examples on the public API and within
-about 100 lines.
+about 100 lines; the benchmarks too keep to the public API.
 """
 import ast
 import os
@@ -39,6 +39,25 @@ def public_names(module):
     return set(getattr(module, "__all__", ())) or {n for n in vars(module) if not n.startswith("_")}
 
 
+def assert_public_api_only(name, source):
+    """Every ``torch_ufom`` name that ``source`` imports or reads is public."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch_ufom":
+            module = node.module.split(".")
+            assert len(module) == 1 or module[1] in public_names(torch_ufom), (name, node.module)
+            target = torch_ufom if len(module) == 1 else getattr(torch_ufom, module[1])
+            for alias in node.names:
+                assert alias.name in public_names(target), (name, node.module, alias.name)
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                module = alias.name.split(".")
+                assert module[0] != "torch_ufom" or len(module) == 1 or module[1] in public_names(
+                    torch_ufom), (name, alias.name)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id == "torch_ufom":
+            assert node.attr in public_names(torch_ufom), (name, node.attr)
+
+
 def test_every_example_is_tested_short_and_uses_the_public_api_only():
     files = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".py"))
     assert set(files) == TESTED
@@ -47,16 +66,16 @@ def test_every_example_is_tested_short_and_uses_the_public_api_only():
             source = f.read()
         assert len(source.splitlines()) <= 110, name
         assert "--tiny" in source, name
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch_ufom"):
-                module = node.module.split(".")
-                assert len(module) == 1 or module[1] in public_names(torch_ufom), (name, node.module)
-                target = torch_ufom if len(module) == 1 else getattr(torch_ufom, module[1])
-                for alias in node.names:
-                    assert alias.name in public_names(target), (name, node.module, alias.name)
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                    and node.value.id == "torch_ufom":
-                assert node.attr in public_names(torch_ufom), (name, node.attr)
+        assert_public_api_only(name, source)
+
+
+def test_the_benchmarks_use_the_public_api_only():
+    folder = os.path.join(ROOT, "benchmarks")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
+    assert "speed.py" in files
+    for name in files:
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            assert_public_api_only(name, f.read())
 
 
 @pytest.mark.slow

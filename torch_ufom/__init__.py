@@ -2,7 +2,7 @@
 
 Public names are re-exported here; see the README for a quick start.
 """
-from . import inner, truncation
+from . import adaptive, inner, truncation
 from .adapt import StackedFunctionalModel, adapt, adapt_batch
 from .diagnostics import Diagnosis, diagnose
 from .estimators import NonFiniteHypergradient
@@ -12,5 +12,5 @@ from .unroll import FunctionalModel, StepBatches
 
 __all__ = ["MetaOptimizer", "MetaResult", "hypergrad", "hypergrad_batch", "adapt", "adapt_batch",
            "diagnose", "Diagnosis", "NonFiniteHypergradient",
-           "FunctionalModel", "StackedFunctionalModel", "StepBatches", "inner", "truncation"]
+           "FunctionalModel", "StackedFunctionalModel", "StepBatches", "adaptive", "inner", "truncation"]
 __version__ = "0.1.0"

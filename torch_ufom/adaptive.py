@@ -191,7 +191,9 @@ def rebound(cfg: AdaptiveQ, stats: Dict[str, float]) -> Dict[str, float]:
     """The statistics under ``cfg``, another ``q_min`` or ``q_init`` of the same rule
     and ``beta``: the same moving averages, with ``q`` chosen again from them (the
     new ``q_init`` until an exact branch has been observed)."""
-    return _choose(cfg, dict(stats, q=cfg.q_init))
+    s = dict(stats)
+    s["q"] = cfg.q_init
+    return _choose(cfg, s)
 
 
 def _choose(cfg: AdaptiveQ, s: Dict[str, float]) -> Dict[str, float]:
