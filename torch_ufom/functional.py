@@ -26,7 +26,7 @@ from .inner import InnerRule
 from .truncation import TruncationLaw
 from .unroll import Evaluator, InnerLoop, PerTask, Problem, batch_getter
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
-                         module_fingerprint, probe, reads_meta_directly, select_tasks, task_of)
+                         probe, reads_meta_directly, select_tasks, task_of)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
            "Problem", "SlowOps", "resolve_hvp"]
@@ -184,8 +184,9 @@ class BatchRun:
             warn. ``False`` when the loop was chosen: ``vectorise=False``, or
             ``"auto"`` judging that vectorising does not pay.
         slow_ops: what the probe found for these losses and device
-            (``None`` if it looked at nothing); pass it back as ``known`` so
-            that the next call need not probe again.
+            (``None`` if it looked at nothing), with where ``vmap`` failed; pass
+            it back as ``known`` so that the next call does not try ``vmap`` again
+            where it failed.
         batched_groups: how many of ``groups``, from the first, ran under
             ``vmap`` (their losses carry a task dimension): all when
             ``vectorised``; after an error under ``vmap``, those that had
@@ -202,12 +203,11 @@ class BatchRun:
 
 
 class SlowOps(NamedTuple):
-    """What the probe found for one pair of losses on one device and module tree
-    (``modules``, :func:`~torch_ufom.vectorised.module_fingerprint`): the operations too
-    large to pay vectorised there under ``vectorise="auto"``, with their sizes (empty:
-    vmap pays), and those whose gradient ``vmap`` gets wrong (non-empty: the loop runs);
-    and why ``vmap`` failed on an earlier call, for exact sweeps (``failed_exact``) or for
-    any (``failed``): the loop then runs at once instead of failing again."""
+    """What the last probe found for one pair of losses on one device: the operations too
+    large to pay vectorised there under ``vectorise="auto"``, with their sizes (empty: vmap
+    pays), and those whose gradient ``vmap`` gets wrong (non-empty: the loop runs); and why
+    ``vmap`` failed on an earlier call with these losses, for exact sweeps (``failed_exact``)
+    or for any (``failed``): the loop then runs at once instead of failing again."""
 
     inner_loss: Callable
     device: torch.device
@@ -216,7 +216,6 @@ class SlowOps(NamedTuple):
     outer_loss: Optional[Callable] = None
     failed: str = ""
     failed_exact: str = ""
-    modules: tuple = ()
 
 
 class Plan(NamedTuple):
@@ -246,9 +245,9 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     (B stacked parameter copies out of the cache, a grouped convolution,
     ``batch_norm`` decomposed into elementwise operations) cost more than the
     per-task loop (:mod:`torch_ufom.vectorised` gives the measurements). It
-    counts the parameters every call and looks at the operations once, in the
-    probe below; ``known`` (a previous call's ``BatchRun.slow_ops``) spares
-    that look for the same inner loss and device. ``True`` vectorises
+    counts the parameters and looks at the operations (the probe below) on
+    every call; ``known`` (a previous call's ``BatchRun.slow_ops``) says where
+    ``vmap`` failed for the same losses and device. ``True`` vectorises
     wherever it is exact. Whatever it asks, the per-task loop runs instead
     (a fallback: ``BatchRun.fallback``) when the module has buffers that the
     losses write, when ``diagnostics`` are needed (``q="auto"`` keeps
@@ -338,27 +337,22 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         size = sum(named[n].numel() for n in problem.config.adapted)
         if size >= SLOW_ON_CPU_ELEMENTS:
             return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
-    modules = module_fingerprint(problem.model)
     if known is not None and (known.inner_loss is not problem.inner_loss or known.device != device
-                              or known.outer_loss is not problem.outer_loss or known.modules != modules):
-        known = None  # other losses, device or modules: the probe looks again
+                              or known.outer_loss is not problem.outer_loss):
+        known = None
     if exact is None:  # whether some task runs an exact sweep: from the draws where known
         exact = problem.law.survival(problem.config.steps)[1] > 0.0
     if known is not None and (known.failed or (exact and known.failed_exact)):
         return Plan(None, known.failed or known.failed_exact, True, known)
-    if not exact and next(problem.model.buffers(), None) is None and known is not None:
-        if auto and known.ops:  # nothing else the probe could find matters
-            return Plan(None, _slow(known.ops), False, known)
-        if known.wrong:
-            return Plan(None, _wrong(known.wrong), True, known)
-        return Plan(problem, "", False, known)
+    # The probe runs on every call: what it finds depends on the module and on whatever the
+    # losses read (a swapped submodule, a padding index switched on), which no cheap key covers.
     first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
     found = probe(problem.model, problem.inner_loss, first, problem.outer_loss, task_of(queries, 0),
                   problem.config.adapted)
     known = SlowOps(problem.inner_loss, device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
         tuple(sorted(found.wrong)), problem.outer_loss,
-        *((known.failed, known.failed_exact) if known is not None else ("", "")), modules)
+        *((known.failed, known.failed_exact) if known is not None else ()))
     if auto and known.ops:
         return Plan(None, _slow(known.ops), False, known)
     if known.wrong:

@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .unroll import FunctionalModel, StepBatches, _check_depends, loss_and_aux, renormalises_weights
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
-           "probe", "reads_meta_directly", "module_fingerprint", "SLOW_ON_CPU_ELEMENTS"]
+           "probe", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
 
 
 def _register_step_batches() -> None:
@@ -330,19 +330,6 @@ def wrong_under_vmap(module: nn.Module) -> set:
     (``_WRONG_UNDER_VMAP``'s names): found whichever loss calls them, without running one."""
     return {"Embedding with padding_idx" for m in module.modules()
             if isinstance(m, nn.Embedding) and m.padding_idx is not None}
-
-
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def module_fingerprint(module: nn.Module) -> tuple:
-    """The module tree as the probe saw it: each submodule (its identity and type) with
-    its plain public attributes (``padding_idx``, ``eps``, ``training``, sizes), so that
-    what the probe found is looked for again when a submodule is swapped or an attribute
-    that chooses the operations changes."""
-    return tuple((id(m), type(m), tuple((k, v) for k, v in vars(m).items() if not k.startswith("_") and (
-        type(v) in _PLAIN or (type(v) is tuple and all(type(e) in _PLAIN for e in v)))))
-        for m in module.modules())
 
 
 _TENSOR = object()  # where a tensor stood among an aux's leaves
