@@ -131,3 +131,40 @@ def test_auto_draws_stay_unbiased_given_q():
         out = meta.backward(loss, loss, data[0], data[1])
         want = G0 if out.truncation == 0 else [a + (b - a) / out.q for a, b in zip(G0, Gr)]
         assert rel_err([p.grad for p in params], want) < 1e-10
+
+
+def test_the_rules_stay_in_range_for_huge_statistics_and_name_bad_arguments():
+    c_f, c_x = 4.0, 6.0
+    for A in (1e300, math.inf):  # the quadratic's positive root, without inf / inf
+        q = authors_q(A, 1.0, c_f, c_x, 1e-9)
+        assert 0 < q < 1e-100 or q == 1e-9
+        assert optimal_q(A, 1.0, c_f, c_x, 0.05) == 0.05
+    A, D = 5.0, 0.01
+    q = authors_q(A, D, c_f, c_x, 1e-9)
+    assert abs((A - D) * c_x * q * q - D * c_x * q - 2 * D * c_f) < 1e-15 and 0 < q < 1
+    for rule in (optimal_q, authors_q):
+        for args, name in (((-1.0, 0.0, c_f, c_x, 0.05), "A"), ((1.0, math.nan, c_f, c_x, 0.05), "D"),
+                           ((1.0, 0.1, -1.0, c_x, 0.05), "c_f"), ((1.0, 0.1, c_f, c_x, 0.0), "q_min"),
+                           ((1.0, 0.1, c_f, c_x, 5.0), "q_min")):
+            with pytest.raises(ValueError, match=f"Invalid {name}: "):
+                rule(*args)
+
+
+def test_a_huge_hypergradient_keeps_the_statistics_finite_and_loadable():
+    # A parameter only the outer loss reads, with a hypergradient of 1e160: ||G_r||^2
+    # overflowed to inf, the authors' q became NaN and the optimizer's own state_dict was refused.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    scale = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    loss = lambda f, b: ((f(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    outer = lambda f, b: loss(f, b) + 1e160 * scale.sum()  # noqa: E731
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    for rule in ("authors", "ufom"):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), scale], lr=0.0),
+                                        inner_lr=0.1, steps=2, q="auto", q_rule=rule)
+        meta.backward(loss, outer, (x, y), (x, y), force_truncation=2)
+        meta.step()
+        assert math.isfinite(meta.q_stats["A"]) and meta.q == meta.adaptive.q_min
+        meta.load_state_dict(meta.state_dict())
+        meta.zero_grad()
+        meta.backward(loss, outer, (x, y), (x, y))

@@ -50,9 +50,29 @@ __all__ = ["AdaptiveQ", "optimal_q", "authors_q", "init_stats", "observe", "upda
 RULES = ("ufom", "authors")
 
 
+def _check_rule(A: float, D: float, c_f: float, c_x: float, q_min: float) -> None:
+    """Raise ``ValueError`` naming the first argument of a rule out of its range."""
+    for name, value in (("A", A), ("D", D), ("c_f", c_f), ("c_x", c_x)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+            raise ValueError(f"Invalid {name}: {value!r} (expected a float >= 0)")
+    if isinstance(q_min, bool) or not isinstance(q_min, numbers.Real) or not 0 < q_min <= 1:
+        raise ValueError(f"Invalid q_min: {q_min!r} (expected a float in (0, 1])")
+
+
 def optimal_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float:
     """``q* = sqrt(c_f D / (c_x (A - D)))`` clipped to ``[q_min, 1]``; 1 if ``A <= D``,
-    except ``q_min`` if ``A = D = 0`` (every ``q`` then has the same zero variance)."""
+    except ``q_min`` if ``A = D = 0`` (every ``q`` then has the same zero variance).
+
+    Args:
+        A, D: ``E||G_r||^2`` and ``E||G_r - G_0||^2``, at least 0 (``inf`` allowed).
+        c_f: the cost of a first-order task, at least 0.
+        c_x: the exact branch's extra cost, at least 0 (0: ``q = 1``).
+        q_min: the smallest ``q``, in ``(0, 1]``.
+
+    Raises:
+        ValueError: an argument out of its range, named.
+    """
+    _check_rule(A, D, c_f, c_x, q_min)
     if A == 0.0 and D == 0.0:
         return q_min
     if A <= D or c_x <= 0:
@@ -65,18 +85,24 @@ def authors_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
 
     Returns 1 when ``D >= c_x A / (2 (c_f + c_x))`` (the quadratic then has no
     root below 1), and never less than ``q_min``; ``q_min`` if ``A = D = 0``
-    (every ``q`` then has the same zero variance).
+    (every ``q`` then has the same zero variance). Arguments as for
+    :func:`optimal_q` (``c_x`` above 0 here).
+
+    Raises:
+        ValueError: an argument out of its range, named.
     """
+    _check_rule(A, D, c_f, c_x, q_min)
+    if c_x == 0:
+        raise ValueError(f"Invalid c_x: {c_x!r} (expected a float > 0)")
     if A == 0.0 and D == 0.0:
         return q_min
     if D >= 0.5 * c_x * A / (c_f + c_x):
         return 1.0
+    # Past the threshold A > D, so the quadratic's roots have opposite signs; the positive
+    # one, in the form that stays finite as A grows (A = inf gives 0, then q_min).
     a, b, c = (A - D) * c_x, -D * c_x, -2.0 * D * c_f
-    root = math.sqrt(b * b - 4.0 * a * c)
-    q = (-b - root) / (2.0 * a)
-    if not 0.0 < q < 1.0:
-        q = (-b + root) / (2.0 * a)
-    return max(q, q_min)
+    q = 2.0 * c / (-b - math.sqrt(b * b - 4.0 * a * c))
+    return min(1.0, max(q, q_min))
 
 
 class AdaptiveQ:
@@ -108,7 +134,7 @@ class AdaptiveQ:
         self.d_shrink = 10.0 if authors else 1.0
 
     def __repr__(self) -> str:
-        return f"AdaptiveQ(rule={self.rule!r}, q_min={self.q_min}, beta={self.beta})"
+        return f"AdaptiveQ(rule={self.rule!r}, q_min={self.q_min}, beta={self.beta}, q_init={self.q_init})"
 
 
 def init_stats(cfg: AdaptiveQ) -> Dict[str, float]:
@@ -125,8 +151,13 @@ def _debiased(avg: float, n: int, beta: float) -> float:
     return avg / (1 - beta ** n) if n else 0.0
 
 
+_LARGEST = 1e300  # a squared norm beyond it (float64 overflows at 1.8e308) is taken as this
+
+
 def _sq_norm(grads: Sequence[Optional[Tensor]]) -> float:
-    return float(sum((g.detach().double() ** 2).sum() for g in grads if g is not None))
+    """The squared norm, at most ``_LARGEST``: the moving averages and their bias
+    correction stay finite (a huge but finite hypergradient would make them ``inf``)."""
+    return min(_LARGEST, float(sum((g.detach().double() ** 2).sum() for g in grads if g is not None)))
 
 
 def difference(a: Sequence[Optional[Tensor]], b: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
