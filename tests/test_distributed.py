@@ -59,6 +59,8 @@ def worker(rank, world, init_file, out_dir):
         dist.broadcast_object_list(shared, src=0)
         meta.load_state_dict(own)
         resumed_own = torch.equal(meta.generator.get_state(), own["generator"])
+        meta.load_state_dict({k: v for k, v in own.items() if k != "rank"})  # saved before "rank"
+        resumed_own &= torch.equal(meta.generator.get_state(), own["generator"])
         meta.load_state_dict(shared[0])
         torch.save({"grads": grads, "total": total, "again": again,
                     "params": [p.detach() for p in model.parameters()],

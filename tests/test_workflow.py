@@ -1838,29 +1838,31 @@ def test_diagnose_takes_inner_params_and_leaves_the_random_state_alone():
     assert torch.equal(torch.get_rng_state(), global_state)
 
 
-def test_a_closure_failing_after_some_tasks_counts_the_tasks_its_gradients_hold():
-    # The closure zeroes .grad and runs one task before it fails: the mean of a retried
-    # step must count that task, not the tasks pending before the closure.
+def test_a_closure_failing_after_zeroing_counts_the_tasks_its_gradients_hold():
+    # The closure zeroes .grad (and runs one task, or none) before it fails: the mean of the
+    # next step must count the tasks .grad holds, not the tasks pending before the closure.
     got = {}
-    for how in ("one task", "failed closure"):
+    for how in ("one task", "task then failure", "zeros then failure"):
         model, meta, tasks = _two_task_run()
         before = [p.detach().clone() for p in model.parameters()]
-        if how == "one task":
-            meta.backward(sq_loss, sq_loss, *tasks[0])
-        else:
+        if how != "one task":
             for task in tasks:
                 meta.backward(sq_loss, sq_loss, *task)
 
             def closure():
-                meta.zero_grad()
-                meta.backward(sq_loss, sq_loss, *tasks[0])
+                meta.zero_grad(set_to_none=how.startswith("task"))
+                if how.startswith("task"):
+                    meta.backward(sq_loss, sq_loss, *tasks[0])
                 raise KeyboardInterrupt
             with pytest.raises(KeyboardInterrupt):
                 meta.step(closure)
+        if how != "task then failure":
+            meta.backward(sq_loss, sq_loss, *tasks[0])
         meta.step()
         got[how] = _updated(model, before)
     assert all(float(d.norm()) > 1e-6 for d in got["one task"])
-    assert_close(got["failed closure"], got["one task"], 0.0, "after a failed closure")
+    for how in ("task then failure", "zeros then failure"):
+        assert_close(got[how], got["one task"], 0.0, how)
 
 
 def test_a_state_dict_saved_after_synchronize_returns_the_same_total():
@@ -1877,3 +1879,6 @@ def test_a_state_dict_saved_after_synchronize_returns_the_same_total():
     assert saved["tasks"] == 2 and saved["reduced"] is True
     assert meta2.synchronize() == 2  # reduced already: the total, nothing divided again
     assert all(torch.equal(p.grad, g) for p, g in zip(model2.parameters(), grads))
+    old = {k: v for k, v in saved.items() if k not in ("tasks", "reduced")}  # saved before they existed
+    meta2.load_state_dict(old)
+    assert meta2.synchronize() == 2

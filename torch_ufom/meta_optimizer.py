@@ -640,14 +640,19 @@ class MetaOptimizer:
                 # meta.zero_grad() or the outer optimizer's): the mean is over its tasks.
                 pending = (self._tasks, self._reduced, self._observations, self._buffers,
                            self._holding)
+                meta = self.meta_parameters()
+                grads = [(p.grad, None if p.grad is None else p.grad._version) for p in meta]
                 self._forget_tasks()  # an earlier evaluation's tasks are run again
                 try:
                     out = closure()
                 except BaseException:
-                    if not (self._tasks or self._reduced):  # no task ran: the tasks stay pending
+                    untouched = all(p.grad is g and (g is None or g._version == v)
+                                    for p, (g, v) in zip(meta, grads))
+                    if untouched and not (self._tasks or self._reduced):
                         (self._tasks, self._reduced, self._observations, self._buffers,
-                         self._holding) = pending
-                    # else .grad holds the tasks this evaluation ran, and so does the count
+                         self._holding) = pending  # it failed at once: the tasks stay pending
+                    # else .grad holds what this evaluation left (zeroed, its tasks), and so
+                    # does the count
                     raise
                 self.synchronize()
                 return out
@@ -828,8 +833,10 @@ class MetaOptimizer:
                 raise kind(f"Invalid state_dict['optimizer']: {type(opt).__name__}.load_state_dict "
                            f"refused it ({type(err).__name__}: {err}); nothing was changed") from err
             if state_dict.get("generator") is not None:
-                if self.distributed:
-                    distributed.resume_generator(gen, state_dict["generator"], state_dict.get("rank"),
+                if self.distributed:  # a dict saved before "rank" existed: this rank's own
+                    saved_rank = state_dict["rank"] if "rank" in state_dict else \
+                        distributed.rank(self.process_group)
+                    distributed.resume_generator(gen, state_dict["generator"], saved_rank,
                                                  self.process_group)
                 else:
                     gen.set_state(state_dict["generator"])
@@ -850,8 +857,8 @@ class MetaOptimizer:
             self._tasks = int(state_dict["tasks"])
         if state_dict.get("reduced") is not None:
             self._reduced = bool(state_dict["reduced"])
-        if self._reduced:  # .grad holds the reduction over "tasks"; synchronize() returns it
-            self._tasks, self._reduced_total = 0, self._tasks
+        if self._reduced and state_dict.get("tasks") is not None:
+            self._tasks, self._reduced_total = 0, self._tasks  # the total synchronize() returns
         self._holding = self._holding or self._tasks > 0 or self._reduced
         saved_settings, now = state_dict.get("settings"), self._settings_summary()
         if saved_settings and saved_settings.get("format") == _SETTINGS_FORMAT:  # else not comparable
