@@ -1,13 +1,19 @@
 """Tests that kill mutants a mutation review found uncaught: the q="auto" statistics, the
 per-step random streams, per-parameter Adam betas, the replay finiteness check, the adaptive
-rule's bias correction, track_buffers over several tasks and a functional batch_norm's buffers.
+rule's bias correction, track_buffers over several tasks and a functional batch_norm's buffers;
+then (review AD) padded embeddings reached through ATen aliases, forward-over-reverse with a learned
+view, tasks discarded through the outer optimizer, resumes, diagnose's keywords and vmap's failures.
 Every expected value comes from an oracle written here or in oracle.py, never from the library."""
+import io
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import get_unwrapped, is_batchedtensor
 from torch.func import functional_call
 
 import torch_ufom
@@ -279,3 +285,378 @@ def test_functional_batch_norm_buffers_fall_back_to_the_per_task_loop(entry):
     got, want = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in want])
     assert float((got - want).norm()) < 1e-10 * float(want.norm())
     assert torch.equal(model.rm, torch.zeros(4)) and torch.equal(model.rv, torch.ones(4))
+
+
+# == Review AD: survivors of the mutation audit of session 11 ======================================
+
+
+def _task_stack(data, first, n=3):
+    """Tasks ``first .. first + n - 1`` of ``mlp_problem``'s data stacked along dimension 0."""
+    return tuple(torch.stack([data[first + i][k] for i in range(n)]) for k in range(2))
+
+
+def _oracle_sum_of_tasks(model, inner, outer, supports, queries, steps, lr, params, k=None):
+    """The sum over the stacked tasks of the brute-force ``G_k`` (``k = steps``: exact)."""
+    k = steps if k is None else k
+    n = len(supports[0])
+    per_task = [brute_force(model, inner, outer, lambda j, i=i: tuple(t[i] for t in supports),
+                            tuple(t[i] for t in queries), steps, lr, params, k) for i in range(n)]
+    return [sum(g) for g in zip(*per_task)]
+
+
+def _updated(model, before):
+    return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+
+# -- an embedding with padding_idx reached through torch.embedding / aten.embedding ----------------
+
+class _AliasedLookup(nn.Module):
+    """Token ids through a padding row, read by ``torch.embedding`` or ``torch.ops.aten.embedding``
+    on a plain parameter (no nn.Embedding, no F.embedding): only the ATen-level probe sees it."""
+
+    def __init__(self, lookup):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 3))
+        self.head = nn.Linear(3, 1)
+        self.lookup = lookup
+
+    def forward(self, ids, padded):
+        rows = self.lookup(self.table, ids, 0) if padded else torch.embedding(self.table, ids)
+        return self.head(torch.tanh(rows)).mean(1)
+
+
+_LOOKUPS = pytest.mark.parametrize("lookup", [
+    lambda table, ids, pad: torch.embedding(table, ids, pad),
+    lambda table, ids, pad: torch.ops.aten.embedding(table, ids, pad),
+], ids=["torch.embedding", "aten.embedding"])
+
+
+def _padded_lookup_case(lookup, where):
+    torch.manual_seed(0)
+    model = _AliasedLookup(lookup)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 5, (2, 3, 4, 6), generator=g)
+    ids[..., 0] = 0  # every sequence holds the padding token
+    ys = torch.randn(2, 3, 4, 1, generator=g)
+    supports, queries = (ids[0], ys[0]), (ids[1], ys[1])
+
+    def inner(f, b):
+        return ((f(b[0], where == "inner") - b[1]) ** 2).mean()
+
+    def outer(f, b):
+        return ((f(b[0], where == "outer") - b[1]) ** 2).mean()
+    params = list(model.parameters())
+    want = _oracle_sum_of_tasks(model, inner, outer, supports, queries, 2, 0.3, params)
+    with pytest.warns(UserWarning, match="per-task loop: torch.func.vmap differentiates Embedding "
+                                         "with padding_idx wrongly"):
+        got = torch_ufom.hypergrad_batch(model, inner, outer, supports, queries, steps=2, inner_lr=0.3,
+                                         mode="exact", vectorise=True)
+    assert rel_err(got, want) < 1e-10
+    assert rel_err([got[0][0]], [want[0][0]]) < 1e-10  # the padding row itself
+
+
+@_LOOKUPS
+def test_a_padded_embedding_reached_through_torch_embedding_in_the_inner_loss_falls_back(lookup):
+    # Guards the ATen probe's embedding(padding_idx) entry (V6): an inner loss reading a table
+    # through torch.embedding(table, ids, 0) went under vmap, whose padding row got a gradient
+    # (1.2% off the oracle), silently, without the per-task-loop warning.
+    _padded_lookup_case(lookup, "inner")
+
+
+@_LOOKUPS
+def test_a_padded_embedding_reached_through_torch_embedding_in_the_outer_loss_falls_back(lookup):
+    # Guards the outer loss's ATen probe (V8): the same lookup read by the outer loss only went
+    # under vmap, 11% off the oracle, silently.
+    _padded_lookup_case(lookup, "outer")
+
+
+# -- forward-over-reverse and a learned rate given as a view that the inner loss reads ------------
+
+def test_fwdrev_refuses_an_inner_loss_reading_a_learned_rate_given_as_a_view():
+    # Guards reads_meta_directly's check of a view's base (V9): lr = lrs[0], learned and read by
+    # the inner loss (a rate-scaled L2 term), ran forward-over-reverse and returned d/dlr 21% off
+    # the oracle, silently, instead of refusing.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    lrs = torch.tensor([0.3, 0.7], requires_grad=True)
+    lr = lrs[0]  # a view of a learned leaf, as the inner rules accept
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+
+    def inner(f, b):
+        return mse(f, b) + lr * sum((p ** 2).sum() for p in f.parameters())
+    params = list(model.parameters()) + [lr]
+    kw = dict(steps=3, inner_lr=lr, mode="exact", params=params)
+    with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev' .*reads a meta-parameter directly"):
+        torch_ufom.hypergrad(model, inner, mse, (x, y), (x, y), hvp="fwdrev", **kw)
+    assert lrs.grad is None and all(p.grad is None for p in model.parameters())
+    want = brute_force(model, inner, mse, lambda j: (x, y), (x, y), 3, lr, params, 3)
+    got = torch_ufom.hypergrad(model, inner, mse, (x, y), (x, y), hvp="revrev", **kw)
+    assert rel_err(got, want) < 1e-10
+
+
+# -- state_dict / load_state_dict ------------------------------------------------------------------
+
+def _two_layer(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def test_a_resumed_run_whose_pending_task_is_discarded_steps_by_the_new_task_alone():
+    # Guards load_state_dict marking the loaded tasks as held by .grad (MO7): resumed between
+    # tasks, the pending task discarded with the outer optimizer's zero_grad(), one new task:
+    # reduction="mean" still counted the discarded task and halved the step.
+    g = torch.Generator().manual_seed(1)
+    t0, t1 = [(torch.randn(6, 3, generator=g), torch.randn(6, 1, generator=g)) for _ in range(2)]
+
+    def build():
+        model = _two_layer()
+        return model, torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.5),
+                                               inner_lr=0.3, steps=2, mode="exact", reduction="mean")
+    model, meta = build()
+    meta.backward(mse, mse, t0, t0)
+    saved, grads = meta.state_dict(), [p.grad.clone() for p in model.parameters()]
+    assert saved["tasks"] == 1
+    model2, meta2 = build()
+    for p, gr in zip(model2.parameters(), grads):  # the gradients live on the parameters
+        p.grad = gr.clone()
+    meta2.load_state_dict(saved)
+    meta2.optimizer.zero_grad()  # the pending task is discarded (set_to_none)
+    before = [p.detach().clone() for p in model2.parameters()]
+    params = list(model2.parameters())
+    want = [-0.5 * gk for gk in brute_force(model2, mse, mse, lambda j: t1, t1, 2, 0.3, params, 2)]
+    meta2.backward(mse, mse, t1, t1)
+    meta2.step()
+    assert rel_err(_updated(model2, before), want) < 1e-10
+
+
+def test_numpy_numbers_in_the_settings_are_saved_as_floats_that_torch_load_reads_back():
+    # Guards _plain's float() of numpy numbers (MO17): inner_lr=np.float32(0.1) or a numpy
+    # momentum went into the state_dict as numpy scalars, and torch.load (weights_only=True, its
+    # default) refused the checkpoint: the run could not be resumed.
+    model = nn.Linear(3, 1)
+    for kw, name, value in ((dict(inner_lr=np.float32(0.1)), "lr", float(np.float32(0.1))),
+                            (dict(inner=torch_ufom.inner.SGD(0.1, momentum=np.float64(0.9))),
+                             "momentum", 0.9)):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, **kw)
+        buf = io.BytesIO()
+        torch.save(meta.state_dict(), buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=True)
+        got = loaded["settings"]["inner"][name]
+        assert type(got) is float and got == value, (kw, got)
+
+
+def test_meta_load_state_dict_leaves_the_module_s_parameters_alone():
+    # Guards _extra_meta excluding the module's own parameters (MO29): meta_tensors saved every
+    # parameter of the module, and meta.load_state_dict wrote them back over the module's
+    # (e.g. over a model.load_state_dict(best) done before).
+    model = _two_layer()
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.3,
+                                    steps=2)
+    saved = meta.state_dict()
+    assert saved["meta_tensors"] == []  # no meta-parameter other than the module's
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # as model.load_state_dict(other) would
+    now = [p.detach().clone() for p in model.parameters()]
+    meta.load_state_dict(saved)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), now))
+
+
+# -- tasks discarded through the outer optimizer ---------------------------------------------------
+
+def _bn_first(seed=0):
+    """BatchNorm on the inputs: its running statistics depend on the support alone."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.BatchNorm1d(3, momentum=0.3), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def test_a_task_discarded_after_synchronize_leaves_q_stats_and_buffers_alone_at_step():
+    # Guards step()'s own check for gradients cleared by the outer optimizer (MO4): backward,
+    # synchronize(), optimizer.zero_grad(), step() folded the discarded task's q="auto"
+    # observation into q_stats and wrote its running statistics into the module.
+    model = _bn_first()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, generator=g), torch.randn(6, 1, generator=g)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.3,
+                                    steps=2, q="auto", track_buffers=True)
+    stats = dict(meta.q_stats)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    params = [p.detach().clone() for p in model.parameters()]
+    meta.backward(mse, mse, (x, y), (x, y))
+    meta.synchronize()
+    meta.optimizer.zero_grad()  # the task is discarded (set_to_none)
+    meta.step()
+    assert meta.q_stats == stats
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params))
+    assert meta.state_dict()["q_observations"] == []
+
+
+def test_synchronize_counts_no_task_after_the_outer_optimizer_discarded_it():
+    # Guards synchronize()'s own check for cleared gradients (MO5): backward, then
+    # optimizer.zero_grad(), then synchronize() returned 1 instead of 0; under a process_group
+    # that stale count goes into the total every rank divides the mean by.
+    model = _two_layer()
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.3,
+                                    steps=2, mode="exact")
+    meta.backward(mse, mse, (x, y), (x, y))
+    meta.optimizer.zero_grad()
+    assert meta.synchronize() == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_closure_that_fails_at_once_keeps_the_pending_observation_and_buffers():
+    # Guards the restore after a closure that raises before running a task (MO25): step(closure)
+    # dropped the pending task's q="auto" observation and its track_buffers statistics, so the
+    # next step() neither updated q nor wrote the running statistics.
+    model = _bn_first(2)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(7, 3, generator=g) * 2 + 1, torch.randn(7, 1, generator=g)
+    steps = 2
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.3,
+                                    steps=steps, q="auto", track_buffers=True, reduction="mean",
+                                    generator=torch.Generator().manual_seed(5))
+    n_before = meta.q_stats["n_x"] + meta.q_stats["n_f"]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    meta.backward(mse, mse, (x, y), (x, y))
+
+    def closure():
+        raise KeyError("the data loader failed")
+    with pytest.raises(KeyError, match="the data loader failed"):
+        meta.step(closure)
+    assert len(meta.state_dict()["q_observations"]) == 1
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    meta.step()
+    assert meta.q_stats["n_x"] + meta.q_stats["n_f"] == n_before + 1
+    # By hand: each inner step moves the statistics towards the support's mean and unbiased
+    # variance, whatever the parameters (BatchNorm reads the inputs).
+    rm, rv = torch.zeros(3), torch.ones(3)
+    for _ in range(steps):
+        rm = 0.7 * rm + 0.3 * x.mean(0)
+        rv = 0.7 * rv + 0.3 * x.var(0, unbiased=True)
+    bn = model[0]
+    assert torch.allclose(bn.running_mean, rm, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(bn.running_var, rv, rtol=1e-12, atol=1e-12)
+    assert int(bn.num_batches_tracked) == steps
+
+
+def test_fom_mean_counts_tasks_that_leave_a_meta_parameter_without_a_hypergradient():
+    # Guards _check_cleared's "every meta-gradient is None" (MO30): under fom a learned L2 weight
+    # gets no hypergradient (.grad stays None); the tasks were then taken as discarded and
+    # reduction="mean" over the same task twice gave twice the step of the task alone.
+    model = _two_layer()
+    lam = torch.tensor(0.01, requires_grad=True)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(list(model.parameters()) + [lam], lr=0.5),
+                                    inner_lr=0.3, steps=2, mode="fom", reduction="mean")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, generator=g), torch.randn(6, 1, generator=g)
+
+    def inner(f, b):
+        return mse(f, b) + lam * sum((p ** 2).sum() for p in f.parameters())
+    params = list(model.parameters())
+    want = [-0.5 * gk for gk in brute_force(model, inner, mse, lambda j: (x, y), (x, y), 2, 0.3, params, 0)]
+    before = [p.detach().clone() for p in params]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "mode='fom' gives no hypergradient")
+        for _ in range(2):  # the same task twice: the mean equals the task alone
+            meta.backward(inner, mse, (x, y), (x, y))
+    assert lam.grad is None
+    meta.step()
+    assert rel_err(_updated(model, before), want) < 1e-10
+    assert float(lam.detach()) == 0.01
+
+
+# -- diagnose(max_memory=, hvp=) -------------------------------------------------------------------
+
+def _diagnose_case():
+    model = _two_layer()
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    return model, [((x, y), (x, y))]
+
+
+def test_diagnose_uses_and_checks_max_memory():
+    # Guards diagnose passing max_memory on (D2): the keyword was dropped, so invalid budgets were
+    # accepted and a tight budget measured the default configuration (every step kept) instead.
+    model, tasks = _diagnose_case()
+    for bad in (True, 0):
+        with pytest.raises(ValueError, match="Invalid max_memory"):
+            torch_ufom.diagnose(model, mse, mse, tasks, steps=4, inner_lr=0.3, max_memory=bad)
+    assert torch_ufom.diagnose(model, mse, mse, tasks, steps=4, inner_lr=0.3).steps_exact == 4
+    with pytest.warns(UserWarning, match="max_memory=1 is below the least a sweep of this model needs"):
+        d = torch_ufom.diagnose(model, mse, mse, tasks, steps=4, inner_lr=0.3, max_memory=1)
+    # By hand: one slot (the start) keeps no step's graph, so the reverse sweep runs steps
+    # 3 + 2 + 1 + 0 = 6 again, plus one VJP per step: 6 + 4 (docs: Diagnosis.steps_exact).
+    assert d.steps_exact == 10
+
+
+def test_diagnose_uses_and_checks_hvp():
+    # Guards diagnose passing hvp on (D3): the keyword was dropped, so hvp="bogus" and
+    # forward-over-reverse on a BatchNorm model were accepted and measured revrev instead.
+    model, tasks = _diagnose_case()
+    with pytest.raises(ValueError, match="Invalid hvp: 'bogus'"):
+        torch_ufom.diagnose(model, mse, mse, tasks, steps=2, inner_lr=0.3, hvp="bogus")
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev' needs a module without buffers"):
+        torch_ufom.diagnose(bn, mse, mse, tasks, steps=2, inner_lr=0.3, hvp="fwdrev")
+    d = torch_ufom.diagnose(model, mse, mse, tasks, steps=2, inner_lr=0.3, hvp="fwdrev")
+    params = list(model.parameters())
+    (s, q), = tasks
+    gr = brute_force(model, mse, mse, lambda j: s, q, 2, 0.3, params, 2)
+    g0 = brute_force(model, mse, mse, lambda j: s, q, 2, 0.3, params, 0)
+    assert d.A == pytest.approx(sq_norm(gr), rel=1e-9)
+    assert d.D == pytest.approx(sq_norm([a - b for a, b in zip(gr, g0)]), rel=1e-9)
+
+
+# -- where vmap failed is remembered across calls that probe again ----------------------------------
+
+def test_a_meta_optimizer_remembers_a_failed_exact_sweep_across_first_order_calls():
+    # Guards the vmap failure memory carried through the probe (F10): an exact sweep failed under
+    # vmap; a later first-order meta-batch probes again and rebuilt the memory without it, so
+    # the next exact meta-batch tried vmap again (and failed again) before looping: ~15% a call.
+    model, _, data = mlp_problem(9)
+    supports, queries = _task_stack(data, 0), _task_stack(data, 10)
+    attempts = []
+
+    def outer(f, b):
+        out = f(b[0])
+        if is_batchedtensor(out):
+            attempts.append(get_unwrapped(out).shape[0])
+            if get_unwrapped(out).shape[0] == 2:  # the exact group of [0, 2, 2]
+                raise RuntimeError("simulated failure under vmap")
+        return ((out - b[1]) ** 2).mean()
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), inner_lr=0.3,
+                                    steps=2, mode="ufom", q=0.5, vectorise=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta.backward_batch(mse, outer, supports, queries, force_truncation=[0, 2, 2])
+        assert 2 in attempts  # the exact group was tried under vmap and failed
+        attempts.clear()
+        # First-order only: the memory of the exact failure does not apply, so this call probes
+        # the losses again (every call does) and runs under vmap.
+        first = meta.backward_batch(mse, outer, supports, queries, force_truncation=[0, 0, 0])
+        assert attempts == [3] and first[0].batch_path.startswith("vectorised")  # probed, vmap ran
+        attempts.clear()
+        meta.zero_grad()
+        again = meta.backward_batch(mse, outer, supports, queries, force_truncation=[0, 2, 2])
+    assert attempts == []  # the loop at once
+    assert all(r.batch_path.startswith("per-task loop: an error under torch.func.vmap") for r in again)
+
+
+# -- adapt_batch: a non-finite inner loss is raised at once ----------------------------------------
+
+def test_adapt_batch_raises_a_non_finite_inner_loss_without_running_the_tasks_again():
+    # Guards adapt_batch's re-raise of FloatingPointError under vmap (A2): a NaN in one task's
+    # support ran every task again one by one before raising (9 inner-loss calls instead of 3).
+    model = _two_layer()
+    supports = (torch.randn(3, 5, 3), torch.randn(3, 5, 1))
+    supports[0][-1, 0, 0] = float("nan")
+    calls = []
+
+    def counted(f, b):
+        calls.append(1)
+        return mse(f, b)
+    with pytest.raises(FloatingPointError, match="inner_loss is not finite"):
+        torch_ufom.adapt_batch(model, counted, supports, steps=2, inner_lr=0.3)
+    assert len(calls) <= 3  # the probe and the two vectorised steps
