@@ -654,3 +654,43 @@ def test_per_step_float_values_reassigned_after_use_are_used():
     old = PerStep.__new__(PerStep)  # pickled when values was a plain attribute
     old.__setstate__({"values": [0.1, 0.2]})
     assert old.values == (0.1, 0.2)
+
+
+def test_nesterov_reads_zero_tensor_and_per_parameter_values():
+    # torch.optim refuses Nesterov without momentum or with dampening; a zero dampening
+    # given as a tensor was refused, a zero momentum tensor accepted.
+    SGD(0.1, momentum=0.9, dampening=torch.tensor(0.0), nesterov=True)
+    SGD(0.1, momentum={"w": 0.9, "b": torch.tensor(0.5)}, dampening={"w": 0.0, "b": 0.0}, nesterov=True)
+    for momentum, dampening in ((torch.tensor(0.0), 0.0), ({"w": 0.0, "b": torch.zeros(2)}, 0.0),
+                                (0.9, torch.tensor(0.1))):
+        with pytest.raises(ValueError, match="Invalid nesterov"):
+            SGD(0.1, momentum=momentum, dampening=dampening, nesterov=True)
+
+
+@pytest.mark.parametrize("rule, name, value", [
+    (lambda t: Adam(0.01, betas=(0.9, t)), "betas", 1.0),
+    (lambda t: RMSprop(0.01, alpha=t), "alpha", 1.2),
+    (lambda t: SGD(t), "inner_lr", -0.1),
+])
+def test_a_learned_hyperparameter_moved_out_of_range_is_refused_and_nothing_changes(rule, name, value):
+    # The range was checked when the MetaOptimizer was built only: an outer step that moved a
+    # learned beta2 to 1 gave a silently wrong loss, an RMSprop alpha of 1.2 a loss of 1e39.
+    model, loss, data = mlp_problem(11)
+    hyper = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    inner_rule = rule(hyper)
+    kw = {"inner_lr": hyper} if name == "inner_lr" else {"inner": inner_rule}
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), hyper], lr=0.1),
+                                    steps=2, mode="exact", **kw)
+    meta.backward(loss, loss, data[0], data[1])
+    meta.step()
+    meta.zero_grad()
+    with torch.no_grad():
+        hyper.fill_(value)  # as an outer step would
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"Invalid {name}.*changed since they were checked"):
+        meta.backward(loss, loss, data[0], data[1])
+    assert all(p.grad is None for p in model.parameters()) and hyper.grad is None
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with torch.no_grad():
+        hyper.fill_(0.5)  # back in range: runs again
+    meta.backward(loss, loss, data[0], data[1])

@@ -394,6 +394,17 @@ def _is_zero(value: Hyper) -> bool:
     return isinstance(value, numbers.Real) and float(value) == 0.0
 
 
+def _zero_everywhere(value: Hyper) -> bool:
+    """Whether a hyperparameter is 0 for every parameter and step, whatever its form (a
+    check when a rule is built: it reads tensors' values)."""
+    if isinstance(value, Mapping):
+        return all(_zero_everywhere(v) for v in value.values())
+    value = value.values if isinstance(value, PerStep) else value
+    if isinstance(value, Tensor):
+        return bool((value == 0).all())
+    return _is_zero(value)
+
+
 def _count(params: Mapping[str, Tensor], dtype=None) -> Tensor:
     """A zero step count on the parameters' device (``dtype`` defaults to int64)."""
     if not params:
@@ -436,7 +447,7 @@ class SGD(InnerRule):
                       "weight_decay": weight_decay}
         self._check_values()
         _check_flag(nesterov, "nesterov")
-        if nesterov and (_is_zero(momentum) or not _is_zero(dampening)):
+        if nesterov and (_zero_everywhere(momentum) or not _zero_everywhere(dampening)):
             raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum and zero dampening")
         self.nesterov = bool(nesterov)
         self.has_momentum = not _is_zero(momentum)

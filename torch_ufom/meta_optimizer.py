@@ -203,6 +203,7 @@ class MetaOptimizer:
         self.model, self.optimizer, self.generator = model, optimizer, generator
         self._config = config
         self._signature = self._current_signature()  # what the configuration was resolved for
+        self._hyper_versions = tuple((id(t), t._version) for t in config.rule.tensors())  # checked
         self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
         self._track_buffers, self._reduction = track_buffers, reduction
         self._buffers: List[List[Tensor]] = []  # final buffers of the tasks since the last step
@@ -336,8 +337,25 @@ class MetaOptimizer:
             self._config, self._signature = config, signature
             meta = tuple(self.meta_parameters())
         c = self._config
+        self._check_hyper_values(c.rule)
         hvp = resolve_hvp(c, self.model, meta)
         return Problem(self.model, inner_loss, outer_loss, c, self.law, meta, hvp, self.generator)
+
+    def _check_hyper_values(self, rule) -> None:
+        """Check the inner rule's tensor hyperparameters again when their values changed
+        since the last check (an outer step moved a learned Adam ``betas`` to 1, an
+        ``inner_lr`` below 0): the rule's formulas would run outside their range."""
+        tensors = rule.tensors()
+        versions = tuple((id(t), t._version) for t in tensors)
+        if versions == self._hyper_versions:
+            return
+        try:
+            rule._check_values()
+        except ValueError as err:
+            raise ValueError(f"{err} (the values changed since they were checked: keep a learned "
+                             "hyperparameter in its range, e.g. clamp it in place after the outer "
+                             "step); nothing was changed") from None
+        self._hyper_versions = versions
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
