@@ -1,5 +1,6 @@
 """Data parallelism: 2 gloo processes on this machine against one process."""
 import contextlib
+import copy
 import os
 
 import pytest
@@ -130,3 +131,51 @@ def test_a_retried_step_sums_the_ranks_once(tmp_path):
     assert all(r["restored"] for r in ranks)
     for r in ranks:  # one task reached extra with gradient 1: SGD at lr 0.1 moves it by -0.1
         assert torch.equal(r["extra"], torch.tensor([-0.1]))
+
+
+def buffers_worker(rank, world, init_file, out_dir):
+    with gloo(rank, world, init_file):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(),
+                                    torch.nn.Linear(4, 2))
+        _, loss, data = mlp_problem(0)
+        meta = meta_for(model, process_group=True, track_buffers=True, reduction="mean")
+        for s, q, K in TASKS[:2] if rank == 0 else ():  # rank 1 runs no task this step
+            meta.backward(loss, loss, data[s], data[q], force_truncation=K)
+        meta.step()
+        member = dist.new_group([0])  # every rank calls new_group; rank 1 is left out
+        refused = ""
+        if rank == 1:
+            try:
+                meta_for(model, process_group=member)
+            except ValueError as err:
+                refused = str(err)
+        torch.save({"buffers": {n: b.clone() for n, b in model.named_buffers()}, "refused": refused},
+                   os.path.join(out_dir, f"buffers{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_track_buffers_averages_the_tasks_of_every_rank(tmp_path):
+    # Each rank averaged its own tasks' running statistics: ranks ended with different
+    # buffers, and a rank without tasks kept its old ones.
+    mp.spawn(buffers_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"buffers{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 2)).double()
+    _, loss, data = mlp_problem(0)
+    finals = []  # one process's tasks, by hand: each task's inner loop from the module's buffers
+    for s, q, K in TASKS[:2]:
+        net = copy.deepcopy(model)
+        params = dict(net.named_parameters())
+        for _ in range(3):  # steps=3 of SGD at 0.1 on the support loss, in train mode
+            out = torch.func.functional_call(net, params, (data[s][0],))
+            grads = torch.autograd.grad(((out - data[s][1]) ** 2).mean(), list(params.values()))
+            params = {n: p - 0.1 * g for (n, p), g in zip(params.items(), grads)}
+        finals.append(dict(net.named_buffers()))
+    for name in ("1.running_mean", "1.running_var"):
+        want = (finals[0][name] + finals[1][name]) / 2
+        for r in ranks:
+            assert rel_err([r["buffers"][name]], [want]) < 1e-12, name
+    assert all(int(r["buffers"]["1.num_batches_tracked"]) == 3 for r in ranks)
+    assert "not a member" in ranks[1]["refused"]

@@ -16,7 +16,8 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["check_group", "rank_generator", "rank", "resume_generator", "sum_gradients", "gather"]
+__all__ = ["check_group", "rank_generator", "rank", "resume_generator", "sum_gradients", "average_buffers",
+           "gather"]
 
 
 def check_group(group) -> None:
@@ -27,6 +28,10 @@ def check_group(group) -> None:
     value that is not a group) is reported as such, not as "not initialised".
     """
     import torch.distributed as dist
+    if dist.is_available() and type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("Invalid process_group: this rank is not a member of it (torch.distributed."
+                         "new_group returns that value on the ranks it leaves out); build the "
+                         "MetaOptimizer with the group on its member ranks only")
     is_group = dist.is_available() and (group is dist.group.WORLD or
                                         isinstance(group, dist.ProcessGroup))
     if group is not None and not is_group:
@@ -114,6 +119,33 @@ def sum_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, group=group)
     return total
+
+
+def average_buffers(tasks: Sequence[Sequence[Tensor]], buffers: Sequence[Tensor],
+                    group) -> List[Optional[Tensor]]:
+    """The final buffers of every rank's tasks (``tasks[t][i]``: task ``t``'s value of
+    ``buffers[i]``) averaged over all ranks' tasks, for a floating-point buffer, or their
+    largest value, for a counter such as ``num_batches_tracked``: what one process running
+    all the tasks writes. ``None`` where no rank ran a task. Every rank calls it, with or
+    without tasks of its own."""
+    import torch.distributed as dist
+    with _on(buffers[0].device if buffers else None):
+        count = torch.tensor([float(len(tasks))], dtype=torch.float64, device=_device(group))
+        dist.all_reduce(count, group=group)
+        total = int(count.item())
+        out: List[Optional[Tensor]] = []
+        for i, buf in enumerate(buffers):
+            values = [task[i] for task in tasks]
+            if buf.is_floating_point():
+                value = torch.stack(values).sum(0) if values else torch.zeros_like(buf)
+                dist.all_reduce(value, group=group)
+                value = value / max(total, 1)
+            else:
+                low = False if buf.dtype == torch.bool else torch.iinfo(buf.dtype).min
+                value = values[-1].clone() if values else torch.full_like(buf, low)
+                dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+            out.append(value if total else None)
+    return out
 
 
 def gather(obj: Any, group, device: Optional[torch.device] = None) -> List[Any]:

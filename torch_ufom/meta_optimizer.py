@@ -95,7 +95,8 @@ class MetaOptimizer:
         track_buffers: if ``True``, :meth:`step` writes the inner loop's final
             buffers (BatchNorm running statistics) into the module: the mean
             over the tasks since the last step for floating-point buffers, the
-            last task's for integer ones (``num_batches_tracked``). Default
+            last task's for integer ones (``num_batches_tracked``; with a
+            ``process_group``, all ranks' tasks, and the largest). Default
             ``False``: the module's buffers are never changed, and every task
             starts from them. :meth:`backward` never writes buffers.
         memory: ``"checkpoint"`` (default: within the byte budget
@@ -629,7 +630,12 @@ class MetaOptimizer:
         ranks'). A ``closure`` follows ``torch.optim``'s convention: it zeroes
         the gradients, runs the tasks (:meth:`backward`) and returns the loss;
         the reduction then applies after each call of the closure, to the
-        tasks that call ran. Then steps the outer optimizer and, with
+        tasks that call ran. With a ``process_group`` the loss the closure
+        returns is this rank's own: an outer optimizer that reads it
+        (``LBFGS``'s line search and stopping tests) needs the same value on
+        every rank, so reduce it in the closure (``torch.distributed.all_reduce``),
+        else the ranks step differently and their collectives stop pairing up.
+        Then steps the outer optimizer and, with
         ``q="auto"``, updates ``q`` from the tasks since the last step, and
         with ``track_buffers`` writes the tasks' final buffers into the module.
 
@@ -685,7 +691,15 @@ class MetaOptimizer:
             for obs in observations:
                 self.q_stats = adaptive.update(self._config.adaptive, self.q_stats, obs)
             self._observations = []
-        if self._buffers:
+        if self._track_buffers and self.distributed:  # every rank: the mean over all ranks' tasks
+            buffers = [b for _, b in self.model.named_buffers()]
+            averaged = distributed.average_buffers(self._buffers, buffers, self.process_group)
+            with torch.no_grad():
+                for buf, value in zip(buffers, averaged):
+                    if value is not None:
+                        buf.copy_(value)
+            self._buffers = []
+        elif self._buffers:
             with torch.no_grad():
                 for i, (_, buf) in enumerate(self.model.named_buffers()):
                     values = [task[i] for task in self._buffers]
