@@ -142,6 +142,11 @@ def test_the_rules_stay_in_range_for_huge_statistics_and_name_bad_arguments():
     A, D = 5.0, 0.01
     q = authors_q(A, D, c_f, c_x, 1e-9)
     assert abs((A - D) * c_x * q * q - D * c_x * q - 2 * D * c_f) < 1e-15 and 0 < q < 1
+    for scale in (1e-300, 1e150, 1e298):  # the rule depends on D / A alone: no overflow to q_min
+        assert authors_q(A * scale, D * scale, c_f, c_x, 1e-9) == pytest.approx(q, rel=1e-12)
+    assert authors_q(1.0, 0.1, 0.0, 1.0, 0.05) == pytest.approx(0.1 / 0.9, rel=1e-15)  # D / (A - D)
+    from_tensors = optimal_q(torch.tensor(5.0), torch.tensor(0.5), c_f, c_x, 0.01)
+    assert from_tensors == optimal_q(5.0, 0.5, c_f, c_x, 0.01)
     for rule in (optimal_q, authors_q):
         for args, name in (((-1.0, 0.0, c_f, c_x, 0.05), "A"), ((1.0, math.nan, c_f, c_x, 0.05), "D"),
                            ((1.0, 0.1, -1.0, c_x, 0.05), "c_f"), ((1.0, 0.1, c_f, c_x, 0.0), "q_min"),

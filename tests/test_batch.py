@@ -1,5 +1,6 @@
 """Vectorised meta-batches (``backward_batch``, ``hypergrad_batch``) against per-task calls and
 brute force, and the two Hessian-vector products against each other."""
+import copy
 import warnings
 
 import pytest
@@ -882,6 +883,13 @@ def test_a_meta_optimizer_remembers_where_vmap_failed():
     assert not any(batched)  # the loop at once: vmap failed for every K
     assert again[0].batch_path == first[0].batch_path
     meta.reconfigure(steps=STEPS)  # forgets it: vmap is tried again
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta.backward_batch(loss, loss, supports, queries, force_truncation=[1, 0, 1])
+    assert any(batched)
+    batched.clear()
+    model.body = copy.deepcopy(model.body)  # another submodule: vmap is tried again (the loop was kept)
+    meta.optimizer.param_groups[0]["params"] = list(model.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         meta.backward_batch(loss, loss, supports, queries, force_truncation=[1, 0, 1])

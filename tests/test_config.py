@@ -199,6 +199,25 @@ def test_backward_synchronises_with_the_host_at_most_once_per_task(memory):
     assert 0 < counter.count <= tasks
 
 
+def test_learned_rates_add_one_synchronisation_per_outer_step():
+    # Their ranges are checked again when an outer step changed them: one read for all of them
+    # (it was two per tensor: 12 more per outer step for Meta-SGD rates on this MLP).
+    from torch_ufom.inner import SGD
+    model, loss, data = mlp_problem(2)
+    rates = {n: torch.full_like(p, 0.1, requires_grad=True) for n, p in model.named_parameters()}
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), *rates.values()], lr=1e-3),
+                                    inner=SGD(rates), steps=3, mode="exact")
+    counts = []
+    for step in range(3):
+        with _SyncCounter() as counter:
+            for i in range(4):
+                meta.backward(loss, loss, data[i], data[i + 6])
+        counts.append(counter.count)
+        meta.step()
+        meta.zero_grad()
+    assert len(rates) == 6 and counts[1] == counts[2] == counts[0] + 1  # the first step checks nothing
+
+
 @pytest.mark.parametrize("rule", ["adam", "amsgrad", "per-step"])
 def test_inner_steps_build_no_tensors_from_host_data(rule, monkeypatch):
     # On CUDA, torch.tensor / torch.as_tensor of Python data is a blocking copy to the

@@ -11,7 +11,7 @@ import torch
 import torch_ufom
 from helpers import mlp_problem, rel_err
 from oracle import brute_force, ref_adam, ref_adamw, ref_rmsprop, ref_sgd
-from torch_ufom.inner import SGD, Adam, AdamW, RMSprop
+from torch_ufom.inner import SGD, Adam, AdamW, PerStep, RMSprop
 
 
 def ref_adam_amsgrad(weight_decay=0.0, **kw):
@@ -325,7 +325,6 @@ def test_meta_and_other_device_tensors_are_rejected():
 
 # -- PerStep: per-inner-step hyperparameters ------------------------------------------------------
 
-PerStep = torch_ufom.inner.PerStep
 STEPS = 20
 VALUES = [0.02 + 0.01 * ((3 * j) % 7) for j in range(STEPS)]  # a rate that changes at every step
 MOMS = [0.5 + 0.02 * j for j in range(STEPS)]
@@ -661,8 +660,9 @@ def test_nesterov_reads_zero_tensor_and_per_parameter_values():
     # given as a tensor was refused, a zero momentum tensor accepted.
     SGD(0.1, momentum=0.9, dampening=torch.tensor(0.0), nesterov=True)
     SGD(0.1, momentum={"w": 0.9, "b": torch.tensor(0.5)}, dampening={"w": 0.0, "b": 0.0}, nesterov=True)
+    SGD(0.1, momentum=0.9, dampening=PerStep([0.0, 0.0]), nesterov=True)
     for momentum, dampening in ((torch.tensor(0.0), 0.0), ({"w": 0.0, "b": torch.zeros(2)}, 0.0),
-                                (0.9, torch.tensor(0.1))):
+                                (0.9, torch.tensor(0.1)), (PerStep([0.0, 0.0]), 0.0)):
         with pytest.raises(ValueError, match="Invalid nesterov"):
             SGD(0.1, momentum=momentum, dampening=dampening, nesterov=True)
 

@@ -1842,7 +1842,7 @@ def test_a_closure_failing_after_zeroing_counts_the_tasks_its_gradients_hold():
     # The closure zeroes .grad (and runs one task, or none) before it fails: the mean of the
     # next step must count the tasks .grad holds, not the tasks pending before the closure.
     got = {}
-    for how in ("one task", "task then failure", "zeros then failure"):
+    for how in ("one task", "task then failure", "zeros then failure", "zeros through .data"):
         model, meta, tasks = _two_task_run()
         before = [p.detach().clone() for p in model.parameters()]
         if how != "one task":
@@ -1850,7 +1850,11 @@ def test_a_closure_failing_after_zeroing_counts_the_tasks_its_gradients_hold():
                 meta.backward(sq_loss, sq_loss, *task)
 
             def closure():
-                meta.zero_grad(set_to_none=how.startswith("task"))
+                if how.endswith(".data"):
+                    for p in model.parameters():
+                        p.grad.data.zero_()  # keeps .grad's version counter
+                else:
+                    meta.zero_grad(set_to_none=how.startswith("task"))
                 if how.startswith("task"):
                     meta.backward(sq_loss, sq_loss, *tasks[0])
                 raise KeyboardInterrupt
@@ -1861,7 +1865,7 @@ def test_a_closure_failing_after_zeroing_counts_the_tasks_its_gradients_hold():
         meta.step()
         got[how] = _updated(model, before)
     assert all(float(d.norm()) > 1e-6 for d in got["one task"])
-    for how in ("task then failure", "zeros then failure"):
+    for how in ("task then failure", "zeros then failure", "zeros through .data"):
         assert_close(got[how], got["one task"], 0.0, how)
 
 

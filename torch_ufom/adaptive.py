@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -50,13 +50,30 @@ __all__ = ["AdaptiveQ", "optimal_q", "authors_q", "init_stats", "observe", "upda
 RULES = ("ufom", "authors")
 
 
-def _check_rule(A: float, D: float, c_f: float, c_x: float, q_min: float) -> None:
-    """Raise ``ValueError`` naming the first argument of a rule out of its range."""
+def _number(name: str, value, expected: str) -> float:
+    """``value`` as a float (a Python or NumPy number, a one-element tensor), else a
+    ``ValueError`` naming ``name``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"Invalid {name}: {value!r} (expected {expected})") from None
+
+
+def _check_rule(A, D, c_f, c_x, q_min) -> Tuple[float, float, float, float, float]:
+    """The arguments of a rule as floats; a ``ValueError`` names the first out of range."""
+    out = []
     for name, value in (("A", A), ("D", D), ("c_f", c_f), ("c_x", c_x)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-            raise ValueError(f"Invalid {name}: {value!r} (expected a float >= 0)")
-    if isinstance(q_min, bool) or not isinstance(q_min, numbers.Real) or not 0 < q_min <= 1:
+        x = _number(name, value, "a float >= 0")
+        if not x >= 0 or (name.startswith("c_") and x == math.inf):
+            raise ValueError(f"Invalid {name}: {value!r} (expected a float >= 0"
+                             f"{', finite' if name.startswith('c_') else ''})")
+        out.append(x)
+    q = _number("q_min", q_min, "a float in (0, 1]")
+    if not 0 < q <= 1:
         raise ValueError(f"Invalid q_min: {q_min!r} (expected a float in (0, 1])")
+    return (*out, q)
 
 
 def optimal_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float:
@@ -72,7 +89,7 @@ def optimal_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
     Raises:
         ValueError: an argument out of its range, named.
     """
-    _check_rule(A, D, c_f, c_x, q_min)
+    A, D, c_f, c_x, q_min = _check_rule(A, D, c_f, c_x, q_min)
     if A == 0.0 and D == 0.0:
         return q_min
     if A <= D or c_x <= 0:
@@ -91,17 +108,19 @@ def authors_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
     Raises:
         ValueError: an argument out of its range, named.
     """
-    _check_rule(A, D, c_f, c_x, q_min)
+    A, D, c_f, c_x, q_min = _check_rule(A, D, c_f, c_x, q_min)
     if c_x == 0:
         raise ValueError(f"Invalid c_x: {c_x!r} (expected a float > 0)")
     if A == 0.0 and D == 0.0:
         return q_min
     if D >= 0.5 * c_x * A / (c_f + c_x):
         return 1.0
-    # Past the threshold A > D, so the quadratic's roots have opposite signs; the positive
-    # one, in the form that stays finite as A grows (A = inf gives 0, then q_min).
-    a, b, c = (A - D) * c_x, -D * c_x, -2.0 * D * c_f
-    q = 2.0 * c / (-b - math.sqrt(b * b - 4.0 * a * c))
+    # Past the threshold A > D: the quadratic's roots have opposite signs, and -b >= 0 makes
+    # (-b + root) / 2a the stable form of the positive one. The rule depends on D / A alone,
+    # which is solved for (A = 1), so that no product overflows or underflows (A = inf: D / A = 0).
+    d = D / A
+    a, b, c = (1.0 - d) * c_x, -d * c_x, -2.0 * d * c_f
+    q = (-b + math.sqrt(b * b - 4.0 * a * c)) / (2.0 * a)
     return min(1.0, max(q, q_min))
 
 

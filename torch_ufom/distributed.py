@@ -124,10 +124,11 @@ def sum_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:
 def average_buffers(tasks: Sequence[Sequence[Tensor]], buffers: Sequence[Tensor],
                     group) -> List[Optional[Tensor]]:
     """The final buffers of every rank's tasks (``tasks[t][i]``: task ``t``'s value of
-    ``buffers[i]``) averaged over all ranks' tasks, for a floating-point buffer, or their
-    largest value, for a counter such as ``num_batches_tracked``: what one process running
-    all the tasks writes. ``None`` where no rank ran a task. Every rank calls it, with or
-    without tasks of its own."""
+    ``buffers[i]``) averaged over all ranks' tasks, for a floating-point buffer, as one
+    process running all the tasks writes them; for an integer or bool buffer, the largest
+    value (a counter such as ``num_batches_tracked``, which every task advances alike, as
+    one process writes it; one process would write its last task's value of another).
+    ``None`` where no rank ran a task. Every rank calls it, with or without tasks."""
     import torch.distributed as dist
     with _on(buffers[0].device if buffers else None):
         count = torch.tensor([float(len(tasks))], dtype=torch.float64, device=_device(group))

@@ -206,8 +206,9 @@ class SlowOps(NamedTuple):
     """What the last probe found for one pair of losses on one device: the operations too
     large to pay vectorised there under ``vectorise="auto"``, with their sizes (empty: vmap
     pays), and those whose gradient ``vmap`` gets wrong (non-empty: the loop runs); and why
-    ``vmap`` failed on an earlier call with these losses, for exact sweeps (``failed_exact``)
-    or for any (``failed``): the loop then runs at once instead of failing again."""
+    ``vmap`` failed on an earlier call with these losses and submodules, for exact sweeps
+    (``failed_exact``) or for any (``failed``): the loop then runs at once instead of failing
+    again."""
 
     inner_loss: Callable
     device: torch.device
@@ -216,6 +217,7 @@ class SlowOps(NamedTuple):
     outer_loss: Optional[Callable] = None
     failed: str = ""
     failed_exact: str = ""
+    modules: tuple = ()  # the submodules (identity, type) these findings are for
 
 
 class Plan(NamedTuple):
@@ -247,7 +249,7 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     per-task loop (:mod:`torch_ufom.vectorised` gives the measurements). It
     counts the parameters and looks at the operations (the probe below) on
     every call; ``known`` (a previous call's ``BatchRun.slow_ops``) says where
-    ``vmap`` failed for the same losses and device. ``True`` vectorises
+    ``vmap`` failed for the same losses, device and submodules. ``True`` vectorises
     wherever it is exact. Whatever it asks, the per-task loop runs instead
     (a fallback: ``BatchRun.fallback``) when the module has buffers that the
     losses write, when ``diagnostics`` are needed (``q="auto"`` keeps
@@ -337,9 +339,10 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         size = sum(named[n].numel() for n in problem.config.adapted)
         if size >= SLOW_ON_CPU_ELEMENTS:
             return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
+    modules = tuple((id(m), type(m)) for m in problem.model.modules())
     if known is not None and (known.inner_loss is not problem.inner_loss or known.device != device
-                              or known.outer_loss is not problem.outer_loss):
-        known = None
+                              or known.outer_loss is not problem.outer_loss or known.modules != modules):
+        known = None  # other losses, device or submodules: where vmap failed no longer applies
     if exact is None:  # whether some task runs an exact sweep: from the draws where known
         exact = problem.law.survival(problem.config.steps)[1] > 0.0
     if known is not None and (known.failed or (exact and known.failed_exact)):
@@ -352,7 +355,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     known = SlowOps(problem.inner_loss, device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
         tuple(sorted(found.wrong)), problem.outer_loss,
-        *((known.failed, known.failed_exact) if known is not None else ()))
+        *((known.failed, known.failed_exact) if known is not None else ("", "")), modules)
     if auto and known.ops:
         return Plan(None, _slow(known.ops), False, known)
     if known.wrong:

@@ -348,6 +348,24 @@ class InnerRule:
                     found.append(v)
         return tuple(found)
 
+    def tensors_in_range(self) -> Optional[Tensor]:
+        """A 0-d bool tensor: every tensor hyperparameter is finite and in its range
+        (``ranges``), computed on the device without reading it; ``None`` without tensors.
+        Where it is ``False``, :meth:`validate` names the value."""
+        flags = []
+        for key, value in self.hyper.items():
+            low, high, closed = self.ranges.get(key, (0.0, float("inf"), False))
+            for v in (value.values() if isinstance(value, Mapping) else (value,)):
+                v = v.values if isinstance(v, PerStep) else v
+                if isinstance(v, Tensor):
+                    with torch.no_grad():
+                        below = (v <= high) if closed else (v < high)
+                        flags.append(((v >= low) & below & torch.isfinite(v)).all())
+        if not flags:
+            return None
+        device = flags[0].device
+        return torch.stack([f.to(device) for f in flags]).all()
+
     @property
     def per_step(self) -> bool:
         """Whether some hyperparameter is a :class:`PerStep` (the rule then counts its steps)."""
@@ -402,6 +420,8 @@ def _zero_everywhere(value: Hyper) -> bool:
     value = value.values if isinstance(value, PerStep) else value
     if isinstance(value, Tensor):
         return bool((value == 0).all())
+    if isinstance(value, (tuple, list)):  # a PerStep's plain numbers
+        return all(_is_zero(v) for v in value)
     return _is_zero(value)
 
 

@@ -7,6 +7,7 @@ import math
 import numbers
 import time
 import warnings
+import weakref
 from collections.abc import Mapping
 import dataclasses
 from dataclasses import dataclass
@@ -345,13 +346,16 @@ class MetaOptimizer:
     def _check_hyper_values(self, rule) -> None:
         """Check the inner rule's tensor hyperparameters again when their values changed
         since the last check (an outer step moved a learned Adam ``betas`` to 1, an
-        ``inner_lr`` below 0): the rule's formulas would run outside their range."""
-        tensors = rule.tensors()
-        versions = tuple((id(t), t._version) for t in tensors)
+        ``inner_lr`` below 0): the rule's formulas would run outside their range. One host
+        synchronisation per change. Changes are seen through autograd's version counter,
+        which in-place operations bump and writes through ``.data`` do not."""
+        versions = tuple((id(t), t._version) for t in rule.tensors())
         if versions == self._hyper_versions:
             return
+        ok = rule.tensors_in_range()
         try:
-            rule._check_values()
+            if ok is not None and not bool(ok):
+                rule._check_values()  # names the value out of range
         except ValueError as err:
             raise ValueError(f"{err} (the values changed since they were checked: keep a learned "
                              "hyperparameter in its range, e.g. clamp it in place after the outer "
@@ -665,13 +669,20 @@ class MetaOptimizer:
                 pending = (self._tasks, self._reduced, self._observations, self._buffers,
                            self._holding)
                 meta = self.meta_parameters()
-                grads = [(p.grad, None if p.grad is None else p.grad._version) for p in meta]
+                # Weak references: a closure that sets .grad to None frees the old gradients.
+                grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+                         for p in meta]
                 self._forget_tasks()  # an earlier evaluation's tasks are run again
                 try:
                     out = closure()
                 except BaseException:
-                    untouched = all(p.grad is g and (g is None or g._version == v)
-                                    for p, (g, v) in zip(meta, grads))
+                    # Zeroed .grad (through meta.zero_grad(), the outer optimizer's, or .data
+                    # writes, which keep the version) means the pending tasks are gone.
+                    untouched = all(p.grad is None if ref is None else
+                                    (p.grad is ref() and p.grad is not None and p.grad._version == v)
+                                    for p, (ref, v) in zip(meta, grads)) and \
+                        any(p.grad is not None and (p.grad.layout != torch.strided or bool(p.grad.any()))
+                            for p in meta)
                     if untouched and not (self._tasks or self._reduced):
                         (self._tasks, self._reduced, self._observations, self._buffers,
                          self._holding) = pending  # it failed at once: the tasks stay pending
