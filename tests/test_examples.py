@@ -40,8 +40,19 @@ def public_names(module):
 
 
 def assert_public_api_only(name, source):
-    """Every ``torch_ufom`` name that ``source`` imports or reads is public."""
-    for node in ast.walk(ast.parse(source)):
+    """Every ``torch_ufom`` name that ``source`` imports or reads is public, private names
+    of its public modules too (``adaptive._choose``, ``torch_ufom.adaptive._choose``)."""
+    tree = ast.parse(source)
+    modules = {"torch_ufom"} | {alias.asname or alias.name for node in ast.walk(tree)
+                                if isinstance(node, ast.ImportFrom) and node.module == "torch_ufom"
+                                for alias in node.names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            assert not (isinstance(root, ast.Name) and root.id in modules), (name, ast.unparse(node))
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch_ufom":
             module = node.module.split(".")
             assert len(module) == 1 or module[1] in public_names(torch_ufom), (name, node.module)
@@ -67,6 +78,15 @@ def test_every_example_is_tested_short_and_uses_the_public_api_only():
         assert len(source.splitlines()) <= 110, name
         assert "--tiny" in source, name
         assert_public_api_only(name, source)
+
+
+def test_the_public_api_check_sees_private_names_of_public_modules():
+    for source in ("from torch_ufom import adaptive\nadaptive._choose(1, 2)",
+                   "import torch_ufom\ntorch_ufom.adaptive._debiased(1, 2, 3)",
+                   "from torch_ufom.adaptive import _debiased"):
+        with pytest.raises(AssertionError):
+            assert_public_api_only("snippet", source)
+    assert_public_api_only("snippet", "from torch_ufom import adaptive\nadaptive.optimal_q(1, 0, 1, 1, 0.1)")
 
 
 def test_the_benchmarks_use_the_public_api_only():

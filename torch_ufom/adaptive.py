@@ -223,7 +223,7 @@ def update(cfg: AdaptiveQ, stats: Dict[str, float], obs: Dict[str, float]) -> Di
         s["n_x"] += 1
         d = obs["D"]
         if authors:  # their D: the reweighted estimate's distance to G_r
-            d *= (1.0 / obs.get("q", 1.0) - 1.0) ** 2
+            d = min(_LARGEST, d * (1.0 / obs.get("q", 1.0) - 1.0) ** 2)
         s["A"] = _ema(s["A"], obs["A"], b)
         s["D"] = _ema(s["D"], d, b)
         s["t_x"] = _ema(s["t_x"], obs["seconds"], b)
