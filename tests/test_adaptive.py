@@ -146,6 +146,16 @@ def test_the_rules_stay_in_range_for_huge_statistics_and_name_bad_arguments():
     assert authors_q(1.0, 0.1, 0.0, 1.0, 0.05) == pytest.approx(0.1 / 0.9, rel=1e-15)  # D / (A - D)
     from_tensors = optimal_q(torch.tensor(5.0), torch.tensor(0.5), c_f, c_x, 0.01)
     assert from_tensors == optimal_q(5.0, 0.5, c_f, c_x, 0.01)
+    # Both rules depend on D / A and c_f / c_x alone: no product may overflow or underflow.
+    for big in (1e307, 1e-307):
+        assert authors_q(big, big, 11, 55, 0.05) == authors_q(big, 2 * big, 11, 55, 0.05) == 1.0
+        assert optimal_q(big, big / 100, 11, 55, 0.01) == pytest.approx(math.sqrt(11 * 0.01 / (55 * 0.99)))
+    for costs in (1e200, 1e-200):
+        assert authors_q(1.0, 0.05, costs, costs, 1e-9) == pytest.approx(authors_q(1.0, 0.05, 1, 1, 1e-9))
+    assert authors_q(5e-324, 0.0, 11, 55, 0.05) == 0.05
+    for bad in ("0.5", True, torch.tensor(True), 10 ** 400):
+        with pytest.raises(ValueError, match="Invalid A"):
+            optimal_q(bad, 0.1, 1.0, 1.0, 0.1)
     for rule in (optimal_q, authors_q):
         for args, name in (((-1.0, 0.0, c_f, c_x, 0.05), "A"), ((1.0, math.nan, c_f, c_x, 0.05), "D"),
                            ((1.0, 0.1, -1.0, c_x, 0.05), "c_f"), ((1.0, 0.1, c_f, c_x, 0.0), "q_min"),

@@ -1886,3 +1886,19 @@ def test_a_state_dict_saved_after_synchronize_returns_the_same_total():
     old = {k: v for k, v in saved.items() if k not in ("tasks", "reduced")}  # saved before they existed
     meta2.load_state_dict(old)
     assert meta2.synchronize() == 2
+
+
+def test_a_closure_failing_at_once_keeps_pending_tasks_whose_gradients_are_zero():
+    # A hinge-like outer loss already satisfied gives zero hypergradients: .grad was all zero
+    # before the closure, so it cannot tell a zeroing closure, and the tasks stay pending.
+    model, meta, tasks = _two_task_run()
+    for task in tasks:
+        meta.backward(sq_loss, lambda f, b: 0.0 * sq_loss(f, b), *task)
+    assert all(p.grad is not None and not bool(p.grad.any()) for p in model.parameters())
+
+    def closure():
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        meta.step(closure)
+    assert meta.state_dict()["tasks"] == 2
+

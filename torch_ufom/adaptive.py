@@ -43,6 +43,7 @@ import math
 import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 __all__ = ["AdaptiveQ", "optimal_q", "authors_q", "init_stats", "observe", "update", "rebound", "difference"]
@@ -51,14 +52,17 @@ RULES = ("ufom", "authors")
 
 
 def _number(name: str, value, expected: str) -> float:
-    """``value`` as a float (a Python or NumPy number, a one-element tensor), else a
-    ``ValueError`` naming ``name``."""
+    """``value`` as a float (a Python or NumPy real number, a one-element real tensor),
+    else a ``ValueError`` naming ``name``."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
+        isinstance(value, Tensor) and value.numel() == 1 and value.dtype != torch.bool
+        and not value.is_complex())
     try:
-        if isinstance(value, bool):
-            raise TypeError
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"Invalid {name}: {value!r} (expected {expected})") from None
+        if ok:
+            return float(value)
+    except (OverflowError, RuntimeError):
+        pass
+    raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
 
 
 def _check_rule(A, D, c_f, c_x, q_min) -> Tuple[float, float, float, float, float]:
@@ -79,6 +83,7 @@ def _check_rule(A, D, c_f, c_x, q_min) -> Tuple[float, float, float, float, floa
 def optimal_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float:
     """``q* = sqrt(c_f D / (c_x (A - D)))`` clipped to ``[q_min, 1]``; 1 if ``A <= D``,
     except ``q_min`` if ``A = D = 0`` (every ``q`` then has the same zero variance).
+    Computed from the ratios ``D / A`` and ``c_f / c_x``, on which alone it depends.
 
     Args:
         A, D: ``E||G_r||^2`` and ``E||G_r - G_0||^2``, at least 0 (``inf`` allowed).
@@ -94,7 +99,8 @@ def optimal_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
         return q_min
     if A <= D or c_x <= 0:
         return 1.0
-    return min(1.0, max(q_min, math.sqrt(c_f * D / (c_x * (A - D)))))
+    d = D / A  # in [0, 1): A = inf gives 0
+    return min(1.0, max(q_min, math.sqrt((c_f / c_x) * d / (1.0 - d))))
 
 
 def authors_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float:
@@ -103,7 +109,8 @@ def authors_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
     Returns 1 when ``D >= c_x A / (2 (c_f + c_x))`` (the quadratic then has no
     root below 1), and never less than ``q_min``; ``q_min`` if ``A = D = 0``
     (every ``q`` then has the same zero variance). Arguments as for
-    :func:`optimal_q` (``c_x`` above 0 here).
+    :func:`optimal_q` (``c_x`` above 0 here); computed from the ratios ``D / A``
+    and ``c_f / c_x``, on which alone it depends.
 
     Raises:
         ValueError: an argument out of its range, named.
@@ -113,13 +120,14 @@ def authors_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
         raise ValueError(f"Invalid c_x: {c_x!r} (expected a float > 0)")
     if A == 0.0 and D == 0.0:
         return q_min
-    if D >= 0.5 * c_x * A / (c_f + c_x):
+    if A == 0.0 or D >= A:
         return 1.0
-    # Past the threshold A > D: the quadratic's roots have opposite signs, and -b >= 0 makes
-    # (-b + root) / 2a the stable form of the positive one. The rule depends on D / A alone,
-    # which is solved for (A = 1), so that no product overflows or underflows (A = inf: D / A = 0).
-    d = D / A
-    a, b, c = (1.0 - d) * c_x, -d * c_x, -2.0 * d * c_f
+    d, r = D / A, c_f / c_x  # d in [0, 1): A = inf gives 0
+    if d >= 0.5 / (r + 1.0):
+        return 1.0
+    # Past the threshold the quadratic (1 - d) q^2 - d q - 2 d r (the rule divided by A c_x)
+    # has roots of opposite signs, and (-b + root) / 2a is the stable form of the positive one.
+    a, b, c = 1.0 - d, -d, -2.0 * d * r
     q = (-b + math.sqrt(b * b - 4.0 * a * c)) / (2.0 * a)
     return min(1.0, max(q, q_min))
 

@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Mapping
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -672,17 +672,19 @@ class MetaOptimizer:
                 # Weak references: a closure that sets .grad to None frees the old gradients.
                 grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
                          for p in meta]
+                had_values = _any_nonzero(meta)  # on the device, read only if the closure fails
                 self._forget_tasks()  # an earlier evaluation's tasks are run again
                 try:
                     out = closure()
                 except BaseException:
-                    # Zeroed .grad (through meta.zero_grad(), the outer optimizer's, or .data
-                    # writes, which keep the version) means the pending tasks are gone.
+                    # .grad replaced, set to None or written in place (meta.zero_grad(), the
+                    # outer optimizer's), or zeroed through .data (which keeps the version):
+                    # the pending tasks are gone.
                     untouched = all(p.grad is None if ref is None else
                                     (p.grad is ref() and p.grad is not None and p.grad._version == v)
-                                    for p, (ref, v) in zip(meta, grads)) and \
-                        any(p.grad is not None and (p.grad.layout != torch.strided or bool(p.grad.any()))
-                            for p in meta)
+                                    for p, (ref, v) in zip(meta, grads))
+                    if untouched and had_values is not None and bool(had_values):
+                        untouched = bool(_any_nonzero(meta))
                     if untouched and not (self._tasks or self._reduced):
                         (self._tasks, self._reduced, self._observations, self._buffers,
                          self._holding) = pending  # it failed at once: the tasks stay pending
@@ -982,6 +984,21 @@ def _observation_specs():
     exact = adaptive.observe(exact=True, seconds=0.0, steps=1, forward_steps=0, reverse_steps=0,
                              g0=[], gr=[])
     return _spec(first), _spec(exact)
+
+
+def _any_nonzero(params: Sequence[Tensor]) -> Optional[Tensor]:
+    """A 0-d bool tensor: some ``.grad`` of ``params`` holds a nonzero value (a sparse
+    gradient's stored values count); ``None`` without gradients. Not read here."""
+    flags = []
+    with torch.no_grad():
+        for p in params:
+            g = p.grad
+            if g is None:
+                continue
+            values = g._values() if g.layout == torch.sparse_coo else (
+                g.values() if g.layout != torch.strided else g)
+            flags.append(values.any().to(flags[0].device if flags else values.device))
+    return torch.stack(flags).any() if flags else None
 
 
 def _writable(t: Tensor) -> bool:
