@@ -267,6 +267,7 @@ STATE_CASES = {
     "tasks-bool": ({}, {}, lambda sd: {**sd, "tasks": True}, ValueError, r"state_dict\['tasks'\]"),
     "rank-negative": ({}, {}, lambda sd: {**sd, "rank": -1}, ValueError, r"state_dict\['rank'\]"),
     "rank-string": ({}, {}, lambda sd: {**sd, "rank": "0"}, ValueError, r"state_dict\['rank'\]"),
+    "rank-bool": ({}, {}, lambda sd: {**sd, "rank": True}, ValueError, r"state_dict\['rank'\]"),
 }
 
 

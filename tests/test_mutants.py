@@ -660,3 +660,250 @@ def test_adapt_batch_raises_a_non_finite_inner_loss_without_running_the_tasks_ag
     with pytest.raises(FloatingPointError, match="inner_loss is not finite"):
         torch_ufom.adapt_batch(model, counted, supports, steps=2, inner_lr=0.3)
     assert len(calls) <= 3  # the probe and the two vectorised steps
+
+
+# -- review AI: q="auto" before and after reconfigure, the rules' edges, resumes, Nesterov, checks ---
+
+def _tiny_task(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(5, 3, generator=g), torch.randn(5, 1, generator=g)
+
+
+def test_reconfigure_of_q_min_before_any_exact_draw_starts_at_the_new_q_init():
+    # Guards rebound() resetting q to the new q_init (A9): reconfigure(q_min=0.5) before any exact
+    # draw left q at the old 0.2, below the new q_min, and the optimizer refused its own state_dict.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                    steps=2, q="auto")  # the ufom rule: q_min 0.01, q_init 0.2
+    assert meta.q_stats["n_x"] == 0 and meta.q == 0.2
+    meta.reconfigure(q_min=0.5)
+    assert meta.q == 0.5 and meta.q_stats["q"] == 0.5  # documented q_init = max(q_min, 0.2)
+    meta.load_state_dict(meta.state_dict())
+    assert meta.q == 0.5
+
+
+def test_reconfigure_of_q_min_chooses_the_authors_root_again_from_the_kept_statistics():
+    # Guards rebound() choosing q again from the statistics (R4): lowering q_min below the root
+    # the statistics give must move q to that root; it was only reset to q_init (0.05). The
+    # expected root: A and D from the brute-force oracle, the authors' quadratic solved by numpy.
+    model, loss, data = mlp_problem(3)
+    steps, lr, q0 = 3, 0.01, 0.6
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.Adam(model.parameters(), lr=0.01), inner_lr=lr,
+                                    steps=steps, mode="ufom", q="auto", q_rule="authors", q_min=q0,
+                                    generator=torch.Generator().manual_seed(0))
+    params = list(model.parameters())
+    gr = brute_force(model, loss, loss, lambda j: data[0], data[1], steps, lr, params, steps)
+    g0 = brute_force(model, loss, loss, lambda j: data[0], data[1], steps, lr, params, 0)
+    meta.backward(loss, loss, data[0], data[1], force_truncation=steps)  # exact, drawn at q = 0.6
+    meta.backward(loss, loss, data[2], data[3], force_truncation=0)
+    meta.step()
+    assert meta.q == q0
+    # The authors' A, and their D: the reweighted estimate's distance (1/q - 1)^2 ||G_r - G_0||^2,
+    # divided by 10; costs in inner steps c_f = r + 1, c_x = r(r - 1)/2 + r.
+    A = sq_norm(gr)
+    D = sq_norm([a - b for a, b in zip(gr, g0)]) * (1 / q0 - 1) ** 2 / 10
+    c_f, c_x = steps + 1, steps * (steps - 1) / 2 + steps
+    root = max(r.real for r in np.roots([(A - D) * c_x, -D * c_x, -2 * D * c_f]))
+    assert 0.01 < root < 0.05  # below the authors' q_init: "chosen again" and "reset" differ
+    meta.reconfigure(q_min=0.01)
+    assert meta.q == pytest.approx(root, rel=1e-8)
+
+
+@pytest.mark.parametrize("rule", ["ufom", "authors"])
+def test_q_stays_at_q_init_after_a_step_of_first_order_tasks_only(rule):
+    # Guards _choose leaving q alone before the first exact observation (A15): with A = D = 0 the
+    # rules return q_min, so one first-order task moved q from q_init down to q_min.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                    steps=2, q="auto", q_rule=rule, q_min=0.01)
+    want = {"ufom": 0.2, "authors": 0.05}[rule]  # the documented q_init, above q_min
+    meta.backward(mse, mse, _tiny_task(), _tiny_task(1), force_truncation=0)
+    meta.step()
+    assert meta.q_stats["n_x"] == 0 and meta.q_stats["n_f"] == 1
+    assert meta.q == want
+
+
+def test_the_authors_root_just_below_its_threshold_is_at_most_1():
+    # Guards authors_q's final min(1, .) (A4): just below D = c_x A / (2 (c_f + c_x)) the root rounds
+    # to 1.0000000000000002 and Bernoulli(q) then refuses it at every later backward.
+    for A, D, c_f, c_x in ((74.16634409849911, 22.24990322954973, 4, 6),  # r = 3: the authors' costs
+                           (12.645996618480835, 5.947036247609906, 11, 174)):
+        # Exactly (integer arithmetic on the floats' ratios): the quadratic at q = 1,
+        # c_x A - 2 D (c_f + c_x), is > 0: D is below the threshold and the positive root below 1.
+        (an, ad), (dn, dd) = A.as_integer_ratio(), D.as_integer_ratio()
+        assert c_x * an * dd - 2 * (c_f + c_x) * dn * ad > 0
+        root = max(r.real for r in np.roots([(A - D) * c_x, -D * c_x, -2 * D * c_f]))
+        q = torch_ufom.adaptive.authors_q(A, D, float(c_f), float(c_x), 0.05)
+        assert q <= 1.0 and q == pytest.approx(min(root, 1.0), abs=1e-12)
+        torch_ufom.truncation.Bernoulli(q)  # a valid law
+
+
+@pytest.mark.parametrize("q_min", [1e-6, None])
+def test_a_huge_hypergradient_only_the_exact_branch_sees_keeps_the_authors_statistics_finite(q_min):
+    # Guards the cap after the authors' (1/q - 1)^2 reweighting (bug 1 of review AI): at q = 1e-6 a
+    # capped ||G_r - G_0||^2 became inf, q stayed at 1 for good and the own state_dict was refused.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    scale = torch.ones(2, requires_grad=True)  # read by the outer loss only (G_0 has it too)
+    lam = torch.tensor(0.0, requires_grad=True)  # read by the inner loss only (the exact branch)
+    x, y = _tiny_task()
+    kw = {} if q_min is None else {"q_min": q_min}
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), scale, lam], lr=0.0),
+                                    inner_lr=0.1, steps=2, q="auto", q_rule="authors", **kw)
+    outer1 = lambda f, b: mse(f, b) + 1e160 * scale.sum()  # noqa: E731 - A huge, D small: q to q_min
+    meta.backward(mse, outer1, (x, y), (x, y), force_truncation=2)
+    meta.step()
+    meta.zero_grad()
+    assert meta.q == meta.adaptive.q_min
+    inner2 = lambda f, b: mse(f, b) + 1e156 * lam * f(b[0]).sum()  # noqa: E731 - ||G_r - G_0|| ~ 1e156
+    meta.backward(inner2, mse, (x, y), (x, y), force_truncation=2)
+    meta.step()
+    meta.zero_grad()
+    assert all(math.isfinite(v) for v in meta.q_stats.values())
+    assert meta.q < 1.0
+    meta.load_state_dict(meta.state_dict())
+
+
+def test_a_reduced_state_dict_whose_gradients_are_discarded_holds_no_task():
+    # Guards load_state_dict marking a reduced dict's gradients as held (S4): saved after
+    # synchronize(), loaded, then the outer optimizer's zero_grad(): synchronize() still returned
+    # 2 and a new task was refused as "a task after synchronize()".
+    t = _tiny_task(1)
+
+    def build():
+        model = _two_layer()
+        return model, torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                               inner_lr=0.3, steps=2, mode="exact", reduction="mean")
+    model, meta = build()
+    meta.backward(mse, mse, t, t)
+    meta.backward(mse, mse, t, t)
+    assert meta.synchronize() == 2
+    saved, grads = meta.state_dict(), [p.grad.clone() for p in model.parameters()]
+
+    def resumed():
+        model2, meta2 = build()
+        for p, g in zip(model2.parameters(), grads):
+            p.grad = g.clone()
+        meta2.load_state_dict(saved)
+        meta2.optimizer.zero_grad()  # discards the reduced gradients (set_to_none)
+        return meta2
+    assert resumed().synchronize() == 0
+    meta2 = resumed()
+    meta2.backward(mse, mse, t, t)
+    assert meta2.synchronize() == 1
+
+
+def _resumed_state(monkeypatch, state, saved_rank, here, history=0):
+    monkeypatch.setattr(torch_ufom.distributed, "rank", lambda group: here)
+    g = torch.Generator().manual_seed(99)
+    torch.rand(history, generator=g)  # what this process drew before loading
+    torch_ufom.distributed.resume_generator(g, state, saved_rank, None)
+    return g.get_state()
+
+
+def test_resume_generator_gives_every_other_rank_its_own_stream(monkeypatch):
+    # Guards the rank mixed into the seed of a resumed stream (D2): rank 0's dict loaded on
+    # ranks 1, 2, 3 gave them all one stream (the same truncations and dropout masks).
+    state = torch.Generator().manual_seed(1234).get_state()
+    states = [_resumed_state(monkeypatch, state, 0, r) for r in (0, 1, 2, 3)]
+    assert torch.equal(states[0], state)  # the saver resumes its own stream
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not torch.equal(states[i], states[j]), (i, j)
+
+
+def test_resume_generator_does_not_depend_on_what_the_loader_drew_before(monkeypatch):
+    # Guards set_state before the seed of a resumed stream is drawn (D8): rank 1 loading the same
+    # dict after 0 or 5 earlier draws got two different streams: a resumed run not reproducible.
+    state = torch.Generator().manual_seed(1234).get_state()
+    fresh = _resumed_state(monkeypatch, state, 0, 1, history=0)
+    drawn = _resumed_state(monkeypatch, state, 0, 1, history=5)
+    assert torch.equal(fresh, drawn) and not torch.equal(fresh, state)
+
+
+def test_resume_generator_takes_a_dict_saved_without_a_group_as_rank_0_s(monkeypatch):
+    # Guards "saved_rank None is rank 0's" (D3): a dict saved without a process group, loaded on
+    # rank 0, reseeded the stream instead of resuming it exactly.
+    state = torch.Generator().manual_seed(1234).get_state()
+    assert torch.equal(_resumed_state(monkeypatch, state, None, 0, history=3), state)
+    assert not torch.equal(_resumed_state(monkeypatch, state, None, 1), state)
+
+
+_PerStep = torch_ufom.inner.PerStep
+_NESTEROV_CASES = {
+    "dampening-tensor-per-element": (dict(momentum=0.9, dampening=torch.tensor([0.0, 0.1])), False),
+    "dampening-dict-one-nonzero": (dict(momentum=0.9, dampening={"w": 0.0, "b": 0.1}), False),
+    "dampening-perstep-tensor-one-nonzero": (dict(momentum=0.9, dampening=_PerStep(torch.tensor([0.0, 0.1]))),
+                                             False),
+    "momentum-perstep-tensor-zero": (dict(momentum=_PerStep(torch.tensor([0.0, 0.0]))), False),
+    "dampening-perstep-tensor-zero": (dict(momentum=0.9, dampening=_PerStep(torch.tensor([0.0, 0.0]))), True),
+    "momentum-perstep-floats-zero": (dict(momentum=_PerStep([0.0, 0.0])), False),
+    "dampening-perstep-floats-zero": (dict(momentum=0.9, dampening=_PerStep([0.0, 0.0])), True),
+    "momentum-tensor-per-element": (dict(momentum=torch.tensor([0.0, 0.9])), True),
+}
+
+
+@pytest.mark.parametrize("case", list(_NESTEROV_CASES))
+def test_nesterov_follows_torch_optim_for_every_form_of_momentum_and_dampening(case):
+    # Guards _zero_everywhere (N1, N2, N3): torch.optim refuses Nesterov when the momentum is zero
+    # everywhere or the dampening nonzero anywhere; per-element tensors, dicts and PerStep values
+    # were read by their first or any entry, or not at all (Nesterov then ran with dampening).
+    kw, accepted = _NESTEROV_CASES[case]
+    if accepted:
+        torch_ufom.inner.SGD(0.1, nesterov=True, **kw)
+    else:
+        with pytest.raises(ValueError, match="nesterov"):
+            torch_ufom.inner.SGD(0.1, nesterov=True, **kw)
+
+
+@pytest.mark.parametrize("entry", ["backward", "backward_batch"])
+def test_a_learned_inner_lr_is_range_checked_at_most_once_per_outer_step(entry, monkeypatch):
+    # Guards the remembered versions of the checked hyperparameters (H3): once an outer step had
+    # moved a learned inner_lr, every later task checked its range again (a device sync each).
+    calls = []
+    rule_cls = torch_ufom.inner.InnerRule
+    in_range, check = rule_cls.tensors_in_range, rule_cls._check_values
+    monkeypatch.setattr(rule_cls, "tensors_in_range", lambda self: (calls.append(1), in_range(self))[1])
+    monkeypatch.setattr(rule_cls, "_check_values", lambda self: (calls.append(1), check(self))[1])
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    lr = torch.tensor(0.1, requires_grad=True)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), lr], lr=0.01),
+                                    inner_lr=lr, steps=2, mode="exact")
+    tasks = [_tiny_task(i) for i in range(2)]
+    stacked = tuple(torch.stack(t) for t in zip(*tasks))
+    per_step = []
+    for _ in range(3):
+        calls.clear()
+        before = lr.detach().clone()
+        for _ in range(3):
+            if entry == "backward":
+                meta.backward(mse, mse, tasks[0], tasks[1])
+            else:
+                meta.backward_batch(mse, mse, stacked, stacked)
+        meta.step()
+        meta.zero_grad()
+        assert not torch.equal(lr.detach(), before)  # the outer step moved it
+        per_step.append(len(calls))
+    # Checked once after each change (the constructor checked the first values), not once per call.
+    assert max(per_step) <= 1 and per_step[1:] == [1, 1]
+
+
+@pytest.mark.parametrize("rule", ["optimal_q", "authors_q"])
+def test_the_rules_name_a_negative_c_x(rule):
+    # Guards the c_x range check (A7): c_x = -1 returned q = 1 instead of an error naming it.
+    with pytest.raises(ValueError, match="Invalid c_x: "):
+        getattr(torch_ufom.adaptive, rule)(1.0, 0.1, 4.0, -1.0, 0.05)
+
+
+def test_the_authors_rule_names_a_zero_c_x():
+    # Guards authors_q's c_x > 0 check (A8): c_x = 0 returned q = 1 instead of an error.
+    with pytest.raises(ValueError, match=r"Invalid c_x: 0\.0 \(expected a float > 0\)"):
+        torch_ufom.adaptive.authors_q(1.0, 0.1, 4.0, 0.0, 0.05)
+
+
+def test_adaptive_q_repr_shows_q_init():
+    # Guards AdaptiveQ's repr (A12): two configurations that differ in q_init printed the same.
+    assert "q_init=0.3" in repr(AdaptiveQ(q_min=0.1, q_init=0.3))
