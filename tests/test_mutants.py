@@ -5,6 +5,7 @@ then (review AD) padded embeddings reached through ATen aliases, forward-over-re
 view, tasks discarded through the outer optimizer, resumes, diagnose's keywords and vmap's failures.
 Every expected value comes from an oracle written here or in oracle.py, never from the library."""
 import io
+import functools
 import math
 import warnings
 
@@ -401,6 +402,13 @@ def _two_layer(seed=0):
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
 
 
+def _exact_mean_run(lr):
+    """A two-layer model and an exact MetaOptimizer averaging its tasks, outer SGD at ``lr``."""
+    model = _two_layer()
+    return model, torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=lr),
+                                           inner_lr=0.3, steps=2, mode="exact", reduction="mean")
+
+
 def test_a_resumed_run_whose_pending_task_is_discarded_steps_by_the_new_task_alone():
     # Guards load_state_dict marking the loaded tasks as held by .grad (MO7): resumed between
     # tasks, the pending task discarded with the outer optimizer's zero_grad(), one new task:
@@ -408,10 +416,7 @@ def test_a_resumed_run_whose_pending_task_is_discarded_steps_by_the_new_task_alo
     g = torch.Generator().manual_seed(1)
     t0, t1 = [(torch.randn(6, 3, generator=g), torch.randn(6, 1, generator=g)) for _ in range(2)]
 
-    def build():
-        model = _two_layer()
-        return model, torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.5),
-                                               inner_lr=0.3, steps=2, mode="exact", reduction="mean")
+    build = functools.partial(_exact_mean_run, 0.5)
     model, meta = build()
     meta.backward(mse, mse, t0, t0)
     saved, grads = meta.state_dict(), [p.grad.clone() for p in model.parameters()]
@@ -772,10 +777,7 @@ def test_a_reduced_state_dict_whose_gradients_are_discarded_holds_no_task():
     # 2 and a new task was refused as "a task after synchronize()".
     t = _tiny_task(1)
 
-    def build():
-        model = _two_layer()
-        return model, torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                               inner_lr=0.3, steps=2, mode="exact", reduction="mean")
+    build = functools.partial(_exact_mean_run, 0.1)
     model, meta = build()
     meta.backward(mse, mse, t, t)
     meta.backward(mse, mse, t, t)
