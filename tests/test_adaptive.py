@@ -1,7 +1,9 @@
 """``q="auto"``: the rule, its statistics, and their round trip through state_dict."""
 import copy
 import math
+from decimal import Decimal, localcontext
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,6 +155,14 @@ def test_the_rules_stay_in_range_for_huge_statistics_and_name_bad_arguments():
     for costs in (1e200, 1e-200):
         assert authors_q(1.0, 0.05, costs, costs, 1e-9) == pytest.approx(authors_q(1.0, 0.05, 1, 1, 1e-9))
     assert authors_q(5e-324, 0.0, 11, 55, 0.05) == 0.05
+    assert authors_q(1.0, 0.0, 1e308, 1e-10, 0.05) == 0.05  # D = 0: no bias, whatever the costs
+    # D close to A: sqrt(c_f D / (c_x (A - D))), exactly from the floats (60 digits)
+    A, D = 3.0, 2.999999999997
+    with localcontext() as ctx:
+        ctx.prec = 60
+        want = (Decimal(1e-13) * Decimal(D) / (Decimal(A) - Decimal(D))).sqrt()
+    assert abs(Decimal(optimal_q(A, D, 1e-13, 1.0, 1e-3)) - want) / want < 1e-15
+    assert optimal_q(np.array(2.0), Decimal("0.5"), 1, 1, 0.01) == optimal_q(2.0, 0.5, 1, 1, 0.01)
     for bad in ("0.5", True, torch.tensor(True), 10 ** 400):
         with pytest.raises(ValueError, match="Invalid A"):
             optimal_q(bad, 0.1, 1.0, 1.0, 0.1)

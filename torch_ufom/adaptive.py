@@ -43,7 +43,6 @@ import math
 import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor
 
 __all__ = ["AdaptiveQ", "optimal_q", "authors_q", "init_stats", "observe", "update", "rebound", "difference"]
@@ -52,16 +51,14 @@ RULES = ("ufom", "authors")
 
 
 def _number(name: str, value, expected: str) -> float:
-    """``value`` as a float (a Python or NumPy real number, a one-element real tensor),
-    else a ``ValueError`` naming ``name``."""
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
-        isinstance(value, Tensor) and value.numel() == 1 and value.dtype != torch.bool
-        and not value.is_complex())
-    try:
-        if ok:
+    """``value`` as a float (a real number of Python, NumPy or ``decimal``, a one-element
+    real tensor or array), else a ``ValueError`` naming ``name`` (strings, booleans)."""
+    boolean = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+    if not (boolean or isinstance(value, (str, bytes, complex))):
+        try:  # numbers, NumPy scalars and 0-d arrays, Decimal, one-element tensors
             return float(value)
-    except (OverflowError, RuntimeError):
-        pass
+        except (TypeError, ValueError, OverflowError, RuntimeError):
+            pass
     raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
 
 
@@ -99,8 +96,7 @@ def optimal_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
         return q_min
     if A <= D or c_x <= 0:
         return 1.0
-    d = D / A  # in [0, 1): A = inf gives 0
-    return min(1.0, max(q_min, math.sqrt((c_f / c_x) * d / (1.0 - d))))
+    return min(1.0, max(q_min, math.sqrt((c_f / c_x) * (D / (A - D)))))  # A = inf gives 0
 
 
 def authors_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float:
@@ -118,11 +114,11 @@ def authors_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
     A, D, c_f, c_x, q_min = _check_rule(A, D, c_f, c_x, q_min)
     if c_x == 0:
         raise ValueError(f"Invalid c_x: {c_x!r} (expected a float > 0)")
-    if A == 0.0 and D == 0.0:
+    if D == 0.0:  # A > 0: no bias to correct; A = 0: every q has the same zero variance
         return q_min
     if A == 0.0 or D >= A:
         return 1.0
-    d, r = D / A, c_f / c_x  # d in [0, 1): A = inf gives 0
+    d, r = D / A, c_f / c_x  # d in (0, 1): A = inf gives 0
     if d >= 0.5 / (r + 1.0):
         return 1.0
     # Past the threshold the quadratic (1 - d) q^2 - d q - 2 d r (the rule divided by A c_x)
