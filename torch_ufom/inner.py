@@ -261,6 +261,14 @@ def _broadcasts(shape, target) -> bool:
     return len(shape) <= len(target) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
 
 
+def _in_range(v: Tensor, low: float, high: float, closed: bool) -> Tensor:
+    """A 0-d bool tensor, not read here: every value of ``v`` is finite and in ``[low, high)``
+    (``[low, high]`` when ``closed``)."""
+    with torch.no_grad():
+        below = (v <= high) if closed else (v < high)
+        return ((v >= low) & below & torch.isfinite(v)).all()
+
+
 def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> None:
     if high == float("inf"):
         where = f">= {low}"
@@ -272,10 +280,7 @@ def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> 
         if v.is_meta:
             raise ValueError(f"Invalid {arg}: a meta-device tensor has no values (expected a tensor on "
                              "the parameters' device)")
-        with torch.no_grad():
-            above = (v > high) if closed else (v >= high)
-            bad = bool((v < low).any() | above.any()) or not bool(torch.isfinite(v).all())
-        if bad:
+        if not bool(_in_range(v, low, high, closed)):
             raise ValueError(f"Invalid {arg}: values must be finite and {where}")
     elif isinstance(v, numbers.Real) and not isinstance(v, bool):
         x = float(v)
@@ -358,9 +363,7 @@ class InnerRule:
             for v in (value.values() if isinstance(value, Mapping) else (value,)):
                 v = v.values if isinstance(v, PerStep) else v
                 if isinstance(v, Tensor):
-                    with torch.no_grad():
-                        below = (v <= high) if closed else (v < high)
-                        flags.append(((v >= low) & below & torch.isfinite(v)).all())
+                    flags.append(_in_range(v, low, high, closed))
         if not flags:
             return None
         device = flags[0].device
