@@ -14,6 +14,7 @@ from devices import DEVICES, to
 from oracle import brute_force, brute_force_partial, ref_sgd, telescope
 from torch_ufom.truncation import Geometric
 from torch_ufom.vectorised import SLOW_ON_CPU_ELEMENTS, probe
+from zoo import mse_loss_lacks_forward_ad
 
 B, STEPS = 5, 4
 
@@ -709,6 +710,29 @@ def test_an_inner_loss_reading_the_module_s_own_parameters_is_not_forward_over_r
         got = torch_ufom.hypergrad_batch(model, mse, mse, supports, queries, steps=3, inner_lr=0.3,
                                          mode="exact")
     assert rel_err(got, _oracle_sum(model, mse, mse, supports, queries)) < 1e-10
+
+
+def test_a_forward_over_reverse_failure_the_sweep_chose_does_not_advise_another_hvp():
+    # LayerNorm makes the vectorised sweep pick forward-over-reverse whatever hvp says;
+    # F.mse_loss has no such formula in torch 2.13, and the fallback warning advised
+    # hvp='revrev', which the user had already chosen.
+    model, supports, queries = _layernorm_tasks()
+
+    def inner(f, b):
+        return F.mse_loss(f(b[0]), b[1])
+    want = _oracle_sum(model, inner, inner, supports, queries)
+    for hvp in ("auto", "revrev"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = torch_ufom.hypergrad_batch(model, inner, inner, supports, queries, steps=3, inner_lr=0.3,
+                                             mode="exact", hvp=hvp)
+        assert rel_err(got, want) < 1e-10
+        said = [str(w.message) for w in caught if "per-task loop" in str(w.message)]
+        if mse_loss_lacks_forward_ad():
+            assert len(said) == 1 and "use hvp=" not in said[0], said
+            assert "needs forward-over-reverse HVPs: vmap differentiates LayerNorm" in said[0], said
+        else:  # a torch with the formula vectorises
+            assert not said, said
 
 
 class AliasedNorms(nn.Module):

@@ -24,7 +24,7 @@ from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate
 from .inner import InnerRule
 from .truncation import TruncationLaw
-from .unroll import Evaluator, InnerLoop, PerTask, Problem, batch_getter
+from .unroll import Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
                          probe, reads_meta_directly, select_tasks, task_of)
 
@@ -282,8 +282,11 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
                 # rule that fails on the user's shapes, a packed sequence of another length per
                 # task): the tasks of the groups that did not finish run again per task, where
                 # an error of the losses is raised. Finished groups are kept (their hooks ran).
-                first_line = (str(err).splitlines() or [type(err).__name__])[0]
+                chosen = isinstance(err, FwdRevError) and plan.problem.hvp != problem.hvp
+                first_line = (str(err.detail if chosen else err).splitlines() or [type(err).__name__])[0]
                 reason = f"an error under torch.func.vmap ({first_line})"
+                if chosen:  # not the user's hvp: advice to pick another would not help
+                    reason += f"; the vectorised sweep needs {plan.reason}"
                 fallback = True
                 if slow_ops is not None:  # remembered: the next call runs the loop at once
                     failed_k = next(k for k in sorted(set(truncations)) if k not in

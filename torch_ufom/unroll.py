@@ -799,12 +799,22 @@ def _math_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def fwdrev_error(err: Exception, j: int) -> RuntimeError:
+class FwdRevError(RuntimeError):
+    """A forward-over-reverse HVP that failed inside ``torch.func``. ``detail`` says
+    what failed, without the advice to pick another ``hvp`` that the message ends
+    with (a vectorised sweep that chose forward-over-reverse itself gives other advice)."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"{detail}; use hvp='revrev' or hvp='auto'")
+        self.detail = detail
+
+
+def fwdrev_error(err: Exception, j: int) -> FwdRevError:
     """The error raised when forward-over-reverse fails inside ``torch.func``."""
-    return RuntimeError(
+    return FwdRevError(
         f"hvp='fwdrev' failed inside torch.func.jvp(torch.func.grad(inner_loss)) at inner step "
-        f"{j}: {err}. Some operators have no forward-over-reverse formula in this torch "
-        "(F.mse_loss in torch 2.13, for one); use hvp='revrev' or hvp='auto'")
+        f"{j}: {str(err).rstrip('. ')}. Some operators have no forward-over-reverse formula in this "
+        "torch (F.mse_loss in torch 2.13, for one)")
 
 
 def _vjp(outputs, inputs, cotangents, retain_graph=False):
