@@ -577,8 +577,11 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             ``params`` still chooses which tensors get a hypergradient.
 
     Returns:
-        A tuple with one tensor per entry of ``params`` (zeros where a tensor
-        does not influence the outer loss).
+        A tuple with one tensor per entry of ``params``: zeros where the
+        estimate does not reach a tensor (one the losses do not read; under
+        ``mode="fom"``, also one that the inner loop reads but does not adapt,
+        such as a weight-decay strength in the inner loss: the first-order
+        estimate ignores how the inner loop depends on it).
 
     Raises:
         TypeError, ValueError: an invalid argument (nothing is changed).

@@ -958,7 +958,8 @@ def _check_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     if missing:
         raise ValueError(
             f"Invalid optimizer: it does not hold the model parameters {missing}; pass all of "
-            "model.parameters() to it (or set requires_grad=False on frozen ones)")
+            "model.parameters() to it (or set requires_grad=False on frozen ones; one that the inner "
+            "loop adapts but the outer step must not move goes in a param group with lr=0)")
 
 
 # -- state_dict validation ------------------------------------------------------
