@@ -1,6 +1,7 @@
 """Data parallelism: 2 gloo processes on this machine against one process."""
 import contextlib
 import copy
+import datetime
 import os
 
 import pytest
@@ -25,7 +26,8 @@ def meta_for(model, **kw):
 def gloo(rank, world, init_file):
     """This process as ``rank`` of a gloo group of ``world`` processes, in float64."""
     torch.set_default_dtype(torch.float64)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a hang fails instead
     try:
         yield
     finally:
@@ -179,3 +181,54 @@ def test_track_buffers_averages_the_tasks_of_every_rank(tmp_path):
             assert rel_err([r["buffers"][name]], [want]) < 1e-12, name
     assert all(int(r["buffers"]["1.num_batches_tracked"]) == 3 for r in ranks)
     assert "not a member" in ranks[1]["refused"]
+
+
+def sparse_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(5, 3, sparse=True), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+
+
+def sparse_loss(f, batch):
+    return ((f(batch[0]).squeeze(-1) - batch[1]) ** 2).mean()
+
+
+def sparse_task(i):
+    g = torch.Generator().manual_seed(i)
+    return ((torch.randint(0, 5, (4,), generator=g), torch.randn(4, generator=g)),
+            (torch.randint(0, 5, (3,), generator=g), torch.randn(3, generator=g)))
+
+
+SPARSE_RANKS = {"both": ([0], [1]), "one": ([0, 1], [])}  # the tasks of rank 0 and rank 1
+
+
+def sparse_worker(rank, world, init_file, out_dir):
+    with gloo(rank, world, init_file):
+        out = {}
+        for case, tasks in SPARSE_RANKS.items():
+            model = sparse_model()
+            meta = meta_for(model, process_group=True, reduction="mean")
+            meta.reconfigure(mode="exact")
+            for i in tasks[rank]:
+                meta.backward(sparse_loss, sparse_loss, *sparse_task(i))
+            meta.synchronize()
+            out[case] = [p.grad.clone() for p in model.parameters()]
+        torch.save(out, os.path.join(out_dir, f"sparse{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_sparse_gradients_are_summed_when_a_rank_has_none(tmp_path):
+    # A rank without tasks sent a dense zero gradient where the other sent a sparse one:
+    # gloo cannot pair them, and both ranks waited until the group's timeout.
+    mp.spawn(sparse_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"sparse{r}.pt") for r in range(2)]
+    model = sparse_model()  # one process running both tasks (float64: the autouse fixture)
+    meta = meta_for(model, reduction="mean")
+    meta.reconfigure(mode="exact")
+    for i in (0, 1):
+        meta.backward(sparse_loss, sparse_loss, *sparse_task(i))
+    meta.synchronize()
+    want = [p.grad.to_dense() for p in model.parameters()]
+    for r in ranks:
+        assert r["both"][0].is_sparse and not r["one"][0].is_sparse  # sparse where every rank is
+        for case in SPARSE_RANKS:
+            assert rel_err([g.to_dense() for g in r[case]], want) < 1e-12, case

@@ -102,21 +102,29 @@ def sum_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:
     """All-reduce (sum) the ``.grad`` of ``params`` and the task counts over ``group``.
 
     A tensor without ``.grad`` on this rank takes part with zeros, and gets a
-    gradient if any rank has one. Returns the global number of tasks.
+    gradient if any rank has one. Every rank uses one layout per tensor, as the
+    collective needs: sparse where every rank has a sparse gradient, dense
+    otherwise (a sparse gradient is made dense). Returns the global number of tasks.
     """
     import torch.distributed as dist
     with _on(params[0].device if params else None):
         device = _device(group)
         count = torch.tensor([float(n_tasks)], dtype=torch.float64, device=device)
-        has = torch.tensor([float(p.grad is not None) for p in params], device=device)
+        # Per tensor: how many ranks hold a dense gradient, and how many a sparse one.
+        kinds = torch.tensor([[float(p.grad is not None and not p.grad.is_sparse) for p in params],
+                              [float(p.grad is not None and p.grad.is_sparse) for p in params]],
+                             device=device)
         dist.all_reduce(count, group=group)
-        dist.all_reduce(has, group=group)
+        dist.all_reduce(kinds, group=group)
         total = int(count.item())
-        for p, any_grad in zip(params, has.tolist()):
-            if not any_grad:
+        world = dist.get_world_size(group)
+        for p, dense, sparse in zip(params, *kinds.tolist()):
+            if not dense and not sparse:
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            elif p.grad.is_sparse and sparse < world:  # gloo pairs only like with like
+                p.grad = p.grad.to_dense()
             dist.all_reduce(p.grad, group=group)
     return total
 

@@ -644,7 +644,15 @@ class MetaOptimizer:
         with ``track_buffers`` writes the tasks' final buffers into the module.
 
         Without a closure, if the outer optimizer raises, ``.grad`` is put back
-        as it was before the reduction and the tasks stay pending.
+        as it was before the reduction and the tasks stay pending. A closure
+        that raises after running tasks leaves ``.grad`` and the task count as
+        that evaluation left them (its tasks replace the pending ones); one
+        that raises before changing ``.grad`` leaves the pending tasks as they were.
+
+        With a ``process_group`` every rank must reach ``step()`` (a
+        collective) once per outer step, with or without tasks: if a rank's
+        loss raises and that rank does not go on to ``step()``, the others wait
+        in the all-reduce until it exits or the group's ``timeout`` passes.
         """
         self._check_cleared(self.meta_parameters())  # tasks discarded through the outer optimizer
         self._check_pending_buffers()

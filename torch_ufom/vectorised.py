@@ -80,7 +80,8 @@ def meta_batch_size(**trees: Any) -> int:
                              f"has {size} tasks; every tensor of a meta-batch must stack the same "
                              "tasks along dimension 0")
     if size == 0:
-        raise ValueError(f"Invalid {first}: the meta-batch is empty (leading size 0)")
+        raise ValueError(f"Invalid {first}: the meta-batch is empty (leading size 0); a rank "
+                         "without tasks under a process_group skips backward_batch and still calls step()")
     return int(size)
 
 
