@@ -212,7 +212,25 @@ def sparse_worker(rank, world, init_file, out_dir):
                 meta.backward(sparse_loss, sparse_loss, *sparse_task(i))
             meta.synchronize()
             out[case] = [p.grad.clone() for p in model.parameters()]
+        # An outer step that raises after the reduction puts .grad back as it was: rank 0's
+        # sparse gradient, which the reduction made dense, and rank 1's None.
+        model = sparse_model()
+        meta = torch_ufom.MetaOptimizer(model, Failing(model.parameters(), lr=0.1), inner_lr=0.1, steps=3,
+                                        mode="exact", process_group=True)
+        for i in SPARSE_RANKS["one"][rank]:
+            meta.backward(sparse_loss, sparse_loss, *sparse_task(i))
+        before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match="the outer step failed"):
+            meta.step()
+        out["restored"] = all(p.grad is None if a is None else (
+            p.grad is not None and a.layout == p.grad.layout and torch.equal(a.to_dense(), p.grad.to_dense()))
+            for a, p in zip(before, model.parameters()))
         torch.save(out, os.path.join(out_dir, f"sparse{rank}.pt"))
+
+
+class Failing(torch.optim.SGD):
+    def step(self, closure=None):
+        raise RuntimeError("the outer step failed")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
@@ -228,6 +246,7 @@ def test_sparse_gradients_are_summed_when_a_rank_has_none(tmp_path):
         meta.backward(sparse_loss, sparse_loss, *sparse_task(i))
     meta.synchronize()
     want = [p.grad.to_dense() for p in model.parameters()]
+    assert all(r["restored"] for r in ranks)
     for r in ranks:
         assert r["both"][0].is_sparse and not r["one"][0].is_sparse  # sparse where every rank is
         for case in SPARSE_RANKS:

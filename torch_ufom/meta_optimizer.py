@@ -664,8 +664,8 @@ class MetaOptimizer:
             except BaseException:
                 with torch.no_grad():
                     for p, g in saved:  # a None the reduction filled in goes back to None
-                        if p.grad is None or g is None:
-                            p.grad = g
+                        if p.grad is None or g is None or p.grad.layout != g.layout:
+                            p.grad = g  # (a sparse gradient the reduction made dense, too)
                         else:
                             p.grad.copy_(g)
                 self._tasks, self._reduced = tasks, reduced
