@@ -1762,6 +1762,22 @@ def test_the_finiteness_check_reads_a_sparse_hypergradient_s_values():
     check_finite(log, est)  # finite: passes
 
 
+def test_a_sparse_hypergradient_whose_repeated_rows_overflow_is_not_finite():
+    # A row looked up three times is three finite entries of an uncoalesced gradient whose sum,
+    # the gradient's value, is inf: the check read the entries, wrote inf into .grad, and an
+    # Adagrad step made the weight NaN. The dense twin raised.
+    x = torch.tensor([1, 1, 1, 2])
+    for sparse in (False, True):
+        model = torch.nn.Embedding(4, 1, sparse=sparse).float()
+        with torch.no_grad():
+            model.weight.fill_(1e-3)
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.Adagrad(model.parameters(), lr=0.1),
+                                        inner_lr=0.1, steps=1, mode="exact")
+        with pytest.raises(FloatingPointError, match="non-finite hypergradient"):
+            meta.backward(lambda f, b: (f(b) ** 2).sum() * 1e-3, lambda f, b: (f(b) * 1.2e38).sum(), x, x)
+        assert model.weight.grad is None
+
+
 class _ForwardingSGD(inner.SGD):
     """A user's rule whose constructor forwards its arguments (its flags are SGD's)."""
 

@@ -136,9 +136,11 @@ class SweepLog:
 
 
 def _values(t: Tensor) -> Tensor:
-    """The stored values of a sparse tensor (``nn.Embedding(sparse=True)``'s gradient), else ``t``."""
+    """The values of a sparse tensor (``nn.Embedding(sparse=True)``'s gradient), else ``t``:
+    those of the coalesced tensor, whose duplicate entries are summed (each entry may be
+    finite and their sum not)."""
     if t.layout == torch.sparse_coo:
-        return t._values()
+        return t.coalesce()._values()
     if t.layout != torch.strided:
         return t.values()  # compressed layouts
     return t
