@@ -1778,6 +1778,29 @@ def test_a_sparse_hypergradient_whose_repeated_rows_overflow_is_not_finite():
         assert model.weight.grad is None
 
 
+def test_a_dense_hypergradient_accumulates_onto_a_sparse_grad():
+    # A sparse .grad from one task plus the dense hypergradient of the next (an outer loss that
+    # also reads the embedding's weight) raised "add(sparse, dense) is not supported"; autograd
+    # accumulates the two.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(6, 3, sparse=True), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    x, y = torch.tensor([1, 4, 4]), torch.randn(3, 1)
+
+    def loss(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+
+    def penalised(f, b):
+        return loss(f, b) + 0.01 * (model[0].weight ** 2).sum()
+    kw = dict(steps=2, inner_lr=0.5, mode="exact")
+    each = [torch_ufom.hypergrad(model, loss, outer, (x, y), (x, y), **kw) for outer in (loss, penalised)]
+    want = [a.to_dense() + b.to_dense() for a, b in zip(*each)]
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+    meta.backward(loss, loss, (x, y), (x, y))
+    assert model[0].weight.grad.is_sparse
+    meta.backward(loss, penalised, (x, y), (x, y))
+    assert rel_err([p.grad.to_dense() for p in model.parameters()], want) < 1e-12
+
+
 class _ForwardingSGD(inner.SGD):
     """A user's rule whose constructor forwards its arguments (its flags are SGD's)."""
 

@@ -597,8 +597,8 @@ class MetaOptimizer:
                 replace.append((p, g.clone()))
             elif _writable(old):
                 in_place.append((old, g))
-            else:
-                replace.append((p, old + g))
+            else:  # dense + sparse, as autograd accumulates them (sparse + dense is refused)
+                replace.append((p, g + old if old.is_sparse and not g.is_sparse else old + g))
         done = []
         try:
             for p, new in replace:
