@@ -535,6 +535,13 @@ class InnerLoop:
         self.cuda_devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
         self.math_attention = math_attention
         self.plain_rate = rule.plain_rate
+        # A sparse gradient (nn.Embedding(sparse=True)) goes through an additive rule's
+        # p - lr g as it is; other rules mix it with dense tensors, which sparse ops refuse,
+        # in their forward and in their backward (a sparse cotangent of the next step's
+        # parameters). Once a gradient came out sparse, the parameters enter the losses
+        # through an identity whose backward makes it dense.
+        self.dense_grads = not rule.first_order_additive
+        self.sparse_seen = False
 
     # -- state -----------------------------------------------------------------
     def initial_state(self) -> State:
@@ -546,7 +553,7 @@ class InnerLoop:
 
     def fmodel(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> FunctionalModel:
         """A :class:`FunctionalModel` at ``params``, with fresh copies of ``buffers``."""
-        p = dict(zip(self.names, params))
+        p = dict(zip(self.names, params if not self.sparse_seen else map(_DenseCotangent.apply, params)))
         if self.frozen:
             p.update(self.frozen)
         b = {n: t.clone() for n, t in zip(self.buffer_names, buffers)} if buffers else {}
@@ -598,7 +605,11 @@ class InnerLoop:
     # -- one inner step ------------------------------------------------------------
     def _grad(self, state: State, j: int, create_graph: bool):
         self._seed(j)
-        return self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
+        loss, grads, buffers = self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
+        if self.dense_grads and any(g.layout != torch.strided for g in grads):
+            self.sparse_seen = True
+            grads = tuple(g if g.layout == torch.strided else g.to_dense() for g in grads)
+        return loss, grads, buffers
 
     def apply_rule(self, grads, state: State):
         if self.plain_rate is not None:
@@ -772,6 +783,22 @@ class InnerLoop:
 
 
 _SAME_MODE = contextlib.nullcontext()
+
+
+class _DenseCotangent(torch.autograd.Function):
+    """The identity, whose backward makes a sparse cotangent dense (see ``InnerLoop.sparse_seen``)."""
+
+    @staticmethod
+    def forward(t):
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad if grad.layout == torch.strided else grad.to_dense()
 
 
 def _grad_mode(enabled: bool):
