@@ -11,6 +11,7 @@ Works with ``gloo`` (CPU) and ``nccl`` (CUDA) process groups.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -104,7 +105,8 @@ def sum_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:
     A tensor without ``.grad`` on this rank takes part with zeros, and gets a
     gradient if any rank has one. Every rank uses one layout per tensor, as the
     collective needs: sparse where every rank has a sparse gradient, dense
-    otherwise (a sparse gradient is made dense). Returns the global number of tasks.
+    otherwise and under nccl (a sparse gradient is made dense). Returns the
+    global number of tasks.
     """
     import torch.distributed as dist
     with _on(params[0].device if params else None):
@@ -117,13 +119,14 @@ def sum_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:
         dist.all_reduce(count, group=group)
         dist.all_reduce(kinds, group=group)
         total = int(count.item())
-        world = dist.get_world_size(group)
+        # gloo pairs only like with like; nccl has no sparse all-reduce.
+        every = dist.get_world_size(group) if dist.get_backend(group) != "nccl" else math.inf
         for p, dense, sparse in zip(params, *kinds.tolist()):
             if not dense and not sparse:
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            elif p.grad.is_sparse and sparse < world:  # gloo pairs only like with like
+            elif p.grad.is_sparse and sparse < every:
                 p.grad = p.grad.to_dense()
             dist.all_reduce(p.grad, group=group)
     return total
