@@ -696,10 +696,13 @@ def test_a_learned_hyperparameter_moved_out_of_range_is_refused_and_nothing_chan
     meta.backward(loss, loss, data[0], data[1])
 
 
-def _embedding_model(sparse):
+def _embedding_model(sparse, max_norm=None):
     torch.manual_seed(3)
-    return torch.nn.Sequential(torch.nn.Embedding(7, 3, sparse=sparse), torch.nn.Tanh(), torch.nn.Flatten(),
-                               torch.nn.Linear(6, 1))
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 3, sparse=sparse, max_norm=max_norm), torch.nn.Tanh(),
+                                torch.nn.Flatten(), torch.nn.Linear(6, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # rows above max_norm: the lookups renormalise them in place
+    return model
 
 
 @pytest.mark.parametrize("rule, ref, kw", [
@@ -707,21 +710,30 @@ def _embedding_model(sparse):
     (Adam, ref_adam_amsgrad, dict(lr=0.02, weight_decay=0.05, amsgrad=True)),
     (RMSprop, ref_rmsprop, dict(lr=0.01, alpha=0.9, momentum=0.9, centered=True, weight_decay=0.01))],
     ids=["SGD", "Adam", "RMSprop"])
-def test_every_rule_takes_the_sparse_gradient_of_an_embedding(rule, ref, kw):
+@pytest.mark.parametrize("max_norm", [None, 1.0])
+def test_every_rule_takes_the_sparse_gradient_of_an_embedding(rule, ref, kw, max_norm):
     # nn.Embedding(sparse=True) gives a sparse inner gradient: every rule but plain SGD mixed
     # it with dense tensors and failed inside torch (where, add, division), forward or backward.
+    # With max_norm the lookups write the inner parameters in place (a view they may not write
+    # failed at step 2, in adapt too).
     g = torch.Generator().manual_seed(0)
     data = [(torch.randint(0, 7, (5, 2), generator=g), torch.randn(5, 1, generator=g)) for _ in range(4)]
 
     def loss(f, b):
         return ((f(b[0]) - b[1]) ** 2).mean()
-    dense = _embedding_model(False)  # the oracle differentiates the dense twin: the same function
+    dense = _embedding_model(False, max_norm)  # the oracle differentiates the dense twin: the same function
     params = list(dense.parameters())
     G = {k: brute_force(dense, loss, loss, data.__getitem__, data[-1], 3, None, params, k, rule=ref(**kw))
          for k in (0, 3)}
-    model = _embedding_model(True)
+    model = _embedding_model(True, max_norm)
     for memory in ("store", "recompute"):
         for k in G:
             got = torch_ufom.hypergrad(model, loss, loss, data.__getitem__, data[-1], steps=3,
                                        inner=rule(**kw), mode="truncated", k=k, memory=memory)
             assert rel_err([t.to_dense() for t in got], G[k]) < 1e-10, (memory, k)
+    adapted = [torch_ufom.adapt(m, loss, data.__getitem__, steps=3, inner=rule(**kw)).params
+               for m in (model, dense)]
+    assert rel_err(list(adapted[0].values()), list(adapted[1].values())) < 1e-12
+    with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev' cannot differentiate sparse gradients"):
+        torch_ufom.hypergrad(model, loss, loss, data.__getitem__, data[-1], steps=3, inner=rule(**kw),
+                             mode="exact", hvp="fwdrev")

@@ -65,6 +65,8 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor]) ->
     if next(model.buffers(), None) is not None:
         return ("needs a module without buffers (its running statistics would be written inside "
                 "torch.func.jvp)")
+    if any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in model.modules()):
+        return "cannot differentiate sparse gradients (an embedding with sparse=True) in forward mode"
     named = dict(model.named_parameters())
     known = {id(named[n]) for n in config.adapted} | {id(t) for t in config.rule.tensors()}
     extra = [t for t in meta if t.requires_grad and id(t) not in known]

@@ -488,7 +488,8 @@ def _autocasting(params: Sequence[Tensor]) -> bool:
 
 class InnerLoop:
     """The inner loop of one task (or of a stacked meta-batch) as pure functions of
-    an explicit state; immutable after construction.
+    an explicit state; immutable after construction, except ``sparse_seen`` (set
+    by the first sparse inner gradient).
 
     Args:
         problem: the call's :class:`Problem`.
@@ -537,9 +538,10 @@ class InnerLoop:
         self.plain_rate = rule.plain_rate
         # A sparse gradient (nn.Embedding(sparse=True)) goes through an additive rule's
         # p - lr g as it is; other rules mix it with dense tensors, which sparse ops refuse,
-        # in their forward and in their backward (a sparse cotangent of the next step's
-        # parameters). Once a gradient came out sparse, the parameters enter the losses
-        # through an identity whose backward makes it dense.
+        # in their forward and in their backward (a sparse cotangent of the new parameters,
+        # from the next step's or the outer loss's lookup). Once a gradient came out sparse,
+        # the rule gets it dense and its new parameters pass through a copy whose backward
+        # makes their cotangent dense.
         self.dense_grads = not rule.first_order_additive
         self.sparse_seen = False
 
@@ -553,7 +555,7 @@ class InnerLoop:
 
     def fmodel(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> FunctionalModel:
         """A :class:`FunctionalModel` at ``params``, with fresh copies of ``buffers``."""
-        p = dict(zip(self.names, params if not self.sparse_seen else map(_DenseCotangent.apply, params)))
+        p = dict(zip(self.names, params))
         if self.frozen:
             p.update(self.frozen)
         b = {n: t.clone() for n, t in zip(self.buffer_names, buffers)} if buffers else {}
@@ -621,7 +623,10 @@ class InnerLoop:
         new_p, new_opt = self.rule.update(
             dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
             self.rule.hyper)
-        return tuple(new_p[n] for n in self.names), tuple(new_opt)
+        new_p = tuple(new_p[n] for n in self.names)
+        if self.sparse_seen:
+            new_p = tuple(map(_DenseCotangent.apply, new_p))
+        return new_p, tuple(new_opt)
 
     def advance(self, state: State, j: int):
         """Step ``j`` without a graph: returns ``(s_j, loss_j, g_j)``."""
@@ -786,11 +791,12 @@ _SAME_MODE = contextlib.nullcontext()
 
 
 class _DenseCotangent(torch.autograd.Function):
-    """The identity, whose backward makes a sparse cotangent dense (see ``InnerLoop.sparse_seen``)."""
+    """A copy, whose backward makes a sparse cotangent dense (see ``InnerLoop.sparse_seen``).
+    A copy rather than a view: the next forward may write it in place (``max_norm``)."""
 
     @staticmethod
     def forward(t):
-        return t.view_as(t)
+        return t.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
