@@ -909,3 +909,43 @@ def test_the_authors_rule_names_a_zero_c_x():
 def test_adaptive_q_repr_shows_q_init():
     # Guards AdaptiveQ's repr (A12): two configurations that differ in q_init printed the same.
     assert "q_init=0.3" in repr(AdaptiveQ(q_min=0.1, q_init=0.3))
+
+
+@pytest.mark.parametrize("mode", ["fom", "exact"])
+def test_a_non_finite_inner_loss_with_a_finite_gradient_is_reported(mode):
+    # Guards the forward pass's inner losses in the finiteness check (AO E14): a loss of -inf
+    # whose gradient is finite returned finite hypergradients with the check dropped.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(5, 3), torch.randn(5, 1)
+
+    def outer(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+
+    def inner(f, b):
+        return outer(f, b) + torch.tensor(-math.inf)
+    with pytest.raises(FloatingPointError, match="inner_loss is not finite at inner step 1"):
+        torch_ufom.hypergrad(model, inner, outer, (x, y), (x, y), steps=3, inner_lr=0.1, mode=mode)
+
+
+def test_a_seeded_rerun_of_the_sgd_fast_path_counts_each_step_once():
+    # Guards SweepLog.rewind (AO E13): the fast path runs again, seeded, when a later step draws
+    # random numbers that step 1 did not; a flipped sign reported 12 forward steps for 4, which
+    # q="auto"'s cost model reads.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(5, 3), torch.randn(5, 1)
+
+    def inner(f, b):
+        out = f(b[0])
+        if b[2]:
+            out = out + 1e-3 * torch.randn_like(out)
+        return ((out - b[1]) ** 2).mean()
+
+    def outer(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+    support = torch_ufom.StepBatches([(x, y, j > 0) for j in range(4)])
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), inner_lr=0.1,
+                                    steps=4, mode="fom")
+    res = meta.backward(inner, outer, support, (x, y))
+    assert (res.forward_steps, res.reverse_steps) == (4, 0)
