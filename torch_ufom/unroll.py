@@ -47,9 +47,9 @@ def check_parametrize_cache(model: nn.Module) -> None:
     parameters, so the inner loop's parameters would be silently ignored."""
     if parametrize._cache_enabled and any(parametrize.is_parametrized(m) for m in model.modules()):
         raise RuntimeError("Invalid call under torch.nn.utils.parametrize.cached(): the model has "
-                           "parametrized weights, which the cache would compute once from the "
-                           "module's own parameters instead of the inner loop's; call outside "
-                           "cached()")
+                           "parametrized weights, which the cache would keep as computed once, "
+                           "from the module's own parameters or one inner step's, instead of each "
+                           "step's; call outside cached(), and do not open it inside the losses")
 
 
 def renormalises_weights(module: nn.Module) -> bool:
@@ -70,12 +70,12 @@ class FunctionalModel:
     afterwards, error or not. The swap follows a :class:`Reparametrization`:
     by default (``swap=...``) :meth:`Reparametrization.of` the module as it is
     at each call, used where it knows every name given (an inner loop
-    computes it once and passes it). Where there is none (``swap=None``,
-    parametrized modules) or a name is not one of its own (a tied weight's
-    second name, a name the module lacks), the call is ``functional_call``
-    itself. Buffers are cloned for each step, so in-place updates
-    (BatchNorm's running statistics) land on the inner state, never on the
-    module.
+    computes it once and passes it). Where there is none (``swap=None``) or a
+    name is not one of its own (a tied weight's second name, a name the
+    module lacks), the call is ``functional_call`` itself, which does not put
+    back the entries of a submodule reached by two paths (torch 2.13).
+    Buffers are cloned for each step, so in-place updates (BatchNorm's running
+    statistics) land on the inner state, never on the module.
 
     Args:
         module: the user's module.
@@ -98,6 +98,8 @@ class FunctionalModel:
         if swap is None:
             check_parametrize_cache(self.module)
             return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+        if swap.parametrized:
+            check_parametrize_cache(self.module)
         saved = swap.put(self.params, self.buffers)
         try:
             return self.module(*args, **kwargs)
@@ -108,7 +110,7 @@ class FunctionalModel:
         """The module's swap now, if it knows every name given. functional_call does not
         put back the entries of a submodule reached by two paths (torch 2.13); the swap does."""
         swap = Reparametrization.of(self.module)
-        if swap is None or not (self.params.keys() <= swap.names and self.buffers.keys() <= swap.names):
+        if not (self.params.keys() <= swap.names and self.buffers.keys() <= swap.names):
             return None
         return swap
 
@@ -141,23 +143,25 @@ class Reparametrization:
     where the tensor lives, aliases of tied weights included. :meth:`put`
     puts given tensors in place and returns what it replaced, which
     :meth:`restore` puts back, as ``functional_call`` does around the call.
-    :meth:`of` returns ``None`` for modules where a plain swap is not what
-    ``functional_call`` does (``torch.nn.utils.parametrize``), which then run
-    through it.
+    A parametrized weight (``torch.nn.utils.parametrize``) is computed from
+    its ``original`` entries, which are swapped like any parameter;
+    ``parametrized`` says whether the module has one (its calls then refuse
+    ``parametrize.cached()``, see :func:`check_parametrize_cache`).
     """
 
-    def __init__(self, slots: List[Tuple[dict, str, str]]):
+    def __init__(self, slots: List[Tuple[dict, str, str]], parametrized: bool = False):
         self.slots = slots
         self.names = frozenset(name for _, _, name in slots)  # the names it swaps
+        self.parametrized = parametrized
 
     @classmethod
-    def of(cls, module: nn.Module) -> Optional["Reparametrization"]:
-        """The swap for ``module``, or ``None`` where ``functional_call`` must run instead."""
+    def of(cls, module: nn.Module) -> "Reparametrization":
+        """The swap for ``module``."""
         return cls.layout(module)[2]
 
     @classmethod
     def layout(cls, module: nn.Module) -> Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]],
-                                                 Optional["Reparametrization"]]:
+                                                 "Reparametrization"]:
         """``(named_parameters, named_buffers, swap)`` of ``module`` from one walk of its
         submodules: the two lists as ``list(module.named_parameters())`` and
         ``list(module.named_buffers())`` give them, and :meth:`of`'s swap."""
@@ -174,7 +178,7 @@ class Reparametrization:
                     seen.add((id(table), key))
                     name = primary.setdefault(id(t), (f"{prefix}.{key}" if prefix else key, t))[0]
                     slots.append((table, key, name))
-        return list(named[0].values()), list(named[1].values()), None if parametrized else cls(slots)
+        return list(named[0].values()), list(named[1].values()), cls(slots, parametrized)
 
     def put(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> List:
         """Put ``params`` and ``buffers`` (by name) in place; returns what to restore."""
