@@ -10,6 +10,7 @@ import torch_ufom
 from helpers import mlp_problem, mse, rel_err
 from oracle import brute_force
 from torch_ufom.adaptive import authors_q
+from torch_ufom.config import adapted_parameters
 from torch_ufom.truncation import Bernoulli, Geometric
 
 
@@ -263,3 +264,19 @@ def test_a_float16_gradient_whose_norm_exceeds_65504_costs_no_extra_synchronisat
     assert all(bool(torch.isfinite(g).all()) for g in grads)
     assert max(float(g.float().norm()) for g in grads) > 65504
     assert counter.count == 1
+
+
+def test_inner_params_knows_a_tied_parameter_by_each_of_its_names():
+    # A tied weight is listed once by named_parameters() ("alias" here): its other name was "not a
+    # parameter of the model", and a predicate true only for the other name left it out silently.
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            lin = torch.nn.Linear(3, 3)
+            self.alias, self.l = lin.weight, lin
+
+    model = Tied()
+    assert [n for n, _ in model.named_parameters()] == ["alias", "l.bias"]
+    for inner_params in (["l.weight"], ["alias"], "l.weight", lambda n: n == "l.weight"):
+        assert list(adapted_parameters(model, inner_params)) == ["alias"]
+    assert list(adapted_parameters(model, lambda n: n.startswith("l."))) == ["alias", "l.bias"]

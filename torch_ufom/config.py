@@ -315,7 +315,9 @@ def adapted_parameters(model: nn.Module, inner_params) -> Dict[str, Tensor]:
 
     ``inner_params`` is ``None`` (every parameter with ``requires_grad``), a
     name or a sequence of names, a predicate ``name -> bool``, or a sequence of
-    the module's parameters.
+    the module's parameters. A tied parameter is known by each of its names
+    (``named_parameters(remove_duplicate=False)``): naming any of them, or a
+    predicate true for any of them, chooses it.
 
     Raises:
         TypeError, ValueError: naming ``inner_params``: an unknown name, a
@@ -327,20 +329,21 @@ def adapted_parameters(model: nn.Module, inner_params) -> Dict[str, Tensor]:
         return {n: p for n, p in named.items() if p.requires_grad}
     if isinstance(inner_params, str):
         inner_params = [inner_params]
+    by_id = {id(p): n for n, p in named.items()}
+    primary = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
     if callable(inner_params) and not isinstance(inner_params, (Tensor, nn.Module)):
-        chosen = {n for n in named if inner_params(n)}
+        chosen = {primary[n] for n in primary if inner_params(n)}
     else:
         if isinstance(inner_params, (Tensor, nn.Module)) or not hasattr(inner_params, "__iter__"):
             raise TypeError(f"Invalid inner_params: {type(inner_params).__name__} (expected names, a "
                             "predicate on the name, or the module's parameters)")
-        by_id = {id(p): n for n, p in named.items()}
         chosen = set()
         for i, item in enumerate(inner_params):
             if isinstance(item, str):
-                if item not in named:
+                if item not in primary:
                     raise ValueError(f"Invalid inner_params[{i}]: {item!r} is not a parameter of the "
                                      f"model (its parameters: {sorted(named)})")
-                chosen.add(item)
+                chosen.add(primary[item])
             elif isinstance(item, Tensor):
                 if id(item) not in by_id:
                     raise ValueError(f"Invalid inner_params[{i}]: a tensor of shape "
