@@ -706,7 +706,7 @@ def _embedding_model(sparse, max_norm=None):
 
 
 @pytest.mark.parametrize("rule, ref, kw", [
-    (SGD, ref_sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    (SGD, ref_sgd, dict(lr=0.1, momentum=0.9)),  # first_order_identity: no first-order sweep
     (Adam, ref_adam_amsgrad, dict(lr=0.02, weight_decay=0.05, amsgrad=True)),
     (RMSprop, ref_rmsprop, dict(lr=0.01, alpha=0.9, momentum=0.9, centered=True, weight_decay=0.01))],
     ids=["SGD", "Adam", "RMSprop"])
@@ -731,6 +731,11 @@ def test_every_rule_takes_the_sparse_gradient_of_an_embedding(rule, ref, kw, max
             got = torch_ufom.hypergrad(model, loss, loss, data.__getitem__, data[-1], steps=3,
                                        inner=rule(**kw), mode="truncated", k=k, memory=memory)
             assert rel_err([t.to_dense() for t in got], G[k]) < 1e-10, (memory, k)
+        # ufom's exact branch adds the exact stream to the first-order one, which starts from
+        # the outer loss's sparse gradient (sparse + dense raised)
+        got = torch_ufom.hypergrad(model, loss, loss, data.__getitem__, data[-1], steps=3, inner=rule(**kw),
+                                   mode="ufom", q=0.5, force_truncation=3, memory=memory)
+        assert rel_err([t.to_dense() for t in got], [a + (b - a) / 0.5 for a, b in zip(G[0], G[3])]) < 1e-10
     adapted = [torch_ufom.adapt(m, loss, data.__getitem__, steps=3, inner=rule(**kw)).params
                for m in (model, dense)]
     assert rel_err(list(adapted[0].values()), list(adapted[1].values())) < 1e-12

@@ -74,11 +74,17 @@ class Estimate:
     aux: Any = None
 
 
+def _sum(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b``, also where ``a`` is sparse (an embedding's gradient) and ``b`` dense:
+    torch adds a sparse tensor to a dense one, not the reverse."""
+    return b + a if a.layout != torch.strided and b.layout == torch.strided else a + b
+
+
 def _add(acc: List[Optional[Tensor]], terms: Sequence[Optional[Tensor]], scale: float = 1.0):
     for i, t in enumerate(terms):
         if t is not None:
             t = t if scale == 1.0 else t * scale
-            acc[i] = t if acc[i] is None else acc[i] + t
+            acc[i] = t if acc[i] is None else _sum(acc[i], t)
 
 
 class SweepLog:
@@ -272,7 +278,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
             del newest
             e, d_exact = chain_vjp(list(records), e)
             _add(theta, d_exact, inv_p[1])
-            f = _scaled(c[K], e) if f is None else tuple(a + c[K] * b for a, b in zip(f, e))
+            f = _scaled(c[K], e) if f is None else tuple(_sum(a, c[K] * b) for a, b in zip(f, e))
             records = iter(())
         else:
             del newest
@@ -293,7 +299,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
         if theta_k is not None:
             _add(theta_k, d_exact)
         if c[m] != 0.0:
-            f = _scaled(c[m], e) if f is None else tuple(a + c[m] * b for a, b in zip(f, e))
+            f = _scaled(c[m], e) if f is None else tuple(_sum(a, c[m] * b) for a, b in zip(f, e))
     # c_K = 1 / P_K > 0, so f is set here whatever K.
 
     def finish(adjoint, acc, hooks=False):
@@ -334,7 +340,7 @@ def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta, hooks: bool 
                 # as a loop of single-task calls gives them.
                 reduced = _hooked(p, reduced) if reduced.shape == adj.shape else \
                     sum(_hooked(p, a) for a in adj.unbind(0))
-            g = reduced if g is None else g + reduced
+            g = reduced if g is None else _sum(g, reduced)
         grads.append(g)
     return tuple(grads)
 
