@@ -195,7 +195,8 @@ def check_hyper(value: Hyper, arg: str, params: Params, *, low: float = 0.0,
         if unknown or missing:
             raise ValueError(
                 f"Invalid {arg}: a per-parameter dict must have exactly the model's adapted "
-                f"parameter names; unknown {unknown}, missing {missing}")
+                f"parameter names, as named_parameters() gives them (a tied parameter under its "
+                f"first name); unknown {unknown}, missing {missing}")
         for k, v in value.items():
             target = {k: tensors[k]} if k in tensors else {}
             _check_entry(v, f"{arg}[{k!r}]", target, (low, high, closed), (steps, per_step), False)
