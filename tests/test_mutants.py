@@ -949,3 +949,130 @@ def test_a_seeded_rerun_of_the_sgd_fast_path_counts_each_step_once():
                                     steps=4, mode="fom")
     res = meta.backward(inner, outer, support, (x, y))
     assert (res.forward_steps, res.reverse_steps) == (4, 0)
+
+
+@pytest.mark.parametrize("law, survival", [
+    (torch_ufom.truncation.Bernoulli(0.3), [1.0, 0.3, 0.3, 0.3]),
+    (torch_ufom.truncation.Geometric(0.8, 0.6), [1.0, 0.8, 0.8 * 0.6, 0.8 * 0.6 ** 2]),
+])
+def test_a_truncation_draw_is_decided_by_one_float64_uniform(law, survival):
+    # Guards the dtype of TruncationLaw.sample's uniform (AO T07): float32 uniforms (a 2**-24
+    # grid, P(K >= k) rounded up to it) drew other K than the float64 uniform of the same state.
+    steps = len(survival) - 1
+    for seed in range(100):
+        g = torch.Generator().manual_seed(seed)
+        ref = torch.Generator()
+        ref.set_state(g.get_state())
+        u = torch.rand((), generator=ref, dtype=torch.float64).item()
+        want = max(k for k in range(steps + 1) if u >= 1.0 - survival[k])  # P(K >= k) = survival[k]
+        assert law.sample(steps, g) == want, seed
+        assert torch.equal(g.get_state(), ref.get_state()), seed  # exactly that one uniform drawn
+
+
+def test_a_budget_sized_mixed_sweep_is_sized_by_its_exact_records(monkeypatch):
+    # Guards _probe's exact measurement of a sweep whose first steps are first-order (AO S10): with
+    # the probe measured as a first-order record, a budget that holds first-order records but not
+    # exact ones kept every exact graph (forward_steps 3), silently above max_memory.
+    seen = []
+    sized = torch_ufom.schedules.budget_slots
+
+    def spy(steps, state_bytes, record_bytes, max_memory=None):
+        seen.append((steps, state_bytes, record_bytes))
+        return sized(steps, state_bytes, record_bytes, max_memory)
+    monkeypatch.setattr(torch_ufom.schedules, "budget_slots", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 1))
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    steps, K = 6, 3
+
+    def run(mode, **kw):  # weight decay: neither additive nor first-order identity, so n = steps
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                        inner=torch_ufom.inner.SGD(lr=0.1, weight_decay=0.1), steps=steps,
+                                        mode=mode, memory="checkpoint", **kw)
+        return meta.backward(mse, mse, (x, y), (x, y))
+    run("fom")
+    run("exact")
+    (_, S, G_fo), (_, S_exact, G) = seen
+    assert S_exact == S and G > 2 * G_fo  # an exact record keeps its graph
+    # The probe of a mixed sweep: an exact record that keeps its gradient for the first-order VJP too.
+    G += sum(p.numel() * p.element_size() for p in model.parameters())
+    sched = torch_ufom.schedules
+    W = sched.WORK_RECORDS * G + sched.WORK_STATES * S
+    budget = steps * (G_fo + S) + int(sched.WORK_RECORDS * G_fo + sched.WORK_STATES * S) + 1
+    assert budget < steps * (G + S) + W  # first-order records fit, exact ones do not
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # below the least memory: one slot, said by a warning
+        res = run("truncated", k=K, max_memory=budget)
+    assert seen[-1] == (steps, S, G)  # sized by the exact records' bytes
+    # docs/maths.md's count for n = steps > slots = c: t n - C(c+t, c+1) + (n - K).
+    c = min(steps - 1, max(1, math.floor((budget - W) / (sched.SLOT_STATES * S))))
+    t = next(t for t in range(1, steps + 1) if math.comb(c + t, c) >= steps)
+    assert (res.forward_steps, res.reverse_steps) == (t * steps - math.comb(c + t, c + 1) + steps - K, K)
+
+
+@pytest.mark.parametrize("memory, slots", [("store", None), ("recompute", None), ("checkpoint", 4),
+                                           ("checkpoint", 2)])
+def test_a_rule_with_weight_decay_rebuilds_only_the_last_K_steps(memory, slots):
+    # Guards InnerLoop.record's `j > exact_after` (AO U01): a rule that sweeps all r steps (weight
+    # decay) rebuilt step r - K with a graph too: K + 1 exact records, one forward step fewer.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    r, K = 4, 2
+    kw = {} if slots is None else {"slots": slots}
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                    inner=torch_ufom.inner.SGD(lr=0.1, weight_decay=0.1), steps=r,
+                                    mode="truncated", k=K, memory=memory, **kw)
+    res = meta.backward(mse, mse, (x, y), (x, y))
+    n = r  # docs/maths.md's count table: the schedule covers all r steps
+    if memory == "recompute":
+        forward = r + n * (n - 1) // 2 + (n - K)
+    elif memory == "checkpoint" and n > slots:
+        c = slots
+        t = next(t for t in range(1, n + 1) if math.comb(c + t, c) >= n)
+        forward = (r - n) + t * n - math.comb(c + t, c + 1) + (n - K)
+    else:  # store, and checkpoint with n <= slots
+        forward = r - K
+    assert (res.forward_steps, res.reverse_steps) == (forward, K)
+
+
+def test_each_vectorised_truncation_group_runs_under_its_own_tasks_stream():
+    # Guards the seed of a vectorised group (AO F06): every group ran under task 0's seed, so
+    # tasks of different groups got the same random numbers (dropout masks), not their own.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def outer(f, b):
+        noise = torch.rand(3)
+        return mse(f, b) + 1e-3 * noise.sum(), noise
+
+    def meta(**kw):
+        return torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), inner_lr=0.1,
+                                        steps=2, mode="ufom", q=0.5,
+                                        generator=torch.Generator().manual_seed(1), **kw)
+    forced = [0, 2]  # two groups of one task each
+    stacked = (x.expand(2, 8, 3), y.expand(2, 8, 1))
+    res = meta(vectorise=True).backward_batch(mse, outer, stacked, stacked, force_truncation=forced)
+    assert [r.batch_path for r in res] == ["vectorised"] * 2
+    # The reference: a loop of single-task calls, which draws the same (K, seed) in task order.
+    single = meta(vectorise=False)
+    want = [single.backward(mse, outer, (x, y), (x, y), force_truncation=k).aux for k in forced]
+    assert not torch.equal(want[0], want[1])
+    for got, ref in zip(res, want):
+        assert torch.equal(got.aux, ref)
+
+
+def test_the_vectorised_path_names_every_normalisation_vmap_differentiates_wrongly():
+    # Guards F.layer_norm's entry in the probe's table (AO V04): with it dropped, a LayerNorm beside
+    # a BatchNorm was found only at the ATen level, whose names are read only when the F.* table
+    # finds none, and the reason for forward-over-reverse named the BatchNorm alone.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.LayerNorm(6),
+                          nn.Tanh(), nn.Linear(6, 1))
+    tasks = (torch.randn(2, 5, 3), torch.randn(2, 5, 1))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), inner_lr=0.1,
+                                    steps=2, mode="exact", vectorise=True)
+    for res in meta.backward_batch(mse, mse, tasks, tasks):
+        assert res.batch_path.startswith("vectorised: forward-over-reverse"), res.batch_path
+        assert "BatchNorm with batch statistics, LayerNorm with weights twice wrongly" in res.batch_path
