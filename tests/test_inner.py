@@ -742,3 +742,20 @@ def test_every_rule_takes_the_sparse_gradient_of_an_embedding(rule, ref, kw, max
     with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev' cannot differentiate sparse gradients"):
         torch_ufom.hypergrad(model, loss, loss, data.__getitem__, data[-1], steps=3, inner=rule(**kw),
                              mode="exact", hvp="fwdrev")
+
+
+def test_a_meta_batch_sums_sparse_and_dense_hypergradients():
+    # Under Adam a task that draws K = 0 has the outer loss's sparse gradient and one that draws
+    # K = r a dense one: hypergrad_batch summed them as sparse + dense, which torch refuses.
+    g = torch.Generator().manual_seed(0)
+    supports = (torch.randint(0, 7, (2, 5, 2), generator=g), torch.randn(2, 5, 1, generator=g))
+
+    def loss(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+    model = _embedding_model(True)
+    kw = dict(steps=3, inner=Adam(0.05), mode="ufom", q=0.5)
+    got = torch_ufom.hypergrad_batch(model, loss, loss, supports, supports, force_truncation=[0, 3], **kw)
+    each = [torch_ufom.hypergrad(model, loss, loss, (supports[0][i], supports[1][i]),
+                                 (supports[0][i], supports[1][i]), force_truncation=k, **kw)
+            for i, k in enumerate((0, 3))]
+    assert rel_err([t.to_dense() for t in got], [a.to_dense() + b.to_dense() for a, b in zip(*each)]) < 1e-12

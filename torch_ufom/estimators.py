@@ -35,7 +35,7 @@ from .schedules import Schedule
 from .truncation import telescope_weights
 from .unroll import Loop, SweepPlan, chain_vjp
 
-__all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient"]
+__all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient", "plus"]
 
 
 @dataclass
@@ -74,9 +74,10 @@ class Estimate:
     aux: Any = None
 
 
-def _sum(a: Tensor, b: Tensor) -> Tensor:
+def plus(a: Tensor, b: Tensor) -> Tensor:
     """``a + b``, also where ``a`` is sparse (an embedding's gradient) and ``b`` dense:
-    torch adds a sparse tensor to a dense one, not the reverse."""
+    torch adds a sparse tensor to a dense one, not the reverse (autograd's
+    accumulation orders them the same way)."""
     return b + a if a.layout != torch.strided and b.layout == torch.strided else a + b
 
 
@@ -84,7 +85,7 @@ def _add(acc: List[Optional[Tensor]], terms: Sequence[Optional[Tensor]], scale: 
     for i, t in enumerate(terms):
         if t is not None:
             t = t if scale == 1.0 else t * scale
-            acc[i] = t if acc[i] is None else _sum(acc[i], t)
+            acc[i] = t if acc[i] is None else plus(acc[i], t)
 
 
 class SweepLog:
@@ -278,7 +279,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
             del newest
             e, d_exact = chain_vjp(list(records), e)
             _add(theta, d_exact, inv_p[1])
-            f = _scaled(c[K], e) if f is None else tuple(_sum(a, c[K] * b) for a, b in zip(f, e))
+            f = _scaled(c[K], e) if f is None else tuple(plus(a, c[K] * b) for a, b in zip(f, e))
             records = iter(())
         else:
             del newest
@@ -299,7 +300,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
         if theta_k is not None:
             _add(theta_k, d_exact)
         if c[m] != 0.0:
-            f = _scaled(c[m], e) if f is None else tuple(_sum(a, c[m] * b) for a, b in zip(f, e))
+            f = _scaled(c[m], e) if f is None else tuple(plus(a, c[m] * b) for a, b in zip(f, e))
     # c_K = 1 / P_K > 0, so f is set here whatever K.
 
     def finish(adjoint, acc, hooks=False):
@@ -340,7 +341,7 @@ def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta, hooks: bool 
                 # as a loop of single-task calls gives them.
                 reduced = _hooked(p, reduced) if reduced.shape == adj.shape else \
                     sum(_hooked(p, a) for a in adj.unbind(0))
-            g = reduced if g is None else _sum(g, reduced)
+            g = reduced if g is None else plus(g, reduced)
         grads.append(g)
     return tuple(grads)
 

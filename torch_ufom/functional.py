@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, Settings, check_generator, check_losses, resolve
-from .estimators import Estimate, estimate
+from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import TruncationLaw
 from .unroll import Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter
@@ -423,7 +423,7 @@ def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:
     for _, est, _ in run.groups:
         for i, g in enumerate(est.grads):
             if g is not None:
-                total[i] = g if total[i] is None else total[i] + g
+                total[i] = g if total[i] is None else plus(total[i], g)
     return total
 
 

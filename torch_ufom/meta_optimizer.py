@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import adaptive, distributed
 from .adapt import adapt
 from .config import Settings, check_generator, check_losses, resolve
-from .estimators import Estimate, NonFiniteHypergradient
+from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads, task_aux
 from .inner import InnerRule, PerStep
 from .truncation import Bernoulli, TruncationLaw
@@ -597,8 +597,8 @@ class MetaOptimizer:
                 replace.append((p, g.clone()))
             elif _writable(old):
                 in_place.append((old, g))
-            else:  # dense + sparse, as autograd accumulates them (sparse + dense is refused)
-                replace.append((p, g + old if old.is_sparse and not g.is_sparse else old + g))
+            else:
+                replace.append((p, plus(old, g)))
         done = []
         try:
             for p, new in replace:
