@@ -352,4 +352,5 @@ def _hooked(p: Tensor, grad: Tensor) -> Tensor:
     detached copy of an adapted parameter, so the adjoint of its initial value has not
     been through them (its direct terms, where a loss reads ``p`` itself, have)."""
     with torch.enable_grad():
-        return torch.autograd.grad(p.view_as(p), p, grad_outputs=grad.to(p.dtype))[0].detach()
+        # A copy, not a view: a view's backward reshapes, which a sparse gradient cannot.
+        return torch.autograd.grad(p.clone(), p, grad_outputs=grad.to(p.dtype))[0].detach()
