@@ -731,11 +731,13 @@ def test_every_rule_takes_the_sparse_gradient_of_an_embedding(rule, ref, kw, max
             got = torch_ufom.hypergrad(model, loss, loss, data.__getitem__, data[-1], steps=3,
                                        inner=rule(**kw), mode="truncated", k=k, memory=memory)
             assert rel_err([t.to_dense() for t in got], G[k]) < 1e-10, (memory, k)
+            assert got[0].is_sparse, (memory, k)  # its layout whatever K (an outer SparseAdam needs it)
         # ufom's exact branch adds the exact stream to the first-order one, which starts from
         # the outer loss's sparse gradient (sparse + dense raised)
         got = torch_ufom.hypergrad(model, loss, loss, data.__getitem__, data[-1], steps=3, inner=rule(**kw),
                                    mode="ufom", q=0.5, force_truncation=3, memory=memory)
         assert rel_err([t.to_dense() for t in got], [a + (b - a) / 0.5 for a, b in zip(G[0], G[3])]) < 1e-10
+        assert got[0].is_sparse
     adapted = [torch_ufom.adapt(m, loss, data.__getitem__, steps=3, inner=rule(**kw)).params
                for m in (model, dense)]
     assert rel_err(list(adapted[0].values()), list(adapted[1].values())) < 1e-12
@@ -762,18 +764,23 @@ def test_a_meta_batch_sums_sparse_and_dense_hypergradients():
 
 
 @pytest.mark.parametrize("mode", ["fom", "exact"])
-def test_a_hook_on_a_sparse_embedding_weight_sees_its_hypergradient(mode):
+@pytest.mark.parametrize("rule", [lambda: {"inner_lr": 0.1}, lambda: {"inner": Adam(0.05)}],
+                         ids=["SGD", "Adam"])
+def test_a_hook_on_a_sparse_embedding_weight_sees_its_hypergradient(mode, rule):
     # The hooks ran on a view of the weight, whose backward reshapes: a sparse adjoint (plain
-    # SGD keeps it sparse) raised "reshape is not implemented for sparse tensors".
+    # SGD keeps it sparse) raised "reshape is not implemented for sparse tensors". Under Adam
+    # the hypergradient was dense after an exact sweep and sparse without one: a hook written
+    # for the sparse gradient (coalesce) failed on it, and so would an outer SparseAdam.
     g = torch.Generator().manual_seed(0)
     support = (torch.randint(0, 7, (5, 2), generator=g), torch.randn(5, 1, generator=g))
 
     def loss(f, b):
         return ((f(b[0]) - b[1]) ** 2).mean()
     model = _embedding_model(True)
-    plain = torch_ufom.hypergrad(model, loss, loss, support, support, steps=3, inner_lr=0.1, mode=mode)
-    model[0].weight.register_hook(lambda grad: grad * 2)
-    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, inner_lr=0.1,
-                                    mode=mode)
+    plain = torch_ufom.hypergrad(model, loss, loss, support, support, steps=3, mode=mode, **rule())
+    assert plain[0].is_sparse
+    model[0].weight.register_hook(lambda grad: grad.coalesce() * 2)  # coalesce: sparse only
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, mode=mode,
+                                    **rule())
     meta.backward(loss, loss, support, support)
     assert rel_err([model[0].weight.grad.to_dense()], [2 * plain[0].to_dense()]) < 1e-12

@@ -411,6 +411,7 @@ class Loop(Protocol):
     rule: Any  # the inner rule
     steps: int  # r
     learned_hyper: bool  # whether a meta-parameter is one of the rule's hyperparameters
+    sparse_dims: Dict[int, int]  # adapted parameters whose inner gradient came out sparse
 
     def initial_state(self) -> State:
         """``s_0``."""
@@ -492,7 +493,7 @@ def _autocasting(params: Sequence[Tensor]) -> bool:
 
 class InnerLoop:
     """The inner loop of one task (or of a stacked meta-batch) as pure functions of
-    an explicit state; immutable after construction, except ``sparse_seen`` (set
+    an explicit state; immutable after construction, except ``sparse_dims`` (set
     by the first sparse inner gradient).
 
     Args:
@@ -545,9 +546,10 @@ class InnerLoop:
         # in their forward and in their backward (a sparse cotangent of the new parameters,
         # from the next step's or the outer loss's lookup). Once a gradient came out sparse,
         # the rule gets it dense and its new parameters pass through a copy whose backward
-        # makes their cotangent dense.
+        # makes their cotangent dense; the hypergradients of those parameters are made
+        # sparse again (sparse_dims: position in names -> sparse_dim), whatever K was drawn.
         self.dense_grads = not rule.first_order_additive
-        self.sparse_seen = False
+        self.sparse_dims: Dict[int, int] = {}
 
     # -- state -----------------------------------------------------------------
     def initial_state(self) -> State:
@@ -613,7 +615,7 @@ class InnerLoop:
         self._seed(j)
         loss, grads, buffers = self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
         if self.dense_grads and any(g.layout != torch.strided for g in grads):
-            self.sparse_seen = True
+            self.sparse_dims.update((i, g.sparse_dim()) for i, g in enumerate(grads) if g.is_sparse)
             grads = tuple(g if g.layout == torch.strided else g.to_dense() for g in grads)
         return loss, grads, buffers
 
@@ -628,7 +630,7 @@ class InnerLoop:
             dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
             self.rule.hyper)
         new_p = tuple(new_p[n] for n in self.names)
-        if self.sparse_seen:
+        if self.sparse_dims:
             new_p = tuple(map(_DenseCotangent.apply, new_p))
         return new_p, tuple(new_opt)
 
@@ -795,7 +797,7 @@ _SAME_MODE = contextlib.nullcontext()
 
 
 class _DenseCotangent(torch.autograd.Function):
-    """A copy, whose backward makes a sparse cotangent dense (see ``InnerLoop.sparse_seen``).
+    """A copy, whose backward makes a sparse cotangent dense (see ``InnerLoop.sparse_dims``).
     A copy rather than a view: the next forward may write it in place (``max_norm``)."""
 
     @staticmethod
