@@ -784,3 +784,60 @@ def test_a_hook_on_a_sparse_embedding_weight_sees_its_hypergradient(mode, rule):
                                     **rule())
     meta.backward(loss, loss, support, support)
     assert rel_err([model[0].weight.grad.to_dense()], [2 * plain[0].to_dense()]) < 1e-12
+
+
+def test_an_embedding_whose_only_sparse_gradient_is_the_outer_loss_s():
+    # An L2 term in the inner loss makes the embedding's inner gradient dense; the outer loss's
+    # stays sparse and went straight into Adam's backward ("Sparse division requires a scalar").
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 7, (5, 2), generator=g), torch.randn(5, 1, generator=g)) for _ in range(4)]
+
+    def outer(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+
+    def inner(f, b):
+        return outer(f, b) + 0.01 * sum((p ** 2).sum() for p in f.parameters())
+    dense = _embedding_model(False)
+    params = list(dense.parameters())
+    want = brute_force(dense, inner, outer, data.__getitem__, data[-1], 3, None, params, 3,
+                       rule=ref_adam(lr=0.02))
+    for K in (0, 3):  # the layout of the embedding's gradient whatever K
+        got = torch_ufom.hypergrad(_embedding_model(True), inner, outer, data.__getitem__, data[-1], steps=3,
+                                   inner=Adam(0.02), mode="ufom", q=1.0 if K else 0.5, force_truncation=K)
+        assert got[0].is_sparse, K
+    assert rel_err([t.to_dense() for t in got], want) < 1e-10
+
+
+class _TwoWays(torch.nn.Module):
+    """A head on embedded ids or on given features: the outer loss may skip the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(7, 3, sparse=True), torch.nn.Linear(6, 1)
+
+    def forward(self, ids=None, feats=None):
+        return self.head(torch.tanh(self.emb(ids)).flatten(1) if feats is None else feats)
+
+
+def test_a_frozen_sparse_embedding_gets_a_sparse_zero_where_the_estimate_does_not_reach_it():
+    # Meta-learned, not adapted, read by the inner loss only: a K = 0 draw filled its gap with
+    # dense zeros, a K = r draw gave a sparse gradient; an outer SparseAdam failed on the former.
+    g = torch.Generator().manual_seed(0)
+    support = (torch.randint(0, 7, (5, 2), generator=g), torch.randn(5, 1, generator=g))
+    query = (torch.randn(5, 6, generator=g), torch.randn(5, 1, generator=g))
+    torch.manual_seed(0)
+    model = _TwoWays()
+
+    def inner(f, b):
+        return ((f(ids=b[0]) - b[1]) ** 2).mean()
+
+    def outer(f, b):
+        return ((f(feats=b[0]) - b[1]) ** 2).mean()
+    kw = dict(inner_lr=0.1, steps=3, mode="ufom", q=0.5, inner_params=["head.weight", "head.bias"])
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), **kw)
+    for K in (0, 3):
+        meta.zero_grad()
+        meta.backward(inner, outer, support, query, force_truncation=K)
+        got = torch_ufom.hypergrad(model, inner, outer, support, query, force_truncation=K, **kw)
+        assert model.emb.weight.grad.is_sparse and got[0].is_sparse, K
+        assert bool((got[0].to_dense() == 0).all()) == (K == 0), K

@@ -23,6 +23,7 @@ from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads, task_aux
 from .inner import InnerRule, PerStep
 from .truncation import Bernoulli, TruncationLaw
+from .unroll import sparse_weights, zero_gradient
 
 __all__ = ["MetaOptimizer", "MetaResult"]
 
@@ -572,8 +573,9 @@ class MetaOptimizer:
         if survival == 1.0:
             return grads  # every task exact: None means the losses do not read it
         grads = list(grads)
+        sparse = sparse_weights(self.model)
         for i in gaps:
-            grads[i] = torch.zeros_like(meta[i])
+            grads[i] = zero_gradient(meta[i], sparse)
         return grads
 
     def _write(self, meta: List[Tensor], grads) -> None:

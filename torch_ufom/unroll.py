@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-__all__ = ["check_parametrize_cache", "renormalises_weights", "FunctionalModel", "Reparametrization",
-           "State", "StepBatches", "Problem", "SweepPlan", "Evaluator", "Loop", "PerTask", "InnerLoop",
-           "batch_getter", "chain_vjp"]
+__all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "zero_gradient",
+           "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
+           "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp"]
 
 
 def check_parametrize_cache(model: nn.Module) -> None:
@@ -58,6 +58,22 @@ def renormalises_weights(module: nn.Module) -> bool:
     look up. Parameters the inner loop does not adapt are then copied too."""
     return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
                for m in module.modules())
+
+
+def sparse_weights(module: nn.Module) -> set:
+    """The ids of ``module``'s parameters whose gradient torch computes sparse: the
+    weights of ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``sparse=True``."""
+    return {id(m.weight) for m in module.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+
+
+def zero_gradient(p: Tensor, sparse: set) -> Tensor:
+    """A zero gradient for ``p``, sparse (no entries, one sparse dimension, as an
+    embedding's) where ``id(p)`` is in ``sparse`` (:func:`sparse_weights`)."""
+    if id(p) not in sparse:
+        return torch.zeros_like(p)
+    return torch.sparse_coo_tensor(torch.empty((1, 0), dtype=torch.long, device=p.device),
+                                   p.new_empty((0, *p.shape[1:])), p.shape)
 
 
 class FunctionalModel:
@@ -548,8 +564,12 @@ class InnerLoop:
         # the rule gets it dense and its new parameters pass through a copy whose backward
         # makes their cotangent dense; the hypergradients of those parameters are made
         # sparse again (sparse_dims: position in names -> sparse_dim), whatever K was drawn.
+        # Known sparse weights (sparse embeddings) from the start, others (F.embedding(...,
+        # sparse=True) in a forward) from their first sparse gradient, inner or outer.
         self.dense_grads = not rule.first_order_additive
-        self.sparse_dims: Dict[int, int] = {}
+        sparse = sparse_weights(module) if self.dense_grads else set()
+        self.sparse_dims: Dict[int, int] = {i: 1 for i, n in enumerate(self.names)
+                                            if id(self.named[n]) in sparse}
 
     # -- state -----------------------------------------------------------------
     def initial_state(self) -> State:
@@ -771,6 +791,9 @@ class InnerLoop:
         with torch.enable_grad(), self.stream(self.steps + 1):
             loss, aux, grads = self.evaluator.outer(self, params, state)
         e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+        if self.dense_grads and any(g.layout != torch.strided for g in e):  # see sparse_dims
+            self.sparse_dims.update((i, g.sparse_dim()) for i, g in enumerate(e) if g.is_sparse)
+            e = tuple(g if g.layout == torch.strided else g.to_dense() for g in e)
         e = e + tuple(torch.zeros_like(t) for t in state.opt)
         return e, list(grads[len(params):]), loss.detach(), detached(aux)
 
