@@ -24,8 +24,7 @@ from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import TruncationLaw
-from .unroll import (Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter, sparse_weights,
-                     zero_gradient)
+from .unroll import Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
                          probe, reads_meta_directly, select_tasks, task_of)
 
@@ -507,7 +506,7 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
     if run.fallback:
         warnings.warn(f"hypergrad_batch runs the per-task loop: {run.reason}", stacklevel=2)
     total = sum_grads(run, len(problem.params))
-    return _zeros_for_none(problem, total)
+    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(problem.params, total))
 
 
 def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, support: Any,
@@ -597,11 +596,4 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
     problem = functional_problem("hypergrad", model, (inner_loss, outer_loss), settings, params,
                                  generator)
     est = estimate_task(problem, support, query, force_truncation)
-    return _zeros_for_none(problem, est.grads)
-
-
-def _zeros_for_none(problem: Problem, grads) -> Tuple[Tensor, ...]:
-    """``grads`` with zeros where the estimate does not reach a tensor (sparse for a
-    sparse embedding's weight, the layout its other draws give)."""
-    sparse = sparse_weights(problem.model) if any(g is None for g in grads) else set()
-    return tuple(zero_gradient(p, sparse) if g is None else g for p, g in zip(problem.params, grads))
+    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(problem.params, est.grads))

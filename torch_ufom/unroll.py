@@ -67,10 +67,10 @@ def sparse_weights(module: nn.Module) -> set:
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
 
 
-def zero_gradient(p: Tensor, sparse: set) -> Tensor:
-    """A zero gradient for ``p``, sparse (no entries, one sparse dimension, as an
-    embedding's) where ``id(p)`` is in ``sparse`` (:func:`sparse_weights`)."""
-    if id(p) not in sparse:
+def zero_gradient(p: Tensor, sparse: bool) -> Tensor:
+    """A zero gradient for ``p``: sparse (no entries, one sparse dimension, as an
+    embedding's) with ``sparse``, else dense."""
+    if not sparse:
         return torch.zeros_like(p)
     return torch.sparse_coo_tensor(torch.empty((1, 0), dtype=torch.long, device=p.device),
                                    p.new_empty((0, *p.shape[1:])), p.shape)
@@ -564,12 +564,14 @@ class InnerLoop:
         # the rule gets it dense and its new parameters pass through a copy whose backward
         # makes their cotangent dense; the hypergradients of those parameters are made
         # sparse again (sparse_dims: position in names -> sparse_dim), whatever K was drawn.
-        # Known sparse weights (sparse embeddings) from the start, others (F.embedding(...,
-        # sparse=True) in a forward) from their first sparse gradient, inner or outer.
+        # The copies start at the first step where an adapted parameter is a sparse
+        # embedding's weight (its cotangent may be sparse before any gradient is seen);
+        # sparse_dims holds the parameters whose gradient came out sparse, inner or outer
+        # (not a tied or otherwise densely read weight, whose gradient is dense).
         self.dense_grads = not rule.first_order_additive
         sparse = sparse_weights(module) if self.dense_grads else set()
-        self.sparse_dims: Dict[int, int] = {i: 1 for i, n in enumerate(self.names)
-                                            if id(self.named[n]) in sparse}
+        self.densify = any(id(self.named[n]) in sparse for n in self.names)
+        self.sparse_dims: Dict[int, int] = {}
 
     # -- state -----------------------------------------------------------------
     def initial_state(self) -> State:
@@ -650,7 +652,7 @@ class InnerLoop:
             dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
             self.rule.hyper)
         new_p = tuple(new_p[n] for n in self.names)
-        if self.sparse_dims:
+        if self.densify or self.sparse_dims:
             new_p = tuple(map(_DenseCotangent.apply, new_p))
         return new_p, tuple(new_opt)
 
