@@ -336,23 +336,14 @@ def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta, hooks: bool 
         if id(p) in index:
             adj = adjoint[index[id(p)]]
             reduced = loop.reduce(adj)
-            # The layout of the parameter's own inner gradient, whatever K was drawn (see
-            # InnerLoop.sparse_dims), for its hooks and the outer optimizer (SparseAdam).
-            sparse_dim = loop.sparse_dims.get(index[id(p)])
-            reduced = _as_sparse(reduced, sparse_dim)
             if hooks and getattr(p, "_backward_hooks", None):
                 # A vectorised sweep's adjoint has one slice per task: each its own hooks,
                 # as a loop of single-task calls gives them.
                 reduced = _hooked(p, reduced) if reduced.shape == adj.shape else \
                     sum(_hooked(p, a) for a in adj.unbind(0))
-            g = reduced if g is None else _as_sparse(plus(g, reduced), sparse_dim)
+            g = reduced if g is None else plus(g, reduced)
         grads.append(g)
     return tuple(grads)
-
-
-def _as_sparse(t: Tensor, sparse_dim: Optional[int]) -> Tensor:
-    """``t`` as a sparse tensor with ``sparse_dim`` sparse dimensions (``None``: as it is)."""
-    return t if sparse_dim is None or t.layout != torch.strided else t.to_sparse(sparse_dim)
 
 
 def _hooked(p: Tensor, grad: Tensor) -> Tensor:

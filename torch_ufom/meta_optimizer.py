@@ -23,7 +23,6 @@ from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads, task_aux
 from .inner import InnerRule, PerStep
 from .truncation import Bernoulli, TruncationLaw
-from .unroll import zero_gradient
 
 __all__ = ["MetaOptimizer", "MetaResult"]
 
@@ -217,7 +216,6 @@ class MetaOptimizer:
         self._holding = False  # the tasks since then wrote some .grad
         self._warned_per_task = False  # backward_batch fell back to the per-task loop
         self._warned_fom_gaps = False  # fom left a meta-parameter without a hypergradient
-        self._sparse_grads: set = set()  # ids of the meta-parameters whose last hypergradient was sparse
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
 
     # -- the resolved configuration: read-only; reconfigure() changes it --------------------
@@ -574,8 +572,8 @@ class MetaOptimizer:
         if survival == 1.0:
             return grads  # every task exact: None means the losses do not read it
         grads = list(grads)
-        for i in gaps:  # sparse where the tensor's gradient was last sparse (an embedding's)
-            grads[i] = zero_gradient(meta[i], id(meta[i]) in self._sparse_grads)
+        for i in gaps:
+            grads[i] = torch.zeros_like(meta[i])
         return grads
 
     def _write(self, meta: List[Tensor], grads) -> None:
@@ -614,8 +612,6 @@ class MetaOptimizer:
             for old, g in in_place:
                 old.add_(g)
         self._holding = True
-        for p, g in present:
-            (self._sparse_grads.add if g.layout != torch.strided else self._sparse_grads.discard)(id(p))
 
     def _name(self, p: Tensor) -> str:
         """How the user knows meta-parameter ``p``: its module name, else its place

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-__all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "zero_gradient",
+__all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp"]
 
@@ -65,15 +65,6 @@ def sparse_weights(module: nn.Module) -> set:
     weights of ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``sparse=True``."""
     return {id(m.weight) for m in module.modules()
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
-
-
-def zero_gradient(p: Tensor, sparse: bool) -> Tensor:
-    """A zero gradient for ``p``: sparse (no entries, one sparse dimension, as an
-    embedding's) with ``sparse``, else dense."""
-    if not sparse:
-        return torch.zeros_like(p)
-    return torch.sparse_coo_tensor(torch.empty((1, 0), dtype=torch.long, device=p.device),
-                                   p.new_empty((0, *p.shape[1:])), p.shape)
 
 
 class FunctionalModel:
@@ -427,7 +418,6 @@ class Loop(Protocol):
     rule: Any  # the inner rule
     steps: int  # r
     learned_hyper: bool  # whether a meta-parameter is one of the rule's hyperparameters
-    sparse_dims: Dict[int, int]  # adapted parameters whose inner gradient came out sparse
 
     def initial_state(self) -> State:
         """``s_0``."""
@@ -509,8 +499,8 @@ def _autocasting(params: Sequence[Tensor]) -> bool:
 
 class InnerLoop:
     """The inner loop of one task (or of a stacked meta-batch) as pure functions of
-    an explicit state; immutable after construction, except ``sparse_dims`` (set
-    by the first sparse inner gradient).
+    an explicit state; immutable after construction, except ``densify`` (set by
+    the first sparse gradient).
 
     Args:
         problem: the call's :class:`Problem`.
@@ -560,18 +550,14 @@ class InnerLoop:
         # A sparse gradient (nn.Embedding(sparse=True)) goes through an additive rule's
         # p - lr g as it is; other rules mix it with dense tensors, which sparse ops refuse,
         # in their forward and in their backward (a sparse cotangent of the new parameters,
-        # from the next step's or the outer loss's lookup). Once a gradient came out sparse,
-        # the rule gets it dense and its new parameters pass through a copy whose backward
-        # makes their cotangent dense; the hypergradients of those parameters are made
-        # sparse again (sparse_dims: position in names -> sparse_dim), whatever K was drawn.
-        # The copies start at the first step where an adapted parameter is a sparse
-        # embedding's weight (its cotangent may be sparse before any gradient is seen);
-        # sparse_dims holds the parameters whose gradient came out sparse, inner or outer
-        # (not a tied or otherwise densely read weight, whose gradient is dense).
+        # from the next step's or the outer loss's lookup). So the rule gets the gradients
+        # dense, the outer loss's gradient is made dense, and the new parameters pass
+        # through a copy whose backward makes their cotangent dense (densify): from the
+        # first step where an adapted parameter is a sparse embedding's weight, else from
+        # the first sparse gradient. Their hypergradients are then dense whatever K.
         self.dense_grads = not rule.first_order_additive
         sparse = sparse_weights(module) if self.dense_grads else set()
         self.densify = any(id(self.named[n]) in sparse for n in self.names)
-        self.sparse_dims: Dict[int, int] = {}
 
     # -- state -----------------------------------------------------------------
     def initial_state(self) -> State:
@@ -637,7 +623,7 @@ class InnerLoop:
         self._seed(j)
         loss, grads, buffers = self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
         if self.dense_grads and any(g.layout != torch.strided for g in grads):
-            self.sparse_dims.update((i, g.sparse_dim()) for i, g in enumerate(grads) if g.is_sparse)
+            self.densify = True
             grads = tuple(g if g.layout == torch.strided else g.to_dense() for g in grads)
         return loss, grads, buffers
 
@@ -652,7 +638,7 @@ class InnerLoop:
             dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
             self.rule.hyper)
         new_p = tuple(new_p[n] for n in self.names)
-        if self.densify or self.sparse_dims:
+        if self.densify:
             new_p = tuple(map(_DenseCotangent.apply, new_p))
         return new_p, tuple(new_opt)
 
@@ -793,8 +779,8 @@ class InnerLoop:
         with torch.enable_grad(), self.stream(self.steps + 1):
             loss, aux, grads = self.evaluator.outer(self, params, state)
         e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
-        if self.dense_grads and any(g.layout != torch.strided for g in e):  # see sparse_dims
-            self.sparse_dims.update((i, g.sparse_dim()) for i, g in enumerate(e) if g.is_sparse)
+        if self.dense_grads and any(g.layout != torch.strided for g in e):  # see densify
+            self.densify = True
             e = tuple(g if g.layout == torch.strided else g.to_dense() for g in e)
         e = e + tuple(torch.zeros_like(t) for t in state.opt)
         return e, list(grads[len(params):]), loss.detach(), detached(aux)
@@ -822,7 +808,7 @@ _SAME_MODE = contextlib.nullcontext()
 
 
 class _DenseCotangent(torch.autograd.Function):
-    """A copy, whose backward makes a sparse cotangent dense (see ``InnerLoop.sparse_dims``).
+    """A copy, whose backward makes a sparse cotangent dense (see ``InnerLoop.densify``).
     A copy rather than a view: the next forward may write it in place (``max_norm``)."""
 
     @staticmethod
