@@ -823,3 +823,38 @@ def test_a_sparse_embedding_tied_to_a_dense_head_keeps_a_dense_gradient():
         got = torch_ufom.hypergrad(model, loss, loss, support, support, steps=3, inner=Adam(0.05),
                                    mode="ufom", q=0.5, force_truncation=K)
         assert not got[0].is_sparse, K
+
+
+class _TwoWays(torch.nn.Module):
+    """A head on embedded ids or on given features: the outer loss may skip the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(7, 3, sparse=True), torch.nn.Linear(6, 1)
+
+    def forward(self, ids=None, feats=None):
+        return self.head(torch.tanh(self.emb(ids)).flatten(1) if feats is None else feats)
+
+
+def test_a_frozen_sparse_embedding_s_hypergradient_is_dense_whatever_k_under_adam():
+    # Meta-learned, not adapted, read by the inner loss only: a K = r draw gave a sparse gradient,
+    # a K = 0 draw dense zeros; an outer SGD(momentum) failed on the change.
+    g = torch.Generator().manual_seed(0)
+    support = (torch.randint(0, 7, (5, 2), generator=g), torch.randn(5, 1, generator=g))
+    query = (torch.randn(5, 6, generator=g), torch.randn(5, 1, generator=g))
+    torch.manual_seed(0)
+    model = _TwoWays()
+
+    def inner(f, b):
+        return ((f(ids=b[0]) - b[1]) ** 2).mean()
+
+    def outer(f, b):
+        return ((f(feats=b[0]) - b[1]) ** 2).mean()
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                    inner=Adam(0.05), steps=3, mode="ufom", q=0.5,
+                                    inner_params=["head.weight", "head.bias"])
+    for K in (3, 0, 3):
+        meta.zero_grad()
+        meta.backward(inner, outer, support, query, force_truncation=K)
+        assert not model.emb.weight.grad.is_sparse, K
+        meta.step()

@@ -342,6 +342,8 @@ def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta, hooks: bool 
                 reduced = _hooked(p, reduced) if reduced.shape == adj.shape else \
                     sum(_hooked(p, a) for a in adj.unbind(0))
             g = reduced if g is None else plus(g, reduced)
+        if loop.dense_grads and g is not None and g.layout != torch.strided:
+            g = g.to_dense()  # one layout whatever K under a rule that mixes gradients with state
         grads.append(g)
     return tuple(grads)
 

@@ -418,6 +418,7 @@ class Loop(Protocol):
     rule: Any  # the inner rule
     steps: int  # r
     learned_hyper: bool  # whether a meta-parameter is one of the rule's hyperparameters
+    dense_grads: bool  # the rule is not first-order additive: sparse gradients are made dense
 
     def initial_state(self) -> State:
         """``s_0``."""
