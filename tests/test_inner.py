@@ -761,6 +761,9 @@ def test_a_meta_batch_sums_sparse_and_dense_hypergradients():
                                  (supports[0][i], supports[1][i]), force_truncation=k, **kw)
             for i, k in enumerate((0, 3))]
     assert rel_err([t.to_dense() for t in got], [a.to_dense() + b.to_dense() for a, b in zip(*each)]) < 1e-12
+    # The loop runs at once, with a warning that says why (vmap was tried and failed first).
+    with pytest.warns(UserWarning, match="per-task loop: torch.func.vmap has no sparse kernels"):
+        torch_ufom.hypergrad_batch(model, loss, loss, supports, supports, force_truncation=[0, 3], **kw)
 
 
 @pytest.mark.parametrize("mode", ["fom", "exact"])

@@ -24,7 +24,7 @@ from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import TruncationLaw
-from .unroll import Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter
+from .unroll import Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter, sparse_weights
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
                          probe, reads_meta_directly, select_tasks, task_of)
 
@@ -337,6 +337,9 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         return Plan(None, "vectorise=False", False, known)
     if diagnostics:
         return Plan(None, "q='auto' keeps per-task statistics", True, known)
+    if sparse_weights(problem.model):  # found before a vmap attempt that would fail
+        return Plan(None, "torch.func.vmap has no sparse kernels (an embedding with sparse=True)", True,
+                    known)
     device = next(problem.model.parameters()).device
     auto = choice == "auto" and device.type == "cpu"  # vmap pays on accelerators
     if auto:
