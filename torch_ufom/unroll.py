@@ -623,10 +623,15 @@ class InnerLoop:
     def _grad(self, state: State, j: int, create_graph: bool):
         self._seed(j)
         loss, grads, buffers = self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
-        if self.dense_grads and any(g.layout != torch.strided for g in grads):
-            self.densify = True
-            grads = tuple(g if g.layout == torch.strided else g.to_dense() for g in grads)
-        return loss, grads, buffers
+        return loss, self._dense(grads), buffers
+
+    def _dense(self, grads: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+        """``grads``, dense under a rule that is not additive (see ``densify``, which the
+        first sparse one sets)."""
+        if not (self.dense_grads and any(g.layout != torch.strided for g in grads)):
+            return grads
+        self.densify = True
+        return tuple(g if g.layout == torch.strided else g.to_dense() for g in grads)
 
     def apply_rule(self, grads, state: State):
         if self.plain_rate is not None:
@@ -780,10 +785,7 @@ class InnerLoop:
         with torch.enable_grad(), self.stream(self.steps + 1):
             loss, aux, grads = self.evaluator.outer(self, params, state)
         e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
-        if self.dense_grads and any(g.layout != torch.strided for g in e):  # see densify
-            self.densify = True
-            e = tuple(g if g.layout == torch.strided else g.to_dense() for g in e)
-        e = e + tuple(torch.zeros_like(t) for t in state.opt)
+        e = self._dense(e) + tuple(torch.zeros_like(t) for t in state.opt)
         return e, list(grads[len(params):]), loss.detach(), detached(aux)
 
     def first_order_theta(self, f_params: Sequence[Tensor], grad_sum: Sequence[Tensor], state: State):
