@@ -2,6 +2,7 @@
 import contextlib
 import copy
 import datetime
+import gc
 import os
 
 import pytest
@@ -26,11 +27,17 @@ def meta_for(model, **kw):
 def gloo(rank, world, init_file):
     """This process as ``rank`` of a gloo group of ``world`` processes, in float64."""
     torch.set_default_dtype(torch.float64)
+    # The first torch.optim optimizer of a process imports torch._dynamo; done after
+    # init_process_group, gloo's threads sometimes outlive destroy_process_group and the
+    # process aborts at exit ("terminate called without an active exception", seen once
+    # under load). Build one first, as benchmarks/distributed.py does.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))  # a hang fails instead
     try:
         yield
     finally:
+        gc.collect()  # free what still refers to the group (reference cycles) before tearing it down
         dist.destroy_process_group()
 
 
