@@ -656,6 +656,19 @@ def test_an_integer_tensor_in_params_is_refused(entry):
     assert_unchanged(before)
 
 
+@pytest.mark.parametrize("entry", ["hypergrad", "hypergrad_batch"])
+def test_a_tensor_without_requires_grad_in_params_is_refused(entry):
+    # It used to get a silent zero "hypergradient" where torch.autograd.grad raises.
+    env = Env()
+    before = env.snap()
+    frozen = torch.zeros(())
+    with pytest.raises(ValueError, match=r"Invalid params\[5\]: a tensor that does not require grad"):
+        getattr(torch_ufom, entry)(env.model, mse, env.outer, *(
+            (env.supports, env.queries) if entry.endswith("batch") else (env.support, env.query)),
+            params=env.params() + [frozen], generator=env.gen, **env.config)
+    assert_unchanged(before)
+
+
 @pytest.mark.parametrize("rule, flag", [("SGD", "nesterov"), ("Adam", "amsgrad"), ("AdamW", "amsgrad"),
                                         ("RMSprop", "centered")])
 @pytest.mark.parametrize("value", ["no", 1, None])

@@ -11,7 +11,7 @@ import torch
 import torch_ufom
 from helpers import mlp_problem, rel_err
 from oracle import brute_force, ref_adam, ref_adamw, ref_rmsprop, ref_sgd
-from torch_ufom.inner import SGD, Adam, AdamW, PerStep, RMSprop
+from torch_ufom.inner import SGD, Adam, AdamW, InnerRule, PerStep, RMSprop
 
 
 def ref_adam_amsgrad(weight_decay=0.0, **kw):
@@ -861,3 +861,99 @@ def test_a_frozen_sparse_embedding_s_hypergradient_is_dense_whatever_k_under_ada
         meta.backward(inner, outer, support, query, force_truncation=K)
         assert not model.emb.weight.grad.is_sparse, K
         meta.step()
+
+
+def _view_rates(model, layout):
+    """Learned rates given as views of one leaf (Meta-SGD's ``lrs[i]``, porting.md's
+    ``PerStep(t[:steps])``): the rule, its reference and the leaf."""
+    names = [n for n, _ in model.named_parameters()]
+    if layout == "dict of views":
+        leaf = torch.linspace(0.05, 0.09, len(names)).requires_grad_()
+        kw = dict(lr={n: leaf[i] for i, n in enumerate(names)})
+        return SGD(**kw), ref_sgd(**kw), leaf
+    if layout == "PerStep view":
+        leaf = torch.linspace(0.04, 0.09, 6).requires_grad_()
+        kw = dict(lr=PerStep(leaf[:4]))
+        return SGD(**kw), at_step(ref_sgd, kw), leaf
+    leaf = torch.tensor([0.01, 0.9]).requires_grad_()
+    return (Adam(lr=leaf[0], betas=(leaf[1], 0.999)), ref_adam(lr=leaf[0], betas=(leaf[1], 0.999)),
+            leaf)
+
+
+@pytest.mark.parametrize("layout", ["dict of views", "PerStep view", "Adam views"])
+def test_learned_rates_given_as_views_of_one_leaf_equal_brute_force(layout):
+    # A view's id is not its leaf's: the rule's rates were not seen as learned, and the
+    # shortcut of additive and identity rules dropped their first-order terms (fom and
+    # truncated wrong, every ufom draw wrong; only exact and the mean over draws right),
+    # and hvp="fwdrev" refused them as unknown meta-parameters.
+    model, loss, data = mlp_problem(19)
+    steps, q = 4, 0.5
+    rule, ref, leaf = _view_rates(model, layout)
+    params = list(model.parameters()) + [leaf]
+    support, query = data[0], data[1]
+    G = {k: brute_force(model, loss, loss, lambda j: support, query, steps, None, params, k, rule=ref)
+         for k in (0, 1, steps)}
+    assert float(G[0][-1][:4].abs().min()) > 0 and rel_err(G[0], G[steps]) > 1e-3
+    for kw, want in [(dict(mode="fom"), G[0]), (dict(mode="truncated", k=1), G[1]),
+                     (dict(mode="exact"), G[steps]), (dict(mode="exact", hvp="fwdrev"), G[steps])]:
+        got = torch_ufom.hypergrad(model, loss, loss, support, query, steps=steps, inner=rule,
+                                   params=params, **kw)
+        assert rel_err(got, want) < 1e-10, kw
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), steps=steps, inner=rule,
+                                    mode="ufom", q=q)
+    corrected = [a + (b - a) / q for a, b in zip(G[0], G[steps])]
+    for K, want in [(0, G[0]), (steps, corrected)]:
+        meta.zero_grad()
+        meta.backward(loss, loss, support, query, force_truncation=K)
+        assert rel_err([p.grad for p in params], want) < 1e-10, K
+
+
+class _LearnedOptimiser(InnerRule):
+    """A learned optimiser: ``phi - 0.1 * mlp(g, m)`` coordinatewise, with momentum ``m``;
+    its MLP's weights are attributes (they cannot broadcast to the parameters as
+    hyperparameters must). It has ``first_order_identity``'s property and declares it."""
+
+    first_order_identity = True
+
+    def __init__(self, w1, b1, w2):
+        self.net = [w1, b1, w2]
+        self.hyper = {}
+
+    def init(self, params):
+        return tuple(torch.zeros_like(p) for p in params.values())
+
+    def update(self, grads, state, params, hyper):
+        w1, b1, w2 = self.net
+        new_p, new_s = {}, []
+        for (n, p), m in zip(params.items(), state):
+            m = 0.9 * m + 0.1 * grads[n]
+            h = torch.tanh(torch.stack([grads[n], m], -1) @ w1.T + b1)
+            new_p[n], new_s = p - 0.1 * (h @ w2), new_s + [m]
+        return new_p, tuple(new_s)
+
+
+def test_a_learned_optimiser_holding_its_weights_as_attributes_equals_brute_force():
+    # Its weights are not hyperparameters, so a rule declaring first_order_identity took
+    # the shortcut that sweeps no first-order step: fom gave them zeros, truncated and
+    # each ufom draw wrong numbers.
+    model, loss, data = mlp_problem(20)
+    steps = 4
+    g = torch.Generator().manual_seed(3)
+    weights = [(0.5 * torch.randn(*shape, generator=g)).requires_grad_() for shape in [(4, 2), (4,), (4,)]]
+    rule = _LearnedOptimiser(*weights)
+    names = [n for n, _ in model.named_parameters()]
+
+    def ref(name, t, p, g, m):
+        new, (m,) = rule.update({name: g}, (torch.zeros_like(p) if m is None else m,), {name: p}, {})
+        return new[name], m
+
+    params = list(model.parameters()) + weights
+    support, query = data[2], data[3]
+    G = {k: brute_force(model, loss, loss, lambda j: support, query, steps, None, params, k, rule=ref)
+         for k in (0, 2, steps)}
+    assert names and all(float(w.abs().min()) > 0 for w in G[0][-3:])
+    for kw, want in [(dict(mode="fom"), G[0]), (dict(mode="truncated", k=2), G[2]),
+                     (dict(mode="exact", memory="store"), G[steps])]:
+        got = torch_ufom.hypergrad(model, loss, loss, support, query, steps=steps, inner=rule,
+                                   params=params, **kw)
+        assert rel_err(got, want) < 1e-10, kw

@@ -68,7 +68,9 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor]) ->
     if any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in model.modules()):
         return "cannot differentiate sparse gradients (an embedding with sparse=True) in forward mode"
     named = dict(model.named_parameters())
-    known = {id(named[n]) for n in config.adapted} | {id(t) for t in config.rule.tensors()}
+    hyper = config.rule.tensors()
+    known = ({id(named[n]) for n in config.adapted} | {id(t) for t in hyper}
+             | {id(t._base) for t in hyper if t._base is not None})  # a view such as lrs[i]
     extra = [t for t in meta if t.requires_grad and id(t) not in known]
     if extra:
         return (f"differentiates only through adapted parameters and inner-rule hyperparameters, "
@@ -431,7 +433,9 @@ def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:
 
 
 def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
-    """Validate ``params`` (default: the model's parameters): distinct tensors."""
+    """Validate ``params`` (default: the model's parameters, frozen ones included, which
+    get zeros): distinct floating-point tensors, each requiring grad when given."""
+    given = params is not None
     params = list(model.parameters()) if params is None else params
     if isinstance(params, Tensor) or not isinstance(params, (list, tuple)) and \
             not hasattr(params, "__iter__"):
@@ -446,6 +450,10 @@ def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
                              "tensors; integer tensors have no gradient, complex ones are not supported)")
         if id(p) in seen:
             raise ValueError(f"Invalid params[{i}]: the same tensor appears twice in params")
+        if given and not p.requires_grad:
+            raise ValueError(f"Invalid params[{i}]: a tensor that does not require grad, whose "
+                             "hypergradient would read 0 (torch.autograd.grad refuses it too: set "
+                             "requires_grad=True to learn it, or leave it out)")
         seen.add(id(p))
     return tuple(params)
 
@@ -564,7 +572,9 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             longer sweeps checkpoint with ``128 (G + |s|) / (1.35 |s|)``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         params: tensors to differentiate with respect to (default: the model's
-            parameters). Any tensor the losses or ``inner_lr`` use may be included.
+            parameters, a frozen one getting zeros). Any tensor the losses or
+            ``inner_lr`` use may be included; each must require grad, as for
+            ``torch.autograd.grad``.
         generator: a ``torch.Generator`` for the truncation draw and the
             per-step random streams (default: the global generator).
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.

@@ -498,6 +498,23 @@ def _autocasting(params: Sequence[Tensor]) -> bool:
         return False
 
 
+def reads_meta(rule: Any, meta: Sequence[Tensor]) -> bool:
+    """Whether the inner rule reads a meta-parameter: one of its hyperparameter tensors
+    (:meth:`~torch_ufom.InnerRule.tensors`) or a tensor it holds as an attribute (a
+    learned optimiser's weights, an ``nn.Module``'s parameters, containers of them), each
+    also as a view of the meta-parameter (``lrs[i]``). A rule that reads one has
+    first-order terms of its own, which the shortcuts of ``first_order_additive`` and
+    ``first_order_identity`` would drop."""
+    ids = {id(t) for t in meta}
+    held = list(rule.tensors())
+    for leaf in pytree.tree_leaves(list(vars(rule).values())):
+        if isinstance(leaf, Tensor):
+            held.append(leaf)
+        elif isinstance(leaf, nn.Module):
+            held.extend(leaf.parameters())
+    return any(id(t) in ids or (t._base is not None and id(t._base) in ids) for t in held)
+
+
 class InnerLoop:
     """The inner loop of one task (or of a stacked meta-batch) as pure functions of
     an explicit state; immutable after construction, except ``densify`` (set by
@@ -543,8 +560,7 @@ class InnerLoop:
                 self.frozen = {n: p.clone() for n, p in self.frozen.items()}
         self.buffer_names = [n for n, _ in self.module_buffers]
         self.meta = [t for t in problem.params if t.requires_grad]
-        meta_ids = {id(t) for t in self.meta}
-        self.learned_hyper = any(id(t) in meta_ids for t in rule.tensors())
+        self.learned_hyper = reads_meta(rule, self.meta)
         self.cuda_devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
         self.math_attention = math_attention
         self.plain_rate = rule.plain_rate
