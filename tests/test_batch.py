@@ -918,3 +918,36 @@ def test_a_meta_optimizer_remembers_where_vmap_failed():
         warnings.simplefilter("ignore")
         meta.backward_batch(loss, loss, supports, queries, force_truncation=[1, 0, 1])
     assert any(batched)
+
+
+@pytest.mark.parametrize("where", ["model", "submodule"])
+def test_a_torchscript_module_runs_exact_sweeps_per_task_and_refuses_fwdrev(where):
+    # Once the JIT has optimised a scripted graph (after one ordinary backward), torch.func's
+    # gradients through it carry no graph: vectorised exact sweeps and forward-over-reverse
+    # returned the first-order estimate (or a mix) labelled exact, without a warning.
+    model, loss, data = mlp_problem(21)
+    supports, queries = stacked(data, 0, 2), stacked(data, 10, 2)
+    params = list(model.parameters())
+    want = [torch.zeros_like(p) for p in params]
+    for i in range(2):
+        g = brute_force(model, loss, loss, lambda j, i=i: data[i], data[10 + i], STEPS, 0.3, params, STEPS)
+        want = [a + b for a, b in zip(want, g)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated
+        if where == "model":
+            model = torch.jit.script(model)
+        else:
+            model = nn.Sequential(torch.jit.script(model[:2]), *model[2:])
+    for _ in range(2):  # the user's own passes, after which the JIT optimises the graph
+        loss(model, data[0]).backward()
+    name = "the model itself" if where == "model" else "'0'"
+    with pytest.warns(UserWarning, match=f"per-task loop: torch.func.vmap cannot differentiate TorchScript "
+                                         f"twice \\(torch.jit.script module {name}"):
+        got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=STEPS,
+                                         inner_lr=0.3, mode="exact", vectorise=True)
+    assert rel_err(got, want) < 1e-9
+    meta = meta_opt(model, 0.3, mode="fom")
+    assert_vectorised(meta.backward_batch(loss, loss, supports, queries))  # first-order: vmap is right
+    with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev' cannot differentiate TorchScript twice"):
+        torch_ufom.hypergrad(model, loss, loss, data[0], data[10], steps=STEPS, inner_lr=0.3, mode="exact",
+                             hvp="fwdrev")

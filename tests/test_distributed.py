@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 import torch_ufom
 from helpers import mlp_problem, rel_err
@@ -258,3 +259,19 @@ def test_sparse_gradients_are_summed_when_a_rank_has_none(tmp_path):
         assert r["both"][0].is_sparse and not r["one"][0].is_sparse  # sparse where every rank is
         for case in SPARSE_RANKS:
             assert rel_err([g.to_dense() for g in r[case]], want) < 1e-12, case
+
+
+def test_a_distributed_data_parallel_model_is_refused_naming_the_fix(tmp_path):
+    # Its reducer hooks the module's own parameters, which the library never differentiates:
+    # nothing was all-reduced and the replicas drifted apart, silently.
+    with gloo(0, 1, tmp_path / "init"):
+        model, loss, data = mlp_problem(0)
+        for wrapped, where in [(nn.parallel.DistributedDataParallel(model), "DistributedDataParallel"),
+                               (nn.Sequential(nn.parallel.DistributedDataParallel(model)),
+                                "DistributedDataParallel at '0'")]:
+            opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+            with pytest.raises(ValueError, match=rf"Invalid model: a data-parallel wrapper \({where}\).*"
+                                                 r"pass the wrapped module \(ddp.module\)"):
+                torch_ufom.MetaOptimizer(wrapped, opt, inner_lr=0.1, steps=2)
+            with pytest.raises(ValueError, match="Invalid model: a data-parallel wrapper"):
+                torch_ufom.hypergrad(wrapped, loss, loss, data[0], data[1], steps=2, inner_lr=0.1)

@@ -160,10 +160,25 @@ def check_steps(steps) -> int:
     return int(steps)
 
 
+# Wrappers whose all-reduce hooks the module's own parameters' gradients, which the library
+# never computes (by class name: torch.distributed.fsdp need not be importable).
+_DATA_PARALLEL = {"DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule"}
+
+
 def check_model(model) -> nn.Module:
-    """Validate ``model``: an ``nn.Module`` with at least one parameter with ``requires_grad``."""
+    """Validate ``model``: an ``nn.Module`` with at least one parameter with ``requires_grad``,
+    not wrapped for data parallelism (``DistributedDataParallel``, FSDP)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
+    wrapped = [(n, type(m).__name__) for n, m in model.named_modules()
+               if {c.__name__ for c in type(m).__mro__} & _DATA_PARALLEL]
+    if wrapped:
+        where = ", ".join(f"{kind} at {n!r}" if n else kind for n, kind in wrapped)
+        raise ValueError(f"Invalid model: a data-parallel wrapper ({where}), whose gradient "
+                         "reduction never runs here (the inner loop computes with copies of the "
+                         "parameters and the hypergradient is written to .grad directly), so the "
+                         "ranks would drift apart; pass the wrapped module (ddp.module), and to "
+                         "average over ranks MetaOptimizer(..., process_group=...)")
     lazy = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
             if isinstance(t, nn.parameter.UninitializedTensorMixin)]
     if lazy:

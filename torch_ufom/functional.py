@@ -24,7 +24,8 @@ from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import TruncationLaw
-from .unroll import Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter, sparse_weights
+from .unroll import (Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter, scripted,
+                     sparse_weights)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
                          probe, reads_meta_directly, select_tasks, task_of)
 
@@ -67,6 +68,11 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor]) ->
                 "torch.func.jvp)")
     if any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in model.modules()):
         return "cannot differentiate sparse gradients (an embedding with sparse=True) in forward mode"
+    names = scripted(model)
+    if names:
+        return (f"cannot differentiate TorchScript twice (torch.jit.script module "
+                f"{_name_list(names)}: once the JIT has optimised it, its gradients under "
+                "torch.func carry no graph)")
     named = dict(model.named_parameters())
     hyper = config.rule.tensors()
     known = ({id(named[n]) for n in config.adapted} | {id(t) for t in hyper}
@@ -319,6 +325,10 @@ def _run_groups(problem: Problem, supports, queries, truncations, seeds, done: l
         done.append((index, est, time.perf_counter() - start))
 
 
+def _name_list(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) if n else "the model itself" for n in names)
+
+
 def _slow(what: Sequence[str]) -> str:
     return (f"vectorising {', '.join(what)} does not pay on CPU (vectorise='auto'; "
             "vectorise=True forces vmap)")
@@ -357,6 +367,11 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         exact = problem.law.survival(problem.config.steps)[1] > 0.0
     if known is not None and (known.failed or (exact and known.failed_exact)):
         return Plan(None, known.failed or known.failed_exact, True, known)
+    names = scripted(problem.model) if exact else []
+    if names:  # vectorised first-order steps are right: only the second derivatives are lost
+        return Plan(None, f"torch.func.vmap cannot differentiate TorchScript twice (torch.jit.script "
+                    f"module {_name_list(names)}: once the JIT has optimised it, its gradients "
+                    "under vmap carry no graph)", True, known)
     # The probe runs on every call: what it finds depends on the module and on whatever the
     # losses read (a swapped submodule, a padding index switched on), which no cheap key covers.
     first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-__all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights",
+__all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "scripted",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp"]
 
@@ -65,6 +65,15 @@ def sparse_weights(module: nn.Module) -> set:
     weights of ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``sparse=True``."""
     return {id(m.weight) for m in module.modules()
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+
+
+def scripted(module: nn.Module) -> List[str]:
+    """The names of ``module``'s TorchScript submodules (``torch.jit.script``; ``""`` for
+    the module itself). Once the JIT has optimised their graph (after a pass or two
+    through autograd, the user's or the library's), the gradients ``torch.func``
+    computes through them carry no graph, so ``vmap``'s and forward-over-reverse's
+    second derivatives come out as zero; per-task reverse-over-reverse is exact."""
+    return [n for n, m in module.named_modules() if isinstance(m, torch.jit.ScriptModule)]
 
 
 class FunctionalModel:
