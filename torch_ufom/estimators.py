@@ -88,6 +88,9 @@ def _add(acc: List[Optional[Tensor]], terms: Sequence[Optional[Tensor]], scale: 
             acc[i] = t if acc[i] is None else plus(acc[i], t)
 
 
+_ROWS = 64  # rows of SweepLog.values with a view at hand
+
+
 class SweepLog:
     """What one estimate's inner loop reports: the forward pass's losses, written
     into one tensor allocated at the first step, the step counts, and whether
@@ -102,17 +105,23 @@ class SweepLog:
 
     def __init__(self, steps: int):
         self.steps, self.count, self.values = steps, 0, None
+        self._row0, self._rows = 0, ()  # the first row with a view in _rows, and the views
         self.forward_steps = 0  # inner steps run without a graph (forward pass and replays)
         self.reverse_steps = 0  # inner steps run with a graph for an exact VJP
         self.finite: Optional[Tensor] = None
+        self.same: Optional[Tensor] = None  # every step evaluated again gave its forward-pass loss
 
     def first(self, loss: Tensor, exact: bool = False) -> None:
         """A step of the forward pass (its finiteness is read from ``values`` at the end)."""
         if self.values is None:
             self.values = torch.empty((self.steps,) + tuple(loss.shape), dtype=loss.dtype,
                                       device=loss.device)
-            self._rows = self.values.unbind(0)  # one view per step: a copy_ is cheaper than indexing
-        self._rows[self.count].copy_(loss)
+        i = self.count - self._row0
+        if not 0 <= i < len(self._rows):  # views of the next rows: a copy_ is cheaper than
+            # indexing, and views of every row would keep about 650 bytes per step
+            self._row0, i = self.count, 0
+            self._rows = self.values[self.count:self.count + _ROWS].unbind(0)
+        self._rows[i].copy_(loss)
         self.count += 1
         self._count(exact)
 
@@ -122,12 +131,21 @@ class SweepLog:
         self.forward_steps -= self.count - count
         self.count = count
 
-    def again(self, loss: Tensor, exact: bool = False) -> None:
-        """A step evaluated again (a replay or a rebuild)."""
+    def again(self, loss: Tensor, exact: bool = False, j: Optional[int] = None) -> None:
+        """A step evaluated again (a replay or a rebuild): step ``j``, whose loss is compared
+        with the forward pass's, up to rounding (``sqrt(eps)`` relative: a kernel may add up
+        in another order). Another value means the step computed another function (a random
+        operation that draws from a generator of the user's, which no stream reseeds), and
+        the exact sweep would differentiate it."""
         self._count(exact)
         with torch.no_grad():
+            loss = loss.detach()
             ok = torch.isfinite(loss).all()
             self.finite = ok if self.finite is None else self.finite & ok
+            if j is not None and self.values is not None and j <= self.count:
+                eps = torch.finfo(loss.dtype).eps
+                same = torch.isclose(loss, self.values[j - 1], rtol=eps ** 0.5, atol=eps).all() | ~ok
+                self.same = same if self.same is None else self.same & same
 
     def _count(self, exact: bool) -> None:
         if exact:
@@ -172,7 +190,9 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
         norms = (torch._foreach_norm(rest) if rest else ()) + \
             (torch._foreach_norm(half, dtype=torch.float32) if half else ())
         ok = torch.isfinite(torch.stack([n.to(device) for n in norms])).all()  # stack promotes dtypes
-        return ok if log.finite is None else ok & log.finite.to(device)
+        for flag in (log.finite, log.same):
+            ok = ok if flag is None else ok & flag.to(device)
+        return ok
 
 
 def check_finite(log: SweepLog, est: "Estimate") -> None:
@@ -193,6 +213,14 @@ def check_finite(log: SweepLog, est: "Estimate") -> None:
             "inner_loss was finite on the forward pass but not when a step was evaluated again "
             "(a replay or the exact sweep's rebuild): the loss must be a deterministic function of "
             "the parameters, the batch and the step's random stream")
+    if log.same is not None and not bool(log.same):
+        raise RuntimeError(
+            "inner_loss gave another value when a step was evaluated again (a replay or the exact "
+            "sweep's rebuild) than on the forward pass, so the sweep would differentiate another "
+            "function: the loss must be a deterministic function of the parameters, the batch and "
+            "the step's random stream. A random operation that draws from a torch.Generator of "
+            "your own (generator=...) is not replayed: draw from the global generator, or pass "
+            "memory='store', which replays nothing")
     i = next((i for i, g in enumerate(est.grads)
               if g is not None and not bool(torch.isfinite(_values(g)).all())), None)
     if i is not None:

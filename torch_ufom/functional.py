@@ -385,6 +385,10 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         return Plan(None, _slow(known.ops), False, known)
     if known.wrong:
         return Plan(None, _wrong(known.wrong), True, known)
+    if found.own_generator:
+        return Plan(None, "a random operation draws from a torch.Generator of the losses' own "
+                    "(generator=...), which vmap(randomness='different') would advance once per task, "
+                    "so each task would draw other numbers than it draws alone", True, known)
     if found.written:
         return Plan(None, f"the module has buffers that the losses write ({', '.join(found.written)}: "
                     "running statistics cannot be vectorised)", True, known)

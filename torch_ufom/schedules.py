@@ -57,8 +57,8 @@ class SweepLog(Protocol):
     def first(self, loss: Tensor, exact: bool) -> None:
         """A step of the forward pass."""
 
-    def again(self, loss: Tensor, exact: bool) -> None:
-        """A step evaluated again (a replay or a rebuild)."""
+    def again(self, loss: Tensor, exact: bool, j: int) -> None:
+        """Step ``j`` evaluated again (a replay or a rebuild)."""
 
     def rewind(self, count: int) -> None:
         """Forget the forward pass's steps after the first ``count``."""
@@ -127,9 +127,9 @@ class Recompute(Schedule):
                 s = base
                 for i in range(start + 1, j):
                     s, loss, _ = loop.advance(s, i)
-                    log.again(loss, False)
+                    log.again(loss, False, i)
                 rec = loop.record(s, j, plan)
-                log.again(rec.loss, rec.is_exact)
+                log.again(rec.loss, rec.is_exact, j)
                 yield rec
 
         return state, reverse()
@@ -240,19 +240,26 @@ class _Revolve:
     def _forward(self, action, first: bool):
         if action.write_ics:
             self.checkpoints[action.n0] = self.state
-        report = self.log.first if first else self.log.again
+        log = self.log
+
+        def report(loss, exact, j):
+            if first:
+                log.first(loss, exact)
+            else:
+                log.again(loss, exact, j)
+
         for n in range(action.n0, action.n1):
             j = self.start + n + 1
             if action.write_adj_deps:
                 rec = self.loop.record(self.state, j, self.plan)
                 self.records[n + 1], self.state = rec, rec.next_state
-                report(rec.loss, rec.is_exact)
+                report(rec.loss, rec.is_exact, j)
             elif n == 0 and self.ahead is not None:
                 (self.state, loss), self.ahead = self.ahead, None
-                report(loss, False)
+                report(loss, False, j)
             else:
                 self.state, loss, _ = self.loop.advance(self.state, j)
-                report(loss, False)
+                report(loss, False, j)
 
     def reverse(self):
         """Yield the recorded steps, newest first, replaying as the schedule says."""

@@ -17,7 +17,8 @@ pay for the exact sweep of the others.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Sequence
+import functools
+from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -158,13 +159,23 @@ _ATEN_WRONG_UNDER_VMAP = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _generator_position(func) -> int:
+    """Where an ATen operation takes its ``generator`` argument (-1: it takes none)."""
+    names = [a.name for a in func._schema.arguments]
+    return names.index("generator") if "generator" in names else -1
+
+
 class _AtenProbe(TorchDispatchMode):
-    """The ATen-level twin of :class:`_Probe`'s normalisation and ``vmap`` tables."""
+    """The ATen-level twin of :class:`_Probe`'s normalisation and ``vmap`` tables; also
+    finds the random operations that draw from a generator of the user's
+    (``generator=``), whose states it keeps so that :meth:`restore` puts them back."""
 
     def __init__(self):
         super().__init__()
         self.norms: set = set()
         self.wrong: set = set()
+        self.generators: Dict[int, Tuple[torch.Generator, Tensor]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -173,7 +184,16 @@ class _AtenProbe(TorchDispatchMode):
             entry = table.get(name)
             if entry is not None and entry[1](_schema_args(func, args, kwargs)):
                 found.add(entry[0])
+        i = _generator_position(func)
+        gen = (args[i] if len(args) > i else kwargs.get("generator")) if i >= 0 else None
+        if isinstance(gen, torch.Generator) and id(gen) not in self.generators:
+            self.generators[id(gen)] = (gen, gen.get_state())
         return func(*args, **kwargs)
+
+    def restore(self) -> None:
+        """Put the user's generators back as they were before their first draw."""
+        for gen, state in self.generators.values():
+            gen.set_state(state)
 
 
 # Attention whose dropout draws its masks differently under torch.func than under
@@ -242,6 +262,7 @@ class Probe(NamedTuple):
     written: List[str]  # buffers the inner loss writes in place
     attention_dropout: bool  # attention with dropout (fwdrev would differentiate another function)
     slow_on_cpu: Dict[str, int]  # CPU operations too large to pay vectorised: largest output size
+    own_generator: bool = False  # a random operation draws from a generator of the user's
 
 
 def _probe_params(module: nn.Module, adapted) -> Dict[str, Tensor]:
@@ -272,8 +293,11 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     fm = FunctionalModel(module, params, buffers)
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     aten = _AtenProbe()
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), mode, aten:
-        inner_loss(fm, batch)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), mode, aten:
+            inner_loss(fm, batch)
+    finally:
+        aten.restore()
     # Kernels such as batch_norm write running statistics without bumping the version.
     written = [n for n, b in fm.buffers.items()
                if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
@@ -290,8 +314,11 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                 outer_loss(fm, query)
         except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
             pass
+        finally:
+            outer_aten.restore()
         wrong |= outer.wrong | outer_aten.wrong
-    return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu)
+        aten.generators.update(outer_aten.generators)
+    return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators))
 
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
@@ -309,11 +336,14 @@ def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Ten
     fm = FunctionalModel(module, _probe_params(module, adapted),
                          {n: b.clone() for n, b in module.named_buffers()})
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    aten = _AtenProbe()  # for the user's generators
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), aten:
             loss, _ = loss_and_aux(inner_loss(fm, batch), "inner_loss")
     except Exception:  # noqa: BLE001
         return False
+    finally:
+        aten.restore()
     seen, stack = set(), [loss.grad_fn]
     while stack:
         node = stack.pop()
