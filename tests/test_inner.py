@@ -7,8 +7,10 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import torch_ufom
+from devices import SKIP_CUDA
 from helpers import mlp_problem, rel_err
 from oracle import brute_force, ref_adam, ref_adamw, ref_rmsprop, ref_sgd
 from torch_ufom.inner import SGD, Adam, AdamW, InnerRule, PerStep, RMSprop
@@ -957,3 +959,89 @@ def test_a_learned_optimiser_holding_its_weights_as_attributes_equals_brute_forc
         got = torch_ufom.hypergrad(model, loss, loss, support, query, steps=steps, inner=rule,
                                    params=params, **kw)
         assert rel_err(got, want) < 1e-10, kw
+
+
+class _MixedDtypes(nn.Module):
+    """A float32 parameter registered first, beside float64 layers (a model cast in part);
+    it does not change the layers' gradients, so float32 rounding of its own trajectory
+    does not reach theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.1, dtype=torch.float32))
+        self.body = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+    def forward(self, x):
+        return self.body(x) + 0.0 * self.scale.double()
+
+
+@pytest.mark.parametrize("rule, ref", [(Adam(0.02), ref_adam(0.02)),
+                                       (AdamW(0.02, weight_decay=0.1, amsgrad=True),
+                                        ref_adamw(0.02, weight_decay=0.1, amsgrad=True))],
+                         ids=["Adam", "AdamW-amsgrad"])
+def test_adam_s_bias_corrections_keep_each_parameter_s_precision(rule, ref):
+    # The one step count took the first parameter's dtype: float32 bias corrections for
+    # float64 parameters put the hypergradient 1e-5 off.
+    torch.manual_seed(0)
+    model = _MixedDtypes()
+    _, loss, data = mlp_problem(24)
+    params = list(model.body.parameters())
+    want = brute_force(model, loss, loss, lambda j: data[0], data[1], 3, None, params, 3, rule=ref)
+    got = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner=rule, mode="exact",
+                               params=params)
+    assert rel_err(got, want) < 1e-12
+
+
+class _TwoDevices(nn.Module):
+    """A first layer on ``first``, the rest on the CPU (model parallelism, or a layer kept on
+    the CPU beside CUDA layers)."""
+
+    def __init__(self, first):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(3, 5).to(first), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.to(self.a.weight.device))).cpu())
+
+
+@SKIP_CUDA
+@pytest.mark.parametrize("rule", [SGD(0.1, momentum=0.9), SGD(PerStep([0.1, 0.05])), Adam(0.02)],
+                         ids=["SGD-momentum", "PerStep", "Adam"])
+def test_a_model_on_two_devices_runs_the_stateful_rules(rule):
+    # The step count lives on the first parameter's device; its 0-d derived tensors met the
+    # other device's parameters in torch.where, PerStep's mask and Adam's corrections.
+    _, loss, data = mlp_problem(25)
+    want = torch_ufom.adapt(_TwoDevices("cpu"), loss, data[0], steps=2, inner=rule).params
+    got = torch_ufom.adapt(_TwoDevices("cuda"), loss, data[0], steps=2, inner=rule).params
+    assert all(torch.allclose(got[n].cpu(), want[n], rtol=1e-10, atol=1e-12) for n in want)
+
+
+def test_a_per_step_of_floats_is_checked_whatever_the_default_device():
+    # Its floats were checked through a tensor made on the default device: under
+    # torch.device("meta") (deferred initialisation) the user's floats were refused as
+    # "a meta-device tensor has no values".
+    model, loss, data = mlp_problem(26)
+    want = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner=SGD(PerStep([0.1, 0.05])),
+                                mode="exact")
+    with torch.device("meta"):
+        got = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2,
+                                   inner=SGD(PerStep([0.1, 0.05])), mode="exact")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("rule", [SGD(0.1, momentum=0.9), SGD(PerStep([0.1, 0.05, 0.1])), Adam(0.02)],
+                         ids=["SGD-momentum", "PerStep", "Adam"])
+def test_under_the_float32_default_a_float32_model_gets_float32_results_near_float64(rule):
+    # Every other test runs under the float64 default (conftest.py), where a tensor the
+    # library makes without a dtype would pass unseen; users run under float32.
+    model, loss, data = mlp_problem(27)
+    want = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner=rule, mode="ufom", q=0.5,
+                                force_truncation=3, slots=1)
+    torch.set_default_dtype(torch.float32)  # the fixture puts float64 back
+    model32 = copy.deepcopy(model).float()
+    data32 = [tuple(t.float() for t in batch) for batch in data[:2]]
+    got = torch_ufom.hypergrad(model32, loss, loss, data32[0], data32[1], steps=3, inner=rule, mode="ufom",
+                               q=0.5, force_truncation=3, slots=1)
+    assert all(g.dtype == torch.float32 for g in got)
+    assert rel_err([g.double() for g in got], want) < 1e-4

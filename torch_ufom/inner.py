@@ -49,6 +49,7 @@ under ``torch.func.vmap`` over per-task states (each task's count is its own).
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -149,7 +150,7 @@ class PerStep:
                 hit = cache[key] = (values, torch.tensor(values, dtype=like.dtype, device=like.device))
             values = hit[1]
         # A mask, not values[count]: the count may be batched under vmap.
-        mask = torch.arange(len(values), dtype=count.dtype, device=values.device) == count
+        mask = torch.arange(len(values), dtype=count.dtype, device=values.device) == _local(count, values)
         return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
 
     def __repr__(self) -> str:
@@ -227,7 +228,9 @@ def _check_entry(v, arg: str, targets: Mapping[str, Tensor], bounds, per_step_ru
         if isinstance(values, Tensor):
             _check_tensor(values, arg, targets, shape=False, shared=shared)
         else:
-            values = torch.tensor(values, dtype=torch.float64)
+            # Checked on the CPU whatever the default device (torch.device("meta") while a
+            # model is built, or CUDA, where reading the check would synchronise).
+            values = torch.tensor(values, dtype=torch.float64, device="cpu")
         _check_value(values, arg, low, high, closed)
         return
     if isinstance(v, Tensor):
@@ -434,6 +437,15 @@ def _zero_everywhere(value: Hyper) -> bool:
     return _is_zero(value)
 
 
+def _local(x, like):
+    """``x`` on ``like``'s device where both are tensors on different devices: a model's
+    parameters may sit on several (the step count and what derives from it live on the
+    first parameter's, and a 0-d CUDA tensor does not combine with CPU tensors)."""
+    if isinstance(x, Tensor) and isinstance(like, Tensor) and x.device != like.device:
+        return x.to(like.device)
+    return x
+
+
 def _count(params: Mapping[str, Tensor], dtype=None) -> Tensor:
     """A zero step count on the parameters' device (``dtype`` defaults to int64)."""
     if not params:
@@ -525,7 +537,7 @@ class SGD(InnerRule):
                 damp = self._get(hyper, "dampening", n, count, p)
                 # (1 - 0) * d is d, bit for bit: no product without dampening.
                 kept = d if _is_zero(damp) else (1 - damp) * d
-                buf = torch.where(first, d, mom * state[1 + i] + kept)
+                buf = torch.where(_local(first, d), d, mom * state[1 + i] + kept)
                 new_bufs.append(buf)
                 d = d + mom * buf if self.nesterov else buf
             lr = self._get(hyper, "lr", n, count, p)
@@ -584,9 +596,11 @@ class Adam(InnerRule):
         self.first_order_identity = _is_zero(weight_decay)  # m and v never read phi
 
     def init(self, params):
-        # The count is a float for the bias corrections' powers, at least float32: in
-        # bfloat16 0.999 ** t rounds to 1 (no update at all) and the count stops at 256.
-        dtype = torch.promote_types(next(iter(params.values()), torch.zeros(())).dtype, torch.float32)
+        # The count is a float for the bias corrections' powers, at least float32 (in
+        # bfloat16 0.999 ** t rounds to 1: no update at all, and the count stops at 256),
+        # and as precise as the most precise parameter (each parameter gets its
+        # corrections cast to its own dtype).
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in params.values()), torch.float32)
         count = _count(params, dtype)
         zeros = tuple(torch.zeros_like(p) for p in params.values())
         # The step count, then m, v (and v_max) per parameter.
@@ -620,11 +634,13 @@ class Adam(InnerRule):
                 v_maxs.append(v)
             if betas is None or b1 is not betas[0] or b2 is not betas[1]:
                 # The bias corrections, once for the parameters that share their betas.
-                betas, corrections = (b1, b2), (1 - _pow(b1, t), _safe_sqrt(1 - _pow(b2, t)))
+                betas = (b1, b2)
+                corrections = (1 - _pow(b1, _local(t, b1)), _safe_sqrt(1 - _pow(b2, _local(t, b2))))
             corr1, root2 = corrections
-            if isinstance(corr1, Tensor) and corr1.dtype != p.dtype:
-                # Computed in the count's float32; a 0-d parameter would be promoted to it.
-                corr1, root2 = corr1.to(p.dtype), root2.to(p.dtype)
+            if isinstance(corr1, Tensor) and (corr1.dtype != p.dtype or corr1.device != p.device):
+                # Computed in the count's dtype (a 0-d parameter would be promoted to it), on
+                # the first parameter's device.
+                corr1, root2 = corr1.to(p), root2.to(p)
             denom = _safe_sqrt(v) / root2 + self._get(hyper, "eps", n, count, p)
             new_params[n] = decayed - lr / corr1 * m / denom
         return new_params, (t,) + tuple(ms) + tuple(vs) + tuple(v_maxs)
