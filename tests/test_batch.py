@@ -920,7 +920,7 @@ def test_a_meta_optimizer_remembers_where_vmap_failed():
     assert any(batched)
 
 
-@pytest.mark.parametrize("where", ["model", "submodule"])
+@pytest.mark.parametrize("where", ["model", "submodule", "traced"])
 def test_a_torchscript_module_runs_exact_sweeps_per_task_and_refuses_fwdrev(where):
     # Once the JIT has optimised a scripted graph (after one ordinary backward), torch.func's
     # gradients through it carry no graph: vectorised exact sweeps and forward-over-reverse
@@ -932,14 +932,26 @@ def test_a_torchscript_module_runs_exact_sweeps_per_task_and_refuses_fwdrev(wher
     for i in range(2):
         g = brute_force(model, loss, loss, lambda j, i=i: data[i], data[10 + i], STEPS, 0.3, params, STEPS)
         want = [a + b for a, b in zip(want, g)]
+    one = brute_force(model, loss, loss, lambda j: data[0], data[10], STEPS, 0.3, params, STEPS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated
         if where == "model":
             model = torch.jit.script(model)
-        else:
+        elif where == "submodule":
             model = nn.Sequential(torch.jit.script(model[:2]), *model[2:])
+        else:
+            model = torch.jit.trace(model, data[0][0])
     for _ in range(2):  # the user's own passes, after which the JIT optimises the graph
         loss(model, data[0]).backward()
+    if where == "traced":  # recorded from an ordinary forward: exact on every path
+        with no_fallback():
+            got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=STEPS,
+                                             inner_lr=0.3, mode="exact", vectorise=True)
+        assert rel_err(got, want) < 1e-9
+        got = torch_ufom.hypergrad(model, loss, loss, data[0], data[10], steps=STEPS, inner_lr=0.3,
+                                   mode="exact", hvp="fwdrev")
+        assert rel_err(got, one) < 1e-9
+        return
     name = "the model itself" if where == "model" else "'0'"
     with pytest.warns(UserWarning, match=f"per-task loop: torch.func.vmap cannot differentiate TorchScript "
                                          f"twice \\(torch.jit.script module {name}"):
@@ -951,3 +963,20 @@ def test_a_torchscript_module_runs_exact_sweeps_per_task_and_refuses_fwdrev(wher
     with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev' cannot differentiate TorchScript twice"):
         torch_ufom.hypergrad(model, loss, loss, data[0], data[10], steps=STEPS, inner_lr=0.3, mode="exact",
                              hvp="fwdrev")
+
+
+def test_a_vectorised_result_keeps_its_own_task_s_tensors_only():
+    # Each result's aux, losses and outer loss were views of the group's stacked tensors:
+    # keeping one task's result kept the whole group's.
+    model, loss, data = mlp_problem(28)
+
+    def outer(f, batch):
+        out = f(batch[0])
+        return ((out - batch[1]) ** 2).mean(), {"out": out}
+
+    meta = meta_opt(model, 0.3, mode="exact")
+    results = meta.backward_batch(loss, outer, stacked(data, 0), stacked(data, 10))
+    assert_vectorised(results)
+    for r in results:
+        for t in (r.outer_loss, r.inner_losses, r.aux["out"]):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()

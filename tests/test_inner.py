@@ -873,6 +873,11 @@ def _view_rates(model, layout):
         leaf = torch.linspace(0.05, 0.09, len(names)).requires_grad_()
         kw = dict(lr={n: leaf[i] for i, n in enumerate(names)})
         return SGD(**kw), ref_sgd(**kw), leaf
+    if layout == "view in params":  # lrs[:6][i]'s base is lrs, not lrs[:6]
+        leaf = torch.linspace(0.05, 0.12, len(names) + 2).requires_grad_()
+        part = leaf[:len(names)]
+        kw = dict(lr={n: part[i] for i, n in enumerate(names)})
+        return SGD(**kw), ref_sgd(**kw), part
     if layout == "PerStep view":
         leaf = torch.linspace(0.04, 0.09, 6).requires_grad_()
         kw = dict(lr=PerStep(leaf[:4]))
@@ -882,7 +887,7 @@ def _view_rates(model, layout):
             leaf)
 
 
-@pytest.mark.parametrize("layout", ["dict of views", "PerStep view", "Adam views"])
+@pytest.mark.parametrize("layout", ["dict of views", "view in params", "PerStep view", "Adam views"])
 def test_learned_rates_given_as_views_of_one_leaf_equal_brute_force(layout):
     # A view's id is not its leaf's: the rule's rates were not seen as learned, and the
     # shortcut of additive and identity rules dropped their first-order terms (fom and
@@ -896,14 +901,18 @@ def test_learned_rates_given_as_views_of_one_leaf_equal_brute_force(layout):
     G = {k: brute_force(model, loss, loss, lambda j: support, query, steps, None, params, k, rule=ref)
          for k in (0, 1, steps)}
     assert float(G[0][-1][:4].abs().min()) > 0 and rel_err(G[0], G[steps]) > 1e-3
+    corrected = [a + (b - a) / q for a, b in zip(G[0], G[steps])]
     for kw, want in [(dict(mode="fom"), G[0]), (dict(mode="truncated", k=1), G[1]),
-                     (dict(mode="exact"), G[steps]), (dict(mode="exact", hvp="fwdrev"), G[steps])]:
+                     (dict(mode="exact"), G[steps]), (dict(mode="exact", hvp="fwdrev"), G[steps]),
+                     (dict(mode="ufom", q=q, force_truncation=0), G[0]),
+                     (dict(mode="ufom", q=q, force_truncation=steps), corrected)]:
         got = torch_ufom.hypergrad(model, loss, loss, support, query, steps=steps, inner=rule,
                                    params=params, **kw)
         assert rel_err(got, want) < 1e-10, kw
+    if not leaf.is_leaf:
+        return  # torch.optim holds leaves only: the rest is MetaOptimizer's
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), steps=steps, inner=rule,
                                     mode="ufom", q=q)
-    corrected = [a + (b - a) / q for a, b in zip(G[0], G[steps])]
     for K, want in [(0, G[0]), (steps, corrected)]:
         meta.zero_grad()
         meta.backward(loss, loss, support, query, force_truncation=K)
@@ -917,15 +926,16 @@ class _LearnedOptimiser(InnerRule):
 
     first_order_identity = True
 
-    def __init__(self, w1, b1, w2):
-        self.net = [w1, b1, w2]
+    def __init__(self, w1, b1, w2, holder):
+        # As an attribute (a list), or out of the estimator's sight (a closure).
+        self.net = [w1, b1, w2] if holder == "list" else (lambda: (w1, b1, w2))
         self.hyper = {}
 
     def init(self, params):
         return tuple(torch.zeros_like(p) for p in params.values())
 
     def update(self, grads, state, params, hyper):
-        w1, b1, w2 = self.net
+        w1, b1, w2 = self.net if isinstance(self.net, list) else self.net()
         new_p, new_s = {}, []
         for (n, p), m in zip(params.items(), state):
             m = 0.9 * m + 0.1 * grads[n]
@@ -934,7 +944,8 @@ class _LearnedOptimiser(InnerRule):
         return new_p, tuple(new_s)
 
 
-def test_a_learned_optimiser_holding_its_weights_as_attributes_equals_brute_force():
+@pytest.mark.parametrize("holder", ["list", "closure"])
+def test_a_learned_optimiser_holding_its_weights_as_attributes_equals_brute_force(holder):
     # Its weights are not hyperparameters, so a rule declaring first_order_identity took
     # the shortcut that sweeps no first-order step: fom gave them zeros, truncated and
     # each ufom draw wrong numbers.
@@ -942,7 +953,7 @@ def test_a_learned_optimiser_holding_its_weights_as_attributes_equals_brute_forc
     steps = 4
     g = torch.Generator().manual_seed(3)
     weights = [(0.5 * torch.randn(*shape, generator=g)).requires_grad_() for shape in [(4, 2), (4,), (4,)]]
-    rule = _LearnedOptimiser(*weights)
+    rule = _LearnedOptimiser(*weights, holder)
     names = [n for n, _ in model.named_parameters()]
 
     def ref(name, t, p, g, m):
@@ -954,8 +965,11 @@ def test_a_learned_optimiser_holding_its_weights_as_attributes_equals_brute_forc
     G = {k: brute_force(model, loss, loss, lambda j: support, query, steps, None, params, k, rule=ref)
          for k in (0, 2, steps)}
     assert names and all(float(w.abs().min()) > 0 for w in G[0][-3:])
-    for kw, want in [(dict(mode="fom"), G[0]), (dict(mode="truncated", k=2), G[2]),
-                     (dict(mode="exact", memory="store"), G[steps])]:
+    cases = [(dict(mode="fom"), G[0]), (dict(mode="truncated", k=2), G[2]),
+             (dict(mode="exact", memory="store"), G[steps])]
+    if holder == "list":  # found among the rule's tensors: forward-over-reverse differentiates it
+        cases.append((dict(mode="exact", hvp="fwdrev"), G[steps]))
+    for kw, want in cases:
         got = torch_ufom.hypergrad(model, loss, loss, support, query, steps=steps, inner=rule,
                                    params=params, **kw)
         assert rel_err(got, want) < 1e-10, kw

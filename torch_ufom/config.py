@@ -162,7 +162,8 @@ def check_steps(steps) -> int:
 
 # Wrappers whose all-reduce hooks the module's own parameters' gradients, which the library
 # never computes (by class name: torch.distributed.fsdp need not be importable).
-_DATA_PARALLEL = {"DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule"}
+_DATA_PARALLEL = {"DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule",
+                  "DDP"}  # the last: the base of torch.distributed's composable replicate()
 
 
 def check_model(model) -> nn.Module:

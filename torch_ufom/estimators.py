@@ -93,10 +93,12 @@ _ROWS = 64  # rows of SweepLog.values with a view at hand
 
 class SweepLog:
     """What one estimate's inner loop reports: the forward pass's losses, written
-    into one tensor allocated at the first step, the step counts, and whether
-    every inner loss evaluated again (replays, rebuilds) was finite (a 0-d bool
-    tensor on the losses' device); :meth:`all_finite` adds the forward pass's
-    losses, and is read once per task.
+    into one tensor allocated at the first step, the losses of the steps evaluated
+    again (replays, rebuilds; the last one per step), and the step counts.
+    :meth:`replays` compares the two: every loss evaluated again finite, and equal
+    to its step's forward-pass loss up to rounding; :meth:`all_finite` adds the
+    forward pass's losses. Both are 0-d bool tensors on the losses' device, read
+    once per task.
 
     Keeping each step's 0-d loss alive instead can pin a batch-sized buffer per
     step (seen with ``F.mse_loss``) and fragments the heap, so memory would
@@ -108,8 +110,8 @@ class SweepLog:
         self._row0, self._rows = 0, ()  # the first row with a view in _rows, and the views
         self.forward_steps = 0  # inner steps run without a graph (forward pass and replays)
         self.reverse_steps = 0  # inner steps run with a graph for an exact VJP
-        self.finite: Optional[Tensor] = None
-        self.same: Optional[Tensor] = None  # every step evaluated again gave its forward-pass loss
+        self.again_values: Optional[Tensor] = None  # each step's loss when last evaluated again
+        self.again_rows: Optional[Tensor] = None  # which steps were evaluated again
 
     def first(self, loss: Tensor, exact: bool = False) -> None:
         """A step of the forward pass (its finiteness is read from ``values`` at the end)."""
@@ -131,21 +133,34 @@ class SweepLog:
         self.forward_steps -= self.count - count
         self.count = count
 
-    def again(self, loss: Tensor, exact: bool = False, j: Optional[int] = None) -> None:
-        """A step evaluated again (a replay or a rebuild): step ``j``, whose loss is compared
-        with the forward pass's, up to rounding (``sqrt(eps)`` relative: a kernel may add up
-        in another order). Another value means the step computed another function (a random
-        operation that draws from a generator of the user's, which no stream reseeds), and
-        the exact sweep would differentiate it."""
+    def again(self, loss: Tensor, exact: bool, j: int) -> None:
+        """Step ``j`` evaluated again (a replay or a rebuild): its loss is kept for
+        :meth:`replays`."""
         self._count(exact)
+        if self.again_values is None:
+            self.again_values = torch.empty_like(self.values)
+            self.again_rows = torch.zeros(self.steps, dtype=torch.bool, device=self.values.device)
+        self.again_values.select(0, j - 1).copy_(loss.detach())
+        self.again_rows.select(0, j - 1).fill_(True)
+
+    def replays(self) -> Tuple[Tensor, Tensor]:
+        """``(finite, same)``, 0-d bool tensors: every loss evaluated again was finite, and
+        equal to the forward pass's of its step up to rounding (``eps ** 0.75`` relative:
+        a kernel may add up in another order, and CUDA's atomic sums vary from run to
+        run). Another value means the step computed another function (a random
+        operation drawing from a generator of the user's, which no stream reseeds), and
+        the exact sweep would have differentiated it. No step evaluated again: both true."""
         with torch.no_grad():
-            loss = loss.detach()
-            ok = torch.isfinite(loss).all()
-            self.finite = ok if self.finite is None else self.finite & ok
-            if j is not None and self.values is not None and j <= self.count:
-                eps = torch.finfo(loss.dtype).eps
-                same = torch.isclose(loss, self.values[j - 1], rtol=eps ** 0.5, atol=eps).all() | ~ok
-                self.same = same if self.same is None else self.same & same
+            if self.again_values is None:
+                true = torch.ones((), dtype=torch.bool)
+                return true, true
+            rows = self.again_rows.view((-1,) + (1,) * (self.values.dim() - 1))
+            again = torch.where(rows, self.again_values, self.values)
+            finite = torch.isfinite(again).all()
+            eps = torch.finfo(self.values.dtype).eps
+            close = torch.isclose(again, self.values, rtol=eps ** 0.75, atol=eps)
+            same = (close | ~torch.isfinite(again)).all()
+            return finite, same
 
     def _count(self, exact: bool) -> None:
         if exact:
@@ -157,7 +172,7 @@ class SweepLog:
         """A 0-d bool tensor: every inner loss reported so far was finite."""
         with torch.no_grad():
             ok = torch.isfinite(self.values[:self.count]).all()
-            return ok if self.finite is None else ok & self.finite.to(ok.device)
+            return ok if self.again_values is None else ok & self.replays()[0]
 
 
 def _values(t: Tensor) -> Tensor:
@@ -190,8 +205,9 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
         norms = (torch._foreach_norm(rest) if rest else ()) + \
             (torch._foreach_norm(half, dtype=torch.float32) if half else ())
         ok = torch.isfinite(torch.stack([n.to(device) for n in norms])).all()  # stack promotes dtypes
-        for flag in (log.finite, log.same):
-            ok = ok if flag is None else ok & flag.to(device)
+        if log.again_values is not None:
+            finite, same = log.replays()
+            ok = ok & (finite & same).to(device)
         return ok
 
 
@@ -208,12 +224,13 @@ def check_finite(log: SweepLog, est: "Estimate") -> None:
             f"inner_loss is not finite at inner step {j}: {losses[j - 1].tolist()}")
     if not bool(torch.isfinite(est.outer_loss).all()):
         raise FloatingPointError(f"outer_loss is not finite: {est.outer_loss.tolist()}")
-    if log.finite is not None and not bool(log.finite):
+    finite, same = log.replays()
+    if not bool(finite):
         raise FloatingPointError(
             "inner_loss was finite on the forward pass but not when a step was evaluated again "
             "(a replay or the exact sweep's rebuild): the loss must be a deterministic function of "
             "the parameters, the batch and the step's random stream")
-    if log.same is not None and not bool(log.same):
+    if not bool(same):
         raise RuntimeError(
             "inner_loss gave another value when a step was evaluated again (a replay or the exact "
             "sweep's rebuild) than on the forward pass, so the sweep would differentiate another "

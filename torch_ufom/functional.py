@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import TruncationLaw
-from .unroll import (Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter, scripted,
-                     sparse_weights)
+from .unroll import (Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter, held_tensors,
+                     scripted, sparse_weights)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
                          probe, reads_meta_directly, select_tasks, task_of)
 
@@ -74,10 +75,10 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor]) ->
                 f"{_name_list(names)}: once the JIT has optimised it, its gradients under "
                 "torch.func carry no graph)")
     named = dict(model.named_parameters())
-    hyper = config.rule.tensors()
-    known = ({id(named[n]) for n in config.adapted} | {id(t) for t in hyper}
-             | {id(t._base) for t in hyper if t._base is not None})  # a view such as lrs[i]
-    extra = [t for t in meta if t.requires_grad and id(t) not in known]
+    held = {id(t if t._base is None else t._base) for t in held_tensors(config.rule)}  # lrs of lrs[i]
+    known = {id(named[n]) for n in config.adapted}
+    extra = [t for t in meta if t.requires_grad and id(t) not in known
+             and id(t if t._base is None else t._base) not in held]
     if extra:
         return (f"differentiates only through adapted parameters and inner-rule hyperparameters, "
                 f"but {len(extra)} meta-parameter(s) are neither")
@@ -416,10 +417,15 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
     vectorised sweep runs both under ``torch.func`` and is consistent.)"""
     if K > 0 and problem.hvp == "fwdrev":
         first = batch_getter(support, problem.config.steps)(0)
-        if probe(problem.model, problem.inner_loss, first, adapted=problem.config.adapted).attention_dropout:
+        found = probe(problem.model, problem.inner_loss, first, adapted=problem.config.adapted)
+        if found.attention_dropout:
             raise ValueError("Invalid hvp: 'fwdrev' cannot run attention with dropout per task "
                              "(torch.func draws other masks than the step that ran, so it would "
                              "differentiate another function); use 'revrev' or 'auto'")
+        if found.own_generator:
+            raise ValueError("Invalid hvp: 'fwdrev' cannot run a loss that draws from a torch.Generator "
+                             "of its own (generator=...): its HVP evaluates the loss again, drawing "
+                             "other numbers, so it would differentiate another function; use 'revrev'")
         check_fwdrev_reads(problem, first)
 
 
@@ -437,8 +443,10 @@ READS_META = ("cannot differentiate an inner loss that reads a meta-parameter di
 
 
 def task_aux(aux: Any, i: int) -> Any:
-    """Task ``i``'s entry of a vectorised group's stacked aux."""
-    return None if aux is None else task_of(aux, i)
+    """Task ``i``'s entry of a vectorised group's stacked aux, copied (a view would keep the
+    whole group's)."""
+    return None if aux is None else pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t,
+                                                    task_of(aux, i))
 
 
 def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:

@@ -14,10 +14,11 @@ held by the outer optimizer are meta-parameters and receive hypergradients
 through ``update``, which must therefore be written with differentiable tensor
 ops and must not modify its arguments in place. A rule may also read learned
 tensors that are not hyperparameters (a learned optimiser's weights, which need
-not broadcast to the parameters): it holds them as attributes (tensors, modules,
-or lists, tuples and dicts of them), where the estimator looks for them; a
-tensor held deeper must be listed by overriding :meth:`InnerRule.tensors`, or
-the shortcuts below drop its first-order terms.
+not broadcast to the parameters), held as attributes (tensors, modules, or
+lists, tuples and dicts of them, where the estimator finds them) or elsewhere
+(another object, a closure: a rule that declares one of the shortcuts below is
+then evaluated once per call, and its graph searched for the meta-parameters,
+since the shortcuts would drop their first-order terms).
 
 A hyperparameter tensor must have the dtype and device of the parameters it
 applies to and broadcast to their shapes without changing them: a tensor

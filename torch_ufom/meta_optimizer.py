@@ -499,8 +499,9 @@ class MetaOptimizer:
             batched = g < run.batched_groups
             for col, i in enumerate(index):
                 results[i] = MetaResult(
-                    est.outer_loss[col] if batched else est.outer_loss,
-                    est.inner_losses[:, col] if batched else est.inner_losses,
+                    # Copies: views would keep the whole group's stacked tensors alive.
+                    est.outer_loss[col].clone() if batched else est.outer_loss,
+                    est.inner_losses[:, col].clone() if batched else est.inner_losses,
                     est.truncation, est.weights, q, est.forward_steps, est.reverse_steps,
                     task_aux(est.aux, col) if batched else est.aux,
                     path if batched == run.vectorised else "vectorised, before " + path)

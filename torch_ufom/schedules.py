@@ -35,11 +35,12 @@ import warnings
 from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
 import checkpoint_schedules as cs
+import torch
 from torch import Tensor
 
 from .unroll import Loop, State, StepRecord, SweepPlan
 
-__all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
+__all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots", "NODE_BYTES",
            "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
            "MEMORY_CHOICES", "DEFAULT_BUDGET_STEPS"]
 
@@ -349,7 +350,7 @@ def _revolve_ops(length: int, slots: int, base: int, out: List[Tuple], store: bo
                  ("reverse part", length - j, slots - 1, base + j, True)]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4)
 def revolve_actions(steps: int, slots: int) -> Tuple:
     """The Revolve schedule's actions for ``steps`` and ``slots``, computed once.
 
@@ -357,7 +358,9 @@ def revolve_actions(steps: int, slots: int) -> Tuple:
     slots)`` (``tests/test_checkpoint.py`` compares them), built from the
     closed form of its cost table in ``O(steps log steps)``: 60 ms at 1,000
     steps and 64 slots, against 27 s. The cache lives in this process (each
-    rank builds its own) and holds immutable records.
+    rank builds its own), holds immutable records, and keeps the last 4 pairs:
+    one entry is ``O(steps)`` objects, and a law that draws many ``K`` would
+    otherwise keep one per ``K`` (hundreds of MiB at 10,000 steps).
     """
     ops: List[Tuple] = []
     _revolve_ops(steps - 1, slots, 0, ops)
@@ -382,6 +385,11 @@ def revolve_actions(steps: int, slots: int) -> Tuple:
 
 # -- sizing a sweep by a byte budget -----------------------------------------------------------
 DEFAULT_BUDGET_STEPS = 128
+# What one node of autograd's graph keeps besides its saved tensors' storages (the node,
+# its saved variables' tensor objects, the allocator's slack): 0.7 to 1 KB measured on a
+# CPU (transformer, LSTM, MLP layers). A model of many small ops keeps more in nodes than
+# in saved storages (40 Linear(8, 8) layers: 12x).
+NODE_BYTES = 1024
 # Fitted to peaks measured on a CPU (resident set, glibc's allocator) for the MLP
 # 64-320-320-10 (G = 0.5 |s|) and conv4 on 5 images (G = 14 |s|), with some margin.
 # W, the memory of a sweep besides what it stores, in records and states: the working
@@ -444,7 +452,8 @@ def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
     larger; ``G`` those the record keeps besides its
     input and output states (the tensors saved in its graph, found by walking
     autograd's graph, which works under ``torch.func.vmap`` where saved-tensor
-    hooks do not, and its gradient when kept), each storage counted once. In a
+    hooks do not, and its gradient when kept), each storage counted once, plus
+    ``NODE_BYTES`` per node of the graph. In a
     sweep whose first steps are first-order and last ones exact, the probe is
     recorded as an exact step keeping its gradient too (a record the
     first-order VJP can use), so that ``G`` is the exact records'.
@@ -457,7 +466,8 @@ def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
     state_bytes = max(_bytes(_tensors(state), set()), _bytes(_tensors(record.next_state), set()))
     own = {_storage(t)[0] for t in _tensors((record.next_state, state))}
     inside = [t for t in _tensors(tuple(getattr(record, "__dict__", {}).values()))]
-    return record, state_bytes, _bytes(inside + _saved(inside), own)
+    saved, nodes = _saved(inside)
+    return record, state_bytes, _bytes(inside + saved, own) + NODE_BYTES * nodes
 
 
 def _tensors(tree) -> List[Tensor]:
@@ -469,8 +479,9 @@ def _tensors(tree) -> List[Tensor]:
     return []
 
 
-def _saved(roots: List[Tensor]) -> List[Tensor]:
-    """The tensors saved by every node of autograd's graph reachable from ``roots``."""
+def _saved(roots: List[Tensor]) -> Tuple[List[Tensor], int]:
+    """The tensors saved by every node of autograd's graph reachable from ``roots``, and
+    the number of nodes."""
     seen, found = set(), []
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
     while stack:
@@ -485,11 +496,15 @@ def _saved(roots: List[Tensor]) -> List[Tensor]:
                 except RuntimeError:  # freed, or not readable here: nothing to count
                     continue
         stack += [nxt for nxt, _ in node.next_functions if nxt is not None]
-    return found
+    return found, len(seen)
 
 
 def _storage(t: Tensor) -> Tuple[int, int]:
-    """``(key, bytes)`` of the memory under ``t``: its storage, or the tensor itself."""
+    """``(key, bytes)`` of the memory under ``t``: its storage, a sparse tensor's indices
+    and values, or the tensor itself."""
+    if t.layout == torch.sparse_coo:  # an embedding's sparse gradient, saved by the next step
+        parts = [_storage(x) for x in (t._indices(), t._values())]
+        return parts[1][0], sum(size for _, size in parts)
     try:
         storage = t.untyped_storage()
         return storage.data_ptr(), storage.nbytes()

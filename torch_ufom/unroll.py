@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-__all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "scripted",
+__all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "scripted", "held_tensors",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp"]
 
@@ -73,7 +73,14 @@ def scripted(module: nn.Module) -> List[str]:
     through autograd, the user's or the library's), the gradients ``torch.func``
     computes through them carry no graph, so ``vmap``'s and forward-over-reverse's
     second derivatives come out as zero; per-task reverse-over-reverse is exact."""
-    return [n for n, m in module.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    found: List[str] = []
+    for n, m in module.named_modules():
+        inside = any(n.startswith(f + ".") for f in found) or (found == [""] and n)
+        # torch.jit.trace's modules are ScriptModules too, but their graph is recorded from an
+        # ordinary forward and differentiates as torch does.
+        if not inside and isinstance(m, torch.jit.ScriptModule) and not isinstance(m, torch.jit.TracedModule):
+            found.append(n)
+    return found
 
 
 class FunctionalModel:
@@ -507,21 +514,58 @@ def _autocasting(params: Sequence[Tensor]) -> bool:
         return False
 
 
-def reads_meta(rule: Any, meta: Sequence[Tensor]) -> bool:
-    """Whether the inner rule reads a meta-parameter: one of its hyperparameter tensors
-    (:meth:`~torch_ufom.InnerRule.tensors`) or a tensor it holds as an attribute (a
-    learned optimiser's weights, an ``nn.Module``'s parameters, containers of them), each
-    also as a view of the meta-parameter (``lrs[i]``). A rule that reads one has
-    first-order terms of its own, which the shortcuts of ``first_order_additive`` and
-    ``first_order_identity`` would drop."""
-    ids = {id(t) for t in meta}
+def _root(t: Tensor) -> Tensor:
+    """The tensor whose memory ``t`` views (``t`` itself if it is no view): ``lrs[i]``,
+    ``lrs[:4][i]`` and ``lrs`` have one root."""
+    return t if t._base is None else t._base
+
+
+def held_tensors(rule: Any) -> List[Tensor]:
+    """The tensors an inner rule holds: its hyperparameters'
+    (:meth:`~torch_ufom.InnerRule.tensors`) and those held as attributes (a learned
+    optimiser's weights, an ``nn.Module``'s parameters, lists, tuples and dicts of them)."""
     held = list(rule.tensors())
     for leaf in pytree.tree_leaves(list(vars(rule).values())):
         if isinstance(leaf, Tensor):
             held.append(leaf)
         elif isinstance(leaf, nn.Module):
             held.extend(leaf.parameters())
-    return any(id(t) in ids or (t._base is not None and id(t._base) in ids) for t in held)
+    return held
+
+
+def reads_meta(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor]) -> bool:
+    """Whether the inner rule reads a meta-parameter, which gives it first-order terms
+    of its own that the shortcuts of ``first_order_additive`` and
+    ``first_order_identity`` would drop: a tensor it holds (:func:`held_tensors`)
+    that shares its root with a meta-parameter (``lrs[i]`` of a held ``lrs``, or of a
+    ``params=[lrs[:4]]``; sharing a root without overlapping only costs the shortcut).
+    A rule of the user's that declares a shortcut but holds none is also evaluated
+    once at ``params`` (the adapted parameters) and its graph searched for the
+    meta-parameters: it may reach them through an object or a closure."""
+    roots = {id(_root(t)) for t in meta}
+    if any(id(_root(t)) in roots for t in held_tensors(rule)):
+        return True
+    if not (rule.first_order_additive or rule.first_order_identity) or type(rule).__module__ == _RULES:
+        return False  # no shortcut to lose, or a built-in rule, which reads only its hyperparameters
+    leaves = {id(t) for t in meta}
+    nodes = {t.grad_fn for t in meta if t.grad_fn is not None}
+    detached = {n: p.detach() for n, p in params.items()}
+    with torch.enable_grad():
+        new_p, new_opt = rule.update({n: torch.ones_like(p) for n, p in detached.items()},
+                                     tuple(rule.init(detached)), detached, rule.hyper)
+    seen, stack = set(), [t.grad_fn for t in pytree.tree_leaves((new_p, new_opt)) if isinstance(t, Tensor)]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in nodes or id(getattr(node, "variable", None)) in leaves:
+            return True
+        stack.extend(f for f, _ in node.next_functions)
+    return False
+
+
+_RULES = "torch_ufom.inner"  # the module of the built-in rules
 
 
 class InnerLoop:
@@ -569,7 +613,7 @@ class InnerLoop:
                 self.frozen = {n: p.clone() for n, p in self.frozen.items()}
         self.buffer_names = [n for n, _ in self.module_buffers]
         self.meta = [t for t in problem.params if t.requires_grad]
-        self.learned_hyper = reads_meta(rule, self.meta)
+        self.learned_hyper = reads_meta(rule, self.meta, {n: self.named[n] for n in self.names})
         self.cuda_devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
         self.math_attention = math_attention
         self.plain_rate = rule.plain_rate

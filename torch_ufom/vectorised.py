@@ -166,6 +166,19 @@ def _generator_position(func) -> int:
     return names.index("generator") if "generator" in names else -1
 
 
+def _is_default(gen: torch.Generator) -> bool:
+    """Whether ``gen`` is a device's default generator (passed explicitly: the per-step
+    streams reseed it, as when it is left out). By state: the dispatcher hands over
+    another Python object for the same generator."""
+    if gen.device.type == "cpu":
+        default = torch.default_generator
+    elif gen.device.type == "cuda" and torch.cuda.is_initialized():
+        default = torch.cuda.default_generators[gen.device.index or 0]
+    else:
+        return False
+    return torch.equal(gen.get_state(), default.get_state())
+
+
 class _AtenProbe(TorchDispatchMode):
     """The ATen-level twin of :class:`_Probe`'s normalisation and ``vmap`` tables; also
     finds the random operations that draw from a generator of the user's
@@ -186,7 +199,7 @@ class _AtenProbe(TorchDispatchMode):
                 found.add(entry[0])
         i = _generator_position(func)
         gen = (args[i] if len(args) > i else kwargs.get("generator")) if i >= 0 else None
-        if isinstance(gen, torch.Generator) and id(gen) not in self.generators:
+        if isinstance(gen, torch.Generator) and id(gen) not in self.generators and not _is_default(gen):
             self.generators[id(gen)] = (gen, gen.get_state())
         return func(*args, **kwargs)
 
