@@ -40,9 +40,9 @@ from torch import Tensor
 
 from .unroll import Loop, State, StepRecord, SweepPlan
 
-__all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots", "NODE_BYTES",
+__all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
-           "MEMORY_CHOICES", "DEFAULT_BUDGET_STEPS"]
+           "MEMORY_CHOICES", "DEFAULT_BUDGET_STEPS", "NODE_BYTES"]
 
 MEMORY_CHOICES = ("checkpoint", "recompute", "store")
 
