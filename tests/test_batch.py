@@ -980,3 +980,18 @@ def test_a_vectorised_result_keeps_its_own_task_s_tensors_only():
     for r in results:
         for t in (r.outer_loss, r.inner_losses, r.aux["out"]):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_a_full_backward_hook_runs_the_loop_at_once_and_says_so():
+    # vmap failed on the hook's autograd.Function, and the reason quoted functorch's message
+    # about setup_context without naming the hook.
+    model, loss, data = mlp_problem(29)
+    model[2].register_full_backward_hook(lambda m, grad_in, grad_out: None)
+    supports, queries = stacked(data, 0, 2), stacked(data, 10, 2)
+    want = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=STEPS, inner_lr=0.3,
+                                      mode="exact", vectorise=False)
+    with pytest.warns(UserWarning, match=r"per-task loop: torch.func.vmap cannot run full backward hooks "
+                                         r"\(register_full_backward_hook on '2'"):
+        got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=STEPS, inner_lr=0.3,
+                                         mode="exact", vectorise=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -368,6 +368,12 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         exact = problem.law.survival(problem.config.steps)[1] > 0.0
     if known is not None and (known.failed or (exact and known.failed_exact)):
         return Plan(None, known.failed or known.failed_exact, True, known)
+    hooked = [n or "the model itself" for n, m in problem.model.named_modules()
+              if m._backward_hooks or m._backward_pre_hooks]
+    if hooked:  # found before a vmap attempt that would fail
+        return Plan(None, f"torch.func.vmap cannot run full backward hooks (register_full_backward_hook "
+                    f"on {', '.join(map(repr, hooked))}: an autograd.Function without vmap support)",
+                    True, known)
     names = scripted(problem.model) if exact else []
     if names:  # vectorised first-order steps are right: only the second derivatives are lost
         return Plan(None, f"torch.func.vmap cannot differentiate TorchScript twice (torch.jit.script "
