@@ -1059,3 +1059,45 @@ def test_under_the_float32_default_a_float32_model_gets_float32_results_near_flo
                                q=0.5, force_truncation=3, slots=1)
     assert all(g.dtype == torch.float32 for g in got)
     assert rel_err([g.double() for g in got], want) < 1e-4
+
+
+class _HeldMomentum(InnerRule):
+    """torch.optim's momentum with its rate ``beta`` held in another object, read from the
+    second step on (behind a Python branch on the count)."""
+
+    first_order_identity = True  # the buffer never reads phi
+
+    def __init__(self, holder):
+        self.holder, self.hyper = holder, {}
+
+    def init(self, params):
+        return (torch.zeros(()),) + tuple(torch.zeros_like(p) for p in params.values())
+
+    def update(self, grads, state, params, hyper):
+        count, new_p, bufs = state[0], {}, []
+        for (n, p), b in zip(params.items(), state[1:]):
+            buf = grads[n] if int(count) == 0 else self.holder.beta * b + grads[n]
+            new_p[n], bufs = p - 0.1 * buf, bufs + [buf]
+        return new_p, (count + 1,) + tuple(bufs)
+
+
+def test_a_rule_reading_a_learned_tensor_from_its_second_step_on_equals_brute_force():
+    # The search for learned tensors the rule holds out of sight evaluated one step, whose
+    # branch never read beta: fom gave it 0 (0.94 expected) under the identity shortcut.
+    import types
+    model, loss, data = mlp_problem(30)
+    beta = torch.tensor(0.8, requires_grad=True)
+    rule = _HeldMomentum(types.SimpleNamespace(beta=beta))
+
+    def ref(name, t, p, g, buf):
+        buf = g if t == 0 else beta * buf + g
+        return p - 0.1 * buf, buf
+
+    params = list(model.parameters()) + [beta]
+    G = {k: brute_force(model, loss, loss, lambda j: data[4], data[5], 3, None, params, k, rule=ref)
+         for k in (0, 1)}
+    assert float(G[0][-1].abs()) > 1e-3
+    for kw, want in [(dict(mode="fom"), G[0]), (dict(mode="truncated", k=1), G[1])]:
+        got = torch_ufom.hypergrad(model, loss, loss, data[4], data[5], steps=3, inner=rule, params=params,
+                                   **kw)
+        assert rel_err(got, want) < 1e-10, kw

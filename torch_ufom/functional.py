@@ -80,8 +80,9 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor]) ->
     extra = [t for t in meta if t.requires_grad and id(t) not in known
              and id(t if t._base is None else t._base) not in held]
     if extra:
-        return (f"differentiates only through adapted parameters and inner-rule hyperparameters, "
-                f"but {len(extra)} meta-parameter(s) are neither")
+        return (f"differentiates only through adapted parameters and the inner rule's tensors "
+                f"(its hyperparameters, and tensors it holds as attributes), but {len(extra)} "
+                "meta-parameter(s) are neither")
     return ""
 
 

@@ -58,8 +58,9 @@ class SweepLog(Protocol):
     def first(self, loss: Tensor, exact: bool) -> None:
         """A step of the forward pass."""
 
-    def again(self, loss: Tensor, exact: bool, j: int) -> None:
-        """Step ``j`` evaluated again (a replay or a rebuild)."""
+    def again(self, loss: Tensor, exact: bool, j: int, compare: bool) -> None:
+        """Step ``j`` evaluated again (a replay or a rebuild); ``compare``: from the
+        forward pass's own state, so that its loss must be the forward pass's."""
 
     def rewind(self, count: int) -> None:
         """Forget the forward pass's steps after the first ``count``."""
@@ -128,9 +129,9 @@ class Recompute(Schedule):
                 s = base
                 for i in range(start + 1, j):
                     s, loss, _ = loop.advance(s, i)
-                    log.again(loss, False, i)
+                    log.again(loss, False, i, i == start + 1)  # from s_start, the forward pass's
                 rec = loop.record(s, j, plan)
-                log.again(rec.loss, rec.is_exact, j)
+                log.again(rec.loss, rec.is_exact, j, j == start + 1)
                 yield rec
 
         return state, reverse()
@@ -216,6 +217,11 @@ class _Revolve:
         self.checkpoints: Dict[int, State] = {}
         self.records: Dict[int, StepRecord] = {}
         self.ahead = ahead
+        # Whether the working state is the forward pass's, bit for bit (a replay from it
+        # recomputes that step's loss, which SweepLog.again compares), and the stored
+        # states that are: a replay through a kernel that adds in a varying order (CUDA's
+        # atomics) drifts, so only losses of undrifted states are compared.
+        self.original, self.originals = True, set()
 
     @classmethod
     def run(cls, loop, state, schedule: Tuple[int, Tuple], log, plan, ahead=None):
@@ -234,6 +240,7 @@ class _Revolve:
             elif isinstance(action, (cs.Copy, cs.Move)):
                 table = self.checkpoints
                 self.state = table.pop(action.n) if isinstance(action, cs.Move) else table[action.n]
+                self.original = action.n in self.originals
             elif not isinstance(action, cs.EndForward):
                 raise RuntimeError(f"unexpected checkpointing action {action!r}")
         return None
@@ -241,13 +248,18 @@ class _Revolve:
     def _forward(self, action, first: bool):
         if action.write_ics:
             self.checkpoints[action.n0] = self.state
+            if self.original:
+                self.originals.add(action.n0)
+            else:
+                self.originals.discard(action.n0)
         log = self.log
 
         def report(loss, exact, j):
             if first:
                 log.first(loss, exact)
             else:
-                log.again(loss, exact, j)
+                log.again(loss, exact, j, self.original)
+                self.original = False
 
         for n in range(action.n0, action.n1):
             j = self.start + n + 1

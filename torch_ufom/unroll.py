@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
@@ -540,20 +541,44 @@ def reads_meta(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor]) 
     that shares its root with a meta-parameter (``lrs[i]`` of a held ``lrs``, or of a
     ``params=[lrs[:4]]``; sharing a root without overlapping only costs the shortcut).
     A rule of the user's that declares a shortcut but holds none is also evaluated
-    once at ``params`` (the adapted parameters) and its graph searched for the
-    meta-parameters: it may reach them through an object or a closure."""
+    for two steps at ``params`` (the adapted parameters, gradients of ones) and its
+    graph searched for the meta-parameters: it may reach them through an object or a
+    closure (a tensor read only from the third step on, behind a branch, is missed:
+    hold it as an attribute). The answer is kept per rule and meta-parameters, so
+    the rule sees these two extra calls of ``update`` once."""
     roots = {id(_root(t)) for t in meta}
     if any(id(_root(t)) in roots for t in held_tensors(rule)):
         return True
     if not (rule.first_order_additive or rule.first_order_identity) or type(rule).__module__ == _RULES:
         return False  # no shortcut to lose, or a built-in rule, which reads only its hyperparameters
+    key = tuple(id(t) for t in meta)
+    try:
+        known = _READS_META.get(rule)
+    except TypeError:  # an unhashable rule (a dataclass with eq): asked every time
+        known = None
+    if known is not None and known[0] == key:
+        return known[1]
+    found = _update_reads(rule, meta, params)
+    try:
+        _READS_META[rule] = (key, found)
+    except TypeError:
+        pass
+    return found
+
+
+_READS_META: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # rule -> (meta ids, answer)
+
+
+def _update_reads(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor]) -> bool:
+    """Whether two steps of ``rule.update`` at ``params`` reach a meta-parameter."""
     leaves = {id(t) for t in meta}
     nodes = {t.grad_fn for t in meta if t.grad_fn is not None}
     detached = {n: p.detach() for n, p in params.items()}
+    ones = {n: torch.ones_like(p) for n, p in detached.items()}
     with torch.enable_grad():
-        new_p, new_opt = rule.update({n: torch.ones_like(p) for n, p in detached.items()},
-                                     tuple(rule.init(detached)), detached, rule.hyper)
-    seen, stack = set(), [t.grad_fn for t in pytree.tree_leaves((new_p, new_opt)) if isinstance(t, Tensor)]
+        first = rule.update(ones, tuple(rule.init(detached)), detached, rule.hyper)
+        second = rule.update(ones, tuple(first[1]), dict(first[0]), rule.hyper)
+    seen, stack = set(), [t.grad_fn for t in pytree.tree_leaves((first, second)) if isinstance(t, Tensor)]
     while stack:
         node = stack.pop()
         if node is None or node in seen:

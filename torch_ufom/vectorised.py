@@ -168,15 +168,25 @@ def _generator_position(func) -> int:
 
 def _is_default(gen: torch.Generator) -> bool:
     """Whether ``gen`` is a device's default generator (passed explicitly: the per-step
-    streams reseed it, as when it is left out). By state: the dispatcher hands over
-    another Python object for the same generator."""
+    streams reseed it, as when it is left out). The dispatcher hands over another
+    Python object for the same generator, so the default one is reseeded with a
+    sentinel and ``gen`` checked for following it (a generator of the user's with the
+    same state does not); both states are put back."""
     if gen.device.type == "cpu":
         default = torch.default_generator
     elif gen.device.type == "cuda" and torch.cuda.is_initialized():
         default = torch.cuda.default_generators[gen.device.index or 0]
     else:
         return False
-    return torch.equal(gen.get_state(), default.get_state())
+    saved, before = default.get_state(), gen.get_state()
+    try:
+        default.manual_seed(_SENTINEL)
+        return torch.equal(gen.get_state(), default.get_state()) and not torch.equal(before, gen.get_state())
+    finally:
+        default.set_state(saved)
+
+
+_SENTINEL = 0x5EED_7A3F_91C2_55E1  # a seed no generator of the user's is likely to hold
 
 
 class _AtenProbe(TorchDispatchMode):
