@@ -166,9 +166,10 @@ def test_the_estimator_reports_revolve_counts_with_the_actions_built_here(steps,
 
 # -- sizing by a byte budget: the decision -----------------------------------------------------
 
-def work(S, G):
-    """``W``, the working memory docs/maths.md states, for ``|s| = S`` and ``G`` bytes."""
-    return 3.5 * G + 16 * S
+def work(S, G, N=0):
+    """``W``, the working memory docs/maths.md states, for ``|s| = S``, ``G`` bytes of saved
+    storages and ``N`` of autograd nodes per record."""
+    return 3.5 * G + 2 * N + 16 * S
 
 
 SLOT = 1.35  # one checkpoint costs 1.35 |s| (docs/maths.md)
@@ -287,13 +288,13 @@ def sweep(schedule, loop, n):
 @pytest.mark.parametrize("budget_states", [1, 4, 11, 40, 10 ** 6])
 def test_sized_sweep_keeps_the_states_the_budget_allows_and_runs_revolves_counts(steps, budget_states):
     d, g = 100, 300
-    # G: the saved tensor, the record's 0-d loss and the graph's two nodes (_Saves, the leaf's
+    # G: the saved tensor and the record's 0-d loss; N: the graph's two nodes (_Saves, the leaf's
     # AccumulateGrad)
-    S, G = 8 * d, 8 * g + 8 + 2 * NODE_BYTES
-    budget = math.ceil(work(S, G) + budget_states * SLOT * S)
+    S, G, N = 8 * d, 8 * g + 8, 2 * NODE_BYTES
+    budget = math.ceil(work(S, G, N) + budget_states * SLOT * S)
     loop = ToyLoop(d, g)
     last, order, log = sweep(Checkpoint(max_memory=budget), loop, steps)
-    slots = budget_slots(steps, S, G, budget)
+    slots = budget_slots(steps, S, G, budget, N)
     assert order == list(range(steps, 0, -1))
     assert len(log.first_calls) == steps  # every step of the forward pass reported once, in order
     ref = ToyLoop(d, g).initial_state().params[0]
@@ -303,7 +304,7 @@ def test_sized_sweep_keeps_the_states_the_budget_allows_and_runs_revolves_counts
     assert torch.equal(last.params[0], ref)
     if slots is None:  # every graph kept, the measured step's included: no replay
         assert (loop.advanced, loop.recorded, log.again_calls) == (0, steps, 0)
-        assert steps * (G + S) + work(S, G) <= budget or steps == 1
+        assert steps * (G + N + S) + work(S, G, N) <= budget or steps == 1
     else:  # Revolve's own counts: the measured step replaces its first advance
         forward = sum(len(a) for a in reference_actions(steps, slots) if isinstance(a, cs.Forward))
         assert (loop.advanced + 1, loop.recorded - 1) == (forward - steps, steps)
@@ -440,9 +441,9 @@ def test_the_budget_counts_each_adam_moment_of_the_states_the_slots_hold(amsgrad
     seen = {}
     budget_slots = schedules.budget_slots
 
-    def spy(steps, state_bytes, record_bytes, max_memory=None):
+    def spy(steps, state_bytes, record_bytes, max_memory=None, node_bytes=0):
         seen["state"] = state_bytes
-        return budget_slots(steps, state_bytes, record_bytes, max_memory)
+        return budget_slots(steps, state_bytes, record_bytes, max_memory, node_bytes)
     monkeypatch.setattr(schedules, "budget_slots", spy)
     model, loss, data = mlp_problem(5)
     rule = inner.Adam(1e-3, amsgrad=amsgrad)
@@ -458,7 +459,7 @@ def test_a_budget_below_the_least_a_sweep_needs_warns():
     # for twice the budget in review I's run.
     model, loss, data = mlp_problem(6)
     with pytest.warns(UserWarning, match=r"max_memory=1 is below the least a sweep of this model "
-                                         r"needs, about \d+ bytes .*one slot"):
+                                         r"is estimated to need, about \d+ bytes .*one slot"):
         run(model, loss, data, 6, "checkpoint", slots=None, max_memory=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

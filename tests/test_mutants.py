@@ -589,7 +589,8 @@ def test_diagnose_uses_and_checks_max_memory():
         with pytest.raises(ValueError, match="Invalid max_memory"):
             torch_ufom.diagnose(model, mse, mse, tasks, steps=4, inner_lr=0.3, max_memory=bad)
     assert torch_ufom.diagnose(model, mse, mse, tasks, steps=4, inner_lr=0.3).steps_exact == 4
-    with pytest.warns(UserWarning, match="max_memory=1 is below the least a sweep of this model needs"):
+    with pytest.warns(UserWarning, match="max_memory=1 is below the least a sweep of this model is "
+                                         "estimated to need"):
         d = torch_ufom.diagnose(model, mse, mse, tasks, steps=4, inner_lr=0.3, max_memory=1)
     # By hand: one slot (the start) keeps no step's graph, so the reverse sweep runs steps
     # 3 + 2 + 1 + 0 = 6 again, plus one VJP per step: 6 + 4 (docs: Diagnosis.steps_exact).
@@ -976,9 +977,9 @@ def test_a_budget_sized_mixed_sweep_is_sized_by_its_exact_records(monkeypatch):
     seen = []
     sized = torch_ufom.schedules.budget_slots
 
-    def spy(steps, state_bytes, record_bytes, max_memory=None):
+    def spy(steps, state_bytes, record_bytes, max_memory=None, node_bytes=0):
         seen.append((steps, state_bytes, record_bytes))
-        return sized(steps, state_bytes, record_bytes, max_memory)
+        return sized(steps, state_bytes, record_bytes, max_memory, node_bytes)
     monkeypatch.setattr(torch_ufom.schedules, "budget_slots", spy)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 1))

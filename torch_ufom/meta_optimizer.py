@@ -111,10 +111,11 @@ class MetaOptimizer:
             ``slots`` steps then keeps every graph). Not with ``max_memory``.
         max_memory: the byte budget of ``memory="checkpoint"`` with
             ``slots=None``: an int, or ``None`` (default) for
-            ``128 (G + |s|) + W``, where each sweep's first step measures
-            ``G`` (the bytes its graph keeps) and ``|s|`` (one inner state)
-            and ``W = 3.5 G + 16 |s|``: every graph is kept up to 128
-            steps, longer sweeps checkpoint with ``128 (G + |s|) / (1.35 |s|)``
+            ``128 (G + N + |s|) + W``, where each sweep's first step measures
+            ``G`` (the bytes its graph keeps), ``N`` (1 KB per node of it, on a
+            CPU) and ``|s|`` (one inner state), and ``W = 3.5 G + 2 N + 16 |s|``:
+            every graph is kept up to 128 steps, longer sweeps checkpoint with
+            ``128 (G + N + |s|) / (1.35 |s|)``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         generator: optional ``torch.Generator`` making the draws reproducible
             (under ``q="auto"`` with ``q_rule="ufom"``, ``q`` itself follows

@@ -159,7 +159,7 @@ class Checkpoint(Schedule):
         slots: ``None`` (sized by ``max_memory``) or the number of stored inner
             states, an int ``>= 1``.
         max_memory: the byte budget of a sized sweep: ``None`` for the default
-            ``DEFAULT_BUDGET_STEPS * (G + |s|) + W`` (what keeping every graph
+            ``DEFAULT_BUDGET_STEPS * (G + N + |s|) + W`` (what keeping every graph
             costs for that many steps), or an int ``>= 1``. Only with
             ``slots=None``.
     """
@@ -178,13 +178,14 @@ class Checkpoint(Schedule):
             return Store().sweep(loop, state, start, stop, log, plan)
         if self.slots is not None:
             return _Revolve.run(loop, state, (start, revolve_actions(n, self.slots)), log, plan)
-        first, state_bytes, record_bytes = _probe(loop, state, start + 1, stop, plan)
-        slots = budget_slots(n, state_bytes, record_bytes, self.max_memory)
-        least = least_memory(state_bytes, record_bytes)
+        first, state_bytes, record_bytes, node_bytes = _probe(loop, state, start + 1, stop, plan)
+        slots = budget_slots(n, state_bytes, record_bytes, self.max_memory, node_bytes)
+        least = least_memory(state_bytes, record_bytes, node_bytes)
         if slots is not None and n > 2 and self.max_memory is not None and self.max_memory < least:
             warnings.warn(f"max_memory={self.max_memory} is below the least a sweep of this model "
-                          f"needs, about {least} bytes (one checkpoint and the working memory): it "
-                          "runs with one slot, whose replays grow as steps**2 / 2",
+                          f"is estimated to need, about {least} bytes (one checkpoint and the working "
+                          "memory, from the first step's graph): it runs with one slot, whose replays "
+                          "grow as steps**2 / 2",
                           stacklevel=_caller_level())
         if slots is None:  # every graph fits: keep them, the measured step's included
             log.first(first.loss, first.j > plan.exact_after)
@@ -402,6 +403,10 @@ DEFAULT_BUDGET_STEPS = 128
 # CPU (transformer, LSTM, MLP layers). A model of many small ops keeps more in nodes than
 # in saved storages (40 Linear(8, 8) layers: 12x).
 NODE_BYTES = 1024
+# The working memory holds the nodes of about two records (the one consumed, and the graph
+# its VJP builds): measured peaks put it between one (a transformer layer) and 3.5 (40
+# Linear(8, 8) layers).
+WORK_NODES = 2.0
 # Fitted to peaks measured on a CPU (resident set, glibc's allocator) for the MLP
 # 64-320-320-10 (G = 0.5 |s|) and conv4 on 5 images (G = 14 |s|), with some margin.
 # W, the memory of a sweep besides what it stores, in records and states: the working
@@ -423,24 +428,31 @@ def _caller_level() -> int:
     return level
 
 
-def least_memory(state_bytes: int, record_bytes: int) -> int:
+def least_memory(state_bytes: int, record_bytes: int, node_bytes: int = 0) -> int:
     """The least memory of a checkpointed sweep, ``1.35 |s| + W`` bytes: one slot and the
     working memory (:func:`budget_slots`)."""
-    return int(SLOT_STATES * state_bytes + WORK_RECORDS * record_bytes + WORK_STATES * state_bytes)
+    return int(SLOT_STATES * state_bytes + _work(state_bytes, record_bytes, node_bytes))
+
+
+def _work(state_bytes: int, record_bytes: int, node_bytes: int) -> float:
+    """``W``: the working memory of a sweep besides what it stores."""
+    return WORK_RECORDS * record_bytes + WORK_NODES * node_bytes + WORK_STATES * state_bytes
 
 
 def budget_slots(steps: int, state_bytes: int, record_bytes: int,
-                 max_memory: Optional[int] = None) -> Optional[int]:
+                 max_memory: Optional[int] = None, node_bytes: int = 0) -> Optional[int]:
     """How a sweep of ``steps`` steps fits in ``max_memory`` bytes.
 
-    Keeping every step's record costs ``steps (G + |s|) + W`` bytes, Revolve
-    with ``n`` slots ``1.35 n |s| + W``, where ``G = record_bytes``,
-    ``|s| = state_bytes`` and ``W = 3.5 G + 16 |s|`` (the working memory
-    besides what the sweep stores; the factor 1.35 is the allocator's slack
-    around long-lived states). ``max_memory=None`` is
-    ``DEFAULT_BUDGET_STEPS (G + |s|) + W``: every record is kept up to 128
-    steps, and longer sweeps get ``128 (G + |s|) / (1.35 |s|)`` slots,
-    whatever the steps (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
+    Keeping every step's record costs ``steps (G + N + |s|) + W`` bytes,
+    Revolve with ``n`` slots ``1.35 n |s| + W``, where ``G = record_bytes``
+    (the storages a record keeps), ``N = node_bytes`` (its graph's nodes),
+    ``|s| = state_bytes`` and ``W = 3.5 G + 2 N + 16 |s|`` (the working memory
+    besides what the sweep stores, with about two records' nodes at a time; the
+    factor 1.35 is the allocator's slack around long-lived states).
+    ``max_memory=None`` is ``DEFAULT_BUDGET_STEPS (G + N + |s|) + W``: every
+    record is kept up to 128 steps, and longer sweeps get
+    ``128 (G + N + |s|) / (1.35 |s|)`` slots, whatever the steps (see
+    ``docs/maths.md#costs-and-memory-of-each-schedule``).
 
     Returns:
         ``None`` to keep every record (also for ``steps <= 1``), else the slots
@@ -448,8 +460,8 @@ def budget_slots(steps: int, state_bytes: int, record_bytes: int,
         ``1.35 |s| + W`` cannot be met: one slot is the least memory) and at
         most ``steps - 1`` (more would change nothing).
     """
-    per_step = record_bytes + state_bytes
-    work = WORK_RECORDS * record_bytes + WORK_STATES * state_bytes
+    per_step = record_bytes + node_bytes + state_bytes
+    work = _work(state_bytes, record_bytes, node_bytes)
     budget = DEFAULT_BUDGET_STEPS * per_step + work if max_memory is None else max_memory
     if steps <= 1 or steps * per_step + work <= budget:
         return None
@@ -458,14 +470,15 @@ def budget_slots(steps: int, state_bytes: int, record_bytes: int,
 
 
 def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
-    """Record step ``j`` (the sweep's first) and measure it: ``(record, |s|, G)``.
+    """Record step ``j`` (the sweep's first) and measure it: ``(record, |s|, G, N)``.
 
     ``|s|`` is the bytes of ``state`` or of the state after it, whichever is
     larger; ``G`` those the record keeps besides its
     input and output states (the tensors saved in its graph, found by walking
     autograd's graph, which works under ``torch.func.vmap`` where saved-tensor
-    hooks do not, and its gradient when kept), each storage counted once, plus
-    ``NODE_BYTES`` per node of the graph. In a
+    hooks do not, and its gradient when kept), each storage counted once; ``N``
+    ``NODE_BYTES`` per node of the graph, held in host memory (0 for a record on
+    an accelerator, whose budget is the device's memory). In a
     sweep whose first steps are first-order and last ones exact, the probe is
     recorded as an exact step keeping its gradient too (a record the
     first-order VJP can use), so that ``G`` is the exact records'.
@@ -479,7 +492,8 @@ def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
     own = {_storage(t)[0] for t in _tensors((record.next_state, state))}
     inside = [t for t in _tensors(tuple(getattr(record, "__dict__", {}).values()))]
     saved, nodes = _saved(inside)
-    return record, state_bytes, _bytes(inside + saved, own) + NODE_BYTES * nodes
+    on_host = all(t.device.type == "cpu" for t in _tensors(record.next_state))
+    return record, state_bytes, _bytes(inside + saved, own), NODE_BYTES * nodes if on_host else 0
 
 
 def _tensors(tree) -> List[Tensor]:
