@@ -14,7 +14,7 @@ from helpers import mlp_problem, mse, rel_err
 from oracle import brute_force, ref_sgd
 from snapshot import assert_unchanged, capture
 from torch_ufom.inner import SGD
-from torch_ufom.schedules import NODE_BYTES, Checkpoint, budget_slots, revolve_actions
+from torch_ufom.schedules import NODE_BYTES, TENSOR_BYTES, Checkpoint, budget_slots, revolve_actions
 from torch_ufom.unroll import State, SweepPlan
 
 
@@ -290,7 +290,7 @@ def test_sized_sweep_keeps_the_states_the_budget_allows_and_runs_revolves_counts
     d, g = 100, 300
     # G: the saved tensor and the record's 0-d loss; N: the graph's two nodes (_Saves, the leaf's
     # AccumulateGrad)
-    S, G, N = 8 * d, 8 * g + 8, 2 * NODE_BYTES
+    S, G, N = 8 * d + TENSOR_BYTES, 8 * g + 8, 2 * NODE_BYTES  # |s|: one tensor
     budget = math.ceil(work(S, G, N) + budget_states * SLOT * S)
     loop = ToyLoop(d, g)
     last, order, log = sweep(Checkpoint(max_memory=budget), loop, steps)
@@ -450,8 +450,9 @@ def test_the_budget_counts_each_adam_moment_of_the_states_the_slots_hold(amsgrad
     torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=6, mode="exact", inner=rule,
                          max_memory=1 << 20)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    # the parameters, m, v (and v_max), and the 8-byte step count
-    assert seen["state"] == (3 + amsgrad) * param_bytes + 8
+    tensors = (3 + amsgrad) * len(list(model.parameters())) + 1
+    # the parameters, m, v (and v_max), and the 8-byte step count, with each tensor's overhead
+    assert seen["state"] == (3 + amsgrad) * param_bytes + 8 + TENSOR_BYTES * tensors
 
 
 def test_a_budget_below_the_least_a_sweep_needs_warns():

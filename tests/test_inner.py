@@ -1101,3 +1101,49 @@ def test_a_rule_reading_a_learned_tensor_from_its_second_step_on_equals_brute_fo
         got = torch_ufom.hypergrad(model, loss, loss, data[4], data[5], steps=3, inner=rule, params=params,
                                    **kw)
         assert rel_err(got, want) < 1e-10, kw
+
+
+def test_the_search_for_held_learned_tensors_follows_the_rule_s_objects_and_its_steps():
+    # A "no" was kept per rule: a holder later pointed at a learned tensor gave it 0 under fom.
+    import types
+    model, loss, data = mlp_problem(31)
+    beta = torch.tensor(0.8, requires_grad=True)
+    holder = types.SimpleNamespace(beta=0.8)
+    rule = _HeldMomentum(holder)
+    params = list(model.parameters()) + [beta]
+    torch_ufom.hypergrad(model, loss, loss, data[4], data[5], steps=3, inner=rule, params=params, mode="fom")
+    holder.beta = beta
+
+    def ref(name, t, p, g, buf):
+        buf = g if t == 0 else beta * buf + g
+        return p - 0.1 * buf, buf
+
+    want = brute_force(model, loss, loss, lambda j: data[4], data[5], 3, None, params, 0, rule=ref)
+    got = torch_ufom.hypergrad(model, loss, loss, data[4], data[5], steps=3, inner=rule, params=params,
+                               mode="fom")
+    assert float(want[-1].abs()) > 1e-3 and rel_err(got, want) < 1e-10
+
+
+class _RatePerStep(_HeldMomentum):
+    """One learned rate per inner step, read by the step count (no PerStep)."""
+
+    first_order_additive = True
+
+    def update(self, grads, state, params, hyper):
+        rate = self.holder.rates[int(state[0])]
+        return {n: p - rate * grads[n] for n, p in params.items()}, (state[0] + 1,) + tuple(state[1:])
+
+
+def test_the_search_runs_no_step_beyond_the_inner_loop():
+    # It ran two steps of update whatever steps was: a rule indexing its rates by the step
+    # count raised IndexError at steps=1.
+    import types
+    model, loss, data = mlp_problem(32)
+    rates = torch.tensor([0.1], requires_grad=True)
+    rule = _RatePerStep(types.SimpleNamespace(rates=rates))
+    params = list(model.parameters()) + [rates]
+    want = brute_force(model, loss, loss, lambda j: data[4], data[5], 1, None, params, 0,
+                       rule=lambda name, t, p, g, s: (p - rates[t] * g, s))
+    got = torch_ufom.hypergrad(model, loss, loss, data[4], data[5], steps=1, inner=rule, params=params,
+                               mode="fom")
+    assert rel_err(got, want) < 1e-10

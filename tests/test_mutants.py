@@ -978,7 +978,7 @@ def test_a_budget_sized_mixed_sweep_is_sized_by_its_exact_records(monkeypatch):
     sized = torch_ufom.schedules.budget_slots
 
     def spy(steps, state_bytes, record_bytes, max_memory=None, node_bytes=0):
-        seen.append((steps, state_bytes, record_bytes))
+        seen.append((steps, state_bytes, record_bytes, node_bytes))
         return sized(steps, state_bytes, record_bytes, max_memory, node_bytes)
     monkeypatch.setattr(torch_ufom.schedules, "budget_slots", spy)
     torch.manual_seed(0)
@@ -993,18 +993,19 @@ def test_a_budget_sized_mixed_sweep_is_sized_by_its_exact_records(monkeypatch):
         return meta.backward(mse, mse, (x, y), (x, y))
     run("fom")
     run("exact")
-    (_, S, G_fo), (_, S_exact, G) = seen
+    (_, S, G_fo, N_fo), (_, S_exact, G, N) = seen
     assert S_exact == S and G > 2 * G_fo  # an exact record keeps its graph
     # The probe of a mixed sweep: an exact record that keeps its gradient for the first-order VJP too.
     G += sum(p.numel() * p.element_size() for p in model.parameters())
     sched = torch_ufom.schedules
-    W = sched.WORK_RECORDS * G + sched.WORK_STATES * S
-    budget = steps * (G_fo + S) + int(sched.WORK_RECORDS * G_fo + sched.WORK_STATES * S) + 1
-    assert budget < steps * (G + S) + W  # first-order records fit, exact ones do not
+    W = sched.WORK_RECORDS * G + sched.WORK_NODES * N + sched.WORK_STATES * S
+    budget = steps * (G_fo + N_fo + S) + int(sched.WORK_RECORDS * G_fo + sched.WORK_NODES * N_fo
+                                             + sched.WORK_STATES * S) + 1
+    assert budget < steps * (G + N + S) + W  # first-order records fit, exact ones do not
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # below the least memory: one slot, said by a warning
         res = run("truncated", k=K, max_memory=budget)
-    assert seen[-1] == (steps, S, G)  # sized by the exact records' bytes
+    assert seen[-1] == (steps, S, G, N)  # sized by the exact records' bytes
     # docs/maths.md's count for n = steps > slots = c: t n - C(c+t, c+1) + (n - K).
     c = min(steps - 1, max(1, math.floor((budget - W) / (sched.SLOT_STATES * S))))
     t = next(t for t in range(1, steps + 1) if math.comb(c + t, c) >= steps)

@@ -17,8 +17,9 @@ tensors that are not hyperparameters (a learned optimiser's weights, which need
 not broadcast to the parameters), held as attributes (tensors, modules, or
 lists, tuples and dicts of them, where the estimator finds them) or elsewhere
 (another object, a closure: a rule that declares one of the shortcuts below is
-then evaluated once per call, and its graph searched for the meta-parameters,
-since the shortcuts would drop their first-order terms).
+then evaluated for two steps at every call, and its graph searched for the
+meta-parameters, since the shortcuts would drop their first-order terms; a
+tensor read only from the third step on is missed there).
 
 A hyperparameter tensor must have the dtype and device of the parameters it
 applies to and broadcast to their shapes without changing them: a tensor

@@ -42,7 +42,7 @@ from .unroll import Loop, State, StepRecord, SweepPlan
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
-           "MEMORY_CHOICES", "DEFAULT_BUDGET_STEPS", "NODE_BYTES"]
+           "MEMORY_CHOICES", "DEFAULT_BUDGET_STEPS", "NODE_BYTES", "TENSOR_BYTES"]
 
 MEMORY_CHOICES = ("checkpoint", "recompute", "store")
 
@@ -403,6 +403,10 @@ DEFAULT_BUDGET_STEPS = 128
 # CPU (transformer, LSTM, MLP layers). A model of many small ops keeps more in nodes than
 # in saved storages (40 Linear(8, 8) layers: 12x).
 NODE_BYTES = 1024
+# What one tensor of a stored state keeps besides its storage (the tensor and storage
+# objects, the allocator's rounding): a state of 80 small tensors (40 Linear(8, 8) layers)
+# held 1.9 to 2 times its bytes.
+TENSOR_BYTES = 256
 # The working memory holds the nodes of about two records (the one consumed, and the graph
 # its VJP builds): measured peaks put it between one (a transformer layer) and 3.5 (40
 # Linear(8, 8) layers).
@@ -473,7 +477,7 @@ def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
     """Record step ``j`` (the sweep's first) and measure it: ``(record, |s|, G, N)``.
 
     ``|s|`` is the bytes of ``state`` or of the state after it, whichever is
-    larger; ``G`` those the record keeps besides its
+    larger, with ``TENSOR_BYTES`` per tensor; ``G`` those the record keeps besides its
     input and output states (the tensors saved in its graph, found by walking
     autograd's graph, which works under ``torch.func.vmap`` where saved-tensor
     hooks do not, and its gradient when kept), each storage counted once; ``N``
@@ -488,7 +492,8 @@ def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
     record = loop.record(state, j, plan)
     # The next state too: an initial state may share tensors (Adam's m and v start as one
     # zero tensor), which every later state, the ones the slots hold, keeps apart.
-    state_bytes = max(_bytes(_tensors(state), set()), _bytes(_tensors(record.next_state), set()))
+    state_bytes = max(_bytes(_tensors(state), set()), _bytes(_tensors(record.next_state), set())) \
+        + TENSOR_BYTES * max(len(_tensors(state)), len(_tensors(record.next_state)))
     own = {_storage(t)[0] for t in _tensors((record.next_state, state))}
     inside = [t for t in _tensors(tuple(getattr(record, "__dict__", {}).values()))]
     saved, nodes = _saved(inside)

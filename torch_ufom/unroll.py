@@ -534,51 +534,56 @@ def held_tensors(rule: Any) -> List[Tensor]:
     return held
 
 
-def reads_meta(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor]) -> bool:
+def reads_meta(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor], steps: int) -> bool:
     """Whether the inner rule reads a meta-parameter, which gives it first-order terms
     of its own that the shortcuts of ``first_order_additive`` and
     ``first_order_identity`` would drop: a tensor it holds (:func:`held_tensors`)
     that shares its root with a meta-parameter (``lrs[i]`` of a held ``lrs``, or of a
     ``params=[lrs[:4]]``; sharing a root without overlapping only costs the shortcut).
     A rule of the user's that declares a shortcut but holds none is also evaluated
-    for two steps at ``params`` (the adapted parameters, gradients of ones) and its
-    graph searched for the meta-parameters: it may reach them through an object or a
-    closure (a tensor read only from the third step on, behind a branch, is missed:
-    hold it as an attribute). The answer is kept per rule and meta-parameters, so
-    the rule sees these two extra calls of ``update`` once."""
+    for its first two steps (of ``steps``) at ``params`` (the adapted parameters,
+    gradients of ones) and its graph searched for the meta-parameters: it may reach
+    them through an object or a closure (a tensor read only from the third step on,
+    behind a branch, is missed: hold it as an attribute). That runs at every call;
+    only a "yes" is kept per rule object (a "no" can turn into a "yes" when the
+    rule's objects change), and an error in the evaluation counts as a "yes"."""
     roots = {id(_root(t)) for t in meta}
     if any(id(_root(t)) in roots for t in held_tensors(rule)):
         return True
     if not (rule.first_order_additive or rule.first_order_identity) or type(rule).__module__ == _RULES:
         return False  # no shortcut to lose, or a built-in rule, which reads only its hyperparameters
-    key = tuple(id(t) for t in meta)
+    key = (id(rule), tuple(id(t) for t in meta))
+    if _READS_META.get(key) is rule:
+        return True
     try:
-        known = _READS_META.get(rule)
-    except TypeError:  # an unhashable rule (a dataclass with eq): asked every time
-        known = None
-    if known is not None and known[0] == key:
-        return known[1]
-    found = _update_reads(rule, meta, params)
-    try:
-        _READS_META[rule] = (key, found)
-    except TypeError:
-        pass
+        found = _update_reads(rule, meta, params, steps)
+    except Exception:  # noqa: BLE001 (the sweep runs the rule and raises what it raises)
+        found = True  # only the shortcut is lost
+    if found:
+        try:
+            _READS_META[key] = rule
+        except TypeError:  # a rule without weak references (__slots__): asked every time
+            pass
     return found
 
 
-_READS_META: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # rule -> (meta ids, answer)
+# (id(rule), meta ids) -> the rule, for the rules found to read their meta-parameters; an
+# entry goes with its rule.
+_READS_META: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
-def _update_reads(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor]) -> bool:
-    """Whether two steps of ``rule.update`` at ``params`` reach a meta-parameter."""
+def _update_reads(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor], steps: int) -> bool:
+    """Whether the first two steps (at most ``steps``) of ``rule.update`` at ``params``
+    reach a meta-parameter."""
     leaves = {id(t) for t in meta}
     nodes = {t.grad_fn for t in meta if t.grad_fn is not None}
     detached = {n: p.detach() for n, p in params.items()}
     ones = {n: torch.ones_like(p) for n, p in detached.items()}
     with torch.enable_grad():
-        first = rule.update(ones, tuple(rule.init(detached)), detached, rule.hyper)
-        second = rule.update(ones, tuple(first[1]), dict(first[0]), rule.hyper)
-    seen, stack = set(), [t.grad_fn for t in pytree.tree_leaves((first, second)) if isinstance(t, Tensor)]
+        outs = [rule.update(ones, tuple(rule.init(detached)), detached, rule.hyper)]
+        if steps >= 2:
+            outs.append(rule.update(ones, tuple(outs[0][1]), dict(outs[0][0]), rule.hyper))
+    seen, stack = set(), [t.grad_fn for t in pytree.tree_leaves(outs) if isinstance(t, Tensor)]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -638,7 +643,8 @@ class InnerLoop:
                 self.frozen = {n: p.clone() for n, p in self.frozen.items()}
         self.buffer_names = [n for n, _ in self.module_buffers]
         self.meta = [t for t in problem.params if t.requires_grad]
-        self.learned_hyper = reads_meta(rule, self.meta, {n: self.named[n] for n in self.names})
+        self.learned_hyper = reads_meta(rule, self.meta, {n: self.named[n] for n in self.names},
+                                        problem.config.steps)
         self.cuda_devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
         self.math_attention = math_attention
         self.plain_rate = rule.plain_rate
