@@ -214,8 +214,10 @@ class _AtenProbe(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def restore(self) -> None:
-        """Put the user's generators back as they were before their first draw."""
-        for gen, state in self.generators.values():
+        """Put the user's generators back as they were before their first draw (newest
+        entry first: should the dispatcher hand over two Python objects for one generator,
+        the state saved first is the one left)."""
+        for gen, state in reversed(list(self.generators.values())):
             gen.set_state(state)
 
 
