@@ -1147,3 +1147,25 @@ def test_the_search_runs_no_step_beyond_the_inner_loop():
     got = torch_ufom.hypergrad(model, loss, loss, data[4], data[5], steps=1, inner=rule, params=params,
                                mode="fom")
     assert rel_err(got, want) < 1e-10
+
+
+def test_a_subclass_of_a_built_in_rule_that_adds_no_code_is_not_searched(monkeypatch):
+    # The search for learned tensors held out of sight ran two extra steps of update at every
+    # call for porting.md's SignedSGD, which only widens a range (5 % on a small model).
+    import math
+
+    from torch_ufom import unroll
+
+    class SignedSGD(SGD):
+        ranges = {"lr": (-math.inf, math.inf, False)}
+
+    class Hooked(SGD):
+        def update(self, grads, state, params, hyper):
+            return super().update(grads, state, params, hyper)
+
+    calls = []
+    monkeypatch.setattr(unroll, "_update_reads", lambda *a: calls.append(1) or False)
+    model, loss, data = mlp_problem(33)
+    for rule, searched in [(SignedSGD(0.1), 0), (Hooked(0.1), 1)]:
+        torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner=rule, mode="fom")
+        assert len(calls) == searched, rule

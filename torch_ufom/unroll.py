@@ -550,8 +550,8 @@ def reads_meta(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor], 
     roots = {id(_root(t)) for t in meta}
     if any(id(_root(t)) in roots for t in held_tensors(rule)):
         return True
-    if not (rule.first_order_additive or rule.first_order_identity) or type(rule).__module__ == _RULES:
-        return False  # no shortcut to lose, or a built-in rule, which reads only its hyperparameters
+    if not (rule.first_order_additive or rule.first_order_identity) or _library_code(rule):
+        return False  # no shortcut to lose, or a built-in rule's code, which reads only hyperparameters
     key = (id(rule), tuple(id(t) for t in meta))
     if _READS_META.get(key) is rule:
         return True
@@ -596,6 +596,18 @@ def _update_reads(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor
 
 
 _RULES = "torch_ufom.inner"  # the module of the built-in rules
+
+
+def _library_code(rule: Any) -> bool:
+    """Whether every method of ``rule`` is a built-in rule's: a subclass that only sets
+    class attributes (porting.md's ``SignedSGD`` sets ``ranges``) runs the library's code."""
+    for cls in type(rule).__mro__:
+        if cls.__module__ == _RULES:
+            return True
+        if any(callable(v) or isinstance(v, (staticmethod, classmethod, property))
+               for k, v in vars(cls).items() if not (k.startswith("__") and k.endswith("__"))):
+            return False
+    return False
 
 
 class InnerLoop:
