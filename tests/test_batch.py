@@ -640,7 +640,7 @@ def test_an_embedding_with_padding_idx_read_only_by_the_outer_loss_falls_back(fu
                 p.grad = None
             with pytest.warns(UserWarning, match=warning):
                 meta.backward_batch(inner, outer, (xs, ys), (xs, ys, ids))
-            meta._warned_per_task = False
+            meta._warned_per_task.clear()
         got = [p.grad.clone() for p in model.parameters()]
     loop = [torch_ufom.hypergrad(model, inner, outer, (xs[i], ys[i]), (xs[i], ys[i], ids[i]), **kw)
             for i in range(3)]
@@ -995,3 +995,21 @@ def test_a_full_backward_hook_runs_the_loop_at_once_and_says_so():
         got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=STEPS, inner_lr=0.3,
                                          mode="exact", vectorise=True)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_backward_batch_warns_once_per_reason_for_the_loop():
+    # One flag for every reason: a TorchScript model first run under q="auto" warned about the
+    # statistics only, and after reconfigure(q=0.5) its TorchScript reason never warned.
+    model, loss, data = mlp_problem(34)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = torch.jit.script(model)
+    meta = meta_opt(model, 0.3, mode="ufom", q="auto")
+    with pytest.warns(UserWarning, match="per-task loop: q='auto' keeps per-task statistics"):
+        meta.backward_batch(loss, loss, stacked(data, 0), stacked(data, 10), force_truncation=STEPS)
+    meta.reconfigure(q=0.5)
+    with pytest.warns(UserWarning, match="per-task loop: torch.func.vmap cannot differentiate TorchScript"):
+        meta.backward_batch(loss, loss, stacked(data, 0), stacked(data, 10), force_truncation=STEPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same reason again: said once
+        meta.backward_batch(loss, loss, stacked(data, 0), stacked(data, 10), force_truncation=STEPS)

@@ -155,7 +155,8 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     The tasks run at once through ``torch.func.vmap`` unless the inner loss
     writes the module's buffers (BatchNorm's running statistics in train mode),
     calls an operation whose gradient ``vmap`` gets wrong (an embedding with
-    ``padding_idx``) or ``vmap`` cannot run the model; they then run one by one, each with its
+    ``padding_idx``), draws from a ``torch.Generator`` of its own (which ``vmap``
+    would advance once per task) or ``vmap`` cannot run the model; they then run one by one, each with its
     own random streams. Without random operations the result equals a loop of
     :func:`adapt` over the tasks (with dropout, ``vmap`` draws other masks).
 
@@ -183,7 +184,7 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
         first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
         found = probe(model, inner_loss, first, adapted=problem.config.adapted)
         vectorised = True
-        if not found.written and not found.wrong:
+        if not found.written and not found.wrong and not found.own_generator:
             try:
                 state = _run(problem, Vectorised(size), supports)
                 return _stacked(problem, [state], size)

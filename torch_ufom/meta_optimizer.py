@@ -215,7 +215,7 @@ class MetaOptimizer:
         self._reduced = False  # synchronize() ran since the last step or zero_grad
         self._reduced_total = 0  # the number of tasks it reduced
         self._holding = False  # the tasks since then wrote some .grad
-        self._warned_per_task = False  # backward_batch fell back to the per-task loop
+        self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
         self._warned_fom_gaps = False  # fom left a meta-parameter without a hypergradient
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
 
@@ -485,10 +485,10 @@ class MetaOptimizer:
         with self._named_errors(meta):
             run = estimate_batch(problem, supports, queries, force_truncation,
                                  diagnostics=self.q_stats is not None, known=self._slow_ops)
-        if run.fallback and not self._warned_per_task:
+        if run.fallback and run.reason not in self._warned_per_task:  # once per reason
             warnings.warn(f"MetaOptimizer.backward_batch runs the per-task loop: {run.reason}",
                           stacklevel=2)
-            self._warned_per_task = True
+            self._warned_per_task.add(run.reason)
         observations = self._observations_of([(est, seconds) for _, est, seconds in run.groups])
         self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta))))
         self._slow_ops = run.slow_ops
