@@ -26,7 +26,7 @@ from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import TruncationLaw
 from .unroll import (Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter, held_tensors,
-                     scripted, sparse_weights)
+                     root_of, scripted, sparse_weights)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
                          probe, reads_meta_directly, select_tasks, task_of)
 
@@ -75,10 +75,9 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor]) ->
                 f"{_name_list(names)}: once the JIT has optimised it, its gradients under "
                 "torch.func carry no graph)")
     named = dict(model.named_parameters())
-    held = {id(t if t._base is None else t._base) for t in held_tensors(config.rule)}  # lrs of lrs[i]
+    held = {id(root_of(t)) for t in held_tensors(config.rule)}  # lrs of lrs[i]
     known = {id(named[n]) for n in config.adapted}
-    extra = [t for t in meta if t.requires_grad and id(t) not in known
-             and id(t if t._base is None else t._base) not in held]
+    extra = [t for t in meta if t.requires_grad and id(t) not in known and id(root_of(t)) not in held]
     if extra:
         return (f"differentiates only through adapted parameters and the inner rule's tensors "
                 f"(its hyperparameters, and tensors it holds as attributes), but {len(extra)} "

@@ -38,6 +38,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "scripted", "held_tensors",
+           "root_of", "graph_reaches",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp"]
 
@@ -515,7 +516,7 @@ def _autocasting(params: Sequence[Tensor]) -> bool:
         return False
 
 
-def _root(t: Tensor) -> Tensor:
+def root_of(t: Tensor) -> Tensor:
     """The tensor whose memory ``t`` views (``t`` itself if it is no view): ``lrs[i]``,
     ``lrs[:4][i]`` and ``lrs`` have one root."""
     return t if t._base is None else t._base
@@ -547,8 +548,8 @@ def reads_meta(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor], 
     behind a branch, is missed: hold it as an attribute). That runs at every call;
     only a "yes" is kept per rule object (a "no" can turn into a "yes" when the
     rule's objects change), and an error in the evaluation counts as a "yes"."""
-    roots = {id(_root(t)) for t in meta}
-    if any(id(_root(t)) in roots for t in held_tensors(rule)):
+    roots = {id(root_of(t)) for t in meta}
+    if any(id(root_of(t)) in roots for t in held_tensors(rule)):
         return True
     if not (rule.first_order_additive or rule.first_order_identity) or _library_code(rule):
         return False  # no shortcut to lose, or a built-in rule's code, which reads only hyperparameters
@@ -583,7 +584,14 @@ def _update_reads(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor
         outs = [rule.update(ones, tuple(rule.init(detached)), detached, rule.hyper)]
         if steps >= 2:
             outs.append(rule.update(ones, tuple(outs[0][1]), dict(outs[0][0]), rule.hyper))
-    seen, stack = set(), [t.grad_fn for t in pytree.tree_leaves(outs) if isinstance(t, Tensor)]
+    starts = [t.grad_fn for t in pytree.tree_leaves(outs) if isinstance(t, Tensor)]
+    return graph_reaches(starts, leaves, nodes)
+
+
+def graph_reaches(starts: Sequence[Any], leaves: set, nodes: set = frozenset()) -> bool:
+    """Whether autograd's graph from the nodes ``starts`` reaches a leaf whose ``id`` is in
+    ``leaves`` or a node in ``nodes`` (a non-leaf tensor's ``grad_fn``)."""
+    seen, stack = set(), list(starts)
     while stack:
         node = stack.pop()
         if node is None or node in seen:

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .unroll import FunctionalModel, StepBatches, _check_depends, loss_and_aux, renormalises_weights
+from .unroll import (FunctionalModel, StepBatches, _check_depends, graph_reaches, loss_and_aux,
+                     renormalises_weights)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
@@ -369,16 +370,7 @@ def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Ten
         return False
     finally:
         aten.restore()
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if id(getattr(node, "variable", None)) in targets:
-            return True
-        stack.extend(f for f, _ in node.next_functions)
-    return False
+    return graph_reaches([loss.grad_fn], targets)
 
 
 def wrong_under_vmap(module: nn.Module) -> set:
