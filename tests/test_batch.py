@@ -1013,3 +1013,16 @@ def test_backward_batch_warns_once_per_reason_for_the_loop():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same reason again: said once
         meta.backward_batch(loss, loss, stacked(data, 0), stacked(data, 10), force_truncation=STEPS)
+
+
+def test_the_aten_probe_knows_cudas_fused_rms_norm():
+    # On CUDA, torch.rms_norm (not F.rms_norm, which the F-level table sees) reaches the ATen
+    # level as _fused_rms_norm, a kernel with its own backward; on the CPU it decomposes into
+    # elementwise operations before the probe, so the entry is checked by dispatching to it.
+    from torch_ufom.vectorised import _AtenProbe
+    op = torch.ops.aten._fused_rms_norm.default
+    x = torch.randn(3, 4, dtype=torch.float64)
+    for weight, found in ((torch.ones(4, dtype=torch.float64), {"RMSNorm with weights"}), (None, set())):
+        probe = _AtenProbe()
+        probe.__torch_dispatch__(op, (), (x, [4], weight, None))
+        assert probe.norms == found

@@ -154,6 +154,8 @@ _ATEN_UNSAFE_NORMS = {
     "_native_batch_norm_legit_functional": ("batch_norm with batch statistics", _batch_statistics),
     "cudnn_batch_norm": ("batch_norm with batch statistics", _batch_statistics),
     "miopen_batch_norm": ("batch_norm with batch statistics", _batch_statistics),
+    # CUDA's fused kernel (on the CPU, torch.rms_norm decomposes into elementwise operations)
+    "_fused_rms_norm": ("RMSNorm with weights", lambda a: a.get("weight") is not None),
 }
 _ATEN_WRONG_UNDER_VMAP = {
     "embedding": ("Embedding with padding_idx", lambda a: a.get("padding_idx", -1) not in (-1, None)),
