@@ -180,11 +180,13 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     problem = _problem(model, inner_loss, Settings(steps, inner_lr, inner, mode="fom",
                                                    inner_params=inner_params), generator)
     size = meta_batch_size(supports=supports)
+    with torch.enable_grad():  # a support tensor that requires grad (a PINN's x) keeps it per task
+        tasks = [task_of(supports, i) for i in range(size)]
     with restore_rng_on_error(generator), torch.no_grad():
-        first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
+        first = batch_getter(tasks[0], problem.config.steps, "supports")(0)
         found = probe(model, inner_loss, first, adapted=problem.config.adapted)
         vectorised = True
-        if not found.written and not found.wrong and not found.own_generator:
+        if not (found.written or found.wrong or found.own_generator or found.differentiates):
             try:
                 state = _run(problem, Vectorised(size), supports)
                 return _stacked(problem, [state], size)
@@ -192,7 +194,7 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
                 raise  # a non-finite inner loss: the loop would find it again
             except Exception:  # noqa: BLE001 (run per task, where an error of the loss is raised)
                 vectorised = False  # calls of the result then loop over the tasks at once
-        states = [_run(problem, PerTask(), task_of(supports, i)) for i in range(size)]
+        states = [_run(problem, PerTask(), task) for task in tasks]
         return _stacked(problem, states, size, vectorised)
 
 

@@ -35,6 +35,9 @@ __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "est
 
 # What hvp="auto" picks where forward-over-reverse applies (benchmarks/speed.py measures both).
 DEFAULT_HVP = "revrev"
+DIFFERENTIATES = ("a loss calls torch.autograd.grad or backward (a PINN's du/dx, a gradient penalty), "
+                  "which under torch.func.vmap does not see the tensors outside the transform (a frozen "
+                  "body, a captured tensor)")
 
 
 def resolve_hvp(config: Config, model: nn.Module, meta: Sequence[Tensor]) -> str:
@@ -399,6 +402,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     if found.written:
         return Plan(None, f"the module has buffers that the losses write ({', '.join(found.written)}: "
                     "running statistics cannot be vectorised)", True, known)
+    if found.differentiates:
+        return Plan(None, DIFFERENTIATES, True, known)
     if exact and problem.hvp == "fwdrev":
         check_fwdrev_reads(problem, first)
     if not exact or problem.hvp == "fwdrev" or not found.norms:
@@ -432,6 +437,10 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
             raise ValueError("Invalid hvp: 'fwdrev' cannot run a loss that draws from a torch.Generator "
                              "of its own (generator=...): its HVP evaluates the loss again, drawing "
                              "other numbers, so it would differentiate another function; use 'revrev'")
+        if found.differentiates:
+            raise ValueError("Invalid hvp: 'fwdrev' cannot run a loss that calls torch.autograd.grad or "
+                             "backward (a PINN's du/dx, a gradient penalty): torch.func.jvp does not see "
+                             "through it; use 'revrev' or 'auto'")
         check_fwdrev_reads(problem, first)
 
 

@@ -64,6 +64,16 @@ class MetaResult:
     batch_path: Optional[str] = None
 
 
+def _grad_layout(p: Tensor, g: Tensor) -> Tensor:
+    """A copy of ``g`` laid out as autograd lays out a new ``.grad``: with ``p``'s strides
+    where ``p`` is dense and non-overlapping (channels_last, a transposed parameter),
+    else contiguous. torch's fused optimizers (``Adam(fused=True)``) step wrongly,
+    silently, on a gradient whose strides differ from its parameter's."""
+    if g.layout != torch.strided or p.layout != torch.strided:
+        return g.clone()
+    return torch.empty_like(p, dtype=g.dtype, memory_format=torch.preserve_format).copy_(g)
+
+
 class MetaOptimizer:
     """Drop-in outer optimizer for bi-level problems (MAML, learned inner rates, ...).
 
@@ -596,7 +606,7 @@ class MetaOptimizer:
             g = g.detach().to(p.dtype)
             old = p.grad
             if old is None:
-                replace.append((p, g.clone()))
+                replace.append((p, _grad_layout(p, g)))
             elif _writable(old):
                 in_place.append((old, g))
             else:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
@@ -36,6 +37,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "scripted", "held_tensors",
            "root_of", "graph_reaches",
@@ -85,6 +87,32 @@ def scripted(module: nn.Module) -> List[str]:
     return found
 
 
+# A loss that differentiates inside itself (a PINN's du/dx, a gradient penalty): under
+# torch.func.vmap, torch.autograd.grad does not see the tensors outside the transform (a
+# frozen body: allow_unused gives None, silently), and in a sweep that chains the exact
+# steps' graphs its derivatives would run back through the earlier steps.
+AUTOGRAD_CALLS = frozenset({torch.autograd.grad, torch.autograd.backward, Tensor.backward})
+
+
+# What a sweep sets for the whole process: the global generators (seeded per step) and the
+# attention flags. Sweeps in several threads would reseed each other's streams and leave the
+# flags as another one found them, so they take turns (reentrant: a loss may call the library).
+_PROCESS_STATE = threading.RLock()
+
+
+class Differentiates(TorchFunctionMode):
+    """Notes whether the code run under it calls :data:`AUTOGRAD_CALLS` (``found``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in AUTOGRAD_CALLS:
+            self.found = True
+        return func(*args, **(kwargs or {}))
+
+
 class FunctionalModel:
     """The user's module evaluated at given parameters and buffers.
 
@@ -122,14 +150,36 @@ class FunctionalModel:
         swap = self._module_swap() if self.swap is ... else self.swap
         if swap is None:
             check_parametrize_cache(self.module)
-            return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+            if not self.buffers:
+                return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+            # functional_call puts the module's own buffers back before it returns: read the
+            # replaced ones from inside the call, after the forward.
+            slots = [(sub._buffers, key, f"{prefix}.{key}" if prefix else key)
+                     for prefix, sub in self.module.named_modules(remove_duplicate=False)
+                     for key in sub._buffers]
+            given = dict(self.buffers)
+            handle = self.module.register_forward_hook(lambda *_: self._read_back(slots, given))
+            try:
+                return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+            finally:
+                handle.remove()
         if swap.parametrized:
             check_parametrize_cache(self.module)
+        given = dict(self.buffers)
         saved = swap.put(self.params, self.buffers)
         try:
             return self.module(*args, **kwargs)
         finally:
+            self._read_back(swap.slots, given)
             swap.restore(saved)
+
+    def _read_back(self, slots, given: Dict[str, Tensor]) -> None:
+        """Take as this call's buffers those the forward replaced (``self.rm = a * self.rm
+        + ...``) rather than wrote in place: the module's table holds them, as an ordinary
+        call of the module would have left them."""
+        for table, key, name in slots:
+            if name in given and table[key] is not None and table[key] is not given[name]:
+                self.buffers[name] = table[key]
 
     def _module_swap(self) -> Optional["Reparametrization"]:
         """The module's swap now, if it knows every name given. functional_call does not
@@ -484,7 +534,9 @@ class PerTask:
         grads = torch.autograd.grad(loss, state.params, create_graph=create_graph, allow_unused=True)
         if any(g is None for g in grads):
             grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(state.params, grads))
-        return loss, grads, tuple(fm.buffers[n] for n in loop.buffer_names) if fm.buffers else ()
+        # Buffers are not differentiated: one the forward wrote with a graph (an update
+        # without no_grad) must not carry it into the next step.
+        return loss, grads, tuple(fm.buffers[n].detach() for n in loop.buffer_names) if fm.buffers else ()
 
     def hvp(self, loop, state, batch, vec):
         def loss_of(ps):
@@ -646,6 +698,7 @@ class InnerLoop:
         module, rule = problem.model, problem.config.rule
         self.module, self.evaluator, self.rule = module, evaluator, rule
         self.inner_loss, self.outer_loss, self.query = problem.inner_loss, problem.outer_loss, query
+        self.differentiates = False  # the inner loss calls AUTOGRAD_CALLS (see _watched_grad)
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
         self.batch = batch_getter(support, self.steps)
         named, self.module_buffers, self.swap = Reparametrization.layout(module)  # one walk per loop
@@ -700,21 +753,23 @@ class InnerLoop:
     @contextlib.contextmanager
     def streams(self):
         """Save the global random state, run the body, restore it: whoever runs the
-        loop's steps wraps them in this once (each step seeds its own stream). With
+        loop's steps wraps them in this once (each step seeds its own stream). Calls in
+        several threads take turns (:data:`_PROCESS_STATE`). With
         ``math_attention`` the body runs under the math attention kernel. The body
         runs without ``nn.MultiheadAttention``'s inference fast path: under ``vmap``
         the parameters hide ``requires_grad``, and in ``eval()`` mode the layer
         would take that path, which has no derivative."""
-        cpu = torch.get_rng_state()
-        cuda = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
-        try:
-            with (_math_attention() if self.math_attention else contextlib.nullcontext()), \
-                    _no_attention_fastpath():
-                yield
-        finally:
-            torch.set_rng_state(cpu)
-            for d, s in zip(self.cuda_devices, cuda):
-                torch.cuda.set_rng_state(s, d)
+        with _PROCESS_STATE:
+            cpu = torch.get_rng_state()
+            cuda = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
+            try:
+                with (_math_attention() if self.math_attention else contextlib.nullcontext()), \
+                        _no_attention_fastpath():
+                    yield
+            finally:
+                torch.set_rng_state(cpu)
+                for d, s in zip(self.cuda_devices, cuda):
+                    torch.cuda.set_rng_state(s, d)
 
     def _seed(self, j: int) -> None:
         """Seed the global generators with step ``j``'s stream (inside :meth:`streams`)."""
@@ -722,16 +777,6 @@ class InnerLoop:
         torch.default_generator.manual_seed(seed)
         for d in self.cuda_devices:
             torch.cuda.default_generators[d].manual_seed(seed)
-
-    def _rng_state(self) -> Tuple[bytes, ...]:
-        """The global generators' states (the ones :meth:`_seed` seeds), as bytes."""
-        states = [torch.default_generator.get_state()]
-        states += [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
-        return tuple(t.numpy().tobytes() for t in states)  # numpy comes with checkpoint_schedules
-
-    def _rng_moved(self, saved: Tuple[bytes, ...]) -> bool:
-        """Whether a random number was drawn since :meth:`_rng_state` returned ``saved``."""
-        return self._rng_state() != saved
 
     @contextlib.contextmanager
     def stream(self, j: int):
@@ -792,11 +837,7 @@ class InnerLoop:
         if stop == 0:
             return state, None
         if self.plain_rate is not None and stop > 1 and not _autocasting(state.params):
-            # From 3 steps on, the check of whether the losses draw random numbers costs less
-            # than the reseeding it saves.
-            out = self._sgd_forward(state, stop, log, seeded=stop < 3)
-            # None: a step after the first drew random numbers; run again, seeding every step.
-            return out if out is not None else self._sgd_forward(state, stop, log, seeded=True)
+            return self._sgd_forward(state, stop, log)
         state, loss, g = self.advance(state, 1)
         log.first(loss)
         grad_sum = g if self.learned_hyper else None
@@ -807,26 +848,17 @@ class InnerLoop:
                 grad_sum = tuple(a + b for a, b in zip(grad_sum, g))
         return state, grad_sum
 
-    def _sgd_forward(self, state: State, stop: int, log, seeded: bool) -> Optional[Tuple[State, None]]:
+    def _sgd_forward(self, state: State, stop: int, log) -> Tuple[State, None]:
         """:meth:`forward` for plain SGD at a plain-number rate, ``stop >= 2``.
 
         Steps ``2..stop`` update the parameters step 1 made in place (one foreach
         kernel each, through detached aliases: the gradients carry no graph), and a
         module without buffers is evaluated through one :class:`FunctionalModel`
-        for all of them. Unless ``seeded``, a step after the first is seeded only if
-        step 1 drew random numbers: a step that draws none computes the same
-        whatever its stream. Returns ``None``, with ``log`` rewound, when a later
-        step drew random numbers although step 1 did not (they came from step 1's
-        stream, not their own): the caller runs again, seeded.
+        for all of them. Every step is seeded with its own stream, as elsewhere: a
+        loss may draw random numbers without moving the global generator's state
+        (inside ``torch.random.fork_rng()``), so whether it draws is not checked.
         """
-        start = log.count
-        rng = None
-        if not seeded:
-            self._seed(1)
-            rng = self._rng_state()
-        state, loss, _ = self.advance(state, 1)  # advance seeds step 1 again: the same stream
-        if rng is not None and self._rng_moved(rng):
-            rng, seeded = None, True  # the losses draw random numbers: every step its own stream
+        state, loss, _ = self.advance(state, 1)
         log.first(loss)
         params, rate, batch, grad = state.params, -self.plain_rate, self.batch, self.evaluator.grad
         for p in params:
@@ -835,17 +867,31 @@ class InnerLoop:
         fm = None if state.buffers else self.fmodel(params, ())
         with _grad_mode(True):
             for j in range(2, stop + 1):
-                if seeded:
-                    self._seed(j)
+                self._seed(j)
                 loss, grads, buffers = grad(self, state, batch(j - 1), False, fm)
                 torch._foreach_add_(targets, grads, alpha=rate)
                 if buffers:
                     state = State(params, state.opt, buffers)
                 log.first(loss.detach())
-        if rng is not None and self._rng_moved(rng):
-            log.rewind(start)
-            return None
         return state, None
+
+    def _watched_grad(self, leaves: State, j: int):
+        """:meth:`_grad` with a graph, noting in ``differentiates`` whether the inner loss
+        calls :data:`AUTOGRAD_CALLS`: a PINN's du/dx or a gradient penalty taken through
+        chained steps would differentiate the earlier steps too, so a connected sweep then
+        keeps its records apart (per step, as recompute does)."""
+        user, watch = self.inner_loss, Differentiates()
+
+        def watched(fm, batch):
+            with watch:
+                return user(fm, batch)
+
+        self.inner_loss = watched
+        try:
+            return self._grad(leaves, j, create_graph=True)
+        finally:
+            self.inner_loss = user
+            self.differentiates = watch.found
 
     def record(self, state: State, j: int, plan: SweepPlan) -> "StepRecord":
         """Step ``j`` kept for the reverse sweep: with a graph of the exact rule
@@ -855,15 +901,20 @@ class InnerLoop:
         exact = j > plan.exact_after
         graph = exact and self.hvp == "revrev"
         linked = graph and plan.connected
-        if linked and j > plan.exact_after + 1:
+        first = linked and j == plan.exact_after + 1
+        if linked and not first and not self.differentiates:
             leaves = state  # the previous record's outputs, with their graph
         else:
             leaves = State(*(tuple(t.detach().requires_grad_(t.is_floating_point()) for t in part)
                              for part in state[:2]), state.buffers)
         with torch.enable_grad():
-            loss, grads, buffers = self._grad(leaves, j, create_graph=graph)
+            if first:  # an inner loss that differentiates must not see the earlier steps' graphs
+                loss, grads, buffers = self._watched_grad(leaves, j)
+            else:
+                loss, grads, buffers = self._grad(leaves, j, create_graph=graph)
             if graph:
                 out = self.apply_rule(grads, leaves)
+        linked = linked and not self.differentiates
         if not graph:
             with torch.no_grad():
                 out = self.apply_rule(grads, leaves)

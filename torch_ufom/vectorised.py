@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .unroll import (FunctionalModel, StepBatches, _check_depends, graph_reaches, loss_and_aux,
-                     renormalises_weights)
+from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, graph_reaches,
+                     loss_and_aux, renormalises_weights)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
@@ -262,9 +262,12 @@ class _Probe(TorchFunctionMode):
         self.wrong: set = set()
         self.attention_dropout = False
         self.slow_on_cpu: Dict[str, int] = {}
+        self.differentiates = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in AUTOGRAD_CALLS:
+            self.differentiates = True
         entry = _UNSAFE_NORMS.get(func)
         if entry is not None and entry[1](args, kwargs):
             self.norms.add(entry[0])
@@ -291,6 +294,7 @@ class Probe(NamedTuple):
     attention_dropout: bool  # attention with dropout (fwdrev would differentiate another function)
     slow_on_cpu: Dict[str, int]  # CPU operations too large to pay vectorised: largest output size
     own_generator: bool = False  # a random operation draws from a generator of the user's
+    differentiates: bool = False  # a loss calls torch.autograd.grad or backward (AUTOGRAD_CALLS)
 
 
 def _probe_params(module: nn.Module, adapted) -> Dict[str, Tensor]:
@@ -305,8 +309,9 @@ def _probe_params(module: nn.Module, adapted) -> Dict[str, Tensor]:
 
 
 def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, adapted=None) -> Probe:
-    """One evaluation of the inner loss at the module's parameters, without a graph
-    and with the random states restored: what decides how a sweep may run.
+    """One evaluation of the inner loss at detached copies of the module's parameters
+    (requiring gradients as the parameters do, so that a loss that differentiates runs),
+    with the random states restored: what decides how a sweep may run.
     ``Probe.wrong`` also names the submodules whose gradient ``vmap`` gets wrong
     (:func:`wrong_under_vmap`), and, with ``outer_loss``, the operations one
     evaluation of it on ``query`` calls (with gradients enabled, as the sweep runs
@@ -317,12 +322,13 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
     versions = {n: b._version for n, b in buffers.items()}
-    params = _probe_params(module, adapted)
+    named = dict(module.named_parameters())
+    params = {n: t.requires_grad_(named[n].requires_grad) for n, t in _probe_params(module, adapted).items()}
     fm = FunctionalModel(module, params, buffers)
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     aten = _AtenProbe()
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), mode, aten:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), mode, aten:
             inner_loss(fm, batch)
     finally:
         aten.restore()
@@ -346,7 +352,9 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             outer_aten.restore()
         wrong |= outer.wrong | outer_aten.wrong
         aten.generators.update(outer_aten.generators)
-    return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators))
+        mode.differentiates |= outer.differentiates
+    return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators),
+                 mode.differentiates)
 
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
