@@ -165,12 +165,13 @@ class FunctionalModel:
                 handle.remove()
         if swap.parametrized:
             check_parametrize_cache(self.module)
-        given = dict(self.buffers)
+        given = dict(self.buffers) if self.buffers else None
         saved = swap.put(self.params, self.buffers)
         try:
             return self.module(*args, **kwargs)
         finally:
-            self._read_back(swap.slots, given)
+            if given:
+                self._read_back(swap.slots, given)
             swap.restore(saved)
 
     def _read_back(self, slots, given: Dict[str, Tensor]) -> None:
