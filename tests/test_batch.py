@@ -647,9 +647,10 @@ def test_an_embedding_with_padding_idx_read_only_by_the_outer_loss_falls_back(fu
     assert rel_err(got, [sum(t) for t in zip(*loop)]) < 1e-12
 
 
-def test_an_outer_loss_that_differentiates_runs_vectorised():
+def test_an_outer_loss_that_differentiates_runs_the_loop_with_a_warning():
     # An outer loss with an input-gradient penalty (it calls torch.autograd.grad) must run: a
-    # probe that evaluated the outer loss under no_grad made every vectorised call raise.
+    # probe that evaluated the outer loss under no_grad made every vectorised call raise. It runs
+    # the per-task loop, saying why (under vmap, autograd.grad misses tensors outside it).
     model, loss, data = mlp_problem(7)
     supports = tuple(torch.stack([data[i][k] for i in range(3)]) for k in range(2))
     queries = tuple(torch.stack([data[10 + i][k] for i in range(3)]) for k in range(2))
@@ -660,7 +661,8 @@ def test_an_outer_loss_that_differentiates_runs_vectorised():
         (gx,) = torch.autograd.grad(value, x, create_graph=True)
         return value + 0.1 * (gx ** 2).sum()
     kw = dict(steps=2, inner_lr=0.1, mode="exact")
-    got = torch_ufom.hypergrad_batch(model, loss, outer, supports, queries, vectorise=True, **kw)
+    with pytest.warns(UserWarning, match="per-task loop: a loss calls torch.autograd.grad"):
+        got = torch_ufom.hypergrad_batch(model, loss, outer, supports, queries, vectorise=True, **kw)
     loop = [torch_ufom.hypergrad(model, loss, outer, tuple(t[i] for t in supports),
                                  tuple(t[i] for t in queries), **kw) for i in range(3)]
     assert rel_err(got, [sum(t) for t in zip(*loop)]) < 1e-10

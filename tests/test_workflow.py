@@ -1570,6 +1570,12 @@ def test_a_hyperparameter_read_only_by_the_inner_loss_gets_zeros_on_first_order_
                                          r"\['params'\]\[4\] .*ufom"):
         fom.backward(inner, sq_loss, support, query)
     assert l2.grad is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per tensor ...
+        fom.backward(inner, sq_loss, support, query)
+    fom.reconfigure(steps=2)  # ... and configuration (a bool set once never warned again)
+    with pytest.warns(UserWarning, match=r"mode='fom' gives no hypergradient"):
+        fom.backward(inner, sq_loss, support, query)
     exact = build("exact")  # every task exact: None means a tensor the losses do not read
     unused = torch.tensor(1.0, requires_grad=True)
     exact.optimizer.add_param_group({"params": [unused]})

@@ -226,7 +226,7 @@ class MetaOptimizer:
         self._reduced_total = 0  # the number of tasks it reduced
         self._holding = False  # the tasks since then wrote some .grad
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
-        self._warned_fom_gaps = False  # fom left a meta-parameter without a hypergradient
+        self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
 
     # -- the resolved configuration: read-only; reconfigure() changes it --------------------
@@ -291,6 +291,7 @@ class MetaOptimizer:
                 (config.adaptive.rule, config.adaptive.beta) == (old.rule, old.beta))
         self._config, self._signature = config, self._current_signature()
         self._slow_ops = None  # what the probe found and where vmap failed: look again
+        self._warned_fom_gaps = set()
         if not keep:
             self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
             self._observations = []
@@ -563,7 +564,7 @@ class MetaOptimizer:
         branches, that ``None`` is the estimate's zero, written as zeros so that a
         stateful outer optimizer (momentum, Adam) steps on it as on every other
         draw. Under ``fom``, whose estimate never reaches such a tensor, it stays
-        ``None`` and a warning (once) names it.
+        ``None`` and a warning (once per tensor and configuration) names it.
         """
         if all(g is not None for g in grads):
             return grads
@@ -574,9 +575,11 @@ class MetaOptimizer:
             return grads
         survival = problem.law.survival(problem.config.steps)[1]
         if survival == 0.0:
-            if not self._warned_fom_gaps:
-                self._warned_fom_gaps = True
-                names = ", ".join(self._name(meta[i]) for i in gaps)
+            new = [name for name in map(self._name, (meta[i] for i in gaps))
+                   if name not in self._warned_fom_gaps]
+            if new:
+                self._warned_fom_gaps.update(new)
+                names = ", ".join(new)
                 warnings.warn(f"mode='fom' gives no hypergradient to {names}: the first-order estimate "
                               "ignores how the inner loop depends on it, so its .grad stays None "
                               "(use mode='ufom' or 'exact' to learn it)", stacklevel=3)
