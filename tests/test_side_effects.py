@@ -265,3 +265,32 @@ def test_calls_in_two_threads_keep_their_own_random_streams():
             for a, b in zip(got[seed], want[seed]):
                 assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert (torch.backends.mha.get_fastpath_enabled(), torch.backends.cuda.flash_sdp_enabled()) == flags
+
+
+# -- E: what a MetaOptimizer keeps between meta-batches ------------------------------------
+
+def test_a_meta_optimizer_keeps_neither_the_last_losses_nor_their_captures_and_pickles():
+    # What the last probe found kept the losses themselves: a tensor a loss captured stayed
+    # alive after the user dropped both, and torch.save(meta) failed on a lambda.
+    import gc
+    import io
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DTYPE)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2,
+                                    inner_lr=0.1, mode="exact", vectorise=True)
+    supports, queries = _data(3, (2, 5, 3), (2, 5, 1)), _data(4, (2, 5, 3), (2, 5, 1))
+    def make():
+        captured = torch.ones(1000, dtype=DTYPE)
+        return (lambda f, b: mse(f, b) + 0 * captured.sum()), weakref.ref(captured)
+
+    loss, alive = make()
+    meta.backward_batch(loss, mse, supports, queries)
+    meta.step()
+    del loss
+    gc.collect()
+    assert alive() is None
+    torch.save(meta, io.BytesIO())
+    copied = copy.deepcopy(meta)
+    copied.backward_batch(mse, mse, supports, queries)

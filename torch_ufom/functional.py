@@ -11,9 +11,11 @@ public entry point (:func:`hypergrad`, :func:`hypergrad_batch`,
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -224,14 +226,35 @@ class SlowOps(NamedTuple):
     (``failed_exact``) or for any (``failed``): the loop then runs at once instead of failing
     again."""
 
-    inner_loss: Callable
-    device: torch.device
+    inner_loss: Callable  # weak references (_weak): what is kept must not keep the losses'
+    device: torch.device  # captured tensors, or the submodules, alive
     ops: Tuple[str, ...]
     wrong: Tuple[str, ...] = ()
-    outer_loss: Optional[Callable] = None
+    outer_loss: Callable = lambda: None
     failed: str = ""
     failed_exact: str = ""
-    modules: tuple = ()  # the submodules (identity, type) these findings are for
+    modules: tuple = ()  # the submodules these findings are for
+
+    def applies(self, inner_loss, outer_loss, device, modules) -> bool:
+        """Whether these findings are for these losses, device and submodules."""
+        return (_same(self.inner_loss, inner_loss) and _same(self.outer_loss, outer_loss)
+                and self.device == device and len(self.modules) == len(modules)
+                and all(r() is m for r, m in zip(self.modules, modules)))
+
+
+def _weak(obj) -> Callable[[], Any]:
+    """A weak reference to ``obj`` where it takes one (a bound method: to its function and
+    object), else a function returning ``obj``."""
+    try:
+        return weakref.WeakMethod(obj) if inspect.ismethod(obj) else weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
+def _same(ref: Callable[[], Any], obj) -> bool:
+    """Whether ``ref`` refers to ``obj`` (a bound method: the same function and object)."""
+    held = ref()
+    return held is obj or (inspect.ismethod(obj) and held == obj)
 
 
 class Plan(NamedTuple):
@@ -363,9 +386,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         size = sum(named[n].numel() for n in problem.config.adapted)
         if size >= SLOW_ON_CPU_ELEMENTS:
             return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
-    modules = tuple((id(m), type(m)) for m in problem.model.modules())
-    if known is not None and (known.inner_loss is not problem.inner_loss or known.device != device
-                              or known.outer_loss is not problem.outer_loss or known.modules != modules):
+    modules = tuple(problem.model.modules())
+    if known is not None and not known.applies(problem.inner_loss, problem.outer_loss, device, modules):
         known = None  # other losses, device or submodules: where vmap failed no longer applies
     if exact is None:  # whether some task runs an exact sweep: from the draws where known
         exact = problem.law.survival(problem.config.steps)[1] > 0.0
@@ -387,10 +409,11 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
     found = probe(problem.model, problem.inner_loss, first, problem.outer_loss, task_of(queries, 0),
                   problem.config.adapted)
-    known = SlowOps(problem.inner_loss, device, tuple(
+    known = SlowOps(_weak(problem.inner_loss), device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
-        tuple(sorted(found.wrong)), problem.outer_loss,
-        *((known.failed, known.failed_exact) if known is not None else ("", "")), modules)
+        tuple(sorted(found.wrong)), _weak(problem.outer_loss),
+        *((known.failed, known.failed_exact) if known is not None else ("", "")),
+        tuple(map(weakref.ref, modules)))
     if auto and known.ops:
         return Plan(None, _slow(known.ops), False, known)
     if known.wrong:

@@ -262,6 +262,13 @@ class MetaOptimizer:
         law = self.law
         return law.q if isinstance(law, Bernoulli) else None
 
+    def __getstate__(self):
+        # What the last meta-batch's probe found holds weak references to its losses, which
+        # neither pickle nor deepcopy takes: a copy looks again at its first meta-batch.
+        state = self.__dict__.copy()
+        state["_slow_ops"] = None
+        return state
+
     def reconfigure(self, **changes) -> None:
         """Change the configuration between outer steps, keeping every other state.
 
