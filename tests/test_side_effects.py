@@ -294,3 +294,57 @@ def test_a_meta_optimizer_keeps_neither_the_last_losses_nor_their_captures_and_p
     torch.save(meta, io.BytesIO())
     copied = copy.deepcopy(meta)
     copied.backward_batch(mse, mse, supports, queries)
+
+
+def test_a_replaced_buffer_equal_at_the_probe_s_batch_still_runs_the_loop():
+    # The probe's model filled the probe's own dict with what the forward replaced, so its
+    # identity check never fired: a running maximum unchanged at the first batch vectorised,
+    # with the buffer held constant (0.26 off the per-task loop).
+    class Observer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1).to(DTYPE)
+            self.register_buffer("mx", torch.ones((), dtype=DTYPE))
+
+        def forward(self, x):
+            self.mx = torch.maximum(self.mx, x.detach().abs().amax())
+            return self.lin(x) / self.mx
+
+    torch.manual_seed(0)
+    model = Observer()
+
+    def scaled(scale, seed):
+        x = _data(seed, (2, 4, 2))[0]
+        return scale * x / x.abs().amax(dim=(1, 2), keepdim=True)
+
+    steps = [(scaled(s, i), _data(10 + i, (2, 4, 1))[0]) for i, s in enumerate((0.5, 2.0, 0.5))]
+    query = _data(20, (2, 4, 2), (2, 4, 1))
+    kw = dict(steps=3, inner_lr=0.1, mode="exact")
+    with pytest.warns(UserWarning, match="buffers that the losses write"):
+        got = torch_ufom.hypergrad_batch(model, mse, mse, torch_ufom.StepBatches(steps), query, **kw)
+    per = [torch_ufom.hypergrad(model, mse, mse, torch_ufom.StepBatches([(a[i], b[i]) for a, b in steps]),
+                                (query[0][i], query[1][i]), **kw) for i in range(2)]
+    assert rel_err(got, [sum(t) for t in zip(*per)]) < 1e-12
+
+
+def test_an_adapted_model_called_under_vmap_keeps_plain_buffers():
+    # The read-back of a replaced buffer ran under the user's torch.func.vmap and kept vmap's
+    # batched tensor: the next plain call raised torch's "tensor may have escaped".
+    class EMA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1).to(DTYPE)
+            self.register_buffer("rm", torch.zeros((), dtype=DTYPE))
+
+        def forward(self, x):
+            self.rm = 0.9 * self.rm + 0.1 * x.detach().mean()
+            return self.lin(x) - self.rm
+
+    torch.manual_seed(0)
+    x, y = _data(1, (4, 2), (4, 1))
+    fm = torch_ufom.adapt(EMA(), mse, (x, y), steps=2, inner_lr=0.1)
+    before = fm.buffers["rm"]
+    torch.func.vmap(lambda xi: fm(xi.unsqueeze(0)))(x)
+    assert fm.buffers["rm"] is before
+    fm(x)
+    assert not torch.equal(fm.buffers["rm"], before)  # a plain call carries it on

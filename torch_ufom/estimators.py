@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .schedules import Schedule
 from .truncation import telescope_weights
-from .unroll import Loop, SweepPlan, chain_vjp
+from .unroll import Loop, SweepPlan, Unchain, chain_vjp
 
 __all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient", "plus"]
 
@@ -315,7 +315,13 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     # records keep no gradient (forward-over-reverse records keep theirs for H u).
     plan = SweepPlan(exact_after=r - K, first_order_until=0 if identity else r - start_f,
                      connected=connected)
-    state, records = schedule.sweep(loop, state, swept, r, log, plan)
+    count = log.count
+    try:
+        state, records = schedule.sweep(loop, state, swept, r, log, plan)
+    except Unchain:  # a step's inner loss differentiated through the chained steps before it
+        log.count = count  # (the steps ran: the call counters keep them)
+        connected, plan = False, plan._replace(connected=False)
+        state, records = schedule.sweep(loop, state, swept, r, log, plan)
     final_buffers = state.buffers
 
     e, explicit, outer_loss, aux = loop.outer_vjp(state)

@@ -67,8 +67,10 @@ class MetaResult:
 def _grad_layout(p: Tensor, g: Tensor) -> Tensor:
     """A copy of ``g`` laid out as autograd lays out a new ``.grad``: with ``p``'s strides
     where ``p`` is dense and non-overlapping (channels_last, a transposed parameter),
-    else contiguous. torch's fused optimizers (``Adam(fused=True)``) step wrongly,
-    silently, on a gradient whose strides differ from its parameter's."""
+    else in the memory format its strides suggest (``torch.preserve_format``; autograd
+    takes contiguous strides there, the values are the same). torch's fused optimizers
+    (``Adam(fused=True)``) step wrongly, silently, on a gradient whose strides differ
+    from its parameter's."""
     if g.layout != torch.strided or p.layout != torch.strided:
         return g.clone()
     return torch.empty_like(p, dtype=g.dtype, memory_format=torch.preserve_format).copy_(g)

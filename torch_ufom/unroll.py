@@ -108,9 +108,21 @@ class Differentiates(TorchFunctionMode):
         self.found = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in AUTOGRAD_CALLS:
+        if func in AUTOGRAD_CALLS and outside_transforms():
             self.found = True
         return func(*args, **(kwargs or {}))
+
+
+def outside_transforms() -> bool:
+    """Whether no ``torch.func`` transform is running (``torch.func.grad`` calls
+    ``torch.autograd.grad`` inside its own: such a loss differentiates only its own
+    inputs, and vectorises)."""
+    return torch._C._functorch.maybe_current_level() is None
+
+
+class Unchain(Exception):
+    """Raised by :meth:`InnerLoop.record` when a chained step's inner loss differentiated
+    through the earlier steps (``SweepPlan.connected``): the sweep runs again unchained."""
 
 
 class FunctionalModel:
@@ -177,7 +189,11 @@ class FunctionalModel:
     def _read_back(self, slots, given: Dict[str, Tensor]) -> None:
         """Take as this call's buffers those the forward replaced (``self.rm = a * self.rm
         + ...``) rather than wrote in place: the module's table holds them, as an ordinary
-        call of the module would have left them."""
+        call of the module would have left them. Not under a ``torch.func`` transform,
+        whose tensors must not outlive it (the library's vectorised sweeps run such a
+        module per task: the probe sees the replacement)."""
+        if not outside_transforms():
+            return
         for table, key, name in slots:
             if name in given and table[key] is not None and table[key] is not given[name]:
                 self.buffers[name] = table[key]
@@ -903,18 +919,31 @@ class InnerLoop:
         graph = exact and self.hvp == "revrev"
         linked = graph and plan.connected
         first = linked and j == plan.exact_after + 1
-        if linked and not first and not self.differentiates:
+        chained = linked and not first and not self.differentiates
+        if chained:
             leaves = state  # the previous record's outputs, with their graph
         else:
             leaves = State(*(tuple(t.detach().requires_grad_(t.is_floating_point()) for t in part)
                              for part in state[:2]), state.buffers)
-        with torch.enable_grad():
-            if first:  # an inner loss that differentiates must not see the earlier steps' graphs
-                loss, grads, buffers = self._watched_grad(leaves, j)
-            else:
-                loss, grads, buffers = self._grad(leaves, j, create_graph=graph)
-            if graph:
-                out = self.apply_rule(grads, leaves)
+        # A chained step whose inner loss differentiates (the first did not: a loss that does
+        # so at some steps only) runs a backward through the previous step's update: its nodes,
+        # which this step's own gradient (taken at them) never runs, are watched.
+        leaked: List[int] = []
+        hooks = [t.grad_fn.register_prehook(lambda _, leaked=leaked: leaked.append(1))
+                 for t in leaves.diff if t.grad_fn is not None] if chained else []
+        try:
+            with torch.enable_grad():
+                if first:  # an inner loss that differentiates must not see the earlier steps' graphs
+                    loss, grads, buffers = self._watched_grad(leaves, j)
+                else:
+                    loss, grads, buffers = self._grad(leaves, j, create_graph=graph)
+                if graph:
+                    out = self.apply_rule(grads, leaves)
+        finally:
+            for h in hooks:
+                h.remove()
+        if leaked:
+            raise Unchain(j)
         linked = linked and not self.differentiates
         if not graph:
             with torch.no_grad():

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, graph_reaches,
-                     loss_and_aux, renormalises_weights)
+                     loss_and_aux, outside_transforms, renormalises_weights)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
@@ -266,7 +266,7 @@ class _Probe(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in AUTOGRAD_CALLS:
+        if func in AUTOGRAD_CALLS and outside_transforms():
             self.differentiates = True
         entry = _UNSAFE_NORMS.get(func)
         if entry is not None and entry[1](args, kwargs):
@@ -324,7 +324,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     versions = {n: b._version for n, b in buffers.items()}
     named = dict(module.named_parameters())
     params = {n: t.requires_grad_(named[n].requires_grad) for n, t in _probe_params(module, adapted).items()}
-    fm = FunctionalModel(module, params, buffers)
+    fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     aten = _AtenProbe()
     try:
