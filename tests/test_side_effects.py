@@ -329,7 +329,8 @@ def test_a_replaced_buffer_equal_at_the_probe_s_batch_still_runs_the_loop():
 
 def test_an_adapted_model_called_under_vmap_keeps_plain_buffers():
     # The read-back of a replaced buffer ran under the user's torch.func.vmap and kept vmap's
-    # batched tensor: the next plain call raised torch's "tensor may have escaped".
+    # batched tensor: the next plain call raised torch's "tensor may have escaped". A
+    # replacement under a transform is refused, and the model stays usable.
     class EMA(nn.Module):
         def __init__(self):
             super().__init__()
@@ -344,7 +345,41 @@ def test_an_adapted_model_called_under_vmap_keeps_plain_buffers():
     x, y = _data(1, (4, 2), (4, 1))
     fm = torch_ufom.adapt(EMA(), mse, (x, y), steps=2, inner_lr=0.1)
     before = fm.buffers["rm"]
-    torch.func.vmap(lambda xi: fm(xi.unsqueeze(0)))(x)
+    with pytest.raises(RuntimeError, match="replaced its buffer 'rm'"):
+        torch.func.vmap(lambda xi: fm(xi.unsqueeze(0)))(x)
     assert fm.buffers["rm"] is before
     fm(x)
     assert not torch.equal(fm.buffers["rm"], before)  # a plain call carries it on
+
+
+def test_a_buffer_replaced_at_a_later_step_only_runs_the_loop():
+    # The probe sees the first step's batch: an observer switched on at step 2 replaced its
+    # buffer under vmap, where the new value was dropped, silently (0.37 off the loop).
+    class Observer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(1, 4).to(DTYPE), nn.Linear(4, 1).to(DTYPE)
+            self.register_buffer("m", torch.ones(4, dtype=DTYPE))
+
+        def forward(self, x, observe=False):
+            h = torch.tanh(self.a(x))
+            if observe:
+                self.m = torch.maximum(self.m, 2 * h.detach().abs().amax(0))
+            return self.b(h / self.m)
+
+    def inner(f, b):
+        return ((f(b[0], observe=len(b) == 3) - b[1]) ** 2).mean()
+
+    torch.manual_seed(3)
+    model = Observer()
+    x, y = _data(5, (3, 6, 1), (3, 6, 1))
+    query = _data(6, (3, 5, 1), (3, 5, 1))
+    kw = dict(steps=3, inner_lr=0.1, mode="exact")
+    steps = torch_ufom.StepBatches([(x, y), (x, y, y), (x, y)])
+    with pytest.warns(UserWarning, match="per-task loop: an error under torch.func.vmap"):
+        got = torch_ufom.hypergrad_batch(model, inner, mse, steps, query, vectorise=True, **kw)
+    per = [torch_ufom.hypergrad(model, inner, mse, torch_ufom.StepBatches([tuple(t[i] for t in b)
+                                                                          for b in steps]),
+                                (query[0][i], query[1][i]), **kw) for i in range(3)]
+    assert rel_err(got, [sum(t) for t in zip(*per)]) < 1e-12
+    assert torch.equal(model.m, torch.ones(4, dtype=DTYPE))

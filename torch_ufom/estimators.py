@@ -315,13 +315,15 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     # records keep no gradient (forward-over-reverse records keep theirs for H u).
     plan = SweepPlan(exact_after=r - K, first_order_until=0 if identity else r - start_f,
                      connected=connected)
-    count = log.count
+    count, start = log.count, state
     try:
         state, records = schedule.sweep(loop, state, swept, r, log, plan)
     except Unchain:  # a step's inner loss differentiated through the chained steps before it
+        records = None  # (outside the handler, which would keep the aborted records alive)
+    if records is None:
         log.count = count  # (the steps ran: the call counters keep them)
         connected, plan = False, plan._replace(connected=False)
-        state, records = schedule.sweep(loop, state, swept, r, log, plan)
+        state, records = schedule.sweep(loop, start, swept, r, log, plan)
     final_buffers = state.buffers
 
     e, explicit, outer_loss, aux = loop.outer_vjp(state)

@@ -182,20 +182,25 @@ class FunctionalModel:
         try:
             return self.module(*args, **kwargs)
         finally:
-            if given:
-                self._read_back(swap.slots, given)
-            swap.restore(saved)
+            try:
+                if given:
+                    self._read_back(swap.slots, given)
+            finally:
+                swap.restore(saved)
 
     def _read_back(self, slots, given: Dict[str, Tensor]) -> None:
         """Take as this call's buffers those the forward replaced (``self.rm = a * self.rm
         + ...``) rather than wrote in place: the module's table holds them, as an ordinary
-        call of the module would have left them. Not under a ``torch.func`` transform,
-        whose tensors must not outlive it (the library's vectorised sweeps run such a
-        module per task: the probe sees the replacement)."""
-        if not outside_transforms():
-            return
+        call of the module would have left them. Under a ``torch.func`` transform, whose
+        tensors must not outlive it, a replacement raises (the library's vectorised
+        sweeps then run per task, with a warning; the probe finds one at the first step)."""
+        inside = not outside_transforms()
         for table, key, name in slots:
             if name in given and table[key] is not None and table[key] is not given[name]:
+                if inside:
+                    raise RuntimeError(f"the module's forward replaced its buffer {name!r} (self.{key} = "
+                                       "...) under a torch.func transform (vmap), which its new value "
+                                       "cannot leave; call the module per sample or task")
                 self.buffers[name] = table[key]
 
     def _module_swap(self) -> Optional["Reparametrization"]:
