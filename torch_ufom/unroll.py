@@ -723,6 +723,9 @@ class InnerLoop:
         self.differentiates = False  # the inner loss calls AUTOGRAD_CALLS (see _watched_grad)
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
         self.batch = batch_getter(support, self.steps)
+        # Per-step batches may make a loss differentiate at some steps only (record watches them).
+        self.per_step = isinstance(support, StepBatches) or (
+            callable(support) and not isinstance(support, (Tensor, nn.Module)))
         named, self.module_buffers, self.swap = Reparametrization.layout(module)  # one walk per loop
         self.named = dict(named)  # the module's parameters by name
         self.names = list(problem.config.adapted)
@@ -931,11 +934,12 @@ class InnerLoop:
             leaves = State(*(tuple(t.detach().requires_grad_(t.is_floating_point()) for t in part)
                              for part in state[:2]), state.buffers)
         # A chained step whose inner loss differentiates (the first did not: a loss that does
-        # so at some steps only) runs a backward through the previous step's update: its nodes,
-        # which this step's own gradient (taken at them) never runs, are watched.
+        # so at some steps only, told by its per-step batches; with one batch for every step,
+        # the first step stands for all) runs a backward through the previous step's update:
+        # its nodes, which this step's own gradient (taken at them) never runs, are watched.
         leaked: List[int] = []
         hooks = [t.grad_fn.register_prehook(lambda _, leaked=leaked: leaked.append(1))
-                 for t in leaves.diff if t.grad_fn is not None] if chained else []
+                 for t in leaves.diff if t.grad_fn is not None] if chained and self.per_step else []
         try:
             with torch.enable_grad():
                 if first:  # an inner loss that differentiates must not see the earlier steps' graphs
