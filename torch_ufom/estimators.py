@@ -368,13 +368,14 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
             f = _scaled(c[m], e) if f is None else tuple(plus(a, c[m] * b) for a, b in zip(f, e))
     # c_K = 1 / P_K > 0, so f is set here whatever K.
 
-    def finish(adjoint, acc, hooks=False):
+    def finish(adjoint, acc, hooks=False, unread=frozenset()):
         # The first r - K steps (first-order, additive rule) and the initial parameters.
         if grad_sum is not None:
             _add(acc, loop.first_order_theta(adjoint[:len(s0.params)], grad_sum, s0))
-        return _assemble(loop, params, adjoint, acc, hooks)
+        return _assemble(loop, params, adjoint, acc, hooks, unread)
 
-    grads = finish(f, theta, hooks)  # the statistics below are not the user's gradients
+    # The statistics below are not the user's gradients: they stay dense.
+    grads = finish(f, theta, hooks, loop.unread_params())
     g0 = finish(f0, theta_0) if diagnostics else None
     gk = finish(e, theta_k) if diagnostics else None
     est = Estimate(grads, outer_loss, inner_losses, K, inv_p,
@@ -389,16 +390,22 @@ def _scaled(weight: float, tensors: Sequence[Tensor]) -> Tuple[Tensor, ...]:
     return tuple(tensors) if weight == 1.0 else tuple(weight * t for t in tensors)
 
 
-def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta, hooks: bool = False) -> Tuple:
+def _assemble(loop: Loop, params: Sequence[Tensor], adjoint, theta, hooks: bool = False,
+              unread: frozenset = frozenset()) -> Tuple:
     """One gradient per tensor of ``params``: its direct terms plus, for a model
     parameter, the adjoint of its initial value (through the parameter's hooks
-    with ``hooks``, once per task: :func:`_hooked`)."""
+    with ``hooks``, once per task: :func:`_hooked`); ``None`` for an adapted
+    parameter in ``unread`` (indices into ``loop.names``: no loss read it) without
+    direct terms, as autograd gives a tensor its graph does not reach."""
     direct = {id(t): g for t, g in zip(loop.meta, theta)}
     index = {id(loop.named[n]): i for i, n in enumerate(loop.names)}
     grads = []
     for p in params:
         g = direct.get(id(p))
         if id(p) in index:
+            if g is None and index[id(p)] in unread:
+                grads.append(None)
+                continue
             adj = adjoint[index[id(p)]]
             reduced = loop.reduce(adj)
             if hooks and getattr(p, "_backward_hooks", None):

@@ -27,8 +27,8 @@ from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import TruncationLaw
-from .unroll import (Evaluator, FwdRevError, InnerLoop, PerTask, Problem, batch_getter, held_tensors,
-                     root_of, scripted, sparse_weights)
+from .unroll import (Evaluator, FwdRevError, InnerLoop, PerTask, Problem, StepBatches, batch_getter,
+                     held_tensors, root_of, scripted, sparse_weights)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
                          probe, reads_meta_directly, select_tasks, task_of)
 
@@ -264,6 +264,7 @@ class Plan(NamedTuple):
     reason: str  # why the loop, or how vmap runs
     fallback: bool  # the loop runs although vmap was asked for (the entry points warn)
     slow_ops: Optional[SlowOps]  # what the probe found for these losses and device
+    unread: frozenset = frozenset()  # adapted parameters the inner loss never reads (vectorised)
 
 
 def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
@@ -310,7 +311,9 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
         done: List[Tuple[List[int], Estimate, float]] = []  # the groups that ran vectorised
         if plan.problem is not None:
             try:
-                _run_groups(plan.problem, supports, queries, truncations, seeds, done)
+                # With per-step batches a loss may read a parameter at later steps only.
+                unread = frozenset() if isinstance(supports, StepBatches) else plan.unread
+                _run_groups(plan.problem, supports, queries, truncations, seeds, done, unread)
                 return BatchRun(done, True, reason, truncations, False, slow_ops, len(done))
             except FloatingPointError:
                 raise  # a non-finite loss or hypergradient: the loop would find it again
@@ -343,12 +346,14 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
         return BatchRun(groups, False, reason, truncations, fallback, slow_ops, len(done))
 
 
-def _run_groups(problem: Problem, supports, queries, truncations, seeds, done: list) -> None:
-    """One vectorised sweep per drawn ``K``, each appended to ``done`` as it finishes."""
+def _run_groups(problem: Problem, supports, queries, truncations, seeds, done: list,
+                unread: frozenset = frozenset()) -> None:
+    """One vectorised sweep per drawn ``K``, each appended to ``done`` as it finishes
+    (``unread``: the adapted parameters the inner loss never reads, as the probe found)."""
     for k, index in group_by_truncation(truncations).items():
         start = time.perf_counter()
         tasks = (select_tasks(supports, index), select_tasks(queries, index))
-        est = run_estimate(problem, Vectorised(len(index)), tasks, k, seeds[index[0]])
+        est = run_estimate(problem, Vectorised(len(index), unread), tasks, k, seeds[index[0]])
         done.append((index, est, time.perf_counter() - start))
 
 
@@ -427,12 +432,20 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
                     "running statistics cannot be vectorised)", True, known)
     if found.differentiates:
         return Plan(None, DIFFERENTIATES, True, known)
+    if found.hooks:
+        return Plan(None, "a loss registers a gradient hook on a tensor (Tensor.register_hook), which the "
+                    "gradients taken through torch.func.vmap do not run", True, known)
+    if exact and found.once:  # the per-task loop raises (unroll.check_twice_differentiable)
+        return Plan(None, f"{', '.join(found.once)} has a @once_differentiable backward", True, known)
     if exact and problem.hvp == "fwdrev":
+        why = found.fwdrev_obstacle()
+        if why:
+            raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
         check_fwdrev_reads(problem, first)
     if not exact or problem.hvp == "fwdrev" or not found.norms:
-        return Plan(problem, "", False, known)
+        return Plan(problem, "", False, known, found.unread)
     norms = ", ".join(sorted(found.norms))
-    why = fwdrev_obstacle(problem.model, problem.config, problem.params)
+    why = fwdrev_obstacle(problem.model, problem.config, problem.params) or found.fwdrev_obstacle()
     if not why and reads_meta_directly(problem.model, problem.inner_loss, first, problem.params,
                                        problem.config.adapted):
         why = READS_META
@@ -441,7 +454,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
                     f"(pytorch/functorch#534) and forward-over-reverse, which would replace it, {why}",
                     True, known)
     return Plan(problem._replace(hvp="fwdrev"), "forward-over-reverse HVPs: vmap differentiates "
-                f"{norms} twice wrongly (pytorch/functorch#534)", False, known)
+                f"{norms} twice wrongly (pytorch/functorch#534)", False, known, found.unread)
 
 
 def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
@@ -464,6 +477,9 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
             raise ValueError("Invalid hvp: 'fwdrev' cannot run a loss that calls torch.autograd.grad or "
                              "backward (a PINN's du/dx, a gradient penalty): torch.func.jvp does not see "
                              "through it; use 'revrev' or 'auto'")
+        why = found.fwdrev_obstacle()
+        if why:
+            raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
         check_fwdrev_reads(problem, first)
 
 
@@ -498,10 +514,12 @@ def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:
 
 
 def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
-    """Validate ``params`` (default: the model's parameters, frozen ones included, which
-    get zeros): distinct floating-point tensors, each requiring grad when given."""
+    """Validate ``params`` (default: the model's floating-point parameters, frozen ones
+    included, which get zeros; a frozen integer or complex one has no gradient and is left
+    out): distinct floating-point tensors, each requiring grad when given."""
     given = params is not None
-    params = list(model.parameters()) if params is None else params
+    if not given:
+        params = [p for p in model.parameters() if p.is_floating_point() or p.requires_grad]
     if isinstance(params, Tensor) or not isinstance(params, (list, tuple)) and \
             not hasattr(params, "__iter__"):
         raise TypeError(f"Invalid params: expected a sequence of tensors, got {type(params).__name__}")
@@ -638,7 +656,8 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             ``128 (G + N + |s|) / (1.35 |s|)``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         params: tensors to differentiate with respect to (default: the model's
-            parameters, a frozen one getting zeros). Any tensor the losses or
+            parameters, a frozen one getting zeros; a frozen integer or complex one,
+            which has no gradient, left out). Any tensor the losses or
             ``inner_lr`` use may be included; each must require grad, as for
             ``torch.autograd.grad``.
         generator: a ``torch.Generator`` for the truncation draw and the

@@ -637,7 +637,8 @@ class Adam(InnerRule):
             if betas is None or b1 is not betas[0] or b2 is not betas[1]:
                 # The bias corrections, once for the parameters that share their betas.
                 betas = (b1, b2)
-                corrections = (1 - _pow(b1, _local(t, b1)), _safe_sqrt(1 - _pow(b2, _local(t, b2))))
+                corrections = (_one_minus_pow(b1, _local(t, b1)),
+                               _safe_sqrt(_one_minus_pow(b2, _local(t, b2))))
             corr1, root2 = corrections
             if isinstance(corr1, Tensor) and (corr1.dtype != p.dtype or corr1.device != p.device):
                 # Computed in the count's dtype (a 0-d parameter would be promoted to it), on
@@ -755,11 +756,21 @@ class RMSprop(InnerRule):
         return super().__repr__()[:-1] + f", centered={self.centered})"
 
 
-def _pow(base, t: Tensor) -> Tensor:
-    """``base ** t`` for a float or tensor ``base`` and a tensor step count ``t``."""
-    # A Python base stays a scalar argument: as a new tensor it would be a copy to the
+def _one_minus_pow(base, t: Tensor) -> Tensor:
+    """``1 - base ** t`` for a float or tensor ``base`` and a tensor step count ``t``.
+
+    For a Python ``base`` (``torch.optim.Adam`` computes its corrections in double
+    precision) it is ``-expm1(t log(base))`` with the logarithm taken in double: in
+    the count's dtype, ``1 - base ** t`` would carry the rounding of ``base`` to that
+    dtype, relative ``1e-4`` for ``beta2 = 0.9999`` in float32 at small ``t``. A tensor
+    ``base`` (a learned beta) is the user's value in its own dtype."""
+    if isinstance(base, Tensor):
+        return 1 - torch.pow(base, t)
+    if base <= 0.0:
+        return torch.ones_like(t)  # 1 - 0 ** t for t >= 1
+    # A Python number stays a scalar argument: as a new tensor it would be a copy to the
     # device (a host synchronisation on CUDA) at every step.
-    return torch.pow(base, t)
+    return -torch.expm1(t * math.log(base))
 
 
 def _safe_sqrt(x):

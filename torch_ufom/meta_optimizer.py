@@ -21,7 +21,7 @@ from .adapt import adapt
 from .config import Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads, task_aux
-from .inner import InnerRule, PerStep
+from .inner import InnerRule, PerStep, _in_range
 from .truncation import Bernoulli, TruncationLaw
 
 __all__ = ["MetaOptimizer", "MetaResult"]
@@ -434,6 +434,10 @@ class MetaOptimizer:
                  *, force_truncation: Optional[int] = None) -> MetaResult:
         """Run one task and accumulate its hypergradient estimate into ``.grad``.
 
+        As ``loss.backward()`` does, a parameter that no loss reads at any step (a
+        head the task does not use) gets nothing: its ``.grad`` stays as it was
+        (``None`` after ``zero_grad()``), so a stateful outer optimizer skips it.
+
         Args:
             inner_loss, outer_loss: ``(fmodel, batch) -> scalar tensor``;
                 ``fmodel`` is called like the module but runs at the current
@@ -495,6 +499,10 @@ class MetaOptimizer:
         Returns:
             One :class:`MetaResult` per task. In a vectorised run the step
             counts are those of the task's group (one vectorised step counts once).
+            A parameter no loss reads gets no ``.grad``, as from :meth:`backward`,
+            except in a vectorised run with per-step batches
+            (:class:`~torch_ufom.StepBatches`), where it gets zeros (the look at
+            the first task sees the first step's batch only).
 
         Raises:
             ValueError: tensors whose leading sizes differ (the message names
@@ -883,7 +891,10 @@ class MetaOptimizer:
         not one (``None``, ``{}``, the outer optimizer's own ``state_dict``),
         an outer optimizer state with other parameter groups or counts (the
         outer optimizer then checks its own entries, and what it refuses
-        changes nothing either), ``meta_tensors`` of another number or shape,
+        changes nothing either, but like ``torch.optim`` it does not look at the
+        values of its per-parameter state or hyperparameters), ``meta_tensors``
+        of another number, shape or dtype, not finite, or, for an inner rule's
+        hyperparameter (a learned ``inner_lr``), out of its range,
         a generator state without a generator or not a valid state,
         ``q="auto"`` statistics for a fixed ``q``, of another ``q_rule``, or
         with missing or invalid entries (a dict saved with a fixed ``q`` starts
@@ -898,6 +909,7 @@ class MetaOptimizer:
         """
         extra = self._extra_meta()
         _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive, extra)
+        _check_meta_values(state_dict.get("meta_tensors"), extra, self._config.rule)
         opt, gen = self.optimizer, self.generator
         saved = (opt.state, opt.param_groups)
         try:
@@ -1125,6 +1137,34 @@ def _check_meta_tensors(values: Any, extra: List[Tensor]) -> None:
         raise ValueError(
             f"Invalid state_dict['meta_tensors']: shapes {[tuple(v.shape) for v in values]}, but the "
             f"meta-parameters that are not the module's have shapes {[tuple(t.shape) for t in extra]}")
+
+
+def _check_meta_values(values: Any, extra: List[Tensor], rule: InnerRule) -> None:
+    """Raise unless the values ``values`` (checked by :func:`_check_meta_tensors`) would
+    give are real and finite, and those of the inner rule's hyperparameters in their range
+    (``rule.ranges``), as the constructor checks them."""
+    if not values:
+        return
+    where = {}  # id of an extra tensor -> the hyperparameter key it holds (or a view of it)
+    for key, value in rule.hyper.items():
+        for v in (value.values() if isinstance(value, Mapping) else (value,)):
+            v = v.values if isinstance(v, PerStep) else v
+            if isinstance(v, Tensor):
+                where.setdefault(id(v if v._base is None else v._base), key)
+    for i, (v, t) in enumerate(zip(values, extra)):
+        name = f"state_dict['meta_tensors'][{i}]"
+        if not v.is_floating_point():
+            raise ValueError(f"Invalid {name}: a {v.dtype} tensor (expected {t.dtype}, the dtype of the "
+                             "meta-parameter it restores)")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"Invalid {name}: its values are not all finite")
+        key = where.get(id(t if t._base is None else t._base))
+        if key is not None:
+            low, high, closed = rule.ranges.get(key, (0.0, math.inf, False))
+            if not bool(_in_range(v, low, high, closed)):
+                span = f">= {low}" if high == math.inf else f"in [{low}, {high}{']' if closed else ')'}"
+                raise ValueError(f"Invalid {name}: it restores {rule.labels.get(key, key)}, whose values "
+                                 f"must be {span}")
 
 
 def _check_optimizer_state(sd: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -538,6 +538,15 @@ class Loop(Protocol):
     def apply_rule(self, grads, state: State):
         """The inner rule's update at ``state`` (differentiable)."""
 
+    def unread_params(self) -> frozenset:
+        """The adapted parameters no loss read (after :meth:`outer_vjp`)."""
+
+    def note_unread(self, missing: frozenset) -> None:
+        """An evaluator's report: one step's inner loss did not read ``missing``."""
+
+    def check_twice_differentiable(self, loss: Tensor) -> None:
+        """An evaluator's check of the first inner loss evaluated with a graph."""
+
 
 class PerTask:
     """The :class:`Evaluator` of one task: ``torch.autograd`` on the losses."""
@@ -553,9 +562,14 @@ class PerTask:
         if not (type(loss) is Tensor and loss.requires_grad and loss.dim() == 0
                 and loss.dtype.is_floating_point and not loss.is_meta):
             loss, _ = loss_and_aux(loss, "inner_loss")  # the inner aux is dropped
+        if create_graph:
+            loop.check_twice_differentiable(loss)
         grads = torch.autograd.grad(loss, state.params, create_graph=create_graph, allow_unused=True)
         if any(g is None for g in grads):
+            loop.note_unread(frozenset(i for i, g in enumerate(grads) if g is None))
             grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(state.params, grads))
+        else:
+            loop.note_unread(_NOTHING)
         # Buffers are not differentiated: one the forward wrote with a graph (an update
         # without no_grad) must not carry it into the next step.
         return loss, grads, tuple(fm.buffers[n].detach() for n in loop.buffer_names) if fm.buffers else ()
@@ -662,6 +676,54 @@ def _update_reads(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor
     return graph_reaches(starts, leaves, nodes)
 
 
+_NOTHING: frozenset = frozenset()
+
+
+def graph_survey(starts: Sequence[Any]) -> Tuple[set, List[type]]:
+    """What autograd's graph from the nodes ``starts`` reaches: the ``id`` of every leaf
+    tensor, and the class of every custom ``torch.autograd.Function`` applied."""
+    seen, stack, leaves, functions = set(), list(starts), set(), []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.add(id(variable))
+        cls = getattr(node, "_forward_cls", None)
+        if cls is not None and cls not in functions:
+            functions.append(cls)
+        stack.extend(f for f, _ in node.next_functions)
+    return leaves, functions
+
+
+_ONCE = torch.autograd.function.once_differentiable(lambda ctx, *grads: grads).__code__
+
+
+def once_differentiable(functions: Sequence[type]) -> List[str]:
+    """The names of the custom ``torch.autograd.Function`` classes among ``functions``
+    whose backward is marked ``@once_differentiable``."""
+    return [cls.__name__ for cls in functions
+            if getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE]
+
+
+def check_twice_differentiable(loss: Tensor) -> None:
+    """Raise if the graph of ``loss`` applies a custom ``torch.autograd.Function`` whose
+    backward is ``@once_differentiable``: ``torch.autograd.grad`` with ``create_graph``
+    gives its gradient no graph (or one whose error node it never runs), so an exact
+    sweep would drop that second derivative silently."""
+    if loss.grad_fn is None:
+        return
+    names = once_differentiable(graph_survey([loss.grad_fn])[1])
+    if names:
+        raise RuntimeError(
+            f"inner_loss applies {', '.join(names)}, a torch.autograd.Function whose backward is "
+            "marked @once_differentiable: an exact hypergradient needs its second derivative, which "
+            "torch would drop silently here; write its backward with differentiable torch operations "
+            "(or use mode='fom', which needs none)")
+
+
 def graph_reaches(starts: Sequence[Any], leaves: set, nodes: set = frozenset()) -> bool:
     """Whether autograd's graph from the nodes ``starts`` reaches a leaf whose ``id`` is in
     ``leaves`` or a node in ``nodes`` (a non-leaf tensor's ``grad_fn``)."""
@@ -721,6 +783,12 @@ class InnerLoop:
         self.module, self.evaluator, self.rule = module, evaluator, rule
         self.inner_loss, self.outer_loss, self.query = problem.inner_loss, problem.outer_loss, query
         self.differentiates = False  # the inner loss calls AUTOGRAD_CALLS (see _watched_grad)
+        # The adapted parameters (indices into names) that no inner step's loss has read so
+        # far (None: no step ran yet), and those the outer loss does not read (outer_vjp):
+        # a parameter in both gets no gradient, as from loss.backward() (unread()).
+        self.unread: Optional[frozenset] = None
+        self.twice_checked = False  # check_twice_differentiable ran on a step with a graph
+        self.outer_unread: frozenset = _NOTHING
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
         self.batch = batch_getter(support, self.steps)
         # Per-step batches may make a loss differentiate at some steps only (record watches them).
@@ -729,6 +797,9 @@ class InnerLoop:
         named, self.module_buffers, self.swap = Reparametrization.layout(module)  # one walk per loop
         self.named = dict(named)  # the module's parameters by name
         self.names = list(problem.config.adapted)
+        known = getattr(evaluator, "unread_names", None)  # a vectorised evaluator's probe
+        if known is not None:
+            self.unread = frozenset(i for i, n in enumerate(self.names) if n in known)
         # Parameters the inner loop does not adapt keep their module values (as
         # leaves: a meta-parameter among them gets its gradient through every step).
         # The adapted ones start from copies (initial_state): a forward may write its
@@ -808,6 +879,25 @@ class InnerLoop:
         """Run the body under step ``j``'s own random stream (inside :meth:`streams`)."""
         self._seed(j)
         yield
+
+    # -- what the losses read -----------------------------------------------------------
+    def note_unread(self, missing: frozenset) -> None:
+        """One inner step's loss did not read the adapted parameters ``missing`` (indices
+        into ``names``): those left unread by every step so far."""
+        self.unread = missing if self.unread is None else self.unread & missing
+
+    def check_twice_differentiable(self, loss: Tensor) -> None:
+        """:func:`check_twice_differentiable` on the first step evaluated with a graph."""
+        if not self.twice_checked:
+            check_twice_differentiable(loss)
+            self.twice_checked = True
+
+    def unread_params(self) -> frozenset:
+        """The adapted parameters (indices into ``names``) that neither the outer loss
+        nor any inner step's loss read: the adjoint of their initial value is zero, and
+        autograd gives such a tensor no gradient at all (``None``), which a stateful outer
+        optimizer tells from zero (it skips the tensor). Call after :meth:`outer_vjp`."""
+        return (self.unread or _NOTHING) & self.outer_unread
 
     # -- one inner step ------------------------------------------------------------
     def _grad(self, state: State, j: int, create_graph: bool):
@@ -994,6 +1084,7 @@ class InnerLoop:
         params = tuple(p.detach().requires_grad_() for p in state.params)
         with torch.enable_grad(), self.stream(self.steps + 1):
             loss, aux, grads = self.evaluator.outer(self, params, state)
+        self.outer_unread = frozenset(i for i, g in enumerate(grads[:len(params)]) if g is None)
         e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
         e = self._dense(e) + tuple(torch.zeros_like(t) for t in state.opt)
         return e, list(grads[len(params):]), loss.detach(), detached(aux)

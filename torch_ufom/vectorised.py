@@ -28,7 +28,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, graph_reaches,
-                     loss_and_aux, outside_transforms, renormalises_weights)
+                     graph_survey, loss_and_aux, once_differentiable, outside_transforms,
+                     renormalises_weights)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
@@ -263,11 +264,18 @@ class _Probe(TorchFunctionMode):
         self.attention_dropout = False
         self.slow_on_cpu: Dict[str, int] = {}
         self.differentiates = False
+        self.stops_gradients = False
+        self.hooks = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in AUTOGRAD_CALLS and outside_transforms():
             self.differentiates = True
+        if func in _HOOKS:
+            self.hooks = True
+        elif not (self.stops_gradients or torch.is_grad_enabled()) and any(
+                isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves((args, kwargs))):
+            self.stops_gradients = True  # a no_grad section in a loss or forward
         entry = _UNSAFE_NORMS.get(func)
         if entry is not None and entry[1](args, kwargs):
             self.norms.add(entry[0])
@@ -285,6 +293,11 @@ class _Probe(TorchFunctionMode):
         return out
 
 
+# Gradient hooks registered on tensors while a loss runs: vmap's gradients and
+# forward-mode AD do not run them.
+_HOOKS = {Tensor.register_hook, Tensor.register_post_accumulate_grad_hook}
+
+
 class Probe(NamedTuple):
     """What :func:`probe` found."""
 
@@ -295,6 +308,28 @@ class Probe(NamedTuple):
     slow_on_cpu: Dict[str, int]  # CPU operations too large to pay vectorised: largest output size
     own_generator: bool = False  # a random operation draws from a generator of the user's
     differentiates: bool = False  # a loss calls torch.autograd.grad or backward (AUTOGRAD_CALLS)
+    unread: frozenset = frozenset()  # adapted parameters the inner loss does not read (names)
+    functions: Tuple[str, ...] = ()  # custom torch.autograd.Function classes the inner loss applies
+    once: Tuple[str, ...] = ()  # those whose backward is @once_differentiable
+    stops_gradients: bool = False  # an operation on a tensor requiring grad ran under no_grad
+    hooks: bool = False  # a loss registers a gradient hook on a tensor (Tensor.register_hook)
+
+    def fwdrev_obstacle(self) -> str:
+        """Why forward-over-reverse HVPs would differentiate another function than the
+        gradient the step took (``""``: nothing found): forward-mode AD passes through
+        ``no_grad`` sections, runs a custom Function's ``jvp`` (not its backward) and no
+        tensor hooks (a custom Function's forward runs under ``no_grad`` too)."""
+        if self.functions:
+            return (f"cannot run a loss that applies a custom torch.autograd.Function "
+                    f"({', '.join(self.functions)}): forward-mode AD runs its jvp, not the backward the "
+                    "step differentiated")
+        if self.stops_gradients:
+            return ("cannot run a loss with a torch.no_grad() section on tensors that require grad (a "
+                    "stop-gradient): forward-mode AD passes through it")
+        if self.hooks:
+            return ("cannot run a loss that registers a gradient hook on a tensor (Tensor.register_hook): "
+                    "forward-mode AD does not run it")
+        return ""
 
 
 def _probe_params(module: nn.Module, adapted) -> Dict[str, Tensor]:
@@ -329,9 +364,15 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     aten = _AtenProbe()
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), mode, aten:
-            inner_loss(fm, batch)
+            out = inner_loss(fm, batch)
     finally:
         aten.restore()
+    unread, functions = frozenset(), []
+    loss = out[0] if isinstance(out, tuple) and out else out
+    if isinstance(loss, Tensor) and loss.grad_fn is not None:
+        reached, functions = graph_survey([loss.grad_fn])
+        if adapted is not None:
+            unread = frozenset(n for n in adapted if id(params[n]) not in reached)
     # Kernels such as batch_norm write running statistics without bumping the version.
     written = [n for n, b in fm.buffers.items()
                if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
@@ -353,8 +394,10 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
         wrong |= outer.wrong | outer_aten.wrong
         aten.generators.update(outer_aten.generators)
         mode.differentiates |= outer.differentiates
+        mode.hooks |= outer.hooks
     return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators),
-                 mode.differentiates)
+                 mode.differentiates, unread, tuple(cls.__name__ for cls in functions),
+                 tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks)
 
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
@@ -417,10 +460,14 @@ class Vectorised:
 
     Args:
         size: the number of tasks.
+        unread_names: the adapted parameters the inner loss reads at no step
+            (:func:`probe` on the first task, with one batch for every step), which
+            the loop cannot see through ``torch.func.grad``'s zeros.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, unread_names: frozenset = frozenset()):
         self.size = size
+        self.unread_names = unread_names
 
     def stack(self, params):
         # A copy, not an expanded view: forward-mode AD writes into its inputs' tangents.
