@@ -935,6 +935,65 @@ def test_zero_grad_resets_the_task_count_of_the_mean():
     assert_close(got["discarded first"], got["plain"], 0.0, "zero_grad then mean")
 
 
+def _task_sums(tasks, seed=73):
+    """Each task's hypergradient, from a MetaOptimizer with reduction="sum" (exact: deterministic)."""
+    model, meta, _ = _two_task_run(seed, reduction="sum")
+    sums = []
+    for support, query in tasks:
+        meta.zero_grad()
+        meta.backward(sq_loss, sq_loss, support, query)
+        sums.append([p.grad.clone() for p in model.parameters()])
+    return sums
+
+
+def test_gradients_carried_into_the_next_step_are_not_divided_again():
+    # No zero_grad between outer steps (the loss.mean().backward() idiom accumulates each
+    # step's mean onto what .grad held): the mean divides only what the step's tasks added.
+    model, meta, tasks = _two_task_run()
+    meta.optimizer.param_groups[0]["lr"] = 0.0  # the parameters stay put: one set of task gradients
+    g0, g1 = _task_sums(tasks)
+    for support, query in tasks:
+        meta.backward(sq_loss, sq_loss, support, query)
+    meta.step()
+    first = [p.grad.clone() for p in model.parameters()]
+    assert_close(first, [(a + b) / 2 for a, b in zip(g0, g1)], 1e-14, "first step's mean")
+    for support, query in tasks:
+        meta.backward(sq_loss, sq_loss, support, query)
+    meta.step()
+    assert_close([p.grad for p in model.parameters()], [2 * f for f in first], 1e-14, "carried mean")
+
+
+@pytest.mark.parametrize("clear", ["optimizer", "module"])
+def test_gradients_zeroed_in_place_reset_the_task_count_of_the_mean(clear):
+    # zero_grad(set_to_none=False) of the outer optimizer or the module discards the tasks
+    # so far: the mean is over the tasks run after it.
+    model, meta, tasks = _two_task_run()
+    g0, g1 = _task_sums(tasks)
+    meta.backward(sq_loss, sq_loss, *tasks[0])
+    meta.backward(sq_loss, sq_loss, *tasks[1])
+    (meta.optimizer if clear == "optimizer" else model).zero_grad(set_to_none=False)
+    for support, query in tasks:
+        meta.backward(sq_loss, sq_loss, support, query)
+    assert meta.synchronize() == 2
+    assert_close([p.grad for p in model.parameters()], [(a + b) / 2 for a, b in zip(g0, g1)], 1e-14,
+                 "mean after an in-place zero_grad")
+
+
+def test_gradients_cleared_in_part_warn_under_the_mean():
+    # module.zero_grad() clears the module's gradients only, not a learned rate's: the task
+    # count of the mean no longer fits both, which a warning says.
+    model = _build(73, mlp)
+    supports, queries = _regression(73)
+    lr = torch.tensor(LR, dtype=torch.float64, requires_grad=True)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([{"params": model.parameters()},
+                                                            {"params": [lr]}], lr=0.5),
+                                    inner_lr=lr, steps=STEPS, mode="exact", reduction="mean")
+    meta.backward(sq_loss, sq_loss, task_of(supports, 0), task_of(queries, 0))
+    model.zero_grad()
+    with pytest.warns(UserWarning, match="cleared since the last task and others not"):
+        meta.backward(sq_loss, sq_loss, task_of(supports, 1), task_of(queries, 1))
+
+
 def test_a_failed_step_leaves_the_pending_gradients_and_a_retry_steps_once():
     model, meta, tasks = _two_task_run()
     for support, query in tasks:

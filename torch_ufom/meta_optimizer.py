@@ -227,6 +227,12 @@ class MetaOptimizer:
         self._reduced = False  # synchronize() ran since the last step or zero_grad
         self._reduced_total = 0  # the number of tasks it reduced
         self._holding = False  # the tasks since then wrote some .grad
+        # What .grad held before the first of those tasks wrote (a previous step's gradients,
+        # not cleared): the reduction leaves it as it is (:meth:`_carry`).
+        self._carried: Optional[List[Tuple[Tensor, Tensor]]] = None
+        # The .grad tensors as the last write left them (weak reference, version): a later
+        # change by other code shows (:meth:`_check_cleared`).
+        self._written: Optional[List[Tuple[Tensor, Any, int]]] = None
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
         self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
@@ -348,7 +354,7 @@ class MetaOptimizer:
         as the constructor would (an error then changes nothing).
         """
         meta = tuple(self.meta_parameters())
-        self._check_cleared(meta)
+        self._check_cleared(meta, stacklevel=4)
         if self._reduced:
             raise ValueError("Invalid call: a task after synchronize(): .grad already holds the "
                              "reduced gradients; call step() or zero_grad() first")
@@ -421,14 +427,58 @@ class MetaOptimizer:
         """Forget the tasks since the last step: their count, their ``q="auto"``
         observations and the buffers ``track_buffers`` kept of them."""
         self._tasks, self._reduced, self._buffers, self._observations = 0, False, [], []
-        self._holding = False
+        self._holding, self._carried, self._written = False, None, None
 
-    def _check_cleared(self, meta: List[Tensor]) -> None:
+    def _check_cleared(self, meta: List[Tensor], stacklevel: int = 3) -> None:
         """Forget the earlier tasks if their gradients were cleared other than by
-        :meth:`zero_grad` (``optimizer.zero_grad()``, which sets them to ``None``):
-        ``reduction="mean"`` then divides by the tasks ``.grad`` holds."""
-        if (self._tasks or self._reduced) and self._holding and all(p.grad is None for p in meta):
+        :meth:`zero_grad`: ``optimizer.zero_grad()``, which sets them to ``None``, or a
+        ``zero_grad(set_to_none=False)`` of the outer optimizer or the module, which
+        zeroes them in place (found by the versions :meth:`_write` recorded, then one
+        read of the values): ``reduction="mean"`` then divides by the tasks ``.grad``
+        holds."""
+        if not ((self._tasks or self._reduced) and self._holding):
+            return
+        if all(p.grad is None for p in meta):
             self._forget_tasks()
+            return
+        if self._reduction != "mean" or self._written is None:
+            return  # (a sum needs no count)
+        changed = [p for p, ref, version in self._written
+                   if p.grad is None or p.grad is not ref() or p.grad._version != version]
+        if not changed:
+            return
+        values = [p for p in changed if p.grad is not None]
+        held = _any_nonzero_each(values)  # one read for all of them
+        cleared = [p for p in changed if p.grad is None] + [p for p, h in zip(values, held) if not h]
+        if len(cleared) == len(self._written):
+            self._forget_tasks()
+            return
+        if cleared:
+            warnings.warn(
+                f"reduction='mean': the gradients of {', '.join(self._name(p) for p in cleared[:3])}"
+                f"{' and others' if len(cleared) > 3 else ''} were cleared since the last task and "
+                "others not (module.zero_grad() clears the module's only), so step() divides them "
+                "all by the tasks since all were last cleared: clear them through meta.zero_grad()",
+                stacklevel=stacklevel)
+        self._record(meta)  # written by other code too (a clip, a loss of the user's)
+
+    def _carry(self, meta: List[Tensor]) -> Optional[List[Tuple[Tensor, Tensor]]]:
+        """Before the first task since the last step or :meth:`zero_grad` writes: copies
+        of the dense gradients ``.grad`` already holds, which a reduction that changes
+        ``.grad`` (``"mean"``, a ``process_group``) leaves as they are, as
+        ``loss.mean().backward()`` adds the mean to whatever ``.grad`` held (a previous
+        step's gradients, not cleared). ``None`` where there are none."""
+        if self._tasks or self._reduced or self._carried is not None or not (
+                self.distributed or self._reduction == "mean"):
+            return None
+        with torch.no_grad():
+            held = [(p, p.grad.clone()) for p in meta
+                    if p.grad is not None and p.grad.layout == torch.strided]
+        return held or None
+
+    def _record(self, meta: List[Tensor]) -> None:
+        """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
+        self._written = [(p, weakref.ref(p.grad), p.grad._version) for p in meta if p.grad is not None]
 
     def backward(self, inner_loss: Callable, outer_loss: Callable, support: Any, query: Any,
                  *, force_truncation: Optional[int] = None) -> MetaResult:
@@ -621,6 +671,7 @@ class MetaOptimizer:
         present = [(p, g) for p, g in zip(meta, grads) if g is not None]
         if not present:
             return
+        carried = self._carry(meta)
         replace, in_place = [], []
         for p, g in present:
             g = g.detach().to(p.dtype)
@@ -644,6 +695,9 @@ class MetaOptimizer:
             for old, g in in_place:
                 old.add_(g)
         self._holding = True
+        if carried is not None:
+            self._carried = carried
+        self._record(meta)
 
     def _name(self, p: Tensor) -> str:
         """How the user knows meta-parameter ``p``: its module name, else its place
@@ -707,7 +761,7 @@ class MetaOptimizer:
                 # The closure computes the gradients again (it zeroes them first, through
                 # meta.zero_grad() or the outer optimizer's): the mean is over its tasks.
                 pending = (self._tasks, self._reduced, self._observations, self._buffers,
-                           self._holding)
+                           self._holding, self._carried, self._written)
                 meta = self.meta_parameters()
                 # Weak references: a closure that sets .grad to None frees the old gradients.
                 grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
@@ -727,14 +781,15 @@ class MetaOptimizer:
                         untouched = bool(_any_nonzero(meta))
                     if untouched and not (self._tasks or self._reduced):
                         (self._tasks, self._reduced, self._observations, self._buffers,
-                         self._holding) = pending  # it failed at once: the tasks stay pending
+                         self._holding, self._carried, self._written) = pending  # it failed at once:
+                        # the tasks stay pending
                     # else .grad holds what this evaluation left (zeroed, its tasks), and so
                     # does the count
                     raise
                 self.synchronize()
                 return out
             result = self.optimizer.step(reduced)
-        self._tasks, self._reduced = 0, False
+        self._tasks, self._reduced, self._carried, self._written = 0, False, None, None
         if self.q_stats is not None:
             observations = self._observations
             if self.distributed:
@@ -788,25 +843,39 @@ class MetaOptimizer:
         unreduced gradients. A second call before then changes nothing (no
         collective runs) and returns the same number.
         """
-        self._check_cleared(self.meta_parameters())
+        meta = self.meta_parameters()
+        self._check_cleared(meta)
         if self._reduced:
             return self._reduced_total  # summing or dividing again would scale .grad
         total = self._tasks
+        # What .grad held before this step's tasks is neither summed nor divided (_carry).
+        carried = [(p, c) for p, c in self._carried or () if p.grad is not None and p.grad.shape == c.shape
+                   and p.grad.layout == torch.strided] if self._changes() else []
+        with torch.no_grad():
+            for p, c in carried:
+                p.grad.sub_(c)
         if self.distributed:
-            total = distributed.sum_gradients(self.meta_parameters(), self._tasks, self.process_group)
+            total = distributed.sum_gradients(meta, self._tasks, self.process_group)
         if self._reduction == "mean":
             self._divide(total)
+        with torch.no_grad():
+            for p, c in carried:
+                p.grad.add_(c)
         self._tasks, self._reduced, self._reduced_total = 0, True, total
+        self._record(meta)
         return total
+
+    def _changes(self) -> bool:
+        """Whether :meth:`synchronize` would change ``.grad`` now."""
+        return self.distributed or (self._reduction == "mean" and self._tasks > 1)
 
     def _reduce(self, save: bool) -> List[Tuple[Tensor, Tensor]]:
         """:meth:`synchronize` unless already done; with ``save``, return ``(parameter,
         gradient before)`` for each gradient it changed."""
         if self._reduced:
             return []
-        changes = self.distributed or (self._reduction == "mean" and self._tasks > 1)
         saved = [(p, None if p.grad is None else p.grad.clone())
-                 for p in self.meta_parameters()] if save and changes else []
+                 for p in self.meta_parameters()] if save and self._changes() else []
         self.synchronize()
         return saved
 
@@ -1029,6 +1098,21 @@ def _observation_specs():
     exact = adaptive.observe(exact=True, seconds=0.0, steps=1, forward_steps=0, reverse_steps=0,
                              g0=[], gr=[])
     return _spec(first), _spec(exact)
+
+
+def _any_nonzero_each(params: Sequence[Tensor]) -> List[bool]:
+    """For each of ``params`` (each with a ``.grad``): whether its gradient holds a nonzero
+    value (a sparse gradient's stored values count), read in one synchronisation."""
+    if not params:
+        return []
+    with torch.no_grad():
+        flags = []
+        for p in params:
+            g = p.grad
+            values = g._values() if g.layout == torch.sparse_coo else (
+                g.values() if g.layout != torch.strided else g)
+            flags.append(values.any().to(flags[0].device if flags else values.device))
+        return torch.stack(flags).tolist()
 
 
 def _any_nonzero(params: Sequence[Tensor]) -> Optional[Tensor]:
