@@ -101,23 +101,57 @@ _PROCESS_STATE = threading.RLock()
 
 
 class Differentiates(TorchFunctionMode):
-    """Notes whether the code run under it calls :data:`AUTOGRAD_CALLS` (``found``)."""
+    """Notes whether the code run under it calls :data:`AUTOGRAD_CALLS` (``found``) at
+    the ``torch.func`` transform level ``level`` (``None``: outside every transform;
+    :func:`current_level` inside the library's own transform: a loss that calls
+    ``torch.autograd.grad`` itself, where one written with ``torch.func.grad`` calls it
+    one level deeper)."""
 
-    def __init__(self):
+    def __init__(self, level: Optional[int] = None):
         super().__init__()
-        self.found = False
+        self.found, self.level = False, level
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in AUTOGRAD_CALLS and outside_transforms():
+        if func in AUTOGRAD_CALLS and current_level() == self.level:
             self.found = True
         return func(*args, **(kwargs or {}))
+
+
+def current_level() -> Optional[int]:
+    """The innermost running ``torch.func`` transform's level (``None`` outside them)."""
+    return torch._C._functorch.maybe_current_level()
+
+
+class DifferentiatesUnderTransform(RuntimeError):
+    """A loss called ``torch.autograd.grad`` or ``backward`` inside the library's own
+    ``torch.func`` transform (found at a later step of per-step batches, where the look
+    at the first step saw none): under ``vmap`` it does not see the tensors outside the
+    transform, and forward-over-reverse does not see through it. Meta-batches run the
+    per-task loop instead."""
+
+
+def watched_loss(loop: "InnerLoop", fm, batch):
+    """``loop.inner_loss(fm, batch)`` inside one of the library's ``torch.func``
+    transforms, watched for :data:`AUTOGRAD_CALLS` where the batches are per step
+    (``loop.per_step``; with one batch for every step the look at the first step
+    stands for all): :class:`DifferentiatesUnderTransform` if the loss makes one."""
+    if not loop.per_step:
+        return loop.inner_loss(fm, batch)
+    watch = Differentiates(current_level())
+    with watch:
+        out = loop.inner_loss(fm, batch)
+    if watch.found:
+        raise DifferentiatesUnderTransform(
+            "a loss calls torch.autograd.grad or backward at a later step (a PINN's du/dx, a gradient "
+            "penalty), which torch.func does not see through: run it per task with hvp='revrev'")
+    return out
 
 
 def outside_transforms() -> bool:
     """Whether no ``torch.func`` transform is running (``torch.func.grad`` calls
     ``torch.autograd.grad`` inside its own: such a loss differentiates only its own
     inputs, and vectorises)."""
-    return torch._C._functorch.maybe_current_level() is None
+    return current_level() is None
 
 
 class Unchain(Exception):
@@ -576,9 +610,14 @@ class PerTask:
 
     def hvp(self, loop, state, batch, vec):
         def loss_of(ps):
-            return loss_and_aux(loop.inner_loss(loop.fmodel(ps, state.buffers), batch), "inner_loss")[0]
+            return loss_and_aux(watched_loss(loop, loop.fmodel(ps, state.buffers), batch), "inner_loss")[0]
 
-        return torch.func.jvp(torch.func.grad(loss_of), (state.params,), (vec,))[1]
+        try:
+            return torch.func.jvp(torch.func.grad(loss_of), (state.params,), (vec,))[1]
+        except DifferentiatesUnderTransform:
+            raise ValueError("Invalid hvp: 'fwdrev' cannot run a loss that calls torch.autograd.grad or "
+                             "backward (here at a later step: a PINN's du/dx, a gradient penalty): "
+                             "torch.func.jvp does not see through it; use 'revrev' or 'auto'") from None
 
     def outer(self, loop, params, state):
         out = loop.outer_loss(loop.fmodel(params, state.buffers), loop.query)

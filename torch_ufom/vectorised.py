@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, graph_reaches,
                      graph_survey, loss_and_aux, once_differentiable, outside_transforms,
-                     renormalises_weights)
+                     renormalises_weights, watched_loss)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
@@ -476,7 +476,7 @@ class Vectorised:
     def grad(self, loop, state, batch, create_graph, fmodel=None):
         def one(params, b):  # each task's module comes from loop.fmodel inside vmap (fmodel unused)
             def loss_of(ps):
-                loss, _ = loss_and_aux(loop.inner_loss(loop.fmodel(ps, state.buffers), b), "inner_loss")
+                loss, _ = loss_and_aux(watched_loss(loop, loop.fmodel(ps, state.buffers), b), "inner_loss")
                 return loss, loss
 
             grads, loss = torch.func.grad(loss_of, has_aux=True)(params)
@@ -491,7 +491,7 @@ class Vectorised:
     def hvp(self, loop, state, batch, vec):
         def one(ps, vs, b):
             def loss_of(pp):
-                return loss_and_aux(loop.inner_loss(loop.fmodel(pp, state.buffers), b), "inner_loss")[0]
+                return loss_and_aux(watched_loss(loop, loop.fmodel(pp, state.buffers), b), "inner_loss")[0]
 
             return torch.func.jvp(torch.func.grad(loss_of), (ps,), (vs,))[1]
 
