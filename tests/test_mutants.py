@@ -2,7 +2,10 @@
 per-step random streams, per-parameter Adam betas, the replay finiteness check, the adaptive
 rule's bias correction, track_buffers over several tasks and a functional batch_norm's buffers;
 then (review AD) padded embeddings reached through ATen aliases, forward-over-reverse with a learned
-view, tasks discarded through the outer optimizer, resumes, diagnose's keywords and vmap's failures.
+view, tasks discarded through the outer optimizer, resumes, diagnose's keywords and vmap's failures;
+then (review DE) losses that differentiate through backward() or at some steps of a callable batch,
+buffers reassigned with a graph or on functional_call's path, fom's warning per tensor, bound-method
+losses, a replaced submodule freed, and a loss that calls the library.
 Every expected value comes from an oracle written here or in oracle.py, never from the library."""
 import io
 import functools
@@ -1078,3 +1081,344 @@ def test_the_vectorised_path_names_every_normalisation_vmap_differentiates_wrong
     for res in meta.backward_batch(mse, mse, tasks, tasks):
         assert res.batch_path.startswith("vectorised: forward-over-reverse"), res.batch_path
         assert "BatchNorm with batch statistics, LayerNorm with weights twice wrongly" in res.batch_path
+
+
+# -- review DE (session 18): backward() in a loss, callable batches, buffers with a graph, ---------
+# -- functional_call's read-back, fom's warning per tensor, bound-method losses, weak submodules, --
+# -- a loss that calls the library -------------------------------------------------------------------
+
+_DE_LR = 0.1
+
+
+def _de_mlp(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def _de_sq(f, b):
+    return (f(b) ** 2).mean()
+
+
+def _de_fresh(batch):
+    """The batch as new leaves (same requires_grad): a loss's own derivative is a partial one."""
+    if isinstance(batch, (tuple, list)):
+        return tuple(_de_fresh(t) for t in batch)
+    return batch.detach().requires_grad_(batch.requires_grad)
+
+
+def _de_oracle(model, inner, outer, batch, query, steps):
+    """The exact hypergradient by one float64 unrolled graph, every loss call on fresh batch leaves
+    (``batch(j)`` gives step ``j``'s batch, 0-based), as in test_inner_differentiation.py."""
+    phi = dict(model.named_parameters())
+
+    def at(phi):
+        return lambda *a: functional_call(model, phi, a)
+
+    for j in range(steps):
+        gs = torch.autograd.grad(inner(at(phi), _de_fresh(batch(j))), list(phi.values()), create_graph=True)
+        phi = {n: p - _DE_LR * g for (n, p), g in zip(phi.items(), gs)}
+    return torch.autograd.grad(outer(at(phi), _de_fresh(query)), list(model.parameters()))
+
+
+def _pinn_tensor_backward(f, x):
+    """du/dx by ``Tensor.backward(inputs=..., create_graph=True)`` instead of autograd.grad."""
+    u = f(x)
+    x.grad = None
+    u.sum().backward(inputs=[x], create_graph=True)
+    du, x.grad = x.grad, None
+    return ((du - torch.cos(3 * x)) ** 2).mean() + (u ** 2).mean()
+
+
+def _pinn_autograd_backward(f, x):
+    """du/dx by ``torch.autograd.backward(..., inputs=..., create_graph=True)``."""
+    u = f(x)
+    x.grad = None
+    torch.autograd.backward(u.sum(), inputs=[x], create_graph=True)
+    du, x.grad = x.grad, None
+    return ((du - torch.cos(3 * x)) ** 2).mean() + (u ** 2).mean()
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("memory", ["store", "checkpoint"])
+@pytest.mark.parametrize("loss", [_pinn_tensor_backward, _pinn_autograd_backward],
+                         ids=["Tensor.backward", "autograd.backward"])
+def test_a_loss_that_differentiates_with_backward_is_exact_and_refused_by_fwdrev(loss, memory):
+    # Guards Tensor.backward / torch.autograd.backward among the calls that say a loss differentiates
+    # (M02): with autograd.grad alone such a loss was chained through the earlier steps, 17.5 % off
+    # under store and checkpoint, and fwdrev failed inside the HVP instead of refusing.
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(6, 1, generator=g) * 2 - 1).requires_grad_()  # the caller's leaf, made once
+    xq = (torch.rand(6, 1, generator=g) * 2 - 1).requires_grad_()
+    model, steps = _de_mlp(3), 3
+    want = _de_oracle(model, loss, loss, lambda j: x, xq, steps)
+    got = torch_ufom.hypergrad(model, loss, loss, x, xq, steps=steps, inner_lr=_DE_LR, mode="exact",
+                               memory=memory)
+    assert rel_err(got, want) < 1e-10
+    with pytest.raises(ValueError, match=r"'fwdrev' cannot run a loss that calls torch\.autograd"):
+        torch_ufom.hypergrad(model, loss, loss, x, xq, steps=steps, inner_lr=_DE_LR, mode="exact",
+                             hvp="fwdrev", memory=memory)
+
+
+@pytest.mark.parametrize("memory", ["store", "checkpoint"])
+def test_a_loss_that_differentiates_at_later_steps_only_with_a_callable_batch(memory):
+    # Guards callables among the per-step batches whose every step is watched (M11): a callable
+    # j -> batch was taken for one batch for every step, the data fit at step 1 stood for all, and
+    # the PDE residual at steps 2 and 3 was chained through step 1: 19.4 % off.
+    g = torch.Generator().manual_seed(3)
+    model = _de_mlp(3)
+    x = (torch.rand(6, 1, generator=g) * 2 - 1).requires_grad_()
+    y = torch.sin(2 * x.detach())
+    batches = [(torch.tensor(0), x, y), (torch.tensor(1), x, y), (torch.tensor(1), x, y)]
+    q = (torch.tensor(0), torch.rand(5, 1, generator=g), torch.rand(5, 1, generator=g))
+
+    def inner(f, b):
+        flag, xx, yy = b
+        u = f(xx)
+        if flag.item() == 0:
+            return ((u - yy) ** 2).mean()
+        du, = torch.autograd.grad(u.sum(), xx, create_graph=True)
+        return ((du - 2 * torch.cos(2 * xx)) ** 2).mean() + ((u - yy) ** 2).mean()
+
+    def outer(f, b):
+        return ((f(b[1]) - b[2]) ** 2).mean()
+
+    want = _de_oracle(model, inner, outer, lambda j: batches[j], q, 3)
+    got = torch_ufom.hypergrad(model, inner, outer, lambda j: batches[j], q, steps=3, inner_lr=_DE_LR,
+                               mode="exact", memory=memory)
+    assert rel_err(got, want) < 1e-10
+
+
+class _RunCenterWithGraph(nn.Module):
+    """Centres by a running mean the forward reassigns from a value with a graph (no detach)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("rm", torch.linspace(-0.4, 0.4, d))
+
+    def forward(self, h):
+        self.rm = 0.7 * self.rm + 0.3 * h.mean(0)  # the buffer now carries this step's graph
+        return torch.tanh(h - self.rm)
+
+
+@pytest.mark.parametrize("memory", ["store", "checkpoint"])
+def test_a_buffer_reassigned_with_a_graph_reaches_the_next_step_detached(memory):
+    # Guards the detach of the buffers a step hands to the next (M21): docs/porting.md says an
+    # update made with a graph is differentiated within its own step and reaches the next one
+    # detached; without the detach the next steps differentiated through it, 19.1 % off.
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _RunCenterWithGraph(4), nn.Linear(4, 2))
+    g = torch.Generator().manual_seed(1)
+    s = (torch.randn(6, 3, generator=g), torch.randn(6, 2, generator=g))
+    q = (torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g))
+    steps, lr = 3, 0.5
+    # The oracle: a copy of the module called as a module, its parameter entries replaced by the
+    # unrolled tensors, its buffer detached between steps.
+    m = copy.deepcopy(model)
+    slots = [(mod, n) for mod in m.modules() for n in mod._parameters]
+    leaves = list(model.parameters())
+
+    def put(phi):
+        for (mod, n), t in zip(slots, phi, strict=True):
+            mod._parameters[n] = t
+
+    phi = leaves
+    for _ in range(steps):
+        put(phi)
+        gs = torch.autograd.grad(mse(m, s), phi, create_graph=True)
+        phi = [p - lr * gr for p, gr in zip(phi, gs)]
+        m[1].rm = m[1].rm.detach()
+    put(phi)
+    want = torch.autograd.grad(mse(m, q), leaves)
+    rm0 = model[1].rm.clone()
+    got = torch_ufom.hypergrad(model, mse, mse, s, q, steps=steps, inner_lr=lr, mode="exact", memory=memory)
+    assert rel_err(got, want) < 1e-10
+    assert torch.equal(model[1].rm, rm0)
+
+
+class _EMACentre(nn.Module):
+    """A linear layer fed ``x`` minus a running mean the forward replaces (``self.rm = ...``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.register_buffer("rm", torch.zeros(2))
+
+    def forward(self, x):
+        self.rm = 0.5 * self.rm + 0.5 * x.mean(0).detach()
+        return self.lin(x - self.rm)
+
+
+class _TwoPaths(nn.Module):
+    """The same submodule reached by two paths (``a.*`` and ``b.*``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = _EMACentre()
+        self.b = self.a
+
+    def forward(self, x):
+        return self.b(x)
+
+
+@pytest.mark.parametrize("path", ["swap_none", "second_path"])
+def test_a_functional_model_on_the_functional_call_path_keeps_the_buffers_the_forward_replaced(path):
+    # Guards the read-back after the forward on FunctionalModel's functional_call path (M18): a
+    # buffer the forward replaced never advanced there (the outputs stayed those of the first call).
+    # That path runs for swap=None and for names the swap does not know (a second path's names).
+    import copy
+
+    torch.manual_seed(0)
+    if path == "swap_none":
+        model, prefix, swap = _EMACentre(), "", dict(swap=None)
+    else:
+        model, prefix, swap = _TwoPaths(), "b.", {}
+    sub = model if path == "swap_none" else model.a
+    x = torch.randn(4, 2)
+    w, b = sub.lin.weight.detach() * 1.5, sub.lin.bias.detach() - 0.25  # not the module's own values
+    fm = torch_ufom.FunctionalModel(model, {f"{prefix}lin.weight": w, f"{prefix}lin.bias": b},
+                                    {f"{prefix}rm": torch.zeros(2)}, **swap)
+    got = [fm(x).detach() for _ in range(3)]
+    # The reference: a copy of the submodule with these entries, called as a module three times.
+    ref = copy.deepcopy(sub)
+    with torch.no_grad():
+        ref.lin.weight.copy_(w)
+        ref.lin.bias.copy_(b)
+    ref.rm = torch.zeros(2)
+    want = [ref(x).detach() for _ in range(3)]
+    assert rel_err(got, want) < 1e-12
+    assert rel_err([fm.buffers[f"{prefix}rm"]], [ref.rm]) < 1e-12
+    assert not torch.equal(got[0], got[2])
+
+
+def test_fom_names_a_second_meta_parameter_without_a_hypergradient_once():
+    # Guards "once per tensor" of fom's warning (M35): with a single flag for the whole optimizer,
+    # a tensor added after the first warning (add_param_group) was never named.
+    model = _de_mlp(0)
+    l2 = torch.tensor(0.1, requires_grad=True)
+    l1 = torch.tensor(0.2, requires_grad=True)
+    x, xq = torch.rand(5, 1), torch.rand(5, 1)
+
+    def inner(f, b):
+        return ((f(b) ** 2).mean() + l2 * sum((p ** 2).sum() for p in f.parameters())
+                + l1 * sum(p.abs().sum() for p in f.parameters()))
+
+    def outer(f, b):
+        return (f(b) ** 2).mean()
+
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(list(model.parameters()) + [l2], lr=0.01),
+                                    steps=2, inner_lr=_DE_LR, mode="fom")
+
+    def messages():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            meta.backward(inner, outer, x, xq)
+        return [str(w.message) for w in caught if "gives no hypergradient" in str(w.message)]
+
+    first = messages()
+    assert len(first) == 1 and "param_groups[0]['params'][6]" in first[0]
+    assert "param_groups[1]" not in first[0]
+    meta.optimizer.add_param_group({"params": [l1]})
+    second = messages()
+    assert len(second) == 1 and "param_groups[1]['params'][0]" in second[0]
+    assert "param_groups[0]" not in second[0]  # the first tensor is not named again
+    assert messages() == []
+    assert l2.grad is None and l1.grad is None
+
+
+def test_bound_method_losses_are_recognised_on_the_next_call(monkeypatch):
+    # Guards the bound-method equality of the remembered losses (M38): a bound method is a new
+    # object at every attribute access, so with identity alone every call probed the losses again
+    # and tried vmap again before the per-task loop.
+    import torch_ufom.functional as functional
+    from torch._C._functorch import is_batchedtensor
+
+    probes = []
+    real_probe = functional.probe
+
+    def counted(*a, **kw):
+        probes.append(1)
+        return real_probe(*a, **kw)
+
+    monkeypatch.setattr(functional, "probe", counted)
+
+    class Task:
+        def __init__(self):
+            self.batched = []
+
+        def inner(self, f, b):
+            self.batched.append(is_batchedtensor(b))
+            scale = 1 + 0 * b.sum().item()  # .item() fails under vmap
+            return (f(b) ** 2).mean() * scale
+
+        def outer(self, f, b):
+            return (f(b) ** 2).mean()
+
+    t = Task()
+    model = _de_mlp(0)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01), steps=2,
+                                    inner_lr=_DE_LR, mode="fom", vectorise=True)
+    g = torch.Generator().manual_seed(0)
+    supports, queries = torch.rand(3, 5, 1, generator=g), torch.rand(3, 5, 1, generator=g)
+    with pytest.warns(UserWarning, match="per-task loop: an error under torch.func.vmap"):
+        meta.backward_batch(t.inner, t.outer, supports, queries)
+    assert len(probes) == 1 and any(t.batched)
+    for _ in range(2):
+        probes.clear()
+        t.batched.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once per optimizer
+            res = meta.backward_batch(t.inner, t.outer, supports, queries)
+        assert probes == [] and not any(t.batched)  # neither a probe nor vmap again: the loop at once
+        assert all(r.batch_path.startswith("per-task") for r in res), [r.batch_path for r in res]
+
+
+def test_a_meta_optimizer_does_not_keep_a_replaced_submodule_alive():
+    # Guards the weak references to the submodules the remembered findings are for (M40): held
+    # strongly, a submodule the user replaced after a meta-batch stayed alive with the optimizer.
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01), steps=2,
+                                    inner_lr=_DE_LR, mode="exact", vectorise=True)
+    g = torch.Generator().manual_seed(0)
+    supports, queries = torch.rand(3, 5, 1, generator=g), torch.rand(3, 5, 1, generator=g)
+    meta.backward_batch(_de_sq, _de_sq, supports, queries)
+    meta.step()
+    old = weakref.ref(model[0])
+    model[0] = nn.Linear(1, 4)
+    gc.collect()
+    assert old() is None
+
+
+def test_a_loss_that_calls_the_library_returns():
+    # Guards the reentrant process lock (M43): a sweep holds it while it runs the losses, so with a
+    # plain Lock an inner loss that itself calls the library (here adapt of an auxiliary model)
+    # waited for it forever.
+    import threading
+
+    aux = _de_mlp(7)
+    g = torch.Generator().manual_seed(2)
+    xa, x, xq = (torch.rand(n, 1, generator=g) for n in (4, 5, 5))
+
+    def inner(f, b):
+        fa = torch_ufom.adapt(aux, _de_sq, xa, steps=1, inner_lr=_DE_LR)  # a nested call
+        c = fa(xa).detach().mean()
+        return ((f(b) - c) ** 2).mean()
+
+    model = _de_mlp(1)
+    out = {}
+
+    def run():
+        out["got"] = torch_ufom.hypergrad(model, inner, _de_sq, x, xq, steps=2, inner_lr=_DE_LR,
+                                          mode="exact")
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "hypergrad did not return: a loss that calls the library deadlocked"
+    want = _de_oracle(model, inner, _de_sq, lambda j: x, xq, 2)
+    assert rel_err(out["got"], want) < 1e-10
