@@ -1335,13 +1335,13 @@ def test_bound_method_losses_are_recognised_on_the_next_call(monkeypatch):
     from torch._C._functorch import is_batchedtensor
 
     probes = []
-    real_probe = functional.probe
+    real_probe = functional.probe_steps
 
     def counted(*a, **kw):
         probes.append(1)
         return real_probe(*a, **kw)
 
-    monkeypatch.setattr(functional, "probe", counted)
+    monkeypatch.setattr(functional, "probe_steps", counted)
 
     class Task:
         def __init__(self):

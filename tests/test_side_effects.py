@@ -353,8 +353,10 @@ def test_an_adapted_model_called_under_vmap_keeps_plain_buffers():
 
 
 def test_a_buffer_replaced_at_a_later_step_only_runs_the_loop():
-    # The probe sees the first step's batch: an observer switched on at step 2 replaced its
-    # buffer under vmap, where the new value was dropped, silently (0.37 off the loop).
+    # The probe saw the first step's batch: an observer switched on at step 2 replaced its
+    # buffer under vmap, where the new value was dropped, silently (0.37 off the loop). Now the
+    # look at the first task evaluates every step's batch, and a replacement under vmap raises
+    # (which runs the loop) where the look misses one.
     class Observer(nn.Module):
         def __init__(self):
             super().__init__()
@@ -376,7 +378,7 @@ def test_a_buffer_replaced_at_a_later_step_only_runs_the_loop():
     query = _data(6, (3, 5, 1), (3, 5, 1))
     kw = dict(steps=3, inner_lr=0.1, mode="exact")
     steps = torch_ufom.StepBatches([(x, y), (x, y, y), (x, y)])
-    with pytest.warns(UserWarning, match="per-task loop: an error under torch.func.vmap"):
+    with pytest.warns(UserWarning, match="per-task loop: the module has buffers that the losses write"):
         got = torch_ufom.hypergrad_batch(model, inner, mse, steps, query, vectorise=True, **kw)
     per = [torch_ufom.hypergrad(model, inner, mse, torch_ufom.StepBatches([tuple(t[i] for t in b)
                                                                           for b in steps]),

@@ -23,9 +23,9 @@ from .config import Settings, check_generator, resolve
 from .estimators import SweepLog
 from .functional import restore_rng_on_error
 from .inner import InnerRule
-from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, batch_getter,
-                     check_parametrize_cache)
-from .vectorised import Vectorised, meta_batch_size, probe, task_of
+from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State,
+                     check_parametrize_cache, probe_batches)
+from .vectorised import Vectorised, meta_batch_size, probe_steps, task_of
 
 __all__ = ["adapt", "adapt_batch", "StackedFunctionalModel"]
 
@@ -183,8 +183,8 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     with torch.enable_grad():  # a support tensor that requires grad (a PINN's x) keeps it per task
         tasks = [task_of(supports, i) for i in range(size)]
     with restore_rng_on_error(generator), torch.no_grad():
-        first = batch_getter(tasks[0], problem.config.steps, "supports")(0)
-        found = probe(model, inner_loss, first, adapted=problem.config.adapted)
+        batches = probe_batches(tasks[0], problem.config.steps, "supports")
+        found = probe_steps(model, inner_loss, batches, adapted=problem.config.adapted)
         vectorised = True
         if not (found.written or found.wrong or found.own_generator or found.differentiates):
             try:

@@ -27,10 +27,10 @@ from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import TruncationLaw
-from .unroll import (Evaluator, FwdRevError, InnerLoop, PerTask, Problem, StepBatches, batch_getter,
-                     held_tensors, root_of, scripted, sparse_weights)
+from .unroll import (Evaluator, FwdRevError, InnerLoop, PerTask, Problem, held_tensors,
+                     probe_batches, root_of, scripted, sparse_weights)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
-                         probe, reads_meta_directly, select_tasks, task_of)
+                         probe_steps, reads_meta_directly, select_tasks, task_of)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
            "Problem", "SlowOps", "resolve_hvp"]
@@ -311,9 +311,7 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
         done: List[Tuple[List[int], Estimate, float]] = []  # the groups that ran vectorised
         if plan.problem is not None:
             try:
-                # With per-step batches a loss may read a parameter at later steps only.
-                unread = frozenset() if isinstance(supports, StepBatches) else plan.unread
-                _run_groups(plan.problem, supports, queries, truncations, seeds, done, unread)
+                _run_groups(plan.problem, supports, queries, truncations, seeds, done, plan.unread)
                 return BatchRun(done, True, reason, truncations, False, slow_ops, len(done))
             except FloatingPointError:
                 raise  # a non-finite loss or hypergradient: the loop would find it again
@@ -411,9 +409,10 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
                     "under vmap carry no graph)", True, known)
     # The probe runs on every call: what it finds depends on the module and on whatever the
     # losses read (a swapped submodule, a padding index switched on), which no cheap key covers.
-    first = batch_getter(task_of(supports, 0), problem.config.steps, "supports")(0)
-    found = probe(problem.model, problem.inner_loss, first, problem.outer_loss, task_of(queries, 0),
-                  problem.config.adapted)
+    batches = probe_batches(task_of(supports, 0), problem.config.steps, "supports")
+    first = batches[0]
+    found = probe_steps(problem.model, problem.inner_loss, batches, problem.outer_loss, task_of(queries, 0),
+                        problem.config.adapted)
     known = SlowOps(_weak(problem.inner_loss), device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
         tuple(sorted(found.wrong)), _weak(problem.outer_loss),
@@ -463,8 +462,9 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
     different masks, so the HVP would differentiate another function. (A
     vectorised sweep runs both under ``torch.func`` and is consistent.)"""
     if K > 0 and problem.hvp == "fwdrev":
-        first = batch_getter(support, problem.config.steps)(0)
-        found = probe(problem.model, problem.inner_loss, first, adapted=problem.config.adapted)
+        batches = probe_batches(support, problem.config.steps)
+        first = batches[0]
+        found = probe_steps(problem.model, problem.inner_loss, batches, adapted=problem.config.adapted)
         if found.attention_dropout:
             raise ValueError("Invalid hvp: 'fwdrev' cannot run attention with dropout per task "
                              "(torch.func draws other masks than the step that ran, so it would "

@@ -441,25 +441,30 @@ class MetaOptimizer:
         if all(p.grad is None for p in meta):
             self._forget_tasks()
             return
-        if self._reduction != "mean" or self._written is None:
-            return  # (a sum needs no count)
+        if self._reduction != "mean" or self._reduced or self._written is None:
+            return  # (a sum needs no count; after synchronize() the count is spent)
         changed = [p for p, ref, version in self._written
                    if p.grad is None or p.grad is not ref() or p.grad._version != version]
         if not changed:
             return
         values = [p for p in changed if p.grad is not None]
         held = _any_nonzero_each(values)  # one read for all of them
-        cleared = [p for p in changed if p.grad is None] + [p for p, h in zip(values, held) if not h]
-        if len(cleared) == len(self._written):
-            self._forget_tasks()
+        if not any(held) and len(values) == len(self._written):
+            self._forget_tasks()  # every one zeroed in place
             return
-        if cleared:
+        dropped = [p for p in changed if p.grad is None]
+        zeroed = {id(p) for p, h in zip(values, held) if not h}
+        if self._carried is not None and zeroed:  # what they carried is gone
+            self._carried = [(p, c) for p, c in self._carried if id(p) not in zeroed] or None
+        if dropped:
             warnings.warn(
-                f"reduction='mean': the gradients of {', '.join(self._name(p) for p in cleared[:3])}"
-                f"{' and others' if len(cleared) > 3 else ''} were cleared since the last task and "
+                f"reduction='mean': the gradients of {', '.join(self._name(p) for p in dropped[:3])}"
+                f"{' and others' if len(dropped) > 3 else ''} were cleared since the last task and "
                 "others not (module.zero_grad() clears the module's only), so step() divides them "
                 "all by the tasks since all were last cleared: clear them through meta.zero_grad()",
                 stacklevel=stacklevel)
+            if self._carried is not None:  # what they carried is gone
+                self._carried = [(p, c) for p, c in self._carried if p.grad is not None] or None
         self._record(meta)  # written by other code too (a clip, a loss of the user's)
 
     def _carry(self, meta: List[Tensor]) -> Optional[List[Tuple[Tensor, Tensor]]]:
@@ -472,8 +477,7 @@ class MetaOptimizer:
                 self.distributed or self._reduction == "mean"):
             return None
         with torch.no_grad():
-            held = [(p, p.grad.clone()) for p in meta
-                    if p.grad is not None and p.grad.layout == torch.strided]
+            held = [(p, p.grad.clone()) for p in meta if p.grad is not None]
         return held or None
 
     def _record(self, meta: List[Tensor]) -> None:
@@ -549,10 +553,9 @@ class MetaOptimizer:
         Returns:
             One :class:`MetaResult` per task. In a vectorised run the step
             counts are those of the task's group (one vectorised step counts once).
-            A parameter no loss reads gets no ``.grad``, as from :meth:`backward`,
-            except in a vectorised run with per-step batches
-            (:class:`~torch_ufom.StepBatches`), where it gets zeros (the look at
-            the first task sees the first step's batch only).
+            A parameter no loss reads gets no ``.grad``, as from :meth:`backward`
+            (a vectorised run takes what the losses read from its look at the
+            first task: every step's batch of it).
 
         Raises:
             ValueError: tensors whose leading sizes differ (the message names
@@ -850,17 +853,17 @@ class MetaOptimizer:
         total = self._tasks
         # What .grad held before this step's tasks is neither summed nor divided (_carry).
         carried = [(p, c) for p, c in self._carried or () if p.grad is not None and p.grad.shape == c.shape
-                   and p.grad.layout == torch.strided] if self._changes() else []
+                   ] if self._changes() else []
         with torch.no_grad():
-            for p, c in carried:
-                p.grad.sub_(c)
+            for p, c in carried:  # (out of place where either is sparse)
+                p.grad = p.grad.sub_(c) if _in_place(p.grad, c) else p.grad - c
         if self.distributed:
             total = distributed.sum_gradients(meta, self._tasks, self.process_group)
         if self._reduction == "mean":
             self._divide(total)
         with torch.no_grad():
             for p, c in carried:
-                p.grad.add_(c)
+                p.grad = p.grad.add_(c) if _in_place(p.grad, c) else p.grad + c
         self._tasks, self._reduced, self._reduced_total = 0, True, total
         self._record(meta)
         return total
@@ -1100,6 +1103,11 @@ def _observation_specs():
     return _spec(first), _spec(exact)
 
 
+def _in_place(grad: Tensor, other: Tensor) -> bool:
+    """Whether ``grad`` can take ``other`` in place (both dense)."""
+    return grad.layout == torch.strided and other.layout == torch.strided
+
+
 def _any_nonzero_each(params: Sequence[Tensor]) -> List[bool]:
     """For each of ``params`` (each with a ``.grad``): whether its gradient holds a nonzero
     value (a sparse gradient's stored values count), read in one synchronisation."""
@@ -1237,7 +1245,7 @@ def _check_meta_values(values: Any, extra: List[Tensor], rule: InnerRule) -> Non
                 where.setdefault(id(v if v._base is None else v._base), key)
     for i, (v, t) in enumerate(zip(values, extra)):
         name = f"state_dict['meta_tensors'][{i}]"
-        if not v.is_floating_point():
+        if v.dtype != t.dtype:
             raise ValueError(f"Invalid {name}: a {v.dtype} tensor (expected {t.dtype}, the dtype of the "
                              "meta-parameter it restores)")
         if not bool(torch.isfinite(v).all()):

@@ -401,6 +401,16 @@ def batch_getter(support: Any, steps: int, arg: str = "support") -> Callable[[in
     return lambda j: support
 
 
+def probe_batches(support: Any, steps: int, arg: str = "support") -> List[Any]:
+    """The batches a look at a task evaluates: every step's with per-step batches
+    (:class:`StepBatches`, a callable; a loss may act differently at some steps), else
+    the one batch."""
+    get = batch_getter(support, steps, arg)
+    per_step = isinstance(support, StepBatches) or (
+        callable(support) and not isinstance(support, (Tensor, nn.Module)))
+    return [get(j) for j in range(steps)] if per_step else [get(0)]
+
+
 def _check_loss(loss: Any, name: str) -> Tensor:
     """``loss`` if it is a real floating-point scalar tensor that depends on the
     parameters; else an error naming the loss function (``name``).
@@ -742,9 +752,17 @@ _ONCE = torch.autograd.function.once_differentiable(lambda ctx, *grads: grads)._
 
 def once_differentiable(functions: Sequence[type]) -> List[str]:
     """The names of the custom ``torch.autograd.Function`` classes among ``functions``
-    whose backward is marked ``@once_differentiable``."""
-    return [cls.__name__ for cls in functions
-            if getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE]
+    whose backward is marked ``@once_differentiable`` (under other decorators too, such as
+    ``torch.amp.custom_bwd``, that keep the function they wrap as ``__wrapped__``)."""
+    def once(fn) -> bool:
+        for _ in range(32):  # a chain of wrappers
+            if fn is None:
+                return False
+            if getattr(fn, "__code__", None) is _ONCE:
+                return True
+            fn = getattr(fn, "__wrapped__", None)
+        return False
+    return [cls.__name__ for cls in functions if once(getattr(cls, "backward", None))]
 
 
 def check_twice_differentiable(loss: Tensor) -> None:
@@ -827,6 +845,7 @@ class InnerLoop:
         # a parameter in both gets no gradient, as from loss.backward() (unread()).
         self.unread: Optional[frozenset] = None
         self.twice_checked = False  # check_twice_differentiable ran on a step with a graph
+        self.elementwise = _library_code(rule)  # a built-in rule: each parameter's update its own
         self.outer_unread: frozenset = _NOTHING
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
         self.batch = batch_getter(support, self.steps)
@@ -926,8 +945,10 @@ class InnerLoop:
         self.unread = missing if self.unread is None else self.unread & missing
 
     def check_twice_differentiable(self, loss: Tensor) -> None:
-        """:func:`check_twice_differentiable` on the first step evaluated with a graph."""
-        if not self.twice_checked:
+        """:func:`check_twice_differentiable` on the first step evaluated with a graph, and
+        on every one where the batches are per step (a loss may apply the Function at some
+        steps only)."""
+        if not self.twice_checked or self.per_step:
             check_twice_differentiable(loss)
             self.twice_checked = True
 
@@ -936,6 +957,8 @@ class InnerLoop:
         nor any inner step's loss read: the adjoint of their initial value is zero, and
         autograd gives such a tensor no gradient at all (``None``), which a stateful outer
         optimizer tells from zero (it skips the tensor). Call after :meth:`outer_vjp`."""
+        if not self.elementwise:
+            return _NOTHING  # a rule of the user's may read every parameter (a global norm)
         return (self.unread or _NOTHING) & self.outer_unread
 
     # -- one inner step ------------------------------------------------------------

@@ -18,7 +18,7 @@ pay for the exact sweep of the others.
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depend
                      renormalises_weights, watched_loss)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
-           "probe", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
+           "probe", "probe_steps", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
 
 
 def _register_step_batches() -> None:
@@ -266,6 +266,10 @@ class _Probe(TorchFunctionMode):
         self.differentiates = False
         self.stops_gradients = False
         self.hooks = False
+        # Values cut from the graph (computed under no_grad from tensors requiring grad, or
+        # read through .data), kept alive while the probe runs so that their ids stay theirs.
+        self.stopped: List[Tensor] = []
+        self.stopped_ids: set = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -273,9 +277,7 @@ class _Probe(TorchFunctionMode):
             self.differentiates = True
         if func in _HOOKS:
             self.hooks = True
-        elif not (self.stops_gradients or torch.is_grad_enabled()) and any(
-                isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves((args, kwargs))):
-            self.stops_gradients = True  # a no_grad section in a loss or forward
+        stop = None if self.stops_gradients else self._stop_before(func, args, kwargs)
         entry = _UNSAFE_NORMS.get(func)
         if entry is not None and entry[1](args, kwargs):
             self.norms.add(entry[0])
@@ -286,12 +288,39 @@ class _Probe(TorchFunctionMode):
         if test is not None and test(args, kwargs):
             self.attention_dropout = True
         out = func(*args, **kwargs)
+        if stop:
+            self._stop_after(stop, out)
         slow = _SLOW_ON_CPU.get(func)
         if slow is not None and isinstance(out, Tensor) and out.device.type == "cpu" \
                 and out.numel() >= SLOW_ON_CPU_ELEMENTS:
             self.slow_on_cpu[slow] = max(out.numel(), self.slow_on_cpu.get(slow, 0))
         return out
 
+    def _stop_before(self, func, args, kwargs) -> Optional[str]:
+        """Whether ``func``'s result is a stop-gradient (``"mark"``: computed under
+        ``no_grad`` from a tensor requiring grad or from a stop-gradient, or read through
+        ``.data``) or reads one with gradients enabled (``"check"``). Forward-mode AD passes
+        through ``no_grad`` and ``.data``: a stop-gradient that reaches a value requiring grad
+        (``stops_gradients``) makes forward-over-reverse differentiate another function; one
+        that only reports (an accuracy returned as aux, a logged value) changes nothing."""
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        if getattr(func, "__self__", None) is _DATA:  # Tensor.data's getter
+            return "mark" if tensors and tensors[0].requires_grad else None
+        stopped = bool(self.stopped_ids) and any(id(t) in self.stopped_ids for t in tensors)
+        if torch.is_grad_enabled():
+            return "check" if stopped else None
+        return "mark" if stopped or any(t.requires_grad for t in tensors) else None
+
+    def _stop_after(self, stop: str, out) -> None:
+        values = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
+        if stop == "check" and any(t.requires_grad for t in values):
+            self.stops_gradients = True
+            return
+        self.stopped.extend(values)
+        self.stopped_ids.update(id(t) for t in values)
+
+
+_DATA = Tensor.data  # the descriptor (its __get__ is a new method wrapper at each access)
 
 # Gradient hooks registered on tensors while a loss runs: vmap's gradients and
 # forward-mode AD do not run them.
@@ -324,12 +353,33 @@ class Probe(NamedTuple):
                     f"({', '.join(self.functions)}): forward-mode AD runs its jvp, not the backward the "
                     "step differentiated")
         if self.stops_gradients:
-            return ("cannot run a loss with a torch.no_grad() section on tensors that require grad (a "
-                    "stop-gradient): forward-mode AD passes through it")
+            return ("cannot run a loss with a stop-gradient made under torch.no_grad() or through .data "
+                    "(use .detach()): forward-mode AD passes through it")
         if self.hooks:
             return ("cannot run a loss that registers a gradient hook on a tensor (Tensor.register_hook): "
                     "forward-mode AD does not run it")
         return ""
+
+
+def probe_steps(module: nn.Module, inner_loss, batches: Sequence[Any], outer_loss=None, query=None,
+                adapted=None) -> Probe:
+    """:func:`probe` on each of ``batches`` (every step's batch of a task with per-step
+    batches, where a loss may do at some steps only what decides how a sweep runs), the
+    outer loss once: what any of them found (the parameters none of them reads as unread)."""
+    found = probe(module, inner_loss, batches[0], outer_loss, query, adapted)
+    for batch in batches[1:]:
+        more = probe(module, inner_loss, batch, adapted=adapted)
+        found = Probe(found.norms | more.norms, found.wrong | more.wrong,
+                      found.written + [n for n in more.written if n not in found.written],
+                      found.attention_dropout or more.attention_dropout,
+                      {k: max(found.slow_on_cpu.get(k, 0), more.slow_on_cpu.get(k, 0))
+                       for k in {**found.slow_on_cpu, **more.slow_on_cpu}},
+                      found.own_generator or more.own_generator, found.differentiates or more.differentiates,
+                      found.unread & more.unread, found.functions + tuple(
+                          f for f in more.functions if f not in found.functions),
+                      found.once + tuple(f for f in more.once if f not in found.once),
+                      found.stops_gradients or more.stops_gradients, found.hooks or more.hooks)
+    return found
 
 
 def _probe_params(module: nn.Module, adapted) -> Dict[str, Tensor]:
@@ -461,8 +511,8 @@ class Vectorised:
     Args:
         size: the number of tasks.
         unread_names: the adapted parameters the inner loss reads at no step
-            (:func:`probe` on the first task, with one batch for every step), which
-            the loop cannot see through ``torch.func.grad``'s zeros.
+            (:func:`probe_steps` on the first task), which the loop cannot see
+            through ``torch.func.grad``'s zeros.
     """
 
     def __init__(self, size: int, unread_names: frozenset = frozenset()):
