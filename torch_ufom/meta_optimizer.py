@@ -354,7 +354,7 @@ class MetaOptimizer:
         as the constructor would (an error then changes nothing).
         """
         meta = tuple(self.meta_parameters())
-        self._check_cleared(meta, stacklevel=4)
+        self._check_cleared(meta, stacklevel=4, task=True)
         if self._reduced:
             raise ValueError("Invalid call: a task after synchronize(): .grad already holds the "
                              "reduced gradients; call step() or zero_grad() first")
@@ -429,7 +429,7 @@ class MetaOptimizer:
         self._tasks, self._reduced, self._buffers, self._observations = 0, False, [], []
         self._holding, self._carried, self._written = False, None, None
 
-    def _check_cleared(self, meta: List[Tensor], stacklevel: int = 3) -> None:
+    def _check_cleared(self, meta: List[Tensor], stacklevel: int = 3, task: bool = False) -> None:
         """Forget the earlier tasks if their gradients were cleared other than by
         :meth:`zero_grad`: ``optimizer.zero_grad()``, which sets them to ``None``, or a
         ``zero_grad(set_to_none=False)`` of the outer optimizer or the module, which
@@ -441,8 +441,9 @@ class MetaOptimizer:
         if all(p.grad is None for p in meta):
             self._forget_tasks()
             return
-        if self._reduction != "mean" or self._reduced or self._written is None:
-            return  # (a sum needs no count; after synchronize() the count is spent)
+        if self._reduction != "mean" or (self._reduced and not task) or self._written is None:
+            return  # (a sum needs no count; after synchronize() the count is spent, unless a
+            # task follows: gradients zeroed since then make it the first of a new count)
         changed = [p for p, ref, version in self._written
                    if p.grad is None or p.grad is not ref() or p.grad._version != version]
         if not changed:

@@ -408,7 +408,15 @@ def probe_batches(support: Any, steps: int, arg: str = "support") -> List[Any]:
     get = batch_getter(support, steps, arg)
     per_step = isinstance(support, StepBatches) or (
         callable(support) and not isinstance(support, (Tensor, nn.Module)))
-    return [get(j) for j in range(steps)] if per_step else [get(0)]
+    if not per_step:
+        return [get(0)]
+    batches, seen = [], set()
+    for j in range(steps):  # each batch once (StepBatches([b] * steps) is one batch)
+        batch = get(j)
+        if id(batch) not in seen:
+            seen.add(id(batch))
+            batches.append(batch)
+    return batches
 
 
 def _check_loss(loss: Any, name: str) -> Tensor:
@@ -588,8 +596,8 @@ class Loop(Protocol):
     def note_unread(self, missing: frozenset) -> None:
         """An evaluator's report: one step's inner loss did not read ``missing``."""
 
-    def check_twice_differentiable(self, loss: Tensor) -> None:
-        """An evaluator's check of the first inner loss evaluated with a graph."""
+    def check_twice_differentiable(self, loss: Tensor, params: Sequence[Tensor]) -> None:
+        """An evaluator's check of an inner loss evaluated with a graph at ``params``."""
 
 
 class PerTask:
@@ -607,7 +615,7 @@ class PerTask:
                 and loss.dtype.is_floating_point and not loss.is_meta):
             loss, _ = loss_and_aux(loss, "inner_loss")  # the inner aux is dropped
         if create_graph:
-            loop.check_twice_differentiable(loss)
+            loop.check_twice_differentiable(loss, state.params)
         grads = torch.autograd.grad(loss, state.params, create_graph=create_graph, allow_unused=True)
         if any(g is None for g in grads):
             loop.note_unread(frozenset(i for i, g in enumerate(grads) if g is None))
@@ -728,10 +736,11 @@ def _update_reads(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor
 _NOTHING: frozenset = frozenset()
 
 
-def graph_survey(starts: Sequence[Any]) -> Tuple[set, List[type]]:
-    """What autograd's graph from the nodes ``starts`` reaches: the ``id`` of every leaf
-    tensor, and the class of every custom ``torch.autograd.Function`` applied."""
-    seen, stack, leaves, functions = set(), list(starts), set(), []
+def graph_survey(starts: Sequence[Any], stop: set = frozenset()) -> Tuple[set, List[type]]:
+    """What autograd's graph from the nodes ``starts`` reaches (not walking past the nodes
+    in ``stop``): the ``id`` of every leaf tensor, and the class of every custom
+    ``torch.autograd.Function`` applied."""
+    seen, stack, leaves, functions = set(stop), list(starts), set(), []
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -762,17 +771,19 @@ def once_differentiable(functions: Sequence[type]) -> List[str]:
                 return True
             fn = getattr(fn, "__wrapped__", None)
         return False
-    return [cls.__name__ for cls in functions if once(getattr(cls, "backward", None))]
+    return [cls.__name__ for cls in functions  # vjp: torch's other name for backward
+            if once(getattr(cls, "backward", None)) or once(getattr(cls, "vjp", None))]
 
 
-def check_twice_differentiable(loss: Tensor) -> None:
+def check_twice_differentiable(loss: Tensor, before: Sequence[Tensor] = ()) -> None:
     """Raise if the graph of ``loss`` applies a custom ``torch.autograd.Function`` whose
     backward is ``@once_differentiable``: ``torch.autograd.grad`` with ``create_graph``
     gives its gradient no graph (or one whose error node it never runs), so an exact
-    sweep would drop that second derivative silently."""
+    sweep would drop that second derivative silently. The walk stops at the nodes of
+    ``before`` (the step's parameters: a chained sweep's earlier steps were walked)."""
     if loss.grad_fn is None:
         return
-    names = once_differentiable(graph_survey([loss.grad_fn])[1])
+    names = once_differentiable(graph_survey([loss.grad_fn], {t.grad_fn for t in before})[1])
     if names:
         raise RuntimeError(
             f"inner_loss applies {', '.join(names)}, a torch.autograd.Function whose backward is "
@@ -944,12 +955,12 @@ class InnerLoop:
         into ``names``): those left unread by every step so far."""
         self.unread = missing if self.unread is None else self.unread & missing
 
-    def check_twice_differentiable(self, loss: Tensor) -> None:
+    def check_twice_differentiable(self, loss: Tensor, params: Sequence[Tensor]) -> None:
         """:func:`check_twice_differentiable` on the first step evaluated with a graph, and
         on every one where the batches are per step (a loss may apply the Function at some
-        steps only)."""
+        steps only), up to the step's parameters ``params``."""
         if not self.twice_checked or self.per_step:
-            check_twice_differentiable(loss)
+            check_twice_differentiable(loss, params)
             self.twice_checked = True
 
     def unread_params(self) -> frozenset:

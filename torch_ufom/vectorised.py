@@ -270,11 +270,16 @@ class _Probe(TorchFunctionMode):
         # read through .data), kept alive while the probe runs so that their ids stay theirs.
         self.stopped: List[Tensor] = []
         self.stopped_ids: set = set()
+        self.aliases: set = set()  # ids of the values read through .data (they share storage)
+        self.differentiates_inside = False  # autograd calls inside transforms (torch.func.grad)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in AUTOGRAD_CALLS and outside_transforms():
-            self.differentiates = True
+        if func in AUTOGRAD_CALLS:
+            if outside_transforms():
+                self.differentiates = True
+            else:
+                self.differentiates_inside = True
         if func in _HOOKS:
             self.hooks = True
         stop = None if self.stops_gradients else self._stop_before(func, args, kwargs)
@@ -305,22 +310,44 @@ class _Probe(TorchFunctionMode):
         that only reports (an accuracy returned as aux, a logged value) changes nothing."""
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         if getattr(func, "__self__", None) is _DATA:  # Tensor.data's getter
-            return "mark" if tensors and tensors[0].requires_grad else None
+            return "alias" if tensors and tensors[0].requires_grad else None
         stopped = bool(self.stopped_ids) and any(id(t) in self.stopped_ids for t in tensors)
-        if torch.is_grad_enabled():
+        grad = torch.is_grad_enabled()
+        target = args[0] if args and isinstance(args[0], Tensor) else None
+        if target is not None and _in_place(func):
+            # A write into a tensor of the graph under no_grad, through .data, or of a
+            # stop-gradient into one requiring grad (x[i] = v returns None: nothing to check after).
+            if target.requires_grad and (not grad or stopped) or id(target) in self.aliases:
+                self.stops_gradients = True
+                return None
+        mark = stopped or (not grad and any(t.requires_grad for t in tensors))
+        if mark and target is not None and _in_place(func) and id(target) not in self.stopped_ids:
+            self.stopped.append(target)  # a tensor written with a stop-gradient holds one
+            self.stopped_ids.add(id(target))
+        if grad:
             return "check" if stopped else None
-        return "mark" if stopped or any(t.requires_grad for t in tensors) else None
+        return "mark" if mark else None
 
     def _stop_after(self, stop: str, out) -> None:
-        values = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
+        values = [t for t in pytree.tree_leaves(out)
+                  if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
         if stop == "check" and any(t.requires_grad for t in values):
             self.stops_gradients = True
             return
+        if stop == "alias":
+            self.aliases.update(id(t) for t in values)
         self.stopped.extend(values)
         self.stopped_ids.update(id(t) for t in values)
 
 
 _DATA = Tensor.data  # the descriptor (its __get__ is a new method wrapper at each access)
+_IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ipow__"}
+
+
+def _in_place(func) -> bool:
+    """Whether ``func`` writes its first argument (``mul_``, ``x[i] = v``, ``x += y``)."""
+    name = getattr(func, "__name__", "")
+    return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))
 
 # Gradient hooks registered on tensors while a loss runs: vmap's gradients and
 # forward-mode AD do not run them.
@@ -340,8 +367,9 @@ class Probe(NamedTuple):
     unread: frozenset = frozenset()  # adapted parameters the inner loss does not read (names)
     functions: Tuple[str, ...] = ()  # custom torch.autograd.Function classes the inner loss applies
     once: Tuple[str, ...] = ()  # those whose backward is @once_differentiable
-    stops_gradients: bool = False  # an operation on a tensor requiring grad ran under no_grad
+    stops_gradients: bool = False  # a stop-gradient (no_grad, .data) reaches a value requiring grad
     hooks: bool = False  # a loss registers a gradient hook on a tensor (Tensor.register_hook)
+    differentiates_inside: bool = False  # a loss differentiates with torch.func (grad, jacrev)
 
     def fwdrev_obstacle(self) -> str:
         """Why forward-over-reverse HVPs would differentiate another function than the
@@ -358,6 +386,10 @@ class Probe(NamedTuple):
         if self.hooks:
             return ("cannot run a loss that registers a gradient hook on a tensor (Tensor.register_hook): "
                     "forward-mode AD does not run it")
+        if self.differentiates_inside and self.norms:
+            return (f"cannot run a loss that differentiates itself (torch.func) through "
+                    f"{', '.join(sorted(self.norms))}: torch's forward-mode third derivative of it "
+                    "differs from reverse mode's")
         return ""
 
 
@@ -378,7 +410,8 @@ def probe_steps(module: nn.Module, inner_loss, batches: Sequence[Any], outer_los
                       found.unread & more.unread, found.functions + tuple(
                           f for f in more.functions if f not in found.functions),
                       found.once + tuple(f for f in more.once if f not in found.once),
-                      found.stops_gradients or more.stops_gradients, found.hooks or more.hooks)
+                      found.stops_gradients or more.stops_gradients, found.hooks or more.hooks,
+                      found.differentiates_inside or more.differentiates_inside)
     return found
 
 
@@ -447,7 +480,8 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
         mode.hooks |= outer.hooks
     return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators),
                  mode.differentiates, unread, tuple(cls.__name__ for cls in functions),
-                 tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks)
+                 tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
+                 mode.differentiates_inside)
 
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
