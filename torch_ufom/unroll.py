@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
@@ -112,9 +113,26 @@ class Differentiates(TorchFunctionMode):
         self.found, self.level = False, level
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in AUTOGRAD_CALLS and current_level() == self.level:
+        if func in AUTOGRAD_CALLS and current_level() == self.level and not from_torch_func():
             self.found = True
         return func(*args, **(kwargs or {}))
+
+
+_AUTOGRAD_MODULES = ("torch.overrides", "torch.autograd", "torch._tensor")
+
+
+def from_torch_func() -> bool:
+    """Whether the :data:`AUTOGRAD_CALLS` call being handled by a ``TorchFunctionMode``
+    comes from ``torch.func``'s own code: ``torch.func.vjp``'s pull-back calls
+    ``torch.autograd.grad`` after its transform level has exited, a differentiation
+    ``torch.func`` runs (and nests) as it runs ``torch.func.grad``'s."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name != __name__ and not name.startswith(_AUTOGRAD_MODULES) and name != "torch_ufom.vectorised":
+            return name.startswith("torch._functorch")
+        frame = frame.f_back
+    return False
 
 
 def current_level() -> Optional[int]:

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, graph_reaches,
-                     graph_survey, loss_and_aux, once_differentiable, outside_transforms,
+from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, from_torch_func,
+                     graph_reaches, graph_survey, loss_and_aux, once_differentiable, outside_transforms,
                      renormalises_weights, watched_loss)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
@@ -125,6 +125,18 @@ if hasattr(F, "rms_norm"):
     _UNSAFE_NORMS[F.rms_norm] = ("RMSNorm with weights", lambda a, k: _arg(a, k, 2, "weight") is not None)
 
 
+# Normalisations whose forward-mode third derivative differs from reverse mode's in torch
+# 2.13 (affine or not), with the test that the call is affected: a loss that differentiates
+# itself with torch.func through them gets another answer under forward-over-reverse HVPs
+# (layer_norm 1.4-3e-3, batch_norm 4e-3 relative; RMSNorm and GroupNorm, which decompose
+# into elementwise operations on a CPU, agree to rounding).
+_THIRD_ORDER = {
+    F.layer_norm: ("LayerNorm", lambda a, k: True),
+    F.batch_norm: _UNSAFE_NORMS[F.batch_norm],
+    F.instance_norm: _UNSAFE_NORMS[F.instance_norm],
+}
+
+
 # Functions whose gradient vmap gets wrong even once differentiated, with the test that
 # the call is affected: torch 2.13's embedding backward under vmap gives the padding row
 # a gradient in every task but the first.
@@ -157,6 +169,12 @@ _ATEN_UNSAFE_NORMS = {
     "miopen_batch_norm": ("batch_norm with batch statistics", _batch_statistics),
     # CUDA's fused kernel (on the CPU, torch.rms_norm decomposes into elementwise operations)
     "_fused_rms_norm": ("RMSNorm with weights", lambda a: a.get("weight") is not None),
+}
+_ATEN_THIRD_ORDER = {
+    "native_layer_norm": ("LayerNorm", lambda a: True),
+    **{name: entry for name, entry in _ATEN_UNSAFE_NORMS.items() if "batch_norm" in name},
+    # CUDA's fused kernel: not checked (no GPU here), so not trusted
+    "_fused_rms_norm": ("RMSNorm (CUDA's fused kernel, not checked)", lambda a: True),
 }
 _ATEN_WRONG_UNDER_VMAP = {
     "embedding": ("Embedding with padding_idx", lambda a: a.get("padding_idx", -1) not in (-1, None)),
@@ -201,13 +219,15 @@ class _AtenProbe(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.norms: set = set()
+        self.third: set = set()
         self.wrong: set = set()
         self.generators: Dict[int, Tuple[torch.Generator, Tensor]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        for table, found in ((_ATEN_UNSAFE_NORMS, self.norms), (_ATEN_WRONG_UNDER_VMAP, self.wrong)):
+        for table, found in ((_ATEN_UNSAFE_NORMS, self.norms), (_ATEN_THIRD_ORDER, self.third),
+                             (_ATEN_WRONG_UNDER_VMAP, self.wrong)):
             entry = table.get(name)
             if entry is not None and entry[1](_schema_args(func, args, kwargs)):
                 found.add(entry[0])
@@ -260,6 +280,7 @@ class _Probe(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.norms: set = set()
+        self.third: set = set()
         self.wrong: set = set()
         self.attention_dropout = False
         self.slow_on_cpu: Dict[str, int] = {}
@@ -271,21 +292,27 @@ class _Probe(TorchFunctionMode):
         self.stopped: List[Tensor] = []
         self.stopped_ids: set = set()
         self.aliases: set = set()  # ids of the values read through .data (they share storage)
+        self.alias_storages: set = set()  # their storages (a view of one writes it)
         self.differentiates_inside = False  # autograd calls inside transforms (torch.func.grad)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in AUTOGRAD_CALLS:
-            if outside_transforms():
+            if outside_transforms() and not from_torch_func():
                 self.differentiates = True
             else:
                 self.differentiates_inside = True
         if func in _HOOKS:
             self.hooks = True
-        stop = None if self.stops_gradients else self._stop_before(func, args, kwargs)
-        entry = _UNSAFE_NORMS.get(func)
-        if entry is not None and entry[1](args, kwargs):
-            self.norms.add(entry[0])
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        stop = watch = None
+        if not self.stops_gradients:
+            stop = self._stop_before(func, args, tensors)
+            watch = self._watch(tensors)
+        for table, found in ((_UNSAFE_NORMS, self.norms), (_THIRD_ORDER, self.third)):
+            entry = table.get(func)
+            if entry is not None and entry[1](args, kwargs):
+                found.add(entry[0])
         entry = _WRONG_UNDER_VMAP.get(func)
         if entry is not None and entry[1](args, kwargs):
             self.wrong.add(entry[0])
@@ -295,38 +322,80 @@ class _Probe(TorchFunctionMode):
         out = func(*args, **kwargs)
         if stop:
             self._stop_after(stop, out)
+        if watch is not None and not self.stops_gradients:
+            self._written(*watch)
         slow = _SLOW_ON_CPU.get(func)
         if slow is not None and isinstance(out, Tensor) and out.device.type == "cpu" \
                 and out.numel() >= SLOW_ON_CPU_ELEMENTS:
             self.slow_on_cpu[slow] = max(out.numel(), self.slow_on_cpu.get(slow, 0))
         return out
 
-    def _stop_before(self, func, args, kwargs) -> Optional[str]:
+    def _stop_before(self, func, args, tensors) -> Optional[str]:
         """Whether ``func``'s result is a stop-gradient (``"mark"``: computed under
         ``no_grad`` from a tensor requiring grad or from a stop-gradient, or read through
         ``.data``) or reads one with gradients enabled (``"check"``). Forward-mode AD passes
         through ``no_grad`` and ``.data``: a stop-gradient that reaches a value requiring grad
         (``stops_gradients``) makes forward-over-reverse differentiate another function; one
-        that only reports (an accuracy returned as aux, a logged value) changes nothing."""
-        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-        if getattr(func, "__self__", None) is _DATA:  # Tensor.data's getter
+        that only reports (an accuracy returned as aux, a logged value) changes nothing.
+        Writes are looked at here by name (``mul_``, ``x[i] = v``, ``torch._foreach_mul_``'s
+        list) and after the call by version (:meth:`_written`)."""
+        if getattr(func, "__self__", None) is _DATA:  # Tensor.data's getter or setter
+            if getattr(func, "__name__", "") == "__set__":
+                if tensors and tensors[0].requires_grad:
+                    self.stops_gradients = True  # values swapped under the graph
+                return None
             return "alias" if tensors and tensors[0].requires_grad else None
         stopped = bool(self.stopped_ids) and any(id(t) in self.stopped_ids for t in tensors)
         grad = torch.is_grad_enabled()
-        target = args[0] if args and isinstance(args[0], Tensor) else None
-        if target is not None and _in_place(func):
+        targets = _targets(func, args)
+        for target in targets:
             # A write into a tensor of the graph under no_grad, through .data, or of a
             # stop-gradient into one requiring grad (x[i] = v returns None: nothing to check after).
-            if target.requires_grad and (not grad or stopped) or id(target) in self.aliases:
+            if target.requires_grad and (not grad or stopped) or self._aliased(target):
                 self.stops_gradients = True
                 return None
         mark = stopped or (not grad and any(t.requires_grad for t in tensors))
-        if mark and target is not None and _in_place(func) and id(target) not in self.stopped_ids:
-            self.stopped.append(target)  # a tensor written with a stop-gradient holds one
-            self.stopped_ids.add(id(target))
+        if mark:
+            self._hold(targets)  # a tensor written with a stop-gradient holds one
         if grad:
             return "check" if stopped else None
         return "mark" if mark else None
+
+    def _aliased(self, t: Tensor) -> bool:
+        """Whether ``t`` is a value read through ``.data`` or shares its storage (a view of one)."""
+        if id(t) in self.aliases:
+            return True
+        return bool(self.alias_storages) and not t.requires_grad and _storage(t) in self.alias_storages
+
+    def _hold(self, values) -> None:
+        for t in values:
+            if id(t) not in self.stopped_ids:
+                self.stopped.append(t)
+                self.stopped_ids.add(id(t))
+
+    def _watch(self, tensors):
+        """What :meth:`_written` compares after the call: the arguments' versions."""
+        tensors = [t for t in tensors if not t.is_inference()]  # (they have no version counter)
+        return (torch.is_grad_enabled(), tensors, [t._version for t in tensors],
+                bool(self.stopped_ids) and any(id(t) in self.stopped_ids for t in tensors),
+                any(t.requires_grad for t in tensors))
+
+    def _written(self, grad: bool, tensors, versions, stopped: bool, reads_graph: bool) -> None:
+        """The writes a call made, seen by version counters whatever its name
+        (``F.relu(x, inplace=True)``, ``out=``, ``torch.ops.aten.mul_.Tensor``): into a
+        tensor of the graph (or a view of one) under ``no_grad`` or from a stop-gradient,
+        or into storage read through ``.data``, is a stop-gradient; a tensor (and its base)
+        written under ``no_grad`` from the graph, or from a stop-gradient, holds one."""
+        for w, version in zip(tensors, versions):
+            if w._version == version:
+                continue
+            root = w._base if w._base is not None else w
+            graph = root.requires_grad and root.grad_fn is not None  # (a no_grad view's own grad_fn raises)
+            if graph and (not grad or stopped) or self._aliased(w):
+                self.stops_gradients = True
+                return
+            if stopped or (not grad and reads_graph):
+                self._hold((w, root))
 
     def _stop_after(self, stop: str, out) -> None:
         values = [t for t in pytree.tree_leaves(out)
@@ -336,8 +405,8 @@ class _Probe(TorchFunctionMode):
             return
         if stop == "alias":
             self.aliases.update(id(t) for t in values)
-        self.stopped.extend(values)
-        self.stopped_ids.update(id(t) for t in values)
+            self.alias_storages.update(ptr for ptr in map(_storage, values) if ptr)
+        self._hold(values)
 
 
 _DATA = Tensor.data  # the descriptor (its __get__ is a new method wrapper at each access)
@@ -348,6 +417,27 @@ def _in_place(func) -> bool:
     """Whether ``func`` writes its first argument (``mul_``, ``x[i] = v``, ``x += y``)."""
     name = getattr(func, "__name__", "")
     return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))
+
+
+def _targets(func, args) -> List[Tensor]:
+    """The tensors an in-place ``func`` writes, by its name: its first argument, or each
+    tensor of it for ``torch._foreach_*_`` (whose writes bump no version under the probe's
+    dispatch mode)."""
+    if not args or not _in_place(func):
+        return []
+    if isinstance(args[0], Tensor):
+        return [args[0]]
+    if isinstance(args[0], (list, tuple)):
+        return [t for t in args[0] if isinstance(t, Tensor)]
+    return []
+
+
+def _storage(t: Tensor) -> int:
+    """Where ``t``'s storage lies (0: none, or an empty or sparse tensor)."""
+    try:
+        return t.untyped_storage().data_ptr() if t.numel() else 0
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 # Gradient hooks registered on tensors while a loss runs: vmap's gradients and
 # forward-mode AD do not run them.
@@ -370,6 +460,7 @@ class Probe(NamedTuple):
     stops_gradients: bool = False  # a stop-gradient (no_grad, .data) reaches a value requiring grad
     hooks: bool = False  # a loss registers a gradient hook on a tensor (Tensor.register_hook)
     differentiates_inside: bool = False  # a loss differentiates with torch.func (grad, jacrev)
+    third: frozenset = frozenset()  # normalisations whose forward-mode third derivative differs
 
     def fwdrev_obstacle(self) -> str:
         """Why forward-over-reverse HVPs would differentiate another function than the
@@ -386,9 +477,9 @@ class Probe(NamedTuple):
         if self.hooks:
             return ("cannot run a loss that registers a gradient hook on a tensor (Tensor.register_hook): "
                     "forward-mode AD does not run it")
-        if self.differentiates_inside and self.norms:
+        if self.differentiates_inside and self.third:
             return (f"cannot run a loss that differentiates itself (torch.func) through "
-                    f"{', '.join(sorted(self.norms))}: torch's forward-mode third derivative of it "
+                    f"{', '.join(sorted(self.third))}: torch's forward-mode third derivative of it "
                     "differs from reverse mode's")
         return ""
 
@@ -411,7 +502,7 @@ def probe_steps(module: nn.Module, inner_loss, batches: Sequence[Any], outer_los
                           f for f in more.functions if f not in found.functions),
                       found.once + tuple(f for f in more.once if f not in found.once),
                       found.stops_gradients or more.stops_gradients, found.hooks or more.hooks,
-                      found.differentiates_inside or more.differentiates_inside)
+                      found.differentiates_inside or more.differentiates_inside, found.third | more.third)
     return found
 
 
@@ -481,7 +572,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators),
                  mode.differentiates, unread, tuple(cls.__name__ for cls in functions),
                  tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
-                 mode.differentiates_inside)
+                 mode.differentiates_inside, frozenset(mode.third or aten.third))
 
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
