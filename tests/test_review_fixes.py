@@ -29,6 +29,8 @@ Then (review DI) writes the stop-gradient look missed (through views of a ``.dat
 setter), a ``torch.func`` loss through a LayerNorm without weights under fwdrev, and two false refusals
 (RMSNorm, ``torch.func.vjp``): these fail on 84593d1, but
 ``test_writes_that_are_no_stop_gradient_stay_on_fwdrev``, a guard against refusing too much.
+The numeric backstop behind the look (one HVP of the first step both ways) is tested with the look
+blinded by monkeypatching: those tests fail on 5f8483f.
 
 Everything is float64 (but the dtype test) and compared with a brute-force unroll
 (``tests/oracle.py``) or with the library's own per-task results.
@@ -716,3 +718,41 @@ def test_a_torch_func_vjp_loss_is_no_autograd_grad_call():
     want = [sum(t) for t in zip(*[oracle(model, vjp_penalty, mse, task(S, i), task(Qs, i))
                                   for i in range(B)])]
     assert rel_err(got, want) < 1e-10
+
+
+def unseen(monkeypatch):
+    """Blind the probe's look at what a loss calls (as to a stop-gradient written some way it does
+    not know), leaving the numeric backstop."""
+    monkeypatch.setattr(torch_ufom.vectorised.Probe, "fwdrev_obstacle", lambda self: "")
+    monkeypatch.setattr(torch_ufom.vectorised._Probe, "_stop_before", lambda self, func, args, tensors: None)
+    monkeypatch.setattr(torch_ufom.vectorised._Probe, "_written", lambda self, *a: None)
+
+
+@pytest.mark.parametrize("loss", [data_stopgrad, data_view_mul, hardtanh_in_place_on_a_view,
+                                  foreach_into_data], ids=lambda f: f.__name__)
+def test_fwdrev_backstop_refuses_what_the_look_misses(loss, monkeypatch):
+    # The look sees calls by what they are; a write it does not know gave a silent wrong number. The
+    # backstop compares one Hessian-vector product of the first step both ways.
+    unseen(monkeypatch)
+    model, s, q = mlp(), data(1), data(2)
+    with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev' gives another Hessian-vector product"):
+        torch_ufom.hypergrad(model, loss, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact", hvp="fwdrev")
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=STEPS,
+                                    inner_lr=LR, mode="exact", hvp="fwdrev")
+    with pytest.raises(ValueError, match="another Hessian-vector product"):
+        meta.backward(loss, mse, s, q)
+    assert all(p.grad is None for p in model.parameters())
+    model, S, Qs = layernorm_mlp(), data(3, B), data(4, B)
+    with pytest.warns(UserWarning, match="per-task loop.*another Hessian-vector product"):
+        got = torch_ufom.hypergrad_batch(model, loss, mse, S, Qs, steps=STEPS, inner_lr=LR, mode="exact")
+    want = [sum(t) for t in zip(*[oracle(model, loss, mse, task(S, i), task(Qs, i)) for i in range(B)])]
+    assert rel_err(got, want) < 1e-10
+
+
+def test_fwdrev_backstop_refuses_a_torch_func_loss_through_a_layernorm_the_tables_miss(monkeypatch):
+    # The same backstop for a normalisation left out of the third-derivative table.
+    monkeypatch.setattr(torch_ufom.vectorised.Probe, "fwdrev_obstacle", lambda self: "")
+    model, s, q = norm_mlp(nn.LayerNorm(5, elementwise_affine=False)), data(1), data(2)
+    with pytest.raises(ValueError, match="another Hessian-vector product"):
+        torch_ufom.hypergrad(model, input_gradient_penalty, mse, s, q, steps=STEPS, inner_lr=LR,
+                             mode="exact", hvp="fwdrev")
