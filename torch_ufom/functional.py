@@ -441,7 +441,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         if why:
             raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
         check_fwdrev_reads(problem, first)
-        check_fwdrev_agrees(problem, task_of(supports, 0))
+        if not found.attention_dropout:  # (per task, torch.func draws other attention masks)
+            check_fwdrev_agrees(problem, task_of(supports, 0))
     if not exact or problem.hvp == "fwdrev" or not found.norms:
         return Plan(problem, "", False, known, found.unread)
     norms = ", ".join(sorted(found.norms))
@@ -449,7 +450,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     if not why and reads_meta_directly(problem.model, problem.inner_loss, first, problem.params,
                                        problem.config.adapted):
         why = READS_META
-    if not why:
+    if not why and not found.attention_dropout:  # (per task, torch.func draws other attention masks)
         try:
             why = fwdrev_disagreement(problem._replace(hvp="fwdrev"), task_of(supports, 0))
         except Exception as err:  # noqa: BLE001 (the per-task loop runs revrev: its own errors raise there)
