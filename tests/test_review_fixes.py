@@ -31,6 +31,9 @@ setter), a ``torch.func`` loss through a LayerNorm without weights under fwdrev,
 ``test_writes_that_are_no_stop_gradient_stay_on_fwdrev``, a guard against refusing too much.
 The numeric backstop behind the look (one HVP of the first step both ways) is tested with the look
 blinded by monkeypatching: those tests fail on 5f8483f.
+Then (review DJ) a stop-gradient and a graph-node hook that first bite at a later step, which neither
+the look nor the first-step backstop sees: a per-task sweep compares its first HVP with reverse mode's
+(fails on 1c67691).
 
 Everything is float64 (but the dtype test) and compared with a brute-force unroll
 (``tests/oracle.py``) or with the library's own per-task results.
@@ -756,3 +759,49 @@ def test_fwdrev_backstop_refuses_a_torch_func_loss_through_a_layernorm_the_table
     with pytest.raises(ValueError, match="another Hessian-vector product"):
         torch_ufom.hypergrad(model, input_gradient_penalty, mse, s, q, steps=STEPS, inner_lr=LR,
                              mode="exact", hvp="fwdrev")
+
+
+# -- review DJ (session 19): stop-gradients that first bite at a later inner step -----------------
+
+def guard(c):
+    """An explosion guard whose no_grad branch is not taken at the first step's parameters."""
+    def loss(f, b):
+        out = f(b[0])
+        m = float(out.detach().abs().max())
+        if m > c:
+            with torch.no_grad():
+                out.mul_(c / m)
+        return ((out - b[1]) ** 2).mean()
+    return loss
+
+
+def node_clip(c):
+    """A gradient-clipping hook on an autograd graph node (not seen by the look)."""
+    def clip(grad_inputs, grad_outputs):
+        return tuple(None if g is None else g * torch.clamp(c / g.norm(), max=1.0) for g in grad_inputs)
+
+    def loss(f, b):
+        out = f(b[0]) * 1.0
+        out.grad_fn.register_hook(clip)
+        return ((out - b[1]) ** 2).mean()
+    return loss
+
+
+@pytest.mark.parametrize("case", ["guard", "node_clip"])
+def test_fwdrev_refuses_a_stop_gradient_that_first_bites_at_a_later_step(case):
+    # Neither the look (the calls the first step makes) nor the backstop (the first step) saw a branch
+    # taken at later steps only: per-task fwdrev was 35 % off (guard) and 66 % off (node hook). The first
+    # HVP of each per-task sweep (its latest exact step) is compared with reverse mode's.
+    model, (x, y), (xq, yq) = mlp(), data(1), data(2)
+    if case == "guard":
+        lr, scale = 0.3, 4.0
+        loss = guard(1.05 * float(model(x).abs().max()))
+    else:
+        lr, scale, loss = 1.0, 3.0, node_clip(1.2)
+    s, q = (x, scale * y), (xq, scale * yq)
+    kw = dict(steps=STEPS, inner_lr=lr, mode="exact")
+    got = torch_ufom.hypergrad(model, loss, mse, s, q, hvp="revrev", **kw)
+    want = brute_force(model, loss, mse, lambda j: s, q, STEPS, lr, list(model.parameters()), STEPS)
+    assert rel_err(got, want) < 1e-10
+    with pytest.raises(ValueError, match="another Hessian-vector product than reverse mode at inner step 3"):
+        torch_ufom.hypergrad(model, loss, mse, s, q, hvp="fwdrev", **kw)

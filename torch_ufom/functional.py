@@ -27,7 +27,7 @@ from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import TruncationLaw
-from .unroll import (Evaluator, FwdRevError, InnerLoop, PerTask, Problem, State, held_tensors,
+from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, held_tensors,
                      probe_batches, root_of, scripted, sparse_weights)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
                          probe_steps, reads_meta_directly, select_tasks, task_of)
@@ -495,40 +495,29 @@ def fwdrev_disagreement(problem: Problem, support: Any) -> str:
     """The backstop of the probe's look at what a loss calls (stop-gradients, custom
     Functions, hooks, normalisations): one Hessian-vector product of the first step's
     inner loss at the module's parameters, in a direction drawn from a generator of its
-    own, by forward-over-reverse as a sweep takes it (:meth:`InnerLoop.hessian_vector`)
-    and by reverse-over-reverse (autograd on the step's gradient), under the same random
-    stream. Why forward-over-reverse would differentiate another function when the two
-    differ by more than ``sqrt(eps)`` of the parameters' dtype, relative (``""``: they
-    agree). ``support``: one task's support batch (or per-step batches)."""
+    own (zero where the step's gradient is zero), by forward-over-reverse as a sweep takes
+    it, which a per-task loop compares with reverse mode's (:class:`FwdRevDisagrees`).
+    Why forward-over-reverse would differentiate another function (``""``: the two
+    agree, or fwdrev fails outright, which the sweep reports at its own step).
+    ``support``: one task's support batch (or per-step batches)."""
     loop = InnerLoop(problem, PerTask(), support, None, 0, True)
     with loop.streams():
         state = loop.initial_state()
         if not state.params or any(p.is_complex() for p in state.params):
             return ""  # (a complex HVP's convention is not checked here)
-        leaves = tuple(p.detach().requires_grad_() for p in state.params)
-        with loop.stream(1), torch.enable_grad():
-            at = State(leaves, state.opt, state.buffers)
-            _, grads, _ = loop.evaluator.grad(loop, at, loop.batch(0), True)
+        _, _, grads = loop.advance(state, 1)
         # Where the gradient is zero by construction (Embedding's padding row) autograd's
         # derivatives are not symmetric; the sweep's vectors are zero there as well.
         gen = torch.Generator().manual_seed(0)
         vec = tuple(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * (g != 0)
                     for p, g in zip(state.params, grads))
         try:
-            forward = loop.hessian_vector(state, 1, vec)
+            loop.hessian_vector(state, 1, vec)
         except FwdRevError:
-            return ""  # the sweep raises it again, at its own step
-        dots = [(g * v).sum() for g, v in zip(grads, vec) if g.requires_grad]
-        reverse = torch.autograd.grad(sum(dots), leaves, allow_unused=True) if dots else [None] * len(leaves)
-    pairs = [(f, torch.zeros_like(f) if r is None else r) for f, r in zip(forward, reverse)]
-    diff, scale = torch.stack([sum((f - r).abs().pow(2).sum() for f, r in pairs),
-                               sum(f.abs().pow(2).sum() + r.abs().pow(2).sum() for f, r in pairs)]).tolist()
-    if diff <= torch.finfo(state.params[0].dtype).eps * scale:  # (squared: sqrt(eps) relative)
-        return ""
-    return (f"gives another Hessian-vector product than reverse mode on the first task's first step "
-            f"({(diff / scale) ** 0.5:.1e} relative): the loss computes something forward-mode AD "
-            "differentiates otherwise (a stop-gradient made under torch.no_grad() or through .data, a "
-            "custom Function's jvp)")
+            return ""
+        except FwdRevDisagrees as err:
+            return err.why
+    return ""
 
 
 def check_fwdrev_agrees(problem: Problem, support: Any) -> None:

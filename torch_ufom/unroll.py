@@ -874,6 +874,7 @@ class InnerLoop:
         # a parameter in both gets no gradient, as from loss.backward() (unread()).
         self.unread: Optional[frozenset] = None
         self.twice_checked = False  # check_twice_differentiable ran on a step with a graph
+        self.hvp_checked = False  # a forward-over-reverse HVP was compared with reverse mode's
         self.elementwise = _library_code(rule)  # a built-in rule: each parameter's update its own
         self.outer_unread: frozenset = _NOTHING
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
@@ -1162,7 +1163,26 @@ class InnerLoop:
                 raise fwdrev_error(err, j) from err
         # Non-adapted parameters the losses read are leaves of autograd's graph (fwdrev is
         # refused when any of them is a meta-parameter): drop that graph.
-        return tuple(h.detach() for h in hv)
+        hv = tuple(h.detach() for h in hv)
+        if not self.hvp_checked and isinstance(self.evaluator, PerTask):
+            self.hvp_checked = True
+            rel = hvp_disagreement(hv, self.reverse_hessian_vector(State(params, state.opt, state.buffers), j,
+                                                                     vec))
+            if rel:
+                raise FwdRevDisagrees(j, rel)
+        return hv
+
+    def reverse_hessian_vector(self, state: State, j: int, vec: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+        """``H v`` of step ``j``'s inner loss by reverse mode (autograd on the step's
+        gradient, taken with a graph), under step ``j``'s random stream: what
+        :meth:`hessian_vector`'s first call of a per-task sweep is compared with."""
+        leaves = tuple(p.detach().requires_grad_() for p in state.params)
+        with self.stream(j), torch.enable_grad():
+            at = State(leaves, state.opt, state.buffers)
+            _, grads, _ = self.evaluator.grad(self, at, self.batch(j - 1), True)
+            dots = [(g * v).sum() for g, v in zip(grads, vec) if g.requires_grad]
+        got = torch.autograd.grad(sum(dots), leaves, allow_unused=True) if dots else (None,) * len(leaves)
+        return tuple(torch.zeros_like(p) if r is None else r for p, r in zip(leaves, got))
 
     def reduce(self, adjoint: Tensor) -> Tensor:
         """The adjoint of a shared initial parameter from the state's adjoint."""
@@ -1252,6 +1272,34 @@ class FwdRevError(RuntimeError):
     def __init__(self, detail: str):
         super().__init__(f"{detail}; use hvp='revrev' or hvp='auto'")
         self.detail = detail
+
+
+class FwdRevDisagrees(ValueError):
+    """A forward-over-reverse HVP that differs from reverse mode's at the same point and
+    direction (:meth:`InnerLoop.hessian_vector` compares the first of each per-task
+    sweep): the loss computes something forward-mode AD differentiates otherwise. ``why``:
+    the reason without the advice."""
+
+    def __init__(self, j: int, rel: float):
+        self.why = (f"gives another Hessian-vector product than reverse mode at inner step {j} ({rel:.1e} "
+                    "relative): the loss computes something forward-mode AD differentiates otherwise (a "
+                    "stop-gradient made under torch.no_grad() or through .data, a custom Function's jvp, "
+                    "a hook on a graph node)")
+        super().__init__(f"Invalid hvp: 'fwdrev' {self.why}; use 'revrev' or 'auto'")
+
+
+def hvp_disagreement(forward: Sequence[Tensor], reverse: Sequence[Tensor]) -> float:
+    """How far apart two HVPs are, relative (their difference's norm over their norms'),
+    where that exceeds the square root of their dtype's epsilon; ``0.0`` where they agree.
+    One host synchronisation."""
+    if not forward:
+        return 0.0
+    diff, scale = torch.stack([sum((f - r).abs().pow(2).sum() for f, r in zip(forward, reverse)),
+                               sum(f.abs().pow(2).sum() + r.abs().pow(2).sum()
+                                   for f, r in zip(forward, reverse))]).tolist()
+    if diff <= torch.finfo(forward[0].dtype).eps * scale:  # (squared: sqrt(eps) relative)
+        return 0.0
+    return (diff / scale) ** 0.5
 
 
 def fwdrev_error(err: Exception, j: int) -> FwdRevError:
