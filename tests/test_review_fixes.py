@@ -474,22 +474,28 @@ def nograd_into_new(f, b):
     return ((out / w - b[1]) ** 2).mean()
 
 
-@pytest.mark.parametrize("loss", [setitem_nograd, setitem_data, complex_nograd, data_in_place,
-                                  nograd_into_new], ids=lambda f: f.__name__)
-def test_fwdrev_refuses_stop_gradients_written_in_place_or_through_complex_values(loss):
-    # The stop-gradient check looked at floating-point results only: writes returning None, complex
-    # values and writes through .data were missed (fwdrev 13-113 % off, a LayerNorm meta-batch by
-    # default 19-93 % off).
+def refused_by_fwdrev_and_looped(loss, match):
+    """revrev is exact, fwdrev refused (``match``), and a default LayerNorm meta-batch, which would
+    switch to fwdrev by itself, runs the per-task loop with a warning and is exact."""
     model, s, q = mlp(), data(1), data(2)
     got = torch_ufom.hypergrad(model, loss, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact", hvp="revrev")
     assert rel_err(got, oracle(model, loss, mse, s, q)) < 1e-10
-    with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev'"):
+    with pytest.raises(ValueError, match=match):
         torch_ufom.hypergrad(model, loss, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact", hvp="fwdrev")
     model, S, Qs = layernorm_mlp(), data(3, B), data(4, B)
     with pytest.warns(UserWarning, match="per-task loop"):
         got = torch_ufom.hypergrad_batch(model, loss, mse, S, Qs, steps=STEPS, inner_lr=LR, mode="exact")
     want = [sum(t) for t in zip(*[oracle(model, loss, mse, task(S, i), task(Qs, i)) for i in range(B)])]
     assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("loss", [setitem_nograd, setitem_data, complex_nograd, data_in_place,
+                                  nograd_into_new], ids=lambda f: f.__name__)
+def test_fwdrev_refuses_stop_gradients_written_in_place_or_through_complex_values(loss):
+    # The stop-gradient check looked at floating-point results only: writes returning None, complex
+    # values and writes through .data were missed (fwdrev 13-113 % off, a LayerNorm meta-batch by
+    # default 19-93 % off).
+    refused_by_fwdrev_and_looped(loss, "Invalid hvp: 'fwdrev'")
 
 
 def test_once_differentiable_written_as_vjp_is_refused():
@@ -622,15 +628,21 @@ def test_fwdrev_refuses_writes_through_views_aliases_and_any_name(loss):
     # of an alias, F.relu(inplace=True) on a view under no_grad, torch.ops.aten.mul_.Tensor and
     # torch._foreach_mul_ were missed (fwdrev 4-26 % off, a LayerNorm meta-batch by default 3-42 % off);
     # out= into an alias and .data's setter failed at step 3 with an unrelated hint.
-    model, s, q = mlp(), data(1), data(2)
-    got = torch_ufom.hypergrad(model, loss, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact", hvp="revrev")
+    refused_by_fwdrev_and_looped(loss, "Invalid hvp: 'fwdrev'.*stop-gradient")
+
+
+def fwdrev_runs_and_stays_vectorised(loss, model, batch_model):
+    """fwdrev per task on ``model`` equals the oracle, and a default meta-batch on ``batch_model``
+    stays vectorised (no warning) and equals it."""
+    s, q = data(1), data(2)
+    got = torch_ufom.hypergrad(model, loss, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact", hvp="fwdrev")
     assert rel_err(got, oracle(model, loss, mse, s, q)) < 1e-10
-    with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev'.*stop-gradient"):
-        torch_ufom.hypergrad(model, loss, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact", hvp="fwdrev")
-    model, S, Qs = layernorm_mlp(), data(3, B), data(4, B)
-    with pytest.warns(UserWarning, match="per-task loop"):
-        got = torch_ufom.hypergrad_batch(model, loss, mse, S, Qs, steps=STEPS, inner_lr=LR, mode="exact")
-    want = [sum(t) for t in zip(*[oracle(model, loss, mse, task(S, i), task(Qs, i)) for i in range(B)])]
+    S, Qs = data(3, B), data(4, B)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torch_ufom.hypergrad_batch(batch_model, loss, mse, S, Qs, steps=STEPS, inner_lr=LR,
+                                         mode="exact")
+    want = [sum(t) for t in zip(*[oracle(batch_model, loss, mse, task(S, i), task(Qs, i)) for i in range(B)])]
     assert rel_err(got, want) < 1e-10
 
 
@@ -643,18 +655,7 @@ def test_writes_that_are_no_stop_gradient_stay_on_fwdrev():
         z = torch.zeros_like(out)
         torch.nn.functional.relu(z.add_(out), inplace=True)
         return ((z - b[1]) ** 2).mean()
-    model, s, q = mlp(), data(1), data(2)
-    got = torch_ufom.hypergrad(model, detached_write, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact",
-                               hvp="fwdrev")
-    assert rel_err(got, oracle(model, detached_write, mse, s, q)) < 1e-10
-    model, S, Qs = layernorm_mlp(), data(3, B), data(4, B)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = torch_ufom.hypergrad_batch(model, detached_write, mse, S, Qs, steps=STEPS, inner_lr=LR,
-                                         mode="exact")
-    want = [sum(t) for t in zip(*[oracle(model, detached_write, mse, task(S, i), task(Qs, i))
-                                  for i in range(B)])]
-    assert rel_err(got, want) < 1e-10
+    fwdrev_runs_and_stays_vectorised(detached_write, mlp(), layernorm_mlp())
 
 
 def input_gradient_penalty(f, b):
@@ -685,18 +686,8 @@ def test_fwdrev_runs_a_torch_func_loss_through_an_rmsnorm():
     # RMSNorm was refused ("its forward-mode third derivative differs"), which is not so on the CPU,
     # where it decomposes into elementwise operations: fwdrev is exact, and the meta-batch (whose vmap
     # double backward of RMSNorm is not trusted) stays vectorised on fwdrev.
-    model, s, q = norm_mlp(nn.RMSNorm(5)), data(1), data(2)
-    got = torch_ufom.hypergrad(model, input_gradient_penalty, mse, s, q, steps=STEPS, inner_lr=LR,
-                               mode="exact", hvp="fwdrev")
-    assert rel_err(got, oracle(model, input_gradient_penalty, mse, s, q)) < 1e-10
-    S, Qs = data(3, B), data(4, B)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = torch_ufom.hypergrad_batch(model, input_gradient_penalty, mse, S, Qs, steps=STEPS, inner_lr=LR,
-                                         mode="exact")
-    want = [sum(t) for t in zip(*[oracle(model, input_gradient_penalty, mse, task(S, i), task(Qs, i))
-                                  for i in range(B)])]
-    assert rel_err(got, want) < 1e-10
+    model = norm_mlp(nn.RMSNorm(5))
+    fwdrev_runs_and_stays_vectorised(input_gradient_penalty, model, model)
 
 
 def vjp_penalty(f, b):
@@ -709,18 +700,8 @@ def vjp_penalty(f, b):
 def test_a_torch_func_vjp_loss_is_no_autograd_grad_call():
     # torch.func.vjp's pull-back calls torch.autograd.grad after its level has exited: it was taken for a
     # loss calling autograd.grad itself, so fwdrev was refused and a meta-batch ran the per-task loop.
-    model, s, q = mlp(), data(1), data(2)
-    got = torch_ufom.hypergrad(model, vjp_penalty, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact",
-                               hvp="fwdrev")
-    assert rel_err(got, oracle(model, vjp_penalty, mse, s, q)) < 1e-10
-    S, Qs = data(3, B), data(4, B)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = torch_ufom.hypergrad_batch(model, vjp_penalty, mse, S, Qs, steps=STEPS, inner_lr=LR,
-                                         mode="exact")
-    want = [sum(t) for t in zip(*[oracle(model, vjp_penalty, mse, task(S, i), task(Qs, i))
-                                  for i in range(B)])]
-    assert rel_err(got, want) < 1e-10
+    model = mlp()
+    fwdrev_runs_and_stays_vectorised(vjp_penalty, model, model)
 
 
 def unseen(monkeypatch):
