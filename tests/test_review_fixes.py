@@ -34,6 +34,8 @@ blinded by monkeypatching: those tests fail on 5f8483f.
 Then (review DJ) a stop-gradient and a graph-node hook that first bite at a later step, which neither
 the look nor the first-step backstop sees: a per-task sweep compares its first HVP with reverse mode's
 (fails on 1c67691).
+Then (review DK) torch.logcumsumexp (torch's forward-mode derivative of it is wrong), a frozen teacher
+run under no_grad, and non-finite HVPs in the comparison (these fail on 94d3717).
 
 Everything is float64 (but the dtype test) and compared with a brute-force unroll
 (``tests/oracle.py``) or with the library's own per-task results.
@@ -786,3 +788,44 @@ def test_fwdrev_refuses_a_stop_gradient_that_first_bites_at_a_later_step(case):
     assert rel_err(got, want) < 1e-10
     with pytest.raises(ValueError, match="another Hessian-vector product than reverse mode at inner step 3"):
         torch_ufom.hypergrad(model, loss, mse, s, q, hvp="fwdrev", **kw)
+
+
+# -- review DK (session 19): an op whose forward-mode derivative torch gets wrong, a frozen teacher,
+# -- non-finite HVPs in the comparison ----------------------------------------------------------
+
+def cox(f, b):
+    """A Cox-style ranking loss (samples sorted by survival time): a log-space scan."""
+    risk = f(b[0]).sum(-1)
+    return (torch.logcumsumexp(risk, 0) - risk).mean()
+
+
+def test_fwdrev_refuses_logcumsumexp():
+    # torch's forward-mode derivative of logcumsumexp drops early prefixes once the input spans a wide
+    # range (pytorch/pytorch#196705): per-task fwdrev was 33 % off where the sweep's first HVP agreed,
+    # a default LayerNorm meta-batch (vectorised fwdrev) up to 11x off in float64.
+    refused_by_fwdrev_and_looped(cox, "Invalid hvp: 'fwdrev' cannot run torch.logcumsumexp")
+
+
+def test_a_frozen_teacher_under_no_grad_is_no_stop_gradient():
+    # A distillation target computed under no_grad by a captured teacher whose parameters still require
+    # grad (nn.Module's default) was taken for a stop-gradient: fwdrev refused, and a default LayerNorm
+    # meta-batch ran the per-task loop (2.3x slower), though no tangent reaches the teacher.
+    torch.manual_seed(5)
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+    def distill(f, b):
+        with torch.no_grad():
+            target = teacher(b[0])
+        return ((f(b[0]) - target) ** 2).mean() + ((f(b[0]) - b[1]) ** 2).mean()
+    fwdrev_runs_and_stays_vectorised(distill, mlp(), layernorm_mlp())
+
+
+def test_hvp_disagreement_leaves_non_finite_products_to_the_sweep():
+    # A NaN in either product was reported as a disagreement ("nan relative") with advice to use revrev,
+    # which was the path that failed (torch's double backward of a log-space scan gives NaN there).
+    from torch_ufom.unroll import hvp_disagreement
+    one, nan = (torch.ones(3),), (torch.tensor([1.0, float("nan"), 1.0]),)
+    assert hvp_disagreement(nan, one) == 0.0 and hvp_disagreement(one, nan) == 0.0
+    assert hvp_disagreement(one, one) == 0.0
+    assert hvp_disagreement(one, (torch.ones(3) * (1 + 1e-9),)) == 0.0  # within sqrt(eps) in float64
+    assert hvp_disagreement(one, (torch.tensor([1.0, 1.0, 2.0]),)) == pytest.approx(1 / 3)  # 1 / sqrt(3 + 6)

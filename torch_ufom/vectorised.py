@@ -176,6 +176,12 @@ _ATEN_THIRD_ORDER = {
     # CUDA's fused kernel: not checked (no GPU here), so not trusted
     "_fused_rms_norm": ("RMSNorm (CUDA's fused kernel, not checked)", lambda a: True),
 }
+# Operations whose forward-mode derivative torch gets wrong (forward-over-reverse HVPs through
+# them differ from reverse mode's), by ATen name.
+_ATEN_FORWARD_WRONG = {
+    name: "torch.logcumsumexp (its forward-mode derivative drops early prefixes once the input spans "
+          "a wide range: pytorch/pytorch#196705)" for name in ("logcumsumexp", "_logcumsumexp")
+}
 _ATEN_WRONG_UNDER_VMAP = {
     "embedding": ("Embedding with padding_idx", lambda a: a.get("padding_idx", -1) not in (-1, None)),
 }
@@ -221,6 +227,7 @@ class _AtenProbe(TorchDispatchMode):
         self.norms: set = set()
         self.third: set = set()
         self.wrong: set = set()
+        self.forward_wrong: set = set()
         self.generators: Dict[int, Tuple[torch.Generator, Tensor]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -231,6 +238,8 @@ class _AtenProbe(TorchDispatchMode):
             entry = table.get(name)
             if entry is not None and entry[1](_schema_args(func, args, kwargs)):
                 found.add(entry[0])
+        if name in _ATEN_FORWARD_WRONG:
+            self.forward_wrong.add(_ATEN_FORWARD_WRONG[name])
         i = _generator_position(func)
         gen = (args[i] if len(args) > i else kwargs.get("generator")) if i >= 0 else None
         if isinstance(gen, torch.Generator) and id(gen) not in self.generators and not _is_default(gen):
@@ -275,10 +284,13 @@ _SLOW_ON_CPU = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
 class _Probe(TorchFunctionMode):
     """Records the affected normalisation calls, the operations vmap differentiates wrongly,
     attention dropout and the CPU operations too large to pay vectorised
-    (``SLOW_ON_CPU_ELEMENTS``), while active."""
+    (``SLOW_ON_CPU_ELEMENTS``), while active. ``adapted``: the ids of the adapted
+    parameters' tensors (``None``: every leaf requiring grad counts as one), the only
+    leaves a forward-mode tangent starts from."""
 
-    def __init__(self):
+    def __init__(self, adapted: Optional[set] = None):
         super().__init__()
+        self.adapted = adapted
         self.norms: set = set()
         self.third: set = set()
         self.wrong: set = set()
@@ -341,25 +353,33 @@ class _Probe(TorchFunctionMode):
         list) and after the call by version (:meth:`_written`)."""
         if getattr(func, "__self__", None) is _DATA:  # Tensor.data's getter or setter
             if getattr(func, "__name__", "") == "__set__":
-                if tensors and tensors[0].requires_grad:
+                if tensors and self._tangent(tensors[0]):
                     self.stops_gradients = True  # values swapped under the graph
                 return None
-            return "alias" if tensors and tensors[0].requires_grad else None
+            return "alias" if tensors and self._tangent(tensors[0]) else None
         stopped = bool(self.stopped_ids) and any(id(t) in self.stopped_ids for t in tensors)
         grad = torch.is_grad_enabled()
         targets = _targets(func, args)
         for target in targets:
             # A write into a tensor of the graph under no_grad, through .data, or of a
             # stop-gradient into one requiring grad (x[i] = v returns None: nothing to check after).
-            if target.requires_grad and (not grad or stopped) or self._aliased(target):
+            if self._tangent(target) and (not grad or stopped) or self._aliased(target):
                 self.stops_gradients = True
                 return None
-        mark = stopped or (not grad and any(t.requires_grad for t in tensors))
+        mark = stopped or (not grad and any(map(self._tangent, tensors)))
         if mark:
             self._hold(targets)  # a tensor written with a stop-gradient holds one
         if grad:
             return "check" if stopped else None
         return "mark" if mark else None
+
+    def _tangent(self, t: Tensor) -> bool:
+        """Whether ``t`` may carry a forward-mode tangent of the adapted parameters: it
+        requires grad and is no leaf other than them (a frozen teacher's parameters,
+        left requiring grad and read under ``no_grad``, carry none)."""
+        if not t.requires_grad:
+            return False
+        return self.adapted is None or id(t) in self.adapted or not t.is_leaf
 
     def _aliased(self, t: Tensor) -> bool:
         """Whether ``t`` is a value read through ``.data`` or shares its storage (a view of one)."""
@@ -378,7 +398,7 @@ class _Probe(TorchFunctionMode):
         tensors = [t for t in tensors if not t.is_inference()]  # (they have no version counter)
         return (torch.is_grad_enabled(), tensors, [t._version for t in tensors],
                 bool(self.stopped_ids) and any(id(t) in self.stopped_ids for t in tensors),
-                any(t.requires_grad for t in tensors))
+                any(map(self._tangent, tensors)))
 
     def _written(self, grad: bool, tensors, versions, stopped: bool, reads_graph: bool) -> None:
         """The writes a call made, seen by version counters whatever its name
@@ -461,12 +481,15 @@ class Probe(NamedTuple):
     hooks: bool = False  # a loss registers a gradient hook on a tensor (Tensor.register_hook)
     differentiates_inside: bool = False  # a loss differentiates with torch.func (grad, jacrev)
     third: frozenset = frozenset()  # normalisations whose forward-mode third derivative differs
+    forward_wrong: frozenset = frozenset()  # operations whose forward-mode derivative torch gets wrong
 
     def fwdrev_obstacle(self) -> str:
         """Why forward-over-reverse HVPs would differentiate another function than the
         gradient the step took (``""``: nothing found): forward-mode AD passes through
         ``no_grad`` sections, runs a custom Function's ``jvp`` (not its backward) and no
         tensor hooks (a custom Function's forward runs under ``no_grad`` too)."""
+        if self.forward_wrong:
+            return f"cannot run {', '.join(sorted(self.forward_wrong))}"
         if self.functions:
             return (f"cannot run a loss that applies a custom torch.autograd.Function "
                     f"({', '.join(self.functions)}): forward-mode AD runs its jvp, not the backward the "
@@ -502,7 +525,8 @@ def probe_steps(module: nn.Module, inner_loss, batches: Sequence[Any], outer_los
                           f for f in more.functions if f not in found.functions),
                       found.once + tuple(f for f in more.once if f not in found.once),
                       found.stops_gradients or more.stops_gradients, found.hooks or more.hooks,
-                      found.differentiates_inside or more.differentiates_inside, found.third | more.third)
+                      found.differentiates_inside or more.differentiates_inside, found.third | more.third,
+                      found.forward_wrong | more.forward_wrong)
     return found
 
 
@@ -527,12 +551,12 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     it; an error there is left to the sweep). ``adapted``: the names of the
     parameters the inner loop adapts, which it copies (default ``None``: copy all;
     :func:`_probe_params`)."""
-    mode = _Probe()
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
     versions = {n: b._version for n, b in buffers.items()}
     named = dict(module.named_parameters())
     params = {n: t.requires_grad_(named[n].requires_grad) for n, t in _probe_params(module, adapted).items()}
+    mode = _Probe(None if adapted is None else {id(params[n]) for n in adapted if n in params})
     fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     aten = _AtenProbe()
@@ -572,7 +596,8 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators),
                  mode.differentiates, unread, tuple(cls.__name__ for cls in functions),
                  tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
-                 mode.differentiates_inside, frozenset(mode.third or aten.third))
+                 mode.differentiates_inside, frozenset(mode.third or aten.third),
+                 frozenset(aten.forward_wrong))
 
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
