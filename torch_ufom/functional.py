@@ -338,8 +338,13 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
                 continue
             start = time.perf_counter()
             task = (task_of(supports, i), task_of(queries, i))
-            check_fwdrev_task(problem, task[0], truncations[i])
-            est = run_estimate(problem, PerTask(), task, truncations[i], seeds[i], diagnostics)
+            try:
+                check_fwdrev_task(problem, task[0], truncations[i])
+                est = run_estimate(problem, PerTask(), task, truncations[i], seeds[i], diagnostics)
+            except Exception as err:
+                if size > 1:
+                    err.add_note(f"(raised by task {i} of the meta-batch of {size}, run per task)")
+                raise
             groups.append(([i], est, time.perf_counter() - start))
         return BatchRun(groups, False, reason, truncations, fallback, slow_ops, len(done))
 
