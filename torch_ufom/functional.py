@@ -437,8 +437,9 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     if found.differentiates:
         return Plan(None, DIFFERENTIATES, True, known)
     if found.hooks:
-        return Plan(None, "a loss registers a gradient hook on a tensor (Tensor.register_hook), which the "
-                    "gradients taken through torch.func.vmap do not run", True, known)
+        return Plan(None, "a loss registers a gradient hook on a tensor or a graph node "
+                    "(Tensor.register_hook, grad_fn.register_hook), which the gradients taken through "
+                    "torch.func.vmap do not run (or run on every task's at once)", True, known)
     if exact and found.once:  # the per-task loop raises (unroll.check_twice_differentiable)
         return Plan(None, f"{', '.join(found.once)} has a @once_differentiable backward", True, known)
     if exact and problem.hvp == "fwdrev":

@@ -17,7 +17,9 @@ pay for the exact sweep of the others.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -137,6 +139,14 @@ _THIRD_ORDER = {
 }
 
 
+# torch functions written in Python that make a stop-gradient inside, which the probe's mode
+# (off while it runs the function it caught) does not see, with the argument it stops:
+# F.gaussian_nll_loss clamps var in place under no_grad.
+_STOPS_INSIDE = {
+    F.gaussian_nll_loss: lambda a, k: _arg(a, k, 2, "var"),
+}
+
+
 # Functions whose gradient vmap gets wrong even once differentiated, with the test that
 # the call is affected: torch 2.13's embedding backward under vmap gives the padding row
 # a gradient in every task but the first.
@@ -179,8 +189,11 @@ _ATEN_THIRD_ORDER = {
 # Operations whose forward-mode derivative torch gets wrong (forward-over-reverse HVPs through
 # them differ from reverse mode's), by ATen name.
 _ATEN_FORWARD_WRONG = {
-    name: "torch.logcumsumexp (its forward-mode derivative drops early prefixes once the input spans "
-          "a wide range: pytorch/pytorch#196705)" for name in ("logcumsumexp", "_logcumsumexp")
+    **{name: ("torch.logcumsumexp (its forward-mode derivative drops early prefixes once the input spans "
+              "a wide range: pytorch/pytorch#196705)", lambda a: True)
+       for name in ("logcumsumexp", "_logcumsumexp")},
+    "scatter_reduce": ("scatter_reduce(reduce='prod') (torch gives it no forward-mode tangent: "
+                       "pytorch/pytorch#196702)", lambda a: a.get("reduce") == "prod"),
 }
 _ATEN_WRONG_UNDER_VMAP = {
     "embedding": ("Embedding with padding_idx", lambda a: a.get("padding_idx", -1) not in (-1, None)),
@@ -238,8 +251,9 @@ class _AtenProbe(TorchDispatchMode):
             entry = table.get(name)
             if entry is not None and entry[1](_schema_args(func, args, kwargs)):
                 found.add(entry[0])
-        if name in _ATEN_FORWARD_WRONG:
-            self.forward_wrong.add(_ATEN_FORWARD_WRONG[name])
+        entry = _ATEN_FORWARD_WRONG.get(name)
+        if entry is not None and entry[1](_schema_args(func, args, kwargs)):
+            self.forward_wrong.add(entry[0])
         i = _generator_position(func)
         gen = (args[i] if len(args) > i else kwargs.get("generator")) if i >= 0 else None
         if isinstance(gen, torch.Generator) and id(gen) not in self.generators and not _is_default(gen):
@@ -321,6 +335,10 @@ class _Probe(TorchFunctionMode):
         if not self.stops_gradients:
             stop = self._stop_before(func, args, tensors)
             watch = self._watch(tensors)
+            inside = _STOPS_INSIDE.get(func)
+            stopped = inside(args, kwargs) if inside is not None else None
+            if isinstance(stopped, Tensor) and self._tangent(stopped):
+                self.stops_gradients = True
         for table, found in ((_UNSAFE_NORMS, self.norms), (_THIRD_ORDER, self.third)):
             entry = table.get(func)
             if entry is not None and entry[1](args, kwargs):
@@ -376,7 +394,10 @@ class _Probe(TorchFunctionMode):
     def _tangent(self, t: Tensor) -> bool:
         """Whether ``t`` may carry a forward-mode tangent of the adapted parameters: it
         requires grad and is no leaf other than them (a frozen teacher's parameters,
-        left requiring grad and read under ``no_grad``, carry none)."""
+        left requiring grad and read under ``no_grad``, carry none), seen through
+        ``torch.func``'s wrappers (inside a loss's own ``vmap`` a value hides
+        ``requires_grad``; inside its ``torch.func.grad`` it is a fresh leaf)."""
+        t = _unwrapped(t)
         if not t.requires_grad:
             return False
         return self.adapted is None or id(t) in self.adapted or not t.is_leaf
@@ -420,7 +441,7 @@ class _Probe(TorchFunctionMode):
     def _stop_after(self, stop: str, out) -> None:
         values = [t for t in pytree.tree_leaves(out)
                   if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
-        if stop == "check" and any(t.requires_grad for t in values):
+        if stop == "check" and any(_unwrapped(t).requires_grad for t in values):
             self.stops_gradients = True
             return
         if stop == "alias":
@@ -450,6 +471,38 @@ def _targets(func, args) -> List[Tensor]:
     if isinstance(args[0], (list, tuple)):
         return [t for t in args[0] if isinstance(t, Tensor)]
     return []
+
+
+_NODE_HOOKS = ("register_hook", "register_prehook")
+
+
+@contextlib.contextmanager
+def _watching_node_hooks(found: List[str]):
+    """Note in ``found`` the hooks the body registers on autograd's graph nodes
+    (``h.grad_fn.register_hook``, ``register_prehook``: C methods no mode sees, and no
+    API lists a node's hooks), through ``sys.setprofile``; unless a profiler is set
+    already, which is left alone (the body then runs unwatched)."""
+    if sys.getprofile() is not None:
+        yield
+        return
+
+    def profile(frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", "") in _NODE_HOOKS \
+                and isinstance(getattr(arg, "__self__", None), torch.autograd.graph.Node):
+            found.append(arg.__name__)
+
+    sys.setprofile(profile)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)
+
+
+def _unwrapped(t: Tensor) -> Tensor:
+    """The tensor inside ``torch.func``'s wrappers (vmap's batched tensors, grad's)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _storage(t: Tensor) -> int:
@@ -498,8 +551,8 @@ class Probe(NamedTuple):
             return ("cannot run a loss with a stop-gradient made under torch.no_grad() or through .data "
                     "(use .detach()): forward-mode AD passes through it")
         if self.hooks:
-            return ("cannot run a loss that registers a gradient hook on a tensor (Tensor.register_hook): "
-                    "forward-mode AD does not run it")
+            return ("cannot run a loss that registers a gradient hook on a tensor or a graph node "
+                    "(Tensor.register_hook, grad_fn.register_hook): forward-mode AD does not run it")
         if self.differentiates_inside and self.third:
             return (f"cannot run a loss that differentiates itself (torch.func) through "
                     f"{', '.join(sorted(self.third))}: torch's forward-mode third derivative of it "
@@ -560,11 +613,14 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     aten = _AtenProbe()
+    node_hooks: List[str] = []
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), mode, aten:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), mode, aten, \
+                _watching_node_hooks(node_hooks):
             out = inner_loss(fm, batch)
     finally:
         aten.restore()
+    mode.hooks |= bool(node_hooks)
     unread, functions = frozenset(), []
     loss = out[0] if isinstance(out, tuple) and out else out
     if isinstance(loss, Tensor) and loss.grad_fn is not None:
