@@ -184,7 +184,7 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
         tasks = [task_of(supports, i) for i in range(size)]
     with restore_rng_on_error(generator), torch.no_grad():
         batches = probe_batches(tasks[0], problem.config.steps, "supports")
-        found = probe_steps(model, inner_loss, batches, adapted=problem.config.adapted)
+        found = probe_steps(model, inner_loss, batches, adapted=problem.config.adapted, node_hooks=False)
         vectorised = True
         if not (found.written or found.wrong or found.own_generator or found.differentiates):
             try:

@@ -417,7 +417,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     batches = probe_batches(task_of(supports, 0), problem.config.steps, "supports")
     first = batches[0]
     found = probe_steps(problem.model, problem.inner_loss, batches, problem.outer_loss, task_of(queries, 0),
-                        problem.config.adapted)
+                        problem.config.adapted, node_hooks=exact)
     known = SlowOps(_weak(problem.inner_loss), device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
         tuple(sorted(found.wrong)), _weak(problem.outer_loss),

@@ -561,13 +561,13 @@ class Probe(NamedTuple):
 
 
 def probe_steps(module: nn.Module, inner_loss, batches: Sequence[Any], outer_loss=None, query=None,
-                adapted=None) -> Probe:
+                adapted=None, node_hooks: bool = True) -> Probe:
     """:func:`probe` on each of ``batches`` (every step's batch of a task with per-step
     batches, where a loss may do at some steps only what decides how a sweep runs), the
     outer loss once: what any of them found (the parameters none of them reads as unread)."""
-    found = probe(module, inner_loss, batches[0], outer_loss, query, adapted)
+    found = probe(module, inner_loss, batches[0], outer_loss, query, adapted, node_hooks)
     for batch in batches[1:]:
-        more = probe(module, inner_loss, batch, adapted=adapted)
+        more = probe(module, inner_loss, batch, adapted=adapted, node_hooks=node_hooks)
         found = Probe(found.norms | more.norms, found.wrong | more.wrong,
                       found.written + [n for n in more.written if n not in found.written],
                       found.attention_dropout or more.attention_dropout,
@@ -594,7 +594,8 @@ def _probe_params(module: nn.Module, adapted) -> Dict[str, Tensor]:
             for n, p in module.named_parameters()}
 
 
-def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, adapted=None) -> Probe:
+def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, adapted=None,
+          node_hooks: bool = True) -> Probe:
     """One evaluation of the inner loss at detached copies of the module's parameters
     (requiring gradients as the parameters do, so that a loss that differentiates runs),
     with the random states restored: what decides how a sweep may run.
@@ -603,7 +604,8 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     evaluation of it on ``query`` calls (with gradients enabled, as the sweep runs
     it; an error there is left to the sweep). ``adapted``: the names of the
     parameters the inner loop adapts, which it copies (default ``None``: copy all;
-    :func:`_probe_params`)."""
+    :func:`_probe_params`). ``node_hooks``: look for hooks registered on graph nodes
+    (which matter to second derivatives only; the look costs a profiler on the loss)."""
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
     versions = {n: b._version for n, b in buffers.items()}
@@ -613,14 +615,14 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     aten = _AtenProbe()
-    node_hooks: List[str] = []
+    hooked: List[str] = []
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), mode, aten, \
-                _watching_node_hooks(node_hooks):
+                (_watching_node_hooks(hooked) if node_hooks else contextlib.nullcontext()):
             out = inner_loss(fm, batch)
     finally:
         aten.restore()
-    mode.hooks |= bool(node_hooks)
+    mode.hooks |= bool(hooked)
     unread, functions = frozenset(), []
     loss = out[0] if isinstance(out, tuple) and out else out
     if isinstance(loss, Tensor) and loss.grad_fn is not None:
