@@ -417,7 +417,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     batches = probe_batches(task_of(supports, 0), problem.config.steps, "supports")
     first = batches[0]
     found = probe_steps(problem.model, problem.inner_loss, batches, problem.outer_loss, task_of(queries, 0),
-                        problem.config.adapted, node_hooks=exact)
+                        problem.config.adapted)
     known = SlowOps(_weak(problem.inner_loss), device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
         tuple(sorted(found.wrong)), _weak(problem.outer_loss),
@@ -440,6 +440,10 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         return Plan(None, "a loss registers a gradient hook on a tensor or a graph node "
                     "(Tensor.register_hook, grad_fn.register_hook), which the gradients taken through "
                     "torch.func.vmap do not run (or run on every task's at once)", True, known)
+    if found.hooks_unseen:
+        return Plan(None, "a profiler is set (sys.setprofile: cProfile, torch.profiler with "
+                    "with_stack=True), which hides from the look the hooks a loss may register on graph "
+                    "nodes, which the gradients taken through torch.func.vmap would not run", True, known)
     if exact and found.once:  # the per-task loop raises (unroll.check_twice_differentiable)
         return Plan(None, f"{', '.join(found.once)} has a @once_differentiable backward", True, known)
     if exact and problem.hvp == "fwdrev":

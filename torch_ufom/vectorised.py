@@ -251,7 +251,7 @@ class _AtenProbe(TorchDispatchMode):
             entry = table.get(name)
             if entry is not None and entry[1](_schema_args(func, args, kwargs)):
                 found.add(entry[0])
-        entry = _ATEN_FORWARD_WRONG.get(name)
+        entry = _ATEN_FORWARD_WRONG.get(name[:-1] if name.endswith("_") else name)  # (scatter_reduce_)
         if entry is not None and entry[1](_schema_args(func, args, kwargs)):
             self.forward_wrong.add(entry[0])
         i = _generator_position(func)
@@ -416,10 +416,11 @@ class _Probe(TorchFunctionMode):
 
     def _watch(self, tensors):
         """What :meth:`_written` compares after the call: the arguments' versions."""
-        tensors = [t for t in tensors if not t.is_inference()]  # (they have no version counter)
-        return (torch.is_grad_enabled(), tensors, [t._version for t in tensors],
-                bool(self.stopped_ids) and any(id(t) in self.stopped_ids for t in tensors),
-                any(map(self._tangent, tensors)))
+        stopped = bool(self.stopped_ids) and any(id(t) in self.stopped_ids for t in tensors)
+        reads_graph = any(map(self._tangent, tensors))
+        # The tensors inside torch.func's wrappers: a write inside a loss's own vmap bumps theirs.
+        tensors = [u for u in map(_unwrapped, tensors) if not u.is_inference()]  # (no version counter)
+        return torch.is_grad_enabled(), tensors, [t._version for t in tensors], stopped, reads_graph
 
     def _written(self, grad: bool, tensors, versions, stopped: bool, reads_graph: bool) -> None:
         """The writes a call made, seen by version counters whatever its name
@@ -474,6 +475,7 @@ def _targets(func, args) -> List[Tensor]:
 
 
 _NODE_HOOKS = ("register_hook", "register_prehook")
+_UNWATCHED = "(a profiler is set)"  # what _watching_node_hooks notes when it cannot look
 
 
 @contextlib.contextmanager
@@ -481,8 +483,10 @@ def _watching_node_hooks(found: List[str]):
     """Note in ``found`` the hooks the body registers on autograd's graph nodes
     (``h.grad_fn.register_hook``, ``register_prehook``: C methods no mode sees, and no
     API lists a node's hooks), through ``sys.setprofile``; unless a profiler is set
-    already, which is left alone (the body then runs unwatched)."""
+    already (cProfile, ``torch.profiler.profile(with_stack=True)``), which is left
+    alone: the body then runs unwatched, and ``found`` holds :data:`_UNWATCHED`."""
     if sys.getprofile() is not None:
+        found.append(_UNWATCHED)
         yield
         return
 
@@ -535,6 +539,7 @@ class Probe(NamedTuple):
     differentiates_inside: bool = False  # a loss differentiates with torch.func (grad, jacrev)
     third: frozenset = frozenset()  # normalisations whose forward-mode third derivative differs
     forward_wrong: frozenset = frozenset()  # operations whose forward-mode derivative torch gets wrong
+    hooks_unseen: bool = False  # a profiler was set: hooks on graph nodes could not be looked for
 
     def fwdrev_obstacle(self) -> str:
         """Why forward-over-reverse HVPs would differentiate another function than the
@@ -579,7 +584,7 @@ def probe_steps(module: nn.Module, inner_loss, batches: Sequence[Any], outer_los
                       found.once + tuple(f for f in more.once if f not in found.once),
                       found.stops_gradients or more.stops_gradients, found.hooks or more.hooks,
                       found.differentiates_inside or more.differentiates_inside, found.third | more.third,
-                      found.forward_wrong | more.forward_wrong)
+                      found.forward_wrong | more.forward_wrong, found.hooks_unseen or more.hooks_unseen)
     return found
 
 
@@ -622,7 +627,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             out = inner_loss(fm, batch)
     finally:
         aten.restore()
-    mode.hooks |= bool(hooked)
+    mode.hooks |= any(h != _UNWATCHED for h in hooked)
     unread, functions = frozenset(), []
     loss = out[0] if isinstance(out, tuple) and out else out
     if isinstance(loss, Tensor) and loss.grad_fn is not None:
@@ -641,7 +646,8 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                   for n, p in module.named_parameters()}
         fm = FunctionalModel(module, copies, {n: b.clone() for n, b in original.items()})
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer, outer_aten:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer, outer_aten, \
+                    (_watching_node_hooks(hooked) if node_hooks else contextlib.nullcontext()):
                 outer_loss(fm, query)
         except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
             pass
@@ -650,12 +656,12 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
         wrong |= outer.wrong | outer_aten.wrong
         aten.generators.update(outer_aten.generators)
         mode.differentiates |= outer.differentiates
-        mode.hooks |= outer.hooks
+        mode.hooks |= outer.hooks or any(h != _UNWATCHED for h in hooked)
     return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators),
                  mode.differentiates, unread, tuple(cls.__name__ for cls in functions),
                  tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
                  mode.differentiates_inside, frozenset(mode.third or aten.third),
-                 frozenset(aten.forward_wrong))
+                 frozenset(aten.forward_wrong), _UNWATCHED in hooked)
 
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
