@@ -67,7 +67,6 @@ ALLOW = {  # (module, qualname, rule) -> reason
     ("adapt.py", "StackedFunctionalModel.__call__", "R2"): "forwards the user's call arguments to "
     "the user's module under vmap (the nn.Module call protocol), not configuration",
     ("vectorised.py", "_Probe.__torch_function__", "R2"): "signature fixed by torch's TorchFunctionMode",
-    ("vectorised.py", "_AtenProbe.__torch_dispatch__", "R2"): "signature fixed by torch's TorchDispatchMode",
     ("vectorised.py", "_schema_args", "R2"): "names an ATen call's arguments by its schema, for the "
                                               "probe's tests"}
 

@@ -244,21 +244,28 @@ class _AtenProbe(TorchDispatchMode):
         self.generators: Dict[int, Tuple[torch.Generator, Tensor]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        watcher = _quiet()
+        try:
+            self._look(func, args, kwargs or {})
+        finally:
+            if watcher is not None:
+                sys.setprofile(watcher)
+        return func(*args, **(kwargs or {}))
+
+    def _look(self, func, args, keywords) -> None:
         name = func.overloadpacket.__name__
         for table, found in ((_ATEN_UNSAFE_NORMS, self.norms), (_ATEN_THIRD_ORDER, self.third),
                              (_ATEN_WRONG_UNDER_VMAP, self.wrong)):
             entry = table.get(name)
-            if entry is not None and entry[1](_schema_args(func, args, kwargs)):
+            if entry is not None and entry[1](_schema_args(func, args, keywords)):
                 found.add(entry[0])
         entry = _ATEN_FORWARD_WRONG.get(name[:-1] if name.endswith("_") else name)  # (scatter_reduce_)
-        if entry is not None and entry[1](_schema_args(func, args, kwargs)):
+        if entry is not None and entry[1](_schema_args(func, args, keywords)):
             self.forward_wrong.add(entry[0])
         i = _generator_position(func)
-        gen = (args[i] if len(args) > i else kwargs.get("generator")) if i >= 0 else None
+        gen = (args[i] if len(args) > i else keywords.get("generator")) if i >= 0 else None
         if isinstance(gen, torch.Generator) and id(gen) not in self.generators and not _is_default(gen):
             self.generators[id(gen)] = (gen, gen.get_state())
-        return func(*args, **kwargs)
 
     def restore(self) -> None:
         """Put the user's generators back as they were before their first draw (newest
@@ -322,6 +329,7 @@ class _Probe(TorchFunctionMode):
         self.differentiates_inside = False  # autograd calls inside transforms (torch.func.grad)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        watcher = _quiet()  # the look's own bookkeeping runs unwatched (the profiler's cost)
         kwargs = kwargs or {}
         if func in AUTOGRAD_CALLS:
             if outside_transforms() and not from_torch_func():
@@ -349,7 +357,11 @@ class _Probe(TorchFunctionMode):
         test = _ATTENTION_DROPOUT.get(func)
         if test is not None and test(args, kwargs):
             self.attention_dropout = True
+        if watcher is not None:
+            sys.setprofile(watcher)
         out = func(*args, **kwargs)
+        if watcher is not None:
+            sys.setprofile(None)
         if stop:
             self._stop_after(stop, out)
         if watch is not None and not self.stops_gradients:
@@ -358,6 +370,8 @@ class _Probe(TorchFunctionMode):
         if slow is not None and isinstance(out, Tensor) and out.device.type == "cpu" \
                 and out.numel() >= SLOW_ON_CPU_ELEMENTS:
             self.slow_on_cpu[slow] = max(out.numel(), self.slow_on_cpu.get(slow, 0))
+        if watcher is not None:
+            sys.setprofile(watcher)
         return out
 
     def _stop_before(self, func, args, tensors) -> Optional[str]:
@@ -495,11 +509,26 @@ def _watching_node_hooks(found: List[str]):
                 and isinstance(getattr(arg, "__self__", None), torch.autograd.graph.Node):
             found.append(arg.__name__)
 
+    _WATCHERS.append(profile)
     sys.setprofile(profile)
     try:
         yield
     finally:
         sys.setprofile(None)
+        _WATCHERS.pop()
+
+
+_WATCHERS: List[Any] = []  # the running looks' profile functions, innermost last
+
+
+def _quiet():
+    """Switch the innermost look's profile function off if it is the one running (the
+    modes' own bookkeeping needs no watching): it, to be switched on again; else ``None``."""
+    watcher = sys.getprofile()
+    if watcher is None or not _WATCHERS or watcher is not _WATCHERS[-1]:
+        return None
+    sys.setprofile(None)
+    return watcher
 
 
 def _unwrapped(t: Tensor) -> Tensor:
