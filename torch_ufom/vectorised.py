@@ -339,6 +339,9 @@ class _Probe(TorchFunctionMode):
         if func in _HOOKS:
             self.hooks = True
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        if watcher is not None and any(type(t) not in _PLAIN for t in tensors):
+            sys.setprofile(watcher)  # a subclass's own code runs as its attributes are read: watched
+            watcher = None
         stop = watch = None
         if not self.stops_gradients:
             stop = self._stop_before(func, args, tensors)
@@ -514,11 +517,14 @@ def _watching_node_hooks(found: List[str]):
     try:
         yield
     finally:
+        if sys.getprofile() is not profile:  # the body set a profiler of its own, or switched ours off
+            found.append(_UNWATCHED)
         sys.setprofile(None)
         _WATCHERS.pop()
 
 
 _WATCHERS: List[Any] = []  # the running looks' profile functions, innermost last
+_PLAIN = (Tensor, nn.Parameter)  # tensor types whose attributes run no code of the user's
 
 
 def _quiet():
