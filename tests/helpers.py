@@ -54,3 +54,31 @@ def cnn_problem(seed=0):
     data = [(torch.randn(5, 1, 6, 6, generator=g), torch.randint(0, 4, (5,), generator=g))
             for _ in range(26)]
     return model, xent, data
+
+
+class TwoHeads(nn.Module):
+    """A shared body and two heads; the caller picks the head."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Linear(3, 4)
+        self.heads = nn.ModuleList([nn.Linear(4, 2) for _ in range(2)])
+
+    def forward(self, x, head=0):
+        return self.heads[head](torch.tanh(self.body(x)))
+
+
+def flagged_pinn(f, b):
+    """An inner loss on ``(flag, x, y)`` batches: a plain fit where the flag is 0, with a PINN's
+    du/dx residual (``torch.autograd.grad`` inside the loss) where it is 1."""
+    flag, xx, yy = b
+    u = f(xx)
+    if flag.item() == 0:
+        return ((u - yy) ** 2).mean()
+    du, = torch.autograd.grad(u.sum(), xx, create_graph=True)
+    return ((du - 2 * torch.cos(2 * xx)) ** 2).mean() + ((u - yy) ** 2).mean()
+
+
+def flagged_pinn_outer(f, b):
+    return ((f(b[1]) - b[2]) ** 2).mean()

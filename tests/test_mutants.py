@@ -21,7 +21,7 @@ from torch._C._functorch import get_unwrapped, is_batchedtensor
 from torch.func import functional_call
 
 import torch_ufom
-from helpers import mlp_problem, mse, rel_err
+from helpers import flagged_pinn, flagged_pinn_outer, mlp_problem, mse, rel_err
 from oracle import brute_force, ref_adam
 from torch_ufom.adaptive import AdaptiveQ, init_stats, observe, update
 from torch_ufom.inner import Adam
@@ -1171,16 +1171,7 @@ def test_a_loss_that_differentiates_at_later_steps_only_with_a_callable_batch(me
     batches = [(torch.tensor(0), x, y), (torch.tensor(1), x, y), (torch.tensor(1), x, y)]
     q = (torch.tensor(0), torch.rand(5, 1, generator=g), torch.rand(5, 1, generator=g))
 
-    def inner(f, b):
-        flag, xx, yy = b
-        u = f(xx)
-        if flag.item() == 0:
-            return ((u - yy) ** 2).mean()
-        du, = torch.autograd.grad(u.sum(), xx, create_graph=True)
-        return ((du - 2 * torch.cos(2 * xx)) ** 2).mean() + ((u - yy) ** 2).mean()
-
-    def outer(f, b):
-        return ((f(b[1]) - b[2]) ** 2).mean()
+    inner, outer = flagged_pinn, flagged_pinn_outer
 
     want = _de_oracle(model, inner, outer, lambda j: batches[j], q, 3)
     got = torch_ufom.hypergrad(model, inner, outer, lambda j: batches[j], q, steps=3, inner_lr=_DE_LR,

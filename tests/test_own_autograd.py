@@ -36,31 +36,6 @@ STEPS, LR, Q, TASKS = 3, 0.1, 0.5, 3
 
 # --- activations: tanh written as custom autograd Functions ------------------------------------
 
-class OnceNew(torch.autograd.Function):
-    """tanh, new style (``setup_context``), backward marked ``@once_differentiable``."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x.tanh()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (1 - x.tanh() ** 2)
-
-    @staticmethod
-    def jvp(ctx, xt):
-        (x,) = ctx.saved_tensors
-        return xt * (1 - x.tanh() ** 2)
-
-
 class OnceOld(torch.autograd.Function):
     """tanh, old style (``ctx`` in ``forward``), backward marked ``@once_differentiable``."""
 
@@ -124,6 +99,12 @@ class DiffTanh(torch.autograd.Function):
     def jvp(ctx, xt):
         (x,) = ctx.saved_tensors
         return xt * (1 - x.tanh() ** 2)
+
+
+class OnceNew(DiffTanh):
+    """tanh, new style (``setup_context``), backward marked ``@once_differentiable``."""
+
+    backward = staticmethod(once_differentiable(DiffTanh.backward))
 
 
 FUNCTIONS = {"once_new": OnceNew, "once_old": OnceOld, "nograd_backward": NoGradBackward,

@@ -57,7 +57,7 @@ from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 import torch_ufom
-from helpers import rel_err
+from helpers import TwoHeads, rel_err
 from oracle import brute_force
 
 STEPS, LR, B = 3, 0.1, 3
@@ -293,17 +293,6 @@ def test_revrev_with_a_no_grad_stop_gradient_at_later_steps_is_exact():
 
 # -- DF 1: a rule of the user's that reads every parameter -------------------------------------------
 
-class TwoHeads(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.body = nn.Linear(3, 4)
-        self.heads = nn.ModuleList([nn.Linear(4, 2) for _ in range(2)])
-
-    def forward(self, x):
-        return self.heads[0](torch.tanh(self.body(x)))  # head 1 is read by no loss
-
-
 class GlobalNormSGD(torch_ufom.inner.InnerRule):
     """SGD whose step is scaled by 1 / (1 + ||phi||^2) over every parameter: head 1 moves the body."""
 
@@ -338,7 +327,7 @@ def test_a_rule_reading_every_parameter_gives_an_unread_head_its_hypergradient(m
     g = torch.Generator().manual_seed(3)
     s = (torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g))
     q = (torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g))
-    model = TwoHeads()
+    model = TwoHeads()  # its forward reads head 0 only
     want = global_norm_oracle(model, s, q)
     assert float(want["heads.1.weight"].norm()) > 1e-4
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, mode="exact",

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import torch_ufom
-from helpers import rel_err
+from helpers import TwoHeads, rel_err
 from oracle import brute_force, ref_adam
 
 STEPS, LR, Q, TASKS = 2, 0.1, 0.5, 3
@@ -53,19 +53,6 @@ class WithUnused(nn.Module):
 
     def forward(self, x, head=0):
         return self.net(x)
-
-
-class TwoHeads(nn.Module):
-    """A shared body and two heads; the caller picks the head."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.body = nn.Linear(3, 4)
-        self.heads = nn.ModuleList([nn.Linear(4, 2) for _ in range(2)])
-
-    def forward(self, x, head=0):
-        return self.heads[head](torch.tanh(self.body(x)))
 
 
 class WithTable(nn.Module):
