@@ -14,7 +14,8 @@ from helpers import mlp_problem, mse, rel_err
 from oracle import brute_force, ref_sgd
 from snapshot import assert_unchanged, capture
 from torch_ufom.inner import SGD
-from torch_ufom.schedules import NODE_BYTES, TENSOR_BYTES, Checkpoint, budget_slots, revolve_actions
+from torch_ufom.schedules import (NODE_BYTES, TENSOR_BYTES, Checkpoint, budget_slots, replays_reproduce,
+                                  revolve_actions)
 from torch_ufom.unroll import State, SweepPlan
 
 
@@ -515,6 +516,51 @@ def test_a_loss_drawing_from_a_generator_of_its_own_is_refused_where_a_step_is_r
                                          r"torch.Generator of its own"):
         torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=steps, inner_lr=0.1, mode="exact",
                              memory="store", hvp="fwdrev")
+
+
+def test_a_step_replayed_from_a_recomputed_state_is_compared_too():
+    # Review DR (session 20): only the first replayed step's loss (from the stored state) was
+    # compared, so augmentation from a generator of the user's that leaves step 1 alone gave
+    # recompute and one-slot checkpointing 18-35 % wrong hypergradients, silently.
+    torch.manual_seed(0)
+    model, loss, data = mlp_problem(24)
+    x, y = data[0]
+    steps, aug = 4, torch.Generator()
+
+    def support(j):  # noise that grows with the step: none at the first (j = 0)
+        return x + 0.5 * j * torch.randn(x.shape, generator=aug, dtype=x.dtype), y
+
+    for memory in [dict(memory="recompute"), dict(slots=1), dict(max_memory=1)]:
+        aug.manual_seed(3)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "max_memory=1 is below")
+            with pytest.raises(RuntimeError, match="inner_loss gave another value when a step was evaluated"):
+                torch_ufom.hypergrad(model, loss, loss, support, data[1], steps=steps, inner_lr=0.3,
+                                     mode="exact", **memory)
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.3,
+                                        steps=steps, mode="exact", **memory)
+        meta.zero_grad()
+        before = capture(meta=meta)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "max_memory=1 is below")
+            with pytest.raises(RuntimeError, match="inner_loss gave another value when a step was evaluated"):
+                meta.backward(loss, loss, support, data[1])
+        assert_unchanged(before)
+
+
+def test_replays_reproduce_on_the_cpu_and_under_deterministic_algorithms():
+    cpu = State((torch.zeros(2),), (), ())
+    other = State((torch.zeros(2, device="meta"),), (), ())  # stands for CUDA: not the CPU
+    assert replays_reproduce(cpu) and not replays_reproduce(other)
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert replays_reproduce(other)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # nondeterministic kernels still run
+        assert not replays_reproduce(other)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 def test_a_meta_batch_drawing_from_a_generator_of_its_own_runs_the_loop_and_draws_as_it_does():

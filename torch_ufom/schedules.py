@@ -42,7 +42,7 @@ from .unroll import Loop, State, StepRecord, SweepPlan
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
-           "MEMORY_CHOICES", "DEFAULT_BUDGET_STEPS", "NODE_BYTES", "TENSOR_BYTES"]
+           "MEMORY_CHOICES", "DEFAULT_BUDGET_STEPS", "NODE_BYTES", "TENSOR_BYTES", "replays_reproduce"]
 
 MEMORY_CHOICES = ("checkpoint", "recompute", "store")
 
@@ -115,11 +115,23 @@ class Store(Schedule):
         return state, reverse()
 
 
+def replays_reproduce(state: State) -> bool:
+    """Whether a step replayed from a recomputed state repeats the forward pass's
+    arithmetic, so that every loss evaluated again must equal the forward pass's: the
+    state lies on the CPU (whose kernels add up in a fixed order), or deterministic
+    algorithms are on (not warn-only). Otherwise (CUDA's atomic sums) recomputed states
+    drift by rounding, and only losses at the forward pass's own states are compared."""
+    if torch.are_deterministic_algorithms_enabled() \
+            and not torch.is_deterministic_algorithms_warn_only_enabled():
+        return True
+    return all(t.device.type == "cpu" for part in state for t in part)
+
+
 class Recompute(Schedule):
     """Keep ``s_start`` only and replay from it for each reverse step (constant memory)."""
 
     def sweep(self, loop, state, start, stop, log, plan):
-        base = state
+        base, every = state, replays_reproduce(state)
         for j in range(start + 1, stop + 1):
             state, loss, _ = loop.advance(state, j)
             log.first(loss, False)
@@ -129,9 +141,9 @@ class Recompute(Schedule):
                 s = base
                 for i in range(start + 1, j):
                     s, loss, _ = loop.advance(s, i)
-                    log.again(loss, False, i, i == start + 1)  # from s_start, the forward pass's
+                    log.again(loss, False, i, every or i == start + 1)  # from s_start, the forward pass's
                 rec = loop.record(s, j, plan)
-                log.again(rec.loss, rec.is_exact, j, j == start + 1)
+                log.again(rec.loss, rec.is_exact, j, every or j == start + 1)
                 yield rec
 
         return state, reverse()
@@ -221,8 +233,10 @@ class _Revolve:
         # Whether the working state is the forward pass's, bit for bit (a replay from it
         # recomputes that step's loss, which SweepLog.again compares), and the stored
         # states that are: a replay through a kernel that adds in a varying order (CUDA's
-        # atomics) drifts, so only losses of undrifted states are compared.
+        # atomics) drifts, so only losses of undrifted states are compared, unless every
+        # replay reproduces the forward pass (replays_reproduce).
         self.original, self.originals = True, set()
+        self.every = replays_reproduce(state)
 
     @classmethod
     def run(cls, loop, state, schedule: Tuple[int, Tuple], log, plan, ahead=None):
@@ -259,7 +273,7 @@ class _Revolve:
             if first:
                 log.first(loss, exact)
             else:
-                log.again(loss, exact, j, self.original)
+                log.again(loss, exact, j, self.original or self.every)
                 self.original = False
 
         for n in range(action.n0, action.n1):
