@@ -799,3 +799,58 @@ def test_a_forced_truncation_the_law_never_reaches_is_refused():
                                          r"Fixed\(k=0\) \(P\(K >= 1\) = 0\)"):
         meta.backward(mse, mse, (x, y), (x, y), force_truncation=1)
     assert_unchanged(before)
+
+
+# -- review DR (session 20) ------------------------------------------------------------
+
+def test_inner_params_given_as_an_iterator_selects_the_same_at_every_resolve():
+    # model[3].parameters() was read up at construction: adapt, reconfigure and a backward
+    # after freezing a body parameter then raised "it selects no parameter".
+    model, opt, kw = build_args(mode="exact")
+    meta = torch_ufom.MetaOptimizer(model, opt, inner_params=model[3].parameters(), **kw)
+    batch = (torch.randn(4, 2), torch.randn(4, 1))
+    assert meta.config.adapted == ("3.weight", "3.bias")
+    meta.adapt(mse, batch)
+    meta.reconfigure(mode="fom")
+    meta.reconfigure(mode="exact")
+    model[0].bias.requires_grad_(False)
+    meta.backward(mse, mse, batch, batch)
+    assert meta.config.adapted == ("3.weight", "3.bias")
+
+
+def test_a_task_index_of_an_adapted_meta_batch_is_checked():
+    model = make_model()
+    batch = (torch.randn(3, 4, 2), torch.randn(3, 4, 1))
+    adapted = torch_ufom.adapt_batch(model, mse, batch, steps=1, inner_lr=0.1)
+    assert torch.equal(adapted.task(-1).params["0.weight"], adapted.task(2).params["0.weight"])
+    for i, error, match in [(3, IndexError, r"Invalid i: 3 \(expected a task index in -3..2\)"),
+                            (-4, IndexError, r"Invalid i: -4"), (True, TypeError, r"Invalid i: bool"),
+                            (1.0, TypeError, r"Invalid i: float \(expected an int")]:
+        with pytest.raises(error, match=match):
+            adapted.task(i)
+
+
+def test_empty_params_and_tasks_are_refused_by_name():
+    env = Env()
+    before = env.snap()
+    with pytest.raises(ValueError, match=r"Invalid params: empty"):
+        torch_ufom.hypergrad(env.model, mse, env.outer, env.support, env.query, params=[],
+                             generator=env.gen, **env.config)
+    assert_unchanged(before)
+    for tasks in (None, 5):
+        with pytest.raises(TypeError, match=r"Invalid tasks: .*\(expected a non-empty sequence"):
+            torch_ufom.diagnose(env.model, mse, mse, tasks, steps=2, inner_lr=0.1)
+
+
+def test_numpy_arrays_are_taken_where_sequences_of_numbers_are():
+    import numpy as np
+    from torch_ufom.inner import PerStep
+    assert Adam(0.1, betas=np.array([0.8, 0.9])).hyper == Adam(0.1, betas=(0.8, 0.9)).hyper
+    assert PerStep(np.array([0.1, 0.2])).values == PerStep([0.1, 0.2]).values
+    env = Env(mode="ufom", q=0.5)
+    got = []
+    for force in ([0, 2, 3], np.array([0, 2, 3]), torch.tensor([0, 2, 3])):
+        env.gen.manual_seed(7)  # the same dropout draws
+        got.append(env.call("hypergrad_batch", force_truncation=force))
+    assert_close(got[1], got[0])
+    assert_close(got[2], got[0])

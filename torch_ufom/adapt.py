@@ -13,6 +13,7 @@ are the module's own, as when it is called); both work under ``torch.no_grad()``
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -66,7 +67,11 @@ class StackedFunctionalModel:
         return pytree.tree_map(lambda *xs: torch.stack(xs) if isinstance(xs[0], Tensor) else xs[0], *outs)
 
     def task(self, i: int) -> FunctionalModel:
-        """Task ``i``'s adapted model."""
+        """Task ``i``'s adapted model (``-size <= i < size``, as indexing counts)."""
+        if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+            raise TypeError(f"Invalid i: {type(i).__name__} (expected an int, the task's index)")
+        if not -self.size <= i < self.size:
+            raise IndexError(f"Invalid i: {i} (expected a task index in {-self.size}..{self.size - 1})")
         return FunctionalModel(self.module, {n: t[i] for n, t in self.params.items()},
                                {n: t[i] for n, t in self.buffers.items()})
 

@@ -24,6 +24,7 @@ Rules that span arguments:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 import itertools
 import math
 import numbers
@@ -98,6 +99,13 @@ class Settings:
         if changes.get("inner") is not None:
             changes.setdefault("inner_lr", None)
         return dataclasses.replace(self, **changes)
+
+    def __post_init__(self):
+        # A one-shot iterable (model.head.parameters(), a generator) is read once here: the
+        # settings are resolved again later (reconfigure, adapt) and must select the same.
+        chosen = self.inner_params
+        if isinstance(chosen, Iterator) and not isinstance(chosen, (Tensor, nn.Module)):
+            object.__setattr__(self, "inner_params", tuple(chosen))
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,9 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
         generator and the global random state are left as they were (the
         draws of a training run that calls it in between do not move).
     """
+    if isinstance(tasks, (str, bytes)) or not hasattr(tasks, "__iter__"):
+        raise TypeError(f"Invalid tasks: {type(tasks).__name__} (expected a non-empty sequence of "
+                        "(support, query) pairs)")
     tasks = list(tasks)
     if not tasks or not all(isinstance(t, (tuple, list)) and len(t) == 2 for t in tasks):
         raise ValueError("Invalid tasks: expected a non-empty sequence of (support, query) pairs")

@@ -143,6 +143,8 @@ def check_force_truncation(force, size: Optional[int], steps: int) -> Optional[L
         return [int(force)] * (size or 1)
     if size is None:
         raise TypeError(f"Invalid force_truncation: {force!r} (expected None or an int in 0..{steps})")
+    if hasattr(force, "__array__"):  # a tensor or a NumPy array of ints, one per task
+        return check_force_truncation(force.tolist(), size, steps)
     if not isinstance(force, (list, tuple)) or len(force) != size:
         raise ValueError(f"Invalid force_truncation: {force!r} (expected an int or a sequence of "
                          f"{size} ints, one per task)")
@@ -578,6 +580,9 @@ def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
             not hasattr(params, "__iter__"):
         raise TypeError(f"Invalid params: expected a sequence of tensors, got {type(params).__name__}")
     params = list(params)
+    if given and not params:
+        raise ValueError("Invalid params: empty (expected the tensors to differentiate with respect "
+                         "to; torch.autograd.grad refuses empty inputs too)")
     seen = set()
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):

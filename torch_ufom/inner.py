@@ -103,6 +103,8 @@ class PerStep:
 
     @values.setter
     def values(self, values: Union[Sequence[float], Tensor]) -> None:
+        if hasattr(values, "__array__") and not isinstance(values, Tensor):
+            values = values.tolist()  # a NumPy array
         if isinstance(values, Tensor):
             if values.dim() != 1 or not values.is_floating_point():
                 raise ValueError(f"Invalid PerStep values: expected a 1-D floating-point tensor (one "
@@ -589,6 +591,8 @@ class Adam(InnerRule):
 
     def __init__(self, lr: Hyper = 1e-3, betas=(0.9, 0.999), eps: Hyper = 1e-8,
                  weight_decay: Hyper = 0.0, amsgrad: bool = False):
+        if hasattr(betas, "__array__") and not isinstance(betas, Tensor):
+            betas = betas.tolist()  # a NumPy pair, as torch.optim.Adam takes
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
         self.hyper = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps,
