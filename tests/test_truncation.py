@@ -127,3 +127,73 @@ def test_multi_round_draws_follow_the_law(law, monkeypatch):
     for k in range(steps + 1):
         se = (p[k] * (1 - p[k]) / n) ** 0.5
         assert abs(counts[k] / n - p[k]) <= 4 * se + 1e-12, (k, counts)
+
+
+# -- review DO (session 20) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("law, attr", [(Bernoulli(0.5), "q"), (Geometric(0.5, 0.5), "rho"), (Fixed(2), "k"),
+                                       (Custom([0.5, 0.5]), "_probs")])
+def test_the_shipped_laws_cannot_be_changed_after_construction(law, attr):
+    # meta.law.q = 0 (or rho = 0, or k = 1 under mode="exact") ran unchecked: 58-116 % off,
+    # silently, with meta.mode still saying "exact" or "ufom".
+    import copy
+    import pickle
+    steps = 1 if isinstance(law, Custom) else 3
+    before = law.probs(steps)
+    for change in (lambda: setattr(law, attr, 0), lambda: delattr(law, attr)):
+        with pytest.raises(AttributeError, match=rf"{type(law).__name__} cannot be changed after "
+                                                 rf"construction \(setting '{attr}'\).*reconfigure"):
+            change()
+    assert law.probs(steps) == before
+    for twin in (copy.deepcopy(law), pickle.loads(pickle.dumps(law))):
+        assert twin.probs(steps) == before and repr(twin) == repr(law)
+
+
+def test_a_meta_optimizers_law_cannot_be_changed_behind_its_back():
+    import torch_ufom
+    model = torch.nn.Linear(2, 1)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                    steps=3, mode="exact")
+    with pytest.raises(AttributeError, match="Fixed cannot be changed"):
+        meta.law.k = 1
+    assert meta.law.k == 3 and meta.mode == "exact"
+
+
+class _Annealing(truncation.TruncationLaw):
+    """A law of the user's whose probs() changes at every call (a counter)."""
+
+    def __init__(self):
+        self.qs = []
+
+    def probs(self, steps):
+        self.qs.append(0.8 if len(self.qs) % 2 else 0.2)
+        return [1 - self.qs[-1]] + [0.0] * (steps - 1) + [self.qs[-1]]
+
+
+def test_one_call_draws_and_weights_from_one_reading_of_the_law():
+    # Draws and weights came from separate probs() calls (about three per task): drawn at
+    # q = 0.8 and weighted by 1 / 0.2, the mean was 3.5x the exact hypergradient.
+    import torch_ufom
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    batch = (torch.randn(4, 2), torch.randn(4, 1))
+    tasks = (torch.randn(3, 4, 2), torch.randn(3, 4, 1))
+
+    def mse(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+
+    law = _Annealing()
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                    steps=3, truncation=law, generator=torch.Generator().manual_seed(0))
+    seen = set()
+    for i in range(12):
+        calls = len(law.qs)
+        res = meta.backward(mse, mse, batch, batch, force_truncation=3 if i % 2 else None)
+        assert len(law.qs) == calls + 1  # read once per call
+        if res.truncation == 3:
+            assert res.weights[-1] == pytest.approx(1 / law.qs[-1], rel=1e-15)
+            seen.add(law.qs[-1])
+        if i % 3 == 0:  # (shifts which q the next call reads)
+            meta.backward_batch(mse, mse, tasks, tasks)
+            assert len(law.qs) == calls + 2  # and once per meta-batch, not per task
+    assert seen == {0.2, 0.8}

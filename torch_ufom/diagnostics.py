@@ -21,6 +21,7 @@ from . import adaptive
 from .config import Settings, check_generator, check_losses, resolve
 from .functional import check_params, estimate_task, resolve_hvp, restore_rng_on_error
 from .inner import InnerRule
+from .truncation import Snapshot
 from .unroll import Problem
 
 __all__ = ["Diagnosis", "diagnose"]
@@ -97,7 +98,7 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
     check_losses(inner_loss, outer_loss, model)
     check_generator(generator)
     params = check_params(params, model)
-    problem = Problem(model, inner_loss, outer_loss, config, config.law, params,
+    problem = Problem(model, inner_loss, outer_loss, config, Snapshot(config.law, config.steps), params,
                       resolve_hvp(config, model, params), generator)
     A = D = t_f = t_x = c_x = 0.0
     with restore_rng_on_error(generator, always=True):

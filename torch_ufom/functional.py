@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
-from .truncation import TruncationLaw
+from .truncation import Snapshot, TruncationLaw
 from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, held_tensors,
                      probe_batches, root_of, scripted, sparse_weights)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
@@ -608,7 +608,8 @@ def functional_problem(caller: str, model, losses: Tuple[Callable, Callable], se
     check_generator(generator)
     params = check_params(params, model)
     hvp = resolve_hvp(config, model, params)
-    return Problem(model, losses[0], losses[1], config, config.law, params, hvp, generator)
+    return Problem(model, losses[0], losses[1], config, Snapshot(config.law, config.steps), params, hvp,
+                   generator)
 
 
 def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supports: Any,

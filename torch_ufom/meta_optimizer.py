@@ -22,7 +22,7 @@ from .config import Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads, task_aux
 from .inner import InnerRule, PerStep, _in_range
-from .truncation import Bernoulli, TruncationLaw
+from .truncation import Bernoulli, Snapshot, TruncationLaw
 
 __all__ = ["MetaOptimizer", "MetaResult"]
 
@@ -368,7 +368,8 @@ class MetaOptimizer:
         c = self._config
         self._check_hyper_values(c.rule)
         hvp = resolve_hvp(c, self.model, meta)
-        return Problem(self.model, inner_loss, outer_loss, c, self.law, meta, hvp, self.generator)
+        return Problem(self.model, inner_loss, outer_loss, c, Snapshot(self.law, c.steps), meta, hvp,
+                       self.generator)
 
     def _check_hyper_values(self, rule) -> None:
         """Check the inner rule's tensor hyperparameters again when their values changed

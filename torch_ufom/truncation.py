@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-__all__ = ["TruncationLaw", "Bernoulli", "Geometric", "Fixed", "Custom", "draw_truncation",
+__all__ = ["TruncationLaw", "Bernoulli", "Geometric", "Fixed", "Custom", "Snapshot", "draw_truncation",
            "telescope_weights"]
 
 
@@ -181,7 +181,23 @@ def draw_truncation(survival: Sequence[float], uniform: Callable[[], float]) -> 
             return k
 
 
-class Bernoulli(TruncationLaw):
+class _Immutable:
+    """The laws shipped here are values: assigning an attribute after construction
+    raises (a changed law would bypass the checks its construction made, and a
+    ``MetaOptimizer``'s ``mode`` would no longer describe it)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} cannot be changed after construction (setting "
+                             f"{name!r}): build a new law, or change a MetaOptimizer's with "
+                             "reconfigure(q=..., truncation=...)")
+
+    def __delattr__(self, name):
+        self.__setattr__(name, None)
+
+
+class Bernoulli(_Immutable, TruncationLaw):
     """The paper's UFOM law: ``K = steps`` with probability ``q``, else ``K = 0``.
 
     The estimate is ``G_0 + (xi / q) (G_r - G_0)`` with ``xi ~ Bernoulli(q)``.
@@ -191,7 +207,7 @@ class Bernoulli(TruncationLaw):
     """
 
     def __init__(self, q: float):
-        self.q = _check_q(q, "q")
+        object.__setattr__(self, "q", _check_q(q, "q"))
 
     def probs(self, steps: int) -> List[float]:
         _check_steps(steps)
@@ -204,7 +220,7 @@ class Bernoulli(TruncationLaw):
         return f"Bernoulli(q={self.q})"
 
 
-class Geometric(TruncationLaw):
+class Geometric(_Immutable, TruncationLaw):
     """A random truncation point with a geometric tail: ``P(K >= k) = q rho^(k-1)``.
 
     Args:
@@ -213,10 +229,10 @@ class Geometric(TruncationLaw):
     """
 
     def __init__(self, q: float, rho: float):
-        self.q = _check_q(q, "q")
+        object.__setattr__(self, "q", _check_q(q, "q"))
         if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0.0 < rho < 1.0:
             raise ValueError(f"Invalid rho: {rho!r} (expected a float in (0, 1))")
-        self.rho = float(rho)
+        object.__setattr__(self, "rho", float(rho))
 
     def probs(self, steps: int) -> List[float]:
         _check_steps(steps)
@@ -227,7 +243,7 @@ class Geometric(TruncationLaw):
         return f"Geometric(q={self.q}, rho={self.rho})"
 
 
-class Fixed(TruncationLaw):
+class Fixed(_Immutable, TruncationLaw):
     """A fixed truncation point ``K = k``: truncated back-propagation.
 
     ``Fixed(0)`` is FOM and ``Fixed(steps)`` the exact hypergradient; any
@@ -241,7 +257,7 @@ class Fixed(TruncationLaw):
     def __init__(self, k: Optional[int] = None):
         if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0):
             raise ValueError(f"Invalid k: {k!r} (expected an int in 0..steps, or None for steps)")
-        self.k = None if k is None else int(k)
+        object.__setattr__(self, "k", None if k is None else int(k))
 
     def _k(self, steps: int) -> int:
         k = steps if self.k is None else self.k
@@ -262,7 +278,7 @@ class Fixed(TruncationLaw):
         return f"Fixed(k={self.k})"
 
 
-class Custom(TruncationLaw):
+class Custom(_Immutable, TruncationLaw):
     """An arbitrary law given by its probabilities ``[P(K = 0), ..., P(K = r)]``.
 
     Args:
@@ -271,7 +287,7 @@ class Custom(TruncationLaw):
     """
 
     def __init__(self, probs: Sequence[float]):
-        self._probs = _as_probs(probs, "probs")
+        object.__setattr__(self, "_probs", tuple(_as_probs(probs, "probs")))
         if not self._probs:
             raise ValueError("Invalid probs: [] (expected steps + 1 >= 2 probabilities)")
         if abs(sum(self._probs) - 1.0) > 1e-6:
@@ -287,7 +303,46 @@ class Custom(TruncationLaw):
         return list(self._probs)
 
     def __repr__(self) -> str:
-        return f"Custom(probs={self._probs})"
+        return f"Custom(probs={list(self._probs)})"
+
+
+class Snapshot(_Immutable, TruncationLaw):
+    """A law's probabilities for ``steps`` inner steps, read once: what one call
+    draws every task's ``K`` from and weights every estimate by, so that both see
+    the same numbers even if the law (one of the user's, whose ``probs`` may
+    change from call to call) is changed meanwhile. A law of the user's is checked
+    again here (:meth:`TruncationLaw.validate`); the laws shipped here are
+    immutable and were checked when the configuration was resolved.
+
+    Args:
+        law: the law to read.
+        steps: the number of inner steps ``r``.
+    """
+
+    def __init__(self, law: TruncationLaw, steps: int):
+        object.__setattr__(self, "law", law)
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "_probs", tuple(_checked_probs(law, steps)))
+        object.__setattr__(self, "_survival", tuple(TruncationLaw.survival(self, steps)))
+        if not isinstance(law, _Immutable):
+            self.validate(steps)
+
+    def probs(self, steps: int) -> List[float]:
+        if steps != self.steps:
+            raise ValueError(f"Invalid steps: {steps!r} (this snapshot of {self.law!r} holds "
+                             f"steps={self.steps})")
+        return list(self._probs)
+
+    def survival(self, steps: int) -> List[float]:
+        if steps != self.steps:
+            return self.probs(steps)  # raises
+        return list(self._survival)
+
+    def biased(self, steps: int) -> bool:
+        return self.law.biased(steps)
+
+    def __repr__(self) -> str:
+        return repr(self.law)
 
 
 def _check_q(q, name: str) -> float:
