@@ -854,3 +854,21 @@ def test_numpy_arrays_are_taken_where_sequences_of_numbers_are():
         got.append(env.call("hypergrad_batch", force_truncation=force))
     assert_close(got[1], got[0])
     assert_close(got[2], got[0])
+
+
+def test_add_param_group_adds_to_the_outer_optimizer_as_torch_optim_does():
+    # torch.optim's convention; it used to be meta.optimizer.add_param_group only.
+    got = []
+    for through_meta in (True, False):
+        env = Env()
+        v = torch.tensor(2.0, requires_grad=True)
+        (env.meta if through_meta else env.opt).add_param_group({"params": [v], "lr": 0.5})
+        assert env.meta.param_groups[-1]["params"] == [v] and env.meta.param_groups[-1]["lr"] == 0.5
+        env.meta.zero_grad()
+        env.gen.manual_seed(7)
+        env.meta.backward(mse, lambda f, b: v * mse(f, b), env.support, env.query)
+        got.append(v.grad)
+    assert got[0] is not None and torch.equal(got[0], got[1])
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        env.meta.add_param_group({"params": [v]})
+    assert len(env.meta.param_groups) == 2  # unchanged

@@ -395,6 +395,12 @@ class MetaOptimizer:
         """The outer optimizer's parameter groups."""
         return self.optimizer.param_groups
 
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a parameter group to the outer optimizer (``torch.optim.Optimizer.add_param_group``):
+        its tensors become meta-parameters from the next task on, and get their
+        hypergradients as the tensors already held do."""
+        self.optimizer.add_param_group(param_group)
+
     def meta_parameters(self) -> List[Tensor]:
         """Every tensor the outer optimizer holds, in its order, each once.
 
