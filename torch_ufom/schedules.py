@@ -342,72 +342,75 @@ def _split(length: int, slots: int) -> int:
     return best
 
 
-def _revolve_ops(length: int, slots: int, base: int, out: List[Tuple], store: bool = True) -> None:
-    """Append the operations reversing steps ``base .. base + length + 1`` with ``slots``
-    stored states, the working state at ``base``: ``("store", n)``, ``("advance", n0, n1)``,
-    ``("record", n0, n1)``, ``("reverse", n1, n0)``, ``("restore", n)``. ``store=False``:
-    the state at ``base`` is stored already.
+def _revolve_ops(length: int, slots: int, base: int, store: bool = True) -> Iterator[Tuple]:
+    """The operations reversing steps ``base .. base + length + 1`` with ``slots``
+    stored states, the working state at ``base``, in order: ``("store", n)``,
+    ``("advance", n0, n1)``, ``("record", n0, n1)``, ``("reverse", n1, n0)``,
+    ``("restore", n)``. ``store=False``: the state at ``base`` is stored already.
 
     Revolve's recursion (split at ``j``: reverse the part after ``j`` with one slot
     fewer, then the part before it) runs on an explicit stack: its depth grows with
-    ``slots``, which may be close to ``steps``, beyond Python's recursion limit."""
+    ``slots``, which may be close to ``steps``, beyond Python's recursion limit. The
+    operations are yielded as the stack produces them, so that only the stack
+    (``O(slots)`` items) is held, not the ``O(steps log steps)`` operations."""
     todo: List[Tuple] = [("reverse part", length, slots, base, store)]  # last item runs first
     while todo:
         item = todo.pop()
         if item[0] != "reverse part":
-            out.append(item)
+            yield item
             continue
         _, length, slots, base, store = item
         if length == 0:
-            out += [("record", base, base + 1), ("reverse", base + 1, base)]
+            yield ("record", base, base + 1)
+            yield ("reverse", base + 1, base)
             continue
         if store:
-            out.append(("store", base))
+            yield ("store", base)
         if length == 1 or slots == 1:  # advance to each step from the stored state, last step first
             for i in range(length, 0, -1):
                 if i != length:
-                    out.append(("restore", base))
-                out += [("advance", base, base + i), ("record", base + i, base + i + 1),
-                        ("reverse", base + i + 1, base + i)]
-            out += [("restore", base), ("record", base, base + 1), ("reverse", base + 1, base)]
+                    yield ("restore", base)
+                yield ("advance", base, base + i)
+                yield ("record", base + i, base + i + 1)
+                yield ("reverse", base + i + 1, base + i)
+            yield ("restore", base)
+            yield ("record", base, base + 1)
+            yield ("reverse", base + 1, base)
             continue
         j = _split(length, slots)
-        out.append(("advance", base, base + j))
+        yield ("advance", base, base + j)
         todo += [("reverse part", j - 1, slots, base, False), ("restore", base),
                  ("reverse part", length - j, slots - 1, base + j, True)]
 
 
-@functools.lru_cache(maxsize=4)
-def revolve_actions(steps: int, slots: int) -> Tuple:
-    """The Revolve schedule's actions for ``steps`` and ``slots``, computed once.
+def revolve_actions(steps: int, slots: int) -> Iterator:
+    """The Revolve schedule's actions for ``steps`` and ``slots``, built as they are
+    consumed.
 
     The same actions, one for one, as ``checkpoint_schedules.Revolve(steps,
     slots)`` (``tests/test_checkpoint.py`` compares them), built from the
-    closed form of its cost table in ``O(steps log steps)``: 60 ms at 1,000
-    steps and 64 slots, against 27 s. The cache lives in this process (each
-    rank builds its own), holds immutable records, and keeps the last 4 pairs:
-    one entry is ``O(steps)`` objects, and a law that draws many ``K`` would
-    otherwise keep one per ``K`` (hundreds of MiB at 10,000 steps).
+    closed form of its cost table in ``O(steps log steps)`` time (about 10 ms at
+    1,000 steps and 8 slots, against 27 s for ``Revolve`` at 64 slots) and
+    ``O(slots)`` memory: a sweep holds the next action only, and nothing is
+    cached (a list of them held about 1 KB per step, beyond any budget of a small
+    model at 10,000 steps).
     """
-    ops: List[Tuple] = []
-    _revolve_ops(steps - 1, slots, 0, ops)
-    actions, done, previous = [], 0, ("",)
-    for op in ops:
+    done, previous = 0, ("",)
+    for op in _revolve_ops(steps - 1, slots, 0):
         if op[0] in ("advance", "record"):
             stored = op[0] == "advance" and previous[0] == "store"
-            actions.append(cs.Forward(op[1], op[2], stored, op[0] == "record",
-                                      cs.StorageType.RAM if stored else cs.StorageType.WORK))
+            yield cs.Forward(op[1], op[2], stored, op[0] == "record",
+                             cs.StorageType.RAM if stored else cs.StorageType.WORK)
             if op[2] == steps:
-                actions.append(cs.EndForward())
+                yield cs.EndForward()
         elif op[0] == "reverse":
-            actions.append(cs.Reverse(op[1], op[2], True))
+            yield cs.Reverse(op[1], op[2], True)
             done += 1
         elif op[0] == "restore":  # the last use of a stored state frees it
             last = op[1] == steps - done - 1
-            actions.append((cs.Move if last else cs.Copy)(op[1], cs.StorageType.RAM, cs.StorageType.WORK))
+            yield (cs.Move if last else cs.Copy)(op[1], cs.StorageType.RAM, cs.StorageType.WORK)
         previous = op
-    actions.append(cs.EndReverse())
-    return tuple(actions)
+    yield cs.EndReverse()
 
 
 # -- sizing a sweep by a byte budget -----------------------------------------------------------
