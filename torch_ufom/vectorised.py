@@ -338,7 +338,7 @@ class _Probe(TorchFunctionMode):
                 self.differentiates_inside = True
         if func in _HOOKS:
             self.hooks = True
-        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        tensors = _tensors_in(args, kwargs)
         if watcher is not None and any(type(t) not in _PLAIN for t in tensors):
             sys.setprofile(watcher)  # a subclass's own code runs as its attributes are read: watched
             watcher = None
@@ -457,8 +457,7 @@ class _Probe(TorchFunctionMode):
                 self._hold((w, root))
 
     def _stop_after(self, stop: str, out) -> None:
-        values = [t for t in pytree.tree_leaves(out)
-                  if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+        values = [t for t in _tensors_in(out) if (t.is_floating_point() or t.is_complex())]
         if stop == "check" and any(_unwrapped(t).requires_grad for t in values):
             self.stops_gradients = True
             return
@@ -466,6 +465,36 @@ class _Probe(TorchFunctionMode):
             self.aliases.update(id(t) for t in values)
             self.alias_storages.update(ptr for ptr in map(_storage, values) if ptr)
         self._hold(values)
+
+
+_SCALARS = frozenset((int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.layout,
+                     torch.memory_format, torch.Size, slice, type(Ellipsis)))  # leaves holding no tensor
+
+
+def _tensors_in(*trees) -> List[Tensor]:
+    """The tensors among ``trees``' leaves, in ``pytree.tree_leaves``' order: the common
+    containers (tuple, list, dict) walked here, anything else handed to pytree (a
+    namedtuple, a registered node). A mode sees every torch call, so this runs per op."""
+    found: List[Tensor] = []
+
+    def walk(x) -> None:
+        kind = type(x)
+        if kind in _SCALARS:
+            return
+        if isinstance(x, Tensor):
+            found.append(x)
+        elif kind is tuple or kind is list:
+            for item in x:
+                walk(item)
+        elif kind is dict:
+            for item in x.values():
+                walk(item)
+        else:
+            found.extend(t for t in pytree.tree_leaves(x) if isinstance(t, Tensor))
+
+    for tree in trees:
+        walk(tree)
+    return found
 
 
 _DATA = Tensor.data  # the descriptor (its __get__ is a new method wrapper at each access)
