@@ -42,6 +42,8 @@ Then (review DM) hooks registered in forward or the outer loss of any meta-batch
 them, a write inside the loss's own vmap and scatter_reduce_ (these fail on c58bb85).
 Then (review DN) hooks registered by a tensor subclass's code and after a loss's own profiler (fail on
 720b9dc).
+Then (review DP, session 20) hooks registered on graph nodes through functools.partial or map (no
+bound-method call to see) and per-task fwdrev under a profiler (fail on c726f55).
 
 Everything is float64 (but the dtype test) and compared with a brute-force unroll
 (``tests/oracle.py``) or with the library's own per-task results.
@@ -1092,3 +1094,70 @@ def test_hooks_the_watcher_could_not_see_send_a_meta_batch_to_the_loop(case):
             got = torch_ufom.hypergrad_batch(model, loss, mse, S, Qs, **kw)
         want = [torch_ufom.hypergrad(model, loss, mse, task(S, i), task(Qs, i), **kw) for i in range(B)]
         assert rel_err(got, [sum(t) for t in zip(*want)]) < 1e-10
+
+
+# -- review DP (session 20): node hooks reached from C, per-task fwdrev under a profiler --------------
+
+def halve(grad_outputs):
+    return tuple(g * 0.5 for g in grad_outputs)
+
+
+def hooked_through(how):
+    """A loss that hooks its output's graph node through a C callable (no c_call event to watch)."""
+    def loss(f, b):
+        out = f(b[0]) * 1.0
+        if out.grad_fn is not None:
+            node = out.grad_fn
+            if how == "partial":
+                functools.partial(type(node).register_prehook, node)(halve)
+            else:
+                list(map(type(node).register_prehook, [node], [halve]))
+        return ((out - b[1]) ** 2).mean()
+    return loss
+
+
+@pytest.mark.parametrize("how", ["partial", "map"])
+def test_graph_node_hooks_registered_through_c_callables_send_a_meta_batch_to_the_loop(how):
+    # The watcher saw a node's register_prehook only as a bound-method call: reached through
+    # functools.partial or map, a default exact meta-batch was 11 % off, silently.
+    loss = hooked_through(how)
+    model, S, Qs = mlp(), data(3, B), data(4, B)
+    with pytest.warns(UserWarning, match="per-task loop.*graph node"):
+        got = torch_ufom.hypergrad_batch(model, loss, mse, S, Qs, steps=STEPS, inner_lr=LR, mode="exact")
+    want = [sum(t) for t in zip(*[oracle(model, loss, mse, task(S, i), task(Qs, i)) for i in range(B)])]
+    assert rel_err(got, want) < 1e-10
+    with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev' cannot run a loss that registers a "
+                                         "gradient hook"):
+        torch_ufom.hypergrad(model, loss, mse, task(S, 0), task(Qs, 0), steps=STEPS, inner_lr=LR,
+                             mode="exact", hvp="fwdrev")
+
+
+def test_per_task_fwdrev_under_a_profiler_is_refused():
+    # Under a profiler the look cannot watch for node hooks; per-task fwdrev ignored that, and a hook
+    # at a middle step only (which the first-HVP comparisons do not see) gave 9.3 % off, silently.
+    import sys
+
+    def middle_hook(f, b):
+        out = f(b[0]) * 1.0
+        if b[2] and out.grad_fn is not None:
+            out.grad_fn.register_prehook(halve)
+        return ((out - b[1]) ** 2).mean()
+    model, (x, y), Q = mlp(), data(3), data(4)
+    batches = [(x, y, j == 1) for j in range(STEPS)]  # the hook bites at the middle step only
+    support = torch_ufom.StepBatches(batches)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=LR,
+                                    steps=STEPS, mode="exact", hvp="fwdrev")
+    sys.setprofile(lambda frame, event, arg: None)
+    try:
+        with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev' cannot look for hooks on graph nodes "
+                                             "under a profiler"):
+            torch_ufom.hypergrad(model, middle_hook, mse, support, Q, steps=STEPS, inner_lr=LR, mode="exact",
+                                 hvp="fwdrev")
+        with pytest.raises(ValueError, match="under a profiler"):
+            meta.backward(middle_hook, mse, support, Q)
+    finally:
+        sys.setprofile(None)
+    assert all(p.grad is None for p in model.parameters())
+    want = oracle(model, middle_hook, mse, batches, Q)
+    got = torch_ufom.hypergrad(model, middle_hook, mse, support, Q, steps=STEPS, inner_lr=LR, mode="exact")
+    assert rel_err(got, want) < 1e-10

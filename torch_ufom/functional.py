@@ -476,10 +476,13 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
 
 
 def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
-    """Refuse per-task forward-over-reverse on attention with dropout: the step runs
-    under autograd and its HVP under ``torch.func``, whose attention kernels draw
-    different masks, so the HVP would differentiate another function. (A
-    vectorised sweep runs both under ``torch.func`` and is consistent.)"""
+    """Refuse per-task forward-over-reverse where its HVP would differentiate another
+    function than the step: attention with dropout (the step runs under autograd and
+    its HVP under ``torch.func``, whose attention kernels draw different masks; a
+    vectorised sweep runs both under ``torch.func`` and is consistent), a generator of
+    the loss's own, a loss that differentiates, what the probe's look finds
+    (:meth:`~torch_ufom.vectorised.Probe.fwdrev_obstacle`) or cannot look for (hooks
+    on graph nodes under a profiler); then the numeric backstop."""
     if K > 0 and problem.hvp == "fwdrev":
         batches = probe_batches(support, problem.config.steps)
         first = batches[0]
@@ -499,6 +502,11 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
         why = found.fwdrev_obstacle()
         if why:
             raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
+        if found.hooks_unseen:
+            raise ValueError("Invalid hvp: 'fwdrev' cannot look for hooks on graph nodes under a profiler "
+                             "(sys.setprofile: cProfile, torch.profiler with with_stack=True), and "
+                             "forward-mode AD would not run them; use 'revrev' or 'auto', or run without "
+                             "the profiler")
         check_fwdrev_reads(problem, first)
         check_fwdrev_agrees(problem, support)
 

@@ -521,6 +521,11 @@ def _targets(func, args) -> List[Tensor]:
 
 
 _NODE_HOOKS = ("register_hook", "register_prehook")
+# The Python function every graph node's register_hook / register_prehook calls back into
+# (to make the handle): seen as a "call" event even where the C method is reached from C
+# (functools.partial, map), which makes no "c_call" event.
+_NODE_HOOK_CODE = getattr(getattr(getattr(torch.autograd.function, "_HookMixin", None), "_register_hook",
+                                  None), "__code__", None)
 _UNWATCHED = "(a profiler is set)"  # what _watching_node_hooks notes when it cannot look
 
 
@@ -537,7 +542,10 @@ def _watching_node_hooks(found: List[str]):
         return
 
     def profile(frame, event, arg):
-        if event == "c_call" and getattr(arg, "__name__", "") in _NODE_HOOKS \
+        if event == "call":
+            if frame.f_code is _NODE_HOOK_CODE:  # however the C method was reached (partial, map)
+                found.append("register_hook")
+        elif event == "c_call" and getattr(arg, "__name__", "") in _NODE_HOOKS \
                 and isinstance(getattr(arg, "__self__", None), torch.autograd.graph.Node):
             found.append(arg.__name__)
 
