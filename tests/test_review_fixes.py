@@ -63,6 +63,12 @@ from helpers import TwoHeads, rel_err
 from oracle import brute_force
 
 STEPS, LR, B = 3, 0.1, 3
+# The look's own reasons (the numeric backstop's message names stop-gradients and graph-node hooks
+# too: a test matching these fails when the look misses what the backstop then catches).
+STOP = r"Invalid hvp: 'fwdrev' cannot run a loss with a stop-gradient made under torch\.no_grad"
+SELF_LN = r"cannot run a loss that differentiates itself \(torch\.func\) through LayerNorm"
+HOOKED = "per-task loop: a loss registers a gradient hook on a tensor or a graph node"
+HOOK_REFUSED = "Invalid hvp: 'fwdrev' cannot run a loss that registers a gradient hook"
 
 
 def mlp(seed=0):
@@ -112,7 +118,7 @@ def test_fwdrev_refuses_a_data_stop_gradient():
     got = torch_ufom.hypergrad(model, data_stopgrad, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact",
                                hvp="revrev")
     assert rel_err(got, want) < 1e-10
-    with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev'"):
+    with pytest.raises(ValueError, match=STOP):
         torch_ufom.hypergrad(model, data_stopgrad, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact",
                              hvp="fwdrev")
 
@@ -280,7 +286,7 @@ def later_batches():
 def test_fwdrev_refuses_a_no_grad_stop_gradient_at_later_steps_only():
     # The probe looked at the first step's batch only: fwdrev ran, 8.5 % off.
     model, q = mlp(), data(19)
-    with pytest.raises(ValueError, match="Invalid hvp"):
+    with pytest.raises(ValueError, match=STOP):
         torch_ufom.hypergrad(model, nograd_later, mse, torch_ufom.StepBatches(later_batches()), q,
                              steps=STEPS, inner_lr=LR, mode="exact", hvp="fwdrev")
 
@@ -483,7 +489,8 @@ def refused_by_fwdrev_and_looped(loss, match):
     with pytest.raises(ValueError, match=match):
         torch_ufom.hypergrad(model, loss, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact", hvp="fwdrev")
     model, S, Qs = layernorm_mlp(), data(3, B), data(4, B)
-    with pytest.warns(UserWarning, match="per-task loop"):
+    reason = match.split("'fwdrev' ", 1)[1]  # the look's, carried by the warning
+    with pytest.warns(UserWarning, match="per-task loop.*which would replace it, " + reason):
         got = torch_ufom.hypergrad_batch(model, loss, mse, S, Qs, steps=STEPS, inner_lr=LR, mode="exact")
     want = [sum(t) for t in zip(*[oracle(model, loss, mse, task(S, i), task(Qs, i)) for i in range(B)])]
     assert rel_err(got, want) < 1e-10
@@ -495,7 +502,7 @@ def test_fwdrev_refuses_stop_gradients_written_in_place_or_through_complex_value
     # The stop-gradient check looked at floating-point results only: writes returning None, complex
     # values and writes through .data were missed (fwdrev 13-113 % off, a LayerNorm meta-batch by
     # default 19-93 % off).
-    refused_by_fwdrev_and_looped(loss, "Invalid hvp: 'fwdrev'")
+    refused_by_fwdrev_and_looped(loss, STOP)
 
 
 def test_once_differentiable_written_as_vjp_is_refused():
@@ -530,10 +537,10 @@ def test_fwdrev_refuses_a_torch_func_loss_through_a_layernorm():
         dx = torch.func.vmap(torch.func.grad(lambda xi: f(xi[None]).sum()))(x)
         return ((f(x) - y) ** 2).mean() + 0.1 * (dx ** 2).mean()
     model, s, q = layernorm_mlp(), data(1), data(2)
-    with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev'"):
+    with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev' " + SELF_LN):
         torch_ufom.hypergrad(model, loss, mse, s, q, steps=STEPS, inner_lr=LR, mode="exact", hvp="fwdrev")
     S, Qs = data(3, B), data(4, B)
-    with pytest.warns(UserWarning, match="per-task loop"):
+    with pytest.warns(UserWarning, match="per-task loop.*which would replace it, " + SELF_LN):
         got = torch_ufom.hypergrad_batch(model, loss, mse, S, Qs, steps=STEPS, inner_lr=LR, mode="exact")
     want = [sum(t) for t in zip(*[torch_ufom.hypergrad(model, loss, mse, task(S, i), task(Qs, i), steps=STEPS,
                                                        inner_lr=LR, mode="exact") for i in range(B)])]
@@ -628,7 +635,7 @@ def test_fwdrev_refuses_writes_through_views_aliases_and_any_name(loss):
     # of an alias, F.relu(inplace=True) on a view under no_grad, torch.ops.aten.mul_.Tensor and
     # torch._foreach_mul_ were missed (fwdrev 4-26 % off, a LayerNorm meta-batch by default 3-42 % off);
     # out= into an alias and .data's setter failed at step 3 with an unrelated hint.
-    refused_by_fwdrev_and_looped(loss, "Invalid hvp: 'fwdrev'.*stop-gradient")
+    refused_by_fwdrev_and_looped(loss, STOP)
 
 
 def fwdrev_runs_and_stays_vectorised(loss, model, batch_model):
@@ -902,7 +909,8 @@ def test_stop_gradients_inside_a_loss_own_torch_func_are_seen(loss, norm):
     offset = torch.zeros(B, 6, 2)
     offset[1:] = 1.5  # task 0's outputs stay inside the unit ball
     S, Qs = (x, 0.1 * y, offset), (xq, yq, offset)
-    with pytest.warns(UserWarning, match="per-task loop.*stop-gradient"):
+    with pytest.warns(UserWarning, match="per-task loop.*which would replace it, cannot run a loss with a "
+                                         "stop-gradient"):
         got = torch_ufom.hypergrad_batch(model, loss, offset_mse, S, Qs, steps=STEPS, inner_lr=0.2,
                                          mode="exact")
     want = [sum(t) for t in zip(*[
@@ -923,14 +931,14 @@ def scatter_product(f, b):
     return ((pooled - b[1][:3]) ** 2).mean()
 
 
-@pytest.mark.parametrize("loss, match", [(gaussian_nll, "stop-gradient"),
-                                         (scatter_product, "scatter_reduce")],
+@pytest.mark.parametrize("loss, match", [(gaussian_nll, "cannot run a loss with a stop-gradient"),
+                                         (scatter_product, "cannot run scatter_reduce")],
                          ids=["gaussian_nll_loss", "scatter_reduce_prod"])
 def test_fwdrev_refuses_what_torch_functions_hide(loss, match):
     # F.gaussian_nll_loss clamps var in place under no_grad inside itself, where the probe's mode is off
     # (fwdrev 25 % off when the clamp bites at middle steps only); torch gives scatter_reduce(prod) no
     # forward-mode tangent (pytorch/pytorch#196702).
-    refused_by_fwdrev_and_looped(loss, f"Invalid hvp: 'fwdrev'.*{match}")
+    refused_by_fwdrev_and_looped(loss, f"Invalid hvp: 'fwdrev' {match}")
 
 
 def test_graph_node_hooks_send_a_meta_batch_to_the_loop():
@@ -948,11 +956,11 @@ def test_graph_node_hooks_send_a_meta_batch_to_the_loop():
         return ((out - b[1]) ** 2).mean()
     for loss in (scaled, prescaled):
         model, S, Qs = mlp(), data(3, B), data(4, B)
-        with pytest.warns(UserWarning, match="per-task loop.*graph node"):
+        with pytest.warns(UserWarning, match=HOOKED):
             got = torch_ufom.hypergrad_batch(model, loss, mse, S, Qs, steps=STEPS, inner_lr=LR, mode="exact")
         want = [sum(t) for t in zip(*[oracle(model, loss, mse, task(S, i), task(Qs, i)) for i in range(B)])]
         assert rel_err(got, want) < 1e-10
-        with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev'.*graph node"):
+        with pytest.raises(ValueError, match=HOOK_REFUSED):
             torch_ufom.hypergrad(model, loss, mse, task(S, 0), task(Qs, 0), steps=STEPS, inner_lr=LR,
                                  mode="exact", hvp="fwdrev")
 
@@ -982,7 +990,7 @@ def test_hooks_registered_in_forward_or_the_outer_loss_send_a_meta_batch_to_the_
     for mode in ("fom", "exact"):
         model = GuardedHook()
         kw = dict(steps=STEPS, inner_lr=LR, mode=mode)
-        with pytest.warns(UserWarning, match="per-task loop.*graph node"):
+        with pytest.warns(UserWarning, match=HOOKED):
             got = torch_ufom.hypergrad_batch(model, mse, mse, S, Qs, **kw)
         want = [torch_ufom.hypergrad(model, mse, mse, task(S, i), task(Qs, i), **kw) for i in range(B)]
         assert rel_err(got, [sum(t) for t in zip(*want)]) < 1e-10
@@ -993,7 +1001,7 @@ def test_hooks_registered_in_forward_or_the_outer_loss_send_a_meta_batch_to_the_
             out.grad_fn.register_prehook(lambda grad_outputs: tuple(g * 0.5 for g in grad_outputs))
         return ((out - b[1]) ** 2).mean()
     model = mlp()
-    with pytest.warns(UserWarning, match="per-task loop.*graph node"):
+    with pytest.warns(UserWarning, match=HOOKED):
         got = torch_ufom.hypergrad_batch(model, mse, hooked_outer, S, Qs, steps=STEPS, inner_lr=LR,
                                          mode="exact")
     want = [sum(t) for t in zip(*[oracle(model, mse, hooked_outer, task(S, i), task(Qs, i))
@@ -1033,7 +1041,7 @@ def scatter_product_in_place(f, b):
 def test_fwdrev_refuses_scatter_reduce_prod_written_in_place():
     # The table looked the ATen name up as written: scatter_reduce_ escaped it (fwdrev 29 % off when it
     # bit at middle steps only).
-    refused_by_fwdrev_and_looped(scatter_product_in_place, "Invalid hvp: 'fwdrev'.*scatter_reduce")
+    refused_by_fwdrev_and_looped(scatter_product_in_place, "Invalid hvp: 'fwdrev' cannot run scatter_reduce")
 
 
 # -- review DN (session 19): hooks registered by a tensor subclass's code, a loss's own profiler ------
@@ -1090,7 +1098,7 @@ def test_hooks_the_watcher_could_not_see_send_a_meta_batch_to_the_loop(case):
     model, loss = (SubclassHooked(), mse) if case == "subclass" else (mlp(), own_profiler)
     for mode in ("exact", "fom"):
         kw = dict(steps=STEPS, inner_lr=LR, mode=mode)
-        with pytest.warns(UserWarning, match="per-task loop.*(graph node|profiler)"):
+        with pytest.warns(UserWarning, match=f"({HOOKED}|per-task loop: a profiler is set)"):
             got = torch_ufom.hypergrad_batch(model, loss, mse, S, Qs, **kw)
         want = [torch_ufom.hypergrad(model, loss, mse, task(S, i), task(Qs, i), **kw) for i in range(B)]
         assert rel_err(got, [sum(t) for t in zip(*want)]) < 1e-10
@@ -1122,7 +1130,7 @@ def test_graph_node_hooks_registered_through_c_callables_send_a_meta_batch_to_th
     # functools.partial or map, a default exact meta-batch was 11 % off, silently.
     loss = hooked_through(how)
     model, S, Qs = mlp(), data(3, B), data(4, B)
-    with pytest.warns(UserWarning, match="per-task loop.*graph node"):
+    with pytest.warns(UserWarning, match=HOOKED):
         got = torch_ufom.hypergrad_batch(model, loss, mse, S, Qs, steps=STEPS, inner_lr=LR, mode="exact")
     want = [sum(t) for t in zip(*[oracle(model, loss, mse, task(S, i), task(Qs, i)) for i in range(B)])]
     assert rel_err(got, want) < 1e-10
