@@ -197,3 +197,16 @@ def test_one_call_draws_and_weights_from_one_reading_of_the_law():
             meta.backward_batch(mse, mse, tasks, tasks)
             assert len(law.qs) == calls + 2  # and once per meta-batch, not per task
     assert seen == {0.2, 0.8}
+
+
+def test_a_subclass_of_a_shipped_law_keeps_attributes_of_its_own():
+    class Tagged(Bernoulli):
+        def __init__(self, q, tag):
+            super().__init__(q)
+            self.tag = tag  # its own: free to set
+
+    law = Tagged(0.5, "warm-up")
+    law.tag = "main"
+    assert law.tag == "main" and law.probs(2) == Bernoulli(0.5).probs(2)
+    with pytest.raises(AttributeError, match="Tagged cannot be changed after construction"):
+        law.q = 0.1

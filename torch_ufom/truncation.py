@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -182,19 +182,25 @@ def draw_truncation(survival: Sequence[float], uniform: Callable[[], float]) -> 
 
 
 class _Immutable:
-    """The laws shipped here are values: assigning an attribute after construction
-    raises (a changed law would bypass the checks its construction made, and a
-    ``MetaOptimizer``'s ``mode`` would no longer describe it)."""
+    """The laws shipped here are values: assigning one of the attributes that define
+    the law (``_fields``) after construction raises (a changed law would bypass the
+    checks its construction made, and a ``MetaOptimizer``'s ``mode`` would no longer
+    describe it). A subclass's own attributes are its own."""
 
     __slots__ = ()
+    _fields: Tuple[str, ...] = ()
 
     def __setattr__(self, name, value):
-        raise AttributeError(f"{type(self).__name__} cannot be changed after construction (setting "
-                             f"{name!r}): build a new law, or change a MetaOptimizer's with "
-                             "reconfigure(q=..., truncation=...)")
+        if name in self._fields:
+            raise AttributeError(f"{type(self).__name__} cannot be changed after construction (setting "
+                                 f"{name!r}): build a new law, or change a MetaOptimizer's with "
+                                 "reconfigure(q=..., truncation=...)")
+        object.__setattr__(self, name, value)
 
     def __delattr__(self, name):
-        self.__setattr__(name, None)
+        if name in self._fields:
+            self.__setattr__(name, None)  # raises
+        object.__delattr__(self, name)
 
 
 class Bernoulli(_Immutable, TruncationLaw):
@@ -205,6 +211,8 @@ class Bernoulli(_Immutable, TruncationLaw):
     Args:
         q: probability of the exact branch, in ``(0, 1]``.
     """
+
+    _fields = ("q",)
 
     def __init__(self, q: float):
         object.__setattr__(self, "q", _check_q(q, "q"))
@@ -227,6 +235,8 @@ class Geometric(_Immutable, TruncationLaw):
         q: ``P(K >= 1)``, in ``(0, 1]``.
         rho: ratio of successive survival probabilities, in ``(0, 1)``.
     """
+
+    _fields = ("q", "rho")
 
     def __init__(self, q: float, rho: float):
         object.__setattr__(self, "q", _check_q(q, "q"))
@@ -253,6 +263,8 @@ class Fixed(_Immutable, TruncationLaw):
         k: the truncation point, an int in ``0..steps``, or ``None`` for ``steps``
             (the exact hypergradient whatever the number of steps).
     """
+
+    _fields = ("k",)
 
     def __init__(self, k: Optional[int] = None):
         if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0):
@@ -286,6 +298,8 @@ class Custom(_Immutable, TruncationLaw):
             with ``P(K = steps) > 0`` (so every survival probability is positive).
     """
 
+    _fields = ("_probs",)
+
     def __init__(self, probs: Sequence[float]):
         object.__setattr__(self, "_probs", tuple(_as_probs(probs, "probs")))
         if not self._probs:
@@ -318,6 +332,8 @@ class Snapshot(_Immutable, TruncationLaw):
         law: the law to read.
         steps: the number of inner steps ``r``.
     """
+
+    _fields = ("law", "steps", "_probs", "_survival")
 
     def __init__(self, law: TruncationLaw, steps: int):
         object.__setattr__(self, "law", law)
