@@ -24,37 +24,11 @@ from torch import nn
 import torch_ufom
 from helpers import rel_err
 from oracle import brute_force
-
-STEPS, LR, B = 3, 0.1, 3
+from test_review_fixes import B, LR, STEPS, data, layernorm_mlp, mlp, mse, task  # the same tiny problems
 
 STOP = "Invalid hvp: 'fwdrev' cannot run a loss with a stop-gradient made under torch.no_grad"
 HOOK = "Invalid hvp: 'fwdrev' cannot run a loss that registers a gradient hook"
 BACKSTOP = "Invalid hvp: 'fwdrev' gives another Hessian-vector product than reverse mode at inner step"
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
-
-
-def layernorm_mlp(seed=0):
-    """An affine LayerNorm: a default exact meta-batch takes vectorised fwdrev by itself."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2))
-
-
-def data(seed, tasks=None, n=6):
-    g = torch.Generator().manual_seed(seed)
-    lead = () if tasks is None else (tasks,)
-    return torch.randn(*lead, n, 4, generator=g), torch.randn(*lead, n, 2, generator=g)
-
-
-def mse(f, b):
-    return ((f(b[0]) - b[1]) ** 2).mean()
-
-
-def task(t, i):
-    return tuple(u[i] for u in t)
 
 
 def oracle(model, inner, outer, support, query, lr=LR):
