@@ -52,7 +52,8 @@ class Estimate:
             corrections.
         forward_steps: inner steps run without a graph (forward and replays).
         reverse_steps: inner steps run with a graph for the exact sweep (recorded in the
-            forward pass under ``memory="store"``, rebuilt otherwise).
+            forward pass under ``memory="store"``, and under ``"checkpoint"`` when the
+            sweep's graphs fit its budget or its slots; rebuilt otherwise).
         g0, gk: with ``diagnostics`` and ``K > 0``, the unweighted ``G_0`` (FOM)
             and ``G_K``; else ``None``.
         buffers: the module's buffers at the end of the inner loop, in

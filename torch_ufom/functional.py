@@ -658,6 +658,7 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
         ValueError: an invalid argument, e.g. tensors whose leading sizes differ
             (the message names the entry); nothing is changed.
         FloatingPointError: a non-finite loss or hypergradient in any task.
+        RuntimeError: as :func:`hypergrad`.
     """
     settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
                         max_memory=max_memory, hvp=hvp, inner_params=inner_params,
@@ -702,7 +703,8 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         mode: ``"fom"`` (first-order, ``G_0``), ``"ufom"`` (the default:
             ``G_0 + (xi/q)(G_r - G_0)``, ``xi ~ Bernoulli(q)``: unbiased),
             ``"exact"`` (``G_r``) or ``"truncated"`` (``G_k``: exact through the
-            last ``k`` steps; biased). Not together with ``truncation``.
+            last ``k`` steps; biased). Not together with ``truncation``; ``None``
+            (the default) is ``"ufom"``, or the law ``truncation`` gives.
         q: probability of the exact branch for ``"ufom"``, in ``(0, 1]``;
             checked but unused by the other modes.
         memory: how the exact sweep over the last ``K`` steps gets its states:
@@ -756,6 +758,9 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         FloatingPointError: a non-finite loss (forward pass, replay or rebuild)
             or hypergradient; the generator and the global random state are
             restored, so a retry reproduces.
+        RuntimeError: the sweep cannot be exact (a ``@once_differentiable``
+            Function, a loss that gives another value when a step is evaluated
+            again, a failure inside forward-over-reverse); nothing is changed.
     """
     settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
                         max_memory=max_memory, hvp=hvp, inner_params=inner_params)

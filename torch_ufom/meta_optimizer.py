@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Mapping
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,8 @@ class MetaResult:
             next outer step's in ``MetaOptimizer.q_stats["q"]``.
         forward_steps: inner steps run without a graph (forward pass and replays).
         reverse_steps: inner steps run with a graph for the exact sweep (recorded in the
-            forward pass under ``memory="store"``, rebuilt otherwise).
+            forward pass under ``memory="store"``, and under ``"checkpoint"`` when the
+            sweep's graphs fit its budget or its slots; rebuilt otherwise).
         aux: what ``outer_loss`` returned beside the loss when it returns
             ``(loss, aux)`` (accuracy, logits, ...), from the forward pass,
             with every tensor detached; ``None`` for a plain loss. Replays and
@@ -95,7 +96,8 @@ class MetaOptimizer:
         steps: number of inner steps ``r >= 1`` (required).
         mode: ``"fom"``, ``"ufom"`` (the default: unbiased, exact branch with
             probability ``q``), ``"exact"`` or ``"truncated"`` (exact through
-            the last ``k`` steps only: biased). Not together with ``truncation``.
+            the last ``k`` steps only: biased). Not together with ``truncation``;
+            ``None`` (the default) is ``"ufom"``, or the law ``truncation`` gives.
         q: exact-branch probability for ``"ufom"``, in ``(0, 1]`` (default 0.1), or ``"auto"``
             to adapt it to the measured bias, variance and costs
             (:mod:`torch_ufom.adaptive`; ``"auto"`` is an error with another
@@ -187,7 +189,8 @@ class MetaOptimizer:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, inner_lr=None, *,
-                 steps: int, mode: Optional[str] = None, q: float = 0.1, memory: str = "checkpoint",
+                 steps: int, mode: Optional[str] = None, q: Union[float, str] = 0.1,
+                 memory: str = "checkpoint",
                  slots: Optional[int] = None, max_memory: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
                  truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
@@ -423,9 +426,11 @@ class MetaOptimizer:
 
         Args:
             set_to_none: as ``torch.optim.Optimizer.zero_grad``: set ``.grad`` to
-                ``None`` (default) instead of zeroing it. The outer optimizer's own
-                ``zero_grad()`` with ``set_to_none=True`` is noticed at the next task
-                too; one with ``set_to_none=False`` is not: use this one.
+                ``None`` (default) instead of zeroing it. The outer optimizer's or the
+                module's own ``zero_grad()``, with or without ``set_to_none``, is noticed
+                at the next task too when it clears every meta-gradient; one that clears
+                only some (``module.zero_grad()`` beside a learned rate) warns, or goes
+                unnoticed if it zeroes them in place: use this one.
         """
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._forget_tasks()
@@ -514,6 +519,15 @@ class MetaOptimizer:
 
         Returns:
             A :class:`MetaResult`. Nothing is written if an error is raised.
+
+        Raises:
+            TypeError, ValueError: an invalid argument or call (e.g. a task after
+                :meth:`synchronize`).
+            NonFiniteHypergradient: a non-finite hypergradient (a ``FloatingPointError``,
+                as a non-finite loss is); the random states are restored.
+            RuntimeError: the sweep cannot be exact (a ``@once_differentiable``
+                Function, a loss that gives another value when a step is evaluated
+                again, a failure inside forward-over-reverse).
         """
         problem = self._problem(inner_loss, outer_loss)
         meta = list(problem.params)
