@@ -872,3 +872,22 @@ def test_add_param_group_adds_to_the_outer_optimizer_as_torch_optim_does():
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
         env.meta.add_param_group({"params": [v]})
     assert len(env.meta.param_groups) == 2  # unchanged
+
+
+def test_zero_dimensional_integer_tensors_and_arrays_index_as_ints():
+    # Review DS: task(torch.tensor(1)) and a 0-d force_truncation array were refused.
+    import numpy as np
+    model = make_model()
+    adapted = torch_ufom.adapt_batch(model, mse, (torch.randn(3, 4, 2), torch.randn(3, 4, 1)), steps=1,
+                                     inner_lr=0.1)
+    assert torch.equal(adapted.task(torch.tensor(1)).params["0.weight"], adapted.task(1).params["0.weight"])
+    for bad in (torch.tensor(1.0), torch.tensor(True), torch.tensor([1])):
+        with pytest.raises(TypeError, match="Invalid i"):
+            adapted.task(bad)
+    env = Env(mode="ufom", q=0.5)
+    got = []
+    for force in (2, np.array(2), torch.tensor(2)):
+        env.gen.manual_seed(7)
+        got.append(env.call("hypergrad", force_truncation=force))
+    assert_close(got[1], got[0])
+    assert_close(got[2], got[0])

@@ -1169,3 +1169,21 @@ def test_per_task_fwdrev_under_a_profiler_is_refused():
     want = oracle(model, middle_hook, mse, batches, Q)
     got = torch_ufom.hypergrad(model, middle_hook, mse, support, Q, steps=STEPS, inner_lr=LR, mode="exact")
     assert rel_err(got, want) < 1e-10
+
+
+def test_fwdrev_under_a_profiler_is_refused_whatever_the_draw():
+    # Review DS: under ufom the refusal came only on tasks that drew K > 0, so a run failed at a random
+    # outer step; now every task is refused alike (and changes nothing).
+    import sys
+    model, S, Q = mlp(), data(3), data(4)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=LR,
+                                    steps=STEPS, mode="ufom", q=0.5, hvp="fwdrev")
+    sys.setprofile(lambda frame, event, arg: None)
+    try:
+        for K in (0, STEPS):
+            with pytest.raises(ValueError, match="Invalid hvp: 'fwdrev' cannot look for hooks on graph nodes "
+                                                 "under a profiler"):
+                meta.backward(mse, mse, S, Q, force_truncation=K)
+    finally:
+        sys.setprofile(None)
+    assert all(p.grad is None for p in model.parameters())

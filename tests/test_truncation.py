@@ -210,3 +210,45 @@ def test_a_subclass_of_a_shipped_law_keeps_attributes_of_its_own():
     assert law.tag == "main" and law.probs(2) == Bernoulli(0.5).probs(2)
     with pytest.raises(AttributeError, match="Tagged cannot be changed after construction"):
         law.q = 0.1
+
+
+def test_a_subclass_of_a_shipped_law_is_checked_at_every_call_and_keeps_its_own_sampler():
+    # Review DS (session 20): a Bernoulli subclass whose probs() later gave P(K >= r) = 0 skipped the
+    # per-call check (it counted as shipped): every estimate was G_0, 66 % off, silently. And a law's
+    # own sample() (antithetic draws) was bypassed by the call's snapshot.
+    import torch_ufom
+    model = torch.nn.Linear(2, 1)
+    batch = (torch.randn(4, 2), torch.randn(4, 1))
+
+    def mse(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+
+    class Scheduled(Bernoulli):
+        def __init__(self, q):
+            super().__init__(q)
+            self.calls = 0
+
+        def probs(self, steps):
+            self.calls += 1
+            return super().probs(steps) if self.calls < 4 else [1.0] + [0.0] * steps
+
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                    steps=3, truncation=Scheduled(0.5))
+    meta.backward(mse, mse, batch, batch)
+    with pytest.raises(ValueError, match=r"Invalid truncation: .*gives P\(K >= 3\) = 0"):
+        meta.backward(mse, mse, batch, batch)
+
+    class Antithetic(truncation.TruncationLaw):
+        def __init__(self):
+            self.draws = 0
+
+        def probs(self, steps):
+            return [0.5] + [0.0] * (steps - 1) + [0.5]
+
+        def sample(self, steps, generator=None):
+            self.draws += 1
+            return 0 if self.draws % 2 else steps
+
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                    steps=3, truncation=Antithetic())
+    assert [meta.backward(mse, mse, batch, batch).truncation for _ in range(4)] == [0, 3, 0, 3]

@@ -68,8 +68,11 @@ class StackedFunctionalModel:
 
     def task(self, i: int) -> FunctionalModel:
         """Task ``i``'s adapted model (``-size <= i < size``, as indexing counts)."""
-        if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) and not (
+                isinstance(i, Tensor) and i.dim() == 0 and not i.is_floating_point() and not i.is_complex()
+                and i.dtype != torch.bool):
             raise TypeError(f"Invalid i: {type(i).__name__} (expected an int, the task's index)")
+        i = int(i)
         if not -self.size <= i < self.size:
             raise IndexError(f"Invalid i: {i} (expected a task index in {-self.size}..{self.size - 1})")
         return FunctionalModel(self.module, {n: t[i] for n, t in self.params.items()},

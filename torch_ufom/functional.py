@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import sys
 import time
 import warnings
 import weakref
@@ -137,14 +138,14 @@ def check_force_truncation(force, size: Optional[int], steps: int) -> Optional[L
     of ``size`` tasks, also a sequence of ``size`` such ints."""
     if force is None:
         return None
+    if hasattr(force, "__array__"):  # a tensor or a NumPy array of ints (one per task)
+        return check_force_truncation(force.tolist(), size, steps)
     if _is_int(force):
         if not 0 <= force <= steps:
             raise ValueError(f"Invalid force_truncation: {force!r} (expected an int in 0..{steps})")
         return [int(force)] * (size or 1)
     if size is None:
         raise TypeError(f"Invalid force_truncation: {force!r} (expected None or an int in 0..{steps})")
-    if hasattr(force, "__array__"):  # a tensor or a NumPy array of ints, one per task
-        return check_force_truncation(force.tolist(), size, steps)
     if not isinstance(force, (list, tuple)) or len(force) != size:
         raise ValueError(f"Invalid force_truncation: {force!r} (expected an int or a sequence of "
                          f"{size} ints, one per task)")
@@ -475,6 +476,11 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
                 f"{norms} twice wrongly (pytorch/functorch#534)", False, known, found.unread)
 
 
+_UNDER_PROFILER = ("Invalid hvp: 'fwdrev' cannot look for hooks on graph nodes under a profiler "
+                   "(sys.setprofile: cProfile, torch.profiler with with_stack=True), and forward-mode "
+                   "AD would not run them; use 'revrev' or 'auto', or run without the profiler")
+
+
 def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
     """Refuse per-task forward-over-reverse where its HVP would differentiate another
     function than the step: attention with dropout (the step runs under autograd and
@@ -483,6 +489,8 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
     the loss's own, a loss that differentiates, what the probe's look finds
     (:meth:`~torch_ufom.vectorised.Probe.fwdrev_obstacle`) or cannot look for (hooks
     on graph nodes under a profiler); then the numeric backstop."""
+    if problem.hvp == "fwdrev" and sys.getprofile() is not None:  # every task alike, whatever its K
+        raise ValueError(_UNDER_PROFILER)
     if K > 0 and problem.hvp == "fwdrev":
         batches = probe_batches(support, problem.config.steps)
         first = batches[0]
@@ -502,11 +510,8 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
         why = found.fwdrev_obstacle()
         if why:
             raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
-        if found.hooks_unseen:
-            raise ValueError("Invalid hvp: 'fwdrev' cannot look for hooks on graph nodes under a profiler "
-                             "(sys.setprofile: cProfile, torch.profiler with with_stack=True), and "
-                             "forward-mode AD would not run them; use 'revrev' or 'auto', or run without "
-                             "the profiler")
+        if found.hooks_unseen:  # (a profiler the loss runs itself)
+            raise ValueError(_UNDER_PROFILER)
         check_fwdrev_reads(problem, first)
         check_fwdrev_agrees(problem, support)
 

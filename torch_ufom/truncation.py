@@ -324,8 +324,9 @@ class Snapshot(_Immutable, TruncationLaw):
     """A law's probabilities for ``steps`` inner steps, read once: what one call
     draws every task's ``K`` from and weights every estimate by, so that both see
     the same numbers even if the law (one of the user's, whose ``probs`` may
-    change from call to call) is changed meanwhile. A law of the user's is checked
-    again here (:meth:`TruncationLaw.validate`); the laws shipped here are
+    change from call to call) is changed meanwhile; a law's own ``survival`` and
+    ``sample`` are kept. A law of the user's (a subclass of a shipped one too) is
+    checked again here (:meth:`TruncationLaw.validate`); the laws shipped here are
     immutable and were checked when the configuration was resolved.
 
     Args:
@@ -339,9 +340,19 @@ class Snapshot(_Immutable, TruncationLaw):
         object.__setattr__(self, "law", law)
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "_probs", tuple(_checked_probs(law, steps)))
-        object.__setattr__(self, "_survival", tuple(TruncationLaw.survival(self, steps)))
-        if not isinstance(law, _Immutable):
+        own = type(law).survival is not TruncationLaw.survival  # a law's own survival function
+        object.__setattr__(self, "_survival", tuple(law.survival(steps) if own else
+                                                    TruncationLaw.survival(self, steps)))
+        if type(law) not in (Bernoulli, Geometric, Fixed, Custom):  # (a subclass may change its probs)
             self.validate(steps)
+
+    def sample(self, steps: int, generator: Optional[torch.Generator] = None) -> int:
+        """The law's own :meth:`~TruncationLaw.sample` where it overrides it (stratified or
+        antithetic draws: they must follow its survival function), else a draw from the
+        snapshot's survival function."""
+        if type(self.law).sample is not TruncationLaw.sample:
+            return self.law.sample(steps, generator)
+        return super().sample(steps, generator)
 
     def probs(self, steps: int) -> List[float]:
         if steps != self.steps:
