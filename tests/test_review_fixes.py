@@ -1187,3 +1187,29 @@ def test_fwdrev_under_a_profiler_is_refused_whatever_the_draw():
     finally:
         sys.setprofile(None)
     assert all(p.grad is None for p in model.parameters())
+
+
+def self_profiled(f, b):
+    """A loss that times itself with a profile function of its own and puts the previous one back
+    (a timing decorator), hooking a node meanwhile."""
+    import sys
+    previous = sys.getprofile()
+    sys.setprofile(lambda frame, event, arg: None)
+    try:
+        out = f(b[0]) * 1.0
+        halve_prehook(out.grad_fn)
+    finally:
+        sys.setprofile(previous)
+    return ((out - b[1]) ** 2).mean()
+
+
+def test_a_loss_that_swaps_the_profile_function_and_puts_it_back_sends_a_meta_batch_to_the_loop():
+    # Review DU (session 20): the look found its watcher in place at the end and took the loss as
+    # watched: a default exact meta-batch 11.6 % off, silently.
+    model, S, Qs = mlp(), data(3, B), data(4, B)
+    with pytest.warns(UserWarning, match="per-task loop: a profiler is set"):
+        got = torch_ufom.hypergrad_batch(model, self_profiled, mse, S, Qs, steps=STEPS, inner_lr=LR,
+                                         mode="exact")
+    want = [sum(t) for t in zip(*[oracle(model, self_profiled, mse, task(S, i), task(Qs, i))
+                                  for i in range(B)])]
+    assert rel_err(got, want) < 1e-10

@@ -212,10 +212,10 @@ def test_a_subclass_of_a_shipped_law_keeps_attributes_of_its_own():
         law.q = 0.1
 
 
-def test_a_subclass_of_a_shipped_law_is_checked_at_every_call_and_keeps_its_own_sampler():
+def test_a_subclass_of_a_shipped_law_is_checked_at_every_call_and_overrides_are_refused():
     # Review DS (session 20): a Bernoulli subclass whose probs() later gave P(K >= r) = 0 skipped the
-    # per-call check (it counted as shipped): every estimate was G_0, 66 % off, silently. And a law's
-    # own sample() (antithetic draws) was bypassed by the call's snapshot.
+    # per-call check (it counted as shipped): every estimate was G_0, 66 % off, silently. A law's own
+    # sample() or survival() drew otherwise than the snapshot weighs (review DU: 16-28 % off): refused.
     import torch_ufom
     model = torch.nn.Linear(2, 1)
     batch = (torch.randn(4, 2), torch.randn(4, 1))
@@ -234,11 +234,12 @@ def test_a_subclass_of_a_shipped_law_is_checked_at_every_call_and_keeps_its_own_
 
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
                                     steps=3, truncation=Scheduled(0.5))
+    assert meta.q is None and repr(meta.law) == "Scheduled(q=0.5)"  # (no single q: its probs are its own)
     meta.backward(mse, mse, batch, batch)
-    with pytest.raises(ValueError, match=r"Invalid truncation: .*gives P\(K >= 3\) = 0"):
+    with pytest.raises(ValueError, match=r"Invalid truncation: Scheduled\(q=0.5\) gives P\(K >= 3\) = 0"):
         meta.backward(mse, mse, batch, batch)
 
-    class Antithetic(truncation.TruncationLaw):
+    class Antithetic(truncation.TruncationLaw):  # its draws would not follow the weights' survival
         def __init__(self):
             self.draws = 0
 
@@ -249,6 +250,17 @@ def test_a_subclass_of_a_shipped_law_is_checked_at_every_call_and_keeps_its_own_
             self.draws += 1
             return 0 if self.draws % 2 else steps
 
-    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
-                                    steps=3, truncation=Antithetic())
-    assert [meta.backward(mse, mse, batch, batch).truncation for _ in range(4)] == [0, 3, 0, 3]
+    class OwnSurvival(Antithetic):
+        sample = truncation.TruncationLaw.sample
+
+        def survival(self, steps):  # forgets the trailing 0 and P(K >= r): never drawn at r
+            return [1.0] + [0.0] * (steps + 1)
+
+    law = Bernoulli(0.5)
+    for bad, name in ((Antithetic(), "sample"), (OwnSurvival(), "survival")):
+        with pytest.raises(TypeError, match=rf"Invalid truncation: .* overrides {name}\(\); a law implements "
+                                            r"probs\(steps\) only"):
+            torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                     steps=3, truncation=bad)
+    with pytest.raises(AttributeError, match=r"cannot be changed after construction \(setting 'probs'"):
+        law.probs = lambda steps: [1.0] + [0.0] * steps  # review DU: every draw K = 0, 55 % off

@@ -13,7 +13,7 @@ are the module's own, as when it is called); both work under ``torch.no_grad()``
 """
 from __future__ import annotations
 
-import numbers
+import operator
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -68,11 +68,13 @@ class StackedFunctionalModel:
 
     def task(self, i: int) -> FunctionalModel:
         """Task ``i``'s adapted model (``-size <= i < size``, as indexing counts)."""
-        if isinstance(i, bool) or not isinstance(i, numbers.Integral) and not (
-                isinstance(i, Tensor) and i.dim() == 0 and not i.is_floating_point() and not i.is_complex()
-                and i.dtype != torch.bool):
-            raise TypeError(f"Invalid i: {type(i).__name__} (expected an int, the task's index)")
-        i = int(i)
+        boolean = isinstance(i, bool) or getattr(i, "dtype", None) in (torch.bool, bool)
+        try:  # an int, or a 0-d integer tensor or array, as indexing takes
+            if boolean or getattr(i, "ndim", 0):
+                raise TypeError
+            i = operator.index(i)
+        except TypeError:
+            raise TypeError(f"Invalid i: {type(i).__name__} (expected an int, the task's index)") from None
         if not -self.size <= i < self.size:
             raise IndexError(f"Invalid i: {i} (expected a task index in {-self.size}..{self.size - 1})")
         return FunctionalModel(self.module, {n: t[i] for n, t in self.params.items()},

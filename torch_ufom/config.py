@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from . import adaptive
 from .inner import SGD, InnerRule
 from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
-from .truncation import Bernoulli, Fixed, TruncationLaw
+from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation, is_bernoulli
 from .unroll import check_parametrize_cache
 
 __all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_generator",
@@ -147,7 +147,7 @@ class Config:
         """The fixed ``q`` of ``ufom`` (``"auto"`` when adaptive), else ``None``."""
         if self.adaptive is not None:
             return "auto"
-        return self.law.q if isinstance(self.law, Bernoulli) else None
+        return self.law.q if is_bernoulli(self.law) else None
 
     def law_at(self, q_stats) -> TruncationLaw:
         """The law of the next task: ``Bernoulli`` of the adaptive statistics' current
@@ -296,6 +296,7 @@ def _law(settings: Settings, steps: int) -> Tuple[str, TruncationLaw, Optional[a
         if k > steps:
             raise ValueError(f"Invalid k: {k!r} (expected an int in 0..steps={steps})")
         law = Fixed(int(k))
+    check_truncation(law)
     law.validate(steps)
     return mode, law, rule if q == "auto" else None
 

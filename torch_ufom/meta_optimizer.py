@@ -22,7 +22,7 @@ from .config import Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads, task_aux
 from .inner import InnerRule, PerStep, _in_range
-from .truncation import Bernoulli, Snapshot, TruncationLaw
+from .truncation import Snapshot, TruncationLaw, is_bernoulli
 
 __all__ = ["MetaOptimizer", "MetaResult"]
 
@@ -271,7 +271,7 @@ class MetaOptimizer:
     def q(self) -> Optional[float]:
         """The exact-branch probability of the next task (``ufom``), else ``None``."""
         law = self.law
-        return law.q if isinstance(law, Bernoulli) else None
+        return law.q if is_bernoulli(law) else None
 
     def __getstate__(self):
         # What the last meta-batch's probe found holds weak references to its losses, which

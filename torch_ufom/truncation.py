@@ -20,8 +20,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["TruncationLaw", "Bernoulli", "Geometric", "Fixed", "Custom", "Snapshot", "draw_truncation",
-           "telescope_weights"]
+__all__ = ["TruncationLaw", "Bernoulli", "Geometric", "Fixed", "Custom", "Snapshot", "check_truncation",
+           "is_bernoulli", "draw_truncation", "telescope_weights"]
 
 
 # The smallest survival probability a law may give: 1 / P(K >= k) must be a
@@ -191,7 +191,8 @@ class _Immutable:
     _fields: Tuple[str, ...] = ()
 
     def __setattr__(self, name, value):
-        if name in self._fields:
+        if name in self._fields or any(name in vars(c) for c in type(self).__mro__
+                                       if c.__module__ == __name__):  # (law.probs = ... too)
             raise AttributeError(f"{type(self).__name__} cannot be changed after construction (setting "
                                  f"{name!r}): build a new law, or change a MetaOptimizer's with "
                                  "reconfigure(q=..., truncation=...)")
@@ -225,7 +226,7 @@ class Bernoulli(_Immutable, TruncationLaw):
         return p
 
     def __repr__(self) -> str:
-        return f"Bernoulli(q={self.q})"
+        return f"{type(self).__name__}(q={self.q})"
 
 
 class Geometric(_Immutable, TruncationLaw):
@@ -250,7 +251,7 @@ class Geometric(_Immutable, TruncationLaw):
         return [surv[k] - surv[k + 1] for k in range(steps + 1)]
 
     def __repr__(self) -> str:
-        return f"Geometric(q={self.q}, rho={self.rho})"
+        return f"{type(self).__name__}(q={self.q}, rho={self.rho})"
 
 
 class Fixed(_Immutable, TruncationLaw):
@@ -287,7 +288,7 @@ class Fixed(_Immutable, TruncationLaw):
         return self._k(steps) < steps
 
     def __repr__(self) -> str:
-        return f"Fixed(k={self.k})"
+        return f"{type(self).__name__}(k={self.k})"
 
 
 class Custom(_Immutable, TruncationLaw):
@@ -317,17 +318,15 @@ class Custom(_Immutable, TruncationLaw):
         return list(self._probs)
 
     def __repr__(self) -> str:
-        return f"Custom(probs={list(self._probs)})"
+        return f"{type(self).__name__}(probs={list(self._probs)})"
 
 
 class Snapshot(_Immutable, TruncationLaw):
     """A law's probabilities for ``steps`` inner steps, read once: what one call
     draws every task's ``K`` from and weights every estimate by, so that both see
     the same numbers even if the law (one of the user's, whose ``probs`` may
-    change from call to call) is changed meanwhile; a law's own ``survival`` and
-    ``sample`` are kept. A law of the user's (a subclass of a shipped one too) is
-    checked again here (:meth:`TruncationLaw.validate`); the laws shipped here are
-    immutable and were checked when the configuration was resolved.
+    change from call to call) is changed meanwhile. Every reading is checked
+    (:meth:`TruncationLaw.validate`, on the numbers read: no further call of the law).
 
     Args:
         law: the law to read.
@@ -340,19 +339,8 @@ class Snapshot(_Immutable, TruncationLaw):
         object.__setattr__(self, "law", law)
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "_probs", tuple(_checked_probs(law, steps)))
-        own = type(law).survival is not TruncationLaw.survival  # a law's own survival function
-        object.__setattr__(self, "_survival", tuple(law.survival(steps) if own else
-                                                    TruncationLaw.survival(self, steps)))
-        if type(law) not in (Bernoulli, Geometric, Fixed, Custom):  # (a subclass may change its probs)
-            self.validate(steps)
-
-    def sample(self, steps: int, generator: Optional[torch.Generator] = None) -> int:
-        """The law's own :meth:`~TruncationLaw.sample` where it overrides it (stratified or
-        antithetic draws: they must follow its survival function), else a draw from the
-        snapshot's survival function."""
-        if type(self.law).sample is not TruncationLaw.sample:
-            return self.law.sample(steps, generator)
-        return super().sample(steps, generator)
+        object.__setattr__(self, "_survival", tuple(TruncationLaw.survival(self, steps)))
+        self.validate(steps)  # this reading (cached lists: no call of the law's probs)
 
     def probs(self, steps: int) -> List[float]:
         if steps != self.steps:
@@ -370,6 +358,25 @@ class Snapshot(_Immutable, TruncationLaw):
 
     def __repr__(self) -> str:
         return repr(self.law)
+
+
+def is_bernoulli(law: TruncationLaw) -> bool:
+    """Whether ``law`` is the UFOM law of its ``q`` (a :class:`Bernoulli` whose ``probs`` is
+    Bernoulli's: a subclass that changes it has no single ``q`` to report)."""
+    return isinstance(law, Bernoulli) and type(law).probs is Bernoulli.probs
+
+
+def check_truncation(law: TruncationLaw) -> None:
+    """Refuse a law that overrides what derives from :meth:`TruncationLaw.probs`
+    (``survival``, ``sample``: a law's draws and its estimator's weights must come
+    from one function, read once per call, :class:`Snapshot`)."""
+    for name in ("survival", "sample"):
+        own = getattr(law, "__dict__", {})
+        if getattr(type(law), name) is not getattr(TruncationLaw, name) or name in own:
+            raise TypeError(f"Invalid truncation: {law!r} overrides {name}(); a law implements "
+                            "probs(steps) only, from which its survival function, its draws and the "
+                            "estimator's weights derive (a stratified or antithetic sampler would "
+                            "need weights of its own)")
 
 
 def _check_q(q, name: str) -> float:

@@ -545,9 +545,12 @@ def _watching_node_hooks(found: List[str]):
         if event == "call":
             if frame.f_code is _NODE_HOOK_CODE:  # however the C method was reached (partial, map)
                 found.append("register_hook")
-        elif event == "c_call" and getattr(arg, "__name__", "") in _NODE_HOOKS \
-                and isinstance(getattr(arg, "__self__", None), torch.autograd.graph.Node):
-            found.append(arg.__name__)
+        elif event == "c_call":
+            if getattr(arg, "__name__", "") in _NODE_HOOKS \
+                    and isinstance(getattr(arg, "__self__", None), torch.autograd.graph.Node):
+                found.append(arg.__name__)
+            elif _switches_profiler(arg) and frame.f_code.co_filename != __file__:
+                found.append(_UNWATCHED)  # the loss's own profiler: unwatched until it puts ours back
 
     _WATCHERS.append(profile)
     sys.setprofile(profile)
@@ -558,6 +561,15 @@ def _watching_node_hooks(found: List[str]):
             found.append(_UNWATCHED)
         sys.setprofile(None)
         _WATCHERS.pop()
+
+
+def _switches_profiler(func) -> bool:
+    """Whether calling ``func`` (a C function) sets a profile function: ``sys.setprofile``,
+    ``cProfile.Profile.enable``."""
+    if func is sys.setprofile:
+        return True
+    return getattr(func, "__name__", "") == "enable" and type(getattr(func, "__self__", None)).__module__ in (
+        "_lsprof", "cProfile")
 
 
 _WATCHERS: List[Any] = []  # the running looks' profile functions, innermost last
