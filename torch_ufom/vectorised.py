@@ -546,10 +546,11 @@ def _watching_node_hooks(found: List[str]):
             if frame.f_code is _NODE_HOOK_CODE:  # however the C method was reached (partial, map)
                 found.append("register_hook")
         elif event == "c_call":
-            if getattr(arg, "__name__", "") in _NODE_HOOKS \
-                    and isinstance(getattr(arg, "__self__", None), torch.autograd.graph.Node):
-                found.append(arg.__name__)
-            elif _switches_profiler(arg) and frame.f_code.co_filename != __file__:
+            name = getattr(arg, "__name__", "")
+            if name in _NODE_HOOKS and isinstance(getattr(arg, "__self__", None), torch.autograd.graph.Node):
+                found.append(name)
+            elif (arg is sys.setprofile or name == "enable" and _is_cprofile(arg)) \
+                    and frame.f_code.co_filename != __file__:
                 found.append(_UNWATCHED)  # the loss's own profiler: unwatched until it puts ours back
 
     _WATCHERS.append(profile)
@@ -563,13 +564,9 @@ def _watching_node_hooks(found: List[str]):
         _WATCHERS.pop()
 
 
-def _switches_profiler(func) -> bool:
-    """Whether calling ``func`` (a C function) sets a profile function: ``sys.setprofile``,
-    ``cProfile.Profile.enable``."""
-    if func is sys.setprofile:
-        return True
-    return getattr(func, "__name__", "") == "enable" and type(getattr(func, "__self__", None)).__module__ in (
-        "_lsprof", "cProfile")
+def _is_cprofile(method) -> bool:
+    """Whether ``method`` is bound to a ``cProfile.Profile`` (its ``enable`` sets a profile function)."""
+    return type(getattr(method, "__self__", None)).__module__ in ("_lsprof", "cProfile")
 
 
 _WATCHERS: List[Any] = []  # the running looks' profile functions, innermost last
