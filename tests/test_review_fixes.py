@@ -1213,3 +1213,28 @@ def test_a_loss_that_swaps_the_profile_function_and_puts_it_back_sends_a_meta_ba
     want = [sum(t) for t in zip(*[oracle(model, self_profiled, mse, task(S, i), task(Qs, i))
                                   for i in range(B)])]
     assert rel_err(got, want) < 1e-10
+
+
+def test_torch_own_garbage_observer_is_no_profiler_of_the_loss():
+    # Review DV (session 20): torch.utils.viz's observe_garbage swaps the profile function from a gc
+    # callback (passing every event on): since a2b7aa9 a collection inside the look sent an ordinary
+    # meta-batch to the per-task loop and refused per-task fwdrev.
+    import gc
+    from torch.utils.viz._cycles import observe_garbage
+
+    def collecting(f, b):
+        gc.collect(0)
+        return mse(f, b)
+    model, S, Qs = mlp(), data(3, B), data(4, B)
+    remove = observe_garbage(lambda garbage: None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no fallback warning
+            got = torch_ufom.hypergrad_batch(model, collecting, mse, S, Qs, steps=STEPS, inner_lr=LR,
+                                             mode="exact")
+            one = torch_ufom.hypergrad(model, collecting, mse, task(S, 0), task(Qs, 0), steps=STEPS,
+                                       inner_lr=LR, mode="exact", hvp="fwdrev")
+    finally:
+        remove()
+    want = [oracle(model, mse, mse, task(S, i), task(Qs, i)) for i in range(B)]
+    assert rel_err(got, [sum(t) for t in zip(*want)]) < 1e-10 and rel_err(one, want[0]) < 1e-10

@@ -2006,3 +2006,20 @@ def test_a_closure_failing_at_once_keeps_pending_tasks_whose_gradients_are_zero(
         meta.step(closure)
     assert meta.state_dict()["tasks"] == 2
 
+
+
+def test_a_meta_optimizer_pickles_after_a_backward():
+    # Review DV (session 20): the last task's .grad kept by weak reference (reduction="mean") made
+    # pickle.dumps fail after any backward: "cannot pickle 'weakref.ReferenceType' object".
+    import pickle
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    batch = (torch.randn(4, 2), torch.randn(4, 1))
+    for reduction in ("sum", "mean"):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                        steps=2, mode="exact", reduction=reduction)
+        meta.backward(sq_loss, sq_loss, batch, batch)
+        copy = pickle.loads(pickle.dumps(meta))
+        copy.backward(sq_loss, sq_loss, batch, batch)
+        assert copy.model[0].weight.grad is not None
+        meta.zero_grad()

@@ -279,9 +279,10 @@ def _law(settings: Settings, steps: int) -> Tuple[str, TruncationLaw, Optional[a
         raise ValueError(f"Invalid k: {k!r} is the truncation point of mode='truncated', but mode is "
                          f"{mode!r}")
     if q == "auto" and mode != "ufom":
+        example = "truncation=..., q=0.1" if mode == "law" else f"mode={mode!r}, q=0.1"
         raise ValueError(f"Invalid q: 'auto' adapts the exact-branch probability of mode='ufom', "
                          f"but mode is {mode!r} (reconfigure: give a float q with the new mode, "
-                         f"e.g. reconfigure(mode={mode!r}, q=0.1))")
+                         f"e.g. reconfigure({example}))")
     if mode == "law":
         law = truncation
     elif mode == "fom":

@@ -278,6 +278,9 @@ class MetaOptimizer:
         # neither pickle nor deepcopy takes: a copy looks again at its first meta-batch.
         state = self.__dict__.copy()
         state["_slow_ops"] = None
+        # The last task's .grad, by weak reference (reduction="mean" checks whether it was cleared):
+        # a copy does not check its next task.
+        state["_written"] = None
         return state
 
     def reconfigure(self, **changes) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -550,7 +551,7 @@ def _watching_node_hooks(found: List[str]):
             if name in _NODE_HOOKS and isinstance(getattr(arg, "__self__", None), torch.autograd.graph.Node):
                 found.append(name)
             elif (arg is sys.setprofile or name == "enable" and _is_cprofile(arg)) \
-                    and frame.f_code.co_filename != __file__:
+                    and not frame.f_code.co_filename.startswith(_OWN_CODE):
                 found.append(_UNWATCHED)  # the loss's own profiler: unwatched until it puts ours back
 
     _WATCHERS.append(profile)
@@ -562,6 +563,12 @@ def _watching_node_hooks(found: List[str]):
             found.append(_UNWATCHED)
         sys.setprofile(None)
         _WATCHERS.pop()
+
+
+# Code whose profile-function swaps are not the loss's: this module's own (the look switches its
+# watcher off around its bookkeeping), torch's (torch.utils.viz's garbage observer swaps it from a
+# gc callback and passes every event on).
+_OWN_CODE = (__file__, os.path.dirname(torch.__file__) + os.sep)
 
 
 def _is_cprofile(method) -> bool:
