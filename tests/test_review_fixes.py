@@ -1000,12 +1000,16 @@ def test_hooks_registered_in_forward_or_the_outer_loss_send_a_meta_batch_to_the_
         if out.grad_fn is not None:
             out.grad_fn.register_prehook(lambda grad_outputs: tuple(g * 0.5 for g in grad_outputs))
         return ((out - b[1]) ** 2).mean()
-    model = mlp()
-    with pytest.warns(UserWarning, match=HOOKED):
-        got = torch_ufom.hypergrad_batch(model, mse, hooked_outer, S, Qs, steps=STEPS, inner_lr=LR,
-                                         mode="exact")
-    want = [sum(t) for t in zip(*[oracle(model, mse, hooked_outer, task(S, i), task(Qs, i))
-                                  for i in range(B)])]
+    loops_and_is_exact(mse, hooked_outer, HOOKED)
+
+
+def loops_and_is_exact(inner, outer, match):
+    """A default exact meta-batch of the plain MLP runs the per-task loop, warning ``match``, and
+    equals the sum of the brute-force oracle's tasks."""
+    model, S, Qs = mlp(), data(3, B), data(4, B)
+    with pytest.warns(UserWarning, match=match):
+        got = torch_ufom.hypergrad_batch(model, inner, outer, S, Qs, steps=STEPS, inner_lr=LR, mode="exact")
+    want = [sum(t) for t in zip(*[oracle(model, inner, outer, task(S, i), task(Qs, i)) for i in range(B)])]
     assert rel_err(got, want) < 1e-10
 
 
@@ -1206,13 +1210,7 @@ def self_profiled(f, b):
 def test_a_loss_that_swaps_the_profile_function_and_puts_it_back_sends_a_meta_batch_to_the_loop():
     # Review DU (session 20): the look found its watcher in place at the end and took the loss as
     # watched: a default exact meta-batch 11.6 % off, silently.
-    model, S, Qs = mlp(), data(3, B), data(4, B)
-    with pytest.warns(UserWarning, match="per-task loop: a profiler is set"):
-        got = torch_ufom.hypergrad_batch(model, self_profiled, mse, S, Qs, steps=STEPS, inner_lr=LR,
-                                         mode="exact")
-    want = [sum(t) for t in zip(*[oracle(model, self_profiled, mse, task(S, i), task(Qs, i))
-                                  for i in range(B)])]
-    assert rel_err(got, want) < 1e-10
+    loops_and_is_exact(self_profiled, mse, "per-task loop: a profiler is set")
 
 
 def test_torch_own_garbage_observer_is_no_profiler_of_the_loss():
