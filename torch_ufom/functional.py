@@ -489,31 +489,33 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
     the loss's own, a loss that differentiates, what the probe's look finds
     (:meth:`~torch_ufom.vectorised.Probe.fwdrev_obstacle`) or cannot look for (hooks
     on graph nodes under a profiler); then the numeric backstop."""
-    if problem.hvp == "fwdrev" and sys.getprofile() is not None:  # every task alike, whatever its K
+    if problem.hvp != "fwdrev":
+        return
+    if sys.getprofile() is not None:  # every task alike, whatever its K
         raise ValueError(_UNDER_PROFILER)
-    if K > 0 and problem.hvp == "fwdrev":
-        batches = probe_batches(support, problem.config.steps)
-        first = batches[0]
-        found = probe_steps(problem.model, problem.inner_loss, batches, adapted=problem.config.adapted)
-        if found.attention_dropout:
-            raise ValueError("Invalid hvp: 'fwdrev' cannot run attention with dropout per task "
-                             "(torch.func draws other masks than the step that ran, so it would "
-                             "differentiate another function); use 'revrev' or 'auto'")
-        if found.own_generator:
-            raise ValueError("Invalid hvp: 'fwdrev' cannot run a loss that draws from a torch.Generator "
-                             "of its own (generator=...): its HVP evaluates the loss again, drawing "
-                             "other numbers, so it would differentiate another function; use 'revrev'")
-        if found.differentiates:
-            raise ValueError("Invalid hvp: 'fwdrev' cannot run a loss that calls torch.autograd.grad or "
-                             "backward (a PINN's du/dx, a gradient penalty): torch.func.jvp does not see "
-                             "through it; use 'revrev' or 'auto'")
-        why = found.fwdrev_obstacle()
-        if why:
-            raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
-        if found.hooks_unseen:  # (a profiler the loss runs itself)
-            raise ValueError(_UNDER_PROFILER)
-        check_fwdrev_reads(problem, first)
-        check_fwdrev_agrees(problem, support)
+    if K == 0:  # no HVP
+        return
+    batches = probe_batches(support, problem.config.steps)
+    found = probe_steps(problem.model, problem.inner_loss, batches, adapted=problem.config.adapted)
+    if found.attention_dropout:
+        raise ValueError("Invalid hvp: 'fwdrev' cannot run attention with dropout per task "
+                         "(torch.func draws other masks than the step that ran, so it would "
+                         "differentiate another function); use 'revrev' or 'auto'")
+    if found.own_generator:
+        raise ValueError("Invalid hvp: 'fwdrev' cannot run a loss that draws from a torch.Generator "
+                         "of its own (generator=...): its HVP evaluates the loss again, drawing "
+                         "other numbers, so it would differentiate another function; use 'revrev'")
+    if found.differentiates:
+        raise ValueError("Invalid hvp: 'fwdrev' cannot run a loss that calls torch.autograd.grad or "
+                         "backward (a PINN's du/dx, a gradient penalty): torch.func.jvp does not see "
+                         "through it; use 'revrev' or 'auto'")
+    why = found.fwdrev_obstacle()
+    if why:
+        raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
+    if found.hooks_unseen:  # (a profiler the loss runs itself)
+        raise ValueError(_UNDER_PROFILER)
+    check_fwdrev_reads(problem, batches[0])
+    check_fwdrev_agrees(problem, support)
 
 
 def fwdrev_disagreement(problem: Problem, support: Any) -> str:

@@ -190,17 +190,19 @@ class _Immutable:
     __slots__ = ()
     _fields: Tuple[str, ...] = ()
 
-    def __setattr__(self, name, value):
+    def _frozen(self, name: str) -> None:
         if name in self._fields or any(name in vars(c) for c in type(self).__mro__
                                        if c.__module__ == __name__):  # (law.probs = ... too)
             raise AttributeError(f"{type(self).__name__} cannot be changed after construction (setting "
                                  f"{name!r}): build a new law, or change a MetaOptimizer's with "
                                  "reconfigure(q=..., truncation=...)")
+
+    def __setattr__(self, name, value):
+        self._frozen(name)
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name):
-        if name in self._fields:
-            self.__setattr__(name, None)  # raises
+        self._frozen(name)
         object.__delattr__(self, name)
 
 
@@ -342,15 +344,17 @@ class Snapshot(_Immutable, TruncationLaw):
         object.__setattr__(self, "_survival", tuple(TruncationLaw.survival(self, steps)))
         self.validate(steps)  # this reading (cached lists: no call of the law's probs)
 
-    def probs(self, steps: int) -> List[float]:
+    def _held(self, steps: int) -> None:
         if steps != self.steps:
             raise ValueError(f"Invalid steps: {steps!r} (this snapshot of {self.law!r} holds "
                              f"steps={self.steps})")
+
+    def probs(self, steps: int) -> List[float]:
+        self._held(steps)
         return list(self._probs)
 
     def survival(self, steps: int) -> List[float]:
-        if steps != self.steps:
-            return self.probs(steps)  # raises
+        self._held(steps)
         return list(self._survival)
 
     def biased(self, steps: int) -> bool:
@@ -370,8 +374,8 @@ def check_truncation(law: TruncationLaw) -> None:
     """Refuse a law that overrides what derives from :meth:`TruncationLaw.probs`
     (``survival``, ``sample``: a law's draws and its estimator's weights must come
     from one function, read once per call, :class:`Snapshot`)."""
+    own = getattr(law, "__dict__", {})  # (set on the instance)
     for name in ("survival", "sample"):
-        own = getattr(law, "__dict__", {})
         if getattr(type(law), name) is not getattr(TruncationLaw, name) or name in own:
             raise TypeError(f"Invalid truncation: {law!r} overrides {name}(); a law implements "
                             "probs(steps) only, from which its survival function, its draws and the "
