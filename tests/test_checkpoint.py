@@ -8,6 +8,7 @@ import checkpoint_schedules as cs
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import torch_ufom
 from helpers import mlp_problem, mse, rel_err
@@ -265,6 +266,9 @@ class ToyLoop:
         self._new(out)
         return _Record(leaves, out, out.detach().sum(), j > plan.exact_after, j)
 
+    def draws_own_generator(self, run):
+        return run(), False
+
 
 class CountLog:
     def __init__(self):
@@ -490,8 +494,9 @@ class _OwnNoise(nn.Module):
 
 def test_a_loss_drawing_from_a_generator_of_its_own_is_refused_where_a_step_is_replayed():
     # Replays drew the generator's next numbers, not the forward pass's: recompute and
-    # checkpointing beyond the budget returned 5-25 % wrong hypergradients, silently. A
-    # replayed step's loss is now compared with the forward pass's.
+    # checkpointing beyond the budget returned 5-25 % wrong hypergradients, silently. The
+    # first step evaluated again is watched for such draws (and every replayed step's loss
+    # is compared with the forward pass's: the next test).
     torch.manual_seed(0)
     model, steps = _OwnNoise(), 4
     _, loss, data = mlp_problem(22)
@@ -507,8 +512,7 @@ def test_a_loss_drawing_from_a_generator_of_its_own_is_refused_where_a_step_is_r
                                         mode="exact", **memory)
         meta.zero_grad()
         before = capture(meta=meta)
-        with pytest.raises(RuntimeError, match=r"inner_loss gave another value when a step was evaluated "
-                                               r"again .*torch.Generator of your own.*memory='store'"):
+        with pytest.raises(RuntimeError, match=OWN_DRAWS):
             meta.backward(loss, loss, data[0], data[1])
         assert_unchanged(before)
     # Forward-over-reverse evaluates the loss again for its HVP, where nothing compares it.
@@ -516,6 +520,11 @@ def test_a_loss_drawing_from_a_generator_of_its_own_is_refused_where_a_step_is_r
                                          r"torch.Generator of its own"):
         torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=steps, inner_lr=0.1, mode="exact",
                              memory="store", hvp="fwdrev")
+
+
+OWN_DRAWS = (r"inner_loss draws from a torch.Generator of your own \(generator=...\), which no step's "
+             r"random stream replays: memory='(recompute|checkpoint)' evaluates inner steps again.*"
+             r"or pass memory='store'")
 
 
 def test_a_step_replayed_from_a_recomputed_state_is_compared_too():
@@ -527,8 +536,9 @@ def test_a_step_replayed_from_a_recomputed_state_is_compared_too():
     x, y = data[0]
     steps, aug = 4, torch.Generator()
 
-    def support(j):  # noise that grows with the step: none at the first (j = 0)
-        return x + 0.5 * j * torch.randn(x.shape, generator=aug, dtype=x.dtype), y
+    def support(j):  # noise that grows with the step, drawn from the second step on: the first
+        # step evaluated again (step 1, watched for such draws) draws nothing
+        return (x + 0.5 * j * torch.randn(x.shape, generator=aug, dtype=x.dtype) if j else x), y
 
     for memory in [dict(memory="recompute"), dict(slots=1), dict(max_memory=1)]:
         aug.manual_seed(3)
@@ -545,6 +555,46 @@ def test_a_step_replayed_from_a_recomputed_state_is_compared_too():
             warnings.filterwarnings("ignore", "max_memory=1 is below")
             with pytest.raises(RuntimeError, match="inner_loss gave another value when a step was evaluated"):
                 meta.backward(loss, loss, support, data[1])
+        assert_unchanged(before)
+
+
+def test_a_draw_of_the_users_that_changes_only_the_gradient_is_refused_where_a_step_is_replayed():
+    # Review DS (session 20): a straight-through Gumbel estimator drawing from a generator of
+    # the user's gives one-hot losses, equal on every replay whatever the draw, while the
+    # gradients follow the draw: recompute was 1.4e-2 off, silently (the losses compared equal).
+    torch.manual_seed(0)
+    model, _, data = mlp_problem(25)
+    (x, _), steps, gen = data[0], 4, torch.Generator()
+    with torch.no_grad():
+        target = F.one_hot(model(x).argmax(-1), model(x).shape[-1]).to(x.dtype)
+
+    def straight_through(f, batch):
+        logits = 10 * f(batch[0])
+        u = torch.rand(logits.shape, generator=gen, dtype=logits.dtype).clamp(1e-6, 1 - 1e-6)
+        soft = torch.softmax(logits - 0.01 * torch.log(-torch.log(u)), -1)
+        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        return ((hard + (soft - soft.detach()) - target) ** 2).mean()
+
+    def outer(f, batch):
+        return ((torch.softmax(f(batch[0]), -1) - target) ** 2).mean()
+
+    params = list(model.parameters())
+    gen.manual_seed(0)
+    want = brute_force(model, straight_through, outer, lambda j: data[0], data[0], steps, 0.5, params, steps)
+    gen.manual_seed(0)
+    got = torch_ufom.hypergrad(model, straight_through, outer, data[0], data[0], steps=steps, inner_lr=0.5,
+                               mode="exact", memory="store")
+    assert rel_err(got, want) < 1e-12  # store evaluates each step once
+    for memory in [dict(memory="recompute"), dict(slots=1), dict(max_memory=1)]:
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=0.5, steps=steps,
+                                        mode="exact", **memory)
+        meta.zero_grad()
+        gen.manual_seed(0)
+        before = capture(meta=meta)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "max_memory=1 is below")
+            with pytest.raises(RuntimeError, match=OWN_DRAWS):
+                meta.backward(straight_through, outer, data[0], data[0])
         assert_unchanged(before)
 
 
@@ -586,10 +636,10 @@ def test_a_meta_batch_drawing_from_a_generator_of_its_own_runs_the_loop_and_draw
     # A generator of the user's in the state of the global one is still the user's (the
     # dispatcher hands over another Python object for the global one: compared by state, it
     # was taken for the global one, and fwdrev and vmap ran 21-35 % off).
-    from torch_ufom.vectorised import _is_default
+    from torch_ufom.unroll import is_default_generator
     mine = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
-    assert not _is_default(mine) and _is_default(torch.default_generator)
+    assert not is_default_generator(mine) and is_default_generator(torch.default_generator)
     assert torch.equal(mine.get_state(), torch.default_generator.get_state())  # both put back
     # The default generator named explicitly is reseeded per step as when it is left out.
     model.gen = torch.default_generator

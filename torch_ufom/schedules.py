@@ -38,7 +38,7 @@ import checkpoint_schedules as cs
 import torch
 from torch import Tensor
 
-from .unroll import Loop, State, StepRecord, SweepPlan
+from .unroll import REPLAY_DRAWS, Loop, State, StepRecord, SweepPlan
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
@@ -115,6 +115,35 @@ class Store(Schedule):
         return state, reverse()
 
 
+class _Again:
+    """A sweep's evaluations of steps again (replays, rebuilds): the first runs watched for
+    draws from a generator of the user's, which no step's stream replays, so every
+    evaluation again would draw other numbers (:data:`~torch_ufom.unroll.REPLAY_DRAWS`).
+    Such a draw that changes the loss's value is also caught by comparing each loss
+    evaluated again with the forward pass's; one that changes only its gradient (a
+    straight-through estimator) is caught only here."""
+
+    def __init__(self, loop: Loop, memory: str):
+        self.loop, self.memory, self.watched = loop, memory, False
+
+    def advance(self, state: State, j: int):
+        """:meth:`Loop.advance`, watched if first."""
+        return self._run(lambda: self.loop.advance(state, j))
+
+    def record(self, state: State, j: int, plan: SweepPlan) -> StepRecord:
+        """:meth:`Loop.record`, watched if first."""
+        return self._run(lambda: self.loop.record(state, j, plan))
+
+    def _run(self, run):
+        if self.watched:
+            return run()
+        self.watched = True
+        out, drew = self.loop.draws_own_generator(run)
+        if drew:
+            raise RuntimeError(REPLAY_DRAWS.format(memory=self.memory))
+        return out
+
+
 def replays_reproduce(state: State) -> bool:
     """Whether a step replayed from a recomputed state repeats the forward pass's
     arithmetic, so that every loss evaluated again must equal the forward pass's: the
@@ -131,7 +160,7 @@ class Recompute(Schedule):
     """Keep ``s_start`` only and replay from it for each reverse step (constant memory)."""
 
     def sweep(self, loop, state, start, stop, log, plan):
-        base, every = state, replays_reproduce(state)
+        base, every, again = state, replays_reproduce(state), _Again(loop, "recompute")
         for j in range(start + 1, stop + 1):
             state, loss, _ = loop.advance(state, j)
             log.first(loss, False)
@@ -140,9 +169,9 @@ class Recompute(Schedule):
             for j in range(stop, start, -1):
                 s = base
                 for i in range(start + 1, j):
-                    s, loss, _ = loop.advance(s, i)
+                    s, loss, _ = again.advance(s, i)
                     log.again(loss, False, i, every or i == start + 1)  # from s_start, the forward pass's
-                rec = loop.record(s, j, plan)
+                rec = again.record(s, j, plan)
                 log.again(rec.loss, rec.is_exact, j, every or j == start + 1)
                 yield rec
 
@@ -237,6 +266,7 @@ class _Revolve:
         # replay reproduces the forward pass (replays_reproduce).
         self.original, self.originals = True, set()
         self.every = replays_reproduce(state)
+        self.again = _Again(loop, "checkpoint")
 
     @classmethod
     def run(cls, loop, state, schedule: Tuple[int, Tuple], log, plan, ahead=None):
@@ -267,7 +297,7 @@ class _Revolve:
                 self.originals.add(action.n0)
             else:
                 self.originals.discard(action.n0)
-        log = self.log
+        log, loop = self.log, (self.loop if first else self.again)
 
         def report(loss, exact, j):
             if first:
@@ -279,14 +309,14 @@ class _Revolve:
         for n in range(action.n0, action.n1):
             j = self.start + n + 1
             if action.write_adj_deps:
-                rec = self.loop.record(self.state, j, self.plan)
+                rec = loop.record(self.state, j, self.plan)
                 self.records[n + 1], self.state = rec, rec.next_state
                 report(rec.loss, rec.is_exact, j)
             elif n == 0 and self.ahead is not None:
                 (self.state, loss), self.ahead = self.ahead, None
                 report(loss, False, j)
             else:
-                self.state, loss, _ = self.loop.advance(self.state, j)
+                self.state, loss, _ = loop.advance(self.state, j)
                 report(loss, False, j)
 
     def reverse(self):

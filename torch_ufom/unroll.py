@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import sys
 import threading
@@ -44,7 +45,8 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "scripted", "held_tensors",
            "root_of", "graph_reaches",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
-           "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp"]
+           "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp", "OwnDraws",
+           "REPLAY_DRAWS"]
 
 
 def check_parametrize_cache(model: nn.Module) -> None:
@@ -100,6 +102,61 @@ AUTOGRAD_CALLS = frozenset({torch.autograd.grad, torch.autograd.backward, Tensor
 # attention flags. Sweeps in several threads would reseed each other's streams and leave the
 # flags as another one found them, so they take turns (reentrant: a loss may call the library).
 _PROCESS_STATE = threading.RLock()
+
+
+@functools.lru_cache(maxsize=None)
+def generator_position(func) -> int:
+    """Where an ATen operation takes its ``generator`` argument (-1: it takes none)."""
+    names = [a.name for a in func._schema.arguments]
+    return names.index("generator") if "generator" in names else -1
+
+
+def is_default_generator(gen: torch.Generator) -> bool:
+    """Whether ``gen`` is a device's default generator (passed explicitly: the per-step
+    streams reseed it, as when it is left out). The dispatcher hands over another
+    Python object for the same generator, so the default one is reseeded with a
+    sentinel and ``gen`` checked for following it (a generator of the user's with the
+    same state does not); both states are put back."""
+    if gen.device.type == "cpu":
+        default = torch.default_generator
+    elif gen.device.type == "cuda" and torch.cuda.is_initialized():
+        default = torch.cuda.default_generators[gen.device.index or 0]
+    else:
+        return False
+    saved, before = default.get_state(), gen.get_state()
+    try:
+        default.manual_seed(_SENTINEL)
+        return torch.equal(gen.get_state(), default.get_state()) and not torch.equal(before, gen.get_state())
+    finally:
+        default.set_state(saved)
+
+
+_SENTINEL = 0x5EED_7A3F_91C2_55E1  # a seed no generator of the user's is likely to hold
+
+
+class OwnDraws(TorchFunctionMode):
+    """Notes whether the code run under it draws from a generator of the user's: a call
+    with ``generator=`` naming one (``found``); every call runs as it would without the
+    mode. (torch's Python API takes ``generator`` by keyword only.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.found = False
+
+    def __torch_function__(self, func, types, args=(), keywords=None):
+        keywords = keywords or {}
+        if not self.found:
+            gen = keywords.get("generator")
+            self.found = isinstance(gen, torch.Generator) and not is_default_generator(gen)
+        return func(*args, **keywords)
+
+
+REPLAY_DRAWS = (
+    "inner_loss draws from a torch.Generator of your own (generator=...), which no step's random "
+    "stream replays: memory='{memory}' evaluates inner steps again, and each evaluation would draw "
+    "other numbers than the forward pass did, so the sweep would differentiate another function. "
+    "Draw from the global generator (each step's stream reseeds it), or pass memory='store', which "
+    "evaluates each step once")
 
 
 class Differentiates(TorchFunctionMode):
@@ -606,6 +663,9 @@ class Loop(Protocol):
     def hessian_vector(self, state: State, j: int, vec) -> Tuple[Tensor, ...]:
         """``H v`` of step ``j``'s inner loss (forward-over-reverse)."""
 
+    def draws_own_generator(self, run: Callable[[], Any]) -> Tuple[Any, bool]:
+        """``run()`` (a step evaluated again) and whether it drew from a generator of the user's."""
+
     def apply_rule(self, grads, state: State):
         """The inner rule's update at ``state`` (differentiable)."""
 
@@ -968,6 +1028,16 @@ class InnerLoop:
         """Run the body under step ``j``'s own random stream (inside :meth:`streams`)."""
         self._seed(j)
         yield
+
+    def draws_own_generator(self, run: Callable[[], Any]) -> Tuple[Any, bool]:
+        """``run()`` and whether it drew from a generator of the user's (:class:`OwnDraws`).
+        Looked for in the per-task loop only: a vectorised one never runs such a loss (its
+        probe finds the draw, and the meta-batch runs task by task)."""
+        if not isinstance(self.evaluator, PerTask):
+            return run(), False
+        with OwnDraws() as mode:
+            out = run()
+        return out, mode.found
 
     # -- what the losses read -----------------------------------------------------------
     def note_unread(self, missing: frozenset) -> None:

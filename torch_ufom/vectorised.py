@@ -18,7 +18,6 @@ pay for the exact sweep of the others.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -31,8 +30,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, from_torch_func,
-                     graph_reaches, graph_survey, loss_and_aux, once_differentiable, outside_transforms,
-                     renormalises_weights, watched_loss)
+                     generator_position, graph_reaches, graph_survey, is_default_generator, loss_and_aux,
+                     once_differentiable, outside_transforms, renormalises_weights, watched_loss)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "probe_steps", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
@@ -201,36 +200,6 @@ _ATEN_WRONG_UNDER_VMAP = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _generator_position(func) -> int:
-    """Where an ATen operation takes its ``generator`` argument (-1: it takes none)."""
-    names = [a.name for a in func._schema.arguments]
-    return names.index("generator") if "generator" in names else -1
-
-
-def _is_default(gen: torch.Generator) -> bool:
-    """Whether ``gen`` is a device's default generator (passed explicitly: the per-step
-    streams reseed it, as when it is left out). The dispatcher hands over another
-    Python object for the same generator, so the default one is reseeded with a
-    sentinel and ``gen`` checked for following it (a generator of the user's with the
-    same state does not); both states are put back."""
-    if gen.device.type == "cpu":
-        default = torch.default_generator
-    elif gen.device.type == "cuda" and torch.cuda.is_initialized():
-        default = torch.cuda.default_generators[gen.device.index or 0]
-    else:
-        return False
-    saved, before = default.get_state(), gen.get_state()
-    try:
-        default.manual_seed(_SENTINEL)
-        return torch.equal(gen.get_state(), default.get_state()) and not torch.equal(before, gen.get_state())
-    finally:
-        default.set_state(saved)
-
-
-_SENTINEL = 0x5EED_7A3F_91C2_55E1  # a seed no generator of the user's is likely to hold
-
-
 class _AtenProbe(TorchDispatchMode):
     """The ATen-level twin of :class:`_Probe`'s normalisation and ``vmap`` tables; also
     finds the random operations that draw from a generator of the user's
@@ -263,9 +232,10 @@ class _AtenProbe(TorchDispatchMode):
         entry = _ATEN_FORWARD_WRONG.get(name[:-1] if name.endswith("_") else name)  # (scatter_reduce_)
         if entry is not None and entry[1](_schema_args(func, args, keywords)):
             self.forward_wrong.add(entry[0])
-        i = _generator_position(func)
+        i = generator_position(func)
         gen = (args[i] if len(args) > i else keywords.get("generator")) if i >= 0 else None
-        if isinstance(gen, torch.Generator) and id(gen) not in self.generators and not _is_default(gen):
+        if isinstance(gen, torch.Generator) and id(gen) not in self.generators \
+                and not is_default_generator(gen):
             self.generators[id(gen)] = (gen, gen.get_state())
 
     def restore(self) -> None:
