@@ -17,7 +17,9 @@ Each test passes on the fixed library and fails on c0f311e (the library before t
   hypergradient, not ``None`` (DF 1);
 - under ``reduction="mean"`` a carried gradient zeroed part-way through a step stays zeroed, and a
   carried sparse gradient is not divided again (DF 3, 4);
-- ``load_state_dict`` refuses ``meta_tensors`` of another floating dtype and changes nothing (DF 7).
+- ``load_state_dict`` refuses ``meta_tensors`` of another floating dtype and changes nothing (DF 7),
+  and (review DX, session 21; fails on 1af941a) checks each hyperparameter packed in one leaf
+  against its own range.
 
 Then (review DH) stop-gradients written in place (``x[i] = v``, through ``.data``, into a fresh
 tensor) or through complex values, a ``@once_differentiable`` backward named ``vjp``, a loss that
@@ -441,6 +443,36 @@ def test_load_state_dict_refuses_meta_tensors_of_another_dtype(value):
     x, y = torch.randn(5, 3, dtype=torch.float32), torch.randn(5, 2, dtype=torch.float32)
     meta.backward(mse, mse, (x, y), (x, y))  # still usable, the rate unchanged
     assert rate.grad is not None and bool(torch.isfinite(rate.grad))
+
+
+def test_load_state_dict_checks_each_hyperparameter_packed_in_one_leaf_against_its_own_range():
+    # Review DX (session 21): one leaf holding several hyperparameters as views (h[0], h[1]) was
+    # checked whole against the range of the first hyperparameter read from it: a saved beta1 of
+    # 1.5 was loaded (lr's range), and a valid weight decay of 1.5 refused (beta1's range).
+    from torch_ufom.inner import Adam
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    h = torch.tensor([0.01, 0.9], dtype=torch.float64, requires_grad=True)
+    model = nn.Linear(3, 2, dtype=torch.float64)
+    outer = torch.optim.SGD([{"params": model.parameters()}, {"params": [h]}], lr=0.0)
+    meta = torch_ufom.MetaOptimizer(model, outer, inner=Adam(h[0], betas=(h[1], 0.999), eps=1e-3), steps=2,
+                                    mode="exact")
+    saved = meta.state_dict()
+    with pytest.raises(ValueError, match=r"meta_tensors'\]\[0\]: it restores betas\[0\], whose values must "
+                                         r"be in \[0.0, 1.0\)"):
+        meta.load_state_dict(dict(saved, meta_tensors=[torch.tensor([0.01, 1.5], dtype=torch.float64)]))
+    assert h.tolist() == [0.01, 0.9]
+    meta.load_state_dict(dict(saved, meta_tensors=[torch.tensor([0.5, 0.5], dtype=torch.float64)]))
+    assert h.tolist() == [0.5, 0.5]
+    h = torch.tensor([0.9, 0.999, 1.5], dtype=torch.float64, requires_grad=True)
+    outer = torch.optim.SGD([{"params": model.parameters()}, {"params": [h]}], lr=0.0)
+    meta = torch_ufom.MetaOptimizer(model, outer, inner=Adam(0.01, betas=(h[0], h[1]), eps=1e-3,
+                                                             weight_decay=h[2]), steps=2, mode="exact")
+    meta.backward(mse, mse, (x, y), (x, y))  # a weight decay of 1.5 is in its range
+    meta.load_state_dict(meta.state_dict())  # and so is the state that holds it
+    with pytest.raises(ValueError, match=r"it restores weight_decay, whose values must be >= 0.0"):
+        meta.load_state_dict(dict(meta.state_dict(),
+                                  meta_tensors=[torch.tensor([0.9, 0.999, -1.0], dtype=torch.float64)]))
+    assert h.tolist() == [0.9, 0.999, 1.5]
 
 
 # -- review DH (session 18): stop-gradients written in place, through complex values, vjp, torch.func

@@ -1262,12 +1262,14 @@ def _check_meta_values(values: Any, extra: List[Tensor], rule: InnerRule) -> Non
     (``rule.ranges``), as the constructor checks them."""
     if not values:
         return
-    where = {}  # id of an extra tensor -> the hyperparameter key it holds (or a view of it)
+    # id of an extra tensor (a leaf: torch.optim takes no other) -> the hyperparameters it
+    # holds, each the tensor itself or a view of it (one leaf may pack several: h[0], h[1])
+    held: Dict[int, List[Tuple[str, Tensor]]] = {}
     for key, value in rule.hyper.items():
         for v in (value.values() if isinstance(value, Mapping) else (value,)):
             v = v.values if isinstance(v, PerStep) else v
             if isinstance(v, Tensor):
-                where.setdefault(id(v if v._base is None else v._base), key)
+                held.setdefault(id(v if v._base is None else v._base), []).append((key, v))
     for i, (v, t) in enumerate(zip(values, extra)):
         name = f"state_dict['meta_tensors'][{i}]"
         if v.dtype != t.dtype:
@@ -1275,10 +1277,17 @@ def _check_meta_values(values: Any, extra: List[Tensor], rule: InnerRule) -> Non
                              "meta-parameter it restores)")
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"Invalid {name}: its values are not all finite")
-        key = where.get(id(t if t._base is None else t._base))
-        if key is not None:
+        laid = None
+        for key, h in held.get(id(t), ()):
+            if h is t:
+                part = v
+            else:  # the view's entries of the saved values, laid out as the leaf is
+                if laid is None:
+                    laid = torch.empty_strided(t.shape, t.stride(), dtype=v.dtype, device=v.device)
+                    laid.copy_(v)
+                part = laid.as_strided(h.shape, h.stride(), h.storage_offset() - t.storage_offset())
             low, high, closed = rule.ranges.get(key, (0.0, math.inf, False))
-            if not bool(_in_range(v, low, high, closed)):
+            if not bool(_in_range(part, low, high, closed)):
                 span = f">= {low}" if high == math.inf else f"in [{low}, {high}{']' if closed else ')'}"
                 raise ValueError(f"Invalid {name}: it restores {rule.labels.get(key, key)}, whose values "
                                  f"must be {span}")
