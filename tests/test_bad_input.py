@@ -242,6 +242,19 @@ STATE_CASES = {
                        ValueError, r"state_dict\['q_stats'\]\['q'\]"),
     "q-stats-missing-key": (AUTO, AUTO, lambda sd: corrupt(sd, q_stats=lambda s: without(s, "A")),
                             ValueError, r"state_dict\['q_stats'\].*missing.*'A'"),
+    # Review DZ (session 21): the cost counts were unchecked, and q chosen from them failed later.
+    "q-stats-cost-steps-zero-once-observed": (AUTO, AUTO, lambda sd: corrupt(
+        sd, q_stats=lambda s: {**s, "n_x": 1, "c_f_steps": 0.0}), ValueError,
+        r"state_dict\['q_stats'\]\['c_f_steps'\]: 0.0 \(expected a whole number >= 2"),
+    "q-stats-cost-steps-fractional": (AUTO, AUTO, lambda sd: corrupt(
+        sd, q_stats=lambda s: {**s, "n_f": 1, "c_f_steps": 3.5}), ValueError,
+        r"state_dict\['q_stats'\]\['c_f_steps'\]"),
+    "q-stats-cost-steps-before-a-task": (AUTO, AUTO, lambda sd: corrupt(
+        sd, q_stats=lambda s: {**s, "n_x": 0, "n_f": 0, "c_f_steps": 4.0}), ValueError,
+        r"state_dict\['q_stats'\]\['c_f_steps'\]: 4.0 \(expected 0 before a task"),
+    "q-stats-exact-cost-negative": (AUTO, AUTO, lambda sd: corrupt(
+        sd, q_stats=lambda s: {**s, "c_x_steps": -1.0}), ValueError,
+        r"state_dict\['q_stats'\]\['c_x_steps'\]: -1.0 \(expected a finite float >= 0.0"),
     "q-observation-missing-key": (AUTO, AUTO, lambda sd: corrupt(
         sd, q_observations=lambda o: [without(o[0], "seconds")]), ValueError,
         r"state_dict\['q_observations'\]\[0\].*missing.*'seconds'"),

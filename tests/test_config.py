@@ -79,6 +79,14 @@ def test_reconfigure_checks_like_the_constructor_and_changes_nothing_on_error():
         assert meta.config is before
     with pytest.raises(TypeError, match="lr"):
         meta.reconfigure(lr=0.1)
+    # Review DZ (session 21): q chosen again from statistics that cannot give one raised after
+    # the new configuration was installed (fails on 1af941a).
+    model, loss, data, opt, meta = build(mode="ufom", q="auto", q_rule="authors")
+    meta.q_stats = {**meta.q_stats, "n_x": 1, "A": 0.01, "D": 1e-4, "c_f_steps": 0.0}
+    before, stats = meta.config, dict(meta.q_stats)
+    with pytest.raises(ValueError):
+        meta.reconfigure(q_min=0.1)
+    assert meta.config is before and meta.q_stats == stats
 
 
 def test_reconfigure_keeps_auto_q_statistics_while_the_rule_stays():

@@ -310,14 +310,16 @@ class MetaOptimizer:
         old = self._config.adaptive
         keep = (config.adaptive is not None and old is not None and
                 (config.adaptive.rule, config.adaptive.beta) == (old.rule, old.beta))
+        stats, observations = self.q_stats, self._observations
+        if not keep:
+            stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
+            observations = []
+        elif vars(config.adaptive) != vars(old):  # another q_min or q_init: q chosen again
+            stats = adaptive.rebound(config.adaptive, stats)
         self._config, self._signature = config, self._current_signature()
+        self.q_stats, self._observations = stats, observations
         self._slow_ops = None  # what the probe found and where vmap failed: look again
         self._warned_fom_gaps = set()
-        if not keep:
-            self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
-            self._observations = []
-        elif vars(config.adaptive) != vars(old):  # another q_min or q_init: q chosen again
-            self.q_stats = adaptive.rebound(config.adaptive, self.q_stats)
 
     def __setattr__(self, name, value):
         keywords = {f.name for f in dataclasses.fields(Settings)}
@@ -1111,7 +1113,8 @@ _STATE_KEYS = ("optimizer", "meta_tensors", "generator", "rank", "q_stats", "q_r
 # keys themselves come from adaptive.init_stats and adaptive.observe, and an
 # entry not listed here must be a finite float.
 _KINDS = {"q": ("q", None), "A": ("real", 0.0), "D": ("real", 0.0), "n_x": ("int", 0),
-          "t_x": ("real", 0.0), "n_f": ("int", 0), "t_f": ("real", 0.0),
+          "t_x": ("real", 0.0), "n_f": ("int", 0), "t_f": ("real", 0.0), "c_x_steps": ("real", 0.0),
+          "c_f_steps": ("steps", None),
           "exact": ("bool", None), "seconds": ("real", 0.0), "steps": ("int", 1),
           "forward_steps": ("int", 0), "reverse_steps": ("int", 0)}
 
@@ -1358,6 +1361,11 @@ def _check_entries(d: Any, spec: Dict[str, tuple], name: str,
             if kind == "q":
                 ok = ok and 0.0 < v <= 1.0
                 expected = "a float in (0, 1]"
+            elif kind == "steps":  # r + 1 once a task was observed, else 0
+                observed = d.get("n_x", 0) or d.get("n_f", 0)
+                ok = ok and (v >= 2 and float(v).is_integer() if observed else v in (0, 0.0))
+                expected = ("a whole number >= 2 (steps + 1) once a task was observed"
+                            if observed else "0 before a task was observed")
             else:
                 ok = ok and (low is None or v >= low)
                 expected = "a finite float" + ("" if low is None else f" >= {low}")
