@@ -18,7 +18,9 @@ cost). Two rules share this machinery:
   been seen), averaging factor ``beta = 0.9``, ``q_min = 0.01``, start at 0.2.
 * ``"authors"``: the rule of the authors' reference implementation (the
   ``UnbMAML`` class of their TensorFlow code), reproduced term by term (they
-  update ``q`` after every task, ``MetaOptimizer`` once per outer step): start
+  update ``q`` after every task, ``MetaOptimizer`` once per outer step; their
+  costs count one step more, and ``A = D = 0`` gives 1 there:
+  ``docs/maths.md#the-authors-rule``): start
   at and never below 0.05, ``beta = 0.99``, costs counted in inner steps as for
   recomputation (``c_f = r + 1``, ``c_x = r(r-1)/2 + r``, whatever memory
   setting runs), ``D`` divided by 10, and ``q`` the root in ``(0, 1)`` of
