@@ -280,6 +280,27 @@ def test_adapt_batch_equals_a_loop_of_adapt(kind, rule):
                               stacked.task(1).params["2.weight" if kind == "mlp" else "out.weight"])
 
 
+def test_adapt_batch_gives_each_task_its_own_buffers_apart_from_the_modules():
+    # Review DY (session 21): the vectorised path's stacked model held the module's own buffers
+    # (expanded): called in train() mode after adapting in eval() mode, it wrote the module's
+    # running statistics, one update per task, into the one copy all tasks shared.
+    model = _build(34, NormMLP).eval()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-1, 1)
+    supports, (qx, _) = _regression(34)
+    stacked = torch_ufom.adapt_batch(model, sq_loss, supports, steps=TEST_STEPS, inner_lr=0.1)
+    assert stacked.vectorised
+    before = snapshot(model)
+    model.train()
+    with torch.no_grad():
+        stacked(qx)
+    assert_unchanged(model, before)
+    means = stacked.buffers["norm.running_mean"]
+    assert not torch.equal(means[0], means[1])  # each task updated its own from its own batch
+    tracked = stacked.buffers["norm.num_batches_tracked"]
+    assert tracked.tolist() == [1] * TASKS
+
+
 class _Saved:
     """What the pack hook stores instead of a saved tensor: it lives as long as the
     autograd graph that saved it.

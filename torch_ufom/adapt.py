@@ -213,7 +213,9 @@ def _stacked(problem: Problem, states, size: int, vectorised: bool = True) -> St
     model, adapted = problem.model, problem.config.adapted
     if len(states) == 1:
         params = dict(zip(adapted, states[0].params))
-        buffers = {n: b.unsqueeze(0).expand(size, *b.shape)
+        # each task's own copy: the vectorised state holds the module's own buffers, which a
+        # call of the stacked model in train() mode would otherwise write, for every task at once
+        buffers = {n: b.unsqueeze(0).expand(size, *b.shape).clone()
                    for (n, _), b in zip(model.named_buffers(), states[0].buffers)}
     else:
         params = {n: torch.stack([s.params[i] for s in states]) for i, n in enumerate(adapted)}

@@ -629,9 +629,12 @@ class MetaOptimizer:
             inner_loss: ``(fmodel, batch) -> scalar tensor``.
             support: one batch, :class:`~torch_ufom.StepBatches` or ``j -> batch``.
             steps: inner steps (default: the optimizer's ``steps``).
-            generator: the random streams' generator (default: the global one;
-                the optimizer's own generator is left alone, so meta-test does
-                not change training's draws).
+            generator: the random streams' generator (default: the global one).
+                Each call draws one seed from it, even for a model without random
+                operations; the optimizer's own ``generator=`` is left alone, so
+                an optimizer built with one keeps its training draws whatever
+                meta-test runs, while one drawing from the global generator (the
+                default) draws other numbers after a call that takes the default.
 
         Returns:
             The adapted :class:`~torch_ufom.FunctionalModel`.
