@@ -143,6 +143,58 @@ def test_a_retried_step_sums_the_ranks_once(tmp_path):
         assert torch.equal(r["extra"], torch.tensor([-0.1]))
 
 
+def carried_worker(rank, world, init_file, out_dir):
+    with gloo(rank, world, init_file):
+        model, loss, data = mlp_problem(0)
+        meta = meta_for(model, process_group=True, reduction="mean")
+        meta.reconfigure(mode="exact")
+        meta.zero_grad()
+        meta.backward(loss, loss, data[rank], data[2 + rank])
+        meta.step()  # no zero_grad after it: .grad carries this step's mean into the next
+        sum_gradients = torch_ufom.distributed.sum_gradients
+
+        def broken(params, tasks, group):  # a rank gone part-way through the all-reduce
+            with torch.no_grad():
+                next(p for p in params if p.grad is not None).grad.mul_(3.0)
+            raise RuntimeError("Connection closed by peer")
+        if rank == 0:
+            meta.backward(loss, loss, data[4], data[5])  # rank 1 runs no task this step
+        before = [p.grad.clone() for p in model.parameters()]
+        torch_ufom.distributed.sum_gradients = broken
+        try:
+            with pytest.raises(RuntimeError, match="closed by peer"):
+                meta.step()
+        finally:
+            torch_ufom.distributed.sum_gradients = sum_gradients
+        restored = all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+        meta.step()
+        torch.save({"restored": restored, "params": [p.detach().clone() for p in model.parameters()]},
+                   os.path.join(out_dir, f"carried{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_a_rank_without_tasks_keeps_what_its_gradients_carried_and_a_failed_all_reduce_changes_nothing(
+        tmp_path):
+    # Review DW (session 21): a rank that ran no task since the last step all-reduced and divided
+    # the gradients it carried (the step before's, not cleared), and the other rank added its own
+    # back: both ranks 17 % off and apart. And an all-reduce that failed part-way (a rank gone)
+    # left .grad summed or without its carried part, the tasks pending, so a retry reduced again.
+    mp.spawn(carried_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"carried{r}.pt") for r in range(2)]
+    model, loss, data = mlp_problem(0)  # one process running both ranks' tasks
+    meta = meta_for(model, reduction="mean")
+    meta.reconfigure(mode="exact")
+    meta.zero_grad()
+    for rank in (0, 1):
+        meta.backward(loss, loss, data[rank], data[2 + rank])
+    meta.step()
+    meta.backward(loss, loss, data[4], data[5])
+    meta.step()
+    assert all(r["restored"] for r in ranks)
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+    assert rel_err(ranks[0]["params"], [p.detach() for p in model.parameters()]) < 1e-12
+
+
 def buffers_worker(rank, world, init_file, out_dir):
     with gloo(rank, world, init_file):
         torch.manual_seed(0)

@@ -777,16 +777,13 @@ class MetaOptimizer:
         self._check_pending_buffers()
         if closure is None:
             tasks, reduced = self._tasks, self._reduced
-            saved = self._reduce(save=True)
+            saved = [] if reduced or not self._changes() else _gradients(self.meta_parameters())
             try:
+                if not reduced:
+                    self._synchronize(saved)
                 result = self.optimizer.step()
             except BaseException:
-                with torch.no_grad():
-                    for p, g in saved:  # a None the reduction filled in goes back to None
-                        if p.grad is None or g is None or p.grad.layout != g.layout:
-                            p.grad = g  # (a sparse gradient the reduction made dense, too)
-                        else:
-                            p.grad.copy_(g)
+                _put_back(saved)
                 self._tasks, self._reduced = tasks, reduced
                 raise
         else:
@@ -874,26 +871,42 @@ class MetaOptimizer:
         the outer optimizer will apply. A :meth:`backward` after it and before
         :meth:`step` or :meth:`zero_grad` is refused: it would mix reduced and
         unreduced gradients. A second call before then changes nothing (no
-        collective runs) and returns the same number.
+        collective runs) and returns the same number. If the all-reduce fails (a
+        rank gone), ``.grad`` is put back as it was and the tasks stay pending.
         """
+        return self._synchronize(None)
+
+    def _synchronize(self, saved: Optional[List[Tuple[Tensor, Optional[Tensor]]]]) -> int:
+        """:meth:`synchronize`; ``saved``: the gradients as they were (:func:`_gradients`),
+        already copied by the caller, or ``None`` to copy them here where a collective runs."""
         meta = self.meta_parameters()
         self._check_cleared(meta)
         if self._reduced:
             return self._reduced_total  # summing or dividing again would scale .grad
         total = self._tasks
-        # What .grad held before this step's tasks is neither summed nor divided (_carry).
-        carried = [(p, c) for p, c in self._carried or () if p.grad is not None and p.grad.shape == c.shape
-                   ] if self._changes() else []
-        with torch.no_grad():
-            for p, c in carried:  # (out of place where either is sparse)
-                p.grad = p.grad.sub_(c) if _in_place(p.grad, c) else p.grad - c
-        if self.distributed:
-            total = distributed.sum_gradients(meta, self._tasks, self.process_group)
-        if self._reduction == "mean":
-            self._divide(total)
-        with torch.no_grad():
-            for p, c in carried:
-                p.grad = p.grad.add_(c) if _in_place(p.grad, c) else p.grad + c
+        # What .grad held before this step's tasks is neither summed nor divided (_carry); a rank
+        # that ran no task since then holds nothing else (it adds nothing to the sum).
+        carried = []
+        if self._changes():
+            carried = [(p, c) for p, c in self._carried or ()
+                       if p.grad is not None and p.grad.shape == c.shape] if self._tasks else \
+                _gradients(meta, held_only=True)
+        if saved is None and self.distributed:
+            saved = _gradients(meta)
+        try:
+            with torch.no_grad():
+                for p, c in carried:  # (out of place where either is sparse)
+                    p.grad = p.grad.sub_(c) if _in_place(p.grad, c) else p.grad - c
+            if self.distributed:
+                total = distributed.sum_gradients(meta, self._tasks, self.process_group)
+            if self._reduction == "mean":
+                self._divide(total)
+            with torch.no_grad():
+                for p, c in carried:
+                    p.grad = p.grad.add_(c) if _in_place(p.grad, c) else p.grad + c
+        except BaseException:
+            _put_back(saved or [])
+            raise
         self._tasks, self._reduced, self._reduced_total = 0, True, total
         self._record(meta)
         return total
@@ -901,16 +914,6 @@ class MetaOptimizer:
     def _changes(self) -> bool:
         """Whether :meth:`synchronize` would change ``.grad`` now."""
         return self.distributed or (self._reduction == "mean" and self._tasks > 1)
-
-    def _reduce(self, save: bool) -> List[Tuple[Tensor, Tensor]]:
-        """:meth:`synchronize` unless already done; with ``save``, return ``(parameter,
-        gradient before)`` for each gradient it changed."""
-        if self._reduced:
-            return []
-        saved = [(p, None if p.grad is None else p.grad.clone())
-                 for p in self.meta_parameters()] if save and self._changes() else []
-        self.synchronize()
-        return saved
 
     def _divide(self, tasks: int) -> None:
         """Divide the accumulated meta-gradients by ``tasks`` (``"mean"``)."""
@@ -1132,6 +1135,25 @@ def _observation_specs():
     exact = adaptive.observe(exact=True, seconds=0.0, steps=1, forward_steps=0, reverse_steps=0,
                              g0=[], gr=[])
     return _spec(first), _spec(exact)
+
+
+def _gradients(params: Sequence[Tensor], held_only: bool = False) -> List[Tuple[Tensor, Optional[Tensor]]]:
+    """``(parameter, a copy of its .grad)`` for each of ``params`` (``None`` for none;
+    with ``held_only``, only those that hold one)."""
+    with torch.no_grad():
+        return [(p, None if p.grad is None else p.grad.clone()) for p in params
+                if p.grad is not None or not held_only]
+
+
+def _put_back(saved: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> None:
+    """Put back the gradients :func:`_gradients` copied (a ``None`` that a reduction filled
+    in goes back to ``None``, and a sparse gradient it made dense back to the sparse one)."""
+    with torch.no_grad():
+        for p, g in saved:
+            if p.grad is None or g is None or p.grad.layout != g.layout:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
 
 
 def _in_place(grad: Tensor, other: Tensor) -> bool:
