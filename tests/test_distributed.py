@@ -195,6 +195,52 @@ def test_a_rank_without_tasks_keeps_what_its_gradients_carried_and_a_failed_all_
     assert rel_err(ranks[0]["params"], [p.detach() for p in model.parameters()]) < 1e-12
 
 
+MISMATCHES = {  # what rank 1 builds otherwise than rank 0, and the name the error gives
+    "shape": ({"model": lambda: nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))},
+              "the meta-parameters"),
+    "reduction": ({"reduction": "sum"}, "reduction"),
+    "mode": ({"mode": "exact"}, "the estimator"),
+    "auto-q": ({"q": "auto"}, "q='auto'"),
+    "track-buffers": ({"track_buffers": True}, "track_buffers"),
+}
+
+
+def mismatch_worker(rank, world, init_file, out_dir):
+    with gloo(rank, world, init_file):
+        out = {}
+        for case, (change, _) in MISMATCHES.items():
+            model, loss, data = mlp_problem(0)
+            kw = dict(reduction="mean", mode="ufom", q=0.5, track_buffers=False)
+            if rank == 1:
+                kw.update({k: v for k, v in change.items() if k != "model"})
+                model = change.get("model", lambda: model)()
+            meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                            inner_lr=0.1, steps=3, process_group=True, **kw)
+            meta.backward(loss, loss, data[rank], data[2 + rank])
+            before = [p.detach().clone() for p in model.parameters()] + \
+                [p.grad.clone() for p in model.parameters()]
+            try:
+                meta.step()
+                out[case] = "stepped"
+            except ValueError as err:
+                after = [p.detach() for p in model.parameters()] + [p.grad for p in model.parameters()]
+                out[case] = str(err) + (" (unchanged)" if all(map(torch.equal, before, after)) else "")
+        torch.save(out, os.path.join(out_dir, f"mismatch{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ranks_set_up_otherwise_get_one_error_on_every_rank_instead_of_an_abort_a_hang_or_drift(tmp_path):
+    # Review DW (session 21): other parameter shapes aborted both processes inside gloo, q="auto"
+    # or track_buffers on one rank only waited for the group's timeout, and another reduction or
+    # mode stepped the ranks apart, silently.
+    mp.spawn(mismatch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        out = torch.load(tmp_path / f"mismatch{r}.pt")
+        for case, (_, name) in MISMATCHES.items():
+            assert out[case].startswith("Invalid process_group: the ranks' MetaOptimizers differ in "), case
+            assert name in out[case] and out[case].endswith("(unchanged)"), (case, out[case])
+
+
 def buffers_worker(rank, world, init_file, out_dir):
     with gloo(rank, world, init_file):
         torch.manual_seed(0)

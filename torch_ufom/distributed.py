@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_group", "rank_generator", "rank", "resume_generator", "sum_gradients", "average_buffers",
-           "gather"]
+__all__ = ["check_group", "rank_generator", "rank", "resume_generator", "check_alike", "sum_gradients",
+           "average_buffers", "gather"]
 
 
 def check_group(group) -> None:
@@ -97,6 +97,26 @@ def resume_generator(generator: torch.Generator, state: Tensor, saved_rank: Opti
     if (saved_rank or 0) != here:
         seed = int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device))
         generator.manual_seed(_mixed(seed, here))
+
+
+def check_alike(marks: Dict[str, int], group, device: Optional[torch.device] = None) -> None:
+    """Raise the same ``ValueError`` on every rank of ``group`` unless every rank passes
+    the same ``marks`` (what must agree, by name, each as an int below ``2**52``): the
+    collectives that follow pair up only between ranks set up alike (gloo aborts the
+    process on tensors of other sizes, and a collective one rank alone runs waits for
+    the group's timeout), and ranks that reduce or estimate differently step apart.
+    One all-reduce of ``2 len(marks)`` numbers; ``device``: the model's, as for
+    :func:`gather`."""
+    import torch.distributed as dist
+    values = [float(v) for v in marks.values()]
+    with _on(device):
+        t = torch.tensor(values + [-v for v in values], dtype=torch.float64, device=_device(group))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        top = t.tolist()
+    differ = [name for i, name in enumerate(marks) if top[i] != -top[len(values) + i]]
+    if differ:
+        raise ValueError(f"Invalid process_group: the ranks' MetaOptimizers differ in {', '.join(differ)}; "
+                         "build it alike on every rank of the group (the same model and settings)")
 
 
 def sum_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:

@@ -8,6 +8,7 @@ import numbers
 import time
 import warnings
 import weakref
+import zlib
 from collections.abc import Mapping
 import dataclasses
 from dataclasses import dataclass
@@ -145,7 +146,13 @@ class MetaOptimizer:
             draws from its own generator, seeded from one seed (``generator``'s,
             or rank 0's global seed) and its rank, also after loading a
             ``state_dict`` another rank saved; ``q="auto"`` statistics stay
-            identical on every rank.
+            identical on every rank. Build the optimizer alike on every rank of
+            the group: with ``generator=None`` the constructor is itself a
+            collective (it broadcasts rank 0's seed), and each reduction first
+            checks that the ranks agree on the meta-parameters' shapes and
+            dtypes, ``reduction``, the estimator (``mode``, ``q``, the law's
+            type, ``steps``), ``q="auto"`` and ``track_buffers``, raising the
+            same ``ValueError`` on every rank (nothing changed) where they do not.
         hvp: Hessian-vector products of the exact sweep: ``"auto"`` (default:
             reverse-over-reverse, the faster on every model measured, except where
             a meta-batch needs forward-over-reverse to stay exact), ``"fwdrev"`` (forward-over-reverse,
@@ -883,6 +890,8 @@ class MetaOptimizer:
         self._check_cleared(meta)
         if self._reduced:
             return self._reduced_total  # summing or dividing again would scale .grad
+        if self.distributed:  # before anything changes: the collectives pair up only then
+            distributed.check_alike(self._marks(meta), self.process_group, meta[0].device if meta else None)
         total = self._tasks
         # What .grad held before this step's tasks is neither summed nor divided (_carry); a rank
         # that ran no task since then holds nothing else (it adds nothing to the sum).
@@ -910,6 +919,19 @@ class MetaOptimizer:
         self._tasks, self._reduced, self._reduced_total = 0, True, total
         self._record(meta)
         return total
+
+    def _marks(self, meta: List[Tensor]) -> Dict[str, int]:
+        """What every rank's optimizer must agree on (:func:`distributed.check_alike`), each
+        as a checksum."""
+        s = self._config.settings
+        return {name: zlib.crc32(repr(value).encode()) for name, value in (
+            ("the meta-parameters (their number, shapes and dtypes)",
+             [(tuple(p.shape), str(p.dtype)) for p in meta]),
+            ("reduction", self._reduction),
+            ("the estimator (mode, q, the truncation law's type, steps)",
+             (s.mode, s.q if isinstance(s.q, str) else float(s.q), type(self.law).__name__, self.steps)),
+            ("q='auto'", self.q_stats is not None),
+            ("track_buffers", self._track_buffers))}
 
     def _changes(self) -> bool:
         """Whether :meth:`synchronize` would change ``.grad`` now."""
