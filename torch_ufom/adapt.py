@@ -25,7 +25,7 @@ from .estimators import SweepLog
 from .functional import restore_rng_on_error
 from .inner import InnerRule
 from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State,
-                     check_parametrize_cache, probe_batches)
+                     check_parametrize_cache, elementwise_rule, probe_batches)
 from .vectorised import Vectorised, meta_batch_size, probe_steps, task_of
 
 __all__ = ["adapt", "adapt_batch", "StackedFunctionalModel"]
@@ -196,7 +196,8 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
         batches = probe_batches(tasks[0], problem.config.steps, "supports")
         found = probe_steps(model, inner_loss, batches, adapted=problem.config.adapted, node_hooks=False)
         vectorised = True
-        if not (found.written or found.wrong or found.own_generator or found.differentiates):
+        if elementwise_rule(problem.config.rule) and not (
+                found.written or found.wrong or found.own_generator or found.differentiates):
             try:
                 state = _run(problem, Vectorised(size), supports)
                 return _stacked(problem, [state], size)

@@ -28,8 +28,8 @@ from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
-from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, held_tensors,
-                     probe_batches, root_of, scripted, sparse_weights)
+from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, elementwise_rule,
+                     held_tensors, probe_batches, root_of, scripted, sparse_weights)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
                          probe_steps, reads_meta_directly, select_tasks, task_of)
 
@@ -387,6 +387,11 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         return Plan(None, "vectorise=False", False, known)
     if diagnostics:
         return Plan(None, "q='auto' keeps per-task statistics", True, known)
+    rule = problem.config.rule
+    if not elementwise_rule(rule):
+        return Plan(None, f"the inner rule {type(rule).__name__} is a rule of your own that does not declare "
+                    "elementwise = True: its update on the tasks' stacked state could mix the tasks "
+                    "(a norm over a tensor)", True, known)
     if sparse_weights(problem.model):  # found before a vmap attempt that would fail
         return Plan(None, "torch.func.vmap has no sparse kernels (an embedding with sparse=True)", True,
                     known)

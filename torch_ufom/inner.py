@@ -310,12 +310,22 @@ class InnerRule:
     Subclasses set ``hyper`` (name -> value) in their constructor, call
     ``_check_values()``, and may declare per hyperparameter the accepted
     range (``ranges``), the name used in messages (``labels``), and which
-    ones take no :class:`PerStep` (``fixed``).
+    ones take no :class:`PerStep` (``fixed``). A rule of your own whose
+    ``update`` acts on each entry of the state on its own declares
+    ``elementwise = True``: a meta-batch (``backward_batch``,
+    ``hypergrad_batch``, ``adapt_batch``) then runs it on the tasks' state
+    stacked along a leading dimension; otherwise (a global-norm clip, a step
+    normalised by a tensor's norm, which would mix the tasks) the meta-batch
+    runs task by task (``backward_batch`` and ``hypergrad_batch`` warn).
     """
 
     hyper: Dict[str, Hyper]
     first_order_additive: bool = False
     first_order_identity: bool = False
+    # Declared by a rule of the user's whose update acts on each entry of the state on its own
+    # (no norm or other reduction over a tensor): a meta-batch then runs it on the tasks'
+    # stacked state, else task by task. The built-in rules are, whatever this says.
+    elementwise: bool = False
     ranges: Mapping[str, Tuple[float, float, bool]] = {}  # (low, high, closed); default [0, inf)
     labels: Mapping[str, str] = {}  # hyper key -> the argument as the user wrote it
     fixed: Tuple[str, ...] = ()  # hyperparameters that may not be PerStep

@@ -46,6 +46,7 @@ __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", 
            "root_of", "graph_reaches",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp", "OwnDraws",
+           "elementwise_rule",
            "REPLAY_DRAWS"]
 
 
@@ -901,6 +902,14 @@ def _library_code(rule: Any) -> bool:
     return False
 
 
+def elementwise_rule(rule: Any) -> bool:
+    """Whether ``rule``'s update acts on each entry of the state on its own: a built-in
+    rule's code, or a rule of the user's that declares ``elementwise = True``. Only then
+    does it run unchanged on a meta-batch's stacked state (and give each parameter an
+    update of its own)."""
+    return _library_code(rule) or getattr(rule, "elementwise", False) is True
+
+
 class InnerLoop:
     """The inner loop of one task (or of a stacked meta-batch) as pure functions of
     an explicit state; immutable after construction, except ``densify`` (set by
@@ -936,7 +945,7 @@ class InnerLoop:
         self.unread: Optional[frozenset] = None
         self.twice_checked = False  # check_twice_differentiable ran on a step with a graph
         self.hvp_checked = False  # a forward-over-reverse HVP was compared with reverse mode's
-        self.elementwise = _library_code(rule)  # a built-in rule: each parameter's update its own
+        self.elementwise = elementwise_rule(rule)  # each parameter's update its own
         self.outer_unread: frozenset = _NOTHING
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
         self.batch = batch_getter(support, self.steps)
