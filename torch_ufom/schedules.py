@@ -118,9 +118,10 @@ class Store(Schedule):
 class _Again:
     """A sweep's evaluations of steps again (replays, rebuilds): the first runs watched for
     draws from a generator of the user's, which no step's stream replays, so every
-    evaluation again would draw other numbers (:data:`~torch_ufom.unroll.REPLAY_DRAWS`).
-    Such a draw that changes the loss's value is also caught by comparing each loss
-    evaluated again with the forward pass's; one that changes only its gradient (a
+    evaluation again would draw other numbers (:data:`~torch_ufom.unroll.REPLAY_DRAWS`);
+    with per-step batches (a ``j -> batch`` callable may draw at some steps only) every
+    one does. Such a draw that changes the loss's value is also caught by comparing each
+    loss evaluated again with the forward pass's; one that changes only its gradient (a
     straight-through estimator) is caught only here."""
 
     def __init__(self, loop: Loop, memory: str):
@@ -135,7 +136,7 @@ class _Again:
         return self._run(lambda: self.loop.record(state, j, plan))
 
     def _run(self, run):
-        if self.watched:
+        if self.watched and not self.loop.per_step:
             return run()
         self.watched = True
         out, drew = self.loop.draws_own_generator(run)

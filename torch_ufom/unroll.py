@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import math
 import sys
 import threading
@@ -137,8 +138,9 @@ _SENTINEL = 0x5EED_7A3F_91C2_55E1  # a seed no generator of the user's is likely
 
 class OwnDraws(TorchFunctionMode):
     """Notes whether the code run under it draws from a generator of the user's: a call
-    with ``generator=`` naming one (``found``); every call runs as it would without the
-    mode. (torch's Python API takes ``generator`` by keyword only.)"""
+    given a ``torch.Generator`` other than a device's default one, by keyword
+    (``torch.rand(..., generator=g)``) or by position (``torch.poisson(rates, g)``)
+    (``found``); every call runs as it would without the mode."""
 
     def __init__(self):
         super().__init__()
@@ -147,8 +149,8 @@ class OwnDraws(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), keywords=None):
         keywords = keywords or {}
         if not self.found:
-            gen = keywords.get("generator")
-            self.found = isinstance(gen, torch.Generator) and not is_default_generator(gen)
+            self.found = any(isinstance(a, torch.Generator) and not is_default_generator(a)
+                             for a in itertools.chain(args, keywords.values()))
         return func(*args, **keywords)
 
 
@@ -638,6 +640,7 @@ class Loop(Protocol):
     steps: int  # r
     learned_hyper: bool  # whether a meta-parameter is one of the rule's hyperparameters
     dense_grads: bool  # the rule is not first-order additive: sparse gradients are made dense
+    per_step: bool  # the batches are per step (a loss may do at some steps only what matters)
 
     def initial_state(self) -> State:
         """``s_0``."""
