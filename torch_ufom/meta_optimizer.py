@@ -243,6 +243,9 @@ class MetaOptimizer:
         # The .grad tensors as the last write left them (weak reference, version): a later
         # change by other code shows (:meth:`_check_cleared`).
         self._written: Optional[List[Tuple[Tensor, Any, int]]] = None
+        # The same as the last step() left them (None after zero_grad()): what a rank that runs
+        # no task before the next step still holds of them untouched is carried (_synchronize).
+        self._stepped: Optional[List[Tuple[Tensor, Any, int]]] = None
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
         self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
@@ -287,7 +290,7 @@ class MetaOptimizer:
         state["_slow_ops"] = None
         # The last task's .grad, by weak reference (reduction="mean" checks whether it was cleared):
         # a copy does not check its next task.
-        state["_written"] = None
+        state["_written"] = state["_stepped"] = None
         return state
 
     def reconfigure(self, **changes) -> None:
@@ -451,7 +454,7 @@ class MetaOptimizer:
         """Forget the tasks since the last step: their count, their ``q="auto"``
         observations and the buffers ``track_buffers`` kept of them."""
         self._tasks, self._reduced, self._buffers, self._observations = 0, False, [], []
-        self._holding, self._carried, self._written = False, None, None
+        self._holding, self._carried, self._written, self._stepped = False, None, None, None
 
     def _check_cleared(self, meta: List[Tensor], stacklevel: int = 3, task: bool = False) -> None:
         """Forget the earlier tasks if their gradients were cleared other than by
@@ -827,6 +830,9 @@ class MetaOptimizer:
                 return out
             result = self.optimizer.step(reduced)
         self._tasks, self._reduced, self._carried, self._written = 0, False, None, None
+        if self.distributed:
+            self._stepped = [(p, weakref.ref(p.grad), p.grad._version) for p in self.meta_parameters()
+                             if p.grad is not None]
         if self.q_stats is not None:
             observations = self._observations
             if self.distributed:
@@ -893,13 +899,18 @@ class MetaOptimizer:
         if self.distributed:  # before anything changes: the collectives pair up only then
             distributed.check_alike(self._marks(meta), self.process_group, meta[0].device if meta else None)
         total = self._tasks
-        # What .grad held before this step's tasks is neither summed nor divided (_carry); a rank
-        # that ran no task since then holds nothing else (it adds nothing to the sum).
+        # What .grad held before this step's tasks is neither summed nor divided (_carry). A rank
+        # that ran none carries what it holds untouched since the last step (a gradient cleared or
+        # written since then, by a loss of the user's, is summed, as on the ranks with tasks).
         carried = []
         if self._changes():
+            if not self._tasks and self._carried is None:  # kept for a retry should this call fail
+                with torch.no_grad():
+                    self._carried = [(p, p.grad.clone()) for p, ref, version in self._stepped or ()
+                                     if p.grad is not None and p.grad is ref() and p.grad._version == version
+                                     ] or None
             carried = [(p, c) for p, c in self._carried or ()
-                       if p.grad is not None and p.grad.shape == c.shape] if self._tasks else \
-                _gradients(meta, held_only=True)
+                       if p.grad is not None and p.grad.shape == c.shape]
         if saved is None and self.distributed:
             saved = _gradients(meta)
         try:
