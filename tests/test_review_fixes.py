@@ -529,6 +529,20 @@ def test_load_state_dict_checks_each_hyperparameter_packed_in_one_leaf_against_i
         meta.load_state_dict(dict(meta.state_dict(),
                                   meta_tensors=[torch.tensor([0.9, 0.999, -1.0], dtype=torch.float64)]))
     assert h.tolist() == [0.9, 0.999, 1.5]
+    # Review EA (session 21): a leaf that is itself a view (base[1:].requires_grad_()) was looked up
+    # by its own id where the hyperparameters were keyed by the base's: beta2 = 1.5 loaded unchecked.
+    base = torch.tensor([0.0, 0.9, 0.999], dtype=torch.float64)
+    h = base[1:].requires_grad_()
+    outer = torch.optim.SGD([{"params": model.parameters()}, {"params": [h]}], lr=0.0)
+    meta = torch_ufom.MetaOptimizer(model, outer, inner=Adam(0.01, betas=(h[0], h[1]), eps=1e-3), steps=2,
+                                    mode="exact")
+    with pytest.raises(ValueError, match=r"it restores betas\[1\], whose values must be in \[0.0, 1.0\)"):
+        meta.load_state_dict(dict(meta.state_dict(), meta_tensors=[torch.tensor([0.9, 1.5],
+                                                                                dtype=torch.float64)]))
+    assert h.tolist() == [0.9, 0.999]
+    good = torch.tensor([0.8, 0.99], dtype=torch.float64)
+    meta.load_state_dict(dict(meta.state_dict(), meta_tensors=[good]))
+    assert h.tolist() == [0.8, 0.99]
 
 
 # -- review DH (session 18): stop-gradients written in place, through complex values, vjp, torch.func

@@ -1323,14 +1323,14 @@ def _check_meta_values(values: Any, extra: List[Tensor], rule: InnerRule) -> Non
     (``rule.ranges``), as the constructor checks them."""
     if not values:
         return
-    # id of an extra tensor (a leaf: torch.optim takes no other) -> the hyperparameters it
-    # holds, each the tensor itself or a view of it (one leaf may pack several: h[0], h[1])
+    # id of a base tensor -> the hyperparameters read from it, each the tensor itself or a view
+    # of it (one leaf may pack several: h[0], h[1]; a leaf may itself be a view: base[1:])
     held: Dict[int, List[Tuple[str, Tensor]]] = {}
     for key, value in rule.hyper.items():
         for v in (value.values() if isinstance(value, Mapping) else (value,)):
             v = v.values if isinstance(v, PerStep) else v
             if isinstance(v, Tensor):
-                held.setdefault(id(v if v._base is None else v._base), []).append((key, v))
+                held.setdefault(id(_root(v)), []).append((key, v))
     for i, (v, t) in enumerate(zip(values, extra)):
         name = f"state_dict['meta_tensors'][{i}]"
         if v.dtype != t.dtype:
@@ -1338,20 +1338,33 @@ def _check_meta_values(values: Any, extra: List[Tensor], rule: InnerRule) -> Non
                              "meta-parameter it restores)")
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"Invalid {name}: its values are not all finite")
+        root = _root(t)
         laid = None
-        for key, h in held.get(id(t), ()):
+        for key, h in held.get(id(root), ()):
             if h is t:
                 part = v
-            else:  # the view's entries of the saved values, laid out as the leaf is
+            else:  # the saved values where t lies in the base's storage, NaN elsewhere
                 if laid is None:
-                    laid = torch.empty_strided(t.shape, t.stride(), dtype=v.dtype, device=v.device)
-                    laid.copy_(v)
-                part = laid.as_strided(h.shape, h.stride(), h.storage_offset() - t.storage_offset())
+                    laid = torch.empty_strided(root.shape, root.stride(), dtype=v.dtype, device=v.device)
+                    laid.fill_(math.nan)
+                    _within(laid, t, root).copy_(v)
+                part = _within(laid, h, root)
+                part = part[~torch.isnan(part)]  # the entries of h that t restores
             low, high, closed = rule.ranges.get(key, (0.0, math.inf, False))
             if not bool(_in_range(part, low, high, closed)):
                 span = f">= {low}" if high == math.inf else f"in [{low}, {high}{']' if closed else ')'}"
                 raise ValueError(f"Invalid {name}: it restores {rule.labels.get(key, key)}, whose values "
                                  f"must be {span}")
+
+
+def _root(t: Tensor) -> Tensor:
+    """The tensor whose storage ``t`` views (``t`` itself if it is no view)."""
+    return t if t._base is None else t._base
+
+
+def _within(laid: Tensor, view: Tensor, root: Tensor) -> Tensor:
+    """``view``'s entries of ``laid``, a tensor laid out as ``root`` (``view``'s root)."""
+    return laid.as_strided(view.shape, view.stride(), view.storage_offset() - root.storage_offset())
 
 
 def _check_optimizer_state(sd: Any, optimizer: torch.optim.Optimizer) -> None:
