@@ -235,6 +235,8 @@ MISMATCHES = {  # what rank 1 builds otherwise than rank 0, and the name the err
               "the meta-parameters"),
     "reduction": ({"reduction": "sum"}, "reduction"),
     "mode": ({"mode": "exact"}, "the estimator"),
+    "q": ({"q": 0.25}, "the estimator"),
+    "alike": ({"truncation": torch_ufom.truncation.Bernoulli(0.5), "mode": None, "q": None}, ""),
     "auto-q": ({"q": "auto"}, "q='auto'"),
     "track-buffers": ({"track_buffers": True}, "track_buffers"),
 }
@@ -248,6 +250,7 @@ def mismatch_worker(rank, world, init_file, out_dir):
             kw = dict(reduction="mean", mode="ufom", q=0.5, track_buffers=False)
             if rank == 1:
                 kw.update({k: v for k, v in change.items() if k != "model"})
+                kw = {k: v for k, v in kw.items() if v is not None}
                 model = change.get("model", lambda: model)()
             meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                             inner_lr=0.1, steps=3, process_group=True, **kw)
@@ -272,6 +275,9 @@ def test_ranks_set_up_otherwise_get_one_error_on_every_rank_instead_of_an_abort_
     for r in range(2):
         out = torch.load(tmp_path / f"mismatch{r}.pt")
         for case, (_, name) in MISMATCHES.items():
+            if not name:  # the same estimator written otherwise (review EA, session 21: refused)
+                assert out[case] == "stepped", (case, out[case])
+                continue
             assert out[case].startswith("Invalid process_group: the ranks' MetaOptimizers differ in "), case
             assert name in out[case] and out[case].endswith("(unchanged)"), (case, out[case])
 

@@ -150,8 +150,8 @@ class MetaOptimizer:
             the group: with ``generator=None`` the constructor is itself a
             collective (it broadcasts rank 0's seed), and each reduction first
             checks that the ranks agree on the meta-parameters' shapes and
-            dtypes, ``reduction``, the estimator (``mode``, ``q``, the law's
-            type, ``steps``), ``q="auto"`` and ``track_buffers``, raising the
+            dtypes, ``reduction``, the estimator (``steps`` and the truncation
+            law's probabilities), ``q="auto"`` and ``track_buffers``, raising the
             same ``ValueError`` on every rank (nothing changed) where they do not.
         hvp: Hessian-vector products of the exact sweep: ``"auto"`` (default:
             reverse-over-reverse, the faster on every model measured, except where
@@ -934,13 +934,12 @@ class MetaOptimizer:
     def _marks(self, meta: List[Tensor]) -> Dict[str, int]:
         """What every rank's optimizer must agree on (:func:`distributed.check_alike`), each
         as a checksum."""
-        s = self._config.settings
         return {name: zlib.crc32(repr(value).encode()) for name, value in (
             ("the meta-parameters (their number, shapes and dtypes)",
              [(tuple(p.shape), str(p.dtype)) for p in meta]),
             ("reduction", self._reduction),
-            ("the estimator (mode, q, the truncation law's type, steps)",
-             (s.mode, s.q if isinstance(s.q, str) else float(s.q), type(self.law).__name__, self.steps)),
+            ("the estimator (steps and the truncation law's probabilities: mode, q, truncation)",
+             [float(p) for p in self.law.probs(self.steps)]),
             ("q='auto'", self.q_stats is not None),
             ("track_buffers", self._track_buffers))}
 
