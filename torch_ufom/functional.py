@@ -77,7 +77,7 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor]) ->
         return "cannot differentiate sparse gradients (an embedding with sparse=True) in forward mode"
     names = scripted(model)
     if names:
-        return (f"cannot differentiate TorchScript twice (torch.jit.script module "
+        return (f"cannot differentiate TorchScript twice (torch.jit.script module or function "
                 f"{_name_list(names)}: once the JIT has optimised it, its gradients under "
                 "torch.func carry no graph)")
     named = dict(model.named_parameters())
@@ -418,8 +418,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     names = scripted(problem.model) if exact else []
     if names:  # vectorised first-order steps are right: only the second derivatives are lost
         return Plan(None, f"torch.func.vmap cannot differentiate TorchScript twice (torch.jit.script "
-                    f"module {_name_list(names)}: once the JIT has optimised it, its gradients "
-                    "under vmap carry no graph)", True, known)
+                    f"module or function {_name_list(names)}: once the JIT has optimised it, its "
+                    "gradients under vmap carry no graph)", True, known)
     # The probe runs on every call: what it finds depends on the module and on whatever the
     # losses read (a swapped submodule, a padding index switched on), which no cheap key covers.
     batches = probe_batches(task_of(supports, 0), problem.config.steps, "supports")

@@ -78,11 +78,15 @@ def sparse_weights(module: nn.Module) -> set:
 
 
 def scripted(module: nn.Module) -> List[str]:
-    """The names of ``module``'s TorchScript submodules (``torch.jit.script``; ``""`` for
-    the module itself). Once the JIT has optimised their graph (after a pass or two
-    through autograd, the user's or the library's), the gradients ``torch.func``
-    computes through them carry no graph, so ``vmap``'s and forward-over-reverse's
-    second derivatives come out as zero; per-task reverse-over-reverse is exact."""
+    """What of ``module`` runs as TorchScript (``torch.jit.script``): the names of its
+    scripted submodules (``""`` for the module itself), and ``"f (called by M.forward)"``
+    for a scripted function that a submodule's ``forward`` (or a function of the user's
+    it calls) refers to by a global name or a closure. Once the JIT has optimised their
+    graph (after a pass or two through autograd, the user's or the library's), the
+    gradients ``torch.func`` computes through them carry no graph, so ``vmap``'s and
+    forward-over-reverse's second derivatives come out wrong; per-task
+    reverse-over-reverse is exact. (A scripted function reached otherwise, e.g. as an
+    attribute of a module, is not found.)"""
     found: List[str] = []
     for n, m in module.named_modules():
         inside = any(n.startswith(f + ".") for f in found) or (found == [""] and n)
@@ -90,7 +94,43 @@ def scripted(module: nn.Module) -> List[str]:
         # ordinary forward and differentiates as torch does.
         if not inside and isinstance(m, torch.jit.ScriptModule) and not isinstance(m, torch.jit.TracedModule):
             found.append(n)
+    for n, m in module.named_modules():
+        forward = getattr(type(m), "forward", None)
+        for f in _script_functions(forward, set(), 3):
+            entry = f"{getattr(f, 'name', f)} (called by {type(m).__name__}.forward)"
+            if entry not in found:
+                found.append(entry)
     return found
+
+
+def _script_functions(fn: Any, seen: set, depth: int) -> List[Any]:
+    """The ``torch.jit.ScriptFunction`` objects Python function ``fn`` refers to by a
+    global name or a closure cell, and those of the user's functions it refers to, up to
+    ``depth`` calls deep (torch's own code is not entered)."""
+    fn = getattr(fn, "__func__", fn)
+    code = getattr(fn, "__code__", None)
+    if code is None or id(fn) in seen or depth <= 0 or \
+            (getattr(fn, "__module__", None) or "").split(".")[0] == "torch":
+        return []
+    seen.add(id(fn))
+    names = getattr(fn, "__globals__", {})
+    refs = [names[k] for k in code.co_names if k in names]
+    refs += [c.cell_contents for c in fn.__closure__ or () if _filled(c)]
+    out = []
+    for r in refs:
+        if isinstance(r, torch.jit.ScriptFunction):
+            out.append(r)
+        elif callable(r) and hasattr(r, "__code__"):
+            out += _script_functions(r, seen, depth - 1)
+    return out
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 # A loss that differentiates inside itself (a PINN's du/dx, a gradient penalty): under
