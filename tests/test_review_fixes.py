@@ -404,6 +404,37 @@ def test_a_rule_of_the_users_runs_a_meta_batch_task_by_task_unless_it_declares_e
             assert rel_err([stacked.params[n][i] for n in one.params], list(one.params.values())) < 1e-12
 
 
+def test_porting_slips_that_change_nothing_the_library_computes_are_warned_of():
+    # Review EB (session 21): losses that call the module (net(x), torchopt's habit) instead of the
+    # model they are given ran without a word: the inner loop adapted nothing. A learned rate
+    # stepped by a second optimizer of its own (not the one MetaOptimizer wraps) stayed a constant.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    g = torch.Generator().manual_seed(5)
+    batch = (torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g))
+    calls_net = lambda f, b: mse(lambda x: net(x), b)  # noqa: E731
+    supports = tuple(torch.stack([t] * 2) for t in batch)
+    for inner, outer, which in [(calls_net, mse, "inner_loss"), (mse, calls_net, "outer_loss")]:
+        meta = torch_ufom.MetaOptimizer(net, torch.optim.SGD(net.parameters(), lr=0.1), inner_lr=0.3, steps=2)
+        with pytest.warns(UserWarning, match=f"{which} reads none of the adapted parameters: it must "
+                                             r"evaluate the model it is given \(fmodel\(x\)\)"):
+            meta.backward(inner, outer, batch, batch)
+    with pytest.warns(UserWarning, match="inner_loss reads none of the adapted parameters"):
+        torch_ufom.hypergrad_batch(net, calls_net, mse, supports, supports, steps=2, inner_lr=0.3,
+                                   vectorise=True)
+    rate = torch.tensor(0.3, requires_grad=True)
+    with pytest.warns(UserWarning, match="the inner rule's inner_lr requires grad, but the outer optimizer "
+                                         "does not hold it: it is not learned"):
+        torch_ufom.MetaOptimizer(net, torch.optim.SGD(net.parameters(), lr=0.1), inner_lr=rate, steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # held in a group with lr=0: learned, no warning
+        meta = torch_ufom.MetaOptimizer(net, torch.optim.SGD([{"params": net.parameters()},
+                                                              {"params": [rate], "lr": 0.0}], lr=0.1),
+                                        inner_lr=rate, steps=2)
+        meta.backward(mse, mse, batch, batch)
+    assert rate.grad is not None
+
+
 # -- DF 3: reduction="mean", a carried gradient zeroed part-way through a step ------------------------
 
 def two_tasks():

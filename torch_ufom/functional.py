@@ -28,8 +28,9 @@ from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
-from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, elementwise_rule,
-                     held_tensors, probe_batches, root_of, scripted, sparse_weights)
+from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem,
+                     caller_level, elementwise_rule, held_tensors, probe_batches, reads_nothing, root_of,
+                     scripted, sparse_weights)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
                          probe_steps, reads_meta_directly, select_tasks, task_of)
 
@@ -426,6 +427,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     first = batches[0]
     found = probe_steps(problem.model, problem.inner_loss, batches, problem.outer_loss, task_of(queries, 0),
                         problem.config.adapted)
+    if problem.config.adapted and set(problem.config.adapted) <= set(found.unread):
+        warnings.warn(reads_nothing("inner_loss"), stacklevel=caller_level())  # (the loop's own look)
     known = SlowOps(_weak(problem.inner_loss), device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
         tuple(sorted(found.wrong)), _weak(problem.outer_loss),

@@ -218,6 +218,7 @@ class MetaOptimizer:
         if reduction not in ("sum", "mean") or not isinstance(reduction, str):
             raise ValueError(f"Invalid reduction: {reduction!r} (expected one of sum, mean)")
         _check_holds(optimizer, model)
+        _warn_unheld(optimizer, config.rule)
         self.process_group, self.distributed = process_group, process_group is not None
         if self.distributed:
             distributed.check_group(None if process_group is True else process_group)
@@ -317,6 +318,8 @@ class MetaOptimizer:
         """
         config = resolve(self._config.settings.replace(**changes), self.model)
         _check_holds(self.optimizer, self.model)
+        if config.rule is not self._config.rule:
+            _warn_unheld(self.optimizer, config.rule)
         old = self._config.adaptive
         keep = (config.adaptive is not None and old is not None and
                 (config.adaptive.rule, config.adaptive.beta) == (old.rule, old.beta))
@@ -1141,6 +1144,21 @@ def _check_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
             f"Invalid optimizer: it does not hold the model parameters {missing}; pass all of "
             "model.parameters() to it (or set requires_grad=False on frozen ones; one that the inner "
             "loop adapts but the outer step must not move goes in a param group with lr=0)")
+
+
+def _warn_unheld(optimizer: torch.optim.Optimizer, rule: InnerRule) -> None:
+    """Warn where a tensor hyperparameter of ``rule`` requires grad but ``optimizer`` holds
+    no tensor viewing the same storage: it is then a constant, not learned."""
+    held = {id(_root(p)) for g in optimizer.param_groups for p in g["params"]}  # by the storage they view
+    loose = [rule.labels.get(key, key) for key, value in rule.hyper.items()
+             for v in (value.values() if isinstance(value, Mapping) else (value,))
+             for t in [v.values if isinstance(v, PerStep) else v]
+             if isinstance(t, Tensor) and t.requires_grad and id(_root(t)) not in held]
+    if loose:
+        warnings.warn(f"the inner rule's {', '.join(dict.fromkeys(loose))} requires grad, but the outer "
+                      "optimizer does not hold it: it is not learned (its .grad stays None); hold it in "
+                      "the optimizer given to MetaOptimizer, in a param group with lr=0 if another "
+                      "optimizer steps it", stacklevel=3)
 
 
 # -- state_dict validation ------------------------------------------------------

@@ -29,8 +29,6 @@ from __future__ import annotations
 import functools
 import itertools
 import numbers
-import os
-import sys
 import warnings
 from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
@@ -38,7 +36,7 @@ import checkpoint_schedules as cs
 import torch
 from torch import Tensor
 
-from .unroll import REPLAY_DRAWS, Loop, State, StepRecord, SweepPlan
+from .unroll import REPLAY_DRAWS, Loop, State, StepRecord, SweepPlan, caller_level
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
@@ -228,7 +226,7 @@ class Checkpoint(Schedule):
                           f"is estimated to need, about {least} bytes (one checkpoint and the working "
                           "memory, from the first step's graph): it runs with one slot, whose replays "
                           "grow as steps**2 / 2",
-                          stacklevel=_caller_level())
+                          stacklevel=caller_level())
         if slots is None:  # every graph fits: keep them, the measured step's included
             log.first(first.loss, first.j > plan.exact_after)
             last, records = Store().sweep(loop, first.next_state, start + 1, stop, log, plan)
@@ -468,16 +466,6 @@ WORK_RECORDS, WORK_STATES = 3.5, 16.0
 # One checkpoint: its state, and the fragmentation of the heap around long-lived states
 # (1.15 to 1.26 |s| resident per slot on the MLP, |s| of live tensors).
 SLOT_STATES = 1.35
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` that makes a warning issued by the caller of this function
-    point at the first frame outside this package: the user's call."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def least_memory(state_bytes: int, record_bytes: int, node_bytes: int = 0) -> int:

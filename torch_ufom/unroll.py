@@ -30,8 +30,10 @@ import copy
 import functools
 import itertools
 import math
+import os
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
@@ -49,6 +51,16 @@ __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", 
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp", "OwnDraws",
            "elementwise_rule",
            "REPLAY_DRAWS"]
+
+
+def caller_level() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function
+    point at the first frame outside this package: the user's call."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_parametrize_cache(model: nn.Module) -> None:
@@ -192,6 +204,15 @@ class OwnDraws(TorchFunctionMode):
             self.found = any(isinstance(a, torch.Generator) and not is_default_generator(a)
                              for a in itertools.chain(args, keywords.values()))
         return func(*args, **keywords)
+
+
+def reads_nothing(which: str) -> str:
+    """The warning for a loss (``which``: ``"inner_loss"`` or ``"outer_loss"``) that reads
+    none of the adapted parameters: most likely one that calls the module itself."""
+    return (f"{which} reads none of the adapted parameters: it must evaluate the model it is given "
+            "(fmodel(x)), not the module itself (net(x)), whose parameters the inner loop never "
+            "changes; as it stands " + ("the inner loop adapts nothing" if which == "inner_loss"
+                                         else "nothing the inner loop does reaches it"))
 
 
 REPLAY_DRAWS = (
@@ -1094,7 +1115,10 @@ class InnerLoop:
     # -- what the losses read -----------------------------------------------------------
     def note_unread(self, missing: frozenset) -> None:
         """One inner step's loss did not read the adapted parameters ``missing`` (indices
-        into ``names``): those left unread by every step so far."""
+        into ``names``): those left unread by every step so far. A first step that read
+        none of them warns (a loss that calls the module instead of the model it is given)."""
+        if self.unread is None and self.names and len(missing) == len(self.names):
+            warnings.warn(reads_nothing("inner_loss"), stacklevel=caller_level())
         self.unread = missing if self.unread is None else self.unread & missing
 
     def check_twice_differentiable(self, loss: Tensor, params: Sequence[Tensor]) -> None:
@@ -1319,6 +1343,8 @@ class InnerLoop:
         with torch.enable_grad(), self.stream(self.steps + 1):
             loss, aux, grads = self.evaluator.outer(self, params, state)
         self.outer_unread = frozenset(i for i, g in enumerate(grads[:len(params)]) if g is None)
+        if self.names and len(self.outer_unread) == len(self.names):
+            warnings.warn(reads_nothing("outer_loss"), stacklevel=caller_level())
         e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
         e = self._dense(e) + tuple(torch.zeros_like(t) for t in state.opt)
         return e, list(grads[len(params):]), loss.detach(), detached(aux)
