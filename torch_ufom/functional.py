@@ -72,8 +72,8 @@ def resolve_hvp(config: Config, model: nn.Module, meta: Sequence[Tensor]) -> str
 def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor]) -> str:
     """Why forward-over-reverse cannot compute this problem's HVPs (``""`` if it can)."""
     if next(model.buffers(), None) is not None:
-        return ("needs a module without buffers (its running statistics would be written inside "
-                "torch.func.jvp)")
+        return ("needs a module without buffers (a forward inside torch.func.jvp may write them: "
+                "running statistics in train() mode, the legacy spectral_norm's vectors)")
     if any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in model.modules()):
         return "cannot differentiate sparse gradients (an embedding with sparse=True) in forward mode"
     names = scripted(model)
@@ -414,7 +414,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
               if m._backward_hooks or m._backward_pre_hooks]
     if hooked:  # found before a vmap attempt that would fail
         return Plan(None, f"torch.func.vmap cannot run full backward hooks (register_full_backward_hook "
-                    f"on {', '.join(map(repr, hooked))}: an autograd.Function without vmap support)",
+                    f"or register_full_backward_pre_hook on {', '.join(map(repr, hooked))}: an "
+                    "autograd.Function without vmap support)",
                     True, known)
     names = scripted(problem.model) if exact else []
     if names:  # vectorised first-order steps are right: only the second derivatives are lost

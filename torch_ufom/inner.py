@@ -294,7 +294,10 @@ def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> 
             raise ValueError(f"Invalid {arg}: a meta-device tensor has no values (expected a tensor on "
                              "the parameters' device)")
         if not bool(_in_range(v, low, high, closed)):
-            raise ValueError(f"Invalid {arg}: values must be finite and {where}")
+            rate = low == 0.0 and arg.startswith(("lr", "inner_lr"))
+            hint = (" (for a rate of any sign, as Meta-SGD learns: a subclass of the rule with ranges = "
+                    "{'lr': (-math.inf, math.inf, False)}, docs/porting.md)") if rate else ""
+            raise ValueError(f"Invalid {arg}: values must be finite and {where}{hint}")
     elif isinstance(v, numbers.Real) and not isinstance(v, bool):
         x = float(v)
         if not (low <= x and (x <= high if closed else x < high) and math.isfinite(x)):
