@@ -348,15 +348,8 @@ def test_a_rule_reading_every_parameter_gives_an_unread_head_its_hypergradient(m
     assert rel_err([got[n].grad for n in want], list(want.values())) < 1e-10
 
 
-class ClippedSGD(torch_ufom.inner.InnerRule):
+class ClippedSGD(GlobalNormSGD):
     """SGD on the gradients clipped to a global norm of at most 0.3 (higher's grad_callback)."""
-
-    def __init__(self, lr):
-        self.hyper = {"lr": lr}
-        self._check_values()
-
-    def init(self, params):
-        return ()
 
     def update(self, grads, state, params, hyper):
         norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
