@@ -247,6 +247,9 @@ class MetaOptimizer:
         # The same as the last step() left them (None after zero_grad()): what a rank that runs
         # no task before the next step still holds of them untouched is carried (_synchronize).
         self._stepped: Optional[List[Tuple[Tensor, Any, int]]] = None
+        if self.distributed:  # gradients held before the first step are carried as a step's are
+            self._stepped = [(p, weakref.ref(p.grad), p.grad._version) for p in self.meta_parameters()
+                             if p.grad is not None]
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
         self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
@@ -457,7 +460,7 @@ class MetaOptimizer:
         """Forget the tasks since the last step: their count, their ``q="auto"``
         observations and the buffers ``track_buffers`` kept of them."""
         self._tasks, self._reduced, self._buffers, self._observations = 0, False, [], []
-        self._holding, self._carried, self._written, self._stepped = False, None, None, None
+        self._holding, self._carried, self._written = False, None, None
 
     def _check_cleared(self, meta: List[Tensor], stacklevel: int = 3, task: bool = False) -> None:
         """Forget the earlier tasks if their gradients were cleared other than by
@@ -508,8 +511,19 @@ class MetaOptimizer:
                 self.distributed or self._reduction == "mean"):
             return None
         with torch.no_grad():
+            if self.distributed:  # every rank alike, tasks or none: what is untouched since the last step
+                return self._untouched() or None
             held = [(p, p.grad.clone()) for p in meta if p.grad is not None]
         return held or None
+
+    def _untouched(self) -> List[Tuple[Tensor, Tensor]]:
+        """Copies of the gradients that ``.grad`` holds as the last :meth:`step` (or the
+        constructor) left them: the same tensor at the same version. With a
+        ``process_group`` only these are carried: a rank that runs no task before the
+        next step cannot tell a gradient written by a loss of the user's before the tasks
+        from one written after them, so both are summed on every rank."""
+        return [(p, p.grad.clone()) for p, ref, version in self._stepped or ()
+                if p.grad is not None and p.grad is ref() and p.grad._version == version]
 
     def _record(self, meta: List[Tensor]) -> None:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
@@ -907,11 +921,9 @@ class MetaOptimizer:
         # written since then, by a loss of the user's, is summed, as on the ranks with tasks).
         carried = []
         if self._changes():
-            if not self._tasks and self._carried is None:  # kept for a retry should this call fail
+            if not self._tasks and self._carried is None and self.distributed:  # (kept for a retry)
                 with torch.no_grad():
-                    self._carried = [(p, p.grad.clone()) for p, ref, version in self._stepped or ()
-                                     if p.grad is not None and p.grad is ref() and p.grad._version == version
-                                     ] or None
+                    self._carried = self._untouched() or None
             carried = [(p, c) for p, c in self._carried or ()
                        if p.grad is not None and p.grad.shape == c.shape]
         if saved is None and self.distributed:
