@@ -397,6 +397,31 @@ def test_a_rule_of_the_users_runs_a_meta_batch_task_by_task_unless_it_declares_e
             assert rel_err([stacked.params[n][i] for n in one.params], list(one.params.values())) < 1e-12
 
 
+def test_an_sgd_subclass_or_instance_with_an_update_of_its_own_runs_that_update():
+    # Review ED (session 21): SGD's foreach fast path (plain_rate) ran phi - lr g whatever update a
+    # subclass (higher's grad_callback clip, ported) or an instance defined: exact 30 % off, silently.
+    class ClippedBySubclass(torch_ufom.inner.SGD):
+        def update(self, grads, state, params, hyper):
+            return ClippedSGD.update(self, grads, state, params, hyper)
+
+    patched = torch_ufom.inner.SGD(0.5)
+    patched.update = functools.partial(ClippedSGD.update, patched)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    g = torch.Generator().manual_seed(6)
+    s, q = [(torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g)) for _ in range(2)]
+    for mode in ("fom", "exact"):
+        want = torch_ufom.hypergrad(model, mse, mse, s, q, steps=3, inner=ClippedSGD(0.5), mode=mode)
+        plain = torch_ufom.hypergrad(model, mse, mse, s, q, steps=3, inner_lr=0.5, mode=mode)
+        assert rel_err(plain, want) > 1e-3  # the clip matters here
+        for rule in (ClippedBySubclass(0.5), patched):
+            got = torch_ufom.hypergrad(model, mse, mse, s, q, steps=3, inner=rule, mode=mode)
+            assert rel_err(got, want) < 1e-12, (mode, type(rule).__name__)
+            one = torch_ufom.adapt(model, mse, s, steps=3, inner=rule)
+            ref = torch_ufom.adapt(model, mse, s, steps=3, inner=ClippedSGD(0.5))
+            assert rel_err(list(one.params.values()), list(ref.params.values())) < 1e-12
+
+
 def test_porting_slips_that_change_nothing_the_library_computes_are_warned_of():
     # Review EB (session 21): losses that call the module (net(x), torchopt's habit) instead of the
     # model they are given ran without a word: the inner loop adapted nothing. A learned rate

@@ -518,7 +518,9 @@ class SGD(InnerRule):
         """``lr`` for plain SGD at one plain-number rate (see :attr:`InnerRule.plain_rate`)."""
         lr = self.hyper["lr"]
         plain = self.first_order_additive and isinstance(lr, numbers.Real) and not isinstance(lr, bool)
-        return float(lr) if plain else None
+        # (a subclass, or an instance, with an update of its own runs that update)
+        own = type(self).update is SGD.update and "update" not in vars(self)
+        return float(lr) if plain and own else None
 
     @classmethod
     def from_inner_lr(cls, inner_lr: Hyper) -> "SGD":

@@ -130,10 +130,14 @@ def _script_functions(fn: Any, seen: set, depth: int) -> List[Any]:
     refs += [c.cell_contents for c in fn.__closure__ or () if _filled(c)]
     out = []
     for r in refs:
+        while isinstance(r, functools.partial):
+            r = r.func
         if isinstance(r, torch.jit.ScriptFunction):
             out.append(r)
         elif callable(r) and hasattr(r, "__code__"):
             out += _script_functions(r, seen, depth - 1)
+        elif callable(r) and not isinstance(r, type):  # an object with a __call__ of its own
+            out += _script_functions(getattr(type(r), "__call__", None), seen, depth - 1)
     return out
 
 
@@ -956,7 +960,10 @@ _RULES = "torch_ufom.inner"  # the module of the built-in rules
 
 def _library_code(rule: Any) -> bool:
     """Whether every method of ``rule`` is a built-in rule's: a subclass that only sets
-    class attributes (porting.md's ``SignedSGD`` sets ``ranges``) runs the library's code."""
+    class attributes (porting.md's ``SignedSGD`` sets ``ranges``) runs the library's code;
+    an instance given a method of its own (``rule.update = f``) does not."""
+    if any(callable(v) for k, v in vars(rule).items() if k in ("init", "update")):
+        return False
     for cls in type(rule).__mro__:
         if cls.__module__ == _RULES:
             return True
