@@ -198,14 +198,17 @@ def test_a_rank_without_tasks_keeps_what_its_gradients_carried_and_a_failed_all_
 def user_grad_worker(rank, world, init_file, out_dir):
     with gloo(rank, world, init_file):
         out = {}
-        for when in ("after", "before"):  # the rank's own term, written after or before its tasks
+        # the rank's own term, written after or before its tasks; "kept": before them, on rank 0
+        # only, and .grad not cleared between the steps (review EF)
+        for when in ("after", "before", "kept"):
             model, loss, data = mlp_problem(0)
             meta = meta_for(model, process_group=True)
             meta.reconfigure(mode="exact")
             for step in range(2):
-                meta.zero_grad()
+                if when != "kept" or step == 0:
+                    meta.zero_grad()
                 term = 0.01 * sum((p ** 2).sum() for p in model.parameters())
-                if when == "before":
+                if when == "before" or (when == "kept" and rank == 0):
                     term.backward()
                 if rank == 0 or step == 0:  # rank 1's task failed at step 1: it steps on without one
                     meta.backward(loss, loss, data[2 * step + rank], data[4])
@@ -238,6 +241,17 @@ def test_a_rank_without_tasks_sums_a_gradient_its_own_loss_wrote_since_zero_grad
     for when in ("after", "before"):
         assert all(torch.equal(a, b) for a, b in zip(ranks[0][when], ranks[1][when])), when
         assert rel_err(ranks[0][when], [p.detach() for p in model.parameters()]) < 1e-12, when
+    model, loss, data = mlp_problem(0)  # "kept": the first step's reduced gradient stays in .grad
+    meta = meta_for(model)
+    meta.reconfigure(mode="exact")
+    meta.zero_grad()
+    for step in range(2):
+        (0.01 * sum((p ** 2).sum() for p in model.parameters())).backward()
+        for rank in (0, 1) if step == 0 else (0,):
+            meta.backward(loss, loss, data[2 * step + rank], data[4])
+        meta.step()
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["kept"], ranks[1]["kept"]))
+    assert rel_err(ranks[0]["kept"], [p.detach() for p in model.parameters()]) < 1e-12
 
 
 MISMATCHES = {  # what rank 1 builds otherwise than rank 0, and the name the error gives

@@ -244,12 +244,10 @@ class MetaOptimizer:
         # The .grad tensors as the last write left them (weak reference, version): a later
         # change by other code shows (:meth:`_check_cleared`).
         self._written: Optional[List[Tuple[Tensor, Any, int]]] = None
-        # The same as the last step() left them (None after zero_grad()): what a rank that runs
-        # no task before the next step still holds of them untouched is carried (_synchronize).
-        self._stepped: Optional[List[Tuple[Tensor, Any, int]]] = None
-        if self.distributed:  # gradients held before the first step are carried as a step's are
-            self._stepped = [(p, weakref.ref(p.grad), p.grad._version) for p in self.meta_parameters()
-                             if p.grad is not None]
+        # With a process_group: copies of the gradients the last reduction left (the same on
+        # every rank), with the .grad tensors (weak reference, version) that held them; None
+        # after zero_grad(). What .grad still holds of them is carried (:meth:`_kept_carried`).
+        self._kept: Optional[List[Tuple[Tensor, Tensor, Any, int]]] = None
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
         self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
@@ -294,7 +292,7 @@ class MetaOptimizer:
         state["_slow_ops"] = None
         # The last task's .grad, by weak reference (reduction="mean" checks whether it was cleared):
         # a copy does not check its next task.
-        state["_written"] = state["_stepped"] = None
+        state["_written"] = state["_kept"] = None
         return state
 
     def reconfigure(self, **changes) -> None:
@@ -455,6 +453,7 @@ class MetaOptimizer:
         """
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._forget_tasks()
+        self._kept = None
 
     def _forget_tasks(self) -> None:
         """Forget the tasks since the last step: their count, their ``q="auto"``
@@ -510,20 +509,26 @@ class MetaOptimizer:
         if self._tasks or self._reduced or self._carried is not None or not (
                 self.distributed or self._reduction == "mean"):
             return None
+        if self.distributed:  # every rank alike, tasks or none: what the last reduction left
+            self._prune_kept()  # (zeroed in place since then: seen before the tasks write)
+            return None
         with torch.no_grad():
-            if self.distributed:  # every rank alike, tasks or none: what is untouched since the last step
-                return self._untouched() or None
             held = [(p, p.grad.clone()) for p in meta if p.grad is not None]
         return held or None
 
-    def _untouched(self) -> List[Tuple[Tensor, Tensor]]:
-        """Copies of the gradients that ``.grad`` holds as the last :meth:`step` (or the
-        constructor) left them: the same tensor at the same version. With a
-        ``process_group`` only these are carried: a rank that runs no task before the
-        next step cannot tell a gradient written by a loss of the user's before the tasks
-        from one written after them, so both are summed on every rank."""
-        return [(p, p.grad.clone()) for p, ref, version in self._stepped or ()
-                if p.grad is not None and p.grad is ref() and p.grad._version == version]
+    def _prune_kept(self) -> None:
+        """Drop from :attr:`_kept` the gradients ``.grad`` no longer holds: set to ``None``,
+        replaced by another tensor, or zeroed in place (changed since, and all zero: one
+        read for all). With a ``process_group`` the rest is carried, on every rank alike
+        (the last reduction left the same gradients everywhere): what is written since, by
+        the tasks or by a loss of the user's, before or after them, is summed."""
+        kept = [(p, g, ref, v) for p, g, ref, v in self._kept or () if p.grad is not None and p.grad is ref()]
+        changed = [i for i, (p, _, _, v) in enumerate(kept) if p.grad._version != v]
+        if changed:
+            held = _any_nonzero_each([kept[i][0] for i in changed])
+            gone = {i for i, h in zip(changed, held) if not h}
+            kept = [k for i, k in enumerate(kept) if i not in gone]
+        self._kept = kept or None
 
     def _record(self, meta: List[Tensor]) -> None:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
@@ -803,7 +808,7 @@ class MetaOptimizer:
         self._check_cleared(self.meta_parameters())  # tasks discarded through the outer optimizer
         self._check_pending_buffers()
         if closure is None:
-            tasks, reduced = self._tasks, self._reduced
+            tasks, reduced, kept = self._tasks, self._reduced, self._kept
             saved = [] if reduced or not self._changes() else _gradients(self.meta_parameters())
             try:
                 if not reduced:
@@ -812,13 +817,15 @@ class MetaOptimizer:
             except BaseException:
                 _put_back(saved)
                 self._tasks, self._reduced = tasks, reduced
+                if saved:  # .grad as before the reduction: so is what it carries
+                    self._kept = kept
                 raise
         else:
             def reduced():
                 # The closure computes the gradients again (it zeroes them first, through
                 # meta.zero_grad() or the outer optimizer's): the mean is over its tasks.
                 pending = (self._tasks, self._reduced, self._observations, self._buffers,
-                           self._holding, self._carried, self._written)
+                           self._holding, self._carried, self._written, self._kept)
                 meta = self.meta_parameters()
                 # Weak references: a closure that sets .grad to None frees the old gradients.
                 grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
@@ -837,9 +844,9 @@ class MetaOptimizer:
                     if untouched and had_values is not None and bool(had_values):
                         untouched = bool(_any_nonzero(meta))
                     if untouched and not (self._tasks or self._reduced):
+                        # it failed at once: the tasks stay pending
                         (self._tasks, self._reduced, self._observations, self._buffers,
-                         self._holding, self._carried, self._written) = pending  # it failed at once:
-                        # the tasks stay pending
+                         self._holding, self._carried, self._written, self._kept) = pending
                     # else .grad holds what this evaluation left (zeroed, its tasks), and so
                     # does the count
                     raise
@@ -847,9 +854,6 @@ class MetaOptimizer:
                 return out
             result = self.optimizer.step(reduced)
         self._tasks, self._reduced, self._carried, self._written = 0, False, None, None
-        if self.distributed:
-            self._stepped = [(p, weakref.ref(p.grad), p.grad._version) for p in self.meta_parameters()
-                             if p.grad is not None]
         if self.q_stats is not None:
             observations = self._observations
             if self.distributed:
@@ -916,16 +920,14 @@ class MetaOptimizer:
         if self.distributed:  # before anything changes: the collectives pair up only then
             distributed.check_alike(self._marks(meta), self.process_group, meta[0].device if meta else None)
         total = self._tasks
-        # What .grad held before this step's tasks is neither summed nor divided (_carry). A rank
-        # that ran none carries what it holds untouched since the last step (a gradient cleared or
-        # written since then, by a loss of the user's, is summed, as on the ranks with tasks).
-        carried = []
-        if self._changes():
-            if not self._tasks and self._carried is None and self.distributed:  # (kept for a retry)
-                with torch.no_grad():
-                    self._carried = self._untouched() or None
-            carried = [(p, c) for p, c in self._carried or ()
-                       if p.grad is not None and p.grad.shape == c.shape]
+        # What .grad held before this step's tasks is neither summed nor divided (_carry); with a
+        # process group, what it still holds of the last reduction's gradients (_prune_kept).
+        if self.distributed:
+            self._prune_kept()
+            held = [(p, g) for p, g, _, _ in self._kept or ()]
+        else:
+            held = self._carried or () if self._changes() else ()
+        carried = [(p, c) for p, c in held if p.grad is not None and p.grad.shape == c.shape]
         if saved is None and self.distributed:
             saved = _gradients(meta)
         try:
@@ -944,6 +946,10 @@ class MetaOptimizer:
             raise
         self._tasks, self._reduced, self._reduced_total = 0, True, total
         self._record(meta)
+        if self.distributed:
+            with torch.no_grad():
+                self._kept = [(p, p.grad.clone(), weakref.ref(p.grad), p.grad._version)
+                              for p in meta if p.grad is not None] or None
         return total
 
     def _marks(self, meta: List[Tensor]) -> Dict[str, int]:
