@@ -246,7 +246,7 @@ class MetaOptimizer:
         self._written: Optional[List[Tuple[Tensor, Any, int]]] = None
         # With a process_group: copies of the gradients the last reduction left (the same on
         # every rank), with the .grad tensors (weak reference, version) that held them; None
-        # after zero_grad(). What .grad still holds of them is carried (:meth:`_kept_carried`).
+        # after zero_grad(). What .grad still holds of them is carried (:meth:`_prune_kept`).
         self._kept: Optional[List[Tuple[Tensor, Tensor, Any, int]]] = None
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
         self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
@@ -1205,12 +1205,10 @@ def _observation_specs():
     return _spec(first), _spec(exact)
 
 
-def _gradients(params: Sequence[Tensor], held_only: bool = False) -> List[Tuple[Tensor, Optional[Tensor]]]:
-    """``(parameter, a copy of its .grad)`` for each of ``params`` (``None`` for none;
-    with ``held_only``, only those that hold one)."""
+def _gradients(params: Sequence[Tensor]) -> List[Tuple[Tensor, Optional[Tensor]]]:
+    """``(parameter, a copy of its .grad)`` for each of ``params`` (``None`` for none)."""
     with torch.no_grad():
-        return [(p, None if p.grad is None else p.grad.clone()) for p in params
-                if p.grad is not None or not held_only]
+        return [(p, None if p.grad is None else p.grad.clone()) for p in params]
 
 
 def _put_back(saved: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> None:
