@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.harness import ROOT, add_sizes
+from benchmarks.harness import ROOT, add_sizes, provenance, provenance_line
 
 # Each benchmark's --quick budget in seconds on 2 CPU cores (one torch thread each), at most 480 s in
 # all: one main-job run on a shared machine, rounded up. The main job runs sinusoid and digits with
@@ -30,9 +30,10 @@ QUICK_ARGS = {"sinusoid": ["--iters", "100", "--eval-every", "20"],
 BENCHMARKS = tuple(BUDGETS)
 
 
-def collect(out: str, names, status: dict) -> str:
-    """One Markdown report from the benchmarks' own reports, image links pointed into their folders."""
-    lines = ["# torch_ufom benchmark report", ""]
+def collect(out: str, names, status: dict, source: str = "") -> str:
+    """One Markdown report from the benchmarks' own reports, image links pointed into their folders;
+    ``source``: what produced it (:func:`~benchmarks.harness.provenance_line`)."""
+    lines = ["# torch_ufom benchmark report", ""] + ([source, ""] if source else [])
     for name in names:
         lines += [f"## {name}", "", f"_{status[name]['text']}_", ""]
         md = os.path.join(out, name, f"{name}.md")
@@ -68,10 +69,11 @@ def main(argv=None) -> int:
         status[name] = {"exit_status": code, "seconds": seconds, "budget_s": BUDGETS[name],
                         "over_budget": size == "quick" and seconds > BUDGETS[name], "text": text}
         print(f"-- {name}: {text}", flush=True)
+    info = provenance()
     with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(collect(args.out, args.only, status))
+        f.write(collect(args.out, args.only, status, provenance_line(info)))
     with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump({"size": size, "benchmarks": status}, f, indent=1)
+        json.dump({"size": size, "provenance": info, "benchmarks": status}, f, indent=1)
     print(f"report: {os.path.join(args.out, 'report.md')}")
     return failed
 

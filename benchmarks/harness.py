@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Opt
 
 import torch
 
-MB = 2 ** 20  # the reports' "MB" are MiB
+MB = 2 ** 20  # one MiB: the reports give memory in MiB
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -137,9 +137,10 @@ def interleave(rows: Mapping[str, Callable[[], Any]], rounds: int, device: str =
                min_seconds: float = 0.0) -> Dict[str, List[Sample]]:
     """Time ``rows`` round-robin, ``rounds`` rounds and more until ``min_seconds`` passed; return each
     row's samples. A round calls every row once (``per_round[name]`` times where given), call by call:
-    its ``i``-th pass calls each row that has an ``i``-th call, in the rows' order on even passes and
-    in reverse on odd ones, so that rows with the same count alternate (A B, B A, ...) and the ``k``-th
-    calls of two such rows ran next to each other. A row in ``micro_rows`` gives one :func:`micro`
+    its ``i``-th pass calls each row that has an ``i``-th call, in the rows' order where ``i`` plus the
+    round's index is even and in reverse where it is odd, so that rows with the same count alternate
+    (A B, B A, ...; one call per round: A B in even rounds, B A in odd ones) and the ``k``-th calls of
+    two such rows ran next to each other. A row in ``micro_rows`` gives one :func:`micro`
     sample of that many calls (sub-millisecond rows), in the first pass."""
     per_round, micro_rows = per_round or {}, micro_rows or {}
     times: Dict[str, List[Sample]] = {name: [] for name in rows}
@@ -148,7 +149,7 @@ def interleave(rows: Mapping[str, Callable[[], Any]], rounds: int, device: str =
     start, done = time.perf_counter(), 0
     while done < rounds or time.perf_counter() - start < min_seconds:
         for i in range(passes):
-            for name in (order if i % 2 == 0 else order[::-1]):
+            for name in (order if (i + done) % 2 == 0 else order[::-1]):
                 if name in micro_rows:
                     if i == 0:
                         times[name].append(micro(rows[name], micro_rows[name]))
@@ -391,11 +392,37 @@ def fmt(x: Optional[float], spec: str = ".4g", unit: str = "", none: str = "-") 
     return none if x is None else f"{x:{spec}}{unit}"
 
 
+def provenance() -> Dict[str, Any]:
+    """What produced a report: the commit of the checkout (``None`` outside git), whether files
+    tracked by git differ from it (``dirty``), Python, torch, and the thread settings."""
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return {"commit": commit, "dirty": None if status is None else bool(status),
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "env": env}
+
+
+def provenance_line(info: Mapping[str, Any]) -> str:
+    """:func:`provenance` in one line of Markdown."""
+    commit = info["commit"] or "not a git checkout"
+    dirty = " (with uncommitted changes to tracked files)" if info["dirty"] else ""
+    env = ", ".join(f"{k}={v}" for k, v in info["env"].items() if v is not None) or "no thread variables set"
+    return (f"Commit `{commit}`{dirty}; Python {info['python']}, torch {info['torch']}, "
+            f"{info['torch_threads']} torch thread(s) in the reporting process, {env}.")
+
+
 def write_report(args, name: str, template: str, fields: Mapping[str, Any], data: Mapping[str, Any],
                  targets: Sequence[Target] = (), figures: Sequence[str] = ()) -> Dict[str, Any]:
     """Write ``<out>/<name>.md`` (``template`` filled from ``fields``, ``command``, ``torch``, ``device``
-    and ``threads``, then the targets, time, load and figures) and ``<out>/<name>.json`` (``data``, the
-    targets and the command); return the JSON data."""
+    and ``threads``, then the targets, :func:`provenance`, time, load and figures) and
+    ``<out>/<name>.json`` (``data``, the targets, the command and the provenance); return the JSON data."""
     os.makedirs(args.out, exist_ok=True)
     command = " ".join([f"python -m benchmarks.{name}"] + args.argv)
     text = template.format(**{**fields, "command": command, "device": args.device, "threads": args.threads,
@@ -403,9 +430,12 @@ def write_report(args, name: str, template: str, fields: Mapping[str, Any], data
     if targets:
         text += "\n" + "\n".join(f"- Target: {t.text}" for t in targets) + "\n"
     seconds, load = time.perf_counter() - args.start, os.getloadavg()
+    info = provenance()
+    text += f"\n{provenance_line(info)}\n"
     text += f"\nTotal {seconds:.0f} s; load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}.\n"
     text += "".join(f"\n![{os.path.basename(f)}]({os.path.basename(f)})\n" for f in figures)
-    out = {"command": command, "size": args.size, "seconds": seconds, "load_average": load, **data,
+    out = {"command": command, "size": args.size, "seconds": seconds, "load_average": load,
+           "provenance": info, **data,
            "targets": [t.as_dict() for t in targets]}
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(text)

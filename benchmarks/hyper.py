@@ -287,7 +287,7 @@ def table(runs: Dict[str, Dict[str, Any]]) -> Tuple[str, List[str]]:
         if method == "torch_maml":
             notes.append(f"torch_maml at steps={steps}: checkpoint every {r['checkpoint_steps']} steps.")
     return markdown_table(["method", "steps", "val loss start -> end", "end vs exact", "wall (s)",
-                           "CPU (s)", "CPU s / outer step", "peak memory (MB)", "peak / exact",
+                           "CPU (s)", "CPU s / outer step", "peak memory (MiB)", "peak / exact",
                            "exact branches", "inner fwd / rev per outer step", "1st hypergrad vs exact"],
                           rows, "lrlrrrrrrrrr"), notes
 
@@ -344,7 +344,7 @@ def main(argv=None) -> Dict[str, Any]:
               for s in args.steps]
     panels.append({"series": {LABELS[m]: (args.steps, [max(runs[f"{m}/{s}"]["peak_mb"], 1e-2)
                                                        for s in args.steps]) for m in methods},
-                   "title": "peak memory above baseline", "xlabel": "inner steps", "ylabel": "MB",
+                   "title": "peak memory above baseline", "xlabel": "inner steps", "ylabel": "MiB",
                    "logx": True, "logy": True})
     figure = plot_panels(os.path.join(args.out, f"{NAME}.png"), panels, ncols=len(panels),
                          title=f"Learned per-parameter inner rates on digits, hidden {args.hidden}")

@@ -6,7 +6,8 @@ of the query loss w.r.t. the initial parameters. Rows ``method[+rule]/memory``: 
 ``exact``, ``ufomK`` (ufom, ``force_truncation=steps``), ``higher``, ``inplace`` (issue 13's
 hand-written first-order loop), ``unroll`` (a hand-written exact unroll: ``functional_call``, one
 graph, one backward); rules ``+momentum``, ``+adam``, ``+lr`` (a learned rate per tensor);
-memory ``checkpoint``, ``store``, ``recompute``, ``maxNMiB`` (``max_memory=N MiB``) or ``-``.
+memory ``checkpoint``, ``store``, ``recompute``, ``maxNMiB`` (``max_memory=N MiB``), ``slotsN``
+(``memory="checkpoint", slots=N``) or ``-``.
 Every measurement runs in a child forked from one worker (:func:`run_jobs`); :func:`outer_step`,
 :func:`time_rows` and :func:`run_jobs` also serve :mod:`benchmarks.speed`.
 """
@@ -43,9 +44,14 @@ MOMENTUM, ADAM_LR = 0.9, 1e-3  # the +momentum and +adam rows' rules, torch_ufom
 DEFAULT_MEMORY = inspect.signature(torch_ufom.MetaOptimizer).parameters["memory"].default
 OTHER_BUDGETS = ("max16MiB", "max128MiB")  # the steps=1000 table's byte budgets beside the default
 UFOM_DRAWS, MAX_DRAWS = 20, 200  # ufom draws per row in the rounds, at least; in all, at most
+MIN_EXACT = 3  # ufom's exact draws per row, at least (extra rounds of ufom and fom until drawn)
 REPEAT = 3  # calls per round of a target's two rows (alternated call by call and paired)
 AT, LONG = 100, 1000  # the steps of issue 13's rows
-ITEM_3_ROWS = ("exact/store", "ufomK/store", "exact/checkpoint", "ufomK/checkpoint")
+# Item 3 compares ufom's exact branch with exact under store and under checkpointing. At steps=100 the
+# default byte budget keeps every graph (checkpoint runs what store runs), so the checkpointing pair
+# fixes 8 slots, the default when issue 13 was filed: 245 replayed inner steps per sweep.
+ITEM_3_MEMORIES = ("store", "slots8")
+ITEM_3_ROWS = tuple(f"{m}/{x}" for x in ITEM_3_MEMORIES for m in ("exact", "ufomK"))
 UFOM_K_VS_EXACT, UFOM_K_PEAK, UFOM_VS_FOM = 1.03, 1.05, 1.30
 LONG_PEAK_VS_STORE, LONG_TIME_VS_STORE = 0.25, 2.0
 # (steps, rounds, max replay, the other budgets timed in the rounds) per size; the last steps value
@@ -65,10 +71,14 @@ per parameter tensor; `inplace+momentum`, `inplace+adam`: the hand-written loop 
 correction), the `/ inplace` and `/ higher` bases of the rows with that rule), float32, seed {seed}.
 Times: medians over {rounds} round-robin rounds of all rows with the same steps in one process
 (spread: half the inter-quartile range); `ufom`: the expectation
-(1-q) x median first-order draw + q x median exact draw (E); `ufomK`: ufom with its exact branch forced
-(K = steps); (1 call): one call timed after the peak-measuring one, in its process, not in the rounds;
-item 3's four rows run 3 calls per round. A round calls the rows call by call, alternating their order
-(A B, B A, ...). Ratios
+(1-q) x median first-order draw + q x median exact draw (E), its first-order draws those of the
+rounds (the spread is theirs), its exact draws those of the rounds and of extra rounds run until it
+drew {min_exact}, each extra round interleaving `ufom` with `fom`; `ufomK`: ufom with its exact branch
+forced (K = steps); (1 call): one call timed after the peak-measuring one, in its process, not in the
+rounds; item 3's four rows (store, and checkpointing with 8 fixed slots, `slots8`: at steps {at} the
+default budget keeps every graph, so `checkpoint` runs what `store` runs) run 3 calls per round. A
+round calls the rows call by call, alternating their order (A B, B A, ...; rows with one call per
+round: A B in even rounds, B A in odd ones). Ratios
 use {basis} time; the targets' time ratios pair calls that ran next to each other (the median of the
 two rows' per-call ratios; for `ufom`, (1-q) x that median for its first-order draws against `fom` +
 q x median exact call / median fom, the exact calls being ufom's exact draws and the calls of `ufomK`
@@ -133,11 +143,14 @@ def optim_rule(rule: str, params) -> torch.optim.Optimizer:
 
 
 def memory_args(memory: str) -> Dict[str, Any]:
-    """MetaOptimizer's keywords for a row's memory part (``-``, a memory setting or ``maxNMiB``)."""
+    """MetaOptimizer's keywords for a row's memory part (``-``, a memory setting, ``maxNMiB`` or
+    ``slotsN``: checkpointing with ``N`` fixed slots)."""
     if memory == "-":
         return {}
     if memory.startswith("max") and memory.endswith("MiB"):
         return {"max_memory": int(memory[3:-3]) * MB}
+    if memory.startswith("slots"):
+        return {"memory": "checkpoint", "slots": int(memory[5:])}
     return {"memory": memory}
 
 
@@ -233,11 +246,13 @@ def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: in
               repeat: Sequence[str] = ()) -> Dict:
     """Time ``rows`` (``"method/memory"``) at ``steps`` round-robin in this process, after a warm-up
     at ``steps=1``. ``ufom``, ``fom`` and ``inplace`` run ``ceil(UFOM_DRAWS / rounds)`` calls per round;
-    ``ufom`` then draws until ``min_exact`` draws took the exact branch and one did not (at most
-    ``MAX_DRAWS``); the rows in ``repeat`` (a target's pair) run ``REPEAT`` calls per round. ``micro``
-    adds ``t_grad`` and ``t_hvp`` to the rounds.
-    Returns ``{row: {"times": [[wall, cpu], ...], "per_round", "truncations", "fwd", "rev"}}``
-    (``ufom`` rows: extra draws after the rounds).
+    ``ufom`` rows then run more rounds, interleaved with ``fom`` (whose extra calls are not kept), until
+    ``min_exact`` draws took the exact branch and one did not (at most ``MAX_DRAWS``); the rows in
+    ``repeat`` (a target's pair) run ``REPEAT`` calls per round. ``micro`` adds ``t_grad`` and ``t_hvp``
+    to the rounds.
+    Returns ``{row: {"times": [[wall, cpu], ...], "per_round", "in_rounds", "truncations", "fwd",
+    "rev"}}``: the first ``in_rounds`` samples ran in the rounds with every row (``ufom`` rows: then
+    the extra draws).
     """
     keep_freed_memory()
     with torch_threads(threads):
@@ -256,16 +271,26 @@ def time_rows(model: str, rows: Sequence[str], steps: int, rounds: int, seed: in
         per_round = {r: draws for r in fns if r.split("/")[0] in ("ufom", "fom", "inplace")}
         per_round.update({r: REPEAT for r in repeat if r in fns and r not in per_round})
         times = interleave({**fns, **tiny}, rounds, device, per_round, {k: 5 for k in tiny}, min_seconds)
+        in_rounds = {row: len(ts) for row, ts in times.items()}
+
+        def short(row):  # a ufom row still without its draws of both kinds
+            ks = out[row]["truncations"]
+            return len(ks) < MAX_DRAWS and (ks.count(steps) < min_exact or 0 not in ks)
+        while lacking := [r for r in fns if r.startswith("ufom/") and short(r)]:
+            more = {r: fns[r] for r in lacking + (["fom/-"] if "fom/-" in fns else [])}
+            got = interleave(more, 1, device, {r: per_round.get(r, 1) for r in more})
+            for row, ts in got.items():  # fom's extra calls ran beside ufom's but are not its samples
+                if row.startswith("ufom/"):
+                    times[row] += ts
         for row, ts in times.items():
             if row in tiny:
                 out[row] = {"times": [list(s) for s in ts]}
                 continue
-            ks = out[row]["truncations"]
-            while (row.startswith("ufom/") and len(ks) < MAX_DRAWS
-                   and (ks.count(steps) < min_exact or 0 not in ks)):
-                ts.append(clock(fns[row], device))
+            del out[row]["truncations"][len(ts):]  # fom's extra calls are logged too: drop them
+            del out[row]["fwd"][len(ts):], out[row]["rev"][len(ts):]
             out[row]["times"] = [list(s) for s in ts]
             out[row]["per_round"] = per_round.get(row, 1)  # samples per round, in round order
+            out[row]["in_rounds"] = in_rounds[row]  # the samples of the rounds; then ufom's extra draws
     return out
 
 
@@ -280,19 +305,23 @@ def _logged(step, log):
 
 
 def summarise(row: str, steps: int, r: Dict) -> Dict[str, Any]:
-    """A row's time per outer step from its samples: medians (``ufom``: the expectation ``(1 - q)
-    median(first-order draws) + q median(exact draws)``, ``raw_wall``/``raw_cpu`` the plain means) and
-    the inner step counts."""
-    s = stats(r["times"])
+    """A row's time per outer step from its samples in the rounds: medians and spread; ``ufom``: the
+    expectation ``(1 - q) median(first-order draws in the rounds) + q median(exact draws, in the
+    rounds and after)``, the spread that of its first-order draws in the rounds, ``raw_wall`` /
+    ``raw_cpu`` the plain means of its draws in the rounds; and the inner step counts."""
+    n = r.get("in_rounds", len(r["times"]))
     ks = r.get("truncations", [])
+    s = stats(r["times"][:n])
     if row.startswith("ufom/"):
+        fo = [t for t, k in zip(r["times"][:n], ks) if k == 0]
+        if fo:
+            s = stats(fo)
         for i, c in enumerate(("wall", "cpu")):
-            fo = [t[i] for t, k in zip(r["times"], ks) if k == 0]
             ex = [t[i] for t, k in zip(r["times"], ks) if k == steps]
-            s[f"raw_{c}"] = statistics.fmean(t[i] for t in r["times"])
+            s[f"raw_{c}"] = statistics.fmean(t[i] for t in r["times"][:n])
             if fo and ex:
-                s[c] = (1 - Q) * statistics.median(fo) + Q * statistics.median(ex)
-        s.update(expected=True, n_exact=ks.count(steps))
+                s[c] = (1 - Q) * statistics.median(t[i] for t in fo) + Q * statistics.median(ex)
+        s.update(expected=True, n_exact=ks.count(steps), n=n)
     if ks:
         by_k = {k: (f, b) for k, f, b in zip(ks, r["fwd"], r["rev"])}
         s["inner"] = " or ".join(f"{f} / {b}" for _, (f, b) in sorted(by_k.items()))
@@ -325,9 +354,10 @@ def rows_for(steps: int, max_replay: int, methods: Sequence[str], memories=MEMOR
 
 def short_rows(steps: int, max_replay: int) -> tuple:
     """``(rows, notes)`` of the first table: the methods under every memory setting, ufom's forced
-    exact branch under store and checkpoint, and exact and ufomK with the other rules under store."""
+    exact branch under store and checkpoint, item 3's rows (``ITEM_3_ROWS``), and exact and ufomK
+    with the other rules under store."""
     rows, notes = rows_for(steps, max_replay, ("inplace", "higher", "fom", "ufom", "exact"))
-    rows += [f"ufomK/{m}" for m in ("store", "checkpoint")]
+    rows += [f"ufomK/{m}" for m in ("store", "checkpoint")] + [r for r in ITEM_3_ROWS if r not in rows]
     rows += [f"{m}+{rule}/store" for rule in RULES for m in ("exact", "ufomK")]
     rows += [f"{m}+{rule}/-" for rule in FOM_RULES for m in ("inplace", "fom")]
     if any(r == "higher/-" for r in rows):  # the peer's exact unroll with the same rules
@@ -355,8 +385,8 @@ def measure_peaks(rows: Sequence[str], steps: Sequence[int], seed: int, device: 
 def _map_large_blocks() -> None:
     """Map every block of 32 KiB or more on its own (glibc's ``M_MMAP_THRESHOLD``; a no-op elsewhere),
     so that the peak RSS follows live memory: at 256 KiB the 80 KB activations and gradients of the
-    MLP came from a fragmented heap, and five identical calls peaked 81-86 MB (exact/store at 100
-    steps); at 32 KiB 77.7-77.9 MB. (With glibc's defaults identical calls peaked 99-116 MB.)"""
+    MLP came from a fragmented heap, and five identical calls peaked 81-86 MiB (exact/store at 100
+    steps); at 32 KiB 77.7-77.9 MiB. (With glibc's defaults identical calls peaked 99-116 MiB.)"""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 32 * 1024)  # M_MMAP_THRESHOLD
 
@@ -433,9 +463,10 @@ def expected_ratio(ufom: Dict, fom: Dict, steps: int, basis: str,
     ``(1 - Q)`` x the median of ufom's first-order draws over fom's calls (call by call where both
     ran as many calls per round, :func:`~benchmarks.harness.interleave` alternating them; else each
     the round's median) ``+ Q`` x median exact call / median fom call; ``None`` without both kinds
-    of draws. The exact calls are ufom's draws that took ``K = steps`` and, given ``forced`` (the
-    ``ufomK`` row under the same memory setting, timed in the same rounds), its calls too: the same
-    work, forced instead of drawn. At ``q = 0.1`` ufom draws one to three exact branches, and
+    of draws. The first-order draws are those of the rounds, the exact calls ufom's draws that took
+    ``K = steps`` (in the rounds, and in the extra rounds that interleave ufom with fom) and, given
+    ``forced`` (the ``ufomK`` row under the same memory setting, timed in the same rounds), its calls
+    too: the same work, forced instead of drawn. At ``q = 0.1`` ufom draws one to three exact branches, and
     neighbouring calls can differ by 40 % on a loaded machine; ``forced`` adds its calls from every
     round."""
     i = ("wall", "cpu").index(basis)
@@ -471,7 +502,7 @@ def targets(results: Dict[str, Dict], basis: str, samples: Optional[Dict[str, Di
         ra, rb = results.get(f"{a}@{steps}", {}), results.get(f"{b}@{steps}", {})
         return ra[key] / rb[key] if key in ra and key in rb and rb[key] > 0 else None
     out = []
-    for m in ("store", "checkpoint"):
+    for m in ITEM_3_MEMORIES:
         out += [Target(f"item 3: ufomK/{m} {basis} time / exact/{m} at steps={AT}",
                        ratio(f"ufomK/{m}", f"exact/{m}", AT), UFOM_K_VS_EXACT),
                 Target(f"item 3: ufomK/{m} peak memory / exact/{m} at steps={AT}",
@@ -517,7 +548,7 @@ def tables(results: Dict[str, Dict], basis: str, long_steps) -> tuple:
         short.append([row, steps, *_cells(r),
                       *(fmt(ref[m] and r[basis] / ref[m], ".2f", "x", "n/a") for m in ("higher", "inplace")),
                       vs_exact, _inner(r)])
-    head = ["row", "steps", "wall / outer step (s)", "CPU / outer step (s)", "spread", "peak memory (MB)"]
+    head = ["row", "steps", "wall / outer step (s)", "CPU / outer step (s)", "spread", "peak memory (MiB)"]
     return (markdown_table(head + [f"{basis} / higher", f"{basis} / inplace", "ufomK / exact: time / peak",
                                    "inner fwd / rev"], short, "lrrrrrrrrr"),
             markdown_table(head + [f"{basis} / store", "peak / store", "inner fwd / rev"], long, "lrrrrrrrr"))
@@ -558,7 +589,7 @@ def main(argv=None) -> Dict[str, Any]:
     groups = [rows_all] if args.size == "tiny" else sorted(([x] for x in rows_all), key=lambda g: -g[0][1])
     with ThreadPoolExecutor(max_workers=2) as pool:
         timing = pool.submit(run_fresh, f"benchmarks.{NAME}", worker_args({"jobs": [
-            dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds, min_exact=3,
+            dict(task="times", model="mlp", rows=rows, steps=steps, rounds=rounds, min_exact=MIN_EXACT,
                  repeat=ITEM_3_ROWS if steps == AT else (), **common)
             for steps, rows in timed]}))
         timed_rows = {(r, n) for n, rs in timed for r in rs}
@@ -578,11 +609,12 @@ def main(argv=None) -> Dict[str, Any]:
     widths = "-".join(map(str, problems.MLP_WIDTHS))
     params = sum(a * b + b for a, b in zip(problems.MLP_WIDTHS[:-1], problems.MLP_WIDTHS[1:]))
     budgets = ", ".join(f"`{b}`" for b in OTHER_BUDGETS) + " (`max_memory=` in bytes)"
-    fields = dict(widths=widths, params=params, lr=INNER_LR, seed=args.seed, rounds=rounds, basis=basis,
-                  table=short, long_table=long, short=", ".join(map(str, steps_list[:-1] or steps_list)),
-                  long=long_steps or "-", default=DEFAULT_MEMORY, budgets=budgets,
+    fields = dict(at=AT, widths=widths, params=params, lr=INNER_LR, seed=args.seed, rounds=rounds,
+                  basis=basis, table=short, long_table=long,
+                  short=", ".join(map(str, steps_list[:-1] or steps_list)),
+                  long=long_steps or "-", default=DEFAULT_MEMORY, budgets=budgets, min_exact=MIN_EXACT,
                   notes="".join(f"\n- {n}" for n in notes))
-    return write_report(args, NAME, TEMPLATE, fields, {"rows": results, "notes": notes,
+    return write_report(args, NAME, TEMPLATE, fields, {"rows": results, "samples": samples, "notes": notes,
                                                        "default_memory": DEFAULT_MEMORY,
                                                        "other_budgets": list(OTHER_BUDGETS)},
                         targets(results, basis, samples))

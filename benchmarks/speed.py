@@ -35,18 +35,32 @@ Device {device}, torch {torch}, {threads} thread(s); seed {seed}; inner SGD lr {
 spread: half the inter-quartile range); ratios use {basis} time: the median of the two rows' ratios
 call by call (calls that ran next to each other share their moment's load; rows with different
 calls per round: the rounds' medians), except for (E): ufom's expectation (1-q) x median
-first-order draw + q x median exact draw, a ratio of medians. `exact/store` and `higher` run 3
+first-order draw + q x median exact draw, a ratio of medians (its first-order draws those of the
+rounds, its exact draws those of the rounds and of extra rounds interleaving `ufom` with `fom` until
+it drew {min_exact}; the spread: its first-order draws'). `exact/store` and `higher` run 3
 calls per round; `inplace`, `fom` and `ufom` {draws}. The timing processes keep
 freed memory (glibc: no heap trimming), so that no row pays page
 faults for memory an earlier call gave back. *inplace*: issue 13's hand-written
 first-order loop (deep copy, autograd.grad, p.add_ under no_grad); *unroll*: a hand-written exact unroll
 (functional_call, autograd.grad with create_graph, p.add(g, alpha=-lr), one backward at the end: the
-exact rows' floor); *floor* = steps x t_grad + K x t_hvp with K = steps (exact, higher, unroll), q x steps
-(ufom), 0 (fom); *inner fwd / rev*: inner steps run without /
+exact rows' floor); *floor*: the micro-benchmarks' arithmetic per outer step, each inner step one
+t_grad (first-order) or one t_hvp (an exact step: its forward, the gradient with a graph and, in the
+sweep, the backward through it), then t_grad for the query: (steps + 1) x t_grad (fom, inplace),
+steps x t_hvp + t_grad (exact, higher, unroll), the expectation over ufom's draws (1 - q) x steps x t_grad
++ q x steps x t_hvp + t_grad (ufom); *inner fwd / rev*: inner steps run without /
 with a graph in one outer step (ufom: first-order draw or exact draw).
 
 {tables}
 {notes}"""
+
+
+def floor(method: str, steps: int, t_grad: float, t_hvp: float) -> float:
+    """The arithmetic of one outer step of ``method`` from the micro-benchmarks: each inner step one
+    ``t_grad`` (first-order) or one ``t_hvp`` (exact: ``t_hvp`` times a forward, a gradient with a graph
+    and a backward through it, what an exact step costs in the forward and the reverse sweep
+    together), then one ``t_grad`` for the query's gradient; ``ufom``: the expectation over its draws."""
+    exact = {"fom": 0.0, "inplace": 0.0, "ufom": memory.Q}.get(method, 1.0)
+    return steps * ((1 - exact) * t_grad + exact * t_hvp) + t_grad
 
 
 def analyse(raw: Dict[str, Dict], basis: str) -> Dict[str, Any]:
@@ -60,8 +74,7 @@ def analyse(raw: Dict[str, Dict], basis: str) -> Dict[str, Any]:
                  "vs_unroll": "unroll/-"}
         for r, s in rows.items():
             if micro:
-                k = {"fom": 0.0, "ufom": memory.Q * steps, "inplace": 0.0}.get(r.split("/")[0], float(steps))
-                s["floor"] = steps * micro["t_grad"] + k * micro["t_hvp"]
+                s["floor"] = floor(r.split("/")[0], steps, micro["t_grad"], micro["t_hvp"])
                 s["vs_floor"] = s[basis] / s["floor"]
             for name, base in bases.items():
                 if base not in rows:
@@ -117,8 +130,9 @@ def panels_for(model: str, results: Dict[str, Any], keys, basis: str) -> list:
         return [x for x, _ in got], [y for _, y in got]
     xs = [int(k.split("/")[1]) for k in keys]
     series = {r: points(r, basis) for r in names}
-    series["floor r (t_grad + t_hvp)"] = (xs, [x * sum(results[k]["micro"].values())
-                                               for x, k in zip(xs, keys)])
+    series["exact floor r t_hvp + t_grad"] = (xs, [floor("exact", x, *(results[k]["micro"][t] for t in
+                                                                        ("t_grad", "t_hvp")))
+                                                   for x, k in zip(xs, keys)])
     styles = {r: {"store": "--", "recompute": ":", "-": "-."}.get(r.split("/")[1], "-") for r in names}
     return [{"series": series, "title": model, "xlabel": "inner steps", "logx": True, "logy": True,
              "ylabel": f"{basis} time per outer step (s)", "styles": styles},
@@ -142,7 +156,8 @@ def main(argv=None) -> Dict[str, Any]:
     steps = {m: sorted(set(args.steps or steps.get(m, STEPS[m]))) for m in models}
     rounds = args.rounds or rounds
     conv4_steps = args.conv4_steps or conv4_steps
-    common = dict(rounds=rounds, seed=args.seed, device=args.device, threads=args.threads, min_exact=3,
+    common = dict(rounds=rounds, seed=args.seed, device=args.device, threads=args.threads,
+                  min_exact=memory.MIN_EXACT,
                   min_seconds=min_seconds)
     notes, jobs = [], []
     for model, n in [(m, n) for m in models for n in steps[m]] + [("conv4", conv4_steps)]:
@@ -178,7 +193,7 @@ def main(argv=None) -> Dict[str, Any]:
             "throughput": {k: v for k, v in tp_data.items() if k != "targets"}}
     return write_report(args, NAME, TEMPLATE + "\n" + tp_text.replace("{", "{{").replace("}", "}}"),
                         dict(seed=args.seed, lr=memory.INNER_LR, rounds=rounds, basis=basis,
-                             draws=-(-memory.UFOM_DRAWS // rounds),
+                             draws=-(-memory.UFOM_DRAWS // rounds), min_exact=memory.MIN_EXACT,
                              tables="\n".join(tables), notes="".join(f"\n- {n}" for n in notes)),
                         data, targets(results, basis, conv4_steps) + tp_data["targets"], [figure])
 

@@ -72,6 +72,33 @@ def test_speed_tiny(tmp_path):
     assert len(held) == 12 and held.count(None) == 11
 
 
+def test_the_floor_counts_each_step_once():
+    """speed.py's floor: t_grad per first-order step, t_hvp per exact step (its forward, its gradient
+    with a graph and the backward through it), one t_grad for the query; ufom's expectation."""
+    from benchmarks import memory, speed
+
+    assert speed.floor("fom", 10, 1.0, 3.0) == speed.floor("inplace", 10, 1.0, 3.0) == 11.0
+    for method in ("exact", "higher", "unroll"):
+        assert speed.floor(method, 10, 1.0, 3.0) == 31.0
+    q = memory.Q
+    assert speed.floor("ufom", 10, 1.0, 3.0) == pytest.approx(10 * ((1 - q) + q * 3.0) + 1.0)
+
+
+def test_ufom_rows_summarise_the_rounds():
+    """A ufom row's expectation takes its first-order draws from the rounds only (its extra draws
+    after them ran at another moment than the other rows) and its exact draws from all."""
+    from benchmarks import memory
+
+    at = 4
+    times = [[0.0, 2.0]] * 4 + [[0.0, 10.0]] + [[0.0, 1.0]] * 5  # 5 in the rounds, then faster extras
+    ks = [0, 0, 0, 0, at, 0, 0, 0, 0, at]
+    times[-1] = [0.0, 20.0]
+    s = memory.summarise("ufom/store", at, {"times": times, "truncations": ks, "in_rounds": 5,
+                                            "fwd": [0] * 10, "rev": [0] * 10})
+    assert s["cpu"] == pytest.approx((1 - memory.Q) * 2.0 + memory.Q * 15.0)
+    assert s["n"] == 5 and s["n_exact"] == 2 and s["raw_cpu"] == pytest.approx(18.0 / 5)
+
+
 def test_bad_arguments_are_usage_errors(capsys):
     from benchmarks import hyper, speed
 
@@ -124,8 +151,9 @@ def test_interleave_alternates_the_rows_call_by_call():
     calls = []
     rows = {name: (lambda name=name: calls.append(name)) for name in "ABC"}
     times = interleave(rows, 2, per_round={"A": 3, "B": 3})
-    # C runs once per round, in the first pass; A and B alternate: A B C, B A, A B
-    assert calls == ["A", "B", "C", "B", "A", "A", "B"] * 2
+    # C runs once per round, in the first pass; A and B alternate: A B C, B A, A B; the next round
+    # starts the other way round, so that a row with one call per round leads every other round
+    assert calls == ["A", "B", "C", "B", "A", "A", "B"] + ["C", "B", "A", "A", "B", "B", "A"]
     assert [len(times[n]) for n in "ABC"] == [6, 6, 2]
 
 

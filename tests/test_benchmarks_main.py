@@ -18,6 +18,7 @@ def test_memory_tiny_measures_every_row(tmp_path):
     assert json.loads((tmp_path / "memory.json").read_text())["rows"] == data["rows"]
     rows = data["rows"]
     short = {"inplace/-@2", "higher/-@2", "fom/-@2", "ufomK/store@2", "ufomK/checkpoint@2"}
+    short |= {f"{r}@2" for r in memory.ITEM_3_ROWS}
     short |= {f"{m}/{s}@2" for m in ("ufom", "exact") for s in memory.MEMORIES}
     short |= {f"{m}+{rule}/store@2" for rule in memory.RULES for m in ("exact", "ufomK")}
     short |= {f"{m}+{rule}/-@2" for rule in memory.FOM_RULES for m in ("inplace", "fom", "higher")}
@@ -31,6 +32,17 @@ def test_memory_tiny_measures_every_row(tmp_path):
     assert {k for k, r in rows.items() if r.get("one_call")} == {f"exact/{b}@3" for b in memory.OTHER_BUDGETS}
     for s in memory.MEMORIES:  # ufom: the expectation over both branches, from draws that took both
         assert rows[f"ufom/{s}@2"]["expected"] and rows[f"ufom/{s}@2"]["n_exact"] >= 1
+    # the samples kept: ufom's first-order draws of the rounds against fom's (its extra rounds after
+    # them ran beside calls of fom that are not fom's samples)
+    samples = data["samples"]
+    fom = samples["fom/-@2"]
+    assert fom["in_rounds"] == len(fom["times"]) == len(fom["truncations"])
+    for s in memory.MEMORIES:
+        u = samples[f"ufom/{s}@2"]
+        assert u["in_rounds"] == fom["in_rounds"] <= len(u["times"]) == len(u["truncations"])
+        assert u["truncations"].count(2) >= memory.MIN_EXACT
+    # item 3's checkpointing pair replays: its forward pass is run again in the sweep
+    assert rows["exact/slots8@2"]["fwd"] == rows["exact/store@2"]["fwd"] == 0  # 2 steps fit 8 slots
     for key, r in rows.items():  # ufomK and exact run every inner step with a graph
         if key.startswith(("ufomK", "exact")):
             assert r["rev"] == int(key.split("@")[1]), key
@@ -44,7 +56,7 @@ def test_memory_targets_follow_from_the_rows():
 
     d = memory.DEFAULT_MEMORY
     row = {"cpu": 1.0, "peak_mb": 10.0}
-    short = ("fom/-", f"ufom/{d}", "exact/store", "exact/checkpoint", "ufomK/store", "ufomK/checkpoint")
+    short = ("fom/-", f"ufom/{d}") + memory.ITEM_3_ROWS
     results = {f"{r}@{memory.AT}": dict(row) for r in short}
     results |= {f"exact/{m}@{memory.LONG}": dict(row) for m in ("store", d)}
     results[f"ufomK/store@{memory.AT}"].update(cpu=1.02, peak_mb=10.6)  # time holds, peak does not
@@ -67,6 +79,18 @@ def test_runner_writes_one_report_with_working_image_links(tmp_path):
     assert len(links) == 2 and all((tmp_path / link).is_file() for link in links)
     for name in status:
         assert json.loads((tmp_path / name / f"{name}.json").read_text())["size"] == "tiny"
+    # what produced it: the checkout's commit (CI runs a clone), Python, torch, threads
+    import subprocess
+    import torch
+    from benchmarks.harness import ROOT
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    info = json.loads((tmp_path / "report.json").read_text())["provenance"]
+    assert info["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert info["torch"] == torch.__version__ and info["torch_threads"] >= 1
+    assert f"Commit `{info['commit'] or 'not a git checkout'}`" in report
+    for name in status:
+        own = json.loads((tmp_path / name / f"{name}.json").read_text())["provenance"]
+        assert own["commit"] == info["commit"]
 
 
 def test_a_failing_benchmark_fails_the_main_job(tmp_path):
@@ -99,11 +123,12 @@ def test_memory_time_targets_pair_the_rounds():
     ufom["times"][4][1] = 5.0  # the exact draw (in round 2)
     samples = {f"fom/-@{at}": row(1.0, 2), f"ufom/{d}@{at}": ufom,
                f"exact/store@{at}": row(1.0), f"ufomK/store@{at}": row(1.02),
-               f"exact/checkpoint@{at}": row(1.0), f"ufomK/checkpoint@{at}": row(1.2)}
+               f"exact/slots8@{at}": row(1.0), f"ufomK/slots8@{at}": row(1.2),
+               f"ufomK/checkpoint@{at}": row(1.2)}
     results = {k: {"cpu": 1.0, "peak_mb": 10.0} for k in samples}
     got = {t.name.split(" at ")[0]: t.value for t in memory.targets(results, "cpu", samples)}
     assert got["item 3: ufomK/store cpu time / exact/store"] == pytest.approx(1.02)
-    assert got["item 3: ufomK/checkpoint cpu time / exact/checkpoint"] == pytest.approx(1.2)
+    assert got["item 3: ufomK/slots8 cpu time / exact/slots8"] == pytest.approx(1.2)
     # first-order draws 1.1x fom in every round; the exact calls over fom's median call (3.0): ufom's
     # exact draw (5.0) pooled with the forced row under the same memory (ufomK/checkpoint: 1.2, 1.2,
     # 3.6, 3.6, 3.6), median 3.6
