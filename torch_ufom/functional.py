@@ -32,7 +32,7 @@ from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask
                      caller_level, elementwise_rule, held_tensors, probe_batches, reads_nothing, root_of,
                      scripted, sparse_weights)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
-                         probe_steps, reads_meta_directly, select_tasks, task_of)
+                         probe_steps, reads_meta_directly, runs_optimised_script, select_tasks, task_of)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
            "Problem", "SlowOps", "resolve_hvp"]
@@ -458,6 +458,10 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
                     "nodes, which the gradients taken through torch.func.vmap would not run", True, known)
     if exact and found.once:  # the per-task loop raises (unroll.check_twice_differentiable)
         return Plan(None, f"{', '.join(found.once)} has a @once_differentiable backward", True, known)
+    if exact and runs_optimised_script(problem.model, problem.inner_loss, batches, problem.config.adapted):
+        if problem.hvp == "fwdrev":
+            raise ValueError(f"Invalid hvp: 'fwdrev' {_OPTIMISED_SCRIPT}; use 'revrev' or 'auto'")
+        return Plan(None, f"torch.func.vmap {_OPTIMISED_SCRIPT}", True, known)
     if exact and problem.hvp == "fwdrev":
         why = found.fwdrev_obstacle()
         if why:
@@ -483,6 +487,12 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
                     True, known)
     return Plan(problem._replace(hvp="fwdrev"), "forward-over-reverse HVPs: vmap differentiates "
                 f"{norms} twice wrongly (pytorch/functorch#534)", False, known, found.unread)
+
+
+_OPTIMISED_SCRIPT = ("cannot differentiate TorchScript twice (the inner loss runs a torch.jit.script "
+                     "function or module that the JIT has optimised, reached where the library's look "
+                     "at names does not see it, e.g. through a method or an attribute: its gradients "
+                     "under torch.func carry no graph)")
 
 
 _UNDER_PROFILER = ("Invalid hvp: 'fwdrev' cannot look for hooks on graph nodes under a profiler "

@@ -98,7 +98,8 @@ def scripted(module: nn.Module) -> List[str]:
     gradients ``torch.func`` computes through them carry no graph, so ``vmap``'s and
     forward-over-reverse's second derivatives come out wrong; per-task
     reverse-over-reverse is exact. (A scripted function reached otherwise, e.g. as an
-    attribute of a module, is not found.)"""
+    attribute of a module, is not found here: :func:`~torch_ufom.vectorised.runs_optimised_script`
+    finds it when it runs.)"""
     found: List[str] = []
     for n, m in module.named_modules():
         inside = any(n.startswith(f + ".") for f in found) or (found == [""] and n)

@@ -748,6 +748,50 @@ def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Ten
     return graph_reaches([loss.grad_fn], targets)
 
 
+def runs_optimised_script(module: nn.Module, inner_loss, batches: Sequence[Any], adapted=None) -> bool:
+    """Whether the inner loss runs TorchScript that the JIT has optimised into a differentiable
+    graph, however the loss reaches it (a scripted function called from a method, held as an
+    attribute, many calls deep: :func:`~torch_ufom.unroll.scripted` looks only at names):
+    evaluations at detached copies of the module's parameters under ``enable_grad``, with the
+    random states restored, whose graphs are searched for the JIT's own backward node. The JIT
+    optimises a graph once it has profiled it (``torch._C._jit_get_num_profiled_runs()``
+    runs), so each batch is evaluated that many times more, until one shows it; a function the
+    JIT leaves unfused differentiates as torch does. An error is left to the sweep."""
+    runs = getattr(torch._C, "_jit_get_num_profiled_runs", lambda: 1)() + 1
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    named = dict(module.named_parameters())
+    for batch in batches:
+        for _ in range(runs):
+            params = {n: t.requires_grad_(named[n].requires_grad)
+                      for n, t in _probe_params(module, adapted).items()}
+            fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
+            aten = _AtenProbe()  # the user's generators put back
+            try:
+                with torch.random.fork_rng(devices=devices), torch.enable_grad(), aten:
+                    loss, _ = loss_and_aux(inner_loss(fm, batch), "inner_loss")
+            except Exception:  # noqa: BLE001
+                return False
+            finally:
+                aten.restore()
+            if isinstance(loss, Tensor) and _jit_nodes([loss.grad_fn]):
+                return True
+    return False
+
+
+def _jit_nodes(starts: Sequence[Any]) -> bool:
+    """Whether autograd's graph from ``starts`` has a node of an optimised TorchScript graph."""
+    seen, stack = set(), list(starts)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "DifferentiableGraph" in node.name():
+            return True
+        stack.extend(f for f, _ in node.next_functions)
+    return False
+
+
 def wrong_under_vmap(module: nn.Module) -> set:
     """The submodules of ``module`` whose gradient ``vmap`` gets wrong, by kind
     (``_WRONG_UNDER_VMAP``'s names): found whichever loss calls them, without running one."""
