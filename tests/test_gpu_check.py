@@ -95,13 +95,35 @@ def test_a_replay_that_draws_other_masks_fails_the_replay_check(monkeypatch, tmp
 
 
 def test_flatness_allows_three_state_copies_of_growth_and_no_more():
-    copy = 1000
-    ok = gpu_check.flatness({10: 1, 100: 50_000, 1000: 53_000}, copy)
+    copy, steps = 1000, (10, 100, 1000)
+    ok = gpu_check.flatness({10: 1, 100: 50_000, 1000: 53_000}, copy, steps)
     assert ok["status"] == "pass" and ok["growth_state_copies"] == 3.0 and ok["steps"] == [100, 1000]
-    bad = gpu_check.flatness({10: 1, 100: 50_000, 1000: 53_001}, copy)
+    bad = gpu_check.flatness({10: 1, 100: 50_000, 1000: 53_001}, copy, steps)
     assert bad["status"] == "fail" and bad["growth_bytes"] == 3001
-    assert gpu_check.flatness({10: None, 100: None, 1000: None}, copy)["status"] == "n/a"
-    assert gpu_check.flatness({}, copy)["status"] == "n/a"
+    assert gpu_check.flatness({10: None, 100: None, 1000: None}, copy, steps)["status"] == "n/a"
+    # review EI (session 22): a peak that raised (out of memory at 1000 steps) made it compare the
+    # two steps that were measured, and pass
+    for peaks in ({10: 1, 100: 50_000}, {}):
+        assert gpu_check.flatness(peaks, copy, steps)["status"] == "fail"
+
+
+def test_a_cuda_device_without_an_index_is_made_current(monkeypatch, tmp_path):
+    # Review EI (session 22): torch.cuda.set_device(torch.device("cuda")) raises (no index): the GPU
+    # run would have ended before its first item. The CUDA calls are stood in for on the CPU.
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.device(d)))
+
+    def stop(*args, **kwargs):
+        raise SystemExit(7)
+    monkeypatch.setattr(gpu_check, "describe", stop)  # (the first CUDA query after it)
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--device", "cuda", "--tiny", "--parts", "sync", "--out", str(tmp_path)])
+    assert chosen == [torch.device("cuda", 0)]
+    # torch's own check, which the stand-in replaces: no index is refused before any CUDA call
+    with pytest.raises(ValueError, match="specified index"):
+        torch.cuda._utils._get_device_index(torch.device("cuda"), optional=False)
 
 
 def test_a_check_that_raises_fails_and_an_unfinished_run_says_so(tmp_path, capsys):

@@ -92,7 +92,7 @@ def resume_generator(generator: torch.Generator, state: Tensor, saved_rank: Opti
     without a group, taken as rank 0's). A state saved by another rank (a dict saved on
     rank 0 and loaded on every rank) seeds a stream of this rank's own from it instead:
     every rank would otherwise draw the same truncation points and dropout masks."""
-    generator.set_state(state)
+    generator.set_state(state.cpu())  # (a CPU tensor whatever the device: map_location may move it)
     here = rank(group)
     if (saved_rank or 0) != here:
         seed = int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device))

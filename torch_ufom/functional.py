@@ -30,7 +30,7 @@ from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
 from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem,
                      caller_level, elementwise_rule, held_tensors, probe_batches, reads_nothing, root_of,
-                     scripted, sparse_weights)
+                     scripted, sparse_weights, wrong_twice_message)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
                          probe_steps, reads_meta_directly, runs_optimised_script, select_tasks, task_of)
 
@@ -456,6 +456,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         return Plan(None, "a profiler is set (sys.setprofile: cProfile, torch.profiler with "
                     "with_stack=True), which hides from the look the hooks a loss may register on graph "
                     "nodes, which the gradients taken through torch.func.vmap would not run", True, known)
+    if exact and found.wrong_twice:  # as the per-task loop does (unroll.check_twice_differentiable)
+        raise RuntimeError(wrong_twice_message(found.wrong_twice))
     if exact and found.once:  # the per-task loop raises (unroll.check_twice_differentiable)
         return Plan(None, f"{', '.join(found.once)} has a @once_differentiable backward", True, known)
     if exact and runs_optimised_script(problem.model, problem.inner_loss, batches, problem.config.adapted):
@@ -555,7 +557,7 @@ def fwdrev_disagreement(problem: Problem, support: Any) -> str:
         # Where the gradient is zero by construction (Embedding's padding row) autograd's
         # derivatives are not symmetric; the sweep's vectors are zero there as well.
         gen = torch.Generator().manual_seed(0)
-        vec = tuple(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * (g != 0)
+        vec = tuple(torch.randn(p.shape, generator=gen, dtype=p.dtype, device="cpu").to(p.device) * (g != 0)
                     for p, g in zip(state.params, grads))
         try:
             loop.hessian_vector(state, 1, vec)

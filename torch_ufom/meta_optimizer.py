@@ -1085,8 +1085,8 @@ class MetaOptimizer:
                         distributed.rank(self.process_group)
                     distributed.resume_generator(gen, state_dict["generator"], saved_rank,
                                                  self.process_group)
-                else:
-                    gen.set_state(state_dict["generator"])
+                else:  # (a generator's state is a CPU tensor: a dict loaded onto a device is moved back)
+                    gen.set_state(state_dict["generator"].cpu())
         except BaseException:
             opt.__setstate__({"state": saved[0], "param_groups": saved[1]})
             raise
@@ -1431,8 +1431,9 @@ def _check_generator_state(state: Any, generator: Optional[torch.Generator]) -> 
         what = state.dtype if isinstance(state, Tensor) else type(state).__name__
         raise TypeError(f"Invalid {name}: {what} (expected the torch.uint8 tensor "
                         "Generator.get_state() returns)")
-    try:  # a scratch generator of the same device, so that ours is untouched
-        torch.Generator(device=generator.device).set_state(state)
+    try:  # a scratch generator of the same device, so that ours is untouched; the state is a
+        # CPU tensor whatever the generator's device (torch.load(map_location=...) may move it)
+        torch.Generator(device=generator.device).set_state(state.cpu())
     except (RuntimeError, TypeError, ValueError) as err:
         raise ValueError(f"Invalid {name}: not a valid state of a {generator.device} generator "
                          f"({err})") from None

@@ -932,13 +932,44 @@ def check_twice_differentiable(loss: Tensor, before: Sequence[Tensor] = ()) -> N
     ``before`` (the step's parameters: a chained sweep's earlier steps were walked)."""
     if loss.grad_fn is None:
         return
-    names = once_differentiable(graph_survey([loss.grad_fn], {t.grad_fn for t in before})[1])
+    stop = {t.grad_fn for t in before}
+    wrong = wrong_twice([loss.grad_fn], stop)
+    if wrong:
+        raise RuntimeError(wrong_twice_message(wrong))
+    names = once_differentiable(graph_survey([loss.grad_fn], stop)[1])
     if names:
         raise RuntimeError(
             f"inner_loss applies {', '.join(names)}, a torch.autograd.Function whose backward is "
             "marked @once_differentiable: an exact hypergradient needs its second derivative, which "
             "torch would drop silently here; write its backward with differentiable torch operations "
             "(or use mode='fom', which needs none)")
+
+
+def wrong_twice(starts: Sequence[Any], stop: set = frozenset()) -> List[str]:
+    """What in autograd's graph from ``starts`` (not past the nodes in ``stop``) torch
+    differentiates twice wrongly: an embedding lookup with ``scale_grad_by_freq=True``,
+    whose double backward drops the 1/count scaling (torch 2.11-2.13: the second
+    derivative of ``embedding_dense_backward`` is the unscaled lookup; review EJ)."""
+    seen, stack, found = set(stop), list(starts), []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "_saved_scale_grad_by_freq", False) and node.name().startswith("Embedding"):
+            name = "an embedding with scale_grad_by_freq=True"
+            if name not in found:
+                found.append(name)
+        stack.extend(f for f, _ in node.next_functions)
+    return found
+
+
+def wrong_twice_message(what: Sequence[str]) -> str:
+    """The error for :func:`wrong_twice`'s findings in an exact sweep."""
+    return (f"inner_loss differentiates {', '.join(what)}, whose second derivative torch computes "
+            "wrongly (it drops the 1/count scaling of the gradient): an exact hypergradient would be "
+            "silently wrong; use scale_grad_by_freq=False, or mode='fom', which needs no second "
+            "derivative")
 
 
 def graph_reaches(starts: Sequence[Any], leaves: set, nodes: set = frozenset()) -> bool:

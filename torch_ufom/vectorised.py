@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, from_torch_func,
                      generator_position, graph_reaches, graph_survey, is_default_generator, loss_and_aux,
-                     once_differentiable, outside_transforms, renormalises_weights, watched_loss)
+                     once_differentiable, outside_transforms, renormalises_weights, watched_loss, wrong_twice)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "probe_steps", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
@@ -598,6 +598,7 @@ class Probe(NamedTuple):
     third: frozenset = frozenset()  # normalisations whose forward-mode third derivative differs
     forward_wrong: frozenset = frozenset()  # operations whose forward-mode derivative torch gets wrong
     hooks_unseen: bool = False  # a profiler was set: hooks on graph nodes could not be looked for
+    wrong_twice: Tuple[str, ...] = ()  # what torch differentiates twice wrongly (unroll.wrong_twice)
 
     def fwdrev_obstacle(self) -> str:
         """Why forward-over-reverse HVPs would differentiate another function than the
@@ -642,7 +643,8 @@ def probe_steps(module: nn.Module, inner_loss, batches: Sequence[Any], outer_los
                       found.once + tuple(f for f in more.once if f not in found.once),
                       found.stops_gradients or more.stops_gradients, found.hooks or more.hooks,
                       found.differentiates_inside or more.differentiates_inside, found.third | more.third,
-                      found.forward_wrong | more.forward_wrong, found.hooks_unseen or more.hooks_unseen)
+                      found.forward_wrong | more.forward_wrong, found.hooks_unseen or more.hooks_unseen,
+                      found.wrong_twice + tuple(w for w in more.wrong_twice if w not in found.wrong_twice))
     return found
 
 
@@ -688,8 +690,10 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     mode.hooks |= any(h != _UNWATCHED for h in hooked)
     unread, functions = frozenset(), []
     loss = out[0] if isinstance(out, tuple) and out else out
+    twice: List[str] = []
     if isinstance(loss, Tensor) and loss.grad_fn is not None:
         reached, functions = graph_survey([loss.grad_fn])
+        twice = wrong_twice([loss.grad_fn])
         if adapted is not None:
             unread = frozenset(n for n in adapted if id(params[n]) not in reached)
     # Kernels such as batch_norm write running statistics without bumping the version.
@@ -719,7 +723,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                  mode.differentiates, unread, tuple(cls.__name__ for cls in functions),
                  tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
                  mode.differentiates_inside, frozenset(mode.third or aten.third),
-                 frozenset(aten.forward_wrong), _UNWATCHED in hooked)
+                 frozenset(aten.forward_wrong), _UNWATCHED in hooked, tuple(twice))
 
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
