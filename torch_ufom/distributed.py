@@ -64,16 +64,24 @@ def rank_generator(generator: Optional[torch.Generator], group,
                    device: Optional[torch.device] = None) -> torch.Generator:
     """A generator for this rank, seeded from one seed: ``generator``'s initial seed,
     or rank 0's global seed, mixed with the rank so that streams differ. ``device``:
-    the model's, where the collective runs under nccl."""
+    the model's, where the collective runs under nccl. A collective on every rank, with
+    or without ``generator``: ranks that pass one and ranks that do not get the same
+    ``ValueError`` (a broadcast that only some ranks ran waited for the group's timeout)."""
     import torch.distributed as dist
-    if generator is not None:
-        seed = generator.initial_seed()
-        device = generator.device
+    given = generator is not None
+    first = rank(group) == 0
+    with _on(device):
+        own = 0 if given or not first else torch.initial_seed() % (1 << 62)
+        t = torch.tensor([int(given), -int(given), own], dtype=torch.int64, device=_device(group))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # rank 0's seed: the others give 0
+        some, all_negated, seed0 = t.tolist()  # all_negated: 0 where some rank passes none
+    if some == 1 and all_negated == 0:
+        raise ValueError("Invalid generator: some ranks of the process group pass one and others "
+                         "do not; pass generator= on every rank or on none")
+    if given:
+        seed, device = generator.initial_seed(), generator.device
     else:
-        with _on(device):
-            t = torch.tensor([torch.initial_seed() % (1 << 62)], dtype=torch.int64, device=_device(group))
-            dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-        seed, device = int(t), torch.device("cpu")
+        seed, device = seed0, torch.device("cpu")
     return torch.Generator(device=device).manual_seed(_mixed(seed, rank(group)))
 
 
@@ -99,24 +107,33 @@ def resume_generator(generator: torch.Generator, state: Tensor, saved_rank: Opti
         generator.manual_seed(_mixed(seed, here))
 
 
-def check_alike(marks: Dict[str, int], group, device: Optional[torch.device] = None) -> None:
+def check_alike(marks: Dict[str, int], group, device: Optional[torch.device] = None,
+                sums: Optional[Dict[str, Tensor]] = None) -> None:
     """Raise the same ``ValueError`` on every rank of ``group`` unless every rank passes
-    the same ``marks`` (what must agree, by name, each as an int below ``2**52``): the
-    collectives that follow pair up only between ranks set up alike (gloo aborts the
+    the same ``marks`` (what must agree, by name, each as an int below ``2**52``) and the
+    same ``sums`` (checksums of values, by name, each a float64 0-d tensor on the device):
+    the collectives that follow pair up only between ranks set up alike (gloo aborts the
     process on tensors of other sizes, and a collective one rank alone runs waits for
-    the group's timeout), and ranks that reduce or estimate differently step apart.
-    One all-reduce of ``2 len(marks)`` numbers; ``device``: the model's, as for
-    :func:`gather`."""
+    the group's timeout), and ranks that reduce, estimate or hold differently step apart.
+    One all-reduce of ``2 (len(marks) + len(sums))`` numbers; ``device``: the model's, as
+    for :func:`gather`."""
     import torch.distributed as dist
-    values = [float(v) for v in marks.values()]
+    sums = sums or {}
+    names = list(marks) + list(sums)
     with _on(device):
-        t = torch.tensor(values + [-v for v in values], dtype=torch.float64, device=_device(group))
+        where = _device(group)
+        t = torch.tensor([float(v) for v in marks.values()], dtype=torch.float64, device=where)
+        if sums:
+            t = torch.cat([t, torch.stack([v.to(where, torch.float64) for v in sums.values()])])
+        t = torch.cat([t, -t])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         top = t.tolist()
-    differ = [name for i, name in enumerate(marks) if top[i] != -top[len(values) + i]]
+    differ = [name for i, name in enumerate(names) if top[i] != -top[len(names) + i]]
     if differ:
-        raise ValueError(f"Invalid process_group: the ranks' MetaOptimizers differ in {', '.join(differ)}; "
-                         "build it alike on every rank of the group (the same model and settings)")
+        raise ValueError("Invalid process_group: the ranks' MetaOptimizers differ in "
+                         f"{', '.join(differ)}; nothing was changed"
+                         + ("; build it alike on every rank of the group (the same model and settings)"
+                            if any(n in marks for n in differ) else ""))
 
 
 def sum_gradients(params: Sequence[Tensor], n_tasks: int, group) -> int:

@@ -147,12 +147,17 @@ class MetaOptimizer:
             or rank 0's global seed) and its rank, also after loading a
             ``state_dict`` another rank saved; ``q="auto"`` statistics stay
             identical on every rank. Build the optimizer alike on every rank of
-            the group: with ``generator=None`` the constructor is itself a
-            collective (it broadcasts rank 0's seed), and each reduction first
-            checks that the ranks agree on the meta-parameters' shapes and
-            dtypes, ``reduction``, the estimator (``steps`` and the truncation
-            law's probabilities), ``q="auto"`` and ``track_buffers``, raising the
-            same ``ValueError`` on every rank (nothing changed) where they do not.
+            the group: the constructor is itself a collective (it broadcasts rank
+            0's seed with ``generator=None``, and refuses on every rank a
+            ``generator`` some ranks pass and others do not), and each reduction
+            first checks that the ranks agree on the meta-parameters' shapes,
+            dtypes and values, ``reduction``, the estimator (``steps`` and the
+            truncation law's probabilities), ``q="auto"``, ``track_buffers`` and
+            the gradients carried from the last reduction, raising the same
+            ``ValueError`` on every rank (nothing changed) where they do not.
+            What ``.grad`` holds when the first gradient since the last
+            reduction arrives (a pre-hook on each meta-parameter's gradient
+            accumulator sees a ``backward()``) is carried, not summed.
         hvp: Hessian-vector products of the exact sweep: ``"auto"`` (default:
             reverse-over-reverse, the faster on every model measured, except where
             a meta-batch needs forward-over-reverse to stay exact), ``"fwdrev"`` (forward-over-reverse,
@@ -244,13 +249,19 @@ class MetaOptimizer:
         # The .grad tensors as the last write left them (weak reference, version): a later
         # change by other code shows (:meth:`_check_cleared`).
         self._written: Optional[List[Tuple[Tensor, Any, int]]] = None
-        # With a process_group: copies of the gradients the last reduction left (the same on
-        # every rank), with the .grad tensors (weak reference, version) that held them; None
-        # after zero_grad(). What .grad still holds of them is carried (:meth:`_prune_kept`).
-        self._kept: Optional[List[Tuple[Tensor, Tensor, Any, int]]] = None
+        # With a process_group: what .grad carries into the next reduction, neither summed nor
+        # divided (the same on every rank): copies of what it held when the first gradient
+        # since the last reduction arrived (:meth:`_take_kept`); None until then (all of it),
+        # [] after zero_grad() and at first (nothing).
+        self._kept: Optional[List[Tuple[Tensor, Tensor]]] = []
+        # Pre-hooks on the meta-parameters' gradient accumulators (autograd's AccumulateGrad
+        # nodes, held so that autograd keeps using them), by id: (node, handle).
+        self._accumulators: Dict[int, Tuple[Any, Any]] = {}
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
         self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
+        if self.distributed:
+            self._watch_accumulation(self.meta_parameters())
 
     # -- the resolved configuration: read-only; reconfigure() changes it --------------------
     config = property(lambda self: self._config,
@@ -292,8 +303,13 @@ class MetaOptimizer:
         state["_slow_ops"] = None
         # The last task's .grad, by weak reference (reduction="mean" checks whether it was cleared):
         # a copy does not check its next task.
-        state["_written"] = state["_kept"] = None
+        state["_written"], state["_kept"], state["_accumulators"] = None, [], {}
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.distributed:  # a copy watches its own parameters' accumulators
+            self._watch_accumulation(self.meta_parameters())
 
     def reconfigure(self, **changes) -> None:
         """Change the configuration between outer steps, keeping every other state.
@@ -453,7 +469,7 @@ class MetaOptimizer:
         """
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._forget_tasks()
-        self._kept = None
+        self._kept = []
 
     def _forget_tasks(self) -> None:
         """Forget the tasks since the last step: their count, their ``q="auto"``
@@ -509,26 +525,39 @@ class MetaOptimizer:
         if self._tasks or self._reduced or self._carried is not None or not (
                 self.distributed or self._reduction == "mean"):
             return None
-        if self.distributed:  # every rank alike, tasks or none: what the last reduction left
-            self._prune_kept()  # (zeroed in place since then: seen before the tasks write)
+        if self.distributed:  # what the last reduction left: _take_kept, at the first gradient
             return None
         with torch.no_grad():
             held = [(p, p.grad.clone()) for p in meta if p.grad is not None]
         return held or None
 
-    def _prune_kept(self) -> None:
-        """Drop from :attr:`_kept` the gradients ``.grad`` no longer holds: set to ``None``,
-        replaced by another tensor, or zeroed in place (changed since, and all zero: one
-        read for all). With a ``process_group`` the rest is carried, on every rank alike
-        (the last reduction left the same gradients everywhere): what is written since, by
-        the tasks or by a loss of the user's, before or after them, is summed."""
-        kept = [(p, g, ref, v) for p, g, ref, v in self._kept or () if p.grad is not None and p.grad is ref()]
-        changed = [i for i, (p, _, _, v) in enumerate(kept) if p.grad._version != v]
-        if changed:
-            held = _any_nonzero_each([kept[i][0] for i in changed])
-            gone = {i for i, h in zip(changed, held) if not h}
-            kept = [k for i, k in enumerate(kept) if i not in gone]
-        self._kept = kept or None
+    def _take_kept(self) -> None:
+        """With a ``process_group``, before the first gradient since the last reduction is
+        added to ``.grad`` (by a ``backward()``, through the accumulators' pre-hooks
+        (:meth:`_watch_accumulation`), or by a task): copy what ``.grad`` holds then,
+        which the next reduction carries as it is, on every rank alike. Whatever was done
+        to the reduced gradients until then (a clip, ``zero_grad``, in place or not) is in
+        the copy; everything added after it is summed over the ranks."""
+        if self._kept is None:
+            with torch.no_grad():
+                self._kept = [(p, p.grad.clone()) for p in self.meta_parameters() if p.grad is not None]
+
+    def _watch_accumulation(self, meta: List[Tensor]) -> None:
+        """Register a pre-hook on the gradient accumulator of each of ``meta`` not yet
+        watched (a leaf that requires grad): it runs :meth:`_take_kept` before autograd
+        adds a gradient to ``.grad`` (not for ``torch.autograd.grad``, which adds none)."""
+        me = weakref.ref(self)
+
+        def before(grads):
+            owner = me()
+            if owner is not None:
+                owner._take_kept()
+        for p in meta:
+            if id(p) in self._accumulators or not p.requires_grad:
+                continue
+            with torch.enable_grad():
+                node = p.view_as(p).grad_fn.next_functions[0][0]
+            self._accumulators[id(p)] = (node, node.register_prehook(before))
 
     def _record(self, meta: List[Tensor]) -> None:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
@@ -736,6 +765,8 @@ class MetaOptimizer:
         present = [(p, g) for p, g in zip(meta, grads) if g is not None]
         if not present:
             return
+        if self.distributed:
+            self._take_kept()
         carried = self._carry(meta)
         replace, in_place = [], []
         for p, g in present:
@@ -808,6 +839,10 @@ class MetaOptimizer:
         self._check_cleared(self.meta_parameters())  # tasks discarded through the outer optimizer
         self._check_pending_buffers()
         if closure is None:
+            if self.distributed and self._reduced and self._kept is not None:
+                raise RuntimeError("Invalid call: a backward() added to .grad after synchronize(), which "
+                                   "would stay this rank's (not summed over the ranks); nothing was "
+                                   "stepped: call synchronize() after your last backward()")
             tasks, reduced, kept = self._tasks, self._reduced, self._kept
             saved = [] if reduced or not self._changes() else _gradients(self.meta_parameters())
             try:
@@ -917,14 +952,21 @@ class MetaOptimizer:
         self._check_cleared(meta)
         if self._reduced:
             return self._reduced_total  # summing or dividing again would scale .grad
-        if self.distributed:  # before anything changes: the collectives pair up only then
-            distributed.check_alike(self._marks(meta), self.process_group, meta[0].device if meta else None)
+        if self.distributed:
+            self._watch_accumulation(meta)  # (meta-parameters added since)
+            if self._kept is None:  # nothing added since the last reduction: all of it is carried
+                with torch.no_grad():
+                    kept = [(p, p.grad.clone()) for p in meta if p.grad is not None]
+            else:
+                kept = [(p, c) for p, c in self._kept if p.grad is not None]
+            # before anything changes: the collectives pair up only then
+            distributed.check_alike(self._marks(meta), self.process_group, meta[0].device if meta else None,
+                                    self._checksums(meta, kept))
         total = self._tasks
         # What .grad held before this step's tasks is neither summed nor divided (_carry); with a
-        # process group, what it still holds of the last reduction's gradients (_prune_kept).
+        # process group, what it held when the first gradient since the last reduction arrived.
         if self.distributed:
-            self._prune_kept()
-            held = [(p, g) for p, g, _, _ in self._kept or ()]
+            held = kept
         else:
             held = self._carried or () if self._changes() else ()
         carried = [(p, c) for p, c in held if p.grad is not None and p.grad.shape == c.shape]
@@ -947,10 +989,24 @@ class MetaOptimizer:
         self._tasks, self._reduced, self._reduced_total = 0, True, total
         self._record(meta)
         if self.distributed:
-            with torch.no_grad():
-                self._kept = [(p, p.grad.clone(), weakref.ref(p.grad), p.grad._version)
-                              for p in meta if p.grad is not None] or None
+            self._kept = None  # taken at the next gradient's arrival
         return total
+
+    def _checksums(self, meta: List[Tensor], kept: List[Tuple[Tensor, Tensor]]) -> Dict[str, Tensor]:
+        """What every rank's values must agree on before a reduction, each as a float64
+        checksum on the device (:func:`distributed.check_alike`): the meta-parameters (seeded
+        alike, stepped alike), and the gradients carried into it (reduced alike, then changed
+        alike: a clip, a zero_grad on every rank)."""
+        def total(tensors):
+            out = torch.zeros((), dtype=torch.float64, device=meta[0].device)
+            for i, t in enumerate(tensors, start=1):
+                v = t.coalesce().values() if t.is_sparse else t
+                out = out + i * torch.nan_to_num(v.detach().to(torch.float64), nan=0.0).sum()
+            return out
+        return {"the meta-parameters' values (seed the model alike on every rank; a rank whose "
+                "gradients differ from the others' steps apart)": total(meta),
+                "the gradients carried from the last reduction (clear or change them alike on every "
+                "rank)": total(c for _, c in kept)}
 
     def _marks(self, meta: List[Tensor]) -> Dict[str, int]:
         """What every rank's optimizer must agree on (:func:`distributed.check_alike`), each
