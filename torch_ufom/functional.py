@@ -787,8 +787,10 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             or hypergradient; the generator and the global random state are
             restored, so a retry reproduces.
         RuntimeError: the sweep cannot be exact (a ``@once_differentiable``
-            Function, a loss that gives another value when a step is evaluated
-            again, a failure inside forward-over-reverse); nothing is changed.
+            Function, an embedding with ``scale_grad_by_freq=True``, a loss that
+            gives another value when a step is evaluated again or draws from a
+            ``torch.Generator`` of its own there, a failure inside
+            forward-over-reverse); nothing is changed.
     """
     settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
                         max_memory=max_memory, hvp=hvp, inner_params=inner_params)

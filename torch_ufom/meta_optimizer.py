@@ -592,8 +592,10 @@ class MetaOptimizer:
             NonFiniteHypergradient: a non-finite hypergradient (a ``FloatingPointError``,
                 as a non-finite loss is); the random states are restored.
             RuntimeError: the sweep cannot be exact (a ``@once_differentiable``
-                Function, a loss that gives another value when a step is evaluated
-                again, a failure inside forward-over-reverse).
+                Function, an embedding with ``scale_grad_by_freq=True``, a loss that
+                gives another value when a step is evaluated again or draws from a
+                ``torch.Generator`` of its own there, a failure inside
+                forward-over-reverse).
         """
         problem = self._problem(inner_loss, outer_loss)
         meta = list(problem.params)

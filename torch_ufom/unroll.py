@@ -753,9 +753,11 @@ class PerTask:
     """The :class:`Evaluator` of one task: ``torch.autograd`` on the losses."""
 
     def stack(self, params):
+        """The initial adapted parameters: the module's own (:meth:`Evaluator.stack`)."""
         return params
 
     def grad(self, loop, state, batch, create_graph, fmodel=None):
+        """``(loss, grads, buffers)`` of one task's inner loss by autograd (:meth:`Evaluator.grad`)."""
         fm = loop.fmodel(state.params, state.buffers) if fmodel is None else fmodel
         loss = loop.inner_loss(fm, batch)
         # A plain tensor that is a real 0-d loss with a graph passes at the cost of four attribute
@@ -776,6 +778,7 @@ class PerTask:
         return loss, grads, tuple(fm.buffers[n].detach() for n in loop.buffer_names) if fm.buffers else ()
 
     def hvp(self, loop, state, batch, vec):
+        """``H v`` of one task's inner loss by ``torch.func.jvp`` of its gradient (:meth:`Evaluator.hvp`)."""
         def loss_of(ps):
             return loss_and_aux(watched_loss(loop, loop.fmodel(ps, state.buffers), batch), "inner_loss")[0]
 
@@ -787,11 +790,13 @@ class PerTask:
                              "torch.func.jvp does not see through it; use 'revrev' or 'auto'") from None
 
     def outer(self, loop, params, state):
+        """One task's outer loss, aux and gradient (:meth:`Evaluator.outer`)."""
         out = loop.outer_loss(loop.fmodel(params, state.buffers), loop.query)
         loss, aux = loss_and_aux(out, "outer_loss")
         return loss, aux, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True)
 
     def reduce(self, adjoint):
+        """One task: the adjoint as it is (:meth:`Evaluator.reduce`)."""
         return adjoint
 
 
@@ -1192,6 +1197,8 @@ class InnerLoop:
         return tuple(g if g.layout == torch.strided else g.to_dense() for g in grads)
 
     def apply_rule(self, grads, state: State):
+        """The inner rule's update at ``state``: ``(params, rule state)``; plain SGD at a fixed rate without
+        its containers (:meth:`Loop.apply_rule`)."""
         if self.plain_rate is not None:
             # phi - lr g: the rule's own ops without its containers; one foreach kernel
             # where nothing is differentiated.

@@ -840,10 +840,13 @@ class Vectorised:
         self.unread_names = unread_names
 
     def stack(self, params):
+        """Each task's copy of the initial parameters (:meth:`~torch_ufom.unroll.Evaluator.stack`)."""
         # A copy, not an expanded view: forward-mode AD writes into its inputs' tangents.
         return tuple(p.unsqueeze(0).expand(self.size, *p.shape).clone() for p in params)
 
     def grad(self, loop, state, batch, create_graph, fmodel=None):
+        """``(losses, grads, buffers)`` of every task's inner loss by ``vmap(grad)``
+        (:meth:`~torch_ufom.unroll.Evaluator.grad`)."""
         def one(params, b):  # each task's module comes from loop.fmodel inside vmap (fmodel unused)
             def loss_of(ps):
                 loss, _ = loss_and_aux(watched_loss(loop, loop.fmodel(ps, state.buffers), b), "inner_loss")
@@ -859,6 +862,7 @@ class Vectorised:
         return loss, tuple(grads), state.buffers
 
     def hvp(self, loop, state, batch, vec):
+        """Every task's ``H v`` by ``vmap(jvp(grad))`` (:meth:`~torch_ufom.unroll.Evaluator.hvp`)."""
         def one(ps, vs, b):
             def loss_of(pp):
                 return loss_and_aux(watched_loss(loop, loop.fmodel(pp, state.buffers), b), "inner_loss")[0]
@@ -868,6 +872,8 @@ class Vectorised:
         return torch.func.vmap(one, randomness="different")(tuple(state.params), vec, batch)
 
     def outer(self, loop, params, state):
+        """Every task's outer loss and aux by ``vmap``, and their summed gradient
+        (:meth:`~torch_ufom.unroll.Evaluator.outer`)."""
         # vmap returns tensors only: the aux's other values (Python numbers, strings) go
         # around it, the same for every task since vmap runs the loss once.
         held = {}
