@@ -255,13 +255,22 @@ class MetaOptimizer:
         # [] after zero_grad() and at first (nothing).
         self._kept: Optional[List[Tuple[Tensor, Tensor]]] = []
         # Pre-hooks on the meta-parameters' gradient accumulators (autograd's AccumulateGrad
-        # nodes, held so that autograd keeps using them), by id: (node, handle).
-        self._accumulators: Dict[int, Tuple[Any, Any]] = {}
+        # nodes, held so that autograd keeps using them), by id: (parameter, node, handle).
+        self._accumulators: Dict[int, Tuple[Tensor, Any, Any]] = {}
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
         self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
         if self.distributed:
-            self._watch_accumulation(self.meta_parameters())
+            meta = self.meta_parameters()
+            self._watch_accumulation(meta)
+            held = [self._name(p) for p in meta if p.grad is not None]
+            if held:
+                warnings.warn(
+                    f"process_group: .grad already holds gradients ({', '.join(held[:3])}"
+                    f"{' and others' if len(held) > 3 else ''}), which the first step sums over the "
+                    "ranks like new ones (a MetaOptimizer rebuilt on the reduced gradients of another "
+                    "sums them again): call zero_grad() first unless each rank wrote its own",
+                    stacklevel=2)
 
     # -- the resolved configuration: read-only; reconfigure() changes it --------------------
     config = property(lambda self: self._config,
@@ -470,6 +479,8 @@ class MetaOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._forget_tasks()
         self._kept = []
+        if self.distributed:
+            self._watch_accumulation(self.meta_parameters())
 
     def _forget_tasks(self) -> None:
         """Forget the tasks since the last step: their count, their ``q="auto"``
@@ -538,26 +549,42 @@ class MetaOptimizer:
         which the next reduction carries as it is, on every rank alike. Whatever was done
         to the reduced gradients until then (a clip, ``zero_grad``, in place or not) is in
         the copy; everything added after it is summed over the ranks."""
-        if self._kept is None:
+        if self._kept is None:  # (a parameter no hook watched since the reduction carries nothing)
+            watched = {id(p) for p, _, _ in self._accumulators.values()}
             with torch.no_grad():
-                self._kept = [(p, p.grad.clone()) for p in self.meta_parameters() if p.grad is not None]
+                self._kept = [(p, p.grad.clone()) for p in self.meta_parameters()
+                              if p.grad is not None and id(p) in watched]
 
     def _watch_accumulation(self, meta: List[Tensor]) -> None:
-        """Register a pre-hook on the gradient accumulator of each of ``meta`` not yet
-        watched (a leaf that requires grad): it runs :meth:`_take_kept` before autograd
-        adds a gradient to ``.grad`` (not for ``torch.autograd.grad``, which adds none)."""
+        """Register a pre-hook on the gradient accumulator of each of ``meta`` (a leaf that
+        requires grad) not yet watched, or whose accumulator autograd made anew (after
+        ``model.double()`` or ``.to()``): it runs :meth:`_take_kept` before autograd adds
+        a gradient to ``.grad`` (not for ``torch.autograd.grad``, which adds none). Run at
+        construction, at each task's write, at each reduction, ``zero_grad`` and ``step``:
+        convert the model or add meta-parameters between outer steps."""
         me = weakref.ref(self)
 
         def before(grads):
             owner = me()
             if owner is not None:
                 owner._take_kept()
+        watched = {}
         for p in meta:
-            if id(p) in self._accumulators or not p.requires_grad:
+            if not p.requires_grad:
                 continue
-            with torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad():
                 node = p.view_as(p).grad_fn.next_functions[0][0]
-            self._accumulators[id(p)] = (node, node.register_prehook(before))
+            old = self._accumulators.get(id(p))
+            if old is not None and old[1] is node:
+                watched[id(p)] = old
+                continue
+            if old is not None:
+                old[2].remove()
+            watched[id(p)] = (p, node, node.register_prehook(before))
+        for key, (_, _, handle) in self._accumulators.items():
+            if key not in watched:
+                handle.remove()
+        self._accumulators = watched
 
     def _record(self, meta: List[Tensor]) -> None:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
@@ -769,6 +796,7 @@ class MetaOptimizer:
             return
         if self.distributed:
             self._take_kept()
+            self._watch_accumulation(meta)
         carried = self._carry(meta)
         replace, in_place = [], []
         for p, g in present:
@@ -891,6 +919,8 @@ class MetaOptimizer:
                 return out
             result = self.optimizer.step(reduced)
         self._tasks, self._reduced, self._carried, self._written = 0, False, None, None
+        if self.distributed:  # (a model converted, a meta-parameter added since)
+            self._watch_accumulation(self.meta_parameters())
         if self.q_stats is not None:
             observations = self._observations
             if self.distributed:
@@ -992,6 +1022,7 @@ class MetaOptimizer:
         self._record(meta)
         if self.distributed:
             self._kept = None  # taken at the next gradient's arrival
+            self._watch_accumulation(meta)
         return total
 
     def _checksums(self, meta: List[Tensor], kept: List[Tuple[Tensor, Tensor]]) -> Dict[str, Tensor]:
@@ -999,11 +1030,12 @@ class MetaOptimizer:
         checksum on the device (:func:`distributed.check_alike`): the meta-parameters (seeded
         alike, stepped alike), and the gradients carried into it (reduced alike, then changed
         alike: a clip, a zero_grad on every rank)."""
-        def total(tensors):
+        def total(tensors):  # (finite whatever the values: NaN never equals itself)
             out = torch.zeros((), dtype=torch.float64, device=meta[0].device)
             for i, t in enumerate(tensors, start=1):
                 v = t.coalesce().values() if t.is_sparse else t
-                out = out + i * torch.nan_to_num(v.detach().to(torch.float64), nan=0.0).sum()
+                v = torch.nan_to_num(v.detach().to(torch.float64), nan=0.0, posinf=1e100, neginf=-1e100)
+                out = out + i * v.clamp(-1e100, 1e100).sum()
             return out
         return {"the meta-parameters' values (seed the model alike on every rank; a rank whose "
                 "gradients differ from the others' steps apart)": total(meta),
