@@ -255,8 +255,16 @@ class MetaOptimizer:
         # [] after zero_grad() and at first (nothing).
         self._kept: Optional[List[Tuple[Tensor, Tensor]]] = []
         # Pre-hooks on the meta-parameters' gradient accumulators (autograd's AccumulateGrad
-        # nodes, held so that autograd keeps using them), by id: (parameter, node, handle).
+        # nodes, held so that autograd keeps using them), by id: (parameter, node, handle); the
+        # post-accumulate hooks on the parameters, by id; every handle, removed when this
+        # optimizer is freed; each .grad as the last write known to it left it (weak reference,
+        # version: an accumulation, a task, the copy), by id; the meta-parameters whose
+        # carried gradient was changed by hand since the copy (not zeroed: refused at the reduction).
         self._accumulators: Dict[int, Tuple[Tensor, Any, Any]] = {}
+        self._posts: Dict[int, Any] = {}
+        self._handles: List[Any] = []
+        self._seen: Dict[int, Tuple[Any, int]] = {}
+        self._by_hand: List[str] = []
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
         self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
@@ -313,6 +321,7 @@ class MetaOptimizer:
         # The last task's .grad, by weak reference (reduction="mean" checks whether it was cleared):
         # a copy does not check its next task.
         state["_written"], state["_kept"], state["_accumulators"] = None, [], {}
+        state["_posts"], state["_handles"], state["_seen"], state["_by_hand"] = {}, [], {}, []
         return state
 
     def __setstate__(self, state):
@@ -478,7 +487,7 @@ class MetaOptimizer:
         """
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._forget_tasks()
-        self._kept = []
+        self._kept, self._by_hand = [], []
         if self.distributed:
             self._watch_accumulation(self.meta_parameters())
 
@@ -554,6 +563,43 @@ class MetaOptimizer:
             with torch.no_grad():
                 self._kept = [(p, p.grad.clone()) for p in self.meta_parameters()
                               if p.grad is not None and id(p) in watched]
+            for p, _ in self._kept:
+                self._note(p)
+
+    def _note(self, p: Tensor) -> None:
+        """Remember ``p.grad`` as a write known to this optimizer left it (:meth:`_check_kept`)."""
+        if p.grad is not None:
+            self._seen[id(p)] = (weakref.ref(p.grad), p.grad._version)
+
+    def _check_kept(self, params: Optional[Sequence[Tensor]] = None) -> None:
+        """Before a write to the ``.grad`` of ``params`` (default: every carried one) and at
+        the reduction: the carried copy of a gradient cleared since (set to ``None``, or zeroed
+        in place: one read for those changed) is dropped, as that part is gone; one changed by
+        hand otherwise (scaled, clipped, assigned) is noted, and refused at the reduction: which
+        part of it the ranks would sum is ambiguous."""
+        if not self._kept:
+            return
+        ids = None if params is None else {id(p) for p in params}
+        changed, keep = [], []
+        for p, c in self._kept:
+            g = p.grad
+            if ids is not None and id(p) not in ids:
+                keep.append((p, c))
+            elif g is None:
+                continue
+            else:
+                seen = self._seen.get(id(p))
+                if seen is None or seen[0]() is not g or g._version != seen[1]:
+                    changed.append((p, c))
+                else:
+                    keep.append((p, c))
+        if changed:
+            for (p, c), held in zip(changed, _any_nonzero_each([p for p, _ in changed])):
+                if held:
+                    keep.append((p, c))
+                    if self._name(p) not in self._by_hand:
+                        self._by_hand.append(self._name(p))
+        self._kept = keep
 
     def _watch_accumulation(self, meta: List[Tensor]) -> None:
         """Register a pre-hook on the gradient accumulator of each of ``meta`` (a leaf that
@@ -563,11 +609,21 @@ class MetaOptimizer:
         construction, at each task's write, at each reduction, ``zero_grad`` and ``step``:
         convert the model or add meta-parameters between outer steps."""
         me = weakref.ref(self)
+        if not self._handles:  # (the hooks of an optimizer that is freed go with it)
+            weakref.finalize(self, _remove_hooks, self._handles)
 
-        def before(grads):
+        def before(param):
+            def hook(grads):
+                owner, p = me(), param()
+                if owner is not None and p is not None:
+                    owner._check_kept([p])
+                    owner._take_kept()
+            return hook
+
+        def after(p):
             owner = me()
             if owner is not None:
-                owner._take_kept()
+                owner._note(p)
         watched = {}
         for p in meta:
             if not p.requires_grad:
@@ -575,15 +631,21 @@ class MetaOptimizer:
             with torch.inference_mode(False), torch.enable_grad():
                 node = p.view_as(p).grad_fn.next_functions[0][0]
             old = self._accumulators.get(id(p))
+            if id(p) not in self._posts:
+                self._posts[id(p)] = p.register_post_accumulate_grad_hook(after)
+                self._handles.append(self._posts[id(p)])
             if old is not None and old[1] is node:
                 watched[id(p)] = old
                 continue
             if old is not None:
                 old[2].remove()
-            watched[id(p)] = (p, node, node.register_prehook(before))
+            watched[id(p)] = (p, node, node.register_prehook(before(weakref.ref(p))))
+            self._handles.append(watched[id(p)][2])
         for key, (_, _, handle) in self._accumulators.items():
             if key not in watched:
                 handle.remove()
+        for key in [k for k in self._posts if k not in watched]:
+            self._posts.pop(key).remove()
         self._accumulators = watched
 
     def _record(self, meta: List[Tensor]) -> None:
@@ -795,6 +857,7 @@ class MetaOptimizer:
         if not present:
             return
         if self.distributed:
+            self._check_kept()
             self._take_kept()
             self._watch_accumulation(meta)
         carried = self._carry(meta)
@@ -824,6 +887,16 @@ class MetaOptimizer:
         if carried is not None:
             self._carried = carried
         self._record(meta)
+        if self.distributed:
+            for p in meta:
+                self._note(p)
+
+    def _restore(self, saved: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> None:
+        """:func:`_put_back`, the restored gradients known as written by this optimizer."""
+        _put_back(saved)
+        if self.distributed:
+            for p, _ in saved:
+                self._note(p)
 
     def _name(self, p: Tensor) -> str:
         """How the user knows meta-parameter ``p``: its module name, else its place
@@ -872,7 +945,8 @@ class MetaOptimizer:
             if self.distributed and self._reduced and self._kept is not None:
                 raise RuntimeError("Invalid call: a backward() added to .grad after synchronize(), which "
                                    "would stay this rank's (not summed over the ranks); nothing was "
-                                   "stepped: call synchronize() after your last backward()")
+                                   "stepped: call meta.zero_grad() and run the outer step again, with "
+                                   "synchronize() after its last backward()")
             tasks, reduced, kept = self._tasks, self._reduced, self._kept
             saved = [] if reduced or not self._changes() else _gradients(self.meta_parameters())
             try:
@@ -880,7 +954,7 @@ class MetaOptimizer:
                     self._synchronize(saved)
                 result = self.optimizer.step()
             except BaseException:
-                _put_back(saved)
+                self._restore(saved)
                 self._tasks, self._reduced = tasks, reduced
                 if saved:  # .grad as before the reduction: so is what it carries
                     self._kept = kept
@@ -986,14 +1060,25 @@ class MetaOptimizer:
             return self._reduced_total  # summing or dividing again would scale .grad
         if self.distributed:
             self._watch_accumulation(meta)  # (meta-parameters added since)
+            self._check_kept()
             if self._kept is None:  # nothing added since the last reduction: all of it is carried
                 with torch.no_grad():
                     kept = [(p, p.grad.clone()) for p in meta if p.grad is not None]
             else:
                 kept = [(p, c) for p, c in self._kept if p.grad is not None]
+            marks = self._marks(meta)
+            marks["gradients changed by hand since the step's first gradient"] = len(self._by_hand)
             # before anything changes: the collectives pair up only then
-            distributed.check_alike(self._marks(meta), self.process_group, meta[0].device if meta else None,
+            distributed.check_alike(marks, self.process_group, meta[0].device if meta else None,
                                     self._checksums(meta, kept))
+            if self._by_hand:  # (every rank alike: check_alike compared their number)
+                raise ValueError(
+                    f"Invalid .grad: the gradients of {', '.join(self._by_hand[:3])}"
+                    f"{' and others' if len(self._by_hand) > 3 else ''} were changed by hand (scaled, "
+                    "clipped or assigned, not by backward() or zero_grad()) after the outer step's first "
+                    "gradient arrived while they carried the last reduction's: which part the ranks "
+                    "would sum is ambiguous; nothing was changed: change .grad after synchronize(), or "
+                    "clear it (meta.zero_grad()) before the step's first backward()")
         total = self._tasks
         # What .grad held before this step's tasks is neither summed nor divided (_carry); with a
         # process group, what it held when the first gradient since the last reduction arrived.
@@ -1016,7 +1101,7 @@ class MetaOptimizer:
                 for p, c in carried:
                     p.grad = p.grad.add_(c) if _in_place(p.grad, c) else p.grad + c
         except BaseException:
-            _put_back(saved or [])
+            self._restore(saved or [])
             raise
         self._tasks, self._reduced, self._reduced_total = 0, True, total
         self._record(meta)
@@ -1310,6 +1395,13 @@ def _put_back(saved: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> None:
                 p.grad = g
             else:
                 p.grad.copy_(g)
+
+
+def _remove_hooks(handles: List[Any]) -> None:
+    """Remove a freed MetaOptimizer's hooks from the gradient accumulators and parameters."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _in_place(grad: Tensor, other: Tensor) -> bool:
