@@ -955,18 +955,9 @@ def wrong_twice(starts: Sequence[Any], stop: set = frozenset()) -> List[str]:
     differentiates twice wrongly: an embedding lookup with ``scale_grad_by_freq=True``,
     whose double backward drops the 1/count scaling (torch 2.11-2.13: the second
     derivative of ``embedding_dense_backward`` is the unscaled lookup; review EJ)."""
-    seen, stack, found = set(stop), list(starts), []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if getattr(node, "_saved_scale_grad_by_freq", False) and node.name().startswith("Embedding"):
-            name = "an embedding with scale_grad_by_freq=True"
-            if name not in found:
-                found.append(name)
-        stack.extend(f for f, _ in node.next_functions)
-    return found
+    scaled = any(getattr(node, "_saved_scale_grad_by_freq", False) and node.name().startswith("Embedding")
+                 for node in graph_nodes(starts, stop))
+    return ["an embedding with scale_grad_by_freq=True"] if scaled else []
 
 
 def wrong_twice_message(what: Sequence[str]) -> str:
@@ -977,19 +968,23 @@ def wrong_twice_message(what: Sequence[str]) -> str:
             "derivative")
 
 
-def graph_reaches(starts: Sequence[Any], leaves: set, nodes: set = frozenset()) -> bool:
-    """Whether autograd's graph from the nodes ``starts`` reaches a leaf whose ``id`` is in
-    ``leaves`` or a node in ``nodes`` (a non-leaf tensor's ``grad_fn``)."""
-    seen, stack = set(), list(starts)
+def graph_nodes(starts: Sequence[Any], stop: set = frozenset()) -> Iterator[Any]:
+    """Every node of autograd's graph from the nodes ``starts``, once each, not walking
+    past the nodes in ``stop``."""
+    seen, stack = set(stop), list(starts)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if node in nodes or id(getattr(node, "variable", None)) in leaves:
-            return True
+        yield node
         stack.extend(f for f, _ in node.next_functions)
-    return False
+
+
+def graph_reaches(starts: Sequence[Any], leaves: set, nodes: set = frozenset()) -> bool:
+    """Whether autograd's graph from the nodes ``starts`` reaches a leaf whose ``id`` is in
+    ``leaves`` or a node in ``nodes`` (a non-leaf tensor's ``grad_fn``)."""
+    return any(node in nodes or id(getattr(node, "variable", None)) in leaves for node in graph_nodes(starts))
 
 
 _RULES = "torch_ufom.inner"  # the module of the built-in rules

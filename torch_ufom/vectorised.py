@@ -30,8 +30,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, from_torch_func,
-                     generator_position, graph_reaches, graph_survey, is_default_generator, loss_and_aux,
-                     once_differentiable, outside_transforms, renormalises_weights, watched_loss, wrong_twice)
+                     generator_position, graph_nodes, graph_reaches, graph_survey, is_default_generator,
+                     loss_and_aux, once_differentiable, outside_transforms, renormalises_weights,
+                     watched_loss, wrong_twice)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "probe_steps", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
@@ -738,18 +739,25 @@ def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Ten
     targets |= {id(t._base) for t in meta if t.requires_grad and t._base is not None}
     if not targets:
         return False
-    fm = FunctionalModel(module, _probe_params(module, adapted),
-                         {n: b.clone() for n, b in module.named_buffers()})
+    loss = _evaluated(module, inner_loss, batch, _probe_params(module, adapted))
+    return loss is not None and graph_reaches([loss.grad_fn], targets)
+
+
+def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor]) -> Optional[Tensor]:
+    """The inner loss at ``params`` with copies of the module's buffers, under ``enable_grad``,
+    the random states and the user's generators put back (``None`` if it raises: the sweep
+    raises it)."""
+    fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     aten = _AtenProbe()  # for the user's generators
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), aten:
             loss, _ = loss_and_aux(inner_loss(fm, batch), "inner_loss")
     except Exception:  # noqa: BLE001
-        return False
+        return None
     finally:
         aten.restore()
-    return graph_reaches([loss.grad_fn], targets)
+    return loss
 
 
 def runs_optimised_script(module: nn.Module, inner_loss, batches: Sequence[Any], adapted=None) -> bool:
@@ -762,37 +770,16 @@ def runs_optimised_script(module: nn.Module, inner_loss, batches: Sequence[Any],
     runs), so each batch is evaluated that many times more, until one shows it; a function the
     JIT leaves unfused differentiates as torch does. An error is left to the sweep."""
     runs = getattr(torch._C, "_jit_get_num_profiled_runs", lambda: 1)() + 1
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     named = dict(module.named_parameters())
     for batch in batches:
         for _ in range(runs):
             params = {n: t.requires_grad_(named[n].requires_grad)
                       for n, t in _probe_params(module, adapted).items()}
-            fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
-            aten = _AtenProbe()  # the user's generators put back
-            try:
-                with torch.random.fork_rng(devices=devices), torch.enable_grad(), aten:
-                    loss, _ = loss_and_aux(inner_loss(fm, batch), "inner_loss")
-            except Exception:  # noqa: BLE001
+            loss = _evaluated(module, inner_loss, batch, params)
+            if loss is None:
                 return False
-            finally:
-                aten.restore()
-            if isinstance(loss, Tensor) and _jit_nodes([loss.grad_fn]):
+            if any("DifferentiableGraph" in node.name() for node in graph_nodes([loss.grad_fn])):
                 return True
-    return False
-
-
-def _jit_nodes(starts: Sequence[Any]) -> bool:
-    """Whether autograd's graph from ``starts`` has a node of an optimised TorchScript graph."""
-    seen, stack = set(), list(starts)
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if "DifferentiableGraph" in node.name():
-            return True
-        stack.extend(f for f, _ in node.next_functions)
     return False
 
 
