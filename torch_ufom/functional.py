@@ -460,7 +460,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         raise RuntimeError(wrong_twice_message(found.wrong_twice))
     if exact and found.once:  # the per-task loop raises (unroll.check_twice_differentiable)
         return Plan(None, f"{', '.join(found.once)} has a @once_differentiable backward", True, known)
-    if exact and runs_optimised_script(problem.model, problem.inner_loss, batches, problem.config.adapted):
+    if exact and runs_optimised_script(problem.model, problem.inner_loss, batches, problem.config.adapted,
+                                       generators=found.own_generator):
         if problem.hvp == "fwdrev":
             raise ValueError(f"Invalid hvp: 'fwdrev' {_OPTIMISED_SCRIPT}; use 'revrev' or 'auto'")
         return Plan(None, f"torch.func.vmap {_OPTIMISED_SCRIPT}", True, known)

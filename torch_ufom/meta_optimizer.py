@@ -254,6 +254,7 @@ class MetaOptimizer:
         # since the last reduction arrived (:meth:`_take_kept`); None until then (all of it),
         # [] after zero_grad() and at first (nothing).
         self._kept: Optional[List[Tuple[Tensor, Tensor]]] = []
+        self._kept_params: Dict[int, Tensor] = {}  # its parameters by id (:meth:`_set_kept`)
         # Pre-hooks on the meta-parameters' gradient accumulators (autograd's AccumulateGrad
         # nodes, held so that autograd keeps using them), by id: (parameter, node, handle); the
         # post-accumulate hooks on the parameters, by id; every handle, removed when this
@@ -320,7 +321,7 @@ class MetaOptimizer:
         state["_slow_ops"] = None
         # The last task's .grad, by weak reference (reduction="mean" checks whether it was cleared):
         # a copy does not check its next task.
-        state["_written"], state["_kept"], state["_accumulators"] = None, [], {}
+        state["_written"], state["_kept"], state["_kept_params"], state["_accumulators"] = None, [], {}, {}
         state["_posts"], state["_handles"], state["_seen"], state["_by_hand"] = {}, [], {}, []
         return state
 
@@ -487,7 +488,8 @@ class MetaOptimizer:
         """
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._forget_tasks()
-        self._kept, self._by_hand = [], []
+        self._set_kept([])
+        self._by_hand = []
         if self.distributed:
             self._watch_accumulation(self.meta_parameters())
 
@@ -561,10 +563,15 @@ class MetaOptimizer:
         if self._kept is None:  # (a parameter no hook watched since the reduction carries nothing)
             watched = {id(p) for p, _, _ in self._accumulators.values()}
             with torch.no_grad():
-                self._kept = [(p, p.grad.clone()) for p in self.meta_parameters()
-                              if p.grad is not None and id(p) in watched]
+                self._set_kept([(p, p.grad.clone()) for p in self.meta_parameters()
+                                if p.grad is not None and id(p) in watched])
             for p, _ in self._kept:
                 self._note(p)
+
+    def _set_kept(self, kept: Optional[List[Tuple[Tensor, Tensor]]]) -> None:
+        """Set :attr:`_kept` and its index by parameter id."""
+        self._kept = kept
+        self._kept_params = {id(p): p for p, _ in kept or ()}
 
     def _note(self, p: Tensor) -> None:
         """Remember ``p.grad`` as a write known to this optimizer left it (:meth:`_check_kept`)."""
@@ -579,27 +586,24 @@ class MetaOptimizer:
         part of it the ranks would sum is ambiguous."""
         if not self._kept:
             return
-        ids = None if params is None else {id(p) for p in params}
-        changed, keep = [], []
-        for p, c in self._kept:
-            g = p.grad
-            if ids is not None and id(p) not in ids:
-                keep.append((p, c))
-            elif g is None:
-                continue
-            else:
-                seen = self._seen.get(id(p))
-                if seen is None or seen[0]() is not g or g._version != seen[1]:
-                    changed.append((p, c))
-                else:
-                    keep.append((p, c))
-        if changed:
-            for (p, c), held in zip(changed, _any_nonzero_each([p for p, _ in changed])):
-                if held:
-                    keep.append((p, c))
-                    if self._name(p) not in self._by_hand:
-                        self._by_hand.append(self._name(p))
-        self._kept = keep
+        # every carried one in the copy's order (the same on every rank), or a hook's parameter
+        looked = [p for p, _ in self._kept] if params is None else \
+            [self._kept_params[id(p)] for p in params if id(p) in self._kept_params]
+        changed = []
+        for p in looked:
+            seen = self._seen.get(id(p))
+            if p.grad is None or seen is None or seen[0]() is not p.grad or p.grad._version != seen[1]:
+                changed.append(p)
+        if not changed:
+            return
+        values = [p for p in changed if p.grad is not None]
+        held = {id(p) for p, h in zip(values, _any_nonzero_each(values)) if h}  # one read for all
+        for p in changed:
+            if id(p) in held and self._name(p) not in self._by_hand:
+                self._by_hand.append(self._name(p))
+        gone = {id(p) for p in changed if id(p) not in held}
+        if gone:
+            self._set_kept([(p, c) for p, c in self._kept if id(p) not in gone])
 
     def _watch_accumulation(self, meta: List[Tensor]) -> None:
         """Register a pre-hook on the gradient accumulator of each of ``meta`` (a leaf that
@@ -957,7 +961,7 @@ class MetaOptimizer:
                 self._restore(saved)
                 self._tasks, self._reduced = tasks, reduced
                 if saved:  # .grad as before the reduction: so is what it carries
-                    self._kept = kept
+                    self._set_kept(kept)
                 raise
         else:
             def reduced():
@@ -985,7 +989,8 @@ class MetaOptimizer:
                     if untouched and not (self._tasks or self._reduced):
                         # it failed at once: the tasks stay pending
                         (self._tasks, self._reduced, self._observations, self._buffers,
-                         self._holding, self._carried, self._written, self._kept) = pending
+                         self._holding, self._carried, self._written, kept) = pending
+                        self._set_kept(kept)
                     # else .grad holds what this evaluation left (zeroed, its tasks), and so
                     # does the count
                     raise
@@ -1106,7 +1111,7 @@ class MetaOptimizer:
         self._tasks, self._reduced, self._reduced_total = 0, True, total
         self._record(meta)
         if self.distributed:
-            self._kept = None  # taken at the next gradient's arrival
+            self._set_kept(None)  # taken at the next gradient's arrival
             self._watch_accumulation(meta)
         return total
 

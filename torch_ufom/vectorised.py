@@ -743,24 +743,27 @@ def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Ten
     return loss is not None and graph_reaches([loss.grad_fn], targets)
 
 
-def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor]) -> Optional[Tensor]:
+def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
+               generators: bool = True) -> Optional[Tensor]:
     """The inner loss at ``params`` with copies of the module's buffers, under ``enable_grad``,
-    the random states and the user's generators put back (``None`` if it raises: the sweep
-    raises it)."""
+    the random states and (``generators``) the user's generators put back (``None`` if it
+    raises: the sweep raises it)."""
     fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
-    aten = _AtenProbe()  # for the user's generators
+    aten = _AtenProbe() if generators else contextlib.nullcontext()  # for the user's generators
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), aten:
             loss, _ = loss_and_aux(inner_loss(fm, batch), "inner_loss")
     except Exception:  # noqa: BLE001
         return None
     finally:
-        aten.restore()
+        if generators:
+            aten.restore()
     return loss
 
 
-def runs_optimised_script(module: nn.Module, inner_loss, batches: Sequence[Any], adapted=None) -> bool:
+def runs_optimised_script(module: nn.Module, inner_loss, batches: Sequence[Any], adapted=None,
+                          generators: bool = True) -> bool:
     """Whether the inner loss runs TorchScript that the JIT has optimised into a differentiable
     graph, however the loss reaches it (a scripted function called from a method, held as an
     attribute, many calls deep: :func:`~torch_ufom.unroll.scripted` looks only at names):
@@ -768,14 +771,16 @@ def runs_optimised_script(module: nn.Module, inner_loss, batches: Sequence[Any],
     random states restored, whose graphs are searched for the JIT's own backward node. The JIT
     optimises a graph once it has profiled it (``torch._C._jit_get_num_profiled_runs()``
     runs), so each batch is evaluated that many times more, until one shows it; a function the
-    JIT leaves unfused differentiates as torch does. An error is left to the sweep."""
+    JIT leaves unfused differentiates as torch does. An error is left to the sweep.
+    ``generators=False``: the probe found that the loss draws from no generator of the
+    user's, whose states then need no watch."""
     runs = getattr(torch._C, "_jit_get_num_profiled_runs", lambda: 1)() + 1
     named = dict(module.named_parameters())
     for batch in batches:
         for _ in range(runs):
             params = {n: t.requires_grad_(named[n].requires_grad)
                       for n, t in _probe_params(module, adapted).items()}
-            loss = _evaluated(module, inner_loss, batch, params)
+            loss = _evaluated(module, inner_loss, batch, params, generators)
             if loss is None:
                 return False
             if any("DifferentiableGraph" in node.name() for node in graph_nodes([loss.grad_fn])):
