@@ -471,6 +471,15 @@ def _carried_run(model, loss, data, meta, ranks, how, rank=None):
                 opt.zero_grad()
                 for _ in ranks:  # every rank's own loss (one process: each of them)
                     _term(model).backward()
+        elif how == "cleared-after-a-change-by-hand":  # review EN: the refusal outlived the clear
+            if step == 1:
+                for _ in ranks:
+                    _term(model).backward()
+                for p in model.parameters():
+                    p.grad.mul_(2)
+                for _ in ranks:
+                    _term(model).backward()  # (its pre-hook sees the change)
+                opt.zero_grad()
         elif how == "zeroed-after-the-first-gradient":  # .grad carried at step 1, then cleared
             if step == 1:
                 for _ in ranks:
@@ -498,7 +507,7 @@ def _carried_run(model, loss, data, meta, ranks, how, rank=None):
 
 
 CARRIED = ("zero-in-place-term-on-rank-0", "data-zero", "clip-after-synchronize", "converted-after-build",
-           "unfrozen-and-added", "zeroed-after-the-first-gradient")
+           "unfrozen-and-added", "zeroed-after-the-first-gradient", "cleared-after-a-change-by-hand")
 
 
 def carried_rules_worker(rank, world, init_file, out_dir):

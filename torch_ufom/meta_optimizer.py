@@ -602,7 +602,9 @@ class MetaOptimizer:
             if id(p) in held and self._name(p) not in self._by_hand:
                 self._by_hand.append(self._name(p))
         gone = {id(p) for p in changed if id(p) not in held}
-        if gone:
+        if gone:  # (cleared: what it carried is gone, and so is a change by hand before)
+            self._by_hand = [n for n in self._by_hand
+                             if n not in {self._name(p) for p in changed if id(p) in gone}]
             self._set_kept([(p, c) for p, c in self._kept if id(p) not in gone])
 
     def _watch_accumulation(self, meta: List[Tensor]) -> None:
@@ -1080,7 +1082,8 @@ class MetaOptimizer:
                 raise ValueError(
                     f"Invalid .grad: the gradients of {', '.join(self._by_hand[:3])}"
                     f"{' and others' if len(self._by_hand) > 3 else ''} were changed by hand (scaled, "
-                    "clipped or assigned, not by backward() or zero_grad()) after the outer step's first "
+                    "clipped or assigned, or by a gradient hook of yours, not by backward() or zero_grad()) "
+                    "after the outer step's first "
                     "gradient arrived while they carried the last reduction's: which part the ranks "
                     "would sum is ambiguous; nothing was changed: change .grad after synchronize(), or "
                     "clear it (meta.zero_grad()) before the step's first backward()")
