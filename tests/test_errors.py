@@ -145,3 +145,50 @@ def test_a_non_finite_hypergradient_raises_the_exported_class_and_writes_nothing
         meta.backward(loss, lambda f, b: loss(f, b) + torch.sqrt(v), batch, batch)
     assert all(p.grad is None for p in [*model.parameters(), v])
     assert issubclass(torch_ufom.NonFiniteHypergradient, FloatingPointError)
+
+
+class _Distances(torch.nn.Module):
+    """A linear layer followed by torch.cdist's small-input kernel, whose backward
+    torch does not differentiate (at most 25 rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 4)
+        self.b = torch.nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.cdist(h, h))
+
+
+@pytest.mark.parametrize("call", ["backward", "batch_vmap", "batch_loop", "hypergrad"])
+def test_an_operator_without_a_second_derivative_says_what_needed_it_and_changes_nothing(call):
+    # torch alone says "the derivative for '_cdist_backward' is not implemented", with
+    # nothing on why a loss that trains fine needs it or what runs instead.
+    torch.manual_seed(0)
+    model = _Distances().double()
+
+    def loss(fm, batch):
+        x, y = batch
+        return ((fm(x) - y) ** 2).mean()
+
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 5, 1, dtype=torch.float64)
+    rng = torch.get_rng_state()
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                    steps=2, mode="exact", vectorise=call != "batch_loop")
+    with pytest.raises(NotImplementedError, match=r"derivative for '_cdist_backward' is not implemented: "
+                                                  r"an exact hypergradient .* use mode='fom'"):
+        if call == "backward":
+            meta.backward(loss, loss, (x[0], y[0]), (x[0], y[0]))
+        elif call == "hypergrad":
+            torch_ufom.hypergrad(model, loss, loss, (x[0], y[0]), (x[0], y[0]), steps=2, inner_lr=0.1,
+                                 mode="exact")
+        else:
+            meta.backward_batch(loss, loss, (x, y), (x, y))
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert torch.equal(rng, torch.get_rng_state())
+    meta.reconfigure(mode="fom")  # the same losses run without second derivatives
+    meta.backward(loss, loss, (x[0], y[0]), (x[0], y[0]))
+    assert all(p.grad is not None for p in model.parameters())

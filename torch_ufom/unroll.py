@@ -31,6 +31,7 @@ import functools
 import itertools
 import math
 import os
+import re
 import sys
 import threading
 import warnings
@@ -49,7 +50,7 @@ __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", 
            "root_of", "graph_reaches",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp", "OwnDraws",
-           "elementwise_rule",
+           "elementwise_rule", "second_derivatives",
            "REPLAY_DRAWS"]
 
 
@@ -1369,7 +1370,8 @@ class InnerLoop:
             at = State(leaves, state.opt, state.buffers)
             _, grads, _ = self.evaluator.grad(self, at, self.batch(j - 1), True)
             dots = [(g * v).sum() for g, v in zip(grads, vec) if g.requires_grad]
-        got = torch.autograd.grad(sum(dots), leaves, allow_unused=True) if dots else (None,) * len(leaves)
+        with second_derivatives():
+            got = torch.autograd.grad(sum(dots), leaves, allow_unused=True) if dots else (None,) * len(leaves)
         return tuple(torch.zeros_like(p) if r is None else r for p, r in zip(leaves, got))
 
     def reduce(self, adjoint: Tensor) -> Tensor:
@@ -1530,7 +1532,28 @@ def chain_vjp(records: List["StepRecord"], e):
     outputs, leaves = records[0].exact, records[-1].leaves.diff
     inputs = list(leaves) + records[-1].loop.meta
     records.clear()
-    return _split(leaves, _vjp(outputs, inputs, e))
+    with second_derivatives():
+        return _split(leaves, _vjp(outputs, inputs, e))
+
+
+@contextlib.contextmanager
+def second_derivatives():
+    """Around a VJP through an inner gradient's graph: torch's error for an operator
+    whose backward has no derivative ("the derivative for '...' is not implemented")
+    is raised again, of the same type, saying that the exact sweep needed it and that
+    ``mode='fom'`` needs none; any other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as err:  # NotImplementedError is one
+        found = re.search(r"derivative for (.+?) is not implemented", str(err))
+        if found is None or type(err) not in (RuntimeError, NotImplementedError):
+            raise
+        raise type(err)(
+            f"{str(err).rstrip('. ')}: an exact hypergradient (mode='exact' or 'truncated', ufom's "
+            f"exact branch, a truncation law's exact steps) differentiates the inner loss's gradient, "
+            f"and torch has no derivative for {found.group(1)}, which that gradient runs; use "
+            "mode='fom' (no second derivatives), or write that part of the inner loss with operators "
+            "that have one (docs/porting.md, 'Operators without a second derivative')") from err
 
 
 def _split(leaves: Sequence[Tensor], grads):
@@ -1582,7 +1605,8 @@ class StepRecord:
     def vjp_exact(self, e):
         """``(e_{j-1}, dtheta)``: VJP of the exact rule ``F_j`` at ``e`` (a Hessian-vector product)."""
         if not self.forward_over_reverse:
-            return self._split(_vjp(self.exact, list(self.leaves.diff) + self.loop.meta, e))
+            with second_derivatives():
+                return self._split(_vjp(self.exact, list(self.leaves.diff) + self.loop.meta, e))
         # F_j(s) = U(g(phi), s): the VJP of U at e gives the gradient's cotangent u,
         # which reaches phi as H u (the Hessian is symmetric).
         inputs = list(self.leaves.diff) + self.loop.meta
