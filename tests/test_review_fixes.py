@@ -1465,3 +1465,130 @@ def test_fwdrev_runs_under_another_default_device():
     finally:
         torch.set_default_device(None)
     assert rel_err(got, want) == 0
+
+
+class _Checkpointed(nn.Module):
+    """A linear layer, a block under ``torch.utils.checkpoint`` (``use_reentrant=False``, or
+    ``checkpoint_sequential``), a linear head; ``how=None`` runs the block plainly."""
+
+    def __init__(self, how):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh())
+        self.c = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.how == "checkpoint":
+            h = torch.utils.checkpoint.checkpoint(self.b, h, use_reentrant=False)
+        elif self.how == "sequential":
+            h = torch.utils.checkpoint.checkpoint_sequential(self.b, 2, h, use_reentrant=False)
+        else:
+            h = self.b(h)
+        return self.c(h)
+
+
+def _regression_tasks(tasks=2):
+    gen = torch.Generator().manual_seed(3)
+    return (torch.randn(tasks, 5, 3, generator=gen, dtype=torch.float64),
+            torch.randn(tasks, 5, 1, generator=gen, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "sequential"])
+def test_activation_checkpointing_inside_the_module_is_refused_on_every_path(how):
+    # Review EO (session 23): torch's non-reentrant checkpoint evaluates the block again during
+    # backward, when the module holds its own parameters again instead of the inner step's: fom 7.9e-2,
+    # exact 1.35e-1, adapt 1.5e-2 off the plain network's, silently, on every path (the meta-batch ran
+    # the per-task loop after vmap's error, and was as wrong).
+    model = _Checkpointed(how).double()
+    xs, ys = _regression_tasks()
+    support = query = (xs[0], ys[0])
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    state = torch.get_rng_state()
+    refused = "inner_loss runs torch.utils.checkpoint with use_reentrant=False"
+    for mode in ("fom", "ufom", "exact"):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
+                                        mode=mode, q=0.5)
+        with pytest.raises(RuntimeError, match=refused):
+            meta.backward(mse, mse, support, query)
+        for vectorise in ("auto", True, False):
+            with pytest.raises(RuntimeError, match=refused), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # (a fallback's warning, where one comes first)
+                meta.reconfigure(vectorise=vectorise)
+                meta.backward_batch(mse, mse, (xs, ys), (xs, ys))
+        with pytest.raises(RuntimeError, match=refused):
+            torch_ufom.hypergrad(model, mse, mse, support, query, steps=STEPS, inner_lr=LR, mode=mode)
+    with pytest.raises(RuntimeError, match=refused):
+        torch_ufom.adapt(model, mse, support, steps=STEPS, inner_lr=LR)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)  # nothing written
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert torch.equal(torch.get_rng_state(), state)
+    # where only the outer loss runs the block under checkpoint
+    with pytest.raises(RuntimeError, match="outer_loss runs torch.utils.checkpoint"):
+        torch_ufom.hypergrad(model, lambda f, b: _unchecked(model, f, b), mse, support, query,
+                             steps=STEPS, inner_lr=LR, mode="fom")
+    # the plain network: the library is exact there (the reference the refusal protects)
+    plain = _Checkpointed(None).double()
+    want = brute_force(plain, mse, mse, lambda j: support, query, STEPS, LR,
+                       list(plain.parameters()), STEPS)
+    assert rel_err(torch_ufom.hypergrad(plain, mse, mse, support, query, steps=STEPS, inner_lr=LR,
+                                        mode="exact"), want) < 1e-10
+
+
+def _unchecked(model, f, b):
+    """The inner loss with the module's block run plainly."""
+    how, model.how = model.how, None
+    try:
+        return mse(f, b)
+    finally:
+        model.how = how
+
+
+def test_saved_tensor_hooks_that_recompute_nothing_stay_exact():
+    # A guard against refusing too much: save_on_cpu (torch.autograd.graph) packs and unpacks the
+    # same values; only torch.utils.checkpoint's hooks evaluate the forward again.
+    model = _Checkpointed(None).double()
+    xs, ys = _regression_tasks()
+    support = query = (xs[0], ys[0])
+    want = brute_force(model, mse, mse, lambda j: support, query, STEPS, LR,
+                       list(model.parameters()), STEPS)
+    with torch.autograd.graph.save_on_cpu():
+        got = torch_ufom.hypergrad(model, mse, mse, support, query, steps=STEPS, inner_lr=LR,
+                                   mode="exact")
+    assert rel_err(got, want) < 1e-10
+
+
+def test_a_compiled_loss_criterion_is_refused_in_exact_sweeps():
+    # Review EO (session 23): torch.compile's backward has no derivative, and for a compiled loss
+    # criterion (the gradient flowing into it is the constant 1) torch hangs its raising node on a
+    # dummy tensor that torch.autograd.grad never reaches: exact 100 % off (the first-order
+    # hypergradient instead), ufom's exact branch 206 % off, silently, under every backend but "eager".
+    crit = torch.compile(lambda out, y: ((out - y) ** 2).mean(), backend="aot_eager")
+
+    def loss(f, b):
+        return crit(f(b[0]), b[1])
+
+    model = _Checkpointed(None).double()
+    xs, ys = _regression_tasks()
+    support = query = (xs[0], ys[0])
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    refused = r"a torch.compile'd function or module \(aot_autograd's CompiledFunction\)"
+    for kwargs in ({"mode": "exact"}, {"mode": "ufom", "q": 1.0}, {"mode": "exact", "memory": "recompute"}):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
+                                        **kwargs)
+        with pytest.raises(RuntimeError, match=refused):
+            meta.backward(loss, loss, support, query)
+        with pytest.raises(RuntimeError, match=refused):
+            torch_ufom.hypergrad(model, loss, loss, support, query, steps=STEPS, inner_lr=LR, **kwargs)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)  # nothing written
+    # first-order: no second derivative, exact
+    want = brute_force(model, mse, mse, lambda j: support, query, STEPS, LR, params, 0)
+    got = torch_ufom.hypergrad(model, loss, loss, support, query, steps=STEPS, inner_lr=LR, mode="fom")
+    assert rel_err(got, want) < 1e-10

@@ -50,7 +50,7 @@ __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", 
            "root_of", "graph_reaches",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp", "OwnDraws",
-           "elementwise_rule", "second_derivatives",
+           "elementwise_rule", "second_derivatives", "recomputed_in_backward", "recomputes_message",
            "REPLAY_DRAWS"]
 
 
@@ -766,6 +766,8 @@ class PerTask:
         if not (type(loss) is Tensor and loss.requires_grad and loss.dim() == 0
                 and loss.dtype.is_floating_point and not loss.is_meta):
             loss, _ = loss_and_aux(loss, "inner_loss")  # the inner aux is dropped
+        if not loop.recompute_checked or loop.per_step:
+            loop.check_recomputation(loss, state.params)
         if create_graph:
             loop.check_twice_differentiable(loss, state.params)
         grads = torch.autograd.grad(loss, state.params, create_graph=create_graph, allow_unused=True)
@@ -794,6 +796,8 @@ class PerTask:
         """One task's outer loss, aux and gradient (:meth:`Evaluator.outer`)."""
         out = loop.outer_loss(loop.fmodel(params, state.buffers), loop.query)
         loss, aux = loss_and_aux(out, "outer_loss")
+        if loss.grad_fn is not None and recomputed_in_backward([loss.grad_fn]):
+            raise RuntimeError(recomputes_message("outer_loss"))
         return loss, aux, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True)
 
     def reduce(self, adjoint):
@@ -953,20 +957,81 @@ def check_twice_differentiable(loss: Tensor, before: Sequence[Tensor] = ()) -> N
 
 def wrong_twice(starts: Sequence[Any], stop: set = frozenset()) -> List[str]:
     """What in autograd's graph from ``starts`` (not past the nodes in ``stop``) torch
-    differentiates twice wrongly: an embedding lookup with ``scale_grad_by_freq=True``,
-    whose double backward drops the 1/count scaling (torch 2.11-2.13: the second
-    derivative of ``embedding_dense_backward`` is the unscaled lookup; review EJ)."""
-    scaled = any(getattr(node, "_saved_scale_grad_by_freq", False) and node.name().startswith("Embedding")
-                 for node in graph_nodes(starts, stop))
-    return ["an embedding with scale_grad_by_freq=True"] if scaled else []
+    differentiates twice wrongly, each with why and what to do instead:
+
+    - an embedding lookup with ``scale_grad_by_freq=True``, whose double backward drops
+      the 1/count scaling (torch 2.11-2.13: the second derivative of
+      ``embedding_dense_backward`` is the unscaled lookup; review EJ);
+    - a ``torch.compile``d function or module (aot_autograd's ``CompiledFunction``): its
+      backward has no derivative, and where nothing the backward reads requires a
+      gradient (a compiled loss criterion: the gradient flowing in is the constant 1)
+      torch hangs the node that would raise on a dummy tensor, which
+      ``torch.autograd.grad`` never reaches: the second derivative is dropped silently
+      (review EO: an exact hypergradient 100 % off, the first-order one instead).
+    """
+    found = set()
+    for node in graph_nodes(starts, stop):
+        if getattr(node, "_saved_scale_grad_by_freq", False) and node.name().startswith("Embedding"):
+            found.add(_SCALED)
+        elif _compiled(getattr(node, "_forward_cls", None)):
+            found.add(_COMPILED)
+    return sorted(found)
+
+
+_SCALED = ("an embedding with scale_grad_by_freq=True, whose second derivative torch computes wrongly "
+           "(it drops the 1/count scaling of the gradient: use scale_grad_by_freq=False)")
+_COMPILED = ("a torch.compile'd function or module (aot_autograd's CompiledFunction), whose backward has no "
+             "derivative: where nothing it reads requires a gradient (a compiled loss criterion) torch "
+             "drops the second derivative silently, elsewhere it raises (leave what the losses run "
+             "uncompiled, or compile it with backend='eager')")
+
+
+def _compiled(cls: Any) -> bool:
+    """Whether ``cls`` (a graph node's ``_forward_cls``) is aot_autograd's ``CompiledFunction``."""
+    return cls is not None and cls.__name__ == "CompiledFunction" and \
+        getattr(cls, "__module__", "").startswith("torch._functorch")
 
 
 def wrong_twice_message(what: Sequence[str]) -> str:
     """The error for :func:`wrong_twice`'s findings in an exact sweep."""
-    return (f"inner_loss differentiates {', '.join(what)}, whose second derivative torch computes "
-            "wrongly (it drops the 1/count scaling of the gradient): an exact hypergradient would be "
-            "silently wrong; use scale_grad_by_freq=False, or mode='fom', which needs no second "
-            "derivative")
+    return (f"inner_loss differentiates {'; and '.join(what)}: an exact hypergradient would be silently "
+            "wrong; use mode='fom', which needs no second derivative")
+
+
+_SAVED: Dict[type, Tuple[str, ...]] = {}  # a graph node class: its saved tensors' attributes
+
+
+def recomputed_in_backward(starts: Sequence[Any], stop: set = frozenset()) -> bool:
+    """Whether autograd's graph from the nodes ``starts`` (not past those in ``stop``) holds
+    a tensor that ``torch.utils.checkpoint`` (``use_reentrant=False``) saved to compute
+    again in backward: torch then runs the checkpointed function again, reading the
+    module's parameters as they are at that time, after :class:`FunctionalModel` put the
+    module's own back (review EO: every path 2-19 % off, ``fom`` and ``adapt`` too).
+    Found by the saved tensors' unpack hook (``SavedTensor.unpack_hook``, read without
+    unpacking); the tensors a custom ``torch.autograd.Function`` saved are not read."""
+    for node in graph_nodes(starts, stop):
+        names = _SAVED.get(type(node))
+        if names is None:
+            names = _SAVED[type(node)] = tuple(k for k in dir(node) if k.startswith("_raw_saved_"))
+        for name in names:
+            try:
+                saved = getattr(node, name)
+            except RuntimeError:  # freed by a backward
+                continue
+            for one in saved if isinstance(saved, (list, tuple)) else (saved,):
+                hook = getattr(one, "unpack_hook", None)
+                if hook is not None and getattr(hook, "__module__", None) == "torch.utils.checkpoint":
+                    return True
+    return False
+
+
+def recomputes_message(which: str) -> str:
+    """The error for :func:`recomputed_in_backward`'s finding in ``which`` loss."""
+    return (f"{which} runs torch.utils.checkpoint with use_reentrant=False (activation checkpointing, "
+            "checkpoint_sequential): torch evaluates the checkpointed part again during backward, when "
+            "the module holds its own parameters again instead of the inner loop's, so every gradient "
+            "through it would be silently wrong (on every path and mode); remove the checkpointing from "
+            "the forward (memory='checkpoint', the default, keeps memory flat in the inner steps instead)")
 
 
 def graph_nodes(starts: Sequence[Any], stop: set = frozenset()) -> Iterator[Any]:
@@ -1048,6 +1113,7 @@ class InnerLoop:
         # a parameter in both gets no gradient, as from loss.backward() (unread()).
         self.unread: Optional[frozenset] = None
         self.twice_checked = False  # check_twice_differentiable ran on a step with a graph
+        self.recompute_checked = False  # check_recomputation ran on a step
         self.hvp_checked = False  # a forward-over-reverse HVP was compared with reverse mode's
         self.elementwise = elementwise_rule(rule)  # each parameter's update its own
         self.outer_unread: frozenset = _NOTHING
@@ -1160,6 +1226,14 @@ class InnerLoop:
         if self.unread is None and self.names and len(missing) == len(self.names):
             warnings.warn(reads_nothing("inner_loss"), stacklevel=caller_level())
         self.unread = missing if self.unread is None else self.unread & missing
+
+    def check_recomputation(self, loss: Tensor, params: Sequence[Tensor]) -> None:
+        """Raise if step's inner loss holds tensors that ``torch.utils.checkpoint`` recomputes
+        in backward (:func:`recomputed_in_backward`); the caller runs it on the first step
+        evaluated, and on every one where the batches are per step."""
+        self.recompute_checked = True
+        if loss.grad_fn is not None and recomputed_in_backward([loss.grad_fn], {t.grad_fn for t in params}):
+            raise RuntimeError(recomputes_message("inner_loss"))
 
     def check_twice_differentiable(self, loss: Tensor, params: Sequence[Tensor]) -> None:
         """:func:`check_twice_differentiable` on the first step evaluated with a graph, and
