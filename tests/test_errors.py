@@ -192,3 +192,29 @@ def test_an_operator_without_a_second_derivative_says_what_needed_it_and_changes
     meta.reconfigure(mode="fom")  # the same losses run without second derivatives
     meta.backward(loss, loss, (x[0], y[0]), (x[0], y[0]))
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_hypergrad_names_a_complex_parameter_of_the_model_not_params_it_was_not_given():
+    # Review EQ (session 23): a complex parameter that requires grad, not adapted, was refused as
+    # "Invalid params[0]", naming an argument the caller never passed.
+    class Complex(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 5, dtype=torch.complex128))
+            self.head = torch.nn.Linear(3, 1).double()
+
+        def forward(self, x):
+            return self.head((x.to(torch.complex128) @ self.w.T).abs())
+
+    def loss(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+
+    model = Complex()
+    batch = (torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64))
+    head = lambda name: name.startswith("head")  # noqa: E731
+    with pytest.raises(ValueError, match=r"Invalid model: its parameter 'w' is a torch.complex128 tensor "
+                                         r"that requires grad.*pass params= without it"):
+        torch_ufom.hypergrad(model, loss, loss, batch, batch, steps=2, inner_lr=0.1, inner_params=head)
+    got = torch_ufom.hypergrad(model, loss, loss, batch, batch, steps=2, inner_lr=0.1, inner_params=head,
+                               params=list(model.head.parameters()))
+    assert len(got) == 2

@@ -18,7 +18,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -611,8 +611,10 @@ def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
     included, which get zeros; a frozen integer or complex one has no gradient and is left
     out): distinct floating-point tensors, each requiring grad when given."""
     given = params is not None
+    names: Dict[int, str] = {}
     if not given:
-        params = [p for p in model.parameters() if p.is_floating_point() or p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() or p.requires_grad]
+        params, names = [p for _, p in named], {id(p): n for n, p in named}
     if isinstance(params, Tensor) or not isinstance(params, (list, tuple)) and \
             not hasattr(params, "__iter__"):
         raise TypeError(f"Invalid params: expected a sequence of tensors, got {type(params).__name__}")
@@ -625,6 +627,12 @@ def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
         if not isinstance(p, Tensor):
             raise TypeError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
         if not p.is_floating_point():
+            if not given:  # (the default params: name the model's parameter)
+                raise ValueError(
+                    f"Invalid model: its parameter {names[id(p)]!r} is a {p.dtype} tensor that requires "
+                    "grad, which params (not given: the model's floating-point parameters and those "
+                    "that require grad) would hold; hypergrad differentiates real floating-point "
+                    "tensors only: pass params= without it, or set its requires_grad=False")
             raise ValueError(f"Invalid params[{i}]: a {p.dtype} tensor (expected real floating-point "
                              "tensors; integer tensors have no gradient, complex ones are not supported)")
         if id(p) in seen:
