@@ -1496,18 +1496,25 @@ def _regression_tasks(tasks=2):
             torch.randn(tasks, 5, 1, generator=gen, dtype=torch.float64))
 
 
+def _graded(how):
+    """``_Checkpointed(how)`` in float64, its parameters with ``.grad`` of ones (a refused call
+    must leave them), two tasks and the first one's batch."""
+    model = _Checkpointed(how).double()
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    xs, ys = _regression_tasks()
+    return model, params, (xs, ys), (xs[0], ys[0])
+
+
 @pytest.mark.parametrize("how", ["checkpoint", "sequential"])
 def test_activation_checkpointing_inside_the_module_is_refused_on_every_path(how):
     # Review EO (session 23): torch's non-reentrant checkpoint evaluates the block again during
     # backward, when the module holds its own parameters again instead of the inner step's: fom 7.9e-2,
     # exact 1.35e-1, adapt 1.5e-2 off the plain network's, silently, on every path (the meta-batch ran
     # the per-task loop after vmap's error, and was as wrong).
-    model = _Checkpointed(how).double()
-    xs, ys = _regression_tasks()
-    support = query = (xs[0], ys[0])
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.ones_like(p)
+    model, params, (xs, ys), support = _graded(how)
+    query = support
     before = [p.detach().clone() for p in params]
     state = torch.get_rng_state()
     refused = "inner_loss runs torch.utils.checkpoint with use_reentrant=False"
@@ -1573,12 +1580,8 @@ def test_a_compiled_loss_criterion_is_refused_in_exact_sweeps():
     def loss(f, b):
         return crit(f(b[0]), b[1])
 
-    model = _Checkpointed(None).double()
-    xs, ys = _regression_tasks()
-    support = query = (xs[0], ys[0])
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.ones_like(p)
+    model, params, _, support = _graded(None)
+    query = support
     refused = r"a torch.compile'd function or module \(aot_autograd's CompiledFunction\)"
     for kwargs in ({"mode": "exact"}, {"mode": "ufom", "q": 1.0}, {"mode": "exact", "memory": "recompute"}):
         meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
