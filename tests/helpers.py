@@ -34,6 +34,22 @@ def mlp_problem(seed=0):
     return model, mse, data
 
 
+class UnitRows(nn.Module):
+    """A parametrization that scales a weight's rows to unit norm, written out: the tests'
+    parametrized layer (torch's own ``weight_norm`` has a wrong second derivative, which
+    exact sweeps refuse)."""
+
+    def forward(self, v):
+        return v / v.norm(dim=1, keepdim=True)
+
+
+def unit_rows(layer: nn.Module) -> nn.Module:
+    """``layer`` with its weight parametrized by :class:`UnitRows`."""
+    from torch.nn.utils import parametrize
+    parametrize.register_parametrization(layer, "weight", UnitRows())
+    return layer
+
+
 class SmallCNN(nn.Module):
     """A tiny convolutional classifier for 6x6 one-channel images."""
 

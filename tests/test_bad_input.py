@@ -19,6 +19,7 @@ from torch import nn
 import torch_ufom
 from torch_ufom.inner import SGD, Adam
 from torch_ufom.truncation import Custom, Geometric, TruncationLaw
+from helpers import unit_rows
 from snapshot import assert_unchanged, capture, same
 
 ENTRIES = ["hypergrad", "hypergrad_batch", "backward", "backward_batch"]
@@ -734,10 +735,9 @@ def test_parametrize_cached_is_refused_on_a_parametrized_model(entry):
     # Inside parametrize.cached() the weight-normed weight was computed once from the
     # module's own parameters: every mode returned a wrong hypergradient, silently.
     from torch.nn.utils import parametrize
-    from torch.nn.utils.parametrizations import weight_norm
     torch.manual_seed(0)
     model = make_model()
-    weight_norm(model[0])
+    unit_rows(model[0])
     gen = torch.Generator().manual_seed(7)
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), generator=gen,
                                     mode="ufom", q=0.5, inner_lr=0.1, steps=3)

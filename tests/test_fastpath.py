@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 import torch_ufom
 from torch_ufom import inner, unroll
-from helpers import mse, rel_err
+from helpers import mse, rel_err, unit_rows
 from oracle import brute_force
 from zoo import KINDS
 
@@ -267,9 +267,8 @@ def test_a_parametrized_submodule_used_twice_is_put_back():
     # Parametrized modules ran through functional_call, which does not put back the entries of
     # a submodule reached by two paths (torch 2.13): the module kept the inner loop's tensors,
     # a second call was 50-70 % off, and a MetaOptimizer's step moved tensors it no longer held.
-    from torch.nn.utils import parametrizations
     torch.manual_seed(0)
-    shared = parametrizations.weight_norm(nn.Linear(3, 3))
+    shared = unit_rows(nn.Linear(3, 3))
     model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(3, 1))
     g = torch.Generator().manual_seed(1)
     support = (torch.randn(5, 3, generator=g), torch.randn(5, 1, generator=g))

@@ -1595,3 +1595,54 @@ def test_a_compiled_loss_criterion_is_refused_in_exact_sweeps():
     want = brute_force(model, mse, mse, lambda j: support, query, STEPS, LR, params, 0)
     got = torch_ufom.hypergrad(model, loss, loss, support, query, steps=STEPS, inner_lr=LR, mode="fom")
     assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("form", ["legacy", "parametrizations"])
+def test_a_weight_norm_is_refused_in_exact_sweeps(form):
+    # Review ES (session 23): torch's second derivative of torch._weight_norm is wrong (torch 2.11-2.13
+    # fail their own gradgradcheck): exact 4.8e-2, ufom 8.8e-2 off, silently, with either form of
+    # weight_norm (the brute-force unroll shares the bug; the norm written out does not).
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 4)
+    layer = nn.utils.weight_norm(layer) if form == "legacy" else nn.utils.parametrizations.weight_norm(layer)
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 1)).double()
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    xs, ys = _regression_tasks()
+    support = query = (xs[0], ys[0])
+    refused = r"a weight norm \(torch.nn.utils.weight_norm or parametrizations.weight_norm"
+    with pytest.raises(RuntimeError, match=refused):
+        torch_ufom.hypergrad(model, mse, mse, support, query, steps=STEPS, inner_lr=LR, mode="exact")
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
+                                    mode="ufom", q=1.0, memory="recompute")
+    with pytest.raises(RuntimeError, match=refused):
+        meta.backward(mse, mse, support, query)
+    for vectorise in ("auto", True, False):
+        meta.reconfigure(vectorise=vectorise)
+        with pytest.raises(RuntimeError, match=refused), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (a fallback's warning, where one comes first)
+            meta.backward_batch(mse, mse, (xs, ys), (xs, ys))
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)  # nothing written
+    torch_ufom.hypergrad(model, mse, mse, support, query, steps=STEPS, inner_lr=LR, mode="fom")
+
+
+def test_torch_weight_norm_second_derivative_is_still_wrong():
+    # What the refusal above rests on: torch's HVP through torch._weight_norm against the norm
+    # written out. When a torch release fixes it, this fails: lift the refusal (unroll.wrong_twice).
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    g0 = torch.rand(4, 1, generator=gen, dtype=torch.float64) + 0.5
+    v0 = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    dg, dv = torch.randn(4, 1, generator=gen, dtype=torch.float64), torch.randn(4, 3, generator=gen,
+                                                                               dtype=torch.float64)
+
+    def hvp(weight):
+        g, v = g0.clone().requires_grad_(), v0.clone().requires_grad_()
+        gg, gv = torch.autograd.grad((torch.tanh(x @ weight(g, v).T) ** 2).sum(), (g, v), create_graph=True)
+        hv = torch.autograd.grad((gg * dg).sum() + (gv * dv).sum(), (g, v))
+        return torch.cat([t.flatten() for t in hv])
+
+    by_torch = hvp(lambda g, v: torch._weight_norm(v, g, 0))
+    by_hand = hvp(lambda g, v: g * v / v.norm(dim=1, keepdim=True))
+    assert ((by_torch - by_hand).norm() / by_hand.norm()) > 1e-3
