@@ -1558,7 +1558,9 @@ def _unchecked(model, f, b):
 
 def test_saved_tensor_hooks_that_recompute_nothing_stay_exact():
     # A guard against refusing too much: save_on_cpu (torch.autograd.graph) packs and unpacks the
-    # same values; only torch.utils.checkpoint's hooks evaluate the forward again.
+    # same values; only torch.utils.checkpoint's hooks evaluate the forward again, and a checkpointed
+    # part that reads no adapted parameter (a frozen backbone, a parameter-free part of a loss: review
+    # ER found both refused) computes again what it computed.
     model = _Checkpointed(None).double()
     xs, ys = _regression_tasks()
     support = query = (xs[0], ys[0])
@@ -1568,6 +1570,28 @@ def test_saved_tensor_hooks_that_recompute_nothing_stay_exact():
         got = torch_ufom.hypergrad(model, mse, mse, support, query, steps=STEPS, inner_lr=LR,
                                    mode="exact")
     assert rel_err(got, want) < 1e-10
+
+    def squashed(f, b):
+        return torch.utils.checkpoint.checkpoint(lambda out: ((torch.tanh(out) - b[1]) ** 2).mean(), f(b[0]),
+                                                 use_reentrant=False)
+
+    def squashed_plainly(f, b):
+        return ((torch.tanh(f(b[0])) - b[1]) ** 2).mean()
+
+    for mode, k in (("fom", 0), ("exact", STEPS)):
+        got = torch_ufom.hypergrad(model, squashed, mse, support, query, steps=STEPS, inner_lr=LR, mode=mode)
+        want = brute_force(model, squashed_plainly, mse, lambda j: support, query, STEPS, LR,
+                           list(model.parameters()), k)
+        assert rel_err(got, want) < 1e-10
+    frozen = _Checkpointed("checkpoint").double()  # the block checkpointed and frozen
+    frozen.b.requires_grad_(False)
+    model.b.requires_grad_(False)
+    head = [p for p in model.parameters() if p.requires_grad]
+    for mode, k in (("fom", 0), ("exact", STEPS)):
+        got = torch_ufom.hypergrad(frozen, mse, mse, support, query, steps=STEPS, inner_lr=LR, mode=mode,
+                                   params=[p for p in frozen.parameters() if p.requires_grad])
+        want = brute_force(model, mse, mse, lambda j: support, query, STEPS, LR, head, k)
+        assert rel_err(got, want) < 1e-10
 
 
 def test_a_compiled_loss_criterion_is_refused_in_exact_sweeps():

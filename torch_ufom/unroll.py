@@ -766,7 +766,7 @@ class PerTask:
         if not (type(loss) is Tensor and loss.requires_grad and loss.dim() == 0
                 and loss.dtype.is_floating_point and not loss.is_meta):
             loss, _ = loss_and_aux(loss, "inner_loss")  # the inner aux is dropped
-        if not loop.recompute_checked or loop.per_step:
+        if not loop.recompute_checked:
             loop.check_recomputation(loss, state.params)
         if create_graph:
             loop.check_twice_differentiable(loss, state.params)
@@ -796,7 +796,7 @@ class PerTask:
         """One task's outer loss, aux and gradient (:meth:`Evaluator.outer`)."""
         out = loop.outer_loss(loop.fmodel(params, state.buffers), loop.query)
         loss, aux = loss_and_aux(out, "outer_loss")
-        if loss.grad_fn is not None and recomputed_in_backward([loss.grad_fn]):
+        if loss.grad_fn is not None and recomputed_in_backward([loss.grad_fn], params):
             raise RuntimeError(recomputes_message("outer_loss"))
         return loss, aux, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True)
 
@@ -993,7 +993,8 @@ _WEIGHT_NORM = ("a weight norm (torch.nn.utils.weight_norm or parametrizations.w
 _COMPILED = ("a torch.compile'd function or module (aot_autograd's CompiledFunction), whose backward has no "
              "derivative: where nothing it reads requires a gradient (a compiled loss criterion) torch "
              "drops the second derivative silently, elsewhere it raises (leave what the losses run "
-             "uncompiled, or compile it with backend='eager')")
+             "uncompiled, compile it with backend='eager', or use hvp='fwdrev', which differentiates "
+             "it by forward mode)")
 
 
 def _compiled(cls: Any) -> bool:
@@ -1011,18 +1012,26 @@ def wrong_twice_message(what: Sequence[str]) -> str:
 _SAVED: Dict[type, Tuple[str, ...]] = {}  # a graph node class: its saved tensors' attributes
 
 
-def recomputed_in_backward(starts: Sequence[Any], stop: set = frozenset()) -> bool:
+def recomputed_in_backward(starts: Sequence[Any], adapted: Sequence[Tensor], stop: set = frozenset()) -> bool:
     """Whether autograd's graph from the nodes ``starts`` (not past those in ``stop``) holds
-    a tensor that ``torch.utils.checkpoint`` (``use_reentrant=False``) saved to compute
-    again in backward: torch then runs the checkpointed function again, reading the
-    module's parameters as they are at that time, after :class:`FunctionalModel` put the
-    module's own back (review EO: every path 2-19 % off, ``fom`` and ``adapt`` too).
-    Found by the saved tensors' unpack hook (``SavedTensor.unpack_hook``, read without
-    unpacking); the tensors a custom ``torch.autograd.Function`` saved are not read."""
+    a part that ``torch.utils.checkpoint`` (``use_reentrant=False``) evaluates again in
+    backward and that reads one of the ``adapted`` parameters: torch then runs the
+    checkpointed function again, reading the module's parameters as they are at that time,
+    after :class:`FunctionalModel` put the module's own back (review EO: every path 2-19 %
+    off, ``fom`` and ``adapt`` too). A checkpointed part that reads no adapted parameter
+    (a frozen backbone, a parameter-free part of a loss) recomputes what it computed.
+
+    The part is found by its saved tensors' unpack hook (``SavedTensor.unpack_hook``, read
+    without unpacking); what it reads, by following its nodes' inputs through nodes of the
+    part and nodes that save nothing (views, additions) to the leaves: a node that saved
+    tensors without the hook lies outside it. The tensors a custom
+    ``torch.autograd.Function`` saved are not read (its node is passed through)."""
+    inside, saves = [], set()
     for node in graph_nodes(starts, stop):
         names = _SAVED.get(type(node))
         if names is None:
             names = _SAVED[type(node)] = tuple(k for k in dir(node) if k.startswith("_raw_saved_"))
+        hooked = False
         for name in names:
             try:
                 saved = getattr(node, name)
@@ -1031,17 +1040,39 @@ def recomputed_in_backward(starts: Sequence[Any], stop: set = frozenset()) -> bo
             for one in saved if isinstance(saved, (list, tuple)) else (saved,):
                 hook = getattr(one, "unpack_hook", None)
                 if hook is not None and getattr(hook, "__module__", None) == "torch.utils.checkpoint":
-                    return True
+                    hooked = True
+        if hooked:
+            inside.append(node)
+        elif names:
+            saves.add(node)
+    if not inside:
+        return False
+    leaves = {id(t) for t in adapted if t.grad_fn is None}
+    nodes = {t.grad_fn for t in adapted if t.grad_fn is not None}
+    seen, stack = set(), inside
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in nodes or id(getattr(node, "variable", None)) in leaves:
+            return True
+        if node not in saves:  # (a node of the part, or one that saves nothing)
+            stack.extend(f for f, _ in node.next_functions)
     return False
 
 
 def recomputes_message(which: str) -> str:
     """The error for :func:`recomputed_in_backward`'s finding in ``which`` loss."""
+    instead = ("remove the checkpointing from the forward (memory='checkpoint', the default, keeps the "
+               "inner loop's memory flat instead) or leave what it reads out of the adapted parameters "
+               "(inner_params=)") if which == "inner_loss" else \
+        "compute the outer loss without checkpointing what reads the adapted parameters"
     return (f"{which} runs torch.utils.checkpoint with use_reentrant=False (activation checkpointing, "
-            "checkpoint_sequential): torch evaluates the checkpointed part again during backward, when "
-            "the module holds its own parameters again instead of the inner loop's, so every gradient "
-            "through it would be silently wrong (on every path and mode); remove the checkpointing from "
-            "the forward (memory='checkpoint', the default, keeps memory flat in the inner steps instead)")
+            "checkpoint_sequential) on a part that reads adapted parameters: torch evaluates that part "
+            "again during backward, when the module holds its own parameters again instead of the inner "
+            f"loop's, so every gradient through it would be silently wrong (on every path and mode); "
+            f"{instead}")
 
 
 def graph_nodes(starts: Sequence[Any], stop: set = frozenset()) -> Iterator[Any]:
@@ -1238,11 +1269,14 @@ class InnerLoop:
         self.unread = missing if self.unread is None else self.unread & missing
 
     def check_recomputation(self, loss: Tensor, params: Sequence[Tensor]) -> None:
-        """Raise if step's inner loss holds tensors that ``torch.utils.checkpoint`` recomputes
-        in backward (:func:`recomputed_in_backward`); the caller runs it on the first step
-        evaluated, and on every one where the batches are per step."""
+        """Raise if a step's inner loss holds a part that ``torch.utils.checkpoint`` evaluates
+        again in backward, reading adapted parameters (:func:`recomputed_in_backward`); the
+        caller runs it on the first step a call evaluates (a walk of the graph: 13 us on
+        the sinusoid MLP; at every step with per-step batches it cost 12-18 % of a ``fom``
+        call, review ER)."""
         self.recompute_checked = True
-        if loss.grad_fn is not None and recomputed_in_backward([loss.grad_fn], {t.grad_fn for t in params}):
+        if loss.grad_fn is not None and recomputed_in_backward([loss.grad_fn], params,
+                                                               {t.grad_fn for t in params}):
             raise RuntimeError(recomputes_message("inner_loss"))
 
     def check_twice_differentiable(self, loss: Tensor, params: Sequence[Tensor]) -> None:
