@@ -1670,3 +1670,100 @@ def test_torch_weight_norm_second_derivative_is_still_wrong():
     by_torch = hvp(lambda g, v: torch._weight_norm(v, g, 0))
     by_hand = hvp(lambda g, v: g * v / v.norm(dim=1, keepdim=True))
     assert ((by_torch - by_hand).norm() / by_hand.norm()) > 1e-3
+
+
+class _Memo(nn.Module):
+    """A weight memoised from the parameters at the first call (``self._w``, reset by the user)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.v = nn.Parameter(torch.randn(4, 3))
+        self.head = nn.Linear(4, 1)
+        self._w = None
+
+    def forward(self, x):
+        if self._w is None:
+            self._w = self.v / self.v.norm(dim=1, keepdim=True)
+        return self.head(torch.tanh(x @ self._w.T))
+
+
+class _Carried(nn.Module):
+    """A recurrent state kept in ``self.h`` between calls, with its graph or detached."""
+
+    def __init__(self, detach):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.rec, self.out = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 1)
+        self.h, self.detach = None, detach
+
+    def forward(self, x):
+        h0 = torch.zeros(x.shape[0], 4, dtype=x.dtype) if self.h is None or self.h.shape[0] != x.shape[0] \
+            else self.h
+        h = torch.tanh(self.inp(x) + self.rec(h0))
+        self.h = h.detach() if self.detach else h
+        return self.out(h)
+
+
+@pytest.mark.parametrize("kind", ["memo", "carried"])
+def test_state_a_forward_keeps_in_self_with_its_graph_is_refused(kind):
+    # Review ES (session 23): a weight memoised from the parameters (every path 69-77 % off) or a
+    # recurrent state carried between calls with its graph (exact 21-26 %, a key-value cache 60 %
+    # off under store; the vectorised fom meta-batch 24 %) made each step read another step's
+    # parameters, silently.
+    model = (_Memo() if kind == "memo" else _Carried(False)).double()
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    xs, ys = _regression_tasks()
+    support = query = (xs[0], ys[0])
+    refused = "reads a tensor that an earlier evaluation of inner_loss left behind with its graph"
+    state = torch.get_rng_state()
+    for mode in ("fom", "ufom", "exact"):
+        for memory in ("store", "recompute"):
+            meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
+                                            mode=mode, q=1.0, memory=memory)
+            model._w = model.h = None  # (the user's reset before an outer step)
+            with pytest.raises(RuntimeError, match=refused):
+                meta.backward(mse, mse, support, query)
+            for vectorise in ("auto", True, False):
+                model._w = model.h = None
+                meta.reconfigure(vectorise=vectorise)
+                with pytest.raises(RuntimeError, match=refused), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # (the loop's warning)
+                    meta.backward_batch(mse, mse, (xs, ys), (xs, ys))
+    model._w = model.h = None
+    with pytest.raises(RuntimeError, match=refused):
+        torch_ufom.hypergrad(model, mse, mse, support, query, steps=STEPS, inner_lr=LR, mode="exact")
+    model._w = model.h = None
+    with pytest.raises(RuntimeError, match=refused):
+        torch_ufom.adapt(model, mse, support, steps=STEPS, inner_lr=LR)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)  # nothing written
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_detached_state_in_self_runs_a_meta_batch_in_the_loop_and_leaves_no_vmap_tensor():
+    # Review ES (session 23): a recurrent state kept detached in self.h is exact per task, but the
+    # vectorised meta-batch was 3.3e-2 off the loop of backward calls, silently, and left a tensor
+    # that had escaped vmap in self.h (the next model(x) raised).
+    model = _Carried(True).double()
+    xs, ys = _regression_tasks(3)
+    params = list(model.parameters())
+
+    def run(vectorise):
+        model.h = None
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
+                                        mode="exact", memory="store", vectorise=vectorise)
+        meta.zero_grad()
+        meta.backward_batch(mse, mse, (xs, ys), (xs, ys))
+        return [p.grad.clone() for p in params]
+
+    want = run(False)
+    for vectorise in ("auto", True):
+        with pytest.warns(UserWarning, match=r"per-task loop: the module's forward stores tensors in plain "
+                                             r"attributes \(self.h\)"):
+            got = run(vectorise)
+        assert rel_err(got, want) == 0
+        model(xs[0])  # a plain tensor, readable

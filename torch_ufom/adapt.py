@@ -197,7 +197,8 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
         found = probe_steps(model, inner_loss, batches, adapted=problem.config.adapted, node_hooks=False)
         vectorised = True
         if elementwise_rule(problem.config.rule) and not (
-                found.written or found.wrong or found.own_generator or found.differentiates):
+                found.written or found.wrong or found.own_generator or found.differentiates
+                or found.attributes):
             try:
                 state = _run(problem, Vectorised(size), supports)
                 return _stacked(problem, [state], size)

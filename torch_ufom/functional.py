@@ -446,6 +446,10 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     if found.written:
         return Plan(None, f"the module has buffers that the losses write ({', '.join(found.written)}: "
                     "running statistics cannot be vectorised)", True, known)
+    if found.attributes:
+        return Plan(None, f"the module's forward stores tensors in plain attributes ("
+                    f"{', '.join('self.' + n for n in found.attributes[:3])}): state kept between calls "
+                    "cannot be vectorised (a tensor under torch.func.vmap must not outlive it)", True, known)
     if found.differentiates:
         return Plan(None, DIFFERENTIATES, True, known)
     if found.hooks:

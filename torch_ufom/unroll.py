@@ -768,6 +768,8 @@ class PerTask:
             loss, _ = loss_and_aux(loss, "inner_loss")  # the inner aux is dropped
         if not loop.recompute_checked:
             loop.check_recomputation(loss, state.params)
+        if not loop.carried_checked:
+            loop.check_carried(loss, state.params)
         if create_graph:
             loop.check_twice_differentiable(loss, state.params)
         grads = torch.autograd.grad(loss, state.params, create_graph=create_graph, allow_unused=True)
@@ -798,6 +800,8 @@ class PerTask:
         loss, aux = loss_and_aux(out, "outer_loss")
         if loss.grad_fn is not None and recomputed_in_backward([loss.grad_fn], params):
             raise RuntimeError(recomputes_message("outer_loss"))
+        if not loop.carried_checked:
+            loop.check_carried(loss, params, outer=True)
         return loss, aux, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True)
 
     def reduce(self, adjoint):
@@ -1155,6 +1159,10 @@ class InnerLoop:
         self.unread: Optional[frozenset] = None
         self.twice_checked = False  # check_twice_differentiable ran on a step with a graph
         self.recompute_checked = False  # check_recomputation ran on a step
+        # Weak references to the parameters the first evaluation of the inner loss ran at, until a
+        # later evaluation has been looked at (check_carried); then None, and carried_checked.
+        self.first_params: Optional[Tuple[Any, ...]] = None
+        self.carried_checked = False
         self.hvp_checked = False  # a forward-over-reverse HVP was compared with reverse mode's
         self.elementwise = elementwise_rule(rule)  # each parameter's update its own
         self.outer_unread: frozenset = _NOTHING
@@ -1267,6 +1275,38 @@ class InnerLoop:
         if self.unread is None and self.names and len(missing) == len(self.names):
             warnings.warn(reads_nothing("inner_loss"), stacklevel=caller_level())
         self.unread = missing if self.unread is None else self.unread & missing
+
+    def check_carried(self, loss: Tensor, params: Tuple[Tensor, ...], outer: bool = False) -> None:
+        """Raise if an evaluation of a loss reads a tensor that the call's first evaluation of
+        the inner loss left behind (review ES): its graph reaches the first evaluation's
+        parameters other than through its own (a recurrent state or a key-value cache a
+        forward keeps in ``self`` with its graph, a weight memoised from the parameters at
+        the first call). Each step would then be differentiated at another step's
+        parameters, and the sweep, which differentiates each step at its own, would be
+        silently wrong. The first evaluation notes its parameters (weakly: a graph that
+        reaches them keeps them alive); the next one at leaves of its own (not a chained
+        step of a connected sweep, whose graph legitimately reaches back), or else the
+        outer loss (``outer``, at detached leaves), is looked at: one walk of its graph."""
+        if self.first_params is None:
+            if not outer:
+                self.first_params = tuple(weakref.ref(t) for t in params if t.grad_fn is None)
+            return
+        if not outer and any(t.grad_fn is not None for t in params):
+            return  # (a chained step: the outer loss is looked at instead)
+        first, self.first_params, self.carried_checked = self.first_params, None, True
+        own = {id(t) for t in params}
+        leaves = {id(t) for t in (ref() for ref in first) if t is not None and id(t) not in own}
+        if loss.grad_fn is None or not leaves:
+            return
+        stop = {t.grad_fn for t in params}
+        if any(id(getattr(node, "variable", None)) in leaves for node in graph_nodes([loss.grad_fn], stop)):
+            raise RuntimeError(
+                f"{'outer_loss' if outer else 'inner_loss'} reads a tensor that an earlier evaluation of "
+                "inner_loss left behind with its graph (a recurrent state or key-value cache the forward "
+                "keeps in self, a weight memoised from the parameters): the library evaluates each inner "
+                "step at its own parameters, so a step would read another step's and the hypergradient "
+                "would be silently wrong; compute such state in every forward from what it is given "
+                "(detach a state carried between calls, reset a memo before each evaluation)")
 
     def check_recomputation(self, loss: Tensor, params: Sequence[Tensor]) -> None:
         """Raise if a step's inner loss holds a part that ``torch.utils.checkpoint`` evaluates

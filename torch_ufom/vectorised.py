@@ -600,6 +600,7 @@ class Probe(NamedTuple):
     forward_wrong: frozenset = frozenset()  # operations whose forward-mode derivative torch gets wrong
     hooks_unseen: bool = False  # a profiler was set: hooks on graph nodes could not be looked for
     wrong_twice: Tuple[str, ...] = ()  # what torch differentiates twice wrongly (unroll.wrong_twice)
+    attributes: Tuple[str, ...] = ()  # tensors a forward stores in a submodule's plain attributes
 
     def fwdrev_obstacle(self) -> str:
         """Why forward-over-reverse HVPs would differentiate another function than the
@@ -645,7 +646,8 @@ def probe_steps(module: nn.Module, inner_loss, batches: Sequence[Any], outer_los
                       found.stops_gradients or more.stops_gradients, found.hooks or more.hooks,
                       found.differentiates_inside or more.differentiates_inside, found.third | more.third,
                       found.forward_wrong | more.forward_wrong, found.hooks_unseen or more.hooks_unseen,
-                      found.wrong_twice + tuple(w for w in more.wrong_twice if w not in found.wrong_twice))
+                      found.wrong_twice + tuple(w for w in more.wrong_twice if w not in found.wrong_twice),
+                      found.attributes + tuple(a for a in more.attributes if a not in found.attributes))
     return found
 
 
@@ -679,6 +681,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     params = {n: t.requires_grad_(named[n].requires_grad) for n, t in _probe_params(module, adapted).items()}
     mode = _Probe(None if adapted is None else {id(params[n]) for n in adapted if n in params})
     fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
+    attributes = _attributes(module)
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     aten = _AtenProbe()
     hooked: List[str] = []
@@ -688,6 +691,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             out = inner_loss(fm, batch)
     finally:
         aten.restore()
+        stored = _put_back_attributes(attributes)  # (its tensors are the probe's)
     mode.hooks |= any(h != _UNWATCHED for h in hooked)
     unread, functions = frozenset(), []
     loss = out[0] if isinstance(out, tuple) and out else out
@@ -704,6 +708,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     wrong = mode.wrong | aten.wrong | wrong_under_vmap(module)
     if outer_loss is not None:
         outer, outer_aten = _Probe(), _AtenProbe()
+        attributes = _attributes(module)
         # Detached copies: an outer loss that differentiates must not reach the parameters' hooks.
         copies = {n: params[n].detach().requires_grad_(p.requires_grad)
                   for n, p in module.named_parameters()}
@@ -716,6 +721,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             pass
         finally:
             outer_aten.restore()
+            stored += tuple(n for n in _put_back_attributes(attributes) if n not in stored)
         wrong |= outer.wrong | outer_aten.wrong
         aten.generators.update(outer_aten.generators)
         mode.differentiates |= outer.differentiates
@@ -724,7 +730,35 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                  mode.differentiates, unread, tuple(cls.__name__ for cls in functions),
                  tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
                  mode.differentiates_inside, frozenset(mode.third or aten.third),
-                 frozenset(aten.forward_wrong), _UNWATCHED in hooked, tuple(twice))
+                 frozenset(aten.forward_wrong), _UNWATCHED in hooked, tuple(twice), stored)
+
+
+def _attributes(module: nn.Module) -> List[Tuple[str, nn.Module, Dict[str, Any]]]:
+    """Each submodule of ``module`` (with its qualified name) and a shallow copy of its
+    plain attributes (its ``__dict__``), for :func:`_put_back_attributes`."""
+    return [(prefix, sub, sub.__dict__.copy())
+            for prefix, sub in module.named_modules(remove_duplicate=False)]
+
+
+def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]]) -> Tuple[str, ...]:
+    """Put back every plain attribute that a forward set to a tensor, or that held a tensor
+    and was replaced, since :func:`_attributes` (``self.h = ...``: a state or a memo kept
+    between calls); return their qualified names. Those that torch's hook-based
+    reparametrizations recompute before every forward (``prune``'s and the legacy
+    ``weight_norm``'s and ``spectral_norm``'s ``weight``) are left as they are."""
+    names = []
+    for prefix, sub, before in saved:
+        now = sub.__dict__
+        hooks = sub._forward_pre_hooks.values()
+        recomputed = {getattr(h, attr, None) for h in hooks for attr in ("name", "_tensor_name")}
+        for key in [k for k, v in now.items() if (isinstance(v, Tensor) or isinstance(before.get(k), Tensor))
+                    and before.get(k, now) is not v and k not in recomputed]:
+            if key in before:
+                now[key] = before[key]
+            else:
+                del now[key]
+            names.append(f"{prefix}.{key}" if prefix else key)
+    return tuple(names)
 
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
