@@ -1673,16 +1673,21 @@ def test_torch_weight_norm_second_derivative_is_still_wrong():
 
 
 class _Memo(nn.Module):
-    """A weight memoised from the parameters at the first call (``self._w``, reset by the user)."""
+    """A weight memoised from the parameters at the first call (``self._w``, or in a dict
+    ``self.cache``; reset by the user)."""
 
-    def __init__(self):
+    def __init__(self, in_dict=False):
         super().__init__()
         torch.manual_seed(0)
         self.v = nn.Parameter(torch.randn(4, 3))
         self.head = nn.Linear(4, 1)
-        self._w = None
+        self._w, self.cache, self.in_dict = None, {}, in_dict
 
     def forward(self, x):
+        if self.in_dict:
+            if "w" not in self.cache:
+                self.cache["w"] = self.v / self.v.norm(dim=1, keepdim=True)
+            return self.head(torch.tanh(x @ self.cache["w"].T))
         if self._w is None:
             self._w = self.v / self.v.norm(dim=1, keepdim=True)
         return self.head(torch.tanh(x @ self._w.T))
@@ -1705,13 +1710,19 @@ class _Carried(nn.Module):
         return self.out(h)
 
 
-@pytest.mark.parametrize("kind", ["memo", "carried"])
+@pytest.mark.parametrize("kind", ["memo", "dict memo", "carried"])
 def test_state_a_forward_keeps_in_self_with_its_graph_is_refused(kind):
     # Review ES (session 23): a weight memoised from the parameters (every path 69-77 % off) or a
     # recurrent state carried between calls with its graph (exact 21-26 %, a key-value cache 60 %
     # off under store; the vectorised fom meta-batch 24 %) made each step read another step's
-    # parameters, silently.
-    model = (_Memo() if kind == "memo" else _Carried(False)).double()
+    # parameters, silently. Review EU: a memo in a dict ran vectorised (24 % off), and fwdrev's look
+    # at the loss left its own memo behind, which hid the sweep's (14 % off).
+    model = (_Memo(kind == "dict memo") if "memo" in kind else _Carried(False)).double()
+
+    def reset():  # (the user's reset before an outer step)
+        model._w = model.h = None
+        model.cache = {}
+
     params = list(model.parameters())
     for p in params:
         p.grad = torch.ones_like(p)
@@ -1720,23 +1731,23 @@ def test_state_a_forward_keeps_in_self_with_its_graph_is_refused(kind):
     support = query = (xs[0], ys[0])
     refused = "reads a tensor that an earlier evaluation of inner_loss left behind with its graph"
     state = torch.get_rng_state()
-    for mode in ("fom", "ufom", "exact"):
-        for memory in ("store", "recompute"):
-            meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
-                                            mode=mode, q=1.0, memory=memory)
-            model._w = model.h = None  # (the user's reset before an outer step)
-            with pytest.raises(RuntimeError, match=refused):
-                meta.backward(mse, mse, support, query)
-            for vectorise in ("auto", True, False):
-                model._w = model.h = None
-                meta.reconfigure(vectorise=vectorise)
-                with pytest.raises(RuntimeError, match=refused), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # (the loop's warning)
-                    meta.backward_batch(mse, mse, (xs, ys), (xs, ys))
-    model._w = model.h = None
+    cases = [(mode, memory, "auto") for mode in ("fom", "ufom", "exact") for memory in ("store", "recompute")]
+    for mode, memory, hvp in cases + ([("exact", "store", "fwdrev")] if "memo" in kind else []):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
+                                        mode=mode, q=1.0, memory=memory, hvp=hvp)
+        reset()
+        with pytest.raises(RuntimeError, match=refused):
+            meta.backward(mse, mse, support, query)
+        for vectorise in ("auto", True, False):
+            reset()
+            meta.reconfigure(vectorise=vectorise)
+            with pytest.raises(RuntimeError, match=refused), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # (the loop's warning)
+                meta.backward_batch(mse, mse, (xs, ys), (xs, ys))
+    reset()
     with pytest.raises(RuntimeError, match=refused):
         torch_ufom.hypergrad(model, mse, mse, support, query, steps=STEPS, inner_lr=LR, mode="exact")
-    model._w = model.h = None
+    reset()
     with pytest.raises(RuntimeError, match=refused):
         torch_ufom.adapt(model, mse, support, steps=STEPS, inner_lr=LR)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)  # nothing written

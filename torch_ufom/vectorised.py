@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import types
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -691,7 +692,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             out = inner_loss(fm, batch)
     finally:
         aten.restore()
-        stored = _put_back_attributes(attributes)  # (its tensors are the probe's)
+        stored = _put_back_attributes(attributes, fm)  # (its tensors are the probe's)
     mode.hooks |= any(h != _UNWATCHED for h in hooked)
     unread, functions = frozenset(), []
     loss = out[0] if isinstance(out, tuple) and out else out
@@ -721,7 +722,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             pass
         finally:
             outer_aten.restore()
-            stored += tuple(n for n in _put_back_attributes(attributes) if n not in stored)
+            stored += tuple(n for n in _put_back_attributes(attributes, fm) if n not in stored)
         wrong |= outer.wrong | outer_aten.wrong
         aten.generators.update(outer_aten.generators)
         mode.differentiates |= outer.differentiates
@@ -733,30 +734,64 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                  frozenset(aten.forward_wrong), _UNWATCHED in hooked, tuple(twice), stored)
 
 
+_MODULE_ENTRIES = frozenset(nn.Module().__dict__)  # what every module holds (its tables, hooks, flags)
+
+
+def _tensor_ids(value: Any) -> Tuple[int, ...]:
+    """The ids of the tensors in ``value``: a tensor, or containers of them that pytree
+    flattens (dicts, lists, tuples, named tuples), or a ``SimpleNamespace`` of them."""
+    if isinstance(value, Tensor):
+        return (id(value),)
+    if isinstance(value, types.SimpleNamespace):
+        value = value.__dict__
+    if not isinstance(value, (dict, list, tuple)):
+        return ()
+    return tuple(id(t) for t in pytree.tree_leaves(value) if isinstance(t, Tensor))
+
+
 def _attributes(module: nn.Module) -> List[Tuple[str, nn.Module, Dict[str, Any]]]:
-    """Each submodule of ``module`` (with its qualified name) and a shallow copy of its
-    plain attributes (its ``__dict__``), for :func:`_put_back_attributes`."""
-    return [(prefix, sub, sub.__dict__.copy())
+    """Each submodule of ``module`` (with its qualified name) and what its plain attributes
+    (its ``__dict__`` but the entries every module has) hold: the value, a shallow copy of
+    a dict or list, and the ids of the tensors in it, for :func:`_put_back_attributes`."""
+    return [(prefix, sub, {k: (v, v.copy() if isinstance(v, (dict, list)) else None, _tensor_ids(v))
+                           for k, v in sub.__dict__.items() if k not in _MODULE_ENTRIES})
             for prefix, sub in module.named_modules(remove_duplicate=False)]
 
 
-def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]]) -> Tuple[str, ...]:
-    """Put back every plain attribute that a forward set to a tensor, or that held a tensor
-    and was replaced, since :func:`_attributes` (``self.h = ...``: a state or a memo kept
-    between calls); return their qualified names. Those that torch's hook-based
-    reparametrizations recompute before every forward (``prune``'s and the legacy
-    ``weight_norm``'s and ``spectral_norm``'s ``weight``) are left as they are."""
+def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
+                         given: Optional[FunctionalModel] = None) -> Tuple[str, ...]:
+    """Put back every plain attribute whose tensors a forward changed since
+    :func:`_attributes` (``self.h = ...``, ``self.cache["w"] = ...``: a state or a memo kept
+    between calls), a dict or list filled in place included; return their qualified names.
+    Attributes that now hold only the module's own parameters and buffers or those ``given``
+    runs at (an RNN's ``_flat_weights``, which its forward takes from its parameters), and
+    those that torch's hook-based reparametrizations recompute before every forward
+    (``prune``'s and the legacy ``weight_norm``'s and ``spectral_norm``'s ``weight``) are
+    left as they are."""
     names = []
+    root = saved[0][1] if saved else None
+    own = {id(t) for t in root.parameters()} | {id(t) for t in root.buffers()} if root is not None else set()
+    if given is not None:
+        own |= {id(t) for t in given.params.values()} | {id(t) for t in given.buffers.values()}
     for prefix, sub, before in saved:
         now = sub.__dict__
         hooks = sub._forward_pre_hooks.values()
         recomputed = {getattr(h, attr, None) for h in hooks for attr in ("name", "_tensor_name")}
-        for key in [k for k, v in now.items() if (isinstance(v, Tensor) or isinstance(before.get(k), Tensor))
-                    and before.get(k, now) is not v and k not in recomputed]:
-            if key in before:
-                now[key] = before[key]
-            else:
+        for key in [k for k in now if k not in _MODULE_ENTRIES and k not in recomputed]:
+            value, contents, tensors = before.get(key, (None, None, ()))
+            if key in before and value is now[key] and _tensor_ids(value) == tensors:
+                continue
+            if own.issuperset(_tensor_ids(now[key])):
+                continue  # (none, or the module's own: an RNN's _flat_weights follows its parameters)
+            if key not in before:
                 del now[key]
+            else:
+                now[key] = value
+                if isinstance(value, list):  # (filled in place)
+                    value[:] = contents
+                elif isinstance(value, dict):
+                    value.clear()
+                    value.update(contents)
             names.append(f"{prefix}.{key}" if prefix else key)
     return tuple(names)
 
@@ -785,6 +820,7 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
     fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     aten = _AtenProbe() if generators else contextlib.nullcontext()  # for the user's generators
+    attributes = _attributes(module)
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), aten:
             loss, _ = loss_and_aux(inner_loss(fm, batch), "inner_loss")
@@ -793,6 +829,7 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
     finally:
         if generators:
             aten.restore()
+        _put_back_attributes(attributes, fm)  # (a memo of these copies would hide the sweep's own)
     return loss
 
 
