@@ -51,6 +51,7 @@ Everything is float64 (but the dtype test) and compared with a brute-force unrol
 (``tests/oracle.py``) or with the library's own per-task results.
 """
 import contextlib
+import copy
 import functools
 import warnings
 
@@ -1778,3 +1779,39 @@ def test_a_detached_state_in_self_runs_a_meta_batch_in_the_loop_and_leaves_no_vm
             got = run(vectorise)
         assert rel_err(got, want) == 0
         model(xs[0])  # a plain tensor, readable
+
+
+class _HandNormed(nn.Module):
+    """A linear layer whose weight is ``g * v / ||v||`` row by row, written out."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.g = nn.Parameter(layer.parametrizations.weight.original0.detach().clone())
+        self.v = nn.Parameter(layer.parametrizations.weight.original1.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.g * self.v / self.v.norm(dim=1, keepdim=True), self.bias)
+
+
+def test_a_weight_norm_in_a_part_the_loop_does_not_adapt_stays_exact():
+    # Review EV (session 23): the weight-norm refusal fired wherever the node was in the graph, but
+    # torch's wrong second derivative matters only where the inner gradient is taken at g or v: with
+    # the head alone adapted (ANIL) the exact hypergradient was right (1.6e-16) and was refused.
+    torch.manual_seed(0)
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(3, 4))
+    model = nn.Sequential(normed, nn.Tanh(), nn.Linear(4, 1)).double()
+    hand = nn.Sequential(_HandNormed(normed).double(), nn.Tanh(), copy.deepcopy(model[2]))
+    xs, ys = _regression_tasks()
+    support = query = (xs[0], ys[0])
+    for net in (model, hand):
+        net.head = ["2.weight", "2.bias"]
+    weight = normed.parametrizations.weight
+    ordered = [weight.original0, weight.original1, normed.bias, *model[2].parameters()]
+    got = torch_ufom.hypergrad(model, mse, mse, support, query, steps=STEPS, inner_lr=LR, mode="exact",
+                               inner_params=model.head, params=ordered)
+    want = torch_ufom.hypergrad(hand, mse, mse, support, query, steps=STEPS, inner_lr=LR, mode="exact",
+                                inner_params=hand.head, params=list(hand.parameters()))
+    assert rel_err(got, want) < 1e-10
+    with pytest.raises(RuntimeError, match="a weight norm"):  # adapted: refused
+        torch_ufom.hypergrad(model, mse, mse, support, query, steps=STEPS, inner_lr=LR, mode="exact")

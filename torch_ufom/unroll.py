@@ -950,7 +950,7 @@ def check_twice_differentiable(loss: Tensor, before: Sequence[Tensor] = ()) -> N
     if loss.grad_fn is None:
         return
     stop = {t.grad_fn for t in before}
-    wrong = wrong_twice([loss.grad_fn], stop)
+    wrong = wrong_twice([loss.grad_fn], stop, before)
     if wrong:
         raise RuntimeError(wrong_twice_message(wrong))
     names = once_differentiable(graph_survey([loss.grad_fn], stop)[1])
@@ -962,7 +962,8 @@ def check_twice_differentiable(loss: Tensor, before: Sequence[Tensor] = ()) -> N
             "(or use mode='fom', which needs none)")
 
 
-def wrong_twice(starts: Sequence[Any], stop: set = frozenset()) -> List[str]:
+def wrong_twice(starts: Sequence[Any], stop: set = frozenset(),
+                adapted: Optional[Sequence[Tensor]] = None) -> List[str]:
     """What in autograd's graph from ``starts`` (not past the nodes in ``stop``) torch
     differentiates twice wrongly, each with why and what to do instead:
 
@@ -978,13 +979,15 @@ def wrong_twice(starts: Sequence[Any], stop: set = frozenset()) -> List[str]:
     - a weight norm (``torch._weight_norm``: ``torch.nn.utils.weight_norm`` and
       ``parametrizations.weight_norm``), whose double backward is wrong (torch 2.11-2.13
       fail their own ``gradgradcheck``; an HVP 43 % off a finite difference; review ES:
-      exact 4.8e-2 off).
+      exact 4.8e-2 off); only where it reads an adapted parameter (of ``adapted``;
+      ``None``: any): the sweep differentiates twice only what the inner gradient is
+      taken at, and a weight norm in a part the loop does not adapt is exact (review EV).
     """
     found = set()
     for node in graph_nodes(starts, stop):
         if getattr(node, "_saved_scale_grad_by_freq", False) and node.name().startswith("Embedding"):
             found.add(_SCALED)
-        elif type(node).__name__ == "WeightNormInterfaceBackward0":
+        elif type(node).__name__ == "WeightNormInterfaceBackward0" and _reads(node, adapted):
             found.add(_WEIGHT_NORM)
         elif _compiled(getattr(node, "_forward_cls", None)):
             found.add(_COMPILED)
@@ -1002,6 +1005,15 @@ _COMPILED = ("a torch.compile'd function or module (aot_autograd's CompiledFunct
              "drops the second derivative silently, elsewhere it raises (leave what the losses run "
              "uncompiled, compile it with backend='eager', or use hvp='fwdrev', which differentiates "
              "it by forward mode)")
+
+
+def _reads(node: Any, adapted: Optional[Sequence[Tensor]]) -> bool:
+    """Whether autograd's graph from ``node`` reaches one of ``adapted`` (``None``: yes)."""
+    if adapted is None:
+        return True
+    leaves = {id(t) for t in adapted if t.grad_fn is None}
+    nodes = {t.grad_fn for t in adapted if t.grad_fn is not None}
+    return any(n in nodes or id(getattr(n, "variable", None)) in leaves for n in graph_nodes([node]))
 
 
 def _compiled(cls: Any) -> bool:

@@ -699,7 +699,8 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     twice: List[str] = []
     if isinstance(loss, Tensor) and loss.grad_fn is not None:
         reached, functions = graph_survey([loss.grad_fn])
-        twice = wrong_twice([loss.grad_fn])
+        twice = wrong_twice([loss.grad_fn], adapted=None if adapted is None else
+                            [params[n] for n in adapted if n in params])
         if adapted is not None:
             unread = frozenset(n for n in adapted if id(params[n]) not in reached)
     # Kernels such as batch_norm write running statistics without bumping the version.
@@ -737,14 +738,19 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
 _MODULE_ENTRIES = frozenset(nn.Module().__dict__)  # what every module holds (its tables, hooks, flags)
 
 
+_LARGE = 1024  # entries: a larger dict or list held by a module is looked at by identity only
+
+
 def _tensor_ids(value: Any) -> Tuple[int, ...]:
     """The ids of the tensors in ``value``: a tensor, or containers of them that pytree
-    flattens (dicts, lists, tuples, named tuples), or a ``SimpleNamespace`` of them."""
+    flattens (dicts, lists, tuples, named tuples), or a ``SimpleNamespace`` of them; a
+    container of more than ``_LARGE`` entries (a vocabulary) is not opened (review EV: a
+    100,000-entry dict made each meta-batch call 75x slower)."""
     if isinstance(value, Tensor):
         return (id(value),)
     if isinstance(value, types.SimpleNamespace):
         value = value.__dict__
-    if not isinstance(value, (dict, list, tuple)):
+    if not isinstance(value, (dict, list, tuple)) or len(value) > _LARGE:
         return ()
     return tuple(id(t) for t in pytree.tree_leaves(value) if isinstance(t, Tensor))
 
@@ -752,8 +758,10 @@ def _tensor_ids(value: Any) -> Tuple[int, ...]:
 def _attributes(module: nn.Module) -> List[Tuple[str, nn.Module, Dict[str, Any]]]:
     """Each submodule of ``module`` (with its qualified name) and what its plain attributes
     (its ``__dict__`` but the entries every module has) hold: the value, a shallow copy of
-    a dict or list, and the ids of the tensors in it, for :func:`_put_back_attributes`."""
-    return [(prefix, sub, {k: (v, v.copy() if isinstance(v, (dict, list)) else None, _tensor_ids(v))
+    a dict or list (up to ``_LARGE`` entries), and the ids of the tensors in it, for
+    :func:`_put_back_attributes`."""
+    return [(prefix, sub, {k: (v, v.copy() if isinstance(v, (dict, list)) and len(v) <= _LARGE else None,
+                               _tensor_ids(v))
                            for k, v in sub.__dict__.items() if k not in _MODULE_ENTRIES})
             for prefix, sub in module.named_modules(remove_duplicate=False)]
 
@@ -762,17 +770,19 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
                          given: Optional[FunctionalModel] = None) -> Tuple[str, ...]:
     """Put back every plain attribute whose tensors a forward changed since
     :func:`_attributes` (``self.h = ...``, ``self.cache["w"] = ...``: a state or a memo kept
-    between calls), a dict or list filled in place included; return their qualified names.
-    Attributes that now hold only the module's own parameters and buffers or those ``given``
-    runs at (an RNN's ``_flat_weights``, which its forward takes from its parameters), and
-    those that torch's hook-based reparametrizations recompute before every forward
-    (``prune``'s and the legacy ``weight_norm``'s and ``spectral_norm``'s ``weight``) are
-    left as they are."""
+    between calls), a dict or list filled in place included, and return the qualified names
+    of those that tell of state kept between calls. Not those that now hold only the
+    module's own parameters and buffers, nor, where they held tensors before, those that
+    hold only what ``given`` runs at (an RNN's ``_flat_weights``, which its forward takes
+    from its parameters: put back); a memo of the parameters themselves (``self._w =
+    self.a.weight`` at the first call) tells (review EV). Those that torch's hook-based
+    reparametrizations recompute before every forward (``prune``'s and the legacy
+    ``weight_norm``'s and ``spectral_norm``'s ``weight``) are left as they are."""
     names = []
     root = saved[0][1] if saved else None
     own = {id(t) for t in root.parameters()} | {id(t) for t in root.buffers()} if root is not None else set()
-    if given is not None:
-        own |= {id(t) for t in given.params.values()} | {id(t) for t in given.buffers.values()}
+    ran_at = own | ({id(t) for t in given.params.values()} | {id(t) for t in given.buffers.values()}
+                    if given is not None else set())
     for prefix, sub, before in saved:
         now = sub.__dict__
         hooks = sub._forward_pre_hooks.values()
@@ -781,18 +791,20 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
             value, contents, tensors = before.get(key, (None, None, ()))
             if key in before and value is now[key] and _tensor_ids(value) == tensors:
                 continue
-            if own.issuperset(_tensor_ids(now[key])):
-                continue  # (none, or the module's own: an RNN's _flat_weights follows its parameters)
+            held = _tensor_ids(now[key])
+            if own.issuperset(held):
+                continue  # (none, or the module's own)
             if key not in before:
                 del now[key]
             else:
                 now[key] = value
-                if isinstance(value, list):  # (filled in place)
+                if isinstance(value, list) and contents is not None:  # (filled in place)
                     value[:] = contents
-                elif isinstance(value, dict):
+                elif isinstance(value, dict) and contents is not None:
                     value.clear()
                     value.update(contents)
-            names.append(f"{prefix}.{key}" if prefix else key)
+            if not (tensors and ran_at.issuperset(held)):
+                names.append(f"{prefix}.{key}" if prefix else key)
     return tuple(names)
 
 
