@@ -47,7 +47,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "scripted", "held_tensors",
-           "root_of", "graph_reaches",
+           "root_of", "graph_reaches", "graph_targets",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp", "OwnDraws",
            "elementwise_rule", "second_derivatives", "recomputed_in_backward", "recomputes_message",
@@ -1009,11 +1009,7 @@ _COMPILED = ("a torch.compile'd function or module (aot_autograd's CompiledFunct
 
 def _reads(node: Any, adapted: Optional[Sequence[Tensor]]) -> bool:
     """Whether autograd's graph from ``node`` reaches one of ``adapted`` (``None``: yes)."""
-    if adapted is None:
-        return True
-    leaves = {id(t) for t in adapted if t.grad_fn is None}
-    nodes = {t.grad_fn for t in adapted if t.grad_fn is not None}
-    return any(n in nodes or id(getattr(n, "variable", None)) in leaves for n in graph_nodes([node]))
+    return adapted is None or graph_reaches([node], *graph_targets(adapted))
 
 
 def _compiled(cls: Any) -> bool:
@@ -1070,8 +1066,7 @@ def recomputed_in_backward(starts: Sequence[Any], adapted: Sequence[Tensor], sto
             saves.add(node)
     if not inside:
         return False
-    leaves = {id(t) for t in adapted if t.grad_fn is None}
-    nodes = {t.grad_fn for t in adapted if t.grad_fn is not None}
+    leaves, nodes = graph_targets(adapted)
     seen, stack = set(), inside
     while stack:
         node = stack.pop()
@@ -1111,10 +1106,19 @@ def graph_nodes(starts: Sequence[Any], stop: set = frozenset()) -> Iterator[Any]
         stack.extend(f for f, _ in node.next_functions)
 
 
-def graph_reaches(starts: Sequence[Any], leaves: set, nodes: set = frozenset()) -> bool:
-    """Whether autograd's graph from the nodes ``starts`` reaches a leaf whose ``id`` is in
-    ``leaves`` or a node in ``nodes`` (a non-leaf tensor's ``grad_fn``)."""
-    return any(node in nodes or id(getattr(node, "variable", None)) in leaves for node in graph_nodes(starts))
+def graph_reaches(starts: Sequence[Any], leaves: set, nodes: set = frozenset(),
+                  stop: set = frozenset()) -> bool:
+    """Whether autograd's graph from the nodes ``starts`` (not past those in ``stop``) reaches
+    a leaf whose ``id`` is in ``leaves`` or a node in ``nodes`` (a non-leaf tensor's ``grad_fn``)."""
+    return any(node in nodes or id(getattr(node, "variable", None)) in leaves
+               for node in graph_nodes(starts, stop))
+
+
+def graph_targets(tensors: Sequence[Tensor]) -> Tuple[set, set]:
+    """``(leaves, nodes)`` for :func:`graph_reaches`: the ``id`` of each leaf of ``tensors``
+    and the ``grad_fn`` of each other one."""
+    return ({id(t) for t in tensors if t.grad_fn is None},
+            {t.grad_fn for t in tensors if t.grad_fn is not None})
 
 
 _RULES = "torch_ufom.inner"  # the module of the built-in rules
@@ -1317,8 +1321,7 @@ class InnerLoop:
         leaves = {id(t) for t in (ref() for ref in first) if t is not None and id(t) not in own}
         if loss.grad_fn is None or not leaves:
             return
-        stop = {t.grad_fn for t in params}
-        if any(id(getattr(node, "variable", None)) in leaves for node in graph_nodes([loss.grad_fn], stop)):
+        if graph_reaches([loss.grad_fn], leaves, stop={t.grad_fn for t in params}):
             raise RuntimeError(
                 f"{'outer_loss' if outer else 'inner_loss'} reads a tensor that an earlier evaluation of "
                 "inner_loss left behind with its graph (a recurrent state or key-value cache the forward "
