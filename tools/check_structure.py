@@ -68,7 +68,9 @@ ALLOW = {  # (module, qualname, rule) -> reason
     "the user's module under vmap (the nn.Module call protocol), not configuration",
     ("vectorised.py", "_Probe.__torch_function__", "R2"): "signature fixed by torch's TorchFunctionMode",
     ("vectorised.py", "_schema_args", "R2"): "names an ATen call's arguments by its schema, for the "
-                                              "probe's tests"}
+                                              "probe's tests",
+    ("vectorised.py", "_restore", "R3"): "puts back the fields of the user's own objects (a dataclass, "
+    "a __slots__ class) that a look's evaluation of the user's forward wrote"}
 
 
 def _name(f):

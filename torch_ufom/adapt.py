@@ -26,7 +26,7 @@ from .functional import restore_rng_on_error
 from .inner import InnerRule
 from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State,
                      check_parametrize_cache, elementwise_rule, probe_batches)
-from .vectorised import Vectorised, meta_batch_size, probe_steps, task_of
+from .vectorised import Vectorised, attributes_kept, meta_batch_size, probe_steps, task_of
 
 __all__ = ["adapt", "adapt_batch", "StackedFunctionalModel"]
 
@@ -59,8 +59,9 @@ class StackedFunctionalModel:
                 return FunctionalModel(self.module, params, buffers)(*a, **k)
 
             try:
-                return torch.func.vmap(one, randomness="different")(self.params, self.buffers, args,
-                                                                     kwargs)
+                with attributes_kept(self.module):  # (tensors of vmap's must not outlive it)
+                    return torch.func.vmap(one, randomness="different")(self.params, self.buffers, args,
+                                                                         kwargs)
             except Exception:  # noqa: BLE001 (run per task, where an error of the module is raised)
                 pass
         outs = [self.task(i)(*task_of(args, i), **task_of(kwargs, i)) for i in range(self.size)]
@@ -200,7 +201,8 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
                 found.written or found.wrong or found.own_generator or found.differentiates
                 or found.attributes):
             try:
-                state = _run(problem, Vectorised(size), supports)
+                with attributes_kept(model):
+                    state = _run(problem, Vectorised(size), supports)
                 return _stacked(problem, [state], size)
             except FloatingPointError:
                 raise  # a non-finite inner loss: the loop would find it again

@@ -31,8 +31,9 @@ from .truncation import Snapshot, TruncationLaw
 from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem,
                      caller_level, elementwise_rule, held_tensors, probe_batches, reads_nothing, root_of,
                      scripted, sparse_weights, wrong_twice_message)
-from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, group_by_truncation, meta_batch_size,
-                         probe_steps, reads_meta_directly, runs_optimised_script, select_tasks, task_of)
+from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, attributes_kept, group_by_truncation,
+                         meta_batch_size, probe_steps, reads_meta_directly, runs_optimised_script,
+                         select_tasks, task_of)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
            "Problem", "SlowOps", "resolve_hvp"]
@@ -356,11 +357,14 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
 def _run_groups(problem: Problem, supports, queries, truncations, seeds, done: list,
                 unread: frozenset = frozenset()) -> None:
     """One vectorised sweep per drawn ``K``, each appended to ``done`` as it finishes
-    (``unread``: the adapted parameters the inner loss never reads, as the probe found)."""
+    (``unread``: the adapted parameters the inner loss never reads, as the probe found).
+    What the forwards store in the module's attributes (``self.last = h``, tensors of
+    ``vmap``'s) is put back after each."""
     for k, index in group_by_truncation(truncations).items():
         start = time.perf_counter()
         tasks = (select_tasks(supports, index), select_tasks(queries, index))
-        est = run_estimate(problem, Vectorised(len(index), unread), tasks, k, seeds[index[0]])
+        with attributes_kept(problem.model):
+            est = run_estimate(problem, Vectorised(len(index), unread), tasks, k, seeds[index[0]])
         done.append((index, est, time.perf_counter() - start))
 
 
@@ -447,7 +451,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         return Plan(None, f"the module has buffers that the losses write ({', '.join(found.written)}: "
                     "running statistics cannot be vectorised)", True, known)
     if found.attributes:
-        return Plan(None, f"the module's forward stores tensors in plain attributes ("
+        return Plan(None, f"the module's forward reads back tensors it stored in plain attributes ("
                     f"{', '.join('self.' + n for n in found.attributes[:3])}): state kept between calls "
                     "cannot be vectorised (a tensor under torch.func.vmap must not outlive it)", True, known)
     if found.differentiates:

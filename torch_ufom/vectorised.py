@@ -17,7 +17,9 @@ pay for the exact sweep of the others.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import os
 import sys
 import types
@@ -683,7 +685,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     mode = _Probe(None if adapted is None else {id(params[n]) for n in adapted if n in params})
     fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
     attributes = _attributes(module)
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    devices = _cuda_devices(module)
     aten = _AtenProbe()
     hooked: List[str] = []
     try:
@@ -692,7 +694,8 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             out = inner_loss(fm, batch)
     finally:
         aten.restore()
-        stored = _put_back_attributes(attributes, fm)  # (its tensors are the probe's)
+        taken: Dict[str, Tuple[nn.Module, str, Any]] = {}
+        stored = _put_back_attributes(attributes, fm, taken)  # (its tensors are the probe's)
     mode.hooks |= any(h != _UNWATCHED for h in hooked)
     unread, functions = frozenset(), []
     loss = out[0] if isinstance(out, tuple) and out else out
@@ -723,11 +726,15 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             pass
         finally:
             outer_aten.restore()
-            stored += tuple(n for n in _put_back_attributes(attributes, fm) if n not in stored)
+            stored += tuple(n for n in _put_back_attributes(attributes, fm, taken) if n not in stored)
         wrong |= outer.wrong | outer_aten.wrong
         aten.generators.update(outer_aten.generators)
         mode.differentiates |= outer.differentiates
         mode.hooks |= outer.hooks or any(h != _UNWATCHED for h in hooked)
+    if stored:  # state carried between calls, or only logged (self.last = h)?
+        stored = _read_again(module, [(inner_loss, batch)] + ([(outer_loss, query)] if outer_loss not in
+                                                              (None, inner_loss) else []),
+                             _probe_params(module, adapted), taken)
     return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators),
                  mode.differentiates, unread, tuple(cls.__name__ for cls in functions),
                  tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
@@ -738,46 +745,145 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
 _MODULE_ENTRIES = frozenset(nn.Module().__dict__)  # what every module holds (its tables, hooks, flags)
 
 
-_LARGE = 1024  # entries: a larger dict or list held by a module is looked at by identity only
+_LARGE = 1024  # entries: an attribute holding more is looked at by identity only
+
+# Values not opened by _survey: tensors (leaves), modules (surveyed as submodules), code and types.
+_OPAQUE = (Tensor, nn.Module, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+           types.ModuleType, str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+
+
+class _Survey(NamedTuple):
+    """What an attribute's value holds: the ids of the tensors in it, in order, and a
+    snapshot of each mutable container on the way (``_restore`` puts their contents back)."""
+    tensors: Tuple[int, ...]
+    snapshots: Tuple[Tuple[Any, Any], ...]
+
+
+_UNSET = object()  # an unset slot
+
+
+def _slot_names(cls: type) -> Tuple[str, ...]:
+    """The names a class declares in ``__slots__`` (a string names one)."""
+    slots = cls.__dict__.get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
+
+
+def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
+    """``(children, snapshot)`` of a container a forward may fill or mutate in place: a
+    dict (its values), list or deque (its items), an object with a ``__dict__``
+    (``SimpleNamespace``, a dataclass, a class of the user's or a library's, not the standard
+    library's) or ``__slots__`` (its fields); a tuple (named or not) has no snapshot.
+    ``None``: not opened."""
+    if isinstance(value, _OPAQUE):
+        return None
+    if isinstance(value, dict):
+        return list(value.values()), dict(value)
+    if isinstance(value, (list, collections.deque)):
+        return list(value), list(value)
+    if isinstance(value, tuple):
+        return list(value), None
+    if type(value).__module__.partition(".")[0] in sys.stdlib_module_names \
+            and not isinstance(value, types.SimpleNamespace):
+        return None  # (a logger, a lock: the objects a forward does not keep its tensors in)
+    fields: Dict[str, Any] = {}
+    own = getattr(value, "__dict__", None)
+    if isinstance(own, dict):
+        fields.update(own)
+    slots = [n for cls in type(value).__mro__ for n in _slot_names(cls)
+             if n not in ("__dict__", "__weakref__")]
+    for name in slots:
+        fields[name] = getattr(value, name, _UNSET)
+    if not fields and not isinstance(own, dict):
+        return None
+    return [v for v in fields.values() if v is not _UNSET], (dict(own) if isinstance(own, dict) else None,
+                                                              {n: fields[n] for n in slots})
+
+
+def _survey(value: Any) -> _Survey:
+    """The tensors in ``value`` and snapshots of the containers that hold them, opened to any
+    depth (each once); a value of more than ``_LARGE`` entries in all (a vocabulary) is not
+    opened (review EV: a 100,000-entry dict made each meta-batch call 75x slower)."""
+    if isinstance(value, Tensor):
+        return _Survey((id(value),), ())
+    tensors: List[int] = []
+    snapshots: List[Tuple[Any, Any]] = []
+    seen, stack, count = set(), [value], 0
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            tensors.append(id(item))
+            continue
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        try:
+            opened = _contents(item)
+        except Exception:  # noqa: BLE001 (an object whose fields cannot be read is not opened)
+            opened = None
+        if opened is None:
+            continue
+        children, snapshot = opened
+        count += len(children)
+        if count > _LARGE:
+            return _Survey((), ())
+        if snapshot is not None:
+            snapshots.append((item, snapshot))
+        stack.extend(reversed(children))
+    return _Survey(tuple(tensors), tuple(snapshots))
+
+
+def _restore(snapshots: Sequence[Tuple[Any, Any]]) -> None:
+    """Put back the contents :func:`_survey` snapshotted, in place."""
+    for item, snapshot in snapshots:
+        if isinstance(item, dict):
+            item.clear()
+            item.update(snapshot)
+        elif isinstance(item, list):
+            item[:] = snapshot
+        elif isinstance(item, collections.deque):
+            item.clear()
+            item.extend(snapshot)
+        else:
+            attrs, slots = snapshot
+            if attrs is not None:
+                item.__dict__.clear()
+                item.__dict__.update(attrs)
+            for name, v in slots.items():
+                if v is _UNSET:
+                    if hasattr(item, name):
+                        object.__delattr__(item, name)
+                else:
+                    object.__setattr__(item, name, v)
 
 
 def _tensor_ids(value: Any) -> Tuple[int, ...]:
-    """The ids of the tensors in ``value``: a tensor, or containers of them that pytree
-    flattens (dicts, lists, tuples, named tuples), or a ``SimpleNamespace`` of them; a
-    container of more than ``_LARGE`` entries (a vocabulary) is not opened (review EV: a
-    100,000-entry dict made each meta-batch call 75x slower)."""
-    if isinstance(value, Tensor):
-        return (id(value),)
-    if isinstance(value, types.SimpleNamespace):
-        value = value.__dict__
-    if not isinstance(value, (dict, list, tuple)) or len(value) > _LARGE:
-        return ()
-    return tuple(id(t) for t in pytree.tree_leaves(value) if isinstance(t, Tensor))
+    """The ids of the tensors in ``value`` (:func:`_survey`)."""
+    return _survey(value).tensors
 
 
 def _attributes(module: nn.Module) -> List[Tuple[str, nn.Module, Dict[str, Any]]]:
     """Each submodule of ``module`` (with its qualified name) and what its plain attributes
-    (its ``__dict__`` but the entries every module has) hold: the value, a shallow copy of
-    a dict or list (up to ``_LARGE`` entries), and the ids of the tensors in it, for
-    :func:`_put_back_attributes`."""
-    return [(prefix, sub, {k: (v, v.copy() if isinstance(v, (dict, list)) and len(v) <= _LARGE else None,
-                               _tensor_ids(v))
-                           for k, v in sub.__dict__.items() if k not in _MODULE_ENTRIES})
+    (its ``__dict__`` but the entries every module has) hold: the value and its
+    :func:`_survey`, for :func:`_put_back_attributes`."""
+    return [(prefix, sub, {k: (v, _survey(v)) for k, v in sub.__dict__.items() if k not in _MODULE_ENTRIES})
             for prefix, sub in module.named_modules(remove_duplicate=False)]
 
 
 def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
-                         given: Optional[FunctionalModel] = None) -> Tuple[str, ...]:
-    """Put back every plain attribute whose tensors a forward changed since
-    :func:`_attributes` (``self.h = ...``, ``self.cache["w"] = ...``: a state or a memo kept
-    between calls), a dict or list filled in place included, and return the qualified names
-    of those that tell of state kept between calls. Not those that now hold only the
-    module's own parameters and buffers, nor, where they held tensors before, those that
-    hold only what ``given`` runs at (an RNN's ``_flat_weights``, which its forward takes
-    from its parameters: put back); a memo of the parameters themselves (``self._w =
-    self.a.weight`` at the first call) tells (review EV). Those that torch's hook-based
-    reparametrizations recompute before every forward (``prune``'s and the legacy
-    ``weight_norm``'s and ``spectral_norm``'s ``weight``) are left as they are."""
+                         given: Optional[FunctionalModel] = None,
+                         taken: Optional[Dict[str, Tuple[nn.Module, str, Any]]] = None) -> Tuple[str, ...]:
+    """Put back every plain attribute whose tensors a forward changed since :func:`_attributes`
+    (``self.h = ...``, ``self.cache["w"] = ...``: a state or a memo kept between calls),
+    containers filled and objects mutated in place included (:func:`_survey`), and return
+    the qualified names of those that tell of state kept between calls. Not those that now
+    hold only the module's own parameters and buffers, nor, where they held tensors before,
+    those that hold only what ``given`` runs at (an RNN's ``_flat_weights``, which its
+    forward takes from its parameters: put back); a memo of the parameters themselves
+    (``self._w = self.a.weight`` at the first call) tells (review EV). Those that torch's
+    hook-based reparametrizations recompute before every forward (``prune``'s and the legacy
+    ``weight_norm``'s and ``spectral_norm``'s ``weight``) are left as they are. ``taken``
+    receives, for each name returned, the submodule, the key and a copy of what the
+    forward left there with each tensor a :class:`_Tripwire` (:func:`_read_again`)."""
     names = []
     root = saved[0][1] if saved else None
     own = {id(t) for t in root.parameters()} | {id(t) for t in root.buffers()} if root is not None else set()
@@ -788,24 +894,124 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
         hooks = sub._forward_pre_hooks.values()
         recomputed = {getattr(h, attr, None) for h in hooks for attr in ("name", "_tensor_name")}
         for key in [k for k in now if k not in _MODULE_ENTRIES and k not in recomputed]:
-            value, contents, tensors = before.get(key, (None, None, ()))
-            if key in before and value is now[key] and _tensor_ids(value) == tensors:
+            value, survey = before.get(key, (None, _Survey((), ())))
+            if key in before and value is now[key] and _tensor_ids(value) == survey.tensors:
                 continue
             held = _tensor_ids(now[key])
             if own.issuperset(held):
                 continue  # (none, or the module's own)
+            name = f"{prefix}.{key}" if prefix else key
+            tells = not (survey.tensors and ran_at.issuperset(held))
+            if tells and taken is not None:
+                taken[name] = (sub, key, _tripwired(now[key], name))
             if key not in before:
                 del now[key]
             else:
                 now[key] = value
-                if isinstance(value, list) and contents is not None:  # (filled in place)
-                    value[:] = contents
-                elif isinstance(value, dict) and contents is not None:
-                    value.clear()
-                    value.update(contents)
-            if not (tensors and ran_at.issuperset(held)):
-                names.append(f"{prefix}.{key}" if prefix else key)
+                _restore(survey.snapshots)  # (filled or mutated in place)
+            if tells:
+                names.append(name)
     return tuple(names)
+
+
+class _Read(BaseException):
+    """Raised by a :class:`_Tripwire` that a forward reads (a ``BaseException``: a forward's
+    ``except Exception`` does not swallow it)."""
+
+
+class _Tripwire(Tensor):
+    """A tensor an earlier evaluation left in an attribute: any operation on it, method or
+    property (``.shape`` too) reads it and raises :class:`_Read`."""
+
+    names: Dict[int, str] = {}  # id of each tripwire: the attribute it stands in
+    tripped: List[str] = []  # the attributes read (noted before raising, should a bare except catch it)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        names = [cls.names.get(id(t), "?") for t in _tensors_in(args, kwargs or {}) if isinstance(t, cls)]
+        cls.tripped.extend(names or ["?"])
+        raise _Read(names)
+
+
+def _tripwired(value: Any, name: str, memo: Optional[Dict[int, Any]] = None) -> Any:
+    """A copy of ``value`` (the containers and objects :func:`_survey` opens) with each tensor
+    a :class:`_Tripwire` (sharing its data) that tells it was read from attribute ``name``;
+    what holds no tensor is ``value`` itself."""
+    memo = {} if memo is None else memo
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, Tensor):
+        out = value.detach().as_subclass(_Tripwire)
+        _Tripwire.names[id(out)] = name
+    elif not _tensor_ids(value):
+        return value
+    elif isinstance(value, tuple):
+        items = [_tripwired(v, name, memo) for v in value]
+        out = type(value)._make(items) if hasattr(type(value), "_fields") else type(value)(items)
+    elif isinstance(value, collections.deque):
+        out = collections.deque((_tripwired(v, name, memo) for v in value), maxlen=value.maxlen)
+    else:  # a dict, a list, an object: a shallow copy (of the same class), filled with copies
+        out = copy.copy(value)
+        memo[id(value)] = out
+        _, snapshot = _contents(value)
+        if isinstance(value, dict):
+            snapshot = {k: _tripwired(v, name, memo) for k, v in snapshot.items()}
+        elif isinstance(value, list):
+            snapshot = [_tripwired(v, name, memo) for v in snapshot]
+        else:
+            attrs, slots = snapshot
+            attrs = None if attrs is None else {k: _tripwired(v, name, memo) for k, v in attrs.items()}
+            snapshot = (attrs, {k: v if v is _UNSET else _tripwired(v, name, memo) for k, v in slots.items()})
+        _restore([(out, snapshot)])
+    memo[id(value)] = out
+    return out
+
+
+def _read_again(module: nn.Module, losses: Sequence[Tuple[Any, Any]], params: Dict[str, Tensor],
+                taken: Dict[str, Tuple[nn.Module, str, Any]]) -> Tuple[str, ...]:
+    """The attributes in ``taken`` (what a first evaluation stored, tensors as tripwires) that a
+    second evaluation of each ``(loss, batch)`` at ``params`` reads: state kept between calls
+    (``self.h`` read by the next step), where the others are only logged (``self.last = h``,
+    never read back). An evaluation that raises reads them all (what it would read is not
+    known). Everything is put back after."""
+    attributes = _attributes(module)
+    _Tripwire.tripped.clear()
+    for sub, key, value in taken.values():
+        sub.__dict__[key] = value
+    read: List[str] = []
+    try:
+        for loss, batch in losses:
+            fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
+            aten = _AtenProbe()
+            try:
+                with torch.random.fork_rng(devices=_cuda_devices(module)), torch.enable_grad(), aten:
+                    loss(fm, batch)
+            except (_Read, Exception):  # noqa: BLE001
+                read = list(taken)
+            finally:
+                aten.restore()
+    finally:
+        _put_back_attributes(attributes)
+        read = read if not _Tripwire.tripped else [n for n in taken if n in _Tripwire.tripped] or list(taken)
+        _Tripwire.tripped.clear()
+        _Tripwire.names.clear()
+    return tuple(read)
+
+
+def _cuda_devices(module: nn.Module) -> List[int]:
+    """The CUDA devices ``module``'s parameters are on, for ``torch.random.fork_rng``."""
+    return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+
+
+@contextlib.contextmanager
+def attributes_kept(module: nn.Module):
+    """Put back, on exit, what forwards stored in ``module``'s plain attributes meanwhile
+    (:func:`_put_back_attributes`): a vectorised sweep's tensors must not outlive ``vmap``."""
+    saved = _attributes(module)
+    try:
+        yield
+    finally:
+        _put_back_attributes(saved)
 
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
@@ -830,7 +1036,7 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
     the random states and (``generators``) the user's generators put back (``None`` if it
     raises: the sweep raises it)."""
     fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    devices = _cuda_devices(module)
     aten = _AtenProbe() if generators else contextlib.nullcontext()  # for the user's generators
     attributes = _attributes(module)
     try:
