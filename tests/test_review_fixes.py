@@ -1956,3 +1956,72 @@ def test_a_weight_norm_in_a_part_the_loop_does_not_adapt_stays_exact():
     assert rel_err(got, want) < 1e-10
     with pytest.raises(RuntimeError, match="a weight norm"):  # adapted: refused
         torch_ufom.hypergrad(model, mse, mse, support, query, steps=STEPS, inner_lr=LR, mode="exact")
+
+
+@pytest.mark.parametrize("change", ["shorter PerStep", "negative PerStep", "negative in dict", "key removed"])
+def test_inner_hyperparameters_changed_between_calls_are_checked_again(change):
+    # Review EW (session 24): a MetaOptimizer validated the inner rule once; a PerStep given fewer
+    # values than steps between calls ran the missing steps at rate 0 (0.61 off the 3-step unroll,
+    # silently), a negative rate in a PerStep or in the user's per-parameter dict ran as given, and
+    # a key removed from that dict raised a bare KeyError. A fresh call refuses each of them.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    params = list(model.parameters())
+    xs, ys = _regression_tasks(2)
+    support, query = (xs[0], ys[0]), (xs[1], ys[1])
+    rate = torch_ufom.inner.PerStep([0.3, 0.2, 0.3])
+    rates = {n: 0.3 for n, _ in model.named_parameters()}
+    rule = torch_ufom.inner.SGD(lr=rate if "PerStep" in change else rates)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner=rule, steps=3, mode="exact")
+    meta.backward(mse, mse, support, query)
+    if "PerStep" not in change:  # a valid change is followed
+        rates.update({n: 0.2 for n in rates})
+        meta.zero_grad()
+        meta.backward(mse, mse, support, query)
+        want = brute_force(model, mse, mse, lambda j: support, query, 3, 0.2, params, 3)
+        assert rel_err([p.grad for p in params], want) < 1e-12
+    grads = [p.grad.clone() for p in params]
+    if change == "shorter PerStep":
+        rate.values, match = [0.3, 0.2], r"Invalid lr: PerStep has 2 values but the inner loop runs steps=3"
+    elif change == "negative PerStep":
+        rate.values, match = [0.3, -0.2, 0.3], r"Invalid lr"
+    elif change == "negative in dict":
+        rates["0.weight"], match = -0.3, r"Invalid lr\['0.weight'\]: -0.3"
+    else:
+        del rates["0.weight"]
+        match = r"Invalid lr: a per-parameter dict must have exactly .* missing \['0.weight'\]"
+    state = torch.get_rng_state()
+    for call in (lambda: meta.backward(mse, mse, support, query),
+                 lambda: meta.backward_batch(mse, mse, (xs, ys), (xs, ys))):
+        with pytest.raises(ValueError, match=match + r".*changed since the MetaOptimizer checked them"):
+            call()
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))  # nothing written
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_meta_parameters_that_come_and_go_leave_no_hooks_behind(tmp_path):
+    # Review EW (session 24): with process_group=, every outer step that added and then dropped a
+    # meta-parameter (or converted the model) left two removed hook handles in _handles and an id
+    # in _seen, for ever (1,608 handles for 4 live meta-parameters after 800 steps).
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=0.3, steps=2, mode="exact", process_group=True)
+        xs, ys = _regression_tasks(2)
+        sizes = []
+        for step in range(12):
+            extra = torch.full((1,), 0.5, dtype=torch.float64, requires_grad=True)
+            meta.add_param_group({"params": [extra]})
+            meta.zero_grad()
+            meta.backward(mse, lambda f, b, e=extra: mse(f, b) + (e * f(b[0])).mean(), (xs[0], ys[0]),
+                          (xs[1], ys[1]))
+            meta.step()
+            opt.param_groups.pop()
+            if step % 2:
+                model.float().double()  # new gradient accumulators
+            sizes.append((len(meta._handles), len(meta._seen)))
+        assert sizes[-1] == sizes[3] and sizes[-1][0] <= 2 * (len(params := list(model.parameters())) + 1)
+        assert sizes[-1][1] <= len(params) + 1
+    finally:
+        dist.destroy_process_group()

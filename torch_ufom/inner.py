@@ -54,7 +54,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -369,6 +369,12 @@ class InnerRule:
         for key, value in self.hyper.items():
             self._check(key, value, params, steps)
 
+    def layout(self) -> tuple:
+        """What :meth:`validate` checks but the values of tensors, cheaply, for a caller that
+        validated once to see a change: each hyperparameter's numbers, its tensors' identity,
+        shape, dtype and device, a per-parameter dict's names, a :class:`PerStep`'s values."""
+        return tuple((key, _layout(value)) for key, value in self.hyper.items())
+
     def tensors(self) -> Tuple[Tensor, ...]:
         """Every tensor among the hyperparameters (those inside :class:`PerStep` values too)."""
         found = []
@@ -419,6 +425,19 @@ class InnerRule:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={_short(v)}" for k, v in self.hyper.items())
         return f"{type(self).__name__}({args})"
+
+
+def _layout(value) -> Any:
+    """:meth:`InnerRule.layout` of one hyperparameter."""
+    if isinstance(value, Mapping):
+        return ("dict", tuple((k, _layout(v)) for k, v in value.items()))
+    if isinstance(value, PerStep):
+        return ("steps", _layout(value.values))
+    if isinstance(value, Tensor):
+        return ("tensor", id(value), value.shape, value.dtype, value.device)
+    if isinstance(value, (tuple, list)):
+        return tuple(_layout(v) for v in value)
+    return value
 
 
 def _short(v):

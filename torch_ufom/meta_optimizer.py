@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import adaptive, distributed
 from .adapt import adapt
-from .config import Settings, check_generator, check_losses, resolve
+from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads, task_aux
 from .inner import InnerRule, PerStep, _in_range
@@ -235,6 +235,7 @@ class MetaOptimizer:
         self._config = config
         self._signature = self._current_signature()  # what the configuration was resolved for
         self._hyper_versions = tuple((id(t), t._version) for t in config.rule.tensors())  # checked
+        self._hyper_layout = config.rule.layout()  # what validate checked, but tensor values
         self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
         self._track_buffers, self._reduction = track_buffers, reduction
         self._buffers: List[List[Tensor]] = []  # final buffers of the tasks since the last step
@@ -366,6 +367,7 @@ class MetaOptimizer:
         elif vars(config.adaptive) != vars(old):  # another q_min or q_init: q chosen again
             stats = adaptive.rebound(config.adaptive, stats)
         self._config, self._signature = config, self._current_signature()
+        self._hyper_layout = config.rule.layout()
         self.q_stats, self._observations = stats, observations
         self._slow_ops = None  # what the probe found and where vmap failed: look again
         self._warned_fom_gaps = set()
@@ -421,22 +423,35 @@ class MetaOptimizer:
             config = resolve(self._config.settings, self.model)
             _check_holds(self.optimizer, self.model)
             self._config, self._signature = config, signature
+            self._hyper_layout = config.rule.layout()
             meta = tuple(self.meta_parameters())
         c = self._config
-        self._check_hyper_values(c.rule)
+        self._check_hyper_values(c)
         hvp = resolve_hvp(c, self.model, meta)
         return Problem(self.model, inner_loss, outer_loss, c, Snapshot(self.law, c.steps), meta, hvp,
                        self.generator)
 
-    def _check_hyper_values(self, rule) -> None:
-        """Check the inner rule's tensor hyperparameters again when their values changed
-        since the last check (an outer step moved a learned Adam ``betas`` to 1, an
+    def _check_hyper_values(self, config: Config) -> None:
+        """Check the inner rule's hyperparameters again where they changed since the last
+        check: validate the rule again when anything but tensor values changed (review EW: a
+        ``PerStep`` given fewer values than steps ran the missing steps at rate 0, a rate in
+        the user's per-parameter dict set below 0 ran as given), and check the tensor values'
+        range when they changed (an outer step moved a learned Adam ``betas`` to 1, an
         ``inner_lr`` below 0): the rule's formulas would run outside their range. One host
-        synchronisation per change. Changes are seen through autograd's version counter,
+        synchronisation per change of tensor values, seen through autograd's version counter,
         which in-place operations bump and writes through ``.data`` do not."""
+        rule = config.rule
         versions = tuple((id(t), t._version) for t in rule.tensors())
-        if versions == self._hyper_versions:
+        layout = rule.layout()
+        if versions == self._hyper_versions and layout == self._hyper_layout:
             return
+        if layout != self._hyper_layout:
+            named = dict(self.model.named_parameters())
+            try:
+                rule.validate({n: named[n] for n in config.adapted}, steps=config.steps)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"{err} (the inner rule's hyperparameters changed since the "
+                                f"MetaOptimizer checked them); nothing was changed") from None
         ok = rule.tensors_in_range()
         try:
             if ok is not None and not bool(ok):
@@ -445,7 +460,7 @@ class MetaOptimizer:
             raise ValueError(f"{err} (the values changed since they were checked: keep a learned "
                              "hyperparameter in its range, e.g. clamp it in place after the outer "
                              "step); nothing was changed") from None
-        self._hyper_versions = versions
+        self._hyper_versions, self._hyper_layout = versions, layout
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -652,7 +667,12 @@ class MetaOptimizer:
                 handle.remove()
         for key in [k for k in self._posts if k not in watched]:
             self._posts.pop(key).remove()
+        for key in [k for k in self._seen if k not in watched]:
+            del self._seen[key]  # (review EW: ids of meta-parameters gone, kept for ever)
         self._accumulators = watched
+        # only the live handles (review EW: removed ones piled up, 2 per outer step that adds a
+        # meta-parameter); the same list, which the finalizer holds
+        self._handles[:] = list(self._posts.values()) + [handle for _, _, handle in watched.values()]
 
     def _record(self, meta: List[Tensor]) -> None:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
