@@ -70,9 +70,11 @@ def resolve_hvp(config: Config, model: nn.Module, meta: Sequence[Tensor]) -> str
     return hvp
 
 
-def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor]) -> str:
-    """Why forward-over-reverse cannot compute this problem's HVPs (``""`` if it can)."""
-    if next(model.buffers(), None) is not None:
+def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor],
+                    constant_buffers: bool = False) -> str:
+    """Why forward-over-reverse cannot compute this problem's HVPs (``""`` if it can);
+    ``constant_buffers``: a look at the losses found that they write no buffer."""
+    if not constant_buffers and next(model.buffers(), None) is not None:
         return ("needs a module without buffers (a forward inside torch.func.jvp may write them: "
                 "running statistics in train() mode, the legacy spectral_norm's vectors)")
     if any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in model.modules()):
@@ -451,7 +453,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         return Plan(None, f"the module has buffers that the losses write ({', '.join(found.written)}: "
                     "running statistics cannot be vectorised)", True, known)
     if found.attributes:
-        return Plan(None, f"the module's forward reads back tensors it stored in plain attributes ("
+        return Plan(None, f"the module's forward keeps tensors in plain attributes ("
                     f"{', '.join('self.' + n for n in found.attributes[:3])}): state kept between calls "
                     "cannot be vectorised (a tensor under torch.func.vmap must not outlive it)", True, known)
     if found.differentiates:
@@ -483,7 +485,9 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     if not exact or problem.hvp == "fwdrev" or not found.norms:
         return Plan(problem, "", False, known, found.unread)
     norms = ", ".join(sorted(found.norms))
-    why = fwdrev_obstacle(problem.model, problem.config, problem.params) or found.fwdrev_obstacle()
+    # (buffers the losses do not write, a positional encoding or a causal mask, are constants)
+    why = fwdrev_obstacle(problem.model, problem.config, problem.params, constant_buffers=not found.written) \
+        or found.fwdrev_obstacle()
     if not why and reads_meta_directly(problem.model, problem.inner_loss, first, problem.params,
                                        problem.config.adapted):
         why = READS_META

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
+import functools
 import os
 import sys
 import types
@@ -694,8 +694,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             out = inner_loss(fm, batch)
     finally:
         aten.restore()
-        taken: Dict[str, Tuple[nn.Module, str, Any]] = {}
-        stored = _put_back_attributes(attributes, fm, taken)  # (its tensors are the probe's)
+        stored = _put_back_attributes(attributes, fm)  # (its tensors are the probe's)
     mode.hooks |= any(h != _UNWATCHED for h in hooked)
     unread, functions = frozenset(), []
     loss = out[0] if isinstance(out, tuple) and out else out
@@ -726,15 +725,11 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             pass
         finally:
             outer_aten.restore()
-            stored += tuple(n for n in _put_back_attributes(attributes, fm, taken) if n not in stored)
+            stored += tuple(n for n in _put_back_attributes(attributes, fm) if n not in stored)
         wrong |= outer.wrong | outer_aten.wrong
         aten.generators.update(outer_aten.generators)
         mode.differentiates |= outer.differentiates
         mode.hooks |= outer.hooks or any(h != _UNWATCHED for h in hooked)
-    if stored:  # state carried between calls, or only logged (self.last = h)?
-        stored = _read_again(module, [(inner_loss, batch)] + ([(outer_loss, query)] if outer_loss not in
-                                                              (None, inner_loss) else []),
-                             _probe_params(module, adapted), taken)
     return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators),
                  mode.differentiates, unread, tuple(cls.__name__ for cls in functions),
                  tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
@@ -745,18 +740,22 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
 _MODULE_ENTRIES = frozenset(nn.Module().__dict__)  # what every module holds (its tables, hooks, flags)
 
 
-_LARGE = 1024  # entries: an attribute holding more is looked at by identity only
+_LARGE = 1024  # entries: an attribute holding more is not opened (its length is watched)
+_SMALL = 65536  # elements: a tensor held in an attribute that a look copies, to put back in-place writes
 
 # Values not opened by _survey: tensors (leaves), modules (surveyed as submodules), code and types.
-_OPAQUE = (Tensor, nn.Module, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
-           types.ModuleType, str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+_OPAQUE = (Tensor, nn.Module, type, types.BuiltinFunctionType, types.MethodType, types.ModuleType,
+           str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
 
 
 class _Survey(NamedTuple):
-    """What an attribute's value holds: the ids of the tensors in it, in order, and a
-    snapshot of each mutable container on the way (``_restore`` puts their contents back)."""
-    tensors: Tuple[int, ...]
-    snapshots: Tuple[Tuple[Any, Any], ...]
+    """What an attribute's value holds: the ids of the tensors in it (in order), a snapshot
+    of each mutable container on the way (:func:`_restore`), each tensor with its version
+    and (up to ``_SMALL`` elements) a copy, and the length of a value too large to open."""
+    tensors: Tuple[int, ...] = ()
+    snapshots: Tuple[Tuple[Any, Any], ...] = ()
+    versions: Tuple[Tuple[Tensor, int, Optional[Tensor]], ...] = ()
+    size: Optional[int] = None
 
 
 _UNSET = object()  # an unset slot
@@ -772,7 +771,8 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
     """``(children, snapshot)`` of a container a forward may fill or mutate in place: a
     dict (its values), list or deque (its items), an object with a ``__dict__``
     (``SimpleNamespace``, a dataclass, a class of the user's or a library's, not the standard
-    library's) or ``__slots__`` (its fields); a tuple (named or not) has no snapshot.
+    library's) or ``__slots__`` (its fields); a tuple (named or not), a function's closure and
+    defaults (``self.prev = lambda: h``) and a ``functools.partial``'s arguments have no snapshot.
     ``None``: not opened."""
     if isinstance(value, _OPAQUE):
         return None
@@ -782,6 +782,11 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
         return list(value), list(value)
     if isinstance(value, tuple):
         return list(value), None
+    if isinstance(value, types.FunctionType):  # (its closure's cells and its defaults)
+        cells = [c.cell_contents for c in value.__closure__ or () if c.cell_contents is not c]
+        return cells + list(value.__defaults__ or ()) + list((value.__kwdefaults__ or {}).values()), None
+    if isinstance(value, functools.partial):
+        return list(value.args) + list(value.keywords.values()), None
     if type(value).__module__.partition(".")[0] in sys.stdlib_module_names \
             and not isinstance(value, types.SimpleNamespace):
         return None  # (a logger, a lock: the objects a forward does not keep its tensors in)
@@ -799,19 +804,23 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
                                                               {n: fields[n] for n in slots})
 
 
-def _survey(value: Any) -> _Survey:
+def _size(value: Any) -> Optional[int]:
+    """The length of a dict, list, deque or tuple (``None`` for anything else)."""
+    return len(value) if isinstance(value, (dict, list, collections.deque, tuple)) else None
+
+
+def _survey(value: Any, versions: bool = False) -> _Survey:
     """The tensors in ``value`` and snapshots of the containers that hold them, opened to any
-    depth (each once); a value of more than ``_LARGE`` entries in all (a vocabulary) is not
-    opened (review EV: a 100,000-entry dict made each meta-batch call 75x slower)."""
-    if isinstance(value, Tensor):
-        return _Survey((id(value),), ())
-    tensors: List[int] = []
+    depth (each once), and with ``versions`` each tensor's version and copy; a value of more
+    than ``_LARGE`` entries in all (a vocabulary, a long history) is not opened (review EV:
+    a 100,000-entry dict made each meta-batch call 75x slower): only its length is kept."""
+    tensors: List[Tensor] = []
     snapshots: List[Tuple[Any, Any]] = []
     seen, stack, count = set(), [value], 0
     while stack:
         item = stack.pop()
         if isinstance(item, Tensor):
-            tensors.append(id(item))
+            tensors.append(item)
             continue
         if id(item) in seen:
             continue
@@ -825,35 +834,64 @@ def _survey(value: Any) -> _Survey:
         children, snapshot = opened
         count += len(children)
         if count > _LARGE:
-            return _Survey((), ())
+            return _Survey(size=_size(value))
         if snapshot is not None:
             snapshots.append((item, snapshot))
         stack.extend(reversed(children))
-    return _Survey(tuple(tensors), tuple(snapshots))
+    kept = tuple((t, t._version, t.detach().clone() if t.numel() <= _SMALL and not _is_batched(t) else None)
+                 for t in tensors if versions and not t.is_inference())
+    return _Survey(tuple(id(t) for t in tensors), tuple(snapshots), kept)
 
 
-def _restore(snapshots: Sequence[Tuple[Any, Any]]) -> None:
-    """Put back the contents :func:`_survey` snapshotted, in place."""
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is a tensor of a ``torch.func`` transform (a look's copy would fail)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _unchanged(item: Any, snapshot: Any) -> bool:
+    """Whether the container ``item`` still holds what ``snapshot`` (:func:`_contents`) saw."""
+    def same(now: Dict[Any, Any], then: Dict[Any, Any]) -> bool:
+        return len(now) == len(then) and all(k in now and now[k] is v for k, v in then.items())
+
+    if isinstance(item, dict):
+        return same(item, snapshot)
+    if isinstance(item, (list, collections.deque)):
+        return len(item) == len(snapshot) and all(a is b for a, b in zip(item, snapshot))
+    attrs, slots = snapshot
+    return ((attrs is None or same(item.__dict__, attrs))
+            and all(getattr(item, n, _UNSET) is v for n, v in slots.items()))
+
+
+def _restore(snapshots: Sequence[Tuple[Any, Any]]) -> bool:
+    """Put back, in place, the contents of the containers :func:`_survey` snapshotted that
+    changed since (``False``: one could not be put back, a read-only dict)."""
+    done = True
     for item, snapshot in snapshots:
-        if isinstance(item, dict):
-            item.clear()
-            item.update(snapshot)
-        elif isinstance(item, list):
-            item[:] = snapshot
-        elif isinstance(item, collections.deque):
-            item.clear()
-            item.extend(snapshot)
-        else:
-            attrs, slots = snapshot
-            if attrs is not None:
-                item.__dict__.clear()
-                item.__dict__.update(attrs)
-            for name, v in slots.items():
-                if v is _UNSET:
-                    if hasattr(item, name):
-                        object.__delattr__(item, name)
-                else:
-                    object.__setattr__(item, name, v)
+        try:
+            if _unchanged(item, snapshot):
+                continue
+            if isinstance(item, dict):
+                item.clear()
+                item.update(snapshot)
+            elif isinstance(item, list):
+                item[:] = snapshot
+            elif isinstance(item, collections.deque):
+                item.clear()
+                item.extend(snapshot)
+            else:
+                attrs, slots = snapshot
+                if attrs is not None:
+                    item.__dict__.clear()
+                    item.__dict__.update(attrs)
+                for name, v in slots.items():
+                    if v is _UNSET:
+                        if hasattr(item, name):
+                            object.__delattr__(item, name)
+                    else:
+                        object.__setattr__(item, name, v)
+        except Exception:  # noqa: BLE001
+            done = False
+    return done
 
 
 def _tensor_ids(value: Any) -> Tuple[int, ...]:
@@ -865,25 +903,25 @@ def _attributes(module: nn.Module) -> List[Tuple[str, nn.Module, Dict[str, Any]]
     """Each submodule of ``module`` (with its qualified name) and what its plain attributes
     (its ``__dict__`` but the entries every module has) hold: the value and its
     :func:`_survey`, for :func:`_put_back_attributes`."""
-    return [(prefix, sub, {k: (v, _survey(v)) for k, v in sub.__dict__.items() if k not in _MODULE_ENTRIES})
+    return [(prefix, sub, {k: (v, _survey(v, versions=True)) for k, v in sub.__dict__.items()
+                           if k not in _MODULE_ENTRIES})
             for prefix, sub in module.named_modules(remove_duplicate=False)]
 
 
 def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
-                         given: Optional[FunctionalModel] = None,
-                         taken: Optional[Dict[str, Tuple[nn.Module, str, Any]]] = None) -> Tuple[str, ...]:
+                         given: Optional[FunctionalModel] = None) -> Tuple[str, ...]:
     """Put back every plain attribute whose tensors a forward changed since :func:`_attributes`
     (``self.h = ...``, ``self.cache["w"] = ...``: a state or a memo kept between calls),
-    containers filled and objects mutated in place included (:func:`_survey`), and return
-    the qualified names of those that tell of state kept between calls. Not those that now
-    hold only the module's own parameters and buffers, nor, where they held tensors before,
-    those that hold only what ``given`` runs at (an RNN's ``_flat_weights``, which its
-    forward takes from its parameters: put back); a memo of the parameters themselves
-    (``self._w = self.a.weight`` at the first call) tells (review EV). Those that torch's
-    hook-based reparametrizations recompute before every forward (``prune``'s and the legacy
-    ``weight_norm``'s and ``spectral_norm``'s ``weight``) are left as they are. ``taken``
-    receives, for each name returned, the submodule, the key and a copy of what the
-    forward left there with each tensor a :class:`_Tripwire` (:func:`_read_again`)."""
+    containers filled and objects mutated in place included (:func:`_survey`), tensors it
+    held written in place (``self.calls += 1``: put back where the look kept a copy) and
+    lists too large to open grown (cut back), and return the qualified names of those that
+    tell of state kept between calls. Not those that now hold only the module's own
+    parameters and buffers, nor, where they held tensors before, those that hold only what
+    ``given`` runs at (an RNN's ``_flat_weights``, which its forward takes from its
+    parameters: put back); a memo of the parameters themselves (``self._w = self.a.weight``
+    at the first call) tells (review EV). Those that torch's hook-based reparametrizations
+    recompute before every forward (``prune``'s and the legacy ``weight_norm``'s and
+    ``spectral_norm``'s ``weight``) are left as they are."""
     names = []
     root = saved[0][1] if saved else None
     own = {id(t) for t in root.parameters()} | {id(t) for t in root.buffers()} if root is not None else set()
@@ -894,108 +932,31 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
         hooks = sub._forward_pre_hooks.values()
         recomputed = {getattr(h, attr, None) for h in hooks for attr in ("name", "_tensor_name")}
         for key in [k for k in now if k not in _MODULE_ENTRIES and k not in recomputed]:
-            value, survey = before.get(key, (None, _Survey((), ())))
-            if key in before and value is now[key] and _tensor_ids(value) == survey.tensors:
+            value, survey = before.get(key, (None, _Survey()))
+            current = now[key]
+            written = [(t, copy) for t, version, copy in survey.versions
+                       if t._version != version and id(t) not in own]  # (review EX: self.calls += 1)
+            grown = survey.size is not None and value is current and _size(current) != survey.size
+            if key in before and value is current and not written and not grown \
+                    and _tensor_ids(value) == survey.tensors:
                 continue
-            held = _tensor_ids(now[key])
-            if own.issuperset(held):
+            held = _tensor_ids(current)
+            if not written and not grown and own.issuperset(held):
                 continue  # (none, or the module's own)
-            name = f"{prefix}.{key}" if prefix else key
-            tells = not (survey.tensors and ran_at.issuperset(held))
-            if tells and taken is not None:
-                taken[name] = (sub, key, _tripwired(now[key], name))
             if key not in before:
                 del now[key]
             else:
                 now[key] = value
                 _restore(survey.snapshots)  # (filled or mutated in place)
-            if tells:
-                names.append(name)
+                with torch.no_grad():
+                    for t, copy in written:
+                        if copy is not None:
+                            t.copy_(copy)
+                if grown and isinstance(value, list) and len(value) > survey.size:
+                    del value[survey.size:]  # (a long history a forward appended to)
+            if written or grown or not (survey.tensors and ran_at.issuperset(held)):
+                names.append(f"{prefix}.{key}" if prefix else key)
     return tuple(names)
-
-
-class _Read(BaseException):
-    """Raised by a :class:`_Tripwire` that a forward reads (a ``BaseException``: a forward's
-    ``except Exception`` does not swallow it)."""
-
-
-class _Tripwire(Tensor):
-    """A tensor an earlier evaluation left in an attribute: any operation on it, method or
-    property (``.shape`` too) reads it and raises :class:`_Read`."""
-
-    names: Dict[int, str] = {}  # id of each tripwire: the attribute it stands in
-    tripped: List[str] = []  # the attributes read (noted before raising, should a bare except catch it)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        names = [cls.names.get(id(t), "?") for t in _tensors_in(args, kwargs or {}) if isinstance(t, cls)]
-        cls.tripped.extend(names or ["?"])
-        raise _Read(names)
-
-
-def _tripwired(value: Any, name: str, memo: Optional[Dict[int, Any]] = None) -> Any:
-    """A copy of ``value`` (the containers and objects :func:`_survey` opens) with each tensor
-    a :class:`_Tripwire` (sharing its data) that tells it was read from attribute ``name``;
-    what holds no tensor is ``value`` itself."""
-    memo = {} if memo is None else memo
-    if id(value) in memo:
-        return memo[id(value)]
-    if isinstance(value, Tensor):
-        out = value.detach().as_subclass(_Tripwire)
-        _Tripwire.names[id(out)] = name
-    elif not _tensor_ids(value):
-        return value
-    elif isinstance(value, tuple):
-        items = [_tripwired(v, name, memo) for v in value]
-        out = type(value)._make(items) if hasattr(type(value), "_fields") else type(value)(items)
-    elif isinstance(value, collections.deque):
-        out = collections.deque((_tripwired(v, name, memo) for v in value), maxlen=value.maxlen)
-    else:  # a dict, a list, an object: a shallow copy (of the same class), filled with copies
-        out = copy.copy(value)
-        memo[id(value)] = out
-        _, snapshot = _contents(value)
-        if isinstance(value, dict):
-            snapshot = {k: _tripwired(v, name, memo) for k, v in snapshot.items()}
-        elif isinstance(value, list):
-            snapshot = [_tripwired(v, name, memo) for v in snapshot]
-        else:
-            attrs, slots = snapshot
-            attrs = None if attrs is None else {k: _tripwired(v, name, memo) for k, v in attrs.items()}
-            snapshot = (attrs, {k: v if v is _UNSET else _tripwired(v, name, memo) for k, v in slots.items()})
-        _restore([(out, snapshot)])
-    memo[id(value)] = out
-    return out
-
-
-def _read_again(module: nn.Module, losses: Sequence[Tuple[Any, Any]], params: Dict[str, Tensor],
-                taken: Dict[str, Tuple[nn.Module, str, Any]]) -> Tuple[str, ...]:
-    """The attributes in ``taken`` (what a first evaluation stored, tensors as tripwires) that a
-    second evaluation of each ``(loss, batch)`` at ``params`` reads: state kept between calls
-    (``self.h`` read by the next step), where the others are only logged (``self.last = h``,
-    never read back). An evaluation that raises reads them all (what it would read is not
-    known). Everything is put back after."""
-    attributes = _attributes(module)
-    _Tripwire.tripped.clear()
-    for sub, key, value in taken.values():
-        sub.__dict__[key] = value
-    read: List[str] = []
-    try:
-        for loss, batch in losses:
-            fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
-            aten = _AtenProbe()
-            try:
-                with torch.random.fork_rng(devices=_cuda_devices(module)), torch.enable_grad(), aten:
-                    loss(fm, batch)
-            except (_Read, Exception):  # noqa: BLE001
-                read = list(taken)
-            finally:
-                aten.restore()
-    finally:
-        _put_back_attributes(attributes)
-        read = read if not _Tripwire.tripped else [n for n in taken if n in _Tripwire.tripped] or list(taken)
-        _Tripwire.tripped.clear()
-        _Tripwire.names.clear()
-    return tuple(read)
 
 
 def _cuda_devices(module: nn.Module) -> List[int]:
