@@ -2047,3 +2047,41 @@ def test_calls_of_an_adapted_meta_batch_leave_no_vmap_tensor_in_the_module():
     model.last = None
     assert stacked(xs).shape == (3, 5, 1)
     assert model.last is None
+
+
+class _Encoded(nn.Module):
+    """Self-attention with a LayerNorm and constant buffers (a positional encoding, a causal
+    mask, an index), as a transformer of one's own keeps them."""
+
+    def __init__(self, d=6, length=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.ln, self.out = nn.Linear(3, d), nn.LayerNorm(d), nn.Linear(d, 1)
+        self.register_buffer("pe", 0.1 * torch.randn(length, d))
+        self.register_buffer("mask", torch.tril(torch.ones(length, length, dtype=torch.bool)))
+        self.register_buffer("order", torch.arange(length - 1, -1, -1))
+
+    def forward(self, x):
+        h = self.inp(x[self.order]) + self.pe
+        scores = (h @ h.T / 3).masked_fill(~self.mask, -1e4)
+        return self.out(self.ln(h + torch.softmax(scores, -1) @ h))
+
+
+@pytest.mark.parametrize("memory", ["store", "recompute", "checkpoint"])
+def test_a_meta_batch_with_layer_norm_and_constant_buffers_runs_vectorised_and_exact(memory):
+    # Session 24: vmap differentiates LayerNorm twice wrongly, so a meta-batch needs
+    # forward-over-reverse HVPs, which were refused for any module with buffers (running statistics
+    # may be written inside torch.func.jvp): a transformer with a positional-encoding or mask buffer
+    # ran the per-task loop. Buffers the look finds unwritten are constants: vectorised.
+    model = _Encoded().double()
+    params = list(model.parameters())
+    xs, ys = _regression_tasks(3)
+    want = [sum(g) for g in zip(*[brute_force(model, mse, mse, lambda j, i=i: (xs[i], ys[i]), (xs[i], ys[i]),
+                                               STEPS, LR, params, STEPS) for i in range(3)])]
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
+                                    mode="exact", memory=memory, vectorise=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback
+        results = meta.backward_batch(mse, mse, (xs, ys), (xs, ys))
+    assert all(r.batch_path.startswith("vectorised: forward-over-reverse") for r in results)
+    assert rel_err([p.grad for p in params], want) < 1e-12
