@@ -1839,23 +1839,31 @@ def test_a_detached_state_in_an_object_or_deque_runs_a_meta_batch_in_the_loop(ho
     # vmap there (the next model(x) raised); in a SimpleNamespace the meta-batch ran the loop but
     # 10 % off: the look put the namespace back without its contents, so the loop started from the
     # look's state.
+    _meta_batch_runs_the_loop(lambda: _HeldCarried(holder), r"\(self.st\)")
+
+
+def _meta_batch_runs_the_loop(make, names, state=lambda model: None):
+    """A meta-batch of ``make()``'s model runs the per-task loop with the warning naming
+    ``names`` under ``vectorise="auto"`` and ``True``, exactly as ``vectorise=False`` (the
+    gradients and ``state(model)`` after the call), and leaves it callable."""
     xs, ys = _regression_tasks(3)
 
     def run(vectorise):
-        model = _HeldCarried(holder).double()
+        model = make().double()
         params = list(model.parameters())
         meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
                                         mode="exact", memory="store", vectorise=vectorise)
         meta.backward_batch(mse, mse, (xs, ys), (xs, ys))
-        model(xs[0])  # a plain tensor, readable
-        return [p.grad.clone() for p in params]
+        model(xs[0])  # plain tensors, readable
+        return [p.grad.clone() for p in params], state(model)
 
-    want = run(False)
+    want, kept = run(False)
     for vectorise in ("auto", True):
-        with pytest.warns(UserWarning, match=r"per-task loop: the module's forward keeps tensors in "
-                                             r"plain attributes \(self.st\)"):
-            got = run(vectorise)
+        with pytest.warns(UserWarning, match=r"per-task loop: the module's forward keeps tensors in plain "
+                                             r"attributes " + names):
+            got, after = run(vectorise)
         assert rel_err(got, want) == 0
+        assert after == kept
 
 
 class _ReadOnly(dict):
@@ -1907,24 +1915,11 @@ def test_state_the_look_did_not_see_runs_a_meta_batch_in_the_loop_and_is_put_bac
     # left in it) ran vectorised; a tensor counter written in place (self.calls += 1) was advanced
     # by each look and not put back, so the loop that ran started elsewhere (14 % off); a read-only
     # dict beside the state made the look raise its own TypeError.
-    xs, ys = _regression_tasks(3)
-
-    def run(vectorise):
-        model = _Kept(kind).double()
-        params = list(model.parameters())
-        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
-                                        mode="exact", memory="store", vectorise=vectorise)
-        meta.backward_batch(mse, mse, (xs, ys), (xs, ys))
+    def state(model):
         torch.stack(model.history[-3:])  # plain tensors, readable
-        model(xs[0])
-        return [p.grad.clone() for p in params], (len(model.history), model.calls.item())
+        return len(model.history), model.calls.item()
 
-    want, state = run(False)
-    for vectorise in ("auto", True):
-        with pytest.warns(UserWarning, match=r"per-task loop: the module's forward keeps tensors in plain "):
-            got, after = run(vectorise)
-        assert rel_err(got, want) == 0
-        assert after == state
+    _meta_batch_runs_the_loop(lambda: _Kept(kind), "", state)
 
 
 class _HandNormed(nn.Module):
