@@ -783,7 +783,7 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
     if isinstance(value, tuple):
         return list(value), None
     if isinstance(value, types.FunctionType):  # (its closure's cells and its defaults)
-        cells = [c.cell_contents for c in value.__closure__ or () if c.cell_contents is not c]
+        cells = [c.cell_contents for c in value.__closure__ or () if _filled(c)]
         return cells + list(value.__defaults__ or ()) + list((value.__kwdefaults__ or {}).values()), None
     if isinstance(value, functools.partial):
         return list(value.args) + list(value.keywords.values()), None
@@ -802,6 +802,16 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
         return None
     return [v for v in fields.values() if v is not _UNSET], (dict(own) if isinstance(own, dict) else None,
                                                               {n: fields[n] for n in slots})
+
+
+def _filled(cell) -> bool:
+    """Whether a closure's cell holds a value (a name assigned after the function was made
+    may not yet)."""
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 def _size(value: Any) -> Optional[int]:
