@@ -523,14 +523,40 @@ class SGD(InnerRule):
         self.hyper = {"lr": lr, "momentum": momentum, "dampening": dampening,
                       "weight_decay": weight_decay}
         self._check_values()
-        _check_flag(nesterov, "nesterov")
-        if nesterov and (_zero_everywhere(momentum) or not _zero_everywhere(dampening)):
+        self.nesterov = _check_flag(nesterov, "nesterov")
+        self._check_nesterov()
+
+    # What follows from the hyperparameters is read from them at each use (review EY: flags set
+    # once went stale when the user assigned rule.hyper["momentum"] = 0.9 between calls).
+    @property
+    def has_momentum(self) -> bool:
+        """Whether a momentum buffer runs (``momentum`` is not a plain 0)."""
+        return not _is_zero(self.hyper["momentum"])
+
+    @property
+    def counts(self) -> bool:
+        """Whether the state counts steps (for the momentum buffer or :class:`PerStep` values)."""
+        return self.has_momentum or self.per_step
+
+    @property
+    def first_order_additive(self) -> bool:
+        """No state and no weight decay: see :class:`InnerRule`."""
+        return not self.counts and _is_zero(self.hyper["weight_decay"])
+
+    @property
+    def first_order_identity(self) -> bool:
+        """No weight decay (the momentum buffer never reads ``phi``): see :class:`InnerRule`."""
+        return _is_zero(self.hyper["weight_decay"])
+
+    def _check_nesterov(self) -> None:
+        if self.nesterov and (_zero_everywhere(self.hyper["momentum"])
+                              or not _zero_everywhere(self.hyper["dampening"])):
             raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum and zero dampening")
-        self.nesterov = bool(nesterov)
-        self.has_momentum = not _is_zero(momentum)
-        self.counts = self.has_momentum or self.per_step
-        self.first_order_additive = not self.counts and _is_zero(weight_decay)
-        self.first_order_identity = _is_zero(weight_decay)  # the momentum buffer never reads phi
+
+    def validate(self, params: Params, steps: Optional[int] = None) -> None:
+        """:meth:`InnerRule.validate`, and Nesterov's requirements."""
+        super().validate(params, steps)
+        self._check_nesterov()
 
     @property
     def plain_rate(self) -> Optional[float]:
@@ -633,7 +659,12 @@ class Adam(InnerRule):
                       "weight_decay": weight_decay}
         self._check_values()
         self.amsgrad = _check_flag(amsgrad, "amsgrad")
-        self.first_order_identity = _is_zero(weight_decay)  # m and v never read phi
+
+    @property
+    def first_order_identity(self) -> bool:
+        """No weight decay (``m`` and ``v`` never read ``phi``; read at each use): see
+        :class:`InnerRule`."""
+        return _is_zero(self.hyper["weight_decay"])
 
     def init(self, params):
         # The count is a float for the bias corrections' powers, at least float32 (in
@@ -757,8 +788,16 @@ class RMSprop(InnerRule):
                       "momentum": momentum}
         self._check_values()
         self.centered = _check_flag(centered, "centered")
-        self.has_momentum = not _is_zero(momentum)
-        self.first_order_identity = _is_zero(weight_decay)  # s, a and b never read phi
+
+    @property
+    def has_momentum(self) -> bool:
+        """Whether a momentum buffer runs (``momentum`` is not a plain 0; read at each use)."""
+        return not _is_zero(self.hyper["momentum"])
+
+    @property
+    def first_order_identity(self) -> bool:
+        """No weight decay (``s``, ``a`` and ``b`` never read ``phi``): see :class:`InnerRule`."""
+        return _is_zero(self.hyper["weight_decay"])
 
     def init(self, params):
         zeros = tuple(torch.zeros_like(p) for p in params.values())
