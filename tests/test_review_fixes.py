@@ -2155,3 +2155,33 @@ def test_a_rule_whose_hyperparameters_are_assigned_between_calls_runs_the_new_va
         else:
             want = brute_force(model, mse, mse, lambda j: support, query, 3, None, params, k, rule=ref)
         assert rel_err([p.grad for p in params], want) < 1e-12
+
+
+@pytest.mark.parametrize("mistake", ["one-argument loss", "torch.optim rule", "list of rates"])
+def test_porting_mistakes_get_messages_that_say_what_the_library_expects(mistake):
+    # Review EZ (session 24): a loss closing over its batch (higher's style) raised the bare
+    # "takes 1 positional argument but 2 were given" from inside the library; inner=torch.optim.SGD(...)
+    # printed the optimizer's whole repr; higher's list of per-parameter rates printed every tensor.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    params = list(model.parameters())
+    xs, ys = _regression_tasks(2)
+    support, query = (xs[0], ys[0]), (xs[1], ys[1])
+    kwargs = {"inner_lr": LR}
+    inner = mse
+    if mistake == "one-argument loss":
+        inner, error, match = (lambda f: mse(f, support)), TypeError, \
+            r"Invalid inner_loss: .*<lambda> takes 1 positional argument, but the library calls " \
+            r"inner_loss\(fmodel, batch\)"
+    elif mistake == "torch.optim rule":
+        kwargs, error, match = {"inner": torch.optim.SGD(params, lr=0.1)}, TypeError, \
+            r"Invalid inner: a torch.optim.SGD \(expected a torch_ufom.inner rule.*torch_ufom.inner.SGD\("
+    else:
+        rates = [torch.full_like(p, 0.1, requires_grad=True) for p in params]
+        kwargs, error, match = {"inner_lr": rates}, ValueError, \
+            r"Invalid inner_lr: a list of 4 tensors \(expected .* a dict from parameter name"
+    with pytest.raises(error, match=match) as caught:
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), steps=STEPS, mode="exact",
+                                        **kwargs)
+        meta.backward(inner, mse, support, query)
+    assert len(str(caught.value)) < 400
+    assert all(p.grad is None for p in params)

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+import inspect
 import itertools
 import math
 import numbers
+import types
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -220,6 +222,31 @@ def check_losses(inner_loss, outer_loss, model: Optional[nn.Module] = None) -> N
         if not callable(fn):
             raise TypeError(f"Invalid {name}: expected a callable (fmodel, batch) -> scalar tensor, "
                             f"got {type(fn).__name__}")
+        why = _two_arguments(fn)
+        if why:
+            raise TypeError(f"Invalid {name}: {why}, but the library calls {name}(fmodel, batch) "
+                            "(a loss closing over its batch, as in code written for higher, takes the "
+                            "batch as its second argument instead)")
+
+
+def _two_arguments(fn) -> str:
+    """Why a plain function or bound method ``fn`` cannot be called with two positional
+    arguments (``""``: it can, or its code does not say: a builtin, a callable object). Read
+    from its code object, not ``inspect.signature`` (10 us per loss per call)."""
+    bound = isinstance(fn, types.MethodType)
+    func = fn.__func__ if bound else fn
+    if not isinstance(func, types.FunctionType) or func.__code__.co_flags & inspect.CO_VARARGS:
+        return ""
+    code = func.__code__
+    takes = code.co_argcount - bound
+    required = takes - len(func.__defaults__ or ())
+    keywords = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
+    if takes < 2 or required > 2:
+        return f"{func.__qualname__} takes {takes} positional argument{'s' * (takes != 1)}"
+    missing = [k for k in keywords if k not in (func.__kwdefaults__ or {})]
+    if missing:
+        return f"{func.__qualname__} needs the keyword argument {missing[0]!r}"
+    return ""
 
 
 def _check_q(q) -> None:
@@ -253,6 +280,10 @@ def _rule(settings: Settings, adapted: Mapping[str, Tensor], steps: int) -> Inne
             raise ValueError("Invalid inner_lr: None (give inner_lr, or an inner rule as inner=)")
         inner = SGD.from_inner_lr(inner_lr)  # its errors say inner_lr, as the user wrote it
     if not isinstance(inner, InnerRule):
+        if isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"Invalid inner: a torch.optim.{type(inner).__name__} (expected a "
+                            "torch_ufom.inner rule, which updates the adapted parameters functionally: e.g. "
+                            "torch_ufom.inner.SGD(lr=0.1, momentum=0.9) or torch_ufom.inner.Adam(lr=1e-3))")
         raise TypeError(f"Invalid inner: {inner!r} (expected a torch_ufom.inner rule)")
     inner.validate(adapted, steps=steps)
     return inner

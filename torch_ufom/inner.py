@@ -302,6 +302,11 @@ def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> 
         x = float(v)
         if not (low <= x and (x <= high if closed else x < high) and math.isfinite(x)):
             raise ValueError(f"Invalid {arg}: {v!r} (expected a finite number {where})")
+    elif isinstance(v, (list, tuple)) and any(isinstance(x, Tensor) for x in v):
+        # (higher's per-parameter list of rates; the tensors' reprs would fill the screen)
+        raise ValueError(f"Invalid {arg}: a {type(v).__name__} of {len(v)} tensors (expected a float, a "
+                         "tensor, a PerStep, or a dict from parameter name, as "
+                         "model.named_parameters() gives them, to one of those)")
     else:
         raise ValueError(f"Invalid {arg}: {v!r} (expected a float, a tensor, a PerStep or a dict of "
                          "those)")
