@@ -20,7 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from .config import Settings, check_generator, resolve
+from .config import Settings, check_generator, check_loss, resolve
 from .estimators import SweepLog
 from .functional import restore_rng_on_error
 from .inner import InnerRule
@@ -89,9 +89,7 @@ def _problem(model, inner_loss, settings: Settings, generator) -> Problem:
                            "needs them)")
     config = resolve(settings, model, "adapt")
     check_parametrize_cache(model)
-    if not callable(inner_loss):
-        raise TypeError(f"Invalid inner_loss: expected a callable (fmodel, batch) -> scalar tensor, "
-                        f"got {type(inner_loss).__name__}")
+    check_loss("inner_loss", inner_loss)
     check_generator(generator)
     return Problem(model, inner_loss, None, config, config.law, (), "revrev", generator)
 

@@ -218,15 +218,20 @@ def check_losses(inner_loss, outer_loss, model: Optional[nn.Module] = None) -> N
                            "(torch.no_grad() is fine: the library enables gradients where it needs them)")
     if model is not None:
         check_parametrize_cache(model)
-    for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
-        if not callable(fn):
-            raise TypeError(f"Invalid {name}: expected a callable (fmodel, batch) -> scalar tensor, "
-                            f"got {type(fn).__name__}")
-        why = _two_arguments(fn)
-        if why:
-            raise TypeError(f"Invalid {name}: {why}, but the library calls {name}(fmodel, batch) "
-                            "(a loss closing over its batch, as in code written for higher, takes the "
-                            "batch as its second argument instead)")
+    check_loss("inner_loss", inner_loss)
+    check_loss("outer_loss", outer_loss)
+
+
+def check_loss(name: str, fn) -> None:
+    """A ``TypeError`` naming ``name`` unless ``fn`` is a callable that takes ``(fmodel, batch)``."""
+    if not callable(fn):
+        raise TypeError(f"Invalid {name}: expected a callable (fmodel, batch) -> scalar tensor, "
+                        f"got {type(fn).__name__}")
+    why = _two_arguments(fn)
+    if why:
+        raise TypeError(f"Invalid {name}: {why}, but the library calls {name}(fmodel, batch) "
+                        "(a loss closing over its batch, as in code written for higher, takes the "
+                        "batch as its second argument instead)")
 
 
 def _two_arguments(fn) -> str:

@@ -304,12 +304,36 @@ def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> 
             raise ValueError(f"Invalid {arg}: {v!r} (expected a finite number {where})")
     elif isinstance(v, (list, tuple)) and any(isinstance(x, Tensor) for x in v):
         # (higher's per-parameter list of rates; the tensors' reprs would fill the screen)
-        raise ValueError(f"Invalid {arg}: a {type(v).__name__} of {len(v)} tensors (expected a float, a "
-                         "tensor, a PerStep, or a dict from parameter name, as "
-                         "model.named_parameters() gives them, to one of those)")
+        raise ValueError(f"Invalid {arg}: a {type(v).__name__} holding tensors (expected a float, a tensor, "
+                         "a PerStep, or a dict from parameter name, as model.named_parameters() gives "
+                         "them, to one of those)")
     else:
         raise ValueError(f"Invalid {arg}: {v!r} (expected a float, a tensor, a PerStep or a dict of "
                          "those)")
+
+
+class _Flag:
+    """A built-in rule's flag that follows from its hyperparameters, computed from them at
+    each read (they may be assigned between calls), unless an instance sets its own value
+    (as a subclass may, in ``__init__``; a subclass's class attribute overrides it too)."""
+
+    def __init__(self, compute, doc: str):
+        self.compute, self.__doc__ = compute, doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, rule, owner=None):
+        if rule is None:
+            return self
+        value = rule.__dict__.get(self.name, _UNSET_FLAG)
+        return self.compute(rule) if value is _UNSET_FLAG else value
+
+    def __set__(self, rule, value) -> None:
+        rule.__dict__[self.name] = value
+
+
+_UNSET_FLAG = object()
 
 
 class InnerRule:
@@ -533,25 +557,14 @@ class SGD(InnerRule):
 
     # What follows from the hyperparameters is read from them at each use (review EY: flags set
     # once went stale when the user assigned rule.hyper["momentum"] = 0.9 between calls).
-    @property
-    def has_momentum(self) -> bool:
-        """Whether a momentum buffer runs (``momentum`` is not a plain 0)."""
-        return not _is_zero(self.hyper["momentum"])
-
-    @property
-    def counts(self) -> bool:
-        """Whether the state counts steps (for the momentum buffer or :class:`PerStep` values)."""
-        return self.has_momentum or self.per_step
-
-    @property
-    def first_order_additive(self) -> bool:
-        """No state and no weight decay: see :class:`InnerRule`."""
-        return not self.counts and _is_zero(self.hyper["weight_decay"])
-
-    @property
-    def first_order_identity(self) -> bool:
-        """No weight decay (the momentum buffer never reads ``phi``): see :class:`InnerRule`."""
-        return _is_zero(self.hyper["weight_decay"])
+    has_momentum = _Flag(lambda self: not _is_zero(self.hyper["momentum"]),
+                         "Whether a momentum buffer runs (``momentum`` is not a plain 0).")
+    counts = _Flag(lambda self: self.has_momentum or self.per_step,
+                   "Whether the state counts steps (for the momentum buffer or PerStep values).")
+    first_order_additive = _Flag(lambda self: not self.counts and _is_zero(self.hyper["weight_decay"]),
+                                 "No state and no weight decay: see InnerRule.")
+    first_order_identity = _Flag(lambda self: _is_zero(self.hyper["weight_decay"]),
+                                 "No weight decay (the momentum buffer never reads phi): see InnerRule.")
 
     def _check_nesterov(self) -> None:
         if self.nesterov and (_zero_everywhere(self.hyper["momentum"])
@@ -665,11 +678,8 @@ class Adam(InnerRule):
         self._check_values()
         self.amsgrad = _check_flag(amsgrad, "amsgrad")
 
-    @property
-    def first_order_identity(self) -> bool:
-        """No weight decay (``m`` and ``v`` never read ``phi``; read at each use): see
-        :class:`InnerRule`."""
-        return _is_zero(self.hyper["weight_decay"])
+    first_order_identity = _Flag(lambda self: _is_zero(self.hyper["weight_decay"]),
+                                 "No weight decay (m and v never read phi): see InnerRule.")
 
     def init(self, params):
         # The count is a float for the bias corrections' powers, at least float32 (in
@@ -794,15 +804,10 @@ class RMSprop(InnerRule):
         self._check_values()
         self.centered = _check_flag(centered, "centered")
 
-    @property
-    def has_momentum(self) -> bool:
-        """Whether a momentum buffer runs (``momentum`` is not a plain 0; read at each use)."""
-        return not _is_zero(self.hyper["momentum"])
-
-    @property
-    def first_order_identity(self) -> bool:
-        """No weight decay (``s``, ``a`` and ``b`` never read ``phi``): see :class:`InnerRule`."""
-        return _is_zero(self.hyper["weight_decay"])
+    has_momentum = _Flag(lambda self: not _is_zero(self.hyper["momentum"]),
+                         "Whether a momentum buffer runs (``momentum`` is not a plain 0).")
+    first_order_identity = _Flag(lambda self: _is_zero(self.hyper["weight_decay"]),
+                                 "No weight decay (s, a and b never read phi): see InnerRule.")
 
     def init(self, params):
         zeros = tuple(torch.zeros_like(p) for p in params.values())

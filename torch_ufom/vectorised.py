@@ -746,7 +746,7 @@ _LARGE = 1024  # entries: an attribute holding more is not opened (its length is
 _COPIED = 1 << 16
 
 # Values not opened by _survey: tensors (leaves), modules (surveyed as submodules), code and types.
-_OPAQUE = (Tensor, type, types.BuiltinFunctionType, types.MethodType, types.ModuleType,
+_OPAQUE = (Tensor, type, types.ModuleType,
            str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
 
 
@@ -780,8 +780,11 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
         return None
     if isinstance(value, nn.Module):  # (one kept out of the registered submodules: object.__setattr__)
         attrs = {k: v for k, v in value.__dict__.items() if k not in _MODULE_ENTRIES}
-        return (list(attrs.values()) + list(value._modules.values()) + list(value._buffers.values()),
-                ("module", attrs))
+        # its tables are dicts, opened (and put back) as such (review FA: a buffer it reassigned)
+        return list(attrs.values()) + [value._buffers, value._modules, value._parameters], ("module", attrs)
+    if isinstance(value, (types.MethodType, types.BuiltinMethodType)):  # (review FA: Recorder().push)
+        owner = getattr(value, "__self__", None)
+        return ([] if owner is None or isinstance(owner, (types.ModuleType, type)) else [owner]), None
     if isinstance(value, dict):
         return list(value.values()), dict(value)
     if isinstance(value, (list, collections.deque)):
@@ -789,8 +792,8 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
     if isinstance(value, tuple):
         return list(value), None
     if isinstance(value, types.FunctionType):  # (its closure's cells, rebound by nonlocal, and defaults)
-        cells = [(c, c.cell_contents) for c in value.__closure__ or () if _filled(c)]
-        return ([v for _, v in cells] + list(value.__defaults__ or ())
+        cells = [(c, c.cell_contents if _filled(c) else _UNSET) for c in value.__closure__ or ()]
+        return ([v for _, v in cells if v is not _UNSET] + list(value.__defaults__ or ())
                 + list((value.__kwdefaults__ or {}).values()), ("cells", cells))
     if isinstance(value, functools.partial):
         return list(value.args) + list(value.keywords.values()), None
@@ -826,15 +829,17 @@ def _size(value: Any) -> Optional[int]:
     return len(value) if isinstance(value, (dict, list, collections.deque, tuple)) else None
 
 
-def _survey(value: Any, versions: Optional[List[int]] = None) -> _Survey:
+def _survey(value: Any, registered: frozenset = frozenset(), versions: bool = False) -> _Survey:
     """The tensors in ``value`` and snapshots of the containers that hold them, opened to any
-    depth (each once), and with ``versions`` (``[elements left to copy]``, spent here) each
-    tensor's version and a copy; a value of more
-    than ``_LARGE`` entries in all (a vocabulary, a long history) is not opened (review EV:
-    a 100,000-entry dict made each meta-batch call 75x slower): only its length is kept."""
+    depth (each once), and with ``versions`` each tensor's version (and no copy yet:
+    :func:`_attributes` makes them); a value of more than ``_LARGE`` entries in all (a
+    vocabulary, a long history) is not opened (review EV: a 100,000-entry dict made each
+    meta-batch call 75x slower): only its length is kept. The modules whose ids are in
+    ``registered`` (the model's own submodules, looked at each on its own) are not opened
+    (review FA: a reference to the root in each of 100 layers made a call 9x slower)."""
     tensors: List[Tensor] = []
     snapshots: List[Tuple[Any, Any]] = []
-    seen, stack, count = set(), [value], 0
+    seen, stack, count = set(registered), [value], 0
     while stack:
         item = stack.pop()
         if isinstance(item, Tensor):
@@ -856,16 +861,9 @@ def _survey(value: Any, versions: Optional[List[int]] = None) -> _Survey:
         if snapshot is not None:
             snapshots.append((item, snapshot))
         stack.extend(reversed(children))
-    kept = []
-    for t in tensors if versions is not None else ():
-        if t.is_inference():
-            continue  # (no version counter; inference tensors cannot be written outside inference mode)
-        copy = None
-        if t.numel() <= versions[0] and not _is_batched(t):
-            versions[0] -= t.numel()
-            copy = t.detach().clone()
-        kept.append((t, t._version, copy))
-    return _Survey(tuple(id(t) for t in tensors), tuple(snapshots), tuple(kept))
+    # (inference tensors have no version counter, and cannot be written outside inference mode)
+    kept = tuple((t, t._version, None) for t in tensors if versions and not t.is_inference())
+    return _Survey(tuple(id(t) for t in tensors), tuple(snapshots), kept)
 
 
 def _is_batched(t: Tensor) -> bool:
@@ -883,7 +881,7 @@ def _unchanged(item: Any, snapshot: Any) -> bool:
     if isinstance(item, (list, collections.deque)):
         return len(item) == len(snapshot) and all(a is b for a, b in zip(item, snapshot))
     if snapshot[0] == "cells":
-        return all(_filled(c) and c.cell_contents is v for c, v in snapshot[1])
+        return all((c.cell_contents is v) if _filled(c) else v is _UNSET for c, v in snapshot[1])
     if snapshot[0] == "module":
         now = {k: v for k, v in item.__dict__.items() if k not in _MODULE_ENTRIES}
         return same(now, snapshot[1])
@@ -910,7 +908,10 @@ def _restore(snapshots: Sequence[Tuple[Any, Any]]) -> bool:
                 item.extend(snapshot)
             elif snapshot[0] == "cells":
                 for cell, v in snapshot[1]:
-                    cell.cell_contents = v
+                    if v is not _UNSET:
+                        cell.cell_contents = v
+                    elif _filled(cell):  # (review FA: filled by nonlocal during the look)
+                        del cell.cell_contents
             elif snapshot[0] == "module":
                 for k in [k for k in item.__dict__ if k not in _MODULE_ENTRIES and k not in snapshot[1]]:
                     del item.__dict__[k]
@@ -931,19 +932,36 @@ def _restore(snapshots: Sequence[Tuple[Any, Any]]) -> bool:
     return done
 
 
-def _tensor_ids(value: Any) -> Tuple[int, ...]:
+def _tensor_ids(value: Any, registered: frozenset = frozenset()) -> Tuple[int, ...]:
     """The ids of the tensors in ``value`` (:func:`_survey`)."""
-    return _survey(value).tensors
+    return _survey(value, registered).tensors
 
 
 def _attributes(module: nn.Module) -> List[Tuple[str, nn.Module, Dict[str, Any]]]:
     """Each submodule of ``module`` (with its qualified name) and what its plain attributes
     (its ``__dict__`` but the entries every module has) hold: the value and its
-    :func:`_survey`, for :func:`_put_back_attributes`."""
-    budget = [_COPIED]
-    return [(prefix, sub, {k: (v, _survey(v, budget)) for k, v in sub.__dict__.items()
-                           if k not in _MODULE_ENTRIES})
-            for prefix, sub in module.named_modules(remove_duplicate=False)]
+    :func:`_survey`, for :func:`_put_back_attributes`. The tensors found, smallest first
+    (a counter before a table: review FA), are copied up to ``_COPIED`` elements in all; the
+    model's own parameters and buffers are not (the looks run at copies of them)."""
+    registered = frozenset(id(m) for m in module.modules())
+    saved = [(prefix, sub, {k: (v, _survey(v, registered, versions=True)) for k, v in sub.__dict__.items()
+                            if k not in _MODULE_ENTRIES})
+             for prefix, sub in module.named_modules(remove_duplicate=False)]
+    own = {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
+    found = {id(t): t for _, _, entries in saved for _, survey in entries.values()
+             for t, _, _ in survey.versions if id(t) not in own and not _is_batched(t)}
+    copies, left = {}, _COPIED
+    for t in sorted(found.values(), key=Tensor.numel):
+        if t.numel() > left:
+            break
+        left -= t.numel()
+        copies[id(t)] = t.detach().clone()
+    for _, _, entries in saved:
+        for key, (v, survey) in entries.items():
+            if survey.versions:
+                entries[key] = (v, survey._replace(versions=tuple((t, version, copies.get(id(t)))
+                                                                  for t, version, _ in survey.versions)))
+    return saved
 
 
 def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
@@ -965,6 +983,7 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
     lost: List[Tuple[str, int]] = []  # tensors written in place that no copy puts back
     root = saved[0][1] if saved else None
     own = {id(t) for t in root.parameters()} | {id(t) for t in root.buffers()} if root is not None else set()
+    registered = frozenset(id(m) for m in root.modules()) if root is not None else frozenset()
     ran_at = own | ({id(t) for t in given.params.values()} | {id(t) for t in given.buffers.values()}
                     if given is not None else set())
     for prefix, sub, before in saved:
@@ -978,9 +997,9 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
                        if t._version != version and id(t) not in own]  # (review EX: self.calls += 1)
             grown = survey.size is not None and value is current and _size(current) != survey.size
             if key in before and value is current and not written and not grown \
-                    and _tensor_ids(value) == survey.tensors:
+                    and _tensor_ids(value, registered) == survey.tensors:
                 continue
-            held = _tensor_ids(current)
+            held = _tensor_ids(current, registered)
             if not written and not grown and own.issuperset(held):
                 continue  # (none, or the module's own)
             if key not in before:
