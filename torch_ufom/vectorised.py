@@ -776,6 +776,8 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
     library's) or ``__slots__`` (its fields); a tuple (named or not), a function's closure and
     defaults (``self.prev = lambda: h``) and a ``functools.partial``'s arguments have no snapshot.
     ``None``: not opened."""
+    if isinstance(value, Tensor):  # (its own attributes: self.t.meta = h)
+        return list(value.__dict__.values()), (dict(value.__dict__), {})
     if isinstance(value, _OPAQUE):
         return None
     if isinstance(value, nn.Module):  # (one kept out of the registered submodules: object.__setattr__)
@@ -843,8 +845,7 @@ def _survey(value: Any, registered: frozenset = frozenset(), versions: bool = Fa
     while stack:
         item = stack.pop()
         if isinstance(item, Tensor):
-            tensors.append(item)
-            continue
+            tensors.append(item)  # (and its own attributes, self.t.meta = h: review FB, below)
         if id(item) in seen:
             continue
         seen.add(id(item))
@@ -956,12 +957,18 @@ def _attributes(module: nn.Module) -> List[Tuple[str, nn.Module, Dict[str, Any]]
             break
         left -= t.numel()
         copies[id(t)] = t.detach().clone()
-    for _, _, entries in saved:
+    for _, sub, entries in saved:
         for key, (v, survey) in entries.items():
             if survey.versions:
                 entries[key] = (v, survey._replace(versions=tuple((t, version, copies.get(id(t)))
                                                                   for t, version, _ in survey.versions)))
+        # (review FB: a submodule, a parameter or a buffer in a None slot registered by a forward)
+        entries[_TABLES] = tuple((table, dict(getattr(sub, table))) for table in _TABLE_NAMES)
     return saved
+
+
+_TABLES = object()  # the key of a submodule's registered tables in what _attributes saves
+_TABLE_NAMES = ("_parameters", "_buffers", "_modules")
 
 
 def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
@@ -990,6 +997,16 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
         now = sub.__dict__
         hooks = sub._forward_pre_hooks.values()
         recomputed = {getattr(h, attr, None) for h in hooks for attr in ("name", "_tensor_name")}
+        for table, then in before.get(_TABLES, ()):
+            held = getattr(sub, table)
+            if len(held) != len(then) or any(k not in held or held[k] is not v for k, v in then.items()):
+                names += [f"{prefix}.{k}" if prefix else k
+                          for k in held if k not in then or held[k] is not then[k]]
+                held.clear()
+                held.update(then)
+                for key in [k for k in now if k not in _MODULE_ENTRIES and k not in before]:
+                    del now[key]  # (and what goes with the tables: a ParameterList's _size)
+                now.update({k: entry[0] for k, entry in before.items() if k is not _TABLES})
         for key in [k for k in now if k not in _MODULE_ENTRIES and k not in recomputed]:
             value, survey = before.get(key, (None, _Survey()))
             current = now[key]
