@@ -1967,7 +1967,7 @@ class _Kept(nn.Module):
 
 @pytest.mark.parametrize("kind", ["closure", "partial", "history", "counter", "read-only", "nonlocal",
                                   "hidden module", "hidden buffer", "bound method", "empty cell",
-                                  "tensor attribute", "lazy submodule", "parameter list", "none buffer"])
+                                  "tensor attribute", "lazy submodule", "parameter list"])
 def test_state_the_look_did_not_see_runs_a_meta_batch_in_the_loop_and_is_put_back(kind):
     # Review EX (session 24): a detached state in a closure or a partial (21 % off the loop, and a
     # vmap tensor left behind) or appended to a history longer than the look opened (vmap tensors
@@ -2251,3 +2251,26 @@ def test_adapt_names_a_loss_that_takes_one_argument_and_a_rule_may_declare_its_o
     swept = torch_ufom.hypergrad(model, mse, mse, (xs[0], ys[0]), (xs[0], ys[0]), steps=STEPS, inner=rule,
                                  mode="fom")
     assert rel_err(swept, fast) < 1e-12
+
+
+def test_a_forward_that_assigns_a_buffer_registered_as_none_is_refused_on_every_path():
+    # Review FB (session 24): named_buffers() skips a buffer registered as None, so the library
+    # neither copied nor put back one that the forward assigned: even the per-task loop carried it
+    # from task to task and call to call (two identical calls 3.5e-2 apart), silently.
+    model = _Kept("none buffer").double()
+    xs, ys = _regression_tasks(3)
+    support = (xs[0], ys[0])
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=LR,
+                                    steps=STEPS, mode="exact")
+    refused = r"inner_loss assigns buffers registered as None \(slot\).*register_buffer"
+    calls = [lambda: meta.backward(mse, mse, support, support),
+             lambda: torch_ufom.hypergrad(model, mse, mse, support, support, steps=STEPS, inner_lr=LR),
+             lambda: torch_ufom.adapt(model, mse, support, steps=STEPS, inner_lr=LR)]
+    for vectorise in (False, "auto", True):
+        calls.append(lambda v=vectorise: (meta.reconfigure(vectorise=v),
+                                          meta.backward_batch(mse, mse, (xs, ys), (xs, ys))))
+    for call in calls:
+        with pytest.raises(RuntimeError, match=refused), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (the loop's warning)
+            call()
+        assert model.slot is None and all(p.grad is None for p in model.parameters())

@@ -1186,6 +1186,10 @@ class InnerLoop:
         # later evaluation has been looked at (check_carried); then None, and carried_checked.
         self.first_params: Optional[Tuple[Any, ...]] = None
         self.carried_checked = False
+        # Buffers registered as None (named_buffers() skips them, so the library neither copies
+        # nor puts them back): a forward that assigns one is refused (check_carried, review FB).
+        self.none_buffers = tuple((sub, name) for sub in module.modules()
+                                  for name, b in sub._buffers.items() if b is None)
         self.hvp_checked = False  # a forward-over-reverse HVP was compared with reverse mode's
         self.elementwise = elementwise_rule(rule)  # each parameter's update its own
         self.outer_unread: frozenset = _NOTHING
@@ -1313,6 +1317,7 @@ class InnerLoop:
         if self.first_params is None:
             if not outer:
                 self.first_params = tuple(weakref.ref(t) for t in params if t.grad_fn is None)
+                self.check_none_buffers()
             return
         if not outer and any(t.grad_fn is not None for t in params):
             return  # (a chained step: the outer loss is looked at instead)
@@ -1329,6 +1334,26 @@ class InnerLoop:
                 "step at its own parameters, so a step would read another step's and the hypergradient "
                 "would be silently wrong; compute such state in every forward from what it is given "
                 "(detach a state carried between calls, reset a memo before each evaluation)")
+
+    def check_none_buffers(self) -> None:
+        """Raise, after putting them back, if the first evaluation assigned buffers registered
+        as ``None``: ``named_buffers()`` skips such a slot, so the library could neither give
+        each step its own value nor start each task from the module's (review FB: carried from
+        task to task and call to call, two identical calls 3.5e-2 apart)."""
+        assigned = [(sub, name) for sub, name in self.none_buffers
+                    if sub._buffers.get(name, None) is not None]
+        if not assigned:
+            return
+        for sub, name in assigned:
+            sub._buffers[name] = None
+        prefixes = {id(sub): prefix for prefix, sub in self.module.named_modules()}
+        names = ", ".join(f"{prefixes[id(sub)]}.{name}" if prefixes[id(sub)] else name
+                          for sub, name in assigned)
+        raise RuntimeError(
+            f"inner_loss assigns buffers registered as None ({names}), which the library cannot "
+            "give each inner step and task as it gives the others (named_buffers() skips a None "
+            "slot): register them with a tensor (register_buffer(name, torch.zeros(...))), or "
+            "keep such a value as a plain attribute")
 
     def check_recomputation(self, loss: Tensor, params: Sequence[Tensor]) -> None:
         """Raise if a step's inner loss holds a part that ``torch.utils.checkpoint`` evaluates
