@@ -232,10 +232,8 @@ class MetaOptimizer:
             generator = distributed.rank_generator(generator, self.process_group,
                                                    next(model.parameters()).device)
         self.model, self.optimizer, self.generator = model, optimizer, generator
-        self._config = config
-        self._signature = self._current_signature()  # what the configuration was resolved for
+        self._adopt(config)
         self._hyper_versions = tuple((id(t), t._version) for t in config.rule.tensors())  # checked
-        self._hyper_layout = config.rule.layout()  # what validate checked, but tensor values
         self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
         self._track_buffers, self._reduction = track_buffers, reduction
         self._buffers: List[List[Tensor]] = []  # final buffers of the tasks since the last step
@@ -366,8 +364,7 @@ class MetaOptimizer:
             observations = []
         elif vars(config.adaptive) != vars(old):  # another q_min or q_init: q chosen again
             stats = adaptive.rebound(config.adaptive, stats)
-        self._config, self._signature = config, self._current_signature()
-        self._hyper_layout = config.rule.layout()
+        self._adopt(config)
         self.q_stats, self._observations = stats, observations
         self._slow_ops = None  # what the probe found and where vmap failed: look again
         self._warned_fom_gaps = set()
@@ -404,6 +401,13 @@ class MetaOptimizer:
                        for n, p in self.model.named_parameters())
         return params, tuple(id(p) for g in self.optimizer.param_groups for p in g["params"])
 
+    def _adopt(self, config: Config) -> None:
+        """Take ``config``, just resolved: what it was resolved for (the module's parameters
+        and the outer optimizer's tensors) and what it validated of the inner rule but the
+        tensor values (:meth:`_check_hyper_values` compares them at each call)."""
+        self._config, self._signature = config, self._current_signature()
+        self._hyper_layout = config.rule.layout()
+
     def _problem(self, inner_loss: Callable, outer_loss: Callable) -> Problem:
         """This call's :class:`~torch_ufom.functional.Problem`.
 
@@ -422,8 +426,7 @@ class MetaOptimizer:
         if signature != self._signature:
             config = resolve(self._config.settings, self.model)
             _check_holds(self.optimizer, self.model)
-            self._config, self._signature = config, signature
-            self._hyper_layout = config.rule.layout()
+            self._adopt(config)
             meta = tuple(self.meta_parameters())
         c = self._config
         self._check_hyper_values(c)

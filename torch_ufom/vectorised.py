@@ -773,9 +773,10 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
     """``(children, snapshot)`` of a container a forward may fill or mutate in place: a
     dict (its values), list or deque (its items), an object with a ``__dict__``
     (``SimpleNamespace``, a dataclass, a class of the user's or a library's, not the standard
-    library's) or ``__slots__`` (its fields); a tuple (named or not), a function's closure and
-    defaults (``self.prev = lambda: h``) and a ``functools.partial``'s arguments have no snapshot.
-    ``None``: not opened."""
+    library's) or ``__slots__`` (its fields), a tensor's own attributes, a module kept out of
+    the registered submodules (its attributes and tables), a function's closure cells; a
+    tuple (named or not), a bound method's object, a function's defaults and a
+    ``functools.partial``'s arguments are opened without a snapshot. ``None``: not opened."""
     if isinstance(value, Tensor):  # (its own attributes: self.t.meta = h)
         return list(value.__dict__.values()), (dict(value.__dict__), {})
     if isinstance(value, _OPAQUE):
@@ -872,29 +873,30 @@ def _is_batched(t: Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
+def _same(now: Dict[Any, Any], then: Dict[Any, Any]) -> bool:
+    """Whether dict ``now`` holds the very values of ``then``, under the same keys."""
+    return len(now) == len(then) and all(k in now and now[k] is v for k, v in then.items())
+
+
 def _unchanged(item: Any, snapshot: Any) -> bool:
     """Whether the container ``item`` still holds what ``snapshot`` (:func:`_contents`) saw."""
-    def same(now: Dict[Any, Any], then: Dict[Any, Any]) -> bool:
-        return len(now) == len(then) and all(k in now and now[k] is v for k, v in then.items())
-
     if isinstance(item, dict):
-        return same(item, snapshot)
+        return _same(item, snapshot)
     if isinstance(item, (list, collections.deque)):
         return len(item) == len(snapshot) and all(a is b for a, b in zip(item, snapshot))
     if snapshot[0] == "cells":
         return all((c.cell_contents is v) if _filled(c) else v is _UNSET for c, v in snapshot[1])
     if snapshot[0] == "module":
         now = {k: v for k, v in item.__dict__.items() if k not in _MODULE_ENTRIES}
-        return same(now, snapshot[1])
+        return _same(now, snapshot[1])
     attrs, slots = snapshot
-    return ((attrs is None or same(item.__dict__, attrs))
+    return ((attrs is None or _same(item.__dict__, attrs))
             and all(getattr(item, n, _UNSET) is v for n, v in slots.items()))
 
 
-def _restore(snapshots: Sequence[Tuple[Any, Any]]) -> bool:
+def _restore(snapshots: Sequence[Tuple[Any, Any]]) -> None:
     """Put back, in place, the contents of the containers :func:`_survey` snapshotted that
-    changed since (``False``: one could not be put back, a read-only dict)."""
-    done = True
+    changed since (one that cannot be put back, a read-only dict, is left)."""
     for item, snapshot in snapshots:
         try:
             if _unchanged(item, snapshot):
@@ -929,8 +931,7 @@ def _restore(snapshots: Sequence[Tuple[Any, Any]]) -> bool:
                     else:
                         object.__setattr__(item, name, v)
         except Exception:  # noqa: BLE001
-            done = False
-    return done
+            pass
 
 
 def _tensor_ids(value: Any, registered: frozenset = frozenset()) -> Tuple[int, ...]:
@@ -977,8 +978,8 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
     (``self.h = ...``, ``self.cache["w"] = ...``: a state or a memo kept between calls),
     containers filled and objects mutated in place included (:func:`_survey`), tensors it
     held written in place (``self.calls += 1``: put back from the copy the look kept, else a
-    ``RuntimeError``) and
-    lists too large to open grown (cut back), and return the qualified names of those that
+    ``RuntimeError``), lists too large to open grown (cut back) and each submodule's tables
+    of registered parameters, buffers and submodules, and return the qualified names of those that
     tell of state kept between calls. Not those that now hold only the module's own
     parameters and buffers, nor, where they held tensors before, those that hold only what
     ``given`` runs at (an RNN's ``_flat_weights``, which its forward takes from its
@@ -999,7 +1000,7 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
         recomputed = {getattr(h, attr, None) for h in hooks for attr in ("name", "_tensor_name")}
         for table, then in before.get(_TABLES, ()):
             held = getattr(sub, table)
-            if len(held) != len(then) or any(k not in held or held[k] is not v for k, v in then.items()):
+            if not _same(held, then):
                 names += [f"{prefix}.{k}" if prefix else k
                           for k in held if k not in then or held[k] is not then[k]]
                 held.clear()
@@ -1013,10 +1014,9 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
             written = [(t, copy) for t, version, copy in survey.versions
                        if t._version != version and id(t) not in own]  # (review EX: self.calls += 1)
             grown = survey.size is not None and value is current and _size(current) != survey.size
-            if key in before and value is current and not written and not grown \
-                    and _tensor_ids(value, registered) == survey.tensors:
-                continue
             held = _tensor_ids(current, registered)
+            if key in before and value is current and not written and not grown and held == survey.tensors:
+                continue
             if not written and not grown and own.issuperset(held):
                 continue  # (none, or the module's own)
             if key not in before:
