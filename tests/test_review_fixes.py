@@ -2274,3 +2274,60 @@ def test_a_forward_that_assigns_a_buffer_registered_as_none_is_refused_on_every_
             warnings.simplefilter("ignore", UserWarning)  # (the loop's warning)
             call()
         assert model.slot is None and all(p.grad is None for p in model.parameters())
+
+
+class _Logs(nn.Module):
+    """A forward that keeps its hidden activation, with its graph, in ``self.last``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 1)
+        self.last = None
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        self.last = h
+        return self.b(h)
+
+
+@pytest.mark.parametrize("memory", ["store", "recompute", "checkpoint"])
+def test_an_outer_loss_reading_what_the_inner_loop_left_behind_is_refused_under_every_memory(memory):
+    # Review EX F1 (session 24, measured again in session 25): under memory="recompute", whose forward
+    # pass keeps no graph for the sweep, an outer loss reading the activation the last inner step
+    # kept in self.last (with its graph) was not refused, as under store and checkpoint, but got
+    # 2.4e-1 off the brute-force unroll, which differentiates through it: autograd pruned the branch
+    # that reaches the step's own leaves. Nor was it under checkpoint with fewer slots than steps
+    # (Revolve, 3.5e-1 off). An outer loss that does not read it stays exact.
+    model = _Logs().double()
+    xs, ys = _regression_tasks()
+    support = query = (xs[0], ys[0])
+
+    def reads_last(f, b):
+        return (1 + model.last.norm()) * mse(f, b)
+
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    state = torch.get_rng_state()
+    refused = "outer_loss reads a tensor that an earlier evaluation of inner_loss left behind"
+    slots = {"slots": 2} if memory == "checkpoint" else {}
+    for steps in (1, STEPS, 6):
+        for mode in ("exact", "ufom"):
+            meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=steps,
+                                            mode=mode, q=1.0, memory=memory, **slots)
+            with pytest.raises(RuntimeError, match=refused):
+                meta.backward(mse, reads_last, support, query)
+        for rule in ({"inner_lr": LR}, {"inner": torch_ufom.inner.Adam(lr=LR)}):  # (steps kept apart)
+            with pytest.raises(RuntimeError, match=refused):
+                torch_ufom.hypergrad(model, mse, reads_last, support, query, steps=steps, mode="exact",
+                                     memory=memory, **slots, **rule)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)  # nothing written
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert torch.equal(torch.get_rng_state(), state)
+    # The activation kept but not read: exact (its leaves are alive when the outer loss is looked at).
+    got = torch_ufom.hypergrad(model, mse, mse, support, query, steps=6, inner_lr=LR, mode="exact",
+                               memory=memory, **slots)
+    want = brute_force(model, mse, mse, lambda j: support, query, 6, LR, params, 6)
+    assert rel_err(list(got), want) < 1e-12
