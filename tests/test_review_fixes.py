@@ -55,6 +55,9 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import math
+import queue
+import random
 import types
 import warnings
 from typing import Any
@@ -62,6 +65,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
@@ -1842,10 +1846,12 @@ def test_a_detached_state_in_an_object_or_deque_runs_a_meta_batch_in_the_loop(ho
     _meta_batch_runs_the_loop(lambda: _HeldCarried(holder), r"\(self.st\)")
 
 
-def _meta_batch_runs_the_loop(make, names, state=lambda model: None):
-    """A meta-batch of ``make()``'s model runs the per-task loop with the warning naming
-    ``names`` under ``vectorise="auto"`` and ``True``, exactly as ``vectorise=False`` (the
-    gradients and ``state(model)`` after the call), and leaves it callable."""
+def _meta_batch_runs_the_loop(make, names, state=lambda model: None,
+                              match=r"per-task loop: the module's forward keeps tensors in plain "
+                                    r"attributes "):
+    """A meta-batch of ``make()``'s model runs the per-task loop with the warning ``match``
+    naming ``names`` under ``vectorise="auto"`` and ``True``, exactly as ``vectorise=False``
+    (the gradients and ``state(model)`` after the call), and leaves it callable."""
     xs, ys = _regression_tasks(3)
 
     def run(vectorise):
@@ -1859,8 +1865,7 @@ def _meta_batch_runs_the_loop(make, names, state=lambda model: None):
 
     want, kept = run(False)
     for vectorise in ("auto", True):
-        with pytest.warns(UserWarning, match=r"per-task loop: the module's forward keeps tensors in plain "
-                                             r"attributes " + names):
+        with pytest.warns(UserWarning, match=match + names):
             got, after = run(vectorise)
         assert rel_err(got, want) == 0
         assert after == kept
@@ -2331,3 +2336,152 @@ def test_an_outer_loss_reading_what_the_inner_loop_left_behind_is_refused_under_
                                memory=memory, **slots)
     want = brute_force(model, mse, mse, lambda j: support, query, 6, LR, params, 6)
     assert rel_err(list(got), want) < 1e-12
+
+
+_OUTSIDE: dict = {}  # state a forward keeps in a global
+
+
+class _Outside(nn.Module):
+    """A recurrent state kept, detached, outside the module: in a class attribute, a global,
+    a forward hook's closure or a ``queue.Queue`` (an object of the standard library's)."""
+
+    prev = None
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.kind = nn.Linear(3, 4), nn.Linear(4, 1), kind
+        type(self).prev = None
+        _OUTSIDE.clear()
+        if kind == "forward hook":  # (written by the hook's closure, read here from the global)
+            store = _OUTSIDE
+            self.a.register_forward_hook(
+                lambda m, i, out: store.__setitem__("hook", torch.tanh(out).detach()))
+        self.queue = queue.Queue()
+
+    def forward(self, x):
+        before = {"class attribute": lambda: type(self).prev, "global": lambda: _OUTSIDE.get("h"),
+                  "forward hook": lambda: _OUTSIDE.get("hook"),
+                  "queue": lambda: self.queue.get() if self.queue.qsize() else None}[self.kind]()
+        h = torch.tanh(self.a(x))
+        h = h if before is None or before.shape != h.shape else h + 0.5 * before
+        if self.kind == "class attribute":
+            type(self).prev = h.detach()
+        elif self.kind == "global":
+            _OUTSIDE["h"] = h.detach()
+        elif self.kind == "queue":
+            self.queue.put(h.detach())
+        return self.b(h)
+
+
+@pytest.mark.parametrize("kind", ["class attribute", "global", "forward hook", "queue"])
+def test_state_kept_outside_the_module_runs_a_meta_batch_in_the_loop(kind):
+    # Review FB (session 24): a forward keeping its state where the meta-batch look at the module's
+    # attributes does not reach (a class attribute, a global, a forward hook's closure, an object of
+    # the standard library's) ran vectorised, about 8 % off the per-task loop, and left tensors of
+    # vmap's there. The probe now follows every tensor computed from the task's parameters and batch,
+    # and one still alive once the evaluation is over (kept anywhere) sends the meta-batch to the loop.
+    # (Which then starts from the state the probe's evaluation left, which the look cannot put back
+    # outside the module: not bit for bit vectorise=False's result.)
+    xs, ys = _regression_tasks(3)
+    for vectorise in ("auto", True):
+        model = _Outside(kind).double()
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=LR,
+                                        steps=STEPS, mode="exact", vectorise=vectorise)
+        with pytest.warns(UserWarning, match=r"per-task loop: a loss keeps a tensor computed from a "
+                                             r"task's parameters or batch beyond its evaluation, outside"):
+            results = meta.backward_batch(mse, mse, (xs, ys), (xs, ys))
+        assert all(r.batch_path.startswith("per-task loop: a loss keeps") for r in results)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        held = {"class attribute": lambda: type(model).prev, "global": lambda: _OUTSIDE.get("h"),
+                "forward hook": lambda: _OUTSIDE.get("hook"), "queue": lambda: model.queue.queue[-1]}[kind]()
+        assert torch.isfinite(held.sum())  # a plain tensor, readable (.item() raised on vmap's)
+        model(xs[0])
+
+
+def test_losses_that_log_tensors_outside_run_the_loop_and_constant_caches_stay_vectorised():
+    # Session 25: an inner or outer loss appending a tensor to a list of its own (a logged loss or
+    # accuracy) ran vectorised and left tensors of vmap's in the list (torch.stack on it then failed
+    # with an internal assert, and .item() raised); hypergrad_batch and adapt_batch now run per task.
+    # A cache of constants (a mask built with x.new_ones, a torch.arange) stays vectorised.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    xs, ys = _regression_tasks(3)
+    logs = {"inner": [], "outer": []}
+
+    def logged(which):
+        def loss(f, b):
+            value = mse(f, b)
+            logs[which].append(value.detach())
+            return value
+        return loss
+
+    want = torch_ufom.hypergrad_batch(model, mse, mse, (xs, ys), (xs, ys), steps=STEPS, inner_lr=LR,
+                                      mode="exact", vectorise=False)
+    for inner, outer in ((logged("inner"), mse), (mse, logged("outer"))):
+        logs["inner"].clear(), logs["outer"].clear()
+        with pytest.warns(UserWarning, match="per-task loop: a loss keeps a tensor computed from a task's"):
+            got = torch_ufom.hypergrad_batch(model, inner, outer, (xs, ys), (xs, ys), steps=STEPS,
+                                             inner_lr=LR, mode="exact", vectorise=True)
+        assert rel_err(list(got), list(want)) == 0
+        kept = logs["inner"] or logs["outer"]
+        assert float(torch.stack(kept).sum()) > 0  # plain tensors
+    logs["inner"].clear()
+    stacked = torch_ufom.adapt_batch(model, logged("inner"), (xs, ys), steps=STEPS, inner_lr=LR)
+    assert not stacked.vectorised and float(torch.stack(logs["inner"]).sum()) > 0
+    cache: dict = {}
+
+    def masked(f, b):
+        x = b[0]
+        mask = cache.setdefault("mask", x.new_ones(x.shape[0], 1))
+        steps = cache.setdefault("steps", torch.arange(x.shape[0], dtype=x.dtype).unsqueeze(1))
+        return (mask * (f(x) - b[1]) ** 2).mean() + 0.0 * steps.sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torch_ufom.hypergrad_batch(model, masked, masked, (xs, ys), (xs, ys), steps=STEPS, inner_lr=LR,
+                                         mode="exact", vectorise=True)
+    assert rel_err(list(got), list(want)) < 1e-12
+
+
+@pytest.mark.parametrize("source", ["numpy", "random"])
+def test_a_straight_through_draw_from_numpy_or_random_is_refused_where_steps_are_replayed(source):
+    # Review FC (session 25): a loss drawing its noise from NumPy's global generator, whose value does
+    # not change with the draw while its gradient does (a straight-through hard Gumbel-softmax), was
+    # 6.6e-3 off the unroll under memory="recompute" and 8.0e-3 under checkpoint with one slot,
+    # silently: the steps' streams reseed torch's generators only, and a replay's loss equalled the
+    # forward pass's. The first replay now watches NumPy's and Python's global generators.
+    np = pytest.importorskip("numpy") if source == "numpy" else None
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+
+    def noise(shape):
+        if np is not None:
+            return torch.from_numpy(np.random.gumbel(size=shape))
+        return torch.tensor([random.gauss(0.0, 1.0) for _ in range(math.prod(shape))],
+                            dtype=torch.float64).reshape(shape)
+
+    def inner(f, b):
+        logits = f(b[0]) * 3
+        soft = torch.softmax(logits + 0.05 * noise(tuple(logits.shape)), -1)
+        hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
+        st = hard - soft.detach() + soft  # straight through: the value does not move with the draw
+        target = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        return ((st - target) ** 2).mean() + 1e-3 * (logits ** 2).mean()
+
+    def seed():
+        (np.random.seed if np is not None else random.seed)(0)
+
+    seed()
+    want = brute_force(model, inner, mse, lambda j: (x, y), (x, y), 4, 0.3, list(model.parameters()), 4)
+    seed()
+    got = torch_ufom.hypergrad(model, inner, mse, (x, y), (x, y), steps=4, inner_lr=0.3, mode="exact",
+                               memory="store")
+    assert rel_err(list(got), want) < 1e-12
+    for memory, kw in (("recompute", {}), ("checkpoint", {"slots": 1})):
+        seed()
+        with pytest.raises(RuntimeError, match=rf"draws from NumPy's or Python's global random generator.*"
+                                               rf"memory='{memory}'"):
+            torch_ufom.hypergrad(model, inner, mse, (x, y), (x, y), steps=4, inner_lr=0.3, mode="exact",
+                                 memory=memory, **kw)

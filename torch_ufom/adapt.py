@@ -44,8 +44,9 @@ class StackedFunctionalModel:
             parameters and shared buffers are expanded views).
         size: the number of tasks.
         vectorised: whether calls try ``vmap`` first (``False`` where ``vmap``
-            refused the module during the adaptation; a call that ``vmap``
-            refuses runs task by task either way).
+            refused the module during the adaptation, or where the adaptation's
+            look found a tensor kept outside the module, which a forward may
+            keep; a call that ``vmap`` refuses runs task by task either way).
     """
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
@@ -194,10 +195,10 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     with restore_rng_on_error(generator), torch.no_grad():
         batches = probe_batches(tasks[0], problem.config.steps, "supports")
         found = probe_steps(model, inner_loss, batches, adapted=problem.config.adapted, node_hooks=False)
-        vectorised = True
+        vectorised = not found.kept  # (tensors kept outside the module, maybe by its forward: calls too)
         if elementwise_rule(problem.config.rule) and not (
                 found.written or found.wrong or found.own_generator or found.differentiates
-                or found.attributes):
+                or found.attributes or found.kept):
             try:
                 with attributes_kept(model):
                     state = _run(problem, Vectorised(size), supports)

@@ -456,6 +456,12 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         return Plan(None, f"the module's forward keeps tensors in plain attributes ("
                     f"{', '.join('self.' + n for n in found.attributes[:3])}): state kept between calls "
                     "cannot be vectorised (a tensor under torch.func.vmap must not outlive it)", True, known)
+    if found.kept:
+        return Plan(None, "a loss keeps a tensor computed from a task's parameters or batch beyond its "
+                    "evaluation, outside the module's attributes (a global list of logged values, a class "
+                    "attribute, a forward hook's store, a memo of a function's own): under torch.func.vmap "
+                    "it would keep a tensor of the transform's (return what you log as the loss's aux)",
+                    True, known)
     if found.differentiates:
         return Plan(None, DIFFERENTIATES, True, known)
     if found.hooks:

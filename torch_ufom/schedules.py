@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import itertools
 import numbers
+import random
+import sys
 import warnings
 from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
@@ -137,10 +139,32 @@ class _Again:
         if self.watched and not self.loop.per_step:
             return run()
         self.watched = True
+        host = host_random_states()
         out, drew = self.loop.draws_own_generator(run)
         if drew:
             raise RuntimeError(REPLAY_DRAWS.format(memory=self.memory))
+        if host_random_states() != host:  # (review FC: a straight-through estimator's NumPy noise)
+            raise RuntimeError(REPLAY_HOST_DRAWS.format(memory=self.memory))
         return out
+
+
+REPLAY_HOST_DRAWS = (
+    "inner_loss draws from NumPy's or Python's global random generator (np.random, random), which no "
+    "step's random stream replays: memory='{memory}' evaluates inner steps again, and each evaluation "
+    "would draw other numbers than the forward pass did, so the sweep would differentiate another "
+    "function. Draw from torch's global generator (torch.rand, torch.randn: each step's stream reseeds "
+    "it), or pass memory='store', which evaluates each step once")
+
+
+def host_random_states() -> tuple:
+    """The global states of Python's ``random`` and, where NumPy is imported, of NumPy's
+    legacy generator (``np.random.*``), comparable with ``==``."""
+    states: list = [random.getstate()]
+    np = sys.modules.get("numpy")
+    if np is not None:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        states.append((name, keys.tobytes(), pos, has_gauss, gauss))
+    return tuple(states)
 
 
 def replays_reproduce(state: State) -> bool:

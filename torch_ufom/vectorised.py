@@ -20,9 +20,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import gc
 import os
 import sys
 import types
+import weakref
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -204,18 +206,27 @@ _ATEN_WRONG_UNDER_VMAP = {
 }
 
 
+# Operations that read only their inputs' shape, dtype and device: under vmap what they make is
+# not batched (a mask a forward builds with x.new_ones and caches is a constant).
+_METADATA_ONLY = frozenset({"new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full"})
+
+
 class _AtenProbe(TorchDispatchMode):
     """The ATen-level twin of :class:`_Probe`'s normalisation and ``vmap`` tables; also
     finds the random operations that draw from a generator of the user's
     (``generator=``), whose states it keeps so that :meth:`restore` puts them back."""
 
-    def __init__(self):
+    def __init__(self, sources: Sequence[Tensor] = ()):
         super().__init__()
         self.norms: set = set()
         self.third: set = set()
         self.wrong: set = set()
         self.forward_wrong: set = set()
         self.generators: Dict[int, Tuple[torch.Generator, Tensor]] = {}
+        # The tensors an evaluation starts from (a task's adapted parameters and batch), and
+        # every tensor an operation computed from them, by id: weak references (see kept()).
+        self.derived: Dict[int, weakref.ref] = {id(t): weakref.ref(t) for t in sources}
+        self.sources = len(self.derived)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         watcher = _quiet()
@@ -224,7 +235,38 @@ class _AtenProbe(TorchDispatchMode):
         finally:
             if watcher is not None:
                 sys.setprofile(watcher)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if self.sources and func.overloadpacket.__name__ not in _METADATA_ONLY and \
+                (self._derived(args) or (kwargs and self._derived(kwargs.values()))):
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, Tensor):
+                    self.derived[id(t)] = weakref.ref(t)
+            if func._schema.is_mutable and args and isinstance(args[0], Tensor):  # (written in place)
+                self.derived[id(args[0])] = weakref.ref(args[0])
+        return out
+
+    def _derived(self, values) -> bool:
+        """Whether a tensor among ``values`` (or in a list among them) is one of ``derived``."""
+        for v in values:
+            if isinstance(v, Tensor):
+                ref = self.derived.get(id(v))
+                if ref is not None and ref() is v:
+                    return True
+            elif isinstance(v, (list, tuple)) and self._derived(v):
+                return True
+        return False
+
+    def kept(self) -> bool:
+        """Whether a tensor computed from the sources outlives the evaluation (asked once the
+        probe has let go of what it returned): kept somewhere by the losses. Under ``vmap`` it
+        would be a tensor of the transform's, kept past it (a global list of logged losses, a
+        class attribute, a forward hook's store, a memo of a function's own)."""
+        alive = [ref for i, ref in enumerate(self.derived.values())
+                 if i >= self.sources and ref() is not None]
+        if alive:  # (held in a reference cycle made by the evaluation, unreachable: collect the
+            gc.collect(1)  # young generations, well under a millisecond; a full collection takes 90)
+            alive = [ref for ref in alive if ref() is not None]
+        return bool(alive)
 
     def _look(self, func, args, keywords) -> None:
         name = func.overloadpacket.__name__
@@ -450,25 +492,23 @@ def _tensors_in(*trees) -> List[Tensor]:
     """The tensors among ``trees``' leaves, in ``pytree.tree_leaves``' order: the common
     containers (tuple, list, dict) walked here, anything else handed to pytree (a
     namedtuple, a registered node). A mode sees every torch call, so this runs per op."""
+    # (an explicit stack: a recursive closure is a reference cycle, which kept the tensors found
+    # alive until the garbage collector ran)
     found: List[Tensor] = []
-
-    def walk(x) -> None:
+    stack = list(reversed(trees))
+    while stack:
+        x = stack.pop()
         kind = type(x)
         if kind in _SCALARS:
-            return
+            continue
         if isinstance(x, Tensor):
             found.append(x)
         elif kind is tuple or kind is list:
-            for item in x:
-                walk(item)
+            stack.extend(reversed(x))
         elif kind is dict:
-            for item in x.values():
-                walk(item)
+            stack.extend(reversed(list(x.values())))
         else:
             found.extend(t for t in pytree.tree_leaves(x) if isinstance(t, Tensor))
-
-    for tree in trees:
-        walk(tree)
     return found
 
 
@@ -604,6 +644,7 @@ class Probe(NamedTuple):
     hooks_unseen: bool = False  # a profiler was set: hooks on graph nodes could not be looked for
     wrong_twice: Tuple[str, ...] = ()  # what torch differentiates twice wrongly (unroll.wrong_twice)
     attributes: Tuple[str, ...] = ()  # tensors a forward stores in a submodule's plain attributes
+    kept: bool = False  # a loss keeps a tensor computed from a task's parameters or batch elsewhere
 
     def fwdrev_obstacle(self) -> str:
         """Why forward-over-reverse HVPs would differentiate another function than the
@@ -650,7 +691,8 @@ def probe_steps(module: nn.Module, inner_loss, batches: Sequence[Any], outer_los
                       found.differentiates_inside or more.differentiates_inside, found.third | more.third,
                       found.forward_wrong | more.forward_wrong, found.hooks_unseen or more.hooks_unseen,
                       found.wrong_twice + tuple(w for w in more.wrong_twice if w not in found.wrong_twice),
-                      found.attributes + tuple(a for a in more.attributes if a not in found.attributes))
+                      found.attributes + tuple(a for a in more.attributes if a not in found.attributes),
+                      found.kept or more.kept)
     return found
 
 
@@ -686,7 +728,9 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
     attributes = _attributes(module)
     devices = _cuda_devices(module)
-    aten = _AtenProbe()
+    # (what vmap batches: the adapted parameters and the batch; frozen ones are shared)
+    aten = _AtenProbe([params[n] for n in (named if adapted is None else adapted) if n in params]
+                      + _tensors(batch))
     hooked: List[str] = []
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), mode, aten, \
@@ -710,12 +754,15 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
     norms = mode.norms or aten.norms  # the F.* names where they apply, else the ATen ones
     wrong = mode.wrong | aten.wrong | wrong_under_vmap(module)
+    del fm  # (a buffer the forward assigned is the probe's)
     if outer_loss is not None:
-        outer, outer_aten = _Probe(), _AtenProbe()
-        attributes = _attributes(module)
         # Detached copies: an outer loss that differentiates must not reach the parameters' hooks.
         copies = {n: params[n].detach().requires_grad_(p.requires_grad)
                   for n, p in module.named_parameters()}
+        outer = _Probe()
+        outer_aten = _AtenProbe([copies[n] for n in (named if adapted is None else adapted) if n in copies]
+                                + _tensors(query))
+        attributes = _attributes(module)
         fm = FunctionalModel(module, copies, {n: b.clone() for n, b in original.items()})
         try:
             with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer, outer_aten, \
@@ -730,11 +777,21 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
         aten.generators.update(outer_aten.generators)
         mode.differentiates |= outer.differentiates
         mode.hooks |= outer.hooks or any(h != _UNWATCHED for h in hooked)
-    return Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators),
+        del fm, copies, outer
+    found = Probe(norms, wrong, written, mode.attention_dropout, mode.slow_on_cpu, bool(aten.generators),
                  mode.differentiates, unread, tuple(cls.__name__ for cls in functions),
                  tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
                  mode.differentiates_inside, frozenset(mode.third or aten.third),
                  frozenset(aten.forward_wrong), _UNWATCHED in hooked, tuple(twice), stored)
+    del out, loss, params, mode  # (the look at writes keeps the tensors it saw written)
+    if (outer_loss is not None and outer_aten.kept()) or aten.kept():
+        found = found._replace(kept=True)
+    return found
+
+
+def _tensors(tree: Any) -> List[Tensor]:
+    """The tensors among a batch's leaves."""
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, Tensor)]
 
 
 _MODULE_ENTRIES = frozenset(nn.Module().__dict__)  # what every module holds (its tables, hooks, flags)
