@@ -2485,3 +2485,21 @@ def test_a_straight_through_draw_from_numpy_or_random_is_refused_where_steps_are
                                                rf"memory='{memory}'"):
             torch_ufom.hypergrad(model, inner, mse, (x, y), (x, y), steps=4, inner_lr=0.3, mode="exact",
                                  memory=memory, **kw)
+
+
+def test_messages_name_the_meta_parameters_fwdrev_cannot_run_and_the_tasks_of_a_non_finite_group():
+    # Review FC (session 25): fwdrev's refusal counted the meta-parameters it cannot differentiate
+    # ("2 meta-parameter(s) are neither") without naming them, and a non-finite loss in a vectorised
+    # meta-batch listed the group's values without saying which tasks they were.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    xs, ys = _regression_tasks(3)
+    with pytest.raises(ValueError, match=r"2 meta-parameter\(s\) are neither \(0.weight, 0.bias: parameters "
+                                         r"inner_params leaves out"):
+        torch_ufom.hypergrad(model, mse, mse, (xs[0], ys[0]), (xs[0], ys[0]), steps=STEPS, inner_lr=LR,
+                             mode="exact", hvp="fwdrev", inner_params=["2.weight", "2.bias"])
+    xs[1, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"inner_loss is not finite at inner step 1: \[.*nan") as err:
+        torch_ufom.hypergrad_batch(model, mse, mse, (xs, ys), (xs, ys), steps=STEPS, inner_lr=LR,
+                                   mode="exact", vectorise=True)
+    assert "(raised by the vectorised group of tasks [0, 1, 2] of the meta-batch" in err.value.__notes__[0]

@@ -89,9 +89,13 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor],
     known = {id(named[n]) for n in config.adapted}
     extra = [t for t in meta if t.requires_grad and id(t) not in known and id(root_of(t)) not in held]
     if extra:
+        names = {id(p): n for n, p in named.items()}
+        what = [names.get(id(t), f"a tensor of shape {tuple(t.shape)}") for t in extra]
+        shown = ", ".join(what[:4]) + (f" and {len(what) - 4} more" if len(what) > 4 else "")
         return (f"differentiates only through adapted parameters and the inner rule's tensors "
                 f"(its hyperparameters, and tensors it holds as attributes), but {len(extra)} "
-                "meta-parameter(s) are neither")
+                f"meta-parameter(s) are neither ({shown}: parameters inner_params leaves out, or "
+                "tensors the losses read)")
     return ""
 
 
@@ -164,7 +168,8 @@ def _is_int(x) -> bool:
 
 
 def _draws(problem: Problem, size: int, forced: Optional[List[int]]) -> Tuple[List[int], List[int]]:
-    """Each task's ``(K, seed)``, drawn in task order; forced ``K`` must have positive probability."""
+    """Each task's ``(K, seed)``, drawn in task order; a forced ``K`` needs ``P(K >= K_forced) > 0``
+    (its terms' weights ``1 / P(K >= m)`` finite), not that the law draws it (review FC)."""
     steps = problem.config.steps
     draws = [draw(problem.law, steps, problem.generator) for _ in range(size)]
     truncations = [d[0] for d in draws] if forced is None else forced
@@ -365,8 +370,13 @@ def _run_groups(problem: Problem, supports, queries, truncations, seeds, done: l
     for k, index in group_by_truncation(truncations).items():
         start = time.perf_counter()
         tasks = (select_tasks(supports, index), select_tasks(queries, index))
-        with attributes_kept(problem.model):
-            est = run_estimate(problem, Vectorised(len(index), unread), tasks, k, seeds[index[0]])
+        try:
+            with attributes_kept(problem.model):
+                est = run_estimate(problem, Vectorised(len(index), unread), tasks, k, seeds[index[0]])
+        except FloatingPointError as err:  # (review FC: which tasks the values listed are)
+            err.add_note(f"(raised by the vectorised group of tasks {index} of the meta-batch, run "
+                         "together: the values listed are theirs, in that order)")
+            raise
         done.append((index, est, time.perf_counter() - start))
 
 
@@ -699,7 +709,9 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
 
     Args:
         supports, queries: the stacked tasks.
-        force_truncation: ``None`` (draw), an int for every task, or one int per task.
+        force_truncation: ``None`` (draw), an int for every task, or one int per task
+            (as for :meth:`~torch_ufom.MetaOptimizer.backward`: the estimate at that ``K``
+            with the law's weights, which needs ``P(K >= K_forced) > 0``).
         vectorise: ``"auto"`` (default: ``vmap``, except on a CPU for tasks
             with 65,536 adapted parameters or more, or whose inner loss runs a
             convolution or ``batch_norm`` with that many output elements,
@@ -795,7 +807,10 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             gradient) or ``"revrev"`` (reverse-over-reverse, double backward);
             see :func:`resolve_hvp`.
         force_truncation: use this ``K`` instead of drawing it (tests and
-            diagnostics; the weights stay those of the law).
+            diagnostics; the weights stay those of the law): as for
+            :meth:`~torch_ufom.MetaOptimizer.backward`, a ``K`` the law never
+            draws is accepted where ``P(K >= K_forced) > 0`` (``mode="exact"``
+            with ``force_truncation=2`` returns ``G_2``).
         inner_params: the parameters the inner loop adapts (names, a
             predicate on the name, or the parameters; default every parameter
             with ``requires_grad``); the others keep their module values.

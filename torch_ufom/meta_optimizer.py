@@ -699,7 +699,11 @@ class MetaOptimizer:
                 (``j = 0..steps-1``).
             query: the outer loss's batch.
             force_truncation: use this truncation point ``K`` instead of drawing it
-                (for tests and diagnostics; the weights stay those of the law).
+                (for tests and diagnostics; the weights stay those of the law):
+                ``G_0 + sum_{k <= K} (G_k - G_{k-1}) / P(K >= k)``, which needs
+                ``P(K >= K_forced) > 0`` only, so a ``K`` the law never draws
+                itself is accepted (under ``mode="exact"``, ``force_truncation=2``
+                returns ``G_2``, a truncated estimate, and ``0`` first-order's).
 
         Returns:
             A :class:`MetaResult`. Nothing is written if an error is raised.
