@@ -2503,3 +2503,20 @@ def test_messages_name_the_meta_parameters_fwdrev_cannot_run_and_the_tasks_of_a_
         torch_ufom.hypergrad_batch(model, mse, mse, (xs, ys), (xs, ys), steps=STEPS, inner_lr=LR,
                                    mode="exact", vectorise=True)
     assert "(raised by the vectorised group of tasks [0, 1, 2] of the meta-batch" in err.value.__notes__[0]
+
+
+def test_an_autocast_region_around_a_meta_batch_keeps_it_vectorised():
+    # Session 25: autocast keeps a cast of each leaf that requires grad until its outermost region
+    # exits, the probe's parameter copies among them, which the kept-tensor look took for state
+    # kept by a loss: every meta-batch under an autocast region around the call ran the loop.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).float()
+    xs, ys = (t.float() for t in _regression_tasks(3))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=LR,
+                                    steps=STEPS, mode="exact", vectorise=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results = meta.backward_batch(lambda f, b: mse(f, b).float(), mse, (xs, ys), (xs, ys))
+    assert all(r.batch_path.startswith("vectorised") for r in results)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

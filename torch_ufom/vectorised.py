@@ -784,6 +784,9 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                  mode.differentiates_inside, frozenset(mode.third or aten.third),
                  frozenset(aten.forward_wrong), _UNWATCHED in hooked, tuple(twice), stored)
     del out, loss, params, mode  # (the look at writes keeps the tensors it saw written)
+    # An autocast region around the call keeps a cast of each leaf that requires grad until it
+    # exits, the probe's copies among them: the next use casts them again.
+    torch.clear_autocast_cache()
     if (outer_loss is not None and outer_aten.kept()) or aten.kept():
         found = found._replace(kept=True)
     return found
