@@ -152,8 +152,10 @@ REPLAY_HOST_DRAWS = (
     "inner_loss draws from NumPy's or Python's global random generator (np.random, random), which no "
     "step's random stream replays: memory='{memory}' evaluates inner steps again, and each evaluation "
     "would draw other numbers than the forward pass did, so the sweep would differentiate another "
-    "function. Draw from torch's global generator (torch.rand, torch.randn: each step's stream reseeds "
-    "it), or pass memory='store', which evaluates each step once")
+    "function (their states changed while the first step evaluated again ran: a draw of the loss's, "
+    "even one that only decides what to log, or of another thread's meanwhile). Draw from torch's "
+    "global generator (torch.rand, torch.randn: each step's stream reseeds it), or pass "
+    "memory='store', which evaluates each step once")
 
 
 def host_random_states() -> tuple:

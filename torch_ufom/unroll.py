@@ -805,7 +805,7 @@ class PerTask:
             raise RuntimeError(recomputes_message("outer_loss"))
         if not loop.carried_checked:
             loop.check_carried(loss, params, outer=True)
-        elif loop.last_leaves:
+        elif loop.kept_leaves:
             loop.check_left_behind(loss, params)
         return loss, aux, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True)
 
@@ -1198,10 +1198,10 @@ class InnerLoop:
         # later evaluation has been looked at (check_carried); then None, and carried_checked.
         self.first_params: Optional[Tuple[Any, ...]] = None
         self.carried_checked = False
-        # Weak references to the leaves the last step at leaves of its own (advance, an unlinked
-        # record) ran at, in an exact sweep: the outer loss must not read what it left behind
-        # with its graph (check_left_behind).
-        self.last_leaves: Tuple[Any, ...] = ()
+        # The leaves that the steps at leaves of their own (advance, an unlinked record) ran at in an
+        # exact sweep, while alive (a weak set: those nothing keeps leave it at once): the outer loss
+        # must not read what a step left behind with its graph (check_left_behind).
+        self.kept_leaves: weakref.WeakSet = weakref.WeakSet()
         # Buffers registered as None (named_buffers() skips them, so the library neither copies
         # nor puts them back): a forward that assigns one is refused (check_carried, review FB).
         self.none_buffers = tuple((sub, name) for sub in module.modules()
@@ -1346,16 +1346,17 @@ class InnerLoop:
             raise RuntimeError(_carried_message("outer_loss" if outer else "inner_loss"))
 
     def check_left_behind(self, loss: Tensor, params: Tuple[Tensor, ...]) -> None:
-        """Raise if the outer loss reads a tensor that the last inner step at leaves of its
-        own (:meth:`advance`, an unlinked :meth:`record`: the forward pass of ``recompute``,
-        of Revolve, of store's unlinked steps) left behind with its graph (review EX F1:
+        """Raise if the outer loss reads a tensor that an inner step at leaves of its own
+        (:meth:`advance`, an unlinked :meth:`record`: the forward pass of ``recompute``, of
+        Revolve, of store's unlinked steps) left behind with its graph (review EX F1:
         ``self.last = h`` read by the outer loss was silently treated as a constant, 24 %
-        off: autograd prunes the branch that reaches the step's leaves). Its leaves are
-        looked for only while one of them is alive, which a tensor left behind keeps so:
-        one walk of the outer loss's graph then, none otherwise."""
-        refs, self.last_leaves = self.last_leaves, ()
+        off: autograd prunes the branch that reaches the step's leaves; review FE: a memo of
+        the first step's, 35 % off). Their leaves are looked for only while one of them is
+        alive, which a tensor left behind keeps so: one walk of the outer loss's graph then,
+        none otherwise."""
         own = {id(t) for t in params}
-        leaves = {id(t) for t in (ref() for ref in refs) if t is not None and id(t) not in own}
+        leaves = {id(t) for t in self.kept_leaves if id(t) not in own}
+        self.kept_leaves = weakref.WeakSet()
         if leaves and loss.grad_fn is not None and \
                 graph_reaches([loss.grad_fn], leaves, stop={t.grad_fn for t in params}):
             raise RuntimeError(_carried_message("outer_loss"))
@@ -1443,7 +1444,7 @@ class InnerLoop:
         """Step ``j`` without a graph: returns ``(s_j, loss_j, g_j)``."""
         params = tuple(p.detach().requires_grad_() for p in state.params)
         if self.math_attention:  # an exact sweep: what this step leaves behind is looked for
-            self.last_leaves = tuple(map(weakref.ref, params))  # by the outer loss (check_left_behind)
+            self.kept_leaves.update(params)  # by the outer loss (check_left_behind)
         with torch.enable_grad():
             loss, grads, buffers = self._grad(State(params, state.opt, state.buffers), j, False)
         with torch.no_grad():
@@ -1537,7 +1538,7 @@ class InnerLoop:
             leaves = State(*(tuple(t.detach().requires_grad_(t.is_floating_point()) for t in part)
                              for part in state[:2]), state.buffers)
             if self.math_attention:  # (as in advance: a step of Revolve's forward pass, of store's
-                self.last_leaves = tuple(map(weakref.ref, leaves.params))  # sweep of unlinked steps)
+                self.kept_leaves.update(leaves.params)  # sweep of unlinked steps)
         # A chained step whose inner loss differentiates (the first did not: a loss that does
         # so at some steps only, told by its per-step batches; with one batch for every step,
         # the first step stands for all) runs a backward through the previous step's update:

@@ -206,26 +206,23 @@ _ATEN_WRONG_UNDER_VMAP = {
 }
 
 
-# Operations that read only their inputs' shape, dtype and device: under vmap what they make is
-# not batched (a mask a forward builds with x.new_ones and caches is a constant).
-_METADATA_ONLY = frozenset({"new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full"})
-
-
 class _AtenProbe(TorchDispatchMode):
     """The ATen-level twin of :class:`_Probe`'s normalisation and ``vmap`` tables; also
     finds the random operations that draw from a generator of the user's
     (``generator=``), whose states it keeps so that :meth:`restore` puts them back."""
 
-    def __init__(self, sources: Sequence[Tensor] = ()):
+    def __init__(self, sources: Sequence[Tensor] = (), held: Sequence[Tensor] = ()):
         super().__init__()
         self.norms: set = set()
         self.third: set = set()
         self.wrong: set = set()
         self.forward_wrong: set = set()
         self.generators: Dict[int, Tuple[torch.Generator, Tensor]] = {}
-        # The tensors an evaluation starts from (a task's adapted parameters and batch), and
-        # every tensor an operation computed from them, by id: weak references (see kept()).
-        self.derived: Dict[int, weakref.ref] = {id(t): weakref.ref(t) for t in sources}
+        # The tensors an evaluation starts from (a task's adapted parameters and batch: ``held``
+        # those that the caller keeps alive, looked at by kept() after ``sources``), and every
+        # tensor an operation computed from them, by id: weak references (see kept()).
+        self.derived: Dict[int, weakref.ref] = {id(t): weakref.ref(t) for t in (*held, *sources)}
+        self.held = len(self.derived) - len(sources)
         self.sources = len(self.derived)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -236,8 +233,9 @@ class _AtenProbe(TorchDispatchMode):
             if watcher is not None:
                 sys.setprofile(watcher)
         out = func(*args, **(kwargs or {}))
-        if self.sources and func.overloadpacket.__name__ not in _METADATA_ONLY and \
-                (self._derived(args) or (kwargs and self._derived(kwargs.values()))):
+        # (Under vmap even x.new_ones(n) and torch.zeros_like(x) make batched tensors: a cache
+        # of them filled by this evaluation counts as kept, and is found filled next time.)
+        if self.sources and (self._derived(args) or (kwargs and self._derived(kwargs.values()))):
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, Tensor):
                     self.derived[id(t)] = weakref.ref(t)
@@ -262,9 +260,9 @@ class _AtenProbe(TorchDispatchMode):
         would be a tensor of the transform's, kept past it (a global list of logged losses, a
         class attribute, a forward hook's store, a memo of a function's own)."""
         alive = [ref for i, ref in enumerate(self.derived.values())
-                 if i >= self.sources and ref() is not None]
+                 if i >= self.held and ref() is not None]
         if alive:  # (held in a reference cycle made by the evaluation, unreachable: collect the
-            gc.collect(1)  # young generations, well under a millisecond; a full collection takes 90)
+            gc.collect(0)  # youngest generation, where the probe's evaluations keep what they make)
             alive = [ref for ref in alive if ref() is not None]
         return bool(alive)
 
@@ -728,12 +726,14 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
     attributes = _attributes(module)
     devices = _cuda_devices(module)
-    # (what vmap batches: the adapted parameters and the batch; frozen ones are shared)
+    # What vmap batches: the adapted parameters and the batch (frozen parameters are shared). The
+    # losses get fresh aliases of the batch's tensors, so that one they keep shows.
+    batch, held = _aliased(batch)
     aten = _AtenProbe([params[n] for n in (named if adapted is None else adapted) if n in params]
-                      + _tensors(batch))
+                      + [t for t in _tensors(batch) if id(t) not in held], held.values())
     hooked: List[str] = []
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), mode, aten, \
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), mode, aten, _young(), \
                 (_watching_node_hooks(hooked) if node_hooks else contextlib.nullcontext()):
             out = inner_loss(fm, batch)
     finally:
@@ -760,12 +760,13 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
         copies = {n: params[n].detach().requires_grad_(p.requires_grad)
                   for n, p in module.named_parameters()}
         outer = _Probe()
+        query, held = _aliased(query)
         outer_aten = _AtenProbe([copies[n] for n in (named if adapted is None else adapted) if n in copies]
-                                + _tensors(query))
+                                + [t for t in _tensors(query) if id(t) not in held], held.values())
         attributes = _attributes(module)
         fm = FunctionalModel(module, copies, {n: b.clone() for n, b in original.items()})
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer, outer_aten, \
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer, outer_aten, _young(), \
                     (_watching_node_hooks(hooked) if node_hooks else contextlib.nullcontext()):
                 outer_loss(fm, query)
         except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
@@ -783,7 +784,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                  tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
                  mode.differentiates_inside, frozenset(mode.third or aten.third),
                  frozenset(aten.forward_wrong), _UNWATCHED in hooked, tuple(twice), stored)
-    del out, loss, params, mode  # (the look at writes keeps the tensors it saw written)
+    del out, loss, params, mode, batch, query  # (the look at writes keeps the tensors it saw written)
     # An autocast region around the call keeps a cast of each leaf that requires grad until it
     # exits, the probe's copies among them: the next use casts them again.
     torch.clear_autocast_cache()
@@ -795,6 +796,37 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
 def _tensors(tree: Any) -> List[Tensor]:
     """The tensors among a batch's leaves."""
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, Tensor)]
+
+
+def _aliased(tree: Any) -> Tuple[Any, Dict[int, Tensor]]:
+    """``tree`` with each plain strided tensor replaced by a fresh alias of it (``view_as``:
+    the same storage, linked to it by autograd as a task's slice is), and the tensors left
+    as they are (subclasses, other layouts), by id."""
+    held: Dict[int, Tensor] = {}
+
+    def alias(t):
+        if not isinstance(t, Tensor):
+            return t
+        if type(t) is Tensor and t.layout == torch.strided:
+            return t.view_as(t)
+        held[id(t)] = t
+        return t
+
+    with torch.enable_grad():  # (linked as the losses see it: they run with gradients enabled)
+        return pytree.tree_map(alias, tree), held
+
+
+@contextlib.contextmanager
+def _young():
+    """No automatic garbage collection inside: what the body makes stays in the youngest
+    generation, where :meth:`_AtenProbe.kept` collects the reference cycles among it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 _MODULE_ENTRIES = frozenset(nn.Module().__dict__)  # what every module holds (its tables, hooks, flags)
