@@ -2622,3 +2622,44 @@ def test_an_outer_loss_reading_what_an_earlier_inner_step_left_behind_is_refused
             torch_ufom.hypergrad(model, mse, outer, support, support, steps=4, inner_lr=LR, mode="exact",
                                  memory=memory, **slots)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_explicit_fwdrev_runs_buffers_the_losses_only_read_and_refuses_written_ones_on_every_draw():
+    # Review EY F7 (session 24): hvp="fwdrev" refused any module with buffers, though "auto" ran a
+    # meta-batch whose buffers are constants (a positional encoding) through forward-over-reverse.
+    # Buffers the losses only read (position ids, BatchNorm in eval mode) now run it, exactly;
+    # written ones (BatchNorm in train mode) are refused on every task, whatever its K.
+    xs, ys = _regression_tasks(3)
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.inp, self.pos, self.head = nn.Linear(3, 4), nn.Embedding(5, 4), nn.Linear(4, 1)
+            self.register_buffer("ids", torch.arange(5))
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.inp(x) + self.pos(self.ids)))
+
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    for model in (Positions().double(), bn.eval()):
+        params = list(model.parameters())
+        each = [brute_force(model, mse, mse, lambda j, i=i: (xs[i], ys[i]), (xs[i], ys[i]), STEPS, LR, params,
+                            STEPS) for i in range(3)]
+        want = [sum(t) for t in zip(*each)]
+        got = torch_ufom.hypergrad(model, mse, mse, (xs[0], ys[0]), (xs[0], ys[0]), steps=STEPS, inner_lr=LR,
+                                   mode="exact", hvp="fwdrev")
+        assert rel_err(list(got), each[0]) < 1e-12
+        for vectorise in (False, True):
+            got = torch_ufom.hypergrad_batch(model, mse, mse, (xs, ys), (xs, ys), steps=STEPS, inner_lr=LR,
+                                             mode="exact", hvp="fwdrev", vectorise=vectorise)
+            assert rel_err(list(got), want) < 1e-12
+    bn.train()
+    meta = torch_ufom.MetaOptimizer(bn, torch.optim.SGD(bn.parameters(), lr=0.1), inner_lr=LR, steps=STEPS,
+                                    mode="ufom", q=0.5, hvp="fwdrev")
+    for K in (0, STEPS):
+        with pytest.raises(ValueError, match=r"needs a module whose losses write no buffers \(they write "
+                                             r"1.running_mean"):
+            meta.backward(mse, mse, (xs[0], ys[0]), (xs[0], ys[0]), force_truncation=K)
+    assert all(p.grad is None for p in bn.parameters())

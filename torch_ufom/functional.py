@@ -49,8 +49,10 @@ def resolve_hvp(config: Config, model: nn.Module, meta: Sequence[Tensor]) -> str
     """The Hessian-vector product actually used: ``"fwdrev"`` or ``"revrev"``.
 
     Forward-over-reverse differentiates the inner loss with ``torch.func`` as a
-    function of the adapted parameters alone, so it applies when the module has
-    no buffers (BatchNorm's running statistics are written in place) and every
+    function of the adapted parameters alone, so it applies when the losses write
+    no buffers (BatchNorm's running statistics in train mode are written in place;
+    asked for by name, that is looked at when a task runs, and buffers only read
+    are constants; ``"auto"`` takes a module with buffers for revrev) and every
     meta-parameter is an adapted parameter or a tensor of the inner rule's
     hyperparameters (a tensor the losses use directly needs the mixed second
     derivative, which only reverse-over-reverse gives). ``"auto"`` picks the
@@ -62,7 +64,9 @@ def resolve_hvp(config: Config, model: nn.Module, meta: Sequence[Tensor]) -> str
     hvp = config.hvp
     if hvp == "revrev" or (hvp == "auto" and DEFAULT_HVP == "revrev") or config.mode == "fom":
         return "revrev"  # without looking at the module (a walk per call)
-    why = fwdrev_obstacle(model, config, meta)
+    # Asked for by name, buffers are looked at when a task runs (check_fwdrev_task): the probe
+    # tells whether the losses write them (running statistics) or only read them (review EY F7).
+    why = fwdrev_obstacle(model, config, meta, constant_buffers=hvp == "fwdrev")
     if hvp == "auto":
         return "revrev" if why else DEFAULT_HVP
     if why:
@@ -543,10 +547,15 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
         return
     if sys.getprofile() is not None:  # every task alike, whatever its K
         raise ValueError(_UNDER_PROFILER)
-    if K == 0:  # no HVP
+    buffers = next(problem.model.buffers(), None) is not None
+    if K == 0 and not buffers:  # no HVP
         return
     batches = probe_batches(support, problem.config.steps)
     found = probe_steps(problem.model, problem.inner_loss, batches, adapted=problem.config.adapted)
+    if found.written:  # (every task alike, whatever its K, as when resolve_hvp refused any buffer)
+        raise ValueError(_writes_buffers(found.written))
+    if K == 0:
+        return
     if found.attention_dropout:
         raise ValueError("Invalid hvp: 'fwdrev' cannot run attention with dropout per task "
                          "(torch.func draws other masks than the step that ran, so it would "
@@ -610,6 +619,14 @@ def check_fwdrev_reads(problem: Problem, first: Any) -> None:
     only, and would drop that mixed second derivative."""
     if reads_meta_directly(problem.model, problem.inner_loss, first, problem.params, problem.config.adapted):
         raise ValueError(f"Invalid hvp: 'fwdrev' {READS_META}; use 'revrev' or 'auto'")
+
+
+def _writes_buffers(names: Sequence[str]) -> str:
+    """Why explicit forward-over-reverse refuses a module whose losses write ``names``."""
+    return (f"Invalid hvp: 'fwdrev' needs a module whose losses write no buffers (they write "
+            f"{', '.join(names)}, which a forward inside torch.func.jvp would write again: running "
+            "statistics in train() mode, the legacy spectral_norm's vectors; buffers only read, such as "
+            "a positional encoding, are constants); use 'revrev' or 'auto'")
 
 
 READS_META = ("cannot differentiate an inner loss that reads a meta-parameter directly "
