@@ -1202,6 +1202,7 @@ class InnerLoop:
         # exact sweep, while alive (a weak set: those nothing keeps leave it at once): the outer loss
         # must not read what a step left behind with its graph (check_left_behind).
         self.kept_leaves: weakref.WeakSet = weakref.WeakSet()
+        self.watch_leaves = math_attention  # an exact sweep, until the outer loss was looked at
         # Buffers registered as None (named_buffers() skips them, so the library neither copies
         # nor puts them back): a forward that assigns one is refused (check_carried, review FB).
         self.none_buffers = tuple((sub, name) for sub in module.modules()
@@ -1443,7 +1444,7 @@ class InnerLoop:
     def advance(self, state: State, j: int):
         """Step ``j`` without a graph: returns ``(s_j, loss_j, g_j)``."""
         params = tuple(p.detach().requires_grad_() for p in state.params)
-        if self.math_attention:  # an exact sweep: what this step leaves behind is looked for
+        if self.watch_leaves:  # an exact sweep: what this step leaves behind is looked for
             self.kept_leaves.update(params)  # by the outer loss (check_left_behind)
         with torch.enable_grad():
             loss, grads, buffers = self._grad(State(params, state.opt, state.buffers), j, False)
@@ -1537,7 +1538,7 @@ class InnerLoop:
         else:
             leaves = State(*(tuple(t.detach().requires_grad_(t.is_floating_point()) for t in part)
                              for part in state[:2]), state.buffers)
-            if self.math_attention:  # (as in advance: a step of Revolve's forward pass, of store's
+            if self.watch_leaves:  # (as in advance: a step of Revolve's forward pass, of store's
                 self.kept_leaves.update(leaves.params)  # sweep of unlinked steps)
         # A chained step whose inner loss differentiates (the first did not: a loss that does
         # so at some steps only, told by its per-step batches; with one batch for every step,
@@ -1620,6 +1621,7 @@ class InnerLoop:
         params = tuple(p.detach().requires_grad_() for p in state.params)
         with torch.enable_grad(), self.stream(self.steps + 1):
             loss, aux, grads = self.evaluator.outer(self, params, state)
+        self.watch_leaves, self.kept_leaves = False, weakref.WeakSet()  # (replays come after)
         self.outer_unread = frozenset(i for i, g in enumerate(grads[:len(params)]) if g is None)
         if self.names and len(self.outer_unread) == len(self.names):
             warnings.warn(reads_nothing("outer_loss"), stacklevel=caller_level())
