@@ -209,7 +209,8 @@ _ATEN_WRONG_UNDER_VMAP = {
 class _AtenProbe(TorchDispatchMode):
     """The ATen-level twin of :class:`_Probe`'s normalisation and ``vmap`` tables; also
     finds the random operations that draw from a generator of the user's
-    (``generator=``), whose states it keeps so that :meth:`restore` puts them back."""
+    (``generator=``), whose states it keeps so that :meth:`restore` puts them back, and
+    follows the tensors computed from ``sources`` and ``held`` (:meth:`kept`)."""
 
     def __init__(self, sources: Sequence[Tensor] = (), held: Sequence[Tensor] = ()):
         super().__init__()
