@@ -2663,3 +2663,100 @@ def test_explicit_fwdrev_runs_buffers_the_losses_only_read_and_refuses_written_o
                                              r"1.running_mean"):
             meta.backward(mse, mse, (xs[0], ys[0]), (xs[0], ys[0]), force_truncation=K)
     assert all(p.grad is None for p in bn.parameters())
+
+
+_FIRST: dict = {}  # a first-call memo kept in a global
+
+
+class _GradLog(torch.autograd.Function):
+    """Identity whose backward logs the gradient it sees (a gradient monitor), vmap-ready."""
+    generate_vmap_rule = True
+    seen: list = []
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        _GradLog.seen.append(g.detach())
+        return g
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass a batch may come as (units, a domain tag)."""
+
+
+def test_what_the_look_keeps_outside_the_module_is_seen_in_every_place_review_ff_found():
+    # Review FF (session 25), each a silent wrong number or tensors of vmap's left behind at 00e24db:
+    # (F3) a first-call memo in a global, filled with its graph by the look's own evaluation and read
+    # by the outer loss: the loop then read the look's tensor, 1.6e-1 off, where vectorise=False
+    # refused; (F1) a custom Function whose backward logs its gradient (the look ran forward only);
+    # (F7) noise drawn without a task tensor (torch.randn(n, 1)) and logged: batched under vmap all
+    # the same; (F4) a batch of a tensor subclass, kept, was not aliased; (F8) adapt_batch ran a loss
+    # registering a gradient hook under vmap; (F2) a forward hook added after adapt_batch stored
+    # tensors of vmap's from the stacked model's calls.
+    xs, ys = _regression_tasks(3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    kw = dict(steps=STEPS, inner_lr=LR, mode="exact")
+
+    def memo_inner(f, b):
+        _FIRST.setdefault("h", f(b[0]))  # the first evaluation's output, with its graph
+        return mse(f, b)
+
+    def memo_outer(f, b):
+        return mse(f, b) + 0.5 * (_FIRST["h"] ** 2).mean()
+
+    for vectorise in (False, True, "auto"):
+        _FIRST.clear()
+        with pytest.raises(RuntimeError, match="outer_loss reads a tensor that an earlier evaluation"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (the loop's warning)
+            torch_ufom.hypergrad_batch(model, memo_inner, memo_outer, (xs, ys), (xs, ys), vectorise=vectorise,
+                                       memory="recompute", **kw)
+    logs: list = []
+
+    def monitored(f, b):
+        return ((_GradLog.apply(f(b[0])) - b[1]) ** 2).mean()
+
+    def noisy(f, b):
+        logs.append(torch.randn(b[0].shape[0], 1, dtype=b[0].dtype))
+        return mse(f, b)
+
+    def keeps_batch(f, b):
+        logs.append(b[0])
+        return mse(f, b)
+
+    batches = {monitored: (xs, ys), noisy: (xs, ys), keeps_batch: (xs.as_subclass(_Tagged), ys)}
+    want = torch_ufom.hypergrad_batch(model, mse, mse, (xs, ys), (xs, ys), vectorise=False, **kw)
+    for loss, batch in batches.items():
+        logs.clear(), _GradLog.seen.clear()
+        with pytest.warns(UserWarning, match="per-task loop: a loss keeps a tensor computed from a task's"):
+            got = torch_ufom.hypergrad_batch(model, loss, mse, batch, (xs, ys), vectorise=True, **kw)
+        if loss is not noisy:
+            assert rel_err(list(got), list(want)) < 1e-12
+        kept = logs + _GradLog.seen
+        assert kept and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in kept)
+
+    def hooked(f, b):
+        out = f(b[0])
+        out.register_hook(lambda g: logs.append(g.detach()))
+        return ((out - b[1]) ** 2).mean()
+
+    logs.clear()
+    stacked = torch_ufom.adapt_batch(model, hooked, (xs, ys), steps=STEPS, inner_lr=LR)
+    assert logs and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in logs)
+    stacked = torch_ufom.adapt_batch(model, mse, (xs, ys), steps=STEPS, inner_lr=LR)
+    features: list = []
+    handle = model[1].register_forward_hook(lambda m, i, out: features.append(out.detach()))
+    try:
+        out = stacked(xs)
+    finally:
+        handle.remove()
+    assert out.shape == (3, *ys.shape[1:]) and len(features) == 3
+    assert torch.cat(features).shape == (3 * xs.shape[1], 8)  # plain tensors

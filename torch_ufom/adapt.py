@@ -55,7 +55,9 @@ class StackedFunctionalModel:
         self.vectorised = vectorised
 
     def __call__(self, *args, **kwargs):
-        if self.vectorised:
+        # (a forward hook, of the module's or global, may keep what it sees: feature extraction
+        # stored tensors of vmap's, review FF; the look at the adaptation ran before it existed)
+        if self.vectorised and not _forward_hooked(self.module):
             def one(params, buffers, a, k):
                 return FunctionalModel(self.module, params, buffers)(*a, **k)
 
@@ -198,7 +200,7 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
         vectorised = not found.kept  # (tensors kept outside the module, maybe by its forward: calls too)
         if elementwise_rule(problem.config.rule) and not (
                 found.written or found.wrong or found.own_generator or found.differentiates
-                or found.attributes or found.kept):
+                or found.attributes or found.kept or found.hooks):
             try:
                 with attributes_kept(model):
                     state = _run(problem, Vectorised(size), supports)
@@ -209,6 +211,13 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
                 vectorised = False  # calls of the result then loop over the tasks at once
         states = [_run(problem, PerTask(), task) for task in tasks]
         return _stacked(problem, states, size, vectorised)
+
+
+def _forward_hooked(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook would run on a call of ``module``."""
+    from torch.nn.modules import module as registry
+    return bool(registry._global_forward_hooks or registry._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def _stacked(problem: Problem, states, size: int, vectorised: bool = True) -> StackedFunctionalModel:

@@ -805,13 +805,20 @@ class PerTask:
             raise RuntimeError(recomputes_message("outer_loss"))
         if not loop.carried_checked:
             loop.check_carried(loss, params, outer=True)
-        elif loop.kept_leaves:
+        elif loop.watch_leaves and (loop.kept_leaves or PROBED):
             loop.check_left_behind(loss, params)
         return loss, aux, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True)
 
     def reduce(self, adjoint):
         """One task: the adjoint as it is (:meth:`Evaluator.reduce`)."""
         return adjoint
+
+
+# The parameter copies a probe evaluated the losses at (vectorised.probe), while a tensor the
+# losses kept holds them (a weak set: the others leave it at once). A loop that the probe then
+# sends a meta-batch to must not read such a tensor: its graph reaches the probe's copies, which
+# no step's own leaves are (review FF: a first-call memo in a global, 1.6e-1 off, silently).
+PROBED: weakref.WeakSet = weakref.WeakSet()
 
 
 def _carried_message(which: str) -> str:
@@ -1330,7 +1337,12 @@ class InnerLoop:
         silently wrong. The first evaluation notes its parameters (weakly: a graph that
         reaches them keeps them alive); the next one at leaves of its own (not a chained
         step of a connected sweep, whose graph legitimately reaches back), or else the
-        outer loss (``outer``, at detached leaves), is looked at: one walk of its graph."""
+        outer loss (``outer``, at detached leaves), is looked at: one walk of its graph.
+        Any evaluation looked at also may not reach the copies a probe evaluated the losses
+        at that a kept tensor holds (:data:`PROBED`)."""
+        if PROBED and loss.grad_fn is not None and graph_reaches(
+                [loss.grad_fn], {id(t) for t in PROBED}, stop={t.grad_fn for t in params}):
+            raise RuntimeError(_carried_message("outer_loss" if outer else "inner_loss"))
         if self.first_params is None:
             if not outer:
                 self.first_params = tuple(weakref.ref(t) for t in params if t.grad_fn is None)
@@ -1356,7 +1368,7 @@ class InnerLoop:
         alive, which a tensor left behind keeps so: one walk of the outer loss's graph then,
         none otherwise."""
         own = {id(t) for t in params}
-        leaves = {id(t) for t in self.kept_leaves if id(t) not in own}
+        leaves = {id(t) for t in (*self.kept_leaves, *PROBED) if id(t) not in own}
         self.kept_leaves = weakref.WeakSet()
         if leaves and loss.grad_fn is not None and \
                 graph_reaches([loss.grad_fn], leaves, stop={t.grad_fn for t in params}):

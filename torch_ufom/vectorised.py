@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, from_torch_func,
+from .unroll import (AUTOGRAD_CALLS, PROBED, FunctionalModel, StepBatches, _check_depends, from_torch_func,
                      generator_position, graph_nodes, graph_reaches, graph_survey, is_default_generator,
                      loss_and_aux, once_differentiable, outside_transforms, renormalises_weights,
                      watched_loss, wrong_twice)
@@ -235,8 +235,10 @@ class _AtenProbe(TorchDispatchMode):
                 sys.setprofile(watcher)
         out = func(*args, **(kwargs or {}))
         # (Under vmap even x.new_ones(n) and torch.zeros_like(x) make batched tensors: a cache
-        # of them filled by this evaluation counts as kept, and is found filled next time.)
-        if self.sources and (self._derived(args) or (kwargs and self._derived(kwargs.values()))):
+        # of them filled by this evaluation counts as kept, and is found filled next time. So do
+        # random operations, whatever their inputs: vmap(randomness="different") draws per task.)
+        if self.sources and (self._derived(args) or (kwargs and self._derived(kwargs.values()))
+                             or torch.Tag.nondeterministic_seeded in func.tags):
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, Tensor):
                     self.derived[id(t)] = weakref.ref(t)
@@ -723,6 +725,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     versions = {n: b._version for n, b in buffers.items()}
     named = dict(module.named_parameters())
     params = {n: t.requires_grad_(named[n].requires_grad) for n, t in _probe_params(module, adapted).items()}
+    PROBED.update(t for t in params.values() if t.requires_grad)
     mode = _Probe(None if adapted is None else {id(params[n]) for n in adapted if n in params})
     fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
     attributes = _attributes(module)
@@ -750,6 +753,13 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                             [params[n] for n in adapted if n in params])
         if adapted is not None:
             unread = frozenset(n for n in adapted if id(params[n]) not in reached)
+        if functions:  # a custom Function's backward may keep what it sees (a gradient monitor:
+            leaves = [t for t in params.values() if t.requires_grad]  # review FF), so it runs too
+            try:
+                with aten, _young():
+                    torch.autograd.grad(loss, leaves, allow_unused=True)
+            except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
+                pass
     # Kernels such as batch_norm write running statistics without bumping the version.
     written = [n for n, b in fm.buffers.items()
                if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
@@ -760,6 +770,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
         # Detached copies: an outer loss that differentiates must not reach the parameters' hooks.
         copies = {n: params[n].detach().requires_grad_(p.requires_grad)
                   for n, p in module.named_parameters()}
+        PROBED.update(t for t in copies.values() if t.requires_grad)
         outer = _Probe()
         query, held = _aliased(query)
         outer_aten = _AtenProbe([copies[n] for n in (named if adapted is None else adapted) if n in copies]
@@ -800,16 +811,21 @@ def _tensors(tree: Any) -> List[Tensor]:
 
 
 def _aliased(tree: Any) -> Tuple[Any, Dict[int, Tensor]]:
-    """``tree`` with each plain strided tensor replaced by a fresh alias of it (``view_as``:
-    the same storage, linked to it by autograd as a task's slice is), and the tensors left
-    as they are (subclasses, other layouts), by id."""
+    """``tree`` with each strided tensor replaced by a fresh alias of it (``view_as``: the
+    same storage, linked to it by autograd as a task's slice is; a subclass's own where it
+    gives one of its type), and the tensors left as they are (other layouts), by id."""
     held: Dict[int, Tensor] = {}
 
     def alias(t):
         if not isinstance(t, Tensor):
             return t
-        if type(t) is Tensor and t.layout == torch.strided:
-            return t.view_as(t)
+        if t.layout == torch.strided:
+            try:
+                view = t.view_as(t)
+            except Exception:  # noqa: BLE001 (a subclass without views: kept as it is)
+                view = None
+            if type(view) is type(t):
+                return view
         held[id(t)] = t
         return t
 
