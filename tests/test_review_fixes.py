@@ -2760,3 +2760,31 @@ def test_what_the_look_keeps_outside_the_module_is_seen_in_every_place_review_ff
         handle.remove()
     assert out.shape == (3, *ys.shape[1:]) and len(features) == 3
     assert torch.cat(features).shape == (3 * xs.shape[1], 8)  # plain tensors
+
+
+def test_numpy_noise_at_later_per_step_batches_only_is_refused_where_steps_are_replayed():
+    # Review FG (session 25): with per-step batches the NumPy/random watch ran around the first step
+    # evaluated again only, so straight-through noise switched on at the last steps by their batches
+    # was 1.8e-2 off store under recompute and 1.2e-2 under checkpoint with one slot, silently.
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+
+    def inner(f, b):
+        logits = f(b[0]) * 3
+        noise = torch.from_numpy(np.random.gumbel(size=tuple(logits.shape))) * b[2] if b[2] else 0.0
+        soft = torch.softmax(logits + noise, -1)
+        st = F.one_hot(logits.argmax(-1), 2).to(soft.dtype) - soft.detach() + soft
+        target = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        return ((st - target) ** 2).mean() + 1e-3 * (logits ** 2).mean()
+
+    for scales in ((0, 0, 0, 0.5), (0, 0, 0.5, 0.5)):
+        batches = torch_ufom.StepBatches([(x, y, s) for s in scales])
+        for memory, kw in (("recompute", {}), ("checkpoint", {"slots": 1})):
+            if memory == "checkpoint" and scales[2] == 0:
+                continue  # (one slot replays steps 1..3 only: the noisy step 4 runs once)
+            np.random.seed(0)
+            with pytest.raises(RuntimeError, match="draws from NumPy's or Python's global random generator"):
+                torch_ufom.hypergrad(model, inner, mse, batches, (x, y), steps=4, inner_lr=0.3, mode="exact",
+                                     memory=memory, **kw)

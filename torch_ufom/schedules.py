@@ -126,22 +126,25 @@ class _Again:
 
     def __init__(self, loop: Loop, memory: str):
         self.loop, self.memory, self.watched = loop, memory, False
+        self.host_watched: set = set()  # the steps evaluated again around which NumPy's and Python's
+        # generators were read: the first of all, with per-step batches the first of each step
+        # (reading both costs about 50 us: every replay's made recompute over 40 per-step
+        # batches 1.5x slower, review FF; the first one's alone missed draws at later steps, FG)
 
     def advance(self, state: State, j: int):
         """:meth:`Loop.advance`, watched if first."""
-        return self._run(lambda: self.loop.advance(state, j))
+        return self._run(lambda: self.loop.advance(state, j), j)
 
     def record(self, state: State, j: int, plan: SweepPlan) -> StepRecord:
         """:meth:`Loop.record`, watched if first."""
-        return self._run(lambda: self.loop.record(state, j, plan))
+        return self._run(lambda: self.loop.record(state, j, plan), j)
 
-    def _run(self, run):
+    def _run(self, run, j: int):
         if self.watched and not self.loop.per_step:
             return run()
-        # NumPy's and Python's generators around the first evaluation only, even with per-step
-        # batches (reading both states costs about 50 us: review FF measured recompute over 40
-        # per-step batches 1.5x slower when every replay read them)
-        host = None if self.watched else host_random_states()
+        key = j if self.loop.per_step else 0
+        host = None if key in self.host_watched else host_random_states()
+        self.host_watched.add(key)
         self.watched = True
         out, drew = self.loop.draws_own_generator(run)
         if drew:

@@ -819,6 +819,21 @@ class PerTask:
 # sends a meta-batch to must not read such a tensor: its graph reaches the probe's copies, which
 # no step's own leaves are (review FF: a first-call memo in a global, 1.6e-1 off, silently).
 PROBED: weakref.WeakSet = weakref.WeakSet()
+_PROBED_LOCK = threading.Lock()  # (another thread's probe may add to it while a check reads it)
+
+
+def note_probed(tensors) -> None:
+    """Add a probe's parameter copies to :data:`PROBED`."""
+    with _PROBED_LOCK:
+        PROBED.update(tensors)
+
+
+def probed_ids() -> set:
+    """The ids of the tensors in :data:`PROBED` (a copy, taken under its lock: review FG)."""
+    if not PROBED:
+        return set()
+    with _PROBED_LOCK:
+        return {id(t) for t in PROBED}
 
 
 def _carried_message(which: str) -> str:
@@ -1340,8 +1355,9 @@ class InnerLoop:
         outer loss (``outer``, at detached leaves), is looked at: one walk of its graph.
         Any evaluation looked at also may not reach the copies a probe evaluated the losses
         at that a kept tensor holds (:data:`PROBED`)."""
-        if PROBED and loss.grad_fn is not None and graph_reaches(
-                [loss.grad_fn], {id(t) for t in PROBED}, stop={t.grad_fn for t in params}):
+        probed = probed_ids()
+        if probed and loss.grad_fn is not None and graph_reaches(
+                [loss.grad_fn], probed, stop={t.grad_fn for t in params}):
             raise RuntimeError(_carried_message("outer_loss" if outer else "inner_loss"))
         if self.first_params is None:
             if not outer:
@@ -1368,7 +1384,7 @@ class InnerLoop:
         alive, which a tensor left behind keeps so: one walk of the outer loss's graph then,
         none otherwise."""
         own = {id(t) for t in params}
-        leaves = {id(t) for t in (*self.kept_leaves, *PROBED) if id(t) not in own}
+        leaves = ({id(t) for t in self.kept_leaves} | probed_ids()) - own
         self.kept_leaves = weakref.WeakSet()
         if leaves and loss.grad_fn is not None and \
                 graph_reaches([loss.grad_fn], leaves, stop={t.grad_fn for t in params}):

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .unroll import (AUTOGRAD_CALLS, PROBED, FunctionalModel, StepBatches, _check_depends, from_torch_func,
+from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, from_torch_func,
                      generator_position, graph_nodes, graph_reaches, graph_survey, is_default_generator,
-                     loss_and_aux, once_differentiable, outside_transforms, renormalises_weights,
+                     loss_and_aux, note_probed, once_differentiable, outside_transforms, renormalises_weights,
                      watched_loss, wrong_twice)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
@@ -725,7 +725,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     versions = {n: b._version for n, b in buffers.items()}
     named = dict(module.named_parameters())
     params = {n: t.requires_grad_(named[n].requires_grad) for n, t in _probe_params(module, adapted).items()}
-    PROBED.update(t for t in params.values() if t.requires_grad)
+    note_probed(t for t in params.values() if t.requires_grad)
     mode = _Probe(None if adapted is None else {id(params[n]) for n in adapted if n in params})
     fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
     attributes = _attributes(module)
@@ -770,7 +770,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
         # Detached copies: an outer loss that differentiates must not reach the parameters' hooks.
         copies = {n: params[n].detach().requires_grad_(p.requires_grad)
                   for n, p in module.named_parameters()}
-        PROBED.update(t for t in copies.values() if t.requires_grad)
+        note_probed(t for t in copies.values() if t.requires_grad)
         outer = _Probe()
         query, held = _aliased(query)
         outer_aten = _AtenProbe([copies[n] for n in (named if adapted is None else adapted) if n in copies]
