@@ -756,7 +756,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
         if functions:  # a custom Function's backward may keep what it sees (a gradient monitor:
             leaves = [t for t in params.values() if t.requires_grad]  # review FF), so it runs too
             try:
-                with aten, _young():
+                with torch.random.fork_rng(devices=devices), aten, _young():
                     torch.autograd.grad(loss, leaves, allow_unused=True)
             except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
                 pass
