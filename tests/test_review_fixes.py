@@ -2699,7 +2699,7 @@ def test_what_the_look_keeps_outside_the_module_is_seen_in_every_place_review_ff
     # (F7) noise drawn without a task tensor (torch.randn(n, 1)) and logged: batched under vmap all
     # the same; (F4) a batch of a tensor subclass, kept, was not aliased; (F8) adapt_batch ran a loss
     # registering a gradient hook under vmap; (F2) a forward hook added after adapt_batch stored
-    # tensors of vmap's from the stacked model's calls.
+    # tensors of vmap's from the stacked model's calls. Review FH: (F1) in the outer loss only.
     xs, ys = _regression_tasks(3)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
@@ -2742,6 +2742,12 @@ def test_what_the_look_keeps_outside_the_module_is_seen_in_every_place_review_ff
             assert rel_err(list(got), list(want)) < 1e-12
         kept = logs + _GradLog.seen
         assert kept and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in kept)
+
+    _GradLog.seen.clear()  # (review FH: the same Function in the outer loss only ran vectorised)
+    with pytest.warns(UserWarning, match="per-task loop: a loss keeps a tensor computed from a task's"):
+        got = torch_ufom.hypergrad_batch(model, mse, monitored, (xs, ys), (xs, ys), vectorise=True, **kw)
+    assert rel_err(list(got), list(want)) < 1e-12
+    assert _GradLog.seen and torch.stack(_GradLog.seen).shape[0] == len(_GradLog.seen)
 
     def hooked(f, b):
         out = f(b[0])

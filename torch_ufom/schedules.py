@@ -158,8 +158,9 @@ REPLAY_HOST_DRAWS = (
     "inner_loss draws from NumPy's or Python's global random generator (np.random, random), which no "
     "step's random stream replays: memory='{memory}' evaluates inner steps again, and each evaluation "
     "would draw other numbers than the forward pass did, so the sweep would differentiate another "
-    "function (their states changed while the first step evaluated again ran: a draw of the loss's, "
-    "even one that only decides what to log, or of another thread's meanwhile). Draw from torch's "
+    "function (their states changed while a step evaluated again ran, the first one or, with per-step "
+    "batches, a step's first: a draw of the loss's, even one that only decides what to log, or of "
+    "another thread's meanwhile). Draw from torch's "
     "global generator (torch.rand, torch.randn: each step's stream reseeds it), or pass "
     "memory='store', which evaluates each step once")
 

@@ -754,12 +754,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
         if adapted is not None:
             unread = frozenset(n for n in adapted if id(params[n]) not in reached)
         if functions:  # a custom Function's backward may keep what it sees (a gradient monitor:
-            leaves = [t for t in params.values() if t.requires_grad]  # review FF), so it runs too
-            try:
-                with torch.random.fork_rng(devices=devices), aten, _young():
-                    torch.autograd.grad(loss, leaves, allow_unused=True)
-            except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
-                pass
+            _backward(loss, [t for t in params.values() if t.requires_grad], devices, aten)  # review FF)
     # Kernels such as batch_norm write running statistics without bumping the version.
     written = [n for n, b in fm.buffers.items()
                if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
@@ -777,15 +772,20 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                                 + [t for t in _tensors(query) if id(t) not in held], held.values())
         attributes = _attributes(module)
         fm = FunctionalModel(module, copies, {n: b.clone() for n, b in original.items()})
+        result = None
         try:
             with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer, outer_aten, _young(), \
                     (_watching_node_hooks(hooked) if node_hooks else contextlib.nullcontext()):
-                outer_loss(fm, query)
+                result = outer_loss(fm, query)
         except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
             pass
         finally:
             outer_aten.restore()
             stored += tuple(n for n in _put_back_attributes(attributes, fm) if n not in stored)
+        value = result[0] if isinstance(result, tuple) and result else result
+        if isinstance(value, Tensor) and value.grad_fn is not None and graph_survey([value.grad_fn])[1]:
+            _backward(value, [t for t in copies.values() if t.requires_grad], devices, outer_aten)
+        del result, value
         wrong |= outer.wrong | outer_aten.wrong
         aten.generators.update(outer_aten.generators)
         mode.differentiates |= outer.differentiates
@@ -803,6 +803,16 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     if (outer_loss is not None and outer_aten.kept()) or aten.kept():
         found = found._replace(kept=True)
     return found
+
+
+def _backward(loss: Tensor, leaves: List[Tensor], devices, aten: "_AtenProbe") -> None:
+    """The backward of a probe's loss, under its look (where a custom Function's backward may
+    keep what it sees), with the random states restored; an error is left to the sweep."""
+    try:
+        with torch.random.fork_rng(devices=devices), aten, _young():
+            torch.autograd.grad(loss, leaves, allow_unused=True)
+    except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
+        pass
 
 
 def _tensors(tree: Any) -> List[Tensor]:
