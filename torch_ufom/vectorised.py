@@ -219,12 +219,13 @@ class _AtenProbe(TorchDispatchMode):
         self.wrong: set = set()
         self.forward_wrong: set = set()
         self.generators: Dict[int, Tuple[torch.Generator, Tensor]] = {}
-        # The tensors an evaluation starts from (a task's adapted parameters and batch: ``held``
-        # those that the caller keeps alive, looked at by kept() after ``sources``), and every
-        # tensor an operation computed from them, by id: weak references (see kept()).
-        self.derived: Dict[int, weakref.ref] = {id(t): weakref.ref(t) for t in (*held, *sources)}
-        self.held = len(self.derived) - len(sources)
-        self.sources = len(self.derived)
+        # The tensors an evaluation starts from (a task's adapted parameters and batch; ``held``:
+        # those the caller keeps alive, which kept() does not look at), and every tensor an
+        # operation computed from them, by id: weak references (see kept()).
+        self.derived: Dict[int, weakref.ref] = {id(t): weakref.ref(t) for t in held}
+        self.held = len(self.derived)  # the first entries: kept() does not look at them
+        self.derived.update((id(t), weakref.ref(t)) for t in sources if id(t) not in self.derived)
+        self.following = bool(self.derived)  # (a probe without tensors to follow looks at nothing)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         watcher = _quiet()
@@ -237,7 +238,7 @@ class _AtenProbe(TorchDispatchMode):
         # (Under vmap even x.new_ones(n) and torch.zeros_like(x) make batched tensors: a cache
         # of them filled by this evaluation counts as kept, and is found filled next time. So do
         # random operations, whatever their inputs: vmap(randomness="different") draws per task.)
-        if self.sources and (self._derived(args) or (kwargs and self._derived(kwargs.values()))
+        if self.following and (self._derived(args) or (kwargs and self._derived(kwargs.values()))
                              or torch.Tag.nondeterministic_seeded in func.tags):
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, Tensor):
