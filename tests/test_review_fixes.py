@@ -46,6 +46,9 @@ Then (review DN) hooks registered by a tensor subclass's code and after a loss's
 720b9dc).
 Then (review DP, session 20) hooks registered on graph nodes through functools.partial or map (no
 bound-method call to see) and per-task fwdrev under a profiler (fail on c726f55).
+Later sessions' tests name their review in a comment; those of review GA (session 26: a tensor the
+losses read that the user computed from a meta-parameter before the call) fail on 5f83f71, but the
+vectorised fom meta-batch, a guard.
 
 Everything is float64 (but the dtype test) and compared with a brute-force unroll
 (``tests/oracle.py``) or with the library's own per-task results.
@@ -2794,3 +2797,68 @@ def test_numpy_noise_at_later_per_step_batches_only_is_refused_where_steps_are_r
             with pytest.raises(RuntimeError, match="draws from NumPy's or Python's global random generator"):
                 torch_ufom.hypergrad(model, inner, mse, batches, (x, y), steps=4, inner_lr=0.3, mode="exact",
                                      memory=memory, **kw)
+
+
+@pytest.mark.parametrize("mode, memory", [("exact", "store"), ("exact", "recompute"), ("exact", "checkpoint"),
+                                          ("ufom", "store"), ("truncated", "store")])
+def test_a_tensor_computed_from_a_meta_parameter_before_the_call_is_differentiated_through(mode, memory):
+    # Review GA F6 (session 26): losses reading w = softplus(raw), computed once outside them, made
+    # every exact sweep fail with autograd's "Trying to backward through the graph a second time"
+    # (each step's VJP passes through w's graph, which the first backward freed), and freed the
+    # user's own graph of w. The sweep now keeps the graphs it is given: exact, and w still usable.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    raw = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    xs, ys = _regression_tasks()
+    support = (xs[0], ys[0])
+    params = list(model.parameters()) + [raw]
+
+    def losses():
+        w = F.softplus(raw)
+        return w, (lambda f, b: ((f(b[0]) * w - b[1]) ** 2).mean())
+
+    w, loss = losses()
+    extra = {"slots": 1} if memory == "checkpoint" else {}
+    extra.update({"q": 1.0} if mode == "ufom" else {})  # (K = steps: the exact hypergradient)
+    extra.update({"k": 3} if mode == "truncated" else {})
+    got = torch_ufom.hypergrad(model, loss, loss, support, support, steps=3, inner_lr=0.1, mode=mode,
+                               memory=memory, params=params, **extra)
+    w.sum().backward()  # the user's graph of w is still there
+    assert raw.grad is not None
+    _, loss = losses()
+    want = brute_force(model, loss, loss, lambda j: support, support, 3, 0.1, params, k=3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["fom", "exact", "exact/recompute"])
+@pytest.mark.parametrize("vectorise", [True, False])
+def test_a_meta_batch_reading_a_tensor_computed_before_the_call_gets_every_task_s_term(mode, vectorise):
+    # Review GA F6: with one w for every task of a meta-batch, the second task's backward through
+    # w's graph failed (the per-task loop, fom too: the first task's outer gradient freed it).
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    raw = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    xs, ys = _regression_tasks(3)
+    opt = torch.optim.SGD(list(model.parameters()) + [raw], lr=0.1)
+    mode, _, memory = mode.partition("/")
+    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=0.1, steps=2, mode=mode, vectorise=vectorise,
+                                    memory=memory or "checkpoint")
+    w = F.softplus(raw)
+
+    def loss(f, b):
+        return ((f(b[0]) * w - b[1]) ** 2).mean()
+
+    meta.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta.backward_batch(loss, loss, (xs, ys), (xs, ys))
+    got = [p.grad.clone() for p in opt.param_groups[0]["params"]]
+    want = [torch.zeros_like(p) for p in got]
+    for i in range(3):
+        w = F.softplus(raw)  # (the oracle's one backward frees its own)
+        each = brute_force(model, loss, loss, lambda j, i=i: (xs[i], ys[i]), (xs[i], ys[i]), 2, 0.1,
+                           opt.param_groups[0]["params"], k=2 if mode == "exact" else 0)
+        want = [a + b for a, b in zip(want, each)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -50,7 +50,7 @@ __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", 
            "root_of", "graph_reaches", "graph_targets",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp", "OwnDraws",
-           "elementwise_rule", "second_derivatives", "recomputed_in_backward", "recomputes_message",
+           "elementwise_rule", "second_derivatives", "look_at_graph", "GraphLook", "recomputes_message",
            "REPLAY_DRAWS"]
 
 
@@ -800,14 +800,14 @@ class PerTask:
         loss, aux = loss_and_aux(out, "outer_loss")
         # (an outer loss that is the inner loss, whose first step was looked at: one walk less,
         # about 30 us of a fom call on the sinusoid MLP)
-        if loss.grad_fn is not None and loop.outer_loss is not loop.inner_loss and \
-                recomputed_in_backward([loss.grad_fn], params):
-            raise RuntimeError(recomputes_message("outer_loss"))
+        if loss.grad_fn is not None and loop.outer_loss is not loop.inner_loss:
+            loop.check_outer_graph(loss, params)
         if not loop.carried_checked:
             loop.check_carried(loss, params, outer=True)
         elif loop.watch_leaves and (loop.kept_leaves or PROBED):
             loop.check_left_behind(loss, params)
-        return loss, aux, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True)
+        return loss, aux, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True,
+                                              retain_graph=loop.retain)
 
     def reduce(self, adjoint):
         """One task: the adjoint as it is (:meth:`Evaluator.reduce`)."""
@@ -1061,26 +1061,41 @@ def wrong_twice_message(what: Sequence[str]) -> str:
 _SAVED: Dict[type, Tuple[str, ...]] = {}  # a graph node class: its saved tensors' attributes
 
 
-def recomputed_in_backward(starts: Sequence[Any], adapted: Sequence[Tensor], stop: set = frozenset()) -> bool:
-    """Whether autograd's graph from the nodes ``starts`` (not past those in ``stop``) holds
-    a part that ``torch.utils.checkpoint`` (``use_reentrant=False``) evaluates again in
-    backward and that reads one of the ``adapted`` parameters: torch then runs the
-    checkpointed function again, reading the module's parameters as they are at that time,
-    after :class:`FunctionalModel` put the module's own back (review EO: every path 2-19 %
-    off, ``fom`` and ``adapt`` too). A checkpointed part that reads no adapted parameter
-    (a frozen backbone, a parameter-free part of a loss) recomputes what it computed.
+class GraphLook(NamedTuple):
+    """What :func:`look_at_graph` found in a loss's graph."""
+
+    recomputed: bool  # a part torch.utils.checkpoint evaluates again reads an adapted parameter
+    made_before: bool  # a node made before the marker (a graph the user computed before the call)
+
+
+def look_at_graph(starts: Sequence[Any], adapted: Sequence[Tensor], stop: set = frozenset(),
+                  marker: int = -1) -> GraphLook:
+    """One walk of autograd's graph from the nodes ``starts`` (not past those in ``stop``).
+
+    ``made_before``: it holds a node made in this thread before :func:`sequence_marker` gave
+    ``marker`` (a leaf's accumulator has the largest number and never counts): a tensor the
+    losses read that the user computed, with its graph, before the call (``w = softplus(raw)``
+    outside the losses), which every backward of the call passes through (review GA F6).
+
+    ``recomputed``: it holds a part that ``torch.utils.checkpoint`` (``use_reentrant=False``)
+    evaluates again in backward and that reads one of the ``adapted`` parameters: torch then
+    runs the checkpointed function again, reading the module's parameters as they are at that
+    time, after :class:`FunctionalModel` put the module's own back (review EO: every path 2-19 %
+    off, ``fom`` and ``adapt`` too). A checkpointed part that reads no adapted parameter (a
+    frozen backbone, a parameter-free part of a loss) recomputes what it computed.
 
     The part is found by its saved tensors' unpack hook (``SavedTensor.unpack_hook``, read
-    without unpacking); what it reads, by following its nodes' inputs through nodes of the
-    part and nodes that save nothing (views, additions) to the leaves: a node that saved
-    tensors without the hook lies outside it, and so does what a part reads through
-    ``.detach()`` (not an edge of the graph; review EU measured 2e-3 off). The walk is
-    conservative at the part's inputs: one made from an adapted parameter by operations that
-    save nothing (``x + prompt``, ``torch.cat([prompt, x])``) counts as read, though the
-    checkpoint stores its inputs (a false refusal of prompt tuning over a checkpointed
-    frozen backbone; telling them apart needs torch's internals)."""
-    inside, saves = [], set()
+    without unpacking); what it reads, by following its nodes' inputs through nodes of the part
+    and nodes that save nothing (views, additions) to the leaves: a node that saved tensors
+    without the hook lies outside it, and so does what a part reads through ``.detach()`` (not
+    an edge of the graph; review EU measured 2e-3 off). The walk is conservative at the part's
+    inputs: one made from an adapted parameter by operations that save nothing (``x + prompt``,
+    ``torch.cat([prompt, x])``) counts as read, though the checkpoint stores its inputs (a false
+    refusal of prompt tuning over a checkpointed frozen backbone; telling them apart needs
+    torch's internals)."""
+    inside, saves, before = [], set(), False
     for node in graph_nodes(starts, stop):
+        before = before or node._sequence_nr() < marker
         names = _SAVED.get(type(node))
         if names is None:
             names = _SAVED[type(node)] = tuple(k for k in dir(node) if k.startswith("_raw_saved_"))
@@ -1098,8 +1113,12 @@ def recomputed_in_backward(starts: Sequence[Any], adapted: Sequence[Tensor], sto
             inside.append(node)
         elif names:
             saves.add(node)
-    if not inside:
-        return False
+    return GraphLook(bool(inside) and _reads_through(inside, saves, adapted), before)
+
+
+def _reads_through(inside: List[Any], saves: set, adapted: Sequence[Tensor]) -> bool:
+    """Whether the nodes ``inside`` a checkpointed part reach one of ``adapted`` through nodes
+    of the part and nodes that save nothing (not through those in ``saves``)."""
     leaves, nodes = graph_targets(adapted)
     seen, stack = set(), inside
     while stack:
@@ -1115,7 +1134,7 @@ def recomputed_in_backward(starts: Sequence[Any], adapted: Sequence[Tensor], sto
 
 
 def recomputes_message(which: str) -> str:
-    """The error for :func:`recomputed_in_backward`'s finding in ``which`` loss."""
+    """The error for :func:`look_at_graph`'s ``recomputed`` in ``which`` loss."""
     instead = ("remove the checkpointing from the forward (memory='checkpoint', the default, keeps the "
                "inner loop's memory flat instead) or leave what it reads out of the adapted parameters "
                "(inner_params=)") if which == "inner_loss" else \
@@ -1138,6 +1157,18 @@ def graph_nodes(starts: Sequence[Any], stop: set = frozenset()) -> Iterator[Any]
         seen.add(node)
         yield node
         stack.extend(f for f, _ in node.next_functions)
+
+
+_MARK = torch.empty(0, requires_grad=True)  # (its views' nodes tell the next sequence number)
+
+
+def sequence_marker() -> int:
+    """The sequence number of the next autograd node made in this thread (autograd numbers a
+    thread's nodes in the order it makes them); ``-1`` under inference mode (no graph)."""
+    if torch.is_inference_mode_enabled():
+        return -1
+    with torch.enable_grad():
+        return _MARK.view(0).grad_fn._sequence_nr()
 
 
 def graph_reaches(starts: Sequence[Any], leaves: set, nodes: set = frozenset(),
@@ -1271,6 +1302,11 @@ class InnerLoop:
         self.dense_grads = not rule.first_order_additive
         sparse = sparse_weights(module) if self.dense_grads else set()
         self.densify = any(id(self.named[n]) in sparse for n in self.names)
+        # A graph made before this call that the losses read (a tensor the user computed from a
+        # meta-parameter outside them: w = softplus(raw)) is differentiated through by every
+        # backward of the call, so none may free it (retain; review GA F6): found by the
+        # sequence numbers of its nodes, below the marker taken here (retains, _grad).
+        self.marker, self.retain, self.retain_looked = sequence_marker(), False, False
 
     # -- state -----------------------------------------------------------------
     def initial_state(self) -> State:
@@ -1390,6 +1426,24 @@ class InnerLoop:
                 graph_reaches([loss.grad_fn], leaves, stop={t.grad_fn for t in params}):
             raise RuntimeError(_carried_message("outer_loss"))
 
+    def check_outer_graph(self, loss: Tensor, params: Sequence[Tensor]) -> None:
+        """:meth:`check_recomputation` for the outer loss at ``params`` (a function of its own:
+        the inner loss's look stands for an outer loss that is the inner loss), which also notes
+        in :attr:`retain` a graph made before the call."""
+        look = look_at_graph([loss.grad_fn], params, marker=self.marker)
+        if look.recomputed:
+            raise RuntimeError(recomputes_message("outer_loss"))
+        self.retain = self.retain or look.made_before
+
+    def retains(self, loss: Tensor, params: Sequence[Tensor] = ()) -> bool:
+        """Whether the backwards of this call must keep their graphs (:attr:`retain`), once
+        ``loss``'s graph (not walked past the nodes of ``params``) is looked at: it reaches a
+        node made before the call (:func:`look_at_graph`'s ``made_before``)."""
+        if not self.retain and loss.grad_fn is not None:
+            self.retain = any(node._sequence_nr() < self.marker
+                              for node in graph_nodes([loss.grad_fn], {t.grad_fn for t in params}))
+        return self.retain
+
     def check_none_buffers(self) -> None:
         """Raise, after putting them back, if the first evaluation assigned buffers registered
         as ``None``: ``named_buffers()`` skips such a slot, so the library could neither give
@@ -1416,10 +1470,13 @@ class InnerLoop:
         caller runs it on the first step a call evaluates (a walk of the graph: 13 us on
         the sinusoid MLP; at every step with per-step batches it cost 12-18 % of a ``fom``
         call, review ER)."""
-        self.recompute_checked = True
-        if loss.grad_fn is not None and recomputed_in_backward([loss.grad_fn], params,
-                                                               {t.grad_fn for t in params}):
+        self.recompute_checked = self.retain_looked = True
+        if loss.grad_fn is None:
+            return
+        look = look_at_graph([loss.grad_fn], params, {t.grad_fn for t in params}, self.marker)
+        if look.recomputed:
             raise RuntimeError(recomputes_message("inner_loss"))
+        self.retain = self.retain or look.made_before
 
     def check_twice_differentiable(self, loss: Tensor, params: Sequence[Tensor]) -> None:
         """:func:`check_twice_differentiable` on the first step evaluated with a graph, and
@@ -1442,6 +1499,10 @@ class InnerLoop:
     def _grad(self, state: State, j: int, create_graph: bool):
         self._seed(j)
         loss, grads, buffers = self.evaluator.grad(self, state, self.batch(j - 1), create_graph)
+        # (the first step with a graph stands for all, but for per-step batches)
+        if (not self.retain_looked or self.per_step) and loss.grad_fn is not None:
+            self.retain_looked = True
+            self.retains(loss, state.params)
         return loss, self._dense(grads), buffers
 
     def _dense(self, grads: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
@@ -1772,7 +1833,9 @@ def fwdrev_error(err: Exception, j: int) -> FwdRevError:
         "torch (F.mse_loss in torch 2.13, for one)")
 
 
-def _vjp(outputs, inputs, cotangents, retain_graph=False):
+def _vjp(outputs, inputs, cotangents, retain_graph: bool = False):
+    """The VJP of ``outputs`` at ``cotangents`` with respect to ``inputs`` (``None`` for those
+    that do not require grad or are not reached); ``retain_graph``: :attr:`InnerLoop.retain`."""
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad and c is not None]
     if not pairs:
         return [None] * len(inputs)
@@ -1795,10 +1858,10 @@ def chain_vjp(records: List["StepRecord"], e):
     (about 5 % of the backward's time on the 64-320-320-10 MLP).
     """
     outputs, leaves = records[0].exact, records[-1].leaves.diff
-    inputs = list(leaves) + records[-1].loop.meta
+    inputs, retain = list(leaves) + records[-1].loop.meta, records[-1].loop.retain
     records.clear()
     with second_derivatives():
-        return _split(leaves, _vjp(outputs, inputs, e))
+        return _split(leaves, _vjp(outputs, inputs, e, retain))
 
 
 @contextlib.contextmanager
@@ -1865,20 +1928,22 @@ class StepRecord:
         """``(f_{j-1}, dtheta)``: VJP of the first-order rule ``F~_j`` at ``f``."""
         with torch.enable_grad():
             first = self.loop.apply_rule(self.grads, self.leaves)
-        return self._split(_vjp(first[0] + first[1], list(self.leaves.diff) + self.loop.meta, f))
+        inputs = list(self.leaves.diff) + self.loop.meta
+        return self._split(_vjp(first[0] + first[1], inputs, f, self.loop.retain))
 
     def vjp_exact(self, e):
         """``(e_{j-1}, dtheta)``: VJP of the exact rule ``F_j`` at ``e`` (a Hessian-vector product)."""
         if not self.forward_over_reverse:
             with second_derivatives():
-                return self._split(_vjp(self.exact, list(self.leaves.diff) + self.loop.meta, e))
+                inputs = list(self.leaves.diff) + self.loop.meta
+                return self._split(_vjp(self.exact, inputs, e, self.loop.retain))
         # F_j(s) = U(g(phi), s): the VJP of U at e gives the gradient's cotangent u,
         # which reaches phi as H u (the Hessian is symmetric).
         inputs = list(self.leaves.diff) + self.loop.meta
         with torch.enable_grad():
             g = tuple(t.detach().requires_grad_() for t in self.grads)
             out = self.loop.apply_rule(g, self.leaves)
-        got = _vjp(out[0] + out[1], inputs + list(g), e)
+        got = _vjp(out[0] + out[1], inputs + list(g), e, self.loop.retain)
         u = got[len(inputs):]
         hv = self.loop.hessian_vector(self.leaves, self.j, u)
         n = len(self.leaves.params)

@@ -1336,7 +1336,9 @@ class Vectorised:
         aux = pytree.tree_unflatten([next(stacked) if v is _TENSOR else v for v in held["values"]],
                                     held["spec"])
         _check_depends(losses, "outer_loss")  # vmap's batched tensors hide requires_grad
-        grads = torch.autograd.grad(losses.sum(), params + tuple(loop.meta), allow_unused=True)
+        total = losses.sum()
+        grads = torch.autograd.grad(total, params + tuple(loop.meta), allow_unused=True,
+                                    retain_graph=loop.retains(total))
         return losses, aux, grads
 
     def reduce(self, adjoint):
