@@ -2862,3 +2862,40 @@ def test_a_meta_batch_reading_a_tensor_computed_before_the_call_gets_every_task_
         want = [a + b for a, b in zip(want, each)]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_buffer_given_as_a_meta_parameter_is_refused_on_every_entry_point():
+    # Review GA F1 (session 26): a buffer with requires_grad=True that the losses read, held by the
+    # outer optimizer or given in params=, got a hypergradient of 0 (hypergrad, hypergrad_batch),
+    # None (backward, backward_batch) or zeros (ufom's first-order draws), silently: the oracle's
+    # is -0.351 (exact). Buffers are copied per step and task and read as constants.
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+            self.register_buffer("scale", torch.full((1,), 1.5))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    torch.manual_seed(0)
+    model = Scaled().double()
+    model.scale.requires_grad_(True)
+    xs, ys = _regression_tasks()
+    params = list(model.parameters()) + [model.scale]
+    refused = r"Invalid params\[2\]: the model's buffer 'scale'"
+    with pytest.raises(ValueError, match=refused):
+        torch_ufom.hypergrad(model, mse, mse, (xs[0], ys[0]), (xs[0], ys[0]), steps=2, inner_lr=0.1,
+                             mode="exact", params=params)
+    with pytest.raises(ValueError, match=refused):
+        torch_ufom.hypergrad_batch(model, mse, mse, (xs, ys), (xs, ys), steps=2, inner_lr=0.1,
+                                   mode="exact", params=params)
+    with pytest.raises(ValueError, match=refused):
+        torch_ufom.diagnose(model, mse, mse, [((xs[0], ys[0]), (xs[0], ys[0]))], steps=2, inner_lr=0.1,
+                            params=params)
+    with pytest.raises(ValueError, match=r"Invalid optimizer: its param_groups\[1\]\['params'\]\[0\] is "
+                                         r"the model's buffer 'scale'"):
+        torch_ufom.MetaOptimizer(model, torch.optim.SGD([{"params": list(model.parameters())},
+                                                         {"params": [model.scale]}], lr=0.1),
+                                 inner_lr=0.1, steps=2)
+    assert all(p.grad is None for p in params)

@@ -651,6 +651,20 @@ def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:
     return total
 
 
+def buffer_names(model: nn.Module) -> Dict[int, str]:
+    """The name of each buffer of ``model``, by the tensor's ``id``."""
+    return {id(b): n for n, b in model.named_buffers()}
+
+
+def learned_buffer_message(name: str) -> str:
+    """Why a buffer of the model cannot be a meta-parameter (review GA F1: its hypergradient
+    read 0 or ``None``, silently, on every path)."""
+    return (f"the model's buffer {name!r}, which the library copies for each inner step and task "
+            "and reads as a constant, so its hypergradient would be silently 0 (expected the "
+            "model's parameters or tensors outside it: make it a parameter, nn.Parameter or "
+            "register_parameter, to meta-learn it)")
+
+
 def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
     """Validate ``params`` (default: the model's floating-point parameters, frozen ones
     included, which get zeros; a frozen integer or complex one has no gradient and is left
@@ -667,10 +681,12 @@ def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
     if given and not params:
         raise ValueError("Invalid params: empty (expected the tensors to differentiate with respect "
                          "to; torch.autograd.grad refuses empty inputs too)")
-    seen = set()
+    seen, buffers = set(), buffer_names(model)
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise TypeError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
+        if id(p) in buffers:
+            raise ValueError(f"Invalid params[{i}]: {learned_buffer_message(buffers[id(p)])}")
         if not p.is_floating_point():
             if not given:  # (the default params: name the model's parameter)
                 raise ValueError(

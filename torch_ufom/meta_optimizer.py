@@ -21,7 +21,8 @@ from . import adaptive, distributed
 from .adapt import adapt
 from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, NonFiniteHypergradient, plus
-from .functional import Problem, estimate_batch, estimate_task, resolve_hvp, sum_grads, task_aux
+from .functional import (Problem, buffer_names, estimate_batch, estimate_task, learned_buffer_message,
+                         resolve_hvp, sum_grads, task_aux)
 from .inner import InnerRule, PerStep, _in_range
 from .truncation import Snapshot, TruncationLaw, is_bernoulli
 
@@ -1364,8 +1365,15 @@ def _plain(value: Any, learned: frozenset = frozenset()) -> Any:
 
 
 def _check_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """Raise unless ``optimizer`` holds every parameter of ``model`` with ``requires_grad``."""
+    """Raise unless ``optimizer`` holds every parameter of ``model`` with ``requires_grad``,
+    and none of its buffers."""
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    buffers = buffer_names(model)
+    for gi, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) in buffers:
+                raise ValueError(f"Invalid optimizer: its param_groups[{gi}]['params'][{i}] is "
+                                 f"{learned_buffer_message(buffers[id(p)])}")
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
     if missing:
         raise ValueError(
