@@ -2899,3 +2899,46 @@ def test_a_buffer_given_as_a_meta_parameter_is_refused_on_every_entry_point():
                                                          {"params": [model.scale]}], lr=0.1),
                                  inner_lr=0.1, steps=2)
     assert all(p.grad is None for p in params)
+
+
+def test_inner_params_as_a_dict_of_flags_or_a_failing_predicate_is_refused_by_name():
+    # Review GA F3, F4 (session 26): a dict {name: False, ...} was iterated by its keys, so every key
+    # was adapted, silently; a predicate of the wrong signature raised its own error without
+    # naming inner_params.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    flags = {"0.weight": False, "0.bias": False, "2.weight": True, "2.bias": True}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"Invalid inner_params: a dict, whose values would not be read"):
+        torch_ufom.MetaOptimizer(model, opt, inner_lr=0.1, steps=2, inner_params=flags)
+    with pytest.raises(TypeError, match=r"Invalid inner_params: the predicate raised TypeError on '0.w"):
+        torch_ufom.MetaOptimizer(model, opt, inner_lr=0.1, steps=2, inner_params=lambda name, p: True)
+    xs, ys = _regression_tasks()
+    with pytest.raises(TypeError, match=r"Invalid inner_params: the predicate raised AttributeError"):
+        torch_ufom.hypergrad(model, mse, mse, (xs[0], ys[0]), (xs[0], ys[0]), steps=2, inner_lr=0.1,
+                             inner_params=lambda name: name.startswith(None.x))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_porting_slips_with_batches_and_losses_are_refused_by_name():
+    # Review GA F4 (session 26): a loss criterion given as the loss (AttributeError: 'tuple' object has
+    # no attribute 'size'), a support callable without the step argument (the lambda's own
+    # TypeError) and per-step batches as the query (the model's TypeError) did not name the argument.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    xs, ys = _regression_tasks()
+    batch = (xs[0], ys[0])
+    for kwargs, refused in (
+            ({"inner_loss": nn.MSELoss()}, r"Invalid inner_loss: a loss criterion, nn.MSELoss"),
+            ({"support": lambda: batch}, r"Invalid support: .* takes 0 positional arguments, but the "
+                                         r"library calls support\(j\)"),
+            ({"query": torch_ufom.StepBatches([batch, batch])}, r"Invalid query: StepBatches")):
+        call = {"inner_loss": mse, "outer_loss": mse, "support": batch, "query": batch, **kwargs}
+        with pytest.raises(TypeError, match=refused):
+            torch_ufom.hypergrad(model, call["inner_loss"], call["outer_loss"], call["support"],
+                                 call["query"], steps=2, inner_lr=0.1)
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                        steps=2)
+        state = torch.get_rng_state()
+        with pytest.raises(TypeError, match=refused):
+            meta.backward(call["inner_loss"], call["outer_loss"], call["support"], call["query"])
+        assert torch.equal(state, torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-import inspect
 import itertools
 import math
 import numbers
-import types
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +38,7 @@ from . import adaptive
 from .inner import SGD, InnerRule
 from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation, is_bernoulli
-from .unroll import check_parametrize_cache
+from .unroll import check_parametrize_cache, positional_obstacle
 
 __all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_generator",
            "check_losses", "check_steps", "MODES", "HVP_CHOICES", "VECTORISE_CHOICES"]
@@ -227,31 +225,15 @@ def check_loss(name: str, fn) -> None:
     if not callable(fn):
         raise TypeError(f"Invalid {name}: expected a callable (fmodel, batch) -> scalar tensor, "
                         f"got {type(fn).__name__}")
-    why = _two_arguments(fn)
+    if isinstance(fn, nn.Module) and type(fn).__module__ == "torch.nn.modules.loss":  # (review GA)
+        raise TypeError(f"Invalid {name}: a loss criterion, nn.{type(fn).__name__}, which takes (input, "
+                        f"target), but the library calls {name}(fmodel, batch): wrap it, "
+                        "lambda fmodel, batch: criterion(fmodel(batch[0]), batch[1])")
+    why = positional_obstacle(fn, 2)
     if why:
         raise TypeError(f"Invalid {name}: {why}, but the library calls {name}(fmodel, batch) "
                         "(a loss closing over its batch, as in code written for higher, takes the "
                         "batch as its second argument instead)")
-
-
-def _two_arguments(fn) -> str:
-    """Why a plain function or bound method ``fn`` cannot be called with two positional
-    arguments (``""``: it can, or its code does not say: a builtin, a callable object). Read
-    from its code object, not ``inspect.signature`` (10 us per loss per call)."""
-    bound = isinstance(fn, types.MethodType)
-    func = fn.__func__ if bound else fn
-    if not isinstance(func, types.FunctionType) or func.__code__.co_flags & inspect.CO_VARARGS:
-        return ""
-    code = func.__code__
-    takes = code.co_argcount - bound
-    required = takes - len(func.__defaults__ or ())
-    keywords = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
-    if takes < 2 or required > 2:
-        return f"{func.__qualname__} takes {takes} positional argument{'s' * (takes != 1)}"
-    missing = [k for k in keywords if k not in (func.__kwdefaults__ or {})]
-    if missing:
-        return f"{func.__qualname__} needs the keyword argument {missing[0]!r}"
-    return ""
 
 
 def _check_q(q) -> None:
@@ -338,6 +320,15 @@ def _law(settings: Settings, steps: int) -> Tuple[str, TruncationLaw, Optional[a
     return mode, law, rule if q == "auto" else None
 
 
+def _chooses(predicate: Callable[[str], Any], name: str) -> bool:
+    """``inner_params(name)``, an error in it named as ``inner_params``'s."""
+    try:
+        return bool(predicate(name))
+    except Exception as err:  # noqa: BLE001 (re-raised, named)
+        raise TypeError(f"Invalid inner_params: the predicate raised {type(err).__name__} on {name!r}: "
+                        f"{err} (expected a function of a parameter's name, returning a bool)") from err
+
+
 def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer") -> Config:
     """Check ``settings`` against ``model`` and turn them into a :class:`Config`.
 
@@ -393,8 +384,12 @@ def adapted_parameters(model: nn.Module, inner_params) -> Dict[str, Tensor]:
         inner_params = [inner_params]
     by_id = {id(p): n for n, p in named.items()}
     primary = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+    if isinstance(inner_params, Mapping):  # (review GA: its keys were taken, its values not read)
+        raise TypeError(f"Invalid inner_params: a {type(inner_params).__name__}, whose values would not "
+                        "be read (expected names, a predicate on the name, or the module's parameters: "
+                        "[name for name, on in inner_params.items() if on])")
     if callable(inner_params) and not isinstance(inner_params, (Tensor, nn.Module)):
-        chosen = {primary[n] for n in primary if inner_params(n)}
+        chosen = {primary[n] for n in primary if _chooses(inner_params, n)}
     else:
         if isinstance(inner_params, (Tensor, nn.Module)) or not hasattr(inner_params, "__iter__"):
             raise TypeError(f"Invalid inner_params: {type(inner_params).__name__} (expected names, a "

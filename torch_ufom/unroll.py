@@ -28,12 +28,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import itertools
 import math
 import os
 import re
 import sys
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
@@ -525,6 +527,36 @@ class StepBatches:
         return f"StepBatches({len(self.batches)} batches)"
 
 
+def positional_obstacle(fn, n: int) -> str:
+    """Why a plain function or bound method ``fn`` cannot be called with ``n`` positional
+    arguments (``""``: it can, or its code does not say: a builtin, a callable object). Read
+    from its code object, not ``inspect.signature`` (10 us per loss per call)."""
+    bound = isinstance(fn, types.MethodType)
+    func = fn.__func__ if bound else fn
+    if not isinstance(func, types.FunctionType) or func.__code__.co_flags & inspect.CO_VARARGS:
+        return ""
+    code = func.__code__
+    takes = code.co_argcount - bound
+    required = takes - len(func.__defaults__ or ())
+    keywords = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
+    if takes < n or required > n:
+        return f"{func.__qualname__} takes {takes} positional argument{'s' * (takes != 1)}"
+    missing = [k for k in keywords if k not in (func.__kwdefaults__ or {})]
+    if missing:
+        return f"{func.__qualname__} needs the keyword argument {missing[0]!r}"
+    return ""
+
+
+def check_step_function(support, arg: str = "support") -> None:
+    """A ``TypeError`` naming ``arg`` unless the callable of per-step batches ``support``
+    can be called with the step index ``j`` (review GA: ``lambda: batch`` raised its own
+    ``TypeError`` at the first step)."""
+    why = positional_obstacle(support, 1)
+    if why:
+        raise TypeError(f"Invalid {arg}: {why}, but the library calls {arg}(j) for step j's batch "
+                        "(j = 0..steps-1; pass the batch itself to use it at every step)")
+
+
 def batch_getter(support: Any, steps: int, arg: str = "support") -> Callable[[int], Any]:
     """Return ``j -> batch`` (``j = 0..steps-1``) for the three kinds of support.
 
@@ -539,6 +571,7 @@ def batch_getter(support: Any, steps: int, arg: str = "support") -> Callable[[in
                 f"{len(support)}")
         return support.__getitem__
     if callable(support) and not isinstance(support, (Tensor, nn.Module)):
+        check_step_function(support, arg)
         return support
     if isinstance(support, Iterator):  # a generator: used up at the first step
         raise TypeError(f"Invalid {arg}: an iterator ({type(support).__name__}) would be used up by the "
@@ -1265,6 +1298,9 @@ class InnerLoop:
         self.outer_unread: frozenset = _NOTHING
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
         self.batch = batch_getter(support, self.steps)
+        if isinstance(query, StepBatches):  # (review GA: the outer loss got the StepBatches object)
+            raise TypeError("Invalid query: StepBatches (per-step batches are the support's; the outer "
+                            "loss runs once, on one query batch)")
         # Per-step batches may make a loss differentiate at some steps only (record watches them).
         self.per_step = isinstance(support, StepBatches) or (
             callable(support) and not isinstance(support, (Tensor, nn.Module)))
