@@ -395,14 +395,15 @@ def test_vectorise_is_read_only_and_reconfigured_between_steps():
 
 @pytest.mark.parametrize("value", ["yes", "Auto", 1, 0, None, 1.0])
 def test_an_invalid_vectorise_is_refused_naming_it_and_changes_nothing(value):
+    error = ValueError if isinstance(value, str) else TypeError  # (a wrong type: torch_ufom.checks)
     model, loss, data = mlp_problem(1)
     meta = meta_opt(model, 0.3, mode="fom", generator=torch.Generator().manual_seed(0))
     before, state = meta.config, meta.generator.get_state()
-    with pytest.raises(ValueError, match="Invalid vectorise.*'auto', True or False"):
+    with pytest.raises(error, match="Invalid vectorise.*'auto', True or False"):
         meta_opt(model, 0.3, vectorise=value)
-    with pytest.raises(ValueError, match="Invalid vectorise"):
+    with pytest.raises(error, match="Invalid vectorise"):
         meta.reconfigure(vectorise=value)
-    with pytest.raises(ValueError, match="Invalid vectorise"):
+    with pytest.raises(error, match="Invalid vectorise"):
         torch_ufom.hypergrad_batch(model, loss, loss, stacked(data, 0), stacked(data, 10), steps=STEPS,
                                    inner_lr=0.3, vectorise=value, generator=meta.generator)
     assert meta.config is before and torch.equal(meta.generator.get_state(), state)

@@ -398,7 +398,8 @@ def test_budget_sized_meta_batch_and_forward_over_reverse(hvp):
 
 @pytest.mark.parametrize("value", [True, -1, 0, 1.5e9, math.nan, "1GB"])
 def test_invalid_max_memory_is_refused_everywhere_and_changes_nothing(value):
-    error = ValueError  # like every other keyword's (slots=, steps=, q=): a wrong type too
+    # (torch_ufom.checks: a wrong type is a TypeError, a value of the right type out of range a ValueError)
+    error = ValueError if type(value) is int else TypeError  # (True, 1.5e9, nan, '1GB': not ints)
     model, loss, data = mlp_problem(14)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(3)

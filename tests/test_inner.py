@@ -485,10 +485,11 @@ def test_bad_per_step_values():
             (lambda: RMSprop(0.1, alpha=PerStep([0.9, 1.5])), "Invalid alpha: values must be finite"),
             (lambda: PerStep(torch.zeros(2, 3)), "Invalid PerStep values: expected a 1-D"),
             (lambda: PerStep([]), "Invalid PerStep values: empty"),
-            (lambda: PerStep("abc"), "Invalid PerStep values"),
             (lambda: PerStep(torch.tensor([1, 2])), "Invalid PerStep values: expected a 1-D floating")]:
         with pytest.raises(ValueError, match=message):
             make()
+    with pytest.raises(TypeError, match="Invalid PerStep values"):  # (a wrong type: torch_ufom.checks)
+        PerStep("abc")
     with pytest.raises(ValueError, match="Invalid lr: a torch.float32 tensor for parameter '0.weight'"):
         SGD(PerStep(torch.zeros(4, dtype=torch.float32))).validate(params, steps=4)
     assert SGD(PerStep([0.1, 0.1])).first_order_additive is False and SGD(0.1).first_order_additive

@@ -588,8 +588,8 @@ def test_diagnose_uses_and_checks_max_memory():
     # Guards diagnose passing max_memory on (D2): the keyword was dropped, so invalid budgets were
     # accepted and a tight budget measured the default configuration (every step kept) instead.
     model, tasks = _diagnose_case()
-    for bad in (True, 0):
-        with pytest.raises(ValueError, match="Invalid max_memory"):
+    for bad, error in ((True, TypeError), (0, ValueError)):
+        with pytest.raises(error, match="Invalid max_memory"):
             torch_ufom.diagnose(model, mse, mse, tasks, steps=4, inner_lr=0.3, max_memory=bad)
     assert torch_ufom.diagnose(model, mse, mse, tasks, steps=4, inner_lr=0.3).steps_exact == 4
     with pytest.warns(UserWarning, match="max_memory=1 is below the least a sweep of this model is "

@@ -2233,7 +2233,7 @@ def test_porting_mistakes_get_messages_that_say_what_the_library_expects(mistake
             r"Invalid inner: a torch.optim.SGD \(expected a torch_ufom.inner rule.*torch_ufom.inner.SGD\("
     else:
         rates = [torch.full_like(p, 0.1, requires_grad=True) for p in params]
-        kwargs, error, match = {"inner_lr": rates}, ValueError, \
+        kwargs, error, match = {"inner_lr": rates}, TypeError, \
             r"Invalid inner_lr: a list holding tensors \(expected .* a dict from parameter name"
     with pytest.raises(error, match=match) as caught:
         meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), steps=STEPS, mode="exact",

@@ -42,10 +42,11 @@ within an outer step and identical on every rank of a process group.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor
+
+from .checks import invalid, is_real
 
 __all__ = ["AdaptiveQ", "optimal_q", "authors_q", "init_stats", "observe", "update", "rebound", "difference"]
 
@@ -143,18 +144,18 @@ class AdaptiveQ:
 
     def __init__(self, rule: str = "ufom", q_min: Optional[float] = None,
                  beta: Optional[float] = None, q_init: Optional[float] = None):
-        if rule not in RULES:
-            raise ValueError(f"Invalid q_rule: {rule!r} (expected one of {', '.join(RULES)})")
+        if not isinstance(rule, str) or rule not in RULES:
+            raise invalid("q_rule", rule, f"one of {', '.join(RULES)}", isinstance(rule, str))
         authors = rule == "authors"
         q_min = (0.05 if authors else 0.01) if q_min is None else q_min
         beta = (0.99 if authors else 0.9) if beta is None else beta
-        if isinstance(q_min, bool) or not isinstance(q_min, numbers.Real) or not 0 < q_min <= 1:
-            raise ValueError(f"Invalid q_min: {q_min!r} (expected a float in (0, 1])")
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
-            raise ValueError(f"Invalid q_beta: {beta!r} (expected a float in [0, 1))")
+        if not is_real(q_min) or not 0 < q_min <= 1:
+            raise invalid("q_min", q_min, "a float in (0, 1]", is_real(q_min))
+        if not is_real(beta) or not 0 <= beta < 1:
+            raise invalid("q_beta", beta, "a float in [0, 1)", is_real(beta))
         q_init = max(q_min, 0.05 if authors else 0.2) if q_init is None else q_init
-        if isinstance(q_init, bool) or not isinstance(q_init, numbers.Real) or not q_min <= q_init <= 1:
-            raise ValueError(f"Invalid q_init: {q_init!r} (expected a float in [q_min, 1])")
+        if not is_real(q_init) or not q_min <= q_init <= 1:
+            raise invalid("q_init", q_init, "a float in [q_min, 1]", is_real(q_init))
         self.rule, self.q_min, self.beta, self.q_init = rule, float(q_min), float(beta), float(q_init)
         self.d_shrink = 10.0 if authors else 1.0
 

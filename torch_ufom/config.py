@@ -27,7 +27,6 @@ import dataclasses
 from collections.abc import Iterator
 import itertools
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import adaptive
+from .checks import invalid, is_int, is_real
 from .inner import SGD, InnerRule
 from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation, is_bernoulli
@@ -163,8 +163,8 @@ def check_steps(steps) -> int:
     """Validate ``steps`` (an int ``>= 1``; required)."""
     if steps is None:
         raise TypeError("Invalid steps: None (steps is required: the number of inner steps, an int >= 1)")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"Invalid steps: {steps!r} (expected an int >= 1)")
+    if not is_int(steps) or steps < 1:
+        raise invalid("steps", steps, "an int >= 1", is_int(steps))
     return int(steps)
 
 
@@ -239,22 +239,21 @@ def check_loss(name: str, fn) -> None:
 def _check_q(q) -> None:
     if q == "auto" and isinstance(q, str):
         return
-    if isinstance(q, bool) or not isinstance(q, numbers.Real) or not (
-            math.isfinite(float(q)) and 0.0 < float(q) <= 1.0):
-        raise ValueError(f"Invalid q: {q!r} (expected a float in (0, 1], or 'auto')")
+    if not is_real(q) or not (math.isfinite(float(q)) and 0.0 < float(q) <= 1.0):
+        raise invalid("q", q, "a float in (0, 1], or 'auto'", is_real(q) or isinstance(q, str))
 
 
 def _check_vectorise(value) -> Any:
     # `is`, not `==`: 1, 0 and numpy booleans are not the flags.
     if not any(value is c for c in VECTORISE_CHOICES[1:]) and not (
             isinstance(value, str) and value == "auto"):
-        raise ValueError(f"Invalid vectorise: {value!r} (expected 'auto', True or False)")
+        raise invalid("vectorise", value, "'auto', True or False", isinstance(value, (str, bool)))
     return value
 
 
 def _choice(value, arg: str, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"Invalid {arg}: {value!r} (expected one of {', '.join(choices)})")
+        raise invalid(arg, value, f"one of {', '.join(choices)}", isinstance(value, str))
     return value
 
 
@@ -281,8 +280,8 @@ def _law(settings: Settings, steps: int) -> Tuple[str, TruncationLaw, Optional[a
     if mode is not None:
         _choice(mode, "mode", MODES)
     _check_q(q)
-    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0):
-        raise ValueError(f"Invalid k: {k!r} (expected an int in 0..steps={steps})")
+    if k is not None and (not is_int(k) or k < 0):
+        raise invalid("k", k, f"an int in 0..steps={steps}", is_int(k))
     # The adaptive rule's knobs are checked whatever q is.
     rule = adaptive.AdaptiveQ(settings.q_rule, settings.q_min, settings.q_beta)
     if truncation is not None:

@@ -35,10 +35,10 @@ def check_group(group) -> None:
                          "MetaOptimizer with the group on its member ranks only")
     is_group = dist.is_available() and (group is dist.group.WORLD or
                                         isinstance(group, dist.ProcessGroup))
-    if group is not None and not is_group:
-        raise ValueError(f"Invalid process_group: {group!r} (expected None for no data "
-                         "parallelism, True or torch.distributed.group.WORLD for the default "
-                         "group, or a torch.distributed.ProcessGroup)")
+    if group is not None and not is_group:  # (False: the right type, a wrong value)
+        raise (ValueError if isinstance(group, bool) else TypeError)(
+            f"Invalid process_group: {group!r} (expected None for no data parallelism, True or "
+            "torch.distributed.group.WORLD for the default group, or a torch.distributed.ProcessGroup)")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("Invalid process_group: torch.distributed is not initialised; call "
                          "torch.distributed.init_process_group first (e.g. under torchrun)")

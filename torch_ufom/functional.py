@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import numbers
 import sys
 import time
 import warnings
@@ -24,6 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from .checks import invalid, is_int
 from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
@@ -152,23 +152,20 @@ def check_force_truncation(force, size: Optional[int], steps: int) -> Optional[L
         return None
     if hasattr(force, "__array__"):  # a tensor or a NumPy array of ints (one per task)
         return check_force_truncation(force.tolist(), size, steps)
-    if _is_int(force):
+    if is_int(force):
         if not 0 <= force <= steps:
             raise ValueError(f"Invalid force_truncation: {force!r} (expected an int in 0..{steps})")
         return [int(force)] * (size or 1)
     if size is None:
         raise TypeError(f"Invalid force_truncation: {force!r} (expected None or an int in 0..{steps})")
     if not isinstance(force, (list, tuple)) or len(force) != size:
-        raise ValueError(f"Invalid force_truncation: {force!r} (expected an int or a sequence of "
-                         f"{size} ints, one per task)")
+        raise (ValueError if isinstance(force, (list, tuple)) else TypeError)(
+            f"Invalid force_truncation: {force!r} (expected an int or a sequence of {size} ints, one per "
+            "task)")
     for i, k in enumerate(force):
-        if not _is_int(k) or not 0 <= k <= steps:
-            raise ValueError(f"Invalid force_truncation[{i}]: {k!r} (expected an int in 0..{steps})")
+        if not is_int(k) or not 0 <= k <= steps:
+            raise invalid(f"force_truncation[{i}]", k, f"an int in 0..{steps}", is_int(k))
     return [int(k) for k in force]
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _draws(problem: Problem, size: int, forced: Optional[List[int]]) -> Tuple[List[int], List[int]]:

@@ -111,8 +111,8 @@ class PerStep:
                                  f"value per inner step), got shape {tuple(values.shape)}, {values.dtype}")
         elif (isinstance(values, (str, bytes)) or not isinstance(values, Sequence)
               or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)):
-            raise ValueError(f"Invalid PerStep values: {values!r} (expected a sequence of numbers or a "
-                             "1-D tensor, one value per inner step)")
+            raise TypeError(f"Invalid PerStep values: {values!r} (expected a sequence of numbers or a "
+                            "1-D tensor, one value per inner step)")
         else:
             values = tuple(float(v) for v in values)
         if len(values) == 0:
@@ -304,12 +304,12 @@ def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> 
             raise ValueError(f"Invalid {arg}: {v!r} (expected a finite number {where})")
     elif isinstance(v, (list, tuple)) and any(isinstance(x, Tensor) for x in v):
         # (higher's per-parameter list of rates; the tensors' reprs would fill the screen)
-        raise ValueError(f"Invalid {arg}: a {type(v).__name__} holding tensors (expected a float, a tensor, "
+        raise TypeError(f"Invalid {arg}: a {type(v).__name__} holding tensors (expected a float, a tensor, "
                          "a PerStep, or a dict from parameter name, as model.named_parameters() gives "
                          "them, to one of those)")
     else:
-        raise ValueError(f"Invalid {arg}: {v!r} (expected a float, a tensor, a PerStep or a dict of "
-                         "those)")
+        raise TypeError(f"Invalid {arg}: {v!r} (expected a float, a tensor, a PerStep or a dict of "
+                        "those)")
 
 
 class _Flag:
@@ -478,10 +478,10 @@ def _short(v):
 
 
 def _check_flag(value, name: str) -> bool:
-    """``value`` if it is a bool, else a ``ValueError`` naming ``name`` (a truthy
+    """``value`` if it is a bool, else a ``TypeError`` naming ``name`` (a truthy
     string such as ``"no"`` must not switch the option on)."""
     if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
+        raise TypeError(f"Invalid {name}: {value!r} (expected True or False)")
     return value
 
 
@@ -672,7 +672,8 @@ class Adam(InnerRule):
         if hasattr(betas, "__array__") and not isinstance(betas, Tensor):
             betas = betas.tolist()  # a NumPy pair, as torch.optim.Adam takes
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+            raise (ValueError if isinstance(betas, (tuple, list)) else TypeError)(
+                f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
         self.hyper = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps,
                       "weight_decay": weight_decay}
         self._check_values()

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import adaptive, distributed
 from .adapt import adapt
+from .checks import invalid
 from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import (Problem, buffer_names, estimate_batch, estimate_task, learned_buffer_message,
@@ -221,8 +222,8 @@ class MetaOptimizer:
         check_generator(generator)
         if not isinstance(track_buffers, bool):
             raise TypeError(f"Invalid track_buffers: {track_buffers!r} (expected True or False)")
-        if reduction not in ("sum", "mean") or not isinstance(reduction, str):
-            raise ValueError(f"Invalid reduction: {reduction!r} (expected one of sum, mean)")
+        if not isinstance(reduction, str) or reduction not in ("sum", "mean"):
+            raise invalid("reduction", reduction, "one of sum, mean", isinstance(reduction, str))
         _check_holds(optimizer, model)
         _warn_unheld(optimizer, config.rule)
         self.process_group, self.distributed = process_group, process_group is not None

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import numbers
 import random
 import sys
 import warnings
@@ -38,6 +37,7 @@ import checkpoint_schedules as cs
 import torch
 from torch import Tensor
 
+from .checks import invalid, is_int
 from .unroll import REPLAY_DRAWS, Loop, State, StepRecord, SweepPlan, caller_level
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
@@ -622,8 +622,8 @@ def check_slots(slots) -> Optional[int]:
     """Validate the number of checkpoint slots (``None``, or an int ``>= 1``)."""
     if slots is None:
         return None
-    if isinstance(slots, bool) or not isinstance(slots, numbers.Integral) or slots < 1:
-        raise ValueError(f"Invalid slots: {slots!r} (expected None, sized by max_memory, or an int >= 1)")
+    if not is_int(slots) or slots < 1:
+        raise invalid("slots", slots, "None, sized by max_memory, or an int >= 1", is_int(slots))
     return int(slots)
 
 
@@ -631,9 +631,9 @@ def check_max_memory(max_memory) -> Optional[int]:
     """Validate the byte budget (``None`` for the default, or an int ``>= 1``)."""
     if max_memory is None:
         return None
-    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Integral) or max_memory < 1:
-        raise ValueError(f"Invalid max_memory: {max_memory!r} (expected None, the default budget, or "
-                         "an int number of bytes >= 1)")
+    if not is_int(max_memory) or max_memory < 1:
+        raise invalid("max_memory", max_memory, "None, the default budget, or an int number of bytes >= 1",
+                      is_int(max_memory))
     return int(max_memory)
 
 

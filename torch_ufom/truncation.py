@@ -14,11 +14,12 @@ survival function, the telescope weights and sampling derive from it.
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+
+from .checks import invalid, is_int, is_real
 
 __all__ = ["TruncationLaw", "Bernoulli", "Geometric", "Fixed", "Custom", "Snapshot", "check_truncation",
            "is_bernoulli", "draw_truncation", "telescope_weights"]
@@ -30,8 +31,8 @@ _SMALLEST_SURVIVAL = sys.float_info.min
 
 
 def _check_steps(steps: int) -> None:
-    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"Invalid steps: {steps!r} (expected an int >= 1)")
+    if not is_int(steps) or steps < 1:
+        raise invalid("steps", steps, "an int >= 1", is_int(steps))
 
 
 def _as_probs(values, name: str) -> List[float]:
@@ -243,8 +244,8 @@ class Geometric(_Immutable, TruncationLaw):
 
     def __init__(self, q: float, rho: float):
         object.__setattr__(self, "q", _check_q(q, "q"))
-        if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0.0 < rho < 1.0:
-            raise ValueError(f"Invalid rho: {rho!r} (expected a float in (0, 1))")
+        if not is_real(rho) or not 0.0 < rho < 1.0:
+            raise invalid("rho", rho, "a float in (0, 1)", is_real(rho))
         object.__setattr__(self, "rho", float(rho))
 
     def probs(self, steps: int) -> List[float]:
@@ -270,8 +271,8 @@ class Fixed(_Immutable, TruncationLaw):
     _fields = ("k",)
 
     def __init__(self, k: Optional[int] = None):
-        if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0):
-            raise ValueError(f"Invalid k: {k!r} (expected an int in 0..steps, or None for steps)")
+        if k is not None and (not is_int(k) or k < 0):
+            raise invalid("k", k, "an int in 0..steps, or None for steps", is_int(k))
         object.__setattr__(self, "k", None if k is None else int(k))
 
     def _k(self, steps: int) -> int:
@@ -384,8 +385,8 @@ def check_truncation(law: TruncationLaw) -> None:
 
 
 def _check_q(q, name: str) -> float:
-    if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 < q <= 1.0:
-        raise ValueError(f"Invalid {name}: {q!r} (expected a float in (0, 1])")
+    if not is_real(q) or not 0.0 < q <= 1.0:
+        raise invalid(name, q, "a float in (0, 1]", is_real(q))
     if q < _SMALLEST_SURVIVAL:
         raise ValueError(f"Invalid {name}: {q!r} (expected a float in (0, 1] at least "
                          f"{_SMALLEST_SURVIVAL!r}, so that the weight 1 / {name} is finite)")
