@@ -2942,3 +2942,49 @@ def test_porting_slips_with_batches_and_losses_are_refused_by_name():
             meta.backward(call["inner_loss"], call["outer_loss"], call["support"], call["query"])
         assert torch.equal(state, torch.get_rng_state())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_two_threads_looking_at_meta_batches_leave_automatic_garbage_collection_on(monkeypatch):
+    # Review GC F2 (session 26): the look's no-gc section read gc's switch and turned it off in two
+    # steps; a thread that read "off" (another's look inside) and turned it off after that look had
+    # turned it back on left it off for good. Replayed here in that order: thread B's turning off
+    # waits until thread A has left (where B still turns it off).
+    import gc
+    import threading
+    from torch_ufom import vectorised
+
+    b_in, a_out = threading.Event(), threading.Event()
+
+    class Switch:  # gc, but thread B's disable() waits for thread A to leave
+        def __getattr__(self, name):
+            return getattr(gc, name)
+
+        def disable(self):
+            if threading.current_thread().name == "B":
+                b_in.set()
+                a_out.wait(2.0)
+            gc.disable()
+
+    monkeypatch.setattr(vectorised, "gc", Switch())
+
+    def a():
+        with vectorised._young():
+            b.start()
+            b_in.wait(2.0)  # B has entered (or is turning gc off)
+        a_out.set()
+
+    def b_body():
+        with vectorised._young():
+            b_in.set()
+            a_out.wait(2.0)
+
+    b = threading.Thread(target=b_body, name="B")
+    assert gc.isenabled()
+    try:
+        thread_a = threading.Thread(target=a, name="A")
+        thread_a.start()
+        thread_a.join(5.0)
+        b.join(5.0)
+        assert gc.isenabled()
+    finally:
+        gc.enable()

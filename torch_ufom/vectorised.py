@@ -23,6 +23,7 @@ import functools
 import gc
 import os
 import sys
+import threading
 import types
 import weakref
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -844,17 +845,29 @@ def _aliased(tree: Any) -> Tuple[Any, Dict[int, Tensor]]:
         return pytree.tree_map(alias, tree), held
 
 
+_YOUNG_LOCK = threading.Lock()
+_YOUNG = {"depth": 0, "enabled": False}  # bodies running under _young, gc's switch before the first
+
+
 @contextlib.contextmanager
 def _young():
     """No automatic garbage collection inside: what the body makes stays in the youngest
-    generation, where :meth:`_AtenProbe.kept` collects the reference cycles among it."""
-    enabled = gc.isenabled()
-    gc.disable()
+    generation, where :meth:`_AtenProbe.kept` collects the reference cycles among it. gc's
+    switch is the process's: the first body to enter turns it off and the last to leave puts it
+    back, under a lock (review GC F2: two threads reading and turning it separately could leave
+    it off for good)."""
+    with _YOUNG_LOCK:
+        if _YOUNG["depth"] == 0:
+            _YOUNG["enabled"] = gc.isenabled()
+            gc.disable()
+        _YOUNG["depth"] += 1
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        with _YOUNG_LOCK:
+            _YOUNG["depth"] -= 1
+            if _YOUNG["depth"] == 0 and _YOUNG["enabled"]:
+                gc.enable()
 
 
 _MODULE_ENTRIES = frozenset(nn.Module().__dict__)  # what every module holds (its tables, hooks, flags)
