@@ -24,7 +24,7 @@ from .config import Settings, check_generator, check_loss, resolve
 from .estimators import SweepLog
 from .functional import restore_rng_on_error
 from .inner import InnerRule
-from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State,
+from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, one_call_at_a_time,
                      check_parametrize_cache, elementwise_rule, probe_batches)
 from .vectorised import Vectorised, attributes_kept, meta_batch_size, probe_steps, task_of
 
@@ -123,6 +123,7 @@ def _named(problem: Problem, state: State):
     return params, {n: b for (n, _), b in zip(model.named_buffers(), state.buffers)}
 
 
+@one_call_at_a_time
 def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, inner_lr=None,
           inner: Optional[InnerRule] = None, inner_params=None,
           generator: Optional[torch.Generator] = None) -> FunctionalModel:
@@ -159,6 +160,7 @@ def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, i
     return FunctionalModel(model, params, buffers)
 
 
+@one_call_at_a_time
 def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps: int,
                 inner_lr=None, inner: Optional[InnerRule] = None, inner_params=None,
                 generator: Optional[torch.Generator] = None) -> StackedFunctionalModel:

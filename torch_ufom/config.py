@@ -196,6 +196,13 @@ def check_model(model) -> nn.Module:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("Invalid model: it has no parameter with requires_grad=True, so the inner "
                          "loop has nothing to adapt")
+    names = {id(p): n for n, p in model.named_parameters()}
+    both = [(names[id(b)], n) for n, b in model.named_buffers() if id(b) in names]
+    if both:  # (review GD: swapped once as a parameter and once as a buffer, 54 % off, silently)
+        raise ValueError(f"Invalid model: its parameter {both[0][0]!r} is registered as a buffer too "
+                         f"({both[0][1]!r}); the library gives each inner step the adapted parameters "
+                         "and copies of the buffers, so the two entries would disagree (keep it a "
+                         "parameter only, and read it through the module that holds it)")
     return model
 
 
@@ -384,9 +391,13 @@ def adapted_parameters(model: nn.Module, inner_params) -> Dict[str, Tensor]:
     by_id = {id(p): n for n, p in named.items()}
     primary = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
     if isinstance(inner_params, Mapping):  # (review GA: its keys were taken, its values not read)
-        raise TypeError(f"Invalid inner_params: a {type(inner_params).__name__}, whose values would not "
-                        "be read (expected names, a predicate on the name, or the module's parameters: "
-                        "[name for name, on in inner_params.items() if on])")
+        if not all(isinstance(v, Tensor) for v in inner_params.values()):  # (flags)
+            raise TypeError(f"Invalid inner_params: a {type(inner_params).__name__} of other values than "
+                            "the parameters, which would not be read (expected names, a predicate on the "
+                            "name, the module's parameters, or a dict of them such as "
+                            "dict(model.named_parameters()); for flags: [name for name, on in "
+                            "inner_params.items() if on])")
+        inner_params = list(inner_params.values())  # (review GD: a filtered named_parameters() dict)
     if callable(inner_params) and not isinstance(inner_params, (Tensor, nn.Module)):
         chosen = {primary[n] for n in primary if _chooses(inner_params, n)}
     else:

@@ -22,7 +22,7 @@ from .config import Settings, check_generator, check_losses, resolve
 from .functional import check_params, estimate_task, resolve_hvp, restore_rng_on_error
 from .inner import InnerRule
 from .truncation import Snapshot
-from .unroll import Problem
+from .unroll import Problem, one_call_at_a_time
 
 __all__ = ["Diagnosis", "diagnose"]
 
@@ -65,6 +65,7 @@ def _sq(grads: Sequence[Optional[Tensor]]) -> float:
     return float(sum((g.detach().double() ** 2).sum() for g in grads if g is not None))
 
 
+@one_call_at_a_time
 def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
              tasks: Sequence[Tuple[Any, Any]], *, steps: int, inner_lr=None,
              inner: Optional[InnerRule] = None, memory: str = "checkpoint", slots: Optional[int] = None,

@@ -28,7 +28,7 @@ from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
-from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem,
+from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, one_call_at_a_time,
                      caller_level, elementwise_rule, held_tensors, probe_batches, reads_nothing, root_of,
                      scripted, sparse_weights, wrong_twice_message)
 from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, attributes_kept, group_by_truncation,
@@ -649,8 +649,10 @@ def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:
 
 
 def buffer_names(model: nn.Module) -> Dict[int, str]:
-    """The name of each buffer of ``model``, by the tensor's ``id``."""
-    return {id(b): n for n, b in model.named_buffers()}
+    """The name of each buffer of ``model`` that is not also one of its parameters (registered
+    as a buffer elsewhere too: review GD), by the tensor's ``id``."""
+    params = {id(p) for p in model.parameters()}
+    return {id(b): n for n, b in model.named_buffers() if id(b) not in params}
 
 
 def learned_buffer_message(name: str) -> str:
@@ -715,6 +717,7 @@ def functional_problem(caller: str, model, losses: Tuple[Callable, Callable], se
                    generator)
 
 
+@one_call_at_a_time
 def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supports: Any,
                     queries: Any, *, steps: int, inner_lr=None, mode: Optional[str] = None,
                     q: float = 0.1, memory: str = "checkpoint", slots: Optional[int] = None,
@@ -769,6 +772,7 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(problem.params, total))
 
 
+@one_call_at_a_time
 def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, support: Any,
               query: Any, *, steps: int, inner_lr=None, mode: Optional[str] = None, q: float = 0.1,
               memory: str = "checkpoint", slots: Optional[int] = None,

@@ -26,6 +26,7 @@ from .functional import (Problem, buffer_names, estimate_batch, estimate_task, l
                          resolve_hvp, sum_grads, task_aux)
 from .inner import InnerRule, PerStep, _in_range
 from .truncation import Snapshot, TruncationLaw, is_bernoulli
+from .unroll import one_call_at_a_time
 
 __all__ = ["MetaOptimizer", "MetaResult"]
 
@@ -683,6 +684,7 @@ class MetaOptimizer:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
         self._written = [(p, weakref.ref(p.grad), p.grad._version) for p in meta if p.grad is not None]
 
+    @one_call_at_a_time
     def backward(self, inner_loss: Callable, outer_loss: Callable, support: Any, query: Any,
                  *, force_truncation: Optional[int] = None) -> MetaResult:
         """Run one task and accumulate its hypergradient estimate into ``.grad``.
@@ -738,6 +740,7 @@ class MetaOptimizer:
         return MetaResult(est.outer_loss, est.inner_losses, est.truncation, est.weights, q,
                           est.forward_steps, est.reverse_steps, est.aux)
 
+    @one_call_at_a_time
     def backward_batch(self, inner_loss: Callable, outer_loss: Callable, supports: Any, queries: Any,
                        *, force_truncation=None) -> List[MetaResult]:
         """Run a meta-batch of tasks at once and accumulate the sum of their estimates.
@@ -807,6 +810,7 @@ class MetaOptimizer:
         self._tasks += len(run.truncations)
         return results
 
+    @one_call_at_a_time
     def adapt(self, inner_loss: Callable, support: Any, steps: Optional[int] = None,
               generator: Optional[torch.Generator] = None):
         """Test-time adaptation with this optimizer's inner rule and ``inner_params``:

@@ -166,6 +166,18 @@ AUTOGRAD_CALLS = frozenset({torch.autograd.grad, torch.autograd.backward, Tensor
 _PROCESS_STATE = threading.RLock()
 
 
+def one_call_at_a_time(fn):
+    """``fn`` (a public entry point) run holding :data:`_PROCESS_STATE`: a call swaps the module's
+    parameter entries and reads them while it runs, so calls on one module in several threads
+    would read one another's swapped tensors and put back the wrong ones (review GD F2: wrong
+    hypergradients on every path, and a module left holding copies of its parameters)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with _PROCESS_STATE:
+            return fn(*args, **kwargs)
+    return run
+
+
 @functools.lru_cache(maxsize=None)
 def generator_position(func) -> int:
     """Where an ATen operation takes its ``generator`` argument (-1: it takes none)."""
@@ -835,6 +847,8 @@ class PerTask:
         # about 30 us of a fom call on the sinusoid MLP)
         if loss.grad_fn is not None and loop.outer_loss is not loop.inner_loss:
             loop.check_outer_graph(loss, params)
+        else:  # (the query may carry a graph made before the call that the support does not: GD F1)
+            loop.retains(loss, params)
         if not loop.carried_checked:
             loop.check_carried(loss, params, outer=True)
         elif loop.watch_leaves and (loop.kept_leaves or PROBED):
@@ -1876,8 +1890,17 @@ def _vjp(outputs, inputs, cotangents, retain_graph: bool = False):
     if not pairs:
         return [None] * len(inputs)
     live = [i for i, t in enumerate(inputs) if t.requires_grad]
-    got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in live],
-                              [c for _, c in pairs], allow_unused=True, retain_graph=retain_graph)
+    try:
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in live],
+                                  [c for _, c in pairs], allow_unused=True, retain_graph=retain_graph)
+    except RuntimeError as err:
+        if retain_graph or "backward through the graph a second time" not in str(err):
+            raise
+        raise RuntimeError(
+            f"{err} [torch_ufom: a loss reads a tensor computed with its graph before the call (w = "
+            "softplus(raw) outside the loss) at some inner steps but not at the first, where the "
+            "library looks for such graphs to keep them (review GD F4): compute it inside the "
+            "losses, or read it at every step]") from err
     out: List[Optional[Tensor]] = [None] * len(inputs)
     for i, g in zip(live, got):
         out[i] = g
