@@ -3110,3 +3110,91 @@ def test_a_graph_made_before_the_call_read_from_a_later_step_only_gets_a_message
     with pytest.raises(RuntimeError, match=r"at some inner steps but not at the first"):
         torch_ufom.hypergrad(model, loss, mse, (xs[0], ys[0]), (xs[0], ys[0]), steps=3, inner_lr=0.1,
                              mode="exact", memory="recompute", params=list(model.parameters()) + [raw])
+
+
+def test_the_adapted_model_run_in_one_thread_while_a_call_runs_in_another_takes_turns():
+    # Review GE F1 (session 26): the FunctionalModel adapt returns swapped the module's entries outside
+    # the process lock, so run in one thread while hypergrad ran on the module in another it put back
+    # the other's swapped tensors: 1-18 of 30 results wrong (0.24-1.0 relative), a false "no parameter
+    # with requires_grad", and the module left holding adapted, detached weights.
+    import sys
+    import threading
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    own = dict(model.named_parameters())
+    xs, ys = _regression_tasks()
+    batch = (xs[0], ys[0])
+    adapted = torch_ufom.adapt(model, mse, batch, steps=2, inner_lr=0.1)
+    seen = adapted(xs[1]).detach()
+
+    def call():
+        out = torch_ufom.hypergrad(model, mse, mse, batch, batch, steps=2, inner_lr=0.1, mode="exact")
+        return torch.cat([t.reshape(-1) for t in out])
+
+    want, got, outputs, failed, done = call(), [], [], [], threading.Event()
+
+    def run_adapted():
+        while not done.is_set():
+            outputs.append(adapted(xs[1]).detach())
+
+    def run_calls():
+        try:
+            for _ in range(30):
+                got.append(call())
+        except Exception as err:  # noqa: BLE001 (asserted below)
+            failed.append(err)
+        finally:
+            done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run_adapted), threading.Thread(target=run_calls)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failed and len(got) == 30 and all(torch.equal(g, want) for g in got)
+    assert all(torch.equal(o, seen) for o in outputs)
+    assert all(p is own[n] for n, p in model.named_parameters())
+
+
+def test_a_process_forked_while_another_thread_is_inside_a_call_can_call_the_library():
+    # Review GE F2 (session 26): the child inherited the process lock held by a thread it does not
+    # have, and its first call waited forever.
+    import multiprocessing
+    import threading
+    from torch_ufom import unroll
+    model = nn.Linear(3, 1).double()
+    xs, ys = _regression_tasks()
+    want = _adapt_in_child(model, (xs[0], ys[0]))
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with unroll._PROCESS_STATE:  # (a call in progress in another thread)
+            inside.set()
+            leave.wait(60.0)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    inside.wait(5.0)
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.apply_async(_adapt_in_child, (model, (xs[0], ys[0]))).get(timeout=20) == want
+    finally:
+        leave.set()
+        holder.join()
+
+
+def _adapt_in_child(model, batch):
+    return float(torch_ufom.adapt(model, mse, batch, steps=2, inner_lr=0.1)(batch[0]).sum())
+
+
+def test_inner_params_as_a_dict_whose_names_are_not_its_parameters_is_refused():
+    # Review GE F4 (session 26): {"2.weight": model[0].weight} adapted 0.weight, its key unread.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    with pytest.raises(ValueError, match=r"Invalid inner_params\['2.weight'\]: not the model's parameter"):
+        torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2,
+                                 inner_params={"2.weight": model[0].weight})

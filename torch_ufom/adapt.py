@@ -54,6 +54,7 @@ class StackedFunctionalModel:
         self.module, self.params, self.buffers, self.size = module, params, buffers, size
         self.vectorised = vectorised
 
+    @one_call_at_a_time  # (it reads and swaps the module's entries: review GE F1)
     def __call__(self, *args, **kwargs):
         # (a forward hook, of the module's or global, may keep what it sees: feature extraction
         # stored tensors of vmap's, review FF; the look at the adaptation ran before it existed)

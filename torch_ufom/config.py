@@ -397,6 +397,12 @@ def adapted_parameters(model: nn.Module, inner_params) -> Dict[str, Tensor]:
                             "name, the module's parameters, or a dict of them such as "
                             "dict(model.named_parameters()); for flags: [name for name, on in "
                             "inner_params.items() if on])")
+        named_all = dict(model.named_parameters(remove_duplicate=False))
+        wrong = [k for k, v in inner_params.items() if named_all.get(k) is not v]
+        if wrong:  # (review GE F4: {"2.weight": model[0].weight} adapted 0.weight, silently)
+            raise ValueError(f"Invalid inner_params[{wrong[0]!r}]: not the model's parameter of that name "
+                             "(expected a dict of the model's parameters by their names, such as "
+                             "dict(model.named_parameters()) filtered)")
         inner_params = list(inner_params.values())  # (review GD: a filtered named_parameters() dict)
     if callable(inner_params) and not isinstance(inner_params, (Tensor, nn.Module)):
         chosen = {primary[n] for n in primary if _chooses(inner_params, n)}

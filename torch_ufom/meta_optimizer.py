@@ -203,6 +203,7 @@ class MetaOptimizer:
         >>> meta.step()
     """
 
+    @one_call_at_a_time  # (it reads the module's entries, which another thread's call swaps)
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, inner_lr=None, *,
                  steps: int, mode: Optional[str] = None, q: Union[float, str] = 0.1,
                  memory: str = "checkpoint",
@@ -332,6 +333,7 @@ class MetaOptimizer:
         if self.distributed:  # a copy watches its own parameters' accumulators
             self._watch_accumulation(self.meta_parameters())
 
+    @one_call_at_a_time
     def reconfigure(self, **changes) -> None:
         """Change the configuration between outer steps, keeping every other state.
 

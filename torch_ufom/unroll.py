@@ -166,6 +166,17 @@ AUTOGRAD_CALLS = frozenset({torch.autograd.grad, torch.autograd.backward, Tensor
 _PROCESS_STATE = threading.RLock()
 
 
+def _new_locks_after_fork() -> None:
+    """A child forked while another thread held a lock inherits it held, by a thread it does
+    not have: its first call would wait forever (review GE F2). The child gets new locks."""
+    global _PROCESS_STATE, _PROBED_LOCK
+    _PROCESS_STATE, _PROBED_LOCK = threading.RLock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_after_fork)
+
+
 def one_call_at_a_time(fn):
     """``fn`` (a public entry point) run holding :data:`_PROCESS_STATE`: a call swaps the module's
     parameter entries and reads them while it runs, so calls on one module in several threads
@@ -353,34 +364,37 @@ class FunctionalModel:
         self.swap = swap
 
     def __call__(self, *args, **kwargs):
-        swap = self._module_swap() if self.swap is ... else self.swap
-        if swap is None:
-            check_parametrize_cache(self.module)
-            if not self.buffers:
-                return functional_call(self.module, (self.params, self.buffers), args, kwargs)
-            # functional_call puts the module's own buffers back before it returns: read the
-            # replaced ones from inside the call, after the forward.
-            slots = [(sub._buffers, key, f"{prefix}.{key}" if prefix else key)
-                     for prefix, sub in self.module.named_modules(remove_duplicate=False)
-                     for key in sub._buffers]
-            given = dict(self.buffers)
-            handle = self.module.register_forward_hook(lambda *_: self._read_back(slots, given))
+        # (under the process lock: a call of the library on this module in another thread swaps
+        # its entries too, and each would put back what the other swapped in: review GE F1)
+        with _PROCESS_STATE:
+            swap = self._module_swap() if self.swap is ... else self.swap
+            if swap is None:
+                check_parametrize_cache(self.module)
+                if not self.buffers:
+                    return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+                # functional_call puts the module's own buffers back before it returns: read the
+                # replaced ones from inside the call, after the forward.
+                slots = [(sub._buffers, key, f"{prefix}.{key}" if prefix else key)
+                         for prefix, sub in self.module.named_modules(remove_duplicate=False)
+                         for key in sub._buffers]
+                given = dict(self.buffers)
+                handle = self.module.register_forward_hook(lambda *_: self._read_back(slots, given))
+                try:
+                    return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+                finally:
+                    handle.remove()
+            if swap.parametrized:
+                check_parametrize_cache(self.module)
+            given = dict(self.buffers) if self.buffers else None
+            saved = swap.put(self.params, self.buffers)
             try:
-                return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+                return self.module(*args, **kwargs)
             finally:
-                handle.remove()
-        if swap.parametrized:
-            check_parametrize_cache(self.module)
-        given = dict(self.buffers) if self.buffers else None
-        saved = swap.put(self.params, self.buffers)
-        try:
-            return self.module(*args, **kwargs)
-        finally:
-            try:
-                if given:
-                    self._read_back(swap.slots, given)
-            finally:
-                swap.restore(saved)
+                try:
+                    if given:
+                        self._read_back(swap.slots, given)
+                finally:
+                    swap.restore(saved)
 
     def _read_back(self, slots, given: Dict[str, Tensor]) -> None:
         """Take as this call's buffers those the forward replaced (``self.rm = a * self.rm
@@ -843,11 +857,11 @@ class PerTask:
         """One task's outer loss, aux and gradient (:meth:`Evaluator.outer`)."""
         out = loop.outer_loss(loop.fmodel(params, state.buffers), loop.query)
         loss, aux = loss_and_aux(out, "outer_loss")
-        # (an outer loss that is the inner loss, whose first step was looked at: one walk less,
-        # about 30 us of a fom call on the sinusoid MLP)
+        # (an outer loss that is the inner loss, whose first step was looked at for checkpointed
+        # parts: only the cheap look for graphs made before the call, which the query may carry)
         if loss.grad_fn is not None and loop.outer_loss is not loop.inner_loss:
             loop.check_outer_graph(loss, params)
-        else:  # (the query may carry a graph made before the call that the support does not: GD F1)
+        else:  # (review GD F1)
             loop.retains(loss, params)
         if not loop.carried_checked:
             loop.check_carried(loss, params, outer=True)

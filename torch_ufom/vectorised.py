@@ -849,6 +849,21 @@ _YOUNG_LOCK = threading.Lock()
 _YOUNG = {"depth": 0, "enabled": False}  # bodies running under _young, gc's switch before the first
 
 
+def _young_after_fork() -> None:
+    """A child forked while another thread ran a :func:`_young` body: a new lock, and gc's
+    switch as it was before that body (the thread that would put it back is not there)."""
+    global _YOUNG_LOCK
+    _YOUNG_LOCK = threading.Lock()
+    if _YOUNG["depth"]:
+        _YOUNG["depth"] = 0
+        if _YOUNG["enabled"]:
+            gc.enable()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_young_after_fork)
+
+
 @contextlib.contextmanager
 def _young():
     """No automatic garbage collection inside: what the body makes stays in the youngest
