@@ -3198,3 +3198,29 @@ def test_inner_params_as_a_dict_whose_names_are_not_its_parameters_is_refused():
     with pytest.raises(ValueError, match=r"Invalid inner_params\['2.weight'\]: not the model's parameter"):
         torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2,
                                  inner_params={"2.weight": model[0].weight})
+
+
+def test_a_loss_that_runs_its_model_in_a_worker_thread_does_not_wait_forever():
+    # Review GF F1 (session 26): with every model's forward under the process lock (777f352), a loss that
+    # handed its own model's call to a worker thread (a ThreadPoolExecutor) waited forever: the call
+    # holds the lock. The loop's own models take it no more (the models adapt returns still do).
+    import concurrent.futures
+    import threading
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    xs, ys = _regression_tasks()
+    batch = (xs[0], ys[0])
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def loss(f, b):
+        return ((pool.submit(f, b[0]).result() - b[1]) ** 2).mean()
+
+    out = []
+    caller = threading.Thread(target=lambda: out.append(torch_ufom.hypergrad(
+        model, loss, loss, batch, batch, steps=2, inner_lr=0.1, mode="exact")), daemon=True)
+    caller.start()
+    caller.join(60.0)
+    pool.shutdown(wait=False)
+    assert out, "the call did not return"
+    want = brute_force(model, mse, mse, lambda j: batch, batch, 2, 0.1, list(model.parameters()), k=2)
+    assert rel_err(out[0], want) < 1e-10

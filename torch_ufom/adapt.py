@@ -83,7 +83,7 @@ class StackedFunctionalModel:
         if not -self.size <= i < self.size:
             raise IndexError(f"Invalid i: {i} (expected a task index in {-self.size}..{self.size - 1})")
         return FunctionalModel(self.module, {n: t[i] for n, t in self.params.items()},
-                               {n: t[i] for n, t in self.buffers.items()})
+                               {n: t[i] for n, t in self.buffers.items()}, serialised=True)
 
 
 def _problem(model, inner_loss, settings: Settings, generator) -> Problem:
@@ -158,7 +158,7 @@ def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, i
     with restore_rng_on_error(generator), torch.no_grad():
         state = _run(problem, PerTask(), support)
     params, buffers = _named(problem, state)
-    return FunctionalModel(model, params, buffers)
+    return FunctionalModel(model, params, buffers, serialised=True)
 
 
 @one_call_at_a_time

@@ -164,6 +164,7 @@ AUTOGRAD_CALLS = frozenset({torch.autograd.grad, torch.autograd.backward, Tensor
 # attention flags. Sweeps in several threads would reseed each other's streams and leave the
 # flags as another one found them, so they take turns (reentrant: a loss may call the library).
 _PROCESS_STATE = threading.RLock()
+_UNLOCKED = contextlib.nullcontext()
 
 
 def _new_locks_after_fork() -> None:
@@ -354,19 +355,23 @@ class FunctionalModel:
         buffers: buffer name to tensor, likewise.
         swap: the :class:`Reparametrization` to use, ``None`` for
             ``functional_call``, or ``...`` (default) to compute it at each call.
+        serialised: each call holds the process lock (:func:`one_call_at_a_time`): the models
+            ``adapt`` returns, which the user may run in one thread while a library call on the
+            same module runs in another (each would put back what the other swapped in: review
+            GE F1). The loop's own models run inside a call that holds it, and a loss may hand
+            them to a worker thread (review GF F1: locked, that waited forever).
     """
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
-                 swap: Any = ...):
+                 swap: Any = ..., serialised: bool = False):
         self.module = module
         self.params = params
         self.buffers = buffers
         self.swap = swap
+        self.serialised = serialised
 
     def __call__(self, *args, **kwargs):
-        # (under the process lock: a call of the library on this module in another thread swaps
-        # its entries too, and each would put back what the other swapped in: review GE F1)
-        with _PROCESS_STATE:
+        with _PROCESS_STATE if self.serialised else _UNLOCKED:
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
                 check_parametrize_cache(self.module)

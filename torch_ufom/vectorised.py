@@ -879,8 +879,8 @@ def _young():
     try:
         yield
     finally:
-        with _YOUNG_LOCK:
-            _YOUNG["depth"] -= 1
+        with _YOUNG_LOCK:  # (at least 0: a child forked inside a body, which goes on, was reset)
+            _YOUNG["depth"] = max(0, _YOUNG["depth"] - 1)
             if _YOUNG["depth"] == 0 and _YOUNG["enabled"]:
                 gc.enable()
 
