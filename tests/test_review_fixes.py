@@ -2996,8 +2996,6 @@ def test_calls_on_one_model_from_several_threads_take_turns(vectorise):
     # threads read one another's swapped parameter entries and put back the wrong ones: 2-65 of 90
     # results wrong (relative errors 0.15-2.3), vmap errors, and after vectorised calls the module held
     # plain copies of its parameters (an optimizer's steps then changed nothing it computes).
-    import sys
-    import threading
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     own = dict(model.named_parameters())
@@ -3021,18 +3019,9 @@ def test_calls_on_one_model_from_several_threads_take_turns(vectorise):
             except Exception as err:  # noqa: BLE001 (collected, asserted below)
                 failed.append(err)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            threads = [threading.Thread(target=worker) for _ in range(3)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _run_switching_often([worker] * 3)
     assert not failed and len(got) == 60
     assert all(torch.equal(g, want) for g in got)
     assert all(p is own[n] for n, p in model.named_parameters())
@@ -3117,7 +3106,6 @@ def test_the_adapted_model_run_in_one_thread_while_a_call_runs_in_another_takes_
     # the process lock, so run in one thread while hypergrad ran on the module in another it put back
     # the other's swapped tensors: 1-18 of 30 results wrong (0.24-1.0 relative), a false "no parameter
     # with requires_grad", and the module left holding adapted, detached weights.
-    import sys
     import threading
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
@@ -3146,16 +3134,7 @@ def test_the_adapted_model_run_in_one_thread_while_a_call_runs_in_another_takes_
         finally:
             done.set()
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=run_adapted), threading.Thread(target=run_calls)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    _run_switching_often([run_adapted, run_calls])
     assert not failed and len(got) == 30 and all(torch.equal(g, want) for g in got)
     assert all(torch.equal(o, seen) for o in outputs)
     assert all(p is own[n] for n, p in model.named_parameters())
@@ -3224,3 +3203,20 @@ def test_a_loss_that_runs_its_model_in_a_worker_thread_does_not_wait_forever():
     assert out, "the call did not return"
     want = brute_force(model, mse, mse, lambda j: batch, batch, 2, 0.1, list(model.parameters()), k=2)
     assert rel_err(out[0], want) < 1e-10
+
+
+def _run_switching_often(targets):
+    """Each of ``targets`` in a thread of its own, the interpreter switching threads every
+    microsecond (so that interleavings that are rare otherwise happen), until all return."""
+    import sys
+    import threading
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=t) for t in targets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
