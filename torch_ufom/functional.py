@@ -649,10 +649,10 @@ def sum_grads(run: BatchRun, count: int) -> List[Optional[Tensor]]:
 
 
 def buffer_names(model: nn.Module) -> Dict[int, str]:
-    """The name of each buffer of ``model`` that is not also one of its parameters (registered
-    as a buffer elsewhere too: review GD), by the tensor's ``id``."""
-    params = {id(p) for p in model.parameters()}
-    return {id(b): n for n, b in model.named_buffers() if id(b) not in params}
+    """The name of each buffer of ``model``, by the tensor's ``id`` (none is also a parameter:
+    :func:`~torch_ufom.config.check_model`, which every caller's ``resolve`` ran first, refuses
+    such a model)."""
+    return {id(b): n for n, b in model.named_buffers()}
 
 
 def learned_buffer_message(name: str) -> str:
