@@ -59,6 +59,25 @@ def test_enumerating_each_law_gives_G_r(problem, law, memory):
     assert rel_err(mean, G[STEPS]) < 1e-10
 
 
+
+def test_a_law_summing_above_one_within_the_tolerance_weighs_what_it_draws(problem):
+    """``Custom`` of float32 probabilities that sum to 1 + 3e-8 with ``P(K = 0) = 0`` (review HC
+    F1): ``P(K >= 1)`` read as 1 + 3e-8 weighted draws that are never 0 by its reciprocal, so
+    the estimate's expectation was 1e-7 off ``G_r``. Both now read it as 1: enumerated with the
+    probabilities the draws follow (the survival function's differences), the estimate is
+    ``G_r``."""
+    law = Custom(torch.tensor([0.0, 0.3, 0.3, 0.2, 0.1, 0.1], dtype=torch.float32))
+    assert sum(law.probs(STEPS)) > 1.0
+    survival = law.survival(STEPS)
+    assert survival[1] == 1.0 and max(survival) == 1.0
+    G = problem[-1]
+    at = g_of(problem, truncation=law)
+    mean = [torch.zeros_like(g) for g in G[0]]
+    for K in range(1, STEPS + 1):
+        g, _ = at(K)
+        mean = [m + (survival[K] - survival[K + 1]) * gi for m, gi in zip(mean, g)]
+    assert rel_err(mean, G[STEPS]) < 1e-12
+
 @pytest.mark.parametrize("k", range(STEPS + 1))
 def test_fixed_truncation_is_G_k(problem, k):
     G = problem[-1]

@@ -93,11 +93,15 @@ class TruncationLaw:
         return False
 
     def survival(self, steps: int) -> List[float]:
-        """Return ``[P(K >= 0), ..., P(K >= steps), 0.0]`` (length ``steps + 2``)."""
+        """Return ``[P(K >= 0), ..., P(K >= steps), 0.0]`` (length ``steps + 2``).
+
+        ``P(K >= 0)`` is 1, and a tail sum above 1 (``probs`` summing to 1 only within
+        :meth:`validate`'s tolerance: ``Custom([0, 0.3, 0.3, 0.4])`` in float32) is read
+        as 1, as :meth:`sample` then draws it: the weights follow the draws."""
         p = self.probs(steps)
         tail = [0.0] * (steps + 2)
         for k in range(steps, -1, -1):
-            tail[k] = tail[k + 1] + p[k]
+            tail[k] = min(tail[k + 1] + p[k], 1.0)
         tail[0] = 1.0
         return tail
 
