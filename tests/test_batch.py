@@ -309,6 +309,87 @@ def test_auto_counts_the_adapted_parameters(inner_params, vectorised):
     assert rel_err(grads(meta), want) < 1e-9
 
 
+
+def _tasks(data, n, per_step):
+    """``n`` stacked tasks of a problem's data: one support batch, or one per step."""
+    if per_step:
+        return torch_ufom.StepBatches([stacked(data, j, n) for j in range(STEPS)]), stacked(data, 12, n)
+    return stacked(data, 0, n), stacked(data, 12, n)
+
+
+FEW = ("vectorising groups of fewer than {} first-order or {} exact tasks (those that drew the same K){} "
+       "does not pay on CPU (vectorise='auto'; vectorise=True forces vmap)")
+
+
+def few_tasks(per_step):
+    """The reason "auto" gives for running a small group of tasks per task."""
+    from torch_ufom.vectorised import FEWEST_TASKS_ON_CPU as fewest
+    return FEW.format(fewest[False, per_step], fewest[True, per_step], " with per-step batches" * per_step)
+
+
+@pytest.mark.fewest_tasks
+@pytest.mark.parametrize("mode", ["fom", "exact"])
+@pytest.mark.parametrize("per_step", [False, True])
+def test_auto_runs_a_meta_batch_too_small_to_pay_per_task_on_cpu_without_the_look(per_step, mode):
+    """Below ``FEWEST_TASKS_ON_CPU`` tasks vmap's own cost per step is not paid back (review GC
+    F1: with per-step batches the look runs at every step's batch, and a meta-batch of 8 was
+    1.2-1.4x the loop): "auto" runs the per-task loop by choice (no warning), says why, runs
+    the losses as often as the loop (no look) and gives the loop's result; from that many
+    tasks on it vectorises."""
+    from torch_ufom.vectorised import FEWEST_TASKS_ON_CPU
+    model, loss, data = mlp_problem(4)
+    fewest = FEWEST_TASKS_ON_CPU[mode == "exact", per_step]
+    calls = []
+
+    def counted(f, b):
+        calls.append(1)
+        return loss(f, b)
+
+    def run(n, vectorise):
+        meta = meta_opt(model, 0.3, mode=mode, vectorise=vectorise)
+        meta.zero_grad()  # (the runs share the model's .grad)
+        calls.clear()
+        with no_fallback():
+            out = meta.backward_batch(counted, loss, *_tasks(data, n, per_step))
+        return out, len(calls), grads(meta)
+
+    (out, n_auto, got), (_, n_loop, want) = run(fewest - 1, "auto"), run(fewest - 1, False)
+    assert {r.batch_path for r in out} == {"per-task loop: " + few_tasks(per_step)}
+    assert n_auto == n_loop
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    out, _, _ = run(fewest, "auto")
+    assert_vectorised(out)
+
+
+@pytest.mark.fewest_tasks
+@pytest.mark.parametrize("exact_tasks", [2, 3])
+@pytest.mark.parametrize("entry", ["backward_batch", "hypergrad_batch"])
+def test_auto_vectorises_the_large_groups_and_runs_the_small_ones_per_task(entry, exact_tasks):
+    """ufom's usual meta-batch: many tasks draw K = 0, a few an exact sweep. Under "auto" on a
+    CPU the first-order group runs vectorised, and beside it a group of
+    ``FEWEST_TASKS_BESIDE_ON_CPU`` tasks or more (here those that drew ``K = STEPS``), the
+    smaller ones (the task that drew ``K = 2``) one by one, each result labelled with its
+    path; the sum equals the float64 oracle."""
+    from torch_ufom.vectorised import FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU
+    assert FEWEST_TASKS_BESIDE_ON_CPU == 3
+    model, loss, data = mlp_problem(6)
+    forced = [0] * FEWEST_TASKS_ON_CPU[False, False] + [STEPS] * exact_tasks + [2]
+    supports, queries = stacked(data, 0, len(forced)), stacked(data, 10, len(forced))
+    with no_fallback():
+        if entry == "hypergrad_batch":
+            got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=STEPS, inner_lr=0.3,
+                                             truncation=LAW, force_truncation=forced)
+        else:
+            meta = meta_opt(model, 0.3, vectorise="auto", truncation=LAW)
+            out = meta.backward_batch(loss, loss, supports, queries, force_truncation=forced)
+            alone = ("per-task loop: vectorising a group of fewer than 3 tasks beside a larger one does not "
+                     "pay on CPU (vectorise='auto'; vectorise=True forces vmap)")
+            assert [r.batch_path for r in out] == ["vectorised" if K == 0 or K == STEPS and exact_tasks == 3
+                                                   else alone for K in forced]
+            assert [r.truncation for r in out] == forced
+            got = grads(meta)
+    assert rel_err(got, oracle_sum(model, loss, data, forced)) < 1e-9
+
 def test_every_call_probes_once():
     """Each call runs the losses once more than the vectorised sweep needs: the probe
     (what it finds may change between calls with the module)."""

@@ -29,11 +29,11 @@ from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
 from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, one_call_at_a_time,
-                     caller_level, elementwise_rule, held_tensors, probe_batches, reads_nothing, root_of,
-                     scripted, sparse_weights, wrong_twice_message)
-from .vectorised import (SLOW_ON_CPU_ELEMENTS, Vectorised, attributes_kept, group_by_truncation,
-                         meta_batch_size, probe_steps, reads_meta_directly, runs_optimised_script,
-                         select_tasks, task_of)
+                     caller_level, elementwise_rule, held_tensors, per_step_batches, probe_batches,
+                     reads_nothing, root_of, scripted, sparse_weights, wrong_twice_message)
+from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, Vectorised,
+                         attributes_kept, group_by_truncation, meta_batch_size, probe_steps,
+                         reads_meta_directly, runs_optimised_script, select_tasks, task_of)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
            "Problem", "SlowOps", "resolve_hvp"]
@@ -218,8 +218,12 @@ class BatchRun:
             where it failed.
         batched_groups: how many of ``groups``, from the first, ran under
             ``vmap`` (their losses carry a task dimension): all when
-            ``vectorised``; after an error under ``vmap``, those that had
-            finished, the other tasks then running one by one.
+            ``vectorised``, but for the groups too small to pay (``alone``);
+            after an error under ``vmap``, those that had finished, the other
+            tasks then running one by one.
+        alone: in a vectorised run, why the tasks after the batched groups ran
+            one by one (``vectorise="auto"`` on a CPU: their group of tasks that
+            drew the same ``K`` was too small to pay); ``""`` when none did.
     """
 
     groups: List[Tuple[List[int], Estimate, float]]
@@ -229,6 +233,7 @@ class BatchRun:
     fallback: bool = False
     slow_ops: Optional["SlowOps"] = None
     batched_groups: int = 0
+    alone: str = ""
 
 
 class SlowOps(NamedTuple):
@@ -278,6 +283,8 @@ class Plan(NamedTuple):
     fallback: bool  # the loop runs although vmap was asked for (the entry points warn)
     slow_ops: Optional[SlowOps]  # what the probe found for these losses and device
     unread: frozenset = frozenset()  # adapted parameters the inner loss never reads (vectorised)
+    alone: frozenset = frozenset()  # the K whose groups run per task, too small to pay (auto, CPU)
+    alone_reason: str = ""
 
 
 def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
@@ -297,7 +304,11 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     loss whose output has that many elements. There the vectorised forms
     (B stacked parameter copies out of the cache, a grouped convolution,
     ``batch_norm`` decomposed into elementwise operations) cost more than the
-    per-task loop (:mod:`torch_ufom.vectorised` gives the measurements). It
+    per-task loop (:mod:`torch_ufom.vectorised` gives the measurements); and
+    on a CPU a group of tasks that drew the same ``K`` smaller than
+    ``FEWEST_TASKS_ON_CPU`` runs per task (vmap's own cost per step is not
+    paid back; when every group is that small, the loop runs without the
+    look). It
     counts the parameters and looks at the operations (the probe below) on
     every call; ``known`` (a previous call's ``BatchRun.slow_ops``) says where
     ``vmap`` failed for the same losses, device and submodules. ``True`` vectorises
@@ -318,14 +329,18 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     forced = check_force_truncation(force, size, problem.config.steps)
     with restore_rng_on_error(problem.generator):
         truncations, seeds = _draws(problem, size, forced)
-        plan = vectorised_plan(problem, supports, queries, diagnostics, known,
-                               exact=any(K > 0 for K in truncations))
+        plan = vectorised_plan(problem, supports, queries, diagnostics, known, truncations)
         reason, fallback, slow_ops = plan.reason, plan.fallback, plan.slow_ops
         done: List[Tuple[List[int], Estimate, float]] = []  # the groups that ran vectorised
+        alone = ""
         if plan.problem is not None:
             try:
-                _run_groups(plan.problem, supports, queries, truncations, seeds, done, plan.unread)
-                return BatchRun(done, True, reason, truncations, False, slow_ops, len(done))
+                _run_groups(plan.problem, supports, queries, truncations, seeds, done, plan.unread,
+                            plan.alone)
+                batched = len(done)
+                if not plan.alone:
+                    return BatchRun(done, True, reason, truncations, False, slow_ops, batched)
+                alone = plan.alone_reason
             except FloatingPointError:
                 raise  # a non-finite loss or hypergradient: the loop would find it again
             except Exception as err:  # noqa: BLE001
@@ -359,16 +374,20 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
                     err.add_note(f"(raised by task {i} of the meta-batch of {size}, run per task)")
                 raise
             groups.append(([i], est, time.perf_counter() - start))
+        if alone:  # the groups too small to pay ran per task, by choice
+            return BatchRun(groups, True, reason, truncations, False, slow_ops, batched, alone)
         return BatchRun(groups, False, reason, truncations, fallback, slow_ops, len(done))
 
 
 def _run_groups(problem: Problem, supports, queries, truncations, seeds, done: list,
-                unread: frozenset = frozenset()) -> None:
-    """One vectorised sweep per drawn ``K``, each appended to ``done`` as it finishes
-    (``unread``: the adapted parameters the inner loss never reads, as the probe found).
-    What the forwards store in the module's attributes (``self.last = h``, tensors of
-    ``vmap``'s) is put back after each."""
+                unread: frozenset = frozenset(), alone: frozenset = frozenset()) -> None:
+    """One vectorised sweep per drawn ``K`` but those in ``alone``, each appended to
+    ``done`` as it finishes (``unread``: the adapted parameters the inner loss never
+    reads, as the probe found). What the forwards store in the module's attributes
+    (``self.last = h``, tensors of ``vmap``'s) is put back after each."""
     for k, index in group_by_truncation(truncations).items():
+        if k in alone:
+            continue
         start = time.perf_counter()
         tasks = (select_tasks(supports, index), select_tasks(queries, index))
         try:
@@ -379,6 +398,22 @@ def _run_groups(problem: Problem, supports, queries, truncations, seeds, done: l
                          "together: the values listed are theirs, in that order)")
             raise
         done.append((index, est, time.perf_counter() - start))
+
+
+def too_few_to_pay(groups: Dict[int, List[int]], per_step: bool) -> Tuple[frozenset, str]:
+    """The ``K`` of the groups of tasks (:func:`group_by_truncation`) too small to pay
+    vectorised on a CPU, and why: every ``K`` when no group has
+    ``FEWEST_TASKS_ON_CPU`` tasks (vmap's cost per step and the look, at every step's batch
+    with ``per_step`` batches); else those beside it with fewer than
+    ``FEWEST_TASKS_BESIDE_ON_CPU`` (the look is paid)."""
+    if all(len(index) < FEWEST_TASKS_ON_CPU[k > 0, per_step] for k, index in groups.items()):
+        first, then = FEWEST_TASKS_ON_CPU[False, per_step], FEWEST_TASKS_ON_CPU[True, per_step]
+        per = " with per-step batches" * per_step
+        return frozenset(groups), _slow([f"groups of fewer than {first} first-order or {then} exact tasks "
+                                         f"(those that drew the same K){per}"])
+    fewest = {x: min(FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU[x, per_step]) for x in (False, True)}
+    return (frozenset(k for k, index in groups.items() if len(index) < fewest[k > 0]),
+            _slow([f"a group of fewer than {FEWEST_TASKS_BESIDE_ON_CPU} tasks beside a larger one"]))
 
 
 def _name_list(names: Sequence[str]) -> str:
@@ -395,11 +430,11 @@ def _wrong(what: Sequence[str]) -> str:
 
 
 def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: bool,
-                    known: Optional[SlowOps] = None, exact: Optional[bool] = None) -> Plan:
+                    known: Optional[SlowOps] = None, truncations: Optional[Sequence[int]] = None) -> Plan:
     """Whether and how the meta-batch runs under ``vmap`` (see :func:`estimate_batch`).
     A model whose normalisation layers ``vmap`` differentiates twice wrongly gets
-    forward-over-reverse HVPs instead, where they apply. ``exact``: whether some
-    task drew an exact sweep (``K > 0``); by default, whether the law can draw one."""
+    forward-over-reverse HVPs instead, where they apply. ``truncations``: every
+    task's ``K`` as drawn (by default, the plan is for any ``K`` the law can draw)."""
     choice = problem.config.vectorise
     if choice is False:
         return Plan(None, "vectorise=False", False, known)
@@ -420,11 +455,18 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         size = sum(named[n].numel() for n in problem.config.adapted)
         if size >= SLOW_ON_CPU_ELEMENTS:
             return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
+    exact = problem.law.survival(problem.config.steps)[1] > 0.0  # whether some task may run one
+    alone, alone_reason = frozenset(), ""
+    if truncations is not None:
+        groups = group_by_truncation(truncations)
+        if auto:
+            alone, alone_reason = too_few_to_pay(groups, per_step_batches(supports))
+            if len(alone) == len(groups):
+                return Plan(None, alone_reason, False, known)
+        exact = any(k > 0 for k in groups if k not in alone)
     modules = tuple(problem.model.modules())
     if known is not None and not known.applies(problem.inner_loss, problem.outer_loss, device, modules):
         known = None  # other losses, device or submodules: where vmap failed no longer applies
-    if exact is None:  # whether some task runs an exact sweep: from the draws where known
-        exact = problem.law.survival(problem.config.steps)[1] > 0.0
     if known is not None and (known.failed or (exact and known.failed_exact)):
         return Plan(None, known.failed or known.failed_exact, True, known)
     hooked = [n or "the model itself" for n, m in problem.model.named_modules()
@@ -500,7 +542,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         if not found.attention_dropout:  # (per task, torch.func draws other attention masks)
             check_fwdrev_agrees(problem, task_of(supports, 0))
     if not exact or problem.hvp == "fwdrev" or not found.norms:
-        return Plan(problem, "", False, known, found.unread)
+        return Plan(problem, "", False, known, found.unread, alone, alone_reason)
     norms = ", ".join(sorted(found.norms))
     # (buffers the losses do not write, a positional encoding or a causal mask, are constants)
     why = fwdrev_obstacle(problem.model, problem.config, problem.params, constant_buffers=not found.written) \
@@ -518,7 +560,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
                     f"(pytorch/functorch#534) and forward-over-reverse, which would replace it, {why}",
                     True, known)
     return Plan(problem._replace(hvp="fwdrev"), "forward-over-reverse HVPs: vmap differentiates "
-                f"{norms} twice wrongly (pytorch/functorch#534)", False, known, found.unread)
+                f"{norms} twice wrongly (pytorch/functorch#534)", False, known, found.unread, alone,
+                alone_reason)
 
 
 _OPTIMISED_SCRIPT = ("cannot differentiate TorchScript twice (the inner loss runs a torch.jit.script "
@@ -748,7 +791,9 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
         vectorise: ``"auto"`` (default: ``vmap``, except on a CPU for tasks
             with 65,536 adapted parameters or more, or whose inner loss runs a
             convolution or ``batch_norm`` with that many output elements,
-            where the per-task loop is faster), ``True`` (``vmap`` wherever
+            where the per-task loop is faster, and there for a group of
+            tasks that drew the same ``K`` smaller than
+            ``torch_ufom.vectorised.FEWEST_TASKS_ON_CPU``), ``True`` (``vmap`` wherever
             it is exact) or ``False`` (the per-task loop, without a warning).
         model, inner_loss, outer_loss, steps, inner_lr, inner, mode, q, k,
         truncation, memory, slots, max_memory, hvp, params, generator, inner_params:

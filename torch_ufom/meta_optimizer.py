@@ -186,7 +186,9 @@ class MetaOptimizer:
             (default: ``torch.func.vmap``, except on a CPU for tasks with
             65,536 adapted parameters or more, or whose inner loss runs a
             convolution or ``batch_norm`` with that many output elements,
-            where the per-task loop is faster), ``True`` (``vmap`` wherever
+            where the per-task loop is faster, and there for a group of
+            tasks that drew the same ``K`` smaller than
+            ``torch_ufom.vectorised.FEWEST_TASKS_ON_CPU``), ``True`` (``vmap`` wherever
             it is exact) or ``False`` (always the per-task loop).
 
     The configuration is resolved once (:mod:`torch_ufom.config`); ``steps``,
@@ -375,7 +377,7 @@ class MetaOptimizer:
         self._warned_fom_gaps = set()
 
     def __setattr__(self, name, value):
-        keywords = {f.name for f in dataclasses.fields(Settings)}
+        keywords = _SETTINGS_KEYWORDS
         if name in keywords or isinstance(getattr(type(self), name, None), property):
             keyword = "truncation" if name == "law" else name
             if keyword in keywords:
@@ -805,7 +807,8 @@ class MetaOptimizer:
                     est.inner_losses[:, col].clone() if batched else est.inner_losses,
                     est.truncation, est.weights, q, est.forward_steps, est.reverse_steps,
                     task_aux(est.aux, col) if batched else est.aux,
-                    path if batched == run.vectorised else "vectorised, before " + path)
+                    path if batched == run.vectorised else
+                    f"per-task loop: {run.alone}" if run.vectorised else "vectorised, before " + path)
             if self._track_buffers and not batched:
                 self._buffers.append(list(est.buffers))
         self._observations += observations
@@ -1340,6 +1343,7 @@ class MetaOptimizer:
                 f"memory={self.memory!r}, inner={self.inner!r}, optimizer={type(self.optimizer).__name__})")
 
 
+_SETTINGS_KEYWORDS = frozenset(f.name for f in dataclasses.fields(Settings))  # read-only attributes
 _SETTINGS_FORMAT = 2  # of MetaOptimizer._settings_summary; other formats are not compared
 
 

@@ -611,14 +611,19 @@ def batch_getter(support: Any, steps: int, arg: str = "support") -> Callable[[in
     return lambda j: support
 
 
+def per_step_batches(support: Any) -> bool:
+    """Whether ``support`` gives a batch per step (:class:`StepBatches`, a callable
+    ``j -> batch``) rather than one batch for every step."""
+    return isinstance(support, StepBatches) or (
+        callable(support) and not isinstance(support, (Tensor, nn.Module)))
+
+
 def probe_batches(support: Any, steps: int, arg: str = "support") -> List[Any]:
     """The batches a look at a task evaluates: every step's with per-step batches
     (:class:`StepBatches`, a callable; a loss may act differently at some steps), else
     the one batch."""
     get = batch_getter(support, steps, arg)
-    per_step = isinstance(support, StepBatches) or (
-        callable(support) and not isinstance(support, (Tensor, nn.Module)))
-    if not per_step:
+    if not per_step_batches(support):
         return [get(0)]
     batches, seen = [], set()
     for j in range(steps):  # each batch once (StepBatches([b] * steps) is one batch)
@@ -1335,8 +1340,7 @@ class InnerLoop:
             raise TypeError("Invalid query: StepBatches (per-step batches are the support's; the outer "
                             "loss runs once, on one query batch)")
         # Per-step batches may make a loss differentiate at some steps only (record watches them).
-        self.per_step = isinstance(support, StepBatches) or (
-            callable(support) and not isinstance(support, (Tensor, nn.Module)))
+        self.per_step = per_step_batches(support)
         named, self.module_buffers, self.swap = Reparametrization.layout(module)  # one walk per loop
         self.named = dict(named)  # the module's parameters by name
         self.names = list(problem.config.adapted)

@@ -41,7 +41,8 @@ from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depend
                      watched_loss, wrong_twice)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
-           "probe", "probe_steps", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS"]
+           "probe", "probe_steps", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS", "FEWEST_TASKS_ON_CPU",
+           "FEWEST_TASKS_BESIDE_ON_CPU"]
 
 
 def _register_step_batches() -> None:
@@ -317,6 +318,23 @@ _ATTENTION_DROPOUT = {
 # vectorise="auto" therefore runs the loop on a CPU from this many adapted parameters, or
 # from a convolution or batch_norm output of this many elements, per task.
 SLOW_ON_CPU_ELEMENTS = 1 << 16
+
+# On a CPU, vmap's own cost per step (its dispatch of each operation for the whole group, and,
+# with per-step batches, the look at task 0's losses at each step's batch) is paid back by the
+# per-task overhead it saves only from a few tasks on. Measured (one thread, vmap time / loop
+# time, fom and exact at r = 5 and 20; MLPs 1-40-40-1 and 1-160-160-1, 10-point batches): one
+# batch for every step, meta-batch 4: 1.21-1.27 / 0.75-1.10, 8: 0.62-0.85 / 0.40-0.86 (break-even
+# 5-6 tasks fom, 3-5 exact); per-step batches, 8: 0.92-1.29 / 0.57-0.99, 16: 0.49-0.74 /
+# 0.31-0.79 (break-even 7-10 fom, 5-8 exact). vectorise="auto" therefore runs a group of tasks
+# (those that drew the same K) per task on a CPU below this many tasks, by (whether the group's
+# sweep is exact, whether the batches are per step).
+FEWEST_TASKS_ON_CPU = {(False, False): 6, (True, False): 5, (False, True): 12, (True, True): 8}
+# Once one group runs vectorised (the look paid), a further group of tasks that drew another K
+# pays from fewer tasks: ufom's few exact draws beside its first-order group. Measured (the same
+# MLPs, beside a group of 16, vectorised time / one by one, further group of 1, 2, 3, 4 tasks):
+# exact 1.29-1.52, 1.09-1.19, 0.91-1.02, 0.74-0.93; first-order 1.06-1.27, 1.06-1.10,
+# 0.93-1.01, 0.97-0.99.
+FEWEST_TASKS_BESIDE_ON_CPU = 3
 _SLOW_ON_CPU = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
                 F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
                 F.conv_transpose3d: "conv_transpose3d", F.batch_norm: "batch_norm"}
