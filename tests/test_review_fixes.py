@@ -3220,3 +3220,113 @@ def _run_switching_often(targets):
             t.join()
     finally:
         sys.setswitchinterval(interval)
+
+
+# -- review HA (session 27): a clear hidden by a backward of the user's; load_state_dict's advice -------
+
+
+def _abandoned_then(clear: str, regulariser: bool, reduction: str = "mean", synchronize: bool = False):
+    """An outer step abandoned after two tasks (a later task raised), then the next one as the
+    README allows: ``clear``, a regulariser's ``backward()`` of the user's, two tasks. Returns
+    the MetaOptimizer, the model, its tasks and the regulariser's gradient."""
+    g = torch.Generator().manual_seed(3)
+    tasks = [tuple((torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)) for _ in range(2))
+             for _ in range(4)]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1))
+    outer = torch.optim.SGD(model.parameters(), lr=1.0)
+    meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=0.1, steps=2, mode="exact", reduction=reduction)
+    meta.backward(_mse, _mse, *tasks[0])
+    meta.backward(_mse, _mse, *tasks[1])
+    if synchronize:
+        meta.synchronize()
+    {"outer": outer.zero_grad, "module": model.zero_grad, "meta": meta.zero_grad}[clear]()
+    reg = [torch.zeros_like(p) for p in model.parameters()]
+    if regulariser:
+        reg = list(torch.autograd.grad(0.01 * sum((p ** 2).sum() for p in model.parameters()),
+                                       list(model.parameters())))
+        (0.01 * sum((p ** 2).sum() for p in model.parameters())).backward()
+    return meta, model, tasks, reg
+
+
+def _mse(f, b):
+    return ((f(b[0]) - b[1]) ** 2).mean()
+
+
+@pytest.mark.parametrize("clear", ["outer", "module", "meta"])
+def test_a_clear_to_none_then_a_backward_of_the_user_s_forgets_the_abandoned_tasks(clear):
+    """Review HA F1: after ``outer.zero_grad()`` (or the module's) and a regulariser's
+    ``backward()``, ``reduction="mean"`` divided the next step's two tasks by four (50 % off,
+    silently): the regulariser's new ``.grad`` tensors hid the clear. Now the mean of the two
+    tasks plus the regulariser, as the float64 oracle gives."""
+    meta, model, tasks, reg = _abandoned_then(clear, regulariser=True)
+    params = list(model.parameters())
+    want = [r + sum(brute_force(model, _mse, _mse, lambda j, t=t: t[0], t[1], 2, 0.1, params, k=2)[i]
+                    for t in tasks[2:]) / 2 for i, r in enumerate(reg)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        meta.backward(_mse, _mse, *tasks[2])
+        meta.backward(_mse, _mse, *tasks[3])
+    assert meta.synchronize() == 2
+    assert rel_err([p.grad for p in params], want) < 1e-10
+
+
+def test_a_backward_with_create_graph_between_tasks_is_no_clear():
+    """The guard of HA F1's fix: a ``backward(create_graph=True)`` of the user's between two tasks
+    replaces each ``.grad`` by the sum, with a graph: no clear, the count goes on."""
+    meta, model, tasks, _ = _abandoned_then("meta", regulariser=False)
+    meta.backward(_mse, _mse, *tasks[2])
+    (0.01 * sum((p ** 2).sum() for p in model.parameters())).backward(create_graph=True)
+    assert all(p.grad.requires_grad for p in model.parameters())
+    meta.backward(_mse, _mse, *tasks[3])
+    assert meta.synchronize() == 2
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_a_task_after_synchronize_a_clear_and_a_backward_of_the_user_s_runs(reduction):
+    """Review HA F1: a step skipped after ``synchronize()``, then ``outer.zero_grad()`` and a
+    regulariser's ``backward()``: the next task was refused ("a task after synchronize()")
+    although the gradients had been cleared."""
+    meta, model, tasks, _ = _abandoned_then("outer", regulariser=True, reduction=reduction, synchronize=True)
+    meta.backward(_mse, _mse, *tasks[2])
+    assert meta.synchronize() == 1
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("clear, regulariser", [("none", True), ("zeros", False)])
+def test_track_buffers_forgets_the_buffers_of_tasks_a_clear_discarded(reduction, clear, regulariser):
+    """Review HA F1: ``track_buffers=True`` averaged the running statistics of an abandoned
+    step's tasks into the module when the clear was hidden by a regulariser's ``backward()``
+    (to ``None``), or under ``reduction="sum"`` when it zeroed in place (2.6 off)."""
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g))
+    odd = (batch[0] * 50 + 20, batch[1])
+    stats = []
+    for abandoned in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+        outer = torch.optim.SGD(model.parameters(), lr=0.0)
+        meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=0.1, steps=2, mode="fom", track_buffers=True,
+                                        reduction=reduction)
+        if abandoned:
+            meta.backward(_mse, _mse, odd, batch)
+            meta.backward(_mse, _mse, odd, batch)
+        outer.zero_grad(set_to_none=clear == "none")
+        if regulariser:
+            (0.01 * sum((p ** 2).sum() for p in model.parameters())).backward()
+        meta.backward(_mse, _mse, batch, batch)
+        meta.step()
+        stats.append(model[1].running_mean.clone())
+    assert torch.equal(stats[0], stats[1])
+
+
+def test_load_state_dict_advises_a_new_optimizer_for_another_reduction():
+    """Review HA F2: the warning advised ``meta.reconfigure(...)``, which refuses ``reduction``."""
+    def build(reduction):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        return torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                        steps=2, reduction=reduction)
+    with pytest.warns(UserWarning, match=r"use a MetaOptimizer built with reduction='mean' to resume") as log:
+        build("sum").load_state_dict(build("mean").state_dict())
+    assert "reconfigure" not in str(log[0].message)

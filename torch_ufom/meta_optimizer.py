@@ -507,8 +507,10 @@ class MetaOptimizer:
             set_to_none: as ``torch.optim.Optimizer.zero_grad``: set ``.grad`` to
                 ``None`` (default) instead of zeroing it. The outer optimizer's or the
                 module's own ``zero_grad()``, with or without ``set_to_none``, is noticed
-                at the next task too when it clears every meta-gradient; one that clears
-                only some (``module.zero_grad()`` beside a learned rate) warns, or goes
+                at the next task too when it clears every meta-gradient (to ``None``
+                even when a ``backward()`` of yours has written them again since; to
+                zeros in place only if none has); one that clears only some
+                (``module.zero_grad()`` beside a learned rate) warns, or goes
                 unnoticed if it zeroes them in place: use this one.
         """
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -524,6 +526,20 @@ class MetaOptimizer:
         self._tasks, self._reduced, self._buffers, self._observations = 0, False, [], []
         self._holding, self._carried, self._written = False, None, None
 
+    @contextlib.contextmanager
+    def _task_state_kept(self):
+        """Put back the count of tasks and what goes with it if the body raises: a task's
+        :meth:`_check_cleared` may forget the earlier tasks before the task fails, and a
+        refused call changes nothing (the clear it saw is seen again at the next one)."""
+        names = ("_tasks", "_reduced", "_buffers", "_observations", "_holding", "_carried", "_written")
+        saved = [getattr(self, n) for n in names]
+        try:
+            yield
+        except BaseException:
+            for n, v in zip(names, saved):
+                setattr(self, n, v)
+            raise
+
     def _check_cleared(self, meta: List[Tensor], stacklevel: int = 3, task: bool = False) -> None:
         """Forget the earlier tasks if their gradients were cleared other than by
         :meth:`zero_grad`: ``optimizer.zero_grad()``, which sets them to ``None``, or a
@@ -536,9 +552,20 @@ class MetaOptimizer:
         if all(p.grad is None for p in meta):
             self._forget_tasks()
             return
-        if self._reduction != "mean" or (self._reduced and not task) or self._written is None:
-            return  # (a sum needs no count; after synchronize() the count is spent, unless a
-            # task follows: gradients zeroed since then make it the first of a new count)
+        # A .grad that is not the tensor the last write left and carries no graph was dropped and
+        # made again since: a clear (set to None) then a backward of the user's, a regulariser
+        # (review HA F1: the clear went unnoticed). A backward with create_graph=True replaces it
+        # by the sum too, which carries a graph: no clear.
+        gone = [] if self._written is None else [p for p, ref, _ in self._written if _dropped(p, ref)]
+        if gone and len(gone) == len(self._written):
+            self._forget_tasks()
+            return
+        mean = self._reduction == "mean"
+        if not (mean or self._buffers or self._observations) or (self._reduced and not task) or \
+                self._written is None:
+            return  # (a sum needs no count, only the tasks' buffers and q="auto" observations
+            # forgotten; after synchronize() the count is spent, unless a task follows: gradients
+            # zeroed since then make it the first of a new count)
         changed = [p for p, ref, version in self._written
                    if p.grad is None or p.grad is not ref() or p.grad._version != version]
         if not changed:
@@ -548,7 +575,10 @@ class MetaOptimizer:
         if not any(held) and len(values) == len(self._written):
             self._forget_tasks()  # every one zeroed in place
             return
-        dropped = [p for p in changed if p.grad is None]
+        if not mean:
+            self._record(meta)
+            return
+        dropped = [p for p in changed if any(p is q for q in gone)]
         zeroed = {id(p) for p, h in zip(values, held) if not h}
         if self._carried is not None and zeroed:  # what they carried is gone
             self._carried = [(p, c) for p, c in self._carried if id(p) not in zeroed] or None
@@ -560,7 +590,7 @@ class MetaOptimizer:
                 "all by the tasks since all were last cleared: clear them through meta.zero_grad()",
                 stacklevel=stacklevel)
             if self._carried is not None:  # what they carried is gone
-                self._carried = [(p, c) for p, c in self._carried if p.grad is not None] or None
+                self._carried = [(p, c) for p, c in self._carried if not any(p is q for q in gone)] or None
         self._record(meta)  # written by other code too (a clip, a loss of the user's)
 
     def _carry(self, meta: List[Tensor]) -> Optional[List[Tuple[Tensor, Tensor]]]:
@@ -727,15 +757,16 @@ class MetaOptimizer:
                 ``torch.Generator`` of its own there, a failure inside
                 forward-over-reverse).
         """
-        problem = self._problem(inner_loss, outer_loss)
-        meta = list(problem.params)
-        start = time.perf_counter()
-        with self._named_errors(meta):
-            est: Estimate = estimate_task(problem, support, query, force_truncation,
-                                          diagnostics=self.q_stats is not None)
-        seconds = time.perf_counter() - start
-        observations = self._observations_of([(est, seconds)])  # before the write: it can fail
-        self._write(meta, self._first_order_gaps(problem, meta, est.grads))
+        with self._task_state_kept():
+            problem = self._problem(inner_loss, outer_loss)
+            meta = list(problem.params)
+            start = time.perf_counter()
+            with self._named_errors(meta):
+                est: Estimate = estimate_task(problem, support, query, force_truncation,
+                                              diagnostics=self.q_stats is not None)
+            seconds = time.perf_counter() - start
+            observations = self._observations_of([(est, seconds)])  # before the write: it can fail
+            self._write(meta, self._first_order_gaps(problem, meta, est.grads))
         q = self.q
         if self._track_buffers:
             self._buffers.append(list(est.buffers))
@@ -782,17 +813,18 @@ class MetaOptimizer:
             ValueError: tensors whose leading sizes differ (the message names
                 the entry), or another invalid argument; nothing is written.
         """
-        problem = self._problem(inner_loss, outer_loss)
-        meta = list(problem.params)
-        with self._named_errors(meta):
-            run = estimate_batch(problem, supports, queries, force_truncation,
-                                 diagnostics=self.q_stats is not None, known=self._slow_ops)
-        if run.fallback and run.reason not in self._warned_per_task:  # once per reason
-            warnings.warn(f"MetaOptimizer.backward_batch runs the per-task loop: {run.reason}",
-                          stacklevel=2)
-            self._warned_per_task.add(run.reason)
-        observations = self._observations_of([(est, seconds) for _, est, seconds in run.groups])
-        self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta))))
+        with self._task_state_kept():
+            problem = self._problem(inner_loss, outer_loss)
+            meta = list(problem.params)
+            with self._named_errors(meta):
+                run = estimate_batch(problem, supports, queries, force_truncation,
+                                     diagnostics=self.q_stats is not None, known=self._slow_ops)
+            if run.fallback and run.reason not in self._warned_per_task:  # once per reason
+                warnings.warn(f"MetaOptimizer.backward_batch runs the per-task loop: {run.reason}",
+                              stacklevel=2)
+                self._warned_per_task.add(run.reason)
+            observations = self._observations_of([(est, seconds) for _, est, seconds in run.groups])
+            self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta))))
         self._slow_ops = run.slow_ops
         q = self.q
         results: List[Optional[MetaResult]] = [None] * len(run.truncations)
@@ -1334,9 +1366,12 @@ class MetaOptimizer:
             if differ:
                 was = ", ".join(f"{k}={saved_settings[k]!r}" for k in differ)
                 has = ", ".join(f"{k}={now[k]!r}" for k in differ)
+                how = [] if differ == ["reduction"] else ["meta.reconfigure(...)"]
+                if "reduction" in differ:  # (set when the MetaOptimizer is built: review HA F2)
+                    how.append(f"a MetaOptimizer built with reduction={saved_settings['reduction']!r}")
                 warnings.warn(f"load_state_dict: the saved run had {was} where this MetaOptimizer has "
                               f"{has}; its state was loaded, but settings are not restored (use "
-                              "meta.reconfigure(...) to resume the run as it was)", stacklevel=2)
+                              f"{' and '.join(how)} to resume the run as it was)", stacklevel=2)
 
     def __repr__(self) -> str:
         return (f"MetaOptimizer(mode={self.mode!r}, steps={self.steps}, law={self.law!r}, "
@@ -1461,6 +1496,12 @@ def _remove_hooks(handles: List[Any]) -> None:
 def _in_place(grad: Tensor, other: Tensor) -> bool:
     """Whether ``grad`` can take ``other`` in place (both dense)."""
     return grad.layout == torch.strided and other.layout == torch.strided
+
+
+def _dropped(p: Tensor, written) -> bool:
+    """Whether ``p.grad`` was dropped since it was ``written()`` (a weak reference): ``None``,
+    or another tensor without a graph (see :meth:`MetaOptimizer._check_cleared`)."""
+    return p.grad is None or (p.grad is not written() and not p.grad.requires_grad)
 
 
 def _any_nonzero_each(params: Sequence[Tensor]) -> List[bool]:
