@@ -321,14 +321,14 @@ SLOW_ON_CPU_ELEMENTS = 1 << 16
 
 # On a CPU, vmap's own cost per step (its dispatch of each operation for the whole group, and,
 # with per-step batches, the look at task 0's losses at each step's batch) is paid back by the
-# per-task overhead it saves only from a few tasks on. Measured (one thread, vmap time / loop
-# time, fom and exact at r = 5 and 20; MLPs 1-40-40-1 and 1-160-160-1, 10-point batches): one
-# batch for every step, meta-batch 4: 1.21-1.27 / 0.75-1.10, 8: 0.62-0.85 / 0.40-0.86 (break-even
-# 5-6 tasks fom, 3-5 exact); per-step batches, 8: 0.92-1.29 / 0.57-0.99, 16: 0.49-0.74 /
-# 0.31-0.79 (break-even 7-10 fom, 5-8 exact). vectorise="auto" therefore runs a group of tasks
-# (those that drew the same K) per task on a CPU below this many tasks, by (whether the group's
-# sweep is exact, whether the batches are per step).
-FEWEST_TASKS_ON_CPU = {(False, False): 6, (True, False): 5, (False, True): 12, (True, True): 8}
+# per-task overhead it saves only from a few tasks on. Measured by benchmarks/small_batches.py
+# (one thread, vmap time / loop time; MLPs 1-40-40-1 and 1-160-160-1, 10-point batches, r = 5):
+# one batch for every step, first-order 1.29-1.30 at meta-batch 4, 0.88-0.89 at 6; exact 0.83-1.00
+# at 4, 1.53-1.58 at 2; per-step batches, first-order 0.95-1.01 at 8, 0.68-0.74 at 12; exact
+# 1.14-1.21 at 4, 0.78-0.93 at 6. vectorise="auto" therefore runs a group of tasks (those that
+# drew the same K) per task on a CPU below this many tasks, by (whether the group's sweep is
+# exact, whether the batches are per step).
+FEWEST_TASKS_ON_CPU = {(False, False): 6, (True, False): 4, (False, True): 10, (True, True): 6}
 # Once one group runs vectorised (the look paid), a further group of tasks that drew another K
 # pays from fewer tasks: ufom's few exact draws beside its first-order group. Measured (the same
 # MLPs, beside a group of 16, vectorised time / one by one, further group of 1, 2, 3, 4 tasks):
