@@ -3330,3 +3330,63 @@ def test_load_state_dict_advises_a_new_optimizer_for_another_reduction():
     with pytest.warns(UserWarning, match=r"use a MetaOptimizer built with reduction='mean' to resume") as log:
         build("sum").load_state_dict(build("mean").state_dict())
     assert "reconfigure" not in str(log[0].message)
+
+
+# -- review HB (session 27) ---------------------------------------------------------------------------
+
+
+class _HalvesItsInput(nn.Module):
+    """A forward that writes its input in place (``x /= 2``, as ``x /= 255`` in an image model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x):
+        x /= 2
+        return self.lin(x)
+
+
+def test_the_meta_batch_look_does_not_write_the_user_s_batch():
+    """Review HB F2: the look before a meta-batch evaluated task 0's losses on aliases of the user's
+    batch, so a forward that writes its input in place divided task 0's support and query once
+    more than the loop does: the meta-batch, run by the loop after vmap refused the write, was
+    27 % off ``vectorise=False``. The look now evaluates copies: the same result and the same
+    batches as the loop. (An exact sweep raises torch's in-place error either way: the step's
+    graph saved the input the next evaluation divides.)"""
+    torch.manual_seed(0)
+    model = _HalvesItsInput()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 1, generator=g)]
+    out = {}
+    for vectorise in (True, False):
+        supports, queries = tuple(t.clone() for t in data), tuple(t.clone() for t in data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = torch_ufom.hypergrad_batch(model, _mse, _mse, supports, queries, steps=3, inner_lr=0.1,
+                                             mode="fom", vectorise=vectorise)
+        out[vectorise] = (got, supports[0], queries[0])
+    assert all(torch.equal(a, b) for a, b in zip(out[True][0], out[False][0]))
+    assert torch.equal(out[True][1], out[False][1]) and torch.equal(out[True][2], out[False][2])
+
+
+def test_fwdrev_refuses_a_functional_sparse_embedding_by_name():
+    """Review HB F6: ``F.embedding(x, w, sparse=True)`` under ``hvp="fwdrev"`` crashed in the
+    backstop's ``g != 0`` on the sparse gradient (torch's "Could not run 'aten::ne.Scalar' ...
+    SparseCPU"); ``nn.Embedding(sparse=True)`` was refused by name. Both are now."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table, self.head = nn.Parameter(torch.randn(10, 4)), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(F.embedding(x, self.table, sparse=True)).mean(1))
+
+    def ce(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randint(0, 10, (4, 5), generator=g), torch.randint(0, 3, (4,), generator=g))
+    torch.manual_seed(0)
+    model = Bag()
+    with pytest.raises(ValueError, match=r"Invalid hvp: 'fwdrev' cannot differentiate sparse gradients"):
+        torch_ufom.hypergrad(model, ce, ce, batch, batch, steps=2, inner_lr=0.1, mode="exact", hvp="fwdrev")

@@ -32,7 +32,7 @@ from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask
                      caller_level, elementwise_rule, held_tensors, per_step_batches, probe_batches,
                      reads_nothing, root_of, scripted, sparse_weights, wrong_twice_message)
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, Vectorised,
-                         attributes_kept, group_by_truncation, meta_batch_size, probe_steps,
+                         attributes_kept, fresh, group_by_truncation, meta_batch_size, probe_steps,
                          reads_meta_directly, runs_optimised_script, select_tasks, task_of)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
@@ -82,7 +82,7 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor],
         return ("needs a module without buffers (a forward inside torch.func.jvp may write them: "
                 "running statistics in train() mode, the legacy spectral_norm's vectors)")
     if any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in model.modules()):
-        return "cannot differentiate sparse gradients (an embedding with sparse=True) in forward mode"
+        return SPARSE_FWDREV
     names = scripted(model)
     if names:
         return (f"cannot differentiate TorchScript twice (torch.jit.script module or function "
@@ -416,6 +416,9 @@ def too_few_to_pay(groups: Dict[int, List[int]], per_step: bool) -> Tuple[frozen
             _slow([f"a group of fewer than {FEWEST_TASKS_BESIDE_ON_CPU} tasks beside a larger one"]))
 
 
+SPARSE_FWDREV = "cannot differentiate sparse gradients (an embedding with sparse=True) in forward mode"
+
+
 def _name_list(names: Sequence[str]) -> str:
     return ", ".join(repr(n) if n else "the model itself" for n in names)
 
@@ -540,7 +543,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
             raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
         check_fwdrev_reads(problem, first)
         if not found.attention_dropout:  # (per task, torch.func draws other attention masks)
-            check_fwdrev_agrees(problem, task_of(supports, 0))
+            check_fwdrev_agrees(problem, fresh(task_of(supports, 0)))
     if not exact or problem.hvp == "fwdrev" or not found.norms:
         return Plan(problem, "", False, known, found.unread, alone, alone_reason)
     norms = ", ".join(sorted(found.norms))
@@ -552,7 +555,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         why = READS_META
     if not why and not found.attention_dropout:  # (per task, torch.func draws other attention masks)
         try:
-            why = fwdrev_disagreement(problem._replace(hvp="fwdrev"), task_of(supports, 0))
+            why = fwdrev_disagreement(problem._replace(hvp="fwdrev"), fresh(task_of(supports, 0)))
         except Exception as err:  # noqa: BLE001 (the per-task loop runs revrev: its own errors raise there)
             why = f"fails on the first task ({type(err).__name__}: {str(err)[:200]})"
     if why:
@@ -632,6 +635,8 @@ def fwdrev_disagreement(problem: Problem, support: Any) -> str:
         if not state.params or any(p.is_complex() for p in state.params):
             return ""  # (a complex HVP's convention is not checked here)
         _, _, grads = loop.advance(state, 1)
+        if any(g is not None and g.layout != torch.strided for g in grads):  # (review HB F6: an
+            return SPARSE_FWDREV  # F.embedding(..., sparse=True) the module-type check does not see)
         # Where the gradient is zero by construction (Embedding's padding row) autograd's
         # derivatives are not symmetric; the sweep's vectors are zero there as well.
         gen = torch.Generator().manual_seed(0)

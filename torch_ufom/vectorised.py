@@ -751,8 +751,8 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     attributes = _attributes(module)
     devices = _cuda_devices(module)
     # What vmap batches: the adapted parameters and the batch (frozen parameters are shared). The
-    # losses get fresh aliases of the batch's tensors, so that one they keep shows.
-    batch, held = _aliased(batch)
+    # losses get fresh copies of the batch's tensors, so that one they keep shows.
+    batch, held = _fresh(batch)
     aten = _AtenProbe([params[n] for n in (named if adapted is None else adapted) if n in params]
                       + [t for t in _tensors(batch) if id(t) not in held], held.values())
     hooked: List[str] = []
@@ -787,7 +787,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                   for n, p in module.named_parameters()}
         note_probed(t for t in copies.values() if t.requires_grad)
         outer = _Probe()
-        query, held = _aliased(query)
+        query, held = _fresh(query)
         outer_aten = _AtenProbe([copies[n] for n in (named if adapted is None else adapted) if n in copies]
                                 + [t for t in _tensors(query) if id(t) not in held], held.values())
         attributes = _attributes(module)
@@ -840,9 +840,16 @@ def _tensors(tree: Any) -> List[Tensor]:
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, Tensor)]
 
 
-def _aliased(tree: Any) -> Tuple[Any, Dict[int, Tensor]]:
-    """``tree`` with each strided tensor replaced by a fresh alias of it (``view_as``: the
-    same storage, linked to it by autograd as a task's slice is; a subclass's own where it
+def fresh(tree: Any) -> Any:
+    """``tree`` with its strided tensors copied (see :func:`_fresh`), for a look that
+    evaluates a loss outside the sweep: what a forward writes into its input stays there."""
+    return _fresh(tree)[0]
+
+
+def _fresh(tree: Any) -> Tuple[Any, Dict[int, Tensor]]:
+    """``tree`` with each strided tensor replaced by a fresh copy of it (``clone``: linked to
+    it by autograd as a task's slice is, and a forward that writes its input in place, such as
+    ``x /= 255``, writes the copy, not the user's batch: review HB F2; a subclass's own where it
     gives one of its type), and the tensors left as they are (other layouts), by id."""
     held: Dict[int, Tensor] = {}
 
@@ -851,11 +858,11 @@ def _aliased(tree: Any) -> Tuple[Any, Dict[int, Tensor]]:
             return t
         if t.layout == torch.strided:
             try:
-                view = t.view_as(t)
-            except Exception:  # noqa: BLE001 (a subclass without views: kept as it is)
-                view = None
-            if type(view) is type(t):
-                return view
+                copy = t.clone()
+            except Exception:  # noqa: BLE001 (a subclass without clone: kept as it is)
+                copy = None
+            if type(copy) is type(t):
+                return copy
         held[id(t)] = t
         return t
 
@@ -1248,6 +1255,7 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
     the random states and (``generators``) the user's generators put back (``None`` if it
     raises: the sweep raises it)."""
     fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
+    batch = fresh(batch)  # (a forward that writes its input writes the copy)
     devices = _cuda_devices(module)
     aten = _AtenProbe() if generators else contextlib.nullcontext()  # for the user's generators
     attributes = _attributes(module)
