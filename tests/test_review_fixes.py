@@ -3390,3 +3390,25 @@ def test_fwdrev_refuses_a_functional_sparse_embedding_by_name():
     model = Bag()
     with pytest.raises(ValueError, match=r"Invalid hvp: 'fwdrev' cannot differentiate sparse gradients"):
         torch_ufom.hypergrad(model, ce, ce, batch, batch, steps=2, inner_lr=0.1, mode="exact", hvp="fwdrev")
+
+
+def test_a_pruned_model_s_meta_batch_runs_the_loop_naming_the_hook_attribute():
+    """Review HB F3: a ``torch.nn.utils.prune`` model's meta-batch ran the per-task loop (its forward
+    pre-hook keeps the task's ``weight`` in the module's attributes) with a warning blaming a tensor
+    kept "outside the module's attributes" and advising aux. The warning now names the attribute;
+    the result is the loop's, and the float64 oracle's."""
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1))
+    prune.l1_unstructured(model[0], "weight", amount=0.4)
+    g = torch.Generator().manual_seed(1)
+    sup = (torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 1, generator=g))
+    qry = (torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 1, generator=g))
+    with pytest.warns(UserWarning, match=r"a forward pre-hook keeps a tensor .* \(weight of '0': "
+                                         r"torch.nn.utils.prune"):
+        got = torch_ufom.hypergrad_batch(model, _mse, _mse, sup, qry, steps=2, inner_lr=0.1, mode="exact",
+                                         vectorise=True)
+    params = list(model.parameters())
+    want = [sum(brute_force(model, _mse, _mse, lambda j, i=i: (sup[0][i], sup[1][i]), (qry[0][i], qry[1][i]),
+                            2, 0.1, params, k=2)[n] for i in range(2)) for n in range(len(params))]
+    assert rel_err(got, want) < 1e-10

@@ -512,6 +512,11 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         return Plan(None, f"the module's forward keeps tensors in plain attributes ("
                     f"{', '.join('self.' + n for n in found.attributes[:3])}): state kept between calls "
                     "cannot be vectorised (a tensor under torch.func.vmap must not outlive it)", True, known)
+    if found.kept and found.kept != "elsewhere":  # (review HB F3: named the wrong cause)
+        return Plan(None, f"a forward pre-hook keeps a tensor computed from a task's parameters in the "
+                    f"module's attributes ({found.kept}: torch.nn.utils.prune, the legacy weight_norm or "
+                    "spectral_norm), which under torch.func.vmap would be a tensor of the transform's", True,
+                    known)
     if found.kept:
         return Plan(None, "a loss keeps a tensor computed from a task's parameters or batch beyond its "
                     "evaluation, outside the module's attributes (a global list of logged values, a class "

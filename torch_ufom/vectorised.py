@@ -260,17 +260,17 @@ class _AtenProbe(TorchDispatchMode):
                 return True
         return False
 
-    def kept(self) -> bool:
-        """Whether a tensor computed from the sources outlives the evaluation (asked once the
-        probe has let go of what it returned): kept somewhere by the losses. Under ``vmap`` it
-        would be a tensor of the transform's, kept past it (a global list of logged losses, a
-        class attribute, a forward hook's store, a memo of a function's own)."""
+    def kept(self) -> set:
+        """The ids of the tensors computed from the sources that outlive the evaluation (asked
+        once the probe has let go of what it returned): kept somewhere by the losses. Under
+        ``vmap`` each would be a tensor of the transform's, kept past it (a global list of logged
+        losses, a class attribute, a forward hook's store, a memo of a function's own)."""
         alive = [ref for i, ref in enumerate(self.derived.values())
                  if i >= self.held and ref() is not None]
         if alive:  # (held in a reference cycle made by the evaluation, unreachable: collect the
             gc.collect(0)  # youngest generation, where the probe's evaluations keep what they make)
             alive = [ref for ref in alive if ref() is not None]
-        return bool(alive)
+        return {id(ref()) for ref in alive} - {id(None)}
 
     def _look(self, func, args, keywords) -> None:
         name = func.overloadpacket.__name__
@@ -665,7 +665,9 @@ class Probe(NamedTuple):
     hooks_unseen: bool = False  # a profiler was set: hooks on graph nodes could not be looked for
     wrong_twice: Tuple[str, ...] = ()  # what torch differentiates twice wrongly (unroll.wrong_twice)
     attributes: Tuple[str, ...] = ()  # tensors a forward stores in a submodule's plain attributes
-    kept: bool = False  # a loss keeps a tensor computed from a task's parameters or batch elsewhere
+    # A loss keeps a tensor computed from a task's parameters or batch: the submodules' plain
+    # attributes a forward pre-hook set that hold one, or "elsewhere" ("": none kept).
+    kept: str = ""
 
     def fwdrev_obstacle(self) -> str:
         """Why forward-over-reverse HVPs would differentiate another function than the
@@ -820,9 +822,19 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     # An autocast region around the call keeps a cast of each leaf that requires grad until it
     # exits, the probe's copies among them: the next use casts them again.
     torch.clear_autocast_cache()
-    if (outer_loss is not None and outer_aten.kept()) or aten.kept():
-        found = found._replace(kept=True)
+    alive = (outer_aten.kept() if outer_loss is not None else set()) | aten.kept()
+    if alive:
+        found = found._replace(kept=_attributes_holding(module, alive) or "elsewhere")
     return found
+
+
+def _attributes_holding(module: nn.Module, ids: set) -> str:
+    """The plain attributes of ``module``'s submodules that hold one of the tensors ``ids``
+    (``weight`` of '0'), as a forward pre-hook leaves them (``torch.nn.utils.prune``, the legacy
+    ``weight_norm`` and ``spectral_norm``); ``""`` if none does."""
+    names = [f"{k} of {repr(n) if n else 'the model'}" for n, m in module.named_modules()
+             for k, v in vars(m).items() if isinstance(v, Tensor) and id(v) in ids]
+    return ", ".join(names)
 
 
 def _backward(loss: Tensor, leaves: List[Tensor], devices, aten: "_AtenProbe") -> None:
