@@ -578,7 +578,8 @@ class MetaOptimizer:
         if not mean:
             self._record(meta)
             return
-        dropped = [p for p in changed if any(p is q for q in gone)]
+        gone_ids = {id(p) for p in gone}
+        dropped = [p for p in changed if id(p) in gone_ids]
         zeroed = {id(p) for p, h in zip(values, held) if not h}
         if self._carried is not None and zeroed:  # what they carried is gone
             self._carried = [(p, c) for p, c in self._carried if id(p) not in zeroed] or None
@@ -590,7 +591,7 @@ class MetaOptimizer:
                 "all by the tasks since all were last cleared: clear them through meta.zero_grad()",
                 stacklevel=stacklevel)
             if self._carried is not None:  # what they carried is gone
-                self._carried = [(p, c) for p, c in self._carried if not any(p is q for q in gone)] or None
+                self._carried = [(p, c) for p, c in self._carried if id(p) not in gone_ids] or None
         self._record(meta)  # written by other code too (a clip, a loss of the user's)
 
     def _carry(self, meta: List[Tensor]) -> Optional[List[Tuple[Tensor, Tensor]]]:

@@ -270,7 +270,7 @@ class _AtenProbe(TorchDispatchMode):
         if alive:  # (held in a reference cycle made by the evaluation, unreachable: collect the
             gc.collect(0)  # youngest generation, where the probe's evaluations keep what they make)
             alive = [ref for ref in alive if ref() is not None]
-        return {id(ref()) for ref in alive} - {id(None)}
+        return {id(t) for t in (ref() for ref in alive) if t is not None}
 
     def _look(self, func, args, keywords) -> None:
         name = func.overloadpacket.__name__
