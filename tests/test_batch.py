@@ -390,6 +390,34 @@ def test_auto_vectorises_the_large_groups_and_runs_the_small_ones_per_task(entry
             got = grads(meta)
     assert rel_err(got, oracle_sum(model, loss, data, forced)) < 1e-9
 
+
+@pytest.mark.fewest_tasks
+@pytest.mark.parametrize("memory", ["store", "recompute", "checkpoint"])
+def test_a_mixed_meta_batch_with_per_step_batches_equals_the_loop(memory):
+    """Per-step batches, a law with several ``K``: the first-order group (10 tasks, the per-step
+    threshold) vectorised, a group of 3 beside it vectorised, single tasks alone; every result's
+    fields and the sum as the per-task loop's (itself held to the oracle above)."""
+    from torch_ufom.vectorised import FEWEST_TASKS_ON_CPU
+    model, loss, data = mlp_problem(7)
+    forced = [0] * FEWEST_TASKS_ON_CPU[False, True] + [STEPS] * 3 + [1, 2]
+    n = len(forced)
+    supports = torch_ufom.StepBatches([stacked(data, j, n) for j in range(STEPS)])
+    queries = stacked(data, 5, n)
+    out, got = {}, {}
+    for vectorise in ("auto", False):
+        meta = meta_opt(model, 0.3, vectorise=vectorise, truncation=LAW, memory=memory)
+        meta.zero_grad()
+        with no_fallback():
+            out[vectorise] = meta.backward_batch(loss, loss, supports, queries, force_truncation=forced)
+        got[vectorise] = grads(meta)
+    paths = [r.batch_path.split(":")[0] for r in out["auto"]]
+    assert paths == ["vectorised"] * (n - 2) + ["per-task loop"] * 2
+    for a, b in zip(out["auto"], out[False]):
+        assert (a.truncation, a.weights, a.forward_steps, a.reverse_steps) == \
+            (b.truncation, b.weights, b.forward_steps, b.reverse_steps)
+        assert rel_err([a.outer_loss, a.inner_losses], [b.outer_loss, b.inner_losses]) < 1e-12
+    assert rel_err(got["auto"], got[False]) < 1e-10
+
 def test_every_call_probes_once():
     """Each call runs the losses once more than the vectorised sweep needs: the probe
     (what it finds may change between calls with the module)."""
