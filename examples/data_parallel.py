@@ -4,7 +4,7 @@
 ``step()``; with ``reduction="mean"`` they are averaged over every rank's
 tasks, as one process would average the whole meta-batch. Every rank builds
 the same seeded model and draws the same global meta-batch, takes its own
-slice of it and runs it vectorised (``backward_batch``); the ranks draw their
+slice of it and runs it with ``backward_batch`` (vectorised where that pays); the ranks draw their
 ufom coins from their own streams, yet apply the same averaged meta-gradient,
 so their parameters stay identical. Rank 0 prints each rank's parameter
 checksum and whether they agree; the exit status is 1 if not. The problem is

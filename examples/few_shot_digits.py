@@ -4,12 +4,13 @@ A task is a 5-way K-shot problem: 5 of the 10 digits, labelled 0..4 in a
 random order. Meta-training tasks draw their images from two thirds of the
 data set, meta-test tasks from the held-out third (with 10 classes only, a
 split by class would leave 5 training digits, which the network memorises).
-The meta-batch runs vectorised (``backward_batch``); the outer loss returns
+The meta-batch runs vectorised (``backward_batch``; on a CPU fewer than 3 tasks
+that draw an exact sweep run one by one beside the others); the outer loss returns
 ``(loss, aux)`` so that query accuracy comes back in ``MetaResult.aux``;
 meta-test adapts with more inner steps than training (``meta.adapt``) and
 reads the accuracy from the same loss.
 
-    python examples/few_shot_digits.py           # about 40 s on one CPU core
+    python examples/few_shot_digits.py           # about 10 s on one CPU core
     python examples/few_shot_digits.py --tiny    # a few seconds
 """
 import argparse
