@@ -3282,6 +3282,36 @@ def test_a_backward_with_create_graph_between_tasks_is_no_clear():
     assert meta.synchronize() == 2
 
 
+def test_a_dense_backward_onto_a_sparse_hypergradient_is_no_clear():
+    """The guard of HA F1's fix: autograd adds a dense gradient (a regulariser's) to a sparse
+    ``.grad`` (a sparse embedding's hypergradient) into a new tensor without a graph: no clear,
+    no warning, the count goes on."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.emb(x)).mean(1))
+
+    def ce(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+    torch.manual_seed(0)
+    model = Bag()
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randint(0, 10, (4, 5), generator=g), torch.randint(0, 3, (4,), generator=g))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2,
+                                    mode="exact", reduction="mean")
+    meta.backward(ce, ce, batch, batch)
+    assert model.emb.weight.grad.layout == torch.sparse_coo
+    (0.01 * (model.emb.weight ** 2).sum()).backward()
+    assert model.emb.weight.grad.layout == torch.strided
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        meta.backward(ce, ce, batch, batch)
+    assert meta.synchronize() == 2
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_a_task_after_synchronize_a_clear_and_a_backward_of_the_user_s_runs(reduction):
     """Review HA F1: a step skipped after ``synchronize()``, then ``outer.zero_grad()`` and a

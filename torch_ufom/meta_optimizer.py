@@ -253,7 +253,7 @@ class MetaOptimizer:
         self._carried: Optional[List[Tuple[Tensor, Tensor]]] = None
         # The .grad tensors as the last write left them (weak reference, version): a later
         # change by other code shows (:meth:`_check_cleared`).
-        self._written: Optional[List[Tuple[Tensor, Any, int]]] = None
+        self._written: Optional[List[Tuple[Tensor, Any, int, bool]]] = None
         # With a process_group: what .grad carries into the next reduction, neither summed nor
         # divided (the same on every rank): copies of what it held when the first gradient
         # since the last reduction arrived (:meth:`_take_kept`); None until then (all of it),
@@ -556,7 +556,8 @@ class MetaOptimizer:
         # made again since: a clear (set to None) then a backward of the user's, a regulariser
         # (review HA F1: the clear went unnoticed). A backward with create_graph=True replaces it
         # by the sum too, which carries a graph: no clear.
-        gone = [] if self._written is None else [p for p, ref, _ in self._written if _dropped(p, ref)]
+        gone = [] if self._written is None else [p for p, ref, _, sparse in self._written
+                                                 if _dropped(p, ref, sparse)]
         if gone and len(gone) == len(self._written):
             self._forget_tasks()
             return
@@ -566,7 +567,7 @@ class MetaOptimizer:
             return  # (a sum needs no count, only the tasks' buffers and q="auto" observations
             # forgotten; after synchronize() the count is spent, unless a task follows: gradients
             # zeroed since then make it the first of a new count)
-        changed = [p for p, ref, version in self._written
+        changed = [p for p, ref, version, _ in self._written
                    if p.grad is None or p.grad is not ref() or p.grad._version != version]
         if not changed:
             return
@@ -717,7 +718,8 @@ class MetaOptimizer:
 
     def _record(self, meta: List[Tensor]) -> None:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
-        self._written = [(p, weakref.ref(p.grad), p.grad._version) for p in meta if p.grad is not None]
+        self._written = [(p, weakref.ref(p.grad), p.grad._version, p.grad.layout != torch.strided)
+                         for p in meta if p.grad is not None]
 
     @one_call_at_a_time
     def backward(self, inner_loss: Callable, outer_loss: Callable, support: Any, query: Any,
@@ -1499,10 +1501,15 @@ def _in_place(grad: Tensor, other: Tensor) -> bool:
     return grad.layout == torch.strided and other.layout == torch.strided
 
 
-def _dropped(p: Tensor, written) -> bool:
+def _dropped(p: Tensor, written, sparse: bool) -> bool:
     """Whether ``p.grad`` was dropped since it was ``written()`` (a weak reference): ``None``,
-    or another tensor without a graph (see :meth:`MetaOptimizer._check_cleared`)."""
-    return p.grad is None or (p.grad is not written() and not p.grad.requires_grad)
+    or another tensor without a graph (see :meth:`MetaOptimizer._check_cleared`), but for a
+    dense one where a ``sparse`` gradient was written: autograd adds a dense gradient to a
+    sparse ``.grad`` into a new tensor, so that is no clear."""
+    if p.grad is None:
+        return True
+    summed = sparse and p.grad.layout == torch.strided
+    return p.grad is not written() and not p.grad.requires_grad and not summed
 
 
 def _any_nonzero_each(params: Sequence[Tensor]) -> List[bool]:
