@@ -355,8 +355,8 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
                     reason += f"; the vectorised sweep needs {plan.reason}"
                 fallback = True
                 if slow_ops is not None:  # remembered: the next call runs the loop at once
-                    failed_k = next(k for k in sorted(set(truncations)) if k not in
-                                    {truncations[index[0]] for index, _, _ in done})
+                    failed_k = next(k for k in sorted(set(truncations)) if k not in plan.alone and k not in
+                                    {truncations[index[0]] for index, _, _ in done})  # (review HF F5)
                     slow_ops = slow_ops._replace(**{"failed_exact" if failed_k > 0 else "failed":
                                                     reason})
         groups = list(done)

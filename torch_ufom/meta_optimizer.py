@@ -427,7 +427,9 @@ class MetaOptimizer:
         self._check_cleared(meta, stacklevel=4, task=True)
         if self._reduced:
             raise ValueError("Invalid call: a task after synchronize(): .grad already holds the "
-                             "reduced gradients; call step() or zero_grad() first")
+                             "reduced gradients; call step() or zero_grad() first (a clear through the "
+                             "outer optimizer followed by a backward() of yours is not seen: use "
+                             "meta.zero_grad())")
         check_losses(inner_loss, outer_loss, self.model)
         signature = self._current_signature()
         if signature != self._signature:
@@ -507,9 +509,10 @@ class MetaOptimizer:
             set_to_none: as ``torch.optim.Optimizer.zero_grad``: set ``.grad`` to
                 ``None`` (default) instead of zeroing it. The outer optimizer's or the
                 module's own ``zero_grad()``, with or without ``set_to_none``, is noticed
-                at the next task too when it clears every meta-gradient (to ``None``
-                even when a ``backward()`` of yours has written them again since; to
-                zeros in place only if none has); one that clears only some
+                at the next task too when it clears every meta-gradient and no
+                ``backward()`` of yours has written them again since (after a clear to
+                ``None`` that is told apart from code that replaced ``.grad`` keeping its
+                values by no look: it warns and the tasks still count); one that clears only some
                 (``module.zero_grad()`` beside a learned rate) warns, or goes
                 unnoticed if it zeroes them in place: use this one.
         """
@@ -552,16 +555,18 @@ class MetaOptimizer:
         if all(p.grad is None for p in meta):
             self._forget_tasks()
             return
-        # A .grad that is not the tensor the last write left and carries no graph was dropped and
-        # made again since: a clear (set to None) then a backward of the user's, a regulariser
-        # (review HA F1: the clear went unnoticed). A backward with create_graph=True replaces it
-        # by the sum too, which carries a graph: no clear.
-        gone = [] if self._written is None else [p for p, ref, _, sparse in self._written
-                                                 if _dropped(p, ref, sparse)]
-        if gone and len(gone) == len(self._written):
-            self._forget_tasks()
-            return
         mean = self._reduction == "mean"
+        # Every .grad another tensor without a graph than the last write left: a clear to None then a
+        # backward of the user's (a regulariser: review HA F1), or code that replaced them keeping
+        # their values (p.grad = p.grad.clone(), p.grad = p.grad + g: review HF F1). Which, no look
+        # can tell: the earlier tasks still count, with a warning where that matters.
+        if self._written is not None and (mean or self._buffers or self._observations) and self._tasks and \
+                all(_replaced(p, ref, sparse) for p, ref, _, sparse in self._written):
+            warnings.warn("every meta-gradient's .grad is another tensor than the last task left (a clear to "
+                          "None followed by a backward() of yours, or p.grad = ...): the tasks since "
+                          "meta.zero_grad() still count (reduction='mean' divides by them, track_buffers "
+                          "averages their buffers); if you cleared them, clear through meta.zero_grad()",
+                          stacklevel=stacklevel)
         if not (mean or self._buffers or self._observations) or (self._reduced and not task) or \
                 self._written is None:
             return  # (a sum needs no count, only the tasks' buffers and q="auto" observations
@@ -579,8 +584,7 @@ class MetaOptimizer:
         if not mean:
             self._record(meta)
             return
-        gone_ids = {id(p) for p in gone}
-        dropped = [p for p in changed if id(p) in gone_ids]
+        dropped = [p for p in changed if p.grad is None]
         zeroed = {id(p) for p, h in zip(values, held) if not h}
         if self._carried is not None and zeroed:  # what they carried is gone
             self._carried = [(p, c) for p, c in self._carried if id(p) not in zeroed] or None
@@ -592,7 +596,7 @@ class MetaOptimizer:
                 "all by the tasks since all were last cleared: clear them through meta.zero_grad()",
                 stacklevel=stacklevel)
             if self._carried is not None:  # what they carried is gone
-                self._carried = [(p, c) for p, c in self._carried if id(p) not in gone_ids] or None
+                self._carried = [(p, c) for p, c in self._carried if p.grad is not None] or None
         self._record(meta)  # written by other code too (a clip, a loss of the user's)
 
     def _carry(self, meta: List[Tensor]) -> Optional[List[Tuple[Tensor, Tensor]]]:
@@ -1501,15 +1505,14 @@ def _in_place(grad: Tensor, other: Tensor) -> bool:
     return grad.layout == torch.strided and other.layout == torch.strided
 
 
-def _dropped(p: Tensor, written, sparse: bool) -> bool:
-    """Whether ``p.grad`` was dropped since it was ``written()`` (a weak reference): ``None``,
-    or another tensor without a graph (see :meth:`MetaOptimizer._check_cleared`), but for a
-    dense one where a ``sparse`` gradient was written: autograd adds a dense gradient to a
-    sparse ``.grad`` into a new tensor, so that is no clear."""
-    if p.grad is None:
-        return True
-    summed = sparse and p.grad.layout == torch.strided
-    return p.grad is not written() and not p.grad.requires_grad and not summed
+def _replaced(p: Tensor, written, sparse: bool) -> bool:
+    """Whether ``p.grad`` is another tensor without a graph than ``written()`` (a weak
+    reference) left (see :meth:`MetaOptimizer._check_cleared`), but for a dense one where a
+    ``sparse`` gradient was written: autograd adds a dense gradient to a sparse ``.grad``
+    into a new tensor, an accumulation as any other."""
+    if p.grad is None or p.grad is written() or p.grad.requires_grad:
+        return False
+    return not (sparse and p.grad.layout == torch.strided)
 
 
 def _any_nonzero_each(params: Sequence[Tensor]) -> List[bool]:
