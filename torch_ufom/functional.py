@@ -801,9 +801,10 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
         vectorise: ``"auto"`` (default: ``vmap``, except on a CPU for tasks
             with 65,536 adapted parameters or more, or whose inner loss runs a
             convolution or ``batch_norm`` with that many output elements,
-            where the per-task loop is faster, and there for a group of
-            tasks that drew the same ``K`` smaller than
-            ``torch_ufom.vectorised.FEWEST_TASKS_ON_CPU``), ``True`` (``vmap`` wherever
+            where the per-task loop is faster, and there for groups of tasks
+            that drew the same ``K`` too small to pay: every group when none
+            reaches ``torch_ufom.vectorised.FEWEST_TASKS_ON_CPU``, else those
+            below ``FEWEST_TASKS_BESIDE_ON_CPU``), ``True`` (``vmap`` wherever
             it is exact) or ``False`` (the per-task loop, without a warning).
         model, inner_loss, outer_loss, steps, inner_lr, inner, mode, q, k,
         truncation, memory, slots, max_memory, hvp, params, generator, inner_params:

@@ -186,9 +186,10 @@ class MetaOptimizer:
             (default: ``torch.func.vmap``, except on a CPU for tasks with
             65,536 adapted parameters or more, or whose inner loss runs a
             convolution or ``batch_norm`` with that many output elements,
-            where the per-task loop is faster, and there for a group of
-            tasks that drew the same ``K`` smaller than
-            ``torch_ufom.vectorised.FEWEST_TASKS_ON_CPU``), ``True`` (``vmap`` wherever
+            where the per-task loop is faster, and there for groups of tasks
+            that drew the same ``K`` too small to pay: every group when none
+            reaches ``torch_ufom.vectorised.FEWEST_TASKS_ON_CPU``, else those
+            below ``FEWEST_TASKS_BESIDE_ON_CPU``), ``True`` (``vmap`` wherever
             it is exact) or ``False`` (always the per-task loop).
 
     The configuration is resolved once (:mod:`torch_ufom.config`); ``steps``,
