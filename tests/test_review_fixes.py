@@ -61,6 +61,7 @@ import functools
 import math
 import queue
 import random
+import re
 import types
 import warnings
 from typing import Any
@@ -1619,7 +1620,8 @@ def test_a_compiled_loss_criterion_is_refused_in_exact_sweeps():
     model, params, _, support = _graded(None)
     query = support
     refused = r"a torch.compile'd function or module \(aot_autograd's CompiledFunction\)"
-    for kwargs in ({"mode": "exact"}, {"mode": "ufom", "q": 1.0}, {"mode": "exact", "memory": "recompute"}):
+    for kwargs in ({"mode": "exact"}, {"mode": "ufom", "q": 1.0},
+                   {"mode": "exact", "memory": "checkpoint", "slots": 1}):
         meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
                                         **kwargs)
         with pytest.raises(RuntimeError, match=refused):
@@ -1627,10 +1629,52 @@ def test_a_compiled_loss_criterion_is_refused_in_exact_sweeps():
         with pytest.raises(RuntimeError, match=refused):
             torch_ufom.hypergrad(model, loss, loss, support, query, steps=STEPS, inner_lr=LR, **kwargs)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)  # nothing written
+    # Under recompute every step evaluated with a graph is evaluated again, eagerly: once torch.compile
+    # skipped the criterion under the library's dispatch-mode probes it runs eagerly for good (seen
+    # with torch 2.13; review HE F4's fix let the replays run); whichever torch does, refused or exact.
+    want = brute_force(model, mse, mse, lambda j: support, query, STEPS, LR, params, STEPS)
+    try:
+        got = torch_ufom.hypergrad(model, loss, loss, support, query, steps=STEPS, inner_lr=LR, mode="exact",
+                                   memory="recompute")
+    except RuntimeError as e:
+        assert re.search(refused, str(e)), e
+    else:
+        assert rel_err(got, want) < 1e-10
     # first-order: no second derivative, exact
     want = brute_force(model, mse, mse, lambda j: support, query, STEPS, LR, params, 0)
     got = torch_ufom.hypergrad(model, loss, loss, support, query, steps=STEPS, inner_lr=LR, mode="fom")
     assert rel_err(got, want) < 1e-10
+
+
+def test_a_compiled_loss_criterion_is_exact_under_fwdrev_on_every_schedule():
+    # Review HE F4 (session 27): porting.md says hvp="fwdrev" differentiates a compiled criterion,
+    # but where steps are evaluated again (recompute, checkpoint with too few slots) Dynamo compiled
+    # the library's own torch-function mode around the replays as a frame of its own, recompiled it
+    # with the ops' int arguments symbolic, and torch's double backward raised "NYI SymInt equality".
+    crit = torch.compile(lambda out, y: ((out - y) ** 2).mean(), backend="aot_eager")
+
+    def loss(f, b):
+        return crit(f(b[0]), b[1])
+
+    model, params, (xs, ys), support = _graded(None)
+    want = brute_force(model, mse, mse, lambda j: support, support, STEPS, LR, params, STEPS)
+    for memory, slots in (("store", None), ("recompute", None), ("checkpoint", 1)):
+        got = torch_ufom.hypergrad(model, loss, loss, support, support, steps=STEPS, inner_lr=LR,
+                                   mode="exact", hvp="fwdrev", memory=memory, slots=slots)
+        assert rel_err(got, want) < 1e-10, memory
+    # fullgraph=True cannot run under the mode that looks for draws in the first step evaluated again
+    whole = torch.compile(lambda out, y: ((out - y) ** 2).mean(), backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"compiled with torch.compile\(fullgraph=True\).*memory='store'"):
+        torch_ufom.hypergrad(model, lambda f, b: whole(f(b[0]), b[1]), mse, support, support, steps=STEPS,
+                             inner_lr=LR, mode="exact", memory="recompute")
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)  # nothing written
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
+                                    mode="exact", hvp="fwdrev", memory="recompute", vectorise=True)
+    meta.zero_grad()
+    meta.backward_batch(loss, loss, (xs, ys), (xs, ys))
+    per_task = [brute_force(model, mse, mse, lambda j, t=(x, y): t, (x, y), STEPS, LR, params, STEPS)
+                for x, y in zip(xs, ys)]
+    assert rel_err([p.grad for p in params], [sum(g) for g in zip(*per_task)]) < 1e-10  # reduction="sum"
 
 
 @pytest.mark.parametrize("form", ["legacy", "parametrizations"])

@@ -230,6 +230,12 @@ class OwnDraws(TorchFunctionMode):
         super().__init__()
         self.found = False
 
+    # Not compiled by Dynamo on its own: a torch.compile'd loss that runs eagerly under the mode
+    # (after torch skipped it once under the library's dispatch-mode probes, it always does)
+    # leaves Dynamo's frame callback set, which compiled this frame, recompiled it with the ops'
+    # int arguments made symbolic, and torch's double backward failed on them ('NYI SymInt
+    # equality', review HE F4).
+    @functools.partial(torch.compiler.disable, recursive=False)
     def __torch_function__(self, func, types, args=(), keywords=None):
         keywords = keywords or {}
         if not self.found:
@@ -253,6 +259,13 @@ REPLAY_DRAWS = (
     "other numbers than the forward pass did, so the sweep would differentiate another function. "
     "Draw from the global generator (each step's stream reseeds it), or pass memory='store', which "
     "evaluates each step once")
+
+
+COMPILED_REPLAY = (
+    "inner_loss runs a function compiled with torch.compile(fullgraph=True), which cannot run under "
+    "the torch-function mode that looks, in the first step evaluated again, for draws from a "
+    "torch.Generator of your own (no step's random stream replays those): pass memory='store', "
+    "which evaluates each step once, or compile without fullgraph=True")
 
 
 class Differentiates(TorchFunctionMode):
@@ -1438,8 +1451,13 @@ class InnerLoop:
         probe finds the draw, and the meta-batch runs task by task)."""
         if not isinstance(self.evaluator, PerTask):
             return run(), False
-        with OwnDraws() as mode:
-            out = run()
+        try:
+            with OwnDraws() as mode:
+                out = run()
+        except Exception as e:  # torch._dynamo.exc.Unsupported: fullgraph=True cannot skip the mode
+            if type(e).__name__ == "Unsupported" and "torch.compiler.disable" in str(e):
+                raise RuntimeError(COMPILED_REPLAY) from e
+            raise
         return out, mode.found
 
     # -- what the losses read -----------------------------------------------------------
