@@ -630,6 +630,28 @@ def test_a_meta_batch_without_support_tensors_is_refused_by_name(entry, empty):
     assert_unchanged(before)
 
 
+@pytest.mark.parametrize("entry", BATCH_ENTRIES)
+@pytest.mark.parametrize("bad", [lambda j: 0, "abc", 3, None], ids=["callable", "str", "int", "None"])
+def test_a_meta_batch_of_the_wrong_type_is_a_type_error(entry, bad):
+    # Review HD F8 (session 27): a support that is no tensor (nor a tree of them) was a ValueError.
+    env = Env()
+    before = env.snap()
+
+    def call(supports, queries):  # (env.call reads None as its default batch)
+        if entry == "hypergrad_batch":
+            return torch_ufom.hypergrad_batch(env.model, mse, env.outer, supports, queries,
+                                              params=env.params(), generator=env.gen, **env.config)
+        return env.meta.backward_batch(mse, env.outer, supports, queries)
+
+    with pytest.raises(TypeError, match=r"Invalid supports.*(expected a tensor|holds no tensor)"):
+        call(bad, env.queries)
+    with pytest.raises(TypeError, match=r"Invalid queries.*(expected a tensor|holds no tensor)"):
+        call(env.supports, bad)
+    with pytest.raises(ValueError, match=r"Invalid supports.*got a 0-d tensor"):
+        call(torch.tensor(1.0), env.queries)
+    assert_unchanged(before)
+
+
 @pytest.mark.parametrize("start, change", [({"inner": SGD(0.2)}, {"inner_lr": 0.05}),
                                            ({}, {"inner": SGD(0.05)})], ids=["to-inner_lr", "to-inner"])
 def test_reconfigure_switches_between_inner_lr_and_inner(start, change):

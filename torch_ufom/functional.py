@@ -811,6 +811,8 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
             as for :func:`hypergrad`.
 
     Raises:
+        TypeError: a meta-batch entry that is not a tensor (the message names it);
+            nothing is changed.
         ValueError: an invalid argument, e.g. tensors whose leading sizes differ
             (the message names the entry); nothing is changed.
         FloatingPointError: a non-finite loss or hypergradient in any task.

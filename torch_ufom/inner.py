@@ -223,8 +223,8 @@ def _check_entry(v, arg: str, targets: Mapping[str, Tensor], bounds, per_step_ru
     steps, per_step = per_step_rule
     if isinstance(v, PerStep):
         if not per_step:
-            raise ValueError(f"Invalid {arg}: {v!r} (a PerStep value is not accepted here; expected "
-                             "a float or a tensor)")
+            raise TypeError(f"Invalid {arg}: {v!r} (a PerStep value is not accepted here; expected "
+                            "a float or a tensor)")
         if steps is not None and len(v) != steps:
             raise ValueError(f"Invalid {arg}: PerStep has {len(v)} values but the inner loop runs "
                              f"steps={steps} (expected one value per inner step)")

@@ -818,6 +818,8 @@ class MetaOptimizer:
             first task: every step's batch of it).
 
         Raises:
+            TypeError: a meta-batch entry that is not a tensor (the message
+                names it); nothing is written.
             ValueError: tensors whose leading sizes differ (the message names
                 the entry), or another invalid argument; nothing is written.
         """

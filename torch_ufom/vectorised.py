@@ -69,23 +69,25 @@ def meta_batch_size(**trees: Any) -> int:
     of ``trees`` (by argument name: ``supports=..., queries=...``).
 
     Raises:
+        TypeError: a tree is ``None``, or naming the first entry that is not a
+            tensor (a callable, a string, a number).
         ValueError: a tree holds no tensor, or naming the first entry that is
-            not a tensor with a leading task dimension, or whose leading size
-            differs from the first one's.
+            a 0-d tensor, or whose leading size differs from the first one's.
     """
     entries = []
     for name, tree in trees.items():
         leaves = [(f"{name}{pytree.keystr(k)}", v) for k, v in pytree.tree_leaves_with_path(tree)]
         if not leaves:  # [], {}, (), None: no task's batch to index
-            raise ValueError(f"Invalid {name}: {tree!r} holds no tensor (expected a tensor, or a "
-                             "tuple/list/dict of tensors, whose first dimension indexes the tasks)")
+            raise (TypeError if tree is None else ValueError)(
+                f"Invalid {name}: {tree!r} holds no tensor (expected a tensor, or a "
+                "tuple/list/dict of tensors, whose first dimension indexes the tasks)")
         entries += leaves
     size, first = None, None
     for path, leaf in entries:
         if not isinstance(leaf, Tensor) or leaf.dim() == 0:
             what = "a 0-d tensor" if isinstance(leaf, Tensor) else type(leaf).__name__
-            raise ValueError(f"Invalid {path}: expected a tensor whose first dimension indexes "
-                             f"the tasks, got {what}")
+            raise (ValueError if isinstance(leaf, Tensor) else TypeError)(
+                f"Invalid {path}: expected a tensor whose first dimension indexes the tasks, got {what}")
         if size is None:
             size, first = leaf.shape[0], path
         elif leaf.shape[0] != size:
