@@ -278,10 +278,20 @@ STATE_CASES = {
     "q-stats-q-below-q-min": (AUTO, AUTO, lambda sd: corrupt(sd, q_stats=lambda s: {**s, "q": 0.01}),
                               ValueError, r"state_dict\['q_stats'\]\['q'\].*q_min"),
     "tasks-negative": ({}, {}, lambda sd: {**sd, "tasks": -1}, ValueError, r"state_dict\['tasks'\]"),
-    "tasks-bool": ({}, {}, lambda sd: {**sd, "tasks": True}, ValueError, r"state_dict\['tasks'\]"),
+    # (a wrong type is a TypeError: review IA F5, session 28)
+    "tasks-bool": ({}, {}, lambda sd: {**sd, "tasks": True}, TypeError, r"state_dict\['tasks'\]"),
+    "tasks-string": ({}, {}, lambda sd: {**sd, "tasks": "3"}, TypeError, r"state_dict\['tasks'\]"),
+    "tasks-float": ({}, {}, lambda sd: {**sd, "tasks": 2.0}, TypeError, r"state_dict\['tasks'\]"),
     "rank-negative": ({}, {}, lambda sd: {**sd, "rank": -1}, ValueError, r"state_dict\['rank'\]"),
-    "rank-string": ({}, {}, lambda sd: {**sd, "rank": "0"}, ValueError, r"state_dict\['rank'\]"),
-    "rank-bool": ({}, {}, lambda sd: {**sd, "rank": True}, ValueError, r"state_dict\['rank'\]"),
+    "rank-string": ({}, {}, lambda sd: {**sd, "rank": "0"}, TypeError, r"state_dict\['rank'\]"),
+    "rank-bool": ({}, {}, lambda sd: {**sd, "rank": True}, TypeError, r"state_dict\['rank'\]"),
+    "q-stats-q-string": (AUTO, AUTO, lambda sd: corrupt(sd, q_stats=lambda s: {**s, "q": "0.5"}),
+                         TypeError, r"state_dict\['q_stats'\]\['q'\]: '0.5'"),
+    # Review IA F3 (session 28): a setting that does not compare (a tensor where a plain value was
+    # saved) raised torch's RuntimeError after the outer optimizer, the generator and the count loaded.
+    "settings-tensor": ({}, {}, lambda sd: corrupt(
+        sd, settings=lambda s: {**s, "steps": torch.tensor([3, 3])}), TypeError,
+        r"state_dict\['settings'\]\['steps'\]: tensor.*nothing was changed"),
 }
 
 
@@ -652,6 +662,42 @@ def test_a_meta_batch_of_the_wrong_type_is_a_type_error(entry, bad):
     assert_unchanged(before)
 
 
+class _NoGradSGD(torch_ufom.inner.InnerRule):
+    """Plain SGD with its step under torch.no_grad(), as a torch.optim step() is written."""
+
+    def __init__(self, lr):
+        self.hyper = {"lr": lr}
+        self._check_values()
+
+    def init(self, params):
+        return ()
+
+    def update(self, grads, state, params, hyper):
+        with torch.no_grad():
+            return {n: p - hyper["lr"] * grads[n] for n, p in params.items()}, state
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("mode", ["fom", "ufom", "exact"])
+def test_an_inner_rule_whose_update_carries_no_graph_is_refused(entry, mode):
+    # Review IA F1 (session 28): every mode differentiates the rule's update (fom along the
+    # parameters); one run under no_grad gave hypergradients of zero, silently.
+    env = Env()
+    env.meta.reconfigure(inner=_NoGradSGD(0.1), mode=mode)
+    before = env.snap()
+    config = {k: v for k, v in env.config.items() if k not in ("inner_lr", "mode")}
+    with pytest.raises(ValueError, match=r"Invalid inner: _NoGradSGD's update returned '0.weight'.* "
+                                         r"without a graph .*torch.no_grad\(\)"):
+        if entry.startswith("hypergrad"):
+            batch = entry.endswith("_batch")
+            getattr(torch_ufom, entry)(env.model, mse, env.outer, env.supports if batch else env.support,
+                                       env.queries if batch else env.query, params=env.params(),
+                                       generator=env.gen, **config, mode=mode, inner=_NoGradSGD(0.1))
+        else:
+            env.call(entry)
+    assert_unchanged(before)
+
+
 @pytest.mark.parametrize("start, change", [({"inner": SGD(0.2)}, {"inner_lr": 0.05}),
                                            ({}, {"inner": SGD(0.05)})], ids=["to-inner_lr", "to-inner"])
 def test_reconfigure_switches_between_inner_lr_and_inner(start, change):
@@ -873,9 +919,11 @@ def test_empty_params_and_tasks_are_refused_by_name():
         torch_ufom.hypergrad(env.model, mse, env.outer, env.support, env.query, params=[],
                              generator=env.gen, **env.config)
     assert_unchanged(before)
-    for tasks in (None, 5):
+    for tasks in (None, 5, {"a": (env.support, env.query)}, [env.support[0]]):  # (dict, tensor: review IA F5)
         with pytest.raises(TypeError, match=r"Invalid tasks: .*\(expected a non-empty sequence"):
             torch_ufom.diagnose(env.model, mse, mse, tasks, steps=2, inner_lr=0.1)
+    with pytest.raises(ValueError, match=r"Invalid tasks: expected a non-empty sequence"):
+        torch_ufom.diagnose(env.model, mse, mse, [], steps=2, inner_lr=0.1)
 
 
 def test_numpy_arrays_are_taken_where_sequences_of_numbers_are():
@@ -908,6 +956,23 @@ def test_add_param_group_adds_to_the_outer_optimizer_as_torch_optim_does():
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
         env.meta.add_param_group({"params": [v]})
     assert len(env.meta.param_groups) == 2  # unchanged
+
+
+def test_a_stacked_model_refuses_an_input_that_does_not_stack_its_tasks():
+    # Review IA F2 (session 28): vmap's size error was swallowed, and the task-by-task fallback ran
+    # task i on row i of a shared input: (10, 3) for 4 tasks gave 4 outputs, silently.
+    model = make_model()
+    xs, ys = torch.randn(4, 5, 2), torch.randn(4, 5, 1)
+    adapted = torch_ufom.adapt_batch(model, mse, (xs, ys), steps=1, inner_lr=0.1)
+    shared = torch.randn(10, 2)
+    for call, where in ((lambda: adapted(shared), r"args\[0\]"), (lambda: adapted(input=shared), "input"),
+                        (lambda: adapted(torch.randn(6, 5, 2)), r"args\[0\]"),
+                        (lambda: adapted(torch.tensor(1.0)), r"args\[0\]: a 0-d tensor")):
+        with pytest.raises(ValueError, match=rf"Invalid {where}.* the stacked model holds 4 tasks"):
+            call()
+    want = torch.stack([adapted.task(i)(xs[i]) for i in range(4)])
+    assert torch.allclose(adapted(xs), want, rtol=1e-6, atol=1e-7)  # stacked inputs as before
+    assert adapted.task(2)(shared).shape == (10, 1)  # one task's model on a shared input
 
 
 def test_zero_dimensional_integer_tensors_and_arrays_index_as_ints():

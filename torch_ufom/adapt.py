@@ -56,6 +56,23 @@ class StackedFunctionalModel:
 
     @one_call_at_a_time  # (it reads and swaps the module's entries: review GE F1)
     def __call__(self, *args, **kwargs):
+        """The tasks' outputs, stacked: task ``i``'s model on ``xs[i]`` for every tensor ``xs``
+        among the arguments (each with a leading dimension of ``size``; other values are
+        passed to every task as they are).
+
+        Raises:
+            ValueError: a tensor argument whose leading size is not the number of tasks
+                (``task(i)(x)`` runs one task's model on an input of its own).
+        """
+        for path, leaf in pytree.tree_leaves_with_path((args, kwargs)):
+            if isinstance(leaf, Tensor) and (leaf.dim() == 0 or leaf.shape[0] != self.size):
+                # (review IA F2: vmap refused it, and the task-by-task fallback read one row per task)
+                where = ("args" + pytree.keystr(path[1:]) if path[0].idx == 0
+                         else path[1].key + pytree.keystr(path[2:]))
+                got = "a 0-d tensor" if leaf.dim() == 0 else f"a tensor of leading size {leaf.shape[0]}"
+                raise ValueError(f"Invalid {where}: {got}, but the stacked model holds {self.size} tasks "
+                                 "(expected a tensor whose first dimension indexes the tasks; "
+                                 "task(i)(x) runs task i's model on an input of its own)")
         # (a forward hook, of the module's or global, may keep what it sees: feature extraction
         # stored tensors of vmap's, review FF; the look at the adaptation ran before it existed)
         if self.vectorised and not _forward_hooked(self.module):

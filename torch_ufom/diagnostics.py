@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -87,11 +87,15 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
         generator and the global random state are left as they were (the
         draws of a training run that calls it in between do not move).
     """
-    if isinstance(tasks, (str, bytes)) or not hasattr(tasks, "__iter__"):
+    if isinstance(tasks, (str, bytes, Mapping)) or not hasattr(tasks, "__iter__"):
         raise TypeError(f"Invalid tasks: {type(tasks).__name__} (expected a non-empty sequence of "
                         "(support, query) pairs)")
     tasks = list(tasks)
-    if not tasks or not all(isinstance(t, (tuple, list)) and len(t) == 2 for t in tasks):
+    wrong = next((t for t in tasks if not isinstance(t, (tuple, list))), None)
+    if wrong is not None:  # (review IA F5: a wrong type is a TypeError)
+        raise TypeError(f"Invalid tasks: an entry is a {type(wrong).__name__} (expected a non-empty "
+                        "sequence of (support, query) pairs)")
+    if not tasks or not all(len(t) == 2 for t in tasks):
         raise ValueError("Invalid tasks: expected a non-empty sequence of (support, query) pairs")
     config = resolve(Settings(steps, inner_lr, inner, "exact", memory=memory, slots=slots,
                               max_memory=max_memory, hvp=hvp, inner_params=inner_params), model,

@@ -1331,6 +1331,7 @@ class MetaOptimizer:
         extra = self._extra_meta()
         _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive, extra)
         _check_meta_values(state_dict.get("meta_tensors"), extra, self._config.rule)
+        differs = self._settings_differ(state_dict.get("settings"))  # (before anything changes: IA F3)
         opt, gen = self.optimizer, self.generator
         saved = (opt.state, opt.param_groups)
         try:
@@ -1370,18 +1371,36 @@ class MetaOptimizer:
         if self._reduced and state_dict.get("tasks") is not None:
             self._tasks, self._reduced_total = 0, self._tasks  # the total synchronize() returns
         self._holding = self._holding or self._tasks > 0 or self._reduced
-        saved_settings, now = state_dict.get("settings"), self._settings_summary()
-        if saved_settings and saved_settings.get("format") == _SETTINGS_FORMAT:  # else not comparable
-            differ = [k for k in now if k in saved_settings and saved_settings[k] != now[k]]
-            if differ:
-                was = ", ".join(f"{k}={saved_settings[k]!r}" for k in differ)
-                has = ", ".join(f"{k}={now[k]!r}" for k in differ)
-                how = [] if differ == ["reduction"] else ["meta.reconfigure(...)"]
-                if "reduction" in differ:  # (set when the MetaOptimizer is built: review HA F2)
-                    how.append(f"a MetaOptimizer built with reduction={saved_settings['reduction']!r}")
-                warnings.warn(f"load_state_dict: the saved run had {was} where this MetaOptimizer has "
-                              f"{has}; its state was loaded, but settings are not restored (use "
-                              f"{' and '.join(how)} to resume the run as it was)", stacklevel=2)
+        if differs:
+            warnings.warn(differs, stacklevel=2)
+
+    def _settings_differ(self, saved: Optional[Mapping]) -> Optional[str]:
+        """The warning for saved settings (``state_dict['settings']``) that differ from this
+        MetaOptimizer's, or ``None``; raises for an entry that does not compare as a saved
+        setting does (a tensor where a plain value was saved)."""
+        if not saved or saved.get("format") != _SETTINGS_FORMAT:  # not comparable
+            return None
+        now, differ = self._settings_summary(), []
+        for k in now:
+            if k not in saved:
+                continue
+            try:
+                if bool(saved[k] != now[k]):
+                    differ.append(k)
+            except Exception as err:  # noqa: BLE001 (a tensor's ambiguous truth value, ...)
+                raise TypeError(f"Invalid state_dict['settings'][{k!r}]: {saved[k]!r} does not compare "
+                                f"with a setting ({type(err).__name__}: {err}; expected the plain value "
+                                "state_dict() saved); nothing was changed") from err
+        if not differ:
+            return None
+        was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
+        has = ", ".join(f"{k}={now[k]!r}" for k in differ)
+        how = [] if differ == ["reduction"] else ["meta.reconfigure(...)"]
+        if "reduction" in differ:  # (set when the MetaOptimizer is built: review HA F2)
+            how.append(f"a MetaOptimizer built with reduction={saved['reduction']!r}")
+        return (f"load_state_dict: the saved run had {was} where this MetaOptimizer has {has}; its state "
+                f"was loaded, but settings are not restored (use {' and '.join(how)} to resume the run "
+                "as it was)")
 
     def __repr__(self) -> str:
         return (f"MetaOptimizer(mode={self.mode!r}, steps={self.steps}, law={self.law!r}, "
@@ -1593,8 +1612,9 @@ def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
                          "other)")
     rank = sd.get("rank")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0):
-        raise ValueError(f"Invalid state_dict['rank']: {rank!r} (expected None or an int >= 0, the "
-                         "rank that saved it)")
+        integral = isinstance(rank, numbers.Integral) and not isinstance(rank, bool)
+        raise (ValueError if integral else TypeError)(
+            f"Invalid state_dict['rank']: {rank!r} (expected None or an int >= 0, the rank that saved it)")
     reduced = sd.get("reduced")
     if reduced is not None and not isinstance(reduced, bool):
         raise TypeError(f"Invalid state_dict['reduced']: {reduced!r} (expected True or False)")
@@ -1609,8 +1629,9 @@ def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
     tasks = sd.get("tasks")
     if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, numbers.Integral)
                               or tasks < 0):
-        raise ValueError(f"Invalid state_dict['tasks']: {tasks!r} (expected an int >= 0, the number "
-                         "of tasks .grad holds)")
+        integral = isinstance(tasks, numbers.Integral) and not isinstance(tasks, bool)
+        raise (ValueError if integral else TypeError)(
+            f"Invalid state_dict['tasks']: {tasks!r} (expected an int >= 0, the number of tasks .grad holds)")
     if observations is None:
         return
     if not isinstance(observations, (list, tuple)):
@@ -1746,6 +1767,9 @@ def _check_entries(d: Any, spec: Dict[str, tuple], name: str,
             f" (expected keys {list(spec)})")
     for key, (kind, low) in spec.items():
         v = d[key]
+        typed = isinstance(v, bool) if kind == "bool" else \
+            (isinstance(v, numbers.Integral) if kind == "int" else isinstance(v, numbers.Real)) \
+            and not isinstance(v, bool)
         if kind == "bool":
             ok = isinstance(v, bool)
             expected = "a bool"
@@ -1766,4 +1790,5 @@ def _check_entries(d: Any, spec: Dict[str, tuple], name: str,
                 ok = ok and (low is None or v >= low)
                 expected = "a finite float" + ("" if low is None else f" >= {low}")
         if not ok:
-            raise ValueError(f"Invalid {name}[{key!r}]: {v!r} (expected {expected})")
+            raise (ValueError if typed else TypeError)(
+                f"Invalid {name}[{key!r}]: {v!r} (expected {expected})")

@@ -1288,6 +1288,16 @@ def _library_code(rule: Any) -> bool:
     return False
 
 
+def detached_update(rule: Any, names: Sequence[str]) -> str:
+    """The error for a rule of the user's whose ``update`` returned the parameters
+    ``names`` without a graph."""
+    return (f"Invalid inner: {type(rule).__name__}'s update returned {', '.join(map(repr, names[:3]))}"
+            f"{' and others' if len(names) > 3 else ''} without a graph (requires_grad=False) from "
+            "parameters that had one: an update run under torch.no_grad(), or one that detaches "
+            "(.detach(), .data). Every mode differentiates the update (fom too, along the parameters): "
+            "write it with differentiable out-of-place ops, as the built-in rules of torch_ufom.inner")
+
+
 def elementwise_rule(rule: Any) -> bool:
     """Whether ``rule``'s update acts on each entry of the state on its own: a built-in
     rule's code, or a rule of the user's that declares ``elementwise = True``. Only then
@@ -1377,6 +1387,7 @@ class InnerLoop:
         self.cuda_devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
         self.math_attention = math_attention
         self.plain_rate = rule.plain_rate
+        self.own_rule = not _library_code(rule)  # its update is looked at for a lost graph
         # A sparse gradient (nn.Embedding(sparse=True)) goes through an additive rule's
         # p - lr g as it is; other rules mix it with dense tensors, which sparse ops refuse,
         # in their forward and in their backward (a sparse cotangent of the new parameters,
@@ -1617,6 +1628,11 @@ class InnerLoop:
             dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
             self.rule.hyper)
         new_p = tuple(new_p[n] for n in self.names)
+        if self.own_rule and torch.is_grad_enabled():
+            lost = [n for n, p, q in zip(self.names, state.params, new_p) if p.requires_grad and not
+                    (isinstance(q, Tensor) and q.requires_grad)]
+            if lost:  # (review IA F1: every mode's hypergradient was zero, silently)
+                raise ValueError(detached_update(self.rule, lost))
         if self.densify:
             new_p = tuple(map(_DenseCotangent.apply, new_p))
         return new_p, tuple(new_opt)
