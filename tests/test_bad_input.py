@@ -975,6 +975,23 @@ def test_a_stacked_model_refuses_an_input_that_does_not_stack_its_tasks():
     assert adapted.task(2)(shared).shape == (10, 1)  # one task's model on a shared input
 
 
+def test_reconfigure_step_and_zero_grad_name_what_they_take():
+    # Review IA F6 (session 28): reconfigure listed no keyword it takes, step(1) raised torch's
+    # "'int' object is not callable", zero_grad("x") was taken as set_to_none=True.
+    env = Env()
+    before = env.snap()
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['stpes'\] \(expected some of steps, "):
+        env.meta.reconfigure(stpes=5)
+    for keyword in ("reduction", "track_buffers", "generator"):
+        with pytest.raises(TypeError, match=rf"{keyword} is set when the MetaOptimizer is built"):
+            env.meta.reconfigure(**{keyword: None})
+    with pytest.raises(TypeError, match=r"Invalid closure: int \(expected None or a callable"):
+        env.meta.step(1)
+    with pytest.raises(TypeError, match=r"Invalid set_to_none: 'x' \(expected True or False\)"):
+        env.meta.zero_grad("x")
+    assert_unchanged(before)
+
+
 def test_zero_dimensional_integer_tensors_and_arrays_index_as_ints():
     # Review DS: task(torch.tensor(1)) and a 0-d force_truncation array were refused.
     import numpy as np

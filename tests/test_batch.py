@@ -529,18 +529,18 @@ def test_auto_q_runs_per_task_and_keeps_its_statistics():
     assert meta.q_stats["n_x"] == B
 
 
-@pytest.mark.parametrize("supports, queries, name", [
-    (lambda s, q: (s[0], s[1][:4]), lambda s, q: q, r"supports\[1\]"),
-    (lambda s, q: s, lambda s, q: {"x": q[0], "y": q[1][:3]}, r"queries\['y'\]"),
-    (lambda s, q: (s[0], 3.0), lambda s, q: q, r"supports\[1\]"),
+@pytest.mark.parametrize("supports, queries, name, error", [
+    (lambda s, q: (s[0], s[1][:4]), lambda s, q: q, r"supports\[1\]", ValueError),
+    (lambda s, q: s, lambda s, q: {"x": q[0], "y": q[1][:3]}, r"queries\['y'\]", ValueError),
+    (lambda s, q: (s[0], 3.0), lambda s, q: q, r"supports\[1\]", TypeError),  # (no tensor: review HD F8)
 ])
-def test_mismatched_meta_batches_are_rejected_and_change_nothing(supports, queries, name):
+def test_mismatched_meta_batches_are_rejected_and_change_nothing(supports, queries, name, error):
     model, loss, data = mlp_problem(1)
     s, q = stacked(data, 0), stacked(data, 10)
     meta = meta_opt(model, 0.3, mode="ufom", generator=torch.Generator().manual_seed(0))
     state = meta.generator.get_state()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(error, match=name):
         meta.backward_batch(loss, loss, supports(s, q), queries(s, q))
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(meta.generator.get_state(), state)
@@ -1255,3 +1255,50 @@ def test_the_aten_probe_knows_cudas_fused_rms_norm():
         probe = _AtenProbe()
         probe.__torch_dispatch__(op, (), (x, [4], weight, None))
         assert probe.norms == found
+
+
+def test_a_loss_drawing_from_numpys_generator_runs_the_loop_and_draws_per_task():
+    # Review IB F1 (session 28): vmap ran a per-task np.random augmentation once for the whole
+    # meta-batch, every task drawing the same noise (23 % off the loop), silently; the look also
+    # advanced NumPy's generator.
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+    def noisy(f, b):
+        x, y = b
+        return mse(f, (x + 0.5 * torch.from_numpy(np.random.randn(*x.shape)), y))
+
+    xs, ys = torch.randn(4, 6, 3, dtype=torch.float64), torch.randn(4, 6, 1, dtype=torch.float64)
+    got = {}
+    for vectorise in (True, False):
+        meta = meta_opt(model, 0.3, mode="exact", vectorise=vectorise)
+        meta.zero_grad()
+        np.random.seed(0)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            results = meta.backward_batch(noisy, mse, (xs, ys), (xs, ys))
+        assert any("NumPy's or Python's global random generator" in str(w.message) for w in seen) == vectorise
+        assert all(r.batch_path.startswith("per-task loop") for r in results)
+        got[vectorise] = [p.grad.clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))  # the loop's draws, bitwise
+    np.random.seed(0)  # each task draws its own noise, step by step, as the loop runs them
+    noise = [[torch.from_numpy(np.random.randn(6, 3)) for _ in range(STEPS)] for _ in range(4)]
+    want = [sum(g) for g in zip(*(
+        brute_force(model, mse, mse, lambda j, t=t: (xs[t] + 0.5 * noise[t][j], ys[t]), (xs[t], ys[t]), STEPS,
+                    0.3, list(model.parameters()), STEPS) for t in range(4)))]
+    assert rel_err(got[True], want) < 1e-10
+
+
+def test_a_loss_reading_no_adapted_parameter_runs_the_loop_and_says_so():
+    # Review IA F7 (session 28): vmap's own check refused it as "does not depend on the parameters
+    # (requires_grad=False ...)", and the fallback quoted that, though the loss requires grad.
+    model, loss, data = mlp_problem(1)
+    lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(list(model.parameters()) + [lam], lr=0.0),
+                                    inner_lr=0.3, steps=STEPS, vectorise=True)
+    with pytest.warns(UserWarning, match="inner_loss reads none of the adapted parameters"):
+        results = meta.backward_batch(lambda f, b: lam * (b[0] ** 2).mean(), loss, stacked(data, 0),
+                                      stacked(data, 10))
+    reason = "per-task loop: inner_loss reads none of the adapted parameters"
+    assert {r.batch_path for r in results} == {reason}

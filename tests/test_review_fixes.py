@@ -3501,3 +3501,23 @@ def test_a_pruned_model_s_meta_batch_runs_the_loop_naming_the_hook_attribute():
     want = [sum(brute_force(model, _mse, _mse, lambda j, i=i: (sup[0][i], sup[1][i]), (qry[0][i], qry[1][i]),
                             2, 0.1, params, k=2)[n] for i in range(2)) for n in range(len(params))]
     assert rel_err(got, want) < 1e-10
+
+
+def test_fwdrev_runs_on_a_model_whose_first_parameter_is_more_precise_than_the_rest():
+    # Review IC F2 (session 28): the fwdrev backstop took its tolerance from the first parameter's
+    # dtype: a float64 scale before float32 layers read float32 rounding (5e-8) as a stop-gradient.
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3, dtype=torch.float64))  # registered first
+            self.a, self.b = nn.Linear(3, 8).float(), nn.Linear(8, 1).float()
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a((x * self.scale).float()))).double()
+
+    torch.manual_seed(0)
+    model = Mixed()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    got = {hvp: torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=STEPS, inner_lr=LR, mode="exact",
+                                     memory="store", hvp=hvp) for hvp in ("revrev", "fwdrev")}
+    assert rel_err(got["fwdrev"], got["revrev"]) < 1e-5  # float32 rounding

@@ -220,7 +220,7 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
         vectorised = not found.kept  # (tensors kept outside the module, maybe by its forward: calls too)
         if elementwise_rule(problem.config.rule) and not (
                 found.written or found.wrong or found.own_generator or found.differentiates
-                or found.attributes or found.kept or found.hooks):
+                or found.attributes or found.kept or found.hooks or found.host_draws):
             try:
                 with attributes_kept(model):
                     state = _run(problem, Vectorised(size), supports)

@@ -51,6 +51,9 @@ VECTORISE_CHOICES = ("auto", True, False)
 LAW_KNOBS = ("mode", "q", "k", "truncation")
 
 
+_BUILT_ONLY = ("reduction", "track_buffers", "generator", "process_group", "model", "optimizer")
+
+
 @dataclass(frozen=True)
 class Settings:
     """The configuration keywords as the user wrote them (see :class:`~torch_ufom.MetaOptimizer`).
@@ -81,9 +84,14 @@ class Settings:
         ``"truncated"``, ``k``; a new ``truncation`` drops ``mode``); likewise a
         new ``slots`` drops ``max_memory`` and a new ``max_memory`` drops ``slots``,
         and a new ``inner_lr`` drops ``inner`` and a new ``inner`` drops ``inner_lr``."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise TypeError(f"reconfigure() got unexpected keyword(s) {unknown}")
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:  # (review IA F6: name what it takes, and what only the constructor takes)
+            fixed = [k for k in unknown if k in _BUILT_ONLY]
+            built = f"; {', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} set when the " \
+                "MetaOptimizer is built" if fixed else ""
+            raise TypeError(f"reconfigure() got unexpected keyword(s) {unknown} (expected some of "
+                            f"{', '.join(fields)}{built})")
         if "mode" in changes:
             changes.setdefault("truncation", None)
             if changes["mode"] != "truncated":

@@ -490,7 +490,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     first = batches[0]
     found = probe_steps(problem.model, problem.inner_loss, batches, problem.outer_loss, task_of(queries, 0),
                         problem.config.adapted)
-    if problem.config.adapted and set(problem.config.adapted) <= set(found.unread):
+    reads_none = bool(problem.config.adapted) and set(problem.config.adapted) <= set(found.unread)
+    if reads_none:
         warnings.warn(reads_nothing("inner_loss"), stacklevel=caller_level())  # (the loop's own look)
     known = SlowOps(_weak(problem.inner_loss), device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
@@ -499,12 +500,19 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         tuple(map(weakref.ref, modules)))
     if auto and known.ops:
         return Plan(None, _slow(known.ops), False, known)
+    if reads_none:  # (vmap's own check would refuse it under another name: review IA F7; warned above)
+        return Plan(None, "inner_loss reads none of the adapted parameters", False, known)
     if known.wrong:
         return Plan(None, _wrong(known.wrong), True, known)
     if found.own_generator:
         return Plan(None, "a random operation draws from a torch.Generator of the losses' own "
                     "(generator=...), which vmap(randomness='different') would advance once per task, "
                     "so each task would draw other numbers than it draws alone", True, known)
+    if found.host_draws:
+        return Plan(None, "a loss draws from NumPy's or Python's global random generator (np.random, "
+                    "random), which vmap would run once for the whole meta-batch: every task would draw "
+                    "the same numbers, where alone each draws its own (draw from torch's generator, "
+                    "torch.randn: vmap(randomness='different') draws per task)", True, known)
     if found.written:
         return Plan(None, f"the module has buffers that the losses write ({', '.join(found.written)}: "
                     "running statistics cannot be vectorised)", True, known)

@@ -517,6 +517,8 @@ class MetaOptimizer:
                 (``module.zero_grad()`` beside a learned rate) warns, or goes
                 unnoticed if it zeroes them in place: use this one.
         """
+        if type(set_to_none).__name__ not in ("bool", "bool_"):  # (NumPy's too; review IA F6: "x" was True)
+            raise TypeError(f"Invalid set_to_none: {set_to_none!r} (expected True or False)")
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._forget_tasks()
         self._set_kept([])
@@ -1025,6 +1027,9 @@ class MetaOptimizer:
         loss raises and that rank does not go on to ``step()``, the others wait
         in the all-reduce until it exits or the group's ``timeout`` passes.
         """
+        if closure is not None and not callable(closure):  # (review IA F6: torch's error named no argument)
+            raise TypeError(f"Invalid closure: {type(closure).__name__} (expected None or a callable that "
+                            "re-evaluates the losses, as torch.optim's step(closure) takes)")
         self._check_cleared(self.meta_parameters())  # tasks discarded through the outer optimizer
         self._check_pending_buffers()
         if closure is None:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import random
-import sys
 import warnings
 from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
@@ -38,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .checks import invalid, is_int
-from .unroll import REPLAY_DRAWS, Loop, State, StepRecord, SweepPlan, caller_level
+from .unroll import REPLAY_DRAWS, Loop, State, StepRecord, SweepPlan, caller_level, host_random_states
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
@@ -163,17 +161,6 @@ REPLAY_HOST_DRAWS = (
     "another thread's meanwhile). Draw from torch's "
     "global generator (torch.rand, torch.randn: each step's stream reseeds it), or pass "
     "memory='store', which evaluates each step once")
-
-
-def host_random_states() -> tuple:
-    """The global states of Python's ``random`` and, where NumPy is imported, of NumPy's
-    legacy generator (``np.random.*``), comparable with ``==``."""
-    states: list = [random.getstate()]
-    np = sys.modules.get("numpy")
-    if np is not None:
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        states.append((name, keys.tobytes(), pos, has_gauss, gauss))
-    return tuple(states)
 
 
 def replays_reproduce(state: State) -> bool:

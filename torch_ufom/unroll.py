@@ -33,6 +33,7 @@ import itertools
 import math
 import os
 import re
+import random
 import sys
 import threading
 import types
@@ -218,6 +219,27 @@ def is_default_generator(gen: torch.Generator) -> bool:
 
 
 _SENTINEL = 0x5EED_7A3F_91C2_55E1  # a seed no generator of the user's is likely to hold
+
+
+def host_random_states() -> tuple:
+    """The global states of Python's ``random`` and, where NumPy is imported, of NumPy's
+    legacy generator (``np.random.*``), comparable with ``==`` (:func:`set_host_random_states`
+    puts them back)."""
+    states: list = [random.getstate()]
+    np = sys.modules.get("numpy")
+    if np is not None:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        states.append((name, keys.tobytes(), pos, has_gauss, gauss))
+    return tuple(states)
+
+
+def set_host_random_states(states: tuple) -> None:
+    """Put back what :func:`host_random_states` returned."""
+    random.setstate(states[0])
+    if len(states) > 1:
+        np = sys.modules["numpy"]
+        name, keys, pos, has_gauss, gauss = states[1]
+        np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32).copy(), pos, has_gauss, gauss))
 
 
 class OwnDraws(TorchFunctionMode):
@@ -1915,8 +1937,10 @@ class FwdRevDisagrees(ValueError):
 
 def hvp_disagreement(forward: Sequence[Tensor], reverse: Sequence[Tensor]) -> float:
     """How far apart two HVPs are, relative (their difference's norm over their norms'),
-    where that exceeds the square root of their dtype's epsilon; ``0.0`` where they agree.
-    One host synchronisation."""
+    where that exceeds the square root of the least precise parameter dtype's epsilon (review
+    IC F2: the first parameter's float64 epsilon read a float32 part's rounding, which reaches
+    every parameter it touches, as a disagreement); ``0.0`` where they agree. One host
+    synchronisation."""
     if not forward:
         return 0.0
     diff, ours, theirs = torch.stack([sum((f - r).abs().pow(2).sum() for f, r in zip(forward, reverse)),
@@ -1927,7 +1951,8 @@ def hvp_disagreement(forward: Sequence[Tensor], reverse: Sequence[Tensor]) -> fl
         # check names it); a non-finite reverse one (torch's double backward of logcumsumexp can
         # be) leaves forward mode unchecked, as it leaves reverse mode unusable.
         return 0.0
-    if diff <= torch.finfo(forward[0].dtype).eps * (ours + theirs):  # (squared: sqrt(eps) relative)
+    eps = max(torch.finfo(f.dtype).eps for f in forward)
+    if diff <= eps * (ours + theirs):  # (squared: sqrt(eps) relative)
         return 0.0
     return (diff / (ours + theirs)) ** 0.5
 

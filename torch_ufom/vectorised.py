@@ -36,9 +36,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, from_torch_func,
-                     generator_position, graph_nodes, graph_reaches, graph_survey, is_default_generator,
-                     loss_and_aux, note_probed, once_differentiable, outside_transforms, renormalises_weights,
-                     watched_loss, wrong_twice)
+                     generator_position, graph_nodes, graph_reaches, graph_survey, host_random_states,
+                     is_default_generator, loss_and_aux, note_probed, once_differentiable, outside_transforms,
+                     renormalises_weights, set_host_random_states, watched_loss, wrong_twice)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "probe_steps", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS", "FEWEST_TASKS_ON_CPU",
@@ -670,6 +670,7 @@ class Probe(NamedTuple):
     # A loss keeps a tensor computed from a task's parameters or batch: the submodules' plain
     # attributes a forward pre-hook set that hold one, or "elsewhere" ("": none kept).
     kept: str = ""
+    host_draws: bool = False  # a loss draws from NumPy's or Python's global generator
 
     def fwdrev_obstacle(self) -> str:
         """Why forward-over-reverse HVPs would differentiate another function than the
@@ -717,7 +718,7 @@ def probe_steps(module: nn.Module, inner_loss, batches: Sequence[Any], outer_los
                       found.forward_wrong | more.forward_wrong, found.hooks_unseen or more.hooks_unseen,
                       found.wrong_twice + tuple(w for w in more.wrong_twice if w not in found.wrong_twice),
                       found.attributes + tuple(a for a in more.attributes if a not in found.attributes),
-                      found.kept or more.kept)
+                      found.kept or more.kept, found.host_draws or more.host_draws)
     return found
 
 
@@ -760,12 +761,19 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     aten = _AtenProbe([params[n] for n in (named if adapted is None else adapted) if n in params]
                       + [t for t in _tensors(batch) if id(t) not in held], held.values())
     hooked: List[str] = []
+    # NumPy's and Python's global generators: vmap would run a draw of theirs once for every
+    # task (review IB F1: a per-task np.random augmentation shared, 23 % off the loop); put back,
+    # as torch's generators are, so that the look changes no draw.
+    host = host_random_states()
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), mode, aten, _young(), \
                 (_watching_node_hooks(hooked) if node_hooks else contextlib.nullcontext()):
             out = inner_loss(fm, batch)
     finally:
         aten.restore()
+        host_draws = host_random_states() != host
+        if host_draws:
+            set_host_random_states(host)
         stored = _put_back_attributes(attributes, fm)  # (its tensors are the probe's)
     mode.hooks |= any(h != _UNWATCHED for h in hooked)
     unread, functions = frozenset(), []
@@ -805,6 +813,9 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             pass
         finally:
             outer_aten.restore()
+            if host_random_states() != host:
+                host_draws = True
+                set_host_random_states(host)
             stored += tuple(n for n in _put_back_attributes(attributes, fm) if n not in stored)
         value = result[0] if isinstance(result, tuple) and result else result
         if isinstance(value, Tensor) and value.grad_fn is not None and graph_survey([value.grad_fn])[1]:
@@ -819,7 +830,8 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                  mode.differentiates, unread, tuple(cls.__name__ for cls in functions),
                  tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
                  mode.differentiates_inside, frozenset(mode.third or aten.third),
-                 frozenset(aten.forward_wrong), _UNWATCHED in hooked, tuple(twice), stored)
+                 frozenset(aten.forward_wrong), _UNWATCHED in hooked, tuple(twice), stored,
+                 host_draws=host_draws)
     del out, loss, params, mode, batch, query  # (the look at writes keeps the tensors it saw written)
     # An autocast region around the call keeps a cast of each leaf that requires grad until it
     # exits, the probe's copies among them: the next use casts them again.
