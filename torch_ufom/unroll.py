@@ -256,7 +256,8 @@ class OwnDraws(TorchFunctionMode):
     # (after torch skipped it once under the library's dispatch-mode probes, it always does)
     # leaves Dynamo's frame callback set, which compiled this frame, recompiled it with the ops'
     # int arguments made symbolic, and torch's double backward failed on them ('NYI SymInt
-    # equality', review HE F4).
+    # equality', review HE F4). (Differentiates's too: a compiled module's graph cached under it
+    # kept a parameter of an earlier call as a constant, review IC F1: 5 % off, silently.)
     @functools.partial(torch.compiler.disable, recursive=False)
     def __torch_function__(self, func, types, args=(), keywords=None):
         keywords = keywords or {}
@@ -288,6 +289,24 @@ COMPILED_REPLAY = (
     "the torch-function mode that looks, in the first step evaluated again, for draws from a "
     "torch.Generator of your own (no step's random stream replays those): pass memory='store', "
     "which evaluates each step once, or compile without fullgraph=True")
+COMPILED_WATCHED = (
+    "inner_loss runs a function compiled with torch.compile(fullgraph=True), which cannot run under "
+    "the torch-function mode that looks, in the first step an exact sweep differentiates, for "
+    "calls of torch.autograd.grad (a gradient penalty chains the steps otherwise): compile without "
+    "fullgraph=True, or use mode='fom'")
+
+
+@contextlib.contextmanager
+def _fullgraph_refused(message: str):
+    """Raise ``RuntimeError(message)`` for torch's error when a function compiled with
+    ``fullgraph=True`` meets one of the library's torch-function modes, whose frames Dynamo
+    does not compile (``torch.compiler.disable``: reviews HE F4, IC F1)."""
+    try:
+        yield
+    except Exception as e:  # torch._dynamo.exc.Unsupported
+        if type(e).__name__ == "Unsupported" and "torch.compiler.disable" in str(e):
+            raise RuntimeError(message) from e
+        raise
 
 
 class Differentiates(TorchFunctionMode):
@@ -301,6 +320,7 @@ class Differentiates(TorchFunctionMode):
         super().__init__()
         self.found, self.level = False, level
 
+    @functools.partial(torch.compiler.disable, recursive=False)  # (as OwnDraws's; review IC F1)
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in AUTOGRAD_CALLS and current_level() == self.level and not from_torch_func():
             self.found = True
@@ -1484,13 +1504,8 @@ class InnerLoop:
         probe finds the draw, and the meta-batch runs task by task)."""
         if not isinstance(self.evaluator, PerTask):
             return run(), False
-        try:
-            with OwnDraws() as mode:
-                out = run()
-        except Exception as e:  # torch._dynamo.exc.Unsupported: fullgraph=True cannot skip the mode
-            if type(e).__name__ == "Unsupported" and "torch.compiler.disable" in str(e):
-                raise RuntimeError(COMPILED_REPLAY) from e
-            raise
+        with _fullgraph_refused(COMPILED_REPLAY), OwnDraws() as mode:
+            out = run()
         return out, mode.found
 
     # -- what the losses read -----------------------------------------------------------
@@ -1731,7 +1746,7 @@ class InnerLoop:
         user, watch = self.inner_loss, Differentiates()
 
         def watched(fm, batch):
-            with watch:
+            with _fullgraph_refused(COMPILED_WATCHED), watch:
                 return user(fm, batch)
 
         self.inner_loss = watched
