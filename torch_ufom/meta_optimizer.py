@@ -1459,7 +1459,9 @@ def _check_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         raise ValueError(
             f"Invalid optimizer: it does not hold the model parameters {missing}; pass all of "
             "model.parameters() to it (or set requires_grad=False on frozen ones; one that the inner "
-            "loop adapts but the outer step must not move goes in a param group with lr=0)")
+            "loop adapts but the outer step must not move goes in a param group with lr=0, or, with an "
+            "optimizer without param groups such as LBFGS, is held and has its .grad set to None "
+            "before the step: in the closure, after the backward calls)")
 
 
 def _warn_unheld(optimizer: torch.optim.Optimizer, rule: InnerRule) -> None:
