@@ -2044,3 +2044,31 @@ def test_a_meta_optimizer_pickles_after_a_backward():
         copy.backward(sq_loss, sq_loss, batch, batch)
         assert copy.model[0].weight.grad is not None
         meta.zero_grad()
+
+
+def test_the_outer_optimizers_own_step_with_pending_tasks_warns():
+    # Review IA F4 (session 28): outer.step() in place of meta.step() under reduction="mean" stepped
+    # the tasks' sum, silently.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1).double()
+    outer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+
+    def loss(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+
+    for reduction, warns in (("mean", True), ("sum", False)):
+        meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=0.1, steps=2, mode="exact",
+                                        reduction=reduction)
+        for stepper in (outer.step, meta.step):
+            meta.zero_grad()
+            for _ in range(2):
+                meta.backward(loss, loss, (x, y), (x, y))
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                stepper()
+            said = [str(w.message) for w in seen if "step() ran directly" in str(w.message)]
+            if warns and stepper == outer.step:
+                assert len(said) == 1 and "skips the mean over its 2 tasks" in said[0], said
+            else:
+                assert not said, (reduction, said)

@@ -247,6 +247,7 @@ class MetaOptimizer:
         self._observations: List[Dict[str, float]] = []  # q="auto" observations since the last step
         self._tasks = 0  # tasks whose estimates .grad holds, not yet reduced
         self._reduced = False  # synchronize() ran since the last step or zero_grad
+        self._stepping = False  # step() is stepping the outer optimizer (its hook stays quiet)
         self._reduced_total = 0  # the number of tasks it reduced
         self._holding = False  # the tasks since then wrote some .grad
         # What .grad held before the first of those tasks wrote (a previous step's gradients,
@@ -275,6 +276,7 @@ class MetaOptimizer:
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
         self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
+        self._hook_outer_step()
         if self.distributed:
             meta = self.meta_parameters()
             self._watch_accumulation(meta)
@@ -333,6 +335,7 @@ class MetaOptimizer:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._hook_outer_step()
         if self.distributed:  # a copy watches its own parameters' accumulators
             self._watch_accumulation(self.meta_parameters())
 
@@ -1043,7 +1046,8 @@ class MetaOptimizer:
             try:
                 if not reduced:
                     self._synchronize(saved)
-                result = self.optimizer.step()
+                with self._outer_step():
+                    result = self.optimizer.step()
             except BaseException:
                 self._restore(saved)
                 self._tasks, self._reduced = tasks, reduced
@@ -1083,7 +1087,8 @@ class MetaOptimizer:
                     raise
                 self.synchronize()
                 return out
-            result = self.optimizer.step(reduced)
+            with self._outer_step():
+                result = self.optimizer.step(reduced)
         self._tasks, self._reduced, self._carried, self._written = 0, False, None, None
         if self.distributed:  # (a model converted, a meta-parameter added since)
             self._watch_accumulation(self.meta_parameters())
@@ -1231,6 +1236,38 @@ class MetaOptimizer:
              [float(p) for p in self.law.probs(self.steps)]),
             ("q='auto'", self.q_stats is not None),
             ("track_buffers", self._track_buffers))}
+
+    def _hook_outer_step(self) -> None:
+        """Warn when the outer optimizer steps pending tasks directly (``outer.step()``, not
+        :meth:`step`), which skips what :meth:`step` does first (review IA F4: under
+        ``reduction="mean"`` the sum of the tasks was stepped, silently)."""
+        me = weakref.ref(self)
+
+        def hook(optimizer, args, kwargs):
+            owner = me()
+            if owner is None or owner._stepping:
+                return
+            skipped = [what for what, pending in (
+                (f"the mean over its {owner._tasks} tasks", owner._reduction == "mean" and owner._tasks > 1
+                 and not owner._reduced),
+                ("the sum over the ranks", owner.distributed and owner._tasks > 0 and not owner._reduced),
+                ("the tasks' running statistics (track_buffers)", bool(owner._buffers)),
+                ("q='auto''s observations", bool(owner._observations))) if pending]
+            if skipped:
+                warnings.warn(f"the outer optimizer's step() ran directly while the MetaOptimizer holds "
+                              f"pending tasks: it skips {', '.join(skipped)}, which MetaOptimizer.step() "
+                              "takes first; call meta.step() instead", stacklevel=3)
+
+        weakref.finalize(self, self.optimizer.register_step_pre_hook(hook).remove)  # (holds no self)
+
+    @contextlib.contextmanager
+    def _outer_step(self):
+        """The outer optimizer's step, from :meth:`step` (:func:`_stepped_directly` stays quiet)."""
+        self._stepping = True
+        try:
+            yield
+        finally:
+            self._stepping = False
 
     def _changes(self) -> bool:
         """Whether :meth:`synchronize` would change ``.grad`` now."""
