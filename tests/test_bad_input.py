@@ -677,6 +677,37 @@ class _NoGradSGD(torch_ufom.inner.InnerRule):
             return {n: p - hyper["lr"] * grads[n] for n, p in params.items()}, state
 
 
+class _ResetBias(_NoGradSGD):
+    """SGD on the weights, the biases set to zero at every step: a constant, without a graph."""
+
+    def update(self, grads, state, params, hyper):
+        return {n: torch.zeros_like(p) if n.endswith("bias") else p - hyper["lr"] * grads[n]
+                for n, p in params.items()}, state
+
+
+def test_an_inner_rule_may_set_some_parameters_to_constants():
+    # Review JA F2 (session 28): the check of 3c3cb3e refused a rule whose update gives a parameter
+    # a constant value, whose hypergradient is well defined (zero through that parameter).
+    model = make_model()
+    support = query = (torch.randn(4, 2), torch.randn(4, 1))
+    params, names = list(model.parameters()), [n for n, _ in model.named_parameters()]
+
+    def at(state):  # the model at the parameters ``state``
+        return lambda x: torch.func.functional_call(model, dict(zip(names, state)), (x,))
+
+    state = params
+    for _ in range(3):  # the oracle: the same update, unrolled with a graph
+        found = iter(torch.autograd.grad(mse(at(state), support), [p for p in state if p.requires_grad],
+                                         create_graph=True))
+        grads = [next(found) if p.requires_grad else None for p in state]
+        state = [torch.zeros_like(p) if n.endswith("bias") else p - 0.1 * g
+                 for n, p, g in zip(names, state, grads)]
+    want = torch.autograd.grad(mse(at(state), query), params, allow_unused=True)
+    got = torch_ufom.hypergrad(model, mse, mse, support, query, steps=3, inner=_ResetBias(0.1), mode="exact")
+    for g, w, p in zip(got, want, params):
+        assert torch.allclose(g, torch.zeros_like(p) if w is None else w, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("mode", ["fom", "ufom", "exact"])
 def test_an_inner_rule_whose_update_carries_no_graph_is_refused(entry, mode):

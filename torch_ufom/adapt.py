@@ -217,7 +217,9 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     with restore_rng_on_error(generator), torch.no_grad():
         batches = probe_batches(tasks[0], problem.config.steps, "supports")
         found = probe_steps(model, inner_loss, batches, adapted=problem.config.adapted, node_hooks=False)
-        vectorised = not found.kept  # (tensors kept outside the module, maybe by its forward: calls too)
+        # (tensors kept outside the module, maybe by its forward: calls too; a forward drawing from NumPy's
+        # or Python's generator would draw once for every task: review JA F2)
+        vectorised = not found.kept and not found.host_draws
         if elementwise_rule(problem.config.rule) and not (
                 found.written or found.wrong or found.own_generator or found.differentiates
                 or found.attributes or found.kept or found.hooks or found.host_draws):

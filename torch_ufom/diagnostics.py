@@ -10,6 +10,7 @@ would spend nearly what ``exact`` spends; a small ``q`` says the bias of
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
@@ -22,7 +23,7 @@ from .config import Settings, check_generator, check_losses, resolve
 from .functional import check_params, estimate_task, resolve_hvp, restore_rng_on_error
 from .inner import InnerRule
 from .truncation import Snapshot
-from .unroll import Problem, one_call_at_a_time
+from .unroll import Problem, host_random_states, one_call_at_a_time, set_host_random_states
 
 __all__ = ["Diagnosis", "diagnose"]
 
@@ -66,6 +67,15 @@ def _sq(grads: Sequence[Optional[Tensor]]) -> float:
 
 
 @one_call_at_a_time
+@contextlib.contextmanager
+def _host_states_kept(states: tuple):
+    """Put NumPy's and Python's global generators back to ``states`` on leaving."""
+    try:
+        yield
+    finally:
+        set_host_random_states(states)
+
+
 def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
              tasks: Sequence[Tuple[Any, Any]], *, steps: int, inner_lr=None,
              inner: Optional[InnerRule] = None, memory: str = "checkpoint", slots: Optional[int] = None,
@@ -106,7 +116,8 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
     problem = Problem(model, inner_loss, outer_loss, config, Snapshot(config.law, config.steps), params,
                       resolve_hvp(config, model, params), generator)
     A = D = t_f = t_x = c_x = 0.0
-    with restore_rng_on_error(generator, always=True):
+    host = host_random_states()  # put back too (review JA F8: NumPy's and Python's were left advanced)
+    with restore_rng_on_error(generator, always=True), _host_states_kept(host):
         estimate_task(problem, *tasks[0], force=steps, hooks=False)  # warm-up
         for support, query in tasks:
             start = time.perf_counter()

@@ -30,7 +30,7 @@ from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
 from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, one_call_at_a_time,
                      caller_level, elementwise_rule, held_tensors, per_step_batches, probe_batches,
-                     reads_nothing, root_of, scripted, sparse_weights, wrong_twice_message)
+                     reads_nothing, root_of, scripted, sparse_weights, wrong_twice_message, COMPILED)
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, Vectorised,
                          attributes_kept, fresh, group_by_truncation, meta_batch_size, probe_steps,
                          reads_meta_directly, runs_optimised_script, select_tasks, task_of)
@@ -140,9 +140,21 @@ def run_estimate(problem: Problem, evaluator: Evaluator, tasks: Tuple[Any, Any],
     support, query = tasks
     c = problem.config
     loop = InnerLoop(problem, evaluator, support, query, seed, K > 0)
-    with loop.streams():
-        return estimate(loop, K, problem.law.survival(c.steps), c.schedule(), problem.params,
-                        diagnostics, hooks)
+    try:
+        with loop.streams():
+            return estimate(loop, K, problem.law.survival(c.steps), c.schedule(), problem.params,
+                            diagnostics, hooks)
+    except RuntimeError as err:
+        # A compiled graph the look at the first step with a graph did not meet (it ran eagerly
+        # there, under a mode Dynamo does not compile: review JA F3): torch's own error, named.
+        if K > 0 and any(m in str(err) for m in _COMPILED_DOUBLE_BACKWARD):
+            raise RuntimeError(wrong_twice_message([COMPILED])) from err
+        raise
+
+
+# torch's errors for a double backward through aot_autograd's CompiledFunction (torch 2.11-2.13)
+_COMPILED_DOUBLE_BACKWARD = ("torch.compile with aot_autograd does not currently support double backward",
+                             "donated buffers")
 
 
 def check_force_truncation(force, size: Optional[int], steps: int) -> Optional[List[int]]:

@@ -520,7 +520,10 @@ class MetaOptimizer:
                 (``module.zero_grad()`` beside a learned rate) warns, or goes
                 unnoticed if it zeroes them in place: use this one.
         """
-        if type(set_to_none).__name__ not in ("bool", "bool_"):  # (NumPy's too; review IA F6: "x" was True)
+        # (review IA F6: "x" was taken as True; JA F6: what torch.optim takes, a number, None, a tensor)
+        if isinstance(set_to_none, (str, bytes)) or not (
+                set_to_none is None or isinstance(set_to_none, (numbers.Number, Tensor))
+                or type(set_to_none).__name__ == "bool_"):
             raise TypeError(f"Invalid set_to_none: {set_to_none!r} (expected True or False)")
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._forget_tasks()

@@ -186,9 +186,17 @@ def one_call_at_a_time(fn):
     hypergradients on every path, and a module left holding copies of its parameters)."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        with _PROCESS_STATE:
+        with _PROCESS_STATE, _fullgraph_refused(COMPILED_FULLGRAPH, _NO_FRAMES):
             return fn(*args, **kwargs)
     return run
+
+
+_NO_FRAMES = "fullgraph=True found no compiled frames"  # (torch's error, 2.11-2.13)
+COMPILED_FULLGRAPH = (
+    "a loss runs a function compiled with torch.compile(fullgraph=True), which torch cannot run "
+    "under the library's looks at the losses (a TorchDispatchMode) nor under torch.func's transforms "
+    "(hvp='fwdrev', vectorised meta-batches), which exact sweeps need (review JA F7); use mode='fom', "
+    "or compile without fullgraph=True")
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,14 +305,16 @@ COMPILED_WATCHED = (
 
 
 @contextlib.contextmanager
-def _fullgraph_refused(message: str):
-    """Raise ``RuntimeError(message)`` for torch's error when a function compiled with
-    ``fullgraph=True`` meets one of the library's torch-function modes, whose frames Dynamo
-    does not compile (``torch.compiler.disable``: reviews HE F4, IC F1)."""
+def _fullgraph_refused(message: str, torchs: str = "torch.compiler.disable"):
+    """Raise ``RuntimeError(message)`` for torch's error (naming ``torchs``) when a function
+    compiled with ``fullgraph=True`` meets one of the library's torch-function modes, whose
+    frames Dynamo does not compile (``torch.compiler.disable``: reviews HE F4, IC F1), or
+    its dispatch-mode looks and torch.func's transforms."""
     try:
         yield
-    except Exception as e:  # torch._dynamo.exc.Unsupported
-        if type(e).__name__ == "Unsupported" and "torch.compiler.disable" in str(e):
+    except Exception as e:  # torch._dynamo.exc.Unsupported, a RuntimeError
+        if (type(e).__name__ == "Unsupported" or isinstance(e, RuntimeError)) and torchs in str(e) \
+                and str(e) not in (COMPILED_REPLAY, COMPILED_WATCHED):
             raise RuntimeError(message) from e
         raise
 
@@ -1223,7 +1233,7 @@ def wrong_twice(starts: Sequence[Any], stop: set = frozenset(),
         elif type(node).__name__ == "WeightNormInterfaceBackward0" and _reads(node, adapted):
             found.add(_WEIGHT_NORM)
         elif _compiled(getattr(node, "_forward_cls", None)):
-            found.add(_COMPILED)
+            found.add(COMPILED)
     return sorted(found)
 
 
@@ -1233,7 +1243,7 @@ _WEIGHT_NORM = ("a weight norm (torch.nn.utils.weight_norm or parametrizations.w
                 "torch._weight_norm), whose second derivative torch computes wrongly (it fails torch's "
                 "own gradgradcheck: write the norm out as a parametrization of your own, "
                 "g * v / v.norm(dim=1, keepdim=True) for a Linear layer's weight)")
-_COMPILED = ("a torch.compile'd function or module (aot_autograd's CompiledFunction), whose backward has no "
+COMPILED = ("a torch.compile'd function or module (aot_autograd's CompiledFunction), whose backward has no "
              "derivative: where nothing it reads requires a gradient (a compiled loss criterion) torch "
              "drops the second derivative silently, elsewhere it raises (leave what the losses run "
              "uncompiled, compile it with backend='eager', or use hvp='fwdrev', which differentiates "
@@ -1739,9 +1749,12 @@ class InnerLoop:
             self.rule.hyper)
         new_p = tuple(new_p[n] for n in self.names)
         if self.own_rule and torch.is_grad_enabled():
+            # Every parameter that had a graph lost it (review IA F1: every mode's hypergradient was
+            # zero, silently); one set to a constant beside others is a rule's right (review JA F2).
+            had = [n for n, p in zip(self.names, state.params) if p.requires_grad]
             lost = [n for n, p, q in zip(self.names, state.params, new_p) if p.requires_grad and not
                     (isinstance(q, Tensor) and q.requires_grad)]
-            if lost:  # (review IA F1: every mode's hypergradient was zero, silently)
+            if lost and len(lost) == len(had):
                 raise ValueError(detached_update(self.rule, lost))
         if self.densify:
             new_p = tuple(map(_DenseCotangent.apply, new_p))
@@ -1897,10 +1910,10 @@ class InnerLoop:
         hv = tuple(h.detach() for h in hv)
         if not self.hvp_checked and isinstance(self.evaluator, PerTask):
             self.hvp_checked = True
-            rel = hvp_disagreement(hv, self.reverse_hessian_vector(State(params, state.opt, state.buffers), j,
-                                                                     vec))
+            reverse = self.reverse_hessian_vector(State(params, state.opt, state.buffers), j, vec)
+            rel, mixed = hvp_disagreement(hv, reverse)
             if rel:
-                raise FwdRevDisagrees(j, rel)
+                raise FwdRevDisagrees(j, rel, mixed)
         return hv
 
     def reverse_hessian_vector(self, state: State, j: int, vec: Sequence[Tensor]) -> Tuple[Tensor, ...]:
@@ -2015,34 +2028,47 @@ class FwdRevDisagrees(ValueError):
     sweep): the loss computes something forward-mode AD differentiates otherwise. ``why``:
     the reason without the advice."""
 
-    def __init__(self, j: int, rel: float):
+    def __init__(self, j: int, rel: float, mixed: bool = False):
         self.why = (f"gives another Hessian-vector product than reverse mode at inner step {j} ({rel:.1e} "
                     "relative): the loss computes something forward-mode AD differentiates otherwise (a "
                     "stop-gradient made under torch.no_grad() or through .data, a custom Function's jvp, "
-                    "a hook on a graph node)")
+                    "a hook on a graph node), or computes in a lower precision than its parameters' "
+                    "(autocast, a bfloat16 part), whose rounding the check against reverse mode cannot "
+                    "tell from a difference (review HE F5)")
+        if mixed:  # (review IC F2)
+            self.why += ("; the model mixes parameter dtypes, and the difference is within the least "
+                         "precise one's rounding, which reaches every parameter it touches")
         super().__init__(f"Invalid hvp: 'fwdrev' {self.why}; use 'revrev' or 'auto'")
 
 
-def hvp_disagreement(forward: Sequence[Tensor], reverse: Sequence[Tensor]) -> float:
-    """How far apart two HVPs are, relative (their difference's norm over their norms'),
-    where that exceeds the square root of the least precise parameter dtype's epsilon (review
-    IC F2: the first parameter's float64 epsilon read a float32 part's rounding, which reaches
-    every parameter it touches, as a disagreement); ``0.0`` where they agree. One host
-    synchronisation."""
+def hvp_disagreement(forward: Sequence[Tensor], reverse: Sequence[Tensor]) -> Tuple[float, bool]:
+    """How far apart two HVPs are, relative (their difference's norm over their norms'), where
+    that exceeds the square root of their dtype's epsilon, each dtype's parameters compared
+    apart (``0.0`` where they agree), and whether it is within the square root of the least
+    precise parameter dtype's epsilon (a model that mixes precisions: a float32 part's rounding
+    reaches the float64 parameters it touches; review IC F2 read it as a stop-gradient, and
+    review JA F1 showed that loosening the check for every parameter let a 6e-4 disagreement
+    through). One host synchronisation."""
     if not forward:
-        return 0.0
-    diff, ours, theirs = torch.stack([sum((f - r).abs().pow(2).sum() for f, r in zip(forward, reverse)),
-                                      sum(f.abs().pow(2).sum() for f in forward),
-                                      sum(r.abs().pow(2).sum() for r in reverse)]).tolist()
-    if not math.isfinite(ours + theirs):
-        # Nothing to compare: a non-finite forward HVP is the sweep's to report (its hypergradient
-        # check names it); a non-finite reverse one (torch's double backward of logcumsumexp can
-        # be) leaves forward mode unchecked, as it leaves reverse mode unusable.
-        return 0.0
-    eps = max(torch.finfo(f.dtype).eps for f in forward)
-    if diff <= eps * (ours + theirs):  # (squared: sqrt(eps) relative)
-        return 0.0
-    return (diff / (ours + theirs)) ** 0.5
+        return 0.0, False
+    groups: Dict[torch.dtype, List[int]] = {}
+    for i, f in enumerate(forward):
+        groups.setdefault(f.dtype, []).append(i)
+    sums = torch.stack([torch.stack([sum((forward[i] - reverse[i]).abs().pow(2).sum() for i in index),
+                                     sum(forward[i].abs().pow(2).sum() for i in index),
+                                     sum(reverse[i].abs().pow(2).sum() for i in index)]).to(torch.float64)
+                        for index in groups.values()]).tolist()
+    worst = 0.0
+    for dtype, (diff, ours, theirs) in zip(groups, sums):
+        if not math.isfinite(ours + theirs):
+            # Nothing to compare: a non-finite forward HVP is the sweep's to report (its hypergradient
+            # check names it); a non-finite reverse one (torch's double backward of logcumsumexp can
+            # be) leaves forward mode unchecked, as it leaves reverse mode unusable.
+            continue
+        if diff > torch.finfo(dtype).eps * (ours + theirs):  # (squared: sqrt(eps) relative)
+            worst = max(worst, (diff / (ours + theirs)) ** 0.5)
+    lowest = max(torch.finfo(f.dtype).eps for f in forward)
+    return worst, len(groups) > 1 and worst ** 2 <= lowest
 
 
 def fwdrev_error(err: Exception, j: int) -> FwdRevError:
