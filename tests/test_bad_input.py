@@ -662,15 +662,8 @@ def test_a_meta_batch_of_the_wrong_type_is_a_type_error(entry, bad):
     assert_unchanged(before)
 
 
-class _NoGradSGD(torch_ufom.inner.InnerRule):
+class _NoGradSGD(SGD):
     """Plain SGD with its step under torch.no_grad(), as a torch.optim step() is written."""
-
-    def __init__(self, lr):
-        self.hyper = {"lr": lr}
-        self._check_values()
-
-    def init(self, params):
-        return ()
 
     def update(self, grads, state, params, hyper):
         with torch.no_grad():

@@ -41,7 +41,10 @@ adjoint unchanged, and what it gives the optimizer state never reaches the
 parameters. With no learned hyperparameter the estimator then sweeps no
 first-order step, as for an additive rule. Every additive rule has the
 property whether it declares it or not; weight decay (``phi`` read by the
-update) breaks both.
+update) breaks both. A subclass of a built-in rule with an ``update`` of its own
+does not inherit the built-in rule's answer: both read ``False`` unless it
+declares them (a class attribute), since the shortcuts would drop the terms of
+an update that is not the built-in one (a reset to a constant, review JA F2).
 
 The rules keep their step count in ``state[0]`` when they need it (momentum
 buffers, bias corrections, :class:`PerStep` values). ``update`` acts
@@ -315,25 +318,43 @@ def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> 
 class _Flag:
     """A built-in rule's flag that follows from its hyperparameters, computed from them at
     each read (they may be assigned between calls), unless an instance sets its own value
-    (as a subclass may, in ``__init__``; a subclass's class attribute overrides it too)."""
+    (as a subclass may, in ``__init__``; a subclass's class attribute overrides it too).
+    A shortcut's flag (``first_order_additive``, ``first_order_identity``) reads ``False``
+    for a subclass (or an instance) with an ``update`` of its own that declares nothing: it
+    describes the built-in update, and the shortcut it allows would drop terms of another one
+    (a subclass of ``SGD`` that resets a parameter is not additive)."""
 
-    def __init__(self, compute, doc: str):
-        self.compute, self.__doc__ = compute, doc
+    def __init__(self, compute, doc: str, shortcut: bool = False):
+        self.compute, self.__doc__, self.shortcut = compute, doc, shortcut
 
     def __set_name__(self, owner, name: str) -> None:
-        self.name = name
+        self.name, self.owner = name, owner
 
     def __get__(self, rule, owner=None):
         if rule is None:
             return self
         value = rule.__dict__.get(self.name, _UNSET_FLAG)
-        return self.compute(rule) if value is _UNSET_FLAG else value
+        if value is not _UNSET_FLAG:
+            return value
+        if self.shortcut and ("update" in rule.__dict__ or _own_update(type(rule), self.owner)):
+            return False
+        return self.compute(rule)
 
     def __set__(self, rule, value) -> None:
         rule.__dict__[self.name] = value
 
 
 _UNSET_FLAG = object()
+
+
+def _own_update(cls: type, owner: type) -> bool:
+    """Whether ``cls`` (a subclass of ``owner``) defines an ``update`` below ``owner``."""
+    for klass in cls.__mro__:
+        if klass is owner:
+            return False
+        if "update" in vars(klass):
+            return True
+    return False
 
 
 class InnerRule:
@@ -562,9 +583,10 @@ class SGD(InnerRule):
     counts = _Flag(lambda self: self.has_momentum or self.per_step,
                    "Whether the state counts steps (for the momentum buffer or PerStep values).")
     first_order_additive = _Flag(lambda self: not self.counts and _is_zero(self.hyper["weight_decay"]),
-                                 "No state and no weight decay: see InnerRule.")
+                                 "No state and no weight decay: see InnerRule.", shortcut=True)
     first_order_identity = _Flag(lambda self: _is_zero(self.hyper["weight_decay"]),
-                                 "No weight decay (the momentum buffer never reads phi): see InnerRule.")
+                                 "No weight decay (the momentum buffer never reads phi): see InnerRule.",
+                                 shortcut=True)
 
     def _check_nesterov(self) -> None:
         if self.nesterov and (_zero_everywhere(self.hyper["momentum"])
@@ -680,7 +702,7 @@ class Adam(InnerRule):
         self.amsgrad = _check_flag(amsgrad, "amsgrad")
 
     first_order_identity = _Flag(lambda self: _is_zero(self.hyper["weight_decay"]),
-                                 "No weight decay (m and v never read phi): see InnerRule.")
+                                 "No weight decay (m and v never read phi): see InnerRule.", shortcut=True)
 
     def init(self, params):
         # The count is a float for the bias corrections' powers, at least float32 (in
@@ -808,7 +830,7 @@ class RMSprop(InnerRule):
     has_momentum = _Flag(lambda self: not _is_zero(self.hyper["momentum"]),
                          "Whether a momentum buffer runs (``momentum`` is not a plain 0).")
     first_order_identity = _Flag(lambda self: _is_zero(self.hyper["weight_decay"]),
-                                 "No weight decay (s, a and b never read phi): see InnerRule.")
+                                 "No weight decay (s, a and b never read phi): see InnerRule.", shortcut=True)
 
     def init(self, params):
         zeros = tuple(torch.zeros_like(p) for p in params.values())
