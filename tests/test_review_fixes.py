@@ -3547,57 +3547,6 @@ def test_a_compiled_parametrized_module_stays_exact_after_a_fwdrev_call():
         assert rel_err(got, want) < 1e-9, hvp  # (torch's matrix_exp derivatives: about 1e-10)
 
 
-class _Parts(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Linear(3, 6), nn.Tanh())
-        self.head = nn.Linear(6, 1)
-
-    def embed(self, x):
-        return self.features(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-@pytest.mark.parametrize("kwargs", [{"mode": "exact"}, {"mode": "exact", "hvp": "fwdrev"},
-                                    {"mode": "exact", "memory": "checkpoint", "slots": 1}, {"mode": "fom"},
-                                    {"mode": "ufom", "q": 0.5}], ids=str)
-def test_a_loss_may_call_the_models_submodules_and_methods(kwargs):
-    # Review IB F2 (session 28): fmodel.features(x), as code written for higher's fmodel calls it, was
-    # an AttributeError (and fmodel.module.features runs at the module's own, unadapted parameters).
-    torch.manual_seed(0)
-    model = _Parts().double()
-    xs, ys = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 5, 1, dtype=torch.float64)
-
-    def parts(f, b):
-        hidden = f.embed(b[0]) if b[0].shape[0] % 2 else f.features[-1](f.features[0](b[0]))
-        out = f.head(hidden) + 0.0 * f.head.weight.sum()  # (a parameter read as an attribute)
-        return ((out - b[1]) ** 2).mean()
-
-    support = (xs[0], ys[0])
-    config = dict(steps=STEPS, inner_lr=LR, generator=torch.Generator().manual_seed(3), **kwargs)
-    want = torch_ufom.hypergrad(model, mse, mse, support, support, **config)
-    config["generator"].manual_seed(3)
-    got = torch_ufom.hypergrad(model, parts, parts, support, support, **config)
-    assert rel_err(got, want) < 1e-12
-    for vectorise in (True, False):
-        settings = {k: v for k, v in config.items() if k != "generator"}
-        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0),
-                                        vectorise=vectorise, **settings)
-        grads = []
-        for loss in (parts, mse):  # against the whole model called
-            meta.zero_grad()
-            force = None if kwargs["mode"] == "fom" else STEPS
-            results = meta.backward_batch(loss, loss, (xs, ys), (xs, ys), force_truncation=force)
-            assert results[0].batch_path == ("vectorised" if vectorise else "per-task loop: vectorise=False")
-            grads.append([p.grad.clone() for p in model.parameters()])
-        assert rel_err(grads[0], grads[1]) < 1e-12
-    adapted = torch_ufom.adapt(model, parts, support, steps=STEPS, inner_lr=LR)
-    assert torch.equal(adapted.head(adapted.features(xs[0])), adapted(xs[0]))
-    assert adapted.head.weight is adapted.params["head.weight"]
-
-
 def test_a_compiled_module_in_an_exact_sweep_is_refused_by_name():
     # Review JA F3 (session 28): once the mode around the first step with a graph was kept out of
     # Dynamo (review IC F1), that step ran eagerly and the look missed the compiled graph of the
@@ -3621,3 +3570,16 @@ def test_a_compiled_module_in_an_exact_sweep_is_refused_by_name():
     want = brute_force(base, mse, mse, lambda j: (x, y), (x, y), STEPS, LR, list(base.parameters()), 0)
     got = torch_ufom.hypergrad(compiled, mse, mse, (x, y), (x, y), steps=STEPS, inner_lr=LR, mode="fom")
     assert rel_err(got, want) < 1e-12
+
+
+def test_the_functional_model_has_no_parts_to_read_at_the_modules_own_parameters():
+    # Reviews IB F2 / JC (session 28): attributes of fmodel resolved from the module (a property, a
+    # parametrized weight, ModuleDict.values()) read the module's own parameters, silently (up to 1.28
+    # off); only calling fmodel runs at the inner parameters, and anything else is an AttributeError.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    for read in (lambda f: f[0], lambda f: f.weight, lambda f: f.children()):
+        with pytest.raises((AttributeError, TypeError), match="FunctionalModel"):
+            torch_ufom.hypergrad(model, lambda f, b: mse(f, b) + read(f)(b[0]).sum() * 0, mse, (x, y), (x, y),
+                                 steps=STEPS, inner_lr=LR, mode="exact")

@@ -64,12 +64,8 @@ ALLOW = {  # (module, qualname, rule) -> reason
     "hands the user's keywords to Settings.replace, which checks them",
     ("unroll.py", "one_call_at_a_time.run", "R2"): "a decorator: hands a public entry point its own "
     "arguments, unchanged, under the process lock",
-    ("unroll.py", "FunctionalModel.__call__", "R2"): "forwards the user's call arguments to _run, "
-    "which calls the user's module (the nn.Module call protocol), not configuration",
-    ("unroll.py", "FunctionalModel._run", "R2"): "forwards the user's call arguments to the user's "
-    "module or its part (the nn.Module call protocol), not configuration",
-    ("unroll.py", "_ModelPart.__call__", "R2"): "forwards the user's call arguments to a part of the "
-    "user's module (fmodel.features(x)), not configuration",
+    ("unroll.py", "FunctionalModel.__call__", "R2"): "forwards the user's call arguments to the user's "
+    "module (the nn.Module call protocol), not configuration",
     ("adapt.py", "StackedFunctionalModel.__call__", "R2"): "forwards the user's call arguments to "
     "the user's module under vmap (the nn.Module call protocol), not configuration",
     ("vectorised.py", "_Probe.__torch_function__", "R2"): "signature fixed by torch's TorchFunctionMode",

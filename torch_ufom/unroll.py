@@ -399,8 +399,7 @@ class Unchain(Exception):
 class FunctionalModel:
     """The user's module evaluated at given parameters and buffers.
 
-    Call it exactly like the module (its submodules and methods too:
-    ``fmodel.features(x)``, :meth:`__getattr__`): ``fmodel(x)`` runs the module with its
+    Call it exactly like the module: ``fmodel(x)`` runs the module with its
     parameter and buffer entries swapped for ``params`` and ``buffers`` for
     the duration of the call, as ``torch.func.functional_call(module,
     (params, buffers), (x,))`` does (tied entries included), and restored
@@ -437,44 +436,8 @@ class FunctionalModel:
         self.serialised = serialised
 
     def __call__(self, *args, **kwargs):
-        return self._run(None, args, kwargs)
-
-    def __getattr__(self, name: str):
-        """A submodule or method of the module (``fmodel.features(x)``, ``fmodel.encode(x)``,
-        ``fmodel.blocks[0](x)``), run at these parameters as a call of the whole model runs;
-        a parameter or buffer (``fmodel.head.weight``): its tensor here; any other attribute:
-        the module's (review IB F2: code ported from ``higher`` calls submodules)."""
-        if name.startswith("__") or "module" not in self.__dict__:  # (copy, pickle: not the module's)
-            raise AttributeError(name)
-        return self._part((name,))
-
-    def _part(self, path: Tuple[str, ...]):
-        """What :meth:`__getattr__` gives for the attribute path ``path`` of the module."""
-        found = self.module
-        for name in path:
-            found = getattr(found, name)
-        if isinstance(found, Tensor):
-            named = {id(t): n for n, t in self.module.named_parameters()}
-            buffers = {id(t): n for n, t in self.module.named_buffers()}
-            if id(found) in named:
-                return self.params.get(named[id(found)], found)
-            if id(found) in buffers:
-                return self.buffers.get(buffers[id(found)], found)
-            return found
-        if isinstance(found, nn.Module) or inspect.ismethod(found):
-            return _ModelPart(self, path)
-        return found
-
-    def _run(self, path: Optional[Tuple[str, ...]], args, kwargs):
-        """The module (``path=None``), or its submodule or method at ``path``, called at
-        these parameters and buffers."""
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
             swap = self._module_swap() if self.swap is ... else self.swap
-            if swap is None and path is not None:
-                raise RuntimeError(
-                    f"fmodel.{'.'.join(path)}: a part of the model runs at the inner parameters only where "
-                    "the library swaps the module's own entries, which it does not for parameters "
-                    "given under a name the module lacks or a tied weight's second name; call fmodel(...)")
             if swap is None:
                 check_parametrize_cache(self.module)
                 if not self.buffers:
@@ -495,12 +458,7 @@ class FunctionalModel:
             given = dict(self.buffers) if self.buffers else None
             saved = swap.put(self.params, self.buffers)
             try:
-                if path is None:
-                    return self.module(*args, **kwargs)
-                part = self.module
-                for name in path:
-                    part = getattr(part, name)
-                return part(*args, **kwargs)
+                return self.module(*args, **kwargs)
             finally:
                 try:
                     if given:
@@ -549,37 +507,6 @@ class FunctionalModel:
             for name, value in self.buffers.items():
                 module.get_buffer(name).copy_(value)
         return module
-
-
-class _ModelPart:
-    """A submodule or method of a :class:`FunctionalModel`'s module (``fmodel.features``):
-    called, it runs at the functional model's parameters; its attributes and items
-    (``fmodel.blocks[0]``) are parts too."""
-
-    def __init__(self, model: FunctionalModel, path: Tuple[str, ...]):
-        self._model, self._path = model, path
-
-    def __call__(self, *args, **kwargs):
-        return self._model._run(self._path, args, kwargs)
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or "_path" not in self.__dict__:
-            raise AttributeError(name)
-        return self._model._part(self._path + (name,))
-
-    def __getitem__(self, key):
-        if isinstance(key, int) and key < 0:
-            key += len(self._resolve())
-        return self._model._part(self._path + (str(key),))
-
-    def _resolve(self):
-        found = self._model.module
-        for name in self._path:
-            found = getattr(found, name)
-        return found
-
-    def __repr__(self) -> str:
-        return f"<part {'.'.join(self._path)} of a FunctionalModel of {type(self._model.module).__name__}>"
 
 
 class Reparametrization:
