@@ -1171,9 +1171,13 @@ def test_a_subclass_of_a_built_in_rule_that_adds_no_code_is_not_searched(monkeyp
         def update(self, grads, state, params, hyper):
             return super().update(grads, state, params, hyper)
 
+    class Declared(Hooked):  # (an update of its own inherits no shortcut: it declares one)
+        first_order_additive = True
+
     calls = []
     monkeypatch.setattr(unroll, "_update_reads", lambda *a: calls.append(1) or False)
     model, loss, data = mlp_problem(33)
-    for rule, searched in [(SignedSGD(0.1), 0), (Hooked(0.1), 1)]:
+    for rule, searched in [(SignedSGD(0.1), 0), (Hooked(0.1), 0), (Declared(0.1), 1)]:
         torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner=rule, mode="fom")
         assert len(calls) == searched, rule
+        calls.clear()
