@@ -1662,13 +1662,17 @@ def test_a_compiled_loss_criterion_is_exact_under_fwdrev_on_every_schedule():
         got = torch_ufom.hypergrad(model, loss, loss, support, support, steps=STEPS, inner_lr=LR,
                                    mode="exact", hvp="fwdrev", memory=memory, slots=slots)
         assert rel_err(got, want) < 1e-10, memory
-    # fullgraph=True cannot run under the mode that looks for draws in the first step evaluated again
+    # fullgraph=True cannot run under the library's modes and looks (torch's own errors: review JA F7):
+    # refused by name, or exact where torch runs it eagerly (torch 2.11 did, after other tests)
     whole = torch.compile(lambda out, y: ((out - y) ** 2).mean(), backend="aot_eager", fullgraph=True)
-    for memory, hvp in (("recompute", "revrev"), ("store", "fwdrev")):  # (torch's own errors: review JA F7)
-        refused = r"runs a function compiled with torch.compile\(fullgraph=True\)"
-        with pytest.raises(RuntimeError, match=refused):
-            torch_ufom.hypergrad(model, lambda f, b: whole(f(b[0]), b[1]), mse, support, support, steps=STEPS,
-                                 inner_lr=LR, mode="exact", memory=memory, hvp=hvp)
+    for memory, hvp in (("recompute", "revrev"), ("store", "fwdrev")):
+        try:
+            got = torch_ufom.hypergrad(model, lambda f, b: whole(f(b[0]), b[1]), mse, support, support,
+                                       steps=STEPS, inner_lr=LR, mode="exact", memory=memory, hvp=hvp)
+        except RuntimeError as e:
+            assert re.search(r"runs a function compiled with torch.compile\(fullgraph=True\)", str(e)), e
+        else:
+            assert rel_err(got, want) < 1e-10, (memory, hvp)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)  # nothing written
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=LR, steps=STEPS,
                                     mode="exact", hvp="fwdrev", memory="recompute", vectorise=True)
