@@ -1181,3 +1181,22 @@ def test_a_subclass_of_a_built_in_rule_that_adds_no_code_is_not_searched(monkeyp
         torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner=rule, mode="fom")
         assert len(calls) == searched, rule
         calls.clear()
+
+
+def test_a_subclass_with_a_helper_of_its_own_takes_no_built_in_shortcut():
+    # Review JD F1 (session 28): a subclass of SGD overriding a helper (not update) kept plain_rate and
+    # both shortcut flags, so the loop stepped phi - lr g without its code: fom 0.12, exact 0.52 off.
+    class Scaled(SGD):
+        def _get(self, hyper, key, name, count, like):
+            return super()._get(hyper, key, name, count, like) * (0.5 if key == "lr" else 1.0)
+
+    class OnlyRanges(SGD):  # class attributes only: the built-in code runs, the shortcuts hold
+        ranges = {"lr": (0.0, 1.0, True)}
+
+    for rule in (Scaled(0.1), Scaled(0.1, momentum=0.9)):
+        assert (rule.first_order_additive, rule.first_order_identity, rule.plain_rate) == (False, False, None)
+    assert (OnlyRanges(0.1).first_order_additive, OnlyRanges(0.1).plain_rate) == (True, 0.1)
+    model, loss, data = mlp_problem(34)
+    want = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner_lr=0.05, mode="exact")
+    got = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner=Scaled(0.1), mode="exact")
+    assert rel_err(got, want) < 1e-12  # (half of 0.1 is 0.05)

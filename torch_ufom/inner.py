@@ -41,10 +41,13 @@ adjoint unchanged, and what it gives the optimizer state never reaches the
 parameters. With no learned hyperparameter the estimator then sweeps no
 first-order step, as for an additive rule. Every additive rule has the
 property whether it declares it or not; weight decay (``phi`` read by the
-update) breaks both. A subclass of a built-in rule with an ``update`` of its own
-does not inherit the built-in rule's answer: both read ``False`` unless it
-declares them (a class attribute), since the shortcuts would drop the terms of
-an update that is not the built-in one (a reset to a constant, review JA F2).
+update) breaks both. A subclass of a built-in rule with code of its own (an
+``update``, or a helper it overrides) does not inherit the built-in rule's
+answer: both read ``False`` unless it declares them, since the shortcuts would
+drop the terms of an update that is not the built-in one (a reset to a
+constant, review JA F2; a rescaled rate, JD F1). A declaration is the rule's
+own: a class attribute holds whatever the hyperparameters (weight decay breaks
+both: declare a property of them where they may change, review JD F3).
 
 The rules keep their step count in ``state[0]`` when they need it (momentum
 buffers, bias corrections, :class:`PerStep` values). ``update`` acts
@@ -320,7 +323,7 @@ class _Flag:
     each read (they may be assigned between calls), unless an instance sets its own value
     (as a subclass may, in ``__init__``; a subclass's class attribute overrides it too).
     A shortcut's flag (``first_order_additive``, ``first_order_identity``) reads ``False``
-    for a subclass (or an instance) with an ``update`` of its own that declares nothing: it
+    for a subclass (or an instance) with code of its own that declares nothing (:func:`own_code`): it
     describes the built-in update, and the shortcut it allows would drop terms of another one
     (a subclass of ``SGD`` that resets a parameter is not additive)."""
 
@@ -336,7 +339,7 @@ class _Flag:
         value = rule.__dict__.get(self.name, _UNSET_FLAG)
         if value is not _UNSET_FLAG:
             return value
-        if self.shortcut and ("update" in rule.__dict__ or _own_update(type(rule), self.owner)):
+        if self.shortcut and own_code(rule, self.owner):
             return False
         return self.compute(rule)
 
@@ -347,12 +350,17 @@ class _Flag:
 _UNSET_FLAG = object()
 
 
-def _own_update(cls: type, owner: type) -> bool:
-    """Whether ``cls`` (a subclass of ``owner``) defines an ``update`` below ``owner``."""
-    for klass in cls.__mro__:
+def own_code(rule: Any, owner: type) -> bool:
+    """Whether ``rule`` runs code of its own below the built-in class ``owner``: a method
+    (or any callable: a helper such as ``_get``, review JD F1) defined by a subclass
+    between its class and ``owner``, or an ``init`` / ``update`` given to the instance."""
+    if any(callable(rule.__dict__.get(k)) for k in ("init", "update")):
+        return True
+    for klass in type(rule).__mro__:
         if klass is owner:
             return False
-        if "update" in vars(klass):
+        if any(callable(v) or isinstance(v, (staticmethod, classmethod, property))
+               for k, v in vars(klass).items() if not (k.startswith("__") and k.endswith("__"))):
             return True
     return False
 
@@ -603,9 +611,8 @@ class SGD(InnerRule):
         """``lr`` for plain SGD at one plain-number rate (see :attr:`InnerRule.plain_rate`)."""
         lr = self.hyper["lr"]
         plain = self.first_order_additive and isinstance(lr, numbers.Real) and not isinstance(lr, bool)
-        # (a subclass, or an instance, with an update of its own runs that update)
-        own = type(self).update is SGD.update and "update" not in vars(self)
-        return float(lr) if plain and own else None
+        # (a subclass, or an instance, with code of its own runs that code: review JD F1)
+        return float(lr) if plain and not own_code(self, SGD) else None
 
     @classmethod
     def from_inner_lr(cls, inner_lr: Hyper) -> "SGD":
