@@ -313,8 +313,7 @@ def _fullgraph_refused(message: str, torchs: str = "torch.compiler.disable"):
     try:
         yield
     except Exception as e:  # torch._dynamo.exc.Unsupported, a RuntimeError
-        if (type(e).__name__ == "Unsupported" or isinstance(e, RuntimeError)) and torchs in str(e) \
-                and str(e) not in (COMPILED_REPLAY, COMPILED_WATCHED):
+        if (type(e).__name__ == "Unsupported" or isinstance(e, RuntimeError)) and torchs in str(e):
             raise RuntimeError(message) from e
         raise
 
@@ -1171,10 +1170,10 @@ _WEIGHT_NORM = ("a weight norm (torch.nn.utils.weight_norm or parametrizations.w
                 "own gradgradcheck: write the norm out as a parametrization of your own, "
                 "g * v / v.norm(dim=1, keepdim=True) for a Linear layer's weight)")
 COMPILED = ("a torch.compile'd function or module (aot_autograd's CompiledFunction), whose backward has no "
-             "derivative: where nothing it reads requires a gradient (a compiled loss criterion) torch "
-             "drops the second derivative silently, elsewhere it raises (leave what the losses run "
-             "uncompiled, compile it with backend='eager', or use hvp='fwdrev', which differentiates "
-             "it by forward mode)")
+            "derivative: where nothing it reads requires a gradient (a compiled loss criterion) torch "
+            "drops the second derivative silently, elsewhere it raises (leave what the losses run "
+            "uncompiled, compile it with backend='eager', or use hvp='fwdrev', which differentiates "
+            "it by forward mode)")
 
 
 def _reads(node: Any, adapted: Optional[Sequence[Tensor]]) -> bool:
