@@ -1265,7 +1265,7 @@ class MetaOptimizer:
 
     @contextlib.contextmanager
     def _outer_step(self):
-        """The outer optimizer's step, from :meth:`step` (:func:`_stepped_directly` stays quiet)."""
+        """The outer optimizer's step, from :meth:`step` (:meth:`_hook_outer_step`'s hook stays quiet)."""
         self._stepping = True
         try:
             yield
