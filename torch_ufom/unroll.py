@@ -49,6 +49,8 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
+from .inner import own_code
+
 __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "scripted", "held_tensors",
            "root_of", "graph_reaches", "graph_targets",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
@@ -1327,16 +1329,10 @@ _RULES = "torch_ufom.inner"  # the module of the built-in rules
 def _library_code(rule: Any) -> bool:
     """Whether every method of ``rule`` is a built-in rule's: a subclass that only sets
     class attributes (porting.md's ``SignedSGD`` sets ``ranges``) runs the library's code;
-    an instance given a method of its own (``rule.update = f``) does not."""
-    if any(callable(v) for k, v in vars(rule).items() if k in ("init", "update")):
-        return False
-    for cls in type(rule).__mro__:
-        if cls.__module__ == _RULES:
-            return True
-        if any(callable(v) or isinstance(v, (staticmethod, classmethod, property))
-               for k, v in vars(cls).items() if not (k.startswith("__") and k.endswith("__"))):
-            return False
-    return False
+    an instance given a method of its own (``rule.update = f``) does not (:func:`own_code`
+    below the first built-in class it derives from)."""
+    owner = next((cls for cls in type(rule).__mro__ if cls.__module__ == _RULES), None)
+    return owner is not None and not own_code(rule, owner)
 
 
 def detached_update(rule: Any, names: Sequence[str]) -> str:
