@@ -168,10 +168,11 @@ def test_the_estimator_reports_revolve_counts_with_the_actions_built_here(steps,
 
 # -- sizing by a byte budget: the decision -----------------------------------------------------
 
-def work(S, G, N=0):
+def work(S, G, N=0, H=0):
     """``W``, the working memory docs/maths.md states, for ``|s| = S``, ``G`` bytes of saved
-    storages and ``N`` of autograd nodes per record."""
-    return 3.5 * G + 2 * N + 16 * S
+    storages and ``N`` of autograd nodes per record, and ``H`` bytes of a step's gradient
+    graph under forward-over-reverse."""
+    return 3.5 * G + 2 * N + 16 * S + 2.5 * H
 
 
 SLOT = 1.35  # one checkpoint costs 1.35 |s| (docs/maths.md)
@@ -198,6 +199,19 @@ def test_budget_gives_the_most_slots_that_fit_and_at_least_one():
     assert budget_slots(1000, S, G, 1) == 1  # below 1.35 |s| + W: the least memory is one slot
     assert budget_slots(35, S, G, room) == 34  # more than steps - 1 changes nothing
     assert budget_slots(1, S, G, 1) is None  # one step: its record is all there is
+
+
+def test_budget_counts_forward_over_reverse_working_memory_in_w_only():
+    # H (each fwdrev HVP's working memory) is held once, not per kept record or per slot.
+    S, G, H = 1000, 1000, 40_000
+    for steps in (2, 10, 100):
+        fits = steps * (G + S) + work(S, G, 0, H)
+        assert budget_slots(steps, S, G, math.ceil(fits), 0, H) is None
+        assert budget_slots(steps, S, G, math.floor(fits) - 1, 0, H) is not None
+    room = math.ceil(work(S, G, 0, H) + 9 * SLOT * S)
+    assert budget_slots(1000, S, G, room, 0, H) == 9
+    assert budget_slots(1000, S, G, room - 1, 0, H) == 8
+    assert budget_slots(1000, S, G, None, 0, H) == int(128 * (G + S) // (SLOT * S))  # the default's slots
 
 
 def test_default_budget_keeps_128_steps_of_graphs_then_checkpoints_constant_memory():
@@ -231,6 +245,7 @@ class _Record:
         self.leaves, self.exact, self.loss, self.is_exact, self.j = leaves, (out,), loss, exact, j
         self.next_state = State((out.detach(),), (), ())
         self.linked = False  # the toy's records are never chained
+        self.forward_over_reverse = False  # they keep a graph: no HVP working memory to measure
 
 
 class ToyLoop:
@@ -394,6 +409,44 @@ def test_budget_sized_meta_batch_and_forward_over_reverse(hvp):
     assert all(rel_err(g, ref) < 1e-12 for g in got.values())
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_forward_over_reverse_sweep_measures_its_hvps_working_memory(batched, monkeypatch):
+    # Review JB F1: under fwdrev a record keeps only its gradient, so G missed the activations
+    # (and tangents) every HVP builds anew: an MLP at batch 1,024 peaked at 1.9x a 16 MiB budget,
+    # a vectorised LayerNorm MLP at 6.1x, with no warning. _probe now takes the first step's
+    # gradient once more with a graph, whose bytes (H) hold at least the batch's activations.
+    seen = []
+    sized = torch_ufom.schedules.budget_slots
+
+    def spy(steps, state_bytes, record_bytes, max_memory=None, node_bytes=0, hvp_bytes=0):
+        seen.append(hvp_bytes)
+        return sized(steps, state_bytes, record_bytes, max_memory, node_bytes, hvp_bytes)
+    monkeypatch.setattr(torch_ufom.schedules, "budget_slots", spy)
+    torch.manual_seed(0)
+    rows, width, tasks = 256, 32, 3
+    model = nn.Sequential(nn.Linear(4, width), nn.LayerNorm(width), nn.Tanh(), nn.Linear(width, 1)).double()
+    x, y = torch.randn(tasks, rows, 4, dtype=torch.float64), torch.randn(tasks, rows, 1, dtype=torch.float64)
+    activations = rows * width * 8 * (tasks if batched else 1)  # one (rows, width) float64 tensor per task
+    got = {}
+    for hvp in ("fwdrev", "revrev"):
+        seen.clear()
+        for memory in ("store", "checkpoint"):
+            kw = dict(steps=4, inner_lr=0.1, mode="exact", hvp=hvp, memory=memory)
+            if memory == "checkpoint":
+                kw["max_memory"] = 1 << 30
+            if batched:
+                got[hvp, memory] = torch_ufom.hypergrad_batch(model, mse, mse, (x, y), (x, y),
+                                                              vectorise=True, **kw)
+            else:
+                got[hvp, memory] = torch_ufom.hypergrad(model, mse, mse, (x[0], y[0]), (x[0], y[0]), **kw)
+        if hvp == "fwdrev":
+            assert len(seen) == 1 and seen[0] >= 3 * activations, (seen, activations)
+        elif not batched:  # (vectorised revrev is wrong on LayerNorm: refused or run by fwdrev)
+            assert seen == [0]
+    ref = got["fwdrev", "store"]
+    assert all(rel_err(g, ref) < 1e-12 for k, g in got.items() if k[0] == "fwdrev")
+
+
 # -- the max_memory knob ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", [True, -1, 0, 1.5e9, math.nan, "1GB"])
@@ -449,9 +502,9 @@ def test_the_budget_counts_each_adam_moment_of_the_states_the_slots_hold(amsgrad
     seen = {}
     budget_slots = schedules.budget_slots
 
-    def spy(steps, state_bytes, record_bytes, max_memory=None, node_bytes=0):
+    def spy(steps, state_bytes, record_bytes, max_memory=None, node_bytes=0, hvp_bytes=0):
         seen["state"] = state_bytes
-        return budget_slots(steps, state_bytes, record_bytes, max_memory, node_bytes)
+        return budget_slots(steps, state_bytes, record_bytes, max_memory, node_bytes, hvp_bytes)
     monkeypatch.setattr(schedules, "budget_slots", spy)
     model, loss, data = mlp_problem(5)
     rule = inner.Adam(1e-3, amsgrad=amsgrad)

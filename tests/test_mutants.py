@@ -980,9 +980,9 @@ def test_a_budget_sized_mixed_sweep_is_sized_by_its_exact_records(monkeypatch):
     seen = []
     sized = torch_ufom.schedules.budget_slots
 
-    def spy(steps, state_bytes, record_bytes, max_memory=None, node_bytes=0):
+    def spy(steps, state_bytes, record_bytes, max_memory=None, node_bytes=0, hvp_bytes=0):
         seen.append((steps, state_bytes, record_bytes, node_bytes))
-        return sized(steps, state_bytes, record_bytes, max_memory, node_bytes)
+        return sized(steps, state_bytes, record_bytes, max_memory, node_bytes, hvp_bytes)
     monkeypatch.setattr(torch_ufom.schedules, "budget_slots", spy)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 1))

@@ -213,12 +213,11 @@ class Checkpoint(Schedule):
     :func:`budget_slots` decides between keeping every step's graph (when
     ``K`` of them fit, by bytes) and Revolve with the most slots that fit. The
     first step's record is reused either way, so the step counts are those of
-    the chosen schedule. Not counted: under ``hvp="fwdrev"`` (which ``"auto"``
-    picks for vectorised meta-batches of normalisation layers) a record keeps no
-    graph, and each forward-over-reverse HVP's working memory (the batch's
-    activations and their tangents) comes on top of the budget, a constant in
-    ``steps`` (review JB F1: 1.2-1.9x per task at batch 1,024, up to 6x for a
-    vectorised LayerNorm MLP at batch 512 under a 16 MiB budget).
+    the chosen schedule. Under ``hvp="fwdrev"`` (which ``"auto"`` picks for
+    vectorised meta-batches of normalisation layers) a record keeps no graph,
+    and each forward-over-reverse HVP's working memory (the batch's activations,
+    their tangents, the gradient's) is counted in ``W`` from the first step's
+    gradient taken once more with a graph (``H``, its bytes).
 
     Args:
         slots: ``None`` (sized by ``max_memory``) or the number of stored inner
@@ -243,9 +242,9 @@ class Checkpoint(Schedule):
             return Store().sweep(loop, state, start, stop, log, plan)
         if self.slots is not None:
             return _Revolve.run(loop, state, (start, revolve_actions(n, self.slots)), log, plan)
-        first, state_bytes, record_bytes, node_bytes = _probe(loop, state, start + 1, stop, plan)
-        slots = budget_slots(n, state_bytes, record_bytes, self.max_memory, node_bytes)
-        least = least_memory(state_bytes, record_bytes, node_bytes)
+        first, state_bytes, record_bytes, node_bytes, hvp_bytes = _probe(loop, state, start + 1, stop, plan)
+        slots = budget_slots(n, state_bytes, record_bytes, self.max_memory, node_bytes, hvp_bytes)
+        least = least_memory(state_bytes, record_bytes, node_bytes, hvp_bytes)
         if slots is not None and n > 2 and self.max_memory is not None and self.max_memory < least:
             warnings.warn(f"max_memory={self.max_memory} is below the least a sweep of this model "
                           f"is estimated to need, about {least} bytes (one checkpoint and the working "
@@ -488,32 +487,42 @@ WORK_NODES = 2.0
 # state, the record being consumed, the adjoints, the VJP's temporaries, the allocator's
 # slack around them (6.5 |s| + 0.8 G of live tensors on the MLP, 14 to 17 |s| resident).
 WORK_RECORDS, WORK_STATES = 3.5, 16.0
+# Under hvp="fwdrev" a record keeps no graph, and each forward-over-reverse HVP's working
+# memory (the batch's activations, their tangents, the gradient's) comes on top: counted
+# as this many times H, the bytes of the first step's gradient graph taken by reverse mode.
+# Fitted with a margin to resident peaks under recompute (about W alone): 25.8 MiB against a
+# W of 27.2 MiB per task (MLP 64-320-320-10, batch 1,024, H = 15 |s|), 99 MiB against 108 MiB
+# vectorised (8 tasks of Linear(64, 320)-LayerNorm-Tanh-Linear(320, 10), batch 512, H = 50 |s|).
+WORK_HVP = 2.5
 # One checkpoint: its state, and the fragmentation of the heap around long-lived states
 # (1.15 to 1.26 |s| resident per slot on the MLP, |s| of live tensors).
 SLOT_STATES = 1.35
 
 
-def least_memory(state_bytes: int, record_bytes: int, node_bytes: int = 0) -> int:
+def least_memory(state_bytes: int, record_bytes: int, node_bytes: int = 0, hvp_bytes: int = 0) -> int:
     """The least memory of a checkpointed sweep, ``1.35 |s| + W`` bytes: one slot and the
     working memory (:func:`budget_slots`)."""
-    return int(SLOT_STATES * state_bytes + _work(state_bytes, record_bytes, node_bytes))
+    return int(SLOT_STATES * state_bytes + _work(state_bytes, record_bytes, node_bytes, hvp_bytes))
 
 
-def _work(state_bytes: int, record_bytes: int, node_bytes: int) -> float:
+def _work(state_bytes: int, record_bytes: int, node_bytes: int, hvp_bytes: int = 0) -> float:
     """``W``: the working memory of a sweep besides what it stores."""
-    return WORK_RECORDS * record_bytes + WORK_NODES * node_bytes + WORK_STATES * state_bytes
+    return WORK_RECORDS * record_bytes + WORK_NODES * node_bytes + WORK_STATES * state_bytes \
+        + WORK_HVP * hvp_bytes
 
 
 def budget_slots(steps: int, state_bytes: int, record_bytes: int,
-                 max_memory: Optional[int] = None, node_bytes: int = 0) -> Optional[int]:
+                 max_memory: Optional[int] = None, node_bytes: int = 0, hvp_bytes: int = 0) -> Optional[int]:
     """How a sweep of ``steps`` steps fits in ``max_memory`` bytes.
 
     Keeping every step's record costs ``steps (G + N + |s|) + W`` bytes,
     Revolve with ``n`` slots ``1.35 n |s| + W``, where ``G = record_bytes``
     (the storages a record keeps), ``N = node_bytes`` (its graph's nodes),
-    ``|s| = state_bytes`` and ``W = 3.5 G + 2 N + 16 |s|`` (the working memory
-    besides what the sweep stores, with about two records' nodes at a time; the
-    factor 1.35 is the allocator's slack around long-lived states).
+    ``|s| = state_bytes`` and ``W = 3.5 G + 2 N + 16 |s| + 2.5 H`` (the working
+    memory besides what the sweep stores, with about two records' nodes at a
+    time; ``H = hvp_bytes``, under ``hvp="fwdrev"`` the bytes of a step's
+    gradient graph, which stands for each HVP's working memory; the factor 1.35
+    is the allocator's slack around long-lived states).
     ``max_memory=None`` is ``DEFAULT_BUDGET_STEPS (G + N + |s|) + W``: every
     record is kept up to 128 steps, and longer sweeps get
     ``128 (G + N + |s|) / (1.35 |s|)`` slots, whatever the steps (see
@@ -526,7 +535,7 @@ def budget_slots(steps: int, state_bytes: int, record_bytes: int,
         most ``steps - 1`` (more would change nothing).
     """
     per_step = record_bytes + node_bytes + state_bytes
-    work = _work(state_bytes, record_bytes, node_bytes)
+    work = _work(state_bytes, record_bytes, node_bytes, hvp_bytes)
     budget = DEFAULT_BUDGET_STEPS * per_step + work if max_memory is None else max_memory
     if steps <= 1 or steps * per_step + work <= budget:
         return None
@@ -535,7 +544,7 @@ def budget_slots(steps: int, state_bytes: int, record_bytes: int,
 
 
 def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
-    """Record step ``j`` (the sweep's first) and measure it: ``(record, |s|, G, N)``.
+    """Record step ``j`` (the sweep's first) and measure it: ``(record, |s|, G, N, H)``.
 
     ``|s|`` is the bytes of ``state`` or of the state after it, whichever is
     larger, with ``TENSOR_BYTES`` per tensor; ``G`` those the record keeps besides its
@@ -546,7 +555,11 @@ def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
     an accelerator, whose budget is the device's memory). In a
     sweep whose first steps are first-order and last ones exact, the probe is
     recorded as an exact step keeping its gradient too (a record the
-    first-order VJP can use), so that ``G`` is the exact records'.
+    first-order VJP can use), so that ``G`` is the exact records'. ``H``: for a
+    forward-over-reverse record (which keeps no graph, and whose HVPs build
+    one's worth of activations and tangents at a time), the bytes of step ``j``'s
+    gradient taken once more by reverse mode with a graph, its saved tensors
+    included; 0 otherwise.
     """
     if plan.exact_after >= j and plan.exact_after < stop:
         plan = SweepPlan(j - 1, max(plan.first_order_until, j))
@@ -559,7 +572,12 @@ def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
     inside = [t for t in _tensors(tuple(getattr(record, "__dict__", {}).values()))]
     saved, nodes = _saved(inside)
     on_host = all(t.device.type == "cpu" for t in _tensors(record.next_state))
-    return record, state_bytes, _bytes(inside + saved, own), NODE_BYTES * nodes if on_host else 0
+    hvp_bytes = 0
+    if record.forward_over_reverse:  # its HVPs' working memory: the gradient's graph, by reverse mode
+        leaves, grads = loop.gradient_graph(record.leaves, j)
+        hvp_bytes = _bytes(list(grads) + _saved(list(grads))[0], own)
+        del leaves, grads
+    return record, state_bytes, _bytes(inside + saved, own), NODE_BYTES * nodes if on_host else 0, hvp_bytes
 
 
 def _tensors(tree) -> List[Tensor]:

@@ -869,6 +869,9 @@ class Loop(Protocol):
     def hessian_vector(self, state: State, j: int, vec) -> Tuple[Tensor, ...]:
         """``H v`` of step ``j``'s inner loss (forward-over-reverse)."""
 
+    def gradient_graph(self, state: State, j: int) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
+        """``(leaves, grads)``: step ``j``'s inner gradient taken with a graph at fresh leaves."""
+
     def draws_own_generator(self, run: Callable[[], Any]) -> Tuple[Any, bool]:
         """``run()`` (a step evaluated again) and whether it drew from a generator of the user's."""
 
@@ -1842,14 +1845,24 @@ class InnerLoop:
         """``H v`` of step ``j``'s inner loss by reverse mode (autograd on the step's
         gradient, taken with a graph), under step ``j``'s random stream: what
         :meth:`hessian_vector`'s first call of a per-task sweep is compared with."""
-        leaves = tuple(p.detach().requires_grad_() for p in state.params)
-        with self.stream(j), torch.enable_grad():
-            at = State(leaves, state.opt, state.buffers)
-            _, grads, _ = self.evaluator.grad(self, at, self.batch(j - 1), True)
+        leaves, grads = self.gradient_graph(state, j)
+        with torch.enable_grad():
             dots = [(g * v).sum() for g, v in zip(grads, vec) if g.requires_grad]
         with second_derivatives():
             got = torch.autograd.grad(sum(dots), leaves, allow_unused=True) if dots else (None,) * len(leaves)
         return tuple(torch.zeros_like(p) if r is None else r for p, r in zip(leaves, got))
+
+    def gradient_graph(self, state: State, j: int) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
+        """``(leaves, grads)``: step ``j``'s inner gradient at detached copies of
+        ``state.params`` (``leaves``), taken by reverse mode with a graph, under step
+        ``j``'s random stream. What a forward-over-reverse HVP is compared with
+        (:meth:`reverse_hessian_vector`), and what a budget-sized sweep measures its
+        working memory by (:func:`~torch_ufom.schedules._probe`)."""
+        leaves = tuple(p.detach().requires_grad_() for p in state.params)
+        with self.stream(j), torch.enable_grad():
+            _, grads, _ = self.evaluator.grad(self, State(leaves, state.opt, state.buffers),
+                                              self.batch(j - 1), True)
+        return leaves, grads
 
     def reduce(self, adjoint: Tensor) -> Tensor:
         """The adjoint of a shared initial parameter from the state's adjoint."""
