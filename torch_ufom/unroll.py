@@ -1344,8 +1344,9 @@ def detached_update(rule: Any, names: Sequence[str]) -> str:
     return (f"Invalid inner: {type(rule).__name__}'s update returned {', '.join(map(repr, names[:3]))}"
             f"{' and others' if len(names) > 3 else ''} without a graph (requires_grad=False) from "
             "parameters that had one: an update run under torch.no_grad(), or one that detaches "
-            "(.detach(), .data). Every mode differentiates the update (fom too, along the parameters): "
-            "write it with differentiable out-of-place ops, as the built-in rules of torch_ufom.inner")
+            "(.detach(), .data). Every mode of a hypergradient differentiates the update (fom too, along "
+            "the parameters; adapt and adapt_batch, which keep no graph, run it as it is): write it with "
+            "differentiable out-of-place ops, as the built-in rules of torch_ufom.inner")
 
 
 def elementwise_rule(rule: Any) -> bool:
