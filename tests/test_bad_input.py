@@ -113,6 +113,35 @@ def test_defect_01_a_list_is_one_batch_like_a_tuple(entry):
     assert_close(env_list.call(entry, support=support, query=query), ref)
 
 
+@pytest.mark.parametrize("entry", BATCH_ENTRIES + ["adapt_batch"])
+def test_a_meta_batch_listing_per_task_batches_fails_with_a_note_to_stack_them(entry):
+    # Review IB F4: backward's layout, a list of per-task (x, y) pairs, read as one batch whose
+    # dimension 0 (the examples) indexed the tasks, failed inside the user's loss ("linear():
+    # argument 'input' must be Tensor, not tuple") naming neither supports nor the layout.
+    env = Env(tasks=3)
+    listed = [(x, y) for x, y in zip(*env.supports)]  # 3 tasks of 4 examples
+    listed_q = [(x, y) for x, y in zip(*env.queries)]
+    before = env.snap()
+    with pytest.raises(ValueError, match="too many values to unpack") as info:  # mse's x, y = batch
+        if entry == "adapt_batch":
+            torch_ufom.adapt_batch(env.model, mse, listed, steps=2, inner_lr=0.1)
+        else:
+            env.call(entry, support=listed, query=listed_q)
+    notes = getattr(info.value, "__notes__", [])
+    assert any("supports is a list of 3 tuples of one layout" in n and "stack each field" in n
+               for n in notes), notes
+    assert_unchanged(before)
+    # The note only annotates: the same lists stacked run, and a stacked batch of two parts of
+    # one layout (a list of tuples too) is still read as stacked tasks.
+    stacked = torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *listed)
+    assert all(torch.equal(a, b) for a, b in zip(stacked, env.supports))
+    if entry != "adapt_batch":
+        parts = [env.supports, env.supports]
+        env.call(entry, support=stacked)
+        env.call(entry, support=parts, query=env.queries,
+                 inner=lambda f, b: mse(f, b[0]) + mse(f, b[1]))
+
+
 def test_defect_01_step_batches_of_the_wrong_length_are_refused():
     env = Env()
     before = env.snap()

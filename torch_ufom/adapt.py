@@ -26,7 +26,8 @@ from .functional import restore_rng_on_error
 from .inner import InnerRule
 from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, one_call_at_a_time,
                      check_parametrize_cache, elementwise_rule, probe_batches)
-from .vectorised import Vectorised, attributes_kept, meta_batch_size, probe_steps, task_of
+from .vectorised import (Vectorised, attributes_kept, meta_batch_size, noting_listed_tasks, probe_steps,
+                         task_of)
 
 __all__ = ["adapt", "adapt_batch", "StackedFunctionalModel"]
 
@@ -211,6 +212,13 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     """
     problem = _problem(model, inner_loss, Settings(steps, inner_lr, inner, mode="fom",
                                                    inner_params=inner_params), generator)
+    with noting_listed_tasks(supports=supports):
+        return _adapt_batch(problem, inner_loss, supports, generator)
+
+
+def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generator) -> StackedFunctionalModel:
+    """:func:`adapt_batch` once its settings are resolved, without the note for per-task lists."""
+    model = problem.model
     size = meta_batch_size(supports=supports)
     with torch.enable_grad():  # a support tensor that requires grad (a PINN's x) keeps it per task
         tasks = [task_of(supports, i) for i in range(size)]

@@ -32,7 +32,8 @@ from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask
                      caller_level, elementwise_rule, held_tensors, per_step_batches, probe_batches,
                      reads_nothing, root_of, scripted, sparse_weights, wrong_twice_message, COMPILED)
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, Vectorised,
-                         attributes_kept, fresh, group_by_truncation, meta_batch_size, probe_steps,
+                         attributes_kept, fresh, group_by_truncation, meta_batch_size, noting_listed_tasks,
+                         probe_steps,
                          reads_meta_directly, runs_optimised_script, select_tasks, task_of)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
@@ -337,6 +338,13 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     again, and an error of the user's losses is raised from there.
     ``BatchRun.reason`` says why.
     """
+    with noting_listed_tasks(supports=supports, queries=queries):
+        return _estimate_batch(problem, supports, queries, force, diagnostics, known)
+
+
+def _estimate_batch(problem: Problem, supports: Any, queries: Any, force, diagnostics: bool,
+                    known: Optional[SlowOps]) -> BatchRun:
+    """:func:`estimate_batch`, without the note for per-task lists."""
     size = meta_batch_size(supports=supports, queries=queries)
     forced = check_force_truncation(force, size, problem.config.steps)
     with restore_rng_on_error(problem.generator):

@@ -100,6 +100,33 @@ def meta_batch_size(**trees: Any) -> int:
     return int(size)
 
 
+@contextlib.contextmanager
+def noting_listed_tasks(**trees: Any):
+    """Run the body of a meta-batch call; an exception it raises gets a note when an
+    argument (by name: ``supports=...``) looks like a list of per-task batches, the
+    layout :meth:`MetaOptimizer.backward` takes one at a time: a list or tuple of two or
+    more tuples, lists or dicts of one layout, whose tensors the call read as stacked
+    along dimension 0 (review IB F4). Only a note: such a tree may also be a stacked
+    batch of several parts."""
+    try:
+        yield
+    except Exception as err:
+        for name, tree in trees.items():
+            if not (type(tree) in (list, tuple) and len(tree) >= 2
+                    and all(isinstance(e, (list, tuple, dict)) for e in tree)):
+                continue
+            layouts = [pytree.tree_structure(e) for e in tree]
+            if all(spec == layouts[0] for spec in layouts[1:]):
+                err.add_note(
+                    f"Note: {name} is a {type(tree).__name__} of {len(tree)} {type(tree[0]).__name__}s of "
+                    "one layout. A meta-batch reads dimension 0 of every tensor as the task index: if "
+                    f"these are {len(tree)} tasks' batches, stack each field "
+                    f"(torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *{name})), or run "
+                    "the tasks one at a time")
+                break
+        raise
+
+
 def select_tasks(tree: Any, index: Sequence[int]) -> Any:
     """The tasks ``index`` of a meta-batch (a pytree of stacked tensors)."""
     on_device: Dict[torch.device, Tensor] = {}  # one copy of the index per device (a sync on CUDA)
