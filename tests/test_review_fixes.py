@@ -3587,3 +3587,101 @@ def test_the_functional_model_has_no_parts_to_read_at_the_modules_own_parameters
         with pytest.raises((AttributeError, TypeError), match="FunctionalModel"):
             torch_ufom.hypergrad(model, lambda f, b: mse(f, b) + read(f)(b[0]).sum() * 0, mse, (x, y), (x, y),
                                  steps=STEPS, inner_lr=LR, mode="exact")
+
+
+class _Sym(nn.Module):
+    def forward(self, w):
+        return w + 0.5 * w.flip(0)
+
+
+class _Parts(nn.Module):
+    """Review JC's four traps in one model: a parametrized weight, a submodule named ``module``
+    (FunctionalModel's own attribute), a ``ModuleDict`` read through ``values()`` and a property."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = nn.Linear(3, 4)
+        torch.nn.utils.parametrize.register_parametrization(self.module, "weight", _Sym())
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+
+    @property
+    def gain(self):
+        return 1.0 + self.heads["a"].weight.sum()
+
+    def features(self, x):
+        return torch.tanh(self.module(x))
+
+    def forward(self, x):
+        h = self.features(x)
+        return sum(head(h) for head in self.heads.values()) * self.gain
+
+
+def _parts_loss(f, b):
+    """The same function as ``mse(f, b)`` on ``_Parts``, from its parts through ``fmodel.run``."""
+    x, y = b
+    weight, bias = f.run(lambda m: (m.module.weight, m.module.bias))
+    h = torch.tanh(x @ weight.T + bias)
+    h2 = f.run(lambda m, inp: m.features(inp), x)
+    out = f.run(lambda m: sum(head(h) for head in m.heads.values()) * m.gain) + 0 * (h2 - h).sum()
+    return ((out - y) ** 2).mean()
+
+
+def test_fmodel_run_reads_every_part_of_the_module_at_the_inner_parameters():
+    # Reviews IB F2 / JC (session 28): attributes of fmodel resolved from the module read the module's
+    # own parameters (up to 1.28 off). fmodel.run(fn) runs fn on the module inside the swap; in every
+    # mode, schedule, HVP and entry point it equals the whole model's call and the oracle.
+    torch.manual_seed(0)
+    model = _Parts().double()
+    params = list(model.parameters())
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    xs, ys = torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(3, 5, 1, dtype=torch.float64)
+    steps, lr = 3, 0.3
+    want = brute_force(model, mse, mse, lambda j: (x, y), (x, y), steps, lr, params, steps)
+    first = brute_force(model, mse, mse, lambda j: (x, y), (x, y), steps, lr, params, 0)
+    for kw in (dict(mode="exact"), dict(mode="exact", memory="recompute"), dict(mode="exact", slots=1),
+               dict(mode="exact", hvp="fwdrev"), dict(mode="exact", memory="store")):
+        for inner, outer in ((_parts_loss, _parts_loss), (mse, _parts_loss), (_parts_loss, mse)):
+            got = torch_ufom.hypergrad(model, inner, outer, (x, y), (x, y), steps=steps, inner_lr=lr, **kw)
+            assert rel_err(got, want) < 1e-12, kw
+    got = torch_ufom.hypergrad(model, _parts_loss, _parts_loss, (x, y), (x, y), steps=steps, inner_lr=lr,
+                               mode="fom")
+    assert rel_err(got, first) < 1e-12
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.0), inner_lr=lr, steps=steps,
+                                    mode="ufom", q=0.5)
+    for K in (0, steps):
+        meta.zero_grad()
+        meta.backward(_parts_loss, _parts_loss, (x, y), (x, y), force_truncation=K)
+        expect = first if K == 0 else [g0 + (g - g0) / 0.5 for g0, g in zip(first, want)]
+        assert rel_err([p.grad for p in params], expect) < 1e-12, K
+    ref = torch_ufom.hypergrad_batch(model, mse, mse, (xs, ys), (xs, ys), steps=steps, inner_lr=lr,
+                                     mode="exact", vectorise=False)
+    for vectorise in (True, False):
+        got = torch_ufom.hypergrad_batch(model, _parts_loss, _parts_loss, (xs, ys), (xs, ys), steps=steps,
+                                         inner_lr=lr, mode="exact", vectorise=vectorise)
+        assert rel_err(got, ref) < 1e-12, vectorise
+    # Test-time adaptation: the adapted model's parts, and the module unchanged.
+    before = [p.detach().clone() for p in params]
+    adapted = torch_ufom.adapt(model, _parts_loss, (x, y), steps=steps, inner_lr=lr)
+    with torch.no_grad():
+        whole = adapted(x)
+        parts = adapted.run(lambda m: sum(head(m.features(x)) for head in m.heads.values()) * m.gain)
+    assert torch.allclose(parts, whole, rtol=1e-14, atol=0) and not torch.allclose(whole, model(x))
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_fmodel_run_refuses_a_part_that_would_escape_and_puts_the_module_back():
+    torch.manual_seed(0)
+    model = _Parts().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    adapted = torch_ufom.adapt(model, mse, (x, y), steps=2, inner_lr=0.3)
+    own = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    for fn in (lambda m: m.heads, lambda m: m.features, lambda m: list(m.heads.values()),
+               lambda m: (m.heads["a"], torch.ones(1))):
+        with pytest.raises(TypeError, match=r"FunctionalModel.run's fn returned a .*not a part of the"):
+            adapted.run(fn)
+    with pytest.raises(TypeError, match="Invalid fn: expected a function of the module"):
+        adapted.run(model.heads)  # a module is callable, but not a function of the module
+    with pytest.raises(ZeroDivisionError):
+        adapted.run(lambda m: 1 / 0)
+    assert all(torch.equal(t, own[n]) for n, t in model.state_dict().items())
+    assert adapted.run(lambda m: None) is None

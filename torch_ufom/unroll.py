@@ -454,18 +454,62 @@ class FunctionalModel:
                     return functional_call(self.module, (self.params, self.buffers), args, kwargs)
                 finally:
                     handle.remove()
-            if swap.parametrized:
-                check_parametrize_cache(self.module)
-            given = dict(self.buffers) if self.buffers else None
-            saved = swap.put(self.params, self.buffers)
+            return self._swapped(swap, lambda: self.module(*args, **kwargs))
+
+    def _swapped(self, swap: "Reparametrization", call: Callable[[], Any]):
+        """``call()`` with ``swap`` putting this model's tensors in the module."""
+        if swap.parametrized:
+            check_parametrize_cache(self.module)
+        given = dict(self.buffers) if self.buffers else None
+        saved = swap.put(self.params, self.buffers)
+        try:
+            return call()
+        finally:
             try:
-                return self.module(*args, **kwargs)
+                if given:
+                    self._read_back(swap.slots, given)
             finally:
-                try:
-                    if given:
-                        self._read_back(swap.slots, given)
-                finally:
-                    swap.restore(saved)
+                swap.restore(saved)
+
+    def run(self, fn: Callable, *args, **kwargs):
+        """``fn(module, *args, **kwargs)`` with the module at this model's parameters and
+        buffers, as a call of the model has it: for a part of the model or a method of
+        its (``fmodel.run(lambda m: m.features(x))``, where ``higher``'s functional model
+        reads ``fmodel.features(x)``). Everything ``fn`` reads of the module (submodules,
+        properties, parametrized weights, ``ModuleDict.values()``) is at these
+        parameters, and the module's own entries are put back afterwards, error or not.
+
+        Returns:
+            What ``fn`` returns: tensors, numbers, strings, ``None``, or tuples, lists
+            and dicts of them. A module, a bound method or any other object holding a
+            part of the module would run at the module's own parameters once ``fn``
+            has returned: it is refused (``TypeError``).
+
+        Raises:
+            TypeError: ``fn`` is not a function (a module is not: it would run at its
+                own parameters), or returned such an object.
+            ValueError: the model's parameters are not all the module's own entries by
+                the names ``named_parameters()`` gives (a tied weight's second name),
+                where ``run`` cannot swap them.
+        """
+        if not callable(fn) or isinstance(fn, nn.Module):  # (a part given as fn would run outside the swap)
+            raise TypeError(f"Invalid fn: expected a function of the module, e.g. lambda m: m.features(x); "
+                            f"got {type(fn).__name__}")
+        with _PROCESS_STATE if self.serialised else _UNLOCKED:
+            swap = self._module_swap() if self.swap is ... else self.swap
+            if swap is None:
+                raise ValueError("FunctionalModel.run needs the parameters under the names "
+                                 "named_parameters() gives (not a tied weight's second name, nor a name "
+                                 "the module lacks); call the model itself instead")
+            out = self._swapped(swap, lambda: fn(self.module, *args, **kwargs))
+        for leaf in pytree.tree_leaves(out):
+            if not (leaf is None or isinstance(leaf, (Tensor, int, float, complex, str, bytes,
+                                                      torch.dtype, torch.device))):
+                raise TypeError(f"FunctionalModel.run's fn returned a {type(leaf).__name__}: return what fn "
+                                "computes (tensors, numbers), not a part of the module (a submodule, a "
+                                "bound method), which would run at the module's own parameters once fn "
+                                "has returned")
+        return out
 
     def _read_back(self, slots, given: Dict[str, Tensor]) -> None:
         """Take as this call's buffers those the forward replaced (``self.rm = a * self.rm
