@@ -2,6 +2,7 @@
 every rule and hyperparameter against brute force, higher's SGD, and the
 validation of hyperparameters against the adapted parameters."""
 import copy
+import functools
 import itertools
 import warnings
 
@@ -1200,3 +1201,54 @@ def test_a_subclass_with_a_helper_of_its_own_takes_no_built_in_shortcut():
     want = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner_lr=0.05, mode="exact")
     got = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner=Scaled(0.1), mode="exact")
     assert rel_err(got, want) < 1e-12  # (half of 0.1 is 0.05)
+
+
+def test_a_declared_shortcut_describes_its_own_class_and_holds_only_where_the_built_in_one_does():
+    # Review JD F2 (session 28): a declaration inherited by a child with an update of its own (a bias
+    # reset to zeros) took the additive shortcut: fom 0.25 off, exact crashed in torch. JD F3: a class
+    # attribute declared on an SGD that rescales its gradients held under weight decay: 0.72 off.
+    class Additive(SGD):
+        first_order_additive = True
+
+        def update(self, grads, state, params, hyper):
+            return super().update(grads, state, params, hyper)
+
+    class Reset(Additive):  # declares nothing: Additive's declaration is not about this update
+        def update(self, grads, state, params, hyper):
+            new, state = super().update(grads, state, params, hyper)
+            return {n: torch.zeros_like(p) if n == "2.bias" else p for n, p in new.items()}, state
+
+    class Scaled(SGD):
+        first_order_identity = True
+
+        def update(self, grads, state, params, hyper):
+            return super().update({n: 0.5 * g for n, g in grads.items()}, state, params, hyper)
+
+    class ScaledProperty(Scaled):  # a property of the hyperparameters, declared for this class
+        @property
+        def first_order_identity(self):
+            return float(self.hyper["weight_decay"]) == 0.0
+
+    assert Additive(0.1).first_order_additive and Additive.first_order_additive is True
+    assert not Reset(0.1).first_order_additive
+    instance = Additive(0.1)
+    instance.update = functools.partial(Reset.update, instance)  # an update given to the instance
+    assert not instance.first_order_additive
+    instance.first_order_additive = False  # an instance's own value is taken as it is
+    assert instance.first_order_additive is False
+    assert Scaled(0.1).first_order_identity and Scaled(0.1, momentum=0.9).first_order_identity
+    assert not Scaled(0.1, weight_decay=0.5).first_order_identity  # SGD's own flag is False there
+    assert ScaledProperty(0.1).first_order_identity
+    assert not ScaledProperty(0.1, weight_decay=0.5).first_order_identity
+    model, loss, data = mlp_problem(35)
+    params = list(model.parameters())
+
+    def reset(name, t, p, g, s):
+        return (0 * p if name == "2.bias" else p - 0.1 * g), s  # (0 * p: the oracle differentiates it)
+    # (Scaled under weight decay 0.5 steps p - 0.1 (g / 2 + p / 2): SGD at 0.05 with weight decay 1)
+    for rule, ref in ((Reset(0.1), reset), (Scaled(0.1, momentum=0.9, weight_decay=0.5),
+                                           ref_sgd(0.05, momentum=0.9, weight_decay=1.0))):
+        for mode, k in (("fom", 0), ("exact", 3)):
+            got = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner=rule, mode=mode)
+            want = brute_force(model, loss, loss, lambda j: data[0], data[1], 3, None, params, k, rule=ref)
+            assert rel_err(got, want) < 1e-12, (type(rule).__name__, mode)
