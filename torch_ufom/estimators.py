@@ -56,7 +56,8 @@ class Estimate:
             sweep's graphs fit its budget or its slots; rebuilt otherwise).
         g0, gk: with ``diagnostics`` and ``K > 0``, the unweighted ``G_0`` (FOM)
             and ``G_K``; else ``None``.
-        buffers: the module's buffers at the end of the inner loop, in
+        buffers: the module's buffers as the task's last forward left them (the outer
+            loss's, after the inner loop), in
             ``named_buffers()`` order.
         aux: the outer loss's aux from the forward pass, detached (``None``
             when it returns a plain loss); for a meta-batch, stacked over tasks.
@@ -325,9 +326,8 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
         log.count = count  # (the steps ran: the call counters keep them)
         connected, plan = False, plan._replace(connected=False)
         state, records = schedule.sweep(loop, start, swept, r, log, plan)
-    final_buffers = state.buffers
-
-    e, explicit, outer_loss, aux = loop.outer_vjp(state)
+    # the buffers as the task's last forward left them: the outer loss's, after the inner loop's
+    e, explicit, outer_loss, aux, final_buffers = loop.outer_vjp(state)
     inner_losses = log.values
     diagnostics = diagnostics and K > 0  # for K = 0 the estimate is G_0 = G_K itself
     theta = list(explicit)

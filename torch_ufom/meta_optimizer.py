@@ -111,8 +111,10 @@ class MetaOptimizer:
             authors' ``"authors"``), the smallest ``q`` and the averaging factor
             (checked, unused with a fixed ``q``).
         k: the truncation point of ``mode="truncated"`` (an error with other modes).
-        track_buffers: if ``True``, :meth:`step` writes the inner loop's final
-            buffers (BatchNorm running statistics) into the module: the mean
+        track_buffers: if ``True``, :meth:`step` writes each task's final
+            buffers (BatchNorm running statistics as the task's last forward left
+            them: its inner steps', then its outer loss's at the adapted parameters,
+            as a hand-written loop in ``train()`` mode has them) into the module: the mean
             over the tasks since the last step for floating-point buffers, the
             last task's for integer ones (``num_batches_tracked``; with a
             ``process_group``, all ranks' tasks, and the largest). Default

@@ -863,8 +863,9 @@ class Evaluator(Protocol):
 
     def outer(self, loop: "InnerLoop", params: Tuple[Tensor, ...], state: State):
         """The outer loss (per task) at ``params`` (leaves that require grad), its aux
-        (``()`` for none) and its gradient with respect to ``params + loop.meta``
-        (summed over tasks)."""
+        (``()`` for none), its gradient with respect to ``params + loop.meta``
+        (summed over tasks) and the buffers as its forward left them (a train-mode
+        BatchNorm's running statistics updated by the query batch)."""
 
     def reduce(self, adjoint: Tensor) -> Tensor:
         """A shared initial parameter's adjoint from its state's adjoint."""
@@ -902,7 +903,7 @@ class Loop(Protocol):
         """Step ``j`` kept for the reverse sweep, as ``plan`` says."""
 
     def outer_vjp(self, state: State):
-        """``(e_r, explicit meta terms, outer loss, aux)`` at ``s_r``."""
+        """``(e_r, explicit meta terms, outer loss, aux, buffers after the outer loss)`` at ``s_r``."""
 
     def first_order_theta(self, f_params, grad_sum, state: State):
         """The meta terms of an additive rule's first-order steps."""
@@ -977,8 +978,9 @@ class PerTask:
                              "torch.func.jvp does not see through it; use 'revrev' or 'auto'") from None
 
     def outer(self, loop, params, state):
-        """One task's outer loss, aux and gradient (:meth:`Evaluator.outer`)."""
-        out = loop.outer_loss(loop.fmodel(params, state.buffers), loop.query)
+        """One task's outer loss, aux, gradient and buffers (:meth:`Evaluator.outer`)."""
+        fm = loop.fmodel(params, state.buffers)
+        out = loop.outer_loss(fm, loop.query)
         loss, aux = loss_and_aux(out, "outer_loss")
         # (an outer loss that is the inner loss, whose first step was looked at for checkpointed
         # parts: only the cheap look for graphs made before the call, which the query may carry)
@@ -990,8 +992,10 @@ class PerTask:
             loop.check_carried(loss, params, outer=True)
         elif loop.watch_leaves and (loop.kept_leaves or PROBED):
             loop.check_left_behind(loss, params)
-        return loss, aux, torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True,
-                                              retain_graph=loop.retain)
+        grads = torch.autograd.grad(loss, params + tuple(loop.meta), allow_unused=True,
+                                    retain_graph=loop.retain)
+        return loss, aux, grads, tuple(fm.buffers[n].detach() for n in loop.buffer_names) if fm.buffers \
+            else state.buffers
 
     def reduce(self, adjoint):
         """One task: the adjoint as it is (:meth:`Evaluator.reduce`)."""
@@ -1919,14 +1923,14 @@ class InnerLoop:
         outer loss (one per task for a meta-batch) and its aux, detached."""
         params = tuple(p.detach().requires_grad_() for p in state.params)
         with torch.enable_grad(), self.stream(self.steps + 1):
-            loss, aux, grads = self.evaluator.outer(self, params, state)
+            loss, aux, grads, buffers = self.evaluator.outer(self, params, state)
         self.watch_leaves, self.kept_leaves = False, weakref.WeakSet()  # (replays come after)
         self.outer_unread = frozenset(i for i, g in enumerate(grads[:len(params)]) if g is None)
         if self.names and len(self.outer_unread) == len(self.names):
             warnings.warn(reads_nothing("outer_loss"), stacklevel=caller_level())
         e = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
         e = self._dense(e) + tuple(torch.zeros_like(t) for t in state.opt)
-        return e, list(grads[len(params):]), loss.detach(), detached(aux)
+        return e, list(grads[len(params):]), loss.detach(), detached(aux), buffers
 
     def first_order_theta(self, f_params: Sequence[Tensor], grad_sum: Sequence[Tensor], state: State):
         """The meta-parameter terms of the first-order steps of an additive rule.

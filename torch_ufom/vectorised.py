@@ -1427,8 +1427,8 @@ class Vectorised:
         return torch.func.vmap(one, randomness="different")(tuple(state.params), vec, batch)
 
     def outer(self, loop, params, state):
-        """Every task's outer loss and aux by ``vmap``, and their summed gradient
-        (:meth:`~torch_ufom.unroll.Evaluator.outer`)."""
+        """Every task's outer loss and aux by ``vmap``, their summed gradient and the
+        buffers (:meth:`~torch_ufom.unroll.Evaluator.outer`)."""
         # vmap returns tensors only: the aux's other values (Python numbers, strings) go
         # around it, the same for every task since vmap runs the loss once.
         held = {}
@@ -1447,7 +1447,7 @@ class Vectorised:
         total = losses.sum()
         grads = torch.autograd.grad(total, params + tuple(loop.meta), allow_unused=True,
                                     retain_graph=loop.retains(total))
-        return losses, aux, grads
+        return losses, aux, grads, state.buffers  # (a loss writing buffers runs per task: probe)
 
     def reduce(self, adjoint):
         """The tasks share the initial parameters: their adjoints add up."""
