@@ -172,7 +172,7 @@ def work(S, G, N=0, H=0):
     """``W``, the working memory docs/maths.md states, for ``|s| = S``, ``G`` bytes of saved
     storages and ``N`` of autograd nodes per record, and ``H`` bytes of a step's gradient
     graph under forward-over-reverse."""
-    return 3.5 * G + 2 * N + 16 * S + 2.5 * H
+    return 3.5 * G + 2 * N + 16 * S + 4.5 * H
 
 
 SLOT = 1.35  # one checkpoint costs 1.35 |s| (docs/maths.md)
@@ -445,6 +445,15 @@ def test_a_forward_over_reverse_sweep_measures_its_hvps_working_memory(batched, 
             assert seen == [0]
     ref = got["fwdrev", "store"]
     assert all(rel_err(g, ref) < 1e-12 for k, g in got.items() if k[0] == "fwdrev")
+    # The default budget: W cancels out of the decision, so H is not measured (review KA F2: one more
+    # evaluation of the loss, and a forward hook called once more, for nothing).
+    seen.clear()
+    kw = dict(steps=4, inner_lr=0.1, mode="exact", hvp="fwdrev")
+    if batched:
+        torch_ufom.hypergrad_batch(model, mse, mse, (x, y), (x, y), vectorise=True, **kw)
+    else:
+        torch_ufom.hypergrad(model, mse, mse, (x[0], y[0]), (x[0], y[0]), **kw)
+    assert seen == [0]
 
 
 # -- the max_memory knob ------------------------------------------------------------------------

@@ -133,8 +133,9 @@ class MetaOptimizer:
             ``slots=None``: an int, or ``None`` (default) for
             ``128 (G + N + |s|) + W``, where each sweep's first step measures
             ``G`` (the bytes its graph keeps), ``N`` (1 KB per node of it, on a
-            CPU) and ``|s|`` (one inner state), and ``W = 3.5 G + 2 N + 16 |s| + 2.5 H``
-            (``H``: under ``hvp="fwdrev"``, the bytes of the step's gradient graph):
+            CPU) and ``|s|`` (one inner state), and ``W = 3.5 G + 2 N + 16 |s| + 4.5 H``
+            (``H``: under ``hvp="fwdrev"`` with a ``max_memory`` given, the bytes of the
+            step's gradient graph, measured by evaluating it once more):
             every graph is kept up to 128 steps, longer sweeps checkpoint with
             ``128 (G + N + |s|) / (1.35 |s|)``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).

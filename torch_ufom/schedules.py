@@ -242,7 +242,8 @@ class Checkpoint(Schedule):
             return Store().sweep(loop, state, start, stop, log, plan)
         if self.slots is not None:
             return _Revolve.run(loop, state, (start, revolve_actions(n, self.slots)), log, plan)
-        first, state_bytes, record_bytes, node_bytes, hvp_bytes = _probe(loop, state, start + 1, stop, plan)
+        first, state_bytes, record_bytes, node_bytes, hvp_bytes = _probe(loop, state, start + 1, stop, plan,
+                                                                        self.max_memory is not None)
         slots = budget_slots(n, state_bytes, record_bytes, self.max_memory, node_bytes, hvp_bytes)
         least = least_memory(state_bytes, record_bytes, node_bytes, hvp_bytes)
         if slots is not None and n > 2 and self.max_memory is not None and self.max_memory < least:
@@ -490,10 +491,11 @@ WORK_RECORDS, WORK_STATES = 3.5, 16.0
 # Under hvp="fwdrev" a record keeps no graph, and each forward-over-reverse HVP's working
 # memory (the batch's activations, their tangents, the gradient's) comes on top: counted
 # as this many times H, the bytes of the first step's gradient graph taken by reverse mode.
-# Fitted with a margin to resident peaks under recompute (about W alone): 25.8 MiB against a
-# W of 27.2 MiB per task (MLP 64-320-320-10, batch 1,024, H = 15 |s|), 99 MiB against 108 MiB
-# vectorised (8 tasks of Linear(64, 320)-LayerNorm-Tanh-Linear(320, 10), batch 512, H = 50 |s|).
-WORK_HVP = 2.5
+# Fitted with a margin to resident peaks: per task, Linear(64, 320)-LayerNorm-Tanh-Linear(320, 10)
+# needs about 4 H (review KA F1: 46.3 MiB at batch 2,048 where 2.5 H gave a least of 29.1 MiB),
+# conv nets without normalisation about 3 H, the MLP 64-320-320-10 2.2 H; vectorised, 8 tasks
+# of the LayerNorm MLP at batch 512, 2.2 H (99 MiB under recompute, H = 37 MiB).
+WORK_HVP = 4.5
 # One checkpoint: its state, and the fragmentation of the heap around long-lived states
 # (1.15 to 1.26 |s| resident per slot on the MLP, |s| of live tensors).
 SLOT_STATES = 1.35
@@ -518,7 +520,7 @@ def budget_slots(steps: int, state_bytes: int, record_bytes: int,
     Keeping every step's record costs ``steps (G + N + |s|) + W`` bytes,
     Revolve with ``n`` slots ``1.35 n |s| + W``, where ``G = record_bytes``
     (the storages a record keeps), ``N = node_bytes`` (its graph's nodes),
-    ``|s| = state_bytes`` and ``W = 3.5 G + 2 N + 16 |s| + 2.5 H`` (the working
+    ``|s| = state_bytes`` and ``W = 3.5 G + 2 N + 16 |s| + 4.5 H`` (the working
     memory besides what the sweep stores, with about two records' nodes at a
     time; ``H = hvp_bytes``, under ``hvp="fwdrev"`` the bytes of a step's
     gradient graph, which stands for each HVP's working memory; the factor 1.35
@@ -543,7 +545,7 @@ def budget_slots(steps: int, state_bytes: int, record_bytes: int,
     return max(1, min(steps - 1, fit))
 
 
-def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
+def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan, hvp: bool = True):
     """Record step ``j`` (the sweep's first) and measure it: ``(record, |s|, G, N, H)``.
 
     ``|s|`` is the bytes of ``state`` or of the state after it, whichever is
@@ -559,7 +561,9 @@ def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
     forward-over-reverse record (which keeps no graph, and whose HVPs build
     one's worth of activations and tangents at a time), the bytes of step ``j``'s
     gradient taken once more by reverse mode with a graph, its saved tensors
-    included; 0 otherwise.
+    included; 0 otherwise, and without ``hvp`` (the default budget, from which
+    ``W`` cancels out: review KA F2, where measuring it only cost one more
+    evaluation of the loss).
     """
     if plan.exact_after >= j and plan.exact_after < stop:
         plan = SweepPlan(j - 1, max(plan.first_order_until, j))
@@ -573,7 +577,7 @@ def _probe(loop, state: State, j: int, stop: int, plan: SweepPlan):
     saved, nodes = _saved(inside)
     on_host = all(t.device.type == "cpu" for t in _tensors(record.next_state))
     hvp_bytes = 0
-    if record.forward_over_reverse:  # its HVPs' working memory: the gradient's graph, by reverse mode
+    if hvp and record.forward_over_reverse:  # its HVPs' working memory: the gradient's graph, by reverse mode
         leaves, grads = loop.gradient_graph(record.leaves, j)
         hvp_bytes = _bytes(list(grads) + _saved(list(grads))[0], own)
         del leaves, grads
