@@ -3685,3 +3685,50 @@ def test_fmodel_run_refuses_a_part_that_would_escape_and_puts_the_module_back():
         adapted.run(lambda m: 1 / 0)
     assert all(torch.equal(t, own[n]) for n, t in model.state_dict().items())
     assert adapted.run(lambda m: None) is None
+
+
+def test_fmodel_run_nests_walks_keys_and_changes_nothing_when_it_refuses():
+    # Review KC (session 29). F1: a call of the model (or run) inside run swapped again, and its
+    # restore put back a buffer the forward had replaced: 7.7e-2 off. F2: a submodule as a dict key
+    # (or a defaultdict's factory) escaped the check: 1.10 off. F3: a refused result had already
+    # moved an adapted model's buffers and torch's generator. F4: NumPy results and distributions
+    # were refused. F5: a keyword argument named fn could not reach fn.
+    import collections
+
+    import numpy as np
+
+    class Ema(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out, self.bn = nn.Linear(3, 4), nn.Linear(4, 2), nn.BatchNorm1d(4)
+            self.register_buffer("ema", torch.zeros(4))
+
+        def forward(self, x):
+            h = self.bn(torch.tanh(self.lin(x)))
+            self.ema = 0.5 * self.ema + 0.5 * h.detach().mean(0)  # replaces the buffer
+            return self.out(h - self.ema)
+
+    torch.manual_seed(0)
+    model = Ema().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    again = torch_ufom.adapt(model, mse, (x, y), steps=2, inner_lr=0.3)
+    twin = again.to_module()  # three forwards of a plain copy against a nested run, a call, a forward
+    with torch.no_grad():
+        outs = [twin(x) for _ in range(3)]
+        got = again.run(lambda m: (again.run(lambda m2: m2(x)), again(x), m(x)))
+    assert all(torch.allclose(a, b, rtol=1e-14, atol=0) for a, b in zip(got, outs))
+    assert all(torch.allclose(again.buffers[n], b, rtol=1e-14, atol=0) for n, b in twin.named_buffers())
+    for fn in (lambda m: {m.out: m(x)}, lambda m: collections.defaultdict(lambda: m(x)),
+               lambda m: {"a": [(1, m.out.forward)]}, lambda m: iter([m(x)])):
+        before = {n: b.clone() for n, b in again.buffers.items()}
+        rng = torch.get_rng_state()
+        with pytest.raises(TypeError, match="FunctionalModel.run's fn returned a"):
+            again.run(lambda m, fn=fn: (m(x), torch.rand(3), fn(m))[2])
+        assert all(torch.equal(again.buffers[n], b) for n, b in before.items())
+        assert torch.equal(torch.get_rng_state(), rng)
+    features = again.run(lambda m: m(x).detach().numpy())
+    assert isinstance(features, np.ndarray)
+    assert again.run(lambda m: np.int64(3)) == 3
+    policy = again.run(lambda m: torch.distributions.Categorical(logits=m(x)))
+    assert policy.logits.shape == (6, 2)
+    assert again.run(lambda m, fn: fn, fn="given") == "given"

@@ -25,12 +25,14 @@ the same operations as the general path, bit for bit (``tests/test_fastpath.py``
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
 import inspect
 import itertools
 import math
+import numbers
 import os
 import re
 import random
@@ -435,9 +437,15 @@ class FunctionalModel:
         self.buffers = buffers
         self.swap = swap
         self.serialised = serialised
+        # The thread running a call in this model's swap (a call of the model, or run,
+        # inside run then runs in it: review KC F1, a nested swap's restore put back a
+        # buffer the forward had replaced, 7.7e-2 off).
+        self._inside: Optional[int] = None
 
     def __call__(self, *args, **kwargs):
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
+            if self._inside == threading.get_ident():  # a call inside run: the module holds our tensors
+                return self.module(*args, **kwargs)
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
                 check_parametrize_cache(self.module)
@@ -462,28 +470,34 @@ class FunctionalModel:
             check_parametrize_cache(self.module)
         given = dict(self.buffers) if self.buffers else None
         saved = swap.put(self.params, self.buffers)
+        self._inside = threading.get_ident()
         try:
             return call()
         finally:
+            self._inside = None
             try:
                 if given:
                     self._read_back(swap.slots, given)
             finally:
                 swap.restore(saved)
 
-    def run(self, fn: Callable, *args, **kwargs):
+    def run(self, fn: Callable, /, *args, **kwargs):
         """``fn(module, *args, **kwargs)`` with the module at this model's parameters and
         buffers, as a call of the model has it: for a part of the model or a method of
         its (``fmodel.run(lambda m: m.features(x))``, where ``higher``'s functional model
         reads ``fmodel.features(x)``). Everything ``fn`` reads of the module (submodules,
         properties, parametrized weights, ``ModuleDict.values()``) is at these
         parameters, and the module's own entries are put back afterwards, error or not.
+        Inside ``fn``, a call of this model (or another ``run`` of it) runs in the same
+        swap. ``fn`` must not keep a part of the module for later (in a list of its own,
+        a closure): outside ``run`` it runs at the module's own parameters.
 
         Returns:
-            What ``fn`` returns: tensors, numbers, strings, ``None``, or tuples, lists
-            and dicts of them. A module, a bound method or any other object holding a
-            part of the module would run at the module's own parameters once ``fn``
-            has returned: it is refused (``TypeError``).
+            What ``fn`` returns: tensors, numbers (NumPy's too), strings, ``None``, NumPy
+            arrays, ``torch.distributions`` objects, or tuples, lists and dicts of them
+            (keys included). A module, a bound method or any other object, which may hold
+            a part of the module, is refused (``TypeError``), and the call then changes
+            nothing: this model's buffers and torch's global generators are put back.
 
         Raises:
             TypeError: ``fn`` is not a function (a module is not: it would run at its
@@ -496,19 +510,30 @@ class FunctionalModel:
             raise TypeError(f"Invalid fn: expected a function of the module, e.g. lambda m: m.features(x); "
                             f"got {type(fn).__name__}")
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
+            if self._inside == threading.get_ident():  # inside this model's own swap: run in it
+                return fn(self.module, *args, **kwargs)
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
                 raise ValueError("FunctionalModel.run needs the parameters under the names "
                                  "named_parameters() gives (not a tied weight's second name, nor a name "
                                  "the module lacks); call the model itself instead")
+            kept = {n: (t, t.clone()) for n, t in self.buffers.items()}
+            rng = torch.get_rng_state(), \
+                torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
             out = self._swapped(swap, lambda: fn(self.module, *args, **kwargs))
-        for leaf in pytree.tree_leaves(out):
-            if not (leaf is None or isinstance(leaf, (Tensor, int, float, complex, str, bytes,
-                                                      torch.dtype, torch.device))):
-                raise TypeError(f"FunctionalModel.run's fn returned a {type(leaf).__name__}: return what fn "
-                                "computes (tensors, numbers), not a part of the module (a submodule, a "
-                                "bound method), which would run at the module's own parameters once fn "
-                                "has returned")
+            escaped = _escaping(out)
+            if escaped is not None:  # (review KC F3: the refused call changes nothing)
+                with torch.no_grad():
+                    for name, (tensor, value) in kept.items():
+                        tensor.copy_(value)
+                        self.buffers[name] = tensor
+                torch.set_rng_state(rng[0])
+                if rng[1] is not None:
+                    torch.cuda.set_rng_state_all(rng[1])
+                raise TypeError(f"FunctionalModel.run's fn returned a {type(escaped).__name__}: return what "
+                                "fn computes (tensors, numbers), not a part of the module (a submodule, a "
+                                "bound method) or an object that may hold one, which would run at the "
+                                "module's own parameters once fn has returned")
         return out
 
     def _read_back(self, slots, given: Dict[str, Tensor]) -> None:
@@ -552,6 +577,36 @@ class FunctionalModel:
             for name, value in self.buffers.items():
                 module.get_buffer(name).copy_(value)
         return module
+
+
+def _escaping(out: Any) -> Any:
+    """The first object in ``out`` (a result of :meth:`FunctionalModel.run`) that is not
+    a tensor, a number, a string, ``None``, a NumPy array of numbers, a
+    ``torch.distributions`` object (whose tensors are looked at too), or a tuple,
+    list or dict (keys and values) of them: a module, a bound method, a generator, any
+    other object may hold a part of the module (review KC F2: a submodule as a dict
+    key, a defaultdict's factory). ``None`` when there is none."""
+    stack, seen = [out], set()
+    while stack:
+        obj = stack.pop()
+        if obj is None or isinstance(obj, (Tensor, numbers.Number, str, bytes, torch.dtype, torch.device,
+                                           torch.Size)):
+            continue
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if type(obj) in (tuple, list) or (isinstance(obj, tuple) and hasattr(type(obj), "_fields")):
+            stack.extend(obj)
+        elif type(obj) in (dict, collections.OrderedDict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif type(obj).__module__ == "numpy" and getattr(getattr(obj, "dtype", None), "kind", "O") in "biufc":
+            continue  # an array of numbers
+        elif isinstance(obj, torch.distributions.Distribution):
+            stack.extend(vars(obj).values())
+        else:
+            return obj
+    return None
 
 
 class Reparametrization:
