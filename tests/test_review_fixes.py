@@ -3732,3 +3732,51 @@ def test_fmodel_run_nests_walks_keys_and_changes_nothing_when_it_refuses():
     policy = again.run(lambda m: torch.distributions.Categorical(logits=m(x)))
     assert policy.logits.shape == (6, 2)
     assert again.run(lambda m, fn: fn, fn="given") == "given"
+
+
+def test_fmodel_run_shares_its_swap_with_threads_and_nests_other_models_of_the_module():
+    # Review KD (session 29). F1: a worker thread's call inside run swapped again and put back a
+    # replaced buffer (5.1e-3 off). F2: student(x) inside teacher.run inside student.run ran at the
+    # teacher's parameters (0.19 off). F3 (older): two threads calling the loss's model at once
+    # restored the module's own parameters under each other's forward (1.3e-2 to 7.3e-2 off).
+    # F4: a namedtuple subclass's attribute let a submodule escape. F5: torch's (values, indices)
+    # results and transformed distributions were refused.
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    x, y = torch.randn(64, 3, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
+    student = torch_ufom.adapt(model, mse, (x, y), steps=2, inner_lr=0.3)
+    teacher = torch_ufom.adapt(model, mse, (x, y), steps=5, inner_lr=0.3)
+    with torch.no_grad():
+        got = student.run(lambda m: teacher.run(lambda t: (student(x), teacher(x))))
+        assert torch.equal(got[0], student(x)) and torch.equal(got[1], teacher(x))
+    with ThreadPoolExecutor(2) as pool:
+        def chunked(f, b):  # the loss maps the model over chunks in two threads
+            outs = list(pool.map(f, b[0].split(8)))
+            return ((torch.cat(outs) - b[1]) ** 2).mean()
+
+        def inside(f, b):  # a worker's call inside run
+            return ((f.run(lambda m: pool.submit(f, b[0]).result()) - b[1]) ** 2).mean()
+        want = torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=3, inner_lr=0.3, mode="exact")
+        for loss in (chunked, inside):
+            for _ in range(3):
+                got = torch_ufom.hypergrad(model, loss, loss, (x, y), (x, y), steps=3, inner_lr=0.3,
+                                           mode="exact")
+                assert rel_err(got, want) < 1e-12, loss.__name__
+
+    class Pair(collections.namedtuple("Pair", "a b")):
+        pass
+
+    def escape(m):
+        pair = Pair(m[0](x), None)
+        pair.head = m[2]
+        return pair
+    with pytest.raises(TypeError, match="FunctionalModel.run's fn returned a Linear"):
+        student.run(escape)
+    with torch.no_grad():
+        values, indices = student.run(lambda m: m(x).max(0))
+        assert torch.equal(values, student(x).max(0).values)
+        assert isinstance(student.run(lambda m: torch.distributions.LogNormal(m(x), 1.0)),
+                          torch.distributions.LogNormal)

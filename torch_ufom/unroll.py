@@ -437,15 +437,9 @@ class FunctionalModel:
         self.buffers = buffers
         self.swap = swap
         self.serialised = serialised
-        # The thread running a call in this model's swap (a call of the model, or run,
-        # inside run then runs in it: review KC F1, a nested swap's restore put back a
-        # buffer the forward had replaced, 7.7e-2 off).
-        self._inside: Optional[int] = None
 
     def __call__(self, *args, **kwargs):
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
-            if self._inside == threading.get_ident():  # a call inside run: the module holds our tensors
-                return self.module(*args, **kwargs)
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
                 check_parametrize_cache(self.module)
@@ -465,21 +459,38 @@ class FunctionalModel:
             return self._swapped(swap, lambda: self.module(*args, **kwargs))
 
     def _swapped(self, swap: "Reparametrization", call: Callable[[], Any]):
-        """``call()`` with ``swap`` putting this model's tensors in the module."""
-        if swap.parametrized:
-            check_parametrize_cache(self.module)
-        given = dict(self.buffers) if self.buffers else None
-        saved = swap.put(self.params, self.buffers)
-        self._inside = threading.get_ident()
+        """``call()`` with ``swap`` putting this model's tensors in the module. A call made
+        while the module holds this model's swap (a call of the model or another ``run``
+        inside ``run``, in this thread or a worker's; two threads calling the model at
+        once) runs in that swap, and the last one out reads the replaced buffers back and
+        restores the module (review KC F1: a nested swap's restore put back a buffer the
+        forward had replaced, 7.7e-2 off; KD F1, F3: a worker thread's swap did so too, and
+        restored the module's own parameters under another thread's forward). A call of
+        another model of the module swaps on top of it (KD F2)."""
+        with _SWAPS_LOCK:
+            stack = _SWAPS.setdefault(self.module, [])
+            if stack and stack[-1].model is self:
+                entry = stack[-1]
+                entry.calls += 1
+            else:
+                if swap.parametrized:
+                    check_parametrize_cache(self.module)
+                given = dict(self.buffers) if self.buffers else None
+                entry = _Swap(self, swap, swap.put(self.params, self.buffers), given)
+                stack.append(entry)
         try:
             return call()
         finally:
-            self._inside = None
-            try:
-                if given:
-                    self._read_back(swap.slots, given)
-            finally:
-                swap.restore(saved)
+            with _SWAPS_LOCK:
+                entry.calls -= 1
+                if not entry.calls:
+                    if entry in stack:
+                        stack.remove(entry)
+                    try:
+                        if entry.given:
+                            self._read_back(entry.swap.slots, entry.given)
+                    finally:
+                        entry.swap.restore(entry.saved)
 
     def run(self, fn: Callable, /, *args, **kwargs):
         """``fn(module, *args, **kwargs)`` with the module at this model's parameters and
@@ -510,14 +521,14 @@ class FunctionalModel:
             raise TypeError(f"Invalid fn: expected a function of the module, e.g. lambda m: m.features(x); "
                             f"got {type(fn).__name__}")
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
-            if self._inside == threading.get_ident():  # inside this model's own swap: run in it
-                return fn(self.module, *args, **kwargs)
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
                 raise ValueError("FunctionalModel.run needs the parameters under the names "
                                  "named_parameters() gives (not a tied weight's second name, nor a name "
                                  "the module lacks); call the model itself instead")
-            kept = {n: (t, t.clone()) for n, t in self.buffers.items()}
+            # (the models adapt returns, whose buffers are the user's: the library's own put back
+            # everything when a call raises; copying them costs a clone per call, review KD F6)
+            kept = {n: (t, t.clone()) for n, t in self.buffers.items()} if self.serialised else {}
             rng = torch.get_rng_state(), \
                 torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
             out = self._swapped(swap, lambda: fn(self.module, *args, **kwargs))
@@ -579,6 +590,22 @@ class FunctionalModel:
         return module
 
 
+class _Swap:
+    """A swap of a module's entries active for one :class:`FunctionalModel`: what to
+    restore, the buffers it put, and how many calls run in it."""
+
+    __slots__ = ("model", "swap", "saved", "given", "calls")
+
+    def __init__(self, model: "FunctionalModel", swap: "Reparametrization", saved: List,
+                 given: Optional[Dict[str, Tensor]]):
+        self.model, self.swap, self.saved, self.given, self.calls = model, swap, saved, given, 1
+
+
+# The swaps active on each module, innermost last (a weak key: the user's module).
+_SWAPS: "weakref.WeakKeyDictionary[nn.Module, List[_Swap]]" = weakref.WeakKeyDictionary()
+_SWAPS_LOCK = threading.Lock()
+
+
 def _escaping(out: Any) -> Any:
     """The first object in ``out`` (a result of :meth:`FunctionalModel.run`) that is not
     a tensor, a number, a string, ``None``, a NumPy array of numbers, a
@@ -595,15 +622,19 @@ def _escaping(out: Any) -> Any:
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        if type(obj) in (tuple, list) or (isinstance(obj, tuple) and hasattr(type(obj), "_fields")):
-            stack.extend(obj)
+        if type(obj) in (tuple, list) or (isinstance(obj, tuple) and (
+                hasattr(type(obj), "_fields") or type(obj).__module__ == "torch.return_types")):
+            stack.extend(obj)  # a tuple, a namedtuple, torch's (values, indices) results
+            stack.extend(getattr(obj, "__dict__", {}).values())  # (review KD F4: a subclass's attributes)
         elif type(obj) in (dict, collections.OrderedDict):
             stack.extend(obj.keys())
             stack.extend(obj.values())
         elif type(obj).__module__ == "numpy" and getattr(getattr(obj, "dtype", None), "kind", "O") in "biufc":
             continue  # an array of numbers
-        elif isinstance(obj, torch.distributions.Distribution):
-            stack.extend(vars(obj).values())
+        elif isinstance(obj, (torch.distributions.Distribution, torch.distributions.Transform)):
+            # their tensors, base distributions and transforms (review KD F5: LogNormal's); a
+            # transform's weak reference to its inverse is a transform of its own
+            stack.extend(v for k, v in vars(obj).items() if k != "_inv")
         else:
             return obj
     return None
