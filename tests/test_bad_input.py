@@ -128,9 +128,20 @@ def test_a_meta_batch_listing_per_task_batches_fails_with_a_note_to_stack_them(e
         else:
             env.call(entry, support=listed, query=listed_q)
     notes = getattr(info.value, "__notes__", [])
-    assert any("supports is a list of 3 tuples of one layout" in n and "stack each field" in n
-               for n in notes), notes
+    assert sum("supports is a list of 3 tuples of one layout" in n and "stack each field" in n
+               for n in notes) == 1, notes
     assert_unchanged(before)
+    stored = KeyError("the data loader failed")  # raised again: one note (review KE F5)
+
+    def raising(f, b):
+        raise stored
+    for _ in range(2):
+        with pytest.raises(KeyError):
+            if entry == "adapt_batch":
+                torch_ufom.adapt_batch(env.model, raising, listed, steps=2, inner_lr=0.1)
+            else:
+                env.call(entry, inner=raising, support=listed, query=listed_q)
+    assert sum("stack each field" in n for n in stored.__notes__) == 1, stored.__notes__
     # The note only annotates: the same lists stacked run, and a stacked batch of two parts of
     # one layout (a list of tuples too) is still read as stacked tasks.
     stacked = torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *listed)

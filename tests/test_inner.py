@@ -14,7 +14,7 @@ import torch_ufom
 from devices import SKIP_CUDA
 from helpers import mlp_problem, rel_err
 from oracle import brute_force, ref_adam, ref_adamw, ref_rmsprop, ref_sgd
-from torch_ufom.inner import SGD, Adam, AdamW, InnerRule, PerStep, RMSprop
+from torch_ufom.inner import SGD, Adam, AdamW, InnerRule, PerStep, RMSprop, shortcut
 
 
 def ref_adam_amsgrad(weight_decay=0.0, **kw):
@@ -1229,17 +1229,54 @@ def test_a_declared_shortcut_describes_its_own_class_and_holds_only_where_the_bu
         def first_order_identity(self):
             return float(self.hyper["weight_decay"]) == 0.0
 
-    assert Additive(0.1).first_order_additive and Additive.first_order_additive is True
-    assert not Reset(0.1).first_order_additive
+    additive, identity = (functools.partial(lambda name, r: shortcut(r, name), n)
+                          for n in ("first_order_additive", "first_order_identity"))
+    assert additive(Additive(0.1)) and Additive.first_order_additive is True
+    assert not additive(Reset(0.1))
     instance = Additive(0.1)
     instance.update = functools.partial(Reset.update, instance)  # an update given to the instance
-    assert not instance.first_order_additive
+    assert not additive(instance)
     instance.first_order_additive = False  # an instance's own value is taken as it is
-    assert instance.first_order_additive is False
-    assert Scaled(0.1).first_order_identity and Scaled(0.1, momentum=0.9).first_order_identity
-    assert not Scaled(0.1, weight_decay=0.5).first_order_identity  # SGD's own flag is False there
-    assert ScaledProperty(0.1).first_order_identity
-    assert not ScaledProperty(0.1, weight_decay=0.5).first_order_identity
+    assert not additive(instance)
+    assert identity(Scaled(0.1)) and identity(Scaled(0.1, momentum=0.9))
+    assert not identity(Scaled(0.1, weight_decay=0.5))  # SGD's own flag is False there
+    assert identity(ScaledProperty(0.1))
+    assert not identity(ScaledProperty(0.1, weight_decay=0.5))
+
+    # Review KE: F1, a re-declaration below a user's declaration skipped the AND with SGD's flag;
+    # F2, a sibling's update in multiple inheritance; F3, a declaration set on the class after
+    # its creation, or held by a mixin that is not an InnerRule; F4, a truthy value that is not True.
+    class Again(Scaled):
+        first_order_identity = True
+
+    class Decl(SGD):
+        first_order_additive = True
+
+    class Code(SGD):
+        def update(self, grads, state, params, hyper):
+            return super().update({n: 0.5 * g for n, g in grads.items()}, state, params, hyper)
+
+    class Both(Decl, Code):
+        pass
+
+    class Mixin:
+        first_order_additive = True
+
+    class Mixed(Mixin, Code):
+        pass
+
+    class Later(Code):
+        pass
+    Later.first_order_additive = True
+
+    class One(SGD):
+        first_order_identity = 1
+
+    assert not identity(Again(0.1, weight_decay=0.5)) and identity(Again(0.1))
+    assert not additive(Both(0.1)) and not additive(Mixed(0.1))
+    assert additive(Later(0.1)) and not additive(Later(0.1, momentum=0.9))  # (Later vouches for Code)
+    assert not identity(One(0.1))
+    assert Later(0.1).plain_rate is None and Decl(0.1).plain_rate == 0.1
     model, loss, data = mlp_problem(35)
     params = list(model.parameters())
 
@@ -1247,7 +1284,9 @@ def test_a_declared_shortcut_describes_its_own_class_and_holds_only_where_the_bu
         return (0 * p if name == "2.bias" else p - 0.1 * g), s  # (0 * p: the oracle differentiates it)
     # (Scaled under weight decay 0.5 steps p - 0.1 (g / 2 + p / 2): SGD at 0.05 with weight decay 1)
     for rule, ref in ((Reset(0.1), reset), (Scaled(0.1, momentum=0.9, weight_decay=0.5),
-                                           ref_sgd(0.05, momentum=0.9, weight_decay=1.0))):
+                                           ref_sgd(0.05, momentum=0.9, weight_decay=1.0)),
+                      (Later(0.1, momentum=0.9), ref_sgd(0.05, momentum=0.9)),
+                      (Again(0.1, weight_decay=0.5), ref_sgd(0.05, weight_decay=1.0))):
         for mode, k in (("fom", 0), ("exact", 3)):
             got = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner=rule, mode=mode)
             want = brute_force(model, loss, loss, lambda j: data[0], data[1], 3, None, params, k, rule=ref)

@@ -66,8 +66,6 @@ ALLOW = {  # (module, qualname, rule) -> reason
     "arguments, unchanged, under the process lock",
     ("unroll.py", "FunctionalModel.__call__", "R2"): "forwards the user's call arguments to the user's "
     "module (the nn.Module call protocol), not configuration",
-    ("inner.py", "InnerRule.__init_subclass__", "R2"): "Python's class-creation protocol: a subclass's "
-    "class keywords go on to the next class in the MRO, unchanged",
     ("unroll.py", "FunctionalModel.run", "R2"): "forwards the user's arguments to the user's function of "
     "the module (fmodel.run(fn, *args, **kwargs), as __call__), not configuration",
     ("adapt.py", "StackedFunctionalModel.__call__", "R2"): "forwards the user's call arguments to "

@@ -31,6 +31,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .inner import shortcut
 from .schedules import Schedule
 from .truncation import telescope_weights
 from .unroll import Loop, SweepPlan, Unchain, chain_vjp
@@ -297,11 +298,12 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     # unchanged, so it is not swept and the exact records keep no gradient for it
     # (ufom's exact branch then costs what exact costs).
     rule = loop.rule
-    identity = (rule.first_order_additive or rule.first_order_identity) and not loop.learned_hyper
+    additive = shortcut(rule, "first_order_additive")
+    identity = (additive or shortcut(rule, "first_order_identity")) and not loop.learned_hyper
     # An additive rule needs nothing of the first r - K steps in reverse but their
     # summed gradients, and an identity one nothing at all; any other rule sweeps
     # them first-order too.
-    swept = r - K if rule.first_order_additive or identity else 0
+    swept = r - K if additive or identity else 0
     # The summed gradients matter only if a learned hyperparameter enters the update.
     state, grad_sum = loop.forward(state, swept, log)
     # The first-order stream f starts at the first depth m with c_m != 0; the

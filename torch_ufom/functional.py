@@ -390,8 +390,9 @@ def _estimate_batch(problem: Problem, supports: Any, queries: Any, force, diagno
                 check_fwdrev_task(problem, task[0], truncations[i])
                 est = run_estimate(problem, PerTask(), task, truncations[i], seeds[i], diagnostics)
             except Exception as err:
-                if size > 1:
-                    err.add_note(f"(raised by task {i} of the meta-batch of {size}, run per task)")
+                note = f"(raised by task {i} of the meta-batch of {size}, run per task)"
+                if size > 1 and note not in getattr(err, "__notes__", ()):
+                    err.add_note(note)
                 raise
             groups.append(([i], est, time.perf_counter() - start))
         if alone:  # the groups too small to pay ran per task, by choice

@@ -46,12 +46,13 @@ update) breaks both. A subclass of a built-in rule with code of its own (an
 answer: both read ``False`` unless it declares them, since the shortcuts would
 drop the terms of an update that is not the built-in one (a reset to a
 constant, review JA F2; a rescaled rate, JD F1). A declaration of the user's
-(a class attribute or a property) likewise describes the class that declares
-it: a subclass of that class with code of its own reads ``False`` unless it
-declares again (review JD F2), and below a built-in rule a declaration holds
-only where the built-in rule's own flag does for the hyperparameters (weight
-decay breaks both; review JD F3). An instance's own value
-(``rule.first_order_additive = True``) is taken as it is.
+(a class attribute or a property, ``True`` itself) likewise describes the code
+of the class that holds it and of its bases: the library takes it
+(:func:`shortcut`) only where no other class of the rule's has code of its own
+(a subclass's reset, a sibling's update in multiple inheritance: review JD F2,
+KE F2), and below a built-in rule only where the built-in rule's own flag holds
+for the hyperparameters (weight decay breaks both; JD F3, KE F1). An
+instance's own value (``rule.first_order_additive = True``) is taken as it is.
 
 The rules keep their step count in ``state[0]`` when they need it (momentum
 buffers, bias corrections, :class:`PerStep` values). ``update`` acts
@@ -69,7 +70,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["InnerRule", "SGD", "Adam", "AdamW", "RMSprop", "PerStep", "per_param", "check_hyper"]
+__all__ = ["InnerRule", "SGD", "Adam", "AdamW", "RMSprop", "PerStep", "per_param", "check_hyper", "shortcut"]
 
 
 class PerStep:
@@ -355,41 +356,50 @@ _UNSET_FLAG = object()
 SHORTCUTS = ("first_order_additive", "first_order_identity")
 
 
-class _Declared:
-    """A shortcut flag a rule of the user's declares (a class attribute or a property),
-    put in place of the declaration by :meth:`InnerRule.__init_subclass__`. It describes
-    the update of the class that declares it (``owner``), so it reads ``False`` for a
-    subclass (or an instance) with code of its own that declares nothing, as a built-in
-    rule's :class:`_Flag` does (review JD F2: inherited by a child that reset a bias, fom
-    was 0.25 off); and below a built-in rule it holds only where the built-in rule's own
-    flag does for the hyperparameters (review JD F3: a class attribute declared on an
-    ``SGD`` that rescales its gradients held under weight decay, 0.72 off). Either way an
-    exact update runs; only the shortcut is lost."""
+def shortcut(rule: Any, name: str) -> bool:
+    """Whether ``rule``'s shortcut flag ``name`` (one of ``SHORTCUTS``) holds for the update
+    that runs: what the estimator and the inner loop read (a ``False`` only loses the
+    shortcut; an exact update runs either way).
 
-    def __init__(self, declared, owner: type, name: str):
-        self.declared, self.owner, self.name = declared, owner, name
+    An instance's own value holds if it is ``True`` (as a subclass may set it in
+    ``__init__``). A built-in rule's flag follows its hyperparameters (:class:`_Flag`). A
+    declaration of the user's (a class attribute, a property, set on the class at any
+    time, in a mixin) describes the code of the class that holds it and of that class's
+    bases: it holds only if it is ``True`` (not merely truthy), if no other class of the
+    rule's and no ``init`` / ``update`` given to the instance has code of its own (review
+    JD F2: a child that resets a bias; KE F2: a sibling in multiple inheritance), and
+    if every built-in rule's flag among the bases holds for the hyperparameters (JD F3,
+    KE F1: weight decay breaks both, whatever a subclass re-declares)."""
+    if name in rule.__dict__:
+        return rule.__dict__[name] is True
+    mro = type(rule).__mro__
+    holder = next((klass for klass in mro if name in vars(klass)), None)
+    if holder is None:
+        return False
+    declared = vars(holder)[name]
+    if isinstance(declared, _Flag):
+        return declared.__get__(rule, type(rule)) is True
+    if isinstance(declared, property):
+        declared = declared.__get__(rule, type(rule))
+    if declared is not True or any(callable(rule.__dict__.get(k)) for k in ("init", "update")):
+        return False
+    vouched = set(holder.__mro__)
+    if any(klass not in vouched and not _library_class(klass) and _has_code(klass) for klass in mro):
+        return False
+    return all(bool(flag.compute(rule)) for klass in mro for flag in (vars(klass).get(name),)
+               if isinstance(flag, _Flag))
 
-    def __get__(self, rule, owner=None):
-        if rule is None:  # read on the class: the declaration as written
-            return self.declared
-        value = rule.__dict__.get(self.name, _UNSET_FLAG)
-        if value is not _UNSET_FLAG:
-            return value
-        declared = self.declared.__get__(rule, type(rule)) if isinstance(self.declared, property) \
-            else self.declared
-        if declared is not True:
-            return declared
-        if own_code(rule, self.owner):
-            return False
-        above = type(rule).__mro__
-        for klass in above[above.index(self.owner) + 1:]:
-            flag = vars(klass).get(self.name)
-            if flag is not None:  # the next declaration up: a built-in rule's flag is ANDed
-                return bool(flag.compute(rule)) if isinstance(flag, _Flag) else True
-        return True
 
-    def __set__(self, rule, value) -> None:
-        rule.__dict__[self.name] = value
+def _library_class(klass: type) -> bool:
+    """Whether ``klass`` is this module's (a built-in rule, ``InnerRule``) or ``object``."""
+    return klass.__module__ == __name__ or klass is object
+
+
+def _has_code(klass: type) -> bool:
+    """Whether ``klass`` defines a method or any callable (a helper such as ``_get``, review JD
+    F1), a static or class method or a property, besides dunder names."""
+    return any(callable(v) or isinstance(v, (staticmethod, classmethod, property))
+               for k, v in vars(klass).items() if not (k.startswith("__") and k.endswith("__")))
 
 
 def own_code(rule: Any, owner: type) -> bool:
@@ -401,8 +411,7 @@ def own_code(rule: Any, owner: type) -> bool:
     for klass in type(rule).__mro__:
         if klass is owner:
             return False
-        if any(callable(v) or isinstance(v, (staticmethod, classmethod, property))
-               for k, v in vars(klass).items() if not (k.startswith("__") and k.endswith("__"))):
+        if _has_code(klass):
             return True
     return False
 
@@ -432,14 +441,6 @@ class InnerRule:
     ranges: Mapping[str, Tuple[float, float, bool]] = {}  # (low, high, closed); default [0, inf)
     labels: Mapping[str, str] = {}  # hyper key -> the argument as the user wrote it
     fixed: Tuple[str, ...] = ()  # hyperparameters that may not be PerStep
-
-    def __init_subclass__(cls, **kwargs):
-        """Wrap the shortcut flags a subclass of the user's declares (:class:`_Declared`)."""
-        super().__init_subclass__(**kwargs)
-        for name in SHORTCUTS:
-            declared = cls.__dict__.get(name)
-            if declared is not None and not isinstance(declared, (_Flag, _Declared)):
-                setattr(cls, name, _Declared(declared, cls, name))
 
     def init(self, params: Mapping[str, Tensor]) -> Tuple[Tensor, ...]:
         """Return the initial optimizer state for ``params``."""
@@ -660,7 +661,8 @@ class SGD(InnerRule):
     def plain_rate(self) -> Optional[float]:
         """``lr`` for plain SGD at one plain-number rate (see :attr:`InnerRule.plain_rate`)."""
         lr = self.hyper["lr"]
-        plain = self.first_order_additive and isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+        plain = shortcut(self, "first_order_additive") and isinstance(lr, numbers.Real) \
+            and not isinstance(lr, bool)
         # (a subclass, or an instance, with code of its own runs that code: review JD F1)
         return float(lr) if plain and not own_code(self, SGD) else None
 

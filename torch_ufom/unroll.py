@@ -51,7 +51,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from .inner import own_code
+from .inner import own_code, shortcut
 
 __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "scripted", "held_tensors",
            "root_of", "graph_reaches", "graph_targets",
@@ -1170,7 +1170,8 @@ def reads_meta(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor], 
     roots = {id(root_of(t)) for t in meta}
     if any(id(root_of(t)) in roots for t in held_tensors(rule)):
         return True
-    if not (rule.first_order_additive or rule.first_order_identity) or _library_code(rule):
+    if not (shortcut(rule, "first_order_additive") or shortcut(rule, "first_order_identity")) \
+            or _library_code(rule):
         return False  # no shortcut to lose, or a built-in rule's code, which reads only hyperparameters
     key = (id(rule), tuple(id(t) for t in meta))
     if _READS_META.get(key) is rule:
@@ -1581,7 +1582,7 @@ class InnerLoop:
         # through a copy whose backward makes their cotangent dense (densify): from the
         # first step where an adapted parameter is a sparse embedding's weight, else from
         # the first sparse gradient. Their hypergradients are then dense whatever K.
-        self.dense_grads = not rule.first_order_additive
+        self.dense_grads = not shortcut(rule, "first_order_additive")
         sparse = sparse_weights(module) if self.dense_grads else set()
         self.densify = any(id(self.named[n]) in sparse for n in self.names)
         # A graph made before this call that the losses read (a tensor the user computed from a

@@ -117,12 +117,13 @@ def noting_listed_tasks(**trees: Any):
                 continue
             layouts = [pytree.tree_structure(e) for e in tree]
             if all(spec == layouts[0] for spec in layouts[1:]):
-                err.add_note(
-                    f"Note: {name} is a {type(tree).__name__} of {len(tree)} {type(tree[0]).__name__}s of "
-                    "one layout. A meta-batch reads dimension 0 of every tensor as the task index: if "
-                    f"these are {len(tree)} tasks' batches, stack each field "
-                    f"(torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *{name})), or run "
-                    "the tasks one at a time")
+                note = (f"Note: {name} is a {type(tree).__name__} of {len(tree)} {type(tree[0]).__name__}s "
+                        "of one layout. A meta-batch reads dimension 0 of every tensor as the task index: "
+                        f"if these are {len(tree)} tasks' batches, stack each field "
+                        f"(torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *{name})), or run "
+                        "the tasks one at a time")
+                if note not in getattr(err, "__notes__", ()):  # (an exception raised again: review KE F5)
+                    err.add_note(note)
                 break
         raise
 
