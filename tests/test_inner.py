@@ -1277,6 +1277,41 @@ def test_a_declared_shortcut_describes_its_own_class_and_holds_only_where_the_bu
     assert additive(Later(0.1)) and not additive(Later(0.1, momentum=0.9))  # (Later vouches for Code)
     assert not identity(One(0.1))
     assert Later(0.1).plain_rate is None and Decl(0.1).plain_rate == 0.1
+
+    # Review KG: F1, a constructor's True held after momentum was assigned, and plain_rate stepped
+    # plain SGD (exact 0.90 off); F2, it vouched for a grandchild's update; F3, additive declared
+    # below Adam; F4, a helper as a cached_property or given to the instance, an update as a
+    # partialmethod; F5, a subclass body re-binding SGD's flag took its owner.
+    class DeclInit(SGD):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.first_order_additive = True
+
+    class Shrunk(DeclInit):
+        def update(self, grads, state, params, hyper):
+            return super().update({n: 0.5 * g for n, g in grads.items()}, state, params, hyper)
+
+    class AddAdamW(AdamW):
+        first_order_additive = True
+
+    class CachedGet(SGD):
+        _get = functools.cached_property(lambda self: None)
+
+    class Partial(SGD):
+        update = functools.partialmethod(Code.update)
+
+    class Rebound(Code):
+        first_order_additive = SGD.first_order_additive
+
+    moved = DeclInit(0.1)
+    moved.hyper["momentum"] = 0.9
+    assert additive(DeclInit(0.1)) and not additive(moved) and moved.plain_rate is None
+    assert not additive(Shrunk(0.1)) and not additive(AddAdamW(0.05))
+    given = SGD(0.1)
+    given._get = functools.partial(SGD._get, given)
+    for rule in (CachedGet(0.1), Partial(0.1), given, Rebound(0.1)):
+        assert not additive(rule) and rule.plain_rate is None, type(rule).__name__
+    assert additive(SGD(0.1)) and SGD(0.1).plain_rate == 0.1  # (F5 had taken SGD's own shortcut)
     model, loss, data = mlp_problem(35)
     params = list(model.parameters())
 
@@ -1286,7 +1321,8 @@ def test_a_declared_shortcut_describes_its_own_class_and_holds_only_where_the_bu
     for rule, ref in ((Reset(0.1), reset), (Scaled(0.1, momentum=0.9, weight_decay=0.5),
                                            ref_sgd(0.05, momentum=0.9, weight_decay=1.0)),
                       (Later(0.1, momentum=0.9), ref_sgd(0.05, momentum=0.9)),
-                      (Again(0.1, weight_decay=0.5), ref_sgd(0.05, weight_decay=1.0))):
+                      (Again(0.1, weight_decay=0.5), ref_sgd(0.05, weight_decay=1.0)),
+                      (moved, ref_sgd(0.1, momentum=0.9))):
         for mode, k in (("fom", 0), ("exact", 3)):
             got = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner=rule, mode=mode)
             want = brute_force(model, loss, loss, lambda j: data[0], data[1], 3, None, params, k, rule=ref)

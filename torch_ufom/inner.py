@@ -52,7 +52,9 @@ of the class that holds it and of its bases: the library takes it
 (a subclass's reset, a sibling's update in multiple inheritance: review JD F2,
 KE F2), and below a built-in rule only where the built-in rule's own flag holds
 for the hyperparameters (weight decay breaks both; JD F3, KE F1). An
-instance's own value (``rule.first_order_additive = True``) is taken as it is.
+instance's own value (``rule.first_order_additive = True``, as a constructor
+may set it) counts as a declaration of the first class that defines
+``__init__``.
 
 The rules keep their step count in ``state[0]`` when they need it (momentum
 buffers, bias corrections, :class:`PerStep` values). ``update`` acts
@@ -336,7 +338,8 @@ class _Flag:
         self.compute, self.__doc__, self.shortcut = compute, doc, shortcut
 
     def __set_name__(self, owner, name: str) -> None:
-        self.name, self.owner = name, owner
+        if not hasattr(self, "owner"):  # (the class that defines it: a subclass's body that reuses
+            self.name, self.owner = name, owner  # the object, x = SGD.x, must not take it: review KG F5)
 
     def __get__(self, rule, owner=None):
         if rule is None:
@@ -361,33 +364,54 @@ def shortcut(rule: Any, name: str) -> bool:
     that runs: what the estimator and the inner loop read (a ``False`` only loses the
     shortcut; an exact update runs either way).
 
-    An instance's own value holds if it is ``True`` (as a subclass may set it in
-    ``__init__``). A built-in rule's flag follows its hyperparameters (:class:`_Flag`). A
-    declaration of the user's (a class attribute, a property, set on the class at any
-    time, in a mixin) describes the code of the class that holds it and of that class's
-    bases: it holds only if it is ``True`` (not merely truthy), if no other class of the
-    rule's and no ``init`` / ``update`` given to the instance has code of its own (review
-    JD F2: a child that resets a bias; KE F2: a sibling in multiple inheritance), and
-    if every built-in rule's flag among the bases holds for the hyperparameters (JD F3,
-    KE F1: weight decay breaks both, whatever a subclass re-declares)."""
-    if name in rule.__dict__:
-        return rule.__dict__[name] is True
+    A built-in rule's flag follows its hyperparameters (:class:`_Flag`). A declaration
+    of the user's (a class attribute, a property, set on the class at any time, in a
+    mixin; or the instance's own value, which counts as a declaration of the first class
+    that defines ``__init__``, as a subclass's constructor may set it) describes the code
+    of the class that holds it and of that class's bases: it holds only if it is
+    ``True`` (not merely truthy), if no other class of the rule's and nothing callable
+    given to the instance has code of its own (review JD F2: a child that resets a bias;
+    KE F2: a sibling in multiple inheritance; KG F2: a grandchild below a constructor's
+    value; KG F4: a helper, a ``partialmethod``), and if every built-in rule among the
+    bases has the flag for the hyperparameters (JD F3, KE F1, KG F1: weight decay or
+    momentum breaks them, whatever a subclass declares; KG F3: Adam's update is not
+    additive)."""
     mro = type(rule).__mro__
-    holder = next((klass for klass in mro if name in vars(klass)), None)
-    if holder is None:
-        return False
-    declared = vars(holder)[name]
-    if isinstance(declared, _Flag):
-        return declared.__get__(rule, type(rule)) is True
-    if isinstance(declared, property):
-        declared = declared.__get__(rule, type(rule))
-    if declared is not True or any(callable(rule.__dict__.get(k)) for k in ("init", "update")):
+    if name in vars(rule):  # the instance's own value, set by a constructor: its class's declaration
+        declared, holder = vars(rule)[name], next(klass for klass in mro if "__init__" in vars(klass))
+    else:
+        holder = next((klass for klass in mro if name in vars(klass)), None)
+        if holder is None:
+            return False
+        declared = vars(holder)[name]
+        if isinstance(declared, _Flag):
+            return declared.__get__(rule, type(rule)) is True
+        if isinstance(declared, property):
+            declared = declared.__get__(rule, type(rule))
+    if declared is not True or _instance_code(rule):
         return False
     vouched = set(holder.__mro__)
     if any(klass not in vouched and not _library_class(klass) and _has_code(klass) for klass in mro):
         return False
-    return all(bool(flag.compute(rule)) for klass in mro for flag in (vars(klass).get(name),)
-               if isinstance(flag, _Flag))
+    return _built_in_holds(rule, name, mro)
+
+
+def _built_in_holds(rule: Any, name: str, mro: Tuple[type, ...]) -> bool:
+    """Whether every built-in rule among ``rule``'s classes has the flag ``name`` for its
+    hyperparameters: its :class:`_Flag`, or ``InnerRule``'s ``False`` where it has none
+    (review KG F3: Adam's update is not additive, whatever a subclass declares)."""
+    for klass in mro:
+        if _library_class(klass) and klass is not InnerRule and klass is not object:
+            flag = next(vars(k)[name] for k in klass.__mro__ if name in vars(k))
+            if not (flag.compute(rule) if isinstance(flag, _Flag) else flag is True):
+                return False
+    return True
+
+
+def _instance_code(rule: Any) -> bool:
+    """Whether the instance holds code of its own: an ``init``, an ``update``, a helper
+    (``_get``: review KG F4), any callable in its ``__dict__``."""
+    return any(callable(v) for v in vars(rule).values())
 
 
 def _library_class(klass: type) -> bool:
@@ -397,8 +421,10 @@ def _library_class(klass: type) -> bool:
 
 def _has_code(klass: type) -> bool:
     """Whether ``klass`` defines a method or any callable (a helper such as ``_get``, review JD
-    F1), a static or class method or a property, besides dunder names."""
-    return any(callable(v) or isinstance(v, (staticmethod, classmethod, property))
+    F1), or any other descriptor (a static or class method, a property, a
+    ``functools.partialmethod`` or ``cached_property``: review KG F4) but a built-in flag,
+    besides dunder names."""
+    return any(callable(v) or (hasattr(type(v), "__get__") and not isinstance(v, _Flag))
                for k, v in vars(klass).items() if not (k.startswith("__") and k.endswith("__")))
 
 
@@ -406,7 +432,7 @@ def own_code(rule: Any, owner: type) -> bool:
     """Whether ``rule`` runs code of its own below the built-in class ``owner``: a method
     (or any callable: a helper such as ``_get``, review JD F1) defined by a subclass
     between its class and ``owner``, or an ``init`` / ``update`` given to the instance."""
-    if any(callable(rule.__dict__.get(k)) for k in ("init", "update")):
+    if _instance_code(rule):
         return True
     for klass in type(rule).__mro__:
         if klass is owner:
@@ -661,7 +687,9 @@ class SGD(InnerRule):
     def plain_rate(self) -> Optional[float]:
         """``lr`` for plain SGD at one plain-number rate (see :attr:`InnerRule.plain_rate`)."""
         lr = self.hyper["lr"]
-        plain = shortcut(self, "first_order_additive") and isinstance(lr, numbers.Real) \
+        # SGD's own condition, whatever a subclass or an instance declares (review KG F1: an
+        # instance's True under momentum assigned later stepped plain SGD, exact 0.90 off)
+        plain = vars(SGD)["first_order_additive"].compute(self) and isinstance(lr, numbers.Real) \
             and not isinstance(lr, bool)
         # (a subclass, or an instance, with code of its own runs that code: review JD F1)
         return float(lr) if plain and not own_code(self, SGD) else None
