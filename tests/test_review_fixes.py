@@ -3780,3 +3780,48 @@ def test_fmodel_run_shares_its_swap_with_threads_and_nests_other_models_of_the_m
         assert torch.equal(values, student(x).max(0).values)
         assert isinstance(student.run(lambda m: torch.distributions.LogNormal(m(x), 1.0)),
                           torch.distributions.LogNormal)
+
+
+def test_two_models_of_one_module_in_two_threads_are_refused_and_a_worker_joins_an_adapted_run():
+    # Review KF (session 29). F1: the loss's model run in a worker thread while the main thread ran
+    # a model adapt returned for the same module: the two swaps undid each other (30 % off, and
+    # the module left holding plain tensors); now refused. F4: an adapted model handed to a worker
+    # inside its own run waited forever on the process lock.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    started, go = threading.Event(), threading.Event()
+    main = threading.main_thread()
+
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x):
+            if threading.current_thread() is not main:
+                started.set()
+                go.wait(10)
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = Slow().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    teacher = torch_ufom.adapt(model, mse, (x, y), steps=2, inner_lr=0.3)
+    own = [p.detach().clone() for p in model.parameters()]
+    with ThreadPoolExecutor(1) as pool:
+        def distil(f, b):
+            future = pool.submit(f, b[0])
+            started.wait(10)
+            try:
+                target = teacher(b[0])
+            finally:
+                go.set()
+                future.result()
+            return ((future.result() - target) ** 2).mean()
+        with pytest.raises(RuntimeError, match="two models of one Slow ran in two threads at once"):
+            torch_ufom.hypergrad(model, mse, distil, (x, y), (x, y), steps=2, inner_lr=0.3, mode="exact")
+        assert all(type(p) is nn.Parameter and torch.equal(p, o) for p, o in zip(model.parameters(), own))
+        got = teacher.run(lambda m: pool.submit(teacher, x).result(timeout=20))  # (go is set: no wait)
+    with torch.no_grad():
+        assert torch.equal(got, teacher(x))

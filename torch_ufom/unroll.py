@@ -175,8 +175,9 @@ _UNLOCKED = contextlib.nullcontext()
 def _new_locks_after_fork() -> None:
     """A child forked while another thread held a lock inherits it held, by a thread it does
     not have: its first call would wait forever (review GE F2). The child gets new locks."""
-    global _PROCESS_STATE, _PROBED_LOCK
-    _PROCESS_STATE, _PROBED_LOCK = threading.RLock(), threading.Lock()
+    global _PROCESS_STATE, _PROBED_LOCK, _SWAPS_LOCK
+    _PROCESS_STATE, _PROBED_LOCK, _SWAPS_LOCK = threading.RLock(), threading.Lock(), threading.Lock()
+    _SWAPS.clear()  # (the other threads' swaps: the child has none of them)
 
 
 if hasattr(os, "register_at_fork"):
@@ -439,6 +440,9 @@ class FunctionalModel:
         self.serialised = serialised
 
     def __call__(self, *args, **kwargs):
+        entry = self._join() if self.serialised else None
+        if entry is not None:  # the module holds this model's swap: run in it (no lock: review KF F4)
+            return self._in(entry, lambda: self.module(*args, **kwargs))
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
@@ -466,26 +470,50 @@ class FunctionalModel:
         restores the module (review KC F1: a nested swap's restore put back a buffer the
         forward had replaced, 7.7e-2 off; KD F1, F3: a worker thread's swap did so too, and
         restored the module's own parameters under another thread's forward). A call of
-        another model of the module swaps on top of it (KD F2)."""
+        another model of the module swaps on top of it in the same thread (KD F2), and is
+        refused while another thread runs in a swap (KF F1: the two swaps undid each
+        other, 30 % off, and left the module holding plain tensors)."""
+        key, thread = id(self.module), threading.get_ident()
         with _SWAPS_LOCK:
-            stack = _SWAPS.setdefault(self.module, [])
-            if stack and stack[-1].model is self:
+            stack = _SWAPS.get(key)
+            if stack and stack[-1].model is self:  # (a call of the model inside run, another thread's)
                 entry = stack[-1]
-                entry.calls += 1
+                entry.join()
             else:
+                if stack and any(e.thread != thread for e in stack):
+                    raise RuntimeError(
+                        f"two models of one {type(self.module).__name__} ran in two threads at once: the "
+                        "module's entries hold one model's tensors at a time (the library's models swap "
+                        "them in for each call); call them one after the other, or one on a copy of the "
+                        "module (FunctionalModel.to_module())")
                 if swap.parametrized:
                     check_parametrize_cache(self.module)
                 given = dict(self.buffers) if self.buffers else None
-                entry = _Swap(self, swap, swap.put(self.params, self.buffers), given)
-                stack.append(entry)
+                entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread)
+                _SWAPS.setdefault(key, []).append(entry)
+        return self._in(entry, call)
+
+    def _join(self) -> Optional["_Swap"]:
+        """The innermost swap of the module if it is this model's (a call joins it), else ``None``."""
+        with _SWAPS_LOCK:
+            stack = _SWAPS.get(id(self.module))
+            if stack and stack[-1].model is self:
+                stack[-1].join()
+                return stack[-1]
+        return None
+
+    def _in(self, entry: "_Swap", call: Callable[[], Any]):
+        """``call()`` in the swap ``entry`` (joined); the last call out restores the module."""
         try:
             return call()
         finally:
             with _SWAPS_LOCK:
-                entry.calls -= 1
-                if not entry.calls:
+                if entry.leave():
+                    stack = _SWAPS.get(id(self.module), [])
                     if entry in stack:
                         stack.remove(entry)
+                    if not stack:
+                        _SWAPS.pop(id(self.module), None)
                     try:
                         if entry.given:
                             self._read_back(entry.swap.slots, entry.given)
@@ -520,6 +548,9 @@ class FunctionalModel:
         if not callable(fn) or isinstance(fn, nn.Module):  # (a part given as fn would run outside the swap)
             raise TypeError(f"Invalid fn: expected a function of the module, e.g. lambda m: m.features(x); "
                             f"got {type(fn).__name__}")
+        entry = self._join()
+        if entry is not None:  # inside this model's swap (another run, a worker thread's call)
+            return self._in(entry, lambda: fn(self.module, *args, **kwargs))
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
@@ -594,15 +625,26 @@ class _Swap:
     """A swap of a module's entries active for one :class:`FunctionalModel`: what to
     restore, the buffers it put, and how many calls run in it."""
 
-    __slots__ = ("model", "swap", "saved", "given", "calls")
+    __slots__ = ("model", "swap", "saved", "given", "calls", "thread")
 
     def __init__(self, model: "FunctionalModel", swap: "Reparametrization", saved: List,
-                 given: Optional[Dict[str, Tensor]]):
+                 given: Optional[Dict[str, Tensor]], thread: int):
         self.model, self.swap, self.saved, self.given, self.calls = model, swap, saved, given, 1
+        self.thread = thread  # the thread that swapped it in
+
+    def join(self) -> None:
+        """One more call runs in this swap (under ``_SWAPS_LOCK``)."""
+        self.calls += 1
+
+    def leave(self) -> bool:
+        """A call in this swap ended (under ``_SWAPS_LOCK``); whether it was the last."""
+        self.calls -= 1
+        return not self.calls
 
 
-# The swaps active on each module, innermost last (a weak key: the user's module).
-_SWAPS: "weakref.WeakKeyDictionary[nn.Module, List[_Swap]]" = weakref.WeakKeyDictionary()
+# The swaps active on each module (by id: an entry lives only while a call of the module
+# runs), innermost last.
+_SWAPS: Dict[int, List[_Swap]] = {}
 _SWAPS_LOCK = threading.Lock()
 
 
