@@ -1305,7 +1305,7 @@ def test_a_declared_shortcut_describes_its_own_class_and_holds_only_where_the_bu
 
     moved = DeclInit(0.1)
     moved.hyper["momentum"] = 0.9
-    assert additive(DeclInit(0.1)) and not additive(moved) and moved.plain_rate is None
+    assert additive(DeclInit(0.1)) and not additive(moved) and moved.plain_rate is None  # (SGD's own flag)
     assert not additive(Shrunk(0.1)) and not additive(AddAdamW(0.05))
     given = SGD(0.1)
     given._get = functools.partial(SGD._get, given)

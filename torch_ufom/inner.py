@@ -52,9 +52,8 @@ of the class that holds it and of its bases: the library takes it
 (a subclass's reset, a sibling's update in multiple inheritance: review JD F2,
 KE F2), and below a built-in rule only where the built-in rule's own flag holds
 for the hyperparameters (weight decay breaks both; JD F3, KE F1). An
-instance's own value (``rule.first_order_additive = True``, as a constructor
-may set it) counts as a declaration of the first class that defines
-``__init__``.
+instance's own value can only turn a shortcut off
+(``rule.first_order_additive = False``).
 
 The rules keep their step count in ``state[0]`` when they need it (momentum
 buffers, bias corrections, :class:`PerStep` values). ``update`` acts
@@ -347,7 +346,7 @@ class _Flag:
         value = rule.__dict__.get(self.name, _UNSET_FLAG)
         if value is not _UNSET_FLAG:
             return value
-        if self.shortcut and own_code(rule, self.owner):
+        if self.shortcut and own_code(rule):
             return False
         return self.compute(rule)
 
@@ -364,31 +363,32 @@ def shortcut(rule: Any, name: str) -> bool:
     that runs: what the estimator and the inner loop read (a ``False`` only loses the
     shortcut; an exact update runs either way).
 
-    A built-in rule's flag follows its hyperparameters (:class:`_Flag`). A declaration
-    of the user's (a class attribute, a property, set on the class at any time, in a
-    mixin; or the instance's own value, which counts as a declaration of the first class
-    that defines ``__init__``, as a subclass's constructor may set it) describes the code
-    of the class that holds it and of that class's bases: it holds only if it is
-    ``True`` (not merely truthy), if no other class of the rule's and nothing callable
-    given to the instance has code of its own (review JD F2: a child that resets a bias;
-    KE F2: a sibling in multiple inheritance; KG F2: a grandchild below a constructor's
-    value; KG F4: a helper, a ``partialmethod``), and if every built-in rule among the
-    bases has the flag for the hyperparameters (JD F3, KE F1, KG F1: weight decay or
-    momentum breaks them, whatever a subclass declares; KG F3: Adam's update is not
-    additive)."""
+    An instance's own value can only turn a shortcut off (a ``True`` set by a base class's
+    constructor would vouch for a subclass's update: reviews KG F2, KI F1). A built-in
+    rule's flag follows its hyperparameters, and holds only where no class of the user's
+    anywhere among the rule's classes, nor an instance attribute replacing a method, has
+    code of its own (:func:`own_code`; review KI F2: a mixin after ``SGD`` whose ``_get``
+    ``SGD`` calls). A declaration of the user's (a class attribute or a property, made at
+    any time) describes the code of the class that holds it and of that class's bases:
+    it holds only if it is ``True`` itself, no other class of the user's among the rule's
+    classes has code of its own (review JD F2: a child that resets a bias; KE F2: a
+    sibling in multiple inheritance), and every built-in rule among the bases has the
+    flag for the hyperparameters (JD F3, KE F1, KG F1, KG F3: weight decay, momentum,
+    Adam's update)."""
+    if vars(rule).get(name, True) is not True or _instance_code(rule):
+        return False
     mro = type(rule).__mro__
-    if name in vars(rule):  # the instance's own value, set by a constructor: its class's declaration
-        declared, holder = vars(rule)[name], next(klass for klass in mro if "__init__" in vars(klass))
-    else:
-        holder = next((klass for klass in mro if name in vars(klass)), None)
-        if holder is None:
-            return False
-        declared = vars(holder)[name]
+    holder = next((klass for klass in mro if name in vars(klass)), None)
+    if holder is None:
+        return False
+    declared = vars(holder)[name]
+    if _library_class(holder):  # a built-in rule's flag, or InnerRule's False
         if isinstance(declared, _Flag):
-            return declared.__get__(rule, type(rule)) is True
-        if isinstance(declared, property):
-            declared = declared.__get__(rule, type(rule))
-    if declared is not True or _instance_code(rule):
+            return bool(declared.compute(rule)) and not own_code(rule)
+        return declared is True
+    if isinstance(declared, (property, _Flag)):  # (a _Flag re-exported by a user's class: review KI F4)
+        declared = declared.__get__(rule, type(rule))
+    if declared is not True:
         return False
     vouched = set(holder.__mro__)
     if any(klass not in vouched and not _library_class(klass) and _has_code(klass) for klass in mro):
@@ -409,9 +409,11 @@ def _built_in_holds(rule: Any, name: str, mro: Tuple[type, ...]) -> bool:
 
 
 def _instance_code(rule: Any) -> bool:
-    """Whether the instance holds code of its own: an ``init``, an ``update``, a helper
-    (``_get``: review KG F4), any callable in its ``__dict__``."""
-    return any(callable(v) for v in vars(rule).values())
+    """Whether the instance holds code of its own: a callable in its ``__dict__`` in place
+    of one of its class's attributes (an ``update``, an ``init``, a helper such as ``_get``:
+    review KG F4); a module or function it holds as data (a learned optimiser's network,
+    review KI F5) is not."""
+    return any(callable(v) and hasattr(type(rule), k) for k, v in vars(rule).items())
 
 
 def _library_class(klass: type) -> bool:
@@ -425,21 +427,25 @@ def _has_code(klass: type) -> bool:
     ``functools.partialmethod`` or ``cached_property``: review KG F4) but a built-in flag,
     besides dunder names."""
     return any(callable(v) or (hasattr(type(v), "__get__") and not isinstance(v, _Flag))
-               for k, v in vars(klass).items() if not (k.startswith("__") and k.endswith("__")))
+               for k, v in vars(klass).items()
+               if not (k.startswith("__") and k.endswith("__")) or k in _CODE_DUNDERS)
 
 
-def own_code(rule: Any, owner: type) -> bool:
-    """Whether ``rule`` runs code of its own below the built-in class ``owner``: a method
-    (or any callable: a helper such as ``_get``, review JD F1) defined by a subclass
-    between its class and ``owner``, or an ``init`` / ``update`` given to the instance."""
+# Dunder methods that change what a rule's methods are (review KI F3: __getattribute__
+# serving another update).
+_CODE_DUNDERS = frozenset({"__getattribute__", "__getattr__"})
+
+
+def own_code(rule: Any) -> bool:
+    """Whether ``rule`` runs code of its own besides the built-in rules': a method (or any
+    callable: a helper such as ``_get``, review JD F1; any other descriptor) defined by a
+    class of the user's among its classes, or an attribute of the instance replacing one
+    of its class's (an ``update``, ``init``, ``_get`` given to it)."""
     if _instance_code(rule):
         return True
-    for klass in type(rule).__mro__:
-        if klass is owner:
-            return False
-        if _has_code(klass):
-            return True
-    return False
+    # Every class of the user's counts, below the built-in class or not: a mixin after it in
+    # the method resolution order supplies methods its code calls (review KI F2: R(SGD, M)).
+    return any(not _library_class(klass) and _has_code(klass) for klass in type(rule).__mro__)
 
 
 class InnerRule:
@@ -692,7 +698,7 @@ class SGD(InnerRule):
         plain = vars(SGD)["first_order_additive"].compute(self) and isinstance(lr, numbers.Real) \
             and not isinstance(lr, bool)
         # (a subclass, or an instance, with code of its own runs that code: review JD F1)
-        return float(lr) if plain and not own_code(self, SGD) else None
+        return float(lr) if plain and not own_code(self) else None
 
     @classmethod
     def from_inner_lr(cls, inner_lr: Hyper) -> "SGD":

@@ -440,9 +440,6 @@ class FunctionalModel:
         self.serialised = serialised
 
     def __call__(self, *args, **kwargs):
-        entry = self._join() if self.serialised else None
-        if entry is not None:  # the module holds this model's swap: run in it (no lock: review KF F4)
-            return self._in(entry, lambda: self.module(*args, **kwargs))
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
@@ -478,9 +475,11 @@ class FunctionalModel:
             stack = _SWAPS.get(key)
             if stack and stack[-1].model is self:  # (a call of the model inside run, another thread's)
                 entry = stack[-1]
-                entry.join()
+                entry.join(thread)
             else:
-                if stack and any(e.thread != thread for e in stack):
+                # (review KH F1, F2: a thread still running in a swap another thread made, one left
+                # running after run returned, is in the way as much as the thread that made it)
+                if stack and any(t != thread for e in stack for t in e.threads):
                     raise RuntimeError(
                         f"two models of one {type(self.module).__name__} ran in two threads at once: the "
                         "module's entries hold one model's tensors at a time (the library's models swap "
@@ -491,24 +490,11 @@ class FunctionalModel:
                 given = dict(self.buffers) if self.buffers else None
                 entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread)
                 _SWAPS.setdefault(key, []).append(entry)
-        return self._in(entry, call)
-
-    def _join(self) -> Optional["_Swap"]:
-        """The innermost swap of the module if it is this model's (a call joins it), else ``None``."""
-        with _SWAPS_LOCK:
-            stack = _SWAPS.get(id(self.module))
-            if stack and stack[-1].model is self:
-                stack[-1].join()
-                return stack[-1]
-        return None
-
-    def _in(self, entry: "_Swap", call: Callable[[], Any]):
-        """``call()`` in the swap ``entry`` (joined); the last call out restores the module."""
         try:
             return call()
         finally:
             with _SWAPS_LOCK:
-                if entry.leave():
+                if entry.leave(thread):
                     stack = _SWAPS.get(id(self.module), [])
                     if entry in stack:
                         stack.remove(entry)
@@ -548,9 +534,6 @@ class FunctionalModel:
         if not callable(fn) or isinstance(fn, nn.Module):  # (a part given as fn would run outside the swap)
             raise TypeError(f"Invalid fn: expected a function of the module, e.g. lambda m: m.features(x); "
                             f"got {type(fn).__name__}")
-        entry = self._join()
-        if entry is not None:  # inside this model's swap (another run, a worker thread's call)
-            return self._in(entry, lambda: fn(self.module, *args, **kwargs))
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
@@ -625,21 +608,23 @@ class _Swap:
     """A swap of a module's entries active for one :class:`FunctionalModel`: what to
     restore, the buffers it put, and how many calls run in it."""
 
-    __slots__ = ("model", "swap", "saved", "given", "calls", "thread")
+    __slots__ = ("model", "swap", "saved", "given", "threads")
 
     def __init__(self, model: "FunctionalModel", swap: "Reparametrization", saved: List,
                  given: Optional[Dict[str, Tensor]], thread: int):
-        self.model, self.swap, self.saved, self.given, self.calls = model, swap, saved, given, 1
-        self.thread = thread  # the thread that swapped it in
+        self.model, self.swap, self.saved, self.given = model, swap, saved, given
+        self.threads: Dict[int, int] = {thread: 1}  # the calls running in it, by thread
 
-    def join(self) -> None:
+    def join(self, thread: int) -> None:
         """One more call runs in this swap (under ``_SWAPS_LOCK``)."""
-        self.calls += 1
+        self.threads[thread] = self.threads.get(thread, 0) + 1
 
-    def leave(self) -> bool:
+    def leave(self, thread: int) -> bool:
         """A call in this swap ended (under ``_SWAPS_LOCK``); whether it was the last."""
-        self.calls -= 1
-        return not self.calls
+        self.threads[thread] -= 1
+        if not self.threads[thread]:
+            del self.threads[thread]
+        return not self.threads
 
 
 # The swaps active on each module (by id: an entry lives only while a call of the module
@@ -1509,10 +1494,8 @@ _RULES = "torch_ufom.inner"  # the module of the built-in rules
 def _library_code(rule: Any) -> bool:
     """Whether every method of ``rule`` is a built-in rule's: a subclass that only sets
     class attributes (porting.md's ``SignedSGD`` sets ``ranges``) runs the library's code;
-    an instance given a method of its own (``rule.update = f``) does not (:func:`own_code`
-    below the first built-in class it derives from)."""
-    owner = next((cls for cls in type(rule).__mro__ if cls.__module__ == _RULES), None)
-    return owner is not None and not own_code(rule, owner)
+    an instance given a method of its own (``rule.update = f``) does not (:func:`own_code`)."""
+    return any(cls.__module__ == _RULES for cls in type(rule).__mro__) and not own_code(rule)
 
 
 def detached_update(rule: Any, names: Sequence[str]) -> str:
