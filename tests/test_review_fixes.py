@@ -3821,3 +3821,36 @@ def test_two_models_of_one_module_in_two_threads_are_refused():
         with pytest.raises(RuntimeError, match="two models of one Slow ran in two threads at once"):
             torch_ufom.hypergrad(model, mse, distil, (x, y), (x, y), steps=2, inner_lr=0.3, mode="exact")
         assert all(type(p) is nn.Parameter and torch.equal(p, o) for p, o in zip(model.parameters(), own))
+
+
+def test_a_worker_left_in_a_nested_swap_keeps_it_until_it_leaves():
+    # Review KJ F1: A runs M1.run, inside it M2.run, where a worker joins M2's swap and outlives
+    # both; A leaving M1 (its last call out) restored the module under the worker (0.90 for 4.0),
+    # and the worker's own restore then left M1's plain tensors in the module.
+    import threading
+    torch.manual_seed(0)
+    lin = nn.Linear(2, 1).double()
+    own = lin.weight
+    m1 = torch_ufom.FunctionalModel(lin, {"weight": torch.full((1, 2), 1.0, dtype=torch.float64)}, {})
+    m2 = torch_ufom.FunctionalModel(lin, {"weight": torch.full((1, 2), 2.0, dtype=torch.float64)}, {})
+    x = torch.ones(1, 2, dtype=torch.float64)
+    joined, go, got = threading.Event(), threading.Event(), {}
+
+    def worker():
+        got["y"] = m2.run(lambda m: (joined.set(), go.wait(10), m(x))[2])
+    thread = threading.Thread(target=worker)
+    m1.run(lambda m: m2.run(lambda m_: (thread.start(), joined.wait(10), m_(x))[2]))
+    go.set()
+    thread.join(10)
+    with torch.no_grad():
+        assert torch.equal(got["y"], x @ torch.full((2, 1), 2.0, dtype=torch.float64) + lin.bias)
+    assert lin.weight is own
+
+
+def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
+    # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
+    # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.
+    class Holder(torch_ufom.inner.SGD, nn.Module):
+        pass
+    rule = Holder(0.1)
+    assert rule.plain_rate == 0.1 and torch_ufom.inner.shortcut(rule, "first_order_additive")

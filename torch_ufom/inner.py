@@ -401,7 +401,7 @@ def _built_in_holds(rule: Any, name: str, mro: Tuple[type, ...]) -> bool:
     hyperparameters: its :class:`_Flag`, or ``InnerRule``'s ``False`` where it has none
     (review KG F3: Adam's update is not additive, whatever a subclass declares)."""
     for klass in mro:
-        if _library_class(klass) and klass is not InnerRule and klass is not object:
+        if klass.__module__ == __name__ and issubclass(klass, InnerRule) and klass is not InnerRule:
             flag = next(vars(k)[name] for k in klass.__mro__ if name in vars(k))
             if not (flag.compute(rule) if isinstance(flag, _Flag) else flag is True):
                 return False
@@ -417,8 +417,10 @@ def _instance_code(rule: Any) -> bool:
 
 
 def _library_class(klass: type) -> bool:
-    """Whether ``klass`` is this module's (a built-in rule, ``InnerRule``) or ``object``."""
-    return klass.__module__ == __name__ or klass is object
+    """Whether ``klass`` is this module's (a built-in rule, ``InnerRule``), or Python's or
+    torch's (``object``, ``abc.ABC``, ``typing.Generic``, ``nn.Module`` as a holder of learned
+    hyperparameters: review KJ F2), whose code is not a rule's update."""
+    return klass.__module__ == __name__ or klass.__module__.split(".")[0] in _FOREIGN
 
 
 def _has_code(klass: type) -> bool:
@@ -431,6 +433,7 @@ def _has_code(klass: type) -> bool:
                if not (k.startswith("__") and k.endswith("__")) or k in _CODE_DUNDERS)
 
 
+_FOREIGN = frozenset({"builtins", "abc", "typing", "torch"})
 # Dunder methods that change what a rule's methods are (review KI F3: __getattribute__
 # serving another update).
 _CODE_DUNDERS = frozenset({"__getattribute__", "__getattr__"})

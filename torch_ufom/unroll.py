@@ -495,16 +495,21 @@ class FunctionalModel:
         finally:
             with _SWAPS_LOCK:
                 if entry.leave(thread):
-                    stack = _SWAPS.get(id(self.module), [])
-                    if entry in stack:
-                        stack.remove(entry)
-                    if not stack:
-                        _SWAPS.pop(id(self.module), None)
+                    # Undo the swaps no call runs in any more, from the innermost: one below a
+                    # swap another thread still runs in waits for it (review KJ F1: a worker left
+                    # in a nested model's swap, the outer swap restored the module under it).
+                    stack = _SWAPS.get(key, [])
                     try:
-                        if entry.given:
-                            self._read_back(entry.swap.slots, entry.given)
+                        while stack and not stack[-1].threads:
+                            done = stack.pop()
+                            try:
+                                if done.given:
+                                    done.model._read_back(done.swap.slots, done.given)
+                            finally:
+                                done.swap.restore(done.saved)
                     finally:
-                        entry.swap.restore(entry.saved)
+                        if not stack:
+                            _SWAPS.pop(key, None)
 
     def run(self, fn: Callable, /, *args, **kwargs):
         """``fn(module, *args, **kwargs)`` with the module at this model's parameters and
