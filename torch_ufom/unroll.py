@@ -498,18 +498,20 @@ class FunctionalModel:
                     # Undo the swaps no call runs in any more, from the innermost: one below a
                     # swap another thread still runs in waits for it (review KJ F1: a worker left
                     # in a nested model's swap, the outer swap restored the module under it).
-                    stack = _SWAPS.get(key, [])
-                    try:
-                        while stack and not stack[-1].threads:
-                            done = stack.pop()
-                            try:
-                                if done.given:
-                                    done.model._read_back(done.swap.slots, done.given)
-                            finally:
-                                done.swap.restore(done.saved)
-                    finally:
-                        if not stack:
-                            _SWAPS.pop(key, None)
+                    stack, error = _SWAPS.get(key, []), None
+                    while stack and not stack[-1].threads:
+                        done = stack.pop()
+                        try:  # (a read-back that raises: every swap below is still undone)
+                            if done.given:
+                                done.model._read_back(done.swap.slots, done.given)
+                        except BaseException as err:  # noqa: BLE001 (raised below, after the undoing)
+                            error = error or err
+                        finally:
+                            done.swap.restore(done.saved)
+                    if not stack:
+                        _SWAPS.pop(key, None)
+                    if error is not None:
+                        raise error
 
     def run(self, fn: Callable, /, *args, **kwargs):
         """``fn(module, *args, **kwargs)`` with the module at this model's parameters and
