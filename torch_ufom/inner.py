@@ -355,13 +355,13 @@ class _Flag:
 
 
 _UNSET_FLAG = object()
-SHORTCUTS = ("first_order_additive", "first_order_identity")
 
 
 def shortcut(rule: Any, name: str) -> bool:
-    """Whether ``rule``'s shortcut flag ``name`` (one of ``SHORTCUTS``) holds for the update
-    that runs: what the estimator and the inner loop read (a ``False`` only loses the
-    shortcut; an exact update runs either way).
+    """Whether ``rule``'s shortcut flag ``name`` (``"first_order_additive"`` or
+    ``"first_order_identity"``) holds for the update that runs: what the estimator and
+    the inner loop read (a ``False`` only loses the shortcut; an exact update runs
+    either way).
 
     An instance's own value can only turn a shortcut off (a ``True`` set by a base class's
     constructor would vouch for a subclass's update: reviews KG F2, KI F1). A built-in
