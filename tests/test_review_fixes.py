@@ -3847,6 +3847,66 @@ def test_a_worker_left_in_a_nested_swap_keeps_it_until_it_leaves():
     assert lin.weight is own
 
 
+def test_swaps_of_a_module_and_of_its_submodule_nest_as_one():
+    # Review KJ F1's variant (session 30): models of net and of net[0] had separate registries:
+    # a worker left in net[0]'s swap saw net's restore under it (1.21 for 6.0), and its own
+    # restore then left net's tensors in the module. Swaps that write one entry table nest.
+    import threading
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 1), nn.Tanh()).double()
+    own = net[0].weight
+    full = lambda v: torch.full((1, 2), v, dtype=torch.float64)  # noqa: E731
+    outer = torch_ufom.FunctionalModel(net, {"0.weight": full(1.0)}, {})
+    inner = torch_ufom.FunctionalModel(net[0], {"weight": full(3.0)}, {})
+    x = torch.ones(1, 2, dtype=torch.float64)
+    joined, go, got = threading.Event(), threading.Event(), {}
+
+    def worker():
+        got["y"] = inner.run(lambda m: (joined.set(), go.wait(10), m(x))[2])
+    thread = threading.Thread(target=worker)
+    outer.run(lambda m: inner.run(lambda m_: (thread.start(), joined.wait(10), m_(x))[2]))
+    go.set()
+    thread.join(10)
+    with torch.no_grad():
+        assert torch.equal(got["y"], x @ full(3.0).T + net[0].bias)
+    assert net[0].weight is own
+
+
+def test_a_submodules_model_in_another_thread_is_refused_while_its_module_is_swapped():
+    # Session 30: a model of net[0] in a worker while the main thread ran a model of net (or of
+    # a module sharing net[0]) swapped net[0]'s entries under the main thread's forward.
+    from concurrent.futures import ThreadPoolExecutor
+    torch.manual_seed(0)
+    shared = nn.Linear(2, 1).double()
+    net, other = nn.Sequential(shared, nn.Tanh()), nn.Sequential(nn.Tanh(), shared)
+    own = shared.weight
+    full = lambda v: torch.full((1, 2), v, dtype=torch.float64)  # noqa: E731
+    x = torch.ones(1, 2, dtype=torch.float64)
+    lin = lambda v: v @ full(1.0).T + shared.bias  # noqa: E731
+    for module, name, want in ((net, "0.weight", lambda v: torch.tanh(lin(v))),
+                               (other, "1.weight", lambda v: lin(torch.tanh(v)))):
+        outer = torch_ufom.FunctionalModel(module, {name: full(1.0)}, {})
+        inner = torch_ufom.FunctionalModel(shared, {"weight": full(3.0)}, {})
+        with ThreadPoolExecutor(1) as pool:
+            with pytest.raises(RuntimeError, match="ran in two threads at once"):
+                outer.run(lambda m: pool.submit(inner, x).result())
+            y = outer.run(lambda m: m(x))  # one after the other: each its own swap
+        with torch.no_grad():
+            assert torch.equal(y, want(x))
+        assert shared.weight is own
+    # A module over two of its submodules' swaps, in one thread: they nest in order.
+    a, b = nn.Linear(2, 2).double(), nn.Linear(2, 1).double()
+    both = nn.Sequential(a, b)
+    ma = torch_ufom.FunctionalModel(a, {"weight": torch.eye(2, dtype=torch.float64)}, {})
+    mb = torch_ufom.FunctionalModel(b, {"weight": full(2.0)}, {})
+    mab = torch_ufom.FunctionalModel(both, {"1.weight": full(5.0)}, {})
+    own_a, own_b = a.weight, b.weight
+    y = ma.run(lambda _: mb.run(lambda _: mab(x)))
+    with torch.no_grad():
+        assert torch.equal(y, (x + a.bias) @ full(5.0).T + b.bias)
+    assert a.weight is own_a and b.weight is own_b
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

@@ -42,7 +42,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -470,9 +470,10 @@ class FunctionalModel:
         another model of the module swaps on top of it in the same thread (KD F2), and is
         refused while another thread runs in a swap (KF F1: the two swaps undid each
         other, 30 % off, and left the module holding plain tensors)."""
-        key, thread = id(self.module), threading.get_ident()
+        thread = threading.get_ident()
         with _SWAPS_LOCK:
-            stack = _SWAPS.get(key)
+            group = _Group.joined(swap.tables, thread, self.module) if _SWAPS else None
+            stack = group.stack if group is not None else None
             if stack and stack[-1].model is self:  # (a call of the model inside run, another thread's)
                 entry = stack[-1]
                 entry.join(thread)
@@ -480,16 +481,15 @@ class FunctionalModel:
                 # (review KH F1, F2: a thread still running in a swap another thread made, one left
                 # running after run returned, is in the way as much as the thread that made it)
                 if stack and any(t != thread for e in stack for t in e.threads):
-                    raise RuntimeError(
-                        f"two models of one {type(self.module).__name__} ran in two threads at once: the "
-                        "module's entries hold one model's tensors at a time (the library's models swap "
-                        "them in for each call); call them one after the other, or one on a copy of the "
-                        "module (FunctionalModel.to_module())")
+                    raise _crowded(self.module)
                 if swap.parametrized:
                     check_parametrize_cache(self.module)
                 given = dict(self.buffers) if self.buffers else None
                 entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread)
-                _SWAPS.setdefault(key, []).append(entry)
+                if group is None:
+                    group = _Group()
+                    _SWAPS.append(group)
+                group.push(entry, swap.tables)
         try:
             return call()
         finally:
@@ -498,7 +498,8 @@ class FunctionalModel:
                     # Undo the swaps no call runs in any more, from the innermost: one below a
                     # swap another thread still runs in waits for it (review KJ F1: a worker left
                     # in a nested model's swap, the outer swap restored the module under it).
-                    stack, error = _SWAPS.get(key, []), None
+                    group, error = entry.group, None
+                    stack = group.stack
                     while stack and not stack[-1].threads:
                         done = stack.pop()
                         try:  # (a read-back that raises: every swap below is still undone)
@@ -508,8 +509,8 @@ class FunctionalModel:
                             error = error or err
                         finally:
                             done.swap.restore(done.saved)
-                    if not stack:
-                        _SWAPS.pop(key, None)
+                    if not stack and group in _SWAPS:  # (a forked child's registry starts empty)
+                        _SWAPS.remove(group)
                     if error is not None:
                         raise error
 
@@ -615,16 +616,22 @@ class _Swap:
     """A swap of a module's entries active for one :class:`FunctionalModel`: what to
     restore, the buffers it put, and how many calls run in it."""
 
-    __slots__ = ("model", "swap", "saved", "given", "threads")
+    __slots__ = ("model", "swap", "saved", "given", "threads", "group", "order")
 
     def __init__(self, model: "FunctionalModel", swap: "Reparametrization", saved: List,
                  given: Optional[Dict[str, Tensor]], thread: int):
         self.model, self.swap, self.saved, self.given = model, swap, saved, given
         self.threads: Dict[int, int] = {thread: 1}  # the calls running in it, by thread
+        self.group: Optional["_Group"] = None
+        self.order = next(_ORDER)  # (swaps of one thread nest: their order is their nesting)
 
     def join(self, thread: int) -> None:
         """One more call runs in this swap (under ``_SWAPS_LOCK``)."""
         self.threads[thread] = self.threads.get(thread, 0) + 1
+
+    def belong(self, group: "_Group") -> None:
+        """This swap is now in ``group`` (under ``_SWAPS_LOCK``)."""
+        self.group = group
 
     def leave(self, thread: int) -> bool:
         """A call in this swap ended (under ``_SWAPS_LOCK``); whether it was the last."""
@@ -634,10 +641,64 @@ class _Swap:
         return not self.threads
 
 
-# The swaps active on each module (by id: an entry lives only while a call of the module
-# runs), innermost last.
-_SWAPS: Dict[int, List[_Swap]] = {}
+class _Group:
+    """The active swaps of modules that share entry tables (a module, its submodules, a
+    submodule two modules hold), innermost last, and the tables they write: two swaps of
+    one table nest or are refused, whichever modules they were made on (review KJ F1's
+    variant: a worker left in a swap of ``net[0]`` saw a swap of ``net`` restored under
+    it, 1.21 for 6.0)."""
+
+    __slots__ = ("stack", "tables")
+
+    def __init__(self):
+        self.stack: List[_Swap] = []
+        self.tables: set = set()
+
+    @staticmethod
+    def joined(tables: FrozenSet[int], thread: int, module: nn.Module) -> Optional["_Group"]:
+        """The active group whose tables meet ``tables`` (under ``_SWAPS_LOCK``), the
+        groups it meets merged into one: ``None`` if none does."""
+        met = [group for group in _SWAPS if not group.tables.isdisjoint(tables)]
+        if len(met) < 2:
+            return met[0] if met else None
+        # (a swap of a module over those of two of its submodules: only this thread's swaps
+        # nest, in the order they were made; where another thread runs in one, the new swap
+        # would run on that thread's entries)
+        if any(t != thread for group in met for entry in group.stack for t in entry.threads):
+            raise _crowded(module)
+        for group in met[1:]:
+            _SWAPS.remove(group)
+            met[0].absorb(group)
+        return met[0]
+
+    def absorb(self, other: "_Group") -> None:
+        """Take ``other``'s swaps, all one thread's (under ``_SWAPS_LOCK``): they nest
+        with this group's in the order they were made."""
+        self.stack = sorted(self.stack + other.stack, key=lambda entry: entry.order)
+        self.tables |= other.tables
+        for entry in other.stack:
+            entry.belong(self)
+
+    def push(self, entry: _Swap, tables: FrozenSet[int]) -> None:
+        """Put ``entry`` on top (under ``_SWAPS_LOCK``)."""
+        entry.belong(self)
+        self.stack.append(entry)
+        self.tables |= tables
+
+
+def _crowded(module: nn.Module) -> RuntimeError:
+    """The error for a swap of ``module`` while another thread runs in a swap of its entries."""
+    return RuntimeError(
+        f"two models of one {type(module).__name__} ran in two threads at once: the module's entries "
+        "hold one model's tensors at a time (the library's models swap them in for each call; a "
+        "submodule's are its module's); call them one after the other, or one on a copy of the module "
+        "(FunctionalModel.to_module())")
+
+
+# The groups of active swaps (an entry lives only while a call of its model runs).
+_SWAPS: List[_Group] = []
 _SWAPS_LOCK = threading.Lock()
+_ORDER = itertools.count()
 
 
 def _escaping(out: Any) -> Any:
@@ -692,6 +753,7 @@ class Reparametrization:
     def __init__(self, slots: List[Tuple[dict, str, str]], parametrized: bool = False):
         self.slots = slots
         self.names = frozenset(name for _, _, name in slots)  # the names it swaps
+        self.tables = frozenset(id(table) for table, _, _ in slots)  # the entry tables it writes
         self.parametrized = parametrized
 
     @classmethod
