@@ -3907,6 +3907,55 @@ def test_a_submodules_model_in_another_thread_is_refused_while_its_module_is_swa
     assert a.weight is own_a and b.weight is own_b
 
 
+class _Ema(nn.Module):
+    """A forward that replaces its buffer (self.ema = ...) rather than writing it in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.register_buffer("ema", torch.zeros(4))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        self.ema = 0.5 * self.ema + 0.5 * h.detach().reshape(-1, 4).mean(0)
+        return self.b(h * (1 + self.ema))
+
+
+def test_a_refused_run_inside_a_run_changes_nothing():
+    # Review KF F2 (session 29, fixed in session 30): a run refused inside a run of the same
+    # adapted model left the buffer its forward replaced in the module, and the outer run read it
+    # back (3.9e-2).
+    torch.manual_seed(0)
+    model, x = _Ema().double(), torch.randn(5, 3, dtype=torch.float64)
+    adapted = torch_ufom.adapt(model, lambda f, b: f(b).pow(2).mean(), x, steps=2, inner_lr=0.1)
+
+    def refused(m):
+        with pytest.raises(TypeError, match="returned a Linear"):
+            adapted.run(lambda mm: (mm(x), mm.a))
+        return m.ema.clone()
+    before = adapted.buffers["ema"].clone()
+    inside = adapted.run(refused)
+    assert torch.equal(inside, before) and torch.equal(adapted.buffers["ema"], before)
+
+
+def test_vmap_over_a_call_joined_inside_run_refuses_a_replaced_buffer():
+    # Review KF F3 (session 29, fixed in session 30): vmap over the model inside its own run let
+    # the batched buffer the forward made escape into the model's buffers; every later call raised
+    # torch's "escaped from vmap" error. Now the clear error a top-level vmap gives.
+    torch.manual_seed(0)
+    model, xs = _Ema().double(), torch.randn(3, 4, 3, dtype=torch.float64)
+    adapted = torch_ufom.adapt(model, lambda f, b: f(b).pow(2).mean(), xs[0], steps=2, inner_lr=0.1)
+    before = adapted.buffers["ema"].clone()
+    for call in (lambda: torch.func.vmap(adapted)(xs),
+                 lambda: adapted.run(lambda m: torch.func.vmap(adapted)(xs))):
+        with pytest.raises(RuntimeError, match="replaced its buffer 'ema'.* under a torch.func transform"):
+            call()
+        assert not torch._C._functorch.is_batchedtensor(adapted.buffers["ema"])
+        assert torch.equal(adapted.buffers["ema"], before)
+    adapted(xs[0])  # still runs
+    assert model.ema.abs().sum() == 0 and "ema" in model._buffers
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

@@ -474,9 +474,13 @@ class FunctionalModel:
         with _SWAPS_LOCK:
             group = _Group.joined(swap.tables, thread, self.module) if _SWAPS else None
             stack = group.stack if group is not None else None
+            watched = None
             if stack and stack[-1].model is self:  # (a call of the model inside run, another thread's)
                 entry = stack[-1]
                 entry.join(thread)
+                if entry.given and not outside_transforms():  # (a transform inside run: review KF F3)
+                    watched = [(table, key, name, table[key]) for table, key, name in swap.slots
+                               if name in entry.given]
             else:
                 # (review KH F1, F2: a thread still running in a swap another thread made, one left
                 # running after run returned, is in the way as much as the thread that made it)
@@ -493,6 +497,12 @@ class FunctionalModel:
         try:
             return call()
         finally:
+            replaced = None
+            if watched is not None:  # a replacement made under the transform cannot leave it
+                replaced = next((name for table, key, name, tensor in watched if table[key] is not tensor),
+                                None)
+                for table, key, _, tensor in watched:
+                    table[key] = tensor
             with _SWAPS_LOCK:
                 if entry.leave(thread):
                     # Undo the swaps no call runs in any more, from the innermost: one below a
@@ -513,6 +523,8 @@ class FunctionalModel:
                         _SWAPS.remove(group)
                     if error is not None:
                         raise error
+            if replaced is not None:
+                raise _replaced_under_transform(replaced)
 
     def run(self, fn: Callable, /, *args, **kwargs):
         """``fn(module, *args, **kwargs)`` with the module at this model's parameters and
@@ -548,26 +560,32 @@ class FunctionalModel:
                 raise ValueError("FunctionalModel.run needs the parameters under the names "
                                  "named_parameters() gives (not a tied weight's second name, nor a name "
                                  "the module lacks); call the model itself instead")
-            # (the models adapt returns, whose buffers are the user's: the library's own put back
-            # everything when a call raises; copying them costs a clone per call, review KD F6)
-            kept = {n: (t, t.clone()) for n, t in self.buffers.items()} if self.serialised else {}
             rng = torch.get_rng_state(), \
                 torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-            out = self._swapped(swap, lambda: fn(self.module, *args, **kwargs))
-            escaped = _escaping(out)
-            if escaped is not None:  # (review KC F3: the refused call changes nothing)
-                with torch.no_grad():
-                    for name, (tensor, value) in kept.items():
-                        tensor.copy_(value)
-                        self.buffers[name] = tensor
-                torch.set_rng_state(rng[0])
-                if rng[1] is not None:
-                    torch.cuda.set_rng_state_all(rng[1])
-                raise TypeError(f"FunctionalModel.run's fn returned a {type(escaped).__name__}: return what "
-                                "fn computes (tensors, numbers), not a part of the module (a submodule, a "
-                                "bound method) or an object that may hold one, which would run at the "
-                                "module's own parameters once fn has returned")
-        return out
+
+            def call():
+                # (the models adapt returns, whose buffers are the user's: the library's own put back
+                # everything when a call raises; copying them costs a clone per call, review KD F6).
+                # What the module's buffer entries hold inside the swap, this model's buffers or, in a
+                # call joined inside another run, what that run's forwards put there (review KF F2).
+                kept = [(table, key, table[key], table[key].clone()) for table, key, name in swap.slots
+                        if name in self.buffers] if self.serialised else []
+                out = fn(self.module, *args, **kwargs)
+                escaped = _escaping(out)
+                if escaped is not None:  # (review KC F3: the refused call changes nothing)
+                    with torch.no_grad():
+                        for table, key, tensor, value in kept:
+                            tensor.copy_(value)
+                            table[key] = tensor
+                    torch.set_rng_state(rng[0])
+                    if rng[1] is not None:
+                        torch.cuda.set_rng_state_all(rng[1])
+                    raise TypeError(f"FunctionalModel.run's fn returned a {type(escaped).__name__}: return "
+                                    "what fn computes (tensors, numbers), not a part of the module (a "
+                                    "submodule, a bound method) or an object that may hold one, which would "
+                                    "run at the module's own parameters once fn has returned")
+                return out
+            return self._swapped(swap, call)
 
     def _read_back(self, slots, given: Dict[str, Tensor]) -> None:
         """Take as this call's buffers those the forward replaced (``self.rm = a * self.rm
@@ -579,9 +597,7 @@ class FunctionalModel:
         for table, key, name in slots:
             if name in given and table[key] is not None and table[key] is not given[name]:
                 if inside:
-                    raise RuntimeError(f"the module's forward replaced its buffer {name!r} (self.{key} = "
-                                       "...) under a torch.func transform (vmap), which its new value "
-                                       "cannot leave; call the module per sample or task")
+                    raise _replaced_under_transform(name)
                 self.buffers[name] = table[key]
 
     def _module_swap(self) -> Optional["Reparametrization"]:
@@ -684,6 +700,13 @@ class _Group:
         entry.belong(self)
         self.stack.append(entry)
         self.tables |= tables
+
+
+def _replaced_under_transform(name: str) -> RuntimeError:
+    """The error for a forward that replaced the buffer ``name`` under a ``torch.func`` transform."""
+    return RuntimeError(f"the module's forward replaced its buffer {name!r} (self.{name.rsplit('.', 1)[-1]} "
+                        "= ...) under a torch.func transform (vmap), which its new value cannot leave; "
+                        "call the module per sample or task")
 
 
 def _crowded(module: nn.Module) -> RuntimeError:
