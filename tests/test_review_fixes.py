@@ -3905,6 +3905,12 @@ def test_a_submodules_model_in_another_thread_is_refused_while_its_module_is_swa
     with torch.no_grad():
         assert torch.equal(y, (x + a.bias) @ full(5.0).T + b.bias)
     assert a.weight is own_a and b.weight is own_b
+    # Once the swap of both is undone, b is free again for another thread.
+    with ThreadPoolExecutor(1) as pool:
+        y = ma.run(lambda _: (mab(x), pool.submit(mb, x).result())[1])
+    with torch.no_grad():
+        assert torch.equal(y, x @ full(2.0).T + b.bias)
+    assert a.weight is own_a and b.weight is own_b and not torch_ufom.unroll._SWAPS
 
 
 class _Ema(nn.Module):

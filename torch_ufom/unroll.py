@@ -509,9 +509,8 @@ class FunctionalModel:
                     # swap another thread still runs in waits for it (review KJ F1: a worker left
                     # in a nested model's swap, the outer swap restored the module under it).
                     group, error = entry.group, None
-                    stack = group.stack
-                    while stack and not stack[-1].threads:
-                        done = stack.pop()
+                    while group.stack and not group.stack[-1].threads:
+                        done = group.pop()
                         try:  # (a read-back that raises: every swap below is still undone)
                             if done.given:
                                 done.model._read_back(done.swap.slots, done.given)
@@ -519,7 +518,7 @@ class FunctionalModel:
                             error = error or err
                         finally:
                             done.swap.restore(done.saved)
-                    if not stack and group in _SWAPS:  # (a forked child's registry starts empty)
+                    if not group.stack and group in _SWAPS:  # (a forked child's registry starts empty)
                         _SWAPS.remove(group)
                     if error is not None:
                         raise error
@@ -700,6 +699,14 @@ class _Group:
         entry.belong(self)
         self.stack.append(entry)
         self.tables |= tables
+
+    def pop(self) -> _Swap:
+        """Take the top swap off (under ``_SWAPS_LOCK``): the group then covers the tables
+        of the swaps left (a swap of ``net`` over one of ``net[0]``'s gone, ``net[1]`` is
+        free again for another thread)."""
+        done = self.stack.pop()
+        self.tables = set().union(*(entry.swap.tables for entry in self.stack))
+        return done
 
 
 def _replaced_under_transform(name: str) -> RuntimeError:
