@@ -53,6 +53,7 @@ vectorised fom meta-batch, a guard.
 Everything is float64 (but the dtype test) and compared with a brute-force unroll
 (``tests/oracle.py``) or with the library's own per-task results.
 """
+import abc
 import collections
 import contextlib
 import copy
@@ -3960,6 +3961,49 @@ def test_vmap_over_a_call_joined_inside_run_refuses_a_replaced_buffer():
         assert torch.equal(adapted.buffers["ema"], before)
     adapted(xs[0])  # still runs
     assert model.ema.abs().sum() == 0 and "ema" in model._buffers
+
+
+def _shrink_update(self, grads, state, params, hyper):
+    """SGD's update, then every parameter halved: not SGD's."""
+    new, state = torch_ufom.inner.SGD.update(self, grads, state, params, hyper)
+    return {n: 0.5 * p for n, p in new.items()}, state
+
+
+def _made_by_abcmeta():
+    return abc.ABCMeta("Shrink", (torch_ufom.inner.SGD,), {"update": _shrink_update})
+
+
+def _made_by_new_class():
+    return types.new_class("Shrink", (torch_ufom.inner.SGD, abc.ABC),
+                           exec_body=lambda ns: ns.update(update=_shrink_update))
+
+
+def _made_by_exec():
+    found = {}
+    exec("class Shrink(SGD):\n    update = update\n",
+         {"SGD": torch_ufom.inner.SGD, "update": _shrink_update}, found)
+    return found["Shrink"]
+
+
+@pytest.mark.parametrize("make", [_made_by_abcmeta, _made_by_new_class, _made_by_exec])
+def test_a_rule_class_that_only_says_it_is_pythons_keeps_its_update(make):
+    # Review LA F1 (session 30): a class made by abc.ABCMeta(name, bases, body), types.new_class or
+    # exec reads "abc" or "builtins" as its module: it counted as Python's code, kept SGD's
+    # shortcuts and plain rate, and its own update never ran (exact 1.08 off).
+    rule = make()(0.1)
+    assert rule.plain_rate is None and not torch_ufom.inner.shortcut(rule, "first_order_additive")
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 1).double()
+    x, y, xq, yq = (torch.randn(8, n, dtype=torch.float64) for n in (3, 1, 3, 1))
+    w0, b0 = (p.detach().clone().requires_grad_() for p in (lin.weight, lin.bias))
+    w, b = w0, b0
+    for _ in range(3):  # the oracle: the rule's update unrolled by hand
+        gw, gb = torch.autograd.grad(((x @ w.T + b - y) ** 2).mean(), (w, b), create_graph=True)
+        w, b = 0.5 * (w - 0.1 * gw), 0.5 * (b - 0.1 * gb)
+    want = torch.autograd.grad(((xq @ w.T + b - yq) ** 2).mean(), (w0, b0))
+    got = torch_ufom.hypergrad(lin, mse, mse, (x, y), (xq, yq), steps=3, inner=rule, mode="exact")
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_, rtol=1e-10, atol=1e-14)
 
 
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():

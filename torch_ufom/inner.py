@@ -66,6 +66,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import sys
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -401,7 +402,8 @@ def _built_in_holds(rule: Any, name: str, mro: Tuple[type, ...]) -> bool:
     hyperparameters: its :class:`_Flag`, or ``InnerRule``'s ``False`` where it has none
     (review KG F3: Adam's update is not additive, whatever a subclass declares)."""
     for klass in mro:
-        if klass.__module__ == __name__ and issubclass(klass, InnerRule) and klass is not InnerRule:
+        if klass is not InnerRule and issubclass(klass, InnerRule) and klass.__module__ == __name__ and \
+                _library_class(klass):
             flag = next(vars(k)[name] for k in klass.__mro__ if name in vars(k))
             if not (flag.compute(rule) if isinstance(flag, _Flag) else flag is True):
                 return False
@@ -419,8 +421,17 @@ def _instance_code(rule: Any) -> bool:
 def _library_class(klass: type) -> bool:
     """Whether ``klass`` is this module's (a built-in rule, ``InnerRule``), or Python's or
     torch's (``object``, ``abc.ABC``, ``typing.Generic``, ``nn.Module`` as a holder of learned
-    hyperparameters: review KJ F2), whose code is not a rule's update."""
-    return klass.__module__ == __name__ or klass.__module__.split(".")[0] in _FOREIGN
+    hyperparameters: review KJ F2), whose code is not a rule's update: the class its module
+    holds by its name, not one that only says it is from there (review LA F1: a class made by
+    ``abc.ABCMeta(name, bases, body)``, ``types.new_class`` or ``exec`` reads ``abc`` or
+    ``builtins`` as its module, and kept SGD's shortcuts over its own update, 1.08 off)."""
+    module = klass.__module__
+    if module != __name__ and module.split(".")[0] not in _FOREIGN:
+        return False
+    found: Any = sys.modules.get(module)
+    for part in klass.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is klass
 
 
 def _has_code(klass: type) -> bool:
