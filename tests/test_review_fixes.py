@@ -3218,6 +3218,42 @@ def test_a_process_forked_while_another_thread_is_inside_a_call_can_call_the_lib
         holder.join()
 
 
+def test_a_process_forked_while_another_thread_is_in_a_swap_has_the_module_as_it_is():
+    # Review LA F6 (session 30): the child's registry was emptied, but the swap of the thread it does
+    # not have was never undone: its module held that model's tensors, and a hypergradient there
+    # started from them (0.79 off).
+    import multiprocessing
+    import threading
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1).double()
+    model = torch_ufom.FunctionalModel(net, {"weight": torch.ones(1, 3, dtype=torch.float64)}, {})
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        want = net(x).sum().item()
+    inside, leave = threading.Event(), threading.Event()
+    holder = threading.Thread(target=lambda: model.run(lambda m: (inside.set(), leave.wait(60.0))[0]))
+    holder.start()
+    inside.wait(5.0)
+    _FORKED["net"], _FORKED["x"] = net, x  # (what the child inherits: an argument would be pickled)
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.apply_async(_module_in_child).get(timeout=20) == (True, want, 0)
+    finally:
+        leave.set()
+        holder.join()
+        _FORKED.clear()
+    assert type(net.weight) is nn.Parameter and not torch_ufom.unroll._SWAPS
+
+
+_FORKED: dict = {}
+
+
+def _module_in_child():
+    net, x = _FORKED["net"], _FORKED["x"]
+    with torch.no_grad():
+        return type(net.weight) is nn.Parameter, net(x).sum().item(), len(torch_ufom.unroll._SWAPS)
+
+
 def _adapt_in_child(model, batch):
     return float(torch_ufom.adapt(model, mse, batch, steps=2, inner_lr=0.1)(batch[0]).sum())
 

@@ -177,7 +177,18 @@ def _new_locks_after_fork() -> None:
     not have: its first call would wait forever (review GE F2). The child gets new locks."""
     global _PROCESS_STATE, _PROBED_LOCK, _SWAPS_LOCK
     _PROCESS_STATE, _PROBED_LOCK, _SWAPS_LOCK = threading.RLock(), threading.Lock(), threading.Lock()
-    _SWAPS.clear()  # (the other threads' swaps: the child has none of them)
+    # The other threads are not in the child: the swaps only they ran in are undone, from the
+    # innermost (review LA F6: the child's module held another thread's tensors, and a
+    # hypergradient there started from them, 0.79 off); the forking thread's stay, its own.
+    me = threading.get_ident()
+    for group in list(_SWAPS):
+        for entry in group.stack:
+            entry.only(me)
+        while group.stack and not group.stack[-1].threads:
+            done = group.pop()
+            done.swap.restore(done.saved)
+        if not group.stack:
+            _SWAPS.remove(group)
 
 
 if hasattr(os, "register_at_fork"):
@@ -643,6 +654,10 @@ class _Swap:
     def join(self, thread: int) -> None:
         """One more call runs in this swap (under ``_SWAPS_LOCK``)."""
         self.threads[thread] = self.threads.get(thread, 0) + 1
+
+    def only(self, thread: int) -> None:
+        """Forget the calls of every other thread (in a forked child, which has none of them)."""
+        self.threads = {t: n for t, n in self.threads.items() if t == thread}
 
     def belong(self, group: "_Group") -> None:
         """This swap is now in ``group`` (under ``_SWAPS_LOCK``)."""
