@@ -4042,6 +4042,50 @@ def test_a_rule_class_that_only_says_it_is_pythons_keeps_its_update(make):
         torch.testing.assert_close(g, w_, rtol=1e-10, atol=1e-14)
 
 
+class _Running(nn.Module):
+    """A forward that reads its buffer and replaces it (a running statistic, not in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.register_buffer("buf", torch.zeros(1))
+
+    def forward(self, x):
+        out = self.lin(x) + self.buf
+        self.buf = 0.5 * self.buf + x.mean()
+        return out
+
+
+@pytest.mark.parametrize("b_runs", [False, True], ids=["b-idle", "b-runs"])
+def test_a_model_called_inside_another_models_run_inside_its_own_sees_its_buffers(b_runs):
+    # Review LA F2 (session 30): A called inside B's run inside A's run: the new swap put A's buffers
+    # as they were before A's outer forward (0.35 off), and the outer swap's read-back then
+    # overwrote the inner call's buffer (2.78 off).
+    torch.manual_seed(0)
+    net = _Running().double()
+    own = net.lin.weight, net.buf
+    xs = [torch.randn(4, 2, dtype=torch.float64) + i for i in range(4)]
+    values = [{n: torch.randn_like(p) for n, p in net.named_parameters()} for _ in range(2)]
+    a = torch_ufom.FunctionalModel(net, dict(values[0]), {"buf": torch.ones(1, dtype=torch.float64)})
+    b = torch_ufom.FunctionalModel(net, dict(values[1]), {"buf": -torch.ones(1, dtype=torch.float64)})
+    inner = lambda mb: (mb(xs[3]) if b_runs else None, a(xs[1]))[1]  # noqa: E731
+    got = a.run(lambda m: (m(xs[0]), b.run(inner), m(xs[2])))
+    copies = [copy.deepcopy(net) for _ in range(2)]  # the oracle: each model a copy of its own
+    for c, v, start in zip(copies, values, (1.0, -1.0)):
+        with torch.no_grad():
+            for n, p in c.named_parameters():
+                p.copy_(v[n])
+        c.buf = torch.full((1,), start, dtype=torch.float64)
+    want = [copies[0](x) for x in xs[:3]]
+    if b_runs:
+        copies[1](xs[3])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-15)
+    torch.testing.assert_close(a.buffers["buf"], copies[0].buf, rtol=0, atol=1e-15)
+    torch.testing.assert_close(b.buffers["buf"], copies[1].buf, rtol=0, atol=1e-15)
+    assert net.lin.weight is own[0] and net.buf is own[1] and not torch_ufom.unroll._SWAPS
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

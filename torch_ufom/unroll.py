@@ -499,6 +499,8 @@ class FunctionalModel:
                     raise _crowded(self.module)
                 if swap.parametrized:
                     check_parametrize_cache(self.module)
+                if stack and self.buffers:
+                    group.catch_up(self)
                 given = dict(self.buffers) if self.buffers else None
                 entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread)
                 if group is None:
@@ -529,6 +531,8 @@ class FunctionalModel:
                             error = error or err
                         finally:
                             done.swap.restore(done.saved)
+                            if done.given:
+                                group.hand_down(done.model)
                     if not group.stack and group in _SWAPS:  # (a forked child's registry starts empty)
                         _SWAPS.remove(group)
                     if error is not None:
@@ -655,6 +659,15 @@ class _Swap:
         """One more call runs in this swap (under ``_SWAPS_LOCK``)."""
         self.threads[thread] = self.threads.get(thread, 0) + 1
 
+    def resave(self, table: dict, key: str, value: Any) -> bool:
+        """Restore ``value`` to ``table[key]`` (instead of what this swap replaced there);
+        whether this swap replaced it."""
+        for i, (t, k, _) in enumerate(self.saved):
+            if t is table and k == key:
+                self.saved[i] = (t, k, value)
+                return True
+        return False
+
     def only(self, thread: int) -> None:
         """Forget the calls of every other thread (in a forked child, which has none of them)."""
         self.threads = {t: n for t, n in self.threads.items() if t == thread}
@@ -714,6 +727,47 @@ class _Group:
         entry.belong(self)
         self.stack.append(entry)
         self.tables |= tables
+
+    def catch_up(self, model: "FunctionalModel") -> None:
+        """Before a swap of ``model`` over this group's: the buffers its swap lower down has had
+        replaced so far (its forwards' ``self.rm = ...``, read back only when that swap comes
+        off) become the model's, which the new swap puts (review LA F2: A called inside B's run
+        inside A's run put A's buffers of before, 0.35 off)."""
+        lower = next((entry for entry in reversed(self.stack) if entry.model is model), None)
+        if lower is None or not lower.given:
+            return
+        for table, key, name in lower.swap.slots:
+            if name in lower.given:
+                value = self._seen(lower, table, key)
+                if value is not None and value is not lower.given[name]:
+                    model.buffers[name] = lower.given[name] = value
+
+    def hand_down(self, model: "FunctionalModel") -> None:
+        """After a swap of ``model`` came off (its replaced buffers read back into the model):
+        its swap lower down, if any, sees them in the module, as its own forward would have
+        left them (review LA F2: the outer swap's read-back then overwrote the inner call's)."""
+        lower = next((entry for entry in reversed(self.stack) if entry.model is model), None)
+        if lower is None or not lower.given:
+            return
+        for table, key, name in lower.swap.slots:
+            value = model.buffers.get(name)
+            if name in lower.given and value is not None and value is not lower.given[name]:
+                lower.given[name] = value
+                if not any(above.resave(table, key, value) for above in self._above(lower)):
+                    table[key] = value
+
+    def _above(self, entry: _Swap) -> List[_Swap]:
+        """The swaps over ``entry``, the nearest first."""
+        return self.stack[next(i for i, e in enumerate(self.stack) if e is entry) + 1:]
+
+    def _seen(self, entry: _Swap, table: dict, key: str) -> Any:
+        """What ``table[key]`` holds while ``entry`` is the innermost swap: what the nearest
+        swap over it that replaced it saved, else what it holds now."""
+        for above in self._above(entry):
+            for t, k, value in above.saved:
+                if t is table and k == key:
+                    return value
+        return table[key]
 
     def pop(self) -> _Swap:
         """Take the top swap off (under ``_SWAPS_LOCK``): the group then covers the tables
