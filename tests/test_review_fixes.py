@@ -4086,6 +4086,30 @@ def test_a_model_called_inside_another_models_run_inside_its_own_sees_its_buffer
     assert net.lin.weight is own[0] and net.buf is own[1] and not torch_ufom.unroll._SWAPS
 
 
+@pytest.mark.parametrize("norm", [False, True], ids=["replaced", "replaced-and-batchnorm"])
+def test_the_stacked_model_keeps_the_buffers_its_forwards_replace(norm):
+    # Review LA F5 (session 30): adapt_batch's model called each task's model on views of its
+    # stacked buffers: a buffer the forward replaced (self.buf = ...) went into a dict thrown away
+    # (the second call 2.6 off); and vmap, tried first, wrote BatchNorm's statistics in place before
+    # it refused the replacement, so the per-task run counted them twice.
+    torch.manual_seed(0)
+    net = _Running().double()
+    if norm:
+        net.lin = nn.Sequential(nn.BatchNorm1d(2), net.lin).double()
+    xs, ys = torch.randn(2, 6, 2, dtype=torch.float64), torch.randn(2, 6, 1, dtype=torch.float64)
+    stacked = torch_ufom.adapt_batch(net, mse, (xs, ys), steps=2, inner_lr=0.1)
+    q = torch.randn(2, 4, 2, dtype=torch.float64) + 2.0
+    got = stacked(q), stacked(q)
+    for i in range(2):  # the oracle: each task's adapted model as a plain module, called twice
+        one = torch_ufom.adapt(net, mse, (xs[i], ys[i]), steps=2, inner_lr=0.1)
+        plain = one.to_module()
+        plain.buf = one.buffers["buf"].clone()
+        for g in got:
+            torch.testing.assert_close(g[i], plain(q[i]), rtol=0, atol=1e-14)
+        for name, value in plain.named_buffers():
+            torch.testing.assert_close(stacked.buffers[name][i], value, rtol=0, atol=1e-14)
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

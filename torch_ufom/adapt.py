@@ -80,13 +80,26 @@ class StackedFunctionalModel:
             def one(params, buffers, a, k):
                 return FunctionalModel(self.module, params, buffers)(*a, **k)
 
+            # (what a forward writes in place before vmap refuses it, a buffer it replaces, must not
+            # be written twice: review LA F5, BatchNorm's statistics counted twice; an expanded
+            # view, a buffer the tasks share, cannot be written in place)
+            kept = {n: t.clone() for n, t in self.buffers.items() if t.dim() == 0 or t.stride(0) != 0}
             try:
                 with attributes_kept(self.module):  # (tensors of vmap's must not outlive it)
                     return torch.func.vmap(one, randomness="different")(self.params, self.buffers, args,
                                                                          kwargs)
             except Exception:  # noqa: BLE001 (run per task, where an error of the module is raised)
-                pass
-        outs = [self.task(i)(*task_of(args, i), **task_of(kwargs, i)) for i in range(self.size)]
+                with torch.no_grad():
+                    for name, value in kept.items():
+                        self.buffers[name].copy_(value)
+        models = [self.task(i) for i in range(self.size)]
+        given = [dict(model.buffers) for model in models]
+        outs = [model(*task_of(args, i), **task_of(kwargs, i)) for i, model in enumerate(models)]
+        for name in list(self.buffers):
+            # A buffer a task's forward replaced (self.rm = ...) rather than wrote in place is in its
+            # model only (review LA F5: the stacked model's second call read the old one, 2.6 off).
+            if any(model.buffers[name] is not views[name] for model, views in zip(models, given)):
+                self.buffers[name] = torch.stack([model.buffers[name] for model in models])
         return pytree.tree_map(lambda *xs: torch.stack(xs) if isinstance(xs[0], Tensor) else xs[0], *outs)
 
     def task(self, i: int) -> FunctionalModel:
