@@ -3981,6 +3981,19 @@ def test_a_refused_run_inside_a_run_changes_nothing():
     assert torch.equal(inside, before) and torch.equal(adapted.buffers["ema"], before)
 
 
+def test_a_refused_run_of_a_users_model_changes_nothing():
+    # Review LA F4 (session 30): a FunctionalModel built by the user kept the refused call's BatchNorm
+    # update (running_mean 3.3e-2 off); only adapt's models put their buffers back.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    model = torch_ufom.FunctionalModel(net, params, {n: b.clone() for n, b in net.named_buffers()})
+    before = {n: b.clone() for n, b in model.buffers.items()}
+    with pytest.raises(TypeError, match="returned a BatchNorm1d"):
+        model.run(lambda m: (m(torch.randn(8, 3, dtype=torch.float64)), m[1]))
+    assert all(torch.equal(model.buffers[n], b) for n, b in before.items())
+
+
 def test_vmap_over_a_call_joined_inside_run_refuses_a_replaced_buffer():
     # Review KF F3 (session 29, fixed in session 30): vmap over the model inside its own run let
     # the batched buffer the forward made escape into the model's buffers; every later call raised

@@ -578,12 +578,12 @@ class FunctionalModel:
                 torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
             def call():
-                # (the models adapt returns, whose buffers are the user's: the library's own put back
-                # everything when a call raises; copying them costs a clone per call, review KD F6).
                 # What the module's buffer entries hold inside the swap, this model's buffers or, in a
-                # call joined inside another run, what that run's forwards put there (review KF F2).
+                # call joined inside another run, what that run's forwards put there (review KF F2), for
+                # every model (review LA F4: one of the user's kept a refused call's BatchNorm update;
+                # a clone per buffer and call, review KD F6).
                 kept = [(table, key, table[key], table[key].clone()) for table, key, name in swap.slots
-                        if name in self.buffers] if self.serialised else []
+                        if name in self.buffers]
                 out = fn(self.module, *args, **kwargs)
                 escaped = _escaping(out)
                 if escaped is not None:  # (review KC F3: the refused call changes nothing)
