@@ -504,9 +504,9 @@ class FunctionalModel:
                 given = dict(self.buffers) if self.buffers else None
                 entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread)
                 if group is None:
-                    group = _Group()
-                    _SWAPS.append(group)
-                group.push(entry, swap.tables)
+                    _SWAPS.append(_Group(entry, swap.tables))
+                else:
+                    group.push(entry, swap.tables)
         try:
             return call()
         finally:
@@ -693,9 +693,10 @@ class _Group:
 
     __slots__ = ("stack", "tables")
 
-    def __init__(self):
-        self.stack: List[_Swap] = []
-        self.tables: set = set()
+    def __init__(self, entry: _Swap, tables: FrozenSet[int]):
+        self.stack: List[_Swap] = [entry]
+        self.tables: FrozenSet[int] = tables
+        entry.belong(self)
 
     @staticmethod
     def joined(tables: FrozenSet[int], thread: int, module: nn.Module) -> Optional["_Group"]:
@@ -718,7 +719,7 @@ class _Group:
         """Take ``other``'s swaps, all one thread's (under ``_SWAPS_LOCK``): they nest
         with this group's in the order they were made."""
         self.stack = sorted(self.stack + other.stack, key=lambda entry: entry.order)
-        self.tables |= other.tables
+        self.tables = self.tables | other.tables
         for entry in other.stack:
             entry.belong(self)
 
@@ -726,7 +727,7 @@ class _Group:
         """Put ``entry`` on top (under ``_SWAPS_LOCK``)."""
         entry.belong(self)
         self.stack.append(entry)
-        self.tables |= tables
+        self.tables = self.tables | tables
 
     def catch_up(self, model: "FunctionalModel") -> None:
         """Before a swap of ``model`` over this group's: the buffers its swap lower down has had
@@ -774,7 +775,8 @@ class _Group:
         of the swaps left (a swap of ``net`` over one of ``net[0]``'s gone, ``net[1]`` is
         free again for another thread)."""
         done = self.stack.pop()
-        self.tables = set().union(*(entry.swap.tables for entry in self.stack))
+        if self.stack:
+            self.tables = frozenset().union(*(entry.swap.tables for entry in self.stack))
         return done
 
 
