@@ -4123,6 +4123,32 @@ def test_the_stacked_model_keeps_the_buffers_its_forwards_replace(norm):
             torch.testing.assert_close(stacked.buffers[name][i], value, rtol=0, atol=1e-14)
 
 
+def test_post_accumulate_grad_hooks_run_after_each_write():
+    # Review LB F1 (session 30): the optimizer wrote .grad around autograd, so hooks registered with
+    # register_post_accumulate_grad_hook never ran (0 calls; a clip in place 0.46 off). backward runs
+    # them once per task, backward_batch once per call (as loss.backward() of the summed losses).
+    model = mlp().double()
+    xs, ys = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 6, 2, dtype=torch.float64)
+    calls, c = [], 0.01
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: (calls.append(p), p.grad.clamp_(-c, c)))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=LR,
+                                    steps=STEPS, mode="exact")
+    want = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(2):
+        meta.backward(mse, mse, (xs[i], ys[i]), (xs[i], ys[i]))
+        g = brute_force(model, mse, mse, lambda j: (xs[i], ys[i]), (xs[i], ys[i]), STEPS, LR,
+                        list(model.parameters()), STEPS)
+        want = [(w + t).clamp(-c, c) for w, t in zip(want, g)]
+    assert len(calls) == 2 * len(want)
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-14)
+    meta.zero_grad()
+    calls.clear()
+    meta.backward_batch(mse, mse, (xs, ys), (xs, ys))
+    assert len(calls) == len(want) and all(p.grad.abs().max() <= c for p in model.parameters())
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.
