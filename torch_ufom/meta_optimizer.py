@@ -1359,7 +1359,8 @@ class MetaOptimizer:
                 **{k: v for k, v in vars(c.rule).items() if k in flags and isinstance(v, bool)}}
         out = {"format": _SETTINGS_FORMAT, "steps": int(c.steps), "law": law, "inner": rule,
                "inner_params": list(c.adapted), "vectorise": _plain(c.vectorise),
-               "reduction": self._reduction}
+               "reduction": self._reduction, "track_buffers": self._track_buffers,
+               "generator": self.generator is not None}
         if c.adaptive is not None or c.law.survival(c.steps)[1] > 0.0:
             out.update(memory=c.memory, slots=_plain(c.slots), max_memory=_plain(c.max_memory), hvp=c.hvp)
         return out
@@ -1379,8 +1380,10 @@ class MetaOptimizer:
         ``q="auto"`` statistics for a fixed ``q``, of another ``q_rule``, or
         with missing or invalid entries (a dict saved with a fixed ``q`` starts
         a ``q="auto"`` run's statistics afresh). Settings that differ from the
-        saved run's (another estimator, ``steps``, inner rule ...) are not
-        restored: a warning names them (:meth:`reconfigure` changes them).
+        saved run's (another estimator, ``steps``, inner rule ...,
+        ``reduction``, ``track_buffers``, whether a generator draws) are not
+        restored: a warning names them (:meth:`reconfigure` changes those it
+        takes; the last three are the constructor's).
         Dicts saved before a key existed load without it.
 
         Raises:
@@ -1454,9 +1457,12 @@ class MetaOptimizer:
             return None
         was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
         has = ", ".join(f"{k}={now[k]!r}" for k in differ)
-        how = [] if differ == ["reduction"] else ["meta.reconfigure(...)"]
-        if "reduction" in differ:  # (set when the MetaOptimizer is built: review HA F2)
-            how.append(f"a MetaOptimizer built with reduction={saved['reduction']!r}")
+        built = [k for k in ("reduction", "track_buffers", "generator") if k in differ]
+        how = [] if len(built) == len(differ) else ["meta.reconfigure(...)"]
+        if built:  # (set when the MetaOptimizer is built: reviews HA F2, LB F2)
+            how.append("a MetaOptimizer built with " + ", ".join(
+                ("a generator" if saved[k] else "generator=None") if k == "generator" else f"{k}={saved[k]!r}"
+                for k in built))
         return (f"load_state_dict: the saved run had {was} where this MetaOptimizer has {has}; its state "
                 f"was loaded, but settings are not restored (use {' and '.join(how)} to resume the run "
                 "as it was)")
