@@ -3485,6 +3485,32 @@ def test_load_state_dict_warns_of_another_track_buffers_or_generator(saved, load
     assert "reconfigure" not in str(log[0].message)
 
 
+@pytest.mark.parametrize("tasks", [0, 6], ids=["no-exact-draw-yet", "after-draws"])
+def test_load_state_dict_chooses_q_again_under_another_q_min(tasks):
+    # Review LB F3 (session 30): a saved q="auto" run whose q sat below this optimizer's q_min was
+    # refused, one above it loaded with its q unchanged, while reconfigure(q_min=...) chooses q again.
+    def build(model, q_min):
+        return torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01), inner_lr=0.3,
+                                        steps=3, q="auto", q_rule="authors", q_min=q_min,
+                                        generator=torch.Generator().manual_seed(1))
+    model = mlp().double()
+    saved = build(model, 0.05)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(tasks):
+        x, y = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(5, 2, generator=gen,
+                                                                                    dtype=torch.float64)
+        saved.backward(mse, mse, (x, y), (x, y), force_truncation=3)
+    if tasks:
+        saved.step()  # (the observations join the statistics)
+        assert saved.q_stats["n_x"] > 0
+    state = saved.state_dict()
+    loaded = build(copy.deepcopy(model), 0.2)
+    with pytest.warns(UserWarning, match="q_min=0.05"):
+        loaded.load_state_dict(state)
+    saved.reconfigure(q_min=0.2)
+    assert loaded.q == saved.q >= 0.2 and loaded.q_stats == saved.q_stats
+
+
 # -- review HB (session 27) ---------------------------------------------------------------------------
 
 

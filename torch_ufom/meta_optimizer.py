@@ -1383,7 +1383,9 @@ class MetaOptimizer:
         saved run's (another estimator, ``steps``, inner rule ...,
         ``reduction``, ``track_buffers``, whether a generator draws) are not
         restored: a warning names them (:meth:`reconfigure` changes those it
-        takes; the last three are the constructor's).
+        takes; the last three are the constructor's); ``q="auto"`` statistics
+        saved under another ``q_min`` (or ``q_init``) have ``q`` chosen again
+        from them, as :meth:`reconfigure` does.
         Dicts saved before a key existed load without it.
 
         Raises:
@@ -1391,7 +1393,8 @@ class MetaOptimizer:
             ValueError: an entry does not fit this ``MetaOptimizer``; nothing is changed.
         """
         extra = self._extra_meta()
-        _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive, extra)
+        law = self._settings_summary()["law"]
+        _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive, extra, law)
         _check_meta_values(state_dict.get("meta_tensors"), extra, self._config.rule)
         differs = self._settings_differ(state_dict.get("settings"))  # (before anything changes: IA F3)
         opt, gen = self.optimizer, self.generator
@@ -1421,6 +1424,10 @@ class MetaOptimizer:
                 t.copy_(value)
         if state_dict.get("q_stats") is not None:
             self.q_stats = dict(state_dict["q_stats"])
+            if _saved_law_differs(state_dict.get("settings"), law):
+                # Another q_min or q_init: q chosen again from the statistics, as reconfigure does
+                # (review LB F3: a q below this q_min was refused, one above it kept as it was).
+                self.q_stats = adaptive.rebound(self.adaptive, self.q_stats)
             self._observations = [dict(o) for o in state_dict.get("q_observations") or []]
         elif self.adaptive is not None and "q_stats" in state_dict:
             # Saved with a fixed q: this q="auto" run starts its statistics afresh (and the
@@ -1647,10 +1654,17 @@ def _writable(t: Tensor) -> bool:
     return True
 
 
+def _saved_law_differs(settings: Optional[Mapping], law: str) -> bool:
+    """Whether saved settings (``state_dict['settings']``) name another law than ``law``."""
+    return bool(settings) and settings.get("format") == _SETTINGS_FORMAT and "law" in settings and \
+        settings["law"] != law
+
+
 def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
                       generator: Optional[torch.Generator],
-                      rule: Optional[adaptive.AdaptiveQ], extra: List[Tensor]) -> None:
-    """Raise unless ``sd`` is a :meth:`MetaOptimizer.state_dict` this optimizer can load."""
+                      rule: Optional[adaptive.AdaptiveQ], extra: List[Tensor], law: str = "") -> None:
+    """Raise unless ``sd`` is a :meth:`MetaOptimizer.state_dict` this optimizer can load
+    (``law``: this optimizer's, as its settings summary writes it)."""
     expected = f"the dict MetaOptimizer.state_dict() returns, with keys {list(_STATE_KEYS)}"
     if not isinstance(sd, Mapping):
         raise TypeError(f"Invalid state_dict: {type(sd).__name__} (expected {expected})")
@@ -1690,9 +1704,10 @@ def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
         raise TypeError(f"Invalid state_dict['settings']: {type(settings).__name__} (expected a dict)")
     if stats is not None:
         _check_entries(stats, _spec(adaptive.init_stats(rule)), "state_dict['q_stats']")
-        if stats["q"] < rule.q_min:
+        if stats["q"] < rule.q_min and not _saved_law_differs(settings, law):
+            # (a run with this q_min never has such a q; one saved with another has q chosen again)
             raise ValueError(f"Invalid state_dict['q_stats']['q']: {stats['q']!r} is below this "
-                             f"MetaOptimizer's q_min={rule.q_min!r}")
+                             f"MetaOptimizer's q_min={rule.q_min!r}, which the saved run had too")
     tasks = sd.get("tasks")
     if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, numbers.Integral)
                               or tasks < 0):
