@@ -1430,8 +1430,21 @@ def test_functional_model_calls_like_functional_call_for_any_names_and_module_ch
     for params in ({"a.weight": w}, {"b.weight": w}):  # the tied weight's first and second name
         want = functional_call(model, params, (x,))
         assert torch.equal(torch_ufom.FunctionalModel(model, params, {})(x), want)
-    with pytest.raises(AttributeError):  # a name the module lacks, as functional_call says
-        torch_ufom.FunctionalModel(model, {"c.weight": w}, {})(x)
+    # A name the module lacks: functional_call raised AttributeError for this one, and ran a typo
+    # of a top-level name ("wieght") at the module's own weight, silently (session 30).
+    for params in ({"c.weight": w}, {"a.wieght": w}):
+        with pytest.raises(ValueError, match=r"Invalid params: 'a?\.?[cw].*' is not a name of the _Tied's "
+                                             r"parameters \(expected names as named_parameters\(\) gives"):
+            torch_ufom.FunctionalModel(model, params, {})(x)
+    lin = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="Invalid params: 'wieght' is not a name of the Linear's parameters"):
+        torch_ufom.FunctionalModel(lin, {"wieght": torch.ones(1, 3)}, {})(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="Invalid buffers: 'rm' is not a name"):
+        torch_ufom.FunctionalModel(lin, {}, {"rm": torch.ones(1)})(torch.ones(2, 3))
+    with pytest.raises(TypeError, match=r"Invalid params: list \(expected a dict from name to tensor\)"):
+        torch_ufom.FunctionalModel(lin, [torch.ones(1, 3)], {})
+    with pytest.raises(TypeError, match=r"Invalid module: function \(expected an nn.Module\)"):
+        torch_ufom.FunctionalModel(lambda v: v, {}, {})
     seq = _build(80, mlp)
     adapted = torch_ufom.adapt(seq, sq_loss, (torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)),
                                steps=1, inner_lr=LR)

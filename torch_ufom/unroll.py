@@ -422,9 +422,10 @@ class FunctionalModel:
     by default (``swap=...``) :meth:`Reparametrization.of` the module as it is
     at each call, used where it knows every name given (an inner loop
     computes it once and passes it). Where there is none (``swap=None``) or a
-    name is not one of its own (a tied weight's second name, a name the
-    module lacks), the call is ``functional_call`` itself, which does not put
-    back the entries of a submodule reached by two paths (torch 2.13).
+    name is not one of its own (a tied weight's second name), the call is
+    ``functional_call`` itself, which does not put back the entries of a
+    submodule reached by two paths (torch 2.13). A name the module lacks
+    altogether (a typo) is refused with a ``ValueError`` at the call.
     Buffers are cloned for each step, so in-place updates (BatchNorm's running
     statistics) land on the inner state, never on the module.
 
@@ -440,10 +441,18 @@ class FunctionalModel:
             same module runs in another (each would put back what the other swapped in: review
             GE F1). The loop's own models run inside a call that holds it, and a loss may hand
             them to a worker thread (review GF F1: locked, that waited forever).
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``, or ``params`` or ``buffers`` not a dict.
     """
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
                  swap: Any = ..., serialised: bool = False):
+        for name, value, expected in (("module", module, nn.Module), ("params", params, Mapping),
+                                      ("buffers", buffers, Mapping)):
+            if not isinstance(value, expected):
+                what = "an nn.Module" if expected is nn.Module else "a dict from name to tensor"
+                raise TypeError(f"Invalid {name}: {type(value).__name__} (expected {what})")
         self.module = module
         self.params = params
         self.buffers = buffers
@@ -454,6 +463,7 @@ class FunctionalModel:
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
+                self._check_names()
                 check_parametrize_cache(self.module)
                 if not self.buffers:
                     return functional_call(self.module, (self.params, self.buffers), args, kwargs)
@@ -571,6 +581,7 @@ class FunctionalModel:
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
+                self._check_names()
                 raise ValueError("FunctionalModel.run needs the parameters under the names "
                                  "named_parameters() gives (not a tied weight's second name, nor a name "
                                  "the module lacks); call the model itself instead")
@@ -613,6 +624,20 @@ class FunctionalModel:
                 if inside:
                     raise _replaced_under_transform(name)
                 self.buffers[name] = table[key]
+
+    def _check_names(self) -> None:
+        """Raise for a name given that is not one of the module's (a typo: ``functional_call``
+        would run at the module's own entry for it, silently)."""
+        for kind, given, named in (("params", self.params, self.module.named_parameters),
+                                   ("buffers", self.buffers, self.module.named_buffers)):
+            known = {name for name, _ in named(remove_duplicate=False)}
+            unknown = [name for name in given if name not in known]
+            if unknown:
+                raise ValueError(f"Invalid {kind}: {', '.join(map(repr, unknown[:3]))} "
+                                 f"{'is not a name' if len(unknown) == 1 else 'are not names'} of the "
+                                 f"{type(self.module).__name__}'s {named.__name__[6:]} (expected names as "
+                                 f"{named.__name__}() gives them: "
+                                 f"{', '.join(map(repr, sorted(known)[:6]))}{' ...' * (len(known) > 6)})")
 
     def _module_swap(self) -> Optional["Reparametrization"]:
         """The module's swap now, if it knows every name given. functional_call does not
