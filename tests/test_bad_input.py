@@ -718,28 +718,6 @@ class _ResetBias(_NoGradSGD):
                 for n, p in params.items()}, state
 
 
-class _NoGradFrozenBias(SGD):
-    """SGD under torch.no_grad() on every parameter but the last bias, passed through as it is."""
-
-    def update(self, grads, state, params, hyper):
-        last = list(params)[-1]
-        with torch.no_grad():
-            return {n: p if n == last else p - hyper["lr"] * grads[n] for n, p in params.items()}, state
-
-
-def test_a_no_grad_update_passing_one_parameter_through_is_refused():
-    # Review JD F4 (session 28, fixed in session 30): the check of IA F1 counted a parameter
-    # passed through (a frozen layer, the same tensor) as one that kept its graph: the update
-    # under no_grad ran, 0.46 off the same rule written differentiably.
-    env = Env()
-    env.meta.reconfigure(inner=_NoGradFrozenBias(0.1), mode="exact")
-    before = env.snap()
-    with pytest.raises(ValueError, match=r"Invalid inner: _NoGradFrozenBias's update returned '0.weight'.* "
-                                         r"without a graph .*torch.no_grad\(\)"):
-        env.call("backward")
-    assert_unchanged(before)
-
-
 def test_an_inner_rule_may_set_some_parameters_to_constants():
     # Review JA F2 (session 28): the check of 3c3cb3e refused a rule whose update gives a parameter
     # a constant value, whose hypergradient is well defined (zero through that parameter).

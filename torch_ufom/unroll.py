@@ -2030,10 +2030,9 @@ class InnerLoop:
             self.rule.hyper)
         new_p = tuple(new_p[n] for n in self.names)
         if self.own_rule and torch.is_grad_enabled():
-            # Every parameter that had a graph and changed lost it (review IA F1: every mode's
-            # hypergradient was zero, silently; JD F4: an update under no_grad passing a frozen
-            # one through); one set to a constant beside others is a rule's right (review JA F2).
-            had = [n for n, p, q in zip(self.names, state.params, new_p) if p.requires_grad and q is not p]
+            # Every parameter that had a graph lost it (review IA F1: every mode's hypergradient was
+            # zero, silently); one set to a constant beside others is a rule's right (review JA F2).
+            had = [n for n, p in zip(self.names, state.params) if p.requires_grad]
             lost = [n for n, p, q in zip(self.names, state.params, new_p) if p.requires_grad and not
                     (isinstance(q, Tensor) and q.requires_grad)]
             if lost and len(lost) == len(had):
