@@ -9,6 +9,7 @@ has taken one outer step (Adam has state) and holds the ``.grad`` of a pending
 task, except one parameter whose ``.grad`` is ``None``, so a partial write of
 either kind would show.
 """
+import copy
 import math
 import warnings
 
@@ -739,6 +740,29 @@ def test_an_inner_rule_may_set_some_parameters_to_constants():
     got = torch_ufom.hypergrad(model, mse, mse, support, query, steps=3, inner=_ResetBias(0.1), mode="exact")
     for g, w, p in zip(got, want, params):
         assert torch.allclose(g, torch.zeros_like(p) if w is None else w, rtol=1e-10, atol=1e-12)
+
+
+class _ResetsOneKeepsTheRest(SGD):
+    """The last bias set to zero at every step, every other parameter passed through as it came."""
+
+    def update(self, grads, state, params, hyper):
+        last = list(params)[-1]
+        return {n: torch.zeros_like(p) if n == last else p for n, p in params.items()}, state
+
+
+def test_an_inner_rule_may_set_one_parameter_to_a_constant_and_pass_the_rest_through():
+    # Review LC F7 (session 30): 3886b6f refused it as an update under no_grad (JD F4), reverted.
+    model = make_model()
+    support, query = (torch.randn(4, 2), torch.randn(4, 1)), (torch.randn(4, 2), torch.randn(4, 1))
+    got = torch_ufom.hypergrad(model, mse, mse, support, query, steps=2, inner=_ResetsOneKeepsTheRest(0.1),
+                               mode="exact")
+    reset = copy.deepcopy(model)  # the oracle: the module with its last bias zero
+    with torch.no_grad():
+        list(reset.parameters())[-1].zero_()
+    want = list(torch.autograd.grad(mse(reset, query), list(reset.parameters())))
+    want[-1] = torch.zeros_like(want[-1])  # (the reset bias does not reach the outer loss)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
