@@ -4196,6 +4196,54 @@ def test_post_accumulate_grad_hooks_run_after_each_write():
     assert len(calls) == len(want) and all(p.grad.abs().max() <= c for p in model.parameters())
 
 
+class _Gated(nn.Module):
+    """A head whose forward waits, in a worker thread, until the main thread says go."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.lin, self.gate = nn.Linear(3, 1), gate
+
+    def forward(self, x):
+        self.gate()
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("other", ["head", "backbone"])
+def test_models_that_only_read_a_shared_backbone_run_side_by_side(other):
+    # Review LC F2 (session 30): two modules sharing a frozen backbone, each model swapping its own
+    # head, were refused in two threads (d5939ce grouped swaps by every table of their modules; ran
+    # right at ba1e64a). A model that swaps the backbone itself while the other's forward reads it
+    # is still refused.
+    import threading
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3).double().requires_grad_(False)
+    inside, go = threading.Event(), threading.Event()
+    x_net = nn.Sequential(shared, _Gated(lambda: (inside.set(), go.wait(10)))).double()
+    y_net = nn.Sequential(shared, nn.Linear(3, 1)).double()
+    heads = [{"1.lin.weight": torch.randn(1, 3, dtype=torch.float64)}, {"1.weight": torch.ones(1, 3,
+                                                                                              dtype=torch.float64)}]
+    fx = torch_ufom.FunctionalModel(x_net, heads[0], {})
+    fy = torch_ufom.FunctionalModel(y_net, heads[1], {}) if other == "head" else \
+        torch_ufom.FunctionalModel(shared, {"weight": torch.eye(3, dtype=torch.float64)}, {})
+    x, got = torch.randn(2, 3, dtype=torch.float64), {}
+    worker = threading.Thread(target=lambda: got.update(x=fx(x)))
+    worker.start()
+    inside.wait(10)
+    try:
+        if other == "head":
+            with torch.no_grad():
+                torch.testing.assert_close(fy(x), (shared(x) @ heads[1]["1.weight"].T) + y_net[1].bias)
+        else:
+            with pytest.raises(RuntimeError, match="ran in two threads at once"):
+                fy(x)
+    finally:
+        go.set()
+        worker.join(10)
+    with torch.no_grad():
+        torch.testing.assert_close(got["x"], shared(x) @ heads[0]["1.lin.weight"].T + x_net[1].lin.bias)
+    assert not torch_ufom.unroll._SWAPS and all(type(p) is nn.Parameter for p in x_net.parameters())
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

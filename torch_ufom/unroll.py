@@ -493,7 +493,8 @@ class FunctionalModel:
         other, 30 % off, and left the module holding plain tensors)."""
         thread = threading.get_ident()
         with _SWAPS_LOCK:
-            group = _Group.joined(swap.tables, thread, self.module) if _SWAPS else None
+            tables = self._written(swap)
+            group = _Group.joined(tables, swap.tables, thread, self.module) if _SWAPS else None
             stack = group.stack if group is not None else None
             watched = None
             if stack and stack[-1].model is self:  # (a call of the model inside run, another thread's)
@@ -512,11 +513,11 @@ class FunctionalModel:
                 if stack and self.buffers:
                     group.catch_up(self)
                 given = dict(self.buffers) if self.buffers else None
-                entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread)
+                entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread, tables)
                 if group is None:
-                    _SWAPS.append(_Group(entry, swap.tables))
+                    _SWAPS.append(_Group(entry))
                 else:
-                    group.push(entry, swap.tables)
+                    group.push(entry)
         try:
             return call()
         finally:
@@ -625,6 +626,16 @@ class FunctionalModel:
                     raise _replaced_under_transform(name)
                 self.buffers[name] = table[key]
 
+    def _written(self, swap: "Reparametrization") -> FrozenSet[int]:
+        """The ids of the entry tables this model's swap writes: every table of the module
+        where it gives every name, else those of the names it gives (review LC F2: two modules
+        sharing a frozen backbone, each model swapping its own head, were refused in two
+        threads). Its forward reads every table of the module (``swap.tables``)."""
+        if len(self.params) + len(self.buffers) >= len(swap.names):
+            return swap.tables
+        return frozenset(id(table) for table, _, name in swap.slots
+                         if name in self.params or name in self.buffers)
+
     def _check_names(self) -> None:
         """Raise for a name given that is not one of the module's (a typo: ``functional_call``
         would run at the module's own entry for it, silently)."""
@@ -671,11 +682,13 @@ class _Swap:
     """A swap of a module's entries active for one :class:`FunctionalModel`: what to
     restore, the buffers it put, and how many calls run in it."""
 
-    __slots__ = ("model", "swap", "saved", "given", "threads", "group", "order")
+    __slots__ = ("model", "swap", "saved", "given", "threads", "group", "order", "tables")
+    # (tables: the ids of the entry tables it writes; swap.tables, those its module's forward reads)
 
     def __init__(self, model: "FunctionalModel", swap: "Reparametrization", saved: List,
-                 given: Optional[Dict[str, Tensor]], thread: int):
+                 given: Optional[Dict[str, Tensor]], thread: int, tables: FrozenSet[int]):
         self.model, self.swap, self.saved, self.given = model, swap, saved, given
+        self.tables = tables  # the ids of the entry tables it writes
         self.threads: Dict[int, int] = {thread: 1}  # the calls running in it, by thread
         self.group: Optional["_Group"] = None
         self.order = next(_ORDER)  # (swaps of one thread nest: their order is their nesting)
@@ -711,23 +724,29 @@ class _Swap:
 
 class _Group:
     """The active swaps of modules that share entry tables (a module, its submodules, a
-    submodule two modules hold), innermost last, and the tables they write: two swaps of
-    one table nest or are refused, whichever modules they were made on (review KJ F1's
+    submodule two modules hold), innermost last, the tables they write and those their
+    modules' forwards read: a swap that writes a table another reads, or reads one another
+    writes, nests with it or is refused, whichever modules they were made on (review KJ F1's
     variant: a worker left in a swap of ``net[0]`` saw a swap of ``net`` restored under
-    it, 1.21 for 6.0)."""
+    it, 1.21 for 6.0); two that only read a table both hold (a frozen backbone two models
+    share, each swapping its own head: review LC F2) run side by side."""
 
-    __slots__ = ("stack", "tables")
+    __slots__ = ("stack", "tables", "reads")
 
-    def __init__(self, entry: _Swap, tables: FrozenSet[int]):
+    def __init__(self, entry: _Swap):
         self.stack: List[_Swap] = [entry]
-        self.tables: FrozenSet[int] = tables
+        self.tables: FrozenSet[int] = entry.tables  # the tables its swaps write
+        self.reads: FrozenSet[int] = entry.swap.tables  # those their modules' forwards read
         entry.belong(self)
 
     @staticmethod
-    def joined(tables: FrozenSet[int], thread: int, module: nn.Module) -> Optional["_Group"]:
-        """The active group whose tables meet ``tables`` (under ``_SWAPS_LOCK``), the
-        groups it meets merged into one: ``None`` if none does."""
-        met = [group for group in _SWAPS if not group.tables.isdisjoint(tables)]
+    def joined(tables: FrozenSet[int], reads: FrozenSet[int], thread: int,
+               module: nn.Module) -> Optional["_Group"]:
+        """The active group a swap writing ``tables`` of a module whose forward reads ``reads``
+        meets (under ``_SWAPS_LOCK``): one of whose swaps writes a table it reads, or reads one it
+        writes; the groups it meets merged into one: ``None`` if none does."""
+        met = [group for group in _SWAPS
+               if not group.tables.isdisjoint(reads) or not group.reads.isdisjoint(tables)]
         if len(met) < 2:
             return met[0] if met else None
         # (a swap of a module over those of two of its submodules: only this thread's swaps
@@ -744,15 +763,15 @@ class _Group:
         """Take ``other``'s swaps, all one thread's (under ``_SWAPS_LOCK``): they nest
         with this group's in the order they were made."""
         self.stack = sorted(self.stack + other.stack, key=lambda entry: entry.order)
-        self.tables = self.tables | other.tables
+        self.tables, self.reads = self.tables | other.tables, self.reads | other.reads
         for entry in other.stack:
             entry.belong(self)
 
-    def push(self, entry: _Swap, tables: FrozenSet[int]) -> None:
+    def push(self, entry: _Swap) -> None:
         """Put ``entry`` on top (under ``_SWAPS_LOCK``)."""
         entry.belong(self)
         self.stack.append(entry)
-        self.tables = self.tables | tables
+        self.tables, self.reads = self.tables | entry.tables, self.reads | entry.swap.tables
 
     def catch_up(self, model: "FunctionalModel") -> None:
         """Before a swap of ``model`` over this group's: the buffers its swap lower down has had
@@ -801,7 +820,8 @@ class _Group:
         free again for another thread)."""
         done = self.stack.pop()
         if self.stack:
-            self.tables = frozenset().union(*(entry.swap.tables for entry in self.stack))
+            self.tables = frozenset().union(*(entry.tables for entry in self.stack))
+            self.reads = frozenset().union(*(entry.swap.tables for entry in self.stack))
         return done
 
 
