@@ -4244,6 +4244,57 @@ def test_models_that_only_read_a_shared_backbone_run_side_by_side(other):
     assert not torch_ufom.unroll._SWAPS and all(type(p) is nn.Parameter for p in x_net.parameters())
 
 
+class _Picky(_Running):
+    """_Running that refuses a big input, after its buffer is replaced; and one that keeps every
+    positive first entry it saw, so its buffer's length differs from task to task."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        if x.abs().max() > 100:
+            raise ValueError("big input")
+        return out
+
+
+class _Growing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.register_buffer("seen", torch.zeros(1))
+
+    def forward(self, x):
+        self.seen = torch.cat([self.seen, x.detach()[x.detach()[:, 0] > 0, 0]])
+        return self.lin(x)
+
+
+def test_the_stacked_models_per_task_run_keeps_what_ran_and_what_it_cannot_stack():
+    # Review LC (session 30). F1: a task that raised lost the buffers the tasks before it had
+    # replaced (1.94 off), while their in-place writes stuck. F3: buffers replaced with other shapes
+    # per task raised in torch.stack after every task had run (ba1e64a returned the outputs).
+    from torch_ufom.adapt import StackedFunctionalModel
+    torch.manual_seed(0)
+    net = _Picky().double()
+    params = {n: torch.randn(3, *p.shape, dtype=torch.float64) for n, p in net.named_parameters()}
+    stacked = StackedFunctionalModel(net, params, {"buf": torch.zeros(3, 1, dtype=torch.float64)}, 3,
+                                     vectorised=False)
+    xs = torch.randn(3, 4, 2, dtype=torch.float64)
+    xs[2] += 1000.0
+    with pytest.raises(ValueError, match="big input"):
+        stacked(xs)
+    for i in range(3):  # each its buffer 0.5 * 0 + mean(x), task 2's too (replaced before it raised,
+        # as a lone model keeps it)
+        torch.testing.assert_close(stacked.buffers["buf"][i], xs[i].mean().reshape(1), rtol=0, atol=0)
+    grow = _Growing().double()
+    params = {n: torch.randn(2, *p.shape, dtype=torch.float64) for n, p in grow.named_parameters()}
+    stacked = StackedFunctionalModel(grow, params, {"seen": torch.zeros(2, 1, dtype=torch.float64)}, 2,
+                                     vectorised=False)
+    xs = torch.randn(2, 4, 2, dtype=torch.float64)
+    xs[0, :, 0], xs[1, :, 0] = 1.0, torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=torch.float64)
+    with pytest.warns(UserWarning, match="replaced its buffer 'seen' with tensors of other shapes"):
+        out = stacked(xs)
+    want = torch.stack([stacked.task(i)(xs[i]) for i in range(2)])
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

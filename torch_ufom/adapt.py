@@ -14,7 +14,8 @@ are the module's own, as when it is called); both work under ``torch.no_grad()``
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Dict, Optional
+import warnings
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -94,13 +95,30 @@ class StackedFunctionalModel:
                         self.buffers[name].copy_(value)
         models = [self.task(i) for i in range(self.size)]
         given = [dict(model.buffers) for model in models]
-        outs = [model(*task_of(args, i), **task_of(kwargs, i)) for i, model in enumerate(models)]
-        for name in list(self.buffers):
-            # A buffer a task's forward replaced (self.rm = ...) rather than wrote in place is in its
-            # model only (review LA F5: the stacked model's second call read the old one, 2.6 off).
-            if any(model.buffers[name] is not views[name] for model, views in zip(models, given)):
-                self.buffers[name] = torch.stack([model.buffers[name] for model in models])
+        try:
+            outs = [model(*task_of(args, i), **task_of(kwargs, i)) for i, model in enumerate(models)]
+        finally:  # (the tasks that ran before one raised keep theirs, as their in-place writes: LC F1)
+            self._stack_back(models, given)
         return pytree.tree_map(lambda *xs: torch.stack(xs) if isinstance(xs[0], Tensor) else xs[0], *outs)
+
+    def _stack_back(self, models: List[FunctionalModel], given: List[Dict[str, Tensor]]) -> None:
+        """Take the buffers the tasks' forwards replaced (``self.rm = ...``) rather than wrote
+        in place, which are in each task's model only (review LA F5: the stacked model's
+        second call read the old one, 2.6 off). Where the tasks' new buffers differ in shape
+        (or dtype, device), which no stacked tensor holds, the old ones stay, with a warning
+        (review LC F3: stacking them raised after every task had run)."""
+        for name in list(self.buffers):
+            if all(model.buffers[name] is views[name] for model, views in zip(models, given)):
+                continue
+            values = [model.buffers[name] for model in models]
+            if any((v.shape, v.dtype, v.device) != (values[0].shape, values[0].dtype, values[0].device)
+                   for v in values):
+                warnings.warn(f"the module's forward replaced its buffer {name!r} with tensors of other "
+                              "shapes (or dtypes) in different tasks, which the stacked model cannot hold: "
+                              "it keeps the buffer as it was; call task(i) for each task's model",
+                              stacklevel=4)
+                continue
+            self.buffers[name] = torch.stack(values)
 
     def task(self, i: int) -> FunctionalModel:
         """Task ``i``'s adapted model (``-size <= i < size``, as indexing counts)."""
