@@ -4295,6 +4295,50 @@ def test_the_stacked_models_per_task_run_keeps_what_ran_and_what_it_cannot_stack
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
+class _TwoOwners(nn.Module):
+    """One buffer registered in two submodules (one name), replaced through the first."""
+
+    def __init__(self):
+        super().__init__()
+        shared = torch.zeros(3)
+        self.s1, self.s2 = nn.Module(), nn.Module()
+        for sub in (self.s1, self.s2):
+            sub.lin = nn.Linear(3, 3)
+            sub.register_buffer("buf", shared)
+
+    def forward(self, x):
+        y = self.s1.lin(x) + self.s1.buf
+        self.s1.buf = 0.5 * self.s1.buf + y.detach().mean(0)
+        return self.s2.lin(y) + self.s2.buf
+
+
+def test_a_buffer_of_two_owners_replaced_through_one_is_caught_up_by_name():
+    # Review LC F5 (session 30): catch_up let the alias the forward did not replace win, and
+    # hand_down skipped its slot: A called inside B's run inside A's run, then A again, 16.6 off the
+    # same calls made one after the other, A's buffer 5.4. Now the replaced one wins, as _read_back
+    # takes it; the nested call itself sees the owners apart, as a plain module does.
+    torch.manual_seed(0)
+    net = _TwoOwners().double()
+    models = [torch_ufom.FunctionalModel(net, {n: torch.randn_like(p) for n, p in net.named_parameters()},
+                                         {"s1.buf": torch.randn(3, dtype=torch.float64)}) for _ in range(2)]
+    a, b = models
+    twin = torch_ufom.FunctionalModel(net, dict(a.params), dict(a.buffers))
+    xs = [torch.randn(2, 3, dtype=torch.float64) for _ in range(3)]
+    plain = copy.deepcopy(net)  # (a deep copy keeps the two owners' buffer one tensor)
+    with torch.no_grad():
+        for n, v in a.params.items():
+            plain.get_parameter(n).copy_(v)
+        plain.s1.buf.copy_(a.buffers["s1.buf"])
+    want = [plain(x) for x in xs[:2]]
+    one_by_one = [twin(x) for x in xs]
+    got = a.run(lambda m: (m(xs[0]), b.run(lambda _: a(xs[1])), m(xs[2])))
+    torch.testing.assert_close(got[0], one_by_one[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[2], one_by_one[2], rtol=0, atol=0)
+    torch.testing.assert_close(a.buffers["s1.buf"], twin.buffers["s1.buf"], rtol=0, atol=0)
+    assert net.s1.buf is net.s2.buf and not torch_ufom.unroll._SWAPS
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

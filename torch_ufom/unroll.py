@@ -781,11 +781,14 @@ class _Group:
         lower = next((entry for entry in reversed(self.stack) if entry.model is model), None)
         if lower is None or not lower.given:
             return
-        for table, key, name in lower.swap.slots:
+        replaced = {}  # (by name, as _read_back takes them: a buffer registered under two names
+        for table, key, name in lower.swap.slots:  # replaced through one, review LC F5)
             if name in lower.given:
                 value = self._seen(lower, table, key)
                 if value is not None and value is not lower.given[name]:
-                    model.buffers[name] = lower.given[name] = value
+                    replaced[name] = value
+        for name, value in replaced.items():
+            model.buffers[name] = lower.given[name] = value
 
     def hand_down(self, model: "FunctionalModel") -> None:
         """After a swap of ``model`` came off (its replaced buffers read back into the model):
@@ -794,12 +797,13 @@ class _Group:
         lower = next((entry for entry in reversed(self.stack) if entry.model is model), None)
         if lower is None or not lower.given:
             return
-        for table, key, name in lower.swap.slots:
-            value = model.buffers.get(name)
-            if name in lower.given and value is not None and value is not lower.given[name]:
-                lower.given[name] = value
-                if not any(above.resave(table, key, value) for above in self._above(lower)):
-                    table[key] = value
+        newer = {name: model.buffers[name] for name in lower.given
+                 if model.buffers.get(name) is not None and model.buffers[name] is not lower.given[name]}
+        lower.given.update(newer)
+        above = self._above(lower)
+        for table, key, name in lower.swap.slots:  # (every slot of the name: review LC F5)
+            if name in newer and not any(swap.resave(table, key, newer[name]) for swap in above):
+                table[key] = newer[name]
 
     def _above(self, entry: _Swap) -> List[_Swap]:
         """The swaps over ``entry``, the nearest first."""
