@@ -4339,6 +4339,35 @@ def test_a_buffer_of_two_owners_replaced_through_one_is_caught_up_by_name():
     assert net.s1.buf is net.s2.buf and not torch_ufom.unroll._SWAPS
 
 
+class _Caches(nn.Module):
+    """A buffer registered as None that the forward fills from its weight (a cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("cache", None)
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = self.lin.weight.detach().sum(0)
+        return self.lin(x * self.cache)
+
+
+def test_a_buffer_registered_as_none_that_the_forward_sets_lives_for_the_call_only():
+    # Review LC F6 (session 30; at ba1e64a too): nothing saved or restored a buffer registered as
+    # None, so after a model's call the module held a cache computed at the model's parameters
+    # (its own output 1.18 off an untouched copy); a library loop reused step 0's cache.
+    torch.manual_seed(0)
+    net = _Caches().double()
+    untouched = copy.deepcopy(net)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    model = torch_ufom.FunctionalModel(net, {n: torch.randn_like(p) for n, p in net.named_parameters()}, {})
+    model(x)
+    model.run(lambda m: m(x))
+    assert net.cache is None and "cache" in net._buffers
+    torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

@@ -541,7 +541,7 @@ class FunctionalModel:
                         except BaseException as err:  # noqa: BLE001 (raised below, after the undoing)
                             error = error or err
                         finally:
-                            done.swap.restore(done.saved)
+                            done.swap.undo(done.saved)
                             if done.given:
                                 group.hand_down(done.model)
                     if not group.stack and group in _SWAPS:  # (a forked child's registry starts empty)
@@ -885,6 +885,22 @@ def _escaping(out: Any) -> Any:
     return None
 
 
+class _Assigned(threading.local):
+    """Per thread: ``(id(buffer table), key)`` of the buffers registered as None that a
+    swapped call set (and the swap put back to None), since an inner loop last looked."""
+
+    def __init__(self):
+        self.slots: set = set()
+
+
+_ASSIGNED = _Assigned()
+
+
+def assigned_none_buffers() -> set:
+    """This thread's :class:`_Assigned` set."""
+    return _ASSIGNED.slots
+
+
 class Reparametrization:
     """A cached swap of a module's parameter and buffer entries.
 
@@ -900,8 +916,10 @@ class Reparametrization:
     ``parametrize.cached()``, see :func:`check_parametrize_cache`).
     """
 
-    def __init__(self, slots: List[Tuple[dict, str, str]], parametrized: bool = False):
+    def __init__(self, slots: List[Tuple[dict, str, str]], parametrized: bool = False,
+                 empty: Sequence[Tuple[dict, str]] = ()):
         self.slots = slots
+        self.empty = tuple(empty)  # buffers registered as None, which a forward may set
         self.names = frozenset(name for _, _, name in slots)  # the names it swaps
         self.tables = frozenset(id(table) for table, _, _ in slots)  # the entry tables it writes
         self.parametrized = parametrized
@@ -920,21 +938,26 @@ class Reparametrization:
         slots: List[Tuple[dict, str, str]] = []
         seen = set()  # a submodule reached by two paths has one table
         named: Tuple[Dict[int, Tuple[str, Tensor]], Dict[int, Tuple[str, Tensor]]] = ({}, {})
-        parametrized = False
+        parametrized, empty = False, []
         for prefix, sub in module.named_modules(remove_duplicate=False):
             parametrized = parametrized or parametrize.is_parametrized(sub)
             for table, primary in ((sub._parameters, named[0]), (sub._buffers, named[1])):
                 for key, t in table.items():
+                    if t is None and table is sub._buffers and (id(table), key) not in seen:
+                        seen.add((id(table), key))
+                        empty.append((table, key))
                     if t is None or (id(table), key) in seen:
                         continue
                     seen.add((id(table), key))
                     name = primary.setdefault(id(t), (f"{prefix}.{key}" if prefix else key, t))[0]
                     slots.append((table, key, name))
-        return list(named[0].values()), list(named[1].values()), cls(slots, parametrized)
+        return list(named[0].values()), list(named[1].values()), cls(slots, parametrized, empty)
 
     def put(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> List:
         """Put ``params`` and ``buffers`` (by name) in place; returns what to restore."""
-        saved = []
+        # A buffer registered as None that the forward sets (a cache) lives for the call only:
+        # the module gets None back (review LC F6: it kept a tensor of the model's, 1.18 off).
+        saved = [(table, key, table[key]) for table, key in self.empty]
         try:
             for table, key, name in self.slots:
                 value = params[name] if name in params else buffers.get(name)
@@ -945,6 +968,14 @@ class Reparametrization:
             self.restore(saved)
             raise
         return saved
+
+    def undo(self, saved: List) -> None:
+        """:meth:`restore`, after noting (for this thread's library call, which refuses it:
+        :meth:`InnerLoop.check_none_buffers`) a buffer registered as None that the call set."""
+        for table, key in self.empty:
+            if table[key] is not None:
+                assigned_none_buffers().add((id(table), key))
+        self.restore(saved)
 
     @staticmethod
     def restore(saved: List) -> None:
@@ -1784,6 +1815,8 @@ class InnerLoop:
         # nor puts them back): a forward that assigns one is refused (check_carried, review FB).
         self.none_buffers = tuple((sub, name) for sub in module.modules()
                                   for name, b in sub._buffers.items() if b is None)
+        if self.none_buffers:  # (what a swap noted before this loop: another call's)
+            assigned_none_buffers().clear()
         self.hvp_checked = False  # a forward-over-reverse HVP was compared with reverse mode's
         self.elementwise = elementwise_rule(rule)  # each parameter's update its own
         self.outer_unread: frozenset = _NOTHING
@@ -1976,8 +2009,10 @@ class InnerLoop:
         as ``None``: ``named_buffers()`` skips such a slot, so the library could neither give
         each step its own value nor start each task from the module's (review FB: carried from
         task to task and call to call, two identical calls 3.5e-2 apart)."""
+        noted = assigned_none_buffers()
         assigned = [(sub, name) for sub, name in self.none_buffers
-                    if sub._buffers.get(name, None) is not None]
+                    if sub._buffers.get(name, None) is not None or (id(sub._buffers), name) in noted]
+        noted.clear()
         if not assigned:
             return
         for sub, name in assigned:

@@ -1415,6 +1415,8 @@ class Vectorised:
         # reverse sweep's second derivatives; without, nothing is recorded.
         with torch.enable_grad() if create_graph else torch.no_grad():
             loss, grads = torch.func.vmap(one, randomness="different")(tuple(state.params), batch)
+        if loop.none_buffers:  # (the swaps put them back: review LC F6; refused as per task)
+            loop.check_none_buffers()
         return loss, tuple(grads), state.buffers
 
     def hvp(self, loop, state, batch, vec):
