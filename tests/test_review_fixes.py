@@ -4368,6 +4368,25 @@ def test_a_buffer_registered_as_none_that_the_forward_sets_lives_for_the_call_on
     torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
 
 
+def test_an_adapted_model_called_by_a_worker_inside_its_own_run_joins_it():
+    # Review LC F4, KF F4 (session 30; at ba1e64a too): a worker's call of a model adapt returned,
+    # inside that model's run, waited forever for the process lock run holds. It joins the swap.
+    from concurrent.futures import ThreadPoolExecutor
+    torch.manual_seed(0)
+    net = _Running().double()
+    xs = [torch.randn(4, 2, dtype=torch.float64) for _ in range(2)]
+    adapted = torch_ufom.adapt(net, lambda f, b: f(b).pow(2).mean(), xs[0], steps=2, inner_lr=0.1)
+    plain = adapted.to_module()
+    plain.buf = adapted.buffers["buf"].clone()
+    with ThreadPoolExecutor(1) as pool:
+        got = adapted.run(lambda m: (pool.submit(adapted, xs[0]).result(timeout=20),
+                                     pool.submit(adapted.run, lambda mm: mm(xs[1])).result(timeout=20)))
+    torch.testing.assert_close(got[0], plain(xs[0]), rtol=0, atol=0)
+    torch.testing.assert_close(got[1], plain(xs[1]), rtol=0, atol=0)
+    torch.testing.assert_close(adapted.buffers["buf"], plain.buf, rtol=0, atol=0)
+    assert not torch_ufom.unroll._SWAPS and type(net.lin.weight) is nn.Parameter
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

@@ -460,6 +460,12 @@ class FunctionalModel:
         self.serialised = serialised
 
     def __call__(self, *args, **kwargs):
+        if self.serialised and _SWAPS:
+            # A call inside this model's own run (a worker's) joins that swap without the process
+            # lock, which the thread in run holds (review LC F4, KF F4: it waited forever).
+            out = self._swapped(None, lambda: self.module(*args, **kwargs), join_only=True)
+            if out is not _UNJOINED:
+                return out
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
             swap = self._module_swap() if self.swap is ... else self.swap
             if swap is None:
@@ -480,7 +486,7 @@ class FunctionalModel:
                     handle.remove()
             return self._swapped(swap, lambda: self.module(*args, **kwargs))
 
-    def _swapped(self, swap: "Reparametrization", call: Callable[[], Any]):
+    def _swapped(self, swap: Optional["Reparametrization"], call: Callable[[], Any], join_only: bool = False):
         """``call()`` with ``swap`` putting this model's tensors in the module. A call made
         while the module holds this model's swap (a call of the model or another ``run``
         inside ``run``, in this thread or a worker's; two threads calling the model at
@@ -490,18 +496,25 @@ class FunctionalModel:
         restored the module's own parameters under another thread's forward). A call of
         another model of the module swaps on top of it in the same thread (KD F2), and is
         refused while another thread runs in a swap (KF F1: the two swaps undid each
-        other, 30 % off, and left the module holding plain tensors)."""
+        other, 30 % off, and left the module holding plain tensors). With ``join_only``,
+        only a call that joins this model's swap runs: ``_UNJOINED`` where none is on top
+        of its group, nothing done."""
         thread = threading.get_ident()
         with _SWAPS_LOCK:
-            tables = self._written(swap)
-            group = _Group.joined(tables, swap.tables, thread, self.module) if _SWAPS else None
+            if join_only:
+                group = next((group for group in _SWAPS if group.stack[-1].model is self), None)
+                if group is None:
+                    return _UNJOINED
+            else:
+                tables = self._written(swap)
+                group = _Group.joined(tables, swap.tables, thread, self.module) if _SWAPS else None
             stack = group.stack if group is not None else None
             watched = None
             if stack and stack[-1].model is self:  # (a call of the model inside run, another thread's)
                 entry = stack[-1]
                 entry.join(thread)
                 if entry.given and not outside_transforms():  # (a transform inside run: review KF F3)
-                    watched = [(table, key, name, table[key]) for table, key, name in swap.slots
+                    watched = [(table, key, name, table[key]) for table, key, name in entry.swap.slots
                                if name in entry.given]
             else:
                 # (review KH F1, F2: a thread still running in a swap another thread made, one left
@@ -579,39 +592,50 @@ class FunctionalModel:
         if not callable(fn) or isinstance(fn, nn.Module):  # (a part given as fn would run outside the swap)
             raise TypeError(f"Invalid fn: expected a function of the module, e.g. lambda m: m.features(x); "
                             f"got {type(fn).__name__}")
-        with _PROCESS_STATE if self.serialised else _UNLOCKED:
-            swap = self._module_swap() if self.swap is ... else self.swap
-            if swap is None:
-                self._check_names()
-                raise ValueError("FunctionalModel.run needs the parameters under the names "
-                                 "named_parameters() gives (not a tied weight's second name, nor a name "
-                                 "the module lacks); call the model itself instead")
-            rng = torch.get_rng_state(), \
-                torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-            def call():
-                # What the module's buffer entries hold inside the swap, this model's buffers or, in a
-                # call joined inside another run, what that run's forwards put there (review KF F2), for
-                # every model (review LA F4: one of the user's kept a refused call's BatchNorm update;
-                # a clone per buffer and call, review KD F6).
-                kept = [(table, key, table[key], table[key].clone()) for table, key, name in swap.slots
-                        if name in self.buffers]
-                out = fn(self.module, *args, **kwargs)
-                escaped = _escaping(out)
-                if escaped is not None:  # (review KC F3: the refused call changes nothing)
-                    with torch.no_grad():
-                        for table, key, tensor, value in kept:
-                            tensor.copy_(value)
-                            table[key] = tensor
-                    torch.set_rng_state(rng[0])
-                    if rng[1] is not None:
-                        torch.cuda.set_rng_state_all(rng[1])
-                    raise TypeError(f"FunctionalModel.run's fn returned a {type(escaped).__name__}: return "
-                                    "what fn computes (tensors, numbers), not a part of the module (a "
-                                    "submodule, a bound method) or an object that may hold one, which would "
-                                    "run at the module's own parameters once fn has returned")
+        def of_module(module):
+            return fn(module, *args, **kwargs)
+        if self.serialised and _SWAPS:  # (inside its own run, a worker's call joins without the
+            out = self._run(of_module, join_only=True)  # lock run holds: review LC F4)
+            if out is not _UNJOINED:
                 return out
-            return self._swapped(swap, call)
+        with _PROCESS_STATE if self.serialised else _UNLOCKED:
+            return self._run(of_module)
+
+    def _run(self, fn: Callable[[nn.Module], Any], join_only: bool = False):
+        """:meth:`run`'s call of ``fn(module)`` (with ``join_only``: only where it joins this
+        model's swap, ``_UNJOINED`` otherwise)."""
+        swap = self._module_swap() if self.swap is ... else self.swap
+        if swap is None:
+            self._check_names()
+            raise ValueError("FunctionalModel.run needs the parameters under the names "
+                             "named_parameters() gives (not a tied weight's second name, nor a name "
+                             "the module lacks); call the model itself instead")
+        rng = torch.get_rng_state(), \
+            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+        def call():
+            # What the module's buffer entries hold inside the swap, this model's buffers or, in a
+            # call joined inside another run, what that run's forwards put there (review KF F2), for
+            # every model (review LA F4: one of the user's kept a refused call's BatchNorm update;
+            # a clone per buffer and call, review KD F6).
+            kept = [(table, key, table[key], table[key].clone()) for table, key, name in swap.slots
+                    if name in self.buffers]
+            out = fn(self.module)
+            escaped = _escaping(out)
+            if escaped is not None:  # (review KC F3: the refused call changes nothing)
+                with torch.no_grad():
+                    for table, key, tensor, value in kept:
+                        tensor.copy_(value)
+                        table[key] = tensor
+                torch.set_rng_state(rng[0])
+                if rng[1] is not None:
+                    torch.cuda.set_rng_state_all(rng[1])
+                raise TypeError(f"FunctionalModel.run's fn returned a {type(escaped).__name__}: return "
+                                "what fn computes (tensors, numbers), not a part of the module (a "
+                                "submodule, a bound method) or an object that may hold one, which would "
+                                "run at the module's own parameters once fn has returned")
+            return out
+        return self._swapped(swap, call, join_only)
 
     def _read_back(self, slots, given: Dict[str, Tensor]) -> None:
         """Take as this call's buffers those the forward replaced (``self.rm = a * self.rm
@@ -676,6 +700,9 @@ class FunctionalModel:
             for name, value in self.buffers.items():
                 module.get_buffer(name).copy_(value)
         return module
+
+
+_UNJOINED = object()  # (FunctionalModel._swapped with join_only: no swap of the model to join)
 
 
 class _Swap:
