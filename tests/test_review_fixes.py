@@ -4387,6 +4387,41 @@ def test_an_adapted_model_called_by_a_worker_inside_its_own_run_joins_it():
     assert not torch_ufom.unroll._SWAPS and type(net.lin.weight) is nn.Parameter
 
 
+class _SlowCounter(nn.Module):
+    """A slow forward that counts its calls in a buffer it replaces."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        import time
+        seen = self.count
+        time.sleep(0.2)
+        self.count = seen + 1
+        return self.lin(x)
+
+
+def test_two_threads_calling_an_adapted_model_take_turns():
+    # Review LD F2 (session 30): 8383961 let a second thread's plain call of an adapted model join
+    # the first's swap without the process lock: the forwards interleaved and one count was lost
+    # (2 for 3). Only a swap the model's run made is joined so.
+    import threading
+    import time
+    torch.manual_seed(0)
+    net, x = _SlowCounter().double(), torch.randn(4, 2, dtype=torch.float64)
+    adapted = torch_ufom.adapt(net, lambda f, b: f(b).pow(2).mean(), x, steps=1, inner_lr=0.1)
+    start = float(adapted.buffers["count"])
+    threads = [threading.Thread(target=adapted, args=(x,)) for _ in range(2)]
+    threads[0].start()
+    time.sleep(0.05)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    assert float(adapted.buffers["count"]) == start + 2 and float(net.count) == 0.0
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

@@ -486,7 +486,8 @@ class FunctionalModel:
                     handle.remove()
             return self._swapped(swap, lambda: self.module(*args, **kwargs))
 
-    def _swapped(self, swap: Optional["Reparametrization"], call: Callable[[], Any], join_only: bool = False):
+    def _swapped(self, swap: Optional["Reparametrization"], call: Callable[[], Any], join_only: bool = False,
+                 in_run: bool = False):
         """``call()`` with ``swap`` putting this model's tensors in the module. A call made
         while the module holds this model's swap (a call of the model or another ``run``
         inside ``run``, in this thread or a worker's; two threads calling the model at
@@ -497,12 +498,15 @@ class FunctionalModel:
         another model of the module swaps on top of it in the same thread (KD F2), and is
         refused while another thread runs in a swap (KF F1: the two swaps undid each
         other, 30 % off, and left the module holding plain tensors). With ``join_only``,
-        only a call that joins this model's swap runs: ``_UNJOINED`` where none is on top
-        of its group, nothing done."""
+        only a call that joins a swap this model's ``run`` made (``in_run``) runs:
+        ``_UNJOINED`` where none is on top of its group, nothing done (review LD F2: two
+        threads' plain calls of an adapted model joined without the lock, and a buffer
+        update was lost)."""
         thread = threading.get_ident()
         with _SWAPS_LOCK:
             if join_only:
-                group = next((group for group in _SWAPS if group.stack[-1].model is self), None)
+                group = next((group for group in _SWAPS
+                              if group.stack[-1].model is self and group.stack[-1].in_run), None)
                 if group is None:
                     return _UNJOINED
             else:
@@ -526,7 +530,7 @@ class FunctionalModel:
                 if stack and self.buffers:
                     group.catch_up(self)
                 given = dict(self.buffers) if self.buffers else None
-                entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread, tables)
+                entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread, tables, in_run)
                 if group is None:
                     _SWAPS.append(_Group(entry))
                 else:
@@ -635,7 +639,7 @@ class FunctionalModel:
                                 "submodule, a bound method) or an object that may hold one, which would "
                                 "run at the module's own parameters once fn has returned")
             return out
-        return self._swapped(swap, call, join_only)
+        return self._swapped(swap, call, join_only, in_run=True)
 
     def _read_back(self, slots, given: Dict[str, Tensor]) -> None:
         """Take as this call's buffers those the forward replaced (``self.rm = a * self.rm
@@ -709,13 +713,15 @@ class _Swap:
     """A swap of a module's entries active for one :class:`FunctionalModel`: what to
     restore, the buffers it put, and how many calls run in it."""
 
-    __slots__ = ("model", "swap", "saved", "given", "threads", "group", "order", "tables")
+    __slots__ = ("model", "swap", "saved", "given", "threads", "group", "order", "tables", "in_run")
     # (tables: the ids of the entry tables it writes; swap.tables, those its module's forward reads)
 
     def __init__(self, model: "FunctionalModel", swap: "Reparametrization", saved: List,
-                 given: Optional[Dict[str, Tensor]], thread: int, tables: FrozenSet[int]):
+                 given: Optional[Dict[str, Tensor]], thread: int, tables: FrozenSet[int],
+                 in_run: bool = False):
         self.model, self.swap, self.saved, self.given = model, swap, saved, given
         self.tables = tables  # the ids of the entry tables it writes
+        self.in_run = in_run  # made by the model's run (whose fn may hand the model to a worker)
         self.threads: Dict[int, int] = {thread: 1}  # the calls running in it, by thread
         self.group: Optional["_Group"] = None
         self.order = next(_ORDER)  # (swaps of one thread nest: their order is their nesting)
