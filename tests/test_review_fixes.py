@@ -4422,6 +4422,21 @@ def test_two_threads_calling_an_adapted_model_take_turns():
     assert float(adapted.buffers["count"]) == start + 2 and float(net.count) == 0.0
 
 
+def test_a_none_buffer_set_by_the_losss_model_in_a_worker_is_refused_too():
+    # Review LD F1 (session 30): the swap noted the assignment in the worker thread's own set, which
+    # the loop did not read: hypergrad ran, 0.18 off an eager unroll (ba1e64a refused it).
+    from concurrent.futures import ThreadPoolExecutor
+    torch.manual_seed(0)
+    net = _Caches().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with ThreadPoolExecutor(1) as pool:
+        def in_worker(f, b):
+            return ((pool.submit(f, b[0]).result(timeout=20) - b[1]) ** 2).mean()
+        with pytest.raises(RuntimeError, match=r"inner_loss assigns buffers registered as None \(cache\)"):
+            torch_ufom.hypergrad(net, in_worker, mse, (x, y), (x, y), steps=2, inner_lr=0.1, mode="exact")
+    assert net.cache is None
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

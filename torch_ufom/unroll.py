@@ -918,20 +918,16 @@ def _escaping(out: Any) -> Any:
     return None
 
 
-class _Assigned(threading.local):
-    """Per thread: ``(id(buffer table), key)`` of the buffers registered as None that a
-    swapped call set (and the swap put back to None), since an inner loop last looked."""
-
-    def __init__(self):
-        self.slots: set = set()
-
-
-_ASSIGNED = _Assigned()
+# ``(id(buffer table), key)`` of the buffers registered as None that a swapped call set (and
+# the swap put back to None), since an inner loop last looked: in any thread (review LD F1: a
+# loss's model run in a worker noted it where the loop did not look). Library calls run one at
+# a time; a user's call may add one meanwhile, of a module whose forward does set it.
+_ASSIGNED: set = set()
 
 
 def assigned_none_buffers() -> set:
-    """This thread's :class:`_Assigned` set."""
-    return _ASSIGNED.slots
+    """The set of :data:`_ASSIGNED`."""
+    return _ASSIGNED
 
 
 class Reparametrization:
