@@ -4437,6 +4437,47 @@ def test_a_none_buffer_set_by_the_losss_model_in_a_worker_is_refused_too():
     assert net.cache is None
 
 
+class _CachingBackbone(nn.Module):
+    """A slow forward that keeps its output in a buffer registered as None."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.register_buffer("cache", None)
+
+    def forward(self, x):
+        import time
+        self.cache = self.lin(x)
+        time.sleep(0.2)
+        return self.cache.tanh()
+
+
+def test_head_models_beside_one_another_leave_a_shared_backbones_cache_alone():
+    # Review LD F4 (session 30): each head-only model's swap saved and put back the shared backbone's
+    # None-registered cache, a write neither counted: one thread's undo set it to None under the
+    # other's forward (AttributeError; ran at ba1e64a). A swap looks after such slots in the tables
+    # it writes only.
+    import threading
+    import time
+    torch.manual_seed(0)
+    backbone = _CachingBackbone().double().requires_grad_(False)
+    nets = [nn.Sequential(backbone, nn.Linear(2, 1)).double() for _ in range(2)]
+    models = [torch_ufom.FunctionalModel(net, {"1.weight": sign * torch.ones(1, 2, dtype=torch.float64)}, {})
+              for net, sign in zip(nets, (1.0, -1.0))]
+    x, got = torch.randn(4, 2, dtype=torch.float64), {}
+    threads = [threading.Thread(target=lambda i=i: got.update({i: models[i](x)})) for i in range(2)]
+    threads[0].start()
+    time.sleep(0.05)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    with torch.no_grad():
+        for i, sign in enumerate((1.0, -1.0)):
+            torch.testing.assert_close(got[i], backbone.lin(x).tanh() @ (sign * torch.ones(2, 1,
+                                                                                         dtype=torch.float64))
+                                       + nets[i][1].bias, rtol=0, atol=1e-15)
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

@@ -530,7 +530,8 @@ class FunctionalModel:
                 if stack and self.buffers:
                     group.catch_up(self)
                 given = dict(self.buffers) if self.buffers else None
-                entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread, tables, in_run)
+                entry = _Swap(self, swap, swap.put(self.params, self.buffers, tables), given, thread, tables,
+                              in_run)
                 if group is None:
                     _SWAPS.append(_Group(entry))
                 else:
@@ -946,11 +947,17 @@ class Reparametrization:
     """
 
     def __init__(self, slots: List[Tuple[dict, str, str]], parametrized: bool = False,
-                 empty: Sequence[Tuple[dict, str]] = ()):
+                 empty: Sequence[Tuple[dict, str, Tuple[int, int]]] = ()):
         self.slots = slots
-        self.empty = tuple(empty)  # buffers registered as None, which a forward may set
+        # buffers registered as None, which a forward may set: (table, key, the ids of the
+        # submodule's buffer and parameter tables)
+        self.empty = tuple(empty)
         self.names = frozenset(name for _, _, name in slots)  # the names it swaps
-        self.tables = frozenset(id(table) for table, _, _ in slots)  # the entry tables it writes
+        # the entry tables it writes, and those of the buffers registered as None (by their
+        # module's parameter table too: a model that writes a submodule's parameters looks after
+        # its None buffers, review LD F4)
+        self.tables = frozenset(id(table) for table, _, _ in slots) | \
+            frozenset(i for _, _, owner in self.empty for i in owner)
         self.parametrized = parametrized
 
     @classmethod
@@ -974,7 +981,7 @@ class Reparametrization:
                 for key, t in table.items():
                     if t is None and table is sub._buffers and (id(table), key) not in seen:
                         seen.add((id(table), key))
-                        empty.append((table, key))
+                        empty.append((table, key, (id(table), id(sub._parameters))))
                     if t is None or (id(table), key) in seen:
                         continue
                     seen.add((id(table), key))
@@ -982,11 +989,16 @@ class Reparametrization:
                     slots.append((table, key, name))
         return list(named[0].values()), list(named[1].values()), cls(slots, parametrized, empty)
 
-    def put(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> List:
-        """Put ``params`` and ``buffers`` (by name) in place; returns what to restore."""
+    def put(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
+            tables: Optional[FrozenSet[int]] = None) -> List:
+        """Put ``params`` and ``buffers`` (by name) in place; returns what to restore.
+        ``tables``: the ids of the entry tables the swap writes (default: all)."""
         # A buffer registered as None that the forward sets (a cache) lives for the call only:
-        # the module gets None back (review LC F6: it kept a tensor of the model's, 1.18 off).
-        saved = [(table, key, table[key]) for table, key in self.empty]
+        # the module gets None back (review LC F6: it kept a tensor of the model's, 1.18 off),
+        # in the tables the swap writes (review LD F4: a model of a head, beside another in
+        # another thread, put None back into a backbone's cache under the other's forward).
+        saved = [(table, key, table[key]) for table, key, owner in self.empty
+                 if tables is None or not tables.isdisjoint(owner)]
         try:
             for table, key, name in self.slots:
                 value = params[name] if name in params else buffers.get(name)
@@ -1001,9 +1013,10 @@ class Reparametrization:
     def undo(self, saved: List) -> None:
         """:meth:`restore`, after noting (for this thread's library call, which refuses it:
         :meth:`InnerLoop.check_none_buffers`) a buffer registered as None that the call set."""
-        for table, key in self.empty:
-            if table[key] is not None:
-                assigned_none_buffers().add((id(table), key))
+        if self.empty:  # (put saved those it looks after first, each with None)
+            for table, key, old in saved[:len(self.empty)]:
+                if old is None and table[key] is not None:
+                    assigned_none_buffers().add((id(table), key))
         self.restore(saved)
 
     @staticmethod
