@@ -4485,3 +4485,43 @@ def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
         pass
     rule = Holder(0.1)
     assert rule.plain_rate == 0.1 and torch_ufom.inner.shortcut(rule, "first_order_additive")
+
+
+class _Scaled(nn.Module):
+    """A linear layer with a plain tensor attribute and a buffer registered as None."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        self.scale = torch.tensor(1.0)
+        self.register_buffer("shift", None)
+
+    def forward(self, x):
+        out = self.lin(x) * self.scale
+        return out if self.shift is None else out + self.shift
+
+
+def test_functional_model_takes_what_functional_call_takes():
+    # Review LD F5 (session 30): the name and type checks b6a0af4 added refused a buffer registered
+    # as None given a value, a plain tensor attribute's name, and an nn.ParameterDict, all of which
+    # ran (as functional_call runs them) before. They run again, at functional_call's values; a typo
+    # is still refused.
+    torch.manual_seed(0)
+    net = _Scaled().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(1, 3, dtype=torch.float64)
+    given = ({"lin.weight": w}, {"shift": torch.full((1,), 0.5, dtype=torch.float64)}), \
+        ({"lin.weight": w, "scale": torch.tensor(3.0, dtype=torch.float64)}, {})
+    for params, buffers in given:
+        want = functional_call(net, (params, buffers), (x,))
+        got = torch_ufom.FunctionalModel(net, params, buffers)(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert not torch.equal(got, net(x))
+    params = nn.ParameterDict({"weight": nn.Parameter(w.clone())})
+    torch.testing.assert_close(torch_ufom.FunctionalModel(net.lin, params, {})(x),
+                               functional_call(net.lin, dict(params), (x,)), rtol=0, atol=0)
+    assert net.shift is None and float(net.scale) == 1.0
+    with pytest.raises(ValueError, match="Invalid params: 'lin.wieght' is not a name"):
+        torch_ufom.FunctionalModel(net, {"lin.wieght": w}, {})(x)
+    with pytest.raises(ValueError, match="Invalid params: 'forward' is not a name"):
+        torch_ufom.FunctionalModel(net, {"forward": w}, {})(x)

@@ -443,14 +443,17 @@ class FunctionalModel:
             them to a worker thread (review GF F1: locked, that waited forever).
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``, or ``params`` or ``buffers`` not a dict.
+        TypeError: ``module`` is not an ``nn.Module``, or ``params`` or ``buffers`` not a mapping
+            (a dict, an ``nn.ParameterDict``).
     """
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
                  swap: Any = ..., serialised: bool = False):
         for name, value, expected in (("module", module, nn.Module), ("params", params, Mapping),
                                       ("buffers", buffers, Mapping)):
-            if not isinstance(value, expected):
+            # (a mapping need not be a Mapping: an nn.ParameterDict ran before the check came,
+            # review LD F5)
+            if not (isinstance(value, expected) or expected is Mapping and _mapping_like(value)):
                 what = "an nn.Module" if expected is nn.Module else "a dict from name to tensor"
                 raise TypeError(f"Invalid {name}: {type(value).__name__} (expected {what})")
         self.module = module
@@ -667,17 +670,35 @@ class FunctionalModel:
 
     def _check_names(self) -> None:
         """Raise for a name given that is not one of the module's (a typo: ``functional_call``
-        would run at the module's own entry for it, silently)."""
+        would run at the module's own entry for it, silently). A name is the module's if it is
+        a parameter's or a buffer's (either dict may give either kind, as ``functional_call``
+        takes them), a buffer's registered as None, or a plain attribute's of a submodule
+        (review LD F5: those ran before the check came, and refusing them was a regression)."""
+        known = {name for named in (self.module.named_parameters, self.module.named_buffers)
+                 for name, _ in named(remove_duplicate=False)}
         for kind, given, named in (("params", self.params, self.module.named_parameters),
                                    ("buffers", self.buffers, self.module.named_buffers)):
-            known = {name for name, _ in named(remove_duplicate=False)}
-            unknown = [name for name in given if name not in known]
+            unknown = [name for name in given if name not in known and not self._attribute(name)]
             if unknown:
+                names = {name for name, _ in named(remove_duplicate=False)}
                 raise ValueError(f"Invalid {kind}: {', '.join(map(repr, unknown[:3]))} "
                                  f"{'is not a name' if len(unknown) == 1 else 'are not names'} of the "
                                  f"{type(self.module).__name__}'s {named.__name__[6:]} (expected names as "
                                  f"{named.__name__}() gives them: "
-                                 f"{', '.join(map(repr, sorted(known)[:6]))}{' ...' * (len(known) > 6)})")
+                                 f"{', '.join(map(repr, sorted(names)[:6]))}{' ...' * (len(names) > 6)})")
+
+    def _attribute(self, name: str) -> bool:
+        """Whether ``name`` is a buffer registered as None or a plain (not callable, not
+        submodule) attribute of a submodule, which ``functional_call`` replaces too."""
+        prefix, _, key = name.rpartition(".")
+        try:
+            sub = self.module.get_submodule(prefix)
+        except AttributeError:
+            return False
+        if key in sub._buffers or key in sub._parameters:
+            return True
+        value = getattr(sub, key, _MISSING)
+        return value is not _MISSING and not isinstance(value, nn.Module) and not callable(value)
 
     def _module_swap(self) -> Optional["Reparametrization"]:
         """The module's swap now, if it knows every name given. functional_call does not
@@ -708,6 +729,13 @@ class FunctionalModel:
 
 
 _UNJOINED = object()  # (FunctionalModel._swapped with join_only: no swap of the model to join)
+_MISSING = object()  # (FunctionalModel._attribute: no such attribute)
+
+
+def _mapping_like(value: Any) -> bool:
+    """Whether ``value`` reads like a dict from name to tensor (``keys``, ``items`` and
+    ``[]``), as an ``nn.ParameterDict`` does."""
+    return all(callable(getattr(value, name, None)) for name in ("keys", "items", "__getitem__"))
 
 
 class _Swap:
