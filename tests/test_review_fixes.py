@@ -4196,6 +4196,43 @@ def test_post_accumulate_grad_hooks_run_after_each_write():
     assert len(calls) == len(want) and all(p.grad.abs().max() <= c for p in model.parameters())
 
 
+@pytest.mark.parametrize("call", ["backward", "backward_batch"])
+def test_a_post_accumulate_hook_that_raises_leaves_the_task_counted(call):
+    # Review LD F6 (session 30): a hook that raised ran inside the write, and the call put the count
+    # of tasks back with .grad written: reduction="mean" then divided two tasks' sum by one (2x off).
+    # The hooks run last, with the task counted, as autograd raises after it accumulates.
+    model = mlp().double()
+    xs, ys = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 6, 2, dtype=torch.float64)
+    raised = []
+
+    def hook(p):
+        if not raised:
+            raised.append(p)
+            raise RuntimeError("a hook of the user's fails once")
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(hook)
+    outer = torch.optim.SGD(model.parameters(), lr=1.0)
+    meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=LR, steps=STEPS, mode="exact", reduction="mean")
+    want = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(2):
+        g = brute_force(model, mse, mse, lambda j: (xs[i], ys[i]), (xs[i], ys[i]), STEPS, LR,
+                        list(model.parameters()), STEPS)
+        want = [w + t / 2 for w, t in zip(want, g)]
+    before = [p.detach().clone() for p in model.parameters()]
+    for i in range(2):
+        try:
+            if call == "backward":
+                meta.backward(mse, mse, (xs[i], ys[i]), (xs[i], ys[i]))
+            else:
+                meta.backward_batch(mse, mse, (xs[i:i + 1], ys[i:i + 1]), (xs[i:i + 1], ys[i:i + 1]))
+        except RuntimeError as error:
+            assert "fails once" in str(error) and i == 0
+    meta.step()
+    assert len(raised) == 1
+    for p, b, w in zip(model.parameters(), before, want):
+        torch.testing.assert_close(b - p.detach(), w, rtol=1e-10, atol=1e-14)
+
+
 class _Gated(nn.Module):
     """A head whose forward waits, in a worker thread, until the main thread says go."""
 

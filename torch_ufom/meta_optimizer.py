@@ -786,12 +786,13 @@ class MetaOptimizer:
                                               diagnostics=self.q_stats is not None)
             seconds = time.perf_counter() - start
             observations = self._observations_of([(est, seconds)])  # before the write: it can fail
-            self._write(meta, self._first_order_gaps(problem, meta, est.grads))
+            written = self._write(meta, self._first_order_gaps(problem, meta, est.grads))
         q = self.q
         if self._track_buffers:
             self._buffers.append(list(est.buffers))
         self._observations += observations
         self._tasks += 1
+        self._post_accumulate(meta, written)
         return MetaResult(est.outer_loss, est.inner_losses, est.truncation, est.weights, q,
                           est.forward_steps, est.reverse_steps, est.aux)
 
@@ -846,7 +847,7 @@ class MetaOptimizer:
                               stacklevel=2)
                 self._warned_per_task.add(run.reason)
             observations = self._observations_of([(est, seconds) for _, est, seconds in run.groups])
-            self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta))))
+            written = self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta))))
         self._slow_ops = run.slow_ops
         q = self.q
         results: List[Optional[MetaResult]] = [None] * len(run.truncations)
@@ -867,6 +868,7 @@ class MetaOptimizer:
                 self._buffers.append(list(est.buffers))
         self._observations += observations
         self._tasks += len(run.truncations)
+        self._post_accumulate(meta, written)
         return results
 
     @one_call_at_a_time
@@ -941,8 +943,9 @@ class MetaOptimizer:
             grads[i] = torch.zeros_like(meta[i])
         return grads
 
-    def _write(self, meta: List[Tensor], grads) -> None:
-        """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing.
+    def _write(self, meta: List[Tensor], grads) -> Optional[List[Tensor]]:
+        """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing; returns
+        the parameters written (for :meth:`_post_accumulate`).
 
         The engine has checked every hypergradient's finiteness (once per task).
         Everything that can fail runs before the first write: the sums for
@@ -953,7 +956,7 @@ class MetaOptimizer:
         """
         present = [(p, g) for p, g in zip(meta, grads) if g is not None]
         if not present:
-            return
+            return None
         if self.distributed:
             self._check_kept()
             self._take_kept()
@@ -981,16 +984,6 @@ class MetaOptimizer:
         with torch.no_grad():
             for old, g in in_place:
                 old.add_(g)
-        # Hooks registered with register_post_accumulate_grad_hook run after each write, as
-        # autograd runs them after it accumulates (review LB F1: a hook clipping .grad in
-        # place never ran, 0.46 off); not the optimizer's own (distributed bookkeeping).
-        for p, _ in present:
-            hooks = getattr(p, "_post_accumulate_grad_hooks", None)
-            if hooks:
-                own = self._posts.get(id(p))
-                for key, hook in list(hooks.items()):
-                    if own is None or key != own.id:
-                        hook(p)
         self._holding = True
         if carried is not None:
             self._carried = carried
@@ -998,6 +991,31 @@ class MetaOptimizer:
         if self.distributed:
             for p in meta:
                 self._note(p)
+        return [p for p, _ in present]
+
+    def _post_accumulate(self, meta: List[Tensor], written: Optional[List[Tensor]]) -> None:
+        """Run the hooks registered with ``register_post_accumulate_grad_hook`` on the
+        parameters :meth:`_write` wrote, as autograd runs them after it accumulates (review
+        LB F1: a hook clipping ``.grad`` in place never ran, 0.46 off); not the optimizer's
+        own (distributed bookkeeping). Last in the call, with the task counted: a hook that
+        raises leaves the written ``.grad`` and the count that goes with it (review LD F6:
+        the count was put back, and ``reduction="mean"`` divided the written sum wrongly).
+        What the hooks change counts as written by this optimizer."""
+        if not written:
+            return
+        try:
+            for p in written:
+                hooks = getattr(p, "_post_accumulate_grad_hooks", None)
+                if hooks:
+                    own = self._posts.get(id(p))
+                    for key, hook in list(hooks.items()):
+                        if own is None or key != own.id:
+                            hook(p)
+        finally:
+            self._record(meta)
+            if self.distributed:
+                for p in meta:
+                    self._note(p)
 
     def _restore(self, saved: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> None:
         """:func:`_put_back`, the restored gradients known as written by this optimizer."""
