@@ -4405,6 +4405,37 @@ def test_a_buffer_registered_as_none_that_the_forward_sets_lives_for_the_call_on
     torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
 
 
+class _TiedCaches(nn.Module):
+    """Two layers sharing one weight, and a buffer registered as None the forward fills."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+        self.register_buffer("cache", None)
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = self.b.weight.detach().sum(0)
+        return self.b(self.a(x) * self.cache)
+
+
+def test_a_none_buffer_lives_for_the_call_only_under_functional_call_too():
+    # Review LD F8 (session 30): a model given a tied weight's second name runs through
+    # functional_call, which left the cache its forward set in the module (the next plain call of the
+    # module read the model's weight's cache). It is put back to None there too.
+    torch.manual_seed(0)
+    net = _TiedCaches().double()
+    untouched = copy.deepcopy(net)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    model = torch_ufom.FunctionalModel(net, {"b.weight": torch.randn(3, 3, dtype=torch.float64)}, {})
+    want = functional_call(untouched, {"b.weight": model.params["b.weight"]}, (x,))
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    assert net.cache is None and "cache" in net._buffers
+    untouched.cache = None
+    torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
+
+
 def test_an_adapted_model_called_by_a_worker_inside_its_own_run_joins_it():
     # Review LC F4, KF F4 (session 30; at ba1e64a too): a worker's call of a model adapt returned,
     # inside that model's run, waited forever for the process lock run holds. It joins the swap.

@@ -474,19 +474,26 @@ class FunctionalModel:
             if swap is None:
                 self._check_names()
                 check_parametrize_cache(self.module)
-                if not self.buffers:
-                    return functional_call(self.module, (self.params, self.buffers), args, kwargs)
-                # functional_call puts the module's own buffers back before it returns: read the
-                # replaced ones from inside the call, after the forward.
-                slots = [(sub._buffers, key, f"{prefix}.{key}" if prefix else key)
-                         for prefix, sub in self.module.named_modules(remove_duplicate=False)
-                         for key in sub._buffers]
-                given = dict(self.buffers)
-                handle = self.module.register_forward_hook(lambda *_: self._read_back(slots, given))
+                # A buffer registered as None that the forward sets lives for the call only, as
+                # under the swap (review LD F8: functional_call left it set).
+                everything = Reparametrization.of(self.module)
+                empty = everything.put({}, {})
+                handle = None
                 try:
+                    if not self.buffers:
+                        return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+                    # functional_call puts the module's own buffers back before it returns: read
+                    # the replaced ones from inside the call, after the forward.
+                    slots = [(sub._buffers, key, f"{prefix}.{key}" if prefix else key)
+                             for prefix, sub in self.module.named_modules(remove_duplicate=False)
+                             for key in sub._buffers]
+                    given = dict(self.buffers)
+                    handle = self.module.register_forward_hook(lambda *_: self._read_back(slots, given))
                     return functional_call(self.module, (self.params, self.buffers), args, kwargs)
                 finally:
-                    handle.remove()
+                    if handle is not None:
+                        handle.remove()
+                    everything.undo(empty)
             return self._swapped(swap, lambda: self.module(*args, **kwargs))
 
     def _swapped(self, swap: Optional["Reparametrization"], call: Callable[[], Any], join_only: bool = False,
