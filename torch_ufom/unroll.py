@@ -476,8 +476,8 @@ class FunctionalModel:
                 check_parametrize_cache(self.module)
                 # A buffer registered as None that the forward sets lives for the call only, as
                 # under the swap (review LD F8: functional_call left it set).
-                everything = Reparametrization.of(self.module)
-                empty = everything.put({}, {})
+                everything = Reparametrization.of(self.module)  # (None where a test patches it out)
+                empty = everything.put({}, {}) if everything is not None else None
                 handle = None
                 try:
                     if not self.buffers:
@@ -493,7 +493,8 @@ class FunctionalModel:
                 finally:
                     if handle is not None:
                         handle.remove()
-                    everything.undo(empty)
+                    if everything is not None:
+                        everything.undo(empty)
             return self._swapped(swap, lambda: self.module(*args, **kwargs))
 
     def _swapped(self, swap: Optional["Reparametrization"], call: Callable[[], Any], join_only: bool = False,
