@@ -4546,6 +4546,94 @@ def test_head_models_beside_one_another_leave_a_shared_backbones_cache_alone():
                                        + nets[i][1].bias, rtol=0, atol=1e-15)
 
 
+class _RootCache(nn.Module):
+    """A root buffer registered as None that the forward fills from a child's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 1)
+        self.register_buffer("cache", None)
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = self.a.weight.detach().sum(0)
+        return self.b(self.a(x) * self.cache)
+
+
+def test_a_model_giving_some_names_puts_every_none_buffer_back():
+    # Review LE F1: after LD F4 a swap put back the None-registered buffers of the submodules it
+    # writes only, so a model giving a.weight left the root's cache computed from its weight (a plain
+    # call of the module then 0.72 off an untouched copy; None at aa67b83). The last swap out puts
+    # every one it watched back.
+    torch.manual_seed(0)
+    net = _RootCache().double()
+    untouched = copy.deepcopy(net)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    model = torch_ufom.FunctionalModel(net, {"a.weight": torch.randn(3, 3, dtype=torch.float64)}, {})
+    want = functional_call(untouched, {"a.weight": model.params["a.weight"]}, (x,))
+    untouched.cache = None
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    assert net.cache is None and not torch_ufom.unroll._NONE_WATCH
+    torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
+
+
+class _TiedHead(nn.Module):
+    """A head whose second layer shares the first's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(2, 1), nn.Linear(2, 1)
+        self.out.weight = self.lin.weight
+
+    def forward(self, x):
+        return self.out(x) + self.lin.bias
+
+
+def test_functional_calls_path_leaves_a_cache_another_threads_forward_reads():
+    # Review LE F2: functional_call's path (a tied weight's second name) put None back into a shared
+    # backbone's cache under the forward of another module's model in another thread
+    # (AttributeError; ran at aa67b83); that swap, laid out while the cache was set, did not watch it.
+    import threading
+    import time
+    torch.manual_seed(0)
+    backbone = _CachingBackbone().double().requires_grad_(False)
+    nets = [nn.Sequential(backbone, _TiedHead()).double() for _ in range(2)]
+    ones = torch.ones(1, 2, dtype=torch.float64)
+    models = [torch_ufom.FunctionalModel(nets[0], {"1.out.weight": ones}, {}),
+              torch_ufom.FunctionalModel(nets[1], {"1.lin.weight": -ones}, {})]
+    x, got = torch.randn(4, 2, dtype=torch.float64), {}
+    threads = [threading.Thread(target=lambda i=i: got.update({i: models[i](x)})) for i in range(2)]
+    threads[0].start()
+    time.sleep(0.05)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    with torch.no_grad():
+        features = backbone.lin(x).tanh()
+        for i, sign in enumerate((1.0, -1.0)):
+            head = nets[i][1]
+            torch.testing.assert_close(got[i], sign * features @ ones.T + head.out.bias + head.lin.bias,
+                                       rtol=0, atol=1e-15)
+    assert backbone.cache is None and not torch_ufom.unroll._NONE_WATCH
+
+
+def test_to_module_takes_every_name_the_model_takes():
+    # Review LE F3: a plain attribute's name and a buffer registered as None given a value ran (LD F5)
+    # but to_module() raised torch's AttributeErrors; an nn.ModuleDict passed for a mapping.
+    torch.manual_seed(0)
+    net = _Scaled().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for params, buffers in (({"scale": torch.tensor(3.0, dtype=torch.float64)}, {}),
+                            ({}, {"shift": torch.ones(1, dtype=torch.float64)})):
+        model = torch_ufom.FunctionalModel(net, params, buffers)
+        torch.testing.assert_close(model.to_module()(x), model(x), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="a plain attribute's, or a buffer's registered as None"):
+            model.run(lambda m: m(x))
+    assert net.shift is None and float(net.scale) == 1.0
+    with pytest.raises(TypeError, match=r"Invalid buffers: ModuleDict \(expected a dict"):
+        torch_ufom.FunctionalModel(net, {}, nn.ModuleDict({"lin": nn.Linear(1, 1)}))
+
+
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():
     # Review KJ F2: class R(SGD, nn.Module) (a holder of learned hyperparameters) counted as code
     # of the user's: plain_rate None, the meta-batch looped with a warning about elementwise.

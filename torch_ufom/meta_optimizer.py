@@ -764,7 +764,9 @@ class MetaOptimizer:
                 returns ``G_2``, a truncated estimate, and ``0`` first-order's).
 
         Returns:
-            A :class:`MetaResult`. Nothing is written if an error is raised.
+            A :class:`MetaResult`. If an error is raised, nothing is written, unless a
+            hook registered with ``register_post_accumulate_grad_hook`` raised it: hooks run
+            last, after the write and the task's count, as autograd runs them.
 
         Raises:
             TypeError, ValueError: an invalid argument or call (e.g. a task after

@@ -186,9 +186,15 @@ def _new_locks_after_fork() -> None:
             entry.only(me)
         while group.stack and not group.stack[-1].threads:
             done = group.pop()
-            done.swap.restore(done.saved)
+            done.swap.undo(done.saved, note=False)
         if not group.stack:
             _SWAPS.remove(group)
+    live = {id(entry.saved) for group in _SWAPS for entry in group.stack}
+    for (_, key), (table, holders) in list(_NONE_WATCH.items()):  # (others' functional_call calls)
+        holders[:] = [h for h in holders if h.thread == me or id(h) in live]
+        if not holders:
+            del _NONE_WATCH[(id(table), key)]
+            table[key] = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -477,7 +483,9 @@ class FunctionalModel:
                 # A buffer registered as None that the forward sets lives for the call only, as
                 # under the swap (review LD F8: functional_call left it set).
                 everything = Reparametrization.of(self.module)  # (None where a test patches it out)
-                empty = everything.put({}, {}) if everything is not None else None
+                if everything is not None:
+                    with _SWAPS_LOCK:
+                        empty = everything.put({}, {})
                 handle = None
                 try:
                     if not self.buffers:
@@ -494,7 +502,8 @@ class FunctionalModel:
                     if handle is not None:
                         handle.remove()
                     if everything is not None:
-                        everything.undo(empty)
+                        with _SWAPS_LOCK:
+                            everything.undo(empty)
             return self._swapped(swap, lambda: self.module(*args, **kwargs))
 
     def _swapped(self, swap: Optional["Reparametrization"], call: Callable[[], Any], join_only: bool = False,
@@ -541,8 +550,7 @@ class FunctionalModel:
                 if stack and self.buffers:
                     group.catch_up(self)
                 given = dict(self.buffers) if self.buffers else None
-                entry = _Swap(self, swap, swap.put(self.params, self.buffers, tables), given, thread, tables,
-                              in_run)
+                entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread, tables, in_run)
                 if group is None:
                     _SWAPS.append(_Group(entry))
                 else:
@@ -623,9 +631,10 @@ class FunctionalModel:
         swap = self._module_swap() if self.swap is ... else self.swap
         if swap is None:
             self._check_names()
-            raise ValueError("FunctionalModel.run needs the parameters under the names "
-                             "named_parameters() gives (not a tied weight's second name, nor a name "
-                             "the module lacks); call the model itself instead")
+            raise ValueError("FunctionalModel.run needs the parameters and buffers under the names "
+                             "named_parameters() and named_buffers() give (not a tied weight's second "
+                             "name, a plain attribute's, or a buffer's registered as None); call the "
+                             "model itself instead")
         rng = torch.get_rng_state(), \
             torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
@@ -729,10 +738,17 @@ class FunctionalModel:
         buffers (detached), e.g. to save or fine-tune an adapted model."""
         module = copy.deepcopy(self.module)
         with torch.no_grad():
-            for name, value in self.params.items():
-                module.get_parameter(name).copy_(value)
-            for name, value in self.buffers.items():
-                module.get_buffer(name).copy_(value)
+            for given in (self.params, self.buffers):  # (by the names functional_call takes: LE F3)
+                for name, value in given.items():
+                    prefix, _, key = name.rpartition(".")
+                    sub = module.get_submodule(prefix)
+                    held = sub._parameters.get(key, sub._buffers.get(key, getattr(sub, key, None)))
+                    if isinstance(held, Tensor):
+                        held.copy_(value)
+                    elif key in sub._buffers:  # (registered as None)
+                        sub._buffers[key] = value.detach().clone()
+                    else:  # (a plain attribute)
+                        setattr(sub, key, value.detach().clone())
         return module
 
 
@@ -742,8 +758,9 @@ _MISSING = object()  # (FunctionalModel._attribute: no such attribute)
 
 def _mapping_like(value: Any) -> bool:
     """Whether ``value`` reads like a dict from name to tensor (``keys``, ``items`` and
-    ``[]``), as an ``nn.ParameterDict`` does."""
-    return all(callable(getattr(value, name, None)) for name in ("keys", "items", "__getitem__"))
+    ``[]``), as an ``nn.ParameterDict`` does (a module of modules does not: review LE F3)."""
+    return (isinstance(value, nn.ParameterDict) or not isinstance(value, nn.Module)) and \
+        all(callable(getattr(value, name, None)) for name in ("keys", "items", "__getitem__"))
 
 
 class _Swap:
@@ -983,17 +1000,11 @@ class Reparametrization:
     """
 
     def __init__(self, slots: List[Tuple[dict, str, str]], parametrized: bool = False,
-                 empty: Sequence[Tuple[dict, str, Tuple[int, int]]] = ()):
+                 empty: Sequence[Tuple[dict, str]] = ()):
         self.slots = slots
-        # buffers registered as None, which a forward may set: (table, key, the ids of the
-        # submodule's buffer and parameter tables)
-        self.empty = tuple(empty)
+        self.empty = tuple(empty)  # buffers registered as None, which a forward may set
         self.names = frozenset(name for _, _, name in slots)  # the names it swaps
-        # the entry tables it writes, and those of the buffers registered as None (by their
-        # module's parameter table too: a model that writes a submodule's parameters looks after
-        # its None buffers, review LD F4)
-        self.tables = frozenset(id(table) for table, _, _ in slots) | \
-            frozenset(i for _, _, owner in self.empty for i in owner)
+        self.tables = frozenset(id(table) for table, _, _ in slots)  # the entry tables it writes
         self.parametrized = parametrized
 
     @classmethod
@@ -1017,7 +1028,7 @@ class Reparametrization:
                 for key, t in table.items():
                     if t is None and table is sub._buffers and (id(table), key) not in seen:
                         seen.add((id(table), key))
-                        empty.append((table, key, (id(table), id(sub._parameters))))
+                        empty.append((table, key))
                     if t is None or (id(table), key) in seen:
                         continue
                     seen.add((id(table), key))
@@ -1025,16 +1036,21 @@ class Reparametrization:
                     slots.append((table, key, name))
         return list(named[0].values()), list(named[1].values()), cls(slots, parametrized, empty)
 
-    def put(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-            tables: Optional[FrozenSet[int]] = None) -> List:
-        """Put ``params`` and ``buffers`` (by name) in place; returns what to restore.
-        ``tables``: the ids of the entry tables the swap writes (default: all)."""
-        # A buffer registered as None that the forward sets (a cache) lives for the call only:
-        # the module gets None back (review LC F6: it kept a tensor of the model's, 1.18 off),
-        # in the tables the swap writes (review LD F4: a model of a head, beside another in
-        # another thread, put None back into a backbone's cache under the other's forward).
-        saved = [(table, key, table[key]) for table, key, owner in self.empty
-                 if tables is None or not tables.isdisjoint(owner)]
+    def put(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> "_Saved":
+        """Put ``params`` and ``buffers`` (by name) in place; returns what to restore (under
+        ``_SWAPS_LOCK``: it watches the buffers registered as None, :meth:`undo`)."""
+        saved = _Saved(threading.get_ident())
+        empty = self.empty
+        if _NONE_WATCH:  # (one a forward set in another thread when this swap was laid out: LE F2)
+            empty += tuple((table, key) for table, key, name in self.slots
+                           if (id(table), key) in _NONE_WATCH and name not in params and name not in buffers)
+        for table, key in empty:
+            watch = _NONE_WATCH.get((id(table), key))
+            if watch is None and table[key] is None:
+                watch = _NONE_WATCH[(id(table), key)] = (table, [])
+            if watch is not None:  # (one set outside every call is the user's: left alone)
+                watch[1].append(saved)
+                saved.empty.append((table, key, table[key]))
         try:
             for table, key, name in self.slots:
                 value = params[name] if name in params else buffers.get(name)
@@ -1042,24 +1058,57 @@ class Reparametrization:
                     saved.append((table, key, table[key]))
                     table[key] = value
         except BaseException:
-            self.restore(saved)
+            self.undo(saved, note=False)
             raise
         return saved
 
-    def undo(self, saved: List) -> None:
-        """:meth:`restore`, after noting (for this thread's library call, which refuses it:
-        :meth:`InnerLoop.check_none_buffers`) a buffer registered as None that the call set."""
-        if self.empty:  # (put saved those it looks after first, each with None)
-            for table, key, old in saved[:len(self.empty)]:
-                if old is None and table[key] is not None:
-                    assigned_none_buffers().add((id(table), key))
-        self.restore(saved)
+    @staticmethod
+    def undo(saved: "_Saved", note: bool = True) -> None:
+        """:meth:`restore`, and put back the buffers registered as None that :meth:`put`
+        watched (under ``_SWAPS_LOCK``). A buffer registered as None that a forward sets (a
+        cache) lives for the call only (review LC F6: the module kept a tensor of the model's,
+        1.18 off): the last swap out puts None back, one nested in the same thread's what it
+        found; while another thread's swap watches it, it is left to that one (review LD F4,
+        LE F2: a swap put None back under another thread's forward, which then failed; LE F1: a
+        model giving some names left a cache of the root's set). With ``note``, one that the
+        call set is noted for this thread's library call, which refuses it
+        (:meth:`InnerLoop.check_none_buffers`)."""
+        for table, key, old in reversed(saved.empty):
+            if note and old is None and table[key] is not None:
+                assigned_none_buffers().add((id(table), key))
+            watch = _NONE_WATCH.get((id(table), key))
+            holders = [h for h in watch[1] if h is not saved] if watch is not None else []
+            if holders:
+                watch[1][:] = holders
+                if all(h.thread == saved.thread for h in holders):
+                    table[key] = old
+            else:
+                _NONE_WATCH.pop((id(table), key), None)
+                table[key] = None
+        Reparametrization.restore(saved)
 
     @staticmethod
     def restore(saved: List) -> None:
-        """Put back what :meth:`put` replaced."""
+        """Put back the entries :meth:`put` replaced."""
         for table, key, value in reversed(saved):
             table[key] = value
+
+
+class _Saved(list):
+    """What :meth:`Reparametrization.put` replaced, ``(table, key, tensor)``; ``empty``, the
+    buffers registered as None it watches, with what they held; ``thread``, the putting one's."""
+
+    __slots__ = ("empty", "thread")
+
+    def __init__(self, thread: int):
+        super().__init__()
+        self.empty: List[Tuple[dict, str, Optional[Tensor]]] = []
+        self.thread = thread
+
+
+# The buffers registered as None that swaps watch, ``(id(table), key) -> (table, [the swaps'
+# _Saved])`` (under ``_SWAPS_LOCK``): the last swap out puts None back.
+_NONE_WATCH: Dict[Tuple[int, str], Tuple[dict, List[_Saved]]] = {}
 
 
 class State(NamedTuple):
