@@ -4627,11 +4627,112 @@ def test_to_module_takes_every_name_the_model_takes():
                             ({}, {"shift": torch.ones(1, dtype=torch.float64)})):
         model = torch_ufom.FunctionalModel(net, params, buffers)
         torch.testing.assert_close(model.to_module()(x), model(x), rtol=0, atol=0)
-        with pytest.raises(ValueError, match="a plain attribute's, or a buffer's registered as None"):
+        with pytest.raises(ValueError, match="a plain attribute's, or a parameter's or buffer's registered "):
             model.run(lambda m: m(x))
     assert net.shift is None and float(net.scale) == 1.0
     with pytest.raises(TypeError, match=r"Invalid buffers: ModuleDict \(expected a dict"):
         torch_ufom.FunctionalModel(net, {}, nn.ModuleDict({"lin": nn.Linear(1, 1)}))
+    # Review LF F5, F6: a parameter registered as None given a value, and a plain attribute given
+    # another shape, ran but to_module() raised; a ParameterDict failed on functional_call's path.
+    lin = nn.Linear(3, 2, bias=False).double()
+    bias = torch.randn(2, dtype=torch.float64)
+    for params in ({"bias": bias}, nn.ParameterDict({"bias": nn.Parameter(bias.clone())})):
+        model = torch_ufom.FunctionalModel(lin, params, {})
+        torch.testing.assert_close(model(x), functional_call(lin, {"bias": bias}, (x,)), rtol=0, atol=0)
+        torch.testing.assert_close(model.to_module()(x), model(x), rtol=0, atol=0)
+    assert lin.bias is None
+    model = torch_ufom.FunctionalModel(net, {"scale": torch.tensor([1.0, 2.0], dtype=torch.float64)}, {})
+    assert model(x).shape == (4, 2)  # (the scale broadcasts: another shape than the module's own)
+    torch.testing.assert_close(model.to_module()(x), model(x), rtol=0, atol=0)
+    assert float(net.scale) == 1.0 and net.scale.shape == ()
+
+
+def test_a_model_called_inside_another_models_run_starts_from_no_cache():
+    # Review LF F2 (at aa67b83 too): a model called inside another model's run of the same module ran
+    # on the None-registered cache the outer forward had made at the outer model's weights (3.4 off
+    # the model alone). Each call starts from None; the outer one gets its cache back.
+    torch.manual_seed(0)
+    net = _RootCache().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    weights = [torch.randn(3, 3, dtype=torch.float64) for _ in range(2)]
+    models = [torch_ufom.FunctionalModel(net, {"a.weight": w}, {}) for w in weights]
+
+    def alone(w):
+        return functional_call(copy.deepcopy(net), {"a.weight": w}, (x,))
+    got = models[0].run(lambda m: (m(x), models[1](x), m.cache.clone(), m(x)))
+    torch.testing.assert_close(got[1], alone(weights[1]), rtol=0, atol=0)
+    torch.testing.assert_close(got[2], weights[0].sum(0), rtol=0, atol=0)
+    torch.testing.assert_close(got[3], got[0], rtol=0, atol=0)
+    assert net.cache is None and not torch_ufom.unroll._NONE_WATCH
+
+
+class _SlowTied(nn.Module):
+    """Two layers sharing a weight, with a slow forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        import time
+        h = self.a(x)
+        time.sleep(0.3)
+        return self.b(h) + self.a(x)
+
+
+@pytest.mark.parametrize("first", ["swap", "functional_call"])
+def test_a_functional_call_models_call_beside_another_models_is_refused(first):
+    # Review LF F3 (at aa67b83 too): functional_call's path (here a tied weight's second name) took no
+    # part in the registry of swaps, so it and another model of the module ran in two threads on each
+    # other's entries (1.99 and 0.29 off, no error). The later call is refused; the earlier is right.
+    import threading
+    import time
+    torch.manual_seed(0)
+    net = _SlowTied().double()
+    untouched = copy.deepcopy(net)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    given = {"swap": {"a.bias": torch.zeros(3, dtype=torch.float64)},
+             "functional_call": {"b.weight": torch.randn(3, 3, dtype=torch.float64)}}
+    order = [first, "functional_call" if first == "swap" else "swap"]
+    models = {k: torch_ufom.FunctionalModel(net, v, {}) for k, v in given.items()}
+    got = {}
+
+    def call(k):
+        try:
+            got[k] = models[k](x)
+        except RuntimeError as error:
+            got[k] = error
+    threads = [threading.Thread(target=call, args=(k,)) for k in order]
+    threads[0].start()
+    time.sleep(0.1)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    assert isinstance(got[order[1]], RuntimeError) and "two models of one _SlowTied" in str(got[order[1]])
+    want = functional_call(untouched, given[order[0]], (x,))
+    torch.testing.assert_close(got[order[0]], want, rtol=0, atol=0)
+    assert not torch_ufom.unroll._SWAPS
+    torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
+
+
+def test_put_and_restore_leave_no_watch_behind():
+    # Review LF F4: Reparametrization.put then restore (the pair its docstring names) left the
+    # None-registered cache watched for good, and a later call in a worker left the cache set (1.2 off).
+    import threading
+    torch.manual_seed(0)
+    net = _RootCache().double()
+    untouched = copy.deepcopy(net)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    swap = torch_ufom.unroll.Reparametrization.of(net)
+    swap.restore(swap.put({"a.bias": torch.zeros(3, dtype=torch.float64)}, {}))
+    assert not torch_ufom.unroll._NONE_WATCH
+    model = torch_ufom.FunctionalModel(net, {"a.weight": torch.randn(3, 3, dtype=torch.float64)}, {})
+    thread = threading.Thread(target=lambda: model(x))
+    thread.start()
+    thread.join(10)
+    assert net.cache is None
+    torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
 
 
 def test_a_rule_that_mixes_in_nn_module_keeps_sgds_shortcuts():

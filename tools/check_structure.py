@@ -66,6 +66,8 @@ ALLOW = {  # (module, qualname, rule) -> reason
     "arguments, unchanged, under the process lock",
     ("unroll.py", "FunctionalModel.__call__", "R2"): "forwards the user's call arguments to the user's "
     "module (the nn.Module call protocol), not configuration",
+    ("unroll.py", "FunctionalModel._functional_call", "R2"): "forwards the user's call arguments to "
+    "the user's module through torch.func.functional_call (as __call__), not configuration",
     ("unroll.py", "FunctionalModel.run", "R2"): "forwards the user's arguments to the user's function of "
     "the module (fmodel.run(fn, *args, **kwargs), as __call__), not configuration",
     ("adapt.py", "StackedFunctionalModel.__call__", "R2"): "forwards the user's call arguments to "

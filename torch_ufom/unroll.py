@@ -480,34 +480,35 @@ class FunctionalModel:
             if swap is None:
                 self._check_names()
                 check_parametrize_cache(self.module)
-                # A buffer registered as None that the forward sets lives for the call only, as
-                # under the swap (review LD F8: functional_call left it set).
+                # functional_call swaps the entries itself, inside a swap that puts nothing but
+                # counts as writing every table of the module: another thread's call of another
+                # model of it is refused (review LF F3: the two ran on each other's entries, 1.99
+                # off), and a buffer registered as None the forward sets lives for the call only
+                # (LD F8).
                 everything = Reparametrization.of(self.module)  # (None where a test patches it out)
-                if everything is not None:
-                    with _SWAPS_LOCK:
-                        empty = everything.put({}, {})
-                handle = None
-                try:
-                    if not self.buffers:
-                        return functional_call(self.module, (self.params, self.buffers), args, kwargs)
-                    # functional_call puts the module's own buffers back before it returns: read
-                    # the replaced ones from inside the call, after the forward.
-                    slots = [(sub._buffers, key, f"{prefix}.{key}" if prefix else key)
-                             for prefix, sub in self.module.named_modules(remove_duplicate=False)
-                             for key in sub._buffers]
-                    given = dict(self.buffers)
-                    handle = self.module.register_forward_hook(lambda *_: self._read_back(slots, given))
-                    return functional_call(self.module, (self.params, self.buffers), args, kwargs)
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                    if everything is not None:
-                        with _SWAPS_LOCK:
-                            everything.undo(empty)
+                call = functools.partial(self._functional_call, args, kwargs)
+                return call() if everything is None else self._swapped(everything, call, puts=False)
             return self._swapped(swap, lambda: self.module(*args, **kwargs))
 
+    def _functional_call(self, args: tuple, kwargs: dict):
+        """The module called through ``torch.func.functional_call`` at this model's tensors (by
+        the names it takes: a tied weight's second name, a plain attribute's)."""
+        given = (dict(self.params), dict(self.buffers))  # (a ParameterDict it refuses: LF F6)
+        if not self.buffers:
+            return functional_call(self.module, given, args, kwargs)
+        # functional_call puts the module's own buffers back before it returns: read the
+        # replaced ones from inside the call, after the forward.
+        slots = [(sub._buffers, key, f"{prefix}.{key}" if prefix else key)
+                 for prefix, sub in self.module.named_modules(remove_duplicate=False)
+                 for key in sub._buffers]
+        handle = self.module.register_forward_hook(lambda *_: self._read_back(slots, given[1]))
+        try:
+            return functional_call(self.module, given, args, kwargs)
+        finally:
+            handle.remove()
+
     def _swapped(self, swap: Optional["Reparametrization"], call: Callable[[], Any], join_only: bool = False,
-                 in_run: bool = False):
+                 in_run: bool = False, puts: bool = True):
         """``call()`` with ``swap`` putting this model's tensors in the module. A call made
         while the module holds this model's swap (a call of the model or another ``run``
         inside ``run``, in this thread or a worker's; two threads calling the model at
@@ -521,7 +522,8 @@ class FunctionalModel:
         only a call that joins a swap this model's ``run`` made (``in_run``) runs:
         ``_UNJOINED`` where none is on top of its group, nothing done (review LD F2: two
         threads' plain calls of an adapted model joined without the lock, and a buffer
-        update was lost)."""
+        update was lost). Without ``puts``, ``call`` swaps the entries itself
+        (``functional_call``): the swap puts none and counts as writing every table."""
         thread = threading.get_ident()
         with _SWAPS_LOCK:
             if join_only:
@@ -530,7 +532,7 @@ class FunctionalModel:
                 if group is None:
                     return _UNJOINED
             else:
-                tables = self._written(swap)
+                tables = self._written(swap) if puts else self._written_through_call(swap)
                 group = _Group.joined(tables, swap.tables, thread, self.module) if _SWAPS else None
             stack = group.stack if group is not None else None
             watched = None
@@ -547,10 +549,11 @@ class FunctionalModel:
                     raise _crowded(self.module)
                 if swap.parametrized:
                     check_parametrize_cache(self.module)
-                if stack and self.buffers:
+                if stack and self.buffers and puts:
                     group.catch_up(self)
-                given = dict(self.buffers) if self.buffers else None
-                entry = _Swap(self, swap, swap.put(self.params, self.buffers), given, thread, tables, in_run)
+                given = dict(self.buffers) if self.buffers and puts else None
+                saved = swap.put(self.params, self.buffers) if puts else swap.put({}, {})
+                entry = _Swap(self, swap, saved, given, thread, tables, in_run)
                 if group is None:
                     _SWAPS.append(_Group(entry))
                 else:
@@ -633,8 +636,8 @@ class FunctionalModel:
             self._check_names()
             raise ValueError("FunctionalModel.run needs the parameters and buffers under the names "
                              "named_parameters() and named_buffers() give (not a tied weight's second "
-                             "name, a plain attribute's, or a buffer's registered as None); call the "
-                             "model itself instead")
+                             "name, a plain attribute's, or a parameter's or buffer's registered as "
+                             "None); call the model itself instead")
         rng = torch.get_rng_state(), \
             torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
@@ -684,6 +687,21 @@ class FunctionalModel:
             return swap.tables
         return frozenset(id(table) for table, _, name in swap.slots
                          if name in self.params or name in self.buffers)
+
+    def _written_through_call(self, swap: "Reparametrization") -> FrozenSet[int]:
+        """The ids of the entry tables ``functional_call`` writes for this model's names: each
+        name's table, and those of the entries tied to it (it writes every alias), a plain
+        attribute's counted as its module's parameter table (review LF F3, and LE F2: a model
+        of a head, beside another module's sharing its backbone, runs)."""
+        tables = set()
+        for name in itertools.chain(self.params.keys(), self.buffers.keys()):
+            prefix, _, key = name.rpartition(".")
+            sub = self.module.get_submodule(prefix)  # (the names are checked)
+            table = sub._buffers if key in sub._buffers else sub._parameters
+            tables.add(id(table))
+            primary = next((n for t, k, n in swap.slots if t is table and k == key), None)
+            tables.update(id(t) for t, _, n in swap.slots if primary is not None and n == primary)
+        return frozenset(tables)
 
     def _check_names(self) -> None:
         """Raise for a name given that is not one of the module's (a typo: ``functional_call``
@@ -742,12 +760,15 @@ class FunctionalModel:
                 for name, value in given.items():
                     prefix, _, key = name.rpartition(".")
                     sub = module.get_submodule(prefix)
-                    held = sub._parameters.get(key, sub._buffers.get(key, getattr(sub, key, None)))
-                    if isinstance(held, Tensor):
-                        held.copy_(value)
-                    elif key in sub._buffers:  # (registered as None)
+                    held = sub._parameters.get(key, sub._buffers.get(key))
+                    if held is not None and held.shape == value.shape:
+                        held.copy_(value)  # (in place: a tied weight stays tied)
+                    elif key in sub._parameters:  # (registered as None, or another shape: LF F5)
+                        grad = held.requires_grad if held is not None else True
+                        sub._parameters[key] = nn.Parameter(value.detach().clone(), requires_grad=grad)
+                    elif key in sub._buffers:
                         sub._buffers[key] = value.detach().clone()
-                    else:  # (a plain attribute)
+                    else:  # (a plain attribute, replaced as functional_call replaces it)
                         setattr(sub, key, value.detach().clone())
         return module
 
@@ -1049,8 +1070,14 @@ class Reparametrization:
             if watch is None and table[key] is None:
                 watch = _NONE_WATCH[(id(table), key)] = (table, [])
             if watch is not None:  # (one set outside every call is the user's: left alone)
+                old = table[key]
+                # Inside a swap of this thread's, a call starts from None too (review LF F2: a model
+                # called in another's run ran on the cache the outer forward had made, 3.4 off);
+                # one another thread watches is left to that thread's forward.
+                if old is not None and all(h.thread == saved.thread for h in watch[1]):
+                    table[key] = None
                 watch[1].append(saved)
-                saved.empty.append((table, key, table[key]))
+                saved.empty.append((table, key, old, table[key]))
         try:
             for table, key, name in self.slots:
                 value = params[name] if name in params else buffers.get(name)
@@ -1073,8 +1100,8 @@ class Reparametrization:
         model giving some names left a cache of the root's set). With ``note``, one that the
         call set is noted for this thread's library call, which refuses it
         (:meth:`InnerLoop.check_none_buffers`)."""
-        for table, key, old in reversed(saved.empty):
-            if note and old is None and table[key] is not None:
+        for table, key, old, start in reversed(getattr(saved, "empty", ())):
+            if note and table[key] is not start:
                 assigned_none_buffers().add((id(table), key))
             watch = _NONE_WATCH.get((id(table), key))
             holders = [h for h in watch[1] if h is not saved] if watch is not None else []
@@ -1085,24 +1112,27 @@ class Reparametrization:
             else:
                 _NONE_WATCH.pop((id(table), key), None)
                 table[key] = None
-        Reparametrization.restore(saved)
+        for table, key, value in reversed(saved):
+            table[key] = value
 
     @staticmethod
     def restore(saved: List) -> None:
-        """Put back the entries :meth:`put` replaced."""
-        for table, key, value in reversed(saved):
-            table[key] = value
+        """Put back the entries :meth:`put` replaced, and the buffers registered as None it
+        watched, as :meth:`undo` does without noting any (review LF F4: the watch outlived
+        this pair, and a later call in a worker left a cache set, 1.2 off)."""
+        Reparametrization.undo(saved, note=False)
 
 
 class _Saved(list):
     """What :meth:`Reparametrization.put` replaced, ``(table, key, tensor)``; ``empty``, the
-    buffers registered as None it watches, with what they held; ``thread``, the putting one's."""
+    buffers registered as None it watches, ``(table, key, what it held, what put left)``;
+    ``thread``, the putting one's."""
 
     __slots__ = ("empty", "thread")
 
     def __init__(self, thread: int):
         super().__init__()
-        self.empty: List[Tuple[dict, str, Optional[Tensor]]] = []
+        self.empty: List[Tuple[dict, str, Optional[Tensor], Optional[Tensor]]] = []
         self.thread = thread
 
 
