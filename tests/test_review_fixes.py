@@ -4716,6 +4716,83 @@ def test_a_functional_call_models_call_beside_another_models_is_refused(first):
     torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
 
 
+def test_one_functional_call_models_calls_in_two_threads_are_refused():
+    # Review LG F1 (at aa67b83 too): the second thread's call of a model on functional_call's path
+    # joined the first's swap, but each functional_call restores the entries for itself: the second
+    # ran 3.6 off and the module kept the model's weight (1.8 off). The second is refused.
+    import threading
+    import time
+    torch.manual_seed(0)
+    net = _SlowTied().double()
+    untouched = copy.deepcopy(net)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    model = torch_ufom.FunctionalModel(net, {"b.weight": torch.randn(3, 3, dtype=torch.float64)}, {})
+    got = {}
+
+    def call(k):
+        try:
+            got[k] = model(x)
+        except RuntimeError as error:
+            got[k] = error
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(2)]
+    threads[0].start()
+    time.sleep(0.1)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    assert isinstance(got[1], RuntimeError) and "ran in two threads at once" in str(got[1])
+    torch.testing.assert_close(got[0], functional_call(untouched, model.params, (x,)), rtol=0, atol=0)
+    for p, q in zip(net.parameters(), untouched.parameters()):
+        assert type(p) is nn.Parameter and torch.equal(p, q)
+    assert not torch_ufom.unroll._SWAPS and not torch_ufom.unroll._NONE_WATCH
+
+
+class _SlowScale(nn.Module):
+    """A parameter-free module with a plain tensor attribute and a slow forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = torch.tensor(1.0, dtype=torch.float64)
+
+    def forward(self, x):
+        import time
+        time.sleep(0.3)
+        return x * self.s
+
+
+def test_a_value_given_to_a_shared_parameter_free_submodule_is_not_read_by_another_thread():
+    # Review LG F2: a model on functional_call's path giving a plain attribute of a parameter-free
+    # submodule that another module shares ran beside that module's head model in another thread,
+    # which read the value (2.34 off): the swap counted the tables its module's forward reads by its
+    # entries, and that submodule has none. The later call is refused.
+    import threading
+    import time
+    torch.manual_seed(0)
+    shared = _SlowScale()
+    nets = [nn.Sequential(shared, nn.Linear(3, 1)).double() for _ in range(2)]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    head = {"1.weight": torch.randn(1, 3, dtype=torch.float64)}
+    models = [torch_ufom.FunctionalModel(nets[0], {"0.s": torch.tensor(3.0, dtype=torch.float64)}, {}),
+              torch_ufom.FunctionalModel(nets[1], head, {})]
+    want = functional_call(copy.deepcopy(nets[1]), head, (x,))
+    got = {}
+
+    def call(k):
+        try:
+            got[k] = models[k](x)
+        except RuntimeError as error:
+            got[k] = error
+    threads = [threading.Thread(target=call, args=(k,)) for k in (1, 0)]
+    threads[0].start()
+    time.sleep(0.1)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    assert isinstance(got[0], RuntimeError) and "ran in two threads at once" in str(got[0])
+    torch.testing.assert_close(got[1], want, rtol=0, atol=0)
+    assert float(shared.s) == 1.0
+
+
 def test_put_and_restore_leave_no_watch_behind():
     # Review LF F4: Reparametrization.put then restore (the pair its docstring names) left the
     # None-registered cache watched for good, and a later call in a worker left the cache set (1.2 off).

@@ -481,10 +481,10 @@ class FunctionalModel:
                 self._check_names()
                 check_parametrize_cache(self.module)
                 # functional_call swaps the entries itself, inside a swap that puts nothing but
-                # counts as writing every table of the module: another thread's call of another
-                # model of it is refused (review LF F3: the two ran on each other's entries, 1.99
-                # off), and a buffer registered as None the forward sets lives for the call only
-                # (LD F8).
+                # counts as writing the entries of the names given and those tied to them (review
+                # LG F3): another thread's call of a model whose forward reads them is refused
+                # (review LF F3: the two ran on each other's entries, 1.99 off), and a buffer
+                # registered as None the forward sets lives for the call only (LD F8).
                 everything = Reparametrization.of(self.module)  # (None where a test patches it out)
                 call = functools.partial(self._functional_call, args, kwargs)
                 return call() if everything is None else self._swapped(everything, call, puts=False)
@@ -523,7 +523,9 @@ class FunctionalModel:
         ``_UNJOINED`` where none is on top of its group, nothing done (review LD F2: two
         threads' plain calls of an adapted model joined without the lock, and a buffer
         update was lost). Without ``puts``, ``call`` swaps the entries itself
-        (``functional_call``): the swap puts none and counts as writing every table."""
+        (``functional_call``): the swap puts none, writes the tables of the model's names and
+        of the entries tied to them, and nests rather than joins (another thread's call of the
+        model is refused)."""
         thread = threading.get_ident()
         with _SWAPS_LOCK:
             if join_only:
@@ -533,10 +535,12 @@ class FunctionalModel:
                     return _UNJOINED
             else:
                 tables = self._written(swap) if puts else self._written_through_call(swap)
-                group = _Group.joined(tables, swap.tables, thread, self.module) if _SWAPS else None
+                group = _Group.joined(tables, swap.reads, thread, self.module) if _SWAPS else None
             stack = group.stack if group is not None else None
             watched = None
-            if stack and stack[-1].model is self:  # (a call of the model inside run, another thread's)
+            # (a call of the model inside run, another thread's; not one through functional_call,
+            # which swaps for itself: two threads' calls restored under each other, review LG F1)
+            if stack and stack[-1].model is self and puts:
                 entry = stack[-1]
                 entry.join(thread)
                 if entry.given and not outside_transforms():  # (a transform inside run: review KF F3)
@@ -682,7 +686,7 @@ class FunctionalModel:
         """The ids of the entry tables this model's swap writes: every table of the module
         where it gives every name, else those of the names it gives (review LC F2: two modules
         sharing a frozen backbone, each model swapping its own head, were refused in two
-        threads). Its forward reads every table of the module (``swap.tables``)."""
+        threads). Its forward reads every table of the module (``swap.reads``)."""
         if len(self.params) + len(self.buffers) >= len(swap.names):
             return swap.tables
         return frozenset(id(table) for table, _, name in swap.slots
@@ -789,7 +793,7 @@ class _Swap:
     restore, the buffers it put, and how many calls run in it."""
 
     __slots__ = ("model", "swap", "saved", "given", "threads", "group", "order", "tables", "in_run")
-    # (tables: the ids of the entry tables it writes; swap.tables, those its module's forward reads)
+    # (tables: the ids of the entry tables it writes; swap.reads, those its module's forward reads)
 
     def __init__(self, model: "FunctionalModel", swap: "Reparametrization", saved: List,
                  given: Optional[Dict[str, Tensor]], thread: int, tables: FrozenSet[int],
@@ -844,7 +848,7 @@ class _Group:
     def __init__(self, entry: _Swap):
         self.stack: List[_Swap] = [entry]
         self.tables: FrozenSet[int] = entry.tables  # the tables its swaps write
-        self.reads: FrozenSet[int] = entry.swap.tables  # those their modules' forwards read
+        self.reads: FrozenSet[int] = entry.swap.reads  # those their modules' forwards read
         entry.belong(self)
 
     @staticmethod
@@ -879,7 +883,7 @@ class _Group:
         """Put ``entry`` on top (under ``_SWAPS_LOCK``)."""
         entry.belong(self)
         self.stack.append(entry)
-        self.tables, self.reads = self.tables | entry.tables, self.reads | entry.swap.tables
+        self.tables, self.reads = self.tables | entry.tables, self.reads | entry.swap.reads
 
     def catch_up(self, model: "FunctionalModel") -> None:
         """Before a swap of ``model`` over this group's: the buffers its swap lower down has had
@@ -933,7 +937,7 @@ class _Group:
         done = self.stack.pop()
         if self.stack:
             self.tables = frozenset().union(*(entry.tables for entry in self.stack))
-            self.reads = frozenset().union(*(entry.swap.tables for entry in self.stack))
+            self.reads = frozenset().union(*(entry.swap.reads for entry in self.stack))
         return done
 
 
@@ -1021,11 +1025,15 @@ class Reparametrization:
     """
 
     def __init__(self, slots: List[Tuple[dict, str, str]], parametrized: bool = False,
-                 empty: Sequence[Tuple[dict, str]] = ()):
+                 empty: Sequence[Tuple[dict, str]] = (), reads: Optional[FrozenSet[int]] = None):
         self.slots = slots
         self.empty = tuple(empty)  # buffers registered as None, which a forward may set
         self.names = frozenset(name for _, _, name in slots)  # the names it swaps
         self.tables = frozenset(id(table) for table, _, _ in slots)  # the entry tables it writes
+        # the entry tables its module's forward reads: every submodule's, empty ones too (review LG
+        # F2: a parameter-free shared submodule's attribute, a backbone's only buffer, registered as
+        # None, given to a model through functional_call, read by another module's model)
+        self.reads = self.tables if reads is None else reads | self.tables
         self.parametrized = parametrized
 
     @classmethod
@@ -1042,9 +1050,10 @@ class Reparametrization:
         slots: List[Tuple[dict, str, str]] = []
         seen = set()  # a submodule reached by two paths has one table
         named: Tuple[Dict[int, Tuple[str, Tensor]], Dict[int, Tuple[str, Tensor]]] = ({}, {})
-        parametrized, empty = False, []
+        parametrized, empty, reads = False, [], set()
         for prefix, sub in module.named_modules(remove_duplicate=False):
             parametrized = parametrized or parametrize.is_parametrized(sub)
+            reads.update((id(sub._parameters), id(sub._buffers)))
             for table, primary in ((sub._parameters, named[0]), (sub._buffers, named[1])):
                 for key, t in table.items():
                     if t is None and table is sub._buffers and (id(table), key) not in seen:
@@ -1055,7 +1064,8 @@ class Reparametrization:
                     seen.add((id(table), key))
                     name = primary.setdefault(id(t), (f"{prefix}.{key}" if prefix else key, t))[0]
                     slots.append((table, key, name))
-        return list(named[0].values()), list(named[1].values()), cls(slots, parametrized, empty)
+        return list(named[0].values()), list(named[1].values()), \
+            cls(slots, parametrized, empty, frozenset(reads))
 
     def put(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> "_Saved":
         """Put ``params`` and ``buffers`` (by name) in place; returns what to restore (under
