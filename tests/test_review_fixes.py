@@ -3907,41 +3907,21 @@ def test_two_models_of_one_module_in_two_threads_are_refused():
         assert all(type(p) is nn.Parameter and torch.equal(p, o) for p, o in zip(model.parameters(), own))
 
 
-def test_a_worker_left_in_a_nested_swap_keeps_it_until_it_leaves():
+@pytest.mark.parametrize("inner_of", ["module", "submodule"])
+def test_a_worker_left_in_a_nested_swap_keeps_it_until_it_leaves(inner_of):
     # Review KJ F1: A runs M1.run, inside it M2.run, where a worker joins M2's swap and outlives
     # both; A leaving M1 (its last call out) restored the module under the worker (0.90 for 4.0),
-    # and the worker's own restore then left M1's plain tensors in the module.
-    import threading
-    torch.manual_seed(0)
-    lin = nn.Linear(2, 1).double()
-    own = lin.weight
-    m1 = torch_ufom.FunctionalModel(lin, {"weight": torch.full((1, 2), 1.0, dtype=torch.float64)}, {})
-    m2 = torch_ufom.FunctionalModel(lin, {"weight": torch.full((1, 2), 2.0, dtype=torch.float64)}, {})
-    x = torch.ones(1, 2, dtype=torch.float64)
-    joined, go, got = threading.Event(), threading.Event(), {}
-
-    def worker():
-        got["y"] = m2.run(lambda m: (joined.set(), go.wait(10), m(x))[2])
-    thread = threading.Thread(target=worker)
-    m1.run(lambda m: m2.run(lambda m_: (thread.start(), joined.wait(10), m_(x))[2]))
-    go.set()
-    thread.join(10)
-    with torch.no_grad():
-        assert torch.equal(got["y"], x @ torch.full((2, 1), 2.0, dtype=torch.float64) + lin.bias)
-    assert lin.weight is own
-
-
-def test_swaps_of_a_module_and_of_its_submodule_nest_as_one():
-    # Review KJ F1's variant (session 30): models of net and of net[0] had separate registries:
-    # a worker left in net[0]'s swap saw net's restore under it (1.21 for 6.0), and its own
-    # restore then left net's tensors in the module. Swaps that write one entry table nest.
+    # and the worker's own restore then left M1's plain tensors in the module. Its variant (session
+    # 30): models of net and of net[0] had separate registries, and a worker left in net[0]'s swap saw
+    # net's restore under it (1.21 for 6.0). Swaps that write one entry table nest.
     import threading
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 1), nn.Tanh()).double()
     own = net[0].weight
     full = lambda v: torch.full((1, 2), v, dtype=torch.float64)  # noqa: E731
     outer = torch_ufom.FunctionalModel(net, {"0.weight": full(1.0)}, {})
-    inner = torch_ufom.FunctionalModel(net[0], {"weight": full(3.0)}, {})
+    inner = torch_ufom.FunctionalModel(net, {"0.weight": full(3.0)}, {}) if inner_of == "module" else \
+        torch_ufom.FunctionalModel(net[0], {"weight": full(3.0)}, {})
     x = torch.ones(1, 2, dtype=torch.float64)
     joined, go, got = threading.Event(), threading.Event(), {}
 
@@ -3952,8 +3932,9 @@ def test_swaps_of_a_module_and_of_its_submodule_nest_as_one():
     go.set()
     thread.join(10)
     with torch.no_grad():
-        assert torch.equal(got["y"], x @ full(3.0).T + net[0].bias)
-    assert net[0].weight is own
+        want = x @ full(3.0).T + net[0].bias
+        assert torch.equal(got["y"], want.tanh() if inner_of == "module" else want)
+    assert net[0].weight is own and not torch_ufom.unroll._SWAPS
 
 
 def test_a_submodules_model_in_another_thread_is_refused_while_its_module_is_swapped():
@@ -4405,37 +4386,6 @@ def test_a_buffer_registered_as_none_that_the_forward_sets_lives_for_the_call_on
     torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
 
 
-class _TiedCaches(nn.Module):
-    """Two layers sharing one weight, and a buffer registered as None the forward fills."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
-        self.b.weight = self.a.weight
-        self.register_buffer("cache", None)
-
-    def forward(self, x):
-        if self.cache is None:
-            self.cache = self.b.weight.detach().sum(0)
-        return self.b(self.a(x) * self.cache)
-
-
-def test_a_none_buffer_lives_for_the_call_only_under_functional_call_too():
-    # Review LD F8 (session 30): a model given a tied weight's second name runs through
-    # functional_call, which left the cache its forward set in the module (the next plain call of the
-    # module read the model's weight's cache). It is put back to None there too.
-    torch.manual_seed(0)
-    net = _TiedCaches().double()
-    untouched = copy.deepcopy(net)
-    x = torch.randn(4, 3, dtype=torch.float64)
-    model = torch_ufom.FunctionalModel(net, {"b.weight": torch.randn(3, 3, dtype=torch.float64)}, {})
-    want = functional_call(untouched, {"b.weight": model.params["b.weight"]}, (x,))
-    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
-    assert net.cache is None and "cache" in net._buffers
-    untouched.cache = None
-    torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
-
-
 def test_an_adapted_model_called_by_a_worker_inside_its_own_run_joins_it():
     # Review LC F4, KF F4 (session 30; at ba1e64a too): a worker's call of a model adapt returned,
     # inside that model's run, waited forever for the process lock run holds. It joins the swap.
@@ -4547,11 +4497,14 @@ def test_head_models_beside_one_another_leave_a_shared_backbones_cache_alone():
 
 
 class _RootCache(nn.Module):
-    """A root buffer registered as None that the forward fills from a child's weight."""
+    """A root buffer registered as None that the forward fills from a child's weight (with
+    ``tied``, one the second layer shares)."""
 
-    def __init__(self):
+    def __init__(self, tied: bool = False):
         super().__init__()
-        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 1)
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3 if tied else 1)
+        if tied:
+            self.b.weight = self.a.weight
         self.register_buffer("cache", None)
 
     def forward(self, x):
@@ -4560,17 +4513,19 @@ class _RootCache(nn.Module):
         return self.b(self.a(x) * self.cache)
 
 
-def test_a_model_giving_some_names_puts_every_none_buffer_back():
+@pytest.mark.parametrize("name", ["a.weight", "b.weight"])
+def test_a_model_giving_some_names_puts_every_none_buffer_back(name):
     # Review LE F1: after LD F4 a swap put back the None-registered buffers of the submodules it
     # writes only, so a model giving a.weight left the root's cache computed from its weight (a plain
     # call of the module then 0.72 off an untouched copy; None at aa67b83). The last swap out puts
-    # every one it watched back.
+    # every one it watched back. Review LD F8 (session 30): a tied weight's second name (b.weight),
+    # run through functional_call, left it set too.
     torch.manual_seed(0)
-    net = _RootCache().double()
+    net = _RootCache(tied=name == "b.weight").double()
     untouched = copy.deepcopy(net)
     x = torch.randn(4, 3, dtype=torch.float64)
-    model = torch_ufom.FunctionalModel(net, {"a.weight": torch.randn(3, 3, dtype=torch.float64)}, {})
-    want = functional_call(untouched, {"a.weight": model.params["a.weight"]}, (x,))
+    model = torch_ufom.FunctionalModel(net, {name: torch.randn(3, 3, dtype=torch.float64)}, {})
+    want = functional_call(untouched, {name: model.params[name]}, (x,))
     untouched.cache = None
     torch.testing.assert_close(model(x), want, rtol=0, atol=0)
     assert net.cache is None and not torch_ufom.unroll._NONE_WATCH
