@@ -4814,3 +4814,12 @@ def test_functional_model_takes_what_functional_call_takes():
         torch_ufom.FunctionalModel(net, {"lin.wieght": w}, {})(x)
     with pytest.raises(ValueError, match="Invalid params: 'forward' is not a name"):
         torch_ufom.FunctionalModel(net, {"forward": w}, {})(x)
+    # Review LH F1: a property passed (a parametrized weight's name: functional_call wrote through its
+    # setter, the module's original changed for good and the gradient was None), as did attributes
+    # that are no tensors (training: torch's TypeError). Only plain tensor attributes are names.
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(3, 1).double())
+    own = [p.detach().clone() for p in normed.parameters()]
+    for name in ("weight", "training", "in_features"):
+        with pytest.raises(ValueError, match=f"Invalid params: '{name}' is not a name"):
+            torch_ufom.FunctionalModel(normed, {name: w}, {})(x)
+    assert all(torch.equal(p, o) for p, o in zip(normed.parameters(), own))

@@ -476,7 +476,8 @@ class FunctionalModel:
             if out is not _UNJOINED:
                 return out
         with _PROCESS_STATE if self.serialised else _UNLOCKED:
-            swap = self._module_swap() if self.swap is ... else self.swap
+            everything = Reparametrization.of(self.module) if self.swap is ... else None
+            swap = self._module_swap(everything) if self.swap is ... else self.swap
             if swap is None:
                 self._check_names()
                 check_parametrize_cache(self.module)
@@ -485,7 +486,8 @@ class FunctionalModel:
                 # LG F3): another thread's call of a model whose forward reads them is refused
                 # (review LF F3: the two ran on each other's entries, 1.99 off), and a buffer
                 # registered as None the forward sets lives for the call only (LD F8).
-                everything = Reparametrization.of(self.module)  # (None where a test patches it out)
+                if everything is None:  # (None where a test patches it out, or swap=None was given)
+                    everything = Reparametrization.of(self.module)
                 call = functools.partial(self._functional_call, args, kwargs)
                 return call() if everything is None else self._swapped(everything, call, puts=False)
             return self._swapped(swap, lambda: self.module(*args, **kwargs))
@@ -635,7 +637,7 @@ class FunctionalModel:
     def _run(self, fn: Callable[[nn.Module], Any], join_only: bool = False):
         """:meth:`run`'s call of ``fn(module)`` (with ``join_only``: only where it joins this
         model's swap, ``_UNJOINED`` otherwise)."""
-        swap = self._module_swap() if self.swap is ... else self.swap
+        swap = self._module_swap(Reparametrization.of(self.module)) if self.swap is ... else self.swap
         if swap is None:
             self._check_names()
             raise ValueError("FunctionalModel.run needs the parameters and buffers under the names "
@@ -727,23 +729,23 @@ class FunctionalModel:
                                  f"{', '.join(map(repr, sorted(names)[:6]))}{' ...' * (len(names) > 6)})")
 
     def _attribute(self, name: str) -> bool:
-        """Whether ``name`` is a buffer registered as None or a plain (not callable, not
-        submodule) attribute of a submodule, which ``functional_call`` replaces too."""
+        """Whether ``name`` is a parameter or buffer registered as None or a plain tensor
+        attribute of a submodule (in its ``__dict__``), which ``functional_call`` replaces
+        too; not a property, a parametrized weight (review LH F1: written through its setter,
+        the module's ``original`` changed for good and the gradient was lost) or another kind
+        of attribute (``training``: torch's TypeError)."""
         prefix, _, key = name.rpartition(".")
         try:
             sub = self.module.get_submodule(prefix)
         except AttributeError:
             return False
-        if key in sub._buffers or key in sub._parameters:
-            return True
-        value = getattr(sub, key, _MISSING)
-        return value is not _MISSING and not isinstance(value, nn.Module) and not callable(value)
+        return key in sub._buffers or key in sub._parameters or isinstance(vars(sub).get(key), Tensor)
 
-    def _module_swap(self) -> Optional["Reparametrization"]:
-        """The module's swap now, if it knows every name given. functional_call does not
-        put back the entries of a submodule reached by two paths (torch 2.13); the swap does."""
-        swap = Reparametrization.of(self.module)
-        if not (self.params.keys() <= swap.names and self.buffers.keys() <= swap.names):
+    def _module_swap(self, swap: Optional["Reparametrization"]) -> Optional["Reparametrization"]:
+        """``swap``, the module's swap now, if it knows every name given. functional_call does
+        not put back the entries of a submodule reached by two paths (torch 2.13); the swap
+        does."""
+        if swap is None or not (self.params.keys() <= swap.names and self.buffers.keys() <= swap.names):
             return None
         return swap
 
@@ -778,7 +780,6 @@ class FunctionalModel:
 
 
 _UNJOINED = object()  # (FunctionalModel._swapped with join_only: no swap of the model to join)
-_MISSING = object()  # (FunctionalModel._attribute: no such attribute)
 
 
 def _mapping_like(value: Any) -> bool:
