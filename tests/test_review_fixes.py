@@ -4602,6 +4602,66 @@ def test_to_module_takes_every_name_the_model_takes():
     assert float(net.scale) == 1.0 and net.scale.shape == ()
 
 
+class _TwoPaths(nn.Module):
+    """One linear layer reached by two paths, and a plain tensor attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = self.a
+        self.scale = torch.tensor(1.0)
+        self.extra = None
+
+    def forward(self, x):
+        out = self.b(torch.tanh(self.a(x))) * self.scale
+        return out if self.extra is None else out + self.extra
+
+
+def test_names_functional_call_gets_right_and_the_module_after():
+    # Review LI (session 31). F1 (as functional_call, at bf8618a too): a submodule reached by two
+    # paths, called through functional_call (b.weight; a.weight beside a plain attribute), kept the
+    # given tensor for good (a plain call 4.7 off after). F3: an attribute set to None in __init__ and
+    # given a tensor, refused since c95fa31, runs. F4: a name given None ran at the module's own entry
+    # (0.29 off functional_call). F6: a key that is no string raised the check's AttributeError.
+    torch.manual_seed(0)
+    net = _TwoPaths().double()
+    untouched = copy.deepcopy(net)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    two = torch.tensor(2.0, dtype=torch.float64)
+    for params in ({"b.weight": w}, {"a.weight": w, "scale": two}, {"extra": two}, {"a.bias": None}):
+        want = functional_call(copy.deepcopy(untouched), params, (x,))
+        got = torch_ufom.FunctionalModel(net, params, {})(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if any(v is w for v in params.values()):
+            torch.testing.assert_close(torch.autograd.grad(got.sum(), w)[0],
+                                       torch.autograd.grad(want.sum(), w)[0], rtol=0, atol=0)
+        assert type(net.a.weight) is nn.Parameter and net.a.bias is not None and net.extra is None
+        torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="Invalid params: key 0 is a int"):
+        torch_ufom.FunctionalModel(net, {0: w}, {})(x)
+
+
+@pytest.mark.parametrize("legacy", ["weight_norm", "spectral_norm", "prune"])
+def test_a_weight_a_forward_pre_hook_computes_is_no_name(legacy):
+    # Review LI F2: the legacy hook-based weight_norm, spectral_norm and prune keep the weight as a
+    # plain attribute their forward pre-hook recomputes: given, it was overwritten (gradient None,
+    # 0.74-1.06 off the given weight). Refused: the tensors to give are the hook's own parameters.
+    import warnings
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if legacy == "prune":
+            prune.random_unstructured(lin, "weight", amount=0.5)
+        else:
+            lin = getattr(nn.utils, legacy)(lin)
+    with pytest.raises(ValueError, match="Invalid params: 'weight' is not a name"):
+        torch_ufom.FunctionalModel(lin, {"weight": torch.ones(2, 3, dtype=torch.float64)}, {})(
+            torch.ones(1, 3, dtype=torch.float64))
+
+
 def test_a_model_called_inside_another_models_run_starts_from_no_cache():
     # Review LF F2 (at aa67b83 too): a model called inside another model's run of the same module ran
     # on the None-registered cache the outer forward had made at the outer model's weights (3.4 off

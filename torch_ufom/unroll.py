@@ -488,26 +488,35 @@ class FunctionalModel:
                 # registered as None the forward sets lives for the call only (LD F8).
                 if everything is None:  # (None where a test patches it out, or swap=None was given)
                     everything = Reparametrization.of(self.module)
-                call = functools.partial(self._functional_call, args, kwargs)
+                call = functools.partial(self._functional_call, everything, args, kwargs)
                 return call() if everything is None else self._swapped(everything, call, puts=False)
             return self._swapped(swap, lambda: self.module(*args, **kwargs))
 
-    def _functional_call(self, args: tuple, kwargs: dict):
+    def _functional_call(self, layout: Optional["Reparametrization"], args: tuple, kwargs: dict):
         """The module called through ``torch.func.functional_call`` at this model's tensors (by
-        the names it takes: a tied weight's second name, a plain attribute's)."""
+        the names it takes: a tied weight's second name, a plain attribute's). An entry of
+        ``layout`` left holding a given tensor is put back: functional_call leaves one where a
+        submodule is reached by two paths (review LI F1: the module kept it, 4.7 off after)."""
         given = (dict(self.params), dict(self.buffers))  # (a ParameterDict it refuses: LF F6)
-        if not self.buffers:
-            return functional_call(self.module, given, args, kwargs)
-        # functional_call puts the module's own buffers back before it returns: read the
-        # replaced ones from inside the call, after the forward.
-        slots = [(sub._buffers, key, f"{prefix}.{key}" if prefix else key)
-                 for prefix, sub in self.module.named_modules(remove_duplicate=False)
-                 for key in sub._buffers]
-        handle = self.module.register_forward_hook(lambda *_: self._read_back(slots, given[1]))
+        kept = [(table, key, table[key]) for table, key, _ in layout.slots] if layout is not None else []
+        handle = None
         try:
+            if not self.buffers:
+                return functional_call(self.module, given, args, kwargs)
+            # functional_call puts the module's own buffers back before it returns: read the
+            # replaced ones from inside the call, after the forward.
+            slots = [(sub._buffers, key, f"{prefix}.{key}" if prefix else key)
+                     for prefix, sub in self.module.named_modules(remove_duplicate=False)
+                     for key in sub._buffers]
+            handle = self.module.register_forward_hook(lambda *_: self._read_back(slots, given[1]))
             return functional_call(self.module, given, args, kwargs)
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
+            ids = {id(t) for part in given for t in part.values()}
+            for table, key, tensor in kept:
+                if table[key] is not tensor and id(table[key]) in ids:
+                    table[key] = tensor
 
     def _swapped(self, swap: Optional["Reparametrization"], call: Callable[[], Any], join_only: bool = False,
                  in_run: bool = False, puts: bool = True):
@@ -719,6 +728,10 @@ class FunctionalModel:
                  for name, _ in named(remove_duplicate=False)}
         for kind, given, named in (("params", self.params, self.module.named_parameters),
                                    ("buffers", self.buffers, self.module.named_buffers)):
+            odd = next((name for name in given if not isinstance(name, str)), None)
+            if odd is not None:  # (review LI F6: an AttributeError of the check's)
+                raise TypeError(f"Invalid {kind}: key {odd!r} is a {type(odd).__name__} (expected names, "
+                                f"strings as {named.__name__}() gives them)")
             unknown = [name for name in given if name not in known and not self._attribute(name)]
             if unknown:
                 names = {name for name, _ in named(remove_duplicate=False)}
@@ -730,16 +743,26 @@ class FunctionalModel:
 
     def _attribute(self, name: str) -> bool:
         """Whether ``name`` is a parameter or buffer registered as None or a plain tensor
-        attribute of a submodule (in its ``__dict__``), which ``functional_call`` replaces
-        too; not a property, a parametrized weight (review LH F1: written through its setter,
-        the module's ``original`` changed for good and the gradient was lost) or another kind
-        of attribute (``training``: torch's TypeError)."""
+        attribute of a submodule (in its ``__dict__``, or None there, or a tensor of its
+        class), which ``functional_call`` replaces too; not a property, a parametrized weight
+        (review LH F1: written through its setter, the module's ``original`` changed for good
+        and the gradient was lost), one a forward pre-hook computes, or another kind of
+        attribute (``training``: torch's TypeError)."""
         prefix, _, key = name.rpartition(".")
         try:
             sub = self.module.get_submodule(prefix)
         except AttributeError:
             return False
-        return key in sub._buffers or key in sub._parameters or isinstance(vars(sub).get(key), Tensor)
+        if key in sub._buffers or key in sub._parameters:
+            return True
+        # (not one a forward pre-hook computes: the legacy weight_norm, spectral_norm, prune; the
+        # hook overwrote the given tensor, review LI F2)
+        if any(key in (getattr(hook, "name", None), getattr(hook, "_tensor_name", None))
+               for hook in sub._forward_pre_hooks.values()):
+            return False
+        # (None set in __init__ and given a tensor ran before, review LI F3; a class's tensor too)
+        value = vars(sub)[key] if key in vars(sub) else inspect.getattr_static(type(sub), key, False)
+        return isinstance(value, Tensor) or key in vars(sub) and value is None
 
     def _module_swap(self, swap: Optional["Reparametrization"]) -> Optional["Reparametrization"]:
         """``swap``, the module's swap now, if it knows every name given. functional_call does
@@ -780,6 +803,7 @@ class FunctionalModel:
 
 
 _UNJOINED = object()  # (FunctionalModel._swapped with join_only: no swap of the model to join)
+_ABSENT = object()  # (Reparametrization.put: a name not given)
 
 
 def _mapping_like(value: Any) -> bool:
@@ -1091,8 +1115,10 @@ class Reparametrization:
                 saved.empty.append((table, key, old, table[key]))
         try:
             for table, key, name in self.slots:
-                value = params[name] if name in params else buffers.get(name)
-                if value is not None:
+                # (a name given None puts None, as functional_call does: review LI F4, it ran at
+                # the module's own entry)
+                value = params[name] if name in params else buffers.get(name, _ABSENT)
+                if value is not _ABSENT:
                     saved.append((table, key, table[key]))
                     table[key] = value
         except BaseException:
