@@ -49,6 +49,9 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
 from .inner import own_code, shortcut
@@ -499,6 +502,12 @@ class FunctionalModel:
         submodule is reached by two paths (review LI F1: the module kept it, 4.7 off after)."""
         given = (dict(self.params), dict(self.buffers))  # (a ParameterDict it refuses: LF F6)
         kept = [(table, key, table[key]) for table, key, _ in layout.slots] if layout is not None else []
+        for name in itertools.chain(*given):  # (and each name's own entry: review LJ F1, F6)
+            prefix, _, key = name.rpartition(".")
+            sub = self.module.get_submodule(prefix)
+            table = sub._parameters if key in sub._parameters else \
+                sub._buffers if key in sub._buffers else vars(sub)
+            kept.append((table, key, table.get(key, _ABSENT)))
         handle = None
         try:
             if not self.buffers:
@@ -515,7 +524,10 @@ class FunctionalModel:
                 handle.remove()
             ids = {id(t) for part in given for t in part.values()}
             for table, key, tensor in kept:
-                if table[key] is not tensor and id(table[key]) in ids:
+                now = table.get(key, _ABSENT)
+                if tensor is _ABSENT and now is not _ABSENT:  # (a class's attribute, copied in)
+                    del table[key]
+                elif now is not tensor and id(now) in ids:
                     table[key] = tensor
 
     def _swapped(self, swap: Optional["Reparametrization"], call: Callable[[], Any], join_only: bool = False,
@@ -728,8 +740,8 @@ class FunctionalModel:
                  for name, _ in named(remove_duplicate=False)}
         for kind, given, named in (("params", self.params, self.module.named_parameters),
                                    ("buffers", self.buffers, self.module.named_buffers)):
-            odd = next((name for name in given if not isinstance(name, str)), None)
-            if odd is not None:  # (review LI F6: an AttributeError of the check's)
+            odd = next((name for name in given if not isinstance(name, str)), _ABSENT)
+            if odd is not _ABSENT:  # (review LI F6, LJ F3: an AttributeError of the check's)
                 raise TypeError(f"Invalid {kind}: key {odd!r} is a {type(odd).__name__} (expected names, "
                                 f"strings as {named.__name__}() gives them)")
             unknown = [name for name in given if name not in known and not self._attribute(name)]
@@ -757,8 +769,9 @@ class FunctionalModel:
             return True
         # (not one a forward pre-hook computes: the legacy weight_norm, spectral_norm, prune; the
         # hook overwrote the given tensor, review LI F2)
-        if any(key in (getattr(hook, "name", None), getattr(hook, "_tensor_name", None))
-               for hook in sub._forward_pre_hooks.values()):
+        if any(isinstance(hook, _WEIGHT_HOOKS) and key in (getattr(hook, "name", None),
+                                                            getattr(hook, "_tensor_name", None))
+               for hook in sub._forward_pre_hooks.values()):  # (torch's only: review LJ F2)
             return False
         # (None set in __init__ and given a tensor ran before, review LI F3; a class's tensor too)
         value = vars(sub)[key] if key in vars(sub) else inspect.getattr_static(type(sub), key, False)
@@ -790,7 +803,11 @@ class FunctionalModel:
                     prefix, _, key = name.rpartition(".")
                     sub = module.get_submodule(prefix)
                     held = sub._parameters.get(key, sub._buffers.get(key))
-                    if held is not None and held.shape == value.shape:
+                    if value is None:  # (as the call runs it: review LJ F4)
+                        table = sub._parameters if key in sub._parameters else \
+                            sub._buffers if key in sub._buffers else vars(sub)
+                        table[key] = None
+                    elif held is not None and held.shape == value.shape:
                         held.copy_(value)  # (in place: a tied weight stays tied)
                     elif key in sub._parameters:  # (registered as None, or another shape: LF F5)
                         grad = held.requires_grad if held is not None else True
@@ -804,6 +821,8 @@ class FunctionalModel:
 
 _UNJOINED = object()  # (FunctionalModel._swapped with join_only: no swap of the model to join)
 _ABSENT = object()  # (Reparametrization.put: a name not given)
+# torch's forward pre-hooks that compute a weight kept as a plain attribute (FunctionalModel._attribute)
+_WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
 
 
 def _mapping_like(value: Any) -> bool:
