@@ -803,9 +803,12 @@ class FunctionalModel:
                     prefix, _, key = name.rpartition(".")
                     sub = module.get_submodule(prefix)
                     held = sub._parameters.get(key, sub._buffers.get(key))
-                    if value is None:  # (as the call runs it: review LJ F4)
+                    if value is None:  # (as the call runs it, at every tied name: review LJ F4, LK F1)
                         table = sub._parameters if key in sub._parameters else \
                             sub._buffers if key in sub._buffers else vars(sub)
+                        for t, k, _ in Reparametrization.of(module).slots if held is not None else ():
+                            if t[k] is held:
+                                t[k] = None
                         table[key] = None
                     elif held is not None and held.shape == value.shape:
                         held.copy_(value)  # (in place: a tied weight stays tied)
