@@ -4697,6 +4697,49 @@ def test_entries_of_every_kind_come_back_after_functional_calls_path():
         torch_ufom.FunctionalModel(net, {None: two}, {})(x)
 
 
+class _KeysAsList:
+    """A dict-like whose keys() is a list."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def keys(self):
+        return list(self.data)
+
+    def items(self):
+        return self.data.items()
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+
+def test_bad_values_and_names_are_refused_at_construction_and_by_to_module():
+    # Review LM (session 31). F1, F3: to_module took a typo as a new attribute of the copy (at the
+    # module's own weights) and raised internal errors; F2: it cast a float64 model's weights to the
+    # module's float32 (1e-9 off, then a dtype error); F4: a dict-like whose keys() is a list failed at
+    # the first call; F5: a name in params and buffers ran at params' value (functional_call refuses);
+    # F6: a float or numpy value reached the forward.
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 1).float()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(1, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Invalid params: 'weigth' is not a name"):
+        torch_ufom.FunctionalModel(lin, {"weigth": w}, {}).to_module()
+    model = torch_ufom.FunctionalModel(lin, {"weight": w, "bias": torch.zeros(1, dtype=torch.float64)}, {})
+    copied = model.to_module()
+    assert copied.weight.dtype == torch.float64 and torch.equal(copied.weight, w)
+    torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+    assert lin.weight.dtype == torch.float32
+    for value in (0.5, w.numpy()):
+        with pytest.raises(TypeError, match=r"Invalid params: 'weight' is a (float|ndarray) \(expected a"):
+            torch_ufom.FunctionalModel(lin, {"weight": value}, {})
+    with pytest.raises(ValueError, match="Invalid buffers: 'weight' is given in params too"):
+        torch_ufom.FunctionalModel(lin, {"weight": w}, {"weight": w})
+    net = nn.Linear(3, 1).double()
+    torch.testing.assert_close(torch_ufom.FunctionalModel(net, _KeysAsList({"weight": w}), {})(x),
+                               functional_call(net, {"weight": w}, (x,)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("legacy", ["weight_norm", "spectral_norm", "prune"])
 def test_a_weight_a_forward_pre_hook_computes_is_no_name(legacy):
     # Review LI F2: the legacy hook-based weight_norm, spectral_norm and prune keep the weight as a

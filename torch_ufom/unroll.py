@@ -453,7 +453,9 @@ class FunctionalModel:
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module``, or ``params`` or ``buffers`` not a mapping
-            (a dict, an ``nn.ParameterDict``).
+            (a dict, an ``nn.ParameterDict``) from name to tensor (or None).
+        ValueError: a name in both ``params`` and ``buffers``; at the call (and in
+            :meth:`to_module`), a name that is none of the module's.
     """
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
@@ -465,11 +467,35 @@ class FunctionalModel:
             if not (isinstance(value, expected) or expected is Mapping and _mapping_like(value)):
                 what = "an nn.Module" if expected is nn.Module else "a dict from name to tensor"
                 raise TypeError(f"Invalid {name}: {type(value).__name__} (expected {what})")
+        if swap is ...:  # (a user's model: the library's own pass their swap, and checked values)
+            params, buffers = self._checked(params, buffers)
         self.module = module
         self.params = params
         self.buffers = buffers
         self.swap = swap
         self.serialised = serialised
+
+    @staticmethod
+    def _checked(params, buffers) -> Tuple[Mapping, Mapping]:
+        """``params`` and ``buffers`` as mappings from name to tensor (or None), refused with a
+        message naming the entry where a value is no tensor or a name is in both, as
+        ``functional_call`` refuses it (review LM F4-F6: a dict-like whose keys() is a list
+        failed at the first call, a name in both ran at params' value, a float reached the
+        forward)."""
+        given = []
+        for kind, mapping in (("params", params), ("buffers", buffers)):
+            if not isinstance(mapping, Mapping):  # (a ParameterDict: its items, in a dict)
+                mapping = dict(mapping.items())
+            bad = next(((k, v) for k, v in mapping.items() if v is not None and not isinstance(v, Tensor)),
+                       None)
+            if bad is not None:
+                raise TypeError(f"Invalid {kind}: {bad[0]!r} is a {type(bad[1]).__name__} "
+                                "(expected a tensor)")
+            given.append(mapping)
+        both = next((name for name in given[0] if name in given[1]), None)
+        if both is not None:
+            raise ValueError(f"Invalid buffers: {both!r} is given in params too (give each name once)")
+        return given[0], given[1]
 
     def __call__(self, *args, **kwargs):
         if self.serialised and _SWAPS:
@@ -796,6 +822,8 @@ class FunctionalModel:
     def to_module(self) -> nn.Module:
         """A plain ``nn.Module``: a deep copy of the module holding these parameters and
         buffers (detached), e.g. to save or fine-tune an adapted model."""
+        if self.swap is ... and self._module_swap(Reparametrization.of(self.module)) is None:
+            self._check_names()  # (review LM F1, F3: a typo became an attribute of the copy)
         module = copy.deepcopy(self.module)
         with torch.no_grad():
             for given in (self.params, self.buffers):  # (by the names functional_call takes: LE F3)
@@ -803,22 +831,23 @@ class FunctionalModel:
                     prefix, _, key = name.rpartition(".")
                     sub = module.get_submodule(prefix)
                     held = sub._parameters.get(key, sub._buffers.get(key))
-                    if value is None:  # (as the call runs it, at every tied name: review LJ F4, LK F1)
-                        table = sub._parameters if key in sub._parameters else \
-                            sub._buffers if key in sub._buffers else vars(sub)
-                        for t, k, _ in Reparametrization.of(module).slots if held is not None else ():
-                            if t[k] is held:
-                                t[k] = None
-                        table[key] = None
-                    elif held is not None and held.shape == value.shape:
+                    if held is not None and value is not None and (held.shape, held.dtype, held.device) == \
+                            (value.shape, value.dtype, value.device):
                         held.copy_(value)  # (in place: a tied weight stays tied)
-                    elif key in sub._parameters:  # (registered as None, or another shape: LF F5)
+                        continue
+                    # (None, another shape, dtype or device: review LF F5, LM F2: copy_ cast a float64
+                    # model's weights to the module's float32; at every tied name: LK F1)
+                    new = None if value is None else value.detach().clone()
+                    if new is not None and key in sub._parameters:
                         grad = held.requires_grad if held is not None else True
-                        sub._parameters[key] = nn.Parameter(value.detach().clone(), requires_grad=grad)
-                    elif key in sub._buffers:
-                        sub._buffers[key] = value.detach().clone()
+                        new = nn.Parameter(new, requires_grad=grad)
+                    for t, k, _ in Reparametrization.of(module).slots if held is not None else ():
+                        if t[k] is held:
+                            t[k] = new
+                    if key in sub._parameters or key in sub._buffers:
+                        (sub._parameters if key in sub._parameters else sub._buffers)[key] = new
                     else:  # (a plain attribute, replaced as functional_call replaces it)
-                        setattr(sub, key, value.detach().clone())
+                        setattr(sub, key, new)
         return module
 
 
