@@ -4738,6 +4738,22 @@ def test_bad_values_and_names_are_refused_at_construction_and_by_to_module():
     net = nn.Linear(3, 1).double()
     torch.testing.assert_close(torch_ufom.FunctionalModel(net, _KeysAsList({"weight": w}), {})(x),
                                functional_call(net, {"weight": w}, (x,)), rtol=0, atol=0)
+    # Review LN F1: a ParameterDict was copied into a dict at construction, so an entry the user
+    # replaced or added after it was not seen (2.58 / 0.37 off). LN F2: to_module exported the last of
+    # two tensors given to one tied entry, which the call refuses (3.85 off the first).
+    given = nn.ParameterDict({"weight": nn.Parameter(w.clone())})
+    model = torch_ufom.FunctionalModel(net, given, {})
+    given["weight"] = nn.Parameter(torch.zeros_like(w))
+    given["bias"] = nn.Parameter(torch.ones(1, dtype=torch.float64))
+    torch.testing.assert_close(model(x), torch.ones(4, 1, dtype=torch.float64), rtol=0, atol=0)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).double()
+    tied[1].weight = tied[0].weight
+    twice = {"0.weight": torch.zeros(3, 3, dtype=torch.float64),
+             "1.weight": torch.ones(3, 3, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="tied"):
+        torch_ufom.FunctionalModel(tied, twice, {})(x)
+    with pytest.raises(ValueError, match="Invalid params: '0.weight' and '1.weight' name one tied entry"):
+        torch_ufom.FunctionalModel(tied, twice, {}).to_module()
 
 
 @pytest.mark.parametrize("legacy", ["weight_norm", "spectral_norm", "prune"])

@@ -484,7 +484,9 @@ class FunctionalModel:
         forward)."""
         given = []
         for kind, mapping in (("params", params), ("buffers", buffers)):
-            if not isinstance(mapping, Mapping):  # (a ParameterDict: its items, in a dict)
+            # (a dict-like of the user's: its items, in a dict; a ParameterDict is kept, which the
+            # user may change after: review LN F1)
+            if not isinstance(mapping, (Mapping, nn.ParameterDict)):
                 mapping = dict(mapping.items())
             bad = next(((k, v) for k, v in mapping.items() if v is not None and not isinstance(v, Tensor)),
                        None)
@@ -824,6 +826,17 @@ class FunctionalModel:
         buffers (detached), e.g. to save or fine-tune an adapted model."""
         if self.swap is ... and self._module_swap(Reparametrization.of(self.module)) is None:
             self._check_names()  # (review LM F1, F3: a typo became an attribute of the copy)
+        # One entry (tied names) given two tensors: the call refuses it, as functional_call does
+        # (review LN F2: the copy held the last one given, 3.85 off the first).
+        entries: Dict[int, Tuple[str, Any]] = {}
+        for name, value in itertools.chain(self.params.items(), self.buffers.items()):
+            prefix, _, key = name.rpartition(".")
+            sub = self.module.get_submodule(prefix)
+            held = sub._parameters.get(key, sub._buffers.get(key))
+            first = entries.setdefault(id(held), (name, value)) if held is not None else (name, value)
+            if first[1] is not value:
+                raise ValueError(f"Invalid params: {first[0]!r} and {name!r} name one tied entry and are "
+                                 "given different tensors (give one of them)")
         module = copy.deepcopy(self.module)
         with torch.no_grad():
             for given in (self.params, self.buffers):  # (by the names functional_call takes: LE F3)
