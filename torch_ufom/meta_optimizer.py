@@ -1003,21 +1003,22 @@ class MetaOptimizer:
         raises leaves the written ``.grad`` and the count that goes with it (review LD F6:
         the count was put back, and ``reduction="mean"`` divided the written sum wrongly).
         What the hooks change counts as written by this optimizer."""
-        if not written:
-            return
+        ran = False
         try:
-            for p in written:
+            for p in written or ():
                 hooks = getattr(p, "_post_accumulate_grad_hooks", None)
                 if hooks:
                     own = self._posts.get(id(p))
                     for key, hook in list(hooks.items()):
                         if own is None or key != own.id:
+                            ran = True
                             hook(p)
         finally:
-            self._record(meta)
-            if self.distributed:
-                for p in meta:
-                    self._note(p)
+            if ran:  # (otherwise what _write recorded stands)
+                self._record(meta)
+                if self.distributed:
+                    for p in meta:
+                        self._note(p)
 
     def _restore(self, saved: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> None:
         """:func:`_put_back`, the restored gradients known as written by this optimizer."""
