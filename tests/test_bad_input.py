@@ -19,7 +19,7 @@ from torch import nn
 
 import torch_ufom
 from torch_ufom.inner import SGD, Adam
-from torch_ufom.truncation import Custom, Geometric, TruncationLaw
+from torch_ufom.truncation import Custom, Fixed, Geometric, TruncationLaw
 from helpers import unit_rows
 from snapshot import assert_unchanged, capture, same
 
@@ -619,6 +619,9 @@ KNOB_CASES = {  # keywords, error, message, entry points that take the knobs
                                "truncation", "all"),
     "truncation-beside-ufom": ({"mode": "ufom", "truncation": Geometric(0.5, 0.5)}, ValueError,
                                "truncation", "all"),
+    # (review s32B F2: "Invalid k: 9", though no k= was given)
+    "truncation-fixed-beyond-steps": ({"truncation": Fixed(9)}, ValueError,
+                                      r"Invalid truncation: Fixed\(k=9\).*steps=3", "all"),
     "track-buffers-str": ({"track_buffers": "no"}, TypeError, "track_buffers", "meta"),
     "process-group-false": ({"process_group": False}, ValueError, "process_group", "meta"),
     "inner-lr-negative": ({"inner_lr": -0.1}, ValueError, "inner_lr", "all"),
@@ -807,7 +810,6 @@ def test_numpy_scalars_are_taken_wherever_python_numbers_are():
     model, opt, kw = build_args(q="auto", q_min=np.float32(0.25), q_beta=np.float64(0.5))
     torch_ufom.MetaOptimizer(model, opt, **kw)
     assert Geometric(np.float32(0.5), np.float32(0.5)).probs(3) == Geometric(0.5, 0.5).probs(3)
-    from torch_ufom.truncation import Fixed
     assert Fixed(np.int64(2)).probs(3) == Fixed(2).probs(3)
     with pytest.raises(TypeError, match=r"Invalid slots: .*expected None"):  # (a float: the wrong type)
         torch_ufom.MetaOptimizer(*build_args(slots=np.float32(2.0), memory="checkpoint")[:2],

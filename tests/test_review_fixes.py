@@ -545,17 +545,20 @@ def test_mean_neither_divides_again_a_carried_sparse_gradient():
 
 # -- DF 7: load_state_dict and the dtype of meta_tensors ---------------------------------------------
 
-@pytest.mark.parametrize("value", [0.2, 1e300])
+@pytest.mark.parametrize("value", [0.2, 1e300, "meta-device"])
 def test_load_state_dict_refuses_meta_tensors_of_another_dtype(value):
     # The value was cast into the float32 rate (1e300 -> inf), and the next backward blamed the
-    # outer step.
+    # outer step. A meta-device entry (review s32B F2) raised Tensor.item()'s own error, naming
+    # neither the entry nor the device.
     model = nn.Linear(3, 2, dtype=torch.float32)
     rate = torch.tensor(0.1, dtype=torch.float32, requires_grad=True)
     outer = torch.optim.SGD([{"params": model.parameters()}, {"params": [rate]}], lr=0.0)
     meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=rate, steps=2, mode="exact")
     saved = meta.state_dict()
-    state = dict(saved, meta_tensors=[torch.tensor(value, dtype=torch.float64)])
-    with pytest.raises(ValueError, match="meta_tensors"):
+    entry = torch.tensor(0.2, dtype=torch.float32, device="meta") if value == "meta-device" else \
+        torch.tensor(value, dtype=torch.float64)
+    state = dict(saved, meta_tensors=[entry])
+    with pytest.raises(ValueError, match=r"meta_tensors.*(float64|meta-device)"):
         meta.load_state_dict(state)
     assert rate.dtype == torch.float32 and rate.item() == torch.tensor(0.1, dtype=torch.float32).item()
     assert meta.state_dict()["meta_tensors"][0].item() == saved["meta_tensors"][0].item()

@@ -984,14 +984,22 @@ def test_gradients_carried_into_the_next_step_are_not_divided_again():
     assert_close([p.grad for p in model.parameters()], [2 * f for f in first], 1e-14, "carried mean")
 
 
+@pytest.mark.parametrize("resumed", [False, True], ids=["", "resumed"])
 @pytest.mark.parametrize("clear", ["optimizer", "module"])
-def test_gradients_zeroed_in_place_reset_the_task_count_of_the_mean(clear):
+def test_gradients_zeroed_in_place_reset_the_task_count_of_the_mean(clear, resumed):
     # zero_grad(set_to_none=False) of the outer optimizer or the module discards the tasks
-    # so far: the mean is over the tasks run after it.
+    # so far: the mean is over the tasks run after it. Also after load_state_dict of a dict saved
+    # between tasks, with .grad put back (review s32B F1: the clear was missed, the mean was halved).
     model, meta, tasks = _two_task_run()
     g0, g1 = _task_sums(tasks)
     meta.backward(sq_loss, sq_loss, *tasks[0])
     meta.backward(sq_loss, sq_loss, *tasks[1])
+    if resumed:
+        saved, grads = copy.deepcopy(meta.state_dict()), [p.grad.clone() for p in model.parameters()]
+        model, meta, _ = _two_task_run()
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+        meta.load_state_dict(saved)
     (meta.optimizer if clear == "optimizer" else model).zero_grad(set_to_none=False)
     for support, query in tasks:
         meta.backward(sq_loss, sq_loss, support, query)

@@ -23,7 +23,8 @@ cost). Two rules share this machinery:
   ``docs/maths.md#the-authors-rule``): start
   at and never below 0.05, ``beta = 0.99``, costs counted in inner steps as for
   recomputation (``c_f = r + 1``, ``c_x = r(r-1)/2 + r``, whatever memory
-  setting runs), ``D`` divided by 10, and ``q`` the root in ``(0, 1)`` of
+  setting runs; this ``c_x`` is an exact task's whole count in their budget, used
+  where the derivation has the extra cost), ``D`` divided by 10, and ``q`` the root in ``(0, 1)`` of
 
       (A - D) c_x q^2 - D c_x q - 2 D c_f = 0,
 

@@ -101,8 +101,8 @@ class PerStep:
             learn it), or the numbers as a tuple of floats.
 
     Raises:
-        ValueError: ``values`` is empty, not 1-D, not floating point, or not
-            numbers.
+        TypeError: ``values`` is neither a sequence of numbers nor a tensor.
+        ValueError: ``values`` is empty, or a tensor not 1-D or not floating point.
     """
 
     def __init__(self, values: Union[Sequence[float], Tensor]):

@@ -1461,6 +1461,11 @@ class MetaOptimizer:
         if self._reduced and state_dict.get("tasks") is not None:
             self._tasks, self._reduced_total = 0, self._tasks  # the total synchronize() returns
         self._holding = self._holding or self._tasks > 0 or self._reduced
+        if self._holding and any(p.grad is not None for p in self.meta_parameters()):
+            # The .grad the saved tasks left, as the user put it back: an in-place clear of it
+            # (outer.zero_grad(set_to_none=False)) then restarts the count (review s32B F1: it was
+            # not seen, and reduction="mean" divided the next tasks' sum by the saved ones too).
+            self._record(self.meta_parameters())
         if differs:
             warnings.warn(differs, stacklevel=2)
 
@@ -1784,6 +1789,9 @@ def _check_meta_values(values: Any, extra: List[Tensor], rule: InnerRule) -> Non
         if v.dtype != t.dtype:
             raise ValueError(f"Invalid {name}: a {v.dtype} tensor (expected {t.dtype}, the dtype of the "
                              "meta-parameter it restores)")
+        if v.device.type == "meta":  # (review s32B F2: Tensor.item()'s own error named neither)
+            raise ValueError(f"Invalid {name}: a meta-device tensor has no values (expected a tensor on "
+                             "any device with the values to restore)")
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"Invalid {name}: its values are not all finite")
         root = _root(t)

@@ -282,7 +282,9 @@ class Fixed(_Immutable, TruncationLaw):
     def _k(self, steps: int) -> int:
         k = steps if self.k is None else self.k
         if k > steps:
-            raise ValueError(f"Invalid k: {k} (expected an int in 0..steps={steps})")
+            # (named as the argument the user wrote, truncation= or steps=: review s32B F2)
+            raise ValueError(f"Invalid truncation: {self!r} truncates at k={k}, beyond steps={steps} "
+                             "(expected k in 0..steps)")
         return k
 
     def probs(self, steps: int) -> List[float]:
