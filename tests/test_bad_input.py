@@ -573,10 +573,27 @@ class Short(TruncationLaw):
         return "Short()"
 
 
-@pytest.mark.parametrize("probs", ["abc", None, 3, [0.5, "x", 0.5], [0.5, None, 0.5]])
+@pytest.mark.parametrize("probs", ["abc", None, 3, [0.5, "x", 0.5], [0.5, None, 0.5],
+                                   # (review s32E F2, F6: a dict was read by its keys, Custom({0: 0.9,
+                                   # 1: 0.1}) drawing the exact branch every time; a set in its
+                                   # iteration order; NumPy's booleans; a 0-d tensor failed in torch)
+                                   {0: 0.9, 1: 0.1}, {0.3, 0.7}, "numpy-bools", torch.tensor(1.0),
+                                   torch.tensor([True, False])],
+                         ids=["str", "None", "int", "str-entry", "None-entry", "dict", "set", "numpy-bools",
+                              "0-d-tensor", "bool-tensor"])
 def test_defect_15_custom_probs_of_the_wrong_type(probs):
-    with pytest.raises(TypeError, match="probs"):
+    if isinstance(probs, str) and probs == "numpy-bools":
+        import numpy as np
+        probs = [np.bool_(False), np.bool_(True)]
+    with pytest.raises(TypeError, match="Invalid probs"):
         Custom(probs)
+
+
+def test_defect_15_custom_probs_that_fit_no_steps_are_refused():
+    # Review s32E F6: [1.0] was accepted though no steps >= 1 can use it ([] was refused).
+    for probs in ([], [1.0]):
+        with pytest.raises(ValueError, match=r"Invalid probs: .*steps \+ 1 >= 2"):
+            Custom(probs)
 
 
 @pytest.mark.parametrize("law", [Short(), Geometric(1.0, 1e-160), Custom([0.5, 0.5]),
@@ -1099,3 +1116,98 @@ def test_zero_dimensional_integer_tensors_and_arrays_index_as_ints():
         got.append(env.call("hypergrad", force_truncation=force))
     assert_close(got[1], got[0])
     assert_close(got[2], got[0])
+
+
+# -- review s32E: a rule of the user's that breaks its contract, StepBatches' name, StackedFunctionalModel
+
+class _Plain(torch_ufom.inner.InnerRule):
+    """Plain SGD written as a user would; ``broken`` picks one way to break the contract."""
+
+    def __init__(self, broken=None):
+        self.hyper, self.broken = {"lr": 0.1}, broken
+        if broken == "hyper":
+            self.hyper = None
+        if broken == "ranges":
+            self.ranges = {"lr": (0.0, 1.0)}
+
+    def init(self, params):
+        return None if self.broken == "init" else (1.0,) if self.broken == "init-float" else ()
+
+    def update(self, grads, state, params, hyper):
+        new = {n: p - hyper["lr"] * grads[n] for n, p in params.items()}
+        if self.broken == "pair":
+            return new
+        if self.broken == "missing":
+            new.pop(next(iter(new)))
+        if self.broken == "shape":
+            new = {n: p.sum() for n, p in new.items()}
+        if self.broken == "dtype":
+            new = {n: p.float() for n, p in new.items()}
+        return new, state
+
+
+@pytest.mark.parametrize("broken, error, message", [
+    ("pair", TypeError, r"_Plain.update returned dict \(expected a pair"),
+    ("missing", ValueError, r"_Plain.update returned no entry for parameter '0.weight'"),
+    ("shape", ValueError, r"_Plain.update returned a tensor of shape \(\).*expected its shape \(3, 2\)"),
+    ("dtype", ValueError, r"_Plain.update returned .*float32.*expected its shape \(3, 2\), torch.float64"),
+    ("init", TypeError, r"_Plain.init returned NoneType as its state"),
+    ("init-float", TypeError, r"_Plain.init returned a float in a tuple as its state"),
+    ("hyper", TypeError, r"_Plain.hyper is NoneType \(expected a dict"),
+    ("ranges", TypeError, r"_Plain.ranges\['lr'\] is \(0.0, 1.0\) \(expected"),
+])
+@pytest.mark.parametrize("entry", ["hypergrad", "backward", "adapt"])
+def test_a_rule_that_breaks_its_contract_is_named(entry, broken, error, message):
+    # Review s32E F3: KeyError '0.bias', AttributeError 'NoneType' ..., torch's shape errors from the model.
+    torch.manual_seed(0)
+    model = make_model().double()
+    x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    outer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = capture(model=model, optimizer=outer)
+    with pytest.raises(error, match="Invalid inner: " + message):
+        if entry == "hypergrad":
+            torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=2, inner=_Plain(broken), mode="exact")
+        elif entry == "backward":
+            torch_ufom.MetaOptimizer(model, outer, steps=2, inner=_Plain(broken), mode="ufom").backward(
+                mse, mse, (x, y), (x, y))
+        else:
+            torch_ufom.adapt(model, mse, (x, y), steps=2, inner=_Plain(broken))
+    assert_unchanged(before)
+    assert torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=2, inner=_Plain(), mode="exact")
+
+
+@pytest.mark.parametrize("vectorise", [True, False])
+@pytest.mark.parametrize("entry", BATCH_ENTRIES)
+def test_step_batches_of_a_meta_batch_are_named_supports_on_every_path(entry, vectorise):
+    # Review s32E F4: the per-task loop said "Invalid support", blaming task 0.
+    env = Env()
+    short = torch_ufom.StepBatches([env.supports, env.supports])  # steps=3
+    before = env.snap()
+    with pytest.raises(ValueError, match=r"^Invalid supports: StepBatches must hold exactly steps=3") as info:
+        env.call(entry, support=short, **({"vectorise": vectorise} if entry == "hypergrad_batch" else {}))
+    assert not getattr(info.value, "__notes__", None)
+    assert_unchanged(before)
+    model = make_model()
+    with pytest.raises(ValueError, match=r"^Invalid tasks\[1\]\[0\]: StepBatches must hold exactly steps=3"):
+        tasks = [(env.support, env.query), (torch_ufom.StepBatches([env.support]), env.query)]
+        torch_ufom.diagnose(model, mse, mse, tasks, steps=3, inner_lr=0.1)
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    ({"size": "3"}, TypeError, r"Invalid size: '3' \(expected an int >= 1"),
+    ({"size": 0}, ValueError, r"Invalid size: 0 \(expected an int >= 1"),
+    ({"size": True}, TypeError, r"Invalid size: True"),
+    ({"params": [torch.zeros(3, 3, 2)]}, TypeError, r"Invalid params: list \(expected a dict"),
+    ({"params": {"0.weight": torch.zeros(2, 3, 2)}}, ValueError,
+     r"Invalid params: '0.weight' has shape \(2, 3, 2\) \(expected a tensor whose first dimension "
+     r"indexes the size=3 tasks\)"),
+    ({"module": "net"}, TypeError, r"Invalid module: str \(expected an nn.Module\)"),
+    ({"vectorised": "yes"}, TypeError, r"Invalid vectorised: 'yes'"),
+])
+def test_stacked_functional_model_checks_its_arguments(kw, error, message):
+    # Review s32E F5: nothing was checked until a call failed ("leading size 3, but the stacked model holds
+    # 3 tasks" for size="3"; an AttributeError for a list).
+    args = {"module": make_model(), "params": {"0.weight": torch.zeros(3, 3, 2)}, "buffers": {}, "size": 3,
+            **kw}
+    with pytest.raises(error, match=message):
+        torch_ufom.StackedFunctionalModel(**args)

@@ -21,6 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from .checks import invalid, is_int
 from .config import Settings, check_generator, check_loss, resolve
 from .estimators import SweepLog
 from .functional import restore_rng_on_error
@@ -53,7 +54,22 @@ class StackedFunctionalModel:
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],
                  size: int, vectorised: bool = True):
-        self.module, self.params, self.buffers, self.size = module, params, buffers, size
+        # (a user's: review s32E F5, nothing was checked until a call failed inside, e.g. size="3":
+        # "leading size 3, but the stacked model holds 3 tasks")
+        FunctionalModel(module, params, buffers)  # (its checks of module, params and buffers)
+        params, buffers = FunctionalModel._checked(params, buffers)
+        if not is_int(size):
+            raise invalid("size", size, "an int >= 1, the number of tasks", False)
+        if size < 1:
+            raise invalid("size", size, "an int >= 1, the number of tasks", True)
+        for kind, given in (("params", params), ("buffers", buffers)):
+            for name, value in given.items():
+                if value is not None and (value.dim() == 0 or value.shape[0] != size):
+                    raise ValueError(f"Invalid {kind}: {name!r} has shape {tuple(value.shape)} (expected a "
+                                     f"tensor whose first dimension indexes the size={size} tasks)")
+        if not isinstance(vectorised, bool):
+            raise TypeError(f"Invalid vectorised: {vectorised!r} (expected True or False)")
+        self.module, self.params, self.buffers, self.size = module, params, buffers, int(size)
         self.vectorised = vectorised
 
     @one_call_at_a_time  # (it reads and swaps the module's entries: review GE F1)

@@ -286,6 +286,18 @@ def _rule(settings: Settings, adapted: Mapping[str, Tensor], steps: int) -> Inne
                             "torch_ufom.inner rule, which updates the adapted parameters functionally: e.g. "
                             "torch_ufom.inner.SGD(lr=0.1, momentum=0.9) or torch_ufom.inner.Adam(lr=1e-3))")
         raise TypeError(f"Invalid inner: {inner!r} (expected a torch_ufom.inner rule)")
+    # A rule of the user's: what the library reads of it, named (review s32E F3: AttributeError /
+    # ValueError from deep inside)
+    hyper, ranges = getattr(inner, "hyper", None), getattr(inner, "ranges", None)
+    if not isinstance(hyper, Mapping):
+        raise TypeError(f"Invalid inner: {type(inner).__name__}.hyper is {type(hyper).__name__} (expected a "
+                        "dict from hyperparameter name to value, set in the constructor; {} for none)")
+    odd = next((k for k, v in ranges.items() if not (isinstance(v, tuple) and len(v) == 3)), None) \
+        if isinstance(ranges, Mapping) else ...
+    if odd is not None:
+        what = f".ranges is {type(ranges).__name__}" if odd is ... else f".ranges[{odd!r}] is {ranges[odd]!r}"
+        raise TypeError(f"Invalid inner: {type(inner).__name__}{what} (expected a dict from hyperparameter "
+                        "name to (low, high, closed))")
     inner.validate(adapted, steps=steps)
     return inner
 

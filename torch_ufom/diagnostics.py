@@ -23,7 +23,7 @@ from .config import Settings, check_generator, check_losses, resolve
 from .functional import check_params, estimate_task, resolve_hvp, restore_rng_on_error
 from .inner import InnerRule
 from .truncation import Snapshot
-from .unroll import Problem, host_random_states, one_call_at_a_time, set_host_random_states
+from .unroll import Problem, batch_getter, host_random_states, one_call_at_a_time, set_host_random_states
 
 __all__ = ["Diagnosis", "diagnose"]
 
@@ -110,6 +110,8 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
     config = resolve(Settings(steps, inner_lr, inner, "exact", memory=memory, slots=slots,
                               max_memory=max_memory, hvp=hvp, inner_params=inner_params), model,
                      "diagnose")
+    for i, (support, _) in enumerate(tasks):  # (named as given: it said "support", review s32E F4)
+        batch_getter(support, config.steps, f"tasks[{i}][0]")
     check_losses(inner_loss, outer_loss, model)
     check_generator(generator)
     params = check_params(params, model)

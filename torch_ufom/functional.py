@@ -29,8 +29,9 @@ from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
 from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, one_call_at_a_time,
-                     caller_level, elementwise_rule, held_tensors, per_step_batches, probe_batches,
-                     reads_nothing, root_of, scripted, sparse_weights, wrong_twice_message, COMPILED)
+                     batch_getter, caller_level, elementwise_rule, held_tensors, per_step_batches,
+                     probe_batches, reads_nothing, root_of, scripted, sparse_weights, wrong_twice_message,
+                     COMPILED)
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, Vectorised,
                          attributes_kept, fresh, group_by_truncation, meta_batch_size, noting_listed_tasks,
                          probe_steps,
@@ -106,8 +107,11 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor],
 
 @contextlib.contextmanager
 def restore_rng_on_error(generator: Optional[torch.Generator], always: bool = False):
-    """Put the generator and the global CPU random state back as they were if the body
-    raises, so that a retry draws the same numbers (``always``: whatever happens)."""
+    """Put the generator and torch's global CPU generator back as they were if the body
+    raises, so that a retry draws the same numbers (``always``: whatever happens). NumPy's and
+    Python's global generators, which only the user's losses draw from, are not saved: reading
+    NumPy's state costs about 30 us a call (review s32E F1; ``diagnose``, which runs the losses
+    many times, puts them back)."""
     saved = [(torch.default_generator, torch.default_generator.get_state())]
     if generator is not None:
         saved.append((generator, generator.get_state()))
@@ -347,6 +351,9 @@ def _estimate_batch(problem: Problem, supports: Any, queries: Any, force, diagno
     """:func:`estimate_batch`, without the note for per-task lists."""
     size = meta_batch_size(supports=supports, queries=queries)
     forced = check_force_truncation(force, size, problem.config.steps)
+    # (the meta-batch's StepBatches, named as the argument whatever path runs: the per-task loop
+    # blamed "support" of task 0, review s32E F4)
+    batch_getter(supports, problem.config.steps, "supports")
     with restore_rng_on_error(problem.generator):
         truncations, seeds = _draws(problem, size, forced)
         plan = vectorised_plan(problem, supports, queries, diagnostics, known, truncations)
@@ -949,8 +956,9 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
     Raises:
         TypeError, ValueError: an invalid argument (nothing is changed).
         FloatingPointError: a non-finite loss (forward pass, replay or rebuild)
-            or hypergradient; the generator and the global random state are
-            restored, so a retry reproduces.
+            or hypergradient; ``generator`` and torch's global generator are
+            restored, so a retry reproduces (a loss that draws from NumPy's or
+            Python's global generator has advanced it: reseed it before a retry).
         RuntimeError: the sweep cannot be exact (a ``@once_differentiable``
             Function, an embedding with ``scale_grad_by_freq=True``, a loss that
             gives another value when a step is evaluated again or draws from a

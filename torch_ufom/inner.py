@@ -490,7 +490,8 @@ class InnerRule:
 
     def init(self, params: Mapping[str, Tensor]) -> Tuple[Tensor, ...]:
         """Return the initial optimizer state for ``params``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement init(params), which returns the "
+                                  "rule's initial state: a tuple of tensors, () for none")
 
     @property
     def plain_rate(self) -> Optional[float]:
@@ -501,7 +502,8 @@ class InnerRule:
 
     def update(self, grads, state, params, hyper):
         """Return ``(new_params, new_state)``; see the module docstring."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement update(grads, state, params, "
+                                  "hyper), which returns (new_params, new_state)")
 
     def validate(self, params: Params, steps: Optional[int] = None) -> None:
         """Check the hyperparameters against the adapted parameters.

@@ -772,7 +772,8 @@ class MetaOptimizer:
             TypeError, ValueError: an invalid argument or call (e.g. a task after
                 :meth:`synchronize`).
             NonFiniteHypergradient: a non-finite hypergradient (a ``FloatingPointError``,
-                as a non-finite loss is); the random states are restored.
+                as a non-finite loss is); the generator and torch's global generator are
+                restored (not NumPy's or Python's, which only a loss of yours draws from).
             RuntimeError: the sweep cannot be exact (a ``@once_differentiable``
                 Function, an embedding with ``scale_grad_by_freq=True``, a loss that
                 gives another value when a step is evaluated again or draws from a

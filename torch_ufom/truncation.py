@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping, Set as AbstractSet
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -38,14 +39,16 @@ def _check_steps(steps: int) -> None:
 def _as_probs(values, name: str) -> List[float]:
     """``values`` as a list of floats; ``TypeError`` naming ``name`` if it is not a
     sequence of real numbers, ``ValueError`` if one is negative or not finite."""
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or \
-            not hasattr(values, "__iter__"):
+    # (a dict was read by its keys and a set in its iteration order, review s32E F2: Custom({0: 0.9,
+    # 1: 0.1}) drew the exact branch every time; a 0-d tensor or array failed inside torch, F6)
+    if isinstance(values, (str, bytes, Mapping, AbstractSet)) or not hasattr(values, "__len__") or \
+            not hasattr(values, "__iter__") or getattr(values, "ndim", 1) != 1:
         raise TypeError(f"Invalid {name}: {values!r} (expected a sequence of probabilities "
                         "[P(K = 0), ..., P(K = steps)])")
     out = []
     for i, x in enumerate(values):
-        if isinstance(x, (bool, str, bytes)) or (isinstance(x, torch.Tensor) and
-                                                 (x.numel() != 1 or x.is_complex())):
+        if isinstance(x, (bool, str, bytes)) or getattr(getattr(x, "dtype", None), "kind", None) == "b" or \
+                (isinstance(x, torch.Tensor) and (x.numel() != 1 or x.is_complex() or x.dtype == torch.bool)):
             raise TypeError(f"Invalid {name}[{i}]: {x!r} (expected a real number)")
         try:
             v = float(x)
@@ -312,8 +315,8 @@ class Custom(_Immutable, TruncationLaw):
 
     def __init__(self, probs: Sequence[float]):
         object.__setattr__(self, "_probs", tuple(_as_probs(probs, "probs")))
-        if not self._probs:
-            raise ValueError("Invalid probs: [] (expected steps + 1 >= 2 probabilities)")
+        if len(self._probs) < 2:  # (one, [1.0], fits no steps >= 1: review s32E F6)
+            raise ValueError(f"Invalid probs: {list(self._probs)} (expected steps + 1 >= 2 probabilities)")
         if abs(sum(self._probs) - 1.0) > 1e-6:
             raise ValueError(
                 f"Invalid probs: they sum to {sum(self._probs)!r}, expected 1 within 1e-6")

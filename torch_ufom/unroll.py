@@ -2006,6 +2006,46 @@ def _library_code(rule: Any) -> bool:
     return any(cls.__module__ == _RULES for cls in type(rule).__mro__) and not own_code(rule)
 
 
+def checked_rule_state(rule: Any, state: Any, method: str) -> Tuple[Tensor, ...]:
+    """``state``, what a rule of the user's ``init`` or ``update`` returned as its state, as a
+    tuple; ``TypeError`` naming the rule unless a sequence of tensors (review s32E F3: None
+    or a float failed deep inside)."""
+    if isinstance(state, (str, bytes, Mapping)) or not isinstance(state, Sequence):
+        what = type(state).__name__
+    else:
+        what = next((f"a {type(t).__name__} in a {type(state).__name__}" for t in state
+                     if not isinstance(t, Tensor)), None)
+    if what is not None:
+        raise TypeError(f"Invalid inner: {type(rule).__name__}.{method} returned {what} as its state "
+                        "(expected a tuple of tensors, () for none)")
+    return tuple(state)
+
+
+def checked_update(rule: Any, out: Any, names: Sequence[str], params: Sequence[Tensor]) -> Tuple[Any, Any]:
+    """What a rule of the user's ``update`` returned, ``(new_params, new_state)``, checked: a
+    mapping with a tensor of each adapted parameter's shape, dtype and device, and a tuple of
+    tensors; else an error naming the rule (review s32E F3: a KeyError or a shape error of the
+    model's, deep inside)."""
+    where = f"Invalid inner: {type(rule).__name__}.update returned"
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"{where} {type(out).__name__} (expected a pair (new_params, new_state): a dict "
+                        "name -> tensor and a tuple of tensors)")
+    new_p, new_opt = out
+    if not isinstance(new_p, Mapping):
+        raise TypeError(f"{where} {type(new_p).__name__} as its parameters (expected a dict name -> tensor)")
+    for name, p in zip(names, params):
+        q = new_p.get(name)
+        if not isinstance(q, Tensor):
+            raise (ValueError if name not in new_p else TypeError)(
+                f"{where} {'no entry' if name not in new_p else type(q).__name__} for parameter {name!r} "
+                "(expected a tensor of every adapted parameter)")
+        if (q.shape, q.dtype, q.device) != (p.shape, p.dtype, p.device):
+            raise ValueError(f"{where} a tensor of shape {tuple(q.shape)}, {q.dtype} on {q.device} for "
+                             f"parameter {name!r} (expected its shape {tuple(p.shape)}, {p.dtype} on "
+                             f"{p.device})")
+    return new_p, checked_rule_state(rule, new_opt, "update")
+
+
 def detached_update(rule: Any, names: Sequence[str]) -> str:
     """The error for a rule of the user's whose ``update`` returned the parameters
     ``names`` without a graph."""
@@ -2130,9 +2170,11 @@ class InnerLoop:
     def initial_state(self) -> State:
         """``s_0``: the module's parameters, the rule's initial state, the module's buffers."""
         params = self.evaluator.stack(tuple(self.named[n].detach().clone() for n in self.names))
-        opt = tuple(self.rule.init(dict(zip(self.names, params))))
+        opt = self.rule.init(dict(zip(self.names, params)))
+        if self.own_rule:
+            opt = checked_rule_state(self.rule, opt, "init")
         buffers = tuple(b.detach() for _, b in self.module_buffers)
-        return State(params, opt, buffers)
+        return State(params, tuple(opt), buffers)
 
     def fmodel(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> FunctionalModel:
         """A :class:`FunctionalModel` at ``params``, with fresh copies of ``buffers``."""
@@ -2342,9 +2384,12 @@ class InnerLoop:
             if not torch.is_grad_enabled():
                 return tuple(torch._foreach_add(state.params, grads, alpha=-self.plain_rate)), ()
             return tuple(p.add(g, alpha=-self.plain_rate) for p, g in zip(state.params, grads)), ()
-        new_p, new_opt = self.rule.update(
+        out = self.rule.update(
             dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
             self.rule.hyper)
+        if self.own_rule:
+            out = checked_update(self.rule, out, self.names, state.params)
+        new_p, new_opt = out
         new_p = tuple(new_p[n] for n in self.names)
         if self.own_rule and torch.is_grad_enabled():
             # Every parameter that had a graph lost it (review IA F1: every mode's hypergradient was
