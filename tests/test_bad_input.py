@@ -1173,7 +1173,10 @@ def test_a_rule_that_breaks_its_contract_is_named(entry, broken, error, message)
         else:
             torch_ufom.adapt(model, mse, (x, y), steps=2, inner=_Plain(broken))
     assert_unchanged(before)
-    assert torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=2, inner=_Plain(), mode="exact")
+    # (the rule unbroken runs, and is plain SGD)
+    got = torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=2, inner=_Plain(), mode="exact")
+    want = torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=2, inner=SGD(0.1), mode="exact")
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("vectorise", [True, False])
