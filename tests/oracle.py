@@ -8,6 +8,8 @@ rule is plain SGD with ``lr``, or one of the reference rules below, written
 from ``torch.optim``'s documented formulas (``tests/test_inner.py`` checks
 them against ``torch.optim`` too).
 """
+import math
+
 import torch
 from torch.func import functional_call
 
@@ -221,3 +223,26 @@ def brute_force_partial(model, inner_loss, outer_loss, batch, query, steps, para
     fm, _ = call(phi, buffers)
     loss = scalar(outer_loss(fm, query))
     return _grads(loss, params)
+
+
+def q_ufom_rule(A, D, c_f, c_x, q_min):
+    """The ufom rule's q from docs/maths.md, written out here (not torch_ufom.adaptive's):
+    ``sqrt(c_f D / (c_x (A - D)))`` clipped to ``[q_min, 1]``; 1 if ``A <= D``; ``q_min`` if
+    ``A = D = 0``."""
+    if A == 0.0 and D == 0.0:
+        return q_min
+    if A <= D:
+        return 1.0
+    return min(1.0, max(q_min, math.sqrt(c_f * D / (c_x * (A - D)))))
+
+
+def q_authors_rule(A, D, c_f, c_x, q_min):
+    """The authors' rule's q from docs/maths.md, written out here: the root in (0, 1) of
+    ``(A - D) c_x q^2 - D c_x q - 2 D c_f``, or 1 once ``D >= c_x A / (2 (c_f + c_x))``; at
+    least ``q_min``; ``q_min`` if ``A = D = 0``."""
+    if A == 0.0 and D == 0.0:
+        return q_min
+    if D >= c_x * A / (2 * (c_f + c_x)):
+        return 1.0
+    root = (D * c_x + math.sqrt(D * D * c_x * c_x + 8 * (A - D) * c_x * c_f * D)) / (2 * (A - D) * c_x)
+    return max(q_min, root)

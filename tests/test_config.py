@@ -84,7 +84,7 @@ def test_reconfigure_checks_like_the_constructor_and_changes_nothing_on_error():
     model, loss, data, opt, meta = build(mode="ufom", q="auto", q_rule="authors")
     meta.q_stats = {**meta.q_stats, "n_x": 1, "A": 0.01, "D": 1e-4, "c_f_steps": 0.0}
     before, stats = meta.config, dict(meta.q_stats)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"Invalid c_x"):  # (review s32F F7: any ValueError passed)
         meta.reconfigure(q_min=0.1)
     assert meta.config is before and meta.q_stats == stats
 

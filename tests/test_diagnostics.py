@@ -3,8 +3,7 @@ import pytest
 
 import torch_ufom
 from helpers import mlp_problem
-from oracle import brute_force
-from torch_ufom.adaptive import authors_q, optimal_q
+from oracle import brute_force, q_authors_rule, q_ufom_rule
 
 
 def test_diagnose_measures_A_and_D_and_applies_both_rules():
@@ -23,9 +22,12 @@ def test_diagnose_measures_A_and_D_and_applies_both_rules():
     assert 0 < d.D < d.A and d.tasks == 3
     # Recomputation replays K (K - 1) / 2 steps: r + r(r-1)/2 + 2r - r units per exact task.
     assert d.steps_fom == steps + 1 and d.steps_exact == steps * (steps - 1) / 2 + 2 * steps
-    assert d.q_ufom == optimal_q(d.A, d.D, d.seconds_fom, max(d.seconds_exact - d.seconds_fom,
-                                                              1e-12 * d.seconds_fom), 0.01)
-    assert d.q_authors == authors_q(d.A, d.D / 10, steps + 1, steps * (steps + 1) / 2, 0.05)
+    # (the rules written out in the oracle, not the library's: review s32F F6)
+    assert d.q_ufom == pytest.approx(q_ufom_rule(d.A, d.D, d.seconds_fom, max(d.seconds_exact - d.seconds_fom,
+                                                                              1e-12 * d.seconds_fom), 0.01),
+                                     rel=1e-12)
+    c_f, c_x = steps + 1, steps * (steps + 1) / 2
+    assert d.q_authors == pytest.approx(q_authors_rule(d.A, d.D / 10, c_f, c_x, 0.05), rel=1e-12)
     assert all(p.grad is None for p in model.parameters())
 
 

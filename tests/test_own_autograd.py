@@ -275,7 +275,7 @@ def test_layernorm_hypergrad_batch_defaults_equal_the_per_task_loop(kind):
     loop = loop_hypergrad(make, sups, qrys, mode="exact")
     want = summed([oracle(make(), task(sups, i), task(qrys, i), STEPS) for i in range(TASKS)])
     assert rel_err(loop, want) < 1e-10  # the per-task (revrev) loop is autograd's own answer
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="per-task loop"):  # (review s32F F8: any UserWarning passed)
         got = torch_ufom.hypergrad_batch(make(), mse, mse, sups, qrys, steps=STEPS, inner_lr=LR,
                                          mode="exact")
         assert rel_err(got, loop) < 1e-10  # inside: a wrong number is reported before a missing warning
@@ -289,7 +289,7 @@ def test_layernorm_backward_batch_defaults_equal_the_per_task_loop(kind):
     model = make()
     meta = meta_for(model, mode="exact")
     meta.zero_grad()
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="per-task loop"):  # (review s32F F8: any UserWarning passed)
         meta.backward_batch(mse, mse, sups, qrys)
         assert rel_err(grads(model), loop) < 1e-10
 
@@ -321,7 +321,7 @@ def test_activation_hook_hypergrad_batch_defaults_equal_the_per_task_loop(mode):
     # fire in the outer gradient at level 0.
     sups, qrys = tasks()
     loop = loop_hypergrad(hook_net, sups, qrys, mode=mode)
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="per-task loop"):  # (review s32F F8: any UserWarning passed)
         got = torch_ufom.hypergrad_batch(hook_net(), mse, mse, sups, qrys, steps=STEPS, inner_lr=LR,
                                          mode=mode)
         assert rel_err(got, loop) < 1e-10
@@ -334,7 +334,7 @@ def test_activation_hook_backward_batch_defaults_equal_the_per_task_loop(mode):
     model = hook_net()
     meta = meta_for(model, mode=mode)
     meta.zero_grad()
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="per-task loop"):  # (review s32F F8: any UserWarning passed)
         meta.backward_batch(mse, mse, sups, qrys)
         assert rel_err(grads(model), loop) < 1e-10
 

@@ -47,11 +47,13 @@ class Kind:
         name: the row name in the table.
         build: ``() -> Problem``, deterministic.
         about: one line for the table.
-        buffers: the module has buffers (``hvp="fwdrev"`` may refuse).
+        buffers: the module has buffers.
+        writes_buffers: its losses write them (running statistics in train mode):
+            ``hvp="fwdrev"`` refuses, with the library's sentence for it.
         running_stats: BatchNorm running statistics (the vectorised path may fall back).
         rnn: an RNN (the vectorised path may fall back: no batching rule).
         no_forward_ad: an operator without a forward-mode formula may make
-            ``hvp="fwdrev"`` refuse (the text says which).
+            ``hvp="fwdrev"`` refuse, with torch's own error for it (the text says which).
         must_refuse_fwdrev: a callable returning True when torch lacks the
             formula, so that fwdrev must refuse its exact sweep (not only may).
         random: dropout is active: the oracle cannot replay the library's
@@ -65,6 +67,7 @@ class Kind:
     build: Callable[[], Problem]
     about: str
     buffers: bool = False
+    writes_buffers: bool = False
     running_stats: bool = False
     rnn: bool = False
     no_forward_ad: str = ""
@@ -366,7 +369,7 @@ def padding_embedding(seed=15):
 KINDS = [
     Kind("mlp", mlp, "Linear-Tanh-Linear"),
     Kind("bn_train", conv(lambda: nn.BatchNorm2d(3)), "conv + BatchNorm2d, running stats, train mode",
-         buffers=True, running_stats=True),
+         buffers=True, writes_buffers=True, running_stats=True),
     Kind("bn_eval", conv(lambda: nn.BatchNorm2d(3), train=False),
          "conv + BatchNorm2d, running stats, eval mode", buffers=True, running_stats=True),
     Kind("bn_nostats", conv(lambda: nn.BatchNorm2d(3, track_running_stats=False)),
