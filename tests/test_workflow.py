@@ -655,7 +655,8 @@ def lslr_oracle(task: int):
                                 k, ref_sgd_per_step(rates), names) for k in range(STEPS + 1)]
 
 
-LSLR_PATHS = PATHS + [Path("hypergrad_batch fwdrev", "hypergrad_batch", hvp="fwdrev"),
+LSLR_PATHS = PATHS + [Path("hypergrad fwdrev", "hypergrad", hvp="fwdrev"),
+                      Path("hypergrad_batch fwdrev", "hypergrad_batch", hvp="fwdrev"),
                       Path("backward_batch fwdrev", "backward_batch", hvp="fwdrev")]
 
 
