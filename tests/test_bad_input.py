@@ -589,6 +589,11 @@ def test_defect_15_custom_probs_of_the_wrong_type(probs):
         Custom(probs)
 
 
+def test_defect_15_custom_probs_of_one_element_rows_are_taken():
+    # Review s32H F5: a column of probabilities ran before the checks of 3576170 and was refused by them.
+    assert Custom(torch.tensor([[0.25], [0.25], [0.5]])).probs(2) == [0.25, 0.25, 0.5]
+
+
 def test_defect_15_custom_probs_that_fit_no_steps_are_refused():
     # Review s32E F6: [1.0] was accepted though no steps >= 1 can use it ([] was refused).
     for probs in ([], [1.0]):
@@ -1127,11 +1132,22 @@ class _Plain(torch_ufom.inner.InnerRule):
         self.hyper, self.broken = {"lr": 0.1}, broken
         if broken == "hyper":
             self.hyper = None
+        if broken == "no-hyper":
+            del self.hyper
         if broken == "ranges":
             self.ranges = {"lr": (0.0, 1.0)}
+        if broken == "ranges-str":
+            self.ranges = {"lr": ("a", "b", False)}
+        # what a rule may be (review s32H F1, F2, F4: refused by the first version of these checks)
+        if broken == "parameter-dict":
+            self.hyper = nn.ParameterDict({"lr": nn.Parameter(torch.tensor(0.1, dtype=torch.float64))})
+        if broken == "list-range":
+            self.ranges = {"lr": [0.0, math.inf, False], "momentum": (0.0, 1.0)}  # (a key it does not have)
 
     def init(self, params):
-        return None if self.broken == "init" else (1.0,) if self.broken == "init-float" else ()
+        if self.broken == "generator":
+            return (t for t in ())
+        return {"init": None, "init-float": (1.0,), "init-int": (1,)}.get(self.broken, ())
 
     def update(self, grads, state, params, hyper):
         new = {n: p - hyper["lr"] * grads[n] for n, p in params.items()}
@@ -1143,18 +1159,50 @@ class _Plain(torch_ufom.inner.InnerRule):
             new = {n: p.sum() for n, p in new.items()}
         if self.broken == "dtype":
             new = {n: p.float() for n, p in new.items()}
+        if self.broken == "missing-default":  # (a dict whose __missing__ gives a parameter's update)
+            new = _Defaulting(new, {n: v for i, (n, v) in enumerate(new.items()) if i})
+        if self.broken == "generator":
+            return new, (t for t in state)
         return new, state
 
 
+class _Defaulting(dict):
+    def __init__(self, fallback, entries):
+        super().__init__(entries)
+        self.fallback = fallback
+
+    def __missing__(self, key):
+        return self.fallback[key]
+
+
+@pytest.mark.parametrize("kind", ["parameter-dict", "list-range", "generator", "missing-default"])
+def test_a_rule_of_an_unusual_but_valid_form_runs(kind):
+    # Review s32H F1, F2, F4: an nn.ParameterDict of rates, a range given as a list (and one for a key the
+    # rule does not have), a generator as the state, a dict with __missing__: they ran before the contract
+    # checks came (3576170 refused them), and give what the plain rule gives.
+    torch.manual_seed(0)
+    model = make_model().double()
+    x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    got = torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=2, inner=_Plain(kind), mode="exact")
+    want = torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=2, inner=SGD(0.1), mode="exact")
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(got, want, strict=True))
+    adapted = torch_ufom.adapt(model, mse, (x, y), steps=2, inner=_Plain(kind))
+    plain = torch_ufom.adapt(model, mse, (x, y), steps=2, inner=SGD(0.1))
+    assert all(torch.allclose(adapted.params[n], plain.params[n], rtol=1e-12, atol=0) for n in plain.params)
+
+
 @pytest.mark.parametrize("broken, error, message", [
-    ("pair", TypeError, r"_Plain.update returned dict \(expected a pair"),
+    ("pair", TypeError, r"_Plain.update returned a dict \(expected a pair"),
     ("missing", ValueError, r"_Plain.update returned no entry for parameter '0.weight'"),
     ("shape", ValueError, r"_Plain.update returned a tensor of shape \(\).*expected its shape \(3, 2\)"),
     ("dtype", ValueError, r"_Plain.update returned .*float32.*expected its shape \(3, 2\), torch.float64"),
-    ("init", TypeError, r"_Plain.init returned NoneType as its state"),
-    ("init-float", TypeError, r"_Plain.init returned a float in a tuple as its state"),
+    ("init", TypeError, r"_Plain.init returned None as its state"),
+    ("init-float", TypeError, r"_Plain.init returned a float among its entries as its state"),
     ("hyper", TypeError, r"_Plain.hyper is NoneType \(expected a dict"),
-    ("ranges", TypeError, r"_Plain.ranges\['lr'\] is \(0.0, 1.0\) \(expected"),
+    ("no-hyper", TypeError, r"_Plain has no hyper \(set self.hyper"),
+    ("ranges", TypeError, r"_Plain.ranges\['lr'\] is \(0.0, 1.0\) \(expected \(low, high, closed\)"),
+    ("ranges-str", TypeError, r"_Plain.ranges\['lr'\] is \('a', 'b', False\) \(expected \(low, high"),
+    ("init-int", TypeError, r"_Plain.init returned an int among its entries as its state"),
 ])
 @pytest.mark.parametrize("entry", ["hypergrad", "backward", "adapt"])
 def test_a_rule_that_breaks_its_contract_is_named(entry, broken, error, message):
@@ -1206,6 +1254,9 @@ def test_step_batches_of_a_meta_batch_are_named_supports_on_every_path(entry, ve
      r"indexes the size=3 tasks\)"),
     ({"module": "net"}, TypeError, r"Invalid module: str \(expected an nn.Module\)"),
     ({"vectorised": "yes"}, TypeError, r"Invalid vectorised: 'yes'"),
+    # (review s32H F6: a None entry failed at the call, "'NoneType' object is not subscriptable")
+    ({"params": {"0.weight": torch.zeros(3, 3, 2), "0.bias": None}}, ValueError,
+     r"Invalid params: '0.bias' is None"),
 ])
 def test_stacked_functional_model_checks_its_arguments(kw, error, message):
     # Review s32E F5: nothing was checked until a call failed ("leading size 3, but the stacked model holds

@@ -993,7 +993,7 @@ def test_gradients_carried_into_the_next_step_are_not_divided_again():
     assert_close([p.grad for p in model.parameters()], [2 * f for f in first], 1e-14, "carried mean")
 
 
-@pytest.mark.parametrize("resumed", [False, True], ids=["", "resumed"])
+@pytest.mark.parametrize("resumed", [False, "grads-first", "grads-after"], ids=["", "resumed", "grads-after"])
 @pytest.mark.parametrize("clear", ["optimizer", "module"])
 def test_gradients_zeroed_in_place_reset_the_task_count_of_the_mean(clear, resumed):
     # zero_grad(set_to_none=False) of the outer optimizer or the module discards the tasks
@@ -1006,9 +1006,12 @@ def test_gradients_zeroed_in_place_reset_the_task_count_of_the_mean(clear, resum
     if resumed:
         saved, grads = copy.deepcopy(meta.state_dict()), [p.grad.clone() for p in model.parameters()]
         model, meta, _ = _two_task_run()
+        if resumed == "grads-after":  # (review s32H F3: seen only with .grad put back first)
+            meta.load_state_dict(saved)
         for p, g in zip(model.parameters(), grads):
             p.grad = g
-        meta.load_state_dict(saved)
+        if resumed == "grads-first":
+            meta.load_state_dict(saved)
     (meta.optimizer if clear == "optimizer" else model).zero_grad(set_to_none=False)
     for support, query in tasks:
         meta.backward(sq_loss, sq_loss, support, query)

@@ -64,7 +64,11 @@ class StackedFunctionalModel:
             raise invalid("size", size, "an int >= 1, the number of tasks", True)
         for kind, given in (("params", params), ("buffers", buffers)):
             for name, value in given.items():
-                if value is not None and (value.dim() == 0 or value.shape[0] != size):
+                if value is None:  # (review s32H F6: it failed at the call, "'NoneType' object ...")
+                    raise ValueError(f"Invalid {kind}: {name!r} is None (expected a tensor whose first "
+                                     f"dimension indexes the size={size} tasks; leave the name out to keep "
+                                     "the module's own)")
+                if value.dim() == 0 or value.shape[0] != size:
                     raise ValueError(f"Invalid {kind}: {name!r} has shape {tuple(value.shape)} (expected a "
                                      f"tensor whose first dimension indexes the size={size} tasks)")
         if not isinstance(vectorised, bool):

@@ -27,6 +27,7 @@ import dataclasses
 from collections.abc import Iterator
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -272,6 +273,35 @@ def _choice(value, arg: str, choices: Sequence[str]) -> str:
     return value
 
 
+def _check_rule_contract(inner: InnerRule) -> None:
+    """Raise, naming the rule, where what the library reads of a rule of the user's does not
+    read as it must: ``hyper`` a mapping (a dict, an ``nn.ParameterDict``), and each of its keys'
+    ``ranges`` entry, where there is one, ``(low, high, closed)`` (review s32E F3: an AttributeError
+    or a ValueError from deep inside; s32H F1, F2: a ParameterDict, a list entry and an entry of a
+    key the rule does not have had run, and run again)."""
+    name = type(inner).__name__
+    if not hasattr(inner, "hyper"):
+        raise TypeError(f"Invalid inner: {name} has no hyper (set self.hyper = {{...}} in its constructor, a "
+                        "dict from hyperparameter name to value; {} for none)")
+    hyper = inner.hyper
+    if not isinstance(hyper, (Mapping, nn.ParameterDict)):
+        raise TypeError(f"Invalid inner: {name}.hyper is {type(hyper).__name__} (expected a dict from "
+                        "hyperparameter name to value; {} for none)")
+    ranges = getattr(inner, "ranges", {})
+    if hyper and not callable(getattr(ranges, "get", None)):
+        raise TypeError(f"Invalid inner: {name}.ranges is {type(ranges).__name__} (expected a dict from "
+                        "hyperparameter name to (low, high, closed))")
+    for key in hyper.keys():
+        entry = ranges.get(key) if hyper else None
+        if entry is None:
+            continue
+        fits = isinstance(entry, Sequence) and not isinstance(entry, (str, bytes)) and len(entry) == 3 and \
+            is_real(entry[0]) and is_real(entry[1]) and isinstance(entry[2], numbers.Integral)
+        if not fits:
+            raise TypeError(f"Invalid inner: {name}.ranges[{key!r}] is {entry!r} (expected (low, high, "
+                            "closed): two numbers and a bool)")
+
+
 def _rule(settings: Settings, adapted: Mapping[str, Tensor], steps: int) -> InnerRule:
     inner, inner_lr = settings.inner, settings.inner_lr
     if inner is not None and inner_lr is not None:
@@ -288,16 +318,7 @@ def _rule(settings: Settings, adapted: Mapping[str, Tensor], steps: int) -> Inne
         raise TypeError(f"Invalid inner: {inner!r} (expected a torch_ufom.inner rule)")
     # A rule of the user's: what the library reads of it, named (review s32E F3: AttributeError /
     # ValueError from deep inside)
-    hyper, ranges = getattr(inner, "hyper", None), getattr(inner, "ranges", None)
-    if not isinstance(hyper, Mapping):
-        raise TypeError(f"Invalid inner: {type(inner).__name__}.hyper is {type(hyper).__name__} (expected a "
-                        "dict from hyperparameter name to value, set in the constructor; {} for none)")
-    odd = next((k for k, v in ranges.items() if not (isinstance(v, tuple) and len(v) == 3)), None) \
-        if isinstance(ranges, Mapping) else ...
-    if odd is not None:
-        what = f".ranges is {type(ranges).__name__}" if odd is ... else f".ranges[{odd!r}] is {ranges[odd]!r}"
-        raise TypeError(f"Invalid inner: {type(inner).__name__}{what} (expected a dict from hyperparameter "
-                        "name to (low, high, closed))")
+    _check_rule_contract(inner)
     inner.validate(adapted, steps=steps)
     return inner
 

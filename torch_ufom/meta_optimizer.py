@@ -580,11 +580,21 @@ class MetaOptimizer:
                           "meta.zero_grad() still count (reduction='mean' divides by them, track_buffers "
                           "averages their buffers); if you cleared them, clear through meta.zero_grad()",
                           stacklevel=stacklevel)
-        if not (mean or self._buffers or self._observations) or (self._reduced and not task) or \
-                self._written is None:
+        if not (mean or self._buffers or self._observations) or (self._reduced and not task):
             return  # (a sum needs no count, only the tasks' buffers and q="auto" observations
             # forgotten; after synchronize() the count is spent, unless a task follows: gradients
             # zeroed since then make it the first of a new count)
+        if self._written is None:
+            if self._tasks:
+                # A count load_state_dict restored before .grad was put back (review s32H F3: an
+                # in-place clear after that was not seen): .grad as it is now is the saved tasks',
+                # unless every one is zero (cleared in place), one read for all of them.
+                present = [p for p in meta if p.grad is not None]
+                if not any(_any_nonzero_each(present)):
+                    self._forget_tasks()
+                    return
+                self._record(meta)
+            return
         changed = [p for p, ref, version, _ in self._written
                    if p.grad is None or p.grad is not ref() or p.grad._version != version]
         if not changed:
@@ -883,7 +893,10 @@ class MetaOptimizer:
         Args:
             inner_loss: ``(fmodel, batch) -> scalar tensor``.
             support: one batch, :class:`~torch_ufom.StepBatches` or ``j -> batch``.
-            steps: inner steps (default: the optimizer's ``steps``).
+            steps: inner steps (default: the optimizer's ``steps``). A rule with
+                :class:`~torch_ufom.inner.PerStep` values has one per trained step: more
+                steps are refused (``ValueError``); adapt longer with
+                :func:`torch_ufom.adapt` and a rule of that many values.
             generator: the random streams' generator (default: the global one).
                 Each call draws one seed from it, even for a model without random
                 operations; the optimizer's own ``generator=`` is left alone, so

@@ -42,7 +42,7 @@ def _as_probs(values, name: str) -> List[float]:
     # (a dict was read by its keys and a set in its iteration order, review s32E F2: Custom({0: 0.9,
     # 1: 0.1}) drew the exact branch every time; a 0-d tensor or array failed inside torch, F6)
     if isinstance(values, (str, bytes, Mapping, AbstractSet)) or not hasattr(values, "__len__") or \
-            not hasattr(values, "__iter__") or getattr(values, "ndim", 1) != 1:
+            not hasattr(values, "__iter__") or getattr(values, "ndim", 1) == 0:
         raise TypeError(f"Invalid {name}: {values!r} (expected a sequence of probabilities "
                         "[P(K = 0), ..., P(K = steps)])")
     out = []

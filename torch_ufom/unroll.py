@@ -41,7 +41,7 @@ import threading
 import types
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
@@ -2010,15 +2010,21 @@ def checked_rule_state(rule: Any, state: Any, method: str) -> Tuple[Tensor, ...]
     """``state``, what a rule of the user's ``init`` or ``update`` returned as its state, as a
     tuple; ``TypeError`` naming the rule unless a sequence of tensors (review s32E F3: None
     or a float failed deep inside)."""
-    if isinstance(state, (str, bytes, Mapping)) or not isinstance(state, Sequence):
-        what = type(state).__name__
+    if isinstance(state, (str, bytes, Mapping, Tensor)) or not isinstance(state, Iterable):
+        what = "None" if state is None else _a(type(state).__name__)
     else:
-        what = next((f"a {type(t).__name__} in a {type(state).__name__}" for t in state
+        state = tuple(state)  # (a list, a generator: taken as before, review s32H F4)
+        what = next((f"{'None' if t is None else _a(type(t).__name__)} among its entries" for t in state
                      if not isinstance(t, Tensor)), None)
     if what is not None:
         raise TypeError(f"Invalid inner: {type(rule).__name__}.{method} returned {what} as its state "
                         "(expected a tuple of tensors, () for none)")
-    return tuple(state)
+    return state
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def checked_update(rule: Any, out: Any, names: Sequence[str], params: Sequence[Tensor]) -> Tuple[Any, Any]:
@@ -2027,18 +2033,22 @@ def checked_update(rule: Any, out: Any, names: Sequence[str], params: Sequence[T
     tensors; else an error naming the rule (review s32E F3: a KeyError or a shape error of the
     model's, deep inside)."""
     where = f"Invalid inner: {type(rule).__name__}.update returned"
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(f"{where} {type(out).__name__} (expected a pair (new_params, new_state): a dict "
+    if not (isinstance(out, Sequence) and not isinstance(out, (str, bytes)) and len(out) == 2):
+        raise TypeError(f"{where} {_a(type(out).__name__)} (expected a pair (new_params, new_state): a dict "
                         "name -> tensor and a tuple of tensors)")
     new_p, new_opt = out
     if not isinstance(new_p, Mapping):
-        raise TypeError(f"{where} {type(new_p).__name__} as its parameters (expected a dict name -> tensor)")
+        raise TypeError(f"{where} {_a(type(new_p).__name__)} as its parameters (expected a dict name -> "
+                        "tensor)")
     for name, p in zip(names, params):
-        q = new_p.get(name)
+        try:
+            q = new_p[name]  # (as it is read: a dict's __missing__ too, review s32H F4)
+        except KeyError:
+            raise ValueError(f"{where} no entry for parameter {name!r} (expected a tensor of every adapted "
+                             "parameter)") from None
         if not isinstance(q, Tensor):
-            raise (ValueError if name not in new_p else TypeError)(
-                f"{where} {'no entry' if name not in new_p else type(q).__name__} for parameter {name!r} "
-                "(expected a tensor of every adapted parameter)")
+            raise TypeError(f"{where} {'None' if q is None else _a(type(q).__name__)} for parameter {name!r} "
+                            "(expected a tensor of every adapted parameter)")
         if (q.shape, q.dtype, q.device) != (p.shape, p.dtype, p.device):
             raise ValueError(f"{where} a tensor of shape {tuple(q.shape)}, {q.dtype} on {q.device} for "
                              f"parameter {name!r} (expected its shape {tuple(p.shape)}, {p.dtype} on "
