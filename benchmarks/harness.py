@@ -212,9 +212,9 @@ def spread(s: Mapping[str, Any], basis: str) -> str:
 
 def keep_freed_memory() -> None:
     """Keep freed memory in the process (glibc: no heap trimming, blocks up to 32 MiB from the heap; a
-    no-op elsewhere), so that no timed row pays page faults for memory the previous call gave back: they
-    varied 3-fold between identical runs (400-1,700 per call on the mlp at 20 steps, in a VM where each
-    costs microseconds). PyTorch's CPU tuning guide recommends a caching allocator for the same reason."""
+    no-op elsewhere), so that no timed row pays page faults for memory the previous call gave back (their
+    count varied between identical runs: docs/benchmarks.md). PyTorch's CPU tuning guide recommends a
+    caching allocator for the same reason."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD

@@ -67,8 +67,11 @@ Device {device}, torch {torch}, {threads} thread(s). MLP {widths} ({params:,} pa
 inner SGD lr {lr} (rows `+momentum`: SGD momentum 0.9; `+adam`: Adam lr 1e-3; `+lr`: a learned rate
 per parameter tensor; `inplace+momentum`, `inplace+adam`: the hand-written loop stepping
 `torch.optim.SGD(momentum=0.9)` or `torch.optim.Adam(lr=1e-3)`, and `higher+momentum`,
-`higher+adam`: higher's exact unroll of those optimizers (higher's Adam adds eps before the bias
-correction), the `/ inplace` and `/ higher` bases of the rows with that rule), float32, seed {seed}.
+`higher+adam`: higher's exact unroll of those optimizers, the `/ inplace` and `/ higher` bases of the
+rows with that rule; higher's Adam adds eps before the bias correction, another update whose
+hypergradient differs from torch.optim's Adam's, so the `+adam` rows' `/ higher` is n/a (its row is
+timed all the same); the `+lr` rows have no peer that learns the rates: `/ higher` and `/ inplace`
+n/a), float32, seed {seed}.
 Times: medians over {rounds} round-robin rounds of all rows with the same steps in one process
 (spread: half the inter-quartile range); `ufom`: the expectation
 (1-q) x median first-order draw + q x median exact draw (E), its first-order draws those of the
@@ -384,9 +387,8 @@ def measure_peaks(rows: Sequence[str], steps: Sequence[int], seed: int, device: 
 
 def _map_large_blocks() -> None:
     """Map every block of 32 KiB or more on its own (glibc's ``M_MMAP_THRESHOLD``; a no-op elsewhere),
-    so that the peak RSS follows live memory: at 256 KiB the 80 KB activations and gradients of the
-    MLP came from a fragmented heap, and five identical calls peaked 81-86 MiB (exact/store at 100
-    steps); at 32 KiB 77.7-77.9 MiB. (With glibc's defaults identical calls peaked 99-116 MiB.)"""
+    so that the peak RSS follows live memory: at larger thresholds the MLP's 80 KB activations and
+    gradients come from a fragmented heap, and identical calls peak apart (docs/benchmarks.md)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 32 * 1024)  # M_MMAP_THRESHOLD
 
@@ -467,8 +469,8 @@ def expected_ratio(ufom: Dict, fom: Dict, steps: int, basis: str,
     ``K = steps`` (in the rounds, and in the extra rounds that interleave ufom with fom) and, given
     ``forced`` (the ``ufomK`` row under the same memory setting, timed in the same rounds), its calls
     too: the same work, forced instead of drawn. At ``q = 0.1`` ufom draws one to three exact branches, and
-    neighbouring calls can differ by 40 % on a loaded machine; ``forced`` adds its calls from every
-    round."""
+    neighbouring calls differ on a loaded machine (docs/benchmarks.md); ``forced`` adds its calls from
+    every round."""
     i = ("wall", "cpu").index(basis)
     n, m = ufom["per_round"], fom["per_round"]
     calls = [t[i] for t in fom["times"]]
@@ -541,6 +543,11 @@ def tables(results: Dict[str, Dict], basis: str, long_steps) -> tuple:
         rule = row.split("/")[0].partition("+")[2]
         same = f"+{rule}" if rule in FOM_RULES else ""  # the hand-written loop and higher with that rule
         ref = {m: results.get(f"{m}{same}/-@{steps}", {}).get(basis) for m in ("higher", "inplace")}
+        # (no peer computes what these rows compute: review s32K F2; higher's Adam is another update)
+        if rule == "lr" or rule == "adam" and method != "inplace":
+            ref["higher"] = None
+        if rule == "lr":
+            ref["inplace"] = None
         twin = f"{row.replace('ufomK', 'exact', 1)}@{steps}"
         exact = results.get(twin) if method.startswith("ufomK") else None
         vs_exact = (f"{r[basis] / exact[basis]:.3f}x / {r['peak_mb'] / exact['peak_mb']:.3f}x"

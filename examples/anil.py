@@ -78,7 +78,8 @@ for k in range(outer_steps):
     if k == 0:  # the body is not adapted, yet it gets a meta-gradient
         norms = {part: sum(float(p.grad.norm()) ** 2 for n, p in model.named_parameters()
                            if is_head(n) == (part == "head")) ** 0.5 for part in ("body", "head")}
-        print(f"meta-gradient norm at step 0: body {norms['body']:.4f}, head {norms['head']:.4f}")
+        print(f"meta-gradient norm at step 0 (summed over the meta-batch; step() takes the mean): "
+              f"body {norms['body']:.4f}, head {norms['head']:.4f}")
     meta.step()
     if k % max(1, outer_steps // 4) == 0 or k == outer_steps - 1:
         print(f"outer step {k}: query loss "

@@ -114,7 +114,8 @@ def test_few_shot_digits_adapts_and_reports_accuracy_through_aux():
 @pytest.mark.slow
 def test_anil_adapts_the_head_only_and_meta_learns_the_body():
     out = run("examples/anil.py", "--tiny")
-    norms = re.search(rf"meta-gradient norm at step 0: body {FLOAT}, head {FLOAT}", out)
+    norms = re.search(r"meta-gradient norm at step 0 \(summed over the meta-batch; step\(\) takes the "
+                      rf"mean\): body {FLOAT}, head {FLOAT}", out)
     assert norms and float(norms.group(1)) > 0 and float(norms.group(2)) > 0, out
     line = re.search(r"^largest change by adaptation: (.*)$", out, re.M)
     assert line, out
