@@ -1138,6 +1138,11 @@ class _Plain(torch_ufom.inner.InnerRule):
             self.ranges = {"lr": (0.0, 1.0)}
         if broken == "ranges-str":
             self.ranges = {"lr": ("a", "b", False)}
+        if broken == "ranges-none":  # (review s32L F5: it passed the check and failed unpacking it)
+            self.ranges = {"lr": None}
+        if broken == "numpy-range":  # (review s32L F6: refused by the first version of the check)
+            import numpy as np
+            self.ranges = {"lr": (np.float32(0.0), torch.tensor(1.0), np.True_)}
         # what a rule may be (review s32H F1, F2, F4: refused by the first version of these checks)
         if broken == "parameter-dict":
             self.hyper = nn.ParameterDict({"lr": nn.Parameter(torch.tensor(0.1, dtype=torch.float64))})
@@ -1175,7 +1180,8 @@ class _Defaulting(dict):
         return self.fallback[key]
 
 
-@pytest.mark.parametrize("kind", ["parameter-dict", "list-range", "generator", "missing-default"])
+@pytest.mark.parametrize("kind", ["parameter-dict", "list-range", "generator", "missing-default",
+                                  "numpy-range"])
 def test_a_rule_of_an_unusual_but_valid_form_runs(kind):
     # Review s32H F1, F2, F4: an nn.ParameterDict of rates, a range given as a list (and one for a key the
     # rule does not have), a generator as the state, a dict with __missing__: they ran before the contract
@@ -1203,6 +1209,7 @@ def test_a_rule_of_an_unusual_but_valid_form_runs(kind):
     ("ranges", TypeError, r"_Plain.ranges\['lr'\] is \(0.0, 1.0\) \(expected \(low, high, closed\)"),
     ("ranges-str", TypeError, r"_Plain.ranges\['lr'\] is \('a', 'b', False\) \(expected \(low, high"),
     ("init-int", TypeError, r"_Plain.init returned an int among its entries as its state"),
+    ("ranges-none", TypeError, r"_Plain.ranges\['lr'\] is None \(expected \(low, high"),
 ])
 @pytest.mark.parametrize("entry", ["hypergrad", "backward", "adapt"])
 def test_a_rule_that_breaks_its_contract_is_named(entry, broken, error, message):

@@ -1020,6 +1020,56 @@ def test_gradients_zeroed_in_place_reset_the_task_count_of_the_mean(clear, resum
                  "mean after an in-place zero_grad")
 
 
+@pytest.mark.parametrize("order", ["grads-first", "grads-after"])
+def test_a_dict_saved_after_synchronize_resumes_with_an_in_place_clear(order):
+    # Review s32L F1: with .grad put back after the load, the clear was not seen and the next task was
+    # refused as "a task after synchronize()".
+    model, meta, tasks = _two_task_run()
+    g0, g1 = _task_sums(tasks)
+    for support, query in tasks:
+        meta.backward(sq_loss, sq_loss, support, query)
+    meta.synchronize()
+    saved, grads = copy.deepcopy(meta.state_dict()), [p.grad.clone() for p in model.parameters()]
+    model, meta, _ = _two_task_run()
+    if order == "grads-after":
+        meta.load_state_dict(saved)
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    if order == "grads-first":
+        meta.load_state_dict(saved)
+    meta.optimizer.zero_grad(set_to_none=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for support, query in tasks:
+            meta.backward(sq_loss, sq_loss, support, query)
+    assert meta.synchronize() == 2
+    assert_close([p.grad for p in model.parameters()], [(a + b) / 2 for a, b in zip(g0, g1)], 1e-14,
+                 "mean after a resume from a synchronised dict")
+
+
+def test_a_load_replaces_the_pending_tasks_of_the_optimizer_it_loads_into():
+    # Review s32L F3, F4: the optimizer's own pending tasks (run on a .grad that held something, which
+    # "mean" carries) kept their carried copy through a load (3.3 off) and their .grad made a warning.
+    model, meta, tasks = _two_task_run()
+    g0, g1 = _task_sums(tasks)
+    meta.backward(sq_loss, sq_loss, *tasks[0])
+    saved, grads = copy.deepcopy(meta.state_dict()), [p.grad.clone() for p in model.parameters()]
+    model, meta, _ = _two_task_run()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 5.0)  # carried by the mean
+    meta.backward(sq_loss, sq_loss, *tasks[1])
+    meta.backward(sq_loss, sq_loss, *tasks[1])
+    meta.load_state_dict(saved)
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        meta.backward(sq_loss, sq_loss, *tasks[1])
+    assert meta.synchronize() == 2
+    assert_close([p.grad for p in model.parameters()], [(a + b) / 2 for a, b in zip(g0, g1)], 1e-14,
+                 "mean of the loaded task and the new one")
+
+
 def test_gradients_cleared_in_part_warn_under_the_mean():
     # module.zero_grad() clears the module's gradients only, not a learned rate's: the task
     # count of the mean no longer fits both, which a warning says.

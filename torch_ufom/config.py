@@ -273,6 +273,23 @@ def _choice(value, arg: str, choices: Sequence[str]) -> str:
     return value
 
 
+_NO_RANGE = object()  # (a hyperparameter without a ranges entry: the default range)
+
+
+def _number_like(value: Any) -> bool:
+    """A real number, NumPy's included, or a one-element real tensor."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return is_real(value)
+
+
+def _bool_like(value: Any) -> bool:
+    """A bool or an int (NumPy's too), or a one-element tensor."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1
+    return isinstance(value, numbers.Integral) or getattr(getattr(value, "dtype", None), "kind", None) == "b"
+
+
 def _check_rule_contract(inner: InnerRule) -> None:
     """Raise, naming the rule, where what the library reads of a rule of the user's does not
     read as it must: ``hyper`` a mapping (a dict, an ``nn.ParameterDict``), and each of its keys'
@@ -292,11 +309,13 @@ def _check_rule_contract(inner: InnerRule) -> None:
         raise TypeError(f"Invalid inner: {name}.ranges is {type(ranges).__name__} (expected a dict from "
                         "hyperparameter name to (low, high, closed))")
     for key in hyper.keys():
-        entry = ranges.get(key) if hyper else None
-        if entry is None:
+        entry = ranges.get(key, _NO_RANGE)
+        if entry is _NO_RANGE:
             continue
+        # (as the rule's checks read it: bounds compared with numbers, closed read as a bool; NumPy's
+        # and 0-d tensors' too, review s32L F6; None fails the unpacking, F5)
         fits = isinstance(entry, Sequence) and not isinstance(entry, (str, bytes)) and len(entry) == 3 and \
-            is_real(entry[0]) and is_real(entry[1]) and isinstance(entry[2], numbers.Integral)
+            all(_number_like(bound) for bound in entry[:2]) and _bool_like(entry[2])
         if not fits:
             raise TypeError(f"Invalid inner: {name}.ranges[{key!r}] is {entry!r} (expected (low, high, "
                             "closed): two numbers and a bool)")

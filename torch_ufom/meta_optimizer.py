@@ -585,7 +585,7 @@ class MetaOptimizer:
             # forgotten; after synchronize() the count is spent, unless a task follows: gradients
             # zeroed since then make it the first of a new count)
         if self._written is None:
-            if self._tasks:
+            if self._tasks or self._reduced:
                 # A count load_state_dict restored before .grad was put back (review s32H F3: an
                 # in-place clear after that was not seen): .grad as it is now is the saved tasks',
                 # unless every one is zero (cleared in place), one read for all of them.
@@ -1475,11 +1475,12 @@ class MetaOptimizer:
         if self._reduced and state_dict.get("tasks") is not None:
             self._tasks, self._reduced_total = 0, self._tasks  # the total synchronize() returns
         self._holding = self._holding or self._tasks > 0 or self._reduced
-        if self._holding and any(p.grad is not None for p in self.meta_parameters()):
-            # The .grad the saved tasks left, as the user put it back: an in-place clear of it
-            # (outer.zero_grad(set_to_none=False)) then restarts the count (review s32B F1: it was
-            # not seen, and reduction="mean" divided the next tasks' sum by the saved ones too).
-            self._record(self.meta_parameters())
+        # The pending tasks' bookkeeping is the loaded run's: nothing of this optimizer's own tasks
+        # (review s32L F3, F4: their carried .grad and track_buffers statistics entered the step, 3.3 /
+        # 7.7e-2 off, and their .grad tensors made a warning). What .grad holds is read at the next
+        # task, whichever of .grad and this dict went back first (_check_cleared: review s32B F1,
+        # s32H F3, s32L F1, F2).
+        self._written, self._carried, self._buffers = None, None, []
         if differs:
             warnings.warn(differs, stacklevel=2)
 
