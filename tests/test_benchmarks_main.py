@@ -67,6 +67,26 @@ def test_memory_targets_follow_from_the_rows():
                    (pytest.approx(1.4), False), (pytest.approx(0.2), True), (pytest.approx(1.9), True)]
 
 
+def test_memory_table_compares_rule_rows_only_with_peers_that_compute_the_same():
+    # Review s32K F2: higher's Adam (eps before the bias correction) is another update with another
+    # hypergradient, and no peer learns the rates of the +lr rows: their / higher (and +lr's / inplace)
+    # cells are n/a; momentum's are ratios.
+    from benchmarks import memory
+
+    row = {"wall": 1.0, "cpu": 1.0, "cpu_iqr": [1.0, 1.0], "peak_mb": 10.0, "peak_exact": True}
+    names = ["higher/-", "inplace/-", "higher+adam/-", "inplace+adam/-", "higher+momentum/-",
+             "inplace+momentum/-", "exact+adam/store", "exact+momentum/store", "exact+lr/store"]
+    results = {f"{n}@100": dict(row) for n in names}
+    for n in ("exact+adam/store", "exact+momentum/store", "exact+lr/store"):
+        results[f"{n}@100"]["cpu"] = 2.0
+    short, _ = memory.tables(results, "cpu", 1000)
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[7:9]]
+             for line in short.splitlines() if line.startswith("| ") and "@" not in line}
+    assert cells["exact+momentum/store"] == ["2.00x", "2.00x"]
+    assert cells["exact+adam/store"] == ["n/a", "2.00x"]
+    assert cells["exact+lr/store"] == ["n/a", "n/a"]
+
+
 def test_runner_writes_one_report_with_working_image_links(tmp_path):
     from benchmarks.__main__ import BUDGETS, main
 
