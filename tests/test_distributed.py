@@ -596,3 +596,56 @@ def test_what_grad_carries_is_what_it_held_when_the_first_new_gradient_arrived(t
         assert r["by-hand"].startswith("Invalid .grad: the gradients of '0.weight'")
         assert "the meta-parameters' values" in r["seeded-otherwise"]
         assert r["seeded-otherwise"].endswith("(unchanged)")
+
+
+def resume_worker(rank, world, init_file, out_dir):
+    # Review s32M F1, F2: a dict saved between tasks and loaded into a MetaOptimizer that stepped since
+    # (a rollback) took the .grad put back for one carried from its own last reduction (refused at
+    # step(), or neither summed nor divided); one saved after synchronize() was refused at step().
+    with gloo(rank, world, init_file):
+        out = {}
+        for case in ("rollback", "synchronized"):
+            model, loss, data = mlp_problem(0)
+            start = copy.deepcopy(model.state_dict())
+            meta = meta_for(model, process_group=True, reduction="mean")
+            meta.reconfigure(mode="exact")
+            meta.zero_grad()
+            for t in (0, 1):
+                meta.backward(loss, loss, data[2 * rank + t], data[8])
+            if case == "synchronized":
+                meta.synchronize()
+            saved, grads = copy.deepcopy(meta.state_dict()), [p.grad.clone() for p in model.parameters()]
+            model, loss, data = mlp_problem(0)
+            meta = meta_for(model, process_group=True, reduction="mean")
+            meta.reconfigure(mode="exact")
+            if case == "rollback":  # an outer step of its own first
+                meta.zero_grad()
+                meta.backward(loss, loss, data[7], data[8])
+                meta.step()
+                model.load_state_dict(start)
+            meta.load_state_dict(saved)
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            if case == "rollback":
+                meta.backward(loss, loss, data[4 + rank], data[8])
+            meta.step()
+            out[case] = [p.detach().clone() for p in model.parameters()]
+        torch.save(out, os.path.join(out_dir, f"resume{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_a_resumed_step_sums_the_ranks_tasks_once(tmp_path):
+    mp.spawn(resume_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"resume{r}.pt") for r in range(2)]
+    torch.set_default_dtype(torch.float64)
+    for case, tasks in (("rollback", (0, 1, 4, 2, 3, 5)), ("synchronized", (0, 1, 2, 3))):
+        model, loss, data = mlp_problem(0)  # one process over the union of the ranks' tasks
+        meta = meta_for(model, reduction="mean")
+        meta.reconfigure(mode="exact")
+        meta.zero_grad()
+        for t in tasks:
+            meta.backward(loss, loss, data[t], data[8])
+        meta.step()
+        want = [p.detach() for p in model.parameters()]
+        for r in ranks:
+            assert rel_err(r[case], want) < 1e-12, case

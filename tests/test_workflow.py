@@ -1070,6 +1070,32 @@ def test_a_load_replaces_the_pending_tasks_of_the_optimizer_it_loads_into():
                  "mean of the loaded task and the new one")
 
 
+@pytest.mark.parametrize("order", ["grads-first", "grads-after"])
+def test_saved_tasks_whose_gradient_is_zero_still_count_after_a_resume(order):
+    # Review s32M F3: zeros at the first task after a load were taken for a clear, also where the saved
+    # tasks' gradient was zero (a hinge loss with every margin met): the mean was divided by 1, not 3.
+    model, meta, tasks = _two_task_run()
+    g0, g1 = _task_sums(tasks)
+
+    def no_gradient(f, batch):
+        return 0.0 * sq_loss(f, batch)
+
+    for support, query in tasks:
+        meta.backward(sq_loss, no_gradient, support, query)
+    saved, grads = copy.deepcopy(meta.state_dict()), [p.grad.clone() for p in model.parameters()]
+    assert saved["grad_zero"] and all(not g.any() for g in grads)
+    model, meta, _ = _two_task_run()
+    if order == "grads-after":
+        meta.load_state_dict(saved)
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    if order == "grads-first":
+        meta.load_state_dict(saved)
+    meta.backward(sq_loss, sq_loss, *tasks[1])
+    assert meta.synchronize() == 3
+    assert_close([p.grad for p in model.parameters()], [b / 3 for b in g1], 1e-14, "mean of three tasks")
+
+
 def test_gradients_cleared_in_part_warn_under_the_mean():
     # module.zero_grad() clears the module's gradients only, not a learned rate's: the task
     # count of the mean no longer fits both, which a warning says.

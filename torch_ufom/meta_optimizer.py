@@ -260,6 +260,9 @@ class MetaOptimizer:
         # The .grad tensors as the last write left them (weak reference, version): a later
         # change by other code shows (:meth:`_check_cleared`).
         self._written: Optional[List[Tuple[Tensor, Any, int, bool]]] = None
+        # a loaded dict's tasks left .grad all zero (state_dict's "grad_zero"): zeros at the next
+        # task are theirs, not a clear (review s32M F3)
+        self._zero_saved = False
         # With a process_group: what .grad carries into the next reduction, neither summed nor
         # divided (the same on every rank): copies of what it held when the first gradient
         # since the last reduction arrived (:meth:`_take_kept`); None until then (all of it),
@@ -338,6 +341,7 @@ class MetaOptimizer:
         return state
 
     def __setstate__(self, state):
+        state.setdefault("_zero_saved", False)  # (pickled before it existed)
         self.__dict__.update(state)
         self._hook_outer_step()
         if self.distributed:  # a copy watches its own parameters' accumulators
@@ -540,14 +544,15 @@ class MetaOptimizer:
         """Forget the tasks since the last step: their count, their ``q="auto"``
         observations and the buffers ``track_buffers`` kept of them."""
         self._tasks, self._reduced, self._buffers, self._observations = 0, False, [], []
-        self._holding, self._carried, self._written = False, None, None
+        self._holding, self._carried, self._written, self._zero_saved = False, None, None, False
 
     @contextlib.contextmanager
     def _task_state_kept(self):
         """Put back the count of tasks and what goes with it if the body raises: a task's
         :meth:`_check_cleared` may forget the earlier tasks before the task fails, and a
         refused call changes nothing (the clear it saw is seen again at the next one)."""
-        names = ("_tasks", "_reduced", "_buffers", "_observations", "_holding", "_carried", "_written")
+        names = ("_tasks", "_reduced", "_buffers", "_observations", "_holding", "_carried", "_written",
+                 "_zero_saved")
         saved = [getattr(self, n) for n in names]
         try:
             yield
@@ -590,9 +595,10 @@ class MetaOptimizer:
                 # in-place clear after that was not seen): .grad as it is now is the saved tasks',
                 # unless every one is zero (cleared in place), one read for all of them.
                 present = [p for p in meta if p.grad is not None]
-                if not any(_any_nonzero_each(present)):
+                if not any(_any_nonzero_each(present)) and not self._zero_saved:
                     self._forget_tasks()
                     return
+                self._zero_saved = False
                 self._record(meta)
             return
         changed = [p for p, ref, version, _ in self._written
@@ -1349,7 +1355,10 @@ class MetaOptimizer:
         ``q="auto"`` observations of the tasks since the last :meth:`step`),
         ``"tasks"`` (the number of tasks ``.grad`` holds, which
         ``reduction="mean"`` divides by), ``"reduced"`` (whether
-        :meth:`synchronize` ran since, which then returns ``"tasks"``) and
+        :meth:`synchronize` ran since, which then returns ``"tasks"``),
+        ``"grad_zero"`` (whether the ``.grad`` of those tasks is all zero: a
+        resumed run then does not take zeros for a clear; one read of the
+        values where tasks are pending) and
         ``"settings"`` (the resolved configuration as plain values and strings:
         :meth:`load_state_dict` warns where it differs). The
         gradients themselves live on the parameters, and the buffers
@@ -1365,7 +1374,16 @@ class MetaOptimizer:
                 "q_observations": [dict(o) for o in self._observations],
                 "tasks": self._reduced_total if self._reduced else self._tasks,
                 "reduced": self._reduced,
+                "grad_zero": self._grads_zero(),
                 "settings": self._settings_summary()}
+
+    def _grads_zero(self) -> bool:
+        """Whether pending tasks left every ``.grad`` present all zero (one read; ``False``
+        without pending tasks or without any ``.grad``)."""
+        if not (self._tasks or self._reduced):
+            return False
+        present = [p for p in self.meta_parameters() if p.grad is not None]
+        return bool(present) and not any(_any_nonzero_each(present))
 
     def _extra_meta(self) -> List[Tensor]:
         """The meta-parameters that are not the module's parameters."""
@@ -1481,6 +1499,10 @@ class MetaOptimizer:
         # task, whichever of .grad and this dict went back first (_check_cleared: review s32B F1,
         # s32H F3, s32L F1, F2).
         self._written, self._carried, self._buffers = None, None, []
+        self._zero_saved = bool(state_dict.get("grad_zero"))
+        if self.distributed:  # (nor of its own reductions: review s32M F1, F2, the reviewer's fix)
+            self._set_kept(None if self._reduced else [])
+            self._by_hand = []
         if differs:
             warnings.warn(differs, stacklevel=2)
 
@@ -1590,7 +1612,7 @@ def _warn_unheld(optimizer: torch.optim.Optimizer, rule: InnerRule) -> None:
 # -- state_dict validation ------------------------------------------------------
 
 _STATE_KEYS = ("optimizer", "meta_tensors", "generator", "rank", "q_stats", "q_rule", "q_observations",
-               "tasks", "reduced", "settings")
+               "tasks", "reduced", "grad_zero", "settings")
 # The kind and lowest value of the q="auto" entries whose range is known; the
 # keys themselves come from adaptive.init_stats and adaptive.observe, and an
 # entry not listed here must be a finite float.
@@ -1737,9 +1759,10 @@ def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
         integral = isinstance(rank, numbers.Integral) and not isinstance(rank, bool)
         raise (ValueError if integral else TypeError)(
             f"Invalid state_dict['rank']: {rank!r} (expected None or an int >= 0, the rank that saved it)")
-    reduced = sd.get("reduced")
-    if reduced is not None and not isinstance(reduced, bool):
-        raise TypeError(f"Invalid state_dict['reduced']: {reduced!r} (expected True or False)")
+    for key in ("reduced", "grad_zero"):
+        flag = sd.get(key)
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"Invalid state_dict[{key!r}]: {flag!r} (expected True or False)")
     settings = sd.get("settings")
     if settings is not None and not isinstance(settings, Mapping):
         raise TypeError(f"Invalid state_dict['settings']: {type(settings).__name__} (expected a dict)")
