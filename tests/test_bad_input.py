@@ -1140,6 +1140,8 @@ class _Plain(torch_ufom.inner.InnerRule):
             self.ranges = {"lr": ("a", "b", False)}
         if broken == "ranges-none":  # (review s32L F5: it passed the check and failed unpacking it)
             self.ranges = {"lr": None}
+        if broken == "float-flag":  # (review s32O F3: closed is read for its truth)
+            self.ranges = {"lr": (0.0, math.inf, 0.0)}
         if broken == "numpy-range":  # (review s32L F6: refused by the first version of the check)
             import numpy as np
             self.ranges = {"lr": (np.float32(0.0), torch.tensor(1.0), np.True_)}
@@ -1181,7 +1183,7 @@ class _Defaulting(dict):
 
 
 @pytest.mark.parametrize("kind", ["parameter-dict", "list-range", "generator", "missing-default",
-                                  "numpy-range"])
+                                  "numpy-range", "float-flag"])
 def test_a_rule_of_an_unusual_but_valid_form_runs(kind):
     # Review s32H F1, F2, F4: an nn.ParameterDict of rates, a range given as a list (and one for a key the
     # rule does not have), a generator as the state, a dict with __missing__: they ran before the contract

@@ -1070,7 +1070,7 @@ def test_a_load_replaces_the_pending_tasks_of_the_optimizer_it_loads_into():
                  "mean of the loaded task and the new one")
 
 
-@pytest.mark.parametrize("order", ["grads-first", "grads-after"])
+@pytest.mark.parametrize("order", ["grads-first", "grads-after", "dict-before-the-key"])
 def test_saved_tasks_whose_gradient_is_zero_still_count_after_a_resume(order):
     # Review s32M F3: zeros at the first task after a load were taken for a clear, also where the saved
     # tasks' gradient was zero (a hinge loss with every margin met): the mean was divided by 1, not 3.
@@ -1084,8 +1084,10 @@ def test_saved_tasks_whose_gradient_is_zero_still_count_after_a_resume(order):
         meta.backward(sq_loss, no_gradient, support, query)
     saved, grads = copy.deepcopy(meta.state_dict()), [p.grad.clone() for p in model.parameters()]
     assert saved["grad_zero"] and all(not g.any() for g in grads)
+    if order == "dict-before-the-key":  # (review s32O F1: such a dict's count was dropped)
+        del saved["grad_zero"]
     model, meta, _ = _two_task_run()
-    if order == "grads-after":
+    if order in ("grads-after", "dict-before-the-key"):
         meta.load_state_dict(saved)
     for p, g in zip(model.parameters(), grads):
         p.grad = g.clone()
@@ -1094,6 +1096,17 @@ def test_saved_tasks_whose_gradient_is_zero_still_count_after_a_resume(order):
     meta.backward(sq_loss, sq_loss, *tasks[1])
     assert meta.synchronize() == 3
     assert_close([p.grad for p in model.parameters()], [b / 3 for b in g1], 1e-14, "mean of three tasks")
+
+
+def test_state_dict_of_pending_tasks_with_meta_device_gradients():
+    # Review s32O F2: state_dict() read the values of meta-device .grad (grad_zero) and raised.
+    model = nn.Linear(3, 2, device="meta", dtype=torch.float64)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=LR,
+                                    steps=STEPS, mode="exact", reduction="mean")
+    meta.load_state_dict(dict(meta.state_dict(), tasks=2))
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    assert meta.state_dict()["grad_zero"] is False
 
 
 def test_gradients_cleared_in_part_warn_under_the_mean():

@@ -27,7 +27,6 @@ import dataclasses
 from collections.abc import Iterator
 import itertools
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -283,13 +282,6 @@ def _number_like(value: Any) -> bool:
     return is_real(value)
 
 
-def _bool_like(value: Any) -> bool:
-    """A bool or an int (NumPy's too), or a one-element tensor."""
-    if isinstance(value, Tensor):
-        return value.numel() == 1
-    return isinstance(value, numbers.Integral) or getattr(getattr(value, "dtype", None), "kind", None) == "b"
-
-
 def _check_rule_contract(inner: InnerRule) -> None:
     """Raise, naming the rule, where what the library reads of a rule of the user's does not
     read as it must: ``hyper`` a mapping (a dict, an ``nn.ParameterDict``), and each of its keys'
@@ -312,13 +304,13 @@ def _check_rule_contract(inner: InnerRule) -> None:
         entry = ranges.get(key, _NO_RANGE)
         if entry is _NO_RANGE:
             continue
-        # (as the rule's checks read it: bounds compared with numbers, closed read as a bool; NumPy's
-        # and 0-d tensors' too, review s32L F6; None fails the unpacking, F5)
+        # (as the rule's checks read it: bounds compared with numbers, NumPy's and 0-d tensors' too,
+        # review s32L F6; closed read for its truth, whatever it is, s32O F3; None fails the unpacking, F5)
         fits = isinstance(entry, Sequence) and not isinstance(entry, (str, bytes)) and len(entry) == 3 and \
-            all(_number_like(bound) for bound in entry[:2]) and _bool_like(entry[2])
+            all(_number_like(bound) for bound in entry[:2])
         if not fits:
             raise TypeError(f"Invalid inner: {name}.ranges[{key!r}] is {entry!r} (expected (low, high, "
-                            "closed): two numbers and a bool)")
+                            "closed): two numbers and a flag)")
 
 
 def _rule(settings: Settings, adapted: Mapping[str, Tensor], steps: int) -> InnerRule:

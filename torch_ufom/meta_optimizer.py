@@ -1383,6 +1383,8 @@ class MetaOptimizer:
         if not (self._tasks or self._reduced):
             return False
         present = [p for p in self.meta_parameters() if p.grad is not None]
+        if any(p.grad.device.type == "meta" for p in present):  # (no values: review s32O F2)
+            return False
         return bool(present) and not any(_any_nonzero_each(present))
 
     def _extra_meta(self) -> List[Tensor]:
@@ -1499,7 +1501,8 @@ class MetaOptimizer:
         # task, whichever of .grad and this dict went back first (_check_cleared: review s32B F1,
         # s32H F3, s32L F1, F2).
         self._written, self._carried, self._buffers = None, None, []
-        self._zero_saved = bool(state_dict.get("grad_zero"))
+        # (a dict saved before the key existed: the count kept, as it was then, review s32O F1)
+        self._zero_saved = bool(state_dict.get("grad_zero", True))
         if self.distributed:  # (nor of its own reductions: review s32M F1, F2, the reviewer's fix)
             self._set_kept(None if self._reduced else [])
             self._by_hand = []

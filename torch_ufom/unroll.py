@@ -2159,6 +2159,7 @@ class InnerLoop:
         self.math_attention = math_attention
         self.plain_rate = rule.plain_rate
         self.own_rule = not _library_code(rule)  # its update is looked at for a lost graph
+        self.rule_checked = False  # its output's contract, checked at the first step (checked_update)
         # A sparse gradient (nn.Embedding(sparse=True)) goes through an additive rule's
         # p - lr g as it is; other rules mix it with dense tensors, which sparse ops refuse,
         # in their forward and in their backward (a sparse cotangent of the new parameters,
@@ -2397,8 +2398,9 @@ class InnerLoop:
         out = self.rule.update(
             dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
             self.rule.hyper)
-        if self.own_rule:
+        if self.own_rule and not self.rule_checked:  # (the first step's: review s32O F4, 5 us a step)
             out = checked_update(self.rule, out, self.names, state.params)
+            self.rule_checked = True
         new_p, new_opt = out
         new_p = tuple(new_p[n] for n in self.names)
         if self.own_rule and torch.is_grad_enabled():
