@@ -544,7 +544,7 @@ def tables(results: Dict[str, Dict], basis: str, long_steps) -> tuple:
         same = f"+{rule}" if rule in FOM_RULES else ""  # the hand-written loop and higher with that rule
         ref = {m: results.get(f"{m}{same}/-@{steps}", {}).get(basis) for m in ("higher", "inplace")}
         # (no peer computes what these rows compute: review s32K F2; higher's Adam is another update)
-        if rule == "lr" or rule == "adam" and method != "inplace":
+        if rule in ("lr", "adam"):
             ref["higher"] = None
         if rule == "lr":
             ref["inplace"] = None

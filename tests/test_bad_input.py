@@ -1274,3 +1274,17 @@ def test_stacked_functional_model_checks_its_arguments(kw, error, message):
             **kw}
     with pytest.raises(error, match=message):
         torch_ufom.StackedFunctionalModel(**args)
+
+
+def test_a_rule_that_checks_its_values_in_its_constructor_gets_the_named_error():
+    # Review s32P F5: InnerRule's docstring asks a rule to call _check_values(); with a malformed range it
+    # raised "not enough values to unpack" before the contract check could name it.
+    class Ranged(torch_ufom.inner.InnerRule):
+        ranges = {"lr": (0.0, 1.0)}
+
+        def __init__(self):
+            self.hyper = {"lr": 0.1}
+            self._check_values()
+
+    with pytest.raises(TypeError, match=r"Invalid inner: Ranged.ranges\['lr'\] is \(0.0, 1.0\)"):
+        Ranged()

@@ -50,6 +50,16 @@ class StackedFunctionalModel:
             refused the module during the adaptation, or where the adaptation's
             look found a tensor kept outside the module, which a forward may
             keep; a call that ``vmap`` refuses runs task by task either way).
+
+    :func:`adapt_batch` builds it; built by hand, its arguments are the attributes above
+    (``size`` an int >= 1, ``vectorised`` a bool).
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``, ``params`` or ``buffers`` not a
+            mapping from name to tensor, ``size`` not an int or ``vectorised`` not a bool.
+        ValueError: ``size`` < 1, a name in both mappings, or an entry that is None
+            (leave the name out to keep the module's own) or whose first dimension is
+            not ``size``.
     """
 
     def __init__(self, module: nn.Module, params: Dict[str, Tensor], buffers: Dict[str, Tensor],

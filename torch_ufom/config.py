@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from . import adaptive
 from .checks import invalid, is_int, is_real
-from .inner import SGD, InnerRule
+from .inner import SGD, InnerRule, check_rule_contract
 from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation, is_bernoulli
 from .unroll import check_parametrize_cache, positional_obstacle
@@ -272,47 +272,6 @@ def _choice(value, arg: str, choices: Sequence[str]) -> str:
     return value
 
 
-_NO_RANGE = object()  # (a hyperparameter without a ranges entry: the default range)
-
-
-def _number_like(value: Any) -> bool:
-    """A real number, NumPy's included, or a one-element real tensor."""
-    if isinstance(value, Tensor):
-        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
-    return is_real(value)
-
-
-def _check_rule_contract(inner: InnerRule) -> None:
-    """Raise, naming the rule, where what the library reads of a rule of the user's does not
-    read as it must: ``hyper`` a mapping (a dict, an ``nn.ParameterDict``), and each of its keys'
-    ``ranges`` entry, where there is one, ``(low, high, closed)`` (review s32E F3: an AttributeError
-    or a ValueError from deep inside; s32H F1, F2: a ParameterDict, a list entry and an entry of a
-    key the rule does not have had run, and run again)."""
-    name = type(inner).__name__
-    if not hasattr(inner, "hyper"):
-        raise TypeError(f"Invalid inner: {name} has no hyper (set self.hyper = {{...}} in its constructor, a "
-                        "dict from hyperparameter name to value; {} for none)")
-    hyper = inner.hyper
-    if not isinstance(hyper, (Mapping, nn.ParameterDict)):
-        raise TypeError(f"Invalid inner: {name}.hyper is {type(hyper).__name__} (expected a dict from "
-                        "hyperparameter name to value; {} for none)")
-    ranges = getattr(inner, "ranges", {})
-    if hyper and not callable(getattr(ranges, "get", None)):
-        raise TypeError(f"Invalid inner: {name}.ranges is {type(ranges).__name__} (expected a dict from "
-                        "hyperparameter name to (low, high, closed))")
-    for key in hyper.keys():
-        entry = ranges.get(key, _NO_RANGE)
-        if entry is _NO_RANGE:
-            continue
-        # (as the rule's checks read it: bounds compared with numbers, NumPy's and 0-d tensors' too,
-        # review s32L F6; closed read for its truth, whatever it is, s32O F3; None fails the unpacking, F5)
-        fits = isinstance(entry, Sequence) and not isinstance(entry, (str, bytes)) and len(entry) == 3 and \
-            all(_number_like(bound) for bound in entry[:2])
-        if not fits:
-            raise TypeError(f"Invalid inner: {name}.ranges[{key!r}] is {entry!r} (expected (low, high, "
-                            "closed): two numbers and a flag)")
-
-
 def _rule(settings: Settings, adapted: Mapping[str, Tensor], steps: int) -> InnerRule:
     inner, inner_lr = settings.inner, settings.inner_lr
     if inner is not None and inner_lr is not None:
@@ -329,7 +288,7 @@ def _rule(settings: Settings, adapted: Mapping[str, Tensor], steps: int) -> Inne
         raise TypeError(f"Invalid inner: {inner!r} (expected a torch_ufom.inner rule)")
     # A rule of the user's: what the library reads of it, named (review s32E F3: AttributeError /
     # ValueError from deep inside)
-    _check_rule_contract(inner)
+    check_rule_contract(inner)
     inner.validate(adapted, steps=steps)
     return inner
 

@@ -96,6 +96,11 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
         A :class:`Diagnosis`. Nothing is written to ``.grad``; the module, the
         generator and the global random state are left as they were (the
         draws of a training run that calls it in between do not move).
+
+    Raises:
+        TypeError, ValueError: an invalid argument, named as given (``tasks``, a task's
+            support as ``tasks[i][0]``, the keywords as :func:`~torch_ufom.hypergrad`'s).
+        FloatingPointError, RuntimeError: as :func:`~torch_ufom.hypergrad` raises them.
     """
     if isinstance(tasks, (str, bytes, Mapping)) or not hasattr(tasks, "__iter__"):
         raise TypeError(f"Invalid tasks: {type(tasks).__name__} (expected a non-empty sequence of "

@@ -204,7 +204,7 @@ def estimate_task(problem: Problem, support: Any, query: Any, force=None,
                   diagnostics: bool = False, hooks: bool = True) -> Estimate:
     """Draw ``K`` (unless forced) and return one task's :class:`~torch_ufom.estimators.Estimate`.
 
-    The generator and the global random state are restored if anything raises.
+    The generator and torch's global generator are restored if anything raises.
     """
     forced = check_force_truncation(force, None, problem.config.steps)
     with restore_rng_on_error(problem.generator):

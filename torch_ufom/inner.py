@@ -27,6 +27,18 @@ shared by every parameter is in practice a scalar, a per-parameter one may
 have the parameter's shape (Meta-SGD). ``validate`` checks this, with the
 values' ranges, against the adapted parameters before anything runs.
 
+A rule of your own is checked where the library reads it, each error naming the
+rule (``Invalid inner: ...``). When the configuration is resolved: ``hyper`` is a
+mapping (a dict or an ``nn.ParameterDict``) and each ``ranges`` entry of a key of
+``hyper`` a sequence ``(low, high, closed)`` of two numbers and a flag read for
+its truth (``TypeError`` otherwise). At the first step of each call: ``init``
+returns an iterable of tensors as the state (a tuple, a list, a generator; a
+non-tensor entry is a ``TypeError``), and ``update`` a pair: a mapping with a
+tensor of every adapted parameter's shape, dtype and device (a missing name or
+another shape, dtype or device is a ``ValueError``, a non-tensor a ``TypeError``),
+and an iterable of tensors. Later steps are not checked. A rule without ``init``
+or ``update`` raises ``NotImplementedError`` naming it.
+
 ``first_order_additive`` declares that, with the gradients held constant (the
 first-order rule ``F~`` of ``docs/maths.md#the-first-order-rule``), the update leaves the adjoint of the
 state unchanged and is linear in the gradients with the same coefficients at
@@ -462,6 +474,47 @@ def own_code(rule: Any) -> bool:
     return any(not _library_class(klass) and _has_code(klass) for klass in type(rule).__mro__)
 
 
+_NO_RANGE = object()  # (a hyperparameter without a ranges entry: the default range)
+
+
+def _number_like(value: Any) -> bool:
+    """A real number, NumPy's included, or a one-element real tensor."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_rule_contract(inner: "InnerRule") -> None:
+    """Raise, naming the rule, where what the library reads of a rule of the user's does not
+    read as it must: ``hyper`` a mapping (a dict, an ``nn.ParameterDict``), and each of its keys'
+    ``ranges`` entry, where there is one, ``(low, high, closed)`` (review s32E F3: an AttributeError
+    or a ValueError from deep inside; s32H F1, F2: a ParameterDict, a list entry and an entry of a
+    key the rule does not have had run, and run again)."""
+    name = type(inner).__name__
+    if not hasattr(inner, "hyper"):
+        raise TypeError(f"Invalid inner: {name} has no hyper (set self.hyper = {{...}} in its constructor, a "
+                        "dict from hyperparameter name to value; {} for none)")
+    hyper = inner.hyper
+    if not isinstance(hyper, (Mapping, torch.nn.ParameterDict)):
+        raise TypeError(f"Invalid inner: {name}.hyper is {type(hyper).__name__} (expected a dict from "
+                        "hyperparameter name to value; {} for none)")
+    ranges = getattr(inner, "ranges", {})
+    if hyper and not callable(getattr(ranges, "get", None)):
+        raise TypeError(f"Invalid inner: {name}.ranges is {type(ranges).__name__} (expected a dict from "
+                        "hyperparameter name to (low, high, closed))")
+    for key in hyper.keys():
+        entry = ranges.get(key, _NO_RANGE)
+        if entry is _NO_RANGE:
+            continue
+        # (as the rule's checks read it: bounds compared with numbers, NumPy's and 0-d tensors' too,
+        # review s32L F6; closed read for its truth, whatever it is, s32O F3; None fails the unpacking, F5)
+        fits = isinstance(entry, Sequence) and not isinstance(entry, (str, bytes)) and len(entry) == 3 and \
+            all(_number_like(bound) for bound in entry[:2])
+        if not fits:
+            raise TypeError(f"Invalid inner: {name}.ranges[{key!r}] is {entry!r} (expected (low, high, "
+                            "closed): two numbers and a flag)")
+
+
 class InnerRule:
     """Base class of inner update rules (see the module docstring for the contract).
 
@@ -570,7 +623,10 @@ class InnerRule:
                     steps=steps, per_step=key not in self.fixed)
 
     def _check_values(self) -> None:
-        """Validate the values alone (a dict's names are checked by ``validate``)."""
+        """Validate the values alone (a dict's names are checked by ``validate``), after what
+        :func:`check_rule_contract` checks (review s32P F5: a rule's constructor calling this met
+        the raw errors first)."""
+        check_rule_contract(self)
         for key, value in self.hyper.items():
             self._check(key, value, list(value) if isinstance(value, Mapping) else (), None)
 

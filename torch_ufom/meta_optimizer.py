@@ -854,6 +854,11 @@ class MetaOptimizer:
                 names it); nothing is written.
             ValueError: tensors whose leading sizes differ (the message names
                 the entry), or another invalid argument; nothing is written.
+            FloatingPointError: a non-finite loss, or (``NonFiniteHypergradient``,
+                its subclass) hypergradient; nothing is written, and the generator and
+                torch's global generator are restored (not NumPy's or Python's).
+            RuntimeError: the sweep cannot be exact, as for :meth:`backward`;
+                nothing is written.
         """
         with self._task_state_kept():
             problem = self._problem(inner_loss, outer_loss)
@@ -900,9 +905,9 @@ class MetaOptimizer:
             inner_loss: ``(fmodel, batch) -> scalar tensor``.
             support: one batch, :class:`~torch_ufom.StepBatches` or ``j -> batch``.
             steps: inner steps (default: the optimizer's ``steps``). A rule with
-                :class:`~torch_ufom.inner.PerStep` values has one per trained step: more
-                steps are refused (``ValueError``); adapt longer with
-                :func:`torch_ufom.adapt` and a rule of that many values.
+                :class:`~torch_ufom.inner.PerStep` values has one per trained step: any
+                other number of steps is refused (``ValueError``); adapt longer or
+                shorter with :func:`torch_ufom.adapt` and a rule of that many values.
             generator: the random streams' generator (default: the global one).
                 Each call draws one seed from it, even for a model without random
                 operations; the optimizer's own ``generator=`` is left alone, so
@@ -1442,6 +1447,14 @@ class MetaOptimizer:
         saved under another ``q_min`` (or ``q_init``) have ``q`` chosen again
         from them, as :meth:`reconfigure` does.
         Dicts saved before a key existed load without it.
+
+        Resuming between tasks: the optimizer's own pending tasks (their count,
+        carried gradients and ``track_buffers`` statistics) are replaced by the
+        loaded ones. ``.grad`` is yours to save and put back, before or after
+        this call: the next task reads it once, and all zeros then count as a
+        clear (``zero_grad(set_to_none=False)``), which forgets the loaded
+        tasks, unless the dict's ``"grad_zero"`` says the saved tasks' gradient
+        was zero (a dict saved before that key existed keeps its count).
 
         Raises:
             TypeError: ``state_dict`` or one of its entries has the wrong type.

@@ -308,7 +308,16 @@ class Custom(_Immutable, TruncationLaw):
 
     Args:
         probs: a sequence of ``steps + 1`` non-negative numbers summing to 1,
-            with ``P(K = steps) > 0`` (so every survival probability is positive).
+            with ``P(K = steps) > 0`` (so every survival probability is positive):
+            a list, tuple, NumPy array or 1-D tensor (one-element rows are read as
+            their number).
+
+    Raises:
+        TypeError: ``probs`` is not such a sequence (a dict, a set, a string, a
+            0-d tensor or array), or an entry is not a real number (bools refused).
+        ValueError: fewer than 2 entries, a negative or non-finite one, or a sum
+            other than 1 (within 1e-6). ``steps + 1`` entries and ``P(K = steps) > 0``
+            are checked where the law is used with a number of steps.
     """
 
     _fields = ("_probs",)

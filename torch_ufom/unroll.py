@@ -2018,7 +2018,7 @@ def checked_rule_state(rule: Any, state: Any, method: str) -> Tuple[Tensor, ...]
                      if not isinstance(t, Tensor)), None)
     if what is not None:
         raise TypeError(f"Invalid inner: {type(rule).__name__}.{method} returned {what} as its state "
-                        "(expected a tuple of tensors, () for none)")
+                        "(expected a tuple or list of tensors, () for none)")
     return state
 
 
@@ -2035,7 +2035,7 @@ def checked_update(rule: Any, out: Any, names: Sequence[str], params: Sequence[T
     where = f"Invalid inner: {type(rule).__name__}.update returned"
     if not (isinstance(out, Sequence) and not isinstance(out, (str, bytes)) and len(out) == 2):
         raise TypeError(f"{where} {_a(type(out).__name__)} (expected a pair (new_params, new_state): a dict "
-                        "name -> tensor and a tuple of tensors)")
+                        "name -> tensor and a tuple or list of tensors)")
     new_p, new_opt = out
     if not isinstance(new_p, Mapping):
         raise TypeError(f"{where} {_a(type(new_p).__name__)} as its parameters (expected a dict name -> "
