@@ -66,8 +66,8 @@ class StackedFunctionalModel:
                  size: int, vectorised: bool = True):
         # (a user's: review s32E F5, nothing was checked until a call failed inside, e.g. size="3":
         # "leading size 3, but the stacked model holds 3 tasks")
-        FunctionalModel(module, params, buffers)  # (its checks of module, params and buffers)
-        params, buffers = FunctionalModel._checked(params, buffers)
+        checked = FunctionalModel(module, params, buffers)  # (its checks of module, params and buffers)
+        params, buffers = checked.params, checked.buffers
         if not is_int(size):
             raise invalid("size", size, "an int >= 1, the number of tasks", False)
         if size < 1:
