@@ -41,6 +41,8 @@ def _as_probs(values, name: str) -> List[float]:
     sequence of real numbers, ``ValueError`` if one is negative or not finite."""
     # (a dict was read by its keys and a set in its iteration order, review s32E F2: Custom({0: 0.9,
     # 1: 0.1}) drew the exact branch every time; a 0-d tensor or array failed inside torch, F6)
+    if type(values) in (list, tuple) and all(type(x) is float and 0.0 <= x < math.inf for x in values):
+        return list(values)  # (a built-in law's probs, read at every call: the checks below pass)
     if isinstance(values, (str, bytes, Mapping, AbstractSet)) or not hasattr(values, "__len__") or \
             not hasattr(values, "__iter__") or getattr(values, "ndim", 1) == 0:
         raise TypeError(f"Invalid {name}: {values!r} (expected a sequence of probabilities "
