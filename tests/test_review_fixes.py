@@ -4818,8 +4818,6 @@ def test_a_functional_call_models_call_beside_another_models_is_refused(first):
     # Review LF F3 (at aa67b83 too): functional_call's path (here a tied weight's second name) took no
     # part in the registry of swaps, so it and another model of the module ran in two threads on each
     # other's entries (1.99 and 0.29 off, no error). The later call is refused; the earlier is right.
-    import threading
-    import time
     torch.manual_seed(0)
     net = _SlowTied().double()
     untouched = copy.deepcopy(net)
@@ -4828,19 +4826,7 @@ def test_a_functional_call_models_call_beside_another_models_is_refused(first):
              "functional_call": {"b.weight": torch.randn(3, 3, dtype=torch.float64)}}
     order = [first, "functional_call" if first == "swap" else "swap"]
     models = {k: torch_ufom.FunctionalModel(net, v, {}) for k, v in given.items()}
-    got = {}
-
-    def call(k):
-        try:
-            got[k] = models[k](x)
-        except RuntimeError as error:
-            got[k] = error
-    threads = [threading.Thread(target=call, args=(k,)) for k in order]
-    threads[0].start()
-    time.sleep(0.1)
-    threads[1].start()
-    for thread in threads:
-        thread.join(10)
+    got = _two_threads(lambda k: models[k](x), order)
     assert isinstance(got[order[1]], RuntimeError) and "two models of one _SlowTied" in str(got[order[1]])
     want = functional_call(untouched, given[order[0]], (x,))
     torch.testing.assert_close(got[order[0]], want, rtol=0, atol=0)
@@ -4852,26 +4838,12 @@ def test_one_functional_call_models_calls_in_two_threads_are_refused():
     # Review LG F1 (at aa67b83 too): the second thread's call of a model on functional_call's path
     # joined the first's swap, but each functional_call restores the entries for itself: the second
     # ran 3.6 off and the module kept the model's weight (1.8 off). The second is refused.
-    import threading
-    import time
     torch.manual_seed(0)
     net = _SlowTied().double()
     untouched = copy.deepcopy(net)
     x = torch.randn(4, 3, dtype=torch.float64)
     model = torch_ufom.FunctionalModel(net, {"b.weight": torch.randn(3, 3, dtype=torch.float64)}, {})
-    got = {}
-
-    def call(k):
-        try:
-            got[k] = model(x)
-        except RuntimeError as error:
-            got[k] = error
-    threads = [threading.Thread(target=call, args=(k,)) for k in range(2)]
-    threads[0].start()
-    time.sleep(0.1)
-    threads[1].start()
-    for thread in threads:
-        thread.join(10)
+    got = _two_threads(lambda k: model(x), range(2))
     assert isinstance(got[1], RuntimeError) and "ran in two threads at once" in str(got[1])
     torch.testing.assert_close(got[0], functional_call(untouched, model.params, (x,)), rtol=0, atol=0)
     for p, q in zip(net.parameters(), untouched.parameters()):
@@ -4897,8 +4869,6 @@ def test_a_value_given_to_a_shared_parameter_free_submodule_is_not_read_by_anoth
     # submodule that another module shares ran beside that module's head model in another thread,
     # which read the value (2.34 off): the swap counted the tables its module's forward reads by its
     # entries, and that submodule has none. The later call is refused.
-    import threading
-    import time
     torch.manual_seed(0)
     shared = _SlowScale()
     nets = [nn.Sequential(shared, nn.Linear(3, 1)).double() for _ in range(2)]
@@ -4907,19 +4877,7 @@ def test_a_value_given_to_a_shared_parameter_free_submodule_is_not_read_by_anoth
     models = [torch_ufom.FunctionalModel(nets[0], {"0.s": torch.tensor(3.0, dtype=torch.float64)}, {}),
               torch_ufom.FunctionalModel(nets[1], head, {})]
     want = functional_call(copy.deepcopy(nets[1]), head, (x,))
-    got = {}
-
-    def call(k):
-        try:
-            got[k] = models[k](x)
-        except RuntimeError as error:
-            got[k] = error
-    threads = [threading.Thread(target=call, args=(k,)) for k in (1, 0)]
-    threads[0].start()
-    time.sleep(0.1)
-    threads[1].start()
-    for thread in threads:
-        thread.join(10)
+    got = _two_threads(lambda k: models[k](x), (1, 0))
     assert isinstance(got[0], RuntimeError) and "ran in two threads at once" in str(got[0])
     torch.testing.assert_close(got[1], want, rtol=0, atol=0)
     assert float(shared.s) == 1.0
@@ -5000,3 +4958,24 @@ def test_functional_model_takes_what_functional_call_takes():
         with pytest.raises(ValueError, match=f"Invalid params: '{name}' is not a name"):
             torch_ufom.FunctionalModel(normed, {name: w}, {})(x)
     assert all(torch.equal(p, o) for p, o in zip(normed.parameters(), own))
+
+
+def _two_threads(call, keys):
+    """``{k: call(k) or the RuntimeError it raised}``: the first key's call started in a thread, the
+    second's 0.1 s later in another (the thread races of reviews LF-LG)."""
+    import threading
+    import time
+    got = {}
+
+    def run(k):
+        try:
+            got[k] = call(k)
+        except RuntimeError as error:
+            got[k] = error
+    threads = [threading.Thread(target=run, args=(k,)) for k in keys]
+    threads[0].start()
+    time.sleep(0.1)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    return got
