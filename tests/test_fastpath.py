@@ -402,3 +402,54 @@ def test_under_autocast_every_step_sees_its_own_parameters(mode, where):
     assert len(set(torch.stack(losses).tolist())) == steps  # the loop moved at every step
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_plain_swap_is_a_token_until_another_call_looks():
+    """A swap with nothing to join, watch or read back (no other swap active, no buffers) is
+    registered as a token, the only entry of the registry; a call nested in it (or another
+    thread's) turns it into the entry and group the general path makes, and nests over it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    own = [p for p in net.parameters()]
+    full = lambda v, *shape: torch.full(shape, v, dtype=torch.float64)  # noqa: E731
+    outer = torch_ufom.FunctionalModel(net, {"0.weight": full(1.0, 2, 2)}, {})
+    inner_ = torch_ufom.FunctionalModel(net, {"2.weight": full(2.0, 1, 2)}, {})
+    x = torch.ones(1, 2, dtype=torch.float64)
+    seen = {}
+
+    def fn(m):
+        seen["token"] = [type(entry) for entry in unroll._SWAPS]
+        y = inner_(x)  # nested: promotes the token, swaps 2.weight over it
+        seen["after"] = [[e.model for e in group.stack] for group in unroll._SWAPS]
+        seen["weight"] = m[0].weight
+        return y
+
+    y = outer.run(fn)
+    assert seen["token"] == [list]
+    assert seen["after"] == [[outer]]  # the nested swap came off, the outer one is an entry now
+    assert torch.equal(seen["weight"], full(1.0, 2, 2))
+    with torch.no_grad():
+        want = torch.tanh(x @ full(1.0, 2, 2).T + own[1]) @ full(2.0, 1, 2).T + own[3]
+    assert torch.equal(y, want)
+    assert [p for p in net.parameters()] == own and all(type(p) is nn.Parameter for p in own)
+    assert not unroll._SWAPS
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
+def test_the_token_path_is_bit_identical_to_the_registered_one(kind, monkeypatch):
+    """The quick registration is the general one run faster: with it switched off, every swap
+    registered as an entry and a group, the same hypergradients bit for bit."""
+    fast = run(kind, "exact", "store", hvp="revrev")
+    init = unroll.Reparametrization.__init__
+
+    def general(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.plain = False
+    monkeypatch.setattr(unroll.Reparametrization, "__init__", general)
+    calls = []
+    register = unroll._Group.__init__
+    monkeypatch.setattr(unroll._Group, "__init__",
+                        lambda self, entry: calls.append(1) or register(self, entry))
+    slow = run(kind, "exact", "store", hvp="revrev")
+    assert calls  # (the general path ran)
+    assert len(fast) == len(slow) and all(torch.equal(a, b) for a, b in zip(fast, slow))

@@ -184,6 +184,8 @@ def _new_locks_after_fork() -> None:
     # innermost (review LA F6: the child's module held another thread's tensors, and a
     # hypergradient there started from them, 0.79 off); the forking thread's stay, its own.
     me = threading.get_ident()
+    if _SWAPS and type(_SWAPS[0]) is list:
+        _register_quick()
     for group in list(_SWAPS):
         for entry in group.stack:
             entry.only(me)
@@ -500,6 +502,8 @@ class FunctionalModel:
         return given[0], given[1]
 
     def __call__(self, *args, **kwargs):
+        if not self.serialised and self.swap is not ... and self.swap is not None:  # (the loop's models)
+            return self._swapped(self.swap, functools.partial(self.module, *args, **kwargs))
         if self.serialised and _SWAPS:
             # A call inside this model's own run (a worker's) joins that swap without the process
             # lock, which the thread in run holds (review LC F4, KF F4: it waited forever).
@@ -577,8 +581,41 @@ class FunctionalModel:
         (``functional_call``): the swap puts none, writes the tables of the model's names and
         of the entries tied to them, and nests rather than joins (another thread's call of the
         model is refused)."""
-        thread = threading.get_ident()
+        thread, token = threading.get_ident(), None
+        if puts and not (join_only or self.buffers) and swap.plain:
+            with _SWAPS_LOCK:
+                if not (_SWAPS or _NONE_WATCH):
+                    # The one swap active, of no buffers: nothing to join, watch or read back. It is
+                    # registered as a token (a list, the only entry of _SWAPS) that every other look at
+                    # _SWAPS first turns into the entry and group the general path makes (_register_quick),
+                    # so a call nested in it or another thread's sees what it would have seen (an
+                    # entry and a group per call are a measurable share of a small model's `fom` step).
+                    params, saved = self.params, []
+                    try:
+                        for table, key, name in swap.slots:
+                            if name in params:
+                                saved.append((table, key, table[key]))
+                                table[key] = params[name]
+                    except BaseException:
+                        Reparametrization.undo(saved, note=False)
+                        raise
+                    token = [self, swap, saved, thread, in_run]
+                    _SWAPS.append(token)
+        if token is not None:
+            try:
+                return call()
+            finally:
+                with _SWAPS_LOCK:
+                    quick = len(token) == 5
+                    if quick:  # (never registered: undone as the general path undoes it, no
+                        _SWAPS.remove(token)  # buffer registered as None watched)
+                        for table, key, value in reversed(saved):
+                            table[key] = value
+                if not quick:
+                    self._leave(token[5], thread, None)
         with _SWAPS_LOCK:
+            if _SWAPS and type(_SWAPS[0]) is list:
+                _register_quick()
             if join_only:
                 group = next((group for group in _SWAPS
                               if group.stack[-1].model is self and group.stack[-1].in_run), None)
@@ -616,35 +653,41 @@ class FunctionalModel:
         try:
             return call()
         finally:
-            replaced = None
-            if watched is not None:  # a replacement made under the transform cannot leave it
-                replaced = next((name for table, key, name, tensor in watched if table[key] is not tensor),
-                                None)
-                for table, key, _, tensor in watched:
-                    table[key] = tensor
-            with _SWAPS_LOCK:
-                if entry.leave(thread):
-                    # Undo the swaps no call runs in any more, from the innermost: one below a
-                    # swap another thread still runs in waits for it (review KJ F1: a worker left
-                    # in a nested model's swap, the outer swap restored the module under it).
-                    group, error = entry.group, None
-                    while group.stack and not group.stack[-1].threads:
-                        done = group.pop()
-                        try:  # (a read-back that raises: every swap below is still undone)
-                            if done.given:
-                                done.model._read_back(done.swap.slots, done.given)
-                        except BaseException as err:  # noqa: BLE001 (raised below, after the undoing)
-                            error = error or err
-                        finally:
-                            done.swap.undo(done.saved)
-                            if done.given:
-                                group.hand_down(done.model)
-                    if not group.stack and group in _SWAPS:  # (a forked child's registry starts empty)
-                        _SWAPS.remove(group)
-                    if error is not None:
-                        raise error
-            if replaced is not None:
-                raise _replaced_under_transform(replaced)
+            self._leave(entry, thread, watched)
+
+    @staticmethod
+    def _leave(entry: "_Swap", thread: int, watched: Optional[List]) -> None:
+        """:meth:`_swapped`'s end of a call in ``entry``: the buffers ``watched`` (under a
+        transform) put back, and the swaps no call runs in any more undone."""
+        replaced = None
+        if watched is not None:  # a replacement made under the transform cannot leave it
+            replaced = next((name for table, key, name, tensor in watched if table[key] is not tensor),
+                            None)
+            for table, key, _, tensor in watched:
+                table[key] = tensor
+        with _SWAPS_LOCK:
+            if entry.leave(thread):
+                # Undo the swaps no call runs in any more, from the innermost: one below a
+                # swap another thread still runs in waits for it (review KJ F1: a worker left
+                # in a nested model's swap, the outer swap restored the module under it).
+                group, error = entry.group, None
+                while group.stack and not group.stack[-1].threads:
+                    done = group.pop()
+                    try:  # (a read-back that raises: every swap below is still undone)
+                        if done.given:
+                            done.model._read_back(done.swap.slots, done.given)
+                    except BaseException as err:  # noqa: BLE001 (raised below, after the undoing)
+                        error = error or err
+                    finally:
+                        done.swap.undo(done.saved)
+                        if done.given:
+                            group.hand_down(done.model)
+                if not group.stack and group in _SWAPS:  # (a forked child's registry starts empty)
+                    _SWAPS.remove(group)
+                if error is not None:
+                    raise error
+        if replaced is not None:
+            raise _replaced_under_transform(replaced)
 
     def run(self, fn: Callable, /, *args, **kwargs):
         """``fn(module, *args, **kwargs)`` with the module at this model's parameters and
@@ -1046,8 +1089,21 @@ def _crowded(module: nn.Module) -> RuntimeError:
         "(FunctionalModel.to_module())")
 
 
-# The groups of active swaps (an entry lives only while a call of its model runs).
-_SWAPS: List[_Group] = []
+def _register_quick() -> None:
+    """Turn the token of a swap made on :meth:`FunctionalModel._swapped`'s quick path (the only
+    entry of ``_SWAPS``: ``[model, swap, saved, thread, in_run]``) into the entry and group the
+    general path makes, before anything else looks at ``_SWAPS`` (under ``_SWAPS_LOCK``); the
+    token keeps the entry, which its call leaves as the general path's calls do."""
+    token = _SWAPS[0]
+    model, swap, saved, thread, in_run = token
+    entry = _Swap(model, swap, saved, None, thread, model._written(swap), in_run)
+    _SWAPS[0] = _Group(entry)
+    token.append(entry)
+
+
+# The groups of active swaps (an entry lives only while a call of its model runs); or the token
+# of the one swap made on the quick path (_register_quick).
+_SWAPS: List[Any] = []
 _SWAPS_LOCK = threading.Lock()
 _ORDER = itertools.count()
 
@@ -1124,6 +1180,7 @@ class Reparametrization:
         # None, given to a model through functional_call, read by another module's model)
         self.reads = self.tables if reads is None else reads | self.tables
         self.parametrized = parametrized
+        self.plain = not (parametrized or self.empty)  # (FunctionalModel._swapped's quick path)
 
     @classmethod
     def of(cls, module: nn.Module) -> "Reparametrization":
