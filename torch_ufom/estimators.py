@@ -119,7 +119,8 @@ class SweepLog:
         self.same_rows: Optional[Tensor] = None
 
     def first(self, loss: Tensor, exact: bool = False) -> None:
-        """A step of the forward pass (its finiteness is read from ``values`` at the end)."""
+        """A step of the forward pass (its finiteness is read from ``values`` at the end);
+        ``loss`` is copied without a graph (it need not be detached)."""
         if self.values is None:
             self.values = torch.empty((self.steps,) + tuple(loss.shape), dtype=loss.dtype,
                                       device=loss.device)
@@ -128,7 +129,12 @@ class SweepLog:
             # indexing, and views of every row would keep about 650 bytes per step
             self._row0, i = self.count, 0
             self._rows = self.values[self.count:self.count + _ROWS].unbind(0)
-        self._rows[i].copy_(loss)
+        grad = torch.is_grad_enabled()  # (a copy recorded for autograd costs ~1 % of a small model's
+        torch._C._set_grad_enabled(False)  # first-order loop; a detach before it too)
+        try:
+            self._rows[i].copy_(loss)
+        finally:
+            torch._C._set_grad_enabled(grad)
         self.count += 1
         self._count(exact)
 

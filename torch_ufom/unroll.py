@@ -2533,7 +2533,7 @@ class InnerLoop:
                 torch._foreach_add_(targets, grads, alpha=rate)
                 if buffers:
                     state = State(params, state.opt, buffers)
-                log.first(loss.detach())
+                log.first(loss)
         return state, None
 
     def _watched_grad(self, leaves: State, j: int):
