@@ -304,7 +304,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     # unchanged, so it is not swept and the exact records keep no gradient for it
     # (ufom's exact branch then costs what exact costs).
     rule = loop.rule
-    additive = shortcut(rule, "first_order_additive")
+    additive = not loop.dense_grads  # (the loop's shortcut(rule, "first_order_additive"))
     identity = (additive or shortcut(rule, "first_order_identity")) and not loop.learned_hyper
     # An additive rule needs nothing of the first r - K steps in reverse but their
     # summed gradients, and an identity one nothing at all; any other rule sweeps

@@ -1762,9 +1762,9 @@ def reads_meta(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor], 
     roots = {id(root_of(t)) for t in meta}
     if any(id(root_of(t)) in roots for t in held_tensors(rule)):
         return True
-    if not (shortcut(rule, "first_order_additive") or shortcut(rule, "first_order_identity")) \
-            or _library_code(rule):
-        return False  # no shortcut to lose, or a built-in rule's code, which reads only hyperparameters
+    if _library_code(rule) or not (shortcut(rule, "first_order_additive")
+                                   or shortcut(rule, "first_order_identity")):
+        return False  # a built-in rule's code, which reads only hyperparameters, or no shortcut to lose
     key = (id(rule), tuple(id(t) for t in meta))
     if _READS_META.get(key) is rule:
         return True
@@ -2183,7 +2183,9 @@ class InnerLoop:
         if self.none_buffers:  # (what a swap noted before this loop: another call's)
             assigned_none_buffers().clear()
         self.hvp_checked = False  # a forward-over-reverse HVP was compared with reverse mode's
-        self.elementwise = elementwise_rule(rule)  # each parameter's update its own
+        library = _library_code(rule)  # (asked once: it walks the rule's classes)
+        self.own_rule = not library  # its update is looked at for a lost graph
+        self.elementwise = library or elementwise_rule(rule)  # each parameter's update its own
         self.outer_unread: frozenset = _NOTHING
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
         self.batch = batch_getter(support, self.steps)
@@ -2215,7 +2217,6 @@ class InnerLoop:
         self.cuda_devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
         self.math_attention = math_attention
         self.plain_rate = rule.plain_rate
-        self.own_rule = not _library_code(rule)  # its update is looked at for a lost graph
         self.rule_checked = False  # its output's contract, checked at the first step (checked_update)
         # A sparse gradient (nn.Embedding(sparse=True)) goes through an additive rule's
         # p - lr g as it is; other rules mix it with dense tensors, which sparse ops refuse,
