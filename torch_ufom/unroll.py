@@ -1611,6 +1611,9 @@ class Loop(Protocol):
         """An evaluator's check of an inner loss evaluated with a graph at ``params``."""
 
 
+_NONE_TYPE = type(None)  # (PerTask.grad: a gradient autograd.grad left None)
+
+
 class PerTask:
     """The :class:`Evaluator` of one task: ``torch.autograd`` on the losses."""
 
@@ -1634,10 +1637,10 @@ class PerTask:
         if create_graph:
             loop.check_twice_differentiable(loss, state.params)
         grads = torch.autograd.grad(loss, state.params, create_graph=create_graph, allow_unused=True)
-        if any(g is None for g in grads):
+        if _NONE_TYPE in map(type, grads):
             loop.note_unread(frozenset(i for i, g in enumerate(grads) if g is None))
             grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(state.params, grads))
-        else:
+        elif loop.unread is None or loop.unread:  # (once a step read every parameter, nothing to note)
             loop.note_unread(_NOTHING)
         # Buffers are not differentiated: one the forward wrote with a graph (an update
         # without no_grad) must not carry it into the next step.
