@@ -4979,3 +4979,53 @@ def _two_threads(call, keys):
     for thread in threads:
         thread.join(10)
     return got
+
+
+def test_a_rule_whose_init_turns_its_shortcut_off_gets_no_shortcut_in_that_call():
+    # Review s33B F1 (session 33): the estimator took the additive shortcut from the loop's
+    # constructor, before the rule's init ran; a rule of the user's whose init turns it off (an
+    # instance may only turn a shortcut off) with a learned rate then swept p - lr (g + wd p) as
+    # additive: fom 62 % off the first-order unroll on its first call.
+    class DecaySGD(torch_ufom.inner.InnerRule):
+        first_order_additive = first_order_identity = True
+
+        def __init__(self, lr, wd):
+            self.hyper = {"lr": lr, "wd": wd}
+
+        def init(self, params):
+            if self.hyper["wd"] != 0:
+                self.first_order_additive = self.first_order_identity = False
+            return ()
+
+        def update(self, grads, state, params, hyper):
+            return {n: p - hyper["lr"] * (grads[n] + hyper["wd"] * p) for n, p in params.items()}, ()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    sup, qry = [(torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))
+                for _ in range(2)]
+    lr, wd, steps = torch.tensor(0.1, dtype=torch.float64, requires_grad=True), 0.5, 4
+    params = list(model.parameters()) + [lr]
+    got = torch_ufom.hypergrad(model, mse, mse, sup, qry, steps=steps, mode="fom", inner=DecaySGD(lr, wd),
+                               params=params)
+    phi = dict(model.named_parameters())  # first-order unroll: each inner gradient a constant
+    for _ in range(steps):
+        grads = torch.autograd.grad(mse(lambda x: functional_call(model, phi, (x,)), sup), list(phi.values()))
+        phi = {n: p - lr * (g.detach() + wd * p) for (n, p), g in zip(phi.items(), grads)}
+    want = torch.autograd.grad(mse(lambda x: functional_call(model, phi, (x,)), qry), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_support_data_with_a_forward_mode_tangent_runs_the_first_order_fast_path():
+    # Review s33B F2 (session 33): the fast path passed the loss undetached to the log, whose copy
+    # took the forward-mode tangent along (no_grad leaves forward AD on); check_finite then failed.
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    want = torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=3, inner_lr=0.1, mode="fom")
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        got = torch_ufom.hypergrad(model, mse, mse, (dual, y), (x, y), steps=3, inner_lr=0.1, mode="fom")
+    assert all(torch.equal(fwAD.unpack_dual(a).primal, b) for a, b in zip(got, want))

@@ -119,8 +119,7 @@ class SweepLog:
         self.same_rows: Optional[Tensor] = None
 
     def first(self, loss: Tensor, exact: bool = False) -> None:
-        """A step of the forward pass (its finiteness is read from ``values`` at the end);
-        ``loss`` is copied without a graph (it need not be detached)."""
+        """A step of the forward pass (its finiteness is read from ``values`` at the end)."""
         if self.values is None:
             self.values = torch.empty((self.steps,) + tuple(loss.shape), dtype=loss.dtype,
                                       device=loss.device)
@@ -129,12 +128,7 @@ class SweepLog:
             # indexing, and views of every row would keep about 650 bytes per step
             self._row0, i = self.count, 0
             self._rows = self.values[self.count:self.count + _ROWS].unbind(0)
-        grad = torch.is_grad_enabled()  # (a copy recorded for autograd costs ~1 % of a small model's
-        torch._C._set_grad_enabled(False)  # first-order loop; a detach before it too)
-        try:
-            self._rows[i].copy_(loss)
-        finally:
-            torch._C._set_grad_enabled(grad)
+        self._rows[i].copy_(loss)
         self.count += 1
         self._count(exact)
 
@@ -304,7 +298,9 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     # unchanged, so it is not swept and the exact records keep no gradient for it
     # (ufom's exact branch then costs what exact costs).
     rule = loop.rule
-    additive = not loop.dense_grads  # (the loop's shortcut(rule, "first_order_additive"))
+    # (asked here, after the rule's init ran in initial_state: an init may turn a shortcut off,
+    # review s33B F1; the loop's dense_grads was asked before it)
+    additive = shortcut(rule, "first_order_additive")
     identity = (additive or shortcut(rule, "first_order_identity")) and not loop.learned_hyper
     # An additive rule needs nothing of the first r - K steps in reverse but their
     # summed gradients, and an identity one nothing at all; any other rule sweeps
