@@ -433,6 +433,15 @@ def test_a_plain_swap_is_a_token_until_another_call_looks():
     assert torch.equal(y, want)
     assert [p for p in net.parameters()] == own and all(type(p) is nn.Parameter for p in own)
     assert not unroll._SWAPS
+    # The inner loop's own calls take the quick path: the module's forward sees the token.
+    kinds = []
+    handle = net.register_forward_hook(lambda *_: kinds.append([type(e) for e in unroll._SWAPS]))
+    try:
+        torch_ufom.hypergrad(net, mse, mse, (x, x.sum(1, keepdim=True)), (x, x.sum(1, keepdim=True)),
+                             steps=3, inner_lr=0.1, mode="fom")
+    finally:
+        handle.remove()
+    assert len(kinds) == 4 and all(k == [list] for k in kinds)  # (3 inner steps, the outer loss)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
