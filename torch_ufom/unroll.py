@@ -582,7 +582,7 @@ class FunctionalModel:
         of the entries tied to them, and nests rather than joins (another thread's call of the
         model is refused). A swap that meets no other (the inner loop's calls, as a rule) is
         registered as a token that the first other look at the registry turns into its entry
-        (:func:`_register_quick`): the same semantics at a third of the cost per call."""
+        (:func:`_register_quick`): the same semantics, without building them per call."""
         thread, token = threading.get_ident(), None
         if puts and not (join_only or self.buffers) and swap.plain:
             with _SWAPS_LOCK:
