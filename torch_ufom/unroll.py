@@ -2539,7 +2539,7 @@ class InnerLoop:
                 torch._foreach_add_(targets, grads, alpha=rate)
                 if buffers:
                     state = State(params, state.opt, buffers)
-                log.first(loss.detach())  # (a forward-mode tangent too: review s33B F2)
+                log.first(loss.detach())  # (detached of a forward-mode tangent too: review s33B F2)
         return state, None
 
     def _watched_grad(self, leaves: State, j: int):
