@@ -8,7 +8,7 @@ problem is 5-way 5-shot classification on scikit-learn's digits (images split
 into a meta-training and a held-out pool); meta-test adapts a whole batch of
 tasks at once with ``torch_ufom.adapt_batch``.
 
-    python examples/anil.py           # about 15 s on one CPU core
+    python examples/anil.py           # under 15 s on one CPU core
     python examples/anil.py --tiny    # a few seconds
 """
 import argparse

@@ -10,7 +10,7 @@ that draw an exact sweep run one by one beside the others); the outer loss retur
 meta-test adapts with more inner steps than training (``meta.adapt``) and
 reads the accuracy from the same loss.
 
-    python examples/few_shot_digits.py           # about 10 s on one CPU core
+    python examples/few_shot_digits.py           # under 20 s on one CPU core
     python examples/few_shot_digits.py --tiny    # a few seconds
 """
 import argparse

@@ -11,7 +11,7 @@ keeps 8 inner states whatever the number of steps, and replays the others
 during the reverse sweep (the replay counts are printed; the default, a byte
 budget, would keep every step of this small model instead).
 
-    python examples/learned_rates.py           # about a minute on one CPU core
+    python examples/learned_rates.py           # under a minute on one CPU core
     python examples/learned_rates.py --tiny    # a few seconds
 """
 import argparse
