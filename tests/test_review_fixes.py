@@ -5029,3 +5029,51 @@ def test_support_data_with_a_forward_mode_tangent_runs_the_first_order_fast_path
         dual = fwAD.make_dual(x, torch.ones_like(x))
         got = torch_ufom.hypergrad(model, mse, mse, (dual, y), (x, y), steps=3, inner_lr=0.1, mode="fom")
     assert all(torch.equal(fwAD.unpack_dual(a).primal, b) for a, b in zip(got, want))
+
+
+class _ReadsBuffers(nn.Module):
+    """linear -> tanh -> linear; the first layer's weight read through the buffer ``w`` and the
+    output scaled by the buffer ``scale`` where those are registered."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        w = self._buffers.get("w", self.a.weight)
+        out = self.b(torch.tanh(F.linear(x, w, self.a.bias)))
+        return out * self._buffers["scale"] if "scale" in self._buffers else out
+
+
+@pytest.mark.parametrize("late", ["parameter", "learned"])
+def test_a_buffer_registered_after_construction_is_checked_as_the_constructor_would(late):
+    # Review s34B F1 (session 34): the cached configuration's signature covered the parameters and
+    # the optimizer's tensors, not the buffers; a buffer registered after the MetaOptimizer was
+    # built that is a parameter (0.50 off) or a tensor the outer optimizer learns (its .grad None,
+    # 0.36 off) ran, silently, where the constructor refuses both.
+    torch.manual_seed(0)
+    model = _ReadsBuffers().double()
+    scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    outer = torch.optim.SGD([*model.parameters(), scale], lr=0.05)
+    sup, qry = [(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+                for _ in range(2)]
+    meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=0.1, steps=3, mode="exact", memory="store")
+    meta.backward(mse, mse, sup, qry)
+    meta.zero_grad()
+    if late == "parameter":
+        model.register_buffer("w", model.a.weight)
+        match = r"its parameter 'a\.weight' is registered as a buffer too \('w'\)"
+    else:
+        model.register_buffer("scale", scale)
+        match = r"param_groups\[0\]\['params'\]\[4\] is the model's buffer 'scale'"
+    before = [t.clone() for t in outer.param_groups[0]["params"]]
+    with pytest.raises(ValueError, match=match):
+        meta.backward(mse, mse, sup, qry)
+    assert all(t.grad is None for t in outer.param_groups[0]["params"])
+    assert all(torch.equal(t, b) for t, b in zip(outer.param_groups[0]["params"], before))
+    del model._buffers["w" if late == "parameter" else "scale"]
+    meta.backward(mse, mse, sup, qry)  # the buffer gone, the next call is the oracle's again
+    params = list(model.parameters())
+    want = brute_force(model, mse, mse, lambda j: sup, qry, 3, 0.1, params, 3)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-14)

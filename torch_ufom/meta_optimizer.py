@@ -415,10 +415,15 @@ class MetaOptimizer:
 
     def _current_signature(self) -> tuple:
         """What the configuration depends on: each module parameter's name, identity,
-        ``requires_grad``, dtype, device and shape, and the tensors the outer optimizer holds."""
+        ``requires_grad``, dtype, device and shape, each buffer's name, identity, dtype,
+        device and shape (a buffer registered later may be a parameter or a tensor the outer
+        optimizer learns, which the constructor refuses: review s34B F1), and the tensors the
+        outer optimizer holds."""
+        model = self.model
         params = tuple((n, id(p), p.requires_grad, p.dtype, p.device, p.shape)
-                       for n, p in self.model.named_parameters())
-        return params, tuple(id(p) for g in self.optimizer.param_groups for p in g["params"])
+                       for n, p in model.named_parameters())
+        buffers = tuple((n, id(b), b.dtype, b.device, b.shape) for n, b in model.named_buffers())
+        return params, buffers, tuple(id(p) for g in self.optimizer.param_groups for p in g["params"])
 
     def _adopt(self, config: Config) -> None:
         """Take ``config``, just resolved: what it was resolved for (the module's parameters
@@ -431,9 +436,10 @@ class MetaOptimizer:
         """This call's :class:`~torch_ufom.functional.Problem`.
 
         If the module's parameters (which there are, ``requires_grad``, dtype,
-        device, shape) or the tensors the outer optimizer holds changed since the
-        configuration was resolved, it is resolved again from the same settings,
-        as the constructor would (an error then changes nothing).
+        device, shape), its buffers (which there are, dtype, device, shape) or the
+        tensors the outer optimizer holds changed since the configuration was
+        resolved, it is resolved again from the same settings and checked as the
+        constructor would (an error then changes nothing).
         """
         meta = tuple(self.meta_parameters())
         self._check_cleared(meta, stacklevel=4, task=True)
