@@ -1671,6 +1671,36 @@ def test_embedding_max_norm_leaves_the_module_unchanged():
         assert_unchanged(model, before)
 
 
+
+class _TiedMaxNormTokens(_MaxNormTokens):
+    """The embedding's weight also read directly by the head (tied)."""
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)).mean(1) @ self.emb.weight[:4])
+
+
+@pytest.mark.parametrize("memory", ["store", "checkpoint", "recompute"])
+def test_a_max_norm_embedding_the_loop_does_not_adapt_read_by_a_tied_head_is_refused_naming_max_norm(memory):
+    # Torch cannot differentiate that unroll (docs/porting.md); the refusals named neither the
+    # embedding nor max_norm: torch's bare in-place error, and recompute's replay message spoke of
+    # random draws and atomic kernels only (review s34A F2).
+    model = _build(86, _TiedMaxNormTokens)
+    with torch.no_grad():
+        model.emb.weight.mul_(3)  # every row above max_norm: each lookup renormalises
+    g = torch.Generator().manual_seed(4)
+    ids = [torch.randint(lo, lo + 2, (5, 3), generator=g) for lo in (0, 2, 4, 0)]  # each step other rows
+    support = torch_ufom.StepBatches([(x, torch.randint(0, 3, (5,), generator=g)) for x in ids[:3]])
+    query = (ids[3], torch.randint(0, 3, (5,), generator=g))
+
+    def loss(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+    with pytest.raises(RuntimeError) as caught:
+        torch_ufom.hypergrad(model, loss, loss, support, query, steps=3, inner_lr=0.1, mode="exact",
+                             memory=memory, slots=1 if memory == "checkpoint" else None,
+                             inner_params=["out.weight", "out.bias"])
+    said = " ".join([str(caught.value), *getattr(caught.value, "__notes__", [])])
+    assert "max_norm" in said and "Embedding" in said
+
 class _SelfClipping(nn.Linear):
     """A layer whose forward clips its own weight in place (a WGAN-style constraint)."""
 

@@ -252,7 +252,9 @@ def check_finite(log: SweepLog, est: "Estimate") -> None:
             "memory='store', which replays nothing. A forward that draws nothing of its own but "
             "sums in a varying order (CUDA's atomic kernels) differs by more than rounding only "
             "where the loss cancels most of its terms: torch.use_deterministic_algorithms(True) "
-            "makes replays exact")
+            "makes replays exact. A forward that writes a tensor in place (a layer clipping its own "
+            "weight, an nn.Embedding with max_norm on a table the inner loop does not adapt) must "
+            "write the same values when a step runs again")
     i = next((i for i, g in enumerate(est.grads)
               if g is not None and not bool(torch.isfinite(_values(g)).all())), None)
     if i is not None:

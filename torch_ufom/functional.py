@@ -30,8 +30,8 @@ from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
 from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, one_call_at_a_time,
                      batch_getter, caller_level, elementwise_rule, held_tensors, per_step_batches,
-                     probe_batches, reads_nothing, root_of, scripted, sparse_weights, wrong_twice_message,
-                     COMPILED)
+                     probe_batches, reads_nothing, renormalises_weights, root_of, scripted, sparse_weights,
+                     wrong_twice_message, COMPILED)
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, Vectorised,
                          attributes_kept, fresh, group_by_truncation, meta_batch_size, noting_listed_tasks,
                          probe_steps,
@@ -154,7 +154,17 @@ def run_estimate(problem: Problem, evaluator: Evaluator, tasks: Tuple[Any, Any],
         # there, under a mode Dynamo does not compile: review JA F3): torch's own error, named.
         if K > 0 and any(m in str(err) for m in _COMPILED_DOUBLE_BACKWARD):
             raise RuntimeError(wrong_twice_message([COMPILED])) from err
+        if _IN_PLACE in str(err) and renormalises_weights(problem.model):
+            err.add_note(RENORMALISED)  # (review s34A F2: torch's error named no cause)
         raise
+
+
+_IN_PLACE = "modified by an inplace operation"  # torch's error for a tensor written after it was saved
+RENORMALISED = (
+    "The model has an nn.Embedding or nn.EmbeddingBag with max_norm, whose forward renormalises the "
+    "rows it looks up in place: where the inner loop does not adapt its weight and the losses also "
+    "read that weight directly (a tied head), torch cannot differentiate the unroll. Adapt the "
+    "embedding, or renormalise its weight once before the call and drop max_norm (docs/porting.md).")
 
 
 # torch's errors for a double backward through aot_autograd's CompiledFunction (torch 2.11-2.13)
