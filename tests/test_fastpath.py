@@ -10,6 +10,7 @@ tensors, on every kind of the conformance zoo.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 
@@ -366,42 +367,99 @@ def test_a_connected_sweep_frees_the_states_its_graph_does_not_save(monkeypatch)
     assert len(bufs) == 20 * 4 and alive == [4]  # the last step's buffers, the sweep's output
 
 
+class _InWorker(nn.Module):
+    """linear -> tanh -> linear, the first layer run in a worker thread of ``pool``."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool, self.a, self.b = pool, nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.pool.submit(self.a, x).result().float()))
+
+
 @pytest.mark.parametrize("mode", ["fom", "ufom"])
-@pytest.mark.parametrize("where", ["around the call", "in the loss, inside a disabled region"])
+@pytest.mark.parametrize("where", ["around the call", "in the loss, inside a disabled region",
+                                   "toggled in the loss", "in a worker thread"])
 def test_under_autocast_every_step_sees_its_own_parameters(mode, where):
     # torch.autocast caches one bfloat16 copy of each leaf until the outermost region exits:
     # leaves updated in place kept serving step 2's copy, so steps 3.. repeated step 2. A region
-    # the loss opens inside a disabled outer one (a trainer's autocast(enabled=use_amp)) too.
+    # the loss opens inside a disabled outer one (a trainer's autocast(enabled=use_amp)) too;
+    # and (review s34C F1: 17 % and 2.5 % off) a loss that turns autocast on and off with
+    # torch.set_autocast_enabled, which no region's exit clears, or a forward that runs a layer
+    # in a worker thread whose region stays open (torch's cache is one for the process).
+    pool = concurrent.futures.ThreadPoolExecutor(
+        1, initializer=lambda: torch.autocast("cpu", dtype=torch.bfloat16).__enter__())
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).float()  # autocast casts float32
+    # (float32: the dtype autocast casts)
+    model = (_InWorker(pool) if where == "in a worker thread"
+             else nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))).float()
     x, y, xq, yq = (torch.randn(6, n, dtype=torch.float32) for n in (3, 1, 3, 1))
     inside = where.startswith("in the loss")
 
     def loss(f, b):
+        if where == "toggled in the loss":
+            before = torch.is_autocast_enabled("cpu")
+            torch.set_autocast_enabled("cpu", True)
+            try:
+                out = f(b[0])
+            finally:
+                torch.set_autocast_enabled("cpu", before)
+            return F.mse_loss(out.float(), b[1])
+        if where == "in a worker thread":  # (no region here: its exit would clear the cache)
+            return F.mse_loss(f(b[0]).float(), b[1])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
             return F.mse_loss(f(b[0]).float(), b[1])
     steps, lr = 4, 0.3
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not inside):
-        phi, losses = [p.detach() for p in model.parameters()], []  # first-order loop by hand
-        for _ in range(steps):
+    try:
+        with (torch.autocast("cpu", dtype=torch.bfloat16, enabled=not inside) if where in (
+                "around the call", "in the loss, inside a disabled region") else contextlib.nullcontext()):
+            phi, losses = [p.detach() for p in model.parameters()], []  # first-order loop by hand
+            for _ in range(steps):
+                leaves = [p.requires_grad_() for p in phi]
+                value = loss(lambda a: torch.func.functional_call(
+                    model, dict(zip([n for n, _ in model.named_parameters()], leaves)), (a,)), (x, y))
+                losses.append(value.detach())
+                phi = [p.detach().add(g, alpha=-lr) for p, g in
+                       zip(leaves, torch.autograd.grad(value, leaves))]
             leaves = [p.requires_grad_() for p in phi]
-            value = loss(lambda a: torch.func.functional_call(
-                model, dict(zip([n for n, _ in model.named_parameters()], leaves)), (a,)), (x, y))
-            losses.append(value.detach())
-            phi = [p.detach().add(g, alpha=-lr) for p, g in
-                   zip(leaves, torch.autograd.grad(value, leaves))]
-        leaves = [p.requires_grad_() for p in phi]
-        want = torch.autograd.grad(loss(lambda a: torch.func.functional_call(
-            model, dict(zip([n for n, _ in model.named_parameters()], leaves)), (a,)), (xq, yq)), leaves)
-        got = torch_ufom.hypergrad(model, loss, loss, (x, y), (xq, yq), steps=steps, inner_lr=lr,
-                                   mode=mode, q=0.5, force_truncation=0)
-        result = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                          inner_lr=lr, steps=steps, mode=mode, q=0.5).backward(
-            loss, loss, (x, y), (xq, yq), force_truncation=0)
+            want = torch.autograd.grad(loss(lambda a: torch.func.functional_call(
+                model, dict(zip([n for n, _ in model.named_parameters()], leaves)), (a,)), (xq, yq)), leaves)
+            got = torch_ufom.hypergrad(model, loss, loss, (x, y), (xq, yq), steps=steps, inner_lr=lr,
+                                       mode=mode, q=0.5, force_truncation=0)
+            result = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                              inner_lr=lr, steps=steps, mode=mode, q=0.5).backward(
+                loss, loss, (x, y), (xq, yq), force_truncation=0)
+    finally:
+        pool.shutdown()
+        torch.clear_autocast_cache()  # (what the toggled loss and the worker's region left)
     assert torch.equal(result.inner_losses, torch.stack(losses))
     assert len(set(torch.stack(losses).tolist())) == steps  # the loop moved at every step
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_inner_loss_that_is_a_view_of_a_parameter_is_logged_before_the_update():
+    # Review s34C F2: the fast path logged each step's loss after updating the parameters in
+    # place, so a loss that is a view of one (here t[0]) was reported at the next step's value.
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Parameter(torch.tensor([2.0, -1.0], dtype=torch.float64))
+
+        def forward(self, x):
+            return self.t
+
+    def inner_loss(f, x):
+        return f(x)[0]
+
+    def outer_loss(f, x):
+        return (f(x) ** 2).sum()
+    model, x = Scalar(), torch.ones((), dtype=torch.float64)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), inner_lr=0.5,
+                                    steps=4, mode="fom")
+    result = meta.backward(inner_loss, outer_loss, x, x)
+    assert result.inner_losses.tolist() == [2.0, 1.5, 1.0, 0.5]
 
 
 def test_a_plain_swap_is_a_token_until_another_call_looks():

@@ -2536,10 +2536,19 @@ class InnerLoop:
             for j in range(2, stop + 1):
                 self._seed(j)
                 loss, grads, buffers = grad(self, state, batch(j - 1), False, fm)
+                # Logged before the update: a loss that is a view of a parameter would read the
+                # next step's value (review s34C F2). (Detached of a forward-mode tangent too:
+                # review s33B F2.)
+                log.first(loss.detach())
                 torch._foreach_add_(targets, grads, alpha=rate)
+                # Autocast caches a low-precision copy of each leaf until its outermost region
+                # exits; a region the losses open without exiting it (torch.set_autocast_enabled)
+                # would keep serving this step's copy (review s34C F1: 17 % off), as would a worker
+                # thread's region left open (2.5 % off): torch 2.11-2.13 keep one cache for the
+                # process, which this clears (tests/test_fastpath.py holds both). About 80 ns.
+                torch.clear_autocast_cache()
                 if buffers:
                     state = State(params, state.opt, buffers)
-                log.first(loss.detach())  # (detached of a forward-mode tangent too: review s33B F2)
         return state, None
 
     def _watched_grad(self, leaves: State, j: int):
