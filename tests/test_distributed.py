@@ -263,6 +263,12 @@ MISMATCHES = {  # what rank 1 builds otherwise than rank 0, and the name the err
     "alike": ({"truncation": torch_ufom.truncation.Bernoulli(0.5), "mode": None, "q": None}, ""),
     "auto-q": ({"q": "auto"}, "q='auto'"),
     "track-buffers": ({"track_buffers": True}, "track_buffers"),
+    # review s34D (session 34): another inner rate, adapted set or outer rate ran (0.76 / 0.15 off
+    # every single-process run; the outer rate stepped the ranks apart)
+    "inner-lr": ({"inner_lr": 0.2}, "the inner rule"),
+    "inner-params": ({"inner_params": ["2.weight", "2.bias"]}, "inner_params"),
+    "outer-lr": ({"outer_lr": 0.2}, "the outer optimizer's hyperparameters"),
+    "alike-rule": ({"inner": torch_ufom.inner.SGD(0.1), "inner_lr": None}, ""),
 }
 
 
@@ -271,13 +277,13 @@ def mismatch_worker(rank, world, init_file, out_dir):
         out = {}
         for case, (change, _) in MISMATCHES.items():
             model, loss, data = mlp_problem(0)
-            kw = dict(reduction="mean", mode="ufom", q=0.5, track_buffers=False)
+            kw = dict(reduction="mean", mode="ufom", q=0.5, track_buffers=False, inner_lr=0.1, outer_lr=0.1)
             if rank == 1:
                 kw.update({k: v for k, v in change.items() if k != "model"})
                 kw = {k: v for k, v in kw.items() if v is not None}
                 model = change.get("model", lambda: model)()
-            meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                            inner_lr=0.1, steps=3, process_group=True, **kw)
+            outer = torch.optim.SGD(model.parameters(), lr=kw.pop("outer_lr"))
+            meta = torch_ufom.MetaOptimizer(model, outer, steps=3, process_group=True, **kw)
             meta.backward(loss, loss, data[rank], data[2 + rank])
             before = [p.detach().clone() for p in model.parameters()] + \
                 [p.grad.clone() for p in model.parameters()]

@@ -1296,7 +1296,12 @@ class MetaOptimizer:
 
     def _marks(self, meta: List[Tensor]) -> Dict[str, int]:
         """What every rank's optimizer must agree on (:func:`distributed.check_alike`), each
-        as a checksum."""
+        as a checksum: the inner loop and the outer step's hyperparameters too (review s34D:
+        ranks built with another ``inner_lr`` or ``inner_params``, 0.76 / 0.15 off every
+        single-process run, or stepping at another outer ``lr``, drifting apart)."""
+        summary = self._settings_summary()
+        outer = [{k: _plain(v, frozenset(id(t) for t in meta)) for k, v in group.items() if k != "params"}
+                 for group in self.optimizer.param_groups]
         return {name: zlib.crc32(repr(value).encode()) for name, value in (
             ("the meta-parameters (their number, shapes and dtypes)",
              [(tuple(p.shape), str(p.dtype)) for p in meta]),
@@ -1304,7 +1309,10 @@ class MetaOptimizer:
             ("the estimator (steps and the truncation law's probabilities: mode, q, truncation)",
              [float(p) for p in self.law.probs(self.steps)]),
             ("q='auto'", self.q_stats is not None),
-            ("track_buffers", self._track_buffers))}
+            ("track_buffers", self._track_buffers),
+            ("the inner rule (inner_lr, inner: its type and hyperparameters)", summary["inner"]),
+            ("inner_params (the parameters the inner loop adapts)", summary["inner_params"]),
+            ("the outer optimizer's hyperparameters (its param_groups but the params)", outer))}
 
     def _hook_outer_step(self) -> None:
         """Warn when the outer optimizer steps pending tasks directly (``outer.step()``, not
