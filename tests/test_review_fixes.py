@@ -5077,3 +5077,32 @@ def test_a_buffer_registered_after_construction_is_checked_as_the_constructor_wo
     want = brute_force(model, mse, mse, lambda j: sup, qry, 3, 0.1, params, 3)
     for p, w in zip(params, want):
         torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-14)
+
+
+def test_an_adapted_model_reads_the_parameters_it_did_not_adapt_from_the_module():
+    # Review s34F F1 (session 34): with inner_params the adapted model reads the others from the
+    # module (no copy per call), which the docstrings described two ways ("the module's own" and
+    # "keep their values"): now documented as such, and held here. Indexing a stacked model gives
+    # its tasks (F3: it raised Python's generic TypeError).
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+
+    def loss(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+    head = ["2.weight", "2.bias"]
+    fm = torch_ufom.adapt(model, loss, (x, y), steps=3, inner_lr=0.3, inner_params=head)
+    stacked = torch_ufom.adapt_batch(model, loss, (x.expand(2, 10, 4), y.expand(2, 10)), steps=3,
+                                     inner_lr=0.3, inner_params=head)
+    copy_ = fm.to_module()
+    assert len(stacked) == 2
+    assert [torch.equal(a(x), stacked.task(i)(x)) for i, a in enumerate(stacked)] == [True, True]
+    with torch.no_grad():
+        model[0].weight.add_(0.1)  # in place, as the outer optimizer's step
+    adapted = {**dict(model.named_parameters()), **{n: fm.params[n] for n in head}}
+    assert torch.equal(fm(x), functional_call(model, adapted, (x,)))  # the module's new body
+    first = {**adapted, **{n: stacked.params[n][0] for n in head}}
+    assert torch.equal(stacked[0](x), functional_call(model, first, (x,)))
+    assert not torch.equal(copy_(x), fm(x))  # the copy kept this call's values
+    with pytest.raises(IndexError, match=r"Invalid i: 2 \(expected a task index in -2\.\.1\)"):
+        stacked[2]

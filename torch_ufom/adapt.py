@@ -164,6 +164,15 @@ class StackedFunctionalModel:
         return FunctionalModel(self.module, {n: t[i] for n, t in self.params.items()},
                                {n: t[i] for n, t in self.buffers.items()}, serialised=True)
 
+    def __getitem__(self, i: int) -> FunctionalModel:
+        """``self[i]`` is :meth:`task` ``(i)`` (review s34F F3: indexing raised Python's
+        generic error); so iterating gives each task's model."""
+        return self.task(i)
+
+    def __len__(self) -> int:
+        """The number of tasks (``size``)."""
+        return self.size
+
 
 def _problem(model, inner_loss, settings: Settings, generator) -> Problem:
     if torch.is_inference_mode_enabled():  # autograd.grad cannot differentiate inference tensors
@@ -219,7 +228,12 @@ def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, i
             training's; the unadapted baseline is the module itself).
         inner_lr, inner: the inner rule, as for :func:`~torch_ufom.hypergrad`.
         inner_params: the parameters to adapt (default: every parameter with
-            ``requires_grad``); the others keep their values.
+            ``requires_grad``); the others are not copied: the returned model
+            reads the module's own tensors (an ANIL backbone costs no memory per
+            call), so a later in-place change of them, such as the outer
+            optimizer's step, is seen by it, and a tensor replaced in the module
+            (``.data =``, ``.to()``) is not. Take ``.to_module()`` for a copy
+            that keeps this call's values.
         generator: the random streams' generator (default: the global one).
 
     Returns:
@@ -265,7 +279,8 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
 
     Returns:
         A :class:`StackedFunctionalModel`; ``.task(i)`` is task ``i``'s
-        :class:`~torch_ufom.FunctionalModel`.
+        :class:`~torch_ufom.FunctionalModel`. Parameters the loop does not adapt
+        are the module's own tensors, as for :func:`adapt`.
 
     Raises:
         TypeError, ValueError: an invalid argument (nothing changes).

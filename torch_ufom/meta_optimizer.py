@@ -922,7 +922,9 @@ class MetaOptimizer:
                 default) draws other numbers after a call that takes the default.
 
         Returns:
-            The adapted :class:`~torch_ufom.FunctionalModel`.
+            The adapted :class:`~torch_ufom.FunctionalModel`. The parameters outside
+            ``inner_params`` are the module's own tensors (not copies): the next
+            :meth:`step` moves them under it; take ``.to_module()`` for a copy.
         """
         s = self._config.settings
         return adapt(self.model, inner_loss, support, steps=self.steps if steps is None else steps,
