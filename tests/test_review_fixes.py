@@ -5106,3 +5106,39 @@ def test_an_adapted_model_reads_the_parameters_it_did_not_adapt_from_the_module(
     assert not torch.equal(copy_(x), fm(x))  # the copy kept this call's values
     with pytest.raises(IndexError, match=r"Invalid i: 2 \(expected a task index in -2\.\.1\)"):
         stacked[2]
+
+
+def test_a_buffer_replaced_between_calls_does_not_resolve_the_configuration_again(monkeypatch):
+    # Review s34E L1 (session 34): keyed on each buffer's identity, a module whose forward replaces
+    # a buffer (self.count = self.count + 1), run by the user between calls, was resolved again at
+    # every call (+12-17 % a call on small models); only a buffer that is a parameter, a tensor the
+    # outer optimizer holds or uninitialised needs the constructor's checks again.
+    from torch_ufom import meta_optimizer
+    model = _ReadsBuffers().double()
+    model.register_buffer("count", torch.zeros((), dtype=torch.float64))
+    sup = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2)
+    resolved = []
+    real = meta_optimizer.resolve
+    monkeypatch.setattr(meta_optimizer, "resolve", lambda *a, **k: resolved.append(1) or real(*a, **k))
+    for _ in range(3):
+        model.count = model.count + 1  # another buffer object
+        meta.backward(mse, mse, sup, sup)
+    assert resolved == []
+    model.register_buffer("w", model.a.weight)
+    with pytest.raises(ValueError, match="registered as a buffer too"):
+        meta.backward(mse, mse, sup, sup)
+    assert resolved == [1]
+
+
+def test_the_ranks_marks_do_not_depend_on_the_order_of_a_param_group_s_keys():
+    # Review s34E L3 (session 34): the marks compared each param group's repr, so the same
+    # hyperparameters written in another key order were refused on a distributed step.
+    def marks(order):
+        model = nn.Linear(2, 1).double()
+        outer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+        group = outer.param_groups[0]
+        outer.param_groups[0] = {k: group[k] for k in sorted(group, reverse=order)}
+        meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=0.1, steps=2)
+        return meta._marks(list(model.parameters()))
+    assert marks(True) == marks(False)

@@ -415,15 +415,21 @@ class MetaOptimizer:
 
     def _current_signature(self) -> tuple:
         """What the configuration depends on: each module parameter's name, identity,
-        ``requires_grad``, dtype, device and shape, each buffer's name, identity, dtype,
-        device and shape (a buffer registered later may be a parameter or a tensor the outer
-        optimizer learns, which the constructor refuses: review s34B F1), and the tensors the
-        outer optimizer holds."""
+        ``requires_grad``, dtype, device and shape, the tensors the outer optimizer holds,
+        and whether a buffer is one of those or uninitialised (registered after the
+        constructor, which refuses both: review s34B F1). A buffer replaced by another
+        tensor (``self.count = self.count + 1`` in a forward) changes nothing here, so
+        such a module is not resolved again at every call (review s34E L1)."""
         model = self.model
         params = tuple((n, id(p), p.requires_grad, p.dtype, p.device, p.shape)
                        for n, p in model.named_parameters())
-        buffers = tuple((n, id(b), b.dtype, b.device, b.shape) for n, b in model.named_buffers())
-        return params, buffers, tuple(id(p) for g in self.optimizer.param_groups for p in g["params"])
+        held = tuple(id(p) for g in self.optimizer.param_groups for p in g["params"])
+        buffers = [b for _, b in model.named_buffers()]
+        clash = False
+        if buffers:
+            ids = {entry[1] for entry in params}.union(held)
+            clash = any(id(b) in ids or isinstance(b, nn.parameter.UninitializedTensorMixin) for b in buffers)
+        return params, held, clash
 
     def _adopt(self, config: Config) -> None:
         """Take ``config``, just resolved: what it was resolved for (the module's parameters
@@ -436,10 +442,10 @@ class MetaOptimizer:
         """This call's :class:`~torch_ufom.functional.Problem`.
 
         If the module's parameters (which there are, ``requires_grad``, dtype,
-        device, shape), its buffers (which there are, dtype, device, shape) or the
-        tensors the outer optimizer holds changed since the configuration was
-        resolved, it is resolved again from the same settings and checked as the
-        constructor would (an error then changes nothing).
+        device, shape) or the tensors the outer optimizer holds changed since the
+        configuration was resolved, or a buffer is now one of them or uninitialised,
+        it is resolved again from the same settings and checked as the constructor
+        would (an error then changes nothing).
         """
         meta = tuple(self.meta_parameters())
         self._check_cleared(meta, stacklevel=4, task=True)
@@ -1304,7 +1310,7 @@ class MetaOptimizer:
         summary = self._settings_summary()
         outer = [{k: _plain(v, frozenset(id(t) for t in meta)) for k, v in group.items() if k != "params"}
                  for group in self.optimizer.param_groups]
-        return {name: zlib.crc32(repr(value).encode()) for name, value in (
+        return {name: zlib.crc32(repr(_canonical(value)).encode()) for name, value in (
             ("the meta-parameters (their number, shapes and dtypes)",
              [(tuple(p.shape), str(p.dtype)) for p in meta]),
             ("reduction", self._reduction),
@@ -1576,6 +1582,16 @@ class MetaOptimizer:
 
 _SETTINGS_KEYWORDS = frozenset(f.name for f in dataclasses.fields(Settings))  # read-only attributes
 _SETTINGS_FORMAT = 2  # of MetaOptimizer._settings_summary; other formats are not compared
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with every dict's items sorted by key (tuples and lists entry by entry): the
+    same settings written in another key order compare equal (review s34E L3)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted(((str(k), _canonical(v)) for k, v in value.items()), key=lambda kv: kv[0]))
+    if isinstance(value, (tuple, list)):
+        return tuple(_canonical(v) for v in value)
+    return value
 
 
 def _plain(value: Any, learned: frozenset = frozenset()) -> Any:
