@@ -5181,3 +5181,36 @@ def test_a_parameter_the_rule_holds_and_the_forward_reads_is_not_left_to_forward
     with pytest.warns(UserWarning, match="runs the per-task loop"):
         got = torch_ufom.hypergrad_batch(model, mse, mse, (xs, ys), (xs, ys), params=params, **config)
     assert rel_err(got, want) < 1e-12
+
+
+def test_a_rule_holding_a_per_step_value_is_not_taken_as_additive_whatever_it_declares():
+    # Review s34J F3 (session 34): the additive shortcut sums the first-order steps' gradients and
+    # takes one VJP of the update at the sum, which needs the same coefficients at every step; a
+    # rule of the user's declaring first_order_additive with a learned PerStep rate got fom 25 % off.
+    class StepRates(torch_ufom.inner.InnerRule):
+        first_order_additive = first_order_identity = True
+
+        def __init__(self, lr):
+            self.hyper = {"lr": lr}
+
+        def init(self, params):
+            return (torch.zeros((), dtype=torch.int64),)
+
+        def update(self, grads, state, params, hyper):
+            lr = hyper["lr"].at(state[0], next(iter(params.values())))
+            return {n: p - lr * grads[n] for n, p in params.items()}, (state[0] + 1,)
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    sup, qry = [(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+                for _ in range(2)]
+    rates = torch.tensor([0.1, 0.3, 0.05], dtype=torch.float64, requires_grad=True)
+    params = list(model.parameters()) + [rates]
+    got = torch_ufom.hypergrad(model, mse, mse, sup, qry, steps=3, mode="fom", params=params,
+                               inner=StepRates(torch_ufom.inner.PerStep(rates)))
+    phi = dict(model.named_parameters())  # first-order unroll: each inner gradient a constant
+    for j in range(3):
+        grads = torch.autograd.grad(mse(lambda x: functional_call(model, phi, (x,)), sup), list(phi.values()))
+        phi = {n: p - rates[j] * g for (n, p), g in zip(phi.items(), grads)}
+    want = torch.autograd.grad(mse(lambda x: functional_call(model, phi, (x,)), qry), params)
+    assert rel_err(got, want) < 1e-12

@@ -42,8 +42,11 @@ or ``update`` raises ``NotImplementedError`` naming it.
 ``first_order_additive`` declares that, with the gradients held constant (the
 first-order rule ``F~`` of ``docs/maths.md#the-first-order-rule``), the update leaves the adjoint of the
 state unchanged and is linear in the gradients with the same coefficients at
-every step. The estimator then sums the first-order steps' gradients during
-the forward pass instead of sweeping them backwards.
+every step (a term that does not read them, ``p - lr * (g + c)``, is not
+linear; a :class:`PerStep` value changes the coefficients, so a rule holding
+one is not taken as additive whatever it declares). The estimator then sums
+the first-order steps' gradients during the forward pass instead of sweeping
+them backwards.
 
 ``first_order_identity`` declares less: with the gradients held constant, the
 new parameters are the old ones plus a term that does not read them, and no
@@ -390,6 +393,8 @@ def shortcut(rule: Any, name: str) -> bool:
     Adam's update)."""
     if vars(rule).get(name, True) is not True or _instance_code(rule):
         return False
+    if name == "first_order_additive" and getattr(rule, "per_step", False):
+        return False  # PerStep values: other coefficients at each step (review s34J F3: 25 % off)
     mro = type(rule).__mro__
     holder = next((klass for klass in mro if name in vars(klass)), None)
     if holder is None:
