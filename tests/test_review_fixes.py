@@ -5214,3 +5214,65 @@ def test_a_rule_holding_a_per_step_value_is_not_taken_as_additive_whatever_it_de
         phi = {n: p - rates[j] * g for (n, p), g in zip(phi.items(), grads)}
     want = torch.autograd.grad(mse(lambda x: functional_call(model, phi, (x,)), qry), params)
     assert rel_err(got, want) < 1e-12
+
+
+def test_a_loss_reading_a_meta_parameter_directly_at_later_steps_only_is_not_given_to_forward_over_reverse():
+    # Review s34M F1 (session 34): the look for a loss that reads a meta-parameter directly (which
+    # forward-over-reverse's HVP cannot differentiate) ran on the first step's batch only; with
+    # per-step batches whose later ones switch on a penalty weighted by the learned inner rate, an
+    # explicit hvp="fwdrev" ran 16 % off, and a default meta-batch of LayerNorm models (which swaps
+    # fwdrev in) 8 % off. Every step's batch is looked at now.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    lam = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+
+    def inner_loss(f, b):  # the later steps' batches (6 rows) switch the penalty on
+        x, y = b
+        out = f(x)
+        return ((out - y) ** 2).mean() + (lam * (out ** 2).mean() if x.shape[-2] == 6 else 0)
+    steps, tasks = 3, 3
+    batches = [[(torch.randn(rows, 3, dtype=torch.float64), torch.randn(rows, 1, dtype=torch.float64))
+                for rows in (5, 6, 6)] for _ in range(tasks)]
+    queries = [(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64))
+               for _ in range(tasks)]
+    params = list(model.parameters()) + [lam]
+    want = [torch.zeros_like(p) for p in params]
+    for t in range(tasks):  # the unroll by hand
+        phi = dict(model.named_parameters())
+        for j in range(steps):
+            inner = inner_loss(lambda x: functional_call(model, phi, (x,)), batches[t][j])
+            grads = torch.autograd.grad(inner, list(phi.values()), create_graph=True)
+            phi = {n: p - lam * g for (n, p), g in zip(phi.items(), grads)}
+        outer = mse(lambda x: functional_call(model, phi, (x,)), queries[t])
+        want = [w + g for w, g in zip(want, torch.autograd.grad(outer, params))]
+    config = dict(steps=steps, inner_lr=lam, mode="exact", params=params)
+    with pytest.raises(ValueError, match="'fwdrev' cannot differentiate an inner loss that reads a meta"):
+        torch_ufom.hypergrad(model, inner_loss, mse, torch_ufom.StepBatches(batches[0]), queries[0],
+                             hvp="fwdrev", **config)
+    stacked = torch_ufom.StepBatches([(torch.stack([batches[t][j][0] for t in range(tasks)]),
+                                       torch.stack([batches[t][j][1] for t in range(tasks)]))
+                                      for j in range(steps)])
+    query = (torch.stack([q[0] for q in queries]), torch.stack([q[1] for q in queries]))
+    with pytest.warns(UserWarning, match="runs the per-task loop"):
+        got = torch_ufom.hypergrad_batch(model, inner_loss, mse, stacked, query, vectorise=True, **config)
+    assert rel_err(got, want) < 1e-12
+
+
+def test_a_buffer_computed_from_a_meta_parameter_is_refused():
+    # Review s34M F2 (session 34): register_buffer("scale", softplus(raw)) with raw learned: the
+    # library copies buffers as constants, so raw's hypergradient read exactly 0 (exact and fom),
+    # silently; a buffer that is itself a meta-parameter was refused already.
+    raw = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    model = _ReadsBuffers().double()
+    model.register_buffer("scale", F.softplus(raw))
+    sup = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"its buffer 'scale' was computed from one of params"):
+        torch_ufom.hypergrad(model, mse, mse, sup, sup, steps=2, inner_lr=0.1,
+                             params=list(model.parameters()) + [raw])
+    outer = torch.optim.SGD(list(model.parameters()) + [raw], lr=0.1)
+    meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=0.1, steps=2)
+    with pytest.raises(ValueError, match=r"computed from one of the outer optimizer's tensors"):
+        meta.backward(mse, mse, sup, sup)
+    assert raw.grad is None and all(p.grad is None for p in model.parameters())
+    model.scale = model.scale.detach()  # a constant: runs
+    meta.backward(mse, mse, sup, sup)

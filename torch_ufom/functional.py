@@ -29,9 +29,9 @@ from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
 from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, one_call_at_a_time,
-                     batch_getter, caller_level, elementwise_rule, held_tensors, per_step_batches,
-                     probe_batches, reads_nothing, renormalises_weights, root_of, scripted, sparse_weights,
-                     wrong_twice_message, COMPILED)
+                     batch_getter, caller_level, elementwise_rule, graph_reaches, held_tensors,
+                     per_step_batches, probe_batches, reads_nothing, renormalises_weights, root_of, scripted,
+                     sparse_weights, wrong_twice_message, COMPILED)
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, Vectorised,
                          attributes_kept, fresh, group_by_truncation, meta_batch_size, noting_listed_tasks,
                          probe_steps,
@@ -532,7 +532,6 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     # The probe runs on every call: what it finds depends on the module and on whatever the
     # losses read (a swapped submodule, a padding index switched on), which no cheap key covers.
     batches = probe_batches(task_of(supports, 0), problem.config.steps, "supports")
-    first = batches[0]
     found = probe_steps(problem.model, problem.inner_loss, batches, problem.outer_loss, task_of(queries, 0),
                         problem.config.adapted)
     reads_none = bool(problem.config.adapted) and set(problem.config.adapted) <= set(found.unread)
@@ -599,7 +598,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         why = found.fwdrev_obstacle()
         if why:
             raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
-        check_fwdrev_reads(problem, first)
+        check_fwdrev_reads(problem, batches)
         if not found.attention_dropout:  # (per task, torch.func draws other attention masks)
             check_fwdrev_agrees(problem, fresh(task_of(supports, 0)))
     if not exact or problem.hvp == "fwdrev" or not found.norms:
@@ -608,8 +607,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     # (buffers the losses do not write, a positional encoding or a causal mask, are constants)
     why = fwdrev_obstacle(problem.model, problem.config, problem.params, constant_buffers=not found.written) \
         or found.fwdrev_obstacle()
-    if not why and reads_meta_directly(problem.model, problem.inner_loss, first, problem.params,
-                                       problem.config.adapted):
+    if not why and reads_meta(problem, batches):
         why = READS_META
     if not why and not found.attention_dropout:  # (per task, torch.func draws other attention masks)
         try:
@@ -674,7 +672,7 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
         raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
     if found.hooks_unseen:  # (a profiler the loss runs itself)
         raise ValueError(_UNDER_PROFILER)
-    check_fwdrev_reads(problem, batches[0])
+    check_fwdrev_reads(problem, batches)
     check_fwdrev_agrees(problem, support)
 
 
@@ -716,12 +714,20 @@ def check_fwdrev_agrees(problem: Problem, support: Any) -> None:
         raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
 
 
-def check_fwdrev_reads(problem: Problem, first: Any) -> None:
+def check_fwdrev_reads(problem: Problem, batches: Sequence[Any]) -> None:
     """Refuse forward-over-reverse when the inner loss reads a meta-parameter directly:
     its HVP differentiates the inner gradient with respect to the adapted parameters
     only, and would drop that mixed second derivative."""
-    if reads_meta_directly(problem.model, problem.inner_loss, first, problem.params, problem.config.adapted):
+    if reads_meta(problem, batches):
         raise ValueError(f"Invalid hvp: 'fwdrev' {READS_META}; use 'revrev' or 'auto'")
+
+
+def reads_meta(problem: Problem, batches: Sequence[Any]) -> bool:
+    """Whether the inner loss reads a meta-parameter directly on any of ``batches`` (every
+    step's with per-step batches, :func:`probe_batches`: a loss may read it at later steps
+    only, review s34M F1: 8-32 % off where the first step's batch stood for all)."""
+    return any(reads_meta_directly(problem.model, problem.inner_loss, batch, problem.params,
+                                   problem.config.adapted) for batch in batches)
 
 
 def _writes_buffers(names: Sequence[str]) -> str:
@@ -768,6 +774,25 @@ def learned_buffer_message(name: str) -> str:
             "and reads as a constant, so its hypergradient would be silently 0 (expected the "
             "model's parameters or tensors outside it: make it a parameter, nn.Parameter or "
             "register_parameter, to meta-learn it)")
+
+
+def check_derived_buffers(model: nn.Module, meta: Sequence[Tensor], what: str = "params") -> None:
+    """Refuse a buffer of ``model`` computed from a meta-parameter (``softplus(raw)``
+    registered as a buffer: its graph reaches one of ``meta``): the library copies buffers
+    for each inner step and task as constants, so that meta-parameter's hypergradient
+    through it would be silently 0 (review s34M F2). Buffers that carry no graph, nearly
+    all, cost one attribute read each."""
+    derived = [(n, b) for n, b in model.named_buffers() if b.grad_fn is not None]
+    if not derived:
+        return
+    targets = {id(t) for t in meta if t.requires_grad} | {id(t._base) for t in meta if t._base is not None}
+    for name, b in derived:
+        if graph_reaches([b.grad_fn], targets):
+            raise ValueError(
+                f"Invalid model: its buffer {name!r} was computed from one of {what}, but the library "
+                "copies buffers for each inner step and task and reads them as constants, so that "
+                "tensor's hypergradient through the buffer would be silently 0 (compute it in forward "
+                "from the tensor, or make it a parameter of the module)")
 
 
 def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
@@ -818,6 +843,7 @@ def functional_problem(caller: str, model, losses: Tuple[Callable, Callable], se
     check_losses(*losses, model)
     check_generator(generator)
     params = check_params(params, model)
+    check_derived_buffers(model, params)
     hvp = resolve_hvp(config, model, params)
     return Problem(model, losses[0], losses[1], config, Snapshot(config.law, config.steps), params, hvp,
                    generator)

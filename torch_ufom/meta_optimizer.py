@@ -22,8 +22,8 @@ from .adapt import adapt
 from .checks import invalid
 from .config import Config, Settings, check_generator, check_losses, resolve
 from .estimators import Estimate, NonFiniteHypergradient, plus
-from .functional import (Problem, buffer_names, estimate_batch, estimate_task, learned_buffer_message,
-                         resolve_hvp, sum_grads, task_aux)
+from .functional import (Problem, buffer_names, check_derived_buffers, estimate_batch, estimate_task,
+                         learned_buffer_message, resolve_hvp, sum_grads, task_aux)
 from .inner import InnerRule, PerStep, _in_range
 from .truncation import Snapshot, TruncationLaw, is_bernoulli
 from .unroll import one_call_at_a_time
@@ -463,6 +463,7 @@ class MetaOptimizer:
             meta = tuple(self.meta_parameters())
         c = self._config
         self._check_hyper_values(c)
+        check_derived_buffers(self.model, meta, "the outer optimizer's tensors")
         hvp = resolve_hvp(c, self.model, meta)
         return Problem(self.model, inner_loss, outer_loss, c, Snapshot(self.law, c.steps), meta, hvp,
                        self.generator)
