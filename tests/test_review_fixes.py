@@ -2557,8 +2557,8 @@ def test_messages_name_the_meta_parameters_fwdrev_cannot_run_and_the_tasks_of_a_
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     xs, ys = _regression_tasks(3)
-    with pytest.raises(ValueError, match=r"2 meta-parameter\(s\) are not only those \(0.weight, 0.bias: "
-                                         r"parameters inner_params leaves out"):
+    with pytest.raises(ValueError, match=r"2 meta-parameter\(s\) are neither \(0.weight, 0.bias: parameters "
+                                         r"inner_params leaves out"):
         torch_ufom.hypergrad(model, mse, mse, (xs[0], ys[0]), (xs[0], ys[0]), steps=STEPS, inner_lr=LR,
                              mode="exact", hvp="fwdrev", inner_params=["2.weight", "2.bias"])
     xs[1, 0, 0] = float("nan")
@@ -5166,7 +5166,7 @@ def test_a_parameter_the_rule_holds_and_the_forward_reads_is_not_left_to_forward
     adapted = [n for n, _ in model.named_parameters() if n != "temp"]
     xs, ys = torch.randn(3, 6, 3, dtype=torch.float64), torch.randn(3, 6, 2, dtype=torch.float64)
     config = dict(steps=3, inner=torch_ufom.inner.SGD(model.temp), inner_params=adapted, mode="exact")
-    with pytest.raises(ValueError, match=r"are not only those \(temp: parameters inner_params leaves out"):
+    with pytest.raises(ValueError, match=r"'fwdrev' cannot differentiate an inner loss that reads a meta"):
         torch_ufom.hypergrad(model, mse, mse, (xs[0], ys[0]), (xs[0], ys[0]), hvp="fwdrev", **config)
     params = list(model.parameters())
     want = [torch.zeros_like(p) for p in params]
@@ -5276,3 +5276,23 @@ def test_a_buffer_computed_from_a_meta_parameter_is_refused():
     assert raw.grad is None and all(p.grad is None for p in model.parameters())
     model.scale = model.scale.detach()  # a constant: runs
     meta.backward(mse, mse, sup, sup)
+
+
+def test_a_parameter_the_rule_holds_and_the_forward_does_not_read_runs_forward_over_reverse():
+    # The other side of review s34J F1's fix: a module parameter left out of inner_params that only
+    # the rule reads (Meta-SGD's rates registered in the module) is not refused by fwdrev, and exact.
+    torch.manual_seed(0)
+    model = _Tempered().double()
+    model.forward = lambda x: model.b(torch.tanh(model.norm(model.a(x))))  # temp: the rate only
+    adapted = [n for n, _ in model.named_parameters() if n != "temp"]
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    params = list(model.parameters())
+    got = torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=3, inner_params=adapted, mode="exact",
+                               inner=torch_ufom.inner.SGD(model.temp), hvp="fwdrev", params=params)
+    phi = {n: p for n, p in model.named_parameters() if n != "temp"}
+    for _ in range(3):
+        inner = mse(lambda z: functional_call(model, phi, (z,)), (x, y))
+        grads = torch.autograd.grad(inner, list(phi.values()), create_graph=True)
+        phi = {n: p - model.temp * g for (n, p), g in zip(phi.items(), grads)}
+    want = torch.autograd.grad(mse(lambda z: functional_call(model, phi, (z,)), (x, y)), params)
+    assert rel_err(got, want) < 1e-12

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, from_torch_func,
                      generator_position, graph_nodes, graph_reaches, graph_survey, host_random_states,
                      is_default_generator, loss_and_aux, note_probed, once_differentiable, outside_transforms,
-                     renormalises_weights, set_host_random_states, watched_loss, wrong_twice)
+                     renormalises_weights, root_of, set_host_random_states, watched_loss, wrong_twice)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "probe_steps", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS", "FEWEST_TASKS_ON_CPU",
@@ -1290,17 +1290,24 @@ def attributes_kept(module: nn.Module):
 
 def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Tensor],
                         adapted=None) -> bool:
-    """Whether the inner loss reads a meta-parameter other than through the
-    ``fmodel`` it is given (``model.parameters()``, ``model(x)``, a captured
-    tensor): one evaluation at detached copies of the module's parameters, under
-    ``enable_grad`` with the random states restored, whose graph is searched for
-    the meta-parameters (no gradient is computed, so no hook runs). An error is
-    left to the sweep, which raises it."""
+    """Whether the inner loss reads a meta-parameter other than through the adapted
+    parameters of the ``fmodel`` it is given (``model.parameters()``, ``model(x)``, a
+    captured tensor, or a parameter the loop does not adapt, which the ``fmodel`` reads
+    as the module's own tensor: an inner rate that is a module parameter and that the
+    forward reads too, review s34J F1): one evaluation at detached copies of the adapted
+    parameters and the module's own other ones, under ``enable_grad`` with the random
+    states restored, whose graph is searched for the meta-parameters (no gradient is
+    computed, so no hook runs). An error is left to the sweep, which raises it."""
     targets = {id(t) for t in meta if t.requires_grad}
     targets |= {id(t._base) for t in meta if t.requires_grad and t._base is not None}
     if not targets:
         return False
-    loss = _evaluated(module, inner_loss, batch, _probe_params(module, adapted))
+    params = _probe_params(module, adapted)
+    if adapted is not None:  # (the loop's own read of a parameter it does not adapt)
+        kept = set(adapted)
+        params.update({n: p for n, p in module.named_parameters()
+                       if n not in kept and (id(p) in targets or id(root_of(p)) in targets)})
+    loss = _evaluated(module, inner_loss, batch, params)
     return loss is not None and graph_reaches([loss.grad_fn], targets)
 
 
