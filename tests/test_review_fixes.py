@@ -5183,21 +5183,24 @@ def test_a_parameter_the_rule_holds_and_the_forward_reads_is_not_left_to_forward
     assert rel_err(got, want) < 1e-12
 
 
-def test_a_rule_holding_a_per_step_value_is_not_taken_as_additive_whatever_it_declares():
+@pytest.mark.parametrize("where", ["hyper", "attribute"])
+def test_a_rule_holding_a_per_step_value_is_not_taken_as_additive_whatever_it_declares(where):
     # Review s34J F3 (session 34): the additive shortcut sums the first-order steps' gradients and
     # takes one VJP of the update at the sum, which needs the same coefficients at every step; a
-    # rule of the user's declaring first_order_additive with a learned PerStep rate got fom 25 % off.
+    # rule of the user's declaring first_order_additive with a learned PerStep rate got fom 25 % off;
+    # held as an attribute rather than in hyper, 90 % off (review s34P F4).
     class StepRates(torch_ufom.inner.InnerRule):
         first_order_additive = first_order_identity = True
 
         def __init__(self, lr):
-            self.hyper = {"lr": lr}
+            self.hyper, self.rates = ({"lr": lr}, None) if where == "hyper" else ({}, lr)
 
         def init(self, params):
             return (torch.zeros((), dtype=torch.int64),)
 
         def update(self, grads, state, params, hyper):
-            lr = hyper["lr"].at(state[0], next(iter(params.values())))
+            rates = hyper["lr"] if where == "hyper" else self.rates
+            lr = rates.at(state[0], next(iter(params.values())))
             return {n: p - lr * grads[n] for n, p in params.items()}, (state[0] + 1,)
 
     torch.manual_seed(0)

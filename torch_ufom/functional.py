@@ -789,8 +789,9 @@ def check_derived_buffers(model: nn.Module, meta: Sequence[Tensor], what: str = 
             raise ValueError(
                 f"Invalid model: its buffer {name!r} was computed from one of {what}, but the library "
                 "copies buffers for each inner step and task and reads them as constants, so that "
-                "tensor's hypergradient through the buffer would be silently 0 (compute it in forward "
-                "from the tensor, or make it a parameter of the module)")
+                "tensor's hypergradient through the buffer would be silently 0 (detach it where the value "
+                "is only recorded; to learn through it, compute it in forward from the tensor, or make it "
+                "a parameter of the module)")
 
 
 def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:

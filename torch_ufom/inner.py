@@ -393,7 +393,7 @@ def shortcut(rule: Any, name: str) -> bool:
     Adam's update)."""
     if vars(rule).get(name, True) is not True or _instance_code(rule):
         return False
-    if name == "first_order_additive" and getattr(rule, "per_step", False):
+    if name == "first_order_additive" and (getattr(rule, "per_step", False) or _holds_per_step(rule)):
         return False  # PerStep values: other coefficients at each step (review s34J F3: 25 % off)
     mro = type(rule).__mro__
     holder = next((klass for klass in mro if name in vars(klass)), None)
@@ -412,6 +412,17 @@ def shortcut(rule: Any, name: str) -> bool:
     if any(klass not in vouched and not _library_class(klass) and _has_code(klass) for klass in mro):
         return False
     return _built_in_holds(rule, name, mro)
+
+
+def _holds_per_step(rule: Any) -> bool:
+    """Whether ``rule`` holds a :class:`PerStep` as an attribute outside ``hyper``, or in a
+    list, tuple or dict there (review s34P F4: 0.90 off, declared additive)."""
+    for value in vars(rule).values():
+        inner = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) \
+            else (value,)
+        if any(isinstance(v, PerStep) for v in inner):
+            return True
+    return False
 
 
 def _built_in_holds(rule: Any, name: str, mro: Tuple[type, ...]) -> bool:
