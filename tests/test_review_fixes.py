@@ -5299,3 +5299,15 @@ def test_a_parameter_the_rule_holds_and_the_forward_does_not_read_runs_forward_o
         phi = {n: p - model.temp * g for (n, p), g in zip(phi.items(), grads)}
     want = torch.autograd.grad(mse(lambda z: functional_call(model, phi, (z,)), (x, y)), params)
     assert rel_err(got, want) < 1e-12
+
+
+def test_a_view_of_a_model_parameter_in_params_is_refused():
+    # Review s34Q F1 (session 34): params=[W[0]] read zeros in every mode: the inner loop reads W
+    # (a copy or the swapped entry), never the user's view.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    sup = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    for view in (model[2].weight[0], model[0].weight.view(-1)):
+        with pytest.raises(ValueError, match=r"params\[1\]: a view of the model's parameter '[02]\.w"):
+            torch_ufom.hypergrad(model, mse, mse, sup, sup, steps=2, inner_lr=0.1,
+                                 params=[model[0].bias, view])

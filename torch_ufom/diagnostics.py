@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import adaptive
 from .config import Settings, check_generator, check_losses, resolve
-from .functional import check_params, estimate_task, resolve_hvp, restore_rng_on_error
+from .functional import check_derived_buffers, check_params, estimate_task, resolve_hvp, restore_rng_on_error
 from .inner import InnerRule
 from .truncation import Snapshot
 from .unroll import Problem, batch_getter, host_random_states, one_call_at_a_time, set_host_random_states
@@ -120,6 +120,7 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
     check_losses(inner_loss, outer_loss, model)
     check_generator(generator)
     params = check_params(params, model)
+    check_derived_buffers(model, params)
     problem = Problem(model, inner_loss, outer_loss, config, Snapshot(config.law, config.steps), params,
                       resolve_hvp(config, model, params), generator)
     A = D = t_f = t_x = c_x = 0.0

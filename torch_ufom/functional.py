@@ -797,7 +797,9 @@ def check_derived_buffers(model: nn.Module, meta: Sequence[Tensor], what: str = 
 def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
     """Validate ``params`` (default: the model's floating-point parameters, frozen ones
     included, which get zeros; a frozen integer or complex one has no gradient and is left
-    out): distinct floating-point tensors, each requiring grad when given."""
+    out): distinct floating-point tensors, each requiring grad when given, none a view of a
+    module parameter (review s34Q F1: ``W[0]`` read 0: the inner loop reads ``W``, never
+    the view)."""
     given = params is not None
     names: Dict[int, str] = {}
     if not given:
@@ -811,6 +813,7 @@ def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
         raise ValueError("Invalid params: empty (expected the tensors to differentiate with respect "
                          "to; torch.autograd.grad refuses empty inputs too)")
     seen, buffers = set(), buffer_names(model)
+    own = {id(p): n for n, p in model.named_parameters()}
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise TypeError(f"Invalid params[{i}]: expected a tensor, got {type(p).__name__}")
@@ -831,6 +834,11 @@ def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
             raise ValueError(f"Invalid params[{i}]: a tensor that does not require grad, whose "
                              "hypergradient would read 0 (torch.autograd.grad refuses it too: set "
                              "requires_grad=True to learn it, or leave it out)")
+        if p._base is not None and id(root_of(p)) in own:
+            raise ValueError(f"Invalid params[{i}]: a view of the model's parameter {own[id(root_of(p))]!r} "
+                             "(as W[0] or W.view(-1)), which the inner loop never reads (it reads the "
+                             "parameter), so its hypergradient would read 0; pass the parameter and index "
+                             "the result")
         seen.add(id(p))
     return tuple(params)
 
@@ -968,7 +976,11 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             parameters, a frozen one getting zeros; a frozen integer or complex one,
             which has no gradient, left out). Any tensor the losses or
             ``inner_lr`` use may be included; each must require grad, as for
-            ``torch.autograd.grad``.
+            ``torch.autograd.grad``. A view of a model parameter (``W[0]``) is
+            refused (the inner loop reads ``W``: pass it and index the result); a
+            view of another tensor gets what flows through that very object, as
+            with ``torch.autograd.grad``: zeros for a new ``lrs[:1]`` that nothing
+            computed from (pass ``lrs`` itself).
         generator: a ``torch.Generator`` for the truncation draw and the
             per-step random streams (default: the global generator).
         inner: an inner rule from :mod:`torch_ufom.inner` instead of ``inner_lr``.
