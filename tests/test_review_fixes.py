@@ -5311,3 +5311,44 @@ def test_a_view_of_a_model_parameter_in_params_is_refused():
         with pytest.raises(ValueError, match=r"params\[1\]: a view of the model's parameter '[02]\.w"):
             torch_ufom.hypergrad(model, mse, mse, sup, sup, steps=2, inner_lr=0.1,
                                  params=[model[0].bias, view])
+
+
+@pytest.mark.parametrize("mode", ["exact", "ufom"])
+def test_a_look_calling_a_sampling_step_function_leaves_the_programs_generator_alone(mode):
+    # Review s35C F1 (session 35): hvp="fwdrev"'s look called a j -> batch callable for every step
+    # outside any saved random state, so a successful call moved torch's global generator (with
+    # generator= given, where the call draws nothing from it; under ufom on exact draws only).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    query = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+
+    def support(j):  # a sampler: a function of j under step j's random stream
+        return torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    for hvp in ("revrev", "fwdrev"):
+        torch.manual_seed(123)
+        torch_ufom.hypergrad(model, mse, mse, support, query, steps=3, inner_lr=0.1, mode=mode, q=1.0,
+                             hvp=hvp, generator=torch.Generator().manual_seed(1))
+        got = torch.rand(1).item()
+        torch.manual_seed(123)
+        assert got == torch.rand(1).item(), hvp
+
+
+def test_a_step_function_sampling_anew_at_every_call_is_named_where_a_step_is_evaluated_again():
+    # Review s35C (session 35): a support lambda j: next(iterator) gives another batch whenever the
+    # library evaluates a step again; the refusals named the loss only.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    data = [(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+            for _ in range(9)]
+    for kw, error in ((dict(memory="recompute"), RuntimeError),
+                      (dict(hvp="fwdrev", memory="store"), ValueError)):
+        batches = iter(data)
+        with pytest.raises(error, match=r"support is a callable j -> batch, which the library calls again"):
+            torch_ufom.hypergrad(model, mse, mse, lambda j: next(batches), data[0], steps=3, inner_lr=0.1,
+                                 mode="exact", **kw)
+    batches = iter(data)  # a plain sweep calls it once a step, as a hand-written loop would
+    got = torch_ufom.hypergrad(model, mse, mse, lambda j: next(batches), data[0], steps=3, inner_lr=0.1,
+                               mode="exact", memory="store", hvp="revrev")
+    want = torch_ufom.hypergrad(model, mse, mse, torch_ufom.StepBatches(data[:3]), data[0], steps=3,
+                                inner_lr=0.1, mode="exact", memory="store", hvp="revrev")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

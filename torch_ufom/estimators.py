@@ -34,7 +34,7 @@ from torch import Tensor
 from .inner import shortcut
 from .schedules import Schedule
 from .truncation import telescope_weights
-from .unroll import Loop, SweepPlan, Unchain, chain_vjp
+from .unroll import SAMPLES_ANEW, Loop, SweepPlan, Unchain, chain_vjp
 
 __all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient", "plus"]
 
@@ -223,9 +223,12 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
         return ok
 
 
-def check_finite(log: SweepLog, est: "Estimate") -> None:
+def check_finite(log: SweepLog, est: "Estimate", step_function: bool = False) -> None:
     """Raise ``FloatingPointError`` naming what is not finite (one host synchronisation
-    when everything is finite and no norm overflows)."""
+    when everything is finite and no norm overflows), or ``RuntimeError`` where a step
+    evaluated again gave another loss (``step_function``: the batches come from a
+    callable ``j -> batch``, which may be the cause)."""
+    anew = f" Or {SAMPLES_ANEW}." if step_function else ""
     if bool(_all_finite(log, est.outer_loss, est.grads)):
         return
     losses = est.inner_losses
@@ -241,7 +244,7 @@ def check_finite(log: SweepLog, est: "Estimate") -> None:
         raise FloatingPointError(
             "inner_loss was finite on the forward pass but not when a step was evaluated again "
             "(a replay or the exact sweep's rebuild): the loss must be a deterministic function of "
-            "the parameters, the batch and the step's random stream")
+            f"the parameters, the batch and the step's random stream.{anew}")
     if not bool(same):
         raise RuntimeError(
             "inner_loss gave another value when a step was evaluated again (a replay or the exact "
@@ -254,7 +257,7 @@ def check_finite(log: SweepLog, est: "Estimate") -> None:
             "where the loss cancels most of its terms: torch.use_deterministic_algorithms(True) "
             "makes replays exact. A forward that writes a tensor in place (a layer clipping its own "
             "weight, an nn.Embedding with max_norm on a table the inner loop does not adapt) must "
-            "write the same values when a step runs again")
+            f"write the same values when a step runs again.{anew}")
     i = next((i for i, g in enumerate(est.grads)
               if g is not None and not bool(torch.isfinite(_values(g)).all())), None)
     if i is not None:
@@ -387,7 +390,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     gk = finish(e, theta_k) if diagnostics else None
     est = Estimate(grads, outer_loss, inner_losses, K, inv_p,
                    log.forward_steps, log.reverse_steps, g0, gk, final_buffers, aux)
-    check_finite(log, est)
+    check_finite(log, est, loop.step_function)
     return est
 
 

@@ -61,7 +61,7 @@ __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", 
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp", "OwnDraws",
            "elementwise_rule", "second_derivatives", "look_at_graph", "GraphLook", "recomputes_message",
-           "REPLAY_DRAWS"]
+           "REPLAY_DRAWS", "SAMPLES_ANEW"]
 
 
 def caller_level() -> int:
@@ -1378,6 +1378,13 @@ def check_step_function(support, arg: str = "support") -> None:
                         "(j = 0..steps-1; pass the batch itself to use it at every step)")
 
 
+SAMPLES_ANEW = (
+    "support is a callable j -> batch, which the library calls again for step j wherever it evaluates "
+    "the step again: it must return the same batch each time (a function of j drawing only from "
+    "torch's global generator, which each step's random stream reseeds; not next() of an iterator, "
+    "NumPy, Python's random or a generator of your own), else pass StepBatches([...]) of the batches")
+
+
 def batch_getter(support: Any, steps: int, arg: str = "support") -> Callable[[int], Any]:
     """Return ``j -> batch`` (``j = 0..steps-1``) for the three kinds of support.
 
@@ -1416,12 +1423,28 @@ def probe_batches(support: Any, steps: int, arg: str = "support") -> List[Any]:
     if not per_step_batches(support):
         return [get(0)]
     batches, seen = [], set()
-    for j in range(steps):  # each batch once (StepBatches([b] * steps) is one batch)
-        batch = get(j)
-        if id(batch) not in seen:
-            seen.add(id(batch))
-            batches.append(batch)
+    with _random_states_kept():  # a callable may draw: the look leaves the program's streams alone
+        for j in range(steps):  # each batch once (StepBatches([b] * steps) is one batch)
+            batch = get(j)
+            if id(batch) not in seen:
+                seen.add(id(batch))
+                batches.append(batch)
     return batches
+
+
+@contextlib.contextmanager
+def _random_states_kept():
+    """Put torch's global generators (the CPU's and those of the CUDA devices in use) and
+    NumPy's and Python's back as they were on leaving (review s35C F1: a look calling a
+    ``j -> batch`` callable that samples moved the program's stream on a successful call,
+    ``generator=`` given or not, and under ``ufom`` on exact draws only)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    host = host_random_states()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        set_host_random_states(host)
 
 
 def _check_loss(loss: Any, name: str) -> Tensor:
@@ -1568,6 +1591,7 @@ class Loop(Protocol):
     learned_hyper: bool  # whether a meta-parameter is one of the rule's hyperparameters
     dense_grads: bool  # the rule is not first-order additive: sparse gradients are made dense
     per_step: bool  # the batches are per step (a loss may do at some steps only what matters)
+    step_function: bool  # they come from a callable j -> batch, called again where a step is
 
     def initial_state(self) -> State:
         """``s_0``."""
@@ -2199,6 +2223,7 @@ class InnerLoop:
                             "loss runs once, on one query batch)")
         # Per-step batches may make a loss differentiate at some steps only (record watches them).
         self.per_step = per_step_batches(support)
+        self.step_function = self.per_step and not isinstance(support, StepBatches)
         named, self.module_buffers, self.swap = Reparametrization.layout(module)  # one walk per loop
         self.named = dict(named)  # the module's parameters by name
         self.names = list(problem.config.adapted)
@@ -2640,7 +2665,7 @@ class InnerLoop:
             reverse = self.reverse_hessian_vector(State(params, state.opt, state.buffers), j, vec)
             rel, mixed = hvp_disagreement(hv, reverse)
             if rel:
-                raise FwdRevDisagrees(j, rel, mixed)
+                raise FwdRevDisagrees(j, rel, mixed, self.step_function)
         return hv
 
     def reverse_hessian_vector(self, state: State, j: int, vec: Sequence[Tensor]) -> Tuple[Tensor, ...]:
@@ -2765,7 +2790,7 @@ class FwdRevDisagrees(ValueError):
     sweep): the loss computes something forward-mode AD differentiates otherwise. ``why``:
     the reason without the advice."""
 
-    def __init__(self, j: int, rel: float, mixed: bool = False):
+    def __init__(self, j: int, rel: float, mixed: bool = False, step_function: bool = False):
         self.why = (f"gives another Hessian-vector product than reverse mode at inner step {j} ({rel:.1e} "
                     "relative): the loss computes something forward-mode AD differentiates otherwise (a "
                     "stop-gradient made under torch.no_grad() or through .data, a custom Function's jvp, "
@@ -2775,6 +2800,8 @@ class FwdRevDisagrees(ValueError):
         if mixed:  # (review IC F2)
             self.why += ("; the model mixes parameter dtypes, and the difference is within the least "
                          "precise one's rounding, which reaches every parameter it touches")
+        if step_function:  # (review s35C: a j -> batch callable that samples anew at every call)
+            self.why += f"; or {SAMPLES_ANEW}"
         super().__init__(f"Invalid hvp: 'fwdrev' {self.why}; use 'revrev' or 'auto'")
 
 
