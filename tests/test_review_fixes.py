@@ -5352,3 +5352,23 @@ def test_a_step_function_sampling_anew_at_every_call_is_named_where_a_step_is_ev
     want = torch_ufom.hypergrad(model, mse, mse, torch_ufom.StepBatches(data[:3]), data[0], steps=3,
                                 inner_lr=0.1, mode="exact", memory="store", hvp="revrev")
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("hvp", ["revrev", "fwdrev"])
+def test_entry_points_under_the_callers_no_grad_give_the_exact_hypergradient(hvp):
+    # Review s35B F1 (session 35): under torch.no_grad() hvp="fwdrev"'s per-task comparison with
+    # reverse mode summed its products outside enable_grad, and hypergrad, MetaOptimizer.backward and
+    # diagnose raised autograd's "element 0 of tensors does not require grad".
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    sup = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    qry = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    params = list(model.parameters())
+    want = brute_force(model, mse, mse, lambda j: sup, qry, 3, 0.1, params, 3)
+    with torch.no_grad():
+        got = torch_ufom.hypergrad(model, mse, mse, sup, qry, steps=3, inner_lr=0.1, mode="exact", hvp=hvp)
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=0.1, steps=3,
+                                        mode="exact", hvp=hvp)
+        meta.backward(mse, mse, sup, qry)
+        torch_ufom.diagnose(model, mse, mse, [(sup, qry)], steps=3, inner_lr=0.1, hvp=hvp)
+    assert rel_err(got, want) < 1e-12 and rel_err([p.grad for p in params], want) < 1e-12

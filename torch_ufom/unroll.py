@@ -2673,10 +2673,11 @@ class InnerLoop:
         gradient, taken with a graph), under step ``j``'s random stream: what
         :meth:`hessian_vector`'s first call of a per-task sweep is compared with."""
         leaves, grads = self.gradient_graph(state, j)
-        with torch.enable_grad():
+        with torch.enable_grad():  # (the sum too: review s35B F1, a caller's no_grad broke it)
             dots = [(g * v).sum() for g, v in zip(grads, vec) if g.requires_grad]
+            total = sum(dots) if dots else None
         with second_derivatives():
-            got = torch.autograd.grad(sum(dots), leaves, allow_unused=True) if dots else (None,) * len(leaves)
+            got = torch.autograd.grad(total, leaves, allow_unused=True) if dots else (None,) * len(leaves)
         return tuple(torch.zeros_like(p) if r is None else r for p, r in zip(leaves, got))
 
     def gradient_graph(self, state: State, j: int) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
