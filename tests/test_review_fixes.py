@@ -5372,3 +5372,29 @@ def test_entry_points_under_the_callers_no_grad_give_the_exact_hypergradient(hvp
         meta.backward(mse, mse, sup, qry)
         torch_ufom.diagnose(model, mse, mse, [(sup, qry)], steps=3, inner_lr=0.1, hvp=hvp)
     assert rel_err(got, want) < 1e-12 and rel_err([p.grad for p in params], want) < 1e-12
+
+
+def test_a_forward_over_reverse_call_nested_in_another_calls_loss():
+    # Review s35B F2 (session 35): a hypergrad(hvp="fwdrev") run inside another call's inner loss was
+    # refused as "a loss that draws from a torch.Generator of your own" where the outer call replays
+    # steps (the draw was the nested call's own comparison of HVPs), and "under a profiler" where the
+    # outer call's look was running: the first runs now, exact; the second names the nesting.
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    b = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    sup = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    qry = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    nested = []
+
+    def inner_loss(f, batch):
+        nested.append(torch_ufom.hypergrad(b, mse, mse, sup, qry, steps=2, inner_lr=0.1, mode="exact",
+                                           hvp="fwdrev"))
+        return mse(f, batch)
+    got = torch_ufom.hypergrad(a, inner_loss, mse, sup, qry, steps=3, inner_lr=0.1, mode="exact",
+                               memory="recompute", hvp="revrev")
+    assert rel_err(got, brute_force(a, mse, mse, lambda j: sup, qry, 3, 0.1, list(a.parameters()), 3)) < 1e-12
+    want = brute_force(b, mse, mse, lambda j: sup, qry, 2, 0.1, list(b.parameters()), 2)
+    assert nested and all(rel_err(g, want) < 1e-12 for g in nested)
+    with pytest.raises(ValueError, match="'fwdrev' cannot run inside a loss that an enclosing torch_ufom"):
+        torch_ufom.hypergrad(a, inner_loss, mse, sup, qry, steps=3, inner_lr=0.1, mode="exact",
+                             memory="store", hvp="fwdrev")

@@ -35,7 +35,7 @@ from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, Vectorised,
                          attributes_kept, fresh, group_by_truncation, meta_batch_size, noting_listed_tasks,
                          probe_steps,
-                         reads_meta_directly, runs_optimised_script, select_tasks, task_of)
+                         reads_meta_directly, runs_optimised_script, select_tasks, task_of, under_a_look)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
            "Problem", "SlowOps", "resolve_hvp"]
@@ -627,6 +627,10 @@ _OPTIMISED_SCRIPT = ("cannot differentiate TorchScript twice (the inner loss run
                      "under torch.func carry no graph)")
 
 
+_UNDER_A_LOOK = ("Invalid hvp: 'fwdrev' cannot run inside a loss that an enclosing torch_ufom call is "
+                 "looking at (a bilevel problem nested in another's loss): that look sets a profile "
+                 "function, under which hooks on graph nodes cannot be looked for, and forward-mode AD "
+                 "would not run them; use 'revrev' or 'auto' for the nested call")
 _UNDER_PROFILER = ("Invalid hvp: 'fwdrev' cannot look for hooks on graph nodes under a profiler "
                    "(sys.setprofile: cProfile, torch.profiler with with_stack=True), and forward-mode "
                    "AD would not run them; use 'revrev' or 'auto', or run without the profiler")
@@ -643,7 +647,7 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
     if problem.hvp != "fwdrev":
         return
     if sys.getprofile() is not None:  # every task alike, whatever its K
-        raise ValueError(_UNDER_PROFILER)
+        raise ValueError(_UNDER_A_LOOK if under_a_look() else _UNDER_PROFILER)
     buffers = next(problem.model.buffers(), None) is not None
     if K == 0 and not buffers:  # no HVP
         return
@@ -693,8 +697,10 @@ def fwdrev_disagreement(problem: Problem, support: Any) -> str:
             return SPARSE_FWDREV  # F.embedding(..., sparse=True) the module-type check does not see)
         # Where the gradient is zero by construction (Embedding's padding row) autograd's
         # derivatives are not symmetric; the sweep's vectors are zero there as well.
-        gen = torch.Generator().manual_seed(0)
-        vec = tuple(torch.randn(p.shape, generator=gen, dtype=p.dtype, device="cpu").to(p.device) * (g != 0)
+        # Drawn from the global generator, reseeded (streams() puts it back): a generator of the
+        # library's own would be one of the user's to an enclosing call's look (review s35B F2).
+        torch.default_generator.manual_seed(0)
+        vec = tuple(torch.randn(p.shape, dtype=p.dtype, device="cpu").to(p.device) * (g != 0)
                     for p, g in zip(state.params, grads))
         try:
             loop.hessian_vector(state, 1, vec)

@@ -42,7 +42,7 @@ from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depend
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "probe_steps", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS", "FEWEST_TASKS_ON_CPU",
-           "FEWEST_TASKS_BESIDE_ON_CPU"]
+           "FEWEST_TASKS_BESIDE_ON_CPU", "under_a_look"]
 
 
 def _register_step_batches() -> None:
@@ -642,6 +642,12 @@ def _is_cprofile(method) -> bool:
 
 
 _WATCHERS: List[Any] = []  # the running looks' profile functions, innermost last
+
+
+def under_a_look() -> bool:
+    """Whether the profile function set is a look's of this library: the caller runs inside a
+    loss that an enclosing call is looking at (a bilevel problem nested in another's loss)."""
+    return bool(_WATCHERS) and sys.getprofile() is _WATCHERS[-1]
 _PLAIN = (Tensor, nn.Parameter)  # tensor types whose attributes run no code of the user's
 
 
