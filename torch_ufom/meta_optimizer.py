@@ -958,7 +958,8 @@ class MetaOptimizer:
         branches, that ``None`` is the estimate's zero, written as zeros so that a
         stateful outer optimizer (momentum, Adam) steps on it as on every other
         draw. Under ``fom``, whose estimate never reaches such a tensor, it stays
-        ``None`` and a warning (once per tensor and configuration) names it.
+        ``None`` and a warning (once per tensor and configuration) names it; so under
+        ``truncated`` (``k < r``), for a tensor only the first ``r - k`` steps' losses read.
         """
         if all(g is not None for g in grads):
             return grads
@@ -967,19 +968,25 @@ class MetaOptimizer:
                 if g is None and p.requires_grad and id(p) not in adapted]
         if not gaps:
             return grads
-        survival = problem.law.survival(problem.config.steps)[1]
-        if survival == 0.0:
+        steps = problem.config.steps
+        survival = problem.law.survival(steps)
+        if survival[steps] == 1.0:
+            return grads  # every task exact: None means the losses do not read it
+        if all(s in (0.0, 1.0) for s in survival):  # fom, or a fixed truncation k < r (review s35A F1)
             new = [name for name in map(self._name, (meta[i] for i in gaps))
                    if name not in self._warned_fom_gaps]
             if new:
                 self._warned_fom_gaps.update(new)
                 names = ", ".join(new)
-                warnings.warn(f"mode='fom' gives no hypergradient to {names}: the first-order estimate "
-                              "ignores how the inner loop depends on it, so its .grad stays None "
-                              "(use mode='ufom' or 'exact' to learn it)", stacklevel=3)
+                k = sum(1 for s in survival[1:] if s == 1.0)
+                which = ("mode='fom' gives no hypergradient to {}: the first-order estimate ignores how "
+                         "the inner loop depends on it" if k == 0 else
+                         f"mode='truncated' (k={k}) gives no hypergradient to {{}}: no loss of the last "
+                         f"{k} inner steps nor the outer loss reads it, and the truncated estimate ignores "
+                         f"how the first {steps - k} depend on it")
+                warnings.warn(which.format(names) + ", so its .grad stays None (use mode='ufom' or "
+                              "'exact' to learn it)", stacklevel=3)
             return grads
-        if survival == 1.0:
-            return grads  # every task exact: None means the losses do not read it
         grads = list(grads)
         for i in gaps:
             grads[i] = torch.zeros_like(meta[i])
