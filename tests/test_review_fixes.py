@@ -1675,6 +1675,7 @@ def test_a_compiled_loss_criterion_is_exact_under_fwdrev_on_every_schedule():
                                        steps=STEPS, inner_lr=LR, mode="exact", memory=memory, hvp=hvp)
         except RuntimeError as e:
             assert re.search(r"runs a function compiled with torch.compile\(fullgraph=True\)", str(e)), e
+            assert "until torch._dynamo.reset()" in str(e), e  # (review s35D F1: torch skips it from then on)
         else:
             assert rel_err(got, want) < 1e-10, (memory, hvp)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)  # nothing written
@@ -5398,3 +5399,36 @@ def test_a_forward_over_reverse_call_nested_in_another_calls_loss():
     with pytest.raises(ValueError, match="'fwdrev' cannot run inside a loss that an enclosing torch_ufom"):
         torch_ufom.hypergrad(a, inner_loss, mse, sup, qry, steps=3, inner_lr=0.1, mode="exact",
                              memory="store", hvp="fwdrev")
+
+
+def test_tensors_read_before_a_fixed_truncation_window_are_named_and_zeroed_under_a_random_one():
+    # Review s35A F1 (session 35): with mode="truncated" (k < r) learned per-step support sets the
+    # inner loss reads before the window kept .grad None without a word (fom warns about the same
+    # gap), and a law drawing K >= 1 always but K < r sometimes left them None on such draws, which
+    # a stateful outer optimizer skips, where ufom writes the estimate's zeros.
+    torch.manual_seed(0)
+    steps = 3
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    xs = [torch.randn(5, 3, dtype=torch.float64, requires_grad=True) for _ in range(steps)]
+    y = torch.randn(5, 2, dtype=torch.float64)
+    qry = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    support = torch_ufom.StepBatches([(x, y) for x in xs])
+
+    def run(force=None, **kw):
+        for x in xs:
+            x.grad = None
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.Adam(list(model.parameters()) + xs, lr=0.1),
+                                        steps=steps, inner_lr=0.3, **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            meta.backward(mse, mse, support, qry, force_truncation=force)
+        return [x.grad for x in xs], [str(w.message) for w in caught]
+    grads, said = run(mode="truncated", k=1)
+    assert grads[0] is None and grads[1] is None and grads[2] is not None
+    assert any("mode='truncated' (k=1) gives no hypergradient to param_groups[0]['params'][4]" in s
+               and "['params'][5]" in s and "['params'][6]" not in s for s in said), said
+    law = torch_ufom.truncation.Custom([0.0, 0.5, 0.0, 0.5])  # K = 1 or r
+    grads, said = run(truncation=law, force=1)
+    assert [torch.count_nonzero(g).item() for g in grads[:2]] == [0, 0] and grads[2].abs().sum() > 0
+    grads, _ = run(mode="exact")  # every step read: every tensor gets its hypergradient
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
