@@ -264,7 +264,8 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     writes the module's buffers (BatchNorm's running statistics in train mode),
     calls an operation whose gradient ``vmap`` gets wrong (an embedding with
     ``padding_idx``), draws from a ``torch.Generator`` of its own (which ``vmap``
-    would advance once per task) or ``vmap`` cannot run the model; they then run one by one, each with its
+    would advance once per task) or ``vmap`` cannot run the model (an error under ``vmap``,
+    the losses' own too: then with a warning that names it); they then run one by one, each with its
     own random streams. Without random operations the result equals a loop of
     :func:`adapt` over the tasks (with dropout, ``vmap`` draws other masks).
 
@@ -313,8 +314,12 @@ def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generato
                 return _stacked(problem, [state], size)
             except FloatingPointError:
                 raise  # a non-finite inner loss: the loop would find it again
-            except Exception:  # noqa: BLE001 (run per task, where an error of the loss is raised)
+            except Exception as err:  # noqa: BLE001 (run per task, where an error of the loss is raised)
                 vectorised = False  # calls of the result then loop over the tasks at once
+                first_line = (str(err).splitlines() or [type(err).__name__])[0]
+                warnings.warn(f"adapt_batch runs the tasks one by one: an error under torch.func.vmap "
+                              f"({type(err).__name__}: {first_line}); the losses run again per task, "
+                              "where an error of theirs is raised (review s35B F3)", stacklevel=4)
         states = [_run(problem, PerTask(), task) for task in tasks]
         return _stacked(problem, states, size, vectorised)
 
