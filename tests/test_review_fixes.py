@@ -5432,3 +5432,40 @@ def test_tensors_read_before_a_fixed_truncation_window_are_named_and_zeroed_unde
     assert [torch.count_nonzero(g).item() for g in grads[:2]] == [0, 0] and grads[2].abs().sum() > 0
     grads, _ = run(mode="exact")  # every step read: every tensor gets its hypergradient
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_adapt_batch_names_an_error_under_vmap_before_running_the_tasks_one_by_one():
+    # Review s35B F3 (session 35): an error under vmap (the loss's own too) sent adapt_batch to the
+    # per-task loop without a word, calling the losses again; hypergrad_batch warns.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    sup = (torch.randn(2, 6, 3, dtype=torch.float64), torch.randn(2, 6, 2, dtype=torch.float64))
+    calls = []
+
+    def flaky(f, b):  # the probe's evaluation, then the first one under vmap raises
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("once")
+        return mse(f, b)
+    with pytest.warns(UserWarning, match=r"adapt_batch runs the tasks one by one: an error under "
+                                         r"torch.func.vmap \(KeyError: 'once'\)"):
+        stacked = torch_ufom.adapt_batch(model, flaky, sup, steps=2, inner_lr=0.1)
+    want = torch_ufom.adapt_batch(model, mse, sup, steps=2, inner_lr=0.1)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    assert torch.allclose(stacked(x), want(x), rtol=1e-12, atol=1e-14)
+
+
+def test_a_meta_batch_under_the_callers_saved_tensor_hooks_names_them():
+    # Review s35B F4 (session 35): under save_on_cpu() (or pass-through saved_tensors_hooks) a meta-batch
+    # ran the per-task loop, rightly (torch.func cannot run under them), saying a loss keeps a tensor.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    sup = (torch.randn(2, 6, 3, dtype=torch.float64), torch.randn(2, 6, 2, dtype=torch.float64))
+    qry = (torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 5, 2, dtype=torch.float64))
+    config = dict(steps=2, inner_lr=0.1, mode="exact")
+    want = torch_ufom.hypergrad_batch(model, mse, mse, sup, qry, vectorise=False, **config)
+    for hooks in (torch.autograd.graph.save_on_cpu(), torch.autograd.graph.saved_tensors_hooks(lambda t: t,
+                                                                                              lambda t: t)):
+        with hooks, pytest.warns(UserWarning, match="runs the per-task loop: saved-tensor hooks are set"):
+            got = torch_ufom.hypergrad_batch(model, mse, mse, sup, qry, vectorise=True, **config)
+        assert rel_err(got, want) < 1e-12

@@ -475,6 +475,14 @@ def _wrong(what: Sequence[str]) -> str:
     return f"torch.func.vmap differentiates {', '.join(what)} wrongly"
 
 
+def _saved_tensor_hooks() -> bool:
+    """Whether default saved-tensor hooks are set (``save_on_cpu``, ``saved_tensors_hooks``):
+    torch's own look, private (``False`` where a torch lacks it: the vmap attempt then fails
+    and says why)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
 def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: bool,
                     known: Optional[SlowOps] = None, truncations: Optional[Sequence[int]] = None) -> Plan:
     """Whether and how the meta-batch runs under ``vmap`` (see :func:`estimate_batch`).
@@ -494,6 +502,9 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     if sparse_weights(problem.model):  # found before a vmap attempt that would fail
         return Plan(None, "torch.func.vmap has no sparse kernels (an embedding with sparse=True)", True,
                     known)
+    if _saved_tensor_hooks():  # the caller's: found before the look blames a loss (review s35B F4)
+        return Plan(None, "saved-tensor hooks are set around the call (torch.autograd.graph.save_on_cpu, "
+                    "saved_tensors_hooks), which torch.func's gradients cannot run under", True, known)
     device = next(problem.model.parameters()).device
     auto = choice == "auto" and device.type == "cpu"  # vmap pays on accelerators
     if auto:
