@@ -242,6 +242,8 @@ class Checkpoint(Schedule):
             return Store().sweep(loop, state, start, stop, log, plan)
         if self.slots is not None:
             return _Revolve.run(loop, state, (start, revolve_actions(n, self.slots)), log, plan)
+        if self.max_memory is None and n <= DEFAULT_BUDGET_STEPS:  # the default budget keeps every
+            return Store().sweep(loop, state, start, stop, log, plan)  # graph up to that, unmeasured
         first, state_bytes, record_bytes, node_bytes, hvp_bytes = _probe(loop, state, start + 1, stop, plan,
                                                                         self.max_memory is not None)
         slots = budget_slots(n, state_bytes, record_bytes, self.max_memory, node_bytes, hvp_bytes)
