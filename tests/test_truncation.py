@@ -264,5 +264,11 @@ def test_a_subclass_of_a_shipped_law_is_checked_at_every_call_and_overrides_are_
                                             r"probs\(steps\) only"):
             torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
                                      steps=3, truncation=bad)
+    # Review s35G F1 (session 35): a Snapshot (its repr is its law's) was refused as "Geometric(...)
+    # overrides survival()", a method Geometric does not override.
+    with pytest.raises(TypeError, match=r"Invalid truncation: Snapshot\(Geometric\(q=0.6, rho=0.7\), "
+                                        r"steps=3\); pass the law itself"):
+        torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                 steps=3, truncation=truncation.Snapshot(truncation.Geometric(0.6, 0.7), 3))
     with pytest.raises(AttributeError, match=r"cannot be changed after construction \(setting 'probs'"):
         law.probs = lambda steps: [1.0] + [0.0] * steps  # review DU: every draw K = 0, 55 % off

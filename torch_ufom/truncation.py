@@ -395,6 +395,9 @@ def check_truncation(law: TruncationLaw) -> None:
     """Refuse a law that overrides what derives from :meth:`TruncationLaw.probs`
     (``survival``, ``sample``: a law's draws and its estimator's weights must come
     from one function, read once per call, :class:`Snapshot`)."""
+    if isinstance(law, Snapshot):  # (its repr is its law's: the message would name that one, s35G F1)
+        raise TypeError(f"Invalid truncation: Snapshot({law.law!r}, steps={law.steps}); pass the law "
+                        f"itself ({law.law!r}), of which each call takes a snapshot")
     own = getattr(law, "__dict__", {})  # (set on the instance)
     for name in ("survival", "sample"):
         if getattr(type(law), name) is not getattr(TruncationLaw, name) or name in own:
