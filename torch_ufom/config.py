@@ -204,6 +204,11 @@ def check_model(model) -> nn.Module:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("Invalid model: it has no parameter with requires_grad=True, so the inner "
                          "loop has nothing to adapt")
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:  # (review s35F F2: refused at the first loss, which it blamed)
+        raise ValueError(f"Invalid model: its parameter {meta!r} is on the meta device, which holds no "
+                         "values (a module built under torch.device('meta')): materialise it first, "
+                         "e.g. model.to_empty(device='cpu') and initialise its parameters")
     names = {id(p): n for n, p in model.named_parameters()}
     both = [(names[id(b)], n) for n, b in model.named_buffers() if id(b) in names]
     if both:  # (review GD: swapped once as a parameter and once as a buffer, 54 % off, silently)
