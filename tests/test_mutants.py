@@ -996,8 +996,8 @@ def test_a_budget_sized_mixed_sweep_is_sized_by_its_exact_records(monkeypatch):
                                         inner=torch_ufom.inner.SGD(lr=0.1, weight_decay=0.1), steps=steps,
                                         mode=mode, memory="checkpoint", **kw)
         return meta.backward(mse, mse, (x, y), (x, y))
-    run("fom")
-    run("exact")
+    run("fom", max_memory=1 << 40)  # (a budget given: the default measures nothing up to 128 steps)
+    run("exact", max_memory=1 << 40)
     (_, S, G_fo, N_fo), (_, S_exact, G, N) = seen
     assert S_exact == S and G > 2 * G_fo  # an exact record keeps its graph
     # The probe of a mixed sweep: an exact record that keeps its gradient for the first-order VJP too.

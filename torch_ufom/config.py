@@ -40,8 +40,8 @@ from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation, is_bernoulli
 from .unroll import check_parametrize_cache, positional_obstacle
 
-__all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_generator",
-           "check_losses", "check_steps", "MODES", "HVP_CHOICES", "VECTORISE_CHOICES"]
+__all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_values",
+           "check_generator", "check_losses", "check_steps", "MODES", "HVP_CHOICES", "VECTORISE_CHOICES"]
 
 MODES = ("fom", "ufom", "exact", "truncated")
 HVP_CHOICES = ("auto", "fwdrev", "revrev")
@@ -204,11 +204,6 @@ def check_model(model) -> nn.Module:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("Invalid model: it has no parameter with requires_grad=True, so the inner "
                          "loop has nothing to adapt")
-    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
-    if meta is not None:  # (review s35F F2: refused at the first loss, which it blamed)
-        raise ValueError(f"Invalid model: its parameter {meta!r} is on the meta device, which holds no "
-                         "values (a module built under torch.device('meta')): materialise it first, "
-                         "e.g. model.to_empty(device='cpu') and initialise its parameters")
     names = {id(p): n for n, p in model.named_parameters()}
     both = [(names[id(b)], n) for n, b in model.named_buffers() if id(b) in names]
     if both:  # (review GD: swapped once as a parameter and once as a buffer, 54 % off, silently)
@@ -351,6 +346,17 @@ def _chooses(predicate: Callable[[str], Any], name: str) -> bool:
                         f"{err} (expected a function of a parameter's name, returning a bool)") from err
 
 
+def check_values(model: nn.Module) -> None:
+    """Refuse a module with a parameter on the meta device, where a call would compute
+    (review s35F F2: refused at the first loss, which it blamed). A ``MetaOptimizer`` may
+    hold one, as a ``torch.optim`` optimizer may, until a call computes."""
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"Invalid model: its parameter {meta!r} is on the meta device, which holds no "
+                         "values (a module built under torch.device('meta')): materialise it first, "
+                         "e.g. model.to_empty(device='cpu') and initialise its parameters")
+
+
 def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer") -> Config:
     """Check ``settings`` against ``model`` and turn them into a :class:`Config`.
 
@@ -367,6 +373,8 @@ def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer")
     """
     steps = check_steps(settings.steps)
     adapted = adapted_parameters(check_model(model), settings.inner_params)
+    if caller != "MetaOptimizer":  # (which checks at its calls: check_values)
+        check_values(model)
     unreal = sorted(n for n, p in adapted.items() if not p.is_floating_point())
     if unreal:
         raise ValueError(f"Invalid model: the adapted parameters {unreal} are not real floating-point "

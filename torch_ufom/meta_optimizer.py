@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import adaptive, distributed
 from .adapt import adapt
 from .checks import invalid
-from .config import Config, Settings, check_generator, check_losses, resolve
+from .config import Config, Settings, check_generator, check_losses, check_values, resolve
 from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import (Problem, buffer_names, check_derived_buffers, estimate_batch, estimate_task,
                          learned_buffer_message, resolve_hvp, sum_grads, task_aux)
@@ -129,6 +129,7 @@ class MetaOptimizer:
         slots: ``None`` (default: sized by ``max_memory``) or a fixed number of
             stored states for ``memory="checkpoint"`` (a sweep of at most
             ``slots`` steps then keeps every graph). Not with ``max_memory``.
+            Accepted and unused under the other ``memory`` settings, as is ``max_memory``.
         max_memory: the byte budget of ``memory="checkpoint"`` with
             ``slots=None``: an int, or ``None`` (default) for
             ``128 (G + N + |s|) + W``, where each sweep's first step measures
@@ -136,7 +137,7 @@ class MetaOptimizer:
             CPU) and ``|s|`` (one inner state), and ``W = 3.5 G + 2 N + 16 |s| + 4.5 H``
             (``H``: under ``hvp="fwdrev"`` with a ``max_memory`` given, the bytes of the
             step's gradient graph, measured by evaluating it once more):
-            every graph is kept up to 128 steps, longer sweeps checkpoint with
+            every graph is kept up to 128 steps (unmeasured), longer sweeps checkpoint with
             ``128 (G + N + |s|) / (1.35 |s|)``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         generator: optional ``torch.Generator`` making the draws reproducible
@@ -281,6 +282,7 @@ class MetaOptimizer:
         self._seen: Dict[int, Tuple[Any, int]] = {}
         self._by_hand: List[str] = []
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
+        self._values_checked = None  # the signature at which check_values last passed
         self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
         self._hook_outer_step()
@@ -461,6 +463,9 @@ class MetaOptimizer:
             _check_holds(self.optimizer, self.model)
             self._adopt(config)
             meta = tuple(self.meta_parameters())
+        if signature != self._values_checked:  # (a meta-device module: held, not computed with)
+            check_values(self.model)
+            self._values_checked = signature
         c = self._config
         self._check_hyper_values(c)
         check_derived_buffers(self.model, meta, "the outer optimizer's tensors")
