@@ -979,6 +979,7 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         slots: ``None`` (default: sized by ``max_memory``) or a fixed number of
             stored states for ``memory="checkpoint"`` (a sweep of at most
             ``slots`` steps then keeps every graph). Not with ``max_memory``.
+            Accepted and unused under the other ``memory`` settings, as is ``max_memory``.
         max_memory: the byte budget of ``memory="checkpoint"`` with
             ``slots=None``: an int, or ``None`` (default) for
             ``128 (G + N + |s|) + W``, where the sweep's first step measures
@@ -986,7 +987,7 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
             CPU) and ``|s|`` (one inner state), and ``W = 3.5 G + 2 N + 16 |s| + 4.5 H``
             (``H``: under ``hvp="fwdrev"`` with a ``max_memory`` given, the bytes of the
             step's gradient graph, measured by evaluating it once more):
-            every graph is kept up to 128 steps, longer sweeps checkpoint with
+            every graph is kept up to 128 steps (unmeasured), longer sweeps checkpoint with
             ``128 (G + N + |s|) / (1.35 |s|)``
             slots (see ``docs/maths.md#costs-and-memory-of-each-schedule``).
         params: tensors to differentiate with respect to (default: the model's
