@@ -502,9 +502,6 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     if sparse_weights(problem.model):  # found before a vmap attempt that would fail
         return Plan(None, "torch.func.vmap has no sparse kernels (an embedding with sparse=True)", True,
                     known)
-    if _saved_tensor_hooks():  # the caller's: found before the look blames a loss (review s35B F4)
-        return Plan(None, "saved-tensor hooks are set around the call (torch.autograd.graph.save_on_cpu, "
-                    "saved_tensors_hooks), which torch.func's gradients cannot run under", True, known)
     device = next(problem.model.parameters()).device
     auto = choice == "auto" and device.type == "cpu"  # vmap pays on accelerators
     if auto:
@@ -521,6 +518,10 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
             if len(alone) == len(groups):
                 return Plan(None, alone_reason, False, known)
         exact = any(k > 0 for k in groups if k not in alone)
+    if _saved_tensor_hooks():  # the caller's: found before the look blames a loss (review s35B F4), after
+        # what vectorise="auto" decides (review s35R F1: a loop it picks anyway needs no warning)
+        return Plan(None, "saved-tensor hooks are set around the call (torch.autograd.graph.save_on_cpu, "
+                    "saved_tensors_hooks), which torch.func's gradients cannot run under", True, known)
     modules = tuple(problem.model.modules())
     if known is not None and not known.applies(problem.inner_loss, problem.outer_loss, device, modules):
         known = None  # other losses, device or submodules: where vmap failed no longer applies

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from .checks import invalid, is_int
-from .unroll import REPLAY_DRAWS, Loop, State, StepRecord, SweepPlan, caller_level, host_random_states
+from .unroll import (REPLAY_DRAWS, SAMPLES_ANEW, Loop, State, StepRecord, SweepPlan, caller_level,
+                     host_random_states)
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
@@ -148,7 +149,8 @@ class _Again:
         if drew:
             raise RuntimeError(REPLAY_DRAWS.format(memory=self.memory))
         if host is not None and host_random_states() != host:  # (review FC: straight-through NumPy noise)
-            raise RuntimeError(REPLAY_HOST_DRAWS.format(memory=self.memory))
+            anew = f" Or {SAMPLES_ANEW}." if self.loop.step_function else ""  # (review s35R F3)
+            raise RuntimeError(REPLAY_HOST_DRAWS.format(memory=self.memory) + anew)
         return out
 
 

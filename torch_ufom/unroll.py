@@ -223,7 +223,10 @@ COMPILED_FULLGRAPH = (
     "a loss runs a function compiled with torch.compile(fullgraph=True), which torch cannot run "
     "under the library's looks at the losses (a TorchDispatchMode) nor under torch.func's transforms "
     "(hvp='fwdrev', vectorised meta-batches and adapt_batch), which exact sweeps need (review JA F7); "
-    "use mode='fom' task by task (hypergrad, MetaOptimizer.backward), or compile without fullgraph=True")
+    "use mode='fom' task by task (hypergrad, MetaOptimizer.backward), or compile without fullgraph=True. "
+    "Torch now skips that function's frame for the rest of the process, so its later calls raise too, in "
+    "your own code as well, until torch._dynamo.reset() (torch's behaviour once a compiled function ran "
+    "under such a look or transform: review s35D F1)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -329,10 +332,7 @@ COMPILED_WATCHED = (
     "the torch-function mode that looks, in the first step an exact sweep differentiates, for "
     "calls of torch.autograd.grad (a gradient penalty chains the steps otherwise): compile without "
     "fullgraph=True, or use mode='fom' task by task (hypergrad, MetaOptimizer.backward)")
-FULLGRAPH_SKIPPED = (
-    ". Torch now skips that function's frame for the rest of the process, so its later calls raise "
-    "too, in your own code as well, until torch._dynamo.reset() (torch's behaviour after a compiled "
-    "function ran under a mode or a transform: review s35D F1)")
+
 
 
 @contextlib.contextmanager
@@ -345,7 +345,7 @@ def _fullgraph_refused(message: str, torchs: str = "torch.compiler.disable"):
         yield
     except Exception as e:  # torch._dynamo.exc.Unsupported, a RuntimeError
         if (type(e).__name__ == "Unsupported" or isinstance(e, RuntimeError)) and torchs in str(e):
-            raise RuntimeError(message + FULLGRAPH_SKIPPED) from e
+            raise RuntimeError(message) from e
         raise
 
 
