@@ -1305,3 +1305,14 @@ def test_a_rule_that_checks_its_values_in_its_constructor_gets_the_named_error()
 
     with pytest.raises(TypeError, match=r"Invalid inner: Ranged.ranges\['lr'\] is \(0.0, 1.0\)"):
         Ranged()
+
+
+def test_q_out_of_range_names_auto_only_where_it_is_taken():
+    # Review s35K F5 (session 35): hypergrad's error listed 'auto', which hypergrad then refuses.
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    batch = (torch.randn(4, 2), torch.randn(4, 1))
+    with pytest.raises(ValueError, match=r"Invalid q: 0 \(expected a float in \(0, 1\]\)$"):
+        torch_ufom.hypergrad(model, mse, mse, batch, batch, inner_lr=0.1, steps=2, q=0)
+    with pytest.raises(ValueError, match=r"Invalid q: 0 \(expected a float in \(0, 1\], or 'auto'\)$"):
+        torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2,
+                                 q=0)

@@ -251,11 +251,13 @@ def check_loss(name: str, fn) -> None:
                         "batch as its second argument instead)")
 
 
-def _check_q(q) -> None:
+def _check_q(q, auto: bool = True) -> None:
     if q == "auto" and isinstance(q, str):
         return
-    if not is_real(q) or not (math.isfinite(float(q)) and 0.0 < float(q) <= 1.0):
-        raise invalid("q", q, "a float in (0, 1], or 'auto'", is_real(q) or isinstance(q, str))
+    if not is_real(q) or not (math.isfinite(float(q)) and 0.0 < float(q) <= 1.0):  # ('auto' where it is
+        # taken: MetaOptimizer's, review s35K F5)
+        raise invalid("q", q, "a float in (0, 1], or 'auto'" if auto else "a float in (0, 1]",
+                      is_real(q) or isinstance(q, str))
 
 
 def _check_vectorise(value) -> Any:
@@ -293,11 +295,12 @@ def _rule(settings: Settings, adapted: Mapping[str, Tensor], steps: int) -> Inne
     return inner
 
 
-def _law(settings: Settings, steps: int) -> Tuple[str, TruncationLaw, Optional[adaptive.AdaptiveQ]]:
+def _law(settings: Settings, steps: int, auto: bool = True) -> Tuple[str, TruncationLaw,
+                                                                     Optional[adaptive.AdaptiveQ]]:
     mode, q, k, truncation = settings.mode, settings.q, settings.k, settings.truncation
     if mode is not None:
         _choice(mode, "mode", MODES)
-    _check_q(q)
+    _check_q(q, auto)
     if k is not None and (not is_int(k) or k < 0):
         raise invalid("k", k, f"an int in 0..steps={steps}", is_int(k))
     # The adaptive rule's knobs are checked whatever q is.
@@ -380,7 +383,7 @@ def resolve(settings: Settings, model: nn.Module, caller: str = "MetaOptimizer")
         raise ValueError(f"Invalid model: the adapted parameters {unreal} are not real floating-point "
                          "tensors (complex parameters are not supported; freeze them with "
                          "requires_grad=False or leave them out of inner_params)")
-    mode, law, rule_q = _law(settings, steps)
+    mode, law, rule_q = _law(settings, steps, caller == "MetaOptimizer")
     if rule_q is not None and caller != "MetaOptimizer":
         raise ValueError(f"Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; {caller} "
                          "takes a float in (0, 1]")
