@@ -5479,3 +5479,32 @@ def test_a_meta_batch_under_the_callers_saved_tensor_hooks_names_them():
     with torch.autograd.graph.save_on_cpu(), warnings.catch_warnings():  # (review s35R F1) the loop that
         warnings.simplefilter("error")  # vectorise="auto" picks for two tasks on a CPU: no warning
         torch_ufom.hypergrad_batch(model, mse, mse, sup, qry, **config)
+
+
+def test_gradients_changed_before_the_mean_is_taken_are_named_once():
+    # Review s35K F1 (session 35): clip_grad_norm_ then step() under reduction="mean" clipped the sum,
+    # which step() then divided by the task count: the mean capped at max_norm / tasks, silently.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    sup = (torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64))
+
+    def outer_step(meta, sync):
+        meta.zero_grad()
+        for _ in range(4):
+            meta.backward(mse, mse, sup, sup)
+        if sync:
+            meta.synchronize()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        meta.step()
+    for reduction, sync, warned in (("mean", False, True), ("mean", True, False), ("sum", False, False)):
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                        steps=2, mode="fom", reduction=reduction)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outer_step(meta, sync)
+            outer_step(meta, sync)  # once per MetaOptimizer
+        said = [str(w.message) for w in caught if "changed since the last task" in str(w.message)]
+        assert len(said) == warned, (reduction, sync, said)
+        if warned:
+            assert "the gradients of 'weight', 'bias' changed since the last task" in said[0]
+            assert "by the 4 tasks" in said[0] and "call meta.synchronize() first" in said[0]

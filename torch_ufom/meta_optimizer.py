@@ -87,7 +87,10 @@ class MetaOptimizer:
     Wraps the user's outer optimizer. :meth:`backward` runs one task's inner
     loop from the module's parameters and accumulates the hypergradient
     estimate into the ``.grad`` of every tensor the outer optimizer holds;
-    :meth:`step` steps the outer optimizer.
+    :meth:`step` steps the outer optimizer. It is no ``torch.optim.Optimizer``
+    itself: learning-rate schedulers, ``state``, ``defaults`` and the optimizer
+    hooks are the outer optimizer's (``meta.optimizer``); ``param_groups``,
+    ``zero_grad``, ``state_dict`` and ``load_state_dict`` are here as well.
 
     Args:
         model: any ``nn.Module``; its parameters with ``requires_grad`` are the
@@ -283,6 +286,7 @@ class MetaOptimizer:
         self._by_hand: List[str] = []
         self._warned_per_task: set = set()  # why backward_batch fell back to the per-task loop
         self._values_checked = None  # the signature at which check_values last passed
+        self._warned_edited = False  # whether gradients changed before the mean was taken were named
         self._warned_fom_gaps: set = set()  # meta-parameters fom left without a hypergradient, named
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
         self._hook_outer_step()
@@ -644,6 +648,16 @@ class MetaOptimizer:
                 stacklevel=stacklevel)
             if self._carried is not None:  # what they carried is gone
                 self._carried = [(p, c) for p, c in self._carried if p.grad is not None] or None
+        edited = [p for p, h in zip(values, held) if h]
+        if edited and not task and not self._warned_edited:  # (review s35K F1: a clip capped the mean
+            self._warned_edited = True  # at max_norm / tasks, silently)
+            warnings.warn(
+                f"reduction='mean': the gradients of {', '.join(self._name(p) for p in edited[:3])}"
+                f"{' and others' if len(edited) > 3 else ''} changed since the last task (a clip, a "
+                f"scaling, a backward() of yours): step() divides what .grad holds by the {self._tasks} "
+                "tasks, that change included (torch.nn.utils.clip_grad_norm_ then caps the mean at "
+                "max_norm / tasks); to change the mean itself, call meta.synchronize() first (once per "
+                "MetaOptimizer)", stacklevel=stacklevel)
         self._record(meta)  # written by other code too (a clip, a loss of the user's)
 
     def _carry(self, meta: List[Tensor]) -> Optional[List[Tuple[Tensor, Tensor]]]:
