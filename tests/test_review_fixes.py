@@ -5508,3 +5508,40 @@ def test_gradients_changed_before_the_mean_is_taken_are_named_once():
         if warned:
             assert "the gradients of 'weight', 'bias' changed since the last task" in said[0]
             assert "by the 4 tasks" in said[0] and "call meta.synchronize() first" in said[0]
+
+
+def test_a_copy_taken_between_an_outer_steps_tasks_keeps_their_gradients():
+    # Review s35J F1 (session 35): deepcopy((model, outer, meta)) between tasks dropped the module's
+    # pending .grad (torch's deepcopy of a Parameter does) and kept the task count, so the copy's
+    # reduction="mean" divided the later tasks' sum by all of them: 28 % off, silently.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    outer = torch.optim.SGD(list(model.parameters()) + [lr], lr=1.0)
+    meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=lr, steps=2, mode="exact", reduction="mean")
+    tasks = [((torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)),) * 2
+             for _ in range(4)]
+    meta.zero_grad()
+    for support, query in tasks[:2]:
+        meta.backward(mse, mse, support, query)
+    for how in ("deepcopy", "pickle"):
+        copied = copy.deepcopy((model, outer, meta)) if how == "deepcopy" else \
+            __import__("pickle").loads(__import__("pickle").dumps((model, outer, meta)))
+        m2, _, meta2 = copied
+        for support, query in tasks[2:]:
+            meta2.backward(mse, mse, support, query)
+        meta2.synchronize()
+        want = [sum(g) / 4 for g in zip(*(brute_force(model, mse, mse, lambda j, s=s: s, q, 2, lr,
+                                                        list(model.parameters()) + [lr], 2)
+                                           for s, q in tasks))]
+        assert rel_err([p.grad for p in m2.parameters()] + [meta2.inner.hyper["lr"].grad], want) < 1e-12, how
+
+
+def test_a_results_repr_summarises_its_weights():
+    # Review s35J F3 (session 35): 1,001 weights at steps=1000 made a logged MetaResult 28 KB.
+    result = torch_ufom.MetaResult(torch.tensor(1.0), torch.zeros(3), 3, [1.0, 2.0, 3.0, 4.0, 5.0] * 200,
+                                   0.1, 3, 3)
+    shown = repr(result)
+    assert "weights=[1.0, 2.0, 3.0, 4.0, ..., 5.0] (1000 weights)" in shown and len(shown) < 400, shown
+    short = torch_ufom.MetaResult(torch.tensor(1.0), torch.zeros(3), 1, [1.0, 2.0], None, 1, 1)
+    assert "weights=[1.0, 2.0]," in repr(short)

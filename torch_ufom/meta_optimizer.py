@@ -11,7 +11,7 @@ import weakref
 import zlib
 from collections.abc import Mapping
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -67,6 +67,16 @@ class MetaResult:
     reverse_steps: int
     aux: Any = None
     batch_path: Optional[str] = None
+
+    def __repr__(self) -> str:
+        # The weights summarised past eight (review s35J F3: 1,001 of them at steps=1000 made a
+        # logged result 28 KB); the rest as the dataclass shows them.
+        def shown(name, value):
+            if name == "weights" and len(value) > 8:
+                return f"[{', '.join(map(repr, value[:4]))}, ..., {value[-1]!r}] ({len(value)} weights)"
+            return repr(value)
+        parts = (f"{f.name}={shown(f.name, getattr(self, f.name))}" for f in fields(self))
+        return f"MetaResult({', '.join(parts)})"
 
 
 def _grad_layout(p: Tensor, g: Tensor) -> Tensor:
@@ -344,11 +354,21 @@ class MetaOptimizer:
         # a copy does not check its next task.
         state["_written"], state["_kept"], state["_kept_params"], state["_accumulators"] = None, [], {}, {}
         state["_posts"], state["_handles"], state["_seen"], state["_by_hand"] = {}, [], {}, []
+        # The pending tasks' gradients: a parameter's copy or pickle drops its .grad (torch's), a plain
+        # tensor's deepcopy keeps it, and the task count would then divide what is left (review s35J F1).
+        state["_pending_grads"] = [(p, p.grad) for p in self.meta_parameters() if p.grad is not None] \
+            if self._tasks or self._reduced else []
         return state
 
     def __setstate__(self, state):
         state.setdefault("_zero_saved", False)  # (pickled before it existed)
+        pending = state.pop("_pending_grads", [])
         self.__dict__.update(state)
+        for p, grad in pending:
+            if p.grad is None:
+                p.grad = grad
+        if pending:
+            self._record([p for p, _ in pending])
         self._hook_outer_step()
         if self.distributed:  # a copy watches its own parameters' accumulators
             self._watch_accumulation(self.meta_parameters())
