@@ -319,7 +319,7 @@ def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generato
                 first_line = (str(err).splitlines() or [type(err).__name__])[0]
                 warnings.warn(f"adapt_batch runs the tasks one by one: an error under torch.func.vmap "
                               f"({type(err).__name__}: {first_line}); the losses run again per task, "
-                              "where an error of theirs is raised (review s35B F3)", stacklevel=4)
+                              "where an error of theirs is raised", stacklevel=4)  # (review s35B F3)
         states = [_run(problem, PerTask(), task) for task in tasks]
         return _stacked(problem, states, size, vectorised)
 

@@ -252,10 +252,11 @@ def check_loss(name: str, fn) -> None:
 
 
 def _check_q(q, auto: bool = True) -> None:
+    """``auto``: whether the caller takes ``"auto"`` (MetaOptimizer), which the message then
+    lists (review s35K F5: the functional entry points' listed it and refused it)."""
     if q == "auto" and isinstance(q, str):
         return
-    if not is_real(q) or not (math.isfinite(float(q)) and 0.0 < float(q) <= 1.0):  # ('auto' where it is
-        # taken: MetaOptimizer's, review s35K F5)
+    if not is_real(q) or not (math.isfinite(float(q)) and 0.0 < float(q) <= 1.0):
         raise invalid("q", q, "a float in (0, 1], or 'auto'" if auto else "a float in (0, 1]",
                       is_real(q) or isinstance(q, str))
 

@@ -228,9 +228,9 @@ def check_finite(log: SweepLog, est: "Estimate", step_function: bool = False) ->
     when everything is finite and no norm overflows), or ``RuntimeError`` where a step
     evaluated again gave another loss (``step_function``: the batches come from a
     callable ``j -> batch``, which may be the cause)."""
-    anew = f" Or {SAMPLES_ANEW}." if step_function else ""
     if bool(_all_finite(log, est.outer_loss, est.grads)):
         return
+    anew = f" Or {SAMPLES_ANEW}." if step_function else ""
     losses = est.inner_losses
     finite = torch.isfinite(losses.reshape(losses.shape[0], -1)).all(1)
     if not bool(finite.all()):

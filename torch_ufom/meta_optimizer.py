@@ -1018,13 +1018,12 @@ class MetaOptimizer:
                 self._warned_fom_gaps.update(new)
                 names = ", ".join(new)
                 k = sum(1 for s in survival[1:] if s == 1.0)
-                which = ("mode='fom' gives no hypergradient to {}: the first-order estimate ignores how "
-                         "the inner loop depends on it" if k == 0 else
-                         f"mode='truncated' (k={k}) gives no hypergradient to {{}}: no loss of the last "
-                         f"{k} inner steps nor the outer loss reads it, and the truncated estimate ignores "
-                         f"how the first {steps - k} depend on it")
-                warnings.warn(which.format(names) + ", so its .grad stays None (use mode='ufom' or "
-                              "'exact' to learn it)", stacklevel=3)
+                which, why = ("mode='fom'", "the first-order estimate ignores how the inner loop depends "
+                              "on it") if k == 0 else (
+                    f"mode='truncated' (k={k})", f"no loss of the last {k} inner steps nor the outer loss "
+                    f"reads it, and the truncated estimate ignores how the first {steps - k} depend on it")
+                warnings.warn(f"{which} gives no hypergradient to {names}: {why}, so its .grad stays None "
+                              "(use mode='ufom' or 'exact' to learn it)", stacklevel=3)
             return grads
         grads = list(grads)
         for i in gaps:

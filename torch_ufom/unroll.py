@@ -334,7 +334,6 @@ COMPILED_WATCHED = (
     "fullgraph=True, or use mode='fom' task by task (hypergrad, MetaOptimizer.backward)")
 
 
-
 @contextlib.contextmanager
 def _fullgraph_refused(message: str, torchs: str = "torch.compiler.disable"):
     """Raise ``RuntimeError(message)`` for torch's error (naming ``torchs``) when a function
