@@ -655,3 +655,31 @@ def test_a_resumed_step_sums_the_ranks_tasks_once(tmp_path):
         want = [p.detach() for p in model.parameters()]
         for r in ranks:
             assert rel_err(r[case], want) < 1e-12, case
+
+
+def copied_worker(rank, world, init_file, out_dir):
+    with gloo(rank, world, init_file):
+        grads = []
+        for copied in (False, True):
+            model, loss, data = mlp_problem(0)
+            meta = meta_for(model, process_group=True, reduction="mean")
+            meta.reconfigure(mode="exact")
+            meta.backward(loss, loss, data[rank], data[2 + rank])
+            meta.step()  # no zero_grad after it: .grad carries this step's mean into the next
+            meta.backward(loss, loss, data[4 + rank], data[6 + rank])
+            if copied:  # between the tasks of an outer step
+                model, meta = copy.deepcopy((model, meta))
+            meta.backward(loss, loss, data[6 - rank], data[4])
+            meta.synchronize()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        torch.save(grads, os.path.join(out_dir, f"copied{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_a_copy_between_tasks_keeps_what_grad_carries_from_the_last_reduction(tmp_path):
+    # Review s35S F1 (session 35): a copy of a MetaOptimizer with a process_group dropped the record
+    # of the gradient .grad carried from the last reduction, and summed and divided it again (28 % off).
+    mp.spawn(copied_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        plain, copied = torch.load(tmp_path / f"copied{r}.pt")
+        assert rel_err(copied, plain) < 1e-12, r

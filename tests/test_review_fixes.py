@@ -5501,6 +5501,10 @@ def test_gradients_changed_before_the_mean_is_taken_are_named_once():
                                         steps=2, mode="fom", reduction=reduction)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            meta.zero_grad()  # one task: its mean is its sum, nothing said (review s35S F2)
+            meta.backward(mse, mse, sup, sup)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            meta.step()
             outer_step(meta, sync)
             outer_step(meta, sync)  # once per MetaOptimizer
         said = [str(w.message) for w in caught if "changed since the last task" in str(w.message)]
@@ -5545,3 +5549,4 @@ def test_a_results_repr_summarises_its_weights():
     assert "weights=[1.0, 2.0, 3.0, 4.0, ..., 5.0] (1000 weights)" in shown and len(shown) < 400, shown
     short = torch_ufom.MetaResult(torch.tensor(1.0), torch.zeros(3), 1, [1.0, 2.0], None, 1, 1)
     assert "weights=[1.0, 2.0]," in repr(short)
+

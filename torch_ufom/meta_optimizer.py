@@ -352,7 +352,10 @@ class MetaOptimizer:
         state["_slow_ops"] = None
         # The last task's .grad, by weak reference (reduction="mean" checks whether it was cleared):
         # a copy does not check its next task.
-        state["_written"], state["_kept"], state["_kept_params"], state["_accumulators"] = None, [], {}, {}
+        # With a process_group, what .grad carried from the last reduction (_kept) goes along: its index
+        # by parameter id and the writes seen are rebuilt for the copy's parameters (review s35S F1: a
+        # copy summed and divided the carried gradient again, 28 % off).
+        state["_written"], state["_kept_params"], state["_accumulators"] = None, {}, {}
         state["_posts"], state["_handles"], state["_seen"], state["_by_hand"] = {}, [], {}, []
         # The pending tasks' gradients: a parameter's copy or pickle drops its .grad (torch's), a plain
         # tensor's deepcopy keeps it, and the task count would then divide what is left (review s35J F1).
@@ -371,6 +374,9 @@ class MetaOptimizer:
             self._record([p for p, _ in pending])
         self._hook_outer_step()
         if self.distributed:  # a copy watches its own parameters' accumulators
+            self._set_kept(self._kept)
+            for p in self.meta_parameters():
+                self._note(p)
             self._watch_accumulation(self.meta_parameters())
 
     @one_call_at_a_time
@@ -669,8 +675,10 @@ class MetaOptimizer:
             if self._carried is not None:  # what they carried is gone
                 self._carried = [(p, c) for p, c in self._carried if p.grad is not None] or None
         edited = [p for p, h in zip(values, held) if h]
-        if edited and not task and not self._warned_edited:  # (review s35K F1: a clip capped the mean
-            self._warned_edited = True  # at max_norm / tasks, silently)
+        # (review s35K F1: a clip capped the mean at max_norm / tasks, silently; one task's mean is its
+        # sum, review s35S F2)
+        if edited and not task and not self._warned_edited and (self._tasks > 1 or self.distributed):
+            self._warned_edited = True
             warnings.warn(
                 f"reduction='mean': the gradients of {', '.join(self._name(p) for p in edited[:3])}"
                 f"{' and others' if len(edited) > 3 else ''} changed since the last task (a clip, a "
