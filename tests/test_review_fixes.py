@@ -5349,8 +5349,8 @@ def test_a_step_function_sampling_anew_at_every_call_is_named_where_a_step_is_ev
             torch_ufom.hypergrad(model, mse, mse, lambda j: next(batches), data[0], steps=3, inner_lr=0.1,
                                  mode="exact", **kw)
     np = pytest.importorskip("numpy")  # a sampler drawing from NumPy (review s35R F3)
-    with pytest.raises(RuntimeError, match=r"NumPy's or Python's global random generator.* Or support is a "
-                                           r"callable j -> batch"):
+    with pytest.raises(RuntimeError, match=r"NumPy's or Python's global random generator.*once\. Or support "
+                                           r"is a callable j -> batch"):
         torch_ufom.hypergrad(model, mse, mse, lambda j: data[np.random.randint(9)], data[0], steps=3,
                              inner_lr=0.1, mode="exact", memory="recompute")
     batches = iter(data)  # a plain sweep calls it once a step, as a hand-written loop would

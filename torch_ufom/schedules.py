@@ -149,7 +149,7 @@ class _Again:
         if drew:
             raise RuntimeError(REPLAY_DRAWS.format(memory=self.memory))
         if host is not None and host_random_states() != host:  # (review FC: straight-through NumPy noise)
-            anew = f" Or {SAMPLES_ANEW}." if self.loop.step_function else ""  # (review s35R F3)
+            anew = f". Or {SAMPLES_ANEW}" if self.loop.step_function else ""  # (review s35R F3)
             raise RuntimeError(REPLAY_HOST_DRAWS.format(memory=self.memory) + anew)
         return out
 
