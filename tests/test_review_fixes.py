@@ -5550,3 +5550,40 @@ def test_a_results_repr_summarises_its_weights():
     short = torch_ufom.MetaResult(torch.tensor(1.0), torch.zeros(3), 1, [1.0, 2.0], None, 1, 1)
     assert "weights=[1.0, 2.0]," in repr(short)
 
+
+
+@pytest.mark.parametrize("sequence", ["state_dict", "deepcopy", "mixed clear"])
+def test_every_gradient_cleared_outside_meta_is_seen_as_a_clear_before_a_save_or_a_copy(sequence):
+    # Review s35U F1-F3 (session 35): two tasks, then every gradient cleared through the outer optimizer
+    # (set_to_none=False) or the module: a state_dict() or a deepcopy taken before the next call saved
+    # them as the pending tasks' (tasks=2, grad_zero=True), and a clear of some to None and the rest to
+    # zero warned "others not" and kept the count; the next task's mean was divided by 3, silently.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    outer = torch.optim.SGD(list(model.parameters()) + [lr], lr=0.1)
+    meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=lr, steps=2, mode="exact", reduction="mean")
+    tasks = [((torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)),) * 2
+             for _ in range(3)]
+    meta.zero_grad()
+    for support, query in tasks[:2]:
+        meta.backward(mse, mse, support, query)
+    if sequence == "mixed clear":
+        model.zero_grad(set_to_none=False)
+        lr.grad = None
+    else:
+        outer.zero_grad(set_to_none=False)
+    if sequence == "state_dict":
+        saved = meta.state_dict()
+        assert saved["tasks"] == 0
+        meta.load_state_dict(saved)
+    elif sequence == "deepcopy":
+        model, outer, meta = copy.deepcopy((model, outer, meta))
+        lr = meta.inner.hyper["lr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clear of every gradient, however made, is no partial one
+        meta.backward(mse, mse, *tasks[2])
+        assert meta.synchronize() == 1
+    want = brute_force(model, mse, mse, lambda j: tasks[2][0], tasks[2][1], 2, lr,
+                       list(model.parameters()) + [lr], 2)
+    assert rel_err([p.grad for p in model.parameters()] + [lr.grad], want) < 1e-12

@@ -346,6 +346,7 @@ class MetaOptimizer:
         return law.q if is_bernoulli(law) else None
 
     def __getstate__(self):
+        self._check_cleared(self.meta_parameters())  # a clear not seen yet (review s35U F3: a copy kept it)
         # What the last meta-batch's probe found holds weak references to its losses, which
         # neither pickle nor deepcopy takes: a copy looks again at its first meta-batch.
         state = self.__dict__.copy()
@@ -655,8 +656,8 @@ class MetaOptimizer:
             return
         values = [p for p in changed if p.grad is not None]
         held = _any_nonzero_each(values)  # one read for all of them
-        if not any(held) and len(values) == len(self._written):
-            self._forget_tasks()  # every one zeroed in place
+        if not any(held) and len(changed) == len(self._written):
+            self._forget_tasks()  # every one zeroed in place or set to None (review s35U F2: a mix)
             return
         if not mean:
             self._record(meta)
@@ -1446,6 +1447,7 @@ class MetaOptimizer:
         ``track_buffers`` keeps for the next :meth:`step` are not saved: save
         right after :meth:`step` to resume a run exactly.
         """
+        self._check_cleared(self.meta_parameters())  # a clear not seen yet (review s35U F1: saved as tasks)
         return {"optimizer": self.optimizer.state_dict(),
                 "meta_tensors": [t.detach().clone() for t in self._extra_meta()],
                 "generator": None if self.generator is None else self.generator.get_state(),
