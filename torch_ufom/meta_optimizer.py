@@ -346,7 +346,7 @@ class MetaOptimizer:
         return law.q if is_bernoulli(law) else None
 
     def __getstate__(self):
-        self._check_cleared(self.meta_parameters())  # a clear not seen yet (review s35U F3: a copy kept it)
+        self._notice_clears()  # (review s35U F3: a copy kept the cleared tasks)
         # What the last meta-batch's probe found holds weak references to its losses, which
         # neither pickle nor deepcopy takes: a copy looks again at its first meta-batch.
         state = self.__dict__.copy()
@@ -1447,7 +1447,7 @@ class MetaOptimizer:
         ``track_buffers`` keeps for the next :meth:`step` are not saved: save
         right after :meth:`step` to resume a run exactly.
         """
-        self._check_cleared(self.meta_parameters())  # a clear not seen yet (review s35U F1: saved as tasks)
+        self._notice_clears()  # (review s35U F1: a clear not seen yet was saved as the tasks')
         return {"optimizer": self.optimizer.state_dict(),
                 "meta_tensors": [t.detach().clone() for t in self._extra_meta()],
                 "generator": None if self.generator is None else self.generator.get_state(),
@@ -1459,6 +1459,14 @@ class MetaOptimizer:
                 "reduced": self._reduced,
                 "grad_zero": self._grads_zero(),
                 "settings": self._settings_summary()}
+
+    def _notice_clears(self) -> None:
+        """:meth:`_check_cleared` before the state is saved or copied, so that a clear made
+        outside ``meta`` since the last task is not taken for the tasks' gradients; but where a
+        gradient lives on the meta device, which has no values to read (review s32O F2)."""
+        meta = self.meta_parameters()
+        if not any(p.grad is not None and p.grad.is_meta for p in meta):
+            self._check_cleared(meta, stacklevel=4)
 
     def _grads_zero(self) -> bool:
         """Whether pending tasks left every ``.grad`` present all zero (one read; ``False``
