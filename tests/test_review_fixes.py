@@ -5514,20 +5514,27 @@ def test_gradients_changed_before_the_mean_is_taken_are_named_once():
             assert "by the 4 tasks" in said[0] and "call meta.synchronize() first" in said[0]
 
 
+def _two_tasks_of_a_mean(count):
+    """A MetaOptimizer (reduction="mean", a learned inner rate) that ran the first two of ``count``
+    tasks: ``(model, rate, outer optimizer, meta, tasks)``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    outer = torch.optim.SGD(list(model.parameters()) + [lr], lr=0.1)
+    meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=lr, steps=2, mode="exact", reduction="mean")
+    tasks = [((torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)),) * 2
+             for _ in range(count)]
+    meta.zero_grad()
+    for support, query in tasks[:2]:
+        meta.backward(mse, mse, support, query)
+    return model, lr, outer, meta, tasks
+
+
 def test_a_copy_taken_between_an_outer_steps_tasks_keeps_their_gradients():
     # Review s35J F1 (session 35): deepcopy((model, outer, meta)) between tasks dropped the module's
     # pending .grad (torch's deepcopy of a Parameter does) and kept the task count, so the copy's
     # reduction="mean" divided the later tasks' sum by all of them: 28 % off, silently.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    outer = torch.optim.SGD(list(model.parameters()) + [lr], lr=1.0)
-    meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=lr, steps=2, mode="exact", reduction="mean")
-    tasks = [((torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)),) * 2
-             for _ in range(4)]
-    meta.zero_grad()
-    for support, query in tasks[:2]:
-        meta.backward(mse, mse, support, query)
+    model, lr, outer, meta, tasks = _two_tasks_of_a_mean(4)
     for how in ("deepcopy", "pickle"):
         copied = copy.deepcopy((model, outer, meta)) if how == "deepcopy" else \
             __import__("pickle").loads(__import__("pickle").dumps((model, outer, meta)))
@@ -5551,23 +5558,13 @@ def test_a_results_repr_summarises_its_weights():
     assert "weights=[1.0, 2.0]," in repr(short)
 
 
-
 @pytest.mark.parametrize("sequence", ["state_dict", "deepcopy", "mixed clear"])
 def test_every_gradient_cleared_outside_meta_is_seen_as_a_clear_before_a_save_or_a_copy(sequence):
     # Review s35U F1-F3 (session 35): two tasks, then every gradient cleared through the outer optimizer
     # (set_to_none=False) or the module: a state_dict() or a deepcopy taken before the next call saved
     # them as the pending tasks' (tasks=2, grad_zero=True), and a clear of some to None and the rest to
     # zero warned "others not" and kept the count; the next task's mean was divided by 3, silently.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    outer = torch.optim.SGD(list(model.parameters()) + [lr], lr=0.1)
-    meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=lr, steps=2, mode="exact", reduction="mean")
-    tasks = [((torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)),) * 2
-             for _ in range(3)]
-    meta.zero_grad()
-    for support, query in tasks[:2]:
-        meta.backward(mse, mse, support, query)
+    model, lr, outer, meta, tasks = _two_tasks_of_a_mean(3)
     if sequence == "mixed clear":
         model.zero_grad(set_to_none=False)
         lr.grad = None
