@@ -352,7 +352,7 @@ class MetaOptimizer:
         state = self.__dict__.copy()
         state["_slow_ops"] = None
         # The last task's .grad, by weak reference (reduction="mean" checks whether it was cleared):
-        # a copy does not check its next task.
+        # __setstate__ records the copy's own from the pending gradients below.
         # With a process_group, what .grad carried from the last reduction (_kept) goes along: its index
         # by parameter id and the writes seen are rebuilt for the copy's parameters (review s35S F1: a
         # copy summed and divided the carried gradient again, 28 % off).
