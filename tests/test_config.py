@@ -1,6 +1,7 @@
 """The configuration: resolved once, read-only, changed between outer steps by reconfigure;
 batches: a plain list is one batch; the vectorised path re-raises the user's errors."""
 import copy
+import re
 
 import pytest
 import torch
@@ -175,16 +176,16 @@ class _SyncCounter(TorchDispatchMode):
     """Counts the operations that make the host wait for a device: reading a scalar
     (``.item()``, ``bool()``), ``nonzero`` and copies to the CPU."""
 
-    def __init__(self):
+    def __init__(self, copies: bool = True):
         super().__init__()
-        self.count = 0
+        self.count, self.copies = 0, copies
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func)
         if name.startswith(("aten._local_scalar_dense", "aten.nonzero")):
             self.count += 1
-        elif name.startswith("aten._to_copy") and str(kwargs.get("device", "")) == "cpu":
+        elif self.copies and name.startswith("aten._to_copy") and str(kwargs.get("device", "")) == "cpu":
             self.count += 1
         return func(*args, **kwargs)
 
@@ -225,6 +226,35 @@ def test_learned_rates_add_one_synchronisation_per_outer_step():
         meta.step()
         meta.zero_grad()
     assert len(rates) == 6 and counts[1] == counts[2] == counts[0] + 1  # the first step checks nothing
+
+
+@pytest.mark.parametrize("kind", ["inner_lr", "rates"])
+def test_functional_calls_read_learned_rates_once(kind):
+    # Review s35F F1: hypergrad / adapt built and validated the rule per call, reading a tensor
+    # inner_lr twice (constructor and validate) and a dict of rates once per tensor: a host
+    # synchronisation each on CUDA. Now one read for every range, plus the finiteness check.
+    # (Reads only: exact's double backward of Softplus converts a bool mask with a copy "to the
+    # CPU" that is none here and stays on the device on CUDA.)
+    from torch_ufom.inner import SGD
+    model, loss, data = mlp_problem(2)
+    named = dict(model.named_parameters())
+    if kind == "inner_lr":
+        hyper = {"inner_lr": torch.tensor(0.1, dtype=torch.float64, requires_grad=True)}
+    else:
+        hyper = {"inner": SGD({n: torch.full_like(p, 0.1, requires_grad=True) for n, p in named.items()})}
+    with _SyncCounter(copies=False) as counter:
+        torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, mode="exact", **hyper)
+    assert counter.count == 2
+    with _SyncCounter(copies=False) as counter:
+        torch_ufom.adapt(model, loss, data[0], steps=3, **hyper)
+    assert counter.count == 2
+    # A value out of range is still named, and nothing is computed
+    with torch.no_grad():
+        (hyper["inner_lr"] if kind == "inner_lr" else hyper["inner"].hyper["lr"]["0.bias"]).fill_(-0.5)
+    label = "inner_lr" if kind == "inner_lr" else "lr['0.bias']"
+    with pytest.raises(ValueError, match=rf"Invalid {re.escape(label)}: values must be finite and >= 0"):
+        torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, mode="exact", **hyper)
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("rule", ["adam", "amsgrad", "per-step"])

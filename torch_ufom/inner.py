@@ -78,6 +78,8 @@ under ``torch.func.vmap`` over per-task states (each task's count is its own).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import numbers
@@ -89,6 +91,23 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 __all__ = ["InnerRule", "SGD", "Adam", "AdamW", "RMSprop", "PerStep", "per_param", "check_hyper", "shortcut"]
+
+# Set by :func:`values_deferred`: the range checks leave the values of tensors unread.
+_VALUES_DEFERRED = contextvars.ContextVar("torch_ufom_inner_values_deferred", default=False)
+
+
+@contextlib.contextmanager
+def values_deferred():
+    """Within it, the checks of hyperparameters (the rules' constructors, ``validate``,
+    :func:`check_hyper`) leave the values of the user's tensors unread: everything but their
+    range, without a host synchronisation per tensor. The caller then checks every range at once
+    with :meth:`InnerRule.tensors_in_range` (one read) and, where that is ``False``, validates
+    again outside to name the value. Private to the library (not in ``__all__``)."""
+    token = _VALUES_DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_DEFERRED.reset(token)
 
 
 class PerStep:
@@ -264,6 +283,8 @@ def _check_entry(v, arg: str, targets: Mapping[str, Tensor], bounds, per_step_ru
             # Checked on the CPU whatever the default device (torch.device("meta") while a
             # model is built, or CUDA, where reading the check would synchronise).
             values = torch.tensor(values, dtype=torch.float64, device="cpu")
+            _check_value(values, arg, low, high, closed, deferrable=False)  # not among rule.tensors()
+            return
         _check_value(values, arg, low, high, closed)
         return
     if isinstance(v, Tensor):
@@ -311,7 +332,8 @@ def _in_range(v: Tensor, low: float, high: float, closed: bool) -> Tensor:
         return ((v >= low) & below & torch.isfinite(v)).all()
 
 
-def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> None:
+def _check_value(v, arg: str, low: float, high: float, closed: bool = False,
+                 deferrable: bool = True) -> None:
     if high == float("inf"):
         where = f">= {low}"
     else:
@@ -322,6 +344,8 @@ def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> 
         if v.is_meta:
             raise ValueError(f"Invalid {arg}: a meta-device tensor has no values (expected a tensor on "
                              "the parameters' device)")
+        if deferrable and _VALUES_DEFERRED.get():
+            return  # the caller reads every range at once (values_deferred)
         if not bool(_in_range(v, low, high, closed)):
             rate = low == 0.0 and arg.startswith(("lr", "inner_lr"))
             hint = (" (for a rate of any sign, as Meta-SGD learns: a subclass of the rule with ranges = "
