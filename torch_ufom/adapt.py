@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .checks import invalid, is_int
-from .config import Settings, check_generator, check_loss, resolve
+from .config import InnerLR, InnerParams, Settings, check_generator, check_loss, resolve
 from .estimators import SweepLog
 from .functional import restore_rng_on_error
 from .inner import InnerRule
@@ -213,8 +213,8 @@ def _named(problem: Problem, state: State):
 
 
 @one_call_at_a_time
-def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, inner_lr=None,
-          inner: Optional[InnerRule] = None, inner_params=None,
+def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, inner_lr: InnerLR = None,
+          inner: Optional[InnerRule] = None, inner_params: InnerParams = None,
           generator: Optional[torch.Generator] = None) -> FunctionalModel:
     """Run the inner loop on one task without a meta-gradient and return the adapted model.
 
@@ -256,7 +256,8 @@ def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, i
 
 @one_call_at_a_time
 def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps: int,
-                inner_lr=None, inner: Optional[InnerRule] = None, inner_params=None,
+                inner_lr: InnerLR = None, inner: Optional[InnerRule] = None,
+                inner_params: InnerParams = None,
                 generator: Optional[torch.Generator] = None) -> StackedFunctionalModel:
     """:func:`adapt` for a meta-batch: ``supports`` stacks the tasks along dimension 0.
 

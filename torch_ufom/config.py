@@ -28,14 +28,14 @@ from collections.abc import Iterator
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import adaptive
 from .checks import invalid, is_int, is_real
-from .inner import SGD, InnerRule, check_rule_contract, values_deferred
+from .inner import SGD, Hyper, InnerRule, check_rule_contract, values_deferred
 from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation, is_bernoulli
 from .unroll import check_parametrize_cache, positional_obstacle
@@ -47,6 +47,12 @@ MODES = ("fom", "ufom", "exact", "truncated")
 HVP_CHOICES = ("auto", "fwdrev", "revrev")
 # How a meta-batch runs: "auto" (vmap where it pays), True (vmap where it is exact), False (the loop).
 VECTORISE_CHOICES = ("auto", True, False)
+# The forms of the keywords every entry point shares, for their signatures (the docstrings say
+# what each form means): inner_lr= (a float, a tensor, a PerStep, or a dict from parameter name to
+# one of those), inner_params= (names, a predicate on the name, or the parameters) and vectorise=.
+InnerLR = Optional[Hyper]
+InnerParams = Union[Sequence[str], Callable[[str], bool], Iterable[Tensor], None]
+Vectorise = Union[bool, Literal["auto"]]
 # The keywords that choose the truncation law; reconfigure treats them as one group.
 LAW_KNOBS = ("mode", "q", "k", "truncation")
 

@@ -17,14 +17,14 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .checks import invalid, is_int
-from .config import Config, Settings, check_generator, check_losses, resolve
+from .config import Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus
 from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
@@ -876,13 +876,13 @@ def functional_problem(caller: str, model, losses: Tuple[Callable, Callable], se
 
 @one_call_at_a_time
 def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supports: Any,
-                    queries: Any, *, steps: int, inner_lr=None, mode: Optional[str] = None,
+                    queries: Any, *, steps: int, inner_lr: InnerLR = None, mode: Optional[str] = None,
                     q: float = 0.1, memory: str = "checkpoint", slots: Optional[int] = None,
                     max_memory: Optional[int] = None, params: Optional[Sequence[Tensor]] = None,
                     generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
                     truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
-                    hvp: str = "auto", force_truncation=None,
-                    inner_params=None, vectorise="auto") -> Tuple[Tensor, ...]:
+                    hvp: str = "auto", force_truncation: Union[int, Sequence[int], None] = None,
+                    inner_params: InnerParams = None, vectorise: Vectorise = "auto") -> Tuple[Tensor, ...]:
     """The summed hypergradient estimates of a meta-batch of tasks, vectorised.
 
     The batched twin of :func:`hypergrad`: ``supports`` and ``queries`` are a
@@ -936,13 +936,13 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
 
 @one_call_at_a_time
 def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, support: Any,
-              query: Any, *, steps: int, inner_lr=None, mode: Optional[str] = None, q: float = 0.1,
+              query: Any, *, steps: int, inner_lr: InnerLR = None, mode: Optional[str] = None, q: float = 0.1,
               memory: str = "checkpoint", slots: Optional[int] = None,
               max_memory: Optional[int] = None, params: Optional[Sequence[Tensor]] = None,
               generator: Optional[torch.Generator] = None, inner: Optional[InnerRule] = None,
               truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
               hvp: str = "auto", force_truncation: Optional[int] = None,
-              inner_params=None) -> Tuple[Tensor, ...]:
+              inner_params: InnerParams = None) -> Tuple[Tensor, ...]:
     """Estimate the hypergradient of one task, like ``torch.autograd.grad``.
 
     Runs ``steps`` inner steps from the module's parameters and returns the
@@ -962,7 +962,9 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         query: the outer loss's batch.
         steps: number of inner steps ``r >= 1`` (required).
         inner_lr: the inner SGD learning rate: a float, a scalar tensor, or a
-            dict from parameter name to tensor. Tensors among ``params`` are learned.
+            dict from parameter name to tensor (a tensor has its parameters'
+            dtype and device), or a :class:`~torch_ufom.inner.PerStep`. Tensors
+            among ``params`` are learned.
         mode: ``"fom"`` (first-order, ``G_0``), ``"ufom"`` (the default:
             ``G_0 + (xi/q)(G_r - G_0)``, ``xi ~ Bernoulli(q)``: unbiased),
             ``"exact"`` (``G_r``) or ``"truncated"`` (``G_k``: exact through the

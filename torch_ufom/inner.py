@@ -891,7 +891,7 @@ class Adam(InnerRule):
     fixed = ("beta1", "beta2")
     decoupled = False  # weight decay added to the gradient (Adam) or applied to phi (AdamW)
 
-    def __init__(self, lr: Hyper = 1e-3, betas=(0.9, 0.999), eps: Hyper = 1e-8,
+    def __init__(self, lr: Hyper = 1e-3, betas: Tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-8,
                  weight_decay: Hyper = 0.0, amsgrad: bool = False):
         if hasattr(betas, "__array__") and not isinstance(betas, Tensor):
             betas = betas.tolist()  # a NumPy pair, as torch.optim.Adam takes
@@ -986,7 +986,7 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, lr: Hyper = 1e-3, betas=(0.9, 0.999), eps: Hyper = 1e-8,
+    def __init__(self, lr: Hyper = 1e-3, betas: Tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-8,
                  weight_decay: Hyper = 1e-2, amsgrad: bool = False):
         super().__init__(lr, betas, eps, weight_decay, amsgrad)
 

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from . import adaptive, distributed
-from .adapt import adapt
+from .adapt import FunctionalModel, adapt
 from .checks import invalid
-from .config import Config, Settings, check_generator, check_losses, check_values, resolve
+from .config import (Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses,
+                     check_values, resolve)
 from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import (Problem, buffer_names, check_derived_buffers, estimate_batch, estimate_task,
                          learned_buffer_message, resolve_hvp, sum_grads, task_aux)
@@ -109,7 +110,8 @@ class MetaOptimizer:
             a meta-parameter (e.g. ``inner_lr`` as a tensor, a loss weight); a
             tensor it holds twice counts once and gets its gradient once.
         inner_lr: the inner SGD learning rate: a float, a scalar tensor or a
-            dict from parameter name to tensor (per-parameter rates).
+            dict from parameter name to tensor (per-parameter rates; a tensor has
+            its parameters' dtype and device), or a :class:`~torch_ufom.inner.PerStep`.
         steps: number of inner steps ``r >= 1`` (required).
         mode: ``"fom"``, ``"ufom"`` (the default: unbiased, exact branch with
             probability ``q``), ``"exact"`` or ``"truncated"`` (exact through
@@ -225,7 +227,7 @@ class MetaOptimizer:
     """
 
     @one_call_at_a_time  # (it reads the module's entries, which another thread's call swaps)
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, inner_lr=None, *,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, inner_lr: InnerLR = None, *,
                  steps: int, mode: Optional[str] = None, q: Union[float, str] = 0.1,
                  memory: str = "checkpoint",
                  slots: Optional[int] = None, max_memory: Optional[int] = None,
@@ -233,8 +235,8 @@ class MetaOptimizer:
                  truncation: Optional[TruncationLaw] = None, k: Optional[int] = None,
                  q_rule: str = "ufom", q_min: Optional[float] = None,
                  q_beta: Optional[float] = None, track_buffers: bool = False,
-                 process_group: Any = None, hvp: str = "auto", inner_params=None,
-                 reduction: str = "sum", vectorise="auto"):
+                 process_group: Any = None, hvp: str = "auto", inner_params: InnerParams = None,
+                 reduction: str = "sum", vectorise: Vectorise = "auto"):
         settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, q_rule, q_min, q_beta,
                             memory, slots, hvp, inner_params, vectorise=vectorise,
                             max_memory=max_memory)
@@ -878,7 +880,7 @@ class MetaOptimizer:
 
     @one_call_at_a_time
     def backward_batch(self, inner_loss: Callable, outer_loss: Callable, supports: Any, queries: Any,
-                       *, force_truncation=None) -> List[MetaResult]:
+                       *, force_truncation: Union[int, Sequence[int], None] = None) -> List[MetaResult]:
         """Run a meta-batch of tasks at once and accumulate the sum of their estimates.
 
         The vectorised twin of calling :meth:`backward` once per task: the
@@ -958,7 +960,7 @@ class MetaOptimizer:
 
     @one_call_at_a_time
     def adapt(self, inner_loss: Callable, support: Any, steps: Optional[int] = None,
-              generator: Optional[torch.Generator] = None):
+              generator: Optional[torch.Generator] = None) -> FunctionalModel:
         """Test-time adaptation with this optimizer's inner rule and ``inner_params``:
         :func:`torch_ufom.adapt` from the module's current parameters.
 
@@ -1133,7 +1135,7 @@ class MetaOptimizer:
                     return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
         return f"of shape {tuple(p.shape)}"
 
-    def step(self, closure: Optional[Callable[[], Any]] = None):
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Step the outer optimizer; returns what ``optimizer.step(closure)`` returns.
 
         First applies ``reduction``: with a ``process_group``, sums the

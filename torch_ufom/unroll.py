@@ -1334,7 +1334,7 @@ class StepBatches:
         batches: a sequence of exactly ``steps`` batches.
     """
 
-    def __init__(self, batches):
+    def __init__(self, batches: Sequence[Any]):
         if isinstance(batches, (Tensor, Mapping, str)) or not hasattr(batches, "__len__") or \
                 not hasattr(batches, "__getitem__"):
             raise TypeError(f"Invalid batches: expected a sequence of per-step batches, got "
