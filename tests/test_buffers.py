@@ -85,6 +85,37 @@ def test_track_buffers_writes_the_final_statistics_at_step():
     assert int(model.bn.num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("vectorise", ["auto", True, False])
+def test_track_buffers_under_backward_batch_equals_the_loop(vectorise):
+    # Review s36C: backward_batch with track_buffers ran in no test. Losses that write running
+    # statistics run task by task (vectorise=True says why), and step() then writes what a loop
+    # of backward calls writes, bit for bit.
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2))
+    xs, ys, xq, yq = torch.randn(3, 8, 3), torch.randn(3, 8, 2), torch.randn(3, 6, 3), torch.randn(3, 6, 2)
+
+    def loss(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+    got = {}
+    for how in ("loop", "batch"):
+        model = copy.deepcopy(base)
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.3,
+                                        steps=2, mode="exact", track_buffers=True, vectorise=vectorise)
+        if how == "loop":
+            for i in range(3):
+                meta.backward(loss, loss, (xs[i], ys[i]), (xq[i], yq[i]))
+        elif vectorise is True:
+            with pytest.warns(UserWarning, match="buffers that the losses write"):
+                meta.backward_batch(loss, loss, (xs, ys), (xq, yq))
+        else:
+            meta.backward_batch(loss, loss, (xs, ys), (xq, yq))
+        meta.step()
+        got[how] = model.state_dict()
+    assert not torch.equal(got["loop"]["1.running_mean"], base.state_dict()["1.running_mean"])
+    for name, value in got["loop"].items():
+        assert torch.equal(got["batch"][name], value), name
+
+
 def test_resumed_run_reproduces_the_uninterrupted_run():
     def fresh():
         model, data = problem(2)

@@ -24,11 +24,13 @@ def ref_adam_amsgrad(weight_decay=0.0, **kw):
 
 SGD_KW = [dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.8, dampening=0.3),
           dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), dict(lr=0.1, weight_decay=0.1)]
-ADAM_KW = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)]
+# betas of 0 take _one_minus_pow's own branch (review s36C: in no test)
+ADAM_KW = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05),
+           dict(lr=0.01, betas=(0.0, 0.999)), dict(lr=0.01, betas=(0.0, 0.0))]
 ADAMW_KW = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05),
             dict(lr=0.01, amsgrad=True), dict(lr=0.02, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True)]
 RMSPROP_KW = [dict(lr=0.01, alpha=0.9, momentum=m, centered=c, weight_decay=wd)
-              for m, c, wd in itertools.product((0.0, 0.9), (False, True), (0.0, 0.01))]
+              for m, c, wd in itertools.product((0.0, 0.9), (False, True), (0.0, 0.01))] + [dict(lr=0.01, alpha=0.0)]
 CASES = ([(SGD, torch.optim.SGD, ref_sgd, kw) for kw in SGD_KW]
          + [(Adam, torch.optim.Adam, ref_adam, kw) for kw in ADAM_KW]
          + [(Adam, torch.optim.Adam, ref_adam_amsgrad, dict(lr=0.02, weight_decay=0.05, amsgrad=True))]

@@ -935,9 +935,10 @@ def test_a_non_finite_inner_loss_with_a_finite_gradient_is_reported(mode):
 
 
 def test_a_seeded_rerun_of_the_sgd_fast_path_counts_each_step_once():
-    # Guards SweepLog.rewind (AO E13): the fast path runs again, seeded, when a later step draws
-    # random numbers that step 1 did not; a flipped sign reported 12 forward steps for 4, which
-    # q="auto"'s cost model reads.
+    # AO E13: the fast path ran again, seeded, when a later step drew random numbers that step 1
+    # did not (SweepLog.rewind, gone since the random streams are kept from the first step:
+    # review s36C); a flipped sign there reported 12 forward steps for 4, which q="auto"'s cost
+    # model reads.
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     x, y = torch.randn(5, 3), torch.randn(5, 1)

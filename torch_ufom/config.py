@@ -37,7 +37,7 @@ from . import adaptive
 from .checks import invalid, is_int, is_real
 from .inner import SGD, Hyper, InnerRule, check_rule_contract, values_deferred
 from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
-from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation, is_bernoulli
+from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation
 from .unroll import check_parametrize_cache, positional_obstacle
 
 __all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_values",
@@ -155,13 +155,6 @@ class Config:
     adapted: Tuple[str, ...]
     vectorise: Any = "auto"
     max_memory: Optional[int] = None
-
-    @property
-    def q(self):
-        """The fixed ``q`` of ``ufom`` (``"auto"`` when adaptive), else ``None``."""
-        if self.adaptive is not None:
-            return "auto"
-        return self.law.q if is_bernoulli(self.law) else None
 
     def law_at(self, q_stats) -> TruncationLaw:
         """The law of the next task: ``Bernoulli`` of the adaptive statistics' current

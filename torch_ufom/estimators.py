@@ -132,12 +132,6 @@ class SweepLog:
         self.count += 1
         self._count(exact)
 
-    def rewind(self, count: int) -> None:
-        """Forget the forward pass's steps after the first ``count`` (a sweep about to
-        run them again)."""
-        self.forward_steps -= self.count - count
-        self.count = count
-
     def again(self, loss: Tensor, exact: bool, j: int, compare: bool = False) -> None:
         """Step ``j`` evaluated again (a replay or a rebuild): its loss is kept for
         :meth:`replays`; ``compare``: evaluated at the forward pass's own state (a stored
