@@ -5263,6 +5263,51 @@ def test_a_loss_reading_a_meta_parameter_directly_at_later_steps_only_is_not_giv
     assert rel_err(got, want) < 1e-12
 
 
+def test_a_loss_differentiating_at_later_steps_only_is_kept_from_the_transforms():
+    # Review s36C: a loss that calls torch.autograd.grad at a later step only (a gradient penalty
+    # switched on by that step's batch), which torch.func's jvp and vmap do not see through, was in
+    # no test. The looks at every step's batch catch it before the transforms run (the watch in
+    # unroll.watched_loss stays a backstop: without it this test passes too). fwdrev refuses it
+    # per task; a forced vmap runs the loop, exact.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+
+    def inner_loss(f, b):  # the last step's batches (6 rows) switch the penalty on
+        x, y = b
+        if x.shape[-2] != 6:
+            return ((f(x) - y) ** 2).mean()
+        x = x.detach().requires_grad_()
+        out = f(x)
+        dx, = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return ((out - y) ** 2).mean() + 0.1 * (dx ** 2).mean()
+    steps, tasks = 3, 3
+    batches = [[(torch.randn(rows, 2, dtype=torch.float64), torch.randn(rows, 1, dtype=torch.float64))
+                for rows in (5, 5, 6)] for _ in range(tasks)]
+    queries = [(torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64))
+               for _ in range(tasks)]
+    params = list(model.parameters())
+    want = [torch.zeros_like(p) for p in params]
+    for t in range(tasks):  # the unroll by hand
+        phi = dict(model.named_parameters())
+        for j in range(steps):
+            inner = inner_loss(lambda x: functional_call(model, phi, (x,)), batches[t][j])
+            grads = torch.autograd.grad(inner, list(phi.values()), create_graph=True)
+            phi = {n: p - 0.1 * g for (n, p), g in zip(phi.items(), grads)}
+        outer = mse(lambda x: functional_call(model, phi, (x,)), queries[t])
+        want = [w + g for w, g in zip(want, torch.autograd.grad(outer, params))]
+    config = dict(steps=steps, inner_lr=0.1, mode="exact")
+    with pytest.raises(ValueError, match="'fwdrev' cannot run a loss that calls torch.autograd.grad"):
+        torch_ufom.hypergrad(model, inner_loss, mse, torch_ufom.StepBatches(batches[0]), queries[0],
+                             hvp="fwdrev", **config)
+    stacked = torch_ufom.StepBatches([(torch.stack([batches[t][j][0] for t in range(tasks)]),
+                                       torch.stack([batches[t][j][1] for t in range(tasks)]))
+                                      for j in range(steps)])
+    query = (torch.stack([q[0] for q in queries]), torch.stack([q[1] for q in queries]))
+    with pytest.warns(UserWarning, match="runs the per-task loop: a loss calls torch.autograd.grad"):
+        got = torch_ufom.hypergrad_batch(model, inner_loss, mse, stacked, query, vectorise=True, **config)
+    assert rel_err(got, want) < 1e-12
+
+
 def test_a_buffer_computed_from_a_meta_parameter_is_refused():
     # Review s34M F2 (session 34): register_buffer("scale", softplus(raw)) with raw learned: the
     # library copies buffers as constants, so raw's hypergradient read exactly 0 (exact and fom),
