@@ -333,6 +333,16 @@ STATE_CASES = {
     "settings-tensor": ({}, {}, lambda sd: corrupt(
         sd, settings=lambda s: {**s, "steps": torch.tensor([3, 3])}), TypeError,
         r"state_dict\['settings'\]\['steps'\]: tensor.*nothing was changed"),
+    # Review s36C: entries whose refusals ran in no test
+    "grad-zero-string": ({}, {}, lambda sd: {**sd, "grad_zero": "yes"}, TypeError,
+                         r"state_dict\['grad_zero'\]: 'yes' \(expected True or False\)"),
+    "reduced-int": ({}, {}, lambda sd: {**sd, "reduced": 1}, TypeError, r"state_dict\['reduced'\]"),
+    "settings-list": ({}, {}, lambda sd: {**sd, "settings": [1]}, TypeError,
+                      r"state_dict\['settings'\]: list \(expected a dict\)"),
+    "q-observations-not-a-list": (AUTO, AUTO, lambda sd: {**sd, "q_observations": 5}, TypeError,
+                                  r"state_dict\['q_observations'\]: int"),
+    "q-observations-without-q-stats": (AUTO, AUTO, lambda sd: {**sd, "q_stats": None}, ValueError,
+                                       r"state_dict\['q_observations'\]: q='auto' observations without"),
 }
 
 

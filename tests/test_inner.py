@@ -30,7 +30,8 @@ ADAM_KW = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_deca
 ADAMW_KW = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05),
             dict(lr=0.01, amsgrad=True), dict(lr=0.02, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True)]
 RMSPROP_KW = [dict(lr=0.01, alpha=0.9, momentum=m, centered=c, weight_decay=wd)
-              for m, c, wd in itertools.product((0.0, 0.9), (False, True), (0.0, 0.01))] + [dict(lr=0.01, alpha=0.0)]
+              for m, c, wd in itertools.product((0.0, 0.9), (False, True), (0.0, 0.01))] \
+    + [dict(lr=0.01, alpha=0.0)]
 CASES = ([(SGD, torch.optim.SGD, ref_sgd, kw) for kw in SGD_KW]
          + [(Adam, torch.optim.Adam, ref_adam, kw) for kw in ADAM_KW]
          + [(Adam, torch.optim.Adam, ref_adam_amsgrad, dict(lr=0.02, weight_decay=0.05, amsgrad=True))]
