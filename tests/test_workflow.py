@@ -1332,6 +1332,27 @@ def test_adapt_batch_of_a_gru_is_called_task_by_task():
     assert_close([got[1]], [one(xs[1])], 1e-14, "task 1")
 
 
+@pytest.mark.parametrize("kind", ["mlp", "bn_train", "gru"])
+def test_adapt_batch_of_one_task_equals_adapt(kind):
+    # Review s36F F1: a meta-batch of one task run task by task (a loss writing BatchNorm's running
+    # statistics, a GRU vmap cannot run) was read as the vectorised state: its parameters lacked
+    # the task dimension and the call failed with "Invalid params" (adapt_batch has none).
+    model = _build(76, {"mlp": mlp, "bn_train": NormMLP, "gru": _GRUHead}[kind])
+    g = torch.Generator().manual_seed(76)
+    shape = (1, N, 5, 3) if kind == "gru" else (1, N, 3)
+    supports = (torch.randn(*shape, generator=g, dtype=DTYPE), torch.randn(1, N, 2, generator=g, dtype=DTYPE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the running statistics take the per-task loop
+        stacked = torch_ufom.adapt_batch(model, sq_loss, supports, steps=2, inner_lr=LR)
+    one = torch_ufom.adapt(model, sq_loss, task_of(supports, 0), steps=2, inner_lr=LR)
+    assert stacked.size == 1
+    for n, p in one.params.items():
+        assert stacked.params[n].shape == (1, *p.shape)
+        torch.testing.assert_close(stacked.task(0).params[n], p, rtol=1e-14, atol=1e-14, msg=n)
+    for n, b in one.buffers.items():
+        assert torch.equal(stacked.task(0).buffers[n], b), n
+
+
 def test_python_values_in_the_outer_aux_keep_the_meta_batch_vectorised():
     model = _build(75, mlp)
     supports, queries = _regression(75)

@@ -312,7 +312,7 @@ def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generato
             try:
                 with attributes_kept(model):
                     state = _run(problem, Vectorised(size), supports)
-                return _stacked(problem, [state], size)
+                return _stacked(problem, state, size)
             except FloatingPointError:
                 raise  # a non-finite inner loss: the loop would find it again
             except Exception as err:  # noqa: BLE001 (run per task, where an error of the loss is raised)
@@ -322,7 +322,7 @@ def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generato
                               f"({type(err).__name__}: {first_line}); the losses run again per task, "
                               "where an error of theirs is raised", stacklevel=4)  # (review s35B F3)
         states = [_run(problem, PerTask(), task) for task in tasks]
-        return _stacked(problem, states, size, vectorised)
+        return _stacked(problem, states, size, vectorised)  # (a list, even of one task)
 
 
 def _forward_hooked(module: nn.Module) -> bool:
@@ -333,14 +333,16 @@ def _forward_hooked(module: nn.Module) -> bool:
 
 
 def _stacked(problem: Problem, states, size: int, vectorised: bool = True) -> StackedFunctionalModel:
-    """One stacked model from one vectorised state or ``size`` per-task states."""
+    """One stacked model from one vectorised state, or from a list of ``size`` per-task
+    states (a list of one for a meta-batch of one task: review s36F F1, where one per-task
+    state was read as the vectorised one and its parameters lacked the task dimension)."""
     model, adapted = problem.model, problem.config.adapted
-    if len(states) == 1:
-        params = dict(zip(adapted, states[0].params))
+    if not isinstance(states, list):
+        params = dict(zip(adapted, states.params))
         # each task's own copy: the vectorised state holds the module's own buffers, which a
         # call of the stacked model in train() mode would otherwise write, for every task at once
         buffers = {n: b.unsqueeze(0).expand(size, *b.shape).clone()
-                   for (n, _), b in zip(model.named_buffers(), states[0].buffers)}
+                   for (n, _), b in zip(model.named_buffers(), states.buffers)}
     else:
         params = {n: torch.stack([s.params[i] for s in states]) for i, n in enumerate(adapted)}
         buffers = {n: torch.stack([s.buffers[i] for s in states])
