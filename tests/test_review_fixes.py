@@ -75,7 +75,7 @@ from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 import torch_ufom
-from helpers import TwoHeads, rel_err
+from helpers import TwoHeads, mlp_problem, rel_err
 from oracle import brute_force
 
 STEPS, LR, B = 3, 0.1, 3
@@ -5629,3 +5629,48 @@ def test_every_gradient_cleared_outside_meta_is_seen_as_a_clear_before_a_save_or
     want = brute_force(model, mse, mse, lambda j: tasks[2][0], tasks[2][1], 2, lr,
                        list(model.parameters()) + [lr], 2)
     assert rel_err([p.grad for p in model.parameters()] + [lr.grad], want) < 1e-12
+
+
+def test_a_retried_step_after_the_outer_optimizer_raised_names_no_change_of_the_users():
+    # Review s36T F3: under reduction="mean", step() put .grad back after the outer optimizer raised
+    # (a step pre-hook here), through copies that moved the gradients' versions; the retried step()
+    # then warned that the gradients changed since the last task "(a clip, a scaling ...)", and that
+    # warning, once per MetaOptimizer, was gone when a real clip came later.
+    model, loss, data = mlp_problem(3)
+    outer = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = torch_ufom.MetaOptimizer(model, outer, 0.1, steps=2, mode="exact", reduction="mean")
+    fail = [True]
+
+    def pre_hook(optimizer, args, kwargs):
+        if fail.pop() if fail else False:
+            raise RuntimeError("a transient failure")
+    outer.register_step_pre_hook(pre_hook)
+    for i in range(3):
+        meta.backward(loss, loss, data[i], data[i + 6])
+    with pytest.raises(RuntimeError, match="a transient failure"):
+        meta.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        meta.step()  # the tasks' mean, and nothing to say
+    meta.zero_grad()
+    for i in range(3):
+        meta.backward(loss, loss, data[i], data[i + 6])
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with pytest.warns(UserWarning, match="changed since the last task"):
+        meta.step()
+
+
+def test_a_held_inner_rate_without_requires_grad_is_named_as_not_learned():
+    # Review s36T F2: the outer optimizer held the inner rate, created without requires_grad: never
+    # learned (.grad None), without a word, where one that requires grad but is not held is named.
+    model, loss, data = mlp_problem(4)
+    rate = torch.tensor(0.1, dtype=torch.float64)
+    outer = torch.optim.SGD([{"params": model.parameters()}, {"params": [rate], "lr": 0.01}], lr=0.1)
+    with pytest.warns(UserWarning, match="holds the inner rule's inner_lr, which does not require grad"):
+        torch_ufom.MetaOptimizer(model, outer, rate, steps=2, mode="exact")
+    rate.requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        meta = torch_ufom.MetaOptimizer(model, outer, rate, steps=2, mode="exact")
+    meta.backward(loss, loss, data[0], data[6])
+    assert rate.grad is not None

@@ -1122,6 +1122,8 @@ class MetaOptimizer:
         if self.distributed:
             for p, _ in saved:
                 self._note(p)
+        elif saved:  # (review s36T F3: copied back, their versions moved: the retried step() named a
+            self._record(self.meta_parameters())  # change of the user's and used up that warning)
 
     def _name(self, p: Tensor) -> str:
         """How the user knows meta-parameter ``p``: its module name, else its place
@@ -1710,17 +1712,24 @@ def _check_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
 
 def _warn_unheld(optimizer: torch.optim.Optimizer, rule: InnerRule) -> None:
     """Warn where a tensor hyperparameter of ``rule`` requires grad but ``optimizer`` holds
-    no tensor viewing the same storage: it is then a constant, not learned."""
+    no tensor viewing the same storage, or where ``optimizer`` holds it but it does not
+    require grad (review s36T F2): either way it is a constant, not learned."""
     held = {id(_root(p)) for g in optimizer.param_groups for p in g["params"]}  # by the storage they view
-    loose = [rule.labels.get(key, key) for key, value in rule.hyper.items()
-             for v in (value.values() if isinstance(value, Mapping) else (value,))
-             for t in [v.values if isinstance(v, PerStep) else v]
-             if isinstance(t, Tensor) and t.requires_grad and id(_root(t)) not in held]
+    tensors = [(rule.labels.get(key, key), t) for key, value in rule.hyper.items()
+               for v in (value.values() if isinstance(value, Mapping) else (value,))
+               for t in [v.values if isinstance(v, PerStep) else v] if isinstance(t, Tensor)]
+    loose = [label for label, t in tensors if t.requires_grad and id(_root(t)) not in held]
     if loose:
         warnings.warn(f"the inner rule's {', '.join(dict.fromkeys(loose))} requires grad, but the outer "
                       "optimizer does not hold it: it is not learned (its .grad stays None); hold it in "
                       "the optimizer given to MetaOptimizer, in a param group with lr=0 if another "
                       "optimizer steps it", stacklevel=3)
+    frozen = [label for label, t in tensors if not t.requires_grad and id(_root(t)) in held]
+    if frozen:
+        warnings.warn(f"the outer optimizer holds the inner rule's {', '.join(dict.fromkeys(frozen))}, "
+                      "which does not require grad: it is not learned (its .grad stays None, as "
+                      "loss.backward() leaves it); to learn it, create it with requires_grad=True",
+                      stacklevel=3)
 
 
 # -- state_dict validation ------------------------------------------------------
