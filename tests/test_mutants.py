@@ -1416,3 +1416,193 @@ def test_a_loss_that_calls_the_library_returns():
     assert not worker.is_alive(), "hypergrad did not return: a loss that calls the library deadlocked"
     want = _de_oracle(model, inner, _de_sq, lambda j: x, xq, 2)
     assert rel_err(out["got"], want) < 1e-10
+
+
+# -- review s36M: a mixin or __getattribute__ of the user's, track_buffers after a load, diagnose's ----
+# -- derived buffers, stale None-buffer notes, hooks under "mean", a task's note added once -------------
+
+class _S36Half(torch_ufom.inner.InnerRule):
+    """A mixin of the user's: every hyperparameter the rule reads is halved."""
+
+    def _get(self, hyper, key, name, count, like):
+        return 0.5 * torch_ufom.inner.InnerRule._get(self, hyper, key, name, count, like)
+
+
+class _S36Mixed(torch_ufom.inner.SGD, _S36Half):  # MRO: SGD before the mixin; SGD.update calls its _get
+    pass
+
+
+def _s36_halved_update(self, grads, state, params, hyper):
+    return torch_ufom.inner.SGD.update(self, {n: 0.5 * g for n, g in grads.items()}, state, params, hyper)
+
+
+class _S36Served(torch_ufom.inner.SGD):
+    """An SGD whose __getattribute__ serves an update that halves the gradients."""
+
+    def __getattribute__(self, name):
+        if name == "update":
+            return _s36_halved_update.__get__(self)
+        return object.__getattribute__(self, name)
+
+
+def _s36_rule_is_half_the_rate(rule_class, mode):
+    from torch_ufom.inner import own_code, shortcut
+
+    rule = rule_class(0.1)
+    assert own_code(rule) and rule.plain_rate is None
+    assert not shortcut(rule, "first_order_additive")
+    model, loss, data = mlp_problem(3)
+    got = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner=rule, mode=mode)
+    want = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner_lr=0.05, mode=mode)
+    assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["fom", "exact"])
+def test_a_mixin_after_the_built_in_rule_in_the_mro_is_the_users_code(mode):
+    # Guards own_code (review s36M, M07): stopping at the first built-in class of the MRO missed a
+    # mixin after SGD (review KI F2), so SGD's shortcuts ran at lr 0.1 instead of the halved 0.05.
+    _s36_rule_is_half_the_rate(_S36Mixed, mode)
+
+
+@pytest.mark.parametrize("mode", ["fom", "exact"])
+def test_a_getattribute_serving_another_update_is_the_users_code(mode):
+    # Guards _has_code's _CODE_DUNDERS (review s36M, M05): a class whose __getattribute__ serves
+    # another update (review KI F3) kept SGD's shortcuts and plain_rate without them.
+    _s36_rule_is_half_the_rate(_S36Served, mode)
+
+
+def test_a_load_drops_the_pending_buffer_statistics_of_the_optimizer_it_loads_into():
+    # Guards load_state_dict's reset of the pending track_buffers statistics (review s36M, M52; review
+    # s32L F4): kept, the replaced tasks' running statistics were averaged into the ones step() writes.
+    import copy
+
+    steps = 2
+
+    def make():
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 1))
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), inner_lr=0.1,
+                                        steps=steps, mode="fom", track_buffers=True)
+        return model, meta
+
+    g = torch.Generator().manual_seed(0)
+
+    def batch(shift=0.0):
+        return (torch.randn(8, 3, generator=g) + shift, torch.randn(8, 1, generator=g))
+
+    saved_task, own, new = (batch(), batch()), batch(3.0), (batch(), batch())
+    model, meta = make()
+    meta.zero_grad()
+    meta.backward(mse, mse, *saved_task)
+    saved, grads = copy.deepcopy(meta.state_dict()), [p.grad.clone() for p in model.parameters()]
+    model, meta = make()
+    meta.zero_grad()
+    for _ in range(2):
+        meta.backward(mse, mse, own, own)  # this optimizer's own pending tasks, replaced by the load
+    meta.load_state_dict(saved)
+    for p, gr in zip(model.parameters(), grads):
+        p.grad = gr.clone()
+    meta.backward(mse, mse, *new)
+    meta.step()
+    # By hand: BatchNorm first, so its batches do not depend on the parameters; momentum 0.1 over the
+    # new task's forwards (the support at each inner step, then the query) from the initial statistics.
+    mean, var = torch.zeros(3), torch.ones(3)
+    for x in [new[0][0]] * steps + [new[1][0]]:
+        mean, var = 0.9 * mean + 0.1 * x.mean(0), 0.9 * var + 0.1 * x.var(0)
+    assert rel_err([model[0].running_mean, model[0].running_var], [mean, var]) < 1e-12
+
+
+def test_diagnose_refuses_a_buffer_computed_from_a_meta_parameter():
+    # Guards diagnose's check_derived_buffers (review s36M, M42; review s34M F2): without it a buffer
+    # computed from a learned tensor was read as a constant, and Diagnosis.A silently lost its terms.
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    torch.manual_seed(0)
+    raw = torch.tensor(0.4, requires_grad=True)
+    model = Scaled()
+    model.register_buffer("scale", F.softplus(raw))
+    sup = (torch.randn(6, 3), torch.randn(6, 2))
+    with pytest.raises(ValueError, match=r"its buffer 'scale' was computed"):
+        torch_ufom.diagnose(model, mse, mse, [(sup, sup)], steps=2, inner_lr=0.1,
+                            params=list(model.parameters()) + [raw])
+
+
+def test_a_none_buffer_an_adapted_models_call_set_does_not_refuse_the_next_call():
+    # Guards InnerLoop's clear of the None-buffer notes (review s36M, M50; review LC F6): a cache a
+    # user's call of adapt()'s model set left a note, and the next hypergrad, whose losses never set
+    # it, was refused with a false "inner_loss assigns buffers registered as None".
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+            self.register_buffer("cache", None)
+
+        def forward(self, x, keep=False):
+            if keep:
+                self.cache = x  # a cache set on request only (at test time)
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = Cached()
+    x, y = torch.randn(5, 3), torch.randn(5, 1)
+    fm = torch_ufom.adapt(model, mse, (x, y), steps=2, inner_lr=0.1)
+    fm(x, keep=True)
+    got = torch_ufom.hypergrad(model, mse, mse, (x, y), (x, y), steps=2, inner_lr=0.1, mode="exact")
+    params = list(model.parameters())
+    want = brute_force(model, mse, mse, lambda j: (x, y), (x, y), 2, 0.1, params, 2)
+    assert rel_err(got, want) < 1e-10
+
+
+def test_a_post_accumulate_hook_under_mean_is_not_taken_for_an_edit_of_the_users():
+    # Guards _post_accumulate's _record after the hooks ran (review s36M, M18): unrecorded, a hook's
+    # clip in place (review LB F1's use) was taken at the next task for a change of the user's, and
+    # reduction="mean" warned falsely that the gradients were edited before the mean.
+    model, loss, data = mlp_problem(4)
+    c, steps, lr = 0.05, 2, 0.1
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: p.grad.clamp_(-c, c))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=lr,
+                                    steps=steps, mode="exact", reduction="mean")
+    params = list(model.parameters())
+    want = [torch.zeros_like(p) for p in params]
+    meta.zero_grad()
+    tasks = [(data[i], data[10 + i]) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for s, q in tasks:
+            meta.backward(loss, loss, s, q)
+            g = brute_force(model, loss, loss, lambda j, s=s: s, q, steps, lr, params, steps)
+            want = [(w + t).clamp(-c, c) for w, t in zip(want, g)]  # the hook clamps each task's sum
+        assert meta.synchronize() == len(tasks)
+    assert rel_err([p.grad for p in params], [w / len(tasks) for w in want]) < 1e-10
+
+
+_S36_ERROR = ValueError("a cached error of the user's")
+
+
+def test_a_task_raising_the_same_error_object_again_gets_its_note_once():
+    # Guards estimate_batch's check that the error has the note already (review s36M, M48): an error
+    # object raised again (a cached one) got "(raised by task ...)" once more at every call.
+    model, loss, data = mlp_problem(5)
+
+    def outer(f, b):
+        if float(b[1].sum()) > 1e3:  # task 1's query only
+            raise _S36_ERROR
+        return loss(f, b)
+
+    supports = tuple(torch.stack([data[i][k] for i in range(2)]) for k in range(2))
+    queries = tuple(torch.stack([data[10 + i][k] for i in range(2)]) for k in range(2))
+    queries[1][1] += 1e4
+    note = "(raised by task 1 of the meta-batch of 2, run per task)"
+    for _ in range(2):
+        with pytest.raises(ValueError) as caught:
+            torch_ufom.hypergrad_batch(model, loss, outer, supports, queries, steps=2, inner_lr=0.1,
+                                       mode="fom", vectorise=False)
+        assert caught.value is _S36_ERROR
+        assert _S36_ERROR.__notes__.count(note) == 1, _S36_ERROR.__notes__
