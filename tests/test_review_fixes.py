@@ -5674,3 +5674,28 @@ def test_a_held_inner_rate_without_requires_grad_is_named_as_not_learned():
         meta = torch_ufom.MetaOptimizer(model, outer, rate, steps=2, mode="exact")
     meta.backward(loss, loss, data[0], data[6])
     assert rate.grad is not None
+
+
+@pytest.mark.parametrize("law", [dict(mode="ufom", q=1.0), dict(mode="exact")])
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_first_order_k_forced_under_an_always_exact_law_gives_zeros_where_the_estimate_has_none(law, batch):
+    # Review s36G F1: under a law that draws only K = r (q=1, exact), a K forced to 0 left .grad None
+    # on a weight read only through the inner loss's gradient (no first-order term), where q=0.5's
+    # K = 0 writes zeros (README: so that momentum and Adam step on every draw).
+    model, loss, data = mlp_problem(5)
+    lam = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+
+    def inner(f, b):
+        return loss(f, b) + lam * sum((p ** 2).sum() for p in f.params.values())
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), lam], lr=0.1),
+                                    inner_lr=0.1, steps=2, **law)
+    if batch:
+        sup = tuple(torch.stack([data[i][k] for i in range(2)]) for k in range(2))
+        qry = tuple(torch.stack([data[i + 6][k] for i in range(2)]) for k in range(2))
+        meta.backward_batch(inner, loss, sup, qry, force_truncation=0)
+    else:
+        meta.backward(inner, loss, data[0], data[6], force_truncation=0)
+    assert lam.grad is not None and torch.equal(lam.grad, torch.zeros_like(lam))
+    meta.zero_grad()
+    meta.backward(inner, loss, data[0], data[6], force_truncation=2)
+    assert lam.grad is not None and lam.grad.abs() > 0

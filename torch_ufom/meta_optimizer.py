@@ -868,7 +868,7 @@ class MetaOptimizer:
                                               diagnostics=self.q_stats is not None)
             seconds = time.perf_counter() - start
             observations = self._observations_of([(est, seconds)])  # before the write: it can fail
-            written = self._write(meta, self._first_order_gaps(problem, meta, est.grads))
+            written = self._write(meta, self._first_order_gaps(problem, meta, est.grads, [est.truncation]))
         q = self.q
         if self._track_buffers:
             self._buffers.append(list(est.buffers))
@@ -888,7 +888,7 @@ class MetaOptimizer:
         ``torch.func.vmap``, one vectorised sweep per drawn truncation point,
         so tasks that drew ``K = 0`` skip the exact sweep of the others. Random
         operations inside the losses (dropout) draw other numbers under
-        ``vmap`` than in the loop (``vectorise=False`` reproduces it). The
+        ``vmap`` than in the loop (``vectorise=False`` draws the loop's). The
         per-task loop runs instead where ``vectorise`` chooses it (``False``;
         under ``"auto"``, large tasks on a CPU), and, with a warning the first time, where ``vmap`` cannot
         run the model exactly (buffers the losses write, such as BatchNorm's
@@ -934,7 +934,8 @@ class MetaOptimizer:
                               stacklevel=2)
                 self._warned_per_task.add(run.reason)
             observations = self._observations_of([(est, seconds) for _, est, seconds in run.groups])
-            written = self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta))))
+            written = self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta)),
+                                                                 run.truncations))
         self._slow_ops = run.slow_ops
         q = self.q
         results: List[Optional[MetaResult]] = [None] * len(run.truncations)
@@ -997,8 +998,9 @@ class MetaOptimizer:
                                  forward_steps=est.forward_steps, reverse_steps=est.reverse_steps,
                                  g0=est.g0, gr=est.gk, q=self.q) for est, seconds in runs]
 
-    def _first_order_gaps(self, problem: Problem, meta: List[Tensor], grads) -> List[Optional[Tensor]]:
-        """``grads`` with the first-order branch's gaps filled.
+    def _first_order_gaps(self, problem: Problem, meta: List[Tensor], grads,
+                          truncations: Sequence[int]) -> List[Optional[Tensor]]:
+        """``grads`` with the first-order branch's gaps filled; ``truncations``: the tasks' ``K``.
 
         A meta-parameter that the inner loop does not adapt and that is read only
         through the inner loss's gradient (an L2 weight in the inner loss, a module
@@ -1010,6 +1012,8 @@ class MetaOptimizer:
         draw. Under ``fom``, whose estimate never reaches such a tensor, it stays
         ``None`` and a warning (once per tensor and configuration) names it; so under
         ``truncated`` (``k < r``), for a tensor only the first ``r - k`` steps' losses read.
+        A ``K`` forced below ``r`` under a law that draws only ``K = r`` (``exact``,
+        ``q=1``) gets zeros too, as under ``ufom`` (review s36G F1: it was left ``None``).
         """
         if all(g is not None for g in grads):
             return grads
@@ -1021,8 +1025,9 @@ class MetaOptimizer:
         steps = problem.config.steps
         survival = problem.law.survival(steps)
         if survival[steps] == 1.0:
-            return grads  # every task exact: None means the losses do not read it
-        if all(s in (0.0, 1.0) for s in survival):  # fom, or a fixed truncation k < r (review s35A F1)
+            if all(k == steps for k in truncations):
+                return grads  # every task exact: None means the losses do not read it
+        elif all(s in (0.0, 1.0) for s in survival):  # fom, or a fixed truncation k < r (review s35A F1)
             new = [name for name in map(self._name, (meta[i] for i in gaps))
                    if name not in self._warned_fom_gaps]
             if new:
