@@ -5699,3 +5699,32 @@ def test_a_first_order_k_forced_under_an_always_exact_law_gives_zeros_where_the_
     meta.zero_grad()
     meta.backward(inner, loss, data[0], data[6], force_truncation=2)
     assert lam.grad is not None and lam.grad.abs() > 0
+
+
+def test_the_librarys_warnings_point_at_the_users_line():
+    # Review s36L F1: fixed stacklevels counted one frame short of the entry points' wrapper (and of
+    # torch's, for the warning from the outer optimizer's step pre-hook): the warnings named
+    # torch_ufom/unroll.py, not the user's line.
+    x, y = torch.randn(4, 6, 4, dtype=torch.float64), torch.randn(4, 6, 1, dtype=torch.float64)
+
+    def loss(f, b):
+        return ((f(b[0]) - b[1]) ** 2).mean()
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)).double()  # writes its buffers
+    meta_bn = torch_ufom.MetaOptimizer(bn, torch.optim.SGD(bn.parameters(), lr=1e-3), inner_lr=0.1, steps=2,
+                                       mode="exact", reduction="mean")
+    wd = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)  # read by the inner loss only
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    meta_fom = torch_ufom.MetaOptimizer(m, torch.optim.SGD([*m.parameters(), wd], lr=1e-3), inner_lr=0.1,
+                                        steps=2, mode="fom")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meta_bn.backward_batch(loss, loss, (x, y), (x, y))
+        meta_fom.backward(lambda f, b: loss(f, b) + wd * (f(b[0]) ** 2).mean(), loss, (x[0], y[0]),
+                          (x[0], y[0]))
+        torch_ufom.hypergrad_batch(bn, loss, loss, (x, y), (x, y), steps=2, inner_lr=0.1, mode="exact",
+                                   vectorise=True)
+        meta_bn.optimizer.step()  # the pending tasks' sum, stepped past the MetaOptimizer
+        rate = torch.tensor(0.1, dtype=torch.float64)  # held, without requires_grad
+        torch_ufom.MetaOptimizer(m, torch.optim.SGD([*m.parameters(), rate], lr=0.1), inner_lr=rate, steps=2)
+    assert len(caught) == 5, [str(w.message)[:60] for w in caught]
+    assert {w.filename for w in caught} == {__file__}, [(w.filename, str(w.message)[:60]) for w in caught]

@@ -26,8 +26,8 @@ from .config import InnerLR, InnerParams, Settings, check_generator, check_loss,
 from .estimators import SweepLog
 from .functional import restore_rng_on_error
 from .inner import InnerRule
-from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, one_call_at_a_time,
-                     check_parametrize_cache, elementwise_rule, probe_batches)
+from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, caller_level,
+                     check_parametrize_cache, elementwise_rule, one_call_at_a_time, probe_batches)
 from .vectorised import (Vectorised, attributes_kept, meta_batch_size, noting_listed_tasks, probe_steps,
                          task_of)
 
@@ -146,7 +146,7 @@ class StackedFunctionalModel:
                 warnings.warn(f"the module's forward replaced its buffer {name!r} with tensors of other "
                               "shapes (or dtypes) in different tasks, which the stacked model cannot hold: "
                               "it keeps the buffer as it was; call task(i) for each task's model",
-                              stacklevel=4)
+                              stacklevel=caller_level())
                 continue
             self.buffers[name] = torch.stack(values)
 
@@ -320,7 +320,8 @@ def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generato
                 first_line = (str(err).splitlines() or [type(err).__name__])[0]
                 warnings.warn(f"adapt_batch runs the tasks one by one: an error under torch.func.vmap "
                               f"({type(err).__name__}: {first_line}); the losses run again per task, "
-                              "where an error of theirs is raised", stacklevel=4)  # (review s35B F3)
+                              "where an error of theirs is raised",  # (review s35B F3)
+                              stacklevel=caller_level())
         states = [_run(problem, PerTask(), task) for task in tasks]
         return _stacked(problem, states, size, vectorised)  # (a list, even of one task)
 

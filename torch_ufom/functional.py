@@ -929,7 +929,7 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
                                  params, generator)
     run = estimate_batch(problem, supports, queries, force_truncation)
     if run.fallback:
-        warnings.warn(f"hypergrad_batch runs the per-task loop: {run.reason}", stacklevel=2)
+        warnings.warn(f"hypergrad_batch runs the per-task loop: {run.reason}", stacklevel=caller_level())
     total = sum_grads(run, len(problem.params))
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(problem.params, total))
 

@@ -27,7 +27,7 @@ from .functional import (Problem, buffer_names, check_derived_buffers, estimate_
                          learned_buffer_message, resolve_hvp, sum_grads, task_aux)
 from .inner import InnerRule, PerStep, _in_range
 from .truncation import Snapshot, TruncationLaw, is_bernoulli
-from .unroll import one_call_at_a_time
+from .unroll import caller_level, one_call_at_a_time
 
 __all__ = ["MetaOptimizer", "MetaResult"]
 
@@ -312,7 +312,7 @@ class MetaOptimizer:
                     f"{' and others' if len(held) > 3 else ''}), which the first step sums over the "
                     "ranks like new ones (a MetaOptimizer rebuilt on the reduced gradients of another "
                     "sums them again): call zero_grad() first unless each rank wrote its own",
-                    stacklevel=2)
+                    stacklevel=caller_level())
 
     # -- the resolved configuration: read-only; reconfigure() changes it --------------------
     config = property(lambda self: self._config,
@@ -483,7 +483,7 @@ class MetaOptimizer:
         would (an error then changes nothing).
         """
         meta = tuple(self.meta_parameters())
-        self._check_cleared(meta, stacklevel=4, task=True)
+        self._check_cleared(meta, task=True)
         if self._reduced:
             raise ValueError("Invalid call: a task after synchronize(): .grad already holds the "
                              "reduced gradients; call step() or zero_grad() first (a clear through the "
@@ -612,7 +612,7 @@ class MetaOptimizer:
                 setattr(self, n, v)
             raise
 
-    def _check_cleared(self, meta: List[Tensor], stacklevel: int = 3, task: bool = False) -> None:
+    def _check_cleared(self, meta: List[Tensor], task: bool = False) -> None:
         """Forget the earlier tasks if their gradients were cleared other than by
         :meth:`zero_grad`: ``optimizer.zero_grad()``, which sets them to ``None``, or a
         ``zero_grad(set_to_none=False)`` of the outer optimizer or the module, which
@@ -635,7 +635,7 @@ class MetaOptimizer:
                           "None followed by a backward() of yours, or p.grad = ...): the tasks since "
                           "meta.zero_grad() still count (reduction='mean' divides by them, track_buffers "
                           "averages their buffers); if you cleared them, clear through meta.zero_grad()",
-                          stacklevel=stacklevel)
+                          stacklevel=caller_level())
         if not (mean or self._buffers or self._observations) or (self._reduced and not task):
             return  # (a sum needs no count, only the tasks' buffers and q="auto" observations
             # forgotten; after synchronize() the count is spent, unless a task follows: gradients
@@ -674,7 +674,7 @@ class MetaOptimizer:
                 f"{' and others' if len(dropped) > 3 else ''} were cleared since the last task and "
                 "others not (module.zero_grad() clears the module's only), so step() divides them "
                 "all by the tasks since all were last cleared: clear them through meta.zero_grad()",
-                stacklevel=stacklevel)
+                stacklevel=caller_level())
             if self._carried is not None:  # what they carried is gone
                 self._carried = [(p, c) for p, c in self._carried if p.grad is not None] or None
         edited = [p for p, h in zip(values, held) if h]
@@ -688,7 +688,7 @@ class MetaOptimizer:
                 f"scaling, a backward() of yours): step() divides what .grad holds by the {self._tasks} "
                 "tasks, that change included (torch.nn.utils.clip_grad_norm_ then caps the mean at "
                 "max_norm / tasks); to change the mean itself, call meta.synchronize() first (once per "
-                "MetaOptimizer)", stacklevel=stacklevel)
+                "MetaOptimizer)", stacklevel=caller_level())
         self._record(meta)  # written by other code too (a clip, a loss of the user's)
 
     def _carry(self, meta: List[Tensor]) -> Optional[List[Tuple[Tensor, Tensor]]]:
@@ -931,7 +931,7 @@ class MetaOptimizer:
                                      diagnostics=self.q_stats is not None, known=self._slow_ops)
             if run.fallback and run.reason not in self._warned_per_task:  # once per reason
                 warnings.warn(f"MetaOptimizer.backward_batch runs the per-task loop: {run.reason}",
-                              stacklevel=2)
+                              stacklevel=caller_level())
                 self._warned_per_task.add(run.reason)
             observations = self._observations_of([(est, seconds) for _, est, seconds in run.groups])
             written = self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta)),
@@ -1039,7 +1039,7 @@ class MetaOptimizer:
                     f"mode='truncated' (k={k})", f"no loss of the last {k} inner steps nor the outer loss "
                     f"reads it, and the truncated estimate ignores how the first {steps - k} depend on it")
                 warnings.warn(f"{which} gives no hypergradient to {names}: {why}, so its .grad stays None "
-                              "(use mode='ufom' or 'exact' to learn it)", stacklevel=3)
+                              "(use mode='ufom' or 'exact' to learn it)", stacklevel=caller_level())
             return grads
         grads = list(grads)
         for i in gaps:
@@ -1405,7 +1405,7 @@ class MetaOptimizer:
             if skipped:
                 warnings.warn(f"the outer optimizer's step() ran directly while the MetaOptimizer holds "
                               f"pending tasks: it skips {', '.join(skipped)}, which MetaOptimizer.step() "
-                              "takes first; call meta.step() instead", stacklevel=3)
+                              "takes first; call meta.step() instead", stacklevel=caller_level())
 
         weakref.finalize(self, self.optimizer.register_step_pre_hook(hook).remove)  # (holds no self)
 
@@ -1475,7 +1475,7 @@ class MetaOptimizer:
         gradient lives on the meta device, which has no values to read (review s32O F2)."""
         meta = self.meta_parameters()
         if not any(p.grad is not None and p.grad.is_meta for p in meta):
-            self._check_cleared(meta, stacklevel=4)
+            self._check_cleared(meta)
 
     def _grads_zero(self) -> bool:
         """Whether pending tasks left every ``.grad`` present all zero (one read; ``False``
@@ -1615,7 +1615,7 @@ class MetaOptimizer:
             self._set_kept(None if self._reduced else [])
             self._by_hand = []
         if differs:
-            warnings.warn(differs, stacklevel=2)
+            warnings.warn(differs, stacklevel=caller_level())
 
     def _settings_differ(self, saved: Optional[Mapping]) -> Optional[str]:
         """The warning for saved settings (``state_dict['settings']``) that differ from this
@@ -1728,13 +1728,13 @@ def _warn_unheld(optimizer: torch.optim.Optimizer, rule: InnerRule) -> None:
         warnings.warn(f"the inner rule's {', '.join(dict.fromkeys(loose))} requires grad, but the outer "
                       "optimizer does not hold it: it is not learned (its .grad stays None); hold it in "
                       "the optimizer given to MetaOptimizer, in a param group with lr=0 if another "
-                      "optimizer steps it", stacklevel=3)
+                      "optimizer steps it", stacklevel=caller_level())
     frozen = [label for label, t in tensors if not t.requires_grad and id(_root(t)) in held]
     if frozen:
         warnings.warn(f"the outer optimizer holds the inner rule's {', '.join(dict.fromkeys(frozen))}, "
                       "which does not require grad: it is not learned (its .grad stays None, as "
                       "loss.backward() leaves it); to learn it, create it with requires_grad=True",
-                      stacklevel=3)
+                      stacklevel=caller_level())
 
 
 # -- state_dict validation ------------------------------------------------------

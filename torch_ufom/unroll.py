@@ -64,12 +64,17 @@ __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", 
            "REPLAY_DRAWS", "SAMPLES_ANEW"]
 
 
+_OWN_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
 def caller_level() -> int:
     """The ``stacklevel`` that makes a warning issued by the caller of this function
-    point at the first frame outside this package: the user's call."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    point at the first frame outside this package and torch: the user's call (through
+    the entry points' own wrapper, and torch's, for a warning from a hook torch runs:
+    review s36L F1, where fixed levels pointed at the wrapper)."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_OWN_DIRS):
         frame, level = frame.f_back, level + 1
     return level
 
