@@ -257,6 +257,38 @@ def test_functional_calls_read_learned_rates_once(kind):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_rules_own_bounds_are_still_read_when_the_ranges_are_deferred():
+    # Review s36R F1: the deferred checks (above) read only the declared ranges again, so a user's
+    # validate bounding its rate through check_hyper(..., high=1) let 3.0 run; and a rule the user's
+    # code builds during the check must still be refused there.
+    from torch_ufom.inner import SGD, check_hyper
+
+    class ClippedSGD(SGD):
+        def validate(self, params, steps=None):
+            super().validate(params, steps)
+            check_hyper(self.hyper["lr"], "lr", params, low=0.0, high=1.0, closed=True, steps=steps)
+    model, loss, data = mlp_problem(2)
+    lr = torch.tensor(0.5, dtype=torch.float64)
+    rule = ClippedSGD(lr)
+    lr.fill_(3.0)
+    for call in (lambda: torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner=rule),
+                 lambda: torch_ufom.adapt(model, loss, data[0], steps=2, inner=rule),
+                 lambda: torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                  inner=rule, steps=2)):
+        with pytest.raises(ValueError, match=r"Invalid lr: values must be finite and in \[0.0, 1.0\]"):
+            call()
+    refused = []
+
+    class Builds(SGD):
+        def validate(self, params, steps=None):
+            super().validate(params, steps)
+            with pytest.raises(ValueError, match="Invalid lr"):
+                SGD(torch.tensor(-1.0, dtype=torch.float64))
+            refused.append(True)
+    torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner=Builds(0.1))
+    assert refused == [True]
+
+
 @pytest.mark.parametrize("rule", ["adam", "amsgrad", "per-step"])
 def test_inner_steps_build_no_tensors_from_host_data(rule, monkeypatch):
     # On CUDA, torch.tensor / torch.as_tensor of Python data is a blocking copy to the

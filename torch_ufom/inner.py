@@ -92,20 +92,23 @@ from torch import Tensor
 
 __all__ = ["InnerRule", "SGD", "Adam", "AdamW", "RMSprop", "PerStep", "per_param", "check_hyper", "shortcut"]
 
-# Set by :func:`values_deferred`: the range checks leave the values of tensors unread.
-_VALUES_DEFERRED = contextvars.ContextVar("torch_ufom_inner_values_deferred", default=False)
+# Set by :func:`values_deferred`: the ids of the tensors whose range checks collect their flags,
+# unread, and the list of those flags.
+_VALUES_DEFERRED = contextvars.ContextVar("torch_ufom_inner_values_deferred", default=None)
 
 
 @contextlib.contextmanager
-def values_deferred():
-    """Within it, the checks of hyperparameters (the rules' constructors, ``validate``,
-    :func:`check_hyper`) leave the values of the user's tensors unread: everything but their
-    range, without a host synchronisation per tensor. The caller then checks every range at once
-    with :meth:`InnerRule.tensors_in_range` (one read) and, where that is ``False``, validates
-    again outside to name the value. Private to the library (not in ``__all__``)."""
-    token = _VALUES_DEFERRED.set(True)
+def values_deferred(tensors: Sequence[Tensor]):
+    """Within it, the range checks of ``tensors`` (in the rules' constructors, ``validate``,
+    :func:`check_hyper`, whoever calls them: a user's rule with bounds of its own too) append
+    their 0-d flags, unread, to the list it yields, instead of reading each (a host
+    synchronisation per tensor); other tensors' checks read as always (review s36R F1). The
+    caller reads the flags at once and, where one is ``False``, runs the checks again outside
+    to name the value. Private to the library (not in ``__all__``)."""
+    flags: list = []
+    token = _VALUES_DEFERRED.set(({id(t) for t in tensors}, flags))
     try:
-        yield
+        yield flags
     finally:
         _VALUES_DEFERRED.reset(token)
 
@@ -344,8 +347,10 @@ def _check_value(v, arg: str, low: float, high: float, closed: bool = False,
         if v.is_meta:
             raise ValueError(f"Invalid {arg}: a meta-device tensor has no values (expected a tensor on "
                              "the parameters' device)")
-        if deferrable and _VALUES_DEFERRED.get():
-            return  # the caller reads every range at once (values_deferred)
+        deferred = _VALUES_DEFERRED.get() if deferrable else None
+        if deferred is not None and id(v) in deferred[0]:
+            deferred[1].append(_in_range(v, low, high, closed))  # read with the others (values_deferred)
+            return
         if not bool(_in_range(v, low, high, closed)):
             rate = low == 0.0 and arg.startswith(("lr", "inner_lr"))
             hint = (" (for a rate of any sign, as Meta-SGD learns: a subclass of the rule with ranges = "
