@@ -5728,3 +5728,28 @@ def test_the_librarys_warnings_point_at_the_users_line():
         torch_ufom.MetaOptimizer(m, torch.optim.SGD([*m.parameters(), rate], lr=0.1), inner_lr=rate, steps=2)
     assert len(caught) == 5, [str(w.message)[:60] for w in caught]
     assert {w.filename for w in caught} == {__file__}, [(w.filename, str(w.message)[:60]) for w in caught]
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_an_inference_tensor_grad_on_a_meta_parameter_no_loss_reads(reduction):
+    # Review s36R F2: its version was read (inference tensors have no counter) after the other
+    # gradients were written: a raw RuntimeError and a half-accumulated task; under "mean" the
+    # in-place division of it failed too. Its identity alone tells a change now, and it is divided
+    # out of place where it would be.
+    model, loss, data = mlp_problem(6)
+    grads = []
+    for inference in (False, True):
+        m = copy.deepcopy(model)
+        extra = torch.ones(2, dtype=torch.float64, requires_grad=True)  # read by no loss
+        meta = torch_ufom.MetaOptimizer(m, torch.optim.SGD([*m.parameters(), extra], lr=0.0), inner_lr=0.1,
+                                        steps=2, mode="exact", reduction=reduction)
+        if inference:
+            with torch.inference_mode():
+                extra.grad = torch.ones(2, dtype=torch.float64)
+        else:
+            extra.grad = torch.ones(2, dtype=torch.float64)
+        for i in range(2):
+            meta.backward(loss, loss, data[i], data[i + 6])
+        meta.step()
+        grads.append([p.grad.clone() for p in [*m.parameters(), extra]])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

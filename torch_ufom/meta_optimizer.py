@@ -653,7 +653,7 @@ class MetaOptimizer:
                 self._record(meta)
             return
         changed = [p for p, ref, version, _ in self._written
-                   if p.grad is None or p.grad is not ref() or p.grad._version != version]
+                   if p.grad is None or p.grad is not ref() or _version(p.grad) != version]
         if not changed:
             return
         values = [p for p in changed if p.grad is not None]
@@ -729,7 +729,7 @@ class MetaOptimizer:
     def _note(self, p: Tensor) -> None:
         """Remember ``p.grad`` as a write known to this optimizer left it (:meth:`_check_kept`)."""
         if p.grad is not None:
-            self._seen[id(p)] = (weakref.ref(p.grad), p.grad._version)
+            self._seen[id(p)] = (weakref.ref(p.grad), _version(p.grad))
 
     def _check_kept(self, params: Optional[Sequence[Tensor]] = None) -> None:
         """Before a write to the ``.grad`` of ``params`` (default: every carried one) and at
@@ -745,7 +745,7 @@ class MetaOptimizer:
         changed = []
         for p in looked:
             seen = self._seen.get(id(p))
-            if p.grad is None or seen is None or seen[0]() is not p.grad or p.grad._version != seen[1]:
+            if p.grad is None or seen is None or seen[0]() is not p.grad or _version(p.grad) != seen[1]:
                 changed.append(p)
         if not changed:
             return
@@ -814,7 +814,7 @@ class MetaOptimizer:
 
     def _record(self, meta: List[Tensor]) -> None:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
-        self._written = [(p, weakref.ref(p.grad), p.grad._version, p.grad.layout != torch.strided)
+        self._written = [(p, weakref.ref(p.grad), _version(p.grad), p.grad.layout != torch.strided)
                          for p in meta if p.grad is not None]
 
     @one_call_at_a_time
@@ -1203,7 +1203,7 @@ class MetaOptimizer:
                            self._holding, self._carried, self._written, self._kept)
                 meta = self.meta_parameters()
                 # Weak references: a closure that sets .grad to None frees the old gradients.
-                grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+                grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), _version(p.grad))
                          for p in meta]
                 had_values = _any_nonzero(meta)  # on the device, read only if the closure fails
                 self._forget_tasks()  # an earlier evaluation's tasks are run again
@@ -1214,7 +1214,7 @@ class MetaOptimizer:
                     # outer optimizer's), or zeroed through .data (which keeps the version):
                     # the pending tasks are gone.
                     untouched = all(p.grad is None if ref is None else
-                                    (p.grad is ref() and p.grad is not None and p.grad._version == v)
+                                    (p.grad is ref() and p.grad is not None and _version(p.grad) == v)
                                     for p, (ref, v) in zip(meta, grads))
                     if untouched and had_values is not None and bool(had_values):
                         untouched = bool(_any_nonzero(meta))
@@ -1427,8 +1427,8 @@ class MetaOptimizer:
         if tasks > 1:
             with torch.no_grad():
                 for p in self.meta_parameters():
-                    if p.grad is not None:
-                        p.grad.div_(tasks)
+                    if p.grad is not None:  # (an inference tensor takes no in-place update)
+                        p.grad = p.grad / tasks if p.grad.is_inference() else p.grad.div_(tasks)
 
     def state_dict(self) -> Dict[str, Any]:
         """What a resumed run needs, as a dict (``torch.save`` it beside the model's).
@@ -1769,6 +1769,13 @@ def _gradients(params: Sequence[Tensor]) -> List[Tuple[Tensor, Optional[Tensor]]
         return [(p, None if p.grad is None else p.grad.clone()) for p in params]
 
 
+def _version(grad: Tensor) -> Optional[int]:
+    """``grad._version``; ``None`` for an inference tensor, which has no version counter (its
+    identity alone then tells a change: review s36R F2, where reading it raised after the other
+    gradients were written)."""
+    return None if grad.is_inference() else grad._version
+
+
 def _put_back(saved: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> None:
     """Put back the gradients :func:`_gradients` copied (a ``None`` that a reduction filled
     in goes back to ``None``, and a sparse gradient it made dense back to the sparse one)."""
@@ -1788,8 +1795,8 @@ def _remove_hooks(handles: List[Any]) -> None:
 
 
 def _in_place(grad: Tensor, other: Tensor) -> bool:
-    """Whether ``grad`` can take ``other`` in place (both dense)."""
-    return grad.layout == torch.strided and other.layout == torch.strided
+    """Whether ``grad`` can take ``other`` in place (both dense, ``grad`` no inference tensor)."""
+    return grad.layout == torch.strided and other.layout == torch.strided and not grad.is_inference()
 
 
 def _replaced(p: Tensor, written, sparse: bool) -> bool:
