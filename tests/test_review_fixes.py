@@ -5753,3 +5753,18 @@ def test_an_inference_tensor_grad_on_a_meta_parameter_no_loss_reads(reduction):
         meta.step()
         grads.append([p.grad.clone() for p in [*m.parameters(), extra]])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_an_empty_meta_batch_is_named_without_a_hint_the_call_cannot_use():
+    # Review s36E F1: hypergrad_batch and adapt_batch ended the message with the hint for a rank
+    # without tasks under a process_group (backward_batch, step()), neither of which they have;
+    # MetaOptimizer.backward_batch gives it under a process_group only (checked with one gloo rank).
+    model, loss, _ = mlp_problem(7)
+    x, y = torch.randn(0, 4, 3, dtype=torch.float64), torch.randn(0, 4, 2, dtype=torch.float64)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=2)
+    for call in (lambda: torch_ufom.hypergrad_batch(model, loss, loss, (x, y), (x, y), steps=2, inner_lr=0.1),
+                 lambda: torch_ufom.adapt_batch(model, loss, (x, y), steps=2, inner_lr=0.1),
+                 lambda: meta.backward_batch(loss, loss, (x, y), (x, y))):
+        with pytest.raises(ValueError,
+                           match=r"^Invalid supports\[0\]: the meta-batch is empty \(leading size 0\)$"):
+            call()

@@ -28,6 +28,7 @@ from .functional import (Problem, buffer_names, check_derived_buffers, estimate_
 from .inner import InnerRule, PerStep, _in_range
 from .truncation import Snapshot, TruncationLaw, is_bernoulli
 from .unroll import caller_level, one_call_at_a_time
+from .vectorised import EmptyMetaBatch
 
 __all__ = ["MetaOptimizer", "MetaResult"]
 
@@ -447,6 +448,11 @@ class MetaOptimizer:
         except NonFiniteHypergradient as err:
             raise NonFiniteHypergradient(err.index, f"meta-parameter {self._name(meta[err.index])}") \
                 from None
+        except EmptyMetaBatch as err:
+            if not self.distributed:
+                raise
+            raise EmptyMetaBatch(f"{err}; a rank without tasks under a process_group skips backward_batch "
+                                 "and still calls step()") from None
 
     def _current_signature(self) -> tuple:
         """What the configuration depends on: each module parameter's name, identity,
