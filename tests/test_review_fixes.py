@@ -5768,3 +5768,26 @@ def test_an_empty_meta_batch_is_named_without_a_hint_the_call_cannot_use():
         with pytest.raises(ValueError,
                            match=r"^Invalid supports\[0\]: the meta-batch is empty \(leading size 0\)$"):
             call()
+
+
+def test_an_inference_tensor_grad_cleared_in_place_between_tasks_is_seen():
+    # Review s36Q F1: with versions of inference tensors read as None, a clear inside
+    # torch.inference_mode() between tasks went unseen and "mean" took back the value it no longer
+    # held (0.333 for 0). The library now records a copy of such a gradient, whose changes are seen.
+    model, loss, data = mlp_problem(8)
+    got = []
+    for inference in (False, True):
+        u = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # read by no loss
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), u], lr=1.0),
+                                        inner_lr=0.1, steps=2, mode="exact", reduction="mean")
+        with torch.inference_mode(inference):
+            u.grad = torch.full((3,), 0.5, dtype=torch.float64)
+        meta.backward(loss, loss, data[0], data[6])
+        with torch.inference_mode(inference):
+            u.grad.zero_()
+        for i in (1, 2):
+            meta.backward(loss, loss, data[i], data[i + 6])
+        meta.synchronize()
+        got.append(u.grad.clone())
+        meta.zero_grad()
+    assert torch.equal(got[0], torch.zeros(3, dtype=torch.float64)) and torch.equal(got[1], got[0])

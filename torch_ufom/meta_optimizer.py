@@ -735,7 +735,7 @@ class MetaOptimizer:
     def _note(self, p: Tensor) -> None:
         """Remember ``p.grad`` as a write known to this optimizer left it (:meth:`_check_kept`)."""
         if p.grad is not None:
-            self._seen[id(p)] = (weakref.ref(p.grad), _version(p.grad))
+            self._seen[id(p)] = (weakref.ref(_versioned_grad(p)), p.grad._version)
 
     def _check_kept(self, params: Optional[Sequence[Tensor]] = None) -> None:
         """Before a write to the ``.grad`` of ``params`` (default: every carried one) and at
@@ -820,7 +820,7 @@ class MetaOptimizer:
 
     def _record(self, meta: List[Tensor]) -> None:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
-        self._written = [(p, weakref.ref(p.grad), _version(p.grad), p.grad.layout != torch.strided)
+        self._written = [(p, weakref.ref(_versioned_grad(p)), p.grad._version, p.grad.layout != torch.strided)
                          for p in meta if p.grad is not None]
 
     @one_call_at_a_time
@@ -1209,8 +1209,8 @@ class MetaOptimizer:
                            self._holding, self._carried, self._written, self._kept)
                 meta = self.meta_parameters()
                 # Weak references: a closure that sets .grad to None frees the old gradients.
-                grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), _version(p.grad))
-                         for p in meta]
+                grads = [(None, None) if p.grad is None else
+                         (weakref.ref(_versioned_grad(p)), p.grad._version) for p in meta]
                 had_values = _any_nonzero(meta)  # on the device, read only if the closure fails
                 self._forget_tasks()  # an earlier evaluation's tasks are run again
                 try:
@@ -1775,10 +1775,21 @@ def _gradients(params: Sequence[Tensor]) -> List[Tuple[Tensor, Optional[Tensor]]
         return [(p, None if p.grad is None else p.grad.clone()) for p in params]
 
 
+def _versioned_grad(p: Tensor) -> Tensor:
+    """``p.grad``, first replaced by a copy where it is an inference tensor (made under
+    ``torch.inference_mode()``), which has no version counter: reading it raised after the
+    other gradients were written (review s36R F2), and an in-place change of it (a clear
+    inside inference mode) would go unseen (review s36Q F1). The copy's changes are seen."""
+    if p.grad.is_inference():
+        with torch.inference_mode(False):
+            p.grad = p.grad.clone()
+    return p.grad
+
+
 def _version(grad: Tensor) -> Optional[int]:
-    """``grad._version``; ``None`` for an inference tensor, which has no version counter (its
-    identity alone then tells a change: review s36R F2, where reading it raised after the other
-    gradients were written)."""
+    """``grad._version``; ``None`` for an inference tensor, which has no version counter
+    (one put in ``.grad`` since :func:`_versioned_grad` recorded it: another tensor, so the
+    comparison of identities before this one tells the change)."""
     return None if grad.is_inference() else grad._version
 
 
