@@ -289,6 +289,43 @@ def test_a_rules_own_bounds_are_still_read_when_the_ranges_are_deferred():
     assert refused == [True]
 
 
+def test_declared_ranges_and_a_rules_own_bounds_hold_at_every_call():
+    # Review s36Q F2: a rule of the user's whose validate checks nothing ran with a momentum moved
+    # to -0.5 (its declared range) once only the validate's own checks were deferred; F3: a learned
+    # rate moved past the bound of the user's validate by an outer step ran in MetaOptimizer.backward
+    # (its per-call look read the declared ranges only).
+    from torch_ufom.inner import SGD, check_hyper
+
+    class Unchecked(SGD):
+        def validate(self, params, steps=None):
+            pass
+
+    class Capped(SGD):
+        def validate(self, params, steps=None):
+            super().validate(params, steps)
+            check_hyper(self.hyper["lr"], "lr", params, high=1.0)
+    model, loss, data = mlp_problem(3)
+    momentum = torch.tensor(0.5, dtype=torch.float64)
+    rule = Unchecked(0.1, momentum=momentum)
+    momentum.fill_(-0.5)
+    for call in (lambda: torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner=rule),
+                 lambda: torch_ufom.adapt(model, loss, data[0], steps=2, inner=rule)):
+        with pytest.raises(ValueError, match="Invalid momentum: values must be finite and >= 0.0"):
+            call()
+    lr = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), lr], lr=0.1),
+                                    inner=Capped(lr), steps=2, mode="exact")
+    meta.backward(loss, loss, data[0], data[1])
+    meta.step()
+    with torch.no_grad():
+        lr.fill_(3.0)
+    meta.zero_grad()
+    with pytest.raises(ValueError, match=r"Invalid lr: values must be finite and in \[0.0, 1.0\).*the values "
+                                         "changed since they were checked"):
+        meta.backward(loss, loss, data[0], data[1])
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("rule", ["adam", "amsgrad", "per-step"])
 def test_inner_steps_build_no_tensors_from_host_data(rule, monkeypatch):
     # On CUDA, torch.tensor / torch.as_tensor of Python data is a blocking copy to the

@@ -41,7 +41,8 @@ from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation
 from .unroll import check_parametrize_cache, positional_obstacle
 
 __all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_values",
-           "check_generator", "check_losses", "check_steps", "MODES", "HVP_CHOICES", "VECTORISE_CHOICES"]
+           "validate_rule", "check_generator", "check_losses", "check_steps", "MODES", "HVP_CHOICES",
+           "VECTORISE_CHOICES"]
 
 MODES = ("fom", "ufom", "exact", "truncated")
 HVP_CHOICES = ("auto", "fwdrev", "revrev")
@@ -298,14 +299,25 @@ def _rule(settings: Settings, adapted: Mapping[str, Tensor], steps: int) -> Inne
     # A rule of the user's: what the library reads of it, named (review s32E F3: AttributeError /
     # ValueError from deep inside)
     check_rule_contract(inner)
-    with values_deferred(inner.tensors()) as flags:
-        inner.validate(adapted, steps=steps)
-    in_range += flags
-    if in_range and not bool(torch.stack([f.to(in_range[0].device) for f in in_range]).all()):
-        if settings.inner is None:
-            SGD.from_inner_lr(inner_lr)  # reads each value: names the one out of range
-        inner.validate(adapted, steps=steps)
+    validate_rule(inner, adapted, steps, in_range)
     return inner
+
+
+def validate_rule(rule: InnerRule, adapted: Mapping[str, Tensor], steps: int,
+                  flags: Sequence[Tensor] = ()) -> None:
+    """``rule.validate(adapted, steps=steps)`` with the ranges of the rule's tensors read at
+    once (one host synchronisation, none without tensors): the bounds its ``validate`` checks
+    (a rule of the user's with its own: review s36R F1), its declared ``ranges`` (one whose
+    ``validate`` checks none: review s36Q F2) and ``flags`` collected before (its
+    construction's). Where one is out of range, the checks run again, reading each value, and
+    name it."""
+    with values_deferred(rule.tensors()) as more:
+        rule.validate(adapted, steps=steps)
+    declared = rule.tensors_in_range()
+    flags = [*flags, *more] + ([] if declared is None else [declared])
+    if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+        rule.validate(adapted, steps=steps)  # reads each value: names the one out of range
+        rule._check_values()  # the declared ranges
 
 
 def _tensors_of(value) -> Tuple[Tensor, ...]:

@@ -21,7 +21,7 @@ from . import adaptive, distributed
 from .adapt import FunctionalModel, adapt
 from .checks import invalid
 from .config import (Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses,
-                     check_values, resolve)
+                     check_values, resolve, validate_rule)
 from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import (Problem, buffer_names, check_derived_buffers, estimate_batch, estimate_task,
                          learned_buffer_message, resolve_hvp, sum_grads, task_aux)
@@ -518,29 +518,23 @@ class MetaOptimizer:
         ``PerStep`` given fewer values than steps ran the missing steps at rate 0, a rate in
         the user's per-parameter dict set below 0 ran as given), and check the tensor values'
         range when they changed (an outer step moved a learned Adam ``betas`` to 1, an
-        ``inner_lr`` below 0): the rule's formulas would run outside their range. One host
-        synchronisation per change of tensor values, seen through autograd's version counter,
-        which in-place operations bump and writes through ``.data`` do not."""
+        ``inner_lr`` below 0; past the bound a validate of the user's checks: review s36Q F3):
+        the rule's formulas would run outside their range. One host synchronisation per change
+        of tensor values, seen through autograd's version counter, which in-place operations
+        bump and writes through ``.data`` do not."""
         rule = config.rule
         versions = tuple((id(t), t._version) for t in rule.tensors())
         layout = rule.layout()
         if versions == self._hyper_versions and layout == self._hyper_layout:
             return
-        if layout != self._hyper_layout:
-            named = dict(self.model.named_parameters())
-            try:
-                rule.validate({n: named[n] for n in config.adapted}, steps=config.steps)
-            except (ValueError, TypeError) as err:
-                raise type(err)(f"{err} (the inner rule's hyperparameters changed since the "
-                                f"MetaOptimizer checked them); nothing was changed") from None
-        ok = rule.tensors_in_range()
+        named = dict(self.model.named_parameters())
         try:
-            if ok is not None and not bool(ok):
-                rule._check_values()  # names the value out of range
-        except ValueError as err:
-            raise ValueError(f"{err} (the values changed since they were checked: keep a learned "
-                             "hyperparameter in its range, e.g. clamp it in place after the outer "
-                             "step); nothing was changed") from None
+            validate_rule(rule, {n: named[n] for n in config.adapted}, config.steps)
+        except (ValueError, TypeError) as err:
+            why = ("the inner rule's hyperparameters changed since the MetaOptimizer checked them"
+                   if layout != self._hyper_layout else "the values changed since they were checked: keep "
+                   "a learned hyperparameter in its range, e.g. clamp it in place after the outer step")
+            raise type(err)(f"{err} ({why}); nothing was changed") from None
         self._hyper_versions, self._hyper_layout = versions, layout
 
     @property
