@@ -5221,6 +5221,30 @@ def test_a_rule_holding_a_per_step_value_is_not_taken_as_additive_whatever_it_de
     assert rel_err(got, want) < 1e-12
 
 
+def _unrolled_by_hand(model, inner_loss, batches, queries, lr, params):
+    """The summed exact hypergradients of tasks with per-step batches ``batches[t][j]``, by a
+    hand unroll of SGD at rate ``lr``."""
+    want = [torch.zeros_like(p) for p in params]
+    for t in range(len(batches)):
+        phi = dict(model.named_parameters())
+        for batch in batches[t]:
+            inner = inner_loss(lambda x: functional_call(model, phi, (x,)), batch)
+            grads = torch.autograd.grad(inner, list(phi.values()), create_graph=True)
+            phi = {n: p - lr * g for (n, p), g in zip(phi.items(), grads)}
+        outer = mse(lambda x: functional_call(model, phi, (x,)), queries[t])
+        want = [w + g for w, g in zip(want, torch.autograd.grad(outer, params))]
+    return want
+
+
+def _stacked_per_step(batches, queries):
+    """``batches[t][j]`` and ``queries[t]`` (``(x, y)`` pairs) as a meta-batch: StepBatches of
+    stacked tasks, and the stacked queries."""
+    steps = range(len(batches[0]))
+    stacked = torch_ufom.StepBatches([tuple(torch.stack([task[j][k] for task in batches]) for k in (0, 1))
+                                      for j in steps])
+    return stacked, tuple(torch.stack([q[k] for q in queries]) for k in (0, 1))
+
+
 def test_a_loss_reading_a_meta_parameter_directly_at_later_steps_only_is_not_given_to_forward_over_reverse():
     # Review s34M F1 (session 34): the look for a loss that reads a meta-parameter directly (which
     # forward-over-reverse's HVP cannot differentiate) ran on the first step's batch only; with
@@ -5241,23 +5265,12 @@ def test_a_loss_reading_a_meta_parameter_directly_at_later_steps_only_is_not_giv
     queries = [(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64))
                for _ in range(tasks)]
     params = list(model.parameters()) + [lam]
-    want = [torch.zeros_like(p) for p in params]
-    for t in range(tasks):  # the unroll by hand
-        phi = dict(model.named_parameters())
-        for j in range(steps):
-            inner = inner_loss(lambda x: functional_call(model, phi, (x,)), batches[t][j])
-            grads = torch.autograd.grad(inner, list(phi.values()), create_graph=True)
-            phi = {n: p - lam * g for (n, p), g in zip(phi.items(), grads)}
-        outer = mse(lambda x: functional_call(model, phi, (x,)), queries[t])
-        want = [w + g for w, g in zip(want, torch.autograd.grad(outer, params))]
+    want = _unrolled_by_hand(model, inner_loss, batches, queries, lam, params)
     config = dict(steps=steps, inner_lr=lam, mode="exact", params=params)
     with pytest.raises(ValueError, match="'fwdrev' cannot differentiate an inner loss that reads a meta"):
         torch_ufom.hypergrad(model, inner_loss, mse, torch_ufom.StepBatches(batches[0]), queries[0],
                              hvp="fwdrev", **config)
-    stacked = torch_ufom.StepBatches([(torch.stack([batches[t][j][0] for t in range(tasks)]),
-                                       torch.stack([batches[t][j][1] for t in range(tasks)]))
-                                      for j in range(steps)])
-    query = (torch.stack([q[0] for q in queries]), torch.stack([q[1] for q in queries]))
+    stacked, query = _stacked_per_step(batches, queries)
     with pytest.warns(UserWarning, match="runs the per-task loop"):
         got = torch_ufom.hypergrad_batch(model, inner_loss, mse, stacked, query, vectorise=True, **config)
     assert rel_err(got, want) < 1e-12
@@ -5285,24 +5298,12 @@ def test_a_loss_differentiating_at_later_steps_only_is_kept_from_the_transforms(
                 for rows in (5, 5, 6)] for _ in range(tasks)]
     queries = [(torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64))
                for _ in range(tasks)]
-    params = list(model.parameters())
-    want = [torch.zeros_like(p) for p in params]
-    for t in range(tasks):  # the unroll by hand
-        phi = dict(model.named_parameters())
-        for j in range(steps):
-            inner = inner_loss(lambda x: functional_call(model, phi, (x,)), batches[t][j])
-            grads = torch.autograd.grad(inner, list(phi.values()), create_graph=True)
-            phi = {n: p - 0.1 * g for (n, p), g in zip(phi.items(), grads)}
-        outer = mse(lambda x: functional_call(model, phi, (x,)), queries[t])
-        want = [w + g for w, g in zip(want, torch.autograd.grad(outer, params))]
+    want = _unrolled_by_hand(model, inner_loss, batches, queries, 0.1, list(model.parameters()))
     config = dict(steps=steps, inner_lr=0.1, mode="exact")
     with pytest.raises(ValueError, match="'fwdrev' cannot run a loss that calls torch.autograd.grad"):
         torch_ufom.hypergrad(model, inner_loss, mse, torch_ufom.StepBatches(batches[0]), queries[0],
                              hvp="fwdrev", **config)
-    stacked = torch_ufom.StepBatches([(torch.stack([batches[t][j][0] for t in range(tasks)]),
-                                       torch.stack([batches[t][j][1] for t in range(tasks)]))
-                                      for j in range(steps)])
-    query = (torch.stack([q[0] for q in queries]), torch.stack([q[1] for q in queries]))
+    stacked, query = _stacked_per_step(batches, queries)
     with pytest.warns(UserWarning, match="runs the per-task loop: a loss calls torch.autograd.grad"):
         got = torch_ufom.hypergrad_batch(model, inner_loss, mse, stacked, query, vectorise=True, **config)
     assert rel_err(got, want) < 1e-12
