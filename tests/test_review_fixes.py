@@ -5221,28 +5221,33 @@ def test_a_rule_holding_a_per_step_value_is_not_taken_as_additive_whatever_it_de
     assert rel_err(got, want) < 1e-12
 
 
-def _unrolled_by_hand(model, inner_loss, batches, queries, lr, params):
-    """The summed exact hypergradients of tasks with per-step batches ``batches[t][j]``, by a
-    hand unroll of SGD at rate ``lr``."""
+def _refused_by_fwdrev_and_looped_exactly(model, inner_loss, features, rows, lr, params, refusal, warning):
+    """Three tasks with per-step batches of ``rows`` rows (one step each): hvp="fwdrev" refuses
+    the first with ``refusal``; a forced vmap of all runs the loop with ``warning`` and equals
+    a hand unroll of SGD at rate ``lr`` (exact, hypergradients of ``params``)."""
+    def pair(n):
+        return torch.randn(n, features, dtype=torch.float64), torch.randn(n, 1, dtype=torch.float64)
+    batches = [[pair(n) for n in rows] for _ in range(3)]
+    queries = [pair(5) for _ in range(3)]
     want = [torch.zeros_like(p) for p in params]
-    for t in range(len(batches)):
+    for task, query in zip(batches, queries):  # the unroll by hand
         phi = dict(model.named_parameters())
-        for batch in batches[t]:
+        for batch in task:
             inner = inner_loss(lambda x: functional_call(model, phi, (x,)), batch)
             grads = torch.autograd.grad(inner, list(phi.values()), create_graph=True)
             phi = {n: p - lr * g for (n, p), g in zip(phi.items(), grads)}
-        outer = mse(lambda x: functional_call(model, phi, (x,)), queries[t])
+        outer = mse(lambda x: functional_call(model, phi, (x,)), query)
         want = [w + g for w, g in zip(want, torch.autograd.grad(outer, params))]
-    return want
-
-
-def _stacked_per_step(batches, queries):
-    """``batches[t][j]`` and ``queries[t]`` (``(x, y)`` pairs) as a meta-batch: StepBatches of
-    stacked tasks, and the stacked queries."""
-    steps = range(len(batches[0]))
+    config = dict(steps=len(rows), inner_lr=lr, mode="exact", params=params)
+    with pytest.raises(ValueError, match=refusal):
+        torch_ufom.hypergrad(model, inner_loss, mse, torch_ufom.StepBatches(batches[0]), queries[0],
+                             hvp="fwdrev", **config)
     stacked = torch_ufom.StepBatches([tuple(torch.stack([task[j][k] for task in batches]) for k in (0, 1))
-                                      for j in steps])
-    return stacked, tuple(torch.stack([q[k] for q in queries]) for k in (0, 1))
+                                      for j in range(len(rows))])
+    query = tuple(torch.stack([q[k] for q in queries]) for k in (0, 1))
+    with pytest.warns(UserWarning, match=warning):
+        got = torch_ufom.hypergrad_batch(model, inner_loss, mse, stacked, query, vectorise=True, **config)
+    assert rel_err(got, want) < 1e-12
 
 
 def test_a_loss_reading_a_meta_parameter_directly_at_later_steps_only_is_not_given_to_forward_over_reverse():
@@ -5259,21 +5264,10 @@ def test_a_loss_reading_a_meta_parameter_directly_at_later_steps_only_is_not_giv
         x, y = b
         out = f(x)
         return ((out - y) ** 2).mean() + (lam * (out ** 2).mean() if x.shape[-2] == 6 else 0)
-    steps, tasks = 3, 3
-    batches = [[(torch.randn(rows, 3, dtype=torch.float64), torch.randn(rows, 1, dtype=torch.float64))
-                for rows in (5, 6, 6)] for _ in range(tasks)]
-    queries = [(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64))
-               for _ in range(tasks)]
     params = list(model.parameters()) + [lam]
-    want = _unrolled_by_hand(model, inner_loss, batches, queries, lam, params)
-    config = dict(steps=steps, inner_lr=lam, mode="exact", params=params)
-    with pytest.raises(ValueError, match="'fwdrev' cannot differentiate an inner loss that reads a meta"):
-        torch_ufom.hypergrad(model, inner_loss, mse, torch_ufom.StepBatches(batches[0]), queries[0],
-                             hvp="fwdrev", **config)
-    stacked, query = _stacked_per_step(batches, queries)
-    with pytest.warns(UserWarning, match="runs the per-task loop"):
-        got = torch_ufom.hypergrad_batch(model, inner_loss, mse, stacked, query, vectorise=True, **config)
-    assert rel_err(got, want) < 1e-12
+    _refused_by_fwdrev_and_looped_exactly(model, inner_loss, 3, (5, 6, 6), lam, params,
+                                          "'fwdrev' cannot differentiate an inner loss that reads a meta",
+                                          "runs the per-task loop")
 
 
 def test_a_loss_differentiating_at_later_steps_only_is_kept_from_the_transforms():
@@ -5293,20 +5287,9 @@ def test_a_loss_differentiating_at_later_steps_only_is_kept_from_the_transforms(
         out = f(x)
         dx, = torch.autograd.grad(out.sum(), x, create_graph=True)
         return ((out - y) ** 2).mean() + 0.1 * (dx ** 2).mean()
-    steps, tasks = 3, 3
-    batches = [[(torch.randn(rows, 2, dtype=torch.float64), torch.randn(rows, 1, dtype=torch.float64))
-                for rows in (5, 5, 6)] for _ in range(tasks)]
-    queries = [(torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64))
-               for _ in range(tasks)]
-    want = _unrolled_by_hand(model, inner_loss, batches, queries, 0.1, list(model.parameters()))
-    config = dict(steps=steps, inner_lr=0.1, mode="exact")
-    with pytest.raises(ValueError, match="'fwdrev' cannot run a loss that calls torch.autograd.grad"):
-        torch_ufom.hypergrad(model, inner_loss, mse, torch_ufom.StepBatches(batches[0]), queries[0],
-                             hvp="fwdrev", **config)
-    stacked, query = _stacked_per_step(batches, queries)
-    with pytest.warns(UserWarning, match="runs the per-task loop: a loss calls torch.autograd.grad"):
-        got = torch_ufom.hypergrad_batch(model, inner_loss, mse, stacked, query, vectorise=True, **config)
-    assert rel_err(got, want) < 1e-12
+    _refused_by_fwdrev_and_looped_exactly(model, inner_loss, 2, (5, 5, 6), 0.1, list(model.parameters()),
+                                          "'fwdrev' cannot run a loss that calls torch.autograd.grad",
+                                          "runs the per-task loop: a loss calls torch.autograd.grad")
 
 
 def test_a_buffer_computed_from_a_meta_parameter_is_refused():
