@@ -653,7 +653,7 @@ class MetaOptimizer:
                 self._record(meta)
             return
         changed = [p for p, ref, version, _ in self._written
-                   if p.grad is None or p.grad is not ref() or _version(p.grad) != version]
+                   if p.grad is None or p.grad is not ref() or not _same_stamp(p.grad, version)]
         if not changed:
             return
         values = [p for p in changed if p.grad is not None]
@@ -729,7 +729,7 @@ class MetaOptimizer:
     def _note(self, p: Tensor) -> None:
         """Remember ``p.grad`` as a write known to this optimizer left it (:meth:`_check_kept`)."""
         if p.grad is not None:
-            self._seen[id(p)] = (weakref.ref(_versioned_grad(p)), p.grad._version)
+            self._seen[id(p)] = (weakref.ref(p.grad), _stamp(p.grad))
 
     def _check_kept(self, params: Optional[Sequence[Tensor]] = None) -> None:
         """Before a write to the ``.grad`` of ``params`` (default: every carried one) and at
@@ -745,7 +745,7 @@ class MetaOptimizer:
         changed = []
         for p in looked:
             seen = self._seen.get(id(p))
-            if p.grad is None or seen is None or seen[0]() is not p.grad or _version(p.grad) != seen[1]:
+            if p.grad is None or seen is None or seen[0]() is not p.grad or not _same_stamp(p.grad, seen[1]):
                 changed.append(p)
         if not changed:
             return
@@ -814,7 +814,7 @@ class MetaOptimizer:
 
     def _record(self, meta: List[Tensor]) -> None:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
-        self._written = [(p, weakref.ref(_versioned_grad(p)), p.grad._version, p.grad.layout != torch.strided)
+        self._written = [(p, weakref.ref(p.grad), _stamp(p.grad), p.grad.layout != torch.strided)
                          for p in meta if p.grad is not None]
 
     @one_call_at_a_time
@@ -1203,8 +1203,8 @@ class MetaOptimizer:
                            self._holding, self._carried, self._written, self._kept)
                 meta = self.meta_parameters()
                 # Weak references: a closure that sets .grad to None frees the old gradients.
-                grads = [(None, None) if p.grad is None else
-                         (weakref.ref(_versioned_grad(p)), p.grad._version) for p in meta]
+                grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), _stamp(p.grad))
+                         for p in meta]
                 had_values = _any_nonzero(meta)  # on the device, read only if the closure fails
                 self._forget_tasks()  # an earlier evaluation's tasks are run again
                 try:
@@ -1214,7 +1214,7 @@ class MetaOptimizer:
                     # outer optimizer's), or zeroed through .data (which keeps the version):
                     # the pending tasks are gone.
                     untouched = all(p.grad is None if ref is None else
-                                    (p.grad is ref() and p.grad is not None and _version(p.grad) == v)
+                                    (p.grad is ref() and p.grad is not None and _same_stamp(p.grad, v))
                                     for p, (ref, v) in zip(meta, grads))
                     if untouched and had_values is not None and bool(had_values):
                         untouched = bool(_any_nonzero(meta))
@@ -1769,22 +1769,25 @@ def _gradients(params: Sequence[Tensor]) -> List[Tuple[Tensor, Optional[Tensor]]
         return [(p, None if p.grad is None else p.grad.clone()) for p in params]
 
 
-def _versioned_grad(p: Tensor) -> Tensor:
-    """``p.grad``, first replaced by a copy where it is an inference tensor (made under
-    ``torch.inference_mode()``), which has no version counter: reading it raised after the
-    other gradients were written (review s36R F2), and an in-place change of it (a clear
-    inside inference mode) would go unseen (review s36Q F1). The copy's changes are seen."""
-    if p.grad.is_inference():
+def _stamp(grad: Tensor) -> Union[int, Tensor]:
+    """What tells a later in-place change of ``grad`` (:func:`_same_stamp`): its version, or,
+    for an inference tensor (made under ``torch.inference_mode()``), which has no version
+    counter, a copy of its values. Reading its version raised after the other gradients were
+    written (review s36R F2); replacing it by a copy missed changes made through a reference the
+    user held (review s36V F1); a version read as ``None`` missed a clear inside inference mode
+    (review s36Q F1)."""
+    if grad.is_inference():
         with torch.inference_mode(False):
-            p.grad = p.grad.clone()
-    return p.grad
+            return grad.clone()
+    return grad._version
 
 
-def _version(grad: Tensor) -> Optional[int]:
-    """``grad._version``; ``None`` for an inference tensor, which has no version counter
-    (one put in ``.grad`` since :func:`_versioned_grad` recorded it: another tensor, so the
-    comparison of identities before this one tells the change)."""
-    return None if grad.is_inference() else grad._version
+def _same_stamp(grad: Tensor, stamp: Union[int, Tensor]) -> bool:
+    """Whether ``grad``, the tensor :func:`_stamp` stamped, is unchanged since (an inference
+    tensor's values are compared: one host read, for such a gradient only)."""
+    if isinstance(stamp, Tensor):
+        return grad.is_inference() and torch.equal(grad, stamp)
+    return not grad.is_inference() and grad._version == stamp
 
 
 def _put_back(saved: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> None:
