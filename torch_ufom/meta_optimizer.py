@@ -618,7 +618,9 @@ class MetaOptimizer:
         ``zero_grad(set_to_none=False)`` of the outer optimizer or the module, which
         zeroes them in place (found by the versions :meth:`_write` recorded, then one
         read of the values): ``reduction="mean"`` then divides by the tasks ``.grad``
-        holds."""
+        holds. First refuses a ``.grad`` that is an inference tensor, whose changes no
+        version shows."""
+        _refuse_inference_grads(meta, self._name)
         if not ((self._tasks or self._reduced) and self._holding):
             return
         if all(p.grad is None for p in meta):
@@ -653,7 +655,7 @@ class MetaOptimizer:
                 self._record(meta)
             return
         changed = [p for p, ref, version, _ in self._written
-                   if p.grad is None or p.grad is not ref() or not _same_stamp(p.grad, version)]
+                   if p.grad is None or p.grad is not ref() or _version(p.grad) != version]
         if not changed:
             return
         values = [p for p in changed if p.grad is not None]
@@ -729,7 +731,7 @@ class MetaOptimizer:
     def _note(self, p: Tensor) -> None:
         """Remember ``p.grad`` as a write known to this optimizer left it (:meth:`_check_kept`)."""
         if p.grad is not None:
-            self._seen[id(p)] = (weakref.ref(p.grad), _stamp(p.grad))
+            self._seen[id(p)] = (weakref.ref(p.grad), _version(p.grad))
 
     def _check_kept(self, params: Optional[Sequence[Tensor]] = None) -> None:
         """Before a write to the ``.grad`` of ``params`` (default: every carried one) and at
@@ -745,7 +747,7 @@ class MetaOptimizer:
         changed = []
         for p in looked:
             seen = self._seen.get(id(p))
-            if p.grad is None or seen is None or seen[0]() is not p.grad or not _same_stamp(p.grad, seen[1]):
+            if p.grad is None or seen is None or seen[0]() is not p.grad or _version(p.grad) != seen[1]:
                 changed.append(p)
         if not changed:
             return
@@ -814,7 +816,7 @@ class MetaOptimizer:
 
     def _record(self, meta: List[Tensor]) -> None:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
-        self._written = [(p, weakref.ref(p.grad), _stamp(p.grad), p.grad.layout != torch.strided)
+        self._written = [(p, weakref.ref(p.grad), _version(p.grad), p.grad.layout != torch.strided)
                          for p in meta if p.grad is not None]
 
     @one_call_at_a_time
@@ -1052,8 +1054,8 @@ class MetaOptimizer:
 
         The engine has checked every hypergradient's finiteness (once per task).
         Everything that can fail runs before the first write: the sums for
-        gradients that cannot be added to in place (an expanded view, an
-        inference tensor, a sparse gradient), which are computed out of place
+        gradients that cannot be added to in place (an expanded view, a sparse
+        gradient), which are computed out of place
         and then assigned. The remaining ``.grad`` tensors are added to in place
         last, as autograd does.
         """
@@ -1203,7 +1205,7 @@ class MetaOptimizer:
                            self._holding, self._carried, self._written, self._kept)
                 meta = self.meta_parameters()
                 # Weak references: a closure that sets .grad to None frees the old gradients.
-                grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), _stamp(p.grad))
+                grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), _version(p.grad))
                          for p in meta]
                 had_values = _any_nonzero(meta)  # on the device, read only if the closure fails
                 self._forget_tasks()  # an earlier evaluation's tasks are run again
@@ -1214,7 +1216,7 @@ class MetaOptimizer:
                     # outer optimizer's), or zeroed through .data (which keeps the version):
                     # the pending tasks are gone.
                     untouched = all(p.grad is None if ref is None else
-                                    (p.grad is ref() and p.grad is not None and _same_stamp(p.grad, v))
+                                    (p.grad is ref() and p.grad is not None and _version(p.grad) == v)
                                     for p, (ref, v) in zip(meta, grads))
                     if untouched and had_values is not None and bool(had_values):
                         untouched = bool(_any_nonzero(meta))
@@ -1769,25 +1771,26 @@ def _gradients(params: Sequence[Tensor]) -> List[Tuple[Tensor, Optional[Tensor]]
         return [(p, None if p.grad is None else p.grad.clone()) for p in params]
 
 
-def _stamp(grad: Tensor) -> Union[int, Tensor]:
-    """What tells a later in-place change of ``grad`` (:func:`_same_stamp`): its version, or,
-    for an inference tensor (made under ``torch.inference_mode()``), which has no version
-    counter, a copy of its values. Reading its version raised after the other gradients were
-    written (review s36R F2); replacing it by a copy missed changes made through a reference the
-    user held (review s36V F1); a version read as ``None`` missed a clear inside inference mode
-    (review s36Q F1)."""
-    if grad.is_inference():
-        with torch.inference_mode(False):
-            return grad.clone()
-    return grad._version
+def _refuse_inference_grads(meta: Sequence[Tensor], name: Callable[[Tensor], str]) -> None:
+    """Refuse a ``.grad`` made under ``torch.inference_mode()`` (an inference tensor): it has no
+    version counter, so the bookkeeping of pending tasks (``reduction="mean"``'s count, what
+    ``.grad`` carried, clears outside ``meta``) cannot see its in-place changes. Reading its
+    version raised after the other gradients were written (review s36R F2); reading none, or
+    replacing it by a copy, or comparing its values each missed some clear (reviews s36Q F1,
+    s36V F1, s36W2 F1-F5: a zeroed gradient zeroed again looks unchanged)."""
+    for p in meta:
+        if p.grad is not None and p.grad.is_inference():
+            raise ValueError(f"Invalid .grad: the gradient of {name(p)} is an inference tensor (made under "
+                             "torch.inference_mode()), whose in-place changes no version counter shows, so "
+                             "the tasks it holds cannot be counted; nothing was changed: assign it outside "
+                             "inference mode (p.grad = g.clone()), or clear it with meta.zero_grad()")
 
 
-def _same_stamp(grad: Tensor, stamp: Union[int, Tensor]) -> bool:
-    """Whether ``grad``, the tensor :func:`_stamp` stamped, is unchanged since (an inference
-    tensor's values are compared: one host read, for such a gradient only)."""
-    if isinstance(stamp, Tensor):
-        return grad.is_inference() and torch.equal(grad, stamp)
-    return not grad.is_inference() and grad._version == stamp
+def _version(grad: Tensor) -> Optional[int]:
+    """``grad._version``; ``None`` for an inference tensor (refused where calls begin:
+    :func:`_refuse_inference_grads`; one a hook of the user's puts there meanwhile is another
+    tensor, which the comparison of identities before this one catches)."""
+    return None if grad.is_inference() else grad._version
 
 
 def _put_back(saved: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> None:
