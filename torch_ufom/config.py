@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from . import adaptive
 from .checks import invalid, is_int, is_real
-from .inner import SGD, Hyper, InnerRule, PerStep, check_rule_contract, values_deferred
+from .inner import SGD, Hyper, InnerRule, check_rule_contract, hyper_tensors, values_deferred
 from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation
 from .unroll import check_parametrize_cache, positional_obstacle
@@ -287,7 +287,7 @@ def _rule(settings: Settings, adapted: Mapping[str, Tensor], steps: int) -> Inne
     if inner is None:
         if inner_lr is None:
             raise ValueError("Invalid inner_lr: None (give inner_lr, or an inner rule as inner=)")
-        with values_deferred(_tensors_of(inner_lr)) as flags:
+        with values_deferred(hyper_tensors(inner_lr)) as flags:
             inner = SGD.from_inner_lr(inner_lr)  # its errors say inner_lr, as the user wrote it
         in_range += flags
     if not isinstance(inner, InnerRule):
@@ -318,17 +318,6 @@ def validate_rule(rule: InnerRule, adapted: Mapping[str, Tensor], steps: int,
     if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
         rule.validate(adapted, steps=steps)  # reads each value: names the one out of range
         rule._check_values()  # the declared ranges
-
-
-def _tensors_of(value) -> Tuple[Tensor, ...]:
-    """The tensors of an ``inner_lr=`` value (a tensor, a :class:`~torch_ufom.inner.PerStep`, a
-    per-parameter dict of those)."""
-    found = []
-    for v in (value.values() if isinstance(value, Mapping) else (value,)):
-        v = v.values if isinstance(v, PerStep) else v
-        if isinstance(v, Tensor):
-            found.append(v)
-    return tuple(found)
 
 
 def _law(settings: Settings, steps: int, auto: bool = True) -> Tuple[str, TruncationLaw,

@@ -286,8 +286,6 @@ def _check_entry(v, arg: str, targets: Mapping[str, Tensor], bounds, per_step_ru
             # Checked on the CPU whatever the default device (torch.device("meta") while a
             # model is built, or CUDA, where reading the check would synchronise).
             values = torch.tensor(values, dtype=torch.float64, device="cpu")
-            _check_value(values, arg, low, high, closed, deferrable=False)  # not among rule.tensors()
-            return
         _check_value(values, arg, low, high, closed)
         return
     if isinstance(v, Tensor):
@@ -335,8 +333,7 @@ def _in_range(v: Tensor, low: float, high: float, closed: bool) -> Tensor:
         return ((v >= low) & below & torch.isfinite(v)).all()
 
 
-def _check_value(v, arg: str, low: float, high: float, closed: bool = False,
-                 deferrable: bool = True) -> None:
+def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> None:
     if high == float("inf"):
         where = f">= {low}"
     else:
@@ -347,7 +344,7 @@ def _check_value(v, arg: str, low: float, high: float, closed: bool = False,
         if v.is_meta:
             raise ValueError(f"Invalid {arg}: a meta-device tensor has no values (expected a tensor on "
                              "the parameters' device)")
-        deferred = _VALUES_DEFERRED.get() if deferrable else None
+        deferred = _VALUES_DEFERRED.get()
         if deferred is not None and id(v) in deferred[0]:
             deferred[1].append(_in_range(v, low, high, closed))  # read with the others (values_deferred)
             return
@@ -629,13 +626,7 @@ class InnerRule:
 
     def tensors(self) -> Tuple[Tensor, ...]:
         """Every tensor among the hyperparameters (those inside :class:`PerStep` values too)."""
-        found = []
-        for value in self.hyper.values():
-            for v in (value.values() if isinstance(value, Mapping) else (value,)):
-                v = v.values if isinstance(v, PerStep) else v
-                if isinstance(v, Tensor):
-                    found.append(v)
-        return tuple(found)
+        return tuple(t for value in self.hyper.values() for t in hyper_tensors(value))
 
     def tensors_in_range(self) -> Optional[Tensor]:
         """A 0-d bool tensor: every tensor hyperparameter is finite and in its range
@@ -713,6 +704,17 @@ def _check_flag(value, name: str) -> bool:
 
 def _is_zero(value: Hyper) -> bool:
     return isinstance(value, numbers.Real) and float(value) == 0.0
+
+
+def hyper_tensors(value: Hyper) -> Tuple[Tensor, ...]:
+    """The tensors of one hyperparameter: itself, a :class:`PerStep`'s values, or those of a
+    per-parameter dict's entries."""
+    found = []
+    for v in (value.values() if isinstance(value, Mapping) else (value,)):
+        v = v.values if isinstance(v, PerStep) else v
+        if isinstance(v, Tensor):
+            found.append(v)
+    return tuple(found)
 
 
 def _zero_everywhere(value: Hyper) -> bool:

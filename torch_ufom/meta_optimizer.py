@@ -1429,8 +1429,8 @@ class MetaOptimizer:
         if tasks > 1:
             with torch.no_grad():
                 for p in self.meta_parameters():
-                    if p.grad is not None:  # (an inference tensor takes no in-place update)
-                        p.grad = p.grad / tasks if p.grad.is_inference() else p.grad.div_(tasks)
+                    if p.grad is not None:
+                        p.grad.div_(tasks)
 
     def state_dict(self) -> Dict[str, Any]:
         """What a resumed run needs, as a dict (``torch.save`` it beside the model's).
@@ -1812,8 +1812,8 @@ def _remove_hooks(handles: List[Any]) -> None:
 
 
 def _in_place(grad: Tensor, other: Tensor) -> bool:
-    """Whether ``grad`` can take ``other`` in place (both dense, ``grad`` no inference tensor)."""
-    return grad.layout == torch.strided and other.layout == torch.strided and not grad.is_inference()
+    """Whether ``grad`` can take ``other`` in place (both dense)."""
+    return grad.layout == torch.strided and other.layout == torch.strided
 
 
 def _replaced(p: Tensor, written, sparse: bool) -> bool:
