@@ -584,6 +584,11 @@ class MetaOptimizer:
                 set_to_none is None or isinstance(set_to_none, (numbers.Number, Tensor))
                 or type(set_to_none).__name__ == "bool_"):
             raise TypeError(f"Invalid set_to_none: {set_to_none!r} (expected True or False)")
+        if not set_to_none:  # (review s36X F1: zero_() of an inference tensor raised part-way)
+            for p in (p for group in self.optimizer.param_groups for p in group["params"]):
+                if p.grad is not None and p.grad.is_inference():
+                    with torch.inference_mode(False):
+                        p.grad = torch.zeros_like(p.grad)
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._forget_tasks()
         self._set_kept([])
