@@ -1010,7 +1010,10 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
         hvp: Hessian-vector products of the exact sweep: ``"auto"`` (default),
             ``"fwdrev"`` (forward-over-reverse, ``torch.func.jvp`` of the
             gradient) or ``"revrev"`` (reverse-over-reverse, double backward);
-            see :func:`resolve_hvp`.
+            see :func:`resolve_hvp`. :func:`hypergrad_batch` runs a vectorised
+            meta-batch of normalisation layers forward-over-reverse whatever this
+            says (``vmap`` differentiates them twice wrongly; checked against the
+            first task); ``vectorise=False`` keeps reverse-over-reverse.
         force_truncation: use this ``K`` instead of drawing it (tests and
             diagnostics; the weights stay those of the law): as for
             :meth:`~torch_ufom.MetaOptimizer.backward`, a ``K`` the law never

@@ -187,6 +187,10 @@ class MetaOptimizer:
             a meta-batch needs forward-over-reverse to stay exact), ``"fwdrev"`` (forward-over-reverse,
             ``torch.func.jvp`` of the inner gradient) or ``"revrev"``
             (reverse-over-reverse); see :func:`torch_ufom.functional.resolve_hvp`.
+            A vectorised meta-batch of normalisation layers runs forward-over-reverse
+            whatever this says (``vmap`` differentiates them twice wrongly; checked
+            against the first task, ``MetaResult.batch_path`` says so);
+            ``vectorise=False`` keeps reverse-over-reverse.
         reduction: how an outer step combines its tasks' estimates:
             ``"sum"`` (default: :meth:`backward` accumulates like
             ``loss.backward()``, and with a ``process_group`` the sums of every
