@@ -5760,3 +5760,198 @@ def test_an_empty_meta_batch_is_named_without_a_hint_the_call_cannot_use():
             call()
 
 
+
+
+class _InfGrad(torch.autograd.Function):
+    """The identity forward with an infinite backward: an inner gradient not finite at a finite loss."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def _inf_gradient_at(loss, step):
+    """``loss`` whose gradient is infinite at inner step ``step`` (0-based, as a support callable's)."""
+    def inner(fmodel, batch):
+        value = loss(fmodel, batch[:2])
+        return _InfGrad.apply(value) if batch[2] == step else value
+    return inner
+
+
+def test_adapt_refuses_parameters_made_non_finite_by_the_last_update():
+    # Review s37G F2: an inner gradient not finite at a finite loss on the last step made every adapted
+    # parameter NaN, and adapt returned them (one step earlier the next loss showed it and adapt refused).
+    model, loss, data = mlp_problem(8)
+    x, y = data[0]
+    inner = _inf_gradient_at(loss, 3)
+    names = [n for n, _ in model.named_parameters()]
+    with pytest.raises(FloatingPointError, match=rf"the adapted parameters {re.escape(str(names))} are not "
+                       r"finite after the last inner step \(4\), though every inner loss was finite"):
+        torch_ufom.adapt(model, inner, lambda j: (x, y, j), steps=4, inner_lr=0.1)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, steps=4)
+    with pytest.raises(FloatingPointError, match="after the last inner step"):
+        meta.adapt(inner, lambda j: (x, y, j))
+    # A finite run is unchanged, and a loss made non-finite by an earlier update says so.
+    fmodel = torch_ufom.adapt(model, loss, (x, y), steps=4, inner_lr=0.1)
+    assert all(torch.isfinite(p).all() for p in fmodel.params.values())
+    with pytest.raises(FloatingPointError, match=r"at inner step 3: nan \(the losses of the steps before "
+                       r"were finite: this step's batch, or the update of step 2"):
+        torch_ufom.adapt(model, _inf_gradient_at(loss, 1), lambda j: (x, y, j), steps=4, inner_lr=0.1)
+
+
+def test_a_non_finite_outer_loss_after_finite_inner_losses_says_what_may_have_caused_it():
+    # Review s37G F2: hypergrad blamed the outer loss with no hint where the last inner step's update
+    # (an inner gradient not finite at a finite loss) made the parameters NaN.
+    model, loss, data = mlp_problem(9)
+    x, y = data[0]
+    with pytest.raises(FloatingPointError, match=r"outer_loss is not finite: nan \(every inner loss was "
+                       r"finite: the query batch, the outer loss, or the last inner step's update"):
+        torch_ufom.hypergrad(model, _inf_gradient_at(loss, 2), loss, lambda j: (x, y, j), data[1], steps=3,
+                             inner_lr=0.1, mode="exact")
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_adapt_batch_names_the_task_whose_loss_is_not_finite(norm):
+    # Review s37G F1: adapt_batch named neither the task nor the value (hypergrad_batch adds a note).
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 4), *([nn.BatchNorm1d(4)] if norm else []), nn.Tanh(), nn.Linear(4, 2))
+    xs, ys = torch.randn(4, 5, 3), torch.randn(4, 5, 2)
+    xs[2, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="inner_loss is not finite at inner step 1") as err:
+        torch_ufom.adapt_batch(model, mse, (xs, ys), steps=2, inner_lr=0.1)
+    if norm:  # (BatchNorm in train mode writes its statistics: the tasks run one by one)
+        assert err.value.__notes__ == ["(raised by task 2 of the meta-batch of 4, run per task)"]
+    else:
+        assert "nan" in str(err.value).split(":")[-1].split(",")[2]
+        assert err.value.__notes__ == ["(raised by the meta-batch of 4 tasks run together: the values listed "
+                                       "are theirs, in order)"]
+
+
+def _draws_from_numpy(f, b):
+    """mse plus nothing, after a draw from NumPy's generator: meta-batches run the per-task loop, warning."""
+    import numpy
+    return mse(f, b) + 0.0 * float(numpy.random.rand())
+
+
+def test_a_fallback_warning_raised_as_an_error_puts_the_generators_back():
+    # Review s37B F1: under warnings.simplefilter("error") the per-task loop's warning raised after the draw,
+    # and the generator stayed advanced: a retry drew other K (0.949 off the same-seed run).
+    model, loss, data = mlp_problem(11)
+    supports = tuple(torch.stack([data[i][k] for i in range(6)]) for k in (0, 1))
+    queries = tuple(torch.stack([data[10 + i][k] for i in range(6)]) for k in (0, 1))
+
+    def build():
+        m = copy.deepcopy(model)
+        return m, torch_ufom.MetaOptimizer(m, torch.optim.SGD(m.parameters(), lr=0.1), inner_lr=0.2, steps=3,
+                                           mode="ufom", q=0.5, generator=torch.Generator().manual_seed(5))
+    m0, meta0 = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = [r.truncation for r in meta0.backward_batch(_draws_from_numpy, loss, supports, queries)]
+    assert len(set(want)) == 2  # (a retry from an advanced generator would draw others)
+    m, meta = build()
+    before = meta.generator.get_state()
+    gen = torch.Generator().manual_seed(6)
+    gen_before, global_before = gen.get_state(), torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="runs the per-task loop"):
+            meta.backward_batch(_draws_from_numpy, loss, supports, queries)
+        with pytest.raises(UserWarning, match="runs the per-task loop"):
+            torch_ufom.hypergrad_batch(m, _draws_from_numpy, loss, supports, queries, steps=3, inner_lr=0.2,
+                                       mode="ufom", q=0.5, generator=gen)
+    assert torch.equal(before, meta.generator.get_state()) and torch.equal(gen_before, gen.get_state())
+    assert torch.equal(global_before, torch.get_rng_state())
+    assert all(p.grad is None for p in m.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = [r.truncation for r in meta.backward_batch(_draws_from_numpy, loss, supports, queries)]
+    assert got == want
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(m.parameters(), m0.parameters()))
+
+
+def test_once_per_warnings_raised_as_errors_are_not_spent():
+    # Review s37B F3: the fom "gives no hypergradient" warning and step()'s "mean: gradients changed" warning
+    # marked themselves shown before warning: raised as errors, an identical retry then went through silently.
+    model, loss, data = mlp_problem(12)
+    lam = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)  # read by the inner loss only
+
+    def inner(f, b):
+        return loss(f, b) + lam * f(b[0]).pow(2).mean()
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), lam], lr=0.1), inner_lr=0.2,
+                                    steps=2, mode="fom")
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="mode='fom' gives no hypergradient"):
+                meta.backward(inner, loss, data[0], data[1])
+        assert all(p.grad is None for p in model.parameters())
+    model, loss, data = mlp_problem(13)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.2, steps=2,
+                                    mode="exact", reduction="mean")
+    meta.backward(loss, loss, data[0], data[1])
+    meta.backward(loss, loss, data[2], data[3])
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    grads = [p.grad.clone() for p in model.parameters()]
+    params = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="reduction='mean': the gradients of .* changed since"):
+                meta.step()
+        assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    with pytest.warns(UserWarning, match="changed since the last task"):
+        meta.step()
+    assert all(torch.allclose(p, a - 0.1 * g / 2, rtol=0, atol=1e-15)
+               for p, a, g in zip(model.parameters(), params, grads))
+
+
+def test_load_state_dict_warning_raised_as_an_error_changes_nothing():
+    # Review s37B F2: the "settings differ" warning came after everything was loaded: raised as an error,
+    # the outer optimizer's state, the learned tensors and the task count were already replaced.
+    model, loss, data = mlp_problem(14)
+    saved_meta = torch_ufom.MetaOptimizer(model, torch.optim.Adam(model.parameters(), lr=0.1), inner_lr=0.2,
+                                          steps=3, reduction="mean")
+    saved_meta.backward(loss, loss, data[0], data[1])
+    saved_meta.step()
+    saved_meta.backward(loss, loss, data[2], data[3])
+    state = copy.deepcopy(saved_meta.state_dict())
+    other = copy.deepcopy(model)
+    for a, b in zip(other.parameters(), model.parameters()):  # the saved grads, which the count goes with
+        a.grad = b.grad.clone()
+    meta = torch_ufom.MetaOptimizer(other, torch.optim.Adam(other.parameters(), lr=0.1), inner_lr=0.2,
+                                    steps=2, reduction="mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="load_state_dict: the saved run had steps=3"):
+            meta.load_state_dict(state)
+    assert not meta.optimizer.state and meta.state_dict()["tasks"] == 0
+    with pytest.warns(UserWarning, match="the saved run had steps=3"):
+        meta.load_state_dict(state)
+    assert len(meta.optimizer.state) == len(list(other.parameters())) and meta.state_dict()["tasks"] == 1
+
+
+def test_forward_over_reverse_runs_under_warnings_raised_as_errors():
+    # Review s37B F4: torch.func.jvp's first call imports torch's decompositions, whose torch.jit.script
+    # calls warn (DeprecationWarning, torch 2.13): under -W error every hvp='fwdrev' call failed with it.
+    # (A fresh process: the import happens once per process.)
+    import subprocess
+    import sys
+    code = ("import torch, torch_ufom\n"
+            "torch.set_default_dtype(torch.float64); torch.manual_seed(0)\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))\n"
+            "b = (torch.randn(5, 3), torch.randn(5, 1))\n"
+            "loss = lambda f, b: ((f(b[0]) - b[1]) ** 2).mean()\n"
+            "kw = dict(steps=2, inner_lr=0.1, mode='exact')\n"
+            "g = torch_ufom.hypergrad(m, loss, loss, b, b, hvp='fwdrev', **kw)\n"
+            "h = torch_ufom.hypergrad(m, loss, loss, b, b, hvp='revrev', **kw)\n"
+            "assert all(torch.allclose(x, y, rtol=1e-12, atol=0) for x, y in zip(g, h))\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

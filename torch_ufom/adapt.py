@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .checks import invalid, is_int
 from .config import InnerLR, InnerParams, Settings, check_generator, check_loss, resolve
-from .estimators import SweepLog
+from .estimators import SweepLog, finite_norms, first_nonfinite_loss
 from .functional import restore_rng_on_error
 from .inner import InnerRule
 from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, caller_level,
@@ -197,9 +197,23 @@ def _run(problem: Problem, evaluator: Evaluator, support: Any) -> State:
         for j in range(1, loop.steps + 1):
             state, loss, _ = loop.advance(state, j)
             log.first(loss)
-    if not bool(log.all_finite()):  # one host synchronisation per call
-        j = int((~torch.isfinite(log.values.reshape(loop.steps, -1)).all(1)).nonzero()[0, 0]) + 1
-        raise FloatingPointError(f"inner_loss is not finite at inner step {j}")
+    # One host synchronisation per call: the losses and the adapted parameters (an inner gradient
+    # not finite at a finite loss makes the last step's parameters so, which no loss shows).
+    params = [p for p in state.params if p.numel() > 0]
+    if not bool(log.all_finite() & finite_norms(params, log.values.device)):
+        said = first_nonfinite_loss(log.values[:loop.steps], loop.steps)
+        if said:
+            raise FloatingPointError(said)
+        bad = [n for n, p in zip(problem.config.adapted, state.params) if not bool(torch.isfinite(p).all())]
+        if bad:
+            where = ""
+            if isinstance(evaluator, Vectorised):  # (the tasks' stacked parameters)
+                where = " in tasks " + str(sorted({i for p in state.params if p.numel() > 0 for i in (
+                    ~torch.isfinite(p.reshape(p.shape[0], -1)).all(1)).nonzero().flatten().tolist()}))
+            raise FloatingPointError(
+                f"the adapted parameters {bad}{where} are not finite after the last inner step "
+                f"({loop.steps}), though every inner loss was finite: its update (an inner gradient not "
+                "finite at a finite loss) made them so")
     return state
 
 
@@ -313,8 +327,10 @@ def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generato
                 with attributes_kept(model):
                     state = _run(problem, Vectorised(size), supports)
                 return _stacked(problem, state, size)
-            except FloatingPointError:
-                raise  # a non-finite inner loss: the loop would find it again
+            except FloatingPointError as err:  # a non-finite inner loss: the loop would find it again
+                err.add_note(f"(raised by the meta-batch of {size} tasks run together: the values listed are "
+                             "theirs, in order)")
+                raise
             except Exception as err:  # noqa: BLE001 (run per task, where an error of the loss is raised)
                 vectorised = False  # calls of the result then loop over the tasks at once
                 first_line = (str(err).splitlines() or [type(err).__name__])[0]
@@ -322,7 +338,14 @@ def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generato
                               f"({type(err).__name__}: {first_line}); the losses run again per task, "
                               "where an error of theirs is raised",  # (review s35B F3)
                               stacklevel=caller_level())
-        states = [_run(problem, PerTask(), task) for task in tasks]
+        states = []
+        for i, task in enumerate(tasks):
+            try:
+                states.append(_run(problem, PerTask(), task))
+            except FloatingPointError as err:
+                if size > 1:
+                    err.add_note(f"(raised by task {i} of the meta-batch of {size}, run per task)")
+                raise
         return _stacked(problem, states, size, vectorised)  # (a list, even of one task)
 
 

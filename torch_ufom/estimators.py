@@ -36,7 +36,8 @@ from .schedules import Schedule
 from .truncation import telescope_weights
 from .unroll import SAMPLES_ANEW, Loop, SweepPlan, Unchain, chain_vjp
 
-__all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient", "plus"]
+__all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient", "plus",
+           "finite_norms", "first_nonfinite_loss"]
 
 
 @dataclass
@@ -192,6 +193,31 @@ def _values(t: Tensor) -> Tensor:
     return t
 
 
+def finite_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """A 0-d bool tensor on ``device``: every tensor's 2-norm is finite (every tensor is
+    finite, or a norm overflowed: a false alarm to clear element by element)."""
+    # Half-precision norms in float32: a float16 gradient's norm overflows at 65,504.
+    half = [t for t in tensors if t.dtype in (torch.float16, torch.bfloat16)]
+    rest = [t for t in tensors if t.dtype not in (torch.float16, torch.bfloat16)]
+    norms = (torch._foreach_norm(rest) if rest else ()) + \
+        (torch._foreach_norm(half, dtype=torch.float32) if half else ())
+    if not norms:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.isfinite(torch.stack([n.to(device) for n in norms])).all()  # stack promotes dtypes
+
+
+def first_nonfinite_loss(values: Tensor, steps: int) -> str:
+    """The message for the first inner step whose loss is not finite (of ``values``, the
+    losses by step: one per step, or one per task and step), or ``""`` where all are."""
+    finite = torch.isfinite(values.reshape(steps, -1)).all(1)
+    if bool(finite.all()):
+        return ""
+    j = int((~finite).nonzero()[0, 0]) + 1
+    before = (f" (the losses of the steps before were finite: this step's batch, or the update of step "
+              f"{j - 1} (an inner gradient not finite at a finite loss), made it so)") if j > 1 else ""
+    return f"inner_loss is not finite at inner step {j}: {values[j - 1].tolist()}{before}"
+
+
 def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]]) -> Tensor:
     """One 0-d bool tensor: every inner loss evaluated (forward, replays, rebuilds),
     the outer loss and every hypergradient finite. Read once per task."""
@@ -205,12 +231,7 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
         tensors = [_values(g) for g in grads if g is not None and g.numel() > 0] + [outer]
         if log.values is not None:
             tensors.append(log.values[:log.count])
-        # Half-precision norms in float32: a float16 gradient's norm overflows at 65,504.
-        half = [t for t in tensors if t.dtype in (torch.float16, torch.bfloat16)]
-        rest = [t for t in tensors if t.dtype not in (torch.float16, torch.bfloat16)]
-        norms = (torch._foreach_norm(rest) if rest else ()) + \
-            (torch._foreach_norm(half, dtype=torch.float32) if half else ())
-        ok = torch.isfinite(torch.stack([n.to(device) for n in norms])).all()  # stack promotes dtypes
+        ok = finite_norms(tensors, device)
         if log.again_values is not None:
             finite, same = log.replays()
             ok = ok & (finite & same).to(device)
@@ -226,13 +247,14 @@ def check_finite(log: SweepLog, est: "Estimate", step_function: bool = False) ->
         return
     anew = f" Or {SAMPLES_ANEW}." if step_function else ""
     losses = est.inner_losses
-    finite = torch.isfinite(losses.reshape(losses.shape[0], -1)).all(1)
-    if not bool(finite.all()):
-        j = int((~finite).nonzero()[0, 0]) + 1
-        raise FloatingPointError(
-            f"inner_loss is not finite at inner step {j}: {losses[j - 1].tolist()}")
+    said = first_nonfinite_loss(losses, losses.shape[0])
+    if said:
+        raise FloatingPointError(said)
     if not bool(torch.isfinite(est.outer_loss).all()):
-        raise FloatingPointError(f"outer_loss is not finite: {est.outer_loss.tolist()}")
+        last = (" (every inner loss was finite: the query batch, the outer loss, or the last inner "
+                "step's update (an inner gradient not finite at a finite loss) made it so)") \
+            if losses.shape[0] else ""
+        raise FloatingPointError(f"outer_loss is not finite: {est.outer_loss.tolist()}{last}")
     finite, same = log.replays()
     if not bool(finite):
         raise FloatingPointError(

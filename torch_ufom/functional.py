@@ -927,9 +927,10 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
                         vectorise=vectorise)
     problem = functional_problem("hypergrad_batch", model, (inner_loss, outer_loss), settings,
                                  params, generator)
-    run = estimate_batch(problem, supports, queries, force_truncation)
-    if run.fallback:
-        warnings.warn(f"hypergrad_batch runs the per-task loop: {run.reason}", stacklevel=caller_level())
+    with restore_rng_on_error(problem.generator):  # (the warning raised as an error too: review s37B F1)
+        run = estimate_batch(problem, supports, queries, force_truncation)
+        if run.fallback:
+            warnings.warn(f"hypergrad_batch runs the per-task loop: {run.reason}", stacklevel=caller_level())
     total = sum_grads(run, len(problem.params))
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(problem.params, total))
 

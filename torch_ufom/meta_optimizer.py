@@ -24,7 +24,7 @@ from .config import (Config, InnerLR, InnerParams, Settings, Vectorise, check_ge
                      check_values, resolve, validate_rule)
 from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import (Problem, buffer_names, check_derived_buffers, estimate_batch, estimate_task,
-                         learned_buffer_message, resolve_hvp, sum_grads, task_aux)
+                         learned_buffer_message, resolve_hvp, restore_rng_on_error, sum_grads, task_aux)
 from .inner import InnerRule, PerStep, _in_range
 from .truncation import Snapshot, TruncationLaw, is_bernoulli
 from .unroll import caller_level, one_call_at_a_time
@@ -615,7 +615,10 @@ class MetaOptimizer:
                  "_zero_saved")
         saved = [getattr(self, n) for n in names]
         try:
-            yield
+            # (the generators too: a warning raised as an error after the draw, under
+            # warnings.simplefilter("error"), would leave them advanced: review s37B F1)
+            with restore_rng_on_error(self.generator):
+                yield
         except BaseException:
             for n, v in zip(names, saved):
                 setattr(self, n, v)
@@ -677,8 +680,8 @@ class MetaOptimizer:
             return
         dropped = [p for p in changed if p.grad is None]
         zeroed = {id(p) for p, h in zip(values, held) if not h}
-        if self._carried is not None and zeroed:  # what they carried is gone
-            self._carried = [(p, c) for p, c in self._carried if id(p) not in zeroed] or None
+        # The warnings come before the bookkeeping changes: raised as errors (warnings.simplefilter("error"))
+        # they change nothing, and a retry warns again (review s37B F3).
         if dropped:
             warnings.warn(
                 f"reduction='mean': the gradients of {', '.join(self._name(p) for p in dropped[:3])}"
@@ -686,13 +689,10 @@ class MetaOptimizer:
                 "others not (module.zero_grad() clears the module's only), so step() divides them "
                 "all by the tasks since all were last cleared: clear them through meta.zero_grad()",
                 stacklevel=caller_level())
-            if self._carried is not None:  # what they carried is gone
-                self._carried = [(p, c) for p, c in self._carried if p.grad is not None] or None
         edited = [p for p, h in zip(values, held) if h]
         # (review s35K F1: a clip capped the mean at max_norm / tasks, silently; one task's mean is its
         # sum, review s35S F2)
         if edited and not task and not self._warned_edited and (self._tasks > 1 or self.distributed):
-            self._warned_edited = True
             warnings.warn(
                 f"reduction='mean': the gradients of {', '.join(self._name(p) for p in edited[:3])}"
                 f"{' and others' if len(edited) > 3 else ''} changed since the last task (a clip, a "
@@ -700,6 +700,11 @@ class MetaOptimizer:
                 "tasks, that change included (torch.nn.utils.clip_grad_norm_ then caps the mean at "
                 "max_norm / tasks); to change the mean itself, call meta.synchronize() first (once per "
                 "MetaOptimizer)", stacklevel=caller_level())
+            self._warned_edited = True
+        if self._carried is not None and zeroed:  # what they carried is gone
+            self._carried = [(p, c) for p, c in self._carried if id(p) not in zeroed] or None
+        if self._carried is not None and dropped:
+            self._carried = [(p, c) for p, c in self._carried if p.grad is not None] or None
         self._record(meta)  # written by other code too (a clip, a loss of the user's)
 
     def _carry(self, meta: List[Tensor]) -> Optional[List[Tuple[Tensor, Tensor]]]:
@@ -1042,7 +1047,6 @@ class MetaOptimizer:
             new = [name for name in map(self._name, (meta[i] for i in gaps))
                    if name not in self._warned_fom_gaps]
             if new:
-                self._warned_fom_gaps.update(new)
                 names = ", ".join(new)
                 k = sum(1 for s in survival[1:] if s == 1.0)
                 which, why = ("mode='fom'", "the first-order estimate ignores how the inner loop depends "
@@ -1051,6 +1055,7 @@ class MetaOptimizer:
                     f"reads it, and the truncated estimate ignores how the first {steps - k} depend on it")
                 warnings.warn(f"{which} gives no hypergradient to {names}: {why}, so its .grad stays None "
                               "(use mode='ufom' or 'exact' to learn it)", stacklevel=caller_level())
+                self._warned_fom_gaps.update(new)  # (after: raised as an error, it is not spent: s37B F3)
             return grads
         grads = list(grads)
         for i in gaps:
@@ -1571,6 +1576,8 @@ class MetaOptimizer:
         _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive, extra, law)
         _check_meta_values(state_dict.get("meta_tensors"), extra, self._config.rule)
         differs = self._settings_differ(state_dict.get("settings"))  # (before anything changes: IA F3)
+        if differs:  # (before anything changes too: raised as an error, it changes nothing, review s37B F2)
+            warnings.warn(differs, stacklevel=caller_level())
         opt, gen = self.optimizer, self.generator
         saved = (opt.state, opt.param_groups)
         try:
@@ -1605,7 +1612,7 @@ class MetaOptimizer:
             self._observations = [dict(o) for o in state_dict.get("q_observations") or []]
         elif self.adaptive is not None and "q_stats" in state_dict:
             # Saved with a fixed q: this q="auto" run starts its statistics afresh (and the
-            # settings warning below says that q differed).
+            # settings warning above says that q differed).
             self.q_stats, self._observations = adaptive.init_stats(self.adaptive), []
         if state_dict.get("tasks") is not None:  # absent from dicts saved before it existed
             self._tasks = int(state_dict["tasks"])
@@ -1625,8 +1632,6 @@ class MetaOptimizer:
         if self.distributed:  # (nor of its own reductions: review s32M F1, F2, the reviewer's fix)
             self._set_kept(None if self._reduced else [])
             self._by_hand = []
-        if differs:
-            warnings.warn(differs, stacklevel=caller_level())
 
     def _settings_differ(self, saved: Optional[Mapping]) -> Optional[str]:
         """The warning for saved settings (``state_dict['settings']``) that differ from this

@@ -61,7 +61,7 @@ __all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", 
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp", "OwnDraws",
            "elementwise_rule", "second_derivatives", "look_at_graph", "GraphLook", "recomputes_message",
-           "REPLAY_DRAWS", "SAMPLES_ANEW"]
+           "REPLAY_DRAWS", "SAMPLES_ANEW", "jvp"]
 
 
 _OWN_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
@@ -308,6 +308,26 @@ class OwnDraws(TorchFunctionMode):
             self.found = any(isinstance(a, torch.Generator) and not is_default_generator(a)
                              for a in itertools.chain(args, keywords.values()))
         return func(*args, **keywords)
+
+
+@functools.lru_cache(maxsize=None)
+def _jvp_decompositions() -> None:
+    """Import what ``torch.func.jvp`` imports on its first call, with the DeprecationWarning its
+    ``torch.jit.script`` calls raise in torch 2.13 silenced: torch's own, not the user's, which
+    under ``warnings.simplefilter("error")`` failed every forward-over-reverse call, the failed
+    import tried again each time (review s37B F4). Once per process."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+        except ImportError:  # (a torch without it: nothing to import)
+            pass
+
+
+def jvp(fn: Callable, primals: tuple, tangents: tuple):
+    """``torch.func.jvp``, its first call's import of torch's decompositions made quietly."""
+    _jvp_decompositions()
+    return torch.func.jvp(fn, primals, tangents)
 
 
 def reads_nothing(which: str) -> str:
@@ -1686,7 +1706,7 @@ class PerTask:
             return loss_and_aux(watched_loss(loop, loop.fmodel(ps, state.buffers), batch), "inner_loss")[0]
 
         try:
-            return torch.func.jvp(torch.func.grad(loss_of), (state.params,), (vec,))[1]
+            return jvp(torch.func.grad(loss_of), (state.params,), (vec,))[1]
         except DifferentiatesUnderTransform:
             raise ValueError("Invalid hvp: 'fwdrev' cannot run a loss that calls torch.autograd.grad or "
                              "backward (here at a later step: a PINN's du/dx, a gradient penalty): "

@@ -37,8 +37,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, from_torch_func,
                      generator_position, graph_nodes, graph_reaches, graph_survey, host_random_states,
-                     is_default_generator, loss_and_aux, note_probed, once_differentiable, outside_transforms,
-                     renormalises_weights, root_of, set_host_random_states, watched_loss, wrong_twice)
+                     is_default_generator, jvp, loss_and_aux, note_probed, once_differentiable,
+                     outside_transforms, renormalises_weights, root_of, set_host_random_states, watched_loss,
+                     wrong_twice)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "probe_steps", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS", "FEWEST_TASKS_ON_CPU",
@@ -1443,7 +1444,7 @@ class Vectorised:
             def loss_of(pp):
                 return loss_and_aux(watched_loss(loop, loop.fmodel(pp, state.buffers), b), "inner_loss")[0]
 
-            return torch.func.jvp(torch.func.grad(loss_of), (ps,), (vs,))[1]
+            return jvp(torch.func.grad(loss_of), (ps,), (vs,))[1]
 
         return torch.func.vmap(one, randomness="different")(tuple(state.params), vec, batch)
 
