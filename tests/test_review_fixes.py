@@ -5955,3 +5955,43 @@ def test_forward_over_reverse_runs_under_warnings_raised_as_errors():
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+class _MaskedLogits(nn.Module):
+    """A linear layer whose logits add a learned mask holding -inf (a class never predicted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.mask = nn.Parameter(torch.tensor([0.0, 0.0, -float("inf")]))
+
+    def forward(self, x):
+        return self.lin(x) + self.mask
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_adapt_keeps_a_parameter_that_was_not_finite_before_the_inner_loop(batched):
+    # Review s37R F1: the check of the adapted parameters (review s37G F2) refused a -inf mask that
+    # requires grad, which no update touched (its gradient is 0), blaming the update.
+    torch.manual_seed(15)
+    model = _MaskedLogits()
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 1, 0])
+
+    def ce(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+    names = [n for n, _ in model.named_parameters()]
+    want = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):  # the first-order inner loop, by hand
+        ps = [p.requires_grad_() for p in want]
+        loss = ce(lambda z: functional_call(model, dict(zip(names, ps)), (z,)), (x, y))
+        grads = torch.autograd.grad(loss, ps)
+        want = [p.detach() - 0.5 * g for p, g in zip(ps, grads)]
+    if batched:
+        got = torch_ufom.adapt_batch(model, ce, (x[None].expand(2, -1, -1), y[None].expand(2, -1)), steps=2,
+                                     inner_lr=0.5)
+        got = [got.params[n][1] for n in names]
+    else:
+        got = [torch_ufom.adapt(model, ce, (x, y), steps=2, inner_lr=0.5).params[n] for n in names]
+    mask = names.index("mask")
+    assert torch.isinf(got[mask][2]) and all(torch.isfinite(g).all() for i, g in enumerate(got) if i != mask)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(got, want))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .checks import invalid, is_int
 from .config import InnerLR, InnerParams, Settings, check_generator, check_loss, resolve
-from .estimators import SweepLog, finite_norms, first_nonfinite_loss
+from .estimators import SweepLog, finite_each, first_nonfinite_loss
 from .functional import restore_rng_on_error
 from .inner import InnerRule
 from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, caller_level,
@@ -193,23 +193,31 @@ def _run(problem: Problem, evaluator: Evaluator, support: Any) -> State:
     loop = InnerLoop(problem, evaluator, support, None, seed)
     log = SweepLog(loop.steps)
     state = loop.initial_state()
+    # Which parameters are finite at the start (a -inf mask that requires grad stays what it was:
+    # review s37R F1), read with the others below.
+    params = [p for p in state.params if p.numel() > 0]
+    device = params[0].device if params else torch.device("cpu")
+    before = finite_each(params, device)
     with loop.streams():
         for j in range(1, loop.steps + 1):
             state, loss, _ = loop.advance(state, j)
             log.first(loss)
     # One host synchronisation per call: the losses and the adapted parameters (an inner gradient
     # not finite at a finite loss makes the last step's parameters so, which no loss shows).
-    params = [p for p in state.params if p.numel() > 0]
-    if not bool(log.all_finite() & finite_norms(params, log.values.device)):
+    named = [(n, p) for n, p in zip(problem.config.adapted, state.params) if p.numel() > 0]
+    became = before & ~finite_each([p for _, p in named], device)
+    if not bool(log.all_finite() & ~became.any().to(log.values.device)):
         said = first_nonfinite_loss(log.values[:loop.steps], loop.steps)
         if said:
             raise FloatingPointError(said)
-        bad = [n for n, p in zip(problem.config.adapted, state.params) if not bool(torch.isfinite(p).all())]
+        bad = [(n, p) for (n, p), was in zip(named, before.tolist())
+               if was and not bool(torch.isfinite(p).all())]
         if bad:
             where = ""
             if isinstance(evaluator, Vectorised):  # (the tasks' stacked parameters)
-                where = " in tasks " + str(sorted({i for p in state.params if p.numel() > 0 for i in (
+                where = " in tasks " + str(sorted({i for _, p in bad for i in (
                     ~torch.isfinite(p.reshape(p.shape[0], -1)).all(1)).nonzero().flatten().tolist()}))
+            bad = [n for n, _ in bad]
             raise FloatingPointError(
                 f"the adapted parameters {bad}{where} are not finite after the last inner step "
                 f"({loop.steps}), though every inner loss was finite: its update (an inner gradient not "
@@ -258,7 +266,9 @@ def adapt(model: nn.Module, inner_loss: Callable, support: Any, *, steps: int, i
 
     Raises:
         TypeError, ValueError: an invalid argument (nothing changes).
-        FloatingPointError: a non-finite inner loss.
+        FloatingPointError: a non-finite inner loss, or adapted parameters that were
+            finite and are not after the last step (its inner gradient was not
+            finite at a finite loss).
     """
     problem = _problem(model, inner_loss, Settings(steps, inner_lr, inner, mode="fom",
                                                    inner_params=inner_params), generator)
@@ -300,7 +310,9 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
 
     Raises:
         TypeError, ValueError: an invalid argument (nothing changes).
-        FloatingPointError: a non-finite inner loss.
+        FloatingPointError: a non-finite inner loss, or adapted parameters that were
+            finite and are not after the last step (its inner gradient was not
+            finite at a finite loss).
     """
     problem = _problem(model, inner_loss, Settings(steps, inner_lr, inner, mode="fom",
                                                    inner_params=inner_params), generator)
@@ -328,8 +340,9 @@ def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generato
                     state = _run(problem, Vectorised(size), supports)
                 return _stacked(problem, state, size)
             except FloatingPointError as err:  # a non-finite inner loss: the loop would find it again
-                err.add_note(f"(raised by the meta-batch of {size} tasks run together: the values listed are "
-                             "theirs, in order)")
+                if str(err).startswith("inner_loss"):  # (the parameters' message names the tasks)
+                    err.add_note(f"(raised by the meta-batch of {size} tasks run together: the values listed "
+                                 "are theirs, in order)")
                 raise
             except Exception as err:  # noqa: BLE001 (run per task, where an error of the loss is raised)
                 vectorised = False  # calls of the result then loop over the tasks at once

@@ -37,7 +37,7 @@ from .truncation import telescope_weights
 from .unroll import SAMPLES_ANEW, Loop, SweepPlan, Unchain, chain_vjp
 
 __all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient", "plus",
-           "finite_norms", "first_nonfinite_loss"]
+           "finite_each", "finite_norms", "first_nonfinite_loss"]
 
 
 @dataclass
@@ -193,17 +193,27 @@ def _values(t: Tensor) -> Tensor:
     return t
 
 
-def finite_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """A 0-d bool tensor on ``device``: every tensor's 2-norm is finite (every tensor is
-    finite, or a norm overflowed: a false alarm to clear element by element)."""
+def finite_each(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """A bool tensor on ``device``, one entry per tensor, no host read: its 2-norm is finite
+    (then so is the tensor; an infinite norm is a tensor not finite, or a norm that
+    overflowed: a false alarm to clear element by element)."""
+    norms: List[Any] = [None] * len(tensors)
     # Half-precision norms in float32: a float16 gradient's norm overflows at 65,504.
-    half = [t for t in tensors if t.dtype in (torch.float16, torch.bfloat16)]
-    rest = [t for t in tensors if t.dtype not in (torch.float16, torch.bfloat16)]
-    norms = (torch._foreach_norm(rest) if rest else ()) + \
-        (torch._foreach_norm(half, dtype=torch.float32) if half else ())
+    for half in (False, True):
+        where = [i for i, t in enumerate(tensors) if (t.dtype in (torch.float16, torch.bfloat16)) == half]
+        if where:
+            chosen = [tensors[i] for i in where]
+            found = torch._foreach_norm(chosen, dtype=torch.float32) if half else torch._foreach_norm(chosen)
+            for i, n in zip(where, found):
+                norms[i] = n
     if not norms:
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.isfinite(torch.stack([n.to(device) for n in norms])).all()  # stack promotes dtypes
+        return torch.ones((0,), dtype=torch.bool, device=device)
+    return torch.isfinite(torch.stack([n.to(device) for n in norms]))  # stack promotes dtypes
+
+
+def finite_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """A 0-d bool tensor on ``device``: every tensor's 2-norm is finite (:func:`finite_each`)."""
+    return finite_each(tensors, device).all()
 
 
 def first_nonfinite_loss(values: Tensor, steps: int) -> str:

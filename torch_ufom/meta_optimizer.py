@@ -999,6 +999,9 @@ class MetaOptimizer:
             The adapted :class:`~torch_ufom.FunctionalModel`. The parameters outside
             ``inner_params`` are the module's own tensors (not copies): the next
             :meth:`step` moves them under it; take ``.to_module()`` for a copy.
+
+        Raises:
+            TypeError, ValueError, FloatingPointError: as :func:`torch_ufom.adapt`.
         """
         s = self._config.settings
         return adapt(self.model, inner_loss, support, steps=self.steps if steps is None else steps,
