@@ -1606,3 +1606,192 @@ def test_a_task_raising_the_same_error_object_again_gets_its_note_once():
                                        mode="fom", vectorise=False)
         assert caught.value is _S36_ERROR
         assert _S36_ERROR.__notes__.count(note) == 1, _S36_ERROR.__notes__
+
+
+# -- review s37D: dropout masks per task under vmap, a tensor listed twice over two tasks, a NumPy ----
+# -- draw or an unread head at a later step only, adapt_batch with an in-place buffer write, the -------
+# -- stacked model of a NumPy-drawing forward ------------------------------------------------------------
+
+def test_identical_vectorised_tasks_draw_their_own_dropout_masks_and_both_hvps_agree():
+    # review s37D T1 (mutant V09): a vmap of the inner gradients under randomness="same" gave every task
+    # one dropout mask, and fwdrev's products (own masks) then differentiated another function (69 % off).
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 8, 3).expand(2, 8, 3), torch.randn(1, 8, 1).expand(2, 8, 1)  # two identical tasks
+    grads = {}
+    for hvp in ("revrev", "fwdrev"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1))
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.3,
+                                        steps=3, mode="exact", vectorise=True, hvp=hvp,
+                                        generator=torch.Generator().manual_seed(5))
+        meta.zero_grad()
+        results = meta.backward_batch(mse, mse, (x, y), (x, y))
+        assert all(r.batch_path.startswith("vectorised") for r in results), results[0].batch_path
+        # Same parameters and batch at step 0: only independent masks make the two losses differ.
+        assert results[0].inner_losses[0] != results[1].inner_losses[0]
+        grads[hvp] = [p.grad.clone() for p in model.parameters()]
+    assert rel_err(grads["fwdrev"], grads["revrev"]) < 1e-10
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_a_tensor_listed_twice_gets_each_of_two_tasks_gradients_once(reduction):
+    # review s37D T2 (mutant M24): without the de-duplication of meta_parameters() the tensor's gradient
+    # was added twice from the second task on (and divided twice under "mean"): 0.49 / 0.25 off.
+    model, loss, data = mlp_problem(2)
+    params = list(model.parameters())
+    steps, lr = 3, 0.3
+    tasks = [(data[i], data[10 + i]) for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.optim warns about the duplicate
+        opt = torch.optim.SGD(params + [params[0]], lr=0.1)
+    meta = torch_ufom.MetaOptimizer(model, opt, inner_lr=lr, steps=steps, mode="exact", reduction=reduction)
+    meta.zero_grad()
+    for s, q in tasks:
+        meta.backward(loss, loss, s, q)
+    assert meta.synchronize() == len(tasks)
+    per = [brute_force(model, loss, loss, lambda j, s=s: s, q, steps, lr, params, steps) for s, q in tasks]
+    want = [sum(t) / (len(tasks) if reduction == "mean" else 1) for t in zip(*per)]
+    assert rel_err([p.grad for p in params], want) < 1e-10
+
+
+def test_a_numpy_draw_at_a_later_step_only_runs_the_loop_and_draws_per_task():
+    # review s37D T3 (mutant V20): the later steps' host_draws (and kept) were dropped when the steps'
+    # looks were merged: vmap ran the step-1 np.random draw once for every task (0.35 off the loop).
+    def inner(f, b):  # step 1's batch has a third entry: that step shifts the targets by NumPy noise
+        return ((f(b[0]) - (b[1] + float(np.random.randn()) if len(b) == 3 else b[1])) ** 2).mean()
+
+    torch.manual_seed(0)
+    tasks, steps, lr = 3, 2, 0.5
+    x, y = torch.randn(tasks, 6, 3), torch.randn(tasks, 6, 1)
+    qx, qy = torch.randn(tasks, 6, 3), torch.randn(tasks, 6, 1)
+    model = nn.Sequential(nn.Linear(3, 1), nn.Tanh())
+    params = list(model.parameters())
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.0), inner_lr=lr, steps=steps,
+                                    mode="exact", vectorise=True)
+    meta.zero_grad()
+    np.random.seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = meta.backward_batch(inner, mse, torch_ufom.StepBatches([(x, y), (x, y, x)]), (qx, qy))
+    assert all(r.batch_path.startswith("per-task loop") for r in results), results[0].batch_path
+    np.random.seed(3)  # the loop's order: task by task, one draw at step 1 of each
+    shifts = [float(np.random.randn()) for _ in range(tasks)]
+    per = [brute_force(model, mse, mse, lambda j, t=t: (x[t], y[t] + shifts[t] if j == 1 else y[t]),
+                       (qx[t], qy[t]), steps, lr, params, steps) for t in range(tasks)]
+    assert rel_err([p.grad for p in params], [sum(t) for t in zip(*per)]) < 1e-10
+
+
+class _S37Counted(nn.Module):
+    """A forward that counts its calls in a buffer, in place (vmap can run it), and reads the count."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 1)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.seen.add_(1.0)
+        return torch.tanh(self.a(x)) * (1 + 0.1 * self.seen)
+
+
+def test_adapt_batch_with_an_in_place_buffer_write_equals_a_loop_of_adapt():
+    # review s37D T4 (mutant A05): without found.written among adapt_batch's reasons to run per task, a
+    # vmap-compatible in-place write went through vmap: each task's count came back 0, weights 12.5 % off.
+    torch.manual_seed(0)
+    tasks, steps, lr = 3, 3, 0.5
+    x, y = torch.randn(tasks, 6, 3), torch.randn(tasks, 6, 1)
+    torch.manual_seed(1)
+    model = _S37Counted()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loop = [torch_ufom.adapt(model, mse, (x[i], y[i]), steps=steps, inner_lr=lr) for i in range(tasks)]
+        stacked = torch_ufom.adapt_batch(model, mse, (x, y), steps=steps, inner_lr=lr)
+    assert float(model.seen) == 0.0  # the module itself is not changed
+    for i, fm in enumerate(loop):
+        # Oracle: first-order SGD unrolled here, the count a buffer of the task's own.
+        phi, buffers = {n: p.detach() for n, p in model.named_parameters()}, {"seen": torch.zeros(())}
+        for _ in range(steps):
+            phi = {n: p.requires_grad_() for n, p in phi.items()}
+            out = functional_call(model, (phi, buffers), (x[i],))
+            g = torch.autograd.grad(((out - y[i]) ** 2).mean(), list(phi.values()))
+            phi = {n: (p - lr * gi).detach() for (n, p), gi in zip(phi.items(), g)}
+        assert float(buffers["seen"]) == steps  # one forward per step
+        names = list(phi)
+        assert rel_err([fm.params[n] for n in names], [phi[n] for n in names]) < 1e-12
+        assert torch.equal(fm.buffers["seen"], buffers["seen"])
+        assert rel_err([stacked.params[n][i] for n in names], [fm.params[n] for n in names]) < 1e-12
+        assert torch.equal(stacked.buffers["seen"][i], fm.buffers["seen"])
+
+
+class _S37LateHead(nn.Module):
+    """Head a always; head b only when called with ``use_b=True``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 1), nn.Linear(3, 1)
+
+    def forward(self, x, use_b=False):
+        out = torch.tanh(self.a(x))
+        return out + torch.tanh(self.b(x)) * out if use_b else out
+
+
+def test_a_head_the_inner_loss_reads_at_a_later_step_only_gets_its_vectorised_hypergradient():
+    # review s37D T5 (mutant V12): the parameters no step reads were taken as the union of the steps'
+    # unread sets, not their intersection: the vectorised exact run left that head's .grad None.
+    def inner(f, b):  # step 0's batch (x, y): head a only; step 1's (x, y, x): heads a and b
+        return ((f(b[0], use_b=len(b) == 3) - b[1]) ** 2).mean()
+
+    torch.manual_seed(0)
+    tasks, steps, lr = 2, 2, 0.5
+    x, y = torch.randn(tasks, 6, 3), torch.randn(tasks, 6, 1)
+    qx, qy = torch.randn(tasks, 6, 3), torch.randn(tasks, 6, 1)
+    stacks = [(x, y), (x, y, x)]
+    torch.manual_seed(1)
+    model = _S37LateHead()
+    params = list(model.parameters())
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), inner_lr=lr, steps=steps,
+                                    mode="exact", vectorise=True)
+    meta.zero_grad()
+    results = meta.backward_batch(inner, inner, torch_ufom.StepBatches(stacks), (qx, qy))
+    assert all(r.batch_path.startswith("vectorised") for r in results), results[0].batch_path
+    # Oracle: each task's SGD unrolled in one graph (oracle.py's brute_force needs every parameter read
+    # at every step), summed over the tasks.
+    names, want = [n for n, _ in model.named_parameters()], [torch.zeros_like(p) for p in params]
+    for t in range(tasks):
+        phi = params
+        for j in range(steps):
+            fm = functools.partial(functional_call, model, dict(zip(names, phi)))
+            g = torch.autograd.grad(inner(lambda *a, **k: fm(a, k), tuple(s[t] for s in stacks[j])), phi,
+                                    create_graph=True, allow_unused=True)
+            phi = [p if gi is None else p - lr * gi for p, gi in zip(phi, g)]
+        fm = functools.partial(functional_call, model, dict(zip(names, phi)))
+        want = [w + gi for w, gi in zip(want, torch.autograd.grad(inner(lambda *a, **k: fm(a, k),
+                                                                         (qx[t], qy[t])), params))]
+    assert float(want[2].norm()) > 1e-3  # head b's weight: its hypergradient is not 0
+    assert rel_err([p.grad for p in params], want) < 1e-10
+
+
+def test_the_stacked_model_of_a_numpy_drawing_forward_calls_the_tasks_one_by_one():
+    # review s37D T6 (mutant A21): with host draws left out of the stacked model's vectorised flag, its
+    # call ran the forward once under vmap and every task got the same NumPy draw (2.16 off task by task).
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.a(x) + float(np.random.randn())  # a NumPy-drawn offset per call
+
+    torch.manual_seed(0)
+    model = Noisy()
+    x, y = torch.randn(3, 6, 3), torch.randn(3, 6, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stacked = torch_ufom.adapt_batch(model, mse, (x, y), steps=2, inner_lr=0.1)
+    assert not stacked.vectorised
+    np.random.seed(7)
+    got = stacked(x)
+    np.random.seed(7)  # oracle: each task's adapted linear map, then its own draw, in task order
+    want = torch.stack([F.linear(x[i], stacked.params["a.weight"][i], stacked.params["a.bias"][i])
+                        + float(np.random.randn()) for i in range(3)])
+    assert rel_err([got], [want]) < 1e-12
