@@ -554,6 +554,10 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         tuple(map(weakref.ref, modules)))
     if auto and known.ops:
         return Plan(None, _slow(known.ops), False, known)
+    if found.raised:  # (review s37W F1: a loss failing once in the look hid a NumPy draw after it)
+        return Plan(None, f"{found.raised} during the library's look at the losses, which decides whether "
+                    "vmap is exact for them: the tasks run one by one (which raise it again if it recurs)",
+                    True, known)
     if reads_none:  # (vmap's own check would refuse it under another name: review IA F7; warned above)
         return Plan(None, "inner_loss reads none of the adapted parameters", False, known)
     if known.wrong:

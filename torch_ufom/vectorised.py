@@ -711,6 +711,10 @@ class Probe(NamedTuple):
     # attributes a forward pre-hook set that hold one, or "elsewhere" ("": none kept).
     kept: str = ""
     host_draws: bool = False  # a loss draws from NumPy's or Python's global generator
+    # The error the outer loss or a custom Function's backward raised during the look ("": none):
+    # what the look did not see then is unknown (review s37W F1: a NumPy draw after it, shared
+    # by every task under vmap, 9.7 % off), so the tasks run one by one, which raise it again.
+    raised: str = ""
 
     def fwdrev_obstacle(self) -> str:
         """Why forward-over-reverse HVPs would differentiate another function than the
@@ -758,7 +762,8 @@ def probe_steps(module: nn.Module, inner_loss, batches: Sequence[Any], outer_los
                       found.forward_wrong | more.forward_wrong, found.hooks_unseen or more.hooks_unseen,
                       found.wrong_twice + tuple(w for w in more.wrong_twice if w not in found.wrong_twice),
                       found.attributes + tuple(a for a in more.attributes if a not in found.attributes),
-                      found.kept or more.kept, found.host_draws or more.host_draws)
+                      found.kept or more.kept, found.host_draws or more.host_draws,
+                      found.raised or more.raised)
     return found
 
 
@@ -781,10 +786,11 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     ``Probe.wrong`` also names the submodules whose gradient ``vmap`` gets wrong
     (:func:`wrong_under_vmap`), and, with ``outer_loss``, the operations one
     evaluation of it on ``query`` calls (with gradients enabled, as the sweep runs
-    it; an error there is left to the sweep). ``adapted``: the names of the
-    parameters the inner loop adapts, which it copies (default ``None``: copy all;
-    :func:`_probe_params`). ``node_hooks``: look for hooks registered on graph nodes
-    (which matter to second derivatives only; the look costs a profiler on the loss)."""
+    it; an error there is noted in ``Probe.raised``: the loop then runs it again).
+    ``adapted``: the names of the parameters the inner loop adapts, which it copies
+    (default ``None``: copy all; :func:`_probe_params`). ``node_hooks``: look for hooks
+    registered on graph nodes (which matter to second derivatives only; the look costs a
+    profiler on the loss)."""
     original = dict(module.named_buffers())
     buffers = {n: b.clone() for n, b in original.items()}
     versions = {n: b._version for n, b in buffers.items()}
@@ -817,7 +823,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
         aten.restore()
         stored = _put_back_attributes(attributes, fm)  # (its tensors are the probe's)
     mode.hooks |= any(h != _UNWATCHED for h in hooked)
-    unread, functions = frozenset(), []
+    unread, functions, raised = frozenset(), [], ""
     loss = out[0] if isinstance(out, tuple) and out else out
     twice: List[str] = []
     if isinstance(loss, Tensor) and loss.grad_fn is not None:
@@ -827,7 +833,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
         if adapted is not None:
             unread = frozenset(n for n in adapted if id(params[n]) not in reached)
         if functions:  # a custom Function's backward may keep what it sees (a gradient monitor:
-            _backward(loss, [t for t in params.values() if t.requires_grad], devices, aten)  # review FF)
+            raised = _backward(loss, [t for t in params.values() if t.requires_grad], devices, aten)  # FF)
     # Kernels such as batch_norm write running statistics without bumping the version.
     written = [n for n, b in fm.buffers.items()
                if b is not buffers[n] or b._version != versions[n] or not torch.equal(b, original[n])]
@@ -850,14 +856,15 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
             with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer, outer_aten, _young(), \
                     (_watching_node_hooks(hooked) if node_hooks else contextlib.nullcontext()):
                 result = outer_loss(fm, query)
-        except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
-            pass
+        except Exception as err:  # noqa: BLE001 (the loop runs it again and raises what it raises)
+            raised = raised or f"outer_loss raised {_first_line(err)}"
         finally:
             outer_aten.restore()
             stored += tuple(n for n in _put_back_attributes(attributes, fm) if n not in stored)
         value = result[0] if isinstance(result, tuple) and result else result
         if isinstance(value, Tensor) and value.grad_fn is not None and graph_survey([value.grad_fn])[1]:
-            _backward(value, [t for t in copies.values() if t.requires_grad], devices, outer_aten)
+            raised = raised or _backward(value, [t for t in copies.values() if t.requires_grad], devices,
+                                         outer_aten)
         del result, value
         wrong |= outer.wrong | outer_aten.wrong
         aten.generators.update(outer_aten.generators)
@@ -872,7 +879,7 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
                  tuple(once_differentiable(functions)), mode.stops_gradients, mode.hooks,
                  mode.differentiates_inside, frozenset(mode.third or aten.third),
                  frozenset(aten.forward_wrong), _UNWATCHED in hooked, tuple(twice), stored,
-                 host_draws=host_draws)
+                 host_draws=host_draws, raised=raised)
     del out, loss, params, mode, batch, query  # (the look at writes keeps the tensors it saw written)
     # An autocast region around the call keeps a cast of each leaf that requires grad until it
     # exits, the probe's copies among them: the next use casts them again.
@@ -892,14 +899,21 @@ def _attributes_holding(module: nn.Module, ids: set) -> str:
     return ", ".join(names)
 
 
-def _backward(loss: Tensor, leaves: List[Tensor], devices, aten: "_AtenProbe") -> None:
+def _backward(loss: Tensor, leaves: List[Tensor], devices, aten: "_AtenProbe") -> str:
     """The backward of a probe's loss, under its look (where a custom Function's backward may
-    keep what it sees), with the random states restored; an error is left to the sweep."""
+    keep what it sees), with the random states restored; what an error said (``""``: none),
+    which the loop raises again."""
     try:
         with torch.random.fork_rng(devices=devices), aten, _young():
             torch.autograd.grad(loss, leaves, allow_unused=True)
-    except Exception:  # noqa: BLE001 (the sweep runs it again and raises what it raises)
-        pass
+    except Exception as err:  # noqa: BLE001 (the loop runs it again and raises what it raises)
+        return f"a custom Function's backward raised {_first_line(err)}"
+    return ""
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: the message's first line`` (200 characters at most)."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
 def _tensors(tree: Any) -> List[Tensor]:
@@ -1327,7 +1341,9 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
                generators: bool = True) -> Optional[Tensor]:
     """The inner loss at ``params`` with copies of the module's buffers, under ``enable_grad``,
     the random states and (``generators``) the user's generators put back (``None`` if it
-    raises: the sweep raises it)."""
+    raises: the sweep raises it). (An error is not raised here: at these detached parameters,
+    which require no grad, a loss may fail where the sweep's does not, e.g. one that reads its
+    output's ``grad_fn``.)"""
     fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
     batch = fresh(batch)  # (a forward that writes its input writes the copy)
     devices = _cuda_devices(module)
