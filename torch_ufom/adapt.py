@@ -44,7 +44,8 @@ class StackedFunctionalModel:
     Attributes:
         module: the user's module (its parameters that are not adapted are its own).
         params, buffers: dicts from name to stacked tensors (non-adapted
-            parameters and shared buffers are expanded views).
+            parameters are expanded views of the module's; every buffer is each
+            task's own copy).
         size: the number of tasks.
         vectorised: whether calls try ``vmap`` first (``False`` where ``vmap``
             refused the module during the adaptation, or where the adaptation's
@@ -334,7 +335,7 @@ def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generato
         vectorised = not found.kept and not found.host_draws
         if elementwise_rule(problem.config.rule) and not (
                 found.written or found.wrong or found.own_generator or found.differentiates
-                or found.attributes or found.kept or found.hooks or found.host_draws):
+                or found.attributes or found.kept or found.hooks or found.host_draws or found.raised):
             try:
                 with attributes_kept(model):
                     state = _run(problem, Vectorised(size), supports)

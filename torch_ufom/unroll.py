@@ -567,7 +567,7 @@ class FunctionalModel:
             sub = self.module.get_submodule(prefix)
             table = sub._parameters if key in sub._parameters else \
                 sub._buffers if key in sub._buffers else vars(sub)
-            kept.append((table, key, table.get(key, _ABSENT)))
+            kept.append((table, key, _entry(table, key, _ABSENT)))
         handle = None
         try:
             if not self.buffers:
@@ -584,7 +584,7 @@ class FunctionalModel:
                 handle.remove()
             ids = {id(t) for part in given for t in part.values()}
             for table, key, tensor in kept:
-                now = table.get(key, _ABSENT)
+                now = _entry(table, key, _ABSENT)
                 if tensor is _ABSENT and now is not _ABSENT:  # (a class's attribute, copied in)
                     del table[key]
                 elif now is not tensor and id(now) in ids:
@@ -905,18 +905,19 @@ class FunctionalModel:
         for name, value in itertools.chain(self.params.items(), self.buffers.items()):
             prefix, _, key = name.rpartition(".")
             sub = self.module.get_submodule(prefix)
-            held = sub._parameters.get(key, sub._buffers.get(key))
+            held = _entry(sub._parameters, key, _entry(sub._buffers, key, None))
             first = entries.setdefault(id(held), (name, value)) if held is not None else (name, value)
             if first[1] is not value:
                 raise ValueError(f"Invalid params: {first[0]!r} and {name!r} name one tied entry and are "
                                  "given different tensors (give one of them)")
         module = copy.deepcopy(self.module)
+        _tie_as(self.module, module)
         with torch.no_grad():
             for given in (self.params, self.buffers):  # (by the names functional_call takes: LE F3)
                 for name, value in given.items():
                     prefix, _, key = name.rpartition(".")
                     sub = module.get_submodule(prefix)
-                    held = sub._parameters.get(key, sub._buffers.get(key))
+                    held = _entry(sub._parameters, key, _entry(sub._buffers, key, None))
                     if held is not None and value is not None and (held.shape, held.dtype, held.device) == \
                             (value.shape, value.dtype, value.device):
                         held.copy_(value)  # (in place: a tied weight stays tied)
@@ -941,6 +942,39 @@ _UNJOINED = object()  # (FunctionalModel._swapped with join_only: no swap of the
 _ABSENT = object()  # (Reparametrization.put: a name not given)
 # torch's forward pre-hooks that compute a weight kept as a plain attribute (FunctionalModel._attribute)
 _WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
+
+
+def _tie_as(original: nn.Module, copied: nn.Module) -> None:
+    """Tie again the entries of ``copied``, a deep copy of ``original``, that are one tensor in
+    ``original`` and that the copy split: ``copy.deepcopy`` copies a scripted submodule's
+    parameters apart from the others (review s37K: a weight tied across one kept its old value in
+    :meth:`FunctionalModel.to_module`'s copy, which wrote the adapted one at one name only). The
+    tensor a scripted submodule holds is kept (its tables take no other), the others take it."""
+    groups: Dict[int, List[Tuple[Any, str]]] = {}
+    pairs = zip(original.named_modules(remove_duplicate=False), copied.named_modules(remove_duplicate=False))
+    for (_, sub), (_, twin) in pairs:
+        for table, twin_table in ((sub._parameters, twin._parameters), (sub._buffers, twin._buffers)):
+            for key in list(table.keys()):
+                if table[key] is not None and key in twin_table:
+                    groups.setdefault(id(table[key]), []).append((twin_table, key))
+    for entries in groups.values():
+        held = {id(t[k]): t[k] for t, k in entries}
+        if len(held) < 2:
+            continue
+        fixed = [t[k] for t, k in entries if not isinstance(t, dict)]  # (a scripted submodule's)
+        if len({id(t) for t in fixed}) > 1:
+            continue  # (two scripted submodules each with its copy: none can take the other's)
+        keep = fixed[0] if fixed else entries[0][0][entries[0][1]]
+        for t, k in entries:
+            if isinstance(t, dict):
+                t[k] = keep
+
+
+def _entry(table: Any, key: str, default: Any) -> Any:
+    """``table[key]``, or ``default`` where it has no such key: a submodule's ``_parameters``
+    or ``_buffers`` (a scripted submodule's are torch's OrderedDictWrapper, without ``get``:
+    review s37K F1) or its ``vars()``."""
+    return table[key] if key in table else default
 
 
 def _mapping_like(value: Any) -> bool:
