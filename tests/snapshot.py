@@ -5,9 +5,11 @@ the parameters, buffers and ``.grad`` (``None`` included) of the model and of
 every tensor the outer optimizer holds, the outer optimizer's ``state_dict``
 (deep-copied), the global CPU generator, every CUDA generator when CUDA is
 available, every user generator passed in (and the ``MetaOptimizer``'s own),
-and the ``MetaOptimizer``'s ``q`` statistics and pending observations, tasks
-and buffers. :func:`assert_unchanged` compares two snapshots and names the
-first item that differs.
+and the ``MetaOptimizer``'s ``q`` statistics and every field of its pending
+per-step state (each one ``MetaOptimizer._task_state_kept`` puts back on error,
+the reduction's kept gradients and the warned-once flags; ``tests/test_snapshot.py``
+checks that none is missing). :func:`assert_unchanged` compares two snapshots
+and names the first item that differs.
 
 Usage::
 
@@ -23,14 +25,41 @@ import torch
 
 __all__ = ["Snapshot", "capture", "changed_items", "assert_unchanged", "same"]
 
-# The MetaOptimizer's pending per-step state, read through getattr so that a
-# rename makes the item None on both sides instead of breaking every test.
-# (item name, attribute names tried in order)
+
+def _pairs(pairs, name):
+    """``[(tensor, value), ...]`` (or None) as ``[(tensor's name, copy of value), ...]``."""
+    return None if pairs is None else [(name(p), _clone(v)) for p, v in pairs]
+
+
+def _written(entries, name):
+    """``MetaOptimizer._written``: ``(tensor, weak reference to its .grad, version, sparse)``, as the
+    tensor's name, the identity of the .grad it refers to (None once freed), the version, sparse."""
+    if entries is None:
+        return None
+    out = []
+    for p, ref, version, sparse in entries:
+        grad = ref()
+        out.append((name(p), None if grad is None else id(grad), version, sparse))
+    return out
+
+
+# The MetaOptimizer's pending per-step state: (item name, attribute, how to copy it (value, name of a
+# tensor)). Read with getattr, no default: a renamed attribute fails every test that captures a
+# MetaOptimizer (tests/test_snapshot.py checks that every field _task_state_kept restores is here).
 META_ITEMS = [
-    ("q statistics", ("q_stats",)),
-    ("pending q observations", ("_observations", "observations")),
-    ("pending task count", ("_tasks",)),
-    ("pending buffers", ("_buffers",)),
+    ("q statistics", "q_stats", lambda v, name: copy.deepcopy(v)),
+    ("pending q observations", "_observations", lambda v, name: copy.deepcopy(v)),
+    ("pending task count", "_tasks", lambda v, name: v),
+    ("pending buffers", "_buffers", lambda v, name: copy.deepcopy(v)),
+    ("reduced (synchronize ran)", "_reduced", lambda v, name: v),
+    ("holding (tasks wrote .grad)", "_holding", lambda v, name: v),
+    ("carried .grad", "_carried", _pairs),
+    ("written .grad (identity, version)", "_written", _written),
+    ("zero saved (loaded grad_zero)", "_zero_saved", lambda v, name: v),
+    ("kept .grad (reduction)", "_kept", _pairs),
+    ("warned: per-task loop reasons", "_warned_per_task", lambda v, name: set(v)),
+    ("warned: edited gradients", "_warned_edited", lambda v, name: v),
+    ("warned: fom gaps", "_warned_fom_gaps", lambda v, name: set(v)),
 ]
 
 
@@ -92,9 +121,11 @@ def capture(model=None, optimizer=None, meta=None, generators=()) -> Snapshot:
     for i, g in enumerate(gens):
         items[f"generator {i} ({g.device})"] = g.get_state()
     if meta is not None:
-        for item, attrs in META_ITEMS:
-            value = next((getattr(meta, a) for a in attrs if hasattr(meta, a)), None)
-            items[item] = copy.deepcopy(value)
+        def name(t):
+            return named.get(id(t), f"tensor {tuple(t.shape)} id {id(t)}")
+
+        for item, attr, copied in META_ITEMS:
+            items[item] = copied(getattr(meta, attr), name)
     return Snapshot(items, sources)
 
 
@@ -103,8 +134,10 @@ def same(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
-        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or a.layout != b.layout:
             return False
+        if a.layout != torch.strided:  # (sparse: compared by value)
+            a, b = a.to_dense(), b.to_dense()
         if a.is_floating_point() or a.is_complex():
             nan = a.isnan()
             return bool(torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan]))
@@ -121,6 +154,7 @@ def same(a, b) -> bool:
 
 def _show(v) -> str:
     if isinstance(v, torch.Tensor):
+        v = v.to_dense() if v.layout != torch.strided else v
         return f"tensor{tuple(v.shape)} {v.dtype}" + (f" {v.flatten()[:4].tolist()}" if v.numel() else "")
     text = repr(v)
     return text if len(text) < 200 else text[:200] + "..."
@@ -129,8 +163,10 @@ def _show(v) -> str:
 def _where(a, b) -> str:
     """Where two tensors of one shape first differ."""
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape \
-            or a.dtype != b.dtype or a.device != b.device:
+            or a.dtype != b.dtype or a.device != b.device or a.layout != b.layout:
         return ""
+    if a.layout != torch.strided:
+        a, b = a.to_dense(), b.to_dense()
     differ = (a != b) & ~(a.isnan() & b.isnan()) if a.is_floating_point() else a != b
     index = differ.flatten().nonzero()
     if not len(index):

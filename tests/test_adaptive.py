@@ -80,7 +80,8 @@ def test_bad_adaptive_arguments(kw, arg):
     with pytest.raises(ValueError, match=arg):
         torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
                                  steps=2, q="auto", **kw)
-    with pytest.raises(ValueError, match="q"):
+    with pytest.raises(ValueError, match=r"^Invalid q: 'auto' needs the statistics that MetaOptimizer keeps; "
+                                         r"hypergrad takes a float in \(0, 1\]$"):
         torch_ufom.hypergrad(model, None, None, None, None, steps=2, inner_lr=0.1, q="auto")
 
 
@@ -124,7 +125,7 @@ def test_auto_q_adapts_and_survives_a_state_dict_round_trip(rule):
         run(meta_b, model_b, loss, data, 6)
         untimed = [{k: v for k, v in m.q_stats.items() if k not in ("t_f", "t_x")} for m in (meta_a, meta_b)]
         assert untimed[0] == untimed[1]  # (the times, which this rule does not read, differ)
-        assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True))
 
 
 def test_auto_draws_stay_unbiased_given_q():

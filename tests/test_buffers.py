@@ -51,7 +51,7 @@ def test_recompute_checkpoint_and_store_agree_bit_for_bit(mode, device):
         grads[memory] = [p.grad.clone() for p in model.parameters()]
         assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
     for memory in ("recompute", "checkpoint"):
-        assert all(torch.equal(a, b) for a, b in zip(grads[memory], grads["store"]))
+        assert all(torch.equal(a, b) for a, b in zip(grads[memory], grads["store"], strict=True))
     # Dropout is live: another seed gives another estimate.
     other = torch_ufom.hypergrad(model, xent, xent, data.__getitem__, data[-1], steps=6,
                                  inner_lr=0.2, mode=mode, q=0.5, memory="store",
@@ -80,8 +80,8 @@ def test_track_buffers_writes_the_final_statistics_at_step():
         meta.step()
         if not track:
             assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
-    for (n, b), (_, e) in zip(model.named_buffers(), expected.named_buffers()):
-        assert torch.allclose(b.double(), e.double(), rtol=0, atol=1e-6), n
+    for (n, b), (_, e) in zip(model.named_buffers(), expected.named_buffers(), strict=True):
+        assert torch.allclose(b.double(), e.double(), rtol=1e-12, atol=0), n  # float64: 1e-17 apart
     assert int(model.bn.num_batches_tracked) == 2
 
 
@@ -142,4 +142,4 @@ def test_resumed_run_reproduces_the_uninterrupted_run():
     model_b.load_state_dict(saved[0])
     meta_b.load_state_dict(saved[1])
     train(model_b, data, meta_b, 5, 7)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model_b.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model_b.parameters(), strict=True))

@@ -719,7 +719,7 @@ def test_a_meta_batch_drawing_from_a_generator_of_its_own_runs_the_loop_and_draw
                                              r"torch.Generator of the losses' own"):
             got = torch_ufom.hypergrad_batch(model, loss, loss, supports, queries, steps=steps, inner_lr=0.1,
                                              mode=mode, memory="store", vectorise=True)
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), mode
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), mode
     # A generator of the user's in the state of the global one is still the user's (the
     # dispatcher hands over another Python object for the global one: compared by state, it
     # was taken for the global one, and fwdrev and vmap ran 21-35 % off).
@@ -748,18 +748,41 @@ def test_the_budget_counts_autograd_s_nodes_of_a_model_of_many_small_operations(
     assert result.forward_steps > 0  # Revolve replays: the graphs do not all fit
 
 
-def test_the_revolve_actions_are_built_as_a_sweep_consumes_them():
+def test_the_revolve_actions_are_built_as_a_sweep_consumes_them(monkeypatch):
     # A cache kept 64 lists, each O(steps) objects: 464 MiB at 10,000 steps under a law drawing
     # many K; then 4, still about 1 KB per step each (review DQ, session 20: 15 MiB at 20,000
-    # steps, above a small model's whole budget).
-    import tracemalloc
-    tracemalloc.start()
-    try:
-        count = sum(1 for _ in revolve_actions(5000, 8))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert count > 5000 * 2 and peak < 64 << 10, (count, peak)  # a list of them: about 5 MiB
+    # steps, above a small model's whole budget). The property, without a byte figure: the actions
+    # come from a generator that pulls one operation of the schedule per action asked for, and no
+    # action is kept once the sweep has moved past it.
+    import inspect
+    import itertools
+    from torch_ufom import schedules
+    pulled = {"all": 0, "store": 0}  # operations the underlying schedule has produced so far
+    ops = schedules._revolve_ops
+
+    def counted(*args, **kwargs):
+        for op in ops(*args, **kwargs):
+            pulled["all"] += 1
+            pulled["store"] += op[0] == "store"
+            yield op
+
+    monkeypatch.setattr(schedules, "_revolve_ops", counted)
+    actions = revolve_actions(5000, 8)
+    assert inspect.isgenerator(actions) and pulled["all"] == 0  # nothing built before it is asked for
+    count, seen = 0, []
+    for action in actions:
+        count += 1
+        seen.append(weakref.ref(action))
+        # Each operation but a "store" gives at least one action before the next one is pulled.
+        assert pulled["all"] - pulled["store"] <= count, (count, pulled)
+        if count == 4000:  # mid-sweep, with the generator alive: the earlier actions are freed
+            assert sum(r() is not None for r in seen[:-1]) == 0
+    del action
+    assert count > 5000 * 2 and sum(r() is not None for r in seen) == 0, count
+    # The first 100 actions of a sweep of 10**12 steps: only the operations behind them are built.
+    pulled.update(all=0, store=0)
+    first = list(itertools.islice(revolve_actions(10 ** 12, 8), 100))
+    assert len(first) == 100 and pulled["all"] - pulled["store"] <= 100, pulled
 
 
 def test_a_sparse_saved_tensor_is_counted_by_its_indices_and_values():

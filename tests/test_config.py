@@ -67,7 +67,7 @@ def test_reconfigure_equals_a_fresh_optimizer_with_the_same_state(changes, fresh
     assert meta.law.probs(3) == fresh_meta.law.probs(3)
     got, want = run_outer_steps(meta, loss, data, 8), run_outer_steps(fresh_meta, loss, data, 8)
     assert got == want
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
 
 
 def test_reconfigure_checks_like_the_constructor_and_changes_nothing_on_error():

@@ -93,7 +93,7 @@ def test_two_gloo_ranks_equal_one_process_over_the_union_of_tasks(tmp_path):
     for r in ranks:
         assert r["total"] == r["again"] == len(TASKS)
         assert rel_err(r["grads"], mean) < 1e-10
-    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True))
     assert ranks[0]["q_stats"] == ranks[1]["q_stats"] and ranks[0]["q_stats"]["n_x"] > 0
     assert ranks[0]["seed"] != ranks[1]["seed"]  # each rank has its own stream
     assert [r["saved_rank"] for r in ranks] == [0, 1] and all(r["resumed_own"] for r in ranks)
@@ -191,7 +191,7 @@ def test_a_rank_without_tasks_keeps_what_its_gradients_carried_and_a_failed_all_
     meta.backward(loss, loss, data[4], data[5])
     meta.step()
     assert all(r["restored"] for r in ranks)
-    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True))
     assert rel_err(ranks[0]["params"], [p.detach() for p in model.parameters()]) < 1e-12
 
 
@@ -239,7 +239,7 @@ def test_a_rank_without_tasks_sums_a_gradient_its_own_loss_wrote_since_zero_grad
             (0.01 * sum((p ** 2).sum() for p in model.parameters())).backward()
         meta.step()
     for when in ("after", "before"):
-        assert all(torch.equal(a, b) for a, b in zip(ranks[0][when], ranks[1][when])), when
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0][when], ranks[1][when], strict=True)), when
         assert rel_err(ranks[0][when], [p.detach() for p in model.parameters()]) < 1e-12, when
     model, loss, data = mlp_problem(0)  # "kept": the first step's reduced gradient stays in .grad
     meta = meta_for(model)
@@ -250,7 +250,7 @@ def test_a_rank_without_tasks_sums_a_gradient_its_own_loss_wrote_since_zero_grad
         for rank in (0, 1) if step == 0 else (0,):
             meta.backward(loss, loss, data[2 * step + rank], data[4])
         meta.step()
-    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["kept"], ranks[1]["kept"]))
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["kept"], ranks[1]["kept"], strict=True))
     assert rel_err(ranks[0]["kept"], [p.detach() for p in model.parameters()]) < 1e-12
 
 
@@ -592,7 +592,7 @@ def test_what_grad_carries_is_what_it_held_when_the_first_new_gradient_arrived(t
     for how in CARRIED:
         model, loss, data = mlp_problem(0)  # one process: every rank's tasks
         want = _carried_run(model, loss, data, _carried_meta(model, how), [0, 1], how)
-        assert all(torch.equal(a, b) for a, b in zip(ranks[0][how], ranks[1][how])), how
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0][how], ranks[1][how], strict=True)), how
         assert rel_err(ranks[0][how], want) < 1e-12, how
     for r in ranks:
         after = r["after-synchronize"]

@@ -16,7 +16,7 @@ def snapshot(model, opt, gen):
 
 def assert_unchanged(before, model, opt, gen):
     params, grads, opt_state, gen_state, rng = before
-    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
     assert all(g is None for g in grads) and all(p.grad is None for p in model.parameters())
     assert opt.state_dict() == opt_state
     assert torch.equal(gen.get_state(), gen_state)
@@ -140,7 +140,7 @@ def test_a_finite_hypergradient_whose_norm_overflows_is_written(mode):
         meta.backward(loss, lambda f, b: loss(f, b) * s, data[0], data[1])
         grads.append([p.grad for p in model.parameters()])
     assert not math.isfinite(sum(float(g.double().square().sum()) for g in grads[1]))
-    assert all(torch.equal(a * scale, b) for a, b in zip(*grads))
+    assert all(torch.equal(a * scale, b) for a, b in zip(*grads, strict=True))
 
 
 def test_a_non_finite_hypergradient_raises_the_exported_class_and_writes_nothing():
@@ -201,7 +201,7 @@ def test_an_operator_without_a_second_derivative_says_what_needed_it_and_changes
         else:
             meta.backward_batch(loss, loss, (x, y), (x, y))
     assert all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert torch.equal(rng, torch.get_rng_state())
     meta.reconfigure(mode="fom")  # the same losses run without second derivatives
     meta.backward(loss, loss, (x[0], y[0]), (x[0], y[0]))

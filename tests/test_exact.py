@@ -59,7 +59,7 @@ def test_meta_optimizer_matches_brute_force(problem, kind, steps, device):
             assert rel_err(grads[mode, "store"], grads[mode, memory]) < 1e-12
     # FOM really differs from the exact hypergradient here (the test can fail).
     assert rel_err(grads["fom", "store"], grads["exact", "store"]) > 1e-3
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("memory", ["recompute", "store"])
@@ -97,7 +97,7 @@ def test_backward_accumulates_like_loss_backward(device):
                    [a + b for a, b in zip(first, second)]) < 1e-12
     before = [p.detach().clone() for p in model.parameters()]
     meta.step()
-    assert all(torch.allclose(p, b - 0.1 * p.grad) for p, b in zip(model.parameters(), before))
+    assert all(torch.allclose(p, b - 0.1 * p.grad) for p, b in zip(model.parameters(), before, strict=True))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -235,7 +235,7 @@ def test_a_loss_that_goes_bad_after_the_first_step_is_caught_there(bad, error):
     with pytest.raises(error, match="inner_loss"):
         torch_ufom.hypergrad(model, loss, loss, x, x, steps=5, inner_lr=0.1, mode="fom")
     assert len(calls) == 3
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
 
 
 def test_one_walk_gives_the_module_s_own_names():
@@ -329,7 +329,7 @@ def test_a_loss_that_draws_only_after_the_first_step_gets_each_step_s_stream(mon
     assert seeded == list(range(1, 8))
     with general_path(monkeypatch):
         slow, _ = _seeded_steps(monkeypatch, _flagged, support)
-    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
 
 
 def test_a_connected_sweep_frees_the_states_its_graph_does_not_save(monkeypatch):
@@ -519,4 +519,4 @@ def test_the_token_path_is_bit_identical_to_the_registered_one(kind, monkeypatch
                         lambda self, entry: calls.append(1) or register(self, entry))
     slow = run(kind, "exact", "store", hvp="revrev")
     assert calls  # (the general path ran)
-    assert len(fast) == len(slow) and all(torch.equal(a, b) for a, b in zip(fast, slow))
+    assert len(fast) == len(slow) and all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))

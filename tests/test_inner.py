@@ -704,7 +704,7 @@ def test_a_learned_hyperparameter_moved_out_of_range_is_refused_and_nothing_chan
     with pytest.raises(ValueError, match=rf"Invalid {name}.*changed since they were checked"):
         meta.backward(loss, loss, data[0], data[1])
     assert all(p.grad is None for p in model.parameters()) and hyper.grad is None
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     with torch.no_grad():
         hyper.fill_(0.5)  # back in range: runs again
     meta.backward(loss, loss, data[0], data[1])
@@ -1053,7 +1053,7 @@ def test_a_per_step_of_floats_is_checked_whatever_the_default_device():
     with torch.device("meta"):
         got = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2,
                                    inner=SGD(PerStep([0.1, 0.05])), mode="exact")
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("rule", [SGD(0.1, momentum=0.9), SGD(PerStep([0.1, 0.05, 0.1])), Adam(0.02)],

@@ -469,7 +469,7 @@ def test_meta_load_state_dict_leaves_the_module_s_parameters_alone():
             p.add_(1.0)  # as model.load_state_dict(other) would
     now = [p.detach().clone() for p in model.parameters()]
     meta.load_state_dict(saved)
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), now))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), now, strict=True))
 
 
 # -- tasks discarded through the outer optimizer ---------------------------------------------------
@@ -498,7 +498,7 @@ def test_a_task_discarded_after_synchronize_leaves_q_stats_and_buffers_alone_at_
     meta.step()
     assert meta.q_stats == stats
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params, strict=True))
     assert meta.state_dict()["q_observations"] == []
 
 

@@ -217,7 +217,7 @@ def test_meta_optimizer_ufom_exact_branch_through_once_differentiable_raises_and
     with pytest.raises(RuntimeError, match="once_differentiable"):
         meta.backward(mse, mse, task(sups, 0), task(qrys, 0), force_truncation=STEPS)
     assert all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("kind", ONCE)

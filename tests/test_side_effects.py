@@ -263,7 +263,7 @@ def test_calls_in_two_threads_keep_their_own_random_streams():
             t.join()
         for seed in (1, 2):
             for a, b in zip(got[seed], want[seed]):
-                assert all(torch.equal(x, y) for x, y in zip(a, b))
+                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert (torch.backends.mha.get_fastpath_enabled(), torch.backends.cuda.flash_sdp_enabled()) == flags
 
 

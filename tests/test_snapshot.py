@@ -42,13 +42,20 @@ def bump(t):
         t.add_(1)
 
 
+def clear_grad(c, p):
+    """``p.grad = None``, the old ``.grad`` kept alive: the MetaOptimizer's record of the last write,
+    which refers to it, stays as it was."""
+    c["old .grad"] = p.grad
+    p.grad = None
+
+
 CASES = {
     "parameter '0.weight'": lambda c: bump(c["model"][0].weight),
     "optimizer tensor param_groups[0]['params'][6]": lambda c: bump(c["w"]),
     "buffer '1.running_mean'": lambda c: bump(c["model"][1].running_mean),
     "buffer '1.num_batches_tracked'": lambda c: bump(c["model"][1].num_batches_tracked),
     ".grad of parameter '3.bias'": lambda c: bump(c["model"][3].bias.grad),
-    ".grad of parameter '0.bias'": lambda c: setattr(c["model"][0].bias, "grad", None),
+    ".grad of parameter '0.bias'": lambda c: clear_grad(c, c["model"][0].bias),
     ".grad of optimizer tensor param_groups[0]['params'][6]":
         lambda c: setattr(c["w"], "grad", torch.zeros(())),
     "outer optimizer state_dict": lambda c: bump(c["opt"].state[c["w"]]["exp_avg"]),
@@ -59,6 +66,16 @@ CASES = {
     "pending q observations": lambda c: c["meta"]._observations.pop(),
     "pending task count": lambda c: setattr(c["meta"], "_tasks", c["meta"]._tasks + 1),
     "pending buffers": lambda c: c["meta"]._buffers.append([torch.zeros(3)]),
+    "reduced (synchronize ran)": lambda c: setattr(c["meta"], "_reduced", True),
+    "holding (tasks wrote .grad)": lambda c: setattr(c["meta"], "_holding", False),
+    "carried .grad": lambda c: setattr(c["meta"], "_carried", [(c["w"], torch.zeros(()))]),
+    "written .grad (identity, version)": lambda c: c["meta"]._written.__setitem__(
+        0, c["meta"]._written[0][:2] + (c["meta"]._written[0][2] + 1,) + c["meta"]._written[0][3:]),
+    "zero saved (loaded grad_zero)": lambda c: setattr(c["meta"], "_zero_saved", True),
+    "kept .grad (reduction)": lambda c: setattr(c["meta"], "_kept", None),
+    "warned: per-task loop reasons": lambda c: c["meta"]._warned_per_task.add("a reason"),
+    "warned: edited gradients": lambda c: setattr(c["meta"], "_warned_edited", True),
+    "warned: fom gaps": lambda c: c["meta"]._warned_fom_gaps.add("w"),
 }
 
 
@@ -84,6 +101,34 @@ def test_a_change_of_each_item_alone_is_detected_and_named(item):
     assert changed_items(before, snap(c)) == [item]
     with pytest.raises(AssertionError, match=re.escape(item)):
         assert_unchanged(before)
+
+
+def test_every_field_the_meta_optimizer_restores_on_error_is_captured():
+    # MetaOptimizer._task_state_kept puts back these fields when a call raises: each is part of
+    # "a refused call changes nothing", so the snapshot holds each (read from its source, so that a
+    # field added there and not here fails); the warned-once flags too.
+    import inspect
+    import snapshot
+    source = inspect.getsource(torch_ufom.MetaOptimizer._task_state_kept)
+    found = re.search(r"names = \(([^)]*)\)", source)
+    assert found, source
+    restored = re.findall(r'"(\w+)"', found.group(1))
+    assert len(restored) >= 8 and "_tasks" in restored, restored
+    c = build()
+    warned = [a for a in vars(c["meta"]) if a.startswith("_warned_")]
+    assert warned, sorted(vars(c["meta"]))
+    captured = {attr: item for item, attr, _ in snapshot.META_ITEMS}
+    before = snap(c)
+    for attr in restored + warned + ["_kept"]:
+        assert attr in captured, attr
+        assert captured[attr] in before and captured[attr] in CASES, attr  # and a change of it is seen
+
+
+def test_a_renamed_meta_optimizer_field_fails_loudly():
+    c = build()
+    c["meta"]._reduced_renamed = c["meta"].__dict__.pop("_reduced")
+    with pytest.raises(AttributeError, match="_reduced"):
+        snap(c)
 
 
 def test_hyperparameter_of_a_param_group_is_part_of_the_optimizer_state():

@@ -203,8 +203,25 @@ def test_stays_below():
     assert toy.stays_below(torch.tensor([0.5, 2.0]), 1.0) is None
 
 
-def test_summary_columns_come_from_the_trajectory():
-    """The time-to-target-loss and q columns are computed from the run's own data."""
+def _stays_below_from(values, threshold):
+    """The first k with every values[k:] < threshold (None: the last one is not), written out here."""
+    below = [float(v) < threshold for v in values]
+    if not below or not below[-1]:
+        return None
+    k = len(below)
+    while k and below[k - 1]:
+        k -= 1
+    return k
+
+
+def test_summary_columns_come_from_the_trajectory(monkeypatch):
+    """The time-to-target (gradient and loss) and q columns are computed from the run's own data.
+
+    Each run is summarised at the default targets, which neither reaches in 40 iterations (the
+    ``None`` columns), and at targets it does reach (just above the largest value of the second half
+    of its own trajectory), so both the reached and the not-reached case are checked for the gradient
+    and the loss columns.
+    """
     iters = 40
     x0, task_ids = toy.draws(iters, SEED)
     runs = []
@@ -213,18 +230,39 @@ def test_summary_columns_come_from_the_trajectory():
         toy.evaluate(run, check_every=20)
         runs.append(run)
     f_star, _, goal = toy.loss_target()
+    default_target = toy.TARGET
+    found = {"target": [], "loss_target": []}
     for run in runs:
-        s = toy.summary(run, 5)
         f = toy.true_objective(torch.tensor(run.xs, dtype=torch.float64))[0]
-        assert torch.equal(run.loss, f) and len(run.cpu_clock) == iters
-        assert s["excess_end"] == pytest.approx(float(f[-1]) - f_star, abs=1e-12)
-        k = s["loss_target_iter"]
-        below = [float(v) < goal for v in f]
-        if k is None:
-            assert not below[-1]
-        else:
-            assert all(below[k:]) and (k == 0 or not below[k - 1])
-            assert s["loss_target_s"] == (run.clock[k - 1] if k else 0.0)
+        assert torch.equal(run.loss, f) and len(run.cpu_clock) == iters and len(f) == iters + 1
+        g = run.grad
+        # (gradient target, loss goal): the defaults, then ones this run reaches by iterate iters / 2.
+        for g_target, loss_goal in ((default_target, None),
+                                    (float(g[iters // 2:].max()) + 1e-9, float(f[iters // 2:].max()) + 1e-9)):
+            monkeypatch.setattr(toy, "TARGET", g_target)
+            s = toy.summary(run, 5, loss_goal=loss_goal)
+            assert s["excess_end"] == pytest.approx(float(f[-1]) - f_star, abs=1e-12)
+            for column, values, threshold in (("target", g, g_target),
+                                              ("loss_target", f, goal if loss_goal is None else loss_goal)):
+                k = _stays_below_from(values, threshold)
+                found[column].append(k)
+                assert s[column + "_iter"] == k, column
+                seconds = None if k is None else (run.clock[k - 1] if k else 0.0)
+                assert s[column + "_s"] == seconds, column
+                if column == "loss_target":
+                    assert s["loss_target_cpu_s"] == (None if k is None else
+                                                      (run.cpu_clock[k - 1] if k else 0.0))
+                if k is not None:
+                    assert all(float(v) < threshold for v in values[k:])
+                    assert k == 0 or not float(values[k - 1]) < threshold
+                else:
+                    assert not float(values[-1]) < threshold
+            monkeypatch.undo()
+    # Both branches ran for both columns: each run misses the default targets and reaches the others,
+    # for some run at an iterate after the first (so the time is a clock entry, not 0).
+    for column, ks in found.items():
+        assert ks[0::2] == [None, None] and None not in ks[1::2], (column, ks)
+        assert max(ks[1::2]) > 0, (column, ks)
     fom, auto = (toy.summary(r, 5) for r in runs)
     assert fom["q_end"] is None and fom["q_min"] is None
     assert auto["q_min"] == 0.05 and 0.05 <= auto["q_end"] <= 1

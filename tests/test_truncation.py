@@ -65,7 +65,8 @@ def test_bad_laws_are_rejected(make, arg):
 
 
 def test_validation_for_steps():
-    with pytest.raises(ValueError, match="k"):
+    with pytest.raises(ValueError, match=r"^Invalid truncation: Fixed\(k=5\) truncates at k=5, "
+                                         r"beyond steps=4 \(expected k in 0\.\.steps\)$"):
         Fixed(5).validate(4)
     with pytest.raises(ValueError, match="probs.*length"):
         Custom([0.5, 0.5]).validate(4)

@@ -406,5 +406,5 @@ def test_load_state_dict_refuses_an_invalid_learned_rate(bad):
     with pytest.raises(ValueError, match="meta_tensors"):
         meta.load_state_dict({**copy.deepcopy(good), "meta_tensors": [BAD_RATES[bad].clone()]})
     assert torch.equal(lr.detach(), rate) and lr.dtype == torch.float64
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
     assert same(meta.state_dict(), good)

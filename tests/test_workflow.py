@@ -592,7 +592,7 @@ def test_inner_params_forms_agree():
                                  task_of(queries, 0), steps=STEPS, inner_lr=LR, mode="exact",
                                  inner_params=f, hvp="revrev") for f in forms]
     for other in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other, strict=True))
 
 
 def test_fwdrev_with_only_adapted_parameters_as_params():
@@ -1137,11 +1137,11 @@ def test_a_failed_step_leaves_the_pending_gradients_and_a_retry_steps_once():
         raise Refused
     with pytest.raises(Refused):
         meta.step(fail)  # the closure raises before the reduction
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), summed))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), summed, strict=True))
     step, meta.optimizer.step = meta.optimizer.step, fail
     with pytest.raises(Refused):
         meta.step()  # the outer optimizer raises after the reduction: .grad is put back
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), summed))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), summed, strict=True))
     meta.optimizer.step = step
     before = [p.detach().clone() for p in model.parameters()]
     meta.step()
@@ -1265,7 +1265,7 @@ def test_a_resumed_run_restores_its_learned_rate_and_warns_of_other_settings():
     for task in tasks[1:]:
         outer_step(meta2, task)
     assert torch.equal(rate2, rate)
-    assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), model.parameters(), strict=True))
     # Settings are not state: another configuration loads, with a warning naming what differs;
     # equivalent ones (a q that exact ignores, inner_lr or the SGD rule at that rate) do not warn.
     meta2.reconfigure(q=0.5, inner=inner.SGD(rate2))
@@ -1439,7 +1439,7 @@ def test_synchronize_applies_the_mean_once_so_that_clipping_sees_it():
             assert meta.synchronize() == len(tasks)
             reduced = [p.grad.clone() for p in model.parameters()]
             assert meta.synchronize() == len(tasks)  # a second call changes nothing
-            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), reduced))
+            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), reduced, strict=True))
             with pytest.raises(ValueError, match=r"a task after synchronize\(\)"):
                 meta.backward(sq_loss, sq_loss, *tasks[0])
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05))
@@ -1625,7 +1625,7 @@ def test_step_refuses_kept_buffers_that_no_longer_fit_the_module_before_stepping
     params = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="buffers changed since this step's tasks ran"):
         meta.step()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
     meta.zero_grad()  # discards the tasks, their buffers included
     meta.backward(sq_loss, sq_loss, task_of(supports, 0), task_of(queries, 0))
     meta.step()
@@ -1783,7 +1783,7 @@ def test_tensor_hooks_on_meta_parameters_apply_to_their_hypergradient():
                                     inner_lr=LR, mode="exact")
     meta.backward(sq_loss, sq_loss, support, query)
     assert torch.equal(weight.grad, want[0] * mask)
-    assert all(torch.equal(p.grad, g) for p, g in zip(list(model.parameters())[1:], want[1:]))
+    assert all(torch.equal(p.grad, g) for p, g in zip(list(model.parameters())[1:], want[1:], strict=True))
     handle.remove()
 
     def fail(g):
@@ -1792,7 +1792,8 @@ def test_tensor_hooks_on_meta_parameters_apply_to_their_hypergradient():
     grads = [p.grad.clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="hook failed"):
         meta.backward(sq_loss, sq_loss, support, query)
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # nothing written
+    # nothing written
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
 
 
 def test_a_hyperparameter_read_only_by_the_inner_loss_gets_zeros_on_first_order_draws():
@@ -2180,7 +2181,7 @@ def test_a_state_dict_saved_after_synchronize_returns_the_same_total():
     meta2.load_state_dict(saved)
     assert saved["tasks"] == 2 and saved["reduced"] is True
     assert meta2.synchronize() == 2  # reduced already: the total, nothing divided again
-    assert all(torch.equal(p.grad, g) for p, g in zip(model2.parameters(), grads))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model2.parameters(), grads, strict=True))
     old = {k: v for k, v in saved.items() if k not in ("tasks", "reduced")}  # saved before they existed
     meta2.load_state_dict(old)
     assert meta2.synchronize() == 2
