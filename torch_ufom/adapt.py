@@ -290,9 +290,10 @@ def adapt_batch(model: nn.Module, inner_loss: Callable, supports: Any, *, steps:
     writes the module's buffers (BatchNorm's running statistics in train mode),
     calls an operation whose gradient ``vmap`` gets wrong (an embedding with
     ``padding_idx``), draws from a ``torch.Generator`` of its own (which ``vmap``
-    would advance once per task) or ``vmap`` cannot run the model (an error under ``vmap``,
-    the losses' own too: then with a warning that names it); they then run one by one, each with its
-    own random streams. Without random operations the result equals a loop of
+    would advance once per task), a custom ``autograd.Function``'s backward raised during the
+    look at the loss (what the look missed is unknown) or ``vmap`` cannot run the model (an
+    error under ``vmap``, the losses' own too: then with a warning that names it); they then run
+    one by one, each with its own random streams. Without random operations the result equals a loop of
     :func:`adapt` over the tasks (with dropout, ``vmap`` draws other masks).
 
     Args:

@@ -38,7 +38,7 @@ from .checks import invalid, is_int, is_real
 from .inner import SGD, Hyper, InnerRule, check_rule_contract, hyper_tensors, values_deferred
 from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation
-from .unroll import check_parametrize_cache, positional_obstacle
+from .unroll import check_parametrize_cache, crowded_elsewhere, positional_obstacle
 
 __all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_values",
            "validate_rule", "check_generator", "check_losses", "check_steps", "MODES", "HVP_CHOICES",
@@ -202,6 +202,9 @@ def check_model(model) -> nn.Module:
         raise ValueError(f"Invalid model: {lazy} are not initialised yet (a lazy module such as "
                          "nn.LazyLinear); run one forward pass of the model first")
     if not any(p.requires_grad for p in model.parameters()):
+        crowded = crowded_elsewhere(model)  # (another thread's model holds its entries: s37K F2)
+        if crowded is not None:
+            raise crowded
         raise ValueError("Invalid model: it has no parameter with requires_grad=True, so the inner "
                          "loop has nothing to adapt")
     names = {id(p): n for n, p in model.named_parameters()}

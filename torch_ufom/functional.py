@@ -351,7 +351,9 @@ def estimate_batch(problem: Problem, supports: Any, queries: Any, force=None,
     ``vmap`` gets wrong (an embedding with ``padding_idx``: its padding row
     gets a gradient), when the model uses a normalisation whose double
     backward is wrong under ``vmap`` (pytorch/functorch#534) and
-    forward-over-reverse HVPs cannot replace it, or when anything raises under
+    forward-over-reverse HVPs cannot replace it, when the outer loss or a custom
+    Function's backward raised during the look at the losses (what it missed after
+    the error is unknown), or when anything raises under
     ``vmap`` (an operation ``vmap`` or forward-mode AD does not support, a
     batching rule that fails on the tasks' shapes): the loop then runs the tasks
     again, and an error of the user's losses is raised from there.
@@ -897,9 +899,9 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
     (random operations inside the losses, such as dropout, draw other numbers
     under ``vmap`` than in the loop); it is computed by ``torch.func.vmap``
     over the tasks, one group per drawn truncation point, or by the per-task
-    loop: by choice (``vectorise``), or with a warning that says why where vectorising would not be exact (see
-    :func:`estimate_batch`). The losses see one task's batch, as in
-    :func:`hypergrad`.
+    loop: by choice (``vectorise``), or with a warning that says why where vectorising would not be exact,
+    or where a loss raised during the look that decides it (see :func:`estimate_batch`).
+    The losses see one task's batch, as in :func:`hypergrad`.
 
     Args:
         supports, queries: the stacked tasks.

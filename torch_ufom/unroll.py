@@ -56,8 +56,8 @@ from torch.overrides import TorchFunctionMode
 
 from .inner import own_code, shortcut
 
-__all__ = ["check_parametrize_cache", "renormalises_weights", "sparse_weights", "scripted", "held_tensors",
-           "root_of", "graph_reaches", "graph_targets",
+__all__ = ["check_parametrize_cache", "crowded_elsewhere", "renormalises_weights", "sparse_weights",
+           "scripted", "held_tensors", "root_of", "graph_reaches", "graph_targets",
            "FunctionalModel", "Reparametrization", "State", "StepBatches", "Problem", "SweepPlan",
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp", "OwnDraws",
            "elementwise_rule", "second_derivatives", "look_at_graph", "GraphLook", "recomputes_message",
@@ -1151,6 +1151,22 @@ def _crowded(module: nn.Module) -> RuntimeError:
         "hold one model's tensors at a time (the library's models swap them in for each call; a "
         "submodule's are its module's); call them one after the other, or one on a copy of the module "
         "(FunctionalModel.to_module())")
+
+
+def crowded_elsewhere(module: nn.Module) -> Optional[RuntimeError]:
+    """The two-threads error (:func:`_crowded`) where a model of another thread runs in a
+    swap of ``module``'s entries, else ``None``: read where a look at the module's parameters
+    failed, which such a swap can cause (review s37K F2: a user's model holding every entry
+    with tensors that do not require grad made a call say the module had none that did)."""
+    tables = {id(t) for sub in module.modules() for t in (sub._parameters, sub._buffers)}
+    me = threading.get_ident()
+    with _SWAPS_LOCK:
+        if _SWAPS and type(_SWAPS[0]) is list:
+            _register_quick()
+        if any(not group.tables.isdisjoint(tables) and t != me
+               for group in _SWAPS for entry in group.stack for t in entry.threads):
+            return _crowded(module)
+    return None
 
 
 def _register_quick() -> None:
