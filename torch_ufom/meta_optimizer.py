@@ -257,13 +257,24 @@ class MetaOptimizer:
         _check_holds(optimizer, model)
         _warn_unheld(optimizer, config.rule)
         self.process_group, self.distributed = process_group, process_group is not None
+        self.model, self.optimizer = model, optimizer
         if self.distributed:
             distributed.check_group(None if process_group is True else process_group)
             if process_group is True:
                 self.process_group = None  # the default group
+            # Before the collective below: raised as an error (warnings.simplefilter("error")) on one
+            # rank, a rebuild would run it again, out of step with the others (review s37DW F1).
+            held = [self._name(p) for p in self.meta_parameters() if p.grad is not None]
+            if held:
+                warnings.warn(
+                    f"process_group: .grad already holds gradients ({', '.join(held[:3])}"
+                    f"{' and others' if len(held) > 3 else ''}), which the first step sums over the "
+                    "ranks like new ones (a MetaOptimizer rebuilt on the reduced gradients of another "
+                    "sums them again): call zero_grad() first unless each rank wrote its own",
+                    stacklevel=caller_level())
             generator = distributed.rank_generator(generator, self.process_group,
                                                    next(model.parameters()).device)
-        self.model, self.optimizer, self.generator = model, optimizer, generator
+        self.generator = generator
         self._adopt(config)
         self._hyper_versions = tuple((id(t), t._version) for t in config.rule.tensors())  # checked
         self.q_stats = None if config.adaptive is None else adaptive.init_stats(config.adaptive)
@@ -308,16 +319,7 @@ class MetaOptimizer:
         self._slow_ops = None  # what the probe found for the last pair of losses (SlowOps)
         self._hook_outer_step()
         if self.distributed:
-            meta = self.meta_parameters()
-            self._watch_accumulation(meta)
-            held = [self._name(p) for p in meta if p.grad is not None]
-            if held:
-                warnings.warn(
-                    f"process_group: .grad already holds gradients ({', '.join(held[:3])}"
-                    f"{' and others' if len(held) > 3 else ''}), which the first step sums over the "
-                    "ranks like new ones (a MetaOptimizer rebuilt on the reduced gradients of another "
-                    "sums them again): call zero_grad() first unless each rank wrote its own",
-                    stacklevel=caller_level())
+            self._watch_accumulation(self.meta_parameters())
 
     # -- the resolved configuration: read-only; reconfigure() changes it --------------------
     config = property(lambda self: self._config,
@@ -1146,8 +1148,8 @@ class MetaOptimizer:
         if self.distributed:
             for p, _ in saved:
                 self._note(p)
-        elif saved:  # (review s36T F3: copied back, their versions moved: the retried step() named a
-            self._record(self.meta_parameters())  # change of the user's and used up that warning)
+        if saved:  # (review s36T F3, s37DW F3 under a process_group: copied back, their versions moved:
+            self._record(self.meta_parameters())  # the retried step() named a change of the user's)
 
     def _name(self, p: Tensor) -> str:
         """How the user knows meta-parameter ``p``: its module name, else its place
@@ -1180,7 +1182,10 @@ class MetaOptimizer:
         with ``track_buffers`` writes the tasks' final buffers into the module.
 
         Without a closure, if the outer optimizer raises, ``.grad`` is put back
-        as it was before the reduction and the tasks stay pending. A closure
+        as it was before the reduction and the tasks stay pending; with a
+        ``process_group``, once the all-reduce has run, ``.grad`` keeps the reduced
+        gradients, as after :meth:`synchronize` (the other ranks' steps may have
+        run), and a retried ``step()`` runs no second reduction. A closure
         that raises after running tasks leaves ``.grad`` and the task count as
         that evaluation left them (its tasks replace the pending ones); one
         that raises before changing ``.grad`` leaves the pending tasks as they were.
@@ -1199,16 +1204,23 @@ class MetaOptimizer:
             if self.distributed and self._reduced and self._kept is not None:
                 raise RuntimeError("Invalid call: a backward() added to .grad after synchronize(), which "
                                    "would stay this rank's (not summed over the ranks); nothing was "
-                                   "stepped: call meta.zero_grad() and run the outer step again, with "
-                                   "synchronize() after its last backward()")
+                                   "stepped on this rank: call meta.zero_grad() and run the outer step "
+                                   "again, with synchronize() after its last backward(), on every rank "
+                                   "(ranks whose step() ran have stepped: bring this rank's parameters and "
+                                   "outer optimizer state in line with theirs first, e.g. load their "
+                                   "state_dict)")
             tasks, reduced, kept = self._tasks, self._reduced, self._kept
             saved = [] if reduced or not self._changes() else _gradients(self.meta_parameters())
+            collective = False  # an all-reduce ran: every rank's .grad is now the reduced one
             try:
                 if not reduced:
                     self._synchronize(saved)
+                    collective = self.distributed
                 with self._outer_step():
                     result = self.optimizer.step()
             except BaseException:
+                if collective:  # kept, as after synchronize(): a retried step() reduces nothing again,
+                    raise  # which this rank alone would (review s37DW F2: the ranks fell out of step)
                 self._restore(saved)
                 self._tasks, self._reduced = tasks, reduced
                 if saved:  # .grad as before the reduction: so is what it carries
