@@ -32,9 +32,9 @@ from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask
                      batch_getter, caller_level, elementwise_rule, graph_reaches, held_tensors,
                      per_step_batches, probe_batches, reads_nothing, renormalises_weights, root_of, scripted,
                      sparse_weights, wrong_twice_message, COMPILED)
-from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, Vectorised,
-                         attributes_kept, fresh, group_by_truncation, meta_batch_size, noting_listed_tasks,
-                         probe_steps,
+from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, LookFailed,
+                         Vectorised, attributes_kept, fresh, group_by_truncation, meta_batch_size,
+                         noting_listed_tasks, probe_steps,
                          reads_meta_directly, runs_optimised_script, select_tasks, task_of, under_a_look)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
@@ -373,7 +373,12 @@ def _estimate_batch(problem: Problem, supports: Any, queries: Any, force, diagno
     batch_getter(supports, problem.config.steps, "supports")
     with restore_rng_on_error(problem.generator):
         truncations, seeds = _draws(problem, size, forced)
-        plan = vectorised_plan(problem, supports, queries, diagnostics, known, truncations)
+        try:
+            plan = vectorised_plan(problem, supports, queries, diagnostics, known, truncations)
+        except LookFailed as err:  # (review s37W2 F1: what the look missed is unknown)
+            plan = Plan(None, f"{err} during the library's look at the losses, which decides whether vmap "
+                        "is exact for them: the tasks run one by one (which raise it again if it recurs)",
+                        True, known)
         reason, fallback, slow_ops = plan.reason, plan.fallback, plan.slow_ops
         done: List[Tuple[List[int], Estimate, float]] = []  # the groups that ran vectorised
         alone = ""
@@ -740,7 +745,11 @@ def check_fwdrev_reads(problem: Problem, batches: Sequence[Any]) -> None:
     """Refuse forward-over-reverse when the inner loss reads a meta-parameter directly:
     its HVP differentiates the inner gradient with respect to the adapted parameters
     only, and would drop that mixed second derivative."""
-    if reads_meta(problem, batches):
+    try:
+        reads = reads_meta(problem, batches)
+    except LookFailed:  # a loss failing at the look's detached parameters (one reading grad_fn) is
+        return  # taken for one that does not read them: the comparison at the first step is the backstop
+    if reads:
         raise ValueError(f"Invalid hvp: 'fwdrev' {READS_META}; use 'revrev' or 'auto'")
 
 

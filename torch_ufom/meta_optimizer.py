@@ -498,7 +498,9 @@ class MetaOptimizer:
         self._check_cleared(meta, task=True)
         if self._reduced:
             raise ValueError("Invalid call: a task after synchronize(): .grad already holds the "
-                             "reduced gradients; call step() or zero_grad() first (a clear through the "
+                             "reduced gradients (synchronize() ran, or, under a process_group, a step() "
+                             "whose outer optimizer raised after the all-reduce: review s37R3 F1); call "
+                             "step() or zero_grad() first (a clear through the "
                              "outer optimizer followed by a backward() of yours is not seen: use "
                              "meta.zero_grad())")
         check_losses(inner_loss, outer_loss, self.model)

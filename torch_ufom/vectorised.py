@@ -42,8 +42,8 @@ from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depend
                      wrong_twice)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
-           "probe", "probe_steps", "reads_meta_directly", "SLOW_ON_CPU_ELEMENTS", "FEWEST_TASKS_ON_CPU",
-           "FEWEST_TASKS_BESIDE_ON_CPU", "under_a_look"]
+           "probe", "probe_steps", "reads_meta_directly", "LookFailed", "SLOW_ON_CPU_ELEMENTS",
+           "FEWEST_TASKS_ON_CPU", "FEWEST_TASKS_BESIDE_ON_CPU", "under_a_look"]
 
 
 def _register_step_batches() -> None:
@@ -1323,7 +1323,7 @@ def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Ten
     forward reads too, review s34J F1): one evaluation at detached copies of the adapted
     parameters and the module's own other ones, under ``enable_grad`` with the random
     states restored, whose graph is searched for the meta-parameters (no gradient is
-    computed, so no hook runs). An error is left to the sweep, which raises it."""
+    computed, so no hook runs). An error of the loss raises :class:`LookFailed`."""
     targets = {id(t) for t in meta if t.requires_grad}
     targets |= {id(t._base) for t in meta if t.requires_grad and t._base is not None}
     if not targets:
@@ -1340,10 +1340,12 @@ def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Ten
 def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
                generators: bool = True) -> Optional[Tensor]:
     """The inner loss at ``params`` with copies of the module's buffers, under ``enable_grad``,
-    the random states and (``generators``) the user's generators put back (``None`` if it
-    raises: the sweep raises it). (An error is not raised here: at these detached parameters,
-    which require no grad, a loss may fail where the sweep's does not, e.g. one that reads its
-    output's ``grad_fn``.)"""
+    the random states and (``generators``) the user's generators put back (``None`` where what
+    it returned is no loss the sweep would take: the sweep says why). An error the loss raises
+    is a :class:`LookFailed`: what the look would have found is unknown (review s37W2 F1: taken
+    for "not found", a loss failing once vectorised an optimised TorchScript, 0.56 off); at these
+    detached parameters, which require no grad, a loss may fail where the sweep's does not
+    (one that reads its output's ``grad_fn``), so the callers decide what unknown means."""
     fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
     batch = fresh(batch)  # (a forward that writes its input writes the copy)
     devices = _cuda_devices(module)
@@ -1351,14 +1353,22 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
     attributes = _attributes(module)
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), aten:
-            loss, _ = loss_and_aux(inner_loss(fm, batch), "inner_loss")
-    except Exception:  # noqa: BLE001
-        return None
+            out = inner_loss(fm, batch)
+    except Exception as err:  # noqa: BLE001
+        raise LookFailed(f"inner_loss raised {_first_line(err)}") from err
     finally:
         if generators:
             aten.restore()
         _put_back_attributes(attributes, fm)  # (a memo of these copies would hide the sweep's own)
-    return loss
+    try:
+        return loss_and_aux(out, "inner_loss")[0]
+    except (TypeError, ValueError):  # (the library's checks of what it returned)
+        return None
+
+
+class LookFailed(Exception):
+    """A loss raised during a look at it (:func:`reads_meta_directly`,
+    :func:`runs_optimised_script`): what the look would have found is unknown."""
 
 
 def runs_optimised_script(module: nn.Module, inner_loss, batches: Sequence[Any], adapted=None,
@@ -1370,7 +1380,8 @@ def runs_optimised_script(module: nn.Module, inner_loss, batches: Sequence[Any],
     random states restored, whose graphs are searched for the JIT's own backward node. The JIT
     optimises a graph once it has profiled it (``torch._C._jit_get_num_profiled_runs()``
     runs), so each batch is evaluated that many times more, until one shows it; a function the
-    JIT leaves unfused differentiates as torch does. An error is left to the sweep.
+    JIT leaves unfused differentiates as torch does. An error of the loss raises
+    :class:`LookFailed`.
     ``generators=False``: the probe found that the loss draws from no generator of the
     user's, whose states then need no watch."""
     runs = getattr(torch._C, "_jit_get_num_profiled_runs", lambda: 1)() + 1
