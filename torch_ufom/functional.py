@@ -747,8 +747,8 @@ def check_fwdrev_reads(problem: Problem, batches: Sequence[Any]) -> None:
     only, and would drop that mixed second derivative."""
     try:
         reads = reads_meta(problem, batches)
-    except LookFailed:  # a loss failing at the look's detached parameters (one reading grad_fn) is
-        return  # taken for one that does not read them: the comparison at the first step is the backstop
+    except LookFailed as err:  # (review s37R4 F1: taken for "not read", fwdrev dropped a direct read)
+        raise err.__cause__ from None  # the loss's own error, raised where the look ran it
     if reads:
         raise ValueError(f"Invalid hvp: 'fwdrev' {READS_META}; use 'revrev' or 'auto'")
 

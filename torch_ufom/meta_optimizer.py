@@ -499,7 +499,7 @@ class MetaOptimizer:
         if self._reduced:
             raise ValueError("Invalid call: a task after synchronize(): .grad already holds the "
                              "reduced gradients (synchronize() ran, or, under a process_group, a step() "
-                             "whose outer optimizer raised after the all-reduce: review s37R3 F1); call "
+                             "whose outer optimizer raised after the all-reduce); call "
                              "step() or zero_grad() first (a clear through the "
                              "outer optimizer followed by a backward() of yours is not seen: use "
                              "meta.zero_grad())")

@@ -1321,14 +1321,18 @@ def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Ten
     captured tensor, or a parameter the loop does not adapt, which the ``fmodel`` reads
     as the module's own tensor: an inner rate that is a module parameter and that the
     forward reads too, review s34J F1): one evaluation at detached copies of the adapted
-    parameters and the module's own other ones, under ``enable_grad`` with the random
-    states restored, whose graph is searched for the meta-parameters (no gradient is
-    computed, so no hook runs). An error of the loss raises :class:`LookFailed`."""
+    parameters and the module's own other ones, requiring grad as the module's do (a loss
+    that asserts its output has a graph runs as in the sweep: review s37R4 F1, at copies that
+    required none it failed, was taken for one that reads none, and fwdrev dropped the read,
+    0.83 off), under ``enable_grad`` with the random states restored, whose graph is
+    searched for the meta-parameters (no gradient is computed, so no hook runs). An error of
+    the loss raises :class:`LookFailed`."""
     targets = {id(t) for t in meta if t.requires_grad}
     targets |= {id(t._base) for t in meta if t.requires_grad and t._base is not None}
     if not targets:
         return False
-    params = _probe_params(module, adapted)
+    named = dict(module.named_parameters())
+    params = {n: t.requires_grad_(named[n].requires_grad) for n, t in _probe_params(module, adapted).items()}
     if adapted is not None:  # (the loop's own read of a parameter it does not adapt)
         kept = set(adapted)
         params.update({n: p for n, p in module.named_parameters()
@@ -1343,9 +1347,7 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
     the random states and (``generators``) the user's generators put back (``None`` where what
     it returned is no loss the sweep would take: the sweep says why). An error the loss raises
     is a :class:`LookFailed`: what the look would have found is unknown (review s37W2 F1: taken
-    for "not found", a loss failing once vectorised an optimised TorchScript, 0.56 off); at these
-    detached parameters, which require no grad, a loss may fail where the sweep's does not
-    (one that reads its output's ``grad_fn``), so the callers decide what unknown means."""
+    for "not found", a loss failing once vectorised an optimised TorchScript, 0.56 off)."""
     fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
     batch = fresh(batch)  # (a forward that writes its input writes the copy)
     devices = _cuda_devices(module)
