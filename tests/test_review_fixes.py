@@ -6267,3 +6267,73 @@ def test_a_layer_norm_meta_batch_whose_loss_asserts_a_graph_stays_vectorised():
         results = meta.backward_batch(inner, mse, supports, queries)
     assert all(r.batch_path.startswith("vectorised: forward-over-reverse HVPs") for r in results)
     assert rel_err([p.grad for p in params], want) < 1e-10
+
+
+def _no_grad_weighted(failures):
+    """An inner loss weighted by a stop-gradient, made under no_grad (which forward mode passes through)
+    under torch.func's transforms only (the library's looks see a detach), whose first ``failures``
+    forward-over-reverse evaluations raise (a transient error)."""
+    from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+
+    def inner(f, b):
+        out = f(b[0])
+        transforms = retrieve_all_functorch_interpreters()
+        if any(i.key() == TransformType.Jvp for i in transforms) and failures:
+            failures.pop()
+            raise RuntimeError("a transient failure")
+        if transforms:
+            with torch.no_grad():
+                c = 1 + out.pow(2).mean()
+        else:
+            c = 1 + out.pow(2).mean().detach()
+        return c * ((out - b[1]) ** 2).mean()
+    return inner
+
+
+def _detach_weighted(f, b):
+    out = f(b[0])
+    return (1 + out.pow(2).mean().detach()) * ((out - b[1]) ** 2).mean()
+
+
+def test_a_forward_over_reverse_failure_in_the_check_against_reverse_mode_is_not_agreement():
+    # Review s37LK F1: the first step's comparison of forward-over-reverse with reverse mode took a fwdrev
+    # failure for agreement: after one transient failure there, hvp='fwdrev' ran on a loss it differentiates
+    # otherwise (0.112 off), and a LayerNorm meta-batch ran vectorised by fwdrev (0.144 off), silently.
+    model, loss, data = mlp_problem(24)
+    for failures, error in (([1], "at inner step 1: a transient failure"), ([], "another Hessian-vector")):
+        with pytest.raises((RuntimeError, ValueError), match=error):
+            torch_ufom.hypergrad(model, _no_grad_weighted(failures), loss, data[0], data[1], steps=3,
+                                 inner_lr=0.1, mode="exact", hvp="fwdrev")
+    torch.manual_seed(24)
+    net = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 2))
+    supports = (torch.randn(6, 5, 3), torch.randn(6, 5, 2))
+    queries = (torch.randn(6, 5, 3), torch.randn(6, 5, 2))
+    params = list(net.parameters())
+    want = [sum(g) for g in zip(*[brute_force(net, _detach_weighted, mse,
+                                              lambda j, i=i: (supports[0][i], supports[1][i]),
+                                              (queries[0][i], queries[1][i]), 3, 0.1, params, 3)
+                                  for i in range(6)])]
+    with pytest.warns(UserWarning, match="runs the per-task loop"):
+        got = torch_ufom.hypergrad_batch(net, _no_grad_weighted([1]), mse, supports, queries, steps=3,
+                                         inner_lr=0.1, mode="exact")
+    assert rel_err(got, want) < 1e-10
+
+
+def test_a_loss_value_the_library_refuses_in_the_direct_read_look_is_not_taken_for_no_read():
+    # Review s37LK F2: a loss returning a constant once, at the look for a meta-parameter it reads directly
+    # (here a learned inner rate that weights it), was taken for one reading none: fwdrev dropped the mixed
+    # derivative, 4.3e-2 off. Now that value is refused by name; without it fwdrev is refused as before.
+    model, loss, data = mlp_problem(25)
+    lam = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    for constant_at, error in ((2, "Invalid inner_loss: its value does not depend on the parameters"),
+                               (None, "Invalid hvp: 'fwdrev' cannot differentiate an inner loss that reads")):
+        calls = []
+
+        def inner(f, b):
+            calls.append(1)
+            if len(calls) == constant_at:
+                return torch.zeros((), dtype=torch.float64)
+            return loss(f, b) * (1 + lam)
+        with pytest.raises(ValueError, match=error):
+            torch_ufom.hypergrad(model, inner, loss, data[0], data[1], steps=3, inner_lr=lam, mode="exact",
+                                 hvp="fwdrev", params=[*model.parameters(), lam])

@@ -634,7 +634,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         try:
             why = fwdrev_disagreement(problem._replace(hvp="fwdrev"), fresh(task_of(supports, 0)))
         except Exception as err:  # noqa: BLE001 (the per-task loop runs revrev: its own errors raise there)
-            why = f"fails on the first task ({type(err).__name__}: {str(err)[:200]})"
+            said = err.detail if isinstance(err, FwdRevError) else str(err)  # (no advice of another hvp)
+            why = f"fails on the first task ({type(err).__name__}: {said[:200]})"
     if why:
         return Plan(None, f"torch.func.vmap differentiates {norms} twice wrongly "
                     f"(pytorch/functorch#534) and forward-over-reverse, which would replace it, {why}",
@@ -708,7 +709,7 @@ def fwdrev_disagreement(problem: Problem, support: Any) -> str:
     own (zero where the step's gradient is zero), by forward-over-reverse as a sweep takes
     it, which a per-task loop compares with reverse mode's (:class:`FwdRevDisagrees`).
     Why forward-over-reverse would differentiate another function (``""``: the two
-    agree, or fwdrev fails outright, which the sweep reports at its own step).
+    agree); a :class:`FwdRevError` where fwdrev fails.
     ``support``: one task's support batch (or per-step batches)."""
     loop = InnerLoop(problem, PerTask(), support, None, 0, True)
     with loop.streams():
@@ -726,10 +727,8 @@ def fwdrev_disagreement(problem: Problem, support: Any) -> str:
         vec = tuple(torch.randn(p.shape, dtype=p.dtype, device="cpu").to(p.device) * (g != 0)
                     for p, g in zip(state.params, grads))
         try:
-            loop.hessian_vector(state, 1, vec)
-        except FwdRevError:
-            return ""
-        except FwdRevDisagrees as err:
+            loop.hessian_vector(state, 1, vec)  # (a FwdRevError is raised: review s37LK F1, taken for
+        except FwdRevDisagrees as err:  # agreement, a failure here once let a wrong vmapped sweep run)
             return err.why
     return ""
 

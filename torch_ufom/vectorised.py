@@ -1338,16 +1338,16 @@ def reads_meta_directly(module: nn.Module, inner_loss, batch, meta: Sequence[Ten
         params.update({n: p for n, p in module.named_parameters()
                        if n not in kept and (id(p) in targets or id(root_of(p)) in targets)})
     loss = _evaluated(module, inner_loss, batch, params)
-    return loss is not None and graph_reaches([loss.grad_fn], targets)
+    return graph_reaches([loss.grad_fn], targets)
 
 
 def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
-               generators: bool = True) -> Optional[Tensor]:
+               generators: bool = True) -> Tensor:
     """The inner loss at ``params`` with copies of the module's buffers, under ``enable_grad``,
-    the random states and (``generators``) the user's generators put back (``None`` where what
-    it returned is no loss the sweep would take: the sweep says why). An error the loss raises
-    is a :class:`LookFailed`: what the look would have found is unknown (review s37W2 F1: taken
-    for "not found", a loss failing once vectorised an optimised TorchScript, 0.56 off)."""
+    the random states and (``generators``) the user's generators put back. An error the loss
+    raises, or a value the library refuses, is a :class:`LookFailed`: what the look would have
+    found is unknown (review s37W2 F1: taken for "not found", a loss failing once vectorised an
+    optimised TorchScript, 0.56 off)."""
     fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
     batch = fresh(batch)  # (a forward that writes its input writes the copy)
     devices = _cuda_devices(module)
@@ -1364,8 +1364,8 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
         _put_back_attributes(attributes, fm)  # (a memo of these copies would hide the sweep's own)
     try:
         return loss_and_aux(out, "inner_loss")[0]
-    except (TypeError, ValueError):  # (the library's checks of what it returned)
-        return None
+    except (TypeError, ValueError) as err:  # (review s37LK F2: taken for "nothing found", 4.3e-2 off)
+        raise LookFailed(f"inner_loss returned what the library refuses ({_first_line(err)})") from err
 
 
 class LookFailed(Exception):
@@ -1393,8 +1393,6 @@ def runs_optimised_script(module: nn.Module, inner_loss, batches: Sequence[Any],
             params = {n: t.requires_grad_(named[n].requires_grad)
                       for n, t in _probe_params(module, adapted).items()}
             loss = _evaluated(module, inner_loss, batch, params, generators)
-            if loss is None:
-                return False
             if any("DifferentiableGraph" in node.name() for node in graph_nodes([loss.grad_fn])):
                 return True
     return False
