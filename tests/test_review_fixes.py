@@ -6337,3 +6337,25 @@ def test_a_loss_value_the_library_refuses_in_the_direct_read_look_is_not_taken_f
         with pytest.raises(ValueError, match=error):
             torch_ufom.hypergrad(model, inner, loss, data[0], data[1], steps=3, inner_lr=lam, mode="exact",
                                  hvp="fwdrev", params=[*model.parameters(), lam])
+
+
+
+def test_fwdrev_runs_a_truncated_sweep_whose_first_step_has_no_forward_formula():
+    # Review s37R5 F1 (a regression of 2d79328): the first-step check now raises a forward-over-reverse
+    # failure, also where the sweep never differentiates step 1 (truncated k < r): a valid call was refused.
+    from zoo import mse_loss_lacks_forward_ad
+    model, loss, data = mlp_problem(26)
+    (x, y), query = data[0], data[1]
+
+    def inner(f, b):  # step 1's batch only: F.mse_loss (no forward-over-reverse formula in torch 2.13)
+        return F.mse_loss(f(b[0]), b[1]) if b[2] else ((f(b[0]) - b[1]) ** 2).mean()
+    steps = [(x, y, True), (x, y, False)]
+    params = list(model.parameters())
+    want = brute_force(model, inner, loss, lambda j: steps[j], query, 2, 0.1, params, 1)
+    got = torch_ufom.hypergrad(model, inner, loss, torch_ufom.StepBatches(steps), query, steps=2,
+                               inner_lr=0.1, mode="truncated", k=1, hvp="fwdrev")
+    assert rel_err(got, want) < 1e-10
+    if mse_loss_lacks_forward_ad():  # (the full sweep differentiates step 1: refused there)
+        with pytest.raises(RuntimeError, match="at inner step 1"):
+            torch_ufom.hypergrad(model, inner, loss, torch_ufom.StepBatches(steps), query, steps=2,
+                                 inner_lr=0.1, mode="exact", hvp="fwdrev")

@@ -516,7 +516,10 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         size = sum(named[n].numel() for n in problem.config.adapted)
         if size >= SLOW_ON_CPU_ELEMENTS:
             return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
-    exact = problem.law.survival(problem.config.steps)[1] > 0.0  # whether some task may run one
+    steps = problem.config.steps
+    survival = problem.law.survival(steps)
+    exact = survival[1] > 0.0  # whether some task may run one
+    step_one = survival[steps] > 0.0  # whether one may differentiate the first step (K = steps)
     alone, alone_reason = frozenset(), ""
     if truncations is not None:
         groups = group_by_truncation(truncations)
@@ -525,6 +528,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
             if len(alone) == len(groups):
                 return Plan(None, alone_reason, False, known)
         exact = any(k > 0 for k in groups if k not in alone)
+        step_one = any(k == steps for k in groups if k not in alone)
     if _saved_tensor_hooks():  # the caller's: found before the look blames a loss (review s35B F4), after
         # what vectorise="auto" decides (review s35R F1: a loop it picks anyway needs no warning)
         return Plan(None, "saved-tensor hooks are set around the call (torch.autograd.graph.save_on_cpu, "
@@ -621,7 +625,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
             raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
         check_fwdrev_reads(problem, batches)
         if not found.attention_dropout:  # (per task, torch.func draws other attention masks)
-            check_fwdrev_agrees(problem, fresh(task_of(supports, 0)))
+            check_fwdrev_agrees(problem, fresh(task_of(supports, 0)), step_one)
     if not exact or problem.hvp == "fwdrev" or not found.norms:
         return Plan(problem, "", False, known, found.unread, alone, alone_reason)
     norms = ", ".join(sorted(found.norms))
@@ -632,7 +636,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         why = READS_META
     if not why and not found.attention_dropout:  # (per task, torch.func draws other attention masks)
         try:
-            why = fwdrev_disagreement(problem._replace(hvp="fwdrev"), fresh(task_of(supports, 0)))
+            why = fwdrev_disagreement(problem._replace(hvp="fwdrev"), fresh(task_of(supports, 0)), step_one)
         except Exception as err:  # noqa: BLE001 (the per-task loop runs revrev: its own errors raise there)
             said = err.detail if isinstance(err, FwdRevError) else str(err)  # (no advice of another hvp)
             why = f"fails on the first task ({type(err).__name__}: {said[:200]})"
@@ -699,17 +703,19 @@ def check_fwdrev_task(problem: Problem, support: Any, K: int) -> None:
     if found.hooks_unseen:  # (a profiler the loss runs itself)
         raise ValueError(_UNDER_PROFILER)
     check_fwdrev_reads(problem, batches)
-    check_fwdrev_agrees(problem, support)
+    check_fwdrev_agrees(problem, support, K == problem.config.steps)
 
 
-def fwdrev_disagreement(problem: Problem, support: Any) -> str:
+def fwdrev_disagreement(problem: Problem, support: Any, step_one: bool = True) -> str:
     """The backstop of the probe's look at what a loss calls (stop-gradients, custom
     Functions, hooks, normalisations): one Hessian-vector product of the first step's
     inner loss at the module's parameters, in a direction drawn from a generator of its
     own (zero where the step's gradient is zero), by forward-over-reverse as a sweep takes
     it, which a per-task loop compares with reverse mode's (:class:`FwdRevDisagrees`).
     Why forward-over-reverse would differentiate another function (``""``: the two
-    agree); a :class:`FwdRevError` where fwdrev fails.
+    agree); a :class:`FwdRevError` where fwdrev fails, if the sweep differentiates the
+    first step (``step_one``; else ``""``: a per-task sweep compares its own first HVP with
+    reverse mode's, review s37R5 F1: a truncated sweep that never reaches step 1 was refused).
     ``support``: one task's support batch (or per-step batches)."""
     loop = InnerLoop(problem, PerTask(), support, None, 0, True)
     with loop.streams():
@@ -727,15 +733,19 @@ def fwdrev_disagreement(problem: Problem, support: Any) -> str:
         vec = tuple(torch.randn(p.shape, dtype=p.dtype, device="cpu").to(p.device) * (g != 0)
                     for p, g in zip(state.params, grads))
         try:
-            loop.hessian_vector(state, 1, vec)  # (a FwdRevError is raised: review s37LK F1, taken for
-        except FwdRevDisagrees as err:  # agreement, a failure here once let a wrong vmapped sweep run)
+            loop.hessian_vector(state, 1, vec)
+        except FwdRevError:  # (review s37LK F1: taken for agreement, a failure here once let a wrong
+            if step_one:  # vmapped sweep run)
+                raise
+            return ""
+        except FwdRevDisagrees as err:
             return err.why
     return ""
 
 
-def check_fwdrev_agrees(problem: Problem, support: Any) -> None:
+def check_fwdrev_agrees(problem: Problem, support: Any, step_one: bool = True) -> None:
     """Refuse forward-over-reverse where :func:`fwdrev_disagreement` finds a reason."""
-    why = fwdrev_disagreement(problem, support)
+    why = fwdrev_disagreement(problem, support, step_one)
     if why:
         raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
 
