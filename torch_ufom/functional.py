@@ -376,9 +376,7 @@ def _estimate_batch(problem: Problem, supports: Any, queries: Any, force, diagno
         try:
             plan = vectorised_plan(problem, supports, queries, diagnostics, known, truncations)
         except LookFailed as err:  # (review s37W2 F1: what the look missed is unknown)
-            plan = Plan(None, f"{err} during the library's look at the losses, which decides whether vmap "
-                        "is exact for them: the tasks run one by one (which raise it again if it recurs)",
-                        True, known)
+            plan = Plan(None, _failed_look(str(err)), True, known)
         reason, fallback, slow_ops = plan.reason, plan.fallback, plan.slow_ops
         done: List[Tuple[List[int], Estimate, float]] = []  # the groups that ran vectorised
         alone = ""
@@ -478,6 +476,12 @@ def _slow(what: Sequence[str]) -> str:
             "vectorise=True forces vmap)")
 
 
+def _failed_look(what: str) -> str:
+    """Why the loop runs where a loss failed during a look (``what``: which, and its error)."""
+    return (f"{what} during the library's look at the losses, which decides whether vmap is exact for "
+            "them: the tasks run one by one (which raise it again if it recurs)")
+
+
 def _wrong(what: Sequence[str]) -> str:
     return f"torch.func.vmap differentiates {', '.join(what)} wrongly"
 
@@ -566,9 +570,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     if auto and known.ops:
         return Plan(None, _slow(known.ops), False, known)
     if found.raised:  # (review s37W F1: a loss failing once in the look hid a NumPy draw after it)
-        return Plan(None, f"{found.raised} during the library's look at the losses, which decides whether "
-                    "vmap is exact for them: the tasks run one by one (which raise it again if it recurs)",
-                    True, known)
+        return Plan(None, _failed_look(found.raised), True, known)
     if reads_none:  # (vmap's own check would refuse it under another name: review IA F7; warned above)
         return Plan(None, "inner_loss reads none of the adapted parameters", False, known)
     if known.wrong:
