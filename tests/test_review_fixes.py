@@ -67,6 +67,7 @@ import types
 import warnings
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -6359,3 +6360,141 @@ def test_fwdrev_runs_a_truncated_sweep_whose_first_step_has_no_forward_formula()
         with pytest.raises(RuntimeError, match="at inner step 1"):
             torch_ufom.hypergrad(model, inner, loss, torch_ufom.StepBatches(steps), query, steps=2,
                                  inner_lr=0.1, mode="exact", hvp="fwdrev")
+
+
+class _Prox(torch_ufom.inner.InnerRule):
+    """p <- p - lr (g + lam (p - anchor)), the anchor kept in the state as init returns it."""
+    elementwise = True
+
+    def __init__(self, lr, lam, detach):
+        self.hyper, self.detach = {"lr": lr, "lam": lam}, detach
+        self._check_values()
+
+    def init(self, params):
+        return tuple(p.detach().clone() if self.detach else p.clone() for p in params.values())
+
+    def update(self, grads, state, params, h):
+        return {n: p - h["lr"] * (grads[n] + h["lam"] * (p - a))
+                for (n, p), a in zip(params.items(), state)}, tuple(state)
+
+
+@pytest.mark.parametrize("entry", ["hypergrad", "backward", "hypergrad_batch"])
+def test_an_init_whose_state_has_a_graph_is_refused_and_the_recipe_it_names_is_exact(entry):
+    # Review s38IR F1: init is not differentiated, and a proximal anchor init returned as params[n].clone()
+    # lost its path to phi_0 (4.5e-2 to 0.24 off, silently). Now refused by name; the proximal term in the
+    # inner loss reading the module's parameter (the message's recipe) is exact against a brute-force unroll.
+    from snapshot import assert_unchanged, capture
+    model, loss, data = mlp_problem(27)
+    (x, y), query = data[0], data[1]
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def run(rule, inner=loss):
+        if entry == "hypergrad":
+            return torch_ufom.hypergrad(model, inner, loss, (x, y), query, steps=3, inner=rule, mode="exact")
+        if entry == "hypergrad_batch":
+            return torch_ufom.hypergrad_batch(model, inner, loss, (x[None], y[None]),
+                                              tuple(t[None] for t in query), steps=3, inner=rule,
+                                              mode="exact")
+        meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3,
+                                        inner=rule, mode="exact")
+        before = capture(model, meta=meta)
+        try:
+            meta.backward(inner, loss, (x, y), query)
+        finally:
+            if getattr(rule, "detach", True) is False:
+                assert_unchanged(before)
+        return [p.grad for p in params]
+
+    with pytest.raises(ValueError, match=r"Invalid inner: _Prox.init returned a state that requires grad"):
+        run(_Prox(0.1, 0.5, detach=False))
+    assert all(p.grad is None for p in params)
+
+    def proximal(f, b):  # the anchor at the meta-parameters, read directly from the module
+        adapted = dict(f.named_parameters())
+        return loss(f, b) + 0.5 * 0.5 * sum(((adapted[n] - p) ** 2).sum() for n, p in zip(names, params))
+    got = run(torch_ufom.inner.SGD(0.1), proximal)
+    want = brute_force(model, proximal, loss, lambda j: (x, y), query, 3, 0.1, params, 3)
+    assert rel_err(got, want) < 1e-10
+    model.zero_grad(set_to_none=True)
+    run(_Prox(0.1, 0.5, detach=True))  # a constant anchor runs
+    # adapt differentiates nothing: it runs such an init
+    torch_ufom.adapt(model, loss, (x, y), steps=3, inner=_Prox(0.1, 0.5, detach=False))
+
+
+class _HalvedInPlace(torch_ufom.inner.InnerRule):
+    """SGD at half the rate, written into its gradient (where="grads") or a state it updates in place."""
+    elementwise = True
+
+    def __init__(self, lr, where):
+        self.hyper, self.where = {"lr": lr}, where
+        self._check_values()
+
+    def init(self, params):
+        return tuple(torch.zeros_like(p) for p in params.values())
+
+    def update(self, grads, state, params, h):
+        if self.where == "grads":
+            return {n: p - h["lr"] * grads[n].mul_(0.5) for n, p in params.items()}, tuple(state)
+        return ({n: p - h["lr"] * 0.5 * grads[n] for n, p in params.items()},
+                tuple(s.mul_(0.9).add_(grads[n] ** 2) for s, n in zip(state, params)))
+
+
+@pytest.mark.parametrize("where", ["grads", "state"])
+@pytest.mark.parametrize("mode", ["fom", "exact"])
+def test_an_update_writing_into_its_arguments_is_refused_by_name_and_changes_nothing(where, mode):
+    # Review s38IR F2 / F3: an update that wrote into its gradient argument with a learned rate halved
+    # d/dlr under fom (35-48 % off, silently; the stored gradient was halved again when the first-order VJP
+    # ran the update again); a write into the state raised autograd's message, naming neither.
+    from snapshot import assert_unchanged, capture
+    model, loss, data = mlp_problem(28)
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD([*model.parameters(), lr], lr=0.1), steps=3,
+                                    inner=_HalvedInPlace(lr, where), mode=mode)
+    before = capture(model, meta=meta)
+    said = r"grads\['0.weight'\]" if where == "grads" else "state|autograd: a leaf Variable"
+    with pytest.raises(ValueError, match=r"Invalid inner: _HalvedInPlace.update modified an argument in "
+                                         rf"place \(({said})"):
+        meta.backward(loss, loss, data[0], data[1])
+    assert_unchanged(before)
+    assert lr.grad is None
+
+
+@pytest.mark.parametrize("memory", ["store", "checkpoint"])
+def test_fwdrev_products_are_compared_and_watched_as_replays_are(memory):
+    # Review s38CU F1: forward-over-reverse's product of each exact step evaluates the step again (its batch
+    # fetched again); a j -> batch callable that gave another batch there (a draw from a generator no stream
+    # replays, at one middle step) was differentiated silently, 31-50 % off. Now the product's loss is
+    # compared with the step's, and its first evaluation per step is watched for such draws.
+    from snapshot import assert_unchanged, capture
+    model, loss, data = mlp_problem(29)
+    query = data[3]
+    params = list(model.parameters())
+    want = brute_force(model, loss, loss, lambda j: data[j], query, 3, 0.1, params, 3)
+    calls = collections.Counter()
+
+    def moved(j):  # step 1's batch moves at each call after the first: no draw to watch, another loss
+        calls[j] += 1
+        x, y = data[j]
+        return (x + 0.1 * (calls[j] - 1) * (j == 1), y)
+    g = torch.Generator().manual_seed(0)
+
+    def own(j):
+        x, y = data[j]
+        return (x + 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype) * (j == 1), y)
+
+    def host(j):
+        x, y = data[j]
+        return (x + 0.1 * torch.from_numpy(np.random.randn(*x.shape)) * (j == 1), y)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), 0.1, steps=3, mode="exact",
+                                    memory=memory, hvp="fwdrev")
+    for support, error in ((moved, "or a forward-over-reverse product"),
+                           (own, "draws from a torch.Generator of your own.*hvp='fwdrev' evaluates"),
+                           (host, "draws from NumPy's or Python's global.*hvp='fwdrev' evaluates")):
+        calls.clear()
+        before = capture(model, meta=meta)
+        with pytest.raises(RuntimeError, match=error):
+            meta.backward(loss, loss, support, query)
+        assert_unchanged(before)
+    meta.backward(loss, loss, lambda j: data[j], query)
+    assert rel_err([p.grad for p in params], want) < 1e-10

@@ -119,6 +119,9 @@ class SweepLog:
         self.again_rows: Optional[Tensor] = None  # which steps were evaluated again
         self.same_values: Optional[Tensor] = None  # ... from the forward pass's own state
         self.same_rows: Optional[Tensor] = None
+        self.product_values: Optional[Tensor] = None  # each step's loss as its fwdrev product computed it
+        self.product_steps: Optional[Tensor] = None  # ... as the step computed it
+        self.product_rows: Optional[Tensor] = None  # which steps ran a product
 
     def first(self, loss: Tensor, exact: bool = False) -> None:
         """A step of the forward pass (its finiteness is read from ``values`` at the end)."""
@@ -150,6 +153,24 @@ class SweepLog:
             self.same_values.select(0, j - 1).copy_(loss)
             self.same_rows.select(0, j - 1).fill_(True)
 
+    def product(self, loss: Tensor, step_loss: Tensor, j: int) -> None:
+        """Step ``j`` evaluated again by a forward-over-reverse product at the step's own
+        state and random stream: its loss must be the step's (``step_loss``), up to
+        rounding, or the product differentiated another function (a batch or a draw that
+        no stream replays, review s38CU F1). Kept for :meth:`replays`, no host read."""
+        if self.product_values is None:
+            self.product_values = torch.empty_like(self.values)
+            self.product_steps = torch.empty_like(self.values)
+            self.product_rows = torch.zeros(self.steps, dtype=torch.bool, device=self.values.device)
+        self.product_values.select(0, j - 1).copy_(loss)
+        self.product_steps.select(0, j - 1).copy_(step_loss)
+        self.product_rows.select(0, j - 1).fill_(True)
+
+    @property
+    def evaluated_again(self) -> bool:
+        """Whether some step was evaluated again (a replay, a rebuild or a product)."""
+        return self.again_values is not None or self.product_values is not None
+
     def replays(self) -> Tuple[Tensor, Tensor]:
         """``(finite, same)``, 0-d bool tensors: every loss evaluated again was finite, and
         each one evaluated at the forward pass's own state equal to the forward pass's up
@@ -159,16 +180,31 @@ class SweepLog:
         which no stream reseeds), and the exact sweep would have differentiated it. No
         step evaluated again: both true."""
         with torch.no_grad():
-            if self.again_values is None:
+            if not self.evaluated_again:
                 true = torch.ones((), dtype=torch.bool)
                 return true, true
             shape = (-1,) + (1,) * (self.values.dim() - 1)
-            again = torch.where(self.again_rows.view(shape), self.again_values, self.values)
-            finite = torch.isfinite(again).all()
-            same = torch.where(self.same_rows.view(shape), self.same_values, self.values)
             eps = torch.finfo(self.values.dtype).eps
-            close = torch.isclose(same, self.values, rtol=eps ** 0.5, atol=eps)
-            return finite, (close | ~torch.isfinite(same)).all()
+
+            def checked(rows, again, kept, compared_rows=None, compared=None):
+                # (every loss evaluated again finite, each compared one close to what it is compared with)
+                got = torch.where(rows.view(shape), again, self.values)
+                finite = torch.isfinite(got).all()
+                if compared_rows is not None:
+                    got = torch.where(compared_rows.view(shape), compared, kept)
+                close = torch.isclose(got, kept, rtol=eps ** 0.5, atol=eps)
+                return finite, (close | ~torch.isfinite(got)).all()
+
+            if self.again_values is not None:
+                finite, same = checked(self.again_rows, self.again_values, self.values, self.same_rows,
+                                       self.same_values)
+                if self.product_values is None:
+                    return finite, same
+            product = checked(self.product_rows, self.product_values,
+                              torch.where(self.product_rows.view(shape), self.product_steps, self.values))
+            if self.again_values is None:
+                return product
+            return finite & product[0], same & product[1]
 
     def _count(self, exact: bool) -> None:
         if exact:
@@ -180,7 +216,7 @@ class SweepLog:
         """A 0-d bool tensor: every inner loss reported so far was finite."""
         with torch.no_grad():
             ok = torch.isfinite(self.values[:self.count]).all()
-            return ok if self.again_values is None else ok & self.replays()[0]
+            return ok & self.replays()[0] if self.evaluated_again else ok
 
 
 def _values(t: Tensor) -> Tensor:
@@ -243,7 +279,7 @@ def _all_finite(log: SweepLog, outer: Tensor, grads: Sequence[Optional[Tensor]])
         if log.values is not None:
             tensors.append(log.values[:log.count])
         ok = finite_norms(tensors, device)
-        if log.again_values is not None:
+        if log.evaluated_again:
             finite, same = log.replays()
             ok = ok & (finite & same).to(device)
         return ok
@@ -270,16 +306,18 @@ def check_finite(log: SweepLog, est: "Estimate", step_function: bool = False) ->
     if not bool(finite):
         raise FloatingPointError(
             "inner_loss was finite on the forward pass but not when a step was evaluated again "
-            "(a replay or the exact sweep's rebuild): the loss must be a deterministic function of "
-            f"the parameters, the batch and the step's random stream.{anew}")
+            "(a replay, the exact sweep's rebuild or a forward-over-reverse product): the loss must "
+            "be a deterministic function of the parameters, the batch and the step's random "
+            f"stream.{anew}")
     if not bool(same):
         raise RuntimeError(
-            "inner_loss gave another value when a step was evaluated again (a replay or the exact "
-            "sweep's rebuild) than on the forward pass, so the sweep would differentiate another "
-            "function: the loss must be a deterministic function of the parameters, the batch and "
-            "the step's random stream. A random operation that draws from a torch.Generator of "
-            "your own (generator=...) is not replayed: draw from the global generator, or pass "
-            "memory='store', which replays nothing. A forward that draws nothing of its own but "
+            "inner_loss gave another value when a step was evaluated again (a replay, the exact "
+            "sweep's rebuild or a forward-over-reverse product) than on the forward pass, so the "
+            "sweep would differentiate another function: the loss must be a deterministic function "
+            "of the parameters, the batch and the step's random stream. A random operation that "
+            "draws from a torch.Generator of your own (generator=...) is not replayed: draw from the "
+            "global generator, or pass memory='store' and hvp='revrev', which evaluate each step "
+            "once. A forward that draws nothing of its own but "
             "sums in a varying order (CUDA's atomic kernels) differs by more than rounding only "
             "where the loss cancels most of its terms: torch.use_deterministic_algorithms(True) "
             "makes replays exact. A forward that writes a tensor in place (a layer clipping its own "
@@ -321,7 +359,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     r = loop.steps
     inv_p, c = telescope_weights(survival, K)
     log = SweepLog(r)
-    state = loop.initial_state()
+    state = loop.initial_state(differentiated=True)
     s0 = state
     # For an additive rule with no learned hyperparameter the first-order VJP is the
     # identity with no meta-parameter terms; for a rule with first_order_identity and no
@@ -398,6 +436,8 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
                 _add(theta_k, d_k)
             continue
         e, d_exact = rec.vjp_exact(e)
+        if rec.product_loss is not None:
+            log.product(rec.product_loss, rec.loss, rec.j)
         _add(theta, d_exact, inv_p[m])
         if theta_k is not None:
             _add(theta_k, d_exact)

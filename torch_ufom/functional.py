@@ -735,7 +735,7 @@ def fwdrev_disagreement(problem: Problem, support: Any, step_one: bool = True) -
         vec = tuple(torch.randn(p.shape, dtype=p.dtype, device="cpu").to(p.device) * (g != 0)
                     for p, g in zip(state.params, grads))
         try:
-            loop.hessian_vector(state, 1, vec)
+            loop.hessian_vector(state, 1, vec)  # (its loss: the look does not compare it)
         except FwdRevError:  # (review s37LK F1: taken for agreement, a failure here once let a wrong
             if step_one:  # vmapped sweep run)
                 raise

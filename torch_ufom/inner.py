@@ -12,7 +12,18 @@ parameter, e.g. learned per-parameter learning rates), or a :class:`PerStep`
 value that changes with the inner step (alone or inside such a dict). Tensors
 held by the outer optimizer are meta-parameters and receive hypergradients
 through ``update``, which must therefore be written with differentiable tensor
-ops and must not modify its arguments in place. A rule may also read learned
+ops and must not modify its arguments in place: a hypergradient's sweep keeps
+each step's arguments and differentiates the update at them again, so a rule of
+your own that writes into one (``grads[n].mul_(0.5)``, ``state[0].mul_(b)``) is
+refused with a ``ValueError`` naming the argument. ``init`` is not
+differentiated (the initial state is a constant of the inner loop): a
+hypergradient refuses a rule of your own whose ``init`` returns a state that
+requires grad (one computed from the parameters' values, a proximal anchor
+``params[n].clone()``, or from a learned hyperparameter); a constant anchor is
+``params[n].detach().clone()``, and an anchor at the meta-parameters is a
+proximal term in the inner loss that reads the module's own parameter, whose
+direct read the library differentiates. (``adapt`` and ``adapt_batch``, which
+differentiate nothing, run both.) A rule may also read learned
 tensors that are not hyperparameters (a learned optimiser's weights, which need
 not broadcast to the parameters), held as attributes (tensors, modules, or
 lists, tuples and dicts of them, where the estimator finds them) or elsewhere
@@ -68,13 +79,19 @@ of the class that holds it and of its bases: the library takes it
 KE F2), and below a built-in rule only where the built-in rule's own flag holds
 for the hyperparameters (weight decay breaks both; JD F3, KE F1). An
 instance's own value can only turn a shortcut off
-(``rule.first_order_additive = False``).
+(``rule.first_order_additive = False``). A declaration is not checked against
+the update's arithmetic: a wrong one (``first_order_additive`` on an update
+that scales the gradient by its running statistics, ``first_order_identity`` on
+one with weight decay, ``elementwise`` below on a global-norm clip) gives wrong
+hypergradients without a warning (review s38IR F4 measured 0.1-0.5 off); leave
+a flag you are not sure of unset, which costs speed only.
 
 The rules keep their step count in ``state[0]`` when they need it (momentum
-buffers, bias corrections, :class:`PerStep` values). ``update`` acts
-elementwise on the state, so it runs unchanged on a meta-batch's state
-stacked along a leading task dimension (the count then stays shared) and
-under ``torch.func.vmap`` over per-task states (each task's count is its own).
+buffers, bias corrections, :class:`PerStep` values). The built-in rules'
+``update`` acts elementwise on the state, so it runs unchanged on a meta-batch's
+state stacked along a leading task dimension (the count then stays shared); a
+meta-batch calls it there, outside ``torch.func.vmap``, so a reduction over a
+tensor (a norm) of a rule that declares ``elementwise`` would mix the tasks.
 """
 from __future__ import annotations
 

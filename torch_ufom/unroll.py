@@ -324,10 +324,10 @@ def _jvp_decompositions() -> None:
             pass
 
 
-def jvp(fn: Callable, primals: tuple, tangents: tuple):
+def jvp(fn: Callable, primals: tuple, tangents: tuple, has_aux: bool = False):
     """``torch.func.jvp``, its first call's import of torch's decompositions made quietly."""
     _jvp_decompositions()
-    return torch.func.jvp(fn, primals, tangents)
+    return torch.func.jvp(fn, primals, tangents, has_aux=has_aux)
 
 
 def reads_nothing(which: str) -> str:
@@ -345,6 +345,19 @@ REPLAY_DRAWS = (
     "other numbers than the forward pass did, so the sweep would differentiate another function. "
     "Draw from the global generator (each step's stream reseeds it), or pass memory='store', which "
     "evaluates each step once")
+
+
+FWDREV_DRAWS = (
+    "inner_loss or its batch draws from {what}, which no step's random stream replays: "
+    "hvp='fwdrev' evaluates each exact step's inner loss again for its Hessian-vector product (its "
+    "batch fetched again), and that evaluation would draw other numbers than the step did, so the "
+    "sweep would differentiate another function. Draw from torch's global generator (torch.rand, "
+    "torch.randn: each step's stream reseeds it), or pass hvp='revrev'")
+
+
+class FwdRevCannot(RuntimeError):
+    """Forward-over-reverse cannot run this loss (it draws what no stream replays): raised as
+    it is, not wrapped as a failure inside ``torch.func`` (:class:`FwdRevError`)."""
 
 
 COMPILED_REPLAY = (
@@ -1640,7 +1653,8 @@ class Evaluator(Protocol):
         without buffers (an evaluator may ignore it)."""
 
     def hvp(self, loop: "InnerLoop", state: State, batch: Any, vec: Tuple[Tensor, ...]):
-        """``H v`` of the inner loss at ``state.params`` by forward-over-reverse."""
+        """``(H v, loss)``: the inner loss's Hessian at ``state.params`` times ``vec`` by
+        forward-over-reverse, and the loss (detached) that evaluation computed."""
 
     def outer(self, loop: "InnerLoop", params: Tuple[Tensor, ...], state: State):
         """The outer loss (per task) at ``params`` (leaves that require grad), its aux
@@ -1671,8 +1685,8 @@ class Loop(Protocol):
     per_step: bool  # the batches are per step (a loss may do at some steps only what matters)
     step_function: bool  # they come from a callable j -> batch, called again where a step is
 
-    def initial_state(self) -> State:
-        """``s_0``."""
+    def initial_state(self, differentiated: bool = False) -> State:
+        """``s_0`` (``differentiated``: for a hypergradient, see :meth:`InnerLoop.initial_state`)."""
 
     def advance(self, state: State, j: int) -> Tuple[State, Tensor, Tuple[Tensor, ...]]:
         """Step ``j`` without a graph: ``(s_j, loss_j, g_j)``."""
@@ -1693,8 +1707,9 @@ class Loop(Protocol):
     def reduce(self, adjoint: Tensor) -> Tensor:
         """A shared initial parameter's adjoint from its state's adjoint."""
 
-    def hessian_vector(self, state: State, j: int, vec) -> Tuple[Tensor, ...]:
-        """``H v`` of step ``j``'s inner loss (forward-over-reverse)."""
+    def hessian_vector(self, state: State, j: int, vec) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        """``(H v, loss)`` of step ``j``'s inner loss (forward-over-reverse), the loss as
+        that evaluation computed it."""
 
     def gradient_graph(self, state: State, j: int) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
         """``(leaves, grads)``: step ``j``'s inner gradient taken with a graph at fresh leaves."""
@@ -1751,12 +1766,15 @@ class PerTask:
         return loss, grads, tuple(fm.buffers[n].detach() for n in loop.buffer_names) if fm.buffers else ()
 
     def hvp(self, loop, state, batch, vec):
-        """``H v`` of one task's inner loss by ``torch.func.jvp`` of its gradient (:meth:`Evaluator.hvp`)."""
+        """``(H v, loss)`` of one task's inner loss by ``torch.func.jvp`` of its gradient
+        (:meth:`Evaluator.hvp`)."""
         def loss_of(ps):
-            return loss_and_aux(watched_loss(loop, loop.fmodel(ps, state.buffers), batch), "inner_loss")[0]
+            loss = loss_and_aux(watched_loss(loop, loop.fmodel(ps, state.buffers), batch), "inner_loss")[0]
+            return loss, loss
 
         try:
-            return jvp(torch.func.grad(loss_of), (state.params,), (vec,))[1]
+            _, hv, loss = jvp(torch.func.grad(loss_of, has_aux=True), (state.params,), (vec,), has_aux=True)
+            return hv, loss
         except DifferentiatesUnderTransform:
             raise ValueError("Invalid hvp: 'fwdrev' cannot run a loss that calls torch.autograd.grad or "
                              "backward (here at a later step: a PINN's du/dx, a gradient penalty): "
@@ -2220,6 +2238,31 @@ def checked_update(rule: Any, out: Any, names: Sequence[str], params: Sequence[T
     return new_p, checked_rule_state(rule, new_opt, "update")
 
 
+def init_with_graph(rule: Any) -> str:
+    """The error for a rule of the user's whose ``init`` returned a state with a graph."""
+    return (f"Invalid inner: {type(rule).__name__}.init returned a state that requires grad: it computes "
+            "the state from the parameters' values (a proximal anchor, params[n].clone()) or from a "
+            "learned hyperparameter, and a hypergradient does not differentiate init (the initial "
+            "state is a constant of the inner loop). For an anchor at the meta-parameters, add the "
+            "proximal term to inner_loss, reading the module's own parameter (the library "
+            "differentiates a loss's direct read of a meta-parameter); for a constant one, return "
+            "params[n].detach().clone()")
+
+
+def inplace_update(rule: Any, what: str) -> str:
+    """The error for a rule of the user's whose ``update`` wrote into one of its arguments."""
+    return (f"Invalid inner: {type(rule).__name__}.update modified an argument in place {what}: the "
+            "sweep keeps the arguments of each step (the gradient, the state, the parameters) and "
+            "differentiates the update at them again, so a write into one changes what it "
+            "differentiates. Write the update out of place (state[i] * beta + g * g, not "
+            "state[i].mul_(beta).add_(g * g); g * 0.5, not grads[n].mul_(0.5))")
+
+
+def _versions(tensors: Sequence[Tensor]) -> List[int]:
+    """The tensors' version counters (``-1`` for an inference tensor, which keeps none)."""
+    return [-1 if t.is_inference() else t._version for t in tensors]
+
+
 def detached_update(rule: Any, names: Sequence[str]) -> str:
     """The error for a rule of the user's whose ``update`` returned the parameters
     ``names`` without a graph."""
@@ -2290,6 +2333,7 @@ class InnerLoop:
         if self.none_buffers:  # (what a swap noted before this loop: another call's)
             assigned_none_buffers().clear()
         self.hvp_checked = False  # a forward-over-reverse HVP was compared with reverse mode's
+        self.hvp_watched: set = set()  # the keys of the HVP evaluations watched for draws (hessian_vector)
         library = _library_code(rule)  # (asked once: it walks the rule's classes)
         self.own_rule = not library  # its update is looked at for a lost graph
         self.elementwise = library or elementwise_rule(rule)  # each parameter's update its own
@@ -2344,12 +2388,22 @@ class InnerLoop:
         self.marker, self.retain, self.retain_looked = sequence_marker(), False, False
 
     # -- state -----------------------------------------------------------------
-    def initial_state(self) -> State:
-        """``s_0``: the module's parameters, the rule's initial state, the module's buffers."""
+    def initial_state(self, differentiated: bool = False) -> State:
+        """``s_0``: the module's parameters, the rule's initial state, the module's buffers.
+        ``differentiated``: for a hypergradient, which does not differentiate ``init``: a
+        rule of the user's whose initial state has a graph (it reads the parameters' values,
+        a proximal anchor ``init`` returns as ``params[n].clone()``, or a learned
+        hyperparameter) is refused (review s38IR F1: 4.5e-2 to 0.24 off, silently)."""
         params = self.evaluator.stack(tuple(self.named[n].detach().clone() for n in self.names))
-        opt = self.rule.init(dict(zip(self.names, params)))
+        if not (self.own_rule and differentiated):
+            opt = self.rule.init(dict(zip(self.names, params)))
+        else:
+            with torch.enable_grad():
+                opt = self.rule.init({n: p.detach().requires_grad_() for n, p in zip(self.names, params)})
         if self.own_rule:
             opt = checked_rule_state(self.rule, opt, "init")
+            if differentiated and any(t.requires_grad for t in opt):
+                raise ValueError(init_with_graph(self.rule))
         buffers = tuple(b.detach() for _, b in self.module_buffers)
         return State(params, tuple(opt), buffers)
 
@@ -2561,9 +2615,24 @@ class InnerLoop:
             if not torch.is_grad_enabled():
                 return tuple(torch._foreach_add(state.params, grads, alpha=-self.plain_rate)), ()
             return tuple(p.add(g, alpha=-self.plain_rate) for p, g in zip(state.params, grads)), ()
-        out = self.rule.update(
-            dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
-            self.rule.hyper)
+        if self.own_rule:  # (review s38IR F2: a write into the gradient halved d/dlr under fom, silently)
+            args = (*grads, *state.opt, *state.params)
+            before = _versions(args)
+        try:
+            out = self.rule.update(
+                dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
+                self.rule.hyper)
+        except RuntimeError as err:  # (review s38IR F3: autograd's message named neither)
+            if self.own_rule and "leaf Variable that requires grad is being used in an in-place" in str(err):
+                raise ValueError(inplace_update(self.rule, f"(autograd: {err})")) from err
+            raise
+        if self.own_rule and _versions(args) != before:
+            i = next(i for i, (a, b) in enumerate(zip(_versions(args), before)) if a != b)
+            n, m = len(grads), len(state.opt)
+            what = f"grads[{self.names[i]!r}]" if i < n else f"state[{i - n}]" if i < n + m \
+                else f"params[{self.names[i - n - m]!r}]"
+            what = f"({what})"
+            raise ValueError(inplace_update(self.rule, what))
         if self.own_rule and not self.rule_checked:  # (the first step's: review s32O F4, 5 us a step)
             out = checked_update(self.rule, out, self.names, state.params)
             self.rule_checked = True
@@ -2723,16 +2792,42 @@ class InnerLoop:
         rec.linked = linked
         return rec
 
-    def hessian_vector(self, state: State, j: int, vec: Sequence[Optional[Tensor]]) -> Tuple[Tensor, ...]:
-        """``H v``: the Hessian of step ``j``'s inner loss at ``state.params`` times ``vec``,
-        by forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``), under
-        step ``j``'s random stream."""
+    def hessian_vector(self, state: State, j: int, vec: Sequence[Optional[Tensor]]
+                       ) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        """``(H v, loss)``: the Hessian of step ``j``'s inner loss at ``state.params`` times
+        ``vec``, by forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``), under
+        step ``j``'s random stream, and the loss that evaluation computed (detached), which
+        the sweep compares with the step's own (:meth:`SweepLog.product
+        <torch_ufom.estimators.SweepLog.product>`). The evaluation runs the step again (its
+        batch fetched again too): a per-task loop's first one, with per-step batches each
+        step's first, is watched for draws no stream replays, as replays are (review s38CU
+        F1: a ``j -> batch`` sampler drawing from a generator of the user's at one step gave
+        a 31 % wrong hypergradient, silently)."""
         params = tuple(p.detach() for p in state.params)
         vec = tuple(torch.zeros_like(p) if v is None else v.detach() for p, v in zip(params, vec))
+
+        def run():
+            return self.evaluator.hvp(self, State(params, state.opt, state.buffers), self.batch(j - 1), vec)
+
+        key = j if self.per_step else 0
+        watch = key not in self.hvp_watched and isinstance(self.evaluator, PerTask)
         with self.stream(j):
             try:
-                hv = self.evaluator.hvp(self, State(params, state.opt, state.buffers),
-                                        self.batch(j - 1), vec)
+                if not watch:
+                    hv, loss = run()
+                else:
+                    self.hvp_watched.add(key)
+                    host = host_random_states()
+                    (hv, loss), drew = self.draws_own_generator(run)
+                    anew = f". Or {SAMPLES_ANEW}" if self.step_function else ""
+                    if drew:
+                        raise FwdRevCannot(FWDREV_DRAWS.format(what="a torch.Generator of your own "
+                                                                    "(generator=...)") + anew)
+                    if host_random_states() != host:
+                        raise FwdRevCannot(FWDREV_DRAWS.format(what="NumPy's or Python's global random "
+                                                                    "generator (np.random, random)") + anew)
+            except FwdRevCannot:
+                raise
             except RuntimeError as err:
                 raise fwdrev_error(err, j) from err
         # Non-adapted parameters the losses read are leaves of autograd's graph (fwdrev is
@@ -2744,7 +2839,7 @@ class InnerLoop:
             rel, mixed = hvp_disagreement(hv, reverse)
             if rel:
                 raise FwdRevDisagrees(j, rel, mixed, self.step_function)
-        return hv
+        return hv, loss.detach()
 
     def reverse_hessian_vector(self, state: State, j: int, vec: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         """``H v`` of step ``j``'s inner loss by reverse mode (autograd on the step's
@@ -3005,6 +3100,7 @@ class StepRecord:
         self.grads = None if grads is None else tuple(g.detach() for g in grads)
         self.next_state = next_state
         self.linked = False  # whether it continues the previous record's graph (SweepPlan.connected)
+        self.product_loss: Optional[Tensor] = None  # the loss its forward-over-reverse HVP computed
 
     def release(self, keep_inputs: bool) -> None:
         """Drop this linked record's outputs (and its inputs unless ``keep_inputs``): a
@@ -3043,7 +3139,7 @@ class StepRecord:
             out = self.loop.apply_rule(g, self.leaves)
         got = _vjp(out[0] + out[1], inputs + list(g), e, self.loop.retain)
         u = got[len(inputs):]
-        hv = self.loop.hessian_vector(self.leaves, self.j, u)
+        hv, self.product_loss = self.loop.hessian_vector(self.leaves, self.j, u)
         n = len(self.leaves.params)
         params = [h if a is None else a + h for a, h in zip(got[:n], hv)]
         return self._split(params + got[n:len(inputs)])

@@ -1466,12 +1466,15 @@ class Vectorised:
         return loss, tuple(grads), state.buffers
 
     def hvp(self, loop, state, batch, vec):
-        """Every task's ``H v`` by ``vmap(jvp(grad))`` (:meth:`~torch_ufom.unroll.Evaluator.hvp`)."""
+        """Every task's ``(H v, loss)`` by ``vmap(jvp(grad))``
+        (:meth:`~torch_ufom.unroll.Evaluator.hvp`)."""
         def one(ps, vs, b):
             def loss_of(pp):
-                return loss_and_aux(watched_loss(loop, loop.fmodel(pp, state.buffers), b), "inner_loss")[0]
+                loss = loss_and_aux(watched_loss(loop, loop.fmodel(pp, state.buffers), b), "inner_loss")[0]
+                return loss, loss
 
-            return jvp(torch.func.grad(loss_of), (ps,), (vs,))[1]
+            _, hv, loss = jvp(torch.func.grad(loss_of, has_aux=True), (ps,), (vs,), has_aux=True)
+            return hv, loss
 
         return torch.func.vmap(one, randomness="different")(tuple(state.params), vec, batch)
 
