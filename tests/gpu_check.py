@@ -262,6 +262,19 @@ class Part:
 
 # -- problems --------------------------------------------------------------------------------
 
+class Recurrent(nn.Module):
+    """A two-layer ``nn.LSTM`` (batch_first), its last step through a linear head: on CUDA cuDNN's
+    RNN kernels, which have no double backward (the library's exact sweeps turn cuDNN off)."""
+
+    def __init__(self, width: int, out: int = 2):
+        super().__init__()
+        self.rnn = nn.LSTM(width, width, num_layers=2, batch_first=True)
+        self.head = nn.Linear(width, out)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
 class Encoder(nn.Module):
     """``nn.TransformerEncoderLayer`` (batch_first), mean-pooled, then a linear head."""
 
@@ -289,6 +302,7 @@ class Task:
     supports: Tuple[torch.Tensor, torch.Tensor]
     queries: Tuple[torch.Tensor, torch.Tensor]
     attention: bool = False
+    recurrent: bool = False
 
     def task(self, i: int = 0):
         """Task ``i``'s ``(support, query)``."""
@@ -303,7 +317,7 @@ class Problems:
 
     def make(self, name: str, dtype: torch.dtype, n: int = 1, seed: int = 0) -> Task:
         """Problem ``name``: ``mlp``, ``conv4`` (running statistics), ``conv4_nostats``,
-        ``conv4_dropout``, ``mlp_dropout``, ``transformer`` or ``transformer_dropout``."""
+        ``conv4_dropout``, ``mlp_dropout``, ``transformer``, ``transformer_dropout`` or ``lstm``."""
         s, dev = self.size, self.device
         g = torch.Generator().manual_seed(1000 + seed)
         if name.startswith("mlp"):
@@ -327,6 +341,13 @@ class Problems:
                 x = torch.randn(n, s.enc_batch, s.enc_seq, s.enc_width, generator=g, dtype=dtype)
                 return x.to(dev), torch.randn(n, s.enc_batch, 2, generator=g, dtype=dtype).to(dev)
             return Task(model, sq_loss, batch(), batch(), attention=True)
+        if name == "lstm":
+            model = seeded(seed, lambda: Recurrent(s.enc_width), dtype, dev)
+
+            def sequences():
+                x = torch.randn(n, s.enc_batch, s.enc_seq, s.enc_width, generator=g, dtype=dtype)
+                return x.to(dev), torch.randn(n, s.enc_batch, 2, generator=g, dtype=dtype).to(dev)
+            return Task(model, sq_loss, sequences(), sequences(), recurrent=True)
         raise ValueError(f"Invalid problem: {name!r}")
 
 
@@ -388,9 +409,14 @@ def math_kernel(on: bool):
     return sdpa_kernel(SDPBackend.MATH) if on else contextlib.nullcontext()
 
 
+def no_cudnn(on: bool):
+    """cuDNN off where the oracle differentiates an RNN twice (else nothing)."""
+    return torch.backends.cudnn.flags(enabled=False) if on else contextlib.nullcontext()
+
+
 # -- exactness ---------------------------------------------------------------------------------
 
-EXACT_MODELS = ("mlp", "conv4", "conv4_nostats", "transformer")
+EXACT_MODELS = ("mlp", "conv4", "conv4_nostats", "transformer", "lstm")
 MEMORIES = (("store", {}), ("recompute", {}), ("checkpoint", {"slots": 2}))
 
 
@@ -415,7 +441,7 @@ def _vs_oracle(probs: Problems, name: str, mode: str, steps: int) -> Dict:
     lr = torch.tensor(LR, dtype=torch.float64, device=probs.device, requires_grad=True)
     params = list(t.model.parameters()) + [lr]
     k = steps if mode == "exact" else 0
-    with math_kernel(t.attention):
+    with math_kernel(t.attention), no_cudnn(t.recurrent):
         want = brute_force(t.model, t.loss, t.loss, lambda j: support, query, steps, lr, params, k)
     errs = {}
     for memory, kw in MEMORIES:

@@ -6498,3 +6498,53 @@ def test_fwdrev_products_are_compared_and_watched_as_replays_are(memory):
         assert_unchanged(before)
     meta.backward(loss, loss, lambda j: data[j], query)
     assert rel_err([p.grad for p in params], want) < 1e-10
+
+
+def test_exact_sweeps_of_a_recurrent_module_run_without_cudnn_and_put_the_flag_back():
+    # Review s38CU F3: on CUDA nn.LSTM / nn.GRU / nn.RNN run cuDNN's kernels, which have no double backward
+    # (torch raises) and no forward-AD formula: every evaluation of a sweep that differentiates steps twice
+    # (exact, ufom's exact draws) now runs with cuDNN off for a module holding a recurrent layer; first-order
+    # sweeps keep it. On the CPU the flag changes no kernel: this checks where it is off, and that it is back.
+    torch.manual_seed(30)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+    net = Net().double()
+    seen = []
+
+    def loss(f, b):
+        seen.append(torch.backends.cudnn.enabled)
+        return ((f(b[0]) - b[1]) ** 2).mean()
+    support = (torch.randn(5, 6, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    query = (torch.randn(5, 6, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    assert torch.backends.cudnn.enabled
+    for mode, off in (("exact", True), ("fom", False)):
+        seen.clear()
+        got = torch_ufom.hypergrad(net, loss, loss, support, query, steps=2, inner_lr=0.1, mode=mode,
+                                   memory="recompute")
+        assert seen and set(seen[-4:]) == {not off}  # (the sweep's last evaluations; a look may come first)
+        assert torch.backends.cudnn.enabled
+        want = brute_force(net, loss, loss, lambda j: support, query, 2, 0.1, list(net.parameters()),
+                           2 if mode == "exact" else 0)
+        assert rel_err(got, want) < 1e-10
+
+
+def test_a_call_refused_after_its_look_puts_back_the_attributes_hooks_recompute():
+    # Review s38M F1: hvp='fwdrev' on a legacy (hook-based) spectral_norm in train mode is refused after the
+    # look ran the losses, and the layer's hook-computed `weight` kept the look's tensor, with a graph
+    # (copy.deepcopy of the module then raised). The look now puts such attributes back.
+    torch.manual_seed(31)
+    net = nn.Sequential(nn.utils.spectral_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        net(torch.randn(2, 3, dtype=torch.float64))
+    before = net[0].weight
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="'fwdrev' needs a module whose losses write no buffers"):
+        torch_ufom.hypergrad(net, mse, mse, (x, y), (x, y), steps=2, inner_lr=0.1, mode="exact", hvp="fwdrev")
+    assert net[0].weight is before and net[0].weight.grad_fn is None
+    copy.deepcopy(net)

@@ -1523,13 +1523,22 @@ def probe_batches(support: Any, steps: int, arg: str = "support") -> List[Any]:
     return batches
 
 
+def cuda_devices_in_use() -> List[int]:
+    """Every CUDA device's index once CUDA is initialised, else none: the devices whose global
+    generators a call saves, reseeds per step and restores (review s38CU F2: those of the
+    parameters' devices only missed a loss drawing on another, a model on cuda:1 whose loss
+    draws with device="cuda"). A generator's state lives on the host: reading or setting it
+    makes no device context."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
 @contextlib.contextmanager
 def _random_states_kept():
     """Put torch's global generators (the CPU's and those of the CUDA devices in use) and
     NumPy's and Python's back as they were on leaving (review s35C F1: a look calling a
     ``j -> batch`` callable that samples moved the program's stream on a successful call,
     ``generator=`` given or not, and under ``ufom`` on exact draws only)."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    devices = cuda_devices_in_use()
     host = host_random_states()
     try:
         with torch.random.fork_rng(devices=devices):
@@ -2296,7 +2305,11 @@ class InnerLoop:
         math_attention: run attention under the math kernel in every
             evaluation (forward, replays, rebuilds): set for sweeps that rebuild
             steps with a graph, since the fused kernels have no double backward
-            and draw their dropout masks differently.
+            and draw their dropout masks differently; for a module holding a
+            recurrent layer (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``) cuDNN is off in
+            them too (its RNN kernels have neither a double backward nor a
+            forward-AD formula, and draw their inter-layer dropout from a state of
+            their own; review s38CU F3).
 
     ``problem.hvp`` says how an exact reverse step gets its Hessian-vector
     product: ``"revrev"`` (the step is recorded with a graph of its inner
@@ -2366,8 +2379,9 @@ class InnerLoop:
         self.meta = [t for t in problem.params if t.requires_grad]
         self.learned_hyper = reads_meta(rule, self.meta, {n: self.named[n] for n in self.names},
                                         problem.config.steps)
-        self.cuda_devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
+        self.cuda_devices = cuda_devices_in_use()
         self.math_attention = math_attention
+        self.recurrent = math_attention and any(isinstance(m, nn.RNNBase) for m in module.modules())
         self.plain_rate = rule.plain_rate
         self.rule_checked = False  # its output's contract, checked at the first step (checked_update)
         # A sparse gradient (nn.Embedding(sparse=True)) goes through an additive rule's
@@ -2421,7 +2435,8 @@ class InnerLoop:
         """Save the global random state, run the body, restore it: whoever runs the
         loop's steps wraps them in this once (each step seeds its own stream). Calls in
         several threads take turns (:data:`_PROCESS_STATE`). With
-        ``math_attention`` the body runs under the math attention kernel. The body
+        ``math_attention`` the body runs under the math attention kernel (and, for a
+        module holding a recurrent layer, without cuDNN). The body
         runs without ``nn.MultiheadAttention``'s inference fast path: under ``vmap``
         the parameters hide ``requires_grad``, and in ``eval()`` mode the layer
         would take that path, which has no derivative."""
@@ -2430,6 +2445,7 @@ class InnerLoop:
             cuda = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
             try:
                 with (_math_attention() if self.math_attention else contextlib.nullcontext()), \
+                        (_no_cudnn() if self.recurrent else contextlib.nullcontext()), \
                         _no_attention_fastpath():
                     yield
             finally:
@@ -2940,6 +2956,18 @@ def _no_attention_fastpath():
         yield
     finally:
         mha.set_fastpath_enabled(before)
+
+
+@contextlib.contextmanager
+def _no_cudnn():
+    """Turn cuDNN off for the body (its other flags as they were), whatever it was before
+    (``torch.backends.cudnn.flags`` would reset the others to their defaults)."""
+    before = torch._C._get_cudnn_enabled()
+    torch._C._set_cudnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_cudnn_enabled(before)
 
 
 def _math_attention():

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, from_torch_func,
+from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, cuda_devices_in_use,
+                     from_torch_func,
                      generator_position, graph_nodes, graph_reaches, graph_survey, host_random_states,
                      is_default_generator, jvp, loss_and_aux, note_probed, once_differentiable,
                      outside_transforms, renormalises_weights, root_of, set_host_random_states, watched_loss,
@@ -780,6 +781,16 @@ def _probe_params(module: nn.Module, adapted) -> Dict[str, Tensor]:
 
 def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, adapted=None,
           node_hooks: bool = True) -> Probe:
+    """:func:`_probe`, the attributes that hooks recompute put back after it, whatever it raised."""
+    recomputed = _recomputed(module)
+    try:
+        return _probe(module, inner_loss, batch, outer_loss, query, adapted, node_hooks)
+    finally:
+        _put_back_recomputed(recomputed)
+
+
+def _probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, adapted=None,
+           node_hooks: bool = True) -> Probe:
     """One evaluation of the inner loss at detached copies of the module's parameters
     (requiring gradients as the parameters do, so that a loss that differentiates runs),
     with the random states restored: what decides how a sweep may run.
@@ -888,6 +899,24 @@ def probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ada
     if alive:
         found = found._replace(kept=_attributes_holding(module, alive) or "elsewhere")
     return found
+
+
+def _recomputed(module: nn.Module) -> List[Tuple[nn.Module, str, Any]]:
+    """``(submodule, key, value)`` of each attribute that one of torch's hook-based
+    reparametrizations recomputes before every forward (``prune``'s and the legacy
+    ``weight_norm``'s and ``spectral_norm``'s ``weight``), which :func:`_put_back_attributes`
+    leaves as a forward set it: a look puts them back (:func:`_put_back_recomputed`)."""
+    return [(sub, key, sub.__dict__[key]) for sub in module.modules() for h in sub._forward_pre_hooks.values()
+            for key in (getattr(h, "name", None), getattr(h, "_tensor_name", None))
+            if isinstance(key, str) and key in sub.__dict__]
+
+
+def _put_back_recomputed(saved: List[Tuple[nn.Module, str, Any]]) -> None:
+    """Put back what :func:`_recomputed` saved: after a look they held the look's tensors,
+    with a graph (review s38M F1: a call refused after its look left them so, and
+    ``copy.deepcopy`` of the module then raised)."""
+    for sub, key, value in saved:
+        sub.__dict__[key] = value
 
 
 def _attributes_holding(module: nn.Module, ids: set) -> str:
@@ -1299,8 +1328,9 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
 
 
 def _cuda_devices(module: nn.Module) -> List[int]:
-    """The CUDA devices ``module``'s parameters are on, for ``torch.random.fork_rng``."""
-    return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    """The CUDA devices whose generators a look forks (``torch.random.fork_rng``): every one
+    in use (:func:`~torch_ufom.unroll.cuda_devices_in_use`), not only ``module``'s."""
+    return cuda_devices_in_use()
 
 
 @contextlib.contextmanager
@@ -1352,7 +1382,7 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
     batch = fresh(batch)  # (a forward that writes its input writes the copy)
     devices = _cuda_devices(module)
     aten = _AtenProbe() if generators else contextlib.nullcontext()  # for the user's generators
-    attributes = _attributes(module)
+    attributes, recomputed = _attributes(module), _recomputed(module)
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), aten:
             out = inner_loss(fm, batch)
@@ -1362,6 +1392,7 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
         if generators:
             aten.restore()
         _put_back_attributes(attributes, fm)  # (a memo of these copies would hide the sweep's own)
+        _put_back_recomputed(recomputed)
     try:
         return loss_and_aux(out, "inner_loss")[0]
     except (TypeError, ValueError) as err:  # (review s37LK F2: taken for "nothing found", 4.3e-2 off)
