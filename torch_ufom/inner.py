@@ -23,7 +23,7 @@ requires grad (one computed from the parameters' values, a proximal anchor
 ``params[n].detach().clone()``, and an anchor at the meta-parameters is a
 proximal term in the inner loss that reads the module's own parameter, whose
 direct read the library differentiates. (``adapt`` and ``adapt_batch``, which
-differentiate nothing, run both.) A rule may also read learned
+differentiate nothing, run such an ``init``; they refuse the writes too.) A rule may also read learned
 tensors that are not hyperparameters (a learned optimiser's weights, which need
 not broadcast to the parameters), held as attributes (tensors, modules, or
 lists, tuples and dicts of them, where the estimator finds them) or elsewhere
