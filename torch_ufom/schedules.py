@@ -625,9 +625,15 @@ def _storage(t: Tensor) -> Tuple[int, int]:
         return parts[1][0], sum(size for _, size in parts)
     try:
         storage = t.untyped_storage()
-        return storage.data_ptr(), storage.nbytes()
+        size = storage.nbytes()
+        if storage.device.type == "cuda":  # (review s38CU F4: CUDA's caching allocator hands out blocks
+            size = -(-size // _CUDA_BLOCK) * _CUDA_BLOCK  # of whole 512-byte units)
+        return storage.data_ptr(), size
     except (RuntimeError, NotImplementedError):  # no plain storage (a wrapper subclass)
         return id(t), t.numel() * t.element_size()
+
+
+_CUDA_BLOCK = 512  # the CUDA caching allocator's rounding of every block (kMinBlockSize)
 
 
 def _bytes(tensors: List[Tensor], skip: set) -> int:
