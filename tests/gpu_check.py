@@ -779,7 +779,10 @@ class SyncCounter(TorchDispatchMode):
 
 SYNC_CASES = (("mlp", "fom", {}), ("mlp", "ufom K=0", {"force": 0}),
               ("mlp", "ufom K=steps", {"force": "steps"}),
-              ("mlp_dropout", "exact checkpoint (dropout)", {"slots": 2}))
+              ("mlp_dropout", "exact checkpoint (dropout)", {"slots": 2}),
+              # (review s38CU F5: the paths the docs give more reads: fwdrev, a learned rate on the device)
+              ("mlp", "exact fwdrev", {"hvp": "fwdrev"}),
+              ("mlp", "exact learned inner_lr", {"learned": True}))
 
 
 def sync(part: Part, probs: Problems) -> None:
@@ -794,7 +797,10 @@ def _syncs(probs: Problems, name: str, label: str, kw: Dict) -> Dict:
     support, query = t.task()
     mode = label.split()[0]
     force = {"steps": steps}.get(kw.get("force"), kw.get("force"))
-    extra = {"slots": kw["slots"]} if "slots" in kw else {}
+    extra = {k: kw[k] for k in ("slots", "hvp") if k in kw}
+    if kw.get("learned"):
+        lr = torch.tensor(LR, dtype=torch.float32, device=probs.device, requires_grad=True)
+        extra.update(params=list(t.model.parameters()) + [lr], inner_lr=lr)
     meta = meta_opt(t.model, steps, mode=mode, q=0.1, generator=torch.Generator().manual_seed(1),
                     **extra)
 
