@@ -6406,7 +6406,7 @@ def test_an_init_whose_state_has_a_graph_is_refused_and_the_recipe_it_names_is_e
                 assert_unchanged(before)
         return [p.grad for p in params]
 
-    with pytest.raises(ValueError, match=r"Invalid inner: _Prox.init returned a state that requires grad"):
+    with pytest.raises(ValueError, match=r"Invalid inner: _Prox.init returned a state whose derivative"):
         run(_Prox(0.1, 0.5, detach=False))
     assert all(p.grad is None for p in params)
 
@@ -6489,7 +6489,7 @@ def test_fwdrev_products_are_compared_and_watched_as_replays_are(memory):
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(params, lr=0.1), 0.1, steps=3, mode="exact",
                                     memory=memory, hvp="fwdrev")
     for support, error in ((moved, "or a forward-over-reverse product"),
-                           (own, "draws from a torch.Generator of your own.*hvp='fwdrev' evaluates"),
+                           (own, "or a forward-over-reverse product"),
                            (host, "draws from NumPy's or Python's global.*hvp='fwdrev' evaluates")):
         calls.clear()
         before = capture(model, meta=meta)
@@ -6497,6 +6497,14 @@ def test_fwdrev_products_are_compared_and_watched_as_replays_are(memory):
             meta.backward(loss, loss, support, query)
         assert_unchanged(before)
     meta.backward(loss, loss, lambda j: data[j], query)
+    assert rel_err([p.grad for p in params], want) < 1e-10
+
+    def seeded(j):  # (review s38R F1: a sampler seeding a fresh generator per step is deterministic: it runs)
+        x, y = data[j]
+        return (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(j), dtype=x.dtype), y)
+    meta.zero_grad()
+    meta.backward(loss, loss, seeded, query)
+    want = brute_force(model, loss, loss, seeded, query, 3, 0.1, params, 3)
     assert rel_err([p.grad for p in params], want) < 1e-10
 
 
@@ -6548,3 +6556,39 @@ def test_a_call_refused_after_its_look_puts_back_the_attributes_hooks_recompute(
         torch_ufom.hypergrad(net, mse, mse, (x, y), (x, y), steps=2, inner_lr=0.1, mode="exact", hvp="fwdrev")
     assert net[0].weight is before and net[0].weight.grad_fn is None
     copy.deepcopy(net)
+
+
+class _InitOf(torch_ufom.inner.InnerRule):
+    """Plain SGD whose state is what ``make`` returns from the parameters (the state unused)."""
+    elementwise = True
+
+    def __init__(self, lr, make):
+        self.hyper, self.make = {"lr": lr}, make
+        self._check_values()
+
+    def init(self, params):
+        return tuple(self.make(p) for p in params.values())
+
+    def update(self, grads, state, params, h):
+        return {n: p - h["lr"] * grads[n] for n, p in params.items()}, tuple(state)
+
+
+@pytest.mark.parametrize("make", ["zeros", "times_zero", "zeroed_clone", "leaf", "numpy", "itself", "clone"])
+def test_an_init_is_refused_by_its_derivative_not_by_its_graph(make):
+    # Review s38R F2 / F3 (regressions of f6f94cd): a constant state that happens to have a graph (p * 0,
+    # p.clone().zero_()) or to require grad was refused, and an init reading p.numpy() failed inside autograd;
+    # an anchor at the parameter itself (no graph: the tensor) must be refused as its clone is.
+    makes = {"zeros": torch.zeros_like, "times_zero": lambda p: p * 0,
+             "zeroed_clone": lambda p: p.clone().zero_(),
+             "leaf": lambda p: torch.zeros_like(p).requires_grad_(),
+             "numpy": lambda p: torch.from_numpy(p.numpy() * 0), "itself": lambda p: p, "clone": torch.clone}
+    model, loss, data = mlp_problem(32)
+    params = list(model.parameters())
+    run = functools.partial(torch_ufom.hypergrad, model, loss, loss, data[0], data[1], steps=2,
+                            inner=_InitOf(0.1, makes[make]), mode="exact")
+    if make in ("itself", "clone"):
+        with pytest.raises(ValueError, match="init returned a state whose derivative"):
+            run()
+        return
+    want = brute_force(model, loss, loss, lambda j: data[0], data[1], 2, 0.1, params, 2)
+    assert rel_err(run(), want) < 1e-12

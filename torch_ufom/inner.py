@@ -15,11 +15,14 @@ through ``update``, which must therefore be written with differentiable tensor
 ops and must not modify its arguments in place: a hypergradient's sweep keeps
 each step's arguments and differentiates the update at them again, so a rule of
 your own that writes into one (``grads[n].mul_(0.5)``, ``state[0].mul_(b)``) is
-refused with a ``ValueError`` naming the argument. ``init`` is not
-differentiated (the initial state is a constant of the inner loop): a
-hypergradient refuses a rule of your own whose ``init`` returns a state that
-requires grad (one computed from the parameters' values, a proximal anchor
-``params[n].clone()``, or from a learned hyperparameter); a constant anchor is
+refused with a ``ValueError`` naming the argument (a write through ``.data``,
+which autograd does not see, is not caught: it gives wrong hypergradients).
+``init`` is not differentiated (the initial state is a constant of the inner
+loop): a hypergradient refuses a rule of your own whose ``init`` returns a
+state with a derivative with respect to the parameters or a learned tensor (a
+proximal anchor ``params[n].clone()``, a state from a learned rate; ``init``
+gets copies that require grad, and a constant with a graph, ``p * 0``, passes);
+a constant anchor is
 ``params[n].detach().clone()``, and an anchor at the meta-parameters is a
 proximal term in the inner loss that reads the module's own parameter, whose
 direct read the library differentiates. (``adapt`` and ``adapt_batch``, which

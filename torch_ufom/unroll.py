@@ -348,11 +348,13 @@ REPLAY_DRAWS = (
 
 
 FWDREV_DRAWS = (
-    "inner_loss or its batch draws from {what}, which no step's random stream replays: "
-    "hvp='fwdrev' evaluates each exact step's inner loss again for its Hessian-vector product (its "
-    "batch fetched again), and that evaluation would draw other numbers than the step did, so the "
-    "sweep would differentiate another function. Draw from torch's global generator (torch.rand, "
-    "torch.randn: each step's stream reseeds it), or pass hvp='revrev'")
+    "inner_loss or its batch draws from NumPy's or Python's global random generator (np.random, "
+    "random), which no step's random stream replays: hvp='fwdrev' evaluates each exact step's inner "
+    "loss again for its Hessian-vector product (its batch fetched again), and that evaluation would "
+    "draw other numbers than the step did, so the sweep would differentiate another function (a draw "
+    "that only decides what to log is refused too, as for replays: the library cannot tell it "
+    "apart). Draw from torch's global generator (torch.rand, torch.randn: each step's stream reseeds "
+    "it), or pass hvp='revrev'")
 
 
 class FwdRevCannot(RuntimeError):
@@ -2249,10 +2251,10 @@ def checked_update(rule: Any, out: Any, names: Sequence[str], params: Sequence[T
 
 def init_with_graph(rule: Any) -> str:
     """The error for a rule of the user's whose ``init`` returned a state with a graph."""
-    return (f"Invalid inner: {type(rule).__name__}.init returned a state that requires grad: it computes "
-            "the state from the parameters' values (a proximal anchor, params[n].clone()) or from a "
-            "learned hyperparameter, and a hypergradient does not differentiate init (the initial "
-            "state is a constant of the inner loop). For an anchor at the meta-parameters, add the "
+    return (f"Invalid inner: {type(rule).__name__}.init returned a state whose derivative with respect "
+            "to the parameters (a proximal anchor, params[n] or params[n].clone()) or to a learned "
+            "tensor is not zero, and a hypergradient does not differentiate init (the initial state is "
+            "a constant of the inner loop). For an anchor at the meta-parameters, add the "
             "proximal term to inner_loss, reading the module's own parameter (the library "
             "differentiates a loss's direct read of a meta-parameter); for a constant one, return "
             "params[n].detach().clone()")
@@ -2409,17 +2411,47 @@ class InnerLoop:
         a proximal anchor ``init`` returns as ``params[n].clone()``, or a learned
         hyperparameter) is refused (review s38IR F1: 4.5e-2 to 0.24 off, silently)."""
         params = self.evaluator.stack(tuple(self.named[n].detach().clone() for n in self.names))
-        if not (self.own_rule and differentiated):
+        opt = None
+        if self.own_rule and differentiated:
+            opt = self._init_checked(params)
+        if opt is None:
             opt = self.rule.init(dict(zip(self.names, params)))
-        else:
-            with torch.enable_grad():
-                opt = self.rule.init({n: p.detach().requires_grad_() for n, p in zip(self.names, params)})
         if self.own_rule:
             opt = checked_rule_state(self.rule, opt, "init")
-            if differentiated and any(t.requires_grad for t in opt):
-                raise ValueError(init_with_graph(self.rule))
         buffers = tuple(b.detach() for _, b in self.module_buffers)
         return State(params, tuple(opt), buffers)
+
+    def _init_checked(self, params: Tuple[Tensor, ...]) -> Optional[Tuple[Tensor, ...]]:
+        """A rule of the user's ``init`` at copies of ``params`` that require grad: its state,
+        each entry with a graph detached, unless that graph carries a derivative of the
+        parameters or of a learned tensor (a random cotangent's VJP not zero: a proximal
+        anchor ``params[n].clone()``, a state from a learned rate), which a hypergradient
+        would drop (review s38IR F1: 4.5e-2 to 0.24 off): then a ``ValueError``. A constant
+        that happens to have a graph (``p * 0``, ``p.clone().zero_()``) passes (review s38R
+        F2). ``None`` where ``init`` fails on tensors that require grad (one reading
+        ``p.numpy()``, which reads values only: a constant; review s38R F3): the caller
+        runs it as before, at ``params``."""
+        leaves = tuple(p.detach().requires_grad_() for p in params)
+        try:
+            with torch.enable_grad():
+                opt = checked_rule_state(self.rule, self.rule.init(dict(zip(self.names, leaves))), "init")
+        except RuntimeError:
+            return None
+        if any(t is leaf for t in opt for leaf in leaves):  # (the parameter itself: an anchor at it)
+            raise ValueError(init_with_graph(self.rule))
+        graphed = [t for t in opt if t.grad_fn is not None]
+        if graphed:
+            inputs = list(leaves) + self.meta
+            g = torch.Generator().manual_seed(0)  # (its own: the global streams stay as they are)
+            cotangents = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
+                          if t.is_floating_point() else None for t in graphed]
+            pairs = [(t, c) for t, c in zip(graphed, cotangents) if c is not None]
+            got = torch.autograd.grad([t for t, _ in pairs], inputs, [c for _, c in pairs],
+                                      allow_unused=True) if pairs else ()
+            if any(d is not None and bool(d.ne(0).any()) for d in got):
+                raise ValueError(init_with_graph(self.rule))
+        # (a leaf the init made to require grad, zeros_like(p).requires_grad_(), is left as it was)
+        return tuple(t.detach() if t.grad_fn is not None else t for t in opt)
 
     def fmodel(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> FunctionalModel:
         """A :class:`FunctionalModel` at ``params``, with fresh copies of ``buffers``."""
@@ -2816,9 +2848,10 @@ class InnerLoop:
         the sweep compares with the step's own (:meth:`SweepLog.product
         <torch_ufom.estimators.SweepLog.product>`). The evaluation runs the step again (its
         batch fetched again too): a per-task loop's first one, with per-step batches each
-        step's first, is watched for draws no stream replays, as replays are (review s38CU
-        F1: a ``j -> batch`` sampler drawing from a generator of the user's at one step gave
-        a 31 % wrong hypergradient, silently)."""
+        step's first, is watched for draws from NumPy's and Python's generators, which no
+        stream replays, as replays are (review s38CU F1: a ``j -> batch`` sampler drawing
+        from a generator of the user's at one step gave a 31 % wrong hypergradient,
+        silently)."""
         params = tuple(p.detach() for p in state.params)
         vec = tuple(torch.zeros_like(p) if v is None else v.detach() for p, v in zip(params, vec))
 
@@ -2832,16 +2865,16 @@ class InnerLoop:
                 if not watch:
                     hv, loss = run()
                 else:
+                    # (NumPy's and Python's generators only: a torch.Generator of the loss's own is
+                    # refused before the sweep, and one a j -> batch callable draws from changes the
+                    # batch, which the loss comparison sees; a sampler seeding a fresh one per step is
+                    # deterministic, review s38R F1)
                     self.hvp_watched.add(key)
                     host = host_random_states()
-                    (hv, loss), drew = self.draws_own_generator(run)
+                    hv, loss = run()
                     anew = f". Or {SAMPLES_ANEW}" if self.step_function else ""
-                    if drew:
-                        raise FwdRevCannot(FWDREV_DRAWS.format(what="a torch.Generator of your own "
-                                                                    "(generator=...)") + anew)
                     if host_random_states() != host:
-                        raise FwdRevCannot(FWDREV_DRAWS.format(what="NumPy's or Python's global random "
-                                                                    "generator (np.random, random)") + anew)
+                        raise FwdRevCannot(FWDREV_DRAWS + anew)
             except FwdRevCannot:
                 raise
             except RuntimeError as err:
