@@ -6592,3 +6592,29 @@ def test_an_init_is_refused_by_its_derivative_not_by_its_graph(make):
         return
     want = brute_force(model, loss, loss, lambda j: data[0], data[1], 2, 0.1, params, 2)
     assert rel_err(run(), want) < 1e-12
+
+
+def test_the_init_check_sees_complex_states_and_a_retried_init_draws_and_is_checked_as_the_first():
+    # Review s38R2 F1-F3 (holes in 2d162c6's check): a complex state depending on the parameters was taken for
+    # a constant (6.3e-2 off); an init failing on tensors that require grad (p.numpy()) ran again unchecked, a
+    # state from the learned rate passing (8.6e-2 off), and drew from torch's generator twice.
+    model, loss, data = mlp_problem(33)
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    params = [*model.parameters(), lr]
+    run = functools.partial(torch_ufom.hypergrad, model, loss, loss, data[0], data[1], steps=2, mode="exact",
+                            params=params)
+    for make in (lambda p: p.to(torch.complex128) * 1j,
+                 lambda p: torch.as_tensor(p.numpy()) * 0 + lr):
+        with pytest.raises(ValueError, match="init returned a state whose derivative"):
+            run(inner=_InitOf(lr, make))
+
+    def drawn(p, read):
+        out = 0.1 * torch.randn_like(p)
+        if read:
+            p.numpy()  # (values only; raises on a tensor that requires grad)
+        return out
+    got = []
+    for read in (False, True):
+        torch.manual_seed(0)
+        got.append(run(inner=_InitOf(lr, functools.partial(drawn, read=read))))
+    assert all(torch.equal(a, b) for a, b in zip(*got))

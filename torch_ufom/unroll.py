@@ -2311,7 +2311,8 @@ class InnerLoop:
             recurrent layer (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``) cuDNN is off in
             them too (its RNN kernels have neither a double backward nor a
             forward-AD formula, and draw their inter-layer dropout from a state of
-            their own; review s38CU F3).
+            their own; review s38CU F3): the process-wide flag, so the model's
+            convolutions run without cuDNN there as well (review s38R2 F4).
 
     ``problem.hvp`` says how an exact reverse step gets its Hessian-vector
     product: ``"revrev"`` (the step is recorded with a graph of its inner
@@ -2411,43 +2412,48 @@ class InnerLoop:
         a proximal anchor ``init`` returns as ``params[n].clone()``, or a learned
         hyperparameter) is refused (review s38IR F1: 4.5e-2 to 0.24 off, silently)."""
         params = self.evaluator.stack(tuple(self.named[n].detach().clone() for n in self.names))
-        opt = None
         if self.own_rule and differentiated:
             opt = self._init_checked(params)
-        if opt is None:
+        else:
             opt = self.rule.init(dict(zip(self.names, params)))
         if self.own_rule:
             opt = checked_rule_state(self.rule, opt, "init")
         buffers = tuple(b.detach() for _, b in self.module_buffers)
         return State(params, tuple(opt), buffers)
 
-    def _init_checked(self, params: Tuple[Tensor, ...]) -> Optional[Tuple[Tensor, ...]]:
+    def _init_checked(self, params: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
         """A rule of the user's ``init`` at copies of ``params`` that require grad: its state,
         each entry with a graph detached, unless that graph carries a derivative of the
         parameters or of a learned tensor (a random cotangent's VJP not zero: a proximal
         anchor ``params[n].clone()``, a state from a learned rate), which a hypergradient
         would drop (review s38IR F1: 4.5e-2 to 0.24 off): then a ``ValueError``. A constant
         that happens to have a graph (``p * 0``, ``p.clone().zero_()``) passes (review s38R
-        F2). ``None`` where ``init`` fails on tensors that require grad (one reading
-        ``p.numpy()``, which reads values only: a constant; review s38R F3): the caller
-        runs it as before, at ``params``."""
+        F2). An ``init`` that fails on tensors requiring grad (one reading ``p.numpy()``,
+        which reads values only: a constant in them; review s38R F3) runs again at
+        ``params``, torch's generators put back first (review s38R2 F3: it drew twice), and
+        its state is checked for a learned tensor's derivative (review s38R2 F2)."""
         leaves = tuple(p.detach().requires_grad_() for p in params)
+        devices = cuda_devices_in_use()
+        drawn = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
         try:
             with torch.enable_grad():
                 opt = checked_rule_state(self.rule, self.rule.init(dict(zip(self.names, leaves))), "init")
         except RuntimeError:
-            return None
+            torch.set_rng_state(drawn[0])
+            for d, state in zip(devices, drawn[1]):
+                torch.cuda.set_rng_state(state, d)
+            leaves = ()
+            with torch.enable_grad():
+                opt = checked_rule_state(self.rule, self.rule.init(dict(zip(self.names, params))), "init")
         if any(t is leaf for t in opt for leaf in leaves):  # (the parameter itself: an anchor at it)
             raise ValueError(init_with_graph(self.rule))
-        graphed = [t for t in opt if t.grad_fn is not None]
-        if graphed:
-            inputs = list(leaves) + self.meta
+        graphed = [t for t in opt if t.grad_fn is not None and (t.is_floating_point() or t.is_complex())]
+        inputs = list(leaves) + self.meta
+        if graphed and inputs:
             g = torch.Generator().manual_seed(0)  # (its own: the global streams stay as they are)
-            cotangents = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
-                          if t.is_floating_point() else None for t in graphed]
-            pairs = [(t, c) for t, c in zip(graphed, cotangents) if c is not None]
-            got = torch.autograd.grad([t for t, _ in pairs], inputs, [c for _, c in pairs],
-                                      allow_unused=True) if pairs else ()
+            # (complex ones too: review s38R2 F1, an anchor in a complex state was taken for a constant)
+            cotangents = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in graphed]
+            got = torch.autograd.grad(graphed, inputs, cotangents, allow_unused=True)
             if any(d is not None and bool(d.ne(0).any()) for d in got):
                 raise ValueError(init_with_graph(self.rule))
         # (a leaf the init made to require grad, zeros_like(p).requires_grad_(), is left as it was)
