@@ -6603,10 +6603,22 @@ def test_the_init_check_sees_complex_states_and_a_retried_init_draws_and_is_chec
     params = [*model.parameters(), lr]
     run = functools.partial(torch_ufom.hypergrad, model, loss, loss, data[0], data[1], steps=2, mode="exact",
                             params=params)
+    first = next(model.parameters())
+
+    def numpy_anchor(p):  # (review s38R3 F2: the retry took it for a constant)
+        p.numpy()
+        return p.clone()
     for make in (lambda p: p.to(torch.complex128) * 1j,
-                 lambda p: torch.as_tensor(p.numpy()) * 0 + lr):
+                 lambda p: torch.as_tensor(p.numpy()) * 0 + lr, numpy_anchor,
+                 lambda p: lr, lambda p: first):  # (review s38R3 F1: a learned tensor itself passed)
         with pytest.raises(ValueError, match="init returned a state whose derivative"):
             run(inner=_InitOf(lr, make))
+    # (review s38R3 F3: the check freed a graph of the user's that the state reads with a zero derivative)
+    raw = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    w = F.softplus(raw)
+    run(inner=_InitOf(lr, lambda p: torch.zeros_like(p) * w))
+    w.backward()
+    assert raw.grad is not None
 
     def drawn(p, read):
         out = 0.1 * torch.randn_like(p)
