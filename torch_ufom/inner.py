@@ -21,10 +21,11 @@ which autograd does not see, is not caught: it gives wrong hypergradients).
 loop): a hypergradient refuses a rule of your own whose ``init`` returns a
 state with a derivative with respect to the parameters or a learned tensor (a
 proximal anchor ``params[n].clone()``, a state from a learned rate, or the
-learned tensor itself; ``init`` gets forward-mode dual copies of the parameters
-and runs under autograd, and a constant with a graph, ``p * 0``, passes; an
-``init`` that fails on dual tensors runs again at plain copies, torch's
-generators put back, so its NumPy or Python draws happen twice);
+learned tensor itself; ``init`` gets copies of the parameters that require
+grad, and a constant with a graph, ``p * 0``, passes; an ``init`` that fails
+on them, reading ``p.numpy()``, runs again at forward-mode dual copies, and
+then at plain ones, torch's generators put back, so its NumPy or Python draws
+happen again);
 a constant anchor is
 ``params[n].detach().clone()``, and an anchor at the meta-parameters is a
 proximal term in the inner loss that reads the module's own parameter, whose

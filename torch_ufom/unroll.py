@@ -2425,43 +2425,59 @@ class InnerLoop:
     def _init_checked(self, params: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
         """A rule of the user's ``init``, its state refused (``ValueError``) where it has a
         derivative that a hypergradient would drop (review s38IR F1: a proximal anchor
-        ``params[n].clone()``, 4.5e-2 to 0.24 off): with respect to the parameters, seen by
-        forward-mode AD (``init`` runs at dual copies carrying random tangents, which a
-        ``p.numpy()`` read also accepts, review s38R F3 / s38R3 F2), or to a learned tensor,
-        seen by autograd (a random cotangent's VJP not zero, its graph kept: review s38R3 F3),
-        or is one of them (review s38R3 F1). A constant that happens to have a graph or a
-        tangent (``p * 0``, ``p.clone().zero_()``) passes (review s38R F2), detached. An
-        ``init`` that fails at dual tensors (an op without a forward-AD formula, a forward-AD
-        level of the caller's) runs again at ``params``, torch's generators put back first
-        (review s38R2 F3; NumPy's and Python's are not: such an init draws from them twice),
-        and only the learned tensors are looked at."""
+        ``params[n].clone()``, 4.5e-2 to 0.24 off), or is a parameter's copy or a learned
+        tensor itself (review s38R3 F1). ``init`` runs under autograd at copies of the
+        parameters that require grad, and a random cotangent's VJP with respect to them and
+        the learned tensors must be zero (the graph kept: review s38R3 F3), so that a
+        constant that happens to have a graph (``p * 0``, ``p.clone().zero_()``) passes
+        (review s38R F2), detached. An ``init`` that fails there (reading ``p.numpy()``,
+        review s38R F3) runs again at forward-mode dual copies, whose random tangents must
+        not reach the state (review s38R3 F2), and one that fails there too (an op without a
+        forward-AD formula, a caller's forward-AD level) at ``params``, only the learned
+        tensors looked at; torch's generators are put back before each retry (review s38R2
+        F3; NumPy's and Python's are not: such an init draws from them again)."""
         g = torch.Generator().manual_seed(0)  # (its own: the global streams stay as they are)
-        tangents = [torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
-                    if p.is_floating_point() or p.is_complex() else None for p in params]
         devices = cuda_devices_in_use()
         drawn = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-        depends = False
-        try:
-            with torch.enable_grad(), forward_ad.dual_level():
-                duals = tuple(p if t is None else forward_ad.make_dual(p, t)
-                              for p, t in zip(params, tangents))
-                state = checked_rule_state(self.rule, self.rule.init(dict(zip(self.names, duals))), "init")
-                unpacked = [forward_ad.unpack_dual(t) for t in state]
-                depends = any(u.tangent is not None and bool(u.tangent.ne(0).any()) for u in unpacked)
-                opt = tuple(u.primal for u in unpacked)
-        except RuntimeError:
+
+        def put_back():
             torch.set_rng_state(drawn[0])
             for d, kept in zip(devices, drawn[1]):
                 torch.cuda.set_rng_state(kept, d)
+
+        def random_like(t):
+            return torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
+
+        def init(given):
+            return checked_rule_state(self.rule, self.rule.init(dict(zip(self.names, given))), "init")
+
+        leaves: Tuple[Tensor, ...] = tuple(p.detach().requires_grad_() for p in params)
+        depends = False
+        try:
             with torch.enable_grad():
-                opt = checked_rule_state(self.rule, self.rule.init(dict(zip(self.names, params))), "init")
-        if depends or any(t is m for t in opt for m in self.meta):
+                opt = init(leaves)
+        except RuntimeError:
+            put_back()
+            leaves = ()
+            try:
+                with torch.enable_grad(), forward_ad.dual_level():
+                    duals = tuple(forward_ad.make_dual(p, random_like(p)) if p.is_floating_point()
+                                  or p.is_complex() else p for p in params)
+                    unpacked = [forward_ad.unpack_dual(t) for t in init(duals)]
+                    depends = any(u.tangent is not None and bool(u.tangent.ne(0).any()) for u in unpacked)
+                    opt = tuple(u.primal for u in unpacked)
+            except RuntimeError:
+                put_back()
+                with torch.enable_grad():
+                    opt = init(params)
+        if depends or any(t is m for t in opt for m in (*leaves, *self.meta)):
             raise ValueError(init_with_graph(self.rule))
         graphed = [t for t in opt if t.grad_fn is not None and (t.is_floating_point() or t.is_complex())]
-        if graphed and self.meta:
+        inputs = [*leaves, *self.meta]
+        if graphed and inputs:
             # (complex ones too: review s38R2 F1, an anchor in a complex state was taken for a constant)
-            cotangents = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in graphed]
-            got = torch.autograd.grad(graphed, self.meta, cotangents, allow_unused=True, retain_graph=True)
+            got = torch.autograd.grad(graphed, inputs, [random_like(t) for t in graphed], allow_unused=True,
+                                      retain_graph=True)
             if any(d is not None and bool(d.ne(0).any()) for d in got):
                 raise ValueError(init_with_graph(self.rule))
         # (a leaf the init made to require grad, zeros_like(p).requires_grad_(), is left as it was)
