@@ -6616,9 +6616,34 @@ def test_the_init_check_sees_complex_states_and_a_retried_init_draws_and_is_chec
     # (review s38R3 F3: the check freed a graph of the user's that the state reads with a zero derivative)
     raw = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     w = F.softplus(raw)
-    run(inner=_InitOf(lr, lambda p: torch.zeros_like(p) * w))
+    run(inner=_InitOf(lr, lambda p: torch.zeros_like(p) * w.detach()))
+    with pytest.raises(ValueError, match="init returned a state whose derivative"):  # (it reaches raw)
+        run(inner=_InitOf(lr, lambda p: torch.zeros_like(p) * w), params=[*params, raw])
     w.backward()
     assert raw.grad is not None
+
+
+def test_an_init_that_cannot_be_checked_is_refused_and_one_no_hypergradient_reads_runs():
+    # Review s38R4 (the init check of c8284fb): F1 an init failing at copies requiring grad and at dual
+    # copies (out=) ran unchecked, a p.clone() anchor 0.49 off; F2 a Function without a backward crashed;
+    # F3 params=[lr] alone (no parameter differentiated) was refused for an anchor it never differentiates;
+    # F4 the check ran the hooks of learned tensors.
+    model, loss, data = mlp_problem(34)
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    calls = []
+    lr.register_hook(lambda g: calls.append(g))
+    run = functools.partial(torch_ufom.hypergrad, model, loss, loss, data[0], data[1], steps=2, mode="exact")
+
+    def out_anchor(p):
+        return torch.mul(p, 1.0, out=torch.empty_like(p))
+    with pytest.raises(ValueError, match="init cannot be checked"):
+        run(inner=_InitOf(lr, out_anchor), params=[*model.parameters(), lr])
+    with pytest.raises(ValueError, match="init returned a state whose derivative"):
+        run(inner=_InitOf(lr, lambda p: torch.zeros_like(p) * lr), params=[*model.parameters(), lr])
+    assert not calls
+    got = run(inner=_InitOf(lr, torch.clone), params=[lr])  # (the anchor's derivative is never taken)
+    want = brute_force(model, loss, loss, lambda j: data[0], data[1], 2, lr, [lr], 2)
+    assert rel_err(got, want) < 1e-12
 
     def drawn(p, read):
         out = 0.1 * torch.randn_like(p)

@@ -22,10 +22,12 @@ loop): a hypergradient refuses a rule of your own whose ``init`` returns a
 state with a derivative with respect to the parameters or a learned tensor (a
 proximal anchor ``params[n].clone()``, a state from a learned rate, or the
 learned tensor itself; ``init`` gets copies of the parameters that require
-grad, and a constant with a graph, ``p * 0``, passes; an ``init`` that fails
-on them, reading ``p.numpy()``, runs again at forward-mode dual copies, and
-then at plain ones, torch's generators put back, so its NumPy or Python draws
-happen again);
+grad, and a constant with a graph, ``p * 0``, passes, but not one whose graph
+reaches a learned tensor, ``lr * 0``: build it under ``torch.no_grad()``; an
+``init`` that fails on such copies, reading ``p.numpy()``, runs again at
+forward-mode dual copies, torch's generators put back, so its NumPy or Python
+draws happen again; one that fails there too, or whose state autograd cannot
+differentiate, cannot be checked and is refused);
 a constant anchor is
 ``params[n].detach().clone()``, and an anchor at the meta-parameters is a
 proximal term in the inner loss that reads the module's own parameter, whose

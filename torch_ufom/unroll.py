@@ -2261,6 +2261,16 @@ def init_with_graph(rule: Any) -> str:
             "params[n].detach().clone()")
 
 
+def init_unchecked(rule: Any, err: BaseException) -> str:
+    """The error for a rule of the user's whose ``init`` the library cannot check."""
+    said = (str(err).splitlines() or [""])[0][:160]
+    return (f"Invalid inner: {type(rule).__name__}.init cannot be checked for a derivative with respect to "
+            "the parameters, which a hypergradient would drop (init is not differentiated): it fails at "
+            "copies of them that require grad and at forward-mode dual copies, or autograd cannot "
+            f"differentiate its state ({type(err).__name__}: {said}). Build a constant state without a "
+            "graph (from params[n].detach(), or under torch.no_grad())")
+
+
 def inplace_update(rule: Any, what: str) -> str:
     """The error for a rule of the user's whose ``update`` wrote into one of its arguments."""
     return (f"Invalid inner: {type(rule).__name__}.update modified an argument in place {what}: the "
@@ -2425,20 +2435,25 @@ class InnerLoop:
     def _init_checked(self, params: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
         """A rule of the user's ``init``, its state refused (``ValueError``) where it has a
         derivative that a hypergradient would drop (review s38IR F1: a proximal anchor
-        ``params[n].clone()``, 4.5e-2 to 0.24 off), or is a parameter's copy or a learned
-        tensor itself (review s38R3 F1). ``init`` runs under autograd at copies of the
-        parameters that require grad, and a random cotangent's VJP with respect to them and
-        the learned tensors must be zero (the graph kept: review s38R3 F3), so that a
-        constant that happens to have a graph (``p * 0``, ``p.clone().zero_()``) passes
-        (review s38R F2), detached. An ``init`` that fails there (reading ``p.numpy()``,
-        review s38R F3) runs again at forward-mode dual copies, whose random tangents must
-        not reach the state (review s38R3 F2), and one that fails there too (an op without a
-        forward-AD formula, a caller's forward-AD level) at ``params``, only the learned
-        tensors looked at; torch's generators are put back before each retry (review s38R2
-        F3; NumPy's and Python's are not: such an init draws from them again)."""
+        ``params[n].clone()``, 4.5e-2 to 0.24 off): with respect to a parameter the
+        hypergradient differentiates (one whose tensor is among the learned ones; review
+        s38R4 F3: ``params=[lr]`` alone differentiates none), or to a learned tensor, or is a
+        copy of such a parameter or a learned tensor itself (review s38R3 F1). ``init`` runs
+        under autograd at copies of the parameters that require grad; a random cotangent's
+        VJP with respect to those copies must be zero (the graph kept: review s38R3 F3), so
+        that a constant with a graph (``p * 0``) passes (review s38R F2), detached, while a
+        state whose graph reaches a learned tensor is refused (no backward into the learned
+        tensors, whose hooks would run: review s38R4 F4). An ``init`` that fails there
+        (reading ``p.numpy()``, review s38R F3) runs again at forward-mode dual copies,
+        whose random tangents must not reach the state (review s38R3 F2); one that fails
+        there too, or whose derivative autograd cannot take, cannot be checked and is
+        refused (review s38R4 F1 / F2). torch's generators are put back before each retry
+        (review s38R2 F3; NumPy's and Python's are not: such an init draws from them again)."""
         g = torch.Generator().manual_seed(0)  # (its own: the global streams stay as they are)
         devices = cuda_devices_in_use()
         drawn = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+        learned_ids = {id(m) for m in self.meta}
+        learned = [id(self.named[n]) in learned_ids for n in self.names]
 
         def put_back():
             torch.set_rng_state(drawn[0])
@@ -2451,33 +2466,40 @@ class InnerLoop:
         def init(given):
             return checked_rule_state(self.rule, self.rule.init(dict(zip(self.names, given))), "init")
 
-        leaves: Tuple[Tensor, ...] = tuple(p.detach().requires_grad_() for p in params)
+        leaves = tuple(p.detach().requires_grad_() for p in params)
+        checked = tuple(t for t, d in zip(leaves, learned) if d)  # the copies whose derivative matters
         depends = False
         try:
             with torch.enable_grad():
                 opt = init(leaves)
         except RuntimeError:
             put_back()
-            leaves = ()
+            checked = ()
             try:
                 with torch.enable_grad(), forward_ad.dual_level():
-                    duals = tuple(forward_ad.make_dual(p, random_like(p)) if p.is_floating_point()
-                                  or p.is_complex() else p for p in params)
+                    duals = tuple(forward_ad.make_dual(p, random_like(p)) if d and (
+                        p.is_floating_point() or p.is_complex()) else p for p, d in zip(params, learned))
                     unpacked = [forward_ad.unpack_dual(t) for t in init(duals)]
                     depends = any(u.tangent is not None and bool(u.tangent.ne(0).any()) for u in unpacked)
                     opt = tuple(u.primal for u in unpacked)
-            except RuntimeError:
+            except RuntimeError as err:
+                if any(learned):
+                    raise ValueError(init_unchecked(self.rule, err)) from err
                 put_back()
                 with torch.enable_grad():
                     opt = init(params)
-        if depends or any(t is m for t in opt for m in (*leaves, *self.meta)):
+        if depends or any(t is x for t in opt for x in (*checked, *self.meta)):
             raise ValueError(init_with_graph(self.rule))
         graphed = [t for t in opt if t.grad_fn is not None and (t.is_floating_point() or t.is_complex())]
-        inputs = [*leaves, *self.meta]
-        if graphed and inputs:
+        if graphed and self.meta and graph_reaches([t.grad_fn for t in graphed], *graph_targets(self.meta)):
+            raise ValueError(init_with_graph(self.rule))
+        if graphed and checked:
             # (complex ones too: review s38R2 F1, an anchor in a complex state was taken for a constant)
-            got = torch.autograd.grad(graphed, inputs, [random_like(t) for t in graphed], allow_unused=True,
-                                      retain_graph=True)
+            try:
+                got = torch.autograd.grad(graphed, checked, [random_like(t) for t in graphed],
+                                          allow_unused=True, retain_graph=True)
+            except (RuntimeError, NotImplementedError) as err:  # (a Function without a backward)
+                raise ValueError(init_unchecked(self.rule, err)) from err
             if any(d is not None and bool(d.ne(0).any()) for d in got):
                 raise ValueError(init_with_graph(self.rule))
         # (a leaf the init made to require grad, zeros_like(p).requires_grad_(), is left as it was)
