@@ -6611,13 +6611,13 @@ def test_the_init_check_sees_complex_states_and_a_retried_init_draws_and_is_chec
     for make in (lambda p: p.to(torch.complex128) * 1j,
                  lambda p: torch.as_tensor(p.numpy()) * 0 + lr, numpy_anchor,
                  lambda p: lr, lambda p: first):  # (review s38R3 F1: a learned tensor itself passed)
-        with pytest.raises(ValueError, match="init returned a state whose derivative"):
+        with pytest.raises(ValueError, match="init returned a state whose (derivative|graph reaches)"):
             run(inner=_InitOf(lr, make))
     # (review s38R3 F3: the check freed a graph of the user's that the state reads with a zero derivative)
     raw = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     w = F.softplus(raw)
-    run(inner=_InitOf(lr, lambda p: torch.zeros_like(p) * w.detach()))
-    with pytest.raises(ValueError, match="init returned a state whose derivative"):  # (it reaches raw)
+    run(inner=_InitOf(lr, lambda p: torch.zeros_like(p) * w))  # (raw not learned: it runs)
+    with pytest.raises(ValueError, match="init returned a state whose graph reaches"):  # (it reaches raw)
         run(inner=_InitOf(lr, lambda p: torch.zeros_like(p) * w), params=[*params, raw])
     w.backward()
     assert raw.grad is not None
@@ -6638,9 +6638,20 @@ def test_an_init_that_cannot_be_checked_is_refused_and_one_no_hypergradient_read
         return torch.mul(p, 1.0, out=torch.empty_like(p))
     with pytest.raises(ValueError, match="init cannot be checked"):
         run(inner=_InitOf(lr, out_anchor), params=[*model.parameters(), lr])
-    with pytest.raises(ValueError, match="init returned a state whose derivative"):
+    with pytest.raises(ValueError, match="init returned a state whose graph reaches a learned tensor"):
         run(inner=_InitOf(lr, lambda p: torch.zeros_like(p) * lr), params=[*model.parameters(), lr])
     assert not calls
+
+    def buggy(p):  # (review s38R5 F1: an error of the init's own raised as the library's refusal)
+        p.numpy()
+        raise RuntimeError("a bug of the init's own")
+    with pytest.raises(RuntimeError, match="a bug of the init's own"):
+        run(inner=_InitOf(lr, buggy), params=[*model.parameters(), lr])
+
+    def checkpointed(p):  # (review s38R5 F3: a reentrant checkpoint hid the anchor from autograd.grad)
+        return torch.utils.checkpoint.checkpoint(lambda t: t * lr, p, use_reentrant=True)
+    with pytest.raises(ValueError, match="init cannot be checked"):
+        run(inner=_InitOf(lr, checkpointed), params=[*model.parameters(), lr])
     got = run(inner=_InitOf(lr, torch.clone), params=[lr])  # (the anchor's derivative is never taken)
     want = brute_force(model, loss, loss, lambda j: data[0], data[1], 2, lr, [lr], 2)
     assert rel_err(got, want) < 1e-12

@@ -2261,6 +2261,17 @@ def init_with_graph(rule: Any) -> str:
             "params[n].detach().clone()")
 
 
+def init_reaches_learned(rule: Any) -> str:
+    """The error for a rule of the user's whose ``init`` state's graph reaches a learned tensor."""
+    return (f"Invalid inner: {type(rule).__name__}.init returned a state whose graph reaches a learned "
+            "tensor (a hyperparameter or tensor the outer optimizer steps, read with gradients enabled), "
+            "and a hypergradient does not differentiate init (the initial state is a constant of the inner "
+            "loop): the library does not run a backward into learned tensors to tell whether that "
+            "derivative is zero (their hooks would run). If the state is a constant (lr * 0), build it "
+            "from lr.detach() or under torch.no_grad(); if it depends on the learned tensor, that "
+            "dependence cannot be learned through init")
+
+
 def init_unchecked(rule: Any, err: BaseException) -> str:
     """The error for a rule of the user's whose ``init`` the library cannot check."""
     said = (str(err).splitlines() or [""])[0][:160]
@@ -2483,16 +2494,20 @@ class InnerLoop:
                     depends = any(u.tangent is not None and bool(u.tangent.ne(0).any()) for u in unpacked)
                     opt = tuple(u.primal for u in unpacked)
             except RuntimeError as err:
-                if any(learned):
-                    raise ValueError(init_unchecked(self.rule, err)) from err
                 put_back()
                 with torch.enable_grad():
-                    opt = init(params)
+                    opt = init(params)  # (an error of the init's own raises here, as it is: review s38R5 F1)
+                if any(learned):
+                    raise ValueError(init_unchecked(self.rule, err)) from err
         if depends or any(t is x for t in opt for x in (*checked, *self.meta)):
             raise ValueError(init_with_graph(self.rule))
         graphed = [t for t in opt if t.grad_fn is not None and (t.is_floating_point() or t.is_complex())]
         if graphed and self.meta and graph_reaches([t.grad_fn for t in graphed], *graph_targets(self.meta)):
-            raise ValueError(init_with_graph(self.rule))
+            raise ValueError(init_reaches_learned(self.rule))
+        if graphed and any(type(node).__name__ == "CheckpointFunctionBackward"
+                           for node in graph_nodes([t.grad_fn for t in graphed])):
+            # (a reentrant torch.utils.checkpoint hides what it reads from autograd.grad: review s38R5 F3)
+            raise ValueError(init_unchecked(self.rule, RuntimeError("a reentrant torch.utils.checkpoint")))
         if graphed and checked:
             # (complex ones too: review s38R2 F1, an anchor in a complex state was taken for a constant)
             try:
