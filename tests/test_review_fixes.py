@@ -6650,7 +6650,7 @@ def test_an_init_that_cannot_be_checked_is_refused_and_one_no_hypergradient_read
 
     def checkpointed(p):  # (review s38R5 F3: a reentrant checkpoint hid the anchor from autograd.grad)
         return torch.utils.checkpoint.checkpoint(lambda t: t * lr, p, use_reentrant=True)
-    with pytest.raises(ValueError, match="init cannot be checked"):
+    with pytest.raises(ValueError, match="init returned a state computed under a reentrant"):
         run(inner=_InitOf(lr, checkpointed), params=[*model.parameters(), lr])
     got = run(inner=_InitOf(lr, torch.clone), params=[lr])  # (the anchor's derivative is never taken)
     want = brute_force(model, loss, loss, lambda j: data[0], data[1], 2, lr, [lr], 2)

@@ -2479,11 +2479,13 @@ class InnerLoop:
 
         leaves = tuple(p.detach().requires_grad_() for p in params)
         checked = tuple(t for t, d in zip(leaves, learned) if d)  # the copies whose derivative matters
-        depends = False
+        depends, failed, unchecked = False, False, None
         try:
             with torch.enable_grad():
                 opt = init(leaves)
         except RuntimeError:
+            failed = True
+        if failed:
             put_back()
             checked = ()
             try:
@@ -2494,11 +2496,13 @@ class InnerLoop:
                     depends = any(u.tangent is not None and bool(u.tangent.ne(0).any()) for u in unpacked)
                     opt = tuple(u.primal for u in unpacked)
             except RuntimeError as err:
-                put_back()
-                with torch.enable_grad():
-                    opt = init(params)  # (an error of the init's own raises here, as it is: review s38R5 F1)
-                if any(learned):
-                    raise ValueError(init_unchecked(self.rule, err)) from err
+                unchecked = err
+        if unchecked is not None:  # (outside the handlers: an error of the init's own raises once, as it is)
+            put_back()
+            with torch.enable_grad():
+                opt = init(params)  # (review s38R5 F1)
+            if any(learned):
+                raise ValueError(init_unchecked(self.rule, unchecked))
         if depends or any(t is x for t in opt for x in (*checked, *self.meta)):
             raise ValueError(init_with_graph(self.rule))
         graphed = [t for t in opt if t.grad_fn is not None and (t.is_floating_point() or t.is_complex())]
@@ -2507,7 +2511,11 @@ class InnerLoop:
         if graphed and any(type(node).__name__ == "CheckpointFunctionBackward"
                            for node in graph_nodes([t.grad_fn for t in graphed])):
             # (a reentrant torch.utils.checkpoint hides what it reads from autograd.grad: review s38R5 F3)
-            raise ValueError(init_unchecked(self.rule, RuntimeError("a reentrant torch.utils.checkpoint")))
+            raise ValueError(
+                f"Invalid inner: {type(self.rule).__name__}.init returned a state computed under a reentrant "
+                "torch.utils.checkpoint (use_reentrant=True), which hides what it reads from the library's "
+                "check for a derivative that a hypergradient would drop (init is not differentiated): use "
+                "use_reentrant=False, or build a constant state under torch.no_grad()")
         if graphed and checked:
             # (complex ones too: review s38R2 F1, an anchor in a complex state was taken for a constant)
             try:
