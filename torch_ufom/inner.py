@@ -28,8 +28,8 @@ reaches a learned tensor, ``lr * 0``: build it under ``torch.no_grad()``; an
 forward-mode dual copies, torch's generators put back, so its NumPy or Python
 draws happen again; one that fails there too runs at plain copies (its own
 error raises as it is) and, where a parameter is differentiated, is refused as
-uncheckable, as one whose state autograd cannot differentiate, or that a
-reentrant ``torch.utils.checkpoint`` computed, is);
+uncheckable, as one whose state autograd cannot differentiate is; a state with a
+graph that a reentrant ``torch.utils.checkpoint`` computed is always refused);
 a constant anchor is
 ``params[n].detach().clone()``, and an anchor at the meta-parameters is a
 proximal term in the inner loss that reads the module's own parameter, whose

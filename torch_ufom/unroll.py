@@ -2502,7 +2502,7 @@ class InnerLoop:
             with torch.enable_grad():
                 opt = init(params)  # (review s38R5 F1)
             if any(learned):
-                raise ValueError(init_unchecked(self.rule, unchecked))
+                raise ValueError(init_unchecked(self.rule, unchecked)) from unchecked
         if depends or any(t is x for t in opt for x in (*checked, *self.meta)):
             raise ValueError(init_with_graph(self.rule))
         graphed = [t for t in opt if t.grad_fn is not None and (t.is_floating_point() or t.is_complex())]
