@@ -12,29 +12,32 @@ parameter, e.g. learned per-parameter learning rates), or a :class:`PerStep`
 value that changes with the inner step (alone or inside such a dict). Tensors
 held by the outer optimizer are meta-parameters and receive hypergradients
 through ``update``, which must therefore be written with differentiable tensor
-ops and must not modify its arguments in place: a hypergradient's sweep keeps
+ops and must not modify its arguments in place. A hypergradient's sweep keeps
 each step's arguments and differentiates the update at them again, so a rule of
 your own that writes into one (``grads[n].mul_(0.5)``, ``state[0].mul_(b)``) is
-refused with a ``ValueError`` naming the argument (a write through ``.data``,
-which autograd does not see, is not caught: it gives wrong hypergradients).
-``init`` is not differentiated (the initial state is a constant of the inner
-loop): a hypergradient refuses a rule of your own whose ``init`` returns a
-state with a derivative with respect to the parameters or a learned tensor (a
-proximal anchor ``params[n].clone()``, a state from a learned rate, or the
-learned tensor itself; ``init`` gets copies of the parameters that require
-grad, and a constant with a graph, ``p * 0``, passes, but not one whose graph
-reaches a learned tensor, ``lr * 0``: build it under ``torch.no_grad()``; an
-``init`` that fails on such copies, reading ``p.numpy()``, runs again at
-forward-mode dual copies, torch's generators put back, so its NumPy or Python
-draws happen again; one that fails there too runs at plain copies (its own
-error raises as it is) and, where a parameter is differentiated, is refused as
-uncheckable, as one whose state autograd cannot differentiate is; a state with a
-graph that a reentrant ``torch.utils.checkpoint`` computed is always refused);
-a constant anchor is
-``params[n].detach().clone()``, and an anchor at the meta-parameters is a
-proximal term in the inner loss that reads the module's own parameter, whose
-direct read the library differentiates. (``adapt`` and ``adapt_batch``, which
-differentiate nothing, run such an ``init``; they refuse the writes too.) A rule may also read learned
+refused with a ``ValueError`` naming the argument; a write through ``.data``,
+which autograd does not see, is not caught and gives wrong hypergradients.
+
+``init`` is not differentiated: the initial state is a constant of the inner
+loop. A hypergradient therefore refuses a rule of your own whose ``init``
+returns a state with a derivative with respect to a differentiated parameter
+or a learned tensor: a proximal anchor ``params[n].clone()``, a state computed
+from a learned rate, or the learned tensor itself. A constant that happens to
+carry a graph of the parameters' copies (``p * 0``) passes; one whose graph
+reaches a learned tensor (``lr * 0``) is refused: build it from ``lr.detach()``.
+An ``init`` the library cannot check is refused too where a parameter is
+differentiated: one that fails both at copies of the parameters that require
+grad and at forward-mode dual copies (it then runs once more at plain copies,
+where an error of its own raises as it is; its NumPy or Python draws happen
+again) and one whose state autograd cannot differentiate; a state with a graph
+that a reentrant ``torch.utils.checkpoint`` computed is always refused (it may
+read a learned tensor unseen: use ``use_reentrant=False``). A constant anchor is
+``params[n].detach().clone()``; an anchor at the meta-parameters is a proximal
+term in the inner loss that reads the module's own parameter, whose direct read
+the library differentiates. ``adapt`` and ``adapt_batch``, which differentiate
+nothing, run such an ``init`` and such writes as written.
+
+A rule may also read learned
 tensors that are not hyperparameters (a learned optimiser's weights, which need
 not broadcast to the parameters), held as attributes (tensors, modules, or
 lists, tuples and dicts of them, where the estimator finds them) or elsewhere

@@ -617,6 +617,9 @@ def _saved(roots: List[Tensor]) -> Tuple[List[Tensor], int]:
     return found, len(seen)
 
 
+_CUDA_BLOCK = 512  # the CUDA caching allocator's rounding of every block (kMinBlockSize)
+
+
 def _storage(t: Tensor) -> Tuple[int, int]:
     """``(key, bytes)`` of the memory under ``t``: its storage, a sparse tensor's indices
     and values, or the tensor itself."""
@@ -632,8 +635,6 @@ def _storage(t: Tensor) -> Tuple[int, int]:
     except (RuntimeError, NotImplementedError):  # no plain storage (a wrapper subclass)
         return id(t), t.numel() * t.element_size()
 
-
-_CUDA_BLOCK = 512  # the CUDA caching allocator's rounding of every block (kMinBlockSize)
 
 
 def _bytes(tensors: List[Tensor], skip: set) -> int:

@@ -355,7 +355,7 @@ FWDREV_DRAWS = (
     "draw other numbers than the step did, so the sweep would differentiate another function (a draw "
     "that only decides what to log is refused too, as for replays: the library cannot tell it "
     "apart). Draw from torch's global generator (torch.rand, torch.randn: each step's stream reseeds "
-    "it), or pass hvp='revrev'")
+    "it), or pass hvp='revrev' with memory='store', which evaluate each step once")
 
 
 class FwdRevCannot(RuntimeError):
@@ -2250,7 +2250,7 @@ def checked_update(rule: Any, out: Any, names: Sequence[str], params: Sequence[T
     return new_p, checked_rule_state(rule, new_opt, "update")
 
 
-def init_with_graph(rule: Any) -> str:
+def init_with_derivative(rule: Any) -> str:
     """The error for a rule of the user's whose ``init`` returned a state with a graph."""
     return (f"Invalid inner: {type(rule).__name__}.init returned a state whose derivative with respect "
             "to the parameters (a proximal anchor, params[n] or params[n].clone()) or to a learned "
@@ -2504,7 +2504,7 @@ class InnerLoop:
             if any(learned):
                 raise ValueError(init_unchecked(self.rule, unchecked)) from unchecked
         if depends or any(t is x for t in opt for x in (*checked, *self.meta)):
-            raise ValueError(init_with_graph(self.rule))
+            raise ValueError(init_with_derivative(self.rule))
         graphed = [t for t in opt if t.grad_fn is not None and (t.is_floating_point() or t.is_complex())]
         if graphed and self.meta and graph_reaches([t.grad_fn for t in graphed], *graph_targets(self.meta)):
             raise ValueError(init_reaches_learned(self.rule))
@@ -2524,7 +2524,7 @@ class InnerLoop:
             except (RuntimeError, NotImplementedError) as err:  # (a Function without a backward)
                 raise ValueError(init_unchecked(self.rule, err)) from err
             if any(d is not None and bool(d.ne(0).any()) for d in got):
-                raise ValueError(init_with_graph(self.rule))
+                raise ValueError(init_with_derivative(self.rule))
         # (a leaf the init made to require grad, zeros_like(p).requires_grad_(), is left as it was)
         return tuple(t.detach() if t.grad_fn is not None else t for t in opt)
 
@@ -2729,6 +2729,25 @@ class InnerLoop:
         self.densify = True
         return tuple(g if g.layout == torch.strided else g.to_dense() for g in grads)
 
+    def _written_argument(self, grads, state: State, args=None, before=None) -> str:
+        """``(grads['w'])``, ``(state[0])`` or ``(params['w'])``: the first argument a rule of the
+        user's ``update`` wrote into, by version counters; where autograd refused the write
+        (a leaf that requires grad, review s38H F2: no argument named), found by running the
+        update again at detached copies, without a graph."""
+        if args is None:
+            args = tuple(t.detach().clone() for t in (*grads, *state.opt, *state.params))
+            before = _versions(args)
+            n, m = len(grads), len(state.opt)
+            with torch.no_grad():
+                self.rule.update(dict(zip(self.names, args[:n])), args[n:n + m],
+                                 dict(zip(self.names, args[n + m:])), self.rule.hyper)
+        i = next((i for i, (a, b) in enumerate(zip(_versions(args), before)) if a != b), None)
+        if i is None:
+            return "(one of them)"
+        n, m = len(grads), len(state.opt)
+        return (f"(grads[{self.names[i]!r}])" if i < n else f"(state[{i - n}])" if i < n + m
+                else f"(params[{self.names[i - n - m]!r}])")
+
     def apply_rule(self, grads, state: State):
         """The inner rule's update at ``state``: ``(params, rule state)``; plain SGD at a fixed rate without
         its containers (:meth:`Loop.apply_rule`)."""
@@ -2738,7 +2757,8 @@ class InnerLoop:
             if not torch.is_grad_enabled():
                 return tuple(torch._foreach_add(state.params, grads, alpha=-self.plain_rate)), ()
             return tuple(p.add(g, alpha=-self.plain_rate) for p, g in zip(state.params, grads)), ()
-        if self.own_rule:  # (review s38IR F2: a write into the gradient halved d/dlr under fom, silently)
+        watched = self.own_rule and self.query is not None  # (adapt differentiates nothing: review s38H F3)
+        if watched:  # (review s38IR F2: a write into the gradient halved d/dlr under fom, silently)
             args = (*grads, *state.opt, *state.params)
             before = _versions(args)
         try:
@@ -2746,16 +2766,11 @@ class InnerLoop:
                 dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
                 self.rule.hyper)
         except RuntimeError as err:  # (review s38IR F3: autograd's message named neither)
-            if self.own_rule and "leaf Variable that requires grad is being used in an in-place" in str(err):
-                raise ValueError(inplace_update(self.rule, f"(autograd: {err})")) from err
+            if watched and "leaf Variable that requires grad is being used in an in-place" in str(err):
+                raise ValueError(inplace_update(self.rule, self._written_argument(grads, state))) from err
             raise
-        if self.own_rule and _versions(args) != before:
-            i = next(i for i, (a, b) in enumerate(zip(_versions(args), before)) if a != b)
-            n, m = len(grads), len(state.opt)
-            what = f"grads[{self.names[i]!r}]" if i < n else f"state[{i - n}]" if i < n + m \
-                else f"params[{self.names[i - n - m]!r}]"
-            what = f"({what})"
-            raise ValueError(inplace_update(self.rule, what))
+        if watched and _versions(args) != before:
+            raise ValueError(inplace_update(self.rule, self._written_argument(grads, state, args, before)))
         if self.own_rule and not self.rule_checked:  # (the first step's: review s32O F4, 5 us a step)
             out = checked_update(self.rule, out, self.names, state.params)
             self.rule_checked = True
