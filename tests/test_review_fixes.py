@@ -6466,6 +6466,12 @@ def test_an_update_writing_into_its_arguments_is_refused_by_name_and_changes_not
         meta.backward(loss, loss, data[0], data[1])
     assert_unchanged(before)
     assert lr.grad is None
+    with pytest.raises(ValueError, match=r"modified an argument in place"):  # (review s38R8 F1: query=None)
+        torch_ufom.hypergrad(model, loss, lambda f, q: loss(f, data[1]), data[0], None, steps=3,
+                             inner=_HalvedInPlace(lr, where), mode=mode, params=[*model.parameters(), lr])
+    fm = torch_ufom.adapt(model, loss, data[0], steps=3, inner=_HalvedInPlace(lr, where))  # (adapt runs it)
+    plain = torch_ufom.adapt(model, loss, data[0], steps=3, inner_lr=0.05)  # (SGD at half the rate)
+    assert all(torch.allclose(fm.params[n], plain.params[n], rtol=1e-12, atol=1e-14) for n in plain.params)
 
 
 @pytest.mark.parametrize("memory", ["store", "checkpoint"])

@@ -191,7 +191,7 @@ def _run(problem: Problem, evaluator: Evaluator, support: Any) -> State:
     """The inner loop from the module's parameters, without a graph; ``s_r``."""
     device = problem.generator.device if problem.generator is not None else "cpu"
     seed = torch.randint(0, 1 << 62, (), generator=problem.generator, device=device).tolist()
-    loop = InnerLoop(problem, evaluator, support, None, seed)
+    loop = InnerLoop(problem, evaluator, support, None, seed, hypergradient=False)
     log = SweepLog(loop.steps)
     state = loop.initial_state()
     # Which parameters are finite at the start (a -inf mask that requires grad stays what it was:

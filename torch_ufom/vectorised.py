@@ -811,7 +811,7 @@ def _probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ad
     mode = _Probe(None if adapted is None else {id(params[n]) for n in adapted if n in params})
     fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
     attributes = _attributes(module)
-    devices = _cuda_devices(module)
+    devices = cuda_devices_in_use()
     # What vmap batches: the adapted parameters and the batch (frozen parameters are shared). The
     # losses get fresh copies of the batch's tensors, so that one they keep shows.
     batch, held = _fresh(batch)
@@ -1327,12 +1327,6 @@ def _put_back_attributes(saved: List[Tuple[str, nn.Module, Dict[str, Any]]],
     return tuple(names)
 
 
-def _cuda_devices(module: nn.Module) -> List[int]:
-    """The CUDA devices whose generators a look forks (``torch.random.fork_rng``): every one
-    in use (:func:`~torch_ufom.unroll.cuda_devices_in_use`), not only ``module``'s."""
-    return cuda_devices_in_use()
-
-
 @contextlib.contextmanager
 def attributes_kept(module: nn.Module):
     """Put back, on exit, what forwards stored in ``module``'s plain attributes meanwhile
@@ -1380,7 +1374,7 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
     optimised TorchScript, 0.56 off)."""
     fm = FunctionalModel(module, params, {n: b.clone() for n, b in module.named_buffers()})
     batch = fresh(batch)  # (a forward that writes its input writes the copy)
-    devices = _cuda_devices(module)
+    devices = cuda_devices_in_use()
     aten = _AtenProbe() if generators else contextlib.nullcontext()  # for the user's generators
     attributes, recomputed = _attributes(module), _recomputed(module)
     try:
