@@ -180,31 +180,30 @@ class SweepLog:
         which no stream reseeds), and the exact sweep would have differentiated it. No
         step evaluated again: both true."""
         with torch.no_grad():
+            true = torch.ones((), dtype=torch.bool)
             if not self.evaluated_again:
-                true = torch.ones((), dtype=torch.bool)
                 return true, true
             shape = (-1,) + (1,) * (self.values.dim() - 1)
             eps = torch.finfo(self.values.dtype).eps
 
-            def checked(rows, again, kept, compared_rows=None, compared=None):
-                # (every loss evaluated again finite, each compared one close to what it is compared with)
-                got = torch.where(rows.view(shape), again, self.values)
-                finite = torch.isfinite(got).all()
-                if compared_rows is not None:
-                    got = torch.where(compared_rows.view(shape), compared, kept)
-                close = torch.isclose(got, kept, rtol=eps ** 0.5, atol=eps)
-                return finite, (close | ~torch.isfinite(got)).all()
+            def close(got, kept):  # (a non-finite one is reported as such, not as another value)
+                return (torch.isclose(got, kept, rtol=eps ** 0.5, atol=eps) | ~torch.isfinite(got)).all()
 
+            checks = []  # (finite, same) of the replays and rebuilds, and of the products
             if self.again_values is not None:
-                finite, same = checked(self.again_rows, self.again_values, self.values, self.same_rows,
-                                       self.same_values)
-                if self.product_values is None:
-                    return finite, same
-            product = checked(self.product_rows, self.product_values,
-                              torch.where(self.product_rows.view(shape), self.product_steps, self.values))
-            if self.again_values is None:
-                return product
-            return finite & product[0], same & product[1]
+                checks.append((torch.isfinite(torch.where(self.again_rows.view(shape), self.again_values,
+                                                          self.values)).all(),
+                               close(torch.where(self.same_rows.view(shape), self.same_values, self.values),
+                                     self.values)))
+            if self.product_values is not None:  # (each product against its own step's loss)
+                rows = self.product_rows.view(shape)
+                got = torch.where(rows, self.product_values, self.values)
+                checks.append((torch.isfinite(got).all(),
+                               close(got, torch.where(rows, self.product_steps, self.values))))
+            (finite, same), *more = checks
+            for f, s in more:
+                finite, same = finite & f, same & s
+            return finite, same
 
     def _count(self, exact: bool) -> None:
         if exact:

@@ -2434,9 +2434,8 @@ class InnerLoop:
     def initial_state(self, differentiated: bool = False) -> State:
         """``s_0``: the module's parameters, the rule's initial state, the module's buffers.
         ``differentiated``: for a hypergradient, which does not differentiate ``init``: a
-        rule of the user's whose initial state has a graph (it reads the parameters' values,
-        a proximal anchor ``init`` returns as ``params[n].clone()``, or a learned
-        hyperparameter) is refused (review s38IR F1: 4.5e-2 to 0.24 off, silently)."""
+        rule of the user's ``init`` is checked for a derivative it would drop
+        (:meth:`_init_checked`)."""
         params = self.evaluator.stack(tuple(self.named[n].detach().clone() for n in self.names))
         if self.own_rule and differentiated:
             opt = self._init_checked(params)
@@ -2461,8 +2460,10 @@ class InnerLoop:
         tensors, whose hooks would run: review s38R4 F4). An ``init`` that fails there
         (reading ``p.numpy()``, review s38R F3) runs again at forward-mode dual copies,
         whose random tangents must not reach the state (review s38R3 F2); one that fails
-        there too, or whose derivative autograd cannot take, cannot be checked and is
-        refused (review s38R4 F1 / F2). torch's generators are put back before each retry
+        there too runs at plain copies (an error of its own raises as it is, review s38R5
+        F1) and, like one whose derivative autograd cannot take or that a reentrant
+        checkpoint computed, is refused as uncheckable where a parameter is differentiated
+        (review s38R4 F1 / F2, s38R5 F3). torch's generators are put back before each retry
         (review s38R2 F3; NumPy's and Python's are not: such an init draws from them again)."""
         g = torch.Generator().manual_seed(0)  # (its own: the global streams stay as they are)
         devices = cuda_devices_in_use()
