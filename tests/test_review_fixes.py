@@ -77,7 +77,7 @@ from torch.func import functional_call
 
 import torch_ufom
 from helpers import TwoHeads, mlp_problem, rel_err
-from oracle import brute_force
+from oracle import brute_force, brute_force_partial, ref_sgd
 
 STEPS, LR, B = 3, 0.1, 3
 # The look's own reasons (the numeric backstop's message names stop-gradients and graph-node hooks
@@ -6683,3 +6683,32 @@ def test_an_init_that_cannot_be_checked_is_refused_and_one_no_hypergradient_read
         torch.manual_seed(0)
         got.append(run(inner=_InitOf(lr, functools.partial(drawn, read=read))))
     assert all(torch.equal(a, b) for a, b in zip(*got))
+
+
+def test_rates_held_by_the_model_get_an_error_that_points_to_inner_params():
+    # Review s38P2 O2 (session 38): learn2learn's MetaSGD keeps its rates in the model; without
+    # inner_params= the rates are adapted too and the per-parameter dict misses them. The error was
+    # right but did not say how to leave them out; with inner_params= the hypergradient is exact.
+    torch.manual_seed(0)
+
+    class MetaSGD(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+            self.lrs = nn.ParameterList([nn.Parameter(p.detach() * 0 + 0.2) for p in self.net.parameters()])
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = MetaSGD().double()
+    rates = {f"net.{n}": r for (n, _), r in zip(model.net.named_parameters(), model.lrs)}
+    sup = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    outer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"missing \['lrs.0', .*pass inner_params= to leave parameters out"):
+        torch_ufom.MetaOptimizer(model, outer, inner_lr=rates, steps=2, mode="exact")
+    meta = torch_ufom.MetaOptimizer(model, outer, inner_lr=rates, steps=2, mode="exact",
+                                    inner_params=lambda n: n.startswith("net."))
+    meta.backward(mse, mse, sup, sup)
+    params = list(model.parameters())
+    want = brute_force_partial(model, mse, mse, lambda j: sup, sup, 2, params, 2, ref_sgd(rates), list(rates))
+    assert rel_err([p.grad for p in params], want) < 1e-12

@@ -288,7 +288,10 @@ def check_hyper(value: Hyper, arg: str, params: Params, *, low: float = 0.0,
             raise ValueError(
                 f"Invalid {arg}: a per-parameter dict must have exactly the model's adapted "
                 f"parameter names, as named_parameters() gives them (a tied parameter under its "
-                f"first name); unknown {unknown}, missing {missing}")
+                f"first name); unknown {unknown}, missing {missing}"
+                + (" (the inner loop adapts every parameter that requires grad unless inner_params= "
+                   "selects some: pass inner_params= to leave parameters out of it, e.g. rates the "
+                   "model holds)" if missing else ""))
         for k, v in value.items():
             target = {k: tensors[k]} if k in tensors else {}
             _check_entry(v, f"{arg}[{k!r}]", target, (low, high, closed), (steps, per_step), False)
