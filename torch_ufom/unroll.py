@@ -286,6 +286,22 @@ def set_host_random_states(states: tuple) -> None:
         np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32).copy(), pos, has_gauss, gauss))
 
 
+def torch_random_states(devices: Optional[Sequence[int]] = None) -> tuple:
+    """The states of torch's global generators: the CPU's and those of the CUDA ``devices``
+    (by default :func:`cuda_devices_in_use`); :func:`set_torch_random_states` puts them back
+    (``torch.random.fork_rng`` does both around a block: this pair serves a body that puts
+    them back more than once, or only on some exits)."""
+    devices = cuda_devices_in_use() if devices is None else devices
+    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+
+def set_torch_random_states(states: tuple) -> None:
+    """Put back what :func:`torch_random_states` returned."""
+    torch.set_rng_state(states[0])
+    for d, state in states[1]:
+        torch.cuda.set_rng_state(state, d)
+
+
 class OwnDraws(TorchFunctionMode):
     """Notes whether the code run under it draws from a generator of the user's: a call
     given a ``torch.Generator`` other than a device's default one, by keyword
@@ -782,8 +798,7 @@ class FunctionalModel:
                              "named_parameters() and named_buffers() give (not a tied weight's second "
                              "name, a plain attribute's, or a parameter's or buffer's registered as "
                              "None); call the model itself instead")
-        rng = torch.get_rng_state(), \
-            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        rng = torch_random_states()
 
         def call():
             # What the module's buffer entries hold inside the swap, this model's buffers or, in a
@@ -799,9 +814,7 @@ class FunctionalModel:
                     for table, key, tensor, value in kept:
                         tensor.copy_(value)
                         table[key] = tensor
-                torch.set_rng_state(rng[0])
-                if rng[1] is not None:
-                    torch.cuda.set_rng_state_all(rng[1])
+                set_torch_random_states(rng)
                 raise TypeError(f"FunctionalModel.run's fn returned a {type(escaped).__name__}: return "
                                 "what fn computes (tensors, numbers), not a part of the module (a "
                                 "submodule, a bound method) or an object that may hold one, which would "
@@ -2466,15 +2479,12 @@ class InnerLoop:
         (review s38R4 F1 / F2, s38R5 F3). torch's generators are put back before each retry
         (review s38R2 F3; NumPy's and Python's are not: such an init draws from them again)."""
         g = torch.Generator().manual_seed(0)  # (its own: the global streams stay as they are)
-        devices = cuda_devices_in_use()
-        drawn = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+        drawn = torch_random_states()
         learned_ids = {id(m) for m in self.meta}
         learned = [id(self.named[n]) in learned_ids for n in self.names]
 
         def put_back():
-            torch.set_rng_state(drawn[0])
-            for d, kept in zip(devices, drawn[1]):
-                torch.cuda.set_rng_state(kept, d)
+            set_torch_random_states(drawn)
 
         def random_like(t):
             return torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
@@ -2553,17 +2563,11 @@ class InnerLoop:
         the parameters hide ``requires_grad``, and in ``eval()`` mode the layer
         would take that path, which has no derivative."""
         with _PROCESS_STATE:
-            cpu = torch.get_rng_state()
-            cuda = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
-            try:
-                with (_math_attention() if self.math_attention else contextlib.nullcontext()), \
-                        (_no_cudnn() if self.recurrent else contextlib.nullcontext()), \
-                        _no_attention_fastpath():
-                    yield
-            finally:
-                torch.set_rng_state(cpu)
-                for d, s in zip(self.cuda_devices, cuda):
-                    torch.cuda.set_rng_state(s, d)
+            with torch.random.fork_rng(devices=self.cuda_devices), \
+                    (_math_attention() if self.math_attention else contextlib.nullcontext()), \
+                    (_no_cudnn() if self.recurrent else contextlib.nullcontext()), \
+                    _no_attention_fastpath():
+                yield
 
     def _seed(self, j: int) -> None:
         """Seed the global generators with step ``j``'s stream (inside :meth:`streams`)."""
