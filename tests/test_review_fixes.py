@@ -6712,3 +6712,35 @@ def test_rates_held_by_the_model_get_an_error_that_points_to_inner_params():
     params = list(model.parameters())
     want = brute_force_partial(model, mse, mse, lambda j: sup, sup, 2, params, 2, ref_sgd(rates), list(rates))
     assert rel_err([p.grad for p in params], want) < 1e-12
+
+
+def _lock_held_here() -> bool:
+    """Whether the process lock is held (by this thread: another one cannot take it)."""
+    import threading
+    from torch_ufom import unroll
+    took = []
+
+    def attempt():
+        took.append(unroll._PROCESS_STATE.acquire(blocking=False))
+        if took[0]:
+            unroll._PROCESS_STATE.release()
+    other = threading.Thread(target=attempt)
+    other.start()
+    other.join()
+    return not took[0]
+
+
+def test_diagnose_runs_every_loss_holding_the_process_lock():
+    # Review s39H F1 (session 39): the lock's decorator wrapped a context-manager factory, so
+    # diagnose's argument checks and hvp="fwdrev"'s look ran their losses outside it, where another
+    # thread's sweep may have seeded the global generators for its step.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    sup = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    seen = []
+
+    def loss(f, b):
+        seen.append(_lock_held_here())
+        return mse(f, b)
+    torch_ufom.diagnose(model, loss, loss, [(sup, sup)], steps=2, inner_lr=0.1, hvp="fwdrev")
+    assert seen and all(seen)

@@ -66,7 +66,6 @@ def _sq(grads: Sequence[Optional[Tensor]]) -> float:
     return float(sum((g.detach().double() ** 2).sum() for g in grads if g is not None))
 
 
-@one_call_at_a_time
 @contextlib.contextmanager
 def _host_states_kept(states: tuple):
     """Put NumPy's and Python's global generators back to ``states`` on leaving."""
@@ -76,6 +75,7 @@ def _host_states_kept(states: tuple):
         set_host_random_states(states)
 
 
+@one_call_at_a_time  # (review s39H F1: it wrapped _host_states_kept, so it held the lock for nothing)
 def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
              tasks: Sequence[Tuple[Any, Any]], *, steps: int, inner_lr=None,
              inner: Optional[InnerRule] = None, memory: str = "checkpoint", slots: Optional[int] = None,
