@@ -339,10 +339,8 @@ def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generato
                 or found.attributes or found.kept or found.hooks or found.host_draws or found.raised):
             # (the generators as they were: a fallback to the loop draws what a loop chosen at once
             # draws, review s37W2 F2)
-            generators = [torch.default_generator] + ([generator] if generator is not None else [])
-            states = [g.get_state() for g in generators]
             try:
-                with attributes_kept(model):
+                with restore_rng_on_error(generator), attributes_kept(model):
                     state = _run(problem, Vectorised(size), supports)
                 return _stacked(problem, state, size)
             except FloatingPointError as err:  # a non-finite inner loss: the loop would find it again
@@ -351,8 +349,6 @@ def _adapt_batch(problem: Problem, inner_loss: Callable, supports: Any, generato
                                  "are theirs, in order)")
                 raise
             except Exception as err:  # noqa: BLE001 (run per task, where an error of the loss is raised)
-                for g, state_of in zip(generators, states):
-                    g.set_state(state_of)
                 vectorised = False  # calls of the result then loop over the tasks at once
                 first_line = (str(err).splitlines() or [type(err).__name__])[0]
                 warnings.warn(f"adapt_batch runs the tasks one by one: an error under torch.func.vmap "
