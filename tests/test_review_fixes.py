@@ -6744,3 +6744,55 @@ def test_diagnose_runs_every_loss_holding_the_process_lock():
         return mse(f, b)
     torch_ufom.diagnose(model, loss, loss, [(sup, sup)], steps=2, inner_lr=0.1, hvp="fwdrev")
     assert seen and all(seen)
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+
+
+class _OutputDict(collections.OrderedDict):
+    pass
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_outer_aux_pytree_does_not_open_is_refused_and_a_registered_one_is_detached(batched):
+    # Review s39O F1 (session 39): a dataclass or dict subclass in the outer loss's aux is a pytree
+    # leaf: backward's MetaResult.aux kept its graph, backward_batch's held tensors that escaped vmap.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    xs, ys = torch.randn(3, 6, 4, dtype=torch.float64), torch.randint(0, 3, (3, 6))
+    data = ((xs, ys), (xs, ys)) if batched else ((xs[0], ys[0]), (xs[0], ys[0]))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.5,
+                                    steps=2, mode="exact", vectorise=True if batched else "auto")
+    call = meta.backward_batch if batched else meta.backward
+
+    def inner(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+    for wrap in (_Output, lambda z: _OutputDict(logits=z), lambda z: types.SimpleNamespace(logits=z)):
+        def outer(f, b):
+            z = f(b[0])
+            return F.cross_entropy(z, b[1]), wrap(z)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (backward_batch says it runs the tasks one by one)
+            with pytest.raises(ValueError, match=r"outer_loss: its aux holds a value of type \w+ with"):
+                call(inner, outer, *data)
+        assert all(p.grad is None for p in model.parameters())
+
+    class Registered(_Output):
+        pass
+    torch.utils._pytree.register_dataclass(Registered)
+
+    def outer(f, b):
+        z = f(b[0])
+        return F.cross_entropy(z, b[1]), Registered(z)
+    got = call(inner, outer, *data)
+    assert not batched or all(r.batch_path == "vectorised" for r in got)
+    for i, result in enumerate(got if batched else [got]):
+        p = dict(model.named_parameters())
+        for _ in range(2):
+            grads = torch.autograd.grad(inner(lambda x: functional_call(model, p, (x,)), (xs[i], ys[i])),
+                                        list(p.values()))
+            p = {n: v - 0.5 * g for (n, v), g in zip(p.items(), grads)}
+        assert not result.aux.logits.requires_grad
+        assert torch.allclose(result.aux.logits, functional_call(model, p, (xs[i],)), rtol=1e-12, atol=0)

@@ -1599,8 +1599,43 @@ def loss_and_aux(out: Any, name: str) -> Tuple[Tensor, Any]:
                 first = f"a tensor of shape {tuple(out[0].shape)}"
             raise ValueError(f"Invalid {name}: it returned a tuple of {len(out)} items whose first "
                              f"item is {first} (expected a scalar tensor, or (scalar tensor, aux))")
+        if name == "outer_loss":
+            opaque = _opaque_holding_tensors(out[1])
+            if opaque is not None:  # (review s39O F1: kept its graph per task, escaped vmap)
+                raise ValueError(
+                    f"Invalid outer_loss: its aux holds a value of type {opaque} with tensors in it, "
+                    "which torch.utils._pytree does not open (a dataclass, a dict subclass, an object's "
+                    "attributes), so they cannot be detached nor split per task: return them in a "
+                    "tuple, list or dict, or register the type with torch.utils._pytree "
+                    "(register_dataclass, register_pytree_node)")
         return _check_loss(out[0], name), out[1]
     return _check_loss(out, name), ()
+
+
+def _opaque_holding_tensors(aux: Any) -> Optional[str]:
+    """The type name of the first leaf of ``aux`` (as ``torch.utils._pytree`` flattens it)
+    that is not a tensor but holds one, in its fields, items or attributes (opened to any
+    depth, 10,000 objects at most); ``None`` when there is none."""
+    for leaf in pytree.tree_leaves(aux):
+        if isinstance(leaf, Tensor) or leaf is None or isinstance(leaf, (numbers.Number, str, bytes)):
+            continue
+        stack, seen = [leaf], set()
+        while stack and len(seen) < 10_000:
+            obj = stack.pop()
+            if isinstance(obj, Tensor):
+                return type(leaf).__name__
+            if obj is None or isinstance(obj, (numbers.Number, str, bytes)) or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, Mapping):
+                stack.extend(obj.values())
+            elif isinstance(obj, (list, tuple, set, frozenset)):
+                stack.extend(obj)
+            if not isinstance(obj, type):
+                stack.extend(getattr(obj, "__dict__", {}).values())
+                stack.extend(getattr(obj, s) for s in getattr(type(obj), "__slots__", ())
+                             if isinstance(s, str) and hasattr(obj, s))
+    return None
 
 
 def detached(aux: Any) -> Any:
