@@ -6796,3 +6796,34 @@ def test_an_outer_aux_pytree_does_not_open_is_refused_and_a_registered_one_is_de
             p = {n: v - 0.5 * g for (n, v), g in zip(p.items(), grads)}
         assert not result.aux.logits.requires_grad
         assert torch.allclose(result.aux.logits, functional_call(model, p, (xs[i],)), rtol=1e-12, atol=0)
+
+
+def test_an_error_of_a_parameter_hook_in_a_vectorised_meta_batch_is_raised_once_as_it_is():
+    # Review s39O F2 (session 39): it was taken for an error under vmap: the tasks ran again one by
+    # one (their hooks twice), an error raised once was dropped with a warning blaming vmap, and
+    # every later backward_batch of that MetaOptimizer ran per task.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    xs, ys = torch.randn(3, 6, 4, dtype=torch.float64), torch.randint(0, 3, (3, 6))
+
+    def loss(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+    calls = []
+
+    def flaky(g):
+        calls.append(g.clone())
+        if len(calls) == 2:
+            raise OSError("log server unreachable")
+    model.weight.register_hook(flaky)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.5, steps=2,
+                                    mode="fom", vectorise=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(OSError, match="log server unreachable"):
+            meta.backward_batch(loss, loss, (xs, ys), (xs, ys))
+        assert len(calls) == 2 and all(p.grad is None for p in model.parameters())
+        got = meta.backward_batch(loss, loss, (xs, ys), (xs, ys))  # (raises nothing now)
+    assert [r.batch_path for r in got] == ["vectorised"] * 3 and len(calls) == 5
+    want = sum(brute_force(model, loss, loss, lambda j, i=i: (xs[i], ys[i]), (xs[i], ys[i]), 2, 0.5,
+                           [model.weight], 0)[0] for i in range(3))
+    assert torch.allclose(model.weight.grad, want, rtol=1e-12, atol=1e-15)

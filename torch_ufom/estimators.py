@@ -503,4 +503,19 @@ def _hooked(p: Tensor, grad: Tensor) -> Tensor:
     been through them (its direct terms, where a loss reads ``p`` itself, have)."""
     with torch.enable_grad():
         # A copy, not a view: a view's backward reshapes, which a sparse gradient cannot.
-        return torch.autograd.grad(p.clone(), p, grad_outputs=grad.to(p.dtype))[0].detach()
+        try:
+            return torch.autograd.grad(p.clone(), p, grad_outputs=grad.to(p.dtype))[0].detach()
+        except Exception as err:
+            if HOOK_RAISED not in getattr(err, "__notes__", ()):
+                err.add_note(HOOK_RAISED)  # (read by raised_by_hook)
+            raise
+
+
+HOOK_RAISED = "(raised by a hook registered on a meta-parameter with register_hook)"
+
+
+def raised_by_hook(err: BaseException) -> bool:
+    """Whether ``err`` came from a hook of the user's that :func:`_hooked` ran: an error of
+    theirs, which a meta-batch raises as it is rather than running its tasks again one by one
+    (review s39O F2: the tasks' hooks ran twice, an error raised once was dropped)."""
+    return HOOK_RAISED in getattr(err, "__notes__", ())

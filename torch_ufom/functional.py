@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .checks import invalid, is_int
 from .config import Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses, resolve
-from .estimators import Estimate, estimate, plus
+from .estimators import Estimate, estimate, plus, raised_by_hook
 from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
 from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, one_call_at_a_time,
@@ -391,6 +391,8 @@ def _estimate_batch(problem: Problem, supports: Any, queries: Any, force, diagno
             except FloatingPointError:
                 raise  # a non-finite loss or hypergradient: the loop would find it again
             except Exception as err:  # noqa: BLE001
+                if raised_by_hook(err):
+                    raise
                 # torch.func's own refusals, and any other error raised under vmap (a batching
                 # rule that fails on the user's shapes, a packed sequence of another length per
                 # task): the tasks of the groups that did not finish run again per task, where
