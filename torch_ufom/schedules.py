@@ -61,9 +61,6 @@ class SweepLog(Protocol):
         """Step ``j`` evaluated again (a replay or a rebuild); ``compare``: from the
         forward pass's own state, so that its loss must be the forward pass's."""
 
-    def rewind(self, count: int) -> None:
-        """Forget the forward pass's steps after the first ``count``."""
-
 
 class Schedule:
     """Base class: :meth:`sweep` runs steps ``start+1..stop`` and returns ``s_stop``

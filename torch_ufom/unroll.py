@@ -289,10 +289,16 @@ def set_host_random_states(states: tuple) -> None:
 def torch_random_states(devices: Optional[Sequence[int]] = None) -> tuple:
     """The states of torch's global generators: the CPU's and those of the CUDA ``devices``
     (by default :func:`cuda_devices_in_use`); :func:`set_torch_random_states` puts them back
-    (``torch.random.fork_rng`` does both around a block: this pair serves a body that puts
-    them back more than once, or only on some exits)."""
+    (:func:`torch_random_states_kept` does both around a block: this pair serves a body that
+    puts them back more than once, or only on some exits)."""
     devices = cuda_devices_in_use() if devices is None else devices
     return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+
+def torch_random_states_kept(devices: Sequence[int]):
+    """``torch.random.fork_rng`` for the CPU and the CUDA ``devices`` (the indices
+    :func:`cuda_devices_in_use` gives): their generators put back on leaving the block."""
+    return torch.random.fork_rng(devices=devices, device_type="cuda")
 
 
 def set_torch_random_states(states: tuple) -> None:
@@ -1557,7 +1563,7 @@ def _random_states_kept():
     devices = cuda_devices_in_use()
     host = host_random_states()
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch_random_states_kept(devices):
             yield
     finally:
         set_host_random_states(host)
@@ -2598,7 +2604,7 @@ class InnerLoop:
         the parameters hide ``requires_grad``, and in ``eval()`` mode the layer
         would take that path, which has no derivative."""
         with _PROCESS_STATE:
-            with torch.random.fork_rng(devices=self.cuda_devices), \
+            with torch_random_states_kept(self.cuda_devices), \
                     (_math_attention() if self.math_attention else contextlib.nullcontext()), \
                     (_no_cudnn() if self.recurrent else contextlib.nullcontext()), \
                     _no_attention_fastpath():

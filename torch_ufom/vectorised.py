@@ -39,8 +39,8 @@ from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depend
                      from_torch_func,
                      generator_position, graph_nodes, graph_reaches, graph_survey, host_random_states,
                      is_default_generator, jvp, loss_and_aux, note_probed, once_differentiable,
-                     outside_transforms, renormalises_weights, root_of, set_host_random_states, watched_loss,
-                     wrong_twice)
+                     outside_transforms, renormalises_weights, root_of, set_host_random_states,
+                     torch_random_states_kept, watched_loss, wrong_twice)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "probe_steps", "reads_meta_directly", "LookFailed", "SLOW_ON_CPU_ELEMENTS",
@@ -823,7 +823,7 @@ def _probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ad
     # as torch's generators are, so that the look changes no draw.
     host = host_random_states()  # (compared once, after both losses: 0.2 ms a reading)
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), mode, aten, _young(), \
+        with torch_random_states_kept(devices), torch.enable_grad(), mode, aten, _young(), \
                 (_watching_node_hooks(hooked) if node_hooks else contextlib.nullcontext()):
             out = inner_loss(fm, batch)
     except BaseException:
@@ -864,7 +864,7 @@ def _probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ad
         fm = FunctionalModel(module, copies, {n: b.clone() for n, b in original.items()})
         result = None
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad(), outer, outer_aten, _young(), \
+            with torch_random_states_kept(devices), torch.enable_grad(), outer, outer_aten, _young(), \
                     (_watching_node_hooks(hooked) if node_hooks else contextlib.nullcontext()):
                 result = outer_loss(fm, query)
         except Exception as err:  # noqa: BLE001 (the loop runs it again and raises what it raises)
@@ -933,7 +933,7 @@ def _backward(loss: Tensor, leaves: List[Tensor], devices, aten: "_AtenProbe") -
     keep what it sees), with the random states restored; what an error said (``""``: none),
     which the loop raises again."""
     try:
-        with torch.random.fork_rng(devices=devices), aten, _young():
+        with torch_random_states_kept(devices), aten, _young():
             torch.autograd.grad(loss, leaves, allow_unused=True)
     except Exception as err:  # noqa: BLE001 (the loop runs it again and raises what it raises)
         return f"a custom Function's backward raised {_first_line(err)}"
@@ -1378,7 +1378,7 @@ def _evaluated(module: nn.Module, inner_loss, batch, params: Dict[str, Tensor],
     aten = _AtenProbe() if generators else contextlib.nullcontext()  # for the user's generators
     attributes, recomputed = _attributes(module), _recomputed(module)
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), aten:
+        with torch_random_states_kept(devices), torch.enable_grad(), aten:
             out = inner_loss(fm, batch)
     except Exception as err:  # noqa: BLE001
         raise LookFailed(f"inner_loss raised {_first_line(err)}") from err
