@@ -434,9 +434,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
                 e, d_k = rec.vjp_first_order(e)
                 _add(theta_k, d_k)
             continue
-        e, d_exact = rec.vjp_exact(e)
-        if rec.product_loss is not None:
-            log.product(rec.product_loss, rec.loss, rec.j)
+        e, d_exact = rec.vjp_exact(e, log)
         _add(theta, d_exact, inv_p[m])
         if theta_k is not None:
             _add(theta_k, d_exact)

@@ -3304,7 +3304,6 @@ class StepRecord:
         self.grads = None if grads is None else tuple(g.detach() for g in grads)
         self.next_state = next_state
         self.linked = False  # whether it continues the previous record's graph (SweepPlan.connected)
-        self.product_loss: Optional[Tensor] = None  # the loss its forward-over-reverse HVP computed
 
     def release(self, keep_inputs: bool) -> None:
         """Drop this linked record's outputs (and its inputs unless ``keep_inputs``): a
@@ -3329,8 +3328,11 @@ class StepRecord:
         inputs = list(self.leaves.diff) + self.loop.meta
         return self._split(_vjp(first[0] + first[1], inputs, f, self.loop.retain))
 
-    def vjp_exact(self, e):
-        """``(e_{j-1}, dtheta)``: VJP of the exact rule ``F_j`` at ``e`` (a Hessian-vector product)."""
+    def vjp_exact(self, e, log=None):
+        """``(e_{j-1}, dtheta)``: VJP of the exact rule ``F_j`` at ``e`` (a Hessian-vector product).
+        A forward-over-reverse product evaluates the step's loss again: it goes to ``log``'s
+        ``product`` (:meth:`~torch_ufom.estimators.SweepLog.product`), compared there with the
+        step's own."""
         if not self.forward_over_reverse:
             with second_derivatives():
                 inputs = list(self.leaves.diff) + self.loop.meta
@@ -3343,7 +3345,9 @@ class StepRecord:
             out = self.loop.apply_rule(g, self.leaves)
         got = _vjp(out[0] + out[1], inputs + list(g), e, self.loop.retain)
         u = got[len(inputs):]
-        hv, self.product_loss = self.loop.hessian_vector(self.leaves, self.j, u)
+        hv, loss = self.loop.hessian_vector(self.leaves, self.j, u)
+        if log is not None:
+            log.product(loss, self.loss, self.j)
         n = len(self.leaves.params)
         params = [h if a is None else a + h for a, h in zip(got[:n], hv)]
         return self._split(params + got[n:len(inputs)])
