@@ -6827,3 +6827,44 @@ def test_an_error_of_a_parameter_hook_in_a_vectorised_meta_batch_is_raised_once_
     want = sum(brute_force(model, loss, loss, lambda j, i=i: (xs[i], ys[i]), (xs[i], ys[i]), 2, 0.5,
                            [model.weight], 0)[0] for i in range(3))
     assert torch.allclose(model.weight.grad, want, rtol=1e-12, atol=1e-15)
+
+
+class _GRUDropout(nn.Module):
+    def __init__(self, contiguous):
+        super().__init__()
+        self.gru, self.head, self.contiguous = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2), contiguous
+
+    def forward(self, x):
+        h = self.gru(x)[0]  # (batch_first: a non-contiguous view)
+        return self.head(F.dropout(h.contiguous() if self.contiguous else h, 0.3, self.training).mean(1))
+
+
+def test_fwdrev_on_dropout_of_a_non_contiguous_tensor_is_refused_naming_it():
+    # Review s39Z F1 (session 39): torch.func draws dropout's mask on a non-contiguous tensor otherwise
+    # than eager mode; fwdrev's refusal blamed stop-gradients, custom Functions, hooks or precision.
+    z = torch.randn(3, 4, dtype=torch.float64).t()
+    masks = []
+    for run in (lambda t: F.dropout(t, 0.3, True),
+                lambda t: torch.func.jvp(lambda u: F.dropout(u, 0.3, True), (t,), (torch.ones_like(t),))[0]):
+        torch.manual_seed(0)
+        masks.append(run(z) != 0)
+    torch_draws_otherwise = not torch.equal(*masks)
+    x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+
+    def loss(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+    for contiguous in (False, True):
+        torch.manual_seed(0)
+        model = _GRUDropout(contiguous).double()
+        got = {}
+        for hvp in ("revrev", "fwdrev"):
+            call = functools.partial(torch_ufom.hypergrad, model, loss, loss, (x, y), (x, y), steps=2,
+                                     inner_lr=0.1, mode="exact", hvp=hvp,
+                                     generator=torch.Generator().manual_seed(1))
+            if hvp == "fwdrev" and torch_draws_otherwise and not contiguous:
+                with pytest.raises(ValueError, match=r"mask on a non-contiguous tensor.*contiguous\(\)"):
+                    call()
+            else:
+                got[hvp] = call()
+        if len(got) == 2:
+            assert rel_err(got["fwdrev"], got["revrev"]) < 1e-12

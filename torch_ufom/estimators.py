@@ -35,7 +35,7 @@ from torch import Tensor
 from .inner import shortcut
 from .schedules import Schedule
 from .truncation import telescope_weights
-from .unroll import SAMPLES_ANEW, Loop, SweepPlan, Unchain, chain_vjp
+from .unroll import FUNC_DRAWS_OTHERWISE, SAMPLES_ANEW, Loop, SweepPlan, Unchain, chain_vjp
 
 __all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient", "plus",
            "finite_each", "finite_norms", "first_nonfinite_loss"]
@@ -321,7 +321,8 @@ def check_finite(log: SweepLog, est: "Estimate", step_function: bool = False) ->
             "where the loss cancels most of its terms: torch.use_deterministic_algorithms(True) "
             "makes replays exact. A forward that writes a tensor in place (a layer clipping its own "
             "weight, an nn.Embedding with max_norm on a table the inner loop does not adapt) must "
-            f"write the same values when a step runs again.{anew}")
+            "write the same values when a step runs again. Under hvp='fwdrev': or "
+            f"{FUNC_DRAWS_OTHERWISE}.{anew}")
     i = next((i for i, g in enumerate(est.grads)
               if g is not None and not bool(torch.isfinite(_values(g)).all())), None)
     if i is not None:

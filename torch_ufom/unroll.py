@@ -3178,9 +3178,16 @@ class FwdRevDisagrees(ValueError):
         if mixed:  # (review IC F2)
             self.why += ("; the model mixes parameter dtypes, and the difference is within the least "
                          "precise one's rounding, which reaches every parameter it touches")
+        self.why += f"; or {FUNC_DRAWS_OTHERWISE}"
         if step_function:  # (review s35C: a j -> batch callable that samples anew at every call)
             self.why += f"; or {SAMPLES_ANEW}"
         super().__init__(f"Invalid hvp: 'fwdrev' {self.why}; use 'revrev' or 'auto'")
+
+
+FUNC_DRAWS_OTHERWISE = (  # (review s39Z F1: torch's own behaviour, torch 2.11-2.13)
+    "it draws a dropout mask on a non-contiguous tensor (a batch_first RNN's output, a transposed "
+    "view), which torch.func (hvp='fwdrev') draws otherwise than eager mode: call .contiguous() "
+    "before the dropout")
 
 
 def hvp_disagreement(forward: Sequence[Tensor], reverse: Sequence[Tensor]) -> Tuple[float, bool]:
