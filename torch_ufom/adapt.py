@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .checks import invalid, is_int
 from .config import InnerLR, InnerParams, Settings, check_generator, check_loss, resolve
 from .estimators import SweepLog, finite_each, first_nonfinite_loss
-from .functional import restore_rng_on_error
+from .functional import draw_seed, restore_rng_on_error
 from .inner import InnerRule
 from .unroll import (Evaluator, FunctionalModel, InnerLoop, PerTask, Problem, State, caller_level,
                      check_parametrize_cache, elementwise_rule, one_call_at_a_time, probe_batches)
@@ -189,8 +189,7 @@ def _problem(model, inner_loss, settings: Settings, generator) -> Problem:
 
 def _run(problem: Problem, evaluator: Evaluator, support: Any) -> State:
     """The inner loop from the module's parameters, without a graph; ``s_r``."""
-    device = problem.generator.device if problem.generator is not None else "cpu"
-    seed = torch.randint(0, 1 << 62, (), generator=problem.generator, device=device).tolist()
+    seed = draw_seed(problem.generator)
     loop = InnerLoop(problem, evaluator, support, None, seed, hypergradient=False)
     log = SweepLog(loop.steps)
     state = loop.initial_state()

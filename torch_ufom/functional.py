@@ -134,11 +134,17 @@ def restore_rng_on_error(generator: Optional[torch.Generator], always: bool = Fa
 def draw(law: TruncationLaw, steps: int, generator: Optional[torch.Generator]) -> Tuple[int, int]:
     """Draw the truncation point and the base seed of the per-step random streams."""
     K = law.sample(steps, generator)
+    return K, draw_seed(generator)
+
+
+def draw_seed(generator: Optional[torch.Generator]) -> int:
+    """The base seed of a call's per-step random streams, drawn from ``generator`` (torch's
+    global CPU generator when ``None``): :func:`draw` and :func:`~torch_ufom.adapt` draw it
+    alike, so that adapting and a hypergradient see the same streams."""
     device = generator.device if generator is not None else "cpu"
     # tolist(): the same numbers as int() / float(), read on the host without a dispatched
     # aten._local_scalar_dense (no device synchronisation with a CPU generator).
-    seed = torch.randint(0, 1 << 62, (), generator=generator, device=device).tolist()
-    return K, seed
+    return torch.randint(0, 1 << 62, (), generator=generator, device=device).tolist()
 
 
 def run_estimate(problem: Problem, evaluator: Evaluator, tasks: Tuple[Any, Any], K: int, seed: int,
