@@ -1,4 +1,19 @@
-"""``MetaOptimizer``: a ``torch.optim``-style shell around the estimators."""
+"""``MetaOptimizer``: a ``torch.optim``-style shell around the estimators.
+
+:class:`MetaOptimizer` resolves its configuration once (``config.resolve``) and
+keeps a cache of what it derives from the module (names, the swap plan, the
+vectorisation decisions), checked cheaply at each call. ``backward`` and
+``backward_batch`` run the engine (``functional.estimate_task`` /
+``estimate_batch``) and add each task's estimate to ``.grad``, keeping a tally
+of the tasks since ``zero_grad`` (their count, observations for an adaptive
+``q``, buffers to average) that a refused call leaves as it was; ``step`` runs
+the outer optimizer (with a closure, as ``torch.optim``'s ``step(closure)``)
+after a process group's all-reduce, and the per-step bookkeeping (``q``'s
+statistics, the tasks' buffers with ``track_buffers``). ``state_dict`` /
+``load_state_dict`` carry the outer optimizer's state, the generator's, the
+adaptive ``q``'s statistics, the tally and the settings it was saved with; the
+format and its validation are at the end of this module.
+"""
 from __future__ import annotations
 
 import contextlib

@@ -22,6 +22,28 @@ buffer entries (:class:`Reparametrization`, found in the loop's one walk of the
 module) rather than by ``torch.func.functional_call`` at every step, and plain
 SGD at a plain-number rate is applied with foreach kernels (:attr:`~torch_ufom.inner.InnerRule.plain_rate`):
 the same operations as the general path, bit for bit (``tests/test_fastpath.py``).
+
+The module also holds what the loop needs around it, in this order (a map for
+readers; each part's contract is in its docstrings):
+
+* the process lock every public entry point holds (:func:`one_call_at_a_time`,
+  rebound after ``fork``) and the guards around ``torch.compile``;
+* the random-state helpers: torch's generators (:func:`torch_random_states`,
+  :func:`torch_random_states_kept`), NumPy's and Python's
+  (:func:`host_random_states`), and the watches for draws no stream replays;
+* :class:`FunctionalModel`, the module called at given tensors (what the losses
+  receive as ``fmodel`` and what ``adapt`` returns), with the swap machinery
+  it shares with the loop (:class:`Reparametrization`, the registry of swaps
+  in progress, nesting across threads);
+* batches (:class:`StepBatches`, :func:`batch_getter`) and the losses' checks
+  (:func:`loss_and_aux`);
+* the evaluator and loop protocols, :class:`PerTask` (one task's evaluator);
+* graph analysis (:func:`graph_survey`, :func:`wrong_twice`, :func:`look_at_graph`),
+  which the looks at the losses use to refuse what a sweep cannot differentiate;
+* the messages of the checks of a user's inner rule (:func:`checked_update`,
+  the init check's refusals);
+* :class:`InnerLoop`, forward-over-reverse's errors, the VJP helpers and
+  :class:`StepRecord`.
 """
 from __future__ import annotations
 
