@@ -108,6 +108,15 @@ def _grad_layout(p: Tensor, g: Tensor) -> Tensor:
     return torch.empty_like(p, dtype=g.dtype, memory_format=torch.preserve_format).copy_(g)
 
 
+# The tally of the tasks since the last step that a refused call puts back (MetaOptimizer._tally):
+# their count, whether synchronize() reduced them, their buffers and q="auto" observations, whether
+# .grad holds them, what a reduction carried, the .grad versions the last write left, and whether a
+# count load_state_dict restored came with zero gradients. One list for every save and restore
+# (review s39H CQ-5: three lists, already different).
+_TALLY = ("_tasks", "_reduced", "_buffers", "_observations", "_holding", "_carried", "_written",
+          "_zero_saved")
+
+
 class MetaOptimizer:
     """Drop-in outer optimizer for bi-level problems (MAML, learned inner rates, ...).
 
@@ -622,25 +631,31 @@ class MetaOptimizer:
     def _forget_tasks(self) -> None:
         """Forget the tasks since the last step: their count, their ``q="auto"``
         observations and the buffers ``track_buffers`` kept of them."""
-        self._tasks, self._reduced, self._buffers, self._observations = 0, False, [], []
-        self._holding, self._carried, self._written, self._zero_saved = False, None, None, False
+        self._set_tally((0, False, [], [], False, None, None, False))
+
+    def _tally(self) -> tuple:
+        """The tally of the tasks since the last step (:data:`_TALLY`'s fields), for
+        :meth:`_set_tally` to put back after a refused call."""
+        return tuple(getattr(self, n) for n in _TALLY)
+
+    def _set_tally(self, values: tuple) -> None:
+        """Set :data:`_TALLY`'s fields to ``values``."""
+        for n, v in zip(_TALLY, values):
+            setattr(self, n, v)
 
     @contextlib.contextmanager
     def _task_state_kept(self):
         """Put back the count of tasks and what goes with it if the body raises: a task's
         :meth:`_check_cleared` may forget the earlier tasks before the task fails, and a
         refused call changes nothing (the clear it saw is seen again at the next one)."""
-        names = ("_tasks", "_reduced", "_buffers", "_observations", "_holding", "_carried", "_written",
-                 "_zero_saved")
-        saved = [getattr(self, n) for n in names]
+        saved = self._tally()
         try:
             # (the generators too: a warning raised as an error after the draw, under
             # warnings.simplefilter("error"), would leave them advanced: review s37B F1)
             with restore_rng_on_error(self.generator):
                 yield
         except BaseException:
-            for n, v in zip(names, saved):
-                setattr(self, n, v)
+            self._set_tally(saved)
             raise
 
     def _check_cleared(self, meta: List[Tensor], task: bool = False) -> None:
@@ -1247,8 +1262,7 @@ class MetaOptimizer:
             def reduced():
                 # The closure computes the gradients again (it zeroes them first, through
                 # meta.zero_grad() or the outer optimizer's): the mean is over its tasks.
-                pending = (self._tasks, self._reduced, self._observations, self._buffers,
-                           self._holding, self._carried, self._written, self._kept)
+                pending, kept = self._tally(), self._kept
                 meta = self.meta_parameters()
                 # Weak references: a closure that sets .grad to None frees the old gradients.
                 grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), _version(p.grad))
@@ -1268,8 +1282,7 @@ class MetaOptimizer:
                         untouched = bool(_any_nonzero(meta))
                     if untouched and not (self._tasks or self._reduced):
                         # it failed at once: the tasks stay pending
-                        (self._tasks, self._reduced, self._observations, self._buffers,
-                         self._holding, self._carried, self._written, kept) = pending
+                        self._set_tally(pending)
                         self._set_kept(kept)
                     # else .grad holds what this evaluation left (zeroed, its tasks), and so
                     # does the count
