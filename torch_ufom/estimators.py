@@ -309,6 +309,7 @@ def check_finite(log: SweepLog, est: "Estimate", step_function: bool = False) ->
             "be a deterministic function of the parameters, the batch and the step's random "
             f"stream.{anew}")
     if not bool(same):
+        fwdrev = f" Under hvp='fwdrev': {FUNC_DRAWS_OTHERWISE}." if log.product_values is not None else ""
         raise RuntimeError(
             "inner_loss gave another value when a step was evaluated again (a replay, the exact "
             "sweep's rebuild or a forward-over-reverse product) than on the forward pass, so the "
@@ -321,8 +322,7 @@ def check_finite(log: SweepLog, est: "Estimate", step_function: bool = False) ->
             "where the loss cancels most of its terms: torch.use_deterministic_algorithms(True) "
             "makes replays exact. A forward that writes a tensor in place (a layer clipping its own "
             "weight, an nn.Embedding with max_norm on a table the inner loop does not adapt) must "
-            "write the same values when a step runs again. Under hvp='fwdrev': or "
-            f"{FUNC_DRAWS_OTHERWISE}.{anew}")
+            f"write the same values when a step runs again.{fwdrev}{anew}")
     i = next((i for i, g in enumerate(est.grads)
               if g is not None and not bool(torch.isfinite(_values(g)).all())), None)
     if i is not None:

@@ -323,6 +323,11 @@ def torch_random_states_kept(devices: Sequence[int]):
     return torch.random.fork_rng(devices=devices, device_type="cuda")
 
 
+def _states_differ(a: tuple, b: tuple) -> bool:
+    """Whether two :func:`torch_random_states` readings differ (a draw happened between them)."""
+    return not torch.equal(a[0], b[0]) or any(not torch.equal(x, y) for (_, x), (_, y) in zip(a[1], b[1]))
+
+
 def set_torch_random_states(states: tuple) -> None:
     """Put back what :func:`torch_random_states` returned."""
     torch.set_rng_state(states[0])
@@ -1642,8 +1647,9 @@ def loss_and_aux(out: Any, name: str) -> Tuple[Tensor, Any]:
 
 def _opaque_holding_tensors(aux: Any) -> Optional[str]:
     """The type name of the first leaf of ``aux`` (as ``torch.utils._pytree`` flattens it)
-    that is not a tensor but holds one, in its fields, items or attributes (opened to any
-    depth, 10,000 objects at most); ``None`` when there is none."""
+    that is not a tensor but holds one, in its fields, items or attributes, or a callable's
+    arguments, closure or bound object (opened to any depth, 10,000 objects at most);
+    ``None`` when there is none."""
     for leaf in pytree.tree_leaves(aux):
         if isinstance(leaf, Tensor) or leaf is None or isinstance(leaf, (numbers.Number, str, bytes)):
             continue
@@ -1659,6 +1665,13 @@ def _opaque_holding_tensors(aux: Any) -> Optional[str]:
                 stack.extend(obj.values())
             elif isinstance(obj, (list, tuple, set, frozenset)):
                 stack.extend(obj)
+            elif isinstance(obj, functools.partial):  # (review s39R F2: callables hold tensors too)
+                stack.extend([obj.func, *obj.args, *obj.keywords.values()])
+            elif isinstance(obj, types.MethodType):
+                stack.extend([obj.__self__, obj.__func__])
+            elif isinstance(obj, types.FunctionType):
+                stack.extend([*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()])
+                stack.extend(c.cell_contents for c in obj.__closure__ or () if _filled(c))
             if not isinstance(obj, type):
                 stack.extend(getattr(obj, "__dict__", {}).values())
                 stack.extend(getattr(obj, s) for s in getattr(type(obj), "__slots__", ())
@@ -3052,7 +3065,11 @@ class InnerLoop:
             reverse = self.reverse_hessian_vector(State(params, state.opt, state.buffers), j, vec)
             rel, mixed = hvp_disagreement(hv, reverse)
             if rel:
-                raise FwdRevDisagrees(j, rel, mixed, self.step_function)
+                with self.stream(j):  # (whether the step draws: the message may then name dropout)
+                    seeded = torch_random_states()
+                    self.gradient_graph(State(params, state.opt, state.buffers), j)
+                    drew = _states_differ(seeded, torch_random_states())
+                raise FwdRevDisagrees(j, rel, mixed, self.step_function, drew)
         return hv, loss.detach()
 
     def reverse_hessian_vector(self, state: State, j: int, vec: Sequence[Tensor]) -> Tuple[Tensor, ...]:
@@ -3190,7 +3207,8 @@ class FwdRevDisagrees(ValueError):
     sweep): the loss computes something forward-mode AD differentiates otherwise. ``why``:
     the reason without the advice."""
 
-    def __init__(self, j: int, rel: float, mixed: bool = False, step_function: bool = False):
+    def __init__(self, j: int, rel: float, mixed: bool = False, step_function: bool = False,
+                 draws: bool = False):
         self.why = (f"gives another Hessian-vector product than reverse mode at inner step {j} ({rel:.1e} "
                     "relative): the loss computes something forward-mode AD differentiates otherwise (a "
                     "stop-gradient made under torch.no_grad() or through .data, a custom Function's jvp, "
@@ -3200,16 +3218,16 @@ class FwdRevDisagrees(ValueError):
         if mixed:  # (review IC F2)
             self.why += ("; the model mixes parameter dtypes, and the difference is within the least "
                          "precise one's rounding, which reaches every parameter it touches")
-        self.why += f"; or {FUNC_DRAWS_OTHERWISE}"
+        if draws:  # (the step drew from torch's generators)
+            self.why += f"; the loss draws random numbers: {FUNC_DRAWS_OTHERWISE}"
         if step_function:  # (review s35C: a j -> batch callable that samples anew at every call)
             self.why += f"; or {SAMPLES_ANEW}"
         super().__init__(f"Invalid hvp: 'fwdrev' {self.why}; use 'revrev' or 'auto'")
 
 
 FUNC_DRAWS_OTHERWISE = (  # (review s39Z F1: torch's own behaviour, torch 2.11-2.13)
-    "it draws a dropout mask on a non-contiguous tensor (a batch_first RNN's output, a transposed "
-    "view), which torch.func (hvp='fwdrev') draws otherwise than eager mode: call .contiguous() "
-    "before the dropout")
+    "a dropout mask drawn on a non-contiguous tensor (a batch_first RNN's output, a transposed view) "
+    "differs under torch.func (hvp='fwdrev') from eager mode's; call .contiguous() before the dropout")
 
 
 def hvp_disagreement(forward: Sequence[Tensor], reverse: Sequence[Tensor]) -> Tuple[float, bool]:
