@@ -6872,3 +6872,53 @@ def test_fwdrev_on_dropout_of_a_non_contiguous_tensor_is_refused_naming_it():
                 got[hvp] = call()
         if len(got) == 2:
             assert rel_err(got["fwdrev"], got["revrev"]) < 1e-12
+
+
+def _fitted_float32(batchnorm=False):
+    """A float32 classifier fitted to its support batch until the loss is below 1e-5 (a softmax near
+    saturation: its Hessian is small beside float32's rounding of it), with its support and query."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    norm = [nn.BatchNorm1d(128, track_running_stats=False)] if batchnorm else []
+    model = nn.Sequential(nn.Linear(16, 128), *norm, nn.Tanh(), nn.Linear(128, 5)).float()
+    proto = 2 * torch.randn(5, 16, generator=g, dtype=torch.float32)
+    ys, yq = torch.arange(20) % 5, torch.arange(15) % 5
+    support = (proto[ys] + torch.randn(20, 16, generator=g, dtype=torch.float32), ys)
+    query = (proto[yq] + torch.randn(15, 16, generator=g, dtype=torch.float32), yq)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    while F.cross_entropy(model(support[0]), support[1]).item() > 1e-5:
+        opt.zero_grad()
+        F.cross_entropy(model(support[0]), support[1]).backward()
+        opt.step()
+    return model, support, query
+
+
+def test_a_float32_fwdrev_disagreement_by_rounding_alone_is_not_refused():
+    # Review s39N F1 / F2 (session 39): fwdrev's first HVP was compared with reverse mode's at
+    # sqrt(eps) in float32, where a loss near 1e-5 makes the two differ by rounding alone: a legal
+    # program was refused (and a BatchNorm meta-batch ran per task, warning). A disagreement in a lower
+    # precision is checked again at float64 copies; one that persists there is refused as before.
+    def ce(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+    model, support, query = _fitted_float32()
+    wide = copy.deepcopy(model).double()
+    s64, q64 = (support[0].double(), support[1]), (query[0].double(), query[1])
+    want = brute_force(wide, ce, ce, lambda j: s64, q64, 3, 0.5, list(wide.parameters()), 3)
+    got = torch_ufom.hypergrad(model, ce, ce, support, query, steps=3, inner_lr=0.5, mode="exact",
+                               hvp="fwdrev")
+    revrev = torch_ufom.hypergrad(model, ce, ce, support, query, steps=3, inner_lr=0.5, mode="exact",
+                                  hvp="revrev")
+    assert rel_err(got, want) < 1e-3 and rel_err(revrev, want) < 1e-3  # (float32's own rounding)
+
+    bn, support, query = _fitted_float32(batchnorm=True)
+    stack = tuple(torch.stack([t] * 3) for t in support), tuple(torch.stack([t] * 3) for t in query)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (it ran per task with a warning blaming the loss)
+        torch_ufom.hypergrad_batch(bn, ce, ce, *stack, steps=3, inner_lr=0.5, mode="exact", vectorise=True)
+
+    model, (x, y), q = mlp(), data(1), data(2)  # a stop-gradient that bites at step 3, in float32
+    model.float()
+    loss = guard(1.05 * float(model(x.float()).detach().abs().max()))
+    s, q = (x.float(), 4.0 * y.float()), (q[0].float(), 4.0 * q[1].float())
+    with pytest.raises(ValueError, match="another Hessian-vector product than reverse mode at inner step 3"):
+        torch_ufom.hypergrad(model, loss, mse, s, q, steps=STEPS, inner_lr=0.3, mode="exact", hvp="fwdrev")
