@@ -3085,13 +3085,12 @@ class InnerLoop:
         near 1e-6 (a saturated softmax) made the two products differ by 1e-2 relative,
         both by rounding (fwdrev was the closer to float64), and refused a legal program.
         ``False`` where the copies cannot run (a loss holding float32 tensors of its own,
-        a module deepcopy refuses): the disagreement is then refused as before. Run only where
-        the two disagree, with the global generators and the note of assigned ``None``
-        buffers put back (a ``j -> batch`` callable is called again, as a replay calls it)."""
+        a module deepcopy refuses): the disagreement is then refused as before. Run on the
+        refusal path only, with the global generators put back."""
         def wide(t):
             return t.detach().to(torch.float64) if isinstance(t, Tensor) and t.is_floating_point() else t
 
-        saved, assigned = torch_random_states(self.cuda_devices), set(assigned_none_buffers())
+        saved = torch_random_states(self.cuda_devices)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -3110,8 +3109,6 @@ class InnerLoop:
             return False
         finally:
             set_torch_random_states(saved)
-            assigned_none_buffers().clear()  # (the copy's loop cleared what this loop's swaps noted)
-            assigned_none_buffers().update(assigned)
 
     def reverse_hessian_vector(self, state: State, j: int, vec: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         """``H v`` of step ``j``'s inner loss by reverse mode (autograd on the step's
