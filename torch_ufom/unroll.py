@@ -2470,7 +2470,6 @@ class InnerLoop:
         self.elementwise = library or elementwise_rule(rule)  # each parameter's update its own
         self.outer_unread: frozenset = _NOTHING
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
-        self.problem = problem  # (for a float64 copy of the loop: _agrees_at_float64)
         self.batch = batch_getter(support, self.steps)
         if isinstance(query, StepBatches):  # (review GA: the outer loss got the StepBatches object)
             raise TypeError("Invalid query: StepBatches (per-step batches are the support's; the outer "
@@ -3065,9 +3064,6 @@ class InnerLoop:
             self.hvp_checked = True
             reverse = self.reverse_hessian_vector(State(params, state.opt, state.buffers), j, vec)
             rel, mixed = hvp_disagreement(hv, reverse)
-            if rel and any(torch.finfo(h.dtype).eps > _FLOAT64_EPS for h in hv) \
-                    and self._agrees_at_float64(State(params, state.opt, state.buffers), j, vec):
-                rel = 0.0  # (rounding: review s39N F1)
             if rel:
                 with self.stream(j):  # (whether the step draws: the message may then name dropout)
                     seeded = torch_random_states()
@@ -3075,40 +3071,6 @@ class InnerLoop:
                     drew = _states_differ(seeded, torch_random_states())
                 raise FwdRevDisagrees(j, rel, mixed, self.step_function, drew)
         return hv, loss.detach()
-
-    def _agrees_at_float64(self, state: State, j: int, vec: Sequence[Tensor]) -> bool:
-        """Whether forward-over-reverse and reverse mode agree on step ``j``'s HVP at float64
-        copies of the module, the state, the batch and ``vec``: a disagreement in a lower
-        precision that vanishes there is rounding, one that persists is a function forward
-        mode differentiates otherwise (a stop-gradient, a custom Function's jvp, a hook, a
-        part that computes in a lower precision itself). Review s39N F1: a float32 loss
-        near 1e-6 (a saturated softmax) made the two products differ by 1e-2 relative,
-        both by rounding (fwdrev was the closer to float64), and refused a legal program.
-        ``False`` where the copies cannot run (a loss holding float32 tensors of its own,
-        a module deepcopy refuses): the disagreement is then refused as before. Run on the
-        refusal path only, with the global generators put back."""
-        def wide(t):
-            return t.detach().to(torch.float64) if isinstance(t, Tensor) and t.is_floating_point() else t
-
-        saved = torch_random_states(self.cuda_devices)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                module = copy.deepcopy(self.module).to(torch.float64)
-                problem = self.problem._replace(model=module, outer_loss=None, params=(), generator=None)
-                loop = InnerLoop(problem, PerTask(), lambda i: pytree.tree_map(wide, self.batch(i)), None,
-                                 self.seed, self.math_attention, hypergradient=False)
-                state = State(tuple(wide(p) for p in state.params), pytree.tree_map(wide, state.opt),
-                              tuple(wide(b) for b in state.buffers))
-                vec = tuple(wide(v) for v in vec)
-                with loop.stream(j):
-                    forward, _ = loop.evaluator.hvp(loop, state, loop.batch(j - 1), vec)
-                reverse = loop.reverse_hessian_vector(state, j, vec)
-                return hvp_disagreement(tuple(h.detach() for h in forward), reverse)[0] == 0.0
-        except Exception:  # noqa: BLE001 (the copies could not run: the disagreement is refused)
-            return False
-        finally:
-            set_torch_random_states(saved)
 
     def reverse_hessian_vector(self, state: State, j: int, vec: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         """``H v`` of step ``j``'s inner loss by reverse mode (autograd on the step's
@@ -3266,9 +3228,6 @@ class FwdRevDisagrees(ValueError):
 FUNC_DRAWS_OTHERWISE = (  # (review s39Z F1: torch's own behaviour, torch 2.11-2.13)
     "a dropout mask drawn on a non-contiguous tensor (a batch_first RNN's output, a transposed view) "
     "differs under torch.func (hvp='fwdrev') from eager mode's; call .contiguous() before the dropout")
-
-
-_FLOAT64_EPS = torch.finfo(torch.float64).eps
 
 
 def hvp_disagreement(forward: Sequence[Tensor], reverse: Sequence[Tensor]) -> Tuple[float, bool]:
