@@ -1795,3 +1795,374 @@ def test_the_stacked_model_of_a_numpy_drawing_forward_calls_the_tasks_one_by_one
     want = torch.stack([F.linear(x[i], stacked.params["a.weight"][i], stacked.params["a.bias"][i])
                         + float(np.random.randn()) for i in range(3)])
     assert rel_err([got], [want]) < 1e-12
+
+
+# -- review s39T (session 39): an init anchoring some parameters only, a retried init's draws, the -----
+# -- replay tolerance of fwdrev's products, cuDNN put back as the user had it, prune's recomputed ------
+# -- weight put back by both looks, what the outer-aux walk opens (and that it ends), fwdrev refusals' --
+# -- type and hints, the name of a written params argument, the CUDA storage rounding -------------------
+
+class _S39PartialAnchor(torch_ufom.inner.InnerRule):
+    """SGD pulled towards an anchor at phi_0 for the 2-D weights (``anchored="weights"``) or the
+    biases only; the others' state is zeros, which the update does not read."""
+    elementwise = True
+
+    def __init__(self, lr, anchored):
+        self.hyper, self.anchored = {"lr": lr}, anchored
+        self._check_values()
+
+    def _pulled(self, p):
+        return (p.dim() == 2) == (self.anchored == "weights")
+
+    def init(self, params):
+        return tuple(p.clone() if self._pulled(p) else torch.zeros_like(p) for p in params.values())
+
+    def update(self, grads, state, params, h):
+        return {n: p - h["lr"] * (grads[n] + 0.5 * (p - a) * self._pulled(p))
+                for (n, p), a in zip(params.items(), state)}, tuple(state)
+
+
+@pytest.mark.parametrize("anchored", ["weights", "biases"])
+def test_an_init_anchoring_some_parameters_only_is_refused(anchored):
+    # review s39T G1 (m12): the init check refuses a state whose derivative with respect to ANY learned
+    # parameter is nonzero; with `all` in place of `any`, an anchor p.clone() for some parameters only
+    # (the others' state zeros) ran, its d(anchor)/d(phi_0) dropped: 1.1e-1 off a brute-force unroll.
+    model, loss, data = mlp_problem(41)
+    with pytest.raises(ValueError, match=r"Invalid inner: _S39PartialAnchor\.init returned a state whose "
+                                         r"derivative"):
+        torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3,
+                             inner=_S39PartialAnchor(0.1, anchored), mode="exact")
+
+
+class _S39DrawnScale(torch_ufom.inner.InnerRule):
+    """SGD whose step is scaled per entry by ``1 + 0.5 U(0, 1)``, drawn in init from torch's global
+    generator and read by the update; ``fails`` makes the init fail where the library runs it first
+    (``"numpy"``: p.numpy() on a tensor that requires grad; ``"out"``: an out= write under autograd),
+    after its draws. Each call's draws are kept in ``drawn``."""
+    elementwise = True
+
+    def __init__(self, lr, fails=None):
+        self.hyper, self.fails, self.drawn = {"lr": lr}, fails, []
+        self._check_values()
+
+    def init(self, params):
+        out = tuple(1 + 0.5 * torch.rand_like(p) for p in params.values())
+        primal = torch.autograd.forward_ad.unpack_dual
+        self.drawn.append(tuple(primal(s).primal.detach().clone() for s in out))
+        for p in params.values():
+            if self.fails == "numpy":
+                p.numpy()
+            elif self.fails == "out":
+                torch.mul(p, 1.0, out=torch.empty_like(p))
+        return out
+
+    def update(self, grads, state, params, h):
+        return {n: p - h["lr"] * s * grads[n] for (n, p), s in zip(params.items(), state)}, tuple(state)
+
+
+@pytest.mark.parametrize("fails", ["numpy", "out"])
+def test_a_retried_init_draws_the_numbers_of_its_first_attempt_and_the_update_reads_them(fails):
+    # review s39T G3 (m03, m14, m60): the init check puts torch's generators back before it runs a failed
+    # init again, and draws its own tangents from a generator of its own. Without the put_back (m03),
+    # with the tangents from the global generator (m14) or with set_torch_random_states leaving the CPU
+    # generator (m60), the retry drew other numbers than the first attempt, and than an init that does
+    # not fail: another hypergradient. The earlier test's state was never read, so no draw showed.
+    model, loss, data = mlp_problem(42)
+    names = [n for n, _ in model.named_parameters()]
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    params = [*model.parameters(), lr] if fails == "numpy" else [lr]  # (out=: no parameter checkable)
+    got, rules = {}, {}
+    for kind in (None, fails):
+        rules[kind] = _S39DrawnScale(lr, kind)
+        torch.manual_seed(5)
+        got[kind] = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner=rules[kind],
+                                         mode="exact", params=params)
+    first, = rules[None].drawn  # (an init that does not fail runs once)
+    scale = dict(zip(names, first))
+
+    def rule(name, t, p, g, buf):  # (oracle: SGD scaled by the numbers the init that does not fail drew)
+        return p - lr * scale[name] * g, buf
+    want = brute_force(model, loss, loss, lambda j: data[0], data[1], 2, None, params, 2, rule=rule)
+    assert rel_err(got[None], want) < 1e-12
+    assert rel_err(got[fails], want) < 1e-12
+    assert all(torch.equal(a, b) for a, b in zip(got[fails], got[None], strict=True))
+    assert len(rules[fails].drawn) == 2  # (failed once, then ran again: both attempts drew the same)
+    assert all(torch.equal(a, b) for drawn in rules[fails].drawn for a, b in zip(drawn, first, strict=True))
+
+
+@pytest.mark.parametrize("memory", ["store", "checkpoint"])
+def test_a_fwdrev_product_whose_batch_moved_by_a_millionth_is_refused(memory):
+    # review s39T G2 (m44): a fwdrev product's loss is compared with its step's to sqrt(eps) relative;
+    # at eps ** 0.25 (1.2e-4 in float64) a j -> batch callable whose step-2 batch moves by 1e-6 at each
+    # call ran, the product differentiating another batch than the step. A batch that does not move
+    # runs, exact against a brute-force unroll.
+    import collections
+    model, loss, data = mlp_problem(43)
+    params, query = list(model.parameters()), data[3]
+    calls = collections.Counter()
+
+    def moving(j):  # (not a function of j: step 2's batch moves at each call)
+        calls[j] += 1
+        x, y = data[j]
+        return (x + 1e-6 * calls[j] * (j == 1), y)
+
+    def shifted(j):  # (the same shift at every call: a function of j)
+        x, y = data[j]
+        return (x + 1e-6 * (j == 1), y)
+    run = functools.partial(torch_ufom.hypergrad, model, loss, loss, query=query, steps=3, inner_lr=0.1,
+                            mode="exact", memory=memory, hvp="fwdrev")
+    with pytest.raises(RuntimeError, match="or a forward-over-reverse product"):
+        run(support=moving)
+    want = brute_force(model, loss, loss, shifted, query, 3, 0.1, params, 3)
+    assert rel_err(run(support=shifted), want) < 1e-10
+
+
+class _S39GRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_an_exact_sweep_of_a_recurrent_module_leaves_cudnn_off_where_the_user_turned_it_off():
+    # review s39T G4 (m54): an exact sweep of a module holding a recurrent layer runs with cuDNN off and
+    # then puts the flag back as it was; putting back True instead of the user's value survived, since
+    # the test started from enabled=True. The hypergradient is exact against a brute-force unroll.
+    torch.manual_seed(44)
+    net = _S39GRU().double()
+    support = (torch.randn(5, 6, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    query = (torch.randn(5, 6, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    was = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False  # (the user's choice)
+    try:
+        got = torch_ufom.hypergrad(net, mse, mse, support, query, steps=2, inner_lr=0.1, mode="exact",
+                                   memory="recompute")
+        assert torch.backends.cudnn.enabled is False
+    finally:
+        torch.backends.cudnn.enabled = was
+    want = brute_force(net, mse, mse, lambda j: support, query, 2, 0.1, list(net.parameters()), 2)
+    assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("look", ["probe", "evaluated"])
+def test_a_refused_fwdrev_call_puts_back_the_weight_prune_recomputes(look):
+    # review s39T G5 (m52, m51): a call refused after its look puts back the attributes that forward
+    # pre-hooks recompute. torch.nn.utils.prune names its attribute `_tensor_name`, not `name` (m52:
+    # only `name` read), and a loss reading a meta-parameter directly goes through _evaluated (m51: no
+    # put-back there): either left net[0].weight replaced by the look's tensor. The only test of this
+    # (legacy spectral_norm) went through probe and `name`.
+    from torch.nn.utils import prune
+    torch.manual_seed(45)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    prune.l1_unstructured(net[0], "weight", amount=0.3)
+    before = net[0].weight
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+
+    def stopped(f, b):  # (a stop-gradient through .data: refused after probe's look)
+        out = f(b[0])
+        return ((out - b[1]) ** 2).mean() + (out.data * out).mean()
+
+    def direct(f, b):  # (reads a meta-parameter directly: refused after _evaluated's look)
+        return mse(f, b) + 0.1 * (net[2].weight ** 2).sum()
+    loss, said = {"probe": (stopped, "'fwdrev' cannot run a loss with a stop-gradient made under"),
+                  "evaluated": (direct, "'fwdrev' cannot differentiate an inner loss that reads a "
+                                        "meta-parameter directly")}[look]
+    with pytest.raises(ValueError, match=said):
+        torch_ufom.hypergrad(net, loss, loss, (x, y), (x, y), steps=2, inner_lr=0.1, mode="exact",
+                             hvp="fwdrev")
+    assert net[0].weight is before
+
+
+class _S39Slotted:
+    __slots__ = ("logits",)
+
+    def __init__(self, z):
+        self.logits = z
+
+
+class _S39Box:
+    def __init__(self, value):
+        self.value = value
+
+
+class _S39Cyclic:
+    """An object that refers to itself and holds no tensor."""
+
+    def __init__(self):
+        self.me, self.note = self, "no tensor here"
+
+
+def _s39_aux_run(wrap):
+    """backward of an exact sweep whose outer loss returns ``(loss, wrap(logits))``; the model and
+    the batch, for an oracle."""
+    torch.manual_seed(46)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    batch = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+
+    def outer(f, b):
+        z = f(b[0])
+        return mse(f, b), wrap(z)
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                    steps=2, mode="exact")
+    return model, batch, functools.partial(meta.backward, mse, outer, batch, batch)
+
+
+@pytest.mark.parametrize("wrap, name", [(_S39Slotted, "_S39Slotted"),
+                                        (lambda z: _S39Box(_S39Box(z)), "_S39Box"),
+                                        (lambda z: _S39Box([z]), "_S39Box")],
+                         ids=["slots", "object_in_an_object", "list_in_an_object"])
+def test_an_outer_aux_holding_a_tensor_in_slots_or_deeper_in_is_refused(wrap, name):
+    # review s39T G7 (m36, m37, m39): the outer-aux walk opens __slots__, goes deeper than one object, and
+    # opens a list inside an object. The earlier test's aux types held the tensor one attribute deep, so
+    # not opening __slots__ (m36), stopping after 2 objects (m37) or not opening lists (m39) survived:
+    # the aux kept its graph (review s39O F1 again).
+    model, _, call = _s39_aux_run(wrap)
+    with pytest.raises(ValueError, match=rf"outer_loss: its aux holds a value of type {name} with"):
+        call()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_cyclic_outer_aux_holding_no_tensor_runs_and_the_walk_ends():
+    # review s39T G6 (m38): the outer-aux walk skips an object it has seen; without that, an aux that
+    # refers to itself made the walk loop forever (its 10,000-object bound counts the objects seen).
+    # An alarm turns such a loop into a failure; the call's hypergradient is exact against a brute-force
+    # unroll and its aux is the object returned.
+    import signal
+    made = []
+
+    def wrap(z):
+        made.append(_S39Cyclic())
+        return made[-1]
+    model, batch, call = _s39_aux_run(wrap)
+
+    def hung(*_):
+        raise TimeoutError("the outer-aux walk did not end in 5 s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        result = call()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert result.aux is made[-1]
+    params = list(model.parameters())
+    want = brute_force(model, mse, mse, lambda j: batch, batch, 2, 0.1, params, 2)
+    assert rel_err([p.grad for p in params], want) < 1e-10
+
+
+def _s39_fwdrev(support, query):
+    model, loss, _ = mlp_problem(47)
+    return functools.partial(torch_ufom.hypergrad, model, loss, loss, support, query, steps=2, inner_lr=0.1,
+                             mode="exact", memory="store", hvp="fwdrev")
+
+
+@pytest.mark.parametrize("draws", ["at_step_1", "every_step", "late_calls"])
+def test_a_numpy_draw_under_fwdrev_is_refused_as_such_not_as_a_failure_inside_torch_func(draws):
+    # review s39T G8 (m26), G10 (m25): a draw from NumPy's global generator where fwdrev's product fetches
+    # a step's batch again is refused as FwdRevCannot, raised as it is; wrapped as FwdRevError (m26) it
+    # said "failed inside torch.func ... no forward-over-reverse formula", which the earlier test's match
+    # still found. With per-step batches each step's first product is watched: watching only the first
+    # product of the sweep (m25) ran a sampler that draws, only to log, from its 4th call for step 1 on
+    # (its first calls are fwdrev's look, which is not watched for draws), and moved NumPy's stream.
+    import collections
+    _, _, data = mlp_problem(47)
+    calls = collections.Counter()
+
+    def support(j):
+        calls[j] += 1
+        x, y = data[j]
+        if draws == "at_step_1" and j == 0:
+            np.random.rand()  # (decides only what to log: the batch is the same)
+        elif draws == "late_calls" and j == 0 and calls[j] > 3:
+            np.random.rand()
+        elif draws == "every_step":
+            x = x + 0.1 * torch.from_numpy(np.random.randn(*x.shape))
+        return x, y
+    with pytest.raises(torch_ufom.unroll.FwdRevCannot) as raised:
+        _s39_fwdrev(support, data[3])()
+    assert type(raised.value) is torch_ufom.unroll.FwdRevCannot
+    said = str(raised.value)
+    assert said.startswith(torch_ufom.unroll.FWDREV_DRAWS) and "failed inside torch.func" not in said
+
+
+def test_a_fwdrev_disagreement_of_a_batch_sampled_anew_at_each_call_names_the_sampler():
+    # review s39T G9 (m29): a j -> batch callable returning another batch at each call makes fwdrev's
+    # product disagree with reverse mode's; FwdRevDisagrees then names the callable (SAMPLES_ANEW). With
+    # step_function=False passed (m29) the hint was gone, and nothing held it.
+    import collections
+    _, _, data = mlp_problem(47)
+    calls = collections.Counter()
+
+    def anew(j):
+        calls[j] += 1
+        x, y = data[j]
+        return x + 0.01 * calls[j] * (j == 1), y
+    with pytest.raises(torch_ufom.unroll.FwdRevDisagrees) as raised:
+        _s39_fwdrev(anew, data[3])()
+    assert type(raised.value) is torch_ufom.unroll.FwdRevDisagrees
+    assert str(raised.value).startswith("Invalid hvp: 'fwdrev' gives another Hessian-vector product")
+    assert torch_ufom.unroll.SAMPLES_ANEW in str(raised.value)
+
+
+class _S39WritesParams(torch_ufom.inner.InnerRule):
+    """SGD written into its params argument in place (p.sub_)."""
+    elementwise = True
+
+    def __init__(self, lr):
+        self.hyper = {"lr": lr}
+        self._check_values()
+
+    def init(self, params):
+        return tuple(torch.zeros_like(p) for p in params.values())
+
+    def update(self, grads, state, params, h):
+        return {n: p.sub_(h["lr"] * grads[n]) for n, p in params.items()}, tuple(state)
+
+
+@pytest.mark.parametrize("mode", ["fom", "exact"])
+def test_an_update_writing_into_its_params_argument_is_refused_naming_that_parameter(mode):
+    # review s39T G11 (m21): the refusal names the argument written: grads[...] for the first n, state[i]
+    # for the next m, params[...] after. With i <= n + m (m21) a write into params' first entry was named
+    # "(state[6])", a state that does not exist; the earlier test wrote into grads and state only.
+    model, loss, data = mlp_problem(48)
+    with pytest.raises(ValueError, match=r"Invalid inner: _S39WritesParams\.update modified an argument in "
+                                         r"place \(params\['0\.weight'\]\)"):
+        torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner=_S39WritesParams(0.1),
+                             mode=mode)
+
+
+class _S39Storage:
+    """A stand-in for a CUDA tensor's untyped storage of ``size`` bytes."""
+
+    def __init__(self, size):
+        self.size, self.device = size, torch.device("cuda")
+
+    def nbytes(self):
+        return self.size
+
+    def data_ptr(self):
+        return 4096
+
+
+class _S39OnCuda:
+    """A stand-in for a tensor on a CUDA device (what _storage reads of one)."""
+    layout = torch.strided
+
+    def __init__(self, size):
+        self.storage = _S39Storage(size)
+
+    def untyped_storage(self):
+        return self.storage
+
+
+def test_the_memory_of_a_cuda_storage_is_counted_in_whole_512_byte_blocks_rounded_up():
+    # review s39T m58 (GPU-only otherwise): CUDA's caching allocator hands out blocks of whole 512-byte
+    # units (kMinBlockSize), so a storage of n bytes holds ceil(n / 512) * 512; rounding down (m58) counted
+    # a 513-byte storage as 512 bytes and a 1-byte one as none. A CPU storage is counted as it is.
+    from torch_ufom.schedules import _storage
+    for size in (1, 511, 512, 513, 1024, 1025):
+        assert _storage(_S39OnCuda(size)) == (4096, math.ceil(size / 512) * 512)
+    t = torch.zeros(3, dtype=torch.float64)
+    assert _storage(t) == (t.untyped_storage().data_ptr(), 24)
