@@ -170,7 +170,7 @@ def test_a_checkpointed_sweep_keeps_few_records_alive(monkeypatch):
         init(self, *args)
         alive.add(self)
 
-    def counted_vjp(self, e, log=None):
+    def counted_vjp(self, e, log):
         most.append(len(alive))
         return vjp(self, e, log)
 

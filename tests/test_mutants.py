@@ -2019,33 +2019,23 @@ def test_an_outer_aux_holding_a_tensor_in_slots_or_deeper_in_is_refused(wrap, na
     # not opening __slots__ (m36), stopping after 2 objects (m37) or not opening lists (m39) survived:
     # the aux kept its graph (review s39O F1 again).
     model, _, call = _s39_aux_run(wrap)
-    with pytest.raises(ValueError, match=rf"outer_loss: its aux holds a value of type {name} with"):
+    with pytest.raises(ValueError, match=rf"outer_loss: its aux holds tensors in a value of type {name},"):
         call()
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_a_cyclic_outer_aux_holding_no_tensor_runs_and_the_walk_ends():
     # review s39T G6 (m38): the outer-aux walk skips an object it has seen; without that, an aux that
-    # refers to itself made the walk loop forever (its 10,000-object bound counts the objects seen).
-    # An alarm turns such a loop into a failure; the call's hypergradient is exact against a brute-force
-    # unroll and its aux is the object returned.
-    import signal
+    # refers to itself made the walk loop forever. Its bound counts every object reached, seen ones
+    # too (review s39H2 F6: the test relied on SIGALRM), so such a walk ends refusing the aux. The
+    # call's hypergradient is exact against a brute-force unroll and its aux is the object returned.
     made = []
 
     def wrap(z):
         made.append(_S39Cyclic())
         return made[-1]
     model, batch, call = _s39_aux_run(wrap)
-
-    def hung(*_):
-        raise TimeoutError("the outer-aux walk did not end in 5 s")
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(5)
-    try:
-        result = call()
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    result = call()
     assert result.aux is made[-1]
     params = list(model.parameters())
     want = brute_force(model, mse, mse, lambda j: batch, batch, 2, 0.1, params, 2)

@@ -1632,38 +1632,55 @@ def loss_and_aux(out: Any, name: str) -> Tuple[Tensor, Any]:
                 first = f"a tensor of shape {tuple(out[0].shape)}"
             raise ValueError(f"Invalid {name}: it returned a tuple of {len(out)} items whose first "
                              f"item is {first} (expected a scalar tensor, or (scalar tensor, aux))")
-        if name == "outer_loss":
-            opaque = _opaque_holding_tensors(out[1])
-            if opaque is not None:  # (review s39O F1: kept its graph per task, escaped vmap)
-                raise ValueError(
-                    f"Invalid outer_loss: its aux holds a value of type {opaque} with tensors in it, "
-                    "which torch.utils._pytree does not open (a dataclass, a dict subclass, an object's "
-                    "attributes), so they cannot be detached nor split per task: return them in a "
-                    "tuple, list or dict, or register the type with torch.utils._pytree "
-                    "(register_dataclass, register_pytree_node)")
         return _check_loss(out[0], name), out[1]
     return _check_loss(out, name), ()
 
 
+def check_kept_aux(aux: Any) -> None:
+    """Refuse an outer loss's ``aux`` that :class:`~torch_ufom.MetaResult` would keep with
+    tensors it cannot reach: inside an object ``torch.utils._pytree`` does not open, they
+    are neither detached (``backward``'s aux kept its graph) nor split per task
+    (``backward_batch``'s held tensors that escaped ``vmap``; review s39O F1). Only where
+    the aux is kept (review s39H2 F2: ``hypergrad`` and ``diagnose`` drop it)."""
+    opaque = _opaque_holding_tensors(aux)
+    if opaque is not None:
+        raise ValueError(
+            f"Invalid outer_loss: its aux holds {opaque}, which torch.utils._pytree does not open (a "
+            "dataclass, a dict subclass, an object's attributes, a callable's arguments or closure), "
+            "so MetaResult.aux could neither detach them nor split them per task: return "
+            "them in a tuple, list or dict, or register the type with torch.utils._pytree "
+            "(register_dataclass, register_pytree_node)")
+
+
+_OPENED_AT_MOST = 10_000  # objects searched per leaf of an aux (_opaque_holding_tensors)
+
+
 def _opaque_holding_tensors(aux: Any) -> Optional[str]:
-    """The type name of the first leaf of ``aux`` (as ``torch.utils._pytree`` flattens it)
-    that is not a tensor but holds one, in its fields, items or attributes, or a callable's
-    arguments, closure or bound object (opened to any depth, 10,000 objects at most);
-    ``None`` when there is none."""
+    """What the first leaf of ``aux`` (as ``torch.utils._pytree`` flattens it) that is not a
+    tensor holds that :func:`check_kept_aux` refuses: tensors, in its fields, items, slots
+    (inherited too) or attributes, or a callable's arguments, closure or bound object, or
+    more objects than :data:`_OPENED_AT_MOST` to search (refused: what lies beyond is
+    unknown); ``None`` when there is none."""
     for leaf in pytree.tree_leaves(aux):
         if isinstance(leaf, Tensor) or leaf is None or isinstance(leaf, (numbers.Number, str, bytes)):
             continue
-        stack, seen = [leaf], set()
-        while stack and len(seen) < 10_000:
+        stack, seen, reached = [leaf], set(), 0
+        while stack:
             obj = stack.pop()
             if isinstance(obj, Tensor):
-                return type(leaf).__name__
-            if obj is None or isinstance(obj, (numbers.Number, str, bytes)) or id(obj) in seen:
+                return f"tensors in a value of type {type(leaf).__name__}"
+            if obj is None or isinstance(obj, (numbers.Number, str, bytes)):
+                continue
+            reached += 1  # (seen ones too: a walk that forgot them would end here, not loop)
+            if reached > _OPENED_AT_MOST:
+                return f"a value of type {type(leaf).__name__} with more than {_OPENED_AT_MOST} objects " \
+                    "to search for tensors"
+            if id(obj) in seen:
                 continue
             seen.add(id(obj))
             if isinstance(obj, Mapping):
                 stack.extend(obj.values())
-            elif isinstance(obj, (list, tuple, set, frozenset)):
+            elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
                 stack.extend(obj)
             elif isinstance(obj, functools.partial):  # (review s39R F2: callables hold tensors too)
                 stack.extend([obj.func, *obj.args, *obj.keywords.values()])
@@ -1674,9 +1691,19 @@ def _opaque_holding_tensors(aux: Any) -> Optional[str]:
                 stack.extend(c.cell_contents for c in obj.__closure__ or () if _filled(c))
             if not isinstance(obj, type):
                 stack.extend(getattr(obj, "__dict__", {}).values())
-                stack.extend(getattr(obj, s) for s in getattr(type(obj), "__slots__", ())
-                             if isinstance(s, str) and hasattr(obj, s))
+                stack.extend(getattr(obj, s) for s in _slot_names(type(obj)) if hasattr(obj, s))
     return None
+
+
+def _slot_names(klass: type) -> List[str]:
+    """The ``__slots__`` names of ``klass`` and its bases (a lone string is one name)."""
+    names = []
+    for base in klass.__mro__:
+        slots = base.__dict__.get("__slots__", ())
+        for s in [slots] if isinstance(slots, str) else [s for s in slots if isinstance(s, str)]:
+            private = s.startswith("__") and not s.endswith("__")  # (stored under a mangled name)
+            names.append(f"_{base.__name__.lstrip('_')}{s}" if private else s)
+    return names
 
 
 def detached(aux: Any) -> Any:
@@ -3065,12 +3092,22 @@ class InnerLoop:
             reverse = self.reverse_hessian_vector(State(params, state.opt, state.buffers), j, vec)
             rel, mixed = hvp_disagreement(hv, reverse)
             if rel:
-                with self.stream(j):  # (whether the step draws: the message may then name dropout)
-                    seeded = torch_random_states()
-                    self.gradient_graph(State(params, state.opt, state.buffers), j)
-                    drew = _states_differ(seeded, torch_random_states())
-                raise FwdRevDisagrees(j, rel, mixed, self.step_function, drew)
+                raise FwdRevDisagrees(j, rel, mixed, self.step_function,
+                                      self._draws(State(params, state.opt, state.buffers), j),
+                                      any(torch.finfo(h.dtype).eps > _FLOAT64_EPS for h in hv))
         return hv, loss.detach()
+
+    def _draws(self, state: State, j: int) -> bool:
+        """Whether step ``j``'s inner loss draws from torch's global generators (a refusal's
+        message may then name dropout); ``False`` where evaluating it again raises (review
+        s39H2 F4: that error would hide the refusal's)."""
+        try:
+            with self.stream(j):
+                seeded = torch_random_states()
+                self.gradient_graph(state, j)
+                return _states_differ(seeded, torch_random_states())
+        except Exception:  # noqa: BLE001 (a message's detail: the refusal is raised either way)
+            return False
 
     def reverse_hessian_vector(self, state: State, j: int, vec: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         """``H v`` of step ``j``'s inner loss by reverse mode (autograd on the step's
@@ -3208,7 +3245,7 @@ class FwdRevDisagrees(ValueError):
     the reason without the advice."""
 
     def __init__(self, j: int, rel: float, mixed: bool = False, step_function: bool = False,
-                 draws: bool = False):
+                 draws: bool = False, low_precision: bool = False):
         self.why = (f"gives another Hessian-vector product than reverse mode at inner step {j} ({rel:.1e} "
                     "relative): the loss computes something forward-mode AD differentiates otherwise (a "
                     "stop-gradient made under torch.no_grad() or through .data, a custom Function's jvp, "
@@ -3218,16 +3255,24 @@ class FwdRevDisagrees(ValueError):
         if mixed:  # (review IC F2)
             self.why += ("; the model mixes parameter dtypes, and the difference is within the least "
                          "precise one's rounding, which reaches every parameter it touches")
+        if low_precision:  # (review s39N F1: a float32 program refused at a small loss)
+            self.why += ("; or, in float32 or lower, the loss is small (a softmax near saturation, "
+                         "below about 1e-4), where the two products differ by rounding alone, which "
+                         "the check cannot tell from a difference either")
         if draws:  # (the step drew from torch's generators)
-            self.why += f"; the loss draws random numbers: {FUNC_DRAWS_OTHERWISE}"
+            self.why += f"; the step draws random numbers: {FUNC_DRAWS_OTHERWISE}"
         if step_function:  # (review s35C: a j -> batch callable that samples anew at every call)
             self.why += f"; or {SAMPLES_ANEW}"
         super().__init__(f"Invalid hvp: 'fwdrev' {self.why}; use 'revrev' or 'auto'")
 
 
 FUNC_DRAWS_OTHERWISE = (  # (review s39Z F1: torch's own behaviour, torch 2.11-2.13)
-    "a dropout mask drawn on a non-contiguous tensor (a batch_first RNN's output, a transposed view) "
-    "differs under torch.func (hvp='fwdrev') from eager mode's; call .contiguous() before the dropout")
+    "if it applies dropout to a non-contiguous tensor (a batch_first RNN's output, a transposed view), "
+    "torch.func (hvp='fwdrev') draws other masks than eager mode does: call .contiguous() before the "
+    "dropout")
+
+
+_FLOAT64_EPS = torch.finfo(torch.float64).eps
 
 
 def hvp_disagreement(forward: Sequence[Tensor], reverse: Sequence[Tensor]) -> Tuple[float, bool]:
@@ -3375,7 +3420,7 @@ class StepRecord:
         inputs = list(self.leaves.diff) + self.loop.meta
         return self._split(_vjp(first[0] + first[1], inputs, f, self.loop.retain))
 
-    def vjp_exact(self, e, log=None):
+    def vjp_exact(self, e, log):
         """``(e_{j-1}, dtheta)``: VJP of the exact rule ``F_j`` at ``e`` (a Hessian-vector product).
         A forward-over-reverse product evaluates the step's loss again: it goes to ``log``'s
         ``product`` (:meth:`~torch_ufom.estimators.SweepLog.product`), compared there with the
@@ -3393,8 +3438,7 @@ class StepRecord:
         got = _vjp(out[0] + out[1], inputs + list(g), e, self.loop.retain)
         u = got[len(inputs):]
         hv, loss = self.loop.hessian_vector(self.leaves, self.j, u)
-        if log is not None:
-            log.product(loss, self.loss, self.j)
+        log.product(loss, self.loss, self.j)
         n = len(self.leaves.params)
         params = [h if a is None else a + h for a, h in zip(got[:n], hv)]
         return self._split(params + got[n:len(inputs)])
