@@ -6904,10 +6904,11 @@ def test_the_outer_aux_walk_opens_inherited_and_private_slots_and_deques_and_ref
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
                                     steps=2, mode="exact")
     found = r"aux holds tensors in a value of type \w+,"
+    bound = torch_ufom.unroll._OPENED_AT_MOST
     for wrap, said in ((lambda z: _SlotChild(z), found), (lambda z: _SlotChild(None, z), found),
                        (lambda z: _Holder(collections.deque([z])), found),
-                       (lambda z: _Holder([z] + [_Holder(None) for _ in range(10_001)]),
-                        r"aux holds a value of type _Holder with more than 10000 objects to search")):
+                       (lambda z: _Holder([z] + [_Holder(None) for _ in range(bound + 1)]),
+                        rf"aux holds a value of type _Holder with more than {bound} objects to search")):
         def outer(f, b, wrap=wrap):
             return mse(f, b), wrap(f(b[0]))
         with pytest.raises(ValueError, match=said):
@@ -6967,3 +6968,63 @@ def test_a_float32_fwdrev_refusal_at_a_small_loss_says_rounding_may_be_the_cause
     assert rel_err(call(wide, ce, ce, s64, s64, hvp="fwdrev"), want) < 1e-10  # (float64: no refusal)
     # (a hypergradient near 1e-6 from losses near 1e-5: float32 keeps about two digits of it)
     assert rel_err(call(model, ce, ce, support, support, hvp="revrev"), want) < 5e-2
+
+
+class _AttrDict:
+    __slots__ = ("_data",)
+
+    def __init__(self, **data):
+        object.__setattr__(self, "_data", data)
+
+    def __getattr__(self, name):
+        return self._data[name]  # (a KeyError for an unknown name, as some attribute-dicts raise)
+
+
+class _Raising:
+    @property
+    def value(self):
+        raise RuntimeError("not computed")
+
+
+def test_an_aux_without_tensors_is_kept_whatever_reading_it_does():
+    # Review s39R3 F1 / F3 (session 39): the aux walk ran the objects' own __getattr__ and properties
+    # (a KeyError, a RuntimeError escaped, naming no argument), and refused an object holding 12,000
+    # rows of numbers and strings past a 10,000-object bound. Both hold no tensor: kept as they are.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    data = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                    steps=2, mode="exact")
+    rows = _Holder([(i, "cat") for i in range(12_000)])
+    for aux in (_AttrDict(accuracy=0.5), _Raising(), rows):
+        def outer(f, b, aux=aux):
+            return mse(f, b), aux
+        meta.zero_grad()
+        assert meta.backward(mse, outer, data, data).aux is aux
+
+
+def test_a_refused_aux_runs_no_hook_and_leaves_the_next_call_vectorised():
+    # Review s39R3 F2 (session 39): the aux was refused after the hypergradient, when the parameters'
+    # hooks had run (once per task) and backward_batch had warned (once per reason, so not again).
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    xs, ys = torch.randn(3, 6, 4, dtype=torch.float64), torch.randint(0, 3, (3, 6))
+    calls = []
+    model.weight.register_hook(lambda g: calls.append(1))
+
+    def loss(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+
+    def outer(f, b):
+        return loss(f, b), _Output(f(b[0]))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.5, steps=2,
+                                    mode="exact", vectorise=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (nor any warning: the tasks do not run again per task)
+        with pytest.raises(ValueError, match="aux holds tensors in a value of type _Output"):
+            meta.backward(loss, outer, (xs[0], ys[0]), (xs[0], ys[0]))
+        with pytest.raises(ValueError, match="aux holds tensors in a value of type _Output"):
+            meta.backward_batch(loss, outer, (xs, ys), (xs, ys))
+        assert not calls and all(p.grad is None for p in model.parameters())
+        got = meta.backward_batch(loss, loss, (xs, ys), (xs, ys))
+    assert [r.batch_path for r in got] == ["vectorised"] * 3 and len(calls) == 3

@@ -28,7 +28,8 @@ from .config import Config, InnerLR, InnerParams, Settings, Vectorise, check_gen
 from .estimators import Estimate, estimate, plus, raised_by_hook
 from .inner import InnerRule
 from .truncation import Snapshot, TruncationLaw
-from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, one_call_at_a_time,
+from .unroll import (AuxRefused, Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem,
+                     one_call_at_a_time,
                      batch_getter, caller_level, elementwise_rule, graph_reaches, held_tensors,
                      per_step_batches, probe_batches, reads_nothing, renormalises_weights, root_of, scripted,
                      sparse_weights, wrong_twice_message, COMPILED)
@@ -397,7 +398,7 @@ def _estimate_batch(problem: Problem, supports: Any, queries: Any, force, diagno
             except FloatingPointError:
                 raise  # a non-finite loss or hypergradient: the loop would find it again
             except Exception as err:  # noqa: BLE001
-                if raised_by_hook(err):
+                if raised_by_hook(err) or isinstance(err, AuxRefused):
                     raise
                 # torch.func's own refusals, and any other error raised under vmap (a batching
                 # rule that fails on the user's shapes, a packed sequence of another length per

@@ -42,7 +42,7 @@ from .functional import (Problem, buffer_names, check_derived_buffers, estimate_
                          learned_buffer_message, resolve_hvp, restore_rng_on_error, sum_grads, task_aux)
 from .inner import InnerRule, PerStep, _in_range
 from .truncation import Snapshot, TruncationLaw, is_bernoulli
-from .unroll import caller_level, check_kept_aux, one_call_at_a_time
+from .unroll import caller_level, one_call_at_a_time
 from .vectorised import EmptyMetaBatch
 
 __all__ = ["MetaOptimizer", "MetaResult"]
@@ -542,7 +542,7 @@ class MetaOptimizer:
         check_derived_buffers(self.model, meta, "the outer optimizer's tensors")
         hvp = resolve_hvp(c, self.model, meta)
         return Problem(self.model, inner_loss, outer_loss, c, Snapshot(self.law, c.steps), meta, hvp,
-                       self.generator)
+                       self.generator, keeps_aux=True)
 
     def _check_hyper_values(self, config: Config) -> None:
         """Check the inner rule's hyperparameters again where they changed since the last
@@ -917,7 +917,6 @@ class MetaOptimizer:
                 est: Estimate = estimate_task(problem, support, query, force_truncation,
                                               diagnostics=self.q_stats is not None)
             seconds = time.perf_counter() - start
-            check_kept_aux(est.aux)
             observations = self._observations_of([(est, seconds)])  # before the write: it can fail
             written = self._write(meta, self._first_order_gaps(problem, meta, est.grads, [est.truncation]))
         q = self.q
@@ -984,8 +983,6 @@ class MetaOptimizer:
                 warnings.warn(f"MetaOptimizer.backward_batch runs the per-task loop: {run.reason}",
                               stacklevel=caller_level())
                 self._warned_per_task.add(run.reason)
-            for _, est, _ in run.groups:
-                check_kept_aux(est.aux)
             observations = self._observations_of([(est, seconds) for _, est, seconds in run.groups])
             written = self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta)),
                                                                  run.truncations))

@@ -1636,15 +1636,22 @@ def loss_and_aux(out: Any, name: str) -> Tuple[Tensor, Any]:
     return _check_loss(out, name), ()
 
 
+class AuxRefused(ValueError):
+    """An outer loss's aux that :func:`check_kept_aux` refuses: an error of the arguments,
+    which a meta-batch raises as it is rather than running its tasks again one by one."""
+
+
 def check_kept_aux(aux: Any) -> None:
     """Refuse an outer loss's ``aux`` that :class:`~torch_ufom.MetaResult` would keep with
     tensors it cannot reach: inside an object ``torch.utils._pytree`` does not open, they
     are neither detached (``backward``'s aux kept its graph) nor split per task
     (``backward_batch``'s held tensors that escaped ``vmap``; review s39O F1). Only where
-    the aux is kept (review s39H2 F2: ``hypergrad`` and ``diagnose`` drop it)."""
+    the aux is kept (review s39H2 F2: ``hypergrad`` and ``diagnose`` drop it), as the outer
+    loss's evaluation returns it, before the reverse sweep (review s39R3 F2: after it, the
+    parameters' hooks had run)."""
     opaque = _opaque_holding_tensors(aux)
     if opaque is not None:
-        raise ValueError(
+        raise AuxRefused(
             f"Invalid outer_loss: its aux holds {opaque}, which torch.utils._pytree does not open (a "
             "dataclass, a dict subclass, an object's attributes, a callable's arguments or closure), "
             "so MetaResult.aux could neither detach them nor split them per task: return "
@@ -1652,7 +1659,7 @@ def check_kept_aux(aux: Any) -> None:
             "(register_dataclass, register_pytree_node)")
 
 
-_OPENED_AT_MOST = 10_000  # objects searched per leaf of an aux (_opaque_holding_tensors)
+_OPENED_AT_MOST = 100_000  # objects reached per leaf of an aux (_opaque_holding_tensors)
 
 
 def _opaque_holding_tensors(aux: Any) -> Optional[str]:
@@ -1678,21 +1685,41 @@ def _opaque_holding_tensors(aux: Any) -> Optional[str]:
             if id(obj) in seen:
                 continue
             seen.add(id(obj))
-            if isinstance(obj, Mapping):
-                stack.extend(obj.values())
-            elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
-                stack.extend(obj)
-            elif isinstance(obj, functools.partial):  # (review s39R F2: callables hold tensors too)
-                stack.extend([obj.func, *obj.args, *obj.keywords.values()])
-            elif isinstance(obj, types.MethodType):
-                stack.extend([obj.__self__, obj.__func__])
-            elif isinstance(obj, types.FunctionType):
-                stack.extend([*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()])
-                stack.extend(c.cell_contents for c in obj.__closure__ or () if _filled(c))
-            if not isinstance(obj, type):
-                stack.extend(getattr(obj, "__dict__", {}).values())
-                stack.extend(getattr(obj, s) for s in _slot_names(type(obj)) if hasattr(obj, s))
+            try:
+                stack.extend(_held_by(obj))
+            except Exception:  # noqa: BLE001 (review s39R3 F1: an object whose contents raise when
+                continue  # read, through a Mapping's methods, is not opened, as _survey does)
     return None
+
+
+def _held_by(obj: Any) -> List[Any]:
+    """What ``obj`` holds that :func:`_opaque_holding_tensors` searches: a mapping's values,
+    a sequence's or set's items, a callable's arguments, closure or bound object, and its
+    ``__dict__`` and ``__slots__`` values, read without its own ``__getattr__`` or
+    ``__getattribute__`` (review s39R3 F1: those ran the user's code, which raised)."""
+    held: List[Any] = []
+    if isinstance(obj, Mapping):
+        held.extend(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
+        held.extend(obj)
+    elif isinstance(obj, functools.partial):  # (review s39R F2: callables hold tensors too)
+        held.extend([obj.func, *obj.args, *obj.keywords.values()])
+    elif isinstance(obj, types.MethodType):
+        held.extend([obj.__self__, obj.__func__])
+    elif isinstance(obj, types.FunctionType):
+        held.extend([*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()])
+        held.extend(c.cell_contents for c in obj.__closure__ or () if _filled(c))
+    if not isinstance(obj, type):
+        try:
+            held.extend(object.__getattribute__(obj, "__dict__").values())
+        except AttributeError:  # (no __dict__)
+            pass
+        for name in _slot_names(type(obj)):
+            try:
+                held.append(object.__getattribute__(obj, name))
+            except AttributeError:  # (an empty slot)
+                pass
+    return held
 
 
 def _slot_names(klass: type) -> List[str]:
@@ -1743,6 +1770,7 @@ class Problem(NamedTuple):
     params: Tuple[Tensor, ...]
     hvp: str
     generator: Optional[torch.Generator]
+    keeps_aux: bool = False  # the outer loss's aux is kept (MetaResult.aux): check_kept_aux
 
 
 class SweepPlan(NamedTuple):
@@ -2497,6 +2525,7 @@ class InnerLoop:
         self.elementwise = library or elementwise_rule(rule)  # each parameter's update its own
         self.outer_unread: frozenset = _NOTHING
         self.steps, self.seed, self.hvp = problem.config.steps, seed, problem.hvp
+        self.keeps_aux = problem.keeps_aux
         self.batch = batch_getter(support, self.steps)
         if isinstance(query, StepBatches):  # (review GA: the outer loss got the StepBatches object)
             raise TypeError("Invalid query: StepBatches (per-step batches are the support's; the outer "
@@ -3144,6 +3173,8 @@ class InnerLoop:
         params = tuple(p.detach().requires_grad_() for p in state.params)
         with torch.enable_grad(), self.stream(self.steps + 1):
             loss, aux, grads, buffers = self.evaluator.outer(self, params, state)
+        if self.keeps_aux:  # (before the reverse sweep, whose hooks would run: review s39R3 F2)
+            check_kept_aux(aux)
         self.watch_leaves, self.kept_leaves = False, weakref.WeakSet()  # (replays come after)
         self.outer_unread = frozenset(i for i, g in enumerate(grads[:len(params)]) if g is None)
         if self.names and len(self.outer_unread) == len(self.names):
@@ -3255,7 +3286,7 @@ class FwdRevDisagrees(ValueError):
         if mixed:  # (review IC F2)
             self.why += ("; the model mixes parameter dtypes, and the difference is within the least "
                          "precise one's rounding, which reaches every parameter it touches")
-        if low_precision:  # (review s39N F1: a float32 program refused at a small loss)
+        if low_precision and rel < 0.1:  # (review s39N F1, s39R3 F4: float32 refused at a small loss)
             self.why += ("; or, in float32 or lower, the loss is small (a softmax near saturation, "
                          "below about 1e-4), where the two products differ by rounding alone, which "
                          "the check cannot tell from a difference either")
