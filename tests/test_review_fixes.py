@@ -6986,6 +6986,11 @@ class _Raising:
         raise RuntimeError("not computed")
 
 
+class _Hostile:
+    def __getattribute__(self, name):  # (even __class__: review s39R4 F3)
+        raise RuntimeError("no reads")
+
+
 def test_an_aux_without_tensors_is_kept_whatever_reading_it_does():
     # Review s39R3 F1 / F3 (session 39): the aux walk ran the objects' own __getattr__ and properties
     # (a KeyError, a RuntimeError escaped, naming no argument), and refused an object holding 12,000
@@ -6996,11 +7001,12 @@ def test_an_aux_without_tensors_is_kept_whatever_reading_it_does():
     meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
                                     steps=2, mode="exact")
     rows = _Holder([(i, "cat") for i in range(12_000)])
-    for aux in (_AttrDict(accuracy=0.5), _Raising(), rows):
+    for aux in (_AttrDict(accuracy=0.5), _Raising(), rows, _Hostile()):
         def outer(f, b, aux=aux):
             return mse(f, b), aux
         meta.zero_grad()
         assert meta.backward(mse, outer, data, data).aux is aux
+        torch_ufom.hypergrad(model, mse, outer, data, data, steps=2, inner_lr=0.1)
 
 
 def test_a_refused_aux_runs_no_hook_and_leaves_the_next_call_vectorised():
@@ -7028,3 +7034,41 @@ def test_a_refused_aux_runs_no_hook_and_leaves_the_next_call_vectorised():
         assert not calls and all(p.grad is None for p in model.parameters())
         got = meta.backward_batch(loss, loss, (xs, ys), (xs, ys))
     assert [r.batch_path for r in got] == ["vectorised"] * 3 and len(calls) == 3
+
+
+class _BrokenMapping(collections.abc.Mapping):
+    def __init__(self, held):
+        self.held = held
+
+    def __getitem__(self, key):
+        raise RuntimeError("unreadable")
+
+    def __iter__(self):
+        raise RuntimeError("unreadable")
+
+    def __len__(self):
+        return 1
+
+
+def test_a_refused_aux_runs_no_hook_of_a_parameter_the_outer_loss_reads_and_is_found_behind_broken_items():
+    # Review s39R4 F1 / F2 (session 39): the aux was checked after the outer loss's gradient, whose hooks
+    # had run on a parameter the inner loop does not adapt (ANIL's body); and an object whose items raise
+    # when read was skipped whole, its attributes too, so a tensor there kept its graph.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    xs, ys = torch.randn(3, 6, 4, dtype=torch.float64), torch.randint(0, 3, (3, 6))
+    calls = []
+    model[0].weight.register_hook(lambda g: calls.append(1))  # (the body: read by the outer loss)
+
+    def loss(f, b):
+        return F.cross_entropy(f(b[0]), b[1])
+    for wrap in (_Output, _BrokenMapping):
+        def outer(f, b, wrap=wrap):
+            return loss(f, b), wrap(f(b[0]))
+        for vectorise in (False, True):
+            meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.5,
+                                            steps=2, mode="exact", inner_params=["2.weight", "2.bias"],
+                                            vectorise=vectorise)
+            with pytest.raises(ValueError, match=rf"aux holds tensors in a value of type {wrap.__name__}"):
+                meta.backward_batch(loss, outer, (xs, ys), (xs, ys))
+    assert not calls and all(p.grad is None for p in model.parameters())

@@ -1647,8 +1647,8 @@ def check_kept_aux(aux: Any) -> None:
     are neither detached (``backward``'s aux kept its graph) nor split per task
     (``backward_batch``'s held tensors that escaped ``vmap``; review s39O F1). Only where
     the aux is kept (review s39H2 F2: ``hypergrad`` and ``diagnose`` drop it), as the outer
-    loss's evaluation returns it, before the reverse sweep (review s39R3 F2: after it, the
-    parameters' hooks had run)."""
+    loss's evaluation returns it, before any gradient (review s39R3 F2, s39R4 F1: after
+    them, the parameters' hooks had run)."""
     opaque = _opaque_holding_tensors(aux)
     if opaque is not None:
         raise AuxRefused(
@@ -1669,14 +1669,14 @@ def _opaque_holding_tensors(aux: Any) -> Optional[str]:
     more objects than :data:`_OPENED_AT_MOST` to search (refused: what lies beyond is
     unknown); ``None`` when there is none."""
     for leaf in pytree.tree_leaves(aux):
-        if isinstance(leaf, Tensor) or leaf is None or isinstance(leaf, (numbers.Number, str, bytes)):
-            continue
+        if leaf is None or issubclass(type(leaf), _ATOMS):  # (type(): review s39R4 F3, isinstance
+            continue  # reads __class__, which may raise)
         stack, seen, reached = [leaf], set(), 0
         while stack:
             obj = stack.pop()
-            if isinstance(obj, Tensor):
+            if issubclass(type(obj), Tensor):
                 return f"tensors in a value of type {type(leaf).__name__}"
-            if obj is None or isinstance(obj, (numbers.Number, str, bytes)):
+            if obj is None or issubclass(type(obj), _ATOMS):
                 continue
             reached += 1  # (seen ones too: a walk that forgot them would end here, not loop)
             if reached > _OPENED_AT_MOST:
@@ -1685,11 +1685,11 @@ def _opaque_holding_tensors(aux: Any) -> Optional[str]:
             if id(obj) in seen:
                 continue
             seen.add(id(obj))
-            try:
-                stack.extend(_held_by(obj))
-            except Exception:  # noqa: BLE001 (review s39R3 F1: an object whose contents raise when
-                continue  # read, through a Mapping's methods, is not opened, as _survey does)
+            stack.extend(_held_by(obj))
     return None
+
+
+_ATOMS = (Tensor, numbers.Number, str, bytes)  # (what the aux walk does not open)
 
 
 def _held_by(obj: Any) -> List[Any]:
@@ -1698,27 +1698,31 @@ def _held_by(obj: Any) -> List[Any]:
     ``__dict__`` and ``__slots__`` values, read without its own ``__getattr__`` or
     ``__getattribute__`` (review s39R3 F1: those ran the user's code, which raised)."""
     held: List[Any] = []
-    if isinstance(obj, Mapping):
-        held.extend(obj.values())
-    elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
-        held.extend(obj)
-    elif isinstance(obj, functools.partial):  # (review s39R F2: callables hold tensors too)
-        held.extend([obj.func, *obj.args, *obj.keywords.values()])
-    elif isinstance(obj, types.MethodType):
-        held.extend([obj.__self__, obj.__func__])
-    elif isinstance(obj, types.FunctionType):
-        held.extend([*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()])
-        held.extend(c.cell_contents for c in obj.__closure__ or () if _filled(c))
-    if not isinstance(obj, type):
-        try:
-            held.extend(object.__getattribute__(obj, "__dict__").values())
-        except AttributeError:  # (no __dict__)
-            pass
-        for name in _slot_names(type(obj)):
+    kind = type(obj)
+    try:  # (each source read apart: one that raises leaves the others searched, review s39R4 F2)
+        if issubclass(kind, Mapping):
+            held.extend(obj.values())
+        elif issubclass(kind, (list, tuple, set, frozenset, collections.deque)):
+            held.extend(obj)
+        elif issubclass(kind, functools.partial):  # (review s39R F2: callables hold tensors too)
+            held.extend([obj.func, *obj.args, *obj.keywords.values()])
+        elif issubclass(kind, types.MethodType):
+            held.extend([obj.__self__, obj.__func__])
+        elif issubclass(kind, types.FunctionType):
+            held.extend([*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()])
+            held.extend(c.cell_contents for c in obj.__closure__ or () if _filled(c))
+    except Exception:  # noqa: BLE001 (review s39R3 F1: contents that raise when read are not searched)
+        pass
+    if not issubclass(kind, type):
+        for name in ["__dict__", *_slot_names(kind)]:
             try:
-                held.append(object.__getattribute__(obj, name))
-            except AttributeError:  # (an empty slot)
-                pass
+                value = object.__getattribute__(obj, name)
+            except Exception:  # noqa: BLE001 (no __dict__, an empty slot, a descriptor that raises)
+                continue
+            if name == "__dict__":
+                held.extend(dict.values(value) if issubclass(type(value), dict) else ())
+            else:
+                held.append(value)
     return held
 
 
@@ -1735,9 +1739,9 @@ def _slot_names(klass: type) -> List[str]:
 
 def detached(aux: Any) -> Any:
     """``aux`` with every tensor detached (``None`` for no aux)."""
-    if isinstance(aux, tuple) and aux == ():
+    if type(aux) is tuple and not aux:  # (type(): an object whose reads raise, review s39R4 F3)
         return None
-    return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)
+    return pytree.tree_map(lambda t: t.detach() if issubclass(type(t), Tensor) else t, aux)
 
 
 def _check_depends(loss: Tensor, name: str) -> None:
@@ -1941,6 +1945,8 @@ class PerTask:
         fm = loop.fmodel(params, state.buffers)
         out = loop.outer_loss(fm, loop.query)
         loss, aux = loss_and_aux(out, "outer_loss")
+        if loop.keeps_aux:  # (before any gradient, whose hooks would run: review s39R3 F2, s39R4 F1)
+            check_kept_aux(aux)
         # (an outer loss that is the inner loss, whose first step was looked at for checkpointed
         # parts: only the cheap look for graphs made before the call, which the query may carry)
         if loss.grad_fn is not None and loop.outer_loss is not loop.inner_loss:
@@ -3173,8 +3179,6 @@ class InnerLoop:
         params = tuple(p.detach().requires_grad_() for p in state.params)
         with torch.enable_grad(), self.stream(self.steps + 1):
             loss, aux, grads, buffers = self.evaluator.outer(self, params, state)
-        if self.keeps_aux:  # (before the reverse sweep, whose hooks would run: review s39R3 F2)
-            check_kept_aux(aux)
         self.watch_leaves, self.kept_leaves = False, weakref.WeakSet()  # (replays come after)
         self.outer_unread = frozenset(i for i, g in enumerate(grads[:len(params)]) if g is None)
         if self.names and len(self.outer_unread) == len(self.names):

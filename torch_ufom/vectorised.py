@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, cuda_devices_in_use,
+from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, check_kept_aux,
+                     cuda_devices_in_use,
                      from_torch_func,
                      generator_position, graph_nodes, graph_reaches, graph_survey, host_random_states,
                      is_default_generator, jvp, loss_and_aux, note_probed, once_differentiable,
@@ -1520,6 +1521,8 @@ class Vectorised:
         stacked = iter(tensors)
         aux = pytree.tree_unflatten([next(stacked) if v is _TENSOR else v for v in held["values"]],
                                     held["spec"])
+        if loop.keeps_aux:  # (before the gradient, whose hooks would run: review s39R4 F1)
+            check_kept_aux(aux)
         _check_depends(losses, "outer_loss")  # vmap's batched tensors hide requires_grad
         total = losses.sum()
         grads = torch.autograd.grad(total, params + tuple(loop.meta), allow_unused=True,
