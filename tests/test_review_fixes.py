@@ -7072,3 +7072,36 @@ def test_a_refused_aux_runs_no_hook_of_a_parameter_the_outer_loss_reads_and_is_f
             with pytest.raises(ValueError, match=rf"aux holds tensors in a value of type {wrap.__name__}"):
                 meta.backward_batch(loss, outer, (xs, ys), (xs, ys))
     assert not calls and all(p.grad is None for p in model.parameters())
+
+
+class _ViewDict:
+    def __init__(self, held):
+        object.__setattr__(self, "_own", {"held": held})
+
+    @property
+    def __dict__(self):  # (a mapping that is not a dict)
+        return types.MappingProxyType(object.__getattribute__(self, "_own"))
+
+
+def test_an_aux_tensor_behind_a_proxy_is_detached_and_one_behind_a_mapping_dict_is_found():
+    # Review s39R5 F1 / F2 (session 39): type()-based tests missed a weakref.proxy of a tensor, which
+    # MetaResult.aux then kept with its graph; and a __dict__ that is not a dict was not searched.
+    import weakref
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    data = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                    steps=2, mode="exact")
+    kept = []
+
+    def outer(f, b):
+        kept.append(f(b[0]))
+        return mse(f, b), {"out": weakref.proxy(kept[-1])}
+    got = meta.backward(mse, outer, data, data).aux["out"]
+    assert not got.requires_grad and got.grad_fn is None
+
+    def hidden(f, b):
+        return mse(f, b), _ViewDict(f(b[0]))
+    meta.zero_grad()
+    with pytest.raises(ValueError, match="aux holds tensors in a value of type _ViewDict"):
+        meta.backward(mse, hidden, data, data)

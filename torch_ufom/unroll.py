@@ -1669,12 +1669,12 @@ def _opaque_holding_tensors(aux: Any) -> Optional[str]:
     more objects than :data:`_OPENED_AT_MOST` to search (refused: what lies beyond is
     unknown); ``None`` when there is none."""
     for leaf in pytree.tree_leaves(aux):
-        if leaf is None or issubclass(type(leaf), _ATOMS):  # (type(): review s39R4 F3, isinstance
-            continue  # reads __class__, which may raise)
+        if leaf is None or issubclass(type(leaf), _ATOMS) or _tensor_like(leaf):
+            continue
         stack, seen, reached = [leaf], set(), 0
         while stack:
             obj = stack.pop()
-            if issubclass(type(obj), Tensor):
+            if _tensor_like(obj):
                 return f"tensors in a value of type {type(leaf).__name__}"
             if obj is None or issubclass(type(obj), _ATOMS):
                 continue
@@ -1690,6 +1690,18 @@ def _opaque_holding_tensors(aux: Any) -> Optional[str]:
 
 
 _ATOMS = (Tensor, numbers.Number, str, bytes)  # (what the aux walk does not open)
+
+
+def _tensor_like(x: Any) -> bool:
+    """Whether ``x`` is a tensor or passes for one (``weakref.proxy`` of a tensor: review
+    s39R5 F1), by its type first: ``isinstance`` reads ``__class__``, which an object of the
+    user's may make raise (review s39R4 F3: then ``False``)."""
+    if issubclass(type(x), Tensor):
+        return True
+    try:
+        return isinstance(x, Tensor)
+    except Exception:  # noqa: BLE001 (an object whose __class__ raises is no tensor)
+        return False
 
 
 def _held_by(obj: Any) -> List[Any]:
@@ -1719,9 +1731,9 @@ def _held_by(obj: Any) -> List[Any]:
                 value = object.__getattribute__(obj, name)
             except Exception:  # noqa: BLE001 (no __dict__, an empty slot, a descriptor that raises)
                 continue
-            if name == "__dict__":
-                held.extend(dict.values(value) if issubclass(type(value), dict) else ())
-            else:
+            if name == "__dict__" and issubclass(type(value), dict):
+                held.extend(dict.values(value))
+            else:  # (a __dict__ of another kind is searched as an object: review s39R5 F2)
                 held.append(value)
     return held
 
@@ -1741,7 +1753,7 @@ def detached(aux: Any) -> Any:
     """``aux`` with every tensor detached (``None`` for no aux)."""
     if type(aux) is tuple and not aux:  # (type(): an object whose reads raise, review s39R4 F3)
         return None
-    return pytree.tree_map(lambda t: t.detach() if issubclass(type(t), Tensor) else t, aux)
+    return pytree.tree_map(lambda t: t.detach() if _tensor_like(t) else t, aux)
 
 
 def _check_depends(loss: Tensor, name: str) -> None:
