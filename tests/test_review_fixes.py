@@ -7105,3 +7105,16 @@ def test_an_aux_tensor_behind_a_proxy_is_detached_and_one_behind_a_mapping_dict_
     meta.zero_grad()
     with pytest.raises(ValueError, match="aux holds tensors in a value of type _ViewDict"):
         meta.backward(mse, hidden, data, data)
+
+    class Table(list):  # (review s39R6 F1: a proxy of a container holding tensors)
+        pass
+
+    def proxied(f, b):
+        kept.append(Table([f(b[0])]))
+        return mse(f, b), weakref.proxy(kept[-1])
+    with pytest.raises(ValueError, match="aux holds tensors in a value of type ProxyType"):
+        meta.backward(mse, proxied, data, data)
+    empty = collections.namedtuple("Empty", [])
+    for aux in (empty(), torch.Size([])):  # (review s39R6 F2: an empty tuple-like aux is None)
+        meta.zero_grad()
+        assert meta.backward(mse, lambda f, b, aux=aux: (mse(f, b), aux), data, data).aux is None

@@ -1674,9 +1674,11 @@ def _opaque_holding_tensors(aux: Any) -> Optional[str]:
         stack, seen, reached = [leaf], set(), 0
         while stack:
             obj = stack.pop()
+            if obj is None or type(obj) in _PLAIN:  # (first: a long list of floats, review s39R6 F3)
+                continue
             if _tensor_like(obj):
                 return f"tensors in a value of type {type(leaf).__name__}"
-            if obj is None or issubclass(type(obj), _ATOMS):
+            if issubclass(type(obj), _ATOMS):
                 continue
             reached += 1  # (seen ones too: a walk that forgot them would end here, not loop)
             if reached > _OPENED_AT_MOST:
@@ -1690,17 +1692,24 @@ def _opaque_holding_tensors(aux: Any) -> Optional[str]:
 
 
 _ATOMS = (Tensor, numbers.Number, str, bytes)  # (what the aux walk does not open)
+_PLAIN = frozenset({float, int, bool, str, bytes, complex})
 
 
 def _tensor_like(x: Any) -> bool:
     """Whether ``x`` is a tensor or passes for one (``weakref.proxy`` of a tensor: review
-    s39R5 F1), by its type first: ``isinstance`` reads ``__class__``, which an object of the
-    user's may make raise (review s39R4 F3: then ``False``)."""
-    if issubclass(type(x), Tensor):
+    s39R5 F1): :func:`_passes_for` ``Tensor``."""
+    return _passes_for(x, Tensor)
+
+
+def _passes_for(x: Any, kinds) -> bool:
+    """Whether ``x`` is an instance of ``kinds`` or passes for one (a ``weakref.proxy`` of
+    one: review s39R6 F1), by its type first: ``isinstance`` reads ``__class__``, which an
+    object of the user's may make raise (review s39R4 F3: then ``False``)."""
+    if issubclass(type(x), kinds):
         return True
     try:
-        return isinstance(x, Tensor)
-    except Exception:  # noqa: BLE001 (an object whose __class__ raises is no tensor)
+        return isinstance(x, kinds)
+    except Exception:  # noqa: BLE001 (an object whose __class__ raises passes for nothing)
         return False
 
 
@@ -1712,15 +1721,15 @@ def _held_by(obj: Any) -> List[Any]:
     held: List[Any] = []
     kind = type(obj)
     try:  # (each source read apart: one that raises leaves the others searched, review s39R4 F2)
-        if issubclass(kind, Mapping):
+        if _passes_for(obj, Mapping):
             held.extend(obj.values())
-        elif issubclass(kind, (list, tuple, set, frozenset, collections.deque)):
+        elif _passes_for(obj, (list, tuple, set, frozenset, collections.deque)):
             held.extend(obj)
-        elif issubclass(kind, functools.partial):  # (review s39R F2: callables hold tensors too)
+        elif _passes_for(obj, functools.partial):  # (review s39R F2: callables hold tensors too)
             held.extend([obj.func, *obj.args, *obj.keywords.values()])
-        elif issubclass(kind, types.MethodType):
+        elif _passes_for(obj, types.MethodType):
             held.extend([obj.__self__, obj.__func__])
-        elif issubclass(kind, types.FunctionType):
+        elif _passes_for(obj, types.FunctionType):
             held.extend([*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()])
             held.extend(c.cell_contents for c in obj.__closure__ or () if _filled(c))
     except Exception:  # noqa: BLE001 (review s39R3 F1: contents that raise when read are not searched)
@@ -1751,7 +1760,7 @@ def _slot_names(klass: type) -> List[str]:
 
 def detached(aux: Any) -> Any:
     """``aux`` with every tensor detached (``None`` for no aux)."""
-    if type(aux) is tuple and not aux:  # (type(): an object whose reads raise, review s39R4 F3)
+    if issubclass(type(aux), tuple) and len(aux) == 0:  # (type(): its reads may raise, review s39R4 F3)
         return None
     return pytree.tree_map(lambda t: t.detach() if _tensor_like(t) else t, aux)
 
