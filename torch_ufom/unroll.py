@@ -1674,12 +1674,15 @@ def _opaque_holding_tensors(aux: Any) -> Optional[str]:
         stack, seen, reached = [leaf], set(), 0
         while stack:
             obj = stack.pop()
-            if obj is None or type(obj) in _PLAIN:  # (first: a long list of floats, review s39R6 F3)
+            kind = type(obj)
+            if obj is None or kind in _PLAIN:  # (first: a long list of floats, review s39R6 F3)
                 continue
-            if _tensor_like(obj):
+            if issubclass(kind, Tensor):
                 return f"tensors in a value of type {type(leaf).__name__}"
-            if issubclass(type(obj), _ATOMS):
+            if issubclass(kind, _ATOMS):  # (by type before the slower fallback: review s39R7 F1)
                 continue
+            if _tensor_like(obj):  # (what passes for a tensor: a proxy of one)
+                return f"tensors in a value of type {type(leaf).__name__}"
             reached += 1  # (seen ones too: a walk that forgot them would end here, not loop)
             if reached > _OPENED_AT_MOST:
                 return f"a value of type {type(leaf).__name__} with more than {_OPENED_AT_MOST} objects " \
@@ -1708,7 +1711,8 @@ def _passes_for(x: Any, kinds) -> bool:
     if issubclass(type(x), kinds):
         return True
     try:
-        return isinstance(x, kinds)
+        claimed = x.__class__
+        return claimed is not type(x) and issubclass(claimed, kinds)  # (one type check otherwise)
     except Exception:  # noqa: BLE001 (an object whose __class__ raises passes for nothing)
         return False
 
