@@ -6875,6 +6875,16 @@ def test_fwdrev_on_dropout_of_a_non_contiguous_tensor_is_refused_naming_it():
             assert rel_err(got["fwdrev"], got["revrev"]) < 1e-12
 
 
+def _aux_problem():
+    """A linear model, one float64 batch and an exact MetaOptimizer (the aux tests' setup)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    data = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                    steps=2, mode="exact")
+    return model, data, meta
+
+
 class _SlotBase:
     __slots__ = "held"  # (one name as a string)
 
@@ -6898,11 +6908,7 @@ class _Holder:
 def test_the_outer_aux_walk_opens_inherited_and_private_slots_and_deques_and_refuses_past_its_bound():
     # Review s39H2 F1 (session 39): an inherited __slots__, one given as a string, and a deque inside an
     # object were not opened (the aux kept its graph), and the walk passed whatever lay past its bound.
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2).double()
-    data = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
-    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
-                                    steps=2, mode="exact")
+    model, data, meta = _aux_problem()
     found = r"aux holds tensors in a value of type \w+,"
     bound = torch_ufom.unroll._OPENED_AT_MOST
     for wrap, said in ((lambda z: _SlotChild(z), found), (lambda z: _SlotChild(None, z), found),
@@ -6995,11 +7001,7 @@ def test_an_aux_without_tensors_is_kept_whatever_reading_it_does():
     # Review s39R3 F1 / F3 (session 39): the aux walk ran the objects' own __getattr__ and properties
     # (a KeyError, a RuntimeError escaped, naming no argument), and refused an object holding 12,000
     # rows of numbers and strings past a 10,000-object bound. Both hold no tensor: kept as they are.
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2).double()
-    data = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
-    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
-                                    steps=2, mode="exact")
+    model, data, meta = _aux_problem()
     rows = _Holder([(i, "cat") for i in range(12_000)])
     for aux in (_AttrDict(accuracy=0.5), _Raising(), rows, _Hostile()):
         def outer(f, b, aux=aux):
@@ -7087,11 +7089,7 @@ def test_an_aux_tensor_behind_a_proxy_is_detached_and_one_behind_a_mapping_dict_
     # Review s39R5 F1 / F2 (session 39): type()-based tests missed a weakref.proxy of a tensor, which
     # MetaResult.aux then kept with its graph; and a __dict__ that is not a dict was not searched.
     import weakref
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2).double()
-    data = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
-    meta = torch_ufom.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
-                                    steps=2, mode="exact")
+    model, data, meta = _aux_problem()
     kept = []
 
     def outer(f, b):
