@@ -2156,3 +2156,23 @@ def test_the_memory_of_a_cuda_storage_is_counted_in_whole_512_byte_blocks_rounde
         assert _storage(_S39OnCuda(size)) == (4096, math.ceil(size / 512) * 512)
     t = torch.zeros(3, dtype=torch.float64)
     assert _storage(t) == (t.untyped_storage().data_ptr(), 24)
+
+
+class _S39WritesWhereDifferentiated(_S39WritesParams):
+    """_S39WritesParams that also insists on running where its parameters are differentiated."""
+
+    def update(self, grads, state, params, h):
+        if not all(p.requires_grad for p in params.values()):
+            raise RuntimeError("this rule runs only where its parameters require grad")
+        return super().update(grads, state, params, h)
+
+
+def test_an_in_place_update_that_fails_when_run_again_is_refused_unnamed():
+    # review s39T m23: where autograd refuses the write (exact/store records a step at leaves that require
+    # grad), the update runs again at detached copies to name the argument it wrote; an update that fails
+    # there is refused without a name (review s38R8 F2), not with its own error (m23 let it through).
+    model, loss, data = mlp_problem(49)
+    with pytest.raises(ValueError, match=r"Invalid inner: _S39WritesWhereDifferentiated\.update modified an "
+                                         r"argument in place \(one of them\)"):
+        torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, mode="exact", memory="store",
+                             inner=_S39WritesWhereDifferentiated(0.1))
