@@ -7116,3 +7116,21 @@ def test_an_aux_tensor_behind_a_proxy_is_detached_and_one_behind_a_mapping_dict_
     for aux in (empty(), torch.Size([])):  # (review s39R6 F2: an empty tuple-like aux is None)
         meta.zero_grad()
         assert meta.backward(mse, lambda f, b, aux=aux: (mse(f, b), aux), data, data).aux is None
+
+
+def test_a_sampler_seeding_a_generator_per_step_is_refused_where_steps_replay_saying_so():
+    # Review s39Y F1 (session 39): a j -> batch callable seeding a fresh torch.Generator for each step (a
+    # function of j) is refused where steps are evaluated again, as any draw from a generator of the
+    # user's is (the library cannot tell it from one drawing anew); the message blamed inner_loss only.
+    model, (x, y), q = mlp(), data(1), data(2)
+
+    def sampler(j):
+        g = torch.Generator().manual_seed(1000 + j)
+        return x + 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype), y
+    kw = dict(steps=3, inner_lr=LR, mode="exact", memory="recompute")
+    with pytest.raises(RuntimeError, match=r"Or the j -> batch callable draws from one.*StepBatches"):
+        torch_ufom.hypergrad(model, mse, mse, sampler, q, **kw)
+    batches = torch_ufom.StepBatches([sampler(j) for j in range(3)])
+    got = torch_ufom.hypergrad(model, mse, mse, batches, q, **kw)
+    want = brute_force(model, mse, mse, lambda j: batches[j], q, 3, LR, list(model.parameters()), 3)
+    assert rel_err(got, want) < 1e-12

@@ -144,11 +144,18 @@ class _Again:
         self.watched = True
         out, drew = self.loop.draws_own_generator(run)
         if drew:
-            raise RuntimeError(REPLAY_DRAWS.format(memory=self.memory))
+            sampler = REPLAY_SAMPLER_DRAWS if self.loop.step_function else ""  # (review s39Y F1)
+            raise RuntimeError(REPLAY_DRAWS.format(memory=self.memory) + sampler)
         if host is not None and host_random_states() != host:  # (review FC: straight-through NumPy noise)
             anew = f". Or {SAMPLES_ANEW}" if self.loop.step_function else ""  # (review s35R F3)
             raise RuntimeError(REPLAY_HOST_DRAWS.format(memory=self.memory) + anew)
         return out
+
+
+REPLAY_SAMPLER_DRAWS = (
+    ". Or the j -> batch callable draws from one, even a generator it seeds afresh for each step, "
+    "which the library cannot tell from one that draws anew: give the batches as StepBatches, or "
+    "pass memory='store'")
 
 
 REPLAY_HOST_DRAWS = (
