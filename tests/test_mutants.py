@@ -1926,20 +1926,24 @@ class _S39GRU(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-def test_an_exact_sweep_of_a_recurrent_module_leaves_cudnn_off_where_the_user_turned_it_off():
+@pytest.mark.parametrize("start", [False, True])
+def test_an_exact_sweep_of_a_recurrent_module_leaves_cudnn_off_where_the_user_turned_it_off(start):
     # review s39T G4 (m54): an exact sweep of a module holding a recurrent layer runs with cuDNN off and
     # then puts the flag back as it was; putting back True instead of the user's value survived, since
-    # the test started from enabled=True. The hypergradient is exact against a brute-force unroll.
+    # the test started from enabled=True (and review s39TA F2: the flag inside the sweep is read too).
+    # The hypergradient is exact against a brute-force unroll.
     torch.manual_seed(44)
     net = _S39GRU().double()
     support = (torch.randn(5, 6, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
     query = (torch.randn(5, 6, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    inside = []
+    net.register_forward_pre_hook(lambda module, args: inside.append(torch.backends.cudnn.enabled))
     was = torch.backends.cudnn.enabled
-    torch.backends.cudnn.enabled = False  # (the user's choice)
+    torch.backends.cudnn.enabled = start  # (the user's choice)
     try:
         got = torch_ufom.hypergrad(net, mse, mse, support, query, steps=2, inner_lr=0.1, mode="exact",
                                    memory="recompute")
-        assert torch.backends.cudnn.enabled is False
+        assert torch.backends.cudnn.enabled is start and inside and not any(inside)
     finally:
         torch.backends.cudnn.enabled = was
     want = brute_force(net, mse, mse, lambda j: support, query, 2, 0.1, list(net.parameters()), 2)
