@@ -725,7 +725,7 @@ def test_a_meta_batch_drawing_from_a_generator_of_its_own_runs_the_loop_and_draw
     # A generator of the user's in the state of the global one is still the user's (the
     # dispatcher hands over another Python object for the global one: compared by state, it
     # was taken for the global one, and fwdrev and vmap ran 21-35 % off).
-    from torch_ufom.unroll import is_default_generator
+    from torch_ufom.randomness import is_default_generator
     mine = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
     assert not is_default_generator(mine) and is_default_generator(torch.default_generator)
