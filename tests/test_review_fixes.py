@@ -3204,14 +3204,14 @@ def test_a_process_forked_while_another_thread_is_inside_a_call_can_call_the_lib
     # have, and its first call waited forever.
     import multiprocessing
     import threading
-    from torch_ufom import unroll
+    from torch_ufom.process import process_lock
     model = nn.Linear(3, 1).double()
     xs, ys = _regression_tasks()
     want = _adapt_in_child(model, (xs[0], ys[0]))
     inside, leave = threading.Event(), threading.Event()
 
     def hold():
-        with unroll._PROCESS_STATE:  # (a call in progress in another thread)
+        with process_lock():  # (a call in progress in another thread)
             inside.set()
             leave.wait(60.0)
 
@@ -6720,13 +6720,14 @@ def test_rates_held_by_the_model_get_an_error_that_points_to_inner_params():
 def _lock_held_here() -> bool:
     """Whether the process lock is held (by this thread: another one cannot take it)."""
     import threading
-    from torch_ufom import unroll
+    from torch_ufom.process import process_lock
     took = []
 
     def attempt():
-        took.append(unroll._PROCESS_STATE.acquire(blocking=False))
+        lock = process_lock()
+        took.append(lock.acquire(blocking=False))
         if took[0]:
-            unroll._PROCESS_STATE.release()
+            lock.release()
     other = threading.Thread(target=attempt)
     other.start()
     other.join()

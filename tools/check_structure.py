@@ -62,7 +62,7 @@ ALLOW = {  # (module, qualname, rule) -> reason
     "the names against the fields first",
     ("meta_optimizer.py", "MetaOptimizer.reconfigure", "R2"): "public API reconfigure(mode=..., q=...); "
     "hands the user's keywords to Settings.replace, which checks them",
-    ("unroll.py", "one_call_at_a_time.run", "R2"): "a decorator: hands a public entry point its own "
+    ("process.py", "one_call_at_a_time.run", "R2"): "a decorator: hands a public entry point its own "
     "arguments, unchanged, under the process lock",
     ("unroll.py", "FunctionalModel.__call__", "R2"): "forwards the user's call arguments to the user's "
     "module (the nn.Module call protocol), not configuration",

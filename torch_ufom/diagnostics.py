@@ -22,9 +22,10 @@ from . import adaptive
 from .config import Settings, check_generator, check_losses, resolve
 from .functional import check_derived_buffers, check_params, estimate_task, resolve_hvp, restore_rng_on_error
 from .inner import InnerRule
+from .process import one_call_at_a_time
 from .randomness import host_random_states, set_host_random_states
 from .truncation import Snapshot
-from .unroll import Problem, batch_getter, one_call_at_a_time
+from .unroll import Problem, batch_getter
 
 __all__ = ["Diagnosis", "diagnose"]
 

@@ -41,8 +41,8 @@ from .estimators import Estimate, NonFiniteHypergradient, plus
 from .functional import (Problem, buffer_names, check_derived_buffers, estimate_batch, estimate_task,
                          learned_buffer_message, resolve_hvp, restore_rng_on_error, sum_grads, task_aux)
 from .inner import InnerRule, PerStep, _in_range
+from .process import caller_level, one_call_at_a_time
 from .truncation import Snapshot, TruncationLaw, is_bernoulli
-from .unroll import caller_level, one_call_at_a_time
 from .vectorised import EmptyMetaBatch
 
 __all__ = ["MetaOptimizer", "MetaResult"]

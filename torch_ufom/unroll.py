@@ -26,8 +26,9 @@ the same operations as the general path, bit for bit (``tests/test_fastpath.py``
 The module also holds what the loop needs around it, in this order (a map for
 readers; each part's contract is in its docstrings):
 
-* the process lock every public entry point holds (:func:`one_call_at_a_time`,
-  rebound after ``fork``) and the guards around ``torch.compile``;
+* the looks for a loss that differentiates (:class:`Differentiates`) and the
+  messages of the guards around ``torch.compile`` (the process lock and the
+  guard itself are in :mod:`torch_ufom.process`);
 * the messages for draws no step's stream replays (the generators' save and
   restore helpers and the watch for draws from a generator of the user's are
   in :mod:`torch_ufom.randomness`);
@@ -77,6 +78,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
 from .inner import own_code, shortcut
+from .process import caller_level, current_level, fullgraph_refused, outside_transforms, process_lock
 from .randomness import (OwnDraws, cuda_devices_in_use, host_random_states, random_states_kept,
                          set_torch_random_states, states_differ, torch_random_states,
                          torch_random_states_kept)
@@ -87,21 +89,6 @@ __all__ = ["check_parametrize_cache", "crowded_elsewhere", "renormalises_weights
            "Evaluator", "Loop", "PerTask", "InnerLoop", "batch_getter", "chain_vjp",
            "elementwise_rule", "second_derivatives", "look_at_graph", "GraphLook", "recomputes_message",
            "REPLAY_DRAWS", "SAMPLES_ANEW", "jvp"]
-
-
-_OWN_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
-             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
-
-
-def caller_level() -> int:
-    """The ``stacklevel`` that makes a warning issued by the caller of this function
-    point at the first frame outside this package and torch: the user's call (through
-    the entry points' own wrapper, and torch's, for a warning from a hook torch runs:
-    review s36L F1, where fixed levels pointed at the wrapper)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_OWN_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def check_parametrize_cache(model: nn.Module) -> None:
@@ -198,18 +185,15 @@ def _filled(cell) -> bool:
 AUTOGRAD_CALLS = frozenset({torch.autograd.grad, torch.autograd.backward, Tensor.backward})
 
 
-# What a sweep sets for the whole process: the global generators (seeded per step) and the
-# attention flags. Sweeps in several threads would reseed each other's streams and leave the
-# flags as another one found them, so they take turns (reentrant: a loss may call the library).
-_PROCESS_STATE = threading.RLock()
 _UNLOCKED = contextlib.nullcontext()
 
 
 def _new_locks_after_fork() -> None:
     """A child forked while another thread held a lock inherits it held, by a thread it does
-    not have: its first call would wait forever (review GE F2). The child gets new locks."""
-    global _PROCESS_STATE, _PROBED_LOCK, _SWAPS_LOCK
-    _PROCESS_STATE, _PROBED_LOCK, _SWAPS_LOCK = threading.RLock(), threading.Lock(), threading.Lock()
+    not have: its first call would wait forever (review GE F2). The child gets new locks
+    (the process lock's: :mod:`torch_ufom.process`)."""
+    global _PROBED_LOCK, _SWAPS_LOCK
+    _PROBED_LOCK, _SWAPS_LOCK = threading.Lock(), threading.Lock()
     # The other threads are not in the child: the swaps only they ran in are undone, from the
     # innermost (review LA F6: the child's module held another thread's tensors, and a
     # hypergradient there started from them, 0.79 off); the forking thread's stay, its own.
@@ -234,29 +218,6 @@ def _new_locks_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_locks_after_fork)
-
-
-def one_call_at_a_time(fn):
-    """``fn`` (a public entry point) run holding :data:`_PROCESS_STATE`: a call swaps the module's
-    parameter entries and reads them while it runs, so calls on one module in several threads
-    would read one another's swapped tensors and put back the wrong ones (review GD F2: wrong
-    hypergradients on every path, and a module left holding copies of its parameters)."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with _PROCESS_STATE, _fullgraph_refused(COMPILED_FULLGRAPH, _NO_FRAMES):
-            return fn(*args, **kwargs)
-    return run
-
-
-_NO_FRAMES = "fullgraph=True found no compiled frames"  # (torch's error, 2.11-2.13)
-COMPILED_FULLGRAPH = (
-    "a loss runs a function compiled with torch.compile(fullgraph=True), which torch cannot run "
-    "under the library's looks at the losses (a TorchDispatchMode) nor under torch.func's transforms "
-    "(hvp='fwdrev', vectorised meta-batches and adapt_batch), which exact sweeps need (review JA F7); "
-    "use mode='fom' task by task (hypergrad, MetaOptimizer.backward), or compile without fullgraph=True. "
-    "Torch now skips that function's frame for the rest of the process, so its later calls raise too, in "
-    "your own code as well, until torch._dynamo.reset() (torch's behaviour once a compiled function ran "
-    "under such a look or transform: review s35D F1)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -323,20 +284,6 @@ COMPILED_WATCHED = (
     "fullgraph=True, or use mode='fom' task by task (hypergrad, MetaOptimizer.backward)")
 
 
-@contextlib.contextmanager
-def _fullgraph_refused(message: str, torchs: str = "torch.compiler.disable"):
-    """Raise ``RuntimeError(message)`` for torch's error (naming ``torchs``) when a function
-    compiled with ``fullgraph=True`` meets one of the library's torch-function modes, whose
-    frames Dynamo does not compile (``torch.compiler.disable``: reviews HE F4, IC F1), or
-    its dispatch-mode looks and torch.func's transforms."""
-    try:
-        yield
-    except Exception as e:  # torch._dynamo.exc.Unsupported, a RuntimeError
-        if (type(e).__name__ == "Unsupported" or isinstance(e, RuntimeError)) and torchs in str(e):
-            raise RuntimeError(message) from e
-        raise
-
-
 class Differentiates(TorchFunctionMode):
     """Notes whether the code run under it calls :data:`AUTOGRAD_CALLS` (``found``) at
     the ``torch.func`` transform level ``level`` (``None``: outside every transform;
@@ -372,11 +319,6 @@ def from_torch_func() -> bool:
     return False
 
 
-def current_level() -> Optional[int]:
-    """The innermost running ``torch.func`` transform's level (``None`` outside them)."""
-    return torch._C._functorch.maybe_current_level()
-
-
 class DifferentiatesUnderTransform(RuntimeError):
     """A loss called ``torch.autograd.grad`` or ``backward`` inside the library's own
     ``torch.func`` transform (found at a later step of per-step batches, where the look
@@ -400,13 +342,6 @@ def watched_loss(loop: "InnerLoop", fm, batch):
             "a loss calls torch.autograd.grad or backward at a later step (a PINN's du/dx, a gradient "
             "penalty), which torch.func does not see through: run it per task with hvp='revrev'")
     return out
-
-
-def outside_transforms() -> bool:
-    """Whether no ``torch.func`` transform is running (``torch.func.grad`` calls
-    ``torch.autograd.grad`` inside its own: such a loss differentiates only its own
-    inputs, and vectorises)."""
-    return current_level() is None
 
 
 class Unchain(Exception):
@@ -502,7 +437,7 @@ class FunctionalModel:
             out = self._swapped(None, lambda: self.module(*args, **kwargs), join_only=True)
             if out is not _UNJOINED:
                 return out
-        with _PROCESS_STATE if self.serialised else _UNLOCKED:
+        with process_lock() if self.serialised else _UNLOCKED:
             everything = Reparametrization.of(self.module) if self.swap is ... else None
             swap = self._module_swap(everything) if self.swap is ... else self.swap
             if swap is None:
@@ -717,7 +652,7 @@ class FunctionalModel:
             out = self._run(of_module, join_only=True)  # lock run holds: review LC F4)
             if out is not _UNJOINED:
                 return out
-        with _PROCESS_STATE if self.serialised else _UNLOCKED:
+        with process_lock() if self.serialised else _UNLOCKED:
             return self._run(of_module)
 
     def _run(self, fn: Callable[[nn.Module], Any], join_only: bool = False):
@@ -2594,13 +2529,13 @@ class InnerLoop:
     def streams(self):
         """Save the global random state, run the body, restore it: whoever runs the
         loop's steps wraps them in this once (each step seeds its own stream). Calls in
-        several threads take turns (:data:`_PROCESS_STATE`). With
+        several threads take turns (:func:`~torch_ufom.process.process_lock`). With
         ``math_attention`` the body runs under the math attention kernel (and, for a
         module holding a recurrent layer, without cuDNN). The body
         runs without ``nn.MultiheadAttention``'s inference fast path: under ``vmap``
         the parameters hide ``requires_grad``, and in ``eval()`` mode the layer
         would take that path, which has no derivative."""
-        with _PROCESS_STATE:
+        with process_lock():
             with torch_random_states_kept(self.cuda_devices), \
                     (_math_attention() if self.math_attention else contextlib.nullcontext()), \
                     (_no_cudnn() if self.recurrent else contextlib.nullcontext()), \
@@ -2626,7 +2561,7 @@ class InnerLoop:
         probe finds the draw, and the meta-batch runs task by task)."""
         if not isinstance(self.evaluator, PerTask):
             return run(), False
-        with _fullgraph_refused(COMPILED_REPLAY), OwnDraws() as mode:
+        with fullgraph_refused(COMPILED_REPLAY), OwnDraws() as mode:
             out = run()
         return out, mode.found
 
@@ -2919,7 +2854,7 @@ class InnerLoop:
         user, watch = self.inner_loss, Differentiates()
 
         def watched(fm, batch):
-            with _fullgraph_refused(COMPILED_WATCHED), watch:
+            with fullgraph_refused(COMPILED_WATCHED), watch:
                 return user(fm, batch)
 
         self.inner_loss = watched

@@ -35,12 +35,13 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .process import outside_transforms
 from .randomness import (cuda_devices_in_use, generator_position, host_random_states, is_default_generator,
                          set_host_random_states, torch_random_states_kept)
 from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, check_kept_aux,
                      from_torch_func, graph_nodes, graph_reaches, graph_survey, jvp, loss_and_aux,
-                     note_probed, once_differentiable, outside_transforms, renormalises_weights, root_of,
-                     watched_loss, wrong_twice)
+                     note_probed, once_differentiable, renormalises_weights, root_of, watched_loss,
+                     wrong_twice)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "probe_steps", "reads_meta_directly", "LookFailed", "SLOW_ON_CPU_ELEMENTS",
