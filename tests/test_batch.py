@@ -1073,7 +1073,7 @@ def test_a_scripted_function_is_found_through_a_partial_or_a_callable_object():
     class Object(nn.Linear):
         def forward(self, x):
             return via_object(super().forward(x))
-    from torch_ufom.unroll import scripted
+    from torch_ufom.functional_model import scripted
     assert scripted(Partial(2, 2)) == ["_tanh (called by Partial.forward)"]
     assert scripted(Object(2, 2)) == ["_tanh (called by Object.forward)"]
     assert scripted(nn.Linear(2, 2)) == []
@@ -1181,7 +1181,7 @@ def test_a_scripted_function_the_names_do_not_show_is_found_when_it_runs(reach, 
         def forward(self, x):
             return self.tail(_deep_4(self.head(x)))
     net = {"method": Method, "attribute": Attribute, "deep": Deep}[reach]()
-    from torch_ufom.unroll import scripted as look
+    from torch_ufom.functional_model import scripted as look
     assert look(net) == []  # not found by its names
     if warm:  # the user's own passes, after which the JIT has optimised the graph
         for _ in range(3):

@@ -1,7 +1,7 @@
 """The first-order fast path is the general path run faster: bit for bit.
 
 ``InnerLoop`` swaps the module's entries through a cached
-:class:`~torch_ufom.unroll.Reparametrization` instead of calling
+:class:`~torch_ufom.functional_model.Reparametrization` instead of calling
 ``torch.func.functional_call``, and applies plain SGD at a plain-number rate
 with one foreach kernel instead of ``rule.update``. Each test runs the same
 call twice, once as shipped and once with both shortcuts switched off (the
@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import torch_ufom
-from torch_ufom import inner, unroll
+from torch_ufom import functional_model, inner, unroll
 from helpers import mse, rel_err, unit_rows
 from oracle import brute_force
 from zoo import KINDS
@@ -31,9 +31,9 @@ STEPS = 3
 @contextlib.contextmanager
 def general_path(monkeypatch):
     """Switch the fast path off: ``functional_call`` and ``rule.update`` every step."""
-    layout = unroll.Reparametrization.layout
+    layout = functional_model.Reparametrization.layout
     with monkeypatch.context() as m:
-        m.setattr(unroll.Reparametrization, "layout",
+        m.setattr(functional_model.Reparametrization, "layout",
                   classmethod(lambda cls, module: layout(module)[:2] + (None,)))  # no swap
         m.setattr(inner.SGD, "plain_rate", property(lambda self: None))
         yield
@@ -67,7 +67,7 @@ def test_the_general_path_is_what_the_fast_path_replaces(monkeypatch):
     """The switch really changes the path taken (else the test above proves nothing)."""
     calls = []
     real = torch.func.functional_call
-    monkeypatch.setattr(unroll, "functional_call", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(functional_model, "functional_call", lambda *a, **k: calls.append(1) or real(*a, **k))
     kind = next(k for k in KINDS if k.name == "mlp")
     run(kind, "fom", "checkpoint")
     assert calls == []
@@ -96,7 +96,7 @@ def test_the_module_is_restored_after_a_failing_loss():
 def test_tied_weights_are_swapped_at_every_alias():
     lin = nn.Linear(3, 3, bias=False).double()
     model = nn.Sequential(lin, nn.Tanh(), lin)
-    swap = unroll.Reparametrization.of(model)
+    swap = functional_model.Reparametrization.of(model)
     new = torch.zeros(3, 3, dtype=torch.float64)
     saved = swap.put({"0.weight": new}, {})
     assert model[0].weight is new and model[2].weight is new
@@ -257,11 +257,11 @@ def test_one_walk_gives_the_module_s_own_names():
         lin, nn.Sequential(shared, nn.ReLU(), shared, nn.BatchNorm1d(2)), nn.Sequential(emb, dec),
         parametrizations.weight_norm(nn.Linear(3, 2))]
     for m in modules:
-        params, buffers, swap = unroll.Reparametrization.layout(m)
+        params, buffers, swap = functional_model.Reparametrization.layout(m)
         assert [(n, id(t)) for n, t in params] == [(n, id(t)) for n, t in m.named_parameters()]
         assert [(n, id(t)) for n, t in buffers] == [(n, id(t)) for n, t in m.named_buffers()]
-    assert unroll.Reparametrization.of(lin).parametrized
-    assert not unroll.Reparametrization.of(shared).parametrized
+    assert functional_model.Reparametrization.of(lin).parametrized
+    assert not functional_model.Reparametrization.of(shared).parametrized
 
 
 def test_a_parametrized_submodule_used_twice_is_put_back():
@@ -476,9 +476,9 @@ def test_a_plain_swap_is_a_token_until_another_call_looks():
     seen = {}
 
     def fn(m):
-        seen["token"] = [type(entry) for entry in unroll._SWAPS]
+        seen["token"] = [type(entry) for entry in functional_model._SWAPS]
         y = inner_(x)  # nested: promotes the token, swaps 2.weight over it
-        seen["after"] = [[e.model for e in group.stack] for group in unroll._SWAPS]
+        seen["after"] = [[e.model for e in group.stack] for group in functional_model._SWAPS]
         seen["weight"] = m[0].weight
         return y
 
@@ -490,10 +490,10 @@ def test_a_plain_swap_is_a_token_until_another_call_looks():
         want = torch.tanh(x @ full(1.0, 2, 2).T + own[1]) @ full(2.0, 1, 2).T + own[3]
     assert torch.equal(y, want)
     assert [p for p in net.parameters()] == own and all(type(p) is nn.Parameter for p in own)
-    assert not unroll._SWAPS
+    assert not functional_model._SWAPS
     # The inner loop's own calls take the quick path: the module's forward sees the token.
     kinds = []
-    handle = net.register_forward_hook(lambda *_: kinds.append([type(e) for e in unroll._SWAPS]))
+    handle = net.register_forward_hook(lambda *_: kinds.append([type(e) for e in functional_model._SWAPS]))
     try:
         torch_ufom.hypergrad(net, mse, mse, (x, x.sum(1, keepdim=True)), (x, x.sum(1, keepdim=True)),
                              steps=3, inner_lr=0.1, mode="fom")
@@ -507,15 +507,15 @@ def test_the_token_path_is_bit_identical_to_the_registered_one(kind, monkeypatch
     """The quick registration is the general one run faster: with it switched off, every swap
     registered as an entry and a group, the same hypergradients bit for bit."""
     fast = run(kind, "exact", "store", hvp="revrev")
-    init = unroll.Reparametrization.__init__
+    init = functional_model.Reparametrization.__init__
 
     def general(self, *args, **kwargs):
         init(self, *args, **kwargs)
         self.plain = False
-    monkeypatch.setattr(unroll.Reparametrization, "__init__", general)
+    monkeypatch.setattr(functional_model.Reparametrization, "__init__", general)
     calls = []
-    register = unroll._Group.__init__
-    monkeypatch.setattr(unroll._Group, "__init__",
+    register = functional_model._Group.__init__
+    monkeypatch.setattr(functional_model._Group, "__init__",
                         lambda self, entry: calls.append(1) or register(self, entry))
     slow = run(kind, "exact", "store", hvp="revrev")
     assert calls  # (the general path ran)

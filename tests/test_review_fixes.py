@@ -3250,7 +3250,7 @@ def test_a_process_forked_while_another_thread_is_in_a_swap_has_the_module_as_it
         leave.set()
         holder.join()
         _FORKED.clear()
-    assert type(net.weight) is nn.Parameter and not torch_ufom.unroll._SWAPS
+    assert type(net.weight) is nn.Parameter and not torch_ufom.functional_model._SWAPS
 
 
 _FORKED: dict = {}
@@ -3259,7 +3259,7 @@ _FORKED: dict = {}
 def _module_in_child():
     net, x = _FORKED["net"], _FORKED["x"]
     with torch.no_grad():
-        return type(net.weight) is nn.Parameter, net(x).sum().item(), len(torch_ufom.unroll._SWAPS)
+        return type(net.weight) is nn.Parameter, net(x).sum().item(), len(torch_ufom.functional_model._SWAPS)
 
 
 def _adapt_in_child(model, batch):
@@ -3943,7 +3943,7 @@ def test_a_worker_left_in_a_nested_swap_keeps_it_until_it_leaves(inner_of):
     with torch.no_grad():
         want = x @ full(3.0).T + net[0].bias
         assert torch.equal(got["y"], want.tanh() if inner_of == "module" else want)
-    assert net[0].weight is own and not torch_ufom.unroll._SWAPS
+    assert net[0].weight is own and not torch_ufom.functional_model._SWAPS
 
 
 def test_a_submodules_model_in_another_thread_is_refused_while_its_module_is_swapped():
@@ -3984,7 +3984,7 @@ def test_a_submodules_model_in_another_thread_is_refused_while_its_module_is_swa
         y = ma.run(lambda _: (mab(x), pool.submit(mb, x).result())[1])
     with torch.no_grad():
         assert torch.equal(y, x @ full(2.0).T + b.bias)
-    assert a.weight is own_a and b.weight is own_b and not torch_ufom.unroll._SWAPS
+    assert a.weight is own_a and b.weight is own_b and not torch_ufom.functional_model._SWAPS
 
 
 class _Ema(nn.Module):
@@ -4133,7 +4133,7 @@ def test_a_model_called_inside_another_models_run_inside_its_own_sees_its_buffer
         torch.testing.assert_close(g, w, rtol=0, atol=1e-15)
     torch.testing.assert_close(a.buffers["buf"], copies[0].buf, rtol=0, atol=1e-15)
     torch.testing.assert_close(b.buffers["buf"], copies[1].buf, rtol=0, atol=1e-15)
-    assert net.lin.weight is own[0] and net.buf is own[1] and not torch_ufom.unroll._SWAPS
+    assert net.lin.weight is own[0] and net.buf is own[1] and not torch_ufom.functional_model._SWAPS
 
 
 @pytest.mark.parametrize("norm", [False, True], ids=["replaced", "replaced-and-batchnorm"])
@@ -4268,7 +4268,7 @@ def test_models_that_only_read_a_shared_backbone_run_side_by_side(other):
         worker.join(10)
     with torch.no_grad():
         torch.testing.assert_close(got["x"], shared(x) @ heads[0]["1.lin.weight"].T + x_net[1].lin.bias)
-    assert not torch_ufom.unroll._SWAPS and all(type(p) is nn.Parameter for p in x_net.parameters())
+    assert not torch_ufom.functional_model._SWAPS and all(type(p) is nn.Parameter for p in x_net.parameters())
 
 
 class _Picky(_Running):
@@ -4363,7 +4363,7 @@ def test_a_buffer_of_two_owners_replaced_through_one_is_caught_up_by_name():
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-12)
     torch.testing.assert_close(got[2], one_by_one[2], rtol=0, atol=0)
     torch.testing.assert_close(a.buffers["s1.buf"], twin.buffers["s1.buf"], rtol=0, atol=0)
-    assert net.s1.buf is net.s2.buf and not torch_ufom.unroll._SWAPS
+    assert net.s1.buf is net.s2.buf and not torch_ufom.functional_model._SWAPS
 
 
 class _Caches(nn.Module):
@@ -4411,7 +4411,7 @@ def test_an_adapted_model_called_by_a_worker_inside_its_own_run_joins_it():
     torch.testing.assert_close(got[0], plain(xs[0]), rtol=0, atol=0)
     torch.testing.assert_close(got[1], plain(xs[1]), rtol=0, atol=0)
     torch.testing.assert_close(adapted.buffers["buf"], plain.buf, rtol=0, atol=0)
-    assert not torch_ufom.unroll._SWAPS and type(net.lin.weight) is nn.Parameter
+    assert not torch_ufom.functional_model._SWAPS and type(net.lin.weight) is nn.Parameter
 
 
 class _SlowCounter(nn.Module):
@@ -4537,7 +4537,7 @@ def test_a_model_giving_some_names_puts_every_none_buffer_back(name):
     want = functional_call(untouched, {name: model.params[name]}, (x,))
     untouched.cache = None
     torch.testing.assert_close(model(x), want, rtol=0, atol=0)
-    assert net.cache is None and not torch_ufom.unroll._NONE_WATCH
+    assert net.cache is None and not torch_ufom.functional_model._NONE_WATCH
     torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
 
 
@@ -4578,7 +4578,7 @@ def test_functional_calls_path_leaves_a_cache_another_threads_forward_reads():
             head = nets[i][1]
             torch.testing.assert_close(got[i], sign * features @ ones.T + head.out.bias + head.lin.bias,
                                        rtol=0, atol=1e-15)
-    assert backbone.cache is None and not torch_ufom.unroll._NONE_WATCH
+    assert backbone.cache is None and not torch_ufom.functional_model._NONE_WATCH
 
 
 def test_to_module_takes_every_name_the_model_takes():
@@ -4801,7 +4801,7 @@ def test_a_model_called_inside_another_models_run_starts_from_no_cache():
     torch.testing.assert_close(got[1], alone(weights[1]), rtol=0, atol=0)
     torch.testing.assert_close(got[2], weights[0].sum(0), rtol=0, atol=0)
     torch.testing.assert_close(got[3], got[0], rtol=0, atol=0)
-    assert net.cache is None and not torch_ufom.unroll._NONE_WATCH
+    assert net.cache is None and not torch_ufom.functional_model._NONE_WATCH
 
 
 class _SlowTied(nn.Module):
@@ -4836,7 +4836,7 @@ def test_a_functional_call_models_call_beside_another_models_is_refused(first):
     assert isinstance(got[order[1]], RuntimeError) and "two models of one _SlowTied" in str(got[order[1]])
     want = functional_call(untouched, given[order[0]], (x,))
     torch.testing.assert_close(got[order[0]], want, rtol=0, atol=0)
-    assert not torch_ufom.unroll._SWAPS
+    assert not torch_ufom.functional_model._SWAPS
     torch.testing.assert_close(net(x), untouched(x), rtol=0, atol=0)
 
 
@@ -4854,7 +4854,7 @@ def test_one_functional_call_models_calls_in_two_threads_are_refused():
     torch.testing.assert_close(got[0], functional_call(untouched, model.params, (x,)), rtol=0, atol=0)
     for p, q in zip(net.parameters(), untouched.parameters()):
         assert type(p) is nn.Parameter and torch.equal(p, q)
-    assert not torch_ufom.unroll._SWAPS and not torch_ufom.unroll._NONE_WATCH
+    assert not torch_ufom.functional_model._SWAPS and not torch_ufom.functional_model._NONE_WATCH
 
 
 class _SlowScale(nn.Module):
@@ -4897,9 +4897,9 @@ def test_put_and_restore_leave_no_watch_behind():
     net = _RootCache().double()
     untouched = copy.deepcopy(net)
     x = torch.randn(4, 3, dtype=torch.float64)
-    swap = torch_ufom.unroll.Reparametrization.of(net)
+    swap = torch_ufom.functional_model.Reparametrization.of(net)
     swap.restore(swap.put({"a.bias": torch.zeros(3, dtype=torch.float64)}, {}))
-    assert not torch_ufom.unroll._NONE_WATCH
+    assert not torch_ufom.functional_model._NONE_WATCH
     model = torch_ufom.FunctionalModel(net, {"a.weight": torch.randn(3, 3, dtype=torch.float64)}, {})
     thread = threading.Thread(target=lambda: model(x))
     thread.start()

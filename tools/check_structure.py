@@ -64,12 +64,12 @@ ALLOW = {  # (module, qualname, rule) -> reason
     "hands the user's keywords to Settings.replace, which checks them",
     ("process.py", "one_call_at_a_time.run", "R2"): "a decorator: hands a public entry point its own "
     "arguments, unchanged, under the process lock",
-    ("unroll.py", "FunctionalModel.__call__", "R2"): "forwards the user's call arguments to the user's "
-    "module (the nn.Module call protocol), not configuration",
-    ("unroll.py", "FunctionalModel._functional_call", "R2"): "forwards the user's call arguments to "
-    "the user's module through torch.func.functional_call (as __call__), not configuration",
-    ("unroll.py", "FunctionalModel.run", "R2"): "forwards the user's arguments to the user's function of "
-    "the module (fmodel.run(fn, *args, **kwargs), as __call__), not configuration",
+    ("functional_model.py", "FunctionalModel.__call__", "R2"): "forwards the user's call arguments to "
+    "the user's module (the nn.Module call protocol), not configuration",
+    ("functional_model.py", "FunctionalModel._functional_call", "R2"): "forwards the user's call "
+    "arguments to the user's module through torch.func.functional_call (as __call__), not configuration",
+    ("functional_model.py", "FunctionalModel.run", "R2"): "forwards the user's arguments to the user's "
+    "function of the module (fmodel.run(fn, *args, **kwargs), as __call__), not configuration",
     ("adapt.py", "StackedFunctionalModel.__call__", "R2"): "forwards the user's call arguments to "
     "the user's module under vmap (the nn.Module call protocol), not configuration",
     ("vectorised.py", "_Probe.__torch_function__", "R2"): "signature fixed by torch's TorchFunctionMode",
@@ -77,7 +77,7 @@ ALLOW = {  # (module, qualname, rule) -> reason
                                               "probe's tests",
     ("vectorised.py", "_restore", "R3"): "puts back the fields of the user's own objects (a dataclass, "
     "a __slots__ class) that a look's evaluation of the user's forward wrote",
-    ("unroll.py", "FunctionalModel.to_module", "R3"): "sets a plain attribute the model gives on a "
+    ("functional_model.py", "FunctionalModel.to_module", "R3"): "sets a plain attribute the model gives on a "
     "submodule of the deep copy it made and returns (as functional_call sets it)"}
 
 

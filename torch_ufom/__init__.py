@@ -7,8 +7,9 @@ from .adapt import StackedFunctionalModel, adapt, adapt_batch
 from .diagnostics import Diagnosis, diagnose
 from .estimators import NonFiniteHypergradient
 from .functional import hypergrad, hypergrad_batch
+from .functional_model import FunctionalModel
 from .meta_optimizer import MetaOptimizer, MetaResult
-from .unroll import FunctionalModel, StepBatches
+from .unroll import StepBatches
 
 __all__ = ["MetaOptimizer", "MetaResult", "hypergrad", "hypergrad_batch", "adapt", "adapt_batch",
            "diagnose", "Diagnosis", "NonFiniteHypergradient",

@@ -26,13 +26,13 @@ from torch import Tensor, nn
 from .checks import invalid, is_int
 from .config import Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus, raised_by_hook
+from .functional_model import renormalises_weights, scripted, sparse_weights
 from .inner import InnerRule
 from .process import one_call_at_a_time, caller_level
 from .truncation import Snapshot, TruncationLaw
 from .unroll import (AuxRefused, Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem,
                      batch_getter, elementwise_rule, graph_reaches, held_tensors, per_step_batches,
-                     probe_batches, reads_nothing, renormalises_weights, root_of, scripted, sparse_weights,
-                     wrong_twice_message, COMPILED)
+                     probe_batches, reads_nothing, root_of, wrong_twice_message, COMPILED)
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, LookFailed,
                          Vectorised, attributes_kept, fresh, group_by_truncation, meta_batch_size,
                          noting_listed_tasks, probe_steps,

@@ -35,13 +35,13 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .functional_model import FunctionalModel, cell_filled, renormalises_weights
 from .process import outside_transforms
 from .randomness import (cuda_devices_in_use, generator_position, host_random_states, is_default_generator,
                          set_host_random_states, torch_random_states_kept)
-from .unroll import (AUTOGRAD_CALLS, FunctionalModel, StepBatches, _check_depends, check_kept_aux,
-                     from_torch_func, graph_nodes, graph_reaches, graph_survey, jvp, loss_and_aux,
-                     note_probed, once_differentiable, renormalises_weights, root_of, watched_loss,
-                     wrong_twice)
+from .unroll import (AUTOGRAD_CALLS, StepBatches, _check_depends, check_kept_aux, from_torch_func,
+                     graph_nodes, graph_reaches, graph_survey, jvp, loss_and_aux, note_probed,
+                     once_differentiable, root_of, watched_loss, wrong_twice)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "probe_steps", "reads_meta_directly", "LookFailed", "SLOW_ON_CPU_ELEMENTS",
@@ -1079,7 +1079,7 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
     if isinstance(value, tuple):
         return list(value), None
     if isinstance(value, types.FunctionType):  # (its closure's cells, rebound by nonlocal, and defaults)
-        cells = [(c, c.cell_contents if _filled(c) else _UNSET) for c in value.__closure__ or ()]
+        cells = [(c, c.cell_contents if cell_filled(c) else _UNSET) for c in value.__closure__ or ()]
         return ([v for _, v in cells if v is not _UNSET] + list(value.__defaults__ or ())
                 + list((value.__kwdefaults__ or {}).values()), ("cells", cells))
     if isinstance(value, functools.partial):
@@ -1099,16 +1099,6 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
         return None
     return [v for v in fields.values() if v is not _UNSET], (dict(own) if isinstance(own, dict) else None,
                                                               {n: fields[n] for n in slots})
-
-
-def _filled(cell) -> bool:
-    """Whether a closure's cell holds a value (a name assigned after the function was made
-    may not yet)."""
-    try:
-        cell.cell_contents
-    except ValueError:
-        return False
-    return True
 
 
 def _size(value: Any) -> Optional[int]:
@@ -1169,7 +1159,7 @@ def _unchanged(item: Any, snapshot: Any) -> bool:
     if isinstance(item, (list, collections.deque)):
         return len(item) == len(snapshot) and all(a is b for a, b in zip(item, snapshot))
     if snapshot[0] == "cells":
-        return all((c.cell_contents is v) if _filled(c) else v is _UNSET for c, v in snapshot[1])
+        return all((c.cell_contents is v) if cell_filled(c) else v is _UNSET for c, v in snapshot[1])
     if snapshot[0] == "module":
         now = {k: v for k, v in item.__dict__.items() if k not in _MODULE_ENTRIES}
         return _same(now, snapshot[1])
@@ -1197,7 +1187,7 @@ def _restore(snapshots: Sequence[Tuple[Any, Any]]) -> None:
                 for cell, v in snapshot[1]:
                     if v is not _UNSET:
                         cell.cell_contents = v
-                    elif _filled(cell):  # (review FA: filled by nonlocal during the look)
+                    elif cell_filled(cell):  # (review FA: filled by nonlocal during the look)
                         del cell.cell_contents
             elif snapshot[0] == "module":
                 for k in [k for k in item.__dict__ if k not in _MODULE_ENTRIES and k not in snapshot[1]]:
@@ -1403,7 +1393,7 @@ def runs_optimised_script(module: nn.Module, inner_loss, batches: Sequence[Any],
                           generators: bool = True) -> bool:
     """Whether the inner loss runs TorchScript that the JIT has optimised into a differentiable
     graph, however the loss reaches it (a scripted function called from a method, held as an
-    attribute, many calls deep: :func:`~torch_ufom.unroll.scripted` looks only at names):
+    attribute, many calls deep: :func:`~torch_ufom.functional_model.scripted` looks only at names):
     evaluations at detached copies of the module's parameters under ``enable_grad``, with the
     random states restored, whose graphs are searched for the JIT's own backward node. The JIT
     optimises a graph once it has profiled it (``torch._C._jit_get_num_profiled_runs()``
