@@ -622,9 +622,28 @@ class InnerRule:
     @property
     def plain_rate(self) -> Optional[float]:
         """``lr`` when ``update`` is exactly ``phi - lr * g`` for one plain-number ``lr``
-        and no state (the inner loop may then apply it with one foreach kernel
-        where nothing is differentiated); ``None`` otherwise."""
+        and no state (the inner loop then applies :meth:`plain_update` at that rate
+        instead of ``update``); ``None`` otherwise."""
         return None
+
+    @staticmethod
+    def plain_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float,
+                     inplace: bool = False) -> Tuple[Tensor, ...]:
+        """``update``'s new parameters for a rule whose :attr:`plain_rate` is ``lr``:
+        ``phi - lr * g`` for each parameter and its gradient, in order, without the
+        containers. The same operation as :meth:`SGD.update`'s, bit for bit: one foreach
+        kernel where nothing is differentiated, ``p.add(g, alpha=-lr)`` per parameter
+        under autograd. ``inplace``: written into ``params`` (which must carry no graph:
+        the inner loop's detached aliases of its leaves) and returned.
+
+        The rate is an argument, not read from :attr:`plain_rate` here: the inner loop
+        reads that once per call (it walks the rule's classes)."""
+        if inplace:
+            torch._foreach_add_(params, grads, alpha=-lr)
+            return tuple(params)
+        if not torch.is_grad_enabled():
+            return tuple(torch._foreach_add(params, grads, alpha=-lr))
+        return tuple(p.add(g, alpha=-lr) for p, g in zip(params, grads))
 
     def update(self, grads, state, params, hyper):
         """Return ``(new_params, new_state)``; see the module docstring."""

@@ -1693,13 +1693,9 @@ class InnerLoop:
 
     def apply_rule(self, grads, state: State):
         """The inner rule's update at ``state``: ``(params, rule state)``; plain SGD at a fixed rate without
-        its containers (:meth:`Loop.apply_rule`)."""
+        its containers (:meth:`~torch_ufom.inner.InnerRule.plain_update`; :meth:`Loop.apply_rule`)."""
         if self.plain_rate is not None:
-            # phi - lr g: the rule's own ops without its containers; one foreach kernel
-            # where nothing is differentiated.
-            if not torch.is_grad_enabled():
-                return tuple(torch._foreach_add(state.params, grads, alpha=-self.plain_rate)), ()
-            return tuple(p.add(g, alpha=-self.plain_rate) for p, g in zip(state.params, grads)), ()
+            return self.rule.plain_update(state.params, grads, self.plain_rate), ()
         watched = self.own_rule and self.hypergradient  # (adapt differentiates nothing: review s38H F3)
         if watched:  # (review s38IR F2: a write into the gradient halved d/dlr under fom, silently)
             args = (*grads, *state.opt, *state.params)
@@ -1771,16 +1767,18 @@ class InnerLoop:
     def _sgd_forward(self, state: State, stop: int, log) -> Tuple[State, None]:
         """:meth:`forward` for plain SGD at a plain-number rate, ``stop >= 2``.
 
-        Steps ``2..stop`` update the parameters step 1 made in place (one foreach
-        kernel each, through detached aliases: the gradients carry no graph), and a
-        module without buffers is evaluated through one :class:`FunctionalModel`
-        for all of them. Every step is seeded with its own stream, as elsewhere: a
+        Steps ``2..stop`` update the parameters step 1 made in place (the rule's
+        :meth:`~torch_ufom.inner.InnerRule.plain_update`, one foreach kernel each,
+        through detached aliases: the gradients carry no graph), and a module
+        without buffers is evaluated through one :class:`FunctionalModel` for all
+        of them. Every step is seeded with its own stream, as elsewhere: a
         loss may draw random numbers without moving the global generator's state
         (inside ``torch.random.fork_rng()``), so whether it draws is not checked.
         """
         state, loss, _ = self.advance(state, 1)
         log.first(loss)
-        params, rate, batch, grad = state.params, -self.plain_rate, self.batch, self.evaluator.grad
+        params, rate, batch, grad = state.params, self.plain_rate, self.batch, self.evaluator.grad
+        update = self.rule.plain_update
         for p in params:
             p.requires_grad_()
         targets = [p.detach() for p in params]  # same storage and version counter
@@ -1793,7 +1791,7 @@ class InnerLoop:
                 # next step's value (review s34C F2). (Detached of a forward-mode tangent too:
                 # review s33B F2.)
                 log.first(loss.detach())
-                torch._foreach_add_(targets, grads, alpha=rate)
+                update(targets, grads, rate, inplace=True)
                 # Autocast caches a low-precision copy of each leaf until its outermost region
                 # exits; a region the losses open without exiting it (torch.set_autocast_enabled)
                 # would keep serving this step's copy (review s34C F1: 17 % off), as would a worker
