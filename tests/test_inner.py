@@ -1330,3 +1330,27 @@ def test_a_declared_shortcut_describes_its_own_class_and_holds_only_where_the_bu
             got = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner=rule, mode=mode)
             want = brute_force(model, loss, loss, lambda j: data[0], data[1], 3, None, params, k, rule=ref)
             assert rel_err(got, want) < 1e-12, (type(rule).__name__, mode)
+
+
+@pytest.mark.parametrize("how", ["no_grad", "grad", "inplace"])
+def test_plain_update_is_sgds_update_bit_for_bit(how):
+    """InnerRule.plain_update (the inner loop's form of a rule whose plain_rate is set) gives SGD.update's
+    new parameters bit for bit, under autograd (with a graph to the parameters), without it, and in place."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=gen, requires_grad=how == "grad"), torch.randn(3, generator=gen)]
+    grads = [torch.randn(5, 3, generator=gen), torch.randn(3, generator=gen)]
+    rule = SGD(lr=0.37)
+    named = {str(i): p for i, p in enumerate(params)}
+    want, _ = rule.update({str(i): g for i, g in enumerate(grads)}, rule.init(named), named, rule.hyper)
+    want = [want[str(i)].detach() for i in range(len(params))]
+    if how == "grad":
+        got = rule.plain_update(params, grads, rule.plain_rate)
+        assert got[0].grad_fn is not None
+    elif how == "no_grad":
+        with torch.no_grad():
+            got = rule.plain_update(params, grads, rule.plain_rate)
+    else:
+        targets = [p.detach().clone() for p in params]
+        got = rule.plain_update(targets, grads, rule.plain_rate, inplace=True)
+        assert all(a is b for a, b in zip(got, targets))
+    assert all(torch.equal(a.detach(), b) for a, b in zip(got, want))
