@@ -1724,7 +1724,7 @@ def test_a_weight_norm_is_refused_in_exact_sweeps(form):
 
 def test_torch_weight_norm_second_derivative_is_still_wrong():
     # What the refusal above rests on: torch's HVP through torch._weight_norm against the norm
-    # written out. When a torch release fixes it, this fails: lift the refusal (unroll.wrong_twice).
+    # written out. When a torch release fixes it, this fails: lift the refusal (graphs.wrong_twice).
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
     g0 = torch.rand(4, 1, generator=gen, dtype=torch.float64) + 0.5

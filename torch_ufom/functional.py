@@ -27,12 +27,13 @@ from .checks import invalid, is_int
 from .config import Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus, raised_by_hook
 from .functional_model import renormalises_weights, scripted, sparse_weights
+from .graphs import graph_reaches, root_of, wrong_twice_message, COMPILED
 from .inner import InnerRule
 from .process import one_call_at_a_time, caller_level
 from .truncation import Snapshot, TruncationLaw
 from .unroll import (AuxRefused, Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem,
-                     batch_getter, elementwise_rule, graph_reaches, held_tensors, per_step_batches,
-                     probe_batches, reads_nothing, root_of, wrong_twice_message, COMPILED)
+                     batch_getter, elementwise_rule, held_tensors, per_step_batches, probe_batches,
+                     reads_nothing)
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, LookFailed,
                          Vectorised, attributes_kept, fresh, group_by_truncation, meta_batch_size,
                          noting_listed_tasks, probe_steps,
@@ -621,9 +622,9 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         return Plan(None, "a profiler is set (sys.setprofile: cProfile, torch.profiler with "
                     "with_stack=True), which hides from the look the hooks a loss may register on graph "
                     "nodes, which the gradients taken through torch.func.vmap would not run", True, known)
-    if exact and found.wrong_twice:  # as the per-task loop does (unroll.check_twice_differentiable)
+    if exact and found.wrong_twice:  # as the per-task loop does (graphs.check_twice_differentiable)
         raise RuntimeError(wrong_twice_message(found.wrong_twice))
-    if exact and found.once:  # the per-task loop raises (unroll.check_twice_differentiable)
+    if exact and found.once:  # the per-task loop raises (graphs.check_twice_differentiable)
         return Plan(None, f"{', '.join(found.once)} has a @once_differentiable backward", True, known)
     if exact and runs_optimised_script(problem.model, problem.inner_loss, batches, problem.config.adapted,
                                        generators=found.own_generator):

@@ -36,12 +36,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .functional_model import FunctionalModel, cell_filled, renormalises_weights
+from .graphs import graph_nodes, graph_reaches, graph_survey, once_differentiable, root_of, wrong_twice
 from .process import outside_transforms
 from .randomness import (cuda_devices_in_use, generator_position, host_random_states, is_default_generator,
                          set_host_random_states, torch_random_states_kept)
-from .unroll import (AUTOGRAD_CALLS, StepBatches, _check_depends, check_kept_aux, from_torch_func,
-                     graph_nodes, graph_reaches, graph_survey, jvp, loss_and_aux, note_probed,
-                     once_differentiable, root_of, watched_loss, wrong_twice)
+from .unroll import (AUTOGRAD_CALLS, StepBatches, _check_depends, check_kept_aux, from_torch_func, jvp,
+                     loss_and_aux, note_probed, watched_loss)
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
            "probe", "probe_steps", "reads_meta_directly", "LookFailed", "SLOW_ON_CPU_ELEMENTS",
@@ -707,7 +707,7 @@ class Probe(NamedTuple):
     third: frozenset = frozenset()  # normalisations whose forward-mode third derivative differs
     forward_wrong: frozenset = frozenset()  # operations whose forward-mode derivative torch gets wrong
     hooks_unseen: bool = False  # a profiler was set: hooks on graph nodes could not be looked for
-    wrong_twice: Tuple[str, ...] = ()  # what torch differentiates twice wrongly (unroll.wrong_twice)
+    wrong_twice: Tuple[str, ...] = ()  # what torch differentiates twice wrongly (graphs.wrong_twice)
     attributes: Tuple[str, ...] = ()  # tensors a forward stores in a submodule's plain attributes
     # A loss keeps a tensor computed from a task's parameters or batch: the submodules' plain
     # attributes a forward pre-hook set that hold one, or "elsewhere" ("": none kept).
