@@ -6912,7 +6912,7 @@ def test_the_outer_aux_walk_opens_inherited_private_slots_and_deques_and_refuses
     model, data, meta = _aux_problem()
     found = r"aux holds tensors in a value of type \w+,"
     bound = 50  # (the walk's bound, lowered: review s39TA F3, the test built 100,001 objects)
-    monkeypatch.setattr(torch_ufom.unroll, "_OPENED_AT_MOST", bound)
+    monkeypatch.setattr(torch_ufom.losses, "_OPENED_AT_MOST", bound)
     for wrap, said in ((lambda z: _SlotChild(z), found), (lambda z: _SlotChild(None, z), found),
                        (lambda z: _Holder(collections.deque([z])), found),
                        (lambda z: _Holder([z] + [_Holder(None) for _ in range(bound + 1)]),

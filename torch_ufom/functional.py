@@ -29,11 +29,11 @@ from .estimators import Estimate, estimate, plus, raised_by_hook
 from .functional_model import renormalises_weights, scripted, sparse_weights
 from .graphs import graph_reaches, root_of, wrong_twice_message, COMPILED
 from .inner import InnerRule
+from .losses import AuxRefused
 from .process import one_call_at_a_time, caller_level
 from .truncation import Snapshot, TruncationLaw
-from .unroll import (AuxRefused, Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem,
-                     batch_getter, elementwise_rule, held_tensors, per_step_batches, probe_batches,
-                     reads_nothing)
+from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, batch_getter,
+                     elementwise_rule, held_tensors, per_step_batches, probe_batches, reads_nothing)
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, LookFailed,
                          Vectorised, attributes_kept, fresh, group_by_truncation, meta_batch_size,
                          noting_listed_tasks, probe_steps,
