@@ -1166,7 +1166,7 @@ def test_a_subclass_of_a_built_in_rule_that_adds_no_code_is_not_searched(monkeyp
     # call for porting.md's SignedSGD, which only widens a range (5 % on a small model).
     import math
 
-    from torch_ufom import unroll
+    from torch_ufom import rule_checks
 
     class SignedSGD(SGD):
         ranges = {"lr": (-math.inf, math.inf, False)}
@@ -1179,7 +1179,7 @@ def test_a_subclass_of_a_built_in_rule_that_adds_no_code_is_not_searched(monkeyp
         first_order_additive = True
 
     calls = []
-    monkeypatch.setattr(unroll, "_update_reads", lambda *a: calls.append(1) or False)
+    monkeypatch.setattr(rule_checks, "_update_reads", lambda *a: calls.append(1) or False)
     model, loss, data = mlp_problem(33)
     for rule, searched in [(SignedSGD(0.1), 0), (Hooked(0.1), 0), (Declared(0.1), 1)]:
         torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=2, inner=rule, mode="fom")

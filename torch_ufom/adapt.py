@@ -28,7 +28,8 @@ from .functional import draw_seed, restore_rng_on_error
 from .functional_model import FunctionalModel, check_parametrize_cache
 from .inner import InnerRule
 from .process import caller_level, one_call_at_a_time
-from .unroll import Evaluator, InnerLoop, PerTask, Problem, State, elementwise_rule, probe_batches
+from .rule_checks import elementwise_rule
+from .unroll import Evaluator, InnerLoop, PerTask, Problem, State, probe_batches
 from .vectorised import (Vectorised, attributes_kept, meta_batch_size, noting_listed_tasks, probe_steps,
                          task_of)
 

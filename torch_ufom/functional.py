@@ -31,9 +31,10 @@ from .graphs import graph_reaches, root_of, wrong_twice_message, COMPILED
 from .inner import InnerRule
 from .losses import AuxRefused
 from .process import one_call_at_a_time, caller_level
+from .rule_checks import elementwise_rule, held_tensors
 from .truncation import Snapshot, TruncationLaw
 from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, batch_getter,
-                     elementwise_rule, held_tensors, per_step_batches, probe_batches, reads_nothing)
+                     per_step_batches, probe_batches, reads_nothing)
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, LookFailed,
                          Vectorised, attributes_kept, fresh, group_by_truncation, meta_batch_size,
                          noting_listed_tasks, probe_steps,

@@ -478,7 +478,7 @@ def shortcut(rule: Any, name: str) -> bool:
 def _holds_per_step(rule: Any) -> bool:
     """Whether ``rule`` holds a :class:`PerStep` anywhere among its attributes (``hyper``'s
     entries, per-parameter dicts, or an attribute of its own: review s34P F4, 0.90 off,
-    declared additive), as :func:`~torch_ufom.unroll.held_tensors` walks them."""
+    declared additive), as :func:`~torch_ufom.rule_checks.held_tensors` walks them."""
     return any(isinstance(leaf, PerStep) for leaf in pytree.tree_leaves(list(vars(rule).values())))
 
 

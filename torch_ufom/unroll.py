@@ -59,11 +59,10 @@ import threading
 import types
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
-import torch.utils._pytree as pytree
 from torch.autograd import forward_ad
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -71,15 +70,18 @@ from torch.overrides import TorchFunctionMode
 from .functional_model import (FunctionalModel, Reparametrization, assigned_none_buffers,
                                renormalises_weights, sparse_weights)
 from .graphs import (check_twice_differentiable, graph_nodes, graph_reaches, graph_targets, look_at_graph,
-                     recomputes_message, root_of, sequence_marker)
-from .inner import own_code, shortcut
+                     recomputes_message, sequence_marker)
+from .inner import shortcut
 from .losses import check_kept_aux, detached, loss_and_aux
 from .process import caller_level, current_level, fullgraph_refused, process_lock
 from .randomness import (OwnDraws, cuda_devices_in_use, host_random_states, random_states_kept,
                          set_torch_random_states, states_differ, torch_random_states,
                          torch_random_states_kept)
+from .rule_checks import (checked_rule_state, checked_update, detached_update, elementwise_rule,
+                          init_reaches_learned, init_unchecked, init_with_derivative, inplace_update,
+                          library_code, reads_meta, versions)
 
-__all__ = ["held_tensors", "State", "StepBatches", "Problem", "SweepPlan", "Evaluator", "Loop", "PerTask",
+__all__ = ["State", "StepBatches", "Problem", "SweepPlan", "Evaluator", "Loop", "PerTask",
            "InnerLoop", "batch_getter", "chain_vjp", "elementwise_rule", "second_derivatives", "REPLAY_DRAWS",
            "SAMPLES_ANEW", "jvp"]
 
@@ -616,199 +618,7 @@ def _autocasting(params: Sequence[Tensor]) -> bool:
         return False
 
 
-def held_tensors(rule: Any) -> List[Tensor]:
-    """The tensors an inner rule holds: its hyperparameters'
-    (:meth:`~torch_ufom.InnerRule.tensors`) and those held as attributes (a learned
-    optimiser's weights, an ``nn.Module``'s parameters, lists, tuples and dicts of them)."""
-    held = list(rule.tensors())
-    for leaf in pytree.tree_leaves(list(vars(rule).values())):
-        if isinstance(leaf, Tensor):
-            held.append(leaf)
-        elif isinstance(leaf, nn.Module):
-            held.extend(leaf.parameters())
-    return held
-
-
-def reads_meta(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor], steps: int) -> bool:
-    """Whether the inner rule reads a meta-parameter, which gives it first-order terms
-    of its own that the shortcuts of ``first_order_additive`` and
-    ``first_order_identity`` would drop: a tensor it holds (:func:`held_tensors`)
-    that shares its root with a meta-parameter (``lrs[i]`` of a held ``lrs``, or of a
-    ``params=[lrs[:4]]``; sharing a root without overlapping only costs the shortcut).
-    A rule of the user's that declares a shortcut but holds none is also evaluated
-    for its first two steps (of ``steps``) at ``params`` (the adapted parameters,
-    gradients of ones) and its graph searched for the meta-parameters: it may reach
-    them through an object or a closure (a tensor read only from the third step on,
-    behind a branch, is missed: hold it as an attribute). That runs at every call;
-    only a "yes" is kept per rule object (a "no" can turn into a "yes" when the
-    rule's objects change), and an error in the evaluation counts as a "yes"."""
-    roots = {id(root_of(t)) for t in meta}
-    if any(id(root_of(t)) in roots for t in held_tensors(rule)):
-        return True
-    if _library_code(rule) or not (shortcut(rule, "first_order_additive")
-                                   or shortcut(rule, "first_order_identity")):
-        return False  # a built-in rule's code, which reads only hyperparameters, or no shortcut to lose
-    key = (id(rule), tuple(id(t) for t in meta))
-    if _READS_META.get(key) is rule:
-        return True
-    try:
-        found = _update_reads(rule, meta, params, steps)
-    except Exception:  # noqa: BLE001 (the sweep runs the rule and raises what it raises)
-        found = True  # only the shortcut is lost
-    if found:
-        try:
-            _READS_META[key] = rule
-        except TypeError:  # a rule without weak references (__slots__): asked every time
-            pass
-    return found
-
-
-# (id(rule), meta ids) -> the rule, for the rules found to read their meta-parameters; an
-# entry goes with its rule.
-_READS_META: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
-
-
-def _update_reads(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor], steps: int) -> bool:
-    """Whether the first two steps (at most ``steps``) of ``rule.update`` at ``params``
-    reach a meta-parameter."""
-    leaves = {id(t) for t in meta}
-    nodes = {t.grad_fn for t in meta if t.grad_fn is not None}
-    detached = {n: p.detach() for n, p in params.items()}
-    ones = {n: torch.ones_like(p) for n, p in detached.items()}
-    with torch.enable_grad():
-        outs = [rule.update(ones, tuple(rule.init(detached)), detached, rule.hyper)]
-        if steps >= 2:
-            outs.append(rule.update(ones, tuple(outs[0][1]), dict(outs[0][0]), rule.hyper))
-    starts = [t.grad_fn for t in pytree.tree_leaves(outs) if isinstance(t, Tensor)]
-    return graph_reaches(starts, leaves, nodes)
-
-
 _NOTHING: frozenset = frozenset()
-
-
-_RULES = "torch_ufom.inner"  # the module of the built-in rules
-
-
-def _library_code(rule: Any) -> bool:
-    """Whether every method of ``rule`` is a built-in rule's: a subclass that only sets
-    class attributes (porting.md's ``SignedSGD`` sets ``ranges``) runs the library's code;
-    an instance given a method of its own (``rule.update = f``) does not (:func:`own_code`)."""
-    return any(cls.__module__ == _RULES for cls in type(rule).__mro__) and not own_code(rule)
-
-
-def checked_rule_state(rule: Any, state: Any, method: str) -> Tuple[Tensor, ...]:
-    """``state``, what a rule of the user's ``init`` or ``update`` returned as its state, as a
-    tuple; ``TypeError`` naming the rule unless a sequence of tensors (review s32E F3: None
-    or a float failed deep inside)."""
-    if isinstance(state, (str, bytes, Mapping, Tensor)) or not isinstance(state, Iterable):
-        what = "None" if state is None else _a(type(state).__name__)
-    else:
-        state = tuple(state)  # (a list, a generator: taken as before, review s32H F4)
-        what = next((f"{'None' if t is None else _a(type(t).__name__)} among its entries" for t in state
-                     if not isinstance(t, Tensor)), None)
-    if what is not None:
-        raise TypeError(f"Invalid inner: {type(rule).__name__}.{method} returned {what} as its state "
-                        "(expected a tuple or list of tensors, () for none)")
-    return state
-
-
-def _a(noun: str) -> str:
-    """``noun`` with its indefinite article."""
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
-
-
-def checked_update(rule: Any, out: Any, names: Sequence[str], params: Sequence[Tensor]) -> Tuple[Any, Any]:
-    """What a rule of the user's ``update`` returned, ``(new_params, new_state)``, checked: a
-    mapping with a tensor of each adapted parameter's shape, dtype and device, and a tuple of
-    tensors; else an error naming the rule (review s32E F3: a KeyError or a shape error of the
-    model's, deep inside)."""
-    where = f"Invalid inner: {type(rule).__name__}.update returned"
-    if not (isinstance(out, Sequence) and not isinstance(out, (str, bytes)) and len(out) == 2):
-        raise TypeError(f"{where} {_a(type(out).__name__)} (expected a pair (new_params, new_state): a dict "
-                        "name -> tensor and a tuple or list of tensors)")
-    new_p, new_opt = out
-    if not isinstance(new_p, Mapping):
-        raise TypeError(f"{where} {_a(type(new_p).__name__)} as its parameters (expected a dict name -> "
-                        "tensor)")
-    for name, p in zip(names, params):
-        try:
-            q = new_p[name]  # (as it is read: a dict's __missing__ too, review s32H F4)
-        except KeyError:
-            raise ValueError(f"{where} no entry for parameter {name!r} (expected a tensor of every adapted "
-                             "parameter)") from None
-        if not isinstance(q, Tensor):
-            raise TypeError(f"{where} {'None' if q is None else _a(type(q).__name__)} for parameter {name!r} "
-                            "(expected a tensor of every adapted parameter)")
-        if (q.shape, q.dtype, q.device) != (p.shape, p.dtype, p.device):
-            raise ValueError(f"{where} a tensor of shape {tuple(q.shape)}, {q.dtype} on {q.device} for "
-                             f"parameter {name!r} (expected its shape {tuple(p.shape)}, {p.dtype} on "
-                             f"{p.device})")
-    return new_p, checked_rule_state(rule, new_opt, "update")
-
-
-def init_with_derivative(rule: Any) -> str:
-    """The error for a rule of the user's whose ``init`` returned a state with a graph."""
-    return (f"Invalid inner: {type(rule).__name__}.init returned a state whose derivative with respect "
-            "to the parameters (a proximal anchor, params[n] or params[n].clone()) or to a learned "
-            "tensor is not zero, and a hypergradient does not differentiate init (the initial state is "
-            "a constant of the inner loop). For an anchor at the meta-parameters, add the "
-            "proximal term to inner_loss, reading the module's own parameter (the library "
-            "differentiates a loss's direct read of a meta-parameter); for a constant one, return "
-            "params[n].detach().clone()")
-
-
-def init_reaches_learned(rule: Any) -> str:
-    """The error for a rule of the user's whose ``init`` state's graph reaches a learned tensor."""
-    return (f"Invalid inner: {type(rule).__name__}.init returned a state whose graph reaches a learned "
-            "tensor (a hyperparameter or tensor the outer optimizer steps, read with gradients enabled), "
-            "and a hypergradient does not differentiate init (the initial state is a constant of the inner "
-            "loop): the library does not run a backward into learned tensors to tell whether that "
-            "derivative is zero (their hooks would run). If the state is a constant (lr * 0), build it "
-            "from lr.detach() or under torch.no_grad(); if it depends on the learned tensor, that "
-            "dependence cannot be learned through init")
-
-
-def init_unchecked(rule: Any, err: BaseException) -> str:
-    """The error for a rule of the user's whose ``init`` the library cannot check."""
-    said = (str(err).splitlines() or [""])[0][:160]
-    return (f"Invalid inner: {type(rule).__name__}.init cannot be checked for a derivative with respect to "
-            "the parameters, which a hypergradient would drop (init is not differentiated): it fails at "
-            "copies of them that require grad and at forward-mode dual copies, or autograd cannot "
-            f"differentiate its state ({type(err).__name__}: {said}). Build a constant state without a "
-            "graph (from params[n].detach(), or under torch.no_grad())")
-
-
-def inplace_update(rule: Any, what: str) -> str:
-    """The error for a rule of the user's whose ``update`` wrote into one of its arguments."""
-    return (f"Invalid inner: {type(rule).__name__}.update modified an argument in place {what}: the "
-            "sweep keeps the arguments of each step (the gradient, the state, the parameters) and "
-            "differentiates the update at them again, so a write into one changes what it "
-            "differentiates. Write the update out of place (state[i] * beta + g * g, not "
-            "state[i].mul_(beta).add_(g * g); g * 0.5, not grads[n].mul_(0.5))")
-
-
-def _versions(tensors: Sequence[Tensor]) -> List[int]:
-    """The tensors' version counters (``-1`` for an inference tensor, which keeps none)."""
-    return [-1 if t.is_inference() else t._version for t in tensors]
-
-
-def detached_update(rule: Any, names: Sequence[str]) -> str:
-    """The error for a rule of the user's whose ``update`` returned the parameters
-    ``names`` without a graph."""
-    return (f"Invalid inner: {type(rule).__name__}'s update returned {', '.join(map(repr, names[:3]))}"
-            f"{' and others' if len(names) > 3 else ''} without a graph (requires_grad=False) from "
-            "parameters that had one: an update run under torch.no_grad(), or one that detaches "
-            "(.detach(), .data). Every mode of a hypergradient differentiates the update (fom too, along "
-            "the parameters; adapt and adapt_batch, which keep no graph, run it as it is): write it with "
-            "differentiable out-of-place ops, as the built-in rules of torch_ufom.inner")
-
-
-def elementwise_rule(rule: Any) -> bool:
-    """Whether ``rule``'s update acts on each entry of the state on its own: a built-in
-    rule's code, or a rule of the user's that declares ``elementwise = True``. Only then
-    does it run unchanged on a meta-batch's stacked state (and give each parameter an
-    update of its own)."""
-    return _library_code(rule) or getattr(rule, "elementwise", False) is True
 
 
 class InnerLoop:
@@ -872,7 +682,7 @@ class InnerLoop:
             assigned_none_buffers().clear()
         self.hvp_checked = False  # a forward-over-reverse HVP was compared with reverse mode's
         self.hvp_watched: set = set()  # the keys of the HVP evaluations watched for draws (hessian_vector)
-        library = _library_code(rule)  # (asked once: it walks the rule's classes)
+        library = library_code(rule)  # (asked once: it walks the rule's classes)
         self.own_rule = not library  # its update is looked at for a lost graph
         self.elementwise = library or elementwise_rule(rule)  # each parameter's update its own
         self.outer_unread: frozenset = _NOTHING
@@ -1229,7 +1039,7 @@ class InnerLoop:
         update again at detached copies, without a graph."""
         if args is None:
             args = tuple(t.detach().clone() for t in (*grads, *state.opt, *state.params))
-            before = _versions(args)
+            before = versions(args)
             n, m = len(grads), len(state.opt)
             try:
                 with torch.no_grad():
@@ -1237,7 +1047,7 @@ class InnerLoop:
                                      dict(zip(self.names, args[n + m:])), self.rule.hyper)
             except Exception:  # noqa: BLE001 (review s38R8 F2: one failing there: the refusal unnamed)
                 return "(one of them)"
-        i = next((i for i, (a, b) in enumerate(zip(_versions(args), before)) if a != b), None)
+        i = next((i for i, (a, b) in enumerate(zip(versions(args), before)) if a != b), None)
         if i is None:
             return "(one of them)"
         n, m = len(grads), len(state.opt)
@@ -1252,7 +1062,7 @@ class InnerLoop:
         watched = self.own_rule and self.hypergradient  # (adapt differentiates nothing: review s38H F3)
         if watched:  # (review s38IR F2: a write into the gradient halved d/dlr under fom, silently)
             args = (*grads, *state.opt, *state.params)
-            before = _versions(args)
+            before = versions(args)
         try:
             out = self.rule.update(
                 dict(zip(self.names, grads)), state.opt, dict(zip(self.names, state.params)),
@@ -1261,7 +1071,7 @@ class InnerLoop:
             if watched and "leaf Variable that requires grad is being used in an in-place" in str(err):
                 raise ValueError(inplace_update(self.rule, self._written_argument(grads, state))) from err
             raise
-        if watched and _versions(args) != before:
+        if watched and versions(args) != before:
             raise ValueError(inplace_update(self.rule, self._written_argument(grads, state, args, before)))
         if self.own_rule and not self.rule_checked:  # (the first step's: review s32O F4, 5 us a step)
             out = checked_update(self.rule, out, self.names, state.params)
