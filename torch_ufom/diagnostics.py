@@ -19,13 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from . import adaptive
-from .config import Settings, check_generator, check_losses, resolve
-from .functional import check_derived_buffers, check_params, estimate_task, resolve_hvp, restore_rng_on_error
+from .config import Settings, resolve
+from .functional import estimate_task, functional_problem, restore_rng_on_error
 from .inner import InnerRule
 from .process import one_call_at_a_time
 from .randomness import host_random_states, set_host_random_states
-from .truncation import Snapshot
-from .unroll import Problem, batch_getter
+from .unroll import batch_getter
 
 __all__ = ["Diagnosis", "diagnose"]
 
@@ -119,12 +118,7 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
                      "diagnose")
     for i, (support, _) in enumerate(tasks):  # (named as given: it said "support", review s32E F4)
         batch_getter(support, config.steps, f"tasks[{i}][0]")
-    check_losses(inner_loss, outer_loss, model)
-    check_generator(generator)
-    params = check_params(params, model)
-    check_derived_buffers(model, params)
-    problem = Problem(model, inner_loss, outer_loss, config, Snapshot(config.law, config.steps), params,
-                      resolve_hvp(config, model, params), generator)
+    problem = functional_problem(model, (inner_loss, outer_loss), config, params, generator)
     A = D = t_f = t_x = c_x = 0.0
     host = host_random_states()  # put back too (review JA F8: NumPy's and Python's were left advanced)
     with restore_rng_on_error(generator, always=True), _host_states_kept(host):

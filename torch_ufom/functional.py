@@ -898,17 +898,33 @@ def check_params(params, model: nn.Module) -> Tuple[Tensor, ...]:
     return tuple(params)
 
 
-def functional_problem(caller: str, model, losses: Tuple[Callable, Callable], settings: Settings,
-                       params, generator) -> Problem:
-    """Check the arguments of :func:`hypergrad` or :func:`hypergrad_batch` and bind them."""
-    config = resolve(settings, model, caller)
+def functional_problem(model: nn.Module, losses: Tuple[Callable, Callable], config: Config, params,
+                       generator) -> Problem:
+    """Check the arguments of a functional entry point (:func:`hypergrad`,
+    :func:`hypergrad_batch`, :func:`~torch_ufom.diagnose`) beside its resolved ``config``
+    and bind them: the losses, the generator, then ``params`` (default: see
+    :func:`check_params`), so that of several wrong arguments the first in this order is
+    named; then :func:`bind_problem`. The caller resolves ``config`` first (its errors
+    come before these), and checks its own arguments in between."""
     check_losses(*losses, model)
     check_generator(generator)
-    params = check_params(params, model)
-    check_derived_buffers(model, params)
-    hvp = resolve_hvp(config, model, params)
-    return Problem(model, losses[0], losses[1], config, Snapshot(config.law, config.steps), params, hvp,
-                   generator)
+    return bind_problem(model, losses, config, config.law, check_params(params, model), generator)
+
+
+def bind_problem(model: nn.Module, losses: Tuple[Callable, Callable], config: Config, law: TruncationLaw,
+                 meta: Tuple[Tensor, ...], generator: Optional[torch.Generator], what: str = "params",
+                 keeps_aux: bool = False) -> Problem:
+    """The :class:`Problem` of one call from arguments already checked, shared by the
+    functional entry points and ``MetaOptimizer``: refuse a buffer computed from one of
+    ``meta`` (named as ``what`` in the message: :func:`check_derived_buffers`), pick the
+    Hessian-vector product (:func:`resolve_hvp`), and read ``law`` once for
+    ``config.steps`` (a :class:`~torch_ufom.truncation.Snapshot`, which every task of the
+    call draws from and is weighted by), in this order. ``keeps_aux``: the outer loss's
+    aux is kept (``MetaResult.aux``)."""
+    check_derived_buffers(model, meta, what)
+    hvp = resolve_hvp(config, model, meta)
+    return Problem(model, losses[0], losses[1], config, Snapshot(law, config.steps), meta, hvp, generator,
+                   keeps_aux)
 
 
 @one_call_at_a_time
@@ -962,7 +978,7 @@ def hypergrad_batch(model: nn.Module, inner_loss: Callable, outer_loss: Callable
     settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
                         max_memory=max_memory, hvp=hvp, inner_params=inner_params,
                         vectorise=vectorise)
-    problem = functional_problem("hypergrad_batch", model, (inner_loss, outer_loss), settings,
+    problem = functional_problem(model, (inner_loss, outer_loss), resolve(settings, model, "hypergrad_batch"),
                                  params, generator)
     with restore_rng_on_error(problem.generator):  # (the warning raised as an error too: review s37B F1)
         run = estimate_batch(problem, supports, queries, force_truncation)
@@ -1083,7 +1099,7 @@ def hypergrad(model: nn.Module, inner_loss: Callable, outer_loss: Callable, supp
     """
     settings = Settings(steps, inner_lr, inner, mode, q, k, truncation, memory=memory, slots=slots,
                         max_memory=max_memory, hvp=hvp, inner_params=inner_params)
-    problem = functional_problem("hypergrad", model, (inner_loss, outer_loss), settings, params,
-                                 generator)
+    problem = functional_problem(model, (inner_loss, outer_loss), resolve(settings, model, "hypergrad"),
+                                 params, generator)
     est = estimate_task(problem, support, query, force_truncation)
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(problem.params, est.grads))

@@ -38,11 +38,11 @@ from .checks import invalid
 from .config import (Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses,
                      check_values, resolve, validate_rule)
 from .estimators import Estimate, NonFiniteHypergradient, plus
-from .functional import (Problem, buffer_names, check_derived_buffers, estimate_batch, estimate_task,
-                         learned_buffer_message, resolve_hvp, restore_rng_on_error, sum_grads, task_aux)
+from .functional import (Problem, bind_problem, buffer_names, estimate_batch, estimate_task,
+                         learned_buffer_message, restore_rng_on_error, sum_grads, task_aux)
 from .inner import InnerRule, PerStep, _in_range
 from .process import caller_level, one_call_at_a_time
-from .truncation import Snapshot, TruncationLaw, is_bernoulli
+from .truncation import TruncationLaw, is_bernoulli
 from .vectorised import EmptyMetaBatch
 
 __all__ = ["MetaOptimizer", "MetaResult"]
@@ -539,10 +539,8 @@ class MetaOptimizer:
             self._values_checked = signature
         c = self._config
         self._check_hyper_values(c)
-        check_derived_buffers(self.model, meta, "the outer optimizer's tensors")
-        hvp = resolve_hvp(c, self.model, meta)
-        return Problem(self.model, inner_loss, outer_loss, c, Snapshot(self.law, c.steps), meta, hvp,
-                       self.generator, keeps_aux=True)
+        return bind_problem(self.model, (inner_loss, outer_loss), c, self.law, meta, self.generator,
+                            "the outer optimizer's tensors", keeps_aux=True)
 
     def _check_hyper_values(self, config: Config) -> None:
         """Check the inner rule's hyperparameters again where they changed since the last
