@@ -1308,3 +1308,34 @@ def test_a_loss_reading_no_adapted_parameter_runs_the_loop_and_says_so():
                                       stacked(data, 10))
     reason = "per-task loop: inner_loss reads none of the adapted parameters"
     assert {r.batch_path for r in results} == {reason}
+
+
+def test_a_backward_between_meta_batches_keeps_where_vmap_failed():
+    # backward and backward_batch share one accumulate tail (house CQ-6): backward probes
+    # nothing, so it leaves what the last backward_batch found where vmap failed (the next
+    # meta-batch runs the loop at once, without trying vmap or warning again), and its result
+    # has no batch_path.
+    from torch._C._functorch import is_batchedtensor
+    batched = []
+
+    def inner(f, b):
+        batched.append(is_batchedtensor(b))
+        scale = 1 + 0 * b.sum().item()  # .item() fails under vmap
+        return (f(b) ** 2).mean() * scale
+
+    def outer(f, b):
+        return (f(b) ** 2).mean()
+
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)
+    meta = meta_opt(model, 0.1, mode="fom")
+    supports, queries = torch.rand(3, 5, 1), torch.rand(3, 5, 1)
+    with pytest.warns(UserWarning, match="per-task loop: an error under torch.func.vmap"):
+        meta.backward_batch(inner, outer, supports, queries)
+    assert any(batched)
+    assert meta.backward(inner, outer, supports[0], queries[0]).batch_path is None
+    batched.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = meta.backward_batch(inner, outer, supports, queries)
+    assert not any(batched) and all(r.batch_path.startswith("per-task loop: ") for r in again)
