@@ -37,8 +37,8 @@ from .adapt import FunctionalModel, adapt
 from .checks import invalid
 from .config import (Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses,
                      check_values, resolve, validate_rule)
-from .estimators import Estimate, NonFiniteHypergradient, plus
-from .functional import (Problem, bind_problem, buffer_names, estimate_batch, estimate_task,
+from .estimators import NonFiniteHypergradient, plus
+from .functional import (BatchRun, Problem, bind_problem, buffer_names, estimate_batch, estimate_task,
                          learned_buffer_message, restore_rng_on_error, sum_grads, task_aux)
 from .inner import InnerRule, PerStep, _in_range
 from .process import caller_level, one_call_at_a_time
@@ -907,24 +907,14 @@ class MetaOptimizer:
                 ``torch.Generator`` of its own there, a failure inside
                 forward-over-reverse).
         """
-        with self._task_state_kept():
-            problem = self._problem(inner_loss, outer_loss)
-            meta = list(problem.params)
+        def run_task(problem: Problem) -> BatchRun:  # one per-task group
             start = time.perf_counter()
-            with self._named_errors(meta):
-                est: Estimate = estimate_task(problem, support, query, force_truncation,
-                                              diagnostics=self.q_stats is not None)
-            seconds = time.perf_counter() - start
-            observations = self._observations_of([(est, seconds)])  # before the write: it can fail
-            written = self._write(meta, self._first_order_gaps(problem, meta, est.grads, [est.truncation]))
-        q = self.q
-        if self._track_buffers:
-            self._buffers.append(list(est.buffers))
-        self._observations += observations
-        self._tasks += 1
-        self._post_accumulate(meta, written)
-        return MetaResult(est.outer_loss, est.inner_losses, est.truncation, est.weights, q,
-                          est.forward_steps, est.reverse_steps, est.aux)
+            est = estimate_task(problem, support, query, force_truncation,
+                                diagnostics=self.q_stats is not None)
+            return BatchRun([([0], est, time.perf_counter() - start)], False, "", [est.truncation])
+
+        (result,) = self._accumulate(inner_loss, outer_loss, run_task, batch=False)
+        return result
 
     @one_call_at_a_time
     def backward_batch(self, inner_loss: Callable, outer_loss: Callable, supports: Any, queries: Any,
@@ -971,25 +961,47 @@ class MetaOptimizer:
             RuntimeError: the sweep cannot be exact, as for :meth:`backward`;
                 nothing is written.
         """
-        with self._task_state_kept():
-            problem = self._problem(inner_loss, outer_loss)
-            meta = list(problem.params)
-            with self._named_errors(meta):
-                run = estimate_batch(problem, supports, queries, force_truncation,
-                                     diagnostics=self.q_stats is not None, known=self._slow_ops)
+        def run_tasks(problem: Problem) -> BatchRun:
+            run = estimate_batch(problem, supports, queries, force_truncation,
+                                 diagnostics=self.q_stats is not None, known=self._slow_ops)
             if run.fallback and run.reason not in self._warned_per_task:  # once per reason
                 warnings.warn(f"MetaOptimizer.backward_batch runs the per-task loop: {run.reason}",
                               stacklevel=caller_level())
                 self._warned_per_task.add(run.reason)
+            return run
+
+        return self._accumulate(inner_loss, outer_loss, run_tasks, batch=True)
+
+    def _accumulate(self, inner_loss: Callable, outer_loss: Callable,
+                    run_tasks: Callable[[Problem], BatchRun], batch: bool) -> List[MetaResult]:
+        """Run tasks and accumulate their estimates into ``.grad``: what :meth:`backward` (a
+        one-task run) and :meth:`backward_batch` share, so that a task counts, writes and
+        reports alike whichever runs it; returns one :class:`MetaResult` per task.
+
+        ``run_tasks(problem)`` runs the engine on this call's problem. All or nothing up to
+        the write: a refused problem, a failing run (a non-finite hypergradient named as the
+        optimizer holds it), an observation or write that fails put the tally back
+        (:meth:`_task_state_kept`). Then, in this order: ``batch`` keeps what the run's probe
+        found (:attr:`BatchRun.slow_ops`; a per-task call looks at nothing), the results (with
+        ``batch_path`` under ``batch``, else ``None``), the buffers of the tasks run one by one
+        (``track_buffers``; a vectorised group's losses write none), the observations and the
+        count; the post-accumulate hooks last, so that one that raises leaves the write
+        counted (:meth:`_post_accumulate`)."""
+        with self._task_state_kept():
+            problem = self._problem(inner_loss, outer_loss)
+            meta = list(problem.params)
+            with self._named_errors(meta):
+                run = run_tasks(problem)
             observations = self._observations_of([(est, seconds) for _, est, seconds in run.groups])
             written = self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta)),
                                                                  run.truncations))
-        self._slow_ops = run.slow_ops
+        if batch:
+            self._slow_ops = run.slow_ops
         q = self.q
         results: List[Optional[MetaResult]] = [None] * len(run.truncations)
         path = ("vectorised" + (f": {run.reason}" if run.reason else "") if run.vectorised
-                else f"per-task loop: {run.reason}")
-        for g, (index, est, seconds) in enumerate(run.groups):
+                else f"per-task loop: {run.reason}") if batch else None
+        for g, (index, est, _) in enumerate(run.groups):
             batched = g < run.batched_groups
             for col, i in enumerate(index):
                 results[i] = MetaResult(
