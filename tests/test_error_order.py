@@ -13,7 +13,7 @@ from torch import nn
 
 import torch_ufom
 from torch_ufom.truncation import TruncationLaw
-from torch_ufom.unroll import StepBatches
+from torch_ufom.batches import StepBatches
 
 
 def mse(f, batch):

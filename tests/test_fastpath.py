@@ -294,7 +294,7 @@ def _seeded_steps(monkeypatch, loss, support, steps=6, **kw):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
     out = torch_ufom.hypergrad(model, loss, loss, support, support[0] if isinstance(
-        support, unroll.StepBatches) else support, steps=steps, inner_lr=0.1, mode="fom",
+        support, torch_ufom.StepBatches) else support, steps=steps, inner_lr=0.1, mode="fom",
         generator=torch.Generator().manual_seed(3), **kw)
     return out, sorted(set(seeded))
 
@@ -324,7 +324,7 @@ def test_a_loss_that_draws_only_after_the_first_step_gets_each_step_s_stream(mon
     """Step 1 draws nothing and step 3 does: every step runs under its own stream, and the
     result is the general path's bit for bit."""
     x = torch.randn(5, 3, dtype=torch.float64)
-    support = unroll.StepBatches([(x, j >= 2) for j in range(6)])
+    support = torch_ufom.StepBatches([(x, j >= 2) for j in range(6)])
     fast, seeded = _seeded_steps(monkeypatch, _flagged, support)
     assert seeded == list(range(1, 8))
     with general_path(monkeypatch):

@@ -2097,7 +2097,7 @@ def test_a_fwdrev_disagreement_of_a_batch_sampled_anew_at_each_call_names_the_sa
         _s39_fwdrev(anew, data[3])()
     assert type(raised.value) is torch_ufom.unroll.FwdRevDisagrees
     assert str(raised.value).startswith("Invalid hvp: 'fwdrev' gives another Hessian-vector product")
-    assert torch_ufom.unroll.SAMPLES_ANEW in str(raised.value)
+    assert torch_ufom.batches.SAMPLES_ANEW in str(raised.value)
 
 
 class _S39WritesParams(torch_ufom.inner.InnerRule):

@@ -34,12 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from . import adaptive
+from .batches import positional_obstacle
 from .checks import invalid, is_int, is_real
 from .functional_model import check_parametrize_cache, crowded_elsewhere
 from .inner import SGD, Hyper, InnerRule, check_rule_contract, hyper_tensors, values_deferred
 from .schedules import MEMORY_CHOICES, Schedule, check_checkpoint, make_schedule
 from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation
-from .unroll import positional_obstacle
 
 __all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_values",
            "validate_rule", "check_generator", "check_losses", "check_steps", "MODES", "HVP_CHOICES",

@@ -19,12 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from . import adaptive
+from .batches import batch_getter
 from .config import Settings, resolve
 from .functional import estimate_task, functional_problem, restore_rng_on_error
 from .inner import InnerRule
 from .process import one_call_at_a_time
 from .randomness import host_random_states, set_host_random_states
-from .unroll import batch_getter
 
 __all__ = ["Diagnosis", "diagnose"]
 

@@ -23,6 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from .batches import batch_getter, per_step_batches, probe_batches
 from .checks import invalid, is_int
 from .config import Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus, raised_by_hook
@@ -33,8 +34,7 @@ from .losses import AuxRefused
 from .process import one_call_at_a_time, caller_level
 from .rule_checks import elementwise_rule, held_tensors
 from .truncation import Snapshot, TruncationLaw
-from .unroll import (Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, batch_getter,
-                     per_step_batches, probe_batches, reads_nothing)
+from .unroll import Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, reads_nothing
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, LookFailed,
                          Vectorised, attributes_kept, fresh, group_by_truncation, meta_batch_size,
                          noting_listed_tasks, probe_steps,

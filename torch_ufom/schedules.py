@@ -35,10 +35,11 @@ import checkpoint_schedules as cs
 import torch
 from torch import Tensor
 
+from .batches import SAMPLES_ANEW
 from .checks import invalid, is_int
 from .process import caller_level
 from .randomness import host_random_states
-from .unroll import REPLAY_DRAWS, SAMPLES_ANEW, Loop, State, StepRecord, SweepPlan
+from .unroll import REPLAY_DRAWS, Loop, State, StepRecord, SweepPlan
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
