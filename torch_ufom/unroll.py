@@ -18,33 +18,30 @@ recomputed; the global random state is saved once around a whole run
 (:meth:`InnerLoop.streams`) and restored after it.
 
 The module is evaluated at the inner parameters by swapping its parameter and
-buffer entries (:class:`Reparametrization`, found in the loop's one walk of the
-module) rather than by ``torch.func.functional_call`` at every step, and plain
-SGD at a plain-number rate is applied with foreach kernels (:attr:`~torch_ufom.inner.InnerRule.plain_rate`):
-the same operations as the general path, bit for bit (``tests/test_fastpath.py``).
+buffer entries (:class:`~torch_ufom.functional_model.Reparametrization`, found in
+the loop's one walk of the module) rather than by ``torch.func.functional_call``
+at every step, and plain SGD at a plain-number rate is applied through the rule's
+foreach form (:meth:`~torch_ufom.inner.InnerRule.plain_update`): the same
+operations as the general path, bit for bit (``tests/test_fastpath.py``).
 
-The module also holds what the loop needs around it, in this order (a map for
-readers; each part's contract is in its docstrings):
+The module holds, in this order (a map for readers; each part's contract is in
+its docstrings): the looks for a loss that differentiates (:class:`Differentiates`)
+and the messages for draws no step's stream replays; the :class:`State`, the
+:class:`Problem` a call binds and the :class:`SweepPlan` of a sweep; the
+:class:`Evaluator` and :class:`Loop` protocols and :class:`PerTask`, one task's
+evaluator; :class:`InnerLoop`; forward-over-reverse's errors and check; the VJP
+helpers and :class:`StepRecord`. What the loop uses around it lives beside it:
 
-* the looks for a loss that differentiates (:class:`Differentiates`) and the
-  messages of the guards around ``torch.compile`` (the process lock and the
-  guard itself are in :mod:`torch_ufom.process`);
-* the messages for draws no step's stream replays (the generators' save and
-  restore helpers and the watch for draws from a generator of the user's are
-  in :mod:`torch_ufom.randomness`);
-* :class:`FunctionalModel`, the module called at given tensors (what the losses
-  receive as ``fmodel`` and what ``adapt`` returns), with the swap machinery
-  it shares with the loop (:class:`Reparametrization`, the registry of swaps
-  in progress, nesting across threads);
-* batches (:class:`StepBatches`, :func:`batch_getter`) and the losses' checks
-  (:func:`loss_and_aux`);
-* the evaluator and loop protocols, :class:`PerTask` (one task's evaluator);
-* graph analysis (:func:`graph_survey`, :func:`wrong_twice`, :func:`look_at_graph`),
-  which the looks at the losses use to refuse what a sweep cannot differentiate;
-* the messages of the checks of a user's inner rule (:func:`checked_update`,
-  the init check's refusals);
-* :class:`InnerLoop`, forward-over-reverse's errors, the VJP helpers and
-  :class:`StepRecord`.
+* :mod:`torch_ufom.process`: the process lock, the ``torch.compile`` guard, the
+  transform level;
+* :mod:`torch_ufom.randomness`: saving and restoring the random generators, the
+  watch for draws from a generator of the user's;
+* :mod:`torch_ufom.functional_model`: :class:`~torch_ufom.FunctionalModel` and
+  the swap machinery;
+* :mod:`torch_ufom.batches`: the steps' batches;
+* :mod:`torch_ufom.losses`: the losses' checks and what a kept aux may hold;
+* :mod:`torch_ufom.graphs`: the looks at autograd graphs;
+* :mod:`torch_ufom.rule_checks`: the checks of an inner rule's results.
 """
 from __future__ import annotations
 
