@@ -332,15 +332,7 @@ class FunctionalModel:
                     # _SWAPS first turns into the entry and group the general path makes (_register_quick),
                     # so a call nested in it or another thread's sees what it would have seen (an
                     # entry and a group per call are a measurable share of a small model's `fom` step).
-                    params, saved = self.params, []
-                    try:
-                        for table, key, name in swap.slots:
-                            if name in params:
-                                saved.append((table, key, table[key]))
-                                table[key] = params[name]
-                    except BaseException:
-                        Reparametrization.undo(saved, note=False)
-                        raise
+                    saved = swap.put_plain(self.params)
                     token = [self, swap, saved, thread, in_run]
                     _SWAPS.append(token)
         if token is not None:
@@ -351,8 +343,7 @@ class FunctionalModel:
                     quick = len(token) == 5
                     if quick:  # (never registered: undone as the general path undoes it, no
                         _SWAPS.remove(token)  # buffer registered as None watched)
-                        for table, key, value in reversed(saved):
-                            table[key] = value
+                        Reparametrization.undo_plain(saved)
                 if not quick:
                     self._leave(token[5], thread, None)
         with _SWAPS_LOCK:
@@ -1043,6 +1034,29 @@ class Reparametrization:
             self.undo(saved, note=False)
             raise
         return saved
+
+    def put_plain(self, params: Mapping[str, Tensor]) -> List[Tuple[dict, str, Tensor]]:
+        """:meth:`put` of ``params`` alone, for :class:`FunctionalModel`'s quick path: a
+        :attr:`plain` swap of no buffers while no other swap is active and no buffer
+        registered as None is watched (under ``_SWAPS_LOCK``), so there is nothing to watch
+        or note; returns what :meth:`undo_plain` puts back (a list of ``(table, key,
+        tensor)``, which :meth:`undo` also takes)."""
+        saved: List[Tuple[dict, str, Tensor]] = []
+        try:
+            for table, key, name in self.slots:
+                if name in params:
+                    saved.append((table, key, table[key]))
+                    table[key] = params[name]
+        except BaseException:
+            self.undo_plain(saved)
+            raise
+        return saved
+
+    @staticmethod
+    def undo_plain(saved: List[Tuple[dict, str, Tensor]]) -> None:
+        """Put back what :meth:`put_plain` replaced, from the last."""
+        for table, key, value in reversed(saved):
+            table[key] = value
 
     @staticmethod
     def undo(saved: "_Saved", note: bool = True) -> None:
