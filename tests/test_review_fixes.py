@@ -7155,3 +7155,36 @@ def test_a_small_float64_fwdrev_disagreement_is_not_said_to_be_rounding():
         torch_ufom.hypergrad(model, gentle, mse, (x, 4.0 * y), (xq, 4.0 * yq), steps=3, inner_lr=0.3,
                              mode="exact", hvp="fwdrev")
     assert "float32" not in str(info.value)
+
+
+@pytest.mark.parametrize("slot", ["cache", "__cache"])
+def test_a_forward_keeping_a_tensor_in_a_private_slot_is_named_as_a_public_one_is(slot):
+    """Review s40H F1: the vectorised look read an object's __slots__ by their declared names, so a
+    private slot (stored as _Holder__cache) hid its tensor: the meta-batch still ran per task, but the
+    warning blamed a loss keeping a tensor outside the module's attributes. Both name the attribute."""
+    holder_cls = type("Holder", (), {"__slots__": (slot,)})
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.holder = nn.Linear(3, 1), holder_cls()
+
+        def forward(self, x):
+            y = self.lin(x)
+            setattr(self.holder, "_Holder__cache" if slot == "__cache" else slot, y)
+            return y
+
+    torch.manual_seed(0)
+    xs, ys = torch.randn(4, 5, 3), torch.randn(4, 5, 1)
+
+    def loss(fm, b):
+        return ((fm(b[0]) - b[1]) ** 2).mean()
+
+    net = Net()
+    with pytest.warns(UserWarning, match=r"keeps tensors in plain attributes \(self\.holder\)"):
+        got = torch_ufom.hypergrad_batch(net, loss, loss, (xs, ys), (xs, ys), steps=2, inner_lr=0.1,
+                                         mode="exact", vectorise=True)
+    want = [sum(g) for g in zip(*(torch_ufom.hypergrad(net, loss, loss, (xs[i], ys[i]), (xs[i], ys[i]),
+                                                       steps=2, inner_lr=0.1, mode="exact")
+                                  for i in range(4)))]
+    assert rel_err(got, want) < 1e-12

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .functional_model import cell_filled
 
-__all__ = ["loss_and_aux", "check_depends", "AuxRefused", "check_kept_aux", "detached"]
+__all__ = ["loss_and_aux", "check_depends", "AuxRefused", "check_kept_aux", "detached", "slot_names"]
 
 
 def _check_loss(loss: Any, name: str) -> Tensor:
@@ -169,7 +169,7 @@ def _held_by(obj: Any) -> List[Any]:
     except Exception:  # noqa: BLE001 (review s39R3 F1: contents that raise when read are not searched)
         pass
     if not issubclass(kind, type):
-        for name in ["__dict__", *_slot_names(kind)]:
+        for name in ["__dict__", *slot_names(kind)]:
             try:
                 value = object.__getattribute__(obj, name)
             except Exception:  # noqa: BLE001 (no __dict__, an empty slot, a descriptor that raises)
@@ -181,8 +181,9 @@ def _held_by(obj: Any) -> List[Any]:
     return held
 
 
-def _slot_names(klass: type) -> List[str]:
-    """The ``__slots__`` names of ``klass`` and its bases (a lone string is one name)."""
+def slot_names(klass: type) -> List[str]:
+    """The ``__slots__`` names of ``klass`` and its bases (a lone string is one name), each as
+    ``getattr`` finds it: a private one (``__cache``) under its mangled name (``_Klass__cache``)."""
     names = []
     for base in klass.__mro__:
         slots = base.__dict__.get("__slots__", ())
