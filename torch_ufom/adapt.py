@@ -25,10 +25,10 @@ from .batches import probe_batches
 from .checks import invalid, is_int
 from .config import InnerLR, InnerParams, Settings, check_generator, check_loss, resolve
 from .estimators import SweepLog, finite_each, first_nonfinite_loss
-from .functional import draw_seed, restore_rng_on_error
 from .functional_model import FunctionalModel, check_parametrize_cache
 from .inner import InnerRule
 from .process import caller_level, one_call_at_a_time
+from .randomness import draw_seed, restore_rng_on_error
 from .rule_checks import elementwise_rule
 from .unroll import Evaluator, InnerLoop, PerTask, Problem, State
 from .vectorised import (Vectorised, attributes_kept, meta_batch_size, noting_listed_tasks, probe_steps,

@@ -10,7 +10,6 @@ would spend nearly what ``exact`` spends; a small ``q`` says the bias of
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
@@ -21,10 +20,10 @@ from torch import Tensor, nn
 from . import adaptive
 from .batches import batch_getter
 from .config import Settings, resolve
-from .functional import estimate_task, functional_problem, restore_rng_on_error
+from .functional import estimate_task, functional_problem
 from .inner import InnerRule
 from .process import one_call_at_a_time
-from .randomness import host_random_states, set_host_random_states
+from .randomness import host_random_states_kept, restore_rng_on_error
 
 __all__ = ["Diagnosis", "diagnose"]
 
@@ -67,16 +66,7 @@ def _sq(grads: Sequence[Optional[Tensor]]) -> float:
     return float(sum((g.detach().double() ** 2).sum() for g in grads if g is not None))
 
 
-@contextlib.contextmanager
-def _host_states_kept(states: tuple):
-    """Put NumPy's and Python's global generators back to ``states`` on leaving."""
-    try:
-        yield
-    finally:
-        set_host_random_states(states)
-
-
-@one_call_at_a_time  # (review s39H F1: it wrapped _host_states_kept, so it held the lock for nothing)
+@one_call_at_a_time  # (review s39H F1: it wrapped a context manager, so it held the lock for nothing)
 def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
              tasks: Sequence[Tuple[Any, Any]], *, steps: int, inner_lr=None,
              inner: Optional[InnerRule] = None, memory: str = "checkpoint", slots: Optional[int] = None,
@@ -120,8 +110,7 @@ def diagnose(model: nn.Module, inner_loss: Callable, outer_loss: Callable,
         batch_getter(support, config.steps, f"tasks[{i}][0]")
     problem = functional_problem(model, (inner_loss, outer_loss), config, params, generator)
     A = D = t_f = t_x = c_x = 0.0
-    host = host_random_states()  # put back too (review JA F8: NumPy's and Python's were left advanced)
-    with restore_rng_on_error(generator, always=True), _host_states_kept(host):
+    with restore_rng_on_error(generator, always=True), host_random_states_kept():
         estimate_task(problem, *tasks[0], force=steps, hooks=False)  # warm-up
         for support, query in tasks:
             start = time.perf_counter()

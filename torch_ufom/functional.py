@@ -10,7 +10,6 @@ public entry point (:func:`hypergrad`, :func:`hypergrad_batch`,
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import sys
 import time
@@ -28,10 +27,11 @@ from .checks import invalid, is_int
 from .config import Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses, resolve
 from .estimators import Estimate, estimate, plus, raised_by_hook
 from .functional_model import renormalises_weights, scripted, sparse_weights
-from .graphs import graph_reaches, root_of, wrong_twice_message, COMPILED
+from .graphs import COMPILED, graph_reaches, root_of, wrong_twice_message
 from .inner import InnerRule
 from .losses import AuxRefused
-from .process import one_call_at_a_time, caller_level
+from .process import caller_level, one_call_at_a_time
+from .randomness import draw_seed, restore_rng_on_error
 from .rule_checks import elementwise_rule, held_tensors
 from .truncation import Snapshot, TruncationLaw
 from .unroll import Evaluator, FwdRevDisagrees, FwdRevError, InnerLoop, PerTask, Problem, reads_nothing
@@ -113,41 +113,10 @@ def fwdrev_obstacle(model: nn.Module, config: Config, meta: Sequence[Tensor],
     return ""
 
 
-@contextlib.contextmanager
-def restore_rng_on_error(generator: Optional[torch.Generator], always: bool = False):
-    """Put the generator and torch's global CPU generator back as they were if the body
-    raises, so that a retry draws the same numbers (``always``: whatever happens). NumPy's and
-    Python's global generators, which only the user's losses draw from, are not saved: reading
-    NumPy's state costs about 30 us a call (review s32E F1; ``diagnose``, which runs the losses
-    many times, puts them back)."""
-    saved = [(torch.default_generator, torch.default_generator.get_state())]
-    if generator is not None:
-        saved.append((generator, generator.get_state()))
-    try:
-        yield
-    except BaseException:
-        for gen, state in saved:
-            gen.set_state(state)
-        raise
-    if always:
-        for gen, state in saved:
-            gen.set_state(state)
-
-
 def draw(law: TruncationLaw, steps: int, generator: Optional[torch.Generator]) -> Tuple[int, int]:
     """Draw the truncation point and the base seed of the per-step random streams."""
     K = law.sample(steps, generator)
     return K, draw_seed(generator)
-
-
-def draw_seed(generator: Optional[torch.Generator]) -> int:
-    """The base seed of a call's per-step random streams, drawn from ``generator`` (torch's
-    global CPU generator when ``None``): :func:`draw` and :func:`~torch_ufom.adapt` draw it
-    alike, so that adapting and a hypergradient see the same streams."""
-    device = generator.device if generator is not None else "cpu"
-    # tolist(): the same numbers as int() / float(), read on the host without a dispatched
-    # aten._local_scalar_dense (no device synchronisation with a CPU generator).
-    return torch.randint(0, 1 << 62, (), generator=generator, device=device).tolist()
 
 
 def run_estimate(problem: Problem, evaluator: Evaluator, tasks: Tuple[Any, Any], K: int, seed: int,

@@ -39,9 +39,10 @@ from .config import (Config, InnerLR, InnerParams, Settings, Vectorise, check_ge
                      check_values, resolve, validate_rule)
 from .estimators import NonFiniteHypergradient, plus
 from .functional import (BatchRun, Problem, bind_problem, buffer_names, estimate_batch, estimate_task,
-                         learned_buffer_message, restore_rng_on_error, sum_grads, task_aux)
+                         learned_buffer_message, sum_grads, task_aux)
 from .inner import InnerRule, PerStep, _in_range
 from .process import caller_level, one_call_at_a_time
+from .randomness import restore_rng_on_error
 from .truncation import TruncationLaw, is_bernoulli
 from .vectorised import EmptyMetaBatch
 

@@ -9,8 +9,13 @@ generators too. This module holds the small pieces all of that is made of:
   :func:`set_torch_random_states` (a reading put back on some exits, or more
   than once) and :func:`torch_random_states_kept` (``fork_rng`` around a block),
   for the CPU and :func:`cuda_devices_in_use`;
-* NumPy's and Python's: :func:`host_random_states` / :func:`set_host_random_states`;
-  :func:`random_states_kept` keeps all of them around a block;
+* NumPy's and Python's: :func:`host_random_states` / :func:`set_host_random_states`
+  (:func:`host_random_states_kept` around a block); :func:`random_states_kept`
+  keeps all of them around a block;
+* what a public call puts back: :func:`restore_rng_on_error` (torch's CPU generator
+  and a ``generator=`` of the user's, if the call raises: a retry draws the same
+  numbers), and the base seed every call's per-step streams start from
+  (:func:`draw_seed`);
 * draws from a generator of the user's, which no per-step stream reseeds:
   :class:`OwnDraws` notices them (:func:`is_default_generator`,
   :func:`generator_position`).
@@ -28,8 +33,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["torch_random_states", "set_torch_random_states", "torch_random_states_kept",
-           "cuda_devices_in_use", "host_random_states", "set_host_random_states", "random_states_kept",
-           "OwnDraws", "is_default_generator", "generator_position", "states_differ"]
+           "cuda_devices_in_use", "host_random_states", "set_host_random_states", "host_random_states_kept",
+           "random_states_kept", "restore_rng_on_error", "draw_seed", "OwnDraws", "is_default_generator",
+           "generator_position", "states_differ"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,10 +156,47 @@ def random_states_kept():
     NumPy's and Python's back as they were on leaving (review s35C F1: a look calling a
     ``j -> batch`` callable that samples moved the program's stream on a successful call,
     ``generator=`` given or not, and under ``ufom`` on exact draws only)."""
-    devices = cuda_devices_in_use()
+    with host_random_states_kept(), torch_random_states_kept(cuda_devices_in_use()):
+        yield
+
+
+@contextlib.contextmanager
+def host_random_states_kept():
+    """Put NumPy's and Python's global generators back as they were on leaving (review JA F8:
+    ``diagnose``, which runs the losses many times, left them advanced)."""
     host = host_random_states()
     try:
-        with torch_random_states_kept(devices):
-            yield
+        yield
     finally:
         set_host_random_states(host)
+
+
+@contextlib.contextmanager
+def restore_rng_on_error(generator: Optional[torch.Generator], always: bool = False):
+    """Put the generator and torch's global CPU generator back as they were if the body
+    raises, so that a retry draws the same numbers (``always``: whatever happens). NumPy's and
+    Python's global generators, which only the user's losses draw from, are not saved: reading
+    NumPy's state costs about 30 us a call (review s32E F1; ``diagnose``, which runs the losses
+    many times, puts them back)."""
+    saved = [(torch.default_generator, torch.default_generator.get_state())]
+    if generator is not None:
+        saved.append((generator, generator.get_state()))
+    try:
+        yield
+    except BaseException:
+        for gen, state in saved:
+            gen.set_state(state)
+        raise
+    if always:
+        for gen, state in saved:
+            gen.set_state(state)
+
+
+def draw_seed(generator: Optional[torch.Generator]) -> int:
+    """The base seed of a call's per-step random streams, drawn from ``generator`` (torch's
+    global CPU generator when ``None``): :func:`draw` and :func:`~torch_ufom.adapt` draw it
+    alike, so that adapting and a hypergradient see the same streams."""
+    device = generator.device if generator is not None else "cpu"
+    # tolist(): the same numbers as int() / float(), read on the host without a dispatched
+    # aten._local_scalar_dense (no device synchronisation with a CPU generator).
+    return torch.randint(0, 1 << 62, (), generator=generator, device=device).tolist()
