@@ -43,7 +43,7 @@ from .truncation import Bernoulli, Fixed, TruncationLaw, check_truncation
 
 __all__ = ["Settings", "Config", "resolve", "adapted_parameters", "check_model", "check_values",
            "validate_rule", "check_generator", "check_losses", "check_steps", "MODES", "HVP_CHOICES",
-           "VECTORISE_CHOICES"]
+           "VECTORISE_CHOICES", "InnerLR", "InnerParams", "Vectorise", "check_loss"]
 
 MODES = ("fom", "ufom", "exact", "truncated")
 HVP_CHOICES = ("auto", "fwdrev", "revrev")

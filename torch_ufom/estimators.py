@@ -39,7 +39,7 @@ from .truncation import telescope_weights
 from .unroll import FUNC_DRAWS_OTHERWISE, Loop, SweepPlan, Unchain, chain_vjp
 
 __all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient", "plus",
-           "finite_each", "finite_norms", "first_nonfinite_loss"]
+           "finite_each", "finite_norms", "first_nonfinite_loss", "raised_by_hook"]
 
 
 @dataclass

@@ -41,7 +41,8 @@ from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_O
                          reads_meta_directly, runs_optimised_script, select_tasks, task_of, under_a_look)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
-           "Problem", "SlowOps", "resolve_hvp"]
+           "SlowOps", "resolve_hvp", "bind_problem", "buffer_names", "functional_problem",
+           "learned_buffer_message", "sum_grads", "task_aux"]
 
 # What hvp="auto" picks where forward-over-reverse applies (benchmarks/speed.py measures both).
 DEFAULT_HVP = "revrev"
@@ -614,7 +615,7 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     # (buffers the losses do not write, a positional encoding or a causal mask, are constants)
     why = fwdrev_obstacle(problem.model, problem.config, problem.params, constant_buffers=not found.written) \
         or found.fwdrev_obstacle()
-    if not why and reads_meta(problem, batches):
+    if not why and loss_reads_meta(problem, batches):
         why = READS_META
     if not why and not found.attention_dropout:  # (per task, torch.func draws other attention masks)
         try:
@@ -737,14 +738,14 @@ def check_fwdrev_reads(problem: Problem, batches: Sequence[Any]) -> None:
     its HVP differentiates the inner gradient with respect to the adapted parameters
     only, and would drop that mixed second derivative."""
     try:
-        reads = reads_meta(problem, batches)
+        reads = loss_reads_meta(problem, batches)
     except LookFailed as err:  # (review s37R4 F1: taken for "not read", fwdrev dropped a direct read)
         raise err.__cause__ from None  # the loss's own error, raised where the look ran it
     if reads:
         raise ValueError(f"Invalid hvp: 'fwdrev' {READS_META}; use 'revrev' or 'auto'")
 
 
-def reads_meta(problem: Problem, batches: Sequence[Any]) -> bool:
+def loss_reads_meta(problem: Problem, batches: Sequence[Any]) -> bool:
     """Whether the inner loss reads a meta-parameter directly on any of ``batches`` (every
     step's with per-step batches, :func:`probe_batches`: a loss may read it at later steps
     only, review s34M F1: 8-32 % off where the first step's batch stood for all)."""

@@ -41,7 +41,7 @@ from .process import outside_transforms, process_lock
 from .randomness import set_torch_random_states, torch_random_states
 
 __all__ = ["FunctionalModel", "Reparametrization", "check_parametrize_cache", "crowded_elsewhere",
-           "renormalises_weights", "sparse_weights", "scripted", "assigned_none_buffers", "cell_filled"]
+           "renormalises_weights", "sparse_weights", "scripted", "take_assigned_none_buffers", "cell_filled"]
 
 _UNLOCKED = contextlib.nullcontext()
 
@@ -187,9 +187,10 @@ class FunctionalModel:
         buffers: buffer name to tensor, likewise.
         swap: the :class:`Reparametrization` to use, ``None`` for
             ``functional_call``, or ``...`` (default) to compute it at each call.
-        serialised: each call holds the process lock (:func:`one_call_at_a_time`): the models
-            ``adapt`` returns, which the user may run in one thread while a library call on the
-            same module runs in another (each would put back what the other swapped in: review
+        serialised: each call holds the process lock
+            (:func:`~torch_ufom.process.one_call_at_a_time`): the models ``adapt`` returns,
+            which the user may run in one thread while a library call on the same module runs
+            in another (each would put back what the other swapped in: review
             GE F1). The loop's own models run inside a call that holds it, and a loss may hand
             them to a worker thread (review GF F1: locked, that waited forever).
 
@@ -937,9 +938,13 @@ def _escaping(out: Any) -> Any:
 _ASSIGNED: set = set()
 
 
-def assigned_none_buffers() -> set:
-    """The set of :data:`_ASSIGNED`."""
-    return _ASSIGNED
+def take_assigned_none_buffers() -> set:
+    """What :data:`_ASSIGNED` holds, emptied (under ``_SWAPS_LOCK``, as :meth:`Reparametrization.undo`
+    adds to it: a user thread's swap may note one meanwhile)."""
+    with _SWAPS_LOCK:
+        taken = set(_ASSIGNED)
+        _ASSIGNED.clear()
+    return taken
 
 
 class Reparametrization:
@@ -1068,10 +1073,10 @@ class Reparametrization:
         LE F2: a swap put None back under another thread's forward, which then failed; LE F1: a
         model giving some names left a cache of the root's set). With ``note``, one that the
         call set is noted for this thread's library call, which refuses it
-        (:meth:`InnerLoop.check_none_buffers`)."""
+        (:meth:`~torch_ufom.unroll.InnerLoop.check_none_buffers`)."""
         for table, key, old, start in reversed(getattr(saved, "empty", ())):
             if note and table[key] is not start:
-                assigned_none_buffers().add((id(table), key))
+                _ASSIGNED.add((id(table), key))
             watch = _NONE_WATCH.get((id(table), key))
             holders = [h for h in watch[1] if h is not saved] if watch is not None else []
             if holders:

@@ -175,7 +175,7 @@ def look_at_graph(starts: Sequence[Any], adapted: Sequence[Tensor], stop: set = 
     ``recomputed``: it holds a part that ``torch.utils.checkpoint`` (``use_reentrant=False``)
     evaluates again in backward and that reads one of the ``adapted`` parameters: torch then
     runs the checkpointed function again, reading the module's parameters as they are at that
-    time, after :class:`FunctionalModel` put the module's own back (review EO: every path 2-19 %
+    time, after :class:`~torch_ufom.FunctionalModel` put the module's own back (review EO: every path 2-19 %
     off, ``fom`` and ``adapt`` too). A checkpointed part that reads no adapted parameter (a
     frozen backbone, a parameter-free part of a loss) recomputes what it computed.
 

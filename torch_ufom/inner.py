@@ -359,7 +359,7 @@ def _broadcasts(shape, target) -> bool:
     return len(shape) <= len(target) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
 
 
-def _in_range(v: Tensor, low: float, high: float, closed: bool) -> Tensor:
+def in_range(v: Tensor, low: float, high: float, closed: bool) -> Tensor:
     """A 0-d bool tensor, not read here: every value of ``v`` is finite and in ``[low, high)``
     (``[low, high]`` when ``closed``)."""
     with torch.no_grad():
@@ -380,9 +380,9 @@ def _check_value(v, arg: str, low: float, high: float, closed: bool = False) -> 
                              "the parameters' device)")
         deferred = _VALUES_DEFERRED.get()
         if deferred is not None and id(v) in deferred[0]:
-            deferred[1].append(_in_range(v, low, high, closed))  # read with the others (values_deferred)
+            deferred[1].append(in_range(v, low, high, closed))  # read with the others (values_deferred)
             return
-        if not bool(_in_range(v, low, high, closed)):
+        if not bool(in_range(v, low, high, closed)):
             rate = low == 0.0 and arg.startswith(("lr", "inner_lr"))
             hint = (" (for a rate of any sign, as Meta-SGD learns: a subclass of the rule with ranges = "
                     "{'lr': (-math.inf, math.inf, False)}, docs/porting.md)") if rate else ""
@@ -691,7 +691,7 @@ class InnerRule:
             for v in (value.values() if isinstance(value, Mapping) else (value,)):
                 v = v.values if isinstance(v, PerStep) else v
                 if isinstance(v, Tensor):
-                    flags.append(_in_range(v, low, high, closed))
+                    flags.append(in_range(v, low, high, closed))
         if not flags:
             return None
         device = flags[0].device

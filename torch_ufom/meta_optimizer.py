@@ -33,17 +33,19 @@ import torch
 from torch import Tensor, nn
 
 from . import adaptive, distributed
-from .adapt import FunctionalModel, adapt
+from .adapt import adapt
 from .checks import invalid
 from .config import (Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses,
                      check_values, resolve, validate_rule)
 from .estimators import NonFiniteHypergradient, plus
-from .functional import (BatchRun, Problem, bind_problem, buffer_names, estimate_batch, estimate_task,
+from .functional import (BatchRun, bind_problem, buffer_names, estimate_batch, estimate_task,
                          learned_buffer_message, sum_grads, task_aux)
-from .inner import InnerRule, PerStep, _in_range
+from .functional_model import FunctionalModel
+from .inner import InnerRule, PerStep, in_range
 from .process import caller_level, one_call_at_a_time
 from .randomness import restore_rng_on_error
 from .truncation import TruncationLaw, is_bernoulli
+from .unroll import Problem
 from .vectorised import EmptyMetaBatch
 
 __all__ = ["MetaOptimizer", "MetaResult"]
@@ -2067,7 +2069,7 @@ def _check_meta_values(values: Any, extra: List[Tensor], rule: InnerRule) -> Non
                 part = _within(laid, h, root)
                 part = part[~torch.isnan(part)]  # the entries of h that t restores
             low, high, closed = rule.ranges.get(key, (0.0, math.inf, False))
-            if not bool(_in_range(part, low, high, closed)):
+            if not bool(in_range(part, low, high, closed)):
                 span = f">= {low}" if high == math.inf else f"in [{low}, {high}{']' if closed else ')'}"
                 raise ValueError(f"Invalid {name}: it restores {rule.labels.get(key, key)}, whose values "
                                  f"must be {span}")

@@ -5,7 +5,7 @@ A rule of the user's is a contract (:class:`~torch_ufom.inner.InnerRule`): its
 differentiably, without writing into their inputs. The inner loop checks the
 results once (:func:`checked_rule_state`, :func:`checked_update`) and refuses a
 break of the contract with one of the messages here (:func:`init_with_derivative`,
-:func:`inplace_update`, :func:`detached_update`, ...). :func:`reads_meta` decides
+:func:`inplace_update`, :func:`detached_update`, ...). :func:`rule_reads_meta` decides
 whether a rule reads the meta-parameters beyond the gradient (``ufom``'s
 first-order stream is the identity otherwise), and :func:`elementwise_rule`
 whether it acts on each coordinate alone.
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .graphs import graph_reaches, root_of
 from .inner import own_code, shortcut
 
-__all__ = ["held_tensors", "reads_meta", "checked_rule_state", "checked_update", "init_with_derivative",
+__all__ = ["held_tensors", "rule_reads_meta", "checked_rule_state", "checked_update", "init_with_derivative",
            "init_reaches_learned", "init_unchecked", "inplace_update", "detached_update", "elementwise_rule",
            "library_code", "versions"]
 
@@ -41,7 +41,7 @@ def held_tensors(rule: Any) -> List[Tensor]:
     return held
 
 
-def reads_meta(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor], steps: int) -> bool:
+def rule_reads_meta(rule: Any, meta: Sequence[Tensor], params: Mapping[str, Tensor], steps: int) -> bool:
     """Whether the inner rule reads a meta-parameter, which gives it first-order terms
     of its own that the shortcuts of ``first_order_additive`` and
     ``first_order_identity`` would drop: a tensor it holds (:func:`held_tensors`)

@@ -62,8 +62,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .batches import SAMPLES_ANEW, StepBatches, batch_getter, per_step_batches
-from .functional_model import (FunctionalModel, Reparametrization, assigned_none_buffers,
-                               renormalises_weights, sparse_weights)
+from .functional_model import (FunctionalModel, Reparametrization, renormalises_weights, sparse_weights,
+                               take_assigned_none_buffers)
 from .graphs import (check_twice_differentiable, graph_nodes, graph_reaches, graph_targets, look_at_graph,
                      recomputes_message, sequence_marker)
 from .inner import shortcut
@@ -73,10 +73,12 @@ from .randomness import (OwnDraws, cuda_devices_in_use, host_random_states, set_
                          states_differ, torch_random_states, torch_random_states_kept)
 from .rule_checks import (checked_rule_state, checked_update, detached_update, elementwise_rule,
                           init_reaches_learned, init_unchecked, init_with_derivative, inplace_update,
-                          library_code, reads_meta, versions)
+                          library_code, rule_reads_meta, versions)
 
 __all__ = ["State", "Problem", "SweepPlan", "Evaluator", "Loop", "PerTask", "InnerLoop", "chain_vjp",
-           "second_derivatives", "REPLAY_DRAWS", "jvp"]
+           "second_derivatives", "REPLAY_DRAWS", "jvp", "AUTOGRAD_CALLS", "FUNC_DRAWS_OTHERWISE",
+           "FwdRevDisagrees", "FwdRevError", "FwdRevCannot", "StepRecord", "Unchain", "from_torch_func",
+           "note_probed", "probed_ids", "reads_nothing", "watched_loss", "Differentiates"]
 
 
 # A loss that differentiates inside itself (a PINN's du/dx, a gradient penalty): under
@@ -558,7 +560,7 @@ class InnerLoop:
         self.none_buffers = tuple((sub, name) for sub in module.modules()
                                   for name, b in sub._buffers.items() if b is None)
         if self.none_buffers:  # (what a swap noted before this loop: another call's)
-            assigned_none_buffers().clear()
+            take_assigned_none_buffers()
         self.hvp_checked = False  # a forward-over-reverse HVP was compared with reverse mode's
         self.hvp_watched: set = set()  # the keys of the HVP evaluations watched for draws (hessian_vector)
         library = library_code(rule)  # (asked once: it walks the rule's classes)
@@ -592,7 +594,7 @@ class InnerLoop:
                 self.frozen = {n: p.clone() for n, p in self.frozen.items()}
         self.buffer_names = [n for n, _ in self.module_buffers]
         self.meta = [t for t in problem.params if t.requires_grad]
-        self.learned_hyper = reads_meta(rule, self.meta, {n: self.named[n] for n in self.names},
+        self.learned_hyper = rule_reads_meta(rule, self.meta, {n: self.named[n] for n in self.names},
                                         problem.config.steps)
         self.cuda_devices = cuda_devices_in_use()
         self.math_attention = math_attention
@@ -845,10 +847,9 @@ class InnerLoop:
         as ``None``: ``named_buffers()`` skips such a slot, so the library could neither give
         each step its own value nor start each task from the module's (review FB: carried from
         task to task and call to call, two identical calls 3.5e-2 apart)."""
-        noted = assigned_none_buffers()
+        noted = take_assigned_none_buffers()
         assigned = [(sub, name) for sub, name in self.none_buffers
                     if sub._buffers.get(name, None) is not None or (id(sub._buffers), name) in noted]
-        noted.clear()
         if not assigned:
             return
         for sub, name in assigned:
@@ -864,7 +865,7 @@ class InnerLoop:
 
     def check_recomputation(self, loss: Tensor, params: Sequence[Tensor]) -> None:
         """Raise if a step's inner loss holds a part that ``torch.utils.checkpoint`` evaluates
-        again in backward, reading adapted parameters (:func:`recomputed_in_backward`); the
+        again in backward, reading adapted parameters (:func:`~torch_ufom.graphs.look_at_graph`); the
         caller runs it on the first step a call evaluates (a walk of the graph: 13 us on
         the sinusoid MLP; at every step with per-step batches it cost 12-18 % of a ``fom``
         call, review ER)."""

@@ -44,9 +44,10 @@ from .randomness import (cuda_devices_in_use, generator_position, host_random_st
                          set_host_random_states, torch_random_states_kept)
 from .unroll import AUTOGRAD_CALLS, from_torch_func, jvp, note_probed, watched_loss
 
-__all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation",
-           "probe", "probe_steps", "reads_meta_directly", "LookFailed", "SLOW_ON_CPU_ELEMENTS",
-           "FEWEST_TASKS_ON_CPU", "FEWEST_TASKS_BESIDE_ON_CPU", "under_a_look"]
+__all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation", "probe",
+           "probe_steps", "reads_meta_directly", "LookFailed", "SLOW_ON_CPU_ELEMENTS", "FEWEST_TASKS_ON_CPU",
+           "FEWEST_TASKS_BESIDE_ON_CPU", "under_a_look", "EmptyMetaBatch", "attributes_kept", "fresh",
+           "noting_listed_tasks", "runs_optimised_script"]
 
 
 def _register_step_batches() -> None:
