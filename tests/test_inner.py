@@ -14,7 +14,7 @@ import torch_ufom
 from devices import SKIP_CUDA
 from helpers import mlp_problem, rel_err
 from oracle import brute_force, ref_adam, ref_adamw, ref_rmsprop, ref_sgd
-from torch_ufom.inner import SGD, Adam, AdamW, InnerRule, PerStep, RMSprop, shortcut
+from torch_ufom.inner import SGD, Adam, AdamW, InnerRule, PerStep, RMSprop, plain_update, shortcut
 
 
 def ref_adam_amsgrad(weight_decay=0.0, **kw):
@@ -1334,7 +1334,7 @@ def test_a_declared_shortcut_describes_its_own_class_and_holds_only_where_the_bu
 
 @pytest.mark.parametrize("how", ["no_grad", "grad", "inplace"])
 def test_plain_update_is_sgds_update_bit_for_bit(how):
-    """InnerRule.plain_update (the inner loop's form of a rule whose plain_rate is set) gives SGD.update's
+    """inner.plain_update (the inner loop's form of a rule whose plain_rate is set) gives SGD.update's
     new parameters bit for bit, under autograd (with a graph to the parameters), without it, and in place."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(5, 3, generator=gen, requires_grad=how == "grad"), torch.randn(3, generator=gen)]
@@ -1344,13 +1344,47 @@ def test_plain_update_is_sgds_update_bit_for_bit(how):
     want, _ = rule.update({str(i): g for i, g in enumerate(grads)}, rule.init(named), named, rule.hyper)
     want = [want[str(i)].detach() for i in range(len(params))]
     if how == "grad":
-        got = rule.plain_update(params, grads, rule.plain_rate)
+        got = plain_update(params, grads, rule.plain_rate)
         assert got[0].grad_fn is not None
     elif how == "no_grad":
         with torch.no_grad():
-            got = rule.plain_update(params, grads, rule.plain_rate)
+            got = plain_update(params, grads, rule.plain_rate)
     else:
         targets = [p.detach().clone() for p in params]
-        got = rule.plain_update(targets, grads, rule.plain_rate, inplace=True)
+        got = plain_update(targets, grads, rule.plain_rate, inplace=True)
         assert all(a is b for a, b in zip(got, targets))
     assert all(torch.equal(a.detach(), b) for a, b in zip(got, want))
+
+
+def test_a_rule_declaring_plain_rate_may_have_its_own_attribute_named_plain_update():
+    """Review s40R F1: the loop called rule.plain_update, a name a rule of the user's may use for anything
+    (a helper, a flag): it raised a TypeError naming neither. The loop calls the library's function."""
+    class Mine(InnerRule):
+        def __init__(self, lr):
+            self.hyper = {"lr": lr}
+
+        def init(self, params):
+            return ()
+
+        def update(self, grads, state, params, hyper):
+            return {n: params[n] - hyper["lr"] * grads[n] for n in params}, ()
+
+        @property
+        def plain_rate(self):
+            return self.hyper["lr"]
+
+    class WithHelper(Mine):
+        def plain_update(self):
+            return "a helper of the user's"
+
+    class WithFlag(Mine):
+        def __init__(self, lr):
+            super().__init__(lr)
+            self.plain_update = True
+
+    model, loss, data = mlp_problem(40)
+    want = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner=SGD(0.1), mode="exact")
+    for rule in (WithHelper(0.1), WithFlag(0.1)):
+        got = torch_ufom.hypergrad(model, loss, loss, data[0], data[1], steps=3, inner=rule, mode="exact")
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        torch_ufom.adapt(model, loss, data[0], steps=3, inner=rule)

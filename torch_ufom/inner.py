@@ -588,6 +588,27 @@ def check_rule_contract(inner: "InnerRule") -> None:
                             "closed): two numbers and a flag)")
 
 
+def plain_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float,
+                 inplace: bool = False) -> Tuple[Tensor, ...]:
+    """``update``'s new parameters for a rule whose :attr:`InnerRule.plain_rate` is ``lr``:
+    ``phi - lr * g`` for each parameter and its gradient, in order, without the
+    containers. The same operation as :meth:`SGD.update`'s, bit for bit: one foreach
+    kernel where nothing is differentiated, ``p.add(g, alpha=-lr)`` per parameter
+    under autograd. ``inplace``: written into ``params`` (which must carry no graph:
+    the inner loop's detached aliases of its leaves) and returned.
+
+    A function of the library's, not a method a rule could override (review s40R F1: a
+    rule of the user's declaring ``plain_rate`` with an attribute of that name of its own
+    broke); the rate is an argument, as the inner loop reads :attr:`InnerRule.plain_rate`
+    once per call (it walks the rule's classes)."""
+    if inplace:
+        torch._foreach_add_(params, grads, alpha=-lr)
+        return tuple(params)
+    if not torch.is_grad_enabled():
+        return tuple(torch._foreach_add(params, grads, alpha=-lr))
+    return tuple(p.add(g, alpha=-lr) for p, g in zip(params, grads))
+
+
 class InnerRule:
     """Base class of inner update rules (see the module docstring for the contract).
 
@@ -622,28 +643,9 @@ class InnerRule:
     @property
     def plain_rate(self) -> Optional[float]:
         """``lr`` when ``update`` is exactly ``phi - lr * g`` for one plain-number ``lr``
-        and no state (the inner loop then applies :meth:`plain_update` at that rate
+        and no state (the inner loop then applies :func:`plain_update` at that rate
         instead of ``update``); ``None`` otherwise."""
         return None
-
-    @staticmethod
-    def plain_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float,
-                     inplace: bool = False) -> Tuple[Tensor, ...]:
-        """``update``'s new parameters for a rule whose :attr:`plain_rate` is ``lr``:
-        ``phi - lr * g`` for each parameter and its gradient, in order, without the
-        containers. The same operation as :meth:`SGD.update`'s, bit for bit: one foreach
-        kernel where nothing is differentiated, ``p.add(g, alpha=-lr)`` per parameter
-        under autograd. ``inplace``: written into ``params`` (which must carry no graph:
-        the inner loop's detached aliases of its leaves) and returned.
-
-        The rate is an argument, not read from :attr:`plain_rate` here: the inner loop
-        reads that once per call (it walks the rule's classes)."""
-        if inplace:
-            torch._foreach_add_(params, grads, alpha=-lr)
-            return tuple(params)
-        if not torch.is_grad_enabled():
-            return tuple(torch._foreach_add(params, grads, alpha=-lr))
-        return tuple(p.add(g, alpha=-lr) for p, g in zip(params, grads))
 
     def update(self, grads, state, params, hyper):
         """Return ``(new_params, new_state)``; see the module docstring."""

@@ -20,9 +20,9 @@ recomputed; the global random state is saved once around a whole run
 The module is evaluated at the inner parameters by swapping its parameter and
 buffer entries (:class:`~torch_ufom.functional_model.Reparametrization`, found in
 the loop's one walk of the module) rather than by ``torch.func.functional_call``
-at every step, and plain SGD at a plain-number rate is applied through the rule's
-foreach form (:meth:`~torch_ufom.inner.InnerRule.plain_update`): the same
-operations as the general path, bit for bit (``tests/test_fastpath.py``).
+at every step, and plain SGD at a plain-number rate is applied with foreach
+kernels (:func:`~torch_ufom.inner.plain_update`): the same operations as the
+general path, bit for bit (``tests/test_fastpath.py``).
 
 The module holds, in this order (a map for readers; each part's contract is in
 its docstrings): the looks for a loss that differentiates (:class:`Differentiates`)
@@ -66,7 +66,7 @@ from .functional_model import (FunctionalModel, Reparametrization, renormalises_
                                take_assigned_none_buffers)
 from .graphs import (check_twice_differentiable, graph_nodes, graph_reaches, graph_targets, look_at_graph,
                      recomputes_message, sequence_marker)
-from .inner import shortcut
+from .inner import plain_update, shortcut
 from .losses import check_kept_aux, detached, loss_and_aux
 from .process import caller_level, current_level, fullgraph_refused, process_lock
 from .randomness import (OwnDraws, cuda_devices_in_use, host_random_states, set_torch_random_states,
@@ -936,9 +936,9 @@ class InnerLoop:
 
     def apply_rule(self, grads, state: State):
         """The inner rule's update at ``state``: ``(params, rule state)``; plain SGD at a fixed rate without
-        its containers (:meth:`~torch_ufom.inner.InnerRule.plain_update`; :meth:`Loop.apply_rule`)."""
+        its containers (:func:`~torch_ufom.inner.plain_update`; :meth:`Loop.apply_rule`)."""
         if self.plain_rate is not None:
-            return self.rule.plain_update(state.params, grads, self.plain_rate), ()
+            return plain_update(state.params, grads, self.plain_rate), ()
         watched = self.own_rule and self.hypergradient  # (adapt differentiates nothing: review s38H F3)
         if watched:  # (review s38IR F2: a write into the gradient halved d/dlr under fom, silently)
             args = (*grads, *state.opt, *state.params)
@@ -1011,7 +1011,7 @@ class InnerLoop:
         """:meth:`forward` for plain SGD at a plain-number rate, ``stop >= 2``.
 
         Steps ``2..stop`` update the parameters step 1 made in place (the rule's
-        :meth:`~torch_ufom.inner.InnerRule.plain_update`, one foreach kernel each,
+        :func:`~torch_ufom.inner.plain_update`, one foreach kernel each,
         through detached aliases: the gradients carry no graph), and a module
         without buffers is evaluated through one :class:`FunctionalModel` for all
         of them. Every step is seeded with its own stream, as elsewhere: a
@@ -1021,7 +1021,6 @@ class InnerLoop:
         state, loss, _ = self.advance(state, 1)
         log.first(loss)
         params, rate, batch, grad = state.params, self.plain_rate, self.batch, self.evaluator.grad
-        update = self.rule.plain_update
         for p in params:
             p.requires_grad_()
         targets = [p.detach() for p in params]  # same storage and version counter
@@ -1034,7 +1033,7 @@ class InnerLoop:
                 # next step's value (review s34C F2). (Detached of a forward-mode tangent too:
                 # review s33B F2.)
                 log.first(loss.detach())
-                update(targets, grads, rate, inplace=True)
+                plain_update(targets, grads, rate, inplace=True)
                 # Autocast caches a low-precision copy of each leaf until its outermost region
                 # exits; a region the losses open without exiting it (torch.set_autocast_enabled)
                 # would keep serving this step's copy (review s34C F1: 17 % off), as would a worker
