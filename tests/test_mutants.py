@@ -2074,11 +2074,11 @@ def test_a_numpy_draw_under_fwdrev_is_refused_as_such_not_as_a_failure_inside_to
         elif draws == "every_step":
             x = x + 0.1 * torch.from_numpy(np.random.randn(*x.shape))
         return x, y
-    with pytest.raises(torch_ufom.unroll.FwdRevCannot) as raised:
+    with pytest.raises(torch_ufom.fwdrev.FwdRevCannot) as raised:
         _s39_fwdrev(support, data[3])()
-    assert type(raised.value) is torch_ufom.unroll.FwdRevCannot
+    assert type(raised.value) is torch_ufom.fwdrev.FwdRevCannot
     said = str(raised.value)
-    assert said.startswith(torch_ufom.unroll.FWDREV_DRAWS) and "failed inside torch.func" not in said
+    assert said.startswith(torch_ufom.fwdrev.FWDREV_DRAWS) and "failed inside torch.func" not in said
 
 
 def test_a_fwdrev_disagreement_of_a_batch_sampled_anew_at_each_call_names_the_sampler():
@@ -2093,9 +2093,9 @@ def test_a_fwdrev_disagreement_of_a_batch_sampled_anew_at_each_call_names_the_sa
         calls[j] += 1
         x, y = data[j]
         return x + 0.01 * calls[j] * (j == 1), y
-    with pytest.raises(torch_ufom.unroll.FwdRevDisagrees) as raised:
+    with pytest.raises(torch_ufom.fwdrev.FwdRevDisagrees) as raised:
         _s39_fwdrev(anew, data[3])()
-    assert type(raised.value) is torch_ufom.unroll.FwdRevDisagrees
+    assert type(raised.value) is torch_ufom.fwdrev.FwdRevDisagrees
     assert str(raised.value).startswith("Invalid hvp: 'fwdrev' gives another Hessian-vector product")
     assert torch_ufom.batches.SAMPLES_ANEW in str(raised.value)
 

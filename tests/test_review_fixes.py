@@ -1004,7 +1004,7 @@ def test_a_frozen_teacher_under_no_grad_is_no_stop_gradient():
 def test_hvp_disagreement_leaves_non_finite_products_to_the_sweep():
     # A NaN in either product was reported as a disagreement ("nan relative") with advice to use revrev,
     # which was the path that failed (torch's double backward of a log-space scan gives NaN there).
-    from torch_ufom.unroll import hvp_disagreement
+    from torch_ufom.fwdrev import hvp_disagreement
     one, nan = (torch.ones(3),), (torch.tensor([1.0, float("nan"), 1.0]),)
     assert hvp_disagreement(nan, one)[0] == 0.0 and hvp_disagreement(one, nan)[0] == 0.0
     assert hvp_disagreement(one, one)[0] == 0.0

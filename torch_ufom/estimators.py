@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 
 from .batches import SAMPLES_ANEW
+from .fwdrev import FUNC_DRAWS_OTHERWISE
 from .inner import shortcut
 from .schedules import Schedule
 from .truncation import telescope_weights
-from .unroll import FUNC_DRAWS_OTHERWISE, Loop, SweepPlan, Unchain, chain_vjp
+from .unroll import Loop, SweepPlan, Unchain, chain_vjp
 
 __all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient", "plus",
            "finite_each", "finite_norms", "first_nonfinite_loss", "raised_by_hook"]

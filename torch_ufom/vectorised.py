@@ -37,12 +37,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .batches import StepBatches
 from .functional_model import FunctionalModel, cell_filled, renormalises_weights
+from .fwdrev import jvp
 from .graphs import graph_nodes, graph_reaches, graph_survey, once_differentiable, root_of, wrong_twice
 from .losses import check_depends, check_kept_aux, loss_and_aux, slot_names
 from .process import outside_transforms
 from .randomness import (cuda_devices_in_use, generator_position, host_random_states, is_default_generator,
                          set_host_random_states, torch_random_states_kept)
-from .unroll import AUTOGRAD_CALLS, from_torch_func, jvp, note_probed, watched_loss
+from .unroll import AUTOGRAD_CALLS, from_torch_func, note_probed, watched_loss
 
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation", "probe",
            "probe_steps", "reads_meta_directly", "LookFailed", "SLOW_ON_CPU_ELEMENTS", "FEWEST_TASKS_ON_CPU",
