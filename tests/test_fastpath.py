@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import torch_ufom
-from torch_ufom import functional_model, inner, unroll
+from torch_ufom import functional_model, inner, records, unroll
 from helpers import mse, rel_err, unit_rows
 from oracle import brute_force
 from zoo import KINDS
@@ -164,7 +164,7 @@ def test_a_checkpointed_sweep_keeps_few_records_alive(monkeypatch):
     import weakref
 
     alive, most = weakref.WeakSet(), []
-    init, vjp = unroll.StepRecord.__init__, unroll.StepRecord.vjp_exact
+    init, vjp = records.StepRecord.__init__, records.StepRecord.vjp_exact
 
     def counted_init(self, *args):
         init(self, *args)
@@ -174,8 +174,8 @@ def test_a_checkpointed_sweep_keeps_few_records_alive(monkeypatch):
         most.append(len(alive))
         return vjp(self, e, log)
 
-    monkeypatch.setattr(unroll.StepRecord, "__init__", counted_init)
-    monkeypatch.setattr(unroll.StepRecord, "vjp_exact", counted_vjp)
+    monkeypatch.setattr(records.StepRecord, "__init__", counted_init)
+    monkeypatch.setattr(records.StepRecord, "vjp_exact", counted_vjp)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     x = torch.randn(5, 3, dtype=torch.float64)
 
@@ -193,7 +193,7 @@ def test_the_connected_backward_holds_no_record(monkeypatch):
     import weakref
 
     alive, seen = weakref.WeakSet(), []
-    init, vjp = unroll.StepRecord.__init__, unroll._vjp
+    init, vjp = records.StepRecord.__init__, records._vjp
 
     def counted_init(self, *args):
         init(self, *args)
@@ -203,8 +203,8 @@ def test_the_connected_backward_holds_no_record(monkeypatch):
         seen.append(len(alive))
         return vjp(*args, **kw)
 
-    monkeypatch.setattr(unroll.StepRecord, "__init__", counted_init)
-    monkeypatch.setattr(unroll, "_vjp", counted_vjp)
+    monkeypatch.setattr(records.StepRecord, "__init__", counted_init)
+    monkeypatch.setattr(records, "_vjp", counted_vjp)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     x = torch.randn(5, 3, dtype=torch.float64)
 

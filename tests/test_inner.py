@@ -551,8 +551,8 @@ def test_identity_rules_sweep_no_first_order_step(make, mode, kw, monkeypatch):
     model.double()
     data = [(x.double(), y.double()) for x, y in data]
     calls = []
-    vjp = torch_ufom.unroll.StepRecord.vjp_first_order
-    monkeypatch.setattr(torch_ufom.unroll.StepRecord, "vjp_first_order",
+    vjp = torch_ufom.records.StepRecord.vjp_first_order
+    monkeypatch.setattr(torch_ufom.records.StepRecord, "vjp_first_order",
                         lambda self, f: calls.append(1) or vjp(self, f))
 
     def run(identity):

@@ -70,6 +70,9 @@ ALLOW = {  # (module, qualname, rule) -> reason
     "arguments to the user's module through torch.func.functional_call (as __call__), not configuration",
     ("functional_model.py", "FunctionalModel.run", "R2"): "forwards the user's arguments to the user's "
     "function of the module (fmodel.run(fn, *args, **kwargs), as __call__), not configuration",
+    ("unroll.py", "InnerLoop.record", "R3"): "sets the StepRecord's linked flag, which only the loop "
+    "knows once it has built the record (records.py holds the class since the split; its constructor is "
+    "at R1's parameter limit)",
     ("adapt.py", "StackedFunctionalModel.__call__", "R2"): "forwards the user's call arguments to "
     "the user's module under vmap (the nn.Module call protocol), not configuration",
     ("vectorised.py", "_Probe.__torch_function__", "R2"): "signature fixed by torch's TorchFunctionMode",

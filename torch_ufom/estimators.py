@@ -35,9 +35,10 @@ from torch import Tensor
 from .batches import SAMPLES_ANEW
 from .fwdrev import FUNC_DRAWS_OTHERWISE
 from .inner import shortcut
+from .records import Unchain, chain_vjp
 from .schedules import Schedule
 from .truncation import telescope_weights
-from .unroll import Loop, SweepPlan, Unchain, chain_vjp
+from .unroll import Loop, SweepPlan
 
 __all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient", "plus",
            "finite_each", "finite_norms", "first_nonfinite_loss", "raised_by_hook"]

@@ -3,7 +3,7 @@
 The exact reverse sweep visits steps ``j = stop, stop-1, ..., start+1`` and
 needs the state ``s_{j-1}`` of each, with that step's graph. A schedule runs
 the forward pass over those steps and then yields one
-:class:`~torch_ufom.unroll.StepRecord` per step in reverse order:
+:class:`~torch_ufom.records.StepRecord` per step in reverse order:
 
 * :class:`Store` keeps every step's graph from the forward pass: ``O(K)``
   memory, no recomputation (the classic unrolled graph).
@@ -39,7 +39,8 @@ from .batches import SAMPLES_ANEW
 from .checks import invalid, is_int
 from .process import caller_level
 from .randomness import host_random_states
-from .unroll import REPLAY_DRAWS, Loop, State, StepRecord, SweepPlan
+from .records import StepRecord
+from .unroll import REPLAY_DRAWS, Loop, State, SweepPlan
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
