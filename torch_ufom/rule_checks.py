@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Sequence, Tuple
 
 import torch
 import torch.utils._pytree as pytree
+from torch.autograd import forward_ad
 from torch import Tensor, nn
 
-from .graphs import graph_reaches, root_of
+from .graphs import graph_nodes, graph_reaches, graph_targets, root_of
 from .inner import own_code, shortcut
+from .randomness import set_torch_random_states, torch_random_states
+
+if TYPE_CHECKING:  # (annotations only)
+    from .unroll import State
 
 __all__ = ["held_tensors", "rule_reads_meta", "checked_rule_state", "checked_update", "init_with_derivative",
            "init_reaches_learned", "init_unchecked", "inplace_update", "detached_update", "elementwise_rule",
-           "library_code", "versions"]
+           "library_code", "versions", "checked_init", "written_argument", "init_reentrant"]
 
 
 def held_tensors(rule: Any) -> List[Tensor]:
@@ -218,3 +223,117 @@ def elementwise_rule(rule: Any) -> bool:
     does it run unchanged on a meta-batch's stacked state (and give each parameter an
     update of its own)."""
     return library_code(rule) or getattr(rule, "elementwise", False) is True
+
+
+def init_reentrant(rule: Any) -> str:
+    """The refusal of an ``init`` whose state a reentrant ``torch.utils.checkpoint`` computed
+    (review s38R5 F3)."""
+    return (f"Invalid inner: {type(rule).__name__}.init returned a state computed under a reentrant "
+            "torch.utils.checkpoint (use_reentrant=True), which hides what it reads from the library's "
+            "check for a derivative that a hypergradient would drop (init is not differentiated): use "
+            "use_reentrant=False, or build a constant state under torch.no_grad()")
+
+
+def checked_init(rule: Any, names: Sequence[str], named: Mapping[str, Tensor], meta: Sequence[Tensor],
+                 params: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    """``rule.init`` at ``params`` (by ``names``; ``named``, the module's own tensors by name, tells
+    the parameters among the learned ``meta``): the state of a rule of the user's, refused
+    (``ValueError``) where it has a derivative that a hypergradient would drop (review s38IR F1: a
+    proximal anchor ``params[n].clone()``, 4.5e-2 to 0.24 off): with respect to a parameter the
+    hypergradient differentiates (one whose tensor is among the learned ones; review s38R4 F3:
+    ``params=[lr]`` alone differentiates none), or to a learned tensor, or is a copy of such a
+    parameter or a learned tensor itself (review s38R3 F1). ``init`` runs under autograd at copies
+    of the parameters that require grad; a random cotangent's VJP with respect to those copies must
+    be zero (the graph kept: review s38R3 F3), so that a constant with a graph (``p * 0``) passes
+    (review s38R F2), detached, while a state whose graph reaches a learned tensor is refused (no
+    backward into the learned tensors, whose hooks would run: review s38R4 F4). An ``init`` that
+    fails there (reading ``p.numpy()``, review s38R F3) runs again at forward-mode dual copies,
+    whose random tangents must not reach the state (review s38R3 F2); one that fails there too runs
+    at plain copies (an error of its own raises as it is, review s38R5 F1) and, like one whose
+    derivative autograd cannot take or that a reentrant checkpoint computed, is refused as
+    uncheckable where a parameter is differentiated (review s38R4 F1 / F2, s38R5 F3). torch's
+    generators are put back before each retry (review s38R2 F3; NumPy's and Python's are not: such
+    an init draws from them again)."""
+    g = torch.Generator().manual_seed(0)  # (its own: the global streams stay as they are)
+    drawn = torch_random_states()
+    learned_ids = {id(m) for m in meta}
+    learned = [id(named[n]) in learned_ids for n in names]
+
+    def put_back():
+        set_torch_random_states(drawn)
+
+    def random_like(t):
+        return torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
+
+    def init(given):
+        return checked_rule_state(rule, rule.init(dict(zip(names, given))), "init")
+
+    leaves = tuple(p.detach().requires_grad_() for p in params)
+    checked = tuple(t for t, d in zip(leaves, learned) if d)  # the copies whose derivative matters
+    depends, failed, unchecked = False, False, None
+    try:
+        with torch.enable_grad():
+            opt = init(leaves)
+    except RuntimeError:
+        failed = True
+    if failed:
+        put_back()
+        checked = ()
+        try:
+            with torch.enable_grad(), forward_ad.dual_level():
+                duals = tuple(forward_ad.make_dual(p, random_like(p)) if d and (
+                    p.is_floating_point() or p.is_complex()) else p for p, d in zip(params, learned))
+                unpacked = [forward_ad.unpack_dual(t) for t in init(duals)]
+                depends = any(u.tangent is not None and bool(u.tangent.ne(0).any()) for u in unpacked)
+                opt = tuple(u.primal for u in unpacked)
+        except RuntimeError as err:
+            unchecked = err
+    if unchecked is not None:  # (outside the handlers: an error of the init's own raises once, as it is)
+        put_back()
+        with torch.enable_grad():
+            opt = init(params)  # (review s38R5 F1)
+        if any(learned):
+            raise ValueError(init_unchecked(rule, unchecked)) from unchecked
+    if depends or any(t is x for t in opt for x in (*checked, *meta)):
+        raise ValueError(init_with_derivative(rule))
+    graphed = [t for t in opt if t.grad_fn is not None and (t.is_floating_point() or t.is_complex())]
+    if graphed and meta and graph_reaches([t.grad_fn for t in graphed], *graph_targets(meta)):
+        raise ValueError(init_reaches_learned(rule))
+    if graphed and any(type(node).__name__ == "CheckpointFunctionBackward"
+                       for node in graph_nodes([t.grad_fn for t in graphed])):
+        # (a reentrant torch.utils.checkpoint hides what it reads from autograd.grad: review s38R5 F3)
+        raise ValueError(init_reentrant(rule))
+    if graphed and checked:
+        # (complex ones too: review s38R2 F1, an anchor in a complex state was taken for a constant)
+        try:
+            got = torch.autograd.grad(graphed, checked, [random_like(t) for t in graphed],
+                                      allow_unused=True, retain_graph=True)
+        except (RuntimeError, NotImplementedError) as err:  # (a Function without a backward)
+            raise ValueError(init_unchecked(rule, err)) from err
+        if any(d is not None and bool(d.ne(0).any()) for d in got):
+            raise ValueError(init_with_derivative(rule))
+    # (a leaf the init made to require grad, zeros_like(p).requires_grad_(), is left as it was)
+    return tuple(t.detach() if t.grad_fn is not None else t for t in opt)
+
+
+def written_argument(rule: Any, names: Sequence[str], grads, state: "State", args=None, before=None) -> str:
+    """``(grads['w'])``, ``(state[0])`` or ``(params['w'])``: the first argument a rule of the
+    user's ``update`` wrote into, by version counters; where autograd refused the write
+    (a leaf that requires grad, review s38H F2: no argument named), found by running the
+    update again at detached copies, without a graph."""
+    if args is None:
+        args = tuple(t.detach().clone() for t in (*grads, *state.opt, *state.params))
+        before = versions(args)
+        n, m = len(grads), len(state.opt)
+        try:
+            with torch.no_grad():
+                rule.update(dict(zip(names, args[:n])), args[n:n + m],
+                                 dict(zip(names, args[n + m:])), rule.hyper)
+        except Exception:  # noqa: BLE001 (review s38R8 F2: one failing there: the refusal unnamed)
+            return "(one of them)"
+    i = next((i for i, (a, b) in enumerate(zip(versions(args), before)) if a != b), None)
+    if i is None:
+        return "(one of them)"
+    n, m = len(grads), len(state.opt)
+    return (f"(grads[{names[i]!r}])" if i < n else f"(state[{i - n}])" if i < n + m
+            else f"(params[{names[i - n - m]!r}])")

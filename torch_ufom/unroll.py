@@ -59,7 +59,6 @@ import weakref
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
-from torch.autograd import forward_ad
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -67,17 +66,16 @@ from .batches import SAMPLES_ANEW, StepBatches, batch_getter, per_step_batches
 from .functional_model import (FunctionalModel, Reparametrization, renormalises_weights, sparse_weights,
                                take_assigned_none_buffers)
 from .fwdrev import FWDREV_DRAWS, FwdRevCannot, FwdRevDisagrees, fwdrev_error, hvp_disagreement, jvp
-from .graphs import (check_twice_differentiable, graph_nodes, graph_reaches, graph_targets, look_at_graph,
+from .graphs import (check_twice_differentiable, graph_nodes, graph_reaches, look_at_graph,
                      recomputes_message, sequence_marker)
 from .inner import plain_update, shortcut
 from .losses import check_kept_aux, detached, loss_and_aux
 from .process import caller_level, current_level, fullgraph_refused, process_lock
-from .randomness import (OwnDraws, cuda_devices_in_use, host_random_states, set_torch_random_states,
-                         states_differ, torch_random_states, torch_random_states_kept)
+from .randomness import (OwnDraws, cuda_devices_in_use, host_random_states, states_differ,
+                         torch_random_states, torch_random_states_kept)
 from .records import StepRecord, Unchain, second_derivatives
-from .rule_checks import (checked_rule_state, checked_update, detached_update, elementwise_rule,
-                          init_reaches_learned, init_unchecked, init_with_derivative, inplace_update,
-                          library_code, rule_reads_meta, versions)
+from .rule_checks import (checked_init, checked_rule_state, checked_update, detached_update, elementwise_rule,
+                          inplace_update, library_code, rule_reads_meta, versions, written_argument)
 
 __all__ = ["State", "Problem", "SweepPlan", "Evaluator", "Loop", "PerTask", "InnerLoop", "REPLAY_DRAWS",
            "AUTOGRAD_CALLS", "from_torch_func", "note_probed", "probed_ids", "reads_nothing", "watched_loss",
@@ -589,100 +587,16 @@ class InnerLoop:
         """``s_0``: the module's parameters, the rule's initial state, the module's buffers.
         ``differentiated``: for a hypergradient, which does not differentiate ``init``: a
         rule of the user's ``init`` is checked for a derivative it would drop
-        (:meth:`_init_checked`)."""
+        (:func:`~torch_ufom.rule_checks.checked_init`)."""
         params = self.evaluator.stack(tuple(self.named[n].detach().clone() for n in self.names))
         if self.own_rule and differentiated:
-            opt = self._init_checked(params)
+            opt = checked_init(self.rule, self.names, self.named, self.meta, params)
         else:
             opt = self.rule.init(dict(zip(self.names, params)))
         if self.own_rule:
             opt = checked_rule_state(self.rule, opt, "init")
         buffers = tuple(b.detach() for _, b in self.module_buffers)
         return State(params, tuple(opt), buffers)
-
-    def _init_checked(self, params: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
-        """A rule of the user's ``init``, its state refused (``ValueError``) where it has a
-        derivative that a hypergradient would drop (review s38IR F1: a proximal anchor
-        ``params[n].clone()``, 4.5e-2 to 0.24 off): with respect to a parameter the
-        hypergradient differentiates (one whose tensor is among the learned ones; review
-        s38R4 F3: ``params=[lr]`` alone differentiates none), or to a learned tensor, or is a
-        copy of such a parameter or a learned tensor itself (review s38R3 F1). ``init`` runs
-        under autograd at copies of the parameters that require grad; a random cotangent's
-        VJP with respect to those copies must be zero (the graph kept: review s38R3 F3), so
-        that a constant with a graph (``p * 0``) passes (review s38R F2), detached, while a
-        state whose graph reaches a learned tensor is refused (no backward into the learned
-        tensors, whose hooks would run: review s38R4 F4). An ``init`` that fails there
-        (reading ``p.numpy()``, review s38R F3) runs again at forward-mode dual copies,
-        whose random tangents must not reach the state (review s38R3 F2); one that fails
-        there too runs at plain copies (an error of its own raises as it is, review s38R5
-        F1) and, like one whose derivative autograd cannot take or that a reentrant
-        checkpoint computed, is refused as uncheckable where a parameter is differentiated
-        (review s38R4 F1 / F2, s38R5 F3). torch's generators are put back before each retry
-        (review s38R2 F3; NumPy's and Python's are not: such an init draws from them again)."""
-        g = torch.Generator().manual_seed(0)  # (its own: the global streams stay as they are)
-        drawn = torch_random_states()
-        learned_ids = {id(m) for m in self.meta}
-        learned = [id(self.named[n]) in learned_ids for n in self.names]
-
-        def put_back():
-            set_torch_random_states(drawn)
-
-        def random_like(t):
-            return torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
-
-        def init(given):
-            return checked_rule_state(self.rule, self.rule.init(dict(zip(self.names, given))), "init")
-
-        leaves = tuple(p.detach().requires_grad_() for p in params)
-        checked = tuple(t for t, d in zip(leaves, learned) if d)  # the copies whose derivative matters
-        depends, failed, unchecked = False, False, None
-        try:
-            with torch.enable_grad():
-                opt = init(leaves)
-        except RuntimeError:
-            failed = True
-        if failed:
-            put_back()
-            checked = ()
-            try:
-                with torch.enable_grad(), forward_ad.dual_level():
-                    duals = tuple(forward_ad.make_dual(p, random_like(p)) if d and (
-                        p.is_floating_point() or p.is_complex()) else p for p, d in zip(params, learned))
-                    unpacked = [forward_ad.unpack_dual(t) for t in init(duals)]
-                    depends = any(u.tangent is not None and bool(u.tangent.ne(0).any()) for u in unpacked)
-                    opt = tuple(u.primal for u in unpacked)
-            except RuntimeError as err:
-                unchecked = err
-        if unchecked is not None:  # (outside the handlers: an error of the init's own raises once, as it is)
-            put_back()
-            with torch.enable_grad():
-                opt = init(params)  # (review s38R5 F1)
-            if any(learned):
-                raise ValueError(init_unchecked(self.rule, unchecked)) from unchecked
-        if depends or any(t is x for t in opt for x in (*checked, *self.meta)):
-            raise ValueError(init_with_derivative(self.rule))
-        graphed = [t for t in opt if t.grad_fn is not None and (t.is_floating_point() or t.is_complex())]
-        if graphed and self.meta and graph_reaches([t.grad_fn for t in graphed], *graph_targets(self.meta)):
-            raise ValueError(init_reaches_learned(self.rule))
-        if graphed and any(type(node).__name__ == "CheckpointFunctionBackward"
-                           for node in graph_nodes([t.grad_fn for t in graphed])):
-            # (a reentrant torch.utils.checkpoint hides what it reads from autograd.grad: review s38R5 F3)
-            raise ValueError(
-                f"Invalid inner: {type(self.rule).__name__}.init returned a state computed under a reentrant "
-                "torch.utils.checkpoint (use_reentrant=True), which hides what it reads from the library's "
-                "check for a derivative that a hypergradient would drop (init is not differentiated): use "
-                "use_reentrant=False, or build a constant state under torch.no_grad()")
-        if graphed and checked:
-            # (complex ones too: review s38R2 F1, an anchor in a complex state was taken for a constant)
-            try:
-                got = torch.autograd.grad(graphed, checked, [random_like(t) for t in graphed],
-                                          allow_unused=True, retain_graph=True)
-            except (RuntimeError, NotImplementedError) as err:  # (a Function without a backward)
-                raise ValueError(init_unchecked(self.rule, err)) from err
-            if any(d is not None and bool(d.ne(0).any()) for d in got):
-                raise ValueError(init_with_derivative(self.rule))
-        # (a leaf the init made to require grad, zeros_like(p).requires_grad_(), is left as it was)
-        return tuple(t.detach() if t.grad_fn is not None else t for t in opt)
 
     def fmodel(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> FunctionalModel:
         """A :class:`FunctionalModel` at ``params``, with fresh copies of ``buffers``."""
@@ -878,28 +792,6 @@ class InnerLoop:
         self.densify = True
         return tuple(g if g.layout == torch.strided else g.to_dense() for g in grads)
 
-    def _written_argument(self, grads, state: State, args=None, before=None) -> str:
-        """``(grads['w'])``, ``(state[0])`` or ``(params['w'])``: the first argument a rule of the
-        user's ``update`` wrote into, by version counters; where autograd refused the write
-        (a leaf that requires grad, review s38H F2: no argument named), found by running the
-        update again at detached copies, without a graph."""
-        if args is None:
-            args = tuple(t.detach().clone() for t in (*grads, *state.opt, *state.params))
-            before = versions(args)
-            n, m = len(grads), len(state.opt)
-            try:
-                with torch.no_grad():
-                    self.rule.update(dict(zip(self.names, args[:n])), args[n:n + m],
-                                     dict(zip(self.names, args[n + m:])), self.rule.hyper)
-            except Exception:  # noqa: BLE001 (review s38R8 F2: one failing there: the refusal unnamed)
-                return "(one of them)"
-        i = next((i for i, (a, b) in enumerate(zip(versions(args), before)) if a != b), None)
-        if i is None:
-            return "(one of them)"
-        n, m = len(grads), len(state.opt)
-        return (f"(grads[{self.names[i]!r}])" if i < n else f"(state[{i - n}])" if i < n + m
-                else f"(params[{self.names[i - n - m]!r}])")
-
     def apply_rule(self, grads, state: State):
         """The inner rule's update at ``state``: ``(params, rule state)``; plain SGD at a fixed rate without
         its containers (:func:`~torch_ufom.inner.plain_update`; :meth:`Loop.apply_rule`)."""
@@ -915,10 +807,12 @@ class InnerLoop:
                 self.rule.hyper)
         except RuntimeError as err:  # (review s38IR F3: autograd's message named neither)
             if watched and "leaf Variable that requires grad is being used in an in-place" in str(err):
-                raise ValueError(inplace_update(self.rule, self._written_argument(grads, state))) from err
+                where = written_argument(self.rule, self.names, grads, state)
+                raise ValueError(inplace_update(self.rule, where)) from err
             raise
         if watched and versions(args) != before:
-            raise ValueError(inplace_update(self.rule, self._written_argument(grads, state, args, before)))
+            where = written_argument(self.rule, self.names, grads, state, args, before)
+            raise ValueError(inplace_update(self.rule, where))
         if self.own_rule and not self.rule_checked:  # (the first step's: review s32O F4, 5 us a step)
             out = checked_update(self.rule, out, self.names, state.params)
             self.rule_checked = True
