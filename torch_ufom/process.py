@@ -10,6 +10,14 @@
   transform is running;
 * :func:`caller_level`: the ``stacklevel`` that makes a warning point at the
   user's call.
+
+Forks: a child forked while another thread held a lock inherits it held, by a
+thread the child does not have, and its first call would wait forever (review GE
+F2). Each module that holds a lock gives the child a new one in its own at-fork
+handler (this one, :mod:`~torch_ufom.functional_model`, :mod:`~torch_ufom.unroll`,
+:mod:`~torch_ufom.vectorised`, run in that order, the order of their imports). No
+handler takes another module's lock: ``functional_model``'s, which also undoes the
+swaps only other threads were in, must not take the process lock.
 """
 from __future__ import annotations
 

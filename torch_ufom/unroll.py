@@ -410,15 +410,14 @@ PROBED: weakref.WeakSet = weakref.WeakSet()
 _PROBED_LOCK = threading.Lock()  # (another thread's probe may add to it while a check reads it)
 
 
-def _new_lock_after_fork() -> None:
-    """A child forked while another thread held the lock inherits it held, by a thread it does
-    not have: its first call would wait forever (review GE F2). The child gets a new lock."""
+def _probed_after_fork() -> None:
+    """A new ``_PROBED_LOCK`` in a forked child (:mod:`torch_ufom.process` says why)."""
     global _PROBED_LOCK
     _PROBED_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_after_fork)
+    os.register_at_fork(after_in_child=_probed_after_fork)
 
 
 def note_probed(tensors) -> None:
