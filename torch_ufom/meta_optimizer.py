@@ -12,13 +12,11 @@ after a process group's all-reduce, and the per-step bookkeeping (``q``'s
 statistics, the tasks' buffers with ``track_buffers``). ``state_dict`` /
 ``load_state_dict`` carry the outer optimizer's state, the generator's, the
 adaptive ``q``'s statistics, the tally and the settings it was saved with; the
-format and its validation are at the end of this module.
+format and its validation are :mod:`torch_ufom.state_dicts`'.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
-import math
 import numbers
 import time
 import warnings
@@ -41,9 +39,12 @@ from .estimators import NonFiniteHypergradient, plus
 from .functional import (BatchRun, bind_problem, buffer_names, estimate_batch, estimate_task,
                          learned_buffer_message, sum_grads, task_aux)
 from .functional_model import FunctionalModel
-from .inner import InnerRule, PerStep, in_range
+from .graphs import root_of
+from .inner import InnerRule, PerStep
 from .process import caller_level, one_call_at_a_time
 from .randomness import restore_rng_on_error
+from .state_dicts import (canonical, check_meta_values, check_state_dict, plain, saved_law_differs,
+                          settings_differ, settings_summary)
 from .truncation import TruncationLaw, is_bernoulli
 from .unroll import Problem
 from .vectorised import EmptyMetaBatch
@@ -1446,9 +1447,9 @@ class MetaOptimizer:
         ranks built with another ``inner_lr`` or ``inner_params``, 0.76 / 0.15 off every
         single-process run, or stepping at another outer ``lr``, drifting apart)."""
         summary = self._settings_summary()
-        outer = [{k: _plain(v, frozenset(id(t) for t in meta)) for k, v in group.items() if k != "params"}
+        outer = [{k: plain(v, frozenset(id(t) for t in meta)) for k, v in group.items() if k != "params"}
                  for group in self.optimizer.param_groups]
-        return {name: zlib.crc32(repr(_canonical(value)).encode()) for name, value in (
+        return {name: zlib.crc32(repr(canonical(value)).encode()) for name, value in (
             ("the meta-parameters (their number, shapes and dtypes)",
              [(tuple(p.shape), str(p.dtype)) for p in meta]),
             ("reduction", self._reduction),
@@ -1567,32 +1568,10 @@ class MetaOptimizer:
         return [t for t in self.meta_parameters() if id(t) not in own]
 
     def _settings_summary(self) -> Dict[str, Any]:
-        """The resolved configuration as plain values (what ``torch.load`` with
-        ``weights_only=True`` reads back), for :meth:`load_state_dict` to compare.
-        Equivalent keywords give the same summary: the law by its probabilities
-        (``mode="exact"`` or ``truncation=Fixed()``; a ``q`` that ``exact`` ignores),
-        the inner rule by its hyperparameters as numbers (``inner_lr=1`` or
-        ``inner=SGD(1.0)``; a learned tensor as ``"tensor"``), and no memory or HVP
-        setting under a law that never runs an exact sweep."""
-        c = self._config
-        learned = frozenset(id(t) for t in self.meta_parameters())
-        if c.adaptive is not None:
-            law = "q='auto', " + ", ".join(f"{k}={_plain(v)!r}" for k, v in vars(c.adaptive).items())
-        else:
-            law = f"P(K = 0..{c.steps}) = {tuple(round(float(p), 15) for p in c.law.probs(c.steps))}"
-        flags = set()  # the options of the rule's constructors (nesterov=, amsgrad=, centered=)
-        for cls in type(c.rule).__mro__:
-            if "__init__" in vars(cls) and cls is not object:
-                flags |= set(inspect.signature(vars(cls)["__init__"]).parameters)
-        rule = {"type": type(c.rule).__name__, **{k: _plain(v, learned) for k, v in c.rule.hyper.items()},
-                **{k: v for k, v in vars(c.rule).items() if k in flags and isinstance(v, bool)}}
-        out = {"format": _SETTINGS_FORMAT, "steps": int(c.steps), "law": law, "inner": rule,
-               "inner_params": list(c.adapted), "vectorise": _plain(c.vectorise),
-               "reduction": self._reduction, "track_buffers": self._track_buffers,
-               "generator": self.generator is not None}
-        if c.adaptive is not None or c.law.survival(c.steps)[1] > 0.0:
-            out.update(memory=c.memory, slots=_plain(c.slots), max_memory=_plain(c.max_memory), hvp=c.hvp)
-        return out
+        """This optimizer's settings as plain values (:func:`~torch_ufom.state_dicts.settings_summary`),
+        which ``state_dict`` saves and :meth:`load_state_dict` compares."""
+        return settings_summary(self._config, self.meta_parameters(), self._reduction, self._track_buffers,
+                                self.generator is not None)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned.
@@ -1630,10 +1609,11 @@ class MetaOptimizer:
             ValueError: an entry does not fit this ``MetaOptimizer``; nothing is changed.
         """
         extra = self._extra_meta()
-        law = self._settings_summary()["law"]
-        _check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive, extra, law)
-        _check_meta_values(state_dict.get("meta_tensors"), extra, self._config.rule)
-        differs = self._settings_differ(state_dict.get("settings"))  # (before anything changes: IA F3)
+        summary = self._settings_summary()
+        law = summary["law"]
+        check_state_dict(state_dict, self.optimizer, self.generator, self.adaptive, extra, law)
+        check_meta_values(state_dict.get("meta_tensors"), extra, self._config.rule)
+        differs = settings_differ(state_dict.get("settings"), summary)  # (before anything changes: IA F3)
         if differs:  # (before anything changes too: raised as an error, it changes nothing, review s37B F2)
             warnings.warn(differs, stacklevel=caller_level())
         opt, gen = self.optimizer, self.generator
@@ -1663,7 +1643,7 @@ class MetaOptimizer:
                 t.copy_(value)
         if state_dict.get("q_stats") is not None:
             self.q_stats = dict(state_dict["q_stats"])
-            if _saved_law_differs(state_dict.get("settings"), law):
+            if saved_law_differs(state_dict.get("settings"), law):
                 # Another q_min or q_init: q chosen again from the statistics, as reconfigure does
                 # (review LB F3: a q below this q_min was refused, one above it kept as it was).
                 self.q_stats = adaptive.rebound(self.adaptive, self.q_stats)
@@ -1691,82 +1671,12 @@ class MetaOptimizer:
             self._set_kept(None if self._reduced else [])
             self._by_hand = []
 
-    def _settings_differ(self, saved: Optional[Mapping]) -> Optional[str]:
-        """The warning for saved settings (``state_dict['settings']``) that differ from this
-        MetaOptimizer's, or ``None``; raises for an entry that does not compare as a saved
-        setting does (a tensor where a plain value was saved)."""
-        if not saved or saved.get("format") != _SETTINGS_FORMAT:  # not comparable
-            return None
-        now, differ = self._settings_summary(), []
-        for k in now:
-            if k not in saved:
-                continue
-            try:
-                if bool(saved[k] != now[k]):
-                    differ.append(k)
-            except Exception as err:  # noqa: BLE001 (a tensor's ambiguous truth value, ...)
-                raise TypeError(f"Invalid state_dict['settings'][{k!r}]: {saved[k]!r} does not compare "
-                                f"with a setting ({type(err).__name__}: {err}; expected the plain value "
-                                "state_dict() saved); nothing was changed") from err
-        if not differ:
-            return None
-        was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
-        has = ", ".join(f"{k}={now[k]!r}" for k in differ)
-        built = [k for k in ("reduction", "track_buffers", "generator") if k in differ]
-        how = [] if len(built) == len(differ) else ["meta.reconfigure(...)"]
-        if built:  # (set when the MetaOptimizer is built: reviews HA F2, LB F2)
-            how.append("a MetaOptimizer built with " + ", ".join(
-                ("a generator" if saved[k] else "generator=None") if k == "generator" else f"{k}={saved[k]!r}"
-                for k in built))
-        return (f"load_state_dict: the saved run had {was} where this MetaOptimizer has {has}; its state "
-                f"was loaded, but settings are not restored (use {' and '.join(how)} to resume the run "
-                "as it was)")
-
     def __repr__(self) -> str:
         return (f"MetaOptimizer(mode={self.mode!r}, steps={self.steps}, law={self.law!r}, "
                 f"memory={self.memory!r}, inner={self.inner!r}, optimizer={type(self.optimizer).__name__})")
 
 
 _SETTINGS_KEYWORDS = frozenset(f.name for f in dataclasses.fields(Settings))  # read-only attributes
-_SETTINGS_FORMAT = 2  # of MetaOptimizer._settings_summary; other formats are not compared
-
-
-def _canonical(value: Any) -> Any:
-    """``value`` with every dict's items sorted by key (tuples and lists entry by entry): the
-    same settings written in another key order compare equal (review s34E L3)."""
-    if isinstance(value, Mapping):
-        return tuple(sorted(((str(k), _canonical(v)) for k, v in value.items()), key=lambda kv: kv[0]))
-    if isinstance(value, (tuple, list)):
-        return tuple(_canonical(v) for v in value)
-    return value
-
-
-def _plain(value: Any, learned: frozenset = frozenset()) -> Any:
-    """``value`` as plain Python values that compare as the settings do: a number as a
-    ``float`` (``1`` and ``1.0``, a numpy scalar), a bool as a bool, a tensor whose ``id``
-    is in ``learned`` as ``"tensor"`` (its value is state, not a setting), another tensor
-    by its values (a large one by its shape, sum and norm), a ``PerStep`` by its values,
-    tuples and per-parameter dicts entry by entry, and anything else by its type's name."""
-    if value is None or isinstance(value, (str, bool)):
-        return value
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, Tensor):
-        if id(value) in learned or (value._base is not None and id(value._base) in learned):
-            return "tensor"
-        v = value.detach().to("cpu", torch.float64)
-        if v.dim() == 0:
-            return float(v)
-        if v.numel() <= 16:
-            return _plain(v.reshape(-1).tolist())
-        return ("tensor", tuple(v.shape), float(v.sum()), float(v.norm()))
-    if isinstance(value, PerStep):
-        return ("PerStep", _plain(value.values, learned))
-    if isinstance(value, (tuple, list)):
-        return tuple(_plain(v, learned) for v in value)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v, learned) for k, v in value.items()}
-    return type(value).__name__
 
 
 def _check_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
@@ -1793,48 +1703,22 @@ def _warn_unheld(optimizer: torch.optim.Optimizer, rule: InnerRule) -> None:
     """Warn where a tensor hyperparameter of ``rule`` requires grad but ``optimizer`` holds
     no tensor viewing the same storage, or where ``optimizer`` holds it but it does not
     require grad (review s36T F2): either way it is a constant, not learned."""
-    held = {id(_root(p)) for g in optimizer.param_groups for p in g["params"]}  # by the storage they view
+    held = {id(root_of(p)) for g in optimizer.param_groups for p in g["params"]}  # by the storage they view
     tensors = [(rule.labels.get(key, key), t) for key, value in rule.hyper.items()
                for v in (value.values() if isinstance(value, Mapping) else (value,))
                for t in [v.values if isinstance(v, PerStep) else v] if isinstance(t, Tensor)]
-    loose = [label for label, t in tensors if t.requires_grad and id(_root(t)) not in held]
+    loose = [label for label, t in tensors if t.requires_grad and id(root_of(t)) not in held]
     if loose:
         warnings.warn(f"the inner rule's {', '.join(dict.fromkeys(loose))} requires grad, but the outer "
                       "optimizer does not hold it: it is not learned (its .grad stays None); hold it in "
                       "the optimizer given to MetaOptimizer, in a param group with lr=0 if another "
                       "optimizer steps it", stacklevel=caller_level())
-    frozen = [label for label, t in tensors if not t.requires_grad and id(_root(t)) in held]
+    frozen = [label for label, t in tensors if not t.requires_grad and id(root_of(t)) in held]
     if frozen:
         warnings.warn(f"the outer optimizer holds the inner rule's {', '.join(dict.fromkeys(frozen))}, "
                       "which does not require grad: it is not learned (its .grad stays None, as "
                       "loss.backward() leaves it); to learn it, create it with requires_grad=True",
                       stacklevel=caller_level())
-
-
-# -- state_dict validation ------------------------------------------------------
-
-_STATE_KEYS = ("optimizer", "meta_tensors", "generator", "rank", "q_stats", "q_rule", "q_observations",
-               "tasks", "reduced", "grad_zero", "settings")
-# The kind and lowest value of the q="auto" entries whose range is known; the
-# keys themselves come from adaptive.init_stats and adaptive.observe, and an
-# entry not listed here must be a finite float.
-_KINDS = {"q": ("q", None), "A": ("real", 0.0), "D": ("real", 0.0), "n_x": ("int", 0),
-          "t_x": ("real", 0.0), "n_f": ("int", 0), "t_f": ("real", 0.0), "c_x_steps": ("real", 0.0),
-          "c_f_steps": ("steps", None),
-          "exact": ("bool", None), "seconds": ("real", 0.0), "steps": ("int", 1),
-          "forward_steps": ("int", 0), "reverse_steps": ("int", 0)}
-
-
-def _spec(keys) -> Dict[str, tuple]:
-    return {k: _KINDS.get(k, ("real", None)) for k in keys}
-
-
-def _observation_specs():
-    """The entries of an observation of the first-order branch and of the exact one."""
-    first = adaptive.observe(exact=False, seconds=0.0, steps=1, forward_steps=0, reverse_steps=0)
-    exact = adaptive.observe(exact=True, seconds=0.0, steps=1, forward_steps=0, reverse_steps=0,
-                             g0=[], gr=[])
-    return _spec(first), _spec(exact)
 
 
 def _gradients(params: Sequence[Tensor]) -> List[Tuple[Tensor, Optional[Tensor]]]:
@@ -1939,229 +1823,3 @@ def _writable(t: Tensor) -> bool:
             return False
         span += stride * (size - 1)
     return True
-
-
-def _saved_law_differs(settings: Optional[Mapping], law: str) -> bool:
-    """Whether saved settings (``state_dict['settings']``) name another law than ``law``."""
-    return bool(settings) and settings.get("format") == _SETTINGS_FORMAT and "law" in settings and \
-        settings["law"] != law
-
-
-def _check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
-                      generator: Optional[torch.Generator],
-                      rule: Optional[adaptive.AdaptiveQ], extra: List[Tensor], law: str = "") -> None:
-    """Raise unless ``sd`` is a :meth:`MetaOptimizer.state_dict` this optimizer can load
-    (``law``: this optimizer's, as its settings summary writes it)."""
-    expected = f"the dict MetaOptimizer.state_dict() returns, with keys {list(_STATE_KEYS)}"
-    if not isinstance(sd, Mapping):
-        raise TypeError(f"Invalid state_dict: {type(sd).__name__} (expected {expected})")
-    if "optimizer" not in sd:
-        if "state" in sd and "param_groups" in sd:
-            raise ValueError(
-                "Invalid state_dict: it is an outer optimizer's own state_dict (keys 'state', "
-                "'param_groups'); pass what MetaOptimizer.state_dict() returned, or load this one "
-                "with meta.optimizer.load_state_dict")
-        raise ValueError(f"Invalid state_dict: missing key 'optimizer' (expected {expected})")
-    unknown = [k for k in sd if k not in _STATE_KEYS]
-    if unknown:
-        raise ValueError(f"Invalid state_dict: unknown keys {unknown} (expected {expected})")
-    _check_optimizer_state(sd["optimizer"], optimizer)
-    _check_meta_tensors(sd.get("meta_tensors"), extra)
-    _check_generator_state(sd.get("generator"), generator)
-    stats, observations = sd.get("q_stats"), sd.get("q_observations")
-    auto_q = rule is not None
-    if stats is not None and not auto_q:
-        raise ValueError("Invalid state_dict['q_stats']: it holds q='auto' statistics but this "
-                         "MetaOptimizer has a fixed q (build it with q='auto' to resume them)")
-    saved_rule = sd.get("q_rule")
-    if stats is not None and saved_rule is not None and saved_rule != rule.rule:
-        raise ValueError(f"Invalid state_dict['q_rule']: {saved_rule!r}, but this MetaOptimizer has "
-                         f"q_rule={rule.rule!r} (the statistics of one rule mean other things to the "
-                         "other)")
-    rank = sd.get("rank")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0):
-        integral = isinstance(rank, numbers.Integral) and not isinstance(rank, bool)
-        raise (ValueError if integral else TypeError)(
-            f"Invalid state_dict['rank']: {rank!r} (expected None or an int >= 0, the rank that saved it)")
-    for key in ("reduced", "grad_zero"):
-        flag = sd.get(key)
-        if flag is not None and not isinstance(flag, bool):
-            raise TypeError(f"Invalid state_dict[{key!r}]: {flag!r} (expected True or False)")
-    settings = sd.get("settings")
-    if settings is not None and not isinstance(settings, Mapping):
-        raise TypeError(f"Invalid state_dict['settings']: {type(settings).__name__} (expected a dict)")
-    if stats is not None:
-        _check_entries(stats, _spec(adaptive.init_stats(rule)), "state_dict['q_stats']")
-        if stats["q"] < rule.q_min and not _saved_law_differs(settings, law):
-            # (a run with this q_min never has such a q; one saved with another has q chosen again)
-            raise ValueError(f"Invalid state_dict['q_stats']['q']: {stats['q']!r} is below this "
-                             f"MetaOptimizer's q_min={rule.q_min!r}, which the saved run had too")
-    tasks = sd.get("tasks")
-    if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, numbers.Integral)
-                              or tasks < 0):
-        integral = isinstance(tasks, numbers.Integral) and not isinstance(tasks, bool)
-        raise (ValueError if integral else TypeError)(
-            f"Invalid state_dict['tasks']: {tasks!r} (expected an int >= 0, the number of tasks .grad holds)")
-    if observations is None:
-        return
-    if not isinstance(observations, (list, tuple)):
-        raise TypeError(f"Invalid state_dict['q_observations']: {type(observations).__name__} "
-                        "(expected a list of observation dicts)")
-    if observations and stats is None:
-        raise ValueError("Invalid state_dict['q_observations']: q='auto' observations without "
-                         "state_dict['q_stats']" + ("" if auto_q else ", and this MetaOptimizer "
-                                                    "has a fixed q"))
-    first, exact = _observation_specs()
-    for i, obs in enumerate(observations):
-        name = f"state_dict['q_observations'][{i}]"
-        _check_entries(obs, first, name, extra=exact)
-        if obs["exact"]:
-            _check_entries(obs, exact, name)
-
-
-def _check_meta_tensors(values: Any, extra: List[Tensor]) -> None:
-    """Raise unless ``values`` (``None`` in older dicts) fits the meta-parameters that
-    are not the module's, one tensor of the same shape each."""
-    if values is None:
-        return
-    if not isinstance(values, (list, tuple)) or not all(isinstance(v, Tensor) for v in values):
-        raise TypeError("Invalid state_dict['meta_tensors']: expected a list of tensors")
-    if len(values) != len(extra) or any(v.shape != t.shape for v, t in zip(values, extra)):
-        raise ValueError(
-            f"Invalid state_dict['meta_tensors']: shapes {[tuple(v.shape) for v in values]}, but the "
-            f"meta-parameters that are not the module's have shapes {[tuple(t.shape) for t in extra]}")
-
-
-def _check_meta_values(values: Any, extra: List[Tensor], rule: InnerRule) -> None:
-    """Raise unless the values ``values`` (checked by :func:`_check_meta_tensors`) would
-    give are real and finite, and those of the inner rule's hyperparameters in their range
-    (``rule.ranges``), as the constructor checks them."""
-    if not values:
-        return
-    # id of a base tensor -> the hyperparameters read from it, each the tensor itself or a view
-    # of it (one leaf may pack several: h[0], h[1]; a leaf may itself be a view: base[1:])
-    held: Dict[int, List[Tuple[str, Tensor]]] = {}
-    for key, value in rule.hyper.items():
-        for v in (value.values() if isinstance(value, Mapping) else (value,)):
-            v = v.values if isinstance(v, PerStep) else v
-            if isinstance(v, Tensor):
-                held.setdefault(id(_root(v)), []).append((key, v))
-    for i, (v, t) in enumerate(zip(values, extra)):
-        name = f"state_dict['meta_tensors'][{i}]"
-        if v.dtype != t.dtype:
-            raise ValueError(f"Invalid {name}: a {v.dtype} tensor (expected {t.dtype}, the dtype of the "
-                             "meta-parameter it restores)")
-        if v.device.type == "meta":  # (review s32B F2: Tensor.item()'s own error named neither)
-            raise ValueError(f"Invalid {name}: a meta-device tensor has no values (expected a tensor on "
-                             "any device with the values to restore)")
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"Invalid {name}: its values are not all finite")
-        root = _root(t)
-        laid = None
-        for key, h in held.get(id(root), ()):
-            if h is t:
-                part = v
-            else:  # the saved values where t lies in the base's storage, NaN elsewhere
-                if laid is None:
-                    laid = torch.empty_strided(root.shape, root.stride(), dtype=v.dtype, device=v.device)
-                    laid.fill_(math.nan)
-                    _within(laid, t, root).copy_(v)
-                part = _within(laid, h, root)
-                part = part[~torch.isnan(part)]  # the entries of h that t restores
-            low, high, closed = rule.ranges.get(key, (0.0, math.inf, False))
-            if not bool(in_range(part, low, high, closed)):
-                span = f">= {low}" if high == math.inf else f"in [{low}, {high}{']' if closed else ')'}"
-                raise ValueError(f"Invalid {name}: it restores {rule.labels.get(key, key)}, whose values "
-                                 f"must be {span}")
-
-
-def _root(t: Tensor) -> Tensor:
-    """The tensor whose storage ``t`` views (``t`` itself if it is no view)."""
-    return t if t._base is None else t._base
-
-
-def _within(laid: Tensor, view: Tensor, root: Tensor) -> Tensor:
-    """``view``'s entries of ``laid``, a tensor laid out as ``root`` (``view``'s root)."""
-    return laid.as_strided(view.shape, view.stride(), view.storage_offset() - root.storage_offset())
-
-
-def _check_optimizer_state(sd: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Raise unless ``sd`` has the structure of ``optimizer``'s ``state_dict``."""
-    name = "state_dict['optimizer']"
-    if not isinstance(sd, Mapping) or not isinstance(sd.get("state"), Mapping) or \
-            not isinstance(sd.get("param_groups"), (list, tuple)):
-        raise TypeError(f"Invalid {name}: {type(sd).__name__} (expected the outer optimizer's "
-                        "state_dict, a dict with 'state' and 'param_groups')")
-    groups = sd["param_groups"]
-    if len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"Invalid {name}: {len(groups)} parameter groups, expected "
-                         f"{len(optimizer.param_groups)} (the outer optimizer's)")
-    for i, (saved, group) in enumerate(zip(groups, optimizer.param_groups)):
-        if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
-            raise TypeError(f"Invalid {name}['param_groups'][{i}]: expected a dict with 'params'")
-        if len(saved["params"]) != len(group["params"]):
-            raise ValueError(f"Invalid {name}['param_groups'][{i}]: {len(saved['params'])} "
-                             f"parameters, expected {len(group['params'])} (the outer optimizer's)")
-
-
-def _check_generator_state(state: Any, generator: Optional[torch.Generator]) -> None:
-    """Raise unless ``state`` is ``None`` or a state ``generator`` can take."""
-    name = "state_dict['generator']"
-    if state is None:
-        return
-    if generator is None:
-        raise ValueError(f"Invalid {name}: it holds a generator state but this MetaOptimizer has "
-                         "no generator (pass generator= to the constructor)")
-    if not isinstance(state, Tensor) or state.dtype != torch.uint8:
-        what = state.dtype if isinstance(state, Tensor) else type(state).__name__
-        raise TypeError(f"Invalid {name}: {what} (expected the torch.uint8 tensor "
-                        "Generator.get_state() returns)")
-    try:  # a scratch generator of the same device, so that ours is untouched; the state is a
-        # CPU tensor whatever the generator's device (torch.load(map_location=...) may move it)
-        torch.Generator(device=generator.device).set_state(state.cpu())
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(f"Invalid {name}: not a valid state of a {generator.device} generator "
-                         f"({err})") from None
-
-
-def _check_entries(d: Any, spec: Dict[str, tuple], name: str,
-                   extra: Optional[Dict[str, tuple]] = None) -> None:
-    """Raise unless ``d`` is a dict with exactly the keys of ``spec`` (those of
-    ``extra`` are allowed too), each of the kind and range ``spec`` gives."""
-    if not isinstance(d, Mapping):
-        raise TypeError(f"Invalid {name}: {type(d).__name__} (expected a dict with keys "
-                        f"{list(spec)})")
-    missing = [k for k in spec if k not in d]
-    unknown = [k for k in d if k not in spec and k not in (extra or {})]
-    if missing or unknown:
-        raise ValueError(f"Invalid {name}: " + "; ".join(
-            part for part in (missing and f"missing keys {missing}",
-                              unknown and f"unknown keys {unknown}") if part) +
-            f" (expected keys {list(spec)})")
-    for key, (kind, low) in spec.items():
-        v = d[key]
-        typed = isinstance(v, bool) if kind == "bool" else \
-            (isinstance(v, numbers.Integral) if kind == "int" else isinstance(v, numbers.Real)) \
-            and not isinstance(v, bool)
-        if kind == "bool":
-            ok = isinstance(v, bool)
-            expected = "a bool"
-        elif kind == "int":
-            ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
-            expected = f"an int >= {low}"
-        else:
-            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-            if kind == "q":
-                ok = ok and 0.0 < v <= 1.0
-                expected = "a float in (0, 1]"
-            elif kind == "steps":  # r + 1 once a task was observed, else 0
-                observed = d.get("n_x", 0) or d.get("n_f", 0)
-                ok = ok and (v >= 2 and float(v).is_integer() if observed else v in (0, 0.0))
-                expected = ("a whole number >= 2 (steps + 1) once a task was observed"
-                            if observed else "0 before a task was observed")
-            else:
-                ok = ok and (low is None or v >= low)
-                expected = "a finite float" + ("" if low is None else f" >= {low}")
-        if not ok:
-            raise (ValueError if typed else TypeError)(
-                f"Invalid {name}[{key!r}]: {v!r} (expected {expected})")
