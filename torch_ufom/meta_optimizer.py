@@ -35,10 +35,12 @@ from .adapt import adapt
 from .checks import invalid
 from .config import (Config, InnerLR, InnerParams, Settings, Vectorise, check_generator, check_losses,
                      check_values, resolve, validate_rule)
-from .estimators import NonFiniteHypergradient, plus
+from .estimators import NonFiniteHypergradient
 from .functional import (BatchRun, bind_problem, buffer_names, estimate_batch, estimate_task,
                          learned_buffer_message, sum_grads, task_aux)
 from .functional_model import FunctionalModel
+from .grads import (accumulate_grads, any_nonzero, any_nonzero_each, grad_copies, grad_version, put_back,
+                    refuse_inference_grads, replaced, takes_in_place)
 from .graphs import root_of
 from .inner import InnerRule, PerStep
 from .process import caller_level, one_call_at_a_time
@@ -98,18 +100,6 @@ class MetaResult:
             return repr(value)
         parts = (f"{f.name}={shown(f.name, getattr(self, f.name))}" for f in fields(self))
         return f"MetaResult({', '.join(parts)})"
-
-
-def _grad_layout(p: Tensor, g: Tensor) -> Tensor:
-    """A copy of ``g`` laid out as autograd lays out a new ``.grad``: with ``p``'s strides
-    where ``p`` is dense and non-overlapping (channels_last, a transposed parameter),
-    else in the memory format its strides suggest (``torch.preserve_format``; autograd
-    takes contiguous strides there, the values are the same). torch's fused optimizers
-    (``Adam(fused=True)``) step wrongly, silently, on a gradient whose strides differ
-    from its parameter's."""
-    if g.layout != torch.strided or p.layout != torch.strided:
-        return g.clone()
-    return torch.empty_like(p, dtype=g.dtype, memory_format=torch.preserve_format).copy_(g)
 
 
 # The tally of the tasks since the last step that a refused call puts back (MetaOptimizer._tally):
@@ -668,7 +658,7 @@ class MetaOptimizer:
         read of the values): ``reduction="mean"`` then divides by the tasks ``.grad``
         holds. First refuses a ``.grad`` that is an inference tensor, whose changes no
         version shows."""
-        _refuse_inference_grads(meta, self._name)
+        refuse_inference_grads(meta, self._name)
         if not ((self._tasks or self._reduced) and self._holding):
             return
         if all(p.grad is None for p in meta):
@@ -680,7 +670,7 @@ class MetaOptimizer:
         # their values (p.grad = p.grad.clone(), p.grad = p.grad + g: review HF F1). Which, no look
         # can tell: the earlier tasks still count, with a warning where that matters.
         if self._written is not None and (mean or self._buffers or self._observations) and self._tasks and \
-                all(_replaced(p, ref, sparse) for p, ref, _, sparse in self._written):
+                all(replaced(p, ref, sparse) for p, ref, _, sparse in self._written):
             warnings.warn("every meta-gradient's .grad is another tensor than the last task left (a clear to "
                           "None followed by a backward() of yours, or p.grad = ...): the tasks since "
                           "meta.zero_grad() still count (reduction='mean' divides by them, track_buffers "
@@ -696,18 +686,18 @@ class MetaOptimizer:
                 # in-place clear after that was not seen): .grad as it is now is the saved tasks',
                 # unless every one is zero (cleared in place), one read for all of them.
                 present = [p for p in meta if p.grad is not None]
-                if not any(_any_nonzero_each(present)) and not self._zero_saved:
+                if not any(any_nonzero_each(present)) and not self._zero_saved:
                     self._forget_tasks()
                     return
                 self._zero_saved = False
                 self._record(meta)
             return
         changed = [p for p, ref, version, _ in self._written
-                   if p.grad is None or p.grad is not ref() or _version(p.grad) != version]
+                   if p.grad is None or p.grad is not ref() or grad_version(p.grad) != version]
         if not changed:
             return
         values = [p for p in changed if p.grad is not None]
-        held = _any_nonzero_each(values)  # one read for all of them
+        held = any_nonzero_each(values)  # one read for all of them
         if not any(held) and len(changed) == len(self._written):
             self._forget_tasks()  # every one zeroed in place or set to None (review s35U F2: a mix)
             return
@@ -781,7 +771,7 @@ class MetaOptimizer:
     def _note(self, p: Tensor) -> None:
         """Remember ``p.grad`` as a write known to this optimizer left it (:meth:`_check_kept`)."""
         if p.grad is not None:
-            self._seen[id(p)] = (weakref.ref(p.grad), _version(p.grad))
+            self._seen[id(p)] = (weakref.ref(p.grad), grad_version(p.grad))
 
     def _check_kept(self, params: Optional[Sequence[Tensor]] = None) -> None:
         """Before a write to the ``.grad`` of ``params`` (default: every carried one) and at
@@ -797,12 +787,12 @@ class MetaOptimizer:
         changed = []
         for p in looked:
             seen = self._seen.get(id(p))
-            if p.grad is None or seen is None or seen[0]() is not p.grad or _version(p.grad) != seen[1]:
+            if p.grad is None or seen is None or seen[0]() is not p.grad or grad_version(p.grad) != seen[1]:
                 changed.append(p)
         if not changed:
             return
         values = [p for p in changed if p.grad is not None]
-        held = {id(p) for p, h in zip(values, _any_nonzero_each(values)) if h}  # one read for all
+        held = {id(p) for p, h in zip(values, any_nonzero_each(values)) if h}  # one read for all
         for p in changed:
             if id(p) in held and self._name(p) not in self._by_hand:
                 self._by_hand.append(self._name(p))
@@ -866,7 +856,7 @@ class MetaOptimizer:
 
     def _record(self, meta: List[Tensor]) -> None:
         """Remember the ``.grad`` tensors and their versions (:meth:`_check_cleared`)."""
-        self._written = [(p, weakref.ref(p.grad), _version(p.grad), p.grad.layout != torch.strided)
+        self._written = [(p, weakref.ref(p.grad), grad_version(p.grad), p.grad.layout != torch.strided)
                          for p in meta if p.grad is not None]
 
     @one_call_at_a_time
@@ -1114,16 +1104,11 @@ class MetaOptimizer:
         return grads
 
     def _write(self, meta: List[Tensor], grads) -> Optional[List[Tensor]]:
-        """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing; returns
-        the parameters written (for :meth:`_post_accumulate`).
-
-        The engine has checked every hypergradient's finiteness (once per task).
-        Everything that can fail runs before the first write: the sums for
-        gradients that cannot be added to in place (an expanded view, a sparse
-        gradient), which are computed out of place
-        and then assigned. The remaining ``.grad`` tensors are added to in place
-        last, as autograd does.
-        """
+        """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing
+        (:func:`~torch_ufom.grads.accumulate_grads`), and record the write; returns the
+        parameters written (for :meth:`_post_accumulate`). The engine has checked every
+        hypergradient's finiteness (once per task). With a ``process_group``, what ``.grad``
+        carries is taken first; what a reduction leaves as it is (:meth:`_carry`), too."""
         present = [(p, g) for p, g in zip(meta, grads) if g is not None]
         if not present:
             return None
@@ -1132,28 +1117,7 @@ class MetaOptimizer:
             self._take_kept()
             self._watch_accumulation(meta)
         carried = self._carry(meta)
-        replace, in_place = [], []
-        for p, g in present:
-            g = g.detach().to(p.dtype)
-            old = p.grad
-            if old is None:
-                replace.append((p, _grad_layout(p, g)))
-            elif _writable(old):
-                in_place.append((old, g))
-            else:
-                replace.append((p, plus(old, g)))
-        done = []
-        try:
-            for p, new in replace:
-                done.append((p, p.grad))
-                p.grad = new
-        except BaseException:
-            for p, old in reversed(done):
-                p.grad = old
-            raise
-        with torch.no_grad():
-            for old, g in in_place:
-                old.add_(g)
+        accumulate_grads(present)
         self._holding = True
         if carried is not None:
             self._carried = carried
@@ -1189,8 +1153,8 @@ class MetaOptimizer:
                         self._note(p)
 
     def _restore(self, saved: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> None:
-        """:func:`_put_back`, the restored gradients known as written by this optimizer."""
-        _put_back(saved)
+        """:func:`~torch_ufom.grads.put_back`, the restored gradients known as written by this optimizer."""
+        put_back(saved)
         if self.distributed:
             for p, _ in saved:
                 self._note(p)
@@ -1256,7 +1220,7 @@ class MetaOptimizer:
                                    "outer optimizer state in line with theirs first, e.g. load their "
                                    "state_dict)")
             tasks, reduced, kept = self._tasks, self._reduced, self._kept
-            saved = [] if reduced or not self._changes() else _gradients(self.meta_parameters())
+            saved = [] if reduced or not self._changes() else grad_copies(self.meta_parameters())
             collective = False  # an all-reduce ran: every rank's .grad is now the reduced one
             try:
                 if not reduced:
@@ -1279,9 +1243,9 @@ class MetaOptimizer:
                 pending, kept = self._tally(), self._kept
                 meta = self.meta_parameters()
                 # Weak references: a closure that sets .grad to None frees the old gradients.
-                grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), _version(p.grad))
+                grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), grad_version(p.grad))
                          for p in meta]
-                had_values = _any_nonzero(meta)  # on the device, read only if the closure fails
+                had_values = any_nonzero(meta)  # on the device, read only if the closure fails
                 self._forget_tasks()  # an earlier evaluation's tasks are run again
                 try:
                     out = closure()
@@ -1290,10 +1254,10 @@ class MetaOptimizer:
                     # outer optimizer's), or zeroed through .data (which keeps the version):
                     # the pending tasks are gone.
                     untouched = all(p.grad is None if ref is None else
-                                    (p.grad is ref() and p.grad is not None and _version(p.grad) == v)
+                                    (p.grad is ref() and p.grad is not None and grad_version(p.grad) == v)
                                     for p, (ref, v) in zip(meta, grads))
                     if untouched and had_values is not None and bool(had_values):
-                        untouched = bool(_any_nonzero(meta))
+                        untouched = bool(any_nonzero(meta))
                     if untouched and not (self._tasks or self._reduced):
                         # it failed at once: the tasks stay pending
                         self._set_tally(pending)
@@ -1365,7 +1329,7 @@ class MetaOptimizer:
         return self._synchronize(None)
 
     def _synchronize(self, saved: Optional[List[Tuple[Tensor, Optional[Tensor]]]]) -> int:
-        """:meth:`synchronize`; ``saved``: the gradients as they were (:func:`_gradients`),
+        """:meth:`synchronize`; ``saved``: the gradients as they were (:func:`~torch_ufom.grads.grad_copies`),
         already copied by the caller, or ``None`` to copy them here where a collective runs."""
         meta = self.meta_parameters()
         self._check_cleared(meta)
@@ -1402,18 +1366,18 @@ class MetaOptimizer:
             held = self._carried or () if self._changes() else ()
         carried = [(p, c) for p, c in held if p.grad is not None and p.grad.shape == c.shape]
         if saved is None and self.distributed:
-            saved = _gradients(meta)
+            saved = grad_copies(meta)
         try:
             with torch.no_grad():
                 for p, c in carried:  # (out of place where either is sparse)
-                    p.grad = p.grad.sub_(c) if _in_place(p.grad, c) else p.grad - c
+                    p.grad = p.grad.sub_(c) if takes_in_place(p.grad, c) else p.grad - c
             if self.distributed:
                 total = distributed.sum_gradients(meta, self._tasks, self.process_group)
             if self._reduction == "mean":
                 self._divide(total)
             with torch.no_grad():
                 for p, c in carried:
-                    p.grad = p.grad.add_(c) if _in_place(p.grad, c) else p.grad + c
+                    p.grad = p.grad.add_(c) if takes_in_place(p.grad, c) else p.grad + c
         except BaseException:
             self._restore(saved or [])
             raise
@@ -1560,7 +1524,7 @@ class MetaOptimizer:
         present = [p for p in self.meta_parameters() if p.grad is not None]
         if any(p.grad.device.type == "meta" for p in present):  # (no values: review s32O F2)
             return False
-        return bool(present) and not any(_any_nonzero_each(present))
+        return bool(present) and not any(any_nonzero_each(present))
 
     def _extra_meta(self) -> List[Tensor]:
         """The meta-parameters that are not the module's parameters."""
@@ -1721,105 +1685,8 @@ def _warn_unheld(optimizer: torch.optim.Optimizer, rule: InnerRule) -> None:
                       stacklevel=caller_level())
 
 
-def _gradients(params: Sequence[Tensor]) -> List[Tuple[Tensor, Optional[Tensor]]]:
-    """``(parameter, a copy of its .grad)`` for each of ``params`` (``None`` for none)."""
-    with torch.no_grad():
-        return [(p, None if p.grad is None else p.grad.clone()) for p in params]
-
-
-def _refuse_inference_grads(meta: Sequence[Tensor], name: Callable[[Tensor], str]) -> None:
-    """Refuse a ``.grad`` made under ``torch.inference_mode()`` (an inference tensor): it has no
-    version counter, so the bookkeeping of pending tasks (``reduction="mean"``'s count, what
-    ``.grad`` carried, clears outside ``meta``) cannot see its in-place changes. Reading its
-    version raised after the other gradients were written (review s36R F2); reading none, or
-    replacing it by a copy, or comparing its values each missed some clear (reviews s36Q F1,
-    s36V F1, s36W2 F1-F5: a zeroed gradient zeroed again looks unchanged)."""
-    for p in meta:
-        if p.grad is not None and p.grad.is_inference():
-            raise ValueError(f"Invalid .grad: the gradient of {name(p)} is an inference tensor (made under "
-                             "torch.inference_mode()), whose in-place changes no version counter shows, so "
-                             "the tasks it holds cannot be counted; nothing was changed: assign it outside "
-                             "inference mode (p.grad = g.clone()), or clear it with meta.zero_grad()")
-
-
-def _version(grad: Tensor) -> Optional[int]:
-    """``grad._version``; ``None`` for an inference tensor (refused where calls begin:
-    :func:`_refuse_inference_grads`; one a hook of the user's puts there meanwhile is another
-    tensor, which the comparison of identities before this one catches)."""
-    return None if grad.is_inference() else grad._version
-
-
-def _put_back(saved: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> None:
-    """Put back the gradients :func:`_gradients` copied (a ``None`` that a reduction filled
-    in goes back to ``None``, and a sparse gradient it made dense back to the sparse one)."""
-    with torch.no_grad():
-        for p, g in saved:
-            if p.grad is None or g is None or p.grad.layout != g.layout:
-                p.grad = g
-            else:
-                p.grad.copy_(g)
-
-
 def _remove_hooks(handles: List[Any]) -> None:
     """Remove a freed MetaOptimizer's hooks from the gradient accumulators and parameters."""
     for handle in handles:
         handle.remove()
     handles.clear()
-
-
-def _in_place(grad: Tensor, other: Tensor) -> bool:
-    """Whether ``grad`` can take ``other`` in place (both dense)."""
-    return grad.layout == torch.strided and other.layout == torch.strided
-
-
-def _replaced(p: Tensor, written, sparse: bool) -> bool:
-    """Whether ``p.grad`` is another tensor without a graph than ``written()`` (a weak
-    reference) left (see :meth:`MetaOptimizer._check_cleared`), but for a dense one where a
-    ``sparse`` gradient was written: autograd adds a dense gradient to a sparse ``.grad``
-    into a new tensor, an accumulation as any other."""
-    if p.grad is None or p.grad is written() or p.grad.requires_grad:
-        return False
-    return not (sparse and p.grad.layout == torch.strided)
-
-
-def _any_nonzero_each(params: Sequence[Tensor]) -> List[bool]:
-    """For each of ``params`` (each with a ``.grad``): whether its gradient holds a nonzero
-    value (a sparse gradient's stored values count), read in one synchronisation."""
-    if not params:
-        return []
-    with torch.no_grad():
-        flags = []
-        for p in params:
-            g = p.grad
-            values = g._values() if g.layout == torch.sparse_coo else (
-                g.values() if g.layout != torch.strided else g)
-            flags.append(values.any().to(flags[0].device if flags else values.device))
-        return torch.stack(flags).tolist()
-
-
-def _any_nonzero(params: Sequence[Tensor]) -> Optional[Tensor]:
-    """A 0-d bool tensor: some ``.grad`` of ``params`` holds a nonzero value (a sparse
-    gradient's stored values count); ``None`` without gradients. Not read here."""
-    flags = []
-    with torch.no_grad():
-        for p in params:
-            g = p.grad
-            if g is None:
-                continue
-            values = g._values() if g.layout == torch.sparse_coo else (
-                g.values() if g.layout != torch.strided else g)
-            flags.append(values.any().to(flags[0].device if flags else values.device))
-    return torch.stack(flags).any() if flags else None
-
-
-def _writable(t: Tensor) -> bool:
-    """Whether ``t.add_(...)`` can write into ``t``: a dense tensor outside
-    inference mode whose elements do not share memory (not an expanded view)."""
-    if t.layout != torch.strided or t.is_inference():
-        return False
-    span = 0  # the largest offset reached by the dimensions of smaller strides
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
-        if stride <= span:
-            return False
-        span += stride * (size - 1)
-    return True
