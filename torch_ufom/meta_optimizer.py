@@ -1210,77 +1210,110 @@ class MetaOptimizer:
                             "re-evaluates the losses, as torch.optim's step(closure) takes)")
         self._check_cleared(self.meta_parameters())  # tasks discarded through the outer optimizer
         self._check_pending_buffers()
-        if closure is None:
-            if self.distributed and self._reduced and self._kept is not None:
-                raise RuntimeError("Invalid call: a backward() added to .grad after synchronize(), which "
-                                   "would stay this rank's (not summed over the ranks); nothing was "
-                                   "stepped on this rank: call meta.zero_grad() and run the outer step "
-                                   "again, with synchronize() after its last backward(), on every rank "
-                                   "(ranks whose step() ran have stepped: bring this rank's parameters and "
-                                   "outer optimizer state in line with theirs first, e.g. load their "
-                                   "state_dict)")
-            tasks, reduced, kept = self._tasks, self._reduced, self._kept
-            saved = [] if reduced or not self._changes() else grad_copies(self.meta_parameters())
-            collective = False  # an all-reduce ran: every rank's .grad is now the reduced one
-            try:
-                if not reduced:
-                    self._synchronize(saved)
-                    collective = self.distributed
-                with self._outer_step():
-                    result = self.optimizer.step()
-            except BaseException:
-                if collective:  # kept, as after synchronize(): a retried step() reduces nothing again,
-                    raise  # which this rank alone would (review s37DW F2: the ranks fell out of step)
-                self._restore(saved)
-                self._tasks, self._reduced = tasks, reduced
-                if saved:  # .grad as before the reduction: so is what it carries
-                    self._set_kept(kept)
-                raise
-        else:
-            def reduced():
-                # The closure computes the gradients again (it zeroes them first, through
-                # meta.zero_grad() or the outer optimizer's): the mean is over its tasks.
-                pending, kept = self._tally(), self._kept
-                meta = self.meta_parameters()
-                # Weak references: a closure that sets .grad to None frees the old gradients.
-                grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), grad_version(p.grad))
-                         for p in meta]
-                had_values = any_nonzero(meta)  # on the device, read only if the closure fails
-                self._forget_tasks()  # an earlier evaluation's tasks are run again
-                try:
-                    out = closure()
-                except BaseException:
-                    # .grad replaced, set to None or written in place (meta.zero_grad(), the
-                    # outer optimizer's), or zeroed through .data (which keeps the version):
-                    # the pending tasks are gone.
-                    untouched = all(p.grad is None if ref is None else
-                                    (p.grad is ref() and p.grad is not None and grad_version(p.grad) == v)
-                                    for p, (ref, v) in zip(meta, grads))
-                    if untouched and had_values is not None and bool(had_values):
-                        untouched = bool(any_nonzero(meta))
-                    if untouched and not (self._tasks or self._reduced):
-                        # it failed at once: the tasks stay pending
-                        self._set_tally(pending)
-                        self._set_kept(kept)
-                    # else .grad holds what this evaluation left (zeroed, its tasks), and so
-                    # does the count
-                    raise
-                self.synchronize()
-                return out
+        result = self._step_now() if closure is None else self._step_with_closure(closure)
+        self._after_step()
+        return result
+
+    def _step_now(self) -> Any:
+        """:meth:`step` without a closure: the reduction (unless :meth:`synchronize` ran
+        since the last task), then the outer optimizer's step; returns what it returns. If
+        either raises, ``.grad``, the count and what ``.grad`` carries are put back as they
+        were before the reduction, unless an all-reduce ran: then ``.grad`` keeps the reduced
+        gradients, as after :meth:`synchronize`, so that a retried step reduces nothing again."""
+        if self.distributed and self._reduced and self._kept is not None:
+            raise RuntimeError("Invalid call: a backward() added to .grad after synchronize(), which "
+                               "would stay this rank's (not summed over the ranks); nothing was "
+                               "stepped on this rank: call meta.zero_grad() and run the outer step "
+                               "again, with synchronize() after its last backward(), on every rank "
+                               "(ranks whose step() ran have stepped: bring this rank's parameters and "
+                               "outer optimizer state in line with theirs first, e.g. load their "
+                               "state_dict)")
+        tasks, reduced, kept = self._tasks, self._reduced, self._kept
+        saved = [] if reduced or not self._changes() else grad_copies(self.meta_parameters())
+        collective = False  # an all-reduce ran: every rank's .grad is now the reduced one
+        try:
+            if not reduced:
+                self._synchronize(saved)
+                collective = self.distributed
             with self._outer_step():
-                result = self.optimizer.step(reduced)
+                result = self.optimizer.step()
+        except BaseException:
+            if collective:  # kept, as after synchronize(): a retried step() reduces nothing again,
+                raise  # which this rank alone would (review s37DW F2: the ranks fell out of step)
+            self._restore(saved)
+            self._tasks, self._reduced = tasks, reduced
+            if saved:  # .grad as before the reduction: so is what it carries
+                self._set_kept(kept)
+            raise
+        return result
+
+    def _step_with_closure(self, closure: Callable[[], Any]) -> Any:
+        """:meth:`step` with a closure: the outer optimizer steps with ``closure`` wrapped so that
+        each evaluation's tasks are counted afresh and reduced after it (:meth:`synchronize`);
+        returns what the outer optimizer's step returns. A closure that raises before changing
+        ``.grad`` leaves the pending tasks as they were; one that raises later leaves ``.grad``
+        and the count as that evaluation left them."""
+        def reduced():
+            # The closure computes the gradients again (it zeroes them first, through
+            # meta.zero_grad() or the outer optimizer's): the mean is over its tasks.
+            pending, kept = self._tally(), self._kept
+            meta = self.meta_parameters()
+            # Weak references: a closure that sets .grad to None frees the old gradients.
+            grads = [(None, None) if p.grad is None else (weakref.ref(p.grad), grad_version(p.grad))
+                     for p in meta]
+            had_values = any_nonzero(meta)  # on the device, read only if the closure fails
+            self._forget_tasks()  # an earlier evaluation's tasks are run again
+            try:
+                out = closure()
+            except BaseException:
+                # .grad replaced, set to None or written in place (meta.zero_grad(), the
+                # outer optimizer's), or zeroed through .data (which keeps the version):
+                # the pending tasks are gone.
+                untouched = all(p.grad is None if ref is None else
+                                (p.grad is ref() and p.grad is not None and grad_version(p.grad) == v)
+                                for p, (ref, v) in zip(meta, grads))
+                if untouched and had_values is not None and bool(had_values):
+                    untouched = bool(any_nonzero(meta))
+                if untouched and not (self._tasks or self._reduced):
+                    # it failed at once: the tasks stay pending
+                    self._set_tally(pending)
+                    self._set_kept(kept)
+                # else .grad holds what this evaluation left (zeroed, its tasks), and so
+                # does the count
+                raise
+            self.synchronize()
+            return out
+        with self._outer_step():
+            return self.optimizer.step(reduced)
+
+    def _after_step(self) -> None:
+        """The bookkeeping after an outer step: the count and what goes with it reset, the
+        accumulators watched again (with a ``process_group``), ``q``'s statistics updated
+        (:meth:`_update_q_stats`) and the tasks' buffers written (:meth:`_apply_tracked_buffers`)."""
         self._tasks, self._reduced, self._carried, self._written = 0, False, None, None
         if self.distributed:  # (a model converted, a meta-parameter added since)
             self._watch_accumulation(self.meta_parameters())
-        if self.q_stats is not None:
-            observations = self._observations
-            if self.distributed:
-                device = next(self.model.parameters()).device
-                observations = [o for rank in distributed.gather(observations, self.process_group, device)
-                                for o in rank]
-            for obs in observations:
-                self.q_stats = adaptive.update(self._config.adaptive, self.q_stats, obs)
-            self._observations = []
+        self._update_q_stats()
+        self._apply_tracked_buffers()
+
+    def _update_q_stats(self) -> None:
+        """With ``q="auto"``, update ``q``'s statistics from the observations of the tasks since
+        the last step (every rank's, in rank order, with a ``process_group``), and forget them."""
+        if self.q_stats is None:
+            return
+        observations = self._observations
+        if self.distributed:
+            device = next(self.model.parameters()).device
+            observations = [o for rank in distributed.gather(observations, self.process_group, device)
+                            for o in rank]
+        for obs in observations:
+            self.q_stats = adaptive.update(self._config.adaptive, self.q_stats, obs)
+        self._observations = []
+
+    def _apply_tracked_buffers(self) -> None:
+        """With ``track_buffers``, write the tasks' final buffers into the module (floating-point
+        ones averaged over the tasks, every rank's with a ``process_group``; the others the last
+        task's, or with a ``process_group`` the largest) and forget them."""
         if self._track_buffers and self.distributed:  # every rank: the mean over all ranks' tasks
             buffers = [b for _, b in self.model.named_buffers()]
             averaged = distributed.average_buffers(self._buffers, buffers, self.process_group)
@@ -1298,7 +1331,6 @@ class MetaOptimizer:
                     else:
                         buf.copy_(values[-1])
             self._buffers = []
-        return result
 
     def _check_pending_buffers(self) -> None:
         """Raise, before anything is stepped, if the buffers ``track_buffers`` kept no longer
