@@ -4,7 +4,8 @@
 keeps a cache of what it derives from the module (names, the swap plan, the
 vectorisation decisions), checked cheaply at each call. ``backward`` and
 ``backward_batch`` run the engine (``functional.estimate_task`` /
-``estimate_batch``) and add each task's estimate to ``.grad``, keeping a tally
+``estimate_batch``) and add each task's estimate to ``.grad`` (as
+:mod:`torch_ufom.grads` writes it), keeping a tally
 of the tasks since ``zero_grad`` (their count, observations for an adaptive
 ``q``, buffers to average) that a refused call leaves as it was; ``step`` runs
 the outer optimizer (with a closure, as ``torch.optim``'s ``step(closure)``)
@@ -12,7 +13,7 @@ after a process group's all-reduce, and the per-step bookkeeping (``q``'s
 statistics, the tasks' buffers with ``track_buffers``). ``state_dict`` /
 ``load_state_dict`` carry the outer optimizer's state, the generator's, the
 adaptive ``q``'s statistics, the tally and the settings it was saved with; the
-format and its validation are :mod:`torch_ufom.state_dicts`'.
+format and its validation are in :mod:`torch_ufom.state_dicts`.
 """
 from __future__ import annotations
 
@@ -1107,8 +1108,10 @@ class MetaOptimizer:
         """Accumulate ``grads`` into the meta-parameters' ``.grad``, all or nothing
         (:func:`~torch_ufom.grads.accumulate_grads`), and record the write; returns the
         parameters written (for :meth:`_post_accumulate`). The engine has checked every
-        hypergradient's finiteness (once per task). With a ``process_group``, what ``.grad``
-        carries is taken first; what a reduction leaves as it is (:meth:`_carry`), too."""
+        hypergradient's finiteness (once per task). Before the write, what ``.grad`` holds
+        that the next reduction leaves as it is is copied: with a ``process_group``, at the
+        first gradient since the last reduction (:meth:`_take_kept`); else under ``"mean"``,
+        at the first task since the last step (:meth:`_carry`)."""
         present = [(p, g) for p, g in zip(meta, grads) if g is not None]
         if not present:
             return None
