@@ -38,7 +38,7 @@ from .truncation import Snapshot, TruncationLaw
 from .unroll import Evaluator, InnerLoop, PerTask, Problem, reads_nothing
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, LookFailed,
                          Vectorised, attributes_kept, fresh, group_by_truncation, meta_batch_size,
-                         noting_listed_tasks, probe_steps,
+                         noting_listed_tasks, Probe, probe_steps,
                          reads_meta_directly, runs_optimised_script, select_tasks, task_of, under_a_look)
 
 __all__ = ["hypergrad", "hypergrad_batch", "run_estimate", "estimate_task", "estimate_batch", "BatchRun",
@@ -481,137 +481,237 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
     """Whether and how the meta-batch runs under ``vmap`` (see :func:`estimate_batch`).
     A model whose normalisation layers ``vmap`` differentiates twice wrongly gets
     forward-over-reverse HVPs instead, where they apply. ``truncations``: every
-    task's ``K`` as drawn (by default, the plan is for any ``K`` the law can draw)."""
-    choice = problem.config.vectorise
-    if choice is False:
-        return Plan(None, "vectorise=False", False, known)
-    if diagnostics:
-        return Plan(None, "q='auto' keeps per-task statistics", True, known)
-    rule = problem.config.rule
-    if not elementwise_rule(rule):
-        return Plan(None, f"the inner rule {type(rule).__name__} is a rule of your own that does not declare "
-                    "elementwise = True: its update on the tasks' stacked state could mix the tasks "
-                    "(a norm over a tensor)", True, known)
-    if sparse_weights(problem.model):  # found before a vmap attempt that would fail
-        return Plan(None, "torch.func.vmap has no sparse kernels (an embedding with sparse=True)", True,
-                    known)
+    task's ``K`` as drawn (by default, the plan is for any ``K`` the law can draw).
+
+    The checks run in a fixed order, and the first that refuses decides which cause the
+    warning names where several hold: the settings and the model (:func:`_static_refusal`),
+    what pays on a CPU, the caller's saved-tensor hooks, where ``vmap`` failed before, the
+    model's hooks and TorchScript (:func:`_module_refusal`); then the look at the losses
+    (:func:`_probed`) and what it found (``_PROBE_REFUSALS``, :func:`_exact_refusal`),
+    and last the switch to forward-over-reverse HVPs (:func:`_norms_plan`)."""
+
+    def loop(reason: str, fallback: bool = True) -> Plan:
+        # The per-task loop, with what is known as it stands at the refusal (known is rebound
+        # below: dropped where it no longer applies, replaced by what the probe found).
+        return Plan(None, reason, fallback, known)
+
+    refusal = _static_refusal(problem, diagnostics)
+    if refusal is not None:
+        return loop(*refusal)
     device = next(problem.model.parameters()).device
-    auto = choice == "auto" and device.type == "cpu"  # vmap pays on accelerators
+    auto = problem.config.vectorise == "auto" and device.type == "cpu"  # vmap pays on accelerators
     if auto:
         named = dict(problem.model.named_parameters())
         size = sum(named[n].numel() for n in problem.config.adapted)
         if size >= SLOW_ON_CPU_ELEMENTS:
-            return Plan(None, _slow([f"{size:,} adapted parameters"]), False, known)
-    steps = problem.config.steps
-    survival = problem.law.survival(steps)
-    exact = survival[1] > 0.0  # whether some task may run one
-    step_one = survival[steps] > 0.0  # whether one may differentiate the first step (K = steps)
-    alone, alone_reason = frozenset(), ""
-    if truncations is not None:
-        groups = group_by_truncation(truncations)
-        if auto:
-            alone, alone_reason = too_few_to_pay(groups, per_step_batches(supports))
-            if len(alone) == len(groups):
-                return Plan(None, alone_reason, False, known)
-        exact = any(k > 0 for k in groups if k not in alone)
-        step_one = any(k == steps for k in groups if k not in alone)
+            return loop(_slow([f"{size:,} adapted parameters"]), False)
+    scope = _scope(problem, supports, truncations, auto)
+    if scope.all_alone:
+        return loop(scope.alone_reason, False)
     if _saved_tensor_hooks():  # the caller's: found before the look blames a loss (review s35B F4), after
         # what vectorise="auto" decides (review s35R F1: a loop it picks anyway needs no warning)
-        return Plan(None, "saved-tensor hooks are set around the call (torch.autograd.graph.save_on_cpu, "
-                    "saved_tensors_hooks), which torch.func's gradients cannot run under", True, known)
+        return loop("saved-tensor hooks are set around the call (torch.autograd.graph.save_on_cpu, "
+                    "saved_tensors_hooks), which torch.func's gradients cannot run under")
     modules = tuple(problem.model.modules())
     if known is not None and not known.applies(problem.inner_loss, problem.outer_loss, device, modules):
         known = None  # other losses, device or submodules: where vmap failed no longer applies
-    if known is not None and (known.failed or (exact and known.failed_exact)):
-        return Plan(None, known.failed or known.failed_exact, True, known)
-    hooked = [n or "the model itself" for n, m in problem.model.named_modules()
+    if known is not None and (known.failed or (scope.exact and known.failed_exact)):
+        return loop(known.failed or known.failed_exact)
+    why = _module_refusal(problem.model, scope.exact)
+    if why:
+        return loop(why)
+    batches = probe_batches(task_of(supports, 0), problem.config.steps, "supports")
+    found, known, reads_none = _probed(problem, batches, task_of(queries, 0), known, device, modules)
+    findings = _Findings(found, known, auto, reads_none)
+    for applies, reason, fallback in _PROBE_REFUSALS:
+        if applies(findings):
+            return loop(reason(findings), fallback)
+    if scope.exact:
+        why = _exact_refusal(problem, found, batches)
+        if why:
+            return loop(why)
+        if problem.hvp == "fwdrev":
+            _check_fwdrev_choice(problem, found, batches, supports, scope.step_one)
+    if not scope.exact or problem.hvp == "fwdrev" or not found.norms:
+        return Plan(problem, "", False, known, found.unread, scope.alone, scope.alone_reason)
+    return _norms_plan(problem, found, batches, supports, scope, known)
+
+
+def _static_refusal(problem: Problem, diagnostics: bool) -> Optional[Tuple[str, bool]]:
+    """Why the per-task loop runs whatever the tasks and the losses (the settings, the inner
+    rule, the model's weights), as ``(reason, fallback)``; ``None``: nothing here stops ``vmap``."""
+    if problem.config.vectorise is False:
+        return "vectorise=False", False
+    if diagnostics:
+        return "q='auto' keeps per-task statistics", True
+    rule = problem.config.rule
+    if not elementwise_rule(rule):
+        return (f"the inner rule {type(rule).__name__} is a rule of your own that does not declare "
+                "elementwise = True: its update on the tasks' stacked state could mix the tasks "
+                "(a norm over a tensor)", True)
+    if sparse_weights(problem.model):  # found before a vmap attempt that would fail
+        return "torch.func.vmap has no sparse kernels (an embedding with sparse=True)", True
+    return None
+
+
+class _Scope(NamedTuple):
+    """Which truncation points the vectorised sweeps of a meta-batch run (:func:`_scope`)."""
+
+    exact: bool  # whether some vectorised group may run exact steps (K > 0)
+    step_one: bool  # whether one may differentiate the first step (K = steps)
+    alone: frozenset = frozenset()  # the K whose groups run per task, too small to pay (auto, CPU)
+    alone_reason: str = ""
+    all_alone: bool = False  # every group is too small to pay: the loop runs, without the look
+
+
+def _scope(problem: Problem, supports: Any, truncations: Optional[Sequence[int]], auto: bool) -> _Scope:
+    """What the vectorised sweeps run: for the drawn ``truncations`` (every task's ``K``),
+    the groups of tasks that drew the same ``K`` but, under ``auto`` (``vectorise="auto"`` on
+    a CPU), those too small to pay (:func:`too_few_to_pay`); without them, any ``K`` the law
+    can draw."""
+    steps = problem.config.steps
+    survival = problem.law.survival(steps)
+    if truncations is None:
+        return _Scope(survival[1] > 0.0, survival[steps] > 0.0)
+    groups = group_by_truncation(truncations)
+    alone, alone_reason = too_few_to_pay(groups, per_step_batches(supports)) if auto else (frozenset(), "")
+    run = [k for k in groups if k not in alone]
+    return _Scope(any(k > 0 for k in run), any(k == steps for k in run), alone, alone_reason,
+                  auto and len(alone) == len(groups))
+
+
+def _module_refusal(model: nn.Module, exact: bool) -> str:
+    """Why the per-task loop runs, found in the model before any look at the losses: full
+    backward hooks (a vmap attempt would fail) and, where some task runs exact steps
+    (``exact``), TorchScript that ``vmap`` cannot differentiate twice; ``""``: neither."""
+    hooked = [n or "the model itself" for n, m in model.named_modules()
               if m._backward_hooks or m._backward_pre_hooks]
     if hooked:  # found before a vmap attempt that would fail
-        return Plan(None, f"torch.func.vmap cannot run full backward hooks (register_full_backward_hook "
-                    f"or register_full_backward_pre_hook on {', '.join(map(repr, hooked))}: an "
-                    "autograd.Function without vmap support)",
-                    True, known)
-    names = scripted(problem.model) if exact else []
+        return (f"torch.func.vmap cannot run full backward hooks (register_full_backward_hook "
+                f"or register_full_backward_pre_hook on {', '.join(map(repr, hooked))}: an "
+                "autograd.Function without vmap support)")
+    names = scripted(model) if exact else []
     if names:  # vectorised first-order steps are right: only the second derivatives are lost
-        return Plan(None, f"torch.func.vmap cannot differentiate TorchScript twice (torch.jit.script "
-                    f"module or function {_name_list(names)}: once the JIT has optimised it, its "
-                    "gradients under vmap carry no graph)", True, known)
+        return (f"torch.func.vmap cannot differentiate TorchScript twice (torch.jit.script "
+                f"module or function {_name_list(names)}: once the JIT has optimised it, its "
+                "gradients under vmap carry no graph)")
+    return ""
+
+
+def _probed(problem: Problem, batches: Sequence[Any], query: Any, known: Optional[SlowOps],
+            device: torch.device, modules: tuple) -> Tuple[Probe, SlowOps, bool]:
+    """The look at the losses (:func:`~torch_ufom.vectorised.probe_steps` on task 0's
+    ``batches`` and ``query``), what of it the next call keeps (:class:`SlowOps`, with where
+    ``vmap`` failed as ``known`` says) and whether the inner loss reads none of the adapted
+    parameters (warned here, as the per-task loop's own look warns)."""
     # The probe runs on every call: what it finds depends on the module and on whatever the
     # losses read (a swapped submodule, a padding index switched on), which no cheap key covers.
-    batches = probe_batches(task_of(supports, 0), problem.config.steps, "supports")
-    found = probe_steps(problem.model, problem.inner_loss, batches, problem.outer_loss, task_of(queries, 0),
+    found = probe_steps(problem.model, problem.inner_loss, batches, problem.outer_loss, query,
                         problem.config.adapted)
     reads_none = bool(problem.config.adapted) and set(problem.config.adapted) <= set(found.unread)
     if reads_none:
         warnings.warn(reads_nothing("inner_loss"), stacklevel=caller_level())  # (the loop's own look)
-    known = SlowOps(_weak(problem.inner_loss), device, tuple(
+    slow = SlowOps(_weak(problem.inner_loss), device, tuple(
         f"{op} ({n:,} elements per task)" for op, n in sorted(found.slow_on_cpu.items())),
         tuple(sorted(found.wrong)), _weak(problem.outer_loss),
         *((known.failed, known.failed_exact) if known is not None else ("", "")),
         tuple(map(weakref.ref, modules)))
-    if auto and known.ops:
-        return Plan(None, _slow(known.ops), False, known)
-    if found.raised:  # (review s37W F1: a loss failing once in the look hid a NumPy draw after it)
-        return Plan(None, _failed_look(found.raised), True, known)
-    if reads_none:  # (vmap's own check would refuse it under another name: review IA F7; warned above)
-        return Plan(None, "inner_loss reads none of the adapted parameters", False, known)
-    if known.wrong:
-        return Plan(None, _wrong(known.wrong), True, known)
-    if found.own_generator:
-        return Plan(None, "a random operation draws from a torch.Generator of the losses' own "
-                    "(generator=...), which vmap(randomness='different') would advance once per task, "
-                    "so each task would draw other numbers than it draws alone", True, known)
-    if found.host_draws:
-        return Plan(None, "a loss draws from NumPy's or Python's global random generator (np.random, "
-                    "random), which vmap would run once for the whole meta-batch: every task would draw "
-                    "the same numbers, where alone each draws its own (draw from torch's generator, "
-                    "torch.randn: vmap(randomness='different') draws per task)", True, known)
-    if found.written:
-        return Plan(None, f"the module has buffers that the losses write ({', '.join(found.written)}: "
-                    "running statistics cannot be vectorised)", True, known)
-    if found.attributes:
-        return Plan(None, f"the module's forward keeps tensors in plain attributes ("
-                    f"{', '.join('self.' + n for n in found.attributes[:3])}): state kept between calls "
-                    "cannot be vectorised (a tensor under torch.func.vmap must not outlive it)", True, known)
-    if found.kept and found.kept != "elsewhere":  # (review HB F3: named the wrong cause)
-        return Plan(None, f"a forward pre-hook keeps a tensor computed from a task's parameters in the "
-                    f"module's attributes ({found.kept}: torch.nn.utils.prune, the legacy weight_norm or "
-                    "spectral_norm), which under torch.func.vmap would be a tensor of the transform's", True,
-                    known)
-    if found.kept:
-        return Plan(None, "a loss keeps a tensor computed from a task's parameters or batch beyond its "
-                    "evaluation, outside the module's attributes (a global list of logged values, a class "
-                    "attribute, a forward hook's store, a memo of a function's own): under torch.func.vmap "
-                    "it would keep a tensor of the transform's (return what you log as the loss's aux)",
-                    True, known)
-    if found.differentiates:
-        return Plan(None, DIFFERENTIATES, True, known)
-    if found.hooks:
-        return Plan(None, "a loss registers a gradient hook on a tensor or a graph node "
-                    "(Tensor.register_hook, grad_fn.register_hook), which the gradients taken through "
-                    "torch.func.vmap do not run (or run on every task's at once)", True, known)
-    if found.hooks_unseen:
-        return Plan(None, "a profiler is set (sys.setprofile: cProfile, torch.profiler with "
-                    "with_stack=True), which hides from the look the hooks a loss may register on graph "
-                    "nodes, which the gradients taken through torch.func.vmap would not run", True, known)
-    if exact and found.wrong_twice:  # as the per-task loop does (graphs.check_twice_differentiable)
+    return found, slow, reads_none
+
+
+class _Findings(NamedTuple):
+    """What ``_PROBE_REFUSALS`` reads: the probe's findings (``found``; ``slow``, as
+    :func:`_probed` keeps them), whether ``vectorise="auto"`` decides on a CPU (``auto``)
+    and whether the inner loss reads none of the adapted parameters (``reads_none``)."""
+
+    found: Probe
+    slow: SlowOps
+    auto: bool
+    reads_none: bool
+
+
+# Why the per-task loop runs, from what the look at the losses found: (applies, reason, fallback)
+# rows, walked in order by vectorised_plan; the first row that applies decides (which cause the
+# warning names where several hold).
+_PROBE_REFUSALS: Tuple[Tuple[Callable[[_Findings], Any], Callable[[_Findings], str], bool], ...] = (
+    (lambda x: x.auto and x.slow.ops, lambda x: _slow(x.slow.ops), False),
+    # (review s37W F1: a loss failing once in the look hid a NumPy draw after it)
+    (lambda x: x.found.raised, lambda x: _failed_look(x.found.raised), True),
+    # (vmap's own check would refuse it under another name: review IA F7; _probed warned)
+    (lambda x: x.reads_none, lambda x: "inner_loss reads none of the adapted parameters", False),
+    (lambda x: x.slow.wrong, lambda x: _wrong(x.slow.wrong), True),
+    (lambda x: x.found.own_generator, lambda x: (
+        "a random operation draws from a torch.Generator of the losses' own (generator=...), which "
+        "vmap(randomness='different') would advance once per task, so each task would draw other "
+        "numbers than it draws alone"), True),
+    (lambda x: x.found.host_draws, lambda x: (
+        "a loss draws from NumPy's or Python's global random generator (np.random, random), which "
+        "vmap would run once for the whole meta-batch: every task would draw the same numbers, where "
+        "alone each draws its own (draw from torch's generator, torch.randn: "
+        "vmap(randomness='different') draws per task)"), True),
+    (lambda x: x.found.written, lambda x: (
+        f"the module has buffers that the losses write ({', '.join(x.found.written)}: running "
+        "statistics cannot be vectorised)"), True),
+    (lambda x: x.found.attributes, lambda x: (
+        f"the module's forward keeps tensors in plain attributes "
+        f"({', '.join('self.' + n for n in x.found.attributes[:3])}): state kept between calls "
+        "cannot be vectorised (a tensor under torch.func.vmap must not outlive it)"), True),
+    # (review HB F3: named the wrong cause)
+    (lambda x: x.found.kept and x.found.kept != "elsewhere", lambda x: (
+        f"a forward pre-hook keeps a tensor computed from a task's parameters in the module's "
+        f"attributes ({x.found.kept}: torch.nn.utils.prune, the legacy weight_norm or spectral_norm), "
+        "which under torch.func.vmap would be a tensor of the transform's"), True),
+    (lambda x: x.found.kept, lambda x: (
+        "a loss keeps a tensor computed from a task's parameters or batch beyond its evaluation, "
+        "outside the module's attributes (a global list of logged values, a class attribute, a "
+        "forward hook's store, a memo of a function's own): under torch.func.vmap it would keep a "
+        "tensor of the transform's (return what you log as the loss's aux)"), True),
+    (lambda x: x.found.differentiates, lambda x: DIFFERENTIATES, True),
+    (lambda x: x.found.hooks, lambda x: (
+        "a loss registers a gradient hook on a tensor or a graph node (Tensor.register_hook, "
+        "grad_fn.register_hook), which the gradients taken through torch.func.vmap do not run (or "
+        "run on every task's at once)"), True),
+    (lambda x: x.found.hooks_unseen, lambda x: (
+        "a profiler is set (sys.setprofile: cProfile, torch.profiler with with_stack=True), which "
+        "hides from the look the hooks a loss may register on graph nodes, which the gradients taken "
+        "through torch.func.vmap would not run"), True),
+)
+
+
+def _exact_refusal(problem: Problem, found: Probe, batches: Sequence[Any]) -> str:
+    """Why the per-task loop runs where some task runs exact steps, from what the look at
+    the losses found (``""``: nothing); raises where the per-task loop would raise too."""
+    if found.wrong_twice:  # as the per-task loop does (graphs.check_twice_differentiable)
         raise RuntimeError(wrong_twice_message(found.wrong_twice))
-    if exact and found.once:  # the per-task loop raises (graphs.check_twice_differentiable)
-        return Plan(None, f"{', '.join(found.once)} has a @once_differentiable backward", True, known)
-    if exact and runs_optimised_script(problem.model, problem.inner_loss, batches, problem.config.adapted,
-                                       generators=found.own_generator):
+    if found.once:  # the per-task loop raises (graphs.check_twice_differentiable)
+        return f"{', '.join(found.once)} has a @once_differentiable backward"
+    if runs_optimised_script(problem.model, problem.inner_loss, batches, problem.config.adapted,
+                             generators=found.own_generator):
         if problem.hvp == "fwdrev":
             raise ValueError(f"Invalid hvp: 'fwdrev' {_OPTIMISED_SCRIPT}; use 'revrev' or 'auto'")
-        return Plan(None, f"torch.func.vmap {_OPTIMISED_SCRIPT}", True, known)
-    if exact and problem.hvp == "fwdrev":
-        why = found.fwdrev_obstacle()
-        if why:
-            raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
-        check_fwdrev_reads(problem, batches)
-        if not found.attention_dropout:  # (per task, torch.func draws other attention masks)
-            check_fwdrev_agrees(problem, fresh(task_of(supports, 0)), step_one)
-    if not exact or problem.hvp == "fwdrev" or not found.norms:
-        return Plan(problem, "", False, known, found.unread, alone, alone_reason)
+        return f"torch.func.vmap {_OPTIMISED_SCRIPT}"
+    return ""
+
+
+def _check_fwdrev_choice(problem: Problem, found: Probe, batches: Sequence[Any], supports: Any,
+                         step_one: bool) -> None:
+    """Refuse ``hvp="fwdrev"``, the user's choice, where forward-over-reverse HVPs cannot
+    run the losses (``batches``: task 0's, as looked at; the check that they agree with
+    revrev runs on task 0 of ``supports``)."""
+    why = found.fwdrev_obstacle()
+    if why:
+        raise ValueError(f"Invalid hvp: 'fwdrev' {why}; use 'revrev' or 'auto'")
+    check_fwdrev_reads(problem, batches)
+    if not found.attention_dropout:  # (per task, torch.func draws other attention masks)
+        check_fwdrev_agrees(problem, fresh(task_of(supports, 0)), step_one)
+
+
+def _norms_plan(problem: Problem, found: Probe, batches: Sequence[Any], supports: Any, scope: _Scope,
+                known: SlowOps) -> Plan:
+    """The plan where ``vmap`` differentiates the model's normalisations twice wrongly
+    (pytorch/functorch#534) and the user left the HVPs to the library: forward-over-reverse
+    ones where they apply and agree with reverse-over-reverse on task 0 of ``supports``, else
+    the per-task loop, saying why not."""
     norms = ", ".join(sorted(found.norms))
     # (buffers the losses do not write, a positional encoding or a causal mask, are constants)
     why = fwdrev_obstacle(problem.model, problem.config, problem.params, constant_buffers=not found.written) \
@@ -620,7 +720,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
         why = READS_META
     if not why and not found.attention_dropout:  # (per task, torch.func draws other attention masks)
         try:
-            why = fwdrev_disagreement(problem._replace(hvp="fwdrev"), fresh(task_of(supports, 0)), step_one)
+            why = fwdrev_disagreement(problem._replace(hvp="fwdrev"), fresh(task_of(supports, 0)),
+                                      scope.step_one)
         except Exception as err:  # noqa: BLE001 (the per-task loop runs revrev: its own errors raise there)
             said = err.detail if isinstance(err, FwdRevError) else str(err)  # (no advice of another hvp)
             why = f"fails on the first task ({type(err).__name__}: {said[:200]})"
@@ -629,8 +730,8 @@ def vectorised_plan(problem: Problem, supports: Any, queries: Any, diagnostics: 
                     f"(pytorch/functorch#534) and forward-over-reverse, which would replace it, {why}",
                     True, known)
     return Plan(problem._replace(hvp="fwdrev"), "forward-over-reverse HVPs: vmap differentiates "
-                f"{norms} twice wrongly (pytorch/functorch#534)", False, known, found.unread, alone,
-                alone_reason)
+                f"{norms} twice wrongly (pytorch/functorch#534)", False, known, found.unread, scope.alone,
+                scope.alone_reason)
 
 
 _OPTIMISED_SCRIPT = ("cannot differentiate TorchScript twice (the inner loss runs a torch.jit.script "

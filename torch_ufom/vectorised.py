@@ -48,7 +48,7 @@ from .unroll import AUTOGRAD_CALLS, from_torch_func, note_probed, watched_loss
 __all__ = ["Vectorised", "meta_batch_size", "select_tasks", "task_of", "group_by_truncation", "probe",
            "probe_steps", "reads_meta_directly", "LookFailed", "SLOW_ON_CPU_ELEMENTS", "FEWEST_TASKS_ON_CPU",
            "FEWEST_TASKS_BESIDE_ON_CPU", "under_a_look", "EmptyMetaBatch", "attributes_kept", "fresh",
-           "noting_listed_tasks", "runs_optimised_script"]
+           "noting_listed_tasks", "runs_optimised_script", "Probe"]
 
 
 def _register_step_batches() -> None:
