@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -364,36 +364,12 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     log = SweepLog(r)
     state = loop.initial_state(differentiated=True)
     s0 = state
-    # For an additive rule with no learned hyperparameter the first-order VJP is the
-    # identity with no meta-parameter terms; for a rule with first_order_identity and no
-    # learned hyperparameter it is the identity on the parameters' adjoint, and what it
-    # gives the optimizer state never reaches them. Either way the stream passes
-    # unchanged, so it is not swept and the exact records keep no gradient for it
-    # (ufom's exact branch then costs what exact costs).
-    rule = loop.rule
-    # (asked here, after the rule's init ran in initial_state: an init may turn a shortcut off,
+    # (planned here, after the rule's init ran in initial_state: an init may turn a shortcut off,
     # review s33B F1; the loop's dense_grads was asked before it)
-    additive = shortcut(rule, "first_order_additive")
-    identity = (additive or shortcut(rule, "first_order_identity")) and not loop.learned_hyper
-    # An additive rule needs nothing of the first r - K steps in reverse but their
-    # summed gradients, and an identity one nothing at all; any other rule sweeps
-    # them first-order too.
-    swept = r - K if additive or identity else 0
+    swept, identity, plan = _plan_sweep(loop, K, inv_p, c, schedule, diagnostics)
+    connected = plan.connected
     # The summed gradients matter only if a learned hyperparameter enters the update.
     state, grad_sum = loop.forward(state, swept, log)
-    # The first-order stream f starts at the first depth m with c_m != 0; the
-    # exact records above it (steps j > r - m) never see a first-order VJP.
-    start_f = 0 if diagnostics else next(m for m, cm in enumerate(c) if cm != 0.0)
-    # When, besides, every exact depth has the same weight and injects nothing before
-    # the last, the exact stream is needed only at s_{r-K}: the exact steps then form
-    # one graph differentiated by one backward (schedules that keep every graph).
-    connected = (identity and not diagnostics and K > 0 and loop.hvp == "revrev"
-                 and schedule.keeps_every_graph(K) and all(w == inv_p[1] for w in inv_p[1:])
-                 and not any(c[1:K]))
-    # Under identity no first-order VJP runs, G_0's and G_K's streams included: the exact
-    # records keep no gradient (forward-over-reverse records keep theirs for H u).
-    plan = SweepPlan(exact_after=r - K, first_order_until=0 if identity else r - start_f,
-                     connected=connected)
     count, start = log.count, state
     try:
         state, records = schedule.sweep(loop, state, swept, r, log, plan)
@@ -460,6 +436,50 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
                    log.forward_steps, log.reverse_steps, g0, gk, final_buffers, aux)
     check_finite(log, est, loop.step_function)
     return est
+
+
+class _Sweep(NamedTuple):
+    """How :func:`estimate` sweeps one task for a drawn ``K`` (:func:`_plan_sweep`)."""
+
+    swept: int  # the first steps run first-order by loop.forward, before the schedule's sweep
+    identity: bool  # the first-order VJP passes the stream unchanged: none runs
+    plan: SweepPlan  # which steps the schedule's sweep records how
+
+
+def _plan_sweep(loop: Loop, K: int, inv_p: Sequence[float], c: Sequence[float], schedule: Schedule,
+                diagnostics: bool) -> _Sweep:
+    """The sweep :func:`estimate` runs for truncation point ``K`` with the telescope's
+    weights ``inv_p`` and ``c`` (:func:`~torch_ufom.truncation.telescope_weights`), from the
+    rule's shortcuts (asked after its ``init`` ran: the caller's ``loop.initial_state``), the
+    loop's HVP and ``schedule``; ``diagnostics``: ``G_0`` and ``G_K`` are kept too."""
+    r = loop.steps
+    # For an additive rule with no learned hyperparameter the first-order VJP is the
+    # identity with no meta-parameter terms; for a rule with first_order_identity and no
+    # learned hyperparameter it is the identity on the parameters' adjoint, and what it
+    # gives the optimizer state never reaches them. Either way the stream passes
+    # unchanged, so it is not swept and the exact records keep no gradient for it
+    # (ufom's exact branch then costs what exact costs).
+    rule = loop.rule
+    additive = shortcut(rule, "first_order_additive")
+    identity = (additive or shortcut(rule, "first_order_identity")) and not loop.learned_hyper
+    # An additive rule needs nothing of the first r - K steps in reverse but their
+    # summed gradients, and an identity one nothing at all; any other rule sweeps
+    # them first-order too.
+    swept = r - K if additive or identity else 0
+    # The first-order stream f starts at the first depth m with c_m != 0; the
+    # exact records above it (steps j > r - m) never see a first-order VJP.
+    start_f = 0 if diagnostics else next(m for m, cm in enumerate(c) if cm != 0.0)
+    # When, besides, every exact depth has the same weight and injects nothing before
+    # the last, the exact stream is needed only at s_{r-K}: the exact steps then form
+    # one graph differentiated by one backward (schedules that keep every graph).
+    connected = (identity and not diagnostics and K > 0 and loop.hvp == "revrev"
+                 and schedule.keeps_every_graph(K) and all(w == inv_p[1] for w in inv_p[1:])
+                 and not any(c[1:K]))
+    # Under identity no first-order VJP runs, G_0's and G_K's streams included: the exact
+    # records keep no gradient (forward-over-reverse records keep theirs for H u).
+    plan = SweepPlan(exact_after=r - K, first_order_until=0 if identity else r - start_f,
+                     connected=connected)
+    return _Sweep(swept, identity, plan)
 
 
 def _scaled(weight: float, tensors: Sequence[Tensor]) -> Tuple[Tensor, ...]:
