@@ -816,27 +816,15 @@ def _probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ad
     fm = FunctionalModel(module, params, dict(buffers))  # its own dict: a replaced buffer shows
     attributes = _attributes(module)
     devices = cuda_devices_in_use()
-    # What vmap batches: the adapted parameters and the batch (frozen parameters are shared). The
-    # losses get fresh copies of the batch's tensors, so that one they keep shows.
-    batch, held = _fresh(batch)
-    aten = _AtenProbe([params[n] for n in (named if adapted is None else adapted) if n in params]
-                      + [t for t in _tensors(batch) if id(t) not in held], held.values())
+    batched = named if adapted is None else adapted
+    batch, aten = _watched(params, batched, batch)
     hooked: List[str] = []
     # NumPy's and Python's global generators: vmap would run a draw of theirs once for every
     # task (review IB F1: a per-task np.random augmentation shared, 23 % off the loop); put back,
     # as torch's generators are, so that the look changes no draw.
     host = host_random_states()  # (compared once, after both losses: 0.2 ms a reading)
-    try:
-        with torch_random_states_kept(devices), torch.enable_grad(), mode, aten, _young(), \
-                (_watching_node_hooks(hooked) if node_hooks else contextlib.nullcontext()):
-            out = inner_loss(fm, batch)
-    except BaseException:
-        if host_random_states() != host:
-            set_host_random_states(host)
-        raise
-    finally:
-        aten.restore()
-        stored = _put_back_attributes(attributes, fm)  # (its tensors are the probe's)
+    out, _, stored = _look(inner_loss, fm, batch, (mode, aten), attributes, devices,
+                           hooked if node_hooks else None, host)
     mode.hooks |= any(h != _UNWATCHED for h in hooked)
     unread, functions, raised = frozenset(), [], ""
     loss = out[0] if isinstance(out, tuple) and out else out
@@ -861,21 +849,14 @@ def _probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ad
                   for n, p in module.named_parameters()}
         note_probed(t for t in copies.values() if t.requires_grad)
         outer = _Probe()
-        query, held = _fresh(query)
-        outer_aten = _AtenProbe([copies[n] for n in (named if adapted is None else adapted) if n in copies]
-                                + [t for t in _tensors(query) if id(t) not in held], held.values())
+        query, outer_aten = _watched(copies, batched, query)
         attributes = _attributes(module)
         fm = FunctionalModel(module, copies, {n: b.clone() for n, b in original.items()})
-        result = None
-        try:
-            with torch_random_states_kept(devices), torch.enable_grad(), outer, outer_aten, _young(), \
-                    (_watching_node_hooks(hooked) if node_hooks else contextlib.nullcontext()):
-                result = outer_loss(fm, query)
-        except Exception as err:  # noqa: BLE001 (the loop runs it again and raises what it raises)
-            raised = raised or f"outer_loss raised {_first_line(err)}"
-        finally:
-            outer_aten.restore()
-            stored += tuple(n for n in _put_back_attributes(attributes, fm) if n not in stored)
+        result, error, more = _look(outer_loss, fm, query, (outer, outer_aten), attributes, devices,
+                                    hooked if node_hooks else None)
+        if error:  # (the loop runs it again and raises what it raises)
+            raised = raised or f"outer_loss raised {error}"
+        stored += tuple(n for n in more if n not in stored)
         value = result[0] if isinstance(result, tuple) and result else result
         if isinstance(value, Tensor) and value.grad_fn is not None and graph_survey([value.grad_fn])[1]:
             raised = raised or _backward(value, [t for t in copies.values() if t.requires_grad], devices,
@@ -903,6 +884,47 @@ def _probe(module: nn.Module, inner_loss, batch, outer_loss=None, query=None, ad
     if alive:
         found = found._replace(kept=_attributes_holding(module, alive) or "elsewhere")
     return found
+
+
+def _watched(params: Dict[str, Tensor], batched: Sequence[str], data: Any) -> Tuple[Any, _AtenProbe]:
+    """``data`` with fresh copies of its tensors, so that one a loss keeps shows, and the ATen
+    probe of a look at a loss of it, watching what ``vmap`` batches: the parameters among
+    ``params`` named in ``batched`` (frozen parameters are shared) and those tensors."""
+    data, held = _fresh(data)
+    return data, _AtenProbe([params[n] for n in batched if n in params]
+                            + [t for t in _tensors(data) if id(t) not in held], held.values())
+
+
+def _look(loss, fm: FunctionalModel, data: Any, probes: Tuple[_Probe, _AtenProbe], attributes: list,
+          devices: Sequence[int], hooked: Optional[List[str]],
+          host: Optional[tuple] = None) -> Tuple[Any, str, Tuple[str, ...]]:
+    """One evaluation ``loss(fm, data)`` for :func:`_probe`: with torch's random states kept on
+    ``devices``, gradients enabled, ``probes`` (the look's :class:`_Probe` and
+    :class:`_AtenProbe`) watching, the young generation's collection off (:func:`_young`) and,
+    where ``hooked`` is a list, the hooks a loss registers on graph nodes noted in it; then,
+    whatever it raised, the ATen probe's in-place writes undone and the module's plain
+    attributes put back (``attributes``: :func:`_attributes` before it).
+
+    Returns what the loss returned, the first line of the error it raised (``""``: none) and
+    the names of the attributes it stored (:func:`_put_back_attributes`). ``host``: NumPy's and
+    Python's generator states before the look, where the loss's errors propagate (the inner
+    loss's; those states are put back first where it changed them); ``None``: an ``Exception``
+    is returned instead (the outer loss's: the loop runs it again and raises what it raises)."""
+    result, error = None, ""
+    try:
+        with torch_random_states_kept(devices), torch.enable_grad(), probes[0], probes[1], _young(), \
+                (_watching_node_hooks(hooked) if hooked is not None else contextlib.nullcontext()):
+            result = loss(fm, data)
+    except BaseException as err:
+        if host is not None or not isinstance(err, Exception):
+            if host is not None and host_random_states() != host:
+                set_host_random_states(host)
+            raise
+        error = _first_line(err)
+    finally:
+        probes[1].restore()
+        stored = _put_back_attributes(attributes, fm)  # (its tensors are the probe's)
+    return result, error, stored
 
 
 def _recomputed(module: nn.Module) -> List[Tuple[nn.Module, str, Any]]:
