@@ -236,6 +236,10 @@ class BatchRun:
         alone: in a vectorised run, why the tasks after the batched groups ran
             one by one (``vectorise="auto"`` on a CPU: their group of tasks that
             drew the same ``K`` was too small to pay); ``""`` when none did.
+        meta_batch: whether a meta-batch entry ran it (``hypergrad_batch``,
+            ``backward_batch``), whose probe's findings (``slow_ops``) replace
+            what was known and whose results say the path taken; ``False`` for
+            one task run alone (:meth:`one`), which looked at nothing.
     """
 
     groups: List[Tuple[List[int], Estimate, float]]
@@ -246,6 +250,12 @@ class BatchRun:
     slow_ops: Optional["SlowOps"] = None
     batched_groups: int = 0
     alone: str = ""
+    meta_batch: bool = True
+
+    @classmethod
+    def one(cls, est: Estimate, seconds: float) -> "BatchRun":
+        """The run of one task alone (``MetaOptimizer.backward``), as one group."""
+        return cls([([0], est, seconds)], False, "", [est.truncation], meta_batch=False)
 
 
 class SlowOps(NamedTuple):

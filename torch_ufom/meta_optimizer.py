@@ -906,9 +906,9 @@ class MetaOptimizer:
             start = time.perf_counter()
             est = estimate_task(problem, support, query, force_truncation,
                                 diagnostics=self.q_stats is not None)
-            return BatchRun([([0], est, time.perf_counter() - start)], False, "", [est.truncation])
+            return BatchRun.one(est, time.perf_counter() - start)
 
-        (result,) = self._accumulate(inner_loss, outer_loss, run_task, batch=False)
+        (result,) = self._accumulate(inner_loss, outer_loss, run_task)
         return result
 
     @one_call_at_a_time
@@ -965,10 +965,10 @@ class MetaOptimizer:
                 self._warned_per_task.add(run.reason)
             return run
 
-        return self._accumulate(inner_loss, outer_loss, run_tasks, batch=True)
+        return self._accumulate(inner_loss, outer_loss, run_tasks)
 
     def _accumulate(self, inner_loss: Callable, outer_loss: Callable,
-                    run_tasks: Callable[[Problem], BatchRun], batch: bool) -> List[MetaResult]:
+                    run_tasks: Callable[[Problem], BatchRun]) -> List[MetaResult]:
         """Run tasks and accumulate their estimates into ``.grad``: what :meth:`backward` (a
         one-task run) and :meth:`backward_batch` share, so that a task counts, writes and
         reports alike whichever runs it; returns one :class:`MetaResult` per task.
@@ -976,9 +976,9 @@ class MetaOptimizer:
         ``run_tasks(problem)`` runs the engine on this call's problem. All or nothing up to
         the write: a refused problem, a failing run (a non-finite hypergradient named as the
         optimizer holds it), an observation or write that fails put the tally back
-        (:meth:`_task_state_kept`). Then, in this order: ``batch`` keeps what the run's probe
+        (:meth:`_task_state_kept`). Then, in this order: a meta-batch keeps what the run's probe
         found (:attr:`BatchRun.slow_ops`; a per-task call looks at nothing), the results (with
-        ``batch_path`` under ``batch``, else ``None``), the buffers of the tasks run one by one
+        ``batch_path`` for a meta-batch's, else ``None``), the buffers of the tasks run one by one
         (``track_buffers``; a vectorised group's losses write none), the observations and the
         count; the post-accumulate hooks last, so that one that raises leaves the write
         counted (:meth:`_post_accumulate`)."""
@@ -990,12 +990,12 @@ class MetaOptimizer:
             observations = self._observations_of([(est, seconds) for _, est, seconds in run.groups])
             written = self._write(meta, self._first_order_gaps(problem, meta, sum_grads(run, len(meta)),
                                                                  run.truncations))
-        if batch:
+        if run.meta_batch:
             self._slow_ops = run.slow_ops
         q = self.q
         results: List[Optional[MetaResult]] = [None] * len(run.truncations)
         path = ("vectorised" + (f": {run.reason}" if run.reason else "") if run.vectorised
-                else f"per-task loop: {run.reason}") if batch else None
+                else f"per-task loop: {run.reason}") if run.meta_batch else None
         for g, (index, est, _) in enumerate(run.groups):
             batched = g < run.batched_groups
             for col, i in enumerate(index):

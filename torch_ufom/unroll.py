@@ -199,7 +199,10 @@ class Problem(NamedTuple):
     """What every task of one call shares: the module, the losses, the resolved
     configuration, the truncation law of this call (``config.law``, or the
     current ``q``'s law under ``q="auto"``), the tensors that get
-    hypergradients, the Hessian-vector product and the generator."""
+    hypergradients, the Hessian-vector product and the generator. The entry points
+    that compute hypergradients build it with
+    :func:`~torch_ufom.functional.bind_problem`; ``adapt`` builds one of its own,
+    with no outer loss, meta-parameters or Hessian-vector products."""
 
     model: nn.Module
     inner_loss: Callable
