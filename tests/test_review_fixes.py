@@ -7188,3 +7188,38 @@ def test_a_forward_keeping_a_tensor_in_a_private_slot_is_named_as_a_public_one_i
                                                        steps=2, inner_lr=0.1, mode="exact")
                                   for i in range(4)))]
     assert rel_err(got, want) < 1e-12
+
+
+def test_a_module_holding_a_dead_weakref_proxy_runs_a_meta_batch():
+    """Review s40H2 F1: the look before vmap read each attribute's class through isinstance, which raises
+    ReferenceError for a weakref.proxy whose object is gone (a back-reference to an owner): hypergrad_batch
+    and backward_batch crashed where the per-task loop ran. Both run, and equal the per-task sum."""
+    import weakref
+
+    class Owner:
+        pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+            owner = Owner()
+            self.owner = weakref.proxy(owner)  # (its object is gone when __init__ returns)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    def loss(fm, b):
+        return ((fm(b[0]) - b[1]) ** 2).mean()
+
+    torch.manual_seed(0)
+    xs, ys, net = torch.randn(4, 5, 3), torch.randn(4, 5, 1), Net()
+    want = [sum(g) for g in zip(*(torch_ufom.hypergrad(net, loss, loss, (xs[i], ys[i]), (xs[i], ys[i]), steps=2,
+                                                       inner_lr=0.1, mode="exact") for i in range(4)))]
+    got = torch_ufom.hypergrad_batch(net, loss, loss, (xs, ys), (xs, ys), steps=2, inner_lr=0.1, mode="exact",
+                                     vectorise=True)
+    assert rel_err(got, want) < 1e-12
+    meta = torch_ufom.MetaOptimizer(net, torch.optim.SGD(net.parameters(), lr=0.1), inner_lr=0.1, steps=2,
+                                    mode="exact", vectorise=True)
+    meta.backward_batch(loss, loss, (xs, ys), (xs, ys))
+    assert rel_err([p.grad for p in net.parameters()], want) < 1e-12

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .functional_model import cell_filled
 
-__all__ = ["loss_and_aux", "check_depends", "AuxRefused", "check_kept_aux", "detached", "slot_names"]
+__all__ = ["loss_and_aux", "check_depends", "AuxRefused", "check_kept_aux", "detached", "slot_names",
+           "passes_for"]
 
 
 def _check_loss(loss: Any, name: str) -> Tensor:
@@ -130,11 +131,11 @@ _PLAIN = frozenset({float, int, bool, str, bytes, complex})
 
 def _tensor_like(x: Any) -> bool:
     """Whether ``x`` is a tensor or passes for one (``weakref.proxy`` of a tensor: review
-    s39R5 F1): :func:`_passes_for` ``Tensor``."""
-    return _passes_for(x, Tensor)
+    s39R5 F1): :func:`passes_for` ``Tensor``."""
+    return passes_for(x, Tensor)
 
 
-def _passes_for(x: Any, kinds) -> bool:
+def passes_for(x: Any, kinds) -> bool:
     """Whether ``x`` is an instance of ``kinds`` or passes for one (a ``weakref.proxy`` of
     one: review s39R6 F1), by its type first: ``isinstance`` reads ``__class__``, which an
     object of the user's may make raise (review s39R4 F3: then ``False``)."""
@@ -155,15 +156,15 @@ def _held_by(obj: Any) -> List[Any]:
     held: List[Any] = []
     kind = type(obj)
     try:  # (each source read apart: one that raises leaves the others searched, review s39R4 F2)
-        if _passes_for(obj, Mapping):
+        if passes_for(obj, Mapping):
             held.extend(obj.values())
-        elif _passes_for(obj, (list, tuple, set, frozenset, collections.deque)):
+        elif passes_for(obj, (list, tuple, set, frozenset, collections.deque)):
             held.extend(obj)
-        elif _passes_for(obj, functools.partial):  # (review s39R F2: callables hold tensors too)
+        elif passes_for(obj, functools.partial):  # (review s39R F2: callables hold tensors too)
             held.extend([obj.func, *obj.args, *obj.keywords.values()])
-        elif _passes_for(obj, types.MethodType):
+        elif passes_for(obj, types.MethodType):
             held.extend([obj.__self__, obj.__func__])
-        elif _passes_for(obj, types.FunctionType):
+        elif passes_for(obj, types.FunctionType):
             held.extend([*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()])
             held.extend(c.cell_contents for c in obj.__closure__ or () if cell_filled(c))
     except Exception:  # noqa: BLE001 (review s39R3 F1: contents that raise when read are not searched)

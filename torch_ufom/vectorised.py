@@ -39,7 +39,7 @@ from .batches import StepBatches
 from .functional_model import FunctionalModel, cell_filled, renormalises_weights
 from .fwdrev import jvp
 from .graphs import graph_nodes, graph_reaches, graph_survey, once_differentiable, root_of, wrong_twice
-from .losses import check_depends, check_kept_aux, loss_and_aux, slot_names
+from .losses import check_depends, check_kept_aux, loss_and_aux, passes_for, slot_names
 from .process import outside_transforms
 from .randomness import (cuda_devices_in_use, generator_position, host_random_states, is_default_generator,
                          set_host_random_states, torch_random_states_kept)
@@ -1139,7 +1139,9 @@ def _survey(value: Any, registered: frozenset = frozenset(), versions: bool = Fa
     seen, stack, count = set(registered), [value], 0
     while stack:
         item = stack.pop()
-        if isinstance(item, Tensor):
+        # (by type first: isinstance reads __class__, which raises for a weakref.proxy whose
+        # object is gone, a back-reference to an owner: review s40H2 F1, a meta-batch crashed)
+        if passes_for(item, Tensor):
             tensors.append(item)  # (and its own attributes, self.t.meta = h: review FB, below)
         if id(item) in seen:
             continue
