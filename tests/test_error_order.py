@@ -53,7 +53,7 @@ def resolves_law():
     model, task = setup()
     counted = Drifting()
     with pytest.raises(TypeError, match=r"Invalid inner_loss"):
-        torch_ufom.hypergrad(model, 3, mse, *task, steps=2, inner_lr=0.1, truncation=counted)
+        torch_ufom.hypergrad(model, 3, mse, task, task, steps=2, inner_lr=0.1, truncation=counted)
     return Drifting(counted.readings)
 
 
@@ -71,8 +71,10 @@ def setup(seed=0):
     return model, task
 
 
-def frozen():
-    return [torch.zeros(2)]  # a tensor that does not require grad: Invalid params[0]
+def frozen(params):
+    """The call's params (the meta-parameter the buffer may be derived from kept) with a tensor
+    that does not require grad added: Invalid params[N]."""
+    return params + [torch.zeros(2)]
 
 
 # (what is wrong: keywords and whether the buffer is derived from a meta-parameter, the error named)
@@ -81,7 +83,7 @@ FUNCTIONAL = {
     "inner_loss before outer_loss": (dict(inner_loss=3, outer_loss=4), False, r"Invalid inner_loss"),
     "outer_loss before generator": (dict(outer_loss=4, generator="g"), False, r"Invalid outer_loss"),
     "generator before params": (dict(generator="g", params=frozen), False, r"Invalid generator"),
-    "params before a derived buffer": (dict(params=frozen), True, r"Invalid params\[0\]"),
+    "params before a derived buffer": (dict(params=frozen), True, r"Invalid params\[\d+\]"),
     "a derived buffer before hvp": (dict(hvp="fwdrev"), True, r"its buffer 'scale' was computed from one "
                                                                r"of params"),
     "hvp before the law's reading": (dict(hvp="fwdrev", truncation=resolves_law, mode=None), False,
@@ -94,21 +96,21 @@ FUNCTIONAL = {
 def call(entry, model, task, wrong, raw):
     kw = dict(inner_loss=mse, outer_loss=mse, steps=2, inner_lr=0.1, mode="exact",
               params=list(model.parameters()) + [raw], generator=None)
-    kw.update({k: v() if k in ("params", "truncation") else v for k, v in wrong.items()})
+    kw.update({k: v(kw["params"]) if k == "params" else v() if k == "truncation" else v
+               for k, v in wrong.items()})
     inner, outer = kw.pop("inner_loss"), kw.pop("outer_loss")
     if entry == "hypergrad":
-        return torch_ufom.hypergrad(model, inner, outer, *task, **kw)
+        return torch_ufom.hypergrad(model, inner, outer, task, task, **kw)
     if entry == "hypergrad_batch":
         stacked = tuple(t.unsqueeze(0) for t in task)
         return torch_ufom.hypergrad_batch(model, inner, outer, stacked, stacked, **kw)
     kw.pop("mode")
-    if "truncation" in kw:
-        pytest.skip("diagnose takes no truncation law")
-    return torch_ufom.diagnose(model, inner, outer, [task], **kw)
+    return torch_ufom.diagnose(model, inner, outer, [(task, task)], **kw)
 
 
-@pytest.mark.parametrize("entry", ["hypergrad", "hypergrad_batch", "diagnose"])
-@pytest.mark.parametrize("case", list(FUNCTIONAL))
+@pytest.mark.parametrize("entry, case", [(entry, case) for case in FUNCTIONAL
+                                         for entry in ("hypergrad", "hypergrad_batch", "diagnose")
+                                         if entry != "diagnose" or "truncation" not in FUNCTIONAL[case][0]])
 def test_functional_entry_points_name_the_first_wrong_argument(entry, case):
     wrong, derive, message = FUNCTIONAL[case]
     model, task = setup()
@@ -134,11 +136,11 @@ def test_backward_names_the_losses_then_a_derived_buffer_then_hvp():
                                     mode="exact", hvp="fwdrev")
     model.scale = F.softplus(raw)  # after the constructor: backward's checks see it
     with pytest.raises(TypeError, match=r"Invalid inner_loss"):
-        meta.backward(3, mse, *task)
+        meta.backward(3, mse, task, task)
     with pytest.raises(ValueError, match=r"its buffer 'scale' was computed from one of the outer "
                                          r"optimizer's tensors"):
-        meta.backward(mse, mse, *task)
+        meta.backward(mse, mse, task, task)
     model.scale = torch.tensor(1.0)  # raw is still held and not adapted: forward-over-reverse refuses it
     with pytest.raises(ValueError, match=r"Invalid hvp: 'fwdrev'"):
-        meta.backward(mse, mse, *task)
+        meta.backward(mse, mse, task, task)
     assert all(p.grad is None for p in params)

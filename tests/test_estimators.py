@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import torch_ufom
-from torch_ufom import estimators, schedules, unroll
+from torch_ufom import estimators, records, schedules, unroll
 from torch_ufom.inner import SGD, Adam
 from torch_ufom.truncation import telescope_weights
 from torch_ufom.unroll import SweepPlan
@@ -65,11 +65,11 @@ def test_the_sweep_runs_the_plan(monkeypatch, mode, K, memory, rule):
     from there with the plan, and no first-order VJP runs where the plan says identity."""
     planned, forward, swept, first_order = [], [], [], []
     plan_sweep, loop_forward = estimators._plan_sweep, unroll.InnerLoop.forward
-    vjp_first_order = unroll.StepRecord.vjp_first_order
+    vjp_first_order = records.StepRecord.vjp_first_order
     monkeypatch.setattr(estimators, "_plan_sweep", lambda *a: planned.append(plan_sweep(*a)) or planned[-1])
     monkeypatch.setattr(unroll.InnerLoop, "forward", lambda self, state, stop, log:
                         forward.append(stop) or loop_forward(self, state, stop, log))
-    monkeypatch.setattr(unroll.StepRecord, "vjp_first_order",
+    monkeypatch.setattr(records.StepRecord, "vjp_first_order",
                         lambda self, f: first_order.append(self.j) or vjp_first_order(self, f))
     for cls in (schedules.Store, schedules.Recompute, schedules.Checkpoint):
         def sweep(self, loop, state, start, stop, log, plan, _sweep=cls.sweep):

@@ -44,3 +44,34 @@ def test_grads_put_back_exactly_none_and_sparse_included():
     put_back(saved)
     assert d.grad is None and e.grad.layout == torch.sparse_coo
     assert torch.equal(e.grad.to_dense(), saved[0][1].to_dense())
+
+
+def test_a_dense_grad_changed_in_place_is_put_back_in_place():
+    """H2 F7: the copy must be a copy (a grad scaled in place after it is saved comes back as it was), and
+    a dense .grad of the same layout is written back into the same tensor (an optimizer may hold it)."""
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    held = p.grad
+    saved = grad_copies([p])
+    p.grad.mul_(5)
+    put_back(saved)
+    assert p.grad is held and p.grad.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_an_assignment_that_fails_undoes_the_ones_before_it():
+    """H2 F7: the rollback of accumulate_grads: a .grad whose assignment raises (here a parameter type whose
+    setter refuses) leaves the gradients assigned before it as they were."""
+    class Refusing(torch.Tensor):
+        @property
+        def grad(self):
+            return torch.Tensor.grad.__get__(self)
+
+        @grad.setter
+        def grad(self, value):
+            raise RuntimeError("this parameter refuses a new .grad")
+
+    a = torch.zeros(3, requires_grad=True)
+    r = torch.zeros(3).as_subclass(Refusing).requires_grad_()
+    with pytest.raises(RuntimeError, match="refuses a new .grad"):
+        accumulate_grads([(a, torch.ones(3)), (r, torch.ones(3))])
+    assert a.grad is None

@@ -421,7 +421,7 @@ def test_learned_per_step_rates_equal_brute_force(rule, ref, extra):
                                                (AdamW, ref_adamw, dict(amsgrad=True))],
                          ids=["SGD-momentum", "RMSprop", "AdamW"])
 def test_rules_and_per_step_rates_in_a_vectorised_meta_batch(rule, ref, extra):
-    # Stacked tasks share the step count (vectorised.BatchedInnerLoop); the sum of the
+    # Stacked tasks share the step count (vectorised.Vectorised); the sum of the
     # tasks' brute-force hypergradients is the reference.
     model, loss, data = mlp_problem(17)
     steps = 3

@@ -4898,7 +4898,7 @@ def test_put_and_restore_leave_no_watch_behind():
     untouched = copy.deepcopy(net)
     x = torch.randn(4, 3, dtype=torch.float64)
     swap = torch_ufom.functional_model.Reparametrization.of(net)
-    swap.restore(swap.put({"a.bias": torch.zeros(3, dtype=torch.float64)}, {}))
+    swap.undo(swap.put({"a.bias": torch.zeros(3, dtype=torch.float64)}, {}), note=False)
     assert not torch_ufom.functional_model._NONE_WATCH
     model = torch_ufom.FunctionalModel(net, {"a.weight": torch.randn(3, 3, dtype=torch.float64)}, {})
     thread = threading.Thread(target=lambda: model(x))
@@ -7214,8 +7214,9 @@ def test_a_module_holding_a_dead_weakref_proxy_runs_a_meta_batch():
 
     torch.manual_seed(0)
     xs, ys, net = torch.randn(4, 5, 3), torch.randn(4, 5, 1), Net()
-    want = [sum(g) for g in zip(*(torch_ufom.hypergrad(net, loss, loss, (xs[i], ys[i]), (xs[i], ys[i]), steps=2,
-                                                       inner_lr=0.1, mode="exact") for i in range(4)))]
+    per_task = [torch_ufom.hypergrad(net, loss, loss, (xs[i], ys[i]), (xs[i], ys[i]), steps=2, inner_lr=0.1,
+                                     mode="exact") for i in range(4)]
+    want = [sum(g) for g in zip(*per_task)]
     got = torch_ufom.hypergrad_batch(net, loss, loss, (xs, ys), (xs, ys), steps=2, inner_lr=0.1, mode="exact",
                                      vectorise=True)
     assert rel_err(got, want) < 1e-12

@@ -55,8 +55,6 @@ VECTORISE_CHOICES = ("auto", True, False)
 InnerLR = Optional[Hyper]
 InnerParams = Union[Sequence[str], Callable[[str], bool], Iterable[Tensor], None]
 Vectorise = Union[bool, Literal["auto"]]
-# The keywords that choose the truncation law; reconfigure treats them as one group.
-LAW_KNOBS = ("mode", "q", "k", "truncation")
 
 
 _BUILT_ONLY = ("reduction", "track_buffers", "generator", "process_group", "model", "optimizer")

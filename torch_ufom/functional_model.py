@@ -1065,7 +1065,7 @@ class Reparametrization:
 
     @staticmethod
     def undo(saved: "_Saved", note: bool = True) -> None:
-        """:meth:`restore`, and put back the buffers registered as None that :meth:`put`
+        """Put back the entries :meth:`put` replaced, and the buffers registered as None it
         watched (under ``_SWAPS_LOCK``). A buffer registered as None that a forward sets (a
         cache) lives for the call only (review LC F6: the module kept a tensor of the model's,
         1.18 off): the last swap out puts None back, one nested in the same thread's what it
@@ -1088,13 +1088,6 @@ class Reparametrization:
                 table[key] = None
         for table, key, value in reversed(saved):
             table[key] = value
-
-    @staticmethod
-    def restore(saved: List) -> None:
-        """Put back the entries :meth:`put` replaced, and the buffers registered as None it
-        watched, as :meth:`undo` does without noting any (review LF F4: the watch outlived
-        this pair, and a later call in a worker left a cache set, 1.2 off)."""
-        Reparametrization.undo(saved, note=False)
 
 
 class _Saved(list):

@@ -71,7 +71,7 @@ class FwdRevError(RuntimeError):
 
 class FwdRevDisagrees(ValueError):
     """A forward-over-reverse HVP that differs from reverse mode's at the same point and
-    direction (:meth:`InnerLoop.hessian_vector` compares the first of each per-task
+    direction (:meth:`~torch_ufom.unroll.InnerLoop.hessian_vector` compares the first of each per-task
     sweep): the loss computes something forward-mode AD differentiates otherwise. ``why``:
     the reason without the advice."""
 

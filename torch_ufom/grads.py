@@ -57,8 +57,9 @@ def accumulate_grads(pairs: Sequence[Tuple[Tensor, Tensor]]) -> None:
     done = []
     try:
         for p, new in replace:
-            done.append((p, p.grad))
+            old = p.grad
             p.grad = new
+            done.append((p, old))  # (only what was assigned is undone: review s40H2 F7)
     except BaseException:
         for p, old in reversed(done):
             p.grad = old

@@ -194,8 +194,9 @@ def restore_rng_on_error(generator: Optional[torch.Generator], always: bool = Fa
 
 def draw_seed(generator: Optional[torch.Generator]) -> int:
     """The base seed of a call's per-step random streams, drawn from ``generator`` (torch's
-    global CPU generator when ``None``): :func:`draw` and :func:`~torch_ufom.adapt` draw it
-    alike, so that adapting and a hypergradient see the same streams."""
+    global CPU generator when ``None``): :func:`~torch_ufom.functional.draw` and
+    :func:`~torch_ufom.adapt` draw it alike, so that adapting and a hypergradient see the
+    same streams."""
     device = generator.device if generator is not None else "cpu"
     # tolist(): the same numbers as int() / float(), read on the host without a dispatched
     # aten._local_scalar_dense (no device synchronisation with a CPU generator).

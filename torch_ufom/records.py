@@ -28,13 +28,14 @@ __all__ = ["StepRecord", "chain_vjp", "second_derivatives", "Unchain"]
 
 
 class Unchain(Exception):
-    """Raised by :meth:`InnerLoop.record` when a chained step's inner loss differentiated
+    """Raised by :meth:`~torch_ufom.unroll.InnerLoop.record` when a chained step's inner loss differentiated
     through the earlier steps (``SweepPlan.connected``): the sweep runs again unchained."""
 
 
 def _vjp(outputs, inputs, cotangents, retain_graph: bool = False):
     """The VJP of ``outputs`` at ``cotangents`` with respect to ``inputs`` (``None`` for those
-    that do not require grad or are not reached); ``retain_graph``: :attr:`InnerLoop.retain`."""
+    that do not require grad or are not reached); ``retain_graph``:
+    :attr:`~torch_ufom.unroll.InnerLoop.retain`."""
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad and c is not None]
     if not pairs:
         return [None] * len(inputs)

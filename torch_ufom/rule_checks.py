@@ -35,7 +35,7 @@ __all__ = ["held_tensors", "rule_reads_meta", "checked_rule_state", "checked_upd
 
 def held_tensors(rule: Any) -> List[Tensor]:
     """The tensors an inner rule holds: its hyperparameters'
-    (:meth:`~torch_ufom.InnerRule.tensors`) and those held as attributes (a learned
+    (:meth:`~torch_ufom.inner.InnerRule.tensors`) and those held as attributes (a learned
     optimiser's weights, an ``nn.Module``'s parameters, lists, tuples and dicts of them)."""
     held = list(rule.tensors())
     for leaf in pytree.tree_leaves(list(vars(rule).values())):

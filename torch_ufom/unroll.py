@@ -224,7 +224,7 @@ class SweepPlan(NamedTuple):
             keep their gradient for the first-order stream.
         connected: each exact step after the first takes the previous step's
             output as its input, so that the exact steps form one graph that
-            one backward differentiates (:func:`chain_vjp`); only for schedules
+            one backward differentiates (:func:`~torch_ufom.records.chain_vjp`); only for schedules
             that keep every step's graph, reverse-over-reverse HVPs and an
             estimator that needs no per-step adjoint.
     """
