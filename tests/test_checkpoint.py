@@ -17,7 +17,7 @@ from snapshot import assert_unchanged, capture
 from torch_ufom.inner import SGD
 from torch_ufom.schedules import (NODE_BYTES, TENSOR_BYTES, Checkpoint, budget_slots, replays_reproduce,
                                   revolve_actions)
-from torch_ufom.unroll import State, SweepPlan
+from torch_ufom.protocols import State, SweepPlan
 
 
 def schedule_forward_steps(n, slots):
@@ -249,7 +249,7 @@ class _Record:
 
 
 class ToyLoop:
-    """The schedules' side of :class:`~torch_ufom.unroll.Loop`: a state of ``d`` float64
+    """The schedules' side of :class:`~torch_ufom.protocols.Loop`: a state of ``d`` float64
     values, ``s_j = 0.5 s_{j-1} + j``, and records whose graph saves ``g`` float64
     values; it counts the states alive at once and the steps run."""
 

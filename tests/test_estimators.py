@@ -12,7 +12,7 @@ import torch_ufom
 from torch_ufom import estimators, records, schedules, unroll
 from torch_ufom.inner import SGD, Adam
 from torch_ufom.truncation import telescope_weights
-from torch_ufom.unroll import SweepPlan
+from torch_ufom.protocols import SweepPlan
 from helpers import mse
 
 STEPS = 4

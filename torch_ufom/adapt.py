@@ -28,9 +28,10 @@ from .estimators import SweepLog, finite_each, first_nonfinite_loss
 from .functional_model import FunctionalModel, check_parametrize_cache
 from .inner import InnerRule
 from .process import caller_level, one_call_at_a_time
+from .protocols import Evaluator, Problem, State
 from .randomness import draw_seed, restore_rng_on_error
 from .rule_checks import elementwise_rule
-from .unroll import Evaluator, InnerLoop, PerTask, Problem, State
+from .unroll import InnerLoop, PerTask
 from .vectorised import (Vectorised, attributes_kept, meta_batch_size, noting_listed_tasks, probe_steps,
                          task_of)
 

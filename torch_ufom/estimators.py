@@ -35,10 +35,10 @@ from torch import Tensor
 from .batches import SAMPLES_ANEW
 from .fwdrev import FUNC_DRAWS_OTHERWISE
 from .inner import shortcut
+from .protocols import Loop, SweepPlan
 from .records import Unchain, chain_vjp
 from .schedules import Schedule
 from .truncation import telescope_weights
-from .unroll import Loop, SweepPlan
 
 __all__ = ["Estimate", "estimate", "SweepLog", "check_finite", "NonFiniteHypergradient", "plus",
            "finite_each", "finite_norms", "first_nonfinite_loss", "raised_by_hook"]
@@ -347,7 +347,7 @@ def estimate(loop: Loop, K: int, survival: Sequence[float], schedule: Schedule,
     """Run the inner loop once and return the estimate for truncation point ``K``.
 
     Args:
-        loop: the task's :class:`~torch_ufom.unroll.Loop`.
+        loop: the task's :class:`~torch_ufom.protocols.Loop`.
         K: the truncation point, ``0 <= K <= loop.steps``.
         survival: ``P(K >= m)`` for ``m = 0..steps+1``.
         schedule: how the exact sweep gets its states.

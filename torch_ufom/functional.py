@@ -32,10 +32,11 @@ from .graphs import COMPILED, graph_reaches, root_of, wrong_twice_message
 from .inner import InnerRule
 from .losses import AuxRefused
 from .process import caller_level, one_call_at_a_time
+from .protocols import Evaluator, Problem
 from .randomness import draw_seed, restore_rng_on_error
 from .rule_checks import elementwise_rule, held_tensors
 from .truncation import Snapshot, TruncationLaw
-from .unroll import Evaluator, InnerLoop, PerTask, Problem, reads_nothing
+from .unroll import InnerLoop, PerTask, reads_nothing
 from .vectorised import (FEWEST_TASKS_BESIDE_ON_CPU, FEWEST_TASKS_ON_CPU, SLOW_ON_CPU_ELEMENTS, LookFailed,
                          Vectorised, attributes_kept, fresh, group_by_truncation, meta_batch_size,
                          noting_listed_tasks, Probe, probe_steps,

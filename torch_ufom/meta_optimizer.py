@@ -45,11 +45,11 @@ from .grads import (accumulate_grads, any_nonzero, any_nonzero_each, grad_copies
 from .graphs import root_of
 from .inner import InnerRule, PerStep
 from .process import caller_level, one_call_at_a_time
+from .protocols import Problem
 from .randomness import restore_rng_on_error
 from .state_dicts import (canonical, check_meta_values, check_state_dict, plain, saved_law_differs,
                           settings_differ, settings_summary)
 from .truncation import TruncationLaw, is_bernoulli
-from .unroll import Problem
 from .vectorised import EmptyMetaBatch
 
 __all__ = ["MetaOptimizer", "MetaResult"]

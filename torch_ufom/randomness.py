@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["torch_random_states", "set_torch_random_states", "torch_random_states_kept",
            "cuda_devices_in_use", "host_random_states", "set_host_random_states", "host_random_states_kept",
            "random_states_kept", "restore_rng_on_error", "draw_seed", "OwnDraws", "is_default_generator",
-           "generator_position", "states_differ"]
+           "generator_position", "states_differ", "REPLAY_DRAWS"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,3 +201,11 @@ def draw_seed(generator: Optional[torch.Generator]) -> int:
     # tolist(): the same numbers as int() / float(), read on the host without a dispatched
     # aten._local_scalar_dense (no device synchronisation with a CPU generator).
     return torch.randint(0, 1 << 62, (), generator=generator, device=device).tolist()
+
+
+REPLAY_DRAWS = (
+    "inner_loss draws from a torch.Generator of your own (generator=...), which no step's random "
+    "stream replays: memory='{memory}' evaluates inner steps again, and each evaluation would draw "
+    "other numbers than the forward pass did, so the sweep would differentiate another function. "
+    "Draw from the global generator (each step's stream reseeds it), or pass memory='store', which "
+    "evaluates each step once")

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # (annotations only: the loop builds the records)
-    from .unroll import InnerLoop, State
+from .protocols import Loop, State
 
 __all__ = ["StepRecord", "chain_vjp", "second_derivatives", "Unchain"]
 
@@ -104,7 +103,7 @@ class StepRecord:
     """One inner step kept for the reverse sweep: its leaf state, its inner
     gradient and, for an exact step, the graph of the exact rule's output."""
 
-    def __init__(self, loop: InnerLoop, leaves: State, out, grads, next_state: State, loss,
+    def __init__(self, loop: Loop, leaves: State, out, grads, next_state: State, loss,
                  exact: bool, j: int = 0):
         self.loop, self.leaves, self.loss, self.j, self.is_exact = loop, leaves, loss, j, exact
         # Reverse-over-reverse keeps the exact rule's graph; forward-over-reverse

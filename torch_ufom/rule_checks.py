@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, List, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -23,10 +23,8 @@ from torch import Tensor, nn
 
 from .graphs import graph_nodes, graph_reaches, graph_targets, root_of
 from .inner import own_code, shortcut
+from .protocols import State
 from .randomness import set_torch_random_states, torch_random_states
-
-if TYPE_CHECKING:  # (annotations only)
-    from .unroll import State
 
 __all__ = ["held_tensors", "rule_reads_meta", "checked_rule_state", "checked_update", "init_with_derivative",
            "init_reaches_learned", "init_unchecked", "inplace_update", "detached_update", "elementwise_rule",
@@ -316,7 +314,7 @@ def checked_init(rule: Any, names: Sequence[str], named: Mapping[str, Tensor], m
     return tuple(t.detach() if t.grad_fn is not None else t for t in opt)
 
 
-def written_argument(rule: Any, names: Sequence[str], grads, state: "State", args=None, before=None) -> str:
+def written_argument(rule: Any, names: Sequence[str], grads, state: State, args=None, before=None) -> str:
     """``(grads['w'])``, ``(state[0])`` or ``(params['w'])``: the first argument a rule of the
     user's ``update`` wrote into, by version counters; where autograd refused the write
     (a leaf that requires grad, review s38H F2: no argument named), found by running the

@@ -38,9 +38,10 @@ from torch import Tensor
 from .batches import SAMPLES_ANEW
 from .checks import invalid, is_int
 from .process import caller_level
+from .protocols import Loop, State, SweepPlan
 from .randomness import host_random_states
+from .randomness import REPLAY_DRAWS
 from .records import StepRecord
-from .unroll import REPLAY_DRAWS, Loop, State, SweepPlan
 
 __all__ = ["Schedule", "SweepLog", "Store", "Recompute", "Checkpoint", "make_schedule", "check_slots",
            "check_max_memory", "check_checkpoint", "budget_slots", "least_memory", "revolve_actions",
@@ -117,7 +118,7 @@ class Store(Schedule):
 class _Again:
     """A sweep's evaluations of steps again (replays, rebuilds): the first runs watched for
     draws from a generator of the user's, which no step's stream replays, so every
-    evaluation again would draw other numbers (:data:`~torch_ufom.unroll.REPLAY_DRAWS`);
+    evaluation again would draw other numbers (:data:`~torch_ufom.randomness.REPLAY_DRAWS`);
     with per-step batches (a ``j -> batch`` callable may draw at some steps only) every
     one does. Such a draw that changes the loss's value is also caught by comparing each
     loss evaluated again with the forward pass's; one that changes only its gradient (a

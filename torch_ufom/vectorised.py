@@ -1455,7 +1455,7 @@ def group_by_truncation(truncations: Sequence[int]) -> Dict[int, List[int]]:
 
 
 class Vectorised:
-    """The :class:`~torch_ufom.unroll.Evaluator` of ``size`` tasks stacked along a
+    """The :class:`~torch_ufom.protocols.Evaluator` of ``size`` tasks stacked along a
     leading task dimension: ``torch.func.vmap`` of ``torch.func.grad`` of the
     user's losses, which see one task's batch as in the per-task loop.
 
@@ -1480,13 +1480,13 @@ class Vectorised:
         self.unread_names = unread_names
 
     def stack(self, params):
-        """Each task's copy of the initial parameters (:meth:`~torch_ufom.unroll.Evaluator.stack`)."""
+        """Each task's copy of the initial parameters (:meth:`~torch_ufom.protocols.Evaluator.stack`)."""
         # A copy, not an expanded view: forward-mode AD writes into its inputs' tangents.
         return tuple(p.unsqueeze(0).expand(self.size, *p.shape).clone() for p in params)
 
     def grad(self, loop, state, batch, create_graph, fmodel=None):
         """``(losses, grads, buffers)`` of every task's inner loss by ``vmap(grad)``
-        (:meth:`~torch_ufom.unroll.Evaluator.grad`)."""
+        (:meth:`~torch_ufom.protocols.Evaluator.grad`)."""
         def one(params, b):  # each task's module comes from loop.fmodel inside vmap (fmodel unused)
             def loss_of(ps):
                 loss, _ = loss_and_aux(watched_loss(loop, loop.fmodel(ps, state.buffers), b), "inner_loss")
@@ -1505,7 +1505,7 @@ class Vectorised:
 
     def hvp(self, loop, state, batch, vec):
         """Every task's ``(H v, loss)`` by ``vmap(jvp(grad))``
-        (:meth:`~torch_ufom.unroll.Evaluator.hvp`)."""
+        (:meth:`~torch_ufom.protocols.Evaluator.hvp`)."""
         def one(ps, vs, b):
             def loss_of(pp):
                 loss = loss_and_aux(watched_loss(loop, loop.fmodel(pp, state.buffers), b), "inner_loss")[0]
@@ -1518,7 +1518,7 @@ class Vectorised:
 
     def outer(self, loop, params, state):
         """Every task's outer loss and aux by ``vmap``, their summed gradient and the
-        buffers (:meth:`~torch_ufom.unroll.Evaluator.outer`)."""
+        buffers (:meth:`~torch_ufom.protocols.Evaluator.outer`)."""
         # vmap returns tensors only: the aux's other values (Python numbers, strings) go
         # around it, the same for every task since vmap runs the loss once.
         held = {}
