@@ -171,8 +171,9 @@ def test_the_rules_stay_in_range_for_huge_statistics_and_name_bad_arguments():
         want = (Decimal(1e-13) * Decimal(D) / (Decimal(A) - Decimal(D))).sqrt()
     assert abs(Decimal(optimal_q(A, D, 1e-13, 1.0, 1e-3)) - want) / want < 1e-15
     assert optimal_q(np.array(2.0), Decimal("0.5"), 1, 1, 0.01) == optimal_q(2.0, 0.5, 1, 1, 0.01)
-    for bad in ("0.5", True, torch.tensor(True), 10 ** 400):
-        with pytest.raises(ValueError, match="Invalid A"):
+    for bad, error in (("0.5", TypeError), (True, TypeError), (torch.tensor(True), TypeError),
+                       (10 ** 400, ValueError)):  # (a wrong type is a TypeError: review s40H2 F5)
+        with pytest.raises(error, match="Invalid A"):
             optimal_q(bad, 0.1, 1.0, 1.0, 0.1)
     for rule in (optimal_q, authors_q):
         for args, name in (((-1.0, 0.0, c_f, c_x, 0.05), "A"), ((1.0, math.nan, c_f, c_x, 0.05), "D"),

@@ -56,14 +56,17 @@ RULES = ("ufom", "authors")
 
 def _number(name: str, value, expected: str) -> float:
     """``value`` as a float (a real number of Python, NumPy or ``decimal``, a one-element
-    real tensor or array), else a ``ValueError`` naming ``name`` (strings, booleans)."""
+    real tensor or array), else the error naming ``name``: a ``TypeError`` for what is not
+    a number (strings, booleans), a ``ValueError`` for a number no float holds (10 ** 400)
+    (the convention of :mod:`torch_ufom.checks`; review s40H2 F5: every failure was a
+    ``ValueError``)."""
     boolean = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
     if not (boolean or isinstance(value, (str, bytes, complex))):
         try:  # numbers, NumPy scalars and 0-d arrays, Decimal, one-element tensors
             return float(value)
         except (TypeError, ValueError, OverflowError, RuntimeError):
             pass
-    raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
+    raise invalid(name, value, expected, typed=is_real(value))
 
 
 def _check_rule(A, D, c_f, c_x, q_min) -> Tuple[float, float, float, float, float]:
