@@ -527,7 +527,7 @@ class _Probe(TorchFunctionMode):
         for w, version in zip(tensors, versions):
             if w._version == version:
                 continue
-            root = w._base if w._base is not None else w
+            root = root_of(w)
             graph = root.requires_grad and root.grad_fn is not None  # (a no_grad view's own grad_fn raises)
             if graph and (not grad or stopped) or self._aliased(w):
                 self.stops_gradients = True
