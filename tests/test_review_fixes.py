@@ -7224,3 +7224,97 @@ def test_a_module_holding_a_dead_weakref_proxy_runs_a_meta_batch():
                                     mode="exact", vectorise=True)
     meta.backward_batch(loss, loss, (xs, ys), (xs, ys))
     assert rel_err([p.grad for p in net.parameters()], want) < 1e-12
+
+
+def _meta_batch_and_per_task_sum(net, loss):
+    """hypergrad_batch (vectorise=True, warnings recorded) and the per-task sum, on one module."""
+    torch.manual_seed(0)
+    xs, ys = torch.randn(4, 5, 3), torch.randn(4, 5, 1)
+    per_task = [torch_ufom.hypergrad(net, loss, loss, (xs[i], ys[i]), (xs[i], ys[i]), steps=2, inner_lr=0.1,
+                                     mode="exact") for i in range(4)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch_ufom.hypergrad_batch(net, loss, loss, (xs, ys), (xs, ys), steps=2, inner_lr=0.1,
+                                         mode="exact", vectorise=True)
+    return got, [sum(g) for g in zip(*per_task)], [str(w.message) for w in caught]
+
+
+def test_odd_attributes_of_a_module_do_not_break_the_look_before_vmap():
+    """Review s40R3 F1, F2, F4: the look before vmap read attributes with isinstance and sorted what it found
+    with Tensor.numel. A dead weakref.proxy crashed it where the attributes are named (a loss keeping a
+    tensor outside the module), an object whose __class__ raises was not opened, so what the look's
+    forward wrote into it stayed, and a live proxy of a tensor failed the sort. Each now runs as its plain
+    counterpart does: the same fallback warning, the per-task sum."""
+    import weakref
+
+    class Owner:
+        pass
+
+    class Lazy:  # (a lazy proxy whose target cannot load)
+        @property
+        def __class__(self):
+            raise RuntimeError("target not loaded")
+
+    kept = []
+
+    def keeping(fm, b):  # keeps a tensor outside the module: the look names the module's attributes
+        out = ((fm(b[0]) - b[1]) ** 2).mean()
+        kept.append(out)
+        return out
+
+    def loss(fm, b):
+        return ((fm(b[0]) - b[1]) ** 2).mean()
+
+    class Net(nn.Module):
+        def __init__(self, extra):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+            object.__setattr__(self, "extra", extra)
+
+        def forward(self, x):
+            out = self.lin(x)
+            if type(self.extra).__name__ in ("Lazy", "Owner"):
+                self.extra.last = out  # the forward keeps its output in a plain object
+            return out
+
+    owner, table = Owner(), torch.ones(2)
+    dead = weakref.proxy(Owner())
+    got, want, said = _meta_batch_and_per_task_sum(Net(dead), keeping)
+    assert rel_err(got, want) < 1e-12 and any("a loss keeps a tensor" in s for s in said)
+    got, want, said = _meta_batch_and_per_task_sum(Net(weakref.proxy(table)), loss)
+    assert rel_err(got, want) < 1e-12
+    for extra in (owner, Lazy()):
+        net = Net(extra)
+        got, want, said = _meta_batch_and_per_task_sum(net, loss)
+        assert rel_err(got, want) < 1e-12
+        assert any("keeps tensors in plain attributes (self.extra)" in s for s in said), (type(extra), said)
+
+
+def test_a_grad_setter_that_assigns_and_then_raises_leaves_every_grad_as_it_was():
+    """Review s40R3 F3: the undo of accumulate_grads recorded an assignment only once it had returned, so
+    a setter that assigns and then raises (a parameter type logging its writes) kept the hypergradient."""
+    class LoggedGrad(torch.Tensor):
+        @property
+        def grad(self):
+            return torch.Tensor.grad.__get__(self)
+
+        @grad.setter
+        def grad(self, value):
+            torch.Tensor.grad.__set__(self, value)
+            raise RuntimeError("grad log is full")
+
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1)
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    lr = torch.tensor(0.1).as_subclass(LoggedGrad).requires_grad_()
+    meta = torch_ufom.MetaOptimizer(net, torch.optim.SGD(list(net.parameters()) + [lr], lr=0.1), inner_lr=lr,
+                                    steps=2, mode="exact")
+    x, y = torch.randn(5, 3), torch.randn(5, 1)
+
+    def loss(fm, b):
+        return ((fm(b[0]) - b[1]) ** 2).mean()
+
+    with pytest.raises(RuntimeError, match="grad log is full"):
+        meta.backward(loss, loss, (x, y), (x, y))
+    assert lr.grad is None and all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in net.parameters())

@@ -955,7 +955,7 @@ class Reparametrization:
     ``named_parameters()`` / ``named_buffers()``, every ``(owner table, key)``
     where the tensor lives, aliases of tied weights included. :meth:`put`
     puts given tensors in place and returns what it replaced, which
-    :meth:`restore` puts back, as ``functional_call`` does around the call.
+    :meth:`undo` puts back, as ``functional_call`` does around the call.
     A parametrized weight (``torch.nn.utils.parametrize``) is computed from
     its ``original`` entries, which are swapped like any parameter;
     ``parametrized`` says whether the module has one (its calls then refuse

@@ -57,12 +57,14 @@ def accumulate_grads(pairs: Sequence[Tuple[Tensor, Tensor]]) -> None:
     done = []
     try:
         for p, new in replace:
-            old = p.grad
+            done.append((p, p.grad))  # (before: a setter may assign and then raise, review s40R3 F3)
             p.grad = new
-            done.append((p, old))  # (only what was assigned is undone: review s40H2 F7)
     except BaseException:
         for p, old in reversed(done):
-            p.grad = old
+            try:  # (one that refuses the undo too leaves the others undone: review s40H2 F7)
+                p.grad = old
+            except Exception:  # noqa: BLE001 (the assignment's own error is raised below)
+                pass
         raise
     with torch.no_grad():
         for old, g in in_place:
