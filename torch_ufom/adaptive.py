@@ -96,6 +96,7 @@ def optimal_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
         q_min: the smallest ``q``, in ``(0, 1]``.
 
     Raises:
+        TypeError: an argument that is not a real number (a string, a bool), named.
         ValueError: an argument out of its range, named.
     """
     A, D, c_f, c_x, q_min = _check_rule(A, D, c_f, c_x, q_min)
@@ -116,6 +117,7 @@ def authors_q(A: float, D: float, c_f: float, c_x: float, q_min: float) -> float
     and ``c_f / c_x``, on which alone it depends.
 
     Raises:
+        TypeError: an argument that is not a real number (a string, a bool), named.
         ValueError: an argument out of its range, named.
     """
     A, D, c_f, c_x, q_min = _check_rule(A, D, c_f, c_x, q_min)
