@@ -7318,3 +7318,37 @@ def test_a_grad_setter_that_assigns_and_then_raises_leaves_every_grad_as_it_was(
     with pytest.raises(RuntimeError, match="grad log is full"):
         meta.backward(loss, loss, (x, y), (x, y))
     assert lr.grad is None and all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in net.parameters())
+
+
+def test_a_tensor_a_forward_writes_through_a_weakref_is_put_back_after_the_look():
+    """Review s40R4 F3: the look before vmap did not open a weakref.ref, so a counter a forward advanced in
+    place through one stayed advanced by the look's evaluations (held directly or through a proxy, it is
+    put back): each way now ends where the per-task loop leaves it, with the same fallback warning."""
+    import weakref
+
+    class Net(nn.Module):
+        def __init__(self, extra):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+            object.__setattr__(self, "extra", extra)
+
+        def forward(self, x):
+            counter = self.extra() if isinstance(self.extra, weakref.ReferenceType) else self.extra
+            with torch.no_grad():
+                counter.add_(1)
+            return self.lin(x)
+
+    def loss(fm, b):
+        return ((fm(b[0]) - b[1]) ** 2).mean()
+
+    gen = torch.Generator().manual_seed(1)
+    tasks = (torch.randn(8, 4, 3, generator=gen), torch.randn(8, 4, 1, generator=gen))
+    after = {}
+    for kind in ("plain", "proxy", "ref"):
+        counter = torch.zeros(1)
+        net = Net(counter if kind == "plain" else weakref.proxy(counter) if kind == "proxy"
+                  else weakref.ref(counter))
+        with pytest.warns(UserWarning, match=r"keeps tensors in plain attributes \(self\.extra\)"):
+            torch_ufom.hypergrad_batch(net, loss, loss, tasks, tasks, steps=3, inner_lr=0.1, mode="exact")
+        after[kind] = counter.item()
+    assert after["ref"] == after["proxy"] == after["plain"]

@@ -1078,8 +1078,9 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
     (``SimpleNamespace``, a dataclass, a class of the user's or a library's, not the standard
     library's) or ``__slots__`` (its fields), a tensor's own attributes, a module kept out of
     the registered submodules (its attributes and tables), a function's closure cells; a
-    tuple (named or not), a bound method's object, a function's defaults and a
-    ``functools.partial``'s arguments are opened without a snapshot. ``None``: not opened.
+    tuple (named or not), a bound method's object, a function's defaults, a
+    ``functools.partial``'s arguments and what a live ``weakref.ref`` points to are opened
+    without a snapshot. ``None``: not opened.
     Kinds are told by type first (:func:`~torch_ufom.losses.passes_for`): an object whose
     ``__class__`` raises is opened as an object (review s40R3 F2: isinstance raised, and such
     an object, not opened, was not put back after a look's forward wrote into it)."""
@@ -1106,6 +1107,9 @@ def _contents(value: Any) -> Optional[Tuple[Any, Any]]:
                 + list((value.__kwdefaults__ or {}).values()), ("cells", cells))
     if passes_for(value, functools.partial):
         return list(value.args) + list(value.keywords.values()), None
+    if passes_for(value, weakref.ref):  # (a live one opens as what it points to: review s40R4 F3, a
+        target = value()  # tensor a forward wrote through one was left advanced by the look)
+        return ([] if target is None else [target]), None
     if type(value).__module__.partition(".")[0] in sys.stdlib_module_names \
             and not passes_for(value, types.SimpleNamespace):
         return None  # (a logger, a lock: the objects a forward does not keep its tensors in)
