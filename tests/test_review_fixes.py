@@ -7352,3 +7352,37 @@ def test_a_tensor_a_forward_writes_through_a_weakref_is_put_back_after_the_look(
             torch_ufom.hypergrad_batch(net, loss, loss, tasks, tasks, steps=3, inner_lr=0.1, mode="exact")
         after[kind] = counter.item()
     assert after["ref"] == after["proxy"] == after["plain"]
+
+
+def test_a_proxy_of_a_tensor_written_in_place_is_put_back_every_time():
+    """Review s40R3/R4 (flaky in both): the look asked torch whether a weakref.proxy of a tensor is a
+    transform's tensor, a check that reads its argument as a tensor without checking its type and answered
+    at random: the look then sometimes kept no copy of the tensor the forward wrote through the proxy, and
+    raised (leaving it advanced) where it falls back. Twenty fresh modules all fall back and end as the
+    per-task loop leaves them."""
+    import weakref
+
+    class Net(nn.Module):
+        def __init__(self, extra):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+            object.__setattr__(self, "extra", extra)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.extra.add_(1)
+            return self.lin(x)
+
+    def loss(fm, b):
+        return ((fm(b[0]) - b[1]) ** 2).mean()
+
+    gen = torch.Generator().manual_seed(1)
+    tasks = (torch.randn(8, 4, 3, generator=gen), torch.randn(8, 4, 1, generator=gen))
+    counts = set()
+    for _ in range(20):
+        counter = torch.full((5,), 0.5)
+        with pytest.warns(UserWarning, match=r"keeps tensors in plain attributes \(self\.extra\)"):
+            torch_ufom.hypergrad_batch(Net(weakref.proxy(counter)), loss, loss, tasks, tasks, steps=3,
+                                       inner_lr=0.1, mode="exact", vectorise=True)
+        counts.add(counter[0].item())
+    assert len(counts) == 1

@@ -1172,7 +1172,15 @@ def _survey(value: Any, registered: frozenset = frozenset(), versions: bool = Fa
 
 
 def _is_batched(t: Tensor) -> bool:
-    """Whether ``t`` is a tensor of a ``torch.func`` transform (a look's copy would fail)."""
+    """Whether ``t`` is a tensor of a ``torch.func`` transform (a look's copy would fail). What
+    only passes for a tensor (a ``weakref.proxy`` of one) is asked through ``t.detach()``, a real
+    one: torch's check reads its argument as a tensor without checking its type, and answered
+    at random for a proxy (review s40R3/R4: a look then sometimes kept no copy of a tensor a
+    forward wrote through one, and raised where it falls back); a mock's answer is ``False``."""
+    if not issubclass(type(t), Tensor):
+        t = t.detach()
+        if not issubclass(type(t), Tensor):
+            return False
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
