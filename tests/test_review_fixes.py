@@ -7226,6 +7226,16 @@ def test_a_module_holding_a_dead_weakref_proxy_runs_a_meta_batch():
     assert rel_err([p.grad for p in net.parameters()], want) < 1e-12
 
 
+class _WithExtra(nn.Module):
+    """A linear model holding ``extra`` as a plain attribute (set past nn.Module's own checks), for the
+    tests of what the look before vmap makes of odd attributes (reviews s40H2, s40R3, s40R4)."""
+
+    def __init__(self, extra):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        object.__setattr__(self, "extra", extra)
+
+
 def _meta_batch_and_per_task_sum(net, loss):
     """hypergrad_batch (vectorise=True, warnings recorded) and the per-task sum, on one module."""
     torch.manual_seed(0)
@@ -7265,12 +7275,7 @@ def test_odd_attributes_of_a_module_do_not_break_the_look_before_vmap():
     def loss(fm, b):
         return ((fm(b[0]) - b[1]) ** 2).mean()
 
-    class Net(nn.Module):
-        def __init__(self, extra):
-            super().__init__()
-            self.lin = nn.Linear(3, 1)
-            object.__setattr__(self, "extra", extra)
-
+    class Net(_WithExtra):
         def forward(self, x):
             out = self.lin(x)
             if type(self.extra).__name__ in ("Lazy", "Owner"):
@@ -7326,12 +7331,7 @@ def test_a_tensor_a_forward_writes_through_a_weakref_is_put_back_after_the_look(
     put back): each way now ends where the per-task loop leaves it, with the same fallback warning."""
     import weakref
 
-    class Net(nn.Module):
-        def __init__(self, extra):
-            super().__init__()
-            self.lin = nn.Linear(3, 1)
-            object.__setattr__(self, "extra", extra)
-
+    class Net(_WithExtra):
         def forward(self, x):
             counter = self.extra() if isinstance(self.extra, weakref.ReferenceType) else self.extra
             with torch.no_grad():
@@ -7362,12 +7362,7 @@ def test_a_proxy_of_a_tensor_written_in_place_is_put_back_every_time():
     per-task loop leaves them."""
     import weakref
 
-    class Net(nn.Module):
-        def __init__(self, extra):
-            super().__init__()
-            self.lin = nn.Linear(3, 1)
-            object.__setattr__(self, "extra", extra)
-
+    class Net(_WithExtra):
         def forward(self, x):
             with torch.no_grad():
                 self.extra.add_(1)
