@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from . import adaptive
+from .checks import invalid, is_int, is_real
 from .config import Config
 from .graphs import root_of
 from .inner import InnerRule, PerStep, in_range
@@ -211,10 +212,8 @@ def check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
                          f"q_rule={rule.rule!r} (the statistics of one rule mean other things to the "
                          "other)")
     rank = sd.get("rank")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0):
-        integral = isinstance(rank, numbers.Integral) and not isinstance(rank, bool)
-        raise (ValueError if integral else TypeError)(
-            f"Invalid state_dict['rank']: {rank!r} (expected None or an int >= 0, the rank that saved it)")
+    if rank is not None and not (is_int(rank) and rank >= 0):
+        raise invalid("state_dict['rank']", rank, "None or an int >= 0, the rank that saved it", is_int(rank))
     for key in ("reduced", "grad_zero"):
         flag = sd.get(key)
         if flag is not None and not isinstance(flag, bool):
@@ -229,11 +228,9 @@ def check_state_dict(sd: Any, optimizer: torch.optim.Optimizer,
             raise ValueError(f"Invalid state_dict['q_stats']['q']: {stats['q']!r} is below this "
                              f"MetaOptimizer's q_min={rule.q_min!r}, which the saved run had too")
     tasks = sd.get("tasks")
-    if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, numbers.Integral)
-                              or tasks < 0):
-        integral = isinstance(tasks, numbers.Integral) and not isinstance(tasks, bool)
-        raise (ValueError if integral else TypeError)(
-            f"Invalid state_dict['tasks']: {tasks!r} (expected an int >= 0, the number of tasks .grad holds)")
+    if tasks is not None and not (is_int(tasks) and tasks >= 0):
+        raise invalid("state_dict['tasks']", tasks, "an int >= 0, the number of tasks .grad holds",
+                      is_int(tasks))
     if observations is None:
         return
     if not isinstance(observations, (list, tuple)):
@@ -367,17 +364,15 @@ def _check_entries(d: Any, spec: Dict[str, tuple], name: str,
             f" (expected keys {list(spec)})")
     for key, (kind, low) in spec.items():
         v = d[key]
-        typed = isinstance(v, bool) if kind == "bool" else \
-            (isinstance(v, numbers.Integral) if kind == "int" else isinstance(v, numbers.Real)) \
-            and not isinstance(v, bool)
+        typed = isinstance(v, bool) if kind == "bool" else is_int(v) if kind == "int" else is_real(v)
         if kind == "bool":
             ok = isinstance(v, bool)
             expected = "a bool"
         elif kind == "int":
-            ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+            ok = is_int(v) and v >= low
             expected = f"an int >= {low}"
         else:
-            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            ok = is_real(v) and math.isfinite(v)
             if kind == "q":
                 ok = ok and 0.0 < v <= 1.0
                 expected = "a float in (0, 1]"
@@ -390,8 +385,7 @@ def _check_entries(d: Any, spec: Dict[str, tuple], name: str,
                 ok = ok and (low is None or v >= low)
                 expected = "a finite float" + ("" if low is None else f" >= {low}")
         if not ok:
-            raise (ValueError if typed else TypeError)(
-                f"Invalid {name}[{key!r}]: {v!r} (expected {expected})")
+            raise invalid(f"{name}[{key!r}]", v, expected, typed)
 
 
 def _spec(keys) -> Dict[str, tuple]:
